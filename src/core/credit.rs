@@ -1,0 +1,323 @@
+//! Replenishments (credits) and the rules around them: which one applies to a bundle, what a
+//! grant or a top-up turns a row into, and money as exact cents.
+
+use std::fmt;
+
+use super::ids::ANY_BUNDLE;
+use super::policy::{Additional, LimitField, LIMIT_FIELDS};
+use super::Millis;
+
+/// One stored replenishment row of a user (the identity of the user is known from context).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replenishment {
+    pub bundle_id: String,
+    pub additional: Additional,
+    /// Unix seconds; `None` never expires.
+    pub expires_at: Option<i64>,
+    pub purchase_id: Option<String>,
+    /// Exact decimal text with two places, e.g. `"10.00"`.
+    pub purchase_amount_usd: Option<String>,
+    pub purchase_notes: Option<String>,
+    pub active: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+impl Replenishment {
+    /// Active and not expired at `now`.
+    pub fn is_live(&self, now: Millis) -> bool {
+        self.active && self.expires_at.is_none_or(|at| at.saturating_mul(1000) > now)
+    }
+}
+
+/// Where the credits of an admission came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditSource {
+    /// The row of the requested bundle.
+    Bundle,
+    /// The `'*'` row.
+    Global,
+    /// The user has no live credits.
+    None,
+    /// Not cached yet; decided on the base policy while they load.
+    Pending,
+    /// PostgreSQL could not be reached; decided on the base policy.
+    Unavailable,
+}
+
+impl CreditSource {
+    /// The reply text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreditSource::Bundle => "bundle",
+            CreditSource::Global => "global",
+            CreditSource::None => "none",
+            CreditSource::Pending => "pending",
+            CreditSource::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The row that applies to `bundle` at `now`: the live row of that bundle, else the live `'*'`
+/// row, else none. One row applies, never two combined.
+pub fn select_credit<'a>(
+    rows: &'a [Replenishment],
+    bundle: &str,
+    now: Millis,
+) -> Option<(&'a Replenishment, CreditSource)> {
+    let live = |id: &str| rows.iter().find(|r| r.bundle_id == id && r.is_live(now));
+    if let Some(row) = live(bundle) {
+        let source = if bundle == ANY_BUNDLE { CreditSource::Global } else { CreditSource::Bundle };
+        return Some((row, source));
+    }
+    live(ANY_BUNDLE).map(|row| (row, CreditSource::Global))
+}
+
+/// Money in whole cents; parsed from and printed as a decimal string, never a float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cents(pub i64);
+
+/// The largest amount `NUMERIC(10,2)` holds: 99,999,999.99.
+pub const MAX_CENTS: i64 = 9_999_999_999;
+
+impl Cents {
+    /// Parses `"10"`, `"10.5"` or `"10.50"` (non-negative, at most two decimals).
+    pub fn parse(text: &str) -> Option<Cents> {
+        let (whole, frac) = match text.split_once('.') {
+            Some((w, f)) => (w, f),
+            None => (text, ""),
+        };
+        if whole.is_empty()
+            || whole.len() > 8
+            || frac.len() > 2
+            || (text.contains('.') && frac.is_empty())
+            || !whole.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let whole: i64 = whole.parse().ok()?;
+        let mut frac_cents: i64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+        if frac.len() == 1 {
+            frac_cents *= 10;
+        }
+        Some(Cents(whole * 100 + frac_cents))
+    }
+
+    /// Adds, refusing amounts the column cannot hold.
+    pub fn checked_add(self, other: Cents) -> Option<Cents> {
+        self.0.checked_add(other.0).filter(|c| *c <= MAX_CENTS).map(Cents)
+    }
+}
+
+impl fmt::Display for Cents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:02}", self.0 / 100, self.0 % 100)
+    }
+}
+
+/// When a granted row expires, as the command said it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No `EXPIRES_*` option.
+    Unspecified,
+    /// Unix seconds (from `EXPIRES_AT`, or `EXPIRES_IN` resolved against the clock).
+    At(i64),
+}
+
+/// A parsed `QUOTA.GRANT` (without the identity).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrantRequest {
+    pub amounts: [Option<i64>; LIMIT_FIELDS],
+    pub expiry: Option<i64>,
+    pub expiry_given: bool,
+    pub purchase_id: Option<String>,
+    pub amount: Option<Cents>,
+    pub notes: Option<String>,
+    pub add: bool,
+}
+
+/// The values a grant writes into the row (it is always active afterwards).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantValues {
+    pub additional: Additional,
+    pub expires_at: Option<i64>,
+    pub purchase_id: Option<String>,
+    pub purchase_amount: Option<Cents>,
+    pub purchase_notes: Option<String>,
+}
+
+/// Why a grant cannot be applied; `Display` is the wire error text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantError {
+    Overflow(LimitField),
+    AmountOverflow,
+}
+
+impl fmt::Display for GrantError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GrantError::Overflow(field) => write!(
+                f,
+                "ERR ADD would take {} above {}",
+                field.keyword(),
+                field.column_max()
+            ),
+            GrantError::AmountOverflow => {
+                f.write_str("ERR ADD would take AMOUNT above 99999999.99")
+            }
+        }
+    }
+}
+
+impl GrantRequest {
+    /// What the row becomes. Replace mode: the given amounts (absent = NULL), the given expiry
+    /// (absent = never), the given purchase fields. `ADD`: given amounts are added to the current
+    /// live row's (absent ones kept), the expiry is kept unless given, the amount of money adds up;
+    /// a missing, revoked or expired row is topped up from zero with expiry never unless given.
+    pub fn apply(
+        &self,
+        current: Option<&Replenishment>,
+        now: Millis,
+    ) -> Result<GrantValues, GrantError> {
+        if !self.add {
+            return Ok(GrantValues {
+                additional: Additional(self.amounts),
+                expires_at: self.expiry,
+                purchase_id: self.purchase_id.clone(),
+                purchase_amount: self.amount,
+                purchase_notes: self.notes.clone(),
+            });
+        }
+        let base = current.filter(|row| row.is_live(now));
+        let mut additional = base.map(|r| r.additional).unwrap_or_default();
+        for field in LimitField::ALL {
+            if let Some(given) = self.amounts[field as usize] {
+                let sum = additional.0[field as usize]
+                    .unwrap_or(0)
+                    .max(0)
+                    .checked_add(given)
+                    .filter(|v| *v <= field.column_max())
+                    .ok_or(GrantError::Overflow(field))?;
+                additional.0[field as usize] = Some(sum);
+            }
+        }
+        let expires_at = if self.expiry_given { self.expiry } else { base.and_then(|r| r.expires_at) };
+        let current_amount = base
+            .and_then(|r| r.purchase_amount_usd.as_deref())
+            .and_then(Cents::parse);
+        let purchase_amount = match (current_amount, self.amount) {
+            (Some(a), Some(b)) => Some(a.checked_add(b).ok_or(GrantError::AmountOverflow)?),
+            (a, b) => b.or(a),
+        };
+        Ok(GrantValues {
+            additional,
+            expires_at,
+            purchase_id: self.purchase_id.clone().or_else(|| base.and_then(|r| r.purchase_id.clone())),
+            purchase_amount,
+            purchase_notes: self.notes.clone().or_else(|| base.and_then(|r| r.purchase_notes.clone())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(bundle: &str, rpd: i64, expires_at: Option<i64>, active: bool) -> Replenishment {
+        let mut additional = Additional::default();
+        additional.0[LimitField::RequestsPerDay as usize] = Some(rpd);
+        Replenishment {
+            bundle_id: bundle.into(),
+            additional,
+            expires_at,
+            purchase_id: None,
+            purchase_amount_usd: None,
+            purchase_notes: None,
+            active,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    const NOW: Millis = 1_000_000_000;
+
+    #[test]
+    fn bundle_row_wins_over_global() {
+        let rows = vec![row("*", 1, None, true), row("b", 2, None, true)];
+        let (r, src) = select_credit(&rows, "b", NOW).unwrap();
+        assert_eq!((r.bundle_id.as_str(), src), ("b", CreditSource::Bundle));
+        let (r, src) = select_credit(&rows, "other", NOW).unwrap();
+        assert_eq!((r.bundle_id.as_str(), src), ("*", CreditSource::Global));
+    }
+
+    #[test]
+    fn expired_or_revoked_bundle_row_falls_back_to_global() {
+        let expired = vec![row("*", 1, None, true), row("b", 2, Some(NOW / 1000), true)];
+        assert_eq!(select_credit(&expired, "b", NOW).unwrap().0.bundle_id, "*");
+        let revoked = vec![row("*", 1, None, true), row("b", 2, None, false)];
+        assert_eq!(select_credit(&revoked, "b", NOW).unwrap().0.bundle_id, "*");
+        let none = vec![row("b", 2, Some(NOW / 1000 + 1), false)];
+        assert!(select_credit(&none, "b", NOW).is_none());
+        let live = vec![row("b", 2, Some(NOW / 1000 + 1), true)];
+        assert!(select_credit(&live, "b", NOW).is_some());
+    }
+
+    #[test]
+    fn cents_parse_and_print_exactly() {
+        assert_eq!(Cents::parse("10").unwrap().to_string(), "10.00");
+        assert_eq!(Cents::parse("10.5").unwrap().to_string(), "10.50");
+        assert_eq!(Cents::parse("0.07").unwrap(), Cents(7));
+        assert_eq!(Cents::parse("99999999.99"), Some(Cents(MAX_CENTS)));
+        for bad in ["", ".5", "1.", "1.234", "-1", "1e3", "123456789", "1,5", " 1"] {
+            assert_eq!(Cents::parse(bad), None, "{bad}");
+        }
+        assert!(Cents(MAX_CENTS).checked_add(Cents(1)).is_none());
+    }
+
+    #[test]
+    fn replace_sets_absent_fields_to_null() {
+        let mut req = GrantRequest::default();
+        req.amounts[LimitField::TokensPerDay as usize] = Some(5);
+        let current = row("*", 7, Some(99), true);
+        let v = req.apply(Some(&current), NOW).unwrap();
+        assert_eq!(v.additional.get(LimitField::RequestsPerDay), None);
+        assert_eq!(v.additional.get(LimitField::TokensPerDay), Some(5));
+        assert_eq!(v.expires_at, None);
+    }
+
+    #[test]
+    fn add_tops_up_a_live_row_and_restarts_a_dead_one() {
+        let mut req = GrantRequest { add: true, ..Default::default() };
+        req.amounts[LimitField::RequestsPerDay as usize] = Some(5);
+        req.amount = Some(Cents(250));
+        let mut live = row("*", 7, Some(NOW / 1000 + 100), true);
+        live.purchase_amount_usd = Some("1.00".into());
+        let v = req.apply(Some(&live), NOW).unwrap();
+        assert_eq!(v.additional.get(LimitField::RequestsPerDay), Some(12));
+        assert_eq!(v.expires_at, Some(NOW / 1000 + 100));
+        assert_eq!(v.purchase_amount, Some(Cents(350)));
+
+        let dead = row("*", 7, Some(NOW / 1000 - 1), true);
+        let v = req.apply(Some(&dead), NOW).unwrap();
+        assert_eq!(v.additional.get(LimitField::RequestsPerDay), Some(5));
+        assert_eq!(v.expires_at, None);
+        assert_eq!(v.purchase_amount, Some(Cents(250)));
+
+        let v = req.apply(None, NOW).unwrap();
+        assert_eq!(v.additional.get(LimitField::RequestsPerDay), Some(5));
+    }
+
+    #[test]
+    fn add_refuses_to_overflow_an_int_column() {
+        let mut req = GrantRequest { add: true, ..Default::default() };
+        req.amounts[LimitField::RequestsPerDay as usize] = Some(i64::from(i32::MAX));
+        let live = row("*", 1, None, true);
+        assert_eq!(
+            req.apply(Some(&live), NOW).unwrap_err(),
+            GrantError::Overflow(LimitField::RequestsPerDay)
+        );
+    }
+}

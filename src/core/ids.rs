@@ -1,0 +1,235 @@
+//! Identities (tenant, project, user, bundle) and the names they are stored under.
+//!
+//! Every id is 1..=255 bytes of UTF-8 without NUL (what a `VARCHAR(255)` column takes). Names are
+//! built by length-prefixing each part, so ids that contain separators never collide, and they
+//! carry the user's Redis Cluster hash tag so all of one user's state lives in one slot.
+
+use std::fmt;
+
+/// Longest id, in bytes.
+pub const MAX_ID_LEN: usize = 255;
+/// The bundle id whose credits apply to every bundle.
+pub const ANY_BUNDLE: &str = "*";
+
+/// Why an id was refused; `Display` is the wire error text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdError {
+    Length(&'static str),
+    Encoding(&'static str),
+    Unroutable,
+}
+
+impl fmt::Display for IdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdError::Length(what) => write!(f, "ERR invalid {what}: must be 1 to {MAX_ID_LEN} bytes"),
+            IdError::Encoding(what) => {
+                write!(f, "ERR invalid {what}: must be UTF-8 without NUL bytes")
+            }
+            IdError::Unroutable => f.write_str(
+                "ERR invalid user: a '}' outside a hash tag cannot be routed in Redis Cluster",
+            ),
+        }
+    }
+}
+
+/// Checks one id and returns it as text.
+pub fn check_id<'a>(what: &'static str, raw: &'a [u8]) -> Result<&'a str, IdError> {
+    if raw.is_empty() || raw.len() > MAX_ID_LEN {
+        return Err(IdError::Length(what));
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| IdError::Encoding(what))?;
+    if raw.contains(&0) {
+        return Err(IdError::Encoding(what));
+    }
+    Ok(text)
+}
+
+/// The part of a user id that Redis Cluster hashes: the first non-empty `{...}` section, else the
+/// whole id (the same rule Redis applies to key names).
+pub fn hash_tag(user: &str) -> &str {
+    if let Some(open) = user.find('{') {
+        if let Some(len) = user[open + 1..].find('}') {
+            if len > 0 {
+                return &user[open + 1..open + 1 + len];
+            }
+        }
+    }
+    user
+}
+
+/// A user: (tenant, project, user). One credits-cache entry each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserId<'a> {
+    pub tenant: &'a str,
+    pub project: &'a str,
+    pub user: &'a str,
+}
+
+/// An account: a user's usage in one bundle. One Redis key each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountId<'a> {
+    pub user: UserId<'a>,
+    pub bundle: &'a str,
+}
+
+impl<'a> UserId<'a> {
+    /// Validates the three ids (argument names appear in errors).
+    pub fn parse(tenant: &'a [u8], project: &'a [u8], user: &'a [u8]) -> Result<Self, IdError> {
+        let id = UserId {
+            tenant: check_id("tenant", tenant)?,
+            project: check_id("project", project)?,
+            user: check_id("user", user)?,
+        };
+        if hash_tag(id.user).contains('}') {
+            return Err(IdError::Unroutable);
+        }
+        Ok(id)
+    }
+
+    /// The cache key of this user: `q:{tag}:` followed by the length-prefixed ids. It is also the
+    /// prefix of every account key of the user.
+    pub fn key(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            16 + hash_tag(self.user).len() + self.tenant.len() + self.project.len() + self.user.len(),
+        );
+        self.write_key(&mut out);
+        out
+    }
+
+    fn write_key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"q:{");
+        out.extend_from_slice(hash_tag(self.user).as_bytes());
+        out.extend_from_slice(b"}:");
+        for part in [self.tenant, self.project, self.user] {
+            push_part(out, part);
+        }
+    }
+}
+
+impl<'a> AccountId<'a> {
+    /// Validates the four ids.
+    pub fn parse(args: [&'a [u8]; 4]) -> Result<Self, IdError> {
+        let [tenant, project, user, bundle] = args;
+        Ok(AccountId {
+            user: UserId::parse(tenant, project, user)?,
+            bundle: check_id("bundle", bundle)?,
+        })
+    }
+
+    /// The Redis key that holds this account's usage: the user's key plus the bundle.
+    /// Returns it together with the length of the user-key prefix.
+    pub fn key(&self) -> (Vec<u8>, usize) {
+        let mut out = Vec::with_capacity(
+            20 + hash_tag(self.user.user).len()
+                + self.user.tenant.len()
+                + self.user.project.len()
+                + self.user.user.len()
+                + self.bundle.len(),
+        );
+        self.user.write_key(&mut out);
+        let user_len = out.len();
+        push_part(&mut out, self.bundle);
+        (out, user_len)
+    }
+}
+
+fn push_part(out: &mut Vec<u8>, part: &str) {
+    // Decimal length, a colon, the bytes: unambiguous whatever the bytes are.
+    let mut buf = itoa_buf(part.len());
+    out.append(&mut buf);
+    out.push(b':');
+    out.extend_from_slice(part.as_bytes());
+}
+
+fn itoa_buf(mut n: usize) -> Vec<u8> {
+    let mut digits = Vec::with_capacity(3);
+    loop {
+        digits.push(b'0' + (n % 10) as u8);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    digits
+}
+
+/// Decodes a user key back into (tenant, project, user); `None` if it is not one.
+pub fn decode_user_key(key: &[u8]) -> Option<(String, String, String)> {
+    let rest = key.strip_prefix(b"q:{")?;
+    let close = rest.iter().position(|&b| b == b'}')?;
+    let mut rest = rest.get(close + 1..)?.strip_prefix(b":")?;
+    let mut parts = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let colon = rest.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(rest.get(..colon)?).ok()?.parse().ok()?;
+        let bytes = rest.get(colon + 1..colon + 1 + len)?;
+        parts.push(String::from_utf8(bytes.to_vec()).ok()?);
+        rest = rest.get(colon + 1 + len..)?;
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    let user = parts.pop()?;
+    let project = parts.pop()?;
+    let tenant = parts.pop()?;
+    Some((tenant, project, user))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account<'a>(t: &'a str, p: &'a str, u: &'a str, b: &'a str) -> AccountId<'a> {
+        AccountId::parse([t.as_bytes(), p.as_bytes(), u.as_bytes(), b.as_bytes()]).unwrap()
+    }
+
+    #[test]
+    fn separators_never_collide() {
+        let a = account("a:b", "c", "u", "x").key().0;
+        let b = account("a", "b:c", "u", "x").key().0;
+        assert_ne!(a, b);
+        let c = account("a", "b", "1:c", "x").key().0;
+        let d = account("a", "b", "1", "c:x").key().0;
+        assert_ne!(c, d);
+    }
+
+    #[test]
+    fn user_key_is_the_account_key_prefix_and_decodes() {
+        let acc = account("t", "p", "alice", "*");
+        let (key, user_len) = acc.key();
+        assert_eq!(&key[..user_len], acc.user.key().as_slice());
+        assert_eq!(
+            decode_user_key(&acc.user.key()),
+            Some(("t".into(), "p".into(), "alice".into()))
+        );
+        assert_eq!(decode_user_key(b"q:{x}:1:a"), None);
+    }
+
+    #[test]
+    fn hash_tags_follow_redis_rules() {
+        assert_eq!(hash_tag("alice"), "alice");
+        assert_eq!(hash_tag("{org1}alice"), "org1");
+        assert_eq!(hash_tag("a{}b"), "a{}b");
+        assert_eq!(hash_tag("a{b"), "a{b");
+        assert!(UserId::parse(b"t", b"p", b"a{}b").is_err());
+        assert!(UserId::parse(b"t", b"p", b"a}b").is_err());
+        assert!(UserId::parse(b"t", b"p", b"a{b").is_ok());
+        let key = account("t", "p", "{org1}alice", "b").key().0;
+        assert!(key.starts_with(b"q:{org1}:"));
+    }
+
+    #[test]
+    fn bad_ids_name_the_argument() {
+        assert_eq!(
+            check_id("tenant", b"").unwrap_err().to_string(),
+            "ERR invalid tenant: must be 1 to 255 bytes"
+        );
+        assert!(check_id("user", &[b'a'; 256]).is_err());
+        assert!(check_id("user", &[b'a'; 255]).is_ok());
+        assert!(check_id("bundle", b"a\0b").is_err());
+        assert!(check_id("bundle", &[0xff, 0xfe]).is_err());
+        assert_eq!(check_id("user", "üñí".as_bytes()).unwrap(), "üñí");
+    }
+}

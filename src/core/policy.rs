@@ -1,0 +1,194 @@
+//! Limits: the base policy a caller passes to `QUOTA.ADMIT`, the credits a replenishment adds,
+//! and the effective policy that results (base + additional, field by field).
+
+use super::window::Window;
+
+/// The seven limits a policy can set, in one fixed order used everywhere (options, columns,
+/// reply fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitField {
+    RequestsPerDay = 0,
+    RequestsPerMonth = 1,
+    TotalRequests = 2,
+    TokensPerHour = 3,
+    TokensPerDay = 4,
+    TokensPerMonth = 5,
+    MaxConcurrent = 6,
+}
+
+/// How many limit fields there are.
+pub const LIMIT_FIELDS: usize = 7;
+
+impl LimitField {
+    /// All fields in their fixed order.
+    pub const ALL: [LimitField; LIMIT_FIELDS] = [
+        LimitField::RequestsPerDay,
+        LimitField::RequestsPerMonth,
+        LimitField::TotalRequests,
+        LimitField::TokensPerHour,
+        LimitField::TokensPerDay,
+        LimitField::TokensPerMonth,
+        LimitField::MaxConcurrent,
+    ];
+
+    /// The command option keyword (`REQUESTS_PER_DAY`, ...).
+    pub fn keyword(self) -> &'static str {
+        match self {
+            LimitField::RequestsPerDay => "REQUESTS_PER_DAY",
+            LimitField::RequestsPerMonth => "REQUESTS_PER_MONTH",
+            LimitField::TotalRequests => "TOTAL_REQUESTS",
+            LimitField::TokensPerHour => "TOKENS_PER_HOUR",
+            LimitField::TokensPerDay => "TOKENS_PER_DAY",
+            LimitField::TokensPerMonth => "TOKENS_PER_MONTH",
+            LimitField::MaxConcurrent => "MAX_CONCURRENT",
+        }
+    }
+
+    /// The lower-case name used in replies and denial reasons.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitField::RequestsPerDay => "requests_per_day",
+            LimitField::RequestsPerMonth => "requests_per_month",
+            LimitField::TotalRequests => "total_requests",
+            LimitField::TokensPerHour => "tokens_per_hour",
+            LimitField::TokensPerDay => "tokens_per_day",
+            LimitField::TokensPerMonth => "tokens_per_month",
+            LimitField::MaxConcurrent => "max_concurrent",
+        }
+    }
+
+    /// The PostgreSQL column holding the additional amount.
+    pub fn column(self) -> &'static str {
+        match self {
+            LimitField::RequestsPerDay => "additional_requests_per_day",
+            LimitField::RequestsPerMonth => "additional_requests_per_month",
+            LimitField::TotalRequests => "additional_total_requests",
+            LimitField::TokensPerHour => "additional_tokens_per_hour",
+            LimitField::TokensPerDay => "additional_tokens_per_day",
+            LimitField::TokensPerMonth => "additional_tokens_per_month",
+            LimitField::MaxConcurrent => "additional_max_concurrent",
+        }
+    }
+
+    /// The largest additional amount the column stores (`INT` or `BIGINT`).
+    pub fn column_max(self) -> i64 {
+        match self {
+            LimitField::TokensPerHour | LimitField::TokensPerDay | LimitField::TokensPerMonth => {
+                i64::MAX
+            }
+            _ => i64::from(i32::MAX),
+        }
+    }
+
+    /// The calendar window this field counts in (`None` for lifetime and concurrency).
+    pub fn window(self) -> Option<Window> {
+        match self {
+            LimitField::RequestsPerDay | LimitField::TokensPerDay => Some(Window::Day),
+            LimitField::RequestsPerMonth | LimitField::TokensPerMonth => Some(Window::Month),
+            LimitField::TokensPerHour => Some(Window::Hour),
+            LimitField::TotalRequests | LimitField::MaxConcurrent => None,
+        }
+    }
+
+    /// Matches an option keyword, case-insensitively.
+    pub fn from_keyword(word: &[u8]) -> Option<LimitField> {
+        LimitField::ALL
+            .into_iter()
+            .find(|f| f.keyword().as_bytes().eq_ignore_ascii_case(word))
+    }
+}
+
+/// A set of limits, one per field; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits(pub [Option<u64>; LIMIT_FIELDS]);
+
+impl Limits {
+    /// The limit for one field.
+    pub fn get(&self, field: LimitField) -> Option<u64> {
+        self.0[field as usize]
+    }
+
+    /// Sets the limit for one field.
+    pub fn set(&mut self, field: LimitField, value: Option<u64>) {
+        self.0[field as usize] = value;
+    }
+
+    /// Whether any token window is limited.
+    pub fn limits_tokens(&self) -> bool {
+        [LimitField::TokensPerHour, LimitField::TokensPerDay, LimitField::TokensPerMonth]
+            .iter()
+            .any(|f| self.get(*f).is_some())
+    }
+}
+
+/// Additional amounts granted by one replenishment, per field (`None` = adds nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Additional(pub [Option<i64>; LIMIT_FIELDS]);
+
+impl Additional {
+    /// The additional amount for one field.
+    pub fn get(&self, field: LimitField) -> Option<i64> {
+        self.0[field as usize]
+    }
+}
+
+/// The policy an admission is decided against: base plus the applicable credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectivePolicy {
+    pub base: Limits,
+    pub limits: Limits,
+}
+
+impl EffectivePolicy {
+    /// Merges field by field: an unlimited base stays unlimited, a missing additional amount
+    /// leaves the base as it is, and a negative one (written by hand in SQL) adds nothing.
+    pub fn merge(base: Limits, additional: Option<&Additional>) -> EffectivePolicy {
+        let mut limits = base;
+        if let Some(add) = additional {
+            for field in LimitField::ALL {
+                if let (Some(b), Some(a)) = (base.get(field), add.get(field)) {
+                    limits.set(field, Some(b.saturating_add(a.max(0) as u64)));
+                }
+            }
+        }
+        EffectivePolicy { base, limits }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_only_to_limited_fields() {
+        let mut base = Limits::default();
+        base.set(LimitField::RequestsPerDay, Some(10));
+        base.set(LimitField::TokensPerDay, Some(1000));
+        let mut add = Additional::default();
+        add.0[LimitField::RequestsPerDay as usize] = Some(50);
+        add.0[LimitField::RequestsPerMonth as usize] = Some(500);
+        add.0[LimitField::TokensPerDay as usize] = Some(-5);
+        let eff = EffectivePolicy::merge(base, Some(&add));
+        assert_eq!(eff.limits.get(LimitField::RequestsPerDay), Some(60));
+        assert_eq!(eff.limits.get(LimitField::RequestsPerMonth), None);
+        assert_eq!(eff.limits.get(LimitField::TokensPerDay), Some(1000));
+        assert_eq!(EffectivePolicy::merge(base, None).limits, base);
+    }
+
+    #[test]
+    fn merge_saturates() {
+        let mut base = Limits::default();
+        base.set(LimitField::TokensPerHour, Some(u64::MAX - 1));
+        let mut add = Additional::default();
+        add.0[LimitField::TokensPerHour as usize] = Some(i64::MAX);
+        let eff = EffectivePolicy::merge(base, Some(&add));
+        assert_eq!(eff.limits.get(LimitField::TokensPerHour), Some(u64::MAX));
+    }
+
+    #[test]
+    fn keywords_are_case_insensitive() {
+        assert_eq!(LimitField::from_keyword(b"tokens_per_day"), Some(LimitField::TokensPerDay));
+        assert_eq!(LimitField::from_keyword(b"MAX_CONCURRENT"), Some(LimitField::MaxConcurrent));
+        assert_eq!(LimitField::from_keyword(b"LEASE"), None);
+    }
+}
