@@ -6,6 +6,8 @@
 
 
 
+pub mod account;
+pub mod cache;
 pub mod credit;
 pub mod ids;
 pub mod policy;

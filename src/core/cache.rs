@@ -1,0 +1,467 @@
+//! The credits cache as a data structure: one entry per user with all of the user's active
+//! rows ("no credits" is an entry too), fresh and stale ages, one load in flight per user with
+//! the callers waiting on it, and a size bound enforced by sampled least-recently-used eviction
+//! (the way Redis approximates LRU).
+//!
+//! It never reads the clock and never talks to Postgres: the caller passes `now`, starts the
+//! loads this structure asks for and reports their outcome with `complete`. Waiters (`W`) are
+//! opaque; every waiter put in comes back out of exactly one of `complete`, `abort_flight`.
+
+use std::sync::Arc;
+
+use ahash::RandomState;
+use indexmap::IndexMap;
+
+use super::credit::Replenishment;
+use super::Millis;
+
+/// The rows of one user, shared between the cache and readers.
+pub type UserCredits = Arc<Vec<Replenishment>>;
+
+/// Tunables, from the module configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// How long a user with rows stays fresh.
+    pub ttl_ms: Millis,
+    /// How long a user without rows stays fresh.
+    pub negative_ttl_ms: Millis,
+    /// Most entries kept.
+    pub max_entries: usize,
+    /// After a failed load: how long to wait before trying Postgres again for that user.
+    pub retry_ms: Millis,
+}
+
+/// Counters for `INFO quota`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub stale_hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// Fresh rows.
+    Fresh(&'a [Replenishment]),
+    /// Rows past their TTL; `refresh` is `Some(flight)` when the caller must start the one
+    /// background refresh (and later `complete` it).
+    Stale { rows: &'a [Replenishment], refresh: Option<u64> },
+    /// Nothing known yet: `load` is `Some(flight)` when the caller must start the load. Either
+    /// way the caller may wait on the flight with `add_waiter`.
+    Miss { load: Option<u64> },
+    /// The last load failed moments ago and nothing is known: decide without credits.
+    Unavailable,
+}
+
+#[derive(Debug)]
+struct Flight<W> {
+    id: u64,
+    waiters: Vec<W>,
+    /// The entry was written or invalidated while this load ran: its result may be older.
+    dirty: bool,
+}
+
+#[derive(Debug)]
+struct Entry<W> {
+    credits: Option<UserCredits>,
+    fresh_until: Millis,
+    /// No new load before this (after a failure).
+    retry_at: Millis,
+    last_used: Millis,
+    flight: Option<Flight<W>>,
+}
+
+/// The cache.
+#[derive(Debug)]
+pub struct CreditCache<W> {
+    map: IndexMap<Box<[u8]>, Entry<W>, RandomState>,
+    config: CacheConfig,
+    next_flight: u64,
+    rng: u64,
+    stats: CacheStats,
+}
+
+const EVICTION_SAMPLES: usize = 5;
+
+impl<W> CreditCache<W> {
+    /// An empty cache.
+    pub fn new(config: CacheConfig) -> Self {
+        CreditCache {
+            map: IndexMap::with_hasher(RandomState::new()),
+            config,
+            next_flight: 1,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Changes the tunables; shrinks the cache if the bound went down.
+    pub fn set_config(&mut self, config: CacheConfig) {
+        self.config = config;
+        while self.map.len() > self.config.max_entries && self.evict_one() {}
+    }
+
+    /// The tunables in force.
+    pub fn config(&self) -> CacheConfig {
+        self.config
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Hit, miss and eviction counters.
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Loads in flight.
+    pub fn flights(&self) -> usize {
+        self.map.values().filter(|e| e.flight.is_some()).count()
+    }
+
+    fn new_flight(&mut self) -> Flight<W> {
+        let id = self.next_flight;
+        self.next_flight += 1;
+        Flight { id, waiters: Vec::new(), dirty: false }
+    }
+
+    /// Looks a user up, starting a load or a background refresh when one is due.
+    pub fn lookup(&mut self, key: &[u8], now: Millis) -> Lookup<'_> {
+        let Some(index) = self.map.get_index_of(key) else {
+            self.stats.misses += 1;
+            let flight = self.new_flight();
+            let id = flight.id;
+            let entry =
+                Entry { credits: None, fresh_until: 0, retry_at: 0, last_used: now, flight: Some(flight) };
+            self.insert(key, entry);
+            return Lookup::Miss { load: Some(id) };
+        };
+        let (fresh, known, due) = match self.map.get_index(index) {
+            Some((_, e)) => (
+                now < e.fresh_until,
+                e.credits.is_some(),
+                e.flight.is_none() && now >= e.retry_at,
+            ),
+            None => return Lookup::Unavailable,
+        };
+        let flight = if due && !(fresh && known) { Some(self.new_flight()) } else { None };
+        let started = flight.as_ref().map(|f| f.id);
+        match (known, fresh, started.is_some()) {
+            (true, true, _) => self.stats.hits += 1,
+            (true, false, _) => self.stats.stale_hits += 1,
+            (false, _, _) => self.stats.misses += 1,
+        }
+        let Some((_, entry)) = self.map.get_index_mut(index) else {
+            return Lookup::Unavailable;
+        };
+        entry.last_used = now;
+        if flight.is_some() {
+            entry.flight = flight;
+        }
+        match &entry.credits {
+            Some(rows) if fresh => Lookup::Fresh(rows),
+            Some(rows) => Lookup::Stale { rows, refresh: started },
+            None if started.is_some() || entry.flight.is_some() => Lookup::Miss { load: started },
+            None => Lookup::Unavailable,
+        }
+    }
+
+    /// Waits `waiter` on the user's load in flight; gives it back when there is none.
+    pub fn add_waiter(&mut self, key: &[u8], waiter: W) -> Result<(), W> {
+        match self.map.get_mut(key).and_then(|e| e.flight.as_mut()) {
+            Some(flight) => {
+                flight.waiters.push(waiter);
+                Ok(())
+            }
+            None => Err(waiter),
+        }
+    }
+
+    /// The load could not be started (queue full): forgets the flight and returns its waiters.
+    pub fn abort_flight(&mut self, key: &[u8], flight: u64) -> Vec<W> {
+        let Some(entry) = self.map.get_mut(key) else {
+            return Vec::new();
+        };
+        if entry.flight.as_ref().is_none_or(|f| f.id != flight) {
+            return Vec::new();
+        }
+        let waiters = entry.flight.take().map(|f| f.waiters).unwrap_or_default();
+        if entry.credits.is_none() {
+            self.map.swap_remove(key);
+        }
+        waiters
+    }
+
+    /// Reports a load's outcome and returns the waiters to answer. A load that raced with a
+    /// write-through keeps the newer rows; one that raced with an invalidation is stored stale.
+    /// A failed load keeps any rows already known and holds off retries for `retry_ms`.
+    pub fn complete(
+        &mut self,
+        key: &[u8],
+        flight: u64,
+        outcome: Result<Vec<Replenishment>, ()>,
+        now: Millis,
+    ) -> Vec<W> {
+        let config = self.config;
+        let Some(entry) = self.map.get_mut(key) else {
+            return Vec::new();
+        };
+        let Some(mine) = entry.flight.take_if(|f| f.id == flight) else {
+            return Vec::new();
+        };
+        match outcome {
+            Ok(rows) => {
+                if !(mine.dirty && entry.credits.is_some()) {
+                    let ttl = if rows.is_empty() { config.negative_ttl_ms } else { config.ttl_ms };
+                    entry.fresh_until = if mine.dirty { now } else { now.saturating_add(ttl) };
+                    entry.credits = Some(Arc::new(rows));
+                }
+                entry.retry_at = 0;
+            }
+            Err(()) => entry.retry_at = now.saturating_add(config.retry_ms),
+        }
+        mine.waiters
+    }
+
+    /// Write-through: the user's rows as just committed.
+    pub fn put(&mut self, key: &[u8], rows: Vec<Replenishment>, now: Millis) {
+        let ttl = if rows.is_empty() { self.config.negative_ttl_ms } else { self.config.ttl_ms };
+        let credits = Some(Arc::new(rows));
+        if let Some(entry) = self.map.get_mut(key) {
+            entry.credits = credits;
+            entry.fresh_until = now.saturating_add(ttl);
+            entry.retry_at = 0;
+            entry.last_used = now;
+            if let Some(f) = entry.flight.as_mut() {
+                f.dirty = true;
+            }
+            return;
+        }
+        let entry = Entry {
+            credits,
+            fresh_until: now.saturating_add(ttl),
+            retry_at: 0,
+            last_used: now,
+            flight: None,
+        };
+        self.insert(key, entry);
+    }
+
+    /// Drops a user's entry (a load in flight is kept, marked so its result is not trusted).
+    pub fn invalidate(&mut self, key: &[u8]) -> bool {
+        match self.map.get_mut(key) {
+            Some(entry) if entry.flight.is_some() => {
+                entry.credits = None;
+                if let Some(f) = entry.flight.as_mut() {
+                    f.dirty = true;
+                }
+                true
+            }
+            Some(_) => self.map.swap_remove(key).is_some(),
+            None => false,
+        }
+    }
+
+    /// Marks a user's rows stale: still served, refreshed by the next lookup.
+    pub fn mark_stale(&mut self, key: &[u8]) {
+        if let Some(entry) = self.map.get_mut(key) {
+            entry.fresh_until = 0;
+            entry.retry_at = 0;
+            if let Some(f) = entry.flight.as_mut() {
+                f.dirty = true;
+            }
+        }
+    }
+
+    /// Drops everything (loads in flight are kept, marked untrusted).
+    pub fn clear(&mut self) {
+        self.map.retain(|_, entry| match entry.flight.as_mut() {
+            Some(f) => {
+                f.dirty = true;
+                entry.credits = None;
+                true
+            }
+            None => false,
+        });
+    }
+
+    fn insert(&mut self, key: &[u8], entry: Entry<W>) {
+        while self.map.len() >= self.config.max_entries.max(1) && self.evict_one() {}
+        self.map.insert(key.into(), entry);
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: enough to sample eviction candidates.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Evicts the least recently used of a few sampled entries that have no load in flight.
+    fn evict_one(&mut self) -> bool {
+        let len = self.map.len();
+        if len == 0 {
+            return false;
+        }
+        let mut victim: Option<(usize, Millis)> = None;
+        for _ in 0..EVICTION_SAMPLES {
+            let i = (self.next_random() % len as u64) as usize;
+            if let Some((_, e)) = self.map.get_index(i) {
+                if e.flight.is_none() && victim.is_none_or(|(_, t)| e.last_used < t) {
+                    victim = Some((i, e.last_used));
+                }
+            }
+        }
+        let victim = victim.or_else(|| {
+            self.map.values().position(|e| e.flight.is_none()).map(|i| (i, 0))
+        });
+        match victim {
+            Some((i, _)) => {
+                self.map.swap_remove_index(i);
+                self.stats.evictions += 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::policy::Additional;
+
+    fn cfg(max: usize) -> CacheConfig {
+        CacheConfig { ttl_ms: 1000, negative_ttl_ms: 100, max_entries: max, retry_ms: 500 }
+    }
+
+    fn rows(bundle: &str) -> Vec<Replenishment> {
+        vec![Replenishment {
+            bundle_id: bundle.into(),
+            additional: Additional::default(),
+            expires_at: None,
+            purchase_id: None,
+            purchase_amount_usd: None,
+            purchase_notes: None,
+            active: true,
+            created_at: 0,
+            updated_at: 0,
+        }]
+    }
+
+    fn bundle_of(l: Lookup<'_>) -> Option<String> {
+        match l {
+            Lookup::Fresh(r) | Lookup::Stale { rows: r, .. } => r.first().map(|r| r.bundle_id.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn miss_loads_once_and_answers_every_waiter() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        c.add_waiter(b"u", 1).unwrap();
+        assert!(matches!(c.lookup(b"u", 1), Lookup::Miss { load: None }));
+        c.add_waiter(b"u", 2).unwrap();
+        assert_eq!(c.complete(b"u", f, Ok(rows("*")), 5), vec![1, 2]);
+        assert_eq!(bundle_of(c.lookup(b"u", 6)), Some("*".into()));
+        assert_eq!(c.stats().hits, 1);
+        assert_eq!(c.stats().misses, 2);
+    }
+
+    #[test]
+    fn stale_entries_are_served_while_one_refresh_runs() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        c.put(b"u", rows("a"), 0);
+        let Lookup::Stale { refresh: Some(f), .. } = c.lookup(b"u", 1000) else { panic!() };
+        assert!(matches!(c.lookup(b"u", 1001), Lookup::Stale { refresh: None, .. }));
+        // The refresh fails: rows are kept, no new refresh until retry_ms has passed.
+        assert!(c.complete(b"u", f, Err(()), 1002).is_empty());
+        assert!(matches!(c.lookup(b"u", 1100), Lookup::Stale { refresh: None, .. }));
+        assert!(matches!(c.lookup(b"u", 1502), Lookup::Stale { refresh: Some(_), .. }));
+    }
+
+    #[test]
+    fn negative_entries_use_the_negative_ttl() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        c.complete(b"u", f, Ok(vec![]), 0);
+        assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r) if r.is_empty()));
+        assert!(matches!(c.lookup(b"u", 100), Lookup::Stale { .. }));
+    }
+
+    #[test]
+    fn failed_first_load_makes_the_user_unavailable_for_a_while() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        c.add_waiter(b"u", 7).unwrap();
+        assert_eq!(c.complete(b"u", f, Err(()), 10), vec![7]);
+        assert!(matches!(c.lookup(b"u", 11), Lookup::Unavailable));
+        assert!(matches!(c.lookup(b"u", 510), Lookup::Miss { load: Some(_) }));
+    }
+
+    #[test]
+    fn write_through_beats_an_older_load_in_flight() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        c.put(b"u", rows("new"), 1);
+        c.complete(b"u", f, Ok(rows("old")), 2);
+        assert_eq!(bundle_of(c.lookup(b"u", 3)), Some("new".into()));
+    }
+
+    #[test]
+    fn invalidation_during_a_load_leaves_its_result_stale() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        assert!(c.invalidate(b"u"));
+        c.complete(b"u", f, Ok(rows("x")), 2);
+        assert!(matches!(c.lookup(b"u", 3), Lookup::Stale { refresh: Some(_), .. }));
+        assert!(!c.invalidate(b"none"));
+    }
+
+    #[test]
+    fn bounded_size_evicts_but_never_a_user_with_waiters() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(3));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"loading", 0) else { panic!() };
+        c.add_waiter(b"loading", 9).unwrap();
+        for i in 0..50u32 {
+            c.put(format!("u{i}").as_bytes(), rows("*"), i64::from(i) + 1);
+            assert!(c.len() <= 3);
+        }
+        assert!(c.stats().evictions >= 47);
+        assert_eq!(c.complete(b"loading", f, Ok(vec![]), 100), vec![9]);
+        c.set_config(cfg(1));
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn abort_returns_waiters_and_forgets_the_entry() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(3));
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        c.add_waiter(b"u", 1).unwrap();
+        assert_eq!(c.abort_flight(b"u", f), vec![1]);
+        assert!(c.is_empty());
+        assert_eq!(c.add_waiter(b"u", 2), Err(2));
+    }
+
+    #[test]
+    fn clear_keeps_loads_in_flight() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        c.put(b"a", rows("*"), 0);
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"b", 0) else { panic!() };
+        c.add_waiter(b"b", 1).unwrap();
+        c.clear();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.complete(b"b", f, Ok(rows("*")), 1), vec![1]);
+    }
+}
