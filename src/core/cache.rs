@@ -208,7 +208,7 @@ impl<W> CreditCache<W> {
         &mut self,
         key: &[u8],
         flight: u64,
-        outcome: Result<Vec<Replenishment>, ()>,
+        outcome: Result<UserCredits, ()>,
         now: Millis,
     ) -> Vec<W> {
         let config = self.config;
@@ -223,7 +223,7 @@ impl<W> CreditCache<W> {
                 if !(mine.dirty && entry.credits.is_some()) {
                     let ttl = if rows.is_empty() { config.negative_ttl_ms } else { config.ttl_ms };
                     entry.fresh_until = if mine.dirty { now } else { now.saturating_add(ttl) };
-                    entry.credits = Some(Arc::new(rows));
+                    entry.credits = Some(rows);
                 }
                 entry.retry_at = 0;
             }
@@ -233,9 +233,9 @@ impl<W> CreditCache<W> {
     }
 
     /// Write-through: the user's rows as just committed.
-    pub fn put(&mut self, key: &[u8], rows: Vec<Replenishment>, now: Millis) {
+    pub fn put(&mut self, key: &[u8], rows: UserCredits, now: Millis) {
         let ttl = if rows.is_empty() { self.config.negative_ttl_ms } else { self.config.ttl_ms };
-        let credits = Some(Arc::new(rows));
+        let credits = Some(rows);
         if let Some(entry) = self.map.get_mut(key) {
             entry.credits = credits;
             entry.fresh_until = now.saturating_add(ttl);
@@ -280,6 +280,18 @@ impl<W> CreditCache<W> {
                 f.dirty = true;
             }
         }
+    }
+
+    /// Ends every load in flight and returns all their waiters (shutdown).
+    pub fn take_all_waiters(&mut self) -> Vec<W> {
+        let mut out = Vec::new();
+        for entry in self.map.values_mut() {
+            if let Some(f) = entry.flight.take() {
+                out.extend(f.waiters);
+            }
+        }
+        self.map.retain(|_, e| e.credits.is_some());
+        out
     }
 
     /// Drops everything (loads in flight are kept, marked untrusted).
@@ -345,8 +357,8 @@ mod tests {
         CacheConfig { ttl_ms: 1000, negative_ttl_ms: 100, max_entries: max, retry_ms: 500 }
     }
 
-    fn rows(bundle: &str) -> Vec<Replenishment> {
-        vec![Replenishment {
+    fn rows(bundle: &str) -> UserCredits {
+        Arc::new(vec![Replenishment {
             bundle_id: bundle.into(),
             additional: Additional::default(),
             expires_at: None,
@@ -356,7 +368,7 @@ mod tests {
             active: true,
             created_at: 0,
             updated_at: 0,
-        }]
+        }])
     }
 
     fn bundle_of(l: Lookup<'_>) -> Option<String> {
@@ -395,7 +407,7 @@ mod tests {
     fn negative_entries_use_the_negative_ttl() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
         let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
-        c.complete(b"u", f, Ok(vec![]), 0);
+        c.complete(b"u", f, Ok(Arc::new(vec![])), 0);
         assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r) if r.is_empty()));
         assert!(matches!(c.lookup(b"u", 100), Lookup::Stale { .. }));
     }
@@ -439,7 +451,7 @@ mod tests {
             assert!(c.len() <= 3);
         }
         assert!(c.stats().evictions >= 47);
-        assert_eq!(c.complete(b"loading", f, Ok(vec![]), 100), vec![9]);
+        assert_eq!(c.complete(b"loading", f, Ok(Arc::new(vec![])), 100), vec![9]);
         c.set_config(cfg(1));
         assert_eq!(c.len(), 1);
     }

@@ -1,0 +1,366 @@
+//! `QUOTA.ADMIT`, `COMMIT`, `RELEASE`, `USAGE`, `RESET` and the internal `QUOTA.SETSTATE`.
+//!
+//! Admission is one atomic step on the main thread: find the user's credits (cache), merge them
+//! into the caller's base policy, decide on the account key, store the new state and replicate
+//! it as `QUOTA.SETSTATE <key> <state>` (an effect: replicas and the AOF never re-run a
+//! decision). On a cache miss the client is blocked while a worker loads the rows, and the same
+//! function decides once they arrive (`admit_resumed`) or once the wait ran out
+//! (`admit_timed_out`, base policy, `replenishment unavailable`).
+
+use std::os::raw::c_int;
+
+use redis_module::raw;
+
+use super::{block_timeout_ms, can_block, fail, flags, parse, reply_undone};
+use crate::config::{self, ScriptMiss};
+use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
+use crate::core::cache::Lookup;
+use crate::core::credit::{select_credit, CreditSource, Replenishment};
+use crate::core::policy::{Additional, EffectivePolicy, LimitField};
+use crate::core::Millis;
+use crate::glue::account_type::{AccountKey, WrongType};
+use crate::glue::blocked::Blocked;
+use crate::glue::reply::Reply;
+use crate::state;
+use crate::stats;
+use crate::worker::{self, Done};
+
+/// Where the credits for this decision come from.
+enum Credits<'a> {
+    /// Look in the cache (a fresh command).
+    Cache,
+    /// A worker loaded them (or failed to).
+    Loaded(&'a Done),
+    /// The wait for Postgres ran out.
+    TimedOut,
+}
+
+/// The credit that applies, as the amounts it adds and where it came from.
+fn pick(rows: &[Replenishment], bundle: &str, now: Millis) -> (Option<Additional>, CreditSource) {
+    match select_credit(rows, bundle, now) {
+        Some((row, source)) => (Some(row.additional), source),
+        None => (None, CreditSource::None),
+    }
+}
+
+/// `QUOTA.ADMIT`.
+pub fn admit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    admit_with(ctx, args, Credits::Cache);
+}
+
+/// `QUOTA.ADMIT` after its load finished.
+pub fn admit_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+    admit_with(ctx, args, Credits::Loaded(done));
+}
+
+/// `QUOTA.ADMIT` whose load did not finish in time.
+pub fn admit_timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    admit_with(ctx, args, Credits::TimedOut);
+}
+
+fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_>) {
+    let parsed = match parse::admit(args, config::MAX_LEASE_TTL) {
+        Ok(p) => p,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let (key, user_len) = parsed.account.key();
+    let now = state::now_ms();
+    let (additional, source) = match credits {
+        Credits::Cache => {
+            let user_key = key.get(..user_len).unwrap_or(&key);
+            let mut cache = state::cache();
+            let (found, load) = match cache.lookup(user_key, now) {
+                Lookup::Fresh(rows) => (Some(pick(rows, parsed.account.bundle, now)), None),
+                Lookup::Stale { rows, refresh } => {
+                    (Some(pick(rows, parsed.account.bundle, now)), refresh)
+                }
+                Lookup::Unavailable => (Some((None, CreditSource::Unavailable)), None),
+                Lookup::Miss { load } if can_block(ctx) => {
+                    match Blocked::block(ctx, block_timeout_ms()) {
+                        Some(client) => {
+                            if let Err(client) = cache.add_waiter(user_key, client) {
+                                client.finish(Done::Dropped);
+                            }
+                        }
+                        None => {
+                            Reply::new(ctx).error("ERR cannot block this client");
+                        }
+                    }
+                    (None, load)
+                }
+                Lookup::Miss { load } => match config::script_miss() {
+                    ScriptMiss::base => (Some((None, CreditSource::Pending)), load),
+                    ScriptMiss::error => {
+                        Reply::new(ctx).error(
+                            "TRYAGAIN credits for this user are loading from PostgreSQL: retry shortly",
+                        );
+                        (None, load)
+                    }
+                },
+            };
+            drop(cache);
+            if let Some(flight) = load {
+                worker::submit_load(user_key, &parsed.account.user, flight);
+            }
+            match found {
+                Some(found) => found,
+                None => return, // blocked (or answered): the reply comes later
+            }
+        }
+        Credits::Loaded(Done::Loaded(Ok(rows))) => pick(rows, parsed.account.bundle, now),
+        Credits::Loaded(Done::Busy) => return reply_undone(ctx, &Done::Busy),
+        Credits::Loaded(_) | Credits::TimedOut => (None, CreditSource::Unavailable),
+    };
+    decide(ctx, &parsed, &key, additional, source, now);
+}
+
+fn decide(
+    ctx: *mut raw::RedisModuleCtx,
+    parsed: &parse::AdmitArgs<'_>,
+    key: &[u8],
+    additional: Option<Additional>,
+    source: CreditSource,
+    now: Millis,
+) {
+    let policy = EffectivePolicy::merge(parsed.base, additional.as_ref());
+    let mut account_key = match AccountKey::open(ctx, key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let lease_ttl = parsed.lease_ttl.unwrap_or_else(|| config::int(&config::LEASE_TTL).max(1));
+    let request = AdmitRequest {
+        lease: parsed.lease,
+        lease_ttl_ms: lease_ttl.saturating_mul(1000),
+        reserve: parsed.reserve,
+        peek: parsed.peek,
+    };
+    let existed = account_key.get().is_some();
+    let mut fresh = Account::default();
+    let account = match account_key.get() {
+        Some(account) => account,
+        None => &mut fresh,
+    };
+    let decision = match account.admit(&policy, &request, now, state::new_lease_id) {
+        Ok(d) => d,
+        Err(e) => {
+            Reply::new(ctx).error(&e.to_string());
+            return;
+        }
+    };
+    let usage = parsed.verbose.then(|| account.usage(now));
+    if decision.changed {
+        if existed {
+            account_key.touch();
+        } else {
+            account_key.put(fresh);
+        }
+        replicate_state(ctx, &mut account_key);
+    }
+    let counter = match (decision.allowed, source) {
+        (false, _) => &stats::ADMITS_DENIED,
+        (true, _) => &stats::ADMITS_ALLOWED,
+    };
+    counter.incr();
+    match source {
+        CreditSource::Pending => stats::ADMITS_PENDING.incr(),
+        CreditSource::Unavailable => stats::ADMITS_UNAVAILABLE.incr(),
+        _ => {}
+    }
+    reply_decision(ctx, &decision, source, &policy, usage.as_ref());
+}
+
+fn reply_decision(
+    ctx: *mut raw::RedisModuleCtx,
+    d: &AdmitDecision,
+    source: CreditSource,
+    policy: &EffectivePolicy,
+    usage: Option<&Usage>,
+) {
+    let r = Reply::new(ctx).map(9 + if usage.is_some() { 3 } else { 0 });
+    let r = r.field("allowed", |r| r.int(i64::from(d.allowed)));
+    let r = r.field("reason", |r| r.str(&d.reason()));
+    let r = r.field("retry_after", |r| r.int(d.retry_after));
+    let r = r.field("lease", |r| r.opt_str(d.lease.as_deref()));
+    let r = r.field("reserved", |r| r.uint(d.reserved));
+    let r = r.field("used_replenishment", |r| r.int(i64::from(d.used_replenishment)));
+    let r = r.field("replenishment", |r| r.str(source.as_str()));
+    let r = r.field("remaining_requests", |r| r.int(d.remaining_requests));
+    let r = r.field("remaining_tokens", |r| r.int(d.remaining_tokens));
+    if let Some(u) = usage {
+        let mut r = r.str("limits").map(LimitField::ALL.len());
+        for field in LimitField::ALL {
+            let limit = policy.limits.get(field);
+            r = r.field(field.name(), |r| limit.map_or(r.int(-1), |l| r.uint(l)));
+        }
+        let r = usage_map(r.str("usage"), u, false);
+        let r = r.str("resets").map(3);
+        let r = r.field("hour", |r| r.int(u.hour_reset));
+        let r = r.field("day", |r| r.int(u.day_reset));
+        r.field("month", |r| r.int(u.month_reset));
+    }
+}
+
+/// Writes a usage snapshot (with the window resets when `resets`).
+fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
+    let r = r.map(8 + if resets { 3 } else { 0 });
+    let r = r.field("req_day", |r| r.uint(u.req_day));
+    let r = r.field("req_month", |r| r.uint(u.req_month));
+    let r = r.field("req_total", |r| r.uint(u.req_total));
+    let r = r.field("tok_hour", |r| r.uint(u.tok_hour));
+    let r = r.field("tok_day", |r| r.uint(u.tok_day));
+    let r = r.field("tok_month", |r| r.uint(u.tok_month));
+    let r = r.field("in_flight", |r| r.uint(u.in_flight));
+    let r = r.field("reserved", |r| r.uint(u.reserved));
+    if !resets {
+        return r;
+    }
+    let r = r.field("hour_reset", |r| r.int(u.hour_reset));
+    let r = r.field("day_reset", |r| r.int(u.day_reset));
+    r.field("month_reset", |r| r.int(u.month_reset))
+}
+
+fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
+    Reply::new(ctx).error(&e.to_string());
+}
+
+/// Replicates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or its deletion.
+fn replicate_state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey) {
+    let name = key.name();
+    let state = match key.get() {
+        Some(account) => account.encode(),
+        None => return,
+    };
+    unsafe {
+        if let Some(f) = raw::RedisModule_Replicate {
+            f(
+                ctx,
+                c"QUOTA.SETSTATE".as_ptr(),
+                c"sb".as_ptr(),
+                name,
+                state.as_ptr().cast::<std::os::raw::c_char>(),
+                state.len(),
+            );
+        }
+    }
+}
+
+/// `QUOTA.COMMIT`: records used tokens and settles the lease.
+pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let parsed = match parse::commit(args) {
+        Ok(p) => p,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let (key, _) = parsed.account.key();
+    let now = state::now_ms();
+    let mut account_key = match AccountKey::open(ctx, &key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let outcome = match account_key.get() {
+        Some(account) => {
+            let outcome = account.commit(parsed.tokens, parsed.lease, now);
+            account_key.touch();
+            outcome
+        }
+        None => {
+            let mut account = Account::default();
+            let outcome = account.commit(parsed.tokens, parsed.lease, now);
+            account_key.put(account);
+            outcome
+        }
+    };
+    if !outcome.duplicate {
+        replicate_state(ctx, &mut account_key);
+    }
+    let recorded = if outcome.duplicate { 0 } else { parsed.tokens };
+    let r = Reply::new(ctx).map(3);
+    let r = r.field("recorded", |r| r.uint(recorded));
+    let r = r.field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
+    r.field("lease_held", |r| r.int(i64::from(outcome.lease_held)));
+}
+
+/// `QUOTA.RELEASE`: undoes an admission held by a lease.
+pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let (account, lease) = match parse::release(args) {
+        Ok(p) => p,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let (key, _) = account.key();
+    let mut account_key = match AccountKey::open(ctx, &key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let released = match account_key.get() {
+        Some(account) => account.release(lease, state::now_ms()),
+        None => false,
+    };
+    if released {
+        account_key.touch();
+        replicate_state(ctx, &mut account_key);
+    }
+    Reply::new(ctx).int(i64::from(released));
+}
+
+/// `QUOTA.USAGE`: a read-only snapshot.
+pub fn usage(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let account = match parse::account_only(args) {
+        Ok(a) => a,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let (key, _) = account.key();
+    let mut account_key = match AccountKey::open_read(ctx, &key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let now = state::now_ms();
+    let usage = match account_key.get() {
+        Some(account) => account.usage(now),
+        None => Account::default().usage(now),
+    };
+    usage_map(Reply::new(ctx), &usage, true);
+}
+
+/// `QUOTA.RESET`: forgets the account's counters, leases and reservations.
+pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let account = match parse::account_only(args) {
+        Ok(a) => a,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let (key, _) = account.key();
+    let mut account_key = match AccountKey::open(ctx, &key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let existed = account_key.delete();
+    drop(account_key);
+    if existed {
+        unsafe {
+            if let Some(f) = raw::RedisModule_ReplicateVerbatim {
+                f(ctx);
+            }
+        }
+    }
+    Reply::new(ctx).int(i64::from(existed));
+}
+
+/// `QUOTA.SETSTATE <key> <state>`: applies replicated or AOF state. Refused from clients.
+pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let allowed = (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
+    if flags(ctx) & allowed == 0 {
+        Reply::new(ctx).error("ERR QUOTA.SETSTATE is internal: it is only accepted from a master or the AOF");
+        return;
+    }
+    let [_, key, state] = args else {
+        return fail(ctx, args, parse::ParseError::Arity);
+    };
+    let Some(account) = Account::decode(state) else {
+        Reply::new(ctx).error("ERR QUOTA.SETSTATE: invalid account state");
+        return;
+    };
+    let mut account_key = match AccountKey::open(ctx, key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    account_key.put(account);
+    Reply::new(ctx).status("OK");
+}

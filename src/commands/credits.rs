@@ -1,0 +1,274 @@
+//! `QUOTA.GRANT`, `GET`, `REVOKE`, `LIST`, `CLEANUP`, `INVALIDATE`: the credits commands.
+//!
+//! Writes and listings always go to PostgreSQL on a worker (the client is blocked, nothing
+//! else waits); `GET` answers from the cache and only waits on a miss. Writes refresh this
+//! node's cache from the committed rows (in the worker) and replicate `QUOTA.INVALIDATE` so
+//! replicas drop their entry at once.
+
+use redis_module::raw;
+
+use super::{block_timeout_ms, can_block, fail, parse, reply_cannot_block, reply_undone};
+use crate::core::cache::Lookup;
+use crate::core::credit::{select_credit, Replenishment};
+use crate::core::policy::LimitField;
+use crate::core::Millis;
+use crate::glue::blocked::Blocked;
+use crate::glue::reply::Reply;
+use crate::state;
+use crate::worker::{self, Done, Job, OwnedUser};
+
+/// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
+/// `extra` more pairs are left for the caller. A missing row writes nil columns.
+fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
+    let r = r.map(11 + LimitField::ALL.len() + extra);
+    let r = r.field("tenant", |r| r.str(ids[0]));
+    let r = r.field("project", |r| r.str(ids[1]));
+    let r = r.field("user_id", |r| r.str(ids[2]));
+    let mut r = r.field("bundle_id", |r| r.str(row.map_or(ids[3], |x| x.bundle_id.as_str())));
+    for field in LimitField::ALL {
+        let v = row.and_then(|x| x.additional.get(field));
+        r = r.field(field.column(), |r| r.opt_int(v));
+    }
+    let r = r.field("expires_at", |r| r.opt_int(row.and_then(|x| x.expires_at)));
+    let r = r.field("purchase_id", |r| r.opt_str(row.and_then(|x| x.purchase_id.as_deref())));
+    let r = r.field("purchase_amount_usd", |r| {
+        r.opt_str(row.and_then(|x| x.purchase_amount_usd.as_deref()))
+    });
+    let r = r.field("purchase_notes", |r| r.opt_str(row.and_then(|x| x.purchase_notes.as_deref())));
+    let r = r.field("active", |r| r.opt_int(row.map(|x| i64::from(x.active))));
+    let r = r.field("created_at", |r| r.opt_int(row.map(|x| x.created_at)));
+    r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)))
+}
+
+/// Replies the record that applies to `bundle` among `rows`, or nil.
+fn reply_applicable(ctx: *mut raw::RedisModuleCtx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
+    match select_credit(rows, ids[3], now) {
+        Some((row, _)) => {
+            record(Reply::new(ctx), ids, Some(row), 0);
+        }
+        None => {
+            Reply::new(ctx).null();
+        }
+    }
+}
+
+/// `QUOTA.GRANT`: upsert in Postgres on a worker; the reply comes from `resume`.
+pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let now = state::now_ms();
+    let parsed = match parse::grant(args, now) {
+        Ok(p) => p,
+        Err(e) => return fail(ctx, args, e),
+    };
+    if !can_block(ctx) {
+        return reply_cannot_block(ctx, args);
+    }
+    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
+        Reply::new(ctx).error("ERR cannot block this client");
+        return;
+    };
+    worker::submit_or_busy(Job::Grant {
+        user: OwnedUser::from_id(&parsed.account.user),
+        bundle: parsed.account.bundle.to_owned(),
+        request: parsed.request,
+        now,
+        client,
+    });
+}
+
+/// `QUOTA.REVOKE`: soft delete on a worker.
+pub fn revoke(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let account = match parse::account_only(args) {
+        Ok(a) => a,
+        Err(e) => return fail(ctx, args, e),
+    };
+    if !can_block(ctx) {
+        return reply_cannot_block(ctx, args);
+    }
+    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
+        Reply::new(ctx).error("ERR cannot block this client");
+        return;
+    };
+    worker::submit_or_busy(Job::Revoke {
+        user: OwnedUser::from_id(&account.user),
+        bundle: account.bundle.to_owned(),
+        client,
+    });
+}
+
+/// `QUOTA.LIST`: read from Postgres on a worker.
+pub fn list(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let (user, all) = match parse::list(args) {
+        Ok(a) => a,
+        Err(e) => return fail(ctx, args, e),
+    };
+    if !can_block(ctx) {
+        return reply_cannot_block(ctx, args);
+    }
+    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
+        Reply::new(ctx).error("ERR cannot block this client");
+        return;
+    };
+    worker::submit_or_busy(Job::List { user: OwnedUser::from_id(&user), all, client });
+}
+
+/// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
+pub fn cleanup(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    if args.len() != 1 {
+        return fail(ctx, args, parse::ParseError::Arity);
+    }
+    if !can_block(ctx) {
+        return reply_cannot_block(ctx, args);
+    }
+    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
+        Reply::new(ctx).error("ERR cannot block this client");
+        return;
+    };
+    worker::submit_or_busy(Job::Cleanup { client: Some(client) });
+}
+
+/// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
+pub fn invalidate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let user = match parse::user_only(args) {
+        Ok(u) => u,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let dropped = state::cache().invalidate(&user.key());
+    unsafe {
+        if let Some(f) = raw::RedisModule_ReplicateVerbatim {
+            f(ctx);
+        }
+    }
+    Reply::new(ctx).int(i64::from(dropped));
+}
+
+/// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
+pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let account = match parse::account_only(args) {
+        Ok(a) => a,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let ids = [account.user.tenant, account.user.project, account.user.user, account.bundle];
+    let user_key = account.user.key();
+    let now = state::now_ms();
+    let mut cache = state::cache();
+    let load = match cache.lookup(&user_key, now) {
+        Lookup::Fresh(rows) => {
+            reply_applicable(ctx, ids, rows, now);
+            return;
+        }
+        Lookup::Stale { rows, refresh } => {
+            reply_applicable(ctx, ids, rows, now);
+            refresh
+        }
+        Lookup::Unavailable => {
+            Reply::new(ctx).error(
+                "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly",
+            );
+            return;
+        }
+        Lookup::Miss { load } => {
+            if can_block(ctx) {
+                match Blocked::block(ctx, block_timeout_ms()) {
+                    Some(client) => {
+                        if let Err(client) = cache.add_waiter(&user_key, client) {
+                            client.finish(Done::Dropped);
+                        }
+                    }
+                    None => {
+                        Reply::new(ctx).error("ERR cannot block this client");
+                    }
+                }
+            } else {
+                Reply::new(ctx).error(
+                    "TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly",
+                );
+            }
+            load
+        }
+    };
+    drop(cache);
+    if let Some(flight) = load {
+        worker::submit_load(&user_key, &account.user, flight);
+    }
+}
+
+/// `QUOTA.GET` after its load finished.
+pub fn get_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+    let account = match parse::account_only(args) {
+        Ok(a) => a,
+        Err(e) => return fail(ctx, args, e),
+    };
+    let ids = [account.user.tenant, account.user.project, account.user.user, account.bundle];
+    match done {
+        Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, state::now_ms()),
+        Done::Loaded(Err(e)) => {
+            Reply::new(ctx).error(&e.to_string());
+        }
+        other => reply_undone(ctx, other),
+    }
+}
+
+/// Replicates `QUOTA.INVALIDATE <t> <p> <u>` so replicas drop the user's entry.
+fn replicate_invalidate(ctx: *mut raw::RedisModuleCtx, ids: [&str; 4]) {
+    let [t, p, u, _] = ids;
+    unsafe {
+        if let Some(f) = raw::RedisModule_Replicate {
+            f(
+                ctx,
+                c"QUOTA.INVALIDATE".as_ptr(),
+                c"bbb".as_ptr(),
+                t.as_ptr(),
+                t.len(),
+                p.as_ptr(),
+                p.len(),
+                u.as_ptr(),
+                u.len(),
+            );
+        }
+    }
+}
+
+/// Replies GRANT, REVOKE, LIST and CLEANUP once their worker is done.
+pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+    match done {
+        Done::Grant(Ok(outcome)) => {
+            // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).
+            let Ok(account) = parse::account_only(args.get(..5).unwrap_or(args)) else {
+                Reply::new(ctx).error("ERR internal: cannot re-read the command");
+                return;
+            };
+            let u = account.user;
+            let ids = [u.tenant, u.project, u.user, account.bundle];
+            if !outcome.duplicate {
+                replicate_invalidate(ctx, ids);
+            }
+            record(Reply::new(ctx), ids, outcome.record.as_ref(), 1)
+                .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
+        }
+        Done::Revoke(Ok(outcome)) => {
+            if let Ok(account) = parse::account_only(args) {
+                let u = account.user;
+                replicate_invalidate(ctx, [u.tenant, u.project, u.user, account.bundle]);
+            }
+            Reply::new(ctx).int(i64::from(outcome.revoked));
+        }
+        Done::List(Ok(rows)) => {
+            let Ok((user, _)) = parse::list(args) else {
+                Reply::new(ctx).error("ERR internal: cannot re-read the command");
+                return;
+            };
+            let mut r = Reply::new(ctx).map(rows.len());
+            for row in rows {
+                let ids = [user.tenant, user.project, user.user, row.bundle_id.as_str()];
+                r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+            }
+        }
+        Done::Cleanup(Ok(outcome)) => {
+            Reply::new(ctx).uint(outcome.deactivated);
+        }
+        Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
+            Reply::new(ctx).error(&e.to_string());
+        }
+        Done::Loaded(_) | Done::Busy | Done::Dropped => reply_undone(ctx, done),
+    }
+}

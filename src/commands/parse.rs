@@ -1,0 +1,445 @@
+//! Argument parsing for every `QUOTA.*` command, over plain byte slices (no Redis types), so it
+//! can be unit- and property-tested. Options are case-insensitive keywords, in any order, each
+//! at most once; every error names the bad argument and is the exact wire text.
+
+use std::fmt;
+
+use crate::core::credit::{Cents, GrantRequest};
+use crate::core::ids::{check_id, AccountId, IdError, UserId};
+use crate::core::policy::{LimitField, Limits};
+use crate::core::Millis;
+
+/// Longest `PURCHASE` id, in bytes (the column is `VARCHAR(255)`).
+pub const MAX_PURCHASE_LEN: usize = 255;
+/// Longest `NOTES`, in bytes.
+pub const MAX_NOTES_LEN: usize = 4096;
+/// Longest `LEASE` id, in bytes.
+pub const MAX_LEASE_LEN: usize = 128;
+/// Latest accepted `EXPIRES_AT`: 9999-12-31T23:59:59Z.
+pub const MAX_EXPIRES_AT: i64 = 253_402_300_799;
+
+/// A refused command; `Display` is the wire error text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    Arity,
+    Id(IdError),
+    NotANumber(&'static str),
+    OutOfRange(&'static str, i64, i64),
+    Unknown(String),
+    Duplicate(&'static str),
+    Invalid(&'static str, &'static str),
+    Conflict(&'static str, &'static str),
+}
+
+impl From<IdError> for ParseError {
+    fn from(e: IdError) -> Self {
+        ParseError::Id(e)
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Arity => f.write_str("ERR wrong number of arguments"),
+            ParseError::Id(e) => write!(f, "{e}"),
+            ParseError::NotANumber(what) => {
+                write!(f, "ERR {what} must be a non-negative integer")
+            }
+            ParseError::OutOfRange(what, lo, hi) => {
+                write!(f, "ERR {what} must be between {lo} and {hi}")
+            }
+            ParseError::Unknown(word) => write!(f, "ERR unknown option '{word}'"),
+            ParseError::Duplicate(what) => write!(f, "ERR option {what} given more than once"),
+            ParseError::Invalid(what, why) => write!(f, "ERR invalid {what}: {why}"),
+            ParseError::Conflict(a, b) => write!(f, "ERR {a} and {b} cannot be used together"),
+        }
+    }
+}
+
+/// Shows an unknown word safely: printable ASCII only, at most 32 characters.
+fn shown(word: &[u8]) -> String {
+    let mut out: String = word
+        .iter()
+        .take(32)
+        .map(|&b| if (0x20..0x7f).contains(&b) && b != b'\'' { b as char } else { '?' })
+        .collect();
+    if word.len() > 32 {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Parses a non-negative 64-bit integer (0 ..= i64::MAX) in plain decimal.
+pub fn parse_amount(what: &'static str, raw: &[u8]) -> Result<u64, ParseError> {
+    if raw.is_empty() || raw.len() > 19 || !raw.iter().all(u8::is_ascii_digit) {
+        return Err(ParseError::NotANumber(what));
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| ParseError::NotANumber(what))?;
+    let v: i64 = text.parse().map_err(|_| ParseError::NotANumber(what))?;
+    Ok(v as u64)
+}
+
+fn parse_in_range(what: &'static str, raw: &[u8], lo: i64, hi: i64) -> Result<i64, ParseError> {
+    let v = parse_amount(what, raw).map_err(|_| ParseError::OutOfRange(what, lo, hi))? as i64;
+    if v < lo || v > hi {
+        return Err(ParseError::OutOfRange(what, lo, hi));
+    }
+    Ok(v)
+}
+
+fn text_arg<'a>(what: &'static str, raw: &'a [u8], max: usize) -> Result<&'a str, ParseError> {
+    if raw.is_empty() || raw.len() > max {
+        return Err(ParseError::Invalid(what, "length out of range"));
+    }
+    if raw.contains(&0) {
+        return Err(ParseError::Invalid(what, "contains a NUL byte"));
+    }
+    std::str::from_utf8(raw).map_err(|_| ParseError::Invalid(what, "not valid UTF-8"))
+}
+
+/// Walks `KEYWORD [value]` options, refusing repeats.
+struct Options<'a, 'b> {
+    rest: std::slice::Iter<'b, &'a [u8]>,
+    seen: u64,
+}
+
+impl<'a, 'b> Options<'a, 'b> {
+    fn new(rest: &'b [&'a [u8]]) -> Self {
+        Options { rest: rest.iter(), seen: 0 }
+    }
+
+    fn next_word(&mut self) -> Option<&'a [u8]> {
+        self.rest.next().copied()
+    }
+
+    fn value(&mut self, keyword: &'static str) -> Result<&'a [u8], ParseError> {
+        self.rest.next().copied().ok_or(ParseError::Invalid(keyword, "missing value"))
+    }
+
+    fn once(&mut self, bit: u32, keyword: &'static str) -> Result<(), ParseError> {
+        if self.seen & (1 << bit) != 0 {
+            return Err(ParseError::Duplicate(keyword));
+        }
+        self.seen |= 1 << bit;
+        Ok(())
+    }
+}
+
+fn limit_value(field: LimitField, raw: &[u8]) -> Result<u64, ParseError> {
+    parse_amount(field.keyword(), raw)
+}
+
+/// `QUOTA.GRANT <t> <p> <u> <b> [options]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantArgs<'a> {
+    pub account: AccountId<'a>,
+    pub request: GrantRequest,
+}
+
+/// Parses `QUOTA.GRANT`; `now` resolves `EXPIRES_IN`.
+pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseError> {
+    let (account, rest) = account_and_rest(args)?;
+    let mut req = GrantRequest::default();
+    let mut opts = Options::new(rest);
+    while let Some(word) = opts.next_word() {
+        if let Some(field) = LimitField::from_keyword(word) {
+            opts.once(field as u32, field.keyword())?;
+            let v = limit_value(field, opts.value(field.keyword())?)?;
+            if v as i64 > field.column_max() {
+                return Err(ParseError::OutOfRange(field.keyword(), 0, field.column_max()));
+            }
+            req.amounts[field as usize] = Some(v as i64);
+            continue;
+        }
+        match word.to_ascii_uppercase().as_slice() {
+            b"EXPIRES_AT" => {
+                opts.once(10, "EXPIRES_AT")?;
+                if req.expiry_given {
+                    return Err(ParseError::Conflict("EXPIRES_AT", "EXPIRES_IN"));
+                }
+                let at = parse_in_range("EXPIRES_AT", opts.value("EXPIRES_AT")?, 1, MAX_EXPIRES_AT)?;
+                if at.saturating_mul(1000) <= now {
+                    return Err(ParseError::Invalid("EXPIRES_AT", "must be in the future"));
+                }
+                req.expiry = Some(at);
+                req.expiry_given = true;
+            }
+            b"EXPIRES_IN" => {
+                opts.once(11, "EXPIRES_IN")?;
+                if req.expiry_given {
+                    return Err(ParseError::Conflict("EXPIRES_AT", "EXPIRES_IN"));
+                }
+                let max = MAX_EXPIRES_AT - now / 1000;
+                let secs = parse_in_range("EXPIRES_IN", opts.value("EXPIRES_IN")?, 1, max)?;
+                req.expiry = Some(now / 1000 + secs);
+                req.expiry_given = true;
+            }
+            b"PURCHASE" => {
+                opts.once(12, "PURCHASE")?;
+                let id = text_arg("PURCHASE", opts.value("PURCHASE")?, MAX_PURCHASE_LEN)?;
+                req.purchase_id = Some(id.to_owned());
+            }
+            b"AMOUNT" => {
+                opts.once(13, "AMOUNT")?;
+                let raw = opts.value("AMOUNT")?;
+                let cents = std::str::from_utf8(raw).ok().and_then(Cents::parse).ok_or(
+                    ParseError::Invalid("AMOUNT", "must be a decimal from 0 to 99999999.99"),
+                )?;
+                req.amount = Some(cents);
+            }
+            b"NOTES" => {
+                opts.once(14, "NOTES")?;
+                let notes = text_arg("NOTES", opts.value("NOTES")?, MAX_NOTES_LEN)?;
+                req.notes = Some(notes.to_owned());
+            }
+            b"ADD" => {
+                opts.once(15, "ADD")?;
+                req.add = true;
+            }
+            _ => return Err(ParseError::Unknown(shown(word))),
+        }
+    }
+    Ok(GrantArgs { account, request: req })
+}
+
+/// `QUOTA.ADMIT <t> <p> <u> <b> [options]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmitArgs<'a> {
+    pub account: AccountId<'a>,
+    pub base: Limits,
+    pub lease: Option<&'a str>,
+    /// Seconds; `None` = `quota.lease-ttl`.
+    pub lease_ttl: Option<i64>,
+    pub reserve: Option<u64>,
+    pub peek: bool,
+    pub verbose: bool,
+}
+
+/// Parses `QUOTA.ADMIT`.
+pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>, ParseError> {
+    let (account, rest) = account_and_rest(args)?;
+    let mut out = AdmitArgs {
+        account,
+        base: Limits::default(),
+        lease: None,
+        lease_ttl: None,
+        reserve: None,
+        peek: false,
+        verbose: false,
+    };
+    let mut opts = Options::new(rest);
+    while let Some(word) = opts.next_word() {
+        if let Some(field) = LimitField::from_keyword(word) {
+            opts.once(field as u32, field.keyword())?;
+            out.base.set(field, Some(limit_value(field, opts.value(field.keyword())?)?));
+            continue;
+        }
+        match word.to_ascii_uppercase().as_slice() {
+            b"LEASE" => {
+                opts.once(10, "LEASE")?;
+                out.lease = Some(text_arg("LEASE", opts.value("LEASE")?, MAX_LEASE_LEN)?);
+            }
+            b"LEASE_TTL" => {
+                opts.once(11, "LEASE_TTL")?;
+                let raw = opts.value("LEASE_TTL")?;
+                out.lease_ttl = Some(parse_in_range("LEASE_TTL", raw, 1, max_lease_ttl)?);
+            }
+            b"RESERVE" => {
+                opts.once(12, "RESERVE")?;
+                out.reserve = Some(parse_amount("RESERVE", opts.value("RESERVE")?)?);
+            }
+            b"PEEK" => {
+                opts.once(13, "PEEK")?;
+                out.peek = true;
+            }
+            b"VERBOSE" => {
+                opts.once(14, "VERBOSE")?;
+                out.verbose = true;
+            }
+            _ => return Err(ParseError::Unknown(shown(word))),
+        }
+    }
+    Ok(out)
+}
+
+/// `QUOTA.COMMIT <t> <p> <u> <b> <tokens> [LEASE id]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitArgs<'a> {
+    pub account: AccountId<'a>,
+    pub tokens: u64,
+    pub lease: Option<&'a str>,
+}
+
+/// Parses `QUOTA.COMMIT`.
+pub fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError> {
+    let (account, rest) = account_and_rest(args)?;
+    let (tokens, rest) = rest.split_first().ok_or(ParseError::Arity)?;
+    let tokens = parse_amount("tokens", tokens)?;
+    let mut lease = None;
+    let mut opts = Options::new(rest);
+    while let Some(word) = opts.next_word() {
+        if word.eq_ignore_ascii_case(b"LEASE") {
+            opts.once(0, "LEASE")?;
+            lease = Some(text_arg("LEASE", opts.value("LEASE")?, MAX_LEASE_LEN)?);
+        } else {
+            return Err(ParseError::Unknown(shown(word)));
+        }
+    }
+    Ok(CommitArgs { account, tokens, lease })
+}
+
+/// `QUOTA.RELEASE <t> <p> <u> <b> <lease>`.
+pub fn release<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, &'a str), ParseError> {
+    let (account, rest) = account_and_rest(args)?;
+    match rest {
+        [lease] => Ok((account, text_arg("lease", lease, MAX_LEASE_LEN)?)),
+        _ => Err(ParseError::Arity),
+    }
+}
+
+/// Commands that take exactly `<t> <p> <u> <b>`.
+pub fn account_only<'a>(args: &[&'a [u8]]) -> Result<AccountId<'a>, ParseError> {
+    match account_and_rest(args)? {
+        (account, []) => Ok(account),
+        _ => Err(ParseError::Arity),
+    }
+}
+
+/// `QUOTA.LIST <t> <p> <u> [ALL]`.
+pub fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseError> {
+    match args {
+        [_, t, p, u] => Ok((UserId::parse(t, p, u)?, false)),
+        [_, t, p, u, all] if all.eq_ignore_ascii_case(b"ALL") => Ok((UserId::parse(t, p, u)?, true)),
+        [_, _, _, _, word] => Err(ParseError::Unknown(shown(word))),
+        _ => Err(ParseError::Arity),
+    }
+}
+
+/// `QUOTA.INVALIDATE <t> <p> <u>`.
+pub fn user_only<'a>(args: &[&'a [u8]]) -> Result<UserId<'a>, ParseError> {
+    match args {
+        [_, t, p, u] => Ok(UserId::parse(t, p, u)?),
+        _ => Err(ParseError::Arity),
+    }
+}
+
+fn account_and_rest<'a, 'b>(
+    args: &'b [&'a [u8]],
+) -> Result<(AccountId<'a>, &'b [&'a [u8]]), ParseError> {
+    match args {
+        [_, t, p, u, b, rest @ ..] => Ok((AccountId::parse([t, p, u, b])?, rest)),
+        _ => Err(ParseError::Arity),
+    }
+}
+
+/// Checks a bundle id alone (used where the identity was parsed elsewhere).
+pub fn bundle(raw: &[u8]) -> Result<&str, ParseError> {
+    Ok(check_id("bundle", raw)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: Millis = 1_790_000_000_000;
+
+    fn words(s: &str) -> Vec<&[u8]> {
+        s.split(' ').map(str::as_bytes).collect()
+    }
+
+    #[test]
+    fn grant_reads_every_option_in_any_order_and_case() {
+        let a = words("QUOTA.GRANT t p u * add notes hi REQUESTS_PER_DAY 5 tokens_per_day 7 EXPIRES_IN 60 PURCHASE pi_1 AMOUNT 9.5");
+        let g = grant(&a, NOW).unwrap();
+        assert!(g.request.add);
+        assert_eq!(g.request.amounts[LimitField::RequestsPerDay as usize], Some(5));
+        assert_eq!(g.request.amounts[LimitField::TokensPerDay as usize], Some(7));
+        assert_eq!(g.request.expiry, Some(NOW / 1000 + 60));
+        assert_eq!(g.request.purchase_id.as_deref(), Some("pi_1"));
+        assert_eq!(g.request.amount, Some(Cents(950)));
+        assert_eq!(g.request.notes.as_deref(), Some("hi"));
+    }
+
+    #[test]
+    fn grant_errors_name_the_argument() {
+        let cases = [
+            ("QUOTA.GRANT t p u * REQUESTS_PER_DAY -1", "ERR REQUESTS_PER_DAY must be a non-negative integer"),
+            ("QUOTA.GRANT t p u * REQUESTS_PER_DAY 2147483648", "ERR REQUESTS_PER_DAY must be between 0 and 2147483647"),
+            ("QUOTA.GRANT t p u * ADD ADD", "ERR option ADD given more than once"),
+            ("QUOTA.GRANT t p u * EXPIRES_IN 5 EXPIRES_AT 99999999999", "ERR EXPIRES_AT and EXPIRES_IN cannot be used together"),
+            ("QUOTA.GRANT t p u * EXPIRES_AT 5", "ERR invalid EXPIRES_AT: must be in the future"),
+            ("QUOTA.GRANT t p u * AMOUNT 1.234", "ERR invalid AMOUNT: must be a decimal from 0 to 99999999.99"),
+            ("QUOTA.GRANT t p u * BOGUS", "ERR unknown option 'BOGUS'"),
+            ("QUOTA.GRANT t p u * TOKENS_PER_DAY", "ERR invalid TOKENS_PER_DAY: missing value"),
+            ("QUOTA.GRANT t p u", "ERR wrong number of arguments"),
+        ];
+        for (cmd, err) in cases {
+            assert_eq!(grant(&words(cmd), NOW).unwrap_err().to_string(), err, "{cmd}");
+        }
+        let mut big = words("QUOTA.GRANT t p u * TOKENS_PER_DAY");
+        big.push(b"9223372036854775808");
+        assert!(grant(&big, NOW).is_err());
+        let mut ok = words("QUOTA.GRANT t p u * TOKENS_PER_DAY");
+        ok.push(b"9223372036854775807");
+        assert!(grant(&ok, NOW).is_ok());
+    }
+
+    #[test]
+    fn admit_reads_limits_and_flags() {
+        let a = admit(&words("QUOTA.ADMIT t p u b requests_per_day 10 MAX_CONCURRENT 2 LEASE l1 LEASE_TTL 30 RESERVE 100 PEEK VERBOSE"), 86_400).unwrap();
+        assert_eq!(a.base.get(LimitField::RequestsPerDay), Some(10));
+        assert_eq!(a.base.get(LimitField::MaxConcurrent), Some(2));
+        assert_eq!(a.base.get(LimitField::TokensPerDay), None);
+        assert_eq!((a.lease, a.lease_ttl, a.reserve, a.peek, a.verbose), (Some("l1"), Some(30), Some(100), true, true));
+        assert_eq!(
+            admit(&words("QUOTA.ADMIT t p u b LEASE_TTL 0"), 86_400).unwrap_err().to_string(),
+            "ERR LEASE_TTL must be between 1 and 86400"
+        );
+        assert!(admit(&words("QUOTA.ADMIT t p u b PEEK peek"), 86_400).is_err());
+    }
+
+    #[test]
+    fn commit_release_list_shapes() {
+        let c = commit(&words("QUOTA.COMMIT t p u b 42 lease L")).unwrap();
+        assert_eq!((c.tokens, c.lease), (42, Some("L")));
+        assert!(commit(&words("QUOTA.COMMIT t p u b")).is_err());
+        assert!(release(&words("QUOTA.RELEASE t p u b")).is_err());
+        assert_eq!(release(&words("QUOTA.RELEASE t p u b x")).unwrap().1, "x");
+        assert!(list(&words("QUOTA.LIST t p u all")).unwrap().1);
+        assert!(list(&words("QUOTA.LIST t p u some")).is_err());
+        assert!(user_only(&words("QUOTA.INVALIDATE t p u")).is_ok());
+        assert!(account_only(&words("QUOTA.GET t p u b extra")).is_err());
+    }
+
+    #[test]
+    fn unknown_words_are_shown_safely() {
+        let bad: Vec<&[u8]> = vec![b"QUOTA.ADMIT", b"t", b"p", b"u", b"b", b"\r\n\0'x"];
+        assert_eq!(admit(&bad, 10).unwrap_err().to_string(), "ERR unknown option '????x'");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn parsers_never_panic_and_errors_are_one_line(args in proptest::collection::vec(
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..40),
+                Just(b"REQUESTS_PER_DAY".to_vec()), Just(b"LEASE".to_vec()), Just(b"ADD".to_vec()),
+                Just(b"EXPIRES_IN".to_vec()), Just(b"AMOUNT".to_vec()), Just(b"RESERVE".to_vec()),
+                Just(b"18446744073709551616".to_vec()), Just(b"-1".to_vec()), Just(b"*".to_vec()),
+            ], 0..14)) {
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            for result in [
+                grant(&refs, NOW).err().map(|e| e.to_string()),
+                admit(&refs, 86_400).err().map(|e| e.to_string()),
+                commit(&refs).err().map(|e| e.to_string()),
+                release(&refs).err().map(|e| e.to_string()),
+                list(&refs).err().map(|e| e.to_string()),
+                account_only(&refs).err().map(|e| e.to_string()),
+            ].into_iter().flatten() {
+                prop_assert!(result.starts_with("ERR ") || result.starts_with("WRONGTYPE"));
+                prop_assert!(!result.contains('\n') && !result.contains('\r') && !result.contains('\0'));
+            }
+        }
+    }
+}

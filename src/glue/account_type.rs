@@ -1,0 +1,241 @@
+//! The `quota-acc` data type: one Redis key per account holding its `core::account::Account`.
+//!
+//! It persists with RDB (the encoded state as one string), rewrites into the AOF as
+//! `QUOTA.SETSTATE <key> <state>`, reports `MEMORY USAGE`, and supports `COPY`. `AccountKey`
+//! opens a key of this type for a command on the main thread.
+
+use std::os::raw::{c_int, c_void};
+use std::ptr;
+
+use redis_module::native_types::RedisType;
+use redis_module::raw;
+
+use crate::core::account::Account;
+use crate::core::Millis;
+
+/// The registered data type.
+pub static ACCOUNT_TYPE: RedisType = RedisType::new(
+    "quota-acc",
+    ENCODING_VERSION,
+    raw::RedisModuleTypeMethods {
+        version: raw::REDISMODULE_TYPE_METHOD_VERSION as u64,
+        rdb_load: Some(rdb_load),
+        rdb_save: Some(rdb_save),
+        aof_rewrite: Some(aof_rewrite),
+        mem_usage: Some(mem_usage),
+        digest: None,
+        free: Some(free),
+        aux_load: None,
+        aux_save: None,
+        aux_save2: None,
+        aux_save_triggers: 0,
+        free_effort: None,
+        unlink: None,
+        copy: Some(copy),
+        defrag: None,
+        copy2: None,
+        free_effort2: None,
+        mem_usage2: None,
+        unlink2: None,
+    },
+);
+
+const ENCODING_VERSION: i32 = 1;
+
+/// Why a key could not be used; `Display` is the wire error text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrongType;
+
+impl std::fmt::Display for WrongType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WRONGTYPE Operation against a key holding the wrong kind of value")
+    }
+}
+
+/// An account key opened for reading and writing by one command.
+pub struct AccountKey {
+    ctx: *mut raw::RedisModuleCtx,
+    name: *mut raw::RedisModuleString,
+    key: *mut raw::RedisModuleKey,
+}
+
+impl AccountKey {
+    /// Opens the key `name` for reading and writing; refuses keys of other types.
+    pub fn open(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
+        Self::open_mode(ctx, name, (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int)
+    }
+
+    /// Opens the key `name` for reading only.
+    pub fn open_read(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
+        Self::open_mode(ctx, name, raw::REDISMODULE_READ as c_int)
+    }
+
+    fn open_mode(
+        ctx: *mut raw::RedisModuleCtx,
+        name: &[u8],
+        mode: c_int,
+    ) -> Result<AccountKey, WrongType> {
+        unsafe {
+            let create = raw::RedisModule_CreateString.ok_or(WrongType)?;
+            let open = raw::RedisModule_OpenKey.ok_or(WrongType)?;
+            let name = create(ctx, name.as_ptr().cast(), name.len());
+            let key = open(ctx, name, mode).cast::<raw::RedisModuleKey>();
+            let opened = AccountKey { ctx, name, key };
+            let kind = raw::RedisModule_KeyType.map_or(0, |f| f(key));
+            if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
+                return Ok(opened);
+            }
+            let ours = *ACCOUNT_TYPE.raw_type.borrow();
+            let is_ours = kind == raw::REDISMODULE_KEYTYPE_MODULE as c_int
+                && raw::RedisModule_ModuleTypeGetType.is_some_and(|f| f(key) == ours);
+            if is_ours {
+                Ok(opened)
+            } else {
+                Err(WrongType)
+            }
+        }
+    }
+
+    /// The stored state, if the key exists.
+    pub fn get(&mut self) -> Option<&mut Account> {
+        unsafe {
+            let value = raw::RedisModule_ModuleTypeGetValue?(self.key).cast::<Account>();
+            value.as_mut()
+        }
+    }
+
+    /// Stores `account` (replacing any value) and sets the key's expiry from it.
+    pub fn put(&mut self, account: Account) {
+        let expires_at = account.expires_at();
+        unsafe {
+            if let Some(set) = raw::RedisModule_ModuleTypeSetValue {
+                let value = Box::into_raw(Box::new(account)).cast::<c_void>();
+                set(self.key, *ACCOUNT_TYPE.raw_type.borrow(), value);
+            }
+        }
+        self.set_expiry(expires_at);
+    }
+
+    /// Re-derives the key's expiry after the stored state changed in place.
+    pub fn touch(&mut self) {
+        let expires_at = self.get().and_then(|a| a.expires_at());
+        self.set_expiry(expires_at);
+    }
+
+    fn set_expiry(&mut self, at: Option<Millis>) {
+        unsafe {
+            let current = raw::RedisModule_GetAbsExpire.map_or(-1, |f| f(self.key));
+            match at {
+                Some(at) if at != current => {
+                    if let Some(f) = raw::RedisModule_SetAbsExpire {
+                        f(self.key, at);
+                    }
+                }
+                None if current != -1 => {
+                    if let Some(f) = raw::RedisModule_SetExpire {
+                        f(self.key, raw::REDISMODULE_NO_EXPIRE as i64);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Deletes the key; true if it existed.
+    pub fn delete(&mut self) -> bool {
+        unsafe {
+            let existed = raw::RedisModule_KeyType.map_or(0, |f| f(self.key))
+                != raw::REDISMODULE_KEYTYPE_EMPTY as c_int;
+            if existed {
+                if let Some(f) = raw::RedisModule_DeleteKey {
+                    f(self.key);
+                }
+            }
+            existed
+        }
+    }
+
+    /// The key name as a Redis string (for replication).
+    pub fn name(&self) -> *mut raw::RedisModuleString {
+        self.name
+    }
+}
+
+impl Drop for AccountKey {
+    fn drop(&mut self) {
+        unsafe {
+            if let Some(f) = raw::RedisModule_CloseKey {
+                f(self.key);
+            }
+            if let Some(f) = raw::RedisModule_FreeString {
+                f(self.ctx, self.name);
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn rdb_load(rdb: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
+    if encver != ENCODING_VERSION {
+        return ptr::null_mut();
+    }
+    let Ok(buf) = raw::load_string_buffer(rdb) else {
+        return ptr::null_mut();
+    };
+    match Account::decode(buf.as_ref()) {
+        Some(account) => Box::into_raw(Box::new(account)).cast(),
+        None => ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn rdb_save(rdb: *mut raw::RedisModuleIO, value: *mut c_void) {
+    if let Some(account) = unsafe { value.cast::<Account>().as_ref() } {
+        raw::save_slice(rdb, &account.encode());
+    }
+}
+
+unsafe extern "C" fn aof_rewrite(
+    aof: *mut raw::RedisModuleIO,
+    key: *mut raw::RedisModuleString,
+    value: *mut c_void,
+) {
+    let Some(account) = (unsafe { value.cast::<Account>().as_ref() }) else {
+        return;
+    };
+    let state = account.encode();
+    unsafe {
+        if let Some(emit) = raw::RedisModule_EmitAOF {
+            emit(
+                aof,
+                c"QUOTA.SETSTATE".as_ptr(),
+                c"sb".as_ptr(),
+                key,
+                state.as_ptr().cast::<std::os::raw::c_char>(),
+                state.len(),
+            );
+        }
+    }
+}
+
+unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
+    match unsafe { value.cast::<Account>().as_ref() } {
+        Some(account) => std::mem::size_of::<Account>() + account.heap_size(),
+        None => 0,
+    }
+}
+
+unsafe extern "C" fn free(value: *mut c_void) {
+    if !value.is_null() {
+        drop(unsafe { Box::from_raw(value.cast::<Account>()) });
+    }
+}
+
+unsafe extern "C" fn copy(
+    _from: *mut raw::RedisModuleString,
+    _to: *mut raw::RedisModuleString,
+    value: *const c_void,
+) -> *mut c_void {
+    match unsafe { value.cast::<Account>().as_ref() } {
+        Some(account) => Box::into_raw(Box::new(account.clone())).cast(),
+        None => ptr::null_mut(),
+    }
+}

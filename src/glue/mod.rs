@@ -1,0 +1,7 @@
+//! Thin, safe wrappers over the parts of the Redis module API the crate's own wrappers do not
+//! cover the way we need: fast replies, blocked clients with callbacks, the account data type.
+//! Every `unsafe` block of the module lives here or in `lib.rs` registration.
+
+pub mod account_type;
+pub mod blocked;
+pub mod reply;

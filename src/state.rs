@@ -1,0 +1,160 @@
+//! Process-wide state of the module: the credits cache, the clock, lease ids, and the reaction
+//! to configuration changes (rebuild the store, restart the NOTIFY listener, resize the cache).
+//!
+//! The cache sits behind a mutex so worker and listener threads can update it without the Redis
+//! lock; it is held only for in-memory work, never across a Postgres call or a reply.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config;
+use crate::core::cache::{CacheConfig, CreditCache};
+use crate::core::ids::UserId;
+use crate::core::Millis;
+use crate::glue::blocked::Blocked;
+use crate::stats;
+use crate::store::listener::{Listener, ListenerEvent};
+
+/// How long a user whose load failed is decided without credits before Postgres is tried again.
+pub const RETRY_AFTER_FAILURE_MS: Millis = 1000;
+
+static CACHE: LazyLock<Mutex<CreditCache<Blocked>>> =
+    LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
+
+/// The credits cache (recovers from a poisoned lock: the data stays consistent per call).
+pub fn cache() -> MutexGuard<'static, CreditCache<Blocked>> {
+    CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The cache tunables from the configuration.
+pub fn cache_config() -> CacheConfig {
+    CacheConfig {
+        ttl_ms: config::int(&config::CACHE_TTL_MS).max(0),
+        negative_ttl_ms: config::int(&config::NEGATIVE_TTL_MS).max(0),
+        max_entries: usize::try_from(config::int(&config::CACHE_MAX_ENTRIES)).unwrap_or(1).max(1),
+        retry_ms: RETRY_AFTER_FAILURE_MS,
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+});
+static LEASE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A new lease id, unique across this process and (by its seed) across restarts.
+pub fn new_lease_id() -> String {
+    let n = LEASE_COUNTER.fetch_add(1, Ordering::Relaxed);
+    // SplitMix64 over seed + counter: distinct counters give distinct ids.
+    let mut z = LEASE_SEED.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    format!("{z:016x}")
+}
+
+/// NOTIFY listener state, for `INFO quota`.
+pub static NOTIFY_STATE: AtomicU8 = AtomicU8::new(NOTIFY_OFF);
+pub const NOTIFY_OFF: u8 = 0;
+pub const NOTIFY_CONNECTING: u8 = 1;
+pub const NOTIFY_LISTENING: u8 = 2;
+pub const NOTIFY_DISCONNECTED: u8 = 3;
+
+/// The state's name for `INFO quota`.
+pub fn notify_state_name() -> &'static str {
+    match NOTIFY_STATE.load(Ordering::Relaxed) {
+        NOTIFY_CONNECTING => "connecting",
+        NOTIFY_LISTENING => "listening",
+        NOTIFY_DISCONNECTED => "disconnected",
+        _ => "off",
+    }
+}
+
+static LISTENER: Mutex<Option<Listener>> = Mutex::new(None);
+
+/// (Re)starts the NOTIFY listener from the configuration, or stops it when `quota.notify` is
+/// off or no `quota.pg-url` is set. The old listener is stopped on a thread of its own so the
+/// caller (the Redis main thread) never waits for it.
+pub fn restart_listener() {
+    let old = LISTENER.lock().ok().and_then(|mut l| l.take());
+    if let Some(old) = old {
+        let _ = std::thread::Builder::new()
+            .name("quota-listener-stop".into())
+            .spawn(move || old.stop());
+    }
+    let url = config::text(&config::PG_URL);
+    if !config::flag(&config::NOTIFY) || url.is_empty() {
+        NOTIFY_STATE.store(NOTIFY_OFF, Ordering::Relaxed);
+        return;
+    }
+    NOTIFY_STATE.store(NOTIFY_CONNECTING, Ordering::Relaxed);
+    let schema = config::text(&config::SCHEMA);
+    let timeout = config::int(&config::PG_TIMEOUT_MS).max(1) as u64;
+    let on_event = Box::new(|event: ListenerEvent| match event {
+        ListenerEvent::Changed { tenant, project, user } => {
+            stats::NOTIFY_RECEIVED.incr();
+            let key = UserId { tenant: &tenant, project: &project, user: &user }.key();
+            cache().invalidate(&key);
+        }
+        ListenerEvent::Connected => {
+            // Notifications may have been missed while disconnected: forget everything.
+            NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
+            cache().clear();
+        }
+        ListenerEvent::Disconnected(_) => {
+            stats::NOTIFY_RECONNECTS.incr();
+            NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
+        }
+    });
+    match Listener::spawn(url, schema, timeout, on_event) {
+        Ok(listener) => {
+            if let Ok(mut slot) = LISTENER.lock() {
+                *slot = Some(listener);
+            }
+        }
+        Err(e) => {
+            NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
+            redis_module::logging::log_warning(format!("quota: cannot start the NOTIFY listener: {e}"));
+        }
+    }
+}
+
+/// Stops the listener and waits for it (module unload and shutdown only).
+pub fn stop_listener() {
+    let old = LISTENER.lock().ok().and_then(|mut l| l.take());
+    if let Some(old) = old {
+        old.stop();
+    }
+    NOTIFY_STATE.store(NOTIFY_OFF, Ordering::Relaxed);
+}
+
+/// Applies a changed option (the name with or without the `quota.` prefix).
+pub fn reconfigure(name: &str) {
+    if !crate::worker::is_running() {
+        return; // still loading: `init` applies everything once.
+    }
+    match name.trim_start_matches("quota.") {
+        "pg-url" | "schema" | "pg-timeout-ms" => {
+            crate::worker::rebuild_backend();
+            cache().clear();
+            restart_listener();
+        }
+        "notify" => restart_listener(),
+        "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
+            cache().set_config(cache_config());
+        }
+        "auto-deploy" => crate::worker::rebuild_backend(),
+        _ => {}
+    }
+}
+
+/// Shared, immutable user rows: re-exported for the command shells.
+pub type Credits = Arc<Vec<crate::core::credit::Replenishment>>;

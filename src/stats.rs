@@ -1,0 +1,55 @@
+//! Counters for `INFO quota`, updated from any thread without locks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One monotonically increasing counter.
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    const fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+
+    /// Adds one.
+    pub fn incr(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub static PG_QUERIES: Counter = Counter::new();
+pub static PG_ERRORS: Counter = Counter::new();
+/// Sum of Postgres job latencies in microseconds (average = this / PG_QUERIES).
+pub static PG_LATENCY_US_TOTAL: Counter = Counter::new();
+pub static PG_LATENCY_US_MAX: AtomicU64 = AtomicU64::new(0);
+pub static ADMITS_ALLOWED: Counter = Counter::new();
+pub static ADMITS_DENIED: Counter = Counter::new();
+pub static ADMITS_PENDING: Counter = Counter::new();
+pub static ADMITS_UNAVAILABLE: Counter = Counter::new();
+pub static GRANTS: Counter = Counter::new();
+pub static GRANTS_DUPLICATE: Counter = Counter::new();
+pub static REVOKES: Counter = Counter::new();
+pub static CLEANUPS: Counter = Counter::new();
+pub static BUSY_REJECTIONS: Counter = Counter::new();
+pub static TIMEOUTS: Counter = Counter::new();
+pub static NOTIFY_RECEIVED: Counter = Counter::new();
+pub static NOTIFY_RECONNECTS: Counter = Counter::new();
+
+/// Records one Postgres round trip.
+pub fn record_query(micros: u64, failed: bool) {
+    PG_QUERIES.incr();
+    if failed {
+        PG_ERRORS.incr();
+    }
+    PG_LATENCY_US_TOTAL.add(micros);
+    PG_LATENCY_US_MAX.fetch_max(micros, Ordering::Relaxed);
+}

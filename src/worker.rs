@@ -1,0 +1,332 @@
+//! The job queue and the pool threads that run every Postgres call.
+//!
+//! The main thread submits jobs with `submit` (never blocking: a full queue hands the job back
+//! and the caller answers `BUSY`). A fixed set of threads takes jobs from a bounded crossbeam
+//! channel, runs them against the current `Store`, updates the cache (write-through, single
+//! flight completion) and hands outcomes to blocked clients with `Blocked::finish`. Workers
+//! never decide admission and never touch keys: the main thread does, in the reply callback.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use crate::config;
+use crate::core::credit::{GrantRequest, Replenishment};
+use crate::core::ids::UserId;
+use crate::core::Millis;
+use crate::glue::blocked::Blocked;
+use crate::state::{self, Credits};
+use crate::stats;
+use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError};
+
+/// What a worker hands back to a blocked client.
+pub enum Done {
+    /// The user's rows (for `ADMIT` and `GET` after a miss).
+    Loaded(Result<Credits, StoreError>),
+    Grant(Result<GrantOutcome, StoreError>),
+    Revoke(Result<RevokeOutcome, StoreError>),
+    List(Result<Vec<Replenishment>, StoreError>),
+    Cleanup(Result<CleanupOutcome, StoreError>),
+    /// The job queue was full.
+    Busy,
+    /// The job was dropped unfinished (shutdown).
+    Dropped,
+}
+
+/// A user's ids, owned so they can cross to a worker thread.
+#[derive(Debug, Clone)]
+pub struct OwnedUser {
+    pub tenant: String,
+    pub project: String,
+    pub user: String,
+}
+
+impl OwnedUser {
+    /// Copies the ids.
+    pub fn from_id(id: &UserId<'_>) -> OwnedUser {
+        OwnedUser { tenant: id.tenant.into(), project: id.project.into(), user: id.user.into() }
+    }
+
+    /// Borrows them back.
+    pub fn id(&self) -> UserId<'_> {
+        UserId { tenant: &self.tenant, project: &self.project, user: &self.user }
+    }
+}
+
+/// One unit of Postgres work.
+pub enum Job {
+    /// Load a user's rows into the cache and answer the flight's waiters.
+    Load { key: Box<[u8]>, user: OwnedUser, flight: u64 },
+    Grant { user: OwnedUser, bundle: String, request: GrantRequest, now: Millis, client: Blocked },
+    Revoke { user: OwnedUser, bundle: String, client: Blocked },
+    List { user: OwnedUser, all: bool, client: Blocked },
+    /// Deactivate expired rows; `client` is `None` for the periodic run.
+    Cleanup { client: Option<Blocked> },
+}
+
+impl Job {
+    /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
+    pub fn into_client(self) -> Option<Blocked> {
+        match self {
+            Job::Load { .. } => None,
+            Job::Grant { client, .. } | Job::Revoke { client, .. } | Job::List { client, .. } => {
+                Some(client)
+            }
+            Job::Cleanup { client } => client,
+        }
+    }
+}
+
+/// Queues a user load for a flight the cache started; if the queue is full the flight is
+/// dropped and its waiters are answered `BUSY`.
+pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
+    let job = Job::Load { key: user_key.into(), user: OwnedUser::from_id(user), flight };
+    if submit(job).is_err() {
+        let waiters = state::cache().abort_flight(user_key, flight);
+        for waiter in waiters {
+            waiter.finish(Done::Busy);
+        }
+    }
+}
+
+/// Queues a job that answers a blocked client; answers it `BUSY` when the queue is full.
+pub fn submit_or_busy(job: Job) {
+    if let Err(job) = submit(job) {
+        if let Some(client) = job.into_client() {
+            client.finish(Done::Busy);
+        }
+    }
+}
+
+/// The store in use and whether the schema has been deployed through it.
+struct Backend {
+    store: Store,
+    deployed: AtomicBool,
+}
+
+static BACKEND: RwLock<Option<Arc<Backend>>> = RwLock::new(None);
+static SENDER: OnceLock<Sender<Job>> = OnceLock::new();
+static THREADS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the pool has been started.
+pub fn is_running() -> bool {
+    SENDER.get().is_some() && !STOPPING.load(Ordering::Relaxed)
+}
+
+/// Starts `threads` workers over a queue of `queue_max` jobs, and builds the store.
+pub fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
+    rebuild_backend();
+    let (tx, rx) = bounded::<Job>(queue_max.max(1));
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads.max(1) {
+        let rx = rx.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("quota-worker-{i}"))
+                .spawn(move || run(rx))?,
+        );
+    }
+    let _ = SENDER.set(tx);
+    if let Ok(mut slot) = THREADS.lock() {
+        slot.extend(handles);
+    }
+    Ok(())
+}
+
+/// Stops the workers: queued jobs are answered with `Done::Dropped`; waits up to `wait` for
+/// the threads (one stuck in a Postgres call is left to finish on its own).
+pub fn stop(wait: Duration) {
+    STOPPING.store(true, Ordering::Relaxed);
+    for waiter in state::cache().take_all_waiters() {
+        waiter.finish(Done::Dropped);
+    }
+    let deadline = Instant::now() + wait;
+    let handles = THREADS.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+    for handle in handles {
+        while !handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Queues a job without blocking; gives it back when the queue is full or stopped.
+pub fn submit(job: Job) -> Result<(), Job> {
+    if STOPPING.load(Ordering::Relaxed) {
+        return Err(job);
+    }
+    let Some(tx) = SENDER.get() else {
+        return Err(job);
+    };
+    match tx.try_send(job) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+            stats::BUSY_REJECTIONS.incr();
+            Err(job)
+        }
+    }
+}
+
+/// Jobs waiting in the queue.
+pub fn queue_depth() -> usize {
+    SENDER.get().map_or(0, Sender::len)
+}
+
+/// Postgres connections open and idle, if a store is configured.
+pub fn pool_state() -> (u32, u32) {
+    backend().map_or((0, 0), |b| b.store.pool_state())
+}
+
+/// Rebuilds the store from the configuration (never touches the network).
+pub fn rebuild_backend() {
+    let cfg = StoreConfig {
+        url: config::text(&config::PG_URL),
+        schema: config::text(&config::SCHEMA),
+        timeout_ms: config::int(&config::PG_TIMEOUT_MS).max(1) as u64,
+        pool_size: config::int(&config::POOL_SIZE).clamp(1, 1024) as u32,
+    };
+    let backend = match Store::new(&cfg) {
+        Ok(store) => Some(Arc::new(Backend { store, deployed: AtomicBool::new(false) })),
+        Err(StoreError::NotConfigured) => None,
+        Err(e) => {
+            redis_module::logging::log_warning(format!("quota: store not configured: {e}"));
+            None
+        }
+    };
+    if let Ok(mut slot) = BACKEND.write() {
+        *slot = backend;
+    }
+}
+
+fn backend() -> Option<Arc<Backend>> {
+    BACKEND.read().ok().and_then(|b| b.clone())
+}
+
+/// The store to use for one job, with the schema deployed first when `quota.auto-deploy` is on.
+fn ready_store() -> Result<Arc<Backend>, StoreError> {
+    let backend = backend().ok_or(StoreError::NotConfigured)?;
+    if config::flag(&config::AUTO_DEPLOY) && !backend.deployed.load(Ordering::Acquire) {
+        let started = Instant::now();
+        let result = backend.store.deploy();
+        stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
+        match result {
+            Ok(()) => backend.deployed.store(true, Ordering::Release),
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => {
+                // Not a reachability problem (e.g. no CREATE privilege on an existing schema):
+                // say so once and carry on with what is there.
+                redis_module::logging::log_warning(format!("quota: schema deploy failed: {e}"));
+                backend.deployed.store(true, Ordering::Release);
+            }
+        }
+    }
+    Ok(backend)
+}
+
+/// Runs `f` against the store, timing it for `INFO quota`.
+fn with_store<T>(f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let backend = ready_store()?;
+    let started = Instant::now();
+    let result = f(&backend.store);
+    stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
+    result
+}
+
+fn run(rx: Receiver<Job>) {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(job) => {
+                if STOPPING.load(Ordering::Relaxed) {
+                    drop(job); // answers its client with `Done::Dropped`
+                    continue;
+                }
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(job)));
+                if outcome.is_err() {
+                    redis_module::logging::log_warning("quota: a worker job panicked; its client was answered with an error");
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if STOPPING.load(Ordering::Relaxed) {
+                    // Answer whatever is still queued, then leave.
+                    while let Ok(job) = rx.try_recv() {
+                        drop(job);
+                    }
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn execute(job: Job) {
+    match job {
+        Job::Load { key, user, flight } => {
+            // Whatever happens in the store, the flight completes and its waiters are answered.
+            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                with_store(|s| s.load_user(&user.id()))
+            }));
+            let outcome = loaded
+                .unwrap_or_else(|_| Err(StoreError::Query("internal error while loading".into())))
+                .map(Arc::new);
+            let waiters = state::cache().complete(
+                &key,
+                flight,
+                outcome.as_ref().map(Arc::clone).map_err(|_| ()),
+                state::now_ms(),
+            );
+            for waiter in waiters {
+                waiter.finish(Done::Loaded(outcome.clone()));
+            }
+        }
+        Job::Grant { user, bundle, request, now, client } => {
+            let outcome = with_store(|s| s.grant(&user.id(), &bundle, &request, now));
+            if let Ok(o) = &outcome {
+                stats::GRANTS.incr();
+                if o.duplicate {
+                    stats::GRANTS_DUPLICATE.incr();
+                } else {
+                    write_through(&user, o.live_rows.clone());
+                }
+            }
+            client.finish(Done::Grant(outcome));
+        }
+        Job::Revoke { user, bundle, client } => {
+            let outcome = with_store(|s| s.revoke(&user.id(), &bundle));
+            if let Ok(o) = &outcome {
+                if o.revoked {
+                    stats::REVOKES.incr();
+                }
+                write_through(&user, o.live_rows.clone());
+            }
+            client.finish(Done::Revoke(outcome));
+        }
+        Job::List { user, all, client } => {
+            let outcome = with_store(|s| s.list(&user.id(), all));
+            client.finish(Done::List(outcome));
+        }
+        Job::Cleanup { client } => {
+            let outcome = with_store(|s| s.cleanup(state::now_ms()));
+            if let Ok(o) = &outcome {
+                stats::CLEANUPS.incr();
+                let mut cache = state::cache();
+                for (tenant, project, user) in &o.users {
+                    cache.invalidate(&UserId { tenant, project, user }.key());
+                }
+            }
+            if let Some(client) = client {
+                client.finish(Done::Cleanup(outcome));
+            }
+        }
+    }
+}
+
+fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {
+    state::cache().put(&user.id().key(), Arc::new(rows), state::now_ms());
+}
