@@ -125,6 +125,41 @@ impl<'a, 'b> Options<'a, 'b> {
     }
 }
 
+/// Upper-cases a short option word for matching, without allocating (longer words never match).
+fn upper(word: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if word.len() <= 16 {
+        for (o, b) in out.iter_mut().zip(word) {
+            *o = b.to_ascii_uppercase();
+        }
+    }
+    out
+}
+
+/// The 16-byte form of a keyword, as `upper` makes it.
+const fn kw(word: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let bytes = word.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        out[i] = bytes[i];
+        i += 1;
+    }
+    out
+}
+
+const EXPIRES_AT: [u8; 16] = kw("EXPIRES_AT");
+const EXPIRES_IN: [u8; 16] = kw("EXPIRES_IN");
+const PURCHASE: [u8; 16] = kw("PURCHASE");
+const AMOUNT: [u8; 16] = kw("AMOUNT");
+const NOTES: [u8; 16] = kw("NOTES");
+const ADD: [u8; 16] = kw("ADD");
+const LEASE: [u8; 16] = kw("LEASE");
+const LEASE_TTL: [u8; 16] = kw("LEASE_TTL");
+const RESERVE: [u8; 16] = kw("RESERVE");
+const PEEK: [u8; 16] = kw("PEEK");
+const VERBOSE: [u8; 16] = kw("VERBOSE");
+
 fn limit_value(field: LimitField, raw: &[u8]) -> Result<u64, ParseError> {
     parse_amount(field.keyword(), raw)
 }
@@ -151,8 +186,8 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
             req.amounts[field as usize] = Some(v as i64);
             continue;
         }
-        match word.to_ascii_uppercase().as_slice() {
-            b"EXPIRES_AT" => {
+        match upper(word) {
+            EXPIRES_AT => {
                 opts.once(10, "EXPIRES_AT")?;
                 if req.expiry_given {
                     return Err(ParseError::Conflict("EXPIRES_AT", "EXPIRES_IN"));
@@ -164,7 +199,7 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
                 req.expiry = Some(at);
                 req.expiry_given = true;
             }
-            b"EXPIRES_IN" => {
+            EXPIRES_IN => {
                 opts.once(11, "EXPIRES_IN")?;
                 if req.expiry_given {
                     return Err(ParseError::Conflict("EXPIRES_AT", "EXPIRES_IN"));
@@ -174,12 +209,12 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
                 req.expiry = Some(now / 1000 + secs);
                 req.expiry_given = true;
             }
-            b"PURCHASE" => {
+            PURCHASE => {
                 opts.once(12, "PURCHASE")?;
                 let id = text_arg("PURCHASE", opts.value("PURCHASE")?, MAX_PURCHASE_LEN)?;
                 req.purchase_id = Some(id.to_owned());
             }
-            b"AMOUNT" => {
+            AMOUNT => {
                 opts.once(13, "AMOUNT")?;
                 let raw = opts.value("AMOUNT")?;
                 let cents = std::str::from_utf8(raw).ok().and_then(Cents::parse).ok_or(
@@ -187,12 +222,12 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
                 )?;
                 req.amount = Some(cents);
             }
-            b"NOTES" => {
+            NOTES => {
                 opts.once(14, "NOTES")?;
                 let notes = text_arg("NOTES", opts.value("NOTES")?, MAX_NOTES_LEN)?;
                 req.notes = Some(notes.to_owned());
             }
-            b"ADD" => {
+            ADD => {
                 opts.once(15, "ADD")?;
                 req.add = true;
             }
@@ -234,25 +269,25 @@ pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>,
             out.base.set(field, Some(limit_value(field, opts.value(field.keyword())?)?));
             continue;
         }
-        match word.to_ascii_uppercase().as_slice() {
-            b"LEASE" => {
+        match upper(word) {
+            LEASE => {
                 opts.once(10, "LEASE")?;
                 out.lease = Some(text_arg("LEASE", opts.value("LEASE")?, MAX_LEASE_LEN)?);
             }
-            b"LEASE_TTL" => {
+            LEASE_TTL => {
                 opts.once(11, "LEASE_TTL")?;
                 let raw = opts.value("LEASE_TTL")?;
                 out.lease_ttl = Some(parse_in_range("LEASE_TTL", raw, 1, max_lease_ttl)?);
             }
-            b"RESERVE" => {
+            RESERVE => {
                 opts.once(12, "RESERVE")?;
                 out.reserve = Some(parse_amount("RESERVE", opts.value("RESERVE")?)?);
             }
-            b"PEEK" => {
+            PEEK => {
                 opts.once(13, "PEEK")?;
                 out.peek = true;
             }
-            b"VERBOSE" => {
+            VERBOSE => {
                 opts.once(14, "VERBOSE")?;
                 out.verbose = true;
             }

@@ -1,0 +1,212 @@
+-- redis-quota control plane: per-user quota credits ("replenishments") and their audit trail.
+--
+-- Idempotent: safe to run any number of times, on a live system, with
+--     psql -v ON_ERROR_STOP=1 -f sql/deploy-control-plane.sql
+-- The module applies this same text when quota.auto-deploy is on. It first replaces every
+-- occurrence of the default schema name with the configured one (quota.schema), so that name is
+-- written only where the schema belongs: object qualifiers, trigger functions and the NOTIFY
+-- channel. There is no BEGIN/COMMIT here: the module wraps the script in its own transaction
+-- under an advisory lock, so that several nodes deploying at once do not collide.
+--
+-- Indexes and triggers are created only when missing (checked in DO blocks), so a redeploy takes
+-- no lock that would stall traffic on the tables. Trigger behaviour lives in the functions, which
+-- are replaced on every run; the triggers themselves only say when the functions fire.
+
+CREATE SCHEMA IF NOT EXISTS "control_plane";
+
+COMMENT ON SCHEMA "control_plane" IS
+    'redis-quota control plane: per-user quota credits (replenishments) and their events';
+
+-- One row per (tenant, project, user, bundle). bundle_id '*' applies to every bundle of the
+-- user. NULL amounts add nothing to the base policy. Rows are never deleted by the module:
+-- revoking or expiring a credit sets active = false.
+CREATE TABLE IF NOT EXISTS "control_plane".user_quota_replenishment (
+    tenant                        VARCHAR(255)  NOT NULL,
+    project                       VARCHAR(255)  NOT NULL,
+    user_id                       VARCHAR(255)  NOT NULL,
+    bundle_id                     VARCHAR(255)  NOT NULL,
+    additional_requests_per_day   INT           NULL,
+    additional_requests_per_month INT           NULL,
+    additional_total_requests     INT           NULL,
+    additional_max_concurrent     INT           NULL,
+    additional_tokens_per_hour    BIGINT        NULL,
+    additional_tokens_per_day     BIGINT        NULL,
+    additional_tokens_per_month   BIGINT        NULL,
+    expires_at                    TIMESTAMPTZ   NULL,
+    purchase_id                   VARCHAR(255)  NULL,
+    purchase_amount_usd           NUMERIC(10,2) NULL,
+    purchase_notes                TEXT          NULL,
+    active                        BOOLEAN       NOT NULL DEFAULT TRUE,
+    created_at                    TIMESTAMPTZ   NOT NULL DEFAULT now(),
+    updated_at                    TIMESTAMPTZ   NOT NULL DEFAULT now(),
+    CONSTRAINT user_quota_replenishment_pkey PRIMARY KEY (tenant, project, user_id, bundle_id)
+);
+
+COMMENT ON TABLE "control_plane".user_quota_replenishment IS
+    'Quota credits granted or purchased per user and bundle (bundle_id ''*'' = every bundle); '
+    'the effective limit is the base policy plus these amounts. Soft delete: active = false.';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.bundle_id IS
+    'The bundle the credits apply to; ''*'' applies to every bundle without a row of its own';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.expires_at IS
+    'When the credits stop applying; NULL = never';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.purchase_amount_usd IS
+    'Money paid, exact decimal (never a float)';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.active IS
+    'FALSE once revoked or expired (soft delete)';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.updated_at IS
+    'Kept by the user_quota_replenishment_touch trigger';
+
+-- Append-only history: every grant, top-up, revoke and expiry with the values it wrote.
+-- Its unique index on (tenant, project, purchase_id) is what makes a purchase id idempotent:
+-- a second grant carrying an already recorded purchase id cannot insert its event and is
+-- rolled back by the module.
+CREATE TABLE IF NOT EXISTS "control_plane".user_quota_replenishment_event (
+    id          BIGSERIAL     NOT NULL,
+    tenant      VARCHAR(255)  NOT NULL,
+    project     VARCHAR(255)  NOT NULL,
+    user_id     VARCHAR(255)  NOT NULL,
+    bundle_id   VARCHAR(255)  NOT NULL,
+    event_type  TEXT          NOT NULL,
+    payload     JSONB         NOT NULL,
+    purchase_id VARCHAR(255)  NULL,
+    created_at  TIMESTAMPTZ   NOT NULL DEFAULT now(),
+    CONSTRAINT user_quota_replenishment_event_pkey PRIMARY KEY (id),
+    CONSTRAINT user_quota_replenishment_event_type_check
+        CHECK (event_type IN ('grant', 'topup', 'revoke', 'expire'))
+);
+
+COMMENT ON TABLE "control_plane".user_quota_replenishment_event IS
+    'Append-only history of replenishment changes (grant, topup, revoke, expire); '
+    'a purchase_id is recorded at most once per (tenant, project)';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment_event.payload IS
+    'The values the change wrote (money as a decimal string, times as Unix seconds)';
+
+-- Indexes, created only when missing so that a redeploy never locks the tables.
+DO $$
+BEGIN
+    -- A user's active rows (the cache loads all of them at once).
+    IF to_regclass('"control_plane".user_quota_replenishment_active_user_idx') IS NULL THEN
+        CREATE INDEX user_quota_replenishment_active_user_idx
+            ON "control_plane".user_quota_replenishment (tenant, project, user_id)
+            WHERE active;
+    END IF;
+    -- Active rows that can expire (cleanup).
+    IF to_regclass('"control_plane".user_quota_replenishment_active_expiry_idx') IS NULL THEN
+        CREATE INDEX user_quota_replenishment_active_expiry_idx
+            ON "control_plane".user_quota_replenishment (expires_at)
+            WHERE active AND expires_at IS NOT NULL;
+    END IF;
+    -- One event per purchase id and (tenant, project): the idempotency guard.
+    IF to_regclass('"control_plane".user_quota_replenishment_event_purchase_idx') IS NULL THEN
+        CREATE UNIQUE INDEX user_quota_replenishment_event_purchase_idx
+            ON "control_plane".user_quota_replenishment_event (tenant, project, purchase_id)
+            WHERE purchase_id IS NOT NULL;
+    END IF;
+END
+$$;
+
+-- updated_at follows every UPDATE.
+CREATE OR REPLACE FUNCTION "control_plane".user_quota_replenishment_touch()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+
+COMMENT ON FUNCTION "control_plane".user_quota_replenishment_touch() IS
+    'Trigger: sets updated_at = now() on every UPDATE of a replenishment row';
+
+-- Tells every Redis node which user's cached credits are stale. The payload is the identity of
+-- the changed row plus the operation; a row moved to another identity notifies both users.
+-- Notifications are delivered at commit, and not at all when the transaction rolls back.
+CREATE OR REPLACE FUNCTION "control_plane".user_quota_replenishment_notify()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('control_plane_quota_changed', json_build_object(
+            'tenant', OLD.tenant, 'project', OLD.project, 'user_id', OLD.user_id,
+            'bundle_id', OLD.bundle_id, 'op', TG_OP)::text);
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF (OLD.tenant, OLD.project, OLD.user_id, OLD.bundle_id)
+            IS DISTINCT FROM (NEW.tenant, NEW.project, NEW.user_id, NEW.bundle_id) THEN
+            PERFORM pg_notify('control_plane_quota_changed', json_build_object(
+                'tenant', OLD.tenant, 'project', OLD.project, 'user_id', OLD.user_id,
+                'bundle_id', OLD.bundle_id, 'op', TG_OP)::text);
+        END IF;
+    END IF;
+    PERFORM pg_notify('control_plane_quota_changed', json_build_object(
+        'tenant', NEW.tenant, 'project', NEW.project, 'user_id', NEW.user_id,
+        'bundle_id', NEW.bundle_id, 'op', TG_OP)::text);
+    RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION "control_plane".user_quota_replenishment_notify() IS
+    'Trigger: pg_notify on channel control_plane_quota_changed with '
+    '{tenant, project, user_id, bundle_id, op} for every changed replenishment row';
+
+-- The event table only grows.
+CREATE OR REPLACE FUNCTION "control_plane".user_quota_replenishment_event_append_only()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'user_quota_replenishment_event is append-only: % is not allowed', TG_OP
+        USING ERRCODE = 'restrict_violation';
+END
+$$;
+
+COMMENT ON FUNCTION "control_plane".user_quota_replenishment_event_append_only() IS
+    'Trigger: refuses UPDATE, DELETE and TRUNCATE on the event table';
+
+-- Triggers, created only when missing (a DROP TRIGGER on every run would take an ACCESS
+-- EXCLUSIVE lock on a live table). CREATE OR REPLACE TRIGGER does not exist before PostgreSQL 14.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = '"control_plane".user_quota_replenishment'::regclass
+          AND tgname = 'user_quota_replenishment_touch'
+    ) THEN
+        CREATE TRIGGER user_quota_replenishment_touch
+            BEFORE UPDATE ON "control_plane".user_quota_replenishment
+            FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_touch();
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = '"control_plane".user_quota_replenishment'::regclass
+          AND tgname = 'user_quota_replenishment_notify'
+    ) THEN
+        CREATE TRIGGER user_quota_replenishment_notify
+            AFTER INSERT OR UPDATE OR DELETE ON "control_plane".user_quota_replenishment
+            FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_notify();
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = '"control_plane".user_quota_replenishment_event'::regclass
+          AND tgname = 'user_quota_replenishment_event_append_only'
+    ) THEN
+        CREATE TRIGGER user_quota_replenishment_event_append_only
+            BEFORE UPDATE OR DELETE ON "control_plane".user_quota_replenishment_event
+            FOR EACH ROW
+            EXECUTE FUNCTION "control_plane".user_quota_replenishment_event_append_only();
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = '"control_plane".user_quota_replenishment_event'::regclass
+          AND tgname = 'user_quota_replenishment_event_no_truncate'
+    ) THEN
+        CREATE TRIGGER user_quota_replenishment_event_no_truncate
+            BEFORE TRUNCATE ON "control_plane".user_quota_replenishment_event
+            FOR EACH STATEMENT
+            EXECUTE FUNCTION "control_plane".user_quota_replenishment_event_append_only();
+    END IF;
+END
+$$;

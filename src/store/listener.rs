@@ -1,0 +1,335 @@
+//! The LISTEN/NOTIFY listener: one dedicated thread with its own connection (not from the pool)
+//! that turns the triggers' notifications into "this user's cached credits are stale" events.
+//!
+//! Owns the listener thread, its reconnect loop and the parsing of notification payloads. Must
+//! not touch the cache or Redis: it only calls the callback it was given, from its own thread,
+//! and the callback decides what to do. Messages it reports never contain the URL or password.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use serde::Deserialize;
+
+use super::describe;
+use super::pool::{bounded_timeout, connection_config, scrub, secret_of};
+use super::schema::{channel, validate_schema};
+
+/// How long one wait for notifications lasts; also the longest the thread goes without looking
+/// at the stop signal (except while connecting, which is bounded by the timeout).
+const TICK: Duration = Duration::from_millis(250);
+/// Without traffic, the connection is checked this often so that a dead server is noticed.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// First and largest wait between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A connection that lasted this long resets the backoff (a flapping one does not).
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+/// The `application_name` of the listener connection.
+const APPLICATION_NAME: &str = "redis-quota-listener";
+
+/// What the listener reports to its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerEvent {
+    /// A replenishment row of this user changed (committed elsewhere or here).
+    Changed {
+        tenant: String,
+        project: String,
+        user: String,
+    },
+    /// Listening (again). Notifications may have been missed while disconnected, so the owner
+    /// should treat every cached entry as stale.
+    Connected,
+    /// The connection failed or was lost; the listener keeps retrying with backoff. Reported
+    /// when a connection is lost, and on failed attempts only when the reason changes.
+    Disconnected(String),
+}
+
+/// The running listener thread. Dropping it (or `stop`) signals the thread and joins it.
+pub struct Listener {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The receiving side of the callback; must not block for long (it runs on the listener thread).
+type Callback = Box<dyn Fn(ListenerEvent) + Send + 'static>;
+
+impl Listener {
+    /// Starts the thread: connect with `url`, `LISTEN "<schema>_quota_changed"`, report events
+    /// to `on_event`, reconnect on failure. Fails only if the schema name is invalid or the
+    /// thread cannot be spawned; connection problems are reported as `Disconnected` events.
+    pub fn spawn(
+        url: String,
+        schema: String,
+        timeout_ms: u64,
+        on_event: Callback,
+    ) -> std::io::Result<Listener> {
+        validate_schema(&schema)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let thread = thread::Builder::new()
+            .name("quota-listener".into())
+            .spawn(move || run(&url, &schema, timeout_ms, &on_event, &stop_rx))?;
+        Ok(Listener {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it (at most about one tick, or one connect timeout if it
+    /// is connecting).
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Disconnecting the channel is the stop signal.
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whether the owner asked the thread to end.
+fn stopped(stop: &Receiver<()>) -> bool {
+    !matches!(stop.try_recv(), Err(TryRecvError::Empty))
+}
+
+/// Sleeps up to `d`, returning early (true) when stopped.
+fn sleep_or_stop(stop: &Receiver<()>, d: Duration) -> bool {
+    !matches!(stop.recv_timeout(d), Err(RecvTimeoutError::Timeout))
+}
+
+/// Calls the owner's callback; a panic in it must not kill the listener.
+fn emit(on_event: &Callback, event: ListenerEvent) {
+    let _ = catch_unwind(AssertUnwindSafe(|| on_event(event)));
+}
+
+/// The notification payload written by the trigger.
+#[derive(Deserialize)]
+struct Payload {
+    tenant: String,
+    project: String,
+    user_id: String,
+}
+
+/// Parses a trigger payload (`{"tenant":..,"project":..,"user_id":..,"bundle_id":..,"op":..}`);
+/// `None` for anything else (a foreign `NOTIFY` on the channel).
+pub(crate) fn parse_payload(text: &str) -> Option<ListenerEvent> {
+    let p: Payload = serde_json::from_str(text).ok()?;
+    Some(ListenerEvent::Changed {
+        tenant: p.tenant,
+        project: p.project,
+        user: p.user_id,
+    })
+}
+
+/// Capped exponential backoff.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        wait
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The owner asked to stop.
+    Stopped,
+    /// Never connected (or never listened).
+    Failed(String),
+    /// Was listening, then lost the connection after this long.
+    Lost(String, Duration),
+}
+
+fn run(url: &str, schema: &str, timeout_ms: u64, on_event: &Callback, stop: &Receiver<()>) {
+    let config = match connection_config(url, timeout_ms, APPLICATION_NAME) {
+        Ok(config) => config,
+        Err(err) => {
+            // Retrying cannot fix the URL: report once and wait for the stop signal.
+            emit(on_event, ListenerEvent::Disconnected(err.to_string()));
+            let _ = stop.recv();
+            return;
+        }
+    };
+    let secret = secret_of(&config);
+    let channel = channel(schema);
+    let check_timeout = bounded_timeout(timeout_ms).clamp(TICK, HEALTH_CHECK_EVERY);
+    let mut backoff = Backoff(BACKOFF_MIN);
+    let mut last_reported: Option<String> = None;
+    loop {
+        if stopped(stop) {
+            return;
+        }
+        let reason = match session(&config, &channel, check_timeout, on_event, stop) {
+            SessionEnd::Stopped => return,
+            SessionEnd::Failed(reason) => {
+                let reason = scrub(reason, secret.as_deref());
+                if last_reported.as_deref() != Some(reason.as_str()) {
+                    emit(on_event, ListenerEvent::Disconnected(reason.clone()));
+                }
+                reason
+            }
+            SessionEnd::Lost(reason, lasted) => {
+                let reason = scrub(reason, secret.as_deref());
+                if lasted >= STABLE_AFTER {
+                    backoff.reset();
+                }
+                emit(on_event, ListenerEvent::Disconnected(reason.clone()));
+                reason
+            }
+        };
+        last_reported = Some(reason);
+        if sleep_or_stop(stop, backoff.next()) {
+            return;
+        }
+    }
+}
+
+/// One connection: connect, LISTEN, report notifications until the connection fails or the
+/// owner stops the listener.
+fn session(
+    config: &postgres::Config,
+    channel: &str,
+    check_timeout: Duration,
+    on_event: &Callback,
+    stop: &Receiver<()>,
+) -> SessionEnd {
+    let mut client: Client = match config.connect(NoTls) {
+        Ok(client) => client,
+        Err(e) => return SessionEnd::Failed(describe(&e)),
+    };
+    // The channel is `<validated schema>_quota_changed`: safe to quote as an identifier.
+    if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")) {
+        return SessionEnd::Failed(describe(&e));
+    }
+    let connected_at = Instant::now();
+    emit(on_event, ListenerEvent::Connected);
+    let mut last_heard = Instant::now();
+    loop {
+        if stopped(stop) {
+            return SessionEnd::Stopped;
+        }
+        let next = client.notifications().timeout_iter(TICK).next();
+        match next {
+            Ok(Some(note)) => {
+                last_heard = Instant::now();
+                if let Some(event) = parse_payload(note.payload()) {
+                    emit(on_event, event);
+                }
+            }
+            Ok(None) => {
+                // Either nothing arrived within the tick or the server went away.
+                if client.is_closed() {
+                    return SessionEnd::Lost("connection closed".into(), connected_at.elapsed());
+                }
+                if last_heard.elapsed() >= HEALTH_CHECK_EVERY {
+                    if let Err(e) = client.is_valid(check_timeout) {
+                        return SessionEnd::Lost(describe(&e), connected_at.elapsed());
+                    }
+                    last_heard = Instant::now();
+                }
+            }
+            Err(e) => return SessionEnd::Lost(describe(&e), connected_at.elapsed()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn payloads_parse_into_changes() {
+        let text = r#"{"tenant" : "t", "project" : "p\"q", "user_id" : "ü", "bundle_id" : "*", "op" : "UPDATE"}"#;
+        assert_eq!(
+            parse_payload(text),
+            Some(ListenerEvent::Changed {
+                tenant: "t".into(),
+                project: "p\"q".into(),
+                user: "ü".into()
+            })
+        );
+        assert_eq!(parse_payload("hello"), None);
+        assert_eq!(parse_payload(r#"{"tenant":"t"}"#), None);
+        assert_eq!(parse_payload(""), None);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut b = Backoff(BACKOFF_MIN);
+        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn invalid_schema_is_refused() {
+        let r = Listener::spawn("host=h".into(), "Bad".into(), 100, Box::new(|_| {}));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn bad_url_reports_once_and_stops_promptly() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let listener = Listener::spawn(
+            "postgres://u:hunter2@[::1".into(),
+            "s".into(),
+            100,
+            Box::new(move |e| sink.lock().unwrap().push(e)),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while seen.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let stop_started = Instant::now();
+        listener.stop();
+        assert!(stop_started.elapsed() < Duration::from_secs(1));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        match &seen[0] {
+            ListenerEvent::Disconnected(reason) => assert!(!reason.contains("hunter2"), "{reason}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unreachable_server_is_reported_and_stop_is_prompt() {
+        // Port 1 on localhost refuses at once.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let listener = Listener::spawn(
+            "host=127.0.0.1 port=1 user=u password=hunter2".into(),
+            "s".into(),
+            200,
+            Box::new(move |e| sink.lock().unwrap().push(e)),
+        )
+        .unwrap();
+        thread::sleep(Duration::from_millis(800));
+        let stop_started = Instant::now();
+        listener.stop();
+        assert!(stop_started.elapsed() < Duration::from_millis(600));
+        let seen = seen.lock().unwrap();
+        // Several attempts failed for the same reason: reported once.
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            matches!(&seen[0], ListenerEvent::Disconnected(r) if r.contains("error connecting"))
+        );
+    }
+}

@@ -1,0 +1,458 @@
+//! PostgreSQL, the source of truth for credits: the connection pool, the queries behind
+//! `QUOTA.GRANT`/`REVOKE`/`LIST`/`CLEANUP` and cache loads, the schema deploy and the
+//! LISTEN/NOTIFY listener.
+//!
+//! Owns every SQL statement and every PostgreSQL type. Must not know Redis: callers (worker
+//! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
+//! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
+
+pub mod listener;
+mod pool;
+mod queries;
+mod schema;
+
+#[cfg(test)]
+mod pg_tests;
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::core::credit::{GrantRequest, Replenishment};
+use crate::core::ids::UserId;
+use crate::core::Millis;
+
+pub use listener::{Listener, ListenerEvent};
+pub use schema::{validate_schema, MAX_SCHEMA_LEN};
+
+/// How to reach PostgreSQL (from the `quota.*` module configuration).
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// `quota.pg-url`: a `postgres://` URL or a `key=value` connection string. Secret.
+    pub url: String,
+    /// `quota.schema`: the schema holding the tables (see [`validate_schema`]).
+    pub schema: String,
+    /// `quota.pg-timeout-ms`: bound on connecting, waiting for a pooled connection, each
+    /// statement and each lock wait.
+    pub timeout_ms: u64,
+    /// `quota.pool-size`: most connections open at once.
+    pub pool_size: u32,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password: never print it.
+        f.debug_struct("StoreConfig")
+            .field(
+                "url",
+                &if self.url.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("schema", &self.schema)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// Why a store operation failed. `Display` is the exact one-line wire error; no message ever
+/// contains the connection URL or the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// `quota.pg-url` is empty.
+    NotConfigured,
+    /// A setting cannot work (bad URL, schema name, zero timeout or pool size).
+    BadConfig(String),
+    /// PostgreSQL cannot be reached, the connection broke, or no pooled connection came free
+    /// within the timeout.
+    Unavailable(String),
+    /// A statement or a lock wait ran past `quota.pg-timeout-ms` (SQLSTATE 57014 or 55P03).
+    Timeout,
+    /// PostgreSQL refused a statement; the server's message, on one line.
+    Query(String),
+    /// The request cannot be applied to the stored row (a top-up would overflow a column, an
+    /// amount does not fit its column); the text is the whole wire error, `ERR ...`.
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Whether PostgreSQL could not be used at all (not configured, unreachable, too slow), as
+    /// opposed to refusing this particular request. Admission falls back to the base policy on
+    /// these.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Timeout | StoreError::NotConfigured
+        )
+    }
+
+    /// Classifies a `postgres` error: connection trouble is `Unavailable`, statement and lock
+    /// timeouts are `Timeout`, anything else the server refused is `Query`.
+    pub(crate) fn from_pg(err: &postgres::Error) -> StoreError {
+        if let Some(db) = err.as_db_error() {
+            return classify_db(db.code().code(), db.message());
+        }
+        let text = describe(err);
+        if err.is_closed() || has_io_source(err) || is_connection_kind(&err.to_string()) {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Query(text)
+        }
+    }
+}
+
+/// Maps a server error by SQLSTATE.
+pub(crate) fn classify_db(code: &str, message: &str) -> StoreError {
+    match code {
+        // query_canceled (statement_timeout), lock_not_available (lock_timeout).
+        "57014" | "55P03" => StoreError::Timeout,
+        // admin/crash shutdown, cannot connect now; read-only (a standby answered a write).
+        "57P01" | "57P02" | "57P03" | "25006" => StoreError::Unavailable(message.to_owned()),
+        // connection exception, insufficient resources, authentication, unknown database.
+        _ if code.starts_with("08")
+            || code.starts_with("53")
+            || code.starts_with("28")
+            || code == "3D000" =>
+        {
+            StoreError::Unavailable(message.to_owned())
+        }
+        _ => StoreError::Query(message.to_owned()),
+    }
+}
+
+/// The kinds of non-server `postgres` errors that mean the connection itself failed (matched on
+/// the crate's fixed `Display` text, since its error kind is private).
+fn is_connection_kind(kind_text: &str) -> bool {
+    const KINDS: [&str; 8] = [
+        "error communicating with the server",
+        "connection closed",
+        "error connecting to server",
+        "timeout waiting for server",
+        "error performing TLS handshake",
+        "authentication error",
+        "unexpected message from server",
+        "error parsing response from server",
+    ];
+    KINDS.iter().any(|k| kind_text.starts_with(k))
+}
+
+fn has_io_source(err: &postgres::Error) -> bool {
+    std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// A one-line description of a `postgres` error: the server's message for server errors,
+/// else the error kind and its cause ("error connecting to server: Connection refused").
+pub(crate) fn describe(err: &postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return db.message().to_owned();
+    }
+    match std::error::Error::source(err) {
+        Some(cause) => format!("{err}: {cause}"),
+        None => err.to_string(),
+    }
+}
+
+/// Replaces line breaks so that a message stays one line on the wire.
+fn one_line(text: &str) -> Cow<'_, str> {
+    if text.contains(['\r', '\n']) {
+        Cow::Owned(text.replace("\r\n", " ").replace(['\r', '\n'], " "))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::NotConfigured => f.write_str("ERR quota.pg-url is not set"),
+            StoreError::BadConfig(msg) => write!(f, "ERR {}", one_line(msg)),
+            StoreError::Unavailable(reason) => {
+                write!(f, "ERR PostgreSQL unavailable: {}", one_line(reason))
+            }
+            StoreError::Timeout => f.write_str(
+                "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)",
+            ),
+            StoreError::Query(msg) => write!(f, "ERR PostgreSQL error: {}", one_line(msg)),
+            StoreError::Invalid(msg) => f.write_str(&one_line(msg)),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// What `QUOTA.GRANT` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantOutcome {
+    /// The row as committed; on a duplicate purchase id, the row as it is now (`None` if the
+    /// user has no row for that bundle).
+    pub record: Option<Replenishment>,
+    /// The purchase id was already recorded for this (tenant, project): nothing was written.
+    pub duplicate: bool,
+    /// Every active row of the user after the grant (expired ones included), by bundle: the
+    /// cache entry to write through.
+    pub live_rows: Vec<Replenishment>,
+}
+
+/// What `QUOTA.REVOKE` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    /// An active row was deactivated.
+    pub revoked: bool,
+    /// Every active row of the user afterwards, by bundle: the cache entry to write through.
+    pub live_rows: Vec<Replenishment>,
+}
+
+/// What `QUOTA.CLEANUP` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanupOutcome {
+    /// How many expired rows were deactivated.
+    pub deactivated: u64,
+    /// The distinct users (tenant, project, user) whose rows changed, sorted: their cache
+    /// entries are stale.
+    pub users: Vec<(String, String, String)>,
+    /// Another node was already cleaning up: nothing was done.
+    pub skipped: bool,
+}
+
+/// The PostgreSQL side of the module: a pool of connections and the statements run on it.
+/// `Send + Sync`; share it in an `Arc`. Every method blocks on the network, so call them from
+/// worker threads only.
+pub struct Store {
+    pool: pool::PgPool,
+    schema: String,
+    sql: queries::Statements,
+    timeout_ms: u64,
+}
+
+impl Store {
+    /// Prepares the pool without touching the network (connections open on first use).
+    /// Fails on an empty URL (`NotConfigured`), an unparsable URL, a bad schema name, or a zero
+    /// timeout or pool size (`BadConfig`).
+    pub fn new(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        if cfg.url.trim().is_empty() {
+            return Err(StoreError::NotConfigured);
+        }
+        validate_schema(&cfg.schema)?;
+        if cfg.timeout_ms == 0 {
+            return Err(StoreError::BadConfig(
+                "quota.pg-timeout-ms must be at least 1".into(),
+            ));
+        }
+        if cfg.pool_size == 0 {
+            return Err(StoreError::BadConfig(
+                "quota.pool-size must be at least 1".into(),
+            ));
+        }
+        let pool = pool::build(&cfg.url, cfg.timeout_ms, cfg.pool_size)?;
+        Ok(Store {
+            pool,
+            schema: cfg.schema.clone(),
+            sql: queries::Statements::new(&cfg.schema),
+            timeout_ms: cfg.timeout_ms,
+        })
+    }
+
+    /// Creates or completes the schema (`sql/deploy-control-plane.sql` with the schema name
+    /// substituted) in one transaction, under an advisory lock so that nodes deploying at the
+    /// same time wait for each other instead of failing.
+    pub fn deploy(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.checkout()?;
+        schema::deploy(&mut conn, &self.schema, self.timeout_ms)
+    }
+
+    /// All active rows of the user, any bundle, by bundle id; expired ones included (the core
+    /// checks expiry when it reads). What the credits cache holds for the user.
+    pub fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        queries::active_rows(&mut *conn, &self.sql, user)
+    }
+
+    /// Applies `QUOTA.GRANT` to (user, bundle) in one transaction: locks the row, computes the
+    /// new values from the current ones (`GrantRequest::apply`), writes them, records the event.
+    /// A purchase id already recorded for the (tenant, project) writes nothing and returns
+    /// `duplicate` with the current row.
+    pub fn grant(
+        &self,
+        user: &UserId,
+        bundle: &str,
+        req: &GrantRequest,
+        now: Millis,
+    ) -> Result<GrantOutcome, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        queries::grant(&mut conn, &self.sql, user, bundle, req, now)
+    }
+
+    /// Soft-deletes (user, bundle) and records a `revoke` event if it was active.
+    pub fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        queries::revoke(&mut conn, &self.sql, user, bundle)
+    }
+
+    /// The user's rows by bundle id: active and unexpired ones (by the database clock), or every
+    /// row with `all`.
+    pub fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        queries::list(&mut *conn, &self.sql, user, all)
+    }
+
+    /// Deactivates every active row that expired at or before `now` and records an `expire`
+    /// event for each. Skipped (not an error) while another node holds the cleanup lock.
+    pub fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        queries::cleanup(&mut conn, &self.sql, &self.schema, now)
+    }
+
+    /// (open connections, idle connections), for `INFO quota`.
+    pub fn pool_state(&self) -> (u32, u32) {
+        self.pool.state()
+    }
+
+    /// The configured schema name.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The NOTIFY channel the triggers send on: `<schema>_quota_changed`.
+    pub fn channel(&self) -> String {
+        schema::channel(&self.schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> StoreConfig {
+        StoreConfig {
+            url: url.into(),
+            schema: "control_plane".into(),
+            timeout_ms: 1000,
+            pool_size: 2,
+        }
+    }
+
+    #[test]
+    fn wire_texts_are_exact_and_one_line() {
+        assert_eq!(
+            StoreError::NotConfigured.to_string(),
+            "ERR quota.pg-url is not set"
+        );
+        assert_eq!(
+            StoreError::Unavailable("connection closed".into()).to_string(),
+            "ERR PostgreSQL unavailable: connection closed"
+        );
+        assert_eq!(
+            StoreError::Timeout.to_string(),
+            "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)"
+        );
+        assert_eq!(
+            StoreError::Query("a\nb\r\nc".into()).to_string(),
+            "ERR PostgreSQL error: a b c"
+        );
+        assert_eq!(
+            StoreError::Invalid("ERR ADD would take X above 1".into()).to_string(),
+            "ERR ADD would take X above 1"
+        );
+        assert_eq!(StoreError::BadConfig("x".into()).to_string(), "ERR x");
+    }
+
+    #[test]
+    fn unavailable_covers_outages_only() {
+        assert!(StoreError::NotConfigured.is_unavailable());
+        assert!(StoreError::Timeout.is_unavailable());
+        assert!(StoreError::Unavailable(String::new()).is_unavailable());
+        assert!(!StoreError::Query(String::new()).is_unavailable());
+        assert!(!StoreError::Invalid(String::new()).is_unavailable());
+        assert!(!StoreError::BadConfig(String::new()).is_unavailable());
+    }
+
+    #[test]
+    fn sqlstates_map_to_kinds() {
+        assert_eq!(
+            classify_db("57014", "canceling statement"),
+            StoreError::Timeout
+        );
+        assert_eq!(classify_db("55P03", "lock timeout"), StoreError::Timeout);
+        assert_eq!(
+            classify_db("57P01", "terminating connection"),
+            StoreError::Unavailable("terminating connection".into())
+        );
+        assert!(classify_db("08006", "x").is_unavailable());
+        assert!(classify_db("53300", "too many clients").is_unavailable());
+        assert!(classify_db("28P01", "password authentication failed").is_unavailable());
+        assert_eq!(
+            classify_db("22003", "integer out of range"),
+            StoreError::Query("integer out of range".into())
+        );
+        assert_eq!(
+            classify_db("42P01", "no table"),
+            StoreError::Query("no table".into())
+        );
+    }
+
+    #[test]
+    fn connection_kinds_are_recognised() {
+        assert!(is_connection_kind("error connecting to server"));
+        assert!(is_connection_kind("connection closed"));
+        assert!(!is_connection_kind("error deserializing column 3"));
+        assert!(!is_connection_kind("db error"));
+    }
+
+    #[test]
+    fn new_validates_without_touching_the_network() {
+        assert_eq!(Store::new(&cfg("")).err(), Some(StoreError::NotConfigured));
+        assert_eq!(
+            Store::new(&cfg("   ")).err(),
+            Some(StoreError::NotConfigured)
+        );
+        let bad = Store::new(&cfg("postgres://u:hunter2@[::1")).err();
+        assert!(matches!(bad, Some(StoreError::BadConfig(_))), "{bad:?}");
+        assert!(!bad
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("hunter2"));
+        let mut c = cfg("host=203.0.113.1 user=u password=hunter2");
+        c.schema = "Bad".into();
+        assert!(matches!(
+            Store::new(&c).err(),
+            Some(StoreError::BadConfig(_))
+        ));
+        c.schema = "s".into();
+        c.timeout_ms = 0;
+        assert!(matches!(
+            Store::new(&c).err(),
+            Some(StoreError::BadConfig(_))
+        ));
+        c.timeout_ms = 10;
+        c.pool_size = 0;
+        assert!(matches!(
+            Store::new(&c).err(),
+            Some(StoreError::BadConfig(_))
+        ));
+        c.pool_size = 1;
+        // An unroutable address: building must not connect (it would hang or fail).
+        let store = Store::new(&c).expect("store builds offline");
+        assert_eq!(store.pool_state(), (0, 0));
+        assert_eq!(store.schema(), "s");
+        assert_eq!(store.channel(), "s_quota_changed");
+        let url_form = Store::new(&cfg("postgresql://u:pw@localhost:5432/db?sslmode=disable"));
+        assert!(url_form.is_ok());
+    }
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Store>();
+        send_sync::<Listener>();
+        send_sync::<StoreError>();
+    }
+
+    #[test]
+    fn config_debug_hides_the_url() {
+        let text = format!("{:?}", cfg("postgres://u:hunter2@h/db"));
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+}

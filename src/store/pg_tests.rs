@@ -1,0 +1,824 @@
+//! Store tests against a real PostgreSQL, run only when `QUOTA_TEST_PG_URL` is set (each test
+//! prints that it skipped otherwise). Every test works in a schema of its own and drops it.
+//!
+//! Test-only; must not be compiled into the module.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use postgres::{Client, NoTls};
+
+use super::schema::{substitute, DROP_SQL};
+use super::*;
+use crate::core::credit::Cents;
+use crate::core::policy::LimitField;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn pg_url(test: &str) -> Option<String> {
+    match std::env::var("QUOTA_TEST_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("{test}: skipped (QUOTA_TEST_PG_URL is not set)");
+            None
+        }
+    }
+}
+
+/// A deployed store in a fresh schema, dropped again when the fixture goes.
+struct Fixture {
+    store: Arc<Store>,
+    url: String,
+    schema: String,
+}
+
+impl Fixture {
+    fn new(test: &str) -> Option<Fixture> {
+        let url = pg_url(test)?;
+        let schema = format!(
+            "qt_{}_{}_{}",
+            test.chars().take(20).collect::<String>(),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let store = Store::new(&StoreConfig {
+            url: url.clone(),
+            schema: schema.clone(),
+            timeout_ms: 2000,
+            pool_size: 8,
+        })
+        .expect("store");
+        store.deploy().expect("deploy");
+        Some(Fixture {
+            store: Arc::new(store),
+            url,
+            schema,
+        })
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.url, NoTls).expect("direct connection")
+    }
+
+    fn events(&self, user: &UserId) -> Vec<(String, String, Option<String>, serde_json::Value)> {
+        let sql = substitute(
+            "SELECT bundle_id, event_type, purchase_id, payload::text \
+             FROM \"control_plane\".user_quota_replenishment_event \
+             WHERE tenant = $1 AND project = $2 AND user_id = $3 ORDER BY id",
+            &self.schema,
+        );
+        self.client()
+            .query(&sql, &[&user.tenant, &user.project, &user.user])
+            .expect("events")
+            .iter()
+            .map(|r| {
+                let payload: String = r.get(3);
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    serde_json::from_str(&payload).expect("json"),
+                )
+            })
+            .collect()
+    }
+
+    fn exec(&self, sql: &str) {
+        self.client()
+            .batch_execute(&substitute(sql, &self.schema))
+            .expect("exec");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Ok(mut c) = Client::connect(&self.url, NoTls) {
+            let _ = c.batch_execute(&substitute(DROP_SQL, &self.schema));
+        }
+    }
+}
+
+fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+const USER: UserId<'static> = UserId {
+    tenant: "acme",
+    project: "chat",
+    user: "alice",
+};
+
+fn req(amounts: &[(LimitField, i64)]) -> GrantRequest {
+    let mut r = GrantRequest::default();
+    for (f, v) in amounts {
+        r.amounts[*f as usize] = Some(*v);
+    }
+    r
+}
+
+#[test]
+fn deploy_is_idempotent_and_concurrent_safe() {
+    let Some(fx) = Fixture::new("deploy") else {
+        return;
+    };
+    fx.store.deploy().expect("second deploy");
+    fx.store.deploy().expect("third deploy");
+    // Several nodes deploying a fresh schema at once.
+    let schema = format!("{}_c", fx.schema);
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, schema, barrier) = (fx.url.clone(), schema.clone(), Arc::clone(&barrier));
+            thread::spawn(move || {
+                let store = Store::new(&StoreConfig {
+                    url,
+                    schema,
+                    timeout_ms: 2000,
+                    pool_size: 1,
+                })?;
+                barrier.wait();
+                store.deploy()
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("thread").expect("concurrent deploy");
+    }
+    fx.client()
+        .batch_execute(&substitute(DROP_SQL, &schema))
+        .expect("drop");
+}
+
+#[test]
+fn grant_replaces_and_round_trips_every_field() {
+    let Some(fx) = Fixture::new("grant_replace") else {
+        return;
+    };
+    let now = now_ms();
+    let mut r = req(&[
+        (LimitField::RequestsPerDay, 50),
+        (LimitField::TotalRequests, i64::from(i32::MAX)),
+        (LimitField::TokensPerMonth, i64::MAX),
+        (LimitField::MaxConcurrent, 3),
+    ]);
+    r.expiry = Some(now / 1000 + 3600);
+    r.expiry_given = true;
+    r.purchase_id = Some("pi_1".into());
+    r.amount = Cents::parse("10.5");
+    r.notes = Some("first 'grant' — ünïcode \"quoted\"".into());
+    let out = fx.store.grant(&USER, "b1", &r, now).expect("grant");
+    assert!(!out.duplicate);
+    let rec = out.record.expect("record");
+    assert_eq!(rec.bundle_id, "b1");
+    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(50));
+    assert_eq!(rec.additional.get(LimitField::RequestsPerMonth), None);
+    assert_eq!(
+        rec.additional.get(LimitField::TotalRequests),
+        Some(i64::from(i32::MAX))
+    );
+    assert_eq!(
+        rec.additional.get(LimitField::TokensPerMonth),
+        Some(i64::MAX)
+    );
+    assert_eq!(rec.additional.get(LimitField::MaxConcurrent), Some(3));
+    assert_eq!(rec.expires_at, Some(now / 1000 + 3600));
+    assert_eq!(rec.purchase_id.as_deref(), Some("pi_1"));
+    assert_eq!(rec.purchase_amount_usd.as_deref(), Some("10.50"));
+    assert_eq!(rec.purchase_notes, r.notes);
+    assert!(rec.active);
+    assert!(
+        (rec.created_at - now / 1000).abs() <= 5,
+        "{} vs {}",
+        rec.created_at,
+        now
+    );
+    assert_eq!(out.live_rows, vec![rec.clone()]);
+    assert_eq!(fx.store.load_user(&USER).expect("load"), vec![rec.clone()]);
+
+    // Replace: absent amounts become NULL, expiry never, row stays one row.
+    let r2 = req(&[(LimitField::TokensPerDay, 7)]);
+    let out2 = fx.store.grant(&USER, "b1", &r2, now).expect("grant 2");
+    let rec2 = out2.record.expect("record 2");
+    assert_eq!(rec2.additional.get(LimitField::RequestsPerDay), None);
+    assert_eq!(rec2.additional.get(LimitField::TokensPerDay), Some(7));
+    assert_eq!(rec2.expires_at, None);
+    assert_eq!(rec2.purchase_id, None);
+    assert_eq!(rec2.purchase_amount_usd, None);
+    assert_eq!(rec2.created_at, rec.created_at);
+    assert!(rec2.updated_at >= rec.updated_at);
+    assert_eq!(out2.live_rows.len(), 1);
+
+    let events = fx.events(&USER);
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].1, "grant");
+    assert_eq!(events[0].2.as_deref(), Some("pi_1"));
+    assert_eq!(events[0].3["values"]["purchase_amount_usd"], "10.50");
+    assert_eq!(events[0].3["values"]["additional_requests_per_day"], 50);
+    assert_eq!(events[1].2, None);
+}
+
+#[test]
+fn money_is_exact() {
+    let Some(fx) = Fixture::new("money") else {
+        return;
+    };
+    for (bundle, text, stored) in [
+        ("a", "10.50", "10.50"),
+        ("b", "0.07", "0.07"),
+        ("c", "99999999.99", "99999999.99"),
+        ("d", "3", "3.00"),
+    ] {
+        let r = GrantRequest {
+            amount: Cents::parse(text),
+            ..Default::default()
+        };
+        let rec = fx
+            .store
+            .grant(&USER, bundle, &r, now_ms())
+            .expect("grant")
+            .record
+            .expect("rec");
+        assert_eq!(rec.purchase_amount_usd.as_deref(), Some(stored));
+    }
+    // ADD sums exactly, and refuses to pass the column's maximum.
+    let mut add = GrantRequest {
+        add: true,
+        ..Default::default()
+    };
+    add.amount = Cents::parse("0.10");
+    let rec = fx
+        .store
+        .grant(&USER, "b", &add, now_ms())
+        .expect("add")
+        .record
+        .expect("rec");
+    assert_eq!(rec.purchase_amount_usd.as_deref(), Some("0.17"));
+    let err = fx
+        .store
+        .grant(&USER, "c", &add, now_ms())
+        .expect_err("overflow");
+    assert_eq!(
+        err.to_string(),
+        "ERR ADD would take AMOUNT above 99999999.99"
+    );
+}
+
+#[test]
+fn add_tops_up_live_rows_and_restarts_dead_ones() {
+    let Some(fx) = Fixture::new("grant_add") else {
+        return;
+    };
+    let now = now_ms();
+    let mut add = req(&[
+        (LimitField::RequestsPerDay, 5),
+        (LimitField::TokensPerHour, 100),
+    ]);
+    add.add = true;
+
+    // Missing row: from zero, expiry never.
+    let rec = fx
+        .store
+        .grant(&USER, "new", &add, now)
+        .expect("add")
+        .record
+        .expect("rec");
+    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
+    assert_eq!(rec.additional.get(LimitField::TokensPerHour), Some(100));
+    assert_eq!(rec.expires_at, None);
+
+    // Live row: amounts add, expiry kept, absent amounts kept.
+    let mut base = req(&[
+        (LimitField::RequestsPerDay, 10),
+        (LimitField::MaxConcurrent, 2),
+    ]);
+    base.expiry = Some(now / 1000 + 600);
+    base.expiry_given = true;
+    fx.store.grant(&USER, "live", &base, now).expect("base");
+    let rec = fx
+        .store
+        .grant(&USER, "live", &add, now)
+        .expect("add")
+        .record
+        .expect("rec");
+    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(15));
+    assert_eq!(rec.additional.get(LimitField::TokensPerHour), Some(100));
+    assert_eq!(rec.additional.get(LimitField::MaxConcurrent), Some(2));
+    assert_eq!(rec.expires_at, Some(now / 1000 + 600));
+
+    // Expired row: from zero, expiry never unless given.
+    let mut old = req(&[(LimitField::RequestsPerDay, 10)]);
+    old.expiry = Some(now / 1000 - 10);
+    old.expiry_given = true;
+    fx.store.grant(&USER, "expired", &old, now).expect("old");
+    let rec = fx
+        .store
+        .grant(&USER, "expired", &add, now)
+        .expect("add")
+        .record
+        .expect("rec");
+    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
+    assert_eq!(rec.expires_at, None);
+    assert!(rec.active);
+
+    // Revoked row: from zero.
+    fx.store.grant(&USER, "revoked", &base, now).expect("base");
+    assert!(fx.store.revoke(&USER, "revoked").expect("revoke").revoked);
+    let rec = fx
+        .store
+        .grant(&USER, "revoked", &add, now)
+        .expect("add")
+        .record
+        .expect("rec");
+    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
+    assert_eq!(rec.additional.get(LimitField::MaxConcurrent), None);
+    assert!(rec.active);
+
+    let kinds: Vec<String> = fx.events(&USER).into_iter().map(|e| e.1).collect();
+    assert_eq!(
+        kinds,
+        ["topup", "grant", "topup", "grant", "topup", "grant", "revoke", "topup"]
+    );
+
+    // Overflow: a clear error and nothing written (no placeholder row left behind).
+    let mut huge = req(&[(LimitField::RequestsPerDay, i64::from(i32::MAX))]);
+    huge.add = true;
+    let err = fx
+        .store
+        .grant(&USER, "live", &huge, now)
+        .expect_err("overflow");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "ERR ADD would take REQUESTS_PER_DAY above 2147483647"
+    );
+    let too_big = req(&[(LimitField::MaxConcurrent, i64::from(i32::MAX) + 1)]);
+    let err = fx
+        .store
+        .grant(&USER, "fresh", &too_big, now)
+        .expect_err("too big");
+    assert_eq!(
+        err.to_string(),
+        "ERR MAX_CONCURRENT must be at most 2147483647"
+    );
+    assert!(fx
+        .store
+        .list(&USER, true)
+        .expect("list")
+        .iter()
+        .all(|r| r.bundle_id != "fresh"));
+}
+
+#[test]
+fn duplicate_purchase_ids_apply_once() {
+    let Some(fx) = Fixture::new("dup_seq") else {
+        return;
+    };
+    let now = now_ms();
+    let mut r = req(&[(LimitField::RequestsPerDay, 50)]);
+    r.add = true;
+    r.purchase_id = Some("pi_42".into());
+    r.amount = Cents::parse("5");
+    let first = fx.store.grant(&USER, "b", &r, now).expect("first");
+    assert!(!first.duplicate);
+    let again = fx.store.grant(&USER, "b", &r, now).expect("again");
+    assert!(again.duplicate);
+    assert_eq!(again.record, first.record);
+    assert_eq!(again.live_rows, first.live_rows);
+
+    // Same purchase id, another bundle of the same tenant+project: duplicate, no row created.
+    let other = fx.store.grant(&USER, "other", &r, now).expect("other");
+    assert!(other.duplicate);
+    assert_eq!(other.record, None);
+    assert_eq!(other.live_rows.len(), 1);
+    // Another user of the same tenant+project: still a duplicate.
+    let bob = UserId {
+        user: "bob",
+        ..USER
+    };
+    assert!(fx.store.grant(&bob, "b", &r, now).expect("bob").duplicate);
+    // Another project: a different purchase scope.
+    let elsewhere = UserId {
+        project: "other",
+        ..USER
+    };
+    assert!(
+        !fx.store
+            .grant(&elsewhere, "b", &r, now)
+            .expect("elsewhere")
+            .duplicate
+    );
+
+    // A duplicate of a row that was revoked since reports the row as it is.
+    fx.store.revoke(&USER, "b").expect("revoke");
+    let dup = fx.store.grant(&USER, "b", &r, now).expect("dup");
+    assert!(dup.duplicate);
+    assert_eq!(dup.record.map(|rec| rec.active), Some(false));
+    assert!(dup.live_rows.is_empty());
+
+    let events = fx.events(&USER);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.2.as_deref() == Some("pi_42"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn concurrent_duplicate_purchase_ids_apply_once() {
+    let Some(fx) = Fixture::new("dup_conc") else {
+        return;
+    };
+    let now = now_ms();
+    for (round, bundles) in [(0, ["b"; 8]), (1, ["b", "c", "d", "e", "f", "g", "h", "i"])] {
+        let barrier = Arc::new(Barrier::new(bundles.len()));
+        let handles: Vec<_> = bundles
+            .iter()
+            .map(|bundle| {
+                let (store, barrier, bundle) = (
+                    Arc::clone(&fx.store),
+                    Arc::clone(&barrier),
+                    bundle.to_string(),
+                );
+                thread::spawn(move || {
+                    let mut r = req(&[(LimitField::TokensPerDay, 1000)]);
+                    r.add = true;
+                    r.purchase_id = Some(format!("pi_conc_{round}"));
+                    barrier.wait();
+                    store.grant(&USER, &bundle, &r, now)
+                })
+            })
+            .collect();
+        let outcomes: Vec<GrantOutcome> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("grant"))
+            .collect();
+        assert_eq!(
+            outcomes.iter().filter(|o| !o.duplicate).count(),
+            1,
+            "round {round}"
+        );
+    }
+    let rows = fx.store.load_user(&USER).expect("load");
+    // Round 0 applied once to "b"; round 1 applied once to one bundle (maybe "b" again).
+    let total: i64 = rows
+        .iter()
+        .filter_map(|r| r.additional.get(LimitField::TokensPerDay))
+        .sum();
+    assert_eq!(total, 2000, "{rows:?}");
+    // Losers of round 1 left no placeholder rows behind.
+    assert!(rows.len() <= 2);
+    assert_eq!(fx.store.list(&USER, true).expect("all").len(), rows.len());
+}
+
+#[test]
+fn revoke_list_and_order() {
+    let Some(fx) = Fixture::new("revoke_list") else {
+        return;
+    };
+    let now = now_ms();
+    let r = req(&[(LimitField::RequestsPerDay, 1)]);
+    let mut expired = r.clone();
+    expired.expiry = Some(now / 1000 - 1);
+    expired.expiry_given = true;
+    for bundle in ["z", "*", "B", "a", "é"] {
+        fx.store.grant(&USER, bundle, &r, now).expect("grant");
+    }
+    fx.store
+        .grant(&USER, "old", &expired, now)
+        .expect("expired grant");
+
+    let out = fx.store.revoke(&USER, "a").expect("revoke");
+    assert!(out.revoked);
+    let bundles =
+        |rows: &[Replenishment]| rows.iter().map(|r| r.bundle_id.clone()).collect::<Vec<_>>();
+    // Byte order; the expired row is still active (the cache needs it to know it expired).
+    assert_eq!(bundles(&out.live_rows), ["*", "B", "old", "z", "é"]);
+    assert!(!fx.store.revoke(&USER, "a").expect("again").revoked);
+    assert!(!fx.store.revoke(&USER, "missing").expect("missing").revoked);
+
+    assert_eq!(
+        bundles(&fx.store.list(&USER, false).expect("list")),
+        ["*", "B", "z", "é"]
+    );
+    let all = fx.store.list(&USER, true).expect("list all");
+    assert_eq!(bundles(&all), ["*", "B", "a", "old", "z", "é"]);
+    assert!(!all.iter().find(|r| r.bundle_id == "a").expect("a").active);
+    assert_eq!(
+        bundles(&fx.store.load_user(&USER).expect("load")),
+        ["*", "B", "old", "z", "é"]
+    );
+    assert!(fx
+        .store
+        .list(
+            &UserId {
+                user: "nobody",
+                ..USER
+            },
+            true
+        )
+        .expect("empty")
+        .is_empty());
+
+    let revokes: Vec<_> = fx
+        .events(&USER)
+        .into_iter()
+        .filter(|e| e.1 == "revoke")
+        .collect();
+    assert_eq!(revokes.len(), 1);
+    assert_eq!(revokes[0].0, "a");
+    assert_eq!(revokes[0].3["values"]["additional_requests_per_day"], 1);
+}
+
+#[test]
+fn ids_with_quotes_and_unicode_are_unchanged() {
+    let Some(fx) = Fixture::new("ids") else {
+        return;
+    };
+    let user = UserId {
+        tenant: "t'; DROP TABLE x; --",
+        project: "p\"q\\r",
+        user: "üser 🦀 {tag}",
+    };
+    let bundle = "bündle '\"*";
+    let rec = fx
+        .store
+        .grant(
+            &user,
+            bundle,
+            &req(&[(LimitField::TokensPerHour, 1)]),
+            now_ms(),
+        )
+        .expect("grant")
+        .record
+        .expect("record");
+    assert_eq!(rec.bundle_id, bundle);
+    assert_eq!(
+        fx.store.load_user(&user).expect("load")[0].bundle_id,
+        bundle
+    );
+    let events = fx.events(&user);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, bundle);
+    assert!(fx.store.revoke(&user, bundle).expect("revoke").revoked);
+}
+
+#[test]
+fn cleanup_expires_rows_once_with_events() {
+    let Some(fx) = Fixture::new("cleanup") else {
+        return;
+    };
+    let now = now_ms();
+    let mut soon = req(&[(LimitField::RequestsPerDay, 1)]);
+    soon.expiry = Some(now / 1000 - 5);
+    soon.expiry_given = true;
+    soon.purchase_id = Some("pi_c".into());
+    soon.amount = Cents::parse("1.25");
+    let bob = UserId {
+        user: "bob",
+        ..USER
+    };
+    fx.store.grant(&USER, "a", &soon, now).expect("grant");
+    soon.purchase_id = None;
+    fx.store.grant(&USER, "b", &soon, now).expect("grant");
+    fx.store.grant(&bob, "a", &soon, now).expect("grant");
+    let mut later = soon.clone();
+    later.expiry = Some(now / 1000 + 3600);
+    fx.store.grant(&bob, "b", &later, now).expect("grant");
+    fx.store.grant(&bob, "c", &req(&[]), now).expect("grant");
+
+    let out = fx.store.cleanup(now).expect("cleanup");
+    assert!(!out.skipped);
+    assert_eq!(out.deactivated, 3);
+    assert_eq!(
+        out.users,
+        vec![
+            ("acme".to_owned(), "chat".to_owned(), "alice".to_owned()),
+            ("acme".to_owned(), "chat".to_owned(), "bob".to_owned()),
+        ]
+    );
+    assert!(fx.store.load_user(&USER).expect("load").is_empty());
+    assert_eq!(fx.store.load_user(&bob).expect("load bob").len(), 2);
+    let expires: Vec<_> = fx
+        .events(&USER)
+        .into_iter()
+        .filter(|e| e.1 == "expire")
+        .collect();
+    assert_eq!(expires.len(), 2);
+    assert_eq!(expires[0].3["values"]["purchase_id"], "pi_c");
+    assert_eq!(expires[0].3["values"]["purchase_amount_usd"], "1.25");
+    assert_eq!(expires[0].2, None);
+    assert_eq!(fx.store.cleanup(now).expect("again").deactivated, 0);
+
+    // While another node holds the cleanup lock, cleanup is skipped.
+    let mut other = fx.client();
+    let mut tx = other.transaction().expect("tx");
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[
+            &schema::CLEANUP_LOCK_CLASS,
+            &schema::schema_lock_key(&fx.schema),
+        ],
+    )
+    .expect("lock");
+    let skipped = fx.store.cleanup(now + 7_200_000).expect("skipped");
+    assert!(skipped.skipped);
+    assert_eq!(skipped.deactivated, 0);
+    tx.rollback().expect("rollback");
+    assert_eq!(
+        fx.store
+            .cleanup(now + 7_200_000)
+            .expect("later")
+            .deactivated,
+        1
+    );
+}
+
+#[test]
+fn lock_waits_time_out_and_outages_are_unavailable() {
+    let Some(fx) = Fixture::new("errors") else {
+        return;
+    };
+    let fast = Store::new(&StoreConfig {
+        url: fx.url.clone(),
+        schema: fx.schema.clone(),
+        timeout_ms: 300,
+        pool_size: 1,
+    })
+    .expect("store");
+    fast.grant(&USER, "b", &req(&[]), now_ms()).expect("grant");
+    let mut other = fx.client();
+    let mut tx = other.transaction().expect("tx");
+    tx.batch_execute(&substitute(
+        "SELECT 1 FROM \"control_plane\".user_quota_replenishment FOR UPDATE",
+        &fx.schema,
+    ))
+    .expect("lock");
+    let started = Instant::now();
+    let err = fast
+        .grant(&USER, "b", &req(&[]), now_ms())
+        .expect_err("lock timeout");
+    assert_eq!(err, StoreError::Timeout);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    tx.rollback().expect("rollback");
+    // The connection is still usable afterwards.
+    fast.grant(&USER, "b", &req(&[]), now_ms())
+        .expect("grant after timeout");
+
+    // Nothing listens on port 1.
+    let down = Store::new(&StoreConfig {
+        url: "host=127.0.0.1 port=1 user=u password=hunter2 dbname=x".into(),
+        schema: "s".into(),
+        timeout_ms: 300,
+        pool_size: 1,
+    })
+    .expect("store");
+    let started = Instant::now();
+    let err = down.load_user(&USER).expect_err("down");
+    assert!(err.is_unavailable(), "{err:?}");
+    let text = err.to_string();
+    assert!(text.starts_with("ERR PostgreSQL unavailable: "), "{text}");
+    assert!(!text.contains("hunter2"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // While connecting keeps failing, the next callers do not each wait the timeout.
+    let started = Instant::now();
+    assert_eq!(down.load_user(&USER).expect_err("still down"), err);
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A server error is a Query error with the server's message.
+    fx.exec("DROP TABLE \"control_plane\".user_quota_replenishment CASCADE");
+    let err = fx.store.load_user(&USER).expect_err("no table");
+    assert!(
+        matches!(&err, StoreError::Query(m) if m.contains("does not exist")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn event_table_is_append_only() {
+    let Some(fx) = Fixture::new("append_only") else {
+        return;
+    };
+    fx.store
+        .grant(&USER, "b", &req(&[]), now_ms())
+        .expect("grant");
+    let mut c = fx.client();
+    for sql in [
+        "UPDATE \"control_plane\".user_quota_replenishment_event SET event_type = 'grant'",
+        "DELETE FROM \"control_plane\".user_quota_replenishment_event",
+        "TRUNCATE \"control_plane\".user_quota_replenishment_event",
+    ] {
+        let err = c
+            .batch_execute(&substitute(sql, &fx.schema))
+            .expect_err(sql);
+        assert!(err.to_string().contains("db error"), "{err}");
+    }
+    assert_eq!(fx.events(&USER).len(), 1);
+}
+
+#[test]
+fn listener_reports_changes_and_reconnects() {
+    let Some(fx) = Fixture::new("listener") else {
+        return;
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let listener = Listener::spawn(
+        fx.url.clone(),
+        fx.schema.clone(),
+        1000,
+        Box::new(move |e| sink.lock().expect("lock").push(e)),
+    )
+    .expect("spawn");
+    let wait_for = |pred: &dyn Fn(&[ListenerEvent]) -> bool| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if pred(&seen.lock().expect("lock")) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(
+        wait_for(&|e| e.contains(&ListenerEvent::Connected)),
+        "never connected"
+    );
+    let user = UserId {
+        user: "ü\"ser",
+        ..USER
+    };
+    fx.store
+        .grant(&user, "b", &req(&[]), now_ms())
+        .expect("grant");
+    let changed = ListenerEvent::Changed {
+        tenant: "acme".into(),
+        project: "chat".into(),
+        user: "ü\"ser".into(),
+    };
+    assert!(
+        wait_for(&|e| e.contains(&changed)),
+        "no change seen: {:?}",
+        seen.lock()
+    );
+    // A rolled-back duplicate sends nothing; count the changes so far.
+    let before = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| **e == changed)
+        .count();
+
+    // Kill the listener's backend: it reports the loss and listens again.
+    fx.client()
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'redis-quota-listener' AND pid <> pg_backend_pid()",
+        )
+        .expect("terminate");
+    assert!(
+        wait_for(&|e| e
+            .iter()
+            .any(|x| matches!(x, ListenerEvent::Disconnected(_)))),
+        "loss not reported: {:?}",
+        seen.lock()
+    );
+    assert!(
+        wait_for(&|e| e.iter().filter(|x| **x == ListenerEvent::Connected).count() >= 2),
+        "no reconnect: {:?}",
+        seen.lock()
+    );
+    let mut r = req(&[]);
+    r.purchase_id = Some("pi_l".into());
+    fx.store.grant(&user, "b", &r, now_ms()).expect("grant");
+    assert!(
+        fx.store
+            .grant(&user, "b", &r, now_ms())
+            .expect("dup")
+            .duplicate
+    );
+    assert!(wait_for(
+        &|e| e.iter().filter(|x| **x == changed).count() > before
+    ));
+    thread::sleep(Duration::from_millis(500));
+    let after = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| **e == changed)
+        .count();
+    assert_eq!(after, before + 1, "{:?}", seen.lock());
+
+    let started = Instant::now();
+    listener.stop();
+    assert!(started.elapsed() < Duration::from_millis(600));
+}
