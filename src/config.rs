@@ -78,7 +78,10 @@ pub fn flag(option: &AtomicBool) -> bool {
 
 /// The configured miss policy for scripts and MULTI.
 pub fn script_miss() -> ScriptMiss {
-    SCRIPT_MISS.lock().map(|m| m.clone()).unwrap_or(ScriptMiss::base)
+    SCRIPT_MISS
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or(ScriptMiss::base)
 }
 
 /// Called by Redis after any `quota.*` option changed.

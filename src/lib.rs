@@ -5,6 +5,10 @@
 //! the configuration, `INFO quota`, and start/stop of the worker pool and NOTIFY listener.
 //! The logic lives in `core` (pure), `commands` (Redis shells), `store` (Postgres) and `worker`.
 
+// Command shells pass the `RedisModuleCtx` pointer Redis hands us to the API functions, as the
+// redis-module crate itself does; they never dereference it themselves.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 pub mod commands;
 pub mod config;
 pub mod core;
@@ -21,9 +25,7 @@ mod module {
     use std::time::Duration;
 
     use redis_module::configuration::ConfigurationFlags;
-    use redis_module::{
-        raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status,
-    };
+    use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
     use crate::commands::*;
@@ -31,7 +33,8 @@ mod module {
     use crate::glue::account_type::ACCOUNT_TYPE;
     use crate::{state, stats, worker};
 
-    type Entry = extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
+    type Entry =
+        extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
 
     /// Every command: name, entry point, flags, first key, last key, key step.
     /// The key is the user id (argument 3) for everything that touches a user, so Redis Cluster
@@ -53,7 +56,7 @@ mod module {
 
     fn register_commands(ctx: &Context) -> Status {
         let category = c"quota";
-        let has_categories = matches!(unsafe { raw::RedisModule_AddACLCategory }, Some(_));
+        let has_categories = unsafe { raw::RedisModule_AddACLCategory }.is_some();
         if has_categories {
             unsafe {
                 if let Some(add) = raw::RedisModule_AddACLCategory {
@@ -67,7 +70,15 @@ mod module {
             };
             let created = unsafe {
                 raw::RedisModule_CreateCommand.map_or(raw::Status::Err as c_int, |f| {
-                    f(ctx.ctx, cname.as_ptr(), Some(*entry), cflags.as_ptr(), *first, *last, *step)
+                    f(
+                        ctx.ctx,
+                        cname.as_ptr(),
+                        Some(*entry),
+                        cflags.as_ptr(),
+                        *first,
+                        *last,
+                        *step,
+                    )
                 })
             };
             if created != raw::Status::Ok as c_int {
@@ -77,9 +88,10 @@ mod module {
             // Redis >= 7.2: put every command in the `quota` ACL category.
             if has_categories {
                 unsafe {
-                    if let (Some(get), Some(set)) =
-                        (raw::RedisModule_GetCommand, raw::RedisModule_SetCommandACLCategories)
-                    {
+                    if let (Some(get), Some(set)) = (
+                        raw::RedisModule_GetCommand,
+                        raw::RedisModule_SetCommandACLCategories,
+                    ) {
                         let command = get(ctx.ctx, cname.as_ptr());
                         if !command.is_null() {
                             set(command, category.as_ptr());
@@ -109,15 +121,19 @@ mod module {
         let interval = config::int(&config::CLEANUP_INTERVAL);
         // When off, look again in a minute in case it is switched on.
         let period = if interval > 0 { interval as u64 } else { 60 };
-        ctx.create_timer(Duration::from_secs(period), |ctx: &Context, ()| {
-            let flags = ctx.get_flags();
-            if config::int(&config::CLEANUP_INTERVAL) > 0
-                && flags.contains(redis_module::ContextFlags::MASTER)
-            {
-                worker::submit_or_busy(worker::Job::Cleanup { client: None });
-            }
-            schedule_cleanup(ctx);
-        }, ());
+        ctx.create_timer(
+            Duration::from_secs(period),
+            |ctx: &Context, ()| {
+                let flags = ctx.get_flags();
+                if config::int(&config::CLEANUP_INTERVAL) > 0
+                    && flags.contains(redis_module::ContextFlags::MASTER)
+                {
+                    worker::submit_or_busy(worker::Job::Cleanup { client: None });
+                }
+                schedule_cleanup(ctx);
+            },
+            (),
+        );
     }
 
     fn init(ctx: &Context, _args: &[RedisString]) -> Status {
@@ -135,7 +151,10 @@ mod module {
         schedule_cleanup(ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
-                let event = raw::RedisModuleEvent { id: raw::REDISMODULE_EVENT_SHUTDOWN as u64, dataver: 1 };
+                let event = raw::RedisModuleEvent {
+                    id: raw::REDISMODULE_EVENT_SHUTDOWN,
+                    dataver: 1,
+                };
                 subscribe(ctx.ctx, event, Some(on_shutdown));
             }
         }
@@ -155,7 +174,10 @@ mod module {
         };
         let (connections, idle) = worker::pool_state();
         let queries = stats::PG_QUERIES.get();
-        let avg_us = stats::PG_LATENCY_US_TOTAL.get().checked_div(queries).unwrap_or(0);
+        let avg_us = stats::PG_LATENCY_US_TOTAL
+            .get()
+            .checked_div(queries)
+            .unwrap_or(0);
         let max_us = stats::PG_LATENCY_US_MAX.load(std::sync::atomic::Ordering::Relaxed);
         let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         ctx.builder()

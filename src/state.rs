@@ -24,7 +24,9 @@ static CACHE: LazyLock<Mutex<CreditCache<Blocked>>> =
 
 /// The credits cache (recovers from a poisoned lock: the data stays consistent per call).
 pub fn cache() -> MutexGuard<'static, CreditCache<Blocked>> {
-    CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The cache tunables from the configuration.
@@ -32,7 +34,9 @@ pub fn cache_config() -> CacheConfig {
     CacheConfig {
         ttl_ms: config::int(&config::CACHE_TTL_MS).max(0),
         negative_ttl_ms: config::int(&config::NEGATIVE_TTL_MS).max(0),
-        max_entries: usize::try_from(config::int(&config::CACHE_MAX_ENTRIES)).unwrap_or(1).max(1),
+        max_entries: usize::try_from(config::int(&config::CACHE_MAX_ENTRIES))
+            .unwrap_or(1)
+            .max(1),
         retry_ms: RETRY_AFTER_FAILURE_MS,
     }
 }
@@ -45,7 +49,9 @@ pub fn now_ms() -> Millis {
 }
 
 static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     t ^ (u64::from(std::process::id()) << 32)
 });
 static LEASE_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -99,10 +105,26 @@ pub fn restart_listener() {
     let schema = config::text(&config::SCHEMA);
     let timeout = config::int(&config::PG_TIMEOUT_MS).max(1) as u64;
     let on_event = Box::new(|event: ListenerEvent| match event {
-        ListenerEvent::Changed { tenant, project, user } => {
+        ListenerEvent::Changed {
+            tenant,
+            project,
+            user,
+            own,
+        } => {
             stats::NOTIFY_RECEIVED.incr();
-            let key = UserId { tenant: &tenant, project: &project, user: &user }.key();
-            cache().invalidate(&key);
+            let key = UserId {
+                tenant: &tenant,
+                project: &project,
+                user: &user,
+            }
+            .key();
+            if own {
+                // This node wrote it and already refreshed its entry; a background refresh
+                // settles any race between concurrent writes without making anyone wait.
+                cache().mark_stale(&key);
+            } else {
+                cache().invalidate(&key);
+            }
         }
         ListenerEvent::Connected => {
             // Notifications may have been missed while disconnected: forget everything.
@@ -122,7 +144,9 @@ pub fn restart_listener() {
         }
         Err(e) => {
             NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
-            redis_module::logging::log_warning(format!("quota: cannot start the NOTIFY listener: {e}"));
+            redis_module::logging::log_warning(format!(
+                "quota: cannot start the NOTIFY listener: {e}"
+            ));
         }
     }
 }

@@ -22,7 +22,9 @@ use crate::state::{self, Credits};
 use crate::stats;
 use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError};
 
-/// What a worker hands back to a blocked client.
+/// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
+/// private data), so the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Done {
     /// The user's rows (for `ADMIT` and `GET` after a miss).
     Loaded(Result<Credits, StoreError>),
@@ -47,22 +49,48 @@ pub struct OwnedUser {
 impl OwnedUser {
     /// Copies the ids.
     pub fn from_id(id: &UserId<'_>) -> OwnedUser {
-        OwnedUser { tenant: id.tenant.into(), project: id.project.into(), user: id.user.into() }
+        OwnedUser {
+            tenant: id.tenant.into(),
+            project: id.project.into(),
+            user: id.user.into(),
+        }
     }
 
     /// Borrows them back.
     pub fn id(&self) -> UserId<'_> {
-        UserId { tenant: &self.tenant, project: &self.project, user: &self.user }
+        UserId {
+            tenant: &self.tenant,
+            project: &self.project,
+            user: &self.user,
+        }
     }
 }
 
 /// One unit of Postgres work.
 pub enum Job {
     /// Load a user's rows into the cache and answer the flight's waiters.
-    Load { key: Box<[u8]>, user: OwnedUser, flight: u64 },
-    Grant { user: OwnedUser, bundle: String, request: GrantRequest, now: Millis, client: Blocked },
-    Revoke { user: OwnedUser, bundle: String, client: Blocked },
-    List { user: OwnedUser, all: bool, client: Blocked },
+    Load {
+        key: Box<[u8]>,
+        user: OwnedUser,
+        flight: u64,
+    },
+    Grant {
+        user: OwnedUser,
+        bundle: String,
+        request: Box<GrantRequest>,
+        now: Millis,
+        client: Blocked,
+    },
+    Revoke {
+        user: OwnedUser,
+        bundle: String,
+        client: Blocked,
+    },
+    List {
+        user: OwnedUser,
+        all: bool,
+        client: Blocked,
+    },
     /// Deactivate expired rows; `client` is `None` for the periodic run.
     Cleanup { client: Option<Blocked> },
 }
@@ -83,7 +111,11 @@ impl Job {
 /// Queues a user load for a flight the cache started; if the queue is full the flight is
 /// dropped and its waiters are answered `BUSY`.
 pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
-    let job = Job::Load { key: user_key.into(), user: OwnedUser::from_id(user), flight };
+    let job = Job::Load {
+        key: user_key.into(),
+        user: OwnedUser::from_id(user),
+        flight,
+    };
     if submit(job).is_err() {
         let waiters = state::cache().abort_flight(user_key, flight);
         for waiter in waiters {
@@ -145,7 +177,10 @@ pub fn stop(wait: Duration) {
         waiter.finish(Done::Dropped);
     }
     let deadline = Instant::now() + wait;
-    let handles = THREADS.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+    let handles = THREADS
+        .lock()
+        .map(|mut t| std::mem::take(&mut *t))
+        .unwrap_or_default();
     for handle in handles {
         while !handle.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
@@ -192,7 +227,10 @@ pub fn rebuild_backend() {
         pool_size: config::int(&config::POOL_SIZE).clamp(1, 1024) as u32,
     };
     let backend = match Store::new(&cfg) {
-        Ok(store) => Some(Arc::new(Backend { store, deployed: AtomicBool::new(false) })),
+        Ok(store) => Some(Arc::new(Backend {
+            store,
+            deployed: AtomicBool::new(false),
+        })),
         Err(StoreError::NotConfigured) => None,
         Err(e) => {
             redis_module::logging::log_warning(format!("quota: store not configured: {e}"));
@@ -246,9 +284,12 @@ fn run(rx: Receiver<Job>) {
                     drop(job); // answers its client with `Done::Dropped`
                     continue;
                 }
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(job)));
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(job)));
                 if outcome.is_err() {
-                    redis_module::logging::log_warning("quota: a worker job panicked; its client was answered with an error");
+                    redis_module::logging::log_warning(
+                        "quota: a worker job panicked; its client was answered with an error",
+                    );
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -285,7 +326,13 @@ fn execute(job: Job) {
                 waiter.finish(Done::Loaded(outcome.clone()));
             }
         }
-        Job::Grant { user, bundle, request, now, client } => {
+        Job::Grant {
+            user,
+            bundle,
+            request,
+            now,
+            client,
+        } => {
             let outcome = with_store(|s| s.grant(&user.id(), &bundle, &request, now));
             if let Ok(o) = &outcome {
                 stats::GRANTS.incr();
@@ -297,7 +344,11 @@ fn execute(job: Job) {
             }
             client.finish(Done::Grant(outcome));
         }
-        Job::Revoke { user, bundle, client } => {
+        Job::Revoke {
+            user,
+            bundle,
+            client,
+        } => {
             let outcome = with_store(|s| s.revoke(&user.id(), &bundle));
             if let Ok(o) = &outcome {
                 if o.revoked {
@@ -317,7 +368,14 @@ fn execute(job: Job) {
                 stats::CLEANUPS.incr();
                 let mut cache = state::cache();
                 for (tenant, project, user) in &o.users {
-                    cache.invalidate(&UserId { tenant, project, user }.key());
+                    cache.invalidate(
+                        &UserId {
+                            tenant,
+                            project,
+                            user,
+                        }
+                        .key(),
+                    );
                 }
             }
             if let Some(client) = client {

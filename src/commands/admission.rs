@@ -127,7 +127,9 @@ fn decide(
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
     };
-    let lease_ttl = parsed.lease_ttl.unwrap_or_else(|| config::int(&config::LEASE_TTL).max(1));
+    let lease_ttl = parsed
+        .lease_ttl
+        .unwrap_or_else(|| config::int(&config::LEASE_TTL).max(1));
     let request = AdmitRequest {
         lease: parsed.lease,
         lease_ttl_ms: lease_ttl.saturating_mul(1000),
@@ -182,7 +184,9 @@ fn reply_decision(
     let r = r.field("retry_after", |r| r.int(d.retry_after));
     let r = r.field("lease", |r| r.opt_str(d.lease.as_deref()));
     let r = r.field("reserved", |r| r.uint(d.reserved));
-    let r = r.field("used_replenishment", |r| r.int(i64::from(d.used_replenishment)));
+    let r = r.field("used_replenishment", |r| {
+        r.int(i64::from(d.used_replenishment))
+    });
     let r = r.field("replenishment", |r| r.str(source.as_str()));
     let r = r.field("remaining_requests", |r| r.int(d.remaining_requests));
     let r = r.field("remaining_tokens", |r| r.int(d.remaining_tokens));
@@ -345,9 +349,11 @@ pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
 
 /// `QUOTA.SETSTATE <key> <state>`: applies replicated or AOF state. Refused from clients.
 pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let allowed = (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
+    let allowed =
+        (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
     if flags(ctx) & allowed == 0 {
-        Reply::new(ctx).error("ERR QUOTA.SETSTATE is internal: it is only accepted from a master or the AOF");
+        Reply::new(ctx)
+            .error("ERR QUOTA.SETSTATE is internal: it is only accepted from a master or the AOF");
         return;
     }
     let [_, key, state] = args else {

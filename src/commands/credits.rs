@@ -24,24 +24,35 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
     let r = r.field("tenant", |r| r.str(ids[0]));
     let r = r.field("project", |r| r.str(ids[1]));
     let r = r.field("user_id", |r| r.str(ids[2]));
-    let mut r = r.field("bundle_id", |r| r.str(row.map_or(ids[3], |x| x.bundle_id.as_str())));
+    let mut r = r.field("bundle_id", |r| {
+        r.str(row.map_or(ids[3], |x| x.bundle_id.as_str()))
+    });
     for field in LimitField::ALL {
         let v = row.and_then(|x| x.additional.get(field));
         r = r.field(field.column(), |r| r.opt_int(v));
     }
     let r = r.field("expires_at", |r| r.opt_int(row.and_then(|x| x.expires_at)));
-    let r = r.field("purchase_id", |r| r.opt_str(row.and_then(|x| x.purchase_id.as_deref())));
+    let r = r.field("purchase_id", |r| {
+        r.opt_str(row.and_then(|x| x.purchase_id.as_deref()))
+    });
     let r = r.field("purchase_amount_usd", |r| {
         r.opt_str(row.and_then(|x| x.purchase_amount_usd.as_deref()))
     });
-    let r = r.field("purchase_notes", |r| r.opt_str(row.and_then(|x| x.purchase_notes.as_deref())));
+    let r = r.field("purchase_notes", |r| {
+        r.opt_str(row.and_then(|x| x.purchase_notes.as_deref()))
+    });
     let r = r.field("active", |r| r.opt_int(row.map(|x| i64::from(x.active))));
     let r = r.field("created_at", |r| r.opt_int(row.map(|x| x.created_at)));
     r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)))
 }
 
 /// Replies the record that applies to `bundle` among `rows`, or nil.
-fn reply_applicable(ctx: *mut raw::RedisModuleCtx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
+fn reply_applicable(
+    ctx: *mut raw::RedisModuleCtx,
+    ids: [&str; 4],
+    rows: &[Replenishment],
+    now: Millis,
+) {
     match select_credit(rows, ids[3], now) {
         Some((row, _)) => {
             record(Reply::new(ctx), ids, Some(row), 0);
@@ -69,7 +80,7 @@ pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     worker::submit_or_busy(Job::Grant {
         user: OwnedUser::from_id(&parsed.account.user),
         bundle: parsed.account.bundle.to_owned(),
-        request: parsed.request,
+        request: Box::new(parsed.request),
         now,
         client,
     });
@@ -108,7 +119,11 @@ pub fn list(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Reply::new(ctx).error("ERR cannot block this client");
         return;
     };
-    worker::submit_or_busy(Job::List { user: OwnedUser::from_id(&user), all, client });
+    worker::submit_or_busy(Job::List {
+        user: OwnedUser::from_id(&user),
+        all,
+        client,
+    });
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
@@ -123,7 +138,9 @@ pub fn cleanup(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Reply::new(ctx).error("ERR cannot block this client");
         return;
     };
-    worker::submit_or_busy(Job::Cleanup { client: Some(client) });
+    worker::submit_or_busy(Job::Cleanup {
+        client: Some(client),
+    });
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
@@ -147,7 +164,12 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
     };
-    let ids = [account.user.tenant, account.user.project, account.user.user, account.bundle];
+    let ids = [
+        account.user.tenant,
+        account.user.project,
+        account.user.user,
+        account.bundle,
+    ];
     let user_key = account.user.key();
     let now = state::now_ms();
     let mut cache = state::cache();
@@ -198,7 +220,12 @@ pub fn get_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
     };
-    let ids = [account.user.tenant, account.user.project, account.user.user, account.bundle];
+    let ids = [
+        account.user.tenant,
+        account.user.project,
+        account.user.user,
+        account.bundle,
+    ];
     match done {
         Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, state::now_ms()),
         Done::Loaded(Err(e)) => {

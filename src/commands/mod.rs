@@ -29,7 +29,9 @@ pub fn guard(ctx: *mut raw::RedisModuleCtx, body: impl FnOnce()) {
 
 /// The command name as Redis dispatched it, upper-cased.
 fn name(args: &[&[u8]]) -> String {
-    args.first().map(|n| String::from_utf8_lossy(n).to_ascii_uppercase()).unwrap_or_default()
+    args.first()
+        .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
+        .unwrap_or_default()
 }
 
 /// Replies a parse error; arity errors use Redis's own wording.

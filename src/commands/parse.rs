@@ -61,7 +61,13 @@ fn shown(word: &[u8]) -> String {
     let mut out: String = word
         .iter()
         .take(32)
-        .map(|&b| if (0x20..0x7f).contains(&b) && b != b'\'' { b as char } else { '?' })
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) && b != b'\'' {
+                b as char
+            } else {
+                '?'
+            }
+        })
         .collect();
     if word.len() > 32 {
         out.push_str("...");
@@ -105,7 +111,10 @@ struct Options<'a, 'b> {
 
 impl<'a, 'b> Options<'a, 'b> {
     fn new(rest: &'b [&'a [u8]]) -> Self {
-        Options { rest: rest.iter(), seen: 0 }
+        Options {
+            rest: rest.iter(),
+            seen: 0,
+        }
     }
 
     fn next_word(&mut self) -> Option<&'a [u8]> {
@@ -113,7 +122,10 @@ impl<'a, 'b> Options<'a, 'b> {
     }
 
     fn value(&mut self, keyword: &'static str) -> Result<&'a [u8], ParseError> {
-        self.rest.next().copied().ok_or(ParseError::Invalid(keyword, "missing value"))
+        self.rest
+            .next()
+            .copied()
+            .ok_or(ParseError::Invalid(keyword, "missing value"))
     }
 
     fn once(&mut self, bit: u32, keyword: &'static str) -> Result<(), ParseError> {
@@ -181,7 +193,11 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
             opts.once(field as u32, field.keyword())?;
             let v = limit_value(field, opts.value(field.keyword())?)?;
             if v as i64 > field.column_max() {
-                return Err(ParseError::OutOfRange(field.keyword(), 0, field.column_max()));
+                return Err(ParseError::OutOfRange(
+                    field.keyword(),
+                    0,
+                    field.column_max(),
+                ));
             }
             req.amounts[field as usize] = Some(v as i64);
             continue;
@@ -192,7 +208,8 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
                 if req.expiry_given {
                     return Err(ParseError::Conflict("EXPIRES_AT", "EXPIRES_IN"));
                 }
-                let at = parse_in_range("EXPIRES_AT", opts.value("EXPIRES_AT")?, 1, MAX_EXPIRES_AT)?;
+                let at =
+                    parse_in_range("EXPIRES_AT", opts.value("EXPIRES_AT")?, 1, MAX_EXPIRES_AT)?;
                 if at.saturating_mul(1000) <= now {
                     return Err(ParseError::Invalid("EXPIRES_AT", "must be in the future"));
                 }
@@ -234,7 +251,10 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
             _ => return Err(ParseError::Unknown(shown(word))),
         }
     }
-    Ok(GrantArgs { account, request: req })
+    Ok(GrantArgs {
+        account,
+        request: req,
+    })
 }
 
 /// `QUOTA.ADMIT <t> <p> <u> <b> [options]`.
@@ -266,7 +286,10 @@ pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>,
     while let Some(word) = opts.next_word() {
         if let Some(field) = LimitField::from_keyword(word) {
             opts.once(field as u32, field.keyword())?;
-            out.base.set(field, Some(limit_value(field, opts.value(field.keyword())?)?));
+            out.base.set(
+                field,
+                Some(limit_value(field, opts.value(field.keyword())?)?),
+            );
             continue;
         }
         match upper(word) {
@@ -320,7 +343,11 @@ pub fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError> {
             return Err(ParseError::Unknown(shown(word)));
         }
     }
-    Ok(CommitArgs { account, tokens, lease })
+    Ok(CommitArgs {
+        account,
+        tokens,
+        lease,
+    })
 }
 
 /// `QUOTA.RELEASE <t> <p> <u> <b> <lease>`.
@@ -344,7 +371,9 @@ pub fn account_only<'a>(args: &[&'a [u8]]) -> Result<AccountId<'a>, ParseError> 
 pub fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseError> {
     match args {
         [_, t, p, u] => Ok((UserId::parse(t, p, u)?, false)),
-        [_, t, p, u, all] if all.eq_ignore_ascii_case(b"ALL") => Ok((UserId::parse(t, p, u)?, true)),
+        [_, t, p, u, all] if all.eq_ignore_ascii_case(b"ALL") => {
+            Ok((UserId::parse(t, p, u)?, true))
+        }
         [_, _, _, _, word] => Err(ParseError::Unknown(shown(word))),
         _ => Err(ParseError::Arity),
     }
@@ -388,8 +417,14 @@ mod tests {
         let a = words("QUOTA.GRANT t p u * add notes hi REQUESTS_PER_DAY 5 tokens_per_day 7 EXPIRES_IN 60 PURCHASE pi_1 AMOUNT 9.5");
         let g = grant(&a, NOW).unwrap();
         assert!(g.request.add);
-        assert_eq!(g.request.amounts[LimitField::RequestsPerDay as usize], Some(5));
-        assert_eq!(g.request.amounts[LimitField::TokensPerDay as usize], Some(7));
+        assert_eq!(
+            g.request.amounts[LimitField::RequestsPerDay as usize],
+            Some(5)
+        );
+        assert_eq!(
+            g.request.amounts[LimitField::TokensPerDay as usize],
+            Some(7)
+        );
         assert_eq!(g.request.expiry, Some(NOW / 1000 + 60));
         assert_eq!(g.request.purchase_id.as_deref(), Some("pi_1"));
         assert_eq!(g.request.amount, Some(Cents(950)));
@@ -399,18 +434,43 @@ mod tests {
     #[test]
     fn grant_errors_name_the_argument() {
         let cases = [
-            ("QUOTA.GRANT t p u * REQUESTS_PER_DAY -1", "ERR REQUESTS_PER_DAY must be a non-negative integer"),
-            ("QUOTA.GRANT t p u * REQUESTS_PER_DAY 2147483648", "ERR REQUESTS_PER_DAY must be between 0 and 2147483647"),
-            ("QUOTA.GRANT t p u * ADD ADD", "ERR option ADD given more than once"),
-            ("QUOTA.GRANT t p u * EXPIRES_IN 5 EXPIRES_AT 99999999999", "ERR EXPIRES_AT and EXPIRES_IN cannot be used together"),
-            ("QUOTA.GRANT t p u * EXPIRES_AT 5", "ERR invalid EXPIRES_AT: must be in the future"),
-            ("QUOTA.GRANT t p u * AMOUNT 1.234", "ERR invalid AMOUNT: must be a decimal from 0 to 99999999.99"),
+            (
+                "QUOTA.GRANT t p u * REQUESTS_PER_DAY -1",
+                "ERR REQUESTS_PER_DAY must be a non-negative integer",
+            ),
+            (
+                "QUOTA.GRANT t p u * REQUESTS_PER_DAY 2147483648",
+                "ERR REQUESTS_PER_DAY must be between 0 and 2147483647",
+            ),
+            (
+                "QUOTA.GRANT t p u * ADD ADD",
+                "ERR option ADD given more than once",
+            ),
+            (
+                "QUOTA.GRANT t p u * EXPIRES_IN 5 EXPIRES_AT 99999999999",
+                "ERR EXPIRES_AT and EXPIRES_IN cannot be used together",
+            ),
+            (
+                "QUOTA.GRANT t p u * EXPIRES_AT 5",
+                "ERR invalid EXPIRES_AT: must be in the future",
+            ),
+            (
+                "QUOTA.GRANT t p u * AMOUNT 1.234",
+                "ERR invalid AMOUNT: must be a decimal from 0 to 99999999.99",
+            ),
             ("QUOTA.GRANT t p u * BOGUS", "ERR unknown option 'BOGUS'"),
-            ("QUOTA.GRANT t p u * TOKENS_PER_DAY", "ERR invalid TOKENS_PER_DAY: missing value"),
+            (
+                "QUOTA.GRANT t p u * TOKENS_PER_DAY",
+                "ERR invalid TOKENS_PER_DAY: missing value",
+            ),
             ("QUOTA.GRANT t p u", "ERR wrong number of arguments"),
         ];
         for (cmd, err) in cases {
-            assert_eq!(grant(&words(cmd), NOW).unwrap_err().to_string(), err, "{cmd}");
+            assert_eq!(
+                grant(&words(cmd), NOW).unwrap_err().to_string(),
+                err,
+                "{cmd}"
+            );
         }
         let mut big = words("QUOTA.GRANT t p u * TOKENS_PER_DAY");
         big.push(b"9223372036854775808");
@@ -426,9 +486,14 @@ mod tests {
         assert_eq!(a.base.get(LimitField::RequestsPerDay), Some(10));
         assert_eq!(a.base.get(LimitField::MaxConcurrent), Some(2));
         assert_eq!(a.base.get(LimitField::TokensPerDay), None);
-        assert_eq!((a.lease, a.lease_ttl, a.reserve, a.peek, a.verbose), (Some("l1"), Some(30), Some(100), true, true));
         assert_eq!(
-            admit(&words("QUOTA.ADMIT t p u b LEASE_TTL 0"), 86_400).unwrap_err().to_string(),
+            (a.lease, a.lease_ttl, a.reserve, a.peek, a.verbose),
+            (Some("l1"), Some(30), Some(100), true, true)
+        );
+        assert_eq!(
+            admit(&words("QUOTA.ADMIT t p u b LEASE_TTL 0"), 86_400)
+                .unwrap_err()
+                .to_string(),
             "ERR LEASE_TTL must be between 1 and 86400"
         );
         assert!(admit(&words("QUOTA.ADMIT t p u b PEEK peek"), 86_400).is_err());
@@ -450,7 +515,10 @@ mod tests {
     #[test]
     fn unknown_words_are_shown_safely() {
         let bad: Vec<&[u8]> = vec![b"QUOTA.ADMIT", b"t", b"p", b"u", b"b", b"\r\n\0'x"];
-        assert_eq!(admit(&bad, 10).unwrap_err().to_string(), "ERR unknown option '????x'");
+        assert_eq!(
+            admit(&bad, 10).unwrap_err().to_string(),
+            "ERR unknown option '????x'"
+        );
     }
 
     proptest! {

@@ -35,7 +35,10 @@ impl Counter {
 
     fn add(&mut self, index: i64, n: u64) {
         if self.window != index {
-            *self = Counter { window: index, value: 0 };
+            *self = Counter {
+                window: index,
+                value: 0,
+            };
         }
         self.value = self.value.saturating_add(n);
     }
@@ -191,7 +194,9 @@ impl Account {
 
     /// Tokens reserved by live leases.
     pub fn reserved(&self) -> u64 {
-        self.leases.iter().fold(0u64, |sum, l| sum.saturating_add(l.reserved))
+        self.leases
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.reserved))
     }
 
     /// How much of a limited field is used at `now` (tokens: committed plus reserved).
@@ -261,7 +266,11 @@ impl Account {
         let reserved = self.reserved();
         fields
             .iter()
-            .filter_map(|f| limits.get(*f).map(|l| l.saturating_sub(self.used(*f, now, reserved))))
+            .filter_map(|f| {
+                limits
+                    .get(*f)
+                    .map(|l| l.saturating_sub(self.used(*f, now, reserved)))
+            })
             .min()
             .map_or(-1, |left| i64::try_from(left).unwrap_or(i64::MAX))
     }
@@ -326,10 +335,18 @@ impl Account {
         self.req_total = self.req_total.saturating_add(1);
         if wants_lease {
             let want = req.reserve.unwrap_or(0);
-            let grant = [LimitField::TokensPerHour, LimitField::TokensPerDay, LimitField::TokensPerMonth]
-                .iter()
-                .filter_map(|f| limits.get(*f).map(|l| l.saturating_sub(self.used(*f, &now, reserved))))
-                .fold(want, u64::min);
+            let grant = [
+                LimitField::TokensPerHour,
+                LimitField::TokensPerDay,
+                LimitField::TokensPerMonth,
+            ]
+            .iter()
+            .filter_map(|f| {
+                limits
+                    .get(*f)
+                    .map(|l| l.saturating_sub(self.used(*f, &now, reserved)))
+            })
+            .fold(want, u64::min);
             let id: Box<str> = match req.lease {
                 Some(id) => id.into(),
                 None => new_lease_id().into_boxed_str(),
@@ -353,12 +370,20 @@ impl Account {
         decision.remaining_requests = self.remaining(
             limits,
             now,
-            &[LimitField::RequestsPerDay, LimitField::RequestsPerMonth, LimitField::TotalRequests],
+            &[
+                LimitField::RequestsPerDay,
+                LimitField::RequestsPerMonth,
+                LimitField::TotalRequests,
+            ],
         );
         decision.remaining_tokens = self.remaining(
             limits,
             now,
-            &[LimitField::TokensPerHour, LimitField::TokensPerDay, LimitField::TokensPerMonth],
+            &[
+                LimitField::TokensPerHour,
+                LimitField::TokensPerDay,
+                LimitField::TokensPerMonth,
+            ],
         );
     }
 
@@ -370,7 +395,10 @@ impl Account {
         let mut lease_held = false;
         if let Some(id) = lease {
             if self.settled.iter().any(|(s, _)| &**s == id) {
-                return CommitOutcome { duplicate: true, lease_held: false };
+                return CommitOutcome {
+                    duplicate: true,
+                    lease_held: false,
+                };
             }
             let mut until = now_ms.saturating_add(SETTLED_MIN_MS);
             if let Some(pos) = self.leases.iter().position(|l| &*l.id == id) {
@@ -388,7 +416,10 @@ impl Account {
         self.tok_hour.add(now.hour, tokens);
         self.tok_day.add(now.day, tokens);
         self.tok_month.add(now.month, tokens);
-        CommitOutcome { duplicate: false, lease_held }
+        CommitOutcome {
+            duplicate: false,
+            lease_held,
+        }
     }
 
     /// Undoes an admission: frees the lease, drops its reservation and refunds the request in
@@ -409,8 +440,9 @@ impl Account {
     pub fn usage(&self, now_ms: Millis) -> Usage {
         let now = Now::at(now_ms);
         let live = self.leases.iter().filter(|l| l.expires_at > now_ms);
-        let (in_flight, reserved) =
-            live.fold((0u64, 0u64), |(n, r), l| (n + 1, r.saturating_add(l.reserved)));
+        let (in_flight, reserved) = live.fold((0u64, 0u64), |(n, r), l| {
+            (n + 1, r.saturating_add(l.reserved))
+        });
         Usage {
             req_day: self.req_day.get(now.day),
             req_month: self.req_month.get(now.month),
@@ -460,7 +492,13 @@ impl Account {
         let mut w = Vec::with_capacity(64 + self.leases.len() * 40);
         w.push(ENCODING_VERSION);
         w.push(u8::from(self.lifetime));
-        for c in [&self.req_day, &self.req_month, &self.tok_hour, &self.tok_day, &self.tok_month] {
+        for c in [
+            &self.req_day,
+            &self.req_month,
+            &self.tok_hour,
+            &self.tok_day,
+            &self.tok_month,
+        ] {
             put_i64(&mut w, c.window);
             put_u64(&mut w, c.value);
         }
@@ -494,10 +532,15 @@ impl Account {
         };
         let mut counters = [Counter::default(); 5];
         for c in counters.iter_mut() {
-            *c = Counter { window: r.i64()?, value: r.u64()? };
+            *c = Counter {
+                window: r.i64()?,
+                value: r.u64()?,
+            };
         }
         let req_total = r.u64()?;
-        let n = usize::try_from(r.u64()?).ok().filter(|n| *n <= MAX_LEASES)?;
+        let n = usize::try_from(r.u64()?)
+            .ok()
+            .filter(|n| *n <= MAX_LEASES)?;
         let mut leases = Vec::with_capacity(n);
         for _ in 0..n {
             leases.push(Lease {
@@ -508,7 +551,9 @@ impl Account {
                 month: r.i64()?,
             });
         }
-        let n = usize::try_from(r.u64()?).ok().filter(|n| *n <= MAX_SETTLED)?;
+        let n = usize::try_from(r.u64()?)
+            .ok()
+            .filter(|n| *n <= MAX_SETTLED)?;
         let mut settled = Vec::with_capacity(n);
         for _ in 0..n {
             settled.push((r.str()?, r.i64()?));
@@ -614,13 +659,26 @@ mod tests {
     }
 
     fn plain() -> AdmitRequest<'static> {
-        AdmitRequest { lease: None, lease_ttl_ms: 300_000, reserve: None, peek: false }
+        AdmitRequest {
+            lease: None,
+            lease_ttl_ms: 300_000,
+            reserve: None,
+            peek: false,
+        }
     }
 
-    fn admit(acc: &mut Account, p: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis) -> AdmitDecision {
+    fn admit(
+        acc: &mut Account,
+        p: &EffectivePolicy,
+        req: &AdmitRequest<'_>,
+        now: Millis,
+    ) -> AdmitDecision {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         acc.admit(p, req, now, || {
-            format!("gen{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            format!(
+                "gen{}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
         })
         .unwrap()
     }
@@ -645,7 +703,10 @@ mod tests {
 
     #[test]
     fn several_violations_join_and_total_never_resets() {
-        let p = policy(&[(LimitField::RequestsPerDay, 1), (LimitField::TotalRequests, 1)]);
+        let p = policy(&[
+            (LimitField::RequestsPerDay, 1),
+            (LimitField::TotalRequests, 1),
+        ]);
         let mut acc = Account::default();
         assert!(admit(&mut acc, &p, &plain(), T0).allowed);
         let d = admit(&mut acc, &p, &plain(), T0);
@@ -682,15 +743,27 @@ mod tests {
         assert_eq!(c.retry_after, 300);
         // A lease expires: the slot frees.
         assert!(admit(&mut acc, &p, &plain(), T0 + 300_000).allowed);
-        let p2 = policy(&[(LimitField::MaxConcurrent, 0), (LimitField::RequestsPerDay, 0)]);
-        assert_eq!(admit(&mut acc, &p2, &plain(), T0).reason(), "requests_per_day");
+        let p2 = policy(&[
+            (LimitField::MaxConcurrent, 0),
+            (LimitField::RequestsPerDay, 0),
+        ]);
+        assert_eq!(
+            admit(&mut acc, &p2, &plain(), T0).reason(),
+            "requests_per_day"
+        );
     }
 
     #[test]
     fn readmitting_a_held_lease_counts_nothing() {
-        let p = policy(&[(LimitField::MaxConcurrent, 1), (LimitField::RequestsPerDay, 10)]);
+        let p = policy(&[
+            (LimitField::MaxConcurrent, 1),
+            (LimitField::RequestsPerDay, 10),
+        ]);
         let mut acc = Account::default();
-        let req = AdmitRequest { lease: Some("L1"), ..plain() };
+        let req = AdmitRequest {
+            lease: Some("L1"),
+            ..plain()
+        };
         let a = admit(&mut acc, &p, &req, T0);
         let b = admit(&mut acc, &p, &req, T0);
         assert!(a.allowed && b.allowed);
@@ -702,9 +775,15 @@ mod tests {
 
     #[test]
     fn reservations_cap_at_what_is_left_and_settle_on_commit() {
-        let p = policy(&[(LimitField::TokensPerDay, 1000), (LimitField::TokensPerHour, 600)]);
+        let p = policy(&[
+            (LimitField::TokensPerDay, 1000),
+            (LimitField::TokensPerHour, 600),
+        ]);
         let mut acc = Account::default();
-        let r = AdmitRequest { reserve: Some(500), ..plain() };
+        let r = AdmitRequest {
+            reserve: Some(500),
+            ..plain()
+        };
         let a = admit(&mut acc, &p, &r, T0);
         assert_eq!(a.reserved, 500);
         assert_eq!(a.remaining_tokens, 100);
@@ -725,14 +804,25 @@ mod tests {
     fn release_refunds_the_request_only_in_its_own_windows() {
         let p = policy(&[(LimitField::RequestsPerDay, 5)]);
         let mut acc = Account::default();
-        let r = AdmitRequest { lease: Some("x"), ..plain() };
+        let r = AdmitRequest {
+            lease: Some("x"),
+            ..plain()
+        };
         admit(&mut acc, &p, &r, T0);
         assert_eq!(acc.usage(T0).req_day, 1);
         assert!(acc.release("x", T0));
         assert!(!acc.release("x", T0));
         assert_eq!(acc.usage(T0).req_day, 0);
         assert_eq!(acc.req_total, 0);
-        admit(&mut acc, &p, &AdmitRequest { lease_ttl_ms: 3 * 86_400_000, ..r }, T0);
+        admit(
+            &mut acc,
+            &p,
+            &AdmitRequest {
+                lease_ttl_ms: 3 * 86_400_000,
+                ..r
+            },
+            T0,
+        );
         let next_day = Window::Day.end(T0) + 10;
         admit(&mut acc, &p, &plain(), next_day);
         assert!(acc.release("x", next_day));
@@ -741,9 +831,20 @@ mod tests {
 
     #[test]
     fn peek_changes_nothing() {
-        let p = policy(&[(LimitField::RequestsPerDay, 1), (LimitField::MaxConcurrent, 1)]);
+        let p = policy(&[
+            (LimitField::RequestsPerDay, 1),
+            (LimitField::MaxConcurrent, 1),
+        ]);
         let mut acc = Account::default();
-        let d = admit(&mut acc, &p, &AdmitRequest { peek: true, ..plain() }, T0);
+        let d = admit(
+            &mut acc,
+            &p,
+            &AdmitRequest {
+                peek: true,
+                ..plain()
+            },
+            T0,
+        );
         assert!(d.allowed && d.lease.is_none());
         assert_eq!(acc, Account::default());
     }
@@ -763,9 +864,21 @@ mod tests {
 
     #[test]
     fn encoding_round_trips_and_rejects_garbage() {
-        let p = policy(&[(LimitField::MaxConcurrent, 5), (LimitField::TokensPerDay, 100)]);
+        let p = policy(&[
+            (LimitField::MaxConcurrent, 5),
+            (LimitField::TokensPerDay, 100),
+        ]);
         let mut acc = Account::default();
-        admit(&mut acc, &p, &AdmitRequest { reserve: Some(7), lease: Some("é-lease"), ..plain() }, T0);
+        admit(
+            &mut acc,
+            &p,
+            &AdmitRequest {
+                reserve: Some(7),
+                lease: Some("é-lease"),
+                ..plain()
+            },
+            T0,
+        );
         admit(&mut acc, &p, &plain(), T0);
         acc.commit(3, Some("other"), T0);
         let bytes = acc.encode();

@@ -47,7 +47,10 @@ pub enum Lookup<'a> {
     Fresh(&'a [Replenishment]),
     /// Rows past their TTL; `refresh` is `Some(flight)` when the caller must start the one
     /// background refresh (and later `complete` it).
-    Stale { rows: &'a [Replenishment], refresh: Option<u64> },
+    Stale {
+        rows: &'a [Replenishment],
+        refresh: Option<u64>,
+    },
     /// Nothing known yet: `load` is `Some(flight)` when the caller must start the load. Either
     /// way the caller may wait on the flight with `add_waiter`.
     Miss { load: Option<u64> },
@@ -131,7 +134,11 @@ impl<W> CreditCache<W> {
     fn new_flight(&mut self) -> Flight<W> {
         let id = self.next_flight;
         self.next_flight += 1;
-        Flight { id, waiters: Vec::new(), dirty: false }
+        Flight {
+            id,
+            waiters: Vec::new(),
+            dirty: false,
+        }
     }
 
     /// Looks a user up, starting a load or a background refresh when one is due.
@@ -140,8 +147,13 @@ impl<W> CreditCache<W> {
             self.stats.misses += 1;
             let flight = self.new_flight();
             let id = flight.id;
-            let entry =
-                Entry { credits: None, fresh_until: 0, retry_at: 0, last_used: now, flight: Some(flight) };
+            let entry = Entry {
+                credits: None,
+                fresh_until: 0,
+                retry_at: 0,
+                last_used: now,
+                flight: Some(flight),
+            };
             self.insert(key, entry);
             return Lookup::Miss { load: Some(id) };
         };
@@ -153,7 +165,11 @@ impl<W> CreditCache<W> {
             ),
             None => return Lookup::Unavailable,
         };
-        let flight = if due && !(fresh && known) { Some(self.new_flight()) } else { None };
+        let flight = if due && !(fresh && known) {
+            Some(self.new_flight())
+        } else {
+            None
+        };
         let started = flight.as_ref().map(|f| f.id);
         match (known, fresh, started.is_some()) {
             (true, true, _) => self.stats.hits += 1,
@@ -169,7 +185,10 @@ impl<W> CreditCache<W> {
         }
         match &entry.credits {
             Some(rows) if fresh => Lookup::Fresh(rows),
-            Some(rows) => Lookup::Stale { rows, refresh: started },
+            Some(rows) => Lookup::Stale {
+                rows,
+                refresh: started,
+            },
             None if started.is_some() || entry.flight.is_some() => Lookup::Miss { load: started },
             None => Lookup::Unavailable,
         }
@@ -221,8 +240,16 @@ impl<W> CreditCache<W> {
         match outcome {
             Ok(rows) => {
                 if !(mine.dirty && entry.credits.is_some()) {
-                    let ttl = if rows.is_empty() { config.negative_ttl_ms } else { config.ttl_ms };
-                    entry.fresh_until = if mine.dirty { now } else { now.saturating_add(ttl) };
+                    let ttl = if rows.is_empty() {
+                        config.negative_ttl_ms
+                    } else {
+                        config.ttl_ms
+                    };
+                    entry.fresh_until = if mine.dirty {
+                        now
+                    } else {
+                        now.saturating_add(ttl)
+                    };
                     entry.credits = Some(rows);
                 }
                 entry.retry_at = 0;
@@ -234,7 +261,11 @@ impl<W> CreditCache<W> {
 
     /// Write-through: the user's rows as just committed.
     pub fn put(&mut self, key: &[u8], rows: UserCredits, now: Millis) {
-        let ttl = if rows.is_empty() { self.config.negative_ttl_ms } else { self.config.ttl_ms };
+        let ttl = if rows.is_empty() {
+            self.config.negative_ttl_ms
+        } else {
+            self.config.ttl_ms
+        };
         let credits = Some(rows);
         if let Some(entry) = self.map.get_mut(key) {
             entry.credits = credits;
@@ -335,7 +366,10 @@ impl<W> CreditCache<W> {
             }
         }
         let victim = victim.or_else(|| {
-            self.map.values().position(|e| e.flight.is_none()).map(|i| (i, 0))
+            self.map
+                .values()
+                .position(|e| e.flight.is_none())
+                .map(|i| (i, 0))
         });
         match victim {
             Some((i, _)) => {
@@ -354,7 +388,12 @@ mod tests {
     use crate::core::policy::Additional;
 
     fn cfg(max: usize) -> CacheConfig {
-        CacheConfig { ttl_ms: 1000, negative_ttl_ms: 100, max_entries: max, retry_ms: 500 }
+        CacheConfig {
+            ttl_ms: 1000,
+            negative_ttl_ms: 100,
+            max_entries: max,
+            retry_ms: 500,
+        }
     }
 
     fn rows(bundle: &str) -> UserCredits {
@@ -373,7 +412,9 @@ mod tests {
 
     fn bundle_of(l: Lookup<'_>) -> Option<String> {
         match l {
-            Lookup::Fresh(r) | Lookup::Stale { rows: r, .. } => r.first().map(|r| r.bundle_id.clone()),
+            Lookup::Fresh(r) | Lookup::Stale { rows: r, .. } => {
+                r.first().map(|r| r.bundle_id.clone())
+            }
             _ => None,
         }
     }
@@ -381,7 +422,9 @@ mod tests {
     #[test]
     fn miss_loads_once_and_answers_every_waiter() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
+            panic!()
+        };
         c.add_waiter(b"u", 1).unwrap();
         assert!(matches!(c.lookup(b"u", 1), Lookup::Miss { load: None }));
         c.add_waiter(b"u", 2).unwrap();
@@ -395,18 +438,37 @@ mod tests {
     fn stale_entries_are_served_while_one_refresh_runs() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
         c.put(b"u", rows("a"), 0);
-        let Lookup::Stale { refresh: Some(f), .. } = c.lookup(b"u", 1000) else { panic!() };
-        assert!(matches!(c.lookup(b"u", 1001), Lookup::Stale { refresh: None, .. }));
+        let Lookup::Stale {
+            refresh: Some(f), ..
+        } = c.lookup(b"u", 1000)
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            c.lookup(b"u", 1001),
+            Lookup::Stale { refresh: None, .. }
+        ));
         // The refresh fails: rows are kept, no new refresh until retry_ms has passed.
         assert!(c.complete(b"u", f, Err(()), 1002).is_empty());
-        assert!(matches!(c.lookup(b"u", 1100), Lookup::Stale { refresh: None, .. }));
-        assert!(matches!(c.lookup(b"u", 1502), Lookup::Stale { refresh: Some(_), .. }));
+        assert!(matches!(
+            c.lookup(b"u", 1100),
+            Lookup::Stale { refresh: None, .. }
+        ));
+        assert!(matches!(
+            c.lookup(b"u", 1502),
+            Lookup::Stale {
+                refresh: Some(_),
+                ..
+            }
+        ));
     }
 
     #[test]
     fn negative_entries_use_the_negative_ttl() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
+            panic!()
+        };
         c.complete(b"u", f, Ok(Arc::new(vec![])), 0);
         assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r) if r.is_empty()));
         assert!(matches!(c.lookup(b"u", 100), Lookup::Stale { .. }));
@@ -415,17 +477,24 @@ mod tests {
     #[test]
     fn failed_first_load_makes_the_user_unavailable_for_a_while() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
+            panic!()
+        };
         c.add_waiter(b"u", 7).unwrap();
         assert_eq!(c.complete(b"u", f, Err(()), 10), vec![7]);
         assert!(matches!(c.lookup(b"u", 11), Lookup::Unavailable));
-        assert!(matches!(c.lookup(b"u", 510), Lookup::Miss { load: Some(_) }));
+        assert!(matches!(
+            c.lookup(b"u", 510),
+            Lookup::Miss { load: Some(_) }
+        ));
     }
 
     #[test]
     fn write_through_beats_an_older_load_in_flight() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
+            panic!()
+        };
         c.put(b"u", rows("new"), 1);
         c.complete(b"u", f, Ok(rows("old")), 2);
         assert_eq!(bundle_of(c.lookup(b"u", 3)), Some("new".into()));
@@ -434,24 +503,37 @@ mod tests {
     #[test]
     fn invalidation_during_a_load_leaves_its_result_stale() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
+            panic!()
+        };
         assert!(c.invalidate(b"u"));
         c.complete(b"u", f, Ok(rows("x")), 2);
-        assert!(matches!(c.lookup(b"u", 3), Lookup::Stale { refresh: Some(_), .. }));
+        assert!(matches!(
+            c.lookup(b"u", 3),
+            Lookup::Stale {
+                refresh: Some(_),
+                ..
+            }
+        ));
         assert!(!c.invalidate(b"none"));
     }
 
     #[test]
     fn bounded_size_evicts_but_never_a_user_with_waiters() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(3));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"loading", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"loading", 0) else {
+            panic!()
+        };
         c.add_waiter(b"loading", 9).unwrap();
         for i in 0..50u32 {
             c.put(format!("u{i}").as_bytes(), rows("*"), i64::from(i) + 1);
             assert!(c.len() <= 3);
         }
         assert!(c.stats().evictions >= 47);
-        assert_eq!(c.complete(b"loading", f, Ok(Arc::new(vec![])), 100), vec![9]);
+        assert_eq!(
+            c.complete(b"loading", f, Ok(Arc::new(vec![])), 100),
+            vec![9]
+        );
         c.set_config(cfg(1));
         assert_eq!(c.len(), 1);
     }
@@ -459,7 +541,9 @@ mod tests {
     #[test]
     fn abort_returns_waiters_and_forgets_the_entry() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(3));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
+            panic!()
+        };
         c.add_waiter(b"u", 1).unwrap();
         assert_eq!(c.abort_flight(b"u", f), vec![1]);
         assert!(c.is_empty());
@@ -470,7 +554,9 @@ mod tests {
     fn clear_keeps_loads_in_flight() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
         c.put(b"a", rows("*"), 0);
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"b", 0) else { panic!() };
+        let Lookup::Miss { load: Some(f) } = c.lookup(b"b", 0) else {
+            panic!()
+        };
         c.add_waiter(b"b", 1).unwrap();
         c.clear();
         assert_eq!(c.len(), 1);

@@ -28,7 +28,10 @@ pub struct Replenishment {
 impl Replenishment {
     /// Active and not expired at `now`.
     pub fn is_live(&self, now: Millis) -> bool {
-        self.active && self.expires_at.is_none_or(|at| at.saturating_mul(1000) > now)
+        self.active
+            && self
+                .expires_at
+                .is_none_or(|at| at.saturating_mul(1000) > now)
     }
 }
 
@@ -69,7 +72,11 @@ pub fn select_credit<'a>(
 ) -> Option<(&'a Replenishment, CreditSource)> {
     let live = |id: &str| rows.iter().find(|r| r.bundle_id == id && r.is_live(now));
     if let Some(row) = live(bundle) {
-        let source = if bundle == ANY_BUNDLE { CreditSource::Global } else { CreditSource::Bundle };
+        let source = if bundle == ANY_BUNDLE {
+            CreditSource::Global
+        } else {
+            CreditSource::Bundle
+        };
         return Some((row, source));
     }
     live(ANY_BUNDLE).map(|row| (row, CreditSource::Global))
@@ -99,7 +106,11 @@ impl Cents {
             return None;
         }
         let whole: i64 = whole.parse().ok()?;
-        let mut frac_cents: i64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+        let mut frac_cents: i64 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse().ok()?
+        };
         if frac.len() == 1 {
             frac_cents *= 10;
         }
@@ -108,7 +119,10 @@ impl Cents {
 
     /// Adds, refusing amounts the column cannot hold.
     pub fn checked_add(self, other: Cents) -> Option<Cents> {
-        self.0.checked_add(other.0).filter(|c| *c <= MAX_CENTS).map(Cents)
+        self.0
+            .checked_add(other.0)
+            .filter(|c| *c <= MAX_CENTS)
+            .map(Cents)
     }
 }
 
@@ -204,7 +218,11 @@ impl GrantRequest {
                 additional.0[field as usize] = Some(sum);
             }
         }
-        let expires_at = if self.expiry_given { self.expiry } else { base.and_then(|r| r.expires_at) };
+        let expires_at = if self.expiry_given {
+            self.expiry
+        } else {
+            base.and_then(|r| r.expires_at)
+        };
         let current_amount = base
             .and_then(|r| r.purchase_amount_usd.as_deref())
             .and_then(Cents::parse);
@@ -215,9 +233,15 @@ impl GrantRequest {
         Ok(GrantValues {
             additional,
             expires_at,
-            purchase_id: self.purchase_id.clone().or_else(|| base.and_then(|r| r.purchase_id.clone())),
+            purchase_id: self
+                .purchase_id
+                .clone()
+                .or_else(|| base.and_then(|r| r.purchase_id.clone())),
             purchase_amount,
-            purchase_notes: self.notes.clone().or_else(|| base.and_then(|r| r.purchase_notes.clone())),
+            purchase_notes: self
+                .notes
+                .clone()
+                .or_else(|| base.and_then(|r| r.purchase_notes.clone())),
         })
     }
 }
@@ -271,7 +295,17 @@ mod tests {
         assert_eq!(Cents::parse("10.5").unwrap().to_string(), "10.50");
         assert_eq!(Cents::parse("0.07").unwrap(), Cents(7));
         assert_eq!(Cents::parse("99999999.99"), Some(Cents(MAX_CENTS)));
-        for bad in ["", ".5", "1.", "1.234", "-1", "1e3", "123456789", "1,5", " 1"] {
+        for bad in [
+            "",
+            ".5",
+            "1.",
+            "1.234",
+            "-1",
+            "1e3",
+            "123456789",
+            "1,5",
+            " 1",
+        ] {
             assert_eq!(Cents::parse(bad), None, "{bad}");
         }
         assert!(Cents(MAX_CENTS).checked_add(Cents(1)).is_none());
@@ -290,7 +324,10 @@ mod tests {
 
     #[test]
     fn add_tops_up_a_live_row_and_restarts_a_dead_one() {
-        let mut req = GrantRequest { add: true, ..Default::default() };
+        let mut req = GrantRequest {
+            add: true,
+            ..Default::default()
+        };
         req.amounts[LimitField::RequestsPerDay as usize] = Some(5);
         req.amount = Some(Cents(250));
         let mut live = row("*", 7, Some(NOW / 1000 + 100), true);
@@ -312,7 +349,10 @@ mod tests {
 
     #[test]
     fn add_refuses_to_overflow_an_int_column() {
-        let mut req = GrantRequest { add: true, ..Default::default() };
+        let mut req = GrantRequest {
+            add: true,
+            ..Default::default()
+        };
         req.amounts[LimitField::RequestsPerDay as usize] = Some(i64::from(i32::MAX));
         let live = row("*", 1, None, true);
         assert_eq!(

@@ -22,7 +22,9 @@ pub enum IdError {
 impl fmt::Display for IdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            IdError::Length(what) => write!(f, "ERR invalid {what}: must be 1 to {MAX_ID_LEN} bytes"),
+            IdError::Length(what) => {
+                write!(f, "ERR invalid {what}: must be 1 to {MAX_ID_LEN} bytes")
+            }
             IdError::Encoding(what) => {
                 write!(f, "ERR invalid {what}: must be UTF-8 without NUL bytes")
             }
@@ -91,7 +93,10 @@ impl<'a> UserId<'a> {
     /// prefix of every account key of the user.
     pub fn key(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            16 + hash_tag(self.user).len() + self.tenant.len() + self.project.len() + self.user.len(),
+            16 + hash_tag(self.user).len()
+                + self.tenant.len()
+                + self.project.len()
+                + self.user.len(),
         );
         self.write_key(&mut out);
         out

@@ -4,8 +4,6 @@
 //! Nothing in here knows Redis or PostgreSQL, and nothing reads the clock: every function that
 //! depends on time takes `now` as an argument. The shells (`commands`, `store`, `worker`) call in.
 
-
-
 pub mod account;
 pub mod cache;
 pub mod credit;

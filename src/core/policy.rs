@@ -115,9 +115,13 @@ impl Limits {
 
     /// Whether any token window is limited.
     pub fn limits_tokens(&self) -> bool {
-        [LimitField::TokensPerHour, LimitField::TokensPerDay, LimitField::TokensPerMonth]
-            .iter()
-            .any(|f| self.get(*f).is_some())
+        [
+            LimitField::TokensPerHour,
+            LimitField::TokensPerDay,
+            LimitField::TokensPerMonth,
+        ]
+        .iter()
+        .any(|f| self.get(*f).is_some())
     }
 }
 
@@ -187,8 +191,14 @@ mod tests {
 
     #[test]
     fn keywords_are_case_insensitive() {
-        assert_eq!(LimitField::from_keyword(b"tokens_per_day"), Some(LimitField::TokensPerDay));
-        assert_eq!(LimitField::from_keyword(b"MAX_CONCURRENT"), Some(LimitField::MaxConcurrent));
+        assert_eq!(
+            LimitField::from_keyword(b"tokens_per_day"),
+            Some(LimitField::TokensPerDay)
+        );
+        assert_eq!(
+            LimitField::from_keyword(b"MAX_CONCURRENT"),
+            Some(LimitField::MaxConcurrent)
+        );
         assert_eq!(LimitField::from_keyword(b"LEASE"), None);
     }
 }

@@ -103,27 +103,51 @@ mod tests {
         let last = ms(2026, 11, 28, 23, 59, 59) + 999;
         assert_eq!(Window::Day.index(last) + 1, Window::Day.index(last + 1));
         assert_eq!(Window::Day.end(last), last + 1);
-        assert_eq!(seconds_until(ms(2026, 11, 28, 23, 59, 0), Window::Day.end(last)), 60);
+        assert_eq!(
+            seconds_until(ms(2026, 11, 28, 23, 59, 0), Window::Day.end(last)),
+            60
+        );
     }
 
     #[test]
     fn month_ends_on_its_last_second() {
         let last_second = ms(2026, 1, 31, 23, 59, 59);
         assert_eq!(Window::Month.end(last_second), ms(2026, 2, 1, 0, 0, 0));
-        assert_eq!(seconds_until(last_second, Window::Month.end(last_second)), 1);
-        assert_eq!(Window::Month.index(last_second) + 1, Window::Month.index(last_second + 1000));
+        assert_eq!(
+            seconds_until(last_second, Window::Month.end(last_second)),
+            1
+        );
+        assert_eq!(
+            Window::Month.index(last_second) + 1,
+            Window::Month.index(last_second + 1000)
+        );
         // December rolls into the next year.
-        assert_eq!(Window::Month.end(ms(2026, 12, 15, 0, 0, 0)), ms(2027, 1, 1, 0, 0, 0));
+        assert_eq!(
+            Window::Month.end(ms(2026, 12, 15, 0, 0, 0)),
+            ms(2027, 1, 1, 0, 0, 0)
+        );
     }
 
     #[test]
     fn leap_years_have_their_29th_of_february() {
-        assert_eq!(Window::Month.end(ms(2028, 2, 10, 0, 0, 0)), ms(2028, 3, 1, 0, 0, 0));
+        assert_eq!(
+            Window::Month.end(ms(2028, 2, 10, 0, 0, 0)),
+            ms(2028, 3, 1, 0, 0, 0)
+        );
         assert_eq!(civil_from_days(days_from_civil(2028, 2, 29)), (2028, 2, 29));
         // 2100 is not a leap year, 2000 was.
-        assert_eq!(Window::Month.end(ms(2100, 2, 10, 0, 0, 0)), ms(2100, 3, 1, 0, 0, 0));
-        assert_eq!(days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 1), 28);
-        assert_eq!(days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 1), 29);
+        assert_eq!(
+            Window::Month.end(ms(2100, 2, 10, 0, 0, 0)),
+            ms(2100, 3, 1, 0, 0, 0)
+        );
+        assert_eq!(
+            days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 1),
+            28
+        );
+        assert_eq!(
+            days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 1),
+            29
+        );
     }
 
     #[test]

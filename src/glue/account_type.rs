@@ -62,7 +62,11 @@ pub struct AccountKey {
 impl AccountKey {
     /// Opens the key `name` for reading and writing; refuses keys of other types.
     pub fn open(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
-        Self::open_mode(ctx, name, (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int)
+        Self::open_mode(
+            ctx,
+            name,
+            (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int,
+        )
     }
 
     /// Opens the key `name` for reading only.

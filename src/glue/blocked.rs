@@ -27,7 +27,13 @@ impl Blocked {
     pub fn block(ctx: *mut raw::RedisModuleCtx, timeout_ms: i64) -> Option<Blocked> {
         let bc = unsafe {
             let f = raw::RedisModule_BlockClient?;
-            f(ctx, Some(on_reply), Some(on_timeout), Some(free_done), timeout_ms.max(1))
+            f(
+                ctx,
+                Some(on_reply),
+                Some(on_timeout),
+                Some(free_done),
+                timeout_ms.max(1),
+            )
         };
         if bc.is_null() {
             None

@@ -116,7 +116,13 @@ impl Reply {
     pub fn error(self, text: &str) -> Self {
         let clean: String = text
             .chars()
-            .map(|c| if c == '\r' || c == '\n' || c == '\0' { ' ' } else { c })
+            .map(|c| {
+                if c == '\r' || c == '\n' || c == '\0' {
+                    ' '
+                } else {
+                    c
+                }
+            })
             .collect();
         if let Ok(c) = CString::new(clean) {
             unsafe {

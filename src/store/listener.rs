@@ -39,6 +39,9 @@ pub enum ListenerEvent {
         tenant: String,
         project: String,
         user: String,
+        /// Sent by one of this process's own pool connections (a write this node made and
+        /// already wrote through to its cache).
+        own: bool,
     },
     /// Listening (again). Notifications may have been missed while disconnected, so the owner
     /// should treat every cached entry as stale.
@@ -127,6 +130,7 @@ pub(crate) fn parse_payload(text: &str) -> Option<ListenerEvent> {
         tenant: p.tenant,
         project: p.project,
         user: p.user_id,
+        own: false,
     })
 }
 
@@ -226,7 +230,10 @@ fn session(
         match next {
             Ok(Some(note)) => {
                 last_heard = Instant::now();
-                if let Some(event) = parse_payload(note.payload()) {
+                if let Some(mut event) = parse_payload(note.payload()) {
+                    if let ListenerEvent::Changed { own, .. } = &mut event {
+                        *own = super::is_own_backend(note.process_id());
+                    }
                     emit(on_event, event);
                 }
             }
@@ -260,7 +267,8 @@ mod tests {
             Some(ListenerEvent::Changed {
                 tenant: "t".into(),
                 project: "p\"q".into(),
-                user: "ü".into()
+                user: "ü".into(),
+                own: false,
             })
         );
         assert_eq!(parse_payload("hello"), None);

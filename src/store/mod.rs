@@ -22,6 +22,30 @@ use crate::core::ids::UserId;
 use crate::core::Millis;
 
 pub use listener::{Listener, ListenerEvent};
+
+/// Backend process ids of this process's pool connections (bounded: cleared when it grows
+/// past a few thousand, which only costs a few extra cache refreshes).
+static OWN_BACKENDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+const OWN_BACKENDS_MAX: usize = 4096;
+
+fn remember_own_backend(pid: i32) {
+    if let Ok(mut pids) = OWN_BACKENDS.lock() {
+        if pids.len() >= OWN_BACKENDS_MAX {
+            pids.clear();
+        }
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+}
+
+/// Whether a notification came from one of this process's own pool connections.
+pub fn is_own_backend(pid: i32) -> bool {
+    OWN_BACKENDS
+        .lock()
+        .map(|pids| pids.contains(&pid))
+        .unwrap_or(false)
+}
 pub use schema::{validate_schema, MAX_SCHEMA_LEN};
 
 /// How to reach PostgreSQL (from the `quota.*` module configuration).

@@ -764,6 +764,7 @@ fn listener_reports_changes_and_reconnects() {
         tenant: "acme".into(),
         project: "chat".into(),
         user: "ü\"ser".into(),
+        own: true,
     };
     assert!(
         wait_for(&|e| e.contains(&changed)),

@@ -175,7 +175,13 @@ impl SessionSetup {
 impl CustomizeConnection<Client, ConnectError> for SessionSetup {
     fn on_acquire(&self, conn: &mut Client) -> Result<(), ConnectError> {
         conn.batch_execute(&self.sql)
-            .map_err(|e| ConnectError(describe(&e)))
+            .map_err(|e| ConnectError(describe(&e)))?;
+        // Remember this backend, so the listener can tell this node's own writes apart.
+        let row = conn
+            .query_one("SELECT pg_backend_pid()", &[])
+            .map_err(|e| ConnectError(describe(&e)))?;
+        super::remember_own_backend(row.get::<_, i32>(0));
+        Ok(())
     }
 }
 
