@@ -237,8 +237,15 @@ pub fn rebuild_backend() {
             None
         }
     };
-    if let Ok(mut slot) = BACKEND.write() {
-        *slot = backend;
+    let old = match BACKEND.write() {
+        Ok(mut slot) => std::mem::replace(&mut *slot, backend),
+        Err(_) => None,
+    };
+    // Closing the old pool's connections may wait on the network: not on the caller's thread.
+    if let Some(old) = old {
+        let _ = std::thread::Builder::new()
+            .name("quota-store-drop".into())
+            .spawn(move || drop(old));
     }
 }
 

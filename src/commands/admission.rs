@@ -158,11 +158,11 @@ fn decide(
         }
         replicate_state(ctx, &mut account_key);
     }
-    let counter = match (decision.allowed, source) {
-        (false, _) => &stats::ADMITS_DENIED,
-        (true, _) => &stats::ADMITS_ALLOWED,
-    };
-    counter.incr();
+    if decision.allowed {
+        stats::ADMITS_ALLOWED.incr();
+    } else {
+        stats::ADMITS_DENIED.incr();
+    }
     match source {
         CreditSource::Pending => stats::ADMITS_PENDING.incr(),
         CreditSource::Unavailable => stats::ADMITS_UNAVAILABLE.incr(),

@@ -105,20 +105,26 @@ pub struct AdmitDecision {
 
 impl AdmitDecision {
     /// The denial reason: violated limits joined with `|`, `""` when allowed.
-    pub fn reason(&self) -> String {
-        let mut out = String::new();
-        for field in LimitField::ALL {
-            if self.violations & (1 << field as u8) != 0 {
-                if !out.is_empty() {
+    pub fn reason(&self) -> std::borrow::Cow<'static, str> {
+        let name = |field: LimitField| match field {
+            LimitField::MaxConcurrent => "concurrency",
+            other => other.name(),
+        };
+        let mut violated = LimitField::ALL
+            .into_iter()
+            .filter(|f| self.violations & (1 << *f as u8) != 0);
+        match (violated.next(), violated.next()) {
+            (None, _) => "".into(),
+            (Some(only), None) => name(only).into(),
+            (Some(first), Some(second)) => {
+                let mut out = format!("{}|{}", name(first), name(second));
+                for field in violated {
                     out.push('|');
+                    out.push_str(name(field));
                 }
-                out.push_str(match field {
-                    LimitField::MaxConcurrent => "concurrency",
-                    other => other.name(),
-                });
+                out.into()
             }
         }
-        out
     }
 }
 
@@ -287,9 +293,6 @@ impl Account {
     ) -> Result<AdmitDecision, AccountError> {
         let now = Now::at(now_ms);
         let pruned = self.prune(now_ms);
-        if policy.limits.get(LimitField::TotalRequests).is_some() && !self.lifetime && !req.peek {
-            self.lifetime = true;
-        }
         let limits = &policy.limits;
         let mut decision = AdmitDecision {
             allowed: true,
@@ -329,6 +332,9 @@ impl Account {
         if req.peek {
             self.fill_remaining(&mut decision, limits, &now);
             return Ok(decision);
+        }
+        if limits.get(LimitField::TotalRequests).is_some() {
+            self.lifetime = true;
         }
         self.req_day.add(now.day, 1);
         self.req_month.add(now.month, 1);
