@@ -1,0 +1,29 @@
+-- A rate limiter as a Lua script: one QUOTA.ADMIT call, the user's purchased or
+-- granted credits included.
+--
+--   EVAL <this script> 1 <user> <tenant> <project> <bundle> <requests_per_day>
+--
+-- KEYS[1] is the user id: QUOTA.* commands declare the user as their key, so
+-- declaring it here lets Redis Cluster route the script to the node that holds
+-- that user's counters.
+--
+-- Returns {allowed, retry_after}: allowed is 1 or 0; retry_after is the number of
+-- seconds until the violated window resets (-1 when allowed).
+--
+-- Inside a script a user whose credits are not cached yet is not blocked: the
+-- module decides on the base policy alone (replenishment "pending") and loads
+-- the credits in the background, so the next call sees them.
+
+local user = KEYS[1]
+local tenant, project, bundle, rpd = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+
+local reply = redis.call('QUOTA.ADMIT', tenant, project, user, bundle,
+                         'REQUESTS_PER_DAY', rpd)
+
+-- Scripts get the RESP2 form of the reply: a flat {field, value, ...} array.
+local r = {}
+for i = 1, #reply, 2 do
+    r[reply[i]] = reply[i + 1]
+end
+
+return {r['allowed'], r['retry_after']}

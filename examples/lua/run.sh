@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Runs examples/lua/admit.lua with redis-cli and checks what it returns.
+#
+#   REDIS_URL=redis://127.0.0.1:6379 bash examples/lua/run.sh
+#
+# 1. A user without credits and a base policy of 2 requests a day: calls 1 and 2
+#    are allowed, call 3 is denied with a retry_after until UTC midnight.
+# 2. A user with a +1 request/day credit that is not cached yet (as on a node that
+#    never saw this user): inside a script the module does not block, it decides on
+#    the base policy ("pending") and loads the credit in the background; once it is
+#    loaded, the script sees 2 + 1 requests a day.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+url="${REDIS_URL:-redis://127.0.0.1:6379}"
+cli() { "${REDIS_CLI:-redis-cli}" -u "$url" "$@" </dev/null; }
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+tenant=acme project=chat-app bundle=assistant
+run_id="$(date +%s)-$$-$RANDOM"
+
+# Load the script once, call it by SHA (what an application would do).
+sha="$(cli SCRIPT LOAD "$(cat "$here/admit.lua")")"
+[[ "$sha" =~ ^[0-9a-f]{40}$ ]] || fail "SCRIPT LOAD replied: $sha"
+
+# admit USER RPD -> prints "allowed retry_after"
+admit() {
+    cli EVALSHA "$sha" 1 "$1" "$tenant" "$project" "$bundle" "$2" | tr '\n' ' '
+}
+
+# --- 1. base policy: 2 requests a day --------------------------------------------
+user="lua-$run_id"
+for i in 1 2; do
+    read -r allowed retry <<<"$(admit "$user" 2)"
+    if [ "$allowed" != 1 ] || [ "$retry" != -1 ]; then
+        fail "call $i: expected allowed, got '$allowed $retry'"
+    fi
+    echo "call $i: allowed"
+done
+read -r allowed retry <<<"$(admit "$user" 2)"
+now="$(date +%s)"
+to_midnight=$((86400 - now % 86400))
+[ "$allowed" = 0 ] || fail "call 3: expected denied, got '$allowed $retry'"
+[[ "$retry" =~ ^[0-9]+$ ]] || fail "call 3: retry_after '$retry' is not a number of seconds"
+if [ "$retry" -eq 0 ] || [ $((retry - to_midnight)) -gt 2 ] || [ $((to_midnight - retry)) -gt 2 ]; then
+    fail "call 3: retry_after $retry, expected about $to_midnight (UTC midnight)"
+fi
+echo "call 3: denied, retry after $retry s"
+
+# --- 2. credits that are not cached yet --------------------------------------------
+user="lua-credit-$run_id"
+cli QUOTA.GRANT "$tenant" "$project" "$user" '*' REQUESTS_PER_DAY 1 >/dev/null
+cli QUOTA.INVALIDATE "$tenant" "$project" "$user" >/dev/null   # drop the cached credits
+
+# Which credit a script would see right now, without counting a request.
+replenishment() {
+    cli EVAL "
+        local r = redis.call('QUOTA.ADMIT', ARGV[1], ARGV[2], KEYS[1], ARGV[3], 'PEEK')
+        for i = 1, #r, 2 do if r[i] == 'replenishment' then return r[i + 1] end end" \
+        1 "$user" "$tenant" "$project" "$bundle"
+}
+first="$(replenishment)"
+[ "$first" = pending ] || fail "expected replenishment pending on a cold user, got '$first'"
+echo "cold user: replenishment $first (base policy, credits loading in the background)"
+for _ in $(seq 1 100); do
+    [ "$(replenishment)" = global ] && break
+    sleep 0.05
+done
+[ "$(replenishment)" = global ] || fail "the credit was never loaded"
+
+for i in 1 2 3; do
+    read -r allowed retry <<<"$(admit "$user" 2)"
+    [ "$allowed" = 1 ] || fail "call $i with the credit: expected allowed, got '$allowed $retry'"
+done
+read -r allowed retry <<<"$(admit "$user" 2)"
+[ "$allowed" = 0 ] || fail "call 4 with the credit: expected denied, got '$allowed $retry'"
+echo "with the +1 credit loaded: 3 calls allowed, the 4th denied"
+echo ok
