@@ -194,7 +194,10 @@ fn reply_decision(
         let mut r = r.str("limits").map(LimitField::ALL.len());
         for field in LimitField::ALL {
             let limit = policy.limits.get(field);
-            r = r.field(field.name(), |r| limit.map_or(r.int(-1), |l| r.uint(l)));
+            r = r.field(field.name(), |r| match limit {
+                Some(l) => r.uint(l),
+                None => r.int(-1),
+            });
         }
         let r = usage_map(r.str("usage"), u, false);
         let r = r.str("resets").map(3);
@@ -227,12 +230,17 @@ fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
     Reply::new(ctx).error(&e.to_string());
 }
 
-/// Replicates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or its deletion.
+/// Replicates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or `DEL <key>` when
+/// the change left nothing worth keeping (the key was deleted).
 fn replicate_state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey) {
     let name = key.name();
-    let state = match key.get() {
-        Some(account) => account.encode(),
-        None => return,
+    let Some(state) = key.get().map(|account| account.encode()) else {
+        unsafe {
+            if let Some(f) = raw::RedisModule_Replicate {
+                f(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
+            }
+        }
+        return;
     };
     unsafe {
         if let Some(f) = raw::RedisModule_Replicate {

@@ -145,6 +145,17 @@ pub struct Usage {
     pub month_reset: i64,
 }
 
+/// How long an account's state must be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// A lifetime limit applied: never expire.
+    Forever,
+    /// Until this instant (ms since the epoch).
+    Until(Millis),
+    /// Nothing is left to keep.
+    Nothing,
+}
+
 /// What `QUOTA.COMMIT` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitOutcome {
@@ -464,12 +475,12 @@ impl Account {
         }
     }
 
-    /// When the state can be forgotten: the end of the last window holding a count, or the
-    /// last lease or settled id; `None` when it must be kept for good (a lifetime limit applied,
-    /// or the state is empty and the caller should delete it instead).
-    pub fn expires_at(&self) -> Option<Millis> {
+    /// How long the state must be kept: until the end of the last window holding a count, or
+    /// the last lease or settled id; for good once a lifetime limit applied; not at all when
+    /// nothing is left (the caller deletes the key).
+    pub fn retention(&self) -> Retention {
         if self.lifetime {
-            return None;
+            return Retention::Forever;
         }
         let windows = [
             (&self.req_day, Window::Day),
@@ -484,13 +495,15 @@ impl Account {
             .map(|(c, w)| w.start_of(c.window + 1));
         let leases = self.leases.iter().map(|l| l.expires_at);
         let settled = self.settled.iter().map(|(_, t)| *t);
-        let latest = counted.chain(leases).chain(settled).max();
-        if latest.is_none() && self.req_total > 0 {
+        match counted.chain(leases).chain(settled).max() {
+            Some(at) => Retention::Until(at),
             // Only a lifetime count is left and no lifetime limit uses it: keep it for the
             // month it was last counted in.
-            return Some(Window::Month.start_of(self.req_month.window + 1));
+            None if self.req_total > 0 => {
+                Retention::Until(Window::Month.start_of(self.req_month.window + 1))
+            }
+            None => Retention::Nothing,
         }
-        latest
     }
 
     /// Encodes the state for RDB, AOF and replication.
@@ -719,7 +732,7 @@ mod tests {
         assert_eq!(d.reason(), "requests_per_day|total_requests");
         assert_eq!(d.retry_after, -1);
         assert!(acc.lifetime);
-        assert_eq!(acc.expires_at(), None);
+        assert_eq!(acc.retention(), Retention::Forever);
     }
 
     #[test]
@@ -859,12 +872,21 @@ mod tests {
     fn expiry_follows_the_longest_live_window() {
         let p = policy(&[(LimitField::RequestsPerDay, 5)]);
         let mut acc = Account::default();
-        assert_eq!(acc.expires_at(), None);
+        assert_eq!(acc.retention(), Retention::Nothing);
         admit(&mut acc, &p, &plain(), T0);
-        assert_eq!(acc.expires_at(), Some(Window::Month.end(T0)));
+        assert_eq!(acc.retention(), Retention::Until(Window::Month.end(T0)));
         let mut tokens = Account::default();
         tokens.commit(5, None, T0);
-        assert_eq!(tokens.expires_at(), Some(Window::Month.end(T0)));
+        assert_eq!(tokens.retention(), Retention::Until(Window::Month.end(T0)));
+        // A released admission leaves nothing to keep.
+        let mut released = Account::default();
+        let r = AdmitRequest {
+            lease: Some("x"),
+            ..plain()
+        };
+        admit(&mut released, &p, &r, T0);
+        assert!(released.release("x", T0));
+        assert_eq!(released.retention(), Retention::Nothing);
         assert!(Window::Month.end(T0) > days_from_civil(2026, 11, 1) * 86_400_000);
     }
 

@@ -10,8 +10,7 @@ use std::ptr;
 use redis_module::native_types::RedisType;
 use redis_module::raw;
 
-use crate::core::account::Account;
-use crate::core::Millis;
+use crate::core::account::{Account, Retention};
 
 /// The registered data type.
 pub static ACCOUNT_TYPE: RedisType = RedisType::new(
@@ -108,25 +107,37 @@ impl AccountKey {
         }
     }
 
-    /// Stores `account` (replacing any value) and sets the key's expiry from it.
+    /// Stores `account` (replacing any value) and sets the key's expiry from it; an account
+    /// with nothing left to keep is not stored (any old value is deleted).
     pub fn put(&mut self, account: Account) {
-        let expires_at = account.expires_at();
+        if account.retention() == Retention::Nothing {
+            self.delete();
+            return;
+        }
         unsafe {
             if let Some(set) = raw::RedisModule_ModuleTypeSetValue {
                 let value = Box::into_raw(Box::new(account)).cast::<c_void>();
                 set(self.key, *ACCOUNT_TYPE.raw_type.borrow(), value);
             }
         }
-        self.set_expiry(expires_at);
+        self.touch();
     }
 
-    /// Re-derives the key's expiry after the stored state changed in place.
+    /// Re-derives the key's expiry after the stored state changed in place, deleting the key
+    /// when nothing is left to keep.
     pub fn touch(&mut self) {
-        let expires_at = self.get().and_then(|a| a.expires_at());
-        self.set_expiry(expires_at);
-    }
-
-    fn set_expiry(&mut self, at: Option<Millis>) {
+        let retention = match self.get() {
+            Some(account) => account.retention(),
+            None => return,
+        };
+        let at = match retention {
+            Retention::Nothing => {
+                self.delete();
+                return;
+            }
+            Retention::Forever => None,
+            Retention::Until(at) => Some(at),
+        };
         unsafe {
             let current = raw::RedisModule_GetAbsExpire.map_or(-1, |f| f(self.key));
             match at {

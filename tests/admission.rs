@@ -1,0 +1,1179 @@
+//! Admission end to end: `QUOTA.ADMIT`, `COMMIT`, `RELEASE`, `USAGE`, `RESET` against a real
+//! redis-server with the module, on the shared PostgreSQL (one schema and one server per test).
+//!
+//! Covers exactness under concurrent clients, credits merged into the base policy, reply
+//! fields, leases and reservations, the account key (type, TTL, WRONGTYPE), and admission from
+//! Lua scripts and `MULTI` on warm and cold users.
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+type Map = HashMap<String, Value>;
+
+const THREADS: usize = 20;
+const PER_THREAD: usize = 25;
+
+// ---------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// (year, month) of a day number.
+fn year_month(days: i64) -> (i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m)
+}
+
+fn next_hour(t: i64) -> i64 {
+    (t.div_euclid(3600) + 1) * 3600
+}
+
+fn next_midnight(t: i64) -> i64 {
+    (t.div_euclid(86_400) + 1) * 86_400
+}
+
+fn next_month(t: i64) -> i64 {
+    let (y, m) = year_month(t.div_euclid(86_400));
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    days_from_civil(y, m, 1) * 86_400
+}
+
+/// Keeps a test away from an hour boundary (day and month boundaries are hour boundaries):
+/// counters of a window that ends mid-test would read as zero and break exact assertions.
+fn avoid_window_edge() {
+    let left = next_hour(now_s()) - now_s();
+    if left < 20 {
+        thread::sleep(Duration::from_secs((left + 1) as u64));
+    }
+}
+
+/// A server with the module on the shared PostgreSQL and a fresh schema, its NOTIFY listener
+/// up (its first connect drops the whole cache, which would make warm users cold again).
+fn server() -> RedisServer {
+    avoid_window_edge();
+    let server = test_server(&unique_schema());
+    let ok = wait_until(Duration::from_secs(20), || {
+        server
+            .info("quota")
+            .get("quota_notify_state")
+            .is_some_and(|s| s == "listening")
+    });
+    assert!(
+        ok,
+        "quota_notify_state never became listening: {:?}",
+        server.info("quota")
+    );
+    server
+}
+
+/// The account key name, as README documents it (length-prefixed parts, user hash tag).
+fn account_key(acc: [&str; 4]) -> String {
+    let [t, p, u, b] = acc;
+    format!(
+        "q:{{{u}}}:{}:{t}{}:{p}{}:{u}{}:{b}",
+        t.len(),
+        p.len(),
+        u.len(),
+        b.len()
+    )
+}
+
+fn with_account<'a>(name: &'a str, acc: [&'a str; 4], opts: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![name];
+    args.extend_from_slice(&acc);
+    args.extend_from_slice(opts);
+    args
+}
+
+fn admit(con: &mut redis::Connection, acc: [&str; 4], opts: &[&str]) -> Map {
+    query_map(con, &with_account("QUOTA.ADMIT", acc, opts))
+}
+
+fn usage(con: &mut redis::Connection, acc: [&str; 4]) -> Map {
+    query_map(con, &with_account("QUOTA.USAGE", acc, &[]))
+}
+
+fn commit(con: &mut redis::Connection, acc: [&str; 4], tokens: &str, lease: Option<&str>) -> Map {
+    let mut opts = vec![tokens];
+    if let Some(l) = lease {
+        opts.extend_from_slice(&["LEASE", l]);
+    }
+    query_map(con, &with_account("QUOTA.COMMIT", acc, &opts))
+}
+
+fn release(con: &mut redis::Connection, acc: [&str; 4], lease: &str) -> i64 {
+    let v = query(con, &with_account("QUOTA.RELEASE", acc, &[lease])).expect("QUOTA.RELEASE");
+    value_i64(&v).unwrap_or_else(|| panic!("QUOTA.RELEASE replied {v:?}"))
+}
+
+fn int(con: &mut redis::Connection, args: &[&str]) -> i64 {
+    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    value_i64(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
+}
+
+fn string(con: &mut redis::Connection, args: &[&str]) -> String {
+    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    value_to_string(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
+}
+
+fn grant(con: &mut redis::Connection, who: [&str; 4], opts: &[&str]) {
+    query_map(con, &with_account("QUOTA.GRANT", who, opts));
+}
+
+/// Drops the user's cached credits so the next admission is a cache miss.
+fn make_cold(con: &mut redis::Connection, acc: [&str; 4]) {
+    query(con, &["QUOTA.INVALIDATE", acc[0], acc[1], acc[2]]).expect("QUOTA.INVALIDATE");
+}
+
+fn allowed(m: &Map) -> bool {
+    field_i64(m, "allowed") == 1
+}
+
+fn lease_of(m: &Map) -> String {
+    field_str(m, "lease").unwrap_or_else(|| panic!("no lease in {m:?}"))
+}
+
+fn nested(m: &Map, field: &str) -> Map {
+    let v = m
+        .get(field)
+        .unwrap_or_else(|| panic!("no field {field:?} in {m:?}"))
+        .clone();
+    to_map(v)
+}
+
+fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
+    to_array(query(con, &["KEYS", pattern]).expect("KEYS"))
+        .iter()
+        .filter_map(value_to_string)
+        .collect()
+}
+
+const COUNTERS: [&str; 8] = [
+    "req_day",
+    "req_month",
+    "req_total",
+    "tok_hour",
+    "tok_day",
+    "tok_month",
+    "in_flight",
+    "reserved",
+];
+
+fn assert_usage(u: &Map, expected: &[(&str, i64)]) {
+    for (field, want) in expected {
+        assert_eq!(field_i64(u, field), *want, "usage field {field}: {u:?}");
+    }
+}
+
+fn assert_resets(m: &Map, hour: &str, day: &str, month: &str) {
+    let t = now_s();
+    // A window boundary cannot pass mid-test (avoid_window_edge), so these are exact.
+    assert_eq!(field_i64(m, hour), next_hour(t), "{hour}: {m:?}");
+    assert_eq!(field_i64(m, day), next_midnight(t), "{day}: {m:?}");
+    assert_eq!(field_i64(m, month), next_month(t), "{month}: {m:?}");
+}
+
+/// `THREADS` clients send `PER_THREAD` identical admissions each, all starting together;
+/// returns every reply.
+fn hammer(server: &RedisServer, acc: [&str; 4], opts: &[&str]) -> Vec<Map> {
+    let args: Vec<String> = with_account("QUOTA.ADMIT", acc, opts)
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let mut con = server.client();
+            let barrier = Arc::clone(&barrier);
+            let args = args.clone();
+            thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                barrier.wait();
+                (0..PER_THREAD)
+                    .map(|_| query_map(&mut con, &args))
+                    .collect::<Vec<Map>>()
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread panicked"))
+        .collect()
+}
+
+fn eval_admit(
+    con: &mut redis::Connection,
+    acc: [&str; 4],
+    opts: &[&str],
+) -> redis::RedisResult<Value> {
+    let mut c = redis::cmd("EVAL");
+    c.arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
+        .arg(0);
+    for a in acc.iter().chain(opts) {
+        c.arg(*a);
+    }
+    c.query(con)
+}
+
+fn multi_admit(
+    con: &mut redis::Connection,
+    acc: [&str; 4],
+    opts: &[&str],
+) -> redis::RedisResult<Vec<Value>> {
+    let mut p = redis::pipe();
+    p.atomic();
+    p.add_command(cmd(&with_account("QUOTA.ADMIT", acc, opts)));
+    p.add_command(cmd(&with_account("QUOTA.USAGE", acc, &[])));
+    p.query(con)
+}
+
+/// Unsigned LEB128, as the account state encoding uses.
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+// ---------------------------------------------------------------------------
+// Exactness under concurrency
+// ---------------------------------------------------------------------------
+
+#[test]
+fn concurrent_admits_never_exceed_requests_per_day() {
+    let server = server();
+    let acc = ["acme", "chat", "alice", "main"];
+    let replies = hammer(&server, acc, &["REQUESTS_PER_DAY", "100"]);
+    assert_eq!(replies.len(), THREADS * PER_THREAD);
+    let admitted = replies.iter().filter(|m| allowed(m)).count();
+    assert_eq!(admitted, 100, "exactly the limit must be admitted");
+    for m in replies.iter().filter(|m| !allowed(m)) {
+        assert_eq!(field_str(m, "reason").as_deref(), Some("requests_per_day"));
+    }
+    let mut con = server.client();
+    assert_usage(
+        &usage(&mut con, acc),
+        &[("req_day", 100), ("req_month", 100), ("req_total", 100)],
+    );
+}
+
+#[test]
+fn concurrent_admits_never_exceed_max_concurrent() {
+    let server = server();
+    let acc = ["acme", "chat", "alice", "main"];
+    let replies = hammer(&server, acc, &["MAX_CONCURRENT", "5"]);
+    let admitted: Vec<&Map> = replies.iter().filter(|m| allowed(m)).collect();
+    assert_eq!(admitted.len(), 5, "exactly MAX_CONCURRENT leases");
+    let leases: HashSet<String> = admitted.iter().map(|m| lease_of(m)).collect();
+    assert_eq!(leases.len(), 5, "each admitted request holds its own lease");
+    for m in replies.iter().filter(|m| !allowed(m)) {
+        assert_eq!(
+            field_str(m, "reason").as_deref(),
+            Some("concurrency"),
+            "{m:?}"
+        );
+        assert!(
+            field_is_nil(m, "lease"),
+            "a denied request holds no lease: {m:?}"
+        );
+    }
+    let mut con = server.client();
+    assert_usage(
+        &usage(&mut con, acc),
+        &[("in_flight", 5), ("req_day", 5), ("req_total", 5)],
+    );
+}
+
+#[test]
+fn concurrent_reservations_never_exceed_tokens_per_day() {
+    let server = server();
+    let acc = ["acme", "chat", "alice", "main"];
+    let replies = hammer(&server, acc, &["TOKENS_PER_DAY", "1000", "RESERVE", "300"]);
+    let mut reserved: Vec<i64> = replies
+        .iter()
+        .filter(|m| allowed(m))
+        .map(|m| field_i64(m, "reserved"))
+        .collect();
+    reserved.sort_unstable();
+    assert_eq!(
+        reserved,
+        vec![100, 300, 300, 300],
+        "reservations fill the window exactly, the last one capped"
+    );
+    for m in replies.iter().filter(|m| !allowed(m)) {
+        assert_eq!(
+            field_str(m, "reason").as_deref(),
+            Some("tokens_per_day"),
+            "{m:?}"
+        );
+        assert_eq!(field_i64(m, "reserved"), 0);
+    }
+    let mut con = server.client();
+    assert_usage(
+        &usage(&mut con, acc),
+        &[("reserved", 1000), ("in_flight", 4), ("tok_day", 0)],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Credits merged into the base policy
+// ---------------------------------------------------------------------------
+
+#[test]
+fn global_credits_add_to_the_base_policy() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "any-bundle"];
+    grant(
+        &mut con,
+        ["acme", "chat", "alice", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    for i in 1..=7i64 {
+        let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "2"]);
+        assert!(allowed(&m), "admit {i} of 7: {m:?}");
+        assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+        assert_eq!(
+            field_i64(&m, "used_replenishment"),
+            i64::from(i >= 3),
+            "admit {i}: only requests beyond the base 2 use the credits: {m:?}"
+        );
+        assert_eq!(field_i64(&m, "remaining_requests"), 7 - i, "{m:?}");
+    }
+    let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "2"]);
+    assert!(
+        !allowed(&m),
+        "base 2 + credits 5 = 7: the 8th is denied: {m:?}"
+    );
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 0);
+    assert_eq!(field_i64(&m, "remaining_requests"), 0);
+    assert_usage(&usage(&mut con, acc), &[("req_day", 7)]);
+}
+
+#[test]
+fn bundle_credits_apply_alone_and_no_credits_say_none() {
+    let server = server();
+    let mut con = server.client();
+    // bob: a '*' row and a 'pro' row; 'pro' uses its own row only (never both combined).
+    grant(
+        &mut con,
+        ["acme", "chat", "bob", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    grant(
+        &mut con,
+        ["acme", "chat", "bob", "pro"],
+        &["REQUESTS_PER_DAY", "1"],
+    );
+    let pro = ["acme", "chat", "bob", "pro"];
+    let m = admit(&mut con, pro, &["REQUESTS_PER_DAY", "0"]);
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("bundle"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 1);
+    let m = admit(&mut con, pro, &["REQUESTS_PER_DAY", "0"]);
+    assert!(!allowed(&m), "the bundle row replaces the '*' row: {m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("bundle"));
+    // Another bundle of bob falls back to '*'.
+    let m = admit(
+        &mut con,
+        ["acme", "chat", "bob", "free"],
+        &["REQUESTS_PER_DAY", "0"],
+    );
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    // carol has no credits at all.
+    let carol = ["acme", "chat", "carol", "pro"];
+    let m = admit(&mut con, carol, &["REQUESTS_PER_DAY", "1"]);
+    assert!(allowed(&m));
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 0);
+    let m = admit(&mut con, carol, &["REQUESTS_PER_DAY", "1"]);
+    assert!(!allowed(&m));
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
+}
+
+// ---------------------------------------------------------------------------
+// Reply fields
+// ---------------------------------------------------------------------------
+
+#[test]
+fn denial_reasons_join_and_retry_after_follows_the_windows() {
+    let server = server();
+    let mut con = server.client();
+    let u = |b| ["acme", "chat", "alice", b];
+
+    // Day and lifetime together: joined, and a lifetime limit never resets.
+    let both = ["REQUESTS_PER_DAY", "1", "TOTAL_REQUESTS", "1"];
+    assert!(allowed(&admit(&mut con, u("both"), &both)));
+    let m = admit(&mut con, u("both"), &both);
+    assert!(!allowed(&m));
+    assert_eq!(
+        field_str(&m, "reason").as_deref(),
+        Some("requests_per_day|total_requests")
+    );
+    assert_eq!(field_i64(&m, "retry_after"), -1, "{m:?}");
+
+    let total = ["TOTAL_REQUESTS", "1"];
+    assert!(allowed(&admit(&mut con, u("total"), &total)));
+    let m = admit(&mut con, u("total"), &total);
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("total_requests"));
+    assert_eq!(field_i64(&m, "retry_after"), -1);
+
+    let day = ["REQUESTS_PER_DAY", "1"];
+    let m = admit(&mut con, u("day"), &day);
+    assert!(allowed(&m));
+    assert_eq!(field_str(&m, "reason").as_deref(), Some(""));
+    assert_eq!(field_i64(&m, "retry_after"), -1, "allowed: no retry_after");
+    let m = admit(&mut con, u("day"), &day);
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+    let want = next_midnight(now_s()) - now_s();
+    let got = field_i64(&m, "retry_after");
+    assert!(
+        (got - want).abs() <= 2,
+        "retry_after {got}, next UTC midnight in {want}"
+    );
+
+    let month = ["REQUESTS_PER_MONTH", "1"];
+    admit(&mut con, u("month"), &month);
+    let m = admit(&mut con, u("month"), &month);
+    assert_eq!(
+        field_str(&m, "reason").as_deref(),
+        Some("requests_per_month")
+    );
+    let want = next_month(now_s()) - now_s();
+    let got = field_i64(&m, "retry_after");
+    assert!(
+        (got - want).abs() <= 2,
+        "retry_after {got}, next month in {want}"
+    );
+
+    // Tokens: committed tokens fill the hour.
+    commit(&mut con, u("tokens"), "10", None);
+    let m = admit(
+        &mut con,
+        u("tokens"),
+        &["TOKENS_PER_HOUR", "10", "TOKENS_PER_DAY", "10"],
+    );
+    assert_eq!(
+        field_str(&m, "reason").as_deref(),
+        Some("tokens_per_hour|tokens_per_day")
+    );
+    let want = next_midnight(now_s()) - now_s();
+    let got = field_i64(&m, "retry_after");
+    assert!(
+        (got - want).abs() <= 2,
+        "retry_after waits for every violated window: {got}, expected {want}"
+    );
+
+    // Concurrency: until the first lease expires.
+    let conc = ["MAX_CONCURRENT", "1", "LEASE_TTL", "100"];
+    assert!(allowed(&admit(&mut con, u("conc"), &conc)));
+    let m = admit(&mut con, u("conc"), &conc);
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
+    let got = field_i64(&m, "retry_after");
+    assert!(
+        (98..=100).contains(&got),
+        "retry_after {got}, lease expires in 100 s"
+    );
+
+    // A window violation hides concurrency.
+    let m = admit(
+        &mut con,
+        u("conc"),
+        &["MAX_CONCURRENT", "1", "REQUESTS_PER_DAY", "1"],
+    );
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+}
+
+#[test]
+fn remaining_requests_and_tokens_are_the_smallest_left() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let policy = [
+        "REQUESTS_PER_DAY",
+        "10",
+        "REQUESTS_PER_MONTH",
+        "5",
+        "TOKENS_PER_HOUR",
+        "500",
+        "TOKENS_PER_DAY",
+        "1000",
+    ];
+    let m = admit(&mut con, acc, &policy);
+    assert_eq!(field_i64(&m, "remaining_requests"), 4, "month 5 - 1: {m:?}");
+    assert_eq!(field_i64(&m, "remaining_tokens"), 500, "{m:?}");
+    commit(&mut con, acc, "100", None);
+    let m = admit(&mut con, acc, &policy);
+    assert_eq!(field_i64(&m, "remaining_requests"), 3);
+    assert_eq!(field_i64(&m, "remaining_tokens"), 400);
+    let mut with_reserve = policy.to_vec();
+    with_reserve.extend_from_slice(&["RESERVE", "50"]);
+    let m = admit(&mut con, acc, &with_reserve);
+    assert_eq!(field_i64(&m, "reserved"), 50);
+    assert_eq!(field_i64(&m, "remaining_requests"), 2);
+    assert_eq!(
+        field_i64(&m, "remaining_tokens"),
+        350,
+        "reserved tokens count: {m:?}"
+    );
+    let m = admit(&mut con, acc, &[]);
+    assert!(allowed(&m));
+    assert_eq!(field_i64(&m, "remaining_requests"), -1, "unlimited: {m:?}");
+    assert_eq!(field_i64(&m, "remaining_tokens"), -1);
+    assert!(field_is_nil(&m, "lease"), "no lease asked for: {m:?}");
+    assert_eq!(field_i64(&m, "reserved"), 0);
+}
+
+#[test]
+fn peek_changes_nothing() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let policy = [
+        "REQUESTS_PER_DAY",
+        "2",
+        "MAX_CONCURRENT",
+        "1",
+        "RESERVE",
+        "5",
+    ];
+    let mut peek = policy.to_vec();
+    peek.push("PEEK");
+
+    let m = admit(&mut con, acc, &peek);
+    assert!(allowed(&m), "{m:?}");
+    assert!(field_is_nil(&m, "lease"), "a peek takes no lease: {m:?}");
+    assert_eq!(field_i64(&m, "reserved"), 0);
+    assert_eq!(
+        keys(&mut con, "q:*"),
+        Vec::<String>::new(),
+        "a peek creates no key"
+    );
+    assert_eq!(int(&mut con, &["EXISTS", &account_key(acc)]), 0);
+
+    let first = admit(&mut con, acc, &policy);
+    assert!(allowed(&first));
+    let before = usage(&mut con, acc);
+    let m = admit(&mut con, acc, &peek);
+    assert!(!allowed(&m), "the slot is taken: {m:?}");
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
+    assert_eq!(usage(&mut con, acc), before);
+    release(&mut con, acc, &lease_of(&first));
+    let before = usage(&mut con, acc);
+    for _ in 0..3 {
+        assert!(allowed(&admit(&mut con, acc, &peek)));
+    }
+    assert_eq!(usage(&mut con, acc), before, "peeks count nothing");
+}
+
+#[test]
+fn verbose_adds_limits_usage_and_resets() {
+    let server = server();
+    let mut con = server.client();
+    let mut con3 = server.client_resp3();
+    grant(
+        &mut con,
+        ["acme", "chat", "alice", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    let acc = ["acme", "chat", "alice", "main"];
+    let opts = ["REQUESTS_PER_DAY", "2", "TOKENS_PER_DAY", "100", "VERBOSE"];
+
+    let plain = admit(&mut con, acc, &opts[..4]);
+    assert!(
+        !plain.contains_key("limits"),
+        "VERBOSE not given: {plain:?}"
+    );
+    assert!(!plain.contains_key("usage") && !plain.contains_key("resets"));
+
+    // The plain admit above counted 1; each verbose one counts another.
+    for (req_day, resp3, c) in [(2, false, &mut con), (3, true, &mut con3)] {
+        let raw = query(c, &with_account("QUOTA.ADMIT", acc, &opts)).expect("ADMIT VERBOSE");
+        // The reply must be exactly one well-formed reply: the next command gets its own.
+        let pong = query(c, &["PING"]);
+        assert!(
+            matches!(&pong, Ok(v) if value_to_string(v).as_deref() == Some("PONG")),
+            "PING after ADMIT VERBOSE (resp3 {resp3}) got {pong:?}: the VERBOSE reply left \
+             extra elements on the connection; reply was {raw:?}"
+        );
+        if resp3 {
+            assert!(
+                matches!(raw, Value::Map(_)),
+                "RESP3 reply is a map: {raw:?}"
+            );
+        }
+        let m = to_map(raw);
+        assert!(allowed(&m));
+        let limits = nested(&m, "limits");
+        assert_eq!(
+            field_i64(&limits, "requests_per_day"),
+            7,
+            "base 2 + credits 5"
+        );
+        assert_eq!(field_i64(&limits, "tokens_per_day"), 100);
+        for unlimited in [
+            "requests_per_month",
+            "total_requests",
+            "tokens_per_hour",
+            "tokens_per_month",
+            "max_concurrent",
+        ] {
+            assert_eq!(field_i64(&limits, unlimited), -1, "{unlimited}: {limits:?}");
+        }
+        let u = nested(&m, "usage");
+        assert_usage(
+            &u,
+            &[("req_day", req_day), ("tok_day", 0), ("in_flight", 0)],
+        );
+        for f in COUNTERS {
+            assert!(u.contains_key(f), "usage lacks {f}: {u:?}");
+        }
+        assert_resets(&nested(&m, "resets"), "hour", "day", "month");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Leases, commits, releases
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_held_lease_admits_again_without_counting_twice() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let opts = ["MAX_CONCURRENT", "1", "LEASE", "job-42", "RESERVE", "30"];
+    let a = admit(&mut con, acc, &opts);
+    let b = admit(&mut con, acc, &opts);
+    assert!(allowed(&a) && allowed(&b), "{a:?} / {b:?}");
+    assert_eq!(lease_of(&a), "job-42");
+    assert_eq!(lease_of(&b), "job-42");
+    assert_eq!(field_i64(&b, "reserved"), 30);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[
+            ("req_day", 1),
+            ("req_total", 1),
+            ("in_flight", 1),
+            ("reserved", 30),
+        ],
+    );
+    // Another lease id is a new request and meets the concurrency limit.
+    let c = admit(&mut con, acc, &["MAX_CONCURRENT", "1", "LEASE", "job-43"]);
+    assert_eq!(field_str(&c, "reason").as_deref(), Some("concurrency"));
+}
+
+#[test]
+fn commit_settles_the_lease_once() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let m = admit(&mut con, acc, &["TOKENS_PER_DAY", "1000", "RESERVE", "300"]);
+    assert_eq!(field_i64(&m, "reserved"), 300);
+    let lease = lease_of(&m);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[("reserved", 300), ("in_flight", 1)],
+    );
+
+    let c = commit(&mut con, acc, "120", Some(&lease));
+    assert_eq!(field_i64(&c, "recorded"), 120, "{c:?}");
+    assert_eq!(field_i64(&c, "duplicate"), 0);
+    assert_eq!(field_i64(&c, "lease_held"), 1);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[
+            ("reserved", 0),
+            ("in_flight", 0),
+            ("tok_hour", 120),
+            ("tok_day", 120),
+            ("tok_month", 120),
+        ],
+    );
+
+    let again = commit(&mut con, acc, "120", Some(&lease));
+    assert_eq!(field_i64(&again, "duplicate"), 1, "{again:?}");
+    assert_eq!(field_i64(&again, "recorded"), 0);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[("tok_day", 120), ("tok_month", 120)],
+    );
+
+    let plain = commit(&mut con, acc, "50", None);
+    assert_eq!(field_i64(&plain, "recorded"), 50);
+    assert_eq!(field_i64(&plain, "duplicate"), 0);
+    assert_eq!(field_i64(&plain, "lease_held"), 0);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[("tok_hour", 170), ("tok_day", 170)],
+    );
+
+    // A second plain commit counts again: only leases make commits idempotent.
+    commit(&mut con, acc, "50", None);
+    assert_usage(&usage(&mut con, acc), &[("tok_day", 220), ("req_day", 1)]);
+    let m = admit(&mut con, acc, &["TOKENS_PER_DAY", "1000"]);
+    assert_eq!(field_i64(&m, "remaining_tokens"), 780);
+}
+
+#[test]
+fn release_refunds_the_request_and_frees_the_slot() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let opts = [
+        "MAX_CONCURRENT",
+        "1",
+        "REQUESTS_PER_DAY",
+        "10",
+        "RESERVE",
+        "10",
+    ];
+    let a = admit(&mut con, acc, &opts);
+    assert!(allowed(&a));
+    let lease = lease_of(&a);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[
+            ("req_day", 1),
+            ("req_total", 1),
+            ("in_flight", 1),
+            ("reserved", 10),
+        ],
+    );
+    assert!(!allowed(&admit(&mut con, acc, &opts)), "slot taken");
+    assert_eq!(release(&mut con, acc, &lease), 1);
+    assert_usage(
+        &usage(&mut con, acc),
+        &[
+            ("req_day", 0),
+            ("req_month", 0),
+            ("req_total", 0),
+            ("in_flight", 0),
+            ("reserved", 0),
+        ],
+    );
+    assert_eq!(release(&mut con, acc, &lease), 0, "second release");
+    assert_eq!(release(&mut con, acc, "never-held"), 0);
+    let b = admit(&mut con, acc, &opts);
+    assert!(allowed(&b), "the slot is free again: {b:?}");
+    assert_eq!(field_i64(&b, "remaining_requests"), 9);
+}
+
+#[test]
+fn an_expired_lease_frees_its_slot() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let opts = ["MAX_CONCURRENT", "1", "LEASE_TTL", "1", "RESERVE", "7"];
+    let a = admit(&mut con, acc, &opts);
+    assert!(allowed(&a));
+    let m = admit(&mut con, acc, &opts);
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
+    assert_eq!(field_i64(&m, "retry_after"), 1);
+    let freed = wait_until(Duration::from_secs(3), || {
+        field_i64(&usage(&mut con, acc), "in_flight") == 0
+    });
+    assert!(freed, "lease with LEASE_TTL 1 still in flight after 3 s");
+    assert_usage(&usage(&mut con, acc), &[("reserved", 0), ("req_day", 1)]);
+    let b = admit(&mut con, acc, &opts);
+    assert!(allowed(&b), "{b:?}");
+    assert_ne!(lease_of(&a), lease_of(&b));
+    // The expired lease is gone: releasing it refunds nothing.
+    assert_eq!(release(&mut con, acc, &lease_of(&a)), 0);
+    assert_usage(&usage(&mut con, acc), &[("req_day", 2)]);
+}
+
+#[test]
+fn reset_clears_counters_leases_and_reservations() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let opts = [
+        "MAX_CONCURRENT",
+        "1",
+        "TOKENS_PER_DAY",
+        "100",
+        "RESERVE",
+        "40",
+    ];
+    assert!(allowed(&admit(&mut con, acc, &opts)));
+    commit(&mut con, acc, "30", None);
+    assert_eq!(int(&mut con, &with_account("QUOTA.RESET", acc, &[])), 1);
+    let u = usage(&mut con, acc);
+    for f in COUNTERS {
+        assert_eq!(field_i64(&u, f), 0, "{f} after RESET: {u:?}");
+    }
+    assert_eq!(int(&mut con, &["EXISTS", &account_key(acc)]), 0);
+    let m = admit(&mut con, acc, &opts);
+    assert!(allowed(&m), "slot and tokens free after RESET: {m:?}");
+    assert_eq!(field_i64(&m, "reserved"), 40);
+    assert_eq!(int(&mut con, &with_account("QUOTA.RESET", acc, &[])), 1);
+    assert_eq!(int(&mut con, &with_account("QUOTA.RESET", acc, &[])), 0);
+}
+
+#[test]
+fn usage_of_an_unknown_account_is_zero() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "nobody", "main"];
+    let u = usage(&mut con, acc);
+    for f in COUNTERS {
+        assert_eq!(field_i64(&u, f), 0, "{f}: {u:?}");
+    }
+    assert_resets(&u, "hour_reset", "day_reset", "month_reset");
+    assert_eq!(
+        keys(&mut con, "q:*"),
+        Vec::<String>::new(),
+        "USAGE creates nothing"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The account key
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_account_key_has_its_type_and_a_ttl() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    assert!(allowed(&admit(&mut con, acc, &["REQUESTS_PER_DAY", "5"])));
+    let key = account_key(acc);
+    assert_eq!(
+        keys(&mut con, "q:*"),
+        vec![key.clone()],
+        "the documented key name"
+    );
+    assert_eq!(string(&mut con, &["TYPE", &key]), "quota-acc");
+    let pttl = int(&mut con, &["PTTL", &key]);
+    let month_left_ms = (next_month(now_s()) - now_s() + 1) * 1000;
+    assert!(
+        pttl > 0 && pttl <= month_left_ms,
+        "PTTL {pttl} ms, end of month in {month_left_ms} ms"
+    );
+    let mem = int(&mut con, &["MEMORY", "USAGE", &key]);
+    assert!(
+        mem > 0 && mem <= 512,
+        "MEMORY USAGE {mem} (the bar: 512 bytes per account)"
+    );
+    // Leases are part of the value and are counted.
+    let busy = ["acme", "chat", "alice", "busy"];
+    for _ in 0..50 {
+        admit(&mut con, busy, &["MAX_CONCURRENT", "100", "RESERVE", "1"]);
+    }
+    let busy_mem = int(&mut con, &["MEMORY", "USAGE", &account_key(busy)]);
+    assert!(
+        busy_mem > mem + 50 * 16,
+        "MEMORY USAGE with 50 leases {busy_mem}, without {mem}"
+    );
+
+    // Tokens only (hour/day/month windows): still a TTL.
+    let tok = ["acme", "chat", "alice", "tokens"];
+    commit(&mut con, tok, "10", None);
+    let pttl = int(&mut con, &["PTTL", &account_key(tok)]);
+    assert!(
+        pttl > 0 && pttl <= month_left_ms,
+        "PTTL {pttl} after COMMIT"
+    );
+
+    // A lifetime limit keeps the count for good.
+    let life = ["acme", "chat", "alice", "lifetime"];
+    admit(&mut con, life, &["TOTAL_REQUESTS", "5"]);
+    assert_eq!(int(&mut con, &["PTTL", &account_key(life)]), -1);
+}
+
+#[test]
+fn an_account_emptied_by_release_or_a_zero_commit_does_not_stay_forever() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let a = admit(&mut con, acc, &["LEASE", "only"]);
+    assert_eq!(release(&mut con, acc, &lease_of(&a)), 1);
+    let pttl = int(&mut con, &["PTTL", &account_key(acc)]);
+    assert!(
+        pttl == -2 || pttl > 0,
+        "after RELEASE refunded everything the key must be gone or expiring, PTTL {pttl}"
+    );
+    let zero = ["acme", "chat", "alice", "zero"];
+    commit(&mut con, zero, "0", None);
+    let pttl = int(&mut con, &["PTTL", &account_key(zero)]);
+    assert!(
+        pttl == -2 || pttl > 0,
+        "COMMIT 0 on a new account must not leave a key without TTL, PTTL {pttl}"
+    );
+}
+
+#[test]
+fn a_foreign_value_at_the_account_key_is_wrongtype() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "alice", "main"];
+    let key = account_key(acc);
+    query(&mut con, &["SET", &key, "not-an-account"]).expect("SET");
+    for (name, opts) in [
+        ("QUOTA.ADMIT", vec!["REQUESTS_PER_DAY", "5"]),
+        ("QUOTA.COMMIT", vec!["10"]),
+        ("QUOTA.RELEASE", vec!["lease"]),
+        ("QUOTA.USAGE", vec![]),
+        ("QUOTA.RESET", vec![]),
+    ] {
+        let err = query_err(&mut con, &with_account(name, acc, &opts));
+        assert!(err.starts_with("WRONGTYPE"), "{name}: {err}");
+    }
+    assert_eq!(string(&mut con, &["GET", &key]), "not-an-account");
+}
+
+#[test]
+fn setstate_is_refused_from_clients() {
+    let server = server();
+    let mut con = server.client();
+    let key = account_key(["acme", "chat", "alice", "main"]);
+    // A well-formed state (version 1, five empty counters, req_total 5, no leases): a refusal
+    // must come from where the command was sent, not from its payload.
+    let mut state = vec![1u8, 0];
+    for _ in 0..10 {
+        varint(&mut state, 0);
+    }
+    varint(&mut state, 5);
+    varint(&mut state, 0);
+    varint(&mut state, 0);
+    let state = String::from_utf8(state).expect("ascii state");
+    let err = query_err(&mut con, &["QUOTA.SETSTATE", &key, &state]);
+    assert!(err.starts_with("ERR"), "{err}");
+    let script = redis::cmd("EVAL")
+        .arg("return redis.call('QUOTA.SETSTATE', KEYS[1], ARGV[1])")
+        .arg(1)
+        .arg(&key)
+        .arg(&state)
+        .query::<Value>(&mut con);
+    assert!(script.is_err(), "SETSTATE from a script: {script:?}");
+    let mut p = redis::pipe();
+    p.atomic().cmd("QUOTA.SETSTATE").arg(&key).arg(&state);
+    let multi = p.query::<Value>(&mut con);
+    assert!(multi.is_err(), "SETSTATE inside MULTI: {multi:?}");
+    assert_eq!(int(&mut con, &["EXISTS", &key]), 0, "nothing was stored");
+}
+
+// ---------------------------------------------------------------------------
+// Scripts, MULTI, warm and cold users
+// ---------------------------------------------------------------------------
+
+#[test]
+fn admit_from_eval_and_multi_on_a_warm_user() {
+    let server = server();
+    let mut con = server.client();
+    grant(
+        &mut con,
+        ["acme", "chat", "alice", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    let acc = ["acme", "chat", "alice", "main"];
+    let v = eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]).expect("EVAL");
+    assert!(
+        matches!(v, Value::Array(_)),
+        "EVAL returns the flat array: {v:?}"
+    );
+    let m = to_map(v);
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 1);
+    assert_eq!(field_i64(&m, "remaining_requests"), 4);
+    assert!(field_is_nil(&m, "lease"), "{m:?}");
+
+    let out = multi_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]).expect("MULTI/EXEC");
+    assert_eq!(out.len(), 2, "{out:?}");
+    let m = to_map(out[0].clone());
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert_usage(&to_map(out[1].clone()), &[("req_day", 2)]);
+}
+
+#[test]
+fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "bob", "main"];
+    grant(
+        &mut con,
+        ["acme", "chat", "bob", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    make_cold(&mut con, acc);
+
+    let m = to_map(eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "1"]).expect("EVAL"));
+    assert!(allowed(&m), "base policy allows one: {m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("pending"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 0);
+    assert_eq!(
+        field_i64(&m, "remaining_requests"),
+        0,
+        "base policy only: {m:?}"
+    );
+
+    // The miss started a background load: scripts soon see the credits.
+    let mut last = Map::new();
+    let loaded = wait_until(Duration::from_secs(10), || {
+        last = to_map(eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "1", "PEEK"]).expect("EVAL"));
+        field_str(&last, "replenishment").as_deref() == Some("global")
+    });
+    assert!(loaded, "credits never loaded after a script miss: {last:?}");
+    assert!(allowed(&last));
+    assert_eq!(field_i64(&last, "remaining_requests"), 5);
+    let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "1"]);
+    assert!(allowed(&m));
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 1);
+
+    // MULTI on another cold user: denied on the base policy, pending.
+    let carol = ["acme", "chat", "carol", "main"];
+    grant(
+        &mut con,
+        ["acme", "chat", "carol", "*"],
+        &["REQUESTS_PER_DAY", "3"],
+    );
+    make_cold(&mut con, carol);
+    let out = multi_admit(&mut con, carol, &["REQUESTS_PER_DAY", "0"]).expect("MULTI/EXEC");
+    let m = to_map(out[0].clone());
+    assert!(!allowed(&m), "base policy 0 denies: {m:?}");
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("pending"));
+    assert_usage(&to_map(out[1].clone()), &[("req_day", 0)]);
+    let mut last = Map::new();
+    let loaded = wait_until(Duration::from_secs(10), || {
+        let out = multi_admit(&mut con, carol, &["REQUESTS_PER_DAY", "0", "PEEK"]).expect("MULTI");
+        last = to_map(out[0].clone());
+        field_str(&last, "replenishment").as_deref() == Some("global")
+    });
+    assert!(loaded, "credits never loaded after a MULTI miss: {last:?}");
+    let m = admit(&mut con, carol, &["REQUESTS_PER_DAY", "0"]);
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+}
+
+#[test]
+fn script_miss_error_replies_tryagain_to_a_cold_user() {
+    let server = server();
+    let mut con = server.client();
+    query(&mut con, &["CONFIG", "SET", "quota.script-miss", "error"]).expect("CONFIG SET");
+    let acc = ["acme", "chat", "dave", "main"];
+    grant(
+        &mut con,
+        ["acme", "chat", "dave", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    make_cold(&mut con, acc);
+
+    let err = eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]).expect_err("TRYAGAIN");
+    let text = error_text(&err);
+    assert!(text.starts_with("TRYAGAIN"), "{text}");
+    assert_usage(&usage(&mut con, acc), &[("req_day", 0)]);
+
+    // Retrying shortly succeeds: the miss started the load.
+    let mut last: redis::RedisResult<Value> = Err(err);
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]);
+        last.is_ok()
+    });
+    assert!(ok, "still failing: {last:?}");
+    let m = to_map(last.expect("EVAL"));
+    assert!(allowed(&m));
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+
+    // MULTI on a cold user: TRYAGAIN too, and nothing counted.
+    let erin = ["acme", "chat", "erin", "main"];
+    grant(
+        &mut con,
+        ["acme", "chat", "erin", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    make_cold(&mut con, erin);
+    let err = multi_admit(&mut con, erin, &["REQUESTS_PER_DAY", "0"]).expect_err("TRYAGAIN");
+    assert!(error_text(&err).contains("TRYAGAIN"), "{err:?}");
+    assert_usage(&usage(&mut con, erin), &[("req_day", 0)]);
+}
+
+#[test]
+fn a_cold_user_outside_scripts_waits_for_the_credits() {
+    let server = server();
+    let mut con = server.client();
+    let acc = ["acme", "chat", "frank", "main"];
+    grant(
+        &mut con,
+        ["acme", "chat", "frank", "*"],
+        &["REQUESTS_PER_DAY", "5"],
+    );
+    make_cold(&mut con, acc);
+    let misses = |s: &RedisServer| -> i64 {
+        s.info("quota")
+            .get("quota_cache_misses")
+            .and_then(|v| v.parse().ok())
+            .expect("quota_cache_misses")
+    };
+    let before = misses(&server);
+    let started = Instant::now();
+    let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]);
+    let took = started.elapsed();
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 1);
+    assert!(misses(&server) > before, "the admit was not a cache miss");
+    assert!(took < Duration::from_millis(2250), "blocked {took:?}");
+}
+
+#[test]
+fn generated_lease_ids_are_unique() {
+    let server = server();
+    let mut con = server.client();
+    let mut p = redis::pipe();
+    let bundles = ["b0", "b1", "b2", "b3"];
+    for i in 0..1000 {
+        p.add_command(cmd(&with_account(
+            "QUOTA.ADMIT",
+            ["acme", "chat", "alice", bundles[i % 4]],
+            &["MAX_CONCURRENT", "1000"],
+        )));
+    }
+    let replies: Vec<Value> = p.query(&mut con).expect("pipeline");
+    assert_eq!(replies.len(), 1000);
+    let leases: HashSet<String> = replies
+        .into_iter()
+        .map(|v| {
+            let m = to_map(v);
+            assert!(allowed(&m), "{m:?}");
+            lease_of(&m)
+        })
+        .collect();
+    assert_eq!(leases.len(), 1000, "generated lease ids repeat");
+}

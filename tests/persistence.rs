@@ -1,0 +1,543 @@
+//! Usage survives restarts (AOF, RDB, AOF rewrite, SIGKILL) and replicates to a replica, as
+//! the account's state (`QUOTA.SETSTATE`), never as `QUOTA.ADMIT` replayed.
+//!
+//! Every test runs its own redis-server(s) with the module on the shared PostgreSQL, one
+//! schema per test.
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+type Map = HashMap<String, Value>;
+
+/// Accounts the workload touches.
+const DAILY: [&str; 4] = ["acme", "chat", "alice", "daily"];
+const TOKENS: [&str; 4] = ["acme", "chat", "alice", "tokens"];
+const LIFETIME: [&str; 4] = ["acme", "chat", "bob", "lifetime"];
+const ACCOUNTS: [[&str; 4]; 3] = [DAILY, TOKENS, LIFETIME];
+
+/// Admissions the workload makes on `DAILY`.
+const DAILY_ADMITS: i64 = 5;
+/// The lease left open by the workload (200 tokens reserved on `TOKENS`).
+const OPEN_LEASE: &str = "lease-open";
+/// The lease the workload commits (80 tokens).
+const DONE_LEASE: &str = "lease-done";
+
+// ---------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+/// Keeps a test away from an hour boundary (day and month boundaries are hour boundaries):
+/// a window ending between "before" and "after" would change the counters compared.
+fn avoid_window_edge() {
+    let left = (now_s().div_euclid(3600) + 1) * 3600 - now_s();
+    if left < 30 {
+        thread::sleep(Duration::from_secs((left + 1) as u64));
+    }
+}
+
+/// A builder for Redis with the module on the shared PostgreSQL and `schema`.
+fn builder(schema: &str) -> RedisBuilder {
+    let url = PgServer::shared();
+    RedisServer::builder().module_args(&[
+        ("pg-url", &url),
+        ("schema", schema),
+        ("pg-timeout-ms", "2000"),
+    ])
+}
+
+fn start(conf: &[&str]) -> RedisServer {
+    avoid_window_edge();
+    let mut b = builder(&unique_schema());
+    for line in conf {
+        b = b.conf(line);
+    }
+    b.start()
+}
+
+/// The account key name, as README documents it.
+fn account_key(acc: [&str; 4]) -> String {
+    let [t, p, u, b] = acc;
+    format!(
+        "q:{{{u}}}:{}:{t}{}:{p}{}:{u}{}:{b}",
+        t.len(),
+        p.len(),
+        u.len(),
+        b.len()
+    )
+}
+
+fn with_account<'a>(name: &'a str, acc: [&'a str; 4], opts: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![name];
+    args.extend_from_slice(&acc);
+    args.extend_from_slice(opts);
+    args
+}
+
+fn admit(con: &mut redis::Connection, acc: [&str; 4], opts: &[&str]) -> Map {
+    query_map(con, &with_account("QUOTA.ADMIT", acc, opts))
+}
+
+fn usage(con: &mut redis::Connection, acc: [&str; 4]) -> Map {
+    query_map(con, &with_account("QUOTA.USAGE", acc, &[]))
+}
+
+fn commit(con: &mut redis::Connection, acc: [&str; 4], tokens: &str, lease: Option<&str>) -> Map {
+    let mut opts = vec![tokens];
+    if let Some(l) = lease {
+        opts.extend_from_slice(&["LEASE", l]);
+    }
+    query_map(con, &with_account("QUOTA.COMMIT", acc, &opts))
+}
+
+fn int(con: &mut redis::Connection, args: &[&str]) -> i64 {
+    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    value_i64(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
+}
+
+fn allowed(m: &Map) -> bool {
+    field_i64(m, "allowed") == 1
+}
+
+fn usage_of(m: &Map, field: &str) -> i64 {
+    field_i64(m, field)
+}
+
+/// Admits, reserves, commits, leaves a lease open: the state every test expects to keep.
+fn workload(con: &mut redis::Connection) {
+    for _ in 0..DAILY_ADMITS {
+        let m = admit(con, DAILY, &["REQUESTS_PER_DAY", "100"]);
+        assert!(allowed(&m), "{m:?}");
+    }
+    let tok = ["TOKENS_PER_DAY", "1000", "RESERVE"];
+    let m = admit(
+        con,
+        TOKENS,
+        &[tok[0], tok[1], tok[2], "200", "LEASE", OPEN_LEASE],
+    );
+    assert_eq!(field_i64(&m, "reserved"), 200, "{m:?}");
+    let m = admit(
+        con,
+        TOKENS,
+        &[tok[0], tok[1], tok[2], "100", "LEASE", DONE_LEASE],
+    );
+    assert_eq!(field_i64(&m, "reserved"), 100, "{m:?}");
+    let c = commit(con, TOKENS, "80", Some(DONE_LEASE));
+    assert_eq!(field_i64(&c, "lease_held"), 1, "{c:?}");
+    commit(con, TOKENS, "15", None);
+    for _ in 0..3 {
+        assert!(allowed(&admit(con, LIFETIME, &["TOTAL_REQUESTS", "10"])));
+    }
+}
+
+/// USAGE of every account.
+fn snapshot(con: &mut redis::Connection) -> Vec<Map> {
+    ACCOUNTS.iter().map(|acc| usage(con, *acc)).collect()
+}
+
+/// What the workload left, checked field by field (so a broken snapshot cannot pass).
+fn assert_workload_state(snap: &[Map]) {
+    let [daily, tokens, lifetime] = snap else {
+        panic!("three accounts expected: {snap:?}");
+    };
+    assert_eq!(usage_of(daily, "req_day"), DAILY_ADMITS, "{daily:?}");
+    assert_eq!(usage_of(daily, "req_total"), DAILY_ADMITS, "{daily:?}");
+    assert_eq!(usage_of(tokens, "req_day"), 2, "{tokens:?}");
+    assert_eq!(usage_of(tokens, "tok_day"), 95, "{tokens:?}");
+    assert_eq!(usage_of(tokens, "tok_hour"), 95, "{tokens:?}");
+    assert_eq!(usage_of(tokens, "in_flight"), 1, "{tokens:?}");
+    assert_eq!(usage_of(tokens, "reserved"), 200, "{tokens:?}");
+    assert_eq!(usage_of(lifetime, "req_total"), 3, "{lifetime:?}");
+}
+
+/// After a restart or on a promoted replica: the open lease is still held, the committed one
+/// is still settled, key expiries are kept, and admission continues from the same counts.
+fn assert_continues(con: &mut redis::Connection) {
+    let key = account_key(DAILY);
+    let pttl = int(con, &["PTTL", &key]);
+    assert!(pttl > 0, "{key} lost its TTL: PTTL {pttl}");
+    assert_eq!(
+        int(con, &["PTTL", &account_key(LIFETIME)]),
+        -1,
+        "a lifetime account never expires"
+    );
+    let again = commit(con, TOKENS, "80", Some(DONE_LEASE));
+    assert_eq!(
+        field_i64(&again, "duplicate"),
+        1,
+        "the settled lease was forgotten: {again:?}"
+    );
+    let m = admit(
+        con,
+        TOKENS,
+        &["TOKENS_PER_DAY", "1000", "LEASE", OPEN_LEASE],
+    );
+    assert!(allowed(&m), "{m:?}");
+    assert_eq!(
+        field_i64(&m, "reserved"),
+        200,
+        "the open lease is held: {m:?}"
+    );
+    assert_eq!(
+        usage_of(&usage(con, TOKENS), "req_day"),
+        2,
+        "re-admit counted"
+    );
+    let c = commit(con, TOKENS, "150", Some(OPEN_LEASE));
+    assert_eq!(field_i64(&c, "lease_held"), 1, "{c:?}");
+    let u = usage(con, TOKENS);
+    assert_eq!(usage_of(&u, "tok_day"), 245);
+    assert_eq!(usage_of(&u, "reserved"), 0);
+    // DAILY holds DAILY_ADMITS: a limit of DAILY_ADMITS + 1 admits exactly one more.
+    let limit = (DAILY_ADMITS + 1).to_string();
+    assert!(allowed(&admit(con, DAILY, &["REQUESTS_PER_DAY", &limit])));
+    let m = admit(con, DAILY, &["REQUESTS_PER_DAY", &limit]);
+    assert!(!allowed(&m), "counts restarted from zero: {m:?}");
+    let m = admit(con, LIFETIME, &["TOTAL_REQUESTS", "4"]);
+    assert!(allowed(&m), "{m:?}");
+    assert!(!allowed(&admit(con, LIFETIME, &["TOTAL_REQUESTS", "4"])));
+}
+
+/// Every file of the AOF (Redis 7: `appendonlydir/`; older layouts: `appendonly.aof`), as
+/// (file name, lossy text).
+fn aof_files(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let aof_dir = dir.join("appendonlydir");
+    if let Ok(rd) = fs::read_dir(&aof_dir) {
+        for e in rd.flatten() {
+            let bytes = fs::read(e.path()).unwrap_or_default();
+            out.push((
+                e.file_name().to_string_lossy().into_owned(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    if let Ok(bytes) = fs::read(dir.join("appendonly.aof")) {
+        out.push((
+            "appendonly.aof".to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// The text of the current AOF base file (the rewrite's output), named by the manifest.
+fn aof_base(dir: &Path) -> String {
+    let aof_dir = dir.join("appendonlydir");
+    let manifest = fs::read_dir(&aof_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", aof_dir.display()))
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".manifest"))
+        .map(|e| fs::read_to_string(e.path()).expect("read the AOF manifest"))
+        .expect("no AOF manifest");
+    let name = manifest
+        .lines()
+        .find(|l| {
+            l.split_whitespace()
+                .collect::<Vec<_>>()
+                .ends_with(&["type", "b"])
+        })
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no base file in the manifest:\n{manifest}"));
+    let bytes = fs::read(aof_dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn count_ci(haystack: &str, needle: &str) -> usize {
+    haystack
+        .to_ascii_uppercase()
+        .matches(&needle.to_ascii_uppercase())
+        .count()
+}
+
+fn info_field(server: &RedisServer, section: &str, field: &str) -> String {
+    server
+        .info(section)
+        .get(field)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
+}
+
+fn wait_aof_rewrite_done(server: &RedisServer) {
+    let done = wait_until(Duration::from_secs(30), || {
+        let p = server.info("persistence");
+        p.get("aof_rewrite_in_progress").map(String::as_str) == Some("0")
+            && p.get("aof_rewrite_scheduled").map(String::as_str) == Some("0")
+    });
+    assert!(done, "BGREWRITEAOF did not finish in 30 s");
+    assert_eq!(
+        info_field(server, "persistence", "aof_last_bgrewrite_status"),
+        "ok"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Restarts
+// ---------------------------------------------------------------------------
+
+#[test]
+fn usage_survives_a_restart_with_aof() {
+    let mut server = start(&["appendonly yes", "appendfsync always"]);
+    let mut con = server.client();
+    workload(&mut con);
+    let before = snapshot(&mut con);
+    assert_workload_state(&before);
+    drop(con);
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(
+        snapshot(&mut con),
+        before,
+        "QUOTA.USAGE after an AOF restart"
+    );
+    assert_continues(&mut con);
+}
+
+#[test]
+fn usage_survives_a_restart_with_rdb() {
+    let mut server = start(&[]);
+    let mut con = server.client();
+    workload(&mut con);
+    let before = snapshot(&mut con);
+    assert_workload_state(&before);
+    query(&mut con, &["SAVE"]).expect("SAVE");
+    drop(con);
+    server.restart();
+    assert!(
+        aof_files(server.dir()).is_empty(),
+        "no AOF expected: the state must come from dump.rdb"
+    );
+    let mut con = server.client();
+    assert_eq!(
+        snapshot(&mut con),
+        before,
+        "QUOTA.USAGE after SAVE and restart"
+    );
+
+    // With a save point, SHUTDOWN itself writes the RDB.
+    query(&mut con, &["CONFIG", "SET", "save", "3600 1"]).expect("CONFIG SET save");
+    assert_continues(&mut con);
+    let before = snapshot(&mut con);
+    drop(con);
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(
+        snapshot(&mut con),
+        before,
+        "QUOTA.USAGE after a saving SHUTDOWN"
+    );
+}
+
+#[test]
+fn usage_survives_an_aof_rewrite() {
+    let mut server = start(&["appendonly yes", "aof-use-rdb-preamble no"]);
+    let mut con = server.client();
+    wait_aof_rewrite_done(&server);
+    workload(&mut con);
+    let before = snapshot(&mut con);
+    assert_workload_state(&before);
+    query(&mut con, &["BGREWRITEAOF"]).expect("BGREWRITEAOF");
+    wait_aof_rewrite_done(&server);
+    let base = aof_base(server.dir());
+    assert_eq!(
+        count_ci(&base, "QUOTA.SETSTATE"),
+        ACCOUNTS.len(),
+        "the rewrite writes one QUOTA.SETSTATE per account:\n{base}"
+    );
+    for acc in ACCOUNTS {
+        assert!(
+            base.contains(&account_key(acc)),
+            "{} not in the rewrite",
+            account_key(acc)
+        );
+    }
+    drop(con);
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(
+        snapshot(&mut con),
+        before,
+        "QUOTA.USAGE after rewrite and restart"
+    );
+    assert_continues(&mut con);
+}
+
+#[test]
+fn usage_survives_sigkill_with_appendfsync_always() {
+    let mut server = start(&["appendonly yes", "appendfsync always"]);
+    let mut con = server.client();
+    workload(&mut con);
+    let before = snapshot(&mut con);
+    assert_workload_state(&before);
+    drop(con);
+    server.kill9();
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(snapshot(&mut con), before, "QUOTA.USAGE after SIGKILL");
+    assert_continues(&mut con);
+}
+
+#[test]
+fn the_aof_records_state_never_the_commands() {
+    let server = start(&["appendonly yes", "appendfsync always"]);
+    let mut con = server.client();
+    workload(&mut con);
+    let m = admit(&mut con, DAILY, &["LEASE", "to-release"]);
+    assert!(allowed(&m));
+    assert_eq!(
+        int(
+            &mut con,
+            &with_account("QUOTA.RELEASE", DAILY, &["to-release"])
+        ),
+        1
+    );
+    let script = redis::cmd("EVAL")
+        .arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
+        .arg(0)
+        .arg(&DAILY[..])
+        .query::<Value>(&mut con);
+    assert!(script.is_ok(), "EVAL: {script:?}");
+    let files = aof_files(server.dir());
+    assert!(
+        !files.is_empty(),
+        "no AOF files in {}",
+        server.dir().display()
+    );
+    let all: String = files.iter().map(|(_, text)| text.as_str()).collect();
+    // 15 state changes, one QUOTA.SETSTATE each: the workload's 5 + 2 admits, 2 commits and
+    // 3 admits, then an admit, a release and an admit from a script.
+    let setstates = count_ci(&all, "QUOTA.SETSTATE");
+    assert_eq!(setstates, 15, "QUOTA.SETSTATE in the AOF:\n{all}");
+    for command in ["QUOTA.ADMIT", "QUOTA.COMMIT", "QUOTA.RELEASE"] {
+        assert_eq!(count_ci(&all, command), 0, "{command} in the AOF:\n{all}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Replication
+// ---------------------------------------------------------------------------
+
+fn assert_same_usage(master: &RedisServer, replica: &RedisServer, accounts: &[[&str; 4]]) {
+    replica.wait_replica_synced(master, Duration::from_secs(30));
+    let mut m = master.client();
+    let mut r = replica.client();
+    for acc in accounts {
+        assert_eq!(
+            usage(&mut r, *acc),
+            usage(&mut m, *acc),
+            "QUOTA.USAGE {acc:?} on the replica vs the master"
+        );
+    }
+}
+
+#[test]
+fn a_replica_follows_the_master_and_takes_over() {
+    avoid_window_edge();
+    let schema = unique_schema();
+    let master = builder(&schema).start();
+    let mut mc = master.client();
+    // Before the replica exists: reaches it by full sync (RDB).
+    workload(&mut mc);
+    let replica = builder(&schema).replica_of(&master).start();
+    assert_same_usage(&master, &replica, &ACCOUNTS);
+
+    // After: reaches it as a stream of state changes.
+    let more = ["acme", "chat", "carol", "main"];
+    for _ in 0..4 {
+        admit(&mut mc, more, &["MAX_CONCURRENT", "10", "RESERVE", "5"]);
+    }
+    let lease = field_str(&admit(&mut mc, more, &["LEASE", "rel"]), "lease").expect("lease");
+    assert_eq!(
+        int(&mut mc, &with_account("QUOTA.RELEASE", more, &[&lease])),
+        1
+    );
+    commit(&mut mc, more, "42", None);
+    let script = redis::cmd("EVAL")
+        .arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
+        .arg(0)
+        .arg(&more[..])
+        .query::<Value>(&mut mc);
+    assert!(script.is_ok(), "EVAL: {script:?}");
+    let mut p = redis::pipe();
+    p.atomic()
+        .add_command(cmd(&with_account("QUOTA.ADMIT", more, &[])))
+        .add_command(cmd(&with_account("QUOTA.ADMIT", more, &[])));
+    let _: Vec<Value> = p.query(&mut mc).expect("MULTI/EXEC");
+
+    // A cold user: the first admit blocks on a PostgreSQL load, then decides.
+    let cold = ["acme", "chat", "dave", "main"];
+    query_map(
+        &mut mc,
+        &with_account(
+            "QUOTA.GRANT",
+            ["acme", "chat", "dave", "*"],
+            &["REQUESTS_PER_DAY", "3"],
+        ),
+    );
+    query(&mut mc, &["QUOTA.INVALIDATE", "acme", "chat", "dave"]).expect("INVALIDATE");
+    let misses = |s: &RedisServer| -> i64 {
+        info_field(s, "quota", "quota_cache_misses")
+            .parse()
+            .expect("quota_cache_misses")
+    };
+    let before = misses(&master);
+    for i in 0..2 {
+        let m = admit(&mut mc, cold, &["REQUESTS_PER_DAY", "0"]);
+        assert!(allowed(&m), "cold admit {i}: {m:?}");
+        assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    }
+    assert!(
+        misses(&master) > before,
+        "the first admit was not a cache miss"
+    );
+
+    let everyone = [DAILY, TOKENS, LIFETIME, more, cold];
+    assert_same_usage(&master, &replica, &everyone);
+    let mut rc = replica.client();
+    assert_eq!(usage_of(&usage(&mut rc, more), "req_day"), 7);
+    assert_eq!(usage_of(&usage(&mut rc, more), "in_flight"), 4);
+    assert_eq!(usage_of(&usage(&mut rc, more), "tok_day"), 42);
+    assert_eq!(
+        usage_of(&usage(&mut rc, cold), "req_day"),
+        2,
+        "the cold user's admits reached the replica"
+    );
+    let key = account_key(cold);
+    let pttl = int(&mut rc, &["PTTL", &key]);
+    assert!(pttl > 0, "{key} on the replica: PTTL {pttl}");
+    let kind = query(&mut rc, &["TYPE", &key]).expect("TYPE");
+    assert_eq!(value_to_string(&kind).as_deref(), Some("quota-acc"));
+
+    // The replica refuses writes.
+    for (name, opts) in [
+        ("QUOTA.ADMIT", vec!["REQUESTS_PER_DAY", "100"]),
+        ("QUOTA.COMMIT", vec!["5"]),
+        ("QUOTA.RELEASE", vec![OPEN_LEASE]),
+        ("QUOTA.RESET", vec![]),
+    ] {
+        let err = query_err(&mut rc, &with_account(name, DAILY, &opts));
+        assert!(err.starts_with("READONLY"), "{name} on a replica: {err}");
+    }
+    assert_same_usage(&master, &replica, &everyone);
+
+    // Promoted, it continues from the same usage.
+    query(&mut rc, &["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
+    assert_continues(&mut rc);
+    let m = admit(&mut rc, cold, &["REQUESTS_PER_DAY", "0"]);
+    assert!(allowed(&m), "3rd of 3 credits: {m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert!(!allowed(&admit(&mut rc, cold, &["REQUESTS_PER_DAY", "0"])));
+}
