@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# bench/run.sh (`make bench`): throughput and memory of redis-quota against plain Redis, in ONE
+# redis-server and one run, so the ratios are measured under the same (noisy) conditions.
+#
+#   1. builds the module (cargo build --release), starts a throwaway PostgreSQL and a redis-server
+#      with the module on a free loopback port (both removed on exit)
+#   2. grants a credit to every benchmark user (u000000000000 .. u<USERS-1>, bundle '*'), mirrors
+#      the credits into Redis hashes for the Lua script, and warms the credits cache with QUOTA.GET
+#   3. redis-benchmark -P 16 -c 50 -r USERS, ROUNDS interleaved rounds of:
+#        INCR counter:__rand_int__
+#        QUOTA.ADMIT (day/month requests, day tokens, MAX_CONCURRENT)     -> vs INCR, vs Lua
+#        EVALSHA bench/admit.lua (the same admission with string counters + a lease ZSET)
+#        QUOTA.ADMIT (same without MAX_CONCURRENT)                        (informational)
+#        GET key:__rand_int__
+#        QUOTA.GET on cached users                                        -> vs GET
+#        HGETALL of an 18-field hash (a reply the size of QUOTA.GET's)    (informational)
+#   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
+#   5. memory: bytes per cached user (with one credit; with no credits) and per account key
+#
+# Environment (all optional):
+#   BENCH_USERS=10000     users in the benchmark (redis-benchmark -r)
+#   BENCH_SECONDS=4       target duration of each redis-benchmark run
+#   BENCH_ROUNDS=5        interleaved rounds (ratios use the median of the per-round ratios)
+#   BENCH_MEM_USERS=100000  users/accounts created for the memory figures
+#   BENCH_NO_BUILD=1      skip cargo build
+#   BENCH_STRICT=1        exit 1 when a bar is missed (default: report PASS/FAIL, exit 0)
+#   REDIS_SERVER=redis-server
+# The printed report is also copied to bench/out/last-run.txt (gitignored).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+USERS="${BENCH_USERS:-10000}"
+SECONDS_PER_RUN="${BENCH_SECONDS:-4}"
+ROUNDS="${BENCH_ROUNDS:-5}"
+MEM_USERS="${BENCH_MEM_USERS:-100000}"
+REDIS_SERVER="${REDIS_SERVER:-redis-server}"
+module="$root/target/release/libredis_quota.so"
+PIPE=16
+CLIENTS=50
+LOADERS=8 # parallel connections for grants and cold loads (each waits on Postgres)
+LEASE_TTL=1
+
+# Bars from issue 3.
+BAR_ADMIT_INCR=0.35
+BAR_ADMIT_LUA=5
+BAR_GET=0.7
+BAR_ACCOUNT_BYTES=512
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- dependencies ------------------------------------------------------------------------
+apt_install() {
+    [ "$(id -u)" -eq 0 ] || die "missing $*: install it (apt-get install -y $*)"
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" </dev/null >/dev/null 2>&1 || {
+        DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >/dev/null 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" </dev/null >/dev/null
+    }
+}
+command -v "$REDIS_SERVER" >/dev/null 2>&1 || apt_install redis-server
+command -v redis-benchmark >/dev/null 2>&1 || apt_install redis-tools
+command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools
+command -v awk >/dev/null 2>&1 || apt_install gawk
+
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+    log "cargo build --release"
+    cargo build --release --quiet </dev/null
+fi
+[ -f "$module" ] || die "$module is missing (cargo build --release)"
+
+# --- throwaway servers -------------------------------------------------------------------
+work="$(mktemp -d /tmp/quota-bench.XXXXXX)"
+redis_pid=""
+cleanup() {
+    local rc=$?
+    if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
+        redis-cli -p "$port" SHUTDOWN NOSAVE >/dev/null 2>&1 </dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$redis_pid" 2>/dev/null || true
+    fi
+    bash "$root/scripts/pg.sh" destroy "$work/pg" >/dev/null 2>&1 </dev/null || true
+    rm -rf "$work"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()' 2>/dev/null && return
+    local p
+    for _ in $(seq 1 200); do
+        p=$((20000 + RANDOM % 30000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    done
+    die "no free port"
+}
+
+log "starting a throwaway PostgreSQL"
+pg_url="$(bash "$root/scripts/pg.sh" start "$work/pg" </dev/null | tail -n1)"
+port="$(free_port)"
+# A private copy: a concurrent cargo build cannot replace the binary under the server.
+cp "$module" "$work/libredis_quota.so"
+# The URL goes in a private config file, not on the command line.
+cat >"$work/redis.conf" <<EOF
+port $port
+bind 127.0.0.1
+dir "$work"
+save ""
+appendonly no
+loadmodule "$work/libredis_quota.so" pg-url "$pg_url" schema bench_q cache-ttl-ms 3600000 negative-ttl-ms 3600000 lease-ttl $LEASE_TTL
+EOF
+chmod 600 "$work/redis.conf"
+"$REDIS_SERVER" "$work/redis.conf" >"$work/redis.log" 2>&1 </dev/null &
+redis_pid=$!
+
+cli() { redis-cli -p "$port" "$@" </dev/null; }
+for _ in $(seq 1 100); do
+    [ "$(cli PING 2>/dev/null || true)" = PONG ] && break
+    kill -0 "$redis_pid" 2>/dev/null || { tail -n 30 "$work/redis.log" >&2; die "redis-server exited"; }
+    sleep 0.1
+done
+[ "$(cli PING 2>/dev/null || true)" = PONG ] || die "redis-server did not answer on port $port"
+log "redis-server $("$REDIS_SERVER" --version | awk '{print $3}') with the module on 127.0.0.1:$port"
+cli CONFIG SET quota.cache-ttl-ms 3600000 >/dev/null
+cli CONFIG SET quota.negative-ttl-ms 3600000 >/dev/null
+cli CONFIG SET quota.lease-ttl "$LEASE_TTL" >/dev/null
+# Nothing else may run in the background of the measurements.
+cli CONFIG SET quota.cleanup-interval 0 >/dev/null
+
+# --- helpers -----------------------------------------------------------------------------
+info_field() { # info_field SECTION FIELD
+    cli INFO "$1" | tr -d '\r' | awk -F: -v k="$2" '$1 == k { print $2 }'
+}
+quota_stat() { info_field quota "quota_$1"; }
+used_memory() { info_field memory used_memory; }
+
+# gen PREFIX FROM TO WORD... : the commands WORD... with @U@ = PREFIX%012d for FROM <= i < TO.
+gen() {
+    local prefix="$1" from="$2" to="$3"
+    shift 3
+    awk -v prefix="$prefix" -v from="$from" -v to="$to" -v words="$*" '
+        BEGIN {
+            n = split(words, w, " ")
+            for (j = 1; j <= n; j++) {
+                at[j] = index(w[j], "@U@")
+                if (at[j]) { pre[j] = substr(w[j], 1, at[j] - 1); post[j] = substr(w[j], at[j] + 3) }
+            }
+            for (i = from; i < to; i++) {
+                u = sprintf("%s%012d", prefix, i)
+                printf "*%d\r\n", n
+                for (j = 1; j <= n; j++) {
+                    a = at[j] ? pre[j] u post[j] : w[j]
+                    printf "$%d\r\n%s\r\n", length(a), a
+                }
+            }
+        }'
+}
+
+# pipe_all PARALLEL PREFIX FROM TO WORD... : send the commands over PARALLEL connections
+# (redis-cli --pipe), fail if any reply is an error.
+pipe_all() {
+    local par="$1" prefix="$2" from="$3" to="$4"
+    shift 4
+    local total=$((to - from)) chunk i a b pids=() failed=0
+    chunk=$(((total + par - 1) / par))
+    for ((i = 0; i < par; i++)); do
+        a=$((from + i * chunk))
+        b=$((a + chunk))
+        [ "$b" -le "$to" ] || b="$to"
+        [ "$a" -lt "$b" ] || continue
+        gen "$prefix" "$a" "$b" "$@" | redis-cli -p "$port" --pipe --pipe-timeout 120 >"$work/pipe.$i.out" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || failed=1
+    done
+    for ((i = 0; i < par; i++)); do
+        [ -f "$work/pipe.$i.out" ] || continue
+        if ! grep -q 'errors: 0,' "$work/pipe.$i.out"; then
+            failed=1
+            cat "$work/pipe.$i.out" >&2
+        fi
+        rm -f "$work/pipe.$i.out"
+    done
+    [ "$failed" -eq 0 ] || die "pipelined $1 ... failed"
+}
+
+# Waits (bounded) until the NOTIFY echoes of our own grants have arrived, so they cannot
+# invalidate entries after the warm-up.
+settle_notify() {
+    local last=-1 now i
+    for i in $(seq 1 100); do
+        now="$(quota_stat notify_received)"
+        [ "$now" = "$last" ] && [ "$i" -gt 3 ] && return 0
+        last="$now"
+        sleep 0.3
+    done
+}
+
+# bench NAME N COMMAND... : one redis-benchmark run; prints requests/s.
+bench_once() {
+    local n="$1"
+    shift
+    redis-benchmark -h 127.0.0.1 -p "$port" -P "$PIPE" -c "$CLIENTS" -n "$n" -r "$USERS" --csv "$@" </dev/null 2>/dev/null |
+        awk -F'","' 'NR == 2 { gsub(/"/, "", $2); print $2 }'
+}
+
+fmt_rps() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+best() { printf '%s\n' "$@" | sort -g | tail -n1; }
+verdict() { # verdict VALUE OP BAR
+    awk -v v="$1" -v op="$2" -v bar="$3" 'BEGIN { ok = (op == ">=") ? (v >= bar) : (v <= bar); print ok ? "PASS" : "FAIL" }'
+}
+
+# --- warm-up -----------------------------------------------------------------------------
+admit_policy=(REQUESTS_PER_DAY 100000000 REQUESTS_PER_MONTH 1000000000 TOKENS_PER_DAY 1000000000)
+
+t0=$(date +%s)
+log "granting a credit to $USERS users (Postgres, $LOADERS connections)"
+pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GRANT acme chat u@U@ '*' REQUESTS_PER_DAY 1000000 TOKENS_PER_DAY 1000000000
+settle_notify
+log "granted in $(($(date +%s) - t0)) s"
+# Grants write through to the cache; drop those entries so the warm-up below measures a
+# clean load of USERS cached users with one credit each.
+pipe_all 1 "" 0 "$USERS" QUOTA.INVALIDATE acme chat u@U@
+entries0="$(quota_stat cache_entries)"
+mem0="$(used_memory)"
+log "warming the credits cache: QUOTA.GET on $USERS users"
+pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat u@U@ '*'
+entries1="$(quota_stat cache_entries)"
+mem1="$(used_memory)"
+pos_entries=$((entries1 - entries0))
+pos_bytes=$(((mem1 - mem0) / (pos_entries > 0 ? pos_entries : 1)))
+sample="$(cli QUOTA.GET acme chat u000000000007 '*' | tr '\n' ' ')"
+case "$sample" in
+    *additional_requests_per_day\ 1000000*) ;;
+    *) die "QUOTA.GET did not return the granted credit: $sample" ;;
+esac
+
+log "loading the Lua script, its credit hashes and $USERS string keys"
+pipe_all 1 "" 0 "$USERS" HSET credits:u@U@ requests_per_day 1000000 tokens_per_day 1000000000
+pipe_all 1 "" 0 "$USERS" SET key:@U@ vvvvvvvvvvvvvvvv
+# A hash with the 18 fields of a QUOTA.GET record: HGETALL has a reply of the same shape, so
+# QUOTA.GET/HGETALL shows the module's own cost apart from the size of its reply.
+pipe_all 1 "" 0 "$USERS" HSET rec:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
+    additional_requests_per_day 1000000 additional_requests_per_month - additional_total_requests - \
+    additional_tokens_per_hour - additional_tokens_per_day 1000000000 additional_tokens_per_month - \
+    additional_max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
+    active 1 created_at 1795841254 updated_at 1795841254
+sha="$(cli SCRIPT LOAD "$(cat "$root/bench/admit.lua")")"
+[ "${#sha}" -eq 40 ] || die "SCRIPT LOAD failed: $sha"
+lua_check="$(cli EVALSHA "$sha" 1 u000000000001 100000000 1000000000 1000000000 1000000 "$LEASE_TTL" | head -n1)"
+[ "$lua_check" = 1 ] || die "admit.lua did not admit: $lua_check"
+admit_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' "${admit_policy[@]}" MAX_CONCURRENT 1000000 | sed -n 2p)"
+[ "$admit_check" = 1 ] || die "QUOTA.ADMIT did not admit: $admit_check"
+
+# --- throughput --------------------------------------------------------------------------
+# Each ratio's two commands run back to back in every round.
+names=(INCR ADMIT LUA ADMIT_NOLEASE GET QGET HGETALL)
+declare -A label cmd n_of
+label[INCR]="INCR counter:__rand_int__"
+label[ADMIT]="QUOTA.ADMIT (+MAX_CONCURRENT)"
+label[ADMIT_NOLEASE]="QUOTA.ADMIT (no lease)"
+label[LUA]="EVALSHA admit.lua"
+label[GET]="GET key:__rand_int__"
+label[QGET]="QUOTA.GET (cached)"
+label[HGETALL]="HGETALL rec:__rand_int__ (18 f.)"
+cmd[INCR]="INCR counter:__rand_int__"
+cmd[ADMIT]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]} MAX_CONCURRENT 1000000"
+cmd[ADMIT_NOLEASE]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]}"
+cmd[LUA]="EVALSHA $sha 1 u__rand_int__ 100000000 1000000000 1000000000 1000000 $LEASE_TTL"
+cmd[GET]="GET key:__rand_int__"
+cmd[QGET]="QUOTA.GET acme chat u__rand_int__ *"
+cmd[HGETALL]="HGETALL rec:__rand_int__"
+
+run() { # run NAME N
+    local words
+    read -r -a words <<<"${cmd[$1]}"
+    bench_once "$2" "${words[@]}"
+}
+
+log "calibrating run sizes (~${SECONDS_PER_RUN} s per run)"
+for name in "${names[@]}"; do
+    case "$name" in INCR | GET) probe=400000 ;; *) probe=100000 ;; esac
+    rps="$(run "$name" "$probe")"
+    [ -n "$rps" ] || die "redis-benchmark failed for ${label[$name]}"
+    n_of[$name]="$(awk -v r="$rps" -v s="$SECONDS_PER_RUN" 'BEGIN { n = int(r * s / 10000) * 10000; if (n < 50000) n = 50000; if (n > 20000000) n = 20000000; print n }')"
+    log "  ${label[$name]}: ~$(fmt_rps "$rps")/s -> -n ${n_of[$name]}"
+done
+
+declare -A results
+hits0="$(quota_stat cache_hits)"
+misses0="$(quota_stat cache_misses)"
+stale0="$(quota_stat cache_stale_hits)"
+allowed0="$(quota_stat admits_allowed)"
+denied0="$(quota_stat admits_denied)"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for name in "${names[@]}"; do
+        rps="$(run "$name" "${n_of[$name]}")"
+        [ -n "$rps" ] || die "redis-benchmark failed for ${label[$name]}"
+        results[$name]="${results[$name]:-} $rps"
+        log "round $r/$ROUNDS ${label[$name]}: $(fmt_rps "$rps")/s"
+    done
+done
+hits1="$(quota_stat cache_hits)"
+misses1="$(quota_stat cache_misses)"
+stale1="$(quota_stat cache_stale_hits)"
+allowed1="$(quota_stat admits_allowed)"
+denied1="$(quota_stat admits_denied)"
+
+# A sample of admissions after the runs: each should still be allowed.
+sample_allowed=0
+for i in $(seq 0 499 "$((USERS - 1))"); do
+    u="$(printf 'u%012d' "$i")"
+    a="$(cli QUOTA.ADMIT acme chat "$u" '*' "${admit_policy[@]}" MAX_CONCURRENT 1000000 | sed -n 2p)"
+    [ "$a" = 1 ] && sample_allowed=$((sample_allowed + 1))
+done
+sample_total=$(((USERS - 1) / 499 + 1))
+lua_after="$(cli EVALSHA "$sha" 1 u000000000042 100000000 1000000000 1000000000 1000000 "$LEASE_TTL" | head -n1)"
+usage_sample="$(cli QUOTA.USAGE acme chat u000000000042 '*' | paste -sd' ' -)"
+
+# --- memory ------------------------------------------------------------------------------
+log "memory: QUOTA.GET on $MEM_USERS users without credits (negative cache entries)"
+entries0="$(quota_stat cache_entries)"
+mem0="$(used_memory)"
+pipe_all "$LOADERS" n 0 "$MEM_USERS" QUOTA.GET acme chat @U@ '*'
+entries1="$(quota_stat cache_entries)"
+mem1="$(used_memory)"
+neg_entries=$((entries1 - entries0))
+neg_bytes=$(((mem1 - mem0) / (neg_entries > 0 ? neg_entries : 1)))
+log "memory: done ($neg_entries entries)"
+
+log "memory: QUOTA.ADMIT REQUESTS_PER_DAY 10 on $MEM_USERS accounts (no lease)"
+keys0="$(cli DBSIZE)"
+mem0="$(used_memory)"
+pipe_all 1 n 0 "$MEM_USERS" QUOTA.ADMIT acme chat @U@ '*' REQUESTS_PER_DAY 10
+keys1="$(cli DBSIZE)"
+mem1="$(used_memory)"
+acc_keys=$((keys1 - keys0))
+acc_bytes=$(((mem1 - mem0) / (acc_keys > 0 ? acc_keys : 1)))
+log "memory: done ($acc_keys keys)"
+# Account key: q:{<user>}: then tenant, project, user and bundle as <length>:<bytes>.
+account_key() { printf 'q:{%s}:4:acme4:chat%d:%s1:*' "$1" "${#1}" "$1"; }
+acc_key="$(account_key n000000000000)"
+acc_usage="$(cli MEMORY USAGE "$acc_key")"
+lease_key="$(account_key u000000000042)"
+if [ "$(cli EXISTS "$acc_key")" != 1 ] || [ "$(cli EXISTS "$lease_key")" != 1 ]; then
+    die "account keys not found ($acc_key, $lease_key)"
+fi
+cli QUOTA.ADMIT acme chat u000000000042 '*' MAX_CONCURRENT 10 LEASE_TTL 600 >/dev/null
+lease_usage="$(cli MEMORY USAGE "$lease_key")"
+
+# --- report ------------------------------------------------------------------------------
+mkdir -p "$root/bench/out"
+{
+    echo
+    echo "redis-quota benchmark  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  $(nproc) cores  redis $("$REDIS_SERVER" --version | awk '{print $3}' | sed 's/v=//')"
+    echo "redis-benchmark -P $PIPE -c $CLIENTS -r $USERS, ~${SECONDS_PER_RUN} s per run, $ROUNDS interleaved rounds"
+    echo "QUOTA.ADMIT policy: ${admit_policy[*]} [MAX_CONCURRENT 1000000]; every user has a '*' credit"
+    echo "(REQUESTS_PER_DAY 1000000 TOKENS_PER_DAY 1000000000); quota.lease-ttl $LEASE_TTL s (admit.lua: the same TTL)"
+    echo "so each admitted request's lease expires after 1 s and the lease lists stay short."
+    echo
+    printf '%-32s %12s %12s   %s\n' "command" "median/s" "best/s" "runs/s"
+    for name in "${names[@]}"; do
+        read -r -a xs <<<"${results[$name]}"
+        runs=""
+        for x in "${xs[@]}"; do runs="$runs $(fmt_rps "$x")"; done
+        printf '%-32s %12s %12s  %s\n' "${label[$name]}" "$(fmt_rps "$(median "${xs[@]}")")" "$(fmt_rps "$(best "${xs[@]}")")" "$runs"
+    done
+    echo
+    echo "ratios (median of the per-round ratios; each round runs every command back to back)"
+    printf '%-34s %8s %8s  %s\n' "ratio" "value" "bar" "verdict  (per round)"
+    rows=("ADMIT/INCR:ADMIT:INCR:>=:$BAR_ADMIT_INCR"
+        "ADMIT/Lua:ADMIT:LUA:>=:$BAR_ADMIT_LUA"
+        "QUOTA.GET/GET:QGET:GET:>=:$BAR_GET"
+        "ADMIT(no lease)/INCR:ADMIT_NOLEASE:INCR:-:-"
+        "ADMIT(no lease)/Lua:ADMIT_NOLEASE:LUA:-:-"
+        "QUOTA.GET/HGETALL (same reply):QGET:HGETALL:-:-")
+    for row in "${rows[@]}"; do
+        IFS=: read -r title a b op bar <<<"$row"
+        read -r -a as <<<"${results[$a]}"
+        read -r -a bs <<<"${results[$b]}"
+        per=()
+        for i in "${!as[@]}"; do per+=("$(ratio "${as[$i]}" "${bs[$i]}")"); done
+        value="$(median "${per[@]}")"
+        value="$(awk -v x="$value" 'BEGIN { printf "%.3f", x }')"
+        if [ "$op" = - ]; then
+            printf '%-34s %8s %8s  %-7s  (%s)\n' "$title" "$value" "" "info" "${per[*]}"
+        else
+            printf '%-34s %8s %8s  %-7s  (%s)\n' "$title" "$value" "$op $bar" "$(verdict "$value" "$op" "$bar")" "${per[*]}"
+        fi
+    done
+    echo
+    echo "checks during the runs: credits cache hits +$((hits1 - hits0)), misses +$((misses1 - misses0)), stale hits +$((stale1 - stale0));"
+    echo "  admits allowed +$((allowed1 - allowed0)), denied +$((denied1 - denied0)); sampled afterwards: $sample_allowed/$sample_total allowed"
+    echo "  (admit.lua afterwards: allowed=$lua_after)"
+    echo "  QUOTA.USAGE u000000000042 after the runs: $usage_sample"
+    echo
+    echo "memory (INFO memory used_memory deltas)"
+    printf '  %-52s %8s bytes  (%s entries)\n' "per cached user with one credit (QUOTA.GET warm-up)" "$pos_bytes" "$pos_entries"
+    printf '  %-52s %8s bytes  (%s entries)\n' "per cached user without credits (negative entry)" "$neg_bytes" "$neg_entries"
+    printf '  %-52s %8s bytes  (%s keys)  bar <= %s: %s\n' "per account key (QUOTA.ADMIT REQUESTS_PER_DAY 10)" "$acc_bytes" "$acc_keys" "$BAR_ACCOUNT_BYTES" "$(verdict "$acc_bytes" "<=" "$BAR_ACCOUNT_BYTES")"
+    printf '  %-52s %8s bytes\n' "MEMORY USAGE of one such account key" "$acc_usage"
+    printf '  %-52s %8s bytes\n' "MEMORY USAGE of a benchmark account + 1 live lease" "$lease_usage"
+    echo "  (the benchmark account held ~10-20 leases during the runs; its vectors keep that capacity)"
+} | tee "$root/bench/out/last-run.txt"
+log "total $(($(date +%s) - t0)) s"
+fails="$(grep -c 'FAIL' "$root/bench/out/last-run.txt" || true)"
+if [ "${BENCH_STRICT:-0}" = 1 ] && [ "$fails" -gt 0 ]; then
+    log "$fails bar(s) missed (BENCH_STRICT=1)"
+    exit 1
+fi
