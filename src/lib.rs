@@ -149,6 +149,7 @@ mod module {
         }
         state::restart_listener();
         schedule_cleanup(ctx);
+        crate::glue::propagation::subscribe(ctx.ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {

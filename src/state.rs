@@ -57,14 +57,13 @@ static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
 static LEASE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A new lease id, unique across this process and (by its seed) across restarts.
-pub fn new_lease_id() -> String {
+pub fn new_lease_id() -> u64 {
     let n = LEASE_COUNTER.fetch_add(1, Ordering::Relaxed);
     // SplitMix64 over seed + counter: distinct counters give distinct ids.
     let mut z = LEASE_SEED.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    format!("{z:016x}")
+    z ^ (z >> 31)
 }
 
 /// NOTIFY listener state, for `INFO quota`.

@@ -20,6 +20,7 @@ use crate::core::policy::{Additional, EffectivePolicy, LimitField};
 use crate::core::Millis;
 use crate::glue::account_type::{AccountKey, WrongType};
 use crate::glue::blocked::Blocked;
+use crate::glue::propagation;
 use crate::glue::reply::Reply;
 use crate::state;
 use crate::stats;
@@ -182,7 +183,10 @@ fn reply_decision(
     let r = r.field("allowed", |r| r.int(i64::from(d.allowed)));
     let r = r.field("reason", |r| r.str(&d.reason()));
     let r = r.field("retry_after", |r| r.int(d.retry_after));
-    let r = r.field("lease", |r| r.opt_str(d.lease.as_deref()));
+    let mut buf = [0u8; 16];
+    let r = r.field("lease", |r| {
+        r.opt_str(d.lease.as_ref().map(|id| id.as_text(&mut buf)))
+    });
     let r = r.field("reserved", |r| r.uint(d.reserved));
     let r = r.field("used_replenishment", |r| {
         r.int(i64::from(d.used_replenishment))
@@ -233,6 +237,9 @@ fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
 /// Replicates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or `DEL <key>` when
 /// the change left nothing worth keeping (the key was deleted).
 fn replicate_state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey) {
+    if !propagation::needed(ctx) {
+        return;
+    }
     let name = key.name();
     let Some(state) = key.get().map(|account| account.encode()) else {
         unsafe {

@@ -50,10 +50,51 @@ impl Counter {
     }
 }
 
+/// A lease id: the 16-hex-digit ids the module generates are kept inline as a number, any
+/// other id a caller chose is kept as text. Both compare and print as the text the caller sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseId {
+    Short(u64),
+    Named(Box<str>),
+}
+
+impl LeaseId {
+    /// The id for `text` (exactly 16 lower-case hex digits become `Short`).
+    pub fn parse(text: &str) -> LeaseId {
+        let is_short =
+            text.len() == 16 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match (is_short, u64::from_str_radix(text, 16)) {
+            (true, Ok(n)) => LeaseId::Short(n),
+            _ => LeaseId::Named(text.into()),
+        }
+    }
+
+    /// Writes the text form into `buf` and returns it (no allocation for generated ids).
+    pub fn as_text<'b>(&'b self, buf: &'b mut [u8; 16]) -> &'b str {
+        match self {
+            LeaseId::Short(n) => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                for (i, out) in buf.iter_mut().enumerate() {
+                    *out = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+                }
+                std::str::from_utf8(buf).unwrap_or("")
+            }
+            LeaseId::Named(s) => s,
+        }
+    }
+
+    fn heap_size(&self) -> usize {
+        match self {
+            LeaseId::Short(_) => 0,
+            LeaseId::Named(s) => s.len(),
+        }
+    }
+}
+
 /// A concurrency slot held by one in-flight request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub id: Box<str>,
+    pub id: LeaseId,
     pub expires_at: Millis,
     /// Tokens reserved until commit, release or expiry.
     pub reserved: u64,
@@ -73,7 +114,7 @@ pub struct Account {
     pub tok_month: Counter,
     pub leases: Vec<Lease>,
     /// Lease ids already committed, with when they may be forgotten.
-    pub settled: Vec<(Box<str>, Millis)>,
+    pub settled: Vec<(LeaseId, Millis)>,
     /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
     pub lifetime: bool,
 }
@@ -94,7 +135,7 @@ pub struct AdmitDecision {
     /// Violated limits, as a bit set over `LimitField` (`MaxConcurrent` = concurrency).
     pub violations: u8,
     pub retry_after: i64,
-    pub lease: Option<Box<str>>,
+    pub lease: Option<LeaseId>,
     pub reserved: u64,
     pub used_replenishment: bool,
     pub remaining_requests: i64,
@@ -300,7 +341,7 @@ impl Account {
         policy: &EffectivePolicy,
         req: &AdmitRequest<'_>,
         now_ms: Millis,
-        new_lease_id: impl FnOnce() -> String,
+        new_lease_id: impl FnOnce() -> u64,
     ) -> Result<AdmitDecision, AccountError> {
         let now = Now::at(now_ms);
         let pruned = self.prune(now_ms);
@@ -316,8 +357,9 @@ impl Account {
             remaining_tokens: -1,
             changed: pruned,
         };
-        if let Some(id) = req.lease {
-            if let Some(held) = self.leases.iter().find(|l| &*l.id == id) {
+        let wanted = req.lease.map(LeaseId::parse);
+        if let Some(id) = &wanted {
+            if let Some(held) = self.leases.iter().find(|l| &l.id == id) {
                 decision.lease = Some(held.id.clone());
                 decision.reserved = held.reserved;
                 self.fill_remaining(&mut decision, limits, &now);
@@ -364,10 +406,7 @@ impl Account {
                     .map(|l| l.saturating_sub(self.used(*f, &now, reserved)))
             })
             .fold(want, u64::min);
-            let id: Box<str> = match req.lease {
-                Some(id) => id.into(),
-                None => new_lease_id().into_boxed_str(),
-            };
+            let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
             self.leases.push(Lease {
                 id: id.clone(),
                 expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
@@ -410,15 +449,15 @@ impl Account {
         self.prune(now_ms);
         let now = Now::at(now_ms);
         let mut lease_held = false;
-        if let Some(id) = lease {
-            if self.settled.iter().any(|(s, _)| &**s == id) {
+        if let Some(id) = lease.map(LeaseId::parse) {
+            if self.settled.iter().any(|(s, _)| *s == id) {
                 return CommitOutcome {
                     duplicate: true,
                     lease_held: false,
                 };
             }
             let mut until = now_ms.saturating_add(SETTLED_MIN_MS);
-            if let Some(pos) = self.leases.iter().position(|l| &*l.id == id) {
+            if let Some(pos) = self.leases.iter().position(|l| l.id == id) {
                 let held = self.leases.swap_remove(pos);
                 until = until.max(held.expires_at);
                 lease_held = true;
@@ -428,7 +467,7 @@ impl Account {
                     self.settled.swap_remove(oldest);
                 }
             }
-            self.settled.push((id.into(), until));
+            self.settled.push((id, until));
         }
         self.tok_hour.add(now.hour, tokens);
         self.tok_day.add(now.day, tokens);
@@ -443,7 +482,8 @@ impl Account {
     /// the windows it was counted in. False if the lease was not held.
     pub fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
         self.prune(now_ms);
-        let Some(pos) = self.leases.iter().position(|l| &*l.id == lease) else {
+        let lease = LeaseId::parse(lease);
+        let Some(pos) = self.leases.iter().position(|l| l.id == lease) else {
             return false;
         };
         let held = self.leases.swap_remove(pos);
@@ -524,7 +564,7 @@ impl Account {
         put_u64(&mut w, self.req_total);
         put_u64(&mut w, self.leases.len() as u64);
         for l in &self.leases {
-            put_str(&mut w, &l.id);
+            put_id(&mut w, &l.id);
             put_i64(&mut w, l.expires_at);
             put_u64(&mut w, l.reserved);
             put_i64(&mut w, l.day);
@@ -532,7 +572,7 @@ impl Account {
         }
         put_u64(&mut w, self.settled.len() as u64);
         for (id, until) in &self.settled {
-            put_str(&mut w, id);
+            put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
         w
@@ -563,7 +603,7 @@ impl Account {
         let mut leases = Vec::with_capacity(n);
         for _ in 0..n {
             leases.push(Lease {
-                id: r.str()?,
+                id: LeaseId::parse(&r.str()?),
                 expires_at: r.i64()?,
                 reserved: r.u64()?,
                 day: r.i64()?,
@@ -575,7 +615,7 @@ impl Account {
             .filter(|n| *n <= MAX_SETTLED)?;
         let mut settled = Vec::with_capacity(n);
         for _ in 0..n {
-            settled.push((r.str()?, r.i64()?));
+            settled.push((LeaseId::parse(&r.str()?), r.i64()?));
         }
         if !r.buf.is_empty() {
             return None;
@@ -597,9 +637,13 @@ impl Account {
     /// Bytes of heap this state owns beyond the struct itself (for `MEMORY USAGE`).
     pub fn heap_size(&self) -> usize {
         self.leases.capacity() * std::mem::size_of::<Lease>()
-            + self.leases.iter().map(|l| l.id.len()).sum::<usize>()
-            + self.settled.capacity() * std::mem::size_of::<(Box<str>, Millis)>()
-            + self.settled.iter().map(|(id, _)| id.len()).sum::<usize>()
+            + self.leases.iter().map(|l| l.id.heap_size()).sum::<usize>()
+            + self.settled.capacity() * std::mem::size_of::<(LeaseId, Millis)>()
+            + self
+                .settled
+                .iter()
+                .map(|(id, _)| id.heap_size())
+                .sum::<usize>()
     }
 }
 
@@ -615,6 +659,11 @@ fn put_u64(w: &mut Vec<u8>, mut v: u64) {
 
 fn put_i64(w: &mut Vec<u8>, v: i64) {
     put_u64(w, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn put_id(w: &mut Vec<u8>, id: &LeaseId) {
+    let mut buf = [0u8; 16];
+    put_str(w, id.as_text(&mut buf));
 }
 
 fn put_str(w: &mut Vec<u8>, s: &str) {
@@ -694,10 +743,7 @@ mod tests {
     ) -> AdmitDecision {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         acc.admit(p, req, now, || {
-            format!(
-                "gen{}",
-                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            )
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
         })
         .unwrap()
     }
@@ -786,7 +832,7 @@ mod tests {
         let a = admit(&mut acc, &p, &req, T0);
         let b = admit(&mut acc, &p, &req, T0);
         assert!(a.allowed && b.allowed);
-        assert_eq!(b.lease.as_deref(), Some("L1"));
+        assert_eq!(b.lease, Some(LeaseId::parse("L1")));
         assert!(!b.changed);
         assert_eq!(acc.usage(T0).req_day, 1);
         assert_eq!(acc.usage(T0).in_flight, 1);
@@ -811,6 +857,9 @@ mod tests {
         let c = admit(&mut acc, &p, &r, T0);
         assert_eq!(c.reason(), "tokens_per_hour");
         let lease = a.lease.unwrap();
+        let mut buf = [0u8; 16];
+        let lease = lease.as_text(&mut buf).to_owned();
+        assert_eq!(lease.len(), 16);
         let out = acc.commit(200, Some(&lease), T0);
         assert!(out.lease_held && !out.duplicate);
         assert_eq!(acc.usage(T0).tok_day, 200);

@@ -51,6 +51,26 @@ impl std::fmt::Display for WrongType {
     }
 }
 
+/// What a key of this type holds: the account and the absolute expiry last set on the key
+/// (so an admission need not ask Redis for it every time).
+struct Stored {
+    account: Account,
+    expiry: i64,
+}
+
+/// `expiry` not known yet (after a load): ask Redis.
+const EXPIRY_UNKNOWN: i64 = i64::MIN;
+
+impl Stored {
+    fn boxed(account: Account) -> *mut c_void {
+        Box::into_raw(Box::new(Stored {
+            account,
+            expiry: EXPIRY_UNKNOWN,
+        }))
+        .cast()
+    }
+}
+
 /// An account key opened for reading and writing by one command.
 pub struct AccountKey {
     ctx: *mut raw::RedisModuleCtx,
@@ -101,8 +121,12 @@ impl AccountKey {
 
     /// The stored state, if the key exists.
     pub fn get(&mut self) -> Option<&mut Account> {
+        self.stored().map(|s| &mut s.account)
+    }
+
+    fn stored(&mut self) -> Option<&mut Stored> {
         unsafe {
-            let value = raw::RedisModule_ModuleTypeGetValue?(self.key).cast::<Account>();
+            let value = raw::RedisModule_ModuleTypeGetValue?(self.key).cast::<Stored>();
             value.as_mut()
         }
     }
@@ -116,8 +140,11 @@ impl AccountKey {
         }
         unsafe {
             if let Some(set) = raw::RedisModule_ModuleTypeSetValue {
-                let value = Box::into_raw(Box::new(account)).cast::<c_void>();
-                set(self.key, *ACCOUNT_TYPE.raw_type.borrow(), value);
+                set(
+                    self.key,
+                    *ACCOUNT_TYPE.raw_type.borrow(),
+                    Stored::boxed(account),
+                );
             }
         }
         self.touch();
@@ -126,10 +153,11 @@ impl AccountKey {
     /// Re-derives the key's expiry after the stored state changed in place, deleting the key
     /// when nothing is left to keep.
     pub fn touch(&mut self) {
-        let retention = match self.get() {
-            Some(account) => account.retention(),
-            None => return,
+        let key = self.key;
+        let Some(stored) = self.stored() else {
+            return;
         };
+        let retention = stored.account.retention();
         let at = match retention {
             Retention::Nothing => {
                 self.delete();
@@ -138,17 +166,22 @@ impl AccountKey {
             Retention::Forever => None,
             Retention::Until(at) => Some(at),
         };
+        let wanted = at.unwrap_or(-1);
+        if stored.expiry == wanted {
+            return;
+        }
+        stored.expiry = wanted;
         unsafe {
-            let current = raw::RedisModule_GetAbsExpire.map_or(-1, |f| f(self.key));
+            let current = raw::RedisModule_GetAbsExpire.map_or(-1, |f| f(key));
             match at {
                 Some(at) if at != current => {
                     if let Some(f) = raw::RedisModule_SetAbsExpire {
-                        f(self.key, at);
+                        f(key, at);
                     }
                 }
                 None if current != -1 => {
                     if let Some(f) = raw::RedisModule_SetExpire {
-                        f(self.key, raw::REDISMODULE_NO_EXPIRE as i64);
+                        f(key, raw::REDISMODULE_NO_EXPIRE as i64);
                     }
                 }
                 _ => {}
@@ -197,14 +230,14 @@ unsafe extern "C" fn rdb_load(rdb: *mut raw::RedisModuleIO, encver: c_int) -> *m
         return ptr::null_mut();
     };
     match Account::decode(buf.as_ref()) {
-        Some(account) => Box::into_raw(Box::new(account)).cast(),
+        Some(account) => Stored::boxed(account),
         None => ptr::null_mut(),
     }
 }
 
 unsafe extern "C" fn rdb_save(rdb: *mut raw::RedisModuleIO, value: *mut c_void) {
-    if let Some(account) = unsafe { value.cast::<Account>().as_ref() } {
-        raw::save_slice(rdb, &account.encode());
+    if let Some(stored) = unsafe { value.cast::<Stored>().as_ref() } {
+        raw::save_slice(rdb, &stored.account.encode());
     }
 }
 
@@ -213,10 +246,10 @@ unsafe extern "C" fn aof_rewrite(
     key: *mut raw::RedisModuleString,
     value: *mut c_void,
 ) {
-    let Some(account) = (unsafe { value.cast::<Account>().as_ref() }) else {
+    let Some(stored) = (unsafe { value.cast::<Stored>().as_ref() }) else {
         return;
     };
-    let state = account.encode();
+    let state = stored.account.encode();
     unsafe {
         if let Some(emit) = raw::RedisModule_EmitAOF {
             emit(
@@ -232,15 +265,15 @@ unsafe extern "C" fn aof_rewrite(
 }
 
 unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
-    match unsafe { value.cast::<Account>().as_ref() } {
-        Some(account) => std::mem::size_of::<Account>() + account.heap_size(),
+    match unsafe { value.cast::<Stored>().as_ref() } {
+        Some(stored) => std::mem::size_of::<Stored>() + stored.account.heap_size(),
         None => 0,
     }
 }
 
 unsafe extern "C" fn free(value: *mut c_void) {
     if !value.is_null() {
-        drop(unsafe { Box::from_raw(value.cast::<Account>()) });
+        drop(unsafe { Box::from_raw(value.cast::<Stored>()) });
     }
 }
 
@@ -249,8 +282,8 @@ unsafe extern "C" fn copy(
     _to: *mut raw::RedisModuleString,
     value: *const c_void,
 ) -> *mut c_void {
-    match unsafe { value.cast::<Account>().as_ref() } {
-        Some(account) => Box::into_raw(Box::new(account.clone())).cast(),
+    match unsafe { value.cast::<Stored>().as_ref() } {
+        Some(stored) => Stored::boxed(stored.account.clone()),
         None => ptr::null_mut(),
     }
 }

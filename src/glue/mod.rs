@@ -4,4 +4,5 @@
 
 pub mod account_type;
 pub mod blocked;
+pub mod propagation;
 pub mod reply;
