@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use redis_module::configuration::ConfigurationContext;
 use redis_module::enum_configuration;
+use redis_module::{ConfigurationValue, RedisError, RedisString};
 
 enum_configuration! {
     /// What `QUOTA.ADMIT` does on a cache miss where it cannot block (MULTI, scripts).
@@ -22,10 +23,52 @@ enum_configuration! {
     }
 }
 
+/// A string option whose values are checked before Redis accepts them (a bad value is refused
+/// by `CONFIG SET`, or fails the module load, instead of breaking every later command).
+pub struct CheckedText {
+    value: Mutex<String>,
+    check: fn(&str) -> Result<(), String>,
+}
+
+impl CheckedText {
+    const fn new(check: fn(&str) -> Result<(), String>) -> CheckedText {
+        CheckedText {
+            value: Mutex::new(String::new()),
+            check,
+        }
+    }
+}
+
+impl ConfigurationValue<RedisString> for CheckedText {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        RedisString::create(None, text(self).as_str())
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, value: RedisString) -> Result<(), RedisError> {
+        let value = value
+            .try_as_str()
+            .map_err(|_| RedisError::Str("must be UTF-8"))?
+            .to_owned();
+        (self.check)(&value).map_err(RedisError::String)?;
+        let mut slot = self.value.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = value;
+        Ok(())
+    }
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    crate::store::validate_url(url).map_err(|e| e.to_string().trim_start_matches("ERR ").to_owned())
+}
+
+fn check_schema(name: &str) -> Result<(), String> {
+    crate::store::validate_schema(name)
+        .map_err(|e| e.to_string().trim_start_matches("ERR ").to_owned())
+}
+
 /// `quota.pg-url` (sensitive).
-pub static PG_URL: Mutex<String> = Mutex::new(String::new());
+pub static PG_URL: CheckedText = CheckedText::new(check_url);
 /// `quota.schema`.
-pub static SCHEMA: Mutex<String> = Mutex::new(String::new());
+pub static SCHEMA: CheckedText = CheckedText::new(check_schema);
 /// `quota.pool-size` (worker threads and Postgres connections; immutable after load).
 pub static POOL_SIZE: AtomicI64 = AtomicI64::new(DEFAULT_POOL_SIZE);
 /// `quota.pg-timeout-ms`.
@@ -62,8 +105,51 @@ pub const DEFAULT_LEASE_TTL: i64 = 300;
 pub const MAX_LEASE_TTL: i64 = 86_400;
 
 /// Reads a string option.
-pub fn text(option: &Mutex<String>) -> String {
-    option.lock().map(|s| s.clone()).unwrap_or_default()
+pub fn text(option: &CheckedText) -> String {
+    option.value.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+/// Byte ranges of the password inside a PostgreSQL URL or key=value string (`user:PASSWORD@`
+/// in the authority, or any `password=VALUE`), so it can be masked where Redis would show it.
+pub fn secret_spans(url: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    if let Some(scheme_end) = find(url, b"://") {
+        let start = scheme_end + 3;
+        let end = url[start..]
+            .iter()
+            .position(|&b| b == b'/' || b == b'?')
+            .map_or(url.len(), |i| start + i);
+        if let Some(at) = url[start..end].iter().rposition(|&b| b == b'@') {
+            let userinfo = start..start + at;
+            if let Some(colon) = url[userinfo.clone()].iter().position(|&b| b == b':') {
+                spans.push(userinfo.start + colon + 1..userinfo.end);
+            }
+        }
+    }
+    let mut from = 0;
+    while let Some(i) = find(&url[from..], b"password=") {
+        let start = from + i + b"password=".len();
+        let quoted = url.get(start) == Some(&b'\'');
+        let end = url[start..]
+            .iter()
+            .enumerate()
+            .position(|(j, &b)| {
+                if quoted {
+                    j > 0 && b == b'\''
+                } else {
+                    b == b' ' || b == b'&'
+                }
+            })
+            .map_or(url.len(), |j| start + j + usize::from(quoted));
+        spans.push(start..end);
+        from = end.max(start);
+    }
+    spans
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Reads an integer option.
@@ -87,4 +173,44 @@ pub fn script_miss() -> ScriptMiss {
 /// Called by Redis after any `quota.*` option changed.
 pub fn on_change<G, T>(_ctx: &ConfigurationContext, name: &str, _value: &'static T) {
     crate::state::reconfigure(name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(url: &str) -> String {
+        let mut bytes = url.as_bytes().to_vec();
+        for span in secret_spans(&bytes.clone()) {
+            for b in &mut bytes[span] {
+                *b = b'*';
+            }
+        }
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn passwords_are_found_in_every_url_form() {
+        assert_eq!(
+            masked("postgresql://u:S3cret@h:5/db"),
+            "postgresql://u:******@h:5/db"
+        );
+        assert_eq!(masked("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            masked("postgres://h/db?password=abc&x=1"),
+            "postgres://h/db?password=***&x=1"
+        );
+        assert_eq!(
+            masked("host=h password=abc user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(
+            masked("host=h password='a b' user=u"),
+            "host=h password=***** user=u"
+        );
+        assert_eq!(
+            masked("postgresql://u:p@ss@h/db"),
+            "postgresql://u:****@h/db"
+        );
+    }
 }

@@ -136,7 +136,36 @@ mod module {
         );
     }
 
-    fn init(ctx: &Context, _args: &[RedisString]) -> Status {
+    /// Masks the password in the `pg-url` module argument in place: Redis keeps the load
+    /// arguments and shows them in `MODULE LIST`. The configuration has already read them.
+    fn mask_pg_url_argument(args: &[RedisString]) {
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            if !arg.as_slice().eq_ignore_ascii_case(b"pg-url") {
+                continue;
+            }
+            let Some(value) = iter.next() else { break };
+            let spans = config::secret_spans(value.as_slice());
+            let mut len = 0usize;
+            let ptr = unsafe {
+                raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(value.inner, &mut len))
+            };
+            if ptr.is_null() {
+                continue;
+            }
+            for span in spans {
+                if span.end <= len {
+                    // The argument's bytes are a plain sds owned by Redis; same length, masked.
+                    unsafe {
+                        std::ptr::write_bytes((ptr as *mut u8).add(span.start), b'*', span.len())
+                    };
+                }
+            }
+        }
+    }
+
+    fn init(ctx: &Context, args: &[RedisString]) -> Status {
+        mask_pg_url_argument(args);
         if register_commands(ctx) == Status::Err {
             return Status::Err;
         }
@@ -236,8 +265,8 @@ mod module {
                 ["lease-ttl", &config::LEASE_TTL, config::DEFAULT_LEASE_TTL, 1, config::MAX_LEASE_TTL, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
             ],
             string: [
-                ["pg-url", &config::PG_URL, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<String, _>))],
-                ["schema", &config::SCHEMA, config::DEFAULT_SCHEMA, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<String, _>))],
+                ["pg-url", &config::PG_URL, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<RedisString, _>))],
+                ["schema", &config::SCHEMA, config::DEFAULT_SCHEMA, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<RedisString, _>))],
             ],
             bool: [
                 ["auto-deploy", &config::AUTO_DEPLOY, true, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<bool, _>))],

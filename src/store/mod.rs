@@ -48,6 +48,15 @@ pub fn is_own_backend(pid: i32) -> bool {
 }
 pub use schema::{validate_schema, MAX_SCHEMA_LEN};
 
+/// Checks that `url` parses as a PostgreSQL URL or key=value string (empty = not configured).
+/// The error never quotes the URL.
+pub fn validate_url(url: &str) -> Result<(), StoreError> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    pool::connection_config(url, 1000, "redis-quota").map(|_| ())
+}
+
 /// How to reach PostgreSQL (from the `quota.*` module configuration).
 #[derive(Clone)]
 pub struct StoreConfig {

@@ -1,0 +1,1950 @@
+//! Integration tests of the credits commands (`QUOTA.GRANT`, `GET`, `REVOKE`, `LIST`,
+//! `CLEANUP`, `INVALIDATE`) through the `redis` crate against a real `redis-server` with the
+//! module, on the shared PostgreSQL, one schema per test.
+//!
+//! What a user of the commands would notice: the records they get back (fields, types, values),
+//! what is stored in PostgreSQL, which credit applies, the cache staying coherent with writes
+//! made here and by SQL, errors for bad input that change nothing, and no leaked secrets.
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use redis::ConnectionLike;
+
+/// Every field of a record, in no particular order (GRANT adds `duplicate`).
+const RECORD_FIELDS: [&str; 18] = [
+    "tenant",
+    "project",
+    "user_id",
+    "bundle_id",
+    "additional_requests_per_day",
+    "additional_requests_per_month",
+    "additional_total_requests",
+    "additional_tokens_per_hour",
+    "additional_tokens_per_day",
+    "additional_tokens_per_month",
+    "additional_max_concurrent",
+    "expires_at",
+    "purchase_id",
+    "purchase_amount_usd",
+    "purchase_notes",
+    "active",
+    "created_at",
+    "updated_at",
+];
+
+/// Every field `INFO quota` must carry.
+const INFO_FIELDS: [&str; 28] = [
+    "quota_cache_entries",
+    "quota_cache_hits",
+    "quota_cache_misses",
+    "quota_cache_stale_hits",
+    "quota_cache_evictions",
+    "quota_loads_in_flight",
+    "quota_pg_queries",
+    "quota_pg_errors",
+    "quota_pg_latency_avg_us",
+    "quota_pg_latency_max_us",
+    "quota_pg_timeouts",
+    "quota_queue_depth",
+    "quota_queue_max",
+    "quota_queue_busy_rejections",
+    "quota_pool_size",
+    "quota_pool_connections",
+    "quota_pool_idle",
+    "quota_notify_state",
+    "quota_notify_received",
+    "quota_notify_reconnects",
+    "quota_admits_allowed",
+    "quota_admits_denied",
+    "quota_admits_pending",
+    "quota_admits_unavailable",
+    "quota_grants",
+    "quota_grants_duplicate",
+    "quota_revokes",
+    "quota_cleanups",
+];
+
+const T: &str = "acme";
+const P: &str = "chat";
+
+// ---------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------
+
+/// One Redis with the module on the shared PostgreSQL and a schema of its own.
+struct Env {
+    server: RedisServer,
+    schema: String,
+    pg: String,
+}
+
+impl Env {
+    fn start() -> Env {
+        Env::start_with(&[])
+    }
+
+    /// Starts Redis with extra module arguments. Unless `notify no` is given, waits for the
+    /// NOTIFY listener: its first connect drops the whole cache, which would otherwise race
+    /// with the cache behaviour a test looks at.
+    fn start_with(extra: &[(&str, &str)]) -> Env {
+        let schema = unique_schema();
+        let server = test_server_with(&schema, extra);
+        let env = Env {
+            server,
+            schema,
+            pg: PgServer::shared(),
+        };
+        if !extra.iter().any(|(k, v)| *k == "notify" && *v == "no") {
+            env.wait_notify("listening");
+        }
+        env
+    }
+
+    fn con(&self) -> redis::Connection {
+        self.server.client()
+    }
+
+    /// SQL with `{t}` = the credits table and `{e}` = the event table of this schema.
+    fn sql(&self, q: &str) -> String {
+        psql(&self.pg, &self.expand(q))
+    }
+
+    fn expand(&self, q: &str) -> String {
+        q.replace("{t}", &format!("{}.user_quota_replenishment", self.schema))
+            .replace(
+                "{e}",
+                &format!("{}.user_quota_replenishment_event", self.schema),
+            )
+    }
+
+    /// A digest of everything stored for this schema: rows (all columns) and events.
+    fn snapshot(&self) -> String {
+        self.sql(
+            "SELECT (SELECT count(*) FROM {t}) || ':' || \
+             coalesce((SELECT md5(string_agg(r::text, '|' ORDER BY r::text)) FROM {t} r), '-') \
+             || ':' || (SELECT count(*) FROM {e})",
+        )
+    }
+
+    fn stat(&self, field: &str) -> i64 {
+        stat(&self.server, field)
+    }
+
+    /// Waits until no load or refresh is in flight.
+    fn settle(&self) {
+        assert!(
+            wait_until(Duration::from_secs(5), || self
+                .stat("quota_loads_in_flight")
+                == 0),
+            "a load stayed in flight for 5 s"
+        );
+    }
+
+    fn wait_notify(&self, state: &str) {
+        let ok = wait_until(Duration::from_secs(15), || {
+            self.server
+                .info("quota")
+                .get("quota_notify_state")
+                .map(String::as_str)
+                == Some(state)
+        });
+        assert!(
+            ok,
+            "quota_notify_state did not become {state} within 15 s: {:?}",
+            self.server.info("quota").get("quota_notify_state")
+        );
+    }
+}
+
+/// An integer field of `INFO quota`.
+fn stat(server: &RedisServer, field: &str) -> i64 {
+    let info = server.info("quota");
+    info.get(field)
+        .unwrap_or_else(|| panic!("INFO quota has no {field}: {info:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("INFO quota {field} is not an integer: {e}"))
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// A command from byte-string arguments (for NUL and invalid UTF-8).
+fn bcmd(args: &[&[u8]]) -> redis::Cmd {
+    let mut c = redis::cmd(std::str::from_utf8(args[0]).expect("command name"));
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c
+}
+
+/// The raw reply, errors nested in arrays (EXEC) kept as `Value::ServerError`.
+fn raw_reply(con: &mut redis::Connection, args: &[&str]) -> Value {
+    con.req_command(&cmd(args))
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn grant(con: &mut redis::Connection, ids: [&str; 4], opts: &[&str]) -> HashMap<String, Value> {
+    let mut args = vec!["QUOTA.GRANT"];
+    args.extend_from_slice(&ids);
+    args.extend_from_slice(opts);
+    query_map(con, &args)
+}
+
+/// `QUOTA.GET` as a record, `None` for nil.
+fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<HashMap<String, Value>> {
+    let mut args = vec!["QUOTA.GET"];
+    args.extend_from_slice(&ids);
+    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
+        Value::Nil => None,
+        v => Some(to_map(v)),
+    }
+}
+
+fn list(con: &mut redis::Connection, ids: [&str; 3], all: bool) -> HashMap<String, Value> {
+    let mut args = vec!["QUOTA.LIST"];
+    args.extend_from_slice(&ids);
+    if all {
+        args.push("ALL");
+    }
+    query_map(con, &args)
+}
+
+fn revoke(con: &mut redis::Connection, ids: [&str; 4]) -> i64 {
+    let mut args = vec!["QUOTA.REVOKE"];
+    args.extend_from_slice(&ids);
+    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
+        Value::Int(i) => i,
+        other => panic!("QUOTA.REVOKE replied {other:?}"),
+    }
+}
+
+fn int_reply(con: &mut redis::Connection, args: &[&str]) -> i64 {
+    match query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
+        Value::Int(i) => i,
+        other => panic!("{args:?} replied {other:?}, not an integer"),
+    }
+}
+
+fn ping(con: &mut redis::Connection) {
+    let pong: String = redis::cmd("PING").query(con).expect("PING");
+    assert_eq!(pong, "PONG");
+}
+
+/// A record field that must be an integer reply (not a string holding one).
+fn int_field(m: &HashMap<String, Value>, field: &str) -> i64 {
+    match m.get(field) {
+        Some(Value::Int(i)) => *i,
+        other => panic!("field {field} should be an integer reply, got {other:?} in {m:?}"),
+    }
+}
+
+/// A record field that must be a string reply.
+fn str_field(m: &HashMap<String, Value>, field: &str) -> String {
+    match m.get(field) {
+        Some(Value::BulkString(b)) => String::from_utf8(b.clone()).expect("UTF-8 field"),
+        Some(Value::SimpleString(s)) => s.clone(),
+        Some(Value::VerbatimString { text, .. }) => text.clone(),
+        other => panic!("field {field} should be a string reply, got {other:?} in {m:?}"),
+    }
+}
+
+fn assert_nil(m: &HashMap<String, Value>, fields: &[&str]) {
+    for f in fields {
+        assert!(field_is_nil(m, f), "field {f} should be nil in {m:?}");
+    }
+}
+
+/// The record carries exactly the table's columns (plus `extra`).
+fn assert_record_fields(m: &HashMap<String, Value>, extra: &[&str]) {
+    let got: BTreeSet<&str> = m.keys().map(String::as_str).collect();
+    let mut want: BTreeSet<&str> = RECORD_FIELDS.iter().copied().collect();
+    want.extend(extra.iter().copied());
+    assert_eq!(got, want, "record fields differ: {m:?}");
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Polls `QUOTA.GET` until `pred` holds (bounded); returns the last reply.
+fn poll_get(
+    con: &mut redis::Connection,
+    ids: [&str; 4],
+    timeout: Duration,
+    mut pred: impl FnMut(&Option<HashMap<String, Value>>) -> bool,
+) -> (bool, Option<HashMap<String, Value>>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = get(con, ids);
+        if pred(&r) {
+            return (true, r);
+        }
+        if Instant::now() >= deadline {
+            return (false, r);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn bundle_of(r: &Option<HashMap<String, Value>>) -> Option<String> {
+    r.as_ref().and_then(|m| field_str(m, "bundle_id"))
+}
+
+// ---------------------------------------------------------------------------
+// QUOTA.GRANT
+// ---------------------------------------------------------------------------
+
+#[test]
+fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_ones() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "alice", "*"];
+    let before = now_s();
+    let expires = before + 3600;
+    let exp = expires.to_string();
+    let r = grant(
+        &mut con,
+        ids,
+        &[
+            "REQUESTS_PER_DAY",
+            "10",
+            "requests_per_month",
+            "200",
+            "TOTAL_REQUESTS",
+            "2147483647",
+            "TOKENS_PER_HOUR",
+            "5000",
+            "Tokens_Per_Day",
+            "9223372036854775807",
+            "TOKENS_PER_MONTH",
+            "0",
+            "MAX_CONCURRENT",
+            "3",
+            "EXPIRES_AT",
+            &exp,
+            "PURCHASE",
+            "pay-1",
+            "AMOUNT",
+            "10",
+            "NOTES",
+            "trial bonus",
+        ],
+    );
+    let after = now_s();
+    assert_record_fields(&r, &["duplicate"]);
+    assert_eq!(str_field(&r, "tenant"), T);
+    assert_eq!(str_field(&r, "project"), P);
+    assert_eq!(str_field(&r, "user_id"), "alice");
+    assert_eq!(str_field(&r, "bundle_id"), "*");
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 10);
+    assert_eq!(int_field(&r, "additional_requests_per_month"), 200);
+    assert_eq!(int_field(&r, "additional_total_requests"), 2147483647);
+    assert_eq!(int_field(&r, "additional_tokens_per_hour"), 5000);
+    assert_eq!(int_field(&r, "additional_tokens_per_day"), i64::MAX);
+    assert_eq!(int_field(&r, "additional_tokens_per_month"), 0);
+    assert_eq!(int_field(&r, "additional_max_concurrent"), 3);
+    assert_eq!(int_field(&r, "expires_at"), expires);
+    assert_eq!(str_field(&r, "purchase_id"), "pay-1");
+    assert_eq!(str_field(&r, "purchase_amount_usd"), "10.00");
+    assert_eq!(str_field(&r, "purchase_notes"), "trial bonus");
+    assert_eq!(int_field(&r, "active"), 1);
+    assert_eq!(int_field(&r, "duplicate"), 0);
+    let created = int_field(&r, "created_at");
+    let updated = int_field(&r, "updated_at");
+    // The database clock and ours agree within a few seconds on one machine.
+    assert!(
+        (before - 5..=after + 5).contains(&created),
+        "created_at {created} not near now ({before}..{after})"
+    );
+    assert!(
+        updated >= created,
+        "updated_at {updated} < created_at {created}"
+    );
+
+    // PostgreSQL holds exactly that.
+    let row = env.sql(
+        "SELECT additional_requests_per_day, additional_requests_per_month, \
+         additional_total_requests, additional_tokens_per_hour, additional_tokens_per_day, \
+         additional_tokens_per_month, additional_max_concurrent, \
+         extract(epoch FROM expires_at)::bigint, purchase_id, purchase_amount_usd::text, \
+         purchase_notes, active, floor(extract(epoch FROM created_at))::bigint \
+         FROM {t} WHERE tenant = 'acme' AND project = 'chat' AND user_id = 'alice' \
+         AND bundle_id = '*'",
+    );
+    assert_eq!(
+        row,
+        format!(
+            "10|200|2147483647|5000|9223372036854775807|0|3|{expires}|pay-1|10.00|trial bonus|t|{created}"
+        )
+    );
+
+    // GET answers the same record (without `duplicate`).
+    let g = get(&mut con, [T, P, "alice", "any-bundle"]).expect("GET finds the '*' row");
+    assert_record_fields(&g, &[]);
+    for f in RECORD_FIELDS {
+        assert_eq!(g.get(f), r.get(f), "GET and GRANT differ on {f}");
+    }
+
+    // A replace with one amount: every absent amount, the expiry and the purchase fields
+    // become nil; the row keeps its creation time.
+    let r2 = grant(&mut con, ids, &["TOKENS_PER_DAY", "7"]);
+    assert_record_fields(&r2, &["duplicate"]);
+    assert_eq!(int_field(&r2, "additional_tokens_per_day"), 7);
+    assert_nil(
+        &r2,
+        &[
+            "additional_requests_per_day",
+            "additional_requests_per_month",
+            "additional_total_requests",
+            "additional_tokens_per_hour",
+            "additional_tokens_per_month",
+            "additional_max_concurrent",
+            "expires_at",
+            "purchase_id",
+            "purchase_amount_usd",
+            "purchase_notes",
+        ],
+    );
+    assert_eq!(int_field(&r2, "active"), 1);
+    assert_eq!(int_field(&r2, "duplicate"), 0);
+    assert_eq!(int_field(&r2, "created_at"), created);
+    assert_eq!(
+        env.sql(
+            "SELECT coalesce(additional_requests_per_day::text, 'NULL'), \
+             coalesce(expires_at::text, 'NULL'), coalesce(purchase_id, 'NULL'), \
+             coalesce(purchase_amount_usd::text, 'NULL'), coalesce(purchase_notes, 'NULL'), \
+             additional_tokens_per_day FROM {t} WHERE user_id = 'alice'"
+        ),
+        "NULL|NULL|NULL|NULL|NULL|7"
+    );
+
+    // Money is exact: one decimal is padded, the largest amount survives unchanged.
+    let r3 = grant(&mut con, ids, &["AMOUNT", "0.5"]);
+    assert_eq!(str_field(&r3, "purchase_amount_usd"), "0.50");
+    let r4 = grant(&mut con, ids, &["AMOUNT", "99999999.99"]);
+    assert_eq!(str_field(&r4, "purchase_amount_usd"), "99999999.99");
+    assert_eq!(
+        env.sql("SELECT purchase_amount_usd::text FROM {t} WHERE user_id = 'alice'"),
+        "99999999.99"
+    );
+    // A grant without any option is a row with every amount nil.
+    let r5 = grant(&mut con, ids, &[]);
+    assert_nil(&r5, &["additional_tokens_per_day", "purchase_amount_usd"]);
+    assert_eq!(int_field(&r5, "active"), 1);
+}
+
+#[test]
+fn grant_reactivates_a_revoked_row() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "bob", "gpt"];
+    let first = grant(&mut con, ids, &["REQUESTS_PER_DAY", "5"]);
+    assert_eq!(revoke(&mut con, ids), 1);
+    assert!(get(&mut con, ids).is_none(), "a revoked row must not apply");
+    let all = list(&mut con, [T, P, "bob"], true);
+    let revoked = to_map(
+        all.get("gpt")
+            .expect("LIST ALL shows the revoked row")
+            .clone(),
+    );
+    assert_eq!(int_field(&revoked, "active"), 0);
+
+    let again = grant(&mut con, ids, &["REQUESTS_PER_DAY", "6"]);
+    assert_eq!(int_field(&again, "active"), 1);
+    assert_eq!(int_field(&again, "additional_requests_per_day"), 6);
+    assert_eq!(
+        int_field(&again, "created_at"),
+        int_field(&first, "created_at"),
+        "reactivation updates the same row"
+    );
+    let g = get(&mut con, ids).expect("the reactivated row applies");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 6);
+    assert_eq!(
+        env.sql("SELECT count(*), bool_and(active) FROM {t} WHERE user_id = 'bob'"),
+        "1|t"
+    );
+}
+
+#[test]
+fn expires_in_and_expires_at_set_the_expiry() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "carol", "*"];
+
+    let before = now_s();
+    let r = grant(
+        &mut con,
+        ids,
+        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "3600"],
+    );
+    let after = now_s();
+    let at = int_field(&r, "expires_at");
+    assert!(
+        (before + 3600..=after + 3600).contains(&at),
+        "EXPIRES_IN 3600 gave expires_at {at}, expected {}..{}",
+        before + 3600,
+        after + 3600
+    );
+    assert_eq!(
+        env.sql("SELECT extract(epoch FROM expires_at)::bigint FROM {t} WHERE user_id = 'carol'"),
+        at.to_string()
+    );
+
+    let fixed = now_s() + 86_400 * 30;
+    let r = grant(&mut con, ids, &["EXPIRES_AT", &fixed.to_string()]);
+    assert_eq!(int_field(&r, "expires_at"), fixed);
+    // The latest accepted instant.
+    let r = grant(&mut con, ids, &["EXPIRES_AT", "253402300799"]);
+    assert_eq!(int_field(&r, "expires_at"), 253402300799);
+    // A replace without expiry: never expires.
+    let r = grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    assert_nil(&r, &["expires_at"]);
+    assert_eq!(
+        env.sql("SELECT expires_at IS NULL FROM {t} WHERE user_id = 'carol'"),
+        "t"
+    );
+}
+
+#[test]
+fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones() {
+    let env = Env::start();
+    let mut con = env.con();
+
+    // Missing row: a top-up from zero, never expiring.
+    let missing = [T, P, "dave", "missing"];
+    let r = grant(&mut con, missing, &["ADD", "REQUESTS_PER_DAY", "5"]);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+    assert_nil(&r, &["expires_at", "additional_tokens_per_day"]);
+    assert_eq!(int_field(&r, "active"), 1);
+
+    // Live row: given amounts add up, absent ones and the expiry are kept, money adds up.
+    let live = [T, P, "dave", "live"];
+    let base = grant(
+        &mut con,
+        live,
+        &[
+            "REQUESTS_PER_DAY",
+            "10",
+            "TOKENS_PER_DAY",
+            "100",
+            "EXPIRES_IN",
+            "3600",
+            "AMOUNT",
+            "1.50",
+            "PURCHASE",
+            "p-live-1",
+        ],
+    );
+    let expiry = int_field(&base, "expires_at");
+    let r = grant(
+        &mut con,
+        live,
+        &["add", "REQUESTS_PER_DAY", "5", "AMOUNT", "2.25"],
+    );
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 15);
+    assert_eq!(int_field(&r, "additional_tokens_per_day"), 100);
+    assert_eq!(int_field(&r, "expires_at"), expiry);
+    assert_eq!(str_field(&r, "purchase_amount_usd"), "3.75");
+    assert_eq!(int_field(&r, "duplicate"), 0);
+    // An expiry given with ADD replaces the old one.
+    let before = now_s();
+    let r = grant(
+        &mut con,
+        live,
+        &["ADD", "TOKENS_PER_DAY", "1", "EXPIRES_IN", "7200"],
+    );
+    assert!(int_field(&r, "expires_at") >= before + 7200);
+    assert_eq!(int_field(&r, "additional_tokens_per_day"), 101);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 15);
+    let g = get(&mut con, live).expect("live row");
+    assert_eq!(int_field(&g, "additional_tokens_per_day"), 101);
+    assert_eq!(
+        env.sql(
+            "SELECT additional_requests_per_day, additional_tokens_per_day, \
+             purchase_amount_usd::text FROM {t} WHERE bundle_id = 'live'"
+        ),
+        "15|101|3.75"
+    );
+    // A top-up that would overflow the money column is refused and changes nothing.
+    grant(
+        &mut con,
+        live,
+        &["AMOUNT", "99999999.99", "REQUESTS_PER_DAY", "1"],
+    );
+    let snap = env.snapshot();
+    let e = query_err(
+        &mut con,
+        &["QUOTA.GRANT", T, P, "dave", "live", "ADD", "AMOUNT", "0.01"],
+    );
+    assert!(e.contains("AMOUNT"), "overflowing AMOUNT top-up: {e}");
+    assert_eq!(env.snapshot(), snap, "a refused top-up changed PostgreSQL");
+    // Likewise an INT column.
+    grant(&mut con, live, &["REQUESTS_PER_DAY", "2147483647"]);
+    let snap = env.snapshot();
+    let e = query_err(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            T,
+            P,
+            "dave",
+            "live",
+            "ADD",
+            "REQUESTS_PER_DAY",
+            "1",
+        ],
+    );
+    assert!(e.contains("REQUESTS_PER_DAY"), "overflowing top-up: {e}");
+    assert_eq!(env.snapshot(), snap, "a refused top-up changed PostgreSQL");
+
+    // Revoked row: a top-up starts from zero and reactivates it.
+    let revoked = [T, P, "dave", "revoked"];
+    grant(
+        &mut con,
+        revoked,
+        &["REQUESTS_PER_DAY", "10", "TOKENS_PER_DAY", "50"],
+    );
+    assert_eq!(revoke(&mut con, revoked), 1);
+    let r = grant(&mut con, revoked, &["ADD", "REQUESTS_PER_DAY", "5"]);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+    assert_nil(&r, &["additional_tokens_per_day"]);
+    assert_eq!(int_field(&r, "active"), 1);
+
+    // Expired row: a top-up starts from zero and, without an expiry, never expires.
+    let expired = [T, P, "dave", "expired"];
+    grant(
+        &mut con,
+        expired,
+        &[
+            "REQUESTS_PER_DAY",
+            "10",
+            "TOKENS_PER_DAY",
+            "50",
+            "EXPIRES_IN",
+            "1",
+        ],
+    );
+    let (ok, last) = poll_get(&mut con, expired, Duration::from_secs(5), |r| r.is_none());
+    assert!(ok, "the row did not expire within 5 s: {last:?}");
+    let r = grant(&mut con, expired, &["ADD", "REQUESTS_PER_DAY", "5"]);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+    assert_nil(&r, &["additional_tokens_per_day", "expires_at"]);
+    assert_eq!(int_field(&r, "active"), 1);
+    let g = get(&mut con, expired).expect("the topped-up row applies again");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
+
+    // The event log tells grants from top-ups.
+    assert_eq!(
+        env.sql("SELECT count(*) FROM {e} WHERE event_type = 'topup'"),
+        "5",
+        "one topup event per successful ADD"
+    );
+}
+
+#[test]
+fn a_purchase_id_is_applied_once_per_tenant_and_project() {
+    let env = Env::start();
+    let mut con = env.con();
+    let dup_before = env.stat("quota_grants_duplicate");
+
+    let star = [T, P, "erin", "*"];
+    let r = grant(
+        &mut con,
+        star,
+        &["ADD", "REQUESTS_PER_DAY", "5", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 0);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+
+    // The same purchase again: nothing changes, the current record comes back.
+    let r = grant(
+        &mut con,
+        star,
+        &["ADD", "REQUESTS_PER_DAY", "5", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 1);
+    assert_eq!(
+        int_field(&r, "additional_requests_per_day"),
+        5,
+        "applied twice"
+    );
+    assert_eq!(str_field(&r, "purchase_id"), "pay-42");
+    let g = get(&mut con, star).expect("row");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
+    // A replace carrying the same purchase id is a duplicate too.
+    let r = grant(
+        &mut con,
+        star,
+        &["REQUESTS_PER_DAY", "1", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 1);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+
+    // Same tenant and project, another bundle of the same user: still a duplicate.
+    let r = grant(
+        &mut con,
+        [T, P, "erin", "gpt"],
+        &["ADD", "REQUESTS_PER_DAY", "7", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 1);
+    let g = get(&mut con, [T, P, "erin", "gpt"]).expect("the '*' row applies");
+    assert_eq!(field_str(&g, "bundle_id").as_deref(), Some("*"));
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
+
+    // Same tenant and project, another user: a duplicate, nothing stored for that user.
+    let r = grant(
+        &mut con,
+        [T, P, "frank", "*"],
+        &["REQUESTS_PER_DAY", "7", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 1);
+    assert!(get(&mut con, [T, P, "frank", "*"]).is_none());
+    assert_eq!(
+        env.sql("SELECT count(*) FROM {t} WHERE user_id = 'frank' OR bundle_id = 'gpt'"),
+        "0"
+    );
+
+    // Another project (or tenant): a new purchase.
+    let r = grant(
+        &mut con,
+        [T, "other-project", "erin", "*"],
+        &["ADD", "REQUESTS_PER_DAY", "9", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 0);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 9);
+    let r = grant(
+        &mut con,
+        ["other-tenant", P, "erin", "*"],
+        &["ADD", "REQUESTS_PER_DAY", "3", "PURCHASE", "pay-42"],
+    );
+    assert_eq!(int_field(&r, "duplicate"), 0);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 3);
+
+    assert_eq!(
+        env.sql("SELECT additional_requests_per_day FROM {t} WHERE tenant = 'acme' AND project = 'chat'"),
+        "5"
+    );
+    assert_eq!(
+        env.sql("SELECT count(*) FROM {e} WHERE purchase_id = 'pay-42'"),
+        "3",
+        "one event per (tenant, project)"
+    );
+    assert_eq!(env.stat("quota_grants_duplicate") - dup_before, 4);
+}
+
+// ---------------------------------------------------------------------------
+// QUOTA.GET
+// ---------------------------------------------------------------------------
+
+#[test]
+fn get_prefers_the_bundle_row_then_the_star_row_then_nil() {
+    let env = Env::start();
+    let mut con = env.con();
+    assert!(
+        get(&mut con, [T, P, "gina", "gpt"]).is_none(),
+        "nothing granted yet"
+    );
+
+    grant(&mut con, [T, P, "gina", "*"], &["REQUESTS_PER_DAY", "1"]);
+    grant(&mut con, [T, P, "gina", "gpt"], &["REQUESTS_PER_DAY", "2"]);
+    let g = get(&mut con, [T, P, "gina", "gpt"]).expect("bundle row");
+    assert_eq!(str_field(&g, "bundle_id"), "gpt");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 2);
+    let g = get(&mut con, [T, P, "gina", "claude"]).expect("'*' row");
+    assert_eq!(str_field(&g, "bundle_id"), "*");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
+    assert_eq!(str_field(&g, "user_id"), "gina");
+
+    // Revoked bundle row: the '*' row applies.
+    assert_eq!(revoke(&mut con, [T, P, "gina", "gpt"]), 1);
+    let g = get(&mut con, [T, P, "gina", "gpt"]).expect("'*' row after revoke");
+    assert_eq!(str_field(&g, "bundle_id"), "*");
+    // Nothing applies once both are revoked; another user or project sees nothing either.
+    assert_eq!(revoke(&mut con, [T, P, "gina", "*"]), 1);
+    assert!(get(&mut con, [T, P, "gina", "gpt"]).is_none());
+    grant(&mut con, [T, P, "gina", "*"], &["REQUESTS_PER_DAY", "1"]);
+    assert!(get(&mut con, [T, "other", "gina", "gpt"]).is_none());
+    assert!(get(&mut con, [T, P, "gina2", "gpt"]).is_none());
+}
+
+#[test]
+fn an_expired_bundle_row_falls_back_to_the_star_row() {
+    let env = Env::start();
+    let mut con = env.con();
+    grant(&mut con, [T, P, "hank", "*"], &["REQUESTS_PER_DAY", "1"]);
+    let r = grant(
+        &mut con,
+        [T, P, "hank", "gpt"],
+        &["REQUESTS_PER_DAY", "2", "EXPIRES_IN", "1"],
+    );
+    let expires = int_field(&r, "expires_at");
+    let g = get(&mut con, [T, P, "hank", "gpt"]).expect("bundle row");
+    assert_eq!(str_field(&g, "bundle_id"), "gpt");
+
+    let (ok, last) = poll_get(
+        &mut con,
+        [T, P, "hank", "gpt"],
+        Duration::from_secs(5),
+        |r| bundle_of(r).as_deref() == Some("*"),
+    );
+    assert!(ok, "GET did not fall back to '*' within 5 s: {last:?}");
+    assert!(
+        now_s() >= expires,
+        "fell back before the row expired ({} < {expires})",
+        now_s()
+    );
+    // Expiry is checked at read time: the row is still active in PostgreSQL.
+    assert_eq!(
+        env.sql("SELECT active FROM {t} WHERE bundle_id = 'gpt'"),
+        "t"
+    );
+    // LIST shows live rows only; LIST ALL the expired one too.
+    let live = list(&mut con, [T, P, "hank"], false);
+    assert_eq!(
+        live.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["*".to_string()])
+    );
+    let all = list(&mut con, [T, P, "hank"], true);
+    assert!(
+        all.contains_key("gpt"),
+        "LIST ALL lacks the expired row: {all:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// QUOTA.REVOKE, QUOTA.LIST, QUOTA.CLEANUP, QUOTA.INVALIDATE
+// ---------------------------------------------------------------------------
+
+#[test]
+fn revoke_answers_1_then_0_and_soft_deletes() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "ivy", "gpt"];
+    assert_eq!(revoke(&mut con, ids), 0, "nothing to revoke");
+    grant(&mut con, ids, &["REQUESTS_PER_DAY", "3"]);
+    let revokes = env.stat("quota_revokes");
+    assert_eq!(revoke(&mut con, ids), 1);
+    assert_eq!(revoke(&mut con, ids), 0, "already revoked");
+    assert!(get(&mut con, ids).is_none());
+    assert_eq!(env.stat("quota_revokes") - revokes, 1);
+    assert_eq!(
+        env.sql("SELECT count(*), bool_or(active) FROM {t} WHERE user_id = 'ivy'"),
+        "1|f",
+        "REVOKE is a soft delete"
+    );
+    assert_eq!(
+        env.sql("SELECT count(*) FROM {e} WHERE event_type = 'revoke'"),
+        "1"
+    );
+}
+
+#[test]
+fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
+    let env = Env::start();
+    let mut con = env.con();
+    let user = [T, P, "jack"];
+    assert!(list(&mut con, user, false).is_empty());
+    assert!(list(&mut con, user, true).is_empty());
+
+    grant(
+        &mut con,
+        [T, P, "jack", "expiring"],
+        &["REQUESTS_PER_DAY", "4", "EXPIRES_IN", "1"],
+    );
+    grant(&mut con, [T, P, "jack", "*"], &["REQUESTS_PER_DAY", "1"]);
+    grant(
+        &mut con,
+        [T, P, "jack", "gpt"],
+        &["TOKENS_PER_DAY", "2", "AMOUNT", "3"],
+    );
+    grant(
+        &mut con,
+        [T, P, "jack", "revoked"],
+        &["REQUESTS_PER_DAY", "3"],
+    );
+    assert_eq!(revoke(&mut con, [T, P, "jack", "revoked"]), 1);
+    // Another user's rows never show.
+    grant(&mut con, [T, P, "jack2", "gpt"], &["REQUESTS_PER_DAY", "9"]);
+
+    let (ok, last) = poll_get(
+        &mut con,
+        [T, P, "jack", "expiring"],
+        Duration::from_secs(5),
+        |r| bundle_of(r).as_deref() == Some("*"),
+    );
+    assert!(ok, "the expiring row did not expire: {last:?}");
+
+    let live = list(&mut con, user, false);
+    let keys: BTreeSet<String> = live.keys().cloned().collect();
+    assert_eq!(keys, BTreeSet::from(["*".to_string(), "gpt".to_string()]));
+    for (bundle, v) in live {
+        let rec = to_map(v);
+        assert_record_fields(&rec, &[]);
+        assert_eq!(str_field(&rec, "bundle_id"), bundle);
+        assert_eq!(str_field(&rec, "user_id"), "jack");
+        if bundle == "gpt" {
+            assert_eq!(int_field(&rec, "additional_tokens_per_day"), 2);
+            assert_eq!(str_field(&rec, "purchase_amount_usd"), "3.00");
+            assert_nil(&rec, &["additional_requests_per_day", "expires_at"]);
+        }
+    }
+
+    let all = list(&mut con, user, true);
+    let keys: BTreeSet<String> = all.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        ["*", "gpt", "revoked", "expiring"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>()
+    );
+    let revoked = to_map(all["revoked"].clone());
+    assert_eq!(int_field(&revoked, "active"), 0);
+    let expiring = to_map(all["expiring"].clone());
+    assert!(int_field(&expiring, "expires_at") <= now_s());
+    // `all` is case-insensitive.
+    let lower = query_map(&mut con, &["QUOTA.LIST", T, P, "jack", "all"]);
+    assert_eq!(lower.len(), 4);
+}
+
+#[test]
+fn cleanup_deactivates_expired_rows_and_every_change_is_an_event() {
+    let env = Env::start();
+    let mut con = env.con();
+    let cleanups = env.stat("quota_cleanups");
+    // Nothing expired yet.
+    grant(
+        &mut con,
+        [T, P, "kim", "e1"],
+        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "1"],
+    );
+    grant(
+        &mut con,
+        [T, P, "lee", "e2"],
+        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "1"],
+    );
+    grant(
+        &mut con,
+        [T, P, "kim", "keep"],
+        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "3600"],
+    );
+    grant(
+        &mut con,
+        [T, P, "kim", "keep"],
+        &["ADD", "REQUESTS_PER_DAY", "1"],
+    );
+    grant(&mut con, [T, P, "kim", "gone"], &["REQUESTS_PER_DAY", "1"]);
+    assert_eq!(revoke(&mut con, [T, P, "kim", "gone"]), 1);
+
+    // Wait until both short rows are past their expiry (as the module sees it).
+    for ids in [[T, P, "kim", "e1"], [T, P, "lee", "e2"]] {
+        let (ok, last) = poll_get(&mut con, ids, Duration::from_secs(5), |r| r.is_none());
+        assert!(ok, "{ids:?} did not expire: {last:?}");
+    }
+    let ok = wait_until(Duration::from_secs(5), || {
+        env.sql("SELECT count(*) FROM {t} WHERE expires_at <= now()") == "2"
+    });
+    assert!(ok, "PostgreSQL does not see the two rows as expired");
+
+    assert_eq!(int_reply(&mut con, &["QUOTA.CLEANUP"]), 2);
+    assert_eq!(
+        int_reply(&mut con, &["QUOTA.CLEANUP"]),
+        0,
+        "second run finds nothing"
+    );
+    assert_eq!(env.stat("quota_cleanups") - cleanups, 2);
+    assert_eq!(
+        env.sql("SELECT string_agg(bundle_id || '=' || active, ',' ORDER BY bundle_id) FROM {t}"),
+        "e1=false,e2=false,gone=false,keep=true"
+    );
+    assert_eq!(
+        env.sql(
+            "SELECT string_agg(event_type || ':' || n, ',' ORDER BY event_type) FROM \
+             (SELECT event_type, count(*) AS n FROM {e} GROUP BY event_type) x"
+        ),
+        "expire:2,grant:4,revoke:1,topup:1"
+    );
+    assert_eq!(
+        env.sql(
+            "SELECT string_agg(user_id || '/' || bundle_id, ',' ORDER BY bundle_id) \
+             FROM {e} WHERE event_type = 'expire'"
+        ),
+        "kim/e1,lee/e2"
+    );
+    // The rows stay readable through LIST ALL, inactive.
+    let all = list(&mut con, [T, P, "kim"], true);
+    assert_eq!(int_field(&to_map(all["e1"].clone()), "active"), 0);
+}
+
+#[test]
+fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
+    // Without NOTIFY, a change made by SQL is only seen once the entry is dropped.
+    let env = Env::start_with(&[("notify", "no"), ("cache-ttl-ms", "600000")]);
+    let mut con = env.con();
+    let ids = [T, P, "mia", "*"];
+    assert_eq!(
+        int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]),
+        0,
+        "nothing cached yet"
+    );
+    grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    assert_eq!(
+        int_field(
+            &get(&mut con, ids).expect("row"),
+            "additional_requests_per_day"
+        ),
+        1
+    );
+    env.sql("UPDATE {t} SET additional_requests_per_day = 55 WHERE user_id = 'mia'");
+    assert_eq!(
+        int_field(
+            &get(&mut con, ids).expect("row"),
+            "additional_requests_per_day"
+        ),
+        1,
+        "served from the cache (no NOTIFY, long TTL)"
+    );
+    let misses = env.stat("quota_cache_misses");
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 0);
+    let g = get(&mut con, ids).expect("row");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 55);
+    assert_eq!(
+        env.stat("quota_cache_misses") - misses,
+        1,
+        "the GET after INVALIDATE is a miss"
+    );
+    // Other users' entries are untouched.
+    grant(&mut con, [T, P, "ned", "*"], &["REQUESTS_PER_DAY", "1"]);
+    get(&mut con, [T, P, "ned", "*"]);
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
+    let misses = env.stat("quota_cache_misses");
+    get(&mut con, [T, P, "ned", "*"]);
+    assert_eq!(env.stat("quota_cache_misses"), misses);
+}
+
+// ---------------------------------------------------------------------------
+// Cache coherence
+// ---------------------------------------------------------------------------
+
+#[test]
+fn grant_and_revoke_write_through_the_cache() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "nora", "gpt"];
+    assert!(
+        get(&mut con, ids).is_none(),
+        "nothing yet (now cached as 'no credits')"
+    );
+    for (amount, expected) in [("5", 5), ("6", 6)] {
+        grant(&mut con, ids, &["REQUESTS_PER_DAY", amount]);
+        let misses = env.stat("quota_cache_misses");
+        let hits = env.stat("quota_cache_hits") + env.stat("quota_cache_stale_hits");
+        let g = get(&mut con, ids).expect("the grant is visible at once");
+        assert_eq!(int_field(&g, "additional_requests_per_day"), expected);
+        assert_eq!(
+            env.stat("quota_cache_misses"),
+            misses,
+            "the GET right after GRANT went to PostgreSQL"
+        );
+        assert_eq!(
+            env.stat("quota_cache_hits") + env.stat("quota_cache_stale_hits") - hits,
+            1
+        );
+    }
+    assert_eq!(revoke(&mut con, ids), 1);
+    let misses = env.stat("quota_cache_misses");
+    assert!(
+        get(&mut con, ids).is_none(),
+        "the revoke is visible at once"
+    );
+    assert_eq!(env.stat("quota_cache_misses"), misses);
+}
+
+#[test]
+fn an_update_made_with_sql_becomes_visible_through_notify() {
+    // A long TTL: only NOTIFY can make the change visible within the 5 s below.
+    let env = Env::start_with(&[("cache-ttl-ms", "600000"), ("negative-ttl-ms", "600000")]);
+    let mut con = env.con();
+    let ids = [T, P, "olga", "*"];
+    let before = env.stat("quota_notify_received");
+    grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    // This node's own NOTIFY for the grant marks the entry stale, and the refresh that
+    // follows could pick up the UPDATE below by itself: let both happen first.
+    assert!(wait_until(Duration::from_secs(5), || env
+        .stat("quota_notify_received")
+        > before));
+    get(&mut con, ids);
+    env.settle();
+    assert_eq!(
+        int_field(
+            &get(&mut con, ids).expect("row"),
+            "additional_requests_per_day"
+        ),
+        1
+    );
+    let received = env.stat("quota_notify_received");
+
+    env.sql("UPDATE {t} SET additional_requests_per_day = 77 WHERE user_id = 'olga'");
+    let (ok, last) = poll_get(&mut con, ids, Duration::from_secs(5), |r| {
+        r.as_ref()
+            .map(|m| field_i64(m, "additional_requests_per_day"))
+            == Some(77)
+    });
+    assert!(ok, "the SQL UPDATE was not visible within 5 s: {last:?}");
+    assert!(env.stat("quota_notify_received") > received);
+
+    // An INSERT for a user cached as "no credits", and a DELETE.
+    let pam = [T, P, "pam", "gpt"];
+    assert!(get(&mut con, pam).is_none());
+    env.sql(
+        "INSERT INTO {t} (tenant, project, user_id, bundle_id, additional_tokens_per_day) \
+         VALUES ('acme', 'chat', 'pam', 'gpt', 12)",
+    );
+    let (ok, last) = poll_get(&mut con, pam, Duration::from_secs(5), |r| r.is_some());
+    assert!(ok, "the SQL INSERT was not visible within 5 s: {last:?}");
+    assert_eq!(
+        int_field(&last.expect("row"), "additional_tokens_per_day"),
+        12
+    );
+    env.sql("DELETE FROM {t} WHERE user_id = 'pam'");
+    let (ok, last) = poll_get(&mut con, pam, Duration::from_secs(5), |r| r.is_none());
+    assert!(ok, "the SQL DELETE was not visible within 5 s: {last:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Ids, protocols, MULTI and scripts
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unicode_and_quotes_in_ids_round_trip_unchanged() {
+    let env = Env::start();
+    let mut con = env.con();
+    let tenant = "tén'ant \"q\" \\ 100%";
+    let project = "プロジェクト; DROP TABLE x; --";
+    let user = "{org1}üser 😀 'o''k' \t x";
+    let bundle = "b:1:\"*\" \u{2028} é";
+    let long = "é".repeat(127) + "x"; // 255 bytes
+    let notes = "notes with 'quotes', \"double\", \\ and ünïcødé 🎉\nsecond line";
+    let purchase = "pay'\"1 ✓";
+    let ids = [tenant, project, user, bundle];
+    let r = grant(
+        &mut con,
+        ids,
+        &[
+            "REQUESTS_PER_DAY",
+            "3",
+            "NOTES",
+            notes,
+            "PURCHASE",
+            purchase,
+        ],
+    );
+    assert_eq!(str_field(&r, "tenant"), tenant);
+    assert_eq!(str_field(&r, "project"), project);
+    assert_eq!(str_field(&r, "user_id"), user);
+    assert_eq!(str_field(&r, "bundle_id"), bundle);
+    assert_eq!(str_field(&r, "purchase_notes"), notes);
+    assert_eq!(str_field(&r, "purchase_id"), purchase);
+
+    let g = get(&mut con, ids).expect("GET by the same ids");
+    assert_eq!(str_field(&g, "bundle_id"), bundle);
+    assert_eq!(str_field(&g, "user_id"), user);
+    let l = list(&mut con, [tenant, project, user], false);
+    assert_eq!(
+        l.keys().cloned().collect::<Vec<_>>(),
+        vec![bundle.to_string()]
+    );
+
+    // Stored byte for byte.
+    let stored = env.sql(
+        "SELECT encode(convert_to(tenant, 'UTF8'), 'hex') || '|' || \
+         encode(convert_to(project, 'UTF8'), 'hex') || '|' || \
+         encode(convert_to(user_id, 'UTF8'), 'hex') || '|' || \
+         encode(convert_to(bundle_id, 'UTF8'), 'hex') || '|' || \
+         encode(convert_to(purchase_notes, 'UTF8'), 'hex') || '|' || \
+         encode(convert_to(purchase_id, 'UTF8'), 'hex') FROM {t}",
+    );
+    assert_eq!(
+        stored,
+        [tenant, project, user, bundle, notes, purchase]
+            .iter()
+            .map(|s| hex(s))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+
+    // Ids that look alike never meet; the longest id works.
+    assert!(get(&mut con, [tenant, project, user, "b:1:\"*\""]).is_none());
+    let r = grant(
+        &mut con,
+        [&long, &long, &long, &long],
+        &["TOKENS_PER_HOUR", "1"],
+    );
+    assert_eq!(str_field(&r, "user_id"), long);
+    let g = get(&mut con, [&long, &long, &long, &long]).expect("255-byte ids");
+    assert_eq!(str_field(&g, "bundle_id"), long);
+    assert_eq!(revoke(&mut con, ids), 1);
+    assert!(get(&mut con, ids).is_none());
+}
+
+#[test]
+fn resp3_clients_get_real_maps() {
+    let env = Env::start();
+    let mut con = env.server.client_resp3();
+    let r = query(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            T,
+            P,
+            "quinn",
+            "*",
+            "REQUESTS_PER_DAY",
+            "2",
+            "AMOUNT",
+            "10",
+        ],
+    )
+    .expect("GRANT");
+    let Value::Map(pairs) = &r else {
+        panic!("RESP3 GRANT reply is not a map: {r:?}");
+    };
+    assert_eq!(pairs.len(), RECORD_FIELDS.len() + 1);
+    let m = to_map(r.clone());
+    assert_eq!(int_field(&m, "additional_requests_per_day"), 2);
+    assert_eq!(str_field(&m, "purchase_amount_usd"), "10.00");
+    assert!(matches!(m["created_at"], Value::Int(_)));
+    assert!(matches!(m["expires_at"], Value::Nil));
+
+    let g = query(&mut con, &["QUOTA.GET", T, P, "quinn", "x"]).expect("GET");
+    assert!(
+        matches!(g, Value::Map(_)),
+        "RESP3 GET reply is not a map: {g:?}"
+    );
+    let none = query(&mut con, &["QUOTA.GET", T, P, "nobody", "x"]).expect("GET");
+    assert_eq!(none, Value::Nil);
+
+    let l = query(&mut con, &["QUOTA.LIST", T, P, "quinn", "ALL"]).expect("LIST");
+    let Value::Map(entries) = l else {
+        panic!("RESP3 LIST reply is not a map: {l:?}");
+    };
+    assert_eq!(entries.len(), 1);
+    assert!(
+        matches!(entries[0].1, Value::Map(_)),
+        "LIST values are not maps: {entries:?}"
+    );
+
+    // RESP2 gets flat field/value arrays.
+    let mut con2 = env.con();
+    let g2 = query(&mut con2, &["QUOTA.GET", T, P, "quinn", "x"]).expect("GET");
+    let Value::Array(items) = g2 else {
+        panic!("RESP2 GET reply is not an array: {g2:?}");
+    };
+    assert_eq!(items.len(), 2 * RECORD_FIELDS.len());
+}
+
+/// Asserts that a reply is an error saying the command cannot run here.
+fn assert_cannot_block(what: &str, v: &Value) {
+    match v {
+        Value::ServerError(e) => {
+            let text = format!("{} {}", e.code(), e.details().unwrap_or(""));
+            assert!(
+                text.contains("cannot run inside MULTI"),
+                "{what}: unclear error {text:?}"
+            );
+        }
+        other => panic!("{what}: expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change_nothing() {
+    let env = Env::start();
+    let mut con = env.con();
+    grant(
+        &mut con,
+        [T, P, "rita", "exp"],
+        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "1"],
+    );
+    grant(&mut con, [T, P, "rita", "gpt"], &["REQUESTS_PER_DAY", "1"]);
+    // An expired row, so that a CLEANUP that ran would change something.
+    let (ok, _) = poll_get(
+        &mut con,
+        [T, P, "rita", "exp"],
+        Duration::from_secs(5),
+        |r| r.is_none(),
+    );
+    assert!(ok, "row did not expire");
+    assert!(wait_until(Duration::from_secs(5), || {
+        env.sql("SELECT count(*) FROM {t} WHERE expires_at <= now()") == "1"
+    }));
+    let snap = env.snapshot();
+
+    let commands: [&[&str]; 4] = [
+        &["QUOTA.GRANT", T, P, "rita", "gpt", "REQUESTS_PER_DAY", "9"],
+        &["QUOTA.REVOKE", T, P, "rita", "gpt"],
+        &["QUOTA.LIST", T, P, "rita"],
+        &["QUOTA.CLEANUP"],
+    ];
+    for c in commands {
+        assert_eq!(raw_reply(&mut con, &["MULTI"]), Value::Okay);
+        let queued = raw_reply(&mut con, c);
+        assert_eq!(queued, Value::SimpleString("QUEUED".into()), "{c:?}");
+        let exec = to_array(raw_reply(&mut con, &["EXEC"]));
+        assert_eq!(exec.len(), 1);
+        assert_cannot_block(&format!("{c:?} in MULTI"), &exec[0]);
+
+        let mut eval = vec!["EVAL", "return redis.call(unpack(ARGV))", "0"];
+        eval.extend_from_slice(c);
+        match query(&mut con, &eval) {
+            Ok(v) => panic!("{c:?} in EVAL should fail, got {v:?}"),
+            Err(e) => {
+                let text = error_text(&e);
+                assert!(
+                    text.contains("cannot run inside MULTI"),
+                    "{c:?} in EVAL: {text}"
+                );
+            }
+        }
+        let pcall = ["EVAL", "return redis.pcall(unpack(ARGV))", "0"];
+        let mut args = pcall.to_vec();
+        args.extend_from_slice(c);
+        assert_cannot_block(&format!("{c:?} in EVAL pcall"), &raw_reply(&mut con, &args));
+    }
+    // Functions (Redis 7+).
+    let lib = "#!lua name=quota_test\nredis.register_function('q', function(keys, args) \
+               return redis.call(unpack(args)) end)";
+    query(&mut con, &["FUNCTION", "LOAD", lib]).expect("FUNCTION LOAD");
+    for c in commands {
+        let mut args = vec!["FCALL", "q", "0"];
+        args.extend_from_slice(c);
+        let e = match query(&mut con, &args) {
+            Ok(v) => panic!("{c:?} in FCALL should fail, got {v:?}"),
+            Err(e) => error_text(&e),
+        };
+        assert!(e.contains("cannot run inside MULTI"), "{c:?} in FCALL: {e}");
+    }
+    assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
+    let g = get(&mut con, [T, P, "rita", "gpt"]).expect("row");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
+    ping(&mut con);
+}
+
+#[test]
+fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "sam", "gpt"];
+    let received = env.stat("quota_notify_received");
+    grant(&mut con, ids, &["REQUESTS_PER_DAY", "4"]);
+    // This node's own NOTIFY marks the entry stale: let it arrive now rather than mid-test.
+    assert!(wait_until(Duration::from_secs(5), || env
+        .stat("quota_notify_received")
+        > received));
+    // Cached: GET inside MULTI answers from the cache.
+    assert_eq!(raw_reply(&mut con, &["MULTI"]), Value::Okay);
+    raw_reply(&mut con, &["QUOTA.GET", T, P, "sam", "gpt"]);
+    let exec = to_array(raw_reply(&mut con, &["EXEC"]));
+    let m = to_map(exec.into_iter().next().expect("one reply"));
+    assert_eq!(int_field(&m, "additional_requests_per_day"), 4);
+
+    // Uncached: TRYAGAIN. (No refresh may be in flight: one landing after INVALIDATE would
+    // cache the user again.)
+    env.settle();
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "sam"]), 1);
+    assert_eq!(raw_reply(&mut con, &["MULTI"]), Value::Okay);
+    raw_reply(&mut con, &["QUOTA.GET", T, P, "sam", "gpt"]);
+    let exec = to_array(raw_reply(&mut con, &["EXEC"]));
+    match &exec[0] {
+        Value::ServerError(e) => assert_eq!(e.code(), "TRYAGAIN", "{e:?}"),
+        other => panic!("GET in MULTI on an uncached user: expected TRYAGAIN, got {other:?}"),
+    }
+    let g = get(&mut con, ids).expect("GET outside MULTI");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 4);
+
+    // The same in a script.
+    env.settle();
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "sam"]), 1);
+    let v = raw_reply(
+        &mut con,
+        &[
+            "EVAL",
+            "return redis.pcall('QUOTA.GET', ARGV[1], ARGV[2], ARGV[3], ARGV[4])",
+            "0",
+            T,
+            P,
+            "sam",
+            "gpt",
+        ],
+    );
+    match &v {
+        Value::ServerError(e) => assert_eq!(e.code(), "TRYAGAIN", "{e:?}"),
+        other => panic!("GET in EVAL on an uncached user: expected TRYAGAIN, got {other:?}"),
+    }
+    let g = get(&mut con, ids).expect("GET outside the script");
+    assert_eq!(int_field(&g, "additional_requests_per_day"), 4);
+}
+
+// ---------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------
+
+#[test]
+fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
+    let env = Env::start();
+    let mut con = env.con();
+    grant(
+        &mut con,
+        [T, P, "u", "b"],
+        &["REQUESTS_PER_DAY", "1", "PURCHASE", "p0"],
+    );
+    let snap = env.snapshot();
+    let grants = env.stat("quota_grants");
+    // Every refused command is refused before any PostgreSQL work: the query counter of the
+    // worker pool stays put (checked after each one).
+    let queries = env.stat("quota_pg_queries");
+
+    let past = (now_s() - 10).to_string();
+    let future = (now_s() + 3600).to_string();
+    let long_id = vec![b'a'; 256];
+    let long_purchase = vec![b'p'; 256];
+    let long_notes = vec![b'n'; 4097];
+    let bad_utf8: &[u8] = &[0xff, 0xfe, b'x'];
+    let nul: &[u8] = b"a\0b";
+
+    let g: &[&[u8]] = &[b"QUOTA.GRANT", b"acme", b"chat", b"u", b"b"];
+    let with = |extra: &[&[u8]]| -> Vec<Vec<u8>> {
+        g.iter().chain(extra.iter()).map(|a| a.to_vec()).collect()
+    };
+    let ids = |cmd: &[u8], t: &[u8], p: &[u8], u: &[u8], b: Option<&[u8]>| -> Vec<Vec<u8>> {
+        let mut v = vec![cmd.to_vec(), t.to_vec(), p.to_vec(), u.to_vec()];
+        if let Some(b) = b {
+            v.push(b.to_vec());
+        }
+        v
+    };
+    let arity = "wrong number of arguments";
+
+    let mut cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
+        // Missing arguments.
+        (
+            vec![
+                b"QUOTA.GRANT".to_vec(),
+                b"acme".to_vec(),
+                b"chat".to_vec(),
+                b"u".to_vec(),
+            ],
+            arity,
+        ),
+        (
+            vec![
+                b"QUOTA.GET".to_vec(),
+                b"acme".to_vec(),
+                b"chat".to_vec(),
+                b"u".to_vec(),
+            ],
+            arity,
+        ),
+        (vec![b"QUOTA.REVOKE".to_vec(), b"acme".to_vec()], arity),
+        (
+            vec![b"QUOTA.LIST".to_vec(), b"acme".to_vec(), b"chat".to_vec()],
+            arity,
+        ),
+        (
+            vec![
+                b"QUOTA.INVALIDATE".to_vec(),
+                b"acme".to_vec(),
+                b"chat".to_vec(),
+            ],
+            arity,
+        ),
+        (vec![b"QUOTA.CLEANUP".to_vec(), b"now".to_vec()], arity),
+        (
+            vec![
+                b"QUOTA.GET".to_vec(),
+                b"acme".to_vec(),
+                b"chat".to_vec(),
+                b"u".to_vec(),
+                b"b".to_vec(),
+                b"extra".to_vec(),
+            ],
+            arity,
+        ),
+        (with(&[b"REQUESTS_PER_DAY"]), "REQUESTS_PER_DAY"),
+        (with(&[b"NOTES"]), "NOTES"),
+        // Unknown and repeated options.
+        (with(&[b"FOO", b"1"]), "FOO"),
+        (
+            with(&[b"REQUESTS_PER_DAY", b"1", b"requests_per_day", b"2"]),
+            "REQUESTS_PER_DAY",
+        ),
+        (with(&[b"ADD", b"ADD"]), "ADD"),
+        (with(&[b"PURCHASE", b"x", b"PURCHASE", b"y"]), "PURCHASE"),
+        (
+            with(&[b"EXPIRES_IN", b"10", b"EXPIRES_IN", b"20"]),
+            "EXPIRES_IN",
+        ),
+        (
+            vec![
+                b"QUOTA.LIST".to_vec(),
+                b"acme".to_vec(),
+                b"chat".to_vec(),
+                b"u".to_vec(),
+                b"EVERYTHING".to_vec(),
+            ],
+            "EVERYTHING",
+        ),
+        // Numbers.
+        (with(&[b"REQUESTS_PER_DAY", b"-1"]), "REQUESTS_PER_DAY"),
+        (with(&[b"TOKENS_PER_DAY", b"abc"]), "TOKENS_PER_DAY"),
+        (with(&[b"TOKENS_PER_MONTH", b"1.5"]), "TOKENS_PER_MONTH"),
+        (
+            with(&[b"TOKENS_PER_HOUR", b"9223372036854775808"]),
+            "TOKENS_PER_HOUR",
+        ),
+        (
+            with(&[b"TOKENS_PER_HOUR", b"99999999999999999999999"]),
+            "TOKENS_PER_HOUR",
+        ),
+        (
+            with(&[b"REQUESTS_PER_MONTH", b"2147483648"]),
+            "REQUESTS_PER_MONTH",
+        ),
+        (with(&[b"MAX_CONCURRENT", b" 1"]), "MAX_CONCURRENT"),
+        (with(&[b"TOTAL_REQUESTS", b""]), "TOTAL_REQUESTS"),
+        (with(&[b"EXPIRES_IN", b"0"]), "EXPIRES_IN"),
+        (with(&[b"EXPIRES_IN", b"-5"]), "EXPIRES_IN"),
+        (with(&[b"EXPIRES_IN", b"9223372036854775807"]), "EXPIRES_IN"),
+        (with(&[b"EXPIRES_AT", past.as_bytes()]), "EXPIRES_AT"),
+        (with(&[b"EXPIRES_AT", b"0"]), "EXPIRES_AT"),
+        (with(&[b"EXPIRES_AT", b"253402300800"]), "EXPIRES_AT"),
+        (
+            with(&[b"EXPIRES_AT", future.as_bytes(), b"EXPIRES_IN", b"60"]),
+            "EXPIRES_",
+        ),
+        (
+            with(&[b"EXPIRES_IN", b"60", b"EXPIRES_AT", future.as_bytes()]),
+            "EXPIRES_",
+        ),
+        (with(&[b"AMOUNT", b"1.234"]), "AMOUNT"),
+        (with(&[b"AMOUNT", b"-1"]), "AMOUNT"),
+        (with(&[b"AMOUNT", b"100000000"]), "AMOUNT"),
+        (with(&[b"AMOUNT", b"1e3"]), "AMOUNT"),
+        (with(&[b"AMOUNT", b"1."]), "AMOUNT"),
+        // Text options.
+        (with(&[b"PURCHASE", b""]), "PURCHASE"),
+        (with(&[b"PURCHASE", &long_purchase]), "PURCHASE"),
+        (with(&[b"PURCHASE", nul]), "PURCHASE"),
+        (with(&[b"PURCHASE", bad_utf8]), "PURCHASE"),
+        (with(&[b"NOTES", &long_notes]), "NOTES"),
+        (with(&[b"NOTES", nul]), "NOTES"),
+        (with(&[b"NOTES", bad_utf8]), "NOTES"),
+    ];
+    // Bad ids, for every command that takes them and every position.
+    for cmd in [
+        &b"QUOTA.GRANT"[..],
+        b"QUOTA.GET",
+        b"QUOTA.REVOKE",
+        b"QUOTA.LIST",
+        b"QUOTA.INVALIDATE",
+    ] {
+        let has_bundle = !matches!(cmd, b"QUOTA.LIST" | b"QUOTA.INVALIDATE");
+        let b = has_bundle.then_some(&b"b"[..]);
+        for bad in [&long_id[..], b"", bad_utf8, nul] {
+            cases.push((ids(cmd, bad, b"chat", b"u", b), "tenant"));
+            cases.push((ids(cmd, b"acme", bad, b"u", b), "project"));
+            cases.push((ids(cmd, b"acme", b"chat", bad, b), "user"));
+            if has_bundle {
+                cases.push((ids(cmd, b"acme", b"chat", b"u", Some(bad)), "bundle"));
+            }
+        }
+        cases.push((ids(cmd, b"acme", b"chat", b"a}b", b), "user"));
+    }
+
+    assert!(cases.len() > 100, "{} cases", cases.len());
+    for (args, names) in &cases {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                let s = String::from_utf8_lossy(a);
+                if s.len() > 40 {
+                    format!("{}...({} bytes)", &s[..20], a.len())
+                } else {
+                    s.into_owned()
+                }
+            })
+            .collect();
+        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let e = match bcmd(&refs).query::<Value>(&mut con) {
+            Ok(v) => panic!("{shown:?} should fail, got {v:?}"),
+            Err(e) => error_text(&e),
+        };
+        assert!(e.starts_with("ERR "), "{shown:?}: not an ERR reply: {e}");
+        assert!(
+            e.contains(names),
+            "{shown:?}: error {e:?} does not name {names:?}"
+        );
+        if *names == arity {
+            let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+            assert!(e.to_ascii_lowercase().contains(&name), "{shown:?}: {e}");
+        }
+        ping(&mut con);
+        assert_eq!(
+            env.stat("quota_pg_queries"),
+            queries,
+            "{shown:?} was refused but still went to PostgreSQL"
+        );
+    }
+    assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
+    assert_eq!(env.stat("quota_grants"), grants);
+    // Still fully working.
+    let r = grant(&mut con, [T, P, "u", "b"], &["REQUESTS_PER_DAY", "2"]);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Secrets, configuration, INFO
+// ---------------------------------------------------------------------------
+
+const SECRET: &str = "S3cretPW";
+
+/// The shared URL with a password added (trust auth ignores it).
+fn url_with_password(url: &str, password: &str) -> String {
+    let (scheme, rest) = url
+        .split_once("://")
+        .unwrap_or_else(|| panic!("the PostgreSQL URL is not a URL: {url}"));
+    let (userinfo, host) = rest
+        .split_once('@')
+        .unwrap_or_else(|| panic!("the PostgreSQL URL has no user: {url}"));
+    let user = userinfo.split(':').next().unwrap_or("postgres");
+    format!("{scheme}://{user}:{password}@{host}")
+}
+
+/// The same URL on another port, database or user.
+fn url_variant(url: &str, port: Option<u16>, db: Option<&str>, user: Option<&str>) -> String {
+    let (scheme, rest) = url.split_once("://").expect("url");
+    let (userinfo, hostpart) = rest.split_once('@').expect("url user");
+    let (hostport, dbname) = hostpart.split_once('/').unwrap_or((hostpart, "postgres"));
+    let (host, p) = hostport.rsplit_once(':').expect("url port");
+    let (u, pw) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    format!(
+        "{scheme}://{}:{pw}@{host}:{}/{}",
+        user.unwrap_or(u),
+        port.map_or(p.to_string(), |p| p.to_string()),
+        db.unwrap_or(dbname)
+    )
+}
+
+fn secret_server() -> (RedisServer, String, String) {
+    let schema = unique_schema();
+    let url = url_with_password(&PgServer::shared(), SECRET);
+    let server = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", url.as_str()),
+            ("schema", schema.as_str()),
+            ("pg-timeout-ms", "1000"),
+        ])
+        .start();
+    (server, url, schema)
+}
+
+#[test]
+fn the_pg_url_password_never_appears_in_info_errors_or_the_log() {
+    let (server, url, _schema) = secret_server();
+    let mut con = server.client();
+    let mut seen: Vec<String> = Vec::new();
+
+    // It works with the password in the URL.
+    let r = grant(&mut con, [T, P, "tom", "*"], &["REQUESTS_PER_DAY", "1"]);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 1);
+    // CONFIG GET returns it: it is the sensitive setting itself.
+    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.pg-url"]).expect("CONFIG GET"));
+    assert_eq!(
+        cfg.get("quota.pg-url").and_then(value_to_string),
+        Some(url.clone())
+    );
+
+    // Errors that involve the connection: unreachable server, unknown role, unknown database,
+    // an unparsable URL, each with the password in it.
+    let free = free_port();
+    let variants = [
+        url_variant(&url, Some(free), None, None),
+        url_variant(&url, None, None, Some("no_such_role")),
+        url_variant(&url, None, Some("no_such_db"), None),
+        format!("postgresql://postgres:{SECRET}@127.0.0.1:notaport/postgres"),
+        format!("host=127.0.0.1 port={free} user=postgres password={SECRET} dbname=postgres"),
+    ];
+    for v in &variants {
+        if v.contains("notaport") {
+            // An unparsable URL is refused by CONFIG SET itself, without quoting it.
+            let e = query(&mut con, &["CONFIG", "SET", "quota.pg-url", v])
+                .expect_err("CONFIG SET of an unparsable pg-url must fail");
+            seen.push(error_text(&e));
+            continue;
+        }
+        query(&mut con, &["CONFIG", "SET", "quota.pg-url", v]).expect("CONFIG SET quota.pg-url");
+        for c in [
+            &["QUOTA.GRANT", T, P, "tom", "*", "REQUESTS_PER_DAY", "2"][..],
+            &["QUOTA.GET", T, P, "uncached", "*"],
+            &["QUOTA.LIST", T, P, "tom"],
+            &["QUOTA.REVOKE", T, P, "tom", "*"],
+            &["QUOTA.CLEANUP"],
+        ] {
+            match query(&mut con, c) {
+                Ok(v) => panic!("{c:?} with pg-url {v:?} should fail, got {v:?}"),
+                Err(e) => seen.push(error_text(&e)),
+            }
+        }
+        let admit = query_map(
+            &mut con,
+            &[
+                "QUOTA.ADMIT",
+                T,
+                P,
+                "uncached2",
+                "*",
+                "REQUESTS_PER_DAY",
+                "5",
+            ],
+        );
+        seen.push(format!("{admit:?}"));
+        seen.push(
+            redis::cmd("INFO")
+                .arg("everything")
+                .query::<String>(&mut con)
+                .expect("INFO"),
+        );
+    }
+    // Parse errors and other error paths.
+    for c in [
+        &["QUOTA.GRANT", T, P, "tom", "*", "BOGUS", SECRET][..],
+        &["QUOTA.GRANT", T, P, "tom", "*", "AMOUNT", SECRET],
+        &["CONFIG", "SET", "quota.pool-size", "2"],
+    ] {
+        if let Err(e) = query(&mut con, c) {
+            seen.push(error_text(&e));
+        }
+    }
+    for section in ["quota", "all", "everything", "modules", "default"] {
+        seen.push(
+            redis::cmd("INFO")
+                .arg(section)
+                .query::<String>(&mut con)
+                .expect("INFO"),
+        );
+    }
+    seen.push(redis::cmd("INFO").query::<String>(&mut con).expect("INFO"));
+    // Back to the working URL (with its password): still fine, nothing leaked meanwhile.
+    query(&mut con, &["CONFIG", "SET", "quota.pg-url", &url]).expect("CONFIG SET");
+    let ok = wait_until(Duration::from_secs(10), || {
+        query(
+            &mut con,
+            &["QUOTA.GRANT", T, P, "tom", "*", "REQUESTS_PER_DAY", "3"],
+        )
+        .is_ok()
+    });
+    assert!(ok, "GRANT does not work again after restoring pg-url");
+    seen.push(
+        redis::cmd("INFO")
+            .arg("everything")
+            .query::<String>(&mut con)
+            .expect("INFO"),
+    );
+
+    for text in &seen {
+        assert!(!text.contains(SECRET), "the password leaked: {text}");
+    }
+    // Something meaningful was said about the failures.
+    assert!(
+        seen.iter().any(|t| t.contains("PostgreSQL")),
+        "no error mentioned PostgreSQL: {seen:?}"
+    );
+    let log = std::fs::read_to_string(server.dir().join("redis.log")).expect("redis.log");
+    assert!(
+        !log.contains(SECRET),
+        "the password is in the Redis log:\n{log}"
+    );
+    let out = std::fs::read_to_string(server.dir().join("stdout.log")).unwrap_or_default();
+    assert!(
+        !out.contains(SECRET),
+        "the password is in the server output:\n{out}"
+    );
+}
+
+#[test]
+fn module_list_does_not_show_the_pg_url_password() {
+    // MODULE LIST (Redis >= 7) shows the arguments the module was loaded with.
+    let (server, _url, _schema) = secret_server();
+    let mut con = server.client();
+    let v = query(&mut con, &["MODULE", "LIST"]).expect("MODULE LIST");
+    let text = format!("{v:?}");
+    assert!(
+        !text.contains(SECRET),
+        "MODULE LIST shows the pg-url password given as a module argument: {text}"
+    );
+}
+
+#[test]
+fn config_set_changes_take_effect() {
+    let env = Env::start();
+    let mut con = env.con();
+    let ids = [T, P, "uma", "*"];
+    grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    get(&mut con, ids);
+
+    // cache-ttl-ms 0: an entry loaded under it is stale at once, so every GET is a stale
+    // hit that starts a refresh.
+    query(&mut con, &["CONFIG", "SET", "quota.cache-ttl-ms", "0"]).expect("CONFIG SET");
+    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.cache-ttl-ms"]).expect("GET"));
+    assert_eq!(
+        cfg.get("quota.cache-ttl-ms")
+            .and_then(value_to_string)
+            .as_deref(),
+        Some("0")
+    );
+    env.settle();
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
+    get(&mut con, ids); // a miss: loaded under TTL 0
+    let stale = env.stat("quota_cache_stale_hits");
+    let hits = env.stat("quota_cache_hits");
+    let queries = env.stat("quota_pg_queries");
+    for _ in 0..3 {
+        // Let the previous refresh land so that the entry is cached (stale) again.
+        env.settle();
+        let g = get(&mut con, ids).expect("row");
+        assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
+    }
+    env.settle();
+    assert_eq!(
+        env.stat("quota_cache_stale_hits") - stale,
+        3,
+        "with cache-ttl-ms 0 every GET should be a stale hit"
+    );
+    assert_eq!(
+        env.stat("quota_cache_hits"),
+        hits,
+        "a fresh hit with cache-ttl-ms 0"
+    );
+    assert!(
+        env.stat("quota_pg_queries") - queries >= 3,
+        "stale GETs did not refresh from PostgreSQL"
+    );
+
+    // Back to a long TTL: after a reload, GETs are fresh hits.
+    query(&mut con, &["CONFIG", "SET", "quota.cache-ttl-ms", "600000"]).expect("CONFIG SET");
+    env.settle();
+    assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
+    get(&mut con, ids);
+    let hits = env.stat("quota_cache_hits");
+    let stale = env.stat("quota_cache_stale_hits");
+    get(&mut con, ids);
+    get(&mut con, ids);
+    assert_eq!(env.stat("quota_cache_hits") - hits, 2);
+    assert_eq!(env.stat("quota_cache_stale_hits"), stale);
+
+    // negative-ttl-ms 0 does the same for users without credits.
+    query(&mut con, &["CONFIG", "SET", "quota.negative-ttl-ms", "0"]).expect("CONFIG SET");
+    assert!(get(&mut con, [T, P, "nobody", "*"]).is_none()); // a miss
+    env.settle();
+    let stale = env.stat("quota_cache_stale_hits");
+    assert!(get(&mut con, [T, P, "nobody", "*"]).is_none());
+    assert_eq!(env.stat("quota_cache_stale_hits") - stale, 1);
+    env.settle();
+
+    // cache-max-entries 1: caching a second user evicts the first.
+    query(&mut con, &["CONFIG", "SET", "quota.cache-max-entries", "1"]).expect("CONFIG SET");
+    let evictions = env.stat("quota_cache_evictions");
+    for u in ["v1", "v2", "v3"] {
+        get(&mut con, [T, P, u, "*"]);
+    }
+    assert!(
+        env.stat("quota_cache_entries") <= 1,
+        "{:?}",
+        env.server.info("quota")
+    );
+    assert!(env.stat("quota_cache_evictions") - evictions >= 2);
+
+    // notify off / on.
+    query(&mut con, &["CONFIG", "SET", "quota.notify", "no"]).expect("CONFIG SET");
+    env.wait_notify("off");
+    query(&mut con, &["CONFIG", "SET", "quota.notify", "yes"]).expect("CONFIG SET");
+    env.wait_notify("listening");
+
+    // pg-timeout-ms is read back; bad values and load-time options are refused.
+    query(&mut con, &["CONFIG", "SET", "quota.pg-timeout-ms", "1500"]).expect("CONFIG SET");
+    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.pg-timeout-ms"]).expect("GET"));
+    assert_eq!(
+        cfg.get("quota.pg-timeout-ms")
+            .and_then(value_to_string)
+            .as_deref(),
+        Some("1500")
+    );
+    for (name, value) in [
+        ("quota.cache-ttl-ms", "-1"),
+        ("quota.cache-ttl-ms", "abc"),
+        ("quota.script-miss", "sometimes"),
+        ("quota.pool-size", "8"),
+        ("quota.queue-max", "5"),
+    ] {
+        assert!(
+            query(&mut con, &["CONFIG", "SET", name, value]).is_err(),
+            "CONFIG SET {name} {value} was accepted"
+        );
+    }
+    let r = grant(&mut con, ids, &["REQUESTS_PER_DAY", "2"]);
+    assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
+
+    // A schema name the module cannot use is refused by CONFIG SET itself, rather than
+    // accepted and then failing every command.
+    let refused = query(&mut con, &["CONFIG", "SET", "quota.schema", "Bad-Name!"]);
+    let after = query(
+        &mut con,
+        &["QUOTA.GRANT", T, P, "uma", "*", "REQUESTS_PER_DAY", "3"],
+    );
+    assert!(
+        refused.is_err(),
+        "CONFIG SET quota.schema Bad-Name! was accepted (GRANT afterwards: {after:?})"
+    );
+    let after = to_map(after.expect("GRANT after a refused CONFIG SET"));
+    assert_eq!(int_field(&after, "additional_requests_per_day"), 3);
+}
+
+#[test]
+fn info_quota_has_every_documented_field() {
+    let env = Env::start();
+    let mut con = env.con();
+    grant(&mut con, [T, P, "wes", "*"], &["REQUESTS_PER_DAY", "1"]);
+    let info = env.server.info("quota");
+    for f in INFO_FIELDS {
+        let v = info
+            .get(f)
+            .unwrap_or_else(|| panic!("INFO quota lacks {f}: {info:?}"));
+        if f == "quota_notify_state" {
+            assert!(
+                ["off", "connecting", "listening", "disconnected"].contains(&v.as_str()),
+                "{f}:{v}"
+            );
+        } else {
+            assert!(
+                v.parse::<i64>().is_ok_and(|n| n >= 0),
+                "{f}:{v} is not a count"
+            );
+        }
+    }
+    assert_eq!(info["quota_notify_state"], "listening");
+    assert!(info["quota_grants"].parse::<i64>().expect("int") >= 1);
+    assert!(info["quota_pg_queries"].parse::<i64>().expect("int") >= 1);
+    assert_eq!(info["quota_pool_size"], "4");
+    assert_eq!(info["quota_queue_max"], "10000");
+    // Also part of plain INFO and INFO everything.
+    let all = env.server.info("everything");
+    assert!(all.contains_key("quota_cache_entries"));
+}

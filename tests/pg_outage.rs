@@ -1,0 +1,367 @@
+//! PostgreSQL outages: each test runs its own PostgreSQL (`PgServer::start_private`) and stops,
+//! pauses or starts it under a running Redis with the module.
+//!
+//! What a user would notice: cached credits keep being served and applied, uncached users are
+//! admitted on the base policy without waiting longer than `quota.pg-timeout-ms`, writes fail
+//! with a clear error within that time, and everything comes back (writes, NOTIFY) without
+//! restarting Redis, including when PostgreSQL was down when Redis started.
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: &str = "acme";
+const P: &str = "chat";
+/// `quota.pg-timeout-ms` for these tests.
+const TIMEOUT_MS: u64 = 1000;
+
+/// The longest a command may take while PostgreSQL is unreachable: the timeout plus 1 s.
+fn limit() -> Duration {
+    Duration::from_millis(TIMEOUT_MS + 1000)
+}
+
+fn start_redis(pg: &PgServer, schema: &str) -> RedisServer {
+    let url = pg.url();
+    let timeout = TIMEOUT_MS.to_string();
+    RedisServer::builder()
+        .module_args(&[
+            ("pg-url", url.as_str()),
+            ("schema", schema),
+            ("pg-timeout-ms", timeout.as_str()),
+            // Long TTLs: what the tests see changing comes from NOTIFY or writes, not expiry.
+            ("cache-ttl-ms", "600000"),
+            ("negative-ttl-ms", "600000"),
+        ])
+        .start()
+}
+
+fn info_str(server: &RedisServer, field: &str) -> String {
+    server
+        .info("quota")
+        .get(field)
+        .cloned()
+        .unwrap_or_else(|| panic!("INFO quota has no {field}"))
+}
+
+fn info_i64(server: &RedisServer, field: &str) -> i64 {
+    info_str(server, field)
+        .parse()
+        .unwrap_or_else(|e| panic!("INFO quota {field}: {e}"))
+}
+
+fn wait_notify(server: &RedisServer, state: &str, timeout: Duration) {
+    let ok = wait_until(timeout, || info_str(server, "quota_notify_state") == state);
+    assert!(
+        ok,
+        "quota_notify_state did not become {state} within {timeout:?}: {}",
+        info_str(server, "quota_notify_state")
+    );
+}
+
+/// Runs a command and returns its outcome and how long it took.
+fn timed(con: &mut redis::Connection, args: &[&str]) -> (redis::RedisResult<Value>, Duration) {
+    let t0 = Instant::now();
+    let r = query(con, args);
+    (r, t0.elapsed())
+}
+
+/// Repeats a command every 100 ms until it succeeds or `within` passes; the last outcome and
+/// how long it took to get it.
+fn retry_until_ok(
+    con: &mut redis::Connection,
+    args: &[&str],
+    within: Duration,
+) -> (redis::RedisResult<Value>, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let r = query(con, args);
+        if r.is_ok() || t0.elapsed() >= within {
+            return (r, t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<HashMap<String, Value>> {
+    let mut args = vec!["QUOTA.GET"];
+    args.extend_from_slice(&ids);
+    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
+        Value::Nil => None,
+        v => Some(to_map(v)),
+    }
+}
+
+fn grant_args<'a>(user: &'a str, rpd: &'a str) -> Vec<&'a str> {
+    vec!["QUOTA.GRANT", T, P, user, "*", "REQUESTS_PER_DAY", rpd]
+}
+
+fn admit(con: &mut redis::Connection, user: &str, base_rpd: &str) -> HashMap<String, Value> {
+    query_map(
+        con,
+        &[
+            "QUOTA.ADMIT",
+            T,
+            P,
+            user,
+            "gpt",
+            "REQUESTS_PER_DAY",
+            base_rpd,
+        ],
+    )
+}
+
+fn ping(con: &mut redis::Connection) {
+    let pong: String = redis::cmd("PING").query(con).expect("PING");
+    assert_eq!(pong, "PONG");
+}
+
+fn rows_for(pg: &PgServer, schema: &str, user: &str) -> String {
+    pg.psql(&format!(
+        "SELECT count(*) FROM {schema}.user_quota_replenishment WHERE user_id = '{user}'"
+    ))
+}
+
+/// Asserts an error reply that mentions PostgreSQL, received within [`limit`].
+fn assert_pg_error(what: &str, r: redis::RedisResult<Value>, took: Duration) {
+    match r {
+        Ok(v) => panic!("{what} should fail while PostgreSQL is down, got {v:?}"),
+        Err(e) => {
+            let text = error_text(&e);
+            assert!(
+                text.contains("PostgreSQL"),
+                "{what}: the error does not say PostgreSQL is the problem: {text}"
+            );
+        }
+    }
+    assert!(took < limit(), "{what} took {took:?} (limit {:?})", limit());
+}
+
+#[test]
+fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_redis_restart() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = start_redis(&pg, &schema);
+    // The listener's first connect clears the cache: let it happen before caching anything.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+
+    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice is cached");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+
+    pg.stop();
+
+    // Cached user: GET and ADMIT keep working, credits still applied.
+    let t0 = Instant::now();
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice still served");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    let a = admit(&mut con, "alice", "1");
+    assert_eq!(field_i64(&a, "allowed"), 1);
+    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    let a = admit(&mut con, "alice", "1");
+    assert_eq!(field_i64(&a, "allowed"), 1, "credits not applied: {a:?}");
+    assert_eq!(field_i64(&a, "used_replenishment"), 1);
+    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "cached commands waited on PostgreSQL: {:?}",
+        t0.elapsed()
+    );
+
+    // Uncached user: decided on the base policy, within the timeout.
+    let unavailable = info_i64(&server, "quota_admits_unavailable");
+    let (r, took) = timed(
+        &mut con,
+        &["QUOTA.ADMIT", T, P, "bob", "gpt", "REQUESTS_PER_DAY", "1"],
+    );
+    let a = to_map(r.expect("ADMIT for an uncached user"));
+    assert!(took < limit(), "ADMIT bob took {took:?}");
+    assert_eq!(field_i64(&a, "allowed"), 1);
+    assert_eq!(
+        field_str(&a, "replenishment").as_deref(),
+        Some("unavailable")
+    );
+    assert_eq!(field_i64(&a, "used_replenishment"), 0);
+    // The base policy alone decides: the second request is over REQUESTS_PER_DAY 1.
+    let (r, took) = timed(
+        &mut con,
+        &["QUOTA.ADMIT", T, P, "bob", "gpt", "REQUESTS_PER_DAY", "1"],
+    );
+    let a = to_map(r.expect("ADMIT bob again"));
+    assert!(took < limit(), "second ADMIT bob took {took:?}");
+    assert_eq!(field_i64(&a, "allowed"), 0);
+    assert_eq!(field_str(&a, "reason").as_deref(), Some("requests_per_day"));
+    assert!(info_i64(&server, "quota_admits_unavailable") - unavailable >= 2);
+
+    // Writes and listings fail with a clear error within the timeout.
+    let (r, took) = timed(&mut con, &grant_args("carol", "9"));
+    assert_pg_error("GRANT carol", r, took);
+    let (r, took) = timed(&mut con, &["QUOTA.REVOKE", T, P, "alice", "*"]);
+    assert_pg_error("REVOKE alice", r, took);
+    let (r, took) = timed(&mut con, &["QUOTA.LIST", T, P, "alice"]);
+    assert_pg_error("LIST alice", r, took);
+    let (r, took) = timed(&mut con, &["QUOTA.CLEANUP"]);
+    assert_pg_error("CLEANUP", r, took);
+    let (r, took) = timed(&mut con, &["QUOTA.GET", T, P, "dora", "gpt"]);
+    assert_pg_error("GET for an uncached user", r, took);
+    ping(&mut con);
+    assert!(info_i64(&server, "quota_pg_errors") > 0);
+    wait_notify(&server, "disconnected", Duration::from_secs(15));
+    // Still served after all that (the failed REVOKE changed nothing here either).
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice still served");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+
+    // PostgreSQL is back on the same port; Redis is not restarted.
+    pg.start();
+    // Checkouts fail fast for about a second after the last failed connection attempt, so
+    // allow a short window (each refused attempt never reaches PostgreSQL).
+    let (r, recovered) = retry_until_ok(&mut con, &grant_args("erin", "3"), Duration::from_secs(5));
+    let r = to_map(r.unwrap_or_else(|e| {
+        panic!("GRANT still fails {recovered:?} after PostgreSQL came back: {e}")
+    }));
+    assert_eq!(field_i64(&r, "additional_requests_per_day"), 3);
+    // The failed grant left nothing behind.
+    assert_eq!(rows_for(&pg, &schema, "carol"), "0");
+    assert!(get(&mut con, [T, P, "carol", "gpt"]).is_none());
+    assert_eq!(rows_for(&pg, &schema, "alice"), "1");
+
+    // The listener reconnects by itself, and NOTIFY works again.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    assert!(info_i64(&server, "quota_notify_reconnects") >= 1);
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    let received = info_i64(&server, "quota_notify_received");
+    pg.psql(&format!(
+        "UPDATE {schema}.user_quota_replenishment SET additional_requests_per_day = 42 \
+         WHERE user_id = 'alice'"
+    ));
+    let ok = wait_until(Duration::from_secs(5), || {
+        get(&mut con, [T, P, "alice", "gpt"]).map(|g| field_i64(&g, "additional_requests_per_day"))
+            == Some(42)
+    });
+    assert!(ok, "the SQL UPDATE after recovery was not seen within 5 s");
+    assert!(info_i64(&server, "quota_notify_received") > received);
+    // Uncached users get their credits again.
+    let a = admit(&mut con, "erin", "1");
+    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+}
+
+#[test]
+fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = start_redis(&pg, &schema);
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
+    assert!(get(&mut con, [T, P, "alice", "gpt"]).is_some());
+
+    // SIGSTOP: connections hang, nothing answers.
+    pg.pause();
+
+    let (r, took) = timed(
+        &mut con,
+        &["QUOTA.ADMIT", T, P, "bob", "gpt", "REQUESTS_PER_DAY", "1"],
+    );
+    let a = to_map(r.expect("ADMIT for an uncached user"));
+    assert!(
+        took < limit(),
+        "ADMIT bob took {took:?} with PostgreSQL hanging"
+    );
+    assert_eq!(field_i64(&a, "allowed"), 1);
+    assert_eq!(
+        field_str(&a, "replenishment").as_deref(),
+        Some("unavailable")
+    );
+
+    let (r, took) = timed(&mut con, &grant_args("carol", "9"));
+    assert_pg_error("GRANT carol with PostgreSQL hanging", r, took);
+
+    // Other clients are not held up meanwhile: a cached user is answered at once.
+    let t0 = Instant::now();
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice still served");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    let a = admit(&mut con, "alice", "0");
+    assert_eq!(field_i64(&a, "allowed"), 1);
+    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "cached commands waited on a hanging PostgreSQL: {:?}",
+        t0.elapsed()
+    );
+    ping(&mut con);
+    assert!(info_i64(&server, "quota_pg_timeouts") >= 1);
+
+    pg.resume();
+    // Once it answers again, writes work (connections stuck meanwhile may need their own
+    // timeout to give up first).
+    let (last, _) = retry_until_ok(&mut con, &grant_args("dave", "2"), Duration::from_secs(10));
+    let r = to_map(last.unwrap_or_else(|e| panic!("GRANT after resume: {e}")));
+    assert_eq!(field_i64(&r, "additional_requests_per_day"), 2);
+    let g = get(&mut con, [T, P, "dave", "gpt"]).expect("dave");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 2);
+}
+
+#[test]
+fn the_module_serves_when_postgres_is_down_at_start_and_deploys_once_it_is_up() {
+    let pg = PgServer::start_private();
+    pg.stop();
+    let schema = unique_schema();
+    let server = start_redis(&pg, &schema);
+    let mut con = server.client();
+    ping(&mut con);
+
+    // Admission works on the base policy alone.
+    let (r, took) = timed(
+        &mut con,
+        &["QUOTA.ADMIT", T, P, "alice", "gpt", "REQUESTS_PER_DAY", "1"],
+    );
+    let a = to_map(r.expect("ADMIT with PostgreSQL down"));
+    assert!(took < limit(), "ADMIT took {took:?}");
+    assert_eq!(field_i64(&a, "allowed"), 1);
+    assert_eq!(
+        field_str(&a, "replenishment").as_deref(),
+        Some("unavailable")
+    );
+    let (r, took) = timed(&mut con, &grant_args("alice", "5"));
+    assert_pg_error("GRANT with PostgreSQL down at start", r, took);
+
+    // PostgreSQL comes up: the schema is deployed and grants are served, no Redis restart.
+    pg.start();
+    let (last, took) = retry_until_ok(&mut con, &grant_args("alice", "5"), Duration::from_secs(15));
+    let r =
+        to_map(last.unwrap_or_else(|e| {
+            panic!("GRANT still fails {took:?} after PostgreSQL came up: {e}")
+        }));
+    assert_eq!(field_i64(&r, "additional_requests_per_day"), 5);
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT to_regclass('{schema}.user_quota_replenishment') IS NOT NULL, \
+             to_regclass('{schema}.user_quota_replenishment_event') IS NOT NULL"
+        )),
+        "t|t"
+    );
+    assert_eq!(rows_for(&pg, &schema, "alice"), "1");
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("the grant is served");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+
+    // The listener gets there too, and NOTIFY works.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice");
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    let received = info_i64(&server, "quota_notify_received");
+    pg.psql(&format!(
+        "UPDATE {schema}.user_quota_replenishment SET additional_requests_per_day = 8 \
+         WHERE user_id = 'alice'"
+    ));
+    let ok = wait_until(Duration::from_secs(5), || {
+        get(&mut con, [T, P, "alice", "gpt"]).map(|g| field_i64(&g, "additional_requests_per_day"))
+            == Some(8)
+    });
+    assert!(ok, "the SQL UPDATE was not seen through NOTIFY within 5 s");
+    assert!(info_i64(&server, "quota_notify_received") > received);
+    let a = admit(&mut con, "alice", "1");
+    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+}
