@@ -6,6 +6,8 @@
 //! each takes `now`, so the same inputs always give the same result. It knows nothing of Redis:
 //! the shell stores it in a key and replicates its encoded state.
 
+use std::collections::VecDeque;
+
 use super::policy::{EffectivePolicy, LimitField, Limits};
 use super::window::{seconds_until, Window};
 use super::Millis;
@@ -112,7 +114,8 @@ pub struct Account {
     pub tok_hour: Counter,
     pub tok_day: Counter,
     pub tok_month: Counter,
-    pub leases: Vec<Lease>,
+    /// Live leases, ordered by expiry (earliest first), so expired ones come off the front.
+    pub leases: VecDeque<Lease>,
     /// Lease ids already committed, with when they may be forgotten.
     pub settled: Vec<(LeaseId, Millis)>,
     /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
@@ -244,10 +247,27 @@ impl Now {
 impl Account {
     /// Drops leases and settled ids that have expired; true if anything was dropped.
     fn prune(&mut self, now: Millis) -> bool {
-        let before = self.leases.len() + self.settled.len();
-        self.leases.retain(|l| l.expires_at > now);
-        self.settled.retain(|(_, until)| *until > now);
-        before != self.leases.len() + self.settled.len()
+        let mut pruned = false;
+        while self.leases.front().is_some_and(|l| l.expires_at <= now) {
+            self.leases.pop_front();
+            pruned = true;
+        }
+        if !self.settled.is_empty() {
+            let before = self.settled.len();
+            self.settled.retain(|(_, until)| *until > now);
+            pruned |= before != self.settled.len();
+        }
+        pruned
+    }
+
+    /// Adds a lease, keeping the expiry order (new leases usually go last).
+    fn push_lease(&mut self, lease: Lease) {
+        let at = self
+            .leases
+            .iter()
+            .rposition(|l| l.expires_at <= lease.expires_at)
+            .map_or(0, |i| i + 1);
+        self.leases.insert(at, lease);
     }
 
     /// Tokens reserved by live leases.
@@ -407,7 +427,7 @@ impl Account {
             })
             .fold(want, u64::min);
             let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
-            self.leases.push(Lease {
+            self.push_lease(Lease {
                 id: id.clone(),
                 expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
                 reserved: grant,
@@ -458,9 +478,10 @@ impl Account {
             }
             let mut until = now_ms.saturating_add(SETTLED_MIN_MS);
             if let Some(pos) = self.leases.iter().position(|l| l.id == id) {
-                let held = self.leases.swap_remove(pos);
-                until = until.max(held.expires_at);
-                lease_held = true;
+                if let Some(held) = self.leases.remove(pos) {
+                    until = until.max(held.expires_at);
+                    lease_held = true;
+                }
             }
             if self.settled.len() >= MAX_SETTLED {
                 if let Some(oldest) = (0..self.settled.len()).min_by_key(|i| self.settled[*i].1) {
@@ -486,7 +507,9 @@ impl Account {
         let Some(pos) = self.leases.iter().position(|l| l.id == lease) else {
             return false;
         };
-        let held = self.leases.swap_remove(pos);
+        let Some(held) = self.leases.remove(pos) else {
+            return false;
+        };
         self.req_day.refund(held.day);
         self.req_month.refund(held.month);
         self.req_total = self.req_total.saturating_sub(1);
@@ -600,9 +623,9 @@ impl Account {
         let n = usize::try_from(r.u64()?)
             .ok()
             .filter(|n| *n <= MAX_LEASES)?;
-        let mut leases = Vec::with_capacity(n);
+        let mut leases = VecDeque::with_capacity(n);
         for _ in 0..n {
-            leases.push(Lease {
+            leases.push_back(Lease {
                 id: LeaseId::parse(&r.str()?),
                 expires_at: r.i64()?,
                 reserved: r.u64()?,
@@ -620,6 +643,7 @@ impl Account {
         if !r.buf.is_empty() {
             return None;
         }
+        leases.make_contiguous().sort_by_key(|l| l.expires_at);
         let [req_day, req_month, tok_hour, tok_day, tok_month] = counters;
         Some(Account {
             req_day,

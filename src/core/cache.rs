@@ -15,6 +15,9 @@ use indexmap::IndexMap;
 use super::credit::Replenishment;
 use super::Millis;
 
+/// A user key, stored inline in the map for the usual sizes (one memory access less per lookup).
+type CacheKey = smallvec::SmallVec<[u8; 56]>;
+
 /// The rows of one user, shared between the cache and readers.
 pub type UserCredits = Arc<Vec<Replenishment>>;
 
@@ -79,7 +82,7 @@ struct Entry<W> {
 /// The cache.
 #[derive(Debug)]
 pub struct CreditCache<W> {
-    map: IndexMap<Box<[u8]>, Entry<W>, RandomState>,
+    map: IndexMap<CacheKey, Entry<W>, RandomState>,
     config: CacheConfig,
     next_flight: u64,
     rng: u64,
@@ -339,7 +342,7 @@ impl<W> CreditCache<W> {
 
     fn insert(&mut self, key: &[u8], entry: Entry<W>) {
         while self.map.len() >= self.config.max_entries.max(1) && self.evict_one() {}
-        self.map.insert(key.into(), entry);
+        self.map.insert(CacheKey::from_slice(key), entry);
     }
 
     fn next_random(&mut self) -> u64 {

@@ -6,6 +6,9 @@
 
 use std::fmt;
 
+/// A key name, on the stack unless the ids are unusually long.
+pub type KeyBuf = smallvec::SmallVec<[u8; 112]>;
+
 /// Longest id, in bytes.
 pub const MAX_ID_LEN: usize = 255;
 /// The bundle id whose credits apply to every bundle.
@@ -91,18 +94,13 @@ impl<'a> UserId<'a> {
 
     /// The cache key of this user: `q:{tag}:` followed by the length-prefixed ids. It is also the
     /// prefix of every account key of the user.
-    pub fn key(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            16 + hash_tag(self.user).len()
-                + self.tenant.len()
-                + self.project.len()
-                + self.user.len(),
-        );
+    pub fn key(&self) -> KeyBuf {
+        let mut out = KeyBuf::new();
         self.write_key(&mut out);
         out
     }
 
-    fn write_key(&self, out: &mut Vec<u8>) {
+    fn write_key(&self, out: &mut KeyBuf) {
         out.extend_from_slice(b"q:{");
         out.extend_from_slice(hash_tag(self.user).as_bytes());
         out.extend_from_slice(b"}:");
@@ -124,14 +122,8 @@ impl<'a> AccountId<'a> {
 
     /// The Redis key that holds this account's usage: the user's key plus the bundle.
     /// Returns it together with the length of the user-key prefix.
-    pub fn key(&self) -> (Vec<u8>, usize) {
-        let mut out = Vec::with_capacity(
-            20 + hash_tag(self.user.user).len()
-                + self.user.tenant.len()
-                + self.user.project.len()
-                + self.user.user.len()
-                + self.bundle.len(),
-        );
+    pub fn key(&self) -> (KeyBuf, usize) {
+        let mut out = KeyBuf::new();
         self.user.write_key(&mut out);
         let user_len = out.len();
         push_part(&mut out, self.bundle);
@@ -139,25 +131,18 @@ impl<'a> AccountId<'a> {
     }
 }
 
-fn push_part(out: &mut Vec<u8>, part: &str) {
+fn push_part(out: &mut KeyBuf, part: &str) {
     // Decimal length, a colon, the bytes: unambiguous whatever the bytes are.
-    let mut buf = itoa_buf(part.len());
-    out.append(&mut buf);
+    let n = part.len();
+    if n >= 100 {
+        out.push(b'0' + (n / 100 % 10) as u8);
+    }
+    if n >= 10 {
+        out.push(b'0' + (n / 10 % 10) as u8);
+    }
+    out.push(b'0' + (n % 10) as u8);
     out.push(b':');
     out.extend_from_slice(part.as_bytes());
-}
-
-fn itoa_buf(mut n: usize) -> Vec<u8> {
-    let mut digits = Vec::with_capacity(3);
-    loop {
-        digits.push(b'0' + (n % 10) as u8);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    digits.reverse();
-    digits
 }
 
 /// Decodes a user key back into (tenant, project, user); `None` if it is not one.
@@ -205,6 +190,9 @@ mod tests {
         let acc = account("t", "p", "alice", "*");
         let (key, user_len) = acc.key();
         assert_eq!(&key[..user_len], acc.user.key().as_slice());
+        let long = "x".repeat(255);
+        let (key, _) = account(&long, "p", "u", "b").key();
+        assert!(key.starts_with(b"q:{u}:255:xxx"));
         assert_eq!(
             decode_user_key(&acc.user.key()),
             Some(("t".into(), "p".into(), "alice".into()))

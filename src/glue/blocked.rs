@@ -67,13 +67,16 @@ impl Drop for Blocked {
     }
 }
 
+/// A command's arguments (on the stack for any usual command).
+pub type Args<'a> = smallvec::SmallVec<[&'a [u8]; 24]>;
+
 /// Decodes a command's arguments into byte slices that live as long as the call.
 ///
 /// # Safety
 /// `argv` must point to `argc` valid Redis strings for the duration of the returned borrow.
-pub unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_int) -> Vec<&'a [u8]> {
+pub unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_int) -> Args<'a> {
     let n = usize::try_from(argc).unwrap_or(0);
-    let mut out = Vec::with_capacity(n);
+    let mut out = Args::with_capacity(n);
     let Some(ptr_len) = (unsafe { raw::RedisModule_StringPtrLen }) else {
         return out;
     };
