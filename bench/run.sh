@@ -127,6 +127,9 @@ log "redis-server $("$REDIS_SERVER" --version | awk '{print $3}') with the modul
 cli CONFIG SET quota.cache-ttl-ms 3600000 >/dev/null
 cli CONFIG SET quota.negative-ttl-ms 3600000 >/dev/null
 cli CONFIG SET quota.lease-ttl "$LEASE_TTL" >/dev/null
+# Warm-ups push tens of thousands of cold users through the job queue at once; give each
+# load time to wait its turn (a real deployment warms gradually).
+cli CONFIG SET quota.pg-timeout-ms 120000 >/dev/null
 # Nothing else may run in the background of the measurements.
 cli CONFIG SET quota.cleanup-interval 0 >/dev/null
 

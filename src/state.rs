@@ -165,9 +165,14 @@ pub fn reconfigure(name: &str) {
         return; // still loading: `init` applies everything once.
     }
     match name.trim_start_matches("quota.") {
-        "pg-url" | "schema" | "pg-timeout-ms" => {
+        "pg-url" | "schema" => {
+            // Another database or schema: nothing cached so far is known to hold there.
             crate::worker::rebuild_backend();
             cache().clear();
+            restart_listener();
+        }
+        "pg-timeout-ms" => {
+            crate::worker::rebuild_backend();
             restart_listener();
         }
         "notify" => restart_listener(),
