@@ -139,11 +139,13 @@ impl<'a, 'b> Options<'a, 'b> {
 
 /// Upper-cases a short option word for matching, without allocating (longer words never match).
 fn upper(word: &[u8]) -> [u8; 16] {
+    // Keywords are zero-padded: a word with a NUL byte (or too long) must match none of them.
+    if word.len() > 16 || word.contains(&0) {
+        return [0xff; 16];
+    }
     let mut out = [0u8; 16];
-    if word.len() <= 16 {
-        for (o, b) in out.iter_mut().zip(word) {
-            *o = b.to_ascii_uppercase();
-        }
+    for (o, b) in out.iter_mut().zip(word) {
+        *o = b.to_ascii_uppercase();
     }
     out
 }
@@ -510,6 +512,18 @@ mod tests {
         assert!(list(&words("QUOTA.LIST t p u some")).is_err());
         assert!(user_only(&words("QUOTA.INVALIDATE t p u")).is_ok());
         assert!(account_only(&words("QUOTA.GET t p u b extra")).is_err());
+    }
+
+    #[test]
+    fn keywords_match_exactly() {
+        for word in [&b"ADD\0"[..], b"ADD\0\0", b"PEEK\0", b"ADDX", b"AD", b""] {
+            let mut args = words("QUOTA.GRANT t p u *");
+            args.push(word);
+            assert!(grant(&args, NOW).is_err(), "{word:?}");
+        }
+        let mut peek = words("QUOTA.ADMIT t p u b");
+        peek.push(b"PEEK\0");
+        assert!(admit(&peek, 10).is_err());
     }
 
     #[test]
