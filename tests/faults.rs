@@ -1,0 +1,911 @@
+//! Faults: a stalled PostgreSQL (SIGSTOP, a row lock held by another session), Redis
+//! `SHUTDOWN` while clients wait on PostgreSQL, and Redis killed with SIGKILL under
+//! `appendfsync always`. (PostgreSQL stopped and started is tests/pg_outage.rs; graceful
+//! RDB/AOF restarts are tests/persistence.rs.)
+//!
+//! Every test has a PostgreSQL of its own (`PgServer::start_private`), so pausing it never
+//! disturbs another test; a drop guard always resumes it.
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `quota.pg-timeout-ms` of the stall tests.
+const PG_TIMEOUT_MS: u64 = 1000;
+/// The most a client may wait on a stalled PostgreSQL: the timeout plus one second.
+const ANSWER_WITHIN: Duration = Duration::from_millis(PG_TIMEOUT_MS + 1000);
+/// The most a command that never needs PostgreSQL may take while it is stalled.
+const FAST: Duration = Duration::from_millis(5);
+
+/// Resumes a paused PostgreSQL when dropped, whatever happened in between.
+struct ResumeOnDrop<'a>(&'a PgServer);
+
+impl Drop for ResumeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+/// A connection with a bounded read timeout, so that a hung reply fails the test instead of
+/// hanging it.
+fn client(server: &RedisServer, read_timeout: Duration) -> redis::Connection {
+    let con = server.client();
+    con.set_read_timeout(Some(read_timeout))
+        .expect("set_read_timeout");
+    con
+}
+
+/// The text of a server error reply, or `None` when the error is not a reply (I/O, timeout,
+/// closed connection).
+fn server_error(e: &redis::RedisError) -> Option<String> {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        None
+    } else {
+        Some(error_text(e))
+    }
+}
+
+/// Runs `f`, returning its result and how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let started = Instant::now();
+    let out = f();
+    (out, started.elapsed())
+}
+
+/// One `INFO quota` field as an integer.
+fn info_i64(server: &RedisServer, field: &str) -> i64 {
+    let info = server.info("quota");
+    let key = format!("quota_{field}");
+    info.get(&key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no integer {key} in INFO quota: {info:?}"))
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn query_owned(con: &mut redis::Connection, args: &[String]) -> redis::RedisResult<Value> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    query(con, &refs)
+}
+
+/// A module server on `pg` with these extra module arguments.
+fn server_on(pg: &PgServer, schema: &str, extra: &[(&str, &str)]) -> RedisServer {
+    RedisServer::builder()
+        .module_args(&[("pg-url", &pg.url()), ("schema", schema)])
+        .module_args(extra)
+        .start()
+}
+
+/// Gives these threads real-time priority (`chrt -f -p 10`; needs root, ignored otherwise),
+/// so that on a busy shared machine the latency samples measure the server, not the wait for
+/// a CPU behind other jobs. A main thread that waits on PostgreSQL still shows the whole wait.
+fn raise_priority(tids: &[String]) {
+    for tid in tids {
+        let _ = Command::new("chrt")
+            .args(["-f", "-p", "10", tid])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The calling thread's id.
+fn own_tid() -> Option<String> {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// What the background sampler saw while PostgreSQL was stalled.
+struct Samples {
+    count: usize,
+    max_ping: Duration,
+    max_admit: Duration,
+    /// Admissions of the cached user that were not admitted on its cached credit.
+    bad_admits: Vec<String>,
+}
+
+/// Every 50 ms: `PING` on one connection and an `ADMIT` of a cached user on another, timing
+/// each, until `stop` is set (at most 600 rounds).
+fn start_sampler(
+    server: &RedisServer,
+    admit: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Samples> {
+    let mut ping_con = client(server, Duration::from_secs(10));
+    let mut admit_con = client(server, Duration::from_secs(10));
+    thread::spawn(move || {
+        raise_priority(&own_tid().into_iter().collect::<Vec<_>>());
+        let mut s = Samples {
+            count: 0,
+            max_ping: Duration::ZERO,
+            max_admit: Duration::ZERO,
+            bad_admits: Vec::new(),
+        };
+        for _ in 0..600 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let (pong, took) = timed(|| query(&mut ping_con, &["PING"]));
+            assert!(pong.is_ok(), "PING failed during the stall: {pong:?}");
+            s.max_ping = s.max_ping.max(took);
+            let (reply, took) = timed(|| query_owned(&mut admit_con, &admit));
+            s.max_admit = s.max_admit.max(took);
+            match reply.ok().and_then(try_to_map) {
+                Some(m)
+                    if field_i64(&m, "allowed") == 1
+                        && field_str(&m, "replenishment").as_deref() == Some("global") => {}
+                other => s.bad_admits.push(format!("{other:?}")),
+            }
+            s.count += 1;
+            thread::sleep(Duration::from_millis(50));
+        }
+        s
+    })
+}
+
+/// What one flooding client got.
+struct Outcome {
+    kind: &'static str,
+    took: Duration,
+    reply: Result<Value, String>,
+}
+
+#[test]
+fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = server_on(
+        &pg,
+        &schema,
+        &[
+            ("pg-timeout-ms", "1000"),
+            ("queue-max", "8"),
+            ("pool-size", "2"),
+        ],
+    );
+    let mut con = client(&server, Duration::from_secs(10));
+
+    // A user whose credits are cached (write-through) before the stall.
+    query_map(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "warm",
+            "*",
+            "REQUESTS_PER_DAY",
+            "1000",
+        ],
+    );
+    // Base 0: admitted only thanks to the cached credit.
+    let warm_admit = owned(&[
+        "QUOTA.ADMIT",
+        "t",
+        "p",
+        "warm",
+        "b",
+        "REQUESTS_PER_DAY",
+        "0",
+    ]);
+    let m = to_map(query_owned(&mut con, &warm_admit).expect("warm ADMIT"));
+    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+
+    // The Redis main thread (its tid is the pid); the module's threads keep their priority.
+    if let Some(pid) = server.pid() {
+        raise_priority(&[pid.to_string()]);
+    }
+    let _resume = ResumeOnDrop(&pg);
+    pg.pause();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = start_sampler(&server, warm_admit.clone(), Arc::clone(&stop));
+
+    // A cold ADMIT is decided on the base policy once the wait runs out.
+    let (reply, took) = timed(|| {
+        query(
+            &mut con,
+            &[
+                "QUOTA.ADMIT",
+                "t",
+                "p",
+                "cold-admit",
+                "b",
+                "REQUESTS_PER_DAY",
+                "3",
+            ],
+        )
+    });
+    let m = to_map(reply.expect("cold ADMIT during the stall"));
+    assert!(took <= ANSWER_WITHIN, "cold ADMIT took {took:?}");
+    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+    assert_eq!(
+        field_str(&m, "replenishment").as_deref(),
+        Some("unavailable"),
+        "{m:?}"
+    );
+    assert_eq!(
+        field_i64(&m, "remaining_requests"),
+        2,
+        "base policy only: {m:?}"
+    );
+
+    // A cold GET and a GRANT fail with an error naming PostgreSQL, in time.
+    for args in [
+        vec!["QUOTA.GET", "t", "p", "cold-get", "b"],
+        vec![
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "cold-grant",
+            "*",
+            "REQUESTS_PER_DAY",
+            "1",
+        ],
+    ] {
+        let (reply, took) = timed(|| query(&mut con, &args));
+        let err = match reply {
+            Ok(v) => panic!("{args:?} succeeded during the stall: {v:?}"),
+            Err(e) => server_error(&e).unwrap_or_else(|| panic!("{args:?}: no reply: {e}")),
+        };
+        assert!(took <= ANSWER_WITHIN, "{args:?} took {took:?}");
+        assert!(
+            err.starts_with("ERR") && err.contains("PostgreSQL"),
+            "{args:?}: unclear error {err:?}"
+        );
+    }
+
+    // Flood: more cold commands than the pool (2) and the queue (8) hold, all at once.
+    let busy_before = info_i64(&server, "queue_busy_rejections");
+    let n = 24;
+    let barrier = Arc::new(Barrier::new(n));
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let mut c = client(&server, Duration::from_secs(10));
+        let barrier = Arc::clone(&barrier);
+        let user = format!("flood-{i}");
+        handles.push(thread::spawn(move || {
+            let (kind, args): (&'static str, Vec<String>) = match i % 3 {
+                0 => ("GET", owned(&["QUOTA.GET", "t", "p", &user, "b"])),
+                1 => (
+                    "GRANT",
+                    owned(&["QUOTA.GRANT", "t", "p", &user, "*", "TOKENS_PER_DAY", "7"]),
+                ),
+                _ => (
+                    "ADMIT",
+                    owned(&["QUOTA.ADMIT", "t", "p", &user, "b", "REQUESTS_PER_DAY", "3"]),
+                ),
+            };
+            barrier.wait();
+            let (reply, took) = timed(|| query_owned(&mut c, &args));
+            let reply = reply.map_err(|e| {
+                server_error(&e).unwrap_or_else(|| format!("NO REPLY (connection/timeout): {e}"))
+            });
+            Outcome { kind, took, reply }
+        }));
+    }
+    let outcomes: Vec<Outcome> = handles
+        .into_iter()
+        .map(|h| h.join().expect("flood thread"))
+        .collect();
+    let depth = info_i64(&server, "queue_depth");
+    let busy_after = info_i64(&server, "queue_busy_rejections");
+
+    stop.store(true, Ordering::SeqCst);
+    let samples = sampler.join().expect("sampler thread");
+
+    let mut busy = 0;
+    for o in &outcomes {
+        assert!(
+            o.took <= ANSWER_WITHIN,
+            "a flooding {} took {:?}: {:?}",
+            o.kind,
+            o.took,
+            o.reply
+        );
+        match (&o.reply, o.kind) {
+            (Err(e), _) if e.starts_with("BUSY") => busy += 1,
+            (Err(e), "GET" | "GRANT") => assert!(
+                e.starts_with("ERR") && e.contains("PostgreSQL"),
+                "{}: unclear error {e:?}",
+                o.kind
+            ),
+            (Ok(v), "ADMIT") => {
+                let m = to_map(v.clone());
+                assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+                assert_eq!(
+                    field_str(&m, "replenishment").as_deref(),
+                    Some("unavailable"),
+                    "{m:?}"
+                );
+            }
+            (other, kind) => panic!("flooding {kind}: unexpected {other:?}"),
+        }
+    }
+    // At most queue-max jobs wait and pool-size run; everything else is refused at once.
+    assert!(
+        busy >= n - 8 - 2,
+        "only {busy} of {n} flooding clients got BUSY (queue-max 8, pool-size 2)"
+    );
+    assert!(
+        busy_after - busy_before >= busy as i64,
+        "INFO quota_queue_busy_rejections grew by {} for {busy} BUSY replies",
+        busy_after - busy_before
+    );
+    assert!(depth <= 8, "queue depth {depth} above queue-max 8");
+
+    assert!(
+        samples.count >= 20,
+        "only {} samples during the stall",
+        samples.count
+    );
+    assert!(
+        samples.bad_admits.is_empty(),
+        "the cached user was not admitted on its cached credit during the stall: {:?}",
+        samples.bad_admits
+    );
+    assert!(
+        samples.max_ping < FAST,
+        "PING took up to {:?} during the stall ({} samples)",
+        samples.max_ping,
+        samples.count
+    );
+    assert!(
+        samples.max_admit < FAST,
+        "a cached ADMIT took up to {:?} during the stall ({} samples)",
+        samples.max_admit,
+        samples.count
+    );
+    eprintln!(
+        "stall: {} samples, max PING {:?}, max cached ADMIT {:?}, {busy}/{n} BUSY",
+        samples.count, samples.max_ping, samples.max_admit
+    );
+
+    // PostgreSQL back: a GRANT succeeds again (within 20 s, while stuck jobs drain).
+    pg.resume();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let granted = loop {
+        match query(
+            &mut con,
+            &[
+                "QUOTA.GRANT",
+                "t",
+                "p",
+                "after",
+                "*",
+                "REQUESTS_PER_DAY",
+                "2",
+            ],
+        ) {
+            Ok(v) => break to_map(v),
+            Err(e) if Instant::now() < deadline => {
+                assert!(server_error(&e).is_some(), "no reply after resume: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("GRANT still failing 20 s after PostgreSQL resumed: {e}"),
+        }
+    };
+    assert_eq!(field_i64(&granted, "additional_requests_per_day"), 2);
+    assert_eq!(field_i64(&granted, "duplicate"), 0);
+    let m = query_map(
+        &mut con,
+        &[
+            "QUOTA.ADMIT",
+            "t",
+            "p",
+            "after",
+            "b",
+            "REQUESTS_PER_DAY",
+            "0",
+        ],
+    );
+    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    let m = query_map(&mut con, &["QUOTA.GET", "t", "p", "after", "b"]);
+    assert_eq!(field_i64(&m, "additional_requests_per_day"), 2);
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT additional_requests_per_day FROM {schema}.user_quota_replenishment \
+             WHERE user_id = 'after'"
+        )),
+        "2"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || info_i64(&server, "queue_depth")
+            == 0),
+        "the job queue did not drain after PostgreSQL resumed"
+    );
+}
+
+/// The newest psql binary (as the harness picks it).
+fn psql_path() -> std::path::PathBuf {
+    let mut best: Option<(u32, std::path::PathBuf)> = None;
+    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
+        for e in rd.flatten() {
+            let v: u32 = e.file_name().to_string_lossy().parse().unwrap_or(0);
+            let p = e.path().join("bin").join("psql");
+            if p.exists() && best.as_ref().is_none_or(|(bv, _)| v > *bv) {
+                best = Some((v, p));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+        .unwrap_or_else(|| std::path::PathBuf::from("psql"))
+}
+
+/// A psql session in the background holding `FOR UPDATE` on the rows of `user_id` for 10 s.
+struct RowLocker {
+    child: Child,
+}
+
+impl RowLocker {
+    fn start(pg: &PgServer, schema: &str, user_id: &str) -> RowLocker {
+        let script = format!(
+            "\"$0\" -X -q -v ON_ERROR_STOP=1 -d \"$1\" <<'EOF'\n\
+             BEGIN;\n\
+             SELECT 1 FROM {schema}.user_quota_replenishment WHERE user_id = '{user_id}' FOR UPDATE;\n\
+             SELECT pg_sleep(10);\n\
+             COMMIT;\n\
+             EOF\n"
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(psql_path())
+            .arg(pg.url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn psql");
+        let locker = RowLocker { child };
+        let held = wait_until(Duration::from_secs(10), || {
+            pg.psql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(10)%' AND state = 'active' \
+                 AND pid <> pg_backend_pid()",
+            ) == "1"
+        });
+        assert!(held, "the background psql did not take the row lock");
+        locker
+    }
+
+    /// Ends the locking session (its transaction rolls back) and reaps psql.
+    fn release(mut self, pg: &PgServer) {
+        pg.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep(10)%' AND pid <> pg_backend_pid()",
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RowLocker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = server_on(&pg, &schema, &[("pg-timeout-ms", "1000")]);
+    let mut con = client(&server, Duration::from_secs(10));
+    query_map(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "locked",
+            "*",
+            "REQUESTS_PER_DAY",
+            "5",
+        ],
+    );
+
+    let locker = RowLocker::start(&pg, &schema, "locked");
+    let writes: [&[&str]; 3] = [
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "locked",
+            "*",
+            "TOKENS_PER_DAY",
+            "5",
+            "ADD",
+        ],
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "locked",
+            "*",
+            "REQUESTS_PER_DAY",
+            "9",
+        ],
+        &["QUOTA.REVOKE", "t", "p", "locked", "*"],
+    ];
+    for args in writes {
+        let (reply, took) = timed(|| query(&mut con, args));
+        let err = match reply {
+            Ok(v) => panic!("{args:?} succeeded while the row is locked: {v:?}"),
+            Err(e) => server_error(&e).unwrap_or_else(|| panic!("{args:?}: no reply: {e}")),
+        };
+        assert!(took <= ANSWER_WITHIN, "{args:?} took {took:?}");
+        assert!(
+            err.starts_with("ERR")
+                && err.contains("PostgreSQL")
+                && err.to_lowercase().contains("timeout"),
+            "{args:?}: unclear error {err:?}"
+        );
+        // The cached credits keep serving meanwhile.
+        let (m, took) = timed(|| {
+            query_map(
+                &mut con,
+                &[
+                    "QUOTA.ADMIT",
+                    "t",
+                    "p",
+                    "locked",
+                    "b",
+                    "REQUESTS_PER_DAY",
+                    "0",
+                ],
+            )
+        });
+        assert!(
+            took < Duration::from_millis(50),
+            "cached ADMIT took {took:?}"
+        );
+        assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    }
+    locker.release(&pg);
+
+    // None of the refused writes reached the row.
+    let row = pg.psql(&format!(
+        "SELECT additional_requests_per_day, coalesce(additional_tokens_per_day::text, 'null'), active \
+         FROM {schema}.user_quota_replenishment WHERE user_id = 'locked'"
+    ));
+    assert_eq!(
+        row, "5|null|t",
+        "a write that failed on the lock changed the row"
+    );
+    // And once the lock is gone, the same top-up applies exactly once.
+    let m = query_map(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "locked",
+            "*",
+            "TOKENS_PER_DAY",
+            "5",
+            "ADD",
+        ],
+    );
+    assert_eq!(field_i64(&m, "additional_tokens_per_day"), 5);
+    assert_eq!(field_i64(&m, "additional_requests_per_day"), 5);
+}
+
+#[test]
+fn shutdown_while_clients_wait_on_a_stalled_postgres_never_hangs() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    // A long timeout, so the clients are still waiting when SHUTDOWN comes.
+    let mut server = server_on(
+        &pg,
+        &schema,
+        &[("pg-timeout-ms", "30000"), ("pool-size", "2")],
+    );
+    let mut con = client(&server, Duration::from_secs(10));
+    query_map(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "warm",
+            "*",
+            "REQUESTS_PER_DAY",
+            "1",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || server
+            .info("quota")
+            .get("quota_notify_state")
+            .map(String::as_str)
+            == Some("listening")),
+        "the NOTIFY listener did not connect"
+    );
+
+    let _resume = ResumeOnDrop(&pg);
+    pg.pause();
+    let n = 6;
+    let mut handles = Vec::new();
+    let shutdown_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::new(std::sync::Mutex::new(None));
+    for i in 0..n {
+        let mut c = client(&server, Duration::from_secs(15));
+        let user = format!("blocked-{i}");
+        let shutdown_at = Arc::clone(&shutdown_at);
+        handles.push(thread::spawn(move || {
+            let args = match i % 3 {
+                0 => owned(&["QUOTA.GET", "t", "p", &user, "b"]),
+                1 => owned(&["QUOTA.GRANT", "t", "p", &user, "*", "TOKENS_PER_DAY", "1"]),
+                _ => owned(&["QUOTA.ADMIT", "t", "p", &user, "b", "REQUESTS_PER_DAY", "1"]),
+            };
+            let reply = query_owned(&mut c, &args);
+            let done = Instant::now();
+            let since_shutdown = shutdown_at
+                .lock()
+                .ok()
+                .and_then(|s| *s)
+                .map(|at| done.saturating_duration_since(at));
+            (args, reply, since_shutdown)
+        }));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || server
+            .info("clients")
+            .get("blocked_clients")
+            .and_then(|v| v.parse::<usize>().ok())
+            == Some(n)),
+        "the {n} clients did not all block on PostgreSQL"
+    );
+
+    *shutdown_at.lock().expect("lock") = Some(Instant::now());
+    let started = Instant::now();
+    let mut admin = client(&server, Duration::from_secs(10));
+    match query(&mut admin, &["SHUTDOWN", "NOSAVE"]) {
+        Ok(v) => panic!("SHUTDOWN NOSAVE replied {v:?}"),
+        Err(e) => assert!(
+            server_error(&e).is_none(),
+            "SHUTDOWN NOSAVE refused: {}",
+            error_text(&e)
+        ),
+    }
+    let exited = wait_until(Duration::from_secs(5), || !server.is_alive());
+    let exit_took = started.elapsed();
+
+    for h in handles {
+        let (args, reply, since) = h.join().expect("blocked client thread");
+        let since = since.unwrap_or_else(|| {
+            panic!("{args:?} was answered before SHUTDOWN (the wait is 30 s): {reply:?}")
+        });
+        assert!(
+            since <= Duration::from_secs(5),
+            "{args:?} got its reply or EOF {since:?} after SHUTDOWN: {reply:?}"
+        );
+        if let Err(e) = &reply {
+            assert!(
+                !e.is_timeout(),
+                "{args:?} hung: no reply and no EOF after SHUTDOWN"
+            );
+        }
+    }
+    assert!(
+        exited,
+        "redis-server still running {exit_took:?} after SHUTDOWN NOSAVE (a module thread keeps it alive?)\n{}",
+        server.log()
+    );
+    let log = server.log();
+    assert!(
+        !log.contains("panic"),
+        "the server log mentions a panic:\n{log}"
+    );
+}
+
+/// Usage of one account as field -> value (the whole `QUOTA.USAGE` map).
+fn usage(con: &mut redis::Connection, ids: &[&str; 4]) -> HashMap<String, i64> {
+    let m = query_map(con, &["QUOTA.USAGE", ids[0], ids[1], ids[2], ids[3]]);
+    m.keys().map(|k| (k.clone(), field_i64(&m, k))).collect()
+}
+
+/// Builds usage on one account: 3 admits committed (40 tokens each), one lease left open.
+/// Returns the first committed lease and the open lease.
+fn build_usage(con: &mut redis::Connection, ids: &[&str; 4]) -> (String, String) {
+    let admit = [
+        "QUOTA.ADMIT",
+        ids[0],
+        ids[1],
+        ids[2],
+        ids[3],
+        "REQUESTS_PER_DAY",
+        "2",
+        "RESERVE",
+        "50",
+    ];
+    let mut committed = Vec::new();
+    for _ in 0..3 {
+        let m = query_map(con, &admit);
+        assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+        let lease = field_str(&m, "lease").expect("a lease");
+        let c = query_map(
+            con,
+            &[
+                "QUOTA.COMMIT",
+                ids[0],
+                ids[1],
+                ids[2],
+                ids[3],
+                "40",
+                "LEASE",
+                &lease,
+            ],
+        );
+        assert_eq!(field_i64(&c, "recorded"), 40);
+        committed.push(lease);
+    }
+    let m = query_map(con, &admit);
+    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+    let open = field_str(&m, "lease").expect("a lease");
+    let u = usage(con, ids);
+    assert_eq!(
+        (u["req_day"], u["tok_day"], u["in_flight"], u["reserved"]),
+        (4, 120, 1, 50),
+        "{u:?}"
+    );
+    (committed.swap_remove(0), open)
+}
+
+/// After a restart: usage as before, COMMIT idempotency kept, and the credits come back from
+/// PostgreSQL into the empty cache and apply.
+fn check_after_restart(
+    server: &RedisServer,
+    ids: &[&str; 4],
+    before: &HashMap<String, i64>,
+    committed: &str,
+    open: &str,
+) {
+    let mut con = client(server, Duration::from_secs(10));
+    assert_eq!(
+        &usage(&mut con, ids),
+        before,
+        "usage changed across the restart"
+    );
+    let c = query_map(
+        &mut con,
+        &[
+            "QUOTA.COMMIT",
+            ids[0],
+            ids[1],
+            ids[2],
+            ids[3],
+            "40",
+            "LEASE",
+            committed,
+        ],
+    );
+    assert_eq!(
+        (field_i64(&c, "duplicate"), field_i64(&c, "recorded")),
+        (1, 0),
+        "a commit repeated after the restart counted again: {c:?}"
+    );
+    let c = query_map(
+        &mut con,
+        &[
+            "QUOTA.COMMIT",
+            ids[0],
+            ids[1],
+            ids[2],
+            ids[3],
+            "30",
+            "LEASE",
+            open,
+        ],
+    );
+    assert_eq!(
+        (
+            field_i64(&c, "recorded"),
+            field_i64(&c, "duplicate"),
+            field_i64(&c, "lease_held")
+        ),
+        (30, 0, 1),
+        "the lease open before the restart: {c:?}"
+    );
+
+    let misses = info_i64(server, "cache_misses");
+    // Base 2 is used up (4 requests): each admit now needs the credit (+5) from PostgreSQL.
+    let admit = [
+        "QUOTA.ADMIT",
+        ids[0],
+        ids[1],
+        ids[2],
+        ids[3],
+        "REQUESTS_PER_DAY",
+        "2",
+    ];
+    let m = query_map(&mut con, &admit);
+    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
+    assert!(
+        info_i64(server, "cache_misses") > misses,
+        "the first admit after the restart was not a cache miss"
+    );
+}
+
+#[test]
+fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let mut server = RedisServer::builder()
+        .module_args(&[("pg-url", &pg.url()), ("schema", &schema)])
+        .conf("appendonly yes")
+        .conf("appendfsync always")
+        .start();
+    let ids = ["t", "p", "crash", "b"];
+    let mut con = client(&server, Duration::from_secs(10));
+    query_map(
+        &mut con,
+        &[
+            "QUOTA.GRANT",
+            "t",
+            "p",
+            "crash",
+            "*",
+            "REQUESTS_PER_DAY",
+            "5",
+        ],
+    );
+    let (committed, open) = build_usage(&mut con, &ids);
+    let before = usage(&mut con, &ids);
+    drop(con);
+
+    server.kill9();
+    server.restart();
+    check_after_restart(&server, &ids, &before, &committed, &open);
+
+    // Requests: 4 before, 1 after the restart; the limit is 2 + 5 = 7.
+    let mut con = client(&server, Duration::from_secs(10));
+    let admit = [
+        "QUOTA.ADMIT",
+        "t",
+        "p",
+        "crash",
+        "b",
+        "REQUESTS_PER_DAY",
+        "2",
+    ];
+    for _ in 0..2 {
+        let m = query_map(&mut con, &admit);
+        assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+    }
+    let m = query_map(&mut con, &admit);
+    assert_eq!(field_i64(&m, "allowed"), 0, "{m:?}");
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+
+    // And once more, killed right after the last write.
+    let before = usage(&mut con, &ids);
+    assert_eq!((before["req_day"], before["tok_day"]), (7, 150));
+    drop(con);
+    server.kill9();
+    server.restart();
+    let mut con = client(&server, Duration::from_secs(10));
+    assert_eq!(usage(&mut con, &ids), before);
+}

@@ -1,0 +1,1722 @@
+//! Hostile input: thousands of malformed `QUOTA.*` commands against a live server (every one
+//! refused with a well-formed one-line error, nothing changed, the server alive), identities
+//! whose ids contain separators, quotes and unicode, the documented size limits, and the
+//! PostgreSQL password never leaking.
+//!
+//! The fuzz is seeded: it prints `seed=<n>`; `QUOTA_FUZZ_SEED=<n>` replays a run.
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+// ---------------------------------------------------------------------------
+// A strict RESP2/RESP3 client over a TcpStream (arbitrary byte arguments, pipelining)
+// ---------------------------------------------------------------------------
+
+/// One reply, as the wire had it.
+#[derive(Debug, Clone, PartialEq)]
+enum Reply {
+    Simple(Vec<u8>),
+    Error(Vec<u8>),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Null,
+    Array(Vec<Reply>),
+    Map(Vec<(Reply, Reply)>),
+    Set(Vec<Reply>),
+    Bool(bool),
+    Double(Vec<u8>),
+    BigNumber(Vec<u8>),
+    Verbatim(Vec<u8>),
+}
+
+impl Reply {
+    fn is_error(&self) -> bool {
+        matches!(self, Reply::Error(_))
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Reply::Simple(b) | Reply::Error(b) | Reply::Bulk(b) | Reply::Verbatim(b) => {
+                String::from_utf8_lossy(b).into_owned()
+            }
+            Reply::Int(i) => i.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// A map reply (RESP3 map or RESP2 flat array) as field -> value.
+    fn as_map(&self) -> Option<BTreeMap<String, Reply>> {
+        match self {
+            Reply::Map(pairs) => Some(pairs.iter().map(|(k, v)| (k.text(), v.clone())).collect()),
+            Reply::Array(items) if items.len() % 2 == 0 => Some(
+                items
+                    .chunks(2)
+                    .map(|kv| (kv[0].text(), kv[1].clone()))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// A raw connection that checks every reply byte for byte.
+struct Raw {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+fn encode(args: &[Vec<u8>], out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+impl Raw {
+    fn connect(port: u16, resp3: bool) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .expect("write timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut raw = Raw {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        if resp3 {
+            let hello = raw.call(&[b"HELLO".to_vec(), b"3".to_vec()]);
+            assert!(
+                matches!(hello, Reply::Map(_)),
+                "HELLO 3 did not answer a map: {hello:?}"
+            );
+        }
+        raw
+    }
+
+    /// Sends commands in one write, then reads one reply each.
+    fn pipeline(&mut self, cmds: &[Vec<Vec<u8>>]) -> Vec<Result<Reply, String>> {
+        let mut buf = Vec::new();
+        for c in cmds {
+            encode(c, &mut buf);
+        }
+        if let Err(e) = self.writer.write_all(&buf) {
+            return cmds.iter().map(|_| Err(format!("write: {e}"))).collect();
+        }
+        let mut out = Vec::with_capacity(cmds.len());
+        for _ in cmds {
+            let r = self.read_reply(0);
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        while out.len() < cmds.len() {
+            out.push(Err("no reply (stream broken earlier)".into()));
+        }
+        out
+    }
+
+    fn call(&mut self, args: &[Vec<u8>]) -> Reply {
+        let mut r = self.pipeline(&[args.to_vec()]);
+        r.remove(0)
+            .unwrap_or_else(|e| panic!("{:?}: {e}", show_args(args)))
+    }
+
+    /// A line up to CRLF; a bare CR or LF inside is a protocol error.
+    fn line(&mut self) -> Result<Vec<u8>, String> {
+        let mut line = Vec::new();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        if !line.ends_with(b"\r\n") {
+            return Err(format!("line not ended by CRLF: {line:?}"));
+        }
+        line.truncate(line.len() - 2);
+        if line.contains(&b'\r') || line.contains(&b'\n') {
+            return Err(format!("bare CR/LF in a line: {line:?}"));
+        }
+        Ok(line)
+    }
+
+    fn number(&mut self, head: &[u8]) -> Result<i64, String> {
+        std::str::from_utf8(head)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| format!("bad length/integer {head:?}"))
+    }
+
+    fn blob(&mut self, len: i64) -> Result<Vec<u8>, String> {
+        let len = usize::try_from(len).map_err(|_| format!("bad blob length {len}"))?;
+        let mut data = vec![0u8; len + 2];
+        self.reader
+            .read_exact(&mut data)
+            .map_err(|e| format!("read blob: {e}"))?;
+        if !data.ends_with(b"\r\n") {
+            return Err("blob not ended by CRLF".into());
+        }
+        data.truncate(len);
+        Ok(data)
+    }
+
+    fn read_reply(&mut self, depth: usize) -> Result<Reply, String> {
+        if depth > 16 {
+            return Err("reply nested too deep".into());
+        }
+        let line = self.line()?;
+        let (&kind, rest) = line.split_first().ok_or("empty line")?;
+        let rest = rest.to_vec();
+        Ok(match kind {
+            b'+' => Reply::Simple(rest),
+            b'-' => Reply::Error(rest),
+            b':' => Reply::Int(self.number(&rest)?),
+            b'$' => match self.number(&rest)? {
+                -1 => Reply::Null,
+                n => Reply::Bulk(self.blob(n)?),
+            },
+            b'!' => {
+                let n = self.number(&rest)?;
+                Reply::Error(self.blob(n)?)
+            }
+            b'=' => {
+                let n = self.number(&rest)?;
+                Reply::Verbatim(self.blob(n)?)
+            }
+            b'*' | b'~' | b'>' => match self.number(&rest)? {
+                -1 => Reply::Null,
+                n => {
+                    let mut items = Vec::new();
+                    for _ in 0..n {
+                        items.push(self.read_reply(depth + 1)?);
+                    }
+                    if kind == b'~' {
+                        Reply::Set(items)
+                    } else {
+                        Reply::Array(items)
+                    }
+                }
+            },
+            b'%' => {
+                let n = self.number(&rest)?;
+                let mut pairs = Vec::new();
+                for _ in 0..n {
+                    let k = self.read_reply(depth + 1)?;
+                    let v = self.read_reply(depth + 1)?;
+                    pairs.push((k, v));
+                }
+                Reply::Map(pairs)
+            }
+            b'_' if rest.is_empty() => Reply::Null,
+            b'#' if rest == b"t" || rest == b"f" => Reply::Bool(rest == b"t"),
+            b',' => Reply::Double(rest),
+            b'(' => Reply::BigNumber(rest),
+            other => return Err(format!("unknown reply type {:?}", other as char)),
+        })
+    }
+}
+
+/// Arguments shown briefly (long ones cut) for failure messages.
+fn show_args(args: &[Vec<u8>]) -> String {
+    let parts: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let s = String::from_utf8_lossy(&a[..a.len().min(40)]).into_owned();
+            if a.len() > 40 {
+                format!("{s:?}...({} bytes)", a.len())
+            } else {
+                format!("{s:?}")
+            }
+        })
+        .collect();
+    parts.join(" ")
+}
+
+fn bytes(args: &[&str]) -> Vec<Vec<u8>> {
+    args.iter().map(|a| a.as_bytes().to_vec()).collect()
+}
+
+// ---------------------------------------------------------------------------
+// A seeded PRNG and the grammar of invalid commands
+// ---------------------------------------------------------------------------
+
+/// SplitMix64: small, seedable, good enough to pick test cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// The word with each ASCII letter in a random case.
+    fn case(&mut self, word: &str) -> Vec<u8> {
+        word.bytes()
+            .map(|b| {
+                if self.chance(50) {
+                    b.to_ascii_lowercase()
+                } else {
+                    b.to_ascii_uppercase()
+                }
+            })
+            .collect()
+    }
+
+    fn random_bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.below(max + 1);
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+const COMMANDS: [&str; 12] = [
+    "QUOTA.GRANT",
+    "QUOTA.GET",
+    "QUOTA.REVOKE",
+    "QUOTA.LIST",
+    "QUOTA.CLEANUP",
+    "QUOTA.INVALIDATE",
+    "QUOTA.ADMIT",
+    "QUOTA.COMMIT",
+    "QUOTA.RELEASE",
+    "QUOTA.USAGE",
+    "QUOTA.RESET",
+    "QUOTA.SETSTATE",
+];
+
+const LIMITS: [&str; 7] = [
+    "REQUESTS_PER_DAY",
+    "REQUESTS_PER_MONTH",
+    "TOTAL_REQUESTS",
+    "TOKENS_PER_HOUR",
+    "TOKENS_PER_DAY",
+    "TOKENS_PER_MONTH",
+    "MAX_CONCURRENT",
+];
+/// The limits stored in `INT` columns (GRANT refuses more than 2147483647).
+const INT_LIMITS: [&str; 4] = [
+    "REQUESTS_PER_DAY",
+    "REQUESTS_PER_MONTH",
+    "TOTAL_REQUESTS",
+    "MAX_CONCURRENT",
+];
+const GRANT_ONLY: [&str; 6] = [
+    "EXPIRES_AT",
+    "EXPIRES_IN",
+    "PURCHASE",
+    "AMOUNT",
+    "NOTES",
+    "ADD",
+];
+const ADMIT_ONLY: [&str; 5] = ["LEASE", "LEASE_TTL", "RESERVE", "PEEK", "VERBOSE"];
+
+/// Never a valid amount (0 ..= 2^63-1 in plain decimal digits).
+fn bad_number(rng: &mut Rng) -> Vec<u8> {
+    let fixed: [&[u8]; 24] = [
+        b"-1",
+        b"-0",
+        b"+1",
+        b"",
+        b" ",
+        b"1 ",
+        b" 1",
+        b"1.0",
+        b"1e3",
+        b"0x1f",
+        b"18446744073709551616",
+        b"18446744073709551615",
+        b"9223372036854775808",
+        b"99999999999999999999999999",
+        b"-9223372036854775808",
+        b"1\0",
+        "\u{661}\u{662}".as_bytes(),
+        b"NaN",
+        b"inf",
+        b"abc",
+        b"1_000",
+        b"\xff\xfe",
+        b"--1",
+        b"12345678901234567890",
+    ];
+    match rng.below(4) {
+        0 => vec![b'9'; 65536],
+        1 => {
+            let mut v = vec![b'1'; 20 + rng.below(40)];
+            v[0] = b'1';
+            v
+        }
+        _ => rng.pick(&fixed).to_vec(),
+    }
+}
+
+/// Never a valid `AMOUNT` (0 ..= 99999999.99, at most two decimals).
+fn bad_amount(rng: &mut Rng) -> Vec<u8> {
+    let fixed: [&[u8]; 14] = [
+        b"1.234",
+        b"-1",
+        b"-0.01",
+        b"100000000.00",
+        b"1e2",
+        b"",
+        b"abc",
+        b"1.",
+        b".5",
+        b"0x10",
+        b"1,5",
+        b"NaN",
+        b"99999999.999",
+        b"1.2.3",
+    ];
+    if rng.chance(10) {
+        return vec![b'7'; 65536];
+    }
+    rng.pick(&fixed).to_vec()
+}
+
+/// Never a valid text value of at most `max` bytes (NOTES, PURCHASE, LEASE).
+fn bad_text(rng: &mut Rng, max: usize) -> Vec<u8> {
+    match rng.below(6) {
+        0 => Vec::new(),
+        1 => vec![b'n'; max + 1 + rng.below(3)],
+        2 => vec![b'x'; 65536],
+        3 => b"a\0b".to_vec(),
+        4 => vec![0xc3, 0x28],
+        _ => vec![b'o', 0xed, 0xa0, 0x80],
+    }
+}
+
+/// Never a valid id in position `pos` (0 tenant, 1 project, 2 user, 3 bundle).
+fn bad_id(rng: &mut Rng, pos: usize) -> Vec<u8> {
+    let n = if pos == 2 { 9 } else { 7 };
+    match rng.below(n) {
+        0 => Vec::new(),
+        1 => vec![b'i'; 256],
+        2 => vec![b'i'; 256 + rng.below(65536 - 256)],
+        3 => b"a\0b".to_vec(),
+        4 => b"\0".to_vec(),
+        5 => vec![0xff, 0xfe, b'x'],
+        6 => "日本".as_bytes()[..5].to_vec(),
+        7 => b"a}b".to_vec(),
+        _ => b"}".to_vec(),
+    }
+}
+
+/// The ids of the accounts that exist before the fuzz (so a command wrongly accepted would
+/// hit them and show in the snapshot).
+const ACCOUNTS: [[&str; 4]; 4] = [
+    ["acme", "chat", "alice", "pro"],
+    ["acme", "chat", "bob", "*"],
+    ["t:x", "p", "{tag}carol", "b"],
+    ["日本", "プロジェクト", "ユーザー", "束"],
+];
+
+fn good_ids(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let a = rng.pick(&ACCOUNTS);
+    a.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+/// Ids where one position (at least) is invalid.
+fn ids_with_bad(rng: &mut Rng, count: usize) -> Vec<Vec<u8>> {
+    let mut ids = good_ids(rng);
+    ids.truncate(count);
+    let pos = rng.below(count);
+    ids[pos] = bad_id(rng, pos);
+    ids
+}
+
+/// A valid option (keyword plus value) for GRANT or ADMIT.
+fn valid_option(rng: &mut Rng, grant: bool, kind: usize) -> Vec<Vec<u8>> {
+    let n = rng.below(1000).to_string().into_bytes();
+    if kind < LIMITS.len() {
+        return vec![rng.case(LIMITS[kind]), n];
+    }
+    let words = if grant {
+        &GRANT_ONLY[..]
+    } else {
+        &ADMIT_ONLY[..]
+    };
+    let word = words[kind - LIMITS.len()];
+    let value: Option<Vec<u8>> = match word {
+        "EXPIRES_AT" => Some((unix_now() + 86_400).to_string().into_bytes()),
+        "EXPIRES_IN" => Some(b"3600".to_vec()),
+        "PURCHASE" => Some(format!("fz-{}", rng.next()).into_bytes()),
+        "AMOUNT" => Some(b"1.50".to_vec()),
+        "NOTES" => Some("nöte".as_bytes().to_vec()),
+        "LEASE" => Some(format!("fz-{}", rng.next()).into_bytes()),
+        "LEASE_TTL" => Some(b"60".to_vec()),
+        "RESERVE" => Some(n),
+        _ => None, // ADD, PEEK, VERBOSE
+    };
+    let mut out = vec![rng.case(word)];
+    out.extend(value);
+    out
+}
+
+fn option_kinds(grant: bool) -> usize {
+    LIMITS.len()
+        + if grant {
+            GRANT_ONLY.len()
+        } else {
+            ADMIT_ONLY.len()
+        }
+}
+
+/// Distinct valid options (EXPIRES_AT and EXPIRES_IN never together).
+fn valid_options(rng: &mut Rng, grant: bool, count: usize) -> (Vec<Vec<u8>>, Vec<usize>) {
+    let mut used = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let kind = rng.below(option_kinds(grant));
+        let expiry = |k: usize| grant && (k == LIMITS.len() || k == LIMITS.len() + 1);
+        if used.contains(&kind) || (expiry(kind) && used.iter().any(|&k| expiry(k))) {
+            continue;
+        }
+        used.push(kind);
+        out.extend(valid_option(rng, grant, kind));
+    }
+    (out, used)
+}
+
+/// A word that is no option of GRANT (or of ADMIT).
+fn unknown_word(rng: &mut Rng, grant: bool) -> Vec<u8> {
+    let foreign: &[&str] = if grant { &ADMIT_ONLY } else { &GRANT_ONLY };
+    match rng.below(10) {
+        0 => Vec::new(),
+        1 => vec![b'w'; 65536],
+        2 => {
+            // One of the command's own keywords with a NUL after it.
+            let own: &[&str] = if grant { &GRANT_ONLY } else { &ADMIT_ONLY };
+            let k = *rng.pick(own);
+            let mut w = rng.case(k);
+            w.push(0);
+            w
+        }
+        3 => b" PEEK".to_vec(),
+        4 => rng.case("REQUESTS_PER_DAYS"),
+        5 => "ЗАПРОС".as_bytes().to_vec(),
+        6 => vec![0xfe, 0xff],
+        7 => rng.case("ALL"),
+        8 => {
+            let w = *rng.pick(foreign);
+            rng.case(w)
+        }
+        _ => {
+            // Random letters: only a word no keyword matches.
+            let mut w = b"X".to_vec();
+            w.extend(rng.random_bytes(12).iter().map(|b| b'a' + b % 26));
+            w
+        }
+    }
+}
+
+/// The poison that makes a GRANT or ADMIT invalid, placed where a keyword is expected.
+/// The second value is true when nothing may follow (a keyword missing its value).
+fn poison(rng: &mut Rng, grant: bool, used: &[usize]) -> (Vec<Vec<u8>>, bool) {
+    let p = match rng.below(5) {
+        0 => vec![unknown_word(rng, grant)],
+        1 => {
+            // The same option twice (it may already be in the prefix).
+            let kind = match used.first() {
+                Some(&k) if rng.chance(50) => k,
+                _ => rng.below(option_kinds(grant)),
+            };
+            let mut out = valid_option(rng, grant, kind);
+            if !used.contains(&kind) {
+                out.extend(valid_option(rng, grant, kind));
+            }
+            out
+        }
+        2 => {
+            // A keyword that takes a value, at the very end.
+            let mut words: Vec<&str> = LIMITS.to_vec();
+            if grant {
+                words.extend(["EXPIRES_AT", "EXPIRES_IN", "PURCHASE", "AMOUNT", "NOTES"]);
+            } else {
+                words.extend(["LEASE", "LEASE_TTL", "RESERVE"]);
+            }
+            let w = *rng.pick(&words);
+            return (vec![rng.case(w)], true);
+        }
+        _ if grant => grant_bad_value(rng),
+        _ => admit_bad_value(rng),
+    };
+    (p, false)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn grant_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
+    match rng.below(9) {
+        0 | 1 => {
+            let w = *rng.pick(&LIMITS);
+            vec![rng.case(w), bad_number(rng)]
+        }
+        2 => {
+            let w = *rng.pick(&INT_LIMITS);
+            let v = 2_147_483_648u64 + rng.next() % (i64::MAX as u64 - 2_147_483_648);
+            vec![rng.case(w), v.to_string().into_bytes()]
+        }
+        3 => {
+            let past = unix_now().saturating_sub(10).to_string();
+            let v: Vec<u8> = match rng.below(5) {
+                0 => b"0".to_vec(),
+                1 => b"1000000000".to_vec(),
+                2 => b"253402300800".to_vec(),
+                3 => past.into_bytes(),
+                _ => bad_number(rng),
+            };
+            vec![rng.case("EXPIRES_AT"), v]
+        }
+        4 => {
+            let v: Vec<u8> = match rng.below(3) {
+                0 => b"0".to_vec(),
+                1 => b"253402300799".to_vec(),
+                _ => bad_number(rng),
+            };
+            vec![rng.case("EXPIRES_IN"), v]
+        }
+        5 => {
+            let at = (unix_now() + 3600).to_string().into_bytes();
+            let mut both = vec![
+                rng.case("EXPIRES_AT"),
+                at,
+                rng.case("EXPIRES_IN"),
+                b"60".to_vec(),
+            ];
+            if rng.chance(50) {
+                both.rotate_left(2);
+            }
+            both
+        }
+        6 => vec![rng.case("AMOUNT"), bad_amount(rng)],
+        7 => vec![rng.case("NOTES"), bad_text(rng, 4096)],
+        _ => vec![rng.case("PURCHASE"), bad_text(rng, 255)],
+    }
+}
+
+fn admit_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
+    match rng.below(5) {
+        0 | 1 => {
+            let w = *rng.pick(&LIMITS);
+            vec![rng.case(w), bad_number(rng)]
+        }
+        2 => vec![rng.case("LEASE"), bad_text(rng, 128)],
+        3 => {
+            let v: Vec<u8> = match rng.below(3) {
+                0 => b"0".to_vec(),
+                1 => b"86401".to_vec(),
+                _ => bad_number(rng),
+            };
+            vec![rng.case("LEASE_TTL"), v]
+        }
+        _ => vec![rng.case("RESERVE"), bad_number(rng)],
+    }
+}
+
+/// Arbitrary arguments (valid-looking ids, numbers, keywords, garbage).
+fn random_args(rng: &mut Rng, max: usize) -> Vec<Vec<u8>> {
+    let n = rng.below(max + 1);
+    (0..n)
+        .map(|_| match rng.below(6) {
+            0 => good_ids(rng).swap_remove(rng.below(4)),
+            1 => rng.random_bytes(40),
+            2 => bad_number(rng),
+            3 => {
+                let w = *rng.pick(&LIMITS);
+                rng.case(w)
+            }
+            4 => rng.next().to_string().into_bytes(),
+            _ => vec![b'z'; 65536],
+        })
+        .collect()
+}
+
+/// One command that must be refused.
+fn invalid_command(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let name = *rng.pick(&COMMANDS);
+    let mut cmd = vec![rng.case(name)];
+    let rest: Vec<Vec<u8>> = match name {
+        "QUOTA.GRANT" | "QUOTA.ADMIT" => {
+            let grant = name == "QUOTA.GRANT";
+            match rng.below(6) {
+                // Fewer than four ids.
+                0 => {
+                    let mut ids = good_ids(rng);
+                    ids.truncate(rng.below(4));
+                    ids
+                }
+                // An invalid id; whatever follows.
+                1 => {
+                    let mut a = ids_with_bad(rng, 4);
+                    a.extend(random_args(rng, 4));
+                    a
+                }
+                // Valid ids, valid options, then a poison, then anything.
+                _ => {
+                    let mut a = good_ids(rng);
+                    let count = rng.below(4);
+                    let (prefix, used) = valid_options(rng, grant, count);
+                    let (p, last) = poison(rng, grant, &used);
+                    a.extend(prefix);
+                    a.extend(p);
+                    if !last && rng.chance(30) {
+                        a.extend(random_args(rng, 3));
+                    }
+                    a
+                }
+            }
+        }
+        "QUOTA.GET" | "QUOTA.REVOKE" | "QUOTA.USAGE" | "QUOTA.RESET" => match rng.below(3) {
+            0 => {
+                let mut ids = good_ids(rng);
+                ids.truncate(rng.below(4));
+                ids
+            }
+            1 => ids_with_bad(rng, 4),
+            _ => {
+                let mut a = good_ids(rng);
+                a.push(rng.random_bytes(10));
+                a.extend(random_args(rng, 3));
+                a
+            }
+        },
+        "QUOTA.LIST" => match rng.below(4) {
+            0 => {
+                let mut ids = good_ids(rng);
+                ids.truncate(rng.below(3));
+                ids
+            }
+            1 => {
+                let mut a = ids_with_bad(rng, 3);
+                if rng.chance(50) {
+                    a.push(rng.case("ALL"));
+                }
+                a
+            }
+            2 => {
+                let mut a = good_ids(rng);
+                a.truncate(3);
+                let word: Vec<u8> = match rng.below(5) {
+                    0 => rng.case("ALLX"),
+                    1 => rng.case("AL"),
+                    2 => Vec::new(),
+                    3 => b"ALL\0".to_vec(),
+                    _ => rng.random_bytes(8).iter().map(|b| b'b' + b % 20).collect(),
+                };
+                a.push(word);
+                a
+            }
+            _ => {
+                let mut a = good_ids(rng);
+                a.truncate(3);
+                a.push(rng.case("ALL"));
+                a.push(rng.random_bytes(6));
+                a
+            }
+        },
+        "QUOTA.INVALIDATE" => match rng.below(3) {
+            0 => {
+                let mut ids = good_ids(rng);
+                ids.truncate(rng.below(3));
+                ids
+            }
+            1 => ids_with_bad(rng, 3),
+            _ => {
+                let mut a = good_ids(rng);
+                a.truncate(3);
+                a.push(rng.random_bytes(6));
+                a
+            }
+        },
+        "QUOTA.COMMIT" => match rng.below(5) {
+            0 => {
+                let mut ids = good_ids(rng);
+                ids.truncate(rng.below(5));
+                ids
+            }
+            1 => {
+                let mut a = ids_with_bad(rng, 4);
+                a.push(b"10".to_vec());
+                a
+            }
+            2 => {
+                let mut a = good_ids(rng);
+                a.push(bad_number(rng));
+                a.extend(random_args(rng, 2));
+                a
+            }
+            _ => {
+                let mut a = good_ids(rng);
+                a.push(rng.below(100).to_string().into_bytes());
+                let lease = format!("fz-{}", rng.next()).into_bytes();
+                match rng.below(4) {
+                    0 => a.push(unknown_word(rng, true)),
+                    1 => a.extend([rng.case("LEASE"), bad_text(rng, 128)]),
+                    2 => a.extend([rng.case("LEASE"), lease.clone(), rng.case("LEASE"), lease]),
+                    _ => a.push(rng.case("LEASE")),
+                }
+                a
+            }
+        },
+        "QUOTA.RELEASE" => match rng.below(4) {
+            0 => {
+                let mut ids = good_ids(rng);
+                ids.truncate(rng.below(5));
+                ids
+            }
+            1 => {
+                let mut a = ids_with_bad(rng, 4);
+                a.push(b"lease".to_vec());
+                a
+            }
+            2 => {
+                let mut a = good_ids(rng);
+                a.push(bad_text(rng, 128));
+                a
+            }
+            _ => {
+                let mut a = good_ids(rng);
+                a.push(b"lease".to_vec());
+                a.extend(random_args(rng, 3).into_iter().chain([b"x".to_vec()]));
+                a
+            }
+        },
+        "QUOTA.CLEANUP" => {
+            let mut a = random_args(rng, 3);
+            if a.is_empty() {
+                a.push(rng.random_bytes(5));
+            }
+            a
+        }
+        // QUOTA.SETSTATE: never accepted from a client, whatever the arguments.
+        _ => {
+            let mut a = random_args(rng, 4);
+            if rng.chance(50) {
+                a.insert(0, b"q:{alice}:4:acme4:chat5:alice3:pro".to_vec());
+            }
+            a
+        }
+    };
+    cmd.extend(rest);
+    cmd
+}
+
+/// A command that must succeed and change nothing: a read, or an `ADMIT ... PEEK VERBOSE`.
+/// The second value is true for the `PEEK` (a decision that counts in `INFO quota`).
+fn valid_read(rng: &mut Rng) -> (Vec<Vec<u8>>, bool) {
+    let a = rng.pick(&ACCOUNTS);
+    let ids = || a.iter().map(|s| s.as_bytes().to_vec());
+    match rng.below(4) {
+        0 => (
+            std::iter::once(rng.case("QUOTA.USAGE"))
+                .chain(ids())
+                .collect(),
+            false,
+        ),
+        1 => (
+            std::iter::once(rng.case("QUOTA.GET"))
+                .chain(ids())
+                .collect(),
+            false,
+        ),
+        2 => {
+            let mut c = vec![rng.case("QUOTA.LIST")];
+            c.extend(ids().take(3));
+            if rng.chance(50) {
+                c.push(rng.case("all"));
+            }
+            (c, false)
+        }
+        _ => {
+            let mut c = vec![rng.case("QUOTA.ADMIT")];
+            c.extend(ids());
+            let count = rng.below(6);
+            let (options, _) = valid_options(rng, false, count);
+            // Only limits: no lease (PEEK never takes one anyway).
+            let mut it = options.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                let upper = k.to_ascii_uppercase();
+                if LIMITS.iter().any(|l| l.as_bytes() == upper.as_slice()) {
+                    c.push(k);
+                    c.push(v);
+                }
+            }
+            c.push(rng.case("PEEK"));
+            c.push(rng.case("VERBOSE"));
+            (c, true)
+        }
+    }
+}
+
+/// A `VERBOSE` admission reply: 12 fields, 7 effective limits, an 8-field usage, 3 resets.
+fn verbose_shape_ok(reply: &Reply) -> bool {
+    let Some(m) = reply.as_map() else {
+        return false;
+    };
+    let len = |f: &str| m.get(f).and_then(Reply::as_map).map(|x| x.len());
+    m.len() == 12 && len("limits") == Some(7) && len("usage") == Some(8) && len("resets") == Some(3)
+}
+
+// ---------------------------------------------------------------------------
+// Snapshots: what must not change
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    dbsize: i64,
+    keys: Vec<Vec<u8>>,
+    usage: Vec<BTreeMap<String, Reply>>,
+    rows: String,
+    events: String,
+    info: BTreeMap<String, String>,
+    /// Admission decisions made (allowed + denied).
+    admits: i64,
+    hour: u64,
+}
+
+fn snapshot(raw: &mut Raw, server: &RedisServer, pg_url: &str, schema: &str) -> Snapshot {
+    let dbsize = match raw.call(&bytes(&["DBSIZE"])) {
+        Reply::Int(n) => n,
+        other => panic!("DBSIZE: {other:?}"),
+    };
+    let mut keys: Vec<Vec<u8>> = match raw.call(&bytes(&["KEYS", "q:*"])) {
+        Reply::Array(items) | Reply::Set(items) => items
+            .into_iter()
+            .map(|k| match k {
+                Reply::Bulk(b) => b,
+                other => panic!("KEYS item {other:?}"),
+            })
+            .collect(),
+        other => panic!("KEYS: {other:?}"),
+    };
+    keys.sort();
+    let usage = ACCOUNTS
+        .iter()
+        .map(|a| {
+            let mut c = bytes(&["QUOTA.USAGE"]);
+            c.extend(a.iter().map(|s| s.as_bytes().to_vec()));
+            let mut m = raw
+                .call(&c)
+                .as_map()
+                .unwrap_or_else(|| panic!("USAGE {a:?} is not a map"));
+            for reset in ["hour_reset", "day_reset", "month_reset"] {
+                m.remove(reset);
+            }
+            m
+        })
+        .collect();
+    let rows = psql(
+        pg_url,
+        &format!(
+            "SELECT count(*) || ' ' || coalesce(md5(string_agg(r::text, '|' ORDER BY \
+             tenant, project, user_id, bundle_id)), '') \
+             FROM {schema}.user_quota_replenishment r"
+        ),
+    );
+    let events = psql(
+        pg_url,
+        &format!(
+            "SELECT count(*) || ' ' || coalesce(md5(string_agg(e::text, '|' ORDER BY id)), '') \
+             FROM {schema}.user_quota_replenishment_event e"
+        ),
+    );
+    let all = server.info("quota");
+    let info = [
+        "cache_entries",
+        "cache_misses",
+        "admits_pending",
+        "admits_unavailable",
+        "grants",
+        "revokes",
+        "cleanups",
+    ]
+    .iter()
+    .map(|f| {
+        let k = format!("quota_{f}");
+        let v = all.get(&k).cloned().unwrap_or_else(|| panic!("no {k}"));
+        (k, v)
+    })
+    .collect();
+    let count = |k: &str| -> i64 {
+        all.get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    Snapshot {
+        dbsize,
+        keys,
+        usage,
+        rows,
+        events,
+        info,
+        admits: count("quota_admits_allowed") + count("quota_admits_denied"),
+        hour: unix_now() / 3600,
+    }
+}
+
+/// Creates the accounts of `ACCOUNTS`: a credit each, admissions, commits and an open lease.
+fn populate(raw: &mut Raw) {
+    for (i, a) in ACCOUNTS.iter().enumerate() {
+        let purchase = format!("seed-{i}");
+        let mut grant = bytes(&["QUOTA.GRANT", a[0], a[1], a[2], "*"]);
+        grant.extend(bytes(&[
+            "REQUESTS_PER_DAY",
+            "50",
+            "TOKENS_PER_DAY",
+            "5000",
+            "PURCHASE",
+            &purchase,
+            "AMOUNT",
+            "9.99",
+            "NOTES",
+            "seed",
+        ]));
+        let r = raw.call(&grant);
+        assert!(r.as_map().is_some(), "seed GRANT: {r:?}");
+        let mut admit = bytes(&["QUOTA.ADMIT"]);
+        admit.extend(a.iter().map(|s| s.as_bytes().to_vec()));
+        admit.extend(bytes(&[
+            "REQUESTS_PER_DAY",
+            "10",
+            "RESERVE",
+            "20",
+            "LEASE_TTL",
+            "3600",
+        ]));
+        for round in 0..3 {
+            let m = raw.call(&admit).as_map().expect("seed ADMIT map");
+            let lease = m.get("lease").map(Reply::text).expect("lease");
+            if round < 2 {
+                let mut commit = bytes(&["QUOTA.COMMIT"]);
+                commit.extend(a.iter().map(|s| s.as_bytes().to_vec()));
+                commit.extend(bytes(&["17", "LEASE", &lease]));
+                assert!(raw.call(&commit).as_map().is_some());
+            }
+        }
+    }
+}
+
+fn fuzz_seed() -> u64 {
+    std::env::var("QUOTA_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(random_u64)
+}
+
+#[test]
+fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
+    let seed = fuzz_seed();
+    eprintln!("fuzz seed={seed} (replay with QUOTA_FUZZ_SEED={seed})");
+    let mut rng = Rng(seed);
+    let pg = PgServer::shared();
+    let schema = unique_schema();
+    let server = test_server_with(&schema, &[("cache-ttl-ms", "3600000")]);
+    let mut r2 = Raw::connect(server.port(), false);
+    let mut r3 = Raw::connect(server.port(), true);
+    populate(&mut r2);
+    let before = snapshot(&mut r2, &server, &pg, &schema);
+
+    let total = 10_000;
+    let batch = 50;
+    let started = Instant::now();
+    let mut per_command: BTreeMap<String, usize> = BTreeMap::new();
+    let mut reads = 0;
+    let mut sent = 0;
+    let mut problems: Vec<String> = Vec::new();
+    let mut peeks = 0usize;
+    while sent < total {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the fuzz ran over 5 minutes (seed {seed})"
+        );
+        let mut cmds = Vec::with_capacity(batch);
+        let mut expect_ok = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            if rng.chance(3) {
+                let (c, peek) = valid_read(&mut rng);
+                peeks += usize::from(peek);
+                cmds.push(c);
+                expect_ok.push(true);
+            } else {
+                let c = invalid_command(&mut rng);
+                *per_command
+                    .entry(String::from_utf8_lossy(&c[0]).to_ascii_uppercase())
+                    .or_default() += 1;
+                cmds.push(c);
+                expect_ok.push(false);
+            }
+        }
+        let con = if (sent / batch) % 2 == 0 {
+            &mut r2
+        } else {
+            &mut r3
+        };
+        let replies = con.pipeline(&cmds);
+        for ((cmd, ok), reply) in cmds.iter().zip(&expect_ok).zip(replies) {
+            let reply = reply.unwrap_or_else(|e| {
+                panic!(
+                    "no well-formed reply to {} (seed {seed}): {e}",
+                    show_args(cmd)
+                )
+            });
+            if *ok {
+                reads += 1;
+                let is_admit = cmd[0].eq_ignore_ascii_case(b"QUOTA.ADMIT");
+                if reply.is_error()
+                    || reply.as_map().is_none()
+                    || (is_admit && !verbose_shape_ok(&reply))
+                {
+                    problems.push(format!("valid read {} failed: {reply:?}", show_args(cmd)));
+                }
+                continue;
+            }
+            match &reply {
+                Reply::Error(t) => {
+                    let text = String::from_utf8_lossy(t);
+                    if !text.starts_with("ERR ") || text.len() > 1024 {
+                        problems.push(format!(
+                            "not a clear one-line error for {}: {text:?}",
+                            show_args(cmd)
+                        ));
+                    }
+                }
+                other => problems.push(format!(
+                    "invalid command accepted: {} -> {}",
+                    show_args(cmd),
+                    format!("{other:?}").chars().take(200).collect::<String>()
+                )),
+            }
+        }
+        sent += batch;
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "fuzz: {total} commands ({reads} valid reads, {peeks} of them ADMIT PEEK VERBOSE) in {took:?}; per command: {per_command:?}"
+    );
+    assert!(
+        problems.is_empty(),
+        "{} of {total} commands misbehaved (seed {seed}); the first ones:\n{}",
+        problems.len(),
+        problems
+            .iter()
+            .take(15)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let pong = Raw::connect(server.port(), false).call(&bytes(&["PING"]));
+    assert_eq!(
+        pong,
+        Reply::Simple(b"PONG".to_vec()),
+        "server gone after the fuzz"
+    );
+    let mut after = snapshot(&mut r2, &server, &pg, &schema);
+    assert_eq!(
+        after.admits - before.admits,
+        peeks as i64,
+        "INFO quota counted other decisions than the {peeks} PEEKs (seed {seed})"
+    );
+    after.admits = before.admits;
+    if after.hour == before.hour {
+        assert_eq!(after, before, "the fuzz changed something (seed {seed})");
+    } else {
+        // An hour boundary passed: the hour window rolled, everything else must be equal.
+        let strip = |s: &Snapshot| -> Vec<BTreeMap<String, Reply>> {
+            s.usage
+                .iter()
+                .map(|m| {
+                    let mut m = m.clone();
+                    m.remove("tok_hour");
+                    m
+                })
+                .collect()
+        };
+        assert_eq!(strip(&after), strip(&before), "usage changed (seed {seed})");
+        assert_eq!(
+            (
+                after.dbsize,
+                &after.keys,
+                &after.rows,
+                &after.events,
+                &after.info
+            ),
+            (
+                before.dbsize,
+                &before.keys,
+                &before.rows,
+                &before.events,
+                &before.info
+            ),
+            "the fuzz changed something (seed {seed})"
+        );
+    }
+    let log = server.log();
+    assert!(
+        !log.contains("panic"),
+        "the server log mentions a panic (seed {seed}):\n{log}"
+    );
+    assert_eq!(
+        per_command.len(),
+        12,
+        "not every command name was fuzzed: {per_command:?}"
+    );
+}
+
+#[test]
+fn option_keywords_match_exactly() {
+    let pg = PgServer::shared();
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut raw = Raw::connect(server.port(), false);
+    let acc = ["t", "p", "exact", "b"];
+    // A keyword with anything after it (a NUL, a space, a letter) is not that keyword.
+    let cases: [(&str, &[&[u8]]); 8] = [
+        ("QUOTA.GRANT", &[b"REQUESTS_PER_DAY", b"1", b"ADD\0"]),
+        ("QUOTA.GRANT", &[b"NOTES\0", b"x"]),
+        ("QUOTA.GRANT", &[b"EXPIRES_IN\0\0", b"60"]),
+        ("QUOTA.ADMIT", &[b"PEEK\0"]),
+        ("QUOTA.ADMIT", &[b"VERBOSE\0"]),
+        ("QUOTA.ADMIT", &[b"LEASE\0", b"l1"]),
+        ("QUOTA.ADMIT", &[b"REQUESTS_PER_DAY\0", b"5"]),
+        ("QUOTA.ADMIT", &[b"PEEK "]),
+    ];
+    let mut accepted = Vec::new();
+    for (name, rest) in cases {
+        let mut c = cmd_on(name, &acc, &[]);
+        c.extend(rest.iter().map(|a| a.to_vec()));
+        let r = raw.call(&c);
+        if !(r.is_error() && r.text().contains("unknown option")) {
+            accepted.push(format!(
+                "{} -> {}",
+                show_args(&c),
+                format!("{r:?}").chars().take(60).collect::<String>()
+            ));
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "malformed keywords were taken for options:\n{}",
+        accepted.join("\n")
+    );
+    assert_eq!(raw.call(&bytes(&["DBSIZE"])), Reply::Int(0));
+    assert_eq!(
+        psql(
+            &pg,
+            &format!(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}'"
+            )
+        )
+        .parse::<i64>()
+        .map(|n| n == 0
+            || psql(
+                &pg,
+                &format!("SELECT count(*) FROM {schema}.user_quota_replenishment")
+            ) == "0"),
+        Ok(true),
+        "a refused GRANT wrote a row"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Identities
+// ---------------------------------------------------------------------------
+
+/// Hex of the bytes of a string, as `encode(convert_to(x, 'UTF8'), 'hex')` prints it.
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The identity columns of every row, decoded from hex (so newlines and quotes survive psql).
+fn pg_identities(pg: &str, schema: &str) -> Vec<[String; 4]> {
+    let out = psql(
+        pg,
+        &format!(
+            "SELECT encode(convert_to(tenant, 'UTF8'), 'hex') || ',' || \
+             encode(convert_to(project, 'UTF8'), 'hex') || ',' || \
+             encode(convert_to(user_id, 'UTF8'), 'hex') || ',' || \
+             encode(convert_to(bundle_id, 'UTF8'), 'hex') \
+             FROM {schema}.user_quota_replenishment ORDER BY 1"
+        ),
+    );
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let parts: Vec<String> = l.split(',').map(unhex).collect();
+            [
+                parts[0].clone(),
+                parts[1].clone(),
+                parts[2].clone(),
+                parts[3].clone(),
+            ]
+        })
+        .collect()
+}
+
+fn unhex(h: &str) -> String {
+    let bytes: Vec<u8> = (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex"))
+        .collect();
+    String::from_utf8(bytes).expect("utf8 from PostgreSQL")
+}
+
+fn cmd_on(name: &str, ids: &[&str], rest: &[&str]) -> Vec<Vec<u8>> {
+    let mut c = bytes(&[name]);
+    c.extend(bytes(ids));
+    c.extend(bytes(rest));
+    c
+}
+
+fn map_of(reply: Reply, what: &str) -> BTreeMap<String, Reply> {
+    reply
+        .as_map()
+        .unwrap_or_else(|| panic!("{what}: not a map: {reply:?}"))
+}
+
+fn int_of(m: &BTreeMap<String, Reply>, f: &str) -> i64 {
+    match m.get(f) {
+        Some(Reply::Int(i)) => *i,
+        other => panic!("field {f}: {other:?} in {m:?}"),
+    }
+}
+
+fn text_of(m: &BTreeMap<String, Reply>, f: &str) -> String {
+    m.get(f)
+        .map(Reply::text)
+        .unwrap_or_else(|| panic!("no field {f} in {m:?}"))
+}
+
+#[test]
+fn ids_with_separators_never_collide() {
+    let pg = PgServer::shared();
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut raw = Raw::connect(server.port(), false);
+    // (A, B): A gets a credit on its bundle, B must never see it, nor share usage with A.
+    let pairs: [([&str; 4], [&str; 4]); 9] = [
+        (["a:b", "c", "u", "x"], ["a", "b:c", "u", "x"]),
+        (["t1", "p", "1:c", "x"], ["t1", "p", "1", "c:x"]),
+        (["t2", "p:1", "u", "x"], ["t2", "p", "1:u", "x"]),
+        (["t3", "p", "{a", "x"], ["t3", "p", "{a}", "x"]),
+        (["t4", "p", "{org}1", "x"], ["t4", "p", "{org}2", "x"]),
+        (["t5", "p", "a b", "c"], ["t5", "p", "a", "b c"]),
+        (["t6\"", "p", "u", "x"], ["t6", "\"p", "u", "x"]),
+        (["t7\n", "p", "u", "x"], ["t7", "\np", "u", "x"]),
+        (["1:t8", "p", "u", "x"], ["1", "t8:p", "u", "x"]),
+    ];
+    for (a, b) in &pairs {
+        let g = map_of(
+            raw.call(&cmd_on("QUOTA.GRANT", a, &["REQUESTS_PER_DAY", "7"])),
+            "GRANT",
+        );
+        for (field, want) in ["tenant", "project", "user_id", "bundle_id"].iter().zip(a) {
+            assert_eq!(&text_of(&g, field), want, "GRANT {a:?} replied {g:?}");
+        }
+        let got = raw.call(&cmd_on("QUOTA.GET", b, &[]));
+        assert_eq!(got, Reply::Null, "{b:?} sees the credit of {a:?}: {got:?}");
+        let ma = map_of(
+            raw.call(&cmd_on("QUOTA.ADMIT", a, &["REQUESTS_PER_DAY", "0"])),
+            "ADMIT A",
+        );
+        assert_eq!(
+            (int_of(&ma, "allowed"), text_of(&ma, "replenishment")),
+            (1, "bundle".to_string()),
+            "{a:?}: {ma:?}"
+        );
+        let mb = map_of(
+            raw.call(&cmd_on("QUOTA.ADMIT", b, &["REQUESTS_PER_DAY", "0"])),
+            "ADMIT B",
+        );
+        assert_eq!(
+            (int_of(&mb, "allowed"), text_of(&mb, "replenishment")),
+            (0, "none".to_string()),
+            "{b:?} was admitted on the credit of {a:?}: {mb:?}"
+        );
+        for _ in 0..2 {
+            let m = map_of(
+                raw.call(&cmd_on("QUOTA.ADMIT", b, &["REQUESTS_PER_DAY", "5"])),
+                "ADMIT B",
+            );
+            assert_eq!(int_of(&m, "allowed"), 1);
+        }
+        raw.call(&cmd_on("QUOTA.COMMIT", a, &["11"]));
+        raw.call(&cmd_on("QUOTA.COMMIT", b, &["22"]));
+        let ua = map_of(raw.call(&cmd_on("QUOTA.USAGE", a, &[])), "USAGE A");
+        let ub = map_of(raw.call(&cmd_on("QUOTA.USAGE", b, &[])), "USAGE B");
+        assert_eq!(
+            (int_of(&ua, "req_day"), int_of(&ua, "tok_day")),
+            (1, 11),
+            "usage of {a:?} mixed with {b:?}"
+        );
+        assert_eq!(
+            (int_of(&ub, "req_day"), int_of(&ub, "tok_day")),
+            (2, 22),
+            "usage of {b:?} mixed with {a:?}"
+        );
+    }
+    // One key per account, rows exactly as granted.
+    let keys = match raw.call(&bytes(&["KEYS", "q:*"])) {
+        Reply::Array(k) => k.len(),
+        other => panic!("KEYS: {other:?}"),
+    };
+    assert_eq!(keys, 2 * pairs.len(), "accounts share keys");
+    let mut want: Vec<[String; 4]> = pairs.iter().map(|(a, _)| a.map(str::to_string)).collect();
+    want.sort_by_key(|ids| ids.iter().map(|s| hex(s)).collect::<Vec<_>>().join(","));
+    assert_eq!(pg_identities(&pg, &schema), want);
+    // From PostgreSQL again (cache dropped): still apart.
+    for (a, b) in &pairs {
+        raw.call(&cmd_on("QUOTA.INVALIDATE", &a[..3], &[]));
+        raw.call(&cmd_on("QUOTA.INVALIDATE", &b[..3], &[]));
+        let got = map_of(raw.call(&cmd_on("QUOTA.GET", a, &[])), "GET A");
+        assert_eq!(int_of(&got, "additional_requests_per_day"), 7);
+        assert_eq!(raw.call(&cmd_on("QUOTA.GET", b, &[])), Reply::Null, "{b:?}");
+    }
+}
+
+#[test]
+fn quotes_and_unicode_go_through_postgres_unchanged() {
+    let pg = PgServer::shared();
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut raw = Raw::connect(server.port(), false);
+    let accounts: [[&str; 4]; 3] = [
+        ["O'Brien", "\"quoted\"", "日本語🙂", "emoji-🚀"],
+        ["Robert'); DROP TABLE students;--", "p\\q", "ünïcödé", "*"],
+        ["tab\there", "%_like", "$1", "'"],
+    ];
+    let notes = "It's \"fine\" — 日本語 🎉 \\ back; DROP TABLE x; -- $$ \u{0}";
+    // NUL is refused in text: use the rest of it.
+    let notes = notes.trim_end_matches('\u{0}').trim_end();
+    let purchase = "pi_'\"日本🙂";
+    for (i, a) in accounts.iter().enumerate() {
+        let purchase = format!("{purchase}{i}");
+        let g = map_of(
+            raw.call(&cmd_on(
+                "QUOTA.GRANT",
+                a,
+                &[
+                    "REQUESTS_PER_DAY",
+                    "3",
+                    "NOTES",
+                    notes,
+                    "PURCHASE",
+                    &purchase,
+                    "AMOUNT",
+                    "12.34",
+                ],
+            )),
+            "GRANT",
+        );
+        let check = |m: &BTreeMap<String, Reply>, how: &str| {
+            for (field, want) in ["tenant", "project", "user_id", "bundle_id"].iter().zip(a) {
+                assert_eq!(&text_of(m, field), want, "{how} {a:?}: {m:?}");
+            }
+            assert_eq!(text_of(m, "purchase_notes"), notes, "{how}");
+            assert_eq!(text_of(m, "purchase_id"), purchase, "{how}");
+            assert_eq!(text_of(m, "purchase_amount_usd"), "12.34", "{how}");
+        };
+        check(&g, "GRANT reply");
+        // Bytes as PostgreSQL stores them.
+        let stored = psql(
+            &pg,
+            &format!(
+                "SELECT encode(convert_to(purchase_notes, 'UTF8'), 'hex') || ',' || \
+                 encode(convert_to(purchase_id, 'UTF8'), 'hex') \
+                 FROM {schema}.user_quota_replenishment \
+                 WHERE tenant = convert_from(decode('{}', 'hex'), 'UTF8') \
+                 AND user_id = convert_from(decode('{}', 'hex'), 'UTF8')",
+                hex(a[0]),
+                hex(a[2])
+            ),
+        );
+        assert_eq!(stored, format!("{},{}", hex(notes), hex(&purchase)));
+        // Read back from PostgreSQL (cache dropped), by GET and LIST.
+        raw.call(&cmd_on("QUOTA.INVALIDATE", &a[..3], &[]));
+        check(
+            &map_of(raw.call(&cmd_on("QUOTA.GET", a, &[])), "GET"),
+            "GET from PostgreSQL",
+        );
+        let list = map_of(raw.call(&cmd_on("QUOTA.LIST", &a[..3], &[])), "LIST");
+        let rec = list
+            .get(a[3])
+            .unwrap_or_else(|| panic!("LIST {a:?}: {list:?}"));
+        check(&rec.as_map().expect("LIST record"), "LIST");
+        // A change made in SQL reaches the cache through NOTIFY with these ids.
+        psql(
+            &pg,
+            &format!(
+                "UPDATE {schema}.user_quota_replenishment SET additional_requests_per_day = 42 \
+                 WHERE tenant = convert_from(decode('{}', 'hex'), 'UTF8') \
+                 AND project = convert_from(decode('{}', 'hex'), 'UTF8') \
+                 AND user_id = convert_from(decode('{}', 'hex'), 'UTF8')",
+                hex(a[0]),
+                hex(a[1]),
+                hex(a[2])
+            ),
+        );
+        let seen = wait_until(Duration::from_secs(10), || {
+            let m = map_of(raw.call(&cmd_on("QUOTA.GET", a, &[])), "GET");
+            int_of(&m, "additional_requests_per_day") == 42
+        });
+        assert!(seen, "a SQL update of {a:?} never reached the cache");
+    }
+    let mut want: Vec<[String; 4]> = accounts.iter().map(|a| a.map(str::to_string)).collect();
+    want.sort_by_key(|ids| ids.iter().map(|s| hex(s)).collect::<Vec<_>>().join(","));
+    assert_eq!(pg_identities(&pg, &schema), want);
+}
+
+#[test]
+fn input_sizes_are_bounded_as_documented() {
+    let pg = PgServer::shared();
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut raw = Raw::connect(server.port(), false);
+    let names = ["tenant", "project", "user", "bundle"];
+    let max_ascii = "a".repeat(255);
+    let max_multibyte = "日".repeat(85); // 255 bytes
+    for pos in 0..4 {
+        for long_ok in [max_ascii.as_str(), max_multibyte.as_str()] {
+            let mut ids = ["t", "p", "u", "b"];
+            ids[pos] = long_ok;
+            let g = raw.call(&cmd_on("QUOTA.GRANT", &ids, &["REQUESTS_PER_DAY", "1"]));
+            assert!(
+                !g.is_error(),
+                "a 255-byte {} was refused: {g:?}",
+                names[pos]
+            );
+            let m = map_of(
+                raw.call(&cmd_on("QUOTA.ADMIT", &ids, &["REQUESTS_PER_DAY", "0"])),
+                "ADMIT",
+            );
+            assert_eq!(int_of(&m, "allowed"), 1, "{m:?}");
+        }
+        for too_long in ["a".repeat(256), "日".repeat(86)] {
+            let mut ids = ["t", "p", "u", "b"];
+            ids[pos] = too_long.as_str();
+            for (name, rest) in [
+                ("QUOTA.GRANT", &["REQUESTS_PER_DAY", "1"][..]),
+                ("QUOTA.ADMIT", &[][..]),
+                ("QUOTA.USAGE", &[][..]),
+            ] {
+                let r = raw.call(&cmd_on(name, &ids, rest));
+                assert!(
+                    r.is_error() && r.text().contains(names[pos]),
+                    "{name} with a {}-byte {}: {r:?}",
+                    too_long.len(),
+                    names[pos]
+                );
+            }
+        }
+    }
+    // PostgreSQL holds the 255-byte ids whole.
+    let lengths = psql(
+        &pg,
+        &format!(
+            "SELECT max(octet_length(tenant)), max(octet_length(project)), \
+             max(octet_length(user_id)), max(octet_length(bundle_id)), count(*) \
+             FROM {schema}.user_quota_replenishment"
+        ),
+    );
+    assert_eq!(lengths, "255|255|255|255|8");
+
+    let ids = ["t", "p", "limits", "*"];
+    let g = map_of(
+        raw.call(&cmd_on(
+            "QUOTA.GRANT",
+            &ids,
+            &["NOTES", &"n".repeat(4096), "PURCHASE", &"q".repeat(255)],
+        )),
+        "GRANT",
+    );
+    assert_eq!(text_of(&g, "purchase_notes").len(), 4096);
+    assert_eq!(text_of(&g, "purchase_id").len(), 255);
+    assert_eq!(
+        psql(
+            &pg,
+            &format!(
+                "SELECT octet_length(purchase_notes) || ',' || octet_length(purchase_id) \
+                 FROM {schema}.user_quota_replenishment WHERE user_id = 'limits'"
+            )
+        ),
+        "4096,255"
+    );
+    for (opt, value, what) in [
+        ("NOTES", "n".repeat(4097), "NOTES"),
+        ("PURCHASE", "p".repeat(256), "PURCHASE"),
+    ] {
+        let r = raw.call(&cmd_on("QUOTA.GRANT", &ids, &[opt, &value]));
+        assert!(
+            r.is_error() && r.text().contains(what),
+            "{opt} of {} bytes: {r:?}",
+            value.len()
+        );
+    }
+
+    // Leases: 128 bytes everywhere a lease id goes, 129 refused.
+    let lease = "l".repeat(128);
+    let acc = ["t", "p", "leases", "b"];
+    let m = map_of(
+        raw.call(&cmd_on("QUOTA.ADMIT", &acc, &["LEASE", &lease])),
+        "ADMIT",
+    );
+    assert_eq!(text_of(&m, "lease"), lease);
+    let c = map_of(
+        raw.call(&cmd_on("QUOTA.COMMIT", &acc, &["5", "LEASE", &lease])),
+        "COMMIT",
+    );
+    assert_eq!(int_of(&c, "lease_held"), 1);
+    let m = map_of(
+        raw.call(&cmd_on("QUOTA.ADMIT", &acc, &["LEASE", &lease])),
+        "ADMIT",
+    );
+    assert_eq!(text_of(&m, "lease"), lease);
+    assert_eq!(
+        raw.call(&cmd_on("QUOTA.RELEASE", &acc, &[&lease])),
+        Reply::Int(1)
+    );
+    let long = "l".repeat(129);
+    for c in [
+        cmd_on("QUOTA.ADMIT", &acc, &["LEASE", &long]),
+        cmd_on("QUOTA.COMMIT", &acc, &["5", "LEASE", &long]),
+        cmd_on("QUOTA.RELEASE", &acc, &[&long]),
+    ] {
+        let r = raw.call(&c);
+        assert!(
+            r.is_error() && r.text().to_lowercase().contains("lease"),
+            "{}: {r:?}",
+            show_args(&c[..1])
+        );
+    }
+    let u = map_of(raw.call(&cmd_on("QUOTA.USAGE", &acc, &[])), "USAGE");
+    assert_eq!(
+        (
+            int_of(&u, "req_day"),
+            int_of(&u, "tok_day"),
+            int_of(&u, "in_flight")
+        ),
+        (1, 5, 0),
+        "refused lease commands changed the account"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Secrets
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_postgres_password_never_leaks() {
+    let shared = PgServer::shared();
+    // The throwaway server trusts local connections, so any password connects.
+    let secret = "Sup3rS3cretPw";
+    let url = shared.replacen("postgres@", &format!("postgres:{secret}@"), 1);
+    assert!(url.contains(secret), "cannot put a password in {shared}");
+    let schema = unique_schema();
+    let server = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", &url),
+            ("schema", &schema),
+            ("pg-timeout-ms", "1000"),
+        ])
+        .conf("slowlog-log-slower-than 0")
+        .start();
+    let mut raw = Raw::connect(server.port(), false);
+    let mut replies: Vec<String> = Vec::new();
+    let mut run = |raw: &mut Raw, args: &[&str]| {
+        let r = raw.call(&bytes(args));
+        replies.push(format!("{r:?}"));
+        r
+    };
+    let g = run(
+        &mut raw,
+        &["QUOTA.GRANT", "t", "p", "u", "*", "REQUESTS_PER_DAY", "1"],
+    );
+    assert!(!g.is_error(), "GRANT through a URL with a password: {g:?}");
+    run(&mut raw, &["QUOTA.ADMIT", "t", "p", "u", "b"]);
+
+    // A second password, on a server that is not there: the failures must not show it.
+    let other = "An0therS3cret";
+    let dead = format!(
+        "postgresql://postgres:{other}@127.0.0.1:{}/postgres",
+        free_port()
+    );
+    let set = run(&mut raw, &["CONFIG", "SET", "quota.pg-url", &dead]);
+    assert!(!set.is_error(), "CONFIG SET quota.pg-url: {set:?}");
+    let failed = run(
+        &mut raw,
+        &["QUOTA.GRANT", "t", "p", "u2", "*", "REQUESTS_PER_DAY", "1"],
+    );
+    assert!(failed.is_error(), "GRANT on a dead server: {failed:?}");
+    run(&mut raw, &["QUOTA.GET", "t", "p", "u3", "b"]);
+    run(&mut raw, &["QUOTA.LIST", "t", "p", "u"]);
+    run(&mut raw, &["QUOTA.ADMIT", "t", "p", "u4", "b"]);
+    // A URL that does not parse.
+    let bad = format!("postgresql://postgres:{other}@[::1");
+    run(&mut raw, &["CONFIG", "SET", "quota.pg-url", &bad]);
+    run(&mut raw, &["QUOTA.GRANT", "t", "p", "u5", "*", "ADD"]);
+
+    let info = run(&mut raw, &["INFO", "everything"]);
+    let slowlog = run(&mut raw, &["SLOWLOG", "GET", "1000"]);
+    let modules = run(&mut raw, &["MODULE", "LIST"]);
+    let config = match run(&mut raw, &["CONFIG", "GET", "*"]) {
+        Reply::Array(items) => items,
+        other => panic!("CONFIG GET *: {other:?}"),
+    };
+    let mut config_text = String::new();
+    for kv in config.chunks(2) {
+        if kv[0].text() != "quota.pg-url" {
+            config_text.push_str(&format!("{} {}\n", kv[0].text(), kv[1].text()));
+        }
+    }
+    let log = server.log();
+    for pw in [secret, other] {
+        for (what, text) in [
+            ("INFO everything", info.text()),
+            ("SLOWLOG", format!("{slowlog:?}")),
+            ("MODULE LIST", format!("{modules:?}")),
+            (
+                "CONFIG GET * (other than quota.pg-url)",
+                config_text.clone(),
+            ),
+            ("a reply", replies.join("\n")),
+            ("the Redis log", log.clone()),
+        ] {
+            assert!(
+                !text.contains(pw),
+                "the password {pw} appears in {what}:\n{text}"
+            );
+        }
+    }
+}
