@@ -63,67 +63,57 @@ fn reply_applicable(
     }
 }
 
-/// `QUOTA.GRANT`: upsert in Postgres on a worker; the reply comes from `resume`.
-pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let now = state::now_ms();
-    let parsed = match parse::grant(args, now) {
-        Ok(p) => p,
-        Err(e) => return fail(ctx, args, e),
-    };
+/// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
+/// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
+fn on_worker(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], make: impl FnOnce(Blocked) -> Job) {
     if !can_block(ctx) {
         return reply_cannot_block(ctx, args);
     }
-    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
-        Reply::new(ctx).error("ERR cannot block this client");
-        return;
-    };
-    worker::submit_or_busy(Job::Grant {
-        user: OwnedUser::from_id(&parsed.account.user),
-        bundle: parsed.account.bundle.to_owned(),
-        request: Box::new(parsed.request),
-        now,
-        client,
-    });
+    match Blocked::block(ctx, block_timeout_ms()) {
+        Some(client) => worker::submit_or_busy(make(client)),
+        None => {
+            Reply::new(ctx).error("ERR cannot block this client");
+        }
+    }
+}
+
+/// `QUOTA.GRANT`: upsert in Postgres on a worker.
+pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let now = state::now_ms();
+    match parse::grant(args, now) {
+        Ok(parsed) => on_worker(ctx, args, |client| Job::Grant {
+            user: OwnedUser::from_id(&parsed.account.user),
+            bundle: parsed.account.bundle.to_owned(),
+            request: Box::new(parsed.request),
+            now,
+            client,
+        }),
+        Err(e) => fail(ctx, args, e),
+    }
 }
 
 /// `QUOTA.REVOKE`: soft delete on a worker.
 pub fn revoke(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
-    if !can_block(ctx) {
-        return reply_cannot_block(ctx, args);
+    match parse::account_only(args) {
+        Ok(account) => on_worker(ctx, args, |client| Job::Revoke {
+            user: OwnedUser::from_id(&account.user),
+            bundle: account.bundle.to_owned(),
+            client,
+        }),
+        Err(e) => fail(ctx, args, e),
     }
-    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
-        Reply::new(ctx).error("ERR cannot block this client");
-        return;
-    };
-    worker::submit_or_busy(Job::Revoke {
-        user: OwnedUser::from_id(&account.user),
-        bundle: account.bundle.to_owned(),
-        client,
-    });
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
 pub fn list(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let (user, all) = match parse::list(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
-    if !can_block(ctx) {
-        return reply_cannot_block(ctx, args);
+    match parse::list(args) {
+        Ok((user, all)) => on_worker(ctx, args, |client| Job::List {
+            user: OwnedUser::from_id(&user),
+            all,
+            client,
+        }),
+        Err(e) => fail(ctx, args, e),
     }
-    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
-        Reply::new(ctx).error("ERR cannot block this client");
-        return;
-    };
-    worker::submit_or_busy(Job::List {
-        user: OwnedUser::from_id(&user),
-        all,
-        client,
-    });
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
@@ -131,14 +121,7 @@ pub fn cleanup(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if args.len() != 1 {
         return fail(ctx, args, parse::ParseError::Arity);
     }
-    if !can_block(ctx) {
-        return reply_cannot_block(ctx, args);
-    }
-    let Some(client) = Blocked::block(ctx, block_timeout_ms()) else {
-        Reply::new(ctx).error("ERR cannot block this client");
-        return;
-    };
-    worker::submit_or_busy(Job::Cleanup {
+    on_worker(ctx, args, |client| Job::Cleanup {
         client: Some(client),
     });
 }
