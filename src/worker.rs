@@ -66,14 +66,20 @@ impl OwnedUser {
     }
 }
 
+/// Load a user's rows into the cache and answer the flight's waiters.
+pub struct LoadJob {
+    key: Box<[u8]>,
+    user: OwnedUser,
+    flight: u64,
+}
+
+/// Most user loads one query serves (a burst of cold users shares round trips).
+const LOAD_BATCH: usize = 64;
+
 /// One unit of Postgres work.
 pub enum Job {
     /// Load a user's rows into the cache and answer the flight's waiters.
-    Load {
-        key: Box<[u8]>,
-        user: OwnedUser,
-        flight: u64,
-    },
+    Load(LoadJob),
     Grant {
         user: OwnedUser,
         bundle: String,
@@ -99,7 +105,7 @@ impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
     pub fn into_client(self) -> Option<Blocked> {
         match self {
-            Job::Load { .. } => None,
+            Job::Load(_) => None,
             Job::Grant { client, .. } | Job::Revoke { client, .. } | Job::List { client, .. } => {
                 Some(client)
             }
@@ -111,11 +117,11 @@ impl Job {
 /// Queues a user load for a flight the cache started; if the queue is full the flight is
 /// dropped and its waiters are answered `BUSY`.
 pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
-    let job = Job::Load {
+    let job = Job::Load(LoadJob {
         key: user_key.into(),
         user: OwnedUser::from_id(user),
         flight,
-    };
+    });
     if submit(job).is_err() {
         let waiters = state::cache().abort_flight(user_key, flight);
         for waiter in waiters {
@@ -291,12 +297,18 @@ fn run(rx: Receiver<Job>) {
                     drop(job); // answers its client with `Done::Dropped`
                     continue;
                 }
-                let outcome =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(job)));
-                if outcome.is_err() {
-                    redis_module::logging::log_warning(
-                        "quota: a worker job panicked; its client was answered with an error",
-                    );
+                let (loads, other) = gather_loads(job, &rx);
+                if !loads.is_empty() {
+                    execute_loads(loads);
+                }
+                if let Some(job) = other {
+                    let outcome =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(job)));
+                    if outcome.is_err() {
+                        redis_module::logging::log_warning(
+                            "quota: a worker job panicked; its client was answered with an error",
+                        );
+                    }
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -313,26 +325,65 @@ fn run(rx: Receiver<Job>) {
     }
 }
 
+/// Takes the loads waiting right behind `first` (up to `LOAD_BATCH`), stopping at the first
+/// job of another kind, which is handed back to run after them.
+fn gather_loads(first: Job, rx: &Receiver<Job>) -> (Vec<LoadJob>, Option<Job>) {
+    let Job::Load(load) = first else {
+        return (Vec::new(), Some(first));
+    };
+    let mut loads = vec![load];
+    while loads.len() < LOAD_BATCH {
+        match rx.try_recv() {
+            Ok(Job::Load(load)) => loads.push(load),
+            Ok(other) => return (loads, Some(other)),
+            Err(_) => break,
+        }
+    }
+    (loads, None)
+}
+
+/// Loads the users of `loads` in one query and completes every flight, so every waiter is
+/// answered whatever the store did.
+fn execute_loads(loads: Vec<LoadJob>) {
+    let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        with_store(|store| match loads.as_slice() {
+            [one] => store.load_user(&one.user.id()).map(|rows| vec![rows]),
+            many => {
+                let users: Vec<UserId<'_>> = many.iter().map(|l| l.user.id()).collect();
+                store.load_users(&users)
+            }
+        })
+    }))
+    .unwrap_or_else(|_| Err(StoreError::Query("internal error while loading".into())));
+    let mut results: Vec<Result<Credits, StoreError>> = match fetched {
+        Ok(rows) => rows.into_iter().map(|r| Ok(Arc::new(r))).collect(),
+        Err(e) => loads.iter().map(|_| Err(e.clone())).collect(),
+    };
+    results.resize_with(loads.len(), || {
+        Err(StoreError::Query("no answer for this user".into()))
+    });
+    let now = state::now_ms();
+    let answered: Vec<(Vec<Blocked>, Result<Credits, StoreError>)> = {
+        let mut cache = state::cache();
+        loads
+            .iter()
+            .zip(results)
+            .map(|(load, result)| {
+                let outcome = result.as_ref().map(Arc::clone).map_err(|_| ());
+                (cache.complete(&load.key, load.flight, outcome, now), result)
+            })
+            .collect()
+    };
+    for (waiters, result) in answered {
+        for waiter in waiters {
+            waiter.finish(Done::Loaded(result.clone()));
+        }
+    }
+}
+
 fn execute(job: Job) {
     match job {
-        Job::Load { key, user, flight } => {
-            // Whatever happens in the store, the flight completes and its waiters are answered.
-            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                with_store(|s| s.load_user(&user.id()))
-            }));
-            let outcome = loaded
-                .unwrap_or_else(|_| Err(StoreError::Query("internal error while loading".into())))
-                .map(Arc::new);
-            let waiters = state::cache().complete(
-                &key,
-                flight,
-                outcome.as_ref().map(Arc::clone).map_err(|_| ()),
-                state::now_ms(),
-            );
-            for waiter in waiters {
-                waiter.finish(Done::Loaded(outcome.clone()));
-            }
-        }
+        Job::Load(load) => execute_loads(vec![load]),
         Job::Grant {
             user,
             bundle,

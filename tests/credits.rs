@@ -1948,3 +1948,65 @@ fn info_quota_has_every_documented_field() {
     let all = env.server.info("everything");
     assert!(all.contains_key("quota_cache_entries"));
 }
+
+#[test]
+fn a_burst_of_cold_users_shares_queries_and_each_gets_its_own_rows() {
+    // 300 users with distinct credits, none cached; 30 clients ask for all of them at once
+    // (a blocked client waits for its own load, so the burst comes from many clients). Loads
+    // queued behind each other are served by one query per batch, and every user must still
+    // get exactly its own row (or nil).
+    let env = Env::start_with(&[("notify", "no"), ("cache-ttl-ms", "600000")]);
+    let mut con = env.con();
+    let users: Vec<String> = (0..300).map(|i| format!("burst{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        if i % 3 != 0 {
+            let n = (i + 1).to_string();
+            grant(&mut con, [T, P, u, "*"], &["REQUESTS_PER_DAY", &n]);
+            // The grant wrote its rows through to the cache: drop them again.
+            assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, u]), 1);
+        }
+    }
+    let before = stat(&env.server, "quota_pg_queries");
+    let clients = 30;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let mut con = env.con();
+            let barrier = barrier.clone();
+            let mine: Vec<(usize, String)> = users
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % clients == c)
+                .map(|(i, u)| (i, u.clone()))
+                .collect();
+            std::thread::spawn(move || {
+                barrier.wait();
+                mine.into_iter()
+                    .map(|(i, u)| (i, query(&mut con, &["QUOTA.GET", T, P, &u, "web"])))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seen = 0;
+    for thread in threads {
+        for (i, reply) in thread.join().expect("client thread") {
+            seen += 1;
+            let reply = reply.unwrap_or_else(|e| panic!("GET {}: {e}", users[i]));
+            if i % 3 == 0 {
+                assert_eq!(reply, Value::Nil, "{} has no credits", users[i]);
+            } else {
+                let m = to_map(reply);
+                assert_eq!(str_field(&m, "user_id"), users[i]);
+                assert_eq!(int_field(&m, "additional_requests_per_day"), i as i64 + 1);
+            }
+        }
+    }
+    assert_eq!(seen, users.len());
+    let queries = stat(&env.server, "quota_pg_queries") - before;
+    eprintln!("{queries} queries for {} cold users from {clients} clients", users.len());
+    assert!(
+        queries < users.len() as i64 * 3 / 4,
+        "{queries} queries for {} cold users: loads were not batched",
+        users.len()
+    );
+}

@@ -54,6 +54,7 @@ const BY_BUNDLE: &str = "ORDER BY bundle_id COLLATE \"C\"";
 /// Every statement, with the configured schema substituted once.
 pub(crate) struct Statements {
     active_rows: String,
+    active_rows_many: String,
     active_rows_and_bundle: String,
     list_live: String,
     list_all: String,
@@ -78,6 +79,13 @@ impl Statements {
         Statements {
             active_rows: s(format!(
                 "SELECT {COLUMNS} FROM {TABLE} WHERE {WHERE_USER} AND active {BY_BUNDLE}"
+            )),
+            // Several users at once: their position in the request comes back last.
+            active_rows_many: s(format!(
+                "SELECT {COLUMNS}, u.i FROM unnest($1::text[], $2::text[], $3::text[]) \
+                 WITH ORDINALITY AS u(tenant, project, user_id, i) \
+                 JOIN {TABLE} t ON t.tenant = u.tenant AND t.project = u.project \
+                 AND t.user_id = u.user_id WHERE t.active ORDER BY u.i, t.bundle_id COLLATE \"C\""
             )),
             active_rows_and_bundle: s(format!(
                 "SELECT {COLUMNS} FROM {TABLE} WHERE {WHERE_USER} AND (active OR bundle_id = $4) \
@@ -171,6 +179,35 @@ pub(crate) fn active_rows(
         .query_typed(&sql.active_rows, &identity(user, None))
         .map_err(pg)?;
     rows.iter().map(to_replenishment).collect()
+}
+
+/// The active rows of several users in one round trip, in the order of `users`.
+pub(crate) fn active_rows_many(
+    client: &mut impl GenericClient,
+    sql: &Statements,
+    users: &[UserId],
+) -> Result<Vec<Vec<Replenishment>>, StoreError> {
+    let tenants: Vec<&str> = users.iter().map(|u| u.tenant).collect();
+    let projects: Vec<&str> = users.iter().map(|u| u.project).collect();
+    let ids: Vec<&str> = users.iter().map(|u| u.user).collect();
+    let params: [Param<'_>; 3] = [
+        (&tenants, Type::TEXT_ARRAY),
+        (&projects, Type::TEXT_ARRAY),
+        (&ids, Type::TEXT_ARRAY),
+    ];
+    let rows = client
+        .query_typed(&sql.active_rows_many, &params)
+        .map_err(pg)?;
+    let mut out: Vec<Vec<Replenishment>> = users.iter().map(|_| Vec::new()).collect();
+    for row in &rows {
+        let position: i64 = row.try_get(COL_UPDATED_AT + 1).map_err(pg)?;
+        let slot = usize::try_from(position - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| StoreError::Query("row for an unknown user".into()))?;
+        slot.push(to_replenishment(row)?);
+    }
+    Ok(out)
 }
 
 /// `QUOTA.LIST`: the live rows (by the database clock), or every row with `all`.
