@@ -2003,7 +2003,10 @@ fn a_burst_of_cold_users_shares_queries_and_each_gets_its_own_rows() {
     }
     assert_eq!(seen, users.len());
     let queries = stat(&env.server, "quota_pg_queries") - before;
-    eprintln!("{queries} queries for {} cold users from {clients} clients", users.len());
+    eprintln!(
+        "{queries} queries for {} cold users from {clients} clients",
+        users.len()
+    );
     assert!(
         queries < users.len() as i64 * 3 / 4,
         "{queries} queries for {} cold users: loads were not batched",
