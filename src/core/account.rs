@@ -340,8 +340,7 @@ impl Account {
     }
 
     /// Smallest amount left across the limited request windows, -1 when none is limited.
-    fn remaining(&self, limits: &Limits, now: &Now, fields: &[LimitField]) -> i64 {
-        let reserved = self.reserved();
+    fn remaining(&self, limits: &Limits, now: &Now, reserved: u64, fields: &[LimitField]) -> i64 {
         fields
             .iter()
             .filter_map(|f| {
@@ -382,7 +381,7 @@ impl Account {
             if let Some(held) = self.leases.iter().find(|l| &l.id == id) {
                 decision.lease = Some(held.id.clone());
                 decision.reserved = held.reserved;
-                self.fill_remaining(&mut decision, limits, &now);
+                self.fill_remaining(&mut decision, limits, &now, self.reserved());
                 return Ok(decision);
             }
         }
@@ -392,7 +391,7 @@ impl Account {
             decision.allowed = false;
             decision.violations = violations;
             decision.retry_after = self.retry_after(violations, &now);
-            self.fill_remaining(&mut decision, limits, &now);
+            self.fill_remaining(&mut decision, limits, &now, reserved);
             return Ok(decision);
         }
         decision.used_replenishment = self.violations(&policy.base, &now, reserved) != 0;
@@ -403,7 +402,7 @@ impl Account {
             return Err(AccountError::TooManyLeases);
         }
         if req.peek {
-            self.fill_remaining(&mut decision, limits, &now);
+            self.fill_remaining(&mut decision, limits, &now, reserved);
             return Ok(decision);
         }
         if limits.get(LimitField::TotalRequests).is_some() {
@@ -438,14 +437,24 @@ impl Account {
             decision.reserved = grant;
         }
         decision.changed = true;
-        self.fill_remaining(&mut decision, limits, &now);
+        let reserved_after = reserved.saturating_add(decision.reserved);
+        self.fill_remaining(&mut decision, limits, &now, reserved_after);
         Ok(decision)
     }
 
-    fn fill_remaining(&self, decision: &mut AdmitDecision, limits: &Limits, now: &Now) {
+    /// Fills the remaining amounts, given the tokens reserved by live leases (computed once by
+    /// the caller: it is a scan of the leases).
+    fn fill_remaining(
+        &self,
+        decision: &mut AdmitDecision,
+        limits: &Limits,
+        now: &Now,
+        reserved: u64,
+    ) {
         decision.remaining_requests = self.remaining(
             limits,
             now,
+            reserved,
             &[
                 LimitField::RequestsPerDay,
                 LimitField::RequestsPerMonth,
@@ -455,6 +464,7 @@ impl Account {
         decision.remaining_tokens = self.remaining(
             limits,
             now,
+            reserved,
             &[
                 LimitField::TokensPerHour,
                 LimitField::TokensPerDay,
@@ -556,7 +566,8 @@ impl Account {
             .iter()
             .filter(|(c, _)| c.value > 0)
             .map(|(c, w)| w.start_of(c.window + 1));
-        let leases = self.leases.iter().map(|l| l.expires_at);
+        // Leases are kept in expiry order: the last one expires last.
+        let leases = self.leases.back().map(|l| l.expires_at);
         let settled = self.settled.iter().map(|(_, t)| *t);
         match counted.chain(leases).chain(settled).max() {
             Some(at) => Retention::Until(at),
