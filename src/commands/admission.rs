@@ -157,7 +157,7 @@ fn decide(
         } else {
             account_key.put(fresh);
         }
-        replicate_state(ctx, &mut account_key);
+        replicate_state(ctx, &mut account_key, now);
     }
     if decision.allowed {
         stats::ADMITS_ALLOWED.incr();
@@ -236,8 +236,8 @@ fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
 
 /// Replicates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or `DEL <key>` when
 /// the change left nothing worth keeping (the key was deleted).
-fn replicate_state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey) {
-    if !propagation::needed(ctx) {
+fn replicate_state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey, now: Millis) {
+    if !propagation::needed(ctx, now) {
         return;
     }
     let name = key.name();
@@ -289,7 +289,7 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         }
     };
     if !outcome.duplicate {
-        replicate_state(ctx, &mut account_key);
+        replicate_state(ctx, &mut account_key, now);
     }
     let recorded = if outcome.duplicate { 0 } else { parsed.tokens };
     let r = Reply::new(ctx).map(3);
@@ -305,17 +305,18 @@ pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Err(e) => return fail(ctx, args, e),
     };
     let (key, _) = account.key();
+    let now = state::now_ms();
     let mut account_key = match AccountKey::open(ctx, &key) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
     };
     let released = match account_key.get() {
-        Some(account) => account.release(lease, state::now_ms()),
+        Some(account) => account.release(lease, now),
         None => false,
     };
     if released {
         account_key.touch();
-        replicate_state(ctx, &mut account_key);
+        replicate_state(ctx, &mut account_key, now);
     }
     Reply::new(ctx).int(i64::from(released));
 }

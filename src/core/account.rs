@@ -252,6 +252,10 @@ impl Account {
             self.leases.pop_front();
             pruned = true;
         }
+        // A burst of leases must not pin its memory once it is over.
+        if pruned && self.leases.capacity() > 16 && self.leases.len() * 4 < self.leases.capacity() {
+            self.leases.shrink_to(self.leases.len() * 2);
+        }
         if !self.settled.is_empty() {
             let before = self.settled.len();
             self.settled.retain(|(_, until)| *until > now);
@@ -930,6 +934,23 @@ mod tests {
         admit(&mut acc, &p, &plain(), next_day);
         assert!(acc.release("x", next_day));
         assert_eq!(acc.usage(next_day).req_day, 1);
+    }
+
+    #[test]
+    fn lease_memory_is_given_back_after_a_burst() {
+        let p = policy(&[(LimitField::MaxConcurrent, 1000)]);
+        let mut acc = Account::default();
+        let short = AdmitRequest {
+            lease_ttl_ms: 1000,
+            ..plain()
+        };
+        for _ in 0..500 {
+            admit(&mut acc, &p, &short, T0);
+        }
+        assert!(acc.leases.capacity() >= 500);
+        admit(&mut acc, &p, &short, T0 + 2000);
+        assert_eq!(acc.leases.len(), 1);
+        assert!(acc.leases.capacity() <= 16, "{}", acc.leases.capacity());
     }
 
     #[test]

@@ -12,18 +12,17 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use redis_module::raw;
 
-use crate::state;
+use crate::core::Millis;
 
 static ALWAYS: AtomicBool = AtomicBool::new(false);
 static LAST_CHECK_MS: AtomicI64 = AtomicI64::new(i64::MIN);
 const RECHECK_MS: i64 = 100;
 
 /// Whether effects must be replicated now (main thread).
-pub fn needed(ctx: *mut raw::RedisModuleCtx) -> bool {
+pub fn needed(ctx: *mut raw::RedisModuleCtx, now: Millis) -> bool {
     if ALWAYS.load(Ordering::Relaxed) {
         return true;
     }
-    let now = state::now_ms();
     if now.saturating_sub(LAST_CHECK_MS.load(Ordering::Relaxed)) < RECHECK_MS {
         return false;
     }
