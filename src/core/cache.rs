@@ -85,6 +85,8 @@ pub struct CreditCache<W> {
     map: IndexMap<CacheKey, Entry<W>, RandomState>,
     config: CacheConfig,
     next_flight: u64,
+    /// Flights started and not yet completed or aborted.
+    in_flight: usize,
     rng: u64,
     stats: CacheStats,
 }
@@ -98,6 +100,7 @@ impl<W> CreditCache<W> {
             map: IndexMap::with_hasher(RandomState::new()),
             config,
             next_flight: 1,
+            in_flight: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
             stats: CacheStats::default(),
         }
@@ -131,12 +134,13 @@ impl<W> CreditCache<W> {
 
     /// Loads in flight.
     pub fn flights(&self) -> usize {
-        self.map.values().filter(|e| e.flight.is_some()).count()
+        self.in_flight
     }
 
     fn new_flight(&mut self) -> Flight<W> {
         let id = self.next_flight;
         self.next_flight += 1;
+        self.in_flight += 1;
         Flight {
             id,
             waiters: Vec::new(),
@@ -217,6 +221,7 @@ impl<W> CreditCache<W> {
             return Vec::new();
         }
         let waiters = entry.flight.take().map(|f| f.waiters).unwrap_or_default();
+        self.in_flight = self.in_flight.saturating_sub(1);
         if entry.credits.is_none() {
             self.map.swap_remove(key);
         }
@@ -240,6 +245,7 @@ impl<W> CreditCache<W> {
         let Some(mine) = entry.flight.take_if(|f| f.id == flight) else {
             return Vec::new();
         };
+        self.in_flight = self.in_flight.saturating_sub(1);
         match outcome {
             Ok(rows) => {
                 if !(mine.dirty && entry.credits.is_some()) {
@@ -324,6 +330,7 @@ impl<W> CreditCache<W> {
                 out.extend(f.waiters);
             }
         }
+        self.in_flight = 0;
         self.map.retain(|_, e| e.credits.is_some());
         out
     }
@@ -431,7 +438,9 @@ mod tests {
         c.add_waiter(b"u", 1).unwrap();
         assert!(matches!(c.lookup(b"u", 1), Lookup::Miss { load: None }));
         c.add_waiter(b"u", 2).unwrap();
+        assert_eq!(c.flights(), 1);
         assert_eq!(c.complete(b"u", f, Ok(rows("*")), 5), vec![1, 2]);
+        assert_eq!(c.flights(), 0);
         assert_eq!(bundle_of(c.lookup(b"u", 6)), Some("*".into()));
         assert_eq!(c.stats().hits, 1);
         assert_eq!(c.stats().misses, 2);
@@ -549,6 +558,7 @@ mod tests {
         };
         c.add_waiter(b"u", 1).unwrap();
         assert_eq!(c.abort_flight(b"u", f), vec![1]);
+        assert_eq!(c.flights(), 0);
         assert!(c.is_empty());
         assert_eq!(c.add_waiter(b"u", 2), Err(2));
     }
