@@ -6,14 +6,12 @@
 //! Lua scripts and `MULTI` on warm and cold users.
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-
-type Map = HashMap<String, Value>;
 
 const THREADS: usize = 20;
 const PER_THREAD: usize = 25;
@@ -93,41 +91,6 @@ fn server() -> RedisServer {
         server.info("quota")
     );
     server
-}
-
-/// The account key name, as README documents it (length-prefixed parts, user hash tag).
-fn account_key(acc: [&str; 4]) -> String {
-    let [t, p, u, b] = acc;
-    format!(
-        "q:{{{u}}}:{}:{t}{}:{p}{}:{u}{}:{b}",
-        t.len(),
-        p.len(),
-        u.len(),
-        b.len()
-    )
-}
-
-fn with_account<'a>(name: &'a str, acc: [&'a str; 4], opts: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![name];
-    args.extend_from_slice(&acc);
-    args.extend_from_slice(opts);
-    args
-}
-
-fn admit(con: &mut redis::Connection, acc: [&str; 4], opts: &[&str]) -> Map {
-    query_map(con, &with_account("QUOTA.ADMIT", acc, opts))
-}
-
-fn usage(con: &mut redis::Connection, acc: [&str; 4]) -> Map {
-    query_map(con, &with_account("QUOTA.USAGE", acc, &[]))
-}
-
-fn commit(con: &mut redis::Connection, acc: [&str; 4], tokens: &str, lease: Option<&str>) -> Map {
-    let mut opts = vec![tokens];
-    if let Some(l) = lease {
-        opts.extend_from_slice(&["LEASE", l]);
-    }
-    query_map(con, &with_account("QUOTA.COMMIT", acc, &opts))
 }
 
 fn release(con: &mut redis::Connection, acc: [&str; 4], lease: &str) -> i64 {

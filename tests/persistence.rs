@@ -5,15 +5,12 @@
 //! schema per test.
 mod common;
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-
-type Map = HashMap<String, Value>;
 
 /// Accounts the workload touches.
 const DAILY: [&str; 4] = ["acme", "chat", "alice", "daily"];
@@ -65,41 +62,6 @@ fn start(conf: &[&str]) -> RedisServer {
         b = b.conf(line);
     }
     b.start()
-}
-
-/// The account key name, as README documents it.
-fn account_key(acc: [&str; 4]) -> String {
-    let [t, p, u, b] = acc;
-    format!(
-        "q:{{{u}}}:{}:{t}{}:{p}{}:{u}{}:{b}",
-        t.len(),
-        p.len(),
-        u.len(),
-        b.len()
-    )
-}
-
-fn with_account<'a>(name: &'a str, acc: [&'a str; 4], opts: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![name];
-    args.extend_from_slice(&acc);
-    args.extend_from_slice(opts);
-    args
-}
-
-fn admit(con: &mut redis::Connection, acc: [&str; 4], opts: &[&str]) -> Map {
-    query_map(con, &with_account("QUOTA.ADMIT", acc, opts))
-}
-
-fn usage(con: &mut redis::Connection, acc: [&str; 4]) -> Map {
-    query_map(con, &with_account("QUOTA.USAGE", acc, &[]))
-}
-
-fn commit(con: &mut redis::Connection, acc: [&str; 4], tokens: &str, lease: Option<&str>) -> Map {
-    let mut opts = vec![tokens];
-    if let Some(l) = lease {
-        opts.extend_from_slice(&["LEASE", l]);
-    }
-    query_map(con, &with_account("QUOTA.COMMIT", acc, &opts))
 }
 
 fn int(con: &mut redis::Connection, args: &[&str]) -> i64 {
