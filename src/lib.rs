@@ -214,7 +214,12 @@ mod module {
             .add_section("stats")
             .field("cache_entries", int(cache_entries))?
             .field("cache_max_entries", config::int(&config::CACHE_MAX_ENTRIES))?
-            .field("cache_hits", int(cache_stats.hits))?
+            .field(
+                "cache_hits",
+                int(cache_stats
+                    .hits
+                    .saturating_add(stats::CACHE_MEMO_HITS.get())),
+            )?
             .field("cache_misses", int(cache_stats.misses))?
             .field("cache_stale_hits", int(cache_stats.stale_hits))?
             .field("cache_evictions", int(cache_stats.evictions))?

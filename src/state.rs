@@ -22,11 +22,48 @@ pub const RETRY_AFTER_FAILURE_MS: Millis = 1000;
 static CACHE: LazyLock<Mutex<CreditCache<Blocked>>> =
     LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
 
-/// The credits cache (recovers from a poisoned lock: the data stays consistent per call).
-pub fn cache() -> MutexGuard<'static, CreditCache<Blocked>> {
-    CACHE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The cache's epoch as of the last time its lock was released (see `cache_epoch`).
+static CACHE_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// The credits cache, locked (recovers from a poisoned lock: the data stays consistent per
+/// call). Releasing it publishes the cache's epoch for `cache_epoch`.
+pub fn cache() -> CacheGuard {
+    CacheGuard(
+        CACHE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    )
+}
+
+/// The cache's epoch without taking its lock: a credit remembered at this epoch (see
+/// `CreditMemo`) is still what the cache would answer. A change made under the lock shows
+/// here once the lock is released, so before anything that follows the change (such as the
+/// reply to the `QUOTA.GRANT` that made it) can happen.
+pub fn cache_epoch() -> u64 {
+    CACHE_EPOCH.load(Ordering::Acquire)
+}
+
+/// The locked cache.
+pub struct CacheGuard(MutexGuard<'static, CreditCache<Blocked>>);
+
+impl std::ops::Deref for CacheGuard {
+    type Target = CreditCache<Blocked>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for CacheGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for CacheGuard {
+    fn drop(&mut self) {
+        // Still under the lock: the published epoch only ever moves forward.
+        CACHE_EPOCH.store(self.0.epoch(), Ordering::Release);
+    }
 }
 
 /// The cache tunables from the configuration.

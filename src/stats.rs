@@ -31,6 +31,9 @@ pub static PG_ERRORS: Counter = Counter::new();
 /// Sum of Postgres job latencies in microseconds (average = this / PG_QUERIES).
 pub static PG_LATENCY_US_TOTAL: Counter = Counter::new();
 pub static PG_LATENCY_US_MAX: AtomicU64 = AtomicU64::new(0);
+/// Admissions that used the credit remembered on the account instead of a cache lookup
+/// (reported as cache hits).
+pub static CACHE_MEMO_HITS: Counter = Counter::new();
 pub static ADMITS_ALLOWED: Counter = Counter::new();
 pub static ADMITS_DENIED: Counter = Counter::new();
 pub static ADMITS_PENDING: Counter = Counter::new();

@@ -387,6 +387,167 @@ fn bundle_credits_apply_alone_and_no_credits_say_none() {
     assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
 }
 
+/// An account's admissions reuse the credit its last admission used (no cache lookup) while
+/// the cache is unchanged: every change of the user's credits must show on the very next
+/// admission all the same: grant, top-up, revoke, a row expiring, an invalidation. NOTIFY is
+/// off so that nothing but the write-through itself can make the change visible.
+#[test]
+fn every_credit_change_shows_on_the_next_admission() {
+    avoid_window_edge();
+    let server = test_server_with(
+        &unique_schema(),
+        &[("cache-ttl-ms", "3600000"), ("notify", "no")],
+    );
+    let mut con = server.client();
+    let acc = ["acme", "chat", "memo", "pro"];
+    let star = ["acme", "chat", "memo", "*"];
+    let stat = |name: &str| -> i64 {
+        server
+            .info("quota")
+            .get(name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    };
+    // A real admission (stores the account key, which is where the credit is remembered);
+    // its source of credits.
+    let mut used = 0i64;
+    let mut real = |con: &mut redis::Connection| {
+        let m = admit(con, acc, &["REQUESTS_PER_DAY", "1000000"]);
+        assert!(allowed(&m), "{m:?}");
+        used += 1;
+        (used, field_str(&m, "replenishment").unwrap_or_default())
+    };
+    // What is left under a base of 10000 (PEEK: counts nothing), and the source.
+    let left = |con: &mut redis::Connection| {
+        let m = admit(con, acc, &["REQUESTS_PER_DAY", "10000", "PEEK"]);
+        (
+            field_i64(&m, "remaining_requests"),
+            field_str(&m, "replenishment").unwrap_or_default(),
+        )
+    };
+    let (_, src) = real(&mut con);
+    assert_eq!(src, "none");
+    let hits0 = stat("quota_cache_hits");
+    let mut n = 0;
+    for _ in 0..5 {
+        n = real(&mut con).0;
+    }
+    assert!(
+        stat("quota_cache_hits") >= hits0 + 5,
+        "admissions with the remembered credit count as cache hits"
+    );
+    assert_eq!(left(&mut con), (10000 - n, "none".into()));
+
+    grant(&mut con, star, &["REQUESTS_PER_DAY", "10"]);
+    let (n, src) = real(&mut con);
+    assert_eq!(src, "global", "a grant shows at once");
+    assert_eq!(left(&mut con), (10010 - n, "global".into()));
+    grant(&mut con, star, &["REQUESTS_PER_DAY", "5", "ADD"]);
+    assert_eq!(
+        left(&mut con),
+        (10015 - n, "global".into()),
+        "a top-up shows at once"
+    );
+    real(&mut con);
+    grant(&mut con, acc, &["REQUESTS_PER_DAY", "100"]);
+    let (n, src) = real(&mut con);
+    assert_eq!(src, "bundle", "a bundle row replaces '*' at once");
+    assert_eq!(left(&mut con), (10100 - n, "bundle".into()));
+    assert_eq!(int(&mut con, &with_account("QUOTA.REVOKE", acc, &[])), 1);
+    let (n, src) = real(&mut con);
+    assert_eq!(src, "global", "a revoke shows at once");
+    assert_eq!(left(&mut con), (10015 - n, "global".into()));
+
+    // A row that expires: the first admission after its expiry falls back to '*'.
+    let expires_s = now_s() + 2;
+    grant(
+        &mut con,
+        acc,
+        &[
+            "REQUESTS_PER_DAY",
+            "100",
+            "EXPIRES_AT",
+            &expires_s.to_string(),
+        ],
+    );
+    assert_eq!(real(&mut con).1, "bundle");
+    loop {
+        let (_, src) = real(&mut con);
+        let past = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+            >= expires_s * 1000;
+        if past {
+            // Decided after the expiry instant (the reply came later still).
+            break;
+        }
+        assert_eq!(src, "bundle", "the row has not expired yet");
+        thread::sleep(Duration::from_millis(40));
+    }
+    let (n, src) = real(&mut con);
+    assert_eq!(src, "global", "the expired bundle row still applied");
+    assert_eq!(left(&mut con), (10015 - n, "global".into()));
+
+    // Dropped by hand: the next admission looks the user up again.
+    let misses0 = stat("quota_cache_misses");
+    query(&mut con, &["QUOTA.INVALIDATE", "acme", "chat", "memo"]).expect("QUOTA.INVALIDATE");
+    assert_eq!(real(&mut con).1, "global");
+    assert_eq!(
+        stat("quota_cache_misses"),
+        misses0 + 1,
+        "an invalidated user is looked up again"
+    );
+}
+
+/// The same for a change written elsewhere (SQL): NOTIFY makes the next admissions of a warm
+/// account see it, however long the cache TTL.
+#[test]
+fn an_sql_update_reaches_a_warm_account_through_notify() {
+    let schema = unique_schema();
+    avoid_window_edge();
+    let server = test_server_with(&schema, &[("cache-ttl-ms", "3600000")]);
+    assert!(
+        wait_until(Duration::from_secs(20), || server
+            .info("quota")
+            .get("quota_notify_state")
+            .is_some_and(|s| s == "listening")),
+        "NOTIFY listener never came up"
+    );
+    let mut con = server.client();
+    let acc = ["acme", "chat", "sqlmemo", "pro"];
+    grant(
+        &mut con,
+        ["acme", "chat", "sqlmemo", "*"],
+        &["REQUESTS_PER_DAY", "10"],
+    );
+    let left = |con: &mut redis::Connection| {
+        let m = admit(con, acc, &["REQUESTS_PER_DAY", "1000"]);
+        assert!(allowed(&m), "{m:?}");
+        field_i64(&m, "remaining_requests")
+    };
+    // Let the NOTIFY echo of the grant itself pass, then warm the account.
+    thread::sleep(Duration::from_millis(500));
+    let mut n = 0;
+    for _ in 0..20 {
+        n += 1;
+        assert_eq!(left(&mut con), 1010 - n);
+    }
+    let t = format!("{schema}.user_quota_replenishment");
+    psql(
+        &PgServer::shared(),
+        &format!(
+            "UPDATE {t} SET additional_requests_per_day = 500 \
+             WHERE user_id = 'sqlmemo' AND bundle_id = '*'"
+        ),
+    );
+    let ok = wait_until(Duration::from_secs(5), || {
+        n += 1;
+        left(&mut con) == 1500 - n
+    });
+    assert!(ok, "the SQL UPDATE never showed");
+}
+
 // ---------------------------------------------------------------------------
 // Reply fields
 // ---------------------------------------------------------------------------

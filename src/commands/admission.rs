@@ -15,7 +15,7 @@ use super::{block_timeout_ms, can_block, fail, flags, parse, reply_undone};
 use crate::config::{self, ScriptMiss};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
-use crate::core::credit::{select_credit, CreditSource, Replenishment};
+use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
 use crate::core::policy::{Additional, EffectivePolicy, LimitField};
 use crate::core::Millis;
 use crate::glue::account_type::{AccountKey, WrongType};
@@ -66,12 +66,24 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
     };
     let (key, user_len) = parsed.account.key();
     let now = state::now_ms();
+    let mut account_key = match AccountKey::open(ctx, &key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let mut memo = None;
     let (additional, source) = match credits {
+        // The credit this account used a moment ago, if the cache has not changed since.
+        Credits::Cache if let Some(found) = remembered(&mut account_key, now) => found,
         Credits::Cache => {
             let user_key = key.get(..user_len).unwrap_or(&key);
             let mut cache = state::cache();
+            let epoch = cache.epoch();
             let (found, load) = match cache.lookup(user_key, now) {
-                Lookup::Fresh(rows) => (Some(pick(rows, parsed.account.bundle, now)), None),
+                Lookup::Fresh(rows, fresh_until) => {
+                    let found = pick(rows, parsed.account.bundle, now);
+                    memo = Some(CreditMemo::new(found, rows, epoch, fresh_until, now));
+                    (Some(found), None)
+                }
                 Lookup::Stale { rows, refresh } => {
                     (Some(pick(rows, parsed.account.bundle, now)), refresh)
                 }
@@ -112,22 +124,33 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
         Credits::Loaded(Done::Busy) => return reply_undone(ctx, &Done::Busy),
         Credits::Loaded(_) | Credits::TimedOut => (None, CreditSource::Unavailable),
     };
-    decide(ctx, &parsed, &key, additional, source, now);
+    decide(
+        ctx,
+        &parsed,
+        &mut account_key,
+        (additional, source, memo),
+        now,
+    );
+}
+
+/// The credit remembered on the account, if it still holds (counted as a cache hit).
+fn remembered(
+    account_key: &mut AccountKey,
+    now: Millis,
+) -> Option<(Option<Additional>, CreditSource)> {
+    let found = account_key.memo()?.get(state::cache_epoch(), now)?;
+    stats::CACHE_MEMO_HITS.incr();
+    Some(found)
 }
 
 fn decide(
     ctx: *mut raw::RedisModuleCtx,
     parsed: &parse::AdmitArgs<'_>,
-    key: &[u8],
-    additional: Option<Additional>,
-    source: CreditSource,
+    account_key: &mut AccountKey,
+    (additional, source, memo): (Option<Additional>, CreditSource, Option<CreditMemo>),
     now: Millis,
 ) {
     let policy = EffectivePolicy::merge(parsed.base, additional.as_ref());
-    let mut account_key = match AccountKey::open(ctx, key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
     let lease_ttl = parsed
         .lease_ttl
         .unwrap_or_else(|| config::int(&config::LEASE_TTL).max(1));
@@ -157,7 +180,10 @@ fn decide(
         } else {
             account_key.put(fresh);
         }
-        replicate_state(ctx, &mut account_key, now);
+        replicate_state(ctx, account_key, now);
+    }
+    if let Some(memo) = memo {
+        account_key.set_memo(memo);
     }
     if decision.allowed {
         stats::ADMITS_ALLOWED.incr();

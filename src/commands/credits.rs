@@ -157,7 +157,7 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     let now = state::now_ms();
     let mut cache = state::cache();
     let load = match cache.lookup(&user_key, now) {
-        Lookup::Fresh(rows) => {
+        Lookup::Fresh(rows, _) => {
             reply_applicable(ctx, ids, rows, now);
             return;
         }

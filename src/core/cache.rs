@@ -46,8 +46,8 @@ pub struct CacheStats {
 /// What a lookup found.
 #[derive(Debug)]
 pub enum Lookup<'a> {
-    /// Fresh rows.
-    Fresh(&'a [Replenishment]),
+    /// Fresh rows, and until when they stay fresh.
+    Fresh(&'a [Replenishment], Millis),
     /// Rows past their TTL; `refresh` is `Some(flight)` when the caller must start the one
     /// background refresh (and later `complete` it).
     Stale {
@@ -89,6 +89,10 @@ pub struct CreditCache<W> {
     in_flight: usize,
     rng: u64,
     stats: CacheStats,
+    /// Bumped by every change that can alter what a lookup answers for a user already held
+    /// (loads completing, writes, invalidations, evictions): what was read at one epoch stays
+    /// true while the epoch is the same, apart from time (freshness, row expiry).
+    epoch: u64,
 }
 
 const EVICTION_SAMPLES: usize = 5;
@@ -103,11 +107,13 @@ impl<W> CreditCache<W> {
             in_flight: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
             stats: CacheStats::default(),
+            epoch: 0,
         }
     }
 
     /// Changes the tunables; shrinks the cache if the bound went down.
     pub fn set_config(&mut self, config: CacheConfig) {
+        self.epoch += 1;
         self.config = config;
         while self.map.len() > self.config.max_entries && self.evict_one() {}
     }
@@ -135,6 +141,11 @@ impl<W> CreditCache<W> {
     /// Loads in flight.
     pub fn flights(&self) -> usize {
         self.in_flight
+    }
+
+    /// The current epoch (see the field).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn new_flight(&mut self) -> Flight<W> {
@@ -190,8 +201,9 @@ impl<W> CreditCache<W> {
         if flight.is_some() {
             entry.flight = flight;
         }
+        let fresh_until = entry.fresh_until;
         match &entry.credits {
-            Some(rows) if fresh => Lookup::Fresh(rows),
+            Some(rows) if fresh => Lookup::Fresh(rows, fresh_until),
             Some(rows) => Lookup::Stale {
                 rows,
                 refresh: started,
@@ -222,6 +234,7 @@ impl<W> CreditCache<W> {
         }
         let waiters = entry.flight.take().map(|f| f.waiters).unwrap_or_default();
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.epoch += 1;
         if entry.credits.is_none() {
             self.map.swap_remove(key);
         }
@@ -246,6 +259,7 @@ impl<W> CreditCache<W> {
             return Vec::new();
         };
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.epoch += 1;
         match outcome {
             Ok(rows) => {
                 if !(mine.dirty && entry.credits.is_some()) {
@@ -270,6 +284,7 @@ impl<W> CreditCache<W> {
 
     /// Write-through: the user's rows as just committed.
     pub fn put(&mut self, key: &[u8], rows: UserCredits, now: Millis) {
+        self.epoch += 1;
         let ttl = if rows.is_empty() {
             self.config.negative_ttl_ms
         } else {
@@ -298,6 +313,7 @@ impl<W> CreditCache<W> {
 
     /// Drops a user's entry (a load in flight is kept, marked so its result is not trusted).
     pub fn invalidate(&mut self, key: &[u8]) -> bool {
+        self.epoch += 1;
         match self.map.get_mut(key) {
             Some(entry) if entry.flight.is_some() => {
                 entry.credits = None;
@@ -313,6 +329,7 @@ impl<W> CreditCache<W> {
 
     /// Marks a user's rows stale: still served, refreshed by the next lookup.
     pub fn mark_stale(&mut self, key: &[u8]) {
+        self.epoch += 1;
         if let Some(entry) = self.map.get_mut(key) {
             entry.fresh_until = 0;
             entry.retry_at = 0;
@@ -324,6 +341,7 @@ impl<W> CreditCache<W> {
 
     /// Ends every load in flight and returns all their waiters (shutdown).
     pub fn take_all_waiters(&mut self) -> Vec<W> {
+        self.epoch += 1;
         let mut out = Vec::new();
         for entry in self.map.values_mut() {
             if let Some(f) = entry.flight.take() {
@@ -337,6 +355,7 @@ impl<W> CreditCache<W> {
 
     /// Drops everything (loads in flight are kept, marked untrusted).
     pub fn clear(&mut self) {
+        self.epoch += 1;
         self.map.retain(|_, entry| match entry.flight.as_mut() {
             Some(f) => {
                 f.dirty = true;
@@ -383,6 +402,7 @@ impl<W> CreditCache<W> {
         });
         match victim {
             Some((i, _)) => {
+                self.epoch += 1;
                 self.map.swap_remove_index(i);
                 self.stats.evictions += 1;
                 true
@@ -422,7 +442,7 @@ mod tests {
 
     fn bundle_of(l: Lookup<'_>) -> Option<String> {
         match l {
-            Lookup::Fresh(r) | Lookup::Stale { rows: r, .. } => {
+            Lookup::Fresh(r, _) | Lookup::Stale { rows: r, .. } => {
                 r.first().map(|r| r.bundle_id.clone())
             }
             _ => None,
@@ -482,7 +502,7 @@ mod tests {
             panic!()
         };
         c.complete(b"u", f, Ok(Arc::new(vec![])), 0);
-        assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r) if r.is_empty()));
+        assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r, _) if r.is_empty()));
         assert!(matches!(c.lookup(b"u", 100), Lookup::Stale { .. }));
     }
 

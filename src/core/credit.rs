@@ -82,6 +82,79 @@ pub fn select_credit<'a>(
     live(ANY_BUNDLE).map(|row| (row, CreditSource::Global))
 }
 
+/// At most how long an account may use its remembered credit before asking the cache again
+/// (which also keeps the cache entry's least-recently-used time current).
+pub const MEMO_MAX_MS: Millis = 1000;
+
+/// The credit an account's admissions use, remembered next to the account's usage so the next
+/// admission of the same (user, bundle) need not look the user up in the credits cache.
+///
+/// It holds what `select_credit` chose (amounts and source), the cache epoch it was read at and
+/// until when it holds: no later than the cache entry stays fresh, the next expiry among the
+/// user's rows and `MEMO_MAX_MS` after it was read. Any change to the cache moves the epoch on
+/// and so retires every memo. 80 bytes, kept inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditMemo {
+    /// `Additional` with `i64::MIN` for an absent amount (an amount below zero adds nothing,
+    /// exactly as an absent one).
+    amounts: [i64; LIMIT_FIELDS],
+    epoch: u64,
+    until: Millis,
+    source: CreditSource,
+}
+
+impl CreditMemo {
+    /// Remembers `chosen` (what `select_credit` picked from `rows` at `now`, as amounts and
+    /// source), read from a fresh cache entry at `epoch` that stays fresh until `fresh_until`.
+    pub fn new(
+        chosen: (Option<Additional>, CreditSource),
+        rows: &[Replenishment],
+        epoch: u64,
+        fresh_until: Millis,
+        now: Millis,
+    ) -> CreditMemo {
+        let mut amounts = [i64::MIN; LIMIT_FIELDS];
+        if let Some(add) = chosen.0 {
+            for (out, v) in amounts.iter_mut().zip(add.0) {
+                *out = v.unwrap_or(i64::MIN);
+            }
+        }
+        let until = rows
+            .iter()
+            .filter_map(|r| r.expires_at)
+            .map(|at| at.saturating_mul(1000))
+            .filter(|at| *at > now)
+            .fold(
+                fresh_until.min(now.saturating_add(MEMO_MAX_MS)),
+                Millis::min,
+            );
+        CreditMemo {
+            amounts,
+            epoch,
+            until,
+            source: chosen.1,
+        }
+    }
+
+    /// The remembered credit, if it still holds at `now` with the cache at `epoch`.
+    pub fn get(&self, epoch: u64, now: Millis) -> Option<(Option<Additional>, CreditSource)> {
+        if self.epoch != epoch || now >= self.until {
+            return None;
+        }
+        let additional = match self.source {
+            CreditSource::Bundle | CreditSource::Global => {
+                let mut add = Additional::default();
+                for (out, v) in add.0.iter_mut().zip(self.amounts) {
+                    *out = (v != i64::MIN).then_some(v);
+                }
+                Some(add)
+            }
+            _ => None,
+        };
+        Some((additional, self.source))
+    }
+}
+
 /// Money in whole cents; parsed from and printed as a decimal string, never a float.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Cents(pub i64);
@@ -287,6 +360,68 @@ mod tests {
         assert!(select_credit(&none, "b", NOW).is_none());
         let live = vec![row("b", 2, Some(NOW / 1000 + 1), true)];
         assert!(select_credit(&live, "b", NOW).is_some());
+    }
+
+    fn chosen(
+        rows: &[Replenishment],
+        bundle: &str,
+        now: Millis,
+    ) -> (Option<Additional>, CreditSource) {
+        match select_credit(rows, bundle, now) {
+            Some((r, src)) => (Some(r.additional), src),
+            None => (None, CreditSource::None),
+        }
+    }
+
+    #[test]
+    fn memo_gives_back_what_was_chosen_while_the_epoch_and_time_hold() {
+        let mut rows = vec![row("*", 7, None, true), row("b", 9, None, true)];
+        rows[1].additional.0[LimitField::TokensPerMonth as usize] = Some(-3);
+        let picked = chosen(&rows, "b", NOW);
+        let memo = CreditMemo::new(picked, &rows, 5, NOW + 60_000, NOW);
+        let (add, src) = memo.get(5, NOW + 10).unwrap();
+        assert_eq!(src, CreditSource::Bundle);
+        let add = add.unwrap();
+        assert_eq!(add.get(LimitField::RequestsPerDay), Some(9));
+        assert_eq!(add.get(LimitField::TokensPerDay), None);
+        // A negative amount adds nothing, as it did from the row itself.
+        let base = crate::core::policy::Limits([Some(100); LIMIT_FIELDS]);
+        assert_eq!(
+            crate::core::policy::EffectivePolicy::merge(base, Some(&add)),
+            crate::core::policy::EffectivePolicy::merge(base, picked.0.as_ref())
+        );
+        // Another cache epoch, or past the horizon: ask the cache again.
+        assert!(memo.get(6, NOW + 10).is_none());
+        assert!(memo.get(5, NOW + MEMO_MAX_MS).is_none());
+        assert!(memo.get(5, NOW + MEMO_MAX_MS - 1).is_some());
+        // No credit is remembered too.
+        let none = CreditMemo::new((None, CreditSource::None), &[], 5, NOW + 60_000, NOW);
+        assert_eq!(none.get(5, NOW), Some((None, CreditSource::None)));
+    }
+
+    #[test]
+    fn memo_ends_when_the_entry_goes_stale_or_a_row_expires() {
+        let rows = vec![row("*", 7, None, true)];
+        let memo = CreditMemo::new(chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW);
+        assert!(memo.get(1, NOW + 299).is_some());
+        assert!(memo.get(1, NOW + 300).is_none());
+        // Read 400 ms before the bundle row expires: from then on the '*' row applies.
+        let rows = vec![
+            row("*", 7, None, true),
+            row("b", 9, Some(NOW / 1000 + 1), true),
+        ];
+        let t0 = NOW + 600;
+        let memo = CreditMemo::new(chosen(&rows, "b", t0), &rows, 1, t0 + 60_000, t0);
+        assert_eq!(memo.get(1, NOW + 999).unwrap().1, CreditSource::Bundle);
+        assert!(memo.get(1, NOW + 1000).is_none());
+        assert_eq!(chosen(&rows, "b", NOW + 1000).1, CreditSource::Global);
+        // Rows that expired already do not shorten it.
+        let rows = vec![
+            row("*", 7, None, true),
+            row("b", 9, Some(NOW / 1000 - 5), true),
+        ];
+        let memo = CreditMemo::new(chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW);
+        assert!(memo.get(1, NOW + MEMO_MAX_MS - 1).is_some());
     }
 
     #[test]

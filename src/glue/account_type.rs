@@ -11,6 +11,7 @@ use redis_module::native_types::RedisType;
 use redis_module::raw;
 
 use crate::core::account::{Account, Retention};
+use crate::core::credit::CreditMemo;
 
 /// The registered data type.
 pub static ACCOUNT_TYPE: RedisType = RedisType::new(
@@ -51,11 +52,14 @@ impl std::fmt::Display for WrongType {
     }
 }
 
-/// What a key of this type holds: the account and the absolute expiry last set on the key
-/// (so an admission need not ask Redis for it every time).
+/// What a key of this type holds: the account, the absolute expiry last set on the key (so an
+/// admission need not ask Redis for it every time) and the credit its admissions use (so they
+/// need not look the user up in the cache every time). Only the account is persisted and
+/// replicated; the other two are rebuilt when missing.
 struct Stored {
     account: Account,
     expiry: i64,
+    memo: Option<CreditMemo>,
 }
 
 /// `expiry` not known yet (after a load): ask Redis.
@@ -66,6 +70,7 @@ impl Stored {
         Box::into_raw(Box::new(Stored {
             account,
             expiry: EXPIRY_UNKNOWN,
+            memo: None,
         }))
         .cast()
     }
@@ -200,6 +205,18 @@ impl AccountKey {
                 }
             }
             existed
+        }
+    }
+
+    /// The credit remembered by the last admission on this account, if any.
+    pub fn memo(&mut self) -> Option<CreditMemo> {
+        self.stored().and_then(|s| s.memo)
+    }
+
+    /// Remembers the credit for the next admissions (nothing when the key does not exist).
+    pub fn set_memo(&mut self, memo: CreditMemo) {
+        if let Some(stored) = self.stored() {
+            stored.memo = Some(memo);
         }
     }
 
