@@ -77,12 +77,21 @@ fn shown(word: &[u8]) -> String {
 
 /// Parses a non-negative 64-bit integer (0 ..= i64::MAX) in plain decimal.
 pub fn parse_amount(what: &'static str, raw: &[u8]) -> Result<u64, ParseError> {
-    if raw.is_empty() || raw.len() > 19 || !raw.iter().all(u8::is_ascii_digit) {
+    if raw.is_empty() || raw.len() > 19 {
         return Err(ParseError::NotANumber(what));
     }
-    let text = std::str::from_utf8(raw).map_err(|_| ParseError::NotANumber(what))?;
-    let v: i64 = text.parse().map_err(|_| ParseError::NotANumber(what))?;
-    Ok(v as u64)
+    // At most 19 digits: below 10^19, so the sum cannot overflow a u64.
+    let mut v = 0u64;
+    for &b in raw {
+        if !b.is_ascii_digit() {
+            return Err(ParseError::NotANumber(what));
+        }
+        v = v * 10 + u64::from(b - b'0');
+    }
+    if v > i64::MAX as u64 {
+        return Err(ParseError::NotANumber(what));
+    }
+    Ok(v)
 }
 
 fn parse_in_range(what: &'static str, raw: &[u8], lo: i64, hi: i64) -> Result<i64, ParseError> {

@@ -120,7 +120,17 @@ pub struct Account {
     pub settled: Vec<(LeaseId, Millis)>,
     /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
     pub lifetime: bool,
+    /// Tokens reserved by the leases held, expired ones included until they are pruned (kept
+    /// up to date with `leases`, so deciding never walks the leases).
+    reserved_sum: u64,
+    /// When the first lease expires (the front of `leases`), kept so that deciding whether to
+    /// prune does not touch the leases.
+    first_expiry: Option<Millis>,
 }
+
+/// How long expired leases may stay before an admission prunes them when they cannot change
+/// its decision (see `prune_due`).
+const PRUNE_DELAY_MS: Millis = 250;
 
 /// What `QUOTA.ADMIT` asks, besides the account and its effective policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,9 +259,12 @@ impl Account {
     fn prune(&mut self, now: Millis) -> bool {
         let mut pruned = false;
         while self.leases.front().is_some_and(|l| l.expires_at <= now) {
-            self.leases.pop_front();
+            if let Some(gone) = self.leases.pop_front() {
+                self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
+            }
             pruned = true;
         }
+        self.first_expiry = self.leases.front().map(|l| l.expires_at);
         // A burst of leases must not pin its memory once it is over.
         if pruned && self.leases.capacity() > 16 && self.leases.len() * 4 < self.leases.capacity() {
             self.leases.shrink_to(self.leases.len() * 2);
@@ -264,6 +277,25 @@ impl Account {
         pruned
     }
 
+    /// Whether an admission must prune before deciding: some lease has expired and either it
+    /// could change the decision (a lease id to find, reservations counted against the token
+    /// windows, the concurrency limit or the lease cap within reach) or it expired more than
+    /// `PRUNE_DELAY_MS` ago. Otherwise an expired lease is harmless for a moment, and pruning
+    /// in batches touches the leases' memory once rather than on every admission.
+    fn prune_due(&self, policy: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis) -> bool {
+        let Some(first) = self.first_expiry.filter(|at| *at <= now) else {
+            return false;
+        };
+        let held = self.leases.len();
+        // The base limit is the lower one: it decides `used_replenishment`.
+        let max_concurrent = policy.base.get(LimitField::MaxConcurrent);
+        req.lease.is_some()
+            || self.reserved_sum > 0
+            || now >= first.saturating_add(PRUNE_DELAY_MS)
+            || held >= MAX_LEASES
+            || max_concurrent.is_some_and(|max| held as u64 >= max)
+    }
+
     /// Adds a lease, keeping the expiry order (new leases usually go last).
     fn push_lease(&mut self, lease: Lease) {
         let at = self
@@ -271,14 +303,24 @@ impl Account {
             .iter()
             .rposition(|l| l.expires_at <= lease.expires_at)
             .map_or(0, |i| i + 1);
+        self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
+        if at == 0 {
+            self.first_expiry = Some(lease.expires_at);
+        }
         self.leases.insert(at, lease);
     }
 
-    /// Tokens reserved by live leases.
+    /// Removes the lease at `pos`.
+    fn remove_lease(&mut self, pos: usize) -> Option<Lease> {
+        let gone = self.leases.remove(pos)?;
+        self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
+        self.first_expiry = self.leases.front().map(|l| l.expires_at);
+        Some(gone)
+    }
+
+    /// Tokens reserved by live leases (exact after a prune: see `prune_due`).
     pub fn reserved(&self) -> u64 {
-        self.leases
-            .iter()
-            .fold(0u64, |sum, l| sum.saturating_add(l.reserved))
+        self.reserved_sum
     }
 
     /// How much of a limited field is used at `now` (tokens: committed plus reserved).
@@ -367,8 +409,8 @@ impl Account {
         new_lease_id: impl FnOnce() -> u64,
     ) -> Result<AdmitDecision, AccountError> {
         let now = Now::at(now_ms);
-        let pruned = self.prune(now_ms);
         let limits = &policy.limits;
+        let pruned = self.prune_due(policy, req, now_ms) && self.prune(now_ms);
         let mut decision = AdmitDecision {
             allowed: true,
             violations: 0,
@@ -492,7 +534,7 @@ impl Account {
             }
             let mut until = now_ms.saturating_add(SETTLED_MIN_MS);
             if let Some(pos) = self.leases.iter().position(|l| l.id == id) {
-                if let Some(held) = self.leases.remove(pos) {
+                if let Some(held) = self.remove_lease(pos) {
                     until = until.max(held.expires_at);
                     lease_held = true;
                 }
@@ -521,7 +563,7 @@ impl Account {
         let Some(pos) = self.leases.iter().position(|l| l.id == lease) else {
             return false;
         };
-        let Some(held) = self.leases.remove(pos) else {
+        let Some(held) = self.remove_lease(pos) else {
             return false;
         };
         self.req_day.refund(held.day);
@@ -660,7 +702,12 @@ impl Account {
         }
         leases.make_contiguous().sort_by_key(|l| l.expires_at);
         let [req_day, req_month, tok_hour, tok_day, tok_month] = counters;
+        let reserved_sum = leases
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
         Some(Account {
+            reserved_sum,
+            first_expiry: leases.front().map(|l| l.expires_at),
             req_day,
             req_month,
             req_total,
@@ -934,6 +981,124 @@ mod tests {
         admit(&mut acc, &p, &plain(), next_day);
         assert!(acc.release("x", next_day));
         assert_eq!(acc.usage(next_day).req_day, 1);
+    }
+
+    #[test]
+    fn expired_leases_never_count_even_before_they_are_pruned() {
+        let mut acc = Account::default();
+        let short = AdmitRequest {
+            lease_ttl_ms: 1000,
+            ..plain()
+        };
+        // Concurrency: two slots taken, both expired 1 ms ago (within PRUNE_DELAY_MS).
+        let p = policy(&[(LimitField::MaxConcurrent, 2)]);
+        assert!(admit(&mut acc, &p, &short, T0).allowed);
+        assert!(admit(&mut acc, &p, &short, T0).allowed);
+        assert!(!admit(&mut acc, &p, &short, T0 + 999).allowed);
+        assert!(admit(&mut acc, &p, &short, T0 + 1001).allowed);
+        // Reservations: an expired one no longer holds tokens.
+        let mut acc = Account::default();
+        let p = policy(&[(LimitField::TokensPerDay, 100)]);
+        let reserve = AdmitRequest {
+            reserve: Some(100),
+            ..short
+        };
+        assert_eq!(admit(&mut acc, &p, &reserve, T0).reserved, 100);
+        assert!(!admit(&mut acc, &p, &reserve, T0 + 999).allowed);
+        let d = admit(&mut acc, &p, &reserve, T0 + 1001);
+        assert!(d.allowed);
+        assert_eq!(d.reserved, 100);
+        // Without any of that at stake, expired leases go within PRUNE_DELAY_MS.
+        let mut acc = Account::default();
+        let p = policy(&[(LimitField::MaxConcurrent, 1000)]);
+        for _ in 0..10 {
+            admit(&mut acc, &p, &short, T0);
+        }
+        admit(&mut acc, &p, &short, T0 + 1000);
+        assert_eq!(acc.usage(T0 + 1000).in_flight, 1);
+        admit(&mut acc, &p, &short, T0 + 1000 + PRUNE_DELAY_MS);
+        assert_eq!(acc.leases.len(), 2, "the 10 expired leases are pruned");
+    }
+
+    /// Deciding with expired leases pruned late gives exactly the decisions that pruning them
+    /// at once gives, whatever the sequence of admissions, commits and releases.
+    #[test]
+    fn late_pruning_decides_exactly_as_eager_pruning() {
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for case in 0..300 {
+            let mut base = Limits::default();
+            let mut add = Additional::default();
+            for field in LimitField::ALL {
+                if next(3) == 0 {
+                    base.set(field, Some(next(8)));
+                    if next(2) == 0 {
+                        add.0[field as usize] = Some(next(4) as i64);
+                    }
+                }
+            }
+            let p = EffectivePolicy::merge(base, Some(&add));
+            let mut lazy = Account::default();
+            let mut eager = Account::default();
+            let mut now = T0 + next(86_400_000) as Millis;
+            let mut ids: Vec<String> = Vec::new();
+            for step in 0..200 {
+                now += next(700) as Millis;
+                let named = ids.get(next(ids.len() as u64 + 3) as usize).cloned();
+                match next(6) {
+                    0 | 1 | 2 => {
+                        let req = AdmitRequest {
+                            lease: named.as_deref().filter(|_| next(2) == 0),
+                            lease_ttl_ms: 1 + next(1500) as Millis,
+                            reserve: (next(2) == 0).then(|| next(6)),
+                            peek: next(8) == 0,
+                        };
+                        eager.prune(now);
+                        let mut id_a = 1000 * (case + 1) + step;
+                        let mut id_b = id_a;
+                        let a = lazy.admit(&p, &req, now, || {
+                            id_a += 1;
+                            id_a
+                        });
+                        let b = eager.admit(&p, &req, now, || {
+                            id_b += 1;
+                            id_b
+                        });
+                        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+                        (a.changed, b.changed) = (false, false);
+                        assert_eq!(a, b, "case {case} step {step}");
+                        if let Some(LeaseId::Short(n)) = &a.lease {
+                            ids.push(format!("{n:016x}"));
+                        }
+                    }
+                    3 => {
+                        let tokens = next(5);
+                        assert_eq!(
+                            lazy.commit(tokens, named.as_deref(), now),
+                            eager.commit(tokens, named.as_deref(), now),
+                            "case {case} step {step}"
+                        );
+                    }
+                    4 => {
+                        if let Some(id) = &named {
+                            assert_eq!(lazy.release(id, now), eager.release(id, now));
+                        }
+                    }
+                    _ => {
+                        assert_eq!(lazy.usage(now), eager.usage(now), "case {case} step {step}");
+                        assert_eq!(
+                            lazy.reserved_sum,
+                            lazy.leases.iter().map(|l| l.reserved).sum::<u64>()
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

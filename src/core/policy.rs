@@ -92,9 +92,10 @@ impl LimitField {
 
     /// Matches an option keyword, case-insensitively.
     pub fn from_keyword(word: &[u8]) -> Option<LimitField> {
-        LimitField::ALL
-            .into_iter()
-            .find(|f| f.keyword().as_bytes().eq_ignore_ascii_case(word))
+        LimitField::ALL.into_iter().find(|f| {
+            let k = f.keyword().as_bytes();
+            k.len() == word.len() && k.eq_ignore_ascii_case(word)
+        })
     }
 }
 
