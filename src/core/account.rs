@@ -1051,7 +1051,7 @@ mod tests {
                 now += next(700) as Millis;
                 let named = ids.get(next(ids.len() as u64 + 3) as usize).cloned();
                 match next(6) {
-                    0 | 1 | 2 => {
+                    0..=2 => {
                         let req = AdmitRequest {
                             lease: named.as_deref().filter(|_| next(2) == 0),
                             lease_ttl_ms: 1 + next(1500) as Millis,
