@@ -125,7 +125,8 @@ pub struct Account {
     reserved_sum: u64,
     /// When the first lease expires (the front of `leases`), kept so that deciding whether to
     /// prune does not touch the leases.
-    first_expiry: Option<Millis>,
+    /// 0 when there is none (a `Millis` rather than an `Option` keeps the account small).
+    first_expiry: Millis,
 }
 
 /// How long expired leases may stay before an admission prunes them when they cannot change
@@ -264,7 +265,7 @@ impl Account {
             }
             pruned = true;
         }
-        self.first_expiry = self.leases.front().map(|l| l.expires_at);
+        self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
         // A burst of leases must not pin its memory once it is over.
         if pruned && self.leases.capacity() > 16 && self.leases.len() * 4 < self.leases.capacity() {
             self.leases.shrink_to(self.leases.len() * 2);
@@ -283,9 +284,10 @@ impl Account {
     /// `PRUNE_DELAY_MS` ago. Otherwise an expired lease is harmless for a moment, and pruning
     /// in batches touches the leases' memory once rather than on every admission.
     fn prune_due(&self, policy: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis) -> bool {
-        let Some(first) = self.first_expiry.filter(|at| *at <= now) else {
+        let first = self.first_expiry;
+        if first == 0 || first > now {
             return false;
-        };
+        }
         let held = self.leases.len();
         // The base limit is the lower one: it decides `used_replenishment`.
         let max_concurrent = policy.base.get(LimitField::MaxConcurrent);
@@ -305,7 +307,7 @@ impl Account {
             .map_or(0, |i| i + 1);
         self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
         if at == 0 {
-            self.first_expiry = Some(lease.expires_at);
+            self.first_expiry = lease.expires_at;
         }
         self.leases.insert(at, lease);
     }
@@ -314,7 +316,7 @@ impl Account {
     fn remove_lease(&mut self, pos: usize) -> Option<Lease> {
         let gone = self.leases.remove(pos)?;
         self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
-        self.first_expiry = self.leases.front().map(|l| l.expires_at);
+        self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
         Some(gone)
     }
 
@@ -707,7 +709,7 @@ impl Account {
             .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
         Some(Account {
             reserved_sum,
-            first_expiry: leases.front().map(|l| l.expires_at),
+            first_expiry: leases.front().map_or(0, |l| l.expires_at),
             req_day,
             req_month,
             req_total,
@@ -1091,10 +1093,12 @@ mod tests {
                     }
                     _ => {
                         assert_eq!(lazy.usage(now), eager.usage(now), "case {case} step {step}");
-                        assert_eq!(
-                            lazy.reserved_sum,
-                            lazy.leases.iter().map(|l| l.reserved).sum::<u64>()
-                        );
+                        for acc in [&lazy, &eager] {
+                            let sum = acc.leases.iter().map(|l| l.reserved).sum::<u64>();
+                            assert_eq!(acc.reserved_sum, sum);
+                            let front = acc.leases.front().map_or(0, |l| l.expires_at);
+                            assert_eq!(acc.first_expiry, front);
+                        }
                     }
                 }
             }

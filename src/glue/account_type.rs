@@ -304,3 +304,19 @@ unsafe extern "C" fn copy(
         None => ptr::null_mut(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every account key holds one `Stored`: keeping it within jemalloc's 256-byte size class
+    /// keeps an account key well under the 512 bytes of Redis memory it may cost.
+    #[test]
+    fn an_account_fits_in_256_bytes() {
+        assert!(
+            std::mem::size_of::<Stored>() <= 256,
+            "{}",
+            std::mem::size_of::<Stored>()
+        );
+    }
+}
