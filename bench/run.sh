@@ -14,6 +14,7 @@
 #        GET key:__rand_int__
 #        QUOTA.GET on cached users                                        -> vs GET
 #        HGETALL of an 18-field hash (a reply the size of QUOTA.GET's)    (informational)
+#        HMGET of 11 fields: a plain command with ADMIT's 13 arguments    (informational)
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
 #   5. memory: bytes per cached user (with one credit; with no credits) and per account key
 #
@@ -263,7 +264,7 @@ admit_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' "${admit_policy[@]}" 
 
 # --- throughput --------------------------------------------------------------------------
 # Each ratio's two commands run back to back in every round.
-names=(INCR ADMIT LUA ADMIT_NOLEASE GET QGET HGETALL)
+names=(INCR ADMIT LUA ADMIT_NOLEASE HMGET GET QGET HGETALL)
 declare -A label cmd n_of
 label[INCR]="INCR counter:__rand_int__"
 label[ADMIT]="QUOTA.ADMIT (+MAX_CONCURRENT)"
@@ -272,6 +273,7 @@ label[LUA]="EVALSHA admit.lua"
 label[GET]="GET key:__rand_int__"
 label[QGET]="QUOTA.GET (cached)"
 label[HGETALL]="HGETALL rec:__rand_int__ (18 f.)"
+label[HMGET]="HMGET rec:__rand_int__ (11 f.)"
 cmd[INCR]="INCR counter:__rand_int__"
 cmd[ADMIT]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]} MAX_CONCURRENT 1000000"
 cmd[ADMIT_NOLEASE]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]}"
@@ -279,6 +281,8 @@ cmd[LUA]="EVALSHA $sha 1 u__rand_int__ 100000000 1000000000 1000000000 1000000 $
 cmd[GET]="GET key:__rand_int__"
 cmd[QGET]="QUOTA.GET acme chat u__rand_int__ *"
 cmd[HGETALL]="HGETALL rec:__rand_int__"
+# 13 arguments like the ADMIT above, 11 values back: Redis's own cost of a command that size.
+cmd[HMGET]="HMGET rec:__rand_int__ tenant project user_id bundle_id additional_requests_per_day additional_requests_per_month additional_tokens_per_day expires_at active created_at updated_at"
 
 run() { # run NAME N
     local words
@@ -382,6 +386,7 @@ mkdir -p "$root/bench/out"
         "QUOTA.GET/GET:QGET:GET:>=:$BAR_GET"
         "ADMIT(no lease)/INCR:ADMIT_NOLEASE:INCR:-:-"
         "ADMIT(no lease)/Lua:ADMIT_NOLEASE:LUA:-:-"
+        "HMGET(13 args)/INCR:HMGET:INCR:-:-"
         "QUOTA.GET/HGETALL (same reply):QGET:HGETALL:-:-")
     for row in "${rows[@]}"; do
         IFS=: read -r title a b op bar <<<"$row"
