@@ -136,9 +136,11 @@ impl CreditMemo {
         }
     }
 
-    /// The remembered credit, if it still holds at `now` with the cache at `epoch`.
+    /// The remembered credit, if it still holds at `now` with the cache at `epoch`. A clock
+    /// set back (by more than `until` is ahead of it) retires it too.
     pub fn get(&self, epoch: u64, now: Millis) -> Option<(Option<Additional>, CreditSource)> {
-        if self.epoch != epoch || now >= self.until {
+        if self.epoch != epoch || now >= self.until || now.saturating_add(MEMO_MAX_MS) < self.until
+        {
             return None;
         }
         let additional = match self.source {
@@ -394,6 +396,8 @@ mod tests {
         assert!(memo.get(6, NOW + 10).is_none());
         assert!(memo.get(5, NOW + MEMO_MAX_MS).is_none());
         assert!(memo.get(5, NOW + MEMO_MAX_MS - 1).is_some());
+        // The clock set back by a minute: ask the cache again.
+        assert!(memo.get(5, NOW - 60_000).is_none());
         // No credit is remembered too.
         let none = CreditMemo::new((None, CreditSource::None), &[], 5, NOW + 60_000, NOW);
         assert_eq!(none.get(5, NOW), Some((None, CreditSource::None)));
