@@ -5,7 +5,7 @@
 //! lock; it is held only for in-memory work, never across a Postgres call or a reply.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config;
@@ -222,4 +222,4 @@ pub fn reconfigure(name: &str) {
 }
 
 /// Shared, immutable user rows: re-exported for the command shells.
-pub type Credits = Arc<Vec<crate::core::credit::Replenishment>>;
+pub type Credits = crate::core::cache::UserCredits;

@@ -356,7 +356,7 @@ fn execute_loads(loads: Vec<LoadJob>) {
     }))
     .unwrap_or_else(|_| Err(StoreError::Query("internal error while loading".into())));
     let mut results: Vec<Result<Credits, StoreError>> = match fetched {
-        Ok(rows) => rows.into_iter().map(|r| Ok(Arc::new(r))).collect(),
+        Ok(rows) => rows.into_iter().map(|r| Ok(Arc::from(r))).collect(),
         Err(e) => loads.iter().map(|_| Err(e.clone())).collect(),
     };
     results.resize_with(loads.len(), || {
@@ -444,5 +444,5 @@ fn execute(job: Job) {
 }
 
 fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {
-    state::cache().put(&user.id().key(), Arc::new(rows), state::now_ms());
+    state::cache().put(&user.id().key(), Arc::from(rows), state::now_ms());
 }

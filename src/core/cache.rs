@@ -19,7 +19,7 @@ use super::Millis;
 type CacheKey = smallvec::SmallVec<[u8; 56]>;
 
 /// The rows of one user, shared between the cache and readers.
-pub type UserCredits = Arc<Vec<Replenishment>>;
+pub type UserCredits = Arc<[Replenishment]>;
 
 /// Tunables, from the module configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,7 +427,7 @@ mod tests {
     }
 
     fn rows(bundle: &str) -> UserCredits {
-        Arc::new(vec![Replenishment {
+        Arc::from(vec![Replenishment {
             bundle_id: bundle.into(),
             additional: Additional::default(),
             expires_at: None,
@@ -501,7 +501,7 @@ mod tests {
         let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
             panic!()
         };
-        c.complete(b"u", f, Ok(Arc::new(vec![])), 0);
+        c.complete(b"u", f, Ok(Arc::from(vec![])), 0);
         assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r, _) if r.is_empty()));
         assert!(matches!(c.lookup(b"u", 100), Lookup::Stale { .. }));
     }
@@ -563,7 +563,7 @@ mod tests {
         }
         assert!(c.stats().evictions >= 47);
         assert_eq!(
-            c.complete(b"loading", f, Ok(Arc::new(vec![])), 100),
+            c.complete(b"loading", f, Ok(Arc::from(vec![])), 100),
             vec![9]
         );
         c.set_config(cfg(1));
