@@ -89,9 +89,13 @@ pub struct CreditCache<W> {
     in_flight: usize,
     rng: u64,
     stats: CacheStats,
-    /// Bumped by every change that can alter what a lookup answers for a user already held
-    /// (loads completing, writes, invalidations, evictions): what was read at one epoch stays
-    /// true while the epoch is the same, apart from time (freshness, row expiry).
+    /// Moved on by every change that makes rows read from a fresh entry wrong before that
+    /// entry's freshness ends: a write-through (`put`), an invalidation, `mark_stale`, `clear`.
+    /// Rows read from a fresh entry at one epoch are what the cache holds for that user, or
+    /// held until it was evicted, as long as the epoch is the same and the entry is fresh.
+    /// Loads, refreshes and evictions leave it alone: a refresh only replaces rows whose
+    /// freshness ended, and an evicted entry's rows stay as good as they were until then
+    /// (so a cache that loads and evicts all the time does not retire every `CreditMemo`).
     epoch: u64,
 }
 
@@ -234,7 +238,6 @@ impl<W> CreditCache<W> {
         }
         let waiters = entry.flight.take().map(|f| f.waiters).unwrap_or_default();
         self.in_flight = self.in_flight.saturating_sub(1);
-        self.epoch += 1;
         if entry.credits.is_none() {
             self.map.swap_remove(key);
         }
@@ -259,7 +262,6 @@ impl<W> CreditCache<W> {
             return Vec::new();
         };
         self.in_flight = self.in_flight.saturating_sub(1);
-        self.epoch += 1;
         match outcome {
             Ok(rows) => {
                 if !(mine.dirty && entry.credits.is_some()) {
@@ -402,7 +404,6 @@ impl<W> CreditCache<W> {
         });
         match victim {
             Some((i, _)) => {
-                self.epoch += 1;
                 self.map.swap_remove_index(i);
                 self.stats.evictions += 1;
                 true
@@ -447,6 +448,54 @@ mod tests {
             }
             _ => None,
         }
+    }
+
+    /// Loads, refreshes and evictions keep the epoch; writes, invalidations and a stale mark
+    /// move it on (see the field).
+    #[test]
+    fn the_epoch_moves_only_when_rows_may_have_changed_early() {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(2));
+        let e0 = c.epoch();
+        for (i, key) in [&b"a"[..], b"b", b"c", b"d"].into_iter().enumerate() {
+            let Lookup::Miss { load: Some(f) } = c.lookup(key, i as Millis) else {
+                panic!()
+            };
+            c.complete(key, f, Ok(rows("*")), i as Millis);
+        }
+        assert!(c.stats().evictions >= 2);
+        // A refresh of a stale entry, and a failed one.
+        let Lookup::Stale {
+            refresh: Some(f), ..
+        } = c.lookup(b"d", 5_000)
+        else {
+            panic!()
+        };
+        c.complete(b"d", f, Ok(rows("x")), 5_000);
+        let Lookup::Stale {
+            refresh: Some(f), ..
+        } = c.lookup(b"d", 9_000)
+        else {
+            panic!()
+        };
+        c.complete(b"d", f, Err(()), 9_000);
+        assert_eq!(
+            c.epoch(),
+            e0,
+            "loads, refreshes and evictions keep the epoch"
+        );
+        let mut last = c.epoch();
+        let mut moved = |c: &CreditCache<u32>, what: &str| {
+            assert!(c.epoch() > last, "{what} must move the epoch on");
+            last = c.epoch();
+        };
+        c.put(b"d", rows("y"), 9_100);
+        moved(&c, "put");
+        c.mark_stale(b"d");
+        moved(&c, "mark_stale");
+        c.invalidate(b"d");
+        moved(&c, "invalidate");
+        c.clear();
+        moved(&c, "clear");
     }
 
     #[test]
