@@ -1,7 +1,8 @@
 //! `QUOTA.ADMIT`, `COMMIT`, `RELEASE`, `USAGE`, `RESET` and the internal `QUOTA.SETSTATE`.
 //!
-//! Admission is one atomic step on the main thread: find the user's credits (cache), merge them
-//! into the caller's base policy, decide on the account key, store the new state and replicate
+//! Admission is one atomic step on the main thread: find the user's credits (remembered on the
+//! account key while the cache has not changed, else the cache), merge them into the caller's
+//! base policy, decide on the account key, store the new state and replicate
 //! it as `QUOTA.SETSTATE <key> <state>` (an effect: replicas and the AOF never re-run a
 //! decision). On a cache miss the client is blocked while a worker loads the rows, and the same
 //! function decides once they arrive (`admit_resumed`) or once the wait ran out
