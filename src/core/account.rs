@@ -100,9 +100,10 @@ pub struct Lease {
     pub expires_at: Millis,
     /// Tokens reserved until commit, release or expiry.
     pub reserved: u64,
-    /// The day and month the request was counted in (a release refunds only those).
-    pub day: i64,
-    pub month: i64,
+    /// The day and month the request was counted in (a release refunds only those); window
+    /// indexes since 1970 fit 32 bits for millions of years, and a lease is 40 bytes, not 48.
+    pub day: i32,
+    pub month: i32,
 }
 
 /// The usage state of one account.
@@ -478,8 +479,8 @@ impl Account {
                 id: id.clone(),
                 expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
                 reserved: grant,
-                day: now.day,
-                month: now.month,
+                day: i32::try_from(now.day).unwrap_or(i32::MAX),
+                month: i32::try_from(now.month).unwrap_or(i32::MAX),
             });
             decision.lease = Some(id);
             decision.reserved = grant;
@@ -568,8 +569,8 @@ impl Account {
         let Some(held) = self.remove_lease(pos) else {
             return false;
         };
-        self.req_day.refund(held.day);
-        self.req_month.refund(held.month);
+        self.req_day.refund(i64::from(held.day));
+        self.req_month.refund(i64::from(held.month));
         self.req_total = self.req_total.saturating_sub(1);
         true
     }
@@ -649,8 +650,8 @@ impl Account {
             put_id(&mut w, &l.id);
             put_i64(&mut w, l.expires_at);
             put_u64(&mut w, l.reserved);
-            put_i64(&mut w, l.day);
-            put_i64(&mut w, l.month);
+            put_i64(&mut w, i64::from(l.day));
+            put_i64(&mut w, i64::from(l.month));
         }
         put_u64(&mut w, self.settled.len() as u64);
         for (id, until) in &self.settled {
@@ -688,8 +689,8 @@ impl Account {
                 id: LeaseId::parse(&r.str()?),
                 expires_at: r.i64()?,
                 reserved: r.u64()?,
-                day: r.i64()?,
-                month: r.i64()?,
+                day: i32::try_from(r.i64()?).ok()?,
+                month: i32::try_from(r.i64()?).ok()?,
             });
         }
         let n = usize::try_from(r.u64()?)
