@@ -77,8 +77,13 @@ fn avoid_window_edge() {
 /// A server with the module on the shared PostgreSQL and a fresh schema, its NOTIFY listener
 /// up (its first connect drops the whole cache, which would make warm users cold again).
 fn server() -> RedisServer {
+    server_with(&unique_schema(), &[])
+}
+
+/// [`server`] on a given schema, with more module arguments.
+fn server_with(schema: &str, extra: &[(&str, &str)]) -> RedisServer {
     avoid_window_edge();
-    let server = test_server(&unique_schema());
+    let server = test_server_with(schema, extra);
     let ok = wait_until(Duration::from_secs(20), || {
         server
             .info("quota")
@@ -505,15 +510,7 @@ fn every_credit_change_shows_on_the_next_admission() {
 #[test]
 fn an_sql_update_reaches_a_warm_account_through_notify() {
     let schema = unique_schema();
-    avoid_window_edge();
-    let server = test_server_with(&schema, &[("cache-ttl-ms", "3600000")]);
-    assert!(
-        wait_until(Duration::from_secs(20), || server
-            .info("quota")
-            .get("quota_notify_state")
-            .is_some_and(|s| s == "listening")),
-        "NOTIFY listener never came up"
-    );
+    let server = server_with(&schema, &[("cache-ttl-ms", "3600000")]);
     let mut con = server.client();
     let acc = ["acme", "chat", "sqlmemo", "pro"];
     grant(
