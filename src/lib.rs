@@ -166,6 +166,11 @@ mod module {
 
     fn init(ctx: &Context, args: &[RedisString]) -> Status {
         mask_pg_url_argument(args);
+        // A value that cannot be read fails its load (RESTORE: "Bad data format") instead of
+        // taking the server down: `rdb_load` checks every read.
+        if let Some(set_options) = unsafe { raw::RedisModule_SetModuleOptions } {
+            unsafe { set_options(ctx.ctx, raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as c_int) };
+        }
         if register_commands(ctx) == Status::Err {
             return Status::Err;
         }

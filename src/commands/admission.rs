@@ -315,6 +315,13 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
             outcome
         }
     };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            Reply::new(ctx).error(&e.to_string());
+            return;
+        }
+    };
     if !outcome.duplicate {
         replicate_state(ctx, &mut account_key, now);
     }
@@ -402,9 +409,12 @@ pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     let [_, key, state] = args else {
         return fail(ctx, args, parse::ParseError::Arity);
     };
-    let Some(account) = Account::decode(state) else {
-        Reply::new(ctx).error("ERR QUOTA.SETSTATE: invalid account state");
-        return;
+    let account = match Account::decode(state) {
+        Ok(account) => account,
+        Err(bad) => {
+            Reply::new(ctx).error(&format!("ERR QUOTA.SETSTATE: invalid account state: {bad}"));
+            return;
+        }
     };
     let mut account_key = match AccountKey::open(ctx, key) {
         Ok(k) => k,

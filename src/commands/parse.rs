@@ -14,7 +14,7 @@ pub const MAX_PURCHASE_LEN: usize = 255;
 /// Longest `NOTES`, in bytes.
 pub const MAX_NOTES_LEN: usize = 4096;
 /// Longest `LEASE` id, in bytes.
-pub const MAX_LEASE_LEN: usize = 128;
+pub const MAX_LEASE_LEN: usize = crate::core::account::MAX_LEASE_ID_LEN;
 /// Latest accepted `EXPIRES_AT`: 9999-12-31T23:59:59Z.
 pub const MAX_EXPIRES_AT: i64 = 253_402_300_799;
 

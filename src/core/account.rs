@@ -2,22 +2,28 @@
 //!
 //! `Account` holds the request and token counters of the current UTC windows, the live leases
 //! (concurrency slots with their token reservations) and recently settled lease ids (so a
-//! repeated commit counts once). `admit`, `commit` and `release` are the only ways it changes;
+//! repeated commit counts once). `decode` accepts only states that satisfy every invariant the
+//! rest relies on (`check`): stored bytes come from RDB files, `RESTORE` payloads and the AOF. `admit`, `commit` and `release` are the only ways it changes;
 //! each takes `now`, so the same inputs always give the same result. It knows nothing of Redis:
 //! the shell stores it in a key and replicates its encoded state.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use super::policy::{EffectivePolicy, LimitField, Limits};
-use super::window::{seconds_until, Window};
+use super::window::{seconds_until, Window, LAST_MS};
 use super::Millis;
 
 /// Most live leases one account may hold; more is refused (bounds memory per account).
 pub const MAX_LEASES: usize = 4096;
-/// Most settled lease ids remembered per account for commit idempotency.
-pub const MAX_SETTLED: usize = 64;
+/// Most settled lease ids remembered per account for commit idempotency. An id is never
+/// forgotten before its time (`SETTLED_MIN_MS`, or the lease's own expiry if later): a commit
+/// that would need a 4097th id is refused instead (`AccountError::TooManySettled`). At most
+/// 32 bytes an id, plus its text when it is not a generated one (up to `MAX_LEASE_ID_LEN`).
+pub const MAX_SETTLED: usize = 4096;
 /// How long a settled lease id is remembered at least.
 pub const SETTLED_MIN_MS: Millis = 60_000;
+/// Longest lease id, in bytes.
+pub const MAX_LEASE_ID_LEN: usize = 128;
 
 /// A counter that belongs to one window; it reads as zero once that window is over.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,7 +60,7 @@ impl Counter {
 
 /// A lease id: the 16-hex-digit ids the module generates are kept inline as a number, any
 /// other id a caller chose is kept as text. Both compare and print as the text the caller sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LeaseId {
     Short(u64),
     Named(Box<str>),
@@ -223,6 +229,11 @@ pub struct CommitOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountError {
     TooManyLeases,
+    /// A commit would need more than `MAX_SETTLED` remembered lease ids; one is forgotten in
+    /// `retry_after` seconds.
+    TooManySettled {
+        retry_after: i64,
+    },
 }
 
 impl std::fmt::Display for AccountError {
@@ -232,7 +243,22 @@ impl std::fmt::Display for AccountError {
                 f,
                 "ERR this account already holds {MAX_LEASES} live leases: commit or release some"
             ),
+            AccountError::TooManySettled { retry_after } => write!(
+                f,
+                "ERR this account remembers {MAX_SETTLED} recently committed leases (so that a \
+                 repeated COMMIT counts once): nothing recorded, retry in {retry_after} s"
+            ),
         }
+    }
+}
+
+/// Why bytes are not a valid account state; `Display` names the first problem found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadState(pub &'static str);
+
+impl std::fmt::Display for BadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
     }
 }
 
@@ -523,17 +549,32 @@ impl Account {
     }
 
     /// Records `tokens` used in the hour, day and month windows and settles the lease (its
-    /// reservation is dropped). A lease already committed records nothing.
-    pub fn commit(&mut self, tokens: u64, lease: Option<&str>, now_ms: Millis) -> CommitOutcome {
+    /// reservation is dropped). A lease already committed records nothing: its id is remembered
+    /// for `SETTLED_MIN_MS`, or until the lease would have expired if that is later. When
+    /// `MAX_SETTLED` ids are remembered, a commit of another lease is refused (nothing changes
+    /// but the pruning of expired state) rather than forget an id still in its time.
+    pub fn commit(
+        &mut self,
+        tokens: u64,
+        lease: Option<&str>,
+        now_ms: Millis,
+    ) -> Result<CommitOutcome, AccountError> {
         self.prune(now_ms);
         let now = Now::at(now_ms);
         let mut lease_held = false;
         if let Some(id) = lease.map(LeaseId::parse) {
             if self.settled.iter().any(|(s, _)| *s == id) {
-                return CommitOutcome {
+                return Ok(CommitOutcome {
                     duplicate: true,
                     lease_held: false,
-                };
+                });
+            }
+            if self.settled.len() >= MAX_SETTLED {
+                let first_free = self.settled.iter().map(|(_, until)| *until).min();
+                let wait = seconds_until(now_ms, first_free.unwrap_or(now_ms));
+                return Err(AccountError::TooManySettled {
+                    retry_after: wait.max(1),
+                });
             }
             let mut until = now_ms.saturating_add(SETTLED_MIN_MS);
             if let Some(pos) = self.leases.iter().position(|l| l.id == id) {
@@ -542,20 +583,15 @@ impl Account {
                     lease_held = true;
                 }
             }
-            if self.settled.len() >= MAX_SETTLED {
-                if let Some(oldest) = (0..self.settled.len()).min_by_key(|i| self.settled[*i].1) {
-                    self.settled.swap_remove(oldest);
-                }
-            }
             self.settled.push((id, until));
         }
         self.tok_hour.add(now.hour, tokens);
         self.tok_day.add(now.day, tokens);
         self.tok_month.add(now.month, tokens);
-        CommitOutcome {
+        Ok(CommitOutcome {
             duplicate: false,
             lease_held,
-        }
+        })
     }
 
     /// Undoes an admission: frees the lease, drops its reservation and refunds the request in
@@ -661,16 +697,17 @@ impl Account {
         w
     }
 
-    /// Decodes what `encode` wrote; `None` for anything else.
-    pub fn decode(bytes: &[u8]) -> Option<Account> {
+    /// Decodes what `encode` wrote. Anything else, including a well-formed state that breaks
+    /// an invariant (`check`), is refused with the reason.
+    pub fn decode(bytes: &[u8]) -> Result<Account, BadState> {
         let mut r = Reader { buf: bytes };
         if r.byte()? != ENCODING_VERSION {
-            return None;
+            return Err(BadState("unknown state version"));
         }
         let lifetime = match r.byte()? {
             0 => false,
             1 => true,
-            _ => return None,
+            _ => return Err(BadState("lifetime flag is neither 0 nor 1")),
         };
         let mut counters = [Counter::default(); 5];
         for c in counters.iter_mut() {
@@ -680,35 +717,30 @@ impl Account {
             };
         }
         let req_total = r.u64()?;
-        let n = usize::try_from(r.u64()?)
-            .ok()
-            .filter(|n| *n <= MAX_LEASES)?;
+        let n = r.count(MAX_LEASES, "more leases than an account may hold")?;
         let mut leases = VecDeque::with_capacity(n);
         for _ in 0..n {
             leases.push_back(Lease {
-                id: LeaseId::parse(&r.str()?),
+                id: r.id()?,
                 expires_at: r.i64()?,
                 reserved: r.u64()?,
-                day: i32::try_from(r.i64()?).ok()?,
-                month: i32::try_from(r.i64()?).ok()?,
+                day: i32::try_from(r.i64()?).map_err(|_| BadState("lease day out of range"))?,
+                month: i32::try_from(r.i64()?).map_err(|_| BadState("lease month out of range"))?,
             });
         }
-        let n = usize::try_from(r.u64()?)
-            .ok()
-            .filter(|n| *n <= MAX_SETTLED)?;
+        let n = r.count(MAX_SETTLED, "more settled lease ids than an account keeps")?;
         let mut settled = Vec::with_capacity(n);
         for _ in 0..n {
-            settled.push((LeaseId::parse(&r.str()?), r.i64()?));
+            settled.push((r.id()?, r.i64()?));
         }
         if !r.buf.is_empty() {
-            return None;
+            return Err(BadState("bytes left after the state"));
         }
-        leases.make_contiguous().sort_by_key(|l| l.expires_at);
         let [req_day, req_month, tok_hour, tok_day, tok_month] = counters;
         let reserved_sum = leases
             .iter()
             .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
-        Some(Account {
+        let account = Account {
             reserved_sum,
             first_expiry: leases.front().map_or(0, |l| l.expires_at),
             req_day,
@@ -720,7 +752,86 @@ impl Account {
             leases,
             settled,
             lifetime,
-        })
+        };
+        account.check()?;
+        Ok(account)
+    }
+
+    /// Checks every invariant the account's code relies on: counter windows and lease times
+    /// within the range windows are kept for (so no window or date computation can overflow),
+    /// each lease's month the month of its day and its day before its expiry, leases in expiry
+    /// order, no lease id held or settled twice, ids of a valid length, at most `MAX_LEASES`
+    /// leases and `MAX_SETTLED` settled ids, and the kept sums (reservations, first expiry)
+    /// equal to what the leases say.
+    pub fn check(&self) -> Result<(), BadState> {
+        let counters = [
+            (&self.req_day, Window::Day),
+            (&self.req_month, Window::Month),
+            (&self.tok_hour, Window::Hour),
+            (&self.tok_day, Window::Day),
+            (&self.tok_month, Window::Month),
+        ];
+        if counters
+            .iter()
+            .any(|(c, w)| !(0..=w.last_index()).contains(&c.window))
+        {
+            return Err(BadState("counter window out of range"));
+        }
+        if self.leases.len() > MAX_LEASES {
+            return Err(BadState("more leases than an account may hold"));
+        }
+        if self.settled.len() > MAX_SETTLED {
+            return Err(BadState("more settled lease ids than an account keeps"));
+        }
+        let mut previous = 0;
+        let mut held = HashSet::with_capacity(self.leases.len());
+        for lease in &self.leases {
+            if !(1..=LAST_MS).contains(&lease.expires_at) {
+                return Err(BadState("lease expiry out of range"));
+            }
+            if lease.expires_at < previous {
+                return Err(BadState("leases out of expiry order"));
+            }
+            previous = lease.expires_at;
+            let day = i64::from(lease.day);
+            if !(0..=Window::Day.last_index()).contains(&day) {
+                return Err(BadState("lease day out of range"));
+            }
+            let day_start = Window::Day.start_of(day);
+            if Window::Month.index(day_start) != i64::from(lease.month) {
+                return Err(BadState("lease month is not the month of its day"));
+            }
+            if day_start >= lease.expires_at {
+                return Err(BadState("lease expires before the day it was counted in"));
+            }
+            valid_id(&lease.id)?;
+            if !held.insert(&lease.id) {
+                return Err(BadState("lease id held twice"));
+            }
+        }
+        let mut settled = HashSet::with_capacity(self.settled.len());
+        for (id, until) in &self.settled {
+            if !(1..=LAST_MS).contains(until) {
+                return Err(BadState("settled lease time out of range"));
+            }
+            valid_id(id)?;
+            if !settled.insert(id) {
+                return Err(BadState("lease id settled twice"));
+            }
+        }
+        let sum = self
+            .leases
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
+        if self.reserved_sum != sum {
+            return Err(BadState(
+                "reserved tokens differ from the leases' reservations",
+            ));
+        }
+        if self.first_expiry != self.leases.front().map_or(0, |l| l.expires_at) {
+            return Err(BadState("first expiry differs from the first lease's"));
+        }
+        Ok(())
     }
 
     /// Bytes of heap this state owns beyond the struct itself (for `MEMORY USAGE`).
@@ -750,6 +861,15 @@ fn put_i64(w: &mut Vec<u8>, v: i64) {
     put_u64(w, ((v << 1) ^ (v >> 63)) as u64);
 }
 
+/// A lease id as a caller may give it: 1..=`MAX_LEASE_ID_LEN` bytes.
+fn valid_id(id: &LeaseId) -> Result<(), BadState> {
+    match id {
+        LeaseId::Short(_) => Ok(()),
+        LeaseId::Named(s) if (1..=MAX_LEASE_ID_LEN).contains(&s.len()) => Ok(()),
+        LeaseId::Named(_) => Err(BadState("lease id length out of range")),
+    }
+}
+
 fn put_id(w: &mut Vec<u8>, id: &LeaseId) {
     let mut buf = [0u8; 16];
     put_str(w, id.as_text(&mut buf));
@@ -764,38 +884,54 @@ struct Reader<'a> {
     buf: &'a [u8],
 }
 
+const TRUNCATED: BadState = BadState("truncated");
+
 impl Reader<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let (first, rest) = self.buf.split_first()?;
+    fn byte(&mut self) -> Result<u8, BadState> {
+        let (first, rest) = self.buf.split_first().ok_or(TRUNCATED)?;
         self.buf = rest;
-        Some(*first)
+        Ok(*first)
     }
 
-    fn u64(&mut self) -> Option<u64> {
+    fn u64(&mut self) -> Result<u64, BadState> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
-            v |= u64::from(b & 0x7f).checked_shl(shift)?;
+            let bits = u64::from(b & 0x7f);
+            // The tenth byte holds the 64th bit only.
+            if shift == 63 && bits > 1 {
+                return Err(BadState("number too large"));
+            }
+            v |= bits << shift;
             if b & 0x80 == 0 {
-                return Some(v);
+                return Ok(v);
             }
         }
-        None
+        Err(BadState("number too long"))
     }
 
-    fn i64(&mut self) -> Option<i64> {
+    fn i64(&mut self) -> Result<i64, BadState> {
         let u = self.u64()?;
-        Some(((u >> 1) as i64) ^ -((u & 1) as i64))
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
     }
 
-    fn str(&mut self) -> Option<Box<str>> {
-        let len = usize::try_from(self.u64()?).ok()?;
+    /// A count of items that may be at most `max`.
+    fn count(&mut self, max: usize, too_many: &'static str) -> Result<usize, BadState> {
+        usize::try_from(self.u64()?)
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or(BadState(too_many))
+    }
+
+    fn id(&mut self) -> Result<LeaseId, BadState> {
+        let len = self.count(MAX_LEASE_ID_LEN, "lease id length out of range")?;
         if len > self.buf.len() {
-            return None;
+            return Err(TRUNCATED);
         }
         let (s, rest) = self.buf.split_at(len);
         self.buf = rest;
-        std::str::from_utf8(s).ok().map(Into::into)
+        let text = std::str::from_utf8(s).map_err(|_| BadState("lease id is not UTF-8"))?;
+        Ok(LeaseId::parse(text))
     }
 }
 
@@ -804,6 +940,7 @@ mod tests {
     use super::*;
     use crate::core::policy::Additional;
     use crate::core::window::days_from_civil;
+    use proptest::prelude::*;
 
     const T0: Millis = 1_795_000_000_000; // 2026-11-18T...
 
@@ -949,11 +1086,11 @@ mod tests {
         let mut buf = [0u8; 16];
         let lease = lease.as_text(&mut buf).to_owned();
         assert_eq!(lease.len(), 16);
-        let out = acc.commit(200, Some(&lease), T0);
+        let out = acc.commit(200, Some(&lease), T0).unwrap();
         assert!(out.lease_held && !out.duplicate);
         assert_eq!(acc.usage(T0).tok_day, 200);
         assert_eq!(acc.usage(T0).reserved, 100);
-        assert!(acc.commit(200, Some(&lease), T0).duplicate);
+        assert!(acc.commit(200, Some(&lease), T0).unwrap().duplicate);
         assert_eq!(acc.usage(T0).tok_day, 200);
     }
 
@@ -1099,6 +1236,7 @@ mod tests {
                             assert_eq!(acc.reserved_sum, sum);
                             let front = acc.leases.front().map_or(0, |l| l.expires_at);
                             assert_eq!(acc.first_expiry, front);
+                            assert_eq!(acc.check(), Ok(()));
                         }
                     }
                 }
@@ -1151,7 +1289,7 @@ mod tests {
         admit(&mut acc, &p, &plain(), T0);
         assert_eq!(acc.retention(), Retention::Until(Window::Month.end(T0)));
         let mut tokens = Account::default();
-        tokens.commit(5, None, T0);
+        tokens.commit(5, None, T0).unwrap();
         assert_eq!(tokens.retention(), Retention::Until(Window::Month.end(T0)));
         // A released admission leaves nothing to keep.
         let mut released = Account::default();
@@ -1183,15 +1321,283 @@ mod tests {
             T0,
         );
         admit(&mut acc, &p, &plain(), T0);
-        acc.commit(3, Some("other"), T0);
+        acc.commit(3, Some("other"), T0).unwrap();
         let bytes = acc.encode();
-        assert_eq!(Account::decode(&bytes), Some(acc.clone()));
+        assert_eq!(Account::decode(&bytes), Ok(acc.clone()));
         for cut in 0..bytes.len() {
-            assert_eq!(Account::decode(&bytes[..cut]), None);
+            assert!(Account::decode(&bytes[..cut]).is_err());
         }
         let mut extra = bytes.clone();
         extra.push(0);
-        assert_eq!(Account::decode(&extra), None);
-        assert_eq!(Account::decode(&[9, 9, 9]), None);
+        assert!(Account::decode(&extra).is_err());
+        assert!(Account::decode(&[9, 9, 9]).is_err());
+    }
+
+    fn leased(id: &str, ttl_ms: Millis) -> AdmitRequest<'_> {
+        AdmitRequest {
+            lease: Some(id),
+            lease_ttl_ms: ttl_ms,
+            ..plain()
+        }
+    }
+
+    /// A repeated commit counts once for as long as its id is kept, however many other leases
+    /// were committed since (not only the last 64).
+    #[test]
+    fn a_repeated_commit_counts_once_whatever_was_committed_since() {
+        let p = policy(&[(LimitField::MaxConcurrent, 100)]);
+        let mut acc = Account::default();
+        let ids: Vec<String> = (0..66).map(|i| format!("lease-{i}")).collect();
+        for id in &ids {
+            admit(&mut acc, &p, &leased(id, 300_000), T0);
+        }
+        for id in &ids {
+            let out = acc.commit(10, Some(id), T0 + 1).unwrap();
+            assert!(out.lease_held && !out.duplicate);
+        }
+        assert_eq!(acc.usage(T0 + 1).tok_day, 660);
+        // The first lease again, within its time: nothing recorded.
+        let again = acc.commit(10, Some(&ids[0]), T0 + 2).unwrap();
+        assert!(again.duplicate);
+        assert_eq!(acc.usage(T0 + 2).tok_day, 660);
+        // A settled id is kept until its lease would have expired (300 s here)...
+        assert!(
+            acc.commit(10, Some(&ids[0]), T0 + 299_999)
+                .unwrap()
+                .duplicate
+        );
+        // ...and then forgotten: the same id is a new commit.
+        assert!(
+            !acc.commit(10, Some(&ids[0]), T0 + 300_000)
+                .unwrap()
+                .duplicate
+        );
+        // An id that was never held is kept SETTLED_MIN_MS.
+        assert!(!acc.commit(1, Some("loose"), T0).unwrap().duplicate);
+        assert!(
+            acc.commit(1, Some("loose"), T0 + SETTLED_MIN_MS - 1)
+                .unwrap()
+                .duplicate
+        );
+        acc.check().unwrap();
+    }
+
+    /// At `MAX_SETTLED` ids still in their time, a commit of another lease is refused and
+    /// changes nothing; repeats of kept ids are still recognised; once ids expire, commits go
+    /// through again.
+    #[test]
+    fn at_the_settled_bound_a_new_commit_is_refused_never_counted_twice() {
+        let mut acc = Account::default();
+        for i in 0..MAX_SETTLED {
+            let at = T0 + (i as Millis) * 10;
+            let out = acc.commit(1, Some(&format!("c{i}")), at).unwrap();
+            assert!(!out.duplicate);
+        }
+        let now = T0 + 50_000;
+        let before = acc.clone();
+        let refused = acc.commit(1, Some("one-more"), now);
+        // The first id is forgotten at T0 + 60 s: 10 s from now.
+        assert_eq!(
+            refused,
+            Err(AccountError::TooManySettled { retry_after: 10 })
+        );
+        assert_eq!(acc, before, "a refused commit records nothing");
+        assert!(refused.unwrap_err().to_string().starts_with("ERR "));
+        for i in [0, MAX_SETTLED / 2, MAX_SETTLED - 1] {
+            assert!(
+                acc.commit(1, Some(&format!("c{i}")), now)
+                    .unwrap()
+                    .duplicate
+            );
+        }
+        // Commits without a lease need no id and always record.
+        assert!(!acc.commit(5, None, now).unwrap().duplicate);
+        let later = T0 + SETTLED_MIN_MS;
+        assert!(!acc.commit(1, Some("one-more"), later).unwrap().duplicate);
+        assert!(acc.commit(1, Some("one-more"), later).unwrap().duplicate);
+        acc.check().unwrap();
+    }
+
+    /// A state that was written by an older build (64 settled ids at most) still decodes.
+    #[test]
+    fn a_state_with_64_settled_ids_still_decodes() {
+        let mut acc = Account::default();
+        for i in 0..64 {
+            acc.commit(1, Some(&format!("{i:016x}")), T0).unwrap();
+        }
+        assert_eq!(Account::decode(&acc.encode()), Ok(acc));
+    }
+
+    fn sample() -> Account {
+        let p = policy(&[
+            (LimitField::MaxConcurrent, 5),
+            (LimitField::TokensPerDay, 100),
+        ]);
+        let mut acc = Account::default();
+        admit(&mut acc, &p, &leased("aa", 1000), T0);
+        admit(&mut acc, &p, &leased("ab", 2000), T0);
+        acc.commit(3, Some("done"), T0).unwrap();
+        acc
+    }
+
+    /// Each broken invariant, encoded as `encode` would write it, is refused with its reason.
+    #[test]
+    fn decode_refuses_states_that_break_an_invariant() {
+        let refused = |edit: &dyn Fn(&mut Account)| {
+            let mut acc = sample();
+            edit(&mut acc);
+            Account::decode(&acc.encode()).map(|_| ()).unwrap_err().0
+        };
+        assert_eq!(Account::decode(&sample().encode()), Ok(sample()));
+        assert_eq!(
+            refused(&|a| a.leases[1].id = LeaseId::parse("aa")),
+            "lease id held twice"
+        );
+        assert_eq!(
+            refused(&|a| a.leases.swap(0, 1)),
+            "leases out of expiry order"
+        );
+        assert_eq!(
+            refused(&|a| a.tok_day.window = i64::MAX),
+            "counter window out of range"
+        );
+        assert_eq!(
+            refused(&|a| a.req_month.window = -1),
+            "counter window out of range"
+        );
+        assert_eq!(
+            refused(&|a| a.leases[0].month += 1),
+            "lease month is not the month of its day"
+        );
+        assert_eq!(
+            refused(&|a| a.leases[0].day = i32::MAX),
+            "lease day out of range"
+        );
+        assert_eq!(
+            refused(&|a| a.leases[1].expires_at = LAST_MS + 1),
+            "lease expiry out of range"
+        );
+        assert_eq!(
+            refused(&|a| a.leases[0].day += 2),
+            "lease expires before the day it was counted in"
+        );
+        assert_eq!(
+            refused(&|a| a.leases[0].id = LeaseId::Named("x".repeat(129).into())),
+            "lease id length out of range"
+        );
+        assert_eq!(
+            refused(&|a| a.settled.push(a.settled[0].clone())),
+            "lease id settled twice"
+        );
+        assert_eq!(
+            refused(&|a| a.settled[0].1 = 0),
+            "settled lease time out of range"
+        );
+        // The kept sums are checked too (they are derived on decode, so only `check` sees them).
+        let mut acc = sample();
+        acc.reserved_sum += 1;
+        assert!(acc.check().is_err());
+        let mut acc = sample();
+        acc.first_expiry = 0;
+        assert!(acc.check().is_err());
+    }
+
+    /// Runs every operation on a decoded state: none may panic, and the state stays valid.
+    fn exercise(mut acc: Account, now: Millis) -> Result<(), TestCaseError> {
+        let p = policy(&[
+            (LimitField::MaxConcurrent, 10),
+            (LimitField::TokensPerDay, 1000),
+            (LimitField::RequestsPerMonth, 50),
+        ]);
+        let _ = acc.retention();
+        let _ = acc.usage(now);
+        let _ = acc.admit(&p, &leased("x", 5000), now, || 7);
+        let _ = acc.admit(&p, &plain(), now, || 8);
+        let _ = acc.commit(3, Some("x"), now);
+        let _ = acc.release("0000000000000007", now);
+        let _ = acc.retention();
+        prop_assert_eq!(acc.check(), Ok(()));
+        Ok(())
+    }
+
+    /// A valid state built by a random sequence of admissions, commits and releases.
+    fn built(ops: &[(u8, u16, u16)]) -> Account {
+        let p = policy(&[(LimitField::MaxConcurrent, 1000)]);
+        let mut acc = Account::default();
+        let mut now = T0;
+        for (i, &(kind, a, b)) in ops.iter().enumerate() {
+            now += Millis::from(a) * 10;
+            let id = format!("id{}", b % 8);
+            match kind % 4 {
+                0 => {
+                    let req = AdmitRequest {
+                        reserve: Some(u64::from(b)),
+                        ..leased(&id, 1 + Millis::from(b) * 100)
+                    };
+                    let _ = acc.admit(&p, &req, now, || i as u64);
+                }
+                1 => {
+                    let _ = acc.admit(&p, &plain(), now, || i as u64);
+                }
+                2 => {
+                    let _ = acc.commit(u64::from(a), Some(&id), now);
+                }
+                _ => {
+                    acc.release(&id, now);
+                }
+            }
+        }
+        acc
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any bytes decode to a valid account or to an error, never a panic; what decodes
+        /// encodes back to itself and survives every operation.
+        #[test]
+        fn any_bytes_decode_to_a_valid_account_or_an_error(
+            versioned in any::<bool>(),
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            if versioned {
+                bytes.insert(0, ENCODING_VERSION);
+            }
+            if let Ok(acc) = Account::decode(&bytes) {
+                prop_assert_eq!(acc.check(), Ok(()));
+                prop_assert_eq!(Account::decode(&acc.encode()), Ok(acc.clone()));
+                exercise(acc, T0)?;
+            }
+        }
+
+        /// The same for mutations of valid encodings (bytes set, inserted, removed, bits
+        /// flipped), which keep most of the structure and so reach the invariant checks.
+        #[test]
+        fn mutated_valid_states_decode_to_a_valid_account_or_an_error(
+            ops in proptest::collection::vec((any::<u8>(), any::<u16>(), any::<u16>()), 0..40),
+            edits in proptest::collection::vec((any::<u8>(), any::<usize>(), any::<u8>()), 1..6),
+        ) {
+            let acc = built(&ops);
+            prop_assert_eq!(acc.check(), Ok(()));
+            let mut bytes = acc.encode();
+            prop_assert_eq!(Account::decode(&bytes), Ok(acc));
+            for (kind, at, value) in edits {
+                let at = at % (bytes.len() + 1);
+                match kind % 4 {
+                    0 if at < bytes.len() => bytes[at] = value,
+                    1 => bytes.insert(at, value),
+                    2 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ if at < bytes.len() => bytes[at] ^= 1 << (value % 8),
+                    _ => {}
+                }
+            }
+            if let Ok(acc) = Account::decode(&bytes) {
+                prop_assert_eq!(acc.check(), Ok(()));
+                prop_assert_eq!(Account::decode(&acc.encode()), Ok(acc.clone()));
+                exercise(acc, T0 + 1000)?;
+            }
+        }
     }
 }

@@ -8,6 +8,12 @@ use super::Millis;
 const MS_PER_HOUR: i64 = 3_600_000;
 const MS_PER_DAY: i64 = 86_400_000;
 
+/// The end of the range windows are kept for: 10000-01-01T00:00:00Z (credits expire at the
+/// latest on the last second of 9999). Stored state that names a window outside
+/// `0..=Window::last_index()` is refused, which keeps every window and date computation on it
+/// far from overflowing.
+pub const LAST_MS: Millis = 253_402_300_800_000;
+
 /// The three calendar windows a limit can be counted in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -66,6 +72,11 @@ impl Window {
                 days_from_civil(year, month, 1).saturating_mul(MS_PER_DAY)
             }
         }
+    }
+
+    /// The index of the window that holds the last instant before `LAST_MS`.
+    pub fn last_index(self) -> i64 {
+        self.index(LAST_MS - 1)
     }
 
     /// When the window that contains `now` ends (the first ms of the next one).

@@ -3,6 +3,11 @@
 //! It persists with RDB (the encoded state as one string), rewrites into the AOF as
 //! `QUOTA.SETSTATE <key> <state>`, reports `MEMORY USAGE`, and supports `COPY`. `AccountKey`
 //! opens a key of this type for a command on the main thread.
+//!
+//! Loading (an RDB file, a replica's sync, `RESTORE`) never trusts the bytes: the module
+//! handles IO errors (`REDISMODULE_OPTIONS_HANDLE_IO_ERRORS`, set in `lib.rs`), and a value that
+//! cannot be read or decoded, or breaks an account invariant, is logged with its key name and
+//! the reason and refused, so Redis fails that load ("Bad data format" for `RESTORE`).
 
 use std::os::raw::{c_int, c_void};
 use std::ptr;
@@ -241,14 +246,79 @@ impl Drop for AccountKey {
 
 unsafe extern "C" fn rdb_load(rdb: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
     if encver != ENCODING_VERSION {
+        log_refused(rdb, &format!("unknown encoding version {encver}"));
         return ptr::null_mut();
     }
-    let Ok(buf) = raw::load_string_buffer(rdb) else {
-        return ptr::null_mut();
+    let decoded = unsafe { with_loaded_string(rdb, Account::decode) };
+    match decoded {
+        Some(Ok(account)) => Stored::boxed(account),
+        Some(Err(bad)) => {
+            log_refused(rdb, &bad.to_string());
+            ptr::null_mut()
+        }
+        None => {
+            log_refused(rdb, "short read or read error");
+            ptr::null_mut()
+        }
+    }
+}
+
+/// Loads the one string a value is saved as and hands it to `f`; `None` when the read failed.
+unsafe fn with_loaded_string<T>(
+    rdb: *mut raw::RedisModuleIO,
+    f: impl FnOnce(&[u8]) -> T,
+) -> Option<T> {
+    let load = raw::RedisModule_LoadStringBuffer?;
+    let mut len = 0usize;
+    let buf = unsafe { load(rdb, &mut len) };
+    let failed = raw::RedisModule_IsIOError.is_none_or(|is_error| unsafe { is_error(rdb) } != 0);
+    if buf.is_null() {
+        return None;
+    }
+    let out = (!failed).then(|| f(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) }));
+    if let Some(free) = raw::RedisModule_Free {
+        unsafe { free(buf.cast()) };
+    }
+    out
+}
+
+/// Logs why the value of the key being loaded is refused, naming the key.
+fn log_refused(rdb: *mut raw::RedisModuleIO, reason: &str) {
+    let mut len = 0usize;
+    let name = unsafe {
+        match (
+            raw::RedisModule_GetKeyNameFromIO,
+            raw::RedisModule_StringPtrLen,
+        ) {
+            (Some(key_name), Some(ptr_len)) => {
+                let key = key_name(rdb);
+                let ptr = if key.is_null() {
+                    ptr::null()
+                } else {
+                    ptr_len(key, &mut len)
+                };
+                if ptr.is_null() {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+                }
+            }
+            _ => &[][..],
+        }
     };
-    match Account::decode(buf.as_ref()) {
-        Some(account) => Stored::boxed(account),
-        None => ptr::null_mut(),
+    let name = String::from_utf8_lossy(name);
+    let line = format!(
+        "refusing the quota-acc value of key '{}': {}",
+        name.escape_debug(),
+        reason.escape_debug()
+    );
+    let Ok(line) = std::ffi::CString::new(line) else {
+        return;
+    };
+    unsafe {
+        if let Some(log) = raw::RedisModule_LogIOError {
+            log(rdb, c"warning".as_ptr(), c"%s".as_ptr(), line.as_ptr());
+        }
     }
 }
 
