@@ -74,7 +74,7 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
     let mut memo = None;
     let (additional, source) = match credits {
         // The credit this account used a moment ago, if the cache has not changed since.
-        Credits::Cache if let Some(found) = remembered(&mut account_key, now) => found,
+        Credits::Cache if let Some(found) = remembered(&mut account_key, &key, now) => found,
         Credits::Cache => {
             let user_key = key.get(..user_len).unwrap_or(&key);
             let mut cache = state::cache();
@@ -82,7 +82,7 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
             let (found, load) = match cache.lookup(user_key, now) {
                 Lookup::Fresh(rows, fresh_until) => {
                     let found = pick(rows, parsed.account.bundle, now);
-                    memo = Some(CreditMemo::new(found, rows, epoch, fresh_until, now));
+                    memo = Some(CreditMemo::new(&key, found, rows, epoch, fresh_until, now));
                     (Some(found), None)
                 }
                 Lookup::Stale { rows, refresh } => {
@@ -134,12 +134,14 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
     );
 }
 
-/// The credit remembered on the account, if it still holds (counted as a cache hit).
+/// The credit remembered on the account, if it was chosen for this key and still holds
+/// (counted as a cache hit).
 fn remembered(
     account_key: &mut AccountKey,
+    key: &[u8],
     now: Millis,
 ) -> Option<(Option<Additional>, CreditSource)> {
-    let found = account_key.memo()?.get(state::cache_epoch(), now)?;
+    let found = account_key.memo()?.get(key, state::cache_epoch(), now)?;
     stats::CACHE_MEMO_HITS.incr();
     Some(found)
 }

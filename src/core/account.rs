@@ -1511,10 +1511,17 @@ mod tests {
         ]);
         let _ = acc.retention();
         let _ = acc.usage(now);
-        let _ = acc.admit(&p, &leased("x", 5000), now, || 7);
-        let _ = acc.admit(&p, &plain(), now, || 8);
+        // Generated ids are random 64-bit numbers: these two are not in the state yet.
+        let fresh = |n: u64| {
+            (0..)
+                .map(|k| n + k)
+                .find(|id| acc.leases.iter().all(|l| l.id != LeaseId::Short(*id)))
+        };
+        let (first, second) = (fresh(1 << 40), fresh(1 << 41));
+        let _ = acc.admit(&p, &leased("x", 5000), now, || first.unwrap_or(0));
+        let _ = acc.admit(&p, &plain(), now, || second.unwrap_or(0));
         let _ = acc.commit(3, Some("x"), now);
-        let _ = acc.release("0000000000000007", now);
+        let _ = acc.release("0000010000000000", now);
         let _ = acc.retention();
         prop_assert_eq!(acc.check(), Ok(()));
         Ok(())

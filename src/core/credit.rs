@@ -89,24 +89,45 @@ pub const MEMO_MAX_MS: Millis = 1000;
 /// The credit an account's admissions use, remembered next to the account's usage so the next
 /// admission of the same (user, bundle) need not look the user up in the credits cache.
 ///
-/// It holds what `select_credit` chose (amounts and source), the cache epoch it was read at and
-/// until when it holds: no later than the cache entry stays fresh, the next expiry among the
-/// user's rows and `MEMO_MAX_MS` after it was read. Any change to the cache moves the epoch on
-/// and so retires every memo. 80 bytes, kept inline.
+/// It holds what `select_credit` chose (amounts and source), which account key it was chosen
+/// for, the cache epoch it was read at and until when it holds: no later than the cache entry
+/// stays fresh, the next expiry among the user's rows and `MEMO_MAX_MS` after it was read. Any
+/// change to the cache moves the epoch on and so retires every memo. A memo read through
+/// another key name (the value was renamed: another user or bundle) is ignored. 80 bytes,
+/// kept inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreditMemo {
     /// `Additional` with `i64::MIN` for an absent amount (an amount below zero adds nothing,
     /// exactly as an absent one).
     amounts: [i64; LIMIT_FIELDS],
-    epoch: u64,
+    /// `account_tag` of the account key the credit was chosen for.
+    account: u64,
+    /// The low 32 bits of the cache epoch: a memo lives at most `MEMO_MAX_MS`, far less than
+    /// 2^32 cache changes take, so it cannot meet the same low bits of another epoch.
+    epoch: u32,
     until: Millis,
     source: CreditSource,
 }
 
+/// A 64-bit hash of an account key name, so that a memo knows which account it belongs to
+/// without keeping the name (which may be long). Two names sharing a tag would also need a
+/// `RENAME` from one to the other within `MEMO_MAX_MS` for a memo to be misapplied.
+fn account_tag(key: &[u8]) -> u64 {
+    const SEEDS: [u64; 4] = [
+        0x243f_6a88_85a3_08d3,
+        0x1319_8a2e_0370_7344,
+        0xa409_3822_299f_31d0,
+        0x082e_fa98_ec4e_6c89,
+    ];
+    ahash::RandomState::with_seeds(SEEDS[0], SEEDS[1], SEEDS[2], SEEDS[3]).hash_one(key)
+}
+
 impl CreditMemo {
-    /// Remembers `chosen` (what `select_credit` picked from `rows` at `now`, as amounts and
-    /// source), read from a fresh cache entry at `epoch` that stays fresh until `fresh_until`.
+    /// Remembers `chosen` (what `select_credit` picked from `rows` at `now` for the account
+    /// whose key is `account`, as amounts and source), read from a fresh cache entry at
+    /// `epoch` that stays fresh until `fresh_until`.
     pub fn new(
+        account: &[u8],
         chosen: (Option<Additional>, CreditSource),
         rows: &[Replenishment],
         epoch: u64,
@@ -130,16 +151,26 @@ impl CreditMemo {
             );
         CreditMemo {
             amounts,
-            epoch,
+            account: account_tag(account),
+            epoch: epoch as u32,
             until,
             source: chosen.1,
         }
     }
 
-    /// The remembered credit, if it still holds at `now` with the cache at `epoch`. A clock
-    /// set back (by more than `until` is ahead of it) retires it too.
-    pub fn get(&self, epoch: u64, now: Millis) -> Option<(Option<Additional>, CreditSource)> {
-        if self.epoch != epoch || now >= self.until || now.saturating_add(MEMO_MAX_MS) < self.until
+    /// The remembered credit, if it was chosen for the account whose key is `account` and
+    /// still holds at `now` with the cache at `epoch`. A clock set back (by more than `until`
+    /// is ahead of it) retires it too.
+    pub fn get(
+        &self,
+        account: &[u8],
+        epoch: u64,
+        now: Millis,
+    ) -> Option<(Option<Additional>, CreditSource)> {
+        if self.epoch != epoch as u32
+            || now >= self.until
+            || now.saturating_add(MEMO_MAX_MS) < self.until
+            || self.account != account_tag(account)
         {
             return None;
         }
@@ -342,6 +373,7 @@ mod tests {
     }
 
     const NOW: Millis = 1_000_000_000;
+    const KEY: &[u8] = b"q:{alice}:1:t1:p5:alice1:b";
 
     #[test]
     fn bundle_row_wins_over_global() {
@@ -380,8 +412,8 @@ mod tests {
         let mut rows = vec![row("*", 7, None, true), row("b", 9, None, true)];
         rows[1].additional.0[LimitField::TokensPerMonth as usize] = Some(-3);
         let picked = chosen(&rows, "b", NOW);
-        let memo = CreditMemo::new(picked, &rows, 5, NOW + 60_000, NOW);
-        let (add, src) = memo.get(5, NOW + 10).unwrap();
+        let memo = CreditMemo::new(KEY, picked, &rows, 5, NOW + 60_000, NOW);
+        let (add, src) = memo.get(KEY, 5, NOW + 10).unwrap();
         assert_eq!(src, CreditSource::Bundle);
         let add = add.unwrap();
         assert_eq!(add.get(LimitField::RequestsPerDay), Some(9));
@@ -393,39 +425,50 @@ mod tests {
             crate::core::policy::EffectivePolicy::merge(base, picked.0.as_ref())
         );
         // Another cache epoch, or past the horizon: ask the cache again.
-        assert!(memo.get(6, NOW + 10).is_none());
-        assert!(memo.get(5, NOW + MEMO_MAX_MS).is_none());
-        assert!(memo.get(5, NOW + MEMO_MAX_MS - 1).is_some());
+        assert!(memo.get(KEY, 6, NOW + 10).is_none());
+        assert!(memo.get(KEY, 5, NOW + MEMO_MAX_MS).is_none());
+        assert!(memo.get(KEY, 5, NOW + MEMO_MAX_MS - 1).is_some());
         // The clock set back by a minute: ask the cache again.
-        assert!(memo.get(5, NOW - 60_000).is_none());
+        assert!(memo.get(KEY, 5, NOW - 60_000).is_none());
         // No credit is remembered too.
-        let none = CreditMemo::new((None, CreditSource::None), &[], 5, NOW + 60_000, NOW);
-        assert_eq!(none.get(5, NOW), Some((None, CreditSource::None)));
+        let none = CreditMemo::new(KEY, (None, CreditSource::None), &[], 5, NOW + 60_000, NOW);
+        assert_eq!(none.get(KEY, 5, NOW), Some((None, CreditSource::None)));
+    }
+
+    /// A memo read through another account key (the value was renamed to another user's or
+    /// bundle's key) is not used: the credit belongs to the account it was chosen for.
+    #[test]
+    fn memo_applies_only_to_the_account_it_was_chosen_for() {
+        let rows = vec![row("b", 9, None, true)];
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW);
+        assert!(memo.get(KEY, 1, NOW).is_some());
+        assert!(memo.get(b"q:{bob}:1:t1:p3:bob1:b", 1, NOW).is_none());
+        assert!(memo.get(b"q:{alice}:1:t1:p5:alice1:c", 1, NOW).is_none());
     }
 
     #[test]
     fn memo_ends_when_the_entry_goes_stale_or_a_row_expires() {
         let rows = vec![row("*", 7, None, true)];
-        let memo = CreditMemo::new(chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW);
-        assert!(memo.get(1, NOW + 299).is_some());
-        assert!(memo.get(1, NOW + 300).is_none());
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW);
+        assert!(memo.get(KEY, 1, NOW + 299).is_some());
+        assert!(memo.get(KEY, 1, NOW + 300).is_none());
         // Read 400 ms before the bundle row expires: from then on the '*' row applies.
         let rows = vec![
             row("*", 7, None, true),
             row("b", 9, Some(NOW / 1000 + 1), true),
         ];
         let t0 = NOW + 600;
-        let memo = CreditMemo::new(chosen(&rows, "b", t0), &rows, 1, t0 + 60_000, t0);
-        assert_eq!(memo.get(1, NOW + 999).unwrap().1, CreditSource::Bundle);
-        assert!(memo.get(1, NOW + 1000).is_none());
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t0), &rows, 1, t0 + 60_000, t0);
+        assert_eq!(memo.get(KEY, 1, NOW + 999).unwrap().1, CreditSource::Bundle);
+        assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         assert_eq!(chosen(&rows, "b", NOW + 1000).1, CreditSource::Global);
         // Rows that expired already do not shorten it.
         let rows = vec![
             row("*", 7, None, true),
             row("b", 9, Some(NOW / 1000 - 5), true),
         ];
-        let memo = CreditMemo::new(chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW);
-        assert!(memo.get(1, NOW + MEMO_MAX_MS - 1).is_some());
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW);
+        assert!(memo.get(KEY, 1, NOW + MEMO_MAX_MS - 1).is_some());
     }
 
     #[test]
