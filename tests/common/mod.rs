@@ -658,6 +658,7 @@ impl RedisBuilder {
                 child: None,
                 version: (0, 0, 0),
                 keep_dir: false,
+                exited_at_start: None,
             };
             fs::write(&server.conf_path, self.conf_text(&dir, port))
                 .unwrap_or_else(|e| panic!("cannot write redis.conf: {e}"));
@@ -738,6 +739,8 @@ pub struct RedisServer {
     child: Option<Child>,
     version: (u32, u32, u32),
     keep_dir: bool,
+    /// How the server exited when it stopped during a start.
+    exited_at_start: Option<std::process::ExitStatus>,
 }
 
 impl RedisServer {
@@ -775,6 +778,7 @@ impl RedisServer {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
+                self.exited_at_start = Some(status);
                 return Err(format!(
                     "redis-server ({}) exited at start ({status}); does the module load?\n--- config {} ---\n{}\n--- log ---\n{}",
                     self.binary.display(),
@@ -957,6 +961,20 @@ impl RedisServer {
         if let Err(e) = self.spawn_and_wait() {
             self.keep_dir = true;
             panic!("{e}");
+        }
+    }
+
+    /// Like `restart()`, for a start that must fail (e.g. a bad RDB file): returns how the
+    /// server exited; panics if it serves instead.
+    pub fn restart_expecting_exit(&mut self) -> std::process::ExitStatus {
+        self.shutdown();
+        self.exited_at_start = None;
+        match self.spawn_and_wait() {
+            Ok(()) => panic!(
+                "redis-server on port {} started; it should not have",
+                self.port
+            ),
+            Err(e) => self.exited_at_start.unwrap_or_else(|| panic!("{e}")),
         }
     }
 

@@ -1,0 +1,453 @@
+//! Loading untrusted account values: `RESTORE` payloads (valid CRC64, mutated module value) and
+//! RDB files with a bad value, against a real redis-server with the module.
+//!
+//! A bad value must fail its load ("Bad data format", nothing changed) or stop the start with a
+//! log line naming the key and the reason, never take the server down with a signal.
+//! `QUOTA_FUZZ_COUNT` sets how many payloads the fuzz tries (default a few thousand; `make fuzz`
+//! runs far more).
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+
+use common::*;
+
+/// Redis's CRC64 (Jones polynomial, reflected, as in the `DUMP` trailer and the RDB file).
+fn crc64(bytes: &[u8]) -> u64 {
+    const POLY: u64 = 0x95ac_9329_ac4b_c9b5;
+    let mut crc = 0u64;
+    for &b in bytes {
+        crc ^= u64::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ POLY
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// Replaces the last 8 bytes (the CRC64 trailer of a `DUMP` payload or an RDB file) with the
+/// CRC64 of everything before them.
+fn fix_crc(bytes: &mut [u8]) {
+    let body = bytes.len().saturating_sub(8);
+    let crc = crc64(&bytes[..body]).to_le_bytes();
+    bytes[body..].copy_from_slice(&crc);
+}
+
+/// An RDB length: 6, 14 or 32 bits.
+fn rdb_len(out: &mut Vec<u8>, n: usize) {
+    match n {
+        0..=63 => out.push(n as u8),
+        64..=16383 => out.extend_from_slice(&[0x40 | (n >> 8) as u8, n as u8]),
+        _ => {
+            out.push(0x80);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+    }
+}
+
+/// An uncompressed `DUMP` payload of an account key, split into the type and module id, the
+/// module's string (the encoded account) and the RDB version.
+struct Dump {
+    head: Vec<u8>,
+    state: Vec<u8>,
+    version: [u8; 2],
+}
+
+impl Dump {
+    /// Splits `type(1) module-id(9) opcode(1) length string EOF(1) version(2) crc(8)`.
+    fn split(payload: &[u8]) -> Dump {
+        assert!(payload.len() > 22 && payload[0] == 7, "{payload:?}");
+        let head = payload[..11].to_vec();
+        let (len, skip) = match payload[11] >> 6 {
+            0 => (usize::from(payload[11] & 0x3f), 1),
+            1 => (
+                usize::from(payload[11] & 0x3f) << 8 | usize::from(payload[12]),
+                2,
+            ),
+            _ => (
+                u32::from_be_bytes([payload[12], payload[13], payload[14], payload[15]]) as usize,
+                5,
+            ),
+        };
+        let start = 11 + skip;
+        let state = payload[start..start + len].to_vec();
+        let n = payload.len();
+        Dump {
+            head,
+            state,
+            version: [payload[n - 10], payload[n - 9]],
+        }
+    }
+
+    /// The payload holding `state` (its length written as `len`), with a valid CRC.
+    fn frame(&self, state: &[u8], len: usize) -> Vec<u8> {
+        let mut out = self.head.clone();
+        rdb_len(&mut out, len);
+        out.extend_from_slice(state);
+        out.push(0);
+        out.extend_from_slice(&self.version);
+        out.extend_from_slice(&[0; 8]);
+        fix_crc(&mut out);
+        out
+    }
+}
+
+/// A xorshift generator, seeded per run (printed so a failure can be replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Mutates `bytes` once: a byte set or flipped, a byte inserted or removed, a varint-sized run
+/// replaced by a large number, or the tail cut.
+fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>) {
+    let at = rng.below(bytes.len() + 1);
+    let value = rng.next() as u8;
+    match rng.below(6) {
+        0 if at < bytes.len() => bytes[at] = value,
+        1 if at < bytes.len() => bytes[at] ^= 1 << (value % 8),
+        2 => bytes.insert(at, value),
+        3 if at < bytes.len() => {
+            bytes.remove(at);
+        }
+        4 if at < bytes.len() => {
+            let big = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+            let n = 1 + rng.below(big.len());
+            bytes.splice(at..at, big[..n].iter().copied());
+        }
+        _ => bytes.truncate(at),
+    }
+}
+
+/// One fuzzed payload made from a real one.
+fn fuzzed(rng: &mut Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
+    let payload = &corpus[rng.below(corpus.len())];
+    let dump = Dump::split(payload);
+    match rng.below(4) {
+        // The account bytes mutated, framed with their true length: reaches the decoder.
+        0 | 1 => {
+            let mut state = dump.state.clone();
+            for _ in 0..1 + rng.below(3) {
+                mutate(rng, &mut state);
+            }
+            dump.frame(&state, state.len())
+        }
+        // The account intact, its length wrong: a short read or bytes left in the stream.
+        2 => {
+            let len = match rng.below(3) {
+                0 => dump.state.len() + 1 + rng.below(8),
+                1 => dump.state.len().saturating_sub(1 + rng.below(8)),
+                _ => rng.below(1 << 20),
+            };
+            dump.frame(&dump.state, len)
+        }
+        // Anything in the payload but its version and CRC.
+        _ => {
+            let mut body = payload[..payload.len() - 10].to_vec();
+            mutate(rng, &mut body);
+            body.extend_from_slice(&dump.version);
+            body.extend_from_slice(&[0; 8]);
+            fix_crc(&mut body);
+            body
+        }
+    }
+}
+
+/// The identities of the accounts `populate` creates.
+fn identities() -> Vec<[String; 4]> {
+    (0..6)
+        .map(|i| ["acme", "chat", &format!("user{i}"), "pro"].map(String::from))
+        .collect()
+}
+
+fn ids(who: &[String; 4]) -> [&str; 4] {
+    [&who[0], &who[1], &who[2], &who[3]]
+}
+
+/// Accounts with counters, generated and named leases with reservations, settled ids and a
+/// lifetime count; plus a plain string key.
+fn populate(con: &mut redis::Connection) {
+    for (i, who) in identities().iter().enumerate() {
+        let acc = ids(who);
+        for n in 0..=i {
+            let lease = format!("lease-{n}-é");
+            admit(
+                con,
+                acc,
+                &[
+                    "MAX_CONCURRENT",
+                    "50",
+                    "LEASE",
+                    &lease,
+                    "RESERVE",
+                    "7",
+                    "LEASE_TTL",
+                    "3000",
+                ],
+            );
+            admit(
+                con,
+                acc,
+                &[
+                    "TOKENS_PER_DAY",
+                    "1000",
+                    "RESERVE",
+                    "3",
+                    "TOTAL_REQUESTS",
+                    "100",
+                ],
+            );
+        }
+        if i % 2 == 0 {
+            commit(con, acc, "11", Some("lease-0-é"));
+            commit(con, acc, "5", Some("0123456789abcdef"));
+        }
+    }
+    query(con, &["SET", "plain", "value"]).expect("SET");
+}
+
+/// Every key's `DUMP` and every account's `QUOTA.USAGE`.
+fn snapshot(con: &mut redis::Connection) -> (Vec<(String, Value)>, Vec<Map>) {
+    let mut keys: Vec<String> = to_array(query(con, &["KEYS", "*"]).expect("KEYS"))
+        .iter()
+        .filter_map(value_to_string)
+        .collect();
+    keys.sort();
+    let dumps = keys
+        .into_iter()
+        .map(|k| {
+            let dump = query(con, &["DUMP", &k]).expect("DUMP");
+            (k, dump)
+        })
+        .collect();
+    let usages = identities().iter().map(|w| usage(con, ids(w))).collect();
+    (dumps, usages)
+}
+
+fn bytes_of(v: &Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b.clone(),
+        other => panic!("not a bulk string: {other:?}"),
+    }
+}
+
+fn fuzz_count() -> usize {
+    std::env::var("QUOTA_FUZZ_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000)
+}
+
+/// Thousands of mutated account payloads with valid CRC64 trailers, with and without
+/// `sanitize-dump-payload`: each is restored or refused, the server stays up, the restored ones
+/// work with every command and reload from RDB, and no key that was there before changes.
+#[test]
+fn restore_fuzz_never_takes_the_server_down_nor_touches_other_keys() {
+    let mut server = RedisServer::builder().conf("rdbcompression no").start();
+    let mut con = server.client();
+    populate(&mut con);
+    let before = snapshot(&mut con);
+    let corpus: Vec<Vec<u8>> = before
+        .0
+        .iter()
+        .filter(|(k, _)| k.starts_with("q:"))
+        .map(|(_, v)| bytes_of(v))
+        .collect();
+    assert_eq!(corpus.len(), identities().len());
+    let seed = std::env::var("QUOTA_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(random_u64)
+        | 1;
+    let mut rng = Rng(seed);
+    let count = fuzz_count();
+    let scratch: Vec<String> = (0..8)
+        .map(|i| account_key(["fz", "p", &format!("u{i}"), "b"]))
+        .collect();
+    let (mut restored, mut refused) = (0usize, 0usize);
+    for i in 0..count {
+        if i == count / 2 {
+            query(&mut con, &["CONFIG", "SET", "sanitize-dump-payload", "yes"]).expect("CONFIG");
+        }
+        let payload = fuzzed(&mut rng, &corpus);
+        let user = format!("u{}", i % scratch.len());
+        let key = &scratch[i % scratch.len()];
+        let reply = cmd(&["RESTORE", key, "0"])
+            .arg(&payload)
+            .arg("REPLACE")
+            .query::<Value>(&mut con);
+        match reply {
+            Ok(_) => {
+                restored += 1;
+                // A value that loaded must work with every command.
+                let acc = ["fz", "p", &user, "b"];
+                usage(&mut con, acc);
+                let _ = query(
+                    &mut con,
+                    &with_account(
+                        "QUOTA.ADMIT",
+                        acc,
+                        &["MAX_CONCURRENT", "5", "LEASE", "x", "RESERVE", "2"],
+                    ),
+                );
+                let _ = query(
+                    &mut con,
+                    &with_account("QUOTA.COMMIT", acc, &["1", "LEASE", "x"]),
+                );
+                let _ = query(&mut con, &with_account("QUOTA.RELEASE", acc, &["y"]));
+                let _ = query(&mut con, &["DUMP", key]);
+                let _ = query(&mut con, &["MEMORY", "USAGE", key]);
+            }
+            Err(e) => {
+                refused += 1;
+                let text = error_text(&e);
+                assert!(
+                    text.contains("Bad data format") || text.contains("payload"),
+                    "seed {seed}, payload {i}: {text}"
+                );
+            }
+        }
+        assert!(
+            server.is_alive(),
+            "seed {seed}: the server died on payload {i}: {payload:02x?}"
+        );
+    }
+    eprintln!("seed {seed}: {count} payloads, {restored} restored, {refused} refused");
+    assert!(
+        refused > count / 10 && restored > 0,
+        "{restored} restored, {refused} refused"
+    );
+    // What was restored saves and loads again.
+    query(&mut con, &["DEBUG", "RELOAD"]).expect("DEBUG RELOAD");
+    let mut con = server.client();
+    for key in &scratch {
+        query(&mut con, &["DEL", key]).expect("DEL");
+    }
+    assert_eq!(
+        snapshot(&mut con),
+        before,
+        "seed {seed}: a pre-existing key changed"
+    );
+    assert!(server.is_alive());
+}
+
+/// `RESTORE` of an account whose module string has one wrong length byte (the payload of the
+/// original report): refused with "Bad data format", and nothing changes.
+#[test]
+fn a_restore_with_a_wrong_length_byte_is_refused_and_changes_nothing() {
+    let mut server = RedisServer::builder().conf("rdbcompression no").start();
+    let mut con = server.client();
+    populate(&mut con);
+    let before = snapshot(&mut con);
+    let (key, value) = before
+        .0
+        .iter()
+        .find(|(k, _)| k.starts_with("q:"))
+        .expect("an account key");
+    let dump = Dump::split(&bytes_of(value));
+    for len in [
+        dump.state.len() + 1,
+        dump.state.len() + 30,
+        dump.state.len() - 1,
+    ] {
+        let bad = dump.frame(&dump.state, len);
+        for target in [key, "fresh-key"] {
+            let err = cmd(&["RESTORE", target, "0"])
+                .arg(&bad)
+                .arg("REPLACE")
+                .query::<Value>(&mut con)
+                .expect_err("a bad payload must be refused");
+            assert!(error_text(&err).contains("Bad data format"), "{err}");
+            assert!(server.is_alive());
+        }
+    }
+    assert_eq!(snapshot(&mut con), before);
+    assert!(server
+        .log()
+        .contains("refusing the quota-acc value of key 'fresh-key'"));
+}
+
+/// Saves the accounts of `populate` (uncompressed), applies `corrupt` to the RDB file, fixes
+/// its CRC and starts again: the start must fail without a signal, with a log line naming the
+/// account key and the reason. Returns the log.
+fn start_with_corrupt_rdb(corrupt: impl Fn(&mut Vec<u8>, &[u8])) -> String {
+    let mut server = RedisServer::builder()
+        .conf("rdbcompression no")
+        .conf("save 3600 1")
+        .start();
+    let mut con = server.client();
+    populate(&mut con);
+    let key = account_key(ids(&identities()[1]));
+    let value = bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"));
+    query(&mut con, &["SAVE"]).expect("SAVE");
+    server.kill9();
+    let path = server.dir().join("dump.rdb");
+    let mut rdb = std::fs::read(&path).expect("dump.rdb");
+    // The value as it sits in the file (after the type byte and the key name): the DUMP
+    // payload without its type byte, version and CRC.
+    corrupt(&mut rdb, &value[1..value.len() - 10]);
+    fix_crc(&mut rdb);
+    std::fs::write(&path, &rdb).expect("write dump.rdb");
+    let status = server.restart_expecting_exit();
+    let log = server.log();
+    assert_eq!(
+        status.signal(),
+        None,
+        "redis-server was killed by a signal ({status})\n{log}"
+    );
+    assert!(
+        log.contains(&format!("refusing the quota-acc value of key '{key}'")),
+        "no log line names the key:\n{log}"
+    );
+    log
+}
+
+fn position(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{needle:02x?} not found"))
+}
+
+/// A value that reads well but breaks an invariant (a lease id held twice).
+#[test]
+fn an_rdb_value_breaking_an_invariant_stops_the_start_with_the_key_and_reason() {
+    let log = start_with_corrupt_rdb(|rdb, value| {
+        let at = position(rdb, value);
+        let second = position(&rdb[at..], "lease-1-é".as_bytes());
+        rdb[at + second + 6] = b'0';
+    });
+    assert!(log.contains("lease id held twice"), "{log}");
+}
+
+/// A value whose module string is longer than the rest of the file (a short read for the
+/// module, the crash of the original report).
+#[test]
+fn an_rdb_value_with_a_wrong_length_stops_the_start_with_the_key_and_reason() {
+    let log = start_with_corrupt_rdb(|rdb, value| {
+        // module-id(9) opcode(1), then the string's length (1, 2 or 5 bytes).
+        let at = position(rdb, value) + 10;
+        let width = match rdb[at] >> 6 {
+            0 => 1,
+            1 => 2,
+            _ => 5,
+        };
+        let mut len = Vec::new();
+        rdb_len(&mut len, rdb.len() - at + 100);
+        rdb.splice(at..at + width, len);
+    });
+    assert!(log.contains("short read"), "{log}");
+}
