@@ -3,13 +3,16 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 CARGO ?= cargo
+# make fuzz: RESTORE payloads per Redis version, and cases per decoder property.
+FUZZ_COUNT ?= 300000
+FUZZ_CASES ?= 200000
 # make run: Redis port (127.0.0.1 only).
 PORT ?= 6379
 export PORT
 
 MODULE := target/release/libredis_quota.so
 
-.PHONY: help deps redis8 build run test unit lint fmt bench soak pg-start pg-stop clean distclean
+.PHONY: help deps redis8 build run test unit lint fmt bench soak fuzz pg-start pg-stop clean distclean
 
 help: ## Show the targets and variables
 	@echo "redis-quota: a Redis module (target/release/libredis_quota.so) backed by PostgreSQL"
@@ -24,6 +27,9 @@ help: ## Show the targets and variables
 	@echo "  REDIS_SERVER=redis-server      make run: the redis-server binary"
 	@echo "  REDIS_ARGS='--appendonly yes'  make run: more redis-server arguments"
 	@echo "  KEEP_TEST_DIR=1                make test: keep the test servers' directories"
+	@echo "  FUZZ_COUNT=300000              make fuzz: RESTORE payloads per Redis version"
+	@echo "  FUZZ_CASES=200000              make fuzz: cases per decoder property"
+	@echo "  REDIS7=, REDIS8=<binary>       make fuzz: the Redis 7.0 and 8.2 servers (default: on PATH, fetched)"
 
 deps: ## Install missing system packages (redis-server, libclang-dev, postgresql, python3)
 	@scripts/deps.sh
@@ -57,6 +63,14 @@ soak: build ## Soak test (cargo test --release --test soak -- --ignored)
 	@if [ -f tests/soak.rs ] || [ -f tests/soak/main.rs ]; then \
 		$(CARGO) test --release --test soak -- --ignored --nocapture; \
 	else echo "make soak: tests/soak.rs does not exist yet" >&2; exit 1; fi
+
+fuzz: build ## Long fuzz: account decoder properties, RESTORE of mutated payloads on Redis 7.0 and 8.2
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --lib decode
+	@set -e; for redis in "$${REDIS7:-$$(command -v redis-server)}" "$${REDIS8:-$$(scripts/redis8.sh)}"; do \
+		echo "== RESTORE fuzz on $$redis ($(FUZZ_COUNT) payloads)"; \
+		QUOTA_TEST_REDIS="$$redis" QUOTA_FUZZ_COUNT=$(FUZZ_COUNT) \
+			$(CARGO) test --release --test restore restore_fuzz -- --nocapture; \
+	done
 
 pg-start: deps ## Start the throwaway PostgreSQL of make run in .run/pg (prints its URL)
 	@scripts/pg.sh start .run/pg

@@ -220,7 +220,7 @@ fn populate(con: &mut redis::Connection) {
 }
 
 /// Every key's `DUMP` and every account's `QUOTA.USAGE`.
-fn snapshot(con: &mut redis::Connection) -> (Vec<(String, Value)>, Vec<Map>) {
+fn snapshot(con: &mut redis::Connection) -> Snapshot {
     let mut keys: Vec<String> = to_array(query(con, &["KEYS", "*"]).expect("KEYS"))
         .iter()
         .filter_map(value_to_string)
@@ -235,6 +235,17 @@ fn snapshot(con: &mut redis::Connection) -> (Vec<(String, Value)>, Vec<Map>) {
         .collect();
     let usages = identities().iter().map(|w| usage(con, ids(w))).collect();
     (dumps, usages)
+}
+
+type Snapshot = (Vec<(String, Value)>, Vec<Map>);
+
+/// A server whose `DUMP` payloads are uncompressed, populated, and its snapshot.
+fn populated_server() -> (RedisServer, redis::Connection, Snapshot) {
+    let server = RedisServer::builder().conf("rdbcompression no").start();
+    let mut con = server.client();
+    populate(&mut con);
+    let before = snapshot(&mut con);
+    (server, con, before)
 }
 
 fn bytes_of(v: &Value) -> Vec<u8> {
@@ -256,10 +267,7 @@ fn fuzz_count() -> usize {
 /// work with every command and reload from RDB, and no key that was there before changes.
 #[test]
 fn restore_fuzz_never_takes_the_server_down_nor_touches_other_keys() {
-    let mut server = RedisServer::builder().conf("rdbcompression no").start();
-    let mut con = server.client();
-    populate(&mut con);
-    let before = snapshot(&mut con);
+    let (mut server, mut con, before) = populated_server();
     let corpus: Vec<Vec<u8>> = before
         .0
         .iter()
@@ -348,10 +356,7 @@ fn restore_fuzz_never_takes_the_server_down_nor_touches_other_keys() {
 /// original report): refused with "Bad data format", and nothing changes.
 #[test]
 fn a_restore_with_a_wrong_length_byte_is_refused_and_changes_nothing() {
-    let mut server = RedisServer::builder().conf("rdbcompression no").start();
-    let mut con = server.client();
-    populate(&mut con);
-    let before = snapshot(&mut con);
+    let (mut server, mut con, before) = populated_server();
     let (key, value) = before
         .0
         .iter()
