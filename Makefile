@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 CARGO ?= cargo
 # make fuzz: RESTORE payloads per Redis version, and cases per decoder property.
-FUZZ_COUNT ?= 300000
+FUZZ_COUNT ?= 1000000
 FUZZ_CASES ?= 200000
 # make run: Redis port (127.0.0.1 only).
 PORT ?= 6379
@@ -27,7 +27,7 @@ help: ## Show the targets and variables
 	@echo "  REDIS_SERVER=redis-server      make run: the redis-server binary"
 	@echo "  REDIS_ARGS='--appendonly yes'  make run: more redis-server arguments"
 	@echo "  KEEP_TEST_DIR=1                make test: keep the test servers' directories"
-	@echo "  FUZZ_COUNT=300000              make fuzz: RESTORE payloads per Redis version"
+	@echo "  FUZZ_COUNT=1000000             make fuzz: RESTORE payloads per Redis version"
 	@echo "  FUZZ_CASES=200000              make fuzz: cases per decoder property"
 	@echo "  REDIS7=, REDIS8=<binary>       make fuzz: the Redis 7.0 and 8.2 servers (default: on PATH, fetched)"
 

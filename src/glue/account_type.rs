@@ -249,11 +249,18 @@ unsafe extern "C" fn rdb_load(rdb: *mut raw::RedisModuleIO, encver: c_int) -> *m
         log_refused(rdb, &format!("unknown encoding version {encver}"));
         return ptr::null_mut();
     }
-    let decoded = unsafe { with_loaded_string(rdb, Account::decode) };
+    // Decoding never panics (its property tests say so); if it did, a panic must not unwind
+    // into Redis.
+    let decode = |bytes: &[u8]| std::panic::catch_unwind(|| Account::decode(bytes));
+    let decoded = unsafe { with_loaded_string(rdb, decode) };
     match decoded {
-        Some(Ok(account)) => Stored::boxed(account),
-        Some(Err(bad)) => {
+        Some(Ok(Ok(account))) => Stored::boxed(account),
+        Some(Ok(Err(bad))) => {
             log_refused(rdb, &bad.to_string());
+            ptr::null_mut()
+        }
+        Some(Err(_)) => {
+            log_refused(rdb, "the decoder panicked");
             ptr::null_mut()
         }
         None => {
