@@ -65,16 +65,18 @@ fn assert_no_credit(m: &Map) {
     );
 }
 
+/// `RENAME` or `COPY` from one account's key to another's.
+fn between(con: &mut redis::Connection, command: &str, from: [&str; 4], to: [&str; 4]) {
+    query(con, &[command, &account_key(from), &account_key(to)])
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
+}
+
 #[test]
 fn rename_moves_usage_but_never_the_remembered_credit() {
     let server = server();
     let mut con = server.client();
     alice_uses_her_credit(&mut con);
-    query(
-        &mut con,
-        &["RENAME", &account_key(ALICE), &account_key(BOB)],
-    )
-    .expect("RENAME");
+    between(&mut con, "RENAME", ALICE, BOB);
     // Bob's key holds alice's two requests now; his own policy and (no) credits decide.
     let m = admit(&mut con, BOB, BASE);
     assert_no_credit(&m);
@@ -92,11 +94,7 @@ fn rename_moves_usage_but_never_the_remembered_credit() {
     let m = admit(&mut con, bare, BASE);
     assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
     let other_bundle = ["acme", "chat", "carol", "free"];
-    query(
-        &mut con,
-        &["RENAME", &account_key(bare), &account_key(other_bundle)],
-    )
-    .expect("RENAME");
+    between(&mut con, "RENAME", bare, other_bundle);
     let m = admit(&mut con, other_bundle, BASE);
     assert_no_credit(&m);
 }
@@ -106,7 +104,7 @@ fn copy_gives_the_copy_its_own_credits() {
     let server = server();
     let mut con = server.client();
     alice_uses_her_credit(&mut con);
-    query(&mut con, &["COPY", &account_key(ALICE), &account_key(BOB)]).expect("COPY");
+    between(&mut con, "COPY", ALICE, BOB);
     assert_eq!(usage(&mut con, BOB), usage(&mut con, ALICE));
     assert_no_credit(&admit(&mut con, BOB, BASE));
     // The original keeps counting, on alice's credit.
