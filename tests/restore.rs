@@ -511,3 +511,57 @@ fn an_account_written_by_the_previous_build_still_restores() {
     let again = bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"));
     assert_eq!(Dump::split(&again).state, Dump::split(&old).state);
 }
+
+/// `QUOTA.SETSTATE <key> <state>` as the AOF holds it.
+fn setstate_command(key: &str, state: &[u8]) -> Vec<u8> {
+    let mut out = b"*3\r\n$14\r\nQUOTA.SETSTATE\r\n".to_vec();
+    for arg in [key.as_bytes(), state] {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// `QUOTA.SETSTATE` (what replicas and the AOF apply) decodes through the same checks: a state
+/// that breaks an invariant stores nothing, a good one is stored.
+#[test]
+fn setstate_from_the_aof_refuses_a_state_breaking_an_invariant() {
+    let mut server = RedisServer::builder()
+        .conf("rdbcompression no")
+        .conf("appendonly yes")
+        .conf("appendfsync always")
+        .start();
+    let mut con = server.client();
+    populate(&mut con);
+    let key = account_key(ids(&identities()[1]));
+    let state = Dump::split(&bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"))).state;
+    let mut twice = state.clone();
+    let at = position(&twice, "lease-1-é".as_bytes());
+    twice[at + 6] = b'0';
+    server.kill9();
+    let dir = server.dir().join("appendonlydir");
+    let incr = std::fs::read_dir(&dir)
+        .expect("appendonlydir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(".incr.aof"))
+        .expect("an incremental AOF file");
+    let mut aof = std::fs::read(&incr).expect("read AOF");
+    aof.extend(setstate_command("q:bad", &twice));
+    aof.extend(setstate_command("q:good", &state));
+    std::fs::write(&incr, aof).expect("write AOF");
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(
+        value_i64(&query(&mut con, &["EXISTS", "q:bad"]).expect("EXISTS")),
+        Some(0)
+    );
+    assert_eq!(
+        value_i64(&query(&mut con, &["EXISTS", "q:good"]).expect("EXISTS")),
+        Some(1)
+    );
+    assert_eq!(
+        query(&mut con, &["DUMP", "q:good"]).expect("DUMP"),
+        query(&mut con, &["DUMP", &key]).expect("DUMP")
+    );
+}
