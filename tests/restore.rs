@@ -239,13 +239,32 @@ fn snapshot(con: &mut redis::Connection) -> Snapshot {
 
 type Snapshot = (Vec<(String, Value)>, Vec<Map>);
 
-/// A server whose `DUMP` payloads are uncompressed, populated, and its snapshot.
-fn populated_server() -> (RedisServer, redis::Connection, Snapshot) {
-    let server = RedisServer::builder().conf("rdbcompression no").start();
+/// A server whose `DUMP` payloads and RDB strings are uncompressed, with these redis.conf
+/// lines too, populated; with a connection and its snapshot.
+fn populated_server_with(conf: &[&str]) -> (RedisServer, redis::Connection, Snapshot) {
+    let server = conf
+        .iter()
+        .fold(
+            RedisServer::builder().conf("rdbcompression no"),
+            |b, line| b.conf(line),
+        )
+        .start();
     let mut con = server.client();
     populate(&mut con);
     let before = snapshot(&mut con);
     (server, con, before)
+}
+
+fn populated_server() -> (RedisServer, redis::Connection, Snapshot) {
+    populated_server_with(&[])
+}
+
+/// The key of the populated account with two leases held (`lease-0-é`, `lease-1-é`), and its
+/// uncompressed `DUMP`.
+fn two_lease_account(con: &mut redis::Connection) -> (String, Vec<u8>) {
+    let key = account_key(ids(&identities()[1]));
+    let dump = bytes_of(&query(con, &["DUMP", &key]).expect("DUMP"));
+    (key, dump)
 }
 
 fn bytes_of(v: &Value) -> Vec<u8> {
@@ -393,14 +412,8 @@ fn a_restore_with_a_wrong_length_byte_is_refused_and_changes_nothing() {
 /// its CRC and starts again: the start must fail without a signal, with a log line naming the
 /// account key and the reason. Returns the log.
 fn start_with_corrupt_rdb(corrupt: impl Fn(&mut Vec<u8>, &[u8])) -> String {
-    let mut server = RedisServer::builder()
-        .conf("rdbcompression no")
-        .conf("save 3600 1")
-        .start();
-    let mut con = server.client();
-    populate(&mut con);
-    let key = account_key(ids(&identities()[1]));
-    let value = bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"));
+    let (mut server, mut con, _) = populated_server_with(&["save 3600 1"]);
+    let (key, value) = two_lease_account(&mut con);
     query(&mut con, &["SAVE"]).expect("SAVE");
     server.kill9();
     let path = server.dir().join("dump.rdb");
@@ -527,15 +540,9 @@ fn setstate_command(key: &str, state: &[u8]) -> Vec<u8> {
 /// that breaks an invariant stores nothing, a good one is stored.
 #[test]
 fn setstate_from_the_aof_refuses_a_state_breaking_an_invariant() {
-    let mut server = RedisServer::builder()
-        .conf("rdbcompression no")
-        .conf("appendonly yes")
-        .conf("appendfsync always")
-        .start();
-    let mut con = server.client();
-    populate(&mut con);
-    let key = account_key(ids(&identities()[1]));
-    let state = Dump::split(&bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"))).state;
+    let (mut server, mut con, _) = populated_server_with(&["appendonly yes", "appendfsync always"]);
+    let (key, value) = two_lease_account(&mut con);
+    let state = Dump::split(&value).state;
     let mut twice = state.clone();
     let at = position(&twice, "lease-1-é".as_bytes());
     twice[at + 6] = b'0';
