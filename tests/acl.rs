@@ -66,6 +66,19 @@ fn assert_noperm(con: &mut redis::Connection, args: &[&str]) {
     );
 }
 
+/// A server (own schema) where alice holds a '*' credit of 3 requests a day, and an admin
+/// connection to it.
+fn server_with_alice_credit() -> (String, RedisServer, redis::Connection) {
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut admin = server.client();
+    query_map(
+        &mut admin,
+        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
+    );
+    (schema, server, admin)
+}
+
 /// One call of each command, arguments valid for user `alice` (bundle `b`) where that
 /// matters. Each is answered by the module when allowed.
 fn sample_calls() -> Vec<Vec<&'static str>> {
@@ -88,13 +101,7 @@ fn sample_calls() -> Vec<Vec<&'static str>> {
 /// others, which then change nothing.
 #[test]
 fn app_user_runs_admissions_but_not_credit_management() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
-    query_map(
-        &mut admin,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
-    );
+    let (schema, server, mut admin) = server_with_alice_credit();
 
     acl_setuser(
         &mut admin,
@@ -401,13 +408,7 @@ fn command_flags_are_sensible() {
 /// QUOTA.* command through, as the README says, and naming the commands is what works.
 #[test]
 fn standard_acl_categories() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
-    query_map(
-        &mut admin,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
-    );
+    let (_, server, mut admin) = server_with_alice_credit();
     query_map(
         &mut admin,
         &["QUOTA.ADMIT", T, P, "alice", "b", "REQUESTS_PER_DAY", "1"],
@@ -515,13 +516,7 @@ fn standard_acl_categories() {
 /// LIST, and is refused ADMIT, COMMIT and RESET, which write.
 #[test]
 fn read_only_key_permission() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
-    query_map(
-        &mut admin,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
-    );
+    let (_, server, mut admin) = server_with_alice_credit();
     acl_setuser(
         &mut admin,
         &[

@@ -48,3 +48,10 @@ export async function movedCount(nodes) {
 export function isRedirect(e) {
   return /^(MOVED|ASK) /.test(String(e?.message ?? e ?? ''));
 }
+
+/** Fails unless neither the application nor the servers saw a redirect since `before`. */
+export async function checkNoRedirects(nodes, before, seenByApp) {
+  const sent = (await movedCount(nodes)) - before;
+  check(seenByApp === 0, `the application saw ${seenByApp} MOVED`);
+  check(sent === 0, `the servers sent ${sent} MOVED`);
+}

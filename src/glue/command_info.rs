@@ -124,7 +124,8 @@ pub(crate) struct CommandSpec {
     tips: Option<&'static CStr>,
     /// Redis arity: positive = exact, negative = at least.
     arity: c_int,
-    args: &'static [Arg],
+    /// The arguments, in groups that are written one after the other.
+    args: &'static [&'static [Arg]],
 }
 
 const TENANT: Arg = arg(c"tenant", ArgType::String);
@@ -151,18 +152,7 @@ const EXPIRY: [Arg; 2] = [
     option(c"EXPIRES_IN", c"expires_in", ArgType::Integer),
 ];
 
-const GRANT_ARGS: [Arg; 16] = [
-    TENANT,
-    PROJECT,
-    USER,
-    BUNDLE,
-    LIMITS[0],
-    LIMITS[1],
-    LIMITS[2],
-    LIMITS[3],
-    LIMITS[4],
-    LIMITS[5],
-    LIMITS[6],
+const GRANT_OPTIONS: [Arg; 5] = [
     Arg {
         name: c"expiry",
         kind: ArgType::OneOf(&EXPIRY),
@@ -175,18 +165,7 @@ const GRANT_ARGS: [Arg; 16] = [
     flag(c"ADD", c"add"),
 ];
 
-const ADMIT_ARGS: [Arg; 16] = [
-    TENANT,
-    PROJECT,
-    USER,
-    BUNDLE,
-    LIMITS[0],
-    LIMITS[1],
-    LIMITS[2],
-    LIMITS[3],
-    LIMITS[4],
-    LIMITS[5],
-    LIMITS[6],
+const ADMIT_OPTIONS: [Arg; 5] = [
     option(c"LEASE", c"lease", ArgType::String),
     option(c"LEASE_TTL", c"lease_ttl", ArgType::Integer),
     option(c"RESERVE", c"reserve", ArgType::Integer),
@@ -207,7 +186,7 @@ pub(crate) static GRANT: CommandSpec = CommandSpec {
     complexity: c"O(1) plus one PostgreSQL round trip",
     tips: None,
     arity: -5,
-    args: &GRANT_ARGS,
+    args: &[&ACCOUNT_ARGS, &LIMITS, &GRANT_OPTIONS],
 };
 
 pub(crate) static GET: CommandSpec = CommandSpec {
@@ -219,7 +198,7 @@ pub(crate) static GET: CommandSpec = CommandSpec {
     complexity: c"O(N) where N is the user's number of credits; loads them on a cache miss",
     tips: None,
     arity: 5,
-    args: &ACCOUNT_ARGS,
+    args: &[&ACCOUNT_ARGS],
 };
 
 pub(crate) static REVOKE: CommandSpec = CommandSpec {
@@ -231,7 +210,7 @@ pub(crate) static REVOKE: CommandSpec = CommandSpec {
     complexity: c"O(1) plus one PostgreSQL round trip",
     tips: None,
     arity: 5,
-    args: &ACCOUNT_ARGS,
+    args: &[&ACCOUNT_ARGS],
 };
 
 const LIST_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, flag(c"ALL", c"all")];
@@ -245,7 +224,7 @@ pub(crate) static LIST: CommandSpec = CommandSpec {
     complexity: c"O(N) where N is the user's number of credits, plus one PostgreSQL round trip",
     tips: None,
     arity: -4,
-    args: &LIST_ARGS,
+    args: &[&LIST_ARGS],
 };
 
 pub(crate) static CLEANUP: CommandSpec = CommandSpec {
@@ -271,7 +250,7 @@ pub(crate) static INVALIDATE: CommandSpec = CommandSpec {
     complexity: c"O(1)",
     tips: None,
     arity: 4,
-    args: &USER_ARGS,
+    args: &[&USER_ARGS],
 };
 
 pub(crate) static ADMIT: CommandSpec = CommandSpec {
@@ -283,14 +262,10 @@ pub(crate) static ADMIT: CommandSpec = CommandSpec {
     complexity: c"O(1) (O(N) in the account's live leases when they must be checked)",
     tips: None,
     arity: -5,
-    args: &ADMIT_ARGS,
+    args: &[&ACCOUNT_ARGS, &LIMITS, &ADMIT_OPTIONS],
 };
 
-const COMMIT_ARGS: [Arg; 6] = [
-    TENANT,
-    PROJECT,
-    USER,
-    BUNDLE,
+const COMMIT_ARGS: [Arg; 2] = [
     arg(c"tokens", ArgType::Integer),
     option(c"LEASE", c"lease", ArgType::String),
 ];
@@ -304,16 +279,10 @@ pub(crate) static COMMIT: CommandSpec = CommandSpec {
     complexity: c"O(1)",
     tips: None,
     arity: -6,
-    args: &COMMIT_ARGS,
+    args: &[&ACCOUNT_ARGS, &COMMIT_ARGS],
 };
 
-const RELEASE_ARGS: [Arg; 5] = [
-    TENANT,
-    PROJECT,
-    USER,
-    BUNDLE,
-    arg(c"lease", ArgType::String),
-];
+const RELEASE_ARGS: [Arg; 1] = [arg(c"lease", ArgType::String)];
 
 pub(crate) static RELEASE: CommandSpec = CommandSpec {
     name: c"quota.release",
@@ -324,7 +293,7 @@ pub(crate) static RELEASE: CommandSpec = CommandSpec {
     complexity: c"O(1)",
     tips: None,
     arity: 6,
-    args: &RELEASE_ARGS,
+    args: &[&ACCOUNT_ARGS, &RELEASE_ARGS],
 };
 
 pub(crate) static USAGE: CommandSpec = CommandSpec {
@@ -336,7 +305,7 @@ pub(crate) static USAGE: CommandSpec = CommandSpec {
     complexity: c"O(1)",
     tips: None,
     arity: 5,
-    args: &ACCOUNT_ARGS,
+    args: &[&ACCOUNT_ARGS],
 };
 
 pub(crate) static RESET: CommandSpec = CommandSpec {
@@ -348,7 +317,7 @@ pub(crate) static RESET: CommandSpec = CommandSpec {
     complexity: c"O(1)",
     tips: None,
     arity: 5,
-    args: &ACCOUNT_ARGS,
+    args: &[&ACCOUNT_ARGS],
 };
 
 const SETSTATE_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"state", ArgType::String)];
@@ -362,7 +331,7 @@ pub(crate) static SETSTATE: CommandSpec = CommandSpec {
     complexity: c"O(N) where N is the size of the state",
     tips: None,
     arity: 3,
-    args: &SETSTATE_ARGS,
+    args: &[&SETSTATE_ARGS],
 };
 
 /// Why registration failed.
@@ -464,12 +433,12 @@ static INFO_VERSION: raw::RedisModuleCommandInfoVersion = raw::RedisModuleComman
 };
 
 /// The raw argument array of `args`, zero-terminated; `nested` keeps sub-arrays alive.
-fn raw_args(
-    args: &[Arg],
+fn raw_args<'a>(
+    args: impl IntoIterator<Item = &'a Arg>,
     nested: &mut Vec<Vec<raw::RedisModuleCommandArg>>,
 ) -> Vec<raw::RedisModuleCommandArg> {
     let mut out: Vec<raw::RedisModuleCommandArg> = args
-        .iter()
+        .into_iter()
         .map(|a| {
             let (type_, subargs) = match a.kind {
                 ArgType::String => (
@@ -596,7 +565,7 @@ fn set_info(
     }
     key_specs.push(key_spec_end());
     let mut nested = Vec::new();
-    let mut args = raw_args(spec.args, &mut nested);
+    let mut args = raw_args(spec.args.iter().copied().flatten(), &mut nested);
     let mut info = raw::RedisModuleCommandInfo {
         version: &INFO_VERSION,
         summary: spec.summary.as_ptr(),
@@ -648,17 +617,17 @@ mod tests {
     #[test]
     fn key_argument_matches_the_key_spec() {
         for spec in all() {
-            let key_at = spec
-                .args
+            let args: Vec<&Arg> = spec.args.iter().copied().flatten().collect();
+            let key_at = args
                 .iter()
                 .position(|a| matches!(a.kind, ArgType::Key))
                 .map(|i| i as c_int + 1);
             assert_eq!(key_at, spec.key.map(|(pos, _)| pos), "{:?}", spec.name);
-            let required = spec.args.iter().filter(|a| !a.optional).count() as c_int + 1;
+            let required = args.iter().filter(|a| !a.optional).count() as c_int + 1;
             assert_eq!(spec.arity.abs(), required, "{:?}", spec.name);
             assert_eq!(
                 spec.arity < 0,
-                spec.args.iter().any(|a| a.optional),
+                args.iter().any(|a| a.optional),
                 "{:?}",
                 spec.name
             );
