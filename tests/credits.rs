@@ -1320,7 +1320,9 @@ fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change
         args.extend_from_slice(c);
         match raw_reply(&mut con, &args) {
             Value::ServerError(e) => assert!(
-                e.details().unwrap_or("").contains("not allowed from script"),
+                e.details()
+                    .unwrap_or("")
+                    .contains("not allowed from script"),
                 "{c:?} in EVAL pcall: {e:?}"
             ),
             other => panic!("{c:?} in EVAL pcall: expected an error, got {other:?}"),

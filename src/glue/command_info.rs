@@ -566,7 +566,7 @@ fn set_info(
     key_specs.push(key_spec_end());
     let mut nested = Vec::new();
     let mut args = raw_args(spec.args.iter().copied().flatten(), &mut nested);
-    let mut info = raw::RedisModuleCommandInfo {
+    let info = raw::RedisModuleCommandInfo {
         version: &INFO_VERSION,
         summary: spec.summary.as_ptr(),
         complexity: spec.complexity.as_ptr(),
@@ -581,7 +581,7 @@ fn set_info(
         },
         args: args.as_mut_ptr(),
     };
-    let rc = unsafe { set(command, &mut info) };
+    let rc = unsafe { set(command, &info) };
     drop(nested);
     if rc == raw::Status::Ok as c_int {
         Ok(())
