@@ -66,6 +66,13 @@ fn assert_noperm(con: &mut redis::Connection, args: &[&str]) {
     );
 }
 
+/// A server with its own schema, and a connection to it.
+fn fresh_server() -> (RedisServer, redis::Connection) {
+    let server = test_server(&unique_schema());
+    let con = server.client();
+    (server, con)
+}
+
 /// A server (own schema) where alice holds a '*' credit of 3 requests a day, and an admin
 /// connection to it.
 fn server_with_alice_credit() -> (String, RedisServer, redis::Connection) {
@@ -249,9 +256,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
 /// all and `-@quota` none.
 #[test]
 fn quota_acl_category() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
+    let (server, mut admin) = fresh_server();
     if server.version() < (7, 2, 0) {
         eprintln!(
             "Redis {:?} has no module ACL categories: category checks skipped",
@@ -356,9 +361,7 @@ fn quota_acl_category() {
 /// COMMAND INFO: the admission and management commands are writes, the lookups read-only.
 #[test]
 fn command_flags_are_sensible() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_server, mut con) = fresh_server();
 
     let mut flags: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for name in ALL_COMMANDS {
@@ -554,9 +557,7 @@ fn read_only_key_permission() {
 /// and project (a key pattern cannot confine it to one tenant), and not on bob.
 #[test]
 fn key_pattern_matches_the_user_id_not_the_tenant() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
+    let (server, mut admin) = fresh_server();
     acl_setuser(
         &mut admin,
         &[
@@ -584,9 +585,7 @@ fn key_pattern_matches_the_user_id_not_the_tenant() {
 /// COMMAND INFO: key specs (RO/access for reads, RW for writes) and the routing tips.
 #[test]
 fn key_specs_and_tips() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_server, mut con) = fresh_server();
     let info = |con: &mut redis::Connection, name: &str| {
         let v = to_array(query(con, &["COMMAND", "INFO", name]).expect("COMMAND INFO"));
         to_array(v[0].clone())

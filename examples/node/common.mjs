@@ -55,3 +55,12 @@ export async function checkNoRedirects(nodes, before, seenByApp) {
   check(seenByApp === 0, `the application saw ${seenByApp} MOVED`);
   check(sent === 0, `the servers sent ${sent} MOVED`);
 }
+
+/** Runs `standalone(REDIS_URL)`, then `cluster(nodes)` when QUOTA_CLUSTER_NODES is set. */
+export async function runExample(standalone, cluster) {
+  await standalone(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379');
+  const nodes = clusterNodes();
+  if (nodes.length > 0) await cluster(nodes);
+  else console.log('QUOTA_CLUSTER_NODES not set: cluster part skipped');
+  console.log('ok');
+}

@@ -8,7 +8,7 @@
 import Redis, { Cluster, Command } from 'ioredis';
 import calculateSlot from 'cluster-key-slot';
 import {
-  asObject, check, checkNoRedirects, clusterNodes, isRedirect, movedCount, runId,
+  asObject, check, checkNoRedirects, isRedirect, movedCount, runExample, runId,
 } from './common.mjs';
 
 const T = 'acme';
@@ -113,9 +113,4 @@ async function cluster(nodes) {
   console.log(`ioredis cluster: ${users.length} ADMIT + a ${calls.length}-command pipeline across users, 0 MOVED`);
 }
 
-const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
-await standalone(url);
-const nodes = clusterNodes();
-if (nodes.length > 0) await cluster(nodes);
-else console.log('QUOTA_CLUSTER_NODES not set: cluster part skipped');
-console.log('ok');
+await runExample(standalone, cluster);

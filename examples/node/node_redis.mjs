@@ -7,7 +7,7 @@
 // Commands issued together (Promise.all) are pipelined per node by the client.
 import { createClient, createCluster } from 'redis';
 import {
-  asObject, check, checkNoRedirects, clusterNodes, isRedirect, movedCount, runId,
+  asObject, check, checkNoRedirects, isRedirect, movedCount, runExample, runId,
 } from './common.mjs';
 
 const T = 'acme';
@@ -91,9 +91,4 @@ async function cluster(nodes) {
   console.log(`node-redis cluster: 2 x ${users.length} ADMIT + pipelined USAGE, 0 MOVED`);
 }
 
-const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
-await standalone(url);
-const nodes = clusterNodes();
-if (nodes.length > 0) await cluster(nodes);
-else console.log('QUOTA_CLUSTER_NODES not set: cluster part skipped');
-console.log('ok');
+await runExample(standalone, cluster);
