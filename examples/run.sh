@@ -57,6 +57,24 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# A free port at most 55535 whose cluster bus port (+10000) is free too.
+free_cluster_port() {
+    python3 -c '
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+while True:
+    p = random.randint(20000, 55535)
+    if free(p) and free(p + 10000):
+        print(p); break'
+}
+
 redis_cli="${REDIS_CLI:-$(command -v redis-cli || true)}"
 [ -n "$redis_cli" ] || die "redis-cli not found (scripts/deps.sh installs it)"
 export REDIS_CLI="$redis_cli"
@@ -92,12 +110,13 @@ start_redis() {
 # launch_server DIR [config lines...]: a redis-server with the module in DIR on a free
 # loopback port; sets launched_port and launched_pid. Uses server, module, pg_url, schema.
 launch_server() {
-    local dir="$1" conf port pid line
+    local dir="$1" conf port pid line pick=free_port
     shift
+    case " $* " in *"cluster-enabled yes"*) pick=free_cluster_port ;; esac
     mkdir -p "$dir"
     conf="$dir/redis.conf"
     for _ in 1 2 3 4 5; do
-        port="$(free_port)"
+        port="$($pick)"
         # The config file (not the command line) carries the PostgreSQL URL.
         {
             echo "port $port"
