@@ -108,6 +108,9 @@ async function cluster(nodes) {
     allowed += Number(asObject(await call(c, 'QUOTA.ADMIT', [T, P, vip, 'web', 'REQUESTS_PER_DAY', '1'])).allowed);
   }
   check(allowed === 2, `vip: base 1 + credit 1, got ${allowed}`);
+  // 4. QUOTA.CLEANUP has no key: run it on every master and add up (what its tips ask).
+  const cleaned = await Promise.all(c.nodes('master').map((node) => node.call('QUOTA.CLEANUP')));
+  check(cleaned.length === nodes.length && cleaned.every((n) => Number(n) >= 0), `CLEANUP ${cleaned}`);
   c.disconnect();
   await checkNoRedirects(nodes, before, seenRedirects);
   console.log(`ioredis cluster: ${users.length} ADMIT + a ${calls.length}-command pipeline across users, 0 MOVED`);

@@ -86,6 +86,10 @@ async function cluster(nodes) {
   // 4. A multi-user read, pipelined: every user shows 2 requests today.
   const usage = await Promise.all(users.map((user) => c.quota.USAGE(T, P, user, 'web')));
   check(usage.every((r) => Number(asObject(r).req_day) === 2), 'every user counted twice');
+  // 5. QUOTA.CLEANUP has no key: run it on every master and add up (what its tips ask).
+  const cleaned = await Promise.all(c.masters.map(async (master) =>
+    (await c.nodeClient(master)).sendCommand(['QUOTA.CLEANUP'])));
+  check(cleaned.length === nodes.length && cleaned.every((n) => Number(n) >= 0), `CLEANUP ${cleaned}`);
   await c.close();
   await checkNoRedirects(nodes, before, seenRedirects);
   console.log(`node-redis cluster: 2 x ${users.length} ADMIT + pipelined USAGE, 0 MOVED`);
