@@ -6,6 +6,7 @@
 #   a C compiler                                  cc crates
 #   postgresql                                    initdb / pg_ctl / postgres / psql for throwaway servers
 #   python3 (+ venv, pip)                         Redis 8 download, examples
+#   nodejs + npm                                  the Node examples (examples/node)
 # Runs apt-get update at most once. Needs root (or sudo) only when something is missing.
 # Services that the packages ship are NOT started by this install (policy-rc.d).
 set -euo pipefail
@@ -36,6 +37,9 @@ if ! have python3; then
 else
     python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+fi
+if ! have node || ! have npm; then
+    missing+=(nodejs npm)
 fi
 # redis-server and postgres need these at run time; tiny, usually present.
 have runuser || missing+=(util-linux)

@@ -1,7 +1,8 @@
 //! redis-quota: a Redis module that keeps per-user quota credits ("replenishments") next to the
 //! data they guard and admits requests against a base policy plus those credits atomically.
 //!
-//! This file only wires things together: the data type, the commands and their ACL category,
+//! This file only wires things together: the data type, the commands (their metadata lives in
+//! `glue::command_info`),
 //! the configuration, `INFO quota`, and start/stop of the worker pool and NOTIFY listener.
 //! The logic lives in `core` (pure), `commands` (Redis shells), `store` (Postgres) and `worker`.
 
@@ -20,8 +21,6 @@ pub mod worker;
 
 #[cfg(not(test))]
 mod module {
-    use std::ffi::CString;
-    use std::os::raw::c_int;
     use std::time::Duration;
 
     use redis_module::configuration::ConfigurationFlags;
@@ -31,73 +30,43 @@ mod module {
     use crate::commands::*;
     use crate::config::{self, on_change, ScriptMiss};
     use crate::glue::account_type::ACCOUNT_TYPE;
+    use crate::glue::command_info::{self as info, CommandSpec, Entry};
     use crate::{state, stats, worker};
 
-    type Entry =
-        extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
-
-    /// Every command: name, entry point, flags, first key, last key, key step.
-    /// The key is the user id (argument 3) for everything that touches a user, so Redis Cluster
-    /// routes all of one user's commands to the node holding that user's slot.
-    const COMMANDS: &[(&str, Entry, &str, c_int, c_int, c_int)] = &[
-        ("quota.grant", cmd_grant, "write deny-oom", 3, 3, 1),
-        ("quota.get", cmd_get, "readonly fast", 3, 3, 1),
-        ("quota.revoke", cmd_revoke, "write", 3, 3, 1),
-        ("quota.list", cmd_list, "readonly", 3, 3, 1),
-        ("quota.cleanup", cmd_cleanup, "write", 0, 0, 0),
-        ("quota.invalidate", cmd_invalidate, "write fast", 3, 3, 1),
-        ("quota.admit", cmd_admit, "write deny-oom fast", 3, 3, 1),
-        ("quota.commit", cmd_commit, "write deny-oom fast", 3, 3, 1),
-        ("quota.release", cmd_release, "write fast", 3, 3, 1),
-        ("quota.usage", cmd_usage, "readonly fast", 3, 3, 1),
-        ("quota.reset", cmd_reset, "write", 3, 3, 1),
-        ("quota.setstate", cmd_setstate, "write", 1, 1, 1),
+    /// Every command with its entry point; `glue::command_info` holds what Redis is told about
+    /// each (flags, key spec, ACL categories, docs, tips). The key is the user id (argument 3)
+    /// for everything that touches a user, so Redis Cluster routes all of one user's commands
+    /// to the node holding that user's slot.
+    const COMMANDS: &[(&CommandSpec, Entry)] = &[
+        (&info::GRANT, cmd_grant),
+        (&info::GET, cmd_get),
+        (&info::REVOKE, cmd_revoke),
+        (&info::LIST, cmd_list),
+        (&info::CLEANUP, cmd_cleanup),
+        (&info::INVALIDATE, cmd_invalidate),
+        (&info::ADMIT, cmd_admit),
+        (&info::COMMIT, cmd_commit),
+        (&info::RELEASE, cmd_release),
+        (&info::USAGE, cmd_usage),
+        (&info::RESET, cmd_reset),
+        (&info::SETSTATE, cmd_setstate),
     ];
 
     fn register_commands(ctx: &Context) -> Status {
-        let category = c"quota";
-        let has_categories = unsafe { raw::RedisModule_AddACLCategory }.is_some();
-        if has_categories {
-            unsafe {
-                if let Some(add) = raw::RedisModule_AddACLCategory {
-                    add(ctx.ctx, category.as_ptr());
-                }
-            }
+        info::add_category(ctx.ctx);
+        if !info::has_acl_categories() {
+            ctx.log_notice(
+                "quota: this Redis has no module ACL categories (Redis < 7.2): the QUOTA.* \
+                 commands are in no ACL category; name them one by one in ACL rules",
+            );
         }
-        for (name, entry, flags, first, last, step) in COMMANDS {
-            let (Ok(cname), Ok(cflags)) = (CString::new(*name), CString::new(*flags)) else {
+        for (spec, entry) in COMMANDS {
+            if let Err(e) = info::register(ctx.ctx, spec, *entry) {
+                ctx.log_warning(&format!(
+                    "quota: cannot register command {}: {e:?}",
+                    spec.name.to_string_lossy()
+                ));
                 return Status::Err;
-            };
-            let created = unsafe {
-                raw::RedisModule_CreateCommand.map_or(raw::Status::Err as c_int, |f| {
-                    f(
-                        ctx.ctx,
-                        cname.as_ptr(),
-                        Some(*entry),
-                        cflags.as_ptr(),
-                        *first,
-                        *last,
-                        *step,
-                    )
-                })
-            };
-            if created != raw::Status::Ok as c_int {
-                ctx.log_warning(&format!("quota: cannot create command {name}"));
-                return Status::Err;
-            }
-            // Redis >= 7.2: put every command in the `quota` ACL category.
-            if has_categories {
-                unsafe {
-                    if let (Some(get), Some(set)) = (
-                        raw::RedisModule_GetCommand,
-                        raw::RedisModule_SetCommandACLCategories,
-                    ) {
-                        let command = get(ctx.ctx, cname.as_ptr());
-                        if !command.is_null() {
-                            set(command, category.as_ptr());
-                        }
-                    }
-                }
             }
         }
         Status::Ok
@@ -169,7 +138,12 @@ mod module {
         // A value that cannot be read fails its load (RESTORE: "Bad data format") instead of
         // taking the server down: `rdb_load` checks every read.
         if let Some(set_options) = unsafe { raw::RedisModule_SetModuleOptions } {
-            unsafe { set_options(ctx.ctx, raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as c_int) };
+            unsafe {
+                set_options(
+                    ctx.ctx,
+                    raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as std::os::raw::c_int,
+                )
+            };
         }
         if register_commands(ctx) == Status::Err {
             return Status::Err;

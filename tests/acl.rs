@@ -66,6 +66,26 @@ fn assert_noperm(con: &mut redis::Connection, args: &[&str]) {
     );
 }
 
+/// A server with its own schema, and a connection to it.
+fn fresh_server() -> (RedisServer, redis::Connection) {
+    let server = test_server(&unique_schema());
+    let con = server.client();
+    (server, con)
+}
+
+/// A server (own schema) where alice holds a '*' credit of 3 requests a day, and an admin
+/// connection to it.
+fn server_with_alice_credit() -> (String, RedisServer, redis::Connection) {
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut admin = server.client();
+    query_map(
+        &mut admin,
+        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
+    );
+    (schema, server, admin)
+}
+
 /// One call of each command, arguments valid for user `alice` (bundle `b`) where that
 /// matters. Each is answered by the module when allowed.
 fn sample_calls() -> Vec<Vec<&'static str>> {
@@ -88,13 +108,7 @@ fn sample_calls() -> Vec<Vec<&'static str>> {
 /// others, which then change nothing.
 #[test]
 fn app_user_runs_admissions_but_not_credit_management() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
-    query_map(
-        &mut admin,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
-    );
+    let (schema, server, mut admin) = server_with_alice_credit();
 
     acl_setuser(
         &mut admin,
@@ -242,9 +256,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
 /// all and `-@quota` none.
 #[test]
 fn quota_acl_category() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut admin = server.client();
+    let (server, mut admin) = fresh_server();
     if server.version() < (7, 2, 0) {
         eprintln!(
             "Redis {:?} has no module ACL categories: category checks skipped",
@@ -349,9 +361,7 @@ fn quota_acl_category() {
 /// COMMAND INFO: the admission and management commands are writes, the lookups read-only.
 #[test]
 fn command_flags_are_sensible() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_server, mut con) = fresh_server();
 
     let mut flags: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for name in ALL_COMMANDS {
@@ -393,5 +403,226 @@ fn command_flags_are_sensible() {
         "quota.usage",
     ] {
         assert!(has(name, "fast"), "{name} flags {:?}", flags[name]);
+    }
+}
+
+/// The standard categories: on Redis >= 7.2 `+@all -@write -@dangerous` cannot change quota
+/// state and `+@read` can read it. On 7.0 (no module categories) the same rules let every
+/// QUOTA.* command through, as the README says, and naming the commands is what works.
+#[test]
+fn standard_acl_categories() {
+    let (_, server, mut admin) = server_with_alice_credit();
+    query_map(
+        &mut admin,
+        &["QUOTA.ADMIT", T, P, "alice", "b", "REQUESTS_PER_DAY", "1"],
+    );
+    let reads = [
+        vec!["QUOTA.GET", T, P, "alice", "b"],
+        vec!["QUOTA.USAGE", T, P, "alice", "b"],
+        vec!["QUOTA.LIST", T, P, "alice"],
+    ];
+    acl_setuser(
+        &mut admin,
+        &[
+            "nowrite",
+            "on",
+            ">s1",
+            "~*",
+            "+@all",
+            "-@write",
+            "-@dangerous",
+        ],
+    );
+    acl_setuser(
+        &mut admin,
+        &["reader", "on", ">s2", "~*", "-@all", "+@read"],
+    );
+    let mut nowrite = connect_as(&server, "nowrite", "s1");
+    let mut reader = connect_as(&server, "reader", "s2");
+
+    if server.version() < (7, 2, 0) {
+        // Documented degradation: the module's commands are in no category.
+        let v = query(&mut nowrite, &["QUOTA.RESET", T, P, "alice", "b"]).expect("RESET");
+        assert_eq!(
+            value_i64(&v),
+            Some(1),
+            "Redis 7.0: -@write does not cover QUOTA.RESET"
+        );
+        assert_noperm(&mut reader, &reads[0]);
+        // Naming the commands works on every version.
+        acl_setuser(
+            &mut admin,
+            &[
+                "nowrite",
+                "-quota.reset",
+                "-quota.grant",
+                "-quota.revoke",
+                "-quota.cleanup",
+            ],
+        );
+        assert_noperm(&mut nowrite, &["QUOTA.RESET", T, P, "alice", "b"]);
+        return;
+    }
+
+    for name in ["quota.get", "quota.usage", "quota.list"] {
+        let read = strings(query(&mut admin, &["ACL", "CAT", "read"]).unwrap());
+        assert!(read.contains(name), "@read lacks {name}");
+    }
+    let write = strings(query(&mut admin, &["ACL", "CAT", "write"]).unwrap());
+    let fast = strings(query(&mut admin, &["ACL", "CAT", "fast"]).unwrap());
+    let dangerous = strings(query(&mut admin, &["ACL", "CAT", "dangerous"]).unwrap());
+    for name in ALL_COMMANDS {
+        let is_read = ["quota.get", "quota.usage", "quota.list"].contains(&name);
+        assert_eq!(write.contains(name), !is_read, "{name} in @write");
+    }
+    for name in [
+        "quota.admit",
+        "quota.commit",
+        "quota.release",
+        "quota.get",
+        "quota.usage",
+    ] {
+        assert!(fast.contains(name), "{name} not in @fast");
+    }
+    for name in ["quota.reset", "quota.cleanup", "quota.setstate"] {
+        assert!(dangerous.contains(name), "{name} not in @dangerous");
+    }
+
+    // +@all -@write -@dangerous: no credit or usage change, reads fine.
+    for args in [
+        vec!["QUOTA.RESET", T, P, "alice", "b"],
+        vec![
+            "QUOTA.GRANT",
+            T,
+            P,
+            "alice",
+            "*",
+            "REQUESTS_PER_DAY",
+            "1000",
+        ],
+        vec!["QUOTA.ADMIT", T, P, "alice", "b", "REQUESTS_PER_DAY", "1"],
+        vec!["QUOTA.CLEANUP"],
+    ] {
+        assert_noperm(&mut nowrite, &args);
+    }
+    let u = query_map(&mut nowrite, &["QUOTA.USAGE", T, P, "alice", "b"]);
+    assert_eq!(field_i64(&u, "req_day"), 1, "RESET was refused");
+    // +@read: GET, USAGE and LIST; nothing that writes.
+    for args in &reads {
+        query(&mut reader, args).unwrap_or_else(|e| panic!("{args:?} as +@read: {e}"));
+    }
+    assert_noperm(&mut reader, &["QUOTA.ADMIT", T, P, "alice", "b"]);
+    assert_noperm(&mut reader, &["QUOTA.COMMIT", T, P, "alice", "b", "1"]);
+}
+
+/// Reads declare their key read-only: a user with `%R~*` (read-only keys) runs GET, USAGE and
+/// LIST, and is refused ADMIT, COMMIT and RESET, which write.
+#[test]
+fn read_only_key_permission() {
+    let (_, server, mut admin) = server_with_alice_credit();
+    acl_setuser(
+        &mut admin,
+        &[
+            "ro",
+            "on",
+            ">ro-secret",
+            "%R~*",
+            "-@all",
+            "+quota.get",
+            "+quota.usage",
+            "+quota.list",
+        ],
+    );
+    acl_setuser(
+        &mut admin,
+        &["ro", "+quota.admit", "+quota.commit", "+quota.reset"],
+    );
+    let mut ro = connect_as(&server, "ro", "ro-secret");
+    let u = query_map(&mut ro, &["QUOTA.USAGE", T, P, "alice", "b"]);
+    assert_eq!(field_i64(&u, "req_day"), 0);
+    let g = query_map(&mut ro, &["QUOTA.GET", T, P, "alice", "b"]);
+    assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
+    query(&mut ro, &["QUOTA.LIST", T, P, "alice"]).expect("LIST with %R~*");
+    for args in [
+        vec!["QUOTA.ADMIT", T, P, "alice", "b"],
+        vec!["QUOTA.COMMIT", T, P, "alice", "b", "1"],
+        vec!["QUOTA.RESET", T, P, "alice", "b"],
+    ] {
+        let err = query_err(&mut ro, &args);
+        assert!(err.starts_with("NOPERM"), "{args:?} with %R~*: {err}");
+    }
+}
+
+/// The declared key is the user id: `~alice` lets a client act on user alice of any tenant
+/// and project (a key pattern cannot confine it to one tenant), and not on bob.
+#[test]
+fn key_pattern_matches_the_user_id_not_the_tenant() {
+    let (server, mut admin) = fresh_server();
+    acl_setuser(
+        &mut admin,
+        &[
+            "alice-app",
+            "on",
+            ">a-secret",
+            "~alice",
+            "-@all",
+            "+quota.admit",
+            "+quota.usage",
+        ],
+    );
+    let mut app = connect_as(&server, "alice-app", "a-secret");
+    for tenant in ["acme", "globex"] {
+        let a = query_map(&mut app, &["QUOTA.ADMIT", tenant, P, "alice", "b"]);
+        assert_eq!(field_i64(&a, "allowed"), 1, "{tenant}: {a:?}");
+    }
+    let err = query_err(&mut app, &["QUOTA.ADMIT", T, P, "bob", "b"]);
+    assert!(err.starts_with("NOPERM"), "{err}");
+    // The account key itself is not what ACL checks.
+    let err = query_err(&mut app, &["QUOTA.USAGE", T, P, "q:{alice}", "b"]);
+    assert!(err.starts_with("NOPERM"), "{err}");
+}
+
+/// COMMAND INFO: key specs (RO/access for reads, RW for writes) and the routing tips.
+#[test]
+fn key_specs_and_tips() {
+    let (_server, mut con) = fresh_server();
+    let info = |con: &mut redis::Connection, name: &str| {
+        let v = to_array(query(con, &["COMMAND", "INFO", name]).expect("COMMAND INFO"));
+        to_array(v[0].clone())
+    };
+    // [name, arity, flags, first, last, step, categories, tips, key specs, subcommands]
+    let key_flags = |entry: &[Value]| -> BTreeSet<String> {
+        let specs = to_array(entry[8].clone());
+        let spec = to_map(specs[0].clone());
+        strings(spec["flags"].clone())
+    };
+    for (name, expected) in [
+        ("quota.get", &["ro", "access"][..]),
+        ("quota.usage", &["ro", "access"]),
+        ("quota.list", &["ro", "access"]),
+        ("quota.admit", &["rw", "access", "update"]),
+        ("quota.commit", &["rw", "update"]),
+        ("quota.release", &["rw", "update"]),
+        ("quota.grant", &["rw", "update"]),
+        ("quota.revoke", &["rw", "delete"]),
+        ("quota.reset", &["rw", "delete"]),
+        ("quota.invalidate", &["rw", "delete"]),
+        ("quota.setstate", &["ow", "update"]),
+    ] {
+        let entry = info(&mut con, name);
+        let want: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+        assert_eq!(key_flags(&entry), want, "{name} key spec");
+    }
+    let cleanup = info(&mut con, "quota.cleanup");
+    let tips = strings(cleanup[7].clone());
+    let want: BTreeSet<String> = ["request_policy:all_shards", "response_policy:agg_sum"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(tips, want, "QUOTA.CLEANUP tips");
+    // Commands that always wait on PostgreSQL are refused in scripts by Redis itself.
+    for name in ["quota.grant", "quota.revoke", "quota.list", "quota.cleanup"] {
+        let flags = strings(info(&mut con, name)[2].clone());
+        assert!(flags.contains("noscript"), "{name} flags {flags:?}");
     }
 }

@@ -782,7 +782,12 @@ fn verbose_adds_limits_usage_and_resets() {
         for f in COUNTERS {
             assert!(u.contains_key(f), "usage lacks {f}: {u:?}");
         }
-        assert_resets(&nested(&m, "resets"), "hour", "day", "month");
+        assert_resets(
+            &nested(&m, "resets"),
+            "hour_reset",
+            "day_reset",
+            "month_reset",
+        );
     }
 }
 

@@ -27,6 +27,13 @@ use crate::state;
 use crate::stats;
 use crate::worker::{self, Done};
 
+/// Keyspace events (module class) on the account key, documented in the README.
+const EVENT_ADMIT: &std::ffi::CStr = c"quota.admit";
+const EVENT_COMMIT: &std::ffi::CStr = c"quota.commit";
+const EVENT_RELEASE: &std::ffi::CStr = c"quota.release";
+const EVENT_RESET: &std::ffi::CStr = c"quota.reset";
+const EVENT_SETSTATE: &std::ffi::CStr = c"quota.setstate";
+
 /// Where the credits for this decision come from.
 enum Credits<'a> {
     /// Look in the cache (a fresh command).
@@ -198,6 +205,9 @@ fn decide(
         CreditSource::Unavailable => stats::ADMITS_UNAVAILABLE.incr(),
         _ => {}
     }
+    if decision.changed {
+        account_key.notify(EVENT_ADMIT);
+    }
     reply_decision(ctx, &decision, source, &policy, usage.as_ref());
 }
 
@@ -234,9 +244,9 @@ fn reply_decision(
         }
         let r = usage_map(r.str("usage"), u, false);
         let r = r.str("resets").map(3);
-        let r = r.field("hour", |r| r.int(u.hour_reset));
-        let r = r.field("day", |r| r.int(u.day_reset));
-        r.field("month", |r| r.int(u.month_reset));
+        let r = r.field("hour_reset", |r| r.int(u.hour_reset));
+        let r = r.field("day_reset", |r| r.int(u.day_reset));
+        r.field("month_reset", |r| r.int(u.month_reset));
     }
 }
 
@@ -328,6 +338,9 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         replicate_state(ctx, &mut account_key, now);
     }
     let recorded = if outcome.duplicate { 0 } else { parsed.tokens };
+    if !outcome.duplicate {
+        account_key.notify(EVENT_COMMIT);
+    }
     let r = Reply::new(ctx).map(3);
     let r = r.field("recorded", |r| r.uint(recorded));
     let r = r.field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
@@ -353,6 +366,7 @@ pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if released {
         account_key.touch();
         replicate_state(ctx, &mut account_key, now);
+        account_key.notify(EVENT_RELEASE);
     }
     Reply::new(ctx).int(i64::from(released));
 }
@@ -388,6 +402,9 @@ pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Err(e) => return wrong_type(ctx, e),
     };
     let existed = account_key.delete();
+    if existed {
+        account_key.notify(EVENT_RESET);
+    }
     drop(account_key);
     if existed {
         unsafe {
@@ -414,7 +431,9 @@ pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     let account = match Account::decode(state) {
         Ok(account) => account,
         Err(bad) => {
-            Reply::new(ctx).error(&format!("ERR QUOTA.SETSTATE: invalid account state: {bad}"));
+            Reply::new(ctx).error(&format!(
+                "ERR state must be an account state encoded by redis-quota ({bad})"
+            ));
             return;
         }
     };
@@ -423,5 +442,6 @@ pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Err(e) => return wrong_type(ctx, e),
     };
     account_key.put(account);
+    account_key.notify(EVENT_SETSTATE);
     Reply::new(ctx).status("OK");
 }

@@ -8,6 +8,7 @@
 use redis_module::raw;
 
 use super::{block_timeout_ms, can_block, fail, parse, reply_cannot_block, reply_undone};
+use crate::config;
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
@@ -15,6 +16,7 @@ use crate::core::Millis;
 use crate::glue::blocked::Blocked;
 use crate::glue::reply::Reply;
 use crate::state;
+use crate::store::StoreError;
 use crate::worker::{self, Done, Job, OwnedUser};
 
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
@@ -166,9 +168,14 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
             refresh
         }
         Lookup::Unavailable => {
-            Reply::new(ctx).error(
-                "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly",
-            );
+            // Without a URL there is nothing to retry: the same error as the other commands.
+            let text = if config::text(&config::PG_URL).is_empty() {
+                StoreError::NotConfigured.to_string()
+            } else {
+                "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly"
+                    .to_owned()
+            };
+            Reply::new(ctx).error(&text);
             return;
         }
         Lookup::Miss { load } => {

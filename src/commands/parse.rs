@@ -27,6 +27,9 @@ pub enum ParseError {
     OutOfRange(&'static str, i64, i64),
     Unknown(String),
     Duplicate(&'static str),
+    /// A text argument's length is outside 1..=max bytes.
+    Length(&'static str, usize),
+    /// The argument and what it must be (`"must ..."`).
     Invalid(&'static str, &'static str),
     Conflict(&'static str, &'static str),
 }
@@ -49,9 +52,10 @@ impl fmt::Display for ParseError {
                 write!(f, "ERR {what} must be between {lo} and {hi}")
             }
             ParseError::Unknown(word) => write!(f, "ERR unknown option '{word}'"),
-            ParseError::Duplicate(what) => write!(f, "ERR option {what} given more than once"),
-            ParseError::Invalid(what, why) => write!(f, "ERR invalid {what}: {why}"),
-            ParseError::Conflict(a, b) => write!(f, "ERR {a} and {b} cannot be used together"),
+            ParseError::Duplicate(what) => write!(f, "ERR {what} must be given at most once"),
+            ParseError::Length(what, max) => write!(f, "ERR {what} must be 1 to {max} bytes"),
+            ParseError::Invalid(what, why) => write!(f, "ERR {what} {why}"),
+            ParseError::Conflict(a, b) => write!(f, "ERR {a} must not be given with {b}"),
         }
     }
 }
@@ -104,12 +108,12 @@ fn parse_in_range(what: &'static str, raw: &[u8], lo: i64, hi: i64) -> Result<i6
 
 fn text_arg<'a>(what: &'static str, raw: &'a [u8], max: usize) -> Result<&'a str, ParseError> {
     if raw.is_empty() || raw.len() > max {
-        return Err(ParseError::Invalid(what, "length out of range"));
+        return Err(ParseError::Length(what, max));
     }
     if raw.contains(&0) {
-        return Err(ParseError::Invalid(what, "contains a NUL byte"));
+        return Err(ParseError::Invalid(what, "must not contain a NUL byte"));
     }
-    std::str::from_utf8(raw).map_err(|_| ParseError::Invalid(what, "not valid UTF-8"))
+    std::str::from_utf8(raw).map_err(|_| ParseError::Invalid(what, "must be valid UTF-8"))
 }
 
 /// Walks `KEYWORD [value]` options, refusing repeats.
@@ -134,7 +138,7 @@ impl<'a, 'b> Options<'a, 'b> {
         self.rest
             .next()
             .copied()
-            .ok_or(ParseError::Invalid(keyword, "missing value"))
+            .ok_or(ParseError::Invalid(keyword, "must be followed by a value"))
     }
 
     fn once(&mut self, bit: u32, keyword: &'static str) -> Result<(), ParseError> {
@@ -455,24 +459,24 @@ mod tests {
             ),
             (
                 "QUOTA.GRANT t p u * ADD ADD",
-                "ERR option ADD given more than once",
+                "ERR ADD must be given at most once",
             ),
             (
                 "QUOTA.GRANT t p u * EXPIRES_IN 5 EXPIRES_AT 99999999999",
-                "ERR EXPIRES_AT and EXPIRES_IN cannot be used together",
+                "ERR EXPIRES_AT must not be given with EXPIRES_IN",
             ),
             (
                 "QUOTA.GRANT t p u * EXPIRES_AT 5",
-                "ERR invalid EXPIRES_AT: must be in the future",
+                "ERR EXPIRES_AT must be in the future",
             ),
             (
                 "QUOTA.GRANT t p u * AMOUNT 1.234",
-                "ERR invalid AMOUNT: must be a decimal from 0 to 99999999.99",
+                "ERR AMOUNT must be a decimal from 0 to 99999999.99",
             ),
             ("QUOTA.GRANT t p u * BOGUS", "ERR unknown option 'BOGUS'"),
             (
                 "QUOTA.GRANT t p u * TOKENS_PER_DAY",
-                "ERR invalid TOKENS_PER_DAY: missing value",
+                "ERR TOKENS_PER_DAY must be followed by a value",
             ),
             ("QUOTA.GRANT t p u", "ERR wrong number of arguments"),
         ];

@@ -26,13 +26,13 @@ impl fmt::Display for IdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdError::Length(what) => {
-                write!(f, "ERR invalid {what}: must be 1 to {MAX_ID_LEN} bytes")
+                write!(f, "ERR {what} must be 1 to {MAX_ID_LEN} bytes")
             }
             IdError::Encoding(what) => {
-                write!(f, "ERR invalid {what}: must be UTF-8 without NUL bytes")
+                write!(f, "ERR {what} must be UTF-8 without NUL bytes")
             }
             IdError::Unroutable => f.write_str(
-                "ERR invalid user: a '}' outside a hash tag cannot be routed in Redis Cluster",
+                "ERR user must not contain a '}' outside a hash tag (no key in the user's slot could be named)",
             ),
         }
     }
@@ -217,7 +217,7 @@ mod tests {
     fn bad_ids_name_the_argument() {
         assert_eq!(
             check_id("tenant", b"").unwrap_err().to_string(),
-            "ERR invalid tenant: must be 1 to 255 bytes"
+            "ERR tenant must be 1 to 255 bytes"
         );
         assert!(check_id("user", &[b'a'; 256]).is_err());
         assert!(check_id("user", &[b'a'; 255]).is_ok());

@@ -199,6 +199,22 @@ impl AccountKey {
         }
     }
 
+    /// Emits the keyspace event `event` on this key, in the module class (`d` in
+    /// `notify-keyspace-events`, included in `A`): `__keyspace@<db>__:<key>` and
+    /// `__keyevent@<db>__:<event>`, each when enabled.
+    pub fn notify(&self, event: &std::ffi::CStr) {
+        unsafe {
+            if let Some(f) = raw::RedisModule_NotifyKeyspaceEvent {
+                f(
+                    self.ctx,
+                    raw::REDISMODULE_NOTIFY_MODULE,
+                    event.as_ptr(),
+                    self.name,
+                );
+            }
+        }
+    }
+
     /// Deletes the key; true if it existed.
     pub fn delete(&mut self) -> bool {
         unsafe {

@@ -4,5 +4,6 @@
 
 pub mod account_type;
 pub mod blocked;
+pub mod command_info;
 pub mod propagation;
 pub mod reply;

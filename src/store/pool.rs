@@ -43,7 +43,7 @@ pub(crate) fn connection_config(
     // The parse error can quote a character of the URL, so it is not repeated.
     let mut config: postgres::Config = url.parse().map_err(|_| {
         StoreError::BadConfig(
-            "quota.pg-url is not a valid PostgreSQL URL or key=value connection string".into(),
+            "quota.pg-url must be a PostgreSQL URL or key=value connection string".into(),
         )
     })?;
     let timeout = bounded_timeout(timeout_ms);

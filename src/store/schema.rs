@@ -44,7 +44,7 @@ pub fn validate_schema(name: &str) -> Result<(), StoreError> {
     let rest_ok = bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !first_ok || !rest_ok || name.len() > MAX_SCHEMA_LEN || name.starts_with("pg_") {
         return Err(StoreError::BadConfig(format!(
-            "invalid quota.schema: must be 1 to {MAX_SCHEMA_LEN} characters of a-z, 0-9 and _, \
+            "quota.schema must be 1 to {MAX_SCHEMA_LEN} characters of a-z, 0-9 and _, \
              not starting with a digit or pg_"
         )));
     }
@@ -113,7 +113,7 @@ mod tests {
         ] {
             let err = validate_schema(bad).unwrap_err();
             assert!(
-                err.to_string().starts_with("ERR invalid quota.schema"),
+                err.to_string().starts_with("ERR quota.schema must be"),
                 "{bad}"
             );
         }

@@ -1,0 +1,651 @@
+//! What Redis knows about each `QUOTA.*` command besides its entry point: flags, the key spec,
+//! ACL categories, and the `COMMAND DOCS` metadata (summary, since, complexity, arity, argument
+//! specs, tips). It owns the whole table and its registration through the raw API
+//! (`RedisModule_CreateCommand`, `SetCommandInfo`, `SetCommandACLCategories`); it does not know
+//! what a command does. `lib.rs` pairs each spec with its entry point.
+//!
+//! Version support: `SetCommandInfo` (docs, key specs, tips) exists from Redis 7.0;
+//! `AddACLCategory` and `SetCommandACLCategories` only from 7.2. On 7.0 the commands are in no
+//! ACL category at all (neither `@quota` nor `@read`/`@write`/...): ACL rules must name them
+//! one by one. The function pointers are looked up at load, so a missing one is skipped.
+
+// Registration runs only in the loaded module (`lib.rs` is not compiled into unit tests).
+#![cfg_attr(test, allow(dead_code))]
+
+use std::ffi::CStr;
+use std::os::raw::c_int;
+use std::ptr;
+
+use redis_module::raw;
+
+/// The ACL category every command joins where the server supports module categories.
+pub(crate) const CATEGORY: &CStr = c"quota";
+
+/// The `since` of every command: the module's first release.
+const SINCE: &CStr = c"1.0.0";
+
+/// What a command does with its declared key (the user id), as key-spec flags.
+#[derive(Clone, Copy)]
+pub(crate) enum KeyAccess {
+    /// Reads the user's data and returns it (`RO ACCESS`).
+    Read,
+    /// Reads and updates the user's data (`RW ACCESS UPDATE`).
+    ReadUpdate,
+    /// Updates the user's data without returning it (`RW UPDATE`).
+    Update,
+    /// Removes some of the user's data (`RW DELETE`).
+    Delete,
+    /// Replaces the whole value of the key (`OW UPDATE`).
+    Overwrite,
+}
+
+impl KeyAccess {
+    fn flags(self) -> u64 {
+        let f = match self {
+            KeyAccess::Read => raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_ACCESS,
+            KeyAccess::ReadUpdate => {
+                raw::REDISMODULE_CMD_KEY_RW
+                    | raw::REDISMODULE_CMD_KEY_ACCESS
+                    | raw::REDISMODULE_CMD_KEY_UPDATE
+            }
+            KeyAccess::Update => raw::REDISMODULE_CMD_KEY_RW | raw::REDISMODULE_CMD_KEY_UPDATE,
+            KeyAccess::Delete => raw::REDISMODULE_CMD_KEY_RW | raw::REDISMODULE_CMD_KEY_DELETE,
+            KeyAccess::Overwrite => raw::REDISMODULE_CMD_KEY_OW | raw::REDISMODULE_CMD_KEY_UPDATE,
+        };
+        u64::from(f)
+    }
+}
+
+/// The type of one argument in `COMMAND DOCS`.
+#[derive(Clone, Copy)]
+enum ArgType {
+    String,
+    Integer,
+    UnixTime,
+    /// The declared key (key spec 0).
+    Key,
+    /// A bare keyword (`PEEK`).
+    Token,
+    /// Exactly one of the sub-arguments.
+    OneOf(&'static [Arg]),
+}
+
+/// One argument of a command, as `COMMAND DOCS` shows it.
+#[derive(Clone, Copy)]
+pub(crate) struct Arg {
+    name: &'static CStr,
+    kind: ArgType,
+    token: Option<&'static CStr>,
+    optional: bool,
+}
+
+const fn arg(name: &'static CStr, kind: ArgType) -> Arg {
+    Arg {
+        name,
+        kind,
+        token: None,
+        optional: false,
+    }
+}
+
+/// `[TOKEN value]`.
+const fn option(token: &'static CStr, name: &'static CStr, kind: ArgType) -> Arg {
+    Arg {
+        name,
+        kind,
+        token: Some(token),
+        optional: true,
+    }
+}
+
+/// `[TOKEN]`.
+const fn flag(token: &'static CStr, name: &'static CStr) -> Arg {
+    Arg {
+        name,
+        kind: ArgType::Token,
+        token: Some(token),
+        optional: true,
+    }
+}
+
+/// Everything Redis is told about one command.
+pub(crate) struct CommandSpec {
+    /// The command name as registered.
+    pub(crate) name: &'static CStr,
+    /// `RedisModule_CreateCommand` flags.
+    flags: &'static CStr,
+    /// The declared key: argument position and what the command does with it.
+    key: Option<(c_int, KeyAccess)>,
+    /// Standard ACL categories (Redis >= 7.2), `quota` added.
+    acl: &'static CStr,
+    summary: &'static CStr,
+    complexity: &'static CStr,
+    /// Command tips (`request_policy:...`), if any.
+    tips: Option<&'static CStr>,
+    /// Redis arity: positive = exact, negative = at least.
+    arity: c_int,
+    /// The arguments, in groups that are written one after the other.
+    args: &'static [&'static [Arg]],
+}
+
+const TENANT: Arg = arg(c"tenant", ArgType::String);
+const PROJECT: Arg = arg(c"project", ArgType::String);
+const USER: Arg = arg(c"user", ArgType::Key);
+const BUNDLE: Arg = arg(c"bundle", ArgType::String);
+
+const LIMITS: [Arg; 7] = [
+    option(c"REQUESTS_PER_DAY", c"requests_per_day", ArgType::Integer),
+    option(
+        c"REQUESTS_PER_MONTH",
+        c"requests_per_month",
+        ArgType::Integer,
+    ),
+    option(c"TOTAL_REQUESTS", c"total_requests", ArgType::Integer),
+    option(c"TOKENS_PER_HOUR", c"tokens_per_hour", ArgType::Integer),
+    option(c"TOKENS_PER_DAY", c"tokens_per_day", ArgType::Integer),
+    option(c"TOKENS_PER_MONTH", c"tokens_per_month", ArgType::Integer),
+    option(c"MAX_CONCURRENT", c"max_concurrent", ArgType::Integer),
+];
+
+const EXPIRY: [Arg; 2] = [
+    option(c"EXPIRES_AT", c"expires_at", ArgType::UnixTime),
+    option(c"EXPIRES_IN", c"expires_in", ArgType::Integer),
+];
+
+const GRANT_OPTIONS: [Arg; 5] = [
+    Arg {
+        name: c"expiry",
+        kind: ArgType::OneOf(&EXPIRY),
+        token: None,
+        optional: true,
+    },
+    option(c"PURCHASE", c"purchase_id", ArgType::String),
+    option(c"AMOUNT", c"amount_usd", ArgType::String),
+    option(c"NOTES", c"notes", ArgType::String),
+    flag(c"ADD", c"add"),
+];
+
+const ADMIT_OPTIONS: [Arg; 5] = [
+    option(c"LEASE", c"lease", ArgType::String),
+    option(c"LEASE_TTL", c"lease_ttl", ArgType::Integer),
+    option(c"RESERVE", c"reserve", ArgType::Integer),
+    flag(c"PEEK", c"peek"),
+    flag(c"VERBOSE", c"verbose"),
+];
+
+const ACCOUNT_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, BUNDLE];
+
+/// Commands that always wait on PostgreSQL carry `deny-script`: a script cannot wait, so Redis
+/// refuses them there before the module runs. (Inside MULTI they are refused by the module.)
+pub(crate) static GRANT: CommandSpec = CommandSpec {
+    name: c"quota.grant",
+    flags: c"write deny-oom deny-script",
+    key: Some((3, KeyAccess::Update)),
+    acl: c"write slow",
+    summary: c"Grants or tops up a user's credit for a bundle (or '*') in PostgreSQL",
+    complexity: c"O(1) plus one PostgreSQL round trip",
+    tips: None,
+    arity: -5,
+    args: &[&ACCOUNT_ARGS, &LIMITS, &GRANT_OPTIONS],
+};
+
+pub(crate) static GET: CommandSpec = CommandSpec {
+    name: c"quota.get",
+    flags: c"readonly fast",
+    key: Some((3, KeyAccess::Read)),
+    acl: c"read fast",
+    summary: c"Returns the credit record that applies to a user's bundle",
+    complexity: c"O(N) where N is the user's number of credits; loads them on a cache miss",
+    tips: None,
+    arity: 5,
+    args: &[&ACCOUNT_ARGS],
+};
+
+pub(crate) static REVOKE: CommandSpec = CommandSpec {
+    name: c"quota.revoke",
+    flags: c"write deny-script",
+    key: Some((3, KeyAccess::Delete)),
+    acl: c"write slow",
+    summary: c"Revokes a user's credit for a bundle (soft delete in PostgreSQL)",
+    complexity: c"O(1) plus one PostgreSQL round trip",
+    tips: None,
+    arity: 5,
+    args: &[&ACCOUNT_ARGS],
+};
+
+const LIST_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, flag(c"ALL", c"all")];
+
+pub(crate) static LIST: CommandSpec = CommandSpec {
+    name: c"quota.list",
+    flags: c"readonly deny-script",
+    key: Some((3, KeyAccess::Read)),
+    acl: c"read slow",
+    summary: c"Lists a user's credits from PostgreSQL",
+    complexity: c"O(N) where N is the user's number of credits, plus one PostgreSQL round trip",
+    tips: None,
+    arity: -4,
+    args: &[&LIST_ARGS],
+};
+
+pub(crate) static CLEANUP: CommandSpec = CommandSpec {
+    name: c"quota.cleanup",
+    flags: c"write deny-script",
+    key: None,
+    acl: c"write slow dangerous",
+    summary: c"Deactivates every expired credit and replies how many",
+    complexity: c"O(N) where N is the number of expired credits",
+    tips: Some(c"request_policy:all_shards response_policy:agg_sum"),
+    arity: 1,
+    args: &[],
+};
+
+const USER_ARGS: [Arg; 3] = [TENANT, PROJECT, USER];
+
+pub(crate) static INVALIDATE: CommandSpec = CommandSpec {
+    name: c"quota.invalidate",
+    flags: c"write fast",
+    key: Some((3, KeyAccess::Delete)),
+    acl: c"write fast",
+    summary: c"Drops a user's cached credits here and on replicas",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 4,
+    args: &[&USER_ARGS],
+};
+
+pub(crate) static ADMIT: CommandSpec = CommandSpec {
+    name: c"quota.admit",
+    flags: c"write deny-oom fast",
+    key: Some((3, KeyAccess::ReadUpdate)),
+    acl: c"write fast",
+    summary: c"Admits or denies one request against a base policy plus the user's credits",
+    complexity: c"O(1) (O(N) in the account's live leases when they must be checked)",
+    tips: None,
+    arity: -5,
+    args: &[&ACCOUNT_ARGS, &LIMITS, &ADMIT_OPTIONS],
+};
+
+const COMMIT_ARGS: [Arg; 2] = [
+    arg(c"tokens", ArgType::Integer),
+    option(c"LEASE", c"lease", ArgType::String),
+];
+
+pub(crate) static COMMIT: CommandSpec = CommandSpec {
+    name: c"quota.commit",
+    flags: c"write deny-oom fast",
+    key: Some((3, KeyAccess::Update)),
+    acl: c"write fast",
+    summary: c"Records the tokens a request used and settles its lease",
+    complexity: c"O(1)",
+    tips: None,
+    arity: -6,
+    args: &[&ACCOUNT_ARGS, &COMMIT_ARGS],
+};
+
+const RELEASE_ARGS: [Arg; 1] = [arg(c"lease", ArgType::String)];
+
+pub(crate) static RELEASE: CommandSpec = CommandSpec {
+    name: c"quota.release",
+    flags: c"write fast",
+    key: Some((3, KeyAccess::Update)),
+    acl: c"write fast",
+    summary: c"Undoes an admission held by a lease",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 6,
+    args: &[&ACCOUNT_ARGS, &RELEASE_ARGS],
+};
+
+pub(crate) static USAGE: CommandSpec = CommandSpec {
+    name: c"quota.usage",
+    flags: c"readonly fast",
+    key: Some((3, KeyAccess::Read)),
+    acl: c"read fast",
+    summary: c"Returns an account's counters and window resets",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 5,
+    args: &[&ACCOUNT_ARGS],
+};
+
+pub(crate) static RESET: CommandSpec = CommandSpec {
+    name: c"quota.reset",
+    flags: c"write",
+    key: Some((3, KeyAccess::Delete)),
+    acl: c"write slow dangerous",
+    summary: c"Clears an account's counters, leases and reservations",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 5,
+    args: &[&ACCOUNT_ARGS],
+};
+
+const SETSTATE_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"state", ArgType::String)];
+
+pub(crate) static SETSTATE: CommandSpec = CommandSpec {
+    name: c"quota.setstate",
+    flags: c"write",
+    key: Some((1, KeyAccess::Overwrite)),
+    acl: c"write slow admin dangerous",
+    summary: c"Internal: applies an account state replicated by a master or read from the AOF",
+    complexity: c"O(N) where N is the size of the state",
+    tips: None,
+    arity: 3,
+    args: &[&SETSTATE_ARGS],
+};
+
+/// Why registration failed.
+#[derive(Debug)]
+pub(crate) enum RegisterError {
+    /// `RedisModule_CreateCommand` refused the command.
+    Create,
+    /// `RedisModule_SetCommandInfo` refused the metadata.
+    Info,
+    /// `RedisModule_SetCommandACLCategories` refused the categories.
+    Categories,
+}
+
+/// The entry point Redis calls for a command.
+pub(crate) type Entry =
+    extern "C" fn(*mut raw::RedisModuleCtx, *mut *mut raw::RedisModuleString, c_int) -> c_int;
+
+/// Whether the server has module ACL categories (Redis >= 7.2).
+pub(crate) fn has_acl_categories() -> bool {
+    let (add, set) = unsafe {
+        (
+            raw::RedisModule_AddACLCategory,
+            raw::RedisModule_SetCommandACLCategories,
+        )
+    };
+    add.is_some() && set.is_some()
+}
+
+/// Adds the `quota` ACL category where the server supports it (call once, before `register`).
+pub(crate) fn add_category(ctx: *mut raw::RedisModuleCtx) {
+    if !has_acl_categories() {
+        return;
+    }
+    unsafe {
+        if let Some(add) = raw::RedisModule_AddACLCategory {
+            add(ctx, CATEGORY.as_ptr());
+        }
+    }
+}
+
+/// Creates the command and sets everything the spec says that the server supports.
+pub(crate) fn register(
+    ctx: *mut raw::RedisModuleCtx,
+    spec: &CommandSpec,
+    entry: Entry,
+) -> Result<(), RegisterError> {
+    let (first, last, step) = match spec.key {
+        Some((pos, _)) => (pos, pos, 1),
+        None => (0, 0, 0),
+    };
+    let created = unsafe {
+        raw::RedisModule_CreateCommand.map_or(raw::Status::Err as c_int, |f| {
+            f(
+                ctx,
+                spec.name.as_ptr(),
+                Some(entry),
+                spec.flags.as_ptr(),
+                first,
+                last,
+                step,
+            )
+        })
+    };
+    if created != raw::Status::Ok as c_int {
+        return Err(RegisterError::Create);
+    }
+    let command = unsafe {
+        raw::RedisModule_GetCommand.map_or(ptr::null_mut(), |f| f(ctx, spec.name.as_ptr()))
+    };
+    if command.is_null() {
+        return Err(RegisterError::Create);
+    }
+    set_info(command, spec)?;
+    if has_acl_categories() {
+        let categories = format!(
+            "{} {}",
+            spec.acl.to_string_lossy(),
+            CATEGORY.to_string_lossy()
+        );
+        let categories =
+            std::ffi::CString::new(categories).map_err(|_| RegisterError::Categories)?;
+        let rc = unsafe {
+            raw::RedisModule_SetCommandACLCategories.map_or(raw::Status::Err as c_int, |f| {
+                f(command, categories.as_ptr())
+            })
+        };
+        if rc != raw::Status::Ok as c_int {
+            return Err(RegisterError::Categories);
+        }
+    }
+    Ok(())
+}
+
+static INFO_VERSION: raw::RedisModuleCommandInfoVersion = raw::RedisModuleCommandInfoVersion {
+    version: 1,
+    sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
+    sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
+    sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
+};
+
+/// The raw argument array of `args`, zero-terminated; `nested` keeps sub-arrays alive.
+fn raw_args<'a>(
+    args: impl IntoIterator<Item = &'a Arg>,
+    nested: &mut Vec<Vec<raw::RedisModuleCommandArg>>,
+) -> Vec<raw::RedisModuleCommandArg> {
+    let mut out: Vec<raw::RedisModuleCommandArg> = args
+        .into_iter()
+        .map(|a| {
+            let (type_, subargs) = match a.kind {
+                ArgType::String => (
+                    raw::RedisModuleCommandArgType_REDISMODULE_ARG_TYPE_STRING,
+                    None,
+                ),
+                ArgType::Integer => (
+                    raw::RedisModuleCommandArgType_REDISMODULE_ARG_TYPE_INTEGER,
+                    None,
+                ),
+                ArgType::UnixTime => (
+                    raw::RedisModuleCommandArgType_REDISMODULE_ARG_TYPE_UNIX_TIME,
+                    None,
+                ),
+                ArgType::Key => (
+                    raw::RedisModuleCommandArgType_REDISMODULE_ARG_TYPE_KEY,
+                    None,
+                ),
+                ArgType::Token => (
+                    raw::RedisModuleCommandArgType_REDISMODULE_ARG_TYPE_PURE_TOKEN,
+                    None,
+                ),
+                ArgType::OneOf(subs) => {
+                    let mut sub = raw_args(subs, nested);
+                    let p = sub.as_mut_ptr();
+                    nested.push(sub);
+                    (
+                        raw::RedisModuleCommandArgType_REDISMODULE_ARG_TYPE_ONEOF,
+                        Some(p),
+                    )
+                }
+            };
+            raw::RedisModuleCommandArg {
+                name: a.name.as_ptr(),
+                type_,
+                key_spec_index: if matches!(a.kind, ArgType::Key) {
+                    0
+                } else {
+                    -1
+                },
+                token: a.token.map_or(ptr::null(), CStr::as_ptr),
+                summary: ptr::null(),
+                since: ptr::null(),
+                flags: if a.optional {
+                    raw::REDISMODULE_CMD_ARG_OPTIONAL as c_int
+                } else {
+                    raw::REDISMODULE_CMD_ARG_NONE as c_int
+                },
+                deprecated_since: ptr::null(),
+                subargs: subargs.unwrap_or(ptr::null_mut()),
+                display_text: ptr::null(),
+            }
+        })
+        .collect();
+    out.push(zeroed_arg());
+    out
+}
+
+fn zeroed_arg() -> raw::RedisModuleCommandArg {
+    raw::RedisModuleCommandArg {
+        name: ptr::null(),
+        type_: 0,
+        key_spec_index: 0,
+        token: ptr::null(),
+        summary: ptr::null(),
+        since: ptr::null(),
+        flags: 0,
+        deprecated_since: ptr::null(),
+        subargs: ptr::null_mut(),
+        display_text: ptr::null(),
+    }
+}
+
+fn key_spec(pos: c_int, access: KeyAccess) -> raw::RedisModuleCommandKeySpec {
+    raw::RedisModuleCommandKeySpec {
+        notes: ptr::null(),
+        flags: access.flags(),
+        begin_search_type: raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX,
+        bs: raw::RedisModuleCommandKeySpec__bindgen_ty_1 {
+            index: raw::RedisModuleCommandKeySpec__bindgen_ty_1__bindgen_ty_1 { pos },
+        },
+        find_keys_type: raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE,
+        fk: raw::RedisModuleCommandKeySpec__bindgen_ty_2 {
+            range: raw::RedisModuleCommandKeySpec__bindgen_ty_2__bindgen_ty_1 {
+                lastkey: 0,
+                keystep: 1,
+                limit: 0,
+            },
+        },
+    }
+}
+
+/// The zero terminator of a key-spec array (begin_search_type 0 = invalid ends the list).
+fn key_spec_end() -> raw::RedisModuleCommandKeySpec {
+    raw::RedisModuleCommandKeySpec {
+        notes: ptr::null(),
+        flags: 0,
+        begin_search_type: 0,
+        bs: raw::RedisModuleCommandKeySpec__bindgen_ty_1 {
+            index: raw::RedisModuleCommandKeySpec__bindgen_ty_1__bindgen_ty_1 { pos: 0 },
+        },
+        find_keys_type: 0,
+        fk: raw::RedisModuleCommandKeySpec__bindgen_ty_2 {
+            range: raw::RedisModuleCommandKeySpec__bindgen_ty_2__bindgen_ty_1 {
+                lastkey: 0,
+                keystep: 0,
+                limit: 0,
+            },
+        },
+    }
+}
+
+/// `RedisModule_SetCommandInfo` (Redis >= 7.0; the server copies everything it is given).
+fn set_info(
+    command: *mut raw::RedisModuleCommand,
+    spec: &CommandSpec,
+) -> Result<(), RegisterError> {
+    let Some(set) = (unsafe { raw::RedisModule_SetCommandInfo }) else {
+        return Ok(()); // an older server: no docs, the legacy key range stands
+    };
+    let mut key_specs: Vec<raw::RedisModuleCommandKeySpec> = Vec::with_capacity(2);
+    if let Some((pos, access)) = spec.key {
+        key_specs.push(key_spec(pos, access));
+    }
+    key_specs.push(key_spec_end());
+    let mut nested = Vec::new();
+    let mut args = raw_args(spec.args.iter().copied().flatten(), &mut nested);
+    let info = raw::RedisModuleCommandInfo {
+        version: &INFO_VERSION,
+        summary: spec.summary.as_ptr(),
+        complexity: spec.complexity.as_ptr(),
+        since: SINCE.as_ptr(),
+        history: ptr::null_mut(),
+        tips: spec.tips.map_or(ptr::null(), CStr::as_ptr),
+        arity: spec.arity,
+        key_specs: if spec.key.is_some() {
+            key_specs.as_mut_ptr()
+        } else {
+            ptr::null_mut()
+        },
+        args: args.as_mut_ptr(),
+    };
+    let rc = unsafe { set(command, &info) };
+    drop(nested);
+    if rc == raw::Status::Ok as c_int {
+        Ok(())
+    } else {
+        Err(RegisterError::Info)
+    }
+}
+
+/// Every spec.
+#[cfg(test)]
+fn all() -> [&'static CommandSpec; 12] {
+    [
+        &GRANT,
+        &GET,
+        &REVOKE,
+        &LIST,
+        &CLEANUP,
+        &INVALIDATE,
+        &ADMIT,
+        &COMMIT,
+        &RELEASE,
+        &USAGE,
+        &RESET,
+        &SETSTATE,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key argument sits where the key spec says, and the arity admits every argument.
+    #[test]
+    fn key_argument_matches_the_key_spec() {
+        for spec in all() {
+            let args: Vec<&Arg> = spec.args.iter().copied().flatten().collect();
+            let key_at = args
+                .iter()
+                .position(|a| matches!(a.kind, ArgType::Key))
+                .map(|i| i as c_int + 1);
+            assert_eq!(key_at, spec.key.map(|(pos, _)| pos), "{:?}", spec.name);
+            let required = args.iter().filter(|a| !a.optional).count() as c_int + 1;
+            assert_eq!(spec.arity.abs(), required, "{:?}", spec.name);
+            assert_eq!(
+                spec.arity < 0,
+                args.iter().any(|a| a.optional),
+                "{:?}",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
+    fn reads_declare_read_only_keys() {
+        for spec in all() {
+            let readonly = spec.flags.to_string_lossy().contains("readonly");
+            let ro_key = matches!(spec.key, Some((_, KeyAccess::Read)));
+            assert_eq!(readonly, ro_key, "{:?}", spec.name);
+            assert_eq!(
+                readonly,
+                spec.acl.to_string_lossy().contains("read"),
+                "{:?}",
+                spec.name
+            );
+        }
+    }
+}

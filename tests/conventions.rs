@@ -1,0 +1,407 @@
+//! The module behaves like a native Redis command set, as the README documents it:
+//!
+//! * `COMMAND DOCS` gives every command a summary, `since`, complexity and its arguments;
+//! * the README's table of errors is what the server replies (each row provoked);
+//! * keyspace events (module class) on the account key for ADMIT, COMMIT, RELEASE, RESET and,
+//!   on a replica, SETSTATE;
+//! * MULTI and scripts: commands that wait on PostgreSQL are refused, a cold GET says TRYAGAIN;
+//! * a `'*'` credit applies to each bundle's own counters.
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: &str = "acme";
+const P: &str = "chat";
+
+const ACCOUNT: [&str; 4] = ["tenant", "project", "user", "bundle"];
+const LIMITS: [&str; 7] = [
+    "requests_per_day",
+    "requests_per_month",
+    "total_requests",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent",
+];
+
+/// The expected `COMMAND DOCS` of every command: summary start, argument names in order (in
+/// groups).
+const DOCS: &[(&str, &str, &[&[&str]])] = &[
+    (
+        "quota.admit",
+        "Admits",
+        &[
+            &ACCOUNT,
+            &LIMITS,
+            &["lease", "lease_ttl", "reserve", "peek", "verbose"],
+        ],
+    ),
+    (
+        "quota.grant",
+        "Grants",
+        &[
+            &ACCOUNT,
+            &LIMITS,
+            &["expiry", "purchase_id", "amount_usd", "notes", "add"],
+        ],
+    ),
+    ("quota.get", "Returns", &[&ACCOUNT]),
+    ("quota.revoke", "Revokes", &[&ACCOUNT]),
+    (
+        "quota.list",
+        "Lists",
+        &[&["tenant", "project", "user", "all"]],
+    ),
+    ("quota.cleanup", "Deactivates", &[]),
+    (
+        "quota.invalidate",
+        "Drops",
+        &[&["tenant", "project", "user"]],
+    ),
+    ("quota.commit", "Records", &[&ACCOUNT, &["tokens", "lease"]]),
+    ("quota.release", "Undoes", &[&ACCOUNT, &["lease"]]),
+    ("quota.usage", "Returns", &[&ACCOUNT]),
+    ("quota.reset", "Clears", &[&ACCOUNT]),
+    ("quota.setstate", "Internal", &[&["key", "state"]]),
+];
+
+/// A RESP2 `COMMAND DOCS` entry (flat field/value array) as a map.
+fn doc_map(v: Value) -> BTreeMap<String, Value> {
+    let items = to_array(v);
+    items
+        .chunks(2)
+        .filter_map(|kv| match kv {
+            [k, v] => Some((value_to_string(k)?, v.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn command_docs_match_the_expected_table() {
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut con = server.client();
+    for (name, summary_start, args) in DOCS {
+        let reply = to_array(query(&mut con, &["COMMAND", "DOCS", name]).expect("COMMAND DOCS"));
+        assert_eq!(reply.len(), 2, "COMMAND DOCS {name}: {reply:?}");
+        let doc = doc_map(reply[1].clone());
+        let text = |field: &str| doc.get(field).and_then(value_to_string).unwrap_or_default();
+        assert!(
+            text("summary").starts_with(summary_start),
+            "{name} summary: {:?}",
+            text("summary")
+        );
+        assert_eq!(text("since"), "1.0.0", "{name} since");
+        assert!(text("complexity").starts_with("O("), "{name} complexity");
+        assert_eq!(text("module"), "quota", "{name} module");
+        let names: Vec<String> = doc
+            .get("arguments")
+            .cloned()
+            .map(to_array)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| {
+                doc_map(a)
+                    .get("name")
+                    .and_then(value_to_string)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let expected: Vec<&str> = args.iter().copied().flatten().copied().collect();
+        assert_eq!(names, expected, "{name} arguments");
+    }
+    // The user is the key argument; options carry their keyword.
+    let reply = to_array(query(&mut con, &["COMMAND", "DOCS", "quota.admit"]).unwrap());
+    let args = to_array(doc_map(reply[1].clone())["arguments"].clone());
+    let user = doc_map(args[2].clone());
+    assert_eq!(value_to_string(&user["type"]).as_deref(), Some("key"));
+    let peek = doc_map(args[14].clone());
+    assert_eq!(value_to_string(&peek["token"]).as_deref(), Some("PEEK"));
+    assert_eq!(
+        value_to_string(&peek["type"]).as_deref(),
+        Some("pure-token")
+    );
+}
+
+/// Splits a README example command: words separated by spaces, `""` is an empty argument.
+fn words(command: &str) -> Vec<String> {
+    command
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            if w == "\"\"" {
+                String::new()
+            } else {
+                w.to_string()
+            }
+        })
+        .collect()
+}
+
+/// The rows of the README's `### Errors` table: (reply, command, needs a server without
+/// `quota.pg-url`).
+fn readme_errors() -> Vec<(String, Vec<String>, bool)> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("\n### Errors\n")
+        .nth(1)
+        .expect("README has a ### Errors section");
+    let section = section.split("\n#").next().unwrap_or(section);
+    let mut rows = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let reply = cells[0].trim_start_matches("| `").trim_end_matches('`');
+        let example = cells[1].trim_end_matches(" |");
+        let command = example.split('`').nth(1).expect("a command in backquotes");
+        rows.push((
+            reply.to_string(),
+            words(command),
+            example.contains("without `quota.pg-url`"),
+        ));
+    }
+    rows
+}
+
+#[test]
+fn readme_error_table_matches_the_server() {
+    let rows = readme_errors();
+    assert!(rows.len() >= 10, "README error table: {rows:?}");
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let no_url = RedisServer::builder()
+        .module_args(&[("schema", schema.as_str())])
+        .start();
+    let mut con = server.client();
+    let mut bare = no_url.client();
+    for (reply, command, without_url) in &rows {
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let target = if *without_url { &mut bare } else { &mut con };
+        let err = query_err(target, &args);
+        assert_eq!(&err, reply, "{args:?}");
+    }
+}
+
+/// Collects keyspace events from `con` (already subscribed) for `wait`.
+fn events(pubsub: &mut redis::PubSub<'_>, wait: Duration) -> Vec<(String, String)> {
+    let until = Instant::now() + wait;
+    let mut out = Vec::new();
+    while Instant::now() < until {
+        match pubsub.get_message() {
+            Ok(msg) => {
+                let payload: String = msg.get_payload().unwrap_or_default();
+                out.push((msg.get_channel_name().to_string(), payload));
+            }
+            Err(e) if e.is_timeout() => {}
+            Err(e) => panic!("pubsub: {e}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn keyspace_notifications_for_usage_changes() {
+    let schema = unique_schema();
+    let master = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", PgServer::shared().as_str()),
+            ("schema", schema.as_str()),
+        ])
+        .conf("repl-diskless-sync-delay 0")
+        .start();
+    let replica = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", PgServer::shared().as_str()),
+            ("schema", schema.as_str()),
+        ])
+        .replica_of(&master)
+        .start();
+    replica.wait_replica_synced(&master, Duration::from_secs(30));
+    let mut con = master.client();
+    // `A` includes the module class; `d` alone (with `E`) is enough too.
+    for (server, classes) in [(&master, "KEA"), (&replica, "Ed")] {
+        let mut c = server.client();
+        query(
+            &mut c,
+            &["CONFIG", "SET", "notify-keyspace-events", classes],
+        )
+        .expect("CONFIG SET");
+    }
+    let acc = [T, P, "alice", "web"];
+    let key = account_key(acc);
+
+    let mut sub = master.client();
+    let mut pubsub = sub.as_pubsub();
+    pubsub.psubscribe("__keyevent@0__:quota.*").unwrap();
+    pubsub.subscribe(format!("__keyspace@0__:{key}")).unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut rsub = replica.client();
+    let mut rpubsub = rsub.as_pubsub();
+    rpubsub.psubscribe("__keyevent@0__:quota.*").unwrap();
+    rpubsub
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+
+    let a = admit(&mut con, acc, &["REQUESTS_PER_DAY", "1", "LEASE", "l1"]);
+    assert_eq!(field_i64(&a, "allowed"), 1);
+    admit(&mut con, acc, &["REQUESTS_PER_DAY", "1", "PEEK"]); // changes nothing
+    let denied = admit(&mut con, acc, &["REQUESTS_PER_DAY", "1"]);
+    assert_eq!(field_i64(&denied, "allowed"), 0); // changes nothing
+    commit(&mut con, acc, "5", Some("l1"));
+    commit(&mut con, acc, "5", Some("l1")); // a repeat records nothing
+    admit(&mut con, acc, &["LEASE", "l2"]);
+    query(&mut con, &with_account("QUOTA.RELEASE", acc, &["l2"])).unwrap();
+    query(&mut con, &with_account("QUOTA.RELEASE", acc, &["l2"])).unwrap(); // not held
+    query(&mut con, &with_account("QUOTA.RESET", acc, &[])).unwrap();
+
+    let got = events(&mut pubsub, Duration::from_secs(1));
+    let keyevents: Vec<&str> = got
+        .iter()
+        .filter(|(ch, _)| ch.starts_with("__keyevent@0__:"))
+        .map(|(ch, payload)| {
+            assert_eq!(payload, &key, "{ch}");
+            ch.trim_start_matches("__keyevent@0__:")
+        })
+        .collect();
+    assert_eq!(
+        keyevents,
+        [
+            "quota.admit",
+            "quota.commit",
+            "quota.admit",
+            "quota.release",
+            "quota.reset"
+        ],
+        "{got:?}"
+    );
+    let keyspace: Vec<&str> = got
+        .iter()
+        .filter(|(ch, _)| ch.starts_with("__keyspace@0__:"))
+        .map(|(_, payload)| payload.as_str())
+        .collect();
+    assert_eq!(keyspace.first(), Some(&"quota.admit"), "{got:?}");
+    assert_eq!(keyspace.len(), 5, "{got:?}");
+
+    // The replica applies the master's state: `quota.setstate`, never `quota.admit`.
+    let on_replica = events(&mut rpubsub, Duration::from_secs(1));
+    let names: Vec<&str> = on_replica
+        .iter()
+        .map(|(ch, _)| ch.trim_start_matches("__keyevent@0__:"))
+        .collect();
+    assert!(names.contains(&"quota.setstate"), "{on_replica:?}");
+    assert!(!names.contains(&"quota.admit"), "{on_replica:?}");
+}
+
+#[test]
+fn multi_and_scripts_refuse_what_must_wait() {
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut con = server.client();
+    // Scripts: refused by Redis before the module runs.
+    for args in [
+        "'QUOTA.GRANT', 'acme', 'chat', 'alice', '*', 'REQUESTS_PER_DAY', '1'",
+        "'QUOTA.REVOKE', 'acme', 'chat', 'alice', '*'",
+        "'QUOTA.LIST', 'acme', 'chat', 'alice'",
+        "'QUOTA.CLEANUP'",
+    ] {
+        let script = format!("return redis.call({args})");
+        let err = query_err(&mut con, &["EVAL", &script, "0"]);
+        assert!(err.contains("not allowed from script"), "{args}: {err}");
+    }
+    // A cold GET in a script: TRYAGAIN, and the load it started answers a later call.
+    query_map(
+        &mut con,
+        &["QUOTA.GRANT", T, P, "cold", "*", "REQUESTS_PER_DAY", "4"],
+    );
+    query(&mut con, &["QUOTA.INVALIDATE", T, P, "cold"]).unwrap();
+    let get = "return redis.call('QUOTA.GET', 'acme', 'chat', 'cold', 'web')";
+    let err = query_err(&mut con, &["EVAL", get, "0"]);
+    assert!(
+        err.starts_with(
+            "TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly"
+        ),
+        "{err}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || query(
+        &mut con,
+        &["EVAL", get, "0"]
+    )
+    .is_ok()));
+
+    // MULTI: queued, answered at EXEC by the module; the rest of the transaction runs.
+    query(&mut con, &["QUOTA.INVALIDATE", T, P, "cold"]).unwrap();
+    // (Over a raw socket: the client library turns an EXEC reply holding errors into an error.)
+    let raw = raw_exchange(
+        server.port(),
+        &[
+            vec!["MULTI"],
+            vec!["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "1"],
+            vec!["QUOTA.GET", T, P, "cold", "web"],
+            vec!["QUOTA.USAGE", T, P, "alice", "web"],
+            vec!["EXEC"],
+        ],
+    );
+    let expected = "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n\
+         -ERR QUOTA.GRANT waits on PostgreSQL and cannot run inside MULTI, a script or a function\r\n\
+         -TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly\r\n\
+         *22\r\n$7\r\nreq_day\r\n:0\r\n";
+    assert!(raw.starts_with(expected), "{raw}");
+}
+
+/// Sends `commands` on a fresh RESP2 connection and returns everything read until the reply
+/// stream goes quiet.
+fn raw_exchange(port: u16, commands: &[Vec<&str>]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut out = Vec::new();
+    for args in commands {
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+    }
+    stream.write_all(&out).expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A `'*'` credit is applied by each bundle to its own counters: +2 on '*' is +2 on every
+/// bundle, not 2 shared.
+#[test]
+fn star_credit_applies_to_each_bundle() {
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let mut con = server.client();
+    query_map(
+        &mut con,
+        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "2"],
+    );
+    for bundle in ["web", "mobile"] {
+        let allowed: Vec<i64> = (0..4)
+            .map(|_| {
+                let a = admit(
+                    &mut con,
+                    [T, P, "alice", bundle],
+                    &["REQUESTS_PER_DAY", "1"],
+                );
+                field_i64(&a, "allowed")
+            })
+            .collect();
+        assert_eq!(allowed, [1, 1, 1, 0], "{bundle}: base 1 + its own 2");
+    }
+}
