@@ -52,6 +52,7 @@ mod module {
         ("quota.usage", cmd_usage, "readonly fast", 3, 3, 1),
         ("quota.reset", cmd_reset, "write", 3, 3, 1),
         ("quota.setstate", cmd_setstate, "write", 1, 1, 1),
+        ("quota.apply", cmd_apply, "write", 1, 1, 1),
     ];
 
     fn register_commands(ctx: &Context) -> Status {
@@ -178,7 +179,6 @@ mod module {
         }
         state::restart_listener();
         schedule_cleanup(ctx);
-        crate::glue::propagation::subscribe(ctx.ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {
