@@ -10,6 +10,7 @@
 //! dozen bytes whatever the account holds. The whole state (`QUOTA.SETSTATE <key> <state>`)
 //! is only a fallback; the AOF rewrite writes it too (see `account_type`).
 
+use std::ffi::CStr;
 use std::os::raw::c_char;
 
 use redis_module::raw;
@@ -18,44 +19,35 @@ use super::account_type::AccountKey;
 
 /// Propagates `QUOTA.APPLY <key> <effect>`.
 pub fn effect(ctx: *mut raw::RedisModuleCtx, key: &AccountKey, effect: &[u8]) {
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.APPLY".as_ptr(),
-                c"sb".as_ptr(),
-                key.name(),
-                effect.as_ptr().cast::<c_char>(),
-                effect.len(),
-            );
-        }
-    }
+    key_and_bytes(ctx, c"QUOTA.APPLY", key.name(), effect);
 }
 
 /// Propagates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or `DEL <key>` when
 /// the key is gone.
 pub fn state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey) {
     let name = key.name();
-    let Some(state) = key.get().map(|account| account.encode()) else {
-        unsafe {
+    match key.get().map(|account| account.encode()) {
+        Some(state) => key_and_bytes(ctx, c"QUOTA.SETSTATE", name, &state),
+        None => unsafe {
             if let Some(f) = raw::RedisModule_Replicate {
                 f(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
             }
-        }
+        },
+    }
+}
+
+/// Propagates `<command> <key> <bytes>`.
+fn key_and_bytes(
+    ctx: *mut raw::RedisModuleCtx,
+    command: &CStr,
+    key: *mut raw::RedisModuleString,
+    bytes: &[u8],
+) {
+    let Some(replicate) = (unsafe { raw::RedisModule_Replicate }) else {
         return;
     };
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.SETSTATE".as_ptr(),
-                c"sb".as_ptr(),
-                name,
-                state.as_ptr().cast::<c_char>(),
-                state.len(),
-            );
-        }
-    }
+    let (ptr, len) = (bytes.as_ptr().cast::<c_char>(), bytes.len());
+    unsafe { replicate(ctx, command.as_ptr(), c"sb".as_ptr(), key, ptr, len) };
 }
 
 /// Propagates the command as it was called (it carries no decision: `QUOTA.RESET`, and
