@@ -16,8 +16,9 @@ const T: &str = "acme";
 const P: &str = "chat";
 
 /// Every command the module registers.
-const ALL_COMMANDS: [&str; 12] = [
+const ALL_COMMANDS: [&str; 13] = [
     "quota.admit",
+    "quota.apply",
     "quota.cleanup",
     "quota.commit",
     "quota.get",
@@ -199,6 +200,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
         vec!["QUOTA.LIST", T, P, "alice"],
         vec!["QUOTA.INVALIDATE", T, P, "alice"],
         vec!["QUOTA.SETSTATE", "q:{alice}:4:acme4:chat5:alice1:b", "x"],
+        vec!["QUOTA.APPLY", "q:{alice}:4:acme4:chat5:alice1:b", "x"],
         vec!["SET", "k", "v"],
     ] {
         assert_noperm(&mut app, &args);
