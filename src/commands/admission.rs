@@ -4,9 +4,10 @@
 //! Admission is one atomic step on the main thread: find the user's credits (remembered on the
 //! account key while the cache has not changed, else the cache), merge them into the caller's
 //! base policy, decide on the account key, store the new state and replicate what changed as
-//! `QUOTA.APPLY <key> <effect>` (replicas and the AOF apply it and never re-run a decision). On a cache miss the client is blocked while a worker loads the rows, and the same
-//! function decides once they arrive (`admit_resumed`) or once the wait ran out
-//! (`admit_timed_out`, base policy, `replenishment unavailable`).
+//! `QUOTA.APPLY <key> <effect>` (replicas and the AOF apply it and never re-run a decision).
+//! On a cache miss the client is blocked while a worker loads the rows, and the same function
+//! decides once they arrive (`admit_resumed`) or once the wait ran out (`admit_timed_out`,
+//! base policy, `replenishment unavailable`).
 
 use std::os::raw::c_int;
 
@@ -399,6 +400,7 @@ pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     Reply::new(ctx).int(i64::from(existed));
 }
 
+/// Propagates `effect` in its encoded form.
 fn encoded(effect: Effect<'_>) -> Propagate {
     Propagate::Effect(effect.encode())
 }
