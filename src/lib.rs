@@ -50,6 +50,7 @@ mod module {
         (&info::USAGE, cmd_usage),
         (&info::RESET, cmd_reset),
         (&info::SETSTATE, cmd_setstate),
+        (&info::APPLY, cmd_apply),
     ];
 
     fn register_commands(ctx: &Context) -> Status {
@@ -157,7 +158,6 @@ mod module {
         }
         state::restart_listener();
         schedule_cleanup(ctx);
-        crate::glue::propagation::subscribe(ctx.ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {

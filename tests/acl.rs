@@ -16,8 +16,9 @@ const T: &str = "acme";
 const P: &str = "chat";
 
 /// Every command the module registers.
-const ALL_COMMANDS: [&str; 12] = [
+const ALL_COMMANDS: [&str; 13] = [
     "quota.admit",
+    "quota.apply",
     "quota.cleanup",
     "quota.commit",
     "quota.get",
@@ -213,6 +214,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
         vec!["QUOTA.LIST", T, P, "alice"],
         vec!["QUOTA.INVALIDATE", T, P, "alice"],
         vec!["QUOTA.SETSTATE", "q:{alice}:4:acme4:chat5:alice1:b", "x"],
+        vec!["QUOTA.APPLY", "q:{alice}:4:acme4:chat5:alice1:b", "x"],
         vec!["SET", "k", "v"],
     ] {
         assert_noperm(&mut app, &args);
@@ -383,6 +385,7 @@ fn command_flags_are_sensible() {
         "quota.cleanup",
         "quota.invalidate",
         "quota.setstate",
+        "quota.apply",
     ] {
         assert!(has(name, "write"), "{name} flags {:?}", flags[name]);
         assert!(!has(name, "readonly"), "{name} flags {:?}", flags[name]);
@@ -484,7 +487,12 @@ fn standard_acl_categories() {
     ] {
         assert!(fast.contains(name), "{name} not in @fast");
     }
-    for name in ["quota.reset", "quota.cleanup", "quota.setstate"] {
+    for name in [
+        "quota.reset",
+        "quota.cleanup",
+        "quota.setstate",
+        "quota.apply",
+    ] {
         assert!(dangerous.contains(name), "{name} not in @dangerous");
     }
 
@@ -608,6 +616,7 @@ fn key_specs_and_tips() {
         ("quota.reset", &["rw", "delete"]),
         ("quota.invalidate", &["rw", "delete"]),
         ("quota.setstate", &["ow", "update"]),
+        ("quota.apply", &["rw", "update"]),
     ] {
         let entry = info(&mut con, name);
         let want: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();

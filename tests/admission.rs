@@ -1082,12 +1082,13 @@ fn a_foreign_value_at_the_account_key_is_wrongtype() {
 }
 
 #[test]
-fn setstate_is_refused_from_clients() {
+fn internal_commands_are_refused_from_clients() {
     let server = server();
     let mut con = server.client();
     let key = account_key(["acme", "chat", "alice", "main"]);
-    // A well-formed state (version 1, five empty counters, req_total 5, no leases): a refusal
-    // must come from where the command was sent, not from its payload.
+    // A well-formed state (version 1, five empty counters, req_total 5, no leases) and a
+    // well-formed effect (version 1, one request counted at 0 ms): a refusal must come from
+    // where the command was sent, not from its payload.
     let mut state = vec![1u8, 0];
     for _ in 0..10 {
         varint(&mut state, 0);
@@ -1096,20 +1097,23 @@ fn setstate_is_refused_from_clients() {
     varint(&mut state, 0);
     varint(&mut state, 0);
     let state = String::from_utf8(state).expect("ascii state");
-    let err = query_err(&mut con, &["QUOTA.SETSTATE", &key, &state]);
-    assert!(err.starts_with("ERR"), "{err}");
-    let script = redis::cmd("EVAL")
-        .arg("return redis.call('QUOTA.SETSTATE', KEYS[1], ARGV[1])")
-        .arg(1)
-        .arg(&key)
-        .arg(&state)
-        .query::<Value>(&mut con);
-    assert!(script.is_err(), "SETSTATE from a script: {script:?}");
-    let mut p = redis::pipe();
-    p.atomic().cmd("QUOTA.SETSTATE").arg(&key).arg(&state);
-    let multi = p.query::<Value>(&mut con);
-    assert!(multi.is_err(), "SETSTATE inside MULTI: {multi:?}");
-    assert_eq!(int(&mut con, &["EXISTS", &key]), 0, "nothing was stored");
+    let effect = String::from_utf8(vec![1, 2, 0]).expect("ascii effect");
+    for (command, payload) in [("QUOTA.SETSTATE", &state), ("QUOTA.APPLY", &effect)] {
+        let err = query_err(&mut con, &[command, &key, payload]);
+        assert!(err.starts_with("ERR") && err.contains("internal"), "{err}");
+        let script = redis::cmd("EVAL")
+            .arg(format!("return redis.call('{command}', KEYS[1], ARGV[1])"))
+            .arg(1)
+            .arg(&key)
+            .arg(payload)
+            .query::<Value>(&mut con);
+        assert!(script.is_err(), "{command} from a script: {script:?}");
+        let mut p = redis::pipe();
+        p.atomic().cmd(command).arg(&key).arg(payload);
+        let multi = p.query::<Value>(&mut con);
+        assert!(multi.is_err(), "{command} inside MULTI: {multi:?}");
+        assert_eq!(int(&mut con, &["EXISTS", &key]), 0, "nothing was stored");
+    }
 }
 
 // ---------------------------------------------------------------------------

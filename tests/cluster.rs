@@ -194,6 +194,7 @@ fn commands_declare_the_user_as_their_key() {
         ("quota.list", 3),
         ("quota.invalidate", 3),
         ("quota.setstate", 1),
+        ("quota.apply", 1),
     ] {
         let info = to_array(query(&mut con, &["COMMAND", "INFO", name]).expect("COMMAND INFO"));
         assert_eq!(info.len(), 1, "COMMAND INFO {name}: {info:?}");

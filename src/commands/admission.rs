@@ -1,12 +1,13 @@
-//! `QUOTA.ADMIT`, `COMMIT`, `RELEASE`, `USAGE`, `RESET` and the internal `QUOTA.SETSTATE`.
+//! `QUOTA.ADMIT`, `COMMIT`, `RELEASE`, `USAGE`, `RESET` and the internal `QUOTA.APPLY` and
+//! `QUOTA.SETSTATE`.
 //!
 //! Admission is one atomic step on the main thread: find the user's credits (remembered on the
 //! account key while the cache has not changed, else the cache), merge them into the caller's
-//! base policy, decide on the account key, store the new state and replicate
-//! it as `QUOTA.SETSTATE <key> <state>` (an effect: replicas and the AOF never re-run a
-//! decision). On a cache miss the client is blocked while a worker loads the rows, and the same
-//! function decides once they arrive (`admit_resumed`) or once the wait ran out
-//! (`admit_timed_out`, base policy, `replenishment unavailable`).
+//! base policy, decide on the account key, store the new state and replicate what changed as
+//! `QUOTA.APPLY <key> <effect>` (replicas and the AOF apply it and never re-run a decision).
+//! On a cache miss the client is blocked while a worker loads the rows, and the same function
+//! decides once they arrive (`admit_resumed`) or once the wait ran out (`admit_timed_out`,
+//! base policy, `replenishment unavailable`).
 
 use std::os::raw::c_int;
 
@@ -17,6 +18,7 @@ use crate::config::{self, ScriptMiss};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
+use crate::core::effect::{Change, Effect, EncodedEffect};
 use crate::core::policy::{Additional, EffectivePolicy, LimitField};
 use crate::core::Millis;
 use crate::glue::account_type::{AccountKey, WrongType};
@@ -170,28 +172,35 @@ fn decide(
         reserve: parsed.reserve,
         peek: parsed.peek,
     };
-    let existed = account_key.get().is_some();
-    let mut fresh = Account::default();
-    let account = match account_key.get() {
-        Some(account) => account,
-        None => &mut fresh,
-    };
-    let decision = match account.admit(&policy, &request, now, state::new_lease_id) {
+    let decided = update(ctx, account_key, |account| {
+        let before = (account.leases.len(), account.settled.len());
+        match account.admit(&policy, &request, now, state::new_lease_id) {
+            Ok(decision) => {
+                let usage = parsed.verbose.then(|| account.usage(now));
+                let change = match Effect::admitted(now, &decision, account) {
+                    Some(effect) => encoded(effect),
+                    None if decision.changed => Propagate::State,
+                    None => Propagate::Nothing,
+                };
+                (Ok((decision, usage)), change)
+            }
+            // Deciding may have pruned before it failed.
+            Err(e) => {
+                let pruned = before != (account.leases.len(), account.settled.len());
+                (
+                    Err(e),
+                    Effect::pruned(now, pruned).map_or(Propagate::Nothing, encoded),
+                )
+            }
+        }
+    });
+    let (decision, usage) = match decided {
         Ok(d) => d,
         Err(e) => {
             Reply::new(ctx).error(&e.to_string());
             return;
         }
     };
-    let usage = parsed.verbose.then(|| account.usage(now));
-    if decision.changed {
-        if existed {
-            account_key.touch();
-        } else {
-            account_key.put(fresh);
-        }
-        replicate_state(ctx, account_key, now);
-    }
     if let Some(memo) = memo {
         account_key.set_memo(memo);
     }
@@ -273,33 +282,50 @@ fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
     Reply::new(ctx).error(&e.to_string());
 }
 
-/// Replicates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or `DEL <key>` when
-/// the change left nothing worth keeping (the key was deleted).
-fn replicate_state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey, now: Millis) {
-    if !propagation::needed(ctx, now) {
-        return;
-    }
-    let name = key.name();
-    let Some(state) = key.get().map(|account| account.encode()) else {
-        unsafe {
-            if let Some(f) = raw::RedisModule_Replicate {
-                f(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
-            }
-        }
-        return;
+/// What a change to an account propagates.
+// The effect stays inline (a stack buffer): an admission allocates nothing to replicate.
+#[allow(clippy::large_enum_variant)]
+enum Propagate {
+    /// Nothing changed.
+    Nothing,
+    /// `QUOTA.APPLY <key> <effect>`.
+    Effect(EncodedEffect),
+    /// The whole state (a fallback when the change has no effect form).
+    State,
+    /// The command as called (it is itself an effect).
+    Verbatim,
+}
+
+/// Runs `change` on the account (a new, empty one when the key does not exist); when it
+/// changed something, stores the result (setting the key's expiry from it, deleting the key
+/// when nothing is left) and propagates it, which also counts it as a change for RDB saves.
+fn update<T>(
+    ctx: *mut raw::RedisModuleCtx,
+    account_key: &mut AccountKey,
+    change: impl FnOnce(&mut Account) -> (T, Propagate),
+) -> T {
+    let existed = account_key.get().is_some();
+    let mut fresh = Account::default();
+    let account = match account_key.get() {
+        Some(account) => account,
+        None => &mut fresh,
     };
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.SETSTATE".as_ptr(),
-                c"sb".as_ptr(),
-                name,
-                state.as_ptr().cast::<std::os::raw::c_char>(),
-                state.len(),
-            );
-        }
+    let (out, propagate) = change(account);
+    if matches!(propagate, Propagate::Nothing) {
+        return out;
     }
+    if existed {
+        account_key.touch();
+    } else {
+        account_key.put(fresh);
+    }
+    match propagate {
+        Propagate::Nothing => {}
+        Propagate::Effect(effect) => propagation::effect(ctx, account_key, &effect),
+        Propagate::State => propagation::state(ctx, account_key),
+        Propagate::Verbatim => propagation::verbatim(ctx),
+    }
+    out
 }
 
 /// `QUOTA.COMMIT`: records used tokens and settles the lease.
@@ -314,19 +340,20 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
     };
-    let outcome = match account_key.get() {
-        Some(account) => {
-            let outcome = account.commit(parsed.tokens, parsed.lease, now);
-            account_key.touch();
-            outcome
+    let outcome = update(ctx, &mut account_key, |account| {
+        let pruned = account.prune(now);
+        match account.commit(parsed.tokens, parsed.lease, now) {
+            Ok(outcome) => {
+                let effect = Effect::committed(now, pruned, parsed.tokens, parsed.lease, &outcome);
+                (Ok(outcome), effect.map_or(Propagate::Nothing, encoded))
+            }
+            // Refused (too many remembered ids): only the prune, if any, changed the state.
+            Err(e) => (
+                Err(e),
+                Effect::pruned(now, pruned).map_or(Propagate::Nothing, encoded),
+            ),
         }
-        None => {
-            let mut account = Account::default();
-            let outcome = account.commit(parsed.tokens, parsed.lease, now);
-            account_key.put(account);
-            outcome
-        }
-    };
+    });
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -334,9 +361,6 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
             return;
         }
     };
-    if !outcome.duplicate {
-        replicate_state(ctx, &mut account_key, now);
-    }
     let recorded = if outcome.duplicate { 0 } else { parsed.tokens };
     if !outcome.duplicate {
         account_key.notify(EVENT_COMMIT);
@@ -359,13 +383,13 @@ pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
     };
-    let released = match account_key.get() {
-        Some(account) => account.release(lease, now),
-        None => false,
-    };
+    let released = update(ctx, &mut account_key, |account| {
+        let pruned = account.prune(now);
+        let released = account.release(lease, now);
+        let effect = Effect::released(now, pruned, lease, released);
+        (released, effect.map_or(Propagate::Nothing, encoded))
+    });
     if released {
-        account_key.touch();
-        replicate_state(ctx, &mut account_key, now);
         account_key.notify(EVENT_RELEASE);
     }
     Reply::new(ctx).int(i64::from(released));
@@ -407,22 +431,74 @@ pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     }
     drop(account_key);
     if existed {
-        unsafe {
-            if let Some(f) = raw::RedisModule_ReplicateVerbatim {
-                f(ctx);
-            }
-        }
+        propagation::verbatim(ctx);
     }
     Reply::new(ctx).int(i64::from(existed));
 }
 
-/// `QUOTA.SETSTATE <key> <state>`: applies replicated or AOF state. Refused from clients.
-pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+/// Propagates `effect` in its encoded form.
+fn encoded(effect: Effect<'_>) -> Propagate {
+    Propagate::Effect(effect.encode())
+}
+
+/// Whether this call comes from the master link or the AOF; else replies that `name` is
+/// internal.
+fn internal(ctx: *mut raw::RedisModuleCtx, name: &str) -> bool {
     let allowed =
         (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
     if flags(ctx) & allowed == 0 {
-        Reply::new(ctx)
-            .error("ERR QUOTA.SETSTATE is internal: it is only accepted from a master or the AOF");
+        Reply::new(ctx).error(&format!(
+            "ERR {name} is internal: it is only accepted from a master or the AOF"
+        ));
+        return false;
+    }
+    true
+}
+
+/// `QUOTA.APPLY <key> <effect>`: applies a replicated or AOF effect. Refused from clients.
+pub fn apply(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    if !internal(ctx, "QUOTA.APPLY") {
+        return;
+    }
+    let [_, key, effect] = args else {
+        return fail(ctx, args, parse::ParseError::Arity);
+    };
+    let effect = match Effect::decode(effect) {
+        Ok(e) => e,
+        Err(e) => {
+            Reply::new(ctx).error(&e.to_string());
+            return;
+        }
+    };
+    let mut account_key = match AccountKey::open(ctx, key) {
+        Ok(k) => k,
+        Err(e) => return wrong_type(ctx, e),
+    };
+    let applied = update(ctx, &mut account_key, |account| {
+        match effect.apply(account) {
+            Ok(()) => (Ok(()), Propagate::Verbatim),
+            Err(e) => (Err(e), Propagate::Nothing),
+        }
+    });
+    // A replica (or an AOF load) tells its listeners what the master's command did.
+    let event = match (&applied, &effect.change) {
+        (Ok(()), Some(Change::Count { .. })) => Some(EVENT_ADMIT),
+        (Ok(()), Some(Change::Commit { .. })) => Some(EVENT_COMMIT),
+        (Ok(()), Some(Change::Release { .. })) => Some(EVENT_RELEASE),
+        _ => None,
+    };
+    if let Some(event) = event {
+        account_key.notify(event);
+    }
+    match applied {
+        Ok(()) => Reply::new(ctx).status("OK"),
+        Err(e) => Reply::new(ctx).error(&e.to_string()),
+    };
+}
+
+/// `QUOTA.SETSTATE <key> <state>`: applies a replicated or AOF state. Refused from clients.
+pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    if !internal(ctx, "QUOTA.SETSTATE") {
         return;
     }
     let [_, key, state] = args else {
@@ -443,5 +519,6 @@ pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     };
     account_key.put(account);
     account_key.notify(EVENT_SETSTATE);
+    propagation::verbatim(ctx);
     Reply::new(ctx).status("OK");
 }

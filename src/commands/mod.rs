@@ -2,7 +2,7 @@
 //!
 //! `credits` holds the commands over PostgreSQL-backed credits (GRANT, GET, REVOKE, LIST,
 //! CLEANUP, INVALIDATE); `admission` the usage commands over account keys (ADMIT, COMMIT,
-//! RELEASE, USAGE, RESET and the internal SETSTATE). Every entry point runs inside `guard`, so a
+//! RELEASE, USAGE, RESET and the internal APPLY and SETSTATE). Every entry point runs inside `guard`, so a
 //! panic becomes an error reply instead of aborting Redis.
 
 pub mod admission;
@@ -137,3 +137,4 @@ entry!(cmd_release, admission::release);
 entry!(cmd_usage, admission::usage);
 entry!(cmd_reset, admission::reset);
 entry!(cmd_setstate, admission::setstate);
+entry!(cmd_apply, admission::apply);

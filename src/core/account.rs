@@ -69,12 +69,19 @@ pub enum LeaseId {
 impl LeaseId {
     /// The id for `text` (exactly 16 lower-case hex digits become `Short`).
     pub fn parse(text: &str) -> LeaseId {
+        match LeaseId::short_form(text) {
+            Some(n) => LeaseId::Short(n),
+            None => LeaseId::Named(text.into()),
+        }
+    }
+
+    /// The number a 16-lower-case-hex-digit id stands for; none for any other text.
+    pub(crate) fn short_form(text: &str) -> Option<u64> {
         let is_short =
             text.len() == 16 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        match (is_short, u64::from_str_radix(text, 16)) {
-            (true, Ok(n)) => LeaseId::Short(n),
-            _ => LeaseId::Named(text.into()),
-        }
+        is_short
+            .then(|| u64::from_str_radix(text, 16).ok())
+            .flatten()
     }
 
     /// Writes the text form into `buf` and returns it (no allocation for generated ids).
@@ -163,6 +170,10 @@ pub struct AdmitDecision {
     pub remaining_tokens: i64,
     /// Whether the account state changed (and must be stored and replicated).
     pub changed: bool,
+    /// Whether expired leases or settled ids were dropped before deciding.
+    pub pruned: bool,
+    /// Whether the request was counted (and its lease, if any, taken).
+    pub counted: bool,
 }
 
 impl AdmitDecision {
@@ -223,6 +234,8 @@ pub enum Retention {
 pub struct CommitOutcome {
     pub duplicate: bool,
     pub lease_held: bool,
+    /// Until when the committed lease id is remembered (none without a lease or when duplicate).
+    pub settled_until: Option<Millis>,
 }
 
 /// Why an admission could not even be decided; `Display` is the wire error text.
@@ -284,7 +297,7 @@ impl Now {
 
 impl Account {
     /// Drops leases and settled ids that have expired; true if anything was dropped.
-    fn prune(&mut self, now: Millis) -> bool {
+    pub(crate) fn prune(&mut self, now: Millis) -> bool {
         let mut pruned = false;
         while self.leases.front().is_some_and(|l| l.expires_at <= now) {
             if let Some(gone) = self.leases.pop_front() {
@@ -326,7 +339,7 @@ impl Account {
     }
 
     /// Adds a lease, keeping the expiry order (new leases usually go last).
-    fn push_lease(&mut self, lease: Lease) {
+    pub(crate) fn push_lease(&mut self, lease: Lease) {
         let at = self
             .leases
             .iter()
@@ -450,6 +463,8 @@ impl Account {
             remaining_requests: -1,
             remaining_tokens: -1,
             changed: pruned,
+            pruned,
+            counted: false,
         };
         let wanted = req.lease.map(LeaseId::parse);
         if let Some(id) = &wanted {
@@ -483,9 +498,7 @@ impl Account {
         if limits.get(LimitField::TotalRequests).is_some() {
             self.lifetime = true;
         }
-        self.req_day.add(now.day, 1);
-        self.req_month.add(now.month, 1);
-        self.req_total = self.req_total.saturating_add(1);
+        self.count_request(now.day, now.month);
         if wants_lease {
             let want = req.reserve.unwrap_or(0);
             let grant = [
@@ -512,6 +525,7 @@ impl Account {
             decision.reserved = grant;
         }
         decision.changed = true;
+        decision.counted = true;
         let reserved_after = reserved.saturating_add(decision.reserved);
         self.fill_remaining(&mut decision, limits, &now, reserved_after);
         Ok(decision)
@@ -561,13 +575,15 @@ impl Account {
     ) -> Result<CommitOutcome, AccountError> {
         self.prune(now_ms);
         let now = Now::at(now_ms);
-        let mut lease_held = false;
+        let mut outcome = CommitOutcome {
+            duplicate: false,
+            lease_held: false,
+            settled_until: None,
+        };
         if let Some(id) = lease.map(LeaseId::parse) {
             if self.settled.iter().any(|(s, _)| *s == id) {
-                return Ok(CommitOutcome {
-                    duplicate: true,
-                    lease_held: false,
-                });
+                outcome.duplicate = true;
+                return Ok(outcome);
             }
             if self.settled.len() >= MAX_SETTLED {
                 let first_free = self.settled.iter().map(|(_, until)| *until).min();
@@ -576,30 +592,59 @@ impl Account {
                     retry_after: wait.max(1),
                 });
             }
-            let mut until = now_ms.saturating_add(SETTLED_MIN_MS);
-            if let Some(pos) = self.leases.iter().position(|l| l.id == id) {
-                if let Some(held) = self.remove_lease(pos) {
-                    until = until.max(held.expires_at);
-                    lease_held = true;
-                }
-            }
-            self.settled.push((id, until));
+            let held = self.leases.iter().find(|l| l.id == id);
+            let until = now_ms
+                .saturating_add(SETTLED_MIN_MS)
+                .max(held.map_or(Millis::MIN, |l| l.expires_at));
+            outcome.lease_held = self.settle(id, until);
+            outcome.settled_until = Some(until);
         }
-        self.tok_hour.add(now.hour, tokens);
-        self.tok_day.add(now.day, tokens);
-        self.tok_month.add(now.month, tokens);
-        Ok(CommitOutcome {
-            duplicate: false,
-            lease_held,
-        })
+        self.count_tokens(tokens, now.hour, now.day, now.month);
+        Ok(outcome)
+    }
+
+    /// Counts one admitted request in the day and month windows with these indexes and in the
+    /// lifetime total.
+    pub(crate) fn count_request(&mut self, day: i64, month: i64) {
+        self.req_day.add(day, 1);
+        self.req_month.add(month, 1);
+        self.req_total = self.req_total.saturating_add(1);
+    }
+
+    /// Records `tokens` used in the hour, day and month windows with these indexes.
+    pub(crate) fn count_tokens(&mut self, tokens: u64, hour: i64, day: i64, month: i64) {
+        self.tok_hour.add(hour, tokens);
+        self.tok_day.add(day, tokens);
+        self.tok_month.add(month, tokens);
+    }
+
+    /// Settles lease `id`: drops it if held (with its reservation) and remembers the id until
+    /// `until`, so a repeated commit records nothing. True if the lease was held. `commit`
+    /// refuses a new id at `MAX_SETTLED`; an effect applied on a replica that somehow finds the
+    /// bound reached drops the id that expires first, so the state stays within the bound.
+    pub(crate) fn settle(&mut self, id: LeaseId, until: Millis) -> bool {
+        let pos = self.leases.iter().position(|l| l.id == id);
+        let held = pos.and_then(|pos| self.remove_lease(pos)).is_some();
+        if self.settled.len() >= MAX_SETTLED {
+            if let Some(oldest) = (0..self.settled.len()).min_by_key(|i| self.settled[*i].1) {
+                self.settled.swap_remove(oldest);
+            }
+        }
+        self.settled.push((id, until));
+        held
     }
 
     /// Undoes an admission: frees the lease, drops its reservation and refunds the request in
     /// the windows it was counted in. False if the lease was not held.
     pub fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
         self.prune(now_ms);
-        let lease = LeaseId::parse(lease);
-        let Some(pos) = self.leases.iter().position(|l| l.id == lease) else {
+        self.unadmit(&LeaseId::parse(lease))
+    }
+
+    /// Drops the held lease `id` and refunds its request in the windows it was counted in.
+    /// False if the lease is not held.
+    pub(crate) fn unadmit(&mut self, id: &LeaseId) -> bool {
+        let Some(pos) = self.leases.iter().position(|l| l.id == *id) else {
             return false;
         };
         let Some(held) = self.remove_lease(pos) else {
@@ -1210,6 +1255,7 @@ mod tests {
                         });
                         let (mut a, mut b) = (a.unwrap(), b.unwrap());
                         (a.changed, b.changed) = (false, false);
+                        (a.pruned, b.pruned) = (false, false);
                         assert_eq!(a, b, "case {case} step {step}");
                         if let Some(LeaseId::Short(n)) = &a.lease {
                             ids.push(format!("{n:016x}"));

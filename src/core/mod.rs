@@ -7,6 +7,7 @@
 pub mod account;
 pub mod cache;
 pub mod credit;
+pub mod effect;
 pub mod ids;
 pub mod policy;
 pub mod window;

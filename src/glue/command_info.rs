@@ -334,6 +334,21 @@ pub(crate) static SETSTATE: CommandSpec = CommandSpec {
     args: &[&SETSTATE_ARGS],
 };
 
+const APPLY_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"effect", ArgType::String)];
+
+pub(crate) static APPLY: CommandSpec = CommandSpec {
+    name: c"quota.apply",
+    flags: c"write",
+    key: Some((1, KeyAccess::Update)),
+    acl: c"write slow admin dangerous",
+    summary:
+        c"Internal: applies one change to an account, replicated by a master or read from the AOF",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 3,
+    args: &[&APPLY_ARGS],
+};
+
 /// Why registration failed.
 #[derive(Debug)]
 pub(crate) enum RegisterError {
@@ -592,7 +607,7 @@ fn set_info(
 
 /// Every spec.
 #[cfg(test)]
-fn all() -> [&'static CommandSpec; 12] {
+fn all() -> [&'static CommandSpec; 13] {
     [
         &GRANT,
         &GET,
@@ -606,6 +621,7 @@ fn all() -> [&'static CommandSpec; 12] {
         &USAGE,
         &RESET,
         &SETSTATE,
+        &APPLY,
     ]
 }
 
