@@ -167,13 +167,16 @@ fn decide(
         Some(account) => account,
         None => &mut fresh,
     };
-    let decision = match account.admit(&policy, &request, now, state::new_lease_id) {
+    let mut decision = match account.admit(&policy, &request, now, state::new_lease_id) {
         Ok(d) => d,
         Err(e) => {
             Reply::new(ctx).error(&e.to_string());
             return;
         }
     };
+    if !decision.allowed {
+        decision.retry_after = source.denial_retry_after(decision.retry_after);
+    }
     let usage = parsed.verbose.then(|| account.usage(now));
     if decision.changed {
         if existed {
