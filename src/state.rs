@@ -172,7 +172,7 @@ pub fn restart_listener() {
             NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
         }
     });
-    match Listener::spawn(url, schema, timeout, on_event) {
+    match Listener::spawn(url, config::credentials(), schema, timeout, on_event) {
         Ok(listener) => {
             if let Ok(mut slot) = LISTENER.lock() {
                 *slot = Some(listener);
@@ -202,7 +202,7 @@ pub fn reconfigure(name: &str) {
         return; // still loading: `init` applies everything once.
     }
     match name.trim_start_matches("quota.") {
-        "pg-url" | "schema" => {
+        "pg-url" | "pg-password" | "pg-passfile" | "schema" => {
             // Another database or schema: nothing cached so far is known to hold there.
             crate::worker::rebuild_backend();
             cache().clear();

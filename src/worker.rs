@@ -228,15 +228,21 @@ pub fn pool_state() -> (u32, u32) {
 pub fn rebuild_backend() {
     let cfg = StoreConfig {
         url: config::text(&config::PG_URL),
+        credentials: config::credentials(),
         schema: config::text(&config::SCHEMA),
         timeout_ms: config::int(&config::PG_TIMEOUT_MS).max(1) as u64,
         pool_size: config::int(&config::POOL_SIZE).clamp(1, 1024) as u32,
     };
     let backend = match Store::new(&cfg) {
-        Ok(store) => Some(Arc::new(Backend {
-            store,
-            deployed: AtomicBool::new(false),
-        })),
+        Ok(store) => {
+            if let Some(warning) = store.credentials_warning() {
+                redis_module::logging::log_warning(format!("quota: {warning}"));
+            }
+            Some(Arc::new(Backend {
+                store,
+                deployed: AtomicBool::new(false),
+            }))
+        }
         Err(StoreError::NotConfigured) => None,
         Err(e) => {
             redis_module::logging::log_warning(format!("quota: store not configured: {e}"));

@@ -15,7 +15,8 @@ use postgres::{Client, NoTls};
 use serde::Deserialize;
 
 use super::describe;
-use super::pool::{bounded_timeout, connection_config, scrub, secret_of};
+use super::passfile::Credentials;
+use super::pool::{apply_credentials, bounded_timeout, connection_config, scrub, secret_of};
 use super::schema::{channel, validate_schema};
 
 /// How long one wait for notifications lasts; also the longest the thread goes without looking
@@ -66,6 +67,7 @@ impl Listener {
     /// thread cannot be spawned; connection problems are reported as `Disconnected` events.
     pub fn spawn(
         url: String,
+        credentials: Credentials,
         schema: String,
         timeout_ms: u64,
         on_event: Callback,
@@ -75,7 +77,7 @@ impl Listener {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let thread = thread::Builder::new()
             .name("quota-listener".into())
-            .spawn(move || run(&url, &schema, timeout_ms, &on_event, &stop_rx))?;
+            .spawn(move || run(&url, &credentials, &schema, timeout_ms, &on_event, &stop_rx))?;
         Ok(Listener {
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -158,9 +160,21 @@ enum SessionEnd {
     Lost(String, Duration),
 }
 
-fn run(url: &str, schema: &str, timeout_ms: u64, on_event: &Callback, stop: &Receiver<()>) {
+fn run(
+    url: &str,
+    credentials: &Credentials,
+    schema: &str,
+    timeout_ms: u64,
+    on_event: &Callback,
+    stop: &Receiver<()>,
+) {
     let config = match connection_config(url, timeout_ms, APPLICATION_NAME) {
-        Ok(config) => config,
+        Ok(mut config) => {
+            // A password file that cannot be used is reported by the pool's owner; without
+            // it, connecting fails with PostgreSQL's own reason.
+            let _ = apply_credentials(&mut config, credentials);
+            config
+        }
         Err(err) => {
             // Retrying cannot fix the URL: report once and wait for the stop signal.
             emit(on_event, ListenerEvent::Disconnected(err.to_string()));
@@ -287,7 +301,13 @@ mod tests {
 
     #[test]
     fn invalid_schema_is_refused() {
-        let r = Listener::spawn("host=h".into(), "Bad".into(), 100, Box::new(|_| {}));
+        let r = Listener::spawn(
+            "host=h".into(),
+            Credentials::default(),
+            "Bad".into(),
+            100,
+            Box::new(|_| {}),
+        );
         assert!(r.is_err());
     }
 
@@ -297,6 +317,7 @@ mod tests {
         let sink = Arc::clone(&seen);
         let listener = Listener::spawn(
             "postgres://u:hunter2@[::1".into(),
+            Credentials::default(),
             "s".into(),
             100,
             Box::new(move |e| sink.lock().unwrap().push(e)),
@@ -324,6 +345,7 @@ mod tests {
         let sink = Arc::clone(&seen);
         let listener = Listener::spawn(
             "host=127.0.0.1 port=1 user=u password=hunter2".into(),
+            Credentials::default(),
             "s".into(),
             200,
             Box::new(move |e| sink.lock().unwrap().push(e)),

@@ -12,6 +12,7 @@ use postgres::{Client, NoTls};
 use r2d2::{CustomizeConnection, ManageConnection};
 use r2d2_postgres::PostgresConnectionManager;
 
+use super::passfile::{Credentials, Target};
 use super::{describe, StoreError};
 
 /// A pooled connection; derefs to `postgres::Client`.
@@ -67,6 +68,34 @@ pub(crate) fn connection_config(
     }
     config.notice_callback(|_| {});
     Ok(config)
+}
+
+/// Fills in the password from `creds` when the URL carries none (a password in the URL wins,
+/// as with libpq). `Err` says why the password file could not be used; the config is then left
+/// without a password.
+pub(crate) fn apply_credentials(
+    config: &mut postgres::Config,
+    creds: &Credentials,
+) -> Result<(), String> {
+    if config.get_password().is_some() {
+        return Ok(());
+    }
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.as_str(),
+        _ => "localhost",
+    };
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let database = config.get_dbname().unwrap_or(&user).to_owned();
+    let target = Target {
+        host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        database: &database,
+        user: &user,
+    };
+    if let Some(password) = creds.password_for(&target)? {
+        config.password(password);
+    }
+    Ok(())
 }
 
 /// The password in the config, if any: scrubbed from every message as a last line of defence.
@@ -192,6 +221,8 @@ pub(crate) struct PgPool {
     health: Arc<Health>,
     /// How long a failed connection attempt makes checkouts fail fast.
     fail_fast: Duration,
+    /// Why the configured password could not be used, if so.
+    warning: Option<String>,
 }
 
 /// While connecting fails, r2d2 retries in the background at least every half timeout; a
@@ -201,8 +232,14 @@ const FAIL_FAST_MIN: Duration = Duration::from_secs(1);
 /// Builds the pool without connecting: connections open on demand (`min_idle` 0), and waiting
 /// for one is bounded by the timeout. Zero sizes and timeouts are raised to 1 (r2d2 panics on
 /// zero); `Store::new` refuses them before getting here.
-pub(crate) fn build(url: &str, timeout_ms: u64, size: u32) -> Result<PgPool, StoreError> {
-    let config = connection_config(url, timeout_ms, APPLICATION_NAME)?;
+pub(crate) fn build(
+    url: &str,
+    creds: &Credentials,
+    timeout_ms: u64,
+    size: u32,
+) -> Result<PgPool, StoreError> {
+    let mut config = connection_config(url, timeout_ms, APPLICATION_NAME)?;
+    let warning = apply_credentials(&mut config, creds).err();
     let secret = secret_of(&config);
     let health = Arc::new(Health::default());
     let manager = Manager {
@@ -224,6 +261,7 @@ pub(crate) fn build(url: &str, timeout_ms: u64, size: u32) -> Result<PgPool, Sto
         secret,
         health,
         fail_fast,
+        warning,
     })
 }
 
@@ -242,6 +280,11 @@ impl PgPool {
         self.pool.get().map_err(|e| {
             StoreError::Unavailable(pool_failure(&e.to_string(), self.secret.as_deref()))
         })
+    }
+
+    /// Why the configured password file could not be used, if so (said once, by the owner).
+    pub(crate) fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
     }
 
     /// (open connections, idle connections).
