@@ -169,12 +169,7 @@ fn run(
     stop: &Receiver<()>,
 ) {
     let config = match connection_config(url, timeout_ms, APPLICATION_NAME) {
-        Ok(mut config) => {
-            // A password file that cannot be used is reported by the pool's owner; without
-            // it, connecting fails with PostgreSQL's own reason.
-            let _ = apply_credentials(&mut config, credentials);
-            config
-        }
+        Ok(config) => config,
         Err(err) => {
             // Retrying cannot fix the URL: report once and wait for the stop signal.
             emit(on_event, ListenerEvent::Disconnected(err.to_string()));
@@ -182,7 +177,7 @@ fn run(
             return;
         }
     };
-    let secret = secret_of(&config);
+    let mut secret = secret_of(&config);
     let channel = channel(schema);
     let check_timeout = bounded_timeout(timeout_ms).clamp(TICK, HEALTH_CHECK_EVERY);
     let mut backoff = Backoff(BACKOFF_MIN);
@@ -191,7 +186,15 @@ fn run(
         if stopped(stop) {
             return;
         }
-        let reason = match session(&config, &channel, check_timeout, on_event, stop) {
+        // The password is looked up at every attempt, so a rotated password file applies. One
+        // that cannot be used is reported by the pool's owner; without it, connecting fails
+        // with PostgreSQL's own reason.
+        let mut attempt = config.clone();
+        let _ = apply_credentials(&mut attempt, credentials);
+        if secret.is_none() {
+            secret = secret_of(&attempt);
+        }
+        let reason = match session(&attempt, &channel, check_timeout, on_event, stop) {
             SessionEnd::Stopped => return,
             SessionEnd::Failed(reason) => {
                 let reason = scrub(reason, secret.as_deref());

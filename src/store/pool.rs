@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 use r2d2::{CustomizeConnection, ManageConnection};
-use r2d2_postgres::PostgresConnectionManager;
 
 use super::passfile::{Credentials, Target};
 use super::{describe, StoreError};
@@ -153,16 +152,19 @@ impl Health {
     }
 }
 
-/// `r2d2_postgres`'s manager with errors that say what went wrong, recording each attempt.
+/// Opens connections (as `r2d2_postgres`'s manager does) with errors that say what went
+/// wrong, looking the password up at every attempt (so a rotated password file applies to the
+/// next connection) and recording each attempt.
 pub(crate) struct Manager {
-    inner: PostgresConnectionManager<NoTls>,
+    config: postgres::Config,
+    credentials: Credentials,
     secret: Option<String>,
     health: Arc<Health>,
 }
 
 impl Manager {
-    fn error(&self, err: &postgres::Error) -> ConnectError {
-        ConnectError(scrub(describe(err), self.secret.as_deref()))
+    fn error(&self, err: &postgres::Error, secret: Option<&str>) -> ConnectError {
+        ConnectError(scrub(scrub(describe(err), self.secret.as_deref()), secret))
     }
 }
 
@@ -171,18 +173,25 @@ impl ManageConnection for Manager {
     type Error = ConnectError;
 
     fn connect(&self) -> Result<Client, ConnectError> {
-        let result = self.inner.connect().map_err(|e| self.error(&e));
+        let mut config = self.config.clone();
+        let _ = apply_credentials(&mut config, &self.credentials);
+        let secret = secret_of(&config);
+        let result = config
+            .connect(NoTls)
+            .map_err(|e| self.error(&e, secret.as_deref()));
         self.health
             .record(result.as_ref().map(|_| ()).map_err(|e| e.0.as_str()));
         result
     }
 
     fn is_valid(&self, conn: &mut Client) -> Result<(), ConnectError> {
-        self.inner.is_valid(conn).map_err(|e| self.error(&e))
+        conn.simple_query("")
+            .map(|_| ())
+            .map_err(|e| self.error(&e, None))
     }
 
     fn has_broken(&self, conn: &mut Client) -> bool {
-        self.inner.has_broken(conn)
+        conn.is_closed()
     }
 }
 
@@ -238,12 +247,15 @@ pub(crate) fn build(
     timeout_ms: u64,
     size: u32,
 ) -> Result<PgPool, StoreError> {
-    let mut config = connection_config(url, timeout_ms, APPLICATION_NAME)?;
-    let warning = apply_credentials(&mut config, creds).err();
-    let secret = secret_of(&config);
+    let config = connection_config(url, timeout_ms, APPLICATION_NAME)?;
+    // Said once now; connections look the password up again each time.
+    let mut probe = config.clone();
+    let warning = apply_credentials(&mut probe, creds).err();
+    let secret = secret_of(&probe);
     let health = Arc::new(Health::default());
     let manager = Manager {
-        inner: PostgresConnectionManager::new(config, NoTls),
+        config,
+        credentials: creds.clone(),
         secret: secret.clone(),
         health: Arc::clone(&health),
     };
