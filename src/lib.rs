@@ -175,6 +175,19 @@ mod module {
         Status::Ok
     }
 
+    /// Every second, deploys the schema in the background while it is not known to be there
+    /// (`quota.auto-deploy`): at load, and once PostgreSQL can be reached.
+    fn schedule_deploy(ctx: &Context) {
+        ctx.create_timer(
+            Duration::from_secs(1),
+            |ctx: &Context, ()| {
+                worker::deploy_soon();
+                schedule_deploy(ctx);
+            },
+            (),
+        );
+    }
+
     fn init(ctx: &Context, args: &[RedisString]) -> Status {
         if secure_load_args(ctx, args) == Status::Err {
             return Status::Err;
@@ -190,7 +203,9 @@ mod module {
             return Status::Err;
         }
         state::restart_listener();
+        worker::deploy_soon();
         schedule_cleanup(ctx);
+        schedule_deploy(ctx);
         crate::glue::propagation::subscribe(ctx.ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {

@@ -166,6 +166,9 @@ pub fn restart_listener() {
             // Notifications may have been missed while disconnected: forget everything.
             NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
             cache().clear();
+            // PostgreSQL is reachable (again): it may not hold the schema (first start, a
+            // restored or replaced server).
+            crate::worker::redeploy();
         }
         ListenerEvent::Disconnected(_) => {
             stats::NOTIFY_RECONNECTS.incr();
@@ -207,6 +210,7 @@ pub fn reconfigure(name: &str) {
             crate::worker::rebuild_backend();
             cache().clear();
             restart_listener();
+            crate::worker::deploy_soon();
         }
         "pg-timeout-ms" => {
             crate::worker::rebuild_backend();
@@ -216,7 +220,10 @@ pub fn reconfigure(name: &str) {
         "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
             cache().set_config(cache_config());
         }
-        "auto-deploy" => crate::worker::rebuild_backend(),
+        "auto-deploy" => {
+            crate::worker::rebuild_backend();
+            crate::worker::deploy_soon();
+        }
         _ => {}
     }
 }
