@@ -49,6 +49,7 @@ impl ConfigurationValue<RedisString> for CheckedText {
             .try_as_str()
             .map_err(|_| RedisError::Str("must be UTF-8"))?
             .to_owned();
+        let value = unstash(value)?;
         (self.check)(&value).map_err(RedisError::String)?;
         let mut slot = self.value.lock().unwrap_or_else(|p| p.into_inner());
         *slot = value;
@@ -116,6 +117,49 @@ pub const MAX_LEASE_TTL: i64 = 86_400;
 pub fn set_text(option: &CheckedText, value: String) {
     let mut slot = option.value.lock().unwrap_or_else(|p| p.into_inner());
     *slot = value;
+}
+
+/// Values of sensitive settings taken out of `CONFIG SET` commands before Redis records them
+/// (its slow log keeps a module's settings as given), each under the placeholder that took
+/// its place in the command. Bounded: a placeholder whose command never ran is dropped.
+static STASHED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+const STASH_MAX: usize = 16;
+const PLACEHOLDER_PREFIX: &str = "(redacted by redis-quota ";
+
+/// Whether `CONFIG SET <name> <value>` holds a password: `quota.pg-password`, or a
+/// `quota.pg-url` with a password in it.
+pub fn is_secret_setting(name: &[u8], value: &[u8]) -> bool {
+    (name.eq_ignore_ascii_case(b"quota.pg-password") && !value.is_empty())
+        || (name.eq_ignore_ascii_case(b"quota.pg-url") && !secret_spans(value).is_empty())
+}
+
+/// Keeps `value` for the `CONFIG SET` about to run and returns the placeholder to put in the
+/// command instead (what the slow log will show).
+pub fn stash_secret(value: String, nonce: u64) -> String {
+    let placeholder = format!("{PLACEHOLDER_PREFIX}{nonce:016x})");
+    let mut stash = STASHED.lock().unwrap_or_else(|p| p.into_inner());
+    if stash.len() >= STASH_MAX {
+        stash.remove(0);
+    }
+    stash.push((placeholder.clone(), value));
+    placeholder
+}
+
+/// The value a placeholder stands for (taken out of the stash), or `value` itself.
+fn unstash(value: String) -> Result<String, RedisError> {
+    if !value.starts_with(PLACEHOLDER_PREFIX) {
+        return Ok(value);
+    }
+    let mut stash = STASHED.lock().unwrap_or_else(|p| p.into_inner());
+    match stash
+        .iter()
+        .position(|(placeholder, _)| *placeholder == value)
+    {
+        Some(i) => Ok(stash.remove(i).1),
+        None => Err(RedisError::Str(
+            "the value was lost before it was applied: set it again",
+        )),
+    }
 }
 
 /// Reads a string option.
@@ -380,6 +424,25 @@ mod tests {
         );
         // A key=value string is not taken for a URL because a value contains "://".
         assert_eq!(masked("host=h password=x://y@z"), "host=h password=*******");
+    }
+
+    #[test]
+    fn stashed_secrets_come_back_once() {
+        assert!(is_secret_setting(b"QUOTA.PG-PASSWORD", b"x"));
+        assert!(!is_secret_setting(b"quota.pg-password", b""));
+        assert!(is_secret_setting(b"quota.pg-url", b"host=h password=x"));
+        assert!(!is_secret_setting(b"quota.pg-url", b"postgres://u@h/db"));
+        assert!(!is_secret_setting(b"quota.schema", b"password=x"));
+        let placeholder = stash_secret("s3cret".into(), 7);
+        assert!(!placeholder.contains("s3cret"));
+        assert_eq!(unstash(placeholder.clone()).ok().as_deref(), Some("s3cret"));
+        assert!(unstash(placeholder).is_err(), "a placeholder is good once");
+        assert_eq!(unstash("plain".into()).ok().as_deref(), Some("plain"));
+        let first = stash_secret("old".into(), 1);
+        for n in 0..STASH_MAX as u64 {
+            stash_secret("newer".into(), 100 + n);
+        }
+        assert!(unstash(first).is_err(), "the stash is bounded");
     }
 
     #[test]

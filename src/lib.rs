@@ -207,6 +207,7 @@ mod module {
         schedule_cleanup(ctx);
         schedule_deploy(ctx);
         crate::glue::propagation::subscribe(ctx.ctx);
+        crate::glue::secret_filter::register(ctx.ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {

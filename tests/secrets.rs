@@ -169,7 +169,16 @@ fn a_password_in_the_url_module_argument_logs_in_after_config_rewrite_and_never_
         !modules.contains("*****"),
         "MODULE LIST shows a mask as long as the password: {modules}"
     );
-    set_again_and_look(&server, &[("quota.schema", &schema)]);
+    // Set again at run time, the URL with its password and the password alone.
+    set_again_and_look(
+        &server,
+        &[
+            ("quota.pg-url", &with_password),
+            ("quota.pg-password", SECRET),
+            ("quota.schema", &schema),
+        ],
+    );
+    grant_works(&server, "u1b");
 
     let conf = rewrite_and_restart(&mut server);
     let loadmodule = conf

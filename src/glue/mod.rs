@@ -8,3 +8,4 @@ pub mod blocked;
 pub mod load_args;
 pub mod propagation;
 pub mod reply;
+pub mod secret_filter;
