@@ -514,24 +514,32 @@ impl Drop for RowLocker {
     }
 }
 
-#[test]
-fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
+/// A PostgreSQL of its own, a module server on it (`pg-timeout-ms` 1000) and a client, after
+/// a grant of `requests_per_day` to user `user` (schema deployed, a pooled connection open).
+fn granted_on_own_postgres(
+    user: &str,
+    requests_per_day: &str,
+) -> (PgServer, String, RedisServer, redis::Connection) {
     let pg = PgServer::start_private();
     let schema = unique_schema();
     let server = server_on(&pg, &schema, &[("pg-timeout-ms", "1000")]);
     let mut con = client(&server, Duration::from_secs(10));
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "locked",
-            "*",
-            "REQUESTS_PER_DAY",
-            "5",
-        ],
-    );
+    let grant = [
+        "QUOTA.GRANT",
+        "t",
+        "p",
+        user,
+        "*",
+        "REQUESTS_PER_DAY",
+        requests_per_day,
+    ];
+    query_map(&mut con, &grant);
+    (pg, schema, server, con)
+}
+
+#[test]
+fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
+    let (pg, schema, _server, mut con) = granted_on_own_postgres("locked", "5");
 
     let locker = RowLocker::start(&pg, &schema, "locked");
     let writes: [&[&str]; 3] = [
@@ -919,23 +927,8 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
 
 #[test]
 fn a_timed_out_grant_with_a_purchase_id_retried_is_applied_once() {
-    let pg = PgServer::start_private();
-    let schema = unique_schema();
-    let server = server_on(&pg, &schema, &[("pg-timeout-ms", "1000")]);
-    let mut con = client(&server, Duration::from_secs(10));
     // The schema deployed and a pooled connection open before the stall.
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "warm",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
-    );
+    let (pg, schema, _server, mut con) = granted_on_own_postgres("warm", "1");
     let topup = [
         "QUOTA.GRANT",
         "t",
