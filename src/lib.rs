@@ -106,36 +106,62 @@ mod module {
         );
     }
 
-    /// Masks the password in the `pg-url` module argument in place: Redis keeps the load
-    /// arguments and shows them in `MODULE LIST`. The configuration has already read them.
-    fn mask_pg_url_argument(args: &[RedisString]) {
+    /// Keeps the password out of Redis's copy of the load arguments, which `MODULE LIST` shows
+    /// and `CONFIG REWRITE` writes back as the `loadmodule` line: a password in the `pg-url`
+    /// argument becomes `quota.pg-password` (unless that is set), which `CONFIG REWRITE` writes
+    /// as a line of its own, and the argument keeps the URL without it, so a rewritten
+    /// redis.conf still logs in. `pg-password` itself is refused as an argument: Redis would
+    /// show it and could not rewrite it.
+    fn secure_load_args(ctx: &Context, args: &[RedisString]) -> Status {
         let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            if !arg.as_slice().eq_ignore_ascii_case(b"pg-url") {
+        while let (Some(name), Some(value)) = (iter.next(), iter.next()) {
+            if name.as_slice().eq_ignore_ascii_case(b"pg-password") {
+                ctx.log_warning(
+                    "quota: pg-password cannot be a module argument (MODULE LIST would show it): \
+                     use a quota.pg-password line in redis.conf or quota.pg-passfile",
+                );
+                return Status::Err;
+            }
+            if !name.as_slice().eq_ignore_ascii_case(b"pg-url")
+                || config::secret_spans(value.as_slice()).is_empty()
+            {
                 continue;
             }
-            let Some(value) = iter.next() else { break };
-            let spans = config::secret_spans(value.as_slice());
-            let mut len = 0usize;
-            let ptr = unsafe {
-                raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(value.inner, &mut len))
-            };
-            if ptr.is_null() {
-                continue;
-            }
-            for span in spans {
-                if span.end <= len {
-                    // The argument's bytes are a plain sds owned by Redis; same length, masked.
-                    unsafe {
-                        std::ptr::write_bytes((ptr as *mut u8).add(span.start), b'*', span.len())
-                    };
+            if config::text(&config::PG_PASSWORD).is_empty() {
+                let password = value.try_as_str().ok().and_then(crate::store::url_password);
+                if let Some(password) = password {
+                    config::set_text(&config::PG_PASSWORD, password);
                 }
             }
+            let shown = config::without_password(value.as_slice());
+            if !crate::glue::load_args::shorten(value, &shown) {
+                ctx.log_warning(
+                    "quota: cannot remove the password from the pg-url module argument: \
+                     give it in quota.pg-passfile or a quota.pg-password line instead",
+                );
+                return Status::Err;
+            }
         }
+        Status::Ok
+    }
+
+    /// Every second, deploys the schema in the background while it is not known to be there
+    /// (`quota.auto-deploy`): at load, and once PostgreSQL can be reached.
+    fn schedule_deploy(ctx: &Context) {
+        ctx.create_timer(
+            Duration::from_secs(1),
+            |ctx: &Context, ()| {
+                worker::deploy_soon();
+                schedule_deploy(ctx);
+            },
+            (),
+        );
     }
 
     fn init(ctx: &Context, args: &[RedisString]) -> Status {
-        mask_pg_url_argument(args);
+        if secure_load_args(ctx, args) == Status::Err {
+            return Status::Err;
+        }
         // A value that cannot be read fails its load (RESTORE: "Bad data format") instead of
         // taking the server down: `rdb_load` checks every read.
         if let Some(set_options) = unsafe { raw::RedisModule_SetModuleOptions } {
@@ -157,7 +183,10 @@ mod module {
             return Status::Err;
         }
         state::restart_listener();
+        worker::deploy_soon();
         schedule_cleanup(ctx);
+        schedule_deploy(ctx);
+        crate::glue::secret_filter::register(ctx.ctx);
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {
@@ -250,6 +279,8 @@ mod module {
             ],
             string: [
                 ["pg-url", &config::PG_URL, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<RedisString, _>))],
+                ["pg-password", &config::PG_PASSWORD, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<RedisString, _>))],
+                ["pg-passfile", &config::PG_PASSFILE, "", ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<RedisString, _>))],
                 ["schema", &config::SCHEMA, config::DEFAULT_SCHEMA, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<RedisString, _>))],
             ],
             bool: [

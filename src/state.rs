@@ -166,13 +166,16 @@ pub fn restart_listener() {
             // Notifications may have been missed while disconnected: forget everything.
             NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
             cache().clear();
+            // PostgreSQL is reachable (again): it may not hold the schema (first start, a
+            // restored or replaced server).
+            crate::worker::redeploy();
         }
         ListenerEvent::Disconnected(_) => {
             stats::NOTIFY_RECONNECTS.incr();
             NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
         }
     });
-    match Listener::spawn(url, schema, timeout, on_event) {
+    match Listener::spawn(url, config::credentials(), schema, timeout, on_event) {
         Ok(listener) => {
             if let Ok(mut slot) = LISTENER.lock() {
                 *slot = Some(listener);
@@ -202,11 +205,12 @@ pub fn reconfigure(name: &str) {
         return; // still loading: `init` applies everything once.
     }
     match name.trim_start_matches("quota.") {
-        "pg-url" | "schema" => {
+        "pg-url" | "pg-password" | "pg-passfile" | "schema" => {
             // Another database or schema: nothing cached so far is known to hold there.
             crate::worker::rebuild_backend();
             cache().clear();
             restart_listener();
+            crate::worker::deploy_soon();
         }
         "pg-timeout-ms" => {
             crate::worker::rebuild_backend();
@@ -216,7 +220,10 @@ pub fn reconfigure(name: &str) {
         "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
             cache().set_config(cache_config());
         }
-        "auto-deploy" => crate::worker::rebuild_backend(),
+        "auto-deploy" => {
+            crate::worker::rebuild_backend();
+            crate::worker::deploy_soon();
+        }
         _ => {}
     }
 }

@@ -99,13 +99,15 @@ pub enum Job {
     },
     /// Deactivate expired rows; `client` is `None` for the periodic run.
     Cleanup { client: Option<Blocked> },
+    /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
+    Deploy,
 }
 
 impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
     pub fn into_client(self) -> Option<Blocked> {
         match self {
-            Job::Load(_) => None,
+            Job::Load(_) | Job::Deploy => None,
             Job::Grant { client, .. } | Job::Revoke { client, .. } | Job::List { client, .. } => {
                 Some(client)
             }
@@ -143,6 +145,32 @@ pub fn submit_or_busy(job: Job) {
 struct Backend {
     store: Store,
     deployed: AtomicBool,
+    /// Held while deploying, so that a background deploy and a command's never both run.
+    deploying: Mutex<()>,
+}
+
+/// A `Job::Deploy` is queued and not started yet.
+static DEPLOY_QUEUED: AtomicBool = AtomicBool::new(false);
+
+/// Queues a deploy of the schema unless `quota.auto-deploy` is off, no store is configured, it
+/// is known to be deployed or a deploy is already queued. Never blocks: called at load, after
+/// the listener (re)connects, after a change of `quota.pg-url` or `quota.schema`, and every
+/// second while the schema is not known to be there.
+pub fn deploy_soon() {
+    let wanted = config::flag(&config::AUTO_DEPLOY)
+        && backend().is_some_and(|b| !b.deployed.load(Ordering::Acquire));
+    if wanted && !DEPLOY_QUEUED.swap(true, Ordering::AcqRel) && submit(Job::Deploy).is_err() {
+        DEPLOY_QUEUED.store(false, Ordering::Release);
+    }
+}
+
+/// PostgreSQL is reachable again after an outage: it may have lost the schema (a restored
+/// backup, a replacement server), so deploy again.
+pub fn redeploy() {
+    if let Some(backend) = backend() {
+        backend.deployed.store(false, Ordering::Release);
+    }
+    deploy_soon();
 }
 
 static BACKEND: RwLock<Option<Arc<Backend>>> = RwLock::new(None);
@@ -228,15 +256,22 @@ pub fn pool_state() -> (u32, u32) {
 pub fn rebuild_backend() {
     let cfg = StoreConfig {
         url: config::text(&config::PG_URL),
+        credentials: config::credentials(),
         schema: config::text(&config::SCHEMA),
         timeout_ms: config::int(&config::PG_TIMEOUT_MS).max(1) as u64,
         pool_size: config::int(&config::POOL_SIZE).clamp(1, 1024) as u32,
     };
     let backend = match Store::new(&cfg) {
-        Ok(store) => Some(Arc::new(Backend {
-            store,
-            deployed: AtomicBool::new(false),
-        })),
+        Ok(store) => {
+            if let Some(warning) = store.credentials_warning() {
+                redis_module::logging::log_warning(format!("quota: {warning}"));
+            }
+            Some(Arc::new(Backend {
+                store,
+                deployed: AtomicBool::new(false),
+                deploying: Mutex::new(()),
+            }))
+        }
         Err(StoreError::NotConfigured) => None,
         Err(e) => {
             redis_module::logging::log_warning(format!("quota: store not configured: {e}"));
@@ -263,21 +298,31 @@ fn backend() -> Option<Arc<Backend>> {
 fn ready_store() -> Result<Arc<Backend>, StoreError> {
     let backend = backend().ok_or(StoreError::NotConfigured)?;
     if config::flag(&config::AUTO_DEPLOY) && !backend.deployed.load(Ordering::Acquire) {
-        let started = Instant::now();
-        let result = backend.store.deploy();
-        stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
-        match result {
-            Ok(()) => backend.deployed.store(true, Ordering::Release),
-            Err(e) if e.is_unavailable() => return Err(e),
-            Err(e) => {
-                // Not a reachability problem (e.g. no CREATE privilege on an existing schema):
-                // say so once and carry on with what is there.
-                redis_module::logging::log_warning(format!("quota: schema deploy failed: {e}"));
-                backend.deployed.store(true, Ordering::Release);
-            }
-        }
+        deploy_once(&backend)?;
     }
     Ok(backend)
+}
+
+/// Deploys the schema through `backend` unless that happened while waiting for the lock.
+fn deploy_once(backend: &Backend) -> Result<(), StoreError> {
+    let _deploying = backend.deploying.lock().unwrap_or_else(|p| p.into_inner());
+    if backend.deployed.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let result = backend.store.deploy();
+    stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
+    match result {
+        Ok(()) => backend.deployed.store(true, Ordering::Release),
+        Err(e) if e.is_unavailable() => return Err(e),
+        Err(e) => {
+            // Not a reachability problem (e.g. no CREATE privilege on an existing schema):
+            // say so once and carry on with what is there.
+            redis_module::logging::log_warning(format!("quota: schema deploy failed: {e}"));
+            backend.deployed.store(true, Ordering::Release);
+        }
+    }
+    Ok(())
 }
 
 /// Runs `f` against the store, timing it for `INFO quota`.
@@ -384,6 +429,11 @@ fn execute_loads(loads: Vec<LoadJob>) {
 fn execute(job: Job) {
     match job {
         Job::Load(load) => execute_loads(vec![load]),
+        Job::Deploy => {
+            DEPLOY_QUEUED.store(false, Ordering::Release);
+            // Unreachable: tried again by the next `deploy_soon`.
+            let _ = ready_store();
+        }
         Job::Grant {
             user,
             bundle,

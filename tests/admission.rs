@@ -629,6 +629,11 @@ fn denial_reasons_join_and_retry_after_follows_the_windows() {
         "retry_after {got}, lease expires in 100 s"
     );
 
+    // No slot at all: no wait helps.
+    let m = admit(&mut con, u("none"), &["MAX_CONCURRENT", "0"]);
+    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
+    assert_eq!(field_i64(&m, "retry_after"), -1, "{m:?}");
+
     // A window violation hides concurrency.
     let m = admit(
         &mut con,
@@ -1199,6 +1204,12 @@ fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
     assert!(!allowed(&m), "base policy 0 denies: {m:?}");
     assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
     assert_eq!(field_str(&m, "replenishment").as_deref(), Some("pending"));
+    // Not midnight: the credits loading now may admit the very next call.
+    let wait = field_i64(&m, "retry_after");
+    assert!(
+        (0..=2).contains(&wait),
+        "retry_after {wait} while credits load"
+    );
     assert_usage(&to_map(out[1].clone()), &[("req_day", 0)]);
     let mut last = Map::new();
     let loaded = wait_until(Duration::from_secs(10), || {

@@ -514,24 +514,32 @@ impl Drop for RowLocker {
     }
 }
 
-#[test]
-fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
+/// A PostgreSQL of its own, a module server on it (`pg-timeout-ms` 1000) and a client, after
+/// a grant of `requests_per_day` to user `user` (schema deployed, a pooled connection open).
+fn granted_on_own_postgres(
+    user: &str,
+    requests_per_day: &str,
+) -> (PgServer, String, RedisServer, redis::Connection) {
     let pg = PgServer::start_private();
     let schema = unique_schema();
     let server = server_on(&pg, &schema, &[("pg-timeout-ms", "1000")]);
     let mut con = client(&server, Duration::from_secs(10));
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "locked",
-            "*",
-            "REQUESTS_PER_DAY",
-            "5",
-        ],
-    );
+    let grant = [
+        "QUOTA.GRANT",
+        "t",
+        "p",
+        user,
+        "*",
+        "REQUESTS_PER_DAY",
+        requests_per_day,
+    ];
+    query_map(&mut con, &grant);
+    (pg, schema, server, con)
+}
+
+#[test]
+fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
+    let (pg, schema, _server, mut con) = granted_on_own_postgres("locked", "5");
 
     let locker = RowLocker::start(&pg, &schema, "locked");
     let writes: [&[&str]; 3] = [
@@ -915,4 +923,59 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
     server.restart();
     let mut con = client(&server, Duration::from_secs(10));
     assert_eq!(usage(&mut con, &ids), before);
+}
+
+#[test]
+fn a_timed_out_grant_with_a_purchase_id_retried_is_applied_once() {
+    // The schema deployed and a pooled connection open before the stall.
+    let (pg, schema, _server, mut con) = granted_on_own_postgres("warm", "1");
+    let topup = [
+        "QUOTA.GRANT",
+        "t",
+        "p",
+        "buyer",
+        "*",
+        "REQUESTS_PER_DAY",
+        "100",
+        "ADD",
+        "PURCHASE",
+        "order-1",
+    ];
+
+    let _resume = ResumeOnDrop(&pg);
+    pg.pause();
+    let err = query(&mut con, &topup).expect_err("a GRANT during the stall must not succeed");
+    let text = server_error(&err).unwrap_or_else(|| panic!("no reply: {err}"));
+    assert!(text.contains("outcome of a write is unknown"), "{text}");
+    pg.resume();
+
+    // The caller retries the same write, as the reply says, until it gets an answer.
+    let mut reply = Err(err);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            reply = query(&mut con, &topup);
+            reply.is_ok()
+        }),
+        "the retried GRANT kept failing: {reply:?}"
+    );
+    let m = to_map(reply.expect("retried GRANT"));
+    assert_eq!(field_i64(&m, "additional_requests_per_day"), 100, "{m:?}");
+    eprintln!(
+        "retried GRANT: duplicate {} (1 = the timed-out one had committed)",
+        field_i64(&m, "duplicate")
+    );
+    // Once more: nothing changes.
+    let again = query_map(&mut con, &topup);
+    assert_eq!(field_i64(&again, "duplicate"), 1);
+    assert_eq!(field_i64(&again, "additional_requests_per_day"), 100);
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT additional_requests_per_day, \
+             (SELECT count(*) FROM {schema}.user_quota_replenishment_event \
+              WHERE purchase_id = 'order-1') \
+             FROM {schema}.user_quota_replenishment WHERE user_id = 'buyer'"
+        )),
+        "100|1",
+        "the top-up was applied more than once"
+    );
 }

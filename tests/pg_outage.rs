@@ -365,3 +365,50 @@ fn the_module_serves_when_postgres_is_down_at_start_and_deploys_once_it_is_up() 
     let a = admit(&mut con, "alice", "1");
     assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
 }
+
+/// Whether both tables of `schema` exist.
+fn schema_deployed(pg: &PgServer, schema: &str) -> bool {
+    pg.try_psql(&format!(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}' \
+         AND table_name IN ('user_quota_replenishment', 'user_quota_replenishment_event')"
+    ))
+    .is_ok_and(|n| n == "2")
+}
+
+#[test]
+fn the_schema_is_deployed_at_load_and_again_when_postgres_comes_back_without_it() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let started = Instant::now();
+    let server = start_redis(&pg, &schema);
+    // No command sent: the module deploys on its own as soon as it reaches PostgreSQL.
+    assert!(
+        wait_until(Duration::from_secs(5), || schema_deployed(&pg, &schema)),
+        "no schema {schema} 5 s after the module loaded"
+    );
+    eprintln!("schema deployed {:?} after start", started.elapsed());
+
+    // PostgreSQL comes back without the schema (a restored or replaced server).
+    pg.psql(&format!("DROP SCHEMA {schema} CASCADE"));
+    pg.stop();
+    wait_notify(&server, "disconnected", Duration::from_secs(15));
+    pg.start();
+    let back = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || schema_deployed(&pg, &schema)),
+        "the schema was not deployed again after PostgreSQL came back"
+    );
+    eprintln!(
+        "schema deployed again {:?} after PostgreSQL started",
+        back.elapsed()
+    );
+
+    // Another schema: deployed at once too.
+    let other = unique_schema();
+    let mut con = server.client();
+    query(&mut con, &["CONFIG", "SET", "quota.schema", &other]).expect("CONFIG SET");
+    assert!(
+        wait_until(Duration::from_secs(5), || schema_deployed(&pg, &other)),
+        "no schema {other} after CONFIG SET quota.schema"
+    );
+}

@@ -194,13 +194,16 @@ fn decide(
             }
         }
     });
-    let (decision, usage) = match decided {
+    let (mut decision, usage) = match decided {
         Ok(d) => d,
         Err(e) => {
             Reply::new(ctx).error(&e.to_string());
             return;
         }
     };
+    if !decision.allowed {
+        decision.retry_after = source.denial_retry_after(decision.retry_after);
+    }
     if let Some(memo) = memo {
         account_key.set_memo(memo);
     }

@@ -403,8 +403,9 @@ impl Account {
         }
     }
 
-    /// Seconds until every violated limit could allow again; -1 when one never resets.
-    fn retry_after(&self, violations: u8, now: &Now) -> i64 {
+    /// Seconds until every violated limit could allow again; -1 when one never resets (a
+    /// lifetime total, or `MAX_CONCURRENT 0`, where no slot can ever free).
+    fn retry_after(&self, violations: u8, limits: &Limits, now: &Now) -> i64 {
         let mut wait = 0i64;
         for field in LimitField::ALL {
             if violations & (1 << field as u8) == 0 {
@@ -413,6 +414,9 @@ impl Account {
             let secs = match (field.window(), field) {
                 (Some(window), _) => seconds_until(now.ms, window.end(now.ms)),
                 (None, LimitField::MaxConcurrent) => {
+                    if limits.get(LimitField::MaxConcurrent) == Some(0) {
+                        return -1;
+                    }
                     let first = self.leases.iter().map(|l| l.expires_at).min();
                     seconds_until(now.ms, first.unwrap_or(now.ms)).max(1)
                 }
@@ -480,7 +484,7 @@ impl Account {
         if violations != 0 {
             decision.allowed = false;
             decision.violations = violations;
-            decision.retry_after = self.retry_after(violations, &now);
+            decision.retry_after = self.retry_after(violations, limits, &now);
             self.fill_remaining(&mut decision, limits, &now, reserved);
             return Ok(decision);
         }
@@ -1078,6 +1082,17 @@ mod tests {
         assert_eq!(c.retry_after, 300);
         // A lease expires: the slot frees.
         assert!(admit(&mut acc, &p, &plain(), T0 + 300_000).allowed);
+        // No slot at all: waiting never helps.
+        let none = admit(
+            &mut Account::default(),
+            &policy(&[(LimitField::MaxConcurrent, 0)]),
+            &plain(),
+            T0,
+        );
+        assert_eq!(
+            (none.reason().as_ref(), none.retry_after),
+            ("concurrency", -1)
+        );
         let p2 = policy(&[
             (LimitField::MaxConcurrent, 0),
             (LimitField::RequestsPerDay, 0),

@@ -61,7 +61,23 @@ impl CreditSource {
             CreditSource::Unavailable => "unavailable",
         }
     }
+
+    /// The `retry_after` of a denial decided on these credits, given the one the base policy
+    /// alone gives. While the user's credits are still loading (`Pending`), the next call is
+    /// decided on them and may admit, so the wait is at most [`PENDING_RETRY_AFTER_S`], even
+    /// where the base policy alone would never reset (-1).
+    pub fn denial_retry_after(self, decided: i64) -> i64 {
+        match self {
+            CreditSource::Pending if decided >= 0 => decided.min(PENDING_RETRY_AFTER_S),
+            CreditSource::Pending => PENDING_RETRY_AFTER_S,
+            _ => decided,
+        }
+    }
 }
+
+/// The longest `retry_after` of a denial decided while the user's credits load (a load takes
+/// milliseconds; a slow PostgreSQL answers within `quota.pg-timeout-ms` or is `unavailable`).
+pub const PENDING_RETRY_AFTER_S: i64 = 1;
 
 /// The row that applies to `bundle` at `now`: the live row of that bundle, else the live `'*'`
 /// row, else none. One row applies, never two combined.
@@ -374,6 +390,18 @@ mod tests {
 
     const NOW: Millis = 1_000_000_000;
     const KEY: &[u8] = b"q:{alice}:1:t1:p5:alice1:b";
+
+    #[test]
+    fn a_denial_while_credits_load_says_retry_in_a_second() {
+        use CreditSource::*;
+        assert_eq!(Pending.denial_retry_after(36_400), 1);
+        assert_eq!(Pending.denial_retry_after(-1), 1);
+        assert_eq!(Pending.denial_retry_after(0), 0);
+        for settled in [Bundle, Global, None, Unavailable] {
+            assert_eq!(settled.denial_retry_after(36_400), 36_400);
+            assert_eq!(settled.denial_retry_after(-1), -1);
+        }
+    }
 
     #[test]
     fn bundle_row_wins_over_global() {

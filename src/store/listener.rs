@@ -15,7 +15,8 @@ use postgres::{Client, NoTls};
 use serde::Deserialize;
 
 use super::describe;
-use super::pool::{bounded_timeout, connection_config, scrub, secret_of};
+use super::passfile::Credentials;
+use super::pool::{apply_credentials, bounded_timeout, connection_config, scrub, secret_of};
 use super::schema::{channel, validate_schema};
 
 /// How long one wait for notifications lasts; also the longest the thread goes without looking
@@ -66,6 +67,7 @@ impl Listener {
     /// thread cannot be spawned; connection problems are reported as `Disconnected` events.
     pub fn spawn(
         url: String,
+        credentials: Credentials,
         schema: String,
         timeout_ms: u64,
         on_event: Callback,
@@ -75,7 +77,7 @@ impl Listener {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let thread = thread::Builder::new()
             .name("quota-listener".into())
-            .spawn(move || run(&url, &schema, timeout_ms, &on_event, &stop_rx))?;
+            .spawn(move || run(&url, &credentials, &schema, timeout_ms, &on_event, &stop_rx))?;
         Ok(Listener {
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -158,7 +160,14 @@ enum SessionEnd {
     Lost(String, Duration),
 }
 
-fn run(url: &str, schema: &str, timeout_ms: u64, on_event: &Callback, stop: &Receiver<()>) {
+fn run(
+    url: &str,
+    credentials: &Credentials,
+    schema: &str,
+    timeout_ms: u64,
+    on_event: &Callback,
+    stop: &Receiver<()>,
+) {
     let config = match connection_config(url, timeout_ms, APPLICATION_NAME) {
         Ok(config) => config,
         Err(err) => {
@@ -168,7 +177,7 @@ fn run(url: &str, schema: &str, timeout_ms: u64, on_event: &Callback, stop: &Rec
             return;
         }
     };
-    let secret = secret_of(&config);
+    let mut secret = secret_of(&config);
     let channel = channel(schema);
     let check_timeout = bounded_timeout(timeout_ms).clamp(TICK, HEALTH_CHECK_EVERY);
     let mut backoff = Backoff(BACKOFF_MIN);
@@ -177,7 +186,15 @@ fn run(url: &str, schema: &str, timeout_ms: u64, on_event: &Callback, stop: &Rec
         if stopped(stop) {
             return;
         }
-        let reason = match session(&config, &channel, check_timeout, on_event, stop) {
+        // The password is looked up at every attempt, so a rotated password file applies. One
+        // that cannot be used is reported by the pool's owner; without it, connecting fails
+        // with PostgreSQL's own reason.
+        let mut attempt = config.clone();
+        let _ = apply_credentials(&mut attempt, credentials);
+        if secret.is_none() {
+            secret = secret_of(&attempt);
+        }
+        let reason = match session(&attempt, &channel, check_timeout, on_event, stop) {
             SessionEnd::Stopped => return,
             SessionEnd::Failed(reason) => {
                 let reason = scrub(reason, secret.as_deref());
@@ -287,7 +304,13 @@ mod tests {
 
     #[test]
     fn invalid_schema_is_refused() {
-        let r = Listener::spawn("host=h".into(), "Bad".into(), 100, Box::new(|_| {}));
+        let r = Listener::spawn(
+            "host=h".into(),
+            Credentials::default(),
+            "Bad".into(),
+            100,
+            Box::new(|_| {}),
+        );
         assert!(r.is_err());
     }
 
@@ -297,6 +320,7 @@ mod tests {
         let sink = Arc::clone(&seen);
         let listener = Listener::spawn(
             "postgres://u:hunter2@[::1".into(),
+            Credentials::default(),
             "s".into(),
             100,
             Box::new(move |e| sink.lock().unwrap().push(e)),
@@ -324,6 +348,7 @@ mod tests {
         let sink = Arc::clone(&seen);
         let listener = Listener::spawn(
             "host=127.0.0.1 port=1 user=u password=hunter2".into(),
+            Credentials::default(),
             "s".into(),
             200,
             Box::new(move |e| sink.lock().unwrap().push(e)),

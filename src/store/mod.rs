@@ -7,6 +7,7 @@
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
 pub mod listener;
+mod passfile;
 mod pool;
 mod queries;
 mod schema;
@@ -22,6 +23,7 @@ use crate::core::ids::UserId;
 use crate::core::Millis;
 
 pub use listener::{Listener, ListenerEvent};
+pub use passfile::Credentials;
 
 /// Backend process ids of this process's pool connections (bounded: cleared when it grows
 /// past a few thousand, which only costs a few extra cache refreshes).
@@ -57,11 +59,21 @@ pub fn validate_url(url: &str) -> Result<(), StoreError> {
     pool::connection_config(url, 1000, "redis-quota").map(|_| ())
 }
 
+/// The password a URL or key=value string carries, if any (decoded, as PostgreSQL gets it).
+pub fn url_password(url: &str) -> Option<String> {
+    let config = pool::connection_config(url, 1000, "redis-quota").ok()?;
+    config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+}
+
 /// How to reach PostgreSQL (from the `quota.*` module configuration).
 #[derive(Clone)]
 pub struct StoreConfig {
     /// `quota.pg-url`: a `postgres://` URL or a `key=value` connection string. Secret.
     pub url: String,
+    /// The password when the URL has none (`quota.pg-password`, `quota.pg-passfile`).
+    pub credentials: Credentials,
     /// `quota.schema`: the schema holding the tables (see [`validate_schema`]).
     pub schema: String,
     /// `quota.pg-timeout-ms`: bound on connecting, waiting for a pooled connection, each
@@ -83,6 +95,7 @@ impl fmt::Debug for StoreConfig {
                     "<redacted>"
                 },
             )
+            .field("credentials", &self.credentials)
             .field("schema", &self.schema)
             .field("timeout_ms", &self.timeout_ms)
             .field("pool_size", &self.pool_size)
@@ -278,7 +291,7 @@ impl Store {
                 "quota.pool-size must be at least 1".into(),
             ));
         }
-        let pool = pool::build(&cfg.url, cfg.timeout_ms, cfg.pool_size)?;
+        let pool = pool::build(&cfg.url, &cfg.credentials, cfg.timeout_ms, cfg.pool_size)?;
         Ok(Store {
             pool,
             schema: cfg.schema.clone(),
@@ -344,6 +357,11 @@ impl Store {
         queries::cleanup(&mut conn, &self.sql, &self.schema, now)
     }
 
+    /// Why the configured password file could not be used, if so (the owner logs it once).
+    pub fn credentials_warning(&self) -> Option<&str> {
+        self.pool.warning()
+    }
+
     /// (open connections, idle connections), for `INFO quota`.
     pub fn pool_state(&self) -> (u32, u32) {
         self.pool.state()
@@ -367,6 +385,7 @@ mod tests {
     fn cfg(url: &str) -> StoreConfig {
         StoreConfig {
             url: url.into(),
+            credentials: Credentials::default(),
             schema: "control_plane".into(),
             timeout_ms: 1000,
             pool_size: 2,

@@ -45,6 +45,7 @@ impl Fixture {
         );
         let store = Store::new(&StoreConfig {
             url: url.clone(),
+            credentials: Default::default(),
             schema: schema.clone(),
             timeout_ms: 2000,
             pool_size: 8,
@@ -136,6 +137,7 @@ fn deploy_is_idempotent_and_concurrent_safe() {
             thread::spawn(move || {
                 let store = Store::new(&StoreConfig {
                     url,
+                    credentials: Default::default(),
                     schema,
                     timeout_ms: 2000,
                     pool_size: 1,
@@ -646,6 +648,7 @@ fn lock_waits_time_out_and_outages_are_unavailable() {
     };
     let fast = Store::new(&StoreConfig {
         url: fx.url.clone(),
+        credentials: Default::default(),
         schema: fx.schema.clone(),
         timeout_ms: 300,
         pool_size: 1,
@@ -673,6 +676,7 @@ fn lock_waits_time_out_and_outages_are_unavailable() {
     // Nothing listens on port 1.
     let down = Store::new(&StoreConfig {
         url: "host=127.0.0.1 port=1 user=u password=hunter2 dbname=x".into(),
+        credentials: Default::default(),
         schema: "s".into(),
         timeout_ms: 300,
         pool_size: 1,
@@ -734,6 +738,7 @@ fn listener_reports_changes_and_reconnects() {
     let sink = Arc::clone(&seen);
     let listener = Listener::spawn(
         fx.url.clone(),
+        Default::default(),
         fx.schema.clone(),
         1000,
         Box::new(move |e| sink.lock().expect("lock").push(e)),

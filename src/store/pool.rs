@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 use r2d2::{CustomizeConnection, ManageConnection};
-use r2d2_postgres::PostgresConnectionManager;
 
+use super::passfile::{Credentials, Target};
 use super::{describe, StoreError};
 
 /// A pooled connection; derefs to `postgres::Client`.
@@ -69,6 +69,34 @@ pub(crate) fn connection_config(
     Ok(config)
 }
 
+/// Fills in the password from `creds` when the URL carries none (a password in the URL wins,
+/// as with libpq). `Err` says why the password file could not be used; the config is then left
+/// without a password.
+pub(crate) fn apply_credentials(
+    config: &mut postgres::Config,
+    creds: &Credentials,
+) -> Result<(), String> {
+    if config.get_password().is_some() {
+        return Ok(());
+    }
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.as_str(),
+        _ => "localhost",
+    };
+    let user = config.get_user().unwrap_or_default().to_owned();
+    let database = config.get_dbname().unwrap_or(&user).to_owned();
+    let target = Target {
+        host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        database: &database,
+        user: &user,
+    };
+    if let Some(password) = creds.password_for(&target)? {
+        config.password(password);
+    }
+    Ok(())
+}
+
 /// The password in the config, if any: scrubbed from every message as a last line of defence.
 pub(crate) fn secret_of(config: &postgres::Config) -> Option<String> {
     config
@@ -124,16 +152,19 @@ impl Health {
     }
 }
 
-/// `r2d2_postgres`'s manager with errors that say what went wrong, recording each attempt.
+/// Opens connections (as `r2d2_postgres`'s manager does) with errors that say what went
+/// wrong, looking the password up at every attempt (so a rotated password file applies to the
+/// next connection) and recording each attempt.
 pub(crate) struct Manager {
-    inner: PostgresConnectionManager<NoTls>,
+    config: postgres::Config,
+    credentials: Credentials,
     secret: Option<String>,
     health: Arc<Health>,
 }
 
 impl Manager {
-    fn error(&self, err: &postgres::Error) -> ConnectError {
-        ConnectError(scrub(describe(err), self.secret.as_deref()))
+    fn error(&self, err: &postgres::Error, secret: Option<&str>) -> ConnectError {
+        ConnectError(scrub(scrub(describe(err), self.secret.as_deref()), secret))
     }
 }
 
@@ -142,18 +173,25 @@ impl ManageConnection for Manager {
     type Error = ConnectError;
 
     fn connect(&self) -> Result<Client, ConnectError> {
-        let result = self.inner.connect().map_err(|e| self.error(&e));
+        let mut config = self.config.clone();
+        let _ = apply_credentials(&mut config, &self.credentials);
+        let secret = secret_of(&config);
+        let result = config
+            .connect(NoTls)
+            .map_err(|e| self.error(&e, secret.as_deref()));
         self.health
             .record(result.as_ref().map(|_| ()).map_err(|e| e.0.as_str()));
         result
     }
 
     fn is_valid(&self, conn: &mut Client) -> Result<(), ConnectError> {
-        self.inner.is_valid(conn).map_err(|e| self.error(&e))
+        conn.simple_query("")
+            .map(|_| ())
+            .map_err(|e| self.error(&e, None))
     }
 
     fn has_broken(&self, conn: &mut Client) -> bool {
-        self.inner.has_broken(conn)
+        conn.is_closed()
     }
 }
 
@@ -192,6 +230,8 @@ pub(crate) struct PgPool {
     health: Arc<Health>,
     /// How long a failed connection attempt makes checkouts fail fast.
     fail_fast: Duration,
+    /// Why the configured password could not be used, if so.
+    warning: Option<String>,
 }
 
 /// While connecting fails, r2d2 retries in the background at least every half timeout; a
@@ -201,12 +241,21 @@ const FAIL_FAST_MIN: Duration = Duration::from_secs(1);
 /// Builds the pool without connecting: connections open on demand (`min_idle` 0), and waiting
 /// for one is bounded by the timeout. Zero sizes and timeouts are raised to 1 (r2d2 panics on
 /// zero); `Store::new` refuses them before getting here.
-pub(crate) fn build(url: &str, timeout_ms: u64, size: u32) -> Result<PgPool, StoreError> {
+pub(crate) fn build(
+    url: &str,
+    creds: &Credentials,
+    timeout_ms: u64,
+    size: u32,
+) -> Result<PgPool, StoreError> {
     let config = connection_config(url, timeout_ms, APPLICATION_NAME)?;
-    let secret = secret_of(&config);
+    // Said once now; connections look the password up again each time.
+    let mut probe = config.clone();
+    let warning = apply_credentials(&mut probe, creds).err();
+    let secret = secret_of(&probe);
     let health = Arc::new(Health::default());
     let manager = Manager {
-        inner: PostgresConnectionManager::new(config, NoTls),
+        config,
+        credentials: creds.clone(),
         secret: secret.clone(),
         health: Arc::clone(&health),
     };
@@ -224,6 +273,7 @@ pub(crate) fn build(url: &str, timeout_ms: u64, size: u32) -> Result<PgPool, Sto
         secret,
         health,
         fail_fast,
+        warning,
     })
 }
 
@@ -242,6 +292,11 @@ impl PgPool {
         self.pool.get().map_err(|e| {
             StoreError::Unavailable(pool_failure(&e.to_string(), self.secret.as_deref()))
         })
+    }
+
+    /// Why the configured password file could not be used, if so (said once, by the owner).
+    pub(crate) fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
     }
 
     /// (open connections, idle connections).

@@ -416,6 +416,38 @@ impl PgServer {
     pub fn try_psql(&self, sql: &str) -> Result<String, String> {
         try_psql(&self.url, sql)
     }
+
+    /// Creates a login role that must prove its password (scram-sha-256 over TCP from
+    /// 127.0.0.1; everyone else keeps trust) and may create schemas. Returns its URL without a
+    /// password.
+    pub fn password_role(&self, role: &str, password: &str) -> String {
+        self.psql(&format!(
+            "SET password_encryption = 'scram-sha-256'; \
+             CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
+             GRANT CREATE ON DATABASE postgres TO {role}"
+        ));
+        let hba = [
+            "local all all trust".to_string(),
+            format!("host all {role} 127.0.0.1/32 scram-sha-256"),
+            "host all all 127.0.0.1/32 trust".to_string(),
+            "host all all ::1/128 trust".to_string(),
+        ];
+        let rows: Vec<String> = hba.iter().map(|l| format!("('{l}')")).collect();
+        self.psql(&format!(
+            "CREATE TEMP TABLE hba(line text); INSERT INTO hba VALUES {}; \
+             COPY hba TO '{}'; SELECT pg_reload_conf()",
+            rows.join(","),
+            self.psql("SHOW hba_file")
+        ));
+        let rule =
+            format!("SELECT auth_method FROM pg_hba_file_rules WHERE '{role}' = ANY(user_name)");
+        assert!(
+            wait_until(Duration::from_secs(5), || self.psql(&rule)
+                == "scram-sha-256"),
+            "pg_hba.conf was not reloaded"
+        );
+        format!("postgresql://{role}@127.0.0.1:{}/postgres", self.port())
+    }
 }
 
 impl Drop for PgServer {
@@ -1030,6 +1062,35 @@ impl Drop for RedisServer {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Everything a `MONITOR` client received while `during` ran (Redis's own text, with a `PING`
+/// sent at the end as a marker).
+pub fn capture_monitor(server: &RedisServer, during: impl FnOnce()) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port())).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    stream.write_all(b"MONITOR\r\n").expect("MONITOR");
+    let mut seen = Vec::new();
+    let mut read_some = |seen: &mut Vec<u8>| {
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = stream.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    read_some(&mut seen);
+    during();
+    let mut con = server.client();
+    let _: Value = redis::cmd("PING")
+        .arg("monitor-marker")
+        .query(&mut con)
+        .expect("PING");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(&seen).contains("monitor-marker") && Instant::now() < deadline {
+        read_some(&mut seen);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
 /// Parses `INFO` text into name -> value.

@@ -1,0 +1,84 @@
+//! Keeps passwords out of the slow log: a command filter that replaces the value of
+//! `CONFIG SET quota.pg-password ...` (and of a `quota.pg-url` holding a password) with a
+//! placeholder before Redis runs and records the command; the setting's `set` callback swaps
+//! the real value back in (`config::stash_secret`). Redis redacts its own sensitive settings
+//! there (`masterauth`), but not a module's (seen on 7.0.15 and 8.2.3).
+//!
+//! The filter sees every command, so it returns after two length checks for anything that is
+//! not `CONFIG SET`; it never fails a command, and on any surprise leaves it as it is.
+
+use std::os::raw::c_int;
+
+use redis_module::raw;
+
+use crate::config;
+
+/// Registers the filter (once, at load).
+pub fn register(ctx: *mut raw::RedisModuleCtx) {
+    unsafe {
+        if let Some(register) = raw::RedisModule_RegisterCommandFilter {
+            register(ctx, Some(filter), 0);
+        }
+    }
+}
+
+/// The bytes of argument `pos` (empty when absent).
+unsafe fn arg<'a>(fctx: *mut raw::RedisModuleCommandFilterCtx, pos: c_int) -> &'a [u8] {
+    let (Some(get), Some(ptr_len)) = (
+        raw::RedisModule_CommandFilterArgGet,
+        raw::RedisModule_StringPtrLen,
+    ) else {
+        return &[];
+    };
+    let s = get(fctx, pos);
+    if s.is_null() {
+        return &[];
+    }
+    let mut len = 0usize;
+    let ptr = ptr_len(s, &mut len);
+    if ptr.is_null() {
+        return &[];
+    }
+    std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+}
+
+extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    let _ = std::panic::catch_unwind(|| unsafe { redact(fctx) });
+}
+
+unsafe fn redact(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    let (Some(count), Some(replace), Some(create)) = (
+        raw::RedisModule_CommandFilterArgsCount,
+        raw::RedisModule_CommandFilterArgReplace,
+        raw::RedisModule_CreateString,
+    ) else {
+        return;
+    };
+    let argc = count(fctx);
+    if argc < 4
+        || !arg(fctx, 0).eq_ignore_ascii_case(b"config")
+        || !arg(fctx, 1).eq_ignore_ascii_case(b"set")
+    {
+        return;
+    }
+    let mut pos = 2;
+    while pos + 1 < argc {
+        let value = arg(fctx, pos + 1);
+        if config::is_secret_setting(arg(fctx, pos), value) {
+            if let Ok(text) = std::str::from_utf8(value) {
+                let placeholder =
+                    config::stash_secret(text.to_owned(), crate::state::new_lease_id());
+                // A string without a context: the filter hands its ownership to Redis.
+                let s = create(
+                    std::ptr::null_mut(),
+                    placeholder.as_ptr().cast(),
+                    placeholder.len(),
+                );
+                if !s.is_null() {
+                    replace(fctx, pos + 1, s);
+                }
+            }
+        }
+        pos += 2;
+    }
+}
