@@ -54,6 +54,72 @@ mod module {
         ("quota.setstate", cmd_setstate, "write", 1, 1, 1),
     ];
 
+    /// `QUOTA.POLICY` is a container: each subcommand has its own flags, so `GET` and `LIST`
+    /// run on replicas while `SET` and `DEL` are writes. None takes a key: a policy belongs to
+    /// a (tenant, project), not to a user's slot.
+    const POLICY_SUBCOMMANDS: &[(&str, &str)] = &[
+        ("set", "write deny-oom"),
+        ("get", "readonly fast"),
+        ("del", "write"),
+        ("list", "readonly"),
+        ("invalidate", "write fast"),
+    ];
+
+    fn register_policy_command(ctx: &Context, category: Option<&std::ffi::CStr>) -> Status {
+        let parent_name = c"quota.policy";
+        let created = unsafe {
+            raw::RedisModule_CreateCommand.map_or(raw::Status::Err as c_int, |f| {
+                f(ctx.ctx, parent_name.as_ptr(), None, c"".as_ptr(), 0, 0, 0)
+            })
+        };
+        let parent = unsafe {
+            raw::RedisModule_GetCommand
+                .map_or(std::ptr::null_mut(), |f| f(ctx.ctx, parent_name.as_ptr()))
+        };
+        if created != raw::Status::Ok as c_int || parent.is_null() {
+            ctx.log_warning("quota: cannot create command quota.policy");
+            return Status::Err;
+        }
+        for (name, flags) in POLICY_SUBCOMMANDS {
+            let (Ok(cname), Ok(cflags)) = (CString::new(*name), CString::new(*flags)) else {
+                return Status::Err;
+            };
+            let created = unsafe {
+                raw::RedisModule_CreateSubcommand.map_or(raw::Status::Err as c_int, |f| {
+                    f(
+                        parent,
+                        cname.as_ptr(),
+                        Some(cmd_policy),
+                        cflags.as_ptr(),
+                        0,
+                        0,
+                        0,
+                    )
+                })
+            };
+            if created != raw::Status::Ok as c_int {
+                ctx.log_warning(&format!("quota: cannot create command quota.policy|{name}"));
+                return Status::Err;
+            }
+            if let (Some(category), Ok(full)) =
+                (category, CString::new(format!("quota.policy|{name}")))
+            {
+                unsafe {
+                    if let (Some(get), Some(set)) = (
+                        raw::RedisModule_GetCommand,
+                        raw::RedisModule_SetCommandACLCategories,
+                    ) {
+                        let command = get(ctx.ctx, full.as_ptr());
+                        if !command.is_null() {
+                            set(command, category.as_ptr());
+                        }
+                    }
+                }
+            }
+        }
+        Status::Ok
+    }
+
     fn register_commands(ctx: &Context) -> Status {
         let category = c"quota";
         let has_categories = unsafe { raw::RedisModule_AddACLCategory }.is_some();
@@ -100,7 +166,7 @@ mod module {
                 }
             }
         }
-        Status::Ok
+        register_policy_command(ctx, has_categories.then_some(category))
     }
 
     extern "C" fn on_shutdown(
@@ -172,6 +238,7 @@ mod module {
         let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
         let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
         state::cache().set_config(state::cache_config());
+        state::policies().set_config(state::cache_config());
         if let Err(e) = worker::start(threads, queue) {
             ctx.log_warning(&format!("quota: cannot start worker threads: {e}"));
             return Status::Err;

@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config;
 use crate::core::cache::{CacheConfig, CreditCache};
-use crate::core::ids::UserId;
+use crate::core::ids::{PolicyId, UserId};
+use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
 use crate::glue::blocked::Blocked;
 use crate::stats;
@@ -64,6 +65,29 @@ impl Drop for CacheGuard {
         // Still under the lock: the published epoch only ever moves forward.
         CACHE_EPOCH.store(self.0.epoch(), Ordering::Release);
     }
+}
+
+/// A client waiting on a named policy's load. `then` is the user whose credits its command
+/// needs next: once the policy is in, the worker moves the client onto that user's credit
+/// load when those are not cached either, so the client is answered once, with both known.
+pub struct PolicyWaiter {
+    pub client: Blocked,
+    pub then: Option<(Box<[u8]>, crate::worker::OwnedUser)>,
+}
+
+/// The named-policy cache: same rules, TTLs and bound as the credits cache, one entry per
+/// (tenant, project, name), "no such policy" cached as a negative entry.
+pub type PolicyCache = CreditCache<PolicyWaiter, CachedPolicy>;
+
+static POLICIES: LazyLock<Mutex<PolicyCache>> =
+    LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
+
+/// The policy cache, locked (recovers from a poisoned lock). Never held together with the
+/// credits cache's lock.
+pub fn policies() -> MutexGuard<'static, PolicyCache> {
+    POLICIES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The cache tunables from the configuration.
@@ -162,10 +186,30 @@ pub fn restart_listener() {
                 cache().invalidate(&key);
             }
         }
+        ListenerEvent::PolicyChanged {
+            tenant,
+            project,
+            name,
+            own,
+        } => {
+            stats::NOTIFY_RECEIVED.incr();
+            let key = PolicyId {
+                tenant: &tenant,
+                project: &project,
+                name: &name,
+            }
+            .key();
+            if own {
+                policies().mark_stale(&key);
+            } else {
+                policies().invalidate(&key);
+            }
+        }
         ListenerEvent::Connected => {
             // Notifications may have been missed while disconnected: forget everything.
             NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
             cache().clear();
+            policies().clear();
         }
         ListenerEvent::Disconnected(_) => {
             stats::NOTIFY_RECONNECTS.incr();
@@ -206,6 +250,7 @@ pub fn reconfigure(name: &str) {
             // Another database or schema: nothing cached so far is known to hold there.
             crate::worker::rebuild_backend();
             cache().clear();
+            policies().clear();
             restart_listener();
         }
         "pg-timeout-ms" => {
@@ -215,6 +260,7 @@ pub fn reconfigure(name: &str) {
         "notify" => restart_listener(),
         "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
             cache().set_config(cache_config());
+            policies().set_config(cache_config());
         }
         "auto-deploy" => crate::worker::rebuild_backend(),
         _ => {}

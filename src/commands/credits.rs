@@ -279,6 +279,12 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
             Reply::new(ctx).error(&e.to_string());
         }
-        Done::Loaded(_) | Done::Busy | Done::Dropped => reply_undone(ctx, done),
+        Done::Loaded(_)
+        | Done::Policy(_)
+        | Done::PolicySet(_)
+        | Done::PolicyDel(_)
+        | Done::PolicyList(_)
+        | Done::Busy
+        | Done::Dropped => reply_undone(ctx, done),
     }
 }

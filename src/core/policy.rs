@@ -126,6 +126,40 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// These limits with the given (`Some`) fields of `inline` put over them one by one: what
+    /// `QUOTA.ADMIT ... POLICY <name> [limits]` decides against.
+    pub fn overlaid_with(mut self, inline: &Limits) -> Limits {
+        for (mine, theirs) in self.0.iter_mut().zip(inline.0) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        self
+    }
+}
+
+/// A named policy as the cache holds it: its limits, or `None` when no policy has that name
+/// (a negative answer, cached for the negative TTL).
+pub type CachedPolicy = Option<Limits>;
+
+impl super::cache::CacheValue for CachedPolicy {
+    fn is_negative(&self) -> bool {
+        self.is_none()
+    }
+}
+
+/// A named policy as stored in PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub limits: Limits,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
 /// Additional amounts granted by one replenishment, per field (`None` = adds nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Additional(pub [Option<i64>; LIMIT_FIELDS]);
@@ -188,6 +222,22 @@ mod tests {
         add.0[LimitField::TokensPerHour as usize] = Some(i64::MAX);
         let eff = EffectivePolicy::merge(base, Some(&add));
         assert_eq!(eff.limits.get(LimitField::TokensPerHour), Some(u64::MAX));
+    }
+
+    #[test]
+    fn inline_limits_override_the_policy_field_by_field() {
+        let mut policy = Limits::default();
+        policy.set(LimitField::RequestsPerDay, Some(10));
+        policy.set(LimitField::TokensPerDay, Some(1000));
+        let mut inline = Limits::default();
+        inline.set(LimitField::RequestsPerDay, Some(3));
+        inline.set(LimitField::MaxConcurrent, Some(2));
+        let merged = policy.overlaid_with(&inline);
+        assert_eq!(merged.get(LimitField::RequestsPerDay), Some(3));
+        assert_eq!(merged.get(LimitField::TokensPerDay), Some(1000));
+        assert_eq!(merged.get(LimitField::MaxConcurrent), Some(2));
+        assert_eq!(merged.get(LimitField::TokensPerHour), None);
+        assert_eq!(policy.overlaid_with(&Limits::default()), policy);
     }
 
     #[test]

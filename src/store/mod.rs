@@ -7,6 +7,7 @@
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
 pub mod listener;
+mod policies;
 mod pool;
 mod queries;
 mod schema;
@@ -18,7 +19,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::UserId;
+use crate::core::ids::{PolicyId, UserId};
+use crate::core::policy::{Limits, PolicyRecord};
 use crate::core::Millis;
 
 pub use listener::{Listener, ListenerEvent};
@@ -256,6 +258,7 @@ pub struct Store {
     pool: pool::PgPool,
     schema: String,
     sql: queries::Statements,
+    policy_sql: policies::PolicyStatements,
     timeout_ms: u64,
 }
 
@@ -283,6 +286,7 @@ impl Store {
             pool,
             schema: cfg.schema.clone(),
             sql: queries::Statements::new(&cfg.schema),
+            policy_sql: policies::PolicyStatements::new(&cfg.schema),
             timeout_ms: cfg.timeout_ms,
         })
     }
@@ -342,6 +346,35 @@ impl Store {
     pub fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::cleanup(&mut conn, &self.sql, &self.schema, now)
+    }
+
+    /// A named policy, or `None` when there is none by that name (what the policy cache holds).
+    pub fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::get(&mut *conn, &self.policy_sql, id)
+    }
+
+    /// `QUOTA.POLICY SET`: creates or replaces the policy and records a `policy_set` event.
+    pub fn set_policy(&self, id: &PolicyId, limits: &Limits) -> Result<PolicyRecord, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::set(&mut conn, &self.policy_sql, id, limits)
+    }
+
+    /// `QUOTA.POLICY DEL`: deletes the policy (recording a `policy_delete` event); whether it
+    /// existed.
+    pub fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::delete(&mut conn, &self.policy_sql, id)
+    }
+
+    /// `QUOTA.POLICY LIST`: every policy of (tenant, project), by name.
+    pub fn list_policies(
+        &self,
+        tenant: &str,
+        project: &str,
+    ) -> Result<Vec<PolicyRecord>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::list(&mut *conn, &self.policy_sql, tenant, project)
     }
 
     /// (open connections, idle connections), for `INFO quota`.
