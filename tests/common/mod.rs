@@ -881,6 +881,22 @@ impl RedisServer {
         parse_info(&text)
     }
 
+    /// Waits until `INFO quota` shows `quota_notify_state:<state>` (the listener's first
+    /// connect drops the whole cache: tests that cache something wait for it first).
+    pub fn wait_notify_state(&self, state: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            self.info("quota")
+                .get("quota_notify_state")
+                .map(String::as_str)
+                == Some(state)
+        });
+        assert!(
+            ok,
+            "quota_notify_state did not become {state} within {timeout:?}: {:?}",
+            self.info("quota").get("quota_notify_state")
+        );
+    }
+
     /// The running server's `(major, minor, patch)`.
     pub fn version(&self) -> (u32, u32, u32) {
         self.version
