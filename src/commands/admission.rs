@@ -212,10 +212,17 @@ fn cached_policy(
     user_key: &[u8],
     now: Millis,
 ) -> PolicyLookup {
+    if let Some(found) = state::remembered_policy(id, now) {
+        return PolicyLookup::Found(found);
+    }
     let key = id.key();
     let mut cache = state::policies();
+    let epoch = cache.epoch();
     let (found, load) = match cache.lookup(&key, now) {
-        Lookup::Fresh(found, _) => (PolicyLookup::Found(*found), None),
+        Lookup::Fresh(found, fresh_until) => {
+            state::remember_policy(id, *found, epoch, fresh_until, now);
+            (PolicyLookup::Found(*found), None)
+        }
         Lookup::Stale { rows, refresh } => (PolicyLookup::Found(*rows), refresh),
         Lookup::Unavailable => (PolicyLookup::Unavailable, None),
         Lookup::Miss { load } => {

@@ -25,7 +25,7 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
     let r = r.field("project", |r| r.str(ids[1]));
     let r = r.field("user_id", |r| r.str(ids[2]));
     let mut r = r.field("bundle_id", |r| {
-        r.str(row.map_or(ids[3], |x| x.bundle_id.as_str()))
+        r.str(row.map_or(ids[3], |x| &*x.bundle_id))
     });
     for field in LimitField::ALL {
         let v = row.and_then(|x| x.additional.get(field));
@@ -269,7 +269,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
             };
             let mut r = Reply::new(ctx).map(rows.len());
             for row in rows {
-                let ids = [user.tenant, user.project, user.user, row.bundle_id.as_str()];
+                let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
                 r = record(r.str(&row.bundle_id), ids, Some(row), 0);
             }
         }

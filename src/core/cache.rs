@@ -454,7 +454,7 @@ mod tests {
     fn bundle_of(l: Lookup<'_>) -> Option<String> {
         match l {
             Lookup::Fresh(r, _) | Lookup::Stale { rows: r, .. } => {
-                r.first().map(|r| r.bundle_id.clone())
+                r.first().map(|r| r.bundle_id.to_string())
             }
             _ => None,
         }

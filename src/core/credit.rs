@@ -10,14 +10,16 @@ use super::Millis;
 /// One stored replenishment row of a user (the identity of the user is known from context).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replenishment {
-    pub bundle_id: String,
+    // Text fields are boxed `str`s rather than `String`s: every cached user holds these rows,
+    // and 8 bytes less per field keep one row in a smaller allocation class.
+    pub bundle_id: Box<str>,
     pub additional: Additional,
     /// Unix seconds; `None` never expires.
     pub expires_at: Option<i64>,
-    pub purchase_id: Option<String>,
+    pub purchase_id: Option<Box<str>>,
     /// Exact decimal text with two places, e.g. `"10.00"`.
-    pub purchase_amount_usd: Option<String>,
-    pub purchase_notes: Option<String>,
+    pub purchase_amount_usd: Option<Box<str>>,
+    pub purchase_notes: Option<Box<str>>,
     pub active: bool,
     /// Unix seconds.
     pub created_at: i64,
@@ -70,7 +72,7 @@ pub fn select_credit<'a>(
     bundle: &str,
     now: Millis,
 ) -> Option<(&'a Replenishment, CreditSource)> {
-    let live = |id: &str| rows.iter().find(|r| r.bundle_id == id && r.is_live(now));
+    let live = |id: &str| rows.iter().find(|r| &*r.bundle_id == id && r.is_live(now));
     if let Some(row) = live(bundle) {
         let source = if bundle == ANY_BUNDLE {
             CreditSource::Global
@@ -311,12 +313,12 @@ impl GrantRequest {
             purchase_id: self
                 .purchase_id
                 .clone()
-                .or_else(|| base.and_then(|r| r.purchase_id.clone())),
+                .or_else(|| base.and_then(|r| r.purchase_id.as_deref().map(str::to_owned))),
             purchase_amount,
             purchase_notes: self
                 .notes
                 .clone()
-                .or_else(|| base.and_then(|r| r.purchase_notes.clone())),
+                .or_else(|| base.and_then(|r| r.purchase_notes.as_deref().map(str::to_owned))),
         })
     }
 }
@@ -347,17 +349,31 @@ mod tests {
     fn bundle_row_wins_over_global() {
         let rows = vec![row("*", 1, None, true), row("b", 2, None, true)];
         let (r, src) = select_credit(&rows, "b", NOW).unwrap();
-        assert_eq!((r.bundle_id.as_str(), src), ("b", CreditSource::Bundle));
+        assert_eq!((&*r.bundle_id, src), ("b", CreditSource::Bundle));
         let (r, src) = select_credit(&rows, "other", NOW).unwrap();
-        assert_eq!((r.bundle_id.as_str(), src), ("*", CreditSource::Global));
+        assert_eq!((&*r.bundle_id, src), ("*", CreditSource::Global));
     }
 
     #[test]
     fn expired_or_revoked_bundle_row_falls_back_to_global() {
         let expired = vec![row("*", 1, None, true), row("b", 2, Some(NOW / 1000), true)];
-        assert_eq!(select_credit(&expired, "b", NOW).unwrap().0.bundle_id, "*");
+        assert_eq!(
+            select_credit(&expired, "b", NOW)
+                .unwrap()
+                .0
+                .bundle_id
+                .as_ref(),
+            "*"
+        );
         let revoked = vec![row("*", 1, None, true), row("b", 2, None, false)];
-        assert_eq!(select_credit(&revoked, "b", NOW).unwrap().0.bundle_id, "*");
+        assert_eq!(
+            select_credit(&revoked, "b", NOW)
+                .unwrap()
+                .0
+                .bundle_id
+                .as_ref(),
+            "*"
+        );
         let none = vec![row("b", 2, Some(NOW / 1000 + 1), false)];
         assert!(select_credit(&none, "b", NOW).is_none());
         let live = vec![row("b", 2, Some(NOW / 1000 + 1), true)];
