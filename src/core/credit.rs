@@ -117,7 +117,7 @@ impl CreditMemo {
     ) -> CreditMemo {
         let mut amounts = [i64::MIN; LIMIT_FIELDS];
         if let Some(add) = chosen.0 {
-            for (out, v) in amounts.iter_mut().zip(add.0) {
+            for (out, v) in amounts.iter_mut().zip(add.to_options()) {
                 *out = v.unwrap_or(i64::MIN);
             }
         }
@@ -147,11 +147,8 @@ impl CreditMemo {
         }
         let additional = match self.source {
             CreditSource::Bundle | CreditSource::Global => {
-                let mut add = Additional::default();
-                for (out, v) in add.0.iter_mut().zip(self.amounts) {
-                    *out = (v != i64::MIN).then_some(v);
-                }
-                Some(add)
+                let amounts = self.amounts.map(|v| (v != i64::MIN).then_some(v));
+                Some(Additional::from_options(amounts))
             }
             _ => None,
         };
@@ -275,7 +272,7 @@ impl GrantRequest {
     ) -> Result<GrantValues, GrantError> {
         if !self.add {
             return Ok(GrantValues {
-                additional: Additional(self.amounts),
+                additional: Additional::from_options(self.amounts),
                 expires_at: self.expiry,
                 purchase_id: self.purchase_id.clone(),
                 purchase_amount: self.amount,
@@ -286,13 +283,14 @@ impl GrantRequest {
         let mut additional = base.map(|r| r.additional).unwrap_or_default();
         for field in LimitField::ALL {
             if let Some(given) = self.amounts[field as usize] {
-                let sum = additional.0[field as usize]
+                let sum = additional
+                    .get(field)
                     .unwrap_or(0)
                     .max(0)
                     .checked_add(given)
                     .filter(|v| *v <= field.column_max())
                     .ok_or(GrantError::Overflow(field))?;
-                additional.0[field as usize] = Some(sum);
+                additional.set(field, Some(sum));
             }
         }
         let expires_at = if self.expiry_given {
@@ -329,7 +327,7 @@ mod tests {
 
     fn row(bundle: &str, rpd: i64, expires_at: Option<i64>, active: bool) -> Replenishment {
         let mut additional = Additional::default();
-        additional.0[LimitField::RequestsPerDay as usize] = Some(rpd);
+        additional.set(LimitField::RequestsPerDay, Some(rpd));
         Replenishment {
             bundle_id: bundle.into(),
             additional,
@@ -394,7 +392,7 @@ mod tests {
     #[test]
     fn memo_gives_back_what_was_chosen_while_the_epoch_and_time_hold() {
         let mut rows = vec![row("*", 7, None, true), row("b", 9, None, true)];
-        rows[1].additional.0[LimitField::TokensPerMonth as usize] = Some(-3);
+        rows[1].additional.set(LimitField::TokensPerMonth, Some(-3));
         let picked = chosen(&rows, "b", NOW);
         let memo = CreditMemo::new(picked, &rows, 5, NOW + 60_000, NOW);
         let (add, src) = memo.get(5, NOW + 10).unwrap();

@@ -541,9 +541,7 @@ pub(crate) fn to_replenishment(row: &impl RowSource) -> Result<Replenishment, St
         } else {
             row.bigint(idx)?
         };
-        if let Some(slot) = additional.0.get_mut(field as usize) {
-            *slot = value;
-        }
+        additional.set(field, value);
     }
     Ok(Replenishment {
         bundle_id: required(row.text(COL_BUNDLE)?, "bundle_id")?.into(),
