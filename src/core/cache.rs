@@ -86,7 +86,8 @@ struct Entry<W, V> {
     /// No new load before this (after a failure).
     retry_at: Millis,
     last_used: Millis,
-    flight: Option<Flight<W>>,
+    /// Boxed: most entries have no load in flight, and every entry pays for this field.
+    flight: Option<Box<Flight<W>>>,
 }
 
 /// The cache.
@@ -162,15 +163,15 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         self.epoch
     }
 
-    fn new_flight(&mut self) -> Flight<W> {
+    fn new_flight(&mut self) -> Box<Flight<W>> {
         let id = self.next_flight;
         self.next_flight += 1;
         self.in_flight += 1;
-        Flight {
+        Box::new(Flight {
             id,
             waiters: Vec::new(),
             dirty: false,
-        }
+        })
     }
 
     /// Looks a user up, starting a load or a background refresh when one is due.
