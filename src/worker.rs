@@ -138,7 +138,7 @@ pub enum Job {
     LoadPolicy { policy: OwnedPolicy, flight: u64 },
     PolicySet {
         policy: OwnedPolicy,
-        limits: Limits,
+        limits: Box<Limits>,
         client: Blocked,
     },
     PolicyDel {

@@ -55,7 +55,7 @@ pub fn policy(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     match parsed {
         PolicyArgs::Set(id, limits) => on_worker(ctx, args, |client| Job::PolicySet {
             policy: OwnedPolicy::from_id(&id),
-            limits,
+            limits: Box::new(limits),
             client,
         }),
         PolicyArgs::Del(id) => on_worker(ctx, args, |client| Job::PolicyDel {
