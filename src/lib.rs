@@ -104,20 +104,25 @@ mod module {
             if let (Some(category), Ok(full)) =
                 (category, CString::new(format!("quota.policy|{name}")))
             {
-                unsafe {
-                    if let (Some(get), Some(set)) = (
-                        raw::RedisModule_GetCommand,
-                        raw::RedisModule_SetCommandACLCategories,
-                    ) {
-                        let command = get(ctx.ctx, full.as_ptr());
-                        if !command.is_null() {
-                            set(command, category.as_ptr());
-                        }
-                    }
-                }
+                set_category(ctx, &full, category);
             }
         }
         Status::Ok
+    }
+
+    /// Puts a command in an ACL category (Redis >= 7.2).
+    fn set_category(ctx: &Context, command: &std::ffi::CStr, category: &std::ffi::CStr) {
+        unsafe {
+            if let (Some(get), Some(set)) = (
+                raw::RedisModule_GetCommand,
+                raw::RedisModule_SetCommandACLCategories,
+            ) {
+                let command = get(ctx.ctx, command.as_ptr());
+                if !command.is_null() {
+                    set(command, category.as_ptr());
+                }
+            }
+        }
     }
 
     fn register_commands(ctx: &Context) -> Status {
@@ -153,17 +158,7 @@ mod module {
             }
             // Redis >= 7.2: put every command in the `quota` ACL category.
             if has_categories {
-                unsafe {
-                    if let (Some(get), Some(set)) = (
-                        raw::RedisModule_GetCommand,
-                        raw::RedisModule_SetCommandACLCategories,
-                    ) {
-                        let command = get(ctx.ctx, cname.as_ptr());
-                        if !command.is_null() {
-                            set(command, category.as_ptr());
-                        }
-                    }
-                }
+                set_category(ctx, &cname, category);
             }
         }
         register_policy_command(ctx, has_categories.then_some(category))

@@ -250,23 +250,9 @@ fn a_policy_changed_by_sql_reaches_a_warm_account_on_another_node_through_notify
 #[test]
 fn replicas_see_policies_and_their_changes() {
     let schema = unique_schema();
-    let url = PgServer::shared();
-    let args = [
-        ("pg-url", url.as_str()),
-        ("schema", schema.as_str()),
-        ("pg-timeout-ms", "2000"),
-    ];
-    let master = RedisServer::builder()
-        .module_args(&args)
-        .conf("repl-diskless-sync-delay 0")
-        .start();
     // No NOTIFY on the replica: the replicated invalidation alone must do it.
-    let replica = RedisServer::builder()
-        .module_args(&args)
-        .module_args(&[("notify", "no"), ("cache-ttl-ms", "600000")])
-        .replica_of(&master)
-        .start();
-    replica.wait_replica_synced(&master, Duration::from_secs(30));
+    let (master, replica) =
+        test_master_and_replica(&schema, &[("notify", "no"), ("cache-ttl-ms", "600000")]);
     let mut m = master.client();
     let mut r = replica.client();
 

@@ -65,7 +65,11 @@ fn reply_applicable(
 
 /// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
 /// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
-fn on_worker(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], make: impl FnOnce(Blocked) -> Job) {
+pub(super) fn on_worker(
+    ctx: *mut raw::RedisModuleCtx,
+    args: &[&[u8]],
+    make: impl FnOnce(Blocked) -> Job,
+) {
     if !can_block(ctx) {
         return reply_cannot_block(ctx, args);
     }

@@ -7,7 +7,8 @@
 
 use redis_module::raw;
 
-use super::{block_timeout_ms, can_block, fail, parse, reply_cannot_block, reply_undone};
+use super::credits::on_worker;
+use super::{block_timeout_ms, can_block, fail, parse, reply_undone};
 use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
@@ -31,19 +32,6 @@ fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
         });
     }
     r
-}
-
-/// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
-fn on_worker(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], make: impl FnOnce(Blocked) -> Job) {
-    if !can_block(ctx) {
-        return reply_cannot_block(ctx, args);
-    }
-    match Blocked::block(ctx, block_timeout_ms()) {
-        Some(client) => worker::submit_or_busy(make(client)),
-        None => {
-            Reply::new(ctx).error("ERR cannot block this client");
-        }
-    }
 }
 
 /// `QUOTA.POLICY ...`.

@@ -120,6 +120,29 @@ fn payload(record: &PolicyRecord) -> String {
     Value::Object(out).to_string()
 }
 
+/// Appends the audit row of a policy change (`policy_set` or `policy_delete`).
+fn record_event(
+    client: &mut impl GenericClient,
+    sql: &PolicyStatements,
+    id: &PolicyId,
+    event_type: &str,
+    record: &PolicyRecord,
+) -> Result<(), StoreError> {
+    let text = payload(record);
+    client
+        .query_typed(
+            &sql.insert_event,
+            &[
+                (&id.tenant, Type::TEXT),
+                (&id.project, Type::TEXT),
+                (&event_type, Type::TEXT),
+                (&text, Type::TEXT),
+            ],
+        )
+        .map_err(pg)?;
+    Ok(())
+}
+
 /// One policy, or `None` when there is none by that name.
 pub(crate) fn get(
     client: &mut impl GenericClient,
@@ -154,17 +177,7 @@ pub(crate) fn set(
         .map_err(pg)?
         .ok_or_else(|| StoreError::Query("the policy row was not written".into()))
         .and_then(|row| to_record(&row))?;
-    let text = payload(&record);
-    tx.query_typed(
-        &sql.insert_event,
-        &[
-            (&id.tenant, Type::TEXT),
-            (&id.project, Type::TEXT),
-            (&"policy_set", Type::TEXT),
-            (&text, Type::TEXT),
-        ],
-    )
-    .map_err(pg)?;
+    record_event(&mut tx, sql, id, "policy_set", &record)?;
     tx.commit().map_err(pg)?;
     Ok(record)
 }
@@ -182,17 +195,7 @@ pub(crate) fn delete(
         .map(|row| to_record(&row))
         .transpose()?;
     if let Some(record) = &deleted {
-        let text = payload(record);
-        tx.query_typed(
-            &sql.insert_event,
-            &[
-                (&id.tenant, Type::TEXT),
-                (&id.project, Type::TEXT),
-                (&"policy_delete", Type::TEXT),
-                (&text, Type::TEXT),
-            ],
-        )
-        .map_err(pg)?;
+        record_event(&mut tx, sql, id, "policy_delete", record)?;
     }
     tx.commit().map_err(pg)?;
     Ok(deleted.is_some())
