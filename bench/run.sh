@@ -8,13 +8,15 @@
 #      the credits into Redis hashes for the Lua script, and warms the credits cache with QUOTA.GET
 #   3. redis-benchmark -P 16 -c 50 -r USERS, ROUNDS interleaved rounds of:
 #        INCR counter:__rand_int__
-#        QUOTA.ADMIT (day/month requests, day tokens, MAX_CONCURRENT)     -> vs INCR, vs Lua
-#        EVALSHA bench/admit.lua (the same admission with string counters + a lease ZSET)
-#        QUOTA.ADMIT (same without MAX_CONCURRENT)                        (informational)
-#        GET key:__rand_int__
-#        QUOTA.GET on cached users                                        -> vs GET
-#        HGETALL of an 18-field hash (a reply the size of QUOTA.GET's)    (informational)
-#        HMGET of 11 fields: a plain command with ADMIT's 13 arguments    (informational)
+#        CL.THROTTLE from redis-cell 0.2.2 (built by bench/redis-cell.sh into .tools/)
+#        HMGET of 11 fields: a plain command with ADMIT's 13 arguments
+#        QUOTA.ADMIT inline (day/month requests, day tokens, MAX_CONCURRENT) -> vs HMGET
+#        QUOTA.ADMIT POLICY bench COMPACT (the same limits as a named policy)
+#                                                                 -> vs CL.THROTTLE, vs INCR
+#        QUOTA.GET on cached users                                        -> vs HGETALL
+#        HGETALL of an 18-field hash (a reply the size of QUOTA.GET's)
+#      and, unpipelined (-P 1 -c 1), INCR and ADMIT POLICY for their p50/p99 latency.
+#      BENCH_EXTRA=1 adds the older rows: EVALSHA bench/admit.lua, ADMIT without a lease, GET.
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
 #   5. memory: bytes per cached user (with one credit; with no credits) and per account key
 #
@@ -43,11 +45,15 @@ CLIENTS=50
 LOADERS=8 # parallel connections for grants and cold loads (each waits on Postgres)
 LEASE_TTL=1
 
-# Bars from issue 3.
-BAR_ADMIT_INCR=0.35
-BAR_ADMIT_LUA=5
-BAR_GET=0.7
-BAR_ACCOUNT_BYTES=512
+# Bars (issue 12).
+BAR_POLICY_CELL=1.0
+BAR_POLICY_INCR=0.45
+BAR_ADMIT_HMGET=0.8
+BAR_GET_HGETALL=1.1
+BAR_P99=1.2
+BAR_ACCOUNT_BYTES=320
+BAR_USER_BYTES=256
+LAT_N="${BENCH_LATENCY_N:-50000}"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -71,6 +77,9 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
     cargo build --release --quiet </dev/null
 fi
 [ -f "$module" ] || die "$module is missing (cargo build --release)"
+
+log "redis-cell 0.2.2 (the CL.THROTTLE peer)"
+cell_lib="$(bash "$root/bench/redis-cell.sh")" || die "cannot build redis-cell (bench/redis-cell.sh)"
 
 # --- throwaway servers -------------------------------------------------------------------
 work="$(mktemp -d /tmp/quota-bench.XXXXXX)"
@@ -112,6 +121,7 @@ dir "$work"
 save ""
 appendonly no
 loadmodule "$work/libredis_quota.so" pg-url "$pg_url" schema bench_q cache-ttl-ms 3600000 negative-ttl-ms 3600000 lease-ttl $LEASE_TTL
+loadmodule "$cell_lib"
 EOF
 chmod 600 "$work/redis.conf"
 "$REDIS_SERVER" "$work/redis.conf" >"$work/redis.log" 2>&1 </dev/null &
@@ -212,6 +222,15 @@ bench_once() {
         awk -F'","' 'NR == 2 { gsub(/"/, "", $2); print $2 }'
 }
 
+# latency_once N COMMAND... : one unpipelined single-client run; prints "p50 p99" in ms.
+latency_once() {
+    local n="$1"
+    shift
+    redis-benchmark -h 127.0.0.1 -p "$port" -P 1 -c 1 -n "$n" -r "$USERS" --csv "$@" </dev/null 2>/dev/null |
+        awk -F'","' 'NR == 1 { for (i = 1; i <= NF; i++) { gsub(/"/, "", $i); col[$i] = i } }
+                     NR == 2 { gsub(/"/, "", $0); split($0, v, ","); print v[col["p50_latency_ms"]], v[col["p99_latency_ms"]] }'
+}
+
 fmt_rps() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -261,21 +280,32 @@ lua_check="$(cli EVALSHA "$sha" 1 u000000000001 100000000 1000000000 1000000000 
 [ "$lua_check" = 1 ] || die "admit.lua did not admit: $lua_check"
 admit_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' "${admit_policy[@]}" MAX_CONCURRENT 1000000 | sed -n 2p)"
 [ "$admit_check" = 1 ] || die "QUOTA.ADMIT did not admit: $admit_check"
+# The same limits as a named policy (written through to this node's policy cache).
+cli QUOTA.POLICY SET acme chat bench "${admit_policy[@]}" MAX_CONCURRENT 1000000 >/dev/null
+policy_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' POLICY bench COMPACT | head -n1)"
+[ "$policy_check" = 1 ] || die "QUOTA.ADMIT POLICY did not admit: $policy_check"
+cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)"
+[ "$cell_check" = 0 ] || die "CL.THROTTLE did not allow: $cell_check"
 
 # --- throughput --------------------------------------------------------------------------
 # Each ratio's two commands run back to back in every round.
-names=(INCR ADMIT LUA ADMIT_NOLEASE HMGET GET QGET HGETALL)
+names=(INCR CELL HMGET ADMIT POLICY QGET HGETALL)
+if [ "${BENCH_EXTRA:-0}" = 1 ]; then names+=(LUA ADMIT_NOLEASE GET); fi
 declare -A label cmd n_of
 label[INCR]="INCR counter:__rand_int__"
-label[ADMIT]="QUOTA.ADMIT (+MAX_CONCURRENT)"
+label[CELL]="CL.THROTTLE (redis-cell 0.2.2)"
+label[POLICY]="QUOTA.ADMIT POLICY .. COMPACT"
+label[ADMIT]="QUOTA.ADMIT inline (13 args)"
 label[ADMIT_NOLEASE]="QUOTA.ADMIT (no lease)"
 label[LUA]="EVALSHA admit.lua"
 label[GET]="GET key:__rand_int__"
 label[QGET]="QUOTA.GET (cached)"
 label[HGETALL]="HGETALL rec:__rand_int__ (18 f.)"
-label[HMGET]="HMGET rec:__rand_int__ (11 f.)"
+label[HMGET]="HMGET rec:__rand_int__ (13 args)"
 cmd[INCR]="INCR counter:__rand_int__"
 cmd[ADMIT]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]} MAX_CONCURRENT 1000000"
+cmd[POLICY]="QUOTA.ADMIT acme chat u__rand_int__ * POLICY bench COMPACT"
+cmd[CELL]="CL.THROTTLE cell:u__rand_int__ 1000000 1000000 1 1"
 cmd[ADMIT_NOLEASE]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]}"
 cmd[LUA]="EVALSHA $sha 1 u__rand_int__ 100000000 1000000000 1000000000 1000000 $LEASE_TTL"
 cmd[GET]="GET key:__rand_int__"
@@ -299,7 +329,7 @@ for name in "${names[@]}"; do
     log "  ${label[$name]}: ~$(fmt_rps "$rps")/s -> -n ${n_of[$name]}"
 done
 
-declare -A results
+declare -A results lat50 lat99
 hits0="$(quota_stat cache_hits)"
 misses0="$(quota_stat cache_misses)"
 stale0="$(quota_stat cache_stale_hits)"
@@ -311,6 +341,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
         [ -n "$rps" ] || die "redis-benchmark failed for ${label[$name]}"
         results[$name]="${results[$name]:-} $rps"
         log "round $r/$ROUNDS ${label[$name]}: $(fmt_rps "$rps")/s"
+    done
+    for name in INCR POLICY; do
+        read -r -a words <<<"${cmd[$name]}"
+        read -r p50 p99 <<<"$(latency_once "$LAT_N" "${words[@]}")"
+        [ -n "$p99" ] || die "unpipelined redis-benchmark failed for ${label[$name]}"
+        lat50[$name]="${lat50[$name]:-} $p50"
+        lat99[$name]="${lat99[$name]:-} $p99"
+        log "round $r/$ROUNDS unpipelined ${label[$name]}: p50 $p50 ms, p99 $p99 ms"
     done
 done
 hits1="$(quota_stat cache_hits)"
@@ -381,13 +419,17 @@ mkdir -p "$root/bench/out"
     echo
     echo "ratios (median of the per-round ratios; each round runs every command back to back)"
     printf '%-34s %8s %8s  %s\n' "ratio" "value" "bar" "verdict  (per round)"
-    rows=("ADMIT/INCR:ADMIT:INCR:>=:$BAR_ADMIT_INCR"
-        "ADMIT/Lua:ADMIT:LUA:>=:$BAR_ADMIT_LUA"
-        "QUOTA.GET/GET:QGET:GET:>=:$BAR_GET"
-        "ADMIT(no lease)/INCR:ADMIT_NOLEASE:INCR:-:-"
-        "ADMIT(no lease)/Lua:ADMIT_NOLEASE:LUA:-:-"
-        "HMGET(13 args)/INCR:HMGET:INCR:-:-"
-        "QUOTA.GET/HGETALL (same reply):QGET:HGETALL:-:-")
+    rows=("ADMIT POLICY+COMPACT/CL.THROTTLE:POLICY:CELL:>=:$BAR_POLICY_CELL"
+        "ADMIT POLICY+COMPACT/INCR:POLICY:INCR:>=:$BAR_POLICY_INCR"
+        "ADMIT inline/HMGET(13 args):ADMIT:HMGET:>=:$BAR_ADMIT_HMGET"
+        "QUOTA.GET/HGETALL(18 fields):QGET:HGETALL:>=:$BAR_GET_HGETALL"
+        "ADMIT inline/INCR:ADMIT:INCR:-:-"
+        "CL.THROTTLE/INCR:CELL:INCR:-:-"
+        "HMGET(13 args)/INCR:HMGET:INCR:-:-")
+    if [ "${BENCH_EXTRA:-0}" = 1 ]; then
+        rows+=("ADMIT inline/Lua:ADMIT:LUA:-:-" "ADMIT(no lease)/INCR:ADMIT_NOLEASE:INCR:-:-"
+            "QUOTA.GET/GET:QGET:GET:-:-")
+    fi
     for row in "${rows[@]}"; do
         IFS=: read -r title a b op bar <<<"$row"
         read -r -a as <<<"${results[$a]}"
@@ -403,13 +445,25 @@ mkdir -p "$root/bench/out"
         fi
     done
     echo
+    echo "unpipelined latency (redis-benchmark -P 1 -c 1 -n $LAT_N; median over the rounds, ms)"
+    read -r -a i50 <<<"${lat50[INCR]}"
+    read -r -a i99 <<<"${lat99[INCR]}"
+    read -r -a q50 <<<"${lat50[POLICY]}"
+    read -r -a q99 <<<"${lat99[POLICY]}"
+    printf '  %-32s p50 %6s  p99 %6s   (p99 per round: %s)\n' "${label[INCR]}" "$(median "${i50[@]}")" "$(median "${i99[@]}")" "${i99[*]}"
+    printf '  %-32s p50 %6s  p99 %6s   (p99 per round: %s)\n' "${label[POLICY]}" "$(median "${q50[@]}")" "$(median "${q99[@]}")" "${q99[*]}"
+    per=()
+    for i in "${!i99[@]}"; do per+=("$(ratio "${q99[$i]}" "${i99[$i]}")"); done
+    value="$(awk -v x="$(median "${per[@]}")" 'BEGIN { printf "%.3f", x }')"
+    printf '  %-32s %8s  bar <= %s: %s  (%s)\n' "p99 ADMIT POLICY / p99 INCR" "$value" "$BAR_P99" "$(verdict "$value" "<=" "$BAR_P99")" "${per[*]}"
+    echo
     echo "checks during the runs: credits cache hits +$((hits1 - hits0)), misses +$((misses1 - misses0)), stale hits +$((stale1 - stale0));"
     echo "  admits allowed +$((allowed1 - allowed0)), denied +$((denied1 - denied0)); sampled afterwards: $sample_allowed/$sample_total allowed"
     echo "  (admit.lua afterwards: allowed=$lua_after)"
     echo "  QUOTA.USAGE u000000000042 after the runs: $usage_sample"
     echo
     echo "memory (INFO memory used_memory deltas)"
-    printf '  %-52s %8s bytes  (%s entries)\n' "per cached user with one credit (QUOTA.GET warm-up)" "$pos_bytes" "$pos_entries"
+    printf '  %-52s %8s bytes  (%s entries)  bar <= %s: %s\n' "per cached user with one credit (QUOTA.GET warm-up)" "$pos_bytes" "$pos_entries" "$BAR_USER_BYTES" "$(verdict "$pos_bytes" "<=" "$BAR_USER_BYTES")"
     printf '  %-52s %8s bytes  (%s entries)\n' "per cached user without credits (negative entry)" "$neg_bytes" "$neg_entries"
     printf '  %-52s %8s bytes  (%s keys)  bar <= %s: %s\n' "per account key (QUOTA.ADMIT REQUESTS_PER_DAY 10)" "$acc_bytes" "$acc_keys" "$BAR_ACCOUNT_BYTES" "$(verdict "$acc_bytes" "<=" "$BAR_ACCOUNT_BYTES")"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of one such account key" "$acc_usage"

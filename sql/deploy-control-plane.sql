@@ -72,12 +72,55 @@ CREATE TABLE IF NOT EXISTS "control_plane".user_quota_replenishment_event (
     created_at  TIMESTAMPTZ   NOT NULL DEFAULT now(),
     CONSTRAINT user_quota_replenishment_event_pkey PRIMARY KEY (id),
     CONSTRAINT user_quota_replenishment_event_type_check
-        CHECK (event_type IN ('grant', 'topup', 'revoke', 'expire'))
+        CHECK (event_type IN ('grant', 'topup', 'revoke', 'expire', 'policy_set', 'policy_delete'))
 );
 
 COMMENT ON TABLE "control_plane".user_quota_replenishment_event IS
-    'Append-only history of replenishment changes (grant, topup, revoke, expire); '
-    'a purchase_id is recorded at most once per (tenant, project)';
+    'Append-only history of replenishment changes (grant, topup, revoke, expire) and of named '
+    'policy changes (policy_set, policy_delete: user_id and bundle_id ''*'', the policy name '
+    'in the payload); a purchase_id is recorded at most once per (tenant, project)';
+
+-- Deployments made before named policies existed: widen the event types in place. Runs once
+-- (the constraint then names policy_set); the check over existing rows is a single scan.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = '"control_plane".user_quota_replenishment_event'::regclass
+          AND conname = 'user_quota_replenishment_event_type_check'
+          AND pg_get_constraintdef(oid) LIKE '%policy_set%'
+    ) THEN
+        ALTER TABLE "control_plane".user_quota_replenishment_event
+            DROP CONSTRAINT IF EXISTS user_quota_replenishment_event_type_check;
+        ALTER TABLE "control_plane".user_quota_replenishment_event
+            ADD CONSTRAINT user_quota_replenishment_event_type_check CHECK (event_type IN
+                ('grant', 'topup', 'revoke', 'expire', 'policy_set', 'policy_delete'));
+    END IF;
+END
+$$;
+
+-- Named base policies ("free", "pro", ...) per (tenant, project), used by
+-- QUOTA.ADMIT ... POLICY <name>. NULL = unlimited. Deleting a policy deletes its row (the
+-- event table keeps the history).
+CREATE TABLE IF NOT EXISTS "control_plane".quota_policy (
+    tenant             VARCHAR(255) NOT NULL,
+    project            VARCHAR(255) NOT NULL,
+    policy_name        VARCHAR(255) NOT NULL,
+    requests_per_day   BIGINT       NULL CHECK (requests_per_day >= 0),
+    requests_per_month BIGINT       NULL CHECK (requests_per_month >= 0),
+    total_requests     BIGINT       NULL CHECK (total_requests >= 0),
+    tokens_per_hour    BIGINT       NULL CHECK (tokens_per_hour >= 0),
+    tokens_per_day     BIGINT       NULL CHECK (tokens_per_day >= 0),
+    tokens_per_month   BIGINT       NULL CHECK (tokens_per_month >= 0),
+    max_concurrent     BIGINT       NULL CHECK (max_concurrent >= 0),
+    created_at         TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    updated_at         TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    CONSTRAINT quota_policy_pkey PRIMARY KEY (tenant, project, policy_name)
+);
+
+COMMENT ON TABLE "control_plane".quota_policy IS
+    'Named base policies per (tenant, project) for QUOTA.ADMIT ... POLICY <name>; '
+    'NULL limit = unlimited';
 COMMENT ON COLUMN "control_plane".user_quota_replenishment_event.payload IS
     'The values the change wrote (money as a decimal string, times as Unix seconds)';
 
@@ -152,6 +195,33 @@ COMMENT ON FUNCTION "control_plane".user_quota_replenishment_notify() IS
     'Trigger: pg_notify on channel control_plane_quota_changed with '
     '{tenant, project, user_id, bundle_id, op} for every changed replenishment row';
 
+-- Tells every Redis node which named policy changed: {tenant, project, policy, op} on the same
+-- channel as the credits (a payload without user_id is a policy).
+CREATE OR REPLACE FUNCTION "control_plane".quota_policy_notify()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND
+        (OLD.tenant, OLD.project, OLD.policy_name)
+            IS DISTINCT FROM (NEW.tenant, NEW.project, NEW.policy_name)) THEN
+        PERFORM pg_notify('control_plane_quota_changed', json_build_object(
+            'tenant', OLD.tenant, 'project', OLD.project, 'policy', OLD.policy_name,
+            'op', TG_OP)::text);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM pg_notify('control_plane_quota_changed', json_build_object(
+            'tenant', NEW.tenant, 'project', NEW.project, 'policy', NEW.policy_name,
+            'op', TG_OP)::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION "control_plane".quota_policy_notify() IS
+    'Trigger: pg_notify on channel control_plane_quota_changed with '
+    '{tenant, project, policy, op} for every changed named policy';
+
 -- The event table only grows.
 CREATE OR REPLACE FUNCTION "control_plane".user_quota_replenishment_event_append_only()
 RETURNS trigger
@@ -187,6 +257,24 @@ BEGIN
         CREATE TRIGGER user_quota_replenishment_notify
             AFTER INSERT OR UPDATE OR DELETE ON "control_plane".user_quota_replenishment
             FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_notify();
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = '"control_plane".quota_policy'::regclass
+          AND tgname = 'quota_policy_touch'
+    ) THEN
+        CREATE TRIGGER quota_policy_touch
+            BEFORE UPDATE ON "control_plane".quota_policy
+            FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_touch();
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = '"control_plane".quota_policy'::regclass
+          AND tgname = 'quota_policy_notify'
+    ) THEN
+        CREATE TRIGGER quota_policy_notify
+            AFTER INSERT OR UPDATE OR DELETE ON "control_plane".quota_policy
+            FOR EACH ROW EXECUTE FUNCTION "control_plane".quota_policy_notify();
     END IF;
     IF NOT EXISTS (
         SELECT 1 FROM pg_trigger

@@ -53,6 +53,15 @@ mod module {
         (&info::APPLY, cmd_apply),
     ];
 
+    /// `QUOTA.POLICY`'s subcommands (one entry point parses which one it is).
+    const POLICY_SUBCOMMANDS: &[(&CommandSpec, Entry)] = &[
+        (&info::POLICY_SET, cmd_policy),
+        (&info::POLICY_GET, cmd_policy),
+        (&info::POLICY_DEL, cmd_policy),
+        (&info::POLICY_LIST, cmd_policy),
+        (&info::POLICY_INVALIDATE, cmd_policy),
+    ];
+
     fn register_commands(ctx: &Context) -> Status {
         info::add_category(ctx.ctx);
         if !info::has_acl_categories() {
@@ -69,6 +78,12 @@ mod module {
                 ));
                 return Status::Err;
             }
+        }
+        if let Err(e) = info::register_container(ctx.ctx, info::POLICY, POLICY_SUBCOMMANDS) {
+            ctx.log_warning(&format!(
+                "quota: cannot register command quota.policy: {e:?}"
+            ));
+            return Status::Err;
         }
         Status::Ok
     }
@@ -178,6 +193,7 @@ mod module {
         let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
         let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
         state::cache().set_config(state::cache_config());
+        state::policies().set_config(state::cache_config());
         if let Err(e) = worker::start(threads, queue) {
             ctx.log_warning(&format!("quota: cannot start worker threads: {e}"));
             return Status::Err;

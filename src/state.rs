@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config;
 use crate::core::cache::{CacheConfig, CreditCache};
-use crate::core::ids::UserId;
+use crate::core::ids::{PolicyId, UserId};
+use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
 use crate::glue::blocked::Blocked;
 use crate::stats;
@@ -64,6 +65,136 @@ impl Drop for CacheGuard {
         // Still under the lock: the published epoch only ever moves forward.
         CACHE_EPOCH.store(self.0.epoch(), Ordering::Release);
     }
+}
+
+/// A client waiting on a named policy's load. `then` is the user whose credits its command
+/// needs next: once the policy is in, the worker moves the client onto that user's credit
+/// load when those are not cached either, so the client is answered once, with both known.
+pub struct PolicyWaiter {
+    pub client: Blocked,
+    pub then: Option<(Box<[u8]>, crate::worker::OwnedUser)>,
+}
+
+/// The named-policy cache: same rules, TTLs and bound as the credits cache, one entry per
+/// (tenant, project, name), "no such policy" cached as a negative entry.
+pub type PolicyCache = CreditCache<PolicyWaiter, CachedPolicy>;
+
+static POLICIES: LazyLock<Mutex<PolicyCache>> =
+    LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
+
+/// The policy cache's epoch as of the last time its lock was released.
+static POLICY_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// The policy cache, locked (recovers from a poisoned lock). Never held together with the
+/// credits cache's lock. Releasing it publishes the cache's epoch for `remembered_policy`.
+pub fn policies() -> PolicyGuard {
+    PolicyGuard(
+        POLICIES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    )
+}
+
+/// The locked policy cache.
+pub struct PolicyGuard(MutexGuard<'static, PolicyCache>);
+
+impl std::ops::Deref for PolicyGuard {
+    type Target = PolicyCache;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PolicyGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        POLICY_EPOCH.store(self.0.epoch(), Ordering::Release);
+    }
+}
+
+/// Longest a remembered policy is used without asking the cache (keeps its LRU order honest).
+const POLICY_MEMO_MAX_MS: Millis = 1000;
+/// Policies remembered at once (a deployment has a few tiers).
+const POLICY_MEMO_SLOTS: usize = 4;
+
+/// A policy read from a fresh cache entry, remembered by the main thread so that an admission
+/// under a named policy skips the key, the lock and the lookup.
+struct PolicyMemo {
+    /// `tenant \0 project \0 name` (ids never contain NUL).
+    ids: Box<[u8]>,
+    found: CachedPolicy,
+    epoch: u64,
+    until: Millis,
+}
+
+impl PolicyMemo {
+    fn is(&self, id: &PolicyId<'_>) -> bool {
+        let (t, p, n) = (id.tenant.len(), id.project.len(), id.name.len());
+        self.ids.len() == t + p + n + 2
+            && self.ids.get(..t) == Some(id.tenant.as_bytes())
+            && self.ids.get(t + 1..t + 1 + p) == Some(id.project.as_bytes())
+            && self.ids.get(t + p + 2..) == Some(id.name.as_bytes())
+    }
+}
+
+thread_local! {
+    static POLICY_MEMOS: std::cell::RefCell<(usize, [Option<PolicyMemo>; POLICY_MEMO_SLOTS])> =
+        const { std::cell::RefCell::new((0, [None, None, None, None])) };
+}
+
+/// The policy remembered for `id`, if the policy cache has not changed since and its entry is
+/// still fresh (what a lookup would answer, without the lookup).
+pub fn remembered_policy(id: &PolicyId<'_>, now: Millis) -> Option<CachedPolicy> {
+    let epoch = POLICY_EPOCH.load(Ordering::Acquire);
+    POLICY_MEMOS.with(|memos| {
+        let memos = memos.try_borrow().ok()?;
+        memos
+            .1
+            .iter()
+            .flatten()
+            .find(|m| m.epoch == epoch && now < m.until && m.is(id))
+            .map(|m| m.found)
+    })
+}
+
+/// Remembers what a fresh policy-cache entry held at `epoch` (see `remembered_policy`).
+pub fn remember_policy(
+    id: &PolicyId<'_>,
+    found: CachedPolicy,
+    epoch: u64,
+    fresh_until: Millis,
+    now: Millis,
+) {
+    let mut ids = Vec::with_capacity(id.tenant.len() + id.project.len() + id.name.len() + 2);
+    ids.extend_from_slice(id.tenant.as_bytes());
+    ids.push(0);
+    ids.extend_from_slice(id.project.as_bytes());
+    ids.push(0);
+    ids.extend_from_slice(id.name.as_bytes());
+    let memo = PolicyMemo {
+        ids: ids.into(),
+        found,
+        epoch,
+        until: fresh_until.min(now.saturating_add(POLICY_MEMO_MAX_MS)),
+    };
+    POLICY_MEMOS.with(|memos| {
+        if let Ok(mut memos) = memos.try_borrow_mut() {
+            let (next, slots) = &mut *memos;
+            let at = slots
+                .iter()
+                .position(|m| m.as_ref().is_some_and(|m| m.is(id)))
+                .unwrap_or(*next % POLICY_MEMO_SLOTS);
+            if let Some(slot) = slots.get_mut(at) {
+                *slot = Some(memo);
+            }
+            *next = next.wrapping_add(1);
+        }
+    });
 }
 
 /// The cache tunables from the configuration.
@@ -162,6 +293,25 @@ pub fn restart_listener() {
                 cache().invalidate(&key);
             }
         }
+        ListenerEvent::PolicyChanged {
+            tenant,
+            project,
+            name,
+            own,
+        } => {
+            stats::NOTIFY_RECEIVED.incr();
+            let key = PolicyId {
+                tenant: &tenant,
+                project: &project,
+                name: &name,
+            }
+            .key();
+            if own {
+                policies().mark_stale(&key);
+            } else {
+                policies().invalidate(&key);
+            }
+        }
         ListenerEvent::Connected => {
             // Notifications may have been missed while disconnected: forget everything.
             NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
@@ -169,6 +319,7 @@ pub fn restart_listener() {
             // PostgreSQL is reachable (again): it may not hold the schema (first start, a
             // restored or replaced server).
             crate::worker::redeploy();
+            policies().clear();
         }
         ListenerEvent::Disconnected(_) => {
             stats::NOTIFY_RECONNECTS.incr();
@@ -209,6 +360,7 @@ pub fn reconfigure(name: &str) {
             // Another database or schema: nothing cached so far is known to hold there.
             crate::worker::rebuild_backend();
             cache().clear();
+            policies().clear();
             restart_listener();
             crate::worker::deploy_soon();
         }
@@ -219,6 +371,7 @@ pub fn reconfigure(name: &str) {
         "notify" => restart_listener(),
         "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
             cache().set_config(cache_config());
+            policies().set_config(cache_config());
         }
         "auto-deploy" => {
             crate::worker::rebuild_backend();

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::config;
+use crate::core::cache::Lookup;
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::UserId;
+use crate::core::ids::{PolicyId, UserId};
+use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::glue::blocked::Blocked;
 use crate::state::{self, Credits};
@@ -32,6 +34,11 @@ pub enum Done {
     Revoke(Result<RevokeOutcome, StoreError>),
     List(Result<Vec<Replenishment>, StoreError>),
     Cleanup(Result<CleanupOutcome, StoreError>),
+    /// A named policy's load (for `ADMIT ... POLICY` and `POLICY GET` after a miss).
+    Policy(Result<CachedPolicy, StoreError>),
+    PolicySet(Result<PolicyRecord, StoreError>),
+    PolicyDel(Result<bool, StoreError>),
+    PolicyList(Result<Vec<PolicyRecord>, StoreError>),
     /// The job queue was full.
     Busy,
     /// The job was dropped unfinished (shutdown).
@@ -62,6 +69,34 @@ impl OwnedUser {
             tenant: &self.tenant,
             project: &self.project,
             user: &self.user,
+        }
+    }
+}
+
+/// A policy's ids, owned so they can cross to a worker thread.
+#[derive(Debug, Clone)]
+pub struct OwnedPolicy {
+    pub tenant: String,
+    pub project: String,
+    pub name: String,
+}
+
+impl OwnedPolicy {
+    /// Copies the ids.
+    pub fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
+        OwnedPolicy {
+            tenant: id.tenant.into(),
+            project: id.project.into(),
+            name: id.name.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub fn id(&self) -> PolicyId<'_> {
+        PolicyId {
+            tenant: &self.tenant,
+            project: &self.project,
+            name: &self.name,
         }
     }
 }
@@ -101,16 +136,35 @@ pub enum Job {
     Cleanup { client: Option<Blocked> },
     /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
     Deploy,
+    /// Load a named policy into the policy cache and answer the flight's waiters.
+    LoadPolicy { policy: OwnedPolicy, flight: u64 },
+    PolicySet {
+        policy: OwnedPolicy,
+        limits: Box<Limits>,
+        client: Blocked,
+    },
+    PolicyDel {
+        policy: OwnedPolicy,
+        client: Blocked,
+    },
+    PolicyList {
+        tenant: String,
+        project: String,
+        client: Blocked,
+    },
 }
 
 impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
     pub fn into_client(self) -> Option<Blocked> {
         match self {
-            Job::Load(_) | Job::Deploy => None,
-            Job::Grant { client, .. } | Job::Revoke { client, .. } | Job::List { client, .. } => {
-                Some(client)
-            }
+            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
+            Job::Grant { client, .. }
+            | Job::Revoke { client, .. }
+            | Job::List { client, .. }
+            | Job::PolicySet { client, .. }
+            | Job::PolicyDel { client, .. }
+            | Job::PolicyList { client, .. } => Some(client),
             Job::Cleanup { client } => client,
         }
     }
@@ -128,6 +182,21 @@ pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
         let waiters = state::cache().abort_flight(user_key, flight);
         for waiter in waiters {
             waiter.finish(Done::Busy);
+        }
+    }
+}
+
+/// Queues a policy load for a flight the policy cache started; if the queue is full the flight
+/// is dropped and its waiters are answered `BUSY`.
+pub fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
+    let job = Job::LoadPolicy {
+        policy: OwnedPolicy::from_id(policy),
+        flight,
+    };
+    if submit(job).is_err() {
+        let waiters = state::policies().abort_flight(&policy.key(), flight);
+        for waiter in waiters {
+            waiter.client.finish(Done::Busy);
         }
     }
 }
@@ -209,6 +278,9 @@ pub fn stop(wait: Duration) {
     STOPPING.store(true, Ordering::Relaxed);
     for waiter in state::cache().take_all_waiters() {
         waiter.finish(Done::Dropped);
+    }
+    for waiter in state::policies().take_all_waiters() {
+        waiter.client.finish(Done::Dropped);
     }
     let deadline = Instant::now() + wait;
     let handles = THREADS
@@ -490,7 +562,85 @@ fn execute(job: Job) {
                 client.finish(Done::Cleanup(outcome));
             }
         }
+        Job::LoadPolicy { policy, flight } => execute_policy_load(&policy, flight),
+        Job::PolicySet {
+            policy,
+            limits,
+            client,
+        } => {
+            let outcome = with_store(|s| s.set_policy(&policy.id(), &limits));
+            if let Ok(record) = &outcome {
+                write_through_policy(&policy, Some(record.limits));
+            }
+            client.finish(Done::PolicySet(outcome));
+        }
+        Job::PolicyDel { policy, client } => {
+            let outcome = with_store(|s| s.delete_policy(&policy.id()));
+            if outcome.is_ok() {
+                write_through_policy(&policy, None);
+            }
+            client.finish(Done::PolicyDel(outcome));
+        }
+        Job::PolicyList {
+            tenant,
+            project,
+            client,
+        } => {
+            let outcome = with_store(|s| s.list_policies(&tenant, &project));
+            client.finish(Done::PolicyList(outcome));
+        }
     }
+}
+
+/// Loads a policy, completes its flight, and answers each waiter: at once, or (when its
+/// command also needs credits that are not cached) by moving it onto that user's credit load.
+fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
+    let id = policy.id();
+    let result: Result<CachedPolicy, StoreError> =
+        with_store(|s| s.load_policy(&id)).map(|found| found.map(|r| r.limits));
+    let now = state::now_ms();
+    let waiters =
+        state::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
+    for waiter in waiters {
+        match (waiter.then, &result) {
+            (Some((user_key, user)), Ok(Some(_))) => {
+                chain_to_credits(waiter.client, &user_key, &user, &result, now);
+            }
+            (_, result) => waiter.client.finish(Done::Policy(result.clone())),
+        }
+    }
+}
+
+/// Moves `client` onto the user's credit load when those credits are not cached; otherwise
+/// answers it with the policy (its command finds the credits in the cache).
+fn chain_to_credits(
+    client: Blocked,
+    user_key: &[u8],
+    user: &OwnedUser,
+    policy: &Result<CachedPolicy, StoreError>,
+    now: Millis,
+) {
+    let mut cache = state::cache();
+    let (load, client) = match cache.lookup(user_key, now) {
+        Lookup::Miss { load } => match cache.add_waiter(user_key, client) {
+            Ok(()) => (load, None),
+            Err(client) => (load, Some(client)),
+        },
+        Lookup::Stale { refresh, .. } => (refresh, Some(client)),
+        Lookup::Fresh(..) | Lookup::Unavailable => (None, Some(client)),
+    };
+    drop(cache);
+    if let Some(flight) = load {
+        submit_load(user_key, &user.id(), flight);
+    }
+    if let Some(client) = client {
+        client.finish(Done::Policy(policy.clone()));
+    }
+}
+
+/// Write-through of a committed policy change into this node's policy cache.
+fn write_through_policy(policy: &OwnedPolicy, value: CachedPolicy) {
+    state::policies().put(&policy.id().key(), value, state::now_ms());
 }
 
 fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {

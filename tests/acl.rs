@@ -32,6 +32,15 @@ const ALL_COMMANDS: [&str; 13] = [
     "quota.usage",
 ];
 
+/// The subcommands of the `quota.policy` container, each in the category on its own.
+const POLICY_SUBCOMMANDS: [&str; 5] = [
+    "quota.policy|del",
+    "quota.policy|get",
+    "quota.policy|invalidate",
+    "quota.policy|list",
+    "quota.policy|set",
+];
+
 /// A RESP2 connection authenticated as `user`.
 fn connect_as(server: &RedisServer, user: &str, password: &str) -> redis::Connection {
     let url = format!("redis://{user}:{password}@127.0.0.1:{}/", server.port());
@@ -270,8 +279,14 @@ fn quota_acl_category() {
     let cats = strings(query(&mut admin, &["ACL", "CAT"]).expect("ACL CAT"));
     assert!(cats.contains("quota"), "ACL CAT: {cats:?}");
     let in_cat = strings(query(&mut admin, &["ACL", "CAT", "quota"]).expect("ACL CAT quota"));
-    let expected: BTreeSet<String> = ALL_COMMANDS.iter().map(|s| s.to_string()).collect();
+    let mut expected: BTreeSet<String> = ALL_COMMANDS
+        .iter()
+        .chain(&POLICY_SUBCOMMANDS)
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(in_cat, expected, "ACL CAT quota");
+    // The container is listed too (it has no category of its own: its subcommands do).
+    expected.insert("quota.policy".to_string());
     let registered = strings(
         query(
             &mut admin,
@@ -281,7 +296,7 @@ fn quota_acl_category() {
     );
     assert_eq!(registered, expected, "the module's commands");
     // COMMAND INFO shows the category.
-    for name in ALL_COMMANDS {
+    for name in ALL_COMMANDS.iter().chain(&POLICY_SUBCOMMANDS) {
         let info = to_array(query(&mut admin, &["COMMAND", "INFO", name]).unwrap());
         let entry = to_array(info[0].clone());
         let categories = strings(entry[6].clone());

@@ -36,7 +36,15 @@ const DOCS: &[(&str, &str, &[&[&str]])] = &[
         &[
             &ACCOUNT,
             &LIMITS,
-            &["lease", "lease_ttl", "reserve", "peek", "verbose"],
+            &[
+                "lease",
+                "lease_ttl",
+                "reserve",
+                "peek",
+                "verbose",
+                "policy",
+                "compact",
+            ],
         ],
     ),
     (
@@ -126,6 +134,23 @@ fn command_docs_match_the_expected_table() {
         value_to_string(&peek["type"]).as_deref(),
         Some("pure-token")
     );
+    // QUOTA.POLICY is a container: each subcommand has its own docs.
+    let reply = to_array(query(&mut con, &["COMMAND", "DOCS", "quota.policy"]).unwrap());
+    let subcommands = doc_map(doc_map(reply[1].clone())["subcommands"].clone());
+    for (sub, summary_start) in [
+        ("quota.policy|set", "Creates"),
+        ("quota.policy|get", "Returns"),
+        ("quota.policy|del", "Deletes"),
+        ("quota.policy|list", "Lists"),
+        ("quota.policy|invalidate", "Drops"),
+    ] {
+        let doc = doc_map(subcommands[sub].clone());
+        let summary = doc.get("summary").and_then(value_to_string);
+        assert!(
+            summary.as_deref().unwrap_or("").starts_with(summary_start),
+            "{sub}: {summary:?}"
+        );
+    }
 }
 
 /// Splits a README example command: words separated by spaces, `""` is an empty argument.

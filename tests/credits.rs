@@ -144,18 +144,8 @@ impl Env {
     }
 
     fn wait_notify(&self, state: &str) {
-        let ok = wait_until(Duration::from_secs(15), || {
-            self.server
-                .info("quota")
-                .get("quota_notify_state")
-                .map(String::as_str)
-                == Some(state)
-        });
-        assert!(
-            ok,
-            "quota_notify_state did not become {state} within 15 s: {:?}",
-            self.server.info("quota").get("quota_notify_state")
-        );
+        self.server
+            .wait_notify_state(state, Duration::from_secs(15));
     }
 }
 

@@ -16,31 +16,10 @@ use common::*;
 const T: &str = "acme";
 const P: &str = "chat";
 
-fn module_args(schema: &str) -> Vec<(String, String)> {
-    vec![
-        ("pg-url".to_string(), PgServer::shared()),
-        ("schema".to_string(), schema.to_string()),
-        ("pg-timeout-ms".to_string(), "2000".to_string()),
-    ]
-}
-
 /// A master and a synced replica, both with the module; `replica_extra` are more module
 /// arguments for the replica.
 fn start_pair(schema: &str, replica_extra: &[(&str, &str)]) -> (RedisServer, RedisServer) {
-    let args = module_args(schema);
-    let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    // No 5 s wait for more replicas before the full sync.
-    let master = RedisServer::builder()
-        .module_args(&args)
-        .conf("repl-diskless-sync-delay 0")
-        .start();
-    let replica = RedisServer::builder()
-        .module_args(&args)
-        .module_args(replica_extra)
-        .replica_of(&master)
-        .start();
-    replica.wait_replica_synced(&master, Duration::from_secs(30));
-    (master, replica)
+    test_master_and_replica(schema, replica_extra)
 }
 
 /// `WAIT 1 1000` on `con`: the number of replicas that acknowledged this client's writes.

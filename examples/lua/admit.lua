@@ -17,13 +17,10 @@
 local user = KEYS[1]
 local tenant, project, bundle, rpd = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
-local reply = redis.call('QUOTA.ADMIT', tenant, project, user, bundle,
-                         'REQUESTS_PER_DAY', rpd)
+-- COMPACT: a flat array read by position, the same in RESP2 and RESP3:
+-- {allowed, retry_after, remaining_requests, remaining_tokens, lease, reason,
+--  reserved, replenishment}.
+local r = redis.call('QUOTA.ADMIT', tenant, project, user, bundle,
+                     'REQUESTS_PER_DAY', rpd, 'COMPACT')
 
--- Scripts get the RESP2 form of the reply: a flat {field, value, ...} array.
-local r = {}
-for i = 1, #reply, 2 do
-    r[reply[i]] = reply[i + 1]
-end
-
-return {r['allowed'], r['retry_after']}
+return {r[1], r[2]}

@@ -9,6 +9,9 @@
 #    never saw this user): inside a script the module does not block, it decides on
 #    the base policy ("pending") and loads the credit in the background; once it is
 #    loaded, the script sees 2 + 1 requests a day.
+# 3. examples/lua/admit_policy.lua: a named policy ("free": 2 requests a day, at
+#    most 5 in flight) defined once; the script names it and reads the COMPACT
+#    reply by position. A policy not cached yet answers TRYAGAIN inside a script.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -76,4 +79,22 @@ done
 read -r allowed retry <<<"$(admit "$user" 2)"
 [ "$allowed" = 0 ] || fail "call 4 with the credit: expected denied, got '$allowed $retry'"
 echo "with the +1 credit loaded: 3 calls allowed, the 4th denied"
+
+# --- 3. a named policy ----------------------------------------------------------------
+policy_project="policy-$run_id"
+cli QUOTA.POLICY SET "$tenant" "$policy_project" free REQUESTS_PER_DAY 2 MAX_CONCURRENT 5 >/dev/null
+psha="$(cli SCRIPT LOAD "$(cat "$here/admit_policy.lua")")"
+padmit() {
+    cli EVALSHA "$psha" 1 "$1" "$tenant" "$policy_project" "$bundle" free 2>&1 | tr '\n' ' '
+}
+user="lua-policy-$run_id"
+for i in 1 2; do
+    read -r allowed retry remaining lease <<<"$(padmit "$user")"
+    [ "$allowed" = 1 ] || fail "policy call $i: expected allowed, got '$allowed $retry'"
+    [ "$remaining" = $((2 - i)) ] || fail "policy call $i: remaining_requests '$remaining'"
+    [ -n "$lease" ] || fail "policy call $i: MAX_CONCURRENT takes a lease, got none"
+done
+read -r allowed retry _ <<<"$(padmit "$user")"
+[ "$allowed" = 0 ] || fail "policy call 3: expected denied, got '$allowed $retry'"
+echo "policy free: 2 calls allowed (each with a lease), the 3rd denied"
 echo ok

@@ -13,21 +13,22 @@ use std::os::raw::c_int;
 
 use redis_module::raw;
 
-use super::{block_timeout_ms, can_block, fail, flags, parse, reply_undone};
+use super::{block_timeout_ms, can_block, fail, flags, parse, policies, reply_undone};
 use crate::config::{self, ScriptMiss};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
 use crate::core::effect::{Change, Effect, EncodedEffect};
-use crate::core::policy::{Additional, EffectivePolicy, LimitField};
+use crate::core::ids::PolicyId;
+use crate::core::policy::{Additional, CachedPolicy, EffectivePolicy, LimitField, Limits};
 use crate::core::Millis;
 use crate::glue::account_type::{AccountKey, WrongType};
 use crate::glue::blocked::Blocked;
 use crate::glue::propagation;
 use crate::glue::reply::Reply;
-use crate::state;
+use crate::state::{self, PolicyWaiter};
 use crate::stats;
-use crate::worker::{self, Done};
+use crate::worker::{self, Done, OwnedUser};
 
 /// Keyspace events (module class) on the account key, documented in the README.
 const EVENT_ADMIT: &std::ffi::CStr = c"quota.admit";
@@ -40,7 +41,8 @@ const EVENT_SETSTATE: &std::ffi::CStr = c"quota.setstate";
 enum Credits<'a> {
     /// Look in the cache (a fresh command).
     Cache,
-    /// A worker loaded them (or failed to).
+    /// A worker loaded them (or failed to), or loaded the named policy (`Done::Policy`: the
+    /// credits are then looked up in the cache, without waiting).
     Loaded(&'a Done),
     /// The wait for Postgres ran out.
     TimedOut,
@@ -76,16 +78,25 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
     };
     let (key, user_len) = parsed.account.key();
     let now = state::now_ms();
+    let user_key = key.get(..user_len).unwrap_or(&key);
+    let Some(base) = base_policy(ctx, &parsed, &credits, user_key, now) else {
+        return; // blocked on the policy, or answered
+    };
     let mut account_key = match AccountKey::open(ctx, &key) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
     };
     let mut memo = None;
+    // After a policy load the credits come from the cache, but the client cannot wait again.
+    let resumed = matches!(credits, Credits::Loaded(Done::Policy(_)));
     let (additional, source) = match credits {
         // The credit this account used a moment ago, if the cache has not changed since.
-        Credits::Cache if let Some(found) = remembered(&mut account_key, &key, now) => found,
-        Credits::Cache => {
-            let user_key = key.get(..user_len).unwrap_or(&key);
+        Credits::Cache | Credits::Loaded(Done::Policy(_))
+            if let Some(found) = remembered(&mut account_key, &key, now) =>
+        {
+            found
+        }
+        Credits::Cache | Credits::Loaded(Done::Policy(_)) => {
             let mut cache = state::cache();
             let epoch = cache.epoch();
             let (found, load) = match cache.lookup(user_key, now) {
@@ -98,6 +109,7 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
                     (Some(pick(rows, parsed.account.bundle, now)), refresh)
                 }
                 Lookup::Unavailable => (Some((None, CreditSource::Unavailable)), None),
+                Lookup::Miss { load } if resumed => (Some((None, CreditSource::Pending)), load),
                 Lookup::Miss { load } if can_block(ctx) => {
                     match Blocked::block(ctx, block_timeout_ms()) {
                         Some(client) => {
@@ -137,10 +149,124 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
     decide(
         ctx,
         &parsed,
+        base,
         &mut account_key,
         (additional, source, memo),
         now,
     );
+}
+
+/// What a policy lookup found.
+enum PolicyLookup {
+    Found(CachedPolicy),
+    /// Not cached; the client now waits for the load (or was answered).
+    Waiting,
+    /// Not cached and PostgreSQL failed moments ago.
+    Unavailable,
+}
+
+/// The base policy of this admission: the inline limits, or the named policy with the inline
+/// limits over it field by field. `None` when the client was answered (an error) or blocked
+/// until the policy (and, chained after it, the user's credits) is loaded.
+fn base_policy(
+    ctx: *mut raw::RedisModuleCtx,
+    parsed: &parse::AdmitArgs<'_>,
+    credits: &Credits<'_>,
+    user_key: &[u8],
+    now: Millis,
+) -> Option<Limits> {
+    let Some(name) = parsed.policy else {
+        return Some(parsed.base);
+    };
+    let id = PolicyId {
+        tenant: parsed.account.user.tenant,
+        project: parsed.account.user.project,
+        name,
+    };
+    let found = match credits {
+        Credits::Loaded(Done::Policy(Ok(found))) => PolicyLookup::Found(*found),
+        Credits::Loaded(Done::Policy(Err(e))) if e.is_unavailable() => PolicyLookup::Unavailable,
+        Credits::Loaded(Done::Policy(Err(e))) => {
+            Reply::new(ctx).error(&e.to_string());
+            return None;
+        }
+        Credits::Loaded(done @ (Done::Busy | Done::Dropped)) => {
+            reply_undone(ctx, done);
+            return None;
+        }
+        _ => cached_policy(ctx, parsed, credits, &id, user_key, now),
+    };
+    match found {
+        PolicyLookup::Found(Some(limits)) => Some(limits.overlaid_with(&parsed.base)),
+        PolicyLookup::Found(None) => {
+            Reply::new(ctx).error(&policies::unknown(name));
+            None
+        }
+        PolicyLookup::Unavailable => {
+            Reply::new(ctx).error(&policies::unavailable(name));
+            None
+        }
+        PolicyLookup::Waiting => None,
+    }
+}
+
+/// Looks the named policy up in the policy cache. On a miss of a fresh command that may
+/// block, the client waits on the policy's load with its user's credits chained after it;
+/// where it cannot wait, it gets `TRYAGAIN` (there is no base policy to decide on).
+fn cached_policy(
+    ctx: *mut raw::RedisModuleCtx,
+    parsed: &parse::AdmitArgs<'_>,
+    credits: &Credits<'_>,
+    id: &PolicyId<'_>,
+    user_key: &[u8],
+    now: Millis,
+) -> PolicyLookup {
+    if let Some(found) = state::remembered_policy(id, now) {
+        return PolicyLookup::Found(found);
+    }
+    let key = id.key();
+    let mut cache = state::policies();
+    let epoch = cache.epoch();
+    let (found, load) = match cache.lookup(&key, now) {
+        Lookup::Fresh(found, fresh_until) => {
+            state::remember_policy(id, *found, epoch, fresh_until, now);
+            (PolicyLookup::Found(*found), None)
+        }
+        Lookup::Stale { rows, refresh } => (PolicyLookup::Found(*rows), refresh),
+        Lookup::Unavailable => (PolicyLookup::Unavailable, None),
+        Lookup::Miss { load } => {
+            match credits {
+                Credits::Cache if can_block(ctx) => match Blocked::block(ctx, block_timeout_ms()) {
+                    Some(client) => {
+                        let then = Some((
+                            Box::from(user_key),
+                            OwnedUser::from_id(&parsed.account.user),
+                        ));
+                        if let Err(waiter) = cache.add_waiter(&key, PolicyWaiter { client, then }) {
+                            waiter.client.finish(Done::Dropped);
+                        }
+                    }
+                    None => {
+                        Reply::new(ctx).error("ERR cannot block this client");
+                    }
+                },
+                Credits::TimedOut => {
+                    Reply::new(ctx).error(&policies::unavailable(id.name));
+                }
+                // In MULTI or a script, or resumed after a credit load during which the policy
+                // was dropped again (changed meanwhile): the caller retries.
+                _ => {
+                    Reply::new(ctx).error(&policies::loading(id.name));
+                }
+            }
+            (PolicyLookup::Waiting, load)
+        }
+    };
+    drop(cache);
+    if let Some(flight) = load {
+        worker::submit_policy_load(id, flight);
+    }
+    found
 }
 
 /// The credit remembered on the account, if it was chosen for this key and still holds
@@ -158,11 +284,12 @@ fn remembered(
 fn decide(
     ctx: *mut raw::RedisModuleCtx,
     parsed: &parse::AdmitArgs<'_>,
+    base: Limits,
     account_key: &mut AccountKey,
     (additional, source, memo): (Option<Additional>, CreditSource, Option<CreditMemo>),
     now: Millis,
 ) {
-    let policy = EffectivePolicy::merge(parsed.base, additional.as_ref());
+    let policy = EffectivePolicy::merge(base, additional.as_ref());
     let lease_ttl = parsed
         .lease_ttl
         .unwrap_or_else(|| config::int(&config::LEASE_TTL).max(1));
@@ -220,7 +347,29 @@ fn decide(
     if decision.changed {
         account_key.notify(EVENT_ADMIT);
     }
-    reply_decision(ctx, &decision, source, &policy, usage.as_ref());
+    if parsed.compact {
+        reply_compact(ctx, &decision, source);
+    } else {
+        reply_decision(ctx, &decision, source, &policy, usage.as_ref());
+    }
+}
+
+/// The `COMPACT` reply: a flat array read by position, the same under RESP2 and RESP3:
+/// `[allowed, retry_after, remaining_requests, remaining_tokens, lease, reason, reserved,
+/// replenishment]`, with `lease` and `reason` as "" when there is none.
+fn reply_compact(ctx: *mut raw::RedisModuleCtx, d: &AdmitDecision, source: CreditSource) {
+    let mut buf = [0u8; 16];
+    let lease = d.lease.as_ref().map_or("", |id| id.as_text(&mut buf));
+    Reply::new(ctx)
+        .array(8)
+        .int(i64::from(d.allowed))
+        .int(d.retry_after)
+        .int(d.remaining_requests)
+        .int(d.remaining_tokens)
+        .str(lease)
+        .str(&d.reason())
+        .uint(d.reserved)
+        .str(source.as_str());
 }
 
 fn reply_decision(

@@ -27,7 +27,7 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
     let r = r.field("project", |r| r.str(ids[1]));
     let r = r.field("user_id", |r| r.str(ids[2]));
     let mut r = r.field("bundle_id", |r| {
-        r.str(row.map_or(ids[3], |x| x.bundle_id.as_str()))
+        r.str(row.map_or(ids[3], |x| &*x.bundle_id))
     });
     for field in LimitField::ALL {
         let v = row.and_then(|x| x.additional.get(field));
@@ -67,7 +67,11 @@ fn reply_applicable(
 
 /// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
 /// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
-fn on_worker(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], make: impl FnOnce(Blocked) -> Job) {
+pub(super) fn on_worker(
+    ctx: *mut raw::RedisModuleCtx,
+    args: &[&[u8]],
+    make: impl FnOnce(Blocked) -> Job,
+) {
     if !can_block(ctx) {
         return reply_cannot_block(ctx, args);
     }
@@ -276,7 +280,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
             };
             let mut r = Reply::new(ctx).map(rows.len());
             for row in rows {
-                let ids = [user.tenant, user.project, user.user, row.bundle_id.as_str()];
+                let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
                 r = record(r.str(&row.bundle_id), ids, Some(row), 0);
             }
         }
@@ -286,6 +290,12 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
             Reply::new(ctx).error(&e.to_string());
         }
-        Done::Loaded(_) | Done::Busy | Done::Dropped => reply_undone(ctx, done),
+        Done::Loaded(_)
+        | Done::Policy(_)
+        | Done::PolicySet(_)
+        | Done::PolicyDel(_)
+        | Done::PolicyList(_)
+        | Done::Busy
+        | Done::Dropped => reply_undone(ctx, done),
     }
 }

@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod credits;
 pub mod parse;
+pub mod policies;
 
 use std::os::raw::c_int;
 
@@ -89,6 +90,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
     match name(args).as_str() {
         "QUOTA.ADMIT" => admission::admit_resumed(ctx, args, done),
         "QUOTA.GET" => credits::get_resumed(ctx, args, done),
+        "QUOTA.POLICY" => policies::resume(ctx, args, done),
         _ => credits::resume(ctx, args, done),
     }
 }
@@ -99,6 +101,9 @@ pub fn timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if name(args) == "QUOTA.ADMIT" {
         // Postgres is too slow: decide on the base policy rather than fail the request.
         admission::admit_timed_out(ctx, args);
+        return;
+    }
+    if name(args) == "QUOTA.POLICY" && policies::timed_out(ctx, args) {
         return;
     }
     let text = format!(
@@ -138,3 +143,4 @@ entry!(cmd_usage, admission::usage);
 entry!(cmd_reset, admission::reset);
 entry!(cmd_setstate, admission::setstate);
 entry!(cmd_apply, admission::apply);
+entry!(cmd_policy, policies::policy);

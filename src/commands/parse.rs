@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::core::credit::{Cents, GrantRequest};
-use crate::core::ids::{check_id, AccountId, IdError, UserId};
+use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
 
@@ -61,7 +61,7 @@ impl fmt::Display for ParseError {
 }
 
 /// Shows an unknown word safely: printable ASCII only, at most 32 characters.
-fn shown(word: &[u8]) -> String {
+pub(crate) fn shown(word: &[u8]) -> String {
     let mut out: String = word
         .iter()
         .take(32)
@@ -186,6 +186,13 @@ const LEASE_TTL: [u8; 16] = kw("LEASE_TTL");
 const RESERVE: [u8; 16] = kw("RESERVE");
 const PEEK: [u8; 16] = kw("PEEK");
 const VERBOSE: [u8; 16] = kw("VERBOSE");
+const POLICY: [u8; 16] = kw("POLICY");
+const SET: [u8; 16] = kw("SET");
+const GET: [u8; 16] = kw("GET");
+const DEL: [u8; 16] = kw("DEL");
+const LIST: [u8; 16] = kw("LIST");
+const INVALIDATE: [u8; 16] = kw("INVALIDATE");
+const COMPACT: [u8; 16] = kw("COMPACT");
 
 fn limit_value(field: LimitField, raw: &[u8]) -> Result<u64, ParseError> {
     parse_amount(field.keyword(), raw)
@@ -283,6 +290,10 @@ pub struct AdmitArgs<'a> {
     pub reserve: Option<u64>,
     pub peek: bool,
     pub verbose: bool,
+    /// `POLICY <name>`: the named base policy; the inline limits (`base`) override its fields.
+    pub policy: Option<&'a str>,
+    /// `COMPACT`: reply the short array instead of the map.
+    pub compact: bool,
 }
 
 /// Parses `QUOTA.ADMIT`.
@@ -296,6 +307,8 @@ pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>,
         reserve: None,
         peek: false,
         verbose: false,
+        policy: None,
+        compact: false,
     };
     let mut opts = Options::new(rest);
     while let Some(word) = opts.next_word() {
@@ -329,10 +342,81 @@ pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>,
                 opts.once(14, "VERBOSE")?;
                 out.verbose = true;
             }
+            POLICY => {
+                opts.once(15, "POLICY")?;
+                out.policy = Some(check_id("policy", opts.value("POLICY")?)?);
+            }
+            COMPACT => {
+                opts.once(16, "COMPACT")?;
+                out.compact = true;
+            }
             _ => return Err(ParseError::Unknown(shown(word))),
         }
     }
+    if out.compact && out.verbose {
+        return Err(ParseError::Conflict("COMPACT", "VERBOSE"));
+    }
     Ok(out)
+}
+
+/// `QUOTA.POLICY <subcommand> ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyArgs<'a> {
+    /// `SET <t> <p> <name> [limits]`: absent limits are unlimited.
+    Set(PolicyId<'a>, Limits),
+    Get(PolicyId<'a>),
+    Del(PolicyId<'a>),
+    /// `LIST <t> <p>`.
+    List(&'a str, &'a str),
+    /// `INVALIDATE <t> <p> <name>`: drops this node's cached copy (replicated).
+    Invalidate(PolicyId<'a>),
+}
+
+/// Parses `QUOTA.POLICY SET|GET|DEL|LIST|INVALIDATE`.
+pub fn policy<'a>(args: &[&'a [u8]]) -> Result<PolicyArgs<'a>, ParseError> {
+    let [_, sub, rest @ ..] = args else {
+        return Err(ParseError::Arity);
+    };
+    let id = |rest: &[&'a [u8]]| match rest {
+        [t, p, n, ..] => Ok(PolicyId::parse(t, p, n)?),
+        _ => Err(ParseError::Arity),
+    };
+    let exactly = |n: usize| {
+        if rest.len() == n {
+            Ok(())
+        } else {
+            Err(ParseError::Arity)
+        }
+    };
+    match upper(sub) {
+        SET => {
+            let policy = id(rest)?;
+            let mut limits = Limits::default();
+            let mut opts = Options::new(rest.get(3..).unwrap_or(&[]));
+            while let Some(word) = opts.next_word() {
+                let Some(field) = LimitField::from_keyword(word) else {
+                    return Err(ParseError::Unknown(shown(word)));
+                };
+                opts.once(field as u32, field.keyword())?;
+                limits.set(
+                    field,
+                    Some(limit_value(field, opts.value(field.keyword())?)?),
+                );
+            }
+            Ok(PolicyArgs::Set(policy, limits))
+        }
+        GET => exactly(3).and_then(|()| Ok(PolicyArgs::Get(id(rest)?))),
+        DEL => exactly(3).and_then(|()| Ok(PolicyArgs::Del(id(rest)?))),
+        INVALIDATE => exactly(3).and_then(|()| Ok(PolicyArgs::Invalidate(id(rest)?))),
+        LIST => match rest {
+            [t, p] => Ok(PolicyArgs::List(
+                check_id("tenant", t)?,
+                check_id("project", p)?,
+            )),
+            _ => Err(ParseError::Arity),
+        },
+        _ => Err(ParseError::Unknown(shown(sub))),
+    }
 }
 
 /// `QUOTA.COMMIT <t> <p> <u> <b> <tokens> [LEASE id]`.
@@ -515,6 +599,74 @@ mod tests {
     }
 
     #[test]
+    fn admit_reads_a_policy_and_the_compact_form() {
+        let a = admit(
+            &words("QUOTA.ADMIT t p u b policy pro REQUESTS_PER_DAY 3 compact"),
+            86_400,
+        )
+        .unwrap();
+        assert_eq!(a.policy, Some("pro"));
+        assert!(a.compact);
+        assert_eq!(a.base.get(LimitField::RequestsPerDay), Some(3));
+        assert_eq!(
+            admit(&words("QUOTA.ADMIT t p u b COMPACT VERBOSE"), 10)
+                .unwrap_err()
+                .to_string(),
+            "ERR COMPACT must not be given with VERBOSE"
+        );
+        assert_eq!(
+            admit(&words("QUOTA.ADMIT t p u b POLICY"), 10)
+                .unwrap_err()
+                .to_string(),
+            "ERR POLICY must be followed by a value"
+        );
+        assert!(admit(&words("QUOTA.ADMIT t p u b POLICY a POLICY b"), 10).is_err());
+    }
+
+    #[test]
+    fn policy_subcommands() {
+        match policy(&words(
+            "QUOTA.POLICY set t p pro REQUESTS_PER_DAY 5 max_concurrent 2",
+        )) {
+            Ok(PolicyArgs::Set(id, limits)) => {
+                assert_eq!((id.tenant, id.project, id.name), ("t", "p", "pro"));
+                assert_eq!(limits.get(LimitField::RequestsPerDay), Some(5));
+                assert_eq!(limits.get(LimitField::MaxConcurrent), Some(2));
+                assert_eq!(limits.get(LimitField::TokensPerDay), None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            policy(&words("QUOTA.POLICY GET t p pro")),
+            Ok(PolicyArgs::Get(_))
+        ));
+        assert!(matches!(
+            policy(&words("QUOTA.POLICY del t p pro")),
+            Ok(PolicyArgs::Del(_))
+        ));
+        assert!(matches!(
+            policy(&words("QUOTA.POLICY LIST t p")),
+            Ok(PolicyArgs::List("t", "p"))
+        ));
+        for (cmd, err) in [
+            ("QUOTA.POLICY GET t p", "ERR wrong number of arguments"),
+            ("QUOTA.POLICY GET t p a b", "ERR wrong number of arguments"),
+            ("QUOTA.POLICY LIST t", "ERR wrong number of arguments"),
+            (
+                "QUOTA.POLICY SET t p x LEASE 1",
+                "ERR unknown option 'LEASE'",
+            ),
+            (
+                "QUOTA.POLICY SET t p x TOKENS_PER_DAY 1 TOKENS_PER_DAY 2",
+                "ERR TOKENS_PER_DAY must be given at most once",
+            ),
+            ("QUOTA.POLICY NOPE t p x", "ERR unknown option 'NOPE'"),
+        ] {
+            assert_eq!(policy(&words(cmd)).unwrap_err().to_string(), err, "{cmd}");
+        }
+    }
+
+    #[test]
     fn commit_release_list_shapes() {
         let c = commit(&words("QUOTA.COMMIT t p u b 42 lease L")).unwrap();
         assert_eq!((c.tokens, c.lease), (42, Some("L")));
@@ -562,6 +714,7 @@ mod tests {
             for result in [
                 grant(&refs, NOW).err().map(|e| e.to_string()),
                 admit(&refs, 86_400).err().map(|e| e.to_string()),
+                policy(&refs).err().map(|e| e.to_string()),
                 commit(&refs).err().map(|e| e.to_string()),
                 release(&refs).err().map(|e| e.to_string()),
                 list(&refs).err().map(|e| e.to_string()),

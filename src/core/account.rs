@@ -1060,7 +1060,7 @@ mod tests {
         let mut base = Limits::default();
         base.set(LimitField::RequestsPerDay, Some(1));
         let mut add = Additional::default();
-        add.0[LimitField::RequestsPerDay as usize] = Some(1);
+        add.set(LimitField::RequestsPerDay, Some(1));
         let p = EffectivePolicy::merge(base, Some(&add));
         let mut acc = Account::default();
         let first = admit(&mut acc, &p, &plain(), T0);
@@ -1237,7 +1237,7 @@ mod tests {
                 if next(3) == 0 {
                     base.set(field, Some(next(8)));
                     if next(2) == 0 {
-                        add.0[field as usize] = Some(next(4) as i64);
+                        add.set(field, Some(next(4) as i64));
                     }
                 }
             }

@@ -21,6 +21,19 @@ type CacheKey = smallvec::SmallVec<[u8; 56]>;
 /// The rows of one user, shared between the cache and readers.
 pub type UserCredits = Arc<[Replenishment]>;
 
+/// What the cache can hold: a value that says whether it is a negative answer ("no credits",
+/// "no such policy"), which stays fresh for the negative TTL instead of the positive one.
+pub trait CacheValue {
+    /// Whether this is a negative answer.
+    fn is_negative(&self) -> bool;
+}
+
+impl CacheValue for UserCredits {
+    fn is_negative(&self) -> bool {
+        self.is_empty()
+    }
+}
+
 /// Tunables, from the module configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
@@ -45,15 +58,12 @@ pub struct CacheStats {
 
 /// What a lookup found.
 #[derive(Debug)]
-pub enum Lookup<'a> {
+pub enum Lookup<'a, V = UserCredits> {
     /// Fresh rows, and until when they stay fresh.
-    Fresh(&'a [Replenishment], Millis),
+    Fresh(&'a V, Millis),
     /// Rows past their TTL; `refresh` is `Some(flight)` when the caller must start the one
     /// background refresh (and later `complete` it).
-    Stale {
-        rows: &'a [Replenishment],
-        refresh: Option<u64>,
-    },
+    Stale { rows: &'a V, refresh: Option<u64> },
     /// Nothing known yet: `load` is `Some(flight)` when the caller must start the load. Either
     /// way the caller may wait on the flight with `add_waiter`.
     Miss { load: Option<u64> },
@@ -70,19 +80,20 @@ struct Flight<W> {
 }
 
 #[derive(Debug)]
-struct Entry<W> {
-    credits: Option<UserCredits>,
+struct Entry<W, V> {
+    credits: Option<V>,
     fresh_until: Millis,
     /// No new load before this (after a failure).
     retry_at: Millis,
     last_used: Millis,
-    flight: Option<Flight<W>>,
+    /// Boxed: most entries have no load in flight, and every entry pays for this field.
+    flight: Option<Box<Flight<W>>>,
 }
 
 /// The cache.
 #[derive(Debug)]
-pub struct CreditCache<W> {
-    map: IndexMap<CacheKey, Entry<W>, RandomState>,
+pub struct CreditCache<W, V = UserCredits> {
+    map: IndexMap<CacheKey, Entry<W, V>, RandomState>,
     config: CacheConfig,
     next_flight: u64,
     /// Flights started and not yet completed or aborted.
@@ -101,7 +112,7 @@ pub struct CreditCache<W> {
 
 const EVICTION_SAMPLES: usize = 5;
 
-impl<W> CreditCache<W> {
+impl<W, V: CacheValue> CreditCache<W, V> {
     /// An empty cache.
     pub fn new(config: CacheConfig) -> Self {
         CreditCache {
@@ -152,19 +163,19 @@ impl<W> CreditCache<W> {
         self.epoch
     }
 
-    fn new_flight(&mut self) -> Flight<W> {
+    fn new_flight(&mut self) -> Box<Flight<W>> {
         let id = self.next_flight;
         self.next_flight += 1;
         self.in_flight += 1;
-        Flight {
+        Box::new(Flight {
             id,
             waiters: Vec::new(),
             dirty: false,
-        }
+        })
     }
 
     /// Looks a user up, starting a load or a background refresh when one is due.
-    pub fn lookup(&mut self, key: &[u8], now: Millis) -> Lookup<'_> {
+    pub fn lookup(&mut self, key: &[u8], now: Millis) -> Lookup<'_, V> {
         let Some(index) = self.map.get_index_of(key) else {
             self.stats.misses += 1;
             let flight = self.new_flight();
@@ -251,7 +262,7 @@ impl<W> CreditCache<W> {
         &mut self,
         key: &[u8],
         flight: u64,
-        outcome: Result<UserCredits, ()>,
+        outcome: Result<V, ()>,
         now: Millis,
     ) -> Vec<W> {
         let config = self.config;
@@ -265,7 +276,7 @@ impl<W> CreditCache<W> {
         match outcome {
             Ok(rows) => {
                 if !(mine.dirty && entry.credits.is_some()) {
-                    let ttl = if rows.is_empty() {
+                    let ttl = if rows.is_negative() {
                         config.negative_ttl_ms
                     } else {
                         config.ttl_ms
@@ -285,9 +296,9 @@ impl<W> CreditCache<W> {
     }
 
     /// Write-through: the user's rows as just committed.
-    pub fn put(&mut self, key: &[u8], rows: UserCredits, now: Millis) {
+    pub fn put(&mut self, key: &[u8], rows: V, now: Millis) {
         self.epoch += 1;
-        let ttl = if rows.is_empty() {
+        let ttl = if rows.is_negative() {
             self.config.negative_ttl_ms
         } else {
             self.config.ttl_ms
@@ -368,7 +379,7 @@ impl<W> CreditCache<W> {
         });
     }
 
-    fn insert(&mut self, key: &[u8], entry: Entry<W>) {
+    fn insert(&mut self, key: &[u8], entry: Entry<W, V>) {
         while self.map.len() >= self.config.max_entries.max(1) && self.evict_one() {}
         self.map.insert(CacheKey::from_slice(key), entry);
     }
@@ -444,7 +455,7 @@ mod tests {
     fn bundle_of(l: Lookup<'_>) -> Option<String> {
         match l {
             Lookup::Fresh(r, _) | Lookup::Stale { rows: r, .. } => {
-                r.first().map(|r| r.bundle_id.clone())
+                r.first().map(|r| r.bundle_id.to_string())
             }
             _ => None,
         }

@@ -78,6 +78,35 @@ pub struct AccountId<'a> {
     pub bundle: &'a str,
 }
 
+/// A named policy: (tenant, project, name). One policy-cache entry each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyId<'a> {
+    pub tenant: &'a str,
+    pub project: &'a str,
+    pub name: &'a str,
+}
+
+impl<'a> PolicyId<'a> {
+    /// Validates the three ids (argument names appear in errors).
+    pub fn parse(tenant: &'a [u8], project: &'a [u8], name: &'a [u8]) -> Result<Self, IdError> {
+        Ok(PolicyId {
+            tenant: check_id("tenant", tenant)?,
+            project: check_id("project", project)?,
+            name: check_id("policy", name)?,
+        })
+    }
+
+    /// The policy-cache key: `p:` followed by the length-prefixed ids.
+    pub fn key(&self) -> KeyBuf {
+        let mut out = KeyBuf::new();
+        out.extend_from_slice(b"p:");
+        for part in [self.tenant, self.project, self.name] {
+            push_part(&mut out, part);
+        }
+        out
+    }
+}
+
 impl<'a> UserId<'a> {
     /// Validates the three ids (argument names appear in errors).
     pub fn parse(tenant: &'a [u8], project: &'a [u8], user: &'a [u8]) -> Result<Self, IdError> {

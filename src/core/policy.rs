@@ -126,14 +126,77 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// These limits with the given (`Some`) fields of `inline` put over them one by one: what
+    /// `QUOTA.ADMIT ... POLICY <name> [limits]` decides against.
+    pub fn overlaid_with(mut self, inline: &Limits) -> Limits {
+        for (mine, theirs) in self.0.iter_mut().zip(inline.0) {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        }
+        self
+    }
+}
+
+/// A named policy as the cache holds it: its limits, or `None` when no policy has that name
+/// (a negative answer, cached for the negative TTL).
+pub type CachedPolicy = Option<Limits>;
+
+impl super::cache::CacheValue for CachedPolicy {
+    fn is_negative(&self) -> bool {
+        self.is_none()
+    }
+}
+
+/// A named policy as stored in PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub limits: Limits,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
 /// Additional amounts granted by one replenishment, per field (`None` = adds nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Additional(pub [Option<i64>; LIMIT_FIELDS]);
+///
+/// Held as plain integers with `i64::MIN` for an absent amount: 56 bytes instead of 112, in
+/// every cached credit row. An amount of exactly `i64::MIN` (only SQL can write one) reads as
+/// absent, which adds the same as any negative amount: nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Additional([i64; LIMIT_FIELDS]);
+
+const ABSENT: i64 = i64::MIN;
+
+impl Default for Additional {
+    fn default() -> Self {
+        Additional([ABSENT; LIMIT_FIELDS])
+    }
+}
 
 impl Additional {
+    /// From one optional amount per field, in `LimitField::ALL` order.
+    pub fn from_options(amounts: [Option<i64>; LIMIT_FIELDS]) -> Additional {
+        Additional(amounts.map(|v| v.unwrap_or(ABSENT)))
+    }
+
+    /// One optional amount per field, in `LimitField::ALL` order.
+    pub fn to_options(&self) -> [Option<i64>; LIMIT_FIELDS] {
+        self.0.map(|v| (v != ABSENT).then_some(v))
+    }
+
     /// The additional amount for one field.
     pub fn get(&self, field: LimitField) -> Option<i64> {
-        self.0[field as usize]
+        self.0.get(field as usize).copied().filter(|v| *v != ABSENT)
+    }
+
+    /// Sets the additional amount for one field.
+    pub fn set(&mut self, field: LimitField, value: Option<i64>) {
+        if let Some(slot) = self.0.get_mut(field as usize) {
+            *slot = value.unwrap_or(ABSENT);
+        }
     }
 }
 
@@ -170,9 +233,9 @@ mod tests {
         base.set(LimitField::RequestsPerDay, Some(10));
         base.set(LimitField::TokensPerDay, Some(1000));
         let mut add = Additional::default();
-        add.0[LimitField::RequestsPerDay as usize] = Some(50);
-        add.0[LimitField::RequestsPerMonth as usize] = Some(500);
-        add.0[LimitField::TokensPerDay as usize] = Some(-5);
+        add.set(LimitField::RequestsPerDay, Some(50));
+        add.set(LimitField::RequestsPerMonth, Some(500));
+        add.set(LimitField::TokensPerDay, Some(-5));
         let eff = EffectivePolicy::merge(base, Some(&add));
         assert_eq!(eff.limits.get(LimitField::RequestsPerDay), Some(60));
         assert_eq!(eff.limits.get(LimitField::RequestsPerMonth), None);
@@ -185,9 +248,25 @@ mod tests {
         let mut base = Limits::default();
         base.set(LimitField::TokensPerHour, Some(u64::MAX - 1));
         let mut add = Additional::default();
-        add.0[LimitField::TokensPerHour as usize] = Some(i64::MAX);
+        add.set(LimitField::TokensPerHour, Some(i64::MAX));
         let eff = EffectivePolicy::merge(base, Some(&add));
         assert_eq!(eff.limits.get(LimitField::TokensPerHour), Some(u64::MAX));
+    }
+
+    #[test]
+    fn inline_limits_override_the_policy_field_by_field() {
+        let mut policy = Limits::default();
+        policy.set(LimitField::RequestsPerDay, Some(10));
+        policy.set(LimitField::TokensPerDay, Some(1000));
+        let mut inline = Limits::default();
+        inline.set(LimitField::RequestsPerDay, Some(3));
+        inline.set(LimitField::MaxConcurrent, Some(2));
+        let merged = policy.overlaid_with(&inline);
+        assert_eq!(merged.get(LimitField::RequestsPerDay), Some(3));
+        assert_eq!(merged.get(LimitField::TokensPerDay), Some(1000));
+        assert_eq!(merged.get(LimitField::MaxConcurrent), Some(2));
+        assert_eq!(merged.get(LimitField::TokensPerHour), None);
+        assert_eq!(policy.overlaid_with(&Limits::default()), policy);
     }
 
     #[test]

@@ -165,12 +165,14 @@ const GRANT_OPTIONS: [Arg; 5] = [
     flag(c"ADD", c"add"),
 ];
 
-const ADMIT_OPTIONS: [Arg; 5] = [
+const ADMIT_OPTIONS: [Arg; 7] = [
     option(c"LEASE", c"lease", ArgType::String),
     option(c"LEASE_TTL", c"lease_ttl", ArgType::Integer),
     option(c"RESERVE", c"reserve", ArgType::Integer),
     flag(c"PEEK", c"peek"),
     flag(c"VERBOSE", c"verbose"),
+    option(c"POLICY", c"policy", ArgType::String),
+    flag(c"COMPACT", c"compact"),
 ];
 
 const ACCOUNT_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, BUNDLE];
@@ -349,6 +351,74 @@ pub(crate) static APPLY: CommandSpec = CommandSpec {
     args: &[&APPLY_ARGS],
 };
 
+/// `QUOTA.POLICY`, a container: each subcommand has its own flags, so `GET` and `LIST` run on
+/// replicas while `SET` and `DEL` are writes. None takes a key: a policy belongs to a (tenant,
+/// project), not to a user's slot. Arity counts the container's name too.
+pub(crate) const POLICY: &CStr = c"quota.policy";
+
+const POLICY_ID_ARGS: [Arg; 3] = [TENANT, PROJECT, arg(c"name", ArgType::String)];
+const POLICY_LIST_ARGS: [Arg; 2] = [TENANT, PROJECT];
+
+pub(crate) static POLICY_SET: CommandSpec = CommandSpec {
+    name: c"set",
+    flags: c"write deny-oom deny-script",
+    key: None,
+    acl: c"write slow",
+    summary: c"Creates or replaces a named base policy of a tenant's project",
+    complexity: c"O(1)",
+    tips: None,
+    arity: -5,
+    args: &[&POLICY_ID_ARGS, &LIMITS],
+};
+
+pub(crate) static POLICY_GET: CommandSpec = CommandSpec {
+    name: c"get",
+    flags: c"readonly fast",
+    key: None,
+    acl: c"read fast",
+    summary: c"Returns a named base policy",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 5,
+    args: &[&POLICY_ID_ARGS],
+};
+
+pub(crate) static POLICY_DEL: CommandSpec = CommandSpec {
+    name: c"del",
+    flags: c"write deny-script",
+    key: None,
+    acl: c"write slow",
+    summary: c"Deletes a named base policy",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 5,
+    args: &[&POLICY_ID_ARGS],
+};
+
+pub(crate) static POLICY_LIST: CommandSpec = CommandSpec {
+    name: c"list",
+    flags: c"readonly deny-script",
+    key: None,
+    acl: c"read slow",
+    summary: c"Lists the named base policies of a tenant's project",
+    complexity: c"O(N) where N is the number of policies",
+    tips: None,
+    arity: 4,
+    args: &[&POLICY_LIST_ARGS],
+};
+
+pub(crate) static POLICY_INVALIDATE: CommandSpec = CommandSpec {
+    name: c"invalidate",
+    flags: c"write fast",
+    key: None,
+    acl: c"write fast",
+    summary: c"Drops a named policy from this node's cache (the next use reloads it)",
+    complexity: c"O(1)",
+    tips: None,
+    arity: 5,
+    args: &[&POLICY_ID_ARGS],
+};
+
 /// Why registration failed.
 #[derive(Debug)]
 pub(crate) enum RegisterError {
@@ -413,9 +483,58 @@ pub(crate) fn register(
     if created != raw::Status::Ok as c_int {
         return Err(RegisterError::Create);
     }
-    let command = unsafe {
-        raw::RedisModule_GetCommand.map_or(ptr::null_mut(), |f| f(ctx, spec.name.as_ptr()))
+    describe(ctx, spec.name, spec)
+}
+
+/// Creates the container command `name` and registers each subcommand under it, with
+/// everything its spec says that the server supports.
+pub(crate) fn register_container(
+    ctx: *mut raw::RedisModuleCtx,
+    name: &CStr,
+    subcommands: &[(&CommandSpec, Entry)],
+) -> Result<(), RegisterError> {
+    let created = unsafe {
+        raw::RedisModule_CreateCommand.map_or(raw::Status::Err as c_int, |f| {
+            f(ctx, name.as_ptr(), None, c"".as_ptr(), 0, 0, 0)
+        })
     };
+    let parent =
+        unsafe { raw::RedisModule_GetCommand.map_or(ptr::null_mut(), |f| f(ctx, name.as_ptr())) };
+    if created != raw::Status::Ok as c_int || parent.is_null() {
+        return Err(RegisterError::Create);
+    }
+    for (spec, entry) in subcommands {
+        let created = unsafe {
+            raw::RedisModule_CreateSubcommand.map_or(raw::Status::Err as c_int, |f| {
+                f(
+                    parent,
+                    spec.name.as_ptr(),
+                    Some(*entry),
+                    spec.flags.as_ptr(),
+                    0,
+                    0,
+                    0,
+                )
+            })
+        };
+        if created != raw::Status::Ok as c_int {
+            return Err(RegisterError::Create);
+        }
+        let full = format!("{}|{}", name.to_string_lossy(), spec.name.to_string_lossy());
+        let full = std::ffi::CString::new(full).map_err(|_| RegisterError::Create)?;
+        describe(ctx, &full, spec)?;
+    }
+    Ok(())
+}
+
+/// Sets the docs, key spec and ACL categories of the registered command `name`.
+fn describe(
+    ctx: *mut raw::RedisModuleCtx,
+    name: &CStr,
+    spec: &CommandSpec,
+) -> Result<(), RegisterError> {
+    let command =
+        unsafe { raw::RedisModule_GetCommand.map_or(ptr::null_mut(), |f| f(ctx, name.as_ptr())) };
     if command.is_null() {
         return Err(RegisterError::Create);
     }

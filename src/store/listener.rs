@@ -44,6 +44,14 @@ pub enum ListenerEvent {
         /// already wrote through to its cache).
         own: bool,
     },
+    /// A named policy changed (committed elsewhere or here).
+    PolicyChanged {
+        tenant: String,
+        project: String,
+        name: String,
+        /// Sent by one of this process's own pool connections.
+        own: bool,
+    },
     /// Listening (again). Notifications may have been missed while disconnected, so the owner
     /// should treat every cached entry as stale.
     Connected,
@@ -124,14 +132,31 @@ struct Payload {
     user_id: String,
 }
 
-/// Parses a trigger payload (`{"tenant":..,"project":..,"user_id":..,"bundle_id":..,"op":..}`);
-/// `None` for anything else (a foreign `NOTIFY` on the channel).
+/// The notification payload written by the policy trigger.
+#[derive(Deserialize)]
+struct PolicyPayload {
+    tenant: String,
+    project: String,
+    policy: String,
+}
+
+/// Parses a trigger payload (`{"tenant":..,"project":..,"user_id":..,"bundle_id":..,"op":..}`
+/// for credits, `{"tenant":..,"project":..,"policy":..,"op":..}` for named policies); `None`
+/// for anything else (a foreign `NOTIFY` on the channel).
 pub(crate) fn parse_payload(text: &str) -> Option<ListenerEvent> {
-    let p: Payload = serde_json::from_str(text).ok()?;
-    Some(ListenerEvent::Changed {
+    if let Ok(p) = serde_json::from_str::<Payload>(text) {
+        return Some(ListenerEvent::Changed {
+            tenant: p.tenant,
+            project: p.project,
+            user: p.user_id,
+            own: false,
+        });
+    }
+    let p: PolicyPayload = serde_json::from_str(text).ok()?;
+    Some(ListenerEvent::PolicyChanged {
         tenant: p.tenant,
         project: p.project,
-        user: p.user_id,
+        name: p.policy,
         own: false,
     })
 }
@@ -248,7 +273,9 @@ fn session(
             Ok(Some(note)) => {
                 last_heard = Instant::now();
                 if let Some(mut event) = parse_payload(note.payload()) {
-                    if let ListenerEvent::Changed { own, .. } = &mut event {
+                    if let ListenerEvent::Changed { own, .. }
+                    | ListenerEvent::PolicyChanged { own, .. } = &mut event
+                    {
                         *own = super::is_own_backend(note.process_id());
                     }
                     emit(on_event, event);
@@ -285,6 +312,15 @@ mod tests {
                 tenant: "t".into(),
                 project: "p\"q".into(),
                 user: "ü".into(),
+                own: false,
+            })
+        );
+        assert_eq!(
+            parse_payload(r#"{"tenant":"t","project":"p","policy":"pro","op":"DELETE"}"#),
+            Some(ListenerEvent::PolicyChanged {
+                tenant: "t".into(),
+                project: "p".into(),
+                name: "pro".into(),
                 own: false,
             })
         );

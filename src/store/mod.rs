@@ -8,6 +8,7 @@
 
 pub mod listener;
 mod passfile;
+mod policies;
 mod pool;
 mod queries;
 mod schema;
@@ -19,7 +20,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::UserId;
+use crate::core::ids::{PolicyId, UserId};
+use crate::core::policy::{Limits, PolicyRecord};
 use crate::core::Millis;
 
 pub use listener::{Listener, ListenerEvent};
@@ -269,6 +271,7 @@ pub struct Store {
     pool: pool::PgPool,
     schema: String,
     sql: queries::Statements,
+    policy_sql: policies::PolicyStatements,
     timeout_ms: u64,
 }
 
@@ -296,6 +299,7 @@ impl Store {
             pool,
             schema: cfg.schema.clone(),
             sql: queries::Statements::new(&cfg.schema),
+            policy_sql: policies::PolicyStatements::new(&cfg.schema),
             timeout_ms: cfg.timeout_ms,
         })
     }
@@ -360,6 +364,35 @@ impl Store {
     /// Why the configured password file could not be used, if so (the owner logs it once).
     pub fn credentials_warning(&self) -> Option<&str> {
         self.pool.warning()
+    }
+
+    /// A named policy, or `None` when there is none by that name (what the policy cache holds).
+    pub fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::get(&mut *conn, &self.policy_sql, id)
+    }
+
+    /// `QUOTA.POLICY SET`: creates or replaces the policy and records a `policy_set` event.
+    pub fn set_policy(&self, id: &PolicyId, limits: &Limits) -> Result<PolicyRecord, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::set(&mut conn, &self.policy_sql, id, limits)
+    }
+
+    /// `QUOTA.POLICY DEL`: deletes the policy (recording a `policy_delete` event); whether it
+    /// existed.
+    pub fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::delete(&mut conn, &self.policy_sql, id)
+    }
+
+    /// `QUOTA.POLICY LIST`: every policy of (tenant, project), by name.
+    pub fn list_policies(
+        &self,
+        tenant: &str,
+        project: &str,
+    ) -> Result<Vec<PolicyRecord>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        policies::list(&mut *conn, &self.policy_sql, tenant, project)
     }
 
     /// (open connections, idle connections), for `INFO quota`.

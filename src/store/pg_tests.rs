@@ -175,7 +175,7 @@ fn grant_replaces_and_round_trips_every_field() {
     let out = fx.store.grant(&USER, "b1", &r, now).expect("grant");
     assert!(!out.duplicate);
     let rec = out.record.expect("record");
-    assert_eq!(rec.bundle_id, "b1");
+    assert_eq!(&*rec.bundle_id, "b1");
     assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(50));
     assert_eq!(rec.additional.get(LimitField::RequestsPerMonth), None);
     assert_eq!(
@@ -190,7 +190,7 @@ fn grant_replaces_and_round_trips_every_field() {
     assert_eq!(rec.expires_at, Some(now / 1000 + 3600));
     assert_eq!(rec.purchase_id.as_deref(), Some("pi_1"));
     assert_eq!(rec.purchase_amount_usd.as_deref(), Some("10.50"));
-    assert_eq!(rec.purchase_notes, r.notes);
+    assert_eq!(rec.purchase_notes.as_deref(), r.notes.as_deref());
     assert!(rec.active);
     assert!(
         (rec.created_at - now / 1000).abs() <= 5,
@@ -371,7 +371,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
         .list(&USER, true)
         .expect("list")
         .iter()
-        .all(|r| r.bundle_id != "fresh"));
+        .all(|r| &*r.bundle_id != "fresh"));
 }
 
 #[test]
@@ -497,8 +497,11 @@ fn revoke_list_and_order() {
 
     let out = fx.store.revoke(&USER, "a").expect("revoke");
     assert!(out.revoked);
-    let bundles =
-        |rows: &[Replenishment]| rows.iter().map(|r| r.bundle_id.clone()).collect::<Vec<_>>();
+    let bundles = |rows: &[Replenishment]| {
+        rows.iter()
+            .map(|r| r.bundle_id.to_string())
+            .collect::<Vec<_>>()
+    };
     // Byte order; the expired row is still active (the cache needs it to know it expired).
     assert_eq!(bundles(&out.live_rows), ["*", "B", "old", "z", "é"]);
     assert!(!fx.store.revoke(&USER, "a").expect("again").revoked);
@@ -510,7 +513,7 @@ fn revoke_list_and_order() {
     );
     let all = fx.store.list(&USER, true).expect("list all");
     assert_eq!(bundles(&all), ["*", "B", "a", "old", "z", "é"]);
-    assert!(!all.iter().find(|r| r.bundle_id == "a").expect("a").active);
+    assert!(!all.iter().find(|r| &*r.bundle_id == "a").expect("a").active);
     assert_eq!(
         bundles(&fx.store.load_user(&USER).expect("load")),
         ["*", "B", "old", "z", "é"]
@@ -559,9 +562,9 @@ fn ids_with_quotes_and_unicode_are_unchanged() {
         .expect("grant")
         .record
         .expect("record");
-    assert_eq!(rec.bundle_id, bundle);
+    assert_eq!(&*rec.bundle_id, bundle);
     assert_eq!(
-        fx.store.load_user(&user).expect("load")[0].bundle_id,
+        &*fx.store.load_user(&user).expect("load")[0].bundle_id,
         bundle
     );
     let events = fx.events(&user);

@@ -272,7 +272,7 @@ pub(crate) fn grant(
             .iter()
             .map(to_replenishment)
             .collect::<Result<Vec<_>, _>>()?;
-        let record = rows.iter().find(|r| r.bundle_id == bundle).cloned();
+        let record = rows.iter().find(|r| &*r.bundle_id == bundle).cloned();
         let live_rows = rows.into_iter().filter(|r| r.active).collect();
         return Ok(GrantOutcome {
             record,
@@ -488,12 +488,15 @@ fn row_values(row: &Replenishment) -> Value {
         values.insert(field.column().to_owned(), row.additional.get(field).into());
     }
     values.insert("expires_at".into(), row.expires_at.into());
-    values.insert("purchase_id".into(), row.purchase_id.clone().into());
+    values.insert("purchase_id".into(), row.purchase_id.as_deref().into());
     values.insert(
         "purchase_amount_usd".into(),
-        row.purchase_amount_usd.clone().into(),
+        row.purchase_amount_usd.as_deref().into(),
     );
-    values.insert("purchase_notes".into(), row.purchase_notes.clone().into());
+    values.insert(
+        "purchase_notes".into(),
+        row.purchase_notes.as_deref().into(),
+    );
     Value::Object(values)
 }
 
@@ -538,17 +541,15 @@ pub(crate) fn to_replenishment(row: &impl RowSource) -> Result<Replenishment, St
         } else {
             row.bigint(idx)?
         };
-        if let Some(slot) = additional.0.get_mut(field as usize) {
-            *slot = value;
-        }
+        additional.set(field, value);
     }
     Ok(Replenishment {
-        bundle_id: required(row.text(COL_BUNDLE)?, "bundle_id")?,
+        bundle_id: required(row.text(COL_BUNDLE)?, "bundle_id")?.into(),
         additional,
         expires_at: row.bigint(COL_EXPIRES_AT)?,
-        purchase_id: row.text(COL_PURCHASE_ID)?,
-        purchase_amount_usd: row.text(COL_AMOUNT)?,
-        purchase_notes: row.text(COL_NOTES)?,
+        purchase_id: row.text(COL_PURCHASE_ID)?.map(Into::into),
+        purchase_amount_usd: row.text(COL_AMOUNT)?.map(Into::into),
+        purchase_notes: row.text(COL_NOTES)?.map(Into::into),
         active: required(row.boolean(COL_ACTIVE)?, "active")?,
         created_at: required(row.bigint(COL_CREATED_AT)?, "created_at")?,
         updated_at: required(row.bigint(COL_UPDATED_AT)?, "updated_at")?,
@@ -643,7 +644,7 @@ mod tests {
     #[test]
     fn rows_map_into_replenishments() {
         let r = to_replenishment(&sample()).unwrap();
-        assert_eq!(r.bundle_id, "b'\"ü");
+        assert_eq!(&*r.bundle_id, "b'\"ü");
         assert_eq!(r.additional.get(LimitField::RequestsPerDay), Some(50));
         assert_eq!(r.additional.get(LimitField::RequestsPerMonth), None);
         assert_eq!(

@@ -917,6 +917,22 @@ impl RedisServer {
         parse_info(&text)
     }
 
+    /// Waits until `INFO quota` shows `quota_notify_state:<state>` (the listener's first
+    /// connect drops the whole cache: tests that cache something wait for it first).
+    pub fn wait_notify_state(&self, state: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            self.info("quota")
+                .get("quota_notify_state")
+                .map(String::as_str)
+                == Some(state)
+        });
+        assert!(
+            ok,
+            "quota_notify_state did not become {state} within {timeout:?}: {:?}",
+            self.info("quota").get("quota_notify_state")
+        );
+    }
+
     /// The running server's `(major, minor, patch)`.
     pub fn version(&self) -> (u32, u32, u32) {
         self.version
@@ -1118,6 +1134,32 @@ pub fn test_server_with(schema: &str, extra: &[(&str, &str)]) -> RedisServer {
         ])
         .module_args(extra)
         .start()
+}
+
+/// A master and a synced replica, both with the module on the shared PostgreSQL and `schema`
+/// (as [`test_server`]); `replica_extra` are more module arguments for the replica.
+pub fn test_master_and_replica(
+    schema: &str,
+    replica_extra: &[(&str, &str)],
+) -> (RedisServer, RedisServer) {
+    let url = PgServer::shared();
+    let args = [
+        ("pg-url", url.as_str()),
+        ("schema", schema),
+        ("pg-timeout-ms", "2000"),
+    ];
+    // No 5 s wait for more replicas before the full sync.
+    let master = RedisServer::builder()
+        .module_args(&args)
+        .conf("repl-diskless-sync-delay 0")
+        .start();
+    let replica = RedisServer::builder()
+        .module_args(&args)
+        .module_args(replica_extra)
+        .replica_of(&master)
+        .start();
+    replica.wait_replica_synced(&master, Duration::from_secs(30));
+    (master, replica)
 }
 
 // ---------------------------------------------------------------------------

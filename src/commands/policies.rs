@@ -1,0 +1,214 @@
+//! `QUOTA.POLICY SET|GET|DEL|LIST|INVALIDATE`: named base policies for `QUOTA.ADMIT ... POLICY`.
+//!
+//! Writes and listings go to PostgreSQL on a worker (only the caller is blocked); the worker
+//! writes the committed policy through to this node's policy cache, and the reply replicates
+//! `QUOTA.POLICY INVALIDATE` so replicas drop their copy at once (other nodes hear NOTIFY).
+//! `GET` answers from the policy cache and waits only on a miss, like `QUOTA.GET`.
+
+use redis_module::raw;
+
+use super::credits::on_worker;
+use super::{block_timeout_ms, can_block, fail, parse, reply_undone};
+use crate::core::cache::Lookup;
+use crate::core::ids::PolicyId;
+use crate::core::policy::{LimitField, Limits};
+use crate::glue::blocked::Blocked;
+use crate::glue::reply::Reply;
+use crate::state::{self, PolicyWaiter};
+use crate::worker::{self, Done, Job, OwnedPolicy};
+use parse::PolicyArgs;
+
+/// Writes one policy: its identity and the seven limits (nil = unlimited).
+fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
+    let r = r.map(3 + LimitField::ALL.len());
+    let r = r.field("tenant", |r| r.str(id.tenant));
+    let r = r.field("project", |r| r.str(id.project));
+    let mut r = r.field("policy", |r| r.str(id.name));
+    for field in LimitField::ALL {
+        let v = limits.get(field);
+        r = r.field(field.name(), |r| match v {
+            Some(v) => r.uint(v),
+            None => r.null(),
+        });
+    }
+    r
+}
+
+/// `QUOTA.POLICY ...`.
+pub fn policy(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+    let parsed = match parse::policy(args) {
+        Ok(p) => p,
+        Err(e) => return fail(ctx, args, e),
+    };
+    match parsed {
+        PolicyArgs::Set(id, limits) => on_worker(ctx, args, |client| Job::PolicySet {
+            policy: OwnedPolicy::from_id(&id),
+            limits: Box::new(limits),
+            client,
+        }),
+        PolicyArgs::Del(id) => on_worker(ctx, args, |client| Job::PolicyDel {
+            policy: OwnedPolicy::from_id(&id),
+            client,
+        }),
+        PolicyArgs::List(tenant, project) => on_worker(ctx, args, |client| Job::PolicyList {
+            tenant: tenant.to_owned(),
+            project: project.to_owned(),
+            client,
+        }),
+        PolicyArgs::Get(id) => get(ctx, &id),
+        PolicyArgs::Invalidate(id) => {
+            let dropped = state::policies().invalidate(&id.key());
+            crate::glue::propagation::verbatim(ctx);
+            Reply::new(ctx).int(i64::from(dropped));
+        }
+    }
+}
+
+/// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.
+fn get(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
+    let key = id.key();
+    let now = state::now_ms();
+    let mut cache = state::policies();
+    let load = match cache.lookup(&key, now) {
+        Lookup::Fresh(found, _) => {
+            reply_found(ctx, id, found.as_ref());
+            return;
+        }
+        Lookup::Stale { rows, refresh } => {
+            reply_found(ctx, id, rows.as_ref());
+            refresh
+        }
+        Lookup::Unavailable => {
+            Reply::new(ctx).error(&unavailable(id.name));
+            return;
+        }
+        Lookup::Miss { load } => {
+            if can_block(ctx) {
+                match Blocked::block(ctx, block_timeout_ms()) {
+                    Some(client) => {
+                        let waiter = PolicyWaiter { client, then: None };
+                        if let Err(waiter) = cache.add_waiter(&key, waiter) {
+                            waiter.client.finish(Done::Dropped);
+                        }
+                    }
+                    None => {
+                        Reply::new(ctx).error("ERR cannot block this client");
+                    }
+                }
+            } else {
+                Reply::new(ctx).error(&loading(id.name));
+            }
+            load
+        }
+    };
+    drop(cache);
+    if let Some(flight) = load {
+        worker::submit_policy_load(id, flight);
+    }
+}
+
+fn reply_found(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>, found: Option<&Limits>) {
+    match found {
+        Some(limits) => {
+            record(Reply::new(ctx), id, limits);
+        }
+        None => {
+            Reply::new(ctx).null();
+        }
+    }
+}
+
+/// The answer when a policy is not cached and PostgreSQL cannot be reached.
+pub(crate) fn unavailable(name: &str) -> String {
+    format!(
+        "ERR policy '{}' is not cached and PostgreSQL is unavailable: retry shortly",
+        parse::shown(name.as_bytes())
+    )
+}
+
+/// The answer where a client cannot wait for a policy load (MULTI, scripts).
+pub(crate) fn loading(name: &str) -> String {
+    format!(
+        "TRYAGAIN policy '{}' is loading from PostgreSQL: retry shortly",
+        parse::shown(name.as_bytes())
+    )
+}
+
+/// The answer for a policy name that does not exist.
+pub(crate) fn unknown(name: &str) -> String {
+    format!("ERR unknown policy '{}'", parse::shown(name.as_bytes()))
+}
+
+/// Replicates `QUOTA.POLICY INVALIDATE <t> <p> <name>` so replicas drop their copy.
+fn replicate_invalidate(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
+    unsafe {
+        if let Some(f) = raw::RedisModule_Replicate {
+            f(
+                ctx,
+                c"QUOTA.POLICY".as_ptr(),
+                c"cbbb".as_ptr(),
+                c"INVALIDATE".as_ptr(),
+                id.tenant.as_ptr(),
+                id.tenant.len(),
+                id.project.as_ptr(),
+                id.project.len(),
+                id.name.as_ptr(),
+                id.name.len(),
+            );
+        }
+    }
+}
+
+/// Replies `QUOTA.POLICY` once its worker is done.
+pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+    let Ok(parsed) = parse::policy(args) else {
+        Reply::new(ctx).error("ERR internal: cannot re-read the command");
+        return;
+    };
+    match (parsed, done) {
+        (PolicyArgs::Set(id, _), Done::PolicySet(Ok(stored))) => {
+            replicate_invalidate(ctx, &id);
+            record(Reply::new(ctx), &id, &stored.limits);
+        }
+        (PolicyArgs::Del(id), Done::PolicyDel(Ok(deleted))) => {
+            replicate_invalidate(ctx, &id);
+            Reply::new(ctx).int(i64::from(*deleted));
+        }
+        (PolicyArgs::List(tenant, project), Done::PolicyList(Ok(records))) => {
+            let mut r = Reply::new(ctx).map(records.len());
+            for stored in records {
+                let id = PolicyId {
+                    tenant,
+                    project,
+                    name: &stored.name,
+                };
+                r = record(r.str(&stored.name), &id, &stored.limits);
+            }
+        }
+        (PolicyArgs::Get(id), Done::Policy(Ok(found))) => reply_found(ctx, &id, found.as_ref()),
+        (PolicyArgs::Get(id), Done::Policy(Err(e))) if e.is_unavailable() => {
+            Reply::new(ctx).error(&unavailable(id.name));
+        }
+        (
+            _,
+            Done::Policy(Err(e))
+            | Done::PolicySet(Err(e))
+            | Done::PolicyDel(Err(e))
+            | Done::PolicyList(Err(e)),
+        ) => {
+            Reply::new(ctx).error(&e.to_string());
+        }
+        (_, other) => reply_undone(ctx, other),
+    }
+}
+
+/// `QUOTA.POLICY` whose wait for PostgreSQL ran out.
+pub fn timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) -> bool {
+    match parse::policy(args) {
+        Ok(PolicyArgs::Get(id)) => {
+            Reply::new(ctx).error(&unavailable(id.name));
+            true
+        }
+        _ => false,
+    }
+}
