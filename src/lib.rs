@@ -2,18 +2,14 @@
 //! data they guard and admits requests against a base policy plus those credits atomically.
 //!
 //! This file only wires things together: the data type, the commands (their metadata lives in
-//! `glue::command_info`),
+//! `ffi::command_info`),
 //! the configuration, `INFO quota`, and start/stop of the worker pool and NOTIFY listener.
 //! The logic lives in `core` (pure), `commands` (Redis shells), `store` (Postgres) and `worker`.
-
-// Command shells pass the `RedisModuleCtx` pointer Redis hands us to the API functions, as the
-// redis-module crate itself does; they never dereference it themselves.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 pub mod commands;
 pub mod config;
 pub mod core;
-pub mod glue;
+pub mod ffi;
 pub mod state;
 pub mod stats;
 pub mod store;
@@ -27,13 +23,29 @@ mod module {
     use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
-    use crate::commands::*;
+    use crate::commands::{admission, credits, policies};
     use crate::config::{self, on_change, ScriptMiss};
-    use crate::glue::account_type::ACCOUNT_TYPE;
-    use crate::glue::command_info::{self as info, CommandSpec, Entry};
+    use crate::ffi::account_type::ACCOUNT_TYPE;
+    use crate::ffi::blocked::entry;
+    use crate::ffi::command_info::{self as info, CommandSpec, Entry};
     use crate::{state, stats, worker};
 
-    /// Every command with its entry point; `glue::command_info` holds what Redis is told about
+    entry!(cmd_grant, credits::grant);
+    entry!(cmd_get, credits::get);
+    entry!(cmd_revoke, credits::revoke);
+    entry!(cmd_list, credits::list);
+    entry!(cmd_cleanup, credits::cleanup);
+    entry!(cmd_invalidate, credits::invalidate);
+    entry!(cmd_admit, admission::admit);
+    entry!(cmd_commit, admission::commit);
+    entry!(cmd_release, admission::release);
+    entry!(cmd_usage, admission::usage);
+    entry!(cmd_reset, admission::reset);
+    entry!(cmd_setstate, admission::setstate);
+    entry!(cmd_apply, admission::apply);
+    entry!(cmd_policy, policies::policy);
+
+    /// Every command with its entry point; `ffi::command_info` holds what Redis is told about
     /// each (flags, key spec, ACL categories, docs, tips). The key is the user id (argument 3)
     /// for everything that touches a user, so Redis Cluster routes all of one user's commands
     /// to the node holding that user's slot.
@@ -149,7 +161,7 @@ mod module {
                 }
             }
             let shown = config::without_password(value.as_slice());
-            if !crate::glue::load_args::shorten(value, &shown) {
+            if !crate::ffi::load_args::shorten(value, &shown) {
                 ctx.log_warning(
                     "quota: cannot remove the password from the pg-url module argument: \
                      give it in quota.pg-passfile or a quota.pg-password line instead",
@@ -202,7 +214,7 @@ mod module {
         worker::deploy_soon();
         schedule_cleanup(ctx);
         schedule_deploy(ctx);
-        crate::glue::secret_filter::register(ctx.ctx);
+        crate::ffi::secret_filter::register(crate::ffi::ctx::Ctx::from_raw(ctx.ctx));
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {

@@ -13,14 +13,15 @@ use crate::core::cache::{CacheConfig, CreditCache};
 use crate::core::ids::{PolicyId, UserId};
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
-use crate::glue::blocked::Blocked;
+use crate::ffi::blocked::Blocked;
 use crate::stats;
 use crate::store::listener::{Listener, ListenerEvent};
+use crate::worker::Done;
 
 /// How long a user whose load failed is decided without credits before Postgres is tried again.
 pub const RETRY_AFTER_FAILURE_MS: Millis = 1000;
 
-static CACHE: LazyLock<Mutex<CreditCache<Blocked>>> =
+static CACHE: LazyLock<Mutex<CreditCache<Blocked<Done>>>> =
     LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
 
 /// The cache's epoch as of the last time its lock was released (see `cache_epoch`).
@@ -45,10 +46,10 @@ pub fn cache_epoch() -> u64 {
 }
 
 /// The locked cache.
-pub struct CacheGuard(MutexGuard<'static, CreditCache<Blocked>>);
+pub struct CacheGuard(MutexGuard<'static, CreditCache<Blocked<Done>>>);
 
 impl std::ops::Deref for CacheGuard {
-    type Target = CreditCache<Blocked>;
+    type Target = CreditCache<Blocked<Done>>;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -71,7 +72,7 @@ impl Drop for CacheGuard {
 /// needs next: once the policy is in, the worker moves the client onto that user's credit
 /// load when those are not cached either, so the client is answered once, with both known.
 pub struct PolicyWaiter {
-    pub client: Blocked,
+    pub client: Blocked<Done>,
     pub then: Option<(Box<[u8]>, crate::worker::OwnedUser)>,
 }
 

@@ -19,7 +19,7 @@ use crate::core::credit::{GrantRequest, Replenishment};
 use crate::core::ids::{PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
-use crate::glue::blocked::Blocked;
+use crate::ffi::blocked::Blocked;
 use crate::state::{self, Credits};
 use crate::stats;
 use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError};
@@ -120,20 +120,20 @@ pub enum Job {
         bundle: String,
         request: Box<GrantRequest>,
         now: Millis,
-        client: Blocked,
+        client: Blocked<Done>,
     },
     Revoke {
         user: OwnedUser,
         bundle: String,
-        client: Blocked,
+        client: Blocked<Done>,
     },
     List {
         user: OwnedUser,
         all: bool,
-        client: Blocked,
+        client: Blocked<Done>,
     },
     /// Deactivate expired rows; `client` is `None` for the periodic run.
-    Cleanup { client: Option<Blocked> },
+    Cleanup { client: Option<Blocked<Done>> },
     /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
     Deploy,
     /// Load a named policy into the policy cache and answer the flight's waiters.
@@ -141,22 +141,22 @@ pub enum Job {
     PolicySet {
         policy: OwnedPolicy,
         limits: Box<Limits>,
-        client: Blocked,
+        client: Blocked<Done>,
     },
     PolicyDel {
         policy: OwnedPolicy,
-        client: Blocked,
+        client: Blocked<Done>,
     },
     PolicyList {
         tenant: String,
         project: String,
-        client: Blocked,
+        client: Blocked<Done>,
     },
 }
 
 impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
-    pub fn into_client(self) -> Option<Blocked> {
+    pub fn into_client(self) -> Option<Blocked<Done>> {
         match self {
             Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
             Job::Grant { client, .. }
@@ -461,6 +461,9 @@ fn gather_loads(first: Job, rx: &Receiver<Job>) -> (Vec<LoadJob>, Option<Job>) {
 
 /// Loads the users of `loads` in one query and completes every flight, so every waiter is
 /// answered whatever the store did.
+/// The clients that waited on one user's load, with what the load found.
+type Answered = (Vec<Blocked<Done>>, Result<Credits, StoreError>);
+
 fn execute_loads(loads: Vec<LoadJob>) {
     let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         with_store(|store| match loads.as_slice() {
@@ -480,7 +483,7 @@ fn execute_loads(loads: Vec<LoadJob>) {
         Err(StoreError::Query("no answer for this user".into()))
     });
     let now = state::now_ms();
-    let answered: Vec<(Vec<Blocked>, Result<Credits, StoreError>)> = {
+    let answered: Vec<Answered> = {
         let mut cache = state::cache();
         loads
             .iter()
@@ -614,7 +617,7 @@ fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
 /// Moves `client` onto the user's credit load when those credits are not cached; otherwise
 /// answers it with the policy (its command finds the credits in the cache).
 fn chain_to_credits(
-    client: Blocked,
+    client: Blocked<Done>,
     user_key: &[u8],
     user: &OwnedUser,
     policy: &Result<CachedPolicy, StoreError>,

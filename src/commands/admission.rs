@@ -9,11 +9,7 @@
 //! decides once they arrive (`admit_resumed`) or once the wait ran out (`admit_timed_out`,
 //! base policy, `replenishment unavailable`).
 
-use std::os::raw::c_int;
-
-use redis_module::raw;
-
-use super::{block_timeout_ms, can_block, fail, flags, parse, policies, reply_undone};
+use super::{block_timeout_ms, fail, parse, policies, reply_undone};
 use crate::config::{self, ScriptMiss};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
@@ -22,10 +18,11 @@ use crate::core::effect::{Change, Effect, EncodedEffect};
 use crate::core::ids::PolicyId;
 use crate::core::policy::{Additional, CachedPolicy, EffectivePolicy, LimitField, Limits};
 use crate::core::Millis;
-use crate::glue::account_type::{AccountKey, WrongType};
-use crate::glue::blocked::Blocked;
-use crate::glue::propagation;
-use crate::glue::reply::Reply;
+use crate::ffi::account_type::{AccountKey, WrongType};
+use crate::ffi::blocked::Blocked;
+use crate::ffi::ctx::Ctx;
+use crate::ffi::propagation;
+use crate::ffi::reply::Reply;
 use crate::state::{self, PolicyWaiter};
 use crate::stats;
 use crate::worker::{self, Done, OwnedUser};
@@ -57,21 +54,21 @@ fn pick(rows: &[Replenishment], bundle: &str, now: Millis) -> (Option<Additional
 }
 
 /// `QUOTA.ADMIT`.
-pub fn admit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn admit(ctx: Ctx, args: &[&[u8]]) {
     admit_with(ctx, args, Credits::Cache);
 }
 
 /// `QUOTA.ADMIT` after its load finished.
-pub fn admit_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+pub fn admit_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
     admit_with(ctx, args, Credits::Loaded(done));
 }
 
 /// `QUOTA.ADMIT` whose load did not finish in time.
-pub fn admit_timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn admit_timed_out(ctx: Ctx, args: &[&[u8]]) {
     admit_with(ctx, args, Credits::TimedOut);
 }
 
-fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_>) {
+fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) {
     let parsed = match parse::admit(args, config::MAX_LEASE_TTL) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -110,7 +107,7 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
                 }
                 Lookup::Unavailable => (Some((None, CreditSource::Unavailable)), None),
                 Lookup::Miss { load } if resumed => (Some((None, CreditSource::Pending)), load),
-                Lookup::Miss { load } if can_block(ctx) => {
+                Lookup::Miss { load } if ctx.can_block() => {
                     match Blocked::block(ctx, block_timeout_ms()) {
                         Some(client) => {
                             if let Err(client) = cache.add_waiter(user_key, client) {
@@ -118,7 +115,7 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
                             }
                         }
                         None => {
-                            Reply::new(ctx).error("ERR cannot block this client");
+                            ctx.reply().error("ERR cannot block this client");
                         }
                     }
                     (None, load)
@@ -126,7 +123,7 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
                 Lookup::Miss { load } => match config::script_miss() {
                     ScriptMiss::base => (Some((None, CreditSource::Pending)), load),
                     ScriptMiss::error => {
-                        Reply::new(ctx).error(
+                        ctx.reply().error(
                             "TRYAGAIN credits for this user are loading from PostgreSQL: retry shortly",
                         );
                         (None, load)
@@ -169,7 +166,7 @@ enum PolicyLookup {
 /// limits over it field by field. `None` when the client was answered (an error) or blocked
 /// until the policy (and, chained after it, the user's credits) is loaded.
 fn base_policy(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
     credits: &Credits<'_>,
     user_key: &[u8],
@@ -187,7 +184,7 @@ fn base_policy(
         Credits::Loaded(Done::Policy(Ok(found))) => PolicyLookup::Found(*found),
         Credits::Loaded(Done::Policy(Err(e))) if e.is_unavailable() => PolicyLookup::Unavailable,
         Credits::Loaded(Done::Policy(Err(e))) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
             return None;
         }
         Credits::Loaded(done @ (Done::Busy | Done::Dropped)) => {
@@ -199,11 +196,11 @@ fn base_policy(
     match found {
         PolicyLookup::Found(Some(limits)) => Some(limits.overlaid_with(&parsed.base)),
         PolicyLookup::Found(None) => {
-            Reply::new(ctx).error(&policies::unknown(name));
+            ctx.reply().error(&policies::unknown(name));
             None
         }
         PolicyLookup::Unavailable => {
-            Reply::new(ctx).error(&policies::unavailable(name));
+            ctx.reply().error(&policies::unavailable(name));
             None
         }
         PolicyLookup::Waiting => None,
@@ -214,7 +211,7 @@ fn base_policy(
 /// block, the client waits on the policy's load with its user's credits chained after it;
 /// where it cannot wait, it gets `TRYAGAIN` (there is no base policy to decide on).
 fn cached_policy(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
     credits: &Credits<'_>,
     id: &PolicyId<'_>,
@@ -236,27 +233,31 @@ fn cached_policy(
         Lookup::Unavailable => (PolicyLookup::Unavailable, None),
         Lookup::Miss { load } => {
             match credits {
-                Credits::Cache if can_block(ctx) => match Blocked::block(ctx, block_timeout_ms()) {
-                    Some(client) => {
-                        let then = Some((
-                            Box::from(user_key),
-                            OwnedUser::from_id(&parsed.account.user),
-                        ));
-                        if let Err(waiter) = cache.add_waiter(&key, PolicyWaiter { client, then }) {
-                            waiter.client.finish(Done::Dropped);
+                Credits::Cache if ctx.can_block() => {
+                    match Blocked::block(ctx, block_timeout_ms()) {
+                        Some(client) => {
+                            let then = Some((
+                                Box::from(user_key),
+                                OwnedUser::from_id(&parsed.account.user),
+                            ));
+                            if let Err(waiter) =
+                                cache.add_waiter(&key, PolicyWaiter { client, then })
+                            {
+                                waiter.client.finish(Done::Dropped);
+                            }
+                        }
+                        None => {
+                            ctx.reply().error("ERR cannot block this client");
                         }
                     }
-                    None => {
-                        Reply::new(ctx).error("ERR cannot block this client");
-                    }
-                },
+                }
                 Credits::TimedOut => {
-                    Reply::new(ctx).error(&policies::unavailable(id.name));
+                    ctx.reply().error(&policies::unavailable(id.name));
                 }
                 // In MULTI or a script, or resumed after a credit load during which the policy
                 // was dropped again (changed meanwhile): the caller retries.
                 _ => {
-                    Reply::new(ctx).error(&policies::loading(id.name));
+                    ctx.reply().error(&policies::loading(id.name));
                 }
             }
             (PolicyLookup::Waiting, load)
@@ -282,7 +283,7 @@ fn remembered(
 }
 
 fn decide(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
     base: Limits,
     account_key: &mut AccountKey,
@@ -324,7 +325,7 @@ fn decide(
     let (mut decision, usage) = match decided {
         Ok(d) => d,
         Err(e) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
             return;
         }
     };
@@ -357,10 +358,10 @@ fn decide(
 /// The `COMPACT` reply: a flat array read by position, the same under RESP2 and RESP3:
 /// `[allowed, retry_after, remaining_requests, remaining_tokens, lease, reason, reserved,
 /// replenishment]`, with `lease` and `reason` as "" when there is none.
-fn reply_compact(ctx: *mut raw::RedisModuleCtx, d: &AdmitDecision, source: CreditSource) {
+fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let mut buf = [0u8; 16];
     let lease = d.lease.as_ref().map_or("", |id| id.as_text(&mut buf));
-    Reply::new(ctx)
+    ctx.reply()
         .array(8)
         .int(i64::from(d.allowed))
         .int(d.retry_after)
@@ -373,13 +374,13 @@ fn reply_compact(ctx: *mut raw::RedisModuleCtx, d: &AdmitDecision, source: Credi
 }
 
 fn reply_decision(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     d: &AdmitDecision,
     source: CreditSource,
     policy: &EffectivePolicy,
     usage: Option<&Usage>,
 ) {
-    let r = Reply::new(ctx).map(9 + if usage.is_some() { 3 } else { 0 });
+    let r = ctx.reply().map(9 + if usage.is_some() { 3 } else { 0 });
     let r = r.field("allowed", |r| r.int(i64::from(d.allowed)));
     let r = r.field("reason", |r| r.str(&d.reason()));
     let r = r.field("retry_after", |r| r.int(d.retry_after));
@@ -430,8 +431,8 @@ fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
     r.field("month_reset", |r| r.int(u.month_reset))
 }
 
-fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
-    Reply::new(ctx).error(&e.to_string());
+fn wrong_type(ctx: Ctx, e: WrongType) {
+    ctx.reply().error(&e.to_string());
 }
 
 /// What a change to an account propagates.
@@ -452,7 +453,7 @@ enum Propagate {
 /// changed something, stores the result (setting the key's expiry from it, deleting the key
 /// when nothing is left) and propagates it, which also counts it as a change for RDB saves.
 fn update<T>(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     account_key: &mut AccountKey,
     change: impl FnOnce(&mut Account) -> (T, Propagate),
 ) -> T {
@@ -475,13 +476,13 @@ fn update<T>(
         Propagate::Nothing => {}
         Propagate::Effect(effect) => propagation::effect(ctx, account_key, &effect),
         Propagate::State => propagation::state(ctx, account_key),
-        Propagate::Verbatim => propagation::verbatim(ctx),
+        Propagate::Verbatim => ctx.replicate_verbatim(),
     }
     out
 }
 
 /// `QUOTA.COMMIT`: records used tokens and settles the lease.
-pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn commit(ctx: Ctx, args: &[&[u8]]) {
     let parsed = match parse::commit(args) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -509,7 +510,7 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
             return;
         }
     };
@@ -517,14 +518,14 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if !outcome.duplicate {
         account_key.notify(EVENT_COMMIT);
     }
-    let r = Reply::new(ctx).map(3);
+    let r = ctx.reply().map(3);
     let r = r.field("recorded", |r| r.uint(recorded));
     let r = r.field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
     r.field("lease_held", |r| r.int(i64::from(outcome.lease_held)));
 }
 
 /// `QUOTA.RELEASE`: undoes an admission held by a lease.
-pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn release(ctx: Ctx, args: &[&[u8]]) {
     let (account, lease) = match parse::release(args) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -544,11 +545,11 @@ pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if released {
         account_key.notify(EVENT_RELEASE);
     }
-    Reply::new(ctx).int(i64::from(released));
+    ctx.reply().int(i64::from(released));
 }
 
 /// `QUOTA.USAGE`: a read-only snapshot.
-pub fn usage(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn usage(ctx: Ctx, args: &[&[u8]]) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -563,11 +564,11 @@ pub fn usage(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         Some(account) => account.usage(now),
         None => Account::default().usage(now),
     };
-    usage_map(Reply::new(ctx), &usage, true);
+    usage_map(ctx.reply(), &usage, true);
 }
 
 /// `QUOTA.RESET`: forgets the account's counters, leases and reservations.
-pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn reset(ctx: Ctx, args: &[&[u8]]) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -583,9 +584,9 @@ pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     }
     drop(account_key);
     if existed {
-        propagation::verbatim(ctx);
+        ctx.replicate_verbatim();
     }
-    Reply::new(ctx).int(i64::from(existed));
+    ctx.reply().int(i64::from(existed));
 }
 
 /// Propagates `effect` in its encoded form.
@@ -595,11 +596,9 @@ fn encoded(effect: Effect<'_>) -> Propagate {
 
 /// Whether this call comes from the master link or the AOF; else replies that `name` is
 /// internal.
-fn internal(ctx: *mut raw::RedisModuleCtx, name: &str) -> bool {
-    let allowed =
-        (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
-    if flags(ctx) & allowed == 0 {
-        Reply::new(ctx).error(&format!(
+fn internal(ctx: Ctx, name: &str) -> bool {
+    if !ctx.from_master_or_aof() {
+        ctx.reply().error(&format!(
             "ERR {name} is internal: it is only accepted from a master or the AOF"
         ));
         return false;
@@ -608,7 +607,7 @@ fn internal(ctx: *mut raw::RedisModuleCtx, name: &str) -> bool {
 }
 
 /// `QUOTA.APPLY <key> <effect>`: applies a replicated or AOF effect. Refused from clients.
-pub fn apply(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn apply(ctx: Ctx, args: &[&[u8]]) {
     if !internal(ctx, "QUOTA.APPLY") {
         return;
     }
@@ -618,7 +617,7 @@ pub fn apply(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     let effect = match Effect::decode(effect) {
         Ok(e) => e,
         Err(e) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
             return;
         }
     };
@@ -643,13 +642,13 @@ pub fn apply(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         account_key.notify(event);
     }
     match applied {
-        Ok(()) => Reply::new(ctx).status("OK"),
-        Err(e) => Reply::new(ctx).error(&e.to_string()),
+        Ok(()) => ctx.reply().status("OK"),
+        Err(e) => ctx.reply().error(&e.to_string()),
     };
 }
 
 /// `QUOTA.SETSTATE <key> <state>`: applies a replicated or AOF state. Refused from clients.
-pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn setstate(ctx: Ctx, args: &[&[u8]]) {
     if !internal(ctx, "QUOTA.SETSTATE") {
         return;
     }
@@ -659,7 +658,7 @@ pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     let account = match Account::decode(state) {
         Ok(account) => account,
         Err(bad) => {
-            Reply::new(ctx).error(&format!(
+            ctx.reply().error(&format!(
                 "ERR state must be an account state encoded by redis-quota ({bad})"
             ));
             return;
@@ -671,6 +670,6 @@ pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     };
     account_key.put(account);
     account_key.notify(EVENT_SETSTATE);
-    propagation::verbatim(ctx);
-    Reply::new(ctx).status("OK");
+    ctx.replicate_verbatim();
+    ctx.reply().status("OK");
 }

@@ -5,16 +5,15 @@
 //! node's cache from the committed rows (in the worker) and replicate `QUOTA.INVALIDATE` so
 //! replicas drop their entry at once.
 
-use redis_module::raw;
-
-use super::{block_timeout_ms, can_block, fail, parse, reply_cannot_block, reply_undone};
+use super::{block_timeout_ms, fail, parse, reply_cannot_block, reply_undone};
 use crate::config;
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
 use crate::core::Millis;
-use crate::glue::blocked::Blocked;
-use crate::glue::reply::Reply;
+use crate::ffi::blocked::Blocked;
+use crate::ffi::ctx::Ctx;
+use crate::ffi::reply::Reply;
 use crate::state;
 use crate::store::StoreError;
 use crate::worker::{self, Done, Job, OwnedUser};
@@ -49,42 +48,33 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
 }
 
 /// Replies the record that applies to `bundle` among `rows`, or nil.
-fn reply_applicable(
-    ctx: *mut raw::RedisModuleCtx,
-    ids: [&str; 4],
-    rows: &[Replenishment],
-    now: Millis,
-) {
+fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
     match select_credit(rows, ids[3], now) {
         Some((row, _)) => {
-            record(Reply::new(ctx), ids, Some(row), 0);
+            record(ctx.reply(), ids, Some(row), 0);
         }
         None => {
-            Reply::new(ctx).null();
+            ctx.reply().null();
         }
     }
 }
 
 /// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
 /// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
-pub(super) fn on_worker(
-    ctx: *mut raw::RedisModuleCtx,
-    args: &[&[u8]],
-    make: impl FnOnce(Blocked) -> Job,
-) {
-    if !can_block(ctx) {
+pub(super) fn on_worker(ctx: Ctx, args: &[&[u8]], make: impl FnOnce(Blocked<Done>) -> Job) {
+    if !ctx.can_block() {
         return reply_cannot_block(ctx, args);
     }
     match Blocked::block(ctx, block_timeout_ms()) {
         Some(client) => worker::submit_or_busy(make(client)),
         None => {
-            Reply::new(ctx).error("ERR cannot block this client");
+            ctx.reply().error("ERR cannot block this client");
         }
     }
 }
 
 /// `QUOTA.GRANT`: upsert in Postgres on a worker.
-pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn grant(ctx: Ctx, args: &[&[u8]]) {
     let now = state::now_ms();
     match parse::grant(args, now) {
         Ok(parsed) => on_worker(ctx, args, |client| Job::Grant {
@@ -99,7 +89,7 @@ pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.REVOKE`: soft delete on a worker.
-pub fn revoke(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn revoke(ctx: Ctx, args: &[&[u8]]) {
     match parse::account_only(args) {
         Ok(account) => on_worker(ctx, args, |client| Job::Revoke {
             user: OwnedUser::from_id(&account.user),
@@ -111,7 +101,7 @@ pub fn revoke(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
-pub fn list(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn list(ctx: Ctx, args: &[&[u8]]) {
     match parse::list(args) {
         Ok((user, all)) => on_worker(ctx, args, |client| Job::List {
             user: OwnedUser::from_id(&user),
@@ -123,7 +113,7 @@ pub fn list(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
-pub fn cleanup(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn cleanup(ctx: Ctx, args: &[&[u8]]) {
     if args.len() != 1 {
         return fail(ctx, args, parse::ParseError::Arity);
     }
@@ -133,22 +123,18 @@ pub fn cleanup(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
-pub fn invalidate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn invalidate(ctx: Ctx, args: &[&[u8]]) {
     let user = match parse::user_only(args) {
         Ok(u) => u,
         Err(e) => return fail(ctx, args, e),
     };
     let dropped = state::cache().invalidate(&user.key());
-    unsafe {
-        if let Some(f) = raw::RedisModule_ReplicateVerbatim {
-            f(ctx);
-        }
-    }
-    Reply::new(ctx).int(i64::from(dropped));
+    ctx.replicate_verbatim();
+    ctx.reply().int(i64::from(dropped));
 }
 
 /// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
-pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn get(ctx: Ctx, args: &[&[u8]]) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -179,11 +165,11 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
                 "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly"
                     .to_owned()
             };
-            Reply::new(ctx).error(&text);
+            ctx.reply().error(&text);
             return;
         }
         Lookup::Miss { load } => {
-            if can_block(ctx) {
+            if ctx.can_block() {
                 match Blocked::block(ctx, block_timeout_ms()) {
                     Some(client) => {
                         if let Err(client) = cache.add_waiter(&user_key, client) {
@@ -191,11 +177,11 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
                         }
                     }
                     None => {
-                        Reply::new(ctx).error("ERR cannot block this client");
+                        ctx.reply().error("ERR cannot block this client");
                     }
                 }
             } else {
-                Reply::new(ctx).error(
+                ctx.reply().error(
                     "TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly",
                 );
             }
@@ -209,7 +195,7 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.GET` after its load finished.
-pub fn get_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+pub fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -223,39 +209,29 @@ pub fn get_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
     match done {
         Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, state::now_ms()),
         Done::Loaded(Err(e)) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
         }
         other => reply_undone(ctx, other),
     }
 }
 
 /// Replicates `QUOTA.INVALIDATE <t> <p> <u>` so replicas drop the user's entry.
-fn replicate_invalidate(ctx: *mut raw::RedisModuleCtx, ids: [&str; 4]) {
+fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
     let [t, p, u, _] = ids;
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.INVALIDATE".as_ptr(),
-                c"bbb".as_ptr(),
-                t.as_ptr(),
-                t.len(),
-                p.as_ptr(),
-                p.len(),
-                u.as_ptr(),
-                u.len(),
-            );
-        }
-    }
+    ctx.replicate3(
+        c"QUOTA.INVALIDATE",
+        [t.as_bytes(), p.as_bytes(), u.as_bytes()],
+    );
 }
 
 /// Replies GRANT, REVOKE, LIST and CLEANUP once their worker is done.
-pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
     match done {
         Done::Grant(Ok(outcome)) => {
             // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).
             let Ok(account) = parse::account_only(args.get(..5).unwrap_or(args)) else {
-                Reply::new(ctx).error("ERR internal: cannot re-read the command");
+                ctx.reply()
+                    .error("ERR internal: cannot re-read the command");
                 return;
             };
             let u = account.user;
@@ -263,7 +239,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
             if !outcome.duplicate {
                 replicate_invalidate(ctx, ids);
             }
-            record(Reply::new(ctx), ids, outcome.record.as_ref(), 1)
+            record(ctx.reply(), ids, outcome.record.as_ref(), 1)
                 .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
         }
         Done::Revoke(Ok(outcome)) => {
@@ -271,24 +247,25 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
                 let u = account.user;
                 replicate_invalidate(ctx, [u.tenant, u.project, u.user, account.bundle]);
             }
-            Reply::new(ctx).int(i64::from(outcome.revoked));
+            ctx.reply().int(i64::from(outcome.revoked));
         }
         Done::List(Ok(rows)) => {
             let Ok((user, _)) = parse::list(args) else {
-                Reply::new(ctx).error("ERR internal: cannot re-read the command");
+                ctx.reply()
+                    .error("ERR internal: cannot re-read the command");
                 return;
             };
-            let mut r = Reply::new(ctx).map(rows.len());
+            let mut r = ctx.reply().map(rows.len());
             for row in rows {
                 let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
                 r = record(r.str(&row.bundle_id), ids, Some(row), 0);
             }
         }
         Done::Cleanup(Ok(outcome)) => {
-            Reply::new(ctx).uint(outcome.deactivated);
+            ctx.reply().uint(outcome.deactivated);
         }
         Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
         }
         Done::Loaded(_)
         | Done::Policy(_)

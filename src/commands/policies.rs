@@ -5,15 +5,14 @@
 //! `QUOTA.POLICY INVALIDATE` so replicas drop their copy at once (other nodes hear NOTIFY).
 //! `GET` answers from the policy cache and waits only on a miss, like `QUOTA.GET`.
 
-use redis_module::raw;
-
 use super::credits::on_worker;
-use super::{block_timeout_ms, can_block, fail, parse, reply_undone};
+use super::{block_timeout_ms, fail, parse, reply_undone};
 use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
-use crate::glue::blocked::Blocked;
-use crate::glue::reply::Reply;
+use crate::ffi::blocked::Blocked;
+use crate::ffi::ctx::Ctx;
+use crate::ffi::reply::Reply;
 use crate::state::{self, PolicyWaiter};
 use crate::worker::{self, Done, Job, OwnedPolicy};
 use parse::PolicyArgs;
@@ -35,7 +34,7 @@ fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
 }
 
 /// `QUOTA.POLICY ...`.
-pub fn policy(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub fn policy(ctx: Ctx, args: &[&[u8]]) {
     let parsed = match parse::policy(args) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -58,14 +57,14 @@ pub fn policy(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         PolicyArgs::Get(id) => get(ctx, &id),
         PolicyArgs::Invalidate(id) => {
             let dropped = state::policies().invalidate(&id.key());
-            crate::glue::propagation::verbatim(ctx);
-            Reply::new(ctx).int(i64::from(dropped));
+            ctx.replicate_verbatim();
+            ctx.reply().int(i64::from(dropped));
         }
     }
 }
 
 /// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.
-fn get(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
+fn get(ctx: Ctx, id: &PolicyId<'_>) {
     let key = id.key();
     let now = state::now_ms();
     let mut cache = state::policies();
@@ -79,11 +78,11 @@ fn get(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
             refresh
         }
         Lookup::Unavailable => {
-            Reply::new(ctx).error(&unavailable(id.name));
+            ctx.reply().error(&unavailable(id.name));
             return;
         }
         Lookup::Miss { load } => {
-            if can_block(ctx) {
+            if ctx.can_block() {
                 match Blocked::block(ctx, block_timeout_ms()) {
                     Some(client) => {
                         let waiter = PolicyWaiter { client, then: None };
@@ -92,11 +91,11 @@ fn get(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
                         }
                     }
                     None => {
-                        Reply::new(ctx).error("ERR cannot block this client");
+                        ctx.reply().error("ERR cannot block this client");
                     }
                 }
             } else {
-                Reply::new(ctx).error(&loading(id.name));
+                ctx.reply().error(&loading(id.name));
             }
             load
         }
@@ -107,13 +106,13 @@ fn get(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
     }
 }
 
-fn reply_found(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>, found: Option<&Limits>) {
+fn reply_found(ctx: Ctx, id: &PolicyId<'_>, found: Option<&Limits>) {
     match found {
         Some(limits) => {
-            record(Reply::new(ctx), id, limits);
+            record(ctx.reply(), id, limits);
         }
         None => {
-            Reply::new(ctx).null();
+            ctx.reply().null();
         }
     }
 }
@@ -140,42 +139,36 @@ pub(crate) fn unknown(name: &str) -> String {
 }
 
 /// Replicates `QUOTA.POLICY INVALIDATE <t> <p> <name>` so replicas drop their copy.
-fn replicate_invalidate(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.POLICY".as_ptr(),
-                c"cbbb".as_ptr(),
-                c"INVALIDATE".as_ptr(),
-                id.tenant.as_ptr(),
-                id.tenant.len(),
-                id.project.as_ptr(),
-                id.project.len(),
-                id.name.as_ptr(),
-                id.name.len(),
-            );
-        }
-    }
+fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
+    ctx.replicate_sub3(
+        c"QUOTA.POLICY",
+        c"INVALIDATE",
+        [
+            id.tenant.as_bytes(),
+            id.project.as_bytes(),
+            id.name.as_bytes(),
+        ],
+    );
 }
 
 /// Replies `QUOTA.POLICY` once its worker is done.
-pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
     let Ok(parsed) = parse::policy(args) else {
-        Reply::new(ctx).error("ERR internal: cannot re-read the command");
+        ctx.reply()
+            .error("ERR internal: cannot re-read the command");
         return;
     };
     match (parsed, done) {
         (PolicyArgs::Set(id, _), Done::PolicySet(Ok(stored))) => {
             replicate_invalidate(ctx, &id);
-            record(Reply::new(ctx), &id, &stored.limits);
+            record(ctx.reply(), &id, &stored.limits);
         }
         (PolicyArgs::Del(id), Done::PolicyDel(Ok(deleted))) => {
             replicate_invalidate(ctx, &id);
-            Reply::new(ctx).int(i64::from(*deleted));
+            ctx.reply().int(i64::from(*deleted));
         }
         (PolicyArgs::List(tenant, project), Done::PolicyList(Ok(records))) => {
-            let mut r = Reply::new(ctx).map(records.len());
+            let mut r = ctx.reply().map(records.len());
             for stored in records {
                 let id = PolicyId {
                     tenant,
@@ -187,7 +180,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         }
         (PolicyArgs::Get(id), Done::Policy(Ok(found))) => reply_found(ctx, &id, found.as_ref()),
         (PolicyArgs::Get(id), Done::Policy(Err(e))) if e.is_unavailable() => {
-            Reply::new(ctx).error(&unavailable(id.name));
+            ctx.reply().error(&unavailable(id.name));
         }
         (
             _,
@@ -196,17 +189,17 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
             | Done::PolicyDel(Err(e))
             | Done::PolicyList(Err(e)),
         ) => {
-            Reply::new(ctx).error(&e.to_string());
+            ctx.reply().error(&e.to_string());
         }
         (_, other) => reply_undone(ctx, other),
     }
 }
 
 /// `QUOTA.POLICY` whose wait for PostgreSQL ran out.
-pub fn timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) -> bool {
+pub fn timed_out(ctx: Ctx, args: &[&[u8]]) -> bool {
     match parse::policy(args) {
         Ok(PolicyArgs::Get(id)) => {
-            Reply::new(ctx).error(&unavailable(id.name));
+            ctx.reply().error(&unavailable(id.name));
             true
         }
         _ => false,

@@ -15,6 +15,8 @@ use std::ptr;
 use redis_module::native_types::RedisType;
 use redis_module::raw;
 
+use super::ctx::Ctx;
+
 use crate::core::account::{Account, Retention};
 use crate::core::credit::CreditMemo;
 
@@ -90,7 +92,7 @@ pub struct AccountKey {
 
 impl AccountKey {
     /// Opens the key `name` for reading and writing; refuses keys of other types.
-    pub fn open(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
+    pub fn open(ctx: Ctx, name: &[u8]) -> Result<AccountKey, WrongType> {
         Self::open_mode(
             ctx,
             name,
@@ -99,15 +101,12 @@ impl AccountKey {
     }
 
     /// Opens the key `name` for reading only.
-    pub fn open_read(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
+    pub fn open_read(ctx: Ctx, name: &[u8]) -> Result<AccountKey, WrongType> {
         Self::open_mode(ctx, name, raw::REDISMODULE_READ as c_int)
     }
 
-    fn open_mode(
-        ctx: *mut raw::RedisModuleCtx,
-        name: &[u8],
-        mode: c_int,
-    ) -> Result<AccountKey, WrongType> {
+    fn open_mode(ctx: Ctx, name: &[u8], mode: c_int) -> Result<AccountKey, WrongType> {
+        let ctx = ctx.raw();
         unsafe {
             let create = raw::RedisModule_CreateString.ok_or(WrongType)?;
             let open = raw::RedisModule_OpenKey.ok_or(WrongType)?;

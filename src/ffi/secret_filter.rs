@@ -11,13 +11,14 @@ use std::os::raw::c_int;
 
 use redis_module::raw;
 
+use super::ctx::Ctx;
 use crate::config;
 
 /// Registers the filter (once, at load).
-pub fn register(ctx: *mut raw::RedisModuleCtx) {
+pub fn register(ctx: Ctx) {
     unsafe {
         if let Some(register) = raw::RedisModule_RegisterCommandFilter {
-            register(ctx, Some(filter), 0);
+            register(ctx.raw(), Some(filter), 0);
         }
     }
 }

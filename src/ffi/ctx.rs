@@ -1,0 +1,104 @@
+//! The command context: a Copy handle on the `RedisModuleCtx` Redis hands a command, with the
+//! few things a command does through it (reply, read its flags, block, replicate). Commands
+//! hold a `Ctx` and never the raw pointer, so they need no `unsafe` of their own.
+
+use std::ffi::CStr;
+use std::os::raw::c_int;
+
+use redis_module::raw;
+
+use super::reply::Reply;
+
+/// The context of one command call (main thread, GIL held).
+#[derive(Clone, Copy)]
+pub struct Ctx {
+    raw: *mut raw::RedisModuleCtx,
+}
+
+impl Ctx {
+    /// Wraps the context pointer Redis passed to an entry point or callback.
+    #[inline]
+    pub(crate) fn from_raw(raw: *mut raw::RedisModuleCtx) -> Ctx {
+        Ctx { raw }
+    }
+
+    /// The raw pointer, for the other wrappers of this floor.
+    #[inline]
+    pub(crate) fn raw(self) -> *mut raw::RedisModuleCtx {
+        self.raw
+    }
+
+    /// A reply writer for this call.
+    #[inline]
+    pub fn reply(self) -> Reply {
+        Reply::new(self.raw)
+    }
+
+    /// The context flags of this call.
+    #[inline]
+    fn flags(self) -> c_int {
+        unsafe { raw::RedisModule_GetContextFlags.map_or(0, |f| f(self.raw)) }
+    }
+
+    /// Whether this client may be blocked (not inside MULTI, a script or a function).
+    #[inline]
+    pub fn can_block(self) -> bool {
+        self.flags() & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING as c_int == 0
+    }
+
+    /// Whether this call comes from the master link or an AOF load.
+    #[inline]
+    pub fn from_master_or_aof(self) -> bool {
+        let allowed =
+            (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
+        self.flags() & allowed != 0
+    }
+
+    /// Propagates the command as it was called to replicas and the AOF.
+    pub fn replicate_verbatim(self) {
+        unsafe {
+            if let Some(f) = raw::RedisModule_ReplicateVerbatim {
+                f(self.raw);
+            }
+        }
+    }
+
+    /// Propagates `<command> <a> <b> <c>` to replicas and the AOF.
+    pub fn replicate3(self, command: &CStr, [a, b, c]: [&[u8]; 3]) {
+        unsafe {
+            if let Some(f) = raw::RedisModule_Replicate {
+                f(
+                    self.raw,
+                    command.as_ptr(),
+                    c"bbb".as_ptr(),
+                    a.as_ptr(),
+                    a.len(),
+                    b.as_ptr(),
+                    b.len(),
+                    c.as_ptr(),
+                    c.len(),
+                );
+            }
+        }
+    }
+
+    /// Propagates `<command> <sub> <a> <b> <c>` to replicas and the AOF.
+    pub fn replicate_sub3(self, command: &CStr, sub: &CStr, [a, b, c]: [&[u8]; 3]) {
+        unsafe {
+            if let Some(f) = raw::RedisModule_Replicate {
+                f(
+                    self.raw,
+                    command.as_ptr(),
+                    c"cbbb".as_ptr(),
+                    sub.as_ptr(),
+                    a.as_ptr(),
+                    a.len(),
+                    b.as_ptr(),
+                    b.len(),
+                    c.as_ptr(),
+                    c.len(),
+                );
+            }
+        }
+    }
+}
