@@ -2,18 +2,18 @@
 //! data they guard and admits requests against a base policy plus those credits atomically.
 //!
 //! This file only wires things together: the data type, the commands (their metadata lives in
-//! `ffi::command_info`),
-//! the configuration, `INFO quota`, and start/stop of the worker pool and NOTIFY listener.
-//! The logic lives in `core` (pure), `commands` (Redis shells), `store` (Postgres) and `worker`.
+//! `ffi::command_info`), the configuration and its change routing, `INFO quota`, and start/stop
+//! of the worker pool and NOTIFY listener. Imports go one way only:
+//! `lib -> commands -> {core, runtime, ffi}`, `runtime -> {store, core, ffi}`, `ffi -> core`
+//! (see `scripts/check-layers.py`). The logic lives in `core` (pure), `commands` (Redis
+//! shells), `runtime` (process-wide state, worker pool), `store` (Postgres) and `ffi` (the raw
+//! Redis API).
 
 pub mod commands;
-pub mod config;
 pub mod core;
 pub mod ffi;
-pub mod state;
-pub mod stats;
+pub mod runtime;
 pub mod store;
-pub mod worker;
 
 #[cfg(not(test))]
 mod module {
@@ -24,11 +24,13 @@ mod module {
     use redis_module_macros::info_command_handler;
 
     use crate::commands::{admission, credits, policies};
-    use crate::config::{self, on_change, ScriptMiss};
+    use redis_module::configuration::ConfigurationContext;
+
     use crate::ffi::account_type::ACCOUNT_TYPE;
     use crate::ffi::blocked::entry;
     use crate::ffi::command_info::{self as info, CommandSpec, Entry};
-    use crate::{state, stats, worker};
+    use crate::runtime::config::{self, ScriptMiss};
+    use crate::runtime::{self, cache, jobs, notify, stats, worker};
 
     entry!(cmd_grant, credits::grant);
     entry!(cmd_get, credits::get);
@@ -100,6 +102,13 @@ mod module {
         Status::Ok
     }
 
+    /// Called by Redis after any `quota.*` option changed. `G` is the option's value type,
+    /// which the registration below names.
+    #[allow(clippy::extra_unused_type_parameters)]
+    fn on_change<G, T>(_ctx: &ConfigurationContext, name: &str, _value: &'static T) {
+        runtime::reconfigure(name);
+    }
+
     extern "C" fn on_shutdown(
         _ctx: *mut raw::RedisModuleCtx,
         _event: raw::RedisModuleEvent,
@@ -111,7 +120,7 @@ mod module {
 
     fn shutdown() {
         worker::stop(Duration::from_millis(500));
-        state::stop_listener();
+        notify::stop_listener();
     }
 
     fn schedule_cleanup(ctx: &Context) {
@@ -125,7 +134,7 @@ mod module {
                 if config::int(&config::CLEANUP_INTERVAL) > 0
                     && flags.contains(redis_module::ContextFlags::MASTER)
                 {
-                    worker::submit_or_busy(worker::Job::Cleanup { client: None });
+                    worker::submit_or_busy(jobs::Job::Cleanup { client: None });
                 }
                 schedule_cleanup(ctx);
             },
@@ -204,17 +213,20 @@ mod module {
         }
         let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
         let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
-        state::cache().set_config(state::cache_config());
-        state::policies().set_config(state::cache_config());
+        cache::cache().set_config(cache::cache_config());
+        cache::policies().set_config(cache::cache_config());
         if let Err(e) = worker::start(threads, queue) {
             ctx.log_warning(&format!("quota: cannot start worker threads: {e}"));
             return Status::Err;
         }
-        state::restart_listener();
+        notify::restart_listener();
         worker::deploy_soon();
         schedule_cleanup(ctx);
         schedule_deploy(ctx);
-        crate::ffi::secret_filter::register(crate::ffi::ctx::Ctx::from_raw(ctx.ctx));
+        crate::ffi::secret_filter::register(
+            crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
+            config::hide_secret,
+        );
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {
@@ -235,7 +247,7 @@ mod module {
     #[info_command_handler]
     fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         let (cache_entries, cache_stats, flights) = {
-            let cache = state::cache();
+            let cache = cache::cache();
             (cache.len() as u64, cache.stats(), cache.flights() as u64)
         };
         let (connections, idle) = worker::pool_state();
@@ -271,7 +283,7 @@ mod module {
             .field("pool_size", config::int(&config::POOL_SIZE))?
             .field("pool_connections", i64::from(connections))?
             .field("pool_idle", i64::from(idle))?
-            .field("notify_state", state::notify_state_name().to_string())?
+            .field("notify_state", notify::notify_state_name().to_string())?
             .field("notify_received", int(stats::NOTIFY_RECEIVED.get()))?
             .field("notify_reconnects", int(stats::NOTIFY_RECONNECTS.get()))?
             .field("admits_allowed", int(stats::ADMITS_ALLOWED.get()))?

@@ -10,7 +10,6 @@
 //! base policy, `replenishment unavailable`).
 
 use super::{block_timeout_ms, fail, parse, policies, reply_undone};
-use crate::config::{self, ScriptMiss};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
@@ -23,9 +22,12 @@ use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::propagation;
 use crate::ffi::reply::Reply;
-use crate::state::{self, PolicyWaiter};
-use crate::stats;
-use crate::worker::{self, Done, OwnedUser};
+use crate::runtime::cache::{self, PolicyWaiter};
+use crate::runtime::clock;
+use crate::runtime::config::{self, ScriptMiss};
+use crate::runtime::jobs::{Done, OwnedUser};
+use crate::runtime::stats;
+use crate::runtime::worker;
 
 /// Keyspace events (module class) on the account key, documented in the README.
 const EVENT_ADMIT: &std::ffi::CStr = c"quota.admit";
@@ -74,7 +76,7 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) {
         Err(e) => return fail(ctx, args, e),
     };
     let (key, user_len) = parsed.account.key();
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let user_key = key.get(..user_len).unwrap_or(&key);
     let Some(base) = base_policy(ctx, &parsed, &credits, user_key, now) else {
         return; // blocked on the policy, or answered
@@ -94,7 +96,7 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) {
             found
         }
         Credits::Cache | Credits::Loaded(Done::Policy(_)) => {
-            let mut cache = state::cache();
+            let mut cache = cache::cache();
             let epoch = cache.epoch();
             let (found, load) = match cache.lookup(user_key, now) {
                 Lookup::Fresh(rows, fresh_until) => {
@@ -218,15 +220,15 @@ fn cached_policy(
     user_key: &[u8],
     now: Millis,
 ) -> PolicyLookup {
-    if let Some(found) = state::remembered_policy(id, now) {
+    if let Some(found) = cache::remembered_policy(id, now) {
         return PolicyLookup::Found(found);
     }
     let key = id.key();
-    let mut cache = state::policies();
+    let mut cache = cache::policies();
     let epoch = cache.epoch();
     let (found, load) = match cache.lookup(&key, now) {
         Lookup::Fresh(found, fresh_until) => {
-            state::remember_policy(id, *found, epoch, fresh_until, now);
+            cache::remember_policy(id, *found, epoch, fresh_until, now);
             (PolicyLookup::Found(*found), None)
         }
         Lookup::Stale { rows, refresh } => (PolicyLookup::Found(*rows), refresh),
@@ -277,7 +279,7 @@ fn remembered(
     key: &[u8],
     now: Millis,
 ) -> Option<(Option<Additional>, CreditSource)> {
-    let found = account_key.memo()?.get(key, state::cache_epoch(), now)?;
+    let found = account_key.memo()?.get(key, cache::cache_epoch(), now)?;
     stats::CACHE_MEMO_HITS.incr();
     Some(found)
 }
@@ -302,7 +304,7 @@ fn decide(
     };
     let decided = update(ctx, account_key, |account| {
         let before = (account.leases.len(), account.settled.len());
-        match account.admit(&policy, &request, now, state::new_lease_id) {
+        match account.admit(&policy, &request, now, clock::new_lease_id) {
             Ok(decision) => {
                 let usage = parsed.verbose.then(|| account.usage(now));
                 let change = match Effect::admitted(now, &decision, account) {
@@ -488,7 +490,7 @@ pub fn commit(ctx: Ctx, args: &[&[u8]]) {
         Err(e) => return fail(ctx, args, e),
     };
     let (key, _) = parsed.account.key();
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let mut account_key = match AccountKey::open(ctx, &key) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
@@ -531,7 +533,7 @@ pub fn release(ctx: Ctx, args: &[&[u8]]) {
         Err(e) => return fail(ctx, args, e),
     };
     let (key, _) = account.key();
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let mut account_key = match AccountKey::open(ctx, &key) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
@@ -559,7 +561,7 @@ pub fn usage(ctx: Ctx, args: &[&[u8]]) {
         Ok(k) => k,
         Err(e) => return wrong_type(ctx, e),
     };
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let usage = match account_key.get() {
         Some(account) => account.usage(now),
         None => Account::default().usage(now),

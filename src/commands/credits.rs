@@ -6,7 +6,6 @@
 //! replicas drop their entry at once.
 
 use super::{block_timeout_ms, fail, parse, reply_cannot_block, reply_undone};
-use crate::config;
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
@@ -14,9 +13,10 @@ use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
-use crate::state;
-use crate::store::StoreError;
-use crate::worker::{self, Done, Job, OwnedUser};
+use crate::runtime::config;
+use crate::runtime::jobs::{Done, Job, OwnedUser, StoreError};
+use crate::runtime::worker;
+use crate::runtime::{cache, clock};
 
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
 /// `extra` more pairs are left for the caller. A missing row writes nil columns.
@@ -75,7 +75,7 @@ pub(super) fn on_worker(ctx: Ctx, args: &[&[u8]], make: impl FnOnce(Blocked<Done
 
 /// `QUOTA.GRANT`: upsert in Postgres on a worker.
 pub fn grant(ctx: Ctx, args: &[&[u8]]) {
-    let now = state::now_ms();
+    let now = clock::now_ms();
     match parse::grant(args, now) {
         Ok(parsed) => on_worker(ctx, args, |client| Job::Grant {
             user: OwnedUser::from_id(&parsed.account.user),
@@ -128,7 +128,7 @@ pub fn invalidate(ctx: Ctx, args: &[&[u8]]) {
         Ok(u) => u,
         Err(e) => return fail(ctx, args, e),
     };
-    let dropped = state::cache().invalidate(&user.key());
+    let dropped = cache::cache().invalidate(&user.key());
     ctx.replicate_verbatim();
     ctx.reply().int(i64::from(dropped));
 }
@@ -146,8 +146,8 @@ pub fn get(ctx: Ctx, args: &[&[u8]]) {
         account.bundle,
     ];
     let user_key = account.user.key();
-    let now = state::now_ms();
-    let mut cache = state::cache();
+    let now = clock::now_ms();
+    let mut cache = cache::cache();
     let load = match cache.lookup(&user_key, now) {
         Lookup::Fresh(rows, _) => {
             reply_applicable(ctx, ids, rows, now);
@@ -207,7 +207,7 @@ pub fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
         account.bundle,
     ];
     match done {
-        Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, state::now_ms()),
+        Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, clock::now_ms()),
         Done::Loaded(Err(e)) => {
             ctx.reply().error(&e.to_string());
         }

@@ -10,11 +10,11 @@ pub mod credits;
 pub mod parse;
 pub mod policies;
 
-use crate::config;
 use crate::ffi::blocked::Resumable;
 use crate::ffi::ctx::Ctx;
-use crate::stats;
-use crate::worker::Done;
+use crate::runtime::config;
+use crate::runtime::jobs::Done;
+use crate::runtime::stats;
 use parse::ParseError;
 
 /// The command name as Redis dispatched it, upper-cased.

@@ -13,8 +13,10 @@ use crate::core::policy::{LimitField, Limits};
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
-use crate::state::{self, PolicyWaiter};
-use crate::worker::{self, Done, Job, OwnedPolicy};
+use crate::runtime::cache::{self, PolicyWaiter};
+use crate::runtime::clock;
+use crate::runtime::jobs::{Done, Job, OwnedPolicy};
+use crate::runtime::worker;
 use parse::PolicyArgs;
 
 /// Writes one policy: its identity and the seven limits (nil = unlimited).
@@ -56,7 +58,7 @@ pub fn policy(ctx: Ctx, args: &[&[u8]]) {
         }),
         PolicyArgs::Get(id) => get(ctx, &id),
         PolicyArgs::Invalidate(id) => {
-            let dropped = state::policies().invalidate(&id.key());
+            let dropped = cache::policies().invalidate(&id.key());
             ctx.replicate_verbatim();
             ctx.reply().int(i64::from(dropped));
         }
@@ -66,8 +68,8 @@ pub fn policy(ctx: Ctx, args: &[&[u8]]) {
 /// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.
 fn get(ctx: Ctx, id: &PolicyId<'_>) {
     let key = id.key();
-    let now = state::now_ms();
-    let mut cache = state::policies();
+    let now = clock::now_ms();
+    let mut cache = cache::policies();
     let load = match cache.lookup(&key, now) {
         Lookup::Fresh(found, _) => {
             reply_found(ctx, id, found.as_ref());

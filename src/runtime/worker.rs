@@ -13,162 +13,22 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use crate::config;
+use super::cache;
+use super::clock;
+use super::config;
+use super::jobs::{Done, Job, LoadJob, OwnedPolicy, OwnedUser};
+use super::stats;
 use crate::core::cache::Lookup;
-use crate::core::credit::{GrantRequest, Replenishment};
+use crate::core::cache::UserCredits as Credits;
+use crate::core::credit::Replenishment;
 use crate::core::ids::{PolicyId, UserId};
-use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
+use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
-use crate::state::{self, Credits};
-use crate::stats;
-use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError};
-
-/// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
-/// private data), so the size of its variants does not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum Done {
-    /// The user's rows (for `ADMIT` and `GET` after a miss).
-    Loaded(Result<Credits, StoreError>),
-    Grant(Result<GrantOutcome, StoreError>),
-    Revoke(Result<RevokeOutcome, StoreError>),
-    List(Result<Vec<Replenishment>, StoreError>),
-    Cleanup(Result<CleanupOutcome, StoreError>),
-    /// A named policy's load (for `ADMIT ... POLICY` and `POLICY GET` after a miss).
-    Policy(Result<CachedPolicy, StoreError>),
-    PolicySet(Result<PolicyRecord, StoreError>),
-    PolicyDel(Result<bool, StoreError>),
-    PolicyList(Result<Vec<PolicyRecord>, StoreError>),
-    /// The job queue was full.
-    Busy,
-    /// The job was dropped unfinished (shutdown).
-    Dropped,
-}
-
-/// A user's ids, owned so they can cross to a worker thread.
-#[derive(Debug, Clone)]
-pub struct OwnedUser {
-    pub tenant: String,
-    pub project: String,
-    pub user: String,
-}
-
-impl OwnedUser {
-    /// Copies the ids.
-    pub fn from_id(id: &UserId<'_>) -> OwnedUser {
-        OwnedUser {
-            tenant: id.tenant.into(),
-            project: id.project.into(),
-            user: id.user.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub fn id(&self) -> UserId<'_> {
-        UserId {
-            tenant: &self.tenant,
-            project: &self.project,
-            user: &self.user,
-        }
-    }
-}
-
-/// A policy's ids, owned so they can cross to a worker thread.
-#[derive(Debug, Clone)]
-pub struct OwnedPolicy {
-    pub tenant: String,
-    pub project: String,
-    pub name: String,
-}
-
-impl OwnedPolicy {
-    /// Copies the ids.
-    pub fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
-        OwnedPolicy {
-            tenant: id.tenant.into(),
-            project: id.project.into(),
-            name: id.name.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub fn id(&self) -> PolicyId<'_> {
-        PolicyId {
-            tenant: &self.tenant,
-            project: &self.project,
-            name: &self.name,
-        }
-    }
-}
-
-/// Load a user's rows into the cache and answer the flight's waiters.
-pub struct LoadJob {
-    key: Box<[u8]>,
-    user: OwnedUser,
-    flight: u64,
-}
+use crate::store::{Store, StoreConfig, StoreError};
 
 /// Most user loads one query serves (a burst of cold users shares round trips).
 const LOAD_BATCH: usize = 64;
-
-/// One unit of Postgres work.
-pub enum Job {
-    /// Load a user's rows into the cache and answer the flight's waiters.
-    Load(LoadJob),
-    Grant {
-        user: OwnedUser,
-        bundle: String,
-        request: Box<GrantRequest>,
-        now: Millis,
-        client: Blocked<Done>,
-    },
-    Revoke {
-        user: OwnedUser,
-        bundle: String,
-        client: Blocked<Done>,
-    },
-    List {
-        user: OwnedUser,
-        all: bool,
-        client: Blocked<Done>,
-    },
-    /// Deactivate expired rows; `client` is `None` for the periodic run.
-    Cleanup { client: Option<Blocked<Done>> },
-    /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
-    Deploy,
-    /// Load a named policy into the policy cache and answer the flight's waiters.
-    LoadPolicy { policy: OwnedPolicy, flight: u64 },
-    PolicySet {
-        policy: OwnedPolicy,
-        limits: Box<Limits>,
-        client: Blocked<Done>,
-    },
-    PolicyDel {
-        policy: OwnedPolicy,
-        client: Blocked<Done>,
-    },
-    PolicyList {
-        tenant: String,
-        project: String,
-        client: Blocked<Done>,
-    },
-}
-
-impl Job {
-    /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
-    pub fn into_client(self) -> Option<Blocked<Done>> {
-        match self {
-            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
-            Job::Grant { client, .. }
-            | Job::Revoke { client, .. }
-            | Job::List { client, .. }
-            | Job::PolicySet { client, .. }
-            | Job::PolicyDel { client, .. }
-            | Job::PolicyList { client, .. } => Some(client),
-            Job::Cleanup { client } => client,
-        }
-    }
-}
 
 /// Queues a user load for a flight the cache started; if the queue is full the flight is
 /// dropped and its waiters are answered `BUSY`.
@@ -179,7 +39,7 @@ pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
         flight,
     });
     if submit(job).is_err() {
-        let waiters = state::cache().abort_flight(user_key, flight);
+        let waiters = cache::cache().abort_flight(user_key, flight);
         for waiter in waiters {
             waiter.finish(Done::Busy);
         }
@@ -194,7 +54,7 @@ pub fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
         flight,
     };
     if submit(job).is_err() {
-        let waiters = state::policies().abort_flight(&policy.key(), flight);
+        let waiters = cache::policies().abort_flight(&policy.key(), flight);
         for waiter in waiters {
             waiter.client.finish(Done::Busy);
         }
@@ -276,10 +136,10 @@ pub fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
 /// the threads (one stuck in a Postgres call is left to finish on its own).
 pub fn stop(wait: Duration) {
     STOPPING.store(true, Ordering::Relaxed);
-    for waiter in state::cache().take_all_waiters() {
+    for waiter in cache::cache().take_all_waiters() {
         waiter.finish(Done::Dropped);
     }
-    for waiter in state::policies().take_all_waiters() {
+    for waiter in cache::policies().take_all_waiters() {
         waiter.client.finish(Done::Dropped);
     }
     let deadline = Instant::now() + wait;
@@ -482,9 +342,9 @@ fn execute_loads(loads: Vec<LoadJob>) {
     results.resize_with(loads.len(), || {
         Err(StoreError::Query("no answer for this user".into()))
     });
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let answered: Vec<Answered> = {
-        let mut cache = state::cache();
+        let mut cache = cache::cache();
         loads
             .iter()
             .zip(results)
@@ -546,10 +406,10 @@ fn execute(job: Job) {
             client.finish(Done::List(outcome));
         }
         Job::Cleanup { client } => {
-            let outcome = with_store(|s| s.cleanup(state::now_ms()));
+            let outcome = with_store(|s| s.cleanup(clock::now_ms()));
             if let Ok(o) = &outcome {
                 stats::CLEANUPS.incr();
-                let mut cache = state::cache();
+                let mut cache = cache::cache();
                 for (tenant, project, user) in &o.users {
                     cache.invalidate(
                         &UserId {
@@ -601,9 +461,9 @@ fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
     let id = policy.id();
     let result: Result<CachedPolicy, StoreError> =
         with_store(|s| s.load_policy(&id)).map(|found| found.map(|r| r.limits));
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let waiters =
-        state::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
+        cache::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
     for waiter in waiters {
         match (waiter.then, &result) {
             (Some((user_key, user)), Ok(Some(_))) => {
@@ -623,7 +483,7 @@ fn chain_to_credits(
     policy: &Result<CachedPolicy, StoreError>,
     now: Millis,
 ) {
-    let mut cache = state::cache();
+    let mut cache = cache::cache();
     let (load, client) = match cache.lookup(user_key, now) {
         Lookup::Miss { load } => match cache.add_waiter(user_key, client) {
             Ok(()) => (load, None),
@@ -643,9 +503,9 @@ fn chain_to_credits(
 
 /// Write-through of a committed policy change into this node's policy cache.
 fn write_through_policy(policy: &OwnedPolicy, value: CachedPolicy) {
-    state::policies().put(&policy.id().key(), value, state::now_ms());
+    cache::policies().put(&policy.id().key(), value, clock::now_ms());
 }
 
 fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {
-    state::cache().put(&user.id().key(), Arc::from(rows), state::now_ms());
+    cache::cache().put(&user.id().key(), Arc::from(rows), clock::now_ms());
 }

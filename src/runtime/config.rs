@@ -363,9 +363,14 @@ pub fn script_miss() -> ScriptMiss {
         .unwrap_or(ScriptMiss::base)
 }
 
-/// Called by Redis after any `quota.*` option changed.
-pub fn on_change<G, T>(_ctx: &ConfigurationContext, name: &str, _value: &'static T) {
-    crate::state::reconfigure(name);
+/// For the command filter: a placeholder to put in place of `value` when `CONFIG SET <name>
+/// <value>` sets a password, the value itself kept in the stash until the setter takes it.
+pub fn hide_secret(name: &[u8], value: &[u8]) -> Option<String> {
+    if !is_secret_setting(name, value) {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?;
+    Some(stash_secret(text.to_owned(), super::clock::new_lease_id()))
 }
 
 #[cfg(test)]
