@@ -9,7 +9,8 @@
 //! decides once they arrive (`admit_resumed`) or once the wait ran out (`admit_timed_out`,
 //! base policy, `replenishment unavailable`).
 
-use super::{block_timeout_ms, fail, parse, policies, reply_undone};
+use super::error::{fail, reply_undone, CANNOT_BLOCK, CREDITS_LOADING};
+use super::{parse, policies};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
@@ -110,14 +111,14 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) {
                 Lookup::Unavailable => (Some((None, CreditSource::Unavailable)), None),
                 Lookup::Miss { load } if resumed => (Some((None, CreditSource::Pending)), load),
                 Lookup::Miss { load } if ctx.can_block() => {
-                    match Blocked::block(ctx, block_timeout_ms()) {
+                    match Blocked::block(ctx, config::block_timeout_ms()) {
                         Some(client) => {
                             if let Err(client) = cache.add_waiter(user_key, client) {
                                 client.finish(Done::Dropped);
                             }
                         }
                         None => {
-                            ctx.reply().error("ERR cannot block this client");
+                            ctx.reply().error(CANNOT_BLOCK);
                         }
                     }
                     (None, load)
@@ -125,9 +126,7 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) {
                 Lookup::Miss { load } => match config::script_miss() {
                     ScriptMiss::base => (Some((None, CreditSource::Pending)), load),
                     ScriptMiss::error => {
-                        ctx.reply().error(
-                            "TRYAGAIN credits for this user are loading from PostgreSQL: retry shortly",
-                        );
+                        ctx.reply().error(CREDITS_LOADING);
                         (None, load)
                     }
                 },
@@ -236,7 +235,7 @@ fn cached_policy(
         Lookup::Miss { load } => {
             match credits {
                 Credits::Cache if ctx.can_block() => {
-                    match Blocked::block(ctx, block_timeout_ms()) {
+                    match Blocked::block(ctx, config::block_timeout_ms()) {
                         Some(client) => {
                             let then = Some((
                                 Box::from(user_key),
@@ -249,7 +248,7 @@ fn cached_policy(
                             }
                         }
                         None => {
-                            ctx.reply().error("ERR cannot block this client");
+                            ctx.reply().error(CANNOT_BLOCK);
                         }
                     }
                 }

@@ -5,7 +5,10 @@
 //! node's cache from the committed rows (in the worker) and replicate `QUOTA.INVALIDATE` so
 //! replicas drop their entry at once.
 
-use super::{block_timeout_ms, fail, parse, reply_cannot_block, reply_undone};
+use super::error::{
+    fail, reply_cannot_block, reply_undone, CANNOT_BLOCK, CANNOT_REREAD, CREDITS_LOADING_NO_WAIT,
+};
+use super::parse;
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
@@ -65,10 +68,10 @@ pub(super) fn on_worker(ctx: Ctx, args: &[&[u8]], make: impl FnOnce(Blocked<Done
     if !ctx.can_block() {
         return reply_cannot_block(ctx, args);
     }
-    match Blocked::block(ctx, block_timeout_ms()) {
+    match Blocked::block(ctx, config::block_timeout_ms()) {
         Some(client) => worker::submit_or_busy(make(client)),
         None => {
-            ctx.reply().error("ERR cannot block this client");
+            ctx.reply().error(CANNOT_BLOCK);
         }
     }
 }
@@ -170,20 +173,18 @@ pub fn get(ctx: Ctx, args: &[&[u8]]) {
         }
         Lookup::Miss { load } => {
             if ctx.can_block() {
-                match Blocked::block(ctx, block_timeout_ms()) {
+                match Blocked::block(ctx, config::block_timeout_ms()) {
                     Some(client) => {
                         if let Err(client) = cache.add_waiter(&user_key, client) {
                             client.finish(Done::Dropped);
                         }
                     }
                     None => {
-                        ctx.reply().error("ERR cannot block this client");
+                        ctx.reply().error(CANNOT_BLOCK);
                     }
                 }
             } else {
-                ctx.reply().error(
-                    "TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly",
-                );
+                ctx.reply().error(CREDITS_LOADING_NO_WAIT);
             }
             load
         }
@@ -230,8 +231,7 @@ pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
         Done::Grant(Ok(outcome)) => {
             // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).
             let Ok(account) = parse::account_only(args.get(..5).unwrap_or(args)) else {
-                ctx.reply()
-                    .error("ERR internal: cannot re-read the command");
+                ctx.reply().error(CANNOT_REREAD);
                 return;
             };
             let u = account.user;
@@ -251,8 +251,7 @@ pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
         }
         Done::List(Ok(rows)) => {
             let Ok((user, _)) = parse::list(args) else {
-                ctx.reply()
-                    .error("ERR internal: cannot re-read the command");
+                ctx.reply().error(CANNOT_REREAD);
                 return;
             };
             let mut r = ctx.reply().map(rows.len());

@@ -7,61 +7,15 @@
 
 pub mod admission;
 pub mod credits;
+mod error;
 pub mod parse;
 pub mod policies;
 
 use crate::ffi::blocked::Resumable;
 use crate::ffi::ctx::Ctx;
-use crate::runtime::config;
 use crate::runtime::jobs::Done;
 use crate::runtime::stats;
-use parse::ParseError;
-
-/// The command name as Redis dispatched it, upper-cased.
-fn name(args: &[&[u8]]) -> String {
-    args.first()
-        .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
-        .unwrap_or_default()
-}
-
-/// Replies a parse error; arity errors use Redis's own wording.
-fn fail(ctx: Ctx, args: &[&[u8]], err: ParseError) {
-    match err {
-        ParseError::Arity => {
-            let text = format!(
-                "ERR wrong number of arguments for '{}' command",
-                name(args).to_ascii_lowercase()
-            );
-            ctx.reply().error(&text);
-        }
-        other => {
-            ctx.reply().error(&other.to_string());
-        }
-    }
-}
-
-/// How long a client waits on Postgres before its timeout callback answers.
-fn block_timeout_ms() -> i64 {
-    config::int(&config::PG_TIMEOUT_MS).max(1) + 250
-}
-
-/// Replies the error for a job that did not produce an outcome.
-fn reply_undone(ctx: Ctx, done: &Done) {
-    let text = match done {
-        Done::Busy => "BUSY the redis-quota job queue is full (quota.queue-max): retry later",
-        _ => "ERR redis-quota is shutting down: request dropped",
-    };
-    ctx.reply().error(text);
-}
-
-/// The error for commands that must wait on Postgres where blocking is not allowed.
-fn reply_cannot_block(ctx: Ctx, args: &[&[u8]]) {
-    let text = format!(
-        "ERR {} waits on PostgreSQL and cannot run inside MULTI, a script or a function",
-        name(args)
-    );
-    ctx.reply().error(&text);
-}
+use error::name;
 
 impl Resumable for Done {
     fn dropped() -> Done {
@@ -95,10 +49,5 @@ fn timed_out(ctx: Ctx, args: &[&[u8]]) {
     if name(args) == "QUOTA.POLICY" && policies::timed_out(ctx, args) {
         return;
     }
-    let text = format!(
-        "ERR PostgreSQL did not answer within {} ms (quota.pg-timeout-ms); the outcome of a \
-         write is unknown: retry it (a PURCHASE id makes a retried grant safe)",
-        config::int(&config::PG_TIMEOUT_MS)
-    );
-    ctx.reply().error(&text);
+    error::reply_timed_out(ctx);
 }

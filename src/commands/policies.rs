@@ -6,7 +6,8 @@
 //! `GET` answers from the policy cache and waits only on a miss, like `QUOTA.GET`.
 
 use super::credits::on_worker;
-use super::{block_timeout_ms, fail, parse, reply_undone};
+use super::error::{fail, reply_undone, CANNOT_BLOCK, CANNOT_REREAD};
+use super::parse;
 use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
@@ -15,6 +16,7 @@ use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
 use crate::runtime::cache::{self, PolicyWaiter};
 use crate::runtime::clock;
+use crate::runtime::config;
 use crate::runtime::jobs::{Done, Job, OwnedPolicy};
 use crate::runtime::worker;
 use parse::PolicyArgs;
@@ -85,7 +87,7 @@ fn get(ctx: Ctx, id: &PolicyId<'_>) {
         }
         Lookup::Miss { load } => {
             if ctx.can_block() {
-                match Blocked::block(ctx, block_timeout_ms()) {
+                match Blocked::block(ctx, config::block_timeout_ms()) {
                     Some(client) => {
                         let waiter = PolicyWaiter { client, then: None };
                         if let Err(waiter) = cache.add_waiter(&key, waiter) {
@@ -93,7 +95,7 @@ fn get(ctx: Ctx, id: &PolicyId<'_>) {
                         }
                     }
                     None => {
-                        ctx.reply().error("ERR cannot block this client");
+                        ctx.reply().error(CANNOT_BLOCK);
                     }
                 }
             } else {
@@ -156,8 +158,7 @@ fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
 /// Replies `QUOTA.POLICY` once its worker is done.
 pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
     let Ok(parsed) = parse::policy(args) else {
-        ctx.reply()
-            .error("ERR internal: cannot re-read the command");
+        ctx.reply().error(CANNOT_REREAD);
         return;
     };
     match (parsed, done) {

@@ -13,6 +13,7 @@ use ahash::RandomState;
 use indexmap::IndexMap;
 
 use super::credit::Replenishment;
+use super::policy::CachedPolicy;
 use super::Millis;
 
 /// A user key, stored inline in the map for the usual sizes (one memory access less per lookup).
@@ -31,6 +32,13 @@ pub trait CacheValue {
 impl CacheValue for UserCredits {
     fn is_negative(&self) -> bool {
         self.is_empty()
+    }
+}
+
+/// A named policy's entry: `None` is "no such policy".
+impl CacheValue for CachedPolicy {
+    fn is_negative(&self) -> bool {
+        self.is_none()
     }
 }
 

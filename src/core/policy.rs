@@ -143,12 +143,6 @@ impl Limits {
 /// (a negative answer, cached for the negative TTL).
 pub type CachedPolicy = Option<Limits>;
 
-impl super::cache::CacheValue for CachedPolicy {
-    fn is_negative(&self) -> bool {
-        self.is_none()
-    }
-}
-
 /// A named policy as stored in PostgreSQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRecord {

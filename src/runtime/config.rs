@@ -345,6 +345,11 @@ pub fn credentials() -> crate::store::Credentials {
     }
 }
 
+/// How long a client waits on Postgres before its timeout callback answers.
+pub fn block_timeout_ms() -> i64 {
+    int(&PG_TIMEOUT_MS).max(1) + 250
+}
+
 /// Reads an integer option.
 pub fn int(option: &AtomicI64) -> i64 {
     option.load(Ordering::Relaxed)

@@ -14,7 +14,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use serde::Deserialize;
 
-use super::describe;
+use super::error::describe;
 use super::passfile::Credentials;
 use super::pool::{apply_credentials, bounded_timeout, connection_config, scrub, secret_of};
 use super::schema::{channel, validate_schema};
@@ -276,7 +276,7 @@ fn session(
                     if let ListenerEvent::Changed { own, .. }
                     | ListenerEvent::PolicyChanged { own, .. } = &mut event
                     {
-                        *own = super::is_own_backend(note.process_id());
+                        *own = super::error::is_own_backend(note.process_id());
                     }
                     emit(on_event, event);
                 }

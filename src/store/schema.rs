@@ -7,7 +7,7 @@
 use postgres::types::Type;
 use postgres::Client;
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// The schema name written in the SQL scripts; every occurrence is replaced by the configured one.
 pub(crate) const PLACEHOLDER: &str = "control_plane";
