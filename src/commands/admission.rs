@@ -57,17 +57,17 @@ fn pick(rows: &[Replenishment], bundle: &str, now: Millis) -> (Option<Additional
 }
 
 /// `QUOTA.ADMIT`.
-pub fn admit(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) {
     admit_with(ctx, args, Credits::Cache);
 }
 
 /// `QUOTA.ADMIT` after its load finished.
-pub fn admit_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
+pub(crate) fn admit_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
     admit_with(ctx, args, Credits::Loaded(done));
 }
 
 /// `QUOTA.ADMIT` whose load did not finish in time.
-pub fn admit_timed_out(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn admit_timed_out(ctx: Ctx, args: &[&[u8]]) {
     admit_with(ctx, args, Credits::TimedOut);
 }
 
@@ -483,7 +483,7 @@ fn update<T>(
 }
 
 /// `QUOTA.COMMIT`: records used tokens and settles the lease.
-pub fn commit(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) {
     let parsed = match parse::commit(args) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -526,7 +526,7 @@ pub fn commit(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.RELEASE`: undoes an admission held by a lease.
-pub fn release(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn release(ctx: Ctx, args: &[&[u8]]) {
     let (account, lease) = match parse::release(args) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -550,7 +550,7 @@ pub fn release(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.USAGE`: a read-only snapshot.
-pub fn usage(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn usage(ctx: Ctx, args: &[&[u8]]) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -569,7 +569,7 @@ pub fn usage(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.RESET`: forgets the account's counters, leases and reservations.
-pub fn reset(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn reset(ctx: Ctx, args: &[&[u8]]) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -598,7 +598,7 @@ fn encoded(effect: Effect<'_>) -> Propagate {
 /// Whether this call comes from the master link or the AOF; else replies that `name` is
 /// internal.
 fn internal(ctx: Ctx, name: &str) -> bool {
-    if !ctx.from_master_or_aof() {
+    if !ctx.called_by_master_or_aof() {
         ctx.reply().error(&format!(
             "ERR {name} is internal: it is only accepted from a master or the AOF"
         ));
@@ -608,7 +608,7 @@ fn internal(ctx: Ctx, name: &str) -> bool {
 }
 
 /// `QUOTA.APPLY <key> <effect>`: applies a replicated or AOF effect. Refused from clients.
-pub fn apply(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn apply(ctx: Ctx, args: &[&[u8]]) {
     if !internal(ctx, "QUOTA.APPLY") {
         return;
     }
@@ -649,7 +649,7 @@ pub fn apply(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.SETSTATE <key> <state>`: applies a replicated or AOF state. Refused from clients.
-pub fn setstate(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn setstate(ctx: Ctx, args: &[&[u8]]) {
     if !internal(ctx, "QUOTA.SETSTATE") {
         return;
     }

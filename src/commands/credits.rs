@@ -77,7 +77,7 @@ pub(super) fn on_worker(ctx: Ctx, args: &[&[u8]], make: impl FnOnce(Blocked<Done
 }
 
 /// `QUOTA.GRANT`: upsert in Postgres on a worker.
-pub fn grant(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn grant(ctx: Ctx, args: &[&[u8]]) {
     let now = clock::now_ms();
     match parse::grant(args, now) {
         Ok(parsed) => on_worker(ctx, args, |client| Job::Grant {
@@ -92,7 +92,7 @@ pub fn grant(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.REVOKE`: soft delete on a worker.
-pub fn revoke(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn revoke(ctx: Ctx, args: &[&[u8]]) {
     match parse::account_only(args) {
         Ok(account) => on_worker(ctx, args, |client| Job::Revoke {
             user: OwnedUser::from_id(&account.user),
@@ -104,7 +104,7 @@ pub fn revoke(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
-pub fn list(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn list(ctx: Ctx, args: &[&[u8]]) {
     match parse::list(args) {
         Ok((user, all)) => on_worker(ctx, args, |client| Job::List {
             user: OwnedUser::from_id(&user),
@@ -116,7 +116,7 @@ pub fn list(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
-pub fn cleanup(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn cleanup(ctx: Ctx, args: &[&[u8]]) {
     if args.len() != 1 {
         return fail(ctx, args, parse::ParseError::Arity);
     }
@@ -126,7 +126,7 @@ pub fn cleanup(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
-pub fn invalidate(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn invalidate(ctx: Ctx, args: &[&[u8]]) {
     let user = match parse::user_only(args) {
         Ok(u) => u,
         Err(e) => return fail(ctx, args, e),
@@ -137,7 +137,7 @@ pub fn invalidate(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
-pub fn get(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -196,7 +196,7 @@ pub fn get(ctx: Ctx, args: &[&[u8]]) {
 }
 
 /// `QUOTA.GET` after its load finished.
-pub fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
+pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
     let account = match parse::account_only(args) {
         Ok(a) => a,
         Err(e) => return fail(ctx, args, e),
@@ -226,7 +226,7 @@ fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
 }
 
 /// Replies GRANT, REVOKE, LIST and CLEANUP once their worker is done.
-pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
+pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
     match done {
         Done::Grant(Ok(outcome)) => {
             // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).

@@ -5,11 +5,11 @@
 //! RELEASE, USAGE, RESET and the internal APPLY and SETSTATE). Every entry point runs inside
 //! `ffi::blocked::guard`, so a panic becomes an error reply instead of aborting Redis.
 
-pub mod admission;
-pub mod credits;
+pub(crate) mod admission;
+pub(crate) mod credits;
 mod error;
-pub mod parse;
-pub mod policies;
+pub(crate) mod parse;
+pub(crate) mod policies;
 
 use crate::ffi::blocked::Resumable;
 use crate::ffi::ctx::Ctx;

@@ -38,7 +38,7 @@ fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
 }
 
 /// `QUOTA.POLICY ...`.
-pub fn policy(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) {
     let parsed = match parse::policy(args) {
         Ok(p) => p,
         Err(e) => return fail(ctx, args, e),
@@ -156,7 +156,7 @@ fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
 }
 
 /// Replies `QUOTA.POLICY` once its worker is done.
-pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
+pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
     let Ok(parsed) = parse::policy(args) else {
         ctx.reply().error(CANNOT_REREAD);
         return;
@@ -199,7 +199,7 @@ pub fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
 }
 
 /// `QUOTA.POLICY` whose wait for PostgreSQL ran out.
-pub fn timed_out(ctx: Ctx, args: &[&[u8]]) -> bool {
+pub(crate) fn timed_out(ctx: Ctx, args: &[&[u8]]) -> bool {
     match parse::policy(args) {
         Ok(PolicyArgs::Get(id)) => {
             ctx.reply().error(&unavailable(id.name));

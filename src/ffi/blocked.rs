@@ -19,7 +19,7 @@ use super::ctx::Ctx;
 
 /// The outcome a blocked client waits for, and how the command finishes with it on the main
 /// thread.
-pub trait Resumable: Send + Sized + 'static {
+pub(crate) trait Resumable: Send + Sized + 'static {
     /// The outcome of a client finished without one (shutdown, a full queue, a bug).
     fn dropped() -> Self;
     /// Finishes the command with its outcome (main thread, the client's own context).
@@ -29,7 +29,7 @@ pub trait Resumable: Send + Sized + 'static {
 }
 
 /// A client blocked until a worker finishes its job with an outcome `T`.
-pub struct Blocked<T: Resumable> {
+pub(crate) struct Blocked<T: Resumable> {
     bc: *mut raw::RedisModuleBlockedClient,
     outcome: PhantomData<fn(T)>,
 }
@@ -39,7 +39,7 @@ unsafe impl<T: Resumable> Send for Blocked<T> {}
 
 impl<T: Resumable> Blocked<T> {
     /// Blocks the calling client for at most `timeout_ms`; `None` if Redis refused.
-    pub fn block(ctx: Ctx, timeout_ms: i64) -> Option<Blocked<T>> {
+    pub(crate) fn block(ctx: Ctx, timeout_ms: i64) -> Option<Blocked<T>> {
         let bc = unsafe {
             let f = raw::RedisModule_BlockClient?;
             f(
@@ -61,7 +61,7 @@ impl<T: Resumable> Blocked<T> {
     }
 
     /// Hands the outcome to the main thread, which replies from `on_reply`.
-    pub fn finish(mut self, done: T) {
+    pub(crate) fn finish(mut self, done: T) {
         self.unblock(done);
     }
 
@@ -86,13 +86,13 @@ impl<T: Resumable> Drop for Blocked<T> {
 }
 
 /// A command's arguments (on the stack for any usual command).
-pub type Args<'a> = smallvec::SmallVec<[&'a [u8]; 24]>;
+pub(crate) type Args<'a> = smallvec::SmallVec<[&'a [u8]; 24]>;
 
 /// Decodes a command's arguments into byte slices that live as long as the call.
 ///
 /// # Safety
 /// `argv` must point to `argc` valid Redis strings for the duration of the returned borrow.
-pub unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_int) -> Args<'a> {
+pub(crate) unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_int) -> Args<'a> {
     let n = usize::try_from(argc).unwrap_or(0);
     let mut out = Args::with_capacity(n);
     let Some(ptr_len) = (unsafe { raw::RedisModule_StringPtrLen }) else {
@@ -112,7 +112,7 @@ pub unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_int) -> A
 }
 
 /// Runs a command body, turning a panic into an error reply.
-pub fn guard(ctx: Ctx, body: impl FnOnce()) {
+pub(crate) fn guard(ctx: Ctx, body: impl FnOnce()) {
     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
         redis_module::logging::log_warning("quota: internal error in a command (panic caught)");
         ctx.reply()

@@ -11,7 +11,7 @@ use super::reply::Reply;
 
 /// The context of one command call (main thread, GIL held).
 #[derive(Clone, Copy)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     raw: *mut raw::RedisModuleCtx,
 }
 
@@ -30,7 +30,7 @@ impl Ctx {
 
     /// A reply writer for this call.
     #[inline]
-    pub fn reply(self) -> Reply {
+    pub(crate) fn reply(self) -> Reply {
         Reply::new(self.raw)
     }
 
@@ -42,20 +42,20 @@ impl Ctx {
 
     /// Whether this client may be blocked (not inside MULTI, a script or a function).
     #[inline]
-    pub fn can_block(self) -> bool {
+    pub(crate) fn can_block(self) -> bool {
         self.flags() & raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING as c_int == 0
     }
 
     /// Whether this call comes from the master link or an AOF load.
     #[inline]
-    pub fn from_master_or_aof(self) -> bool {
+    pub(crate) fn called_by_master_or_aof(self) -> bool {
         let allowed =
             (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
         self.flags() & allowed != 0
     }
 
     /// Propagates the command as it was called to replicas and the AOF.
-    pub fn replicate_verbatim(self) {
+    pub(crate) fn replicate_verbatim(self) {
         unsafe {
             if let Some(f) = raw::RedisModule_ReplicateVerbatim {
                 f(self.raw);
@@ -64,7 +64,7 @@ impl Ctx {
     }
 
     /// Propagates `<command> <a> <b> <c>` to replicas and the AOF.
-    pub fn replicate3(self, command: &CStr, [a, b, c]: [&[u8]; 3]) {
+    pub(crate) fn replicate3(self, command: &CStr, [a, b, c]: [&[u8]; 3]) {
         unsafe {
             if let Some(f) = raw::RedisModule_Replicate {
                 f(
@@ -83,7 +83,7 @@ impl Ctx {
     }
 
     /// Propagates `<command> <sub> <a> <b> <c>` to replicas and the AOF.
-    pub fn replicate_sub3(self, command: &CStr, sub: &CStr, [a, b, c]: [&[u8]; 3]) {
+    pub(crate) fn replicate_sub3(self, command: &CStr, sub: &CStr, [a, b, c]: [&[u8]; 3]) {
         unsafe {
             if let Some(f) = raw::RedisModule_Replicate {
                 f(

@@ -5,11 +5,11 @@
 //! Every `unsafe` block of the module lives here or in `lib.rs` registration. Nothing here
 //! names a command's handler: commands plug in through `Resumable` and `entry!`.
 
-pub mod account_type;
-pub mod blocked;
-pub mod command_info;
-pub mod ctx;
-pub mod load_args;
-pub mod propagation;
-pub mod reply;
-pub mod secret_filter;
+pub(crate) mod account_type;
+pub(crate) mod blocked;
+pub(crate) mod command_info;
+pub(crate) mod ctx;
+pub(crate) mod load_args;
+pub(crate) mod propagation;
+pub(crate) mod reply;
+pub(crate) mod secret_filter;

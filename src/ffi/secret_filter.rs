@@ -16,12 +16,12 @@ use redis_module::raw;
 use super::ctx::Ctx;
 
 /// Given a setting's name and value, the placeholder to show instead, if it is a secret.
-pub type Hide = fn(name: &[u8], value: &[u8]) -> Option<String>;
+pub(crate) type Hide = fn(name: &[u8], value: &[u8]) -> Option<String>;
 
 static HIDE: OnceLock<Hide> = OnceLock::new();
 
 /// Registers the filter (once, at load), replacing the values `hide` hides.
-pub fn register(ctx: Ctx, hide: Hide) {
+pub(crate) fn register(ctx: Ctx, hide: Hide) {
     // Always the same function: a second load in this process keeps the first.
     let _ = HIDE.set(hide);
     unsafe {

@@ -16,7 +16,7 @@ use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
 
 /// How long a user whose load failed is decided without credits before Postgres is tried again.
-pub const RETRY_AFTER_FAILURE_MS: Millis = 1000;
+pub(crate) const RETRY_AFTER_FAILURE_MS: Millis = 1000;
 
 static CACHE: LazyLock<Mutex<CreditCache<Blocked<Done>>>> =
     LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
@@ -26,7 +26,7 @@ static CACHE_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The credits cache, locked (recovers from a poisoned lock: the data stays consistent per
 /// call). Releasing it publishes the cache's epoch for `cache_epoch`.
-pub fn cache() -> CacheGuard {
+pub(crate) fn cache() -> CacheGuard {
     CacheGuard(
         CACHE
             .lock()
@@ -38,12 +38,12 @@ pub fn cache() -> CacheGuard {
 /// `CreditMemo`) is still what the cache would answer. A change made under the lock shows
 /// here once the lock is released, so before anything that follows the change (such as the
 /// reply to the `QUOTA.GRANT` that made it) can happen.
-pub fn cache_epoch() -> u64 {
+pub(crate) fn cache_epoch() -> u64 {
     CACHE_EPOCH.load(Ordering::Acquire)
 }
 
 /// The locked cache.
-pub struct CacheGuard(MutexGuard<'static, CreditCache<Blocked<Done>>>);
+pub(crate) struct CacheGuard(MutexGuard<'static, CreditCache<Blocked<Done>>>);
 
 impl std::ops::Deref for CacheGuard {
     type Target = CreditCache<Blocked<Done>>;
@@ -68,14 +68,14 @@ impl Drop for CacheGuard {
 /// A client waiting on a named policy's load. `then` is the user whose credits its command
 /// needs next: once the policy is in, the worker moves the client onto that user's credit
 /// load when those are not cached either, so the client is answered once, with both known.
-pub struct PolicyWaiter {
+pub(crate) struct PolicyWaiter {
     pub client: Blocked<Done>,
     pub then: Option<(Box<[u8]>, OwnedUser)>,
 }
 
 /// The named-policy cache: same rules, TTLs and bound as the credits cache, one entry per
 /// (tenant, project, name), "no such policy" cached as a negative entry.
-pub type PolicyCache = CreditCache<PolicyWaiter, CachedPolicy>;
+pub(crate) type PolicyCache = CreditCache<PolicyWaiter, CachedPolicy>;
 
 static POLICIES: LazyLock<Mutex<PolicyCache>> =
     LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
@@ -85,7 +85,7 @@ static POLICY_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The policy cache, locked (recovers from a poisoned lock). Never held together with the
 /// credits cache's lock. Releasing it publishes the cache's epoch for `remembered_policy`.
-pub fn policies() -> PolicyGuard {
+pub(crate) fn policies() -> PolicyGuard {
     PolicyGuard(
         POLICIES
             .lock()
@@ -94,7 +94,7 @@ pub fn policies() -> PolicyGuard {
 }
 
 /// The locked policy cache.
-pub struct PolicyGuard(MutexGuard<'static, PolicyCache>);
+pub(crate) struct PolicyGuard(MutexGuard<'static, PolicyCache>);
 
 impl std::ops::Deref for PolicyGuard {
     type Target = PolicyCache;
@@ -147,7 +147,7 @@ thread_local! {
 
 /// The policy remembered for `id`, if the policy cache has not changed since and its entry is
 /// still fresh (what a lookup would answer, without the lookup).
-pub fn remembered_policy(id: &PolicyId<'_>, now: Millis) -> Option<CachedPolicy> {
+pub(crate) fn remembered_policy(id: &PolicyId<'_>, now: Millis) -> Option<CachedPolicy> {
     let epoch = POLICY_EPOCH.load(Ordering::Acquire);
     POLICY_MEMOS.with(|memos| {
         let memos = memos.try_borrow().ok()?;
@@ -161,7 +161,7 @@ pub fn remembered_policy(id: &PolicyId<'_>, now: Millis) -> Option<CachedPolicy>
 }
 
 /// Remembers what a fresh policy-cache entry held at `epoch` (see `remembered_policy`).
-pub fn remember_policy(
+pub(crate) fn remember_policy(
     id: &PolicyId<'_>,
     found: CachedPolicy,
     epoch: u64,
@@ -196,7 +196,7 @@ pub fn remember_policy(
 }
 
 /// The cache tunables from the configuration.
-pub fn cache_config() -> CacheConfig {
+pub(crate) fn cache_config() -> CacheConfig {
     CacheConfig {
         ttl_ms: config::int(&config::CACHE_TTL_MS).max(0),
         negative_ttl_ms: config::int(&config::NEGATIVE_TTL_MS).max(0),

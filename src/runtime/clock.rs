@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::core::Millis;
 
 /// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> Millis {
+pub(crate) fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -22,7 +22,7 @@ static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
 static LEASE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A new lease id, unique across this process and (by its seed) across restarts.
-pub fn new_lease_id() -> u64 {
+pub(crate) fn new_lease_id() -> u64 {
     let n = LEASE_COUNTER.fetch_add(1, Ordering::Relaxed);
     // SplitMix64 over seed + counter: distinct counters give distinct ids.
     let mut z = LEASE_SEED.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -7,13 +7,13 @@ use crate::core::ids::{PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
-pub use crate::store::StoreError;
+pub(crate) use crate::store::StoreError;
 use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome};
 
 /// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
 /// private data), so the size of its variants does not matter.
 #[allow(clippy::large_enum_variant)]
-pub enum Done {
+pub(crate) enum Done {
     /// The user's rows (for `ADMIT` and `GET` after a miss).
     Loaded(Result<Credits, StoreError>),
     Grant(Result<GrantOutcome, StoreError>),
@@ -33,7 +33,7 @@ pub enum Done {
 
 /// A user's ids, owned so they can cross to a worker thread.
 #[derive(Debug, Clone)]
-pub struct OwnedUser {
+pub(crate) struct OwnedUser {
     pub tenant: String,
     pub project: String,
     pub user: String,
@@ -41,7 +41,7 @@ pub struct OwnedUser {
 
 impl OwnedUser {
     /// Copies the ids.
-    pub fn from_id(id: &UserId<'_>) -> OwnedUser {
+    pub(crate) fn from_id(id: &UserId<'_>) -> OwnedUser {
         OwnedUser {
             tenant: id.tenant.into(),
             project: id.project.into(),
@@ -50,7 +50,7 @@ impl OwnedUser {
     }
 
     /// Borrows them back.
-    pub fn id(&self) -> UserId<'_> {
+    pub(crate) fn id(&self) -> UserId<'_> {
         UserId {
             tenant: &self.tenant,
             project: &self.project,
@@ -61,7 +61,7 @@ impl OwnedUser {
 
 /// A policy's ids, owned so they can cross to a worker thread.
 #[derive(Debug, Clone)]
-pub struct OwnedPolicy {
+pub(crate) struct OwnedPolicy {
     pub tenant: String,
     pub project: String,
     pub name: String,
@@ -69,7 +69,7 @@ pub struct OwnedPolicy {
 
 impl OwnedPolicy {
     /// Copies the ids.
-    pub fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
+    pub(crate) fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
         OwnedPolicy {
             tenant: id.tenant.into(),
             project: id.project.into(),
@@ -78,7 +78,7 @@ impl OwnedPolicy {
     }
 
     /// Borrows them back.
-    pub fn id(&self) -> PolicyId<'_> {
+    pub(crate) fn id(&self) -> PolicyId<'_> {
         PolicyId {
             tenant: &self.tenant,
             project: &self.project,
@@ -88,14 +88,14 @@ impl OwnedPolicy {
 }
 
 /// Load a user's rows into the cache and answer the flight's waiters.
-pub struct LoadJob {
+pub(crate) struct LoadJob {
     pub(crate) key: Box<[u8]>,
     pub(crate) user: OwnedUser,
     pub(crate) flight: u64,
 }
 
 /// One unit of Postgres work.
-pub enum Job {
+pub(crate) enum Job {
     /// Load a user's rows into the cache and answer the flight's waiters.
     Load(LoadJob),
     Grant {
@@ -139,7 +139,7 @@ pub enum Job {
 
 impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
-    pub fn into_client(self) -> Option<Blocked<Done>> {
+    pub(crate) fn into_client(self) -> Option<Blocked<Done>> {
         match self {
             Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
             Job::Grant { client, .. }

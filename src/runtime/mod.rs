@@ -3,19 +3,19 @@
 //! It runs Postgres work through `store` and answers blocked clients through `ffi`; it never
 //! names a command.
 
-pub mod cache;
-pub mod clock;
-pub mod config;
-pub mod jobs;
-pub mod notify;
-pub mod stats;
-pub mod worker;
+pub(crate) mod cache;
+pub(crate) mod clock;
+pub(crate) mod config;
+pub(crate) mod jobs;
+pub(crate) mod notify;
+pub(crate) mod stats;
+pub(crate) mod worker;
 
 use cache::{cache, cache_config, policies};
 use notify::restart_listener;
 
 /// Applies a changed option (the name with or without the `quota.` prefix).
-pub fn reconfigure(name: &str) {
+pub(crate) fn reconfigure(name: &str) {
     if !worker::is_running() {
         return; // still loading: `init` applies everything once.
     }

@@ -10,14 +10,14 @@ use crate::core::ids::{PolicyId, UserId};
 use crate::store::listener::{Listener, ListenerEvent};
 
 /// NOTIFY listener state, for `INFO quota`.
-pub static NOTIFY_STATE: AtomicU8 = AtomicU8::new(NOTIFY_OFF);
-pub const NOTIFY_OFF: u8 = 0;
-pub const NOTIFY_CONNECTING: u8 = 1;
-pub const NOTIFY_LISTENING: u8 = 2;
-pub const NOTIFY_DISCONNECTED: u8 = 3;
+pub(crate) static NOTIFY_STATE: AtomicU8 = AtomicU8::new(NOTIFY_OFF);
+pub(crate) const NOTIFY_OFF: u8 = 0;
+pub(crate) const NOTIFY_CONNECTING: u8 = 1;
+pub(crate) const NOTIFY_LISTENING: u8 = 2;
+pub(crate) const NOTIFY_DISCONNECTED: u8 = 3;
 
 /// The state's name for `INFO quota`.
-pub fn notify_state_name() -> &'static str {
+pub(crate) fn notify_state_name() -> &'static str {
     match NOTIFY_STATE.load(Ordering::Relaxed) {
         NOTIFY_CONNECTING => "connecting",
         NOTIFY_LISTENING => "listening",
@@ -31,7 +31,7 @@ static LISTENER: Mutex<Option<Listener>> = Mutex::new(None);
 /// (Re)starts the NOTIFY listener from the configuration, or stops it when `quota.notify` is
 /// off or no `quota.pg-url` is set. The old listener is stopped on a thread of its own so the
 /// caller (the Redis main thread) never waits for it.
-pub fn restart_listener() {
+pub(crate) fn restart_listener() {
     let old = LISTENER.lock().ok().and_then(|mut l| l.take());
     if let Some(old) = old {
         let _ = std::thread::Builder::new()
@@ -117,7 +117,7 @@ pub fn restart_listener() {
 }
 
 /// Stops the listener and waits for it (module unload and shutdown only).
-pub fn stop_listener() {
+pub(crate) fn stop_listener() {
     let old = LISTENER.lock().ok().and_then(|mut l| l.take());
     if let Some(old) = old {
         old.stop();

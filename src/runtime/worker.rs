@@ -32,7 +32,7 @@ const LOAD_BATCH: usize = 64;
 
 /// Queues a user load for a flight the cache started; if the queue is full the flight is
 /// dropped and its waiters are answered `BUSY`.
-pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
+pub(crate) fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
     let job = Job::Load(LoadJob {
         key: user_key.into(),
         user: OwnedUser::from_id(user),
@@ -48,7 +48,7 @@ pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
 
 /// Queues a policy load for a flight the policy cache started; if the queue is full the flight
 /// is dropped and its waiters are answered `BUSY`.
-pub fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
+pub(crate) fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
     let job = Job::LoadPolicy {
         policy: OwnedPolicy::from_id(policy),
         flight,
@@ -62,7 +62,7 @@ pub fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
 }
 
 /// Queues a job that answers a blocked client; answers it `BUSY` when the queue is full.
-pub fn submit_or_busy(job: Job) {
+pub(crate) fn submit_or_busy(job: Job) {
     if let Err(job) = submit(job) {
         if let Some(client) = job.into_client() {
             client.finish(Done::Busy);
@@ -85,7 +85,7 @@ static DEPLOY_QUEUED: AtomicBool = AtomicBool::new(false);
 /// is known to be deployed or a deploy is already queued. Never blocks: called at load, after
 /// the listener (re)connects, after a change of `quota.pg-url` or `quota.schema`, and every
 /// second while the schema is not known to be there.
-pub fn deploy_soon() {
+pub(crate) fn deploy_soon() {
     let wanted = config::flag(&config::AUTO_DEPLOY)
         && backend().is_some_and(|b| !b.deployed.load(Ordering::Acquire));
     if wanted && !DEPLOY_QUEUED.swap(true, Ordering::AcqRel) && submit(Job::Deploy).is_err() {
@@ -95,7 +95,7 @@ pub fn deploy_soon() {
 
 /// PostgreSQL is reachable again after an outage: it may have lost the schema (a restored
 /// backup, a replacement server), so deploy again.
-pub fn redeploy() {
+pub(crate) fn redeploy() {
     if let Some(backend) = backend() {
         backend.deployed.store(false, Ordering::Release);
     }
@@ -108,12 +108,12 @@ static THREADS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// Whether the pool has been started.
-pub fn is_running() -> bool {
+pub(crate) fn is_running() -> bool {
     SENDER.get().is_some() && !STOPPING.load(Ordering::Relaxed)
 }
 
 /// Starts `threads` workers over a queue of `queue_max` jobs, and builds the store.
-pub fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
+pub(crate) fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
     rebuild_backend();
     let (tx, rx) = bounded::<Job>(queue_max.max(1));
     let mut handles = Vec::with_capacity(threads);
@@ -134,7 +134,7 @@ pub fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
 
 /// Stops the workers: queued jobs are answered with `Done::Dropped`; waits up to `wait` for
 /// the threads (one stuck in a Postgres call is left to finish on its own).
-pub fn stop(wait: Duration) {
+pub(crate) fn stop(wait: Duration) {
     STOPPING.store(true, Ordering::Relaxed);
     for waiter in cache::cache().take_all_waiters() {
         waiter.finish(Done::Dropped);
@@ -158,7 +158,7 @@ pub fn stop(wait: Duration) {
 }
 
 /// Queues a job without blocking; gives it back when the queue is full or stopped.
-pub fn submit(job: Job) -> Result<(), Job> {
+pub(crate) fn submit(job: Job) -> Result<(), Job> {
     if STOPPING.load(Ordering::Relaxed) {
         return Err(job);
     }
@@ -175,17 +175,17 @@ pub fn submit(job: Job) -> Result<(), Job> {
 }
 
 /// Jobs waiting in the queue.
-pub fn queue_depth() -> usize {
+pub(crate) fn queue_depth() -> usize {
     SENDER.get().map_or(0, Sender::len)
 }
 
 /// Postgres connections open and idle, if a store is configured.
-pub fn pool_state() -> (u32, u32) {
+pub(crate) fn pool_state() -> (u32, u32) {
     backend().map_or((0, 0), |b| b.store.pool_state())
 }
 
 /// Rebuilds the store from the configuration (never touches the network).
-pub fn rebuild_backend() {
+pub(crate) fn rebuild_backend() {
     let cfg = StoreConfig {
         url: config::text(&config::PG_URL),
         credentials: config::credentials(),

@@ -23,7 +23,7 @@ pub(super) fn remember_own_backend(pid: i32) {
 }
 
 /// Whether a notification came from one of this process's own pool connections.
-pub fn is_own_backend(pid: i32) -> bool {
+pub(crate) fn is_own_backend(pid: i32) -> bool {
     OWN_BACKENDS
         .lock()
         .map(|pids| pids.contains(&pid))
@@ -33,7 +33,7 @@ pub fn is_own_backend(pid: i32) -> bool {
 /// Why a store operation failed. `Display` is the exact one-line wire error; no message ever
 /// contains the connection URL or the password.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// `quota.pg-url` is empty.
     NotConfigured,
     /// A setting cannot work (bad URL, schema name, zero timeout or pool size).
@@ -54,7 +54,7 @@ impl StoreError {
     /// Whether PostgreSQL could not be used at all (not configured, unreachable, too slow), as
     /// opposed to refusing this particular request. Admission falls back to the base policy on
     /// these.
-    pub fn is_unavailable(&self) -> bool {
+    pub(crate) fn is_unavailable(&self) -> bool {
         matches!(
             self,
             StoreError::Unavailable(_) | StoreError::Timeout | StoreError::NotConfigured
@@ -157,7 +157,7 @@ impl std::error::Error for StoreError {}
 
 /// What `QUOTA.GRANT` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrantOutcome {
+pub(crate) struct GrantOutcome {
     /// The row as committed; on a duplicate purchase id, the row as it is now (`None` if the
     /// user has no row for that bundle).
     pub record: Option<Replenishment>,
@@ -170,7 +170,7 @@ pub struct GrantOutcome {
 
 /// What `QUOTA.REVOKE` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevokeOutcome {
+pub(crate) struct RevokeOutcome {
     /// An active row was deactivated.
     pub revoked: bool,
     /// Every active row of the user afterwards, by bundle: the cache entry to write through.
@@ -179,7 +179,7 @@ pub struct RevokeOutcome {
 
 /// What `QUOTA.CLEANUP` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CleanupOutcome {
+pub(crate) struct CleanupOutcome {
     /// How many expired rows were deactivated.
     pub deactivated: u64,
     /// The distinct users (tenant, project, user) whose rows changed, sorted: their cache

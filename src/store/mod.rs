@@ -6,7 +6,7 @@
 //! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
-pub mod listener;
+pub(crate) mod listener;
 mod passfile;
 mod policies;
 mod pool;
@@ -25,15 +25,14 @@ use crate::core::Millis;
 
 mod error;
 
-pub use error::{is_own_backend, CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
-pub use listener::{Listener, ListenerEvent};
-pub use passfile::Credentials;
+pub(crate) use error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
+pub(crate) use passfile::Credentials;
 
-pub use schema::{validate_schema, MAX_SCHEMA_LEN};
+pub(crate) use schema::validate_schema;
 
 /// Checks that `url` parses as a PostgreSQL URL or key=value string (empty = not configured).
 /// The error never quotes the URL.
-pub fn validate_url(url: &str) -> Result<(), StoreError> {
+pub(crate) fn validate_url(url: &str) -> Result<(), StoreError> {
     if url.is_empty() {
         return Ok(());
     }
@@ -41,7 +40,7 @@ pub fn validate_url(url: &str) -> Result<(), StoreError> {
 }
 
 /// The password a URL or key=value string carries, if any (decoded, as PostgreSQL gets it).
-pub fn url_password(url: &str) -> Option<String> {
+pub(crate) fn url_password(url: &str) -> Option<String> {
     let config = pool::connection_config(url, 1000, "redis-quota").ok()?;
     config
         .get_password()
@@ -50,7 +49,7 @@ pub fn url_password(url: &str) -> Option<String> {
 
 /// How to reach PostgreSQL (from the `quota.*` module configuration).
 #[derive(Clone)]
-pub struct StoreConfig {
+pub(crate) struct StoreConfig {
     /// `quota.pg-url`: a `postgres://` URL or a `key=value` connection string. Secret.
     pub url: String,
     /// The password when the URL has none (`quota.pg-password`, `quota.pg-passfile`).
@@ -87,7 +86,7 @@ impl fmt::Debug for StoreConfig {
 /// The PostgreSQL side of the module: a pool of connections and the statements run on it.
 /// `Send + Sync`; share it in an `Arc`. Every method blocks on the network, so call them from
 /// worker threads only.
-pub struct Store {
+pub(crate) struct Store {
     pool: pool::PgPool,
     schema: String,
     sql: queries::Statements,
@@ -99,7 +98,7 @@ impl Store {
     /// Prepares the pool without touching the network (connections open on first use).
     /// Fails on an empty URL (`NotConfigured`), an unparsable URL, a bad schema name, or a zero
     /// timeout or pool size (`BadConfig`).
-    pub fn new(cfg: &StoreConfig) -> Result<Store, StoreError> {
+    pub(crate) fn new(cfg: &StoreConfig) -> Result<Store, StoreError> {
         if cfg.url.trim().is_empty() {
             return Err(StoreError::NotConfigured);
         }
@@ -127,21 +126,24 @@ impl Store {
     /// Creates or completes the schema (`sql/deploy-control-plane.sql` with the schema name
     /// substituted) in one transaction, under an advisory lock so that nodes deploying at the
     /// same time wait for each other instead of failing.
-    pub fn deploy(&self) -> Result<(), StoreError> {
+    pub(crate) fn deploy(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.checkout()?;
         schema::deploy(&mut conn, &self.schema, self.timeout_ms)
     }
 
     /// All active rows of the user, any bundle, by bundle id; expired ones included (the core
     /// checks expiry when it reads). What the credits cache holds for the user.
-    pub fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
+    pub(crate) fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::active_rows(&mut *conn, &self.sql, user)
     }
 
     /// The active rows of several users in one query, in the order of `users` (what a burst of
     /// cold users costs: one round trip instead of one each).
-    pub fn load_users(&self, users: &[UserId]) -> Result<Vec<Vec<Replenishment>>, StoreError> {
+    pub(crate) fn load_users(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<Vec<Replenishment>>, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::active_rows_many(&mut *conn, &self.sql, users)
     }
@@ -150,7 +152,7 @@ impl Store {
     /// new values from the current ones (`GrantRequest::apply`), writes them, records the event.
     /// A purchase id already recorded for the (tenant, project) writes nothing and returns
     /// `duplicate` with the current row.
-    pub fn grant(
+    pub(crate) fn grant(
         &self,
         user: &UserId,
         bundle: &str,
@@ -162,51 +164,55 @@ impl Store {
     }
 
     /// Soft-deletes (user, bundle) and records a `revoke` event if it was active.
-    pub fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
+    pub(crate) fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::revoke(&mut conn, &self.sql, user, bundle)
     }
 
     /// The user's rows by bundle id: active and unexpired ones (by the database clock), or every
     /// row with `all`.
-    pub fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
+    pub(crate) fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::list(&mut *conn, &self.sql, user, all)
     }
 
     /// Deactivates every active row that expired at or before `now` and records an `expire`
     /// event for each. Skipped (not an error) while another node holds the cleanup lock.
-    pub fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
+    pub(crate) fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::cleanup(&mut conn, &self.sql, &self.schema, now)
     }
 
     /// Why the configured password file could not be used, if so (the owner logs it once).
-    pub fn credentials_warning(&self) -> Option<&str> {
+    pub(crate) fn credentials_warning(&self) -> Option<&str> {
         self.pool.warning()
     }
 
     /// A named policy, or `None` when there is none by that name (what the policy cache holds).
-    pub fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
+    pub(crate) fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
         let mut conn = self.pool.checkout()?;
         policies::get(&mut *conn, &self.policy_sql, id)
     }
 
     /// `QUOTA.POLICY SET`: creates or replaces the policy and records a `policy_set` event.
-    pub fn set_policy(&self, id: &PolicyId, limits: &Limits) -> Result<PolicyRecord, StoreError> {
+    pub(crate) fn set_policy(
+        &self,
+        id: &PolicyId,
+        limits: &Limits,
+    ) -> Result<PolicyRecord, StoreError> {
         let mut conn = self.pool.checkout()?;
         policies::set(&mut conn, &self.policy_sql, id, limits)
     }
 
     /// `QUOTA.POLICY DEL`: deletes the policy (recording a `policy_delete` event); whether it
     /// existed.
-    pub fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
+    pub(crate) fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
         let mut conn = self.pool.checkout()?;
         policies::delete(&mut conn, &self.policy_sql, id)
     }
 
     /// `QUOTA.POLICY LIST`: every policy of (tenant, project), by name.
-    pub fn list_policies(
+    pub(crate) fn list_policies(
         &self,
         tenant: &str,
         project: &str,
@@ -216,17 +222,19 @@ impl Store {
     }
 
     /// (open connections, idle connections), for `INFO quota`.
-    pub fn pool_state(&self) -> (u32, u32) {
+    pub(crate) fn pool_state(&self) -> (u32, u32) {
         self.pool.state()
     }
 
     /// The configured schema name.
-    pub fn schema(&self) -> &str {
+    #[cfg(test)]
+    fn schema(&self) -> &str {
         &self.schema
     }
 
     /// The NOTIFY channel the triggers send on: `<schema>_quota_changed`.
-    pub fn channel(&self) -> String {
+    #[cfg(test)]
+    fn channel(&self) -> String {
         schema::channel(&self.schema)
     }
 }
@@ -234,6 +242,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::error::{classify_db, is_connection_kind};
+    use super::listener::Listener;
     use super::*;
 
     fn cfg(url: &str) -> StoreConfig {
