@@ -219,9 +219,9 @@ pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
 /// Replicates `QUOTA.INVALIDATE <t> <p> <u>` so replicas drop the user's entry.
 fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
     let [t, p, u, _] = ids;
-    ctx.replicate3(
+    ctx.replicate(
         c"QUOTA.INVALIDATE",
-        [t.as_bytes(), p.as_bytes(), u.as_bytes()],
+        &[t.as_bytes(), p.as_bytes(), u.as_bytes()],
     );
 }
 

@@ -144,10 +144,10 @@ pub(crate) fn unknown(name: &str) -> String {
 
 /// Replicates `QUOTA.POLICY INVALIDATE <t> <p> <name>` so replicas drop their copy.
 fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
-    ctx.replicate_sub3(
+    ctx.replicate(
         c"QUOTA.POLICY",
-        c"INVALIDATE",
-        [
+        &[
+            b"INVALIDATE",
             id.tenant.as_bytes(),
             id.project.as_bytes(),
             id.name.as_bytes(),

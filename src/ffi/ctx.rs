@@ -63,40 +63,33 @@ impl Ctx {
         }
     }
 
-    /// Propagates `<command> <a> <b> <c>` to replicas and the AOF.
-    pub(crate) fn replicate3(self, command: &CStr, [a, b, c]: [&[u8]; 3]) {
+    /// Propagates `<command> <args...>` (one to four byte-string arguments) to replicas and
+    /// the AOF; more than four is a bug and propagates nothing.
+    pub(crate) fn replicate(self, command: &CStr, args: &[&[u8]]) {
+        const FORMATS: [&CStr; 4] = [c"b", c"bb", c"bbb", c"bbbb"];
+        let Some(format) = args.len().checked_sub(1).and_then(|i| FORMATS.get(i)) else {
+            return;
+        };
+        let arg = |i: usize| {
+            args.get(i)
+                .map_or((c"".as_ptr(), 0), |a| (a.as_ptr().cast(), a.len()))
+        };
+        let [(a, al), (b, bl), (c, cl), (d, dl)] = [arg(0), arg(1), arg(2), arg(3)];
+        // Redis reads as many (pointer, length) pairs as the format names and ignores the rest.
         unsafe {
             if let Some(f) = raw::RedisModule_Replicate {
                 f(
                     self.raw,
                     command.as_ptr(),
-                    c"bbb".as_ptr(),
-                    a.as_ptr(),
-                    a.len(),
-                    b.as_ptr(),
-                    b.len(),
-                    c.as_ptr(),
-                    c.len(),
-                );
-            }
-        }
-    }
-
-    /// Propagates `<command> <sub> <a> <b> <c>` to replicas and the AOF.
-    pub(crate) fn replicate_sub3(self, command: &CStr, sub: &CStr, [a, b, c]: [&[u8]; 3]) {
-        unsafe {
-            if let Some(f) = raw::RedisModule_Replicate {
-                f(
-                    self.raw,
-                    command.as_ptr(),
-                    c"cbbb".as_ptr(),
-                    sub.as_ptr(),
-                    a.as_ptr(),
-                    a.len(),
-                    b.as_ptr(),
-                    b.len(),
-                    c.as_ptr(),
-                    c.len(),
+                    format.as_ptr(),
+                    a,
+                    al,
+                    b,
+                    bl,
+                    c,
+                    cl,
+                    d,
+                    dl,
                 );
             }
         }
