@@ -27,7 +27,7 @@ mod module {
     use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
-    use crate::commands::{admission, credits, policies};
+    use crate::commands::{self, admission, credits, policies};
     use redis_module::configuration::ConfigurationContext;
 
     use crate::ffi::account_type::ACCOUNT_TYPE;
@@ -36,20 +36,72 @@ mod module {
     use crate::runtime::config::{self, ScriptMiss};
     use crate::runtime::{self, cache, jobs, notify, stats, worker};
 
-    entry!(cmd_grant, credits::grant);
-    entry!(cmd_get, credits::get);
-    entry!(cmd_revoke, credits::revoke);
-    entry!(cmd_list, credits::list);
-    entry!(cmd_cleanup, credits::cleanup);
-    entry!(cmd_invalidate, credits::invalidate);
-    entry!(cmd_admit, admission::admit);
-    entry!(cmd_commit, admission::commit);
-    entry!(cmd_release, admission::release);
-    entry!(cmd_usage, admission::usage);
-    entry!(cmd_reset, admission::reset);
-    entry!(cmd_setstate, admission::setstate);
-    entry!(cmd_apply, admission::apply);
-    entry!(cmd_policy, policies::policy);
+    entry!(cmd_grant, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::grant
+    ));
+    entry!(cmd_get, |ctx, args| commands::run(ctx, args, credits::get));
+    entry!(cmd_revoke, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::revoke
+    ));
+    entry!(cmd_list, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::list
+    ));
+    entry!(cmd_cleanup, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::cleanup
+    ));
+    entry!(cmd_invalidate, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::invalidate
+    ));
+    entry!(cmd_admit, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::admit
+    ));
+    entry!(cmd_commit, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::commit
+    ));
+    entry!(cmd_release, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::release
+    ));
+    entry!(cmd_usage, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::usage
+    ));
+    entry!(cmd_reset, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::reset
+    ));
+    entry!(cmd_setstate, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::setstate
+    ));
+    entry!(cmd_apply, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::apply
+    ));
+    entry!(cmd_policy, |ctx, args| commands::run(
+        ctx,
+        args,
+        policies::policy
+    ));
 
     /// Every command with its entry point; `ffi::command_info` holds what Redis is told about
     /// each (flags, key spec, ACL categories, docs, tips). The key is the user id (argument 3)

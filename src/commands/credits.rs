@@ -5,9 +5,7 @@
 //! node's cache from the committed rows (in the worker) and replicate `QUOTA.INVALIDATE` so
 //! replicas drop their entry at once.
 
-use super::error::{
-    fail, reply_cannot_block, reply_undone, CANNOT_BLOCK, CANNOT_REREAD, CREDITS_LOADING_NO_WAIT,
-};
+use super::error::{CommandError, CANNOT_BLOCK, CANNOT_REREAD, CREDITS_LOADING_NO_WAIT};
 use super::parse;
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
@@ -64,84 +62,77 @@ fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Milli
 
 /// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
 /// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
-pub(super) fn on_worker(ctx: Ctx, args: &[&[u8]], make: impl FnOnce(Blocked<Done>) -> Job) {
+pub(super) fn on_worker(
+    ctx: Ctx,
+    make: impl FnOnce(Blocked<Done>) -> Job,
+) -> Result<(), CommandError> {
     if !ctx.can_block() {
-        return reply_cannot_block(ctx, args);
+        return Err(CommandError::CannotWait);
     }
     match Blocked::block(ctx, config::block_timeout_ms()) {
-        Some(client) => worker::submit_or_busy(make(client)),
-        None => {
-            ctx.reply().error(CANNOT_BLOCK);
+        Some(client) => {
+            worker::submit_or_busy(make(client));
+            Ok(())
         }
+        None => Err(CommandError::Text(CANNOT_BLOCK)),
     }
 }
 
 /// `QUOTA.GRANT`: upsert in Postgres on a worker.
-pub(crate) fn grant(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn grant(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let now = clock::now_ms();
-    match parse::grant(args, now) {
-        Ok(parsed) => on_worker(ctx, args, |client| Job::Grant {
-            user: OwnedUser::from_id(&parsed.account.user),
-            bundle: parsed.account.bundle.to_owned(),
-            request: Box::new(parsed.request),
-            now,
-            client,
-        }),
-        Err(e) => fail(ctx, args, e),
-    }
+    let parsed = parse::grant(args, now)?;
+    on_worker(ctx, |client| Job::Grant {
+        user: OwnedUser::from_id(&parsed.account.user),
+        bundle: parsed.account.bundle.to_owned(),
+        request: Box::new(parsed.request),
+        now,
+        client,
+    })
 }
 
 /// `QUOTA.REVOKE`: soft delete on a worker.
-pub(crate) fn revoke(ctx: Ctx, args: &[&[u8]]) {
-    match parse::account_only(args) {
-        Ok(account) => on_worker(ctx, args, |client| Job::Revoke {
-            user: OwnedUser::from_id(&account.user),
-            bundle: account.bundle.to_owned(),
-            client,
-        }),
-        Err(e) => fail(ctx, args, e),
-    }
+pub(crate) fn revoke(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
+    on_worker(ctx, |client| Job::Revoke {
+        user: OwnedUser::from_id(&account.user),
+        bundle: account.bundle.to_owned(),
+        client,
+    })
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
-pub(crate) fn list(ctx: Ctx, args: &[&[u8]]) {
-    match parse::list(args) {
-        Ok((user, all)) => on_worker(ctx, args, |client| Job::List {
-            user: OwnedUser::from_id(&user),
-            all,
-            client,
-        }),
-        Err(e) => fail(ctx, args, e),
-    }
+pub(crate) fn list(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let (user, all) = parse::list(args)?;
+    on_worker(ctx, |client| Job::List {
+        user: OwnedUser::from_id(&user),
+        all,
+        client,
+    })
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
-pub(crate) fn cleanup(ctx: Ctx, args: &[&[u8]]) {
+pub(crate) fn cleanup(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     if args.len() != 1 {
-        return fail(ctx, args, parse::ParseError::Arity);
+        return Err(parse::ParseError::Arity.into());
     }
-    on_worker(ctx, args, |client| Job::Cleanup {
+    on_worker(ctx, |client| Job::Cleanup {
         client: Some(client),
-    });
+    })
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
-pub(crate) fn invalidate(ctx: Ctx, args: &[&[u8]]) {
-    let user = match parse::user_only(args) {
-        Ok(u) => u,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn invalidate(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let user = parse::user_only(args)?;
     let dropped = cache::cache().invalidate(&user.key());
     ctx.replicate_verbatim();
     ctx.reply().int(i64::from(dropped));
+    Ok(())
 }
 
 /// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
-pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
     let ids = [
         account.user.tenant,
         account.user.project,
@@ -151,14 +142,14 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) {
     let user_key = account.user.key();
     let now = clock::now_ms();
     let mut cache = cache::cache();
-    let load = match cache.lookup(&user_key, now) {
+    let (answered, load) = match cache.lookup(&user_key, now) {
         Lookup::Fresh(rows, _) => {
             reply_applicable(ctx, ids, rows, now);
-            return;
+            return Ok(());
         }
         Lookup::Stale { rows, refresh } => {
             reply_applicable(ctx, ids, rows, now);
-            refresh
+            (Ok(()), refresh)
         }
         Lookup::Unavailable => {
             // Without a URL there is nothing to retry: the same error as the other commands.
@@ -168,39 +159,35 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) {
                 "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly"
                     .to_owned()
             };
-            ctx.reply().error(&text);
-            return;
+            return Err(text.into());
         }
         Lookup::Miss { load } => {
-            if ctx.can_block() {
+            let waited = if ctx.can_block() {
                 match Blocked::block(ctx, config::block_timeout_ms()) {
                     Some(client) => {
                         if let Err(client) = cache.add_waiter(&user_key, client) {
                             client.finish(Done::Dropped);
                         }
+                        Ok(())
                     }
-                    None => {
-                        ctx.reply().error(CANNOT_BLOCK);
-                    }
+                    None => Err(CommandError::Text(CANNOT_BLOCK)),
                 }
             } else {
-                ctx.reply().error(CREDITS_LOADING_NO_WAIT);
-            }
-            load
+                Err(CommandError::Text(CREDITS_LOADING_NO_WAIT))
+            };
+            (waited, load)
         }
     };
     drop(cache);
     if let Some(flight) = load {
         worker::submit_load(&user_key, &account.user, flight);
     }
+    answered
 }
 
 /// `QUOTA.GET` after its load finished.
-pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
     let ids = [
         account.user.tenant,
         account.user.project,
@@ -208,11 +195,12 @@ pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) {
         account.bundle,
     ];
     match done {
-        Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, clock::now_ms()),
-        Done::Loaded(Err(e)) => {
-            ctx.reply().error(&e.to_string());
+        Done::Loaded(Ok(rows)) => {
+            reply_applicable(ctx, ids, rows, clock::now_ms());
+            Ok(())
         }
-        other => reply_undone(ctx, other),
+        Done::Loaded(Err(e)) => Err(e.clone().into()),
+        other => Err(CommandError::undone(other)),
     }
 }
 
@@ -226,13 +214,12 @@ fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
 }
 
 /// Replies GRANT, REVOKE, LIST and CLEANUP once their worker is done.
-pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
+pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
     match done {
         Done::Grant(Ok(outcome)) => {
             // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).
             let Ok(account) = parse::account_only(args.get(..5).unwrap_or(args)) else {
-                ctx.reply().error(CANNOT_REREAD);
-                return;
+                return Err(CommandError::Text(CANNOT_REREAD));
             };
             let u = account.user;
             let ids = [u.tenant, u.project, u.user, account.bundle];
@@ -251,8 +238,7 @@ pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
         }
         Done::List(Ok(rows)) => {
             let Ok((user, _)) = parse::list(args) else {
-                ctx.reply().error(CANNOT_REREAD);
-                return;
+                return Err(CommandError::Text(CANNOT_REREAD));
             };
             let mut r = ctx.reply().map(rows.len());
             for row in rows {
@@ -264,7 +250,7 @@ pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
             ctx.reply().uint(outcome.deactivated);
         }
         Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
-            ctx.reply().error(&e.to_string());
+            return Err(e.clone().into());
         }
         Done::Loaded(_)
         | Done::Policy(_)
@@ -272,6 +258,7 @@ pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
         | Done::PolicyDel(_)
         | Done::PolicyList(_)
         | Done::Busy
-        | Done::Dropped => reply_undone(ctx, done),
+        | Done::Dropped => return Err(CommandError::undone(done)),
     }
+    Ok(())
 }

@@ -16,6 +16,19 @@ use crate::ffi::ctx::Ctx;
 use crate::runtime::jobs::Done;
 use crate::runtime::stats;
 use error::name;
+pub(crate) use error::CommandError;
+
+/// Runs a command handler and replies its error, if any: the one error reply of the call.
+#[inline(always)]
+pub(crate) fn run(
+    ctx: Ctx,
+    args: &[&[u8]],
+    handler: impl FnOnce(Ctx, &[&[u8]]) -> Result<(), CommandError>,
+) {
+    if let Err(e) = handler(ctx, args) {
+        e.reply(ctx, args);
+    }
+}
 
 impl Resumable for Done {
     fn dropped() -> Done {
@@ -24,30 +37,31 @@ impl Resumable for Done {
 
     /// Called on the main thread when a worker finished the job a blocked client waits on.
     fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
-        match name(args).as_str() {
+        run(ctx, args, |ctx, args| match name(args).as_str() {
             "QUOTA.ADMIT" => admission::admit_resumed(ctx, args, done),
             "QUOTA.GET" => credits::get_resumed(ctx, args, done),
             "QUOTA.POLICY" => policies::resume(ctx, args, done),
             _ => credits::resume(ctx, args, done),
-        }
+        });
     }
 
     /// Called on the main thread when a blocked client's wait ran out.
     fn timed_out(ctx: Ctx, args: &[&[u8]]) {
-        timed_out(ctx, args);
+        run(ctx, args, timed_out);
     }
 }
 
 /// Answers a blocked client whose wait ran out.
-fn timed_out(ctx: Ctx, args: &[&[u8]]) {
+fn timed_out(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     stats::TIMEOUTS.incr();
     if name(args) == "QUOTA.ADMIT" {
         // Postgres is too slow: decide on the base policy rather than fail the request.
-        admission::admit_timed_out(ctx, args);
-        return;
+        return admission::admit_timed_out(ctx, args);
     }
-    if name(args) == "QUOTA.POLICY" && policies::timed_out(ctx, args) {
-        return;
+    if name(args) == "QUOTA.POLICY" {
+        if let Some(e) = policies::timed_out(args) {
+            return Err(e);
+        }
     }
-    error::reply_timed_out(ctx);
+    Err(error::timed_out())
 }

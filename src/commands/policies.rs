@@ -6,7 +6,7 @@
 //! `GET` answers from the policy cache and waits only on a miss, like `QUOTA.GET`.
 
 use super::credits::on_worker;
-use super::error::{fail, reply_undone, CANNOT_BLOCK, CANNOT_REREAD};
+use super::error::{CommandError, CANNOT_BLOCK, CANNOT_REREAD};
 use super::parse;
 use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
@@ -38,22 +38,18 @@ fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
 }
 
 /// `QUOTA.POLICY ...`.
-pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) {
-    let parsed = match parse::policy(args) {
-        Ok(p) => p,
-        Err(e) => return fail(ctx, args, e),
-    };
-    match parsed {
-        PolicyArgs::Set(id, limits) => on_worker(ctx, args, |client| Job::PolicySet {
+pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    match parse::policy(args)? {
+        PolicyArgs::Set(id, limits) => on_worker(ctx, |client| Job::PolicySet {
             policy: OwnedPolicy::from_id(&id),
             limits: Box::new(limits),
             client,
         }),
-        PolicyArgs::Del(id) => on_worker(ctx, args, |client| Job::PolicyDel {
+        PolicyArgs::Del(id) => on_worker(ctx, |client| Job::PolicyDel {
             policy: OwnedPolicy::from_id(&id),
             client,
         }),
-        PolicyArgs::List(tenant, project) => on_worker(ctx, args, |client| Job::PolicyList {
+        PolicyArgs::List(tenant, project) => on_worker(ctx, |client| Job::PolicyList {
             tenant: tenant.to_owned(),
             project: project.to_owned(),
             client,
@@ -63,51 +59,49 @@ pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) {
             let dropped = cache::policies().invalidate(&id.key());
             ctx.replicate_verbatim();
             ctx.reply().int(i64::from(dropped));
+            Ok(())
         }
     }
 }
 
 /// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.
-fn get(ctx: Ctx, id: &PolicyId<'_>) {
+fn get(ctx: Ctx, id: &PolicyId<'_>) -> Result<(), CommandError> {
     let key = id.key();
     let now = clock::now_ms();
     let mut cache = cache::policies();
-    let load = match cache.lookup(&key, now) {
+    let (answered, load) = match cache.lookup(&key, now) {
         Lookup::Fresh(found, _) => {
             reply_found(ctx, id, found.as_ref());
-            return;
+            return Ok(());
         }
         Lookup::Stale { rows, refresh } => {
             reply_found(ctx, id, rows.as_ref());
-            refresh
+            (Ok(()), refresh)
         }
-        Lookup::Unavailable => {
-            ctx.reply().error(&unavailable(id.name));
-            return;
-        }
+        Lookup::Unavailable => return Err(unavailable(id.name).into()),
         Lookup::Miss { load } => {
-            if ctx.can_block() {
+            let waited = if ctx.can_block() {
                 match Blocked::block(ctx, config::block_timeout_ms()) {
                     Some(client) => {
                         let waiter = PolicyWaiter { client, then: None };
                         if let Err(waiter) = cache.add_waiter(&key, waiter) {
                             waiter.client.finish(Done::Dropped);
                         }
+                        Ok(())
                     }
-                    None => {
-                        ctx.reply().error(CANNOT_BLOCK);
-                    }
+                    None => Err(CommandError::Text(CANNOT_BLOCK)),
                 }
             } else {
-                ctx.reply().error(&loading(id.name));
-            }
-            load
+                Err(loading(id.name).into())
+            };
+            (waited, load)
         }
     };
     drop(cache);
     if let Some(flight) = load {
         worker::submit_policy_load(id, flight);
     }
+    answered
 }
 
 fn reply_found(ctx: Ctx, id: &PolicyId<'_>, found: Option<&Limits>) {
@@ -156,10 +150,9 @@ fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
 }
 
 /// Replies `QUOTA.POLICY` once its worker is done.
-pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
+pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
     let Ok(parsed) = parse::policy(args) else {
-        ctx.reply().error(CANNOT_REREAD);
-        return;
+        return Err(CommandError::Text(CANNOT_REREAD));
     };
     match (parsed, done) {
         (PolicyArgs::Set(id, _), Done::PolicySet(Ok(stored))) => {
@@ -183,7 +176,7 @@ pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
         }
         (PolicyArgs::Get(id), Done::Policy(Ok(found))) => reply_found(ctx, &id, found.as_ref()),
         (PolicyArgs::Get(id), Done::Policy(Err(e))) if e.is_unavailable() => {
-            ctx.reply().error(&unavailable(id.name));
+            return Err(unavailable(id.name).into());
         }
         (
             _,
@@ -191,20 +184,17 @@ pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
             | Done::PolicySet(Err(e))
             | Done::PolicyDel(Err(e))
             | Done::PolicyList(Err(e)),
-        ) => {
-            ctx.reply().error(&e.to_string());
-        }
-        (_, other) => reply_undone(ctx, other),
+        ) => return Err(e.clone().into()),
+        (_, other) => return Err(CommandError::undone(other)),
     }
+    Ok(())
 }
 
-/// `QUOTA.POLICY` whose wait for PostgreSQL ran out.
-pub(crate) fn timed_out(ctx: Ctx, args: &[&[u8]]) -> bool {
+/// The error for a `QUOTA.POLICY` whose wait for PostgreSQL ran out, where it differs from
+/// the general one (a `GET` only reads: the policy is unavailable).
+pub(crate) fn timed_out(args: &[&[u8]]) -> Option<CommandError> {
     match parse::policy(args) {
-        Ok(PolicyArgs::Get(id)) => {
-            ctx.reply().error(&unavailable(id.name));
-            true
-        }
-        _ => false,
+        Ok(PolicyArgs::Get(id)) => Some(unavailable(id.name).into()),
+        _ => None,
     }
 }

@@ -121,10 +121,10 @@ pub(crate) fn guard(ctx: Ctx, body: impl FnOnce()) {
 }
 
 /// Declares a raw command entry point that decodes the arguments and runs `$handler` (a
-/// `fn(Ctx, &[&[u8]])`) inside `guard`.
+/// `fn(Ctx, &[&[u8]])` or closure) inside `guard`.
 #[cfg(not(test))]
 macro_rules! entry {
-    ($entry:ident, $handler:path) => {
+    ($entry:ident, $handler:expr) => {
         /// Raw entry point registered with Redis.
         extern "C" fn $entry(
             ctx: *mut redis_module::raw::RedisModuleCtx,
@@ -133,7 +133,7 @@ macro_rules! entry {
         ) -> std::os::raw::c_int {
             let args = unsafe { $crate::ffi::blocked::args(argv, argc) };
             let ctx = $crate::ffi::ctx::Ctx::from_raw(ctx);
-            $crate::ffi::blocked::guard(ctx, || $handler(ctx, &args));
+            $crate::ffi::blocked::guard(ctx, || ($handler)(ctx, &args));
             redis_module::raw::Status::Ok as std::os::raw::c_int
         }
     };
