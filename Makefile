@@ -49,8 +49,9 @@ test: ## All tests: unit, integration on Redis 7.0 and 8.2 (one throwaway Postgr
 unit: deps ## Unit tests only (cargo test --release --lib)
 	$(CARGO) test --release --lib
 
-lint: deps ## cargo fmt --check + cargo clippy --all-targets -- -D warnings
+lint: deps ## cargo fmt --check + clippy --all-targets -D warnings + imports only go down a layer
 	$(CARGO) fmt --check
+	python3 scripts/check-layers.py src
 	$(CARGO) clippy --all-targets -- -D warnings
 
 fmt: ## cargo fmt

@@ -2,22 +2,22 @@
 //! data they guard and admits requests against a base policy plus those credits atomically.
 //!
 //! This file only wires things together: the data type, the commands (their metadata lives in
-//! `glue::command_info`),
-//! the configuration, `INFO quota`, and start/stop of the worker pool and NOTIFY listener.
-//! The logic lives in `core` (pure), `commands` (Redis shells), `store` (Postgres) and `worker`.
+//! `ffi::command_info`), the configuration and its change routing, `INFO quota`, and start/stop
+//! of the worker pool and NOTIFY listener. Imports go one way only:
+//! `lib -> commands -> {core, runtime, ffi}`, `runtime -> {store, core, ffi}`, `ffi -> core`
+//! (see `scripts/check-layers.py`). The logic lives in `core` (pure), `commands` (Redis
+//! shells), `runtime` (process-wide state, worker pool), `store` (Postgres) and `ffi` (the raw
+//! Redis API).
 
-// Command shells pass the `RedisModuleCtx` pointer Redis hands us to the API functions, as the
-// redis-module crate itself does; they never dereference it themselves.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
+// Unit-test builds compile the Redis registration below out, and with it every entry point,
+// so what only the commands reach would look dead there; the module build checks dead code.
+#![cfg_attr(test, allow(dead_code))]
 
-pub mod commands;
-pub mod config;
-pub mod core;
-pub mod glue;
-pub mod state;
-pub mod stats;
-pub mod store;
-pub mod worker;
+pub(crate) mod commands;
+pub(crate) mod core;
+pub(crate) mod ffi;
+pub(crate) mod runtime;
+pub(crate) mod store;
 
 #[cfg(not(test))]
 mod module {
@@ -27,13 +27,83 @@ mod module {
     use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
-    use crate::commands::*;
-    use crate::config::{self, on_change, ScriptMiss};
-    use crate::glue::account_type::ACCOUNT_TYPE;
-    use crate::glue::command_info::{self as info, CommandSpec, Entry};
-    use crate::{state, stats, worker};
+    use crate::commands::{self, admission, credits, policies};
+    use redis_module::configuration::ConfigurationContext;
 
-    /// Every command with its entry point; `glue::command_info` holds what Redis is told about
+    use crate::ffi::account_type::ACCOUNT_TYPE;
+    use crate::ffi::blocked::entry;
+    use crate::ffi::command_info::{self as info, CommandSpec, Entry};
+    use crate::runtime::config::{self, ScriptMiss};
+    use crate::runtime::{self, cache, jobs, notify, stats, worker};
+
+    entry!(cmd_grant, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::grant
+    ));
+    entry!(cmd_get, |ctx, args| commands::run(ctx, args, credits::get));
+    entry!(cmd_revoke, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::revoke
+    ));
+    entry!(cmd_list, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::list
+    ));
+    entry!(cmd_cleanup, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::cleanup
+    ));
+    entry!(cmd_invalidate, |ctx, args| commands::run(
+        ctx,
+        args,
+        credits::invalidate
+    ));
+    entry!(cmd_admit, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::admit
+    ));
+    entry!(cmd_commit, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::commit
+    ));
+    entry!(cmd_release, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::release
+    ));
+    entry!(cmd_usage, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::usage
+    ));
+    entry!(cmd_reset, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::reset
+    ));
+    entry!(cmd_setstate, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::setstate
+    ));
+    entry!(cmd_apply, |ctx, args| commands::run(
+        ctx,
+        args,
+        admission::apply
+    ));
+    entry!(cmd_policy, |ctx, args| commands::run(
+        ctx,
+        args,
+        policies::policy
+    ));
+
+    /// Every command with its entry point; `ffi::command_info` holds what Redis is told about
     /// each (flags, key spec, ACL categories, docs, tips). The key is the user id (argument 3)
     /// for everything that touches a user, so Redis Cluster routes all of one user's commands
     /// to the node holding that user's slot.
@@ -88,6 +158,13 @@ mod module {
         Status::Ok
     }
 
+    /// Called by Redis after any `quota.*` option changed. `G` is the option's value type,
+    /// which the registration below names.
+    #[allow(clippy::extra_unused_type_parameters)]
+    fn on_change<G, T>(_ctx: &ConfigurationContext, name: &str, _value: &'static T) {
+        runtime::reconfigure(name);
+    }
+
     extern "C" fn on_shutdown(
         _ctx: *mut raw::RedisModuleCtx,
         _event: raw::RedisModuleEvent,
@@ -99,7 +176,7 @@ mod module {
 
     fn shutdown() {
         worker::stop(Duration::from_millis(500));
-        state::stop_listener();
+        notify::stop_listener();
     }
 
     fn schedule_cleanup(ctx: &Context) {
@@ -113,7 +190,7 @@ mod module {
                 if config::int(&config::CLEANUP_INTERVAL) > 0
                     && flags.contains(redis_module::ContextFlags::MASTER)
                 {
-                    worker::submit_or_busy(worker::Job::Cleanup { client: None });
+                    worker::submit_or_busy(jobs::Job::Cleanup { client: None });
                 }
                 schedule_cleanup(ctx);
             },
@@ -149,7 +226,7 @@ mod module {
                 }
             }
             let shown = config::without_password(value.as_slice());
-            if !crate::glue::load_args::shorten(value, &shown) {
+            if !crate::ffi::load_args::shorten(value, &shown) {
                 ctx.log_warning(
                     "quota: cannot remove the password from the pg-url module argument: \
                      give it in quota.pg-passfile or a quota.pg-password line instead",
@@ -192,17 +269,20 @@ mod module {
         }
         let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
         let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
-        state::cache().set_config(state::cache_config());
-        state::policies().set_config(state::cache_config());
+        cache::cache().set_config(cache::cache_config());
+        cache::policies().set_config(cache::cache_config());
         if let Err(e) = worker::start(threads, queue) {
             ctx.log_warning(&format!("quota: cannot start worker threads: {e}"));
             return Status::Err;
         }
-        state::restart_listener();
+        notify::restart_listener();
         worker::deploy_soon();
         schedule_cleanup(ctx);
         schedule_deploy(ctx);
-        crate::glue::secret_filter::register(ctx.ctx);
+        crate::ffi::secret_filter::register(
+            crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
+            config::hide_secret,
+        );
         unsafe {
             if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
                 let event = raw::RedisModuleEvent {
@@ -223,7 +303,7 @@ mod module {
     #[info_command_handler]
     fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
         let (cache_entries, cache_stats, flights) = {
-            let cache = state::cache();
+            let cache = cache::cache();
             (cache.len() as u64, cache.stats(), cache.flights() as u64)
         };
         let (connections, idle) = worker::pool_state();
@@ -259,7 +339,7 @@ mod module {
             .field("pool_size", config::int(&config::POOL_SIZE))?
             .field("pool_connections", i64::from(connections))?
             .field("pool_idle", i64::from(idle))?
-            .field("notify_state", state::notify_state_name().to_string())?
+            .field("notify_state", notify::notify_state_name().to_string())?
             .field("notify_received", int(stats::NOTIFY_RECEIVED.get()))?
             .field("notify_reconnects", int(stats::NOTIFY_RECONNECTS.get()))?
             .field("admits_allowed", int(stats::ADMITS_ALLOWED.get()))?

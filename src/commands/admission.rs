@@ -9,12 +9,8 @@
 //! decides once they arrive (`admit_resumed`) or once the wait ran out (`admit_timed_out`,
 //! base policy, `replenishment unavailable`).
 
-use std::os::raw::c_int;
-
-use redis_module::raw;
-
-use super::{block_timeout_ms, can_block, fail, flags, parse, policies, reply_undone};
-use crate::config::{self, ScriptMiss};
+use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING};
+use super::{parse, policies};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
@@ -22,13 +18,17 @@ use crate::core::effect::{Change, Effect, EncodedEffect};
 use crate::core::ids::PolicyId;
 use crate::core::policy::{Additional, CachedPolicy, EffectivePolicy, LimitField, Limits};
 use crate::core::Millis;
-use crate::glue::account_type::{AccountKey, WrongType};
-use crate::glue::blocked::Blocked;
-use crate::glue::propagation;
-use crate::glue::reply::Reply;
-use crate::state::{self, PolicyWaiter};
-use crate::stats;
-use crate::worker::{self, Done, OwnedUser};
+use crate::ffi::account_type::AccountKey;
+use crate::ffi::blocked::Blocked;
+use crate::ffi::ctx::Ctx;
+use crate::ffi::propagation;
+use crate::ffi::reply::Reply;
+use crate::runtime::cache::{self, PolicyWaiter};
+use crate::runtime::clock;
+use crate::runtime::config::{self, ScriptMiss};
+use crate::runtime::jobs::{Done, OwnedUser};
+use crate::runtime::stats;
+use crate::runtime::worker;
 
 /// Keyspace events (module class) on the account key, documented in the README.
 const EVENT_ADMIT: &std::ffi::CStr = c"quota.admit";
@@ -57,35 +57,30 @@ fn pick(rows: &[Replenishment], bundle: &str, now: Millis) -> (Option<Additional
 }
 
 /// `QUOTA.ADMIT`.
-pub fn admit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    admit_with(ctx, args, Credits::Cache);
+pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    admit_with(ctx, args, Credits::Cache)
 }
 
 /// `QUOTA.ADMIT` after its load finished.
-pub fn admit_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
-    admit_with(ctx, args, Credits::Loaded(done));
+pub(crate) fn admit_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
+    admit_with(ctx, args, Credits::Loaded(done))
 }
 
 /// `QUOTA.ADMIT` whose load did not finish in time.
-pub fn admit_timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    admit_with(ctx, args, Credits::TimedOut);
+pub(crate) fn admit_timed_out(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    admit_with(ctx, args, Credits::TimedOut)
 }
 
-fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_>) {
-    let parsed = match parse::admit(args, config::MAX_LEASE_TTL) {
-        Ok(p) => p,
-        Err(e) => return fail(ctx, args, e),
-    };
+#[inline]
+fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) -> Result<(), CommandError> {
+    let parsed = parse::admit(args, config::MAX_LEASE_TTL)?;
     let (key, user_len) = parsed.account.key();
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let user_key = key.get(..user_len).unwrap_or(&key);
-    let Some(base) = base_policy(ctx, &parsed, &credits, user_key, now) else {
-        return; // blocked on the policy, or answered
+    let Some(base) = base_policy(ctx, &parsed, &credits, user_key, now)? else {
+        return Ok(()); // blocked on the policy: the reply comes later
     };
-    let mut account_key = match AccountKey::open(ctx, &key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
+    let mut account_key = AccountKey::open(ctx, &key)?;
     let mut memo = None;
     // After a policy load the credits come from the cache, but the client cannot wait again.
     let resumed = matches!(credits, Credits::Loaded(Done::Policy(_)));
@@ -97,53 +92,47 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
             found
         }
         Credits::Cache | Credits::Loaded(Done::Policy(_)) => {
-            let mut cache = state::cache();
+            let mut cache = cache::cache();
             let epoch = cache.epoch();
             let (found, load) = match cache.lookup(user_key, now) {
                 Lookup::Fresh(rows, fresh_until) => {
                     let found = pick(rows, parsed.account.bundle, now);
                     memo = Some(CreditMemo::new(&key, found, rows, epoch, fresh_until, now));
-                    (Some(found), None)
+                    (Ok(Some(found)), None)
                 }
                 Lookup::Stale { rows, refresh } => {
-                    (Some(pick(rows, parsed.account.bundle, now)), refresh)
+                    (Ok(Some(pick(rows, parsed.account.bundle, now))), refresh)
                 }
-                Lookup::Unavailable => (Some((None, CreditSource::Unavailable)), None),
-                Lookup::Miss { load } if resumed => (Some((None, CreditSource::Pending)), load),
-                Lookup::Miss { load } if can_block(ctx) => {
-                    match Blocked::block(ctx, block_timeout_ms()) {
+                Lookup::Unavailable => (Ok(Some((None, CreditSource::Unavailable))), None),
+                Lookup::Miss { load } if resumed => (Ok(Some((None, CreditSource::Pending))), load),
+                Lookup::Miss { load } if ctx.can_block() => {
+                    let waited = match Blocked::block(ctx, config::block_timeout_ms()) {
                         Some(client) => {
                             if let Err(client) = cache.add_waiter(user_key, client) {
                                 client.finish(Done::Dropped);
                             }
+                            Ok(None)
                         }
-                        None => {
-                            Reply::new(ctx).error("ERR cannot block this client");
-                        }
-                    }
-                    (None, load)
+                        None => Err(CommandError::Text(CANNOT_BLOCK)),
+                    };
+                    (waited, load)
                 }
                 Lookup::Miss { load } => match config::script_miss() {
-                    ScriptMiss::base => (Some((None, CreditSource::Pending)), load),
-                    ScriptMiss::error => {
-                        Reply::new(ctx).error(
-                            "TRYAGAIN credits for this user are loading from PostgreSQL: retry shortly",
-                        );
-                        (None, load)
-                    }
+                    ScriptMiss::base => (Ok(Some((None, CreditSource::Pending))), load),
+                    ScriptMiss::error => (Err(CommandError::Text(CREDITS_LOADING)), load),
                 },
             };
             drop(cache);
             if let Some(flight) = load {
                 worker::submit_load(user_key, &parsed.account.user, flight);
             }
-            match found {
+            match found? {
                 Some(found) => found,
-                None => return, // blocked (or answered): the reply comes later
+                None => return Ok(()), // blocked: the reply comes later
             }
         }
         Credits::Loaded(Done::Loaded(Ok(rows))) => pick(rows, parsed.account.bundle, now),
-        Credits::Loaded(Done::Busy) => return reply_undone(ctx, &Done::Busy),
+        Credits::Loaded(Done::Busy) => return Err(CommandError::undone(&Done::Busy)),
         Credits::Loaded(_) | Credits::TimedOut => (None, CreditSource::Unavailable),
     };
     decide(
@@ -153,30 +142,30 @@ fn admit_with(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], credits: Credits<'_
         &mut account_key,
         (additional, source, memo),
         now,
-    );
+    )
 }
 
 /// What a policy lookup found.
 enum PolicyLookup {
     Found(CachedPolicy),
-    /// Not cached; the client now waits for the load (or was answered).
+    /// Not cached; the client now waits for the load.
     Waiting,
     /// Not cached and PostgreSQL failed moments ago.
     Unavailable,
 }
 
 /// The base policy of this admission: the inline limits, or the named policy with the inline
-/// limits over it field by field. `None` when the client was answered (an error) or blocked
-/// until the policy (and, chained after it, the user's credits) is loaded.
+/// limits over it field by field. `None` when the client is blocked until the policy (and,
+/// chained after it, the user's credits) is loaded.
 fn base_policy(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
     credits: &Credits<'_>,
     user_key: &[u8],
     now: Millis,
-) -> Option<Limits> {
+) -> Result<Option<Limits>, CommandError> {
     let Some(name) = parsed.policy else {
-        return Some(parsed.base);
+        return Ok(Some(parsed.base));
     };
     let id = PolicyId {
         tenant: parsed.account.user.tenant,
@@ -186,27 +175,17 @@ fn base_policy(
     let found = match credits {
         Credits::Loaded(Done::Policy(Ok(found))) => PolicyLookup::Found(*found),
         Credits::Loaded(Done::Policy(Err(e))) if e.is_unavailable() => PolicyLookup::Unavailable,
-        Credits::Loaded(Done::Policy(Err(e))) => {
-            Reply::new(ctx).error(&e.to_string());
-            return None;
-        }
+        Credits::Loaded(Done::Policy(Err(e))) => return Err(e.clone().into()),
         Credits::Loaded(done @ (Done::Busy | Done::Dropped)) => {
-            reply_undone(ctx, done);
-            return None;
+            return Err(CommandError::undone(done));
         }
-        _ => cached_policy(ctx, parsed, credits, &id, user_key, now),
+        _ => cached_policy(ctx, parsed, credits, &id, user_key, now)?,
     };
     match found {
-        PolicyLookup::Found(Some(limits)) => Some(limits.overlaid_with(&parsed.base)),
-        PolicyLookup::Found(None) => {
-            Reply::new(ctx).error(&policies::unknown(name));
-            None
-        }
-        PolicyLookup::Unavailable => {
-            Reply::new(ctx).error(&policies::unavailable(name));
-            None
-        }
-        PolicyLookup::Waiting => None,
+        PolicyLookup::Found(Some(limits)) => Ok(Some(limits.overlaid_with(&parsed.base))),
+        PolicyLookup::Found(None) => Err(policies::unknown(name).into()),
+        PolicyLookup::Unavailable => Err(policies::unavailable(name).into()),
+        PolicyLookup::Waiting => Ok(None),
     }
 }
 
@@ -214,52 +193,51 @@ fn base_policy(
 /// block, the client waits on the policy's load with its user's credits chained after it;
 /// where it cannot wait, it gets `TRYAGAIN` (there is no base policy to decide on).
 fn cached_policy(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
     credits: &Credits<'_>,
     id: &PolicyId<'_>,
     user_key: &[u8],
     now: Millis,
-) -> PolicyLookup {
-    if let Some(found) = state::remembered_policy(id, now) {
-        return PolicyLookup::Found(found);
+) -> Result<PolicyLookup, CommandError> {
+    if let Some(found) = cache::remembered_policy(id, now) {
+        return Ok(PolicyLookup::Found(found));
     }
     let key = id.key();
-    let mut cache = state::policies();
+    let mut cache = cache::policies();
     let epoch = cache.epoch();
     let (found, load) = match cache.lookup(&key, now) {
         Lookup::Fresh(found, fresh_until) => {
-            state::remember_policy(id, *found, epoch, fresh_until, now);
-            (PolicyLookup::Found(*found), None)
+            cache::remember_policy(id, *found, epoch, fresh_until, now);
+            (Ok(PolicyLookup::Found(*found)), None)
         }
-        Lookup::Stale { rows, refresh } => (PolicyLookup::Found(*rows), refresh),
-        Lookup::Unavailable => (PolicyLookup::Unavailable, None),
+        Lookup::Stale { rows, refresh } => (Ok(PolicyLookup::Found(*rows)), refresh),
+        Lookup::Unavailable => (Ok(PolicyLookup::Unavailable), None),
         Lookup::Miss { load } => {
-            match credits {
-                Credits::Cache if can_block(ctx) => match Blocked::block(ctx, block_timeout_ms()) {
-                    Some(client) => {
-                        let then = Some((
-                            Box::from(user_key),
-                            OwnedUser::from_id(&parsed.account.user),
-                        ));
-                        if let Err(waiter) = cache.add_waiter(&key, PolicyWaiter { client, then }) {
-                            waiter.client.finish(Done::Dropped);
+            let waited = match credits {
+                Credits::Cache if ctx.can_block() => {
+                    match Blocked::block(ctx, config::block_timeout_ms()) {
+                        Some(client) => {
+                            let then = Some((
+                                Box::from(user_key),
+                                OwnedUser::from_id(&parsed.account.user),
+                            ));
+                            if let Err(waiter) =
+                                cache.add_waiter(&key, PolicyWaiter { client, then })
+                            {
+                                waiter.client.finish(Done::Dropped);
+                            }
+                            Ok(PolicyLookup::Waiting)
                         }
+                        None => Err(CommandError::Text(CANNOT_BLOCK)),
                     }
-                    None => {
-                        Reply::new(ctx).error("ERR cannot block this client");
-                    }
-                },
-                Credits::TimedOut => {
-                    Reply::new(ctx).error(&policies::unavailable(id.name));
                 }
+                Credits::TimedOut => Err(policies::unavailable(id.name).into()),
                 // In MULTI or a script, or resumed after a credit load during which the policy
                 // was dropped again (changed meanwhile): the caller retries.
-                _ => {
-                    Reply::new(ctx).error(&policies::loading(id.name));
-                }
-            }
-            (PolicyLookup::Waiting, load)
+                _ => Err(policies::loading(id.name).into()),
+            };
+            (waited, load)
         }
     };
     drop(cache);
@@ -276,19 +254,19 @@ fn remembered(
     key: &[u8],
     now: Millis,
 ) -> Option<(Option<Additional>, CreditSource)> {
-    let found = account_key.memo()?.get(key, state::cache_epoch(), now)?;
+    let found = account_key.memo()?.get(key, cache::cache_epoch(), now)?;
     stats::CACHE_MEMO_HITS.incr();
     Some(found)
 }
 
 fn decide(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
     base: Limits,
     account_key: &mut AccountKey,
     (additional, source, memo): (Option<Additional>, CreditSource, Option<CreditMemo>),
     now: Millis,
-) {
+) -> Result<(), CommandError> {
     let policy = EffectivePolicy::merge(base, additional.as_ref());
     let lease_ttl = parsed
         .lease_ttl
@@ -301,7 +279,7 @@ fn decide(
     };
     let decided = update(ctx, account_key, |account| {
         let before = (account.leases.len(), account.settled.len());
-        match account.admit(&policy, &request, now, state::new_lease_id) {
+        match account.admit(&policy, &request, now, clock::new_lease_id) {
             Ok(decision) => {
                 let usage = parsed.verbose.then(|| account.usage(now));
                 let change = match Effect::admitted(now, &decision, account) {
@@ -321,13 +299,7 @@ fn decide(
             }
         }
     });
-    let (mut decision, usage) = match decided {
-        Ok(d) => d,
-        Err(e) => {
-            Reply::new(ctx).error(&e.to_string());
-            return;
-        }
-    };
+    let (mut decision, usage) = decided?;
     if !decision.allowed {
         decision.retry_after = source.denial_retry_after(decision.retry_after);
     }
@@ -352,15 +324,16 @@ fn decide(
     } else {
         reply_decision(ctx, &decision, source, &policy, usage.as_ref());
     }
+    Ok(())
 }
 
 /// The `COMPACT` reply: a flat array read by position, the same under RESP2 and RESP3:
 /// `[allowed, retry_after, remaining_requests, remaining_tokens, lease, reason, reserved,
 /// replenishment]`, with `lease` and `reason` as "" when there is none.
-fn reply_compact(ctx: *mut raw::RedisModuleCtx, d: &AdmitDecision, source: CreditSource) {
+fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let mut buf = [0u8; 16];
     let lease = d.lease.as_ref().map_or("", |id| id.as_text(&mut buf));
-    Reply::new(ctx)
+    ctx.reply()
         .array(8)
         .int(i64::from(d.allowed))
         .int(d.retry_after)
@@ -373,13 +346,13 @@ fn reply_compact(ctx: *mut raw::RedisModuleCtx, d: &AdmitDecision, source: Credi
 }
 
 fn reply_decision(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     d: &AdmitDecision,
     source: CreditSource,
     policy: &EffectivePolicy,
     usage: Option<&Usage>,
 ) {
-    let r = Reply::new(ctx).map(9 + if usage.is_some() { 3 } else { 0 });
+    let r = ctx.reply().map(9 + if usage.is_some() { 3 } else { 0 });
     let r = r.field("allowed", |r| r.int(i64::from(d.allowed)));
     let r = r.field("reason", |r| r.str(&d.reason()));
     let r = r.field("retry_after", |r| r.int(d.retry_after));
@@ -430,10 +403,6 @@ fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
     r.field("month_reset", |r| r.int(u.month_reset))
 }
 
-fn wrong_type(ctx: *mut raw::RedisModuleCtx, e: WrongType) {
-    Reply::new(ctx).error(&e.to_string());
-}
-
 /// What a change to an account propagates.
 // The effect stays inline (a stack buffer): an admission allocates nothing to replicate.
 #[allow(clippy::large_enum_variant)]
@@ -452,7 +421,7 @@ enum Propagate {
 /// changed something, stores the result (setting the key's expiry from it, deleting the key
 /// when nothing is left) and propagates it, which also counts it as a change for RDB saves.
 fn update<T>(
-    ctx: *mut raw::RedisModuleCtx,
+    ctx: Ctx,
     account_key: &mut AccountKey,
     change: impl FnOnce(&mut Account) -> (T, Propagate),
 ) -> T {
@@ -475,23 +444,17 @@ fn update<T>(
         Propagate::Nothing => {}
         Propagate::Effect(effect) => propagation::effect(ctx, account_key, &effect),
         Propagate::State => propagation::state(ctx, account_key),
-        Propagate::Verbatim => propagation::verbatim(ctx),
+        Propagate::Verbatim => ctx.replicate_verbatim(),
     }
     out
 }
 
 /// `QUOTA.COMMIT`: records used tokens and settles the lease.
-pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let parsed = match parse::commit(args) {
-        Ok(p) => p,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let parsed = parse::commit(args)?;
     let (key, _) = parsed.account.key();
-    let now = state::now_ms();
-    let mut account_key = match AccountKey::open(ctx, &key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
+    let now = clock::now_ms();
+    let mut account_key = AccountKey::open(ctx, &key)?;
     let outcome = update(ctx, &mut account_key, |account| {
         let pruned = account.prune(now);
         match account.commit(parsed.tokens, parsed.lease, now) {
@@ -506,35 +469,24 @@ pub fn commit(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
             ),
         }
     });
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            Reply::new(ctx).error(&e.to_string());
-            return;
-        }
-    };
+    let outcome = outcome?;
     let recorded = if outcome.duplicate { 0 } else { parsed.tokens };
     if !outcome.duplicate {
         account_key.notify(EVENT_COMMIT);
     }
-    let r = Reply::new(ctx).map(3);
+    let r = ctx.reply().map(3);
     let r = r.field("recorded", |r| r.uint(recorded));
     let r = r.field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
     r.field("lease_held", |r| r.int(i64::from(outcome.lease_held)));
+    Ok(())
 }
 
 /// `QUOTA.RELEASE`: undoes an admission held by a lease.
-pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let (account, lease) = match parse::release(args) {
-        Ok(p) => p,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn release(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let (account, lease) = parse::release(args)?;
     let (key, _) = account.key();
-    let now = state::now_ms();
-    let mut account_key = match AccountKey::open(ctx, &key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
+    let now = clock::now_ms();
+    let mut account_key = AccountKey::open(ctx, &key)?;
     let released = update(ctx, &mut account_key, |account| {
         let pruned = account.prune(now);
         let released = account.release(lease, now);
@@ -544,48 +496,39 @@ pub fn release(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if released {
         account_key.notify(EVENT_RELEASE);
     }
-    Reply::new(ctx).int(i64::from(released));
+    ctx.reply().int(i64::from(released));
+    Ok(())
 }
 
 /// `QUOTA.USAGE`: a read-only snapshot.
-pub fn usage(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn usage(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
     let (key, _) = account.key();
-    let mut account_key = match AccountKey::open_read(ctx, &key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
-    let now = state::now_ms();
+    let mut account_key = AccountKey::open_read(ctx, &key)?;
+    let now = clock::now_ms();
     let usage = match account_key.get() {
         Some(account) => account.usage(now),
         None => Account::default().usage(now),
     };
-    usage_map(Reply::new(ctx), &usage, true);
+    usage_map(ctx.reply(), &usage, true);
+    Ok(())
 }
 
 /// `QUOTA.RESET`: forgets the account's counters, leases and reservations.
-pub fn reset(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn reset(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
     let (key, _) = account.key();
-    let mut account_key = match AccountKey::open(ctx, &key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
+    let mut account_key = AccountKey::open(ctx, &key)?;
     let existed = account_key.delete();
     if existed {
         account_key.notify(EVENT_RESET);
     }
     drop(account_key);
     if existed {
-        propagation::verbatim(ctx);
+        ctx.replicate_verbatim();
     }
-    Reply::new(ctx).int(i64::from(existed));
+    ctx.reply().int(i64::from(existed));
+    Ok(())
 }
 
 /// Propagates `effect` in its encoded form.
@@ -593,39 +536,24 @@ fn encoded(effect: Effect<'_>) -> Propagate {
     Propagate::Effect(effect.encode())
 }
 
-/// Whether this call comes from the master link or the AOF; else replies that `name` is
-/// internal.
-fn internal(ctx: *mut raw::RedisModuleCtx, name: &str) -> bool {
-    let allowed =
-        (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
-    if flags(ctx) & allowed == 0 {
-        Reply::new(ctx).error(&format!(
+/// Refuses `name` unless this call comes from the master link or the AOF.
+fn internal(ctx: Ctx, name: &str) -> Result<(), CommandError> {
+    if !ctx.called_by_master_or_aof() {
+        return Err(CommandError::Owned(format!(
             "ERR {name} is internal: it is only accepted from a master or the AOF"
-        ));
-        return false;
+        )));
     }
-    true
+    Ok(())
 }
 
 /// `QUOTA.APPLY <key> <effect>`: applies a replicated or AOF effect. Refused from clients.
-pub fn apply(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    if !internal(ctx, "QUOTA.APPLY") {
-        return;
-    }
+pub(crate) fn apply(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    internal(ctx, "QUOTA.APPLY")?;
     let [_, key, effect] = args else {
-        return fail(ctx, args, parse::ParseError::Arity);
+        return Err(parse::ParseError::Arity.into());
     };
-    let effect = match Effect::decode(effect) {
-        Ok(e) => e,
-        Err(e) => {
-            Reply::new(ctx).error(&e.to_string());
-            return;
-        }
-    };
-    let mut account_key = match AccountKey::open(ctx, key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
+    let effect = Effect::decode(effect)?;
+    let mut account_key = AccountKey::open(ctx, key)?;
     let applied = update(ctx, &mut account_key, |account| {
         match effect.apply(account) {
             Ok(()) => (Ok(()), Propagate::Verbatim),
@@ -642,35 +570,29 @@ pub fn apply(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
     if let Some(event) = event {
         account_key.notify(event);
     }
-    match applied {
-        Ok(()) => Reply::new(ctx).status("OK"),
-        Err(e) => Reply::new(ctx).error(&e.to_string()),
-    };
+    applied?;
+    ctx.reply().status("OK");
+    Ok(())
 }
 
 /// `QUOTA.SETSTATE <key> <state>`: applies a replicated or AOF state. Refused from clients.
-pub fn setstate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    if !internal(ctx, "QUOTA.SETSTATE") {
-        return;
-    }
+pub(crate) fn setstate(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    internal(ctx, "QUOTA.SETSTATE")?;
     let [_, key, state] = args else {
-        return fail(ctx, args, parse::ParseError::Arity);
+        return Err(parse::ParseError::Arity.into());
     };
     let account = match Account::decode(state) {
         Ok(account) => account,
         Err(bad) => {
-            Reply::new(ctx).error(&format!(
+            return Err(CommandError::Owned(format!(
                 "ERR state must be an account state encoded by redis-quota ({bad})"
-            ));
-            return;
+            )));
         }
     };
-    let mut account_key = match AccountKey::open(ctx, key) {
-        Ok(k) => k,
-        Err(e) => return wrong_type(ctx, e),
-    };
+    let mut account_key = AccountKey::open(ctx, key)?;
     account_key.put(account);
     account_key.notify(EVENT_SETSTATE);
-    propagation::verbatim(ctx);
-    Reply::new(ctx).status("OK");
+    ctx.replicate_verbatim();
+    ctx.reply().status("OK");
+    Ok(())
 }

@@ -5,19 +5,19 @@
 //! node's cache from the committed rows (in the worker) and replicate `QUOTA.INVALIDATE` so
 //! replicas drop their entry at once.
 
-use redis_module::raw;
-
-use super::{block_timeout_ms, can_block, fail, parse, reply_cannot_block, reply_undone};
-use crate::config;
+use super::error::{CommandError, CANNOT_BLOCK, CANNOT_REREAD, CREDITS_LOADING_NO_WAIT};
+use super::parse;
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
 use crate::core::Millis;
-use crate::glue::blocked::Blocked;
-use crate::glue::reply::Reply;
-use crate::state;
-use crate::store::StoreError;
-use crate::worker::{self, Done, Job, OwnedUser};
+use crate::ffi::blocked::Blocked;
+use crate::ffi::ctx::Ctx;
+use crate::ffi::reply::Reply;
+use crate::runtime::config;
+use crate::runtime::jobs::{Done, Job, OwnedUser, StoreError};
+use crate::runtime::worker;
+use crate::runtime::{cache, clock};
 
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
 /// `extra` more pairs are left for the caller. A missing row writes nil columns.
@@ -49,18 +49,13 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
 }
 
 /// Replies the record that applies to `bundle` among `rows`, or nil.
-fn reply_applicable(
-    ctx: *mut raw::RedisModuleCtx,
-    ids: [&str; 4],
-    rows: &[Replenishment],
-    now: Millis,
-) {
+fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
     match select_credit(rows, ids[3], now) {
         Some((row, _)) => {
-            record(Reply::new(ctx), ids, Some(row), 0);
+            record(ctx.reply(), ids, Some(row), 0);
         }
         None => {
-            Reply::new(ctx).null();
+            ctx.reply().null();
         }
     }
 }
@@ -68,91 +63,76 @@ fn reply_applicable(
 /// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
 /// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
 pub(super) fn on_worker(
-    ctx: *mut raw::RedisModuleCtx,
-    args: &[&[u8]],
-    make: impl FnOnce(Blocked) -> Job,
-) {
-    if !can_block(ctx) {
-        return reply_cannot_block(ctx, args);
+    ctx: Ctx,
+    make: impl FnOnce(Blocked<Done>) -> Job,
+) -> Result<(), CommandError> {
+    if !ctx.can_block() {
+        return Err(CommandError::CannotWait);
     }
-    match Blocked::block(ctx, block_timeout_ms()) {
-        Some(client) => worker::submit_or_busy(make(client)),
-        None => {
-            Reply::new(ctx).error("ERR cannot block this client");
+    match Blocked::block(ctx, config::block_timeout_ms()) {
+        Some(client) => {
+            worker::submit_or_busy(make(client));
+            Ok(())
         }
+        None => Err(CommandError::Text(CANNOT_BLOCK)),
     }
 }
 
 /// `QUOTA.GRANT`: upsert in Postgres on a worker.
-pub fn grant(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let now = state::now_ms();
-    match parse::grant(args, now) {
-        Ok(parsed) => on_worker(ctx, args, |client| Job::Grant {
-            user: OwnedUser::from_id(&parsed.account.user),
-            bundle: parsed.account.bundle.to_owned(),
-            request: Box::new(parsed.request),
-            now,
-            client,
-        }),
-        Err(e) => fail(ctx, args, e),
-    }
+pub(crate) fn grant(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let now = clock::now_ms();
+    let parsed = parse::grant(args, now)?;
+    on_worker(ctx, |client| Job::Grant {
+        user: OwnedUser::from_id(&parsed.account.user),
+        bundle: parsed.account.bundle.to_owned(),
+        request: Box::new(parsed.request),
+        now,
+        client,
+    })
 }
 
 /// `QUOTA.REVOKE`: soft delete on a worker.
-pub fn revoke(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    match parse::account_only(args) {
-        Ok(account) => on_worker(ctx, args, |client| Job::Revoke {
-            user: OwnedUser::from_id(&account.user),
-            bundle: account.bundle.to_owned(),
-            client,
-        }),
-        Err(e) => fail(ctx, args, e),
-    }
+pub(crate) fn revoke(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
+    on_worker(ctx, |client| Job::Revoke {
+        user: OwnedUser::from_id(&account.user),
+        bundle: account.bundle.to_owned(),
+        client,
+    })
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
-pub fn list(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    match parse::list(args) {
-        Ok((user, all)) => on_worker(ctx, args, |client| Job::List {
-            user: OwnedUser::from_id(&user),
-            all,
-            client,
-        }),
-        Err(e) => fail(ctx, args, e),
-    }
+pub(crate) fn list(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let (user, all) = parse::list(args)?;
+    on_worker(ctx, |client| Job::List {
+        user: OwnedUser::from_id(&user),
+        all,
+        client,
+    })
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
-pub fn cleanup(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
+pub(crate) fn cleanup(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     if args.len() != 1 {
-        return fail(ctx, args, parse::ParseError::Arity);
+        return Err(parse::ParseError::Arity.into());
     }
-    on_worker(ctx, args, |client| Job::Cleanup {
+    on_worker(ctx, |client| Job::Cleanup {
         client: Some(client),
-    });
+    })
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
-pub fn invalidate(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let user = match parse::user_only(args) {
-        Ok(u) => u,
-        Err(e) => return fail(ctx, args, e),
-    };
-    let dropped = state::cache().invalidate(&user.key());
-    unsafe {
-        if let Some(f) = raw::RedisModule_ReplicateVerbatim {
-            f(ctx);
-        }
-    }
-    Reply::new(ctx).int(i64::from(dropped));
+pub(crate) fn invalidate(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let user = parse::user_only(args)?;
+    let dropped = cache::cache().invalidate(&user.key());
+    ctx.replicate_verbatim();
+    ctx.reply().int(i64::from(dropped));
+    Ok(())
 }
 
 /// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
-pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
     let ids = [
         account.user.tenant,
         account.user.project,
@@ -160,16 +140,16 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
         account.bundle,
     ];
     let user_key = account.user.key();
-    let now = state::now_ms();
-    let mut cache = state::cache();
-    let load = match cache.lookup(&user_key, now) {
+    let now = clock::now_ms();
+    let mut cache = cache::cache();
+    let (answered, load) = match cache.lookup(&user_key, now) {
         Lookup::Fresh(rows, _) => {
             reply_applicable(ctx, ids, rows, now);
-            return;
+            return Ok(());
         }
         Lookup::Stale { rows, refresh } => {
             reply_applicable(ctx, ids, rows, now);
-            refresh
+            (Ok(()), refresh)
         }
         Lookup::Unavailable => {
             // Without a URL there is nothing to retry: the same error as the other commands.
@@ -179,41 +159,35 @@ pub fn get(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
                 "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly"
                     .to_owned()
             };
-            Reply::new(ctx).error(&text);
-            return;
+            return Err(text.into());
         }
         Lookup::Miss { load } => {
-            if can_block(ctx) {
-                match Blocked::block(ctx, block_timeout_ms()) {
+            let waited = if ctx.can_block() {
+                match Blocked::block(ctx, config::block_timeout_ms()) {
                     Some(client) => {
                         if let Err(client) = cache.add_waiter(&user_key, client) {
                             client.finish(Done::Dropped);
                         }
+                        Ok(())
                     }
-                    None => {
-                        Reply::new(ctx).error("ERR cannot block this client");
-                    }
+                    None => Err(CommandError::Text(CANNOT_BLOCK)),
                 }
             } else {
-                Reply::new(ctx).error(
-                    "TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly",
-                );
-            }
-            load
+                Err(CommandError::Text(CREDITS_LOADING_NO_WAIT))
+            };
+            (waited, load)
         }
     };
     drop(cache);
     if let Some(flight) = load {
         worker::submit_load(&user_key, &account.user, flight);
     }
+    answered
 }
 
 /// `QUOTA.GET` after its load finished.
-pub fn get_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
-    let account = match parse::account_only(args) {
-        Ok(a) => a,
-        Err(e) => return fail(ctx, args, e),
-    };
+pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
+    let account = parse::account_only(args)?;
     let ids = [
         account.user.tenant,
         account.user.project,
@@ -221,49 +195,38 @@ pub fn get_resumed(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         account.bundle,
     ];
     match done {
-        Done::Loaded(Ok(rows)) => reply_applicable(ctx, ids, rows, state::now_ms()),
-        Done::Loaded(Err(e)) => {
-            Reply::new(ctx).error(&e.to_string());
+        Done::Loaded(Ok(rows)) => {
+            reply_applicable(ctx, ids, rows, clock::now_ms());
+            Ok(())
         }
-        other => reply_undone(ctx, other),
+        Done::Loaded(Err(e)) => Err(e.clone().into()),
+        other => Err(CommandError::undone(other)),
     }
 }
 
 /// Replicates `QUOTA.INVALIDATE <t> <p> <u>` so replicas drop the user's entry.
-fn replicate_invalidate(ctx: *mut raw::RedisModuleCtx, ids: [&str; 4]) {
+fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
     let [t, p, u, _] = ids;
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.INVALIDATE".as_ptr(),
-                c"bbb".as_ptr(),
-                t.as_ptr(),
-                t.len(),
-                p.as_ptr(),
-                p.len(),
-                u.as_ptr(),
-                u.len(),
-            );
-        }
-    }
+    ctx.replicate(
+        c"QUOTA.INVALIDATE",
+        &[t.as_bytes(), p.as_bytes(), u.as_bytes()],
+    );
 }
 
 /// Replies GRANT, REVOKE, LIST and CLEANUP once their worker is done.
-pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
     match done {
         Done::Grant(Ok(outcome)) => {
             // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).
             let Ok(account) = parse::account_only(args.get(..5).unwrap_or(args)) else {
-                Reply::new(ctx).error("ERR internal: cannot re-read the command");
-                return;
+                return Err(CommandError::Text(CANNOT_REREAD));
             };
             let u = account.user;
             let ids = [u.tenant, u.project, u.user, account.bundle];
             if !outcome.duplicate {
                 replicate_invalidate(ctx, ids);
             }
-            record(Reply::new(ctx), ids, outcome.record.as_ref(), 1)
+            record(ctx.reply(), ids, outcome.record.as_ref(), 1)
                 .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
         }
         Done::Revoke(Ok(outcome)) => {
@@ -271,24 +234,23 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
                 let u = account.user;
                 replicate_invalidate(ctx, [u.tenant, u.project, u.user, account.bundle]);
             }
-            Reply::new(ctx).int(i64::from(outcome.revoked));
+            ctx.reply().int(i64::from(outcome.revoked));
         }
         Done::List(Ok(rows)) => {
             let Ok((user, _)) = parse::list(args) else {
-                Reply::new(ctx).error("ERR internal: cannot re-read the command");
-                return;
+                return Err(CommandError::Text(CANNOT_REREAD));
             };
-            let mut r = Reply::new(ctx).map(rows.len());
+            let mut r = ctx.reply().map(rows.len());
             for row in rows {
                 let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
                 r = record(r.str(&row.bundle_id), ids, Some(row), 0);
             }
         }
         Done::Cleanup(Ok(outcome)) => {
-            Reply::new(ctx).uint(outcome.deactivated);
+            ctx.reply().uint(outcome.deactivated);
         }
         Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
-            Reply::new(ctx).error(&e.to_string());
+            return Err(e.clone().into());
         }
         Done::Loaded(_)
         | Done::Policy(_)
@@ -296,6 +258,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         | Done::PolicyDel(_)
         | Done::PolicyList(_)
         | Done::Busy
-        | Done::Dropped => reply_undone(ctx, done),
+        | Done::Dropped => return Err(CommandError::undone(done)),
     }
+    Ok(())
 }

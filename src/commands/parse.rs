@@ -10,17 +10,17 @@ use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
 
 /// Longest `PURCHASE` id, in bytes (the column is `VARCHAR(255)`).
-pub const MAX_PURCHASE_LEN: usize = 255;
+pub(crate) const MAX_PURCHASE_LEN: usize = 255;
 /// Longest `NOTES`, in bytes.
-pub const MAX_NOTES_LEN: usize = 4096;
+pub(crate) const MAX_NOTES_LEN: usize = 4096;
 /// Longest `LEASE` id, in bytes.
-pub const MAX_LEASE_LEN: usize = crate::core::account::MAX_LEASE_ID_LEN;
+pub(crate) const MAX_LEASE_LEN: usize = crate::core::account::MAX_LEASE_ID_LEN;
 /// Latest accepted `EXPIRES_AT`: 9999-12-31T23:59:59Z.
-pub const MAX_EXPIRES_AT: i64 = 253_402_300_799;
+pub(crate) const MAX_EXPIRES_AT: i64 = 253_402_300_799;
 
 /// A refused command; `Display` is the wire error text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ParseError {
+pub(crate) enum ParseError {
     Arity,
     Id(IdError),
     NotANumber(&'static str),
@@ -80,7 +80,7 @@ pub(crate) fn shown(word: &[u8]) -> String {
 }
 
 /// Parses a non-negative 64-bit integer (0 ..= i64::MAX) in plain decimal.
-pub fn parse_amount(what: &'static str, raw: &[u8]) -> Result<u64, ParseError> {
+pub(crate) fn parse_amount(what: &'static str, raw: &[u8]) -> Result<u64, ParseError> {
     if raw.is_empty() || raw.len() > 19 {
         return Err(ParseError::NotANumber(what));
     }
@@ -200,13 +200,13 @@ fn limit_value(field: LimitField, raw: &[u8]) -> Result<u64, ParseError> {
 
 /// `QUOTA.GRANT <t> <p> <u> <b> [options]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrantArgs<'a> {
+pub(crate) struct GrantArgs<'a> {
     pub account: AccountId<'a>,
     pub request: GrantRequest,
 }
 
 /// Parses `QUOTA.GRANT`; `now` resolves `EXPIRES_IN`.
-pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseError> {
+pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseError> {
     let (account, rest) = account_and_rest(args)?;
     let mut req = GrantRequest::default();
     let mut opts = Options::new(rest);
@@ -281,7 +281,7 @@ pub fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>, ParseE
 
 /// `QUOTA.ADMIT <t> <p> <u> <b> [options]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AdmitArgs<'a> {
+pub(crate) struct AdmitArgs<'a> {
     pub account: AccountId<'a>,
     pub base: Limits,
     pub lease: Option<&'a str>,
@@ -297,7 +297,10 @@ pub struct AdmitArgs<'a> {
 }
 
 /// Parses `QUOTA.ADMIT`.
-pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>, ParseError> {
+pub(crate) fn admit<'a>(
+    args: &[&'a [u8]],
+    max_lease_ttl: i64,
+) -> Result<AdmitArgs<'a>, ParseError> {
     let (account, rest) = account_and_rest(args)?;
     let mut out = AdmitArgs {
         account,
@@ -361,7 +364,7 @@ pub fn admit<'a>(args: &[&'a [u8]], max_lease_ttl: i64) -> Result<AdmitArgs<'a>,
 
 /// `QUOTA.POLICY <subcommand> ...`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicyArgs<'a> {
+pub(crate) enum PolicyArgs<'a> {
     /// `SET <t> <p> <name> [limits]`: absent limits are unlimited.
     Set(PolicyId<'a>, Limits),
     Get(PolicyId<'a>),
@@ -373,7 +376,7 @@ pub enum PolicyArgs<'a> {
 }
 
 /// Parses `QUOTA.POLICY SET|GET|DEL|LIST|INVALIDATE`.
-pub fn policy<'a>(args: &[&'a [u8]]) -> Result<PolicyArgs<'a>, ParseError> {
+pub(crate) fn policy<'a>(args: &[&'a [u8]]) -> Result<PolicyArgs<'a>, ParseError> {
     let [_, sub, rest @ ..] = args else {
         return Err(ParseError::Arity);
     };
@@ -421,14 +424,14 @@ pub fn policy<'a>(args: &[&'a [u8]]) -> Result<PolicyArgs<'a>, ParseError> {
 
 /// `QUOTA.COMMIT <t> <p> <u> <b> <tokens> [LEASE id]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommitArgs<'a> {
+pub(crate) struct CommitArgs<'a> {
     pub account: AccountId<'a>,
     pub tokens: u64,
     pub lease: Option<&'a str>,
 }
 
 /// Parses `QUOTA.COMMIT`.
-pub fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError> {
+pub(crate) fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError> {
     let (account, rest) = account_and_rest(args)?;
     let (tokens, rest) = rest.split_first().ok_or(ParseError::Arity)?;
     let tokens = parse_amount("tokens", tokens)?;
@@ -450,7 +453,7 @@ pub fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError> {
 }
 
 /// `QUOTA.RELEASE <t> <p> <u> <b> <lease>`.
-pub fn release<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, &'a str), ParseError> {
+pub(crate) fn release<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, &'a str), ParseError> {
     let (account, rest) = account_and_rest(args)?;
     match rest {
         [lease] => Ok((account, text_arg("lease", lease, MAX_LEASE_LEN)?)),
@@ -459,7 +462,7 @@ pub fn release<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, &'a str), ParseE
 }
 
 /// Commands that take exactly `<t> <p> <u> <b>`.
-pub fn account_only<'a>(args: &[&'a [u8]]) -> Result<AccountId<'a>, ParseError> {
+pub(crate) fn account_only<'a>(args: &[&'a [u8]]) -> Result<AccountId<'a>, ParseError> {
     match account_and_rest(args)? {
         (account, []) => Ok(account),
         _ => Err(ParseError::Arity),
@@ -467,7 +470,7 @@ pub fn account_only<'a>(args: &[&'a [u8]]) -> Result<AccountId<'a>, ParseError> 
 }
 
 /// `QUOTA.LIST <t> <p> <u> [ALL]`.
-pub fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseError> {
+pub(crate) fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseError> {
     match args {
         [_, t, p, u] => Ok((UserId::parse(t, p, u)?, false)),
         [_, t, p, u, all] if all.eq_ignore_ascii_case(b"ALL") => {
@@ -479,7 +482,7 @@ pub fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseError> {
 }
 
 /// `QUOTA.INVALIDATE <t> <p> <u>`.
-pub fn user_only<'a>(args: &[&'a [u8]]) -> Result<UserId<'a>, ParseError> {
+pub(crate) fn user_only<'a>(args: &[&'a [u8]]) -> Result<UserId<'a>, ParseError> {
     match args {
         [_, t, p, u] => Ok(UserId::parse(t, p, u)?),
         _ => Err(ParseError::Arity),
@@ -493,11 +496,6 @@ fn account_and_rest<'a, 'b>(
         [_, t, p, u, b, rest @ ..] => Ok((AccountId::parse([t, p, u, b])?, rest)),
         _ => Err(ParseError::Arity),
     }
-}
-
-/// Checks a bundle id alone (used where the identity was parsed elsewhere).
-pub fn bundle(raw: &[u8]) -> Result<&str, ParseError> {
-    Ok(check_id("bundle", raw)?)
 }
 
 #[cfg(test)]

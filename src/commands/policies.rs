@@ -5,17 +5,20 @@
 //! `QUOTA.POLICY INVALIDATE` so replicas drop their copy at once (other nodes hear NOTIFY).
 //! `GET` answers from the policy cache and waits only on a miss, like `QUOTA.GET`.
 
-use redis_module::raw;
-
 use super::credits::on_worker;
-use super::{block_timeout_ms, can_block, fail, parse, reply_undone};
+use super::error::{CommandError, CANNOT_BLOCK, CANNOT_REREAD};
+use super::parse;
 use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
-use crate::glue::blocked::Blocked;
-use crate::glue::reply::Reply;
-use crate::state::{self, PolicyWaiter};
-use crate::worker::{self, Done, Job, OwnedPolicy};
+use crate::ffi::blocked::Blocked;
+use crate::ffi::ctx::Ctx;
+use crate::ffi::reply::Reply;
+use crate::runtime::cache::{self, PolicyWaiter};
+use crate::runtime::clock;
+use crate::runtime::config;
+use crate::runtime::jobs::{Done, Job, OwnedPolicy};
+use crate::runtime::worker;
 use parse::PolicyArgs;
 
 /// Writes one policy: its identity and the seven limits (nil = unlimited).
@@ -35,85 +38,79 @@ fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
 }
 
 /// `QUOTA.POLICY ...`.
-pub fn policy(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) {
-    let parsed = match parse::policy(args) {
-        Ok(p) => p,
-        Err(e) => return fail(ctx, args, e),
-    };
-    match parsed {
-        PolicyArgs::Set(id, limits) => on_worker(ctx, args, |client| Job::PolicySet {
+pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    match parse::policy(args)? {
+        PolicyArgs::Set(id, limits) => on_worker(ctx, |client| Job::PolicySet {
             policy: OwnedPolicy::from_id(&id),
             limits: Box::new(limits),
             client,
         }),
-        PolicyArgs::Del(id) => on_worker(ctx, args, |client| Job::PolicyDel {
+        PolicyArgs::Del(id) => on_worker(ctx, |client| Job::PolicyDel {
             policy: OwnedPolicy::from_id(&id),
             client,
         }),
-        PolicyArgs::List(tenant, project) => on_worker(ctx, args, |client| Job::PolicyList {
+        PolicyArgs::List(tenant, project) => on_worker(ctx, |client| Job::PolicyList {
             tenant: tenant.to_owned(),
             project: project.to_owned(),
             client,
         }),
         PolicyArgs::Get(id) => get(ctx, &id),
         PolicyArgs::Invalidate(id) => {
-            let dropped = state::policies().invalidate(&id.key());
-            crate::glue::propagation::verbatim(ctx);
-            Reply::new(ctx).int(i64::from(dropped));
+            let dropped = cache::policies().invalidate(&id.key());
+            ctx.replicate_verbatim();
+            ctx.reply().int(i64::from(dropped));
+            Ok(())
         }
     }
 }
 
 /// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.
-fn get(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
+fn get(ctx: Ctx, id: &PolicyId<'_>) -> Result<(), CommandError> {
     let key = id.key();
-    let now = state::now_ms();
-    let mut cache = state::policies();
-    let load = match cache.lookup(&key, now) {
+    let now = clock::now_ms();
+    let mut cache = cache::policies();
+    let (answered, load) = match cache.lookup(&key, now) {
         Lookup::Fresh(found, _) => {
             reply_found(ctx, id, found.as_ref());
-            return;
+            return Ok(());
         }
         Lookup::Stale { rows, refresh } => {
             reply_found(ctx, id, rows.as_ref());
-            refresh
+            (Ok(()), refresh)
         }
-        Lookup::Unavailable => {
-            Reply::new(ctx).error(&unavailable(id.name));
-            return;
-        }
+        Lookup::Unavailable => return Err(unavailable(id.name).into()),
         Lookup::Miss { load } => {
-            if can_block(ctx) {
-                match Blocked::block(ctx, block_timeout_ms()) {
+            let waited = if ctx.can_block() {
+                match Blocked::block(ctx, config::block_timeout_ms()) {
                     Some(client) => {
                         let waiter = PolicyWaiter { client, then: None };
                         if let Err(waiter) = cache.add_waiter(&key, waiter) {
                             waiter.client.finish(Done::Dropped);
                         }
+                        Ok(())
                     }
-                    None => {
-                        Reply::new(ctx).error("ERR cannot block this client");
-                    }
+                    None => Err(CommandError::Text(CANNOT_BLOCK)),
                 }
             } else {
-                Reply::new(ctx).error(&loading(id.name));
-            }
-            load
+                Err(loading(id.name).into())
+            };
+            (waited, load)
         }
     };
     drop(cache);
     if let Some(flight) = load {
         worker::submit_policy_load(id, flight);
     }
+    answered
 }
 
-fn reply_found(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>, found: Option<&Limits>) {
+fn reply_found(ctx: Ctx, id: &PolicyId<'_>, found: Option<&Limits>) {
     match found {
         Some(limits) => {
-            record(Reply::new(ctx), id, limits);
+            record(ctx.reply(), id, limits);
         }
         None => {
-            Reply::new(ctx).null();
+            ctx.reply().null();
         }
     }
 }
@@ -140,42 +137,34 @@ pub(crate) fn unknown(name: &str) -> String {
 }
 
 /// Replicates `QUOTA.POLICY INVALIDATE <t> <p> <name>` so replicas drop their copy.
-fn replicate_invalidate(ctx: *mut raw::RedisModuleCtx, id: &PolicyId<'_>) {
-    unsafe {
-        if let Some(f) = raw::RedisModule_Replicate {
-            f(
-                ctx,
-                c"QUOTA.POLICY".as_ptr(),
-                c"cbbb".as_ptr(),
-                c"INVALIDATE".as_ptr(),
-                id.tenant.as_ptr(),
-                id.tenant.len(),
-                id.project.as_ptr(),
-                id.project.len(),
-                id.name.as_ptr(),
-                id.name.len(),
-            );
-        }
-    }
+fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
+    ctx.replicate(
+        c"QUOTA.POLICY",
+        &[
+            b"INVALIDATE",
+            id.tenant.as_bytes(),
+            id.project.as_bytes(),
+            id.name.as_bytes(),
+        ],
+    );
 }
 
 /// Replies `QUOTA.POLICY` once its worker is done.
-pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
+pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
     let Ok(parsed) = parse::policy(args) else {
-        Reply::new(ctx).error("ERR internal: cannot re-read the command");
-        return;
+        return Err(CommandError::Text(CANNOT_REREAD));
     };
     match (parsed, done) {
         (PolicyArgs::Set(id, _), Done::PolicySet(Ok(stored))) => {
             replicate_invalidate(ctx, &id);
-            record(Reply::new(ctx), &id, &stored.limits);
+            record(ctx.reply(), &id, &stored.limits);
         }
         (PolicyArgs::Del(id), Done::PolicyDel(Ok(deleted))) => {
             replicate_invalidate(ctx, &id);
-            Reply::new(ctx).int(i64::from(*deleted));
+            ctx.reply().int(i64::from(*deleted));
         }
         (PolicyArgs::List(tenant, project), Done::PolicyList(Ok(records))) => {
-            let mut r = Reply::new(ctx).map(records.len());
+            let mut r = ctx.reply().map(records.len());
             for stored in records {
                 let id = PolicyId {
                     tenant,
@@ -187,7 +176,7 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
         }
         (PolicyArgs::Get(id), Done::Policy(Ok(found))) => reply_found(ctx, &id, found.as_ref()),
         (PolicyArgs::Get(id), Done::Policy(Err(e))) if e.is_unavailable() => {
-            Reply::new(ctx).error(&unavailable(id.name));
+            return Err(unavailable(id.name).into());
         }
         (
             _,
@@ -195,20 +184,17 @@ pub fn resume(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]], done: &Done) {
             | Done::PolicySet(Err(e))
             | Done::PolicyDel(Err(e))
             | Done::PolicyList(Err(e)),
-        ) => {
-            Reply::new(ctx).error(&e.to_string());
-        }
-        (_, other) => reply_undone(ctx, other),
+        ) => return Err(e.clone().into()),
+        (_, other) => return Err(CommandError::undone(other)),
     }
+    Ok(())
 }
 
-/// `QUOTA.POLICY` whose wait for PostgreSQL ran out.
-pub fn timed_out(ctx: *mut raw::RedisModuleCtx, args: &[&[u8]]) -> bool {
+/// The error for a `QUOTA.POLICY` whose wait for PostgreSQL ran out, where it differs from
+/// the general one (a `GET` only reads: the policy is unavailable).
+pub(crate) fn timed_out(args: &[&[u8]]) -> Option<CommandError> {
     match parse::policy(args) {
-        Ok(PolicyArgs::Get(id)) => {
-            Reply::new(ctx).error(&unavailable(id.name));
-            true
-        }
-        _ => false,
+        Ok(PolicyArgs::Get(id)) => Some(unavailable(id.name).into()),
+        _ => None,
     }
 }

@@ -13,17 +13,18 @@ use ahash::RandomState;
 use indexmap::IndexMap;
 
 use super::credit::Replenishment;
+use super::policy::CachedPolicy;
 use super::Millis;
 
 /// A user key, stored inline in the map for the usual sizes (one memory access less per lookup).
 type CacheKey = smallvec::SmallVec<[u8; 56]>;
 
 /// The rows of one user, shared between the cache and readers.
-pub type UserCredits = Arc<[Replenishment]>;
+pub(crate) type UserCredits = Arc<[Replenishment]>;
 
 /// What the cache can hold: a value that says whether it is a negative answer ("no credits",
 /// "no such policy"), which stays fresh for the negative TTL instead of the positive one.
-pub trait CacheValue {
+pub(crate) trait CacheValue {
     /// Whether this is a negative answer.
     fn is_negative(&self) -> bool;
 }
@@ -34,9 +35,16 @@ impl CacheValue for UserCredits {
     }
 }
 
+/// A named policy's entry: `None` is "no such policy".
+impl CacheValue for CachedPolicy {
+    fn is_negative(&self) -> bool {
+        self.is_none()
+    }
+}
+
 /// Tunables, from the module configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheConfig {
+pub(crate) struct CacheConfig {
     /// How long a user with rows stays fresh.
     pub ttl_ms: Millis,
     /// How long a user without rows stays fresh.
@@ -49,7 +57,7 @@ pub struct CacheConfig {
 
 /// Counters for `INFO quota`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CacheStats {
+pub(crate) struct CacheStats {
     pub hits: u64,
     pub stale_hits: u64,
     pub misses: u64,
@@ -58,7 +66,7 @@ pub struct CacheStats {
 
 /// What a lookup found.
 #[derive(Debug)]
-pub enum Lookup<'a, V = UserCredits> {
+pub(crate) enum Lookup<'a, V = UserCredits> {
     /// Fresh rows, and until when they stay fresh.
     Fresh(&'a V, Millis),
     /// Rows past their TTL; `refresh` is `Some(flight)` when the caller must start the one
@@ -92,7 +100,7 @@ struct Entry<W, V> {
 
 /// The cache.
 #[derive(Debug)]
-pub struct CreditCache<W, V = UserCredits> {
+pub(crate) struct CreditCache<W, V = UserCredits> {
     map: IndexMap<CacheKey, Entry<W, V>, RandomState>,
     config: CacheConfig,
     next_flight: u64,
@@ -114,7 +122,7 @@ const EVICTION_SAMPLES: usize = 5;
 
 impl<W, V: CacheValue> CreditCache<W, V> {
     /// An empty cache.
-    pub fn new(config: CacheConfig) -> Self {
+    pub(crate) fn new(config: CacheConfig) -> Self {
         CreditCache {
             map: IndexMap::with_hasher(RandomState::new()),
             config,
@@ -127,39 +135,29 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Changes the tunables; shrinks the cache if the bound went down.
-    pub fn set_config(&mut self, config: CacheConfig) {
+    pub(crate) fn set_config(&mut self, config: CacheConfig) {
         self.epoch += 1;
         self.config = config;
         while self.map.len() > self.config.max_entries && self.evict_one() {}
     }
 
-    /// The tunables in force.
-    pub fn config(&self) -> CacheConfig {
-        self.config
-    }
-
     /// Entries held.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
 
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     /// Hit, miss and eviction counters.
-    pub fn stats(&self) -> CacheStats {
+    pub(crate) fn stats(&self) -> CacheStats {
         self.stats
     }
 
     /// Loads in flight.
-    pub fn flights(&self) -> usize {
+    pub(crate) fn flights(&self) -> usize {
         self.in_flight
     }
 
     /// The current epoch (see the field).
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
@@ -175,7 +173,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Looks a user up, starting a load or a background refresh when one is due.
-    pub fn lookup(&mut self, key: &[u8], now: Millis) -> Lookup<'_, V> {
+    pub(crate) fn lookup(&mut self, key: &[u8], now: Millis) -> Lookup<'_, V> {
         let Some(index) = self.map.get_index_of(key) else {
             self.stats.misses += 1;
             let flight = self.new_flight();
@@ -229,7 +227,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Waits `waiter` on the user's load in flight; gives it back when there is none.
-    pub fn add_waiter(&mut self, key: &[u8], waiter: W) -> Result<(), W> {
+    pub(crate) fn add_waiter(&mut self, key: &[u8], waiter: W) -> Result<(), W> {
         match self.map.get_mut(key).and_then(|e| e.flight.as_mut()) {
             Some(flight) => {
                 flight.waiters.push(waiter);
@@ -240,7 +238,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// The load could not be started (queue full): forgets the flight and returns its waiters.
-    pub fn abort_flight(&mut self, key: &[u8], flight: u64) -> Vec<W> {
+    pub(crate) fn abort_flight(&mut self, key: &[u8], flight: u64) -> Vec<W> {
         let Some(entry) = self.map.get_mut(key) else {
             return Vec::new();
         };
@@ -258,7 +256,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     /// Reports a load's outcome and returns the waiters to answer. A load that raced with a
     /// write-through keeps the newer rows; one that raced with an invalidation is stored stale.
     /// A failed load keeps any rows already known and holds off retries for `retry_ms`.
-    pub fn complete(
+    pub(crate) fn complete(
         &mut self,
         key: &[u8],
         flight: u64,
@@ -296,7 +294,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Write-through: the user's rows as just committed.
-    pub fn put(&mut self, key: &[u8], rows: V, now: Millis) {
+    pub(crate) fn put(&mut self, key: &[u8], rows: V, now: Millis) {
         self.epoch += 1;
         let ttl = if rows.is_negative() {
             self.config.negative_ttl_ms
@@ -325,7 +323,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Drops a user's entry (a load in flight is kept, marked so its result is not trusted).
-    pub fn invalidate(&mut self, key: &[u8]) -> bool {
+    pub(crate) fn invalidate(&mut self, key: &[u8]) -> bool {
         self.epoch += 1;
         match self.map.get_mut(key) {
             Some(entry) if entry.flight.is_some() => {
@@ -341,7 +339,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Marks a user's rows stale: still served, refreshed by the next lookup.
-    pub fn mark_stale(&mut self, key: &[u8]) {
+    pub(crate) fn mark_stale(&mut self, key: &[u8]) {
         self.epoch += 1;
         if let Some(entry) = self.map.get_mut(key) {
             entry.fresh_until = 0;
@@ -353,7 +351,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Ends every load in flight and returns all their waiters (shutdown).
-    pub fn take_all_waiters(&mut self) -> Vec<W> {
+    pub(crate) fn take_all_waiters(&mut self) -> Vec<W> {
         self.epoch += 1;
         let mut out = Vec::new();
         for entry in self.map.values_mut() {
@@ -367,7 +365,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Drops everything (loads in flight are kept, marked untrusted).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.epoch += 1;
         self.map.retain(|_, entry| match entry.flight.as_mut() {
             Some(f) => {
@@ -639,7 +637,7 @@ mod tests {
         c.add_waiter(b"u", 1).unwrap();
         assert_eq!(c.abort_flight(b"u", f), vec![1]);
         assert_eq!(c.flights(), 0);
-        assert!(c.is_empty());
+        assert_eq!(c.len(), 0);
         assert_eq!(c.add_waiter(b"u", 2), Err(2));
     }
 

@@ -9,7 +9,7 @@ use super::Millis;
 
 /// One stored replenishment row of a user (the identity of the user is known from context).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replenishment {
+pub(crate) struct Replenishment {
     // Text fields are boxed `str`s rather than `String`s: every cached user holds these rows,
     // and 8 bytes less per field keep one row in a smaller allocation class.
     pub bundle_id: Box<str>,
@@ -29,7 +29,7 @@ pub struct Replenishment {
 
 impl Replenishment {
     /// Active and not expired at `now`.
-    pub fn is_live(&self, now: Millis) -> bool {
+    pub(crate) fn is_live(&self, now: Millis) -> bool {
         self.active
             && self
                 .expires_at
@@ -39,7 +39,7 @@ impl Replenishment {
 
 /// Where the credits of an admission came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreditSource {
+pub(crate) enum CreditSource {
     /// The row of the requested bundle.
     Bundle,
     /// The `'*'` row.
@@ -54,7 +54,7 @@ pub enum CreditSource {
 
 impl CreditSource {
     /// The reply text.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CreditSource::Bundle => "bundle",
             CreditSource::Global => "global",
@@ -68,7 +68,7 @@ impl CreditSource {
     /// alone gives. While the user's credits are still loading (`Pending`), the next call is
     /// decided on them and may admit, so the wait is at most [`PENDING_RETRY_AFTER_S`], even
     /// where the base policy alone would never reset (-1).
-    pub fn denial_retry_after(self, decided: i64) -> i64 {
+    pub(crate) fn denial_retry_after(self, decided: i64) -> i64 {
         match self {
             CreditSource::Pending if decided >= 0 => decided.min(PENDING_RETRY_AFTER_S),
             CreditSource::Pending => PENDING_RETRY_AFTER_S,
@@ -79,11 +79,11 @@ impl CreditSource {
 
 /// The longest `retry_after` of a denial decided while the user's credits load (a load takes
 /// milliseconds; a slow PostgreSQL answers within `quota.pg-timeout-ms` or is `unavailable`).
-pub const PENDING_RETRY_AFTER_S: i64 = 1;
+pub(crate) const PENDING_RETRY_AFTER_S: i64 = 1;
 
 /// The row that applies to `bundle` at `now`: the live row of that bundle, else the live `'*'`
 /// row, else none. One row applies, never two combined.
-pub fn select_credit<'a>(
+pub(crate) fn select_credit<'a>(
     rows: &'a [Replenishment],
     bundle: &str,
     now: Millis,
@@ -102,7 +102,7 @@ pub fn select_credit<'a>(
 
 /// At most how long an account may use its remembered credit before asking the cache again
 /// (which also keeps the cache entry's least-recently-used time current).
-pub const MEMO_MAX_MS: Millis = 1000;
+pub(crate) const MEMO_MAX_MS: Millis = 1000;
 
 /// The credit an account's admissions use, remembered next to the account's usage so the next
 /// admission of the same (user, bundle) need not look the user up in the credits cache.
@@ -114,7 +114,7 @@ pub const MEMO_MAX_MS: Millis = 1000;
 /// another key name (the value was renamed: another user or bundle) is ignored. 80 bytes,
 /// kept inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CreditMemo {
+pub(crate) struct CreditMemo {
     /// `Additional` with `i64::MIN` for an absent amount (an amount below zero adds nothing,
     /// exactly as an absent one).
     amounts: [i64; LIMIT_FIELDS],
@@ -144,7 +144,7 @@ impl CreditMemo {
     /// Remembers `chosen` (what `select_credit` picked from `rows` at `now` for the account
     /// whose key is `account`, as amounts and source), read from a fresh cache entry at
     /// `epoch` that stays fresh until `fresh_until`.
-    pub fn new(
+    pub(crate) fn new(
         account: &[u8],
         chosen: (Option<Additional>, CreditSource),
         rows: &[Replenishment],
@@ -179,7 +179,7 @@ impl CreditMemo {
     /// The remembered credit, if it was chosen for the account whose key is `account` and
     /// still holds at `now` with the cache at `epoch`. A clock set back (by more than `until`
     /// is ahead of it) retires it too.
-    pub fn get(
+    pub(crate) fn get(
         &self,
         account: &[u8],
         epoch: u64,
@@ -205,14 +205,14 @@ impl CreditMemo {
 
 /// Money in whole cents; parsed from and printed as a decimal string, never a float.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cents(pub i64);
+pub(crate) struct Cents(pub i64);
 
 /// The largest amount `NUMERIC(10,2)` holds: 99,999,999.99.
-pub const MAX_CENTS: i64 = 9_999_999_999;
+pub(crate) const MAX_CENTS: i64 = 9_999_999_999;
 
 impl Cents {
     /// Parses `"10"`, `"10.5"` or `"10.50"` (non-negative, at most two decimals).
-    pub fn parse(text: &str) -> Option<Cents> {
+    pub(crate) fn parse(text: &str) -> Option<Cents> {
         let (whole, frac) = match text.split_once('.') {
             Some((w, f)) => (w, f),
             None => (text, ""),
@@ -239,7 +239,7 @@ impl Cents {
     }
 
     /// Adds, refusing amounts the column cannot hold.
-    pub fn checked_add(self, other: Cents) -> Option<Cents> {
+    pub(crate) fn checked_add(self, other: Cents) -> Option<Cents> {
         self.0
             .checked_add(other.0)
             .filter(|c| *c <= MAX_CENTS)
@@ -253,18 +253,9 @@ impl fmt::Display for Cents {
     }
 }
 
-/// When a granted row expires, as the command said it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
-    /// No `EXPIRES_*` option.
-    Unspecified,
-    /// Unix seconds (from `EXPIRES_AT`, or `EXPIRES_IN` resolved against the clock).
-    At(i64),
-}
-
 /// A parsed `QUOTA.GRANT` (without the identity).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct GrantRequest {
+pub(crate) struct GrantRequest {
     pub amounts: [Option<i64>; LIMIT_FIELDS],
     pub expiry: Option<i64>,
     pub expiry_given: bool,
@@ -276,7 +267,7 @@ pub struct GrantRequest {
 
 /// The values a grant writes into the row (it is always active afterwards).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrantValues {
+pub(crate) struct GrantValues {
     pub additional: Additional,
     pub expires_at: Option<i64>,
     pub purchase_id: Option<String>,
@@ -286,7 +277,7 @@ pub struct GrantValues {
 
 /// Why a grant cannot be applied; `Display` is the wire error text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GrantError {
+pub(crate) enum GrantError {
     Overflow(LimitField),
     AmountOverflow,
 }
@@ -312,7 +303,7 @@ impl GrantRequest {
     /// (absent = never), the given purchase fields. `ADD`: given amounts are added to the current
     /// live row's (absent ones kept), the expiry is kept unless given, the amount of money adds up;
     /// a missing, revoked or expired row is topped up from zero with expiry never unless given.
-    pub fn apply(
+    pub(crate) fn apply(
         &self,
         current: Option<&Replenishment>,
         now: Millis,

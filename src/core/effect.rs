@@ -37,11 +37,11 @@ const ID_SHORT: u8 = 0;
 const ID_NAMED: u8 = 1;
 
 /// An encoded effect: on the stack unless a lease id is unusually long.
-pub type EncodedEffect = SmallVec<[u8; 256]>;
+pub(crate) type EncodedEffect = SmallVec<[u8; 256]>;
 
 /// A lease id as an effect carries it, borrowed so that neither encoding nor decoding allocates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseRef<'a> {
+pub(crate) enum LeaseRef<'a> {
     /// A generated id (16 lower-case hex digits), as its number.
     Short(u64),
     /// Any other id, as its text.
@@ -50,7 +50,7 @@ pub enum LeaseRef<'a> {
 
 impl<'a> LeaseRef<'a> {
     /// The id for the text a caller gave (the same rule as `LeaseId::parse`).
-    pub fn parse(text: &'a str) -> LeaseRef<'a> {
+    pub(crate) fn parse(text: &'a str) -> LeaseRef<'a> {
         match LeaseId::short_form(text) {
             Some(n) => LeaseRef::Short(n),
             None => LeaseRef::Named(text),
@@ -58,7 +58,7 @@ impl<'a> LeaseRef<'a> {
     }
 
     /// The id of a stored lease.
-    pub fn of(id: &'a LeaseId) -> LeaseRef<'a> {
+    pub(crate) fn of(id: &'a LeaseId) -> LeaseRef<'a> {
         match id {
             LeaseId::Short(n) => LeaseRef::Short(*n),
             LeaseId::Named(text) => LeaseRef::Named(text),
@@ -75,7 +75,7 @@ impl<'a> LeaseRef<'a> {
 
 /// A lease taken by an admission (it was counted in the windows of the effect's `at`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewLease<'a> {
+pub(crate) struct NewLease<'a> {
     pub id: LeaseRef<'a>,
     pub expires_at: Millis,
     pub reserved: u64,
@@ -83,7 +83,7 @@ pub struct NewLease<'a> {
 
 /// The one change a command made besides pruning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change<'a> {
+pub(crate) enum Change<'a> {
     /// One admitted request counted in the day, month and total of `at`; `lifetime` when a
     /// lifetime limit applies to the account; the lease the request took, if any.
     Count {
@@ -102,7 +102,7 @@ pub enum Change<'a> {
 
 /// What one command changed in one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Effect<'a> {
+pub(crate) struct Effect<'a> {
     /// The master's clock when it decided (ms since the epoch).
     pub at: Millis,
     /// Expired leases and settled ids were dropped at `at` before the change.
@@ -113,7 +113,7 @@ pub struct Effect<'a> {
 /// Why bytes are not an effect, or an effect does not fit the state; `Display` is the wire
 /// error text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EffectError {
+pub(crate) enum EffectError {
     Truncated,
     Version,
     Flags,
@@ -145,7 +145,11 @@ impl std::error::Error for EffectError {}
 impl<'a> Effect<'a> {
     /// What `Account::admit` changed, read from its decision and the account after it; none
     /// when nothing changed, or when the lease the decision names is not in the account.
-    pub fn admitted(at: Millis, decision: &AdmitDecision, account: &'a Account) -> Option<Self> {
+    pub(crate) fn admitted(
+        at: Millis,
+        decision: &AdmitDecision,
+        account: &'a Account,
+    ) -> Option<Self> {
         if !decision.changed {
             return None;
         }
@@ -177,7 +181,7 @@ impl<'a> Effect<'a> {
     }
 
     /// Only a prune at `at`, when it dropped something (`pruned`).
-    pub fn pruned(at: Millis, pruned: bool) -> Option<Self> {
+    pub(crate) fn pruned(at: Millis, pruned: bool) -> Option<Self> {
         pruned.then_some(Effect {
             at,
             prune: true,
@@ -187,7 +191,7 @@ impl<'a> Effect<'a> {
 
     /// What `Account::commit` changed after a prune at `at` (`pruned`: it dropped something);
     /// none when nothing changed.
-    pub fn committed(
+    pub(crate) fn committed(
         at: Millis,
         pruned: bool,
         tokens: u64,
@@ -206,7 +210,12 @@ impl<'a> Effect<'a> {
     }
 
     /// What `Account::release` changed after a prune at `at`; none when nothing changed.
-    pub fn released(at: Millis, pruned: bool, lease: &'a str, released: bool) -> Option<Self> {
+    pub(crate) fn released(
+        at: Millis,
+        pruned: bool,
+        lease: &'a str,
+        released: bool,
+    ) -> Option<Self> {
         let change = released.then(|| Change::Release {
             lease: LeaseRef::parse(lease),
         });
@@ -218,7 +227,7 @@ impl<'a> Effect<'a> {
     }
 
     /// The compact encoding (see the module header).
-    pub fn encode(&self) -> EncodedEffect {
+    pub(crate) fn encode(&self) -> EncodedEffect {
         let mut w = EncodedEffect::new();
         let mut flags = if self.prune { PRUNE } else { 0 };
         match &self.change {
@@ -263,7 +272,7 @@ impl<'a> Effect<'a> {
     }
 
     /// Decodes what `encode` wrote; `Err` for anything else (never a panic).
-    pub fn decode(bytes: &'a [u8]) -> Result<Self, EffectError> {
+    pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self, EffectError> {
         let mut r = Reader { buf: bytes };
         if r.byte()? != VERSION {
             return Err(EffectError::Version);
@@ -317,7 +326,7 @@ impl<'a> Effect<'a> {
 
     /// Applies the effect to the state it was made from. `Err` (before any change) only when
     /// the state is not that one: a release of a lease that is not held.
-    pub fn apply(&self, account: &mut Account) -> Result<(), EffectError> {
+    pub(crate) fn apply(&self, account: &mut Account) -> Result<(), EffectError> {
         if let Some(Change::Release { lease }) = &self.change {
             let id = lease.to_id();
             if !account.leases.iter().any(|l| l.id == id) {

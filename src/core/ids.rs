@@ -7,16 +7,16 @@
 use std::fmt;
 
 /// A key name, on the stack unless the ids are unusually long.
-pub type KeyBuf = smallvec::SmallVec<[u8; 112]>;
+pub(crate) type KeyBuf = smallvec::SmallVec<[u8; 112]>;
 
 /// Longest id, in bytes.
-pub const MAX_ID_LEN: usize = 255;
+pub(crate) const MAX_ID_LEN: usize = 255;
 /// The bundle id whose credits apply to every bundle.
-pub const ANY_BUNDLE: &str = "*";
+pub(crate) const ANY_BUNDLE: &str = "*";
 
 /// Why an id was refused; `Display` is the wire error text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdError {
+pub(crate) enum IdError {
     Length(&'static str),
     Encoding(&'static str),
     Unroutable,
@@ -39,7 +39,7 @@ impl fmt::Display for IdError {
 }
 
 /// Checks one id and returns it as text.
-pub fn check_id<'a>(what: &'static str, raw: &'a [u8]) -> Result<&'a str, IdError> {
+pub(crate) fn check_id<'a>(what: &'static str, raw: &'a [u8]) -> Result<&'a str, IdError> {
     if raw.is_empty() || raw.len() > MAX_ID_LEN {
         return Err(IdError::Length(what));
     }
@@ -52,7 +52,7 @@ pub fn check_id<'a>(what: &'static str, raw: &'a [u8]) -> Result<&'a str, IdErro
 
 /// The part of a user id that Redis Cluster hashes: the first non-empty `{...}` section, else the
 /// whole id (the same rule Redis applies to key names).
-pub fn hash_tag(user: &str) -> &str {
+pub(crate) fn hash_tag(user: &str) -> &str {
     if let Some(open) = user.find('{') {
         if let Some(len) = user[open + 1..].find('}') {
             if len > 0 {
@@ -65,7 +65,7 @@ pub fn hash_tag(user: &str) -> &str {
 
 /// A user: (tenant, project, user). One credits-cache entry each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UserId<'a> {
+pub(crate) struct UserId<'a> {
     pub tenant: &'a str,
     pub project: &'a str,
     pub user: &'a str,
@@ -73,14 +73,14 @@ pub struct UserId<'a> {
 
 /// An account: a user's usage in one bundle. One Redis key each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AccountId<'a> {
+pub(crate) struct AccountId<'a> {
     pub user: UserId<'a>,
     pub bundle: &'a str,
 }
 
 /// A named policy: (tenant, project, name). One policy-cache entry each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PolicyId<'a> {
+pub(crate) struct PolicyId<'a> {
     pub tenant: &'a str,
     pub project: &'a str,
     pub name: &'a str,
@@ -88,7 +88,11 @@ pub struct PolicyId<'a> {
 
 impl<'a> PolicyId<'a> {
     /// Validates the three ids (argument names appear in errors).
-    pub fn parse(tenant: &'a [u8], project: &'a [u8], name: &'a [u8]) -> Result<Self, IdError> {
+    pub(crate) fn parse(
+        tenant: &'a [u8],
+        project: &'a [u8],
+        name: &'a [u8],
+    ) -> Result<Self, IdError> {
         Ok(PolicyId {
             tenant: check_id("tenant", tenant)?,
             project: check_id("project", project)?,
@@ -97,7 +101,7 @@ impl<'a> PolicyId<'a> {
     }
 
     /// The policy-cache key: `p:` followed by the length-prefixed ids.
-    pub fn key(&self) -> KeyBuf {
+    pub(crate) fn key(&self) -> KeyBuf {
         let mut out = KeyBuf::new();
         out.extend_from_slice(b"p:");
         for part in [self.tenant, self.project, self.name] {
@@ -109,7 +113,11 @@ impl<'a> PolicyId<'a> {
 
 impl<'a> UserId<'a> {
     /// Validates the three ids (argument names appear in errors).
-    pub fn parse(tenant: &'a [u8], project: &'a [u8], user: &'a [u8]) -> Result<Self, IdError> {
+    pub(crate) fn parse(
+        tenant: &'a [u8],
+        project: &'a [u8],
+        user: &'a [u8],
+    ) -> Result<Self, IdError> {
         let id = UserId {
             tenant: check_id("tenant", tenant)?,
             project: check_id("project", project)?,
@@ -123,7 +131,7 @@ impl<'a> UserId<'a> {
 
     /// The cache key of this user: `q:{tag}:` followed by the length-prefixed ids. It is also the
     /// prefix of every account key of the user.
-    pub fn key(&self) -> KeyBuf {
+    pub(crate) fn key(&self) -> KeyBuf {
         let mut out = KeyBuf::new();
         self.write_key(&mut out);
         out
@@ -141,7 +149,7 @@ impl<'a> UserId<'a> {
 
 impl<'a> AccountId<'a> {
     /// Validates the four ids.
-    pub fn parse(args: [&'a [u8]; 4]) -> Result<Self, IdError> {
+    pub(crate) fn parse(args: [&'a [u8]; 4]) -> Result<Self, IdError> {
         let [tenant, project, user, bundle] = args;
         Ok(AccountId {
             user: UserId::parse(tenant, project, user)?,
@@ -151,7 +159,7 @@ impl<'a> AccountId<'a> {
 
     /// The Redis key that holds this account's usage: the user's key plus the bundle.
     /// Returns it together with the length of the user-key prefix.
-    pub fn key(&self) -> (KeyBuf, usize) {
+    pub(crate) fn key(&self) -> (KeyBuf, usize) {
         let mut out = KeyBuf::new();
         self.user.write_key(&mut out);
         let user_len = out.len();
@@ -174,31 +182,31 @@ fn push_part(out: &mut KeyBuf, part: &str) {
     out.extend_from_slice(part.as_bytes());
 }
 
-/// Decodes a user key back into (tenant, project, user); `None` if it is not one.
-pub fn decode_user_key(key: &[u8]) -> Option<(String, String, String)> {
-    let rest = key.strip_prefix(b"q:{")?;
-    let close = rest.iter().position(|&b| b == b'}')?;
-    let mut rest = rest.get(close + 1..)?.strip_prefix(b":")?;
-    let mut parts = Vec::with_capacity(3);
-    for _ in 0..3 {
-        let colon = rest.iter().position(|&b| b == b':')?;
-        let len: usize = std::str::from_utf8(rest.get(..colon)?).ok()?.parse().ok()?;
-        let bytes = rest.get(colon + 1..colon + 1 + len)?;
-        parts.push(String::from_utf8(bytes.to_vec()).ok()?);
-        rest = rest.get(colon + 1 + len..)?;
-    }
-    if !rest.is_empty() {
-        return None;
-    }
-    let user = parts.pop()?;
-    let project = parts.pop()?;
-    let tenant = parts.pop()?;
-    Some((tenant, project, user))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decodes a user key back into (tenant, project, user); `None` if it is not one.
+    fn decode_user_key(key: &[u8]) -> Option<(String, String, String)> {
+        let rest = key.strip_prefix(b"q:{")?;
+        let close = rest.iter().position(|&b| b == b'}')?;
+        let mut rest = rest.get(close + 1..)?.strip_prefix(b":")?;
+        let mut parts = Vec::with_capacity(3);
+        for _ in 0..3 {
+            let colon = rest.iter().position(|&b| b == b':')?;
+            let len: usize = std::str::from_utf8(rest.get(..colon)?).ok()?.parse().ok()?;
+            let bytes = rest.get(colon + 1..colon + 1 + len)?;
+            parts.push(String::from_utf8(bytes.to_vec()).ok()?);
+            rest = rest.get(colon + 1 + len..)?;
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        let user = parts.pop()?;
+        let project = parts.pop()?;
+        let tenant = parts.pop()?;
+        Some((tenant, project, user))
+    }
 
     fn account<'a>(t: &'a str, p: &'a str, u: &'a str, b: &'a str) -> AccountId<'a> {
         AccountId::parse([t.as_bytes(), p.as_bytes(), u.as_bytes(), b.as_bytes()]).unwrap()

@@ -4,13 +4,13 @@
 //! Nothing in here knows Redis or PostgreSQL, and nothing reads the clock: every function that
 //! depends on time takes `now` as an argument. The shells (`commands`, `store`, `worker`) call in.
 
-pub mod account;
-pub mod cache;
-pub mod credit;
-pub mod effect;
-pub mod ids;
-pub mod policy;
-pub mod window;
+pub(crate) mod account;
+pub(crate) mod cache;
+pub(crate) mod credit;
+pub(crate) mod effect;
+pub(crate) mod ids;
+pub(crate) mod policy;
+pub(crate) mod window;
 
 /// Milliseconds since the Unix epoch, the one time unit the core works in.
-pub type Millis = i64;
+pub(crate) type Millis = i64;

@@ -6,7 +6,7 @@ use super::window::Window;
 /// The seven limits a policy can set, in one fixed order used everywhere (options, columns,
 /// reply fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitField {
+pub(crate) enum LimitField {
     RequestsPerDay = 0,
     RequestsPerMonth = 1,
     TotalRequests = 2,
@@ -17,11 +17,11 @@ pub enum LimitField {
 }
 
 /// How many limit fields there are.
-pub const LIMIT_FIELDS: usize = 7;
+pub(crate) const LIMIT_FIELDS: usize = 7;
 
 impl LimitField {
     /// All fields in their fixed order.
-    pub const ALL: [LimitField; LIMIT_FIELDS] = [
+    pub(crate) const ALL: [LimitField; LIMIT_FIELDS] = [
         LimitField::RequestsPerDay,
         LimitField::RequestsPerMonth,
         LimitField::TotalRequests,
@@ -32,7 +32,7 @@ impl LimitField {
     ];
 
     /// The command option keyword (`REQUESTS_PER_DAY`, ...).
-    pub fn keyword(self) -> &'static str {
+    pub(crate) fn keyword(self) -> &'static str {
         match self {
             LimitField::RequestsPerDay => "REQUESTS_PER_DAY",
             LimitField::RequestsPerMonth => "REQUESTS_PER_MONTH",
@@ -45,7 +45,7 @@ impl LimitField {
     }
 
     /// The lower-case name used in replies and denial reasons.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             LimitField::RequestsPerDay => "requests_per_day",
             LimitField::RequestsPerMonth => "requests_per_month",
@@ -58,7 +58,7 @@ impl LimitField {
     }
 
     /// The PostgreSQL column holding the additional amount.
-    pub fn column(self) -> &'static str {
+    pub(crate) fn column(self) -> &'static str {
         match self {
             LimitField::RequestsPerDay => "additional_requests_per_day",
             LimitField::RequestsPerMonth => "additional_requests_per_month",
@@ -71,7 +71,7 @@ impl LimitField {
     }
 
     /// The largest additional amount the column stores (`INT` or `BIGINT`).
-    pub fn column_max(self) -> i64 {
+    pub(crate) fn column_max(self) -> i64 {
         match self {
             LimitField::TokensPerHour | LimitField::TokensPerDay | LimitField::TokensPerMonth => {
                 i64::MAX
@@ -81,7 +81,7 @@ impl LimitField {
     }
 
     /// The calendar window this field counts in (`None` for lifetime and concurrency).
-    pub fn window(self) -> Option<Window> {
+    pub(crate) fn window(self) -> Option<Window> {
         match self {
             LimitField::RequestsPerDay | LimitField::TokensPerDay => Some(Window::Day),
             LimitField::RequestsPerMonth | LimitField::TokensPerMonth => Some(Window::Month),
@@ -91,7 +91,7 @@ impl LimitField {
     }
 
     /// Matches an option keyword, case-insensitively.
-    pub fn from_keyword(word: &[u8]) -> Option<LimitField> {
+    pub(crate) fn from_keyword(word: &[u8]) -> Option<LimitField> {
         LimitField::ALL.into_iter().find(|f| {
             let k = f.keyword().as_bytes();
             k.len() == word.len() && k.eq_ignore_ascii_case(word)
@@ -101,35 +101,24 @@ impl LimitField {
 
 /// A set of limits, one per field; `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Limits(pub [Option<u64>; LIMIT_FIELDS]);
+pub(crate) struct Limits(pub [Option<u64>; LIMIT_FIELDS]);
 
 impl Limits {
     /// The limit for one field.
-    pub fn get(&self, field: LimitField) -> Option<u64> {
+    pub(crate) fn get(&self, field: LimitField) -> Option<u64> {
         self.0[field as usize]
     }
 
     /// Sets the limit for one field.
-    pub fn set(&mut self, field: LimitField, value: Option<u64>) {
+    pub(crate) fn set(&mut self, field: LimitField, value: Option<u64>) {
         self.0[field as usize] = value;
-    }
-
-    /// Whether any token window is limited.
-    pub fn limits_tokens(&self) -> bool {
-        [
-            LimitField::TokensPerHour,
-            LimitField::TokensPerDay,
-            LimitField::TokensPerMonth,
-        ]
-        .iter()
-        .any(|f| self.get(*f).is_some())
     }
 }
 
 impl Limits {
     /// These limits with the given (`Some`) fields of `inline` put over them one by one: what
     /// `QUOTA.ADMIT ... POLICY <name> [limits]` decides against.
-    pub fn overlaid_with(mut self, inline: &Limits) -> Limits {
+    pub(crate) fn overlaid_with(mut self, inline: &Limits) -> Limits {
         for (mine, theirs) in self.0.iter_mut().zip(inline.0) {
             if theirs.is_some() {
                 *mine = theirs;
@@ -141,17 +130,11 @@ impl Limits {
 
 /// A named policy as the cache holds it: its limits, or `None` when no policy has that name
 /// (a negative answer, cached for the negative TTL).
-pub type CachedPolicy = Option<Limits>;
-
-impl super::cache::CacheValue for CachedPolicy {
-    fn is_negative(&self) -> bool {
-        self.is_none()
-    }
-}
+pub(crate) type CachedPolicy = Option<Limits>;
 
 /// A named policy as stored in PostgreSQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyRecord {
+pub(crate) struct PolicyRecord {
     pub name: String,
     pub limits: Limits,
     /// Unix seconds.
@@ -166,7 +149,7 @@ pub struct PolicyRecord {
 /// every cached credit row. An amount of exactly `i64::MIN` (only SQL can write one) reads as
 /// absent, which adds the same as any negative amount: nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Additional([i64; LIMIT_FIELDS]);
+pub(crate) struct Additional([i64; LIMIT_FIELDS]);
 
 const ABSENT: i64 = i64::MIN;
 
@@ -178,22 +161,22 @@ impl Default for Additional {
 
 impl Additional {
     /// From one optional amount per field, in `LimitField::ALL` order.
-    pub fn from_options(amounts: [Option<i64>; LIMIT_FIELDS]) -> Additional {
+    pub(crate) fn from_options(amounts: [Option<i64>; LIMIT_FIELDS]) -> Additional {
         Additional(amounts.map(|v| v.unwrap_or(ABSENT)))
     }
 
     /// One optional amount per field, in `LimitField::ALL` order.
-    pub fn to_options(&self) -> [Option<i64>; LIMIT_FIELDS] {
+    pub(crate) fn to_options(self) -> [Option<i64>; LIMIT_FIELDS] {
         self.0.map(|v| (v != ABSENT).then_some(v))
     }
 
     /// The additional amount for one field.
-    pub fn get(&self, field: LimitField) -> Option<i64> {
+    pub(crate) fn get(&self, field: LimitField) -> Option<i64> {
         self.0.get(field as usize).copied().filter(|v| *v != ABSENT)
     }
 
     /// Sets the additional amount for one field.
-    pub fn set(&mut self, field: LimitField, value: Option<i64>) {
+    pub(crate) fn set(&mut self, field: LimitField, value: Option<i64>) {
         if let Some(slot) = self.0.get_mut(field as usize) {
             *slot = value.unwrap_or(ABSENT);
         }
@@ -202,7 +185,7 @@ impl Additional {
 
 /// The policy an admission is decided against: base plus the applicable credits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EffectivePolicy {
+pub(crate) struct EffectivePolicy {
     pub base: Limits,
     pub limits: Limits,
 }
@@ -210,7 +193,7 @@ pub struct EffectivePolicy {
 impl EffectivePolicy {
     /// Merges field by field: an unlimited base stays unlimited, a missing additional amount
     /// leaves the base as it is, and a negative one (written by hand in SQL) adds nothing.
-    pub fn merge(base: Limits, additional: Option<&Additional>) -> EffectivePolicy {
+    pub(crate) fn merge(base: Limits, additional: Option<&Additional>) -> EffectivePolicy {
         let mut limits = base;
         if let Some(add) = additional {
             for field in LimitField::ALL {

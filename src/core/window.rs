@@ -12,11 +12,11 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// latest on the last second of 9999). Stored state that names a window outside
 /// `0..=Window::last_index()` is refused, which keeps every window and date computation on it
 /// far from overflowing.
-pub const LAST_MS: Millis = 253_402_300_800_000;
+pub(crate) const LAST_MS: Millis = 253_402_300_800_000;
 
 /// The three calendar windows a limit can be counted in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Window {
+pub(crate) enum Window {
     Hour,
     Day,
     Month,
@@ -24,7 +24,7 @@ pub enum Window {
 
 /// Days since 1970-01-01 to the civil date (year, month 1..=12, day 1..=31).
 /// Howard Hinnant's algorithm, exact for the whole proleptic Gregorian calendar.
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -38,7 +38,7 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// The civil date (year, month 1..=12, day 1..=31) to days since 1970-01-01.
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+pub(crate) fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
@@ -50,7 +50,7 @@ pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 
 impl Window {
     /// The index of the window that contains `now` (hours, days or months since the epoch).
-    pub fn index(self, now: Millis) -> i64 {
+    pub(crate) fn index(self, now: Millis) -> i64 {
         match self {
             Window::Hour => now.div_euclid(MS_PER_HOUR),
             Window::Day => now.div_euclid(MS_PER_DAY),
@@ -62,7 +62,7 @@ impl Window {
     }
 
     /// When the window with this index starts, in ms since the epoch.
-    pub fn start_of(self, index: i64) -> Millis {
+    pub(crate) fn start_of(self, index: i64) -> Millis {
         match self {
             Window::Hour => index.saturating_mul(MS_PER_HOUR),
             Window::Day => index.saturating_mul(MS_PER_DAY),
@@ -75,18 +75,18 @@ impl Window {
     }
 
     /// The index of the window that holds the last instant before `LAST_MS`.
-    pub fn last_index(self) -> i64 {
+    pub(crate) fn last_index(self) -> i64 {
         self.index(LAST_MS - 1)
     }
 
     /// When the window that contains `now` ends (the first ms of the next one).
-    pub fn end(self, now: Millis) -> Millis {
+    pub(crate) fn end(self, now: Millis) -> Millis {
         self.start_of(self.index(now) + 1)
     }
 }
 
 /// Whole seconds from `now` until `at`, rounded up, never negative.
-pub fn seconds_until(now: Millis, at: Millis) -> i64 {
+pub(crate) fn seconds_until(now: Millis, at: Millis) -> i64 {
     let ms = at.saturating_sub(now).max(0);
     (ms + 999) / 1000
 }

@@ -14,7 +14,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use serde::Deserialize;
 
-use super::describe;
+use super::error::describe;
 use super::passfile::Credentials;
 use super::pool::{apply_credentials, bounded_timeout, connection_config, scrub, secret_of};
 use super::schema::{channel, validate_schema};
@@ -34,7 +34,7 @@ const APPLICATION_NAME: &str = "redis-quota-listener";
 
 /// What the listener reports to its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenerEvent {
+pub(crate) enum ListenerEvent {
     /// A replenishment row of this user changed (committed elsewhere or here).
     Changed {
         tenant: String,
@@ -61,7 +61,7 @@ pub enum ListenerEvent {
 }
 
 /// The running listener thread. Dropping it (or `stop`) signals the thread and joins it.
-pub struct Listener {
+pub(crate) struct Listener {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -73,7 +73,7 @@ impl Listener {
     /// Starts the thread: connect with `url`, `LISTEN "<schema>_quota_changed"`, report events
     /// to `on_event`, reconnect on failure. Fails only if the schema name is invalid or the
     /// thread cannot be spawned; connection problems are reported as `Disconnected` events.
-    pub fn spawn(
+    pub(crate) fn spawn(
         url: String,
         credentials: Credentials,
         schema: String,
@@ -94,7 +94,7 @@ impl Listener {
 
     /// Stops the thread and waits for it (at most about one tick, or one connect timeout if it
     /// is connecting).
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         drop(self);
     }
 }
@@ -276,7 +276,7 @@ fn session(
                     if let ListenerEvent::Changed { own, .. }
                     | ListenerEvent::PolicyChanged { own, .. } = &mut event
                     {
-                        *own = super::is_own_backend(note.process_id());
+                        *own = super::error::is_own_backend(note.process_id());
                     }
                     emit(on_event, event);
                 }

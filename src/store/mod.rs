@@ -6,7 +6,7 @@
 //! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
-pub mod listener;
+pub(crate) mod listener;
 mod passfile;
 mod policies;
 mod pool;
@@ -16,7 +16,6 @@ mod schema;
 #[cfg(test)]
 mod pg_tests;
 
-use std::borrow::Cow;
 use std::fmt;
 
 use crate::core::credit::{GrantRequest, Replenishment};
@@ -24,37 +23,16 @@ use crate::core::ids::{PolicyId, UserId};
 use crate::core::policy::{Limits, PolicyRecord};
 use crate::core::Millis;
 
-pub use listener::{Listener, ListenerEvent};
-pub use passfile::Credentials;
+mod error;
 
-/// Backend process ids of this process's pool connections (bounded: cleared when it grows
-/// past a few thousand, which only costs a few extra cache refreshes).
-static OWN_BACKENDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
-const OWN_BACKENDS_MAX: usize = 4096;
+pub(crate) use error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
+pub(crate) use passfile::Credentials;
 
-fn remember_own_backend(pid: i32) {
-    if let Ok(mut pids) = OWN_BACKENDS.lock() {
-        if pids.len() >= OWN_BACKENDS_MAX {
-            pids.clear();
-        }
-        if !pids.contains(&pid) {
-            pids.push(pid);
-        }
-    }
-}
-
-/// Whether a notification came from one of this process's own pool connections.
-pub fn is_own_backend(pid: i32) -> bool {
-    OWN_BACKENDS
-        .lock()
-        .map(|pids| pids.contains(&pid))
-        .unwrap_or(false)
-}
-pub use schema::{validate_schema, MAX_SCHEMA_LEN};
+pub(crate) use schema::validate_schema;
 
 /// Checks that `url` parses as a PostgreSQL URL or key=value string (empty = not configured).
 /// The error never quotes the URL.
-pub fn validate_url(url: &str) -> Result<(), StoreError> {
+pub(crate) fn validate_url(url: &str) -> Result<(), StoreError> {
     if url.is_empty() {
         return Ok(());
     }
@@ -62,7 +40,7 @@ pub fn validate_url(url: &str) -> Result<(), StoreError> {
 }
 
 /// The password a URL or key=value string carries, if any (decoded, as PostgreSQL gets it).
-pub fn url_password(url: &str) -> Option<String> {
+pub(crate) fn url_password(url: &str) -> Option<String> {
     let config = pool::connection_config(url, 1000, "redis-quota").ok()?;
     config
         .get_password()
@@ -71,7 +49,7 @@ pub fn url_password(url: &str) -> Option<String> {
 
 /// How to reach PostgreSQL (from the `quota.*` module configuration).
 #[derive(Clone)]
-pub struct StoreConfig {
+pub(crate) struct StoreConfig {
     /// `quota.pg-url`: a `postgres://` URL or a `key=value` connection string. Secret.
     pub url: String,
     /// The password when the URL has none (`quota.pg-password`, `quota.pg-passfile`).
@@ -105,169 +83,10 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
-/// Why a store operation failed. `Display` is the exact one-line wire error; no message ever
-/// contains the connection URL or the password.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreError {
-    /// `quota.pg-url` is empty.
-    NotConfigured,
-    /// A setting cannot work (bad URL, schema name, zero timeout or pool size).
-    BadConfig(String),
-    /// PostgreSQL cannot be reached, the connection broke, or no pooled connection came free
-    /// within the timeout.
-    Unavailable(String),
-    /// A statement or a lock wait ran past `quota.pg-timeout-ms` (SQLSTATE 57014 or 55P03).
-    Timeout,
-    /// PostgreSQL refused a statement; the server's message, on one line.
-    Query(String),
-    /// The request cannot be applied to the stored row (a top-up would overflow a column, an
-    /// amount does not fit its column); the text is the whole wire error, `ERR ...`.
-    Invalid(String),
-}
-
-impl StoreError {
-    /// Whether PostgreSQL could not be used at all (not configured, unreachable, too slow), as
-    /// opposed to refusing this particular request. Admission falls back to the base policy on
-    /// these.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Unavailable(_) | StoreError::Timeout | StoreError::NotConfigured
-        )
-    }
-
-    /// Classifies a `postgres` error: connection trouble is `Unavailable`, statement and lock
-    /// timeouts are `Timeout`, anything else the server refused is `Query`.
-    pub(crate) fn from_pg(err: &postgres::Error) -> StoreError {
-        if let Some(db) = err.as_db_error() {
-            return classify_db(db.code().code(), db.message());
-        }
-        let text = describe(err);
-        if err.is_closed() || has_io_source(err) || is_connection_kind(&err.to_string()) {
-            StoreError::Unavailable(text)
-        } else {
-            StoreError::Query(text)
-        }
-    }
-}
-
-/// Maps a server error by SQLSTATE.
-pub(crate) fn classify_db(code: &str, message: &str) -> StoreError {
-    match code {
-        // query_canceled (statement_timeout), lock_not_available (lock_timeout).
-        "57014" | "55P03" => StoreError::Timeout,
-        // admin/crash shutdown, cannot connect now; read-only (a standby answered a write).
-        "57P01" | "57P02" | "57P03" | "25006" => StoreError::Unavailable(message.to_owned()),
-        // connection exception, insufficient resources, authentication, unknown database.
-        _ if code.starts_with("08")
-            || code.starts_with("53")
-            || code.starts_with("28")
-            || code == "3D000" =>
-        {
-            StoreError::Unavailable(message.to_owned())
-        }
-        _ => StoreError::Query(message.to_owned()),
-    }
-}
-
-/// The kinds of non-server `postgres` errors that mean the connection itself failed (matched on
-/// the crate's fixed `Display` text, since its error kind is private).
-fn is_connection_kind(kind_text: &str) -> bool {
-    const KINDS: [&str; 8] = [
-        "error communicating with the server",
-        "connection closed",
-        "error connecting to server",
-        "timeout waiting for server",
-        "error performing TLS handshake",
-        "authentication error",
-        "unexpected message from server",
-        "error parsing response from server",
-    ];
-    KINDS.iter().any(|k| kind_text.starts_with(k))
-}
-
-fn has_io_source(err: &postgres::Error) -> bool {
-    std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
-}
-
-/// A one-line description of a `postgres` error: the server's message for server errors,
-/// else the error kind and its cause ("error connecting to server: Connection refused").
-pub(crate) fn describe(err: &postgres::Error) -> String {
-    if let Some(db) = err.as_db_error() {
-        return db.message().to_owned();
-    }
-    match std::error::Error::source(err) {
-        Some(cause) => format!("{err}: {cause}"),
-        None => err.to_string(),
-    }
-}
-
-/// Replaces line breaks so that a message stays one line on the wire.
-fn one_line(text: &str) -> Cow<'_, str> {
-    if text.contains(['\r', '\n']) {
-        Cow::Owned(text.replace("\r\n", " ").replace(['\r', '\n'], " "))
-    } else {
-        Cow::Borrowed(text)
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::NotConfigured => f.write_str("ERR quota.pg-url is not set"),
-            StoreError::BadConfig(msg) => write!(f, "ERR {}", one_line(msg)),
-            StoreError::Unavailable(reason) => {
-                write!(f, "ERR PostgreSQL unavailable: {}", one_line(reason))
-            }
-            StoreError::Timeout => f.write_str(
-                "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)",
-            ),
-            StoreError::Query(msg) => write!(f, "ERR PostgreSQL error: {}", one_line(msg)),
-            StoreError::Invalid(msg) => f.write_str(&one_line(msg)),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-/// What `QUOTA.GRANT` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrantOutcome {
-    /// The row as committed; on a duplicate purchase id, the row as it is now (`None` if the
-    /// user has no row for that bundle).
-    pub record: Option<Replenishment>,
-    /// The purchase id was already recorded for this (tenant, project): nothing was written.
-    pub duplicate: bool,
-    /// Every active row of the user after the grant (expired ones included), by bundle: the
-    /// cache entry to write through.
-    pub live_rows: Vec<Replenishment>,
-}
-
-/// What `QUOTA.REVOKE` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevokeOutcome {
-    /// An active row was deactivated.
-    pub revoked: bool,
-    /// Every active row of the user afterwards, by bundle: the cache entry to write through.
-    pub live_rows: Vec<Replenishment>,
-}
-
-/// What `QUOTA.CLEANUP` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CleanupOutcome {
-    /// How many expired rows were deactivated.
-    pub deactivated: u64,
-    /// The distinct users (tenant, project, user) whose rows changed, sorted: their cache
-    /// entries are stale.
-    pub users: Vec<(String, String, String)>,
-    /// Another node was already cleaning up: nothing was done.
-    pub skipped: bool,
-}
-
 /// The PostgreSQL side of the module: a pool of connections and the statements run on it.
 /// `Send + Sync`; share it in an `Arc`. Every method blocks on the network, so call them from
 /// worker threads only.
-pub struct Store {
+pub(crate) struct Store {
     pool: pool::PgPool,
     schema: String,
     sql: queries::Statements,
@@ -279,7 +98,7 @@ impl Store {
     /// Prepares the pool without touching the network (connections open on first use).
     /// Fails on an empty URL (`NotConfigured`), an unparsable URL, a bad schema name, or a zero
     /// timeout or pool size (`BadConfig`).
-    pub fn new(cfg: &StoreConfig) -> Result<Store, StoreError> {
+    pub(crate) fn new(cfg: &StoreConfig) -> Result<Store, StoreError> {
         if cfg.url.trim().is_empty() {
             return Err(StoreError::NotConfigured);
         }
@@ -307,21 +126,24 @@ impl Store {
     /// Creates or completes the schema (`sql/deploy-control-plane.sql` with the schema name
     /// substituted) in one transaction, under an advisory lock so that nodes deploying at the
     /// same time wait for each other instead of failing.
-    pub fn deploy(&self) -> Result<(), StoreError> {
+    pub(crate) fn deploy(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.checkout()?;
         schema::deploy(&mut conn, &self.schema, self.timeout_ms)
     }
 
     /// All active rows of the user, any bundle, by bundle id; expired ones included (the core
     /// checks expiry when it reads). What the credits cache holds for the user.
-    pub fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
+    pub(crate) fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::active_rows(&mut *conn, &self.sql, user)
     }
 
     /// The active rows of several users in one query, in the order of `users` (what a burst of
     /// cold users costs: one round trip instead of one each).
-    pub fn load_users(&self, users: &[UserId]) -> Result<Vec<Vec<Replenishment>>, StoreError> {
+    pub(crate) fn load_users(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<Vec<Replenishment>>, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::active_rows_many(&mut *conn, &self.sql, users)
     }
@@ -330,7 +152,7 @@ impl Store {
     /// new values from the current ones (`GrantRequest::apply`), writes them, records the event.
     /// A purchase id already recorded for the (tenant, project) writes nothing and returns
     /// `duplicate` with the current row.
-    pub fn grant(
+    pub(crate) fn grant(
         &self,
         user: &UserId,
         bundle: &str,
@@ -342,51 +164,55 @@ impl Store {
     }
 
     /// Soft-deletes (user, bundle) and records a `revoke` event if it was active.
-    pub fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
+    pub(crate) fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::revoke(&mut conn, &self.sql, user, bundle)
     }
 
     /// The user's rows by bundle id: active and unexpired ones (by the database clock), or every
     /// row with `all`.
-    pub fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
+    pub(crate) fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::list(&mut *conn, &self.sql, user, all)
     }
 
     /// Deactivates every active row that expired at or before `now` and records an `expire`
     /// event for each. Skipped (not an error) while another node holds the cleanup lock.
-    pub fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
+    pub(crate) fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::cleanup(&mut conn, &self.sql, &self.schema, now)
     }
 
     /// Why the configured password file could not be used, if so (the owner logs it once).
-    pub fn credentials_warning(&self) -> Option<&str> {
+    pub(crate) fn credentials_warning(&self) -> Option<&str> {
         self.pool.warning()
     }
 
     /// A named policy, or `None` when there is none by that name (what the policy cache holds).
-    pub fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
+    pub(crate) fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
         let mut conn = self.pool.checkout()?;
         policies::get(&mut *conn, &self.policy_sql, id)
     }
 
     /// `QUOTA.POLICY SET`: creates or replaces the policy and records a `policy_set` event.
-    pub fn set_policy(&self, id: &PolicyId, limits: &Limits) -> Result<PolicyRecord, StoreError> {
+    pub(crate) fn set_policy(
+        &self,
+        id: &PolicyId,
+        limits: &Limits,
+    ) -> Result<PolicyRecord, StoreError> {
         let mut conn = self.pool.checkout()?;
         policies::set(&mut conn, &self.policy_sql, id, limits)
     }
 
     /// `QUOTA.POLICY DEL`: deletes the policy (recording a `policy_delete` event); whether it
     /// existed.
-    pub fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
+    pub(crate) fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
         let mut conn = self.pool.checkout()?;
         policies::delete(&mut conn, &self.policy_sql, id)
     }
 
     /// `QUOTA.POLICY LIST`: every policy of (tenant, project), by name.
-    pub fn list_policies(
+    pub(crate) fn list_policies(
         &self,
         tenant: &str,
         project: &str,
@@ -396,23 +222,27 @@ impl Store {
     }
 
     /// (open connections, idle connections), for `INFO quota`.
-    pub fn pool_state(&self) -> (u32, u32) {
+    pub(crate) fn pool_state(&self) -> (u32, u32) {
         self.pool.state()
     }
 
     /// The configured schema name.
-    pub fn schema(&self) -> &str {
+    #[cfg(test)]
+    fn schema(&self) -> &str {
         &self.schema
     }
 
     /// The NOTIFY channel the triggers send on: `<schema>_quota_changed`.
-    pub fn channel(&self) -> String {
+    #[cfg(test)]
+    fn channel(&self) -> String {
         schema::channel(&self.schema)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::error::{classify_db, is_connection_kind};
+    use super::listener::Listener;
     use super::*;
 
     fn cfg(url: &str) -> StoreConfig {

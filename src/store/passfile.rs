@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 /// Where the password comes from when the URL has none.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     /// `quota.pg-password`: used as is when not empty.
     pub password: String,
     /// `quota.pg-passfile`: a pgpass file; empty = `$PGPASSFILE`, else `~/.pgpass`.

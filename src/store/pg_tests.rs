@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postgres::{Client, NoTls};
 
+use super::listener::{Listener, ListenerEvent};
 use super::schema::{substitute, DROP_SQL};
 use super::*;
 use crate::core::credit::Cents;

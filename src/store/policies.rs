@@ -8,8 +8,8 @@ use postgres::types::{ToSql, Type};
 use postgres::{Client, GenericClient, Row};
 use serde_json::{Map, Value};
 
+use super::error::StoreError;
 use super::schema::substitute;
-use super::StoreError;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits, PolicyRecord, LIMIT_FIELDS};
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use postgres::{Client, NoTls};
 use r2d2::{CustomizeConnection, ManageConnection};
 
+use super::error::{describe, StoreError};
 use super::passfile::{Credentials, Target};
-use super::{describe, StoreError};
 
 /// A pooled connection; derefs to `postgres::Client`.
 pub(crate) type Conn = r2d2::PooledConnection<Manager>;
@@ -218,7 +218,7 @@ impl CustomizeConnection<Client, ConnectError> for SessionSetup {
         let row = conn
             .query_one("SELECT pg_backend_pid()", &[])
             .map_err(|e| ConnectError(describe(&e)))?;
-        super::remember_own_backend(row.get::<_, i32>(0));
+        super::error::remember_own_backend(row.get::<_, i32>(0));
         Ok(())
     }
 }

@@ -12,8 +12,8 @@ use postgres::types::{ToSql, Type};
 use postgres::{Client, GenericClient, Row};
 use serde_json::{Map, Value};
 
+use super::error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
 use super::schema::{schema_lock_key, substitute, CLEANUP_LOCK_CLASS};
-use super::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
 use crate::core::credit::{GrantRequest, GrantValues, Replenishment};
 use crate::core::ids::UserId;
 use crate::core::policy::{Additional, LimitField, LIMIT_FIELDS};

@@ -7,7 +7,7 @@
 use postgres::types::Type;
 use postgres::Client;
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// The schema name written in the SQL scripts; every occurrence is replaced by the configured one.
 pub(crate) const PLACEHOLDER: &str = "control_plane";
@@ -21,7 +21,7 @@ pub(crate) const DROP_SQL: &str = include_str!("../../sql/drop-control-plane.sql
 
 /// Longest schema name: the NOTIFY channel `<schema>_quota_changed` must fit PostgreSQL's
 /// 63-byte identifier limit, or every write would fail in the trigger.
-pub const MAX_SCHEMA_LEN: usize = 63 - CHANNEL_SUFFIX.len();
+pub(crate) const MAX_SCHEMA_LEN: usize = 63 - CHANNEL_SUFFIX.len();
 
 const CHANNEL_SUFFIX: &str = "_quota_changed";
 
@@ -36,7 +36,7 @@ const DEPLOY_MIN_TIMEOUT_MS: u64 = 10_000;
 
 /// Checks a schema name: 1 to 49 characters of `a-z`, `0-9`, `_`, not starting with a digit,
 /// and not `pg_...` (reserved by PostgreSQL). This is what makes splicing it into SQL safe.
-pub fn validate_schema(name: &str) -> Result<(), StoreError> {
+pub(crate) fn validate_schema(name: &str) -> Result<(), StoreError> {
     let mut bytes = name.bytes();
     let first_ok = bytes
         .next()

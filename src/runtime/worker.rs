@@ -13,173 +13,33 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use crate::config;
+use super::cache;
+use super::clock;
+use super::config;
+use super::jobs::{Done, Job, LoadJob, OwnedPolicy, OwnedUser};
+use super::stats;
 use crate::core::cache::Lookup;
-use crate::core::credit::{GrantRequest, Replenishment};
+use crate::core::cache::UserCredits as Credits;
+use crate::core::credit::Replenishment;
 use crate::core::ids::{PolicyId, UserId};
-use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
+use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
-use crate::glue::blocked::Blocked;
-use crate::state::{self, Credits};
-use crate::stats;
-use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError};
-
-/// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
-/// private data), so the size of its variants does not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum Done {
-    /// The user's rows (for `ADMIT` and `GET` after a miss).
-    Loaded(Result<Credits, StoreError>),
-    Grant(Result<GrantOutcome, StoreError>),
-    Revoke(Result<RevokeOutcome, StoreError>),
-    List(Result<Vec<Replenishment>, StoreError>),
-    Cleanup(Result<CleanupOutcome, StoreError>),
-    /// A named policy's load (for `ADMIT ... POLICY` and `POLICY GET` after a miss).
-    Policy(Result<CachedPolicy, StoreError>),
-    PolicySet(Result<PolicyRecord, StoreError>),
-    PolicyDel(Result<bool, StoreError>),
-    PolicyList(Result<Vec<PolicyRecord>, StoreError>),
-    /// The job queue was full.
-    Busy,
-    /// The job was dropped unfinished (shutdown).
-    Dropped,
-}
-
-/// A user's ids, owned so they can cross to a worker thread.
-#[derive(Debug, Clone)]
-pub struct OwnedUser {
-    pub tenant: String,
-    pub project: String,
-    pub user: String,
-}
-
-impl OwnedUser {
-    /// Copies the ids.
-    pub fn from_id(id: &UserId<'_>) -> OwnedUser {
-        OwnedUser {
-            tenant: id.tenant.into(),
-            project: id.project.into(),
-            user: id.user.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub fn id(&self) -> UserId<'_> {
-        UserId {
-            tenant: &self.tenant,
-            project: &self.project,
-            user: &self.user,
-        }
-    }
-}
-
-/// A policy's ids, owned so they can cross to a worker thread.
-#[derive(Debug, Clone)]
-pub struct OwnedPolicy {
-    pub tenant: String,
-    pub project: String,
-    pub name: String,
-}
-
-impl OwnedPolicy {
-    /// Copies the ids.
-    pub fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
-        OwnedPolicy {
-            tenant: id.tenant.into(),
-            project: id.project.into(),
-            name: id.name.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub fn id(&self) -> PolicyId<'_> {
-        PolicyId {
-            tenant: &self.tenant,
-            project: &self.project,
-            name: &self.name,
-        }
-    }
-}
-
-/// Load a user's rows into the cache and answer the flight's waiters.
-pub struct LoadJob {
-    key: Box<[u8]>,
-    user: OwnedUser,
-    flight: u64,
-}
+use crate::ffi::blocked::Blocked;
+use crate::store::{Store, StoreConfig, StoreError};
 
 /// Most user loads one query serves (a burst of cold users shares round trips).
 const LOAD_BATCH: usize = 64;
 
-/// One unit of Postgres work.
-pub enum Job {
-    /// Load a user's rows into the cache and answer the flight's waiters.
-    Load(LoadJob),
-    Grant {
-        user: OwnedUser,
-        bundle: String,
-        request: Box<GrantRequest>,
-        now: Millis,
-        client: Blocked,
-    },
-    Revoke {
-        user: OwnedUser,
-        bundle: String,
-        client: Blocked,
-    },
-    List {
-        user: OwnedUser,
-        all: bool,
-        client: Blocked,
-    },
-    /// Deactivate expired rows; `client` is `None` for the periodic run.
-    Cleanup { client: Option<Blocked> },
-    /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
-    Deploy,
-    /// Load a named policy into the policy cache and answer the flight's waiters.
-    LoadPolicy { policy: OwnedPolicy, flight: u64 },
-    PolicySet {
-        policy: OwnedPolicy,
-        limits: Box<Limits>,
-        client: Blocked,
-    },
-    PolicyDel {
-        policy: OwnedPolicy,
-        client: Blocked,
-    },
-    PolicyList {
-        tenant: String,
-        project: String,
-        client: Blocked,
-    },
-}
-
-impl Job {
-    /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
-    pub fn into_client(self) -> Option<Blocked> {
-        match self {
-            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
-            Job::Grant { client, .. }
-            | Job::Revoke { client, .. }
-            | Job::List { client, .. }
-            | Job::PolicySet { client, .. }
-            | Job::PolicyDel { client, .. }
-            | Job::PolicyList { client, .. } => Some(client),
-            Job::Cleanup { client } => client,
-        }
-    }
-}
-
 /// Queues a user load for a flight the cache started; if the queue is full the flight is
 /// dropped and its waiters are answered `BUSY`.
-pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
+pub(crate) fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
     let job = Job::Load(LoadJob {
         key: user_key.into(),
         user: OwnedUser::from_id(user),
         flight,
     });
     if submit(job).is_err() {
-        let waiters = state::cache().abort_flight(user_key, flight);
+        let waiters = cache::cache().abort_flight(user_key, flight);
         for waiter in waiters {
             waiter.finish(Done::Busy);
         }
@@ -188,13 +48,13 @@ pub fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
 
 /// Queues a policy load for a flight the policy cache started; if the queue is full the flight
 /// is dropped and its waiters are answered `BUSY`.
-pub fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
+pub(crate) fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
     let job = Job::LoadPolicy {
         policy: OwnedPolicy::from_id(policy),
         flight,
     };
     if submit(job).is_err() {
-        let waiters = state::policies().abort_flight(&policy.key(), flight);
+        let waiters = cache::policies().abort_flight(&policy.key(), flight);
         for waiter in waiters {
             waiter.client.finish(Done::Busy);
         }
@@ -202,7 +62,7 @@ pub fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
 }
 
 /// Queues a job that answers a blocked client; answers it `BUSY` when the queue is full.
-pub fn submit_or_busy(job: Job) {
+pub(crate) fn submit_or_busy(job: Job) {
     if let Err(job) = submit(job) {
         if let Some(client) = job.into_client() {
             client.finish(Done::Busy);
@@ -225,7 +85,7 @@ static DEPLOY_QUEUED: AtomicBool = AtomicBool::new(false);
 /// is known to be deployed or a deploy is already queued. Never blocks: called at load, after
 /// the listener (re)connects, after a change of `quota.pg-url` or `quota.schema`, and every
 /// second while the schema is not known to be there.
-pub fn deploy_soon() {
+pub(crate) fn deploy_soon() {
     let wanted = config::flag(&config::AUTO_DEPLOY)
         && backend().is_some_and(|b| !b.deployed.load(Ordering::Acquire));
     if wanted && !DEPLOY_QUEUED.swap(true, Ordering::AcqRel) && submit(Job::Deploy).is_err() {
@@ -235,7 +95,7 @@ pub fn deploy_soon() {
 
 /// PostgreSQL is reachable again after an outage: it may have lost the schema (a restored
 /// backup, a replacement server), so deploy again.
-pub fn redeploy() {
+pub(crate) fn redeploy() {
     if let Some(backend) = backend() {
         backend.deployed.store(false, Ordering::Release);
     }
@@ -248,12 +108,12 @@ static THREADS: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// Whether the pool has been started.
-pub fn is_running() -> bool {
+pub(crate) fn is_running() -> bool {
     SENDER.get().is_some() && !STOPPING.load(Ordering::Relaxed)
 }
 
 /// Starts `threads` workers over a queue of `queue_max` jobs, and builds the store.
-pub fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
+pub(crate) fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
     rebuild_backend();
     let (tx, rx) = bounded::<Job>(queue_max.max(1));
     let mut handles = Vec::with_capacity(threads);
@@ -274,12 +134,12 @@ pub fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
 
 /// Stops the workers: queued jobs are answered with `Done::Dropped`; waits up to `wait` for
 /// the threads (one stuck in a Postgres call is left to finish on its own).
-pub fn stop(wait: Duration) {
+pub(crate) fn stop(wait: Duration) {
     STOPPING.store(true, Ordering::Relaxed);
-    for waiter in state::cache().take_all_waiters() {
+    for waiter in cache::cache().take_all_waiters() {
         waiter.finish(Done::Dropped);
     }
-    for waiter in state::policies().take_all_waiters() {
+    for waiter in cache::policies().take_all_waiters() {
         waiter.client.finish(Done::Dropped);
     }
     let deadline = Instant::now() + wait;
@@ -298,7 +158,7 @@ pub fn stop(wait: Duration) {
 }
 
 /// Queues a job without blocking; gives it back when the queue is full or stopped.
-pub fn submit(job: Job) -> Result<(), Job> {
+pub(crate) fn submit(job: Job) -> Result<(), Job> {
     if STOPPING.load(Ordering::Relaxed) {
         return Err(job);
     }
@@ -315,17 +175,17 @@ pub fn submit(job: Job) -> Result<(), Job> {
 }
 
 /// Jobs waiting in the queue.
-pub fn queue_depth() -> usize {
+pub(crate) fn queue_depth() -> usize {
     SENDER.get().map_or(0, Sender::len)
 }
 
 /// Postgres connections open and idle, if a store is configured.
-pub fn pool_state() -> (u32, u32) {
+pub(crate) fn pool_state() -> (u32, u32) {
     backend().map_or((0, 0), |b| b.store.pool_state())
 }
 
 /// Rebuilds the store from the configuration (never touches the network).
-pub fn rebuild_backend() {
+pub(crate) fn rebuild_backend() {
     let cfg = StoreConfig {
         url: config::text(&config::PG_URL),
         credentials: config::credentials(),
@@ -461,6 +321,9 @@ fn gather_loads(first: Job, rx: &Receiver<Job>) -> (Vec<LoadJob>, Option<Job>) {
 
 /// Loads the users of `loads` in one query and completes every flight, so every waiter is
 /// answered whatever the store did.
+/// The clients that waited on one user's load, with what the load found.
+type Answered = (Vec<Blocked<Done>>, Result<Credits, StoreError>);
+
 fn execute_loads(loads: Vec<LoadJob>) {
     let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         with_store(|store| match loads.as_slice() {
@@ -479,9 +342,9 @@ fn execute_loads(loads: Vec<LoadJob>) {
     results.resize_with(loads.len(), || {
         Err(StoreError::Query("no answer for this user".into()))
     });
-    let now = state::now_ms();
-    let answered: Vec<(Vec<Blocked>, Result<Credits, StoreError>)> = {
-        let mut cache = state::cache();
+    let now = clock::now_ms();
+    let answered: Vec<Answered> = {
+        let mut cache = cache::cache();
         loads
             .iter()
             .zip(results)
@@ -543,10 +406,10 @@ fn execute(job: Job) {
             client.finish(Done::List(outcome));
         }
         Job::Cleanup { client } => {
-            let outcome = with_store(|s| s.cleanup(state::now_ms()));
+            let outcome = with_store(|s| s.cleanup(clock::now_ms()));
             if let Ok(o) = &outcome {
                 stats::CLEANUPS.incr();
-                let mut cache = state::cache();
+                let mut cache = cache::cache();
                 for (tenant, project, user) in &o.users {
                     cache.invalidate(
                         &UserId {
@@ -598,9 +461,9 @@ fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
     let id = policy.id();
     let result: Result<CachedPolicy, StoreError> =
         with_store(|s| s.load_policy(&id)).map(|found| found.map(|r| r.limits));
-    let now = state::now_ms();
+    let now = clock::now_ms();
     let waiters =
-        state::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
+        cache::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
     for waiter in waiters {
         match (waiter.then, &result) {
             (Some((user_key, user)), Ok(Some(_))) => {
@@ -614,13 +477,13 @@ fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
 /// Moves `client` onto the user's credit load when those credits are not cached; otherwise
 /// answers it with the policy (its command finds the credits in the cache).
 fn chain_to_credits(
-    client: Blocked,
+    client: Blocked<Done>,
     user_key: &[u8],
     user: &OwnedUser,
     policy: &Result<CachedPolicy, StoreError>,
     now: Millis,
 ) {
-    let mut cache = state::cache();
+    let mut cache = cache::cache();
     let (load, client) = match cache.lookup(user_key, now) {
         Lookup::Miss { load } => match cache.add_waiter(user_key, client) {
             Ok(()) => (load, None),
@@ -640,9 +503,9 @@ fn chain_to_credits(
 
 /// Write-through of a committed policy change into this node's policy cache.
 fn write_through_policy(policy: &OwnedPolicy, value: CachedPolicy) {
-    state::policies().put(&policy.id().key(), value, state::now_ms());
+    cache::policies().put(&policy.id().key(), value, clock::now_ms());
 }
 
 fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {
-    state::cache().put(&user.id().key(), Arc::from(rows), state::now_ms());
+    cache::cache().put(&user.id().key(), Arc::from(rows), clock::now_ms());
 }

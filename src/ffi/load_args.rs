@@ -11,7 +11,7 @@ use redis_module::{raw, RedisString};
 
 /// Replaces the argument's text with `text`, which must not be longer. Returns false (and
 /// changes nothing) when the argument is not a plain `sds` string this code understands.
-pub fn shorten(arg: &RedisString, text: &[u8]) -> bool {
+pub(crate) fn shorten(arg: &RedisString, text: &[u8]) -> bool {
     let mut len = 0usize;
     let ptr = unsafe {
         raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(arg.inner, &mut len))

@@ -1,23 +1,32 @@
 //! Keeps passwords out of the slow log: a command filter that replaces the value of
 //! `CONFIG SET quota.pg-password ...` (and of a `quota.pg-url` holding a password) with a
 //! placeholder before Redis runs and records the command; the setting's `set` callback swaps
-//! the real value back in (`config::stash_secret`). Redis redacts its own sensitive settings
+//! the real value back in. Which settings are secret, and what stands in for them, is the
+//! caller's (`runtime::config::hide_secret`, handed over at registration). Redis redacts its own sensitive settings
 //! there (`masterauth`), but not a module's (seen on 7.0.15 and 8.2.3).
 //!
 //! The filter sees every command, so it returns after two length checks for anything that is
 //! not `CONFIG SET`; it never fails a command, and on any surprise leaves it as it is.
 
 use std::os::raw::c_int;
+use std::sync::OnceLock;
 
 use redis_module::raw;
 
-use crate::config;
+use super::ctx::Ctx;
 
-/// Registers the filter (once, at load).
-pub fn register(ctx: *mut raw::RedisModuleCtx) {
+/// Given a setting's name and value, the placeholder to show instead, if it is a secret.
+pub(crate) type Hide = fn(name: &[u8], value: &[u8]) -> Option<String>;
+
+static HIDE: OnceLock<Hide> = OnceLock::new();
+
+/// Registers the filter (once, at load), replacing the values `hide` hides.
+pub(crate) fn register(ctx: Ctx, hide: Hide) {
+    // Always the same function: a second load in this process keeps the first.
+    let _ = HIDE.set(hide);
     unsafe {
         if let Some(register) = raw::RedisModule_RegisterCommandFilter {
-            register(ctx, Some(filter), 0);
+            register(ctx.raw(), Some(filter), 0);
         }
     }
 }
@@ -61,22 +70,20 @@ unsafe fn redact(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     {
         return;
     }
+    let Some(hide) = HIDE.get() else {
+        return;
+    };
     let mut pos = 2;
     while pos + 1 < argc {
-        let value = arg(fctx, pos + 1);
-        if config::is_secret_setting(arg(fctx, pos), value) {
-            if let Ok(text) = std::str::from_utf8(value) {
-                let placeholder =
-                    config::stash_secret(text.to_owned(), crate::state::new_lease_id());
-                // A string without a context: the filter hands its ownership to Redis.
-                let s = create(
-                    std::ptr::null_mut(),
-                    placeholder.as_ptr().cast(),
-                    placeholder.len(),
-                );
-                if !s.is_null() {
-                    replace(fctx, pos + 1, s);
-                }
+        if let Some(placeholder) = hide(arg(fctx, pos), arg(fctx, pos + 1)) {
+            // A string without a context: the filter hands its ownership to Redis.
+            let s = create(
+                std::ptr::null_mut(),
+                placeholder.as_ptr().cast(),
+                placeholder.len(),
+            );
+            if !s.is_null() {
+                replace(fctx, pos + 1, s);
             }
         }
         pos += 2;

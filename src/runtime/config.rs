@@ -15,7 +15,7 @@ enum_configuration! {
     /// What `QUOTA.ADMIT` does on a cache miss where it cannot block (MULTI, scripts).
     #[derive(Debug, PartialEq, Eq)]
     #[allow(non_camel_case_types)]
-    pub enum ScriptMiss {
+    pub(crate) enum ScriptMiss {
         /// Decide on the base policy, reply `replenishment pending`, load in the background.
         base = 0,
         /// Reply `TRYAGAIN` and load in the background.
@@ -25,7 +25,7 @@ enum_configuration! {
 
 /// A string option whose values are checked before Redis accepts them (a bad value is refused
 /// by `CONFIG SET`, or fails the module load, instead of breaking every later command).
-pub struct CheckedText {
+pub(crate) struct CheckedText {
     value: Mutex<String>,
     check: fn(&str) -> Result<(), String>,
 }
@@ -71,50 +71,50 @@ fn check_schema(name: &str) -> Result<(), String> {
 }
 
 /// `quota.pg-url` (sensitive).
-pub static PG_URL: CheckedText = CheckedText::new(check_url);
+pub(crate) static PG_URL: CheckedText = CheckedText::new(check_url);
 /// `quota.pg-password` (sensitive): the password when `quota.pg-url` carries none.
-pub static PG_PASSWORD: CheckedText = CheckedText::new(check_nothing);
+pub(crate) static PG_PASSWORD: CheckedText = CheckedText::new(check_nothing);
 /// `quota.pg-passfile`: a pgpass file holding the password (empty = libpq's default).
-pub static PG_PASSFILE: CheckedText = CheckedText::new(check_nothing);
+pub(crate) static PG_PASSFILE: CheckedText = CheckedText::new(check_nothing);
 /// `quota.schema`.
-pub static SCHEMA: CheckedText = CheckedText::new(check_schema);
+pub(crate) static SCHEMA: CheckedText = CheckedText::new(check_schema);
 /// `quota.pool-size` (worker threads and Postgres connections; immutable after load).
-pub static POOL_SIZE: AtomicI64 = AtomicI64::new(DEFAULT_POOL_SIZE);
+pub(crate) static POOL_SIZE: AtomicI64 = AtomicI64::new(DEFAULT_POOL_SIZE);
 /// `quota.pg-timeout-ms`.
-pub static PG_TIMEOUT_MS: AtomicI64 = AtomicI64::new(DEFAULT_PG_TIMEOUT_MS);
+pub(crate) static PG_TIMEOUT_MS: AtomicI64 = AtomicI64::new(DEFAULT_PG_TIMEOUT_MS);
 /// `quota.queue-max` (immutable after load).
-pub static QUEUE_MAX: AtomicI64 = AtomicI64::new(DEFAULT_QUEUE_MAX);
+pub(crate) static QUEUE_MAX: AtomicI64 = AtomicI64::new(DEFAULT_QUEUE_MAX);
 /// `quota.cache-ttl-ms`.
-pub static CACHE_TTL_MS: AtomicI64 = AtomicI64::new(DEFAULT_CACHE_TTL_MS);
+pub(crate) static CACHE_TTL_MS: AtomicI64 = AtomicI64::new(DEFAULT_CACHE_TTL_MS);
 /// `quota.negative-ttl-ms`.
-pub static NEGATIVE_TTL_MS: AtomicI64 = AtomicI64::new(DEFAULT_NEGATIVE_TTL_MS);
+pub(crate) static NEGATIVE_TTL_MS: AtomicI64 = AtomicI64::new(DEFAULT_NEGATIVE_TTL_MS);
 /// `quota.cache-max-entries`.
-pub static CACHE_MAX_ENTRIES: AtomicI64 = AtomicI64::new(DEFAULT_CACHE_MAX_ENTRIES);
+pub(crate) static CACHE_MAX_ENTRIES: AtomicI64 = AtomicI64::new(DEFAULT_CACHE_MAX_ENTRIES);
 /// `quota.script-miss`.
-pub static SCRIPT_MISS: Mutex<ScriptMiss> = Mutex::new(ScriptMiss::base);
+pub(crate) static SCRIPT_MISS: Mutex<ScriptMiss> = Mutex::new(ScriptMiss::base);
 /// `quota.auto-deploy`.
-pub static AUTO_DEPLOY: AtomicBool = AtomicBool::new(true);
+pub(crate) static AUTO_DEPLOY: AtomicBool = AtomicBool::new(true);
 /// `quota.notify`.
-pub static NOTIFY: AtomicBool = AtomicBool::new(true);
+pub(crate) static NOTIFY: AtomicBool = AtomicBool::new(true);
 /// `quota.cleanup-interval` in seconds (0 = off).
-pub static CLEANUP_INTERVAL: AtomicI64 = AtomicI64::new(DEFAULT_CLEANUP_INTERVAL);
+pub(crate) static CLEANUP_INTERVAL: AtomicI64 = AtomicI64::new(DEFAULT_CLEANUP_INTERVAL);
 /// `quota.lease-ttl` in seconds.
-pub static LEASE_TTL: AtomicI64 = AtomicI64::new(DEFAULT_LEASE_TTL);
+pub(crate) static LEASE_TTL: AtomicI64 = AtomicI64::new(DEFAULT_LEASE_TTL);
 
-pub const DEFAULT_SCHEMA: &str = "control_plane";
-pub const DEFAULT_POOL_SIZE: i64 = 4;
-pub const DEFAULT_PG_TIMEOUT_MS: i64 = 2000;
-pub const DEFAULT_QUEUE_MAX: i64 = 10_000;
-pub const DEFAULT_CACHE_TTL_MS: i64 = 10_000;
-pub const DEFAULT_NEGATIVE_TTL_MS: i64 = 5_000;
-pub const DEFAULT_CACHE_MAX_ENTRIES: i64 = 1_000_000;
-pub const DEFAULT_CLEANUP_INTERVAL: i64 = 3600;
-pub const DEFAULT_LEASE_TTL: i64 = 300;
+pub(crate) const DEFAULT_SCHEMA: &str = "control_plane";
+pub(crate) const DEFAULT_POOL_SIZE: i64 = 4;
+pub(crate) const DEFAULT_PG_TIMEOUT_MS: i64 = 2000;
+pub(crate) const DEFAULT_QUEUE_MAX: i64 = 10_000;
+pub(crate) const DEFAULT_CACHE_TTL_MS: i64 = 10_000;
+pub(crate) const DEFAULT_NEGATIVE_TTL_MS: i64 = 5_000;
+pub(crate) const DEFAULT_CACHE_MAX_ENTRIES: i64 = 1_000_000;
+pub(crate) const DEFAULT_CLEANUP_INTERVAL: i64 = 3600;
+pub(crate) const DEFAULT_LEASE_TTL: i64 = 300;
 /// Longest lease a caller may ask for with `LEASE_TTL`: 1 day.
-pub const MAX_LEASE_TTL: i64 = 86_400;
+pub(crate) const MAX_LEASE_TTL: i64 = 86_400;
 
 /// Sets a string option from the module itself (not through Redis).
-pub fn set_text(option: &CheckedText, value: String) {
+pub(crate) fn set_text(option: &CheckedText, value: String) {
     let mut slot = option.value.lock().unwrap_or_else(|p| p.into_inner());
     *slot = value;
 }
@@ -128,14 +128,14 @@ const PLACEHOLDER_PREFIX: &str = "(redacted by redis-quota ";
 
 /// Whether `CONFIG SET <name> <value>` holds a password: `quota.pg-password`, or a
 /// `quota.pg-url` with a password in it.
-pub fn is_secret_setting(name: &[u8], value: &[u8]) -> bool {
+pub(crate) fn is_secret_setting(name: &[u8], value: &[u8]) -> bool {
     (name.eq_ignore_ascii_case(b"quota.pg-password") && !value.is_empty())
         || (name.eq_ignore_ascii_case(b"quota.pg-url") && !secret_spans(value).is_empty())
 }
 
 /// Keeps `value` for the `CONFIG SET` about to run and returns the placeholder to put in the
 /// command instead (what the slow log will show).
-pub fn stash_secret(value: String, nonce: u64) -> String {
+pub(crate) fn stash_secret(value: String, nonce: u64) -> String {
     let placeholder = format!("{PLACEHOLDER_PREFIX}{nonce:016x})");
     let mut stash = STASHED.lock().unwrap_or_else(|p| p.into_inner());
     if stash.len() >= STASH_MAX {
@@ -163,7 +163,7 @@ fn unstash(value: String) -> Result<String, RedisError> {
 }
 
 /// Reads a string option.
-pub fn text(option: &CheckedText) -> String {
+pub(crate) fn text(option: &CheckedText) -> String {
     option.value.lock().map(|s| s.clone()).unwrap_or_default()
 }
 
@@ -171,13 +171,13 @@ pub fn text(option: &CheckedText) -> String {
 /// masked where Redis would show it: `user:PASSWORD@` in a URL's authority, a `password`
 /// query parameter (its name possibly percent-encoded: `pass%77ord=`), or a `password` keyword
 /// (spaces around `=` allowed, the value possibly quoted with `\'` and `\\` escapes).
-pub fn secret_spans(url: &[u8]) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn secret_spans(url: &[u8]) -> Vec<std::ops::Range<usize>> {
     password_parts(url).into_iter().map(|p| p.value).collect()
 }
 
 /// The URL or key=value string without its password (a URL loses `:password` or its
 /// `password` parameter, a key=value string its `password` keyword): what may be shown.
-pub fn without_password(url: &[u8]) -> Vec<u8> {
+pub(crate) fn without_password(url: &[u8]) -> Vec<u8> {
     let parts = password_parts(url);
     url.iter()
         .enumerate()
@@ -338,34 +338,44 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The password sources for a URL without one (`quota.pg-password`, `quota.pg-passfile`).
-pub fn credentials() -> crate::store::Credentials {
+pub(crate) fn credentials() -> crate::store::Credentials {
     crate::store::Credentials {
         password: text(&PG_PASSWORD),
         passfile: text(&PG_PASSFILE),
     }
 }
 
+/// How long a client waits on Postgres before its timeout callback answers.
+pub(crate) fn block_timeout_ms() -> i64 {
+    int(&PG_TIMEOUT_MS).max(1) + 250
+}
+
 /// Reads an integer option.
-pub fn int(option: &AtomicI64) -> i64 {
+pub(crate) fn int(option: &AtomicI64) -> i64 {
     option.load(Ordering::Relaxed)
 }
 
 /// Reads a boolean option.
-pub fn flag(option: &AtomicBool) -> bool {
+pub(crate) fn flag(option: &AtomicBool) -> bool {
     option.load(Ordering::Relaxed)
 }
 
 /// The configured miss policy for scripts and MULTI.
-pub fn script_miss() -> ScriptMiss {
+pub(crate) fn script_miss() -> ScriptMiss {
     SCRIPT_MISS
         .lock()
         .map(|m| m.clone())
         .unwrap_or(ScriptMiss::base)
 }
 
-/// Called by Redis after any `quota.*` option changed.
-pub fn on_change<G, T>(_ctx: &ConfigurationContext, name: &str, _value: &'static T) {
-    crate::state::reconfigure(name);
+/// For the command filter: a placeholder to put in place of `value` when `CONFIG SET <name>
+/// <value>` sets a password, the value itself kept in the stash until the setter takes it.
+pub(crate) fn hide_secret(name: &[u8], value: &[u8]) -> Option<String> {
+    if !is_secret_setting(name, value) {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?;
+    Some(stash_secret(text.to_owned(), super::clock::new_lease_id()))
 }
 
 #[cfg(test)]

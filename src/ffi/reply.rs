@@ -8,18 +8,18 @@ use redis_module::raw;
 
 /// A reply writer bound to one command context (main thread, GIL held).
 #[derive(Clone, Copy)]
-pub struct Reply {
+pub(crate) struct Reply {
     ctx: *mut raw::RedisModuleCtx,
 }
 
 impl Reply {
     /// Wraps a context pointer handed to us by Redis.
-    pub fn new(ctx: *mut raw::RedisModuleCtx) -> Reply {
+    pub(crate) fn new(ctx: *mut raw::RedisModuleCtx) -> Reply {
         Reply { ctx }
     }
 
     /// Starts a map of `pairs` field/value pairs.
-    pub fn map(self, pairs: usize) -> Self {
+    pub(crate) fn map(self, pairs: usize) -> Self {
         unsafe {
             if let Some(f) = raw::RedisModule_ReplyWithMap {
                 f(self.ctx, pairs as c_long);
@@ -29,7 +29,7 @@ impl Reply {
     }
 
     /// Starts an array of `len` items.
-    pub fn array(self, len: usize) -> Self {
+    pub(crate) fn array(self, len: usize) -> Self {
         unsafe {
             if let Some(f) = raw::RedisModule_ReplyWithArray {
                 f(self.ctx, len as c_long);
@@ -39,12 +39,12 @@ impl Reply {
     }
 
     /// A bulk string.
-    pub fn str(self, s: &str) -> Self {
+    pub(crate) fn str(self, s: &str) -> Self {
         self.bytes(s.as_bytes())
     }
 
     /// A bulk string from bytes.
-    pub fn bytes(self, b: &[u8]) -> Self {
+    pub(crate) fn bytes(self, b: &[u8]) -> Self {
         unsafe {
             if let Some(f) = raw::RedisModule_ReplyWithStringBuffer {
                 f(self.ctx, b.as_ptr().cast(), b.len());
@@ -54,7 +54,7 @@ impl Reply {
     }
 
     /// An integer.
-    pub fn int(self, v: i64) -> Self {
+    pub(crate) fn int(self, v: i64) -> Self {
         unsafe {
             if let Some(f) = raw::RedisModule_ReplyWithLongLong {
                 f(self.ctx, v);
@@ -64,12 +64,12 @@ impl Reply {
     }
 
     /// An unsigned count, clamped into the integer range.
-    pub fn uint(self, v: u64) -> Self {
+    pub(crate) fn uint(self, v: u64) -> Self {
         self.int(i64::try_from(v).unwrap_or(i64::MAX))
     }
 
     /// Nil.
-    pub fn null(self) -> Self {
+    pub(crate) fn null(self) -> Self {
         unsafe {
             if let Some(f) = raw::RedisModule_ReplyWithNull {
                 f(self.ctx);
@@ -79,7 +79,7 @@ impl Reply {
     }
 
     /// A string or nil.
-    pub fn opt_str(self, s: Option<&str>) -> Self {
+    pub(crate) fn opt_str(self, s: Option<&str>) -> Self {
         match s {
             Some(s) => self.str(s),
             None => self.null(),
@@ -87,7 +87,7 @@ impl Reply {
     }
 
     /// An integer or nil.
-    pub fn opt_int(self, v: Option<i64>) -> Self {
+    pub(crate) fn opt_int(self, v: Option<i64>) -> Self {
         match v {
             Some(v) => self.int(v),
             None => self.null(),
@@ -95,12 +95,12 @@ impl Reply {
     }
 
     /// A field name followed by its value written by `value`.
-    pub fn field(self, name: &str, value: impl FnOnce(Self) -> Self) -> Self {
+    pub(crate) fn field(self, name: &str, value: impl FnOnce(Self) -> Self) -> Self {
         value(self.str(name))
     }
 
     /// A simple status string (`+OK`).
-    pub fn status(self, s: &str) -> Self {
+    pub(crate) fn status(self, s: &str) -> Self {
         if let Ok(c) = CString::new(s) {
             unsafe {
                 if let Some(f) = raw::RedisModule_ReplyWithSimpleString {
@@ -113,7 +113,7 @@ impl Reply {
 
     /// An error. `text` starts with its code (`ERR`, `BUSY`, `TRYAGAIN`, ...); line breaks and
     /// NUL bytes are replaced so the reply stays one well-formed line.
-    pub fn error(self, text: &str) -> Self {
+    pub(crate) fn error(self, text: &str) -> Self {
         let clean: String = text
             .chars()
             .map(|c| {

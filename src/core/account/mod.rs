@@ -3,31 +3,39 @@
 //! `Account` holds the request and token counters of the current UTC windows, the live leases
 //! (concurrency slots with their token reservations) and recently settled lease ids (so a
 //! repeated commit counts once). `decode` accepts only states that satisfy every invariant the
-//! rest relies on (`check`): stored bytes come from RDB files, `RESTORE` payloads and the AOF. `admit`, `commit` and `release` are the only ways it changes;
-//! each takes `now`, so the same inputs always give the same result. It knows nothing of Redis:
-//! the shell stores it in a key and replicates its encoded state.
+//! rest relies on (`check`): stored bytes come from RDB files, `RESTORE` payloads and the AOF.
+//! `admit`, `commit` and `release` are the only ways it changes; each takes `now`, so the same
+//! inputs always give the same result. It knows nothing of Redis: the shell stores it in a key
+//! and replicates its encoded state.
+//!
+//! This file holds the types, the invariants (`check`), the usage snapshot and retention;
+//! `admit` the decision, `lease` adding, pruning and settling leases, `codec` the bytes.
+
+mod admit;
+mod codec;
+mod lease;
 
 use std::collections::{HashSet, VecDeque};
 
-use super::policy::{EffectivePolicy, LimitField, Limits};
-use super::window::{seconds_until, Window, LAST_MS};
+use super::policy::LimitField;
+use super::window::{Window, LAST_MS};
 use super::Millis;
 
 /// Most live leases one account may hold; more is refused (bounds memory per account).
-pub const MAX_LEASES: usize = 4096;
+pub(crate) const MAX_LEASES: usize = 4096;
 /// Most settled lease ids remembered per account for commit idempotency. An id is never
 /// forgotten before its time (`SETTLED_MIN_MS`, or the lease's own expiry if later): a commit
 /// that would need a 4097th id is refused instead (`AccountError::TooManySettled`). At most
 /// 24 bytes an id, plus its text when it is not a generated one (up to `MAX_LEASE_ID_LEN`).
-pub const MAX_SETTLED: usize = 4096;
+pub(crate) const MAX_SETTLED: usize = 4096;
 /// How long a settled lease id is remembered at least.
-pub const SETTLED_MIN_MS: Millis = 60_000;
+pub(crate) const SETTLED_MIN_MS: Millis = 60_000;
 /// Longest lease id, in bytes.
-pub const MAX_LEASE_ID_LEN: usize = 128;
+pub(crate) const MAX_LEASE_ID_LEN: usize = 128;
 
 /// A counter that belongs to one window; it reads as zero once that window is over.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counter {
+pub(crate) struct Counter {
     pub window: i64,
     pub value: u64,
 }
@@ -61,14 +69,14 @@ impl Counter {
 /// A lease id: the 16-hex-digit ids the module generates are kept inline as a number, any
 /// other id a caller chose is kept as text. Both compare and print as the text the caller sees.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum LeaseId {
+pub(crate) enum LeaseId {
     Short(u64),
     Named(Box<str>),
 }
 
 impl LeaseId {
     /// The id for `text` (exactly 16 lower-case hex digits become `Short`).
-    pub fn parse(text: &str) -> LeaseId {
+    pub(crate) fn parse(text: &str) -> LeaseId {
         match LeaseId::short_form(text) {
             Some(n) => LeaseId::Short(n),
             None => LeaseId::Named(text.into()),
@@ -85,7 +93,7 @@ impl LeaseId {
     }
 
     /// Writes the text form into `buf` and returns it (no allocation for generated ids).
-    pub fn as_text<'b>(&'b self, buf: &'b mut [u8; 16]) -> &'b str {
+    pub(crate) fn as_text<'b>(&'b self, buf: &'b mut [u8; 16]) -> &'b str {
         match self {
             LeaseId::Short(n) => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -108,7 +116,7 @@ impl LeaseId {
 
 /// A concurrency slot held by one in-flight request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub id: LeaseId,
     pub expires_at: Millis,
     /// Tokens reserved until commit, release or expiry.
@@ -121,7 +129,7 @@ pub struct Lease {
 
 /// The usage state of one account.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Account {
+pub(crate) struct Account {
     pub req_day: Counter,
     pub req_month: Counter,
     pub req_total: u64,
@@ -149,7 +157,7 @@ const PRUNE_DELAY_MS: Millis = 250;
 
 /// What `QUOTA.ADMIT` asks, besides the account and its effective policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AdmitRequest<'a> {
+pub(crate) struct AdmitRequest<'a> {
     pub lease: Option<&'a str>,
     pub lease_ttl_ms: Millis,
     pub reserve: Option<u64>,
@@ -158,7 +166,7 @@ pub struct AdmitRequest<'a> {
 
 /// The outcome of an admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdmitDecision {
+pub(crate) struct AdmitDecision {
     pub allowed: bool,
     /// Violated limits, as a bit set over `LimitField` (`MaxConcurrent` = concurrency).
     pub violations: u8,
@@ -178,7 +186,7 @@ pub struct AdmitDecision {
 
 impl AdmitDecision {
     /// The denial reason: violated limits joined with `|`, `""` when allowed.
-    pub fn reason(&self) -> std::borrow::Cow<'static, str> {
+    pub(crate) fn reason(&self) -> std::borrow::Cow<'static, str> {
         let name = |field: LimitField| match field {
             LimitField::MaxConcurrent => "concurrency",
             other => other.name(),
@@ -203,7 +211,7 @@ impl AdmitDecision {
 
 /// A snapshot of an account's usage for `QUOTA.USAGE` and `VERBOSE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub req_day: u64,
     pub req_month: u64,
     pub req_total: u64,
@@ -220,7 +228,7 @@ pub struct Usage {
 
 /// How long an account's state must be kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retention {
+pub(crate) enum Retention {
     /// A lifetime limit applied: never expire.
     Forever,
     /// Until this instant (ms since the epoch).
@@ -231,7 +239,7 @@ pub enum Retention {
 
 /// What `QUOTA.COMMIT` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommitOutcome {
+pub(crate) struct CommitOutcome {
     pub duplicate: bool,
     pub lease_held: bool,
     /// Until when the committed lease id is remembered (none without a lease or when duplicate).
@@ -240,7 +248,7 @@ pub struct CommitOutcome {
 
 /// Why an admission could not even be decided; `Display` is the wire error text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccountError {
+pub(crate) enum AccountError {
     TooManyLeases,
     /// A commit would need more than `MAX_SETTLED` remembered lease ids; one is forgotten in
     /// `retry_after` seconds.
@@ -267,7 +275,7 @@ impl std::fmt::Display for AccountError {
 
 /// Why bytes are not a valid account state; `Display` names the first problem found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BadState(pub &'static str);
+pub(crate) struct BadState(pub &'static str);
 
 impl std::fmt::Display for BadState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,372 +304,8 @@ impl Now {
 }
 
 impl Account {
-    /// Drops leases and settled ids that have expired; true if anything was dropped.
-    pub(crate) fn prune(&mut self, now: Millis) -> bool {
-        let mut pruned = false;
-        while self.leases.front().is_some_and(|l| l.expires_at <= now) {
-            if let Some(gone) = self.leases.pop_front() {
-                self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
-            }
-            pruned = true;
-        }
-        self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
-        // A burst of leases must not pin its memory once it is over.
-        if pruned && self.leases.capacity() > 16 && self.leases.len() * 4 < self.leases.capacity() {
-            self.leases.shrink_to(self.leases.len() * 2);
-        }
-        if !self.settled.is_empty() {
-            let before = self.settled.len();
-            self.settled.retain(|(_, until)| *until > now);
-            pruned |= before != self.settled.len();
-        }
-        pruned
-    }
-
-    /// Whether an admission must prune before deciding: some lease has expired and either it
-    /// could change the decision (a lease id to find, reservations counted against the token
-    /// windows, the concurrency limit or the lease cap within reach) or it expired more than
-    /// `PRUNE_DELAY_MS` ago. Otherwise an expired lease is harmless for a moment, and pruning
-    /// in batches touches the leases' memory once rather than on every admission.
-    fn prune_due(&self, policy: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis) -> bool {
-        let first = self.first_expiry;
-        if first == 0 || first > now {
-            return false;
-        }
-        let held = self.leases.len();
-        // The base limit is the lower one: it decides `used_replenishment`.
-        let max_concurrent = policy.base.get(LimitField::MaxConcurrent);
-        req.lease.is_some()
-            || self.reserved_sum > 0
-            || now >= first.saturating_add(PRUNE_DELAY_MS)
-            || held >= MAX_LEASES
-            || max_concurrent.is_some_and(|max| held as u64 >= max)
-    }
-
-    /// Adds a lease, keeping the expiry order (new leases usually go last).
-    pub(crate) fn push_lease(&mut self, lease: Lease) {
-        let at = self
-            .leases
-            .iter()
-            .rposition(|l| l.expires_at <= lease.expires_at)
-            .map_or(0, |i| i + 1);
-        self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
-        if at == 0 {
-            self.first_expiry = lease.expires_at;
-        }
-        self.leases.insert(at, lease);
-    }
-
-    /// Removes the lease at `pos`.
-    fn remove_lease(&mut self, pos: usize) -> Option<Lease> {
-        let gone = self.leases.remove(pos)?;
-        self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
-        self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
-        Some(gone)
-    }
-
-    /// Tokens reserved by live leases (exact after a prune: see `prune_due`).
-    pub fn reserved(&self) -> u64 {
-        self.reserved_sum
-    }
-
-    /// How much of a limited field is used at `now` (tokens: committed plus reserved).
-    fn used(&self, field: LimitField, now: &Now, reserved: u64) -> u64 {
-        match field {
-            LimitField::RequestsPerDay => self.req_day.get(now.day),
-            LimitField::RequestsPerMonth => self.req_month.get(now.month),
-            LimitField::TotalRequests => self.req_total,
-            LimitField::TokensPerHour => self.tok_hour.get(now.hour).saturating_add(reserved),
-            LimitField::TokensPerDay => self.tok_day.get(now.day).saturating_add(reserved),
-            LimitField::TokensPerMonth => self.tok_month.get(now.month).saturating_add(reserved),
-            LimitField::MaxConcurrent => self.leases.len() as u64,
-        }
-    }
-
-    /// The violated quota windows (not concurrency) under `limits`.
-    fn window_violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u8 {
-        let mut bits = 0u8;
-        for field in &LimitField::ALL[..6] {
-            if let Some(limit) = limits.get(*field) {
-                if self.used(*field, now, reserved) >= limit {
-                    bits |= 1 << *field as u8;
-                }
-            }
-        }
-        bits
-    }
-
-    /// All violations: quota windows first; concurrency only when no window is violated.
-    fn violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u8 {
-        let bits = self.window_violations(limits, now, reserved);
-        if bits != 0 {
-            return bits;
-        }
-        match limits.get(LimitField::MaxConcurrent) {
-            Some(max) if self.leases.len() as u64 >= max => 1 << LimitField::MaxConcurrent as u8,
-            _ => 0,
-        }
-    }
-
-    /// Seconds until every violated limit could allow again; -1 when one never resets (a
-    /// lifetime total, or `MAX_CONCURRENT 0`, where no slot can ever free).
-    fn retry_after(&self, violations: u8, limits: &Limits, now: &Now) -> i64 {
-        let mut wait = 0i64;
-        for field in LimitField::ALL {
-            if violations & (1 << field as u8) == 0 {
-                continue;
-            }
-            let secs = match (field.window(), field) {
-                (Some(window), _) => seconds_until(now.ms, window.end(now.ms)),
-                (None, LimitField::MaxConcurrent) => {
-                    if limits.get(LimitField::MaxConcurrent) == Some(0) {
-                        return -1;
-                    }
-                    let first = self.leases.iter().map(|l| l.expires_at).min();
-                    seconds_until(now.ms, first.unwrap_or(now.ms)).max(1)
-                }
-                (None, _) => return -1,
-            };
-            wait = wait.max(secs);
-        }
-        if violations == 0 {
-            -1
-        } else {
-            wait
-        }
-    }
-
-    /// Smallest amount left across the limited request windows, -1 when none is limited.
-    fn remaining(&self, limits: &Limits, now: &Now, reserved: u64, fields: &[LimitField]) -> i64 {
-        fields
-            .iter()
-            .filter_map(|f| {
-                limits
-                    .get(*f)
-                    .map(|l| l.saturating_sub(self.used(*f, now, reserved)))
-            })
-            .min()
-            .map_or(-1, |left| i64::try_from(left).unwrap_or(i64::MAX))
-    }
-
-    /// Decides one request against `policy` at `now` and, when admitted (and not a peek),
-    /// counts it: one request in the day, month and total; a lease when concurrency is limited
-    /// or a lease or reservation is asked for. Re-admitting a held lease changes nothing.
-    pub fn admit(
-        &mut self,
-        policy: &EffectivePolicy,
-        req: &AdmitRequest<'_>,
-        now_ms: Millis,
-        new_lease_id: impl FnOnce() -> u64,
-    ) -> Result<AdmitDecision, AccountError> {
-        let now = Now::at(now_ms);
-        let limits = &policy.limits;
-        let pruned = self.prune_due(policy, req, now_ms) && self.prune(now_ms);
-        let mut decision = AdmitDecision {
-            allowed: true,
-            violations: 0,
-            retry_after: -1,
-            lease: None,
-            reserved: 0,
-            used_replenishment: false,
-            remaining_requests: -1,
-            remaining_tokens: -1,
-            changed: pruned,
-            pruned,
-            counted: false,
-        };
-        let wanted = req.lease.map(LeaseId::parse);
-        if let Some(id) = &wanted {
-            if let Some(held) = self.leases.iter().find(|l| &l.id == id) {
-                decision.lease = Some(held.id.clone());
-                decision.reserved = held.reserved;
-                self.fill_remaining(&mut decision, limits, &now, self.reserved());
-                return Ok(decision);
-            }
-        }
-        let reserved = self.reserved();
-        let violations = self.violations(limits, &now, reserved);
-        if violations != 0 {
-            decision.allowed = false;
-            decision.violations = violations;
-            decision.retry_after = self.retry_after(violations, limits, &now);
-            self.fill_remaining(&mut decision, limits, &now, reserved);
-            return Ok(decision);
-        }
-        decision.used_replenishment = self.violations(&policy.base, &now, reserved) != 0;
-        let wants_lease = req.lease.is_some()
-            || req.reserve.is_some()
-            || limits.get(LimitField::MaxConcurrent).is_some();
-        if wants_lease && self.leases.len() >= MAX_LEASES {
-            return Err(AccountError::TooManyLeases);
-        }
-        if req.peek {
-            self.fill_remaining(&mut decision, limits, &now, reserved);
-            return Ok(decision);
-        }
-        if limits.get(LimitField::TotalRequests).is_some() {
-            self.lifetime = true;
-        }
-        self.count_request(now.day, now.month);
-        if wants_lease {
-            let want = req.reserve.unwrap_or(0);
-            let grant = [
-                LimitField::TokensPerHour,
-                LimitField::TokensPerDay,
-                LimitField::TokensPerMonth,
-            ]
-            .iter()
-            .filter_map(|f| {
-                limits
-                    .get(*f)
-                    .map(|l| l.saturating_sub(self.used(*f, &now, reserved)))
-            })
-            .fold(want, u64::min);
-            let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
-            self.push_lease(Lease {
-                id: id.clone(),
-                expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
-                reserved: grant,
-                day: i32::try_from(now.day).unwrap_or(i32::MAX),
-                month: i32::try_from(now.month).unwrap_or(i32::MAX),
-            });
-            decision.lease = Some(id);
-            decision.reserved = grant;
-        }
-        decision.changed = true;
-        decision.counted = true;
-        let reserved_after = reserved.saturating_add(decision.reserved);
-        self.fill_remaining(&mut decision, limits, &now, reserved_after);
-        Ok(decision)
-    }
-
-    /// Fills the remaining amounts, given the tokens reserved by live leases (computed once by
-    /// the caller: it is a scan of the leases).
-    fn fill_remaining(
-        &self,
-        decision: &mut AdmitDecision,
-        limits: &Limits,
-        now: &Now,
-        reserved: u64,
-    ) {
-        decision.remaining_requests = self.remaining(
-            limits,
-            now,
-            reserved,
-            &[
-                LimitField::RequestsPerDay,
-                LimitField::RequestsPerMonth,
-                LimitField::TotalRequests,
-            ],
-        );
-        decision.remaining_tokens = self.remaining(
-            limits,
-            now,
-            reserved,
-            &[
-                LimitField::TokensPerHour,
-                LimitField::TokensPerDay,
-                LimitField::TokensPerMonth,
-            ],
-        );
-    }
-
-    /// Records `tokens` used in the hour, day and month windows and settles the lease (its
-    /// reservation is dropped). A lease already committed records nothing: its id is remembered
-    /// for `SETTLED_MIN_MS`, or until the lease would have expired if that is later. When
-    /// `MAX_SETTLED` ids are remembered, a commit of another lease is refused (nothing changes
-    /// but the pruning of expired state) rather than forget an id still in its time.
-    pub fn commit(
-        &mut self,
-        tokens: u64,
-        lease: Option<&str>,
-        now_ms: Millis,
-    ) -> Result<CommitOutcome, AccountError> {
-        self.prune(now_ms);
-        let now = Now::at(now_ms);
-        let mut outcome = CommitOutcome {
-            duplicate: false,
-            lease_held: false,
-            settled_until: None,
-        };
-        if let Some(id) = lease.map(LeaseId::parse) {
-            if self.settled.iter().any(|(s, _)| *s == id) {
-                outcome.duplicate = true;
-                return Ok(outcome);
-            }
-            if self.settled.len() >= MAX_SETTLED {
-                let first_free = self.settled.iter().map(|(_, until)| *until).min();
-                let wait = seconds_until(now_ms, first_free.unwrap_or(now_ms));
-                return Err(AccountError::TooManySettled {
-                    retry_after: wait.max(1),
-                });
-            }
-            let held = self.leases.iter().find(|l| l.id == id);
-            let until = now_ms
-                .saturating_add(SETTLED_MIN_MS)
-                .max(held.map_or(Millis::MIN, |l| l.expires_at));
-            outcome.lease_held = self.settle(id, until);
-            outcome.settled_until = Some(until);
-        }
-        self.count_tokens(tokens, now.hour, now.day, now.month);
-        Ok(outcome)
-    }
-
-    /// Counts one admitted request in the day and month windows with these indexes and in the
-    /// lifetime total.
-    pub(crate) fn count_request(&mut self, day: i64, month: i64) {
-        self.req_day.add(day, 1);
-        self.req_month.add(month, 1);
-        self.req_total = self.req_total.saturating_add(1);
-    }
-
-    /// Records `tokens` used in the hour, day and month windows with these indexes.
-    pub(crate) fn count_tokens(&mut self, tokens: u64, hour: i64, day: i64, month: i64) {
-        self.tok_hour.add(hour, tokens);
-        self.tok_day.add(day, tokens);
-        self.tok_month.add(month, tokens);
-    }
-
-    /// Settles lease `id`: drops it if held (with its reservation) and remembers the id until
-    /// `until`, so a repeated commit records nothing. True if the lease was held. `commit`
-    /// refuses a new id at `MAX_SETTLED`; an effect applied on a replica that somehow finds the
-    /// bound reached drops the id that expires first, so the state stays within the bound.
-    pub(crate) fn settle(&mut self, id: LeaseId, until: Millis) -> bool {
-        let pos = self.leases.iter().position(|l| l.id == id);
-        let held = pos.and_then(|pos| self.remove_lease(pos)).is_some();
-        if self.settled.len() >= MAX_SETTLED {
-            if let Some(oldest) = (0..self.settled.len()).min_by_key(|i| self.settled[*i].1) {
-                self.settled.swap_remove(oldest);
-            }
-        }
-        self.settled.push((id, until));
-        held
-    }
-
-    /// Undoes an admission: frees the lease, drops its reservation and refunds the request in
-    /// the windows it was counted in. False if the lease was not held.
-    pub fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
-        self.prune(now_ms);
-        self.unadmit(&LeaseId::parse(lease))
-    }
-
-    /// Drops the held lease `id` and refunds its request in the windows it was counted in.
-    /// False if the lease is not held.
-    pub(crate) fn unadmit(&mut self, id: &LeaseId) -> bool {
-        let Some(pos) = self.leases.iter().position(|l| l.id == *id) else {
-            return false;
-        };
-        let Some(held) = self.remove_lease(pos) else {
-            return false;
-        };
-        self.req_day.refund(i64::from(held.day));
-        self.req_month.refund(i64::from(held.month));
-        self.req_total = self.req_total.saturating_sub(1);
-        true
-    }
-
     /// The usage snapshot at `now`.
-    pub fn usage(&self, now_ms: Millis) -> Usage {
+    pub(crate) fn usage(&self, now_ms: Millis) -> Usage {
         let now = Now::at(now_ms);
         let live = self.leases.iter().filter(|l| l.expires_at > now_ms);
         let (in_flight, reserved) = live.fold((0u64, 0u64), |(n, r), l| {
@@ -685,7 +329,7 @@ impl Account {
     /// How long the state must be kept: until the end of the last window holding a count, or
     /// the last lease or settled id; for good once a lifetime limit applied; not at all when
     /// nothing is left (the caller deletes the key).
-    pub fn retention(&self) -> Retention {
+    pub(crate) fn retention(&self) -> Retention {
         if self.lifetime {
             return Retention::Forever;
         }
@@ -719,105 +363,13 @@ impl Account {
         ]
     }
 
-    /// Encodes the state for RDB, AOF and replication.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(64 + self.leases.len() * 40);
-        w.push(ENCODING_VERSION);
-        w.push(u8::from(self.lifetime));
-        for c in [
-            &self.req_day,
-            &self.req_month,
-            &self.tok_hour,
-            &self.tok_day,
-            &self.tok_month,
-        ] {
-            put_i64(&mut w, c.window);
-            put_u64(&mut w, c.value);
-        }
-        put_u64(&mut w, self.req_total);
-        put_u64(&mut w, self.leases.len() as u64);
-        for l in &self.leases {
-            put_id(&mut w, &l.id);
-            put_i64(&mut w, l.expires_at);
-            put_u64(&mut w, l.reserved);
-            put_i64(&mut w, i64::from(l.day));
-            put_i64(&mut w, i64::from(l.month));
-        }
-        put_u64(&mut w, self.settled.len() as u64);
-        for (id, until) in &self.settled {
-            put_id(&mut w, id);
-            put_i64(&mut w, *until);
-        }
-        w
-    }
-
-    /// Decodes what `encode` wrote. Anything else, including a well-formed state that breaks
-    /// an invariant (`check`), is refused with the reason.
-    pub fn decode(bytes: &[u8]) -> Result<Account, BadState> {
-        let mut r = Reader { buf: bytes };
-        if r.byte()? != ENCODING_VERSION {
-            return Err(BadState("unknown state version"));
-        }
-        let lifetime = match r.byte()? {
-            0 => false,
-            1 => true,
-            _ => return Err(BadState("lifetime flag is neither 0 nor 1")),
-        };
-        let mut counters = [Counter::default(); 5];
-        for c in counters.iter_mut() {
-            *c = Counter {
-                window: r.i64()?,
-                value: r.u64()?,
-            };
-        }
-        let req_total = r.u64()?;
-        let n = r.count(MAX_LEASES, "more leases than an account may hold")?;
-        let mut leases = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            leases.push_back(Lease {
-                id: r.id()?,
-                expires_at: r.i64()?,
-                reserved: r.u64()?,
-                day: i32::try_from(r.i64()?).map_err(|_| BadState("lease day out of range"))?,
-                month: i32::try_from(r.i64()?).map_err(|_| BadState("lease month out of range"))?,
-            });
-        }
-        let n = r.count(MAX_SETTLED, "more settled lease ids than an account keeps")?;
-        let mut settled = Vec::with_capacity(n);
-        for _ in 0..n {
-            settled.push((r.id()?, r.i64()?));
-        }
-        if !r.buf.is_empty() {
-            return Err(BadState("bytes left after the state"));
-        }
-        let [req_day, req_month, tok_hour, tok_day, tok_month] = counters;
-        let reserved_sum = leases
-            .iter()
-            .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
-        let account = Account {
-            reserved_sum,
-            first_expiry: leases.front().map_or(0, |l| l.expires_at),
-            req_day,
-            req_month,
-            req_total,
-            tok_hour,
-            tok_day,
-            tok_month,
-            leases,
-            settled,
-            lifetime,
-        };
-        account.check()?;
-        Ok(account)
-    }
-
     /// Checks every invariant the account's code relies on: counter windows and lease times
     /// within the range windows are kept for (so no window or date computation can overflow),
     /// each lease's month the month of its day and its day before its expiry, leases in expiry
     /// order, no lease id held or settled twice, ids of a valid length, at most `MAX_LEASES`
     /// leases and `MAX_SETTLED` settled ids, and the kept sums (reservations, first expiry)
     /// equal to what the leases say.
-    pub fn check(&self) -> Result<(), BadState> {
+    pub(crate) fn check(&self) -> Result<(), BadState> {
         if self
             .counters()
             .iter()
@@ -883,7 +435,7 @@ impl Account {
     }
 
     /// Bytes of heap this state owns beyond the struct itself (for `MEMORY USAGE`).
-    pub fn heap_size(&self) -> usize {
+    pub(crate) fn heap_size(&self) -> usize {
         self.leases.capacity() * std::mem::size_of::<Lease>()
             + self.leases.iter().map(|l| l.id.heap_size()).sum::<usize>()
             + self.settled.capacity() * std::mem::size_of::<(LeaseId, Millis)>()
@@ -895,20 +447,6 @@ impl Account {
     }
 }
 
-const ENCODING_VERSION: u8 = 1;
-
-fn put_u64(w: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        w.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    w.push(v as u8);
-}
-
-fn put_i64(w: &mut Vec<u8>, v: i64) {
-    put_u64(w, ((v << 1) ^ (v >> 63)) as u64);
-}
-
 /// A lease id as a caller may give it: 1..=`MAX_LEASE_ID_LEN` bytes.
 fn valid_id(id: &LeaseId) -> Result<(), BadState> {
     match id {
@@ -918,76 +456,12 @@ fn valid_id(id: &LeaseId) -> Result<(), BadState> {
     }
 }
 
-fn put_id(w: &mut Vec<u8>, id: &LeaseId) {
-    let mut buf = [0u8; 16];
-    put_str(w, id.as_text(&mut buf));
-}
-
-fn put_str(w: &mut Vec<u8>, s: &str) {
-    put_u64(w, s.len() as u64);
-    w.extend_from_slice(s.as_bytes());
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-const TRUNCATED: BadState = BadState("truncated");
-
-impl Reader<'_> {
-    fn byte(&mut self) -> Result<u8, BadState> {
-        let (first, rest) = self.buf.split_first().ok_or(TRUNCATED)?;
-        self.buf = rest;
-        Ok(*first)
-    }
-
-    fn u64(&mut self) -> Result<u64, BadState> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            let bits = u64::from(b & 0x7f);
-            // The tenth byte holds the 64th bit only.
-            if shift == 63 && bits > 1 {
-                return Err(BadState("number too large"));
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(BadState("number too long"))
-    }
-
-    fn i64(&mut self) -> Result<i64, BadState> {
-        let u = self.u64()?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
-    }
-
-    /// A count of items that may be at most `max`.
-    fn count(&mut self, max: usize, too_many: &'static str) -> Result<usize, BadState> {
-        usize::try_from(self.u64()?)
-            .ok()
-            .filter(|n| *n <= max)
-            .ok_or(BadState(too_many))
-    }
-
-    fn id(&mut self) -> Result<LeaseId, BadState> {
-        let len = self.count(MAX_LEASE_ID_LEN, "lease id length out of range")?;
-        if len > self.buf.len() {
-            return Err(TRUNCATED);
-        }
-        let (s, rest) = self.buf.split_at(len);
-        self.buf = rest;
-        let text = std::str::from_utf8(s).map_err(|_| BadState("lease id is not UTF-8"))?;
-        Ok(LeaseId::parse(text))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::codec::ENCODING_VERSION;
     use super::*;
-    use crate::core::policy::Additional;
-    use crate::core::window::days_from_civil;
+    use crate::core::policy::{Additional, EffectivePolicy, Limits};
+    use crate::core::window::{days_from_civil, seconds_until};
     use proptest::prelude::*;
 
     const T0: Millis = 1_795_000_000_000; // 2026-11-18T...

@@ -15,11 +15,13 @@ use std::ptr;
 use redis_module::native_types::RedisType;
 use redis_module::raw;
 
+use super::ctx::Ctx;
+
 use crate::core::account::{Account, Retention};
 use crate::core::credit::CreditMemo;
 
 /// The registered data type.
-pub static ACCOUNT_TYPE: RedisType = RedisType::new(
+pub(crate) static ACCOUNT_TYPE: RedisType = RedisType::new(
     "quota-acc",
     ENCODING_VERSION,
     raw::RedisModuleTypeMethods {
@@ -49,7 +51,7 @@ const ENCODING_VERSION: i32 = 1;
 
 /// Why a key could not be used; `Display` is the wire error text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WrongType;
+pub(crate) struct WrongType;
 
 impl std::fmt::Display for WrongType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,7 +84,7 @@ impl Stored {
 }
 
 /// An account key opened for reading and writing by one command.
-pub struct AccountKey {
+pub(crate) struct AccountKey {
     ctx: *mut raw::RedisModuleCtx,
     name: *mut raw::RedisModuleString,
     key: *mut raw::RedisModuleKey,
@@ -90,7 +92,7 @@ pub struct AccountKey {
 
 impl AccountKey {
     /// Opens the key `name` for reading and writing; refuses keys of other types.
-    pub fn open(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
+    pub(crate) fn open(ctx: Ctx, name: &[u8]) -> Result<AccountKey, WrongType> {
         Self::open_mode(
             ctx,
             name,
@@ -99,15 +101,12 @@ impl AccountKey {
     }
 
     /// Opens the key `name` for reading only.
-    pub fn open_read(ctx: *mut raw::RedisModuleCtx, name: &[u8]) -> Result<AccountKey, WrongType> {
+    pub(crate) fn open_read(ctx: Ctx, name: &[u8]) -> Result<AccountKey, WrongType> {
         Self::open_mode(ctx, name, raw::REDISMODULE_READ as c_int)
     }
 
-    fn open_mode(
-        ctx: *mut raw::RedisModuleCtx,
-        name: &[u8],
-        mode: c_int,
-    ) -> Result<AccountKey, WrongType> {
+    fn open_mode(ctx: Ctx, name: &[u8], mode: c_int) -> Result<AccountKey, WrongType> {
+        let ctx = ctx.raw();
         unsafe {
             let create = raw::RedisModule_CreateString.ok_or(WrongType)?;
             let open = raw::RedisModule_OpenKey.ok_or(WrongType)?;
@@ -130,7 +129,7 @@ impl AccountKey {
     }
 
     /// The stored state, if the key exists.
-    pub fn get(&mut self) -> Option<&mut Account> {
+    pub(crate) fn get(&mut self) -> Option<&mut Account> {
         self.stored().map(|s| &mut s.account)
     }
 
@@ -143,7 +142,7 @@ impl AccountKey {
 
     /// Stores `account` (replacing any value) and sets the key's expiry from it; an account
     /// with nothing left to keep is not stored (any old value is deleted).
-    pub fn put(&mut self, account: Account) {
+    pub(crate) fn put(&mut self, account: Account) {
         if account.retention() == Retention::Nothing {
             self.delete();
             return;
@@ -162,7 +161,7 @@ impl AccountKey {
 
     /// Re-derives the key's expiry after the stored state changed in place, deleting the key
     /// when nothing is left to keep.
-    pub fn touch(&mut self) {
+    pub(crate) fn touch(&mut self) {
         let key = self.key;
         let Some(stored) = self.stored() else {
             return;
@@ -202,7 +201,7 @@ impl AccountKey {
     /// Emits the keyspace event `event` on this key, in the module class (`d` in
     /// `notify-keyspace-events`, included in `A`): `__keyspace@<db>__:<key>` and
     /// `__keyevent@<db>__:<event>`, each when enabled.
-    pub fn notify(&self, event: &std::ffi::CStr) {
+    pub(crate) fn notify(&self, event: &std::ffi::CStr) {
         unsafe {
             if let Some(f) = raw::RedisModule_NotifyKeyspaceEvent {
                 f(
@@ -216,7 +215,7 @@ impl AccountKey {
     }
 
     /// Deletes the key; true if it existed.
-    pub fn delete(&mut self) -> bool {
+    pub(crate) fn delete(&mut self) -> bool {
         unsafe {
             let existed = raw::RedisModule_KeyType.map_or(0, |f| f(self.key))
                 != raw::REDISMODULE_KEYTYPE_EMPTY as c_int;
@@ -230,19 +229,19 @@ impl AccountKey {
     }
 
     /// The credit remembered by the last admission on this account, if any.
-    pub fn memo(&mut self) -> Option<CreditMemo> {
+    pub(crate) fn memo(&mut self) -> Option<CreditMemo> {
         self.stored().and_then(|s| s.memo)
     }
 
     /// Remembers the credit for the next admissions (nothing when the key does not exist).
-    pub fn set_memo(&mut self, memo: CreditMemo) {
+    pub(crate) fn set_memo(&mut self, memo: CreditMemo) {
         if let Some(stored) = self.stored() {
             stored.memo = Some(memo);
         }
     }
 
     /// The key name as a Redis string (for replication).
-    pub fn name(&self) -> *mut raw::RedisModuleString {
+    pub(crate) fn name(&self) -> *mut raw::RedisModuleString {
         self.name
     }
 }

@@ -16,46 +16,32 @@ use std::os::raw::c_char;
 use redis_module::raw;
 
 use super::account_type::AccountKey;
+use super::ctx::Ctx;
 
 /// Propagates `QUOTA.APPLY <key> <effect>`.
-pub fn effect(ctx: *mut raw::RedisModuleCtx, key: &AccountKey, effect: &[u8]) {
+pub(crate) fn effect(ctx: Ctx, key: &AccountKey, effect: &[u8]) {
     key_and_bytes(ctx, c"QUOTA.APPLY", key.name(), effect);
 }
 
 /// Propagates the account's whole state as `QUOTA.SETSTATE <key> <state>`, or `DEL <key>` when
 /// the key is gone.
-pub fn state(ctx: *mut raw::RedisModuleCtx, key: &mut AccountKey) {
+pub(crate) fn state(ctx: Ctx, key: &mut AccountKey) {
     let name = key.name();
     match key.get().map(|account| account.encode()) {
         Some(state) => key_and_bytes(ctx, c"QUOTA.SETSTATE", name, &state),
         None => unsafe {
             if let Some(f) = raw::RedisModule_Replicate {
-                f(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
+                f(ctx.raw(), c"DEL".as_ptr(), c"s".as_ptr(), name);
             }
         },
     }
 }
 
 /// Propagates `<command> <key> <bytes>`.
-fn key_and_bytes(
-    ctx: *mut raw::RedisModuleCtx,
-    command: &CStr,
-    key: *mut raw::RedisModuleString,
-    bytes: &[u8],
-) {
+fn key_and_bytes(ctx: Ctx, command: &CStr, key: *mut raw::RedisModuleString, bytes: &[u8]) {
     let Some(replicate) = (unsafe { raw::RedisModule_Replicate }) else {
         return;
     };
     let (ptr, len) = (bytes.as_ptr().cast::<c_char>(), bytes.len());
-    unsafe { replicate(ctx, command.as_ptr(), c"sb".as_ptr(), key, ptr, len) };
-}
-
-/// Propagates the command as it was called (it carries no decision: `QUOTA.RESET`, and
-/// `QUOTA.APPLY`/`SETSTATE` on a replica, so that the replica's own AOF records them too).
-pub fn verbatim(ctx: *mut raw::RedisModuleCtx) {
-    unsafe {
-        if let Some(f) = raw::RedisModule_ReplicateVerbatim {
-            f(ctx);
-        }
-    }
+    unsafe { replicate(ctx.raw(), command.as_ptr(), c"sb".as_ptr(), key, ptr, len) };
 }

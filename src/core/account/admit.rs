@@ -1,0 +1,233 @@
+//! The admission decision: which limits a request would break at `now`, when it could be
+//! allowed again, what remains, and recording the request and its lease when admitted.
+
+use super::{
+    Account, AccountError, AdmitDecision, AdmitRequest, Lease, LeaseId, Now, MAX_LEASES,
+    PRUNE_DELAY_MS,
+};
+use crate::core::policy::{EffectivePolicy, LimitField, Limits};
+use crate::core::window::seconds_until;
+use crate::core::Millis;
+
+impl Account {
+    /// Whether an admission must prune before deciding: some lease has expired and either it
+    /// could change the decision (a lease id to find, reservations counted against the token
+    /// windows, the concurrency limit or the lease cap within reach) or it expired more than
+    /// `PRUNE_DELAY_MS` ago. Otherwise an expired lease is harmless for a moment, and pruning
+    /// in batches touches the leases' memory once rather than on every admission.
+    fn prune_due(&self, policy: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis) -> bool {
+        let first = self.first_expiry;
+        if first == 0 || first > now {
+            return false;
+        }
+        let held = self.leases.len();
+        // The base limit is the lower one: it decides `used_replenishment`.
+        let max_concurrent = policy.base.get(LimitField::MaxConcurrent);
+        req.lease.is_some()
+            || self.reserved_sum > 0
+            || now >= first.saturating_add(PRUNE_DELAY_MS)
+            || held >= MAX_LEASES
+            || max_concurrent.is_some_and(|max| held as u64 >= max)
+    }
+
+    /// How much of a limited field is used at `now` (tokens: committed plus reserved).
+    fn used(&self, field: LimitField, now: &Now, reserved: u64) -> u64 {
+        match field {
+            LimitField::RequestsPerDay => self.req_day.get(now.day),
+            LimitField::RequestsPerMonth => self.req_month.get(now.month),
+            LimitField::TotalRequests => self.req_total,
+            LimitField::TokensPerHour => self.tok_hour.get(now.hour).saturating_add(reserved),
+            LimitField::TokensPerDay => self.tok_day.get(now.day).saturating_add(reserved),
+            LimitField::TokensPerMonth => self.tok_month.get(now.month).saturating_add(reserved),
+            LimitField::MaxConcurrent => self.leases.len() as u64,
+        }
+    }
+
+    /// The violated quota windows (not concurrency) under `limits`.
+    fn window_violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u8 {
+        let mut bits = 0u8;
+        for field in &LimitField::ALL[..6] {
+            if let Some(limit) = limits.get(*field) {
+                if self.used(*field, now, reserved) >= limit {
+                    bits |= 1 << *field as u8;
+                }
+            }
+        }
+        bits
+    }
+
+    /// All violations: quota windows first; concurrency only when no window is violated.
+    fn violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u8 {
+        let bits = self.window_violations(limits, now, reserved);
+        if bits != 0 {
+            return bits;
+        }
+        match limits.get(LimitField::MaxConcurrent) {
+            Some(max) if self.leases.len() as u64 >= max => 1 << LimitField::MaxConcurrent as u8,
+            _ => 0,
+        }
+    }
+
+    /// Seconds until every violated limit could allow again; -1 when one never resets (a
+    /// lifetime total, or `MAX_CONCURRENT 0`, where no slot can ever free).
+    fn retry_after(&self, violations: u8, limits: &Limits, now: &Now) -> i64 {
+        let mut wait = 0i64;
+        for field in LimitField::ALL {
+            if violations & (1 << field as u8) == 0 {
+                continue;
+            }
+            let secs = match (field.window(), field) {
+                (Some(window), _) => seconds_until(now.ms, window.end(now.ms)),
+                (None, LimitField::MaxConcurrent) => {
+                    if limits.get(LimitField::MaxConcurrent) == Some(0) {
+                        return -1;
+                    }
+                    let first = self.leases.iter().map(|l| l.expires_at).min();
+                    seconds_until(now.ms, first.unwrap_or(now.ms)).max(1)
+                }
+                (None, _) => return -1,
+            };
+            wait = wait.max(secs);
+        }
+        if violations == 0 {
+            -1
+        } else {
+            wait
+        }
+    }
+
+    /// Smallest amount left across the limited request windows, -1 when none is limited.
+    fn remaining(&self, limits: &Limits, now: &Now, reserved: u64, fields: &[LimitField]) -> i64 {
+        fields
+            .iter()
+            .filter_map(|f| {
+                limits
+                    .get(*f)
+                    .map(|l| l.saturating_sub(self.used(*f, now, reserved)))
+            })
+            .min()
+            .map_or(-1, |left| i64::try_from(left).unwrap_or(i64::MAX))
+    }
+
+    /// Decides one request against `policy` at `now` and, when admitted (and not a peek),
+    /// counts it: one request in the day, month and total; a lease when concurrency is limited
+    /// or a lease or reservation is asked for. Re-admitting a held lease changes nothing.
+    pub(crate) fn admit(
+        &mut self,
+        policy: &EffectivePolicy,
+        req: &AdmitRequest<'_>,
+        now_ms: Millis,
+        new_lease_id: impl FnOnce() -> u64,
+    ) -> Result<AdmitDecision, AccountError> {
+        let now = Now::at(now_ms);
+        let limits = &policy.limits;
+        let pruned = self.prune_due(policy, req, now_ms) && self.prune(now_ms);
+        let mut decision = AdmitDecision {
+            allowed: true,
+            violations: 0,
+            retry_after: -1,
+            lease: None,
+            reserved: 0,
+            used_replenishment: false,
+            remaining_requests: -1,
+            remaining_tokens: -1,
+            changed: pruned,
+            pruned,
+            counted: false,
+        };
+        let wanted = req.lease.map(LeaseId::parse);
+        if let Some(id) = &wanted {
+            if let Some(held) = self.leases.iter().find(|l| &l.id == id) {
+                decision.lease = Some(held.id.clone());
+                decision.reserved = held.reserved;
+                self.fill_remaining(&mut decision, limits, &now, self.reserved());
+                return Ok(decision);
+            }
+        }
+        let reserved = self.reserved();
+        let violations = self.violations(limits, &now, reserved);
+        if violations != 0 {
+            decision.allowed = false;
+            decision.violations = violations;
+            decision.retry_after = self.retry_after(violations, limits, &now);
+            self.fill_remaining(&mut decision, limits, &now, reserved);
+            return Ok(decision);
+        }
+        decision.used_replenishment = self.violations(&policy.base, &now, reserved) != 0;
+        let wants_lease = req.lease.is_some()
+            || req.reserve.is_some()
+            || limits.get(LimitField::MaxConcurrent).is_some();
+        if wants_lease && self.leases.len() >= MAX_LEASES {
+            return Err(AccountError::TooManyLeases);
+        }
+        if req.peek {
+            self.fill_remaining(&mut decision, limits, &now, reserved);
+            return Ok(decision);
+        }
+        if limits.get(LimitField::TotalRequests).is_some() {
+            self.lifetime = true;
+        }
+        self.count_request(now.day, now.month);
+        if wants_lease {
+            let want = req.reserve.unwrap_or(0);
+            let grant = [
+                LimitField::TokensPerHour,
+                LimitField::TokensPerDay,
+                LimitField::TokensPerMonth,
+            ]
+            .iter()
+            .filter_map(|f| {
+                limits
+                    .get(*f)
+                    .map(|l| l.saturating_sub(self.used(*f, &now, reserved)))
+            })
+            .fold(want, u64::min);
+            let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
+            self.push_lease(Lease {
+                id: id.clone(),
+                expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
+                reserved: grant,
+                day: i32::try_from(now.day).unwrap_or(i32::MAX),
+                month: i32::try_from(now.month).unwrap_or(i32::MAX),
+            });
+            decision.lease = Some(id);
+            decision.reserved = grant;
+        }
+        decision.changed = true;
+        decision.counted = true;
+        let reserved_after = reserved.saturating_add(decision.reserved);
+        self.fill_remaining(&mut decision, limits, &now, reserved_after);
+        Ok(decision)
+    }
+
+    /// Fills the remaining amounts, given the tokens reserved by live leases (computed once by
+    /// the caller: it is a scan of the leases).
+    fn fill_remaining(
+        &self,
+        decision: &mut AdmitDecision,
+        limits: &Limits,
+        now: &Now,
+        reserved: u64,
+    ) {
+        decision.remaining_requests = self.remaining(
+            limits,
+            now,
+            reserved,
+            &[
+                LimitField::RequestsPerDay,
+                LimitField::RequestsPerMonth,
+                LimitField::TotalRequests,
+            ],
+        );
+        decision.remaining_tokens = self.remaining(
+            limits,
+            now,
+            reserved,
+            &[
+                LimitField::TokensPerHour,
+                LimitField::TokensPerDay,
+                LimitField::TokensPerMonth,
+            ],
+        );
+    }
+}

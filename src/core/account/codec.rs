@@ -1,0 +1,181 @@
+//! The account's byte encoding (RDB, AOF, replication): a version byte and varints, decoded
+//! only into states that pass `Account::check`.
+
+use std::collections::VecDeque;
+
+use super::{
+    Account, BadState, Counter, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED,
+};
+
+impl Account {
+    /// Encodes the state for RDB, AOF and replication.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(64 + self.leases.len() * 40);
+        w.push(ENCODING_VERSION);
+        w.push(u8::from(self.lifetime));
+        for c in [
+            &self.req_day,
+            &self.req_month,
+            &self.tok_hour,
+            &self.tok_day,
+            &self.tok_month,
+        ] {
+            put_i64(&mut w, c.window);
+            put_u64(&mut w, c.value);
+        }
+        put_u64(&mut w, self.req_total);
+        put_u64(&mut w, self.leases.len() as u64);
+        for l in &self.leases {
+            put_id(&mut w, &l.id);
+            put_i64(&mut w, l.expires_at);
+            put_u64(&mut w, l.reserved);
+            put_i64(&mut w, i64::from(l.day));
+            put_i64(&mut w, i64::from(l.month));
+        }
+        put_u64(&mut w, self.settled.len() as u64);
+        for (id, until) in &self.settled {
+            put_id(&mut w, id);
+            put_i64(&mut w, *until);
+        }
+        w
+    }
+
+    /// Decodes what `encode` wrote. Anything else, including a well-formed state that breaks
+    /// an invariant (`check`), is refused with the reason.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Account, BadState> {
+        let mut r = Reader { buf: bytes };
+        if r.byte()? != ENCODING_VERSION {
+            return Err(BadState("unknown state version"));
+        }
+        let lifetime = match r.byte()? {
+            0 => false,
+            1 => true,
+            _ => return Err(BadState("lifetime flag is neither 0 nor 1")),
+        };
+        let mut counters = [Counter::default(); 5];
+        for c in counters.iter_mut() {
+            *c = Counter {
+                window: r.i64()?,
+                value: r.u64()?,
+            };
+        }
+        let req_total = r.u64()?;
+        let n = r.count(MAX_LEASES, "more leases than an account may hold")?;
+        let mut leases = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            leases.push_back(Lease {
+                id: r.id()?,
+                expires_at: r.i64()?,
+                reserved: r.u64()?,
+                day: i32::try_from(r.i64()?).map_err(|_| BadState("lease day out of range"))?,
+                month: i32::try_from(r.i64()?).map_err(|_| BadState("lease month out of range"))?,
+            });
+        }
+        let n = r.count(MAX_SETTLED, "more settled lease ids than an account keeps")?;
+        let mut settled = Vec::with_capacity(n);
+        for _ in 0..n {
+            settled.push((r.id()?, r.i64()?));
+        }
+        if !r.buf.is_empty() {
+            return Err(BadState("bytes left after the state"));
+        }
+        let [req_day, req_month, tok_hour, tok_day, tok_month] = counters;
+        let reserved_sum = leases
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
+        let account = Account {
+            reserved_sum,
+            first_expiry: leases.front().map_or(0, |l| l.expires_at),
+            req_day,
+            req_month,
+            req_total,
+            tok_hour,
+            tok_day,
+            tok_month,
+            leases,
+            settled,
+            lifetime,
+        };
+        account.check()?;
+        Ok(account)
+    }
+}
+
+pub(super) const ENCODING_VERSION: u8 = 1;
+
+fn put_u64(w: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        w.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    w.push(v as u8);
+}
+
+fn put_i64(w: &mut Vec<u8>, v: i64) {
+    put_u64(w, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn put_id(w: &mut Vec<u8>, id: &LeaseId) {
+    let mut buf = [0u8; 16];
+    put_str(w, id.as_text(&mut buf));
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    put_u64(w, s.len() as u64);
+    w.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+const TRUNCATED: BadState = BadState("truncated");
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8, BadState> {
+        let (first, rest) = self.buf.split_first().ok_or(TRUNCATED)?;
+        self.buf = rest;
+        Ok(*first)
+    }
+
+    fn u64(&mut self) -> Result<u64, BadState> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            let bits = u64::from(b & 0x7f);
+            // The tenth byte holds the 64th bit only.
+            if shift == 63 && bits > 1 {
+                return Err(BadState("number too large"));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(BadState("number too long"))
+    }
+
+    fn i64(&mut self) -> Result<i64, BadState> {
+        let u = self.u64()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+
+    /// A count of items that may be at most `max`.
+    fn count(&mut self, max: usize, too_many: &'static str) -> Result<usize, BadState> {
+        usize::try_from(self.u64()?)
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or(BadState(too_many))
+    }
+
+    fn id(&mut self) -> Result<LeaseId, BadState> {
+        let len = self.count(MAX_LEASE_ID_LEN, "lease id length out of range")?;
+        if len > self.buf.len() {
+            return Err(TRUNCATED);
+        }
+        let (s, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        let text = std::str::from_utf8(s).map_err(|_| BadState("lease id is not UTF-8"))?;
+        Ok(LeaseId::parse(text))
+    }
+}

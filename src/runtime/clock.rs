@@ -1,0 +1,32 @@
+//! The clock and the lease-id generator: the only places the module reads the time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::core::Millis;
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+});
+static LEASE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A new lease id, unique across this process and (by its seed) across restarts.
+pub(crate) fn new_lease_id() -> u64 {
+    let n = LEASE_COUNTER.fetch_add(1, Ordering::Relaxed);
+    // SplitMix64 over seed + counter: distinct counters give distinct ids.
+    let mut z = LEASE_SEED.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

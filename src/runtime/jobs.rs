@@ -1,0 +1,154 @@
+//! The work a command hands to the pool (`Job`) and what comes back to its blocked client
+//! (`Done`), with the owned ids that cross threads.
+
+use crate::core::cache::UserCredits as Credits;
+use crate::core::credit::{GrantRequest, Replenishment};
+use crate::core::ids::{PolicyId, UserId};
+use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
+use crate::core::Millis;
+use crate::ffi::blocked::Blocked;
+pub(crate) use crate::store::StoreError;
+use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome};
+
+/// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
+/// private data), so the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Done {
+    /// The user's rows (for `ADMIT` and `GET` after a miss).
+    Loaded(Result<Credits, StoreError>),
+    Grant(Result<GrantOutcome, StoreError>),
+    Revoke(Result<RevokeOutcome, StoreError>),
+    List(Result<Vec<Replenishment>, StoreError>),
+    Cleanup(Result<CleanupOutcome, StoreError>),
+    /// A named policy's load (for `ADMIT ... POLICY` and `POLICY GET` after a miss).
+    Policy(Result<CachedPolicy, StoreError>),
+    PolicySet(Result<PolicyRecord, StoreError>),
+    PolicyDel(Result<bool, StoreError>),
+    PolicyList(Result<Vec<PolicyRecord>, StoreError>),
+    /// The job queue was full.
+    Busy,
+    /// The job was dropped unfinished (shutdown).
+    Dropped,
+}
+
+/// A user's ids, owned so they can cross to a worker thread.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedUser {
+    pub tenant: String,
+    pub project: String,
+    pub user: String,
+}
+
+impl OwnedUser {
+    /// Copies the ids.
+    pub(crate) fn from_id(id: &UserId<'_>) -> OwnedUser {
+        OwnedUser {
+            tenant: id.tenant.into(),
+            project: id.project.into(),
+            user: id.user.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub(crate) fn id(&self) -> UserId<'_> {
+        UserId {
+            tenant: &self.tenant,
+            project: &self.project,
+            user: &self.user,
+        }
+    }
+}
+
+/// A policy's ids, owned so they can cross to a worker thread.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedPolicy {
+    pub tenant: String,
+    pub project: String,
+    pub name: String,
+}
+
+impl OwnedPolicy {
+    /// Copies the ids.
+    pub(crate) fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
+        OwnedPolicy {
+            tenant: id.tenant.into(),
+            project: id.project.into(),
+            name: id.name.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub(crate) fn id(&self) -> PolicyId<'_> {
+        PolicyId {
+            tenant: &self.tenant,
+            project: &self.project,
+            name: &self.name,
+        }
+    }
+}
+
+/// Load a user's rows into the cache and answer the flight's waiters.
+pub(crate) struct LoadJob {
+    pub(crate) key: Box<[u8]>,
+    pub(crate) user: OwnedUser,
+    pub(crate) flight: u64,
+}
+
+/// One unit of Postgres work.
+pub(crate) enum Job {
+    /// Load a user's rows into the cache and answer the flight's waiters.
+    Load(LoadJob),
+    Grant {
+        user: OwnedUser,
+        bundle: String,
+        request: Box<GrantRequest>,
+        now: Millis,
+        client: Blocked<Done>,
+    },
+    Revoke {
+        user: OwnedUser,
+        bundle: String,
+        client: Blocked<Done>,
+    },
+    List {
+        user: OwnedUser,
+        all: bool,
+        client: Blocked<Done>,
+    },
+    /// Deactivate expired rows; `client` is `None` for the periodic run.
+    Cleanup { client: Option<Blocked<Done>> },
+    /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
+    Deploy,
+    /// Load a named policy into the policy cache and answer the flight's waiters.
+    LoadPolicy { policy: OwnedPolicy, flight: u64 },
+    PolicySet {
+        policy: OwnedPolicy,
+        limits: Box<Limits>,
+        client: Blocked<Done>,
+    },
+    PolicyDel {
+        policy: OwnedPolicy,
+        client: Blocked<Done>,
+    },
+    PolicyList {
+        tenant: String,
+        project: String,
+        client: Blocked<Done>,
+    },
+}
+
+impl Job {
+    /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
+    pub(crate) fn into_client(self) -> Option<Blocked<Done>> {
+        match self {
+            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
+            Job::Grant { client, .. }
+            | Job::Revoke { client, .. }
+            | Job::List { client, .. }
+            | Job::PolicySet { client, .. }
+            | Job::PolicyDel { client, .. }
+            | Job::PolicyList { client, .. } => Some(client),
+            Job::Cleanup { client } => client,
+        }
+    }
+}

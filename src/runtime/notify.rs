@@ -1,0 +1,126 @@
+//! The NOTIFY listener's lifecycle and state: (re)started from the configuration, it keeps
+//! the caches in step with changes other nodes write to PostgreSQL.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use super::cache::{cache, policies};
+use super::{config, stats, worker};
+use crate::core::ids::{PolicyId, UserId};
+use crate::store::listener::{Listener, ListenerEvent};
+
+/// NOTIFY listener state, for `INFO quota`.
+pub(crate) static NOTIFY_STATE: AtomicU8 = AtomicU8::new(NOTIFY_OFF);
+pub(crate) const NOTIFY_OFF: u8 = 0;
+pub(crate) const NOTIFY_CONNECTING: u8 = 1;
+pub(crate) const NOTIFY_LISTENING: u8 = 2;
+pub(crate) const NOTIFY_DISCONNECTED: u8 = 3;
+
+/// The state's name for `INFO quota`.
+pub(crate) fn notify_state_name() -> &'static str {
+    match NOTIFY_STATE.load(Ordering::Relaxed) {
+        NOTIFY_CONNECTING => "connecting",
+        NOTIFY_LISTENING => "listening",
+        NOTIFY_DISCONNECTED => "disconnected",
+        _ => "off",
+    }
+}
+
+static LISTENER: Mutex<Option<Listener>> = Mutex::new(None);
+
+/// (Re)starts the NOTIFY listener from the configuration, or stops it when `quota.notify` is
+/// off or no `quota.pg-url` is set. The old listener is stopped on a thread of its own so the
+/// caller (the Redis main thread) never waits for it.
+pub(crate) fn restart_listener() {
+    let old = LISTENER.lock().ok().and_then(|mut l| l.take());
+    if let Some(old) = old {
+        let _ = std::thread::Builder::new()
+            .name("quota-listener-stop".into())
+            .spawn(move || old.stop());
+    }
+    let url = config::text(&config::PG_URL);
+    if !config::flag(&config::NOTIFY) || url.is_empty() {
+        NOTIFY_STATE.store(NOTIFY_OFF, Ordering::Relaxed);
+        return;
+    }
+    NOTIFY_STATE.store(NOTIFY_CONNECTING, Ordering::Relaxed);
+    let schema = config::text(&config::SCHEMA);
+    let timeout = config::int(&config::PG_TIMEOUT_MS).max(1) as u64;
+    let on_event = Box::new(|event: ListenerEvent| match event {
+        ListenerEvent::Changed {
+            tenant,
+            project,
+            user,
+            own,
+        } => {
+            stats::NOTIFY_RECEIVED.incr();
+            let key = UserId {
+                tenant: &tenant,
+                project: &project,
+                user: &user,
+            }
+            .key();
+            if own {
+                // This node wrote it and already refreshed its entry; a background refresh
+                // settles any race between concurrent writes without making anyone wait.
+                cache().mark_stale(&key);
+            } else {
+                cache().invalidate(&key);
+            }
+        }
+        ListenerEvent::PolicyChanged {
+            tenant,
+            project,
+            name,
+            own,
+        } => {
+            stats::NOTIFY_RECEIVED.incr();
+            let key = PolicyId {
+                tenant: &tenant,
+                project: &project,
+                name: &name,
+            }
+            .key();
+            if own {
+                policies().mark_stale(&key);
+            } else {
+                policies().invalidate(&key);
+            }
+        }
+        ListenerEvent::Connected => {
+            // Notifications may have been missed while disconnected: forget everything.
+            NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
+            cache().clear();
+            // PostgreSQL is reachable (again): it may not hold the schema (first start, a
+            // restored or replaced server).
+            worker::redeploy();
+            policies().clear();
+        }
+        ListenerEvent::Disconnected(_) => {
+            stats::NOTIFY_RECONNECTS.incr();
+            NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
+        }
+    });
+    match Listener::spawn(url, config::credentials(), schema, timeout, on_event) {
+        Ok(listener) => {
+            if let Ok(mut slot) = LISTENER.lock() {
+                *slot = Some(listener);
+            }
+        }
+        Err(e) => {
+            NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
+            redis_module::logging::log_warning(format!(
+                "quota: cannot start the NOTIFY listener: {e}"
+            ));
+        }
+    }
+}
+
+/// Stops the listener and waits for it (module unload and shutdown only).
+pub(crate) fn stop_listener() {
+    let old = LISTENER.lock().ok().and_then(|mut l| l.take());
+    if let Some(old) = old {
+        old.stop();
+    }
+    NOTIFY_STATE.store(NOTIFY_OFF, Ordering::Relaxed);
+}
