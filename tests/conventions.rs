@@ -360,6 +360,15 @@ fn multi_and_scripts_refuse_what_must_wait() {
     .is_ok()));
 
     // MULTI: queued, answered at EXEC by the module; the rest of the transaction runs.
+    // (No load may still be in flight: one finishing after the INVALIDATE would cache the user
+    // again before EXEC.)
+    assert!(wait_until(Duration::from_secs(10), || {
+        server
+            .info("quota")
+            .get("quota_loads_in_flight")
+            .map(String::as_str)
+            == Some("0")
+    }));
     query(&mut con, &["QUOTA.INVALIDATE", T, P, "cold"]).unwrap();
     // (Over a raw socket: the client library turns an EXEC reply holding errors into an error.)
     let raw = raw_exchange(
