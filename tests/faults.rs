@@ -58,15 +58,6 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     (out, started.elapsed())
 }
 
-/// One `INFO quota` field as an integer.
-fn info_i64(server: &RedisServer, field: &str) -> i64 {
-    let info = server.info("quota");
-    let key = format!("quota_{field}");
-    info.get(&key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no integer {key} in INFO quota: {info:?}"))
-}
-
 fn owned(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -268,7 +259,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     // Flood: more writes than the pool (2) and the queue (8) hold, all at once, mixed with cold
     // reads. Writes are one job each, so at most 10 of them can be taken; cold loads queued
     // together may be taken by a free worker as one batch, so they only add capacity.
-    let busy_before = info_i64(&server, "queue_busy_rejections");
+    let busy_before = info_i64(&server, "quota_queue_busy_rejections");
     let n = 36;
     let writes = 24;
     let barrier = Arc::new(Barrier::new(n));
@@ -301,8 +292,8 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         .into_iter()
         .map(|h| h.join().expect("flood thread"))
         .collect();
-    let depth = info_i64(&server, "queue_depth");
-    let busy_after = info_i64(&server, "queue_busy_rejections");
+    let depth = info_i64(&server, "quota_queue_depth");
+    let busy_after = info_i64(&server, "quota_queue_busy_rejections");
 
     stop.store(true, Ordering::SeqCst);
     let samples = sampler.join().expect("sampler thread");
@@ -428,26 +419,12 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         "2"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || info_i64(&server, "queue_depth")
-            == 0),
+        wait_until(Duration::from_secs(10), || info_i64(
+            &server,
+            "quota_queue_depth"
+        ) == 0),
         "the job queue did not drain after PostgreSQL resumed"
     );
-}
-
-/// The newest psql binary (as the harness picks it).
-fn psql_path() -> std::path::PathBuf {
-    let mut best: Option<(u32, std::path::PathBuf)> = None;
-    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
-        for e in rd.flatten() {
-            let v: u32 = e.file_name().to_string_lossy().parse().unwrap_or(0);
-            let p = e.path().join("bin").join("psql");
-            if p.exists() && best.as_ref().is_none_or(|(bv, _)| v > *bv) {
-                best = Some((v, p));
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-        .unwrap_or_else(|| std::path::PathBuf::from("psql"))
 }
 
 /// A psql session in the background holding `FOR UPDATE` on the rows of `user_id` for 10 s.
@@ -468,7 +445,7 @@ impl RowLocker {
         let child = Command::new("sh")
             .arg("-c")
             .arg(script)
-            .arg(psql_path())
+            .arg(psql_binary())
             .arg(pg.url())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -844,7 +821,7 @@ fn check_after_restart(
         "the lease open before the restart: {c:?}"
     );
 
-    let misses = info_i64(server, "cache_misses");
+    let misses = info_i64(server, "quota_cache_misses");
     // Base 2 is used up (4 requests): each admit now needs the credit (+5) from PostgreSQL.
     let admit = [
         "QUOTA.ADMIT",
@@ -860,7 +837,7 @@ fn check_after_restart(
     assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
     assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
     assert!(
-        info_i64(server, "cache_misses") > misses,
+        info_i64(server, "quota_cache_misses") > misses,
         "the first admit after the restart was not a cache miss"
     );
 }

@@ -37,20 +37,6 @@ fn start_redis(pg: &PgServer, schema: &str) -> RedisServer {
         .start()
 }
 
-fn info_str(server: &RedisServer, field: &str) -> String {
-    server
-        .info("quota")
-        .get(field)
-        .cloned()
-        .unwrap_or_else(|| panic!("INFO quota has no {field}"))
-}
-
-fn info_i64(server: &RedisServer, field: &str) -> i64 {
-    info_str(server, field)
-        .parse()
-        .unwrap_or_else(|e| panic!("INFO quota {field}: {e}"))
-}
-
 fn wait_notify(server: &RedisServer, state: &str, timeout: Duration) {
     let ok = wait_until(timeout, || info_str(server, "quota_notify_state") == state);
     assert!(

@@ -28,14 +28,6 @@ fn wait_one(con: &mut redis::Connection) -> i64 {
     value_i64(&v).expect("WAIT integer")
 }
 
-fn info_i64(server: &RedisServer, field: &str) -> i64 {
-    let info = server.info("quota");
-    info.get(field)
-        .unwrap_or_else(|| panic!("INFO quota has no {field}: {info:?}"))
-        .parse()
-        .unwrap_or_else(|_| panic!("INFO quota {field} is not an integer"))
-}
-
 /// `QUOTA.GET` -> the additional requests per day of the applicable record, None for nil.
 fn credit(con: &mut redis::Connection, user: &str, bundle: &str) -> Option<i64> {
     match query(con, &["QUOTA.GET", T, P, user, bundle]).expect("QUOTA.GET") {
