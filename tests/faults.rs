@@ -713,8 +713,8 @@ fn shutdown_while_clients_wait_on_a_stalled_postgres_never_hangs() {
 }
 
 /// Usage of one account as field -> value (the whole `QUOTA.USAGE` map).
-fn usage(con: &mut redis::Connection, ids: &[&str; 4]) -> HashMap<String, i64> {
-    let m = query_map(con, &["QUOTA.USAGE", ids[0], ids[1], ids[2], ids[3]]);
+fn usage_ints(con: &mut redis::Connection, ids: &[&str; 4]) -> HashMap<String, i64> {
+    let m = usage(con, *ids);
     m.keys().map(|k| (k.clone(), field_i64(&m, k))).collect()
 }
 
@@ -756,7 +756,7 @@ fn build_usage(con: &mut redis::Connection, ids: &[&str; 4]) -> (String, String)
     let m = query_map(con, &admit);
     assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
     let open = field_str(&m, "lease").expect("a lease");
-    let u = usage(con, ids);
+    let u = usage_ints(con, ids);
     assert_eq!(
         (u["req_day"], u["tok_day"], u["in_flight"], u["reserved"]),
         (4, 120, 1, 50),
@@ -776,7 +776,7 @@ fn check_after_restart(
 ) {
     let mut con = client(server, Duration::from_secs(10));
     assert_eq!(
-        &usage(&mut con, ids),
+        &usage_ints(&mut con, ids),
         before,
         "usage changed across the restart"
     );
@@ -866,7 +866,7 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
         ],
     );
     let (committed, open) = build_usage(&mut con, &ids);
-    let before = usage(&mut con, &ids);
+    let before = usage_ints(&mut con, &ids);
     drop(con);
 
     server.kill9();
@@ -893,13 +893,13 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
     assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
 
     // And once more, killed right after the last write.
-    let before = usage(&mut con, &ids);
+    let before = usage_ints(&mut con, &ids);
     assert_eq!((before["req_day"], before["tok_day"]), (7, 150));
     drop(con);
     server.kill9();
     server.restart();
     let mut con = client(&server, Duration::from_secs(10));
-    assert_eq!(usage(&mut con, &ids), before);
+    assert_eq!(usage_ints(&mut con, &ids), before);
 }
 
 #[test]
