@@ -164,23 +164,6 @@ fn raw_reply(con: &mut redis::Connection, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-fn grant(con: &mut redis::Connection, ids: [&str; 4], opts: &[&str]) -> HashMap<String, Value> {
-    let mut args = vec!["QUOTA.GRANT"];
-    args.extend_from_slice(&ids);
-    args.extend_from_slice(opts);
-    query_map(con, &args)
-}
-
-/// `QUOTA.GET` as a record, `None` for nil.
-fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<HashMap<String, Value>> {
-    let mut args = vec!["QUOTA.GET"];
-    args.extend_from_slice(&ids);
-    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
-        Value::Nil => None,
-        v => Some(to_map(v)),
-    }
-}
-
 fn list(con: &mut redis::Connection, ids: [&str; 3], all: bool) -> HashMap<String, Value> {
     let mut args = vec!["QUOTA.LIST"];
     args.extend_from_slice(&ids);

@@ -70,15 +70,6 @@ fn retry_until_ok(
     }
 }
 
-fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<HashMap<String, Value>> {
-    let mut args = vec!["QUOTA.GET"];
-    args.extend_from_slice(&ids);
-    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
-        Value::Nil => None,
-        v => Some(to_map(v)),
-    }
-}
-
 fn grant_args<'a>(user: &'a str, rpd: &'a str) -> Vec<&'a str> {
     vec!["QUOTA.GRANT", T, P, user, "*", "REQUESTS_PER_DAY", rpd]
 }

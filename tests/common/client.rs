@@ -48,3 +48,17 @@ pub fn commit(
     }
     query_map(con, &with_account("QUOTA.COMMIT", acc, &opts))
 }
+
+/// `QUOTA.GRANT t p u b opts...` as a map (the stored record).
+pub fn grant(con: &mut redis::Connection, ids: [&str; 4], opts: &[&str]) -> Map {
+    query_map(con, &with_account("QUOTA.GRANT", ids, opts))
+}
+
+/// `QUOTA.GET` as a record, `None` for nil.
+pub fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<Map> {
+    let args = with_account("QUOTA.GET", ids, &[]);
+    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
+        Value::Nil => None,
+        v => Some(to_map(v)),
+    }
+}
