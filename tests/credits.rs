@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use redis::ConnectionLike;
@@ -129,15 +129,15 @@ impl Env {
         )
     }
 
-    fn stat(&self, field: &str) -> i64 {
-        stat(&self.server, field)
+    fn info_i64(&self, field: &str) -> i64 {
+        info_i64(&self.server, field)
     }
 
     /// Waits until no load or refresh is in flight.
     fn settle(&self) {
         assert!(
             wait_until(Duration::from_secs(5), || self
-                .stat("quota_loads_in_flight")
+                .info_i64("quota_loads_in_flight")
                 == 0),
             "a load stayed in flight for 5 s"
         );
@@ -147,22 +147,6 @@ impl Env {
         self.server
             .wait_notify_state(state, Duration::from_secs(15));
     }
-}
-
-/// An integer field of `INFO quota`.
-fn stat(server: &RedisServer, field: &str) -> i64 {
-    let info = server.info("quota");
-    info.get(field)
-        .unwrap_or_else(|| panic!("INFO quota has no {field}: {info:?}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("INFO quota {field} is not an integer: {e}"))
-}
-
-fn now_s() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
 }
 
 /// A command from byte-string arguments (for NUL and invalid UTF-8).
@@ -178,23 +162,6 @@ fn bcmd(args: &[&[u8]]) -> redis::Cmd {
 fn raw_reply(con: &mut redis::Connection, args: &[&str]) -> Value {
     con.req_command(&cmd(args))
         .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn grant(con: &mut redis::Connection, ids: [&str; 4], opts: &[&str]) -> HashMap<String, Value> {
-    let mut args = vec!["QUOTA.GRANT"];
-    args.extend_from_slice(&ids);
-    args.extend_from_slice(opts);
-    query_map(con, &args)
-}
-
-/// `QUOTA.GET` as a record, `None` for nil.
-fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<HashMap<String, Value>> {
-    let mut args = vec!["QUOTA.GET"];
-    args.extend_from_slice(&ids);
-    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
-        Value::Nil => None,
-        v => Some(to_map(v)),
-    }
 }
 
 fn list(con: &mut redis::Connection, ids: [&str; 3], all: bool) -> HashMap<String, Value> {
@@ -642,7 +609,7 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
 fn a_purchase_id_is_applied_once_per_tenant_and_project() {
     let env = Env::start();
     let mut con = env.con();
-    let dup_before = env.stat("quota_grants_duplicate");
+    let dup_before = env.info_i64("quota_grants_duplicate");
 
     let star = [T, P, "erin", "*"];
     let r = grant(
@@ -726,7 +693,7 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
         "3",
         "one event per (tenant, project)"
     );
-    assert_eq!(env.stat("quota_grants_duplicate") - dup_before, 4);
+    assert_eq!(env.info_i64("quota_grants_duplicate") - dup_before, 4);
 }
 
 // ---------------------------------------------------------------------------
@@ -819,11 +786,11 @@ fn revoke_answers_1_then_0_and_soft_deletes() {
     let ids = [T, P, "ivy", "gpt"];
     assert_eq!(revoke(&mut con, ids), 0, "nothing to revoke");
     grant(&mut con, ids, &["REQUESTS_PER_DAY", "3"]);
-    let revokes = env.stat("quota_revokes");
+    let revokes = env.info_i64("quota_revokes");
     assert_eq!(revoke(&mut con, ids), 1);
     assert_eq!(revoke(&mut con, ids), 0, "already revoked");
     assert!(get(&mut con, ids).is_none());
-    assert_eq!(env.stat("quota_revokes") - revokes, 1);
+    assert_eq!(env.info_i64("quota_revokes") - revokes, 1);
     assert_eq!(
         env.sql("SELECT count(*), bool_or(active) FROM {t} WHERE user_id = 'ivy'"),
         "1|f",
@@ -908,7 +875,7 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
 fn cleanup_deactivates_expired_rows_and_every_change_is_an_event() {
     let env = Env::start();
     let mut con = env.con();
-    let cleanups = env.stat("quota_cleanups");
+    let cleanups = env.info_i64("quota_cleanups");
     // Nothing expired yet.
     grant(
         &mut con,
@@ -949,7 +916,7 @@ fn cleanup_deactivates_expired_rows_and_every_change_is_an_event() {
         0,
         "second run finds nothing"
     );
-    assert_eq!(env.stat("quota_cleanups") - cleanups, 2);
+    assert_eq!(env.info_i64("quota_cleanups") - cleanups, 2);
     assert_eq!(
         env.sql("SELECT string_agg(bundle_id || '=' || active, ',' ORDER BY bundle_id) FROM {t}"),
         "e1=false,e2=false,gone=false,keep=true"
@@ -1001,13 +968,13 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
         1,
         "served from the cache (no NOTIFY, long TTL)"
     );
-    let misses = env.stat("quota_cache_misses");
+    let misses = env.info_i64("quota_cache_misses");
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 0);
     let g = get(&mut con, ids).expect("row");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 55);
     assert_eq!(
-        env.stat("quota_cache_misses") - misses,
+        env.info_i64("quota_cache_misses") - misses,
         1,
         "the GET after INVALIDATE is a miss"
     );
@@ -1015,9 +982,9 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
     grant(&mut con, [T, P, "ned", "*"], &["REQUESTS_PER_DAY", "1"]);
     get(&mut con, [T, P, "ned", "*"]);
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
-    let misses = env.stat("quota_cache_misses");
+    let misses = env.info_i64("quota_cache_misses");
     get(&mut con, [T, P, "ned", "*"]);
-    assert_eq!(env.stat("quota_cache_misses"), misses);
+    assert_eq!(env.info_i64("quota_cache_misses"), misses);
 }
 
 // ---------------------------------------------------------------------------
@@ -1035,27 +1002,27 @@ fn grant_and_revoke_write_through_the_cache() {
     );
     for (amount, expected) in [("5", 5), ("6", 6)] {
         grant(&mut con, ids, &["REQUESTS_PER_DAY", amount]);
-        let misses = env.stat("quota_cache_misses");
-        let hits = env.stat("quota_cache_hits") + env.stat("quota_cache_stale_hits");
+        let misses = env.info_i64("quota_cache_misses");
+        let hits = env.info_i64("quota_cache_hits") + env.info_i64("quota_cache_stale_hits");
         let g = get(&mut con, ids).expect("the grant is visible at once");
         assert_eq!(int_field(&g, "additional_requests_per_day"), expected);
         assert_eq!(
-            env.stat("quota_cache_misses"),
+            env.info_i64("quota_cache_misses"),
             misses,
             "the GET right after GRANT went to PostgreSQL"
         );
         assert_eq!(
-            env.stat("quota_cache_hits") + env.stat("quota_cache_stale_hits") - hits,
+            env.info_i64("quota_cache_hits") + env.info_i64("quota_cache_stale_hits") - hits,
             1
         );
     }
     assert_eq!(revoke(&mut con, ids), 1);
-    let misses = env.stat("quota_cache_misses");
+    let misses = env.info_i64("quota_cache_misses");
     assert!(
         get(&mut con, ids).is_none(),
         "the revoke is visible at once"
     );
-    assert_eq!(env.stat("quota_cache_misses"), misses);
+    assert_eq!(env.info_i64("quota_cache_misses"), misses);
 }
 
 #[test]
@@ -1064,12 +1031,12 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
     let env = Env::start_with(&[("cache-ttl-ms", "600000"), ("negative-ttl-ms", "600000")]);
     let mut con = env.con();
     let ids = [T, P, "olga", "*"];
-    let before = env.stat("quota_notify_received");
+    let before = env.info_i64("quota_notify_received");
     grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
     // This node's own NOTIFY for the grant marks the entry stale, and the refresh that
     // follows could pick up the UPDATE below by itself: let both happen first.
     assert!(wait_until(Duration::from_secs(5), || env
-        .stat("quota_notify_received")
+        .info_i64("quota_notify_received")
         > before));
     get(&mut con, ids);
     env.settle();
@@ -1080,7 +1047,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
         ),
         1
     );
-    let received = env.stat("quota_notify_received");
+    let received = env.info_i64("quota_notify_received");
 
     env.sql("UPDATE {t} SET additional_requests_per_day = 77 WHERE user_id = 'olga'");
     let (ok, last) = poll_get(&mut con, ids, Duration::from_secs(5), |r| {
@@ -1089,7 +1056,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
             == Some(77)
     });
     assert!(ok, "the SQL UPDATE was not visible within 5 s: {last:?}");
-    assert!(env.stat("quota_notify_received") > received);
+    assert!(env.info_i64("quota_notify_received") > received);
 
     // An INSERT for a user cached as "no credits", and a DELETE.
     let pam = [T, P, "pam", "gpt"];
@@ -1342,11 +1309,11 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
     let env = Env::start();
     let mut con = env.con();
     let ids = [T, P, "sam", "gpt"];
-    let received = env.stat("quota_notify_received");
+    let received = env.info_i64("quota_notify_received");
     grant(&mut con, ids, &["REQUESTS_PER_DAY", "4"]);
     // This node's own NOTIFY marks the entry stale: let it arrive now rather than mid-test.
     assert!(wait_until(Duration::from_secs(5), || env
-        .stat("quota_notify_received")
+        .info_i64("quota_notify_received")
         > received));
     // Cached: GET inside MULTI answers from the cache.
     assert_eq!(raw_reply(&mut con, &["MULTI"]), Value::Okay);
@@ -1406,10 +1373,10 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
         &["REQUESTS_PER_DAY", "1", "PURCHASE", "p0"],
     );
     let snap = env.snapshot();
-    let grants = env.stat("quota_grants");
+    let grants = env.info_i64("quota_grants");
     // Every refused command is refused before any PostgreSQL work: the query counter of the
     // worker pool stays put (checked after each one).
-    let queries = env.stat("quota_pg_queries");
+    let queries = env.info_i64("quota_pg_queries");
 
     let past = (now_s() - 10).to_string();
     let future = (now_s() + 3600).to_string();
@@ -1597,13 +1564,13 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
         }
         ping(&mut con);
         assert_eq!(
-            env.stat("quota_pg_queries"),
+            env.info_i64("quota_pg_queries"),
             queries,
             "{shown:?} was refused but still went to PostgreSQL"
         );
     }
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
-    assert_eq!(env.stat("quota_grants"), grants);
+    assert_eq!(env.info_i64("quota_grants"), grants);
     // Still fully working.
     let r = grant(&mut con, [T, P, "u", "b"], &["REQUESTS_PER_DAY", "2"]);
     assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
@@ -1812,9 +1779,9 @@ fn config_set_changes_take_effect() {
     env.settle();
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
     get(&mut con, ids); // a miss: loaded under TTL 0
-    let stale = env.stat("quota_cache_stale_hits");
-    let hits = env.stat("quota_cache_hits");
-    let queries = env.stat("quota_pg_queries");
+    let stale = env.info_i64("quota_cache_stale_hits");
+    let hits = env.info_i64("quota_cache_hits");
+    let queries = env.info_i64("quota_pg_queries");
     for _ in 0..3 {
         // Let the previous refresh land so that the entry is cached (stale) again.
         env.settle();
@@ -1823,17 +1790,17 @@ fn config_set_changes_take_effect() {
     }
     env.settle();
     assert_eq!(
-        env.stat("quota_cache_stale_hits") - stale,
+        env.info_i64("quota_cache_stale_hits") - stale,
         3,
         "with cache-ttl-ms 0 every GET should be a stale hit"
     );
     assert_eq!(
-        env.stat("quota_cache_hits"),
+        env.info_i64("quota_cache_hits"),
         hits,
         "a fresh hit with cache-ttl-ms 0"
     );
     assert!(
-        env.stat("quota_pg_queries") - queries >= 3,
+        env.info_i64("quota_pg_queries") - queries >= 3,
         "stale GETs did not refresh from PostgreSQL"
     );
 
@@ -1842,34 +1809,34 @@ fn config_set_changes_take_effect() {
     env.settle();
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
     get(&mut con, ids);
-    let hits = env.stat("quota_cache_hits");
-    let stale = env.stat("quota_cache_stale_hits");
+    let hits = env.info_i64("quota_cache_hits");
+    let stale = env.info_i64("quota_cache_stale_hits");
     get(&mut con, ids);
     get(&mut con, ids);
-    assert_eq!(env.stat("quota_cache_hits") - hits, 2);
-    assert_eq!(env.stat("quota_cache_stale_hits"), stale);
+    assert_eq!(env.info_i64("quota_cache_hits") - hits, 2);
+    assert_eq!(env.info_i64("quota_cache_stale_hits"), stale);
 
     // negative-ttl-ms 0 does the same for users without credits.
     query(&mut con, &["CONFIG", "SET", "quota.negative-ttl-ms", "0"]).expect("CONFIG SET");
     assert!(get(&mut con, [T, P, "nobody", "*"]).is_none()); // a miss
     env.settle();
-    let stale = env.stat("quota_cache_stale_hits");
+    let stale = env.info_i64("quota_cache_stale_hits");
     assert!(get(&mut con, [T, P, "nobody", "*"]).is_none());
-    assert_eq!(env.stat("quota_cache_stale_hits") - stale, 1);
+    assert_eq!(env.info_i64("quota_cache_stale_hits") - stale, 1);
     env.settle();
 
     // cache-max-entries 1: caching a second user evicts the first.
     query(&mut con, &["CONFIG", "SET", "quota.cache-max-entries", "1"]).expect("CONFIG SET");
-    let evictions = env.stat("quota_cache_evictions");
+    let evictions = env.info_i64("quota_cache_evictions");
     for u in ["v1", "v2", "v3"] {
         get(&mut con, [T, P, u, "*"]);
     }
     assert!(
-        env.stat("quota_cache_entries") <= 1,
+        env.info_i64("quota_cache_entries") <= 1,
         "{:?}",
         env.server.info("quota")
     );
-    assert!(env.stat("quota_cache_evictions") - evictions >= 2);
+    assert!(env.info_i64("quota_cache_evictions") - evictions >= 2);
 
     // notify off / on.
     query(&mut con, &["CONFIG", "SET", "quota.notify", "no"]).expect("CONFIG SET");
@@ -1965,7 +1932,7 @@ fn a_burst_of_cold_users_shares_queries_and_each_gets_its_own_rows() {
             assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, u]), 1);
         }
     }
-    let before = stat(&env.server, "quota_pg_queries");
+    let before = info_i64(&env.server, "quota_pg_queries");
     let clients = 30;
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(clients));
     let threads: Vec<_> = (0..clients)
@@ -2001,7 +1968,7 @@ fn a_burst_of_cold_users_shares_queries_and_each_gets_its_own_rows() {
         }
     }
     assert_eq!(seen, users.len());
-    let queries = stat(&env.server, "quota_pg_queries") - before;
+    let queries = info_i64(&env.server, "quota_pg_queries") - before;
     eprintln!(
         "{queries} queries for {} cold users from {clients} clients",
         users.len()

@@ -58,15 +58,6 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     (out, started.elapsed())
 }
 
-/// One `INFO quota` field as an integer.
-fn info_i64(server: &RedisServer, field: &str) -> i64 {
-    let info = server.info("quota");
-    let key = format!("quota_{field}");
-    info.get(&key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no integer {key} in INFO quota: {info:?}"))
-}
-
 fn owned(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -268,7 +259,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     // Flood: more writes than the pool (2) and the queue (8) hold, all at once, mixed with cold
     // reads. Writes are one job each, so at most 10 of them can be taken; cold loads queued
     // together may be taken by a free worker as one batch, so they only add capacity.
-    let busy_before = info_i64(&server, "queue_busy_rejections");
+    let busy_before = info_i64(&server, "quota_queue_busy_rejections");
     let n = 36;
     let writes = 24;
     let barrier = Arc::new(Barrier::new(n));
@@ -301,8 +292,8 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         .into_iter()
         .map(|h| h.join().expect("flood thread"))
         .collect();
-    let depth = info_i64(&server, "queue_depth");
-    let busy_after = info_i64(&server, "queue_busy_rejections");
+    let depth = info_i64(&server, "quota_queue_depth");
+    let busy_after = info_i64(&server, "quota_queue_busy_rejections");
 
     stop.store(true, Ordering::SeqCst);
     let samples = sampler.join().expect("sampler thread");
@@ -428,26 +419,12 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         "2"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || info_i64(&server, "queue_depth")
-            == 0),
+        wait_until(Duration::from_secs(10), || info_i64(
+            &server,
+            "quota_queue_depth"
+        ) == 0),
         "the job queue did not drain after PostgreSQL resumed"
     );
-}
-
-/// The newest psql binary (as the harness picks it).
-fn psql_path() -> std::path::PathBuf {
-    let mut best: Option<(u32, std::path::PathBuf)> = None;
-    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
-        for e in rd.flatten() {
-            let v: u32 = e.file_name().to_string_lossy().parse().unwrap_or(0);
-            let p = e.path().join("bin").join("psql");
-            if p.exists() && best.as_ref().is_none_or(|(bv, _)| v > *bv) {
-                best = Some((v, p));
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-        .unwrap_or_else(|| std::path::PathBuf::from("psql"))
 }
 
 /// A psql session in the background holding `FOR UPDATE` on the rows of `user_id` for 10 s.
@@ -468,7 +445,7 @@ impl RowLocker {
         let child = Command::new("sh")
             .arg("-c")
             .arg(script)
-            .arg(psql_path())
+            .arg(psql_binary())
             .arg(pg.url())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -736,8 +713,8 @@ fn shutdown_while_clients_wait_on_a_stalled_postgres_never_hangs() {
 }
 
 /// Usage of one account as field -> value (the whole `QUOTA.USAGE` map).
-fn usage(con: &mut redis::Connection, ids: &[&str; 4]) -> HashMap<String, i64> {
-    let m = query_map(con, &["QUOTA.USAGE", ids[0], ids[1], ids[2], ids[3]]);
+fn usage_ints(con: &mut redis::Connection, ids: &[&str; 4]) -> HashMap<String, i64> {
+    let m = usage(con, *ids);
     m.keys().map(|k| (k.clone(), field_i64(&m, k))).collect()
 }
 
@@ -779,7 +756,7 @@ fn build_usage(con: &mut redis::Connection, ids: &[&str; 4]) -> (String, String)
     let m = query_map(con, &admit);
     assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
     let open = field_str(&m, "lease").expect("a lease");
-    let u = usage(con, ids);
+    let u = usage_ints(con, ids);
     assert_eq!(
         (u["req_day"], u["tok_day"], u["in_flight"], u["reserved"]),
         (4, 120, 1, 50),
@@ -799,7 +776,7 @@ fn check_after_restart(
 ) {
     let mut con = client(server, Duration::from_secs(10));
     assert_eq!(
-        &usage(&mut con, ids),
+        &usage_ints(&mut con, ids),
         before,
         "usage changed across the restart"
     );
@@ -844,7 +821,7 @@ fn check_after_restart(
         "the lease open before the restart: {c:?}"
     );
 
-    let misses = info_i64(server, "cache_misses");
+    let misses = info_i64(server, "quota_cache_misses");
     // Base 2 is used up (4 requests): each admit now needs the credit (+5) from PostgreSQL.
     let admit = [
         "QUOTA.ADMIT",
@@ -860,7 +837,7 @@ fn check_after_restart(
     assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
     assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
     assert!(
-        info_i64(server, "cache_misses") > misses,
+        info_i64(server, "quota_cache_misses") > misses,
         "the first admit after the restart was not a cache miss"
     );
 }
@@ -889,7 +866,7 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
         ],
     );
     let (committed, open) = build_usage(&mut con, &ids);
-    let before = usage(&mut con, &ids);
+    let before = usage_ints(&mut con, &ids);
     drop(con);
 
     server.kill9();
@@ -916,13 +893,13 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
     assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
 
     // And once more, killed right after the last write.
-    let before = usage(&mut con, &ids);
+    let before = usage_ints(&mut con, &ids);
     assert_eq!((before["req_day"], before["tok_day"]), (7, 150));
     drop(con);
     server.kill9();
     server.restart();
     let mut con = client(&server, Duration::from_secs(10));
-    assert_eq!(usage(&mut con, &ids), before);
+    assert_eq!(usage_ints(&mut con, &ids), before);
 }
 
 #[test]

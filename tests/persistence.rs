@@ -10,7 +10,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 use std::thread;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 
@@ -30,13 +30,6 @@ const DONE_LEASE: &str = "lease-done";
 // ---------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------
-
-fn now_s() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs() as i64
-}
 
 /// Keeps a test away from an hour boundary (day and month boundaries are hour boundaries):
 /// a window ending between "before" and "after" would change the counters compared.
@@ -227,23 +220,9 @@ fn count_ci(haystack: &str, needle: &str) -> usize {
         .count()
 }
 
-fn info_field(server: &RedisServer, section: &str, field: &str) -> String {
-    server
-        .info(section)
-        .get(field)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {field} in INFO {section}"))
-}
-
-fn info_i64(server: &RedisServer, section: &str, field: &str) -> i64 {
-    let v = info_field(server, section, field);
-    v.parse()
-        .unwrap_or_else(|e| panic!("{field} in INFO {section}: {v:?}: {e}"))
-}
-
 /// Changes since the last RDB save: what the save rules count.
 fn changes(server: &RedisServer) -> i64 {
-    info_i64(server, "persistence", "rdb_changes_since_last_save")
+    info_i64_in(server, "persistence", "rdb_changes_since_last_save")
 }
 
 /// Waits until a background save has written every change to dump.rdb.
@@ -255,7 +234,7 @@ fn wait_snapshot(server: &RedisServer) {
     });
     assert!(saved, "no snapshot: {:?}", server.info("persistence"));
     assert_eq!(
-        info_field(server, "persistence", "rdb_last_bgsave_status"),
+        info_str_in(server, "persistence", "rdb_last_bgsave_status"),
         "ok"
     );
 }
@@ -263,7 +242,7 @@ fn wait_snapshot(server: &RedisServer) {
 /// Runs one command and returns how many bytes it added to the AOF (`appendfsync always`:
 /// written before the reply).
 fn aof_bytes(server: &RedisServer, con: &mut redis::Connection, args: &[&str]) -> i64 {
-    let size = || info_i64(server, "persistence", "aof_current_size");
+    let size = || info_i64_in(server, "persistence", "aof_current_size");
     let before = size();
     query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
     size() - before
@@ -285,7 +264,7 @@ fn wait_aof_rewrite_done(server: &RedisServer) {
     });
     assert!(done, "BGREWRITEAOF did not finish in 30 s");
     assert_eq!(
-        info_field(server, "persistence", "aof_last_bgrewrite_status"),
+        info_str_in(server, "persistence", "aof_last_bgrewrite_status"),
         "ok"
     );
 }
@@ -412,7 +391,7 @@ fn usage_survives_sigkill_with_appendfsync_everysec() {
     // every count.
     sigkill_keeps_exact_counts(&["appendonly yes", "appendfsync everysec"], |server| {
         let written = wait_until(Duration::from_secs(10), || {
-            info_i64(server, "persistence", "aof_buffer_length") == 0
+            info_i64_in(server, "persistence", "aof_buffer_length") == 0
         });
         assert!(written, "the AOF buffer was not written within 10 s");
     });
@@ -428,8 +407,8 @@ fn usage_survives_sigkill_with_appendfsync_always() {
 fn usage_counts_as_a_change_on_an_rdb_only_node() {
     // No AOF, no replica, a save rule that cannot fire during the admissions.
     let mut server = start(&["save 3600 1"]);
-    assert_eq!(info_field(&server, "persistence", "aof_enabled"), "0");
-    assert_eq!(info_field(&server, "replication", "connected_slaves"), "0");
+    assert_eq!(info_str_in(&server, "persistence", "aof_enabled"), "0");
+    assert_eq!(info_str_in(&server, "replication", "connected_slaves"), "0");
     let mut con = server.client();
     let before = changes(&server);
     for _ in 0..50 {
@@ -565,7 +544,7 @@ fn a_replica_follows_the_master_and_takes_over() {
     );
     query(&mut mc, &["QUOTA.INVALIDATE", "acme", "chat", "dave"]).expect("INVALIDATE");
     let misses = |s: &RedisServer| -> i64 {
-        info_field(s, "quota", "quota_cache_misses")
+        info_str_in(s, "quota", "quota_cache_misses")
             .parse()
             .expect("quota_cache_misses")
     };

@@ -37,20 +37,6 @@ fn start_redis(pg: &PgServer, schema: &str) -> RedisServer {
         .start()
 }
 
-fn info_str(server: &RedisServer, field: &str) -> String {
-    server
-        .info("quota")
-        .get(field)
-        .cloned()
-        .unwrap_or_else(|| panic!("INFO quota has no {field}"))
-}
-
-fn info_i64(server: &RedisServer, field: &str) -> i64 {
-    info_str(server, field)
-        .parse()
-        .unwrap_or_else(|e| panic!("INFO quota {field}: {e}"))
-}
-
 fn wait_notify(server: &RedisServer, state: &str, timeout: Duration) {
     let ok = wait_until(timeout, || info_str(server, "quota_notify_state") == state);
     assert!(
@@ -81,15 +67,6 @@ fn retry_until_ok(
             return (r, t0.elapsed());
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn get(con: &mut redis::Connection, ids: [&str; 4]) -> Option<HashMap<String, Value>> {
-    let mut args = vec!["QUOTA.GET"];
-    args.extend_from_slice(&ids);
-    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
-        Value::Nil => None,
-        v => Some(to_map(v)),
     }
 }
 

@@ -8,7 +8,6 @@
 //! * a promoted replica (`REPLICAOF NO ONE`) continues admitting with no usage lost.
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
@@ -28,14 +27,6 @@ fn wait_one(con: &mut redis::Connection) -> i64 {
     value_i64(&v).expect("WAIT integer")
 }
 
-fn info_i64(server: &RedisServer, field: &str) -> i64 {
-    let info = server.info("quota");
-    info.get(field)
-        .unwrap_or_else(|| panic!("INFO quota has no {field}: {info:?}"))
-        .parse()
-        .unwrap_or_else(|_| panic!("INFO quota {field} is not an integer"))
-}
-
 /// `QUOTA.GET` -> the additional requests per day of the applicable record, None for nil.
 fn credit(con: &mut redis::Connection, user: &str, bundle: &str) -> Option<i64> {
     match query(con, &["QUOTA.GET", T, P, user, bundle]).expect("QUOTA.GET") {
@@ -48,10 +39,6 @@ fn grant(con: &mut redis::Connection, user: &str, bundle: &str, extra: &[&str]) 
     let mut args = vec!["QUOTA.GRANT", T, P, user, bundle];
     args.extend_from_slice(extra);
     query_map(con, &args);
-}
-
-fn usage(con: &mut redis::Connection, user: &str, bundle: &str) -> HashMap<String, Value> {
-    query_map(con, &["QUOTA.USAGE", T, P, user, bundle])
 }
 
 /// Grants, top-ups and revokes on the master are what `QUOTA.GET` on the replica returns on the
@@ -181,7 +168,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     assert_eq!(field_i64(&a, "remaining_requests"), 4);
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(credit(&mut r, "bob", "b"), Some(5));
-    assert_eq!(field_i64(&usage(&mut r, "bob", "b"), "req_day"), 1);
+    assert_eq!(field_i64(&usage(&mut r, [T, P, "bob", "b"]), "req_day"), 1);
 }
 
 #[test]
@@ -232,10 +219,10 @@ fn usage_reaches_the_replica() {
         let a = query_map(&mut m, &args);
         assert_eq!(field_i64(&a, "allowed"), 1, "{u}: {a:?}");
         assert_eq!(wait_one(&mut m), 1);
-        let on_master = usage(&mut m, u, "b");
+        let on_master = usage(&mut m, [T, P, u, "b"]);
         assert_eq!(field_i64(&on_master, "req_day"), 1);
         assert_eq!(
-            usage(&mut r, u, "b"),
+            usage(&mut r, [T, P, u, "b"]),
             on_master,
             "{u}: USAGE after the first admit"
         );
@@ -249,11 +236,11 @@ fn usage_reaches_the_replica() {
         assert_eq!(field_i64(&a, "allowed"), 1, "{u}: {a:?}");
         assert_eq!(field_i64(&a, "reserved"), 300);
         assert_eq!(wait_one(&mut m), 1);
-        let on_master = usage(&mut m, u, "b");
+        let on_master = usage(&mut m, [T, P, u, "b"]);
         assert_eq!(field_i64(&on_master, "in_flight"), 2);
         assert_eq!(field_i64(&on_master, "reserved"), 300);
         assert_eq!(
-            usage(&mut r, u, "b"),
+            usage(&mut r, [T, P, u, "b"]),
             on_master,
             "{u}: USAGE with a lease held"
         );
@@ -284,20 +271,20 @@ fn usage_reaches_the_replica() {
         assert_eq!(field_i64(&c, "recorded"), 7, "{u}: {c:?}");
 
         assert_eq!(wait_one(&mut m), 1);
-        let on_master = usage(&mut m, u, "b");
+        let on_master = usage(&mut m, [T, P, u, "b"]);
         assert_eq!(field_i64(&on_master, "req_day"), 2, "{u}: {on_master:?}");
         assert_eq!(field_i64(&on_master, "tok_day"), 120);
         assert_eq!(field_i64(&on_master, "in_flight"), 1);
         assert_eq!(field_i64(&on_master, "reserved"), 0);
         assert_eq!(
-            usage(&mut r, u, "b"),
+            usage(&mut r, [T, P, u, "b"]),
             on_master,
             "{u}: USAGE after commit and release"
         );
-        let on_master = usage(&mut m, u, "other");
+        let on_master = usage(&mut m, [T, P, u, "other"]);
         assert_eq!(field_i64(&on_master, "tok_hour"), 7);
         assert_eq!(
-            usage(&mut r, u, "other"),
+            usage(&mut r, [T, P, u, "other"]),
             on_master,
             "{u}: USAGE of bundle other"
         );
@@ -316,15 +303,18 @@ fn usage_reaches_the_replica() {
     assert_eq!(field_i64(&a, "allowed"), 0, "cold-1 is at its limit: {a:?}");
     assert_eq!(field_str(&a, "reason").as_deref(), Some("requests_per_day"));
     assert_eq!(wait_one(&mut m), 1);
-    assert_eq!(usage(&mut r, "cold-1", "b"), usage(&mut m, "cold-1", "b"));
+    assert_eq!(
+        usage(&mut r, [T, P, "cold-1", "b"]),
+        usage(&mut m, [T, P, "cold-1", "b"])
+    );
 
     // RESET on the master clears the replica's copy too.
     let v = query(&mut m, &["QUOTA.RESET", T, P, "warm-1", "b"]).expect("RESET");
     assert_eq!(value_i64(&v), Some(1));
     assert_eq!(wait_one(&mut m), 1);
-    let on_replica = usage(&mut r, "warm-1", "b");
+    let on_replica = usage(&mut r, [T, P, "warm-1", "b"]);
     assert_eq!(field_i64(&on_replica, "req_day"), 0, "{on_replica:?}");
-    assert_eq!(on_replica, usage(&mut m, "warm-1", "b"));
+    assert_eq!(on_replica, usage(&mut m, [T, P, "warm-1", "b"]));
 
     // The same keys on both sides.
     let dbsize = |c: &mut redis::Connection| value_i64(&query(c, &["DBSIZE"]).unwrap()).unwrap();
@@ -379,8 +369,8 @@ fn promoted_replica_continues_with_the_same_usage() {
     let c = query_map(&mut m, &["QUOTA.COMMIT", T, P, "dave", "b", "400"]);
     assert_eq!(field_i64(&c, "recorded"), 400);
     assert_eq!(wait_one(&mut m), 1);
-    let dave_on_master = usage(&mut m, "dave", "b");
-    let erin_on_master = usage(&mut m, "erin", "b");
+    let dave_on_master = usage(&mut m, [T, P, "dave", "b"]);
+    let erin_on_master = usage(&mut m, [T, P, "erin", "b"]);
     assert_eq!(field_i64(&dave_on_master, "req_day"), 6);
     assert_eq!(field_i64(&dave_on_master, "tok_day"), 400);
 
@@ -388,8 +378,8 @@ fn promoted_replica_continues_with_the_same_usage() {
     master.kill9();
     let v = query(&mut r, &["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
     assert_eq!(value_to_string(&v).as_deref(), Some("OK"));
-    assert_eq!(usage(&mut r, "dave", "b"), dave_on_master);
-    assert_eq!(usage(&mut r, "erin", "b"), erin_on_master);
+    assert_eq!(usage(&mut r, [T, P, "dave", "b"]), dave_on_master);
+    assert_eq!(usage(&mut r, [T, P, "erin", "b"]), erin_on_master);
 
     // Exactly 4 more for dave (10 per day), 6 more for erin (10 + 2).
     let dave: Vec<i64> = (0..6).map(|_| admit(&mut r, "dave")).collect();
@@ -400,7 +390,7 @@ fn promoted_replica_continues_with_the_same_usage() {
         vec![1, 1, 1, 1, 1, 1, 0],
         "erin on the promoted replica"
     );
-    let u = usage(&mut r, "dave", "b");
+    let u = usage(&mut r, [T, P, "dave", "b"]);
     assert_eq!(field_i64(&u, "req_day"), 10);
     assert_eq!(field_i64(&u, "tok_day"), 400);
 

@@ -64,19 +64,6 @@ impl Tally {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        // SplitMix64.
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
-
 fn user(i: usize) -> String {
     format!("u{i}")
 }
@@ -94,8 +81,8 @@ fn settle(
 ) {
     let (us, bs) = (user(u), bundle(b));
     t.ops += 1;
-    if rng.below(4) < 3 {
-        let tokens = rng.below(1000);
+    if rng.below_u64(4) < 3 {
+        let tokens = rng.below_u64(1000);
         let tokens_s = tokens.to_string();
         let args = [
             "QUOTA.COMMIT",
@@ -142,14 +129,14 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
     let mut held: Vec<(usize, usize, String)> = Vec::new();
     let base = BASE_REQUESTS.to_string();
     while Instant::now() < deadline {
-        let u = rng.below(users as u64) as usize;
-        let b = rng.below(BUNDLES as u64) as usize;
+        let u = rng.below_u64(users as u64) as usize;
+        let b = rng.below_u64(BUNDLES as u64) as usize;
         let (us, bs) = (user(u), bundle(b));
-        let roll = rng.below(100);
+        let roll = rng.below_u64(100);
         t.ops += 1;
         if roll < 2 {
             // A top-up adds tokens only: the request limit stays checkable.
-            let n = (1 + rng.below(1000)).to_string();
+            let n = (1 + rng.below_u64(1000)).to_string();
             let args = [
                 "QUOTA.GRANT",
                 "soak",
@@ -184,7 +171,7 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
                 Err(e) => t.failed("GET", &e),
             }
         } else {
-            let reserve = (1 + rng.below(500)).to_string();
+            let reserve = (1 + rng.below_u64(500)).to_string();
             let args = [
                 "QUOTA.ADMIT",
                 "soak",
@@ -226,7 +213,7 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
                 Err(e) => t.failed("ADMIT", &e),
             }
             if held.len() > 2 {
-                let lease = held.remove(rng.below(held.len() as u64) as usize);
+                let lease = held.remove(rng.below_u64(held.len() as u64) as usize);
                 settle(&mut con, &mut rng, &mut t, lease);
             }
         }
