@@ -425,20 +425,19 @@ fn update<T>(
     account_key: &mut AccountKey,
     change: impl FnOnce(&mut Account) -> (T, Propagate),
 ) -> T {
-    let existed = account_key.get().is_some();
-    let mut fresh = Account::default();
+    // One look at the key: a missing account is built here and stored only if it changed.
+    let mut fresh = None;
     let account = match account_key.get() {
         Some(account) => account,
-        None => &mut fresh,
+        None => fresh.insert(Account::default()),
     };
     let (out, propagate) = change(account);
     if matches!(propagate, Propagate::Nothing) {
         return out;
     }
-    if existed {
-        account_key.touch();
-    } else {
-        account_key.put(fresh);
+    match fresh {
+        None => account_key.touch(),
+        Some(fresh) => account_key.put(fresh),
     }
     match propagate {
         Propagate::Nothing => {}
