@@ -477,3 +477,54 @@ fn concurrent_clients_under_a_cold_policy_admit_exactly_the_limit() {
     let usage = usage(&mut server.client(), [T, P, "shared", "b"]);
     assert_eq!(field_i64(&usage, "req_day"), (LIMIT + CREDIT) as i64);
 }
+
+#[test]
+fn an_admit_waiting_on_credits_decides_with_the_policy_it_started_with_though_it_was_dropped() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let url = pg.url();
+    let server = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", url.as_str()),
+            ("schema", schema.as_str()),
+            ("pg-timeout-ms", "20000"),
+        ])
+        .start();
+    server.wait_notify_state("listening", Duration::from_secs(15));
+    let mut con = server.client();
+    set_policy(&mut con, "pro", &["REQUESTS_PER_DAY", "1"]);
+
+    // erin's credits are not cached: her admission waits on their load, which hangs.
+    pg.pause();
+    let waiting = {
+        let mut con = server.client();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let r = query(&mut con, &admit_policy("erin", "pro", &[]));
+            (r, started.elapsed())
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            info_i64_in(&server, "clients", "blocked_clients") == 1
+        }),
+        "the admission did not wait on the load"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // Meanwhile the policy leaves this node's cache (a change heard through NOTIFY does this).
+    let dropped =
+        query(&mut con, &["QUOTA.POLICY", "INVALIDATE", T, P, "pro"]).expect("INVALIDATE");
+    assert_eq!(dropped, Value::Int(1));
+    pg.resume();
+
+    let (r, took) = waiting.join().expect("the waiting client");
+    let m = to_map(r.unwrap_or_else(|e| panic!("the waiting ADMIT failed: {}", error_text(&e))));
+    assert!(
+        took >= Duration::from_millis(200),
+        "it did not wait ({took:?})"
+    );
+    assert_eq!(field_i64(&m, "allowed"), 1);
+    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
+    // Decided under the policy's limit of 1: the next one is denied.
+    assert_eq!(allowed_of(&mut con, "erin", "pro", 1), 0);
+}

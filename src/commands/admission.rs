@@ -10,9 +10,10 @@
 //! base policy, `replenishment unavailable`).
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING};
-use super::{parse, policies};
+use super::parse::OwnedAdmit;
+use super::{parse, policies, Waiting};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
-use crate::core::cache::Lookup;
+use crate::core::cache::{Lookup, UserCredits};
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
 use crate::core::effect::{Change, Effect, EncodedEffect};
 use crate::core::ids::PolicyId;
@@ -26,7 +27,7 @@ use crate::ffi::reply::Reply;
 use crate::runtime::cache::{self, PolicyWaiter};
 use crate::runtime::clock;
 use crate::runtime::config::{self, ScriptMiss};
-use crate::runtime::jobs::{Done, OwnedUser};
+use crate::runtime::jobs::{CreditWaiter, Done, OwnedUser, StoreError};
 use crate::runtime::stats;
 use crate::runtime::worker;
 
@@ -38,14 +39,16 @@ const EVENT_RESET: &std::ffi::CStr = c"quota.reset";
 const EVENT_SETSTATE: &std::ffi::CStr = c"quota.setstate";
 
 /// Where the credits for this decision come from.
-enum Credits<'a> {
-    /// Look in the cache (a fresh command).
+enum Credits {
+    /// The cache; on a miss the client waits for the load (a fresh command).
     Cache,
-    /// A worker loaded them (or failed to), or loaded the named policy (`Done::Policy`: the
-    /// credits are then looked up in the cache, without waiting).
-    Loaded(&'a Done),
-    /// The wait for Postgres ran out.
-    TimedOut,
+    /// The cache; on a miss the decision goes on without them (`pending`) and the load runs
+    /// for the next call: the command waited once already (for its policy).
+    CacheNoWait,
+    /// A worker loaded them (or failed to).
+    Loaded(Result<UserCredits, StoreError>),
+    /// The wait for PostgreSQL ran out (or the load was dropped at shutdown).
+    Unavailable,
 }
 
 /// The credit that applies, as the amounts it adds and where it came from.
@@ -58,40 +61,112 @@ fn pick(rows: &[Replenishment], bundle: &str, now: Millis) -> (Option<Additional
 
 /// `QUOTA.ADMIT`.
 pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
-    admit_with(ctx, args, Credits::Cache)
-}
-
-/// `QUOTA.ADMIT` after its load finished.
-pub(crate) fn admit_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
-    admit_with(ctx, args, Credits::Loaded(done))
-}
-
-/// `QUOTA.ADMIT` whose load did not finish in time.
-pub(crate) fn admit_timed_out(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
-    admit_with(ctx, args, Credits::TimedOut)
-}
-
-#[inline]
-fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) -> Result<(), CommandError> {
     let parsed = parse::admit(args, config::MAX_LEASE_TTL)?;
-    let (key, user_len) = parsed.account.key();
     let now = clock::now_ms();
-    let user_key = key.get(..user_len).unwrap_or(&key);
-    let Some(base) = base_policy(ctx, &parsed, &credits, user_key, now)? else {
-        return Ok(()); // blocked on the policy: the reply comes later
+    let base = match parsed.policy {
+        None => parsed.base,
+        Some(name) => match named_policy(ctx, &parsed, name, PolicyWait::IfMissing, now)? {
+            Some(found) => overlaid(&parsed, name, found)?,
+            None => return Ok(()), // blocked on the policy: the reply comes later
+        },
     };
+    admit_with(ctx, &parsed, base, Credits::Cache, now)
+}
+
+/// An `ADMIT` waiting on PostgreSQL: its request, owned, and its base policy when that was
+/// known before it blocked (it then waited on its user's credits alone).
+struct AdmitWait {
+    request: OwnedAdmit,
+    base: Option<Limits>,
+}
+
+impl Waiting for AdmitWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        let parsed = self.request.args();
+        let name = parsed.policy.unwrap_or_default();
+        let now = clock::now_ms();
+        let (base, credits) = match (self.base, done) {
+            (Some(base), Done::Loaded { credits, .. }) => (base, Credits::Loaded(credits)),
+            (Some(base), Done::Dropped) => (base, Credits::Unavailable),
+            // Waited on the policy, then (not cached either) on the credits.
+            (
+                None,
+                Done::Loaded {
+                    credits,
+                    policy: Some(found),
+                },
+            ) => (overlaid(&parsed, name, found)?, Credits::Loaded(credits)),
+            // Waited on the policy; the credits were cached meanwhile (or now load for later).
+            (None, Done::Policy(found)) => {
+                let found = found.map_err(|e| policy_failed(name, e))?;
+                (overlaid(&parsed, name, found)?, Credits::CacheNoWait)
+            }
+            (_, other) => return Err(CommandError::undone(&other)),
+        };
+        admit_with(ctx, &parsed, base, credits, now)
+    }
+
+    /// PostgreSQL is too slow: decide on the base policy rather than fail the request (when
+    /// the named policy itself was not in, only a cached copy can stand in for it).
+    fn expired(self, ctx: Ctx) -> Result<(), CommandError> {
+        let parsed = self.request.args();
+        let now = clock::now_ms();
+        let base = match (self.base, parsed.policy) {
+            (Some(base), _) => base,
+            (None, None) => parsed.base,
+            (None, Some(name)) => match named_policy(ctx, &parsed, name, PolicyWait::Never, now)? {
+                Some(found) => overlaid(&parsed, name, found)?,
+                None => return Err(policies::unavailable(name).into()),
+            },
+        };
+        admit_with(ctx, &parsed, base, Credits::Unavailable, now)
+    }
+}
+
+/// The error for a named policy whose load failed.
+fn policy_failed(name: &str, e: StoreError) -> CommandError {
+    if e.is_unavailable() {
+        policies::unavailable(name).into()
+    } else {
+        e.into()
+    }
+}
+
+/// The named policy with the inline limits over it field by field.
+fn overlaid(
+    parsed: &parse::AdmitArgs<'_>,
+    name: &str,
+    found: CachedPolicy,
+) -> Result<Limits, CommandError> {
+    match found {
+        Some(limits) => Ok(limits.overlaid_with(&parsed.base)),
+        None => Err(policies::unknown(name).into()),
+    }
+}
+
+/// Decides with the credits `credits` points to; blocks the client when they must be loaded
+/// first (`Credits::Cache` on a miss), keeping `base` with its request.
+#[inline]
+fn admit_with(
+    ctx: Ctx,
+    parsed: &parse::AdmitArgs<'_>,
+    base: Limits,
+    credits: Credits,
+    now: Millis,
+) -> Result<(), CommandError> {
+    let (key, user_len) = parsed.account.key();
+    let user_key = key.get(..user_len).unwrap_or(&key);
     let mut account_key = AccountKey::open(ctx, &key)?;
     let mut memo = None;
-    // After a policy load the credits come from the cache, but the client cannot wait again.
-    let resumed = matches!(credits, Credits::Loaded(Done::Policy(_)));
     let (additional, source) = match credits {
         // The credit this account used a moment ago, if the cache has not changed since.
-        Credits::Cache | Credits::Loaded(Done::Policy(_))
+        Credits::Cache | Credits::CacheNoWait
             if let Some(found) = remembered(&mut account_key, &key, now) =>
         {
             found
         }
-        Credits::Cache | Credits::Loaded(Done::Policy(_)) => {
+        Credits::Cache | Credits::CacheNoWait => {
+            let wait = matches!(credits, Credits::Cache);
             let mut cache = cache::cache();
             let epoch = cache.epoch();
             let (found, load) = match cache.lookup(user_key, now) {
@@ -104,12 +179,18 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) -> Result<(), Comm
                     (Ok(Some(pick(rows, parsed.account.bundle, now))), refresh)
                 }
                 Lookup::Unavailable => (Ok(Some((None, CreditSource::Unavailable))), None),
-                Lookup::Miss { load } if resumed => (Ok(Some((None, CreditSource::Pending))), load),
+                Lookup::Miss { load } if !wait => (Ok(Some((None, CreditSource::Pending))), load),
                 Lookup::Miss { load } if ctx.can_block() => {
-                    let waited = match Blocked::block(ctx, config::block_timeout_ms()) {
+                    let request = AdmitWait {
+                        request: parsed.kept(),
+                        base: Some(base),
+                    };
+                    let waited = match Blocked::block(ctx, config::block_timeout_ms(), request) {
                         Some(client) => {
-                            if let Err(client) = cache.add_waiter(user_key, client) {
-                                client.finish(Done::Dropped);
+                            if let Err(waiter) =
+                                cache.add_waiter(user_key, CreditWaiter::new(client))
+                            {
+                                waiter.client.finish(Done::Dropped);
                             }
                             Ok(None)
                         }
@@ -131,13 +212,12 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) -> Result<(), Comm
                 None => return Ok(()), // blocked: the reply comes later
             }
         }
-        Credits::Loaded(Done::Loaded(Ok(rows))) => pick(rows, parsed.account.bundle, now),
-        Credits::Loaded(Done::Busy) => return Err(CommandError::undone(&Done::Busy)),
-        Credits::Loaded(_) | Credits::TimedOut => (None, CreditSource::Unavailable),
+        Credits::Loaded(Ok(rows)) => pick(&rows, parsed.account.bundle, now),
+        Credits::Loaded(Err(_)) | Credits::Unavailable => (None, CreditSource::Unavailable),
     };
     decide(
         ctx,
-        &parsed,
+        parsed,
         base,
         &mut account_key,
         (additional, source, memo),
@@ -145,104 +225,72 @@ fn admit_with(ctx: Ctx, args: &[&[u8]], credits: Credits<'_>) -> Result<(), Comm
     )
 }
 
-/// What a policy lookup found.
-enum PolicyLookup {
-    Found(CachedPolicy),
-    /// Not cached; the client now waits for the load.
-    Waiting,
-    /// Not cached and PostgreSQL failed moments ago.
-    Unavailable,
+/// Whether a policy lookup may wait for a load.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PolicyWait {
+    /// On a miss, block the client until the policy (and, chained after it, the user's
+    /// credits) is loaded; where it cannot wait (MULTI, scripts) answer `TRYAGAIN`.
+    IfMissing,
+    /// Only what is cached (the wait ran out already).
+    Never,
 }
 
-/// The base policy of this admission: the inline limits, or the named policy with the inline
-/// limits over it field by field. `None` when the client is blocked until the policy (and,
-/// chained after it, the user's credits) is loaded.
-fn base_policy(
+/// Looks the named policy up in the policy cache: `Ok(None)` when the client now waits for
+/// its load (`PolicyWait::IfMissing`) or it is not cached (`PolicyWait::Never`).
+fn named_policy(
     ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
-    credits: &Credits<'_>,
-    user_key: &[u8],
+    name: &str,
+    wait: PolicyWait,
     now: Millis,
-) -> Result<Option<Limits>, CommandError> {
-    let Some(name) = parsed.policy else {
-        return Ok(Some(parsed.base));
-    };
+) -> Result<Option<CachedPolicy>, CommandError> {
     let id = PolicyId {
         tenant: parsed.account.user.tenant,
         project: parsed.account.user.project,
         name,
     };
-    let found = match credits {
-        Credits::Loaded(Done::Policy(Ok(found))) => PolicyLookup::Found(*found),
-        Credits::Loaded(Done::Policy(Err(e))) if e.is_unavailable() => PolicyLookup::Unavailable,
-        Credits::Loaded(Done::Policy(Err(e))) => return Err(e.clone().into()),
-        Credits::Loaded(done @ (Done::Busy | Done::Dropped)) => {
-            return Err(CommandError::undone(done));
-        }
-        _ => cached_policy(ctx, parsed, credits, &id, user_key, now)?,
-    };
-    match found {
-        PolicyLookup::Found(Some(limits)) => Ok(Some(limits.overlaid_with(&parsed.base))),
-        PolicyLookup::Found(None) => Err(policies::unknown(name).into()),
-        PolicyLookup::Unavailable => Err(policies::unavailable(name).into()),
-        PolicyLookup::Waiting => Ok(None),
-    }
-}
-
-/// Looks the named policy up in the policy cache. On a miss of a fresh command that may
-/// block, the client waits on the policy's load with its user's credits chained after it;
-/// where it cannot wait, it gets `TRYAGAIN` (there is no base policy to decide on).
-fn cached_policy(
-    ctx: Ctx,
-    parsed: &parse::AdmitArgs<'_>,
-    credits: &Credits<'_>,
-    id: &PolicyId<'_>,
-    user_key: &[u8],
-    now: Millis,
-) -> Result<PolicyLookup, CommandError> {
-    if let Some(found) = cache::remembered_policy(id, now) {
-        return Ok(PolicyLookup::Found(found));
+    if let Some(found) = cache::remembered_policy(&id, now) {
+        return Ok(Some(found));
     }
     let key = id.key();
     let mut cache = cache::policies();
     let epoch = cache.epoch();
     let (found, load) = match cache.lookup(&key, now) {
         Lookup::Fresh(found, fresh_until) => {
-            cache::remember_policy(id, *found, epoch, fresh_until, now);
-            (Ok(PolicyLookup::Found(*found)), None)
+            cache::remember_policy(&id, *found, epoch, fresh_until, now);
+            (Ok(Some(*found)), None)
         }
-        Lookup::Stale { rows, refresh } => (Ok(PolicyLookup::Found(*rows)), refresh),
-        Lookup::Unavailable => (Ok(PolicyLookup::Unavailable), None),
-        Lookup::Miss { load } => {
-            let waited = match credits {
-                Credits::Cache if ctx.can_block() => {
-                    match Blocked::block(ctx, config::block_timeout_ms()) {
-                        Some(client) => {
-                            let then = Some((
-                                Box::from(user_key),
-                                OwnedUser::from_id(&parsed.account.user),
-                            ));
-                            if let Err(waiter) =
-                                cache.add_waiter(&key, PolicyWaiter { client, then })
-                            {
-                                waiter.client.finish(Done::Dropped);
-                            }
-                            Ok(PolicyLookup::Waiting)
-                        }
-                        None => Err(CommandError::Text(CANNOT_BLOCK)),
+        Lookup::Stale { rows, refresh } => (Ok(Some(*rows)), refresh),
+        Lookup::Unavailable => (Err(policies::unavailable(name).into()), None),
+        Lookup::Miss { load } if wait == PolicyWait::Never => (Ok(None), load),
+        Lookup::Miss { load } if ctx.can_block() => {
+            let (key_buf, user_len) = parsed.account.key();
+            let user_key = key_buf.get(..user_len).unwrap_or(&key_buf);
+            let request = AdmitWait {
+                request: parsed.kept(),
+                base: None,
+            };
+            let waited = match Blocked::block(ctx, config::block_timeout_ms(), request) {
+                Some(client) => {
+                    let then = Some((
+                        Box::from(user_key),
+                        OwnedUser::from_id(&parsed.account.user),
+                    ));
+                    if let Err(waiter) = cache.add_waiter(&key, PolicyWaiter { client, then }) {
+                        waiter.client.finish(Done::Dropped);
                     }
+                    Ok(None)
                 }
-                Credits::TimedOut => Err(policies::unavailable(id.name).into()),
-                // In MULTI or a script, or resumed after a credit load during which the policy
-                // was dropped again (changed meanwhile): the caller retries.
-                _ => Err(policies::loading(id.name).into()),
+                None => Err(CommandError::Text(CANNOT_BLOCK)),
             };
             (waited, load)
         }
+        // In MULTI or a script: the caller retries.
+        Lookup::Miss { load } => (Err(policies::loading(name).into()), load),
     };
     drop(cache);
     if let Some(flight) = load {
-        worker::submit_policy_load(id, flight);
+        worker::submit_policy_load(&id, flight);
     }
     found
 }

@@ -5,8 +5,8 @@
 //! node's cache from the committed rows (in the worker) and replicate `QUOTA.INVALIDATE` so
 //! replicas drop their entry at once.
 
-use super::error::{CommandError, CANNOT_BLOCK, CANNOT_REREAD, CREDITS_LOADING_NO_WAIT};
-use super::parse;
+use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
+use super::{parse, Waiting};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
@@ -15,7 +15,7 @@ use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
 use crate::runtime::config;
-use crate::runtime::jobs::{Done, Job, OwnedUser, StoreError};
+use crate::runtime::jobs::{CreditWaiter, Done, Job, OwnedAccount, OwnedUser, StoreError};
 use crate::runtime::worker;
 use crate::runtime::{cache, clock};
 
@@ -60,16 +60,18 @@ fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Milli
     }
 }
 
-/// Blocks the client and queues the job `make` builds for it; the reply comes from `resume`.
-/// Where the client cannot wait (MULTI, scripts) it gets a clear error instead.
-pub(super) fn on_worker(
+/// Blocks the client with its `request` and queues the job `make` builds for it; the reply
+/// comes from the request's `Waiting::resumed`. Where the client cannot wait (MULTI,
+/// scripts) it gets a clear error instead.
+pub(super) fn on_worker<W: Waiting>(
     ctx: Ctx,
+    request: W,
     make: impl FnOnce(Blocked<Done>) -> Job,
 ) -> Result<(), CommandError> {
     if !ctx.can_block() {
         return Err(CommandError::CannotWait);
     }
-    match Blocked::block(ctx, config::block_timeout_ms()) {
+    match Blocked::block(ctx, config::block_timeout_ms(), request) {
         Some(client) => {
             worker::submit_or_busy(make(client));
             Ok(())
@@ -82,33 +84,88 @@ pub(super) fn on_worker(
 pub(crate) fn grant(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let now = clock::now_ms();
     let parsed = parse::grant(args, now)?;
-    on_worker(ctx, |client| Job::Grant {
-        user: OwnedUser::from_id(&parsed.account.user),
-        bundle: parsed.account.bundle.to_owned(),
+    let account = OwnedAccount::from_id(&parsed.account);
+    on_worker(ctx, GrantWait(account.clone()), |client| Job::Grant {
+        user: account.user,
+        bundle: account.bundle,
         request: Box::new(parsed.request),
         now,
         client,
     })
 }
 
+/// A `QUOTA.GRANT` waiting on its upsert.
+struct GrantWait(OwnedAccount);
+
+impl Waiting for GrantWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        let outcome = match done {
+            Done::Grant(outcome) => outcome?,
+            other => return Err(CommandError::undone(&other)),
+        };
+        let ids = self.0.id().ids();
+        if !outcome.duplicate {
+            replicate_invalidate(ctx, ids);
+        }
+        record(ctx.reply(), ids, outcome.record.as_ref(), 1)
+            .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
+        Ok(())
+    }
+}
+
 /// `QUOTA.REVOKE`: soft delete on a worker.
 pub(crate) fn revoke(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
-    let account = parse::account_only(args)?;
-    on_worker(ctx, |client| Job::Revoke {
-        user: OwnedUser::from_id(&account.user),
-        bundle: account.bundle.to_owned(),
+    let account = OwnedAccount::from_id(&parse::account_only(args)?);
+    on_worker(ctx, RevokeWait(account.clone()), |client| Job::Revoke {
+        user: account.user,
+        bundle: account.bundle,
         client,
     })
+}
+
+/// A `QUOTA.REVOKE` waiting on its update.
+struct RevokeWait(OwnedAccount);
+
+impl Waiting for RevokeWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        let outcome = match done {
+            Done::Revoke(outcome) => outcome?,
+            other => return Err(CommandError::undone(&other)),
+        };
+        replicate_invalidate(ctx, self.0.id().ids());
+        ctx.reply().int(i64::from(outcome.revoked));
+        Ok(())
+    }
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
 pub(crate) fn list(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let (user, all) = parse::list(args)?;
-    on_worker(ctx, |client| Job::List {
-        user: OwnedUser::from_id(&user),
+    let user = OwnedUser::from_id(&user);
+    on_worker(ctx, ListWait(user.clone()), |client| Job::List {
+        user,
         all,
         client,
     })
+}
+
+/// A `QUOTA.LIST` waiting on its query.
+struct ListWait(OwnedUser);
+
+impl Waiting for ListWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        let rows = match done {
+            Done::List(rows) => rows?,
+            other => return Err(CommandError::undone(&other)),
+        };
+        let user = self.0.id();
+        let mut r = ctx.reply().map(rows.len());
+        for row in &rows {
+            let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
+            r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+        }
+        Ok(())
+    }
 }
 
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
@@ -116,9 +173,24 @@ pub(crate) fn cleanup(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     if args.len() != 1 {
         return Err(parse::ParseError::Arity.into());
     }
-    on_worker(ctx, |client| Job::Cleanup {
+    on_worker(ctx, CleanupWait, |client| Job::Cleanup {
         client: Some(client),
     })
+}
+
+/// A `QUOTA.CLEANUP` waiting on its update.
+struct CleanupWait;
+
+impl Waiting for CleanupWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        match done {
+            Done::Cleanup(outcome) => {
+                ctx.reply().uint(outcome?.deactivated);
+                Ok(())
+            }
+            other => Err(CommandError::undone(&other)),
+        }
+    }
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
@@ -133,12 +205,7 @@ pub(crate) fn invalidate(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
 /// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
 pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let account = parse::account_only(args)?;
-    let ids = [
-        account.user.tenant,
-        account.user.project,
-        account.user.user,
-        account.bundle,
-    ];
+    let ids = account.ids();
     let user_key = account.user.key();
     let now = clock::now_ms();
     let mut cache = cache::cache();
@@ -163,10 +230,12 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
         }
         Lookup::Miss { load } => {
             let waited = if ctx.can_block() {
-                match Blocked::block(ctx, config::block_timeout_ms()) {
+                let request = GetWait(OwnedAccount::from_id(&account));
+                match Blocked::block(ctx, config::block_timeout_ms(), request) {
                     Some(client) => {
-                        if let Err(client) = cache.add_waiter(&user_key, client) {
-                            client.finish(Done::Dropped);
+                        if let Err(waiter) = cache.add_waiter(&user_key, CreditWaiter::new(client))
+                        {
+                            waiter.client.finish(Done::Dropped);
                         }
                         Ok(())
                     }
@@ -185,22 +254,18 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     answered
 }
 
-/// `QUOTA.GET` after its load finished.
-pub(crate) fn get_resumed(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
-    let account = parse::account_only(args)?;
-    let ids = [
-        account.user.tenant,
-        account.user.project,
-        account.user.user,
-        account.bundle,
-    ];
-    match done {
-        Done::Loaded(Ok(rows)) => {
-            reply_applicable(ctx, ids, rows, clock::now_ms());
-            Ok(())
+/// A `QUOTA.GET` waiting on its user's load.
+struct GetWait(OwnedAccount);
+
+impl Waiting for GetWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        match done {
+            Done::Loaded { credits, .. } => {
+                reply_applicable(ctx, self.0.id().ids(), &credits?, clock::now_ms());
+                Ok(())
+            }
+            other => Err(CommandError::undone(&other)),
         }
-        Done::Loaded(Err(e)) => Err(e.clone().into()),
-        other => Err(CommandError::undone(other)),
     }
 }
 
@@ -211,54 +276,4 @@ fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
         c"QUOTA.INVALIDATE",
         &[t.as_bytes(), p.as_bytes(), u.as_bytes()],
     );
-}
-
-/// Replies GRANT, REVOKE, LIST and CLEANUP once their worker is done.
-pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
-    match done {
-        Done::Grant(Ok(outcome)) => {
-            // Only the identity is needed here (an EXPIRES_AT may have passed meanwhile).
-            let Ok(account) = parse::account_only(args.get(..5).unwrap_or(args)) else {
-                return Err(CommandError::Text(CANNOT_REREAD));
-            };
-            let u = account.user;
-            let ids = [u.tenant, u.project, u.user, account.bundle];
-            if !outcome.duplicate {
-                replicate_invalidate(ctx, ids);
-            }
-            record(ctx.reply(), ids, outcome.record.as_ref(), 1)
-                .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
-        }
-        Done::Revoke(Ok(outcome)) => {
-            if let Ok(account) = parse::account_only(args) {
-                let u = account.user;
-                replicate_invalidate(ctx, [u.tenant, u.project, u.user, account.bundle]);
-            }
-            ctx.reply().int(i64::from(outcome.revoked));
-        }
-        Done::List(Ok(rows)) => {
-            let Ok((user, _)) = parse::list(args) else {
-                return Err(CommandError::Text(CANNOT_REREAD));
-            };
-            let mut r = ctx.reply().map(rows.len());
-            for row in rows {
-                let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
-                r = record(r.str(&row.bundle_id), ids, Some(row), 0);
-            }
-        }
-        Done::Cleanup(Ok(outcome)) => {
-            ctx.reply().uint(outcome.deactivated);
-        }
-        Done::Grant(Err(e)) | Done::Revoke(Err(e)) | Done::List(Err(e)) | Done::Cleanup(Err(e)) => {
-            return Err(e.clone().into());
-        }
-        Done::Loaded(_)
-        | Done::Policy(_)
-        | Done::PolicySet(_)
-        | Done::PolicyDel(_)
-        | Done::PolicyList(_)
-        | Done::Busy
-        | Done::Dropped => return Err(CommandError::undone(done)),
-    }
-    Ok(())
 }

@@ -108,9 +108,6 @@ pub(super) const CREDITS_LOADING: &str =
 /// A user's credits are loading and `QUOTA.GET` cannot wait (MULTI, scripts).
 pub(super) const CREDITS_LOADING_NO_WAIT: &str = "TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly";
 
-/// A resumed command's arguments no longer parse.
-pub(super) const CANNOT_REREAD: &str = "ERR internal: cannot re-read the command";
-
 /// The command name as Redis dispatched it, upper-cased.
 pub(super) fn name(args: &[&[u8]]) -> String {
     args.first()

@@ -15,7 +15,6 @@ use crate::ffi::blocked::Resumable;
 use crate::ffi::ctx::Ctx;
 use crate::runtime::jobs::Done;
 use crate::runtime::stats;
-use error::name;
 pub(crate) use error::CommandError;
 
 /// Runs a command handler and replies its error, if any: the one error reply of the call.
@@ -30,38 +29,29 @@ pub(crate) fn run(
     }
 }
 
-impl Resumable for Done {
-    fn dropped() -> Done {
-        Done::Dropped
-    }
+/// The second half of a command that waited on a worker: the command's parsed request,
+/// owned, finishing with what the worker found. Every `Waiting` is a `Resumable`, so
+/// `Blocked::block` registers it with the blocked client and nothing is looked up by name.
+pub(crate) trait Waiting: Sized + 'static {
+    /// Finishes the command with the worker's outcome.
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError>;
 
-    /// Called on the main thread when a worker finished the job a blocked client waits on.
-    fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) {
-        run(ctx, args, |ctx, args| match name(args).as_str() {
-            "QUOTA.ADMIT" => admission::admit_resumed(ctx, args, done),
-            "QUOTA.GET" => credits::get_resumed(ctx, args, done),
-            "QUOTA.POLICY" => policies::resume(ctx, args, done),
-            _ => credits::resume(ctx, args, done),
-        });
-    }
-
-    /// Called on the main thread when a blocked client's wait ran out.
-    fn timed_out(ctx: Ctx, args: &[&[u8]]) {
-        run(ctx, args, timed_out);
+    /// Answers when the wait on PostgreSQL ran out (by default the timeout error: the outcome
+    /// of a write is unknown).
+    fn expired(self, _ctx: Ctx) -> Result<(), CommandError> {
+        Err(error::timed_out())
     }
 }
 
-/// Answers a blocked client whose wait ran out.
-fn timed_out(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
-    stats::TIMEOUTS.incr();
-    if name(args) == "QUOTA.ADMIT" {
-        // Postgres is too slow: decide on the base policy rather than fail the request.
-        return admission::admit_timed_out(ctx, args);
+impl<W: Waiting> Resumable for W {
+    type Outcome = Done;
+
+    fn resume(self, ctx: Ctx, args: &[&[u8]], done: Done) {
+        run(ctx, args, |ctx, _| self.resumed(ctx, done));
     }
-    if name(args) == "QUOTA.POLICY" {
-        if let Some(e) = policies::timed_out(args) {
-            return Err(e);
-        }
+
+    fn timed_out(self, ctx: Ctx, args: &[&[u8]]) {
+        stats::TIMEOUTS.incr();
+        run(ctx, args, |ctx, _| self.expired(ctx));
     }
-    Err(error::timed_out())
 }

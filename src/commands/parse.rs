@@ -8,6 +8,7 @@ use crate::core::credit::{Cents, GrantRequest};
 use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
+use crate::runtime::jobs::OwnedAccount;
 
 /// Longest `PURCHASE` id, in bytes (the column is `VARCHAR(255)`).
 pub(crate) const MAX_PURCHASE_LEN: usize = 255;
@@ -294,6 +295,52 @@ pub(crate) struct AdmitArgs<'a> {
     pub policy: Option<&'a str>,
     /// `COMPACT`: reply the short array instead of the map.
     pub compact: bool,
+}
+
+/// `AdmitArgs`, owned: the request of an admission that waits on PostgreSQL.
+pub(crate) struct OwnedAdmit {
+    account: OwnedAccount,
+    lease: Option<String>,
+    policy: Option<String>,
+    /// The other fields (its borrowed ones are empty: they are the owned ones above).
+    plain: AdmitArgs<'static>,
+}
+
+impl AdmitArgs<'_> {
+    /// The request, owned, to keep while the client waits.
+    pub(crate) fn kept(&self) -> OwnedAdmit {
+        let none = UserId {
+            tenant: "",
+            project: "",
+            user: "",
+        };
+        OwnedAdmit {
+            account: OwnedAccount::from_id(&self.account),
+            lease: self.lease.map(str::to_owned),
+            policy: self.policy.map(str::to_owned),
+            plain: AdmitArgs {
+                account: AccountId {
+                    user: none,
+                    bundle: "",
+                },
+                lease: None,
+                policy: None,
+                ..*self
+            },
+        }
+    }
+}
+
+impl OwnedAdmit {
+    /// Borrows the request back.
+    pub(crate) fn args(&self) -> AdmitArgs<'_> {
+        AdmitArgs {
+            account: self.account.id(),
+            lease: self.lease.as_deref(),
+            policy: self.policy.as_deref(),
+            ..self.plain
+        }
+    }
 }
 
 /// Parses `QUOTA.ADMIT`.

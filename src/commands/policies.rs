@@ -6,8 +6,8 @@
 //! `GET` answers from the policy cache and waits only on a miss, like `QUOTA.GET`.
 
 use super::credits::on_worker;
-use super::error::{CommandError, CANNOT_BLOCK, CANNOT_REREAD};
-use super::parse;
+use super::error::{CommandError, CANNOT_BLOCK};
+use super::{parse, Waiting};
 use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
@@ -40,20 +40,31 @@ fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
 /// `QUOTA.POLICY ...`.
 pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     match parse::policy(args)? {
-        PolicyArgs::Set(id, limits) => on_worker(ctx, |client| Job::PolicySet {
-            policy: OwnedPolicy::from_id(&id),
-            limits: Box::new(limits),
-            client,
-        }),
-        PolicyArgs::Del(id) => on_worker(ctx, |client| Job::PolicyDel {
-            policy: OwnedPolicy::from_id(&id),
-            client,
-        }),
-        PolicyArgs::List(tenant, project) => on_worker(ctx, |client| Job::PolicyList {
-            tenant: tenant.to_owned(),
-            project: project.to_owned(),
-            client,
-        }),
+        PolicyArgs::Set(id, limits) => {
+            let policy = OwnedPolicy::from_id(&id);
+            on_worker(ctx, PolicyWait::Set(policy.clone()), |client| {
+                Job::PolicySet {
+                    policy,
+                    limits: Box::new(limits),
+                    client,
+                }
+            })
+        }
+        PolicyArgs::Del(id) => {
+            let policy = OwnedPolicy::from_id(&id);
+            on_worker(ctx, PolicyWait::Del(policy.clone()), |client| {
+                Job::PolicyDel { policy, client }
+            })
+        }
+        PolicyArgs::List(tenant, project) => {
+            let (tenant, project) = (tenant.to_owned(), project.to_owned());
+            let request = PolicyWait::List(tenant.clone(), project.clone());
+            on_worker(ctx, request, |client| Job::PolicyList {
+                tenant,
+                project,
+                client,
+            })
+        }
         PolicyArgs::Get(id) => get(ctx, &id),
         PolicyArgs::Invalidate(id) => {
             let dropped = cache::policies().invalidate(&id.key());
@@ -81,7 +92,8 @@ fn get(ctx: Ctx, id: &PolicyId<'_>) -> Result<(), CommandError> {
         Lookup::Unavailable => return Err(unavailable(id.name).into()),
         Lookup::Miss { load } => {
             let waited = if ctx.can_block() {
-                match Blocked::block(ctx, config::block_timeout_ms()) {
+                let request = PolicyWait::Get(OwnedPolicy::from_id(id));
+                match Blocked::block(ctx, config::block_timeout_ms(), request) {
                     Some(client) => {
                         let waiter = PolicyWaiter { client, then: None };
                         if let Err(waiter) = cache.add_waiter(&key, waiter) {
@@ -149,52 +161,56 @@ fn replicate_invalidate(ctx: Ctx, id: &PolicyId<'_>) {
     );
 }
 
-/// Replies `QUOTA.POLICY` once its worker is done.
-pub(crate) fn resume(ctx: Ctx, args: &[&[u8]], done: &Done) -> Result<(), CommandError> {
-    let Ok(parsed) = parse::policy(args) else {
-        return Err(CommandError::Text(CANNOT_REREAD));
-    };
-    match (parsed, done) {
-        (PolicyArgs::Set(id, _), Done::PolicySet(Ok(stored))) => {
-            replicate_invalidate(ctx, &id);
-            record(ctx.reply(), &id, &stored.limits);
-        }
-        (PolicyArgs::Del(id), Done::PolicyDel(Ok(deleted))) => {
-            replicate_invalidate(ctx, &id);
-            ctx.reply().int(i64::from(*deleted));
-        }
-        (PolicyArgs::List(tenant, project), Done::PolicyList(Ok(records))) => {
-            let mut r = ctx.reply().map(records.len());
-            for stored in records {
-                let id = PolicyId {
-                    tenant,
-                    project,
-                    name: &stored.name,
-                };
-                r = record(r.str(&stored.name), &id, &stored.limits);
-            }
-        }
-        (PolicyArgs::Get(id), Done::Policy(Ok(found))) => reply_found(ctx, &id, found.as_ref()),
-        (PolicyArgs::Get(id), Done::Policy(Err(e))) if e.is_unavailable() => {
-            return Err(unavailable(id.name).into());
-        }
-        (
-            _,
-            Done::Policy(Err(e))
-            | Done::PolicySet(Err(e))
-            | Done::PolicyDel(Err(e))
-            | Done::PolicyList(Err(e)),
-        ) => return Err(e.clone().into()),
-        (_, other) => return Err(CommandError::undone(other)),
-    }
-    Ok(())
+/// A `QUOTA.POLICY` waiting on PostgreSQL: the policy it reads or writes, or the (tenant,
+/// project) it lists.
+enum PolicyWait {
+    Get(OwnedPolicy),
+    Set(OwnedPolicy),
+    Del(OwnedPolicy),
+    List(String, String),
 }
 
-/// The error for a `QUOTA.POLICY` whose wait for PostgreSQL ran out, where it differs from
-/// the general one (a `GET` only reads: the policy is unavailable).
-pub(crate) fn timed_out(args: &[&[u8]]) -> Option<CommandError> {
-    match parse::policy(args) {
-        Ok(PolicyArgs::Get(id)) => Some(unavailable(id.name).into()),
-        _ => None,
+impl Waiting for PolicyWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        match (self, done) {
+            (PolicyWait::Set(policy), Done::PolicySet(stored)) => {
+                let id = policy.id();
+                let stored = stored?;
+                replicate_invalidate(ctx, &id);
+                record(ctx.reply(), &id, &stored.limits);
+            }
+            (PolicyWait::Del(policy), Done::PolicyDel(deleted)) => {
+                let deleted = deleted?;
+                replicate_invalidate(ctx, &policy.id());
+                ctx.reply().int(i64::from(deleted));
+            }
+            (PolicyWait::List(tenant, project), Done::PolicyList(records)) => {
+                let records = records?;
+                let mut r = ctx.reply().map(records.len());
+                for stored in &records {
+                    let id = PolicyId {
+                        tenant: &tenant,
+                        project: &project,
+                        name: &stored.name,
+                    };
+                    r = record(r.str(&stored.name), &id, &stored.limits);
+                }
+            }
+            (PolicyWait::Get(policy), Done::Policy(found)) => match found {
+                Ok(found) => reply_found(ctx, &policy.id(), found.as_ref()),
+                Err(e) if e.is_unavailable() => return Err(unavailable(&policy.name).into()),
+                Err(e) => return Err(e.into()),
+            },
+            (_, other) => return Err(CommandError::undone(&other)),
+        }
+        Ok(())
+    }
+
+    /// A `GET` only reads: the policy is unavailable. A write's outcome is unknown.
+    fn expired(self, _ctx: Ctx) -> Result<(), CommandError> {
+        match self {
+            PolicyWait::Get(policy) => Err(unavailable(&policy.name).into()),
+            _ => Err(super::error::timed_out()),
+        }
     }
 }

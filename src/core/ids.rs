@@ -157,6 +157,16 @@ impl<'a> AccountId<'a> {
         })
     }
 
+    /// The four ids in order: tenant, project, user, bundle.
+    pub(crate) fn ids(&self) -> [&'a str; 4] {
+        [
+            self.user.tenant,
+            self.user.project,
+            self.user.user,
+            self.bundle,
+        ]
+    }
+
     /// The Redis key that holds this account's usage: the user's key plus the bundle.
     /// Returns it together with the length of the user-key prefix.
     pub(crate) fn key(&self) -> (KeyBuf, usize) {

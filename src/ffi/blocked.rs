@@ -1,13 +1,20 @@
-//! Blocked clients with reply and timeout callbacks.
+//! Blocked clients: a command's owned request waits on the main thread while a worker works.
 //!
-//! A command that must wait on Postgres blocks only its own client with `Blocked::block`. The
-//! worker that did the waiting hands the outcome back with `Blocked::finish`; Redis then calls
-//! `on_reply` on the main thread, with the client's own context, and the outcome's
-//! `Resumable::resume` finishes the command there through the same code as the fast path. If
-//! the outcome does not come in time, `Resumable::timed_out` answers instead. A `Blocked` that
-//! is dropped unfinished (shutdown, a full queue, a bug) finishes itself with
-//! `Resumable::dropped`, so every blocked client gets exactly one reply.
+//! A command that must wait on Postgres blocks only its own client with `Blocked::block`,
+//! handing over its parsed request, owned (a `Resumable`). The request stays on the main
+//! thread, in a table keyed by Redis's blocked-client handle; the worker gets only the
+//! `Blocked` handle and gives the outcome back with `Blocked::finish`. Redis then calls
+//! `on_reply` on the main thread, with the client's own context, and the request's
+//! `Resumable::resume` finishes the command with the outcome: the second half of the command,
+//! beside its first half, with nothing parsed again and nothing looked up by name. If the
+//! outcome does not come in time, `Resumable::timed_out` answers instead, with the same
+//! request. A `Blocked` dropped unfinished (shutdown, a full queue, a bug) finishes itself
+//! with `Outcome::dropped()`, so every blocked client gets exactly one reply; a client that
+//! disconnected meanwhile has its request dropped when Redis frees the outcome.
 
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::os::raw::{c_int, c_void};
 use std::ptr;
 
@@ -17,60 +24,94 @@ use std::marker::PhantomData;
 
 use super::ctx::Ctx;
 
-/// The outcome a blocked client waits for, and how the command finishes with it on the main
-/// thread.
-pub(crate) trait Resumable: Send + Sized + 'static {
+/// What a worker hands back to a blocked client.
+pub(crate) trait Outcome: Send + Sized + 'static {
     /// The outcome of a client finished without one (shutdown, a full queue, a bug).
     fn dropped() -> Self;
-    /// Finishes the command with its outcome (main thread, the client's own context).
-    fn resume(ctx: Ctx, args: &[&[u8]], outcome: &Self);
-    /// Answers a client whose wait ran out.
-    fn timed_out(ctx: Ctx, args: &[&[u8]]);
 }
 
-/// A client blocked until a worker finishes its job with an outcome `T`.
-pub(crate) struct Blocked<T: Resumable> {
+/// A blocked command's parsed request, owned, and how the command finishes.
+pub(crate) trait Resumable: Sized + 'static {
+    /// What the worker hands back.
+    type Outcome: Outcome;
+    /// Finishes the command with its outcome (main thread, the client's own context).
+    /// `args` are the command's arguments, for the wording of an error reply only.
+    fn resume(self, ctx: Ctx, args: &[&[u8]], outcome: Self::Outcome);
+    /// Answers a client whose wait ran out.
+    fn timed_out(self, ctx: Ctx, args: &[&[u8]]);
+}
+
+thread_local! {
+    /// The requests of the blocked clients, by blocked-client handle. Only the main thread
+    /// (commands, reply, timeout and free callbacks) touches it.
+    static WAITING: RefCell<HashMap<usize, Box<dyn Any>>> = RefCell::new(HashMap::new());
+}
+
+/// Takes the request of the blocked client `handle`, if it is still waiting.
+fn take_request<R: Resumable>(handle: usize) -> Option<R> {
+    let request = WAITING.with(|w| w.borrow_mut().remove(&handle))?;
+    request.downcast::<R>().ok().map(|r| *r)
+}
+
+/// What travels back to the main thread as the blocked client's private data.
+struct Finished<O> {
+    /// The blocked-client handle, to drop its request if the client has gone.
+    handle: usize,
+    outcome: Option<O>,
+}
+
+/// A client blocked until a worker finishes its job with an outcome `O`.
+pub(crate) struct Blocked<O: Outcome> {
     bc: *mut raw::RedisModuleBlockedClient,
-    outcome: PhantomData<fn(T)>,
+    outcome: PhantomData<fn(O)>,
 }
 
 // The handle is only passed to `RedisModule_UnblockClient`, which is thread safe.
-unsafe impl<T: Resumable> Send for Blocked<T> {}
+unsafe impl<O: Outcome> Send for Blocked<O> {}
 
-impl<T: Resumable> Blocked<T> {
-    /// Blocks the calling client for at most `timeout_ms`; `None` if Redis refused.
-    pub(crate) fn block(ctx: Ctx, timeout_ms: i64) -> Option<Blocked<T>> {
+impl<O: Outcome> Blocked<O> {
+    /// Blocks the calling client for at most `timeout_ms`, keeping `request` until the outcome
+    /// (or the timeout) finishes it; `None` if Redis refused (the request is dropped).
+    pub(crate) fn block<R: Resumable<Outcome = O>>(
+        ctx: Ctx,
+        timeout_ms: i64,
+        request: R,
+    ) -> Option<Blocked<O>> {
         let bc = unsafe {
             let f = raw::RedisModule_BlockClient?;
             f(
                 ctx.raw(),
-                Some(on_reply::<T>),
-                Some(on_timeout::<T>),
-                Some(free_outcome::<T>),
+                Some(on_reply::<R>),
+                Some(on_timeout::<R>),
+                Some(free_outcome::<O>),
                 timeout_ms.max(1),
             )
         };
         if bc.is_null() {
-            None
-        } else {
-            Some(Blocked {
-                bc,
-                outcome: PhantomData,
-            })
+            return None;
         }
+        WAITING.with(|w| w.borrow_mut().insert(bc as usize, Box::new(request)));
+        Some(Blocked {
+            bc,
+            outcome: PhantomData,
+        })
     }
 
     /// Hands the outcome to the main thread, which replies from `on_reply`.
-    pub(crate) fn finish(mut self, done: T) {
+    pub(crate) fn finish(mut self, done: O) {
         self.unblock(done);
     }
 
-    fn unblock(&mut self, done: T) {
+    fn unblock(&mut self, done: O) {
         let bc = std::mem::replace(&mut self.bc, ptr::null_mut());
         if bc.is_null() {
             return;
         }
-        let data = Box::into_raw(Box::new(done)).cast::<c_void>();
+        let finished = Finished {
+            handle: bc as usize,
+            outcome: Some(done),
+        };
+        let data = Box::into_raw(Box::new(finished)).cast::<c_void>();
         unsafe {
             if let Some(f) = raw::RedisModule_UnblockClient {
                 f(bc, data);
@@ -79,11 +120,19 @@ impl<T: Resumable> Blocked<T> {
     }
 }
 
-impl<T: Resumable> Drop for Blocked<T> {
+impl<O: Outcome> Drop for Blocked<O> {
     fn drop(&mut self) {
-        self.unblock(T::dropped());
+        self.unblock(O::dropped());
     }
 }
+
+/// The blocked-client handle of a reply or timeout callback's context.
+fn handle_of(ctx: *mut raw::RedisModuleCtx) -> usize {
+    unsafe { raw::RedisModule_GetBlockedClientHandle.map_or(0, |f| f(ctx) as usize) }
+}
+
+/// The reply of a blocked client whose request is not in the table (never expected).
+const LOST: &str = "ERR internal error in redis-quota: the blocked request was lost";
 
 /// A command's arguments (on the stack for any usual command).
 pub(crate) type Args<'a> = smallvec::SmallVec<[&'a [u8]; 24]>;
@@ -141,42 +190,55 @@ macro_rules! entry {
 #[cfg(not(test))]
 pub(crate) use entry;
 
-extern "C" fn on_reply<T: Resumable>(
+extern "C" fn on_reply<R: Resumable>(
     ctx: *mut raw::RedisModuleCtx,
     argv: *mut *mut raw::RedisModuleString,
     argc: c_int,
 ) -> c_int {
-    let done = unsafe {
+    let finished = unsafe {
         match raw::RedisModule_GetBlockedClientPrivateData {
-            Some(f) => f(ctx).cast::<T>(),
+            Some(f) => f(ctx).cast::<Finished<R::Outcome>>(),
             None => ptr::null_mut(),
         }
     };
+    // The outcome is taken; the emptied box is freed by `free_outcome`.
+    let outcome = unsafe { finished.as_mut() }
+        .and_then(|f| f.outcome.take())
+        .unwrap_or_else(R::Outcome::dropped);
+    let request = take_request::<R>(handle_of(ctx));
     let args = unsafe { args(argv, argc) };
     let ctx = Ctx::from_raw(ctx);
-    match unsafe { done.as_ref() } {
-        Some(done) => guard(ctx, || T::resume(ctx, &args, done)),
+    match request {
+        Some(request) => guard(ctx, || request.resume(ctx, &args, outcome)),
         None => {
-            let dropped = T::dropped();
-            guard(ctx, || T::resume(ctx, &args, &dropped));
+            ctx.reply().error(LOST);
         }
     }
     raw::Status::Ok as c_int
 }
 
-extern "C" fn on_timeout<T: Resumable>(
+extern "C" fn on_timeout<R: Resumable>(
     ctx: *mut raw::RedisModuleCtx,
     argv: *mut *mut raw::RedisModuleString,
     argc: c_int,
 ) -> c_int {
+    let request = take_request::<R>(handle_of(ctx));
     let args = unsafe { args(argv, argc) };
     let ctx = Ctx::from_raw(ctx);
-    guard(ctx, || T::timed_out(ctx, &args));
+    match request {
+        Some(request) => guard(ctx, || request.timed_out(ctx, &args)),
+        None => {
+            ctx.reply().error(LOST);
+        }
+    }
     raw::Status::Ok as c_int
 }
 
-extern "C" fn free_outcome<T: Resumable>(_ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
-    if !data.is_null() {
-        drop(unsafe { Box::from_raw(data.cast::<T>()) });
+extern "C" fn free_outcome<O: Outcome>(_ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
+    if data.is_null() {
+        return;
     }
+    let finished = unsafe { Box::from_raw(data.cast::<Finished<O>>()) };
+    // Still there only when the client went away before its reply: nothing will resume it.
+    WAITING.with(|w| w.borrow_mut().remove(&finished.handle));
 }

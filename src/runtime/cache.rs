@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::config;
-use super::jobs::{Done, OwnedUser};
+use super::jobs::{CreditWaiter, Done, OwnedUser};
 use crate::core::cache::{CacheConfig, CreditCache};
 use crate::core::ids::PolicyId;
 use crate::core::policy::CachedPolicy;
@@ -18,7 +18,7 @@ use crate::ffi::blocked::Blocked;
 /// How long a user whose load failed is decided without credits before Postgres is tried again.
 pub(crate) const RETRY_AFTER_FAILURE_MS: Millis = 1000;
 
-static CACHE: LazyLock<Mutex<CreditCache<Blocked<Done>>>> =
+static CACHE: LazyLock<Mutex<CreditCache<CreditWaiter>>> =
     LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
 
 /// The cache's epoch as of the last time its lock was released (see `cache_epoch`).
@@ -43,10 +43,10 @@ pub(crate) fn cache_epoch() -> u64 {
 }
 
 /// The locked cache.
-pub(crate) struct CacheGuard(MutexGuard<'static, CreditCache<Blocked<Done>>>);
+pub(crate) struct CacheGuard(MutexGuard<'static, CreditCache<CreditWaiter>>);
 
 impl std::ops::Deref for CacheGuard {
-    type Target = CreditCache<Blocked<Done>>;
+    type Target = CreditCache<CreditWaiter>;
     fn deref(&self) -> &Self::Target {
         &self.0
     }

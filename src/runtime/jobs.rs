@@ -3,10 +3,10 @@
 
 use crate::core::cache::UserCredits as Credits;
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::{PolicyId, UserId};
+use crate::core::ids::{AccountId, PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
-use crate::ffi::blocked::Blocked;
+use crate::ffi::blocked::{Blocked, Outcome};
 pub(crate) use crate::store::StoreError;
 use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome};
 
@@ -14,8 +14,12 @@ use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome};
 /// private data), so the size of its variants does not matter.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Done {
-    /// The user's rows (for `ADMIT` and `GET` after a miss).
-    Loaded(Result<Credits, StoreError>),
+    /// The user's rows (for `ADMIT` and `GET` after a miss), with the named policy an `ADMIT`
+    /// waited for first when it waited on both (see `CreditWaiter`).
+    Loaded {
+        credits: Result<Credits, StoreError>,
+        policy: Option<CachedPolicy>,
+    },
     Grant(Result<GrantOutcome, StoreError>),
     Revoke(Result<RevokeOutcome, StoreError>),
     List(Result<Vec<Replenishment>, StoreError>),
@@ -29,6 +33,36 @@ pub(crate) enum Done {
     Busy,
     /// The job was dropped unfinished (shutdown).
     Dropped,
+}
+
+impl Outcome for Done {
+    fn dropped() -> Done {
+        Done::Dropped
+    }
+}
+
+/// A client waiting on a user's credit load, with the named policy its command already
+/// waited for (an `ADMIT ... POLICY` whose policy and credits were both not cached): the
+/// client is answered once, with both.
+pub(crate) struct CreditWaiter {
+    pub client: Blocked<Done>,
+    pub policy: Option<CachedPolicy>,
+}
+
+impl CreditWaiter {
+    /// A client that waits on the credits alone.
+    pub(crate) fn new(client: Blocked<Done>) -> CreditWaiter {
+        CreditWaiter {
+            client,
+            policy: None,
+        }
+    }
+
+    /// Answers the client with the load's result.
+    pub(crate) fn finish(self, credits: Result<Credits, StoreError>) {
+        let policy = self.policy;
+        self.client.finish(Done::Loaded { credits, policy });
+    }
 }
 
 /// A user's ids, owned so they can cross to a worker thread.
@@ -55,6 +89,31 @@ impl OwnedUser {
             tenant: &self.tenant,
             project: &self.project,
             user: &self.user,
+        }
+    }
+}
+
+/// An account's ids, owned (a blocked command's request).
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedAccount {
+    pub user: OwnedUser,
+    pub bundle: String,
+}
+
+impl OwnedAccount {
+    /// Copies the ids.
+    pub(crate) fn from_id(id: &AccountId<'_>) -> OwnedAccount {
+        OwnedAccount {
+            user: OwnedUser::from_id(&id.user),
+            bundle: id.bundle.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub(crate) fn id(&self) -> AccountId<'_> {
+        AccountId {
+            user: self.user.id(),
+            bundle: &self.bundle,
         }
     }
 }

@@ -16,7 +16,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use super::cache;
 use super::clock;
 use super::config;
-use super::jobs::{Done, Job, LoadJob, OwnedPolicy, OwnedUser};
+use super::jobs::{CreditWaiter, Done, Job, LoadJob, OwnedPolicy, OwnedUser};
 use super::stats;
 use crate::core::cache::Lookup;
 use crate::core::cache::UserCredits as Credits;
@@ -41,7 +41,7 @@ pub(crate) fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
     if submit(job).is_err() {
         let waiters = cache::cache().abort_flight(user_key, flight);
         for waiter in waiters {
-            waiter.finish(Done::Busy);
+            waiter.client.finish(Done::Busy);
         }
     }
 }
@@ -137,7 +137,7 @@ pub(crate) fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
 pub(crate) fn stop(wait: Duration) {
     STOPPING.store(true, Ordering::Relaxed);
     for waiter in cache::cache().take_all_waiters() {
-        waiter.finish(Done::Dropped);
+        waiter.client.finish(Done::Dropped);
     }
     for waiter in cache::policies().take_all_waiters() {
         waiter.client.finish(Done::Dropped);
@@ -322,7 +322,7 @@ fn gather_loads(first: Job, rx: &Receiver<Job>) -> (Vec<LoadJob>, Option<Job>) {
 /// Loads the users of `loads` in one query and completes every flight, so every waiter is
 /// answered whatever the store did.
 /// The clients that waited on one user's load, with what the load found.
-type Answered = (Vec<Blocked<Done>>, Result<Credits, StoreError>);
+type Answered = (Vec<CreditWaiter>, Result<Credits, StoreError>);
 
 fn execute_loads(loads: Vec<LoadJob>) {
     let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -356,7 +356,7 @@ fn execute_loads(loads: Vec<LoadJob>) {
     };
     for (waiters, result) in answered {
         for waiter in waiters {
-            waiter.finish(Done::Loaded(result.clone()));
+            waiter.finish(result.clone());
         }
     }
 }
@@ -466,38 +466,43 @@ fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
         cache::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
     for waiter in waiters {
         match (waiter.then, &result) {
-            (Some((user_key, user)), Ok(Some(_))) => {
-                chain_to_credits(waiter.client, &user_key, &user, &result, now);
+            (Some((user_key, user)), Ok(found @ Some(_))) => {
+                chain_to_credits(waiter.client, &user_key, &user, *found, now);
             }
             (_, result) => waiter.client.finish(Done::Policy(result.clone())),
         }
     }
 }
 
-/// Moves `client` onto the user's credit load when those credits are not cached; otherwise
-/// answers it with the policy (its command finds the credits in the cache).
+/// Moves `client` onto the user's credit load when those credits are not cached, carrying
+/// the policy it waited for; otherwise answers it with the policy (its command finds the
+/// credits in the cache).
 fn chain_to_credits(
     client: Blocked<Done>,
     user_key: &[u8],
     user: &OwnedUser,
-    policy: &Result<CachedPolicy, StoreError>,
+    policy: CachedPolicy,
     now: Millis,
 ) {
     let mut cache = cache::cache();
-    let (load, client) = match cache.lookup(user_key, now) {
-        Lookup::Miss { load } => match cache.add_waiter(user_key, client) {
+    let waiter = CreditWaiter {
+        client,
+        policy: Some(policy),
+    };
+    let (load, unanswered) = match cache.lookup(user_key, now) {
+        Lookup::Miss { load } => match cache.add_waiter(user_key, waiter) {
             Ok(()) => (load, None),
-            Err(client) => (load, Some(client)),
+            Err(waiter) => (load, Some(waiter.client)),
         },
-        Lookup::Stale { refresh, .. } => (refresh, Some(client)),
-        Lookup::Fresh(..) | Lookup::Unavailable => (None, Some(client)),
+        Lookup::Stale { refresh, .. } => (refresh, Some(waiter.client)),
+        Lookup::Fresh(..) | Lookup::Unavailable => (None, Some(waiter.client)),
     };
     drop(cache);
     if let Some(flight) = load {
         submit_load(user_key, &user.id(), flight);
     }
-    if let Some(client) = client {
-        client.finish(Done::Policy(policy.clone()));
+    if let Some(client) = unanswered {
+        client.finish(Done::Policy(Ok(policy)));
     }
 }
 
