@@ -36,92 +36,38 @@ mod module {
     use crate::runtime::config::{self, ScriptMiss};
     use crate::runtime::{self, cache, jobs, notify, stats, worker};
 
-    entry!(cmd_grant, |ctx, args| commands::run(
-        ctx,
-        args,
-        credits::grant
-    ));
-    entry!(cmd_get, |ctx, args| commands::run(ctx, args, credits::get));
-    entry!(cmd_revoke, |ctx, args| commands::run(
-        ctx,
-        args,
-        credits::revoke
-    ));
-    entry!(cmd_list, |ctx, args| commands::run(
-        ctx,
-        args,
-        credits::list
-    ));
-    entry!(cmd_cleanup, |ctx, args| commands::run(
-        ctx,
-        args,
-        credits::cleanup
-    ));
-    entry!(cmd_invalidate, |ctx, args| commands::run(
-        ctx,
-        args,
-        credits::invalidate
-    ));
-    entry!(cmd_admit, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::admit
-    ));
-    entry!(cmd_commit, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::commit
-    ));
-    entry!(cmd_release, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::release
-    ));
-    entry!(cmd_usage, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::usage
-    ));
-    entry!(cmd_reset, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::reset
-    ));
-    entry!(cmd_setstate, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::setstate
-    ));
-    entry!(cmd_apply, |ctx, args| commands::run(
-        ctx,
-        args,
-        admission::apply
-    ));
+    /// Declares each raw entry point (it runs its handler through `commands::run`, which
+    /// replies the handler's error once) and `COMMANDS`, every command with its entry point.
+    macro_rules! commands {
+        ($($spec:ident: $entry:ident => $handler:path),* $(,)?) => {
+            $(entry!($entry, |ctx, args| commands::run(ctx, args, $handler));)*
+            const COMMANDS: &[(&CommandSpec, Entry)] = &[$((&info::$spec, $entry)),*];
+        };
+    }
+
+    // `ffi::command_info` holds what Redis is told about each command (flags, key spec, ACL
+    // categories, docs, tips). The key is the user id (argument 3) for everything that touches
+    // a user, so Redis Cluster routes all of one user's commands to the node holding its slot.
+    commands! {
+        GRANT: cmd_grant => credits::grant,
+        GET: cmd_get => credits::get,
+        REVOKE: cmd_revoke => credits::revoke,
+        LIST: cmd_list => credits::list,
+        CLEANUP: cmd_cleanup => credits::cleanup,
+        INVALIDATE: cmd_invalidate => credits::invalidate,
+        ADMIT: cmd_admit => admission::admit,
+        COMMIT: cmd_commit => admission::commit,
+        RELEASE: cmd_release => admission::release,
+        USAGE: cmd_usage => admission::usage,
+        RESET: cmd_reset => admission::reset,
+        SETSTATE: cmd_setstate => admission::setstate,
+        APPLY: cmd_apply => admission::apply,
+    }
     entry!(cmd_policy, |ctx, args| commands::run(
         ctx,
         args,
         policies::policy
     ));
-
-    /// Every command with its entry point; `ffi::command_info` holds what Redis is told about
-    /// each (flags, key spec, ACL categories, docs, tips). The key is the user id (argument 3)
-    /// for everything that touches a user, so Redis Cluster routes all of one user's commands
-    /// to the node holding that user's slot.
-    const COMMANDS: &[(&CommandSpec, Entry)] = &[
-        (&info::GRANT, cmd_grant),
-        (&info::GET, cmd_get),
-        (&info::REVOKE, cmd_revoke),
-        (&info::LIST, cmd_list),
-        (&info::CLEANUP, cmd_cleanup),
-        (&info::INVALIDATE, cmd_invalidate),
-        (&info::ADMIT, cmd_admit),
-        (&info::COMMIT, cmd_commit),
-        (&info::RELEASE, cmd_release),
-        (&info::USAGE, cmd_usage),
-        (&info::RESET, cmd_reset),
-        (&info::SETSTATE, cmd_setstate),
-        (&info::APPLY, cmd_apply),
-    ];
 
     /// `QUOTA.POLICY`'s subcommands (one entry point parses which one it is).
     const POLICY_SUBCOMMANDS: &[(&CommandSpec, Entry)] = &[

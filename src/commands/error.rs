@@ -26,40 +26,24 @@ pub(crate) enum CommandError {
     CannotWait,
 }
 
-impl From<ParseError> for CommandError {
-    fn from(e: ParseError) -> Self {
-        CommandError::Parse(e)
-    }
+/// `From` for each error that carries its own wire text.
+macro_rules! from_errors {
+    ($($error:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$error> for CommandError {
+            fn from(e: $error) -> Self {
+                CommandError::$variant(e)
+            }
+        })*
+    };
 }
 
-impl From<WrongType> for CommandError {
-    fn from(e: WrongType) -> Self {
-        CommandError::WrongType(e)
-    }
-}
-
-impl From<StoreError> for CommandError {
-    fn from(e: StoreError) -> Self {
-        CommandError::Store(e)
-    }
-}
-
-impl From<AccountError> for CommandError {
-    fn from(e: AccountError) -> Self {
-        CommandError::Account(e)
-    }
-}
-
-impl From<EffectError> for CommandError {
-    fn from(e: EffectError) -> Self {
-        CommandError::Effect(e)
-    }
-}
-
-impl From<String> for CommandError {
-    fn from(text: String) -> Self {
-        CommandError::Owned(text)
-    }
+from_errors! {
+    ParseError => Parse,
+    WrongType => WrongType,
+    StoreError => Store,
+    AccountError => Account,
+    EffectError => Effect,
+    String => Owned,
 }
 
 impl CommandError {

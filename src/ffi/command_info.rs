@@ -177,247 +177,120 @@ const ADMIT_OPTIONS: [Arg; 7] = [
 
 const ACCOUNT_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, BUNDLE];
 
-/// Commands that always wait on PostgreSQL carry `deny-script`: a script cannot wait, so Redis
-/// refuses them there before the module runs. (Inside MULTI they are refused by the module.)
-pub(crate) static GRANT: CommandSpec = CommandSpec {
-    name: c"quota.grant",
-    flags: c"write deny-oom deny-script",
-    key: Some((3, KeyAccess::Update)),
-    acl: c"write slow",
-    summary: c"Grants or tops up a user's credit for a bundle (or '*') in PostgreSQL",
-    complexity: c"O(1) plus one PostgreSQL round trip",
-    tips: None,
-    arity: -5,
-    args: &[&ACCOUNT_ARGS, &LIMITS, &GRANT_OPTIONS],
-};
-
-pub(crate) static GET: CommandSpec = CommandSpec {
-    name: c"quota.get",
-    flags: c"readonly fast",
-    key: Some((3, KeyAccess::Read)),
-    acl: c"read fast",
-    summary: c"Returns the credit record that applies to a user's bundle",
-    complexity: c"O(N) where N is the user's number of credits; loads them on a cache miss",
-    tips: None,
-    arity: 5,
-    args: &[&ACCOUNT_ARGS],
-};
-
-pub(crate) static REVOKE: CommandSpec = CommandSpec {
-    name: c"quota.revoke",
-    flags: c"write deny-script",
-    key: Some((3, KeyAccess::Delete)),
-    acl: c"write slow",
-    summary: c"Revokes a user's credit for a bundle (soft delete in PostgreSQL)",
-    complexity: c"O(1) plus one PostgreSQL round trip",
-    tips: None,
-    arity: 5,
-    args: &[&ACCOUNT_ARGS],
-};
-
 const LIST_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, flag(c"ALL", c"all")];
-
-pub(crate) static LIST: CommandSpec = CommandSpec {
-    name: c"quota.list",
-    flags: c"readonly deny-script",
-    key: Some((3, KeyAccess::Read)),
-    acl: c"read slow",
-    summary: c"Lists a user's credits from PostgreSQL",
-    complexity: c"O(N) where N is the user's number of credits, plus one PostgreSQL round trip",
-    tips: None,
-    arity: -4,
-    args: &[&LIST_ARGS],
-};
-
-pub(crate) static CLEANUP: CommandSpec = CommandSpec {
-    name: c"quota.cleanup",
-    flags: c"write deny-script",
-    key: None,
-    acl: c"write slow dangerous",
-    summary: c"Deactivates every expired credit and replies how many",
-    complexity: c"O(N) where N is the number of expired credits",
-    tips: Some(c"request_policy:all_shards response_policy:agg_sum"),
-    arity: 1,
-    args: &[],
-};
-
 const USER_ARGS: [Arg; 3] = [TENANT, PROJECT, USER];
-
-pub(crate) static INVALIDATE: CommandSpec = CommandSpec {
-    name: c"quota.invalidate",
-    flags: c"write fast",
-    key: Some((3, KeyAccess::Delete)),
-    acl: c"write fast",
-    summary: c"Drops a user's cached credits here and on replicas",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 4,
-    args: &[&USER_ARGS],
-};
-
-pub(crate) static ADMIT: CommandSpec = CommandSpec {
-    name: c"quota.admit",
-    flags: c"write deny-oom fast",
-    key: Some((3, KeyAccess::ReadUpdate)),
-    acl: c"write fast",
-    summary: c"Admits or denies one request against a base policy plus the user's credits",
-    complexity: c"O(1) (O(N) in the account's live leases when they must be checked)",
-    tips: None,
-    arity: -5,
-    args: &[&ACCOUNT_ARGS, &LIMITS, &ADMIT_OPTIONS],
-};
-
 const COMMIT_ARGS: [Arg; 2] = [
     arg(c"tokens", ArgType::Integer),
     option(c"LEASE", c"lease", ArgType::String),
 ];
-
-pub(crate) static COMMIT: CommandSpec = CommandSpec {
-    name: c"quota.commit",
-    flags: c"write deny-oom fast",
-    key: Some((3, KeyAccess::Update)),
-    acl: c"write fast",
-    summary: c"Records the tokens a request used and settles its lease",
-    complexity: c"O(1)",
-    tips: None,
-    arity: -6,
-    args: &[&ACCOUNT_ARGS, &COMMIT_ARGS],
-};
-
 const RELEASE_ARGS: [Arg; 1] = [arg(c"lease", ArgType::String)];
-
-pub(crate) static RELEASE: CommandSpec = CommandSpec {
-    name: c"quota.release",
-    flags: c"write fast",
-    key: Some((3, KeyAccess::Update)),
-    acl: c"write fast",
-    summary: c"Undoes an admission held by a lease",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 6,
-    args: &[&ACCOUNT_ARGS, &RELEASE_ARGS],
-};
-
-pub(crate) static USAGE: CommandSpec = CommandSpec {
-    name: c"quota.usage",
-    flags: c"readonly fast",
-    key: Some((3, KeyAccess::Read)),
-    acl: c"read fast",
-    summary: c"Returns an account's counters and window resets",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 5,
-    args: &[&ACCOUNT_ARGS],
-};
-
-pub(crate) static RESET: CommandSpec = CommandSpec {
-    name: c"quota.reset",
-    flags: c"write",
-    key: Some((3, KeyAccess::Delete)),
-    acl: c"write slow dangerous",
-    summary: c"Clears an account's counters, leases and reservations",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 5,
-    args: &[&ACCOUNT_ARGS],
-};
-
 const SETSTATE_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"state", ArgType::String)];
-
-pub(crate) static SETSTATE: CommandSpec = CommandSpec {
-    name: c"quota.setstate",
-    flags: c"write",
-    key: Some((1, KeyAccess::Overwrite)),
-    acl: c"write slow admin dangerous",
-    summary: c"Internal: applies an account state replicated by a master or read from the AOF",
-    complexity: c"O(N) where N is the size of the state",
-    tips: None,
-    arity: 3,
-    args: &[&SETSTATE_ARGS],
-};
-
 const APPLY_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"effect", ArgType::String)];
-
-pub(crate) static APPLY: CommandSpec = CommandSpec {
-    name: c"quota.apply",
-    flags: c"write",
-    key: Some((1, KeyAccess::Update)),
-    acl: c"write slow admin dangerous",
-    summary:
-        c"Internal: applies one change to an account, replicated by a master or read from the AOF",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 3,
-    args: &[&APPLY_ARGS],
-};
-
-/// `QUOTA.POLICY`, a container: each subcommand has its own flags, so `GET` and `LIST` run on
-/// replicas while `SET` and `DEL` are writes. None takes a key: a policy belongs to a (tenant,
-/// project), not to a user's slot. Arity counts the container's name too.
-pub(crate) const POLICY: &CStr = c"quota.policy";
-
 const POLICY_ID_ARGS: [Arg; 3] = [TENANT, PROJECT, arg(c"name", ArgType::String)];
 const POLICY_LIST_ARGS: [Arg; 2] = [TENANT, PROJECT];
 
-pub(crate) static POLICY_SET: CommandSpec = CommandSpec {
-    name: c"set",
-    flags: c"write deny-oom deny-script",
-    key: None,
-    acl: c"write slow",
-    summary: c"Creates or replaces a named base policy of a tenant's project",
-    complexity: c"O(1)",
-    tips: None,
-    arity: -5,
-    args: &[&POLICY_ID_ARGS, &LIMITS],
-};
+/// A command's spec without its docs (`about` adds them): name, `CreateCommand` flags, the
+/// declared key, ACL categories, arity and argument groups. Complexity defaults to O(1).
+const fn spec(
+    name: &'static CStr,
+    flags: &'static CStr,
+    key: Option<(c_int, KeyAccess)>,
+    acl: &'static CStr,
+    arity: c_int,
+    args: &'static [&'static [Arg]],
+) -> CommandSpec {
+    CommandSpec {
+        name,
+        flags,
+        key,
+        acl,
+        summary: c"",
+        complexity: c"O(1)",
+        tips: None,
+        arity,
+        args,
+    }
+}
 
-pub(crate) static POLICY_GET: CommandSpec = CommandSpec {
-    name: c"get",
-    flags: c"readonly fast",
-    key: None,
-    acl: c"read fast",
-    summary: c"Returns a named base policy",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 5,
-    args: &[&POLICY_ID_ARGS],
-};
+impl CommandSpec {
+    /// The `COMMAND DOCS` summary.
+    const fn about(self, summary: &'static CStr) -> CommandSpec {
+        CommandSpec { summary, ..self }
+    }
 
-pub(crate) static POLICY_DEL: CommandSpec = CommandSpec {
-    name: c"del",
-    flags: c"write deny-script",
-    key: None,
-    acl: c"write slow",
-    summary: c"Deletes a named base policy",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 5,
-    args: &[&POLICY_ID_ARGS],
-};
+    /// The `COMMAND DOCS` complexity, where it is not O(1).
+    const fn cost(self, complexity: &'static CStr) -> CommandSpec {
+        CommandSpec { complexity, ..self }
+    }
 
-pub(crate) static POLICY_LIST: CommandSpec = CommandSpec {
-    name: c"list",
-    flags: c"readonly deny-script",
-    key: None,
-    acl: c"read slow",
-    summary: c"Lists the named base policies of a tenant's project",
-    complexity: c"O(N) where N is the number of policies",
-    tips: None,
-    arity: 4,
-    args: &[&POLICY_LIST_ARGS],
-};
+    /// Command tips (`request_policy:...`).
+    const fn tips(self, tips: &'static CStr) -> CommandSpec {
+        CommandSpec {
+            tips: Some(tips),
+            ..self
+        }
+    }
+}
 
-pub(crate) static POLICY_INVALIDATE: CommandSpec = CommandSpec {
-    name: c"invalidate",
-    flags: c"write fast",
-    key: None,
-    acl: c"write fast",
-    summary: c"Drops a named policy from this node's cache (the next use reloads it)",
-    complexity: c"O(1)",
-    tips: None,
-    arity: 5,
-    args: &[&POLICY_ID_ARGS],
-};
+use KeyAccess::{Delete, Overwrite, Read, ReadUpdate, Update};
+
+/// The user id (argument 3) is the declared key of everything that touches a user. Commands
+/// that always wait on PostgreSQL carry `deny-script`: a script cannot wait, so Redis refuses
+/// them there before the module runs (inside MULTI the module refuses them).
+#[rustfmt::skip]
+mod table {
+    use super::*;
+
+    pub(crate) static GRANT: CommandSpec = spec(c"quota.grant", c"write deny-oom deny-script", Some((3, Update)), c"write slow", -5, &[&ACCOUNT_ARGS, &LIMITS, &GRANT_OPTIONS])
+        .about(c"Grants or tops up a user's credit for a bundle (or '*') in PostgreSQL").cost(c"O(1) plus one PostgreSQL round trip");
+    pub(crate) static GET: CommandSpec = spec(c"quota.get", c"readonly fast", Some((3, Read)), c"read fast", 5, &[&ACCOUNT_ARGS])
+        .about(c"Returns the credit record that applies to a user's bundle")
+        .cost(c"O(N) where N is the user's number of credits; loads them on a cache miss");
+    pub(crate) static REVOKE: CommandSpec = spec(c"quota.revoke", c"write deny-script", Some((3, Delete)), c"write slow", 5, &[&ACCOUNT_ARGS])
+        .about(c"Revokes a user's credit for a bundle (soft delete in PostgreSQL)").cost(c"O(1) plus one PostgreSQL round trip");
+    pub(crate) static LIST: CommandSpec = spec(c"quota.list", c"readonly deny-script", Some((3, Read)), c"read slow", -4, &[&LIST_ARGS])
+        .about(c"Lists a user's credits from PostgreSQL")
+        .cost(c"O(N) where N is the user's number of credits, plus one PostgreSQL round trip");
+    pub(crate) static CLEANUP: CommandSpec = spec(c"quota.cleanup", c"write deny-script", None, c"write slow dangerous", 1, &[])
+        .about(c"Deactivates every expired credit and replies how many").cost(c"O(N) where N is the number of expired credits")
+        .tips(c"request_policy:all_shards response_policy:agg_sum");
+    pub(crate) static INVALIDATE: CommandSpec = spec(c"quota.invalidate", c"write fast", Some((3, Delete)), c"write fast", 4, &[&USER_ARGS])
+        .about(c"Drops a user's cached credits here and on replicas");
+    pub(crate) static ADMIT: CommandSpec = spec(c"quota.admit", c"write deny-oom fast", Some((3, ReadUpdate)), c"write fast", -5, &[&ACCOUNT_ARGS, &LIMITS, &ADMIT_OPTIONS])
+        .about(c"Admits or denies one request against a base policy plus the user's credits")
+        .cost(c"O(1) (O(N) in the account's live leases when they must be checked)");
+    pub(crate) static COMMIT: CommandSpec = spec(c"quota.commit", c"write deny-oom fast", Some((3, Update)), c"write fast", -6, &[&ACCOUNT_ARGS, &COMMIT_ARGS])
+        .about(c"Records the tokens a request used and settles its lease");
+    pub(crate) static RELEASE: CommandSpec = spec(c"quota.release", c"write fast", Some((3, Update)), c"write fast", 6, &[&ACCOUNT_ARGS, &RELEASE_ARGS])
+        .about(c"Undoes an admission held by a lease");
+    pub(crate) static USAGE: CommandSpec = spec(c"quota.usage", c"readonly fast", Some((3, Read)), c"read fast", 5, &[&ACCOUNT_ARGS])
+        .about(c"Returns an account's counters and window resets");
+    pub(crate) static RESET: CommandSpec = spec(c"quota.reset", c"write", Some((3, Delete)), c"write slow dangerous", 5, &[&ACCOUNT_ARGS])
+        .about(c"Clears an account's counters, leases and reservations");
+    pub(crate) static SETSTATE: CommandSpec = spec(c"quota.setstate", c"write", Some((1, Overwrite)), c"write slow admin dangerous", 3, &[&SETSTATE_ARGS])
+        .about(c"Internal: applies an account state replicated by a master or read from the AOF")
+        .cost(c"O(N) where N is the size of the state");
+    pub(crate) static APPLY: CommandSpec = spec(c"quota.apply", c"write", Some((1, Update)), c"write slow admin dangerous", 3, &[&APPLY_ARGS])
+        .about(c"Internal: applies one change to an account, replicated by a master or read from the AOF");
+
+    // `QUOTA.POLICY`'s subcommands: each has its own flags, so `GET` and `LIST` run on replicas
+    // while `SET` and `DEL` are writes. None takes a key: a policy belongs to a (tenant,
+    // project), not to a user's slot. Arity counts the container's name too.
+    pub(crate) static POLICY_SET: CommandSpec = spec(c"set", c"write deny-oom deny-script", None, c"write slow", -5, &[&POLICY_ID_ARGS, &LIMITS])
+        .about(c"Creates or replaces a named base policy of a tenant's project");
+    pub(crate) static POLICY_GET: CommandSpec = spec(c"get", c"readonly fast", None, c"read fast", 5, &[&POLICY_ID_ARGS])
+        .about(c"Returns a named base policy");
+    pub(crate) static POLICY_DEL: CommandSpec = spec(c"del", c"write deny-script", None, c"write slow", 5, &[&POLICY_ID_ARGS])
+        .about(c"Deletes a named base policy");
+    pub(crate) static POLICY_LIST: CommandSpec = spec(c"list", c"readonly deny-script", None, c"read slow", 4, &[&POLICY_LIST_ARGS])
+        .about(c"Lists the named base policies of a tenant's project").cost(c"O(N) where N is the number of policies");
+    pub(crate) static POLICY_INVALIDATE: CommandSpec = spec(c"invalidate", c"write fast", None, c"write fast", 5, &[&POLICY_ID_ARGS])
+        .about(c"Drops a named policy from this node's cache (the next use reloads it)");
+}
+pub(crate) use table::*;
+
+/// `QUOTA.POLICY`, the container of the `POLICY_*` subcommands.
+pub(crate) const POLICY: &CStr = c"quota.policy";
 
 /// Why registration failed.
 #[derive(Debug)]
