@@ -6,7 +6,7 @@
 //! replicas drop their entry at once.
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
-use super::{parse, Waiting};
+use super::{outcome, parse, Waiting};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, Replenishment};
 use crate::core::policy::LimitField;
@@ -99,10 +99,7 @@ struct GrantWait(OwnedAccount);
 
 impl Waiting for GrantWait {
     fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let outcome = match done {
-            Done::Grant(outcome) => outcome?,
-            other => return Err(CommandError::undone(&other)),
-        };
+        let outcome = outcome!(done, Done::Grant);
         let ids = self.0.id().ids();
         if !outcome.duplicate {
             replicate_invalidate(ctx, ids);
@@ -128,10 +125,7 @@ struct RevokeWait(OwnedAccount);
 
 impl Waiting for RevokeWait {
     fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let outcome = match done {
-            Done::Revoke(outcome) => outcome?,
-            other => return Err(CommandError::undone(&other)),
-        };
+        let outcome = outcome!(done, Done::Revoke);
         replicate_invalidate(ctx, self.0.id().ids());
         ctx.reply().int(i64::from(outcome.revoked));
         Ok(())
@@ -154,10 +148,7 @@ struct ListWait(OwnedUser);
 
 impl Waiting for ListWait {
     fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let rows = match done {
-            Done::List(rows) => rows?,
-            other => return Err(CommandError::undone(&other)),
-        };
+        let rows = outcome!(done, Done::List);
         let user = self.0.id();
         let mut r = ctx.reply().map(rows.len());
         for row in &rows {
@@ -183,13 +174,8 @@ struct CleanupWait;
 
 impl Waiting for CleanupWait {
     fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        match done {
-            Done::Cleanup(outcome) => {
-                ctx.reply().uint(outcome?.deactivated);
-                Ok(())
-            }
-            other => Err(CommandError::undone(&other)),
-        }
+        ctx.reply().uint(outcome!(done, Done::Cleanup).deactivated);
+        Ok(())
     }
 }
 

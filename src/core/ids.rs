@@ -86,28 +86,37 @@ pub(crate) struct PolicyId<'a> {
     pub name: &'a str,
 }
 
+/// Validates a tenant, a project and a third id named `what` (argument names appear in errors).
+fn check_three<'a>(
+    tenant: &'a [u8],
+    project: &'a [u8],
+    (what, third): (&'static str, &'a [u8]),
+) -> Result<[&'a str; 3], IdError> {
+    Ok([
+        check_id("tenant", tenant)?,
+        check_id("project", project)?,
+        check_id(what, third)?,
+    ])
+}
+
 impl<'a> PolicyId<'a> {
-    /// Validates the three ids (argument names appear in errors).
+    /// Validates the three ids.
     pub(crate) fn parse(
         tenant: &'a [u8],
         project: &'a [u8],
         name: &'a [u8],
     ) -> Result<Self, IdError> {
+        let [tenant, project, name] = check_three(tenant, project, ("policy", name))?;
         Ok(PolicyId {
-            tenant: check_id("tenant", tenant)?,
-            project: check_id("project", project)?,
-            name: check_id("policy", name)?,
+            tenant,
+            project,
+            name,
         })
     }
 
-    /// The policy-cache key: `p:` followed by the length-prefixed ids.
+    /// The policy-cache key (see `policy_key`).
     pub(crate) fn key(&self) -> KeyBuf {
-        let mut out = KeyBuf::new();
-        out.extend_from_slice(b"p:");
-        for part in [self.tenant, self.project, self.name] {
-            push_part(&mut out, part);
-        }
-        out
+        policy_key(self.tenant, self.project, self.name)
     }
 }
 
@@ -118,10 +127,11 @@ impl<'a> UserId<'a> {
         project: &'a [u8],
         user: &'a [u8],
     ) -> Result<Self, IdError> {
+        let [tenant, project, user] = check_three(tenant, project, ("user", user))?;
         let id = UserId {
-            tenant: check_id("tenant", tenant)?,
-            project: check_id("project", project)?,
-            user: check_id("user", user)?,
+            tenant,
+            project,
+            user,
         };
         if hash_tag(id.user).contains('}') {
             return Err(IdError::Unroutable);
@@ -132,19 +142,31 @@ impl<'a> UserId<'a> {
     /// The cache key of this user: `q:{tag}:` followed by the length-prefixed ids. It is also the
     /// prefix of every account key of the user.
     pub(crate) fn key(&self) -> KeyBuf {
-        let mut out = KeyBuf::new();
-        self.write_key(&mut out);
-        out
+        user_key(self.tenant, self.project, self.user)
     }
+}
 
-    fn write_key(&self, out: &mut KeyBuf) {
-        out.extend_from_slice(b"q:{");
-        out.extend_from_slice(hash_tag(self.user).as_bytes());
-        out.extend_from_slice(b"}:");
-        for part in [self.tenant, self.project, self.user] {
-            push_part(out, part);
-        }
+/// The cache key of the user (tenant, project, user): `q:{tag}:` followed by the
+/// length-prefixed ids (see `UserId::key`).
+pub(crate) fn user_key(tenant: &str, project: &str, user: &str) -> KeyBuf {
+    let mut out = KeyBuf::new();
+    out.extend_from_slice(b"q:{");
+    out.extend_from_slice(hash_tag(user).as_bytes());
+    out.extend_from_slice(b"}:");
+    for part in [tenant, project, user] {
+        push_part(&mut out, part);
     }
+    out
+}
+
+/// The policy-cache key of (tenant, project, name): `p:` followed by the length-prefixed ids.
+pub(crate) fn policy_key(tenant: &str, project: &str, name: &str) -> KeyBuf {
+    let mut out = KeyBuf::new();
+    out.extend_from_slice(b"p:");
+    for part in [tenant, project, name] {
+        push_part(&mut out, part);
+    }
+    out
 }
 
 impl<'a> AccountId<'a> {
@@ -170,8 +192,7 @@ impl<'a> AccountId<'a> {
     /// The Redis key that holds this account's usage: the user's key plus the bundle.
     /// Returns it together with the length of the user-key prefix.
     pub(crate) fn key(&self) -> (KeyBuf, usize) {
-        let mut out = KeyBuf::new();
-        self.user.write_key(&mut out);
+        let mut out = self.user.key();
         let user_len = out.len();
         push_part(&mut out, self.bundle);
         (out, user_len)

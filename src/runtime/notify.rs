@@ -6,8 +6,9 @@ use std::sync::Mutex;
 
 use super::cache::{cache, policies};
 use super::{config, stats, worker};
-use crate::core::ids::{PolicyId, UserId};
-use crate::store::listener::{Listener, ListenerEvent};
+use crate::core::cache::{CacheValue, CreditCache};
+use crate::core::ids::{policy_key, user_key};
+use crate::store::listener::{Entry, Listener, ListenerEvent};
 
 /// NOTIFY listener state, for `INFO quota`.
 pub(crate) static NOTIFY_STATE: AtomicU8 = AtomicU8::new(NOTIFY_OFF);
@@ -48,45 +49,15 @@ pub(crate) fn restart_listener() {
     let timeout = config::int(&config::PG_TIMEOUT_MS).max(1) as u64;
     let on_event = Box::new(|event: ListenerEvent| match event {
         ListenerEvent::Changed {
+            entry,
             tenant,
             project,
-            user,
+            id,
             own,
-        } => {
-            stats::NOTIFY_RECEIVED.incr();
-            let key = UserId {
-                tenant: &tenant,
-                project: &project,
-                user: &user,
-            }
-            .key();
-            if own {
-                // This node wrote it and already refreshed its entry; a background refresh
-                // settles any race between concurrent writes without making anyone wait.
-                cache().mark_stale(&key);
-            } else {
-                cache().invalidate(&key);
-            }
-        }
-        ListenerEvent::PolicyChanged {
-            tenant,
-            project,
-            name,
-            own,
-        } => {
-            stats::NOTIFY_RECEIVED.incr();
-            let key = PolicyId {
-                tenant: &tenant,
-                project: &project,
-                name: &name,
-            }
-            .key();
-            if own {
-                policies().mark_stale(&key);
-            } else {
-                policies().invalidate(&key);
-            }
-        }
+        } => match entry {
+            Entry::User => heard(&mut cache(), &user_key(&tenant, &project, &id), own),
+            Entry::Policy => heard(&mut policies(), &policy_key(&tenant, &project, &id), own),
+        },
         ListenerEvent::Connected => {
             // Notifications may have been missed while disconnected: forget everything.
             NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
@@ -113,6 +84,18 @@ pub(crate) fn restart_listener() {
                 "quota: cannot start the NOTIFY listener: {e}"
             ));
         }
+    }
+}
+
+/// A change to the entry `key` was heard. When this node wrote it, it already refreshed its
+/// entry: marking it stale settles any race between concurrent writes without making anyone
+/// wait. Otherwise the entry is dropped.
+fn heard<W, V: CacheValue>(cache: &mut CreditCache<W, V>, key: &[u8], own: bool) {
+    stats::NOTIFY_RECEIVED.incr();
+    if own {
+        cache.mark_stale(key);
+    } else {
+        cache.invalidate(key);
     }
 }
 

@@ -35,21 +35,15 @@ const APPLICATION_NAME: &str = "redis-quota-listener";
 /// What the listener reports to its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ListenerEvent {
-    /// A replenishment row of this user changed (committed elsewhere or here).
+    /// A user's credits or a named policy changed (committed elsewhere or here).
     Changed {
+        entry: Entry,
         tenant: String,
         project: String,
-        user: String,
+        /// The user id or the policy name.
+        id: String,
         /// Sent by one of this process's own pool connections (a write this node made and
         /// already wrote through to its cache).
-        own: bool,
-    },
-    /// A named policy changed (committed elsewhere or here).
-    PolicyChanged {
-        tenant: String,
-        project: String,
-        name: String,
-        /// Sent by one of this process's own pool connections.
         own: bool,
     },
     /// Listening (again). Notifications may have been missed while disconnected, so the owner
@@ -124,39 +118,38 @@ fn emit(on_event: &Callback, event: ListenerEvent) {
     let _ = catch_unwind(AssertUnwindSafe(|| on_event(event)));
 }
 
-/// The notification payload written by the trigger.
+/// What changed: a replenishment row of a user, or a named policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    User,
+    Policy,
+}
+
+/// The notification payload written by the triggers (`user_id` for credits, `policy` for
+/// named policies).
 #[derive(Deserialize)]
 struct Payload {
     tenant: String,
     project: String,
-    user_id: String,
-}
-
-/// The notification payload written by the policy trigger.
-#[derive(Deserialize)]
-struct PolicyPayload {
-    tenant: String,
-    project: String,
-    policy: String,
+    user_id: Option<String>,
+    policy: Option<String>,
 }
 
 /// Parses a trigger payload (`{"tenant":..,"project":..,"user_id":..,"bundle_id":..,"op":..}`
 /// for credits, `{"tenant":..,"project":..,"policy":..,"op":..}` for named policies); `None`
 /// for anything else (a foreign `NOTIFY` on the channel).
 pub(crate) fn parse_payload(text: &str) -> Option<ListenerEvent> {
-    if let Ok(p) = serde_json::from_str::<Payload>(text) {
-        return Some(ListenerEvent::Changed {
-            tenant: p.tenant,
-            project: p.project,
-            user: p.user_id,
-            own: false,
-        });
-    }
-    let p: PolicyPayload = serde_json::from_str(text).ok()?;
-    Some(ListenerEvent::PolicyChanged {
+    let p: Payload = serde_json::from_str(text).ok()?;
+    let (entry, id) = match (p.user_id, p.policy) {
+        (Some(user), None) => (Entry::User, user),
+        (None, Some(name)) => (Entry::Policy, name),
+        _ => return None,
+    };
+    Some(ListenerEvent::Changed {
+        entry,
         tenant: p.tenant,
         project: p.project,
-        name: p.policy,
+        id,
         own: false,
     })
 }
@@ -273,9 +266,7 @@ fn session(
             Ok(Some(note)) => {
                 last_heard = Instant::now();
                 if let Some(mut event) = parse_payload(note.payload()) {
-                    if let ListenerEvent::Changed { own, .. }
-                    | ListenerEvent::PolicyChanged { own, .. } = &mut event
-                    {
+                    if let ListenerEvent::Changed { own, .. } = &mut event {
                         *own = super::error::is_own_backend(note.process_id());
                     }
                     emit(on_event, event);
@@ -309,18 +300,20 @@ mod tests {
         assert_eq!(
             parse_payload(text),
             Some(ListenerEvent::Changed {
+                entry: Entry::User,
                 tenant: "t".into(),
                 project: "p\"q".into(),
-                user: "ü".into(),
+                id: "ü".into(),
                 own: false,
             })
         );
         assert_eq!(
             parse_payload(r#"{"tenant":"t","project":"p","policy":"pro","op":"DELETE"}"#),
-            Some(ListenerEvent::PolicyChanged {
+            Some(ListenerEvent::Changed {
+                entry: Entry::Policy,
                 tenant: "t".into(),
                 project: "p".into(),
-                name: "pro".into(),
+                id: "pro".into(),
                 own: false,
             })
         );

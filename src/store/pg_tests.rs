@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postgres::{Client, NoTls};
 
-use super::listener::{Listener, ListenerEvent};
+use super::listener::{Entry, Listener, ListenerEvent};
 use super::schema::{substitute, DROP_SQL};
 use super::*;
 use crate::core::credit::Cents;
@@ -770,9 +770,10 @@ fn listener_reports_changes_and_reconnects() {
         .grant(&user, "b", &req(&[]), now_ms())
         .expect("grant");
     let changed = ListenerEvent::Changed {
+        entry: Entry::User,
         tenant: "acme".into(),
         project: "chat".into(),
-        user: "ü\"ser".into(),
+        id: "ü\"ser".into(),
         own: true,
     };
     assert!(
