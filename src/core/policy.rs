@@ -209,16 +209,32 @@ impl EffectivePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use LimitField::*;
+
+    fn limits(set: &[(LimitField, u64)]) -> Limits {
+        let mut out = Limits::default();
+        for &(field, v) in set {
+            out.set(field, Some(v));
+        }
+        out
+    }
+
+    fn additional(set: &[(LimitField, i64)]) -> Additional {
+        let mut out = Additional::default();
+        for &(field, v) in set {
+            out.set(field, Some(v));
+        }
+        out
+    }
 
     #[test]
     fn merge_adds_only_to_limited_fields() {
-        let mut base = Limits::default();
-        base.set(LimitField::RequestsPerDay, Some(10));
-        base.set(LimitField::TokensPerDay, Some(1000));
-        let mut add = Additional::default();
-        add.set(LimitField::RequestsPerDay, Some(50));
-        add.set(LimitField::RequestsPerMonth, Some(500));
-        add.set(LimitField::TokensPerDay, Some(-5));
+        let base = limits(&[(RequestsPerDay, 10), (TokensPerDay, 1000)]);
+        let add = additional(&[
+            (RequestsPerDay, 50),
+            (RequestsPerMonth, 500),
+            (TokensPerDay, -5),
+        ]);
         let eff = EffectivePolicy::merge(base, Some(&add));
         assert_eq!(eff.limits.get(LimitField::RequestsPerDay), Some(60));
         assert_eq!(eff.limits.get(LimitField::RequestsPerMonth), None);
@@ -228,22 +244,16 @@ mod tests {
 
     #[test]
     fn merge_saturates() {
-        let mut base = Limits::default();
-        base.set(LimitField::TokensPerHour, Some(u64::MAX - 1));
-        let mut add = Additional::default();
-        add.set(LimitField::TokensPerHour, Some(i64::MAX));
+        let base = limits(&[(TokensPerHour, u64::MAX - 1)]);
+        let add = additional(&[(TokensPerHour, i64::MAX)]);
         let eff = EffectivePolicy::merge(base, Some(&add));
         assert_eq!(eff.limits.get(LimitField::TokensPerHour), Some(u64::MAX));
     }
 
     #[test]
     fn inline_limits_override_the_policy_field_by_field() {
-        let mut policy = Limits::default();
-        policy.set(LimitField::RequestsPerDay, Some(10));
-        policy.set(LimitField::TokensPerDay, Some(1000));
-        let mut inline = Limits::default();
-        inline.set(LimitField::RequestsPerDay, Some(3));
-        inline.set(LimitField::MaxConcurrent, Some(2));
+        let policy = limits(&[(RequestsPerDay, 10), (TokensPerDay, 1000)]);
+        let inline = limits(&[(RequestsPerDay, 3), (MaxConcurrent, 2)]);
         let merged = policy.overlaid_with(&inline);
         assert_eq!(merged.get(LimitField::RequestsPerDay), Some(3));
         assert_eq!(merged.get(LimitField::TokensPerDay), Some(1000));

@@ -9,7 +9,7 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::config;
 use super::jobs::{CreditWaiter, Done, OwnedUser};
-use crate::core::cache::{CacheConfig, CreditCache};
+use crate::core::cache::{CacheConfig, CacheValue, CreditCache, UserCredits};
 use crate::core::ids::PolicyId;
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
@@ -26,12 +26,8 @@ static CACHE_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The credits cache, locked (recovers from a poisoned lock: the data stays consistent per
 /// call). Releasing it publishes the cache's epoch for `cache_epoch`.
-pub(crate) fn cache() -> CacheGuard {
-    CacheGuard(
-        CACHE
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    )
+pub(crate) fn cache() -> CacheGuard<CreditWaiter> {
+    CacheGuard::lock(&CACHE, &CACHE_EPOCH)
 }
 
 /// The cache's epoch without taking its lock: a credit remembered at this epoch (see
@@ -42,26 +38,40 @@ pub(crate) fn cache_epoch() -> u64 {
     CACHE_EPOCH.load(Ordering::Acquire)
 }
 
-/// The locked cache.
-pub(crate) struct CacheGuard(MutexGuard<'static, CreditCache<CreditWaiter>>);
+/// A locked cache; releasing it publishes the cache's epoch.
+pub(crate) struct CacheGuard<W: 'static, V: CacheValue + 'static = UserCredits> {
+    cache: MutexGuard<'static, CreditCache<W, V>>,
+    epoch: &'static AtomicU64,
+}
 
-impl std::ops::Deref for CacheGuard {
-    type Target = CreditCache<CreditWaiter>;
+impl<W, V: CacheValue> CacheGuard<W, V> {
+    fn lock(cache: &'static Mutex<CreditCache<W, V>>, epoch: &'static AtomicU64) -> Self {
+        CacheGuard {
+            cache: cache
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            epoch,
+        }
+    }
+}
+
+impl<W, V: CacheValue> std::ops::Deref for CacheGuard<W, V> {
+    type Target = CreditCache<W, V>;
     fn deref(&self) -> &Self::Target {
-        &self.0
+        &self.cache
     }
 }
 
-impl std::ops::DerefMut for CacheGuard {
+impl<W, V: CacheValue> std::ops::DerefMut for CacheGuard<W, V> {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
+        &mut self.cache
     }
 }
 
-impl Drop for CacheGuard {
+impl<W, V: CacheValue> Drop for CacheGuard<W, V> {
     fn drop(&mut self) {
         // Still under the lock: the published epoch only ever moves forward.
-        CACHE_EPOCH.store(self.0.epoch(), Ordering::Release);
+        self.epoch.store(self.cache.epoch(), Ordering::Release);
     }
 }
 
@@ -85,34 +95,8 @@ static POLICY_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The policy cache, locked (recovers from a poisoned lock). Never held together with the
 /// credits cache's lock. Releasing it publishes the cache's epoch for `remembered_policy`.
-pub(crate) fn policies() -> PolicyGuard {
-    PolicyGuard(
-        POLICIES
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    )
-}
-
-/// The locked policy cache.
-pub(crate) struct PolicyGuard(MutexGuard<'static, PolicyCache>);
-
-impl std::ops::Deref for PolicyGuard {
-    type Target = PolicyCache;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for PolicyGuard {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for PolicyGuard {
-    fn drop(&mut self) {
-        POLICY_EPOCH.store(self.0.epoch(), Ordering::Release);
-    }
+pub(crate) fn policies() -> CacheGuard<PolicyWaiter, CachedPolicy> {
+    CacheGuard::lock(&POLICIES, &POLICY_EPOCH)
 }
 
 /// Longest a remembered policy is used without asking the cache (keeps its LRU order honest).

@@ -26,26 +26,25 @@ impl Counter {
     }
 }
 
-pub(crate) static PG_QUERIES: Counter = Counter::new();
-pub(crate) static PG_ERRORS: Counter = Counter::new();
-/// Sum of Postgres job latencies in microseconds (average = this / PG_QUERIES).
-pub(crate) static PG_LATENCY_US_TOTAL: Counter = Counter::new();
+/// Declares the counters (documented with `INFO quota` in the README).
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        $($(#[$doc])* pub(crate) static $name: Counter = Counter::new();)*
+    };
+}
+
+counters! {
+    PG_QUERIES, PG_ERRORS,
+    /// Sum of Postgres job latencies in microseconds (average = this / PG_QUERIES).
+    PG_LATENCY_US_TOTAL,
+    /// Admissions that used the credit remembered on the account instead of a cache lookup
+    /// (reported as cache hits).
+    CACHE_MEMO_HITS,
+    ADMITS_ALLOWED, ADMITS_DENIED, ADMITS_PENDING, ADMITS_UNAVAILABLE,
+    GRANTS, GRANTS_DUPLICATE, REVOKES, CLEANUPS,
+    BUSY_REJECTIONS, TIMEOUTS, NOTIFY_RECEIVED, NOTIFY_RECONNECTS,
+}
 pub(crate) static PG_LATENCY_US_MAX: AtomicU64 = AtomicU64::new(0);
-/// Admissions that used the credit remembered on the account instead of a cache lookup
-/// (reported as cache hits).
-pub(crate) static CACHE_MEMO_HITS: Counter = Counter::new();
-pub(crate) static ADMITS_ALLOWED: Counter = Counter::new();
-pub(crate) static ADMITS_DENIED: Counter = Counter::new();
-pub(crate) static ADMITS_PENDING: Counter = Counter::new();
-pub(crate) static ADMITS_UNAVAILABLE: Counter = Counter::new();
-pub(crate) static GRANTS: Counter = Counter::new();
-pub(crate) static GRANTS_DUPLICATE: Counter = Counter::new();
-pub(crate) static REVOKES: Counter = Counter::new();
-pub(crate) static CLEANUPS: Counter = Counter::new();
-pub(crate) static BUSY_REJECTIONS: Counter = Counter::new();
-pub(crate) static TIMEOUTS: Counter = Counter::new();
-pub(crate) static NOTIFY_RECEIVED: Counter = Counter::new();
-pub(crate) static NOTIFY_RECONNECTS: Counter = Counter::new();
 
 /// Records one Postgres round trip.
 pub(crate) fn record_query(micros: u64, failed: bool) {

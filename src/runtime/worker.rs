@@ -21,7 +21,7 @@ use super::stats;
 use crate::core::cache::Lookup;
 use crate::core::cache::UserCredits as Credits;
 use crate::core::credit::Replenishment;
-use crate::core::ids::{PolicyId, UserId};
+use crate::core::ids::{user_key, PolicyId, UserId};
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
@@ -411,14 +411,7 @@ fn execute(job: Job) {
                 stats::CLEANUPS.incr();
                 let mut cache = cache::cache();
                 for (tenant, project, user) in &o.users {
-                    cache.invalidate(
-                        &UserId {
-                            tenant,
-                            project,
-                            user,
-                        }
-                        .key(),
-                    );
+                    cache.invalidate(&user_key(tenant, project, user));
                 }
             }
             if let Some(client) = client {
