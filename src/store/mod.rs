@@ -67,14 +67,7 @@ impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The URL may carry a password: never print it.
         f.debug_struct("StoreConfig")
-            .field(
-                "url",
-                &if self.url.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("url", &passfile::redacted(&self.url))
             .field("credentials", &self.credentials)
             .field("schema", &self.schema)
             .field("timeout_ms", &self.timeout_ms)

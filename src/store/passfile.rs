@@ -18,17 +18,19 @@ pub(crate) struct Credentials {
     pub passfile: String,
 }
 
+/// What `Debug` shows of a secret: nothing when empty, else `<redacted>`.
+pub(crate) fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    }
+}
+
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
-            .field(
-                "password",
-                &if self.password.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("password", &redacted(&self.password))
             .field("passfile", &self.passfile)
             .finish()
     }

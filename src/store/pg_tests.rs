@@ -108,6 +108,12 @@ fn now_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Grants `req` to (USER, bundle) and returns the stored record.
+fn record_of(fx: &Fixture, bundle: &str, req: &GrantRequest, now: Millis) -> Replenishment {
+    let out = fx.store.grant(&USER, bundle, req, now).expect("grant");
+    out.record.expect("a record")
+}
+
 const USER: UserId<'static> = UserId {
     tenant: "acme",
     project: "chat",
@@ -177,17 +183,18 @@ fn grant_replaces_and_round_trips_every_field() {
     assert!(!out.duplicate);
     let rec = out.record.expect("record");
     assert_eq!(&*rec.bundle_id, "b1");
-    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(50));
-    assert_eq!(rec.additional.get(LimitField::RequestsPerMonth), None);
-    assert_eq!(
-        rec.additional.get(LimitField::TotalRequests),
-        Some(i64::from(i32::MAX))
-    );
-    assert_eq!(
-        rec.additional.get(LimitField::TokensPerMonth),
-        Some(i64::MAX)
-    );
-    assert_eq!(rec.additional.get(LimitField::MaxConcurrent), Some(3));
+    // requests per day, per month, total; tokens per hour, day, month; concurrent.
+    let max = i64::from(i32::MAX);
+    let amounts = [
+        Some(50),
+        None,
+        Some(max),
+        None,
+        None,
+        Some(i64::MAX),
+        Some(3),
+    ];
+    assert_eq!(rec.additional.to_options(), amounts);
     assert_eq!(rec.expires_at, Some(now / 1000 + 3600));
     assert_eq!(rec.purchase_id.as_deref(), Some("pi_1"));
     assert_eq!(rec.purchase_amount_usd.as_deref(), Some("10.50"));
@@ -253,12 +260,7 @@ fn money_is_exact() {
         ..Default::default()
     };
     add.amount = Cents::parse("0.10");
-    let rec = fx
-        .store
-        .grant(&USER, "b", &add, now_ms())
-        .expect("add")
-        .record
-        .expect("rec");
+    let rec = record_of(&fx, "b", &add, now_ms());
     assert_eq!(rec.purchase_amount_usd.as_deref(), Some("0.17"));
     let err = fx
         .store
@@ -283,12 +285,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
     add.add = true;
 
     // Missing row: from zero, expiry never.
-    let rec = fx
-        .store
-        .grant(&USER, "new", &add, now)
-        .expect("add")
-        .record
-        .expect("rec");
+    let rec = record_of(&fx, "new", &add, now);
     assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
     assert_eq!(rec.additional.get(LimitField::TokensPerHour), Some(100));
     assert_eq!(rec.expires_at, None);
@@ -301,12 +298,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
     base.expiry = Some(now / 1000 + 600);
     base.expiry_given = true;
     fx.store.grant(&USER, "live", &base, now).expect("base");
-    let rec = fx
-        .store
-        .grant(&USER, "live", &add, now)
-        .expect("add")
-        .record
-        .expect("rec");
+    let rec = record_of(&fx, "live", &add, now);
     assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(15));
     assert_eq!(rec.additional.get(LimitField::TokensPerHour), Some(100));
     assert_eq!(rec.additional.get(LimitField::MaxConcurrent), Some(2));
@@ -317,12 +309,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
     old.expiry = Some(now / 1000 - 10);
     old.expiry_given = true;
     fx.store.grant(&USER, "expired", &old, now).expect("old");
-    let rec = fx
-        .store
-        .grant(&USER, "expired", &add, now)
-        .expect("add")
-        .record
-        .expect("rec");
+    let rec = record_of(&fx, "expired", &add, now);
     assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
     assert_eq!(rec.expires_at, None);
     assert!(rec.active);
@@ -330,12 +317,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
     // Revoked row: from zero.
     fx.store.grant(&USER, "revoked", &base, now).expect("base");
     assert!(fx.store.revoke(&USER, "revoked").expect("revoke").revoked);
-    let rec = fx
-        .store
-        .grant(&USER, "revoked", &add, now)
-        .expect("add")
-        .record
-        .expect("rec");
+    let rec = record_of(&fx, "revoked", &add, now);
     assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
     assert_eq!(rec.additional.get(LimitField::MaxConcurrent), None);
     assert!(rec.active);

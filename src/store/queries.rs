@@ -576,34 +576,42 @@ mod tests {
         StoreError::Query(format!("wrong type in column {idx}"))
     }
 
+    impl FakeRow {
+        /// Column `idx`: NULL, or the value `pick` finds in a cell of the right type.
+        fn cell<T>(
+            &self,
+            idx: usize,
+            pick: fn(&Cell) -> Option<T>,
+        ) -> Result<Option<T>, StoreError> {
+            match self.0.get(idx) {
+                Some(Cell::Null) => Ok(None),
+                Some(cell) => pick(cell).map(Some).ok_or_else(|| wrong(idx)),
+                None => Err(wrong(idx)),
+            }
+        }
+    }
+
     impl RowSource for FakeRow {
         fn text(&self, idx: usize) -> Result<Option<String>, StoreError> {
-            match self.0.get(idx) {
-                Some(Cell::Null) => Ok(None),
-                Some(Cell::Text(t)) => Ok(Some((*t).to_owned())),
-                _ => Err(wrong(idx)),
-            }
+            self.cell(idx, |c| match c {
+                Cell::Text(t) => Some((*t).to_owned()),
+                _ => None,
+            })
         }
         fn int(&self, idx: usize) -> Result<Option<i32>, StoreError> {
-            match self.0.get(idx) {
-                Some(Cell::Null) => Ok(None),
-                Some(Cell::Int(v)) => Ok(Some(*v)),
-                _ => Err(wrong(idx)),
-            }
+            self.cell(idx, |c| if let Cell::Int(v) = c { Some(*v) } else { None })
         }
         fn bigint(&self, idx: usize) -> Result<Option<i64>, StoreError> {
-            match self.0.get(idx) {
-                Some(Cell::Null) => Ok(None),
-                Some(Cell::Big(v)) => Ok(Some(*v)),
-                _ => Err(wrong(idx)),
-            }
+            self.cell(idx, |c| if let Cell::Big(v) = c { Some(*v) } else { None })
         }
         fn boolean(&self, idx: usize) -> Result<Option<bool>, StoreError> {
-            match self.0.get(idx) {
-                Some(Cell::Null) => Ok(None),
-                Some(Cell::Bool(v)) => Ok(Some(*v)),
-                _ => Err(wrong(idx)),
-            }
+            self.cell(idx, |c| {
+                if let Cell::Bool(v) = c {
+                    Some(*v)
+                } else {
+                    None
+                }
+            })
         }
     }
 
@@ -645,16 +653,18 @@ mod tests {
     fn rows_map_into_replenishments() {
         let r = to_replenishment(&sample()).unwrap();
         assert_eq!(&*r.bundle_id, "b'\"ü");
-        assert_eq!(r.additional.get(LimitField::RequestsPerDay), Some(50));
-        assert_eq!(r.additional.get(LimitField::RequestsPerMonth), None);
-        assert_eq!(
-            r.additional.get(LimitField::TotalRequests),
-            Some(i64::from(i32::MAX))
-        );
-        assert_eq!(r.additional.get(LimitField::TokensPerHour), Some(i64::MAX));
-        assert_eq!(r.additional.get(LimitField::TokensPerDay), None);
-        assert_eq!(r.additional.get(LimitField::TokensPerMonth), Some(7));
-        assert_eq!(r.additional.get(LimitField::MaxConcurrent), Some(3));
+        // requests per day, per month, total; tokens per hour, day, month; concurrent.
+        let max = i64::from(i32::MAX);
+        let amounts = [
+            Some(50),
+            None,
+            Some(max),
+            Some(i64::MAX),
+            None,
+            Some(7),
+            Some(3),
+        ];
+        assert_eq!(r.additional.to_options(), amounts);
         assert_eq!(r.expires_at, Some(1_700_000_000));
         assert_eq!(r.purchase_id.as_deref(), Some("pi_1"));
         assert_eq!(r.purchase_amount_usd.as_deref(), Some("10.50"));
