@@ -461,6 +461,20 @@ mod tests {
 
     /// Loads, refreshes and evictions keep the epoch; writes, invalidations and a stale mark
     /// move it on (see the field).
+    /// A cache of 10 entries with one miss on `key` at time 0, and the flight it started.
+    fn missed(key: &[u8]) -> (CreditCache<u32>, u64) {
+        missed_in(10, key)
+    }
+
+    /// A cache of `max` entries with one miss on `key` at time 0, and the flight it started.
+    fn missed_in(max: usize, key: &[u8]) -> (CreditCache<u32>, u64) {
+        let mut c: CreditCache<u32> = CreditCache::new(cfg(max));
+        let Lookup::Miss { load: Some(f) } = c.lookup(key, 0) else {
+            panic!("a first lookup must start a load")
+        };
+        (c, f)
+    }
+
     #[test]
     fn the_epoch_moves_only_when_rows_may_have_changed_early() {
         let mut c: CreditCache<u32> = CreditCache::new(cfg(2));
@@ -509,10 +523,7 @@ mod tests {
 
     #[test]
     fn miss_loads_once_and_answers_every_waiter() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed(b"u");
         c.add_waiter(b"u", 1).unwrap();
         assert!(matches!(c.lookup(b"u", 1), Lookup::Miss { load: None }));
         c.add_waiter(b"u", 2).unwrap();
@@ -555,10 +566,7 @@ mod tests {
 
     #[test]
     fn negative_entries_use_the_negative_ttl() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed(b"u");
         c.complete(b"u", f, Ok(Arc::from(vec![])), 0);
         assert!(matches!(c.lookup(b"u", 99), Lookup::Fresh(r, _) if r.is_empty()));
         assert!(matches!(c.lookup(b"u", 100), Lookup::Stale { .. }));
@@ -566,10 +574,7 @@ mod tests {
 
     #[test]
     fn failed_first_load_makes_the_user_unavailable_for_a_while() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed(b"u");
         c.add_waiter(b"u", 7).unwrap();
         assert_eq!(c.complete(b"u", f, Err(()), 10), vec![7]);
         assert!(matches!(c.lookup(b"u", 11), Lookup::Unavailable));
@@ -581,10 +586,7 @@ mod tests {
 
     #[test]
     fn write_through_beats_an_older_load_in_flight() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed(b"u");
         c.put(b"u", rows("new"), 1);
         c.complete(b"u", f, Ok(rows("old")), 2);
         assert_eq!(bundle_of(c.lookup(b"u", 3)), Some("new".into()));
@@ -592,10 +594,7 @@ mod tests {
 
     #[test]
     fn invalidation_during_a_load_leaves_its_result_stale() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed(b"u");
         assert!(c.invalidate(b"u"));
         c.complete(b"u", f, Ok(rows("x")), 2);
         assert!(matches!(
@@ -610,10 +609,7 @@ mod tests {
 
     #[test]
     fn bounded_size_evicts_but_never_a_user_with_waiters() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(3));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"loading", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed_in(3, b"loading");
         c.add_waiter(b"loading", 9).unwrap();
         for i in 0..50u32 {
             c.put(format!("u{i}").as_bytes(), rows("*"), i64::from(i) + 1);
@@ -630,10 +626,7 @@ mod tests {
 
     #[test]
     fn abort_returns_waiters_and_forgets_the_entry() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(3));
-        let Lookup::Miss { load: Some(f) } = c.lookup(b"u", 0) else {
-            panic!()
-        };
+        let (mut c, f) = missed_in(3, b"u");
         c.add_waiter(b"u", 1).unwrap();
         assert_eq!(c.abort_flight(b"u", f), vec![1]);
         assert_eq!(c.flights(), 0);

@@ -343,18 +343,24 @@ mod tests {
         assert!(r.is_err());
     }
 
-    #[test]
-    fn bad_url_reports_once_and_stops_promptly() {
+    /// A listener on `url` (schema `s`) whose events are recorded.
+    fn recording(url: &str, timeout_ms: u64) -> (Listener, Arc<Mutex<Vec<ListenerEvent>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
         let listener = Listener::spawn(
-            "postgres://u:hunter2@[::1".into(),
+            url.into(),
             Credentials::default(),
             "s".into(),
-            100,
+            timeout_ms,
             Box::new(move |e| sink.lock().unwrap().push(e)),
         )
         .unwrap();
+        (listener, seen)
+    }
+
+    #[test]
+    fn bad_url_reports_once_and_stops_promptly() {
+        let (listener, seen) = recording("postgres://u:hunter2@[::1", 100);
         let started = Instant::now();
         while seen.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(5) {
             thread::sleep(Duration::from_millis(10));
@@ -373,16 +379,7 @@ mod tests {
     #[test]
     fn unreachable_server_is_reported_and_stop_is_prompt() {
         // Port 1 on localhost refuses at once.
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
-        let listener = Listener::spawn(
-            "host=127.0.0.1 port=1 user=u password=hunter2".into(),
-            Credentials::default(),
-            "s".into(),
-            200,
-            Box::new(move |e| sink.lock().unwrap().push(e)),
-        )
-        .unwrap();
+        let (listener, seen) = recording("host=127.0.0.1 port=1 user=u password=hunter2", 200);
         thread::sleep(Duration::from_millis(800));
         let stop_started = Instant::now();
         listener.stop();
