@@ -624,6 +624,11 @@ mod tests {
         assert!(grant(&ok, NOW).is_ok());
     }
 
+    /// The error text of an `ADMIT` that must not parse.
+    fn admit_err(line: &str, max_lease_ttl: i64) -> String {
+        admit(&words(line), max_lease_ttl).unwrap_err().to_string()
+    }
+
     #[test]
     fn admit_reads_limits_and_flags() {
         let a = admit(&words("QUOTA.ADMIT t p u b requests_per_day 10 MAX_CONCURRENT 2 LEASE l1 LEASE_TTL 30 RESERVE 100 PEEK VERBOSE"), 86_400).unwrap();
@@ -635,9 +640,7 @@ mod tests {
             (Some("l1"), Some(30), Some(100), true, true)
         );
         assert_eq!(
-            admit(&words("QUOTA.ADMIT t p u b LEASE_TTL 0"), 86_400)
-                .unwrap_err()
-                .to_string(),
+            admit_err("QUOTA.ADMIT t p u b LEASE_TTL 0", 86_400),
             "ERR LEASE_TTL must be between 1 and 86400"
         );
         assert!(admit(&words("QUOTA.ADMIT t p u b PEEK peek"), 86_400).is_err());
@@ -654,15 +657,11 @@ mod tests {
         assert!(a.compact);
         assert_eq!(a.base.get(LimitField::RequestsPerDay), Some(3));
         assert_eq!(
-            admit(&words("QUOTA.ADMIT t p u b COMPACT VERBOSE"), 10)
-                .unwrap_err()
-                .to_string(),
+            admit_err("QUOTA.ADMIT t p u b COMPACT VERBOSE", 10),
             "ERR COMPACT must not be given with VERBOSE"
         );
         assert_eq!(
-            admit(&words("QUOTA.ADMIT t p u b POLICY"), 10)
-                .unwrap_err()
-                .to_string(),
+            admit_err("QUOTA.ADMIT t p u b POLICY", 10),
             "ERR POLICY must be followed by a value"
         );
         assert!(admit(&words("QUOTA.ADMIT t p u b POLICY a POLICY b"), 10).is_err());
