@@ -428,7 +428,7 @@ pub(crate) fn policy<'a>(args: &[&'a [u8]]) -> Result<PolicyArgs<'a>, ParseError
         return Err(ParseError::Arity);
     };
     let id = |rest: &[&'a [u8]]| match rest {
-        [t, p, n, ..] => Ok(PolicyId::parse(t, p, n)?),
+        [t, p, n, ..] => Ok(PolicyId::parse([t, p, n])?),
         _ => Err(ParseError::Arity),
     };
     let exactly = |n: usize| {
@@ -519,9 +519,9 @@ pub(crate) fn account_only<'a>(args: &[&'a [u8]]) -> Result<AccountId<'a>, Parse
 /// `QUOTA.LIST <t> <p> <u> [ALL]`.
 pub(crate) fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseError> {
     match args {
-        [_, t, p, u] => Ok((UserId::parse(t, p, u)?, false)),
+        [_, t, p, u] => Ok((UserId::parse([t, p, u])?, false)),
         [_, t, p, u, all] if all.eq_ignore_ascii_case(b"ALL") => {
-            Ok((UserId::parse(t, p, u)?, true))
+            Ok((UserId::parse([t, p, u])?, true))
         }
         [_, _, _, _, word] => Err(ParseError::Unknown(shown(word))),
         _ => Err(ParseError::Arity),
@@ -531,7 +531,7 @@ pub(crate) fn list<'a>(args: &[&'a [u8]]) -> Result<(UserId<'a>, bool), ParseErr
 /// `QUOTA.INVALIDATE <t> <p> <u>`.
 pub(crate) fn user_only<'a>(args: &[&'a [u8]]) -> Result<UserId<'a>, ParseError> {
     match args {
-        [_, t, p, u] => Ok(UserId::parse(t, p, u)?),
+        [_, t, p, u] => Ok(UserId::parse([t, p, u])?),
         _ => Err(ParseError::Arity),
     }
 }

@@ -87,11 +87,8 @@ pub(crate) struct PolicyId<'a> {
 }
 
 /// Validates a tenant, a project and a third id named `what` (argument names appear in errors).
-fn check_three<'a>(
-    tenant: &'a [u8],
-    project: &'a [u8],
-    (what, third): (&'static str, &'a [u8]),
-) -> Result<[&'a str; 3], IdError> {
+fn check_three<'a>(ids: [&'a [u8]; 3], what: &'static str) -> Result<[&'a str; 3], IdError> {
+    let [tenant, project, third] = ids;
     Ok([
         check_id("tenant", tenant)?,
         check_id("project", project)?,
@@ -100,13 +97,9 @@ fn check_three<'a>(
 }
 
 impl<'a> PolicyId<'a> {
-    /// Validates the three ids.
-    pub(crate) fn parse(
-        tenant: &'a [u8],
-        project: &'a [u8],
-        name: &'a [u8],
-    ) -> Result<Self, IdError> {
-        let [tenant, project, name] = check_three(tenant, project, ("policy", name))?;
+    /// Validates (tenant, project, name).
+    pub(crate) fn parse(ids: [&'a [u8]; 3]) -> Result<Self, IdError> {
+        let [tenant, project, name] = check_three(ids, "policy")?;
         Ok(PolicyId {
             tenant,
             project,
@@ -121,13 +114,9 @@ impl<'a> PolicyId<'a> {
 }
 
 impl<'a> UserId<'a> {
-    /// Validates the three ids (argument names appear in errors).
-    pub(crate) fn parse(
-        tenant: &'a [u8],
-        project: &'a [u8],
-        user: &'a [u8],
-    ) -> Result<Self, IdError> {
-        let [tenant, project, user] = check_three(tenant, project, ("user", user))?;
+    /// Validates (tenant, project, user); a user id whose hash tag would not route is refused.
+    pub(crate) fn parse(ids: [&'a [u8]; 3]) -> Result<Self, IdError> {
+        let [tenant, project, user] = check_three(ids, "user")?;
         let id = UserId {
             tenant,
             project,
@@ -174,7 +163,7 @@ impl<'a> AccountId<'a> {
     pub(crate) fn parse(args: [&'a [u8]; 4]) -> Result<Self, IdError> {
         let [tenant, project, user, bundle] = args;
         Ok(AccountId {
-            user: UserId::parse(tenant, project, user)?,
+            user: UserId::parse([tenant, project, user])?,
             bundle: check_id("bundle", bundle)?,
         })
     }
@@ -274,9 +263,9 @@ mod tests {
         assert_eq!(hash_tag("{org1}alice"), "org1");
         assert_eq!(hash_tag("a{}b"), "a{}b");
         assert_eq!(hash_tag("a{b"), "a{b");
-        assert!(UserId::parse(b"t", b"p", b"a{}b").is_err());
-        assert!(UserId::parse(b"t", b"p", b"a}b").is_err());
-        assert!(UserId::parse(b"t", b"p", b"a{b").is_ok());
+        assert!(UserId::parse([b"t", b"p", b"a{}b"]).is_err());
+        assert!(UserId::parse([b"t", b"p", b"a}b"]).is_err());
+        assert!(UserId::parse([b"t", b"p", b"a{b"]).is_ok());
         let key = account("t", "p", "{org1}alice", "b").key().0;
         assert!(key.starts_with(b"q:{org1}:"));
     }
