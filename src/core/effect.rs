@@ -157,7 +157,7 @@ impl<'a> Effect<'a> {
             let lease = match &decision.lease {
                 // A new lease usually goes last: look from the back.
                 Some(id) => {
-                    let held = account.leases.iter().rev().find(|l| l.id == *id)?;
+                    let held = account.leases().iter().rev().find(|l| l.id == *id)?;
                     Some(NewLease {
                         id: LeaseRef::of(&held.id),
                         expires_at: held.expires_at,
@@ -329,7 +329,7 @@ impl<'a> Effect<'a> {
     pub(crate) fn apply(&self, account: &mut Account) -> Result<(), EffectError> {
         if let Some(Change::Release { lease }) = &self.change {
             let id = lease.to_id();
-            if !account.leases.iter().any(|l| l.id == id) {
+            if !account.leases().iter().any(|l| l.id == id) {
                 return Err(EffectError::NotHeld);
             }
         }
@@ -604,7 +604,7 @@ mod tests {
             pair.admit(&p, &req, T0, 0);
             ids.push(id);
         }
-        assert_eq!(pair.master.leases.len(), MAX_LEASES);
+        assert_eq!(pair.master.leases().len(), MAX_LEASES);
         assert!(pair.bytes < 170, "admit: {} bytes", pair.bytes);
         pair.commit(1, Some(&ids[7]), T0 + 1);
         assert!(pair.bytes < 170, "commit: {} bytes", pair.bytes);
@@ -613,7 +613,7 @@ mod tests {
         // Every lease expires: one prune of 4,094 leases is a dozen bytes.
         pair.commit(0, None, T0 + 700_000);
         assert!(pair.bytes < 20, "prune: {} bytes", pair.bytes);
-        assert!(pair.master.leases.is_empty());
+        assert!(pair.master.leases().is_empty());
         assert_eq!(pair.replica, pair.master);
     }
 
