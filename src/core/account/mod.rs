@@ -1140,8 +1140,10 @@ mod tests {
         acc.extra.as_deref_mut().unwrap().first_expiry = 0;
         assert!(acc.check().is_err());
         // An empty optional part is never kept (equal states are equal values).
-        let mut acc = Account::default();
-        acc.extra = Some(Box::default());
+        let acc = Account {
+            extra: Some(Box::default()),
+            ..Account::default()
+        };
         assert_eq!(acc.check(), Err(BadState("an empty lease part is kept")));
     }
 
