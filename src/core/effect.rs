@@ -143,36 +143,25 @@ impl fmt::Display for EffectError {
 impl std::error::Error for EffectError {}
 
 impl<'a> Effect<'a> {
-    /// What `Account::admit` changed, read from its decision and the account after it; none
-    /// when nothing changed, or when the lease the decision names is not in the account.
+    /// What `Account::admit` changed, read from its decision (and the account's lifetime mark
+    /// after it); none when nothing changed.
     pub(crate) fn admitted(
         at: Millis,
-        decision: &AdmitDecision,
-        account: &'a Account,
+        decision: &'a AdmitDecision,
+        account: &Account,
     ) -> Option<Self> {
         if !decision.changed {
             return None;
         }
-        let change = if decision.counted {
-            let lease = match &decision.lease {
-                // A new lease usually goes last: look from the back.
-                Some(id) => {
-                    let held = account.leases().iter().rev().find(|l| l.id == *id)?;
-                    Some(NewLease {
-                        id: LeaseRef::of(&held.id),
-                        expires_at: held.expires_at,
-                        reserved: held.reserved,
-                    })
-                }
-                None => None,
-            };
-            Some(Change::Count {
-                lifetime: account.lifetime,
-                lease,
-            })
-        } else {
-            None
-        };
+        let change = decision.counted.then(|| Change::Count {
+            lifetime: account.lifetime,
+            // The lease the admission took: read from the decision, not looked up again.
+            lease: decision.lease.as_ref().map(|id| NewLease {
+                id: LeaseRef::of(id),
+                expires_at: decision.lease_expires_at,
+                reserved: decision.reserved,
+            }),
+        });
         Some(Effect {
             at,
             prune: decision.pruned,

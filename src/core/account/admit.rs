@@ -133,6 +133,7 @@ impl Account {
             violations: 0,
             retry_after: -1,
             lease: None,
+            lease_expires_at: 0,
             reserved: 0,
             used_replenishment: false,
             remaining_requests: -1,
@@ -145,6 +146,7 @@ impl Account {
         if let Some(id) = &wanted {
             if let Some(held) = self.leases().iter().find(|l| &l.id == id) {
                 decision.lease = Some(held.id.clone());
+                decision.lease_expires_at = held.expires_at;
                 decision.reserved = held.reserved;
                 self.fill_remaining(&mut decision, limits, &now, self.reserved());
                 return Ok(decision);
@@ -189,14 +191,16 @@ impl Account {
             })
             .fold(want, u64::min);
             let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
+            let expires_at = now_ms.saturating_add(req.lease_ttl_ms.max(1));
             self.push_lease(Lease {
                 id: id.clone(),
-                expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
+                expires_at,
                 reserved: grant,
                 day: i32::try_from(now.day).unwrap_or(i32::MAX),
                 month: i32::try_from(now.month).unwrap_or(i32::MAX),
             });
             decision.lease = Some(id);
+            decision.lease_expires_at = expires_at;
             decision.reserved = grant;
         }
         decision.changed = true;

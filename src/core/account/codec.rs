@@ -84,8 +84,9 @@ impl Account {
         let extra = Extra {
             reserved_sum,
             first_expiry: leases.front().map_or(0, |l| l.expires_at),
+            last_expiry: leases.back().map_or(0, |l| l.expires_at),
             leases,
-            settled,
+            settled: (!settled.is_empty()).then(|| Box::new(settled)),
         };
         let account = Account {
             windows,

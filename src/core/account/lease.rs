@@ -19,26 +19,41 @@ impl Extra {
             pruned = true;
         }
         self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
+        if self.leases.is_empty() {
+            self.last_expiry = 0;
+        }
         // A burst of leases must not pin its memory once it is over.
         if pruned && self.leases.capacity() > 16 && self.leases.len() * 4 < self.leases.capacity() {
             self.leases.shrink_to(self.leases.len() * 2);
         }
-        if !self.settled.is_empty() {
-            let before = self.settled.len();
-            self.settled.retain(|(_, until)| *until > now);
-            pruned |= before != self.settled.len();
+        if let Some(settled) = self.settled.as_deref_mut() {
+            let before = settled.len();
+            settled.retain(|(_, until)| *until > now);
+            pruned |= before != settled.len();
+            if settled.is_empty() {
+                self.settled = None;
+            }
         }
         pruned
     }
 
     /// Adds a lease, keeping the expiry order (new leases usually go last).
     fn push_lease(&mut self, lease: Lease) {
+        self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
+        if self.leases.is_empty() {
+            self.first_expiry = lease.expires_at;
+        }
+        if lease.expires_at >= self.last_expiry {
+            // Expires last (the usual case): appended without reading the leases.
+            self.last_expiry = lease.expires_at;
+            self.leases.push_back(lease);
+            return;
+        }
         let at = self
             .leases
             .iter()
             .rposition(|l| l.expires_at <= lease.expires_at)
             .map_or(0, |i| i + 1);
-        self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
         if at == 0 {
             self.first_expiry = lease.expires_at;
         }
@@ -51,6 +66,7 @@ impl Extra {
         let gone = self.leases.remove(pos)?;
         self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
         self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
+        self.last_expiry = self.leases.back().map_or(0, |l| l.expires_at);
         Some(gone)
     }
 }
@@ -139,7 +155,7 @@ impl Account {
     pub(crate) fn settle(&mut self, id: LeaseId, until: Millis) -> bool {
         let extra = self.extra_mut();
         let held = extra.remove_lease(&id).is_some();
-        let settled = &mut extra.settled;
+        let settled = extra.settled.get_or_insert_with(Box::default);
         if settled.len() >= MAX_SETTLED {
             let oldest = settled.iter().enumerate().min_by_key(|(_, s)| s.1);
             if let Some(oldest) = oldest.map(|(i, _)| i) {
