@@ -358,6 +358,12 @@ impl Account {
         self.extra.as_ref().map_or(0, |e| e.first_expiry)
     }
 
+    /// Where the optional part lives (none for a plain account), so that a caller can ask for
+    /// it to be brought into the cache while it does other work before deciding.
+    pub(crate) fn extra_address(&self) -> Option<*const u8> {
+        self.extra.as_deref().map(|e| std::ptr::from_ref(e).cast())
+    }
+
     /// The optional part, created when missing (call `tidy` after removing from it).
     fn extra_mut(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Box::default)
