@@ -172,7 +172,7 @@ fn admit_with(
             let (found, load) = match cache.lookup(user_key, now) {
                 Lookup::Fresh(rows, fresh_until) => {
                     let found = pick(rows, parsed.account.bundle, now);
-                    memo = Some(CreditMemo::new(&key, found, rows, epoch, fresh_until, now));
+                    memo = CreditMemo::new(&key, found, rows, epoch, fresh_until, now);
                     (Ok(Some(found)), None)
                 }
                 Lookup::Stale { rows, refresh } => {
@@ -326,7 +326,7 @@ fn decide(
         peek: parsed.peek,
     };
     let decided = update(ctx, account_key, |account| {
-        let before = (account.leases.len(), account.settled.len());
+        let before = (account.leases().len(), account.settled().len());
         match account.admit(&policy, &request, now, clock::new_lease_id) {
             Ok(decision) => {
                 let usage = parsed.verbose.then(|| account.usage(now));
@@ -339,7 +339,7 @@ fn decide(
             }
             // Deciding may have pruned before it failed.
             Err(e) => {
-                let pruned = before != (account.leases.len(), account.settled.len());
+                let pruned = before != (account.leases().len(), account.settled().len());
                 (
                     Err(e),
                     Effect::pruned(now, pruned).map_or(Propagate::Nothing, encoded),
