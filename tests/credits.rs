@@ -103,6 +103,13 @@ impl Env {
         env
     }
 
+    /// [`Env::start`] and a connection to it.
+    fn start_con() -> (Env, redis::Connection) {
+        let env = Env::start();
+        let con = env.con();
+        (env, con)
+    }
+
     fn con(&self) -> redis::Connection {
         self.server.client()
     }
@@ -242,8 +249,7 @@ fn bundle_of(r: &Option<HashMap<String, Value>>) -> Option<String> {
 
 #[test]
 fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_ones() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "alice", "*"];
     let before = now_s();
     let expires = before + 3600;
@@ -382,8 +388,7 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
 
 #[test]
 fn grant_reactivates_a_revoked_row() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "bob", "gpt"];
     let first = con.grant(ids, "REQUESTS_PER_DAY 5");
     assert_eq!(con.revoke(ids), 1);
@@ -414,8 +419,7 @@ fn grant_reactivates_a_revoked_row() {
 
 #[test]
 fn expires_in_and_expires_at_set_the_expiry() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "carol", "*"];
 
     let before = now_s();
@@ -450,8 +454,7 @@ fn expires_in_and_expires_at_set_the_expiry() {
 
 #[test]
 fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
 
     // Missing row: a top-up from zero, never expiring.
     let missing = [T, P, "dave", "missing"];
@@ -550,8 +553,7 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
 
 #[test]
 fn a_purchase_id_is_applied_once_per_tenant_and_project() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let dup_before = env.info_i64("quota_grants_duplicate");
 
     let star = [T, P, "erin", "*"];
@@ -626,8 +628,7 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
 
 #[test]
 fn get_prefers_the_bundle_row_then_the_star_row_then_nil() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (_env, mut con) = Env::start_con();
     assert!(
         con.get([T, P, "gina", "gpt"]).is_none(),
         "nothing granted yet"
@@ -659,8 +660,7 @@ fn get_prefers_the_bundle_row_then_the_star_row_then_nil() {
 
 #[test]
 fn an_expired_bundle_row_falls_back_to_the_star_row() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     con.grant([T, P, "hank", "*"], "REQUESTS_PER_DAY 1");
     let r = con.grant([T, P, "hank", "gpt"], "REQUESTS_PER_DAY 2 EXPIRES_IN 1");
     let expires = int_field(&r, "expires_at");
@@ -703,8 +703,7 @@ fn an_expired_bundle_row_falls_back_to_the_star_row() {
 
 #[test]
 fn revoke_answers_1_then_0_and_soft_deletes() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "ivy", "gpt"];
     assert_eq!(con.revoke(ids), 0, "nothing to revoke");
     con.grant(ids, "REQUESTS_PER_DAY 3");
@@ -726,8 +725,7 @@ fn revoke_answers_1_then_0_and_soft_deletes() {
 
 #[test]
 fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (_env, mut con) = Env::start_con();
     let user = [T, P, "jack"];
     assert!(con.list(user, false).is_empty());
     assert!(con.list(user, true).is_empty());
@@ -786,8 +784,7 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
 
 #[test]
 fn cleanup_deactivates_expired_rows_and_every_change_is_an_event() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let cleanups = env.info_i64("quota_cleanups");
     // Nothing expired yet.
     con.grant([T, P, "kim", "e1"], "REQUESTS_PER_DAY 1 EXPIRES_IN 1");
@@ -884,8 +881,7 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
 
 #[test]
 fn grant_and_revoke_write_through_the_cache() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "nora", "gpt"];
     assert!(
         con.get(ids).is_none(),
@@ -967,8 +963,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
 
 #[test]
 fn unicode_and_quotes_in_ids_round_trip_unchanged() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let tenant = "tén'ant \"q\" \\ 100%";
     let project = "プロジェクト; DROP TABLE x; --";
     let user = "{org1}üser 😀 'o''k' \t x";
@@ -1104,8 +1099,7 @@ fn assert_cannot_block(what: &str, v: &Value) {
 
 #[test]
 fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change_nothing() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     con.grant([T, P, "rita", "exp"], "REQUESTS_PER_DAY 1 EXPIRES_IN 1");
     con.grant([T, P, "rita", "gpt"], "REQUESTS_PER_DAY 1");
     // An expired row, so that a CLEANUP that ran would change something.
@@ -1182,8 +1176,7 @@ fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change
 
 #[test]
 fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "sam", "gpt"];
     let received = env.info_i64("quota_notify_received");
     con.grant(ids, "REQUESTS_PER_DAY 4");
@@ -1241,8 +1234,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
 
 #[test]
 fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     con.grant([T, P, "u", "b"], "REQUESTS_PER_DAY 1 PURCHASE p0");
     let snap = env.snapshot();
     let grants = env.info_i64("quota_grants");
@@ -1632,8 +1624,7 @@ fn module_list_does_not_show_the_pg_url_password() {
 
 #[test]
 fn config_set_changes_take_effect() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "uma", "*"];
     con.grant(ids, "REQUESTS_PER_DAY 1");
     con.get(ids);
@@ -1757,8 +1748,7 @@ fn config_set_changes_take_effect() {
 
 #[test]
 fn info_quota_has_every_documented_field() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     con.grant([T, P, "wes", "*"], "REQUESTS_PER_DAY 1");
     let info = env.server.info("quota");
     for f in INFO_FIELDS {

@@ -166,18 +166,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     let mut con = client(&server, Duration::from_secs(10));
 
     // A user whose credits are cached (write-through) before the stall.
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "warm",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1000",
-        ],
-    );
+    con.grant(["t", "p", "warm", "*"], "REQUESTS_PER_DAY 1000");
     // Base 0: admitted only thanks to the cached credit.
     let warm_admit = owned(&[
         "QUOTA.ADMIT",
@@ -586,19 +575,7 @@ fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
         "a write that failed on the lock changed the row"
     );
     // And once the lock is gone, the same top-up applies exactly once.
-    let m = query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "locked",
-            "*",
-            "TOKENS_PER_DAY",
-            "5",
-            "ADD",
-        ],
-    );
+    let m = con.grant(["t", "p", "locked", "*"], "TOKENS_PER_DAY 5 ADD");
     assert_eq!(field_i64(&m, "additional_tokens_per_day"), 5);
     assert_eq!(field_i64(&m, "additional_requests_per_day"), 5);
 }
@@ -614,18 +591,7 @@ fn shutdown_while_clients_wait_on_a_stalled_postgres_never_hangs() {
         &[("pg-timeout-ms", "30000"), ("pool-size", "2")],
     );
     let mut con = client(&server, Duration::from_secs(10));
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "warm",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
-    );
+    con.grant(["t", "p", "warm", "*"], "REQUESTS_PER_DAY 1");
     assert!(
         wait_until(Duration::from_secs(10), || server
             .info("quota")

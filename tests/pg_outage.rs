@@ -129,6 +129,18 @@ fn assert_pg_error(what: &str, r: redis::RedisResult<Value>, took: Duration) {
     assert!(took < limit(), "{what} took {took:?} (limit {:?})", limit());
 }
 
+/// Redis on a private PostgreSQL, its listener up, alice granted 5 requests a day (and cached
+/// by the write-through): what the outages start from.
+fn alice_cached(pg: &PgServer, schema: &str) -> (RedisServer, redis::Connection) {
+    let server = start_redis(pg, schema);
+    // The listener's first connect clears the cache: let it happen before caching anything.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
+    assert_eq!(credit(&mut con, "alice"), Some(5), "alice is cached");
+    (server, con)
+}
+
 /// Once PostgreSQL is back, the listener reconnects by itself and NOTIFY works again: alice's
 /// credit (`was`) changed by SQL to `now` is served within 5 s, and `user` (uncached) gets
 /// its credits again.
@@ -160,13 +172,7 @@ fn assert_notify_works(
 fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_redis_restart() {
     let pg = PgServer::start_private();
     let schema = unique_schema();
-    let server = start_redis(&pg, &schema);
-    // The listener's first connect clears the cache: let it happen before caching anything.
-    wait_notify(&server, "listening", Duration::from_secs(15));
-    let mut con = server.client();
-
-    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
-    assert_eq!(credit(&mut con, "alice"), Some(5), "alice is cached");
+    let (server, mut con) = alice_cached(&pg, &schema);
 
     pg.stop();
 
@@ -234,11 +240,7 @@ fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_r
 fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
     let pg = PgServer::start_private();
     let schema = unique_schema();
-    let server = start_redis(&pg, &schema);
-    wait_notify(&server, "listening", Duration::from_secs(15));
-    let mut con = server.client();
-    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
-    assert!(credit(&mut con, "alice").is_some());
+    let (server, mut con) = alice_cached(&pg, &schema);
 
     // SIGSTOP: connections hang, nothing answers.
     pg.pause();
