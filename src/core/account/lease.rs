@@ -43,7 +43,7 @@ impl Extra {
         if self.leases.is_empty() {
             self.first_expiry = lease.expires_at;
         }
-        if lease.expires_at >= self.last_expiry {
+        if self.leases.is_empty() || lease.expires_at >= self.last_expiry {
             // Expires last (the usual case): appended without reading the leases.
             self.last_expiry = lease.expires_at;
             self.leases.push_back(lease);
