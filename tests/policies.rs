@@ -474,7 +474,7 @@ fn an_admit_waiting_on_credits_decides_with_the_policy_it_started_with_though_it
         .start();
     server.wait_notify_state("listening", Duration::from_secs(15));
     let mut con = server.client();
-    set_policy(&mut con, "pro", &["REQUESTS_PER_DAY", "1"]);
+    set_policy(&mut con, "pro", "REQUESTS_PER_DAY 1");
 
     // erin's credits are not cached: her admission waits on their load, which hangs.
     pg.pause();
