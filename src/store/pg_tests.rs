@@ -15,6 +15,7 @@ use super::schema::{substitute, DROP_SQL};
 use super::*;
 use crate::core::credit::Cents;
 use crate::core::policy::LimitField;
+use crate::core::policy::LimitField::*;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -27,6 +28,19 @@ fn pg_url(test: &str) -> Option<String> {
         }
     }
 }
+
+/// The test's fixture, or returns from the test (skipped) when no PostgreSQL is configured.
+macro_rules! fixture {
+    ($name:literal) => {
+        match Fixture::new($name) {
+            Some(fx) => fx,
+            None => return,
+        }
+    };
+}
+
+/// An event row: bundle, type, purchase id, payload.
+type Event = (String, String, Option<String>, serde_json::Value);
 
 /// A deployed store in a fresh schema, dropped again when the fixture goes.
 struct Fixture {
@@ -64,7 +78,14 @@ impl Fixture {
         Client::connect(&self.url, NoTls).expect("direct connection")
     }
 
-    fn events(&self, user: &UserId) -> Vec<(String, String, Option<String>, serde_json::Value)> {
+    /// The user's events of one type.
+    fn events_of(&self, user: &UserId, kind: &str) -> Vec<Event> {
+        let mut events = self.events(user);
+        events.retain(|e| e.1 == kind);
+        events
+    }
+
+    fn events(&self, user: &UserId) -> Vec<Event> {
         let sql = substitute(
             "SELECT bundle_id, event_type, purchase_id, payload::text \
              FROM \"control_plane\".user_quota_replenishment_event \
@@ -130,9 +151,7 @@ fn req(amounts: &[(LimitField, i64)]) -> GrantRequest {
 
 #[test]
 fn deploy_is_idempotent_and_concurrent_safe() {
-    let Some(fx) = Fixture::new("deploy") else {
-        return;
-    };
+    let fx = fixture!("deploy");
     fx.store.deploy().expect("second deploy");
     fx.store.deploy().expect("third deploy");
     // Several nodes deploying a fresh schema at once.
@@ -164,15 +183,13 @@ fn deploy_is_idempotent_and_concurrent_safe() {
 
 #[test]
 fn grant_replaces_and_round_trips_every_field() {
-    let Some(fx) = Fixture::new("grant_replace") else {
-        return;
-    };
+    let fx = fixture!("grant_replace");
     let now = now_ms();
     let mut r = req(&[
-        (LimitField::RequestsPerDay, 50),
-        (LimitField::TotalRequests, i64::from(i32::MAX)),
-        (LimitField::TokensPerMonth, i64::MAX),
-        (LimitField::MaxConcurrent, 3),
+        (RequestsPerDay, 50),
+        (TotalRequests, i64::from(i32::MAX)),
+        (TokensPerMonth, i64::MAX),
+        (MaxConcurrent, 3),
     ]);
     r.expiry = Some(now / 1000 + 3600);
     r.expiry_given = true;
@@ -185,15 +202,7 @@ fn grant_replaces_and_round_trips_every_field() {
     assert_eq!(&*rec.bundle_id, "b1");
     // requests per day, per month, total; tokens per hour, day, month; concurrent.
     let max = i64::from(i32::MAX);
-    let amounts = [
-        Some(50),
-        None,
-        Some(max),
-        None,
-        None,
-        Some(i64::MAX),
-        Some(3),
-    ];
+    let amounts = [50, -1, max, -1, -1, i64::MAX, 3].map(|v| (v >= 0).then_some(v));
     assert_eq!(rec.additional.to_options(), amounts);
     assert_eq!(rec.expires_at, Some(now / 1000 + 3600));
     assert_eq!(rec.purchase_id.as_deref(), Some("pi_1"));
@@ -210,11 +219,11 @@ fn grant_replaces_and_round_trips_every_field() {
     assert_eq!(fx.store.load_user(&USER).expect("load"), vec![rec.clone()]);
 
     // Replace: absent amounts become NULL, expiry never, row stays one row.
-    let r2 = req(&[(LimitField::TokensPerDay, 7)]);
+    let r2 = req(&[(TokensPerDay, 7)]);
     let out2 = fx.store.grant(&USER, "b1", &r2, now).expect("grant 2");
     let rec2 = out2.record.expect("record 2");
-    assert_eq!(rec2.additional.get(LimitField::RequestsPerDay), None);
-    assert_eq!(rec2.additional.get(LimitField::TokensPerDay), Some(7));
+    assert_eq!(rec2.additional.get(RequestsPerDay), None);
+    assert_eq!(rec2.additional.get(TokensPerDay), Some(7));
     assert_eq!(rec2.expires_at, None);
     assert_eq!(rec2.purchase_id, None);
     assert_eq!(rec2.purchase_amount_usd, None);
@@ -233,9 +242,7 @@ fn grant_replaces_and_round_trips_every_field() {
 
 #[test]
 fn money_is_exact() {
-    let Some(fx) = Fixture::new("money") else {
-        return;
-    };
+    let fx = fixture!("money");
     for (bundle, text, stored) in [
         ("a", "10.50", "10.50"),
         ("b", "0.07", "0.07"),
@@ -274,43 +281,35 @@ fn money_is_exact() {
 
 #[test]
 fn add_tops_up_live_rows_and_restarts_dead_ones() {
-    let Some(fx) = Fixture::new("grant_add") else {
-        return;
-    };
+    let fx = fixture!("grant_add");
     let now = now_ms();
-    let mut add = req(&[
-        (LimitField::RequestsPerDay, 5),
-        (LimitField::TokensPerHour, 100),
-    ]);
+    let mut add = req(&[(RequestsPerDay, 5), (TokensPerHour, 100)]);
     add.add = true;
 
     // Missing row: from zero, expiry never.
     let rec = record_of(&fx, "new", &add, now);
-    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
-    assert_eq!(rec.additional.get(LimitField::TokensPerHour), Some(100));
+    assert_eq!(rec.additional.get(RequestsPerDay), Some(5));
+    assert_eq!(rec.additional.get(TokensPerHour), Some(100));
     assert_eq!(rec.expires_at, None);
 
     // Live row: amounts add, expiry kept, absent amounts kept.
-    let mut base = req(&[
-        (LimitField::RequestsPerDay, 10),
-        (LimitField::MaxConcurrent, 2),
-    ]);
+    let mut base = req(&[(RequestsPerDay, 10), (MaxConcurrent, 2)]);
     base.expiry = Some(now / 1000 + 600);
     base.expiry_given = true;
     fx.store.grant(&USER, "live", &base, now).expect("base");
     let rec = record_of(&fx, "live", &add, now);
-    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(15));
-    assert_eq!(rec.additional.get(LimitField::TokensPerHour), Some(100));
-    assert_eq!(rec.additional.get(LimitField::MaxConcurrent), Some(2));
+    assert_eq!(rec.additional.get(RequestsPerDay), Some(15));
+    assert_eq!(rec.additional.get(TokensPerHour), Some(100));
+    assert_eq!(rec.additional.get(MaxConcurrent), Some(2));
     assert_eq!(rec.expires_at, Some(now / 1000 + 600));
 
     // Expired row: from zero, expiry never unless given.
-    let mut old = req(&[(LimitField::RequestsPerDay, 10)]);
+    let mut old = req(&[(RequestsPerDay, 10)]);
     old.expiry = Some(now / 1000 - 10);
     old.expiry_given = true;
     fx.store.grant(&USER, "expired", &old, now).expect("old");
     let rec = record_of(&fx, "expired", &add, now);
-    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
+    assert_eq!(rec.additional.get(RequestsPerDay), Some(5));
     assert_eq!(rec.expires_at, None);
     assert!(rec.active);
 
@@ -318,8 +317,8 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
     fx.store.grant(&USER, "revoked", &base, now).expect("base");
     assert!(fx.store.revoke(&USER, "revoked").expect("revoke").revoked);
     let rec = record_of(&fx, "revoked", &add, now);
-    assert_eq!(rec.additional.get(LimitField::RequestsPerDay), Some(5));
-    assert_eq!(rec.additional.get(LimitField::MaxConcurrent), None);
+    assert_eq!(rec.additional.get(RequestsPerDay), Some(5));
+    assert_eq!(rec.additional.get(MaxConcurrent), None);
     assert!(rec.active);
 
     let kinds: Vec<String> = fx.events(&USER).into_iter().map(|e| e.1).collect();
@@ -329,7 +328,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
     );
 
     // Overflow: a clear error and nothing written (no placeholder row left behind).
-    let mut huge = req(&[(LimitField::RequestsPerDay, i64::from(i32::MAX))]);
+    let mut huge = req(&[(RequestsPerDay, i64::from(i32::MAX))]);
     huge.add = true;
     let err = fx
         .store
@@ -340,7 +339,7 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
         err.to_string(),
         "ERR ADD would take REQUESTS_PER_DAY above 2147483647"
     );
-    let too_big = req(&[(LimitField::MaxConcurrent, i64::from(i32::MAX) + 1)]);
+    let too_big = req(&[(MaxConcurrent, i64::from(i32::MAX) + 1)]);
     let err = fx
         .store
         .grant(&USER, "fresh", &too_big, now)
@@ -359,11 +358,9 @@ fn add_tops_up_live_rows_and_restarts_dead_ones() {
 
 #[test]
 fn duplicate_purchase_ids_apply_once() {
-    let Some(fx) = Fixture::new("dup_seq") else {
-        return;
-    };
+    let fx = fixture!("dup_seq");
     let now = now_ms();
-    let mut r = req(&[(LimitField::RequestsPerDay, 50)]);
+    let mut r = req(&[(RequestsPerDay, 50)]);
     r.add = true;
     r.purchase_id = Some("pi_42".into());
     r.amount = Cents::parse("5");
@@ -416,9 +413,7 @@ fn duplicate_purchase_ids_apply_once() {
 
 #[test]
 fn concurrent_duplicate_purchase_ids_apply_once() {
-    let Some(fx) = Fixture::new("dup_conc") else {
-        return;
-    };
+    let fx = fixture!("dup_conc");
     let now = now_ms();
     for (round, bundles) in [(0, ["b"; 8]), (1, ["b", "c", "d", "e", "f", "g", "h", "i"])] {
         let barrier = Arc::new(Barrier::new(bundles.len()));
@@ -431,7 +426,7 @@ fn concurrent_duplicate_purchase_ids_apply_once() {
                     bundle.to_string(),
                 );
                 thread::spawn(move || {
-                    let mut r = req(&[(LimitField::TokensPerDay, 1000)]);
+                    let mut r = req(&[(TokensPerDay, 1000)]);
                     r.add = true;
                     r.purchase_id = Some(format!("pi_conc_{round}"));
                     barrier.wait();
@@ -453,7 +448,7 @@ fn concurrent_duplicate_purchase_ids_apply_once() {
     // Round 0 applied once to "b"; round 1 applied once to one bundle (maybe "b" again).
     let total: i64 = rows
         .iter()
-        .filter_map(|r| r.additional.get(LimitField::TokensPerDay))
+        .filter_map(|r| r.additional.get(TokensPerDay))
         .sum();
     assert_eq!(total, 2000, "{rows:?}");
     // Losers of round 1 left no placeholder rows behind.
@@ -463,11 +458,9 @@ fn concurrent_duplicate_purchase_ids_apply_once() {
 
 #[test]
 fn revoke_list_and_order() {
-    let Some(fx) = Fixture::new("revoke_list") else {
-        return;
-    };
+    let fx = fixture!("revoke_list");
     let now = now_ms();
-    let r = req(&[(LimitField::RequestsPerDay, 1)]);
+    let r = req(&[(RequestsPerDay, 1)]);
     let mut expired = r.clone();
     expired.expiry = Some(now / 1000 - 1);
     expired.expiry_given = true;
@@ -513,11 +506,7 @@ fn revoke_list_and_order() {
         .expect("empty")
         .is_empty());
 
-    let revokes: Vec<_> = fx
-        .events(&USER)
-        .into_iter()
-        .filter(|e| e.1 == "revoke")
-        .collect();
+    let revokes = fx.events_of(&USER, "revoke");
     assert_eq!(revokes.len(), 1);
     assert_eq!(revokes[0].0, "a");
     assert_eq!(revokes[0].3["values"]["additional_requests_per_day"], 1);
@@ -525,9 +514,7 @@ fn revoke_list_and_order() {
 
 #[test]
 fn ids_with_quotes_and_unicode_are_unchanged() {
-    let Some(fx) = Fixture::new("ids") else {
-        return;
-    };
+    let fx = fixture!("ids");
     let user = UserId {
         tenant: "t'; DROP TABLE x; --",
         project: "p\"q\\r",
@@ -536,12 +523,7 @@ fn ids_with_quotes_and_unicode_are_unchanged() {
     let bundle = "bündle '\"*";
     let rec = fx
         .store
-        .grant(
-            &user,
-            bundle,
-            &req(&[(LimitField::TokensPerHour, 1)]),
-            now_ms(),
-        )
+        .grant(&user, bundle, &req(&[(TokensPerHour, 1)]), now_ms())
         .expect("grant")
         .record
         .expect("record");
@@ -558,11 +540,9 @@ fn ids_with_quotes_and_unicode_are_unchanged() {
 
 #[test]
 fn cleanup_expires_rows_once_with_events() {
-    let Some(fx) = Fixture::new("cleanup") else {
-        return;
-    };
+    let fx = fixture!("cleanup");
     let now = now_ms();
-    let mut soon = req(&[(LimitField::RequestsPerDay, 1)]);
+    let mut soon = req(&[(RequestsPerDay, 1)]);
     soon.expiry = Some(now / 1000 - 5);
     soon.expiry_given = true;
     soon.purchase_id = Some("pi_c".into());
@@ -592,11 +572,7 @@ fn cleanup_expires_rows_once_with_events() {
     );
     assert!(fx.store.load_user(&USER).expect("load").is_empty());
     assert_eq!(fx.store.load_user(&bob).expect("load bob").len(), 2);
-    let expires: Vec<_> = fx
-        .events(&USER)
-        .into_iter()
-        .filter(|e| e.1 == "expire")
-        .collect();
+    let expires = fx.events_of(&USER, "expire");
     assert_eq!(expires.len(), 2);
     assert_eq!(expires[0].3["values"]["purchase_id"], "pi_c");
     assert_eq!(expires[0].3["values"]["purchase_amount_usd"], "1.25");
@@ -629,9 +605,7 @@ fn cleanup_expires_rows_once_with_events() {
 
 #[test]
 fn lock_waits_time_out_and_outages_are_unavailable() {
-    let Some(fx) = Fixture::new("errors") else {
-        return;
-    };
+    let fx = fixture!("errors");
     let fast = Store::new(&StoreConfig {
         url: fx.url.clone(),
         credentials: Default::default(),
@@ -695,9 +669,7 @@ fn lock_waits_time_out_and_outages_are_unavailable() {
 
 #[test]
 fn event_table_is_append_only() {
-    let Some(fx) = Fixture::new("append_only") else {
-        return;
-    };
+    let fx = fixture!("append_only");
     fx.store
         .grant(&USER, "b", &req(&[]), now_ms())
         .expect("grant");
@@ -717,9 +689,7 @@ fn event_table_is_append_only() {
 
 #[test]
 fn listener_reports_changes_and_reconnects() {
-    let Some(fx) = Fixture::new("listener") else {
-        return;
-    };
+    let fx = fixture!("listener");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&seen);
     let listener = Listener::spawn(
@@ -764,12 +734,14 @@ fn listener_reports_changes_and_reconnects() {
         seen.lock()
     );
     // A rolled-back duplicate sends nothing; count the changes so far.
-    let before = seen
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter(|e| **e == changed)
-        .count();
+    let times_seen = |event: &ListenerEvent| {
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| *e == event)
+            .count()
+    };
+    let before = times_seen(&changed);
 
     // Kill the listener's backend: it reports the loss and listens again.
     fx.client()
@@ -803,12 +775,7 @@ fn listener_reports_changes_and_reconnects() {
         &|e| e.iter().filter(|x| **x == changed).count() > before
     ));
     thread::sleep(Duration::from_millis(500));
-    let after = seen
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter(|e| **e == changed)
-        .count();
+    let after = times_seen(&changed);
     assert_eq!(after, before + 1, "{:?}", seen.lock());
 
     let started = Instant::now();
