@@ -14,7 +14,7 @@ use common::*;
 use redis::ConnectionLike;
 
 /// Every field of a record, in no particular order (GRANT adds `duplicate`).
-const RECORD_FIELDS: [&str; 18] = [
+const RECORD_FIELDS: [&str; 22] = [
     "tenant",
     "project",
     "user_id",
@@ -33,6 +33,10 @@ const RECORD_FIELDS: [&str; 18] = [
     "active",
     "created_at",
     "updated_at",
+    "requests_balance",
+    "tokens_balance",
+    "requests_balance_debited",
+    "tokens_balance_debited",
 ];
 
 /// Every field `INFO quota` must carry.

@@ -8,7 +8,7 @@
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
 use super::{outcome, parse, Waiting};
 use crate::core::cache::Lookup;
-use crate::core::credit::{select_credit, Replenishment};
+use crate::core::credit::{select_credit, BalanceKind, Replenishment};
 use crate::core::policy::LimitField;
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
@@ -22,7 +22,7 @@ use crate::runtime::{cache, clock};
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
 /// `extra` more pairs are left for the caller. A missing row writes nil columns.
 fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
-    let r = r.map(11 + LimitField::ALL.len() + extra);
+    let r = r.map(15 + LimitField::ALL.len() + extra);
     let r = r.field("tenant", |r| r.str(ids[0]));
     let r = r.field("project", |r| r.str(ids[1]));
     let r = r.field("user_id", |r| r.str(ids[2]));
@@ -45,8 +45,21 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
     });
     let r = r.field("active", |r| r.opt_int(row.map(|x| i64::from(x.active))));
     let r = r.field("created_at", |r| r.opt_int(row.map(|x| x.created_at)));
-    r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)))
+    let mut r = r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)));
+    let balance = row.and_then(|x| x.balance.as_deref());
+    for kind in BalanceKind::ALL {
+        let granted = balance.and_then(|b| b.granted[kind as usize]);
+        r = r.field(kind.column(), |r| r.opt_int(granted));
+    }
+    for (kind, name) in BalanceKind::ALL.into_iter().zip(DEBITED) {
+        let debited = balance.and_then(|b| b.granted[kind as usize].map(|_| b.debited(kind)));
+        r = r.field(name, |r| r.opt_int(debited));
+    }
+    r
 }
+
+/// The record fields of the flushed debits of each balance (nil without that balance).
+const DEBITED: [&str; 2] = ["requests_balance_debited", "tokens_balance_debited"];
 
 /// Replies the record that applies to `bundle` among `rows`, or nil.
 fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {

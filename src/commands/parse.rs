@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::core::credit::{Cents, GrantRequest};
+use crate::core::credit::{BalanceKind, Cents, GrantRequest};
 use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
@@ -182,6 +182,8 @@ const PURCHASE: [u8; 16] = kw("PURCHASE");
 const AMOUNT: [u8; 16] = kw("AMOUNT");
 const NOTES: [u8; 16] = kw("NOTES");
 const ADD: [u8; 16] = kw("ADD");
+const REQUESTS_BALANCE: [u8; 16] = kw("REQUESTS_BALANCE");
+const TOKENS_BALANCE: [u8; 16] = kw("TOKENS_BALANCE");
 const LEASE: [u8; 16] = kw("LEASE");
 const LEASE_TTL: [u8; 16] = kw("LEASE_TTL");
 const RESERVE: [u8; 16] = kw("RESERVE");
@@ -270,6 +272,18 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
             ADD => {
                 opts.once(15, "ADD")?;
                 req.add = true;
+            }
+            REQUESTS_BALANCE | TOKENS_BALANCE => {
+                let kind = if upper(word) == REQUESTS_BALANCE {
+                    BalanceKind::Requests
+                } else {
+                    BalanceKind::Tokens
+                };
+                opts.once(16 + kind as u32, kind.keyword())?;
+                let v = parse_amount(kind.keyword(), opts.value(kind.keyword())?)?;
+                let v = i64::try_from(v)
+                    .map_err(|_| ParseError::OutOfRange(kind.keyword(), 0, i64::MAX))?;
+                req.balances[kind as usize] = Some(v);
             }
             _ => return Err(ParseError::Unknown(shown(word))),
         }
