@@ -9,8 +9,11 @@ use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
 use super::{outcome, parse, Waiting};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, BalanceKind, Replenishment};
+use crate::core::ids::{AccountId, UserId};
+use crate::core::ledger::balance_left;
 use crate::core::policy::LimitField;
 use crate::core::Millis;
+use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
@@ -61,11 +64,32 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
 /// The record fields of the flushed debits of each balance (nil without that balance).
 const DEBITED: [&str; 2] = ["requests_balance_debited", "tokens_balance_debited"];
 
-/// Replies the record that applies to `bundle` among `rows`, or nil.
+/// Replies the record that applies to `bundle` among `rows`, or nil; with what each balance
+/// has left (`requests_balance_left`, `tokens_balance_left`: granted minus the debits flushed
+/// and not flushed yet, minus the tokens held; nil without that balance).
 fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
     match select_credit(rows, ids[3], now) {
         Some((row, _)) => {
-            record(ctx.reply(), ids, Some(row), 0);
+            let left = row.balance.as_deref().map_or([None, None], |b| {
+                let [t, p, u, _] = ids;
+                let holder = AccountId {
+                    user: UserId {
+                        tenant: t,
+                        project: p,
+                        user: u,
+                    },
+                    bundle: &row.bundle_id,
+                };
+                let mut key = AccountKey::open_read(ctx, &holder.key().0).ok();
+                let ledger = key
+                    .as_mut()
+                    .and_then(|k| k.get())
+                    .and_then(|a| a.ledger.as_deref());
+                balance_left(b, ledger, now)
+            });
+            let r = record(ctx.reply(), ids, Some(row), 2);
+            let r = r.field("requests_balance_left", |r| r.opt_int(left[0]));
+            r.field("tokens_balance_left", |r| r.opt_int(left[1]));
         }
         None => {
             ctx.reply().null();
@@ -167,6 +191,37 @@ impl Waiting for ListWait {
         for row in &rows {
             let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
             r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+        }
+        Ok(())
+    }
+}
+
+/// `QUOTA.HISTORY`: an account's hourly ledger rows, read from Postgres on a worker.
+pub(crate) fn history(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let (account, from, to) = parse::history(args)?;
+    let account = OwnedAccount::from_id(&account);
+    on_worker(ctx, HistoryWait, |client| Job::History {
+        account,
+        from,
+        to,
+        client,
+    })
+}
+
+/// A `HISTORY` waiting on its rows.
+struct HistoryWait;
+
+impl Waiting for HistoryWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        let rows = outcome!(done, Done::History);
+        let mut r = ctx.reply().array(rows.len());
+        for row in &rows {
+            let m = r.map(5);
+            let m = m.field("hour", |m| m.int(row.hour));
+            let m = m.field("requests", |m| m.int(row.requests));
+            let m = m.field("tokens", |m| m.int(row.tokens));
+            let m = m.field("requests_debited", |m| m.int(row.requests_debited));
+            r = m.field("tokens_debited", |m| m.int(row.tokens_debited));
         }
         Ok(())
     }

@@ -173,13 +173,16 @@ pub(crate) const MEMO_MAX_MS: Millis = 1000;
 /// for, the cache epoch it was read at and until when it holds: no later than the cache entry
 /// stays fresh, the next expiry among the user's rows and `MEMO_MAX_MS` after it was read. Any
 /// change to the cache moves the epoch on and so retires every memo. A memo read through
-/// another key name (the value was renamed: another user or bundle) is ignored. 80 bytes,
+/// another key name (the value was renamed: another user or bundle) is ignored. 64 bytes,
 /// kept inline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CreditMemo {
-    /// `Additional` with `i64::MIN` for an absent amount (an amount below zero adds nothing,
-    /// exactly as an absent one).
-    amounts: [i64; LIMIT_FIELDS],
+    /// The amounts of the `INT` columns (requests per day, per month, total; concurrency),
+    /// `i32::MIN` for an absent one (an amount below zero adds nothing, exactly as an absent
+    /// one), and of the `BIGINT` columns (tokens per hour, day, month), `i64::MIN` if absent:
+    /// 16 bytes less than seven `i64`s, in every account key.
+    ints: [i32; 4],
+    bigints: [i64; 3],
     /// `account_tag` of the account key the credit was chosen for.
     account: u64,
     /// The low 32 bits of the cache epoch: a memo lives at most `MEMO_MAX_MS`, far less than
@@ -214,11 +217,14 @@ impl CreditMemo {
         fresh_until: Millis,
         now: Millis,
     ) -> CreditMemo {
-        let mut amounts = [i64::MIN; LIMIT_FIELDS];
+        let mut ints = [i32::MIN; 4];
+        let mut bigints = [i64::MIN; 3];
         if let Some(add) = chosen.0 {
-            for (out, v) in amounts.iter_mut().zip(add.to_options()) {
-                *out = v.unwrap_or(i64::MIN);
-            }
+            let [rpd, rpm, total, tph, tpd, tpm, conc] = add.to_options();
+            // An INT column holds an i32; a value out of its range (never stored) adds nothing.
+            let int = |v: Option<i64>| v.and_then(|v| i32::try_from(v).ok()).unwrap_or(i32::MIN);
+            ints = [int(rpd), int(rpm), int(total), int(conc)];
+            bigints = [tph, tpd, tpm].map(|v| v.unwrap_or(i64::MIN));
         }
         let until = rows
             .iter()
@@ -230,7 +236,8 @@ impl CreditMemo {
                 Millis::min,
             );
         CreditMemo {
-            amounts,
+            ints,
+            bigints,
             account: account_tag(account),
             epoch: epoch as u32,
             until,
@@ -256,8 +263,19 @@ impl CreditMemo {
         }
         let additional = match self.source {
             CreditSource::Bundle | CreditSource::Global => {
-                let amounts = self.amounts.map(|v| (v != i64::MIN).then_some(v));
-                Some(Additional::from_options(amounts))
+                let int = |v: i32| (v != i32::MIN).then_some(i64::from(v));
+                let big = |v: i64| (v != i64::MIN).then_some(v);
+                let [rpd, rpm, total, conc] = self.ints;
+                let [tph, tpd, tpm] = self.bigints;
+                Some(Additional::from_options([
+                    int(rpd),
+                    int(rpm),
+                    int(total),
+                    big(tph),
+                    big(tpd),
+                    big(tpm),
+                    int(conc),
+                ]))
             }
             _ => None,
         };
@@ -362,7 +380,12 @@ impl fmt::Display for GrantError {
                 field.column_max()
             ),
             GrantError::BalanceOverflow(kind) => {
-                write!(f, "ERR ADD would take {} above {}", kind.keyword(), i64::MAX)
+                write!(
+                    f,
+                    "ERR ADD would take {} above {}",
+                    kind.keyword(),
+                    i64::MAX
+                )
             }
             GrantError::AmountOverflow => {
                 f.write_str("ERR ADD would take AMOUNT above 99999999.99")

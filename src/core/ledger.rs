@@ -17,6 +17,7 @@
 //! grows, so a part created again later never reuses a sequence a previous part used.
 //! Pure: no Redis, no PostgreSQL, time passed in.
 
+use super::credit::{BalanceKind, RowBalance};
 use super::window::Window;
 use super::Millis;
 
@@ -115,6 +116,24 @@ pub(crate) struct Acknowledgement {
     pub floor: Option<[u64; 2]>,
 }
 
+/// What balance `b` has left per kind (`BalanceKind` order) at `now`, given the ledger of its
+/// holder: granted, minus the debits flushed (at least the holder's floor), minus those not
+/// flushed yet, and for tokens minus the live holds. `None` for a kind `b` has no balance of.
+pub(crate) fn balance_left(
+    b: &RowBalance,
+    holder: Option<&Ledger>,
+    now: Millis,
+) -> [Option<i64>; 2] {
+    let floor = holder.map_or([0, 0], |l| l.floor);
+    let unflushed = |k: usize| holder.map_or(0, |l| l.unflushed(k));
+    let held = holder.map_or(0, |l| l.held(now));
+    let requests = b.left(BalanceKind::Requests, floor[0], unflushed(0));
+    let tokens = b
+        .left(BalanceKind::Tokens, floor[1], unflushed(1))
+        .map(|left| left.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)));
+    [requests, tokens]
+}
+
 /// A 64-bit tag for (account key, lease id): holds of several bundles share a holder, and their
 /// lease ids may be the same text.
 pub(crate) fn hold_tag(account_key: &[u8], lease: &str) -> u64 {
@@ -141,12 +160,19 @@ impl Ledger {
 
     /// Whether the part holds nothing worth keeping.
     pub(crate) fn is_idle(&self) -> bool {
-        self.hours.is_empty() && self.holds.is_empty() && self.floor == [0, 0] && self.terms.is_none()
+        self.hours.is_empty()
+            && self.holds.is_empty()
+            && self.floor == [0, 0]
+            && self.terms.is_none()
     }
 
     /// Adds changes to the hour of `at`.
     pub(crate) fn record(&mut self, at: Millis, requests: i64, tokens: i64, debits: [i64; 2]) {
-        let hour = Window::Hour.index(at);
+        self.record_hour(Window::Hour.index(at), requests, tokens, debits);
+    }
+
+    /// Adds changes to the hour with index `hour`.
+    pub(crate) fn record_hour(&mut self, hour: i64, requests: i64, tokens: i64, debits: [i64; 2]) {
         let entry = match self.hours.iter().rposition(|h| h.hour <= hour) {
             Some(i) if self.hours.get(i).is_some_and(|h| h.hour == hour) => self.hours.get_mut(i),
             found => {
@@ -168,6 +194,8 @@ impl Ledger {
                 *d = d.saturating_add(add);
             }
         }
+        // A change undone within the hour (an admission released) leaves nothing to flush.
+        self.hours.retain(|h| !h.is_zero());
         self.bound_hours();
     }
 
@@ -245,10 +273,9 @@ impl Ledger {
         }
         self.hours.retain(|h| !h.is_zero());
         self.next_seq = self.next_seq.max(ack.next_seq);
+        // PostgreSQL's totals right after this batch: exact (a refund may have lowered them).
         if let Some(floor) = ack.floor {
-            for (mine, theirs) in self.floor.iter_mut().zip(floor) {
-                *mine = (*mine).max(theirs);
-            }
+            self.floor = floor;
         }
     }
 
@@ -294,13 +321,13 @@ mod tests {
         );
         assert_eq!(l.next_seq, seq + 1);
         assert_eq!(l.floor, [1, 20]);
-        // An older floor never lowers it.
+        // The sequence never goes back; the floor is what PostgreSQL said last.
         l.acknowledge(&Acknowledgement {
             hours: vec![],
             next_seq: 0,
-            floor: Some([0, 5]),
+            floor: Some([0, 19]),
         });
-        assert_eq!((l.floor, l.next_seq), ([1, 20], seq + 1));
+        assert_eq!((l.floor, l.next_seq), ([0, 19], seq + 1));
     }
 
     #[test]
@@ -368,7 +395,10 @@ mod tests {
 
     #[test]
     fn hold_tags_tell_accounts_and_leases_apart() {
-        assert_ne!(hold_tag(b"q:{a}:1:t1:p1:a1:x", "l"), hold_tag(b"q:{a}:1:t1:p1:a1:y", "l"));
+        assert_ne!(
+            hold_tag(b"q:{a}:1:t1:p1:a1:x", "l"),
+            hold_tag(b"q:{a}:1:t1:p1:a1:y", "l")
+        );
         assert_ne!(hold_tag(b"k", "l1"), hold_tag(b"k", "l2"));
         assert_eq!(hold_tag(b"k", "l1"), hold_tag(b"k", "l1"));
     }

@@ -235,9 +235,9 @@ fn add_hours(
             for (column, id) in ids.iter_mut().zip(&batch.ids) {
                 column.push(id);
             }
-            for (column, v) in cols
-                .iter_mut()
-                .zip([h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]])
+            for (column, v) in
+                cols.iter_mut()
+                    .zip([h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]])
             {
                 column.push(v);
             }

@@ -27,7 +27,7 @@ use crate::core::Millis;
 mod error;
 
 pub(crate) use error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
-pub(crate) use ledger::{AccountBatch, BatchOutcome, HourRow, HISTORY_MAX_ROWS};
+pub(crate) use ledger::{AccountBatch, BatchOutcome, HourRow};
 pub(crate) use passfile::Credentials;
 
 pub(crate) use schema::validate_schema;

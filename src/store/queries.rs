@@ -727,7 +727,10 @@ mod tests {
         assert!(r.active);
         assert_eq!((r.created_at, r.updated_at), (1, 2));
         let b = r.balance.as_deref().unwrap();
-        assert_eq!((b.granted, b.used, b.base), ([None, Some(1000)], [70, 90], [0, 40]));
+        assert_eq!(
+            (b.granted, b.used, b.base),
+            ([None, Some(1000)], [70, 90], [0, 40])
+        );
         assert_eq!(b.left(BalanceKind::Tokens, 0, 0), Some(950));
     }
 

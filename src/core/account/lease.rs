@@ -74,6 +74,7 @@ impl Account {
             duplicate: false,
             lease_held: false,
             settled_until: None,
+            balance_debit: 0,
         };
         if let Some(id) = lease.map(LeaseId::parse) {
             if self.settled.iter().any(|(s, _)| *s == id) {
@@ -94,20 +95,31 @@ impl Account {
             outcome.lease_held = self.settle(id, until);
             outcome.settled_until = Some(until);
         }
-        self.count_tokens(tokens, now.hour, now.day, now.month);
+        outcome.balance_debit = self.token_debit(tokens, &now);
+        self.count_tokens(tokens, now_ms, now.hour, now.day, now.month);
         Ok(outcome)
     }
 
     /// Counts one admitted request in the day and month windows with these indexes and in the
     /// lifetime total.
-    pub(crate) fn count_request(&mut self, day: i64, month: i64) {
+    pub(crate) fn count_request(&mut self, at: Millis, day: i64, month: i64) {
+        self.ledger_mut(at).record(at, 1, 0, [0, 0]);
         self.req_day.add(day, 1);
         self.req_month.add(month, 1);
         self.req_total = self.req_total.saturating_add(1);
     }
 
     /// Records `tokens` used in the hour, day and month windows with these indexes.
-    pub(crate) fn count_tokens(&mut self, tokens: u64, hour: i64, day: i64, month: i64) {
+    pub(crate) fn count_tokens(
+        &mut self,
+        tokens: u64,
+        at: Millis,
+        hour: i64,
+        day: i64,
+        month: i64,
+    ) {
+        let logged = i64::try_from(tokens).unwrap_or(i64::MAX);
+        self.ledger_mut(at).record_hour(hour, 0, logged, [0, 0]);
         self.tok_hour.add(hour, tokens);
         self.tok_day.add(day, tokens);
         self.tok_month.add(month, tokens);
@@ -133,12 +145,12 @@ impl Account {
     /// the windows it was counted in. False if the lease was not held.
     pub(crate) fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
         self.prune(now_ms);
-        self.unadmit(&LeaseId::parse(lease))
+        self.unadmit(&LeaseId::parse(lease), now_ms)
     }
 
     /// Drops the held lease `id` and refunds its request in the windows it was counted in.
     /// False if the lease is not held.
-    pub(crate) fn unadmit(&mut self, id: &LeaseId) -> bool {
+    pub(crate) fn unadmit(&mut self, id: &LeaseId, at: Millis) -> bool {
         let Some(pos) = self.leases.iter().position(|l| l.id == *id) else {
             return false;
         };
@@ -148,6 +160,33 @@ impl Account {
         self.req_day.refund(i64::from(held.day));
         self.req_month.refund(i64::from(held.month));
         self.req_total = self.req_total.saturating_sub(1);
+        self.ledger_mut(at).record(at, -1, 0, [0, 0]);
+        self.drop_idle_ledger();
         true
+    }
+
+    /// The tokens of a commit of `tokens` at `now` that its balance pays: how much further
+    /// beyond its limit the most exceeded token window goes (limits as the account's last
+    /// admission with a balance found them). Zero without balance terms.
+    fn token_debit(&self, tokens: u64, now: &Now) -> u64 {
+        let Some(terms) = self.ledger.as_ref().and_then(|l| l.terms) else {
+            return 0;
+        };
+        let counted = [
+            self.tok_hour.get(now.hour),
+            self.tok_day.get(now.day),
+            self.tok_month.get(now.month),
+        ];
+        counted
+            .iter()
+            .zip(terms.token_limits)
+            .filter(|(_, limit)| *limit != u64::MAX)
+            .map(|(c, limit)| {
+                let before = c.saturating_sub(limit);
+                let after = c.saturating_add(tokens).saturating_sub(limit);
+                after - before
+            })
+            .max()
+            .unwrap_or(0)
     }
 }
