@@ -362,8 +362,10 @@ impl Account {
     /// the last lease or settled id; for good once a lifetime limit applied; not at all when
     /// nothing is left (the caller deletes the key).
     pub(crate) fn retention(&self) -> Retention {
-        // Unflushed usage must reach PostgreSQL before the key may go.
-        if self.lifetime || self.ledger.as_ref().is_some_and(|l| !l.hours.is_empty()) {
+        // Unflushed usage must reach PostgreSQL before the key may go, and a balance holder
+        // keeps what PostgreSQL said it has used (its floor: a cached row may be older).
+        let keeps = |l: &Ledger| !l.hours.is_empty() || l.floor != [0, 0];
+        if self.lifetime || self.ledger.as_deref().is_some_and(keeps) {
             return Retention::Forever;
         }
         let holds = self
