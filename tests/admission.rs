@@ -1001,6 +1001,16 @@ fn the_account_key_has_its_type_and_a_ttl() {
         "the documented key name"
     );
     assert_eq!(string(&mut con, &["TYPE", &key]), "quota-acc");
+    // Until its usage reached the ledger the key does not expire; then it ends with its window.
+    assert_eq!(int(&mut con, &["PTTL", &key]), -1);
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "quota.flush-interval", "1"])
+        .query(&mut con)
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || int(
+        &mut con,
+        &["PTTL", &key]
+    ) > 0));
     let pttl = int(&mut con, &["PTTL", &key]);
     let month_left_ms = (next_month(now_s()) - now_s() + 1) * 1000;
     assert!(
@@ -1026,6 +1036,9 @@ fn the_account_key_has_its_type_and_a_ttl() {
     // Tokens only (hour/day/month windows): still a TTL.
     let tok = ["acme", "chat", "alice", "tokens"];
     commit(&mut con, tok, "10", None);
+    assert!(wait_until(Duration::from_secs(20), || {
+        int(&mut con, &["PTTL", &account_key(tok)]) > 0
+    }));
     let pttl = int(&mut con, &["PTTL", &account_key(tok)]);
     assert!(
         pttl > 0 && pttl <= month_left_ms,
