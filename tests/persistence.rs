@@ -123,6 +123,9 @@ fn assert_workload_state(snap: &[Map]) {
 /// is still settled, key expiries are kept, and admission continues from the same counts.
 fn assert_continues(con: &mut redis::Connection) {
     let key = account_key(DAILY);
+    // The key gets its expiry back once its usage reached the ledger (the first flush after a
+    // start or a promotion runs at once).
+    wait_until(Duration::from_secs(20), || int(con, &["PTTL", &key]) > 0);
     let pttl = int(con, &["PTTL", &key]);
     assert!(pttl > 0, "{key} lost its TTL: PTTL {pttl}");
     assert_eq!(
@@ -571,6 +574,10 @@ fn a_replica_follows_the_master_and_takes_over() {
         "the cold user's admits reached the replica"
     );
     let key = account_key(cold);
+    // Once the master's flush acknowledgement reached it (within quota.flush-interval).
+    wait_until(Duration::from_secs(30), || {
+        int(&mut rc, &["PTTL", &key]) > 0
+    });
     let pttl = int(&mut rc, &["PTTL", &key]);
     assert!(pttl > 0, "{key} on the replica: PTTL {pttl}");
     let kind = query(&mut rc, &["TYPE", &key]).expect("TYPE");
