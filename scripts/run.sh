@@ -13,13 +13,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-port="${PORT:-6379}"
-redis="${REDIS_SERVER:-redis-server}"
 module="$root/target/release/libredis_quota.so"
-run="$root/.run"
-
 [ -f "$module" ] || { echo "make run: $module is missing: run cargo build --release" >&2; exit 1; }
+redis="${REDIS_SERVER:-redis-server}"
 command -v "$redis" >/dev/null 2>&1 || { echo "make run: $redis not found (scripts/deps.sh installs it)" >&2; exit 1; }
+port="${PORT:-6379}"
+run="$root/.run"
 
 if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "make run: port $port is already in use; pick another one: make run PORT=6380" >&2

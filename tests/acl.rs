@@ -89,10 +89,7 @@ fn server_with_alice_credit() -> (String, RedisServer, redis::Connection) {
     let schema = unique_schema();
     let server = test_server(&schema);
     let mut admin = server.client();
-    query_map(
-        &mut admin,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
-    );
+    admin.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 3");
     (schema, server, admin)
 }
 
@@ -142,62 +139,27 @@ fn app_user_runs_admissions_but_not_credit_management() {
     assert_eq!(value_to_string(&pong).as_deref(), Some("PONG"));
 
     // Allowed: get, admit (with a lease and a reservation), commit, admit + release, usage.
-    let g = query_map(&mut app, &["QUOTA.GET", T, P, "alice", "b"]);
+    let alice = [T, P, "alice", "b"];
+    let g = app.get(alice).expect("alice's '*' credit");
     assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
-    let admit = |con: &mut redis::Connection, lease: &str| {
-        query_map(
-            con,
-            &[
-                "QUOTA.ADMIT",
-                T,
-                P,
-                "alice",
-                "b",
-                "REQUESTS_PER_DAY",
-                "1",
-                "TOKENS_PER_DAY",
-                "100",
-                "LEASE",
-                lease,
-                "RESERVE",
-                "10",
-            ],
-        )
-    };
-    let a = admit(&mut app, "l1");
-    assert_eq!(field_i64(&a, "allowed"), 1, "{a:?}");
-    assert_eq!(field_str(&a, "lease").as_deref(), Some("l1"));
-    let c = query_map(
-        &mut app,
-        &["QUOTA.COMMIT", T, P, "alice", "b", "5", "LEASE", "l1"],
-    );
-    assert_eq!(field_i64(&c, "recorded"), 5);
-    let a = admit(&mut app, "l2");
-    assert_eq!(field_i64(&a, "allowed"), 1, "{a:?}");
-    let v = query(&mut app, &["QUOTA.RELEASE", T, P, "alice", "b", "l2"]).expect("RELEASE");
-    assert_eq!(value_i64(&v), Some(1));
-    let u = query_map(&mut app, &["QUOTA.USAGE", T, P, "alice", "b"]);
-    assert_eq!(field_i64(&u, "req_day"), 1);
-    assert_eq!(field_i64(&u, "tok_day"), 5);
-    assert_eq!(field_i64(&u, "in_flight"), 0);
+    let opts =
+        |lease: &str| format!("REQUESTS_PER_DAY 1 TOKENS_PER_DAY 100 LEASE {lease} RESERVE 10");
+    let a = app.admit(alice, opts("l1"));
+    assert!(a.allowed, "{a:?}");
+    assert_eq!(a.lease.as_deref(), Some("l1"));
+    assert_eq!(app.commit(alice, 5, Some("l1")).recorded, 5);
+    let a = app.admit(alice, opts("l2"));
+    assert!(a.allowed, "{a:?}");
+    assert_eq!(app.release(alice, "l2"), 1);
+    let u = app.usage(alice);
+    assert_eq!((u.req_day, u.tok_day, u.in_flight), (1, 5, 0), "{u:?}");
     // A user the server has not cached: the admit waits for PostgreSQL under the ACL user too.
-    let a = query_map(
-        &mut app,
-        &[
-            "QUOTA.ADMIT",
-            T,
-            P,
-            "cold-user",
-            "b",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
-    );
-    assert_eq!(field_i64(&a, "allowed"), 1, "{a:?}");
-    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("none"));
+    let a = app.admit([T, P, "cold-user", "b"], "REQUESTS_PER_DAY 1");
+    assert!(a.allowed, "{a:?}");
+    assert_eq!(a.replenishment, "none");
 
     // Refused: credit management, maintenance and the internal commands.
-    let usage_before = query_map(&mut admin, &["QUOTA.USAGE", T, P, "alice", "b"]);
+    let usage_before = admin.usage(alice);
     for args in [
         vec![
             "QUOTA.GRANT",
@@ -229,16 +191,10 @@ fn app_user_runs_admissions_but_not_credit_management() {
         assert_noperm(&mut app, &args);
     }
     // ... and changed nothing.
-    let g = query_map(&mut admin, &["QUOTA.GET", T, P, "alice", "b"]);
+    let g = admin.get(alice).expect("alice's '*' credit");
     assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
-    assert_eq!(
-        query(&mut admin, &["QUOTA.GET", T, P, "mallory", "b"]).unwrap(),
-        Value::Nil
-    );
-    assert_eq!(
-        query_map(&mut admin, &["QUOTA.USAGE", T, P, "alice", "b"]),
-        usage_before
-    );
+    assert_eq!(admin.get([T, P, "mallory", "b"]), None);
+    assert_eq!(admin.usage(alice), usage_before);
     let rows = psql(
         &PgServer::shared(),
         &format!("SELECT count(*) FROM \"{schema}\".user_quota_replenishment"),
@@ -255,8 +211,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
         .unwrap()
         .get_connection_with_timeout(Duration::from_secs(5))
         .expect("RESP3 connection as app");
-    let u = query_map(&mut app3, &["QUOTA.USAGE", T, P, "alice", "b"]);
-    assert_eq!(field_i64(&u, "req_day"), 1);
+    assert_eq!(app3.usage(alice).req_day, 1);
     assert_noperm(
         &mut app3,
         &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "1"],
@@ -306,10 +261,7 @@ fn quota_acl_category() {
         );
     }
 
-    query_map(
-        &mut admin,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "3"],
-    );
+    admin.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 3");
 
     // +@quota: every quota command runs (SETSTATE passes the ACL and is refused by the module).
     acl_setuser(
@@ -528,8 +480,8 @@ fn standard_acl_categories() {
     ] {
         assert_noperm(&mut nowrite, &args);
     }
-    let u = query_map(&mut nowrite, &["QUOTA.USAGE", T, P, "alice", "b"]);
-    assert_eq!(field_i64(&u, "req_day"), 1, "RESET was refused");
+    let u = nowrite.usage([T, P, "alice", "b"]);
+    assert_eq!(u.req_day, 1, "RESET was refused");
     // +@read: GET, USAGE and LIST; nothing that writes.
     for args in &reads {
         query(&mut reader, args).unwrap_or_else(|e| panic!("{args:?} as +@read: {e}"));
@@ -561,8 +513,7 @@ fn read_only_key_permission() {
         &["ro", "+quota.admit", "+quota.commit", "+quota.reset"],
     );
     let mut ro = connect_as(&server, "ro", "ro-secret");
-    let u = query_map(&mut ro, &["QUOTA.USAGE", T, P, "alice", "b"]);
-    assert_eq!(field_i64(&u, "req_day"), 0);
+    assert_eq!(ro.usage([T, P, "alice", "b"]).req_day, 0);
     let g = query_map(&mut ro, &["QUOTA.GET", T, P, "alice", "b"]);
     assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
     query(&mut ro, &["QUOTA.LIST", T, P, "alice"]).expect("LIST with %R~*");
@@ -595,8 +546,8 @@ fn key_pattern_matches_the_user_id_not_the_tenant() {
     );
     let mut app = connect_as(&server, "alice-app", "a-secret");
     for tenant in ["acme", "globex"] {
-        let a = query_map(&mut app, &["QUOTA.ADMIT", tenant, P, "alice", "b"]);
-        assert_eq!(field_i64(&a, "allowed"), 1, "{tenant}: {a:?}");
+        let a = app.admit([tenant, P, "alice", "b"], "");
+        assert!(a.allowed, "{tenant}: {a:?}");
     }
     let err = query_err(&mut app, &["QUOTA.ADMIT", T, P, "bob", "b"]);
     assert!(err.starts_with("NOPERM"), "{err}");

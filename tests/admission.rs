@@ -15,6 +15,8 @@ use common::*;
 
 const THREADS: usize = 20;
 const PER_THREAD: usize = 25;
+/// The account most tests use.
+const ALICE: [&str; 4] = ["acme", "chat", "alice", "main"];
 
 // ---------------------------------------------------------------------------
 // Local helpers
@@ -73,6 +75,13 @@ fn server() -> RedisServer {
     server_with(&unique_schema(), &[])
 }
 
+/// [`server`] and a connection to it.
+fn server_and_client() -> (RedisServer, redis::Connection) {
+    let server = server();
+    let con = server.client();
+    (server, con)
+}
+
 /// [`server`] on a given schema, with more module arguments.
 fn server_with(schema: &str, extra: &[(&str, &str)]) -> RedisServer {
     avoid_window_edge();
@@ -91,46 +100,6 @@ fn server_with(schema: &str, extra: &[(&str, &str)]) -> RedisServer {
     server
 }
 
-fn release(con: &mut redis::Connection, acc: [&str; 4], lease: &str) -> i64 {
-    let v = query(con, &with_account("QUOTA.RELEASE", acc, &[lease])).expect("QUOTA.RELEASE");
-    value_i64(&v).unwrap_or_else(|| panic!("QUOTA.RELEASE replied {v:?}"))
-}
-
-fn int(con: &mut redis::Connection, args: &[&str]) -> i64 {
-    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    value_i64(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
-}
-
-fn string(con: &mut redis::Connection, args: &[&str]) -> String {
-    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    value_to_string(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
-}
-
-fn grant(con: &mut redis::Connection, who: [&str; 4], opts: &[&str]) {
-    query_map(con, &with_account("QUOTA.GRANT", who, opts));
-}
-
-/// Drops the user's cached credits so the next admission is a cache miss.
-fn make_cold(con: &mut redis::Connection, acc: [&str; 4]) {
-    query(con, &["QUOTA.INVALIDATE", acc[0], acc[1], acc[2]]).expect("QUOTA.INVALIDATE");
-}
-
-fn allowed(m: &Map) -> bool {
-    field_i64(m, "allowed") == 1
-}
-
-fn lease_of(m: &Map) -> String {
-    field_str(m, "lease").unwrap_or_else(|| panic!("no lease in {m:?}"))
-}
-
-fn nested(m: &Map, field: &str) -> Map {
-    let v = m
-        .get(field)
-        .unwrap_or_else(|| panic!("no field {field:?} in {m:?}"))
-        .clone();
-    to_map(v)
-}
-
 fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
     to_array(query(con, &["KEYS", pattern]).expect("KEYS"))
         .iter()
@@ -138,50 +107,28 @@ fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
         .collect()
 }
 
-const COUNTERS: [&str; 8] = [
-    "req_day",
-    "req_month",
-    "req_total",
-    "tok_hour",
-    "tok_day",
-    "tok_month",
-    "in_flight",
-    "reserved",
-];
-
-fn assert_usage(u: &Map, expected: &[(&str, i64)]) {
-    for (field, want) in expected {
-        assert_eq!(field_i64(u, field), *want, "usage field {field}: {u:?}");
-    }
-}
-
-fn assert_resets(m: &Map, hour: &str, day: &str, month: &str) {
+/// The three resets are the next UTC hour, midnight and month.
+fn assert_resets(resets: [i64; 3]) {
     let t = now_s();
     // A window boundary cannot pass mid-test (avoid_window_edge), so these are exact.
-    assert_eq!(field_i64(m, hour), next_hour(t), "{hour}: {m:?}");
-    assert_eq!(field_i64(m, day), next_midnight(t), "{day}: {m:?}");
-    assert_eq!(field_i64(m, month), next_month(t), "{month}: {m:?}");
+    let want = [next_hour(t), next_midnight(t), next_month(t)];
+    assert_eq!(resets, want, "hour, day and month resets");
 }
 
 /// `THREADS` clients send `PER_THREAD` identical admissions each, all starting together;
 /// returns every reply.
-fn hammer(server: &RedisServer, acc: [&str; 4], opts: &[&str]) -> Vec<Map> {
-    let args: Vec<String> = with_account("QUOTA.ADMIT", acc, opts)
-        .into_iter()
-        .map(String::from)
-        .collect();
+fn hammer(server: &RedisServer, acc: [&'static str; 4], opts: &str) -> Vec<Admit> {
     let barrier = Arc::new(Barrier::new(THREADS));
     let handles: Vec<_> = (0..THREADS)
         .map(|_| {
             let mut con = server.client();
             let barrier = Arc::clone(&barrier);
-            let args = args.clone();
+            let opts = opts.to_string();
             thread::spawn(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 barrier.wait();
                 (0..PER_THREAD)
-                    .map(|_| query_map(&mut con, &args))
-                    .collect::<Vec<Map>>()
+                    .map(|_| con.admit(acc, &opts))
+                    .collect::<Vec<Admit>>()
             })
         })
         .collect();
@@ -194,13 +141,13 @@ fn hammer(server: &RedisServer, acc: [&str; 4], opts: &[&str]) -> Vec<Map> {
 fn eval_admit(
     con: &mut redis::Connection,
     acc: [&str; 4],
-    opts: &[&str],
+    opts: &str,
 ) -> redis::RedisResult<Value> {
     let mut c = redis::cmd("EVAL");
     c.arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
         .arg(0);
-    for a in acc.iter().chain(opts) {
-        c.arg(*a);
+    for a in acc.iter().copied().chain(opts.split_whitespace()) {
+        c.arg(a);
     }
     c.query(con)
 }
@@ -208,11 +155,12 @@ fn eval_admit(
 fn multi_admit(
     con: &mut redis::Connection,
     acc: [&str; 4],
-    opts: &[&str],
+    opts: &str,
 ) -> redis::RedisResult<Vec<Value>> {
+    let words: Vec<&str> = opts.split_whitespace().collect();
     let mut p = redis::pipe();
     p.atomic();
-    p.add_command(cmd(&with_account("QUOTA.ADMIT", acc, opts)));
+    p.add_command(cmd(&with_account("QUOTA.ADMIT", acc, &words)));
     p.add_command(cmd(&with_account("QUOTA.USAGE", acc, &[])));
     p.query(con)
 }
@@ -234,17 +182,19 @@ fn varint(out: &mut Vec<u8>, mut v: u64) {
 fn concurrent_admits_never_exceed_requests_per_day() {
     let server = server();
     let acc = ["acme", "chat", "alice", "main"];
-    let replies = hammer(&server, acc, &["REQUESTS_PER_DAY", "100"]);
+    let replies = hammer(&server, acc, "REQUESTS_PER_DAY 100");
     assert_eq!(replies.len(), THREADS * PER_THREAD);
-    let admitted = replies.iter().filter(|m| allowed(m)).count();
+    let admitted = replies.iter().filter(|m| m.allowed).count();
     assert_eq!(admitted, 100, "exactly the limit must be admitted");
-    for m in replies.iter().filter(|m| !allowed(m)) {
-        assert_eq!(field_str(m, "reason").as_deref(), Some("requests_per_day"));
+    for m in replies.iter().filter(|m| !m.allowed) {
+        assert_eq!(m.reason, "requests_per_day");
     }
     let mut con = server.client();
-    assert_usage(
-        &usage(&mut con, acc),
-        &[("req_day", 100), ("req_month", 100), ("req_total", 100)],
+    let u = con.usage(acc);
+    assert_eq!(
+        (u.req_day, u.req_month, u.req_total),
+        (100, 100, 100),
+        "{u:?}"
     );
 }
 
@@ -252,38 +202,29 @@ fn concurrent_admits_never_exceed_requests_per_day() {
 fn concurrent_admits_never_exceed_max_concurrent() {
     let server = server();
     let acc = ["acme", "chat", "alice", "main"];
-    let replies = hammer(&server, acc, &["MAX_CONCURRENT", "5"]);
-    let admitted: Vec<&Map> = replies.iter().filter(|m| allowed(m)).collect();
+    let replies = hammer(&server, acc, "MAX_CONCURRENT 5");
+    let admitted: Vec<&Admit> = replies.iter().filter(|m| m.allowed).collect();
     assert_eq!(admitted.len(), 5, "exactly MAX_CONCURRENT leases");
-    let leases: HashSet<String> = admitted.iter().map(|m| lease_of(m)).collect();
+    let leases: HashSet<String> = admitted.iter().map(|m| m.lease()).collect();
     assert_eq!(leases.len(), 5, "each admitted request holds its own lease");
-    for m in replies.iter().filter(|m| !allowed(m)) {
-        assert_eq!(
-            field_str(m, "reason").as_deref(),
-            Some("concurrency"),
-            "{m:?}"
-        );
-        assert!(
-            field_is_nil(m, "lease"),
-            "a denied request holds no lease: {m:?}"
-        );
+    for m in replies.iter().filter(|m| !m.allowed) {
+        assert_eq!(m.reason, "concurrency", "{m:?}");
+        assert!(m.lease.is_none(), "a denied request holds no lease: {m:?}");
     }
     let mut con = server.client();
-    assert_usage(
-        &usage(&mut con, acc),
-        &[("in_flight", 5), ("req_day", 5), ("req_total", 5)],
-    );
+    let u = con.usage(acc);
+    assert_eq!((u.in_flight, u.req_day, u.req_total), (5, 5, 5), "{u:?}");
 }
 
 #[test]
 fn concurrent_reservations_never_exceed_tokens_per_day() {
     let server = server();
     let acc = ["acme", "chat", "alice", "main"];
-    let replies = hammer(&server, acc, &["TOKENS_PER_DAY", "1000", "RESERVE", "300"]);
+    let replies = hammer(&server, acc, "TOKENS_PER_DAY 1000 RESERVE 300");
     let mut reserved: Vec<i64> = replies
         .iter()
-        .filter(|m| allowed(m))
-        .map(|m| field_i64(m, "reserved"))
+        .filter(|m| m.allowed)
+        .map(|m| m.reserved)
         .collect();
     reserved.sort_unstable();
     assert_eq!(
@@ -291,19 +232,13 @@ fn concurrent_reservations_never_exceed_tokens_per_day() {
         vec![100, 300, 300, 300],
         "reservations fill the window exactly, the last one capped"
     );
-    for m in replies.iter().filter(|m| !allowed(m)) {
-        assert_eq!(
-            field_str(m, "reason").as_deref(),
-            Some("tokens_per_day"),
-            "{m:?}"
-        );
-        assert_eq!(field_i64(m, "reserved"), 0);
+    for m in replies.iter().filter(|m| !m.allowed) {
+        assert_eq!(m.reason, "tokens_per_day", "{m:?}");
+        assert_eq!(m.reserved, 0);
     }
     let mut con = server.client();
-    assert_usage(
-        &usage(&mut con, acc),
-        &[("reserved", 1000), ("in_flight", 4), ("tok_day", 0)],
-    );
+    let u = con.usage(acc);
+    assert_eq!((u.reserved, u.in_flight, u.tok_day), (1000, 4, 0), "{u:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -315,32 +250,29 @@ fn global_credits_add_to_the_base_policy() {
     let server = server();
     let mut con = server.client();
     let acc = ["acme", "chat", "alice", "any-bundle"];
-    grant(
-        &mut con,
-        ["acme", "chat", "alice", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
+    con.grant(["acme", "chat", "alice", "*"], "REQUESTS_PER_DAY 5");
     for i in 1..=7i64 {
-        let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "2"]);
-        assert!(allowed(&m), "admit {i} of 7: {m:?}");
-        assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+        let m = con.admit(acc, "REQUESTS_PER_DAY 2");
+        assert!(m.allowed, "admit {i} of 7: {m:?}");
+        assert_eq!(m.replenishment, "global");
         assert_eq!(
-            field_i64(&m, "used_replenishment"),
-            i64::from(i >= 3),
+            m.used_replenishment(),
+            i >= 3,
             "admit {i}: only requests beyond the base 2 use the credits: {m:?}"
         );
-        assert_eq!(field_i64(&m, "remaining_requests"), 7 - i, "{m:?}");
+        assert_eq!(m.remaining_requests, 7 - i, "{m:?}");
     }
-    let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "2"]);
+    let m = con.admit(acc, "REQUESTS_PER_DAY 2");
     assert!(
-        !allowed(&m),
+        !m.allowed,
         "base 2 + credits 5 = 7: the 8th is denied: {m:?}"
     );
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 0);
-    assert_eq!(field_i64(&m, "remaining_requests"), 0);
-    assert_usage(&usage(&mut con, acc), &[("req_day", 7)]);
+    assert_eq!(m.reason, "requests_per_day");
+    assert_eq!(m.replenishment, "global");
+    assert!(!m.used_replenishment());
+    assert_eq!(m.remaining_requests, 0);
+    let u = con.usage(acc);
+    assert_eq!(u.req_day, 7, "{u:?}");
 }
 
 #[test]
@@ -348,41 +280,29 @@ fn bundle_credits_apply_alone_and_no_credits_say_none() {
     let server = server();
     let mut con = server.client();
     // bob: a '*' row and a 'pro' row; 'pro' uses its own row only (never both combined).
-    grant(
-        &mut con,
-        ["acme", "chat", "bob", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
-    grant(
-        &mut con,
-        ["acme", "chat", "bob", "pro"],
-        &["REQUESTS_PER_DAY", "1"],
-    );
+    con.grant(["acme", "chat", "bob", "*"], "REQUESTS_PER_DAY 5");
+    con.grant(["acme", "chat", "bob", "pro"], "REQUESTS_PER_DAY 1");
     let pro = ["acme", "chat", "bob", "pro"];
-    let m = admit(&mut con, pro, &["REQUESTS_PER_DAY", "0"]);
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("bundle"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 1);
-    let m = admit(&mut con, pro, &["REQUESTS_PER_DAY", "0"]);
-    assert!(!allowed(&m), "the bundle row replaces the '*' row: {m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("bundle"));
+    let m = con.admit(pro, "REQUESTS_PER_DAY 0");
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "bundle");
+    assert!(m.used_replenishment());
+    let m = con.admit(pro, "REQUESTS_PER_DAY 0");
+    assert!(!m.allowed, "the bundle row replaces the '*' row: {m:?}");
+    assert_eq!(m.replenishment, "bundle");
     // Another bundle of bob falls back to '*'.
-    let m = admit(
-        &mut con,
-        ["acme", "chat", "bob", "free"],
-        &["REQUESTS_PER_DAY", "0"],
-    );
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    let m = con.admit(["acme", "chat", "bob", "free"], "REQUESTS_PER_DAY 0");
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "global");
     // carol has no credits at all.
     let carol = ["acme", "chat", "carol", "pro"];
-    let m = admit(&mut con, carol, &["REQUESTS_PER_DAY", "1"]);
-    assert!(allowed(&m));
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 0);
-    let m = admit(&mut con, carol, &["REQUESTS_PER_DAY", "1"]);
-    assert!(!allowed(&m));
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
+    let m = con.admit(carol, "REQUESTS_PER_DAY 1");
+    assert!(m.allowed);
+    assert_eq!(m.replenishment, "none");
+    assert!(!m.used_replenishment());
+    let m = con.admit(carol, "REQUESTS_PER_DAY 1");
+    assert!(!m.allowed);
+    assert_eq!(m.replenishment, "none");
 }
 
 /// An account's admissions reuse the credit its last admission used (no cache lookup) while
@@ -410,18 +330,15 @@ fn every_credit_change_shows_on_the_next_admission() {
     // its source of credits.
     let mut used = 0i64;
     let mut real = |con: &mut redis::Connection| {
-        let m = admit(con, acc, &["REQUESTS_PER_DAY", "1000000"]);
-        assert!(allowed(&m), "{m:?}");
+        let m = con.admit(acc, "REQUESTS_PER_DAY 1000000");
+        assert!(m.allowed, "{m:?}");
         used += 1;
-        (used, field_str(&m, "replenishment").unwrap_or_default())
+        (used, m.replenishment)
     };
     // What is left under a base of 10000 (PEEK: counts nothing), and the source.
     let left = |con: &mut redis::Connection| {
-        let m = admit(con, acc, &["REQUESTS_PER_DAY", "10000", "PEEK"]);
-        (
-            field_i64(&m, "remaining_requests"),
-            field_str(&m, "replenishment").unwrap_or_default(),
-        )
+        let m = con.admit(acc, "REQUESTS_PER_DAY 10000 PEEK");
+        (m.remaining_requests, m.replenishment)
     };
     let (_, src) = real(&mut con);
     assert_eq!(src, "none");
@@ -436,32 +353,31 @@ fn every_credit_change_shows_on_the_next_admission() {
     );
     assert_eq!(left(&mut con), (10000 - n, "none".into()));
 
-    grant(&mut con, star, &["REQUESTS_PER_DAY", "10"]);
+    con.grant(star, "REQUESTS_PER_DAY 10");
     let (n, src) = real(&mut con);
     assert_eq!(src, "global", "a grant shows at once");
     assert_eq!(left(&mut con), (10010 - n, "global".into()));
-    grant(&mut con, star, &["REQUESTS_PER_DAY", "5", "ADD"]);
+    con.grant(star, "REQUESTS_PER_DAY 5 ADD");
     assert_eq!(
         left(&mut con),
         (10015 - n, "global".into()),
         "a top-up shows at once"
     );
     real(&mut con);
-    grant(&mut con, acc, &["REQUESTS_PER_DAY", "100"]);
+    con.grant(acc, "REQUESTS_PER_DAY 100");
     let (n, src) = real(&mut con);
     assert_eq!(src, "bundle", "a bundle row replaces '*' at once");
     assert_eq!(left(&mut con), (10100 - n, "bundle".into()));
-    assert_eq!(int(&mut con, &with_account("QUOTA.REVOKE", acc, &[])), 1);
+    assert_eq!(con.revoke(acc), 1);
     let (n, src) = real(&mut con);
     assert_eq!(src, "global", "a revoke shows at once");
     assert_eq!(left(&mut con), (10015 - n, "global".into()));
 
     // A row that expires: the first admission after its expiry falls back to '*'.
     let expires_s = now_s() + 2;
-    grant(
-        &mut con,
+    con.grant(
         acc,
-        &[
+        [
             "REQUESTS_PER_DAY",
             "100",
             "EXPIRES_AT",
@@ -506,15 +422,11 @@ fn an_sql_update_reaches_a_warm_account_through_notify() {
     let server = server_with(&schema, &[("cache-ttl-ms", "3600000")]);
     let mut con = server.client();
     let acc = ["acme", "chat", "sqlmemo", "pro"];
-    grant(
-        &mut con,
-        ["acme", "chat", "sqlmemo", "*"],
-        &["REQUESTS_PER_DAY", "10"],
-    );
+    con.grant(["acme", "chat", "sqlmemo", "*"], "REQUESTS_PER_DAY 10");
     let left = |con: &mut redis::Connection| {
-        let m = admit(con, acc, &["REQUESTS_PER_DAY", "1000"]);
-        assert!(allowed(&m), "{m:?}");
-        field_i64(&m, "remaining_requests")
+        let m = con.admit(acc, "REQUESTS_PER_DAY 1000");
+        assert!(m.allowed, "{m:?}");
+        m.remaining_requests
     };
     // Let the NOTIFY echo of the grant itself pass, then warm the account.
     thread::sleep(Duration::from_millis(500));
@@ -549,173 +461,131 @@ fn denial_reasons_join_and_retry_after_follows_the_windows() {
     let u = |b| ["acme", "chat", "alice", b];
 
     // Day and lifetime together: joined, and a lifetime limit never resets.
-    let both = ["REQUESTS_PER_DAY", "1", "TOTAL_REQUESTS", "1"];
-    assert!(allowed(&admit(&mut con, u("both"), &both)));
-    let m = admit(&mut con, u("both"), &both);
-    assert!(!allowed(&m));
-    assert_eq!(
-        field_str(&m, "reason").as_deref(),
-        Some("requests_per_day|total_requests")
-    );
-    assert_eq!(field_i64(&m, "retry_after"), -1, "{m:?}");
+    let both = "REQUESTS_PER_DAY 1 TOTAL_REQUESTS 1";
+    assert!(con.admit(u("both"), both).allowed);
+    let m = con.admit(u("both"), both);
+    assert!(!m.allowed);
+    assert_eq!(m.reason, "requests_per_day|total_requests");
+    assert_eq!(m.retry_after, -1, "{m:?}");
 
-    let total = ["TOTAL_REQUESTS", "1"];
-    assert!(allowed(&admit(&mut con, u("total"), &total)));
-    let m = admit(&mut con, u("total"), &total);
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("total_requests"));
-    assert_eq!(field_i64(&m, "retry_after"), -1);
+    let total = "TOTAL_REQUESTS 1";
+    assert!(con.admit(u("total"), total).allowed);
+    let m = con.admit(u("total"), total);
+    assert_eq!(m.reason, "total_requests");
+    assert_eq!(m.retry_after, -1);
 
-    let day = ["REQUESTS_PER_DAY", "1"];
-    let m = admit(&mut con, u("day"), &day);
-    assert!(allowed(&m));
-    assert_eq!(field_str(&m, "reason").as_deref(), Some(""));
-    assert_eq!(field_i64(&m, "retry_after"), -1, "allowed: no retry_after");
-    let m = admit(&mut con, u("day"), &day);
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+    let day = "REQUESTS_PER_DAY 1";
+    let m = con.admit(u("day"), day);
+    assert!(m.allowed);
+    assert_eq!(m.reason, "");
+    assert_eq!(m.retry_after, -1, "allowed: no retry_after");
+    let m = con.admit(u("day"), day);
+    assert_eq!(m.reason, "requests_per_day");
     let want = next_midnight(now_s()) - now_s();
-    let got = field_i64(&m, "retry_after");
+    let got = m.retry_after;
     assert!(
         (got - want).abs() <= 2,
         "retry_after {got}, next UTC midnight in {want}"
     );
 
-    let month = ["REQUESTS_PER_MONTH", "1"];
-    admit(&mut con, u("month"), &month);
-    let m = admit(&mut con, u("month"), &month);
-    assert_eq!(
-        field_str(&m, "reason").as_deref(),
-        Some("requests_per_month")
-    );
+    let month = "REQUESTS_PER_MONTH 1";
+    con.admit(u("month"), month);
+    let m = con.admit(u("month"), month);
+    assert_eq!(m.reason, "requests_per_month");
     let want = next_month(now_s()) - now_s();
-    let got = field_i64(&m, "retry_after");
+    let got = m.retry_after;
     assert!(
         (got - want).abs() <= 2,
         "retry_after {got}, next month in {want}"
     );
 
     // Tokens: committed tokens fill the hour.
-    commit(&mut con, u("tokens"), "10", None);
-    let m = admit(
-        &mut con,
-        u("tokens"),
-        &["TOKENS_PER_HOUR", "10", "TOKENS_PER_DAY", "10"],
-    );
-    assert_eq!(
-        field_str(&m, "reason").as_deref(),
-        Some("tokens_per_hour|tokens_per_day")
-    );
+    con.commit(u("tokens"), 10, None);
+    let m = con.admit(u("tokens"), "TOKENS_PER_HOUR 10 TOKENS_PER_DAY 10");
+    assert_eq!(m.reason, "tokens_per_hour|tokens_per_day");
     let want = next_midnight(now_s()) - now_s();
-    let got = field_i64(&m, "retry_after");
+    let got = m.retry_after;
     assert!(
         (got - want).abs() <= 2,
         "retry_after waits for every violated window: {got}, expected {want}"
     );
 
     // Concurrency: until the first lease expires.
-    let conc = ["MAX_CONCURRENT", "1", "LEASE_TTL", "100"];
-    assert!(allowed(&admit(&mut con, u("conc"), &conc)));
-    let m = admit(&mut con, u("conc"), &conc);
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
-    let got = field_i64(&m, "retry_after");
+    let conc = "MAX_CONCURRENT 1 LEASE_TTL 100";
+    assert!(con.admit(u("conc"), conc).allowed);
+    let m = con.admit(u("conc"), conc);
+    assert_eq!(m.reason, "concurrency");
+    let got = m.retry_after;
     assert!(
         (98..=100).contains(&got),
         "retry_after {got}, lease expires in 100 s"
     );
 
     // No slot at all: no wait helps.
-    let m = admit(&mut con, u("none"), &["MAX_CONCURRENT", "0"]);
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
-    assert_eq!(field_i64(&m, "retry_after"), -1, "{m:?}");
+    let m = con.admit(u("none"), "MAX_CONCURRENT 0");
+    assert_eq!(m.reason, "concurrency");
+    assert_eq!(m.retry_after, -1, "{m:?}");
 
     // A window violation hides concurrency.
-    let m = admit(
-        &mut con,
-        u("conc"),
-        &["MAX_CONCURRENT", "1", "REQUESTS_PER_DAY", "1"],
-    );
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+    let m = con.admit(u("conc"), "MAX_CONCURRENT 1 REQUESTS_PER_DAY 1");
+    assert_eq!(m.reason, "requests_per_day");
 }
 
 #[test]
 fn remaining_requests_and_tokens_are_the_smallest_left() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let policy = [
-        "REQUESTS_PER_DAY",
-        "10",
-        "REQUESTS_PER_MONTH",
-        "5",
-        "TOKENS_PER_HOUR",
-        "500",
-        "TOKENS_PER_DAY",
-        "1000",
-    ];
-    let m = admit(&mut con, acc, &policy);
-    assert_eq!(field_i64(&m, "remaining_requests"), 4, "month 5 - 1: {m:?}");
-    assert_eq!(field_i64(&m, "remaining_tokens"), 500, "{m:?}");
-    commit(&mut con, acc, "100", None);
-    let m = admit(&mut con, acc, &policy);
-    assert_eq!(field_i64(&m, "remaining_requests"), 3);
-    assert_eq!(field_i64(&m, "remaining_tokens"), 400);
-    let mut with_reserve = policy.to_vec();
-    with_reserve.extend_from_slice(&["RESERVE", "50"]);
-    let m = admit(&mut con, acc, &with_reserve);
-    assert_eq!(field_i64(&m, "reserved"), 50);
-    assert_eq!(field_i64(&m, "remaining_requests"), 2);
-    assert_eq!(
-        field_i64(&m, "remaining_tokens"),
-        350,
-        "reserved tokens count: {m:?}"
-    );
-    let m = admit(&mut con, acc, &[]);
-    assert!(allowed(&m));
-    assert_eq!(field_i64(&m, "remaining_requests"), -1, "unlimited: {m:?}");
-    assert_eq!(field_i64(&m, "remaining_tokens"), -1);
-    assert!(field_is_nil(&m, "lease"), "no lease asked for: {m:?}");
-    assert_eq!(field_i64(&m, "reserved"), 0);
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let policy = "REQUESTS_PER_DAY 10 REQUESTS_PER_MONTH 5 TOKENS_PER_HOUR 500 TOKENS_PER_DAY 1000";
+    let m = con.admit(acc, policy);
+    assert_eq!(m.remaining_requests, 4, "month 5 - 1: {m:?}");
+    assert_eq!(m.remaining_tokens, 500, "{m:?}");
+    con.commit(acc, 100, None);
+    let m = con.admit(acc, policy);
+    assert_eq!(m.remaining_requests, 3);
+    assert_eq!(m.remaining_tokens, 400);
+    let m = con.admit(acc, Opts::words(policy).reserve(50));
+    assert_eq!(m.reserved, 50);
+    assert_eq!(m.remaining_requests, 2);
+    assert_eq!(m.remaining_tokens, 350, "reserved tokens count: {m:?}");
+    let m = con.admit(acc, "");
+    assert!(m.allowed);
+    assert_eq!(m.remaining_requests, -1, "unlimited: {m:?}");
+    assert_eq!(m.remaining_tokens, -1);
+    assert!(m.lease.is_none(), "no lease asked for: {m:?}");
+    assert_eq!(m.reserved, 0);
 }
 
 #[test]
 fn peek_changes_nothing() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let policy = [
-        "REQUESTS_PER_DAY",
-        "2",
-        "MAX_CONCURRENT",
-        "1",
-        "RESERVE",
-        "5",
-    ];
-    let mut peek = policy.to_vec();
-    peek.push("PEEK");
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let policy = "REQUESTS_PER_DAY 2 MAX_CONCURRENT 1 RESERVE 5";
+    let peek = format!("{policy} PEEK");
 
-    let m = admit(&mut con, acc, &peek);
-    assert!(allowed(&m), "{m:?}");
-    assert!(field_is_nil(&m, "lease"), "a peek takes no lease: {m:?}");
-    assert_eq!(field_i64(&m, "reserved"), 0);
+    let m = con.admit(acc, &peek);
+    assert!(m.allowed, "{m:?}");
+    assert!(m.lease.is_none(), "a peek takes no lease: {m:?}");
+    assert_eq!(m.reserved, 0);
     assert_eq!(
         keys(&mut con, "q:*"),
         Vec::<String>::new(),
         "a peek creates no key"
     );
-    assert_eq!(int(&mut con, &["EXISTS", &account_key(acc)]), 0);
+    assert_eq!(query_i64(&mut con, &["EXISTS", &account_key(acc)]), 0);
 
-    let first = admit(&mut con, acc, &policy);
-    assert!(allowed(&first));
-    let before = usage(&mut con, acc);
-    let m = admit(&mut con, acc, &peek);
-    assert!(!allowed(&m), "the slot is taken: {m:?}");
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
-    assert_eq!(usage(&mut con, acc), before);
-    release(&mut con, acc, &lease_of(&first));
-    let before = usage(&mut con, acc);
+    let first = con.admit(acc, policy);
+    assert!(first.allowed);
+    let before = con.usage(acc);
+    let m = con.admit(acc, &peek);
+    assert!(!m.allowed, "the slot is taken: {m:?}");
+    assert_eq!(m.reason, "concurrency");
+    assert_eq!(con.usage(acc), before);
+    con.release(acc, &first.lease());
+    let before = con.usage(acc);
     for _ in 0..3 {
-        assert!(allowed(&admit(&mut con, acc, &peek)));
+        assert!(con.admit(acc, &peek).allowed);
     }
-    assert_eq!(usage(&mut con, acc), before, "peeks count nothing");
+    assert_eq!(con.usage(acc), before, "peeks count nothing");
 }
 
 #[test]
@@ -723,23 +593,18 @@ fn verbose_adds_limits_usage_and_resets() {
     let server = server();
     let mut con = server.client();
     let mut con3 = server.client_resp3();
-    grant(
-        &mut con,
-        ["acme", "chat", "alice", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
+    con.grant(["acme", "chat", "alice", "*"], "REQUESTS_PER_DAY 5");
     let acc = ["acme", "chat", "alice", "main"];
-    let opts = ["REQUESTS_PER_DAY", "2", "TOKENS_PER_DAY", "100", "VERBOSE"];
-
-    let plain = admit(&mut con, acc, &opts[..4]);
+    let plain = con.admit(acc, "REQUESTS_PER_DAY 2 TOKENS_PER_DAY 100");
     assert!(
-        !plain.contains_key("limits"),
+        !plain.map.contains_key("limits"),
         "VERBOSE not given: {plain:?}"
     );
-    assert!(!plain.contains_key("usage") && !plain.contains_key("resets"));
+    assert!(!plain.map.contains_key("usage") && !plain.map.contains_key("resets"));
 
     // The plain admit above counted 1; each verbose one counts another.
     for (req_day, resp3, c) in [(2, false, &mut con), (3, true, &mut con3)] {
+        let opts = ["REQUESTS_PER_DAY", "2", "TOKENS_PER_DAY", "100", "VERBOSE"];
         let raw = query(c, &with_account("QUOTA.ADMIT", acc, &opts)).expect("ADMIT VERBOSE");
         // The reply must be exactly one well-formed reply: the next command gets its own.
         let pong = query(c, &["PING"]);
@@ -754,15 +619,15 @@ fn verbose_adds_limits_usage_and_resets() {
                 "RESP3 reply is a map: {raw:?}"
             );
         }
-        let m = to_map(raw);
-        assert!(allowed(&m));
-        let limits = nested(&m, "limits");
+        let m = Admit::parse(raw);
+        assert!(m.allowed);
+        let limits = m.limits.as_ref().expect("VERBOSE has limits");
         assert_eq!(
-            field_i64(&limits, "requests_per_day"),
+            field_i64(limits, "requests_per_day"),
             7,
             "base 2 + credits 5"
         );
-        assert_eq!(field_i64(&limits, "tokens_per_day"), 100);
+        assert_eq!(field_i64(limits, "tokens_per_day"), 100);
         for unlimited in [
             "requests_per_month",
             "total_requests",
@@ -770,22 +635,20 @@ fn verbose_adds_limits_usage_and_resets() {
             "tokens_per_month",
             "max_concurrent",
         ] {
-            assert_eq!(field_i64(&limits, unlimited), -1, "{unlimited}: {limits:?}");
+            assert_eq!(field_i64(limits, unlimited), -1, "{unlimited}: {limits:?}");
         }
-        let u = nested(&m, "usage");
-        assert_usage(
-            &u,
-            &[("req_day", req_day), ("tok_day", 0), ("in_flight", 0)],
+        let u = m.usage.expect("VERBOSE has usage");
+        assert_eq!(
+            (u.req_day, u.tok_day, u.in_flight),
+            (req_day, 0, 0),
+            "{u:?}"
         );
+        let raw_usage = field_map(&m.map, "usage");
         for f in COUNTERS {
-            assert!(u.contains_key(f), "usage lacks {f}: {u:?}");
+            assert!(raw_usage.contains_key(f), "usage lacks {f}: {raw_usage:?}");
         }
-        assert_resets(
-            &nested(&m, "resets"),
-            "hour_reset",
-            "day_reset",
-            "month_reset",
-        );
+        let resets = m.resets.as_ref().expect("VERBOSE has resets");
+        assert_resets(["hour_reset", "day_reset", "month_reset"].map(|f| field_i64(resets, f)));
     }
 }
 
@@ -795,176 +658,136 @@ fn verbose_adds_limits_usage_and_resets() {
 
 #[test]
 fn a_held_lease_admits_again_without_counting_twice() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let opts = ["MAX_CONCURRENT", "1", "LEASE", "job-42", "RESERVE", "30"];
-    let a = admit(&mut con, acc, &opts);
-    let b = admit(&mut con, acc, &opts);
-    assert!(allowed(&a) && allowed(&b), "{a:?} / {b:?}");
-    assert_eq!(lease_of(&a), "job-42");
-    assert_eq!(lease_of(&b), "job-42");
-    assert_eq!(field_i64(&b, "reserved"), 30);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[
-            ("req_day", 1),
-            ("req_total", 1),
-            ("in_flight", 1),
-            ("reserved", 30),
-        ],
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let opts = "MAX_CONCURRENT 1 LEASE job-42 RESERVE 30";
+    let a = con.admit(acc, opts);
+    let b = con.admit(acc, opts);
+    assert!(a.allowed && b.allowed, "{a:?} / {b:?}");
+    assert_eq!(a.lease(), "job-42");
+    assert_eq!(b.lease(), "job-42");
+    assert_eq!(b.reserved, 30);
+    let u = con.usage(acc);
+    assert_eq!(
+        (u.req_day, u.req_total, u.in_flight, u.reserved),
+        (1, 1, 1, 30),
+        "{u:?}"
     );
     // Another lease id is a new request and meets the concurrency limit.
-    let c = admit(&mut con, acc, &["MAX_CONCURRENT", "1", "LEASE", "job-43"]);
-    assert_eq!(field_str(&c, "reason").as_deref(), Some("concurrency"));
+    let c = con.admit(acc, "MAX_CONCURRENT 1 LEASE job-43");
+    assert_eq!(c.reason, "concurrency");
 }
 
 #[test]
 fn commit_settles_the_lease_once() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let m = admit(&mut con, acc, &["TOKENS_PER_DAY", "1000", "RESERVE", "300"]);
-    assert_eq!(field_i64(&m, "reserved"), 300);
-    let lease = lease_of(&m);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[("reserved", 300), ("in_flight", 1)],
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let m = con.admit(acc, "TOKENS_PER_DAY 1000 RESERVE 300");
+    assert_eq!(m.reserved, 300);
+    let lease = m.lease();
+    let u = con.usage(acc);
+    assert_eq!((u.reserved, u.in_flight), (300, 1), "{u:?}");
+
+    let c = con.commit(acc, 120, Some(&lease));
+    assert_eq!(c.recorded, 120, "{c:?}");
+    assert!(!c.duplicate);
+    assert!(c.lease_held);
+    let u = con.usage(acc);
+    assert_eq!(
+        (u.reserved, u.in_flight, u.tok_hour, u.tok_day, u.tok_month),
+        (0, 0, 120, 120, 120),
+        "{u:?}"
     );
 
-    let c = commit(&mut con, acc, "120", Some(&lease));
-    assert_eq!(field_i64(&c, "recorded"), 120, "{c:?}");
-    assert_eq!(field_i64(&c, "duplicate"), 0);
-    assert_eq!(field_i64(&c, "lease_held"), 1);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[
-            ("reserved", 0),
-            ("in_flight", 0),
-            ("tok_hour", 120),
-            ("tok_day", 120),
-            ("tok_month", 120),
-        ],
-    );
+    let again = con.commit(acc, 120, Some(&lease));
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.recorded, 0);
+    let u = con.usage(acc);
+    assert_eq!((u.tok_day, u.tok_month), (120, 120), "{u:?}");
 
-    let again = commit(&mut con, acc, "120", Some(&lease));
-    assert_eq!(field_i64(&again, "duplicate"), 1, "{again:?}");
-    assert_eq!(field_i64(&again, "recorded"), 0);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[("tok_day", 120), ("tok_month", 120)],
-    );
-
-    let plain = commit(&mut con, acc, "50", None);
-    assert_eq!(field_i64(&plain, "recorded"), 50);
-    assert_eq!(field_i64(&plain, "duplicate"), 0);
-    assert_eq!(field_i64(&plain, "lease_held"), 0);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[("tok_hour", 170), ("tok_day", 170)],
-    );
+    let plain = con.commit(acc, 50, None);
+    assert_eq!(plain.recorded, 50);
+    assert!(!plain.duplicate);
+    assert!(!plain.lease_held);
+    let u = con.usage(acc);
+    assert_eq!((u.tok_hour, u.tok_day), (170, 170), "{u:?}");
 
     // A second plain commit counts again: only leases make commits idempotent.
-    commit(&mut con, acc, "50", None);
-    assert_usage(&usage(&mut con, acc), &[("tok_day", 220), ("req_day", 1)]);
-    let m = admit(&mut con, acc, &["TOKENS_PER_DAY", "1000"]);
-    assert_eq!(field_i64(&m, "remaining_tokens"), 780);
+    con.commit(acc, 50, None);
+    let u = con.usage(acc);
+    assert_eq!((u.tok_day, u.req_day), (220, 1), "{u:?}");
+    let m = con.admit(acc, "TOKENS_PER_DAY 1000");
+    assert_eq!(m.remaining_tokens, 780);
 }
 
 #[test]
 fn release_refunds_the_request_and_frees_the_slot() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let opts = [
-        "MAX_CONCURRENT",
-        "1",
-        "REQUESTS_PER_DAY",
-        "10",
-        "RESERVE",
-        "10",
-    ];
-    let a = admit(&mut con, acc, &opts);
-    assert!(allowed(&a));
-    let lease = lease_of(&a);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[
-            ("req_day", 1),
-            ("req_total", 1),
-            ("in_flight", 1),
-            ("reserved", 10),
-        ],
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let opts = "MAX_CONCURRENT 1 REQUESTS_PER_DAY 10 RESERVE 10";
+    let a = con.admit(acc, opts);
+    assert!(a.allowed);
+    let lease = a.lease();
+    let u = con.usage(acc);
+    assert_eq!(
+        (u.req_day, u.req_total, u.in_flight, u.reserved),
+        (1, 1, 1, 10),
+        "{u:?}"
     );
-    assert!(!allowed(&admit(&mut con, acc, &opts)), "slot taken");
-    assert_eq!(release(&mut con, acc, &lease), 1);
-    assert_usage(
-        &usage(&mut con, acc),
-        &[
-            ("req_day", 0),
-            ("req_month", 0),
-            ("req_total", 0),
-            ("in_flight", 0),
-            ("reserved", 0),
-        ],
+    assert!(!con.admit(acc, opts).allowed, "slot taken");
+    assert_eq!(con.release(acc, &lease), 1);
+    let u = con.usage(acc);
+    assert_eq!(
+        (u.req_day, u.req_month, u.req_total, u.in_flight, u.reserved),
+        (0, 0, 0, 0, 0),
+        "{u:?}"
     );
-    assert_eq!(release(&mut con, acc, &lease), 0, "second release");
-    assert_eq!(release(&mut con, acc, "never-held"), 0);
-    let b = admit(&mut con, acc, &opts);
-    assert!(allowed(&b), "the slot is free again: {b:?}");
-    assert_eq!(field_i64(&b, "remaining_requests"), 9);
+    assert_eq!(con.release(acc, &lease), 0, "second release");
+    assert_eq!(con.release(acc, "never-held"), 0);
+    let b = con.admit(acc, opts);
+    assert!(b.allowed, "the slot is free again: {b:?}");
+    assert_eq!(b.remaining_requests, 9);
 }
 
 #[test]
 fn an_expired_lease_frees_its_slot() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let opts = ["MAX_CONCURRENT", "1", "LEASE_TTL", "1", "RESERVE", "7"];
-    let a = admit(&mut con, acc, &opts);
-    assert!(allowed(&a));
-    let m = admit(&mut con, acc, &opts);
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("concurrency"));
-    assert_eq!(field_i64(&m, "retry_after"), 1);
-    let freed = wait_until(Duration::from_secs(3), || {
-        field_i64(&usage(&mut con, acc), "in_flight") == 0
-    });
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let opts = "MAX_CONCURRENT 1 LEASE_TTL 1 RESERVE 7";
+    let a = con.admit(acc, opts);
+    assert!(a.allowed);
+    let m = con.admit(acc, opts);
+    assert_eq!(m.reason, "concurrency");
+    assert_eq!(m.retry_after, 1);
+    let freed = wait_until(Duration::from_secs(3), || con.usage(acc).in_flight == 0);
     assert!(freed, "lease with LEASE_TTL 1 still in flight after 3 s");
-    assert_usage(&usage(&mut con, acc), &[("reserved", 0), ("req_day", 1)]);
-    let b = admit(&mut con, acc, &opts);
-    assert!(allowed(&b), "{b:?}");
-    assert_ne!(lease_of(&a), lease_of(&b));
+    let u = con.usage(acc);
+    assert_eq!((u.reserved, u.req_day), (0, 1), "{u:?}");
+    let b = con.admit(acc, opts);
+    assert!(b.allowed, "{b:?}");
+    assert_ne!(a.lease(), b.lease());
     // The expired lease is gone: releasing it refunds nothing.
-    assert_eq!(release(&mut con, acc, &lease_of(&a)), 0);
-    assert_usage(&usage(&mut con, acc), &[("req_day", 2)]);
+    assert_eq!(con.release(acc, &a.lease()), 0);
+    let u = con.usage(acc);
+    assert_eq!(u.req_day, 2, "{u:?}");
 }
 
 #[test]
 fn reset_clears_counters_leases_and_reservations() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let opts = [
-        "MAX_CONCURRENT",
-        "1",
-        "TOKENS_PER_DAY",
-        "100",
-        "RESERVE",
-        "40",
-    ];
-    assert!(allowed(&admit(&mut con, acc, &opts)));
-    commit(&mut con, acc, "30", None);
-    assert_eq!(int(&mut con, &with_account("QUOTA.RESET", acc, &[])), 1);
-    let u = usage(&mut con, acc);
-    for f in COUNTERS {
-        assert_eq!(field_i64(&u, f), 0, "{f} after RESET: {u:?}");
-    }
-    assert_eq!(int(&mut con, &["EXISTS", &account_key(acc)]), 0);
-    let m = admit(&mut con, acc, &opts);
-    assert!(allowed(&m), "slot and tokens free after RESET: {m:?}");
-    assert_eq!(field_i64(&m, "reserved"), 40);
-    assert_eq!(int(&mut con, &with_account("QUOTA.RESET", acc, &[])), 1);
-    assert_eq!(int(&mut con, &with_account("QUOTA.RESET", acc, &[])), 0);
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let opts = "MAX_CONCURRENT 1 TOKENS_PER_DAY 100 RESERVE 40";
+    assert!(con.admit(acc, opts).allowed);
+    con.commit(acc, 30, None);
+    assert_eq!(con.reset(acc), 1);
+    let u = con.usage(acc);
+    assert_eq!(u.counters(), [0; 8], "{COUNTERS:?} after RESET: {u:?}");
+    assert_eq!(query_i64(&mut con, &["EXISTS", &account_key(acc)]), 0);
+    let m = con.admit(acc, opts);
+    assert!(m.allowed, "slot and tokens free after RESET: {m:?}");
+    assert_eq!(m.reserved, 40);
+    assert_eq!(con.reset(acc), 1);
+    assert_eq!(con.reset(acc), 0);
 }
 
 #[test]
@@ -972,11 +795,9 @@ fn usage_of_an_unknown_account_is_zero() {
     let server = server();
     let mut con = server.client();
     let acc = ["acme", "chat", "nobody", "main"];
-    let u = usage(&mut con, acc);
-    for f in COUNTERS {
-        assert_eq!(field_i64(&u, f), 0, "{f}: {u:?}");
-    }
-    assert_resets(&u, "hour_reset", "day_reset", "month_reset");
+    let u = con.usage(acc);
+    assert_eq!(u.counters(), [0; 8], "{COUNTERS:?}: {u:?}");
+    assert_resets([u.hour_reset, u.day_reset, u.month_reset]);
     assert_eq!(
         keys(&mut con, "q:*"),
         Vec::<String>::new(),
@@ -990,34 +811,32 @@ fn usage_of_an_unknown_account_is_zero() {
 
 #[test]
 fn the_account_key_has_its_type_and_a_ttl() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    assert!(allowed(&admit(&mut con, acc, &["REQUESTS_PER_DAY", "5"])));
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    assert!(con.admit(acc, "REQUESTS_PER_DAY 5").allowed);
     let key = account_key(acc);
     assert_eq!(
         keys(&mut con, "q:*"),
         vec![key.clone()],
         "the documented key name"
     );
-    assert_eq!(string(&mut con, &["TYPE", &key]), "quota-acc");
+    assert_eq!(query_string(&mut con, &["TYPE", &key]), "quota-acc");
     // Until its usage reached the ledger the key does not expire; then it ends with its window.
-    assert_eq!(int(&mut con, &["PTTL", &key]), -1);
+    assert_eq!(query_i64(&mut con, &["PTTL", &key]), -1);
     let _: () = redis::cmd("CONFIG")
         .arg(&["SET", "quota.flush-interval", "1"])
         .query(&mut con)
         .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || int(
-        &mut con,
-        &["PTTL", &key]
-    ) > 0));
-    let pttl = int(&mut con, &["PTTL", &key]);
+    assert!(wait_until(Duration::from_secs(20), || {
+        query_i64(&mut con, &["PTTL", &key]) > 0
+    }));
+    let pttl = query_i64(&mut con, &["PTTL", &key]);
     let month_left_ms = (next_month(now_s()) - now_s() + 1) * 1000;
     assert!(
         pttl > 0 && pttl <= month_left_ms,
         "PTTL {pttl} ms, end of month in {month_left_ms} ms"
     );
-    let mem = int(&mut con, &["MEMORY", "USAGE", &key]);
+    let mem = query_i64(&mut con, &["MEMORY", "USAGE", &key]);
     assert!(
         mem > 0 && mem <= 512,
         "MEMORY USAGE {mem} (the bar: 512 bytes per account)"
@@ -1025,9 +844,9 @@ fn the_account_key_has_its_type_and_a_ttl() {
     // Leases are part of the value and are counted.
     let busy = ["acme", "chat", "alice", "busy"];
     for _ in 0..50 {
-        admit(&mut con, busy, &["MAX_CONCURRENT", "100", "RESERVE", "1"]);
+        con.admit(busy, "MAX_CONCURRENT 100 RESERVE 1");
     }
-    let busy_mem = int(&mut con, &["MEMORY", "USAGE", &account_key(busy)]);
+    let busy_mem = query_i64(&mut con, &["MEMORY", "USAGE", &account_key(busy)]);
     assert!(
         busy_mem > mem + 50 * 16,
         "MEMORY USAGE with 50 leases {busy_mem}, without {mem}"
@@ -1035,11 +854,11 @@ fn the_account_key_has_its_type_and_a_ttl() {
 
     // Tokens only (hour/day/month windows): still a TTL.
     let tok = ["acme", "chat", "alice", "tokens"];
-    commit(&mut con, tok, "10", None);
+    con.commit(tok, 10, None);
     assert!(wait_until(Duration::from_secs(20), || {
-        int(&mut con, &["PTTL", &account_key(tok)]) > 0
+        query_i64(&mut con, &["PTTL", &account_key(tok)]) > 0
     }));
-    let pttl = int(&mut con, &["PTTL", &account_key(tok)]);
+    let pttl = query_i64(&mut con, &["PTTL", &account_key(tok)]);
     assert!(
         pttl > 0 && pttl <= month_left_ms,
         "PTTL {pttl} after COMMIT"
@@ -1047,25 +866,24 @@ fn the_account_key_has_its_type_and_a_ttl() {
 
     // A lifetime limit keeps the count for good.
     let life = ["acme", "chat", "alice", "lifetime"];
-    admit(&mut con, life, &["TOTAL_REQUESTS", "5"]);
-    assert_eq!(int(&mut con, &["PTTL", &account_key(life)]), -1);
+    con.admit(life, "TOTAL_REQUESTS 5");
+    assert_eq!(query_i64(&mut con, &["PTTL", &account_key(life)]), -1);
 }
 
 #[test]
 fn an_account_emptied_by_release_or_a_zero_commit_does_not_stay_forever() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
-    let a = admit(&mut con, acc, &["LEASE", "only"]);
-    assert_eq!(release(&mut con, acc, &lease_of(&a)), 1);
-    let pttl = int(&mut con, &["PTTL", &account_key(acc)]);
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
+    let a = con.admit(acc, "LEASE only");
+    assert_eq!(con.release(acc, &a.lease()), 1);
+    let pttl = query_i64(&mut con, &["PTTL", &account_key(acc)]);
     assert!(
         pttl == -2 || pttl > 0,
         "after RELEASE refunded everything the key must be gone or expiring, PTTL {pttl}"
     );
     let zero = ["acme", "chat", "alice", "zero"];
-    commit(&mut con, zero, "0", None);
-    let pttl = int(&mut con, &["PTTL", &account_key(zero)]);
+    con.commit(zero, 0, None);
+    let pttl = query_i64(&mut con, &["PTTL", &account_key(zero)]);
     assert!(
         pttl == -2 || pttl > 0,
         "COMMIT 0 on a new account must not leave a key without TTL, PTTL {pttl}"
@@ -1074,9 +892,8 @@ fn an_account_emptied_by_release_or_a_zero_commit_does_not_stay_forever() {
 
 #[test]
 fn a_foreign_value_at_the_account_key_is_wrongtype() {
-    let server = server();
-    let mut con = server.client();
-    let acc = ["acme", "chat", "alice", "main"];
+    let (_server, mut con) = server_and_client();
+    let acc = ALICE;
     let key = account_key(acc);
     query(&mut con, &["SET", &key, "not-an-account"]).expect("SET");
     for (name, opts) in [
@@ -1089,7 +906,7 @@ fn a_foreign_value_at_the_account_key_is_wrongtype() {
         let err = query_err(&mut con, &with_account(name, acc, &opts));
         assert!(err.starts_with("WRONGTYPE"), "{name}: {err}");
     }
-    assert_eq!(string(&mut con, &["GET", &key]), "not-an-account");
+    assert_eq!(query_string(&mut con, &["GET", &key]), "not-an-account");
 }
 
 #[test]
@@ -1123,7 +940,11 @@ fn internal_commands_are_refused_from_clients() {
         p.atomic().cmd(command).arg(&key).arg(payload);
         let multi = p.query::<Value>(&mut con);
         assert!(multi.is_err(), "{command} inside MULTI: {multi:?}");
-        assert_eq!(int(&mut con, &["EXISTS", &key]), 0, "nothing was stored");
+        assert_eq!(
+            query_i64(&mut con, &["EXISTS", &key]),
+            0,
+            "nothing was stored"
+        );
     }
 }
 
@@ -1135,30 +956,27 @@ fn internal_commands_are_refused_from_clients() {
 fn admit_from_eval_and_multi_on_a_warm_user() {
     let server = server();
     let mut con = server.client();
-    grant(
-        &mut con,
-        ["acme", "chat", "alice", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
+    con.grant(["acme", "chat", "alice", "*"], "REQUESTS_PER_DAY 5");
     let acc = ["acme", "chat", "alice", "main"];
-    let v = eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]).expect("EVAL");
+    let v = eval_admit(&mut con, acc, "REQUESTS_PER_DAY 0").expect("EVAL");
     assert!(
         matches!(v, Value::Array(_)),
         "EVAL returns the flat array: {v:?}"
     );
-    let m = to_map(v);
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 1);
-    assert_eq!(field_i64(&m, "remaining_requests"), 4);
-    assert!(field_is_nil(&m, "lease"), "{m:?}");
+    let m = Admit::parse(v);
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "global");
+    assert!(m.used_replenishment());
+    assert_eq!(m.remaining_requests, 4);
+    assert!(m.lease.is_none(), "{m:?}");
 
-    let out = multi_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]).expect("MULTI/EXEC");
+    let out = multi_admit(&mut con, acc, "REQUESTS_PER_DAY 0").expect("MULTI/EXEC");
     assert_eq!(out.len(), 2, "{out:?}");
-    let m = to_map(out[0].clone());
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert_usage(&to_map(out[1].clone()), &[("req_day", 2)]);
+    let m = Admit::parse(out[0].clone());
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "global");
+    let u = Usage::from_map(to_map(out[1].clone()));
+    assert_eq!(u.req_day, 2, "{u:?}");
 }
 
 #[test]
@@ -1166,67 +984,56 @@ fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
     let server = server();
     let mut con = server.client();
     let acc = ["acme", "chat", "bob", "main"];
-    grant(
-        &mut con,
-        ["acme", "chat", "bob", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
-    make_cold(&mut con, acc);
+    con.grant(["acme", "chat", "bob", "*"], "REQUESTS_PER_DAY 5");
+    con.invalidate([acc[0], acc[1], acc[2]]);
 
-    let m = to_map(eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "1"]).expect("EVAL"));
-    assert!(allowed(&m), "base policy allows one: {m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("pending"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 0);
-    assert_eq!(
-        field_i64(&m, "remaining_requests"),
-        0,
-        "base policy only: {m:?}"
-    );
+    let m = Admit::parse(eval_admit(&mut con, acc, "REQUESTS_PER_DAY 1").expect("EVAL"));
+    assert!(m.allowed, "base policy allows one: {m:?}");
+    assert_eq!(m.replenishment, "pending");
+    assert!(!m.used_replenishment());
+    assert_eq!(m.remaining_requests, 0, "base policy only: {m:?}");
 
     // The miss started a background load: scripts soon see the credits.
-    let mut last = Map::new();
+    let mut last = None;
     let loaded = wait_until(Duration::from_secs(10), || {
-        last = to_map(eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "1", "PEEK"]).expect("EVAL"));
-        field_str(&last, "replenishment").as_deref() == Some("global")
+        let m = Admit::parse(eval_admit(&mut con, acc, "REQUESTS_PER_DAY 1 PEEK").expect("EVAL"));
+        last.insert(m).replenishment == "global"
     });
     assert!(loaded, "credits never loaded after a script miss: {last:?}");
-    assert!(allowed(&last));
-    assert_eq!(field_i64(&last, "remaining_requests"), 5);
-    let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "1"]);
-    assert!(allowed(&m));
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 1);
+    let last = last.expect("one EVAL ran");
+    assert!(last.allowed);
+    assert_eq!(last.remaining_requests, 5);
+    let m = con.admit(acc, "REQUESTS_PER_DAY 1");
+    assert!(m.allowed);
+    assert_eq!(m.replenishment, "global");
+    assert!(m.used_replenishment());
 
     // MULTI on another cold user: denied on the base policy, pending.
     let carol = ["acme", "chat", "carol", "main"];
-    grant(
-        &mut con,
-        ["acme", "chat", "carol", "*"],
-        &["REQUESTS_PER_DAY", "3"],
-    );
-    make_cold(&mut con, carol);
-    let out = multi_admit(&mut con, carol, &["REQUESTS_PER_DAY", "0"]).expect("MULTI/EXEC");
-    let m = to_map(out[0].clone());
-    assert!(!allowed(&m), "base policy 0 denies: {m:?}");
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("pending"));
+    con.grant(["acme", "chat", "carol", "*"], "REQUESTS_PER_DAY 3");
+    con.invalidate([carol[0], carol[1], carol[2]]);
+    let out = multi_admit(&mut con, carol, "REQUESTS_PER_DAY 0").expect("MULTI/EXEC");
+    let m = Admit::parse(out[0].clone());
+    assert!(!m.allowed, "base policy 0 denies: {m:?}");
+    assert_eq!(m.reason, "requests_per_day");
+    assert_eq!(m.replenishment, "pending");
     // Not midnight: the credits loading now may admit the very next call.
-    let wait = field_i64(&m, "retry_after");
+    let wait = m.retry_after;
     assert!(
         (0..=2).contains(&wait),
         "retry_after {wait} while credits load"
     );
-    assert_usage(&to_map(out[1].clone()), &[("req_day", 0)]);
-    let mut last = Map::new();
+    let u = Usage::from_map(to_map(out[1].clone()));
+    assert_eq!(u.req_day, 0, "{u:?}");
+    let mut last = None;
     let loaded = wait_until(Duration::from_secs(10), || {
-        let out = multi_admit(&mut con, carol, &["REQUESTS_PER_DAY", "0", "PEEK"]).expect("MULTI");
-        last = to_map(out[0].clone());
-        field_str(&last, "replenishment").as_deref() == Some("global")
+        let out = multi_admit(&mut con, carol, "REQUESTS_PER_DAY 0 PEEK").expect("MULTI");
+        last.insert(Admit::parse(out[0].clone())).replenishment == "global"
     });
     assert!(loaded, "credits never loaded after a MULTI miss: {last:?}");
-    let m = admit(&mut con, carol, &["REQUESTS_PER_DAY", "0"]);
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    let m = con.admit(carol, "REQUESTS_PER_DAY 0");
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "global");
 }
 
 #[test]
@@ -1235,40 +1042,34 @@ fn script_miss_error_replies_tryagain_to_a_cold_user() {
     let mut con = server.client();
     query(&mut con, &["CONFIG", "SET", "quota.script-miss", "error"]).expect("CONFIG SET");
     let acc = ["acme", "chat", "dave", "main"];
-    grant(
-        &mut con,
-        ["acme", "chat", "dave", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
-    make_cold(&mut con, acc);
+    con.grant(["acme", "chat", "dave", "*"], "REQUESTS_PER_DAY 5");
+    con.invalidate([acc[0], acc[1], acc[2]]);
 
-    let err = eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]).expect_err("TRYAGAIN");
+    let err = eval_admit(&mut con, acc, "REQUESTS_PER_DAY 0").expect_err("TRYAGAIN");
     let text = error_text(&err);
     assert!(text.starts_with("TRYAGAIN"), "{text}");
-    assert_usage(&usage(&mut con, acc), &[("req_day", 0)]);
+    let u = con.usage(acc);
+    assert_eq!(u.req_day, 0, "{u:?}");
 
     // Retrying shortly succeeds: the miss started the load.
     let mut last: redis::RedisResult<Value> = Err(err);
     let ok = wait_until(Duration::from_secs(10), || {
-        last = eval_admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]);
+        last = eval_admit(&mut con, acc, "REQUESTS_PER_DAY 0");
         last.is_ok()
     });
     assert!(ok, "still failing: {last:?}");
-    let m = to_map(last.expect("EVAL"));
-    assert!(allowed(&m));
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    let m = Admit::parse(last.expect("EVAL"));
+    assert!(m.allowed);
+    assert_eq!(m.replenishment, "global");
 
     // MULTI on a cold user: TRYAGAIN too, and nothing counted.
     let erin = ["acme", "chat", "erin", "main"];
-    grant(
-        &mut con,
-        ["acme", "chat", "erin", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
-    make_cold(&mut con, erin);
-    let err = multi_admit(&mut con, erin, &["REQUESTS_PER_DAY", "0"]).expect_err("TRYAGAIN");
+    con.grant(["acme", "chat", "erin", "*"], "REQUESTS_PER_DAY 5");
+    con.invalidate([erin[0], erin[1], erin[2]]);
+    let err = multi_admit(&mut con, erin, "REQUESTS_PER_DAY 0").expect_err("TRYAGAIN");
     assert!(error_text(&err).contains("TRYAGAIN"), "{err:?}");
-    assert_usage(&usage(&mut con, erin), &[("req_day", 0)]);
+    let u = con.usage(erin);
+    assert_eq!(u.req_day, 0, "{u:?}");
 }
 
 #[test]
@@ -1276,12 +1077,8 @@ fn a_cold_user_outside_scripts_waits_for_the_credits() {
     let server = server();
     let mut con = server.client();
     let acc = ["acme", "chat", "frank", "main"];
-    grant(
-        &mut con,
-        ["acme", "chat", "frank", "*"],
-        &["REQUESTS_PER_DAY", "5"],
-    );
-    make_cold(&mut con, acc);
+    con.grant(["acme", "chat", "frank", "*"], "REQUESTS_PER_DAY 5");
+    con.invalidate([acc[0], acc[1], acc[2]]);
     let misses = |s: &RedisServer| -> i64 {
         s.info("quota")
             .get("quota_cache_misses")
@@ -1290,11 +1087,11 @@ fn a_cold_user_outside_scripts_waits_for_the_credits() {
     };
     let before = misses(&server);
     let started = Instant::now();
-    let m = admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]);
+    let m = con.admit(acc, "REQUESTS_PER_DAY 0");
     let took = started.elapsed();
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 1);
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "global");
+    assert!(m.used_replenishment());
     assert!(misses(&server) > before, "the admit was not a cache miss");
     assert!(took < Duration::from_millis(2250), "blocked {took:?}");
 }
@@ -1317,9 +1114,9 @@ fn generated_lease_ids_are_unique() {
     let leases: HashSet<String> = replies
         .into_iter()
         .map(|v| {
-            let m = to_map(v);
-            assert!(allowed(&m), "{m:?}");
-            lease_of(&m)
+            let m = Admit::parse(v);
+            assert!(m.allowed, "{m:?}");
+            m.lease()
         })
         .collect();
     assert_eq!(leases.len(), 1000, "generated lease ids repeat");

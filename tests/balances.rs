@@ -65,7 +65,7 @@ impl Env {
 }
 
 fn left(con: &mut redis::Connection, acc: [&str; 4], field: &str) -> i64 {
-    field_i64(&get(con, acc).expect("a record"), field)
+    field_i64(&con.get(acc).expect("a record"), field)
 }
 
 /// 20 clients admit (with leases), reserve, commit and release at once against a balance of
@@ -76,10 +76,9 @@ fn burn_down_is_exact_under_concurrency() {
     let env = Env::start(&[("flush-interval", "1")]);
     let acc = [T, P, "alice", "web"];
     let mut con = env.con();
-    grant(
-        &mut con,
+    con.grant(
         [T, P, "alice", "*"],
-        &["REQUESTS_BALANCE", "300", "TOKENS_BALANCE", "5000"],
+        ["REQUESTS_BALANCE", "300", "TOKENS_BALANCE", "5000"],
     );
     let workers: Vec<_> = (0..20)
         .map(|w| {
@@ -89,10 +88,9 @@ fn burn_down_is_exact_under_concurrency() {
                 let (mut admitted, mut released, mut committed) = (0i64, 0i64, 0i64);
                 for i in 0.. {
                     let lease = format!("w{w}-{i}");
-                    let r = admit(
-                        &mut con,
+                    let r = con.admit(
                         acc,
-                        &[
+                        [
                             "REQUESTS_PER_DAY",
                             "0",
                             "TOKENS_PER_DAY",
@@ -103,24 +101,19 @@ fn burn_down_is_exact_under_concurrency() {
                             "20",
                         ],
                     );
-                    if field_i64(&r, "allowed") == 0 {
-                        assert!(
-                            field_str(&r, "reason").unwrap().contains("balance"),
-                            "{r:?}"
-                        );
+                    if !r.allowed {
+                        assert!(r.reason.contains("balance"), "{r:?}");
                         break;
                     }
-                    assert_eq!(field_str(&r, "paid_by").as_deref(), Some("balance"));
+                    assert_eq!(r.paid_by, "balance");
                     admitted += 1;
                     if i % 5 == 4 {
-                        let rel = query(&mut con, &with_account("QUOTA.RELEASE", acc, &[&lease]));
-                        assert_eq!(value_i64(&rel.unwrap()), Some(1));
+                        assert_eq!(con.release(acc, &lease), 1);
                         released += 1;
                     } else {
                         // Never more than reserved: the balance cannot be overdrawn.
-                        let held = field_i64(&r, "reserved");
-                        let used = held.min(7);
-                        commit(&mut con, acc, &used.to_string(), Some(&lease));
+                        let used = r.reserved.min(7);
+                        con.commit(acc, used, Some(&lease));
                         committed += used;
                     }
                 }
@@ -141,7 +134,7 @@ fn burn_down_is_exact_under_concurrency() {
         300,
         "admitted {admitted}, released {released}"
     );
-    let record = get(&mut con, [T, P, "alice", "web"]).unwrap();
+    let record = con.get([T, P, "alice", "web"]).unwrap();
     assert_eq!(field_i64(&record, "requests_balance_left"), 0);
     assert_eq!(
         field_i64(&record, "tokens_balance_left"),
@@ -173,13 +166,9 @@ fn top_ups_count_once_and_windows_pay_first() {
     let env = Env::start(&[]);
     let mut con = env.con();
     let acc = [T, P, "bob", "web"];
-    grant(&mut con, acc, &["REQUESTS_BALANCE", "2"]);
+    con.grant(acc, ["REQUESTS_BALANCE", "2"]);
     for _ in 0..3 {
-        let r = grant(
-            &mut con,
-            acc,
-            &["REQUESTS_BALANCE", "5", "ADD", "PURCHASE", "order-1"],
-        );
+        let r = con.grant(acc, ["REQUESTS_BALANCE", "5", "ADD", "PURCHASE", "order-1"]);
         assert_eq!(field_i64(&r, "requests_balance"), 7);
     }
     // Two requests a day from the policy, then seven from the balance, then denied.
@@ -201,21 +190,11 @@ fn top_ups_count_once_and_windows_pay_first() {
         .collect();
     assert_eq!(paid, expected);
     assert_eq!(left(&mut con, acc, "requests_balance_left"), 0);
-    let r = admit(&mut con, acc, &["REQUESTS_PER_DAY", "2"]);
-    assert_eq!(
-        field_str(&r, "reason").as_deref(),
-        Some("requests_per_day|balance")
-    );
+    let r = con.admit(acc, ["REQUESTS_PER_DAY", "2"]);
+    assert_eq!(r.reason, "requests_per_day|balance");
     // Another top-up pays again.
-    grant(
-        &mut con,
-        acc,
-        &["REQUESTS_BALANCE", "1", "ADD", "PURCHASE", "order-2"],
-    );
-    assert_eq!(
-        field_i64(&admit(&mut con, acc, &["REQUESTS_PER_DAY", "2"]), "allowed"),
-        1
-    );
+    con.grant(acc, ["REQUESTS_BALANCE", "1", "ADD", "PURCHASE", "order-2"]);
+    assert!(con.admit(acc, ["REQUESTS_PER_DAY", "2"]).allowed);
 }
 
 /// `QUOTA.HISTORY` reads the hourly rows the flush wrote.
@@ -225,9 +204,9 @@ fn history_shows_the_hourly_rows() {
     let mut con = env.con();
     let acc = [T, P, "carol", "web"];
     for _ in 0..4 {
-        admit(&mut con, acc, &[]);
+        con.admit(acc, "");
     }
-    commit(&mut con, acc, "123", None);
+    con.commit(acc, 123, None);
     env.flushed();
     let rows = to_array(query(&mut con, &with_account("QUOTA.HISTORY", acc, &[])).unwrap());
     assert_eq!(rows.len(), 1);
@@ -257,14 +236,14 @@ fn kill_9_loses_at_most_one_interval_and_never_counts_twice() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let acc = [T, P, "dave", "web"];
-    grant(&mut con, acc, &["REQUESTS_BALANCE", "1000"]);
+    con.grant(acc, ["REQUESTS_BALANCE", "1000"]);
     for _ in 0..50 {
-        admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]);
+        con.admit(acc, ["REQUESTS_PER_DAY", "0"]);
     }
     env.flushed();
     assert_eq!(env.ledger("dave", "requests"), 50);
     for _ in 0..30 {
-        admit(&mut con, acc, &["REQUESTS_PER_DAY", "0"]);
+        con.admit(acc, ["REQUESTS_PER_DAY", "0"]);
     }
     env.server.kill9();
     env.server.restart();
@@ -306,15 +285,15 @@ fn a_stopped_postgresql_delays_the_ledger_and_loses_nothing() {
         .start();
     let mut con = server.client();
     let acc = [T, P, "erin", "web"];
-    admit(&mut con, acc, &[]);
+    con.admit(acc, "");
     assert!(wait_until(Duration::from_secs(20), || {
         info_i64(&server, "quota_ledger_accounts_pending") == 0
     }));
     pg.stop();
     for _ in 0..9 {
-        admit(&mut con, acc, &[]);
+        con.admit(acc, "");
     }
-    commit(&mut con, acc, "40", None);
+    con.commit(acc, 40, None);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(info_i64(&server, "quota_ledger_accounts_pending"), 1);
     assert!(info_i64(&server, "quota_ledger_flush_errors") > 0);
@@ -362,11 +341,7 @@ fn the_schema_upgrades_in_place() {
             .and_then(try_to_map)
             .is_some_and(|m| field_is_nil(&m, "requests_balance"))
     }));
-    let r = grant(
-        &mut con,
-        [T, P, "frank", "*"],
-        &["TOKENS_BALANCE", "10", "ADD"],
-    );
+    let r = con.grant([T, P, "frank", "*"], ["TOKENS_BALANCE", "10", "ADD"]);
     assert_eq!(field_i64(&r, "additional_requests_per_day"), 5);
     assert_eq!(field_i64(&r, "tokens_balance"), 10);
     assert_eq!(left(&mut con, acc, "tokens_balance_left"), 10);

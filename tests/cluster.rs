@@ -67,6 +67,14 @@ fn routed(con: &mut ClusterConnection, user: &str, args: &[&str]) -> redis::Redi
     con.route_command(&cmd(args), to_user(user))
 }
 
+/// `<command> TENANT PROJECT <user> <rest...>` on the master owning `user`'s slot; panics on
+/// an error reply.
+fn on_user(con: &mut ClusterConnection, command: &str, user: &str, rest: &[&str]) -> Value {
+    let mut args = vec![command, TENANT, PROJECT, user];
+    args.extend_from_slice(rest);
+    routed(con, user, &args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
 /// `CLUSTER KEYSLOT <key>` asked of a node.
 fn server_keyslot(node: &RedisServer, key: &str) -> i64 {
     let mut c = node.client();
@@ -316,23 +324,13 @@ fn thousand_users_over_all_slots() {
     assert_eq!(per_node.len(), 3, "users on every master: {per_node:?}");
 
     // Grants for the even users, a '*' credit of 3 requests per day, routed to the user's slot.
-    for (i, u) in users.iter().enumerate().filter(|(i, _)| with_credit(*i)) {
-        let m = to_map(
-            routed(
-                &mut con,
-                u,
-                &[
-                    "QUOTA.GRANT",
-                    TENANT,
-                    PROJECT,
-                    u,
-                    "*",
-                    "REQUESTS_PER_DAY",
-                    "3",
-                ],
-            )
-            .unwrap_or_else(|e| panic!("QUOTA.GRANT user {i} ({u}): {e}")),
-        );
+    for u in users.iter().step_by(2) {
+        let m = to_map(on_user(
+            &mut con,
+            "QUOTA.GRANT",
+            u,
+            &["*", "REQUESTS_PER_DAY", "3"],
+        ));
         assert_eq!(field_i64(&m, "additional_requests_per_day"), 3);
         assert_eq!(field_str(&m, "user_id").as_deref(), Some(u.as_str()));
         assert_eq!(field_i64(&m, "duplicate"), 0);
@@ -341,8 +339,7 @@ fn thousand_users_over_all_slots() {
 
     // Gets: every user's own record or nil.
     for (i, u) in users.iter().enumerate() {
-        let v = routed(&mut con, u, &["QUOTA.GET", TENANT, PROJECT, u, BUNDLE])
-            .unwrap_or_else(|e| panic!("QUOTA.GET {u}: {e}"));
+        let v = on_user(&mut con, "QUOTA.GET", u, &[BUNDLE]);
         if with_credit(i) {
             let m = to_map(v);
             assert_eq!(field_str(&m, "user_id").as_deref(), Some(u.as_str()));
@@ -357,30 +354,14 @@ fn thousand_users_over_all_slots() {
     let mut admitted = vec![0i64; users.len()];
     for round in 0..6 {
         for (i, u) in users.iter().enumerate() {
-            let m = to_map(
-                routed(
-                    &mut con,
-                    u,
-                    &[
-                        "QUOTA.ADMIT",
-                        TENANT,
-                        PROJECT,
-                        u,
-                        BUNDLE,
-                        "REQUESTS_PER_DAY",
-                        "2",
-                    ],
-                )
-                .unwrap_or_else(|e| panic!("QUOTA.ADMIT round {round} user {u}: {e}")),
-            );
-            let allowed = field_i64(&m, "allowed");
+            let admit = [BUNDLE, "REQUESTS_PER_DAY", "2"];
+            let m = Admit::parse(on_user(&mut con, "QUOTA.ADMIT", u, &admit));
             let expected_repl = if with_credit(i) { "global" } else { "none" };
             assert_eq!(
-                field_str(&m, "replenishment").as_deref(),
-                Some(expected_repl),
+                m.replenishment, expected_repl,
                 "QUOTA.ADMIT round {round} user {u}: {m:?}"
             );
-            admitted[i] += allowed;
+            admitted[i] += i64::from(m.allowed);
         }
     }
     for (i, u) in users.iter().enumerate() {
@@ -390,37 +371,28 @@ fn thousand_users_over_all_slots() {
 
     // USAGE agrees.
     for (i, u) in users.iter().enumerate().step_by(7) {
-        let m = to_map(
-            routed(&mut con, u, &["QUOTA.USAGE", TENANT, PROJECT, u, BUNDLE])
-                .unwrap_or_else(|e| panic!("QUOTA.USAGE {u}: {e}")),
-        );
+        let usage = Usage::from_map(to_map(on_user(&mut con, "QUOTA.USAGE", u, &[BUNDLE])));
         let expected = if with_credit(i) { 5 } else { 2 };
-        assert_eq!(field_i64(&m, "req_day"), expected, "USAGE of {u}");
+        assert_eq!(usage.req_day, expected, "USAGE of {u}");
     }
 
     // A plain query through the cluster client (routed by redirection) sees the same state.
     for i in [1usize, 2, 499, 998] {
         let u = &users[i];
-        let m = to_map(
-            query(
-                &mut con,
-                &[
-                    "QUOTA.ADMIT",
-                    TENANT,
-                    PROJECT,
-                    u,
-                    BUNDLE,
-                    "REQUESTS_PER_DAY",
-                    "2",
-                    "PEEK",
-                ],
-            )
-            .expect("QUOTA.ADMIT PEEK"),
-        );
-        assert_eq!(field_i64(&m, "allowed"), 0, "PEEK {u} after its 6 admits");
+        let m = con.admit([TENANT, PROJECT, u, BUNDLE], "REQUESTS_PER_DAY 2 PEEK");
+        assert!(!m.allowed, "PEEK {u} after its 6 admits");
     }
+    assert_keys_on_their_owners(&cluster, &owners, &users);
 
-    // Every account key lives on the node owning its user's slot; one key per user.
+    eprintln!(
+        "thousand_users_over_all_slots: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Every account key lives on the node owning its user's slot (as the nodes count them); one
+/// key per user, and every one of `users` has one.
+fn assert_keys_on_their_owners(cluster: &RedisCluster, owners: &[u16], users: &[String]) {
     let mut seen: BTreeMap<String, u16> = BTreeMap::new();
     for node in &cluster.nodes {
         let keys = quota_keys(node);
@@ -468,11 +440,6 @@ fn thousand_users_over_all_slots() {
     let expected: BTreeSet<String> = users.iter().cloned().collect();
     let found: BTreeSet<String> = seen.keys().cloned().collect();
     assert_eq!(found, expected, "users with an account key");
-
-    eprintln!(
-        "thousand_users_over_all_slots: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 }
 
 /// A grant made on the owning node directly is read through the cluster client; a node that

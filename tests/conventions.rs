@@ -282,14 +282,14 @@ fn keyspace_notifications_for_usage_changes() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
 
-    let a = admit(&mut con, acc, &["REQUESTS_PER_DAY", "1", "LEASE", "l1"]);
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    admit(&mut con, acc, &["REQUESTS_PER_DAY", "1", "PEEK"]); // changes nothing
-    let denied = admit(&mut con, acc, &["REQUESTS_PER_DAY", "1"]);
-    assert_eq!(field_i64(&denied, "allowed"), 0); // changes nothing
-    commit(&mut con, acc, "5", Some("l1"));
-    commit(&mut con, acc, "5", Some("l1")); // a repeat records nothing
-    admit(&mut con, acc, &["LEASE", "l2"]);
+    let a = con.admit(acc, "REQUESTS_PER_DAY 1 LEASE l1");
+    assert!(a.allowed);
+    con.admit(acc, "REQUESTS_PER_DAY 1 PEEK"); // changes nothing
+    let denied = con.admit(acc, "REQUESTS_PER_DAY 1");
+    assert!(!denied.allowed); // changes nothing
+    con.commit(acc, 5, Some("l1"));
+    con.commit(acc, 5, Some("l1")); // a repeat records nothing
+    con.admit(acc, "LEASE l2");
     query(&mut con, &with_account("QUOTA.RELEASE", acc, &["l2"])).unwrap();
     query(&mut con, &with_account("QUOTA.RELEASE", acc, &["l2"])).unwrap(); // not held
     query(&mut con, &with_account("QUOTA.RESET", acc, &[])).unwrap();
@@ -404,10 +404,7 @@ fn raw_exchange(port: u16, commands: &[Vec<&str>]) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut out = Vec::new();
     for args in commands {
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-        }
+        encode(&bytes(args), &mut out);
     }
     stream.write_all(&out).expect("write");
     stream
@@ -436,16 +433,16 @@ fn star_credit_applies_to_each_bundle() {
         &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "2"],
     );
     for bundle in ["web", "mobile"] {
-        let allowed: Vec<i64> = (0..4)
+        let allowed: Vec<bool> = (0..4)
             .map(|_| {
-                let a = admit(
-                    &mut con,
-                    [T, P, "alice", bundle],
-                    &["REQUESTS_PER_DAY", "1"],
-                );
-                field_i64(&a, "allowed")
+                con.admit([T, P, "alice", bundle], "REQUESTS_PER_DAY 1")
+                    .allowed
             })
             .collect();
-        assert_eq!(allowed, [1, 1, 1, 0], "{bundle}: base 1 + its own 2");
+        assert_eq!(
+            allowed,
+            [true, true, true, false],
+            "{bundle}: base 1 + its own 2"
+        );
     }
 }

@@ -110,6 +110,13 @@ impl Env {
         env
     }
 
+    /// [`Env::start`] and a connection to it.
+    fn start_con() -> (Env, redis::Connection) {
+        let env = Env::start();
+        let con = env.con();
+        (env, con)
+    }
+
     fn con(&self) -> redis::Connection {
         self.server.client()
     }
@@ -171,24 +178,6 @@ fn raw_reply(con: &mut redis::Connection, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-fn list(con: &mut redis::Connection, ids: [&str; 3], all: bool) -> HashMap<String, Value> {
-    let mut args = vec!["QUOTA.LIST"];
-    args.extend_from_slice(&ids);
-    if all {
-        args.push("ALL");
-    }
-    query_map(con, &args)
-}
-
-fn revoke(con: &mut redis::Connection, ids: [&str; 4]) -> i64 {
-    let mut args = vec!["QUOTA.REVOKE"];
-    args.extend_from_slice(&ids);
-    match query(con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
-        Value::Int(i) => i,
-        other => panic!("QUOTA.REVOKE replied {other:?}"),
-    }
-}
-
 fn int_reply(con: &mut redis::Connection, args: &[&str]) -> i64 {
     match query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}")) {
         Value::Int(i) => i,
@@ -246,7 +235,7 @@ fn poll_get(
 ) -> (bool, Option<HashMap<String, Value>>) {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = get(con, ids);
+        let r = con.get(ids);
         if pred(&r) {
             return (true, r);
         }
@@ -267,16 +256,14 @@ fn bundle_of(r: &Option<HashMap<String, Value>>) -> Option<String> {
 
 #[test]
 fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_ones() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "alice", "*"];
     let before = now_s();
     let expires = before + 3600;
     let exp = expires.to_string();
-    let r = grant(
-        &mut con,
+    let r = con.grant(
         ids,
-        &[
+        [
             "REQUESTS_PER_DAY",
             "10",
             "requests_per_month",
@@ -350,7 +337,9 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     );
 
     // GET answers the same record (without `duplicate`).
-    let g = get(&mut con, [T, P, "alice", "any-bundle"]).expect("GET finds the '*' row");
+    let g = con
+        .get([T, P, "alice", "any-bundle"])
+        .expect("GET finds the '*' row");
     assert_record_fields(&g, &GET_EXTRA);
     for f in RECORD_FIELDS {
         assert_eq!(g.get(f), r.get(f), "GET and GRANT differ on {f}");
@@ -358,7 +347,7 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
 
     // A replace with one amount: every absent amount, the expiry and the purchase fields
     // become nil; the row keeps its creation time.
-    let r2 = grant(&mut con, ids, &["TOKENS_PER_DAY", "7"]);
+    let r2 = con.grant(ids, "TOKENS_PER_DAY 7");
     assert_record_fields(&r2, &["duplicate"]);
     assert_eq!(int_field(&r2, "additional_tokens_per_day"), 7);
     assert_nil(
@@ -390,29 +379,28 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     );
 
     // Money is exact: one decimal is padded, the largest amount survives unchanged.
-    let r3 = grant(&mut con, ids, &["AMOUNT", "0.5"]);
+    let r3 = con.grant(ids, "AMOUNT 0.5");
     assert_eq!(str_field(&r3, "purchase_amount_usd"), "0.50");
-    let r4 = grant(&mut con, ids, &["AMOUNT", "99999999.99"]);
+    let r4 = con.grant(ids, "AMOUNT 99999999.99");
     assert_eq!(str_field(&r4, "purchase_amount_usd"), "99999999.99");
     assert_eq!(
         env.sql("SELECT purchase_amount_usd::text FROM {t} WHERE user_id = 'alice'"),
         "99999999.99"
     );
     // A grant without any option is a row with every amount nil.
-    let r5 = grant(&mut con, ids, &[]);
+    let r5 = con.grant(ids, "");
     assert_nil(&r5, &["additional_tokens_per_day", "purchase_amount_usd"]);
     assert_eq!(int_field(&r5, "active"), 1);
 }
 
 #[test]
 fn grant_reactivates_a_revoked_row() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "bob", "gpt"];
-    let first = grant(&mut con, ids, &["REQUESTS_PER_DAY", "5"]);
-    assert_eq!(revoke(&mut con, ids), 1);
-    assert!(get(&mut con, ids).is_none(), "a revoked row must not apply");
-    let all = list(&mut con, [T, P, "bob"], true);
+    let first = con.grant(ids, "REQUESTS_PER_DAY 5");
+    assert_eq!(con.revoke(ids), 1);
+    assert!(con.get(ids).is_none(), "a revoked row must not apply");
+    let all = con.list([T, P, "bob"], true);
     let revoked = to_map(
         all.get("gpt")
             .expect("LIST ALL shows the revoked row")
@@ -420,7 +408,7 @@ fn grant_reactivates_a_revoked_row() {
     );
     assert_eq!(int_field(&revoked, "active"), 0);
 
-    let again = grant(&mut con, ids, &["REQUESTS_PER_DAY", "6"]);
+    let again = con.grant(ids, "REQUESTS_PER_DAY 6");
     assert_eq!(int_field(&again, "active"), 1);
     assert_eq!(int_field(&again, "additional_requests_per_day"), 6);
     assert_eq!(
@@ -428,7 +416,7 @@ fn grant_reactivates_a_revoked_row() {
         int_field(&first, "created_at"),
         "reactivation updates the same row"
     );
-    let g = get(&mut con, ids).expect("the reactivated row applies");
+    let g = con.get(ids).expect("the reactivated row applies");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 6);
     assert_eq!(
         env.sql("SELECT count(*), bool_and(active) FROM {t} WHERE user_id = 'bob'"),
@@ -438,16 +426,11 @@ fn grant_reactivates_a_revoked_row() {
 
 #[test]
 fn expires_in_and_expires_at_set_the_expiry() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "carol", "*"];
 
     let before = now_s();
-    let r = grant(
-        &mut con,
-        ids,
-        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "3600"],
-    );
+    let r = con.grant(ids, "REQUESTS_PER_DAY 1 EXPIRES_IN 3600");
     let after = now_s();
     let at = int_field(&r, "expires_at");
     assert!(
@@ -462,13 +445,13 @@ fn expires_in_and_expires_at_set_the_expiry() {
     );
 
     let fixed = now_s() + 86_400 * 30;
-    let r = grant(&mut con, ids, &["EXPIRES_AT", &fixed.to_string()]);
+    let r = con.grant(ids, ["EXPIRES_AT", &fixed.to_string()]);
     assert_eq!(int_field(&r, "expires_at"), fixed);
     // The latest accepted instant.
-    let r = grant(&mut con, ids, &["EXPIRES_AT", "253402300799"]);
+    let r = con.grant(ids, "EXPIRES_AT 253402300799");
     assert_eq!(int_field(&r, "expires_at"), 253402300799);
     // A replace without expiry: never expires.
-    let r = grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    let r = con.grant(ids, "REQUESTS_PER_DAY 1");
     assert_nil(&r, &["expires_at"]);
     assert_eq!(
         env.sql("SELECT expires_at IS NULL FROM {t} WHERE user_id = 'carol'"),
@@ -478,40 +461,23 @@ fn expires_in_and_expires_at_set_the_expiry() {
 
 #[test]
 fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
 
     // Missing row: a top-up from zero, never expiring.
     let missing = [T, P, "dave", "missing"];
-    let r = grant(&mut con, missing, &["ADD", "REQUESTS_PER_DAY", "5"]);
+    let r = con.grant(missing, "ADD REQUESTS_PER_DAY 5");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
     assert_nil(&r, &["expires_at", "additional_tokens_per_day"]);
     assert_eq!(int_field(&r, "active"), 1);
 
     // Live row: given amounts add up, absent ones and the expiry are kept, money adds up.
     let live = [T, P, "dave", "live"];
-    let base = grant(
-        &mut con,
+    let base = con.grant(
         live,
-        &[
-            "REQUESTS_PER_DAY",
-            "10",
-            "TOKENS_PER_DAY",
-            "100",
-            "EXPIRES_IN",
-            "3600",
-            "AMOUNT",
-            "1.50",
-            "PURCHASE",
-            "p-live-1",
-        ],
+        "REQUESTS_PER_DAY 10 TOKENS_PER_DAY 100 EXPIRES_IN 3600 AMOUNT 1.50 PURCHASE p-live-1",
     );
     let expiry = int_field(&base, "expires_at");
-    let r = grant(
-        &mut con,
-        live,
-        &["add", "REQUESTS_PER_DAY", "5", "AMOUNT", "2.25"],
-    );
+    let r = con.grant(live, "add REQUESTS_PER_DAY 5 AMOUNT 2.25");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 15);
     assert_eq!(int_field(&r, "additional_tokens_per_day"), 100);
     assert_eq!(int_field(&r, "expires_at"), expiry);
@@ -519,15 +485,11 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     assert_eq!(int_field(&r, "duplicate"), 0);
     // An expiry given with ADD replaces the old one.
     let before = now_s();
-    let r = grant(
-        &mut con,
-        live,
-        &["ADD", "TOKENS_PER_DAY", "1", "EXPIRES_IN", "7200"],
-    );
+    let r = con.grant(live, "ADD TOKENS_PER_DAY 1 EXPIRES_IN 7200");
     assert!(int_field(&r, "expires_at") >= before + 7200);
     assert_eq!(int_field(&r, "additional_tokens_per_day"), 101);
     assert_eq!(int_field(&r, "additional_requests_per_day"), 15);
-    let g = get(&mut con, live).expect("live row");
+    let g = con.get(live).expect("live row");
     assert_eq!(int_field(&g, "additional_tokens_per_day"), 101);
     assert_eq!(
         env.sql(
@@ -537,11 +499,7 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
         "15|101|3.75"
     );
     // A top-up that would overflow the money column is refused and changes nothing.
-    grant(
-        &mut con,
-        live,
-        &["AMOUNT", "99999999.99", "REQUESTS_PER_DAY", "1"],
-    );
+    con.grant(live, "AMOUNT 99999999.99 REQUESTS_PER_DAY 1");
     let snap = env.snapshot();
     let e = query_err(
         &mut con,
@@ -550,7 +508,7 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     assert!(e.contains("AMOUNT"), "overflowing AMOUNT top-up: {e}");
     assert_eq!(env.snapshot(), snap, "a refused top-up changed PostgreSQL");
     // Likewise an INT column.
-    grant(&mut con, live, &["REQUESTS_PER_DAY", "2147483647"]);
+    con.grant(live, "REQUESTS_PER_DAY 2147483647");
     let snap = env.snapshot();
     let e = query_err(
         &mut con,
@@ -570,38 +528,26 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
 
     // Revoked row: a top-up starts from zero and reactivates it.
     let revoked = [T, P, "dave", "revoked"];
-    grant(
-        &mut con,
-        revoked,
-        &["REQUESTS_PER_DAY", "10", "TOKENS_PER_DAY", "50"],
-    );
-    assert_eq!(revoke(&mut con, revoked), 1);
-    let r = grant(&mut con, revoked, &["ADD", "REQUESTS_PER_DAY", "5"]);
+    con.grant(revoked, "REQUESTS_PER_DAY 10 TOKENS_PER_DAY 50");
+    assert_eq!(con.revoke(revoked), 1);
+    let r = con.grant(revoked, "ADD REQUESTS_PER_DAY 5");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
     assert_nil(&r, &["additional_tokens_per_day"]);
     assert_eq!(int_field(&r, "active"), 1);
 
     // Expired row: a top-up starts from zero and, without an expiry, never expires.
     let expired = [T, P, "dave", "expired"];
-    grant(
-        &mut con,
+    con.grant(
         expired,
-        &[
-            "REQUESTS_PER_DAY",
-            "10",
-            "TOKENS_PER_DAY",
-            "50",
-            "EXPIRES_IN",
-            "1",
-        ],
+        "REQUESTS_PER_DAY 10 TOKENS_PER_DAY 50 EXPIRES_IN 1",
     );
     let (ok, last) = poll_get(&mut con, expired, Duration::from_secs(5), |r| r.is_none());
     assert!(ok, "the row did not expire within 5 s: {last:?}");
-    let r = grant(&mut con, expired, &["ADD", "REQUESTS_PER_DAY", "5"]);
+    let r = con.grant(expired, "ADD REQUESTS_PER_DAY 5");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
     assert_nil(&r, &["additional_tokens_per_day", "expires_at"]);
     assert_eq!(int_field(&r, "active"), 1);
-    let g = get(&mut con, expired).expect("the topped-up row applies again");
+    let g = con.get(expired).expect("the topped-up row applies again");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
 
     // The event log tells grants from top-ups.
@@ -614,25 +560,16 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
 
 #[test]
 fn a_purchase_id_is_applied_once_per_tenant_and_project() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let dup_before = env.info_i64("quota_grants_duplicate");
 
     let star = [T, P, "erin", "*"];
-    let r = grant(
-        &mut con,
-        star,
-        &["ADD", "REQUESTS_PER_DAY", "5", "PURCHASE", "pay-42"],
-    );
+    let r = con.grant(star, "ADD REQUESTS_PER_DAY 5 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 0);
     assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
 
     // The same purchase again: nothing changes, the current record comes back.
-    let r = grant(
-        &mut con,
-        star,
-        &["ADD", "REQUESTS_PER_DAY", "5", "PURCHASE", "pay-42"],
-    );
+    let r = con.grant(star, "ADD REQUESTS_PER_DAY 5 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 1);
     assert_eq!(
         int_field(&r, "additional_requests_per_day"),
@@ -640,53 +577,42 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
         "applied twice"
     );
     assert_eq!(str_field(&r, "purchase_id"), "pay-42");
-    let g = get(&mut con, star).expect("row");
+    let g = con.get(star).expect("row");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
     // A replace carrying the same purchase id is a duplicate too.
-    let r = grant(
-        &mut con,
-        star,
-        &["REQUESTS_PER_DAY", "1", "PURCHASE", "pay-42"],
-    );
+    let r = con.grant(star, "REQUESTS_PER_DAY 1 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 1);
     assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
 
     // Same tenant and project, another bundle of the same user: still a duplicate.
-    let r = grant(
-        &mut con,
+    let r = con.grant(
         [T, P, "erin", "gpt"],
-        &["ADD", "REQUESTS_PER_DAY", "7", "PURCHASE", "pay-42"],
+        "ADD REQUESTS_PER_DAY 7 PURCHASE pay-42",
     );
     assert_eq!(int_field(&r, "duplicate"), 1);
-    let g = get(&mut con, [T, P, "erin", "gpt"]).expect("the '*' row applies");
+    let g = con.get([T, P, "erin", "gpt"]).expect("the '*' row applies");
     assert_eq!(field_str(&g, "bundle_id").as_deref(), Some("*"));
     assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
 
     // Same tenant and project, another user: a duplicate, nothing stored for that user.
-    let r = grant(
-        &mut con,
-        [T, P, "frank", "*"],
-        &["REQUESTS_PER_DAY", "7", "PURCHASE", "pay-42"],
-    );
+    let r = con.grant([T, P, "frank", "*"], "REQUESTS_PER_DAY 7 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 1);
-    assert!(get(&mut con, [T, P, "frank", "*"]).is_none());
+    assert!(con.get([T, P, "frank", "*"]).is_none());
     assert_eq!(
         env.sql("SELECT count(*) FROM {t} WHERE user_id = 'frank' OR bundle_id = 'gpt'"),
         "0"
     );
 
     // Another project (or tenant): a new purchase.
-    let r = grant(
-        &mut con,
+    let r = con.grant(
         [T, "other-project", "erin", "*"],
-        &["ADD", "REQUESTS_PER_DAY", "9", "PURCHASE", "pay-42"],
+        "ADD REQUESTS_PER_DAY 9 PURCHASE pay-42",
     );
     assert_eq!(int_field(&r, "duplicate"), 0);
     assert_eq!(int_field(&r, "additional_requests_per_day"), 9);
-    let r = grant(
-        &mut con,
+    let r = con.grant(
         ["other-tenant", P, "erin", "*"],
-        &["ADD", "REQUESTS_PER_DAY", "3", "PURCHASE", "pay-42"],
+        "ADD REQUESTS_PER_DAY 3 PURCHASE pay-42",
     );
     assert_eq!(int_field(&r, "duplicate"), 0);
     assert_eq!(int_field(&r, "additional_requests_per_day"), 3);
@@ -709,47 +635,43 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
 
 #[test]
 fn get_prefers_the_bundle_row_then_the_star_row_then_nil() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (_env, mut con) = Env::start_con();
     assert!(
-        get(&mut con, [T, P, "gina", "gpt"]).is_none(),
+        con.get([T, P, "gina", "gpt"]).is_none(),
         "nothing granted yet"
     );
 
-    grant(&mut con, [T, P, "gina", "*"], &["REQUESTS_PER_DAY", "1"]);
-    grant(&mut con, [T, P, "gina", "gpt"], &["REQUESTS_PER_DAY", "2"]);
-    let g = get(&mut con, [T, P, "gina", "gpt"]).expect("bundle row");
+    con.grant([T, P, "gina", "*"], "REQUESTS_PER_DAY 1");
+    con.grant([T, P, "gina", "gpt"], "REQUESTS_PER_DAY 2");
+    let g = con.get([T, P, "gina", "gpt"]).expect("bundle row");
     assert_eq!(str_field(&g, "bundle_id"), "gpt");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 2);
-    let g = get(&mut con, [T, P, "gina", "claude"]).expect("'*' row");
+    let g = con.get([T, P, "gina", "claude"]).expect("'*' row");
     assert_eq!(str_field(&g, "bundle_id"), "*");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
     assert_eq!(str_field(&g, "user_id"), "gina");
 
     // Revoked bundle row: the '*' row applies.
-    assert_eq!(revoke(&mut con, [T, P, "gina", "gpt"]), 1);
-    let g = get(&mut con, [T, P, "gina", "gpt"]).expect("'*' row after revoke");
+    assert_eq!(con.revoke([T, P, "gina", "gpt"]), 1);
+    let g = con
+        .get([T, P, "gina", "gpt"])
+        .expect("'*' row after revoke");
     assert_eq!(str_field(&g, "bundle_id"), "*");
     // Nothing applies once both are revoked; another user or project sees nothing either.
-    assert_eq!(revoke(&mut con, [T, P, "gina", "*"]), 1);
-    assert!(get(&mut con, [T, P, "gina", "gpt"]).is_none());
-    grant(&mut con, [T, P, "gina", "*"], &["REQUESTS_PER_DAY", "1"]);
-    assert!(get(&mut con, [T, "other", "gina", "gpt"]).is_none());
-    assert!(get(&mut con, [T, P, "gina2", "gpt"]).is_none());
+    assert_eq!(con.revoke([T, P, "gina", "*"]), 1);
+    assert!(con.get([T, P, "gina", "gpt"]).is_none());
+    con.grant([T, P, "gina", "*"], "REQUESTS_PER_DAY 1");
+    assert!(con.get([T, "other", "gina", "gpt"]).is_none());
+    assert!(con.get([T, P, "gina2", "gpt"]).is_none());
 }
 
 #[test]
 fn an_expired_bundle_row_falls_back_to_the_star_row() {
-    let env = Env::start();
-    let mut con = env.con();
-    grant(&mut con, [T, P, "hank", "*"], &["REQUESTS_PER_DAY", "1"]);
-    let r = grant(
-        &mut con,
-        [T, P, "hank", "gpt"],
-        &["REQUESTS_PER_DAY", "2", "EXPIRES_IN", "1"],
-    );
+    let (env, mut con) = Env::start_con();
+    con.grant([T, P, "hank", "*"], "REQUESTS_PER_DAY 1");
+    let r = con.grant([T, P, "hank", "gpt"], "REQUESTS_PER_DAY 2 EXPIRES_IN 1");
     let expires = int_field(&r, "expires_at");
-    let g = get(&mut con, [T, P, "hank", "gpt"]).expect("bundle row");
+    let g = con.get([T, P, "hank", "gpt"]).expect("bundle row");
     assert_eq!(str_field(&g, "bundle_id"), "gpt");
 
     let (ok, last) = poll_get(
@@ -770,12 +692,12 @@ fn an_expired_bundle_row_falls_back_to_the_star_row() {
         "t"
     );
     // LIST shows live rows only; LIST ALL the expired one too.
-    let live = list(&mut con, [T, P, "hank"], false);
+    let live = con.list([T, P, "hank"], false);
     assert_eq!(
         live.keys().cloned().collect::<BTreeSet<_>>(),
         BTreeSet::from(["*".to_string()])
     );
-    let all = list(&mut con, [T, P, "hank"], true);
+    let all = con.list([T, P, "hank"], true);
     assert!(
         all.contains_key("gpt"),
         "LIST ALL lacks the expired row: {all:?}"
@@ -788,15 +710,14 @@ fn an_expired_bundle_row_falls_back_to_the_star_row() {
 
 #[test]
 fn revoke_answers_1_then_0_and_soft_deletes() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "ivy", "gpt"];
-    assert_eq!(revoke(&mut con, ids), 0, "nothing to revoke");
-    grant(&mut con, ids, &["REQUESTS_PER_DAY", "3"]);
+    assert_eq!(con.revoke(ids), 0, "nothing to revoke");
+    con.grant(ids, "REQUESTS_PER_DAY 3");
     let revokes = env.info_i64("quota_revokes");
-    assert_eq!(revoke(&mut con, ids), 1);
-    assert_eq!(revoke(&mut con, ids), 0, "already revoked");
-    assert!(get(&mut con, ids).is_none());
+    assert_eq!(con.revoke(ids), 1);
+    assert_eq!(con.revoke(ids), 0, "already revoked");
+    assert!(con.get(ids).is_none());
     assert_eq!(env.info_i64("quota_revokes") - revokes, 1);
     assert_eq!(
         env.sql("SELECT count(*), bool_or(active) FROM {t} WHERE user_id = 'ivy'"),
@@ -811,31 +732,21 @@ fn revoke_answers_1_then_0_and_soft_deletes() {
 
 #[test]
 fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (_env, mut con) = Env::start_con();
     let user = [T, P, "jack"];
-    assert!(list(&mut con, user, false).is_empty());
-    assert!(list(&mut con, user, true).is_empty());
+    assert!(con.list(user, false).is_empty());
+    assert!(con.list(user, true).is_empty());
 
-    grant(
-        &mut con,
+    con.grant(
         [T, P, "jack", "expiring"],
-        &["REQUESTS_PER_DAY", "4", "EXPIRES_IN", "1"],
+        "REQUESTS_PER_DAY 4 EXPIRES_IN 1",
     );
-    grant(&mut con, [T, P, "jack", "*"], &["REQUESTS_PER_DAY", "1"]);
-    grant(
-        &mut con,
-        [T, P, "jack", "gpt"],
-        &["TOKENS_PER_DAY", "2", "AMOUNT", "3"],
-    );
-    grant(
-        &mut con,
-        [T, P, "jack", "revoked"],
-        &["REQUESTS_PER_DAY", "3"],
-    );
-    assert_eq!(revoke(&mut con, [T, P, "jack", "revoked"]), 1);
+    con.grant([T, P, "jack", "*"], "REQUESTS_PER_DAY 1");
+    con.grant([T, P, "jack", "gpt"], "TOKENS_PER_DAY 2 AMOUNT 3");
+    con.grant([T, P, "jack", "revoked"], "REQUESTS_PER_DAY 3");
+    assert_eq!(con.revoke([T, P, "jack", "revoked"]), 1);
     // Another user's rows never show.
-    grant(&mut con, [T, P, "jack2", "gpt"], &["REQUESTS_PER_DAY", "9"]);
+    con.grant([T, P, "jack2", "gpt"], "REQUESTS_PER_DAY 9");
 
     let (ok, last) = poll_get(
         &mut con,
@@ -845,7 +756,7 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
     );
     assert!(ok, "the expiring row did not expire: {last:?}");
 
-    let live = list(&mut con, user, false);
+    let live = con.list(user, false);
     let keys: BTreeSet<String> = live.keys().cloned().collect();
     assert_eq!(keys, BTreeSet::from(["*".to_string(), "gpt".to_string()]));
     for (bundle, v) in live {
@@ -860,7 +771,7 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
         }
     }
 
-    let all = list(&mut con, user, true);
+    let all = con.list(user, true);
     let keys: BTreeSet<String> = all.keys().cloned().collect();
     assert_eq!(
         keys,
@@ -880,32 +791,15 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
 
 #[test]
 fn cleanup_deactivates_expired_rows_and_every_change_is_an_event() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let cleanups = env.info_i64("quota_cleanups");
     // Nothing expired yet.
-    grant(
-        &mut con,
-        [T, P, "kim", "e1"],
-        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "1"],
-    );
-    grant(
-        &mut con,
-        [T, P, "lee", "e2"],
-        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "1"],
-    );
-    grant(
-        &mut con,
-        [T, P, "kim", "keep"],
-        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "3600"],
-    );
-    grant(
-        &mut con,
-        [T, P, "kim", "keep"],
-        &["ADD", "REQUESTS_PER_DAY", "1"],
-    );
-    grant(&mut con, [T, P, "kim", "gone"], &["REQUESTS_PER_DAY", "1"]);
-    assert_eq!(revoke(&mut con, [T, P, "kim", "gone"]), 1);
+    con.grant([T, P, "kim", "e1"], "REQUESTS_PER_DAY 1 EXPIRES_IN 1");
+    con.grant([T, P, "lee", "e2"], "REQUESTS_PER_DAY 1 EXPIRES_IN 1");
+    con.grant([T, P, "kim", "keep"], "REQUESTS_PER_DAY 1 EXPIRES_IN 3600");
+    con.grant([T, P, "kim", "keep"], "ADD REQUESTS_PER_DAY 1");
+    con.grant([T, P, "kim", "gone"], "REQUESTS_PER_DAY 1");
+    assert_eq!(con.revoke([T, P, "kim", "gone"]), 1);
 
     // Wait until both short rows are past their expiry (as the module sees it).
     for ids in [[T, P, "kim", "e1"], [T, P, "lee", "e2"]] {
@@ -943,7 +837,7 @@ fn cleanup_deactivates_expired_rows_and_every_change_is_an_event() {
         "kim/e1,lee/e2"
     );
     // The rows stay readable through LIST ALL, inactive.
-    let all = list(&mut con, [T, P, "kim"], true);
+    let all = con.list([T, P, "kim"], true);
     assert_eq!(int_field(&to_map(all["e1"].clone()), "active"), 0);
 }
 
@@ -958,27 +852,21 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
         0,
         "nothing cached yet"
     );
-    grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    con.grant(ids, "REQUESTS_PER_DAY 1");
     assert_eq!(
-        int_field(
-            &get(&mut con, ids).expect("row"),
-            "additional_requests_per_day"
-        ),
+        int_field(&con.get(ids).expect("row"), "additional_requests_per_day"),
         1
     );
     env.sql("UPDATE {t} SET additional_requests_per_day = 55 WHERE user_id = 'mia'");
     assert_eq!(
-        int_field(
-            &get(&mut con, ids).expect("row"),
-            "additional_requests_per_day"
-        ),
+        int_field(&con.get(ids).expect("row"), "additional_requests_per_day"),
         1,
         "served from the cache (no NOTIFY, long TTL)"
     );
     let misses = env.info_i64("quota_cache_misses");
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 0);
-    let g = get(&mut con, ids).expect("row");
+    let g = con.get(ids).expect("row");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 55);
     assert_eq!(
         env.info_i64("quota_cache_misses") - misses,
@@ -986,11 +874,11 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
         "the GET after INVALIDATE is a miss"
     );
     // Other users' entries are untouched.
-    grant(&mut con, [T, P, "ned", "*"], &["REQUESTS_PER_DAY", "1"]);
-    get(&mut con, [T, P, "ned", "*"]);
+    con.grant([T, P, "ned", "*"], "REQUESTS_PER_DAY 1");
+    con.get([T, P, "ned", "*"]);
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
     let misses = env.info_i64("quota_cache_misses");
-    get(&mut con, [T, P, "ned", "*"]);
+    con.get([T, P, "ned", "*"]);
     assert_eq!(env.info_i64("quota_cache_misses"), misses);
 }
 
@@ -1000,18 +888,17 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
 
 #[test]
 fn grant_and_revoke_write_through_the_cache() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "nora", "gpt"];
     assert!(
-        get(&mut con, ids).is_none(),
+        con.get(ids).is_none(),
         "nothing yet (now cached as 'no credits')"
     );
     for (amount, expected) in [("5", 5), ("6", 6)] {
-        grant(&mut con, ids, &["REQUESTS_PER_DAY", amount]);
+        con.grant(ids, ["REQUESTS_PER_DAY", amount]);
         let misses = env.info_i64("quota_cache_misses");
         let hits = env.info_i64("quota_cache_hits") + env.info_i64("quota_cache_stale_hits");
-        let g = get(&mut con, ids).expect("the grant is visible at once");
+        let g = con.get(ids).expect("the grant is visible at once");
         assert_eq!(int_field(&g, "additional_requests_per_day"), expected);
         assert_eq!(
             env.info_i64("quota_cache_misses"),
@@ -1023,12 +910,9 @@ fn grant_and_revoke_write_through_the_cache() {
             1
         );
     }
-    assert_eq!(revoke(&mut con, ids), 1);
+    assert_eq!(con.revoke(ids), 1);
     let misses = env.info_i64("quota_cache_misses");
-    assert!(
-        get(&mut con, ids).is_none(),
-        "the revoke is visible at once"
-    );
+    assert!(con.get(ids).is_none(), "the revoke is visible at once");
     assert_eq!(env.info_i64("quota_cache_misses"), misses);
 }
 
@@ -1039,19 +923,16 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
     let mut con = env.con();
     let ids = [T, P, "olga", "*"];
     let before = env.info_i64("quota_notify_received");
-    grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
+    con.grant(ids, "REQUESTS_PER_DAY 1");
     // This node's own NOTIFY for the grant marks the entry stale, and the refresh that
     // follows could pick up the UPDATE below by itself: let both happen first.
     assert!(wait_until(Duration::from_secs(5), || env
         .info_i64("quota_notify_received")
         > before));
-    get(&mut con, ids);
+    con.get(ids);
     env.settle();
     assert_eq!(
-        int_field(
-            &get(&mut con, ids).expect("row"),
-            "additional_requests_per_day"
-        ),
+        int_field(&con.get(ids).expect("row"), "additional_requests_per_day"),
         1
     );
     let received = env.info_i64("quota_notify_received");
@@ -1067,7 +948,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
 
     // An INSERT for a user cached as "no credits", and a DELETE.
     let pam = [T, P, "pam", "gpt"];
-    assert!(get(&mut con, pam).is_none());
+    assert!(con.get(pam).is_none());
     env.sql(
         "INSERT INTO {t} (tenant, project, user_id, bundle_id, additional_tokens_per_day) \
          VALUES ('acme', 'chat', 'pam', 'gpt', 12)",
@@ -1089,8 +970,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
 
 #[test]
 fn unicode_and_quotes_in_ids_round_trip_unchanged() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let tenant = "tén'ant \"q\" \\ 100%";
     let project = "プロジェクト; DROP TABLE x; --";
     let user = "{org1}üser 😀 'o''k' \t x";
@@ -1099,10 +979,9 @@ fn unicode_and_quotes_in_ids_round_trip_unchanged() {
     let notes = "notes with 'quotes', \"double\", \\ and ünïcødé 🎉\nsecond line";
     let purchase = "pay'\"1 ✓";
     let ids = [tenant, project, user, bundle];
-    let r = grant(
-        &mut con,
+    let r = con.grant(
         ids,
-        &[
+        [
             "REQUESTS_PER_DAY",
             "3",
             "NOTES",
@@ -1118,10 +997,10 @@ fn unicode_and_quotes_in_ids_round_trip_unchanged() {
     assert_eq!(str_field(&r, "purchase_notes"), notes);
     assert_eq!(str_field(&r, "purchase_id"), purchase);
 
-    let g = get(&mut con, ids).expect("GET by the same ids");
+    let g = con.get(ids).expect("GET by the same ids");
     assert_eq!(str_field(&g, "bundle_id"), bundle);
     assert_eq!(str_field(&g, "user_id"), user);
-    let l = list(&mut con, [tenant, project, user], false);
+    let l = con.list([tenant, project, user], false);
     assert_eq!(
         l.keys().cloned().collect::<Vec<_>>(),
         vec![bundle.to_string()]
@@ -1146,17 +1025,13 @@ fn unicode_and_quotes_in_ids_round_trip_unchanged() {
     );
 
     // Ids that look alike never meet; the longest id works.
-    assert!(get(&mut con, [tenant, project, user, "b:1:\"*\""]).is_none());
-    let r = grant(
-        &mut con,
-        [&long, &long, &long, &long],
-        &["TOKENS_PER_HOUR", "1"],
-    );
+    assert!(con.get([tenant, project, user, "b:1:\"*\""]).is_none());
+    let r = con.grant([&long, &long, &long, &long], "TOKENS_PER_HOUR 1");
     assert_eq!(str_field(&r, "user_id"), long);
-    let g = get(&mut con, [&long, &long, &long, &long]).expect("255-byte ids");
+    let g = con.get([&long, &long, &long, &long]).expect("255-byte ids");
     assert_eq!(str_field(&g, "bundle_id"), long);
-    assert_eq!(revoke(&mut con, ids), 1);
-    assert!(get(&mut con, ids).is_none());
+    assert_eq!(con.revoke(ids), 1);
+    assert!(con.get(ids).is_none());
 }
 
 #[test]
@@ -1231,14 +1106,9 @@ fn assert_cannot_block(what: &str, v: &Value) {
 
 #[test]
 fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change_nothing() {
-    let env = Env::start();
-    let mut con = env.con();
-    grant(
-        &mut con,
-        [T, P, "rita", "exp"],
-        &["REQUESTS_PER_DAY", "1", "EXPIRES_IN", "1"],
-    );
-    grant(&mut con, [T, P, "rita", "gpt"], &["REQUESTS_PER_DAY", "1"]);
+    let (env, mut con) = Env::start_con();
+    con.grant([T, P, "rita", "exp"], "REQUESTS_PER_DAY 1 EXPIRES_IN 1");
+    con.grant([T, P, "rita", "gpt"], "REQUESTS_PER_DAY 1");
     // An expired row, so that a CLEANUP that ran would change something.
     let (ok, _) = poll_get(
         &mut con,
@@ -1306,18 +1176,17 @@ fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change
         assert!(e.contains("not allowed from script"), "{c:?} in FCALL: {e}");
     }
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
-    let g = get(&mut con, [T, P, "rita", "gpt"]).expect("row");
+    let g = con.get([T, P, "rita", "gpt"]).expect("row");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
     ping(&mut con);
 }
 
 #[test]
 fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "sam", "gpt"];
     let received = env.info_i64("quota_notify_received");
-    grant(&mut con, ids, &["REQUESTS_PER_DAY", "4"]);
+    con.grant(ids, "REQUESTS_PER_DAY 4");
     // This node's own NOTIFY marks the entry stale: let it arrive now rather than mid-test.
     assert!(wait_until(Duration::from_secs(5), || env
         .info_i64("quota_notify_received")
@@ -1340,7 +1209,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
         Value::ServerError(e) => assert_eq!(e.code(), "TRYAGAIN", "{e:?}"),
         other => panic!("GET in MULTI on an uncached user: expected TRYAGAIN, got {other:?}"),
     }
-    let g = get(&mut con, ids).expect("GET outside MULTI");
+    let g = con.get(ids).expect("GET outside MULTI");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 4);
 
     // The same in a script.
@@ -1362,7 +1231,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
         Value::ServerError(e) => assert_eq!(e.code(), "TRYAGAIN", "{e:?}"),
         other => panic!("GET in EVAL on an uncached user: expected TRYAGAIN, got {other:?}"),
     }
-    let g = get(&mut con, ids).expect("GET outside the script");
+    let g = con.get(ids).expect("GET outside the script");
     assert_eq!(int_field(&g, "additional_requests_per_day"), 4);
 }
 
@@ -1372,13 +1241,8 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
 
 #[test]
 fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
-    let env = Env::start();
-    let mut con = env.con();
-    grant(
-        &mut con,
-        [T, P, "u", "b"],
-        &["REQUESTS_PER_DAY", "1", "PURCHASE", "p0"],
-    );
+    let (env, mut con) = Env::start_con();
+    con.grant([T, P, "u", "b"], "REQUESTS_PER_DAY 1 PURCHASE p0");
     let snap = env.snapshot();
     let grants = env.info_i64("quota_grants");
     // Every refused command is refused before any PostgreSQL work: the query counter of the
@@ -1579,7 +1443,7 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
     assert_eq!(env.info_i64("quota_grants"), grants);
     // Still fully working.
-    let r = grant(&mut con, [T, P, "u", "b"], &["REQUESTS_PER_DAY", "2"]);
+    let r = con.grant([T, P, "u", "b"], "REQUESTS_PER_DAY 2");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
 }
 
@@ -1636,7 +1500,7 @@ fn the_pg_url_password_never_appears_in_info_errors_or_the_log() {
     let mut seen: Vec<String> = Vec::new();
 
     // It works with the password in the URL.
-    let r = grant(&mut con, [T, P, "tom", "*"], &["REQUESTS_PER_DAY", "1"]);
+    let r = con.grant([T, P, "tom", "*"], "REQUESTS_PER_DAY 1");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 1);
     // CONFIG GET returns it: it is the sensitive setting itself.
     let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.pg-url"]).expect("CONFIG GET"));
@@ -1767,11 +1631,10 @@ fn module_list_does_not_show_the_pg_url_password() {
 
 #[test]
 fn config_set_changes_take_effect() {
-    let env = Env::start();
-    let mut con = env.con();
+    let (env, mut con) = Env::start_con();
     let ids = [T, P, "uma", "*"];
-    grant(&mut con, ids, &["REQUESTS_PER_DAY", "1"]);
-    get(&mut con, ids);
+    con.grant(ids, "REQUESTS_PER_DAY 1");
+    con.get(ids);
 
     // cache-ttl-ms 0: an entry loaded under it is stale at once, so every GET is a stale
     // hit that starts a refresh.
@@ -1785,14 +1648,14 @@ fn config_set_changes_take_effect() {
     );
     env.settle();
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
-    get(&mut con, ids); // a miss: loaded under TTL 0
+    con.get(ids); // a miss: loaded under TTL 0
     let stale = env.info_i64("quota_cache_stale_hits");
     let hits = env.info_i64("quota_cache_hits");
     let queries = env.info_i64("quota_pg_queries");
     for _ in 0..3 {
         // Let the previous refresh land so that the entry is cached (stale) again.
         env.settle();
-        let g = get(&mut con, ids).expect("row");
+        let g = con.get(ids).expect("row");
         assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
     }
     env.settle();
@@ -1815,20 +1678,20 @@ fn config_set_changes_take_effect() {
     query(&mut con, &["CONFIG", "SET", "quota.cache-ttl-ms", "600000"]).expect("CONFIG SET");
     env.settle();
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
-    get(&mut con, ids);
+    con.get(ids);
     let hits = env.info_i64("quota_cache_hits");
     let stale = env.info_i64("quota_cache_stale_hits");
-    get(&mut con, ids);
-    get(&mut con, ids);
+    con.get(ids);
+    con.get(ids);
     assert_eq!(env.info_i64("quota_cache_hits") - hits, 2);
     assert_eq!(env.info_i64("quota_cache_stale_hits"), stale);
 
     // negative-ttl-ms 0 does the same for users without credits.
     query(&mut con, &["CONFIG", "SET", "quota.negative-ttl-ms", "0"]).expect("CONFIG SET");
-    assert!(get(&mut con, [T, P, "nobody", "*"]).is_none()); // a miss
+    assert!(con.get([T, P, "nobody", "*"]).is_none()); // a miss
     env.settle();
     let stale = env.info_i64("quota_cache_stale_hits");
-    assert!(get(&mut con, [T, P, "nobody", "*"]).is_none());
+    assert!(con.get([T, P, "nobody", "*"]).is_none());
     assert_eq!(env.info_i64("quota_cache_stale_hits") - stale, 1);
     env.settle();
 
@@ -1836,7 +1699,7 @@ fn config_set_changes_take_effect() {
     query(&mut con, &["CONFIG", "SET", "quota.cache-max-entries", "1"]).expect("CONFIG SET");
     let evictions = env.info_i64("quota_cache_evictions");
     for u in ["v1", "v2", "v3"] {
-        get(&mut con, [T, P, u, "*"]);
+        con.get([T, P, u, "*"]);
     }
     assert!(
         env.info_i64("quota_cache_entries") <= 1,
@@ -1872,7 +1735,7 @@ fn config_set_changes_take_effect() {
             "CONFIG SET {name} {value} was accepted"
         );
     }
-    let r = grant(&mut con, ids, &["REQUESTS_PER_DAY", "2"]);
+    let r = con.grant(ids, "REQUESTS_PER_DAY 2");
     assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
 
     // A schema name the module cannot use is refused by CONFIG SET itself, rather than
@@ -1892,9 +1755,8 @@ fn config_set_changes_take_effect() {
 
 #[test]
 fn info_quota_has_every_documented_field() {
-    let env = Env::start();
-    let mut con = env.con();
-    grant(&mut con, [T, P, "wes", "*"], &["REQUESTS_PER_DAY", "1"]);
+    let (env, mut con) = Env::start_con();
+    con.grant([T, P, "wes", "*"], "REQUESTS_PER_DAY 1");
     let info = env.server.info("quota");
     for f in INFO_FIELDS {
         let v = info
@@ -1934,7 +1796,7 @@ fn a_burst_of_cold_users_shares_queries_and_each_gets_its_own_rows() {
     for (i, u) in users.iter().enumerate() {
         if i % 3 != 0 {
             let n = (i + 1).to_string();
-            grant(&mut con, [T, P, u, "*"], &["REQUESTS_PER_DAY", &n]);
+            con.grant([T, P, u, "*"], ["REQUESTS_PER_DAY", &n]);
             // The grant wrote its rows through to the cache: drop them again.
             assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, u]), 1);
         }

@@ -7,7 +7,6 @@
 //! disturbs another test; a drop guard always resumes it.
 mod common;
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -167,18 +166,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     let mut con = client(&server, Duration::from_secs(10));
 
     // A user whose credits are cached (write-through) before the stall.
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "warm",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1000",
-        ],
-    );
+    con.grant(["t", "p", "warm", "*"], "REQUESTS_PER_DAY 1000");
     // Base 0: admitted only thanks to the cached credit.
     let warm_admit = owned(&[
         "QUOTA.ADMIT",
@@ -587,19 +575,7 @@ fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
         "a write that failed on the lock changed the row"
     );
     // And once the lock is gone, the same top-up applies exactly once.
-    let m = query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "locked",
-            "*",
-            "TOKENS_PER_DAY",
-            "5",
-            "ADD",
-        ],
-    );
+    let m = con.grant(["t", "p", "locked", "*"], "TOKENS_PER_DAY 5 ADD");
     assert_eq!(field_i64(&m, "additional_tokens_per_day"), 5);
     assert_eq!(field_i64(&m, "additional_requests_per_day"), 5);
 }
@@ -615,18 +591,7 @@ fn shutdown_while_clients_wait_on_a_stalled_postgres_never_hangs() {
         &[("pg-timeout-ms", "30000"), ("pool-size", "2")],
     );
     let mut con = client(&server, Duration::from_secs(10));
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "warm",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
-    );
+    con.grant(["t", "p", "warm", "*"], "REQUESTS_PER_DAY 1");
     assert!(
         wait_until(Duration::from_secs(10), || server
             .info("quota")
@@ -712,130 +677,57 @@ fn shutdown_while_clients_wait_on_a_stalled_postgres_never_hangs() {
     );
 }
 
-/// Usage of one account as field -> value (the whole `QUOTA.USAGE` map).
-fn usage_ints(con: &mut redis::Connection, ids: &[&str; 4]) -> HashMap<String, i64> {
-    let m = usage(con, *ids);
-    m.keys().map(|k| (k.clone(), field_i64(&m, k))).collect()
-}
-
 /// Builds usage on one account: 3 admits committed (40 tokens each), one lease left open.
 /// Returns the first committed lease and the open lease.
-fn build_usage(con: &mut redis::Connection, ids: &[&str; 4]) -> (String, String) {
-    let admit = [
-        "QUOTA.ADMIT",
-        ids[0],
-        ids[1],
-        ids[2],
-        ids[3],
-        "REQUESTS_PER_DAY",
-        "2",
-        "RESERVE",
-        "50",
-    ];
+fn build_usage(con: &mut redis::Connection, ids: [&str; 4]) -> (String, String) {
     let mut committed = Vec::new();
     for _ in 0..3 {
-        let m = query_map(con, &admit);
-        assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-        let lease = field_str(&m, "lease").expect("a lease");
-        let c = query_map(
-            con,
-            &[
-                "QUOTA.COMMIT",
-                ids[0],
-                ids[1],
-                ids[2],
-                ids[3],
-                "40",
-                "LEASE",
-                &lease,
-            ],
-        );
-        assert_eq!(field_i64(&c, "recorded"), 40);
-        committed.push(lease);
+        let m = con.admit(ids, "REQUESTS_PER_DAY 2 RESERVE 50");
+        assert!(m.allowed, "{m:?}");
+        assert_eq!(con.commit(ids, 40, Some(&m.lease())).recorded, 40);
+        committed.push(m.lease());
     }
-    let m = query_map(con, &admit);
-    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-    let open = field_str(&m, "lease").expect("a lease");
-    let u = usage_ints(con, ids);
+    let m = con.admit(ids, "REQUESTS_PER_DAY 2 RESERVE 50");
+    assert!(m.allowed, "{m:?}");
+    let u = con.usage(ids);
     assert_eq!(
-        (u["req_day"], u["tok_day"], u["in_flight"], u["reserved"]),
+        (u.req_day, u.tok_day, u.in_flight, u.reserved),
         (4, 120, 1, 50),
         "{u:?}"
     );
-    (committed.swap_remove(0), open)
+    (committed.swap_remove(0), m.lease())
 }
 
 /// After a restart: usage as before, COMMIT idempotency kept, and the credits come back from
 /// PostgreSQL into the empty cache and apply.
 fn check_after_restart(
     server: &RedisServer,
-    ids: &[&str; 4],
-    before: &HashMap<String, i64>,
+    ids: [&str; 4],
+    before: &Usage,
     committed: &str,
     open: &str,
 ) {
     let mut con = client(server, Duration::from_secs(10));
+    assert_eq!(&con.usage(ids), before, "usage changed across the restart");
+    let c = con.commit(ids, 40, Some(committed));
     assert_eq!(
-        &usage_ints(&mut con, ids),
-        before,
-        "usage changed across the restart"
-    );
-    let c = query_map(
-        &mut con,
-        &[
-            "QUOTA.COMMIT",
-            ids[0],
-            ids[1],
-            ids[2],
-            ids[3],
-            "40",
-            "LEASE",
-            committed,
-        ],
-    );
-    assert_eq!(
-        (field_i64(&c, "duplicate"), field_i64(&c, "recorded")),
-        (1, 0),
+        (c.duplicate, c.recorded),
+        (true, 0),
         "a commit repeated after the restart counted again: {c:?}"
     );
-    let c = query_map(
-        &mut con,
-        &[
-            "QUOTA.COMMIT",
-            ids[0],
-            ids[1],
-            ids[2],
-            ids[3],
-            "30",
-            "LEASE",
-            open,
-        ],
-    );
+    let c = con.commit(ids, 30, Some(open));
     assert_eq!(
-        (
-            field_i64(&c, "recorded"),
-            field_i64(&c, "duplicate"),
-            field_i64(&c, "lease_held")
-        ),
-        (30, 0, 1),
+        (c.recorded, c.duplicate, c.lease_held),
+        (30, false, true),
         "the lease open before the restart: {c:?}"
     );
 
     let misses = info_i64(server, "quota_cache_misses");
     // Base 2 is used up (4 requests): each admit now needs the credit (+5) from PostgreSQL.
-    let admit = [
-        "QUOTA.ADMIT",
-        ids[0],
-        ids[1],
-        ids[2],
-        ids[3],
-        "REQUESTS_PER_DAY",
-        "2",
-    ];
-    let m = query_map(&mut con, &admit);
-    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
+    let m = con.admit(ids, "REQUESTS_PER_DAY 2");
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.replenishment, "global");
+    assert!(m.used_replenishment(), "{m:?}");
     assert!(
         info_i64(server, "quota_cache_misses") > misses,
         "the first admit after the restart was not a cache miss"
@@ -853,53 +745,33 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
         .start();
     let ids = ["t", "p", "crash", "b"];
     let mut con = client(&server, Duration::from_secs(10));
-    query_map(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "crash",
-            "*",
-            "REQUESTS_PER_DAY",
-            "5",
-        ],
-    );
-    let (committed, open) = build_usage(&mut con, &ids);
-    let before = usage_ints(&mut con, &ids);
+    con.grant(["t", "p", "crash", "*"], "REQUESTS_PER_DAY 5");
+    let (committed, open) = build_usage(&mut con, ids);
+    let before = con.usage(ids);
     drop(con);
 
     server.kill9();
     server.restart();
-    check_after_restart(&server, &ids, &before, &committed, &open);
+    check_after_restart(&server, ids, &before, &committed, &open);
 
     // Requests: 4 before, 1 after the restart; the limit is 2 + 5 = 7.
     let mut con = client(&server, Duration::from_secs(10));
-    let admit = [
-        "QUOTA.ADMIT",
-        "t",
-        "p",
-        "crash",
-        "b",
-        "REQUESTS_PER_DAY",
-        "2",
-    ];
     for _ in 0..2 {
-        let m = query_map(&mut con, &admit);
-        assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
+        let m = con.admit(ids, "REQUESTS_PER_DAY 2");
+        assert!(m.allowed, "{m:?}");
     }
-    let m = query_map(&mut con, &admit);
-    assert_eq!(field_i64(&m, "allowed"), 0, "{m:?}");
-    assert_eq!(field_str(&m, "reason").as_deref(), Some("requests_per_day"));
+    let m = con.admit(ids, "REQUESTS_PER_DAY 2");
+    assert!(!m.allowed, "{m:?}");
+    assert_eq!(m.reason, "requests_per_day");
 
     // And once more, killed right after the last write.
-    let before = usage_ints(&mut con, &ids);
-    assert_eq!((before["req_day"], before["tok_day"]), (7, 150));
+    let before = con.usage(ids);
+    assert_eq!((before.req_day, before.tok_day), (7, 150));
     drop(con);
     server.kill9();
     server.restart();
     let mut con = client(&server, Duration::from_secs(10));
-    assert_eq!(usage_ints(&mut con, &ids), before);
+    assert_eq!(con.usage(ids), before);
 }
 
 #[test]

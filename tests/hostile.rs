@@ -7,247 +7,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-
-// ---------------------------------------------------------------------------
-// A strict RESP2/RESP3 client over a TcpStream (arbitrary byte arguments, pipelining)
-// ---------------------------------------------------------------------------
-
-/// One reply, as the wire had it.
-#[derive(Debug, Clone, PartialEq)]
-enum Reply {
-    Simple(Vec<u8>),
-    Error(Vec<u8>),
-    Int(i64),
-    Bulk(Vec<u8>),
-    Null,
-    Array(Vec<Reply>),
-    Map(Vec<(Reply, Reply)>),
-    Set(Vec<Reply>),
-    Bool(bool),
-    Double(Vec<u8>),
-    BigNumber(Vec<u8>),
-    Verbatim(Vec<u8>),
-}
-
-impl Reply {
-    fn is_error(&self) -> bool {
-        matches!(self, Reply::Error(_))
-    }
-
-    fn text(&self) -> String {
-        match self {
-            Reply::Simple(b) | Reply::Error(b) | Reply::Bulk(b) | Reply::Verbatim(b) => {
-                String::from_utf8_lossy(b).into_owned()
-            }
-            Reply::Int(i) => i.to_string(),
-            other => format!("{other:?}"),
-        }
-    }
-
-    /// A map reply (RESP3 map or RESP2 flat array) as field -> value.
-    fn as_map(&self) -> Option<BTreeMap<String, Reply>> {
-        match self {
-            Reply::Map(pairs) => Some(pairs.iter().map(|(k, v)| (k.text(), v.clone())).collect()),
-            Reply::Array(items) if items.len() % 2 == 0 => Some(
-                items
-                    .chunks(2)
-                    .map(|kv| (kv[0].text(), kv[1].clone()))
-                    .collect(),
-            ),
-            _ => None,
-        }
-    }
-}
-
-/// A raw connection that checks every reply byte for byte.
-struct Raw {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-fn encode(args: &[Vec<u8>], out: &mut Vec<u8>) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-impl Raw {
-    fn connect(port: u16, resp3: bool) -> Raw {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("read timeout");
-        stream
-            .set_write_timeout(Some(Duration::from_secs(20)))
-            .expect("write timeout");
-        let writer = stream.try_clone().expect("clone");
-        let mut raw = Raw {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        if resp3 {
-            let hello = raw.call(&[b"HELLO".to_vec(), b"3".to_vec()]);
-            assert!(
-                matches!(hello, Reply::Map(_)),
-                "HELLO 3 did not answer a map: {hello:?}"
-            );
-        }
-        raw
-    }
-
-    /// Sends commands in one write, then reads one reply each.
-    fn pipeline(&mut self, cmds: &[Vec<Vec<u8>>]) -> Vec<Result<Reply, String>> {
-        let mut buf = Vec::new();
-        for c in cmds {
-            encode(c, &mut buf);
-        }
-        if let Err(e) = self.writer.write_all(&buf) {
-            return cmds.iter().map(|_| Err(format!("write: {e}"))).collect();
-        }
-        let mut out = Vec::with_capacity(cmds.len());
-        for _ in cmds {
-            let r = self.read_reply(0);
-            let failed = r.is_err();
-            out.push(r);
-            if failed {
-                break;
-            }
-        }
-        while out.len() < cmds.len() {
-            out.push(Err("no reply (stream broken earlier)".into()));
-        }
-        out
-    }
-
-    fn call(&mut self, args: &[Vec<u8>]) -> Reply {
-        let mut r = self.pipeline(&[args.to_vec()]);
-        r.remove(0)
-            .unwrap_or_else(|e| panic!("{:?}: {e}", show_args(args)))
-    }
-
-    /// A line up to CRLF; a bare CR or LF inside is a protocol error.
-    fn line(&mut self) -> Result<Vec<u8>, String> {
-        let mut line = Vec::new();
-        let n = self
-            .reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("connection closed".into());
-        }
-        if !line.ends_with(b"\r\n") {
-            return Err(format!("line not ended by CRLF: {line:?}"));
-        }
-        line.truncate(line.len() - 2);
-        if line.contains(&b'\r') || line.contains(&b'\n') {
-            return Err(format!("bare CR/LF in a line: {line:?}"));
-        }
-        Ok(line)
-    }
-
-    fn number(&mut self, head: &[u8]) -> Result<i64, String> {
-        std::str::from_utf8(head)
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-            .ok_or_else(|| format!("bad length/integer {head:?}"))
-    }
-
-    fn blob(&mut self, len: i64) -> Result<Vec<u8>, String> {
-        let len = usize::try_from(len).map_err(|_| format!("bad blob length {len}"))?;
-        let mut data = vec![0u8; len + 2];
-        self.reader
-            .read_exact(&mut data)
-            .map_err(|e| format!("read blob: {e}"))?;
-        if !data.ends_with(b"\r\n") {
-            return Err("blob not ended by CRLF".into());
-        }
-        data.truncate(len);
-        Ok(data)
-    }
-
-    fn read_reply(&mut self, depth: usize) -> Result<Reply, String> {
-        if depth > 16 {
-            return Err("reply nested too deep".into());
-        }
-        let line = self.line()?;
-        let (&kind, rest) = line.split_first().ok_or("empty line")?;
-        let rest = rest.to_vec();
-        Ok(match kind {
-            b'+' => Reply::Simple(rest),
-            b'-' => Reply::Error(rest),
-            b':' => Reply::Int(self.number(&rest)?),
-            b'$' => match self.number(&rest)? {
-                -1 => Reply::Null,
-                n => Reply::Bulk(self.blob(n)?),
-            },
-            b'!' => {
-                let n = self.number(&rest)?;
-                Reply::Error(self.blob(n)?)
-            }
-            b'=' => {
-                let n = self.number(&rest)?;
-                Reply::Verbatim(self.blob(n)?)
-            }
-            b'*' | b'~' | b'>' => match self.number(&rest)? {
-                -1 => Reply::Null,
-                n => {
-                    let mut items = Vec::new();
-                    for _ in 0..n {
-                        items.push(self.read_reply(depth + 1)?);
-                    }
-                    if kind == b'~' {
-                        Reply::Set(items)
-                    } else {
-                        Reply::Array(items)
-                    }
-                }
-            },
-            b'%' => {
-                let n = self.number(&rest)?;
-                let mut pairs = Vec::new();
-                for _ in 0..n {
-                    let k = self.read_reply(depth + 1)?;
-                    let v = self.read_reply(depth + 1)?;
-                    pairs.push((k, v));
-                }
-                Reply::Map(pairs)
-            }
-            b'_' if rest.is_empty() => Reply::Null,
-            b'#' if rest == b"t" || rest == b"f" => Reply::Bool(rest == b"t"),
-            b',' => Reply::Double(rest),
-            b'(' => Reply::BigNumber(rest),
-            other => return Err(format!("unknown reply type {:?}", other as char)),
-        })
-    }
-}
-
-/// Arguments shown briefly (long ones cut) for failure messages.
-fn show_args(args: &[Vec<u8>]) -> String {
-    let parts: Vec<String> = args
-        .iter()
-        .map(|a| {
-            let s = String::from_utf8_lossy(&a[..a.len().min(40)]).into_owned();
-            if a.len() > 40 {
-                format!("{s:?}...({} bytes)", a.len())
-            } else {
-                format!("{s:?}")
-            }
-        })
-        .collect();
-    parts.join(" ")
-}
-
-fn bytes(args: &[&str]) -> Vec<Vec<u8>> {
-    args.iter().map(|a| a.as_bytes().to_vec()).collect()
-}
 
 // ---------------------------------------------------------------------------
 // A seeded PRNG and the grammar of invalid commands
@@ -622,25 +385,37 @@ fn random_args(rng: &mut Rng, max: usize) -> Vec<Vec<u8>> {
 }
 
 /// One command that must be refused.
+/// `a` followed by `more`.
+fn then(mut a: Vec<Vec<u8>>, more: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
+    a.extend(more);
+    a
+}
+
+/// Valid ids cut to fewer than `n` (so too few for a command taking `n - 1` or more).
+fn few_ids(rng: &mut Rng, n: usize) -> Vec<Vec<u8>> {
+    let mut ids = good_ids(rng);
+    ids.truncate(rng.below(n));
+    ids
+}
+
+/// Valid tenant, project and user (no bundle).
+fn user_ids(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let mut ids = good_ids(rng);
+    ids.truncate(3);
+    ids
+}
+
 fn invalid_command(rng: &mut Rng) -> Vec<Vec<u8>> {
     let name = *rng.pick(&COMMANDS);
-    let mut cmd = vec![rng.case(name)];
+    let cmd = vec![rng.case(name)];
     let rest: Vec<Vec<u8>> = match name {
         "QUOTA.GRANT" | "QUOTA.ADMIT" => {
             let grant = name == "QUOTA.GRANT";
             match rng.below(6) {
                 // Fewer than four ids.
-                0 => {
-                    let mut ids = good_ids(rng);
-                    ids.truncate(rng.below(4));
-                    ids
-                }
+                0 => few_ids(rng, 4),
                 // An invalid id; whatever follows.
-                1 => {
-                    let mut a = ids_with_bad(rng, 4);
-                    a.extend(random_args(rng, 4));
-                    a
-                }
+                1 => then(ids_with_bad(rng, 4), random_args(rng, 4)),
                 // Valid ids, valid options, then a poison, then anything.
                 _ => {
                     let mut a = good_ids(rng);
@@ -657,35 +432,22 @@ fn invalid_command(rng: &mut Rng) -> Vec<Vec<u8>> {
             }
         }
         "QUOTA.GET" | "QUOTA.REVOKE" | "QUOTA.USAGE" | "QUOTA.RESET" => match rng.below(3) {
-            0 => {
-                let mut ids = good_ids(rng);
-                ids.truncate(rng.below(4));
-                ids
-            }
+            0 => few_ids(rng, 4),
             1 => ids_with_bad(rng, 4),
             _ => {
-                let mut a = good_ids(rng);
-                a.push(rng.random_bytes(10));
-                a.extend(random_args(rng, 3));
-                a
+                let a = then(good_ids(rng), [rng.random_bytes(10)]);
+                then(a, random_args(rng, 3))
             }
         },
         "QUOTA.LIST" => match rng.below(4) {
-            0 => {
-                let mut ids = good_ids(rng);
-                ids.truncate(rng.below(3));
-                ids
-            }
+            0 => few_ids(rng, 3),
             1 => {
-                let mut a = ids_with_bad(rng, 3);
-                if rng.chance(50) {
-                    a.push(rng.case("ALL"));
-                }
-                a
+                let a = ids_with_bad(rng, 3);
+                let all = rng.chance(50).then(|| rng.case("ALL"));
+                then(a, all)
             }
             2 => {
-                let mut a = good_ids(rng);
-                a.truncate(3);
+                let a = user_ids(rng);
                 let word: Vec<u8> = match rng.below(5) {
                     0 => rng.case("ALLX"),
                     1 => rng.case("AL"),
@@ -693,51 +455,27 @@ fn invalid_command(rng: &mut Rng) -> Vec<Vec<u8>> {
                     3 => b"ALL\0".to_vec(),
                     _ => rng.random_bytes(8).iter().map(|b| b'b' + b % 20).collect(),
                 };
-                a.push(word);
-                a
+                then(a, [word])
             }
             _ => {
-                let mut a = good_ids(rng);
-                a.truncate(3);
-                a.push(rng.case("ALL"));
-                a.push(rng.random_bytes(6));
-                a
+                let a = then(user_ids(rng), [rng.case("ALL")]);
+                then(a, [rng.random_bytes(6)])
             }
         },
         "QUOTA.INVALIDATE" => match rng.below(3) {
-            0 => {
-                let mut ids = good_ids(rng);
-                ids.truncate(rng.below(3));
-                ids
-            }
+            0 => few_ids(rng, 3),
             1 => ids_with_bad(rng, 3),
-            _ => {
-                let mut a = good_ids(rng);
-                a.truncate(3);
-                a.push(rng.random_bytes(6));
-                a
-            }
+            _ => then(user_ids(rng), [rng.random_bytes(6)]),
         },
         "QUOTA.COMMIT" => match rng.below(5) {
-            0 => {
-                let mut ids = good_ids(rng);
-                ids.truncate(rng.below(5));
-                ids
-            }
-            1 => {
-                let mut a = ids_with_bad(rng, 4);
-                a.push(b"10".to_vec());
-                a
-            }
+            0 => few_ids(rng, 5),
+            1 => then(ids_with_bad(rng, 4), [b"10".to_vec()]),
             2 => {
-                let mut a = good_ids(rng);
-                a.push(bad_number(rng));
-                a.extend(random_args(rng, 2));
-                a
+                let a = then(good_ids(rng), [bad_number(rng)]);
+                then(a, random_args(rng, 2))
             }
             _ => {
-                let mut a = good_ids(rng);
-                a.push(rng.below(100).to_string().into_bytes());
+                let mut a = then(good_ids(rng), [rng.below(100).to_string().into_bytes()]);
                 let lease = format!("fz-{}", rng.next()).into_bytes();
                 match rng.below(4) {
                     0 => a.push(unknown_word(rng, true)),
@@ -749,26 +487,12 @@ fn invalid_command(rng: &mut Rng) -> Vec<Vec<u8>> {
             }
         },
         "QUOTA.RELEASE" => match rng.below(4) {
-            0 => {
-                let mut ids = good_ids(rng);
-                ids.truncate(rng.below(5));
-                ids
-            }
-            1 => {
-                let mut a = ids_with_bad(rng, 4);
-                a.push(b"lease".to_vec());
-                a
-            }
-            2 => {
-                let mut a = good_ids(rng);
-                a.push(bad_text(rng, 128));
-                a
-            }
+            0 => few_ids(rng, 5),
+            1 => then(ids_with_bad(rng, 4), [b"lease".to_vec()]),
+            2 => then(good_ids(rng), [bad_text(rng, 128)]),
             _ => {
-                let mut a = good_ids(rng);
-                a.push(b"lease".to_vec());
-                a.extend(random_args(rng, 3).into_iter().chain([b"x".to_vec()]));
-                a
+                let a = then(good_ids(rng), [b"lease".to_vec()]);
+                then(a, random_args(rng, 3).into_iter().chain([b"x".to_vec()]))
             }
         },
         "QUOTA.CLEANUP" => {
@@ -787,8 +511,7 @@ fn invalid_command(rng: &mut Rng) -> Vec<Vec<u8>> {
             a
         }
     };
-    cmd.extend(rest);
-    cmd
+    then(cmd, rest)
 }
 
 /// A command that must succeed and change nothing: a read, or an `ADMIT ... PEEK VERBOSE`.

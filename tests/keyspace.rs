@@ -42,27 +42,19 @@ fn server() -> RedisServer {
 
 /// Admits alice twice: the second uses her credit, which her key now remembers.
 fn alice_uses_her_credit(con: &mut redis::Connection) {
-    let first = admit(con, ALICE, BASE);
-    assert_eq!(field_i64(&first, "used_replenishment"), 0, "{first:?}");
-    let second = admit(con, ALICE, BASE);
-    assert_eq!(field_i64(&second, "allowed"), 1, "{second:?}");
-    assert_eq!(field_i64(&second, "used_replenishment"), 1, "{second:?}");
+    let first = con.admit(ALICE, BASE);
+    assert!(!first.used_replenishment(), "{first:?}");
+    let second = con.admit(ALICE, BASE);
+    assert!(second.allowed, "{second:?}");
+    assert!(second.used_replenishment(), "{second:?}");
 }
 
 /// No credits apply: beyond the one base request the account is denied, never admitted on
 /// another account's credit.
-fn assert_no_credit(m: &Map) {
-    assert_eq!(
-        field_i64(m, "allowed"),
-        0,
-        "admitted on another user's credit: {m:?}"
-    );
-    assert_eq!(field_i64(m, "used_replenishment"), 0, "{m:?}");
-    assert_eq!(
-        field_str(m, "replenishment").as_deref(),
-        Some("none"),
-        "{m:?}"
-    );
+fn assert_no_credit(m: &Admit) {
+    assert!(!m.allowed, "admitted on another user's credit: {m:?}");
+    assert!(!m.used_replenishment(), "{m:?}");
+    assert_eq!(m.replenishment, "none", "{m:?}");
 }
 
 /// `RENAME` or `COPY` from one account's key to another's.
@@ -78,11 +70,11 @@ fn rename_moves_usage_but_never_the_remembered_credit() {
     alice_uses_her_credit(&mut con);
     between(&mut con, "RENAME", ALICE, BOB);
     // Bob's key holds alice's two requests now; his own policy and (no) credits decide.
-    let m = admit(&mut con, BOB, BASE);
+    let m = con.admit(BOB, BASE);
     assert_no_credit(&m);
-    assert_eq!(field_i64(&usage(&mut con, BOB), "req_day"), 2);
+    assert_eq!(con.usage(BOB).req_day, 2);
     // Alice starts from nothing, still with her credit.
-    assert_eq!(field_i64(&usage(&mut con, ALICE), "req_day"), 0);
+    assert_eq!(con.usage(ALICE).req_day, 0);
     alice_uses_her_credit(&mut con);
     // Another bundle of the same user without a credit of its own is another account too.
     let bare = ["acme", "chat", "carol", "pro"];
@@ -90,12 +82,12 @@ fn rename_moves_usage_but_never_the_remembered_credit() {
         &mut con,
         &with_account("QUOTA.GRANT", bare, &["REQUESTS_PER_DAY", "1000"]),
     );
-    admit(&mut con, bare, BASE);
-    let m = admit(&mut con, bare, BASE);
-    assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
+    con.admit(bare, BASE);
+    let m = con.admit(bare, BASE);
+    assert!(m.used_replenishment(), "{m:?}");
     let other_bundle = ["acme", "chat", "carol", "free"];
     between(&mut con, "RENAME", bare, other_bundle);
-    let m = admit(&mut con, other_bundle, BASE);
+    let m = con.admit(other_bundle, BASE);
     assert_no_credit(&m);
 }
 
@@ -105,13 +97,13 @@ fn copy_gives_the_copy_its_own_credits() {
     let mut con = server.client();
     alice_uses_her_credit(&mut con);
     between(&mut con, "COPY", ALICE, BOB);
-    assert_eq!(usage(&mut con, BOB), usage(&mut con, ALICE));
-    assert_no_credit(&admit(&mut con, BOB, BASE));
+    assert_eq!(con.usage(BOB), con.usage(ALICE));
+    assert_no_credit(&con.admit(BOB, BASE));
     // The original keeps counting, on alice's credit.
-    let m = admit(&mut con, ALICE, BASE);
-    assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
-    assert_eq!(field_i64(&usage(&mut con, ALICE), "req_day"), 3);
-    assert_eq!(field_i64(&usage(&mut con, BOB), "req_day"), 2);
+    let m = con.admit(ALICE, BASE);
+    assert!(m.used_replenishment(), "{m:?}");
+    assert_eq!(con.usage(ALICE).req_day, 3);
+    assert_eq!(con.usage(BOB).req_day, 2);
 }
 
 fn select(con: &mut redis::Connection, db: &str) {
@@ -124,26 +116,26 @@ fn move_and_swapdb_take_the_usage_along_with_the_same_credits() {
     let mut con = server.client();
     alice_uses_her_credit(&mut con);
     query(&mut con, &["MOVE", &account_key(ALICE), "1"]).expect("MOVE");
-    assert_eq!(field_i64(&usage(&mut con, ALICE), "req_day"), 0);
+    assert_eq!(con.usage(ALICE).req_day, 0);
     select(&mut con, "1");
-    assert_eq!(field_i64(&usage(&mut con, ALICE), "req_day"), 2);
+    assert_eq!(con.usage(ALICE).req_day, 2);
     // Same key name, same user: alice's credit still applies there.
-    let m = admit(&mut con, ALICE, BASE);
-    assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
+    let m = con.admit(ALICE, BASE);
+    assert!(m.used_replenishment(), "{m:?}");
     // Swap the databases: the account (3 requests) is back in db 0.
     query(&mut con, &["SWAPDB", "0", "1"]).expect("SWAPDB");
-    assert_eq!(field_i64(&usage(&mut con, ALICE), "req_day"), 0);
+    assert_eq!(con.usage(ALICE).req_day, 0);
     select(&mut con, "0");
-    assert_eq!(field_i64(&usage(&mut con, ALICE), "req_day"), 3);
-    let m = admit(&mut con, ALICE, BASE);
-    assert_eq!(field_i64(&m, "used_replenishment"), 1, "{m:?}");
+    assert_eq!(con.usage(ALICE).req_day, 3);
+    let m = con.admit(ALICE, BASE);
+    assert!(m.used_replenishment(), "{m:?}");
     // Bob is never admitted on alice's credit.
-    assert_eq!(field_i64(&admit(&mut con, BOB, BASE), "allowed"), 1);
-    assert_no_credit(&admit(&mut con, BOB, BASE));
+    assert!(con.admit(BOB, BASE).allowed);
+    assert_no_credit(&con.admit(BOB, BASE));
 }
 
 fn tok_day(con: &mut redis::Connection, acc: [&str; 4]) -> i64 {
-    field_i64(&usage(con, acc), "tok_day")
+    con.usage(acc).tok_day
 }
 
 /// 66 leases committed, then the first again: recognised as a repeat (not only the last 64).
@@ -154,17 +146,17 @@ fn a_repeated_commit_counts_once_after_many_other_commits() {
     let mut con = server.client();
     let leases: Vec<String> = (0..66)
         .map(|_| {
-            let m = admit(&mut con, BOB, &["MAX_CONCURRENT", "100"]);
-            field_str(&m, "lease").expect("a lease")
+            let m = con.admit(BOB, "MAX_CONCURRENT 100");
+            m.lease.clone().expect("a lease")
         })
         .collect();
     for lease in &leases {
-        let m = commit(&mut con, BOB, "10", Some(lease));
-        assert_eq!(field_i64(&m, "recorded"), 10, "{m:?}");
+        let m = con.commit(BOB, 10, Some(lease));
+        assert_eq!(m.recorded, 10, "{m:?}");
     }
-    let again = commit(&mut con, BOB, "10", Some(&leases[0]));
-    assert_eq!(field_i64(&again, "duplicate"), 1, "{again:?}");
-    assert_eq!(field_i64(&again, "recorded"), 0, "{again:?}");
+    let again = con.commit(BOB, 10, Some(&leases[0]));
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.recorded, 0, "{again:?}");
     assert_eq!(tok_day(&mut con, BOB), 660);
 }
 
@@ -197,10 +189,10 @@ fn at_the_bound_a_commit_is_refused_rather_than_counted_twice() {
         "a refused commit records nothing"
     );
     for i in [0, 4095] {
-        let m = commit(&mut con, BOB, "1", Some(&format!("job-{i}")));
-        assert_eq!(field_i64(&m, "duplicate"), 1, "{m:?}");
+        let m = con.commit(BOB, 1, Some(&format!("job-{i}")));
+        assert!(m.duplicate, "{m:?}");
     }
     // A commit without a lease has nothing to remember and records.
-    commit(&mut con, BOB, "1", None);
+    con.commit(BOB, 1, None);
     assert_eq!(tok_day(&mut con, BOB), 4097);
 }

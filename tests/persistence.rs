@@ -59,64 +59,43 @@ fn start(conf: &[&str]) -> RedisServer {
     b.start()
 }
 
-fn int(con: &mut redis::Connection, args: &[&str]) -> i64 {
-    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    value_i64(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
-}
-
-fn allowed(m: &Map) -> bool {
-    field_i64(m, "allowed") == 1
-}
-
-fn usage_of(m: &Map, field: &str) -> i64 {
-    field_i64(m, field)
-}
-
 /// Admits, reserves, commits, leaves a lease open: the state every test expects to keep.
 fn workload(con: &mut redis::Connection) {
     for _ in 0..DAILY_ADMITS {
-        let m = admit(con, DAILY, &["REQUESTS_PER_DAY", "100"]);
-        assert!(allowed(&m), "{m:?}");
+        let m = con.admit(DAILY, "REQUESTS_PER_DAY 100");
+        assert!(m.allowed, "{m:?}");
     }
-    let tok = ["TOKENS_PER_DAY", "1000", "RESERVE"];
-    let m = admit(
-        con,
-        TOKENS,
-        &[tok[0], tok[1], tok[2], "200", "LEASE", OPEN_LEASE],
-    );
-    assert_eq!(field_i64(&m, "reserved"), 200, "{m:?}");
-    let m = admit(
-        con,
-        TOKENS,
-        &[tok[0], tok[1], tok[2], "100", "LEASE", DONE_LEASE],
-    );
-    assert_eq!(field_i64(&m, "reserved"), 100, "{m:?}");
-    let c = commit(con, TOKENS, "80", Some(DONE_LEASE));
-    assert_eq!(field_i64(&c, "lease_held"), 1, "{c:?}");
-    commit(con, TOKENS, "15", None);
+    let tok = Opts::words("TOKENS_PER_DAY 1000");
+    let m = con.admit(TOKENS, tok.clone().reserve(200).lease(OPEN_LEASE));
+    assert_eq!(m.reserved, 200, "{m:?}");
+    let m = con.admit(TOKENS, tok.reserve(100).lease(DONE_LEASE));
+    assert_eq!(m.reserved, 100, "{m:?}");
+    let c = con.commit(TOKENS, 80, Some(DONE_LEASE));
+    assert!(c.lease_held, "{c:?}");
+    con.commit(TOKENS, 15, None);
     for _ in 0..3 {
-        assert!(allowed(&admit(con, LIFETIME, &["TOTAL_REQUESTS", "10"])));
+        assert!(con.admit(LIFETIME, "TOTAL_REQUESTS 10").allowed);
     }
 }
 
 /// USAGE of every account.
-fn snapshot(con: &mut redis::Connection) -> Vec<Map> {
-    ACCOUNTS.iter().map(|acc| usage(con, *acc)).collect()
+fn snapshot(con: &mut redis::Connection) -> Vec<Usage> {
+    ACCOUNTS.iter().map(|acc| con.usage(*acc)).collect()
 }
 
 /// What the workload left, checked field by field (so a broken snapshot cannot pass).
-fn assert_workload_state(snap: &[Map]) {
+fn assert_workload_state(snap: &[Usage]) {
     let [daily, tokens, lifetime] = snap else {
         panic!("three accounts expected: {snap:?}");
     };
-    assert_eq!(usage_of(daily, "req_day"), DAILY_ADMITS, "{daily:?}");
-    assert_eq!(usage_of(daily, "req_total"), DAILY_ADMITS, "{daily:?}");
-    assert_eq!(usage_of(tokens, "req_day"), 2, "{tokens:?}");
-    assert_eq!(usage_of(tokens, "tok_day"), 95, "{tokens:?}");
-    assert_eq!(usage_of(tokens, "tok_hour"), 95, "{tokens:?}");
-    assert_eq!(usage_of(tokens, "in_flight"), 1, "{tokens:?}");
-    assert_eq!(usage_of(tokens, "reserved"), 200, "{tokens:?}");
-    assert_eq!(usage_of(lifetime, "req_total"), 3, "{lifetime:?}");
+    assert_eq!(daily.req_day, DAILY_ADMITS, "{daily:?}");
+    assert_eq!(daily.req_total, DAILY_ADMITS, "{daily:?}");
+    assert_eq!(tokens.req_day, 2, "{tokens:?}");
+    assert_eq!(tokens.tok_day, 95, "{tokens:?}");
+    assert_eq!(tokens.tok_hour, 95, "{tokens:?}");
+    assert_eq!(tokens.in_flight, 1, "{tokens:?}");
+    assert_eq!(tokens.reserved, 200, "{tokens:?}");
+    assert_eq!(lifetime.req_total, 3, "{lifetime:?}");
 }
 
 /// After a restart or on a promoted replica: the open lease is still held, the committed one
@@ -125,49 +104,38 @@ fn assert_continues(con: &mut redis::Connection) {
     let key = account_key(DAILY);
     // The key gets its expiry back once its usage reached the ledger (the first flush after a
     // start or a promotion runs at once).
-    wait_until(Duration::from_secs(20), || int(con, &["PTTL", &key]) > 0);
-    let pttl = int(con, &["PTTL", &key]);
+    wait_until(Duration::from_secs(20), || {
+        query_i64(con, &["PTTL", &key]) > 0
+    });
+    let pttl = query_i64(con, &["PTTL", &key]);
     assert!(pttl > 0, "{key} lost its TTL: PTTL {pttl}");
     assert_eq!(
-        int(con, &["PTTL", &account_key(LIFETIME)]),
+        query_i64(con, &["PTTL", &account_key(LIFETIME)]),
         -1,
         "a lifetime account never expires"
     );
-    let again = commit(con, TOKENS, "80", Some(DONE_LEASE));
-    assert_eq!(
-        field_i64(&again, "duplicate"),
-        1,
+    let again = con.commit(TOKENS, 80, Some(DONE_LEASE));
+    assert!(
+        again.duplicate,
         "the settled lease was forgotten: {again:?}"
     );
-    let m = admit(
-        con,
-        TOKENS,
-        &["TOKENS_PER_DAY", "1000", "LEASE", OPEN_LEASE],
-    );
-    assert!(allowed(&m), "{m:?}");
-    assert_eq!(
-        field_i64(&m, "reserved"),
-        200,
-        "the open lease is held: {m:?}"
-    );
-    assert_eq!(
-        usage_of(&usage(con, TOKENS), "req_day"),
-        2,
-        "re-admit counted"
-    );
-    let c = commit(con, TOKENS, "150", Some(OPEN_LEASE));
-    assert_eq!(field_i64(&c, "lease_held"), 1, "{c:?}");
-    let u = usage(con, TOKENS);
-    assert_eq!(usage_of(&u, "tok_day"), 245);
-    assert_eq!(usage_of(&u, "reserved"), 0);
+    let m = con.admit(TOKENS, ["TOKENS_PER_DAY", "1000", "LEASE", OPEN_LEASE]);
+    assert!(m.allowed, "{m:?}");
+    assert_eq!(m.reserved, 200, "the open lease is held: {m:?}");
+    assert_eq!(con.usage(TOKENS).req_day, 2, "re-admit counted");
+    let c = con.commit(TOKENS, 150, Some(OPEN_LEASE));
+    assert!(c.lease_held, "{c:?}");
+    let u = con.usage(TOKENS);
+    assert_eq!(u.tok_day, 245);
+    assert_eq!(u.reserved, 0);
     // DAILY holds DAILY_ADMITS: a limit of DAILY_ADMITS + 1 admits exactly one more.
     let limit = (DAILY_ADMITS + 1).to_string();
-    assert!(allowed(&admit(con, DAILY, &["REQUESTS_PER_DAY", &limit])));
-    let m = admit(con, DAILY, &["REQUESTS_PER_DAY", &limit]);
-    assert!(!allowed(&m), "counts restarted from zero: {m:?}");
-    let m = admit(con, LIFETIME, &["TOTAL_REQUESTS", "4"]);
-    assert!(allowed(&m), "{m:?}");
-    assert!(!allowed(&admit(con, LIFETIME, &["TOTAL_REQUESTS", "4"])));
+    assert!(con.admit(DAILY, ["REQUESTS_PER_DAY", &limit]).allowed);
+    let m = con.admit(DAILY, ["REQUESTS_PER_DAY", &limit]);
+    assert!(!m.allowed, "counts restarted from zero: {m:?}");
+    let m = con.admit(LIFETIME, "TOTAL_REQUESTS 4");
+    assert!(m.allowed, "{m:?}");
+    assert!(!con.admit(LIFETIME, "TOTAL_REQUESTS 4").allowed);
 }
 
 /// Every file of the AOF (Redis 7: `appendonlydir/`; older layouts: `appendonly.aof`), as
@@ -256,7 +224,7 @@ fn aof_bytes(server: &RedisServer, con: &mut redis::Connection, args: &[&str]) -
 fn account_state(con: &mut redis::Connection, acc: [&str; 4]) -> (Value, i64) {
     let key = account_key(acc);
     let dump = query(con, &["DUMP", &key]).unwrap_or_else(|e| panic!("DUMP {key}: {e}"));
-    (dump, int(con, &["PEXPIRETIME", &key]))
+    (dump, query_i64(con, &["PEXPIRETIME", &key]))
 }
 
 fn wait_aof_rewrite_done(server: &RedisServer) {
@@ -415,13 +383,9 @@ fn usage_counts_as_a_change_on_an_rdb_only_node() {
     let mut con = server.client();
     let before = changes(&server);
     for _ in 0..50 {
-        assert!(allowed(&admit(
-            &mut con,
-            DAILY,
-            &["REQUESTS_PER_DAY", "100"]
-        )));
+        assert!(con.admit(DAILY, "REQUESTS_PER_DAY 100").allowed);
     }
-    commit(&mut con, TOKENS, "15", None);
+    con.commit(TOKENS, 15, None);
     let counted = changes(&server) - before;
     assert!(
         counted >= 51,
@@ -434,8 +398,8 @@ fn usage_counts_as_a_change_on_an_rdb_only_node() {
     server.kill9();
     server.restart();
     let mut con = server.client();
-    assert_eq!(usage_of(&usage(&mut con, DAILY), "req_day"), 50);
-    assert_eq!(usage_of(&usage(&mut con, TOKENS), "tok_day"), 15);
+    assert_eq!(con.usage(DAILY).req_day, 50);
+    assert_eq!(con.usage(TOKENS).tok_day, 15);
 }
 
 #[test]
@@ -443,10 +407,10 @@ fn the_aof_records_effects_never_the_commands() {
     let server = start(&["appendonly yes", "appendfsync always"]);
     let mut con = server.client();
     workload(&mut con);
-    let m = admit(&mut con, DAILY, &["LEASE", "to-release"]);
-    assert!(allowed(&m));
+    let m = con.admit(DAILY, "LEASE to-release");
+    assert!(m.allowed);
     assert_eq!(
-        int(
+        query_i64(
             &mut con,
             &with_account("QUOTA.RELEASE", DAILY, &["to-release"])
         ),
@@ -489,8 +453,8 @@ fn assert_same_usage(master: &RedisServer, replica: &RedisServer, accounts: &[[&
     let mut r = replica.client();
     for acc in accounts {
         assert_eq!(
-            usage(&mut r, *acc),
-            usage(&mut m, *acc),
+            r.usage(*acc),
+            m.usage(*acc),
             "QUOTA.USAGE {acc:?} on the replica vs the master"
         );
         assert_eq!(
@@ -515,14 +479,14 @@ fn a_replica_follows_the_master_and_takes_over() {
     // After: reaches it as a stream of state changes.
     let more = ["acme", "chat", "carol", "main"];
     for _ in 0..4 {
-        admit(&mut mc, more, &["MAX_CONCURRENT", "10", "RESERVE", "5"]);
+        mc.admit(more, "MAX_CONCURRENT 10 RESERVE 5");
     }
-    let lease = field_str(&admit(&mut mc, more, &["LEASE", "rel"]), "lease").expect("lease");
+    let lease = mc.admit(more, "LEASE rel").lease();
     assert_eq!(
-        int(&mut mc, &with_account("QUOTA.RELEASE", more, &[&lease])),
+        query_i64(&mut mc, &with_account("QUOTA.RELEASE", more, &[&lease])),
         1
     );
-    commit(&mut mc, more, "42", None);
+    mc.commit(more, 42, None);
     let script = redis::cmd("EVAL")
         .arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
         .arg(0)
@@ -553,9 +517,9 @@ fn a_replica_follows_the_master_and_takes_over() {
     };
     let before = misses(&master);
     for i in 0..2 {
-        let m = admit(&mut mc, cold, &["REQUESTS_PER_DAY", "0"]);
-        assert!(allowed(&m), "cold admit {i}: {m:?}");
-        assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+        let m = mc.admit(cold, "REQUESTS_PER_DAY 0");
+        assert!(m.allowed, "cold admit {i}: {m:?}");
+        assert_eq!(m.replenishment, "global");
     }
     assert!(
         misses(&master) > before,
@@ -565,20 +529,20 @@ fn a_replica_follows_the_master_and_takes_over() {
     let everyone = [DAILY, TOKENS, LIFETIME, more, cold];
     assert_same_usage(&master, &replica, &everyone);
     let mut rc = replica.client();
-    assert_eq!(usage_of(&usage(&mut rc, more), "req_day"), 7);
-    assert_eq!(usage_of(&usage(&mut rc, more), "in_flight"), 4);
-    assert_eq!(usage_of(&usage(&mut rc, more), "tok_day"), 42);
+    assert_eq!(rc.usage(more).req_day, 7);
+    assert_eq!(rc.usage(more).in_flight, 4);
+    assert_eq!(rc.usage(more).tok_day, 42);
     assert_eq!(
-        usage_of(&usage(&mut rc, cold), "req_day"),
+        rc.usage(cold).req_day,
         2,
         "the cold user's admits reached the replica"
     );
     let key = account_key(cold);
     // Once the master's flush acknowledgement reached it (within quota.flush-interval).
     wait_until(Duration::from_secs(30), || {
-        int(&mut rc, &["PTTL", &key]) > 0
+        query_i64(&mut rc, &["PTTL", &key]) > 0
     });
-    let pttl = int(&mut rc, &["PTTL", &key]);
+    let pttl = query_i64(&mut rc, &["PTTL", &key]);
     assert!(pttl > 0, "{key} on the replica: PTTL {pttl}");
     let kind = query(&mut rc, &["TYPE", &key]).expect("TYPE");
     assert_eq!(value_to_string(&kind).as_deref(), Some("quota-acc"));
@@ -598,10 +562,10 @@ fn a_replica_follows_the_master_and_takes_over() {
     // Promoted, it continues from the same usage.
     query(&mut rc, &["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
     assert_continues(&mut rc);
-    let m = admit(&mut rc, cold, &["REQUESTS_PER_DAY", "0"]);
-    assert!(allowed(&m), "3rd of 3 credits: {m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
-    assert!(!allowed(&admit(&mut rc, cold, &["REQUESTS_PER_DAY", "0"])));
+    let m = rc.admit(cold, "REQUESTS_PER_DAY 0");
+    assert!(m.allowed, "3rd of 3 credits: {m:?}");
+    assert_eq!(m.replenishment, "global");
+    assert!(!rc.admit(cold, "REQUESTS_PER_DAY 0").allowed);
 }
 
 #[test]
@@ -674,7 +638,7 @@ fn one_command_writes_little_to_the_aof_whatever_the_leases_held() {
     p.add_command(cmd(&with_account("QUOTA.ADMIT", one, &take(&id(0)))))
         .ignore();
     p.query::<()>(&mut con).expect("4,096 admissions");
-    assert_eq!(usage_of(&usage(&mut con, big), "in_flight"), 4095);
+    assert_eq!(con.usage(big).in_flight, 4095);
 
     // The same three commands on an account with 4,095 leases and on one with a single lease.
     let mut written = Vec::new();
@@ -713,11 +677,11 @@ fn one_command_writes_little_to_the_aof_whatever_the_leases_held() {
             "one {what} wrote {b} bytes with 4,095 leases, {o} with one"
         );
     }
-    let u = usage(&mut con, big);
-    assert_eq!(usage_of(&u, "in_flight"), 4094, "{u:?}");
-    assert_eq!(usage_of(&u, "tok_day"), 1, "{u:?}");
-    let again = commit(&mut con, big, "1", Some(&id(0)));
-    assert_eq!(field_i64(&again, "duplicate"), 1, "{again:?}");
+    let u = con.usage(big);
+    assert_eq!(u.in_flight, 4094, "{u:?}");
+    assert_eq!(u.tok_day, 1, "{u:?}");
+    let again = con.commit(big, 1, Some(&id(0)));
+    assert!(again.duplicate, "{again:?}");
     assert_same_usage(&master, &replica, &[big, one]);
 }
 
@@ -730,12 +694,11 @@ fn pruning_expired_leases_counts_and_replicates() {
     let mut con = master.client();
     let acc = ["acme", "chat", "frank", "main"];
     let limit = ["REQUESTS_PER_DAY", "100"];
-    assert!(allowed(&admit(
-        &mut con,
-        acc,
-        &[limit[0], limit[1], "LEASE", "done"]
-    )));
-    commit(&mut con, acc, "5", Some("done"));
+    assert!(
+        con.admit(acc, [limit[0], limit[1], "LEASE", "done"])
+            .allowed
+    );
+    con.commit(acc, 5, Some("done"));
     // Commands that decide nothing new, but drop the leases that expired meanwhile.
     let repeated_commit = with_account("QUOTA.COMMIT", acc, &["5", "LEASE", "done"]);
     let unknown_release = with_account("QUOTA.RELEASE", acc, &["never-taken"]);
@@ -743,7 +706,7 @@ fn pruning_expired_leases_counts_and_replicates() {
     for step in [repeated_commit, unknown_release, denied_admit] {
         for _ in 0..3 {
             let short = [limit[0], limit[1], "MAX_CONCURRENT", "10", "LEASE_TTL", "1"];
-            assert!(allowed(&admit(&mut con, acc, &short)));
+            assert!(con.admit(acc, short).allowed);
         }
         thread::sleep(Duration::from_millis(1300));
         assert_same_usage(&master, &replica, &[acc]);
@@ -788,7 +751,7 @@ fn a_replica_and_the_aof_hold_the_masters_exact_state_after_a_random_workload() 
     for step in 0..400 {
         let acc = accounts[next(accounts.len())];
         let lease = leases[next(leases.len())].clone();
-        let tokens = next(50).to_string();
+        let tokens = next(50) as i64;
         let reserve = next(300).to_string();
         match next(8) {
             0..=3 => {
@@ -806,14 +769,14 @@ fn a_replica_and_the_aof_hold_the_masters_exact_state_after_a_random_workload() 
                         opts.extend_from_slice(e);
                     }
                 }
-                let m = admit(&mut con, acc, &opts);
-                if let Some(l) = field_str(&m, "lease") {
+                let m = con.admit(acc, &opts);
+                if let Some(l) = m.lease.clone() {
                     leases.push(l);
                 }
             }
             4 | 5 => {
                 let named = (next(3) != 0).then_some(lease.as_str());
-                commit(&mut con, acc, &tokens, named);
+                con.commit(acc, tokens, named);
             }
             6 => {
                 query(&mut con, &with_account("QUOTA.RELEASE", acc, &[&lease]))

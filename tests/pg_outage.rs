@@ -7,7 +7,6 @@
 //! restarting Redis, including when PostgreSQL was down when Redis started.
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -53,40 +52,55 @@ fn timed(con: &mut redis::Connection, args: &[&str]) -> (redis::RedisResult<Valu
     (r, t0.elapsed())
 }
 
-/// Repeats a command every 100 ms until it succeeds or `within` passes; the last outcome and
-/// how long it took to get it.
-fn retry_until_ok(
-    con: &mut redis::Connection,
-    args: &[&str],
-    within: Duration,
-) -> (redis::RedisResult<Value>, Duration) {
-    let t0 = Instant::now();
-    loop {
-        let r = query(con, args);
-        if r.is_ok() || t0.elapsed() >= within {
-            return (r, t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn grant_args<'a>(user: &'a str, rpd: &'a str) -> Vec<&'a str> {
     vec!["QUOTA.GRANT", T, P, user, "*", "REQUESTS_PER_DAY", rpd]
 }
 
-fn admit(con: &mut redis::Connection, user: &str, base_rpd: &str) -> HashMap<String, Value> {
-    query_map(
-        con,
-        &[
-            "QUOTA.ADMIT",
-            T,
-            P,
-            user,
-            "gpt",
-            "REQUESTS_PER_DAY",
-            base_rpd,
-        ],
+/// Grants `user` a '*' credit of `rpd` requests a day, repeated every 100 ms until it succeeds
+/// (PostgreSQL just came back): fails the test when `within` passes first.
+fn grant_once_back(con: &mut redis::Connection, user: &str, rpd: &str, within: Duration) {
+    let t0 = Instant::now();
+    let r = loop {
+        let r = query(con, &grant_args(user, rpd));
+        if r.is_ok() || t0.elapsed() >= within {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    let r =
+        to_map(r.unwrap_or_else(|e| {
+            panic!("GRANT still fails {took:?} after PostgreSQL came back: {e}")
+        }));
+    assert_eq!(
+        field_i64(&r, "additional_requests_per_day").to_string(),
+        rpd
+    );
+}
+
+/// `QUOTA.ADMIT T P <user> gpt REQUESTS_PER_DAY <base_rpd>`.
+fn admit(con: &mut redis::Connection, user: &str, base_rpd: &str) -> Admit {
+    con.admit(
+        [T, P, user, "gpt"],
+        Opts::new().limit("REQUESTS_PER_DAY", base_rpd),
     )
+}
+
+/// [`admit`] for a user whose credits PostgreSQL cannot give: answered within [`limit`].
+fn admit_in_time(con: &mut redis::Connection, user: &str, what: &str) -> Admit {
+    let t0 = Instant::now();
+    let a = con
+        .try_admit([T, P, user, "gpt"], "REQUESTS_PER_DAY 1")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let took = t0.elapsed();
+    assert!(took < limit(), "{what} took {took:?} (limit {:?})", limit());
+    a
+}
+
+/// The additional requests per day `QUOTA.GET` serves for `user`, None for nil.
+fn credit(con: &mut redis::Connection, user: &str) -> Option<i64> {
+    con.get([T, P, user, "gpt"])
+        .map(|g| field_i64(&g, "additional_requests_per_day"))
 }
 
 fn ping(con: &mut redis::Connection) {
@@ -115,32 +129,63 @@ fn assert_pg_error(what: &str, r: redis::RedisResult<Value>, took: Duration) {
     assert!(took < limit(), "{what} took {took:?} (limit {:?})", limit());
 }
 
+/// Redis on a private PostgreSQL, its listener up, alice granted 5 requests a day (and cached
+/// by the write-through): what the outages start from.
+fn alice_cached(pg: &PgServer, schema: &str) -> (RedisServer, redis::Connection) {
+    let server = start_redis(pg, schema);
+    // The listener's first connect clears the cache: let it happen before caching anything.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
+    assert_eq!(credit(&mut con, "alice"), Some(5), "alice is cached");
+    (server, con)
+}
+
+/// Once PostgreSQL is back, the listener reconnects by itself and NOTIFY works again: alice's
+/// credit (`was`) changed by SQL to `now` is served within 5 s, and `user` (uncached) gets
+/// its credits again.
+fn assert_notify_works(
+    server: &RedisServer,
+    pg: &PgServer,
+    schema: &str,
+    was: i64,
+    now: i64,
+    user: &str,
+) {
+    wait_notify(server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    assert_eq!(credit(&mut con, "alice"), Some(was));
+    let received = info_i64(server, "quota_notify_received");
+    pg.psql(&format!(
+        "UPDATE {schema}.user_quota_replenishment SET additional_requests_per_day = {now} \
+         WHERE user_id = 'alice'"
+    ));
+    let ok = wait_until(Duration::from_secs(5), || {
+        credit(&mut con, "alice") == Some(now)
+    });
+    assert!(ok, "the SQL UPDATE was not seen through NOTIFY within 5 s");
+    assert!(info_i64(server, "quota_notify_received") > received);
+    assert_eq!(admit(&mut con, user, "1").replenishment, "global");
+}
+
 #[test]
 fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_redis_restart() {
     let pg = PgServer::start_private();
     let schema = unique_schema();
-    let server = start_redis(&pg, &schema);
-    // The listener's first connect clears the cache: let it happen before caching anything.
-    wait_notify(&server, "listening", Duration::from_secs(15));
-    let mut con = server.client();
-
-    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice is cached");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    let (server, mut con) = alice_cached(&pg, &schema);
 
     pg.stop();
 
     // Cached user: GET and ADMIT keep working, credits still applied.
     let t0 = Instant::now();
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice still served");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    assert_eq!(credit(&mut con, "alice"), Some(5), "alice still served");
     let a = admit(&mut con, "alice", "1");
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    assert!(a.allowed);
+    assert_eq!(a.replenishment, "global");
     let a = admit(&mut con, "alice", "1");
-    assert_eq!(field_i64(&a, "allowed"), 1, "credits not applied: {a:?}");
-    assert_eq!(field_i64(&a, "used_replenishment"), 1);
-    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    assert!(a.allowed, "credits not applied: {a:?}");
+    assert!(a.used_replenishment());
+    assert_eq!(a.replenishment, "global");
     assert!(
         t0.elapsed() < Duration::from_millis(500),
         "cached commands waited on PostgreSQL: {:?}",
@@ -149,27 +194,14 @@ fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_r
 
     // Uncached user: decided on the base policy, within the timeout.
     let unavailable = info_i64(&server, "quota_admits_unavailable");
-    let (r, took) = timed(
-        &mut con,
-        &["QUOTA.ADMIT", T, P, "bob", "gpt", "REQUESTS_PER_DAY", "1"],
-    );
-    let a = to_map(r.expect("ADMIT for an uncached user"));
-    assert!(took < limit(), "ADMIT bob took {took:?}");
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    assert_eq!(
-        field_str(&a, "replenishment").as_deref(),
-        Some("unavailable")
-    );
-    assert_eq!(field_i64(&a, "used_replenishment"), 0);
+    let a = admit_in_time(&mut con, "bob", "ADMIT for an uncached user");
+    assert!(a.allowed);
+    assert_eq!(a.replenishment, "unavailable");
+    assert!(!a.used_replenishment());
     // The base policy alone decides: the second request is over REQUESTS_PER_DAY 1.
-    let (r, took) = timed(
-        &mut con,
-        &["QUOTA.ADMIT", T, P, "bob", "gpt", "REQUESTS_PER_DAY", "1"],
-    );
-    let a = to_map(r.expect("ADMIT bob again"));
-    assert!(took < limit(), "second ADMIT bob took {took:?}");
-    assert_eq!(field_i64(&a, "allowed"), 0);
-    assert_eq!(field_str(&a, "reason").as_deref(), Some("requests_per_day"));
+    let a = admit_in_time(&mut con, "bob", "second ADMIT bob");
+    assert!(!a.allowed);
+    assert_eq!(a.reason, "requests_per_day");
     assert!(info_i64(&server, "quota_admits_unavailable") - unavailable >= 2);
 
     // Writes and listings fail with a clear error within the timeout.
@@ -187,82 +219,45 @@ fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_r
     assert!(info_i64(&server, "quota_pg_errors") > 0);
     wait_notify(&server, "disconnected", Duration::from_secs(15));
     // Still served after all that (the failed REVOKE changed nothing here either).
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice still served");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    assert_eq!(credit(&mut con, "alice"), Some(5), "alice still served");
 
     // PostgreSQL is back on the same port; Redis is not restarted.
     pg.start();
     // Checkouts fail fast for about a second after the last failed connection attempt, so
     // allow a short window (each refused attempt never reaches PostgreSQL).
-    let (r, recovered) = retry_until_ok(&mut con, &grant_args("erin", "3"), Duration::from_secs(5));
-    let r = to_map(r.unwrap_or_else(|e| {
-        panic!("GRANT still fails {recovered:?} after PostgreSQL came back: {e}")
-    }));
-    assert_eq!(field_i64(&r, "additional_requests_per_day"), 3);
+    grant_once_back(&mut con, "erin", "3", Duration::from_secs(5));
     // The failed grant left nothing behind.
     assert_eq!(rows_for(&pg, &schema, "carol"), "0");
-    assert!(get(&mut con, [T, P, "carol", "gpt"]).is_none());
+    assert_eq!(credit(&mut con, "carol"), None);
     assert_eq!(rows_for(&pg, &schema, "alice"), "1");
 
     // The listener reconnects by itself, and NOTIFY works again.
-    wait_notify(&server, "listening", Duration::from_secs(15));
+    assert_notify_works(&server, &pg, &schema, 5, 42, "erin");
     assert!(info_i64(&server, "quota_notify_reconnects") >= 1);
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
-    let received = info_i64(&server, "quota_notify_received");
-    pg.psql(&format!(
-        "UPDATE {schema}.user_quota_replenishment SET additional_requests_per_day = 42 \
-         WHERE user_id = 'alice'"
-    ));
-    let ok = wait_until(Duration::from_secs(5), || {
-        get(&mut con, [T, P, "alice", "gpt"]).map(|g| field_i64(&g, "additional_requests_per_day"))
-            == Some(42)
-    });
-    assert!(ok, "the SQL UPDATE after recovery was not seen within 5 s");
-    assert!(info_i64(&server, "quota_notify_received") > received);
-    // Uncached users get their credits again.
-    let a = admit(&mut con, "erin", "1");
-    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
 }
 
 #[test]
 fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
     let pg = PgServer::start_private();
     let schema = unique_schema();
-    let server = start_redis(&pg, &schema);
-    wait_notify(&server, "listening", Duration::from_secs(15));
-    let mut con = server.client();
-    query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
-    assert!(get(&mut con, [T, P, "alice", "gpt"]).is_some());
+    let (server, mut con) = alice_cached(&pg, &schema);
 
     // SIGSTOP: connections hang, nothing answers.
     pg.pause();
 
-    let (r, took) = timed(
-        &mut con,
-        &["QUOTA.ADMIT", T, P, "bob", "gpt", "REQUESTS_PER_DAY", "1"],
-    );
-    let a = to_map(r.expect("ADMIT for an uncached user"));
-    assert!(
-        took < limit(),
-        "ADMIT bob took {took:?} with PostgreSQL hanging"
-    );
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    assert_eq!(
-        field_str(&a, "replenishment").as_deref(),
-        Some("unavailable")
-    );
+    let a = admit_in_time(&mut con, "bob", "ADMIT bob with PostgreSQL hanging");
+    assert!(a.allowed);
+    assert_eq!(a.replenishment, "unavailable");
 
     let (r, took) = timed(&mut con, &grant_args("carol", "9"));
     assert_pg_error("GRANT carol with PostgreSQL hanging", r, took);
 
     // Other clients are not held up meanwhile: a cached user is answered at once.
     let t0 = Instant::now();
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice still served");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    assert_eq!(credit(&mut con, "alice"), Some(5), "alice still served");
     let a = admit(&mut con, "alice", "0");
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    assert!(a.allowed);
+    assert_eq!(a.replenishment, "global");
     assert!(
         t0.elapsed() < Duration::from_millis(500),
         "cached commands waited on a hanging PostgreSQL: {:?}",
@@ -279,11 +274,8 @@ fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
     pg.resume();
     // Once it answers again, writes work (connections stuck meanwhile may need their own
     // timeout to give up first).
-    let (last, _) = retry_until_ok(&mut con, &grant_args("dave", "2"), Duration::from_secs(10));
-    let r = to_map(last.unwrap_or_else(|e| panic!("GRANT after resume: {e}")));
-    assert_eq!(field_i64(&r, "additional_requests_per_day"), 2);
-    let g = get(&mut con, [T, P, "dave", "gpt"]).expect("dave");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 2);
+    grant_once_back(&mut con, "dave", "2", Duration::from_secs(10));
+    assert_eq!(credit(&mut con, "dave"), Some(2));
 }
 
 #[test]
@@ -296,28 +288,15 @@ fn the_module_serves_when_postgres_is_down_at_start_and_deploys_once_it_is_up() 
     ping(&mut con);
 
     // Admission works on the base policy alone.
-    let (r, took) = timed(
-        &mut con,
-        &["QUOTA.ADMIT", T, P, "alice", "gpt", "REQUESTS_PER_DAY", "1"],
-    );
-    let a = to_map(r.expect("ADMIT with PostgreSQL down"));
-    assert!(took < limit(), "ADMIT took {took:?}");
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    assert_eq!(
-        field_str(&a, "replenishment").as_deref(),
-        Some("unavailable")
-    );
+    let a = admit_in_time(&mut con, "alice", "ADMIT with PostgreSQL down");
+    assert!(a.allowed);
+    assert_eq!(a.replenishment, "unavailable");
     let (r, took) = timed(&mut con, &grant_args("alice", "5"));
     assert_pg_error("GRANT with PostgreSQL down at start", r, took);
 
     // PostgreSQL comes up: the schema is deployed and grants are served, no Redis restart.
     pg.start();
-    let (last, took) = retry_until_ok(&mut con, &grant_args("alice", "5"), Duration::from_secs(15));
-    let r =
-        to_map(last.unwrap_or_else(|e| {
-            panic!("GRANT still fails {took:?} after PostgreSQL came up: {e}")
-        }));
-    assert_eq!(field_i64(&r, "additional_requests_per_day"), 5);
+    grant_once_back(&mut con, "alice", "5", Duration::from_secs(15));
     assert_eq!(
         pg.psql(&format!(
             "SELECT to_regclass('{schema}.user_quota_replenishment') IS NOT NULL, \
@@ -326,26 +305,10 @@ fn the_module_serves_when_postgres_is_down_at_start_and_deploys_once_it_is_up() 
         "t|t"
     );
     assert_eq!(rows_for(&pg, &schema, "alice"), "1");
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("the grant is served");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
+    assert_eq!(credit(&mut con, "alice"), Some(5), "the grant is served");
 
     // The listener gets there too, and NOTIFY works.
-    wait_notify(&server, "listening", Duration::from_secs(15));
-    let g = get(&mut con, [T, P, "alice", "gpt"]).expect("alice");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 5);
-    let received = info_i64(&server, "quota_notify_received");
-    pg.psql(&format!(
-        "UPDATE {schema}.user_quota_replenishment SET additional_requests_per_day = 8 \
-         WHERE user_id = 'alice'"
-    ));
-    let ok = wait_until(Duration::from_secs(5), || {
-        get(&mut con, [T, P, "alice", "gpt"]).map(|g| field_i64(&g, "additional_requests_per_day"))
-            == Some(8)
-    });
-    assert!(ok, "the SQL UPDATE was not seen through NOTIFY within 5 s");
-    assert!(info_i64(&server, "quota_notify_received") > received);
-    let a = admit(&mut con, "alice", "1");
-    assert_eq!(field_str(&a, "replenishment").as_deref(), Some("global"));
+    assert_notify_works(&server, &pg, &schema, 5, 8, "alice");
 }
 
 /// Whether both tables of `schema` exist.

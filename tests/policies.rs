@@ -18,10 +18,8 @@ const T: &str = "acme";
 const P: &str = "chat";
 
 /// `QUOTA.POLICY SET T P <name> <limits...>` -> the stored policy.
-fn set_policy(con: &mut impl redis::ConnectionLike, name: &str, limits: &[&str]) -> Map {
-    let mut args = vec!["QUOTA.POLICY", "SET", T, P, name];
-    args.extend_from_slice(limits);
-    query_map(con, &args)
+fn set_policy(con: &mut impl redis::ConnectionLike, name: &str, limits: &str) -> Map {
+    con.policy_set([T, P], name, limits)
 }
 
 /// `QUOTA.ADMIT T P <user> b POLICY <name> <opts...>`.
@@ -31,22 +29,32 @@ fn admit_policy<'a>(user: &'a str, name: &'a str, opts: &[&'a str]) -> Vec<&'a s
     args
 }
 
-/// How many of `n` admits of `user` under policy `name` are allowed.
+/// `QUOTA.ADMIT T P <user> b POLICY <name> <opts...>`, typed.
+fn admit_under(con: &mut impl redis::ConnectionLike, user: &str, name: &str, opts: &str) -> Admit {
+    con.admit([T, P, user, "b"], Opts::new().policy(name).and(opts))
+}
+
+/// How many of `n` admits of `user` under policy `name` (and `opts`) are allowed.
 fn allowed_of(con: &mut impl redis::ConnectionLike, user: &str, name: &str, n: usize) -> usize {
+    allowed_with(con, user, name, "", n)
+}
+
+fn allowed_with(
+    con: &mut impl redis::ConnectionLike,
+    user: &str,
+    name: &str,
+    opts: &str,
+    n: usize,
+) -> usize {
     (0..n)
-        .filter(|_| {
-            let m = query_map(con, &admit_policy(user, name, &[]));
-            field_i64(&m, "allowed") == 1
-        })
+        .filter(|_| admit_under(con, user, name, opts).allowed)
         .count()
 }
 
 /// The `VERBOSE` limits of an admit under policy `name` (PEEK: nothing counts).
-fn effective_limits(con: &mut redis::Connection, user: &str, name: &str, inline: &[&str]) -> Map {
-    let mut opts = inline.to_vec();
-    opts.extend_from_slice(&["PEEK", "VERBOSE"]);
-    let m = query_map(con, &admit_policy(user, name, &opts));
-    to_map(m.get("limits").cloned().expect("VERBOSE has limits"))
+fn effective_limits(con: &mut redis::Connection, user: &str, name: &str, inline: &str) -> Map {
+    let m = admit_under(con, user, name, &format!("{inline} PEEK VERBOSE"));
+    m.limits.expect("VERBOSE has limits")
 }
 
 fn pg_rows(url: &str, schema: &str, sql_after_from: &str) -> String {
@@ -64,16 +72,12 @@ fn policies_are_stored_listed_deleted_and_audited() {
     let server = test_server(&schema);
     let mut con = server.client();
 
-    let stored = set_policy(
-        &mut con,
-        "pro",
-        &["REQUESTS_PER_DAY", "100", "tokens_per_day", "5000"],
-    );
+    let stored = set_policy(&mut con, "pro", "REQUESTS_PER_DAY 100 tokens_per_day 5000");
     assert_eq!(field_str(&stored, "policy").as_deref(), Some("pro"));
     assert_eq!(field_i64(&stored, "requests_per_day"), 100);
     assert_eq!(field_i64(&stored, "tokens_per_day"), 5000);
     assert!(field_is_nil(&stored, "max_concurrent"), "{stored:?}");
-    set_policy(&mut con, "free", &["REQUESTS_PER_DAY", "10"]);
+    set_policy(&mut con, "free", "REQUESTS_PER_DAY 10");
 
     let got = query_map(&mut con, &["QUOTA.POLICY", "GET", T, P, "pro"]);
     assert_eq!(field_i64(&got, "requests_per_day"), 100);
@@ -87,7 +91,7 @@ fn policies_are_stored_listed_deleted_and_audited() {
     );
 
     // Replacing sets absent limits back to unlimited.
-    let replaced = set_policy(&mut con, "pro", &["MAX_CONCURRENT", "3"]);
+    let replaced = set_policy(&mut con, "pro", "MAX_CONCURRENT 3");
     assert!(field_is_nil(&replaced, "requests_per_day"));
     assert_eq!(field_i64(&replaced, "max_concurrent"), 3);
     let got = query_map(&mut con, &["QUOTA.POLICY", "GET", T, P, "pro"]);
@@ -145,17 +149,10 @@ fn an_admit_with_a_policy_takes_inline_limits_over_it_and_credits_on_top() {
     set_policy(
         &mut con,
         "pro",
-        &[
-            "REQUESTS_PER_DAY",
-            "2",
-            "TOKENS_PER_DAY",
-            "100",
-            "MAX_CONCURRENT",
-            "50",
-        ],
+        "REQUESTS_PER_DAY 2 TOKENS_PER_DAY 100 MAX_CONCURRENT 50",
     );
 
-    let limits = effective_limits(&mut con, "alice", "pro", &[]);
+    let limits = effective_limits(&mut con, "alice", "pro", "");
     assert_eq!(field_i64(&limits, "requests_per_day"), 2);
     assert_eq!(field_i64(&limits, "tokens_per_day"), 100);
     assert_eq!(field_i64(&limits, "max_concurrent"), 50);
@@ -166,23 +163,18 @@ fn an_admit_with_a_policy_takes_inline_limits_over_it_and_credits_on_top() {
         &mut con,
         "alice",
         "pro",
-        &["REQUESTS_PER_DAY", "3", "TOKENS_PER_HOUR", "7"],
+        "REQUESTS_PER_DAY 3 TOKENS_PER_HOUR 7",
     );
     assert_eq!(field_i64(&limits, "requests_per_day"), 3);
     assert_eq!(field_i64(&limits, "tokens_per_hour"), 7);
     assert_eq!(field_i64(&limits, "tokens_per_day"), 100);
     assert_eq!(field_i64(&limits, "max_concurrent"), 50);
 
-    let over = |con: &mut redis::Connection, user: &str, n: usize| {
-        (0..n)
-            .filter(|_| {
-                let m = query_map(con, &admit_policy(user, "pro", &["REQUESTS_PER_DAY", "3"]));
-                field_i64(&m, "allowed") == 1
-            })
-            .count()
-    };
     assert_eq!(allowed_of(&mut con, "bob", "pro", 6), 2);
-    assert_eq!(over(&mut con, "carol", 6), 3);
+    assert_eq!(
+        allowed_with(&mut con, "carol", "pro", "REQUESTS_PER_DAY 3", 6),
+        3
+    );
 
     // A credit adds to the policy's limit.
     query(
@@ -225,7 +217,7 @@ fn a_policy_changed_by_sql_reaches_a_warm_account_on_another_node_through_notify
     }
     let mut on_a = a.client();
     let mut on_b = b.client();
-    set_policy(&mut on_a, "pro", &["REQUESTS_PER_DAY", "1"]);
+    set_policy(&mut on_a, "pro", "REQUESTS_PER_DAY 1");
 
     // Warm on B: the policy and the account are cached, the limit is reached.
     assert_eq!(allowed_of(&mut on_b, "alice", "pro", 3), 1);
@@ -256,11 +248,11 @@ fn replicas_see_policies_and_their_changes() {
     let mut m = master.client();
     let mut r = replica.client();
 
-    set_policy(&mut m, "pro", &["REQUESTS_PER_DAY", "5"]);
+    set_policy(&mut m, "pro", "REQUESTS_PER_DAY 5");
     let got = query_map(&mut r, &["QUOTA.POLICY", "GET", T, P, "pro"]);
     assert_eq!(field_i64(&got, "requests_per_day"), 5);
 
-    set_policy(&mut m, "pro", &["REQUESTS_PER_DAY", "6"]);
+    set_policy(&mut m, "pro", "REQUESTS_PER_DAY 6");
     let acked = value_i64(&query(&mut m, &["WAIT", "1", "1000"]).expect("WAIT"));
     assert_eq!(acked, Some(1));
     let got = query_map(&mut r, &["QUOTA.POLICY", "GET", T, P, "pro"]);
@@ -288,7 +280,7 @@ fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
     let cluster = RedisCluster::start(3, builder);
     cluster.wait_ok(Duration::from_secs(30));
     let mut first = cluster.nodes[0].client();
-    set_policy(&mut first, "pro", &["REQUESTS_PER_DAY", "2"]);
+    set_policy(&mut first, "pro", "REQUESTS_PER_DAY 2");
 
     let mut con = cluster.cluster_client();
     let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
@@ -303,7 +295,7 @@ fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
 
     // A change made on another node reaches every node (write-through here, NOTIFY there).
     let mut last = cluster.nodes[2].client();
-    set_policy(&mut last, "pro", &["REQUESTS_PER_DAY", "3"]);
+    set_policy(&mut last, "pro", "REQUESTS_PER_DAY 3");
     for user in &users {
         let seen = wait_until(Duration::from_secs(5), || {
             allowed_of(&mut con, user, "pro", 1) == 1
@@ -328,8 +320,8 @@ fn with_postgres_down_a_cached_policy_decides_and_an_uncached_one_is_an_error() 
         .start();
     server.wait_notify_state("listening", Duration::from_secs(15));
     let mut con = server.client();
-    set_policy(&mut con, "pro", &["REQUESTS_PER_DAY", "2"]);
-    set_policy(&mut con, "later", &["REQUESTS_PER_DAY", "2"]);
+    set_policy(&mut con, "pro", "REQUESTS_PER_DAY 2");
+    set_policy(&mut con, "later", "REQUESTS_PER_DAY 2");
     // alice's (absent) credits are cached too; bob's are not.
     query(&mut con, &admit_policy("alice", "pro", &["PEEK"])).expect("PEEK");
     // Only "pro" is cached: drop "later" from this node's cache.
@@ -341,12 +333,9 @@ fn with_postgres_down_a_cached_policy_decides_and_an_uncached_one_is_an_error() 
     let started = Instant::now();
     assert_eq!(allowed_of(&mut con, "alice", "pro", 4), 2);
     assert!(started.elapsed() < Duration::from_millis(500));
-    let m = query_map(&mut con, &admit_policy("bob", "pro", &[]));
-    assert_eq!(field_i64(&m, "allowed"), 1);
-    assert_eq!(
-        field_str(&m, "replenishment").as_deref(),
-        Some("unavailable")
-    );
+    let m = admit_under(&mut con, "bob", "pro", "");
+    assert!(m.allowed);
+    assert_eq!(m.replenishment, "unavailable");
 
     // Never cached here: an explicit error, never a decision without limits.
     for _ in 0..2 {
@@ -358,8 +347,8 @@ fn with_postgres_down_a_cached_policy_decides_and_an_uncached_one_is_an_error() 
         );
         assert!(started.elapsed() < Duration::from_millis(2500));
     }
-    let usage = usage(&mut con, [T, P, "carol", "b"]);
-    assert_eq!(field_i64(&usage, "req_day"), 0, "a refused admit counted");
+    let usage = con.usage([T, P, "carol", "b"]);
+    assert_eq!(usage.req_day, 0, "a refused admit counted");
 
     pg.start();
     let back = wait_until(Duration::from_secs(15), || {
@@ -394,14 +383,7 @@ fn the_compact_reply_is_read_by_index_from_lua_in_resp2_and_resp3() {
     set_policy(
         &mut setup,
         "pro",
-        &[
-            "REQUESTS_PER_DAY",
-            "2",
-            "TOKENS_PER_DAY",
-            "50",
-            "MAX_CONCURRENT",
-            "9",
-        ],
+        "REQUESTS_PER_DAY 2 TOKENS_PER_DAY 50 MAX_CONCURRENT 9",
     );
     // Cache the policy first: a script cannot wait for a load.
     query(&mut setup, &["QUOTA.POLICY", "GET", T, P, "pro"]).expect("GET");
@@ -475,8 +457,8 @@ fn concurrent_clients_under_a_cold_policy_admit_exactly_the_limit() {
         .collect();
     let allowed: usize = threads.into_iter().map(|t| t.join().expect("client")).sum();
     assert_eq!(allowed, LIMIT + CREDIT);
-    let usage = usage(&mut server.client(), [T, P, "shared", "b"]);
-    assert_eq!(field_i64(&usage, "req_day"), (LIMIT + CREDIT) as i64);
+    let usage = server.client().usage([T, P, "shared", "b"]);
+    assert_eq!(usage.req_day, (LIMIT + CREDIT) as i64);
 }
 
 #[test]
@@ -493,7 +475,7 @@ fn an_admit_waiting_on_credits_decides_with_the_policy_it_started_with_though_it
         .start();
     server.wait_notify_state("listening", Duration::from_secs(15));
     let mut con = server.client();
-    set_policy(&mut con, "pro", &["REQUESTS_PER_DAY", "1"]);
+    set_policy(&mut con, "pro", "REQUESTS_PER_DAY 1");
 
     // erin's credits are not cached: her admission waits on their load, which hangs.
     pg.pause();

@@ -29,16 +29,8 @@ fn wait_one(con: &mut redis::Connection) -> i64 {
 
 /// `QUOTA.GET` -> the additional requests per day of the applicable record, None for nil.
 fn credit(con: &mut redis::Connection, user: &str, bundle: &str) -> Option<i64> {
-    match query(con, &["QUOTA.GET", T, P, user, bundle]).expect("QUOTA.GET") {
-        Value::Nil => None,
-        v => Some(field_i64(&to_map(v), "additional_requests_per_day")),
-    }
-}
-
-fn grant(con: &mut redis::Connection, user: &str, bundle: &str, extra: &[&str]) {
-    let mut args = vec!["QUOTA.GRANT", T, P, user, bundle];
-    args.extend_from_slice(extra);
-    query_map(con, &args);
+    con.get([T, P, user, bundle])
+        .map(|r| field_i64(&r, "additional_requests_per_day"))
 }
 
 /// Grants, top-ups and revokes on the master are what `QUOTA.GET` on the replica returns on the
@@ -81,7 +73,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     }
 
     // alice: a credit of 3, cached on the replica.
-    grant(&mut m, "alice", "*", &["REQUESTS_PER_DAY", "3"]);
+    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 3");
     assert_eq!(wait_one(&mut m), 1, "WAIT after GRANT");
     notify_settled(1);
     assert_eq!(credit(&mut r, "alice", "b"), Some(3), "replica: first GET");
@@ -94,7 +86,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     );
 
     // Replaced on the master: the replica's first GET after WAIT has the new value.
-    grant(&mut m, "alice", "*", &["REQUESTS_PER_DAY", "7"]);
+    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 7");
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(
         credit(&mut r, "alice", "b"),
@@ -103,7 +95,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     );
 
     // Topped up.
-    grant(&mut m, "alice", "*", &["REQUESTS_PER_DAY", "5", "ADD"]);
+    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 5 ADD");
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(
         credit(&mut r, "alice", "b"),
@@ -113,7 +105,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
 
     // A bundle's own row takes precedence over '*'.
     assert_eq!(credit(&mut r, "alice", "pro"), Some(12));
-    grant(&mut m, "alice", "pro", &["REQUESTS_PER_DAY", "40"]);
+    m.grant([T, P, "alice", "pro"], "REQUESTS_PER_DAY 40");
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(
         credit(&mut r, "alice", "pro"),
@@ -151,7 +143,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
         hits + 1,
         "the replica caches bob as having no credit"
     );
-    grant(&mut m, "bob", "*", &["REQUESTS_PER_DAY", "5"]);
+    m.grant([T, P, "bob", "*"], "REQUESTS_PER_DAY 5");
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(
         credit(&mut r, "bob", "b"),
@@ -160,15 +152,12 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     );
 
     // An admission on the master uses it, and the replica's view of bob is unchanged.
-    let a = query_map(
-        &mut m,
-        &["QUOTA.ADMIT", T, P, "bob", "b", "REQUESTS_PER_DAY", "0"],
-    );
-    assert_eq!(field_i64(&a, "allowed"), 1);
-    assert_eq!(field_i64(&a, "remaining_requests"), 4);
+    let a = m.admit([T, P, "bob", "b"], "REQUESTS_PER_DAY 0");
+    assert!(a.allowed);
+    assert_eq!(a.remaining_requests, 4);
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(credit(&mut r, "bob", "b"), Some(5));
-    assert_eq!(field_i64(&usage(&mut r, [T, P, "bob", "b"]), "req_day"), 1);
+    assert_eq!(r.usage([T, P, "bob", "b"]).req_day, 1);
 }
 
 #[test]
@@ -192,102 +181,57 @@ fn usage_reaches_the_replica() {
 
     // Warm users: a credit granted (and so cached) on the master before their admissions.
     for u in ["warm-1", "warm-2"] {
-        grant(
-            &mut m,
-            u,
-            "*",
-            &["REQUESTS_PER_DAY", "2", "TOKENS_PER_DAY", "500"],
-        );
+        m.grant([T, P, u, "*"], "REQUESTS_PER_DAY 2 TOKENS_PER_DAY 500");
     }
     // Cold users: never seen by the master; their first admit waits for PostgreSQL.
     let users = ["warm-1", "warm-2", "cold-1", "cold-2", "cold-3"];
-    let limits = [
-        "REQUESTS_PER_DAY",
-        "3",
-        "TOKENS_PER_DAY",
-        "1000",
-        "MAX_CONCURRENT",
-        "3",
-    ];
+    let limits = Opts::words("REQUESTS_PER_DAY 3 TOKENS_PER_DAY 1000 MAX_CONCURRENT 3");
     let cold_before = info_i64(&master, "quota_cache_misses");
+    // After `WAIT`, USAGE of the account is the same on both sides; returns it.
+    let mut same_on_replica = |m: &mut redis::Connection, acc: [&str; 4], when: &str| {
+        assert_eq!(wait_one(m), 1);
+        let on_master = m.usage(acc);
+        assert_eq!(r.usage(acc), on_master, "{acc:?}: USAGE {when}");
+        on_master
+    };
 
     for (k, u) in users.iter().enumerate() {
+        let acc = [T, P, u, "b"];
         // 1. An admit (MAX_CONCURRENT: it takes a lease, left to expire); checked on the
         //    replica at once (the cold users' is decided after their credits were loaded).
-        let mut args = vec!["QUOTA.ADMIT", T, P, u, "b"];
-        args.extend_from_slice(&limits);
-        let a = query_map(&mut m, &args);
-        assert_eq!(field_i64(&a, "allowed"), 1, "{u}: {a:?}");
-        assert_eq!(wait_one(&mut m), 1);
-        let on_master = usage(&mut m, [T, P, u, "b"]);
-        assert_eq!(field_i64(&on_master, "req_day"), 1);
-        assert_eq!(
-            usage(&mut r, [T, P, u, "b"]),
-            on_master,
-            "{u}: USAGE after the first admit"
-        );
+        let a = m.admit(acc, &limits);
+        assert!(a.allowed, "{u}: {a:?}");
+        let on_master = same_on_replica(&mut m, acc, "after the first admit");
+        assert_eq!(on_master.req_day, 1);
 
         // 2. A lease with a reservation, committed.
         let lease = format!("lease-{k}-a");
-        let mut args = vec!["QUOTA.ADMIT", T, P, u, "b"];
-        args.extend_from_slice(&limits);
-        args.extend_from_slice(&["LEASE", &lease, "RESERVE", "300"]);
-        let a = query_map(&mut m, &args);
-        assert_eq!(field_i64(&a, "allowed"), 1, "{u}: {a:?}");
-        assert_eq!(field_i64(&a, "reserved"), 300);
-        assert_eq!(wait_one(&mut m), 1);
-        let on_master = usage(&mut m, [T, P, u, "b"]);
-        assert_eq!(field_i64(&on_master, "in_flight"), 2);
-        assert_eq!(field_i64(&on_master, "reserved"), 300);
-        assert_eq!(
-            usage(&mut r, [T, P, u, "b"]),
-            on_master,
-            "{u}: USAGE with a lease held"
-        );
-
-        let c = query_map(
-            &mut m,
-            &["QUOTA.COMMIT", T, P, u, "b", "120", "LEASE", &lease],
-        );
-        assert_eq!(field_i64(&c, "recorded"), 120, "{u}: {c:?}");
+        let a = m.admit(acc, limits.clone().lease(&lease).reserve(300));
+        assert!(a.allowed, "{u}: {a:?}");
+        assert_eq!(a.reserved, 300);
+        let on_master = same_on_replica(&mut m, acc, "with a lease held");
+        assert_eq!((on_master.in_flight, on_master.reserved), (2, 300));
+        let c = m.commit(acc, 120, Some(&lease));
+        assert_eq!(c.recorded, 120, "{u}: {c:?}");
 
         // 3. A lease released (the request is refunded).
         let lease2 = format!("lease-{k}-b");
-        let mut args = vec!["QUOTA.ADMIT", T, P, u, "b"];
-        args.extend_from_slice(&limits);
-        args.extend_from_slice(&["LEASE", &lease2, "RESERVE", "50"]);
-        let a = query_map(&mut m, &args);
-        assert_eq!(field_i64(&a, "allowed"), 1, "{u}: {a:?}");
-        let v = query(&mut m, &["QUOTA.RELEASE", T, P, u, "b", &lease2]).expect("RELEASE");
-        assert_eq!(value_i64(&v), Some(1));
+        let a = m.admit(acc, limits.clone().lease(&lease2).reserve(50));
+        assert!(a.allowed, "{u}: {a:?}");
+        assert_eq!(m.release(acc, &lease2), 1);
 
         // 4. Another bundle of the same user.
-        let a = query_map(
-            &mut m,
-            &["QUOTA.ADMIT", T, P, u, "other", "TOKENS_PER_HOUR", "10"],
-        );
-        assert_eq!(field_i64(&a, "allowed"), 1);
-        let c = query_map(&mut m, &["QUOTA.COMMIT", T, P, u, "other", "7"]);
-        assert_eq!(field_i64(&c, "recorded"), 7, "{u}: {c:?}");
+        let other = [T, P, u, "other"];
+        assert!(m.admit(other, "TOKENS_PER_HOUR 10").allowed);
+        let c = m.commit(other, 7, None);
+        assert_eq!(c.recorded, 7, "{u}: {c:?}");
 
-        assert_eq!(wait_one(&mut m), 1);
-        let on_master = usage(&mut m, [T, P, u, "b"]);
-        assert_eq!(field_i64(&on_master, "req_day"), 2, "{u}: {on_master:?}");
-        assert_eq!(field_i64(&on_master, "tok_day"), 120);
-        assert_eq!(field_i64(&on_master, "in_flight"), 1);
-        assert_eq!(field_i64(&on_master, "reserved"), 0);
-        assert_eq!(
-            usage(&mut r, [T, P, u, "b"]),
-            on_master,
-            "{u}: USAGE after commit and release"
-        );
-        let on_master = usage(&mut m, [T, P, u, "other"]);
-        assert_eq!(field_i64(&on_master, "tok_hour"), 7);
-        assert_eq!(
-            usage(&mut r, [T, P, u, "other"]),
-            on_master,
-            "{u}: USAGE of bundle other"
-        );
+        let on_master = same_on_replica(&mut m, acc, "after commit and release");
+        let got = (on_master.req_day, on_master.tok_day, on_master.in_flight);
+        assert_eq!(got, (2, 120, 1), "{u}: {on_master:?}");
+        assert_eq!(on_master.reserved, 0);
+        let on_master = same_on_replica(&mut m, other, "of bundle other");
+        assert_eq!(on_master.tok_hour, 7);
     }
     assert!(
         info_i64(&master, "quota_cache_misses") >= cold_before + 3,
@@ -295,26 +239,19 @@ fn usage_reaches_the_replica() {
     );
 
     // Denials change nothing, on either side.
-    let mut args = vec!["QUOTA.ADMIT", T, P, "cold-1", "b"];
-    args.extend_from_slice(&limits);
-    let a = query_map(&mut m, &args);
-    assert_eq!(field_i64(&a, "allowed"), 1, "cold-1's third request: {a:?}");
-    let a = query_map(&mut m, &args);
-    assert_eq!(field_i64(&a, "allowed"), 0, "cold-1 is at its limit: {a:?}");
-    assert_eq!(field_str(&a, "reason").as_deref(), Some("requests_per_day"));
-    assert_eq!(wait_one(&mut m), 1);
-    assert_eq!(
-        usage(&mut r, [T, P, "cold-1", "b"]),
-        usage(&mut m, [T, P, "cold-1", "b"])
-    );
+    let cold1 = [T, P, "cold-1", "b"];
+    let a = m.admit(cold1, &limits);
+    assert!(a.allowed, "cold-1's third request: {a:?}");
+    let a = m.admit(cold1, &limits);
+    assert!(!a.allowed, "cold-1 is at its limit: {a:?}");
+    assert_eq!(a.reason, "requests_per_day");
+    same_on_replica(&mut m, cold1, "after a denial");
 
     // RESET on the master clears the replica's copy too.
-    let v = query(&mut m, &["QUOTA.RESET", T, P, "warm-1", "b"]).expect("RESET");
-    assert_eq!(value_i64(&v), Some(1));
-    assert_eq!(wait_one(&mut m), 1);
-    let on_replica = usage(&mut r, [T, P, "warm-1", "b"]);
-    assert_eq!(field_i64(&on_replica, "req_day"), 0, "{on_replica:?}");
-    assert_eq!(on_replica, usage(&mut m, [T, P, "warm-1", "b"]));
+    let warm1 = [T, P, "warm-1", "b"];
+    assert_eq!(m.reset(warm1), 1);
+    let on_replica = same_on_replica(&mut m, warm1, "after RESET");
+    assert_eq!(on_replica.req_day, 0, "{on_replica:?}");
 
     // The same keys on both sides.
     let dbsize = |c: &mut redis::Connection| value_i64(&query(c, &["DBSIZE"]).unwrap()).unwrap();
@@ -344,42 +281,31 @@ fn promoted_replica_continues_with_the_same_usage() {
     let mut r = replica.client();
 
     // dave: no credit, 10 per day; erin: a '*' credit of 2 on top of the same base.
-    grant(&mut m, "erin", "*", &["REQUESTS_PER_DAY", "2"]);
+    m.grant([T, P, "erin", "*"], "REQUESTS_PER_DAY 2");
     let admit = |con: &mut redis::Connection, u: &str| -> i64 {
-        let a = query_map(
-            con,
-            &[
-                "QUOTA.ADMIT",
-                T,
-                P,
-                u,
-                "b",
-                "REQUESTS_PER_DAY",
-                "10",
-                "TOKENS_PER_DAY",
-                "1000",
-            ],
-        );
-        field_i64(&a, "allowed")
+        i64::from(
+            con.admit([T, P, u, "b"], "REQUESTS_PER_DAY 10 TOKENS_PER_DAY 1000")
+                .allowed,
+        )
     };
     for u in ["dave", "erin"] {
         let allowed: i64 = (0..6).map(|_| admit(&mut m, u)).sum();
         assert_eq!(allowed, 6, "{u} on the master");
     }
-    let c = query_map(&mut m, &["QUOTA.COMMIT", T, P, "dave", "b", "400"]);
-    assert_eq!(field_i64(&c, "recorded"), 400);
+    let c = m.commit([T, P, "dave", "b"], 400, None);
+    assert_eq!(c.recorded, 400);
     assert_eq!(wait_one(&mut m), 1);
-    let dave_on_master = usage(&mut m, [T, P, "dave", "b"]);
-    let erin_on_master = usage(&mut m, [T, P, "erin", "b"]);
-    assert_eq!(field_i64(&dave_on_master, "req_day"), 6);
-    assert_eq!(field_i64(&dave_on_master, "tok_day"), 400);
+    let dave_on_master = m.usage([T, P, "dave", "b"]);
+    let erin_on_master = m.usage([T, P, "erin", "b"]);
+    assert_eq!(dave_on_master.req_day, 6);
+    assert_eq!(dave_on_master.tok_day, 400);
 
     // The master dies; the replica is promoted.
     master.kill9();
     let v = query(&mut r, &["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
     assert_eq!(value_to_string(&v).as_deref(), Some("OK"));
-    assert_eq!(usage(&mut r, [T, P, "dave", "b"]), dave_on_master);
-    assert_eq!(usage(&mut r, [T, P, "erin", "b"]), erin_on_master);
+    assert_eq!(r.usage([T, P, "dave", "b"]), dave_on_master);
+    assert_eq!(r.usage([T, P, "erin", "b"]), erin_on_master);
 
     // Exactly 4 more for dave (10 per day), 6 more for erin (10 + 2).
     let dave: Vec<i64> = (0..6).map(|_| admit(&mut r, "dave")).collect();
@@ -390,21 +316,14 @@ fn promoted_replica_continues_with_the_same_usage() {
         vec![1, 1, 1, 1, 1, 1, 0],
         "erin on the promoted replica"
     );
-    let u = usage(&mut r, [T, P, "dave", "b"]);
-    assert_eq!(field_i64(&u, "req_day"), 10);
-    assert_eq!(field_i64(&u, "tok_day"), 400);
+    let u = r.usage([T, P, "dave", "b"]);
+    assert_eq!(u.req_day, 10);
+    assert_eq!(u.tok_day, 400);
 
     // Tokens carried over too: 400 of 1000 used on the master, 600 more here fill the day.
-    let c = query_map(&mut r, &["QUOTA.COMMIT", T, P, "dave", "b", "600"]);
-    assert_eq!(field_i64(&c, "recorded"), 600);
-    let a = query_map(
-        &mut r,
-        &["QUOTA.ADMIT", T, P, "dave", "b", "TOKENS_PER_DAY", "1000"],
-    );
-    assert_eq!(
-        field_i64(&a, "allowed"),
-        0,
-        "dave's 1000 tokens are used: {a:?}"
-    );
-    assert_eq!(field_str(&a, "reason").as_deref(), Some("tokens_per_day"));
+    let c = r.commit([T, P, "dave", "b"], 600, None);
+    assert_eq!(c.recorded, 600);
+    let a = r.admit([T, P, "dave", "b"], "TOKENS_PER_DAY 1000");
+    assert!(!a.allowed, "dave's 1000 tokens are used: {a:?}");
+    assert_eq!(a.reason, "tokens_per_day");
 }

@@ -184,10 +184,9 @@ fn populate(con: &mut redis::Connection) {
         let acc = ids(who);
         for n in 0..=i {
             let lease = format!("lease-{n}-é");
-            admit(
-                con,
+            con.admit(
                 acc,
-                &[
+                [
                     "MAX_CONCURRENT",
                     "50",
                     "LEASE",
@@ -198,22 +197,11 @@ fn populate(con: &mut redis::Connection) {
                     "3000",
                 ],
             );
-            admit(
-                con,
-                acc,
-                &[
-                    "TOKENS_PER_DAY",
-                    "1000",
-                    "RESERVE",
-                    "3",
-                    "TOTAL_REQUESTS",
-                    "100",
-                ],
-            );
+            con.admit(acc, "TOKENS_PER_DAY 1000 RESERVE 3 TOTAL_REQUESTS 100");
         }
         if i % 2 == 0 {
-            commit(con, acc, "11", Some("lease-0-é"));
-            commit(con, acc, "5", Some("0123456789abcdef"));
+            con.commit(acc, 11, Some("lease-0-é"));
+            con.commit(acc, 5, Some("0123456789abcdef"));
         }
     }
     query(con, &["SET", "plain", "value"]).expect("SET");
@@ -233,11 +221,11 @@ fn snapshot(con: &mut redis::Connection) -> Snapshot {
             (k, dump)
         })
         .collect();
-    let usages = identities().iter().map(|w| usage(con, ids(w))).collect();
+    let usages = identities().iter().map(|w| con.usage(ids(w))).collect();
     (dumps, usages)
 }
 
-type Snapshot = (Vec<(String, Value)>, Vec<Map>);
+type Snapshot = (Vec<(String, Value)>, Vec<Usage>);
 
 /// A server whose `DUMP` payloads and RDB strings are uncompressed, with these redis.conf
 /// lines too, populated; with a connection and its snapshot.
@@ -324,7 +312,7 @@ fn restore_fuzz_never_takes_the_server_down_nor_touches_other_keys() {
                 let acc = ["fz", "p", &user, "b"];
                 let kind = query(&mut con, &["TYPE", key]).expect("TYPE");
                 if value_to_string(&kind).as_deref() == Some("quota-acc") {
-                    usage(&mut con, acc);
+                    con.usage(acc);
                 }
                 let _ = query(
                     &mut con,
@@ -520,7 +508,7 @@ fn an_account_written_by_the_previous_build_still_restores() {
         .arg(&old)
         .query::<Value>(&mut con)
         .expect("an old payload restores");
-    assert_eq!(field_i64(&usage(&mut con, acc), "req_total"), 4);
+    assert_eq!(con.usage(acc).req_total, 4);
     let again = bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"));
     assert_eq!(Dump::split(&again).state, Dump::split(&old).state);
 }

@@ -23,6 +23,13 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 tenant=acme project=chat-app bundle=assistant
 run_id="$(date +%s)-$$-$RANDOM"
 
+# The NOTIFY listener's first connect empties the credits cache: let that happen before
+# anything is cached (a user dropped mid-run would be decided "pending" again).
+for _ in $(seq 150); do
+    cli INFO quota | grep -q '^quota_notify_state:listening' && break
+    sleep 0.1
+done
+
 # Load the script once, call it by SHA (what an application would do).
 sha="$(cli SCRIPT LOAD "$(cat "$here/admit.lua")")"
 [[ "$sha" =~ ^[0-9a-f]{40}$ ]] || fail "SCRIPT LOAD replied: $sha"
@@ -41,6 +48,10 @@ for i in 1 2; do
     fi
     echo "call $i: allowed"
 done
+# Call 1 was a cache miss, decided on the base policy while the user's (absent) credits
+# loaded in the background; a GET outside a script waits for that load, so call 3 is
+# decided on what PostgreSQL holds, not "pending" (which would say retry_after 1).
+[ "$(cli QUOTA.GET "$tenant" "$project" "$user" "$bundle")" = "" ] || fail "$user has credits"
 read -r allowed retry <<<"$(admit "$user" 2)"
 now="$(date +%s)"
 to_midnight=$((86400 - now % 86400))

@@ -8,22 +8,14 @@ lease; RELEASE gives the request back when the call failed.
     REDIS_URL=redis://127.0.0.1:6379 python admit_commit_loop.py
 """
 
-import os
 import random
 import time
 import uuid
 
-import redis
+from _quota import as_dict, connect
 
 POLICY = ["MAX_CONCURRENT", 2, "TOKENS_PER_DAY", 5000]
 ESTIMATE = 1000  # tokens reserved per call until it commits
-
-
-def as_dict(reply):
-    """QUOTA.* replies are maps under RESP3 and flat [field, value, ...] arrays under RESP2."""
-    if reply is None or isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[0::2], reply[1::2]))
 
 
 class UpstreamError(Exception):
@@ -38,9 +30,7 @@ def fake_llm_call(prompt, rng):
 
 
 def main():
-    r = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"), decode_responses=True
-    )
+    r = connect()
     account = ("acme", "chat-app", f"llm-{uuid.uuid4().hex[:8]}", "gpt-4")
     rng = random.Random(42)
 

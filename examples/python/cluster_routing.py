@@ -14,13 +14,7 @@ import os
 import uuid
 
 from redis.cluster import ClusterNode, RedisCluster
-
-
-def as_dict(reply):
-    """QUOTA.* replies are maps under RESP3 and flat [field, value, ...] arrays under RESP2."""
-    if reply is None or isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[0::2], reply[1::2]))
+from _quota import as_dict
 
 
 def moved(rc):

@@ -7,21 +7,13 @@ per (tenant, project); a repeat changes nothing and replies duplicate=1.
     REDIS_URL=redis://127.0.0.1:6379 python payment_webhook.py
 """
 
-import os
 import uuid
 from decimal import Decimal
 
-import redis
+from _quota import as_dict, connect
 
 # What one "credit pack" buys, on every bundle ('*'), for good (no expiry).
 PACK = {"REQUESTS_PER_DAY": 50, "TOKENS_PER_DAY": 100_000}
-
-
-def as_dict(reply):
-    """QUOTA.* replies are maps under RESP3 and flat [field, value, ...] arrays under RESP2."""
-    if reply is None or isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[0::2], reply[1::2]))
 
 
 def handle_payment_succeeded(r, event):
@@ -64,9 +56,7 @@ def payment_event(payment_id, user):
 
 
 def main():
-    r = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"), decode_responses=True
-    )
+    r = connect()
     user = f"buyer-{uuid.uuid4().hex[:8]}"
     pay_1 = f"pi_{uuid.uuid4().hex[:16]}"
     pay_2 = f"pi_{uuid.uuid4().hex[:16]}"

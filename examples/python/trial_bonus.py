@@ -8,27 +8,17 @@ then denies with reason requests_per_day and the seconds until the day ends
     REDIS_URL=redis://127.0.0.1:6379 python trial_bonus.py
 """
 
-import os
 import time
 import uuid
 
-import redis
+from _quota import as_dict, connect
 
 FREE_TIER = ["REQUESTS_PER_DAY", 10]  # the base policy, passed on every ADMIT
 TRIAL_DAYS = 7
 
 
-def as_dict(reply):
-    """QUOTA.* replies are maps under RESP3 and flat [field, value, ...] arrays under RESP2."""
-    if reply is None or isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[0::2], reply[1::2]))
-
-
 def main():
-    r = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"), decode_responses=True
-    )
+    r = connect()
     tenant, project = "acme", "chat-app"
     user = f"trial-{uuid.uuid4().hex[:8]}"  # a brand-new user
     bundle = "assistant"

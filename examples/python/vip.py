@@ -7,25 +7,15 @@ added together. Revoking the VIP row falls back to the '*' row.
     REDIS_URL=redis://127.0.0.1:6379 python vip.py
 """
 
-import os
 import uuid
 
-import redis
+from _quota import as_dict, connect
 
 BASE = ["REQUESTS_PER_DAY", 10, "MAX_CONCURRENT", 1]  # the free tier
 
 
-def as_dict(reply):
-    """QUOTA.* replies are maps under RESP3 and flat [field, value, ...] arrays under RESP2."""
-    if reply is None or isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[0::2], reply[1::2]))
-
-
 def main():
-    r = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"), decode_responses=True
-    )
+    r = connect()
     t, p = "acme", "chat-app"
     user = f"vip-{uuid.uuid4().hex[:8]}"
 

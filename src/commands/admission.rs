@@ -180,7 +180,7 @@ fn admit_with(
                     balance = balance_of(rows, parsed.account.bundle, now);
                     // A balance is read from the cache every time (the memo holds none).
                     if balance.is_none() {
-                        memo = Some(CreditMemo::new(&key, found, rows, epoch, fresh_until, now));
+                        memo = CreditMemo::new(&key, found, rows, epoch, fresh_until, now);
                     }
                     (Ok(Some(found)), None)
                 }
@@ -363,7 +363,7 @@ fn decide(
     }
     let is_self = matches!(holder, Some(Holder::This));
     let decided = update(ctx, account_key, |account| {
-        let before = (account.leases.len(), account.settled.len());
+        let before = (account.leases().len(), account.settled().len());
         if let (Some(b), true) = (balance, is_self) {
             request.balance = Some(offer(&b, Some(account), now));
         }
@@ -392,7 +392,7 @@ fn decide(
             }
             // Deciding may have pruned before it failed.
             Err(e) => {
-                let pruned = before != (account.leases.len(), account.settled.len());
+                let pruned = before != (account.leases().len(), account.settled().len());
                 (
                     Err(e),
                     Effect::pruned(now, pruned).map_or(Propagate::Nothing, encoded),
@@ -457,7 +457,7 @@ impl Holder {
 /// What the balance `b` has left for an admission at `now`, given its holder's state.
 fn offer(b: &RowBalance, holder: Option<&Account>, now: Millis) -> BalanceOffer {
     BalanceOffer {
-        left: balance_left(b, holder.and_then(|a| a.ledger.as_deref()), now),
+        left: balance_left(b, holder.and_then(|a| a.ledger()), now),
     }
 }
 
@@ -531,7 +531,7 @@ fn settlement(
     let hold = lease.and_then(|l| {
         let tag = hold_tag(key, l);
         holder
-            .and_then(|a| a.ledger.as_deref())
+            .and_then(|a| a.ledger())
             .and_then(|led| led.hold(tag, now).copied())
     });
     let refund = release && hold.is_some_and(|h| h.paid_request);

@@ -81,10 +81,7 @@ fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Milli
                     bundle: &row.bundle_id,
                 };
                 let mut key = AccountKey::open_read(ctx, &holder.key().0).ok();
-                let ledger = key
-                    .as_mut()
-                    .and_then(|k| k.get())
-                    .and_then(|a| a.ledger.as_deref());
+                let ledger = key.as_mut().and_then(|k| k.get()).and_then(|a| a.ledger());
                 balance_left(b, ledger, now)
             });
             let r = record(ctx.reply(), ids, Some(row), 2);

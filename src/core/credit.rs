@@ -173,24 +173,29 @@ pub(crate) const MEMO_MAX_MS: Millis = 1000;
 /// for, the cache epoch it was read at and until when it holds: no later than the cache entry
 /// stays fresh, the next expiry among the user's rows and `MEMO_MAX_MS` after it was read. Any
 /// change to the cache moves the epoch on and so retires every memo. A memo read through
-/// another key name (the value was renamed: another user or bundle) is ignored. 64 bytes,
-/// kept inline.
+/// another key name (the value was renamed: another user or bundle) is ignored.
+///
+/// 40 bytes, kept inline next to every account: the amounts that add something (above zero;
+/// one at zero or below adds nothing, exactly as an absent one) are kept as varints in
+/// `MEMO_AMOUNT_BYTES` bytes. A credit whose amounts need more is not remembered
+/// (`new` gives none): its admissions look it up in the cache each time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CreditMemo {
-    /// The amounts of the `INT` columns (requests per day, per month, total; concurrency),
-    /// `i32::MIN` for an absent one (an amount below zero adds nothing, exactly as an absent
-    /// one), and of the `BIGINT` columns (tokens per hour, day, month), `i64::MIN` if absent:
-    /// 16 bytes less than seven `i64`s, in every account key.
-    ints: [i32; 4],
-    bigints: [i64; 3],
+    until: Millis,
     /// `account_tag` of the account key the credit was chosen for.
     account: u64,
     /// The low 32 bits of the cache epoch: a memo lives at most `MEMO_MAX_MS`, far less than
     /// 2^32 cache changes take, so it cannot meet the same low bits of another epoch.
     epoch: u32,
-    until: Millis,
     source: CreditSource,
+    /// Bit `i` set: field `i` of `LimitField::ALL` adds an amount, the next varint in `amounts`.
+    present: u8,
+    amounts: [u8; MEMO_AMOUNT_BYTES],
 }
+
+/// Bytes of varints a memo keeps its amounts in: three amounts up to 2^35 (34 billion) each,
+/// or more smaller ones.
+const MEMO_AMOUNT_BYTES: usize = 18;
 
 /// A 64-bit hash of an account key name, so that a memo knows which account it belongs to
 /// without keeping the name (which may be long). Two names sharing a tag would also need a
@@ -208,7 +213,7 @@ fn account_tag(key: &[u8]) -> u64 {
 impl CreditMemo {
     /// Remembers `chosen` (what `select_credit` picked from `rows` at `now` for the account
     /// whose key is `account`, as amounts and source), read from a fresh cache entry at
-    /// `epoch` that stays fresh until `fresh_until`.
+    /// `epoch` that stays fresh until `fresh_until`. None when the amounts do not fit a memo.
     pub(crate) fn new(
         account: &[u8],
         chosen: (Option<Additional>, CreditSource),
@@ -216,15 +221,28 @@ impl CreditMemo {
         epoch: u64,
         fresh_until: Millis,
         now: Millis,
-    ) -> CreditMemo {
-        let mut ints = [i32::MIN; 4];
-        let mut bigints = [i64::MIN; 3];
+    ) -> Option<CreditMemo> {
+        let mut present = 0u8;
+        let mut amounts = [0u8; MEMO_AMOUNT_BYTES];
+        let mut at = 0;
         if let Some(add) = chosen.0 {
-            let [rpd, rpm, total, tph, tpd, tpm, conc] = add.to_options();
-            // An INT column holds an i32; a value out of its range (never stored) adds nothing.
-            let int = |v: Option<i64>| v.and_then(|v| i32::try_from(v).ok()).unwrap_or(i32::MIN);
-            ints = [int(rpd), int(rpm), int(total), int(conc)];
-            bigints = [tph, tpd, tpm].map(|v| v.unwrap_or(i64::MIN));
+            for (bit, v) in add.to_options().into_iter().enumerate() {
+                let Some(v) = v.filter(|v| *v > 0) else {
+                    continue;
+                };
+                let mut v = v as u64;
+                loop {
+                    let byte = amounts.get_mut(at)?;
+                    at += 1;
+                    if v < 0x80 {
+                        *byte = v as u8;
+                        break;
+                    }
+                    *byte = (v as u8) | 0x80;
+                    v >>= 7;
+                }
+                present |= 1 << bit;
+            }
         }
         let until = rows
             .iter()
@@ -235,14 +253,14 @@ impl CreditMemo {
                 fresh_until.min(now.saturating_add(MEMO_MAX_MS)),
                 Millis::min,
             );
-        CreditMemo {
-            ints,
-            bigints,
+        Some(CreditMemo {
+            until,
             account: account_tag(account),
             epoch: epoch as u32,
-            until,
             source: chosen.1,
-        }
+            present,
+            amounts,
+        })
     }
 
     /// The remembered credit, if it was chosen for the account whose key is `account` and
@@ -263,19 +281,22 @@ impl CreditMemo {
         }
         let additional = match self.source {
             CreditSource::Bundle | CreditSource::Global => {
-                let int = |v: i32| (v != i32::MIN).then_some(i64::from(v));
-                let big = |v: i64| (v != i64::MIN).then_some(v);
-                let [rpd, rpm, total, conc] = self.ints;
-                let [tph, tpd, tpm] = self.bigints;
-                Some(Additional::from_options([
-                    int(rpd),
-                    int(rpm),
-                    int(total),
-                    big(tph),
-                    big(tpd),
-                    big(tpm),
-                    int(conc),
-                ]))
+                let mut amounts = [None; LIMIT_FIELDS];
+                let mut bytes = self.amounts.iter();
+                for (bit, out) in amounts.iter_mut().enumerate() {
+                    if self.present & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let mut v = 0u64;
+                    for (shift, b) in (0..64).step_by(7).zip(bytes.by_ref()) {
+                        v |= u64::from(b & 0x7f) << shift;
+                        if b & 0x80 == 0 {
+                            break;
+                        }
+                    }
+                    *out = Some(v as i64);
+                }
+                Some(Additional::from_options(amounts))
             }
             _ => None,
         };
@@ -559,7 +580,7 @@ mod tests {
         let mut rows = vec![row("*", 7, None, true), row("b", 9, None, true)];
         rows[1].additional.set(LimitField::TokensPerMonth, Some(-3));
         let picked = chosen(&rows, "b", NOW);
-        let memo = CreditMemo::new(KEY, picked, &rows, 5, NOW + 60_000, NOW);
+        let memo = CreditMemo::new(KEY, picked, &rows, 5, NOW + 60_000, NOW).unwrap();
         let (add, src) = memo.get(KEY, 5, NOW + 10).unwrap();
         assert_eq!(src, CreditSource::Bundle);
         let add = add.unwrap();
@@ -578,8 +599,42 @@ mod tests {
         // The clock set back by a minute: ask the cache again.
         assert!(memo.get(KEY, 5, NOW - 60_000).is_none());
         // No credit is remembered too.
-        let none = CreditMemo::new(KEY, (None, CreditSource::None), &[], 5, NOW + 60_000, NOW);
+        let none =
+            CreditMemo::new(KEY, (None, CreditSource::None), &[], 5, NOW + 60_000, NOW).unwrap();
         assert_eq!(none.get(KEY, 5, NOW), Some((None, CreditSource::None)));
+    }
+
+    /// Every amount that adds something comes back exactly (up to `i64::MAX`); a credit whose
+    /// amounts do not fit the memo's bytes is not remembered at all.
+    #[test]
+    fn memo_keeps_amounts_exactly_or_not_at_all() {
+        let mut add = Additional::default();
+        add.set(LimitField::RequestsPerDay, Some(1));
+        add.set(LimitField::TokensPerDay, Some(1_000_000_000));
+        add.set(LimitField::MaxConcurrent, Some(34_000_000_000));
+        add.set(LimitField::TokensPerHour, Some(0));
+        let chosen = (Some(add), CreditSource::Global);
+        let memo = CreditMemo::new(KEY, chosen, &[], 1, NOW + 60_000, NOW).unwrap();
+        let (back, src) = memo.get(KEY, 1, NOW).unwrap();
+        assert_eq!(src, CreditSource::Global);
+        let back = back.unwrap();
+        for field in LimitField::ALL {
+            let expected = add.get(field).filter(|v| *v > 0);
+            assert_eq!(back.get(field), expected, "{field:?}");
+        }
+        // Two of the largest amounts: 18 varint bytes.
+        let mut big = Additional::default();
+        big.set(LimitField::TokensPerMonth, Some(i64::MAX));
+        big.set(LimitField::TotalRequests, Some(i64::MAX));
+        let memo = CreditMemo::new(KEY, (Some(big), CreditSource::Bundle), &[], 1, NOW + 9, NOW);
+        let back = memo.unwrap().get(KEY, 1, NOW).unwrap().0.unwrap();
+        assert_eq!(back.get(LimitField::TokensPerMonth), Some(i64::MAX));
+        assert_eq!(back.get(LimitField::TotalRequests), Some(i64::MAX));
+        // Three are too many.
+        big.set(LimitField::RequestsPerMonth, Some(i64::MAX));
+        let chosen = (Some(big), CreditSource::Bundle);
+        assert_eq!(CreditMemo::new(KEY, chosen, &[], 1, NOW + 9, NOW), None);
+        assert_eq!(std::mem::size_of::<Option<CreditMemo>>(), 40);
     }
 
     /// A memo read through another account key (the value was renamed to another user's or
@@ -587,7 +642,8 @@ mod tests {
     #[test]
     fn memo_applies_only_to_the_account_it_was_chosen_for() {
         let rows = vec![row("b", 9, None, true)];
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW);
+        let memo =
+            CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW).unwrap();
         assert!(memo.get(KEY, 1, NOW).is_some());
         assert!(memo.get(b"q:{bob}:1:t1:p3:bob1:b", 1, NOW).is_none());
         assert!(memo.get(b"q:{alice}:1:t1:p5:alice1:c", 1, NOW).is_none());
@@ -596,7 +652,7 @@ mod tests {
     #[test]
     fn memo_ends_when_the_entry_goes_stale_or_a_row_expires() {
         let rows = vec![row("*", 7, None, true)];
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW);
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW).unwrap();
         assert!(memo.get(KEY, 1, NOW + 299).is_some());
         assert!(memo.get(KEY, 1, NOW + 300).is_none());
         // Read 400 ms before the bundle row expires: from then on the '*' row applies.
@@ -605,7 +661,7 @@ mod tests {
             row("b", 9, Some(NOW / 1000 + 1), true),
         ];
         let t0 = NOW + 600;
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t0), &rows, 1, t0 + 60_000, t0);
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t0), &rows, 1, t0 + 60_000, t0).unwrap();
         assert_eq!(memo.get(KEY, 1, NOW + 999).unwrap().1, CreditSource::Bundle);
         assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         assert_eq!(chosen(&rows, "b", NOW + 1000).1, CreditSource::Global);
@@ -614,7 +670,8 @@ mod tests {
             row("*", 7, None, true),
             row("b", 9, Some(NOW / 1000 - 5), true),
         ];
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW);
+        let memo =
+            CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW).unwrap();
         assert!(memo.get(KEY, 1, NOW + MEMO_MAX_MS - 1).is_some());
     }
 

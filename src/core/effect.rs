@@ -39,6 +39,7 @@ const BALANCE: u8 = 1 << 5;
 const TERMS: u8 = 1 << 6;
 /// A flush acknowledgement (alone, or with a prune).
 const ACK: u8 = 1 << 7;
+#[cfg(test)]
 const KNOWN: u8 = PRUNE | KIND_MASK | LIFETIME | WITH_LEASE | BALANCE | TERMS | ACK;
 
 /// Balance change operations (a bit set).
@@ -183,36 +184,25 @@ impl<'a> Effect<'a> {
             && self.ack.is_none()
     }
 
-    /// What `Account::admit` changed, read from its decision and the account after it; none
-    /// when nothing changed, or when the lease the decision names is not in the account.
+    /// What `Account::admit` changed, read from its decision (and the account's lifetime mark
+    /// after it); none when nothing changed.
     pub(crate) fn admitted(
         at: Millis,
-        decision: &AdmitDecision,
-        account: &'a Account,
+        decision: &'a AdmitDecision,
+        account: &Account,
     ) -> Option<Self> {
         if !decision.changed {
             return None;
         }
-        let change = if decision.counted {
-            let lease = match &decision.lease {
-                // A new lease usually goes last: look from the back.
-                Some(id) => {
-                    let held = account.leases.iter().rev().find(|l| l.id == *id)?;
-                    Some(NewLease {
-                        id: LeaseRef::of(&held.id),
-                        expires_at: held.expires_at,
-                        reserved: held.reserved,
-                    })
-                }
-                None => None,
-            };
-            Some(Change::Count {
-                lifetime: account.lifetime,
-                lease,
-            })
-        } else {
-            None
-        };
+        let change = decision.counted.then(|| Change::Count {
+            lifetime: account.lifetime,
+            // The lease the admission took: read from the decision, not looked up again.
+            lease: decision.lease.as_ref().map(|id| NewLease {
+                id: LeaseRef::of(id),
+                expires_at: decision.lease_expires_at,
+                reserved: decision.reserved,
+            }),
+        });
         Some(Effect {
             at,
             prune: decision.pruned,
@@ -369,10 +359,9 @@ impl<'a> Effect<'a> {
         if r.byte()? != VERSION {
             return Err(EffectError::Version);
         }
+        // Every one of the eight flag bits has a meaning (`KNOWN` is all of them); what does
+        // not combine is refused below.
         let flags = r.byte()?;
-        if flags & !KNOWN != 0 {
-            return Err(EffectError::Flags);
-        }
         let kind = (flags & KIND_MASK) >> KIND_SHIFT;
         let with_lease = flags & WITH_LEASE != 0;
         let lifetime = flags & LIFETIME != 0;
@@ -447,7 +436,7 @@ impl<'a> Effect<'a> {
     pub(crate) fn apply(&self, account: &mut Account) -> Result<(), EffectError> {
         if let Some(Change::Release { lease }) = &self.change {
             let id = lease.to_id();
-            if !account.leases.iter().any(|l| l.id == id) {
+            if !account.leases().iter().any(|l| l.id == id) {
                 return Err(EffectError::NotHeld);
             }
         }
@@ -814,7 +803,7 @@ mod tests {
             pair.admit(&p, &req, T0, 0);
             ids.push(id);
         }
-        assert_eq!(pair.master.leases.len(), MAX_LEASES);
+        assert_eq!(pair.master.leases().len(), MAX_LEASES);
         assert!(pair.bytes < 170, "admit: {} bytes", pair.bytes);
         pair.commit(1, Some(&ids[7]), T0 + 1);
         assert!(pair.bytes < 170, "commit: {} bytes", pair.bytes);
@@ -823,7 +812,7 @@ mod tests {
         // Every lease expires: one prune of 4,094 leases is a dozen bytes.
         pair.commit(0, None, T0 + 700_000);
         assert!(pair.bytes < 20, "prune: {} bytes", pair.bytes);
-        assert!(pair.master.leases.is_empty());
+        assert!(pair.master.leases().is_empty());
         assert_eq!(pair.replica, pair.master);
     }
 
@@ -873,6 +862,11 @@ mod tests {
             Err(EffectError::Number)
         );
         assert_eq!(Effect::decode(&[2, PRUNE, 0]), Err(EffectError::Version));
+    }
+
+    #[test]
+    fn every_flag_bit_has_a_meaning() {
+        assert_eq!(KNOWN, u8::MAX);
     }
 
     #[test]

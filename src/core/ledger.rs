@@ -73,7 +73,7 @@ pub(crate) struct BalanceTerms {
 }
 
 /// The optional ledger part of an account.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Ledger {
     /// Unflushed changes by hour, oldest first, one entry an hour.
     pub hours: Vec<HourDelta>,
@@ -86,7 +86,23 @@ pub(crate) struct Ledger {
     pub holds: Vec<Hold>,
     /// How this account's commits debit a balance (none: they debit nothing).
     pub terms: Option<BalanceTerms>,
+    /// In memory only (never encoded, not part of the state's value): the key is on the
+    /// node's list of accounts to flush (`runtime::ledger`). Kept here rather than next to the
+    /// key's value, which must stay within 128 bytes.
+    pub tracked: bool,
 }
+
+impl PartialEq for Ledger {
+    fn eq(&self, other: &Self) -> bool {
+        self.hours == other.hours
+            && self.next_seq == other.next_seq
+            && self.floor == other.floor
+            && self.holds == other.holds
+            && self.terms == other.terms
+    }
+}
+
+impl Eq for Ledger {}
 
 /// A change to a balance holder, made by an admission, commit or release of an account that
 /// draws on it (the holder itself or another bundle of the user).
@@ -155,6 +171,7 @@ impl Ledger {
             floor: [0, 0],
             holds: Vec::new(),
             terms: None,
+            tracked: false,
         }
     }
 

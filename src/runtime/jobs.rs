@@ -8,7 +8,12 @@ use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::{Blocked, Outcome};
 pub(crate) use crate::store::StoreError;
-use crate::store::{AccountBatch, CleanupOutcome, GrantOutcome, HourRow, RevokeOutcome};
+use crate::store::{
+    AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, HourRow, RevokeOutcome,
+};
+
+/// Where a flush's outcomes go (called on the pool thread).
+pub(crate) type FlushDone = Box<dyn FnOnce(Vec<Result<BatchOutcome, StoreError>>) + Send>;
 
 /// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
 /// private data), so the size of its variants does not matter.
@@ -195,8 +200,12 @@ pub(crate) enum Job {
         project: String,
         client: Blocked<Done>,
     },
-    /// Write one flush of the usage ledger (see `runtime::ledger`).
-    Flush(Vec<AccountBatch>),
+    /// Write one flush of the usage ledger (see `runtime::ledger`), then hand what became of
+    /// each batch to `done`.
+    Flush {
+        batches: Vec<AccountBatch>,
+        done: FlushDone,
+    },
     /// `QUOTA.HISTORY`: an account's hourly ledger rows.
     History {
         account: OwnedAccount,
@@ -210,7 +219,7 @@ impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
     pub(crate) fn into_client(self) -> Option<Blocked<Done>> {
         match self {
-            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } | Job::Flush(_) => None,
+            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } | Job::Flush { .. } => None,
             Job::History { client, .. } => Some(client),
             Job::Grant { client, .. }
             | Job::Revoke { client, .. }

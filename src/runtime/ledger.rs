@@ -73,7 +73,7 @@ pub(crate) fn tracked() -> usize {
 }
 
 /// Called by the pool thread with what became of each batch of the flush in flight.
-pub(crate) fn written(outcomes: Vec<Result<BatchOutcome, StoreError>>) {
+fn written(outcomes: Vec<Result<BatchOutcome, StoreError>>) {
     if let Ok(mut slot) = WRITTEN.lock() {
         *slot = Some(outcomes);
     }
@@ -136,7 +136,7 @@ fn rescan(ctx: Ctx) {
     let mut db = 0;
     while db < 1024 && ctx.select_db(db) {
         scan_accounts(ctx, |name, account| {
-            let pending = account.ledger.as_ref().is_some_and(|l| !l.hours.is_empty());
+            let pending = account.ledger().is_some_and(|l| !l.hours.is_empty());
             if pending {
                 found.push((db, name.into()));
             }
@@ -156,7 +156,11 @@ fn start(ctx: Ctx, now: Millis) {
         return;
     }
     STATE.with(|s| s.borrow_mut().in_flight = Some(keys));
-    if worker::submit(Job::Flush(batches)).is_err() {
+    let job = Job::Flush {
+        batches,
+        done: Box::new(written),
+    };
+    if worker::submit(job).is_err() {
         // Queue full: the batches stay frozen and go with the next flush.
         STATE.with(|s| s.borrow_mut().in_flight = None);
         stats::LEDGER_FLUSH_ERRORS.incr();
@@ -195,7 +199,7 @@ fn snapshot(ctx: Ctx) -> (Vec<KeyId>, Vec<AccountBatch>) {
                     };
                     let pending = key
                         .get()
-                        .and_then(|a| a.ledger.as_deref())
+                        .and_then(|a| a.ledger())
                         .and_then(|l| (!l.hours.is_empty()).then(|| (l.next_seq, l.hours.clone())));
                     if pending.is_none() {
                         key.set_tracking(false);
@@ -263,7 +267,7 @@ fn acknowledge(ctx: Ctx, outcomes: Vec<Result<BatchOutcome, StoreError>>) {
             continue;
         };
         account.acknowledge(&ack);
-        let pending = account.ledger.as_ref().is_some_and(|l| !l.hours.is_empty());
+        let pending = account.ledger().is_some_and(|l| !l.hours.is_empty());
         let effect = Effect {
             ack: Some(ack),
             ..Effect::empty(now)

@@ -437,7 +437,7 @@ fn execute(job: Job) {
             }
             client.finish(Done::PolicyDel(outcome));
         }
-        Job::Flush(batches) => super::ledger::written(flush(&batches)),
+        Job::Flush { batches, done } => done(flush(&batches)),
         Job::History {
             account,
             from,

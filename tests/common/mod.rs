@@ -14,6 +14,9 @@
 //! * [`test_server`] -> Redis with the module on the shared PostgreSQL and a schema.
 //! * [`RedisCluster`] -> N masters with `cluster-enabled yes`, slots spread evenly.
 //! * [`to_map`], [`field_i64`], [`field_str`], ... -> read map replies (RESP2 or RESP3).
+//! * [`Quota`] -> the `QUOTA.*` commands on any connection, with typed replies ([`Admit`],
+//!   [`Usage`], [`Commit`]).
+//! * [`Raw`] -> a strict RESP client for byte-level tests ([`encode`] writes one command).
 //!
 //! All servers live in directories under `QUOTA_TEST_TMPDIR` (default
 //! `$TMPDIR/redis-quota-tests`); a failing test keeps its Redis directory and prints the
@@ -39,6 +42,7 @@ mod cluster;
 mod info;
 mod pg;
 mod reply;
+mod resp;
 mod rng;
 mod server;
 
@@ -47,6 +51,7 @@ pub use cluster::*;
 pub use info::*;
 pub use pg::*;
 pub use reply::*;
+pub use resp::*;
 pub use rng::*;
 pub use server::*;
 

@@ -126,3 +126,15 @@ pub fn to_array(v: Value) -> Vec<Value> {
         other => panic!("not an array reply: {other:?}"),
     }
 }
+
+/// Runs a command whose reply is an integer (or a string holding one); panics otherwise.
+pub fn query_i64(con: &mut impl redis::ConnectionLike, args: &[&str]) -> i64 {
+    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    value_i64(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
+}
+
+/// Runs a command whose reply is a string; panics otherwise.
+pub fn query_string(con: &mut impl redis::ConnectionLike, args: &[&str]) -> String {
+    let v = query(con, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    value_to_string(&v).unwrap_or_else(|| panic!("{args:?} replied {v:?}"))
+}

@@ -2,7 +2,7 @@
 //! allowed again, what remains, and recording the request and its lease when admitted.
 
 use super::{
-    Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, Lease, LeaseId, Now,
+    Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, Counter, Lease, LeaseId, Now,
     BALANCE_SPENT, MAX_LEASES, PRUNE_DELAY_MS,
 };
 use crate::core::policy::{EffectivePolicy, LimitField, Limits};
@@ -16,15 +16,15 @@ impl Account {
     /// `PRUNE_DELAY_MS` ago. Otherwise an expired lease is harmless for a moment, and pruning
     /// in batches touches the leases' memory once rather than on every admission.
     fn prune_due(&self, policy: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis) -> bool {
-        let first = self.first_expiry;
+        let first = self.first_expiry();
         if first == 0 || first > now {
             return false;
         }
-        let held = self.leases.len();
+        let held = self.leases().len();
         // The base limit is the lower one: it decides `used_replenishment`.
         let max_concurrent = policy.base.get(LimitField::MaxConcurrent);
         req.lease.is_some()
-            || self.reserved_sum > 0
+            || self.reserved() > 0
             || now >= first.saturating_add(PRUNE_DELAY_MS)
             || held >= MAX_LEASES
             || max_concurrent.is_some_and(|max| held as u64 >= max)
@@ -33,13 +33,19 @@ impl Account {
     /// How much of a limited field is used at `now` (tokens: committed plus reserved).
     fn used(&self, field: LimitField, now: &Now, reserved: u64) -> u64 {
         match field {
-            LimitField::RequestsPerDay => self.req_day.get(now.day),
-            LimitField::RequestsPerMonth => self.req_month.get(now.month),
+            LimitField::RequestsPerDay => self.count(Counter::ReqDay, now.day),
+            LimitField::RequestsPerMonth => self.count(Counter::ReqMonth, now.month),
             LimitField::TotalRequests => self.req_total,
-            LimitField::TokensPerHour => self.tok_hour.get(now.hour).saturating_add(reserved),
-            LimitField::TokensPerDay => self.tok_day.get(now.day).saturating_add(reserved),
-            LimitField::TokensPerMonth => self.tok_month.get(now.month).saturating_add(reserved),
-            LimitField::MaxConcurrent => self.leases.len() as u64,
+            LimitField::TokensPerHour => self
+                .count(Counter::TokHour, now.hour)
+                .saturating_add(reserved),
+            LimitField::TokensPerDay => self
+                .count(Counter::TokDay, now.day)
+                .saturating_add(reserved),
+            LimitField::TokensPerMonth => self
+                .count(Counter::TokMonth, now.month)
+                .saturating_add(reserved),
+            LimitField::MaxConcurrent => self.leases().len() as u64,
         }
     }
 
@@ -63,7 +69,7 @@ impl Account {
             return bits;
         }
         match limits.get(LimitField::MaxConcurrent) {
-            Some(max) if self.leases.len() as u64 >= max => 1 << LimitField::MaxConcurrent as u8,
+            Some(max) if self.leases().len() as u64 >= max => 1 << LimitField::MaxConcurrent as u8,
             _ => 0,
         }
     }
@@ -82,7 +88,7 @@ impl Account {
                     if limits.get(LimitField::MaxConcurrent) == Some(0) {
                         return -1;
                     }
-                    let first = self.leases.iter().map(|l| l.expires_at).min();
+                    let first = self.leases().iter().map(|l| l.expires_at).min();
                     seconds_until(now.ms, first.unwrap_or(now.ms)).max(1)
                 }
                 (None, _) => return -1,
@@ -127,6 +133,7 @@ impl Account {
             violations: 0,
             retry_after: -1,
             lease: None,
+            lease_expires_at: 0,
             reserved: 0,
             used_replenishment: false,
             remaining_requests: -1,
@@ -140,8 +147,9 @@ impl Account {
         };
         let wanted = req.lease.map(LeaseId::parse);
         if let Some(id) = &wanted {
-            if let Some(held) = self.leases.iter().find(|l| &l.id == id) {
+            if let Some(held) = self.leases().iter().find(|l| &l.id == id) {
                 decision.lease = Some(held.id.clone());
+                decision.lease_expires_at = held.expires_at;
                 decision.reserved = held.reserved;
                 self.fill_remaining(&mut decision, limits, &now, self.reserved());
                 return Ok(decision);
@@ -156,7 +164,7 @@ impl Account {
                     decision.debit_request = request;
                     // The balance pays windows, never a concurrency slot.
                     violations = match limits.get(LimitField::MaxConcurrent) {
-                        Some(max) if self.leases.len() as u64 >= max => {
+                        Some(max) if self.leases().len() as u64 >= max => {
                             1 << LimitField::MaxConcurrent as u8
                         }
                         _ => 0,
@@ -180,7 +188,7 @@ impl Account {
         let wants_lease = req.lease.is_some()
             || req.reserve.is_some()
             || limits.get(LimitField::MaxConcurrent).is_some();
-        if wants_lease && self.leases.len() >= MAX_LEASES {
+        if wants_lease && self.leases().len() >= MAX_LEASES {
             return Err(AccountError::TooManyLeases);
         }
         if req.peek {
@@ -211,14 +219,16 @@ impl Account {
                 .saturating_sub(grant)
                 .min(u64::try_from(tokens_left).unwrap_or(0));
             let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
+            let expires_at = now_ms.saturating_add(req.lease_ttl_ms.max(1));
             self.push_lease(Lease {
                 id: id.clone(),
-                expires_at: now_ms.saturating_add(req.lease_ttl_ms.max(1)),
+                expires_at,
                 reserved: grant,
                 day: i32::try_from(now.day).unwrap_or(i32::MAX),
                 month: i32::try_from(now.month).unwrap_or(i32::MAX),
             });
             decision.lease = Some(id);
+            decision.lease_expires_at = expires_at;
             decision.reserved = grant.saturating_add(decision.held_tokens);
         }
         decision.changed = true;

@@ -4,46 +4,45 @@
 use std::collections::VecDeque;
 
 use super::{
-    Account, BadState, Counter, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED,
+    Account, BadState, Counter, Extra, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED,
 };
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
 
 impl Account {
     /// Encodes the state for RDB, AOF and replication.
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(64 + self.leases.len() * 40);
+        self.encode_with(Counter::ALL.map(|c| self.counter(c)))
+    }
+
+    /// The encoding with these (window index, count) pairs as the counters, by `Counter`.
+    pub(super) fn encode_with(&self, counters: [(i64, u64); 5]) -> Vec<u8> {
+        let mut w = Vec::with_capacity(64 + self.leases().len() * 40);
         // Without a ledger part, the first version's bytes exactly (an older build reads them).
-        w.push(if self.ledger.is_some() {
+        w.push(if self.ledger().is_some() {
             ENCODING_VERSION_LEDGER
         } else {
             ENCODING_VERSION
         });
         w.push(u8::from(self.lifetime));
-        for c in [
-            &self.req_day,
-            &self.req_month,
-            &self.tok_hour,
-            &self.tok_day,
-            &self.tok_month,
-        ] {
-            put_i64(&mut w, c.window);
-            put_u64(&mut w, c.value);
+        for (window, count) in counters {
+            put_i64(&mut w, window);
+            put_u64(&mut w, count);
         }
         put_u64(&mut w, self.req_total);
-        put_u64(&mut w, self.leases.len() as u64);
-        for l in &self.leases {
+        put_u64(&mut w, self.leases().len() as u64);
+        for l in self.leases() {
             put_id(&mut w, &l.id);
             put_i64(&mut w, l.expires_at);
             put_u64(&mut w, l.reserved);
             put_i64(&mut w, i64::from(l.day));
             put_i64(&mut w, i64::from(l.month));
         }
-        put_u64(&mut w, self.settled.len() as u64);
-        for (id, until) in &self.settled {
+        put_u64(&mut w, self.settled().len() as u64);
+        for (id, until) in self.settled() {
             put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
-        if let Some(ledger) = &self.ledger {
+        if let Some(ledger) = self.ledger() {
             put_ledger(&mut w, ledger);
         }
         w
@@ -62,12 +61,12 @@ impl Account {
             1 => true,
             _ => return Err(BadState("lifetime flag is neither 0 nor 1")),
         };
-        let mut counters = [Counter::default(); 5];
-        for c in counters.iter_mut() {
-            *c = Counter {
-                window: r.i64()?,
-                value: r.u64()?,
-            };
+        let (mut windows, mut counts) = ([0u32; 5], [0u64; 5]);
+        for (window, count) in windows.iter_mut().zip(counts.iter_mut()) {
+            // Any window past the last one is refused by `check`.
+            *window =
+                u32::try_from(r.i64()?).map_err(|_| BadState("counter window out of range"))?;
+            *count = r.u64()?;
         }
         let req_total = r.u64()?;
         let n = r.count(MAX_LEASES, "more leases than an account may hold")?;
@@ -94,23 +93,23 @@ impl Account {
         if !r.buf.is_empty() {
             return Err(BadState("bytes left after the state"));
         }
-        let [req_day, req_month, tok_hour, tok_day, tok_month] = counters;
         let reserved_sum = leases
             .iter()
             .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
-        let account = Account {
+        let extra = Extra {
             reserved_sum,
             first_expiry: leases.front().map_or(0, |l| l.expires_at),
-            req_day,
-            req_month,
-            req_total,
-            tok_hour,
-            tok_day,
-            tok_month,
+            last_expiry: leases.back().map_or(0, |l| l.expires_at),
             leases,
-            settled,
-            lifetime,
+            settled: (!settled.is_empty()).then(|| Box::new(settled)),
             ledger,
+        };
+        let account = Account {
+            windows,
+            lifetime,
+            counts,
+            req_total,
+            extra: (!extra.is_empty()).then(|| Box::new(extra)),
         };
         account.check()?;
         Ok(account)
@@ -258,6 +257,7 @@ impl Reader<'_> {
             floor,
             holds,
             terms,
+            tracked: false,
         })
     }
 

@@ -2,14 +2,15 @@
 //! them by commit (tokens counted) or release (the admission undone).
 
 use super::{
-    Account, AccountError, CommitOutcome, Lease, LeaseId, Now, MAX_SETTLED, SETTLED_MIN_MS,
+    Account, AccountError, CommitOutcome, Counter, Extra, Lease, LeaseId, Now, MAX_SETTLED,
+    SETTLED_MIN_MS,
 };
 use crate::core::window::seconds_until;
 use crate::core::Millis;
 
-impl Account {
+impl Extra {
     /// Drops leases and settled ids that have expired; true if anything was dropped.
-    pub(crate) fn prune(&mut self, now: Millis) -> bool {
+    fn prune(&mut self, now: Millis) -> bool {
         let mut pruned = false;
         while self.leases.front().is_some_and(|l| l.expires_at <= now) {
             if let Some(gone) = self.leases.pop_front() {
@@ -18,43 +19,77 @@ impl Account {
             pruned = true;
         }
         self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
+        if self.leases.is_empty() {
+            self.last_expiry = 0;
+        }
         // A burst of leases must not pin its memory once it is over.
         if pruned && self.leases.capacity() > 16 && self.leases.len() * 4 < self.leases.capacity() {
             self.leases.shrink_to(self.leases.len() * 2);
         }
-        if !self.settled.is_empty() {
-            let before = self.settled.len();
-            self.settled.retain(|(_, until)| *until > now);
-            pruned |= before != self.settled.len();
+        if let Some(settled) = self.settled.as_deref_mut() {
+            let before = settled.len();
+            settled.retain(|(_, until)| *until > now);
+            pruned |= before != settled.len();
+            if settled.is_empty() {
+                self.settled = None;
+            }
         }
         pruned
     }
 
     /// Adds a lease, keeping the expiry order (new leases usually go last).
-    pub(crate) fn push_lease(&mut self, lease: Lease) {
+    fn push_lease(&mut self, lease: Lease) {
+        self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
+        if self.leases.is_empty() {
+            self.first_expiry = lease.expires_at;
+        }
+        if self.leases.is_empty() || lease.expires_at >= self.last_expiry {
+            // Expires last (the usual case): appended without reading the leases.
+            self.last_expiry = lease.expires_at;
+            self.leases.push_back(lease);
+            return;
+        }
         let at = self
             .leases
             .iter()
             .rposition(|l| l.expires_at <= lease.expires_at)
             .map_or(0, |i| i + 1);
-        self.reserved_sum = self.reserved_sum.saturating_add(lease.reserved);
         if at == 0 {
             self.first_expiry = lease.expires_at;
         }
         self.leases.insert(at, lease);
     }
 
-    /// Removes the lease at `pos`.
-    fn remove_lease(&mut self, pos: usize) -> Option<Lease> {
+    /// Removes the lease `id`, if held.
+    fn remove_lease(&mut self, id: &LeaseId) -> Option<Lease> {
+        let pos = self.leases.iter().position(|l| l.id == *id)?;
         let gone = self.leases.remove(pos)?;
         self.reserved_sum = self.reserved_sum.saturating_sub(gone.reserved);
         self.first_expiry = self.leases.front().map_or(0, |l| l.expires_at);
+        self.last_expiry = self.leases.back().map_or(0, |l| l.expires_at);
         Some(gone)
+    }
+}
+
+impl Account {
+    /// Drops leases and settled ids that have expired; true if anything was dropped.
+    pub(crate) fn prune(&mut self, now: Millis) -> bool {
+        let Some(extra) = self.extra.as_deref_mut() else {
+            return false;
+        };
+        let pruned = extra.prune(now);
+        self.tidy();
+        pruned
+    }
+
+    /// Adds a lease, keeping the expiry order (new leases usually go last).
+    pub(crate) fn push_lease(&mut self, lease: Lease) {
+        self.extra_mut().push_lease(lease);
     }
 
     /// Tokens reserved by live leases (exact after a prune: see `prune_due`).
     pub(crate) fn reserved(&self) -> u64 {
-        self.reserved_sum
+        self.extra.as_ref().map_or(0, |e| e.reserved_sum)
     }
 
     /// Records `tokens` used in the hour, day and month windows and settles the lease (its
@@ -77,18 +112,18 @@ impl Account {
             balance_debit: 0,
         };
         if let Some(id) = lease.map(LeaseId::parse) {
-            if self.settled.iter().any(|(s, _)| *s == id) {
+            if self.settled().iter().any(|(s, _)| *s == id) {
                 outcome.duplicate = true;
                 return Ok(outcome);
             }
-            if self.settled.len() >= MAX_SETTLED {
-                let first_free = self.settled.iter().map(|(_, until)| *until).min();
+            if self.settled().len() >= MAX_SETTLED {
+                let first_free = self.settled().iter().map(|(_, until)| *until).min();
                 let wait = seconds_until(now_ms, first_free.unwrap_or(now_ms));
                 return Err(AccountError::TooManySettled {
                     retry_after: wait.max(1),
                 });
             }
-            let held = self.leases.iter().find(|l| l.id == id);
+            let held = self.leases().iter().find(|l| l.id == id);
             let until = now_ms
                 .saturating_add(SETTLED_MIN_MS)
                 .max(held.map_or(Millis::MIN, |l| l.expires_at));
@@ -104,8 +139,8 @@ impl Account {
     /// lifetime total.
     pub(crate) fn count_request(&mut self, at: Millis, day: i64, month: i64) {
         self.ledger_mut(at).record(at, 1, 0, [0, 0]);
-        self.req_day.add(day, 1);
-        self.req_month.add(month, 1);
+        self.add(Counter::ReqDay, day, 1);
+        self.add(Counter::ReqMonth, month, 1);
         self.req_total = self.req_total.saturating_add(1);
     }
 
@@ -120,9 +155,9 @@ impl Account {
     ) {
         let logged = i64::try_from(tokens).unwrap_or(i64::MAX);
         self.ledger_mut(at).record_hour(hour, 0, logged, [0, 0]);
-        self.tok_hour.add(hour, tokens);
-        self.tok_day.add(day, tokens);
-        self.tok_month.add(month, tokens);
+        self.add(Counter::TokHour, hour, tokens);
+        self.add(Counter::TokDay, day, tokens);
+        self.add(Counter::TokMonth, month, tokens);
     }
 
     /// Settles lease `id`: drops it if held (with its reservation) and remembers the id until
@@ -130,14 +165,16 @@ impl Account {
     /// refuses a new id at `MAX_SETTLED`; an effect applied on a replica that somehow finds the
     /// bound reached drops the id that expires first, so the state stays within the bound.
     pub(crate) fn settle(&mut self, id: LeaseId, until: Millis) -> bool {
-        let pos = self.leases.iter().position(|l| l.id == id);
-        let held = pos.and_then(|pos| self.remove_lease(pos)).is_some();
-        if self.settled.len() >= MAX_SETTLED {
-            if let Some(oldest) = (0..self.settled.len()).min_by_key(|i| self.settled[*i].1) {
-                self.settled.swap_remove(oldest);
+        let extra = self.extra_mut();
+        let held = extra.remove_lease(&id).is_some();
+        let settled = extra.settled.get_or_insert_with(Box::default);
+        if settled.len() >= MAX_SETTLED {
+            let oldest = settled.iter().enumerate().min_by_key(|(_, s)| s.1);
+            if let Some(oldest) = oldest.map(|(i, _)| i) {
+                settled.swap_remove(oldest);
             }
         }
-        self.settled.push((id, until));
+        settled.push((id, until));
         held
     }
 
@@ -151,14 +188,12 @@ impl Account {
     /// Drops the held lease `id` and refunds its request in the windows it was counted in.
     /// False if the lease is not held.
     pub(crate) fn unadmit(&mut self, id: &LeaseId, at: Millis) -> bool {
-        let Some(pos) = self.leases.iter().position(|l| l.id == *id) else {
+        let Some(held) = self.extra.as_deref_mut().and_then(|e| e.remove_lease(id)) else {
             return false;
         };
-        let Some(held) = self.remove_lease(pos) else {
-            return false;
-        };
-        self.req_day.refund(i64::from(held.day));
-        self.req_month.refund(i64::from(held.month));
+        self.tidy();
+        self.refund(Counter::ReqDay, i64::from(held.day));
+        self.refund(Counter::ReqMonth, i64::from(held.month));
         self.req_total = self.req_total.saturating_sub(1);
         self.ledger_mut(at).record(at, -1, 0, [0, 0]);
         self.drop_idle_ledger();
@@ -169,13 +204,13 @@ impl Account {
     /// beyond its limit the most exceeded token window goes (limits as the account's last
     /// admission with a balance found them). Zero without balance terms.
     fn token_debit(&self, tokens: u64, now: &Now) -> u64 {
-        let Some(terms) = self.ledger.as_ref().and_then(|l| l.terms) else {
+        let Some(terms) = self.terms() else {
             return 0;
         };
         let counted = [
-            self.tok_hour.get(now.hour),
-            self.tok_day.get(now.day),
-            self.tok_month.get(now.month),
+            self.count(Counter::TokHour, now.hour),
+            self.count(Counter::TokDay, now.day),
+            self.count(Counter::TokMonth, now.month),
         ];
         counted
             .iter()

@@ -36,38 +36,39 @@ pub(crate) const SETTLED_MIN_MS: Millis = 60_000;
 /// Longest lease id, in bytes.
 pub(crate) const MAX_LEASE_ID_LEN: usize = 128;
 
-/// A counter that belongs to one window; it reads as zero once that window is over.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Counter {
-    pub window: i64,
-    pub value: u64,
+/// The window counters an account keeps; each counts in the window its name says and reads
+/// as zero once that window is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counter {
+    ReqDay,
+    ReqMonth,
+    TokHour,
+    TokDay,
+    TokMonth,
 }
 
 impl Counter {
-    fn get(&self, index: i64) -> u64 {
-        if self.window == index {
-            self.value
-        } else {
-            0
-        }
-    }
+    /// Every counter, in the order of `Account::windows` and `Account::counts` (and of the
+    /// encoding).
+    pub(crate) const ALL: [Counter; COUNTERS] = [
+        Counter::ReqDay,
+        Counter::ReqMonth,
+        Counter::TokHour,
+        Counter::TokDay,
+        Counter::TokMonth,
+    ];
 
-    fn add(&mut self, index: i64, n: u64) {
-        if self.window != index {
-            *self = Counter {
-                window: index,
-                value: 0,
-            };
-        }
-        self.value = self.value.saturating_add(n);
-    }
-
-    fn refund(&mut self, index: i64) {
-        if self.window == index {
-            self.value = self.value.saturating_sub(1);
+    /// The window the counter counts in.
+    pub(crate) fn window(self) -> Window {
+        match self {
+            Counter::ReqDay | Counter::TokDay => Window::Day,
+            Counter::ReqMonth | Counter::TokMonth => Window::Month,
+            Counter::TokHour => Window::Hour,
         }
     }
 }
+
+const COUNTERS: usize = 5;
 
 /// A lease id: the 16-hex-digit ids the module generates are kept inline as a number, any
 /// other id a caller chose is kept as text. Both compare and print as the text the caller sees.
@@ -131,31 +132,67 @@ pub(crate) struct Lease {
 }
 
 /// The usage state of one account.
+///
+/// Laid out for the common account (counters only): the five window counters as a `u32`
+/// window index (hour, day or month since 1970: far below 2^32 up to `LAST_MS`) and a `u64`
+/// count each, the lifetime total, and one pointer to the optional part (`Extra`) that only
+/// accounts holding leases or settled ids have. 80 bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Account {
-    pub req_day: Counter,
-    pub req_month: Counter,
-    pub req_total: u64,
-    pub tok_hour: Counter,
-    pub tok_day: Counter,
-    pub tok_month: Counter,
-    /// Live leases, ordered by expiry (earliest first), so expired ones come off the front.
-    pub leases: VecDeque<Lease>,
-    /// Lease ids already committed, with when they may be forgotten.
-    pub settled: Vec<(LeaseId, Millis)>,
+    /// The window each counter counts in, by `Counter`.
+    windows: [u32; COUNTERS],
     /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
     pub lifetime: bool,
+    /// Each counter's count in its window, by `Counter`.
+    counts: [u64; COUNTERS],
+    pub req_total: u64,
+    /// Leases and settled ids; `None` when the account holds neither.
+    extra: Option<Box<Extra>>,
+}
+
+/// The part of an account most accounts do not have: live leases, settled lease ids and the
+/// sums kept over them. It exists only while it holds something (`Account::tidy` drops it when
+/// it is empty), so two equal states are equal values and a plain account pays one pointer.
+/// Further state that only some accounts carry belongs here too (add it to `is_empty`).
+///
+/// 64 bytes, one cache line: an admission reads and updates the kept sums and expiries here
+/// and only appends to the leases' buffer, without reading it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Extra {
+    /// Live leases, ordered by expiry (earliest first), so expired ones come off the front.
+    leases: VecDeque<Lease>,
     /// Tokens reserved by the leases held, expired ones included until they are pruned (kept
     /// up to date with `leases`, so deciding never walks the leases).
     reserved_sum: u64,
     /// When the first lease expires (the front of `leases`), kept so that deciding whether to
-    /// prune does not touch the leases.
-    /// 0 when there is none (a `Millis` rather than an `Option` keeps the account small).
+    /// prune does not touch the leases; 0 when there is none.
     first_expiry: Millis,
-    /// Unflushed usage, balance holds and terms (see `core::ledger`); none while there is
-    /// nothing to keep, so an idle account without a balance pays 8 bytes for it.
-    pub ledger: Option<Box<Ledger>>,
+    /// When the last lease expires (the back of `leases`), so that a new lease that expires
+    /// last is appended without reading the leases; 0 when there is none.
+    last_expiry: Millis,
+    /// Lease ids already committed, with when they may be forgotten; `None` when there are
+    /// none (only accounts committing by lease id have them).
+    // Boxed: 8 bytes instead of a Vec's 24 keep this part within one cache line.
+    #[allow(clippy::box_collection)]
+    settled: Option<Box<Vec<(LeaseId, Millis)>>>,
+    /// Unflushed usage, balance holds and terms (see `core::ledger`); `None` while there is
+    /// nothing to keep, so an account without unflushed usage or a balance pays nothing more.
+    ledger: Option<Box<Ledger>>,
 }
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.settled.is_none() && self.ledger.is_none()
+    }
+
+    /// The settled ids.
+    fn settled(&self) -> &[(LeaseId, Millis)] {
+        self.settled.as_deref().map_or(&[], |s| s.as_slice())
+    }
+}
+
+/// What `Account::leases` lends when the account holds none.
+static NO_LEASES: VecDeque<Lease> = VecDeque::new();
 
 /// How long expired leases may stay before an admission prunes them when they cannot change
 /// its decision (see `prune_due`).
@@ -191,6 +228,8 @@ pub(crate) struct AdmitDecision {
     pub violations: u8,
     pub retry_after: i64,
     pub lease: Option<LeaseId>,
+    /// When the lease expires (0 without a lease).
+    pub lease_expires_at: Millis,
     pub reserved: u64,
     pub used_replenishment: bool,
     pub remaining_requests: i64,
@@ -336,20 +375,90 @@ impl Now {
 }
 
 impl Account {
+    /// The live leases (expired ones too until pruned), earliest expiry first.
+    pub(crate) fn leases(&self) -> &VecDeque<Lease> {
+        self.extra.as_ref().map_or(&NO_LEASES, |e| &e.leases)
+    }
+
+    /// The settled lease ids, with when each may be forgotten.
+    pub(crate) fn settled(&self) -> &[(LeaseId, Millis)] {
+        self.extra.as_ref().map_or(&[], |e| e.settled())
+    }
+
+    /// When the first lease expires; 0 when none is held.
+    fn first_expiry(&self) -> Millis {
+        self.extra.as_ref().map_or(0, |e| e.first_expiry)
+    }
+
+    /// Where the optional part lives (none for a plain account), so that a caller can ask for
+    /// it to be brought into the cache while it does other work before deciding.
+    pub(crate) fn extra_address(&self) -> Option<*const u8> {
+        self.extra.as_deref().map(|e| std::ptr::from_ref(e).cast())
+    }
+
+    /// The optional part, created when missing (call `tidy` after removing from it).
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the optional part once it holds nothing.
+    fn tidy(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
+    }
+
+    /// The window index `counter` counts in and its count there.
+    pub(crate) fn counter(&self, counter: Counter) -> (i64, u64) {
+        let i = counter as usize;
+        (i64::from(self.windows[i]), self.counts[i])
+    }
+
+    /// The count of `counter` in the window with this index (zero for any other window).
+    fn count(&self, counter: Counter, index: i64) -> u64 {
+        match self.counter(counter) {
+            (window, count) if window == index => count,
+            _ => 0,
+        }
+    }
+
+    /// Adds `n` to `counter` in the window with this index, starting it at zero when the
+    /// counter was in another window. An index that is no window since 1970 (a clock before
+    /// 1970) counts nothing.
+    fn add(&mut self, counter: Counter, index: i64, n: u64) {
+        let Ok(window) = u32::try_from(index) else {
+            return;
+        };
+        let i = counter as usize;
+        if self.windows[i] != window {
+            self.windows[i] = window;
+            self.counts[i] = 0;
+        }
+        self.counts[i] = self.counts[i].saturating_add(n);
+    }
+
+    /// Takes one back from `counter` if it still counts in the window with this index.
+    fn refund(&mut self, counter: Counter, index: i64) {
+        if self.counter(counter).0 == index {
+            let i = counter as usize;
+            self.counts[i] = self.counts[i].saturating_sub(1);
+        }
+    }
+
     /// The usage snapshot at `now`.
     pub(crate) fn usage(&self, now_ms: Millis) -> Usage {
         let now = Now::at(now_ms);
-        let live = self.leases.iter().filter(|l| l.expires_at > now_ms);
+        let live = self.leases().iter().filter(|l| l.expires_at > now_ms);
         let (in_flight, reserved) = live.fold((0u64, 0u64), |(n, r), l| {
             (n + 1, r.saturating_add(l.reserved))
         });
         Usage {
-            req_day: self.req_day.get(now.day),
-            req_month: self.req_month.get(now.month),
+            req_day: self.count(Counter::ReqDay, now.day),
+            req_month: self.count(Counter::ReqMonth, now.month),
             req_total: self.req_total,
-            tok_hour: self.tok_hour.get(now.hour),
-            tok_day: self.tok_day.get(now.day),
-            tok_month: self.tok_month.get(now.month),
+            tok_hour: self.count(Counter::TokHour, now.hour),
+            tok_day: self.count(Counter::TokDay, now.day),
+            tok_month: self.count(Counter::TokMonth, now.month),
             in_flight,
             reserved,
             hour_reset: Window::Hour.end(now_ms) / 1000,
@@ -365,41 +474,33 @@ impl Account {
         // Unflushed usage must reach PostgreSQL before the key may go, and a balance holder
         // keeps what PostgreSQL said it has used (its floor: a cached row may be older).
         let keeps = |l: &Ledger| !l.hours.is_empty() || l.floor != [0, 0];
-        if self.lifetime || self.ledger.as_deref().is_some_and(keeps) {
+        if self.lifetime || self.ledger().is_some_and(keeps) {
             return Retention::Forever;
         }
         let holds = self
-            .ledger
-            .as_ref()
+            .ledger()
             .and_then(|l| l.holds.iter().map(|h| h.expires_at).max());
-        let counted = self
-            .counters()
+        let counted = Counter::ALL
             .into_iter()
-            .filter(|(c, _)| c.value > 0)
-            .map(|(c, w)| w.start_of(c.window + 1));
+            .map(|c| (c.window(), self.counter(c)))
+            .filter(|(_, (_, count))| *count > 0)
+            .map(|(w, (index, _))| w.start_of(index + 1));
         // Leases are kept in expiry order: the last one expires last.
-        let leases = self.leases.back().map(|l| l.expires_at);
-        let settled = self.settled.iter().map(|(_, t)| *t);
+        let leases = self
+            .extra
+            .as_ref()
+            .map(|e| e.last_expiry)
+            .filter(|at| *at != 0);
+        let settled = self.settled().iter().map(|(_, t)| *t);
         match counted.chain(leases).chain(settled).chain(holds).max() {
             Some(at) => Retention::Until(at),
             // Only a lifetime count is left and no lifetime limit uses it: keep it for the
             // month it was last counted in.
             None if self.req_total > 0 => {
-                Retention::Until(Window::Month.start_of(self.req_month.window + 1))
+                Retention::Until(Window::Month.start_of(self.counter(Counter::ReqMonth).0 + 1))
             }
             None => Retention::Nothing,
         }
-    }
-
-    /// Each window counter with the window it counts in.
-    fn counters(&self) -> [(&Counter, Window); 5] {
-        [
-            (&self.req_day, Window::Day),
-            (&self.req_month, Window::Month),
-            (&self.tok_hour, Window::Hour),
-            (&self.tok_day, Window::Day),
-            (&self.tok_month, Window::Month),
-        ]
     }
 
     /// Checks every invariant the account's code relies on: counter windows and lease times
@@ -409,22 +510,32 @@ impl Account {
     /// leases and `MAX_SETTLED` settled ids, and the kept sums (reservations, first expiry)
     /// equal to what the leases say.
     pub(crate) fn check(&self) -> Result<(), BadState> {
-        if self
-            .counters()
+        if Counter::ALL
             .iter()
-            .any(|(c, w)| !(0..=w.last_index()).contains(&c.window))
+            .any(|c| self.counter(*c).0 > c.window().last_index())
         {
             return Err(BadState("counter window out of range"));
         }
-        if self.leases.len() > MAX_LEASES {
+        if let Some(extra) = &self.extra {
+            if extra.is_empty() {
+                return Err(BadState("an empty lease part is kept"));
+            }
+            if extra.settled.as_ref().is_some_and(|s| s.is_empty()) {
+                return Err(BadState("an empty settled list is kept"));
+            }
+            if extra.last_expiry != extra.leases.back().map_or(0, |l| l.expires_at) {
+                return Err(BadState("last expiry differs from the last lease's"));
+            }
+        }
+        if self.leases().len() > MAX_LEASES {
             return Err(BadState("more leases than an account may hold"));
         }
-        if self.settled.len() > MAX_SETTLED {
+        if self.settled().len() > MAX_SETTLED {
             return Err(BadState("more settled lease ids than an account keeps"));
         }
         let mut previous = 0;
-        let mut held = HashSet::with_capacity(self.leases.len());
-        for lease in &self.leases {
+        let mut held = HashSet::with_capacity(self.leases().len());
+        for lease in self.leases() {
             if !(1..=LAST_MS).contains(&lease.expires_at) {
                 return Err(BadState("lease expiry out of range"));
             }
@@ -448,8 +559,8 @@ impl Account {
                 return Err(BadState("lease id held twice"));
             }
         }
-        let mut settled = HashSet::with_capacity(self.settled.len());
-        for (id, until) in &self.settled {
+        let mut settled = HashSet::with_capacity(self.settled().len());
+        for (id, until) in self.settled() {
             if !(1..=LAST_MS).contains(until) {
                 return Err(BadState("settled lease time out of range"));
             }
@@ -459,38 +570,56 @@ impl Account {
             }
         }
         let sum = self
-            .leases
+            .leases()
             .iter()
             .fold(0u64, |sum, l| sum.saturating_add(l.reserved));
-        if self.reserved_sum != sum {
+        if self.reserved() != sum {
             return Err(BadState(
                 "reserved tokens differ from the leases' reservations",
             ));
         }
-        if self.first_expiry != self.leases.front().map_or(0, |l| l.expires_at) {
+        if self.first_expiry() != self.leases().front().map_or(0, |l| l.expires_at) {
             return Err(BadState("first expiry differs from the first lease's"));
         }
-        if let Some(ledger) = &self.ledger {
+        if let Some(ledger) = self.ledger() {
             check_ledger(ledger)?;
         }
         Ok(())
     }
 
+    /// Marks whether the key is on the node's list of accounts to flush (memory only).
+    pub(crate) fn set_tracked(&mut self, tracked: bool) {
+        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
+            ledger.tracked = tracked;
+        }
+    }
+
+    /// The ledger part, if the account has one.
+    pub(crate) fn ledger(&self) -> Option<&Ledger> {
+        self.extra.as_ref().and_then(|e| e.ledger.as_deref())
+    }
+
     /// The ledger part, created at `at` when missing.
     pub(crate) fn ledger_mut(&mut self, at: Millis) -> &mut Ledger {
-        self.ledger.get_or_insert_with(|| Box::new(Ledger::new(at)))
+        self.extra
+            .get_or_insert_with(Box::default)
+            .ledger
+            .get_or_insert_with(|| Box::new(Ledger::new(at)))
     }
 
     /// Drops the ledger part when it holds nothing worth keeping.
     pub(crate) fn drop_idle_ledger(&mut self) {
-        if self.ledger.as_ref().is_some_and(|l| l.is_idle()) {
-            self.ledger = None;
+        if let Some(extra) = self.extra.as_mut() {
+            if extra.ledger.as_ref().is_some_and(|l| l.is_idle()) {
+                extra.ledger = None;
+            }
         }
+        self.tidy();
     }
 
     /// Applies a change to this account as a balance holder, made at `at`.
     pub(crate) fn apply_balance(&mut self, at: Millis, change: &BalanceChange) {
-        if change.is_empty() && self.ledger.is_none() {
+        if change.is_empty() && self.ledger().is_none() {
             return;
         }
         self.ledger_mut(at).apply(at, change);
@@ -499,7 +628,7 @@ impl Account {
 
     /// Sets how this account's commits debit a balance; true if that changed.
     pub(crate) fn set_terms(&mut self, at: Millis, terms: Option<BalanceTerms>) -> bool {
-        if self.ledger.as_ref().and_then(|l| l.terms) == terms {
+        if self.terms() == terms {
             return false;
         }
         self.ledger_mut(at).terms = terms;
@@ -509,12 +638,12 @@ impl Account {
 
     /// The balance terms of this account's commits, if any.
     pub(crate) fn terms(&self) -> Option<BalanceTerms> {
-        self.ledger.as_ref().and_then(|l| l.terms)
+        self.ledger().and_then(|l| l.terms)
     }
 
     /// Takes a flushed batch off the ledger (see `Ledger::acknowledge`).
     pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
-        if let Some(ledger) = self.ledger.as_mut() {
+        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
             ledger.acknowledge(ack);
         }
         self.drop_idle_ledger();
@@ -522,15 +651,18 @@ impl Account {
 
     /// Bytes of heap this state owns beyond the struct itself (for `MEMORY USAGE`).
     pub(crate) fn heap_size(&self) -> usize {
-        self.leases.capacity() * std::mem::size_of::<Lease>()
-            + self.leases.iter().map(|l| l.id.heap_size()).sum::<usize>()
-            + self.settled.capacity() * std::mem::size_of::<(LeaseId, Millis)>()
-            + self
-                .settled
-                .iter()
-                .map(|(id, _)| id.heap_size())
-                .sum::<usize>()
-            + self
+        let Some(extra) = &self.extra else {
+            return 0;
+        };
+        std::mem::size_of::<Extra>()
+            + extra.leases.capacity() * std::mem::size_of::<Lease>()
+            + extra.leases.iter().map(|l| l.id.heap_size()).sum::<usize>()
+            + extra.settled.as_ref().map_or(0, |s| {
+                std::mem::size_of::<Vec<(LeaseId, Millis)>>()
+                    + s.capacity() * std::mem::size_of::<(LeaseId, Millis)>()
+                    + s.iter().map(|(id, _)| id.heap_size()).sum::<usize>()
+            })
+            + extra
                 .ledger
                 .as_ref()
                 .map_or(0, |l| std::mem::size_of::<Ledger>() + l.heap_size())
@@ -812,7 +944,7 @@ mod tests {
         admit(&mut acc, &p, &short, T0 + 1000);
         assert_eq!(acc.usage(T0 + 1000).in_flight, 1);
         admit(&mut acc, &p, &short, T0 + 1000 + PRUNE_DELAY_MS);
-        assert_eq!(acc.leases.len(), 2, "the 10 expired leases are pruned");
+        assert_eq!(acc.leases().len(), 2, "the 10 expired leases are pruned");
     }
 
     /// Deciding with expired leases pruned late gives exactly the decisions that pruning them
@@ -889,16 +1021,24 @@ mod tests {
                     _ => {
                         assert_eq!(lazy.usage(now), eager.usage(now), "case {case} step {step}");
                         for acc in [&lazy, &eager] {
-                            let sum = acc.leases.iter().map(|l| l.reserved).sum::<u64>();
-                            assert_eq!(acc.reserved_sum, sum);
-                            let front = acc.leases.front().map_or(0, |l| l.expires_at);
-                            assert_eq!(acc.first_expiry, front);
+                            let sum = acc.leases().iter().map(|l| l.reserved).sum::<u64>();
+                            assert_eq!(acc.reserved(), sum);
+                            let front = acc.leases().front().map_or(0, |l| l.expires_at);
+                            assert_eq!(acc.first_expiry(), front);
                             assert_eq!(acc.check(), Ok(()));
                         }
                     }
                 }
             }
         }
+    }
+
+    /// The optional part is one cache line plus the ledger pointer (which an admission without
+    /// unflushed usage does not touch): an admission with a lease touches it and appends.
+    #[test]
+    fn the_lease_part_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Extra>(), 72);
+        assert_eq!(std::mem::size_of::<Account>(), 80);
     }
 
     #[test]
@@ -912,10 +1052,10 @@ mod tests {
         for _ in 0..500 {
             admit(&mut acc, &p, &short, T0);
         }
-        assert!(acc.leases.capacity() >= 500);
+        assert!(acc.leases().capacity() >= 500);
         admit(&mut acc, &p, &short, T0 + 2000);
-        assert_eq!(acc.leases.len(), 1);
-        assert!(acc.leases.capacity() <= 16, "{}", acc.leases.capacity());
+        assert_eq!(acc.leases().len(), 1);
+        assert!(acc.leases().capacity() <= 16, "{}", acc.leases().capacity());
     }
 
     #[test]
@@ -940,7 +1080,7 @@ mod tests {
 
     /// Acknowledges everything unflushed, as a flush does.
     fn flushed(acc: &mut Account) {
-        let ledger = acc.ledger.as_deref().unwrap();
+        let ledger = acc.ledger().unwrap();
         let ack = crate::core::ledger::Acknowledgement {
             hours: ledger.hours.clone(),
             next_seq: ledger.next_seq + 1,
@@ -959,7 +1099,7 @@ mod tests {
         assert_eq!(acc.retention(), Retention::Forever);
         flushed(&mut acc);
         assert_eq!(acc.retention(), Retention::Until(Window::Month.end(T0)));
-        assert!(acc.ledger.is_none(), "an idle ledger part is given back");
+        assert!(acc.ledger().is_none(), "an idle ledger part is given back");
         let mut tokens = Account::default();
         tokens.commit(5, None, T0).unwrap();
         flushed(&mut tokens);
@@ -1118,10 +1258,19 @@ mod tests {
     /// Each broken invariant, encoded as `encode` would write it, is refused with its reason.
     #[test]
     fn decode_refuses_states_that_break_an_invariant() {
-        let refused = |edit: &dyn Fn(&mut Account)| {
+        let refused = |edit: &dyn Fn(&mut Extra)| {
             let mut acc = sample();
-            edit(&mut acc);
+            edit(acc.extra.as_deref_mut().unwrap());
             Account::decode(&acc.encode()).map(|_| ()).unwrap_err().0
+        };
+        // Counter windows are kept as `u32`: an encoding can still name any `i64`.
+        let window_refused = |counter: Counter, window: i64| {
+            let mut counters = Counter::ALL.map(|c| sample().counter(c));
+            counters[counter as usize].0 = window;
+            Account::decode(&sample().encode_with(counters))
+                .map(|_| ())
+                .unwrap_err()
+                .0
         };
         assert_eq!(Account::decode(&sample().encode()), Ok(sample()));
         assert_eq!(
@@ -1133,11 +1282,11 @@ mod tests {
             "leases out of expiry order"
         );
         assert_eq!(
-            refused(&|a| a.tok_day.window = i64::MAX),
+            window_refused(Counter::TokDay, i64::MAX),
             "counter window out of range"
         );
         assert_eq!(
-            refused(&|a| a.req_month.window = -1),
+            window_refused(Counter::ReqMonth, -1),
             "counter window out of range"
         );
         assert_eq!(
@@ -1161,20 +1310,47 @@ mod tests {
             "lease id length out of range"
         );
         assert_eq!(
-            refused(&|a| a.settled.push(a.settled[0].clone())),
+            refused(&|a| {
+                let settled = a.settled.as_deref_mut().unwrap();
+                settled.push(settled[0].clone());
+            }),
             "lease id settled twice"
         );
         assert_eq!(
-            refused(&|a| a.settled[0].1 = 0),
+            refused(&|a| a.settled.as_deref_mut().unwrap()[0].1 = 0),
             "settled lease time out of range"
+        );
+        assert_eq!(
+            window_refused(Counter::TokHour, Window::Hour.last_index() + 1),
+            "counter window out of range"
+        );
+        // The last window of each length still fits.
+        let mut counters = Counter::ALL.map(|c| sample().counter(c));
+        counters[Counter::TokHour as usize] = (Window::Hour.last_index(), 3);
+        let last = Account::decode(&sample().encode_with(counters)).unwrap();
+        assert_eq!(
+            last.counter(Counter::TokHour),
+            (Window::Hour.last_index(), 3)
         );
         // The kept sums are checked too (they are derived on decode, so only `check` sees them).
         let mut acc = sample();
-        acc.reserved_sum += 1;
+        acc.extra.as_deref_mut().unwrap().reserved_sum += 1;
         assert!(acc.check().is_err());
         let mut acc = sample();
-        acc.first_expiry = 0;
+        acc.extra.as_deref_mut().unwrap().first_expiry = 0;
         assert!(acc.check().is_err());
+        let mut acc = sample();
+        acc.extra.as_deref_mut().unwrap().last_expiry += 1;
+        assert!(acc.check().is_err());
+        let mut acc = sample();
+        acc.extra.as_deref_mut().unwrap().settled = Some(Box::default());
+        assert!(acc.check().is_err());
+        // An empty optional part is never kept (equal states are equal values).
+        let acc = Account {
+            extra: Some(Box::default()),
+            ..Account::default()
+        };
+        assert_eq!(acc.check(), Err(BadState("an empty lease part is kept")));
     }
 
     /// Runs every operation on a decoded state: none may panic, and the state stays valid.
@@ -1190,7 +1366,7 @@ mod tests {
         let fresh = |n: u64| {
             (0..)
                 .map(|k| n + k)
-                .find(|id| acc.leases.iter().all(|l| l.id != LeaseId::Short(*id)))
+                .find(|id| acc.leases().iter().all(|l| l.id != LeaseId::Short(*id)))
         };
         let (first, second) = (fresh(1 << 40), fresh(1 << 41));
         let _ = acc.admit(&p, &leased("x", 5000), now, || first.unwrap_or(0));
