@@ -49,6 +49,7 @@ LEASE_TTL=1
 BAR_POLICY_CELL=1.0
 BAR_POLICY_INCR=0.45
 BAR_ADMIT_HMGET=0.8
+BAR_BALANCE_WINDOWS=0.9
 BAR_GET_HGETALL=1.1
 BAR_P99=1.2
 BAR_ACCOUNT_BYTES=320
@@ -274,6 +275,14 @@ pipe_all 1 "" 0 "$USERS" HSET rec:@U@ tenant acme project chat user_id u@U@ bund
     additional_tokens_per_hour - additional_tokens_per_day 1000000000 additional_tokens_per_month - \
     additional_max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
     active 1 created_at 1795841254 updated_at 1795841254
+# Balance users: a '*' credit with prepaid requests only. Their admissions below ask for
+# REQUESTS_PER_DAY 0, so the balance pays every one.
+log "granting a request balance to $USERS balance users"
+pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GRANT acme chat b@U@ '*' REQUESTS_BALANCE 1000000000000
+settle_notify
+pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat b@U@ '*'
+bal_check="$(cli QUOTA.ADMIT acme chat b000000000001 '*' REQUESTS_PER_DAY 0 COMPACT | sed -n 9p)"
+[ "$bal_check" = balance ] || die "QUOTA.ADMIT on a balance user was not paid by the balance: $bal_check"
 sha="$(cli SCRIPT LOAD "$(cat "$root/bench/admit.lua")")"
 [ "${#sha}" -eq 40 ] || die "SCRIPT LOAD failed: $sha"
 lua_check="$(cli EVALSHA "$sha" 1 u000000000001 100000000 1000000000 1000000000 1000000 "$LEASE_TTL" | head -n1)"
@@ -289,7 +298,7 @@ cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)
 
 # --- throughput --------------------------------------------------------------------------
 # Each ratio's two commands run back to back in every round.
-names=(INCR CELL HMGET ADMIT POLICY QGET HGETALL)
+names=(INCR CELL HMGET ADMIT POLICY QGET HGETALL BALANCE WINDOWS)
 if [ "${BENCH_EXTRA:-0}" = 1 ]; then names+=(LUA ADMIT_NOLEASE GET); fi
 declare -A label cmd n_of
 label[INCR]="INCR counter:__rand_int__"
@@ -302,6 +311,8 @@ label[GET]="GET key:__rand_int__"
 label[QGET]="QUOTA.GET (cached)"
 label[HGETALL]="HGETALL rec:__rand_int__ (18 f.)"
 label[HMGET]="HMGET rec:__rand_int__ (13 args)"
+label[BALANCE]="QUOTA.ADMIT paid by a balance"
+label[WINDOWS]="QUOTA.ADMIT paid by its windows"
 cmd[INCR]="INCR counter:__rand_int__"
 cmd[ADMIT]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]} MAX_CONCURRENT 1000000"
 cmd[POLICY]="QUOTA.ADMIT acme chat u__rand_int__ * POLICY bench COMPACT"
@@ -311,6 +322,10 @@ cmd[LUA]="EVALSHA $sha 1 u__rand_int__ 100000000 1000000000 1000000000 1000000 $
 cmd[GET]="GET key:__rand_int__"
 cmd[QGET]="QUOTA.GET acme chat u__rand_int__ *"
 cmd[HGETALL]="HGETALL rec:__rand_int__"
+# The same command shape; the first is paid by the user's balance (a window of 0), the second
+# by its windows (a user with a window credit and no balance).
+cmd[BALANCE]="QUOTA.ADMIT acme chat b__rand_int__ * REQUESTS_PER_DAY 0 COMPACT"
+cmd[WINDOWS]="QUOTA.ADMIT acme chat u__rand_int__ * REQUESTS_PER_DAY 1000000000 COMPACT"
 # 13 arguments like the ADMIT above, 11 values back: Redis's own cost of a command that size.
 cmd[HMGET]="HMGET rec:__rand_int__ tenant project user_id bundle_id additional_requests_per_day additional_requests_per_month additional_tokens_per_day expires_at active created_at updated_at"
 
@@ -388,6 +403,18 @@ mem1="$(used_memory)"
 acc_keys=$((keys1 - keys0))
 acc_bytes=$(((mem1 - mem0) / (acc_keys > 0 ? acc_keys : 1)))
 log "memory: done ($acc_keys keys)"
+# The ledger: the next flush snapshot covers at least the MEM_USERS accounts just admitted.
+log "ledger: waiting for a flush snapshot over the $MEM_USERS new accounts"
+snap_us=""
+snap_accounts=0
+for _ in $(seq 1 300); do
+    snap_accounts="$(quota_stat ledger_last_snapshot_accounts)"
+    if [ "${snap_accounts:-0}" -ge "$MEM_USERS" ]; then
+        snap_us="$(quota_stat ledger_last_snapshot_us)"
+        break
+    fi
+    sleep 0.1
+done
 # Account key: q:{<user>}: then tenant, project, user and bundle as <length>:<bytes>.
 account_key() { printf 'q:{%s}:4:acme4:chat%d:%s1:*' "$1" "${#1}" "$1"; }
 acc_key="$(account_key n000000000000)"
@@ -423,6 +450,7 @@ mkdir -p "$root/bench/out"
         "ADMIT POLICY+COMPACT/INCR:POLICY:INCR:>=:$BAR_POLICY_INCR"
         "ADMIT inline/HMGET(13 args):ADMIT:HMGET:>=:$BAR_ADMIT_HMGET"
         "QUOTA.GET/HGETALL(18 fields):QGET:HGETALL:>=:$BAR_GET_HGETALL"
+        "ADMIT balance-paid/windows-paid:BALANCE:WINDOWS:>=:$BAR_BALANCE_WINDOWS"
         "ADMIT inline/INCR:ADMIT:INCR:-:-"
         "CL.THROTTLE/INCR:CELL:INCR:-:-"
         "HMGET(13 args)/INCR:HMGET:INCR:-:-")
@@ -465,6 +493,7 @@ mkdir -p "$root/bench/out"
     echo "memory (INFO memory used_memory deltas)"
     printf '  %-52s %8s bytes  (%s entries)  bar <= %s: %s\n' "per cached user with one credit (QUOTA.GET warm-up)" "$pos_bytes" "$pos_entries" "$BAR_USER_BYTES" "$(verdict "$pos_bytes" "<=" "$BAR_USER_BYTES")"
     printf '  %-52s %8s bytes  (%s entries)\n' "per cached user without credits (negative entry)" "$neg_bytes" "$neg_entries"
+    printf '  %-52s %8s us  (%s accounts)\n' "ledger: main-thread time of one flush snapshot" "${snap_us:-none}" "$snap_accounts"
     printf '  %-52s %8s bytes  (%s keys)  bar <= %s: %s\n' "per account key (QUOTA.ADMIT REQUESTS_PER_DAY 10)" "$acc_bytes" "$acc_keys" "$BAR_ACCOUNT_BYTES" "$(verdict "$acc_bytes" "<=" "$BAR_ACCOUNT_BYTES")"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of one such account key" "$acc_usage"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of a benchmark account + 1 live lease" "$lease_usage"

@@ -99,6 +99,67 @@ BEGIN
 END
 $$;
 
+-- Prepaid balances (QUOTA.GRANT ... REQUESTS_BALANCE n / TOKENS_BALANCE n) that burn down.
+-- Added in place to tables deployed before balances existed (ADD COLUMN IF NOT EXISTS takes a
+-- brief lock and rewrites nothing: every new column has a constant default or none).
+--   requests_balance / tokens_balance: granted in the row's current life (NULL = no balance);
+--   *_balance_used: every debit ever flushed against the row (only grows; the ledger flush adds
+--     to it);
+--   *_balance_base: what *_balance_used was when the current life began (a grant without ADD,
+--     or an ADD to a revoked or expired row). Left = balance - (used - base) - unflushed debits.
+ALTER TABLE "control_plane".user_quota_replenishment
+    ADD COLUMN IF NOT EXISTS requests_balance      BIGINT NULL,
+    ADD COLUMN IF NOT EXISTS tokens_balance        BIGINT NULL,
+    ADD COLUMN IF NOT EXISTS requests_balance_used BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS tokens_balance_used   BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS requests_balance_base BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS tokens_balance_base   BIGINT NOT NULL DEFAULT 0;
+
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.requests_balance IS
+    'Prepaid requests granted in the row''s current life; spent only when a window would deny';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.tokens_balance IS
+    'Prepaid tokens granted in the row''s current life; spent by tokens beyond the token windows';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.requests_balance_used IS
+    'Every request debit flushed against this row, ever (kept by the usage ledger flush)';
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.requests_balance_base IS
+    'requests_balance_used when the current life of the balance began';
+
+-- The usage ledger: per account and UTC hour, what the module counted there. Written only by
+-- the module's flush (it adds each batch once, see quota_ledger_batch); never updated by hand.
+CREATE TABLE IF NOT EXISTS "control_plane".quota_usage_hourly (
+    tenant          VARCHAR(255) NOT NULL,
+    project         VARCHAR(255) NOT NULL,
+    user_id         VARCHAR(255) NOT NULL,
+    bundle_id       VARCHAR(255) NOT NULL,
+    hour            TIMESTAMPTZ  NOT NULL,
+    requests        BIGINT       NOT NULL DEFAULT 0,
+    tokens          BIGINT       NOT NULL DEFAULT 0,
+    requests_debited BIGINT      NOT NULL DEFAULT 0,
+    tokens_debited  BIGINT       NOT NULL DEFAULT 0,
+    updated_at      TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    CONSTRAINT quota_usage_hourly_pkey PRIMARY KEY (tenant, project, user_id, bundle_id, hour)
+);
+
+COMMENT ON TABLE "control_plane".quota_usage_hourly IS
+    'Usage per account and UTC hour: requests admitted (minus released), tokens committed, and '
+    'the debits of the balance of the credit row with this identity (bundle ''*'' = the shared '
+    'balance of the user''s ''*'' row)';
+
+-- One row per account: the last flush batch applied. A batch whose sequence is not above it was
+-- applied before (a retry, a replay, a failed-over master) and is skipped whole.
+CREATE TABLE IF NOT EXISTS "control_plane".quota_ledger_batch (
+    tenant     VARCHAR(255) NOT NULL,
+    project    VARCHAR(255) NOT NULL,
+    user_id    VARCHAR(255) NOT NULL,
+    bundle_id  VARCHAR(255) NOT NULL,
+    last_seq   BIGINT       NOT NULL,
+    updated_at TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    CONSTRAINT quota_ledger_batch_pkey PRIMARY KEY (tenant, project, user_id, bundle_id)
+);
+
+COMMENT ON TABLE "control_plane".quota_ledger_batch IS
+    'Idempotency of the usage ledger flush: the last batch sequence applied per account';
+
 -- Named base policies ("free", "pro", ...) per (tenant, project), used by
 -- QUOTA.ADMIT ... POLICY <name>. NULL = unlimited. Deleting a policy deletes its row (the
 -- event table keeps the history).
@@ -154,6 +215,12 @@ RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
+    -- The ledger flush only adds to *_balance_used: that is not a change of the credit.
+    IF TG_TABLE_NAME = 'user_quota_replenishment' AND TG_OP = 'UPDATE' AND
+        (to_jsonb(NEW) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') =
+        (to_jsonb(OLD) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') THEN
+        RETURN NEW;
+    END IF;
     NEW.updated_at := now();
     RETURN NEW;
 END
@@ -174,6 +241,13 @@ BEGIN
         PERFORM pg_notify('control_plane_quota_changed', json_build_object(
             'tenant', OLD.tenant, 'project', OLD.project, 'user_id', OLD.user_id,
             'bundle_id', OLD.bundle_id, 'op', TG_OP)::text);
+        RETURN NULL;
+    END IF;
+    -- The ledger flush only adds to *_balance_used, which the flushing node tracks itself:
+    -- no cache needs dropping.
+    IF TG_OP = 'UPDATE' AND
+        (to_jsonb(NEW) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') =
+        (to_jsonb(OLD) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' THEN

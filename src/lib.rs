@@ -34,7 +34,7 @@ mod module {
     use crate::ffi::blocked::entry;
     use crate::ffi::command_info::{self as info, CommandSpec, Entry};
     use crate::runtime::config::{self, ScriptMiss};
-    use crate::runtime::{self, cache, jobs, notify, stats, worker};
+    use crate::runtime::{self, cache, jobs, ledger, notify, stats, worker};
 
     /// Declares each raw entry point (it runs its handler through `commands::run`, which
     /// replies the handler's error once) and `COMMANDS`, every command with its entry point.
@@ -54,6 +54,7 @@ mod module {
         REVOKE: cmd_revoke => credits::revoke,
         LIST: cmd_list => credits::list,
         CLEANUP: cmd_cleanup => credits::cleanup,
+        HISTORY: cmd_history => credits::history,
         INVALIDATE: cmd_invalidate => credits::invalidate,
         ADMIT: cmd_admit => admission::admit,
         COMMIT: cmd_commit => admission::commit,
@@ -112,11 +113,13 @@ mod module {
     }
 
     extern "C" fn on_shutdown(
-        _ctx: *mut raw::RedisModuleCtx,
+        ctx: *mut raw::RedisModuleCtx,
         _event: raw::RedisModuleEvent,
         _sub: u64,
         _data: *mut std::os::raw::c_void,
     ) {
+        // The last flush of the usage ledger, while the pool still runs.
+        ledger::flush_and_wait(crate::ffi::ctx::Ctx::from_raw(ctx));
         shutdown();
     }
 
@@ -185,6 +188,19 @@ mod module {
 
     /// Every second, deploys the schema in the background while it is not known to be there
     /// (`quota.auto-deploy`): at load, and once PostgreSQL can be reached.
+    /// The ledger's timer: every 100 ms (see `runtime::ledger::tick`).
+    fn schedule_ledger(ctx: &Context) {
+        ctx.create_timer(
+            Duration::from_millis(100),
+            |ctx: &Context, ()| {
+                let raw_ctx = crate::ffi::ctx::Ctx::from_raw(ctx.ctx);
+                ledger::tick(raw_ctx, runtime::clock::now_ms(), false);
+                schedule_ledger(ctx);
+            },
+            (),
+        );
+    }
+
     fn schedule_deploy(ctx: &Context) {
         ctx.create_timer(
             Duration::from_secs(1),
@@ -225,6 +241,7 @@ mod module {
         worker::deploy_soon();
         schedule_cleanup(ctx);
         schedule_deploy(ctx);
+        schedule_ledger(ctx);
         crate::ffi::secret_filter::register(
             crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
             config::hide_secret,
@@ -296,6 +313,23 @@ mod module {
             .field("grants_duplicate", int(stats::GRANTS_DUPLICATE.get()))?
             .field("revokes", int(stats::REVOKES.get()))?
             .field("cleanups", int(stats::CLEANUPS.get()))?
+            .field("admits_balance", int(stats::ADMITS_BALANCE.get()))?
+            .field("ledger_accounts_pending", int(ledger::tracked() as u64))?
+            .field("ledger_flushes", int(stats::LEDGER_FLUSHES.get()))?
+            .field("ledger_flush_errors", int(stats::LEDGER_FLUSH_ERRORS.get()))?
+            .field("ledger_batches", int(stats::LEDGER_BATCHES.get()))?
+            .field(
+                "ledger_batches_skipped",
+                int(stats::LEDGER_BATCHES_SKIPPED.get()),
+            )?
+            .field(
+                "ledger_last_snapshot_us",
+                int(stats::LEDGER_SNAPSHOT_US.load(std::sync::atomic::Ordering::Relaxed)),
+            )?
+            .field(
+                "ledger_last_snapshot_accounts",
+                int(stats::LEDGER_SNAPSHOT_ACCOUNTS.load(std::sync::atomic::Ordering::Relaxed)),
+            )?
             .build_section()?
             .build_info()?;
         Ok(())
@@ -317,6 +351,7 @@ mod module {
                 ["negative-ttl-ms", &config::NEGATIVE_TTL_MS, config::DEFAULT_NEGATIVE_TTL_MS, 0, 86_400_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["cache-max-entries", &config::CACHE_MAX_ENTRIES, config::DEFAULT_CACHE_MAX_ENTRIES, 1, 1_000_000_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["cleanup-interval", &config::CLEANUP_INTERVAL, config::DEFAULT_CLEANUP_INTERVAL, 0, 31_536_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
+                ["flush-interval", &config::FLUSH_INTERVAL, config::DEFAULT_FLUSH_INTERVAL, 1, 3600, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["lease-ttl", &config::LEASE_TTL, config::DEFAULT_LEASE_TTL, 1, config::MAX_LEASE_TTL, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
             ],
             string: [

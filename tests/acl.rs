@@ -16,13 +16,14 @@ const T: &str = "acme";
 const P: &str = "chat";
 
 /// Every command the module registers.
-const ALL_COMMANDS: [&str; 13] = [
+const ALL_COMMANDS: [&str; 14] = [
     "quota.admit",
     "quota.apply",
     "quota.cleanup",
     "quota.commit",
     "quota.get",
     "quota.grant",
+    "quota.history",
     "quota.invalidate",
     "quota.list",
     "quota.release",
@@ -434,7 +435,7 @@ fn standard_acl_categories() {
         return;
     }
 
-    for name in ["quota.get", "quota.usage", "quota.list"] {
+    for name in ["quota.get", "quota.usage", "quota.list", "quota.history"] {
         let read = strings(query(&mut admin, &["ACL", "CAT", "read"]).unwrap());
         assert!(read.contains(name), "@read lacks {name}");
     }
@@ -442,7 +443,7 @@ fn standard_acl_categories() {
     let fast = strings(query(&mut admin, &["ACL", "CAT", "fast"]).unwrap());
     let dangerous = strings(query(&mut admin, &["ACL", "CAT", "dangerous"]).unwrap());
     for name in ALL_COMMANDS {
-        let is_read = ["quota.get", "quota.usage", "quota.list"].contains(&name);
+        let is_read = ["quota.get", "quota.usage", "quota.list", "quota.history"].contains(&name);
         assert_eq!(write.contains(name), !is_read, "{name} in @write");
     }
     for name in [
@@ -574,6 +575,7 @@ fn key_specs_and_tips() {
         ("quota.get", &["ro", "access"][..]),
         ("quota.usage", &["ro", "access"]),
         ("quota.list", &["ro", "access"]),
+        ("quota.history", &["ro", "access"]),
         ("quota.admit", &["rw", "access", "update"]),
         ("quota.commit", &["rw", "update"]),
         ("quota.release", &["rw", "update"]),

@@ -821,6 +821,15 @@ fn the_account_key_has_its_type_and_a_ttl() {
         "the documented key name"
     );
     assert_eq!(query_string(&mut con, &["TYPE", &key]), "quota-acc");
+    // Until its usage reached the ledger the key does not expire; then it ends with its window.
+    assert_eq!(query_i64(&mut con, &["PTTL", &key]), -1);
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "quota.flush-interval", "1"])
+        .query(&mut con)
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || {
+        query_i64(&mut con, &["PTTL", &key]) > 0
+    }));
     let pttl = query_i64(&mut con, &["PTTL", &key]);
     let month_left_ms = (next_month(now_s()) - now_s() + 1) * 1000;
     assert!(
@@ -846,6 +855,9 @@ fn the_account_key_has_its_type_and_a_ttl() {
     // Tokens only (hour/day/month windows): still a TTL.
     let tok = ["acme", "chat", "alice", "tokens"];
     con.commit(tok, 10, None);
+    assert!(wait_until(Duration::from_secs(20), || {
+        query_i64(&mut con, &["PTTL", &account_key(tok)]) > 0
+    }));
     let pttl = query_i64(&mut con, &["PTTL", &account_key(tok)]);
     assert!(
         pttl > 0 && pttl <= month_left_ms,

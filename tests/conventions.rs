@@ -53,7 +53,15 @@ const DOCS: &[(&str, &str, &[&[&str]])] = &[
         &[
             &ACCOUNT,
             &LIMITS,
-            &["expiry", "purchase_id", "amount_usd", "notes", "add"],
+            &[
+                "expiry",
+                "purchase_id",
+                "amount_usd",
+                "notes",
+                "add",
+                "requests_balance",
+                "tokens_balance",
+            ],
         ],
     ),
     ("quota.get", "Returns", &[&ACCOUNT]),
@@ -63,6 +71,7 @@ const DOCS: &[(&str, &str, &[&[&str]])] = &[
         "Lists",
         &[&["tenant", "project", "user", "all"]],
     ),
+    ("quota.history", "Lists", &[&ACCOUNT, &["from", "to"]]),
     ("quota.cleanup", "Deactivates", &[]),
     (
         "quota.invalidate",

@@ -14,7 +14,7 @@ use common::*;
 use redis::ConnectionLike;
 
 /// Every field of a record, in no particular order (GRANT adds `duplicate`).
-const RECORD_FIELDS: [&str; 18] = [
+const RECORD_FIELDS: [&str; 22] = [
     "tenant",
     "project",
     "user_id",
@@ -33,7 +33,14 @@ const RECORD_FIELDS: [&str; 18] = [
     "active",
     "created_at",
     "updated_at",
+    "requests_balance",
+    "tokens_balance",
+    "requests_balance_debited",
+    "tokens_balance_debited",
 ];
+
+/// What `QUOTA.GET` adds to a record: what each balance has left.
+const GET_EXTRA: [&str; 2] = ["requests_balance_left", "tokens_balance_left"];
 
 /// Every field `INFO quota` must carry.
 const INFO_FIELDS: [&str; 28] = [
@@ -333,7 +340,7 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     let g = con
         .get([T, P, "alice", "any-bundle"])
         .expect("GET finds the '*' row");
-    assert_record_fields(&g, &[]);
+    assert_record_fields(&g, &GET_EXTRA);
     for f in RECORD_FIELDS {
         assert_eq!(g.get(f), r.get(f), "GET and GRANT differ on {f}");
     }
@@ -1080,7 +1087,7 @@ fn resp3_clients_get_real_maps() {
     let Value::Array(items) = g2 else {
         panic!("RESP2 GET reply is not an array: {g2:?}");
     };
-    assert_eq!(items.len(), 2 * RECORD_FIELDS.len());
+    assert_eq!(items.len(), 2 * (RECORD_FIELDS.len() + GET_EXTRA.len()));
 }
 
 /// Asserts that a reply is an error saying the command cannot run here.

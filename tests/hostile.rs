@@ -561,13 +561,13 @@ fn valid_read(rng: &mut Rng) -> (Vec<Vec<u8>>, bool) {
     }
 }
 
-/// A `VERBOSE` admission reply: 12 fields, 7 effective limits, an 8-field usage, 3 resets.
+/// A `VERBOSE` admission reply: 13 fields, 7 effective limits, an 8-field usage, 3 resets.
 fn verbose_shape_ok(reply: &Reply) -> bool {
     let Some(m) = reply.as_map() else {
         return false;
     };
     let len = |f: &str| m.get(f).and_then(Reply::as_map).map(|x| x.len());
-    m.len() == 12 && len("limits") == Some(7) && len("usage") == Some(8) && len("resets") == Some(3)
+    m.len() == 13 && len("limits") == Some(7) && len("usage") == Some(8) && len("resets") == Some(3)
 }
 
 // ---------------------------------------------------------------------------

@@ -102,6 +102,11 @@ fn assert_workload_state(snap: &[Usage]) {
 /// is still settled, key expiries are kept, and admission continues from the same counts.
 fn assert_continues(con: &mut redis::Connection) {
     let key = account_key(DAILY);
+    // The key gets its expiry back once its usage reached the ledger (the first flush after a
+    // start or a promotion runs at once).
+    wait_until(Duration::from_secs(20), || {
+        query_i64(con, &["PTTL", &key]) > 0
+    });
     let pttl = query_i64(con, &["PTTL", &key]);
     assert!(pttl > 0, "{key} lost its TTL: PTTL {pttl}");
     assert_eq!(
@@ -533,6 +538,10 @@ fn a_replica_follows_the_master_and_takes_over() {
         "the cold user's admits reached the replica"
     );
     let key = account_key(cold);
+    // Once the master's flush acknowledgement reached it (within quota.flush-interval).
+    wait_until(Duration::from_secs(30), || {
+        query_i64(&mut rc, &["PTTL", &key]) > 0
+    });
     let pttl = query_i64(&mut rc, &["PTTL", &key]);
     assert!(pttl > 0, "{key} on the replica: PTTL {pttl}");
     let kind = query(&mut rc, &["TYPE", &key]).expect("TYPE");

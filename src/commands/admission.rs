@@ -12,11 +12,14 @@
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING};
 use super::parse::OwnedAdmit;
 use super::{parse, policies, Waiting};
-use crate::core::account::{Account, AdmitDecision, AdmitRequest, Usage};
+use crate::core::account::{Account, AdmitDecision, AdmitRequest, BalanceOffer, Usage};
 use crate::core::cache::{Lookup, UserCredits};
-use crate::core::credit::{select_credit, CreditMemo, CreditSource, Replenishment};
+use crate::core::credit::{
+    select_credit, BalanceKind, CreditMemo, CreditSource, Replenishment, RowBalance,
+};
 use crate::core::effect::{Change, Effect, EncodedEffect};
-use crate::core::ids::PolicyId;
+use crate::core::ids::{AccountId, PolicyId, ANY_BUNDLE};
+use crate::core::ledger::{balance_left, hold_tag, BalanceChange, BalanceTerms, Hold};
 use crate::core::policy::{Additional, CachedPolicy, EffectivePolicy, LimitField, Limits};
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
@@ -28,6 +31,7 @@ use crate::runtime::cache::{self, PolicyWaiter};
 use crate::runtime::clock;
 use crate::runtime::config::{self, ScriptMiss};
 use crate::runtime::jobs::{CreditWaiter, Done, OwnedUser, StoreError};
+use crate::runtime::ledger;
 use crate::runtime::stats;
 use crate::runtime::worker;
 
@@ -158,6 +162,7 @@ fn admit_with(
     let user_key = key.get(..user_len).unwrap_or(&key);
     let mut account_key = AccountKey::open(ctx, &key)?;
     let mut memo = None;
+    let mut balance = None;
     let (additional, source) = match credits {
         // The credit this account used a moment ago, if the cache has not changed since.
         Credits::Cache | Credits::CacheNoWait
@@ -172,10 +177,15 @@ fn admit_with(
             let (found, load) = match cache.lookup(user_key, now) {
                 Lookup::Fresh(rows, fresh_until) => {
                     let found = pick(rows, parsed.account.bundle, now);
-                    memo = CreditMemo::new(&key, found, rows, epoch, fresh_until, now);
+                    balance = balance_of(rows, parsed.account.bundle, now);
+                    // A balance is read from the cache every time (the memo holds none).
+                    if balance.is_none() {
+                        memo = CreditMemo::new(&key, found, rows, epoch, fresh_until, now);
+                    }
                     (Ok(Some(found)), None)
                 }
                 Lookup::Stale { rows, refresh } => {
+                    balance = balance_of(rows, parsed.account.bundle, now);
                     (Ok(Some(pick(rows, parsed.account.bundle, now))), refresh)
                 }
                 Lookup::Unavailable => (Ok(Some((None, CreditSource::Unavailable))), None),
@@ -212,7 +222,10 @@ fn admit_with(
                 None => return Ok(()), // blocked: the reply comes later
             }
         }
-        Credits::Loaded(Ok(rows)) => pick(&rows, parsed.account.bundle, now),
+        Credits::Loaded(Ok(rows)) => {
+            balance = balance_of(&rows, parsed.account.bundle, now);
+            pick(&rows, parsed.account.bundle, now)
+        }
         Credits::Loaded(Err(_)) | Credits::Unavailable => (None, CreditSource::Unavailable),
     };
     decide(
@@ -220,9 +233,14 @@ fn admit_with(
         parsed,
         base,
         &mut account_key,
-        (additional, source, memo),
+        (additional, source, memo, balance),
         now,
     )
+}
+
+/// The balance of the credit row that applies, if it has one.
+fn balance_of(rows: &[Replenishment], bundle: &str, now: Millis) -> Option<RowBalance> {
+    select_credit(rows, bundle, now).and_then(|(row, _)| row.balance.as_deref().copied())
 }
 
 /// Whether a policy lookup may wait for a load.
@@ -312,30 +330,65 @@ fn decide(
     parsed: &parse::AdmitArgs<'_>,
     base: Limits,
     account_key: &mut AccountKey,
-    (additional, source, memo): (Option<Additional>, CreditSource, Option<CreditMemo>),
+    (additional, source, memo, balance): (
+        Option<Additional>,
+        CreditSource,
+        Option<CreditMemo>,
+        Option<RowBalance>,
+    ),
     now: Millis,
 ) -> Result<(), CommandError> {
     let policy = EffectivePolicy::merge(base, additional.as_ref());
     let lease_ttl = parsed
         .lease_ttl
         .unwrap_or_else(|| config::int(&config::LEASE_TTL).max(1));
-    let request = AdmitRequest {
+    let lease_ttl_ms = lease_ttl.saturating_mul(1000);
+    let mut request = AdmitRequest {
         lease: parsed.lease,
-        lease_ttl_ms: lease_ttl.saturating_mul(1000),
+        lease_ttl_ms,
         reserve: parsed.reserve,
         peek: parsed.peek,
+        balance: None,
     };
+    // A balance: who holds it, what it has left, and the terms commits will debit it on.
+    let global = source == CreditSource::Global;
+    let terms = balance.map(|b| terms_for(&b, global, &policy));
+    let (key, _) = parsed.account.key();
+    let mut holder = match balance {
+        Some(_) => Some(Holder::open(ctx, &parsed.account, global)?),
+        None => None,
+    };
+    if let (Some(b), Some(Holder::Other(h))) = (balance, holder.as_mut()) {
+        request.balance = Some(offer(&b, h.get().map(|a| &*a), now));
+    }
+    let is_self = matches!(holder, Some(Holder::This));
     let decided = update(ctx, account_key, |account| {
         let before = (account.leases().len(), account.settled().len());
+        if let (Some(b), true) = (balance, is_self) {
+            request.balance = Some(offer(&b, Some(account), now));
+        }
         match account.admit(&policy, &request, now, clock::new_lease_id) {
             Ok(decision) => {
                 let usage = parsed.verbose.then(|| account.usage(now));
-                let change = match Effect::admitted(now, &decision, account) {
-                    Some(effect) => encoded(effect),
-                    None if decision.changed => Propagate::State,
-                    None => Propagate::Nothing,
+                let terms_changed = !parsed.peek && account.set_terms(now, terms);
+                let change = balance_change(&decision, &key, parsed.lease, now, lease_ttl_ms);
+                if let (Some(change), true) = (&change, is_self) {
+                    account.apply_balance(now, change);
+                }
+                let mut effect =
+                    Effect::admitted(now, &decision, account).unwrap_or_else(|| Effect::empty(now));
+                if terms_changed {
+                    effect.terms = Some(terms);
+                }
+                if is_self {
+                    effect.balance = change;
+                }
+                let propagate = match effect.is_empty() {
+                    false => encoded(effect),
+                    true if decision.changed => Propagate::State,
+                    true => Propagate::Nothing,
                 };
-                (Ok((decision, usage)), change)
+                (Ok((decision, usage, change)), propagate)
             }
             // Deciding may have pruned before it failed.
             Err(e) => {
@@ -347,7 +400,10 @@ fn decide(
             }
         }
     });
-    let (mut decision, usage) = decided?;
+    let (mut decision, usage, change) = decided?;
+    if let (Some(change), Some(Holder::Other(h))) = (change, holder.as_mut()) {
+        charge(ctx, h, now, change);
+    }
     if !decision.allowed {
         decision.retry_after = source.denial_retry_after(decision.retry_after);
     }
@@ -356,6 +412,9 @@ fn decide(
     }
     if decision.allowed {
         stats::ADMITS_ALLOWED.incr();
+        if decision.paid_by_balance {
+            stats::ADMITS_BALANCE.incr();
+        }
     } else {
         stats::ADMITS_DENIED.incr();
     }
@@ -375,6 +434,115 @@ fn decide(
     Ok(())
 }
 
+/// Where the balance an account draws on is held: the account itself (its own row's balance,
+/// or the `'*'` row's for the `'*'` account), or the user's `'*'` account.
+enum Holder {
+    This,
+    Other(AccountKey),
+}
+
+impl Holder {
+    fn open(ctx: Ctx, account: &AccountId<'_>, global: bool) -> Result<Holder, CommandError> {
+        if !global || account.bundle == ANY_BUNDLE {
+            return Ok(Holder::This);
+        }
+        let star = AccountId {
+            user: account.user,
+            bundle: ANY_BUNDLE,
+        };
+        Ok(Holder::Other(AccountKey::open(ctx, &star.key().0)?))
+    }
+}
+
+/// What the balance `b` has left for an admission at `now`, given its holder's state.
+fn offer(b: &RowBalance, holder: Option<&Account>, now: Millis) -> BalanceOffer {
+    BalanceOffer {
+        left: balance_left(b, holder.and_then(|a| a.ledger()), now),
+    }
+}
+
+/// The terms an account's commits debit a balance on: the holder, and the effective token
+/// limits beyond which tokens are debited (none without a token balance).
+fn terms_for(b: &RowBalance, global: bool, policy: &EffectivePolicy) -> BalanceTerms {
+    let limit = |f: LimitField| match b.granted[BalanceKind::Tokens as usize] {
+        Some(_) => policy.limits.get(f).unwrap_or(u64::MAX),
+        None => u64::MAX,
+    };
+    BalanceTerms {
+        global,
+        token_limits: [
+            limit(LimitField::TokensPerHour),
+            limit(LimitField::TokensPerDay),
+            limit(LimitField::TokensPerMonth),
+        ],
+    }
+}
+
+/// What an admission changes on its balance holder: one request debited when the balance paid
+/// for it, and a hold for its lease (the tokens held, and whether the request was paid, so a
+/// release refunds it).
+fn balance_change(
+    d: &AdmitDecision,
+    key: &[u8],
+    lease: Option<&str>,
+    now: Millis,
+    lease_ttl_ms: Millis,
+) -> Option<BalanceChange> {
+    if !d.counted || !(d.debit_request || d.held_tokens > 0) {
+        return None;
+    }
+    let mut buf = [0u8; 16];
+    let hold = d.lease.as_ref().map(|id| Hold {
+        tag: hold_tag(key, lease.unwrap_or_else(|| id.as_text(&mut buf))),
+        expires_at: now.saturating_add(lease_ttl_ms.max(1)),
+        tokens: d.held_tokens,
+        paid_request: d.debit_request,
+    });
+    Some(BalanceChange {
+        debits: [i64::from(d.debit_request), 0],
+        hold,
+        settle: None,
+    })
+}
+
+/// Applies `change` to another account holding the balance and propagates it.
+fn charge(ctx: Ctx, holder: &mut AccountKey, now: Millis, change: BalanceChange) {
+    update(ctx, holder, |h| {
+        h.apply_balance(now, &change);
+        let effect = Effect {
+            balance: Some(change),
+            ..Effect::empty(now)
+        };
+        ((), encoded(effect))
+    });
+    track(ctx, holder);
+}
+
+/// What a commit or release of lease `lease` (or none) owes the holder: `debit` tokens, the
+/// refund of a request the balance paid (a release), and the lease's hold settled.
+fn settlement(
+    holder: Option<&Account>,
+    key: &[u8],
+    lease: Option<&str>,
+    debit: u64,
+    release: bool,
+    now: Millis,
+) -> Option<BalanceChange> {
+    let hold = lease.and_then(|l| {
+        let tag = hold_tag(key, l);
+        holder
+            .and_then(|a| a.ledger())
+            .and_then(|led| led.hold(tag, now).copied())
+    });
+    let refund = release && hold.is_some_and(|h| h.paid_request);
+    let change = BalanceChange {
+        debits: [-i64::from(refund), i64::try_from(debit).unwrap_or(i64::MAX)],
+        hold: None,
+        settle: hold.map(|h| h.tag),
+    };
+    (!change.is_empty()).then_some(change)
+}
+
 /// The `COMPACT` reply: a flat array read by position, the same under RESP2 and RESP3:
 /// `[allowed, retry_after, remaining_requests, remaining_tokens, lease, reason, reserved,
 /// replenishment]`, with `lease` and `reason` as "" when there is none.
@@ -382,7 +550,7 @@ fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let mut buf = [0u8; 16];
     let lease = d.lease.as_ref().map_or("", |id| id.as_text(&mut buf));
     ctx.reply()
-        .array(8)
+        .array(9)
         .int(i64::from(d.allowed))
         .int(d.retry_after)
         .int(d.remaining_requests)
@@ -390,7 +558,18 @@ fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
         .str(lease)
         .str(&d.reason())
         .uint(d.reserved)
-        .str(source.as_str());
+        .str(source.as_str())
+        .str(paid_by(d));
+}
+
+/// Who paid an admitted request: `windows` (the policy and window credits), `balance` (a
+/// window would have denied), or `""` when denied.
+fn paid_by(d: &AdmitDecision) -> &'static str {
+    match (d.allowed, d.paid_by_balance) {
+        (false, _) => "",
+        (true, false) => "windows",
+        (true, true) => "balance",
+    }
 }
 
 fn reply_decision(
@@ -400,7 +579,7 @@ fn reply_decision(
     policy: &EffectivePolicy,
     usage: Option<&Usage>,
 ) {
-    let r = ctx.reply().map(9 + if usage.is_some() { 3 } else { 0 });
+    let r = ctx.reply().map(10 + if usage.is_some() { 3 } else { 0 });
     let r = r.field("allowed", |r| r.int(i64::from(d.allowed)));
     let r = r.field("reason", |r| r.str(&d.reason()));
     let r = r.field("retry_after", |r| r.int(d.retry_after));
@@ -415,6 +594,7 @@ fn reply_decision(
     let r = r.field("replenishment", |r| r.str(source.as_str()));
     let r = r.field("remaining_requests", |r| r.int(d.remaining_requests));
     let r = r.field("remaining_tokens", |r| r.int(d.remaining_tokens));
+    let r = r.field("paid_by", |r| r.str(paid_by(d)));
     if let Some(u) = usage {
         let mut r = r.str("limits").map(LimitField::ALL.len());
         for field in LimitField::ALL {
@@ -493,20 +673,48 @@ fn update<T>(
         Propagate::State => propagation::state(ctx, account_key),
         Propagate::Verbatim => ctx.replicate_verbatim(),
     }
+    track(ctx, account_key);
     out
 }
 
-/// `QUOTA.COMMIT`: records used tokens and settles the lease.
+/// Puts the account on the ledger's list of accounts to flush, once it has unflushed usage.
+#[inline]
+fn track(ctx: Ctx, account_key: &mut AccountKey) {
+    if account_key.needs_tracking() {
+        ledger::track(ctx.db(), account_key.name_bytes());
+        account_key.set_tracked();
+    }
+}
+
+/// `QUOTA.COMMIT`: records used tokens and settles the lease; tokens beyond the token windows
+/// are debited from the balance the account's last admission found (its terms).
 pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let parsed = parse::commit(args)?;
     let (key, _) = parsed.account.key();
     let now = clock::now_ms();
     let mut account_key = AccountKey::open(ctx, &key)?;
+    let mut holder = holder_by_terms(ctx, &mut account_key, &parsed.account)?;
+    let is_self = matches!(holder, Some(Holder::This));
     let outcome = update(ctx, &mut account_key, |account| {
         let pruned = account.prune(now);
         match account.commit(parsed.tokens, parsed.lease, now) {
             Ok(outcome) => {
-                let effect = Effect::committed(now, pruned, parsed.tokens, parsed.lease, &outcome);
+                let mut effect =
+                    Effect::committed(now, pruned, parsed.tokens, parsed.lease, &outcome);
+                if is_self && !outcome.duplicate {
+                    let change = settlement(
+                        Some(account),
+                        &key,
+                        parsed.lease,
+                        outcome.balance_debit,
+                        false,
+                        now,
+                    );
+                    if let Some(change) = change {
+                        account.apply_balance(now, &change);
+                        effect.get_or_insert_with(|| Effect::empty(now)).balance = Some(change);
+                    }
+                }
                 (Ok(outcome), effect.map_or(Propagate::Nothing, encoded))
             }
             // Refused (too many remembered ids): only the prune, if any, changed the state.
@@ -517,6 +725,19 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
         }
     });
     let outcome = outcome?;
+    if let (false, Some(Holder::Other(h))) = (outcome.duplicate, holder.as_mut()) {
+        let change = settlement(
+            h.get().map(|a| &*a),
+            &key,
+            parsed.lease,
+            outcome.balance_debit,
+            false,
+            now,
+        );
+        if let Some(change) = change {
+            charge(ctx, h, now, change);
+        }
+    }
     let recorded = if outcome.duplicate { 0 } else { parsed.tokens };
     if !outcome.duplicate {
         account_key.notify(EVENT_COMMIT);
@@ -528,18 +749,44 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// `QUOTA.RELEASE`: undoes an admission held by a lease.
+/// The holder of the balance an account's terms name, if it has terms.
+fn holder_by_terms(
+    ctx: Ctx,
+    account_key: &mut AccountKey,
+    account: &AccountId<'_>,
+) -> Result<Option<Holder>, CommandError> {
+    match account_key.get().and_then(|a| a.terms()) {
+        Some(terms) => Ok(Some(Holder::open(ctx, account, terms.global)?)),
+        None => Ok(None),
+    }
+}
+
+/// `QUOTA.RELEASE`: undoes an admission held by a lease (and refunds a request its balance
+/// paid for).
 pub(crate) fn release(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let (account, lease) = parse::release(args)?;
     let (key, _) = account.key();
     let now = clock::now_ms();
     let mut account_key = AccountKey::open(ctx, &key)?;
+    let mut holder = holder_by_terms(ctx, &mut account_key, &account)?;
+    let is_self = matches!(holder, Some(Holder::This));
     let released = update(ctx, &mut account_key, |account| {
         let pruned = account.prune(now);
         let released = account.release(lease, now);
-        let effect = Effect::released(now, pruned, lease, released);
+        let mut effect = Effect::released(now, pruned, lease, released);
+        if is_self && released {
+            if let Some(change) = settlement(Some(account), &key, Some(lease), 0, true, now) {
+                account.apply_balance(now, &change);
+                effect.get_or_insert_with(|| Effect::empty(now)).balance = Some(change);
+            }
+        }
         (released, effect.map_or(Propagate::Nothing, encoded))
     });
+    if let (true, Some(Holder::Other(h))) = (released, holder.as_mut()) {
+        if let Some(change) = settlement(h.get().map(|a| &*a), &key, Some(lease), 0, true, now) {
+            charge(ctx, h, now, change);
+        }
+    }
     if released {
         account_key.notify(EVENT_RELEASE);
     }
@@ -638,6 +885,7 @@ pub(crate) fn setstate(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     };
     let mut account_key = AccountKey::open(ctx, key)?;
     account_key.put(account);
+    track(ctx, &mut account_key);
     account_key.notify(EVENT_SETSTATE);
     ctx.replicate_verbatim();
     ctx.reply().status("OK");

@@ -8,9 +8,12 @@
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
 use super::{outcome, parse, Waiting};
 use crate::core::cache::Lookup;
-use crate::core::credit::{select_credit, Replenishment};
+use crate::core::credit::{select_credit, BalanceKind, Replenishment};
+use crate::core::ids::{AccountId, UserId};
+use crate::core::ledger::balance_left;
 use crate::core::policy::LimitField;
 use crate::core::Millis;
+use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
@@ -22,7 +25,7 @@ use crate::runtime::{cache, clock};
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
 /// `extra` more pairs are left for the caller. A missing row writes nil columns.
 fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
-    let r = r.map(11 + LimitField::ALL.len() + extra);
+    let r = r.map(15 + LimitField::ALL.len() + extra);
     let r = r.field("tenant", |r| r.str(ids[0]));
     let r = r.field("project", |r| r.str(ids[1]));
     let r = r.field("user_id", |r| r.str(ids[2]));
@@ -45,14 +48,45 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
     });
     let r = r.field("active", |r| r.opt_int(row.map(|x| i64::from(x.active))));
     let r = r.field("created_at", |r| r.opt_int(row.map(|x| x.created_at)));
-    r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)))
+    let mut r = r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)));
+    let balance = row.and_then(|x| x.balance.as_deref());
+    for kind in BalanceKind::ALL {
+        let granted = balance.and_then(|b| b.granted[kind as usize]);
+        r = r.field(kind.column(), |r| r.opt_int(granted));
+    }
+    for (kind, name) in BalanceKind::ALL.into_iter().zip(DEBITED) {
+        let debited = balance.and_then(|b| b.granted[kind as usize].map(|_| b.debited(kind)));
+        r = r.field(name, |r| r.opt_int(debited));
+    }
+    r
 }
 
-/// Replies the record that applies to `bundle` among `rows`, or nil.
+/// The record fields of the flushed debits of each balance (nil without that balance).
+const DEBITED: [&str; 2] = ["requests_balance_debited", "tokens_balance_debited"];
+
+/// Replies the record that applies to `bundle` among `rows`, or nil; with what each balance
+/// has left (`requests_balance_left`, `tokens_balance_left`: granted minus the debits flushed
+/// and not flushed yet, minus the tokens held; nil without that balance).
 fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
     match select_credit(rows, ids[3], now) {
         Some((row, _)) => {
-            record(ctx.reply(), ids, Some(row), 0);
+            let left = row.balance.as_deref().map_or([None, None], |b| {
+                let [t, p, u, _] = ids;
+                let holder = AccountId {
+                    user: UserId {
+                        tenant: t,
+                        project: p,
+                        user: u,
+                    },
+                    bundle: &row.bundle_id,
+                };
+                let mut key = AccountKey::open_read(ctx, &holder.key().0).ok();
+                let ledger = key.as_mut().and_then(|k| k.get()).and_then(|a| a.ledger());
+                balance_left(b, ledger, now)
+            });
+            let r = record(ctx.reply(), ids, Some(row), 2);
+            let r = r.field("requests_balance_left", |r| r.opt_int(left[0]));
+            r.field("tokens_balance_left", |r| r.opt_int(left[1]));
         }
         None => {
             ctx.reply().null();
@@ -154,6 +188,37 @@ impl Waiting for ListWait {
         for row in &rows {
             let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
             r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+        }
+        Ok(())
+    }
+}
+
+/// `QUOTA.HISTORY`: an account's hourly ledger rows, read from Postgres on a worker.
+pub(crate) fn history(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    let (account, from, to) = parse::history(args)?;
+    let account = OwnedAccount::from_id(&account);
+    on_worker(ctx, HistoryWait, |client| Job::History {
+        account,
+        from,
+        to,
+        client,
+    })
+}
+
+/// A `HISTORY` waiting on its rows.
+struct HistoryWait;
+
+impl Waiting for HistoryWait {
+    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
+        let rows = outcome!(done, Done::History);
+        let mut r = ctx.reply().array(rows.len());
+        for row in &rows {
+            let m = r.map(5);
+            let m = m.field("hour", |m| m.int(row.hour));
+            let m = m.field("requests", |m| m.int(row.requests));
+            let m = m.field("tokens", |m| m.int(row.tokens));
+            let m = m.field("requests_debited", |m| m.int(row.requests_debited));
+            r = m.field("tokens_debited", |m| m.int(row.tokens_debited));
         }
         Ok(())
     }

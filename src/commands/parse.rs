@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::core::credit::{Cents, GrantRequest};
+use crate::core::credit::{BalanceKind, Cents, GrantRequest};
 use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
@@ -182,6 +182,10 @@ const PURCHASE: [u8; 16] = kw("PURCHASE");
 const AMOUNT: [u8; 16] = kw("AMOUNT");
 const NOTES: [u8; 16] = kw("NOTES");
 const ADD: [u8; 16] = kw("ADD");
+const REQUESTS_BALANCE: [u8; 16] = kw("REQUESTS_BALANCE");
+const FROM: [u8; 16] = kw("FROM");
+const TO: [u8; 16] = kw("TO");
+const TOKENS_BALANCE: [u8; 16] = kw("TOKENS_BALANCE");
 const LEASE: [u8; 16] = kw("LEASE");
 const LEASE_TTL: [u8; 16] = kw("LEASE_TTL");
 const RESERVE: [u8; 16] = kw("RESERVE");
@@ -271,6 +275,18 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
                 opts.once(15, "ADD")?;
                 req.add = true;
             }
+            REQUESTS_BALANCE | TOKENS_BALANCE => {
+                let kind = if upper(word) == REQUESTS_BALANCE {
+                    BalanceKind::Requests
+                } else {
+                    BalanceKind::Tokens
+                };
+                opts.once(16 + kind as u32, kind.keyword())?;
+                let v = parse_amount(kind.keyword(), opts.value(kind.keyword())?)?;
+                let v = i64::try_from(v)
+                    .map_err(|_| ParseError::OutOfRange(kind.keyword(), 0, i64::MAX))?;
+                req.balances[kind as usize] = Some(v);
+            }
             _ => return Err(ParseError::Unknown(shown(word))),
         }
     }
@@ -278,6 +294,28 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
         account,
         request: req,
     })
+}
+
+/// `QUOTA.HISTORY <t> <p> <u> <b> [FROM unix-s] [TO unix-s]`: the account and the hours
+/// `FROM <= hour < TO` (defaults: 0 and the end of time).
+pub(crate) fn history<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, i64, i64), ParseError> {
+    let (account, rest) = account_and_rest(args)?;
+    let (mut from, mut to) = (0, MAX_EXPIRES_AT + 1);
+    let mut opts = Options::new(rest);
+    while let Some(word) = opts.next_word() {
+        match upper(word) {
+            FROM => {
+                opts.once(0, "FROM")?;
+                from = parse_in_range("FROM", opts.value("FROM")?, 0, MAX_EXPIRES_AT)?;
+            }
+            TO => {
+                opts.once(1, "TO")?;
+                to = parse_in_range("TO", opts.value("TO")?, 0, MAX_EXPIRES_AT + 1)?;
+            }
+            _ => return Err(ParseError::Unknown(shown(word))),
+        }
+    }
+    Ok((account, from, to))
 }
 
 /// `QUOTA.ADMIT <t> <p> <u> <b> [options]`.

@@ -447,6 +447,7 @@ mod tests {
             active: true,
             created_at: 0,
             updated_at: 0,
+            balance: None,
         }])
     }
 

@@ -25,6 +25,68 @@ pub(crate) struct Replenishment {
     pub created_at: i64,
     /// Unix seconds.
     pub updated_at: i64,
+    /// The prepaid balances, boxed: most rows have none and pay 8 bytes for it.
+    pub balance: Option<Box<RowBalance>>,
+}
+
+/// The prepaid balances of a credit row (`REQUESTS_BALANCE`, `TOKENS_BALANCE`) and the debits
+/// flushed against them, as stored in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct RowBalance {
+    /// Granted in the row's current life, per kind (requests, tokens); `None` = no balance.
+    pub granted: [Option<i64>; 2],
+    /// Every debit ever flushed against the row, per kind (only grows).
+    pub used: [i64; 2],
+    /// `used` when the current life began.
+    pub base: [i64; 2],
+}
+
+/// The two kinds of balance, in the order of `RowBalance`'s arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BalanceKind {
+    Requests = 0,
+    Tokens = 1,
+}
+
+impl BalanceKind {
+    /// Both kinds, in array order.
+    pub(crate) const ALL: [BalanceKind; 2] = [BalanceKind::Requests, BalanceKind::Tokens];
+
+    /// The command option keyword.
+    pub(crate) fn keyword(self) -> &'static str {
+        match self {
+            BalanceKind::Requests => "REQUESTS_BALANCE",
+            BalanceKind::Tokens => "TOKENS_BALANCE",
+        }
+    }
+
+    /// The column (and record field) of the granted amount.
+    pub(crate) fn column(self) -> &'static str {
+        match self {
+            BalanceKind::Requests => "requests_balance",
+            BalanceKind::Tokens => "tokens_balance",
+        }
+    }
+}
+
+impl RowBalance {
+    /// What is left of kind `kind` after every debit: the granted amount minus the debits of
+    /// the current life, counting as flushed the larger of what this row says and `floor` (the
+    /// used total the flushing node last saw committed), minus `unflushed`. `None` without a
+    /// balance of that kind. May be negative (see the README's overdraw rule).
+    pub(crate) fn left(&self, kind: BalanceKind, floor: u64, unflushed: i64) -> Option<i64> {
+        let k = kind as usize;
+        let granted = self.granted[k]?;
+        let used = self.used[k].max(i64::try_from(floor).unwrap_or(i64::MAX));
+        let spent = used.saturating_sub(self.base[k]).max(0);
+        Some(granted.saturating_sub(spent).saturating_sub(unflushed))
+    }
+
+    /// The flushed debits of the current life (`used - base`), per kind.
+    pub(crate) fn debited(&self, kind: BalanceKind) -> i64 {
+        let k = kind as usize;
+        self.used[k].saturating_sub(self.base[k]).max(0)
+    }
 }
 
 impl Replenishment {
@@ -302,6 +364,8 @@ pub(crate) struct GrantRequest {
     pub amount: Option<Cents>,
     pub notes: Option<String>,
     pub add: bool,
+    /// `REQUESTS_BALANCE`, `TOKENS_BALANCE` (in `BalanceKind` order).
+    pub balances: [Option<i64>; 2],
 }
 
 /// The values a grant writes into the row (it is always active afterwards).
@@ -312,12 +376,18 @@ pub(crate) struct GrantValues {
     pub purchase_id: Option<String>,
     pub purchase_amount: Option<Cents>,
     pub purchase_notes: Option<String>,
+    /// The balances granted in the row's life after the grant (`BalanceKind` order).
+    pub balances: [Option<i64>; 2],
+    /// A new life of the balance begins (replace, or `ADD` to a missing, revoked or expired
+    /// row): what was debited before no longer counts against it.
+    pub new_balance_life: bool,
 }
 
 /// Why a grant cannot be applied; `Display` is the wire error text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum GrantError {
     Overflow(LimitField),
+    BalanceOverflow(BalanceKind),
     AmountOverflow,
 }
 
@@ -330,6 +400,14 @@ impl fmt::Display for GrantError {
                 field.keyword(),
                 field.column_max()
             ),
+            GrantError::BalanceOverflow(kind) => {
+                write!(
+                    f,
+                    "ERR ADD would take {} above {}",
+                    kind.keyword(),
+                    i64::MAX
+                )
+            }
             GrantError::AmountOverflow => {
                 f.write_str("ERR ADD would take AMOUNT above 99999999.99")
             }
@@ -354,6 +432,8 @@ impl GrantRequest {
                 purchase_id: self.purchase_id.clone(),
                 purchase_amount: self.amount,
                 purchase_notes: self.notes.clone(),
+                balances: self.balances,
+                new_balance_life: true,
             });
         }
         let base = current.filter(|row| row.is_live(now));
@@ -368,6 +448,19 @@ impl GrantRequest {
                     .filter(|v| *v <= field.column_max())
                     .ok_or(GrantError::Overflow(field))?;
                 additional.set(field, Some(sum));
+            }
+        }
+        let mut balances = base
+            .and_then(|r| r.balance.as_ref())
+            .map_or([None; 2], |b| b.granted);
+        for kind in BalanceKind::ALL {
+            if let Some(given) = self.balances[kind as usize] {
+                let sum = balances[kind as usize]
+                    .unwrap_or(0)
+                    .max(0)
+                    .checked_add(given)
+                    .ok_or(GrantError::BalanceOverflow(kind))?;
+                balances[kind as usize] = Some(sum);
             }
         }
         let expires_at = if self.expiry_given {
@@ -394,6 +487,8 @@ impl GrantRequest {
                 .notes
                 .clone()
                 .or_else(|| base.and_then(|r| r.purchase_notes.as_deref().map(str::to_owned))),
+            balances,
+            new_balance_life: base.is_none(),
         })
     }
 }
@@ -415,6 +510,7 @@ mod tests {
             active,
             created_at: 0,
             updated_at: 0,
+            balance: None,
         }
     }
 
@@ -635,6 +731,45 @@ mod tests {
 
         let v = req.apply(None, NOW).unwrap();
         assert_eq!(v.additional.get(LimitField::RequestsPerDay), Some(5));
+    }
+
+    #[test]
+    fn balances_follow_the_grant_rules_and_a_new_life_forgets_old_debits() {
+        let mut req = GrantRequest {
+            add: true,
+            ..Default::default()
+        };
+        req.balances = [Some(10), None];
+        let mut live = row("*", 1, None, true);
+        live.balance = Some(Box::new(RowBalance {
+            granted: [Some(5), Some(100)],
+            used: [7, 0],
+            base: [4, 0],
+        }));
+        let v = req.apply(Some(&live), NOW).unwrap();
+        assert_eq!(v.balances, [Some(15), Some(100)]);
+        assert!(!v.new_balance_life, "a top-up keeps the debits of the life");
+        let dead = row("*", 1, Some(NOW / 1000 - 1), true);
+        let v = req.apply(Some(&dead), NOW).unwrap();
+        assert_eq!((v.balances, v.new_balance_life), ([Some(10), None], true));
+        let replace = GrantRequest {
+            balances: [None, Some(3)],
+            ..Default::default()
+        };
+        let v = replace.apply(Some(&live), NOW).unwrap();
+        assert_eq!((v.balances, v.new_balance_life), ([None, Some(3)], true));
+        // Left: granted - (max(used, floor) - base) - unflushed.
+        let b = live.balance.as_deref().unwrap();
+        assert_eq!(b.left(BalanceKind::Requests, 0, 0), Some(2));
+        assert_eq!(b.left(BalanceKind::Requests, 9, 1), Some(-1));
+        assert_eq!(b.left(BalanceKind::Tokens, 0, 30), Some(70));
+        let none = RowBalance::default();
+        assert_eq!(none.left(BalanceKind::Tokens, 0, 0), None);
+        req.balances = [Some(i64::MAX), None];
+        assert_eq!(
+            req.apply(Some(&live), NOW).unwrap_err(),
+            GrantError::BalanceOverflow(BalanceKind::Requests)
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ use std::fmt;
 use smallvec::SmallVec;
 
 use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
+use super::ledger::{
+    Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_PENDING_HOURS,
+};
 use super::window::Window;
 use super::Millis;
 
@@ -30,7 +33,18 @@ const KIND_COMMIT: u8 = 2;
 const KIND_RELEASE: u8 = 3;
 const LIFETIME: u8 = 1 << 3;
 const WITH_LEASE: u8 = 1 << 4;
-const KNOWN: u8 = PRUNE | KIND_MASK | LIFETIME | WITH_LEASE;
+/// A change to this account as a balance holder follows (`BalanceChange`).
+const BALANCE: u8 = 1 << 5;
+/// The account's balance terms are set or cleared.
+const TERMS: u8 = 1 << 6;
+/// A flush acknowledgement (alone, or with a prune).
+const ACK: u8 = 1 << 7;
+#[cfg(test)]
+const KNOWN: u8 = PRUNE | KIND_MASK | LIFETIME | WITH_LEASE | BALANCE | TERMS | ACK;
+
+/// Balance change operations (a bit set).
+const OP_HOLD: u8 = 1;
+const OP_SETTLE: u8 = 2;
 
 /// Lease id tags.
 const ID_SHORT: u8 = 0;
@@ -101,13 +115,19 @@ pub(crate) enum Change<'a> {
 }
 
 /// What one command changed in one account.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Effect<'a> {
     /// The master's clock when it decided (ms since the epoch).
     pub at: Millis,
     /// Expired leases and settled ids were dropped at `at` before the change.
     pub prune: bool,
     pub change: Option<Change<'a>>,
+    /// A change to the account as the holder of a balance (after `change`).
+    pub balance: Option<BalanceChange>,
+    /// The account's balance terms set (`Some(Some)`) or cleared (`Some(None)`).
+    pub terms: Option<Option<BalanceTerms>>,
+    /// A flush of the account's ledger acknowledged.
+    pub ack: Option<Acknowledgement>,
 }
 
 /// Why bytes are not an effect, or an effect does not fit the state; `Display` is the wire
@@ -143,6 +163,27 @@ impl fmt::Display for EffectError {
 impl std::error::Error for EffectError {}
 
 impl<'a> Effect<'a> {
+    /// An effect at `at` that changes nothing yet (the fields are filled in by the caller).
+    pub(crate) fn empty(at: Millis) -> Self {
+        Effect {
+            at,
+            prune: false,
+            change: None,
+            balance: None,
+            terms: None,
+            ack: None,
+        }
+    }
+
+    /// Whether it changes nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.prune
+            && self.change.is_none()
+            && self.balance.is_none()
+            && self.terms.is_none()
+            && self.ack.is_none()
+    }
+
     /// What `Account::admit` changed, read from its decision (and the account's lifetime mark
     /// after it); none when nothing changed.
     pub(crate) fn admitted(
@@ -166,15 +207,15 @@ impl<'a> Effect<'a> {
             at,
             prune: decision.pruned,
             change,
+            ..Effect::empty(at)
         })
     }
 
     /// Only a prune at `at`, when it dropped something (`pruned`).
     pub(crate) fn pruned(at: Millis, pruned: bool) -> Option<Self> {
         pruned.then_some(Effect {
-            at,
             prune: true,
-            change: None,
+            ..Effect::empty(at)
         })
     }
 
@@ -192,9 +233,9 @@ impl<'a> Effect<'a> {
             settled: lease.map(LeaseRef::parse).zip(outcome.settled_until),
         });
         (pruned || change.is_some()).then_some(Effect {
-            at,
             prune: pruned,
             change,
+            ..Effect::empty(at)
         })
     }
 
@@ -209,9 +250,9 @@ impl<'a> Effect<'a> {
             lease: LeaseRef::parse(lease),
         });
         (pruned || change.is_some()).then_some(Effect {
-            at,
             prune: pruned,
             change,
+            ..Effect::empty(at)
         })
     }
 
@@ -238,6 +279,15 @@ impl<'a> Effect<'a> {
             }
             Some(Change::Release { .. }) => flags |= KIND_RELEASE << KIND_SHIFT,
         }
+        if self.balance.is_some() {
+            flags |= BALANCE;
+        }
+        if self.terms.is_some() {
+            flags |= TERMS;
+        }
+        if self.ack.is_some() {
+            flags |= ACK;
+        }
         w.push(VERSION);
         w.push(flags);
         put_i64(&mut w, self.at);
@@ -257,6 +307,49 @@ impl<'a> Effect<'a> {
             }
             Some(Change::Release { lease }) => put_id(&mut w, *lease),
         }
+        if let Some(b) = &self.balance {
+            put_i64(&mut w, b.debits[0]);
+            put_i64(&mut w, b.debits[1]);
+            let ops = if b.hold.is_some() { OP_HOLD } else { 0 }
+                | if b.settle.is_some() { OP_SETTLE } else { 0 };
+            w.push(ops);
+            if let Some(h) = &b.hold {
+                put_u64(&mut w, h.tag);
+                put_i64(&mut w, h.expires_at);
+                put_u64(&mut w, h.tokens);
+                w.push(u8::from(h.paid_request));
+            }
+            if let Some(tag) = b.settle {
+                put_u64(&mut w, tag);
+            }
+        }
+        match &self.terms {
+            None => {}
+            Some(None) => w.push(0),
+            Some(Some(t)) => {
+                w.push(1 + u8::from(t.global));
+                for limit in t.token_limits {
+                    put_u64(&mut w, limit);
+                }
+            }
+        }
+        if let Some(ack) = &self.ack {
+            put_u64(&mut w, ack.next_seq);
+            match ack.floor {
+                None => w.push(0),
+                Some(floor) => {
+                    w.push(1);
+                    put_u64(&mut w, floor[0]);
+                    put_u64(&mut w, floor[1]);
+                }
+            }
+            put_u64(&mut w, ack.hours.len() as u64);
+            for h in &ack.hours {
+                for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+                    put_i64(&mut w, v);
+                }
+            }
+        }
         w
     }
 
@@ -266,15 +359,18 @@ impl<'a> Effect<'a> {
         if r.byte()? != VERSION {
             return Err(EffectError::Version);
         }
+        // Every one of the eight flag bits has a meaning (`KNOWN` is all of them); what does
+        // not combine is refused below.
         let flags = r.byte()?;
-        if flags & !KNOWN != 0 {
-            return Err(EffectError::Flags);
-        }
         let kind = (flags & KIND_MASK) >> KIND_SHIFT;
         let with_lease = flags & WITH_LEASE != 0;
         let lifetime = flags & LIFETIME != 0;
         let lease_allowed = matches!(kind, KIND_COUNT | KIND_COMMIT);
         if (lifetime && kind != KIND_COUNT) || (with_lease && !lease_allowed) {
+            return Err(EffectError::Flags);
+        }
+        // An acknowledgement comes alone (with a prune at most).
+        if flags & ACK != 0 && (kind != 0 || flags & (BALANCE | TERMS) != 0) {
             return Err(EffectError::Flags);
         }
         let at = r.i64()?;
@@ -303,14 +399,36 @@ impl<'a> Effect<'a> {
             KIND_RELEASE => Some(Change::Release { lease: r.id()? }),
             _ => None,
         };
+        let balance = if flags & BALANCE != 0 {
+            Some(r.balance()?)
+        } else {
+            None
+        };
+        let terms = if flags & TERMS != 0 {
+            Some(r.terms()?)
+        } else {
+            None
+        };
+        let ack = if flags & ACK != 0 {
+            Some(r.ack()?)
+        } else {
+            None
+        };
         if !r.buf.is_empty() {
             return Err(EffectError::Trailing);
         }
-        let prune = flags & PRUNE != 0;
-        if !prune && change.is_none() {
+        let effect = Effect {
+            at,
+            prune: flags & PRUNE != 0,
+            change,
+            balance,
+            terms,
+            ack,
+        };
+        if effect.is_empty() {
             return Err(EffectError::Empty);
         }
-        Ok(Effect { at, prune, change })
+        Ok(effect)
     }
 
     /// Applies the effect to the state it was made from. `Err` (before any change) only when
@@ -336,7 +454,7 @@ impl<'a> Effect<'a> {
                 if *lifetime {
                     account.lifetime = true;
                 }
-                account.count_request(day, month);
+                account.count_request(self.at, day, month);
                 if let Some(l) = lease {
                     account.push_lease(Lease {
                         id: l.id.to_id(),
@@ -351,12 +469,21 @@ impl<'a> Effect<'a> {
                 if let Some((id, until)) = settled {
                     account.settle(id.to_id(), *until);
                 }
-                account.count_tokens(*tokens, hour, day, month);
+                account.count_tokens(*tokens, self.at, hour, day, month);
             }
             Some(Change::Release { lease }) => {
-                let released = account.unadmit(&lease.to_id());
+                let released = account.unadmit(&lease.to_id(), self.at);
                 released.then_some(()).ok_or(EffectError::NotHeld)?;
             }
+        }
+        if let Some(terms) = self.terms {
+            account.set_terms(self.at, terms);
+        }
+        if let Some(change) = &self.balance {
+            account.apply_balance(self.at, change);
+        }
+        if let Some(ack) = &self.ack {
+            account.acknowledge(ack);
         }
         Ok(())
     }
@@ -422,6 +549,87 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, EffectError> {
         let u = self.u64()?;
         Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+
+    fn flag(&mut self) -> Result<bool, EffectError> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(EffectError::Flags),
+        }
+    }
+
+    fn balance(&mut self) -> Result<BalanceChange, EffectError> {
+        let debits = [self.i64()?, self.i64()?];
+        let ops = self.byte()?;
+        if ops & !(OP_HOLD | OP_SETTLE) != 0 {
+            return Err(EffectError::Flags);
+        }
+        let hold = if ops & OP_HOLD != 0 {
+            Some(Hold {
+                tag: self.u64()?,
+                expires_at: self.i64()?,
+                tokens: self.u64()?,
+                paid_request: self.flag()?,
+            })
+        } else {
+            None
+        };
+        let settle = if ops & OP_SETTLE != 0 {
+            Some(self.u64()?)
+        } else {
+            None
+        };
+        if hold.is_some_and(|h| !(1..=crate::core::window::LAST_MS).contains(&h.expires_at)) {
+            return Err(EffectError::Number);
+        }
+        Ok(BalanceChange {
+            debits,
+            hold,
+            settle,
+        })
+    }
+
+    fn terms(&mut self) -> Result<Option<BalanceTerms>, EffectError> {
+        match self.byte()? {
+            0 => Ok(None),
+            t @ (1 | 2) => Ok(Some(BalanceTerms {
+                global: t == 2,
+                token_limits: [self.u64()?, self.u64()?, self.u64()?],
+            })),
+            _ => Err(EffectError::Flags),
+        }
+    }
+
+    fn ack(&mut self) -> Result<Acknowledgement, EffectError> {
+        let next_seq = self.u64()?;
+        let floor = if self.flag()? {
+            Some([self.u64()?, self.u64()?])
+        } else {
+            None
+        };
+        let n = usize::try_from(self.u64()?)
+            .ok()
+            .filter(|n| *n <= MAX_PENDING_HOURS)
+            .ok_or(EffectError::Number)?;
+        let mut hours = Vec::with_capacity(n);
+        for _ in 0..n {
+            let hour = self.i64()?;
+            if !(0..=crate::core::window::Window::Hour.last_index()).contains(&hour) {
+                return Err(EffectError::Number);
+            }
+            hours.push(HourDelta {
+                hour,
+                requests: self.i64()?,
+                tokens: self.i64()?,
+                debits: [self.i64()?, self.i64()?],
+            });
+        }
+        Ok(Acknowledgement {
+            hours,
+            next_seq,
+            floor,
+        })
     }
 
     fn id(&mut self) -> Result<LeaseRef<'a>, EffectError> {
@@ -563,6 +771,7 @@ mod tests {
                         lease_ttl_ms: 1 + ttl as Millis,
                         reserve: (reserve < 9).then_some(reserve),
                         peek: peek == 0,
+                        balance: None,
                     };
                     let id = (case << 20) + step + 1;
                     pair.admit(&p, &req, now, id);
@@ -589,6 +798,7 @@ mod tests {
                 lease_ttl_ms: 600_000,
                 reserve: Some(1),
                 peek: false,
+                balance: None,
             };
             pair.admit(&p, &req, T0, 0);
             ids.push(id);
@@ -609,12 +819,17 @@ mod tests {
     #[test]
     fn decoding_rejects_what_encode_never_writes() {
         let e = Effect {
-            at: T0,
             prune: true,
             change: Some(Change::Commit {
                 tokens: 5,
                 settled: Some((LeaseRef::Named("lease-1"), T0 + 60_000)),
             }),
+            balance: Some(BalanceChange {
+                debits: [-1, 7],
+                hold: None,
+                settle: Some(99),
+            }),
+            ..Effect::empty(T0)
         };
         let bytes = e.encode();
         assert_eq!(Effect::decode(&bytes), Ok(e));
@@ -626,7 +841,10 @@ mod tests {
         assert_eq!(Effect::decode(&extra), Err(EffectError::Trailing));
         // Nothing to do, unknown flags, a lifetime mark on a release, a generated id as text.
         assert_eq!(Effect::decode(&[VERSION, 0, 0]), Err(EffectError::Empty));
-        assert_eq!(Effect::decode(&[VERSION, 0x80, 0]), Err(EffectError::Flags));
+        assert_eq!(
+            Effect::decode(&[VERSION, ACK | (KIND_COUNT << KIND_SHIFT), 0]),
+            Err(EffectError::Flags)
+        );
         let bad = [
             VERSION,
             (KIND_RELEASE << KIND_SHIFT) | LIFETIME,
@@ -647,14 +865,19 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_bit_has_a_meaning() {
+        assert_eq!(KNOWN, u8::MAX);
+    }
+
+    #[test]
     fn a_release_of_a_lease_not_held_changes_nothing() {
         let mut acc = Account::default();
         let e = Effect {
-            at: T0,
             prune: true,
             change: Some(Change::Release {
                 lease: LeaseRef::Short(7),
             }),
+            ..Effect::empty(T0)
         };
         assert_eq!(e.apply(&mut acc), Err(EffectError::NotHeld));
         assert_eq!(acc, Account::default());
@@ -677,7 +900,7 @@ mod tests {
         /// Bytes that start like an effect (version and flags right) reach deeper checks.
         #[test]
         fn near_effects_decode_or_fail_cleanly(
-            flags in 0u8..32,
+            flags in any::<u8>(),
             rest in proptest::collection::vec(any::<u8>(), 0..48),
         ) {
             let mut bytes = vec![VERSION, flags];

@@ -188,6 +188,23 @@ impl<'a> AccountId<'a> {
     }
 }
 
+/// The four ids (tenant, project, user, bundle) of an account key that `AccountId::key`
+/// built; none for any other name.
+pub(crate) fn account_ids_of_key(key: &[u8]) -> Option<[String; 4]> {
+    let rest = key.strip_prefix(b"q:{")?;
+    let close = rest.windows(2).position(|w| w == b"}:")?;
+    let mut rest = rest.get(close + 2..)?;
+    let mut out: [String; 4] = Default::default();
+    for slot in out.iter_mut() {
+        let colon = rest.iter().take(4).position(|b| *b == b':')?;
+        let len: usize = std::str::from_utf8(rest.get(..colon)?).ok()?.parse().ok()?;
+        let part = rest.get(colon + 1..colon + 1 + len)?;
+        *slot = std::str::from_utf8(part).ok()?.to_owned();
+        rest = rest.get(colon + 1 + len..)?;
+    }
+    rest.is_empty().then_some(out)
+}
+
 fn push_part(out: &mut KeyBuf, part: &str) {
     // Decimal length, a colon, the bytes: unambiguous whatever the bytes are.
     let n = part.len();
@@ -281,5 +298,20 @@ mod tests {
         assert!(check_id("bundle", b"a\0b").is_err());
         assert!(check_id("bundle", &[0xff, 0xfe]).is_err());
         assert_eq!(check_id("user", "üñí".as_bytes()).unwrap(), "üñí");
+    }
+
+    #[test]
+    fn account_keys_give_their_ids_back() {
+        let id = AccountId::parse([b"acme", b"ch:at", b"{org}alice" as &[u8], b"*"]);
+        if let Ok(id) = id {
+            let (key, _) = id.key();
+            let back = account_ids_of_key(&key).unwrap();
+            assert_eq!(back, id.ids().map(str::to_owned));
+        }
+        let long = "u".repeat(255);
+        let id = AccountId::parse([b"t" as &[u8], b"p", long.as_bytes(), b"b"]).unwrap();
+        assert_eq!(account_ids_of_key(&id.key().0).unwrap()[2], long);
+        assert!(account_ids_of_key(b"q:{x}:1:t").is_none());
+        assert!(account_ids_of_key(b"other").is_none());
     }
 }

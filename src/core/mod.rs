@@ -9,6 +9,7 @@ pub(crate) mod cache;
 pub(crate) mod credit;
 pub(crate) mod effect;
 pub(crate) mod ids;
+pub(crate) mod ledger;
 pub(crate) mod policy;
 pub(crate) mod window;
 

@@ -244,6 +244,43 @@ impl AccountKey {
         }
     }
 
+    /// Whether the account has unflushed usage and is not on the ledger's list yet.
+    pub(crate) fn needs_tracking(&mut self) -> bool {
+        self.stored().is_some_and(|s| {
+            s.account
+                .ledger()
+                .is_some_and(|l| !l.tracked && !l.hours.is_empty())
+        })
+    }
+
+    /// Records that the key is on the ledger's list (`tracked` false: taken off it).
+    pub(crate) fn set_tracked(&mut self) {
+        self.set_tracking(true);
+    }
+
+    /// Sets whether the key is on the ledger's list.
+    pub(crate) fn set_tracking(&mut self, tracked: bool) {
+        if let Some(stored) = self.stored() {
+            stored.account.set_tracked(tracked);
+        }
+    }
+
+    /// The key name's bytes.
+    pub(crate) fn name_bytes(&self) -> &[u8] {
+        let mut len = 0usize;
+        unsafe {
+            let Some(ptr_len) = raw::RedisModule_StringPtrLen else {
+                return &[];
+            };
+            let p = ptr_len(self.name, &mut len);
+            if p.is_null() {
+                &[]
+            } else {
+                std::slice::from_raw_parts(p.cast::<u8>(), len)
+            }
+        }
+    }
+
     /// The key name as a Redis string (for replication).
     pub(crate) fn name(&self) -> *mut raw::RedisModuleString {
         self.name
@@ -260,6 +297,63 @@ impl Drop for AccountKey {
                 f(self.ctx, self.name);
             }
         }
+    }
+}
+
+/// Calls `f` with the name and account of every key of this type in the selected database
+/// (`RedisModule_Scan`); where `f` returns true the key is marked as on the ledger's list.
+pub(crate) fn scan_accounts(ctx: Ctx, mut f: impl FnMut(&[u8], &Account) -> bool) {
+    type Visit<'a> = &'a mut dyn FnMut(&[u8], &Account) -> bool;
+    unsafe extern "C" fn visit(
+        _ctx: *mut raw::RedisModuleCtx,
+        name: *mut raw::RedisModuleString,
+        key: *mut raw::RedisModuleKey,
+        privdata: *mut c_void,
+    ) {
+        unsafe {
+            if key.is_null() || name.is_null() {
+                return;
+            }
+            let ours = *ACCOUNT_TYPE.raw_type.borrow();
+            let kind = raw::RedisModule_KeyType.map_or(0, |f| f(key));
+            if kind != raw::REDISMODULE_KEYTYPE_MODULE as c_int
+                || raw::RedisModule_ModuleTypeGetType.is_none_or(|f| f(key) != ours)
+            {
+                return;
+            }
+            let Some(stored) =
+                raw::RedisModule_ModuleTypeGetValue.and_then(|g| g(key).cast::<Stored>().as_mut())
+            else {
+                return;
+            };
+            let mut len = 0usize;
+            let Some(ptr_len) = raw::RedisModule_StringPtrLen else {
+                return;
+            };
+            let p = ptr_len(name, &mut len);
+            if p.is_null() {
+                return;
+            }
+            let bytes = std::slice::from_raw_parts(p.cast::<u8>(), len);
+            let f = &mut *privdata.cast::<Visit<'_>>();
+            if f(bytes, &stored.account) {
+                stored.account.set_tracked(true);
+            }
+        }
+    }
+    let mut f: Visit<'_> = &mut f;
+    unsafe {
+        let (Some(create), Some(scan), Some(destroy)) = (
+            raw::RedisModule_ScanCursorCreate,
+            raw::RedisModule_Scan,
+            raw::RedisModule_ScanCursorDestroy,
+        ) else {
+            return;
+        };
+        let cursor = create();
+        let data = (&mut f as *mut Visit<'_>).cast::<c_void>();
+        while scan(ctx.raw(), cursor, Some(visit), data) != 0 {}
+        destroy(cursor);
     }
 }
 

@@ -152,7 +152,7 @@ const EXPIRY: [Arg; 2] = [
     option(c"EXPIRES_IN", c"expires_in", ArgType::Integer),
 ];
 
-const GRANT_OPTIONS: [Arg; 5] = [
+const GRANT_OPTIONS: [Arg; 7] = [
     Arg {
         name: c"expiry",
         kind: ArgType::OneOf(&EXPIRY),
@@ -163,6 +163,13 @@ const GRANT_OPTIONS: [Arg; 5] = [
     option(c"AMOUNT", c"amount_usd", ArgType::String),
     option(c"NOTES", c"notes", ArgType::String),
     flag(c"ADD", c"add"),
+    option(c"REQUESTS_BALANCE", c"requests_balance", ArgType::Integer),
+    option(c"TOKENS_BALANCE", c"tokens_balance", ArgType::Integer),
+];
+
+const HISTORY_ARGS: [Arg; 2] = [
+    option(c"FROM", c"from", ArgType::UnixTime),
+    option(c"TO", c"to", ArgType::UnixTime),
 ];
 
 const ADMIT_OPTIONS: [Arg; 7] = [
@@ -251,6 +258,9 @@ mod table {
     pub(crate) static LIST: CommandSpec = spec(c"quota.list", c"readonly deny-script", Some((3, Read)), c"read slow", -4, &[&LIST_ARGS])
         .about(c"Lists a user's credits from PostgreSQL")
         .cost(c"O(N) where N is the user's number of credits, plus one PostgreSQL round trip");
+    pub(crate) static HISTORY: CommandSpec = spec(c"quota.history", c"readonly deny-script", Some((3, Read)), c"read slow", -5, &[&ACCOUNT_ARGS, &HISTORY_ARGS])
+        .about(c"Lists an account's hourly usage and balance debits from PostgreSQL")
+        .cost(c"O(N) where N is the number of hours, plus one PostgreSQL round trip");
     pub(crate) static CLEANUP: CommandSpec = spec(c"quota.cleanup", c"write deny-script", None, c"write slow dangerous", 1, &[])
         .about(c"Deactivates every expired credit and replies how many").cost(c"O(N) where N is the number of expired credits")
         .tips(c"request_policy:all_shards response_policy:agg_sum");

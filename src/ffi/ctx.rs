@@ -94,4 +94,24 @@ impl Ctx {
             }
         }
     }
+
+    /// The database the context has selected.
+    pub(crate) fn db(self) -> i32 {
+        unsafe { raw::RedisModule_GetSelectedDb.map_or(0, |f| f(self.raw())) }
+    }
+
+    /// Selects database `db`; false if Redis refused (no such database).
+    pub(crate) fn select_db(self, db: i32) -> bool {
+        unsafe {
+            raw::RedisModule_SelectDb
+                .is_some_and(|f| f(self.raw(), db) == raw::REDISMODULE_OK as i32)
+        }
+    }
+
+    /// Whether this node is a master (not a replica), and not loading.
+    pub(crate) fn is_master(self) -> bool {
+        let flags = self.flags();
+        flags & raw::REDISMODULE_CTX_FLAGS_MASTER as c_int != 0
+            && flags & raw::REDISMODULE_CTX_FLAGS_LOADING as c_int == 0
+    }
 }

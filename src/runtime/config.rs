@@ -98,6 +98,8 @@ pub(crate) static AUTO_DEPLOY: AtomicBool = AtomicBool::new(true);
 pub(crate) static NOTIFY: AtomicBool = AtomicBool::new(true);
 /// `quota.cleanup-interval` in seconds (0 = off).
 pub(crate) static CLEANUP_INTERVAL: AtomicI64 = AtomicI64::new(DEFAULT_CLEANUP_INTERVAL);
+/// `quota.flush-interval`: most seconds between two flushes of the usage ledger.
+pub(crate) static FLUSH_INTERVAL: AtomicI64 = AtomicI64::new(DEFAULT_FLUSH_INTERVAL);
 /// `quota.lease-ttl` in seconds.
 pub(crate) static LEASE_TTL: AtomicI64 = AtomicI64::new(DEFAULT_LEASE_TTL);
 
@@ -110,6 +112,7 @@ pub(crate) const DEFAULT_NEGATIVE_TTL_MS: i64 = 5_000;
 pub(crate) const DEFAULT_CACHE_MAX_ENTRIES: i64 = 1_000_000;
 pub(crate) const DEFAULT_CLEANUP_INTERVAL: i64 = 3600;
 pub(crate) const DEFAULT_LEASE_TTL: i64 = 300;
+pub(crate) const DEFAULT_FLUSH_INTERVAL: i64 = 10;
 /// Longest lease a caller may ask for with `LEASE_TTL`: 1 day.
 pub(crate) const MAX_LEASE_TTL: i64 = 86_400;
 

@@ -8,7 +8,12 @@ use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::{Blocked, Outcome};
 pub(crate) use crate::store::StoreError;
-use crate::store::{CleanupOutcome, GrantOutcome, RevokeOutcome};
+use crate::store::{
+    AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, HourRow, RevokeOutcome,
+};
+
+/// Where a flush's outcomes go (called on the pool thread).
+pub(crate) type FlushDone = Box<dyn FnOnce(Vec<Result<BatchOutcome, StoreError>>) + Send>;
 
 /// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
 /// private data), so the size of its variants does not matter.
@@ -29,6 +34,7 @@ pub(crate) enum Done {
     PolicySet(Result<PolicyRecord, StoreError>),
     PolicyDel(Result<bool, StoreError>),
     PolicyList(Result<Vec<PolicyRecord>, StoreError>),
+    History(Result<Vec<HourRow>, StoreError>),
     /// The job queue was full.
     Busy,
     /// The job was dropped unfinished (shutdown).
@@ -194,13 +200,27 @@ pub(crate) enum Job {
         project: String,
         client: Blocked<Done>,
     },
+    /// Write one flush of the usage ledger (see `runtime::ledger`), then hand what became of
+    /// each batch to `done`.
+    Flush {
+        batches: Vec<AccountBatch>,
+        done: FlushDone,
+    },
+    /// `QUOTA.HISTORY`: an account's hourly ledger rows.
+    History {
+        account: OwnedAccount,
+        from: i64,
+        to: i64,
+        client: Blocked<Done>,
+    },
 }
 
 impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
     pub(crate) fn into_client(self) -> Option<Blocked<Done>> {
         match self {
-            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } => None,
+            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } | Job::Flush { .. } => None,
+            Job::History { client, .. } => Some(client),
             Job::Grant { client, .. }
             | Job::Revoke { client, .. }
             | Job::List { client, .. }

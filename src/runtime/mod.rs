@@ -7,6 +7,7 @@ pub(crate) mod cache;
 pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod jobs;
+pub(crate) mod ledger;
 pub(crate) mod notify;
 pub(crate) mod stats;
 pub(crate) mod worker;

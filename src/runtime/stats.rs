@@ -43,7 +43,16 @@ counters! {
     ADMITS_ALLOWED, ADMITS_DENIED, ADMITS_PENDING, ADMITS_UNAVAILABLE,
     GRANTS, GRANTS_DUPLICATE, REVOKES, CLEANUPS,
     BUSY_REJECTIONS, TIMEOUTS, NOTIFY_RECEIVED, NOTIFY_RECONNECTS,
+    /// Admissions a balance paid for.
+    ADMITS_BALANCE,
+    /// Ledger flushes that reached PostgreSQL, and those that failed.
+    LEDGER_FLUSHES, LEDGER_FLUSH_ERRORS,
+    /// Account batches written, and those skipped as already applied.
+    LEDGER_BATCHES, LEDGER_BATCHES_SKIPPED,
 }
+/// Main-thread microseconds of the last flush snapshot, and how many accounts it took.
+pub(crate) static LEDGER_SNAPSHOT_US: AtomicU64 = AtomicU64::new(0);
+pub(crate) static LEDGER_SNAPSHOT_ACCOUNTS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PG_LATENCY_US_MAX: AtomicU64 = AtomicU64::new(0);
 
 /// Records one Postgres round trip.

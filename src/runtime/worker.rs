@@ -25,7 +25,7 @@ use crate::core::ids::{user_key, PolicyId, UserId};
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
-use crate::store::{Store, StoreConfig, StoreError};
+use crate::store::{AccountBatch, BatchOutcome, Store, StoreConfig, StoreError};
 
 /// Most user loads one query serves (a burst of cold users shares round trips).
 const LOAD_BATCH: usize = 64;
@@ -437,6 +437,17 @@ fn execute(job: Job) {
             }
             client.finish(Done::PolicyDel(outcome));
         }
+        Job::Flush { batches, done } => done(flush(&batches)),
+        Job::History {
+            account,
+            from,
+            to,
+            client,
+        } => {
+            let ids = account.id().ids();
+            let outcome = with_store(|s| s.history(ids, from, to));
+            client.finish(Done::History(outcome));
+        }
         Job::PolicyList {
             tenant,
             project,
@@ -446,6 +457,22 @@ fn execute(job: Job) {
             client.finish(Done::PolicyList(outcome));
         }
     }
+}
+
+/// Most accounts one flush transaction writes.
+const FLUSH_CHUNK: usize = 1000;
+
+/// Writes one flush of the ledger, `FLUSH_CHUNK` accounts per transaction: what happened to
+/// each account's batch, `Err` for those of a transaction that failed (nothing of it applied).
+pub(crate) fn flush(batches: &[AccountBatch]) -> Vec<Result<BatchOutcome, StoreError>> {
+    let mut out = Vec::with_capacity(batches.len());
+    for chunk in batches.chunks(FLUSH_CHUNK) {
+        match with_store(|s| s.flush_ledger(chunk)) {
+            Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
+            Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
+        }
+    }
+    out
 }
 
 /// Loads a policy, completes its flight, and answers each waiter: at once, or (when its

@@ -6,6 +6,7 @@
 //! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
+mod ledger;
 pub(crate) mod listener;
 mod passfile;
 mod policies;
@@ -26,6 +27,7 @@ use crate::core::Millis;
 mod error;
 
 pub(crate) use error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
+pub(crate) use ledger::{AccountBatch, BatchOutcome, HourRow};
 pub(crate) use passfile::Credentials;
 
 pub(crate) use schema::validate_schema;
@@ -84,6 +86,7 @@ pub(crate) struct Store {
     schema: String,
     sql: queries::Statements,
     policy_sql: policies::PolicyStatements,
+    ledger_sql: ledger::LedgerStatements,
     timeout_ms: u64,
 }
 
@@ -112,6 +115,7 @@ impl Store {
             schema: cfg.schema.clone(),
             sql: queries::Statements::new(&cfg.schema),
             policy_sql: policies::PolicyStatements::new(&cfg.schema),
+            ledger_sql: ledger::LedgerStatements::new(&cfg.schema),
             timeout_ms: cfg.timeout_ms,
         })
     }
@@ -174,6 +178,27 @@ impl Store {
     pub(crate) fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
         let mut conn = self.pool.checkout()?;
         queries::cleanup(&mut conn, &self.sql, &self.schema, now)
+    }
+
+    /// Applies one flush of the usage ledger (one batch per account) in one transaction: a
+    /// batch whose sequence was applied before is skipped; see `ledger::flush`.
+    pub(crate) fn flush_ledger(
+        &self,
+        batches: &[AccountBatch],
+    ) -> Result<Vec<BatchOutcome>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        ledger::flush(&mut conn, &self.ledger_sql, batches)
+    }
+
+    /// `QUOTA.HISTORY`: the account's hourly ledger rows with `from <= hour < to`.
+    pub(crate) fn history(
+        &self,
+        ids: [&str; 4],
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<HourRow>, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        ledger::history(&mut *conn, &self.ledger_sql, ids, from, to)
     }
 
     /// Why the configured password file could not be used, if so (the owner logs it once).

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
 use super::schema::{schema_lock_key, substitute, CLEANUP_LOCK_CLASS};
-use crate::core::credit::{GrantRequest, GrantValues, Replenishment};
+use crate::core::credit::{BalanceKind, GrantRequest, GrantValues, Replenishment, RowBalance};
 use crate::core::ids::UserId;
 use crate::core::policy::{Additional, LimitField, LIMIT_FIELDS};
 use crate::core::Millis;
@@ -32,7 +32,9 @@ pub(crate) const COLUMNS: &str = "bundle_id, \
     additional_max_concurrent, \
     floor(extract(epoch FROM expires_at))::bigint, purchase_id, purchase_amount_usd::text, \
     purchase_notes, active, \
-    floor(extract(epoch FROM created_at))::bigint, floor(extract(epoch FROM updated_at))::bigint";
+    floor(extract(epoch FROM created_at))::bigint, floor(extract(epoch FROM updated_at))::bigint, \
+    requests_balance, tokens_balance, requests_balance_used, tokens_balance_used, \
+    requests_balance_base, tokens_balance_base";
 
 const COL_BUNDLE: usize = 0;
 const COL_FIRST_LIMIT: usize = 1;
@@ -43,6 +45,9 @@ const COL_NOTES: usize = COL_AMOUNT + 1;
 const COL_ACTIVE: usize = COL_NOTES + 1;
 const COL_CREATED_AT: usize = COL_ACTIVE + 1;
 const COL_UPDATED_AT: usize = COL_CREATED_AT + 1;
+/// Granted (2), used (2), base (2), each in `BalanceKind` order.
+const COL_BALANCE: usize = COL_UPDATED_AT + 1;
+const COL_LAST: usize = COL_BALANCE + 5;
 
 /// The identity predicate: parameters $1..$3 (user) and $4 (bundle).
 const WHERE_ROW: &str = "tenant = $1 AND project = $2 AND user_id = $3 AND bundle_id = $4";
@@ -103,13 +108,22 @@ impl Statements {
             lock_row: s(format!("SELECT {COLUMNS} FROM {TABLE} WHERE {WHERE_ROW} FOR UPDATE")),
             write_grant: s(format!(
                 "UPDATE {TABLE} SET {}, expires_at = to_timestamp(${}::bigint), purchase_id = ${}, \
-                 purchase_amount_usd = ${}::text::numeric, purchase_notes = ${}, active = true \
+                 purchase_amount_usd = ${}::text::numeric, purchase_notes = ${}, active = true, \
+                 requests_balance = ${}, tokens_balance = ${}, \
+                 requests_balance_base = CASE WHEN ${} THEN requests_balance_used \
+                     ELSE requests_balance_base END, \
+                 tokens_balance_base = CASE WHEN ${} THEN tokens_balance_used \
+                     ELSE tokens_balance_base END \
                  WHERE {WHERE_ROW} RETURNING {COLUMNS}",
                 sets.join(", "),
                 next,
                 next + 1,
                 next + 2,
                 next + 3,
+                next + 4,
+                next + 5,
+                next + 6,
+                next + 6,
             )),
             insert_event: s(format!(
                 "INSERT INTO {EVENTS} \
@@ -200,7 +214,7 @@ pub(crate) fn active_rows_many(
         .map_err(pg)?;
     let mut out: Vec<Vec<Replenishment>> = users.iter().map(|_| Vec::new()).collect();
     for row in &rows {
-        let position: i64 = row.try_get(COL_UPDATED_AT + 1).map_err(pg)?;
+        let position: i64 = row.try_get(COL_LAST + 1).map_err(pg)?;
         let slot = usize::try_from(position - 1)
             .ok()
             .and_then(|i| out.get_mut(i))
@@ -378,6 +392,8 @@ struct ColumnValues {
     purchase_id: Option<String>,
     amount: Option<String>,
     notes: Option<String>,
+    balances: [Option<i64>; 2],
+    new_balance_life: bool,
 }
 
 impl ColumnValues {
@@ -411,6 +427,8 @@ impl ColumnValues {
             purchase_id: values.purchase_id.clone(),
             amount: values.purchase_amount.map(|c| c.to_string()),
             notes: values.purchase_notes.clone(),
+            balances: values.balances,
+            new_balance_life: values.new_balance_life,
         })
     }
 
@@ -434,6 +452,9 @@ impl ColumnValues {
         params.push((&self.purchase_id, Type::TEXT));
         params.push((&self.amount, Type::TEXT));
         params.push((&self.notes, Type::TEXT));
+        params.push((&self.balances[0], Type::INT8));
+        params.push((&self.balances[1], Type::INT8));
+        params.push((&self.new_balance_life, Type::BOOL));
         params
     }
 }
@@ -460,6 +481,12 @@ fn grant_payload(values: &GrantValues, req: &GrantRequest) -> Value {
         "purchase_notes".into(),
         values.purchase_notes.clone().into(),
     );
+    for kind in BalanceKind::ALL {
+        written.insert(
+            kind.column().to_owned(),
+            values.balances[kind as usize].into(),
+        );
+    }
 
     let mut asked = Map::new();
     asked.insert("add".into(), req.add.into());
@@ -473,6 +500,11 @@ fn grant_payload(values: &GrantValues, req: &GrantRequest) -> Value {
     }
     if let Some(amount) = req.amount {
         asked.insert("amount".into(), amount.to_string().into());
+    }
+    for kind in BalanceKind::ALL {
+        if let Some(given) = req.balances[kind as usize] {
+            asked.insert(kind.column().to_owned(), given.into());
+        }
     }
 
     let mut payload = Map::new();
@@ -553,7 +585,22 @@ pub(crate) fn to_replenishment(row: &impl RowSource) -> Result<Replenishment, St
         active: required(row.boolean(COL_ACTIVE)?, "active")?,
         created_at: required(row.bigint(COL_CREATED_AT)?, "created_at")?,
         updated_at: required(row.bigint(COL_UPDATED_AT)?, "updated_at")?,
+        balance: row_balance(row)?,
     })
+}
+
+/// The balance columns; `None` when the row has no balance of either kind.
+fn row_balance(row: &impl RowSource) -> Result<Option<Box<RowBalance>>, StoreError> {
+    let granted = [row.bigint(COL_BALANCE)?, row.bigint(COL_BALANCE + 1)?];
+    if granted.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let num = |idx: usize| row.bigint(idx).map(|v| v.unwrap_or(0));
+    Ok(Some(Box::new(RowBalance {
+        granted,
+        used: [num(COL_BALANCE + 2)?, num(COL_BALANCE + 3)?],
+        base: [num(COL_BALANCE + 4)?, num(COL_BALANCE + 5)?],
+    })))
 }
 
 #[cfg(test)]
@@ -632,13 +679,21 @@ mod tests {
             Cell::Bool(true),
             Cell::Big(1),
             Cell::Big(2),
+            Cell::Null,
+            Cell::Big(1000),
+            Cell::Big(70),
+            Cell::Big(90),
+            Cell::Big(0),
+            Cell::Big(40),
         ])
     }
 
     #[test]
     fn column_list_follows_the_limit_field_order() {
         let names: Vec<&str> = COLUMNS.split(',').map(str::trim).collect();
-        assert_eq!(names.len(), COL_UPDATED_AT + 1);
+        assert_eq!(names.len(), COL_LAST + 1);
+        assert_eq!(names[COL_BALANCE], "requests_balance");
+        assert_eq!(names[COL_LAST], "tokens_balance_base");
         assert_eq!(names[COL_BUNDLE], "bundle_id");
         for (i, field) in LimitField::ALL.into_iter().enumerate() {
             assert_eq!(names[COL_FIRST_LIMIT + i], field.column());
@@ -671,6 +726,12 @@ mod tests {
         assert_eq!(r.purchase_notes, None);
         assert!(r.active);
         assert_eq!((r.created_at, r.updated_at), (1, 2));
+        let b = r.balance.as_deref().unwrap();
+        assert_eq!(
+            (b.granted, b.used, b.base),
+            ([None, Some(1000)], [70, 90], [0, 40])
+        );
+        assert_eq!(b.left(BalanceKind::Tokens, 0, 0), Some(950));
     }
 
     #[test]
@@ -736,7 +797,7 @@ mod tests {
         );
         assert_eq!(cols.amount.as_deref(), Some("10.50"));
         let params = cols.params();
-        assert_eq!(params.len(), LIMIT_FIELDS + 4);
+        assert_eq!(params.len(), LIMIT_FIELDS + 7);
         assert_eq!(params[LimitField::RequestsPerDay as usize].1, Type::INT4);
         assert_eq!(params[LimitField::TokensPerHour as usize].1, Type::INT8);
 

@@ -223,6 +223,8 @@ pub struct Admit {
     pub replenishment: String,
     pub remaining_requests: i64,
     pub remaining_tokens: i64,
+    /// `windows`, `balance`, or `""` when denied.
+    pub paid_by: String,
     /// `VERBOSE`: the effective limits (-1 = unlimited).
     pub limits: Option<Map>,
     /// `VERBOSE`: the counters after this call.
@@ -234,7 +236,7 @@ pub struct Admit {
 }
 
 /// The documented element order of a `COMPACT` reply.
-pub const COMPACT_FIELDS: [&str; 8] = [
+pub const COMPACT_FIELDS: [&str; 9] = [
     "allowed",
     "retry_after",
     "remaining_requests",
@@ -243,6 +245,7 @@ pub const COMPACT_FIELDS: [&str; 8] = [
     "reason",
     "reserved",
     "replenishment",
+    "paid_by",
 ];
 
 impl Admit {
@@ -256,9 +259,9 @@ impl Admit {
         }
     }
 
-    /// A `COMPACT` reply: eight elements, none nil, `lease`/`reason` `""` when none.
+    /// A `COMPACT` reply: nine elements, none nil, `lease`/`reason` `""` when none.
     pub fn parse_compact(items: Vec<Value>) -> Admit {
-        assert_eq!(items.len(), 8, "COMPACT has 8 elements: {items:?}");
+        assert_eq!(items.len(), 9, "COMPACT has 9 elements: {items:?}");
         assert!(
             !items.iter().any(|v| matches!(v, Value::Nil)),
             "no COMPACT element is nil: {items:?}"
@@ -279,6 +282,7 @@ impl Admit {
             replenishment: field_str(&map, "replenishment").unwrap_or_default(),
             remaining_requests: field_i64(&map, "remaining_requests"),
             remaining_tokens: field_i64(&map, "remaining_tokens"),
+            paid_by: text("paid_by"),
             limits: None,
             usage: None,
             resets: None,
@@ -300,6 +304,8 @@ impl Admit {
                 .unwrap_or_else(|| panic!("replenishment is nil: {map:?}")),
             remaining_requests: field_i64(&map, "remaining_requests"),
             remaining_tokens: field_i64(&map, "remaining_tokens"),
+            paid_by: field_str(&map, "paid_by")
+                .unwrap_or_else(|| panic!("paid_by is nil: {map:?}")),
             limits: nested("limits"),
             usage: nested("usage").map(Usage::from_map),
             resets: nested("resets"),

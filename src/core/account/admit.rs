@@ -2,8 +2,8 @@
 //! allowed again, what remains, and recording the request and its lease when admitted.
 
 use super::{
-    Account, AccountError, AdmitDecision, AdmitRequest, Counter, Lease, LeaseId, Now, MAX_LEASES,
-    PRUNE_DELAY_MS,
+    Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, Counter, Lease, LeaseId, Now,
+    BALANCE_SPENT, MAX_LEASES, PRUNE_DELAY_MS,
 };
 use crate::core::policy::{EffectivePolicy, LimitField, Limits};
 use crate::core::window::seconds_until;
@@ -141,6 +141,9 @@ impl Account {
             changed: pruned,
             pruned,
             counted: false,
+            paid_by_balance: false,
+            debit_request: false,
+            held_tokens: 0,
         };
         let wanted = req.lease.map(LeaseId::parse);
         if let Some(id) = &wanted {
@@ -153,15 +156,35 @@ impl Account {
             }
         }
         let reserved = self.reserved();
-        let violations = self.violations(limits, &now, reserved);
+        let mut violations = self.violations(limits, &now, reserved);
+        if violations != 0 {
+            match balance_pays(violations, req.balance) {
+                Payment::Paid { request } => {
+                    decision.paid_by_balance = true;
+                    decision.debit_request = request;
+                    // The balance pays windows, never a concurrency slot.
+                    violations = match limits.get(LimitField::MaxConcurrent) {
+                        Some(max) if self.leases().len() as u64 >= max => {
+                            1 << LimitField::MaxConcurrent as u8
+                        }
+                        _ => 0,
+                    };
+                }
+                Payment::Spent => violations |= BALANCE_SPENT,
+                Payment::None => {}
+            }
+        }
         if violations != 0 {
             decision.allowed = false;
+            decision.paid_by_balance = false;
+            decision.debit_request = false;
             decision.violations = violations;
             decision.retry_after = self.retry_after(violations, limits, &now);
             self.fill_remaining(&mut decision, limits, &now, reserved);
             return Ok(decision);
         }
-        decision.used_replenishment = self.violations(&policy.base, &now, reserved) != 0;
+        decision.used_replenishment =
+            decision.paid_by_balance || self.violations(&policy.base, &now, reserved) != 0;
         let wants_lease = req.lease.is_some()
             || req.reserve.is_some()
             || limits.get(LimitField::MaxConcurrent).is_some();
@@ -175,7 +198,7 @@ impl Account {
         if limits.get(LimitField::TotalRequests).is_some() {
             self.lifetime = true;
         }
-        self.count_request(now.day, now.month);
+        self.count_request(now_ms, now.day, now.month);
         if wants_lease {
             let want = req.reserve.unwrap_or(0);
             let grant = [
@@ -190,6 +213,11 @@ impl Account {
                     .map(|l| l.saturating_sub(self.used(*f, &now, reserved)))
             })
             .fold(want, u64::min);
+            // What the windows cannot reserve, the token balance holds (as far as it goes).
+            let tokens_left = req.balance.and_then(|b| b.left[1]).unwrap_or(0);
+            decision.held_tokens = want
+                .saturating_sub(grant)
+                .min(u64::try_from(tokens_left).unwrap_or(0));
             let id = wanted.unwrap_or_else(|| LeaseId::Short(new_lease_id()));
             let expires_at = now_ms.saturating_add(req.lease_ttl_ms.max(1));
             self.push_lease(Lease {
@@ -201,11 +229,11 @@ impl Account {
             });
             decision.lease = Some(id);
             decision.lease_expires_at = expires_at;
-            decision.reserved = grant;
+            decision.reserved = grant.saturating_add(decision.held_tokens);
         }
         decision.changed = true;
         decision.counted = true;
-        let reserved_after = reserved.saturating_add(decision.reserved);
+        let reserved_after = reserved.saturating_add(decision.reserved - decision.held_tokens);
         self.fill_remaining(&mut decision, limits, &now, reserved_after);
         Ok(decision)
     }
@@ -239,5 +267,45 @@ impl Account {
                 LimitField::TokensPerMonth,
             ],
         );
+    }
+}
+
+/// Whether a balance pays a request that the windows `violations` deny.
+enum Payment {
+    /// It pays (`request`: the request windows denied, one request is debited).
+    Paid { request: bool },
+    /// A balance that would have to pay is spent.
+    Spent,
+    /// No balance can pay (none of the kind needed, or the concurrency limit denied).
+    None,
+}
+
+/// Request windows (day, month, total) and token windows (hour, day, month), as violation bits.
+const REQUEST_WINDOWS: u8 = 0b000_0111;
+const TOKEN_WINDOWS: u8 = 0b011_1000;
+
+fn balance_pays(violations: u8, offer: Option<BalanceOffer>) -> Payment {
+    let Some(offer) = offer else {
+        return Payment::None;
+    };
+    if violations & !(REQUEST_WINDOWS | TOKEN_WINDOWS) != 0 {
+        return Payment::None;
+    }
+    let mut spent = false;
+    for (kind, bits) in [REQUEST_WINDOWS, TOKEN_WINDOWS].into_iter().enumerate() {
+        if violations & bits == 0 {
+            continue;
+        }
+        match offer.left.get(kind).copied().flatten() {
+            None => return Payment::None,
+            Some(left) if left <= 0 => spent = true,
+            Some(_) => {}
+        }
+    }
+    if spent {
+        return Payment::Spent;
+    }
+    Payment::Paid {
+        request: violations & REQUEST_WINDOWS != 0,
     }
 }

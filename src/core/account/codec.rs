@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use super::{
     Account, BadState, Counter, Extra, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED,
 };
+use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
 
 impl Account {
     /// Encodes the state for RDB, AOF and replication.
@@ -16,7 +17,12 @@ impl Account {
     /// The encoding with these (window index, count) pairs as the counters, by `Counter`.
     pub(super) fn encode_with(&self, counters: [(i64, u64); 5]) -> Vec<u8> {
         let mut w = Vec::with_capacity(64 + self.leases().len() * 40);
-        w.push(ENCODING_VERSION);
+        // Without a ledger part, the first version's bytes exactly (an older build reads them).
+        w.push(if self.ledger().is_some() {
+            ENCODING_VERSION_LEDGER
+        } else {
+            ENCODING_VERSION
+        });
         w.push(u8::from(self.lifetime));
         for (window, count) in counters {
             put_i64(&mut w, window);
@@ -36,6 +42,9 @@ impl Account {
             put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
+        if let Some(ledger) = self.ledger() {
+            put_ledger(&mut w, ledger);
+        }
         w
     }
 
@@ -43,7 +52,8 @@ impl Account {
     /// an invariant (`check`), is refused with the reason.
     pub(crate) fn decode(bytes: &[u8]) -> Result<Account, BadState> {
         let mut r = Reader { buf: bytes };
-        if r.byte()? != ENCODING_VERSION {
+        let version = r.byte()?;
+        if version != ENCODING_VERSION && version != ENCODING_VERSION_LEDGER {
             return Err(BadState("unknown state version"));
         }
         let lifetime = match r.byte()? {
@@ -75,6 +85,11 @@ impl Account {
         for _ in 0..n {
             settled.push((r.id()?, r.i64()?));
         }
+        let ledger = if version == ENCODING_VERSION_LEDGER {
+            Some(Box::new(r.ledger()?))
+        } else {
+            None
+        };
         if !r.buf.is_empty() {
             return Err(BadState("bytes left after the state"));
         }
@@ -87,6 +102,7 @@ impl Account {
             last_expiry: leases.back().map_or(0, |l| l.expires_at),
             leases,
             settled: (!settled.is_empty()).then(|| Box::new(settled)),
+            ledger,
         };
         let account = Account {
             windows,
@@ -101,6 +117,36 @@ impl Account {
 }
 
 pub(super) const ENCODING_VERSION: u8 = 1;
+/// The first version followed by the ledger part.
+pub(super) const ENCODING_VERSION_LEDGER: u8 = 2;
+
+fn put_ledger(w: &mut Vec<u8>, l: &Ledger) {
+    put_u64(w, l.next_seq);
+    put_u64(w, l.floor[0]);
+    put_u64(w, l.floor[1]);
+    put_u64(w, l.hours.len() as u64);
+    for h in &l.hours {
+        for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+            put_i64(w, v);
+        }
+    }
+    put_u64(w, l.holds.len() as u64);
+    for h in &l.holds {
+        put_u64(w, h.tag);
+        put_i64(w, h.expires_at);
+        put_u64(w, h.tokens);
+        w.push(u8::from(h.paid_request));
+    }
+    match &l.terms {
+        None => w.push(0),
+        Some(t) => {
+            w.push(1 + u8::from(t.global));
+            for limit in t.token_limits {
+                put_u64(w, limit);
+            }
+        }
+    }
+}
 
 fn put_u64(w: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -165,6 +211,54 @@ impl Reader<'_> {
             .ok()
             .filter(|n| *n <= max)
             .ok_or(BadState(too_many))
+    }
+
+    fn ledger(&mut self) -> Result<Ledger, BadState> {
+        let next_seq = self.u64()?;
+        let floor = [self.u64()?, self.u64()?];
+        let n = self.count(
+            MAX_PENDING_HOURS,
+            "more unflushed hours than an account keeps",
+        )?;
+        let mut hours = Vec::with_capacity(n);
+        for _ in 0..n {
+            hours.push(HourDelta {
+                hour: self.i64()?,
+                requests: self.i64()?,
+                tokens: self.i64()?,
+                debits: [self.i64()?, self.i64()?],
+            });
+        }
+        let n = self.count(MAX_HOLDS, "more balance holds than an account keeps")?;
+        let mut holds = Vec::with_capacity(n);
+        for _ in 0..n {
+            holds.push(Hold {
+                tag: self.u64()?,
+                expires_at: self.i64()?,
+                tokens: self.u64()?,
+                paid_request: match self.byte()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(BadState("hold flag is neither 0 nor 1")),
+                },
+            });
+        }
+        let terms = match self.byte()? {
+            0 => None,
+            t @ (1 | 2) => Some(BalanceTerms {
+                global: t == 2,
+                token_limits: [self.u64()?, self.u64()?, self.u64()?],
+            }),
+            _ => return Err(BadState("unknown balance terms")),
+        };
+        Ok(Ledger {
+            hours,
+            next_seq,
+            floor,
+            holds,
+            terms,
+            tracked: false,
+        })
     }
 
     fn id(&mut self) -> Result<LeaseId, BadState> {

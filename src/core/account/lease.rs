@@ -109,6 +109,7 @@ impl Account {
             duplicate: false,
             lease_held: false,
             settled_until: None,
+            balance_debit: 0,
         };
         if let Some(id) = lease.map(LeaseId::parse) {
             if self.settled().iter().any(|(s, _)| *s == id) {
@@ -129,20 +130,31 @@ impl Account {
             outcome.lease_held = self.settle(id, until);
             outcome.settled_until = Some(until);
         }
-        self.count_tokens(tokens, now.hour, now.day, now.month);
+        outcome.balance_debit = self.token_debit(tokens, &now);
+        self.count_tokens(tokens, now_ms, now.hour, now.day, now.month);
         Ok(outcome)
     }
 
     /// Counts one admitted request in the day and month windows with these indexes and in the
     /// lifetime total.
-    pub(crate) fn count_request(&mut self, day: i64, month: i64) {
+    pub(crate) fn count_request(&mut self, at: Millis, day: i64, month: i64) {
+        self.ledger_mut(at).record(at, 1, 0, [0, 0]);
         self.add(Counter::ReqDay, day, 1);
         self.add(Counter::ReqMonth, month, 1);
         self.req_total = self.req_total.saturating_add(1);
     }
 
     /// Records `tokens` used in the hour, day and month windows with these indexes.
-    pub(crate) fn count_tokens(&mut self, tokens: u64, hour: i64, day: i64, month: i64) {
+    pub(crate) fn count_tokens(
+        &mut self,
+        tokens: u64,
+        at: Millis,
+        hour: i64,
+        day: i64,
+        month: i64,
+    ) {
+        let logged = i64::try_from(tokens).unwrap_or(i64::MAX);
+        self.ledger_mut(at).record_hour(hour, 0, logged, [0, 0]);
         self.add(Counter::TokHour, hour, tokens);
         self.add(Counter::TokDay, day, tokens);
         self.add(Counter::TokMonth, month, tokens);
@@ -170,12 +182,12 @@ impl Account {
     /// the windows it was counted in. False if the lease was not held.
     pub(crate) fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
         self.prune(now_ms);
-        self.unadmit(&LeaseId::parse(lease))
+        self.unadmit(&LeaseId::parse(lease), now_ms)
     }
 
     /// Drops the held lease `id` and refunds its request in the windows it was counted in.
     /// False if the lease is not held.
-    pub(crate) fn unadmit(&mut self, id: &LeaseId) -> bool {
+    pub(crate) fn unadmit(&mut self, id: &LeaseId, at: Millis) -> bool {
         let Some(held) = self.extra.as_deref_mut().and_then(|e| e.remove_lease(id)) else {
             return false;
         };
@@ -183,6 +195,33 @@ impl Account {
         self.refund(Counter::ReqDay, i64::from(held.day));
         self.refund(Counter::ReqMonth, i64::from(held.month));
         self.req_total = self.req_total.saturating_sub(1);
+        self.ledger_mut(at).record(at, -1, 0, [0, 0]);
+        self.drop_idle_ledger();
         true
+    }
+
+    /// The tokens of a commit of `tokens` at `now` that its balance pays: how much further
+    /// beyond its limit the most exceeded token window goes (limits as the account's last
+    /// admission with a balance found them). Zero without balance terms.
+    fn token_debit(&self, tokens: u64, now: &Now) -> u64 {
+        let Some(terms) = self.terms() else {
+            return 0;
+        };
+        let counted = [
+            self.count(Counter::TokHour, now.hour),
+            self.count(Counter::TokDay, now.day),
+            self.count(Counter::TokMonth, now.month),
+        ];
+        counted
+            .iter()
+            .zip(terms.token_limits)
+            .filter(|(_, limit)| *limit != u64::MAX)
+            .map(|(c, limit)| {
+                let before = c.saturating_sub(limit);
+                let after = c.saturating_add(tokens).saturating_sub(limit);
+                after - before
+            })
+            .max()
+            .unwrap_or(0)
     }
 }

@@ -17,6 +17,9 @@ mod lease;
 
 use std::collections::{HashSet, VecDeque};
 
+use super::ledger::{
+    Acknowledgement, BalanceChange, BalanceTerms, Ledger, MAX_HOLDS, MAX_PENDING_HOURS,
+};
 use super::policy::LimitField;
 use super::window::{Window, LAST_MS};
 use super::Millis;
@@ -172,11 +175,14 @@ pub(crate) struct Extra {
     // Boxed: 8 bytes instead of a Vec's 24 keep this part within one cache line.
     #[allow(clippy::box_collection)]
     settled: Option<Box<Vec<(LeaseId, Millis)>>>,
+    /// Unflushed usage, balance holds and terms (see `core::ledger`); `None` while there is
+    /// nothing to keep, so an account without unflushed usage or a balance pays nothing more.
+    ledger: Option<Box<Ledger>>,
 }
 
 impl Extra {
     fn is_empty(&self) -> bool {
-        self.leases.is_empty() && self.settled.is_none()
+        self.leases.is_empty() && self.settled.is_none() && self.ledger.is_none()
     }
 
     /// The settled ids.
@@ -199,7 +205,20 @@ pub(crate) struct AdmitRequest<'a> {
     pub lease_ttl_ms: Millis,
     pub reserve: Option<u64>,
     pub peek: bool,
+    /// What the balance of the applicable credit row has left, when it has one.
+    pub balance: Option<BalanceOffer>,
 }
+
+/// What a credit row's balance has left for an admission, per kind (requests, tokens): the
+/// granted amount minus every debit, flushed or not, and minus the tokens held for other
+/// leases. `None` for a kind the row has no balance of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BalanceOffer {
+    pub left: [Option<i64>; 2],
+}
+
+/// The violation bit of a spent balance (above the `LimitField` bits).
+pub(crate) const BALANCE_SPENT: u8 = 1 << 7;
 
 /// The outcome of an admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +240,12 @@ pub(crate) struct AdmitDecision {
     pub pruned: bool,
     /// Whether the request was counted (and its lease, if any, taken).
     pub counted: bool,
+    /// The balance paid: a window would have denied.
+    pub paid_by_balance: bool,
+    /// The balance pays this request (one request debited).
+    pub debit_request: bool,
+    /// Tokens held on the token balance for the lease (part of `reserved`).
+    pub held_tokens: u64,
 }
 
 impl AdmitDecision {
@@ -233,14 +258,19 @@ impl AdmitDecision {
         let mut violated = LimitField::ALL
             .into_iter()
             .filter(|f| self.violations & (1 << *f as u8) != 0);
+        let spent = self.violations & BALANCE_SPENT != 0;
         match (violated.next(), violated.next()) {
+            (None, _) if spent => "balance".into(),
             (None, _) => "".into(),
-            (Some(only), None) => name(only).into(),
-            (Some(first), Some(second)) => {
-                let mut out = format!("{}|{}", name(first), name(second));
-                for field in violated {
+            (Some(only), None) if !spent => name(only).into(),
+            (Some(first), second) => {
+                let mut out = name(first).to_owned();
+                for field in second.into_iter().chain(violated) {
                     out.push('|');
                     out.push_str(name(field));
+                }
+                if spent {
+                    out.push_str("|balance");
                 }
                 out.into()
             }
@@ -283,6 +313,8 @@ pub(crate) struct CommitOutcome {
     pub lease_held: bool,
     /// Until when the committed lease id is remembered (none without a lease or when duplicate).
     pub settled_until: Option<Millis>,
+    /// Tokens beyond the token windows, owed to the balance of the account's terms.
+    pub balance_debit: u64,
 }
 
 /// Why an admission could not even be decided; `Display` is the wire error text.
@@ -439,9 +471,15 @@ impl Account {
     /// the last lease or settled id; for good once a lifetime limit applied; not at all when
     /// nothing is left (the caller deletes the key).
     pub(crate) fn retention(&self) -> Retention {
-        if self.lifetime {
+        // Unflushed usage must reach PostgreSQL before the key may go, and a balance holder
+        // keeps what PostgreSQL said it has used (its floor: a cached row may be older).
+        let keeps = |l: &Ledger| !l.hours.is_empty() || l.floor != [0, 0];
+        if self.lifetime || self.ledger().is_some_and(keeps) {
             return Retention::Forever;
         }
+        let holds = self
+            .ledger()
+            .and_then(|l| l.holds.iter().map(|h| h.expires_at).max());
         let counted = Counter::ALL
             .into_iter()
             .map(|c| (c.window(), self.counter(c)))
@@ -454,7 +492,7 @@ impl Account {
             .map(|e| e.last_expiry)
             .filter(|at| *at != 0);
         let settled = self.settled().iter().map(|(_, t)| *t);
-        match counted.chain(leases).chain(settled).max() {
+        match counted.chain(leases).chain(settled).chain(holds).max() {
             Some(at) => Retention::Until(at),
             // Only a lifetime count is left and no lifetime limit uses it: keep it for the
             // month it was last counted in.
@@ -543,7 +581,72 @@ impl Account {
         if self.first_expiry() != self.leases().front().map_or(0, |l| l.expires_at) {
             return Err(BadState("first expiry differs from the first lease's"));
         }
+        if let Some(ledger) = self.ledger() {
+            check_ledger(ledger)?;
+        }
         Ok(())
+    }
+
+    /// Marks whether the key is on the node's list of accounts to flush (memory only).
+    pub(crate) fn set_tracked(&mut self, tracked: bool) {
+        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
+            ledger.tracked = tracked;
+        }
+    }
+
+    /// The ledger part, if the account has one.
+    pub(crate) fn ledger(&self) -> Option<&Ledger> {
+        self.extra.as_ref().and_then(|e| e.ledger.as_deref())
+    }
+
+    /// The ledger part, created at `at` when missing.
+    pub(crate) fn ledger_mut(&mut self, at: Millis) -> &mut Ledger {
+        self.extra
+            .get_or_insert_with(Box::default)
+            .ledger
+            .get_or_insert_with(|| Box::new(Ledger::new(at)))
+    }
+
+    /// Drops the ledger part when it holds nothing worth keeping.
+    pub(crate) fn drop_idle_ledger(&mut self) {
+        if let Some(extra) = self.extra.as_mut() {
+            if extra.ledger.as_ref().is_some_and(|l| l.is_idle()) {
+                extra.ledger = None;
+            }
+        }
+        self.tidy();
+    }
+
+    /// Applies a change to this account as a balance holder, made at `at`.
+    pub(crate) fn apply_balance(&mut self, at: Millis, change: &BalanceChange) {
+        if change.is_empty() && self.ledger().is_none() {
+            return;
+        }
+        self.ledger_mut(at).apply(at, change);
+        self.drop_idle_ledger();
+    }
+
+    /// Sets how this account's commits debit a balance; true if that changed.
+    pub(crate) fn set_terms(&mut self, at: Millis, terms: Option<BalanceTerms>) -> bool {
+        if self.terms() == terms {
+            return false;
+        }
+        self.ledger_mut(at).terms = terms;
+        self.drop_idle_ledger();
+        true
+    }
+
+    /// The balance terms of this account's commits, if any.
+    pub(crate) fn terms(&self) -> Option<BalanceTerms> {
+        self.ledger().and_then(|l| l.terms)
+    }
+
+    /// Takes a flushed batch off the ledger (see `Ledger::acknowledge`).
+    pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
+        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
+            ledger.acknowledge(ack);
+        }
+        self.drop_idle_ledger();
     }
 
     /// Bytes of heap this state owns beyond the struct itself (for `MEMORY USAGE`).
@@ -559,7 +662,42 @@ impl Account {
                     + s.capacity() * std::mem::size_of::<(LeaseId, Millis)>()
                     + s.iter().map(|(id, _)| id.heap_size()).sum::<usize>()
             })
+            + extra
+                .ledger
+                .as_ref()
+                .map_or(0, |l| std::mem::size_of::<Ledger>() + l.heap_size())
     }
+}
+
+/// The ledger part's invariants: hours in range, strictly ascending and within the bound;
+/// holds within the bound, in range and with distinct tags.
+fn check_ledger(ledger: &Ledger) -> Result<(), BadState> {
+    if ledger.hours.len() > MAX_PENDING_HOURS {
+        return Err(BadState("more unflushed hours than an account keeps"));
+    }
+    let mut previous = -1;
+    for h in &ledger.hours {
+        if !(0..=Window::Hour.last_index()).contains(&h.hour) {
+            return Err(BadState("ledger hour out of range"));
+        }
+        if h.hour <= previous {
+            return Err(BadState("ledger hours out of order"));
+        }
+        previous = h.hour;
+    }
+    if ledger.holds.len() > MAX_HOLDS {
+        return Err(BadState("more balance holds than an account keeps"));
+    }
+    let mut tags = HashSet::with_capacity(ledger.holds.len());
+    for hold in &ledger.holds {
+        if !(1..=LAST_MS).contains(&hold.expires_at) {
+            return Err(BadState("balance hold expiry out of range"));
+        }
+        if !tags.insert(hold.tag) {
+            return Err(BadState("balance hold held twice"));
+        }
+    }
+    Ok(())
 }
 
 /// A lease id as a caller may give it: 1..=`MAX_LEASE_ID_LEN` bytes.
@@ -595,6 +733,7 @@ mod tests {
             lease_ttl_ms: 300_000,
             reserve: None,
             peek: false,
+            balance: None,
         }
     }
 
@@ -845,6 +984,7 @@ mod tests {
                             lease_ttl_ms: 1 + next(1500) as Millis,
                             reserve: (next(2) == 0).then(|| next(6)),
                             peek: next(8) == 0,
+                            balance: None,
                         };
                         eager.prune(now);
                         let mut id_a = 1000 * (case + 1) + step;
@@ -893,10 +1033,11 @@ mod tests {
         }
     }
 
-    /// The optional part is one cache line: an admission with a lease touches it and appends.
+    /// The optional part is one cache line plus the ledger pointer (which an admission without
+    /// unflushed usage does not touch): an admission with a lease touches it and appends.
     #[test]
     fn the_lease_part_is_one_cache_line() {
-        assert_eq!(std::mem::size_of::<Extra>(), 64);
+        assert_eq!(std::mem::size_of::<Extra>(), 72);
         assert_eq!(std::mem::size_of::<Account>(), 80);
     }
 
@@ -937,15 +1078,31 @@ mod tests {
         assert_eq!(acc, Account::default());
     }
 
+    /// Acknowledges everything unflushed, as a flush does.
+    fn flushed(acc: &mut Account) {
+        let ledger = acc.ledger().unwrap();
+        let ack = crate::core::ledger::Acknowledgement {
+            hours: ledger.hours.clone(),
+            next_seq: ledger.next_seq + 1,
+            floor: None,
+        };
+        acc.acknowledge(&ack);
+    }
+
     #[test]
     fn expiry_follows_the_longest_live_window() {
         let p = policy(&[(LimitField::RequestsPerDay, 5)]);
         let mut acc = Account::default();
         assert_eq!(acc.retention(), Retention::Nothing);
         admit(&mut acc, &p, &plain(), T0);
+        // Unflushed usage keeps the key until the ledger has it.
+        assert_eq!(acc.retention(), Retention::Forever);
+        flushed(&mut acc);
         assert_eq!(acc.retention(), Retention::Until(Window::Month.end(T0)));
+        assert!(acc.ledger().is_none(), "an idle ledger part is given back");
         let mut tokens = Account::default();
         tokens.commit(5, None, T0).unwrap();
+        flushed(&mut tokens);
         assert_eq!(tokens.retention(), Retention::Until(Window::Month.end(T0)));
         // A released admission leaves nothing to keep.
         let mut released = Account::default();

@@ -1,0 +1,422 @@
+//! The usage ledger and the prepaid balances, as an account holds them until they are flushed.
+//!
+//! Every change an account counts (a request admitted or released, tokens committed, a debit of
+//! a balance) is also added to the account's `Ledger`, per UTC hour, until a flush has written
+//! it to PostgreSQL and acknowledged it (`Ledger::acknowledge`), which takes exactly what was
+//! written off again. The ledger lives in an optional, boxed part of the account: an account
+//! with nothing unflushed and no balance pays 8 bytes for it.
+//!
+//! An account is also the holder of the balance of the credit row with its own identity: the
+//! debits of that balance go into its ledger, and its tokens held by `RESERVE` (`Hold`) keep
+//! concurrent admissions from spending the same tokens. A `'*'` row's balance is held by the
+//! user's `'*'` account, shared by every bundle without a row of its own.
+//!
+//! Batches carry a per-account sequence (`next_seq`) that PostgreSQL keeps per account, so a
+//! batch sent again (a retry, a replay, a master that took over) is applied once. The sequence
+//! starts from the master's clock when the part is created (shifted left by 20 bits) and only
+//! grows, so a part created again later never reuses a sequence a previous part used.
+//! Pure: no Redis, no PostgreSQL, time passed in.
+
+use super::credit::{BalanceKind, RowBalance};
+use super::window::Window;
+use super::Millis;
+
+/// Most unflushed hours an account keeps (a week). While PostgreSQL is down, an account active
+/// for longer merges its two oldest hours into the later one: the totals stay exact, the split
+/// between those hours is lost. 40 bytes an hour: at most 6.7 KB per account.
+pub(crate) const MAX_PENDING_HOURS: usize = 168;
+
+/// Most balance holds an account keeps (one per live lease that reserved from the balance or
+/// whose request the balance paid): the lease bound of the accounts that draw on it.
+pub(crate) const MAX_HOLDS: usize = 4096;
+
+/// The sequence bits below the creation time.
+const SEQ_SHIFT: u32 = 20;
+
+/// One hour of changes not flushed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct HourDelta {
+    /// Hours since the epoch (`Window::Hour` index).
+    pub hour: i64,
+    /// Requests admitted minus requests released.
+    pub requests: i64,
+    pub tokens: i64,
+    /// Debits of this holder's balance, in `BalanceKind` order (a refund is negative).
+    pub debits: [i64; 2],
+}
+
+impl HourDelta {
+    /// Whether the hour changes nothing.
+    pub(crate) fn is_zero(&self) -> bool {
+        self.requests == 0 && self.tokens == 0 && self.debits == [0, 0]
+    }
+}
+
+/// Tokens of a holder's balance held for one lease until it is committed, released or expires,
+/// and whether the balance paid for that lease's request (refunded by a release).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hold {
+    /// `hold_tag` of the account key and lease id.
+    pub tag: u64,
+    pub expires_at: Millis,
+    pub tokens: u64,
+    pub paid_request: bool,
+}
+
+/// What an account's commits and releases owe a balance, as its last admission found it: whose
+/// balance (its own row's or the `'*'` row's) and the effective token limits beyond which
+/// committed tokens are debited (`u64::MAX` = unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BalanceTerms {
+    pub global: bool,
+    pub token_limits: [u64; 3],
+}
+
+/// The optional ledger part of an account.
+#[derive(Debug, Clone)]
+pub(crate) struct Ledger {
+    /// Unflushed changes by hour, oldest first, one entry an hour.
+    pub hours: Vec<HourDelta>,
+    /// The sequence of the next batch.
+    pub next_seq: u64,
+    /// The balance used totals PostgreSQL reported at the last flush of this holder's debits
+    /// (`BalanceKind` order): a cached row that is older counts at least these.
+    pub floor: [u64; 2],
+    /// Holds on this holder's token balance, in no particular order.
+    pub holds: Vec<Hold>,
+    /// How this account's commits debit a balance (none: they debit nothing).
+    pub terms: Option<BalanceTerms>,
+    /// In memory only (never encoded, not part of the state's value): the key is on the
+    /// node's list of accounts to flush (`runtime::ledger`). Kept here rather than next to the
+    /// key's value, which must stay within 128 bytes.
+    pub tracked: bool,
+}
+
+impl PartialEq for Ledger {
+    fn eq(&self, other: &Self) -> bool {
+        self.hours == other.hours
+            && self.next_seq == other.next_seq
+            && self.floor == other.floor
+            && self.holds == other.holds
+            && self.terms == other.terms
+    }
+}
+
+impl Eq for Ledger {}
+
+/// A change to a balance holder, made by an admission, commit or release of an account that
+/// draws on it (the holder itself or another bundle of the user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct BalanceChange {
+    pub debits: [i64; 2],
+    pub hold: Option<Hold>,
+    /// Drop the hold with this tag (commit, release).
+    pub settle: Option<u64>,
+}
+
+impl BalanceChange {
+    /// Whether it changes nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.debits == [0, 0] && self.hold.is_none() && self.settle.is_none()
+    }
+}
+
+/// What one flushed batch of an account was, to take off its ledger once PostgreSQL has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Acknowledgement {
+    /// The hours written (or found already written), exactly as sent.
+    pub hours: Vec<HourDelta>,
+    /// The sequence the next batch uses.
+    pub next_seq: u64,
+    /// The holder's used totals after the batch, when PostgreSQL has a credit row for it.
+    pub floor: Option<[u64; 2]>,
+}
+
+/// What balance `b` has left per kind (`BalanceKind` order) at `now`, given the ledger of its
+/// holder: granted, minus the debits flushed (at least the holder's floor), minus those not
+/// flushed yet, and for tokens minus the live holds. `None` for a kind `b` has no balance of.
+pub(crate) fn balance_left(
+    b: &RowBalance,
+    holder: Option<&Ledger>,
+    now: Millis,
+) -> [Option<i64>; 2] {
+    let floor = holder.map_or([0, 0], |l| l.floor);
+    let unflushed = |k: usize| holder.map_or(0, |l| l.unflushed(k));
+    let held = holder.map_or(0, |l| l.held(now));
+    let requests = b.left(BalanceKind::Requests, floor[0], unflushed(0));
+    let tokens = b
+        .left(BalanceKind::Tokens, floor[1], unflushed(1))
+        .map(|left| left.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)));
+    [requests, tokens]
+}
+
+/// A 64-bit tag for (account key, lease id): holds of several bundles share a holder, and their
+/// lease ids may be the same text.
+pub(crate) fn hold_tag(account_key: &[u8], lease: &str) -> u64 {
+    // FNV-1a over key, a separator no key ends with, and the lease id; then a final mix.
+    let bytes = account_key.iter().chain(b"\xff").chain(lease.as_bytes());
+    let h = bytes.fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+impl Ledger {
+    /// An empty part created at `at` (the first sequence follows from it).
+    pub(crate) fn new(at: Millis) -> Ledger {
+        Ledger {
+            hours: Vec::new(),
+            next_seq: (at.max(0) as u64) << SEQ_SHIFT,
+            floor: [0, 0],
+            holds: Vec::new(),
+            terms: None,
+            tracked: false,
+        }
+    }
+
+    /// Whether the part holds nothing worth keeping.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.hours.is_empty()
+            && self.holds.is_empty()
+            && self.floor == [0, 0]
+            && self.terms.is_none()
+    }
+
+    /// Adds changes to the hour of `at`.
+    pub(crate) fn record(&mut self, at: Millis, requests: i64, tokens: i64, debits: [i64; 2]) {
+        self.record_hour(Window::Hour.index(at), requests, tokens, debits);
+    }
+
+    /// Adds changes to the hour with index `hour`.
+    pub(crate) fn record_hour(&mut self, hour: i64, requests: i64, tokens: i64, debits: [i64; 2]) {
+        let entry = match self.hours.iter().rposition(|h| h.hour <= hour) {
+            Some(i) if self.hours.get(i).is_some_and(|h| h.hour == hour) => self.hours.get_mut(i),
+            found => {
+                let at = found.map_or(0, |i| i + 1);
+                self.hours.insert(
+                    at,
+                    HourDelta {
+                        hour,
+                        ..HourDelta::default()
+                    },
+                );
+                self.hours.get_mut(at)
+            }
+        };
+        if let Some(h) = entry {
+            h.requests = h.requests.saturating_add(requests);
+            h.tokens = h.tokens.saturating_add(tokens);
+            for (d, add) in h.debits.iter_mut().zip(debits) {
+                *d = d.saturating_add(add);
+            }
+        }
+        // A change undone within the hour (an admission released) leaves nothing to flush.
+        self.hours.retain(|h| !h.is_zero());
+        self.bound_hours();
+    }
+
+    /// Merges the oldest hours into the next one while there are more than the bound.
+    fn bound_hours(&mut self) {
+        while self.hours.len() > MAX_PENDING_HOURS {
+            let oldest = self.hours.remove(0);
+            if let Some(next) = self.hours.first_mut() {
+                next.requests = next.requests.saturating_add(oldest.requests);
+                next.tokens = next.tokens.saturating_add(oldest.tokens);
+                for (d, add) in next.debits.iter_mut().zip(oldest.debits) {
+                    *d = d.saturating_add(add);
+                }
+            }
+        }
+    }
+
+    /// Debits of kind `kind` (0 requests, 1 tokens) not flushed yet.
+    pub(crate) fn unflushed(&self, kind: usize) -> i64 {
+        self.hours
+            .iter()
+            .filter_map(|h| h.debits.get(kind))
+            .fold(0i64, |sum, d| sum.saturating_add(*d))
+    }
+
+    /// Tokens held by holds that are live at `now`.
+    pub(crate) fn held(&self, now: Millis) -> u64 {
+        self.holds
+            .iter()
+            .filter(|h| h.expires_at > now)
+            .fold(0u64, |sum, h| sum.saturating_add(h.tokens))
+    }
+
+    /// The hold with `tag`, if live at `now`.
+    pub(crate) fn hold(&self, tag: u64, now: Millis) -> Option<&Hold> {
+        self.holds
+            .iter()
+            .find(|h| h.tag == tag && h.expires_at > now)
+    }
+
+    /// Applies a change made at `at`: expired holds are dropped first, then the debits are
+    /// recorded in the hour of `at`, the settled hold dropped and the new one added.
+    pub(crate) fn apply(&mut self, at: Millis, change: &BalanceChange) {
+        self.holds.retain(|h| h.expires_at > at);
+        if change.debits != [0, 0] {
+            self.record(at, 0, 0, change.debits);
+        }
+        if let Some(tag) = change.settle {
+            self.holds.retain(|h| h.tag != tag);
+        }
+        if let Some(hold) = change.hold {
+            self.holds.retain(|h| h.tag != hold.tag);
+            if self.holds.len() >= MAX_HOLDS {
+                // Cannot happen from admissions (leases are bounded); keep the bound anyway.
+                if let Some(first) = (0..self.holds.len()).min_by_key(|i| self.holds[*i].expires_at)
+                {
+                    self.holds.swap_remove(first);
+                }
+            }
+            self.holds.push(hold);
+        }
+    }
+
+    /// Takes a flushed batch off: each hour's amounts as sent are subtracted (what was counted
+    /// since stays), emptied hours are dropped, the sequence moves on and the floor rises.
+    pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
+        for sent in &ack.hours {
+            if let Some(h) = self.hours.iter_mut().find(|h| h.hour == sent.hour) {
+                h.requests = h.requests.saturating_sub(sent.requests);
+                h.tokens = h.tokens.saturating_sub(sent.tokens);
+                for (d, s) in h.debits.iter_mut().zip(sent.debits) {
+                    *d = d.saturating_sub(s);
+                }
+            }
+        }
+        self.hours.retain(|h| !h.is_zero());
+        self.next_seq = self.next_seq.max(ack.next_seq);
+        // PostgreSQL's totals right after this batch: exact (a refund may have lowered them).
+        if let Some(floor) = ack.floor {
+            self.floor = floor;
+        }
+    }
+
+    /// Bytes of heap the part owns beyond its box.
+    pub(crate) fn heap_size(&self) -> usize {
+        self.hours.capacity() * std::mem::size_of::<HourDelta>()
+            + self.holds.capacity() * std::mem::size_of::<Hold>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_795_000_000_000;
+    const HOUR: Millis = 3_600_000;
+
+    #[test]
+    fn changes_add_up_per_hour_and_an_ack_takes_off_exactly_what_was_sent() {
+        let mut l = Ledger::new(T0);
+        l.record(T0, 1, 0, [1, 0]);
+        l.record(T0 + 10, 1, 50, [0, 20]);
+        l.record(T0 + HOUR, 1, 0, [0, 0]);
+        // A late change for an earlier hour goes into that hour.
+        l.record(T0 + 5, 0, 7, [0, 0]);
+        assert_eq!(l.hours.len(), 2);
+        assert_eq!(l.hours[0].tokens, 57);
+        assert_eq!(l.unflushed(0), 1);
+        assert_eq!(l.unflushed(1), 20);
+        let sent = l.hours.clone();
+        let seq = l.next_seq;
+        // More is counted while the batch is on its way.
+        l.record(T0 + HOUR, 1, 3, [0, 3]);
+        l.acknowledge(&Acknowledgement {
+            hours: sent,
+            next_seq: seq + 1,
+            floor: Some([1, 20]),
+        });
+        assert_eq!(l.hours.len(), 1);
+        assert_eq!(
+            (l.hours[0].requests, l.hours[0].tokens, l.hours[0].debits),
+            (1, 3, [0, 3])
+        );
+        assert_eq!(l.next_seq, seq + 1);
+        assert_eq!(l.floor, [1, 20]);
+        // The sequence never goes back; the floor is what PostgreSQL said last.
+        l.acknowledge(&Acknowledgement {
+            hours: vec![],
+            next_seq: 0,
+            floor: Some([0, 19]),
+        });
+        assert_eq!((l.floor, l.next_seq), ([0, 19], seq + 1));
+    }
+
+    #[test]
+    fn a_part_created_later_starts_beyond_every_earlier_sequence() {
+        let mut early = Ledger::new(T0);
+        for _ in 0..100_000 {
+            early.next_seq += 1;
+        }
+        assert!(Ledger::new(T0 + 1000).next_seq > early.next_seq);
+    }
+
+    #[test]
+    fn at_the_bound_the_oldest_hours_merge_and_totals_stay() {
+        let mut l = Ledger::new(T0);
+        for i in 0..(MAX_PENDING_HOURS as i64 + 10) {
+            l.record(T0 + i * HOUR, 1, 2, [1, 1]);
+        }
+        assert_eq!(l.hours.len(), MAX_PENDING_HOURS);
+        let total: i64 = l.hours.iter().map(|h| h.requests).sum();
+        assert_eq!(total, MAX_PENDING_HOURS as i64 + 10);
+        assert_eq!(l.unflushed(1), MAX_PENDING_HOURS as i64 + 10);
+        assert_eq!(l.hours[0].requests, 11);
+    }
+
+    #[test]
+    fn holds_expire_settle_and_count_once() {
+        let mut l = Ledger::new(T0);
+        let hold = |tag, tokens| Hold {
+            tag,
+            expires_at: T0 + 1000,
+            tokens,
+            paid_request: true,
+        };
+        l.apply(
+            T0,
+            &BalanceChange {
+                debits: [1, 0],
+                hold: Some(hold(1, 30)),
+                settle: None,
+            },
+        );
+        l.apply(
+            T0,
+            &BalanceChange {
+                hold: Some(hold(2, 12)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(l.held(T0), 42);
+        assert_eq!(l.held(T0 + 1000), 0, "expired holds hold nothing");
+        assert!(l.hold(1, T0).is_some_and(|h| h.paid_request));
+        l.apply(
+            T0 + 1,
+            &BalanceChange {
+                debits: [0, 25],
+                settle: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(l.held(T0 + 1), 12);
+        assert_eq!((l.unflushed(0), l.unflushed(1)), (1, 25));
+        l.apply(T0 + 2000, &BalanceChange::default());
+        assert!(l.holds.is_empty());
+    }
+
+    #[test]
+    fn hold_tags_tell_accounts_and_leases_apart() {
+        assert_ne!(
+            hold_tag(b"q:{a}:1:t1:p1:a1:x", "l"),
+            hold_tag(b"q:{a}:1:t1:p1:a1:y", "l")
+        );
+        assert_ne!(hold_tag(b"k", "l1"), hold_tag(b"k", "l2"));
+        assert_eq!(hold_tag(b"k", "l1"), hold_tag(b"k", "l1"));
+    }
+}

@@ -1,0 +1,354 @@
+//! The usage ledger in PostgreSQL: applying flush batches exactly once and reading the hourly
+//! rows back (`QUOTA.HISTORY`).
+//!
+//! A flush is one transaction over many accounts: the per-account sequence in
+//! `quota_ledger_batch` is advanced only for batches above it (the others were applied before
+//! and are skipped whole), the applied batches are added to `quota_usage_hourly`, and their
+//! balance debits to the `*_balance_used` columns of the credit rows with the same identity.
+//! Must not decide what a batch holds (the core does) nor open connections.
+
+use std::collections::HashMap;
+
+use postgres::types::Type;
+use postgres::{Client, GenericClient};
+
+use super::error::StoreError;
+use super::schema::substitute;
+use crate::core::ledger::HourDelta;
+
+/// Most rows `QUOTA.HISTORY` returns (a leap year of hours).
+pub(crate) const HISTORY_MAX_ROWS: i64 = 8784;
+
+/// One account's batch: its identity, sequence and unflushed hours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AccountBatch {
+    /// tenant, project, user, bundle.
+    pub ids: [String; 4],
+    pub seq: u64,
+    pub hours: Vec<HourDelta>,
+}
+
+/// What PostgreSQL did with one account's batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchOutcome {
+    /// False when a batch with this sequence or a later one was applied before (skipped).
+    pub applied: bool,
+    /// The sequence the account's next batch must use.
+    pub next_seq: u64,
+    /// The credit row's used totals after the batch, when the batch debited one.
+    pub floor: Option<[u64; 2]>,
+}
+
+/// One hourly row as `QUOTA.HISTORY` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HourRow {
+    /// Unix seconds of the hour's start.
+    pub hour: i64,
+    pub requests: i64,
+    pub tokens: i64,
+    pub requests_debited: i64,
+    pub tokens_debited: i64,
+}
+
+/// The ledger statements, with the configured schema substituted once.
+pub(crate) struct LedgerStatements {
+    claim: String,
+    last_seq: String,
+    add_hours: String,
+    add_used: String,
+    history: String,
+}
+
+const IDS: &str = "$1::text[], $2::text[], $3::text[], $4::text[]";
+const MATCH: &str = "r.tenant = x.t AND r.project = x.p AND r.user_id = x.u AND r.bundle_id = x.b";
+
+impl LedgerStatements {
+    /// Builds the statements for `schema` (already validated).
+    pub(crate) fn new(schema: &str) -> LedgerStatements {
+        let s = |sql: String| substitute(&sql, schema);
+        LedgerStatements {
+            claim: s(format!(
+                "INSERT INTO \"control_plane\".quota_ledger_batch AS r \
+                 (tenant, project, user_id, bundle_id, last_seq) \
+                 SELECT * FROM unnest({IDS}, $5::bigint[]) \
+                 ON CONFLICT (tenant, project, user_id, bundle_id) DO UPDATE \
+                 SET last_seq = EXCLUDED.last_seq, updated_at = now() \
+                 WHERE r.last_seq < EXCLUDED.last_seq \
+                 RETURNING tenant, project, user_id, bundle_id"
+            )),
+            last_seq: s(format!(
+                "SELECT x.i, r.last_seq FROM unnest({IDS}) WITH ORDINALITY AS x(t, p, u, b, i) \
+                 JOIN \"control_plane\".quota_ledger_batch r ON {MATCH}"
+            )),
+            add_hours: s(format!(
+                "INSERT INTO \"control_plane\".quota_usage_hourly AS r \
+                 (tenant, project, user_id, bundle_id, hour, requests, tokens, \
+                  requests_debited, tokens_debited) \
+                 SELECT t, p, u, b, to_timestamp(h * 3600), q, k, dq, dk \
+                 FROM unnest({IDS}, $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
+                      $9::bigint[]) AS x(t, p, u, b, h, q, k, dq, dk) \
+                 ON CONFLICT (tenant, project, user_id, bundle_id, hour) DO UPDATE SET \
+                 requests = r.requests + EXCLUDED.requests, tokens = r.tokens + EXCLUDED.tokens, \
+                 requests_debited = r.requests_debited + EXCLUDED.requests_debited, \
+                 tokens_debited = r.tokens_debited + EXCLUDED.tokens_debited, updated_at = now()"
+            )),
+            add_used: s(format!(
+                "UPDATE \"control_plane\".user_quota_replenishment r SET \
+                 requests_balance_used = r.requests_balance_used + x.dq, \
+                 tokens_balance_used = r.tokens_balance_used + x.dk \
+                 FROM unnest({IDS}, $5::bigint[], $6::bigint[]) AS x(t, p, u, b, dq, dk) \
+                 WHERE {MATCH} \
+                 RETURNING r.tenant, r.project, r.user_id, r.bundle_id, \
+                 r.requests_balance_used, r.tokens_balance_used"
+            )),
+            history: s(
+                "SELECT floor(extract(epoch FROM hour))::bigint, requests, tokens, \
+                 requests_debited, tokens_debited FROM \"control_plane\".quota_usage_hourly \
+                 WHERE tenant = $1 AND project = $2 AND user_id = $3 AND bundle_id = $4 \
+                 AND hour >= to_timestamp($5::bigint) AND hour < to_timestamp($6::bigint) \
+                 ORDER BY hour LIMIT $7"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+fn pg(err: postgres::Error) -> StoreError {
+    StoreError::from_pg(&err)
+}
+
+/// Four text arrays of the accounts' identities.
+fn id_arrays<'a>(batches: impl Iterator<Item = &'a [String; 4]>) -> [Vec<&'a str>; 4] {
+    let mut out: [Vec<&str>; 4] = Default::default();
+    for ids in batches {
+        for (column, id) in out.iter_mut().zip(ids) {
+            column.push(id);
+        }
+    }
+    out
+}
+
+type Identity = (String, String, String, String);
+
+fn identity(row: &postgres::Row) -> Result<Identity, StoreError> {
+    Ok((
+        row.try_get(0).map_err(pg)?,
+        row.try_get(1).map_err(pg)?,
+        row.try_get(2).map_err(pg)?,
+        row.try_get(3).map_err(pg)?,
+    ))
+}
+
+/// Applies `batches` (one per account, identities distinct) in one transaction; returns what
+/// happened to each, in order. Nothing is applied when it fails.
+pub(crate) fn flush(
+    client: &mut Client,
+    sql: &LedgerStatements,
+    batches: &[AccountBatch],
+) -> Result<Vec<BatchOutcome>, StoreError> {
+    let mut out: Vec<BatchOutcome> = batches
+        .iter()
+        .map(|b| BatchOutcome {
+            applied: false,
+            next_seq: b.seq.saturating_add(1),
+            floor: None,
+        })
+        .collect();
+    if batches.is_empty() {
+        return Ok(out);
+    }
+    let position: HashMap<Identity, usize> = batches
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let [t, p, u, bu] = b.ids.clone();
+            ((t, p, u, bu), i)
+        })
+        .collect();
+    let mut tx = client.transaction().map_err(pg)?;
+    let ids = id_arrays(batches.iter().map(|b| &b.ids));
+    let seqs: Vec<i64> = batches
+        .iter()
+        .map(|b| i64::try_from(b.seq).unwrap_or(i64::MAX))
+        .collect();
+    let claimed = tx
+        .query_typed(
+            &sql.claim,
+            &[
+                (&ids[0], Type::TEXT_ARRAY),
+                (&ids[1], Type::TEXT_ARRAY),
+                (&ids[2], Type::TEXT_ARRAY),
+                (&ids[3], Type::TEXT_ARRAY),
+                (&seqs, Type::INT8_ARRAY),
+            ],
+        )
+        .map_err(pg)?;
+    for row in &claimed {
+        if let Some(i) = position.get(&identity(row)?) {
+            if let Some(o) = out.get_mut(*i) {
+                o.applied = true;
+            }
+        }
+    }
+    // Skipped batches: the next sequence goes beyond the one stored.
+    if out.iter().any(|o| !o.applied) {
+        let stored = tx
+            .query_typed(
+                &sql.last_seq,
+                &[
+                    (&ids[0], Type::TEXT_ARRAY),
+                    (&ids[1], Type::TEXT_ARRAY),
+                    (&ids[2], Type::TEXT_ARRAY),
+                    (&ids[3], Type::TEXT_ARRAY),
+                ],
+            )
+            .map_err(pg)?;
+        for row in &stored {
+            let i: i64 = row.try_get(0).map_err(pg)?;
+            let last: i64 = row.try_get(1).map_err(pg)?;
+            let slot = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i));
+            if let Some(o) = slot.filter(|o| !o.applied) {
+                o.next_seq = o.next_seq.max((last.max(0) as u64).saturating_add(1));
+            }
+        }
+    }
+    add_hours(&mut tx, sql, batches, &out)?;
+    add_used(&mut tx, sql, batches, &mut out, &position)?;
+    tx.commit().map_err(pg)?;
+    Ok(out)
+}
+
+/// Adds the applied batches' hours to the hourly rows.
+fn add_hours(
+    tx: &mut postgres::Transaction<'_>,
+    sql: &LedgerStatements,
+    batches: &[AccountBatch],
+    out: &[BatchOutcome],
+) -> Result<(), StoreError> {
+    let mut ids: [Vec<&str>; 4] = Default::default();
+    let mut cols: [Vec<i64>; 5] = Default::default();
+    for (batch, o) in batches.iter().zip(out) {
+        if !o.applied {
+            continue;
+        }
+        for h in batch.hours.iter().filter(|h| !h.is_zero()) {
+            for (column, id) in ids.iter_mut().zip(&batch.ids) {
+                column.push(id);
+            }
+            for (column, v) in
+                cols.iter_mut()
+                    .zip([h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]])
+            {
+                column.push(v);
+            }
+        }
+    }
+    if ids[0].is_empty() {
+        return Ok(());
+    }
+    tx.query_typed(
+        &sql.add_hours,
+        &[
+            (&ids[0], Type::TEXT_ARRAY),
+            (&ids[1], Type::TEXT_ARRAY),
+            (&ids[2], Type::TEXT_ARRAY),
+            (&ids[3], Type::TEXT_ARRAY),
+            (&cols[0], Type::INT8_ARRAY),
+            (&cols[1], Type::INT8_ARRAY),
+            (&cols[2], Type::INT8_ARRAY),
+            (&cols[3], Type::INT8_ARRAY),
+            (&cols[4], Type::INT8_ARRAY),
+        ],
+    )
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Adds the applied batches' balance debits to their credit rows and reads the new totals.
+fn add_used(
+    tx: &mut postgres::Transaction<'_>,
+    sql: &LedgerStatements,
+    batches: &[AccountBatch],
+    out: &mut [BatchOutcome],
+    position: &HashMap<Identity, usize>,
+) -> Result<(), StoreError> {
+    let mut ids: [Vec<&str>; 4] = Default::default();
+    let mut debits: [Vec<i64>; 2] = Default::default();
+    for (batch, o) in batches.iter().zip(out.iter()) {
+        let sum = batch.hours.iter().fold([0i64; 2], |acc, h| {
+            [
+                acc[0].saturating_add(h.debits[0]),
+                acc[1].saturating_add(h.debits[1]),
+            ]
+        });
+        if !o.applied || sum == [0, 0] {
+            continue;
+        }
+        for (column, id) in ids.iter_mut().zip(&batch.ids) {
+            column.push(id);
+        }
+        debits[0].push(sum[0]);
+        debits[1].push(sum[1]);
+    }
+    if ids[0].is_empty() {
+        return Ok(());
+    }
+    let rows = tx
+        .query_typed(
+            &sql.add_used,
+            &[
+                (&ids[0], Type::TEXT_ARRAY),
+                (&ids[1], Type::TEXT_ARRAY),
+                (&ids[2], Type::TEXT_ARRAY),
+                (&ids[3], Type::TEXT_ARRAY),
+                (&debits[0], Type::INT8_ARRAY),
+                (&debits[1], Type::INT8_ARRAY),
+            ],
+        )
+        .map_err(pg)?;
+    for row in &rows {
+        let used_requests: i64 = row.try_get(4).map_err(pg)?;
+        let used_tokens: i64 = row.try_get(5).map_err(pg)?;
+        if let Some(o) = position.get(&identity(row)?).and_then(|i| out.get_mut(*i)) {
+            o.floor = Some([used_requests.max(0) as u64, used_tokens.max(0) as u64]);
+        }
+    }
+    Ok(())
+}
+
+/// `QUOTA.HISTORY`: the account's hourly rows with `from <= hour < to` (Unix seconds), oldest
+/// first, at most `HISTORY_MAX_ROWS`.
+pub(crate) fn history(
+    client: &mut impl GenericClient,
+    sql: &LedgerStatements,
+    ids: [&str; 4],
+    from: i64,
+    to: i64,
+) -> Result<Vec<HourRow>, StoreError> {
+    let [t, p, u, b] = ids;
+    let rows = client
+        .query_typed(
+            &sql.history,
+            &[
+                (&t, Type::TEXT),
+                (&p, Type::TEXT),
+                (&u, Type::TEXT),
+                (&b, Type::TEXT),
+                (&from, Type::INT8),
+                (&to, Type::INT8),
+                (&HISTORY_MAX_ROWS, Type::INT8),
+            ],
+        )
+        .map_err(pg)?;
+    rows.iter()
+        .map(|row| {
+            Ok(HourRow {
+                hour: row.try_get(0).map_err(pg)?,
+                requests: row.try_get(1).map_err(pg)?,
+                tokens: row.try_get(2).map_err(pg)?,
+                requests_debited: row.try_get(3).map_err(pg)?,
+                tokens_debited: row.try_get(4).map_err(pg)?,
+            })
+        })
+        .collect()
+}
