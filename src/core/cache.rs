@@ -85,6 +85,9 @@ struct Flight<W> {
     waiters: Vec<W>,
     /// The entry was written or invalidated while this load ran: its result may be older.
     dirty: bool,
+    /// The entry was invalidated (a change made elsewhere) while this load ran: its result
+    /// may predate that change, so it is not cached (its waiters still get it).
+    invalidated: bool,
 }
 
 #[derive(Debug)]
@@ -169,6 +172,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
             id,
             waiters: Vec::new(),
             dirty: false,
+            invalidated: false,
         })
     }
 
@@ -272,6 +276,11 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         };
         self.in_flight = self.in_flight.saturating_sub(1);
         match outcome {
+            // Nothing newer was written meanwhile: the next lookup loads again rather than
+            // serve rows that may predate the invalidation.
+            Ok(_) if mine.invalidated && entry.credits.is_none() => {
+                self.map.swap_remove(key);
+            }
             Ok(rows) => {
                 if !(mine.dirty && entry.credits.is_some()) {
                     let ttl = if rows.is_negative() {
@@ -322,7 +331,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         self.insert(key, entry);
     }
 
-    /// Drops a user's entry (a load in flight is kept, marked so its result is not trusted).
+    /// Drops a user's entry (a load in flight is kept, marked so its result is not cached).
     pub(crate) fn invalidate(&mut self, key: &[u8]) -> bool {
         self.epoch += 1;
         match self.map.get_mut(key) {
@@ -330,6 +339,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
                 entry.credits = None;
                 if let Some(f) = entry.flight.as_mut() {
                     f.dirty = true;
+                    f.invalidated = true;
                 }
                 true
             }
@@ -594,18 +604,23 @@ mod tests {
     }
 
     #[test]
-    fn invalidation_during_a_load_leaves_its_result_stale() {
+    fn a_load_that_raced_with_an_invalidation_answers_its_waiters_but_is_not_cached() {
         let (mut c, f) = missed(b"u");
+        c.add_waiter(b"u", 1).unwrap();
         assert!(c.invalidate(b"u"));
-        c.complete(b"u", f, Ok(rows("x")), 2);
-        assert!(matches!(
-            c.lookup(b"u", 3),
-            Lookup::Stale {
-                refresh: Some(_),
-                ..
-            }
-        ));
+        assert_eq!(c.complete(b"u", f, Ok(rows("x")), 2), vec![1]);
+        // Its rows may predate the change: the next lookup loads again.
+        assert!(matches!(c.lookup(b"u", 3), Lookup::Miss { load: Some(_) }));
         assert!(!c.invalidate(b"none"));
+    }
+
+    #[test]
+    fn a_load_that_raced_with_a_clear_or_a_stale_mark_is_kept_stale() {
+        let (mut c, f) = missed(b"u");
+        c.clear();
+        c.complete(b"u", f, Ok(rows("x")), 2);
+        assert_eq!(bundle_of(c.lookup(b"u", 3)), Some("x".into()));
+        assert!(matches!(c.lookup(b"u", 3), Lookup::Stale { .. }));
     }
 
     #[test]
