@@ -40,11 +40,7 @@ fn start_cluster(schema: &str) -> RedisCluster {
 fn start_cluster_with(schema: &str, extra: &[(&str, &str)]) -> RedisCluster {
     let url = PgServer::shared();
     let builder = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", url.as_str()),
-            ("schema", schema),
-            ("pg-timeout-ms", "2000"),
-        ])
+        .pg(&url, schema, "2000")
         .module_args(extra);
     RedisCluster::start(3, builder)
 }
@@ -186,9 +182,7 @@ fn psql_count(schema: &str, condition: &str) -> i64 {
 /// argument 1 as the key of QUOTA.SETSTATE.
 #[test]
 fn commands_declare_the_user_as_their_key() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_schema, _server, mut con) = test_server_con();
 
     for (name, first) in [
         ("quota.admit", 3),
@@ -467,20 +461,20 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
     let v = query(&mut con, &["QUOTA.GET", TENANT, PROJECT, user, BUNDLE]).expect("GET");
     assert_eq!(v, Value::Nil);
 
-    // A node that does not own the user's slot refuses with MOVED to the owner.
-    let mut c = other.client();
-    let err = query_err(
-        &mut c,
-        &[
+    let grant = |n| {
+        [
             "QUOTA.GRANT",
             TENANT,
             PROJECT,
             user,
             "*",
             "REQUESTS_PER_DAY",
-            "9",
-        ],
-    );
+            n,
+        ]
+    };
+    // A node that does not own the user's slot refuses with MOVED to the owner.
+    let mut c = other.client();
+    let err = query_err(&mut c, &grant("9"));
     assert!(
         err.starts_with("MOVED") && err.contains(&format!(":{}", owner.port())),
         "GRANT on a non-owner node: {err}"
@@ -489,18 +483,7 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
 
     // The owner takes it.
     let mut c = owner.client();
-    let m = query_map(
-        &mut c,
-        &[
-            "QUOTA.GRANT",
-            TENANT,
-            PROJECT,
-            user,
-            "*",
-            "REQUESTS_PER_DAY",
-            "4",
-        ],
-    );
+    let m = query_map(&mut c, &grant("4"));
     assert_eq!(field_i64(&m, "additional_requests_per_day"), 4);
 
     // Read through the cluster client (plain query, follows the redirection).

@@ -1326,11 +1326,7 @@ fn the_postgres_password_never_leaks() {
     assert!(url.contains(secret), "cannot put a password in {shared}");
     let schema = unique_schema();
     let server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", &url),
-            ("schema", &schema),
-            ("pg-timeout-ms", "1000"),
-        ])
+        .pg(&url, &schema, "1000")
         .conf("slowlog-log-slower-than 0")
         .start();
     let mut raw = Raw::connect(server.port(), false);

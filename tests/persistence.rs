@@ -43,11 +43,7 @@ fn avoid_window_edge() {
 /// A builder for Redis with the module on the shared PostgreSQL and `schema`.
 fn builder(schema: &str) -> RedisBuilder {
     let url = PgServer::shared();
-    RedisServer::builder().module_args(&[
-        ("pg-url", &url),
-        ("schema", schema),
-        ("pg-timeout-ms", "2000"),
-    ])
+    RedisServer::builder().pg(&url, schema, "2000")
 }
 
 fn start(conf: &[&str]) -> RedisServer {
