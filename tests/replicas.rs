@@ -107,21 +107,16 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     notify_settled(1);
     assert_replica_caches(&replica, &mut r, "alice", Some(3));
 
-    // Replaced on the master: the replica's first GET after WAIT has the new value.
-    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 7");
-    assert_eq!(
-        replicated_credit(&mut m, &mut r, "alice", "b"),
-        Some(7),
-        "replica after GRANT 7"
-    );
-
-    // Topped up.
-    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 5 ADD");
-    assert_eq!(
-        replicated_credit(&mut m, &mut r, "alice", "b"),
-        Some(12),
-        "replica after GRANT ADD 5"
-    );
+    // Replaced on the master, then topped up: the replica's first GET after WAIT has the new
+    // value.
+    for (opts, want) in [("REQUESTS_PER_DAY 7", 7), ("REQUESTS_PER_DAY 5 ADD", 12)] {
+        m.grant([T, P, "alice", "*"], opts);
+        assert_eq!(
+            replicated_credit(&mut m, &mut r, "alice", "b"),
+            Some(want),
+            "replica after GRANT {opts}"
+        );
+    }
 
     // A bundle's own row takes precedence over '*'.
     assert_eq!(credit(&mut r, "alice", "pro"), Some(12));
