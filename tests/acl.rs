@@ -14,6 +14,16 @@ use common::*;
 
 const T: &str = "acme";
 const P: &str = "chat";
+/// A credit for alice that no restricted user may write.
+const GRANT_ALICE: [&str; 7] = [
+    "QUOTA.GRANT",
+    T,
+    P,
+    "alice",
+    "*",
+    "REQUESTS_PER_DAY",
+    "1000",
+];
 
 /// Every command the module registers.
 const ALL_COMMANDS: [&str; 14] = [
@@ -162,15 +172,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
     // Refused: credit management, maintenance and the internal commands.
     let usage_before = admin.usage(alice);
     for args in [
-        vec![
-            "QUOTA.GRANT",
-            T,
-            P,
-            "alice",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1000",
-        ],
+        GRANT_ALICE.to_vec(),
         vec![
             "QUOTA.GRANT",
             T,
@@ -446,36 +448,39 @@ fn standard_acl_categories() {
         let is_read = ["quota.get", "quota.usage", "quota.list", "quota.history"].contains(&name);
         assert_eq!(write.contains(name), !is_read, "{name} in @write");
     }
-    for name in [
-        "quota.admit",
-        "quota.commit",
-        "quota.release",
-        "quota.get",
-        "quota.usage",
-    ] {
-        assert!(fast.contains(name), "{name} not in @fast");
-    }
-    for name in [
-        "quota.reset",
-        "quota.cleanup",
-        "quota.setstate",
-        "quota.apply",
-    ] {
-        assert!(dangerous.contains(name), "{name} not in @dangerous");
+    let members: [(&str, &BTreeSet<String>, &[&str]); 2] = [
+        (
+            "@fast",
+            &fast,
+            &[
+                "quota.admit",
+                "quota.commit",
+                "quota.release",
+                "quota.get",
+                "quota.usage",
+            ],
+        ),
+        (
+            "@dangerous",
+            &dangerous,
+            &[
+                "quota.reset",
+                "quota.cleanup",
+                "quota.setstate",
+                "quota.apply",
+            ],
+        ),
+    ];
+    for (category, got, names) in members {
+        for name in names {
+            assert!(got.contains(*name), "{name} not in {category}");
+        }
     }
 
     // +@all -@write -@dangerous: no credit or usage change, reads fine.
     for args in [
         vec!["QUOTA.RESET", T, P, "alice", "b"],
-        vec![
-            "QUOTA.GRANT",
-            T,
-            P,
-            "alice",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1000",
-        ],
+        GRANT_ALICE.to_vec(),
         vec!["QUOTA.ADMIT", T, P, "alice", "b", "REQUESTS_PER_DAY", "1"],
         vec!["QUOTA.CLEANUP"],
     ] {

@@ -40,11 +40,7 @@ fn start_cluster(schema: &str) -> RedisCluster {
 fn start_cluster_with(schema: &str, extra: &[(&str, &str)]) -> RedisCluster {
     let url = PgServer::shared();
     let builder = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", url.as_str()),
-            ("schema", schema),
-            ("pg-timeout-ms", "2000"),
-        ])
+        .pg(&url, schema, "2000")
         .module_args(extra);
     RedisCluster::start(3, builder)
 }
@@ -83,6 +79,25 @@ fn server_keyslot(node: &RedisServer, key: &str) -> i64 {
 }
 
 /// Slot -> port of its master, from `CLUSTER SLOTS` of one node.
+/// A fresh schema, a cluster on it, its slot -> owner port map and a cluster client.
+fn cluster_with_owners() -> (String, RedisCluster, Vec<u16>, ClusterConnection) {
+    let schema = unique_schema();
+    let cluster = start_cluster(&schema);
+    let owners = slot_owners(&cluster.nodes[0]);
+    let con = cluster.cluster_client();
+    (schema, cluster, owners, con)
+}
+
+/// How many of `times` admissions of `user` with `REQUESTS_PER_DAY 1` are allowed.
+fn admitted_of(con: &mut impl redis::ConnectionLike, user: &str, times: usize) -> usize {
+    (0..times)
+        .filter(|_| {
+            con.admit([TENANT, PROJECT, user, BUNDLE], "REQUESTS_PER_DAY 1")
+                .allowed
+        })
+        .count()
+}
+
 fn slot_owners(node: &RedisServer) -> Vec<u16> {
     let mut c = node.client();
     let ranges = to_array(query(&mut c, &["CLUSTER", "SLOTS"]).expect("CLUSTER SLOTS"));
@@ -186,9 +201,7 @@ fn psql_count(schema: &str, condition: &str) -> i64 {
 /// argument 1 as the key of QUOTA.SETSTATE.
 #[test]
 fn commands_declare_the_user_as_their_key() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_schema, _server, mut con) = test_server_con();
 
     for (name, first) in [
         ("quota.admit", 3),
@@ -225,27 +238,13 @@ fn commands_declare_the_user_as_their_key() {
         );
     }
 
-    let keys = to_array(
-        query(
-            &mut con,
-            &["COMMAND", "GETKEYS", "QUOTA.ADMIT", "t", "p", "u", "b"],
-        )
-        .expect("COMMAND GETKEYS QUOTA.ADMIT"),
-    );
-    let keys: Vec<String> = keys.iter().filter_map(value_to_string).collect();
-    assert_eq!(
-        keys,
-        vec!["u".to_string()],
-        "COMMAND GETKEYS QUOTA.ADMIT t p u b"
-    );
-
-    let keys = to_array(
-        query(
-            &mut con,
+    // COMMAND GETKEYS names the user (or the state key) as the one key.
+    let key = "q:{u}:1:t1:p1:u1:b";
+    let getkeys: [(&str, &[&str], &str); 4] = [
+        ("QUOTA.ADMIT", &["t", "p", "u", "b"], "u"),
+        (
+            "QUOTA.ADMIT",
             &[
-                "COMMAND",
-                "GETKEYS",
-                "QUOTA.ADMIT",
                 "t",
                 "p",
                 "{org1}alice",
@@ -255,46 +254,22 @@ fn commands_declare_the_user_as_their_key() {
                 "LEASE",
                 "l1",
             ],
-        )
-        .expect("COMMAND GETKEYS QUOTA.ADMIT with options"),
-    );
-    let keys: Vec<String> = keys.iter().filter_map(value_to_string).collect();
-    assert_eq!(keys, vec!["{org1}alice".to_string()]);
-
-    let key = "q:{u}:1:t1:p1:u1:b";
-    let keys = to_array(
-        query(
-            &mut con,
-            &["COMMAND", "GETKEYS", "QUOTA.SETSTATE", key, "x"],
-        )
-        .expect("COMMAND GETKEYS QUOTA.SETSTATE"),
-    );
-    let keys: Vec<String> = keys.iter().filter_map(value_to_string).collect();
-    assert_eq!(
-        keys,
-        vec![key.to_string()],
-        "COMMAND GETKEYS QUOTA.SETSTATE <key> x"
-    );
-
-    let keys = to_array(
-        query(
-            &mut con,
-            &[
-                "COMMAND",
-                "GETKEYS",
-                "QUOTA.GRANT",
-                "t",
-                "p",
-                "bob",
-                "*",
-                "REQUESTS_PER_DAY",
-                "3",
-            ],
-        )
-        .expect("COMMAND GETKEYS QUOTA.GRANT"),
-    );
-    let keys: Vec<String> = keys.iter().filter_map(value_to_string).collect();
-    assert_eq!(keys, vec!["bob".to_string()]);
+            "{org1}alice",
+        ),
+        ("QUOTA.SETSTATE", &[key, "x"], key),
+        (
+            "QUOTA.GRANT",
+            &["t", "p", "bob", "*", "REQUESTS_PER_DAY", "3"],
+            "bob",
+        ),
+    ];
+    for (command, rest, want) in getkeys {
+        let mut args = vec!["COMMAND", "GETKEYS", command];
+        args.extend_from_slice(rest);
+        let reply = query(&mut con, &args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let keys: Vec<String> = to_array(reply).iter().filter_map(value_to_string).collect();
+        assert_eq!(keys, vec![want.to_string()], "{args:?}");
+    }
 }
 
 /// 1,000 users over the whole slot space: grants, gets and admits through the cluster client
@@ -446,10 +421,7 @@ fn assert_keys_on_their_owners(cluster: &RedisCluster, owners: &[u16], users: &[
 /// does not own the user answers MOVED and writes nothing.
 #[test]
 fn grant_on_one_node_is_read_through_the_cluster_client() {
-    let schema = unique_schema();
-    let cluster = start_cluster(&schema);
-    let owners = slot_owners(&cluster.nodes[0]);
-    let mut con = cluster.cluster_client();
+    let (schema, cluster, owners, mut con) = cluster_with_owners();
 
     let user = "direct-carol";
     let owner = cluster
@@ -467,20 +439,20 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
     let v = query(&mut con, &["QUOTA.GET", TENANT, PROJECT, user, BUNDLE]).expect("GET");
     assert_eq!(v, Value::Nil);
 
-    // A node that does not own the user's slot refuses with MOVED to the owner.
-    let mut c = other.client();
-    let err = query_err(
-        &mut c,
-        &[
+    let grant = |n| {
+        [
             "QUOTA.GRANT",
             TENANT,
             PROJECT,
             user,
             "*",
             "REQUESTS_PER_DAY",
-            "9",
-        ],
-    );
+            n,
+        ]
+    };
+    // A node that does not own the user's slot refuses with MOVED to the owner.
+    let mut c = other.client();
+    let err = query_err(&mut c, &grant("9"));
     assert!(
         err.starts_with("MOVED") && err.contains(&format!(":{}", owner.port())),
         "GRANT on a non-owner node: {err}"
@@ -489,18 +461,7 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
 
     // The owner takes it.
     let mut c = owner.client();
-    let m = query_map(
-        &mut c,
-        &[
-            "QUOTA.GRANT",
-            TENANT,
-            PROJECT,
-            user,
-            "*",
-            "REQUESTS_PER_DAY",
-            "4",
-        ],
-    );
+    let m = query_map(&mut c, &grant("4"));
     assert_eq!(field_i64(&m, "additional_requests_per_day"), 4);
 
     // Read through the cluster client (plain query, follows the redirection).
@@ -519,26 +480,7 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
     assert_eq!(field_i64(&m, "additional_requests_per_day"), 4);
 
     // Admissions through the cluster client use it: base 1 + credit 4 = 5.
-    let mut allowed = 0;
-    for _ in 0..7 {
-        let m = to_map(
-            query(
-                &mut con,
-                &[
-                    "QUOTA.ADMIT",
-                    TENANT,
-                    PROJECT,
-                    user,
-                    BUNDLE,
-                    "REQUESTS_PER_DAY",
-                    "1",
-                ],
-            )
-            .expect("ADMIT"),
-        );
-        allowed += field_i64(&m, "allowed");
-    }
-    assert_eq!(allowed, 5);
+    assert_eq!(admitted_of(&mut con, user, 7), 5);
 
     // A revoke on the owner is seen through the cluster client as well.
     let v = query(&mut c, &["QUOTA.REVOKE", TENANT, PROJECT, user, "*"]).expect("REVOKE");
@@ -551,10 +493,7 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
 /// braces route by Redis's rule; ids whose slot would differ from their keys' are refused.
 #[test]
 fn hash_tags_route_and_unroutable_ids_are_refused() {
-    let schema = unique_schema();
-    let cluster = start_cluster(&schema);
-    let owners = slot_owners(&cluster.nodes[0]);
-    let mut con = cluster.cluster_client();
+    let (schema, cluster, owners, mut con) = cluster_with_owners();
 
     let alice = "{org1}alice";
     let bob = "{org1}bob";
@@ -582,27 +521,8 @@ fn hash_tags_route_and_unroutable_ids_are_refused() {
             .unwrap_or_else(|e| panic!("GRANT {u}: {e}")),
         );
         assert_eq!(field_str(&m, "user_id").as_deref(), Some(*u));
-        let mut allowed = 0;
-        for _ in 0..(k + 3) {
-            let m = to_map(
-                query(
-                    &mut con,
-                    &[
-                        "QUOTA.ADMIT",
-                        TENANT,
-                        PROJECT,
-                        u,
-                        BUNDLE,
-                        "REQUESTS_PER_DAY",
-                        "1",
-                    ],
-                )
-                .unwrap_or_else(|e| panic!("ADMIT {u}: {e}")),
-            );
-            allowed += field_i64(&m, "allowed");
-        }
         assert_eq!(
-            allowed as usize,
+            admitted_of(&mut con, u, k + 3),
             k + 2,
             "admitted for {u}: base 1 + credit {credit}"
         );
@@ -718,15 +638,8 @@ fn cleanup_on_every_master_deactivates_each_row_once() {
     let grant_batch = |con: &mut ClusterConnection, prefix: &str, n: usize, expiring: bool| {
         for i in 0..n {
             let u = format!("{prefix}-{i}");
-            let mut args = vec![
-                "QUOTA.GRANT",
-                TENANT,
-                PROJECT,
-                &u,
-                "*",
-                "REQUESTS_PER_DAY",
-                "3",
-            ];
+            let account = [TENANT, PROJECT, &u, "*"];
+            let mut args = with_account("QUOTA.GRANT", account, &["REQUESTS_PER_DAY", "3"]);
             if expiring {
                 args.extend(["EXPIRES_IN", "1"]);
             }
@@ -823,17 +736,11 @@ fn periodic_cleanup_on_every_master_does_no_double_work() {
         routed(
             &mut con,
             &u,
-            &[
+            &with_account(
                 "QUOTA.GRANT",
-                TENANT,
-                PROJECT,
-                &u,
-                "*",
-                "REQUESTS_PER_DAY",
-                "3",
-                "EXPIRES_IN",
-                "1",
-            ],
+                [TENANT, PROJECT, &u, "*"],
+                &["REQUESTS_PER_DAY", "3", "EXPIRES_IN", "1"],
+            ),
         )
         .unwrap_or_else(|e| panic!("GRANT {u}: {e}"));
     }

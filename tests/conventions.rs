@@ -100,9 +100,7 @@ fn doc_map(v: Value) -> BTreeMap<String, Value> {
 
 #[test]
 fn command_docs_match_the_expected_table() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_schema, _server, mut con) = test_server_con();
     for (name, summary_start, args) in DOCS {
         let reply = to_array(query(&mut con, &["COMMAND", "DOCS", name]).expect("COMMAND DOCS"));
         assert_eq!(reply.len(), 2, "COMMAND DOCS {name}: {reply:?}");
@@ -334,9 +332,7 @@ fn keyspace_notifications_for_usage_changes() {
 
 #[test]
 fn multi_and_scripts_refuse_what_must_wait() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (_schema, server, mut con) = test_server_con();
     // Scripts: refused by Redis before the module runs.
     for args in [
         "'QUOTA.GRANT', 'acme', 'chat', 'alice', '*', 'REQUESTS_PER_DAY', '1'",
@@ -425,13 +421,8 @@ fn raw_exchange(port: u16, commands: &[Vec<&str>]) -> String {
 /// bundle, not 2 shared.
 #[test]
 fn star_credit_applies_to_each_bundle() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
-    query_map(
-        &mut con,
-        &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "2"],
-    );
+    let (_schema, _server, mut con) = test_server_con();
+    con.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 2");
     for bundle in ["web", "mobile"] {
         let allowed: Vec<bool> = (0..4)
             .map(|_| {

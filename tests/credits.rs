@@ -1139,16 +1139,11 @@ fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change
         let mut eval = vec!["EVAL", "return redis.call(unpack(ARGV))", "0"];
         eval.extend_from_slice(c);
         // Scripts: Redis itself refuses them (`noscript`), before the module runs.
-        match query(&mut con, &eval) {
-            Ok(v) => panic!("{c:?} in EVAL should fail, got {v:?}"),
-            Err(e) => {
-                let text = error_text(&e);
-                assert!(
-                    text.contains("not allowed from script"),
-                    "{c:?} in EVAL: {text}"
-                );
-            }
-        }
+        let text = must_fail(&format!("{c:?} in EVAL"), query(&mut con, &eval));
+        assert!(
+            text.contains("not allowed from script"),
+            "{c:?} in EVAL: {text}"
+        );
         let pcall = ["EVAL", "return redis.pcall(unpack(ARGV))", "0"];
         let mut args = pcall.to_vec();
         args.extend_from_slice(c);
@@ -1169,10 +1164,7 @@ fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change
     for c in commands {
         let mut args = vec!["FCALL", "q", "0"];
         args.extend_from_slice(c);
-        let e = match query(&mut con, &args) {
-            Ok(v) => panic!("{c:?} in FCALL should fail, got {v:?}"),
-            Err(e) => error_text(&e),
-        };
+        let e = must_fail(&format!("{c:?} in FCALL"), query(&mut con, &args));
         assert!(e.contains("not allowed from script"), "{c:?} in FCALL: {e}");
     }
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
@@ -1420,10 +1412,7 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
             })
             .collect();
         let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        let e = match bcmd(&refs).query::<Value>(&mut con) {
-            Ok(v) => panic!("{shown:?} should fail, got {v:?}"),
-            Err(e) => error_text(&e),
-        };
+        let e = must_fail(&format!("{shown:?}"), bcmd(&refs).query::<Value>(&mut con));
         assert!(e.starts_with("ERR "), "{shown:?}: not an ERR reply: {e}");
         assert!(
             e.contains(names),
@@ -1483,13 +1472,7 @@ fn url_variant(url: &str, port: Option<u16>, db: Option<&str>, user: Option<&str
 fn secret_server() -> (RedisServer, String, String) {
     let schema = unique_schema();
     let url = url_with_password(&PgServer::shared(), SECRET);
-    let server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", url.as_str()),
-            ("schema", schema.as_str()),
-            ("pg-timeout-ms", "1000"),
-        ])
-        .start();
+    let server = RedisServer::builder().pg(&url, &schema, "1000").start();
     (server, url, schema)
 }
 
@@ -1535,10 +1518,10 @@ fn the_pg_url_password_never_appears_in_info_errors_or_the_log() {
             &["QUOTA.REVOKE", T, P, "tom", "*"],
             &["QUOTA.CLEANUP"],
         ] {
-            match query(&mut con, c) {
-                Ok(v) => panic!("{c:?} with pg-url {v:?} should fail, got {v:?}"),
-                Err(e) => seen.push(error_text(&e)),
-            }
+            seen.push(must_fail(
+                &format!("{c:?} with pg-url {v:?}"),
+                query(&mut con, c),
+            ));
         }
         let admit = query_map(
             &mut con,

@@ -987,6 +987,20 @@ fn map_of(reply: Reply, what: &str) -> BTreeMap<String, Reply> {
         .unwrap_or_else(|| panic!("{what}: not a map: {reply:?}"))
 }
 
+/// `QUOTA.ADMIT acc REQUESTS_PER_DAY 0` (only a credit can admit): (allowed, replenishment)
+/// and the whole reply.
+fn admit_on_credits_only(
+    raw: &mut Raw,
+    acc: &[&str],
+    what: &str,
+) -> ((i64, String), BTreeMap<String, Reply>) {
+    let m = map_of(
+        raw.call(&cmd_on("QUOTA.ADMIT", acc, &["REQUESTS_PER_DAY", "0"])),
+        what,
+    );
+    ((int_of(&m, "allowed"), text_of(&m, "replenishment")), m)
+}
+
 fn int_of(m: &BTreeMap<String, Reply>, f: &str) -> i64 {
     match m.get(f) {
         Some(Reply::Int(i)) => *i,
@@ -1028,21 +1042,11 @@ fn ids_with_separators_never_collide() {
         }
         let got = raw.call(&cmd_on("QUOTA.GET", b, &[]));
         assert_eq!(got, Reply::Null, "{b:?} sees the credit of {a:?}: {got:?}");
-        let ma = map_of(
-            raw.call(&cmd_on("QUOTA.ADMIT", a, &["REQUESTS_PER_DAY", "0"])),
-            "ADMIT A",
-        );
+        let (decided, ma) = admit_on_credits_only(&mut raw, a, "ADMIT A");
+        assert_eq!(decided, (1, "bundle".to_string()), "{a:?}: {ma:?}");
+        let (decided, mb) = admit_on_credits_only(&mut raw, b, "ADMIT B");
         assert_eq!(
-            (int_of(&ma, "allowed"), text_of(&ma, "replenishment")),
-            (1, "bundle".to_string()),
-            "{a:?}: {ma:?}"
-        );
-        let mb = map_of(
-            raw.call(&cmd_on("QUOTA.ADMIT", b, &["REQUESTS_PER_DAY", "0"])),
-            "ADMIT B",
-        );
-        assert_eq!(
-            (int_of(&mb, "allowed"), text_of(&mb, "replenishment")),
+            decided,
             (0, "none".to_string()),
             "{b:?} was admitted on the credit of {a:?}: {mb:?}"
         );
@@ -1055,18 +1059,14 @@ fn ids_with_separators_never_collide() {
         }
         raw.call(&cmd_on("QUOTA.COMMIT", a, &["11"]));
         raw.call(&cmd_on("QUOTA.COMMIT", b, &["22"]));
-        let ua = map_of(raw.call(&cmd_on("QUOTA.USAGE", a, &[])), "USAGE A");
-        let ub = map_of(raw.call(&cmd_on("QUOTA.USAGE", b, &[])), "USAGE B");
-        assert_eq!(
-            (int_of(&ua, "req_day"), int_of(&ua, "tok_day")),
-            (1, 11),
-            "usage of {a:?} mixed with {b:?}"
-        );
-        assert_eq!(
-            (int_of(&ub, "req_day"), int_of(&ub, "tok_day")),
-            (2, 22),
-            "usage of {b:?} mixed with {a:?}"
-        );
+        for (acc, other, want) in [(a, b, (1, 11)), (b, a, (2, 22))] {
+            let u = map_of(raw.call(&cmd_on("QUOTA.USAGE", acc, &[])), "USAGE");
+            assert_eq!(
+                (int_of(&u, "req_day"), int_of(&u, "tok_day")),
+                want,
+                "usage of {acc:?} mixed with {other:?}"
+            );
+        }
     }
     // One key per account, rows exactly as granted.
     let keys = match raw.call(&bytes(&["KEYS", "q:*"])) {
@@ -1326,11 +1326,7 @@ fn the_postgres_password_never_leaks() {
     assert!(url.contains(secret), "cannot put a password in {shared}");
     let schema = unique_schema();
     let server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", &url),
-            ("schema", &schema),
-            ("pg-timeout-ms", "1000"),
-        ])
+        .pg(&url, &schema, "1000")
         .conf("slowlog-log-slower-than 0")
         .start();
     let mut raw = Raw::connect(server.port(), false);

@@ -57,6 +57,16 @@ fn assert_no_credit(m: &Admit) {
     assert_eq!(m.replenishment, "none", "{m:?}");
 }
 
+/// A server where alice used her credit, then `command` (`RENAME` or `COPY`) from her key to
+/// bob's.
+fn alice_used_then(command: &str) -> (RedisServer, redis::Connection) {
+    let server = server();
+    let mut con = server.client();
+    alice_uses_her_credit(&mut con);
+    between(&mut con, command, ALICE, BOB);
+    (server, con)
+}
+
 /// `RENAME` or `COPY` from one account's key to another's.
 fn between(con: &mut redis::Connection, command: &str, from: [&str; 4], to: [&str; 4]) {
     query(con, &[command, &account_key(from), &account_key(to)])
@@ -65,10 +75,7 @@ fn between(con: &mut redis::Connection, command: &str, from: [&str; 4], to: [&st
 
 #[test]
 fn rename_moves_usage_but_never_the_remembered_credit() {
-    let server = server();
-    let mut con = server.client();
-    alice_uses_her_credit(&mut con);
-    between(&mut con, "RENAME", ALICE, BOB);
+    let (_server, mut con) = alice_used_then("RENAME");
     // Bob's key holds alice's two requests now; his own policy and (no) credits decide.
     let m = con.admit(BOB, BASE);
     assert_no_credit(&m);
@@ -93,10 +100,7 @@ fn rename_moves_usage_but_never_the_remembered_credit() {
 
 #[test]
 fn copy_gives_the_copy_its_own_credits() {
-    let server = server();
-    let mut con = server.client();
-    alice_uses_her_credit(&mut con);
-    between(&mut con, "COPY", ALICE, BOB);
+    let (_server, mut con) = alice_used_then("COPY");
     assert_eq!(con.usage(BOB), con.usage(ALICE));
     assert_no_credit(&con.admit(BOB, BASE));
     // The original keeps counting, on alice's credit.

@@ -43,11 +43,7 @@ fn avoid_window_edge() {
 /// A builder for Redis with the module on the shared PostgreSQL and `schema`.
 fn builder(schema: &str) -> RedisBuilder {
     let url = PgServer::shared();
-    RedisServer::builder().module_args(&[
-        ("pg-url", &url),
-        ("schema", schema),
-        ("pg-timeout-ms", "2000"),
-    ])
+    RedisServer::builder().pg(&url, schema, "2000")
 }
 
 fn start(conf: &[&str]) -> RedisServer {
@@ -81,6 +77,31 @@ fn workload(con: &mut redis::Connection) {
 /// USAGE of every account.
 fn snapshot(con: &mut redis::Connection) -> Vec<Usage> {
     ACCOUNTS.iter().map(|acc| con.usage(*acc)).collect()
+}
+
+/// `QUOTA.ADMIT acc` from a Lua script (propagated as the script's effects), which must succeed.
+fn eval_admit(con: &mut redis::Connection, acc: [&str; 4]) {
+    let script = redis::cmd("EVAL")
+        .arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
+        .arg(0)
+        .arg(&acc[..])
+        .query::<Value>(con);
+    assert!(script.is_ok(), "EVAL: {script:?}");
+}
+
+/// Restarts `server` (`con` closed first) and asserts every account's QUOTA.USAGE is still
+/// `before`; a connection to the restarted server.
+fn restart_keeps(
+    server: &mut RedisServer,
+    con: redis::Connection,
+    before: &[Usage],
+    what: &str,
+) -> redis::Connection {
+    drop(con);
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(snapshot(&mut con), before, "QUOTA.USAGE after {what}");
+    con
 }
 
 /// What the workload left, checked field by field (so a broken snapshot cannot pass).
@@ -251,14 +272,7 @@ fn usage_survives_a_restart_with_aof() {
     workload(&mut con);
     let before = snapshot(&mut con);
     assert_workload_state(&before);
-    drop(con);
-    server.restart();
-    let mut con = server.client();
-    assert_eq!(
-        snapshot(&mut con),
-        before,
-        "QUOTA.USAGE after an AOF restart"
-    );
+    let mut con = restart_keeps(&mut server, con, &before, "an AOF restart");
     assert_continues(&mut con);
 }
 
@@ -270,31 +284,17 @@ fn usage_survives_a_restart_with_rdb() {
     let before = snapshot(&mut con);
     assert_workload_state(&before);
     query(&mut con, &["SAVE"]).expect("SAVE");
-    drop(con);
-    server.restart();
+    let mut con = restart_keeps(&mut server, con, &before, "SAVE and restart");
     assert!(
         aof_files(server.dir()).is_empty(),
         "no AOF expected: the state must come from dump.rdb"
-    );
-    let mut con = server.client();
-    assert_eq!(
-        snapshot(&mut con),
-        before,
-        "QUOTA.USAGE after SAVE and restart"
     );
 
     // With a save point, SHUTDOWN itself writes the RDB.
     query(&mut con, &["CONFIG", "SET", "save", "3600 1"]).expect("CONFIG SET save");
     assert_continues(&mut con);
     let before = snapshot(&mut con);
-    drop(con);
-    server.restart();
-    let mut con = server.client();
-    assert_eq!(
-        snapshot(&mut con),
-        before,
-        "QUOTA.USAGE after a saving SHUTDOWN"
-    );
+    restart_keeps(&mut server, con, &before, "a saving SHUTDOWN");
 }
 
 #[test]
@@ -320,14 +320,7 @@ fn usage_survives_an_aof_rewrite() {
             account_key(acc)
         );
     }
-    drop(con);
-    server.restart();
-    let mut con = server.client();
-    assert_eq!(
-        snapshot(&mut con),
-        before,
-        "QUOTA.USAGE after rewrite and restart"
-    );
+    let mut con = restart_keeps(&mut server, con, &before, "rewrite and restart");
     assert_continues(&mut con);
 }
 
@@ -416,12 +409,7 @@ fn the_aof_records_effects_never_the_commands() {
         ),
         1
     );
-    let script = redis::cmd("EVAL")
-        .arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
-        .arg(0)
-        .arg(&DAILY[..])
-        .query::<Value>(&mut con);
-    assert!(script.is_ok(), "EVAL: {script:?}");
+    eval_admit(&mut con, DAILY);
     let files = aof_files(server.dir());
     assert!(
         !files.is_empty(),
@@ -487,12 +475,7 @@ fn a_replica_follows_the_master_and_takes_over() {
         1
     );
     mc.commit(more, 42, None);
-    let script = redis::cmd("EVAL")
-        .arg("return redis.call('QUOTA.ADMIT', unpack(ARGV))")
-        .arg(0)
-        .arg(&more[..])
-        .query::<Value>(&mut mc);
-    assert!(script.is_ok(), "EVAL: {script:?}");
+    eval_admit(&mut mc, more);
     let mut p = redis::pipe();
     p.atomic()
         .add_command(cmd(&with_account("QUOTA.ADMIT", more, &[])))

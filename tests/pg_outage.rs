@@ -25,10 +25,8 @@ fn start_redis(pg: &PgServer, schema: &str) -> RedisServer {
     let url = pg.url();
     let timeout = TIMEOUT_MS.to_string();
     RedisServer::builder()
+        .pg(&url, schema, &timeout)
         .module_args(&[
-            ("pg-url", url.as_str()),
-            ("schema", schema),
-            ("pg-timeout-ms", timeout.as_str()),
             // Long TTLs: what the tests see changing comes from NOTIFY or writes, not expiry.
             ("cache-ttl-ms", "600000"),
             ("negative-ttl-ms", "600000"),
@@ -116,29 +114,26 @@ fn rows_for(pg: &PgServer, schema: &str, user: &str) -> String {
 
 /// Asserts an error reply that mentions PostgreSQL, received within [`limit`].
 fn assert_pg_error(what: &str, r: redis::RedisResult<Value>, took: Duration) {
-    match r {
-        Ok(v) => panic!("{what} should fail while PostgreSQL is down, got {v:?}"),
-        Err(e) => {
-            let text = error_text(&e);
-            assert!(
-                text.contains("PostgreSQL"),
-                "{what}: the error does not say PostgreSQL is the problem: {text}"
-            );
-        }
-    }
+    let text = must_fail(&format!("{what} while PostgreSQL is down"), r);
+    assert!(
+        text.contains("PostgreSQL"),
+        "{what}: the error does not say PostgreSQL is the problem: {text}"
+    );
     assert!(took < limit(), "{what} took {took:?} (limit {:?})", limit());
 }
 
 /// Redis on a private PostgreSQL, its listener up, alice granted 5 requests a day (and cached
 /// by the write-through): what the outages start from.
-fn alice_cached(pg: &PgServer, schema: &str) -> (RedisServer, redis::Connection) {
-    let server = start_redis(pg, schema);
+fn alice_cached() -> (PgServer, String, RedisServer, redis::Connection) {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = start_redis(&pg, &schema);
     // The listener's first connect clears the cache: let it happen before caching anything.
     wait_notify(&server, "listening", Duration::from_secs(15));
     let mut con = server.client();
     query(&mut con, &grant_args("alice", "5")).expect("GRANT alice");
     assert_eq!(credit(&mut con, "alice"), Some(5), "alice is cached");
-    (server, con)
+    (pg, schema, server, con)
 }
 
 /// Once PostgreSQL is back, the listener reconnects by itself and NOTIFY works again: alice's
@@ -170,9 +165,7 @@ fn assert_notify_works(
 
 #[test]
 fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_redis_restart() {
-    let pg = PgServer::start_private();
-    let schema = unique_schema();
-    let (server, mut con) = alice_cached(&pg, &schema);
+    let (pg, schema, server, mut con) = alice_cached();
 
     pg.stop();
 
@@ -238,9 +231,7 @@ fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_r
 
 #[test]
 fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
-    let pg = PgServer::start_private();
-    let schema = unique_schema();
-    let (server, mut con) = alice_cached(&pg, &schema);
+    let (pg, _schema, server, mut con) = alice_cached();
 
     // SIGSTOP: connections hang, nothing answers.
     pg.pause();

@@ -68,9 +68,7 @@ fn pg_rows(url: &str, schema: &str, sql_after_from: &str) -> String {
 
 #[test]
 fn policies_are_stored_listed_deleted_and_audited() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (schema, _server, mut con) = test_server_con();
 
     let stored = set_policy(&mut con, "pro", "REQUESTS_PER_DAY 100 tokens_per_day 5000");
     assert_eq!(field_str(&stored, "policy").as_deref(), Some("pro"));
@@ -143,9 +141,7 @@ fn policies_are_stored_listed_deleted_and_audited() {
 
 #[test]
 fn an_admit_with_a_policy_takes_inline_limits_over_it_and_credits_on_top() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (schema, _server, mut con) = test_server_con();
     set_policy(
         &mut con,
         "pro",
@@ -272,11 +268,7 @@ fn replicas_see_policies_and_their_changes() {
 fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
     let schema = unique_schema();
     let url = PgServer::shared();
-    let builder = RedisServer::builder().module_args(&[
-        ("pg-url", url.as_str()),
-        ("schema", schema.as_str()),
-        ("pg-timeout-ms", "2000"),
-    ]);
+    let builder = RedisServer::builder().pg(&url, &schema, "2000");
     let cluster = RedisCluster::start(3, builder);
     cluster.wait_ok(Duration::from_secs(30));
     let mut first = cluster.nodes[0].client();
@@ -310,13 +302,8 @@ fn with_postgres_down_a_cached_policy_decides_and_an_uncached_one_is_an_error() 
     let schema = unique_schema();
     let url = pg.url();
     let server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", url.as_str()),
-            ("schema", schema.as_str()),
-            ("pg-timeout-ms", "1000"),
-            ("cache-ttl-ms", "600000"),
-            ("negative-ttl-ms", "600000"),
-        ])
+        .pg(&url, &schema, "1000")
+        .module_args(&[("cache-ttl-ms", "600000"), ("negative-ttl-ms", "600000")])
         .start();
     server.wait_notify_state("listening", Duration::from_secs(15));
     let mut con = server.client();
@@ -466,13 +453,7 @@ fn an_admit_waiting_on_credits_decides_with_the_policy_it_started_with_though_it
     let pg = PgServer::start_private();
     let schema = unique_schema();
     let url = pg.url();
-    let server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", url.as_str()),
-            ("schema", schema.as_str()),
-            ("pg-timeout-ms", "20000"),
-        ])
-        .start();
+    let server = RedisServer::builder().pg(&url, &schema, "20000").start();
     server.wait_notify_state("listening", Duration::from_secs(15));
     let mut con = server.client();
     set_policy(&mut con, "pro", "REQUESTS_PER_DAY 1");

@@ -28,6 +28,35 @@ fn wait_one(con: &mut redis::Connection) -> i64 {
 }
 
 /// `QUOTA.GET` -> the additional requests per day of the applicable record, None for nil.
+/// After `WAIT` (one replica acknowledges), `user`'s credit on bundle as the replica reads it.
+fn replicated_credit(
+    m: &mut redis::Connection,
+    r: &mut redis::Connection,
+    user: &str,
+    bundle: &str,
+) -> Option<i64> {
+    assert_eq!(wait_one(m), 1, "WAIT");
+    credit(r, user, bundle)
+}
+
+/// `user`'s credit on bundle `b` read twice on the replica: `want` both times, the second
+/// from the replica's cache (`None`: cached as having no credit).
+fn assert_replica_caches(
+    replica: &RedisServer,
+    r: &mut redis::Connection,
+    user: &str,
+    want: Option<i64>,
+) {
+    assert_eq!(credit(r, user, "b"), want, "replica: first GET of {user}");
+    let hits = info_i64(replica, "quota_cache_hits");
+    assert_eq!(credit(r, user, "b"), want, "replica: cached GET of {user}");
+    assert_eq!(
+        info_i64(replica, "quota_cache_hits"),
+        hits + 1,
+        "the replica serves {user} ({want:?}) from its cache"
+    );
+}
+
 fn credit(con: &mut redis::Connection, user: &str, bundle: &str) -> Option<i64> {
     con.get([T, P, user, bundle])
         .map(|r| field_i64(&r, "additional_requests_per_day"))
@@ -76,77 +105,46 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 3");
     assert_eq!(wait_one(&mut m), 1, "WAIT after GRANT");
     notify_settled(1);
-    assert_eq!(credit(&mut r, "alice", "b"), Some(3), "replica: first GET");
-    let hits = info_i64(&replica, "quota_cache_hits");
-    assert_eq!(credit(&mut r, "alice", "b"), Some(3), "replica: cached GET");
-    assert_eq!(
-        info_i64(&replica, "quota_cache_hits"),
-        hits + 1,
-        "the replica serves alice from its cache"
-    );
+    assert_replica_caches(&replica, &mut r, "alice", Some(3));
 
-    // Replaced on the master: the replica's first GET after WAIT has the new value.
-    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 7");
-    assert_eq!(wait_one(&mut m), 1);
-    assert_eq!(
-        credit(&mut r, "alice", "b"),
-        Some(7),
-        "replica after GRANT 7"
-    );
-
-    // Topped up.
-    m.grant([T, P, "alice", "*"], "REQUESTS_PER_DAY 5 ADD");
-    assert_eq!(wait_one(&mut m), 1);
-    assert_eq!(
-        credit(&mut r, "alice", "b"),
-        Some(12),
-        "replica after GRANT ADD 5"
-    );
+    // Replaced on the master, then topped up: the replica's first GET after WAIT has the new
+    // value.
+    for (opts, want) in [("REQUESTS_PER_DAY 7", 7), ("REQUESTS_PER_DAY 5 ADD", 12)] {
+        m.grant([T, P, "alice", "*"], opts);
+        assert_eq!(
+            replicated_credit(&mut m, &mut r, "alice", "b"),
+            Some(want),
+            "replica after GRANT {opts}"
+        );
+    }
 
     // A bundle's own row takes precedence over '*'.
     assert_eq!(credit(&mut r, "alice", "pro"), Some(12));
     m.grant([T, P, "alice", "pro"], "REQUESTS_PER_DAY 40");
-    assert_eq!(wait_one(&mut m), 1);
     assert_eq!(
-        credit(&mut r, "alice", "pro"),
+        replicated_credit(&mut m, &mut r, "alice", "pro"),
         Some(40),
         "replica after bundle GRANT"
     );
     assert_eq!(credit(&mut r, "alice", "b"), Some(12));
 
-    // Revoked on the master: gone on the replica.
-    let v = query(&mut m, &["QUOTA.REVOKE", T, P, "alice", "*"]).expect("REVOKE");
-    assert_eq!(value_i64(&v), Some(1));
-    assert_eq!(wait_one(&mut m), 1);
-    assert_eq!(
-        credit(&mut r, "alice", "b"),
-        None,
-        "replica after REVOKE '*'"
-    );
-    assert_eq!(credit(&mut r, "alice", "pro"), Some(40));
-    let v = query(&mut m, &["QUOTA.REVOKE", T, P, "alice", "pro"]).expect("REVOKE");
-    assert_eq!(value_i64(&v), Some(1));
-    assert_eq!(wait_one(&mut m), 1);
-    assert_eq!(
-        credit(&mut r, "alice", "pro"),
-        None,
-        "replica after REVOKE pro"
-    );
+    // Revoked on the master: gone on the replica; the pro credit stays until its own revoke.
+    for (bundle, read_on, pro_left) in [("*", "b", Some(40)), ("pro", "pro", None)] {
+        assert_eq!(m.revoke([T, P, "alice", bundle]), 1, "REVOKE {bundle}");
+        assert_eq!(
+            replicated_credit(&mut m, &mut r, "alice", read_on),
+            None,
+            "replica after REVOKE {bundle}"
+        );
+        assert_eq!(credit(&mut r, "alice", "pro"), pro_left);
+    }
 
     // bob: cached on the replica as having no credit, then granted on the master.
     notify_settled(6);
-    assert_eq!(credit(&mut r, "bob", "b"), None);
-    let hits = info_i64(&replica, "quota_cache_hits");
-    assert_eq!(credit(&mut r, "bob", "b"), None);
-    assert_eq!(
-        info_i64(&replica, "quota_cache_hits"),
-        hits + 1,
-        "the replica caches bob as having no credit"
-    );
+    assert_replica_caches(&replica, &mut r, "bob", None);
     m.grant([T, P, "bob", "*"], "REQUESTS_PER_DAY 5");
-    assert_eq!(wait_one(&mut m), 1);
     assert_eq!(
-        credit(&mut r, "bob", "b"),
+        replicated_credit(&mut m, &mut r, "bob", "b"),
         Some(5),
         "replica after GRANT to an uncredited user"
     );

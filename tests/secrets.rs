@@ -106,11 +106,7 @@ fn a_password_file_logs_in_after_config_rewrite_and_never_shows() {
     write_passfile("wrong");
     let schema = unique_schema();
     let mut server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", &url),
-            ("schema", &schema),
-            ("pg-timeout-ms", "2000"),
-        ])
+        .pg(&url, &schema, "2000")
         .conf(&format!("quota.pg-passfile \"{passfile_text}\""))
         .start();
     let mut con = server.client();
@@ -152,11 +148,7 @@ fn a_password_in_the_url_module_argument_logs_in_after_config_rewrite_and_never_
     let with_password = url.replace(&format!("{ROLE}@"), &format!("{ROLE}:{SECRET}@"));
     let schema = unique_schema();
     let mut server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", &with_password),
-            ("schema", &schema),
-            ("pg-timeout-ms", "2000"),
-        ])
+        .pg(&with_password, &schema, "2000")
         .start();
     grant_works(&server, "u1");
     let mut con = server.client();

@@ -6,9 +6,7 @@ use common::*;
 
 #[test]
 fn module_loads_with_commands_and_config() {
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut con = server.client();
+    let (schema, server, mut con) = test_server_con();
 
     // MODULE LIST contains a module named "quota".
     let modules = to_array(query(&mut con, &["MODULE", "LIST"]).expect("MODULE LIST"));

@@ -137,16 +137,11 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
         if roll < 2 {
             // A top-up adds tokens only: the request limit stays checkable.
             let n = (1 + rng.below_u64(1000)).to_string();
-            let args = [
+            let args = with_account(
                 "QUOTA.GRANT",
-                "soak",
-                "p",
-                &us,
-                "*",
-                "TOKENS_PER_DAY",
-                &n,
-                "ADD",
-            ];
+                ["soak", "p", &us, "*"],
+                &["TOKENS_PER_DAY", &n, "ADD"],
+            );
             match query(&mut con, &args) {
                 Ok(v) => {
                     let m = to_map(v);
@@ -172,21 +167,20 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
             }
         } else {
             let reserve = (1 + rng.below_u64(500)).to_string();
-            let args = [
+            let args = with_account(
                 "QUOTA.ADMIT",
-                "soak",
-                "p",
-                &us,
-                &bs,
-                "REQUESTS_PER_DAY",
-                &base,
-                "TOKENS_PER_DAY",
-                "100000000",
-                "MAX_CONCURRENT",
-                "3",
-                "RESERVE",
-                &reserve,
-            ];
+                ["soak", "p", &us, &bs],
+                &[
+                    "REQUESTS_PER_DAY",
+                    &base,
+                    "TOKENS_PER_DAY",
+                    "100000000",
+                    "MAX_CONCURRENT",
+                    "3",
+                    "RESERVE",
+                    &reserve,
+                ],
+            );
             match query(&mut con, &args) {
                 Ok(v) => {
                     let m = to_map(v);
@@ -262,12 +256,8 @@ fn soak(duration: Duration, clients: usize, users: usize) {
     // shared machine must not turn into credits decided as `unavailable`. A hang still fails
     // (every call has a read timeout).
     let server = RedisServer::builder()
-        .module_args(&[
-            ("pg-url", &pg),
-            ("schema", &schema),
-            ("pg-timeout-ms", "10000"),
-            ("cache-max-entries", &cache_max.to_string()),
-        ])
+        .pg(&pg, &schema, "10000")
+        .module_args(&[("cache-max-entries", &cache_max.to_string())])
         .start();
     let mut con = server.client();
 
@@ -477,22 +467,12 @@ fn soak(duration: Duration, clients: usize, users: usize) {
             }
         }
     }
-    assert!(
-        over.is_empty(),
-        "{} accounts admitted over the limit of {limit}: {:?}",
-        over.len(),
-        &over[..over.len().min(10)]
-    );
+    assert_no_accounts(&over, &format!("admitted over the limit of {limit}"));
     assert_eq!(
         sum_tok_day, sum_committed as i64,
         "sum of tok_day differs from the tokens committed"
     );
-    assert!(
-        wrong.is_empty(),
-        "{} accounts whose usage differs from what was done, e.g.: {:?}",
-        wrong.len(),
-        &wrong[..wrong.len().min(10)]
-    );
+    assert_no_accounts(&wrong, "whose usage differs from what was done, e.g.");
 
     // The cache stayed bounded, and the bound was actually reached.
     assert!(
@@ -524,4 +504,14 @@ fn soak_short() {
 #[test]
 fn soak_long() {
     soak(Duration::from_secs(60), 100, 10_000);
+}
+
+/// Fails with how many `accounts` there are and the first ten of them.
+fn assert_no_accounts(accounts: &[String], what: &str) {
+    assert!(
+        accounts.is_empty(),
+        "{} accounts {what}: {:?}",
+        accounts.len(),
+        &accounts[..accounts.len().min(10)]
+    );
 }

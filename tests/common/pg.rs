@@ -6,25 +6,30 @@ fn pg_script() -> PathBuf {
     repo_root().join("scripts").join("pg.sh")
 }
 
-fn run_pg_script(cmd: &str, dir: &Path) -> Result<String, String> {
-    let out = Command::new("bash")
-        .arg(pg_script())
-        .arg(cmd)
-        .arg(dir)
+/// Runs `command` (stdin closed): its stdout, or `what` failed with its status, stdout (when
+/// `with_stdout`) and stderr.
+fn run_output(what: &str, command: &mut Command, with_stdout: bool) -> Result<String, String> {
+    let out = command
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run scripts/pg.sh: {e}"))?;
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "scripts/pg.sh {cmd} {} failed ({}):\n{}{}",
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        return Ok(stdout.into_owned());
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(if with_stdout {
+        format!("{what} failed ({}):\n{stdout}{stderr}", out.status)
+    } else {
+        format!("{what} failed ({}): {}", out.status, stderr.trim())
+    })
+}
+
+fn run_pg_script(cmd: &str, dir: &Path) -> Result<String, String> {
+    let what = format!("scripts/pg.sh {cmd} {}", dir.display());
+    let mut command = Command::new("bash");
+    command.arg(pg_script()).arg(cmd).arg(dir);
+    run_output(&what, &mut command, true).map(|s| s.trim().to_string())
 }
 
 pub fn psql_binary() -> PathBuf {
@@ -45,7 +50,8 @@ pub fn psql_binary() -> PathBuf {
 
 /// Runs SQL with `psql -X -At -v ON_ERROR_STOP=1` against `url`; stdout (trimmed) or the error text.
 pub fn try_psql(url: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new(psql_binary())
+    let mut command = Command::new(psql_binary());
+    command
         .args([
             "-X",
             "-q",
@@ -57,19 +63,8 @@ pub fn try_psql(url: &str, sql: &str) -> Result<String, String> {
             "-c",
             sql,
         ])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run psql: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
-    } else {
-        Err(format!(
-            "psql failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+        .env("PGCONNECT_TIMEOUT", "10");
+    run_output("psql", &mut command, false).map(|s| s.trim_end().to_string())
 }
 
 /// Like [`try_psql`], panicking with psql's error.

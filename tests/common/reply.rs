@@ -25,8 +25,13 @@ pub fn query_map(con: &mut impl redis::ConnectionLike, args: &[&str]) -> HashMap
 
 /// Runs a command that must fail; returns the error text (e.g. "ERR bad amount").
 pub fn query_err(con: &mut impl redis::ConnectionLike, args: &[&str]) -> String {
-    match query(con, args) {
-        Ok(v) => panic!("{args:?} should have failed, got {v:?}"),
+    must_fail(&format!("{args:?}"), query(con, args))
+}
+
+/// The error text of a reply that must be an error; panics naming `what` on a success.
+pub fn must_fail(what: &str, r: redis::RedisResult<Value>) -> String {
+    match r {
+        Ok(v) => panic!("{what} should have failed, got {v:?}"),
         Err(e) => error_text(&e),
     }
 }

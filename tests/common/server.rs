@@ -151,6 +151,16 @@ impl RedisBuilder {
         self
     }
 
+    /// The module on PostgreSQL `url` with `schema` and `pg-timeout-ms` (the three arguments
+    /// every test server needs).
+    pub fn pg(self, url: &str, schema: &str, timeout_ms: &str) -> Self {
+        self.module_args(&[
+            ("pg-url", url),
+            ("schema", schema),
+            ("pg-timeout-ms", timeout_ms),
+        ])
+    }
+
     pub fn module_args(mut self, args: &[(&str, &str)]) -> Self {
         for (k, v) in args {
             self.module_args.push((k.to_string(), v.to_string()));
@@ -655,15 +665,18 @@ pub fn test_server(schema: &str) -> RedisServer {
     test_server_with(schema, &[])
 }
 
+/// A fresh schema, [`test_server`] on it and a client of it.
+pub fn test_server_con() -> (String, RedisServer, redis::Connection) {
+    let schema = unique_schema();
+    let server = test_server(&schema);
+    let con = server.client();
+    (schema, server, con)
+}
+
 /// [`test_server`] plus more module arguments.
 pub fn test_server_with(schema: &str, extra: &[(&str, &str)]) -> RedisServer {
-    let url = PgServer::shared();
     RedisServer::builder()
-        .module_args(&[
-            ("pg-url", &url),
-            ("schema", schema),
-            ("pg-timeout-ms", "2000"),
-        ])
+        .pg(&PgServer::shared(), schema, "2000")
         .module_args(extra)
         .start()
 }
