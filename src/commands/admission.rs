@@ -370,7 +370,7 @@ fn decide(
         match account.admit(&policy, &request, now, clock::new_lease_id) {
             Ok(decision) => {
                 let usage = parsed.verbose.then(|| account.usage(now));
-                let terms_changed = !parsed.peek && account.set_terms(now, terms);
+                let terms_changed = !parsed.peek && account.set_terms(terms);
                 let change = balance_change(&decision, &key, parsed.lease, now, lease_ttl_ms);
                 if let (Some(change), true) = (&change, is_self) {
                     account.apply_balance(now, change);

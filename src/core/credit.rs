@@ -175,15 +175,17 @@ pub(crate) const MEMO_MAX_MS: Millis = 1000;
 /// change to the cache moves the epoch on and so retires every memo. A memo read through
 /// another key name (the value was renamed: another user or bundle) is ignored.
 ///
-/// 40 bytes, kept inline next to every account: the amounts that add something (above zero;
+/// 32 bytes, kept inline next to every account: the amounts that add something (above zero;
 /// one at zero or below adds nothing, exactly as an absent one) are kept as varints in
 /// `MEMO_AMOUNT_BYTES` bytes. A credit whose amounts need more is not remembered
 /// (`new` gives none): its admissions look it up in the cache each time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CreditMemo {
-    until: Millis,
+    /// Until when it holds, in whole seconds since the epoch (rounded down: a memo never holds
+    /// past its time, and lives at most `MEMO_MAX_MS`).
+    until_s: u32,
     /// `account_tag` of the account key the credit was chosen for.
-    account: u64,
+    account: u32,
     /// The low 32 bits of the cache epoch: a memo lives at most `MEMO_MAX_MS`, far less than
     /// 2^32 cache changes take, so it cannot meet the same low bits of another epoch.
     epoch: u32,
@@ -197,17 +199,18 @@ pub(crate) struct CreditMemo {
 /// or more smaller ones.
 const MEMO_AMOUNT_BYTES: usize = 18;
 
-/// A 64-bit hash of an account key name, so that a memo knows which account it belongs to
+/// A 32-bit hash of an account key name, so that a memo knows which account it belongs to
 /// without keeping the name (which may be long). Two names sharing a tag would also need a
 /// `RENAME` from one to the other within `MEMO_MAX_MS` for a memo to be misapplied.
-fn account_tag(key: &[u8]) -> u64 {
+fn account_tag(key: &[u8]) -> u32 {
     const SEEDS: [u64; 4] = [
         0x243f_6a88_85a3_08d3,
         0x1319_8a2e_0370_7344,
         0xa409_3822_299f_31d0,
         0x082e_fa98_ec4e_6c89,
     ];
-    ahash::RandomState::with_seeds(SEEDS[0], SEEDS[1], SEEDS[2], SEEDS[3]).hash_one(key)
+    let h = ahash::RandomState::with_seeds(SEEDS[0], SEEDS[1], SEEDS[2], SEEDS[3]).hash_one(key);
+    (h ^ (h >> 32)) as u32
 }
 
 impl CreditMemo {
@@ -253,8 +256,10 @@ impl CreditMemo {
                 fresh_until.min(now.saturating_add(MEMO_MAX_MS)),
                 Millis::min,
             );
+        // Past 2106 (u32 seconds) nothing is remembered.
+        let until_s = u32::try_from(until.div_euclid(1000)).ok()?;
         Some(CreditMemo {
-            until,
+            until_s,
             account: account_tag(account),
             epoch: epoch as u32,
             source: chosen.1,
@@ -272,9 +277,10 @@ impl CreditMemo {
         epoch: u64,
         now: Millis,
     ) -> Option<(Option<Additional>, CreditSource)> {
+        let until = Millis::from(self.until_s) * 1000;
         if self.epoch != epoch as u32
-            || now >= self.until
-            || now.saturating_add(MEMO_MAX_MS) < self.until
+            || now >= until
+            || now.saturating_add(MEMO_MAX_MS) < until
             || self.account != account_tag(account)
         {
             return None;
@@ -626,15 +632,22 @@ mod tests {
         let mut big = Additional::default();
         big.set(LimitField::TokensPerMonth, Some(i64::MAX));
         big.set(LimitField::TotalRequests, Some(i64::MAX));
-        let memo = CreditMemo::new(KEY, (Some(big), CreditSource::Bundle), &[], 1, NOW + 9, NOW);
+        let memo = CreditMemo::new(
+            KEY,
+            (Some(big), CreditSource::Bundle),
+            &[],
+            1,
+            NOW + 1000,
+            NOW,
+        );
         let back = memo.unwrap().get(KEY, 1, NOW).unwrap().0.unwrap();
         assert_eq!(back.get(LimitField::TokensPerMonth), Some(i64::MAX));
         assert_eq!(back.get(LimitField::TotalRequests), Some(i64::MAX));
         // Three are too many.
         big.set(LimitField::RequestsPerMonth, Some(i64::MAX));
         let chosen = (Some(big), CreditSource::Bundle);
-        assert_eq!(CreditMemo::new(KEY, chosen, &[], 1, NOW + 9, NOW), None);
-        assert_eq!(std::mem::size_of::<Option<CreditMemo>>(), 40);
+        assert_eq!(CreditMemo::new(KEY, chosen, &[], 1, NOW + 1000, NOW), None);
+        assert_eq!(std::mem::size_of::<Option<CreditMemo>>(), 32);
     }
 
     /// A memo read through another account key (the value was renamed to another user's or
@@ -653,8 +666,14 @@ mod tests {
     fn memo_ends_when_the_entry_goes_stale_or_a_row_expires() {
         let rows = vec![row("*", 7, None, true)];
         let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW).unwrap();
-        assert!(memo.get(KEY, 1, NOW + 299).is_some());
-        assert!(memo.get(KEY, 1, NOW + 300).is_none());
+        assert!(
+            memo.get(KEY, 1, NOW).is_none(),
+            "held to the second before: nothing"
+        );
+        let t = NOW + 500;
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t), &rows, 1, t + 800, t).unwrap();
+        assert!(memo.get(KEY, 1, NOW + 999).is_some());
+        assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         // Read 400 ms before the bundle row expires: from then on the '*' row applies.
         let rows = vec![
             row("*", 7, None, true),

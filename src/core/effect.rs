@@ -454,7 +454,7 @@ impl<'a> Effect<'a> {
                 if *lifetime {
                     account.lifetime = true;
                 }
-                account.count_request(self.at, day, month);
+                account.count_request(self.at, hour, day, month);
                 if let Some(l) = lease {
                     account.push_lease(Lease {
                         id: l.id.to_id(),
@@ -477,7 +477,7 @@ impl<'a> Effect<'a> {
             }
         }
         if let Some(terms) = self.terms {
-            account.set_terms(self.at, terms);
+            account.set_terms(terms);
         }
         if let Some(change) = &self.balance {
             account.apply_balance(self.at, change);

@@ -1,10 +1,11 @@
 //! The usage ledger and the prepaid balances, as an account holds them until they are flushed.
 //!
 //! Every change an account counts (a request admitted or released, tokens committed, a debit of
-//! a balance) is also added to the account's `Ledger`, per UTC hour, until a flush has written
-//! it to PostgreSQL and acknowledged it (`Ledger::acknowledge`), which takes exactly what was
-//! written off again. The ledger lives in an optional, boxed part of the account: an account
-//! with nothing unflushed and no balance pays 8 bytes for it.
+//! a balance) is also added to its unflushed usage, per UTC hour, until a flush has written it
+//! to PostgreSQL and acknowledged it (`Account::acknowledge`), which takes exactly what was
+//! written off again. The current hour's requests and tokens are kept inline in the account
+//! (`account::pending`); older hours, balance debits, the holds and the terms live in the
+//! `Ledger`, an optional, boxed part that most accounts do not have.
 //!
 //! An account is also the holder of the balance of the credit row with its own identity: the
 //! debits of that balance go into its ledger, and its tokens held by `RESERVE` (`Hold`) keep
@@ -13,8 +14,9 @@
 //!
 //! Batches carry a per-account sequence (`next_seq`) that PostgreSQL keeps per account, so a
 //! batch sent again (a retry, a replay, a master that took over) is applied once. The sequence
-//! starts from the master's clock when the part is created (shifted left by 20 bits) and only
-//! grows, so a part created again later never reuses a sequence a previous part used.
+//! starts from the master's clock at the account's first change (shifted left by 20 bits) and
+//! only grows, so an account key created again later never reuses a sequence an earlier one
+//! used.
 //! Pure: no Redis, no PostgreSQL, time passed in.
 
 use super::credit::{BalanceKind, RowBalance};
@@ -29,9 +31,6 @@ pub(crate) const MAX_PENDING_HOURS: usize = 168;
 /// Most balance holds an account keeps (one per live lease that reserved from the balance or
 /// whose request the balance paid): the lease bound of the accounts that draw on it.
 pub(crate) const MAX_HOLDS: usize = 4096;
-
-/// The sequence bits below the creation time.
-const SEQ_SHIFT: u32 = 20;
 
 /// One hour of changes not flushed yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,12 +72,10 @@ pub(crate) struct BalanceTerms {
 }
 
 /// The optional ledger part of an account.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Ledger {
     /// Unflushed changes by hour, oldest first, one entry an hour.
     pub hours: Vec<HourDelta>,
-    /// The sequence of the next batch.
-    pub next_seq: u64,
     /// The balance used totals PostgreSQL reported at the last flush of this holder's debits
     /// (`BalanceKind` order): a cached row that is older counts at least these.
     pub floor: [u64; 2],
@@ -86,23 +83,7 @@ pub(crate) struct Ledger {
     pub holds: Vec<Hold>,
     /// How this account's commits debit a balance (none: they debit nothing).
     pub terms: Option<BalanceTerms>,
-    /// In memory only (never encoded, not part of the state's value): the key is on the
-    /// node's list of accounts to flush (`runtime::ledger`). Kept here rather than next to the
-    /// key's value, which must stay within 128 bytes.
-    pub tracked: bool,
 }
-
-impl PartialEq for Ledger {
-    fn eq(&self, other: &Self) -> bool {
-        self.hours == other.hours
-            && self.next_seq == other.next_seq
-            && self.floor == other.floor
-            && self.holds == other.holds
-            && self.terms == other.terms
-    }
-}
-
-impl Eq for Ledger {}
 
 /// A change to a balance holder, made by an admission, commit or release of an account that
 /// draws on it (the holder itself or another bundle of the user).
@@ -163,18 +144,6 @@ pub(crate) fn hold_tag(account_key: &[u8], lease: &str) -> u64 {
 }
 
 impl Ledger {
-    /// An empty part created at `at` (the first sequence follows from it).
-    pub(crate) fn new(at: Millis) -> Ledger {
-        Ledger {
-            hours: Vec::new(),
-            next_seq: (at.max(0) as u64) << SEQ_SHIFT,
-            floor: [0, 0],
-            holds: Vec::new(),
-            terms: None,
-            tracked: false,
-        }
-    }
-
     /// Whether the part holds nothing worth keeping.
     pub(crate) fn is_idle(&self) -> bool {
         self.hours.is_empty()
@@ -276,26 +245,6 @@ impl Ledger {
         }
     }
 
-    /// Takes a flushed batch off: each hour's amounts as sent are subtracted (what was counted
-    /// since stays), emptied hours are dropped, the sequence moves on and the floor rises.
-    pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
-        for sent in &ack.hours {
-            if let Some(h) = self.hours.iter_mut().find(|h| h.hour == sent.hour) {
-                h.requests = h.requests.saturating_sub(sent.requests);
-                h.tokens = h.tokens.saturating_sub(sent.tokens);
-                for (d, s) in h.debits.iter_mut().zip(sent.debits) {
-                    *d = d.saturating_sub(s);
-                }
-            }
-        }
-        self.hours.retain(|h| !h.is_zero());
-        self.next_seq = self.next_seq.max(ack.next_seq);
-        // PostgreSQL's totals right after this batch: exact (a refund may have lowered them).
-        if let Some(floor) = ack.floor {
-            self.floor = floor;
-        }
-    }
-
     /// Bytes of heap the part owns beyond its box.
     pub(crate) fn heap_size(&self) -> usize {
         self.hours.capacity() * std::mem::size_of::<HourDelta>()
@@ -311,8 +260,8 @@ mod tests {
     const HOUR: Millis = 3_600_000;
 
     #[test]
-    fn changes_add_up_per_hour_and_an_ack_takes_off_exactly_what_was_sent() {
-        let mut l = Ledger::new(T0);
+    fn changes_add_up_per_hour_and_an_hour_undone_leaves_nothing() {
+        let mut l = Ledger::default();
         l.record(T0, 1, 0, [1, 0]);
         l.record(T0 + 10, 1, 50, [0, 20]);
         l.record(T0 + HOUR, 1, 0, [0, 0]);
@@ -322,43 +271,17 @@ mod tests {
         assert_eq!(l.hours[0].tokens, 57);
         assert_eq!(l.unflushed(0), 1);
         assert_eq!(l.unflushed(1), 20);
-        let sent = l.hours.clone();
-        let seq = l.next_seq;
-        // More is counted while the batch is on its way.
-        l.record(T0 + HOUR, 1, 3, [0, 3]);
-        l.acknowledge(&Acknowledgement {
-            hours: sent,
-            next_seq: seq + 1,
-            floor: Some([1, 20]),
-        });
-        assert_eq!(l.hours.len(), 1);
+        l.record(T0 + HOUR, -1, 0, [0, 0]);
         assert_eq!(
-            (l.hours[0].requests, l.hours[0].tokens, l.hours[0].debits),
-            (1, 3, [0, 3])
+            l.hours.len(),
+            1,
+            "an hour whose changes cancel out is dropped"
         );
-        assert_eq!(l.next_seq, seq + 1);
-        assert_eq!(l.floor, [1, 20]);
-        // The sequence never goes back; the floor is what PostgreSQL said last.
-        l.acknowledge(&Acknowledgement {
-            hours: vec![],
-            next_seq: 0,
-            floor: Some([0, 19]),
-        });
-        assert_eq!((l.floor, l.next_seq), ([0, 19], seq + 1));
-    }
-
-    #[test]
-    fn a_part_created_later_starts_beyond_every_earlier_sequence() {
-        let mut early = Ledger::new(T0);
-        for _ in 0..100_000 {
-            early.next_seq += 1;
-        }
-        assert!(Ledger::new(T0 + 1000).next_seq > early.next_seq);
     }
 
     #[test]
     fn at_the_bound_the_oldest_hours_merge_and_totals_stay() {
-        let mut l = Ledger::new(T0);
+        let mut l = Ledger::default();
         for i in 0..(MAX_PENDING_HOURS as i64 + 10) {
             l.record(T0 + i * HOUR, 1, 2, [1, 1]);
         }
@@ -371,7 +294,7 @@ mod tests {
 
     #[test]
     fn holds_expire_settle_and_count_once() {
-        let mut l = Ledger::new(T0);
+        let mut l = Ledger::default();
         let hold = |tag, tokens| Hold {
             tag,
             expires_at: T0 + 1000,

@@ -246,11 +246,8 @@ impl AccountKey {
 
     /// Whether the account has unflushed usage and is not on the ledger's list yet.
     pub(crate) fn needs_tracking(&mut self) -> bool {
-        self.stored().is_some_and(|s| {
-            s.account
-                .ledger()
-                .is_some_and(|l| !l.tracked && !l.hours.is_empty())
-        })
+        self.stored()
+            .is_some_and(|s| !s.account.is_tracked() && s.account.has_unflushed())
     }
 
     /// Records that the key is on the ledger's list (`tracked` false: taken off it).
@@ -518,7 +515,8 @@ mod tests {
     /// it may cost.
     #[test]
     fn an_account_fits_in_128_bytes() {
-        assert_eq!(std::mem::size_of::<Account>(), 80);
+        assert_eq!(std::mem::size_of::<Account>(), 88);
+        assert_eq!(std::mem::size_of::<Option<CreditMemo>>(), 32);
         assert!(
             std::mem::size_of::<Stored>() <= 128,
             "{}",

@@ -136,7 +136,7 @@ fn rescan(ctx: Ctx) {
     let mut db = 0;
     while db < 1024 && ctx.select_db(db) {
         scan_accounts(ctx, |name, account| {
-            let pending = account.ledger().is_some_and(|l| !l.hours.is_empty());
+            let pending = account.has_unflushed();
             if pending {
                 found.push((db, name.into()));
             }
@@ -197,10 +197,10 @@ fn snapshot(ctx: Ctx) -> (Vec<KeyId>, Vec<AccountBatch>) {
                     let Ok(mut key) = AccountKey::open_read(ctx, &id.1) else {
                         return false;
                     };
-                    let pending = key
-                        .get()
-                        .and_then(|a| a.ledger())
-                        .and_then(|l| (!l.hours.is_empty()).then(|| (l.next_seq, l.hours.clone())));
+                    let pending = key.get().and_then(|a| {
+                        a.has_unflushed()
+                            .then(|| (a.batch_seq(), a.unflushed_hours()))
+                    });
                     if pending.is_none() {
                         key.set_tracking(false);
                     }
@@ -267,7 +267,7 @@ fn acknowledge(ctx: Ctx, outcomes: Vec<Result<BatchOutcome, StoreError>>) {
             continue;
         };
         account.acknowledge(&ack);
-        let pending = account.ledger().is_some_and(|l| !l.hours.is_empty());
+        let pending = account.has_unflushed();
         let effect = Effect {
             ack: Some(ack),
             ..Effect::empty(now)

@@ -198,7 +198,7 @@ impl Account {
         if limits.get(LimitField::TotalRequests).is_some() {
             self.lifetime = true;
         }
-        self.count_request(now_ms, now.day, now.month);
+        self.count_request(now_ms, now.hour, now.day, now.month);
         if wants_lease {
             let want = req.reserve.unwrap_or(0);
             let grant = [

@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 
 use super::{
-    Account, BadState, Counter, Extra, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED,
+    window_slot, Account, BadState, Counter, Extra, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN,
+    MAX_SETTLED,
 };
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
 
@@ -18,7 +19,8 @@ impl Account {
     pub(super) fn encode_with(&self, counters: [(i64, u64); 5]) -> Vec<u8> {
         let mut w = Vec::with_capacity(64 + self.leases().len() * 40);
         // Without a ledger part, the first version's bytes exactly (an older build reads them).
-        w.push(if self.ledger().is_some() {
+        let with_ledger = self.ledger().is_some() || self.next_seq != 0;
+        w.push(if with_ledger {
             ENCODING_VERSION_LEDGER
         } else {
             ENCODING_VERSION
@@ -42,8 +44,8 @@ impl Account {
             put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
-        if let Some(ledger) = self.ledger() {
-            put_ledger(&mut w, ledger);
+        if with_ledger {
+            put_ledger(&mut w, self);
         }
         w
     }
@@ -61,12 +63,29 @@ impl Account {
             1 => true,
             _ => return Err(BadState("lifetime flag is neither 0 nor 1")),
         };
-        let (mut windows, mut counts) = ([0u32; 5], [0u64; 5]);
-        for (window, count) in windows.iter_mut().zip(counts.iter_mut()) {
+        let (mut windows, mut counts) = ([0u32; 3], [0u64; 5]);
+        for counter in Counter::ALL {
             // Any window past the last one is refused by `check`.
-            *window =
+            let window =
                 u32::try_from(r.i64()?).map_err(|_| BadState("counter window out of range"))?;
-            *count = r.u64()?;
+            let count = r.u64()?;
+            // Counters of one kind of window share it: a state whose two counters of a kind
+            // count in different windows (an older build's) keeps the later one; the count of
+            // the earlier window reads as zero in it anyway.
+            let slot = window_slot(counter.window());
+            let (kept, other) = (windows[slot], counter as usize);
+            if window > kept {
+                windows[slot] = window;
+                for c in Counter::ALL
+                    .into_iter()
+                    .filter(|c| c.window() == counter.window())
+                {
+                    counts[c as usize] = 0;
+                }
+            }
+            if window >= kept {
+                counts[other] = count;
+            }
         }
         let req_total = r.u64()?;
         let n = r.count(MAX_LEASES, "more leases than an account may hold")?;
@@ -85,10 +104,11 @@ impl Account {
         for _ in 0..n {
             settled.push((r.id()?, r.i64()?));
         }
-        let ledger = if version == ENCODING_VERSION_LEDGER {
-            Some(Box::new(r.ledger()?))
+        let (next_seq, ledger) = if version == ENCODING_VERSION_LEDGER {
+            let (next_seq, ledger) = r.ledger()?;
+            (next_seq, (!ledger.is_idle()).then(|| Box::new(ledger)))
         } else {
-            None
+            (0, None)
         };
         if !r.buf.is_empty() {
             return Err(BadState("bytes left after the state"));
@@ -104,14 +124,17 @@ impl Account {
             settled: (!settled.is_empty()).then(|| Box::new(settled)),
             ledger,
         };
-        let account = Account {
+        let mut account = Account {
             windows,
             lifetime,
             counts,
             req_total,
             extra: (!extra.is_empty()).then(|| Box::new(extra)),
+            next_seq,
+            ..Account::default()
         };
         account.check()?;
+        account.inline_current_hour();
         Ok(account)
     }
 }
@@ -120,12 +143,17 @@ pub(super) const ENCODING_VERSION: u8 = 1;
 /// The first version followed by the ledger part.
 pub(super) const ENCODING_VERSION_LEDGER: u8 = 2;
 
-fn put_ledger(w: &mut Vec<u8>, l: &Ledger) {
-    put_u64(w, l.next_seq);
+/// The ledger fields: the batch sequence, the floor, the unflushed hours (inline and in the
+/// ledger part, as one list), the holds and the terms.
+fn put_ledger(w: &mut Vec<u8>, account: &Account) {
+    let empty = Ledger::default();
+    let l = account.ledger().unwrap_or(&empty);
+    put_u64(w, account.next_seq);
     put_u64(w, l.floor[0]);
     put_u64(w, l.floor[1]);
-    put_u64(w, l.hours.len() as u64);
-    for h in &l.hours {
+    let hours = account.unflushed_hours();
+    put_u64(w, hours.len() as u64);
+    for h in &hours {
         for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
             put_i64(w, v);
         }
@@ -213,7 +241,8 @@ impl Reader<'_> {
             .ok_or(BadState(too_many))
     }
 
-    fn ledger(&mut self) -> Result<Ledger, BadState> {
+    /// The ledger fields: the batch sequence and the ledger part.
+    fn ledger(&mut self) -> Result<(u64, Ledger), BadState> {
         let next_seq = self.u64()?;
         let floor = [self.u64()?, self.u64()?];
         let n = self.count(
@@ -251,14 +280,15 @@ impl Reader<'_> {
             }),
             _ => return Err(BadState("unknown balance terms")),
         };
-        Ok(Ledger {
-            hours,
+        Ok((
             next_seq,
-            floor,
-            holds,
-            terms,
-            tracked: false,
-        })
+            Ledger {
+                hours,
+                floor,
+                holds,
+                terms,
+            },
+        ))
     }
 
     fn id(&mut self) -> Result<LeaseId, BadState> {

@@ -5,7 +5,7 @@ use super::{
     Account, AccountError, CommitOutcome, Counter, Extra, Lease, LeaseId, Now, MAX_SETTLED,
     SETTLED_MIN_MS,
 };
-use crate::core::window::seconds_until;
+use crate::core::window::{seconds_until, Window};
 use crate::core::Millis;
 
 impl Extra {
@@ -135,16 +135,17 @@ impl Account {
         Ok(outcome)
     }
 
-    /// Counts one admitted request in the day and month windows with these indexes and in the
-    /// lifetime total.
-    pub(crate) fn count_request(&mut self, at: Millis, day: i64, month: i64) {
-        self.ledger_mut(at).record(at, 1, 0, [0, 0]);
+    /// Counts one admitted request in the day and month windows with these indexes, in the
+    /// lifetime total and in the unflushed usage of the hour with index `hour`.
+    pub(crate) fn count_request(&mut self, at: Millis, hour: i64, day: i64, month: i64) {
+        self.record_usage(at, hour, 1, 0);
         self.add(Counter::ReqDay, day, 1);
         self.add(Counter::ReqMonth, month, 1);
         self.req_total = self.req_total.saturating_add(1);
     }
 
-    /// Records `tokens` used in the hour, day and month windows with these indexes.
+    /// Records `tokens` used in the hour, day and month windows with these indexes (and in the
+    /// hour's unflushed usage).
     pub(crate) fn count_tokens(
         &mut self,
         tokens: u64,
@@ -153,8 +154,7 @@ impl Account {
         day: i64,
         month: i64,
     ) {
-        let logged = i64::try_from(tokens).unwrap_or(i64::MAX);
-        self.ledger_mut(at).record_hour(hour, 0, logged, [0, 0]);
+        self.record_usage(at, hour, 0, tokens);
         self.add(Counter::TokHour, hour, tokens);
         self.add(Counter::TokDay, day, tokens);
         self.add(Counter::TokMonth, month, tokens);
@@ -195,8 +195,7 @@ impl Account {
         self.refund(Counter::ReqDay, i64::from(held.day));
         self.refund(Counter::ReqMonth, i64::from(held.month));
         self.req_total = self.req_total.saturating_sub(1);
-        self.ledger_mut(at).record(at, -1, 0, [0, 0]);
-        self.drop_idle_ledger();
+        self.record_usage(at, Window::Hour.index(at), -1, 0);
         true
     }
 

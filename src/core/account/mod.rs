@@ -14,12 +14,11 @@
 mod admit;
 mod codec;
 mod lease;
+mod pending;
 
 use std::collections::{HashSet, VecDeque};
 
-use super::ledger::{
-    Acknowledgement, BalanceChange, BalanceTerms, Ledger, MAX_HOLDS, MAX_PENDING_HOURS,
-};
+use super::ledger::{BalanceChange, BalanceTerms, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
 use super::policy::LimitField;
 use super::window::{Window, LAST_MS};
 use super::Millis;
@@ -133,22 +132,65 @@ pub(crate) struct Lease {
 
 /// The usage state of one account.
 ///
-/// Laid out for the common account (counters only): the five window counters as a `u32`
-/// window index (hour, day or month since 1970: far below 2^32 up to `LAST_MS`) and a `u64`
-/// count each, the lifetime total, and one pointer to the optional part (`Extra`) that only
-/// accounts holding leases or settled ids have. 80 bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Laid out for the common account (counters only), 88 bytes: the window each kind of counter
+/// counts in (hour, day, month since 1970 as `u32`: far below 2^32 up to `LAST_MS`; the two day
+/// counters move to a new day together, and so do the two month counters), a `u64` count per
+/// counter, the lifetime total, the usage of the current hour not flushed to the ledger yet
+/// (`pending`), the next ledger batch's sequence, and one pointer to the optional part
+/// (`Extra`) that only accounts holding leases, settled ids or older unflushed hours have. An
+/// admission therefore counts its request for the ledger without leaving the account's own
+/// cache lines.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Account {
-    /// The window each counter counts in, by `Counter`.
-    windows: [u32; COUNTERS],
-    /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
-    pub lifetime: bool,
+    /// The window each kind of counter counts in, by `Counter::window` (`window_slot`). The
+    /// hour is also the hour of `pending_requests` and `pending_tokens`.
+    windows: [u32; 3],
+    /// Requests admitted minus requests released in the hour `windows[HOUR]` and not flushed
+    /// yet (what does not fit is in the ledger part, whose entry for the hour adds to it).
+    pending_requests: i32,
     /// Each counter's count in its window, by `Counter`.
     counts: [u64; COUNTERS],
     pub req_total: u64,
-    /// Leases and settled ids; `None` when the account holds neither.
+    /// Leases, settled ids and the ledger part; `None` when the account holds none of them.
     extra: Option<Box<Extra>>,
+    /// The sequence of the account's next ledger batch: set from the clock at the account's
+    /// first change for the ledger (shifted left by `SEQ_SHIFT` bits), then only grows.
+    next_seq: u64,
+    /// Tokens committed in the hour `windows[HOUR]` and not flushed yet.
+    pending_tokens: u32,
+    /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
+    pub lifetime: bool,
+    /// In memory only (never encoded, not part of the state's value): the key is on the
+    /// node's list of accounts to flush (`runtime::ledger`).
+    tracked: bool,
 }
+
+impl PartialEq for Account {
+    fn eq(&self, other: &Self) -> bool {
+        self.windows == other.windows
+            && self.pending_requests == other.pending_requests
+            && self.counts == other.counts
+            && self.req_total == other.req_total
+            && self.extra == other.extra
+            && self.next_seq == other.next_seq
+            && self.pending_tokens == other.pending_tokens
+            && self.lifetime == other.lifetime
+    }
+}
+
+impl Eq for Account {}
+
+/// `Account::windows`' slot of a window.
+const fn window_slot(window: Window) -> usize {
+    match window {
+        Window::Hour => 0,
+        Window::Day => 1,
+        Window::Month => 2,
+    }
+}
+
+/// The slot of the hour (the hour of the pending usage).
+const HOUR: usize = window_slot(Window::Hour);
 
 /// The part of an account most accounts do not have: live leases, settled lease ids and the
 /// sums kept over them. It exists only while it holds something (`Account::tidy` drops it when
@@ -410,8 +452,10 @@ impl Account {
 
     /// The window index `counter` counts in and its count there.
     pub(crate) fn counter(&self, counter: Counter) -> (i64, u64) {
-        let i = counter as usize;
-        (i64::from(self.windows[i]), self.counts[i])
+        (
+            i64::from(self.windows[window_slot(counter.window())]),
+            self.counts[counter as usize],
+        )
     }
 
     /// The count of `counter` in the window with this index (zero for any other window).
@@ -422,19 +466,32 @@ impl Account {
         }
     }
 
-    /// Adds `n` to `counter` in the window with this index, starting it at zero when the
-    /// counter was in another window. An index that is no window since 1970 (a clock before
-    /// 1970) counts nothing.
+    /// Adds `n` to `counter` in the window with this index (see `enter`). An index that is no
+    /// window since 1970 (a clock before 1970) counts nothing.
     fn add(&mut self, counter: Counter, index: i64, n: u64) {
         let Ok(window) = u32::try_from(index) else {
             return;
         };
+        self.enter(counter.window(), window);
         let i = counter as usize;
-        if self.windows[i] != window {
-            self.windows[i] = window;
-            self.counts[i] = 0;
-        }
         self.counts[i] = self.counts[i].saturating_add(n);
+    }
+
+    /// Moves the counters of `window` to the window with this index, starting them at zero,
+    /// when they count in another one. Moving the hour first puts the pending usage of the
+    /// hour left into the ledger part.
+    fn enter(&mut self, window: Window, index: u32) {
+        let slot = window_slot(window);
+        if self.windows[slot] == index {
+            return;
+        }
+        if slot == HOUR {
+            self.spill_pending();
+        }
+        for c in Counter::ALL.into_iter().filter(|c| c.window() == window) {
+            self.counts[c as usize] = 0;
+        }
+        self.windows[slot] = index;
     }
 
     /// Takes one back from `counter` if it still counts in the window with this index.
@@ -473,8 +530,8 @@ impl Account {
     pub(crate) fn retention(&self) -> Retention {
         // Unflushed usage must reach PostgreSQL before the key may go, and a balance holder
         // keeps what PostgreSQL said it has used (its floor: a cached row may be older).
-        let keeps = |l: &Ledger| !l.hours.is_empty() || l.floor != [0, 0];
-        if self.lifetime || self.ledger().is_some_and(keeps) {
+        let floor = self.ledger().is_some_and(|l| l.floor != [0, 0]);
+        if self.lifetime || floor || self.has_unflushed() {
             return Retention::Forever;
         }
         let holds = self
@@ -589,9 +646,12 @@ impl Account {
 
     /// Marks whether the key is on the node's list of accounts to flush (memory only).
     pub(crate) fn set_tracked(&mut self, tracked: bool) {
-        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
-            ledger.tracked = tracked;
-        }
+        self.tracked = tracked;
+    }
+
+    /// Whether the key is on the node's list of accounts to flush.
+    pub(crate) fn is_tracked(&self) -> bool {
+        self.tracked
     }
 
     /// The ledger part, if the account has one.
@@ -599,16 +659,16 @@ impl Account {
         self.extra.as_ref().and_then(|e| e.ledger.as_deref())
     }
 
-    /// The ledger part, created at `at` when missing.
-    pub(crate) fn ledger_mut(&mut self, at: Millis) -> &mut Ledger {
+    /// The ledger part, created when missing.
+    fn ledger_part(&mut self) -> &mut Ledger {
         self.extra
             .get_or_insert_with(Box::default)
             .ledger
-            .get_or_insert_with(|| Box::new(Ledger::new(at)))
+            .get_or_insert_with(Box::default)
     }
 
     /// Drops the ledger part when it holds nothing worth keeping.
-    pub(crate) fn drop_idle_ledger(&mut self) {
+    fn drop_idle_ledger(&mut self) {
         if let Some(extra) = self.extra.as_mut() {
             if extra.ledger.as_ref().is_some_and(|l| l.is_idle()) {
                 extra.ledger = None;
@@ -622,16 +682,19 @@ impl Account {
         if change.is_empty() && self.ledger().is_none() {
             return;
         }
-        self.ledger_mut(at).apply(at, change);
+        if change.debits != [0, 0] {
+            self.mark_unflushed(at);
+        }
+        self.ledger_part().apply(at, change);
         self.drop_idle_ledger();
     }
 
     /// Sets how this account's commits debit a balance; true if that changed.
-    pub(crate) fn set_terms(&mut self, at: Millis, terms: Option<BalanceTerms>) -> bool {
+    pub(crate) fn set_terms(&mut self, terms: Option<BalanceTerms>) -> bool {
         if self.terms() == terms {
             return false;
         }
-        self.ledger_mut(at).terms = terms;
+        self.ledger_part().terms = terms;
         self.drop_idle_ledger();
         true
     }
@@ -639,14 +702,6 @@ impl Account {
     /// The balance terms of this account's commits, if any.
     pub(crate) fn terms(&self) -> Option<BalanceTerms> {
         self.ledger().and_then(|l| l.terms)
-    }
-
-    /// Takes a flushed batch off the ledger (see `Ledger::acknowledge`).
-    pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
-        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
-            ledger.acknowledge(ack);
-        }
-        self.drop_idle_ledger();
     }
 
     /// Bytes of heap this state owns beyond the struct itself (for `MEMORY USAGE`).
@@ -1033,12 +1088,13 @@ mod tests {
         }
     }
 
-    /// The optional part is one cache line plus the ledger pointer (which an admission without
-    /// unflushed usage does not touch): an admission with a lease touches it and appends.
+    /// The optional part is one cache line plus the ledger pointer (which an admission does
+    /// not touch: its hour's usage is inline): an admission with a lease touches it and
+    /// appends. The account with its memo and expiry stays within 128 bytes (`ffi::account_type`).
     #[test]
     fn the_lease_part_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<Extra>(), 72);
-        assert_eq!(std::mem::size_of::<Account>(), 80);
+        assert_eq!(std::mem::size_of::<Account>(), 88);
     }
 
     #[test]
@@ -1080,10 +1136,9 @@ mod tests {
 
     /// Acknowledges everything unflushed, as a flush does.
     fn flushed(acc: &mut Account) {
-        let ledger = acc.ledger().unwrap();
         let ack = crate::core::ledger::Acknowledgement {
-            hours: ledger.hours.clone(),
-            next_seq: ledger.next_seq + 1,
+            hours: acc.unflushed_hours(),
+            next_seq: acc.batch_seq() + 1,
             floor: None,
         };
         acc.acknowledge(&ack);

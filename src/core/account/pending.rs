@@ -1,0 +1,322 @@
+//! The account's usage not flushed to the ledger yet: the current hour's requests and tokens
+//! inline in the account (an admission adds to them without leaving the account's own cache
+//! lines), anything else (older hours, amounts that do not fit, balance debits) in the ledger
+//! part. `unflushed_hours` is the sum of both, which is what a flush sends and what an
+//! acknowledgement takes off again.
+
+use super::{Account, HOUR};
+use crate::core::ledger::{Acknowledgement, HourDelta};
+use crate::core::window::Window;
+use crate::core::Millis;
+
+/// The sequence bits below the creation time (see `Account::next_seq`).
+const SEQ_SHIFT: u32 = 20;
+
+impl Account {
+    /// Gives the account its first batch sequence, from the clock, at its first change.
+    pub(super) fn mark_unflushed(&mut self, at: Millis) {
+        if self.next_seq == 0 {
+            self.next_seq = (at.max(1) as u64) << SEQ_SHIFT;
+        }
+    }
+
+    /// Adds `requests` (signed) and `tokens` to the unflushed usage of the hour with index
+    /// `hour` (the hour of `at`): inline when the hour is the account's current one and the sums
+    /// fit, in the ledger part otherwise. A clock before 1970 records nothing.
+    pub(super) fn record_usage(&mut self, at: Millis, hour: i64, requests: i64, tokens: u64) {
+        if requests == 0 && tokens == 0 {
+            return;
+        }
+        let Ok(index) = u32::try_from(hour) else {
+            return;
+        };
+        self.mark_unflushed(at);
+        // A change for an earlier hour (a clock set back) goes into the ledger part as it is.
+        if index > self.windows[HOUR] {
+            self.enter(Window::Hour, index);
+        }
+        let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+        self.add_pending(hour, requests, tokens, [0, 0]);
+    }
+
+    /// Adds to the unflushed usage of `hour`: requests and tokens inline when `hour` is the
+    /// current hour and the sums fit, otherwise (with the inline amounts) into the ledger part;
+    /// debits always into the ledger part.
+    fn add_pending(&mut self, hour: i64, requests: i64, tokens: i64, debits: [i64; 2]) {
+        if hour == i64::from(self.windows[HOUR]) {
+            let r = i64::from(self.pending_requests).saturating_add(requests);
+            let t = i64::from(self.pending_tokens).saturating_add(tokens);
+            if let (Ok(r), Ok(t)) = (i32::try_from(r), u32::try_from(t)) {
+                self.pending_requests = r;
+                self.pending_tokens = t;
+                if debits != [0, 0] {
+                    self.ledger_part().record_hour(hour, 0, 0, debits);
+                    self.drop_idle_ledger();
+                }
+                return;
+            }
+            self.pending_requests = 0;
+            self.pending_tokens = 0;
+            self.ledger_part().record_hour(hour, r, t, debits);
+        } else {
+            self.ledger_part()
+                .record_hour(hour, requests, tokens, debits);
+        }
+        self.drop_idle_ledger();
+    }
+
+    /// Moves the current hour's inline usage into the ledger part (the hour is ending).
+    pub(super) fn spill_pending(&mut self) {
+        if self.pending_requests == 0 && self.pending_tokens == 0 {
+            return;
+        }
+        let (r, t) = (self.pending_requests, self.pending_tokens);
+        self.pending_requests = 0;
+        self.pending_tokens = 0;
+        let hour = i64::from(self.windows[HOUR]);
+        self.ledger_part()
+            .record_hour(hour, i64::from(r), i64::from(t), [0, 0]);
+        self.drop_idle_ledger();
+    }
+
+    /// Whether the account has usage PostgreSQL does not have yet.
+    pub(crate) fn has_unflushed(&self) -> bool {
+        self.pending_requests != 0
+            || self.pending_tokens != 0
+            || self.ledger().is_some_and(|l| !l.hours.is_empty())
+    }
+
+    /// The unflushed usage by hour, oldest first: the ledger part's hours with the current
+    /// hour's inline usage added.
+    pub(crate) fn unflushed_hours(&self) -> Vec<HourDelta> {
+        let mut hours = self.ledger().map_or_else(Vec::new, |l| l.hours.clone());
+        if self.pending_requests == 0 && self.pending_tokens == 0 {
+            return hours;
+        }
+        let hour = i64::from(self.windows[HOUR]);
+        let (r, t) = (
+            i64::from(self.pending_requests),
+            i64::from(self.pending_tokens),
+        );
+        match hours.binary_search_by_key(&hour, |h| h.hour) {
+            Ok(i) => {
+                if let Some(h) = hours.get_mut(i) {
+                    h.requests = h.requests.saturating_add(r);
+                    h.tokens = h.tokens.saturating_add(t);
+                }
+            }
+            Err(i) => hours.insert(
+                i,
+                HourDelta {
+                    hour,
+                    requests: r,
+                    tokens: t,
+                    debits: [0, 0],
+                },
+            ),
+        }
+        hours.retain(|h| !h.is_zero());
+        hours
+    }
+
+    /// The sequence the account's next batch carries.
+    pub(crate) fn batch_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Takes a flushed batch off: each hour's amounts as sent are subtracted (what was counted
+    /// since stays, and a release counted since may leave an hour below zero, which the next
+    /// batch sends), the sequence moves on and the floor becomes PostgreSQL's totals.
+    pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
+        for sent in &ack.hours {
+            let debits = [
+                sent.debits[0].saturating_neg(),
+                sent.debits[1].saturating_neg(),
+            ];
+            self.add_pending(
+                sent.hour,
+                sent.requests.saturating_neg(),
+                sent.tokens.saturating_neg(),
+                debits,
+            );
+        }
+        self.next_seq = self.next_seq.max(ack.next_seq);
+        // PostgreSQL's totals right after this batch: exact (a refund may have lowered them).
+        if let Some(floor) = ack.floor {
+            if floor != [0, 0] || self.ledger().is_some() {
+                self.ledger_part().floor = floor;
+            }
+        }
+        self.drop_idle_ledger();
+    }
+
+    /// Puts the ledger part's entry for the current hour inline as far as it fits (a decoded
+    /// state keeps every unflushed hour in the ledger part).
+    pub(super) fn inline_current_hour(&mut self) {
+        let hour = i64::from(self.windows[HOUR]);
+        let Some(entry) = self
+            .ledger()
+            .and_then(|l| l.hours.iter().find(|h| h.hour == hour))
+            .copied()
+        else {
+            return;
+        };
+        let (Ok(r), Ok(t)) = (i32::try_from(entry.requests), u32::try_from(entry.tokens)) else {
+            return;
+        };
+        self.ledger_part()
+            .record_hour(hour, -i64::from(r), -i64::from(t), [0, 0]);
+        self.pending_requests = r;
+        self.pending_tokens = t;
+        self.drop_idle_ledger();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::account::{Account, Counter};
+    use crate::core::ledger::{Acknowledgement, BalanceChange, HourDelta};
+    use crate::core::window::Window;
+    use crate::core::Millis;
+
+    const T0: Millis = 1_795_000_000_000;
+    const HOUR: Millis = 3_600_000;
+
+    fn hour(at: Millis) -> i64 {
+        Window::Hour.index(at)
+    }
+
+    fn admitted(acc: &mut Account, at: Millis) {
+        acc.count_request(at, hour(at), Window::Day.index(at), Window::Month.index(at));
+    }
+
+    fn delta(at: Millis, requests: i64, tokens: i64, debits: [i64; 2]) -> HourDelta {
+        HourDelta {
+            hour: hour(at),
+            requests,
+            tokens,
+            debits,
+        }
+    }
+
+    /// Acknowledges `sent` as a flush of it would.
+    fn ack(acc: &mut Account, sent: Vec<HourDelta>) {
+        let next_seq = acc.batch_seq() + 1;
+        acc.acknowledge(&Acknowledgement {
+            hours: sent,
+            next_seq,
+            floor: None,
+        });
+    }
+
+    #[test]
+    fn the_current_hour_is_counted_inline_without_a_ledger_part() {
+        let mut acc = Account::default();
+        for _ in 0..3 {
+            admitted(&mut acc, T0);
+        }
+        acc.count_tokens(
+            70,
+            T0,
+            hour(T0),
+            Window::Day.index(T0),
+            Window::Month.index(T0),
+        );
+        assert!(acc.extra.is_none(), "no allocation for the current hour");
+        assert!(acc.has_unflushed());
+        assert_eq!(acc.unflushed_hours(), vec![delta(T0, 3, 70, [0, 0])]);
+        assert_eq!(acc.batch_seq(), (T0 as u64) << 20);
+    }
+
+    #[test]
+    fn a_new_hour_moves_the_last_one_into_the_ledger_part_and_an_ack_takes_off_what_was_sent() {
+        let mut acc = Account::default();
+        admitted(&mut acc, T0);
+        acc.count_tokens(
+            5,
+            T0,
+            hour(T0),
+            Window::Day.index(T0),
+            Window::Month.index(T0),
+        );
+        admitted(&mut acc, T0 + HOUR);
+        let sent = acc.unflushed_hours();
+        assert_eq!(
+            sent,
+            vec![delta(T0, 1, 5, [0, 0]), delta(T0 + HOUR, 1, 0, [0, 0])]
+        );
+        // The token hour counter moved with the hour; the day counter did not.
+        assert_eq!(acc.counter(Counter::TokHour), (hour(T0 + HOUR), 0));
+        // Counted while the batch is on its way: one more admission and a release.
+        admitted(&mut acc, T0 + HOUR);
+        assert!(acc.extra.is_some());
+        let seq = acc.batch_seq();
+        ack(&mut acc, sent);
+        assert_eq!(acc.unflushed_hours(), vec![delta(T0 + HOUR, 1, 0, [0, 0])]);
+        assert!(acc.extra.is_none(), "the emptied ledger part is given back");
+        assert_eq!(acc.batch_seq(), seq + 1);
+        // A release of a request already flushed goes below zero: the next batch sends -1.
+        let all = acc.unflushed_hours();
+        ack(&mut acc, all);
+        acc.record_usage(T0 + HOUR, hour(T0 + HOUR), -1, 0);
+        assert_eq!(acc.unflushed_hours(), vec![delta(T0 + HOUR, -1, 0, [0, 0])]);
+        assert_eq!(acc.batch_seq(), seq + 2, "the sequence only grows");
+    }
+
+    #[test]
+    fn amounts_that_do_not_fit_inline_go_to_the_ledger_part_and_add_up_exactly() {
+        let mut acc = Account::default();
+        let (d, m) = (Window::Day.index(T0), Window::Month.index(T0));
+        acc.count_tokens(u64::from(u32::MAX) - 1, T0, hour(T0), d, m);
+        acc.count_tokens(10, T0, hour(T0), d, m);
+        admitted(&mut acc, T0);
+        acc.count_tokens(1, T0, hour(T0), d, m);
+        let total = i64::from(u32::MAX) + 10;
+        assert_eq!(acc.unflushed_hours(), vec![delta(T0, 1, total, [0, 0])]);
+        let all = acc.unflushed_hours();
+        ack(&mut acc, all);
+        assert!(!acc.has_unflushed());
+        assert!(acc.extra.is_none());
+    }
+
+    #[test]
+    fn balance_debits_join_the_hour_and_the_state_survives_its_encoding() {
+        let mut acc = Account::default();
+        admitted(&mut acc, T0 - HOUR);
+        admitted(&mut acc, T0);
+        admitted(&mut acc, T0);
+        acc.apply_balance(
+            T0,
+            &BalanceChange {
+                debits: [1, 40],
+                ..BalanceChange::default()
+            },
+        );
+        let hours = acc.unflushed_hours();
+        assert_eq!(
+            hours,
+            vec![delta(T0 - HOUR, 1, 0, [0, 0]), delta(T0, 2, 0, [1, 40])]
+        );
+        let back = Account::decode(&acc.encode()).unwrap();
+        assert_eq!(back, acc, "the same split comes back");
+        assert_eq!(back.unflushed_hours(), hours);
+        // An acknowledgement of everything leaves nothing but the sequence.
+        let mut flushed = back.clone();
+        ack(&mut flushed, hours);
+        assert!(!flushed.has_unflushed() && flushed.ledger().is_none());
+        assert_eq!(Account::decode(&flushed.encode()).unwrap(), flushed);
+    }
+
+    #[test]
+    fn an_older_states_counters_of_one_window_kind_share_the_later_window() {
+        let mut acc = Account::default();
+        admitted(&mut acc, T0);
+        let day = Window::Day.index(T0);
+        let mut counters = Counter::ALL.map(|c| acc.counter(c));
+        // An older build kept the token day counter in the day before.
+        counters[Counter::TokDay as usize] = (day - 1, 500);
+        let back = Account::decode(&acc.encode_with(counters)).unwrap();
+        assert_eq!(back.counter(Counter::TokDay), (day, 0));
+        assert_eq!(back.counter(Counter::ReqDay), (day, 1));
+    }
+}
