@@ -377,15 +377,14 @@ fn execute(job: Job) {
             client,
         } => {
             let outcome = with_store(|s| s.grant(&user.id(), &bundle, &request, now));
-            if let Ok(o) = &outcome {
+            client.finish(Done::Grant(outcome.inspect(|o| {
                 stats::GRANTS.incr();
                 if o.duplicate {
                     stats::GRANTS_DUPLICATE.incr();
                 } else {
                     write_through(&user, o.live_rows.clone());
                 }
-            }
-            client.finish(Done::Grant(outcome));
+            })));
         }
         Job::Revoke {
             user,
@@ -393,13 +392,12 @@ fn execute(job: Job) {
             client,
         } => {
             let outcome = with_store(|s| s.revoke(&user.id(), &bundle));
-            if let Ok(o) = &outcome {
+            client.finish(Done::Revoke(outcome.inspect(|o| {
                 if o.revoked {
                     stats::REVOKES.incr();
                 }
                 write_through(&user, o.live_rows.clone());
-            }
-            client.finish(Done::Revoke(outcome));
+            })));
         }
         Job::List { user, all, client } => {
             let outcome = with_store(|s| s.list(&user.id(), all));
@@ -425,17 +423,15 @@ fn execute(job: Job) {
             client,
         } => {
             let outcome = with_store(|s| s.set_policy(&policy.id(), &limits));
-            if let Ok(record) = &outcome {
+            client.finish(Done::PolicySet(outcome.inspect(|record| {
                 write_through_policy(&policy, Some(record.limits));
-            }
-            client.finish(Done::PolicySet(outcome));
+            })));
         }
         Job::PolicyDel { policy, client } => {
             let outcome = with_store(|s| s.delete_policy(&policy.id()));
-            if outcome.is_ok() {
-                write_through_policy(&policy, None);
-            }
-            client.finish(Done::PolicyDel(outcome));
+            client.finish(Done::PolicyDel(
+                outcome.inspect(|_| write_through_policy(&policy, None)),
+            ));
         }
         Job::Flush { batches, done } => done(flush(&batches)),
         Job::History {
