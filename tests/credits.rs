@@ -1231,6 +1231,90 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
 // Bad input
 // ---------------------------------------------------------------------------
 
+/// What the error of a command with too few or too many arguments says.
+const ARITY: &str = "wrong number of arguments";
+
+/// Options of `QUOTA.GRANT acme chat u b` that are refused, and the name their error carries.
+const BAD_GRANT_OPTIONS: [(&str, &str); 23] = [
+    // Missing values.
+    ("REQUESTS_PER_DAY", "REQUESTS_PER_DAY"),
+    ("NOTES", "NOTES"),
+    // Unknown and repeated options.
+    ("FOO 1", "FOO"),
+    ("REQUESTS_PER_DAY 1 requests_per_day 2", "REQUESTS_PER_DAY"),
+    ("ADD ADD", "ADD"),
+    ("PURCHASE x PURCHASE y", "PURCHASE"),
+    ("EXPIRES_IN 10 EXPIRES_IN 20", "EXPIRES_IN"),
+    // Numbers.
+    ("REQUESTS_PER_DAY -1", "REQUESTS_PER_DAY"),
+    ("TOKENS_PER_DAY abc", "TOKENS_PER_DAY"),
+    ("TOKENS_PER_MONTH 1.5", "TOKENS_PER_MONTH"),
+    ("TOKENS_PER_HOUR 9223372036854775808", "TOKENS_PER_HOUR"),
+    ("TOKENS_PER_HOUR 99999999999999999999999", "TOKENS_PER_HOUR"),
+    ("REQUESTS_PER_MONTH 2147483648", "REQUESTS_PER_MONTH"),
+    ("EXPIRES_IN 0", "EXPIRES_IN"),
+    ("EXPIRES_IN -5", "EXPIRES_IN"),
+    ("EXPIRES_IN 9223372036854775807", "EXPIRES_IN"),
+    ("EXPIRES_AT 0", "EXPIRES_AT"),
+    ("EXPIRES_AT 253402300800", "EXPIRES_AT"),
+    ("AMOUNT 1.234", "AMOUNT"),
+    ("AMOUNT -1", "AMOUNT"),
+    ("AMOUNT 100000000", "AMOUNT"),
+    ("AMOUNT 1e3", "AMOUNT"),
+    ("AMOUNT 1.", "AMOUNT"),
+];
+
+/// A command's words as bytes, split on single spaces.
+fn byte_words(command: &str) -> Vec<Vec<u8>> {
+    command.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+}
+
+/// The arguments as a test message shows them: long ones cut to their first 20 bytes.
+fn shown(args: &[Vec<u8>]) -> String {
+    let words: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let s = String::from_utf8_lossy(a);
+            if s.len() > 40 {
+                format!("{}...({} bytes)", &s[..20], a.len())
+            } else {
+                s.into_owned()
+            }
+        })
+        .collect();
+    format!("{words:?}")
+}
+
+/// Sends a malformed command: it must get an `ERR` naming `names` (and the command, for an
+/// arity error), leave the connection usable and run no PostgreSQL query (`queries` is the
+/// counter before).
+fn assert_refused_before_postgres(
+    env: &Env,
+    con: &mut redis::Connection,
+    args: &[Vec<u8>],
+    names: &str,
+    queries: i64,
+) {
+    let shown = shown(args);
+    let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+    let e = must_fail(&shown, bcmd(&refs).query::<Value>(con));
+    assert!(e.starts_with("ERR "), "{shown}: not an ERR reply: {e}");
+    assert!(
+        e.contains(names),
+        "{shown}: error {e:?} does not name {names:?}"
+    );
+    if names == ARITY {
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+        assert!(e.to_ascii_lowercase().contains(&name), "{shown}: {e}");
+    }
+    ping(con);
+    assert_eq!(
+        env.info_i64("quota_pg_queries"),
+        queries,
+        "{shown} was refused but still went to PostgreSQL"
+    );
+}
+
 #[test]
 fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
     let (env, mut con) = Env::start_con();
@@ -1249,185 +1333,88 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
     let bad_utf8: &[u8] = &[0xff, 0xfe, b'x'];
     let nul: &[u8] = b"a\0b";
 
-    let g: &[&[u8]] = &[b"QUOTA.GRANT", b"acme", b"chat", b"u", b"b"];
-    let with = |extra: &[&[u8]]| -> Vec<Vec<u8>> {
-        g.iter().chain(extra.iter()).map(|a| a.to_vec()).collect()
-    };
-    let ids = |cmd: &[u8], t: &[u8], p: &[u8], u: &[u8], b: Option<&[u8]>| -> Vec<Vec<u8>> {
-        let mut v = vec![cmd.to_vec(), t.to_vec(), p.to_vec(), u.to_vec()];
-        if let Some(b) = b {
-            v.push(b.to_vec());
-        }
-        v
-    };
-    let arity = "wrong number of arguments";
-
-    let mut cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
+    // Whole commands, and the name their error must carry.
+    let mut cases: Vec<(Vec<Vec<u8>>, &str)> = [
         // Missing arguments.
-        (
-            vec![
-                b"QUOTA.GRANT".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-            ],
-            arity,
-        ),
-        (
-            vec![
-                b"QUOTA.GET".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-            ],
-            arity,
-        ),
-        (vec![b"QUOTA.REVOKE".to_vec(), b"acme".to_vec()], arity),
-        (
-            vec![b"QUOTA.LIST".to_vec(), b"acme".to_vec(), b"chat".to_vec()],
-            arity,
-        ),
-        (
-            vec![
-                b"QUOTA.INVALIDATE".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-            ],
-            arity,
-        ),
-        (vec![b"QUOTA.CLEANUP".to_vec(), b"now".to_vec()], arity),
-        (
-            vec![
-                b"QUOTA.GET".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-                b"b".to_vec(),
-                b"extra".to_vec(),
-            ],
-            arity,
-        ),
-        (with(&[b"REQUESTS_PER_DAY"]), "REQUESTS_PER_DAY"),
-        (with(&[b"NOTES"]), "NOTES"),
-        // Unknown and repeated options.
-        (with(&[b"FOO", b"1"]), "FOO"),
-        (
-            with(&[b"REQUESTS_PER_DAY", b"1", b"requests_per_day", b"2"]),
-            "REQUESTS_PER_DAY",
-        ),
-        (with(&[b"ADD", b"ADD"]), "ADD"),
-        (with(&[b"PURCHASE", b"x", b"PURCHASE", b"y"]), "PURCHASE"),
-        (
-            with(&[b"EXPIRES_IN", b"10", b"EXPIRES_IN", b"20"]),
-            "EXPIRES_IN",
-        ),
-        (
-            vec![
-                b"QUOTA.LIST".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-                b"EVERYTHING".to_vec(),
-            ],
-            "EVERYTHING",
-        ),
-        // Numbers.
-        (with(&[b"REQUESTS_PER_DAY", b"-1"]), "REQUESTS_PER_DAY"),
-        (with(&[b"TOKENS_PER_DAY", b"abc"]), "TOKENS_PER_DAY"),
-        (with(&[b"TOKENS_PER_MONTH", b"1.5"]), "TOKENS_PER_MONTH"),
-        (
-            with(&[b"TOKENS_PER_HOUR", b"9223372036854775808"]),
-            "TOKENS_PER_HOUR",
-        ),
-        (
-            with(&[b"TOKENS_PER_HOUR", b"99999999999999999999999"]),
-            "TOKENS_PER_HOUR",
-        ),
-        (
-            with(&[b"REQUESTS_PER_MONTH", b"2147483648"]),
-            "REQUESTS_PER_MONTH",
-        ),
-        (with(&[b"MAX_CONCURRENT", b" 1"]), "MAX_CONCURRENT"),
-        (with(&[b"TOTAL_REQUESTS", b""]), "TOTAL_REQUESTS"),
-        (with(&[b"EXPIRES_IN", b"0"]), "EXPIRES_IN"),
-        (with(&[b"EXPIRES_IN", b"-5"]), "EXPIRES_IN"),
-        (with(&[b"EXPIRES_IN", b"9223372036854775807"]), "EXPIRES_IN"),
-        (with(&[b"EXPIRES_AT", past.as_bytes()]), "EXPIRES_AT"),
-        (with(&[b"EXPIRES_AT", b"0"]), "EXPIRES_AT"),
-        (with(&[b"EXPIRES_AT", b"253402300800"]), "EXPIRES_AT"),
-        (
-            with(&[b"EXPIRES_AT", future.as_bytes(), b"EXPIRES_IN", b"60"]),
-            "EXPIRES_",
-        ),
-        (
-            with(&[b"EXPIRES_IN", b"60", b"EXPIRES_AT", future.as_bytes()]),
-            "EXPIRES_",
-        ),
-        (with(&[b"AMOUNT", b"1.234"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"-1"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"100000000"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"1e3"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"1."]), "AMOUNT"),
-        // Text options.
-        (with(&[b"PURCHASE", b""]), "PURCHASE"),
-        (with(&[b"PURCHASE", &long_purchase]), "PURCHASE"),
-        (with(&[b"PURCHASE", nul]), "PURCHASE"),
-        (with(&[b"PURCHASE", bad_utf8]), "PURCHASE"),
-        (with(&[b"NOTES", &long_notes]), "NOTES"),
-        (with(&[b"NOTES", nul]), "NOTES"),
-        (with(&[b"NOTES", bad_utf8]), "NOTES"),
+        ("QUOTA.GRANT acme chat u", ARITY),
+        ("QUOTA.GET acme chat u", ARITY),
+        ("QUOTA.REVOKE acme", ARITY),
+        ("QUOTA.LIST acme chat", ARITY),
+        ("QUOTA.INVALIDATE acme chat", ARITY),
+        ("QUOTA.CLEANUP now", ARITY),
+        ("QUOTA.GET acme chat u b extra", ARITY),
+        // Unknown options.
+        ("QUOTA.LIST acme chat u EVERYTHING", "EVERYTHING"),
+    ]
+    .into_iter()
+    .map(|(command, names)| (byte_words(command), names))
+    .collect();
+
+    // QUOTA.GRANT acme chat u b with these option words.
+    let grant = |options: &[&[u8]]| -> Vec<Vec<u8>> {
+        let head = byte_words("QUOTA.GRANT acme chat u b");
+        head.into_iter()
+            .chain(options.iter().map(|a| a.to_vec()))
+            .collect()
+    };
+    let expires_at_past = format!("EXPIRES_AT {past}");
+    let both_expiries = [
+        format!("EXPIRES_AT {future} EXPIRES_IN 60"),
+        format!("EXPIRES_IN 60 EXPIRES_AT {future}"),
     ];
+    let dated = [
+        (expires_at_past.as_str(), "EXPIRES_AT"),
+        (&both_expiries[0], "EXPIRES_"),
+        (&both_expiries[1], "EXPIRES_"),
+    ];
+    for (options, names) in BAD_GRANT_OPTIONS.into_iter().chain(dated) {
+        cases.push((
+            byte_words(&format!("QUOTA.GRANT acme chat u b {options}")),
+            names,
+        ));
+    }
+    // Values that are not words: empty, with a space, NUL, not UTF-8, too long.
+    cases.extend([
+        (grant(&[b"MAX_CONCURRENT", b" 1"]), "MAX_CONCURRENT"),
+        (grant(&[b"TOTAL_REQUESTS", b""]), "TOTAL_REQUESTS"),
+        (grant(&[b"PURCHASE", b""]), "PURCHASE"),
+        (grant(&[b"PURCHASE", &long_purchase]), "PURCHASE"),
+        (grant(&[b"PURCHASE", nul]), "PURCHASE"),
+        (grant(&[b"PURCHASE", bad_utf8]), "PURCHASE"),
+        (grant(&[b"NOTES", &long_notes]), "NOTES"),
+        (grant(&[b"NOTES", nul]), "NOTES"),
+        (grant(&[b"NOTES", bad_utf8]), "NOTES"),
+    ]);
     // Bad ids, for every command that takes them and every position.
     for cmd in [
-        &b"QUOTA.GRANT"[..],
-        b"QUOTA.GET",
-        b"QUOTA.REVOKE",
-        b"QUOTA.LIST",
-        b"QUOTA.INVALIDATE",
+        "QUOTA.GRANT",
+        "QUOTA.GET",
+        "QUOTA.REVOKE",
+        "QUOTA.LIST",
+        "QUOTA.INVALIDATE",
     ] {
-        let has_bundle = !matches!(cmd, b"QUOTA.LIST" | b"QUOTA.INVALIDATE");
-        let b = has_bundle.then_some(&b"b"[..]);
+        let has_bundle = !matches!(cmd, "QUOTA.LIST" | "QUOTA.INVALIDATE");
+        let ids = |t: &[u8], p: &[u8], u: &[u8], b: &[u8]| -> Vec<Vec<u8>> {
+            let ids = [cmd.as_bytes(), t, p, u, b];
+            ids[..4 + usize::from(has_bundle)]
+                .iter()
+                .map(|a| a.to_vec())
+                .collect()
+        };
         for bad in [&long_id[..], b"", bad_utf8, nul] {
-            cases.push((ids(cmd, bad, b"chat", b"u", b), "tenant"));
-            cases.push((ids(cmd, b"acme", bad, b"u", b), "project"));
-            cases.push((ids(cmd, b"acme", b"chat", bad, b), "user"));
+            cases.push((ids(bad, b"chat", b"u", b"b"), "tenant"));
+            cases.push((ids(b"acme", bad, b"u", b"b"), "project"));
+            cases.push((ids(b"acme", b"chat", bad, b"b"), "user"));
             if has_bundle {
-                cases.push((ids(cmd, b"acme", b"chat", b"u", Some(bad)), "bundle"));
+                cases.push((ids(b"acme", b"chat", b"u", bad), "bundle"));
             }
         }
-        cases.push((ids(cmd, b"acme", b"chat", b"a}b", b), "user"));
+        cases.push((ids(b"acme", b"chat", b"a}b", b"b"), "user"));
     }
 
     assert!(cases.len() > 100, "{} cases", cases.len());
     for (args, names) in &cases {
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| {
-                let s = String::from_utf8_lossy(a);
-                if s.len() > 40 {
-                    format!("{}...({} bytes)", &s[..20], a.len())
-                } else {
-                    s.into_owned()
-                }
-            })
-            .collect();
-        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        let e = must_fail(&format!("{shown:?}"), bcmd(&refs).query::<Value>(&mut con));
-        assert!(e.starts_with("ERR "), "{shown:?}: not an ERR reply: {e}");
-        assert!(
-            e.contains(names),
-            "{shown:?}: error {e:?} does not name {names:?}"
-        );
-        if *names == arity {
-            let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-            assert!(e.to_ascii_lowercase().contains(&name), "{shown:?}: {e}");
-        }
-        ping(&mut con);
-        assert_eq!(
-            env.info_i64("quota_pg_queries"),
-            queries,
-            "{shown:?} was refused but still went to PostgreSQL"
-        );
+        assert_refused_before_postgres(&env, &mut con, args, names, queries);
     }
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
     assert_eq!(env.info_i64("quota_grants"), grants);

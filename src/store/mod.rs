@@ -273,27 +273,28 @@ mod tests {
 
     #[test]
     fn wire_texts_are_exact_and_one_line() {
-        assert_eq!(
-            StoreError::NotConfigured.to_string(),
-            "ERR quota.pg-url is not set"
-        );
-        assert_eq!(
-            StoreError::Unavailable("connection closed".into()).to_string(),
-            "ERR PostgreSQL unavailable: connection closed"
-        );
-        assert_eq!(
-            StoreError::Timeout.to_string(),
-            "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)"
-        );
-        assert_eq!(
-            StoreError::Query("a\nb\r\nc".into()).to_string(),
-            "ERR PostgreSQL error: a b c"
-        );
-        assert_eq!(
-            StoreError::Invalid("ERR ADD would take X above 1".into()).to_string(),
-            "ERR ADD would take X above 1"
-        );
-        assert_eq!(StoreError::BadConfig("x".into()).to_string(), "ERR x");
+        for (err, wire) in [
+            (StoreError::NotConfigured, "ERR quota.pg-url is not set"),
+            (
+                StoreError::Unavailable("connection closed".into()),
+                "ERR PostgreSQL unavailable: connection closed",
+            ),
+            (
+                StoreError::Timeout,
+                "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)",
+            ),
+            (
+                StoreError::Query("a\nb\r\nc".into()),
+                "ERR PostgreSQL error: a b c",
+            ),
+            (
+                StoreError::Invalid("ERR ADD would take X above 1".into()),
+                "ERR ADD would take X above 1",
+            ),
+            (StoreError::BadConfig("x".into()), "ERR x"),
+        ] {
+            assert_eq!(err.to_string(), wire);
+        }
     }
 
     #[test]
