@@ -298,6 +298,16 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `keyword` (in a random case) and a value it refuses: one of `out_of_range` or a malformed
+/// number, each as likely.
+fn keyword_and_bad_value(rng: &mut Rng, keyword: &str, out_of_range: &[&[u8]]) -> Vec<Vec<u8>> {
+    let value = match out_of_range.get(rng.below(out_of_range.len() + 1)) {
+        Some(v) => v.to_vec(),
+        None => bad_number(rng),
+    };
+    vec![rng.case(keyword), value]
+}
+
 fn grant_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
     match rng.below(9) {
         0 | 1 => {
@@ -311,23 +321,10 @@ fn grant_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
         }
         3 => {
             let past = unix_now().saturating_sub(10).to_string();
-            let v: Vec<u8> = match rng.below(5) {
-                0 => b"0".to_vec(),
-                1 => b"1000000000".to_vec(),
-                2 => b"253402300800".to_vec(),
-                3 => past.into_bytes(),
-                _ => bad_number(rng),
-            };
-            vec![rng.case("EXPIRES_AT"), v]
+            let out = [&b"0"[..], b"1000000000", b"253402300800", past.as_bytes()];
+            keyword_and_bad_value(rng, "EXPIRES_AT", &out)
         }
-        4 => {
-            let v: Vec<u8> = match rng.below(3) {
-                0 => b"0".to_vec(),
-                1 => b"253402300799".to_vec(),
-                _ => bad_number(rng),
-            };
-            vec![rng.case("EXPIRES_IN"), v]
-        }
+        4 => keyword_and_bad_value(rng, "EXPIRES_IN", &[b"0", b"253402300799"]),
         5 => {
             let at = (unix_now() + 3600).to_string().into_bytes();
             let mut both = vec![
@@ -354,14 +351,7 @@ fn admit_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
             vec![rng.case(w), bad_number(rng)]
         }
         2 => vec![rng.case("LEASE"), bad_text(rng, 128)],
-        3 => {
-            let v: Vec<u8> = match rng.below(3) {
-                0 => b"0".to_vec(),
-                1 => b"86401".to_vec(),
-                _ => bad_number(rng),
-            };
-            vec![rng.case("LEASE_TTL"), v]
-        }
+        3 => keyword_and_bad_value(rng, "LEASE_TTL", &[b"0", b"86401"]),
         _ => vec![rng.case("RESERVE"), bad_number(rng)],
     }
 }
@@ -716,6 +706,108 @@ fn fuzz_seed() -> u64 {
         .unwrap_or_else(random_u64)
 }
 
+/// What the fuzz sent.
+#[derive(Default)]
+struct FuzzCounts {
+    /// Invalid commands by command name.
+    per_command: BTreeMap<String, usize>,
+    /// Valid reads, and the `ADMIT ... PEEK VERBOSE` among them.
+    reads: usize,
+    peeks: usize,
+}
+
+/// One batch of the fuzz: each command with whether it is valid (about a third are valid
+/// reads, the rest invalid commands).
+fn fuzz_batch(rng: &mut Rng, batch: usize, counts: &mut FuzzCounts) -> Vec<(Vec<Vec<u8>>, bool)> {
+    (0..batch)
+        .map(|_| {
+            if rng.chance(3) {
+                let (c, peek) = valid_read(rng);
+                counts.peeks += usize::from(peek);
+                (c, true)
+            } else {
+                let c = invalid_command(rng);
+                *counts
+                    .per_command
+                    .entry(String::from_utf8_lossy(&c[0]).to_ascii_uppercase())
+                    .or_default() += 1;
+                (c, false)
+            }
+        })
+        .collect()
+}
+
+/// What is wrong with the reply to one fuzzed command, if anything: a valid read must answer
+/// a map (an ADMIT its VERBOSE shape), an invalid command a one-line `ERR`.
+fn fuzz_problem(cmd: &[Vec<u8>], valid: bool, reply: &Reply) -> Option<String> {
+    if valid {
+        let is_admit = cmd[0].eq_ignore_ascii_case(b"QUOTA.ADMIT");
+        let ok =
+            !reply.is_error() && reply.as_map().is_some() && (!is_admit || verbose_shape_ok(reply));
+        return (!ok).then(|| format!("valid read {} failed: {reply:?}", show_args(cmd)));
+    }
+    match reply {
+        Reply::Error(t) => {
+            let text = String::from_utf8_lossy(t);
+            (!text.starts_with("ERR ") || text.len() > 1024).then(|| {
+                format!(
+                    "not a clear one-line error for {}: {text:?}",
+                    show_args(cmd)
+                )
+            })
+        }
+        other => Some(format!(
+            "invalid command accepted: {} -> {}",
+            show_args(cmd),
+            format!("{other:?}").chars().take(200).collect::<String>()
+        )),
+    }
+}
+
+/// Asserts that the fuzz changed nothing but the admission count of its `peeks` PEEKs (and
+/// the hour window, when an hour boundary passed meanwhile).
+fn assert_unchanged(before: &Snapshot, mut after: Snapshot, peeks: usize, seed: u64) {
+    assert_eq!(
+        after.admits - before.admits,
+        peeks as i64,
+        "INFO quota counted other decisions than the {peeks} PEEKs (seed {seed})"
+    );
+    after.admits = before.admits;
+    if after.hour == before.hour {
+        assert_eq!(&after, before, "the fuzz changed something (seed {seed})");
+        return;
+    }
+    // An hour boundary passed: the hour window rolled, everything else must be equal.
+    let strip = |s: &Snapshot| -> Vec<BTreeMap<String, Reply>> {
+        s.usage
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                m.remove("tok_hour");
+                m
+            })
+            .collect()
+    };
+    assert_eq!(strip(&after), strip(before), "usage changed (seed {seed})");
+    assert_eq!(
+        (
+            after.dbsize,
+            &after.keys,
+            &after.rows,
+            &after.events,
+            &after.info
+        ),
+        (
+            before.dbsize,
+            &before.keys,
+            &before.rows,
+            &before.events,
+            &before.info
+        ),
+        "the fuzz changed something (seed {seed})"
+    );
+}
+
 #[test]
 fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     let seed = fuzz_seed();
@@ -729,79 +821,41 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     populate(&mut r2);
     let before = snapshot(&mut r2, &server, &pg, &schema);
 
+    // Batches of 50 pipelined, alternately over RESP2 and RESP3.
     let total = 10_000;
     let batch = 50;
     let started = Instant::now();
-    let mut per_command: BTreeMap<String, usize> = BTreeMap::new();
-    let mut reads = 0;
-    let mut sent = 0;
+    let mut counts = FuzzCounts::default();
     let mut problems: Vec<String> = Vec::new();
-    let mut peeks = 0usize;
-    while sent < total {
+    for sent in (0..total).step_by(batch) {
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "the fuzz ran over 5 minutes (seed {seed})"
         );
-        let mut cmds = Vec::with_capacity(batch);
-        let mut expect_ok = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            if rng.chance(3) {
-                let (c, peek) = valid_read(&mut rng);
-                peeks += usize::from(peek);
-                cmds.push(c);
-                expect_ok.push(true);
-            } else {
-                let c = invalid_command(&mut rng);
-                *per_command
-                    .entry(String::from_utf8_lossy(&c[0]).to_ascii_uppercase())
-                    .or_default() += 1;
-                cmds.push(c);
-                expect_ok.push(false);
-            }
-        }
+        let (cmds, valid): (Vec<_>, Vec<_>) =
+            fuzz_batch(&mut rng, batch, &mut counts).into_iter().unzip();
         let con = if (sent / batch) % 2 == 0 {
             &mut r2
         } else {
             &mut r3
         };
         let replies = con.pipeline(&cmds);
-        for ((cmd, ok), reply) in cmds.iter().zip(&expect_ok).zip(replies) {
+        for ((cmd, valid), reply) in cmds.iter().zip(valid).zip(replies) {
             let reply = reply.unwrap_or_else(|e| {
                 panic!(
                     "no well-formed reply to {} (seed {seed}): {e}",
                     show_args(cmd)
                 )
             });
-            if *ok {
-                reads += 1;
-                let is_admit = cmd[0].eq_ignore_ascii_case(b"QUOTA.ADMIT");
-                if reply.is_error()
-                    || reply.as_map().is_none()
-                    || (is_admit && !verbose_shape_ok(&reply))
-                {
-                    problems.push(format!("valid read {} failed: {reply:?}", show_args(cmd)));
-                }
-                continue;
-            }
-            match &reply {
-                Reply::Error(t) => {
-                    let text = String::from_utf8_lossy(t);
-                    if !text.starts_with("ERR ") || text.len() > 1024 {
-                        problems.push(format!(
-                            "not a clear one-line error for {}: {text:?}",
-                            show_args(cmd)
-                        ));
-                    }
-                }
-                other => problems.push(format!(
-                    "invalid command accepted: {} -> {}",
-                    show_args(cmd),
-                    format!("{other:?}").chars().take(200).collect::<String>()
-                )),
-            }
+            counts.reads += usize::from(valid);
+            problems.extend(fuzz_problem(cmd, valid, &reply));
         }
-        sent += batch;
     }
+    let FuzzCounts {
+        per_command,
+        reads,
+        peeks,
+    } = counts;
     let took = started.elapsed();
     eprintln!(
         "fuzz: {total} commands ({reads} valid reads, {peeks} of them ADMIT PEEK VERBOSE) in {took:?}; per command: {per_command:?}"
@@ -810,12 +864,7 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
         problems.is_empty(),
         "{} of {total} commands misbehaved (seed {seed}); the first ones:\n{}",
         problems.len(),
-        problems
-            .iter()
-            .take(15)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        problems[..problems.len().min(15)].join("\n")
     );
 
     let pong = Raw::connect(server.port(), false).call(&bytes(&["PING"]));
@@ -824,46 +873,8 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
         Reply::Simple(b"PONG".to_vec()),
         "server gone after the fuzz"
     );
-    let mut after = snapshot(&mut r2, &server, &pg, &schema);
-    assert_eq!(
-        after.admits - before.admits,
-        peeks as i64,
-        "INFO quota counted other decisions than the {peeks} PEEKs (seed {seed})"
-    );
-    after.admits = before.admits;
-    if after.hour == before.hour {
-        assert_eq!(after, before, "the fuzz changed something (seed {seed})");
-    } else {
-        // An hour boundary passed: the hour window rolled, everything else must be equal.
-        let strip = |s: &Snapshot| -> Vec<BTreeMap<String, Reply>> {
-            s.usage
-                .iter()
-                .map(|m| {
-                    let mut m = m.clone();
-                    m.remove("tok_hour");
-                    m
-                })
-                .collect()
-        };
-        assert_eq!(strip(&after), strip(&before), "usage changed (seed {seed})");
-        assert_eq!(
-            (
-                after.dbsize,
-                &after.keys,
-                &after.rows,
-                &after.events,
-                &after.info
-            ),
-            (
-                before.dbsize,
-                &before.keys,
-                &before.rows,
-                &before.events,
-                &before.info
-            ),
-            "the fuzz changed something (seed {seed})"
-        );
-    }
+    let after = snapshot(&mut r2, &server, &pg, &schema);
+    assert_unchanged(&before, after, peeks, seed);
     let log = server.log();
     assert!(
         !log.contains("panic"),
