@@ -58,34 +58,54 @@ const GRANT_ONLY: [&str; 6] = [
 ];
 const ADMIT_ONLY: [&str; 5] = ["LEASE", "LEASE_TTL", "RESERVE", "PEEK", "VERBOSE"];
 
+/// Never valid amounts (0 ..= 2^63-1 in plain decimal digits).
+const BAD_NUMBERS: [&[u8]; 24] = [
+    b"-1",
+    b"-0",
+    b"+1",
+    b"",
+    b" ",
+    b"1 ",
+    b" 1",
+    b"1.0",
+    b"1e3",
+    b"0x1f",
+    b"18446744073709551616",
+    b"18446744073709551615",
+    b"9223372036854775808",
+    b"99999999999999999999999999",
+    b"-9223372036854775808",
+    b"1\0",
+    "\u{661}\u{662}".as_bytes(),
+    b"NaN",
+    b"inf",
+    b"abc",
+    b"1_000",
+    b"\xff\xfe",
+    b"--1",
+    b"12345678901234567890",
+];
+
+/// Never valid `AMOUNT`s (0 ..= 99999999.99, at most two decimals).
+const BAD_AMOUNTS: [&[u8]; 14] = [
+    b"1.234",
+    b"-1",
+    b"-0.01",
+    b"100000000.00",
+    b"1e2",
+    b"",
+    b"abc",
+    b"1.",
+    b".5",
+    b"0x10",
+    b"1,5",
+    b"NaN",
+    b"99999999.999",
+    b"1.2.3",
+];
+
 /// Never a valid amount (0 ..= 2^63-1 in plain decimal digits).
 fn bad_number(rng: &mut Rng) -> Vec<u8> {
-    let fixed: [&[u8]; 24] = [
-        b"-1",
-        b"-0",
-        b"+1",
-        b"",
-        b" ",
-        b"1 ",
-        b" 1",
-        b"1.0",
-        b"1e3",
-        b"0x1f",
-        b"18446744073709551616",
-        b"18446744073709551615",
-        b"9223372036854775808",
-        b"99999999999999999999999999",
-        b"-9223372036854775808",
-        b"1\0",
-        "\u{661}\u{662}".as_bytes(),
-        b"NaN",
-        b"inf",
-        b"abc",
-        b"1_000",
-        b"\xff\xfe",
-        b"--1",
-        b"12345678901234567890",
-    ];
     match rng.below(4) {
         0 => vec![b'9'; 65536],
         1 => {
@@ -93,32 +113,16 @@ fn bad_number(rng: &mut Rng) -> Vec<u8> {
             v[0] = b'1';
             v
         }
-        _ => rng.pick(&fixed).to_vec(),
+        _ => rng.pick(&BAD_NUMBERS).to_vec(),
     }
 }
 
 /// Never a valid `AMOUNT` (0 ..= 99999999.99, at most two decimals).
 fn bad_amount(rng: &mut Rng) -> Vec<u8> {
-    let fixed: [&[u8]; 14] = [
-        b"1.234",
-        b"-1",
-        b"-0.01",
-        b"100000000.00",
-        b"1e2",
-        b"",
-        b"abc",
-        b"1.",
-        b".5",
-        b"0x10",
-        b"1,5",
-        b"NaN",
-        b"99999999.999",
-        b"1.2.3",
-    ];
     if rng.chance(10) {
         return vec![b'7'; 65536];
     }
-    rng.pick(&fixed).to_vec()
+    rng.pick(&BAD_AMOUNTS).to_vec()
 }
 
 /// Never a valid text value of at most `max` bytes (NOTES, PURCHASE, LEASE).
@@ -887,12 +891,19 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     );
 }
 
-#[test]
-fn option_keywords_match_exactly() {
+/// A module server on a fresh schema of the shared PostgreSQL (its URL and the schema come
+/// along), and a RESP2 connection to it.
+fn start() -> (String, String, RedisServer, Raw) {
     let pg = PgServer::shared();
     let schema = unique_schema();
     let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let raw = Raw::connect(server.port(), false);
+    (pg, schema, server, raw)
+}
+
+#[test]
+fn option_keywords_match_exactly() {
+    let (pg, schema, _server, mut raw) = start();
     let acc = ["t", "p", "exact", "b"];
     // A keyword with anything after it (a NUL, a space, a letter) is not that keyword.
     let cases: [(&str, &[&[u8]]); 8] = [
@@ -1027,10 +1038,7 @@ fn text_of(m: &BTreeMap<String, Reply>, f: &str) -> String {
 
 #[test]
 fn ids_with_separators_never_collide() {
-    let pg = PgServer::shared();
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let (pg, schema, _server, mut raw) = start();
     // (A, B): A gets a credit on its bundle, B must never see it, nor share usage with A.
     let pairs: [([&str; 4], [&str; 4]); 9] = [
         (["a:b", "c", "u", "x"], ["a", "b:c", "u", "x"]),
@@ -1100,10 +1108,7 @@ fn ids_with_separators_never_collide() {
 
 #[test]
 fn quotes_and_unicode_go_through_postgres_unchanged() {
-    let pg = PgServer::shared();
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let (pg, schema, _server, mut raw) = start();
     let accounts: [[&str; 4]; 3] = [
         ["O'Brien", "\"quoted\"", "日本語🙂", "emoji-🚀"],
         ["Robert'); DROP TABLE students;--", "p\\q", "ünïcödé", "*"],
@@ -1192,10 +1197,7 @@ fn quotes_and_unicode_go_through_postgres_unchanged() {
 
 #[test]
 fn input_sizes_are_bounded_as_documented() {
-    let pg = PgServer::shared();
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let (pg, schema, _server, mut raw) = start();
     let names = ["tenant", "project", "user", "bundle"];
     let max_ascii = "a".repeat(255);
     let max_multibyte = "日".repeat(85); // 255 bytes
