@@ -157,6 +157,15 @@ impl Env {
         );
     }
 
+    /// Waits (up to 5 s) for a NOTIFY received after the count `before`.
+    fn wait_notified_after(&self, before: i64) {
+        let received = || self.info_i64("quota_notify_received") > before;
+        assert!(
+            wait_until(Duration::from_secs(5), received),
+            "no NOTIFY received within 5 s"
+        );
+    }
+
     fn wait_notify(&self, state: &str) {
         self.server
             .wait_notify_state(state, Duration::from_secs(15));
@@ -250,6 +259,27 @@ fn bundle_of(r: &Option<HashMap<String, Value>>) -> Option<String> {
     r.as_ref().and_then(|m| field_str(m, "bundle_id"))
 }
 
+/// Polls `QUOTA.GET` on `ids` (up to 5 s) until the '*' row answers for it: whether it did,
+/// and the last reply.
+fn poll_falls_back_to_global(
+    con: &mut redis::Connection,
+    ids: [&str; 4],
+) -> (bool, Option<HashMap<String, Value>>) {
+    poll_get(con, ids, Duration::from_secs(5), |r| {
+        bundle_of(r).as_deref() == Some("*")
+    })
+}
+
+/// `CONFIG SET name value`, and `CONFIG GET name` must read `value` back.
+fn set_and_read_back(con: &mut redis::Connection, name: &str, value: &str) {
+    query(con, &["CONFIG", "SET", name, value]).expect("CONFIG SET");
+    let cfg = to_map(query(con, &["CONFIG", "GET", name]).expect("CONFIG GET"));
+    assert_eq!(
+        cfg.get(name).and_then(value_to_string).as_deref(),
+        Some(value)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // QUOTA.GRANT
 // ---------------------------------------------------------------------------
@@ -261,33 +291,12 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     let before = now_s();
     let expires = before + 3600;
     let exp = expires.to_string();
-    let r = con.grant(
-        ids,
-        [
-            "REQUESTS_PER_DAY",
-            "10",
-            "requests_per_month",
-            "200",
-            "TOTAL_REQUESTS",
-            "2147483647",
-            "TOKENS_PER_HOUR",
-            "5000",
-            "Tokens_Per_Day",
-            "9223372036854775807",
-            "TOKENS_PER_MONTH",
-            "0",
-            "MAX_CONCURRENT",
-            "3",
-            "EXPIRES_AT",
-            &exp,
-            "PURCHASE",
-            "pay-1",
-            "AMOUNT",
-            "10",
-            "NOTES",
-            "trial bonus",
-        ],
-    );
+    let opts = Opts::words(format!(
+        "REQUESTS_PER_DAY 10 requests_per_month 200 TOTAL_REQUESTS 2147483647 \
+         TOKENS_PER_HOUR 5000 Tokens_Per_Day 9223372036854775807 TOKENS_PER_MONTH 0 \
+         MAX_CONCURRENT 3 EXPIRES_AT {exp} PURCHASE pay-1 AMOUNT 10"
+    ));
+    let r = con.grant(ids, opts.and(["NOTES", "trial bonus"]));
     let after = now_s();
     assert_record_fields(&r, &["duplicate"]);
     assert_eq!(str_field(&r, "tenant"), T);
@@ -512,16 +521,7 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     let snap = env.snapshot();
     let e = query_err(
         &mut con,
-        &[
-            "QUOTA.GRANT",
-            T,
-            P,
-            "dave",
-            "live",
-            "ADD",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
+        &with_account("QUOTA.GRANT", live, &["ADD", "REQUESTS_PER_DAY", "1"]),
     );
     assert!(e.contains("REQUESTS_PER_DAY"), "overflowing top-up: {e}");
     assert_eq!(env.snapshot(), snap, "a refused top-up changed PostgreSQL");
@@ -674,12 +674,7 @@ fn an_expired_bundle_row_falls_back_to_the_star_row() {
     let g = con.get([T, P, "hank", "gpt"]).expect("bundle row");
     assert_eq!(str_field(&g, "bundle_id"), "gpt");
 
-    let (ok, last) = poll_get(
-        &mut con,
-        [T, P, "hank", "gpt"],
-        Duration::from_secs(5),
-        |r| bundle_of(r).as_deref() == Some("*"),
-    );
+    let (ok, last) = poll_falls_back_to_global(&mut con, [T, P, "hank", "gpt"]);
     assert!(ok, "GET did not fall back to '*' within 5 s: {last:?}");
     assert!(
         now_s() >= expires,
@@ -748,12 +743,7 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
     // Another user's rows never show.
     con.grant([T, P, "jack2", "gpt"], "REQUESTS_PER_DAY 9");
 
-    let (ok, last) = poll_get(
-        &mut con,
-        [T, P, "jack", "expiring"],
-        Duration::from_secs(5),
-        |r| bundle_of(r).as_deref() == Some("*"),
-    );
+    let (ok, last) = poll_falls_back_to_global(&mut con, [T, P, "jack", "expiring"]);
     assert!(ok, "the expiring row did not expire: {last:?}");
 
     let live = con.list(user, false);
@@ -926,9 +916,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
     con.grant(ids, "REQUESTS_PER_DAY 1");
     // This node's own NOTIFY for the grant marks the entry stale, and the refresh that
     // follows could pick up the UPDATE below by itself: let both happen first.
-    assert!(wait_until(Duration::from_secs(5), || env
-        .info_i64("quota_notify_received")
-        > before));
+    env.wait_notified_after(before);
     con.get(ids);
     env.settle();
     assert_eq!(
@@ -1038,21 +1026,13 @@ fn unicode_and_quotes_in_ids_round_trip_unchanged() {
 fn resp3_clients_get_real_maps() {
     let env = Env::start();
     let mut con = env.server.client_resp3();
-    let r = query(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            T,
-            P,
-            "quinn",
-            "*",
-            "REQUESTS_PER_DAY",
-            "2",
-            "AMOUNT",
-            "10",
-        ],
-    )
-    .expect("GRANT");
+    let acc = [T, P, "quinn", "*"];
+    let grant = with_account(
+        "QUOTA.GRANT",
+        acc,
+        &["REQUESTS_PER_DAY", "2", "AMOUNT", "10"],
+    );
+    let r = query(&mut con, &grant).expect("GRANT");
     let Value::Map(pairs) = &r else {
         panic!("RESP3 GRANT reply is not a map: {r:?}");
     };
@@ -1180,9 +1160,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
     let received = env.info_i64("quota_notify_received");
     con.grant(ids, "REQUESTS_PER_DAY 4");
     // This node's own NOTIFY marks the entry stale: let it arrive now rather than mid-test.
-    assert!(wait_until(Duration::from_secs(5), || env
-        .info_i64("quota_notify_received")
-        > received));
+    env.wait_notified_after(received);
     // Cached: GET inside MULTI answers from the cache.
     assert_eq!(raw_reply(&mut con, &["MULTI"]), Value::Okay);
     raw_reply(&mut con, &["QUOTA.GET", T, P, "sam", "gpt"]);
@@ -1510,17 +1488,10 @@ fn the_pg_url_password_never_appears_in_info_errors_or_the_log() {
                 query(&mut con, c),
             ));
         }
+        let acc = [T, P, "uncached2", "*"];
         let admit = query_map(
             &mut con,
-            &[
-                "QUOTA.ADMIT",
-                T,
-                P,
-                "uncached2",
-                "*",
-                "REQUESTS_PER_DAY",
-                "5",
-            ],
+            &with_account("QUOTA.ADMIT", acc, &["REQUESTS_PER_DAY", "5"]),
         );
         seen.push(format!("{admit:?}"));
         seen.push(
@@ -1608,14 +1579,7 @@ fn config_set_changes_take_effect() {
 
     // cache-ttl-ms 0: an entry loaded under it is stale at once, so every GET is a stale
     // hit that starts a refresh.
-    query(&mut con, &["CONFIG", "SET", "quota.cache-ttl-ms", "0"]).expect("CONFIG SET");
-    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.cache-ttl-ms"]).expect("GET"));
-    assert_eq!(
-        cfg.get("quota.cache-ttl-ms")
-            .and_then(value_to_string)
-            .as_deref(),
-        Some("0")
-    );
+    set_and_read_back(&mut con, "quota.cache-ttl-ms", "0");
     env.settle();
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
     con.get(ids); // a miss: loaded under TTL 0
@@ -1685,14 +1649,7 @@ fn config_set_changes_take_effect() {
     env.wait_notify("listening");
 
     // pg-timeout-ms is read back; bad values and load-time options are refused.
-    query(&mut con, &["CONFIG", "SET", "quota.pg-timeout-ms", "1500"]).expect("CONFIG SET");
-    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.pg-timeout-ms"]).expect("GET"));
-    assert_eq!(
-        cfg.get("quota.pg-timeout-ms")
-            .and_then(value_to_string)
-            .as_deref(),
-        Some("1500")
-    );
+    set_and_read_back(&mut con, "quota.pg-timeout-ms", "1500");
     for (name, value) in [
         ("quota.cache-ttl-ms", "-1"),
         ("quota.cache-ttl-ms", "abc"),
