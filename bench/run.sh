@@ -152,6 +152,21 @@ info_field() { # info_field SECTION FIELD
 quota_stat() { info_field quota "quota_$1"; }
 used_memory() { info_field memory used_memory; }
 
+# measure UNIT CMD...: runs CMD; sets units to how many UNIT it added (entries: credits cache
+# entries, keys: keys in the keyspace) and bytes to the used_memory it added per unit.
+measure() {
+    local unit="$1" count=(cli DBSIZE) n0 m0 n1 m1
+    shift
+    [ "$unit" = entries ] && count=(quota_stat cache_entries)
+    n0="$("${count[@]}")"
+    m0="$(used_memory)"
+    "$@"
+    n1="$("${count[@]}")"
+    m1="$(used_memory)"
+    units=$((n1 - n0))
+    bytes=$(((m1 - m0) / (units > 0 ? units : 1)))
+}
+
 # gen PREFIX FROM TO WORD... : the commands WORD... with @U@ = PREFIX%012d for FROM <= i < TO.
 gen() {
     local prefix="$1" from="$2" to="$3"
@@ -251,14 +266,10 @@ log "granted in $(($(date +%s) - t0)) s"
 # Grants write through to the cache; drop those entries so the warm-up below measures a
 # clean load of USERS cached users with one credit each.
 pipe_all 1 "" 0 "$USERS" QUOTA.INVALIDATE acme chat u@U@
-entries0="$(quota_stat cache_entries)"
-mem0="$(used_memory)"
 log "warming the credits cache: QUOTA.GET on $USERS users"
-pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat u@U@ '*'
-entries1="$(quota_stat cache_entries)"
-mem1="$(used_memory)"
-pos_entries=$((entries1 - entries0))
-pos_bytes=$(((mem1 - mem0) / (pos_entries > 0 ? pos_entries : 1)))
+measure entries pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat u@U@ '*'
+pos_entries=$units
+pos_bytes=$bytes
 sample="$(cli QUOTA.GET acme chat u000000000007 '*' | tr '\n' ' ')"
 case "$sample" in
     *additional_requests_per_day\ 1000000*) ;;
@@ -385,23 +396,15 @@ usage_sample="$(cli QUOTA.USAGE acme chat u000000000042 '*' | paste -sd' ' -)"
 
 # --- memory ------------------------------------------------------------------------------
 log "memory: QUOTA.GET on $MEM_USERS users without credits (negative cache entries)"
-entries0="$(quota_stat cache_entries)"
-mem0="$(used_memory)"
-pipe_all "$LOADERS" n 0 "$MEM_USERS" QUOTA.GET acme chat @U@ '*'
-entries1="$(quota_stat cache_entries)"
-mem1="$(used_memory)"
-neg_entries=$((entries1 - entries0))
-neg_bytes=$(((mem1 - mem0) / (neg_entries > 0 ? neg_entries : 1)))
+measure entries pipe_all "$LOADERS" n 0 "$MEM_USERS" QUOTA.GET acme chat @U@ '*'
+neg_entries=$units
+neg_bytes=$bytes
 log "memory: done ($neg_entries entries)"
 
 log "memory: QUOTA.ADMIT REQUESTS_PER_DAY 10 on $MEM_USERS accounts (no lease)"
-keys0="$(cli DBSIZE)"
-mem0="$(used_memory)"
-pipe_all 1 n 0 "$MEM_USERS" QUOTA.ADMIT acme chat @U@ '*' REQUESTS_PER_DAY 10
-keys1="$(cli DBSIZE)"
-mem1="$(used_memory)"
-acc_keys=$((keys1 - keys0))
-acc_bytes=$(((mem1 - mem0) / (acc_keys > 0 ? acc_keys : 1)))
+measure keys pipe_all 1 n 0 "$MEM_USERS" QUOTA.ADMIT acme chat @U@ '*' REQUESTS_PER_DAY 10
+acc_keys=$units
+acc_bytes=$bytes
 log "memory: done ($acc_keys keys)"
 # The ledger: the next flush snapshot covers at least the MEM_USERS accounts just admitted.
 log "ledger: waiting for a flush snapshot over the $MEM_USERS new accounts"

@@ -312,63 +312,37 @@ COMMENT ON FUNCTION "control_plane".user_quota_replenishment_event_append_only()
 
 -- Triggers, created only when missing (a DROP TRIGGER on every run would take an ACCESS
 -- EXCLUSIVE lock on a live table). CREATE OR REPLACE TRIGGER does not exist before PostgreSQL 14.
+-- One row per trigger: its table, its name, when it fires, per row or statement, its function.
 DO $$
+DECLARE
+    t record;
 BEGIN
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_trigger
-        WHERE tgrelid = '"control_plane".user_quota_replenishment'::regclass
-          AND tgname = 'user_quota_replenishment_touch'
-    ) THEN
-        CREATE TRIGGER user_quota_replenishment_touch
-            BEFORE UPDATE ON "control_plane".user_quota_replenishment
-            FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_touch();
-    END IF;
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_trigger
-        WHERE tgrelid = '"control_plane".user_quota_replenishment'::regclass
-          AND tgname = 'user_quota_replenishment_notify'
-    ) THEN
-        CREATE TRIGGER user_quota_replenishment_notify
-            AFTER INSERT OR UPDATE OR DELETE ON "control_plane".user_quota_replenishment
-            FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_notify();
-    END IF;
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_trigger
-        WHERE tgrelid = '"control_plane".quota_policy'::regclass
-          AND tgname = 'quota_policy_touch'
-    ) THEN
-        CREATE TRIGGER quota_policy_touch
-            BEFORE UPDATE ON "control_plane".quota_policy
-            FOR EACH ROW EXECUTE FUNCTION "control_plane".user_quota_replenishment_touch();
-    END IF;
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_trigger
-        WHERE tgrelid = '"control_plane".quota_policy'::regclass
-          AND tgname = 'quota_policy_notify'
-    ) THEN
-        CREATE TRIGGER quota_policy_notify
-            AFTER INSERT OR UPDATE OR DELETE ON "control_plane".quota_policy
-            FOR EACH ROW EXECUTE FUNCTION "control_plane".quota_policy_notify();
-    END IF;
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_trigger
-        WHERE tgrelid = '"control_plane".user_quota_replenishment_event'::regclass
-          AND tgname = 'user_quota_replenishment_event_append_only'
-    ) THEN
-        CREATE TRIGGER user_quota_replenishment_event_append_only
-            BEFORE UPDATE OR DELETE ON "control_plane".user_quota_replenishment_event
-            FOR EACH ROW
-            EXECUTE FUNCTION "control_plane".user_quota_replenishment_event_append_only();
-    END IF;
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_trigger
-        WHERE tgrelid = '"control_plane".user_quota_replenishment_event'::regclass
-          AND tgname = 'user_quota_replenishment_event_no_truncate'
-    ) THEN
-        CREATE TRIGGER user_quota_replenishment_event_no_truncate
-            BEFORE TRUNCATE ON "control_plane".user_quota_replenishment_event
-            FOR EACH STATEMENT
-            EXECUTE FUNCTION "control_plane".user_quota_replenishment_event_append_only();
-    END IF;
+    FOR t IN SELECT * FROM (VALUES
+        ('user_quota_replenishment', 'user_quota_replenishment_touch',
+            'BEFORE UPDATE', 'ROW', 'user_quota_replenishment_touch'),
+        ('user_quota_replenishment', 'user_quota_replenishment_notify',
+            'AFTER INSERT OR UPDATE OR DELETE', 'ROW', 'user_quota_replenishment_notify'),
+        ('quota_policy', 'quota_policy_touch',
+            'BEFORE UPDATE', 'ROW', 'user_quota_replenishment_touch'),
+        ('quota_policy', 'quota_policy_notify',
+            'AFTER INSERT OR UPDATE OR DELETE', 'ROW', 'quota_policy_notify'),
+        ('user_quota_replenishment_event', 'user_quota_replenishment_event_append_only',
+            'BEFORE UPDATE OR DELETE', 'ROW', 'user_quota_replenishment_event_append_only'),
+        ('user_quota_replenishment_event', 'user_quota_replenishment_event_no_truncate',
+            'BEFORE TRUNCATE', 'STATEMENT', 'user_quota_replenishment_event_append_only')
+    ) AS v (tbl, trigger_name, fires, level, fn)
+    LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_trigger
+            WHERE tgrelid = format('"control_plane".%I', t.tbl)::regclass
+              AND tgname = t.trigger_name
+        ) THEN
+            -- fires and level come from the list above, never from data.
+            EXECUTE format(
+                'CREATE TRIGGER %I %s ON "control_plane".%I FOR EACH %s '
+                'EXECUTE FUNCTION "control_plane".%I()',
+                t.trigger_name, t.fires, t.tbl, t.level, t.fn);
+        END IF;
+    END LOOP;
 END
 $$;

@@ -13,6 +13,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 
+/// Asserts counters of `QUOTA.USAGE` on `acc`, naming the fields:
+/// `assert_usage!(con, acc, req_day: 1, in_flight: 0)`; the message shows the whole reply.
+macro_rules! assert_usage {
+    ($con:expr, $acc:expr, $($field:ident: $want:expr),+ $(,)?) => {{
+        let u = $con.usage($acc);
+        assert_eq!(($(u.$field,)+), ($($want,)+), "{u:?}");
+    }};
+}
+
 const THREADS: usize = 20;
 const PER_THREAD: usize = 25;
 /// The account most tests use.
@@ -190,12 +199,7 @@ fn concurrent_admits_never_exceed_requests_per_day() {
         assert_eq!(m.reason, "requests_per_day");
     }
     let mut con = server.client();
-    let u = con.usage(acc);
-    assert_eq!(
-        (u.req_day, u.req_month, u.req_total),
-        (100, 100, 100),
-        "{u:?}"
-    );
+    assert_usage!(con, acc, req_day: 100, req_month: 100, req_total: 100);
 }
 
 #[test]
@@ -212,8 +216,7 @@ fn concurrent_admits_never_exceed_max_concurrent() {
         assert!(m.lease.is_none(), "a denied request holds no lease: {m:?}");
     }
     let mut con = server.client();
-    let u = con.usage(acc);
-    assert_eq!((u.in_flight, u.req_day, u.req_total), (5, 5, 5), "{u:?}");
+    assert_usage!(con, acc, in_flight: 5, req_day: 5, req_total: 5);
 }
 
 #[test]
@@ -237,8 +240,7 @@ fn concurrent_reservations_never_exceed_tokens_per_day() {
         assert_eq!(m.reserved, 0);
     }
     let mut con = server.client();
-    let u = con.usage(acc);
-    assert_eq!((u.reserved, u.in_flight, u.tok_day), (1000, 4, 0), "{u:?}");
+    assert_usage!(con, acc, reserved: 1000, in_flight: 4, tok_day: 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -271,8 +273,7 @@ fn global_credits_add_to_the_base_policy() {
     assert_eq!(m.replenishment, "global");
     assert!(!m.used_replenishment());
     assert_eq!(m.remaining_requests, 0);
-    let u = con.usage(acc);
-    assert_eq!(u.req_day, 7, "{u:?}");
+    assert_usage!(con, acc, req_day: 7);
 }
 
 #[test]
@@ -454,6 +455,16 @@ fn an_sql_update_reaches_a_warm_account_through_notify() {
 // Reply fields
 // ---------------------------------------------------------------------------
 
+/// Asserts that a denial's `retry_after` runs until `until` (Unix seconds), give or take 2 s.
+fn assert_retry_until(m: &Admit, until: i64, what: &str) {
+    let want = until - now_s();
+    let got = m.retry_after;
+    assert!(
+        (got - want).abs() <= 2,
+        "retry_after {got}, {what} in {want}: {m:?}"
+    );
+}
+
 #[test]
 fn denial_reasons_join_and_retry_after_follows_the_windows() {
     let server = server();
@@ -481,34 +492,20 @@ fn denial_reasons_join_and_retry_after_follows_the_windows() {
     assert_eq!(m.retry_after, -1, "allowed: no retry_after");
     let m = con.admit(u("day"), day);
     assert_eq!(m.reason, "requests_per_day");
-    let want = next_midnight(now_s()) - now_s();
-    let got = m.retry_after;
-    assert!(
-        (got - want).abs() <= 2,
-        "retry_after {got}, next UTC midnight in {want}"
-    );
+    assert_retry_until(&m, next_midnight(now_s()), "the next UTC midnight");
 
     let month = "REQUESTS_PER_MONTH 1";
     con.admit(u("month"), month);
     let m = con.admit(u("month"), month);
     assert_eq!(m.reason, "requests_per_month");
-    let want = next_month(now_s()) - now_s();
-    let got = m.retry_after;
-    assert!(
-        (got - want).abs() <= 2,
-        "retry_after {got}, next month in {want}"
-    );
+    assert_retry_until(&m, next_month(now_s()), "the next month");
 
     // Tokens: committed tokens fill the hour.
     con.commit(u("tokens"), 10, None);
     let m = con.admit(u("tokens"), "TOKENS_PER_HOUR 10 TOKENS_PER_DAY 10");
     assert_eq!(m.reason, "tokens_per_hour|tokens_per_day");
-    let want = next_midnight(now_s()) - now_s();
-    let got = m.retry_after;
-    assert!(
-        (got - want).abs() <= 2,
-        "retry_after waits for every violated window: {got}, expected {want}"
-    );
+    // Waits for every violated window: the day's.
+    assert_retry_until(&m, next_midnight(now_s()), "the next UTC midnight");
 
     // Concurrency: until the first lease expires.
     let conc = "MAX_CONCURRENT 1 LEASE_TTL 100";
@@ -667,12 +664,7 @@ fn a_held_lease_admits_again_without_counting_twice() {
     assert_eq!(a.lease(), "job-42");
     assert_eq!(b.lease(), "job-42");
     assert_eq!(b.reserved, 30);
-    let u = con.usage(acc);
-    assert_eq!(
-        (u.req_day, u.req_total, u.in_flight, u.reserved),
-        (1, 1, 1, 30),
-        "{u:?}"
-    );
+    assert_usage!(con, acc, req_day: 1, req_total: 1, in_flight: 1, reserved: 30);
     // Another lease id is a new request and meets the concurrency limit.
     let c = con.admit(acc, "MAX_CONCURRENT 1 LEASE job-43");
     assert_eq!(c.reason, "concurrency");
@@ -685,37 +677,28 @@ fn commit_settles_the_lease_once() {
     let m = con.admit(acc, "TOKENS_PER_DAY 1000 RESERVE 300");
     assert_eq!(m.reserved, 300);
     let lease = m.lease();
-    let u = con.usage(acc);
-    assert_eq!((u.reserved, u.in_flight), (300, 1), "{u:?}");
+    assert_usage!(con, acc, reserved: 300, in_flight: 1);
 
     let c = con.commit(acc, 120, Some(&lease));
     assert_eq!(c.recorded, 120, "{c:?}");
     assert!(!c.duplicate);
     assert!(c.lease_held);
-    let u = con.usage(acc);
-    assert_eq!(
-        (u.reserved, u.in_flight, u.tok_hour, u.tok_day, u.tok_month),
-        (0, 0, 120, 120, 120),
-        "{u:?}"
-    );
+    assert_usage!(con, acc, reserved: 0, in_flight: 0, tok_hour: 120, tok_day: 120, tok_month: 120);
 
     let again = con.commit(acc, 120, Some(&lease));
     assert!(again.duplicate, "{again:?}");
     assert_eq!(again.recorded, 0);
-    let u = con.usage(acc);
-    assert_eq!((u.tok_day, u.tok_month), (120, 120), "{u:?}");
+    assert_usage!(con, acc, tok_day: 120, tok_month: 120);
 
     let plain = con.commit(acc, 50, None);
     assert_eq!(plain.recorded, 50);
     assert!(!plain.duplicate);
     assert!(!plain.lease_held);
-    let u = con.usage(acc);
-    assert_eq!((u.tok_hour, u.tok_day), (170, 170), "{u:?}");
+    assert_usage!(con, acc, tok_hour: 170, tok_day: 170);
 
     // A second plain commit counts again: only leases make commits idempotent.
     con.commit(acc, 50, None);
-    let u = con.usage(acc);
-    assert_eq!((u.tok_day, u.req_day), (220, 1), "{u:?}");
+    assert_usage!(con, acc, tok_day: 220, req_day: 1);
     let m = con.admit(acc, "TOKENS_PER_DAY 1000");
     assert_eq!(m.remaining_tokens, 780);
 }
@@ -728,20 +711,10 @@ fn release_refunds_the_request_and_frees_the_slot() {
     let a = con.admit(acc, opts);
     assert!(a.allowed);
     let lease = a.lease();
-    let u = con.usage(acc);
-    assert_eq!(
-        (u.req_day, u.req_total, u.in_flight, u.reserved),
-        (1, 1, 1, 10),
-        "{u:?}"
-    );
+    assert_usage!(con, acc, req_day: 1, req_total: 1, in_flight: 1, reserved: 10);
     assert!(!con.admit(acc, opts).allowed, "slot taken");
     assert_eq!(con.release(acc, &lease), 1);
-    let u = con.usage(acc);
-    assert_eq!(
-        (u.req_day, u.req_month, u.req_total, u.in_flight, u.reserved),
-        (0, 0, 0, 0, 0),
-        "{u:?}"
-    );
+    assert_usage!(con, acc, req_day: 0, req_month: 0, req_total: 0, in_flight: 0, reserved: 0);
     assert_eq!(con.release(acc, &lease), 0, "second release");
     assert_eq!(con.release(acc, "never-held"), 0);
     let b = con.admit(acc, opts);
@@ -761,15 +734,13 @@ fn an_expired_lease_frees_its_slot() {
     assert_eq!(m.retry_after, 1);
     let freed = wait_until(Duration::from_secs(3), || con.usage(acc).in_flight == 0);
     assert!(freed, "lease with LEASE_TTL 1 still in flight after 3 s");
-    let u = con.usage(acc);
-    assert_eq!((u.reserved, u.req_day), (0, 1), "{u:?}");
+    assert_usage!(con, acc, reserved: 0, req_day: 1);
     let b = con.admit(acc, opts);
     assert!(b.allowed, "{b:?}");
     assert_ne!(a.lease(), b.lease());
     // The expired lease is gone: releasing it refunds nothing.
     assert_eq!(con.release(acc, &a.lease()), 0);
-    let u = con.usage(acc);
-    assert_eq!(u.req_day, 2, "{u:?}");
+    assert_usage!(con, acc, req_day: 2);
 }
 
 #[test]
@@ -1048,8 +1019,7 @@ fn script_miss_error_replies_tryagain_to_a_cold_user() {
     let err = eval_admit(&mut con, acc, "REQUESTS_PER_DAY 0").expect_err("TRYAGAIN");
     let text = error_text(&err);
     assert!(text.starts_with("TRYAGAIN"), "{text}");
-    let u = con.usage(acc);
-    assert_eq!(u.req_day, 0, "{u:?}");
+    assert_usage!(con, acc, req_day: 0);
 
     // Retrying shortly succeeds: the miss started the load.
     let mut last: redis::RedisResult<Value> = Err(err);
@@ -1068,8 +1038,7 @@ fn script_miss_error_replies_tryagain_to_a_cold_user() {
     con.invalidate([erin[0], erin[1], erin[2]]);
     let err = multi_admit(&mut con, erin, "REQUESTS_PER_DAY 0").expect_err("TRYAGAIN");
     assert!(error_text(&err).contains("TRYAGAIN"), "{err:?}");
-    let u = con.usage(erin);
-    assert_eq!(u.req_day, 0, "{u:?}");
+    assert_usage!(con, erin, req_day: 0);
 }
 
 #[test]

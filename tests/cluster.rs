@@ -505,62 +505,36 @@ fn hash_tags_route_and_unroutable_ids_are_refused() {
     let routable = [alice, bob, "a{b", "x}y{z}", "{org1}{x}"];
     for (k, u) in routable.iter().enumerate() {
         let credit = (k + 1).to_string();
-        let m = to_map(
-            query(
-                &mut con,
-                &[
-                    "QUOTA.GRANT",
-                    TENANT,
-                    PROJECT,
-                    u,
-                    "*",
-                    "REQUESTS_PER_DAY",
-                    &credit,
-                ],
-            )
-            .unwrap_or_else(|e| panic!("GRANT {u}: {e}")),
-        );
+        let m = con.grant([TENANT, PROJECT, u, "*"], ["REQUESTS_PER_DAY", &credit]);
         assert_eq!(field_str(&m, "user_id").as_deref(), Some(*u));
         assert_eq!(
             admitted_of(&mut con, u, k + 3),
             k + 2,
             "admitted for {u}: base 1 + credit {credit}"
         );
-        let m = to_map(
-            query(&mut con, &["QUOTA.USAGE", TENANT, PROJECT, u, BUNDLE])
-                .unwrap_or_else(|e| panic!("USAGE {u}: {e}")),
-        );
-        assert_eq!(field_i64(&m, "req_day") as usize, k + 2, "USAGE {u}");
+        let usage = con.usage([TENANT, PROJECT, u, BUNDLE]);
+        assert_eq!(usage.req_day as usize, k + 2, "USAGE {u}");
     }
 
     // Their account keys are in the user's slot, on the node that owns it.
     let mut found = BTreeSet::new();
-    for n in &cluster.nodes {
-        for key in quota_keys(n) {
-            let (_, _, u, _) = decode_account_key(&key);
-            assert_eq!(
-                server_keyslot(n, &key),
-                server_keyslot(n, &u),
-                "account key {key:?} not in the slot of {u:?}"
-            );
-            assert_eq!(
-                owners[slot(&key) as usize],
-                n.port(),
-                "{key:?} on the wrong node"
-            );
-            found.insert(u);
-        }
+    for (n, key, u) in account_keys(&cluster) {
+        assert_eq!(
+            server_keyslot(n, &key),
+            server_keyslot(n, &u),
+            "account key {key:?} not in the slot of {u:?}"
+        );
+        assert_eq!(
+            owners[slot(&key) as usize],
+            n.port(),
+            "{key:?} on the wrong node"
+        );
+        found.insert(u);
     }
     let expected: BTreeSet<String> = routable.iter().map(|s| s.to_string()).collect();
     assert_eq!(found, expected);
     // The two {org1} users are on the same node.
-    let owner = owners[slot("org1") as usize];
-    let on_owner: Vec<String> = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port() == owner)
-        .map(quota_keys)
-        .unwrap();
+    let on_owner = quota_keys(owner_of(&cluster, &owners, "org1"));
     for u in [alice, bob] {
         assert!(
             on_owner.iter().any(|k| decode_account_key(k).2 == u),
@@ -568,44 +542,19 @@ fn hash_tags_route_and_unroutable_ids_are_refused() {
         );
     }
 
-    // Ids whose '}' is outside a hash tag: the user's slot and the key's would differ.
+    // Ids whose '}' is outside a hash tag: the user's slot and the key's would differ. Refused
+    // through the cluster client and on the node owning the user's slot alike.
     for u in ["a}b", "}ab", "a{}b}", "ab}"] {
-        let owner = cluster
-            .nodes
-            .iter()
-            .find(|n| n.port() == owners[slot(u) as usize])
-            .unwrap();
-        let mut direct = owner.client();
+        let mut direct = owner_of(&cluster, &owners, u).client();
         for args in [
-            vec![
-                "QUOTA.GRANT",
-                TENANT,
-                PROJECT,
-                u,
-                "*",
-                "REQUESTS_PER_DAY",
-                "3",
-            ],
-            vec!["QUOTA.GET", TENANT, PROJECT, u, BUNDLE],
-            vec![
-                "QUOTA.ADMIT",
-                TENANT,
-                PROJECT,
-                u,
-                BUNDLE,
-                "REQUESTS_PER_DAY",
-                "3",
-            ],
-            vec!["QUOTA.USAGE", TENANT, PROJECT, u, BUNDLE],
+            format!("QUOTA.GRANT {TENANT} {PROJECT} {u} * REQUESTS_PER_DAY 3"),
+            format!("QUOTA.GET {TENANT} {PROJECT} {u} {BUNDLE}"),
+            format!("QUOTA.ADMIT {TENANT} {PROJECT} {u} {BUNDLE} REQUESTS_PER_DAY 3"),
+            format!("QUOTA.USAGE {TENANT} {PROJECT} {u} {BUNDLE}"),
         ] {
-            for err in [
-                query(&mut con, &args).map(|v| format!("{v:?}")),
-                query(&mut direct, &args).map(|v| format!("{v:?}")),
-            ] {
-                let err = match err {
-                    Ok(v) => panic!("{args:?} should be refused, got {v}"),
-                    Err(e) => error_text(&e),
-                };
+            let args: Vec<&str> = args.split(' ').collect();
+            for reply in [query(&mut con, &args), query(&mut direct, &args)] {
+                let err = must_fail(&format!("{args:?}"), reply);
                 assert!(
                     err.starts_with("ERR user must not contain a '}' outside a hash tag"),
                     "{args:?}: {err}"
@@ -618,12 +567,29 @@ fn hash_tags_route_and_unroutable_ids_are_refused() {
             "row written for unroutable {u}"
         );
     }
+    for (_, key, u) in account_keys(&cluster) {
+        assert!(expected.contains(&u), "unexpected account key {key:?}");
+    }
+}
+
+/// The node that owns the slot of `key`, by `owners` (the slot map).
+fn owner_of<'a>(cluster: &'a RedisCluster, owners: &[u16], key: &str) -> &'a RedisServer {
+    let port = owners[slot(key) as usize];
+    (cluster.nodes.iter())
+        .find(|n| n.port() == port)
+        .unwrap_or_else(|| panic!("no node on port {port}"))
+}
+
+/// Every account key of the cluster, with the node holding it and its user.
+fn account_keys(cluster: &RedisCluster) -> Vec<(&RedisServer, String, String)> {
+    let mut out = Vec::new();
     for n in &cluster.nodes {
         for key in quota_keys(n) {
-            let (_, _, u, _) = decode_account_key(&key);
-            assert!(expected.contains(&u), "unexpected account key {key:?}");
+            let user = decode_account_key(&key).2;
+            out.push((n, key, user));
         }
     }
+    out
 }
 
 /// QUOTA.CLEANUP on every master at once deactivates each expired row exactly once in total;

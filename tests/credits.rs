@@ -157,6 +157,15 @@ impl Env {
         );
     }
 
+    /// Waits (up to 5 s) for a NOTIFY received after the count `before`.
+    fn wait_notified_after(&self, before: i64) {
+        let received = || self.info_i64("quota_notify_received") > before;
+        assert!(
+            wait_until(Duration::from_secs(5), received),
+            "no NOTIFY received within 5 s"
+        );
+    }
+
     fn wait_notify(&self, state: &str) {
         self.server
             .wait_notify_state(state, Duration::from_secs(15));
@@ -250,6 +259,27 @@ fn bundle_of(r: &Option<HashMap<String, Value>>) -> Option<String> {
     r.as_ref().and_then(|m| field_str(m, "bundle_id"))
 }
 
+/// Polls `QUOTA.GET` on `ids` (up to 5 s) until the '*' row answers for it: whether it did,
+/// and the last reply.
+fn poll_falls_back_to_global(
+    con: &mut redis::Connection,
+    ids: [&str; 4],
+) -> (bool, Option<HashMap<String, Value>>) {
+    poll_get(con, ids, Duration::from_secs(5), |r| {
+        bundle_of(r).as_deref() == Some("*")
+    })
+}
+
+/// `CONFIG SET name value`, and `CONFIG GET name` must read `value` back.
+fn set_and_read_back(con: &mut redis::Connection, name: &str, value: &str) {
+    query(con, &["CONFIG", "SET", name, value]).expect("CONFIG SET");
+    let cfg = to_map(query(con, &["CONFIG", "GET", name]).expect("CONFIG GET"));
+    assert_eq!(
+        cfg.get(name).and_then(value_to_string).as_deref(),
+        Some(value)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // QUOTA.GRANT
 // ---------------------------------------------------------------------------
@@ -261,33 +291,12 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     let before = now_s();
     let expires = before + 3600;
     let exp = expires.to_string();
-    let r = con.grant(
-        ids,
-        [
-            "REQUESTS_PER_DAY",
-            "10",
-            "requests_per_month",
-            "200",
-            "TOTAL_REQUESTS",
-            "2147483647",
-            "TOKENS_PER_HOUR",
-            "5000",
-            "Tokens_Per_Day",
-            "9223372036854775807",
-            "TOKENS_PER_MONTH",
-            "0",
-            "MAX_CONCURRENT",
-            "3",
-            "EXPIRES_AT",
-            &exp,
-            "PURCHASE",
-            "pay-1",
-            "AMOUNT",
-            "10",
-            "NOTES",
-            "trial bonus",
-        ],
-    );
+    let opts = Opts::words(format!(
+        "REQUESTS_PER_DAY 10 requests_per_month 200 TOTAL_REQUESTS 2147483647 \
+         TOKENS_PER_HOUR 5000 Tokens_Per_Day 9223372036854775807 TOKENS_PER_MONTH 0 \
+         MAX_CONCURRENT 3 EXPIRES_AT {exp} PURCHASE pay-1 AMOUNT 10"
+    ));
+    let r = con.grant(ids, opts.and(["NOTES", "trial bonus"]));
     let after = now_s();
     assert_record_fields(&r, &["duplicate"]);
     assert_eq!(str_field(&r, "tenant"), T);
@@ -512,16 +521,7 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     let snap = env.snapshot();
     let e = query_err(
         &mut con,
-        &[
-            "QUOTA.GRANT",
-            T,
-            P,
-            "dave",
-            "live",
-            "ADD",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
+        &with_account("QUOTA.GRANT", live, &["ADD", "REQUESTS_PER_DAY", "1"]),
     );
     assert!(e.contains("REQUESTS_PER_DAY"), "overflowing top-up: {e}");
     assert_eq!(env.snapshot(), snap, "a refused top-up changed PostgreSQL");
@@ -674,12 +674,7 @@ fn an_expired_bundle_row_falls_back_to_the_star_row() {
     let g = con.get([T, P, "hank", "gpt"]).expect("bundle row");
     assert_eq!(str_field(&g, "bundle_id"), "gpt");
 
-    let (ok, last) = poll_get(
-        &mut con,
-        [T, P, "hank", "gpt"],
-        Duration::from_secs(5),
-        |r| bundle_of(r).as_deref() == Some("*"),
-    );
+    let (ok, last) = poll_falls_back_to_global(&mut con, [T, P, "hank", "gpt"]);
     assert!(ok, "GET did not fall back to '*' within 5 s: {last:?}");
     assert!(
         now_s() >= expires,
@@ -748,12 +743,7 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
     // Another user's rows never show.
     con.grant([T, P, "jack2", "gpt"], "REQUESTS_PER_DAY 9");
 
-    let (ok, last) = poll_get(
-        &mut con,
-        [T, P, "jack", "expiring"],
-        Duration::from_secs(5),
-        |r| bundle_of(r).as_deref() == Some("*"),
-    );
+    let (ok, last) = poll_falls_back_to_global(&mut con, [T, P, "jack", "expiring"]);
     assert!(ok, "the expiring row did not expire: {last:?}");
 
     let live = con.list(user, false);
@@ -926,9 +916,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
     con.grant(ids, "REQUESTS_PER_DAY 1");
     // This node's own NOTIFY for the grant marks the entry stale, and the refresh that
     // follows could pick up the UPDATE below by itself: let both happen first.
-    assert!(wait_until(Duration::from_secs(5), || env
-        .info_i64("quota_notify_received")
-        > before));
+    env.wait_notified_after(before);
     con.get(ids);
     env.settle();
     assert_eq!(
@@ -1038,21 +1026,13 @@ fn unicode_and_quotes_in_ids_round_trip_unchanged() {
 fn resp3_clients_get_real_maps() {
     let env = Env::start();
     let mut con = env.server.client_resp3();
-    let r = query(
-        &mut con,
-        &[
-            "QUOTA.GRANT",
-            T,
-            P,
-            "quinn",
-            "*",
-            "REQUESTS_PER_DAY",
-            "2",
-            "AMOUNT",
-            "10",
-        ],
-    )
-    .expect("GRANT");
+    let acc = [T, P, "quinn", "*"];
+    let grant = with_account(
+        "QUOTA.GRANT",
+        acc,
+        &["REQUESTS_PER_DAY", "2", "AMOUNT", "10"],
+    );
+    let r = query(&mut con, &grant).expect("GRANT");
     let Value::Map(pairs) = &r else {
         panic!("RESP3 GRANT reply is not a map: {r:?}");
     };
@@ -1180,9 +1160,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
     let received = env.info_i64("quota_notify_received");
     con.grant(ids, "REQUESTS_PER_DAY 4");
     // This node's own NOTIFY marks the entry stale: let it arrive now rather than mid-test.
-    assert!(wait_until(Duration::from_secs(5), || env
-        .info_i64("quota_notify_received")
-        > received));
+    env.wait_notified_after(received);
     // Cached: GET inside MULTI answers from the cache.
     assert_eq!(raw_reply(&mut con, &["MULTI"]), Value::Okay);
     raw_reply(&mut con, &["QUOTA.GET", T, P, "sam", "gpt"]);
@@ -1231,6 +1209,90 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
 // Bad input
 // ---------------------------------------------------------------------------
 
+/// What the error of a command with too few or too many arguments says.
+const ARITY: &str = "wrong number of arguments";
+
+/// Options of `QUOTA.GRANT acme chat u b` that are refused, and the name their error carries.
+const BAD_GRANT_OPTIONS: [(&str, &str); 23] = [
+    // Missing values.
+    ("REQUESTS_PER_DAY", "REQUESTS_PER_DAY"),
+    ("NOTES", "NOTES"),
+    // Unknown and repeated options.
+    ("FOO 1", "FOO"),
+    ("REQUESTS_PER_DAY 1 requests_per_day 2", "REQUESTS_PER_DAY"),
+    ("ADD ADD", "ADD"),
+    ("PURCHASE x PURCHASE y", "PURCHASE"),
+    ("EXPIRES_IN 10 EXPIRES_IN 20", "EXPIRES_IN"),
+    // Numbers.
+    ("REQUESTS_PER_DAY -1", "REQUESTS_PER_DAY"),
+    ("TOKENS_PER_DAY abc", "TOKENS_PER_DAY"),
+    ("TOKENS_PER_MONTH 1.5", "TOKENS_PER_MONTH"),
+    ("TOKENS_PER_HOUR 9223372036854775808", "TOKENS_PER_HOUR"),
+    ("TOKENS_PER_HOUR 99999999999999999999999", "TOKENS_PER_HOUR"),
+    ("REQUESTS_PER_MONTH 2147483648", "REQUESTS_PER_MONTH"),
+    ("EXPIRES_IN 0", "EXPIRES_IN"),
+    ("EXPIRES_IN -5", "EXPIRES_IN"),
+    ("EXPIRES_IN 9223372036854775807", "EXPIRES_IN"),
+    ("EXPIRES_AT 0", "EXPIRES_AT"),
+    ("EXPIRES_AT 253402300800", "EXPIRES_AT"),
+    ("AMOUNT 1.234", "AMOUNT"),
+    ("AMOUNT -1", "AMOUNT"),
+    ("AMOUNT 100000000", "AMOUNT"),
+    ("AMOUNT 1e3", "AMOUNT"),
+    ("AMOUNT 1.", "AMOUNT"),
+];
+
+/// A command's words as bytes, split on single spaces.
+fn byte_words(command: &str) -> Vec<Vec<u8>> {
+    command.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+}
+
+/// The arguments as a test message shows them: long ones cut to their first 20 bytes.
+fn shown(args: &[Vec<u8>]) -> String {
+    let words: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let s = String::from_utf8_lossy(a);
+            if s.len() > 40 {
+                format!("{}...({} bytes)", &s[..20], a.len())
+            } else {
+                s.into_owned()
+            }
+        })
+        .collect();
+    format!("{words:?}")
+}
+
+/// Sends a malformed command: it must get an `ERR` naming `names` (and the command, for an
+/// arity error), leave the connection usable and run no PostgreSQL query (`queries` is the
+/// counter before).
+fn assert_refused_before_postgres(
+    env: &Env,
+    con: &mut redis::Connection,
+    args: &[Vec<u8>],
+    names: &str,
+    queries: i64,
+) {
+    let shown = shown(args);
+    let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+    let e = must_fail(&shown, bcmd(&refs).query::<Value>(con));
+    assert!(e.starts_with("ERR "), "{shown}: not an ERR reply: {e}");
+    assert!(
+        e.contains(names),
+        "{shown}: error {e:?} does not name {names:?}"
+    );
+    if names == ARITY {
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
+        assert!(e.to_ascii_lowercase().contains(&name), "{shown}: {e}");
+    }
+    ping(con);
+    assert_eq!(
+        env.info_i64("quota_pg_queries"),
+        queries,
+        "{shown} was refused but still went to PostgreSQL"
+    );
+}
+
 #[test]
 fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
     let (env, mut con) = Env::start_con();
@@ -1249,185 +1311,88 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
     let bad_utf8: &[u8] = &[0xff, 0xfe, b'x'];
     let nul: &[u8] = b"a\0b";
 
-    let g: &[&[u8]] = &[b"QUOTA.GRANT", b"acme", b"chat", b"u", b"b"];
-    let with = |extra: &[&[u8]]| -> Vec<Vec<u8>> {
-        g.iter().chain(extra.iter()).map(|a| a.to_vec()).collect()
-    };
-    let ids = |cmd: &[u8], t: &[u8], p: &[u8], u: &[u8], b: Option<&[u8]>| -> Vec<Vec<u8>> {
-        let mut v = vec![cmd.to_vec(), t.to_vec(), p.to_vec(), u.to_vec()];
-        if let Some(b) = b {
-            v.push(b.to_vec());
-        }
-        v
-    };
-    let arity = "wrong number of arguments";
-
-    let mut cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
+    // Whole commands, and the name their error must carry.
+    let mut cases: Vec<(Vec<Vec<u8>>, &str)> = [
         // Missing arguments.
-        (
-            vec![
-                b"QUOTA.GRANT".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-            ],
-            arity,
-        ),
-        (
-            vec![
-                b"QUOTA.GET".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-            ],
-            arity,
-        ),
-        (vec![b"QUOTA.REVOKE".to_vec(), b"acme".to_vec()], arity),
-        (
-            vec![b"QUOTA.LIST".to_vec(), b"acme".to_vec(), b"chat".to_vec()],
-            arity,
-        ),
-        (
-            vec![
-                b"QUOTA.INVALIDATE".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-            ],
-            arity,
-        ),
-        (vec![b"QUOTA.CLEANUP".to_vec(), b"now".to_vec()], arity),
-        (
-            vec![
-                b"QUOTA.GET".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-                b"b".to_vec(),
-                b"extra".to_vec(),
-            ],
-            arity,
-        ),
-        (with(&[b"REQUESTS_PER_DAY"]), "REQUESTS_PER_DAY"),
-        (with(&[b"NOTES"]), "NOTES"),
-        // Unknown and repeated options.
-        (with(&[b"FOO", b"1"]), "FOO"),
-        (
-            with(&[b"REQUESTS_PER_DAY", b"1", b"requests_per_day", b"2"]),
-            "REQUESTS_PER_DAY",
-        ),
-        (with(&[b"ADD", b"ADD"]), "ADD"),
-        (with(&[b"PURCHASE", b"x", b"PURCHASE", b"y"]), "PURCHASE"),
-        (
-            with(&[b"EXPIRES_IN", b"10", b"EXPIRES_IN", b"20"]),
-            "EXPIRES_IN",
-        ),
-        (
-            vec![
-                b"QUOTA.LIST".to_vec(),
-                b"acme".to_vec(),
-                b"chat".to_vec(),
-                b"u".to_vec(),
-                b"EVERYTHING".to_vec(),
-            ],
-            "EVERYTHING",
-        ),
-        // Numbers.
-        (with(&[b"REQUESTS_PER_DAY", b"-1"]), "REQUESTS_PER_DAY"),
-        (with(&[b"TOKENS_PER_DAY", b"abc"]), "TOKENS_PER_DAY"),
-        (with(&[b"TOKENS_PER_MONTH", b"1.5"]), "TOKENS_PER_MONTH"),
-        (
-            with(&[b"TOKENS_PER_HOUR", b"9223372036854775808"]),
-            "TOKENS_PER_HOUR",
-        ),
-        (
-            with(&[b"TOKENS_PER_HOUR", b"99999999999999999999999"]),
-            "TOKENS_PER_HOUR",
-        ),
-        (
-            with(&[b"REQUESTS_PER_MONTH", b"2147483648"]),
-            "REQUESTS_PER_MONTH",
-        ),
-        (with(&[b"MAX_CONCURRENT", b" 1"]), "MAX_CONCURRENT"),
-        (with(&[b"TOTAL_REQUESTS", b""]), "TOTAL_REQUESTS"),
-        (with(&[b"EXPIRES_IN", b"0"]), "EXPIRES_IN"),
-        (with(&[b"EXPIRES_IN", b"-5"]), "EXPIRES_IN"),
-        (with(&[b"EXPIRES_IN", b"9223372036854775807"]), "EXPIRES_IN"),
-        (with(&[b"EXPIRES_AT", past.as_bytes()]), "EXPIRES_AT"),
-        (with(&[b"EXPIRES_AT", b"0"]), "EXPIRES_AT"),
-        (with(&[b"EXPIRES_AT", b"253402300800"]), "EXPIRES_AT"),
-        (
-            with(&[b"EXPIRES_AT", future.as_bytes(), b"EXPIRES_IN", b"60"]),
-            "EXPIRES_",
-        ),
-        (
-            with(&[b"EXPIRES_IN", b"60", b"EXPIRES_AT", future.as_bytes()]),
-            "EXPIRES_",
-        ),
-        (with(&[b"AMOUNT", b"1.234"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"-1"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"100000000"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"1e3"]), "AMOUNT"),
-        (with(&[b"AMOUNT", b"1."]), "AMOUNT"),
-        // Text options.
-        (with(&[b"PURCHASE", b""]), "PURCHASE"),
-        (with(&[b"PURCHASE", &long_purchase]), "PURCHASE"),
-        (with(&[b"PURCHASE", nul]), "PURCHASE"),
-        (with(&[b"PURCHASE", bad_utf8]), "PURCHASE"),
-        (with(&[b"NOTES", &long_notes]), "NOTES"),
-        (with(&[b"NOTES", nul]), "NOTES"),
-        (with(&[b"NOTES", bad_utf8]), "NOTES"),
+        ("QUOTA.GRANT acme chat u", ARITY),
+        ("QUOTA.GET acme chat u", ARITY),
+        ("QUOTA.REVOKE acme", ARITY),
+        ("QUOTA.LIST acme chat", ARITY),
+        ("QUOTA.INVALIDATE acme chat", ARITY),
+        ("QUOTA.CLEANUP now", ARITY),
+        ("QUOTA.GET acme chat u b extra", ARITY),
+        // Unknown options.
+        ("QUOTA.LIST acme chat u EVERYTHING", "EVERYTHING"),
+    ]
+    .into_iter()
+    .map(|(command, names)| (byte_words(command), names))
+    .collect();
+
+    // QUOTA.GRANT acme chat u b with these option words.
+    let grant = |options: &[&[u8]]| -> Vec<Vec<u8>> {
+        let head = byte_words("QUOTA.GRANT acme chat u b");
+        head.into_iter()
+            .chain(options.iter().map(|a| a.to_vec()))
+            .collect()
+    };
+    let expires_at_past = format!("EXPIRES_AT {past}");
+    let both_expiries = [
+        format!("EXPIRES_AT {future} EXPIRES_IN 60"),
+        format!("EXPIRES_IN 60 EXPIRES_AT {future}"),
     ];
+    let dated = [
+        (expires_at_past.as_str(), "EXPIRES_AT"),
+        (&both_expiries[0], "EXPIRES_"),
+        (&both_expiries[1], "EXPIRES_"),
+    ];
+    for (options, names) in BAD_GRANT_OPTIONS.into_iter().chain(dated) {
+        cases.push((
+            byte_words(&format!("QUOTA.GRANT acme chat u b {options}")),
+            names,
+        ));
+    }
+    // Values that are not words: empty, with a space, NUL, not UTF-8, too long.
+    cases.extend([
+        (grant(&[b"MAX_CONCURRENT", b" 1"]), "MAX_CONCURRENT"),
+        (grant(&[b"TOTAL_REQUESTS", b""]), "TOTAL_REQUESTS"),
+        (grant(&[b"PURCHASE", b""]), "PURCHASE"),
+        (grant(&[b"PURCHASE", &long_purchase]), "PURCHASE"),
+        (grant(&[b"PURCHASE", nul]), "PURCHASE"),
+        (grant(&[b"PURCHASE", bad_utf8]), "PURCHASE"),
+        (grant(&[b"NOTES", &long_notes]), "NOTES"),
+        (grant(&[b"NOTES", nul]), "NOTES"),
+        (grant(&[b"NOTES", bad_utf8]), "NOTES"),
+    ]);
     // Bad ids, for every command that takes them and every position.
     for cmd in [
-        &b"QUOTA.GRANT"[..],
-        b"QUOTA.GET",
-        b"QUOTA.REVOKE",
-        b"QUOTA.LIST",
-        b"QUOTA.INVALIDATE",
+        "QUOTA.GRANT",
+        "QUOTA.GET",
+        "QUOTA.REVOKE",
+        "QUOTA.LIST",
+        "QUOTA.INVALIDATE",
     ] {
-        let has_bundle = !matches!(cmd, b"QUOTA.LIST" | b"QUOTA.INVALIDATE");
-        let b = has_bundle.then_some(&b"b"[..]);
+        let has_bundle = !matches!(cmd, "QUOTA.LIST" | "QUOTA.INVALIDATE");
+        let ids = |t: &[u8], p: &[u8], u: &[u8], b: &[u8]| -> Vec<Vec<u8>> {
+            let ids = [cmd.as_bytes(), t, p, u, b];
+            ids[..4 + usize::from(has_bundle)]
+                .iter()
+                .map(|a| a.to_vec())
+                .collect()
+        };
         for bad in [&long_id[..], b"", bad_utf8, nul] {
-            cases.push((ids(cmd, bad, b"chat", b"u", b), "tenant"));
-            cases.push((ids(cmd, b"acme", bad, b"u", b), "project"));
-            cases.push((ids(cmd, b"acme", b"chat", bad, b), "user"));
+            cases.push((ids(bad, b"chat", b"u", b"b"), "tenant"));
+            cases.push((ids(b"acme", bad, b"u", b"b"), "project"));
+            cases.push((ids(b"acme", b"chat", bad, b"b"), "user"));
             if has_bundle {
-                cases.push((ids(cmd, b"acme", b"chat", b"u", Some(bad)), "bundle"));
+                cases.push((ids(b"acme", b"chat", b"u", bad), "bundle"));
             }
         }
-        cases.push((ids(cmd, b"acme", b"chat", b"a}b", b), "user"));
+        cases.push((ids(b"acme", b"chat", b"a}b", b"b"), "user"));
     }
 
     assert!(cases.len() > 100, "{} cases", cases.len());
     for (args, names) in &cases {
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| {
-                let s = String::from_utf8_lossy(a);
-                if s.len() > 40 {
-                    format!("{}...({} bytes)", &s[..20], a.len())
-                } else {
-                    s.into_owned()
-                }
-            })
-            .collect();
-        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        let e = must_fail(&format!("{shown:?}"), bcmd(&refs).query::<Value>(&mut con));
-        assert!(e.starts_with("ERR "), "{shown:?}: not an ERR reply: {e}");
-        assert!(
-            e.contains(names),
-            "{shown:?}: error {e:?} does not name {names:?}"
-        );
-        if *names == arity {
-            let name = String::from_utf8_lossy(&args[0]).to_ascii_lowercase();
-            assert!(e.to_ascii_lowercase().contains(&name), "{shown:?}: {e}");
-        }
-        ping(&mut con);
-        assert_eq!(
-            env.info_i64("quota_pg_queries"),
-            queries,
-            "{shown:?} was refused but still went to PostgreSQL"
-        );
+        assert_refused_before_postgres(&env, &mut con, args, names, queries);
     }
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
     assert_eq!(env.info_i64("quota_grants"), grants);
@@ -1523,17 +1488,10 @@ fn the_pg_url_password_never_appears_in_info_errors_or_the_log() {
                 query(&mut con, c),
             ));
         }
+        let acc = [T, P, "uncached2", "*"];
         let admit = query_map(
             &mut con,
-            &[
-                "QUOTA.ADMIT",
-                T,
-                P,
-                "uncached2",
-                "*",
-                "REQUESTS_PER_DAY",
-                "5",
-            ],
+            &with_account("QUOTA.ADMIT", acc, &["REQUESTS_PER_DAY", "5"]),
         );
         seen.push(format!("{admit:?}"));
         seen.push(
@@ -1621,14 +1579,7 @@ fn config_set_changes_take_effect() {
 
     // cache-ttl-ms 0: an entry loaded under it is stale at once, so every GET is a stale
     // hit that starts a refresh.
-    query(&mut con, &["CONFIG", "SET", "quota.cache-ttl-ms", "0"]).expect("CONFIG SET");
-    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.cache-ttl-ms"]).expect("GET"));
-    assert_eq!(
-        cfg.get("quota.cache-ttl-ms")
-            .and_then(value_to_string)
-            .as_deref(),
-        Some("0")
-    );
+    set_and_read_back(&mut con, "quota.cache-ttl-ms", "0");
     env.settle();
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "uma"]), 1);
     con.get(ids); // a miss: loaded under TTL 0
@@ -1698,14 +1649,7 @@ fn config_set_changes_take_effect() {
     env.wait_notify("listening");
 
     // pg-timeout-ms is read back; bad values and load-time options are refused.
-    query(&mut con, &["CONFIG", "SET", "quota.pg-timeout-ms", "1500"]).expect("CONFIG SET");
-    let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.pg-timeout-ms"]).expect("GET"));
-    assert_eq!(
-        cfg.get("quota.pg-timeout-ms")
-            .and_then(value_to_string)
-            .as_deref(),
-        Some("1500")
-    );
+    set_and_read_back(&mut con, "quota.pg-timeout-ms", "1500");
     for (name, value) in [
         ("quota.cache-ttl-ms", "-1"),
         ("quota.cache-ttl-ms", "abc"),

@@ -143,11 +143,126 @@ fn start_sampler(
     })
 }
 
+impl Samples {
+    /// What a user of a cached account notices during the stall: nothing. Enough samples, every
+    /// cached ADMIT admitted on its credit, PING and ADMIT well under `FAST`.
+    fn assert_redis_stayed_fast(&self) {
+        assert!(
+            self.count >= 20,
+            "only {} samples during the stall",
+            self.count
+        );
+        assert!(
+            self.bad_admits.is_empty(),
+            "the cached user was not admitted on its cached credit during the stall: {:?}",
+            self.bad_admits
+        );
+        assert!(
+            self.max_ping < FAST,
+            "PING took up to {:?} during the stall ({} samples)",
+            self.max_ping,
+            self.count
+        );
+        assert!(
+            self.max_admit < FAST,
+            "a cached ADMIT took up to {:?} during the stall ({} samples)",
+            self.max_admit,
+            self.count
+        );
+    }
+}
+
+/// Asserts that an ADMIT reply admitted, with this `replenishment`: `global` (on the cached
+/// credit) or `unavailable` (on the base policy alone, PostgreSQL not answering).
+fn assert_admitted(m: &Map, replenishment: &str) {
+    assert_eq!(field_i64(m, "allowed"), 1, "{m:?}");
+    assert_eq!(
+        field_str(m, "replenishment").as_deref(),
+        Some(replenishment),
+        "{m:?}"
+    );
+}
+
 /// What one flooding client got.
 struct Outcome {
     kind: &'static str,
     took: Duration,
     reply: Result<Value, String>,
+}
+
+/// `n` clients at once, each on a user of its own: the first `writes` send a GRANT, the others
+/// alternately a cold GET and a cold ADMIT. What each got, and how long it took.
+fn flood(server: &RedisServer, n: usize, writes: usize) -> Vec<Outcome> {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let mut c = client(server, Duration::from_secs(10));
+            let barrier = Arc::clone(&barrier);
+            let (kind, args) = match (i < writes, i % 2) {
+                (true, _) => (
+                    "GRANT",
+                    format!("QUOTA.GRANT t p flood-{i} * TOKENS_PER_DAY 7"),
+                ),
+                (false, 0) => ("GET", format!("QUOTA.GET t p flood-{i} b")),
+                (false, _) => (
+                    "ADMIT",
+                    format!("QUOTA.ADMIT t p flood-{i} b REQUESTS_PER_DAY 3"),
+                ),
+            };
+            thread::spawn(move || {
+                barrier.wait();
+                let (reply, took) = timed(|| query_owned(&mut c, &args.to_args()));
+                let reply = reply.map_err(|e| {
+                    server_error(&e)
+                        .unwrap_or_else(|| format!("NO REPLY (connection/timeout): {e}"))
+                });
+                Outcome { kind, took, reply }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("flood thread"))
+        .collect()
+}
+
+/// Checks one flooding client's outcome: in time, and BUSY, an error naming PostgreSQL (GET,
+/// GRANT) or an admission on the base policy (ADMIT). Whether it was BUSY.
+fn check_flooded(o: &Outcome) -> bool {
+    assert!(
+        o.took <= ANSWER_WITHIN,
+        "a flooding {} took {:?}: {:?}",
+        o.kind,
+        o.took,
+        o.reply
+    );
+    match (&o.reply, o.kind) {
+        (Err(e), _) if e.starts_with("BUSY") => return true,
+        (Err(e), "GET" | "GRANT") => assert!(
+            e.starts_with("ERR") && e.contains("PostgreSQL"),
+            "{}: unclear error {e:?}",
+            o.kind
+        ),
+        (Ok(v), "ADMIT") => assert_admitted(&to_map(v.clone()), "unavailable"),
+        (other, kind) => panic!("flooding {kind}: unexpected {other:?}"),
+    }
+    false
+}
+
+/// Sends `command` until it succeeds, for at most `within`; every failure meanwhile must be a
+/// server reply (not a hang or a dropped connection).
+fn until_it_succeeds(con: &mut redis::Connection, command: &str, within: Duration) -> Map {
+    let deadline = Instant::now() + within;
+    loop {
+        match query_owned(con, &command.to_args()) {
+            Ok(v) => return to_map(v),
+            Err(e) if Instant::now() < deadline => {
+                assert!(server_error(&e).is_some(), "no reply to {command}: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{command} still failing after {within:?}: {e}"),
+        }
+    }
 }
 
 #[test]
@@ -165,21 +280,14 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     );
     let mut con = client(&server, Duration::from_secs(10));
 
-    // A user whose credits are cached (write-through) before the stall.
+    // A user whose credits are cached (write-through) before the stall; base 0: admitted only
+    // thanks to the cached credit.
     con.grant(["t", "p", "warm", "*"], "REQUESTS_PER_DAY 1000");
-    // Base 0: admitted only thanks to the cached credit.
-    let warm_admit = owned(&[
-        "QUOTA.ADMIT",
-        "t",
-        "p",
-        "warm",
-        "b",
-        "REQUESTS_PER_DAY",
-        "0",
-    ]);
-    let m = to_map(query_owned(&mut con, &warm_admit).expect("warm ADMIT"));
-    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+    let warm_admit = "QUOTA.ADMIT t p warm b REQUESTS_PER_DAY 0".to_args();
+    assert_admitted(
+        &to_map(query_owned(&mut con, &warm_admit).expect("warm ADMIT")),
+        "global",
+    );
 
     // The Redis main thread (its tid is the pid); the module's threads keep their priority.
     if let Some(pid) = server.pid() {
@@ -188,51 +296,23 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     let _resume = ResumeOnDrop(&pg);
     pg.pause();
     let stop = Arc::new(AtomicBool::new(false));
-    let sampler = start_sampler(&server, warm_admit.clone(), Arc::clone(&stop));
+    let sampler = start_sampler(&server, warm_admit, Arc::clone(&stop));
 
     // A cold ADMIT is decided on the base policy once the wait runs out.
-    let (reply, took) = timed(|| {
-        query(
-            &mut con,
-            &[
-                "QUOTA.ADMIT",
-                "t",
-                "p",
-                "cold-admit",
-                "b",
-                "REQUESTS_PER_DAY",
-                "3",
-            ],
-        )
-    });
+    let cold = "QUOTA.ADMIT t p cold-admit b REQUESTS_PER_DAY 3".to_args();
+    let (reply, took) = timed(|| query_owned(&mut con, &cold));
     let m = to_map(reply.expect("cold ADMIT during the stall"));
     assert!(took <= ANSWER_WITHIN, "cold ADMIT took {took:?}");
-    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-    assert_eq!(
-        field_str(&m, "replenishment").as_deref(),
-        Some("unavailable"),
-        "{m:?}"
-    );
-    assert_eq!(
-        field_i64(&m, "remaining_requests"),
-        2,
-        "base policy only: {m:?}"
-    );
+    assert_admitted(&m, "unavailable");
+    let left = field_i64(&m, "remaining_requests");
+    assert_eq!(left, 2, "base policy only: {m:?}");
 
     // A cold GET and a GRANT fail with an error naming PostgreSQL, in time.
     for args in [
-        vec!["QUOTA.GET", "t", "p", "cold-get", "b"],
-        vec![
-            "QUOTA.GRANT",
-            "t",
-            "p",
-            "cold-grant",
-            "*",
-            "REQUESTS_PER_DAY",
-            "1",
-        ],
+        "QUOTA.GET t p cold-get b",
+        "QUOTA.GRANT t p cold-grant * REQUESTS_PER_DAY 1",
     ] {
-        let (reply, took) = timed(|| query(&mut con, &args));
+        let (reply, took) = timed(|| query_owned(&mut con, &args.to_args()));
         let err = match reply {
             Ok(v) => panic!("{args:?} succeeded during the stall: {v:?}"),
             Err(e) => server_error(&e).unwrap_or_else(|| panic!("{args:?}: no reply: {e}")),
@@ -248,76 +328,17 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     // reads. Writes are one job each, so at most 10 of them can be taken; cold loads queued
     // together may be taken by a free worker as one batch, so they only add capacity.
     let busy_before = info_i64(&server, "quota_queue_busy_rejections");
-    let n = 36;
-    let writes = 24;
-    let barrier = Arc::new(Barrier::new(n));
-    let mut handles = Vec::new();
-    for i in 0..n {
-        let mut c = client(&server, Duration::from_secs(10));
-        let barrier = Arc::clone(&barrier);
-        let user = format!("flood-{i}");
-        handles.push(thread::spawn(move || {
-            let (kind, args): (&'static str, Vec<String>) = match (i < writes, i % 2) {
-                (true, _) => (
-                    "GRANT",
-                    owned(&["QUOTA.GRANT", "t", "p", &user, "*", "TOKENS_PER_DAY", "7"]),
-                ),
-                (false, 0) => ("GET", owned(&["QUOTA.GET", "t", "p", &user, "b"])),
-                (false, _) => (
-                    "ADMIT",
-                    owned(&["QUOTA.ADMIT", "t", "p", &user, "b", "REQUESTS_PER_DAY", "3"]),
-                ),
-            };
-            barrier.wait();
-            let (reply, took) = timed(|| query_owned(&mut c, &args));
-            let reply = reply.map_err(|e| {
-                server_error(&e).unwrap_or_else(|| format!("NO REPLY (connection/timeout): {e}"))
-            });
-            Outcome { kind, took, reply }
-        }));
-    }
-    let outcomes: Vec<Outcome> = handles
-        .into_iter()
-        .map(|h| h.join().expect("flood thread"))
-        .collect();
+    let (n, writes) = (36, 24);
+    let outcomes = flood(&server, n, writes);
     let depth = info_i64(&server, "quota_queue_depth");
     let busy_after = info_i64(&server, "quota_queue_busy_rejections");
-
     stop.store(true, Ordering::SeqCst);
     let samples = sampler.join().expect("sampler thread");
 
-    let mut busy = 0;
-    let mut busy_writes = 0;
-    for o in &outcomes {
-        if o.kind == "GRANT" && o.reply.as_ref().is_err_and(|e| e.starts_with("BUSY")) {
-            busy_writes += 1;
-        }
-        assert!(
-            o.took <= ANSWER_WITHIN,
-            "a flooding {} took {:?}: {:?}",
-            o.kind,
-            o.took,
-            o.reply
-        );
-        match (&o.reply, o.kind) {
-            (Err(e), _) if e.starts_with("BUSY") => busy += 1,
-            (Err(e), "GET" | "GRANT") => assert!(
-                e.starts_with("ERR") && e.contains("PostgreSQL"),
-                "{}: unclear error {e:?}",
-                o.kind
-            ),
-            (Ok(v), "ADMIT") => {
-                let m = to_map(v.clone());
-                assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-                assert_eq!(
-                    field_str(&m, "replenishment").as_deref(),
-                    Some("unavailable"),
-                    "{m:?}"
-                );
-            }
-            (other, kind) => panic!("flooding {kind}: unexpected {other:?}"),
-        }
-    }
+    let busy = outcomes.iter().filter(|o| check_flooded(o)).count();
+    let busy_grant =
+        |o: &&Outcome| o.kind == "GRANT" && o.reply.as_ref().is_err_and(|e| e.starts_with("BUSY"));
+    let busy_writes = outcomes.iter().filter(busy_grant).count();
     // At most queue-max jobs wait and pool-size run; every other write is refused at once.
     assert!(
         busy_writes >= writes - 8 - 2,
@@ -329,29 +350,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         busy_after - busy_before
     );
     assert!(depth <= 8, "queue depth {depth} above queue-max 8");
-
-    assert!(
-        samples.count >= 20,
-        "only {} samples during the stall",
-        samples.count
-    );
-    assert!(
-        samples.bad_admits.is_empty(),
-        "the cached user was not admitted on its cached credit during the stall: {:?}",
-        samples.bad_admits
-    );
-    assert!(
-        samples.max_ping < FAST,
-        "PING took up to {:?} during the stall ({} samples)",
-        samples.max_ping,
-        samples.count
-    );
-    assert!(
-        samples.max_admit < FAST,
-        "a cached ADMIT took up to {:?} during the stall ({} samples)",
-        samples.max_admit,
-        samples.count
-    );
+    samples.assert_redis_stayed_fast();
     eprintln!(
         "stall: {} samples, max PING {:?}, max cached ADMIT {:?}, {busy}/{n} BUSY",
         samples.count, samples.max_ping, samples.max_admit
@@ -359,44 +358,15 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
 
     // PostgreSQL back: a GRANT succeeds again (within 20 s, while stuck jobs drain).
     pg.resume();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let granted = loop {
-        match query(
-            &mut con,
-            &[
-                "QUOTA.GRANT",
-                "t",
-                "p",
-                "after",
-                "*",
-                "REQUESTS_PER_DAY",
-                "2",
-            ],
-        ) {
-            Ok(v) => break to_map(v),
-            Err(e) if Instant::now() < deadline => {
-                assert!(server_error(&e).is_some(), "no reply after resume: {e}");
-                thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("GRANT still failing 20 s after PostgreSQL resumed: {e}"),
-        }
-    };
+    let after = "QUOTA.GRANT t p after * REQUESTS_PER_DAY 2";
+    let granted = until_it_succeeds(&mut con, after, Duration::from_secs(20));
     assert_eq!(field_i64(&granted, "additional_requests_per_day"), 2);
     assert_eq!(field_i64(&granted, "duplicate"), 0);
-    let m = query_map(
-        &mut con,
-        &[
-            "QUOTA.ADMIT",
-            "t",
-            "p",
-            "after",
-            "b",
-            "REQUESTS_PER_DAY",
-            "0",
-        ],
+    let admit = "QUOTA.ADMIT t p after b REQUESTS_PER_DAY 0".to_args();
+    assert_admitted(
+        &to_map(query_owned(&mut con, &admit).expect("ADMIT")),
+        "global",
     );
-    assert_eq!(field_i64(&m, "allowed"), 1, "{m:?}");
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
     let m = query_map(&mut con, &["QUOTA.GET", "t", "p", "after", "b"]);
     assert_eq!(field_i64(&m, "additional_requests_per_day"), 2);
     assert_eq!(
@@ -406,11 +376,9 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         )),
         "2"
     );
+    let drained = || info_i64(&server, "quota_queue_depth") == 0;
     assert!(
-        wait_until(Duration::from_secs(10), || info_i64(
-            &server,
-            "quota_queue_depth"
-        ) == 0),
+        wait_until(Duration::from_secs(10), drained),
         "the job queue did not drain after PostgreSQL resumed"
     );
 }

@@ -58,34 +58,54 @@ const GRANT_ONLY: [&str; 6] = [
 ];
 const ADMIT_ONLY: [&str; 5] = ["LEASE", "LEASE_TTL", "RESERVE", "PEEK", "VERBOSE"];
 
+/// Never valid amounts (0 ..= 2^63-1 in plain decimal digits).
+const BAD_NUMBERS: [&[u8]; 24] = [
+    b"-1",
+    b"-0",
+    b"+1",
+    b"",
+    b" ",
+    b"1 ",
+    b" 1",
+    b"1.0",
+    b"1e3",
+    b"0x1f",
+    b"18446744073709551616",
+    b"18446744073709551615",
+    b"9223372036854775808",
+    b"99999999999999999999999999",
+    b"-9223372036854775808",
+    b"1\0",
+    "\u{661}\u{662}".as_bytes(),
+    b"NaN",
+    b"inf",
+    b"abc",
+    b"1_000",
+    b"\xff\xfe",
+    b"--1",
+    b"12345678901234567890",
+];
+
+/// Never valid `AMOUNT`s (0 ..= 99999999.99, at most two decimals).
+const BAD_AMOUNTS: [&[u8]; 14] = [
+    b"1.234",
+    b"-1",
+    b"-0.01",
+    b"100000000.00",
+    b"1e2",
+    b"",
+    b"abc",
+    b"1.",
+    b".5",
+    b"0x10",
+    b"1,5",
+    b"NaN",
+    b"99999999.999",
+    b"1.2.3",
+];
+
 /// Never a valid amount (0 ..= 2^63-1 in plain decimal digits).
 fn bad_number(rng: &mut Rng) -> Vec<u8> {
-    let fixed: [&[u8]; 24] = [
-        b"-1",
-        b"-0",
-        b"+1",
-        b"",
-        b" ",
-        b"1 ",
-        b" 1",
-        b"1.0",
-        b"1e3",
-        b"0x1f",
-        b"18446744073709551616",
-        b"18446744073709551615",
-        b"9223372036854775808",
-        b"99999999999999999999999999",
-        b"-9223372036854775808",
-        b"1\0",
-        "\u{661}\u{662}".as_bytes(),
-        b"NaN",
-        b"inf",
-        b"abc",
-        b"1_000",
-        b"\xff\xfe",
-        b"--1",
-        b"12345678901234567890",
-    ];
     match rng.below(4) {
         0 => vec![b'9'; 65536],
         1 => {
@@ -93,32 +113,16 @@ fn bad_number(rng: &mut Rng) -> Vec<u8> {
             v[0] = b'1';
             v
         }
-        _ => rng.pick(&fixed).to_vec(),
+        _ => rng.pick(&BAD_NUMBERS).to_vec(),
     }
 }
 
 /// Never a valid `AMOUNT` (0 ..= 99999999.99, at most two decimals).
 fn bad_amount(rng: &mut Rng) -> Vec<u8> {
-    let fixed: [&[u8]; 14] = [
-        b"1.234",
-        b"-1",
-        b"-0.01",
-        b"100000000.00",
-        b"1e2",
-        b"",
-        b"abc",
-        b"1.",
-        b".5",
-        b"0x10",
-        b"1,5",
-        b"NaN",
-        b"99999999.999",
-        b"1.2.3",
-    ];
     if rng.chance(10) {
         return vec![b'7'; 65536];
     }
-    rng.pick(&fixed).to_vec()
+    rng.pick(&BAD_AMOUNTS).to_vec()
 }
 
 /// Never a valid text value of at most `max` bytes (NOTES, PURCHASE, LEASE).
@@ -298,6 +302,16 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `keyword` (in a random case) and a value it refuses: one of `out_of_range` or a malformed
+/// number, each as likely.
+fn keyword_and_bad_value(rng: &mut Rng, keyword: &str, out_of_range: &[&[u8]]) -> Vec<Vec<u8>> {
+    let value = match out_of_range.get(rng.below(out_of_range.len() + 1)) {
+        Some(v) => v.to_vec(),
+        None => bad_number(rng),
+    };
+    vec![rng.case(keyword), value]
+}
+
 fn grant_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
     match rng.below(9) {
         0 | 1 => {
@@ -311,23 +325,10 @@ fn grant_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
         }
         3 => {
             let past = unix_now().saturating_sub(10).to_string();
-            let v: Vec<u8> = match rng.below(5) {
-                0 => b"0".to_vec(),
-                1 => b"1000000000".to_vec(),
-                2 => b"253402300800".to_vec(),
-                3 => past.into_bytes(),
-                _ => bad_number(rng),
-            };
-            vec![rng.case("EXPIRES_AT"), v]
+            let out = [&b"0"[..], b"1000000000", b"253402300800", past.as_bytes()];
+            keyword_and_bad_value(rng, "EXPIRES_AT", &out)
         }
-        4 => {
-            let v: Vec<u8> = match rng.below(3) {
-                0 => b"0".to_vec(),
-                1 => b"253402300799".to_vec(),
-                _ => bad_number(rng),
-            };
-            vec![rng.case("EXPIRES_IN"), v]
-        }
+        4 => keyword_and_bad_value(rng, "EXPIRES_IN", &[b"0", b"253402300799"]),
         5 => {
             let at = (unix_now() + 3600).to_string().into_bytes();
             let mut both = vec![
@@ -354,14 +355,7 @@ fn admit_bad_value(rng: &mut Rng) -> Vec<Vec<u8>> {
             vec![rng.case(w), bad_number(rng)]
         }
         2 => vec![rng.case("LEASE"), bad_text(rng, 128)],
-        3 => {
-            let v: Vec<u8> = match rng.below(3) {
-                0 => b"0".to_vec(),
-                1 => b"86401".to_vec(),
-                _ => bad_number(rng),
-            };
-            vec![rng.case("LEASE_TTL"), v]
-        }
+        3 => keyword_and_bad_value(rng, "LEASE_TTL", &[b"0", b"86401"]),
         _ => vec![rng.case("RESERVE"), bad_number(rng)],
     }
 }
@@ -716,6 +710,108 @@ fn fuzz_seed() -> u64 {
         .unwrap_or_else(random_u64)
 }
 
+/// What the fuzz sent.
+#[derive(Default)]
+struct FuzzCounts {
+    /// Invalid commands by command name.
+    per_command: BTreeMap<String, usize>,
+    /// Valid reads, and the `ADMIT ... PEEK VERBOSE` among them.
+    reads: usize,
+    peeks: usize,
+}
+
+/// One batch of the fuzz: each command with whether it is valid (about a third are valid
+/// reads, the rest invalid commands).
+fn fuzz_batch(rng: &mut Rng, batch: usize, counts: &mut FuzzCounts) -> Vec<(Vec<Vec<u8>>, bool)> {
+    (0..batch)
+        .map(|_| {
+            if rng.chance(3) {
+                let (c, peek) = valid_read(rng);
+                counts.peeks += usize::from(peek);
+                (c, true)
+            } else {
+                let c = invalid_command(rng);
+                *counts
+                    .per_command
+                    .entry(String::from_utf8_lossy(&c[0]).to_ascii_uppercase())
+                    .or_default() += 1;
+                (c, false)
+            }
+        })
+        .collect()
+}
+
+/// What is wrong with the reply to one fuzzed command, if anything: a valid read must answer
+/// a map (an ADMIT its VERBOSE shape), an invalid command a one-line `ERR`.
+fn fuzz_problem(cmd: &[Vec<u8>], valid: bool, reply: &Reply) -> Option<String> {
+    if valid {
+        let is_admit = cmd[0].eq_ignore_ascii_case(b"QUOTA.ADMIT");
+        let ok =
+            !reply.is_error() && reply.as_map().is_some() && (!is_admit || verbose_shape_ok(reply));
+        return (!ok).then(|| format!("valid read {} failed: {reply:?}", show_args(cmd)));
+    }
+    match reply {
+        Reply::Error(t) => {
+            let text = String::from_utf8_lossy(t);
+            (!text.starts_with("ERR ") || text.len() > 1024).then(|| {
+                format!(
+                    "not a clear one-line error for {}: {text:?}",
+                    show_args(cmd)
+                )
+            })
+        }
+        other => Some(format!(
+            "invalid command accepted: {} -> {}",
+            show_args(cmd),
+            format!("{other:?}").chars().take(200).collect::<String>()
+        )),
+    }
+}
+
+/// Asserts that the fuzz changed nothing but the admission count of its `peeks` PEEKs (and
+/// the hour window, when an hour boundary passed meanwhile).
+fn assert_unchanged(before: &Snapshot, mut after: Snapshot, peeks: usize, seed: u64) {
+    assert_eq!(
+        after.admits - before.admits,
+        peeks as i64,
+        "INFO quota counted other decisions than the {peeks} PEEKs (seed {seed})"
+    );
+    after.admits = before.admits;
+    if after.hour == before.hour {
+        assert_eq!(&after, before, "the fuzz changed something (seed {seed})");
+        return;
+    }
+    // An hour boundary passed: the hour window rolled, everything else must be equal.
+    let strip = |s: &Snapshot| -> Vec<BTreeMap<String, Reply>> {
+        s.usage
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                m.remove("tok_hour");
+                m
+            })
+            .collect()
+    };
+    assert_eq!(strip(&after), strip(before), "usage changed (seed {seed})");
+    assert_eq!(
+        (
+            after.dbsize,
+            &after.keys,
+            &after.rows,
+            &after.events,
+            &after.info
+        ),
+        (
+            before.dbsize,
+            &before.keys,
+            &before.rows,
+            &before.events,
+            &before.info
+        ),
+        "the fuzz changed something (seed {seed})"
+    );
+}
+
 #[test]
 fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     let seed = fuzz_seed();
@@ -729,79 +825,41 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     populate(&mut r2);
     let before = snapshot(&mut r2, &server, &pg, &schema);
 
+    // Batches of 50 pipelined, alternately over RESP2 and RESP3.
     let total = 10_000;
     let batch = 50;
     let started = Instant::now();
-    let mut per_command: BTreeMap<String, usize> = BTreeMap::new();
-    let mut reads = 0;
-    let mut sent = 0;
+    let mut counts = FuzzCounts::default();
     let mut problems: Vec<String> = Vec::new();
-    let mut peeks = 0usize;
-    while sent < total {
+    for sent in (0..total).step_by(batch) {
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "the fuzz ran over 5 minutes (seed {seed})"
         );
-        let mut cmds = Vec::with_capacity(batch);
-        let mut expect_ok = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            if rng.chance(3) {
-                let (c, peek) = valid_read(&mut rng);
-                peeks += usize::from(peek);
-                cmds.push(c);
-                expect_ok.push(true);
-            } else {
-                let c = invalid_command(&mut rng);
-                *per_command
-                    .entry(String::from_utf8_lossy(&c[0]).to_ascii_uppercase())
-                    .or_default() += 1;
-                cmds.push(c);
-                expect_ok.push(false);
-            }
-        }
+        let (cmds, valid): (Vec<_>, Vec<_>) =
+            fuzz_batch(&mut rng, batch, &mut counts).into_iter().unzip();
         let con = if (sent / batch) % 2 == 0 {
             &mut r2
         } else {
             &mut r3
         };
         let replies = con.pipeline(&cmds);
-        for ((cmd, ok), reply) in cmds.iter().zip(&expect_ok).zip(replies) {
+        for ((cmd, valid), reply) in cmds.iter().zip(valid).zip(replies) {
             let reply = reply.unwrap_or_else(|e| {
                 panic!(
                     "no well-formed reply to {} (seed {seed}): {e}",
                     show_args(cmd)
                 )
             });
-            if *ok {
-                reads += 1;
-                let is_admit = cmd[0].eq_ignore_ascii_case(b"QUOTA.ADMIT");
-                if reply.is_error()
-                    || reply.as_map().is_none()
-                    || (is_admit && !verbose_shape_ok(&reply))
-                {
-                    problems.push(format!("valid read {} failed: {reply:?}", show_args(cmd)));
-                }
-                continue;
-            }
-            match &reply {
-                Reply::Error(t) => {
-                    let text = String::from_utf8_lossy(t);
-                    if !text.starts_with("ERR ") || text.len() > 1024 {
-                        problems.push(format!(
-                            "not a clear one-line error for {}: {text:?}",
-                            show_args(cmd)
-                        ));
-                    }
-                }
-                other => problems.push(format!(
-                    "invalid command accepted: {} -> {}",
-                    show_args(cmd),
-                    format!("{other:?}").chars().take(200).collect::<String>()
-                )),
-            }
+            counts.reads += usize::from(valid);
+            problems.extend(fuzz_problem(cmd, valid, &reply));
         }
-        sent += batch;
     }
+    let FuzzCounts {
+        per_command,
+        reads,
+        peeks,
+    } = counts;
     let took = started.elapsed();
     eprintln!(
         "fuzz: {total} commands ({reads} valid reads, {peeks} of them ADMIT PEEK VERBOSE) in {took:?}; per command: {per_command:?}"
@@ -810,12 +868,7 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
         problems.is_empty(),
         "{} of {total} commands misbehaved (seed {seed}); the first ones:\n{}",
         problems.len(),
-        problems
-            .iter()
-            .take(15)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        problems[..problems.len().min(15)].join("\n")
     );
 
     let pong = Raw::connect(server.port(), false).call(&bytes(&["PING"]));
@@ -824,46 +877,8 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
         Reply::Simple(b"PONG".to_vec()),
         "server gone after the fuzz"
     );
-    let mut after = snapshot(&mut r2, &server, &pg, &schema);
-    assert_eq!(
-        after.admits - before.admits,
-        peeks as i64,
-        "INFO quota counted other decisions than the {peeks} PEEKs (seed {seed})"
-    );
-    after.admits = before.admits;
-    if after.hour == before.hour {
-        assert_eq!(after, before, "the fuzz changed something (seed {seed})");
-    } else {
-        // An hour boundary passed: the hour window rolled, everything else must be equal.
-        let strip = |s: &Snapshot| -> Vec<BTreeMap<String, Reply>> {
-            s.usage
-                .iter()
-                .map(|m| {
-                    let mut m = m.clone();
-                    m.remove("tok_hour");
-                    m
-                })
-                .collect()
-        };
-        assert_eq!(strip(&after), strip(&before), "usage changed (seed {seed})");
-        assert_eq!(
-            (
-                after.dbsize,
-                &after.keys,
-                &after.rows,
-                &after.events,
-                &after.info
-            ),
-            (
-                before.dbsize,
-                &before.keys,
-                &before.rows,
-                &before.events,
-                &before.info
-            ),
-            "the fuzz changed something (seed {seed})"
-        );
-    }
+    let after = snapshot(&mut r2, &server, &pg, &schema);
+    assert_unchanged(&before, after, peeks, seed);
     let log = server.log();
     assert!(
         !log.contains("panic"),
@@ -876,12 +891,19 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     );
 }
 
-#[test]
-fn option_keywords_match_exactly() {
+/// A module server on a fresh schema of the shared PostgreSQL (its URL and the schema come
+/// along), and a RESP2 connection to it.
+fn start() -> (String, String, RedisServer, Raw) {
     let pg = PgServer::shared();
     let schema = unique_schema();
     let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let raw = Raw::connect(server.port(), false);
+    (pg, schema, server, raw)
+}
+
+#[test]
+fn option_keywords_match_exactly() {
+    let (pg, schema, _server, mut raw) = start();
     let acc = ["t", "p", "exact", "b"];
     // A keyword with anything after it (a NUL, a space, a letter) is not that keyword.
     let cases: [(&str, &[&[u8]]); 8] = [
@@ -1016,10 +1038,7 @@ fn text_of(m: &BTreeMap<String, Reply>, f: &str) -> String {
 
 #[test]
 fn ids_with_separators_never_collide() {
-    let pg = PgServer::shared();
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let (pg, schema, _server, mut raw) = start();
     // (A, B): A gets a credit on its bundle, B must never see it, nor share usage with A.
     let pairs: [([&str; 4], [&str; 4]); 9] = [
         (["a:b", "c", "u", "x"], ["a", "b:c", "u", "x"]),
@@ -1089,10 +1108,7 @@ fn ids_with_separators_never_collide() {
 
 #[test]
 fn quotes_and_unicode_go_through_postgres_unchanged() {
-    let pg = PgServer::shared();
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let (pg, schema, _server, mut raw) = start();
     let accounts: [[&str; 4]; 3] = [
         ["O'Brien", "\"quoted\"", "日本語🙂", "emoji-🚀"],
         ["Robert'); DROP TABLE students;--", "p\\q", "ünïcödé", "*"],
@@ -1181,10 +1197,7 @@ fn quotes_and_unicode_go_through_postgres_unchanged() {
 
 #[test]
 fn input_sizes_are_bounded_as_documented() {
-    let pg = PgServer::shared();
-    let schema = unique_schema();
-    let server = test_server(&schema);
-    let mut raw = Raw::connect(server.port(), false);
+    let (pg, schema, _server, mut raw) = start();
     let names = ["tenant", "project", "user", "bundle"];
     let max_ascii = "a".repeat(255);
     let max_multibyte = "日".repeat(85); // 255 bytes

@@ -149,6 +149,22 @@ impl<'a, 'b> Options<'a, 'b> {
         self.seen |= 1 << bit;
         Ok(())
     }
+
+    /// The value of an option that may be given once.
+    fn once_value(&mut self, bit: u32, keyword: &'static str) -> Result<&'a [u8], ParseError> {
+        self.once(bit, keyword)?;
+        self.value(keyword)
+    }
+
+    /// The text value (see `text_arg`) of an option that may be given once.
+    fn once_text(
+        &mut self,
+        bit: u32,
+        keyword: &'static str,
+        max: usize,
+    ) -> Result<&'a str, ParseError> {
+        text_arg(keyword, self.once_value(bit, keyword)?, max)
+    }
 }
 
 /// Upper-cases a short option word for matching, without allocating (longer words never match).
@@ -217,8 +233,7 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
     let mut opts = Options::new(rest);
     while let Some(word) = opts.next_word() {
         if let Some(field) = LimitField::from_keyword(word) {
-            opts.once(field as u32, field.keyword())?;
-            let v = limit_value(field, opts.value(field.keyword())?)?;
+            let v = limit_value(field, opts.once_value(field as u32, field.keyword())?)?;
             if v as i64 > field.column_max() {
                 return Err(ParseError::OutOfRange(
                     field.keyword(),
@@ -254,21 +269,18 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
                 req.expiry_given = true;
             }
             PURCHASE => {
-                opts.once(12, "PURCHASE")?;
-                let id = text_arg("PURCHASE", opts.value("PURCHASE")?, MAX_PURCHASE_LEN)?;
+                let id = opts.once_text(12, "PURCHASE", MAX_PURCHASE_LEN)?;
                 req.purchase_id = Some(id.to_owned());
             }
             AMOUNT => {
-                opts.once(13, "AMOUNT")?;
-                let raw = opts.value("AMOUNT")?;
+                let raw = opts.once_value(13, "AMOUNT")?;
                 let cents = std::str::from_utf8(raw).ok().and_then(Cents::parse).ok_or(
                     ParseError::Invalid("AMOUNT", "must be a decimal from 0 to 99999999.99"),
                 )?;
                 req.amount = Some(cents);
             }
             NOTES => {
-                opts.once(14, "NOTES")?;
-                let notes = text_arg("NOTES", opts.value("NOTES")?, MAX_NOTES_LEN)?;
+                let notes = opts.once_text(14, "NOTES", MAX_NOTES_LEN)?;
                 req.notes = Some(notes.to_owned());
             }
             ADD => {
@@ -281,8 +293,8 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
                 } else {
                     BalanceKind::Tokens
                 };
-                opts.once(16 + kind as u32, kind.keyword())?;
-                let v = parse_amount(kind.keyword(), opts.value(kind.keyword())?)?;
+                let raw = opts.once_value(16 + kind as u32, kind.keyword())?;
+                let v = parse_amount(kind.keyword(), raw)?;
                 let v = i64::try_from(v)
                     .map_err(|_| ParseError::OutOfRange(kind.keyword(), 0, i64::MAX))?;
                 req.balances[kind as usize] = Some(v);
@@ -305,12 +317,10 @@ pub(crate) fn history<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, i64, i64)
     while let Some(word) = opts.next_word() {
         match upper(word) {
             FROM => {
-                opts.once(0, "FROM")?;
-                from = parse_in_range("FROM", opts.value("FROM")?, 0, MAX_EXPIRES_AT)?;
+                from = parse_in_range("FROM", opts.once_value(0, "FROM")?, 0, MAX_EXPIRES_AT)?;
             }
             TO => {
-                opts.once(1, "TO")?;
-                to = parse_in_range("TO", opts.value("TO")?, 0, MAX_EXPIRES_AT + 1)?;
+                to = parse_in_range("TO", opts.once_value(1, "TO")?, 0, MAX_EXPIRES_AT + 1)?;
             }
             _ => return Err(ParseError::Unknown(shown(word))),
         }
@@ -401,26 +411,20 @@ pub(crate) fn admit<'a>(
     let mut opts = Options::new(rest);
     while let Some(word) = opts.next_word() {
         if let Some(field) = LimitField::from_keyword(word) {
-            opts.once(field as u32, field.keyword())?;
-            out.base.set(
-                field,
-                Some(limit_value(field, opts.value(field.keyword())?)?),
-            );
+            let raw = opts.once_value(field as u32, field.keyword())?;
+            out.base.set(field, Some(limit_value(field, raw)?));
             continue;
         }
         match upper(word) {
             LEASE => {
-                opts.once(10, "LEASE")?;
-                out.lease = Some(text_arg("LEASE", opts.value("LEASE")?, MAX_LEASE_LEN)?);
+                out.lease = Some(opts.once_text(10, "LEASE", MAX_LEASE_LEN)?);
             }
             LEASE_TTL => {
-                opts.once(11, "LEASE_TTL")?;
-                let raw = opts.value("LEASE_TTL")?;
+                let raw = opts.once_value(11, "LEASE_TTL")?;
                 out.lease_ttl = Some(parse_in_range("LEASE_TTL", raw, 1, max_lease_ttl)?);
             }
             RESERVE => {
-                opts.once(12, "RESERVE")?;
-                out.reserve = Some(parse_amount("RESERVE", opts.value("RESERVE")?)?);
+                out.reserve = Some(parse_amount("RESERVE", opts.once_value(12, "RESERVE")?)?);
             }
             PEEK => {
                 opts.once(13, "PEEK")?;
@@ -431,8 +435,7 @@ pub(crate) fn admit<'a>(
                 out.verbose = true;
             }
             POLICY => {
-                opts.once(15, "POLICY")?;
-                out.policy = Some(check_id("policy", opts.value("POLICY")?)?);
+                out.policy = Some(check_id("policy", opts.once_value(15, "POLICY")?)?);
             }
             COMPACT => {
                 opts.once(16, "COMPACT")?;
@@ -485,11 +488,8 @@ pub(crate) fn policy<'a>(args: &[&'a [u8]]) -> Result<PolicyArgs<'a>, ParseError
                 let Some(field) = LimitField::from_keyword(word) else {
                     return Err(ParseError::Unknown(shown(word)));
                 };
-                opts.once(field as u32, field.keyword())?;
-                limits.set(
-                    field,
-                    Some(limit_value(field, opts.value(field.keyword())?)?),
-                );
+                let raw = opts.once_value(field as u32, field.keyword())?;
+                limits.set(field, Some(limit_value(field, raw)?));
             }
             Ok(PolicyArgs::Set(policy, limits))
         }
@@ -524,8 +524,7 @@ pub(crate) fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError
     let mut opts = Options::new(rest);
     while let Some(word) = opts.next_word() {
         if word.eq_ignore_ascii_case(b"LEASE") {
-            opts.once(0, "LEASE")?;
-            lease = Some(text_arg("LEASE", opts.value("LEASE")?, MAX_LEASE_LEN)?);
+            lease = Some(opts.once_text(0, "LEASE", MAX_LEASE_LEN)?);
         } else {
             return Err(ParseError::Unknown(shown(word)));
         }

@@ -399,21 +399,9 @@ impl<'a> Effect<'a> {
             KIND_RELEASE => Some(Change::Release { lease: r.id()? }),
             _ => None,
         };
-        let balance = if flags & BALANCE != 0 {
-            Some(r.balance()?)
-        } else {
-            None
-        };
-        let terms = if flags & TERMS != 0 {
-            Some(r.terms()?)
-        } else {
-            None
-        };
-        let ack = if flags & ACK != 0 {
-            Some(r.ack()?)
-        } else {
-            None
-        };
+        let balance = (flags & BALANCE != 0).then(|| r.balance()).transpose()?;
+        let terms = (flags & TERMS != 0).then(|| r.terms()).transpose()?;
+        let ack = (flags & ACK != 0).then(|| r.ack()).transpose()?;
         if !r.buf.is_empty() {
             return Err(EffectError::Trailing);
         }
@@ -575,11 +563,7 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
-        let settle = if ops & OP_SETTLE != 0 {
-            Some(self.u64()?)
-        } else {
-            None
-        };
+        let settle = (ops & OP_SETTLE != 0).then(|| self.u64()).transpose()?;
         if hold.is_some_and(|h| !(1..=crate::core::window::LAST_MS).contains(&h.expires_at)) {
             return Err(EffectError::Number);
         }

@@ -20,12 +20,15 @@ use super::jobs::{CreditWaiter, Done, Job, LoadJob, OwnedPolicy, OwnedUser};
 use super::stats;
 use crate::core::cache::Lookup;
 use crate::core::cache::UserCredits as Credits;
-use crate::core::credit::Replenishment;
+use crate::core::credit::{GrantRequest, Replenishment};
 use crate::core::ids::{user_key, PolicyId, UserId};
-use crate::core::policy::CachedPolicy;
+use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
-use crate::store::{AccountBatch, BatchOutcome, Store, StoreConfig, StoreError};
+use crate::store::{
+    AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig,
+    StoreError,
+};
 
 /// Most user loads one query serves (a burst of cold users shares round trips).
 const LOAD_BATCH: usize = 64;
@@ -375,45 +378,17 @@ fn execute(job: Job) {
             request,
             now,
             client,
-        } => {
-            let outcome = with_store(|s| s.grant(&user.id(), &bundle, &request, now));
-            if let Ok(o) = &outcome {
-                stats::GRANTS.incr();
-                if o.duplicate {
-                    stats::GRANTS_DUPLICATE.incr();
-                } else {
-                    write_through(&user, o.live_rows.clone());
-                }
-            }
-            client.finish(Done::Grant(outcome));
-        }
+        } => client.finish(Done::Grant(grant(&user, &bundle, &request, now))),
         Job::Revoke {
             user,
             bundle,
             client,
-        } => {
-            let outcome = with_store(|s| s.revoke(&user.id(), &bundle));
-            if let Ok(o) = &outcome {
-                if o.revoked {
-                    stats::REVOKES.incr();
-                }
-                write_through(&user, o.live_rows.clone());
-            }
-            client.finish(Done::Revoke(outcome));
-        }
+        } => client.finish(Done::Revoke(revoke(&user, &bundle))),
         Job::List { user, all, client } => {
-            let outcome = with_store(|s| s.list(&user.id(), all));
-            client.finish(Done::List(outcome));
+            client.finish(Done::List(with_store(|s| s.list(&user.id(), all))));
         }
         Job::Cleanup { client } => {
-            let outcome = with_store(|s| s.cleanup(clock::now_ms()));
-            if let Ok(o) = &outcome {
-                stats::CLEANUPS.incr();
-                let mut cache = cache::cache();
-                for (tenant, project, user) in &o.users {
-                    cache.invalidate(&user_key(tenant, project, user));
-                }
-            }
+            let outcome = cleanup();
             if let Some(client) = client {
                 client.finish(Done::Cleanup(outcome));
             }
@@ -423,19 +398,9 @@ fn execute(job: Job) {
             policy,
             limits,
             client,
-        } => {
-            let outcome = with_store(|s| s.set_policy(&policy.id(), &limits));
-            if let Ok(record) = &outcome {
-                write_through_policy(&policy, Some(record.limits));
-            }
-            client.finish(Done::PolicySet(outcome));
-        }
+        } => client.finish(Done::PolicySet(set_policy(&policy, &limits))),
         Job::PolicyDel { policy, client } => {
-            let outcome = with_store(|s| s.delete_policy(&policy.id()));
-            if outcome.is_ok() {
-                write_through_policy(&policy, None);
-            }
-            client.finish(Done::PolicyDel(outcome));
+            client.finish(Done::PolicyDel(delete_policy(&policy)));
         }
         Job::Flush { batches, done } => done(flush(&batches)),
         Job::History {
@@ -445,18 +410,67 @@ fn execute(job: Job) {
             client,
         } => {
             let ids = account.id().ids();
-            let outcome = with_store(|s| s.history(ids, from, to));
-            client.finish(Done::History(outcome));
+            client.finish(Done::History(with_store(|s| s.history(ids, from, to))));
         }
         Job::PolicyList {
             tenant,
             project,
             client,
-        } => {
-            let outcome = with_store(|s| s.list_policies(&tenant, &project));
-            client.finish(Done::PolicyList(outcome));
-        }
+        } => client.finish(Done::PolicyList(with_store(|s| {
+            s.list_policies(&tenant, &project)
+        }))),
     }
+}
+
+/// `QUOTA.GRANT` in the store: counted, and unless it was a duplicate the user's live rows are
+/// written through to the cache.
+fn grant(
+    user: &OwnedUser,
+    bundle: &str,
+    request: &GrantRequest,
+    now: Millis,
+) -> Result<GrantOutcome, StoreError> {
+    with_store(|s| s.grant(&user.id(), bundle, request, now)).inspect(|o| {
+        stats::GRANTS.incr();
+        if o.duplicate {
+            stats::GRANTS_DUPLICATE.incr();
+        } else {
+            write_through(user, o.live_rows.clone());
+        }
+    })
+}
+
+/// `QUOTA.REVOKE` in the store: counted when it revoked, the user's live rows written through.
+fn revoke(user: &OwnedUser, bundle: &str) -> Result<RevokeOutcome, StoreError> {
+    with_store(|s| s.revoke(&user.id(), bundle)).inspect(|o| {
+        if o.revoked {
+            stats::REVOKES.incr();
+        }
+        write_through(user, o.live_rows.clone());
+    })
+}
+
+/// Expires what is due in the store (see `Store::cleanup`) and drops the cached credits of
+/// every user it touched.
+fn cleanup() -> Result<CleanupOutcome, StoreError> {
+    with_store(|s| s.cleanup(clock::now_ms())).inspect(|o| {
+        stats::CLEANUPS.incr();
+        let mut cache = cache::cache();
+        for (tenant, project, user) in &o.users {
+            cache.invalidate(&user_key(tenant, project, user));
+        }
+    })
+}
+
+/// `QUOTA.POLICY SET` in the store, the new limits written through to the policy cache.
+fn set_policy(policy: &OwnedPolicy, limits: &Limits) -> Result<PolicyRecord, StoreError> {
+    with_store(|s| s.set_policy(&policy.id(), limits))
+        .inspect(|record| write_through_policy(policy, Some(record.limits)))
+}
+
+/// `QUOTA.POLICY DEL` in the store; the policy cache then knows it is gone.
+fn delete_policy(policy: &OwnedPolicy) -> Result<bool, StoreError> {
+    with_store(|s| s.delete_policy(&policy.id())).inspect(|_| write_through_policy(policy, None))
 }
 
 /// Most accounts one flush transaction writes.

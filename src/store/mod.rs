@@ -19,6 +19,8 @@ mod pg_tests;
 
 use std::fmt;
 
+use postgres::Client;
+
 use crate::core::credit::{GrantRequest, Replenishment};
 use crate::core::ids::{PolicyId, UserId};
 use crate::core::policy::{Limits, PolicyRecord};
@@ -120,19 +122,26 @@ impl Store {
         })
     }
 
+    /// Runs `f` on a connection checked out of the pool for the call.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        f(&mut conn)
+    }
+
     /// Creates or completes the schema (`sql/deploy-control-plane.sql` with the schema name
     /// substituted) in one transaction, under an advisory lock so that nodes deploying at the
     /// same time wait for each other instead of failing.
     pub(crate) fn deploy(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.checkout()?;
-        schema::deploy(&mut conn, &self.schema, self.timeout_ms)
+        self.with_conn(|c| schema::deploy(c, &self.schema, self.timeout_ms))
     }
 
     /// All active rows of the user, any bundle, by bundle id; expired ones included (the core
     /// checks expiry when it reads). What the credits cache holds for the user.
     pub(crate) fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        queries::active_rows(&mut *conn, &self.sql, user)
+        self.with_conn(|c| queries::active_rows(c, &self.sql, user))
     }
 
     /// The active rows of several users in one query, in the order of `users` (what a burst of
@@ -141,8 +150,7 @@ impl Store {
         &self,
         users: &[UserId],
     ) -> Result<Vec<Vec<Replenishment>>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        queries::active_rows_many(&mut *conn, &self.sql, users)
+        self.with_conn(|c| queries::active_rows_many(c, &self.sql, users))
     }
 
     /// Applies `QUOTA.GRANT` to (user, bundle) in one transaction: locks the row, computes the
@@ -156,28 +164,24 @@ impl Store {
         req: &GrantRequest,
         now: Millis,
     ) -> Result<GrantOutcome, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        queries::grant(&mut conn, &self.sql, user, bundle, req, now)
+        self.with_conn(|c| queries::grant(c, &self.sql, user, bundle, req, now))
     }
 
     /// Soft-deletes (user, bundle) and records a `revoke` event if it was active.
     pub(crate) fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        queries::revoke(&mut conn, &self.sql, user, bundle)
+        self.with_conn(|c| queries::revoke(c, &self.sql, user, bundle))
     }
 
     /// The user's rows by bundle id: active and unexpired ones (by the database clock), or every
     /// row with `all`.
     pub(crate) fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        queries::list(&mut *conn, &self.sql, user, all)
+        self.with_conn(|c| queries::list(c, &self.sql, user, all))
     }
 
     /// Deactivates every active row that expired at or before `now` and records an `expire`
     /// event for each. Skipped (not an error) while another node holds the cleanup lock.
     pub(crate) fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        queries::cleanup(&mut conn, &self.sql, &self.schema, now)
+        self.with_conn(|c| queries::cleanup(c, &self.sql, &self.schema, now))
     }
 
     /// Applies one flush of the usage ledger (one batch per account) in one transaction: a
@@ -186,8 +190,7 @@ impl Store {
         &self,
         batches: &[AccountBatch],
     ) -> Result<Vec<BatchOutcome>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        ledger::flush(&mut conn, &self.ledger_sql, batches)
+        self.with_conn(|c| ledger::flush(c, &self.ledger_sql, batches))
     }
 
     /// `QUOTA.HISTORY`: the account's hourly ledger rows with `from <= hour < to`.
@@ -197,8 +200,7 @@ impl Store {
         from: i64,
         to: i64,
     ) -> Result<Vec<HourRow>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        ledger::history(&mut *conn, &self.ledger_sql, ids, from, to)
+        self.with_conn(|c| ledger::history(c, &self.ledger_sql, ids, from, to))
     }
 
     /// Why the configured password file could not be used, if so (the owner logs it once).
@@ -208,8 +210,7 @@ impl Store {
 
     /// A named policy, or `None` when there is none by that name (what the policy cache holds).
     pub(crate) fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        policies::get(&mut *conn, &self.policy_sql, id)
+        self.with_conn(|c| policies::get(c, &self.policy_sql, id))
     }
 
     /// `QUOTA.POLICY SET`: creates or replaces the policy and records a `policy_set` event.
@@ -218,15 +219,13 @@ impl Store {
         id: &PolicyId,
         limits: &Limits,
     ) -> Result<PolicyRecord, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        policies::set(&mut conn, &self.policy_sql, id, limits)
+        self.with_conn(|c| policies::set(c, &self.policy_sql, id, limits))
     }
 
     /// `QUOTA.POLICY DEL`: deletes the policy (recording a `policy_delete` event); whether it
     /// existed.
     pub(crate) fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        policies::delete(&mut conn, &self.policy_sql, id)
+        self.with_conn(|c| policies::delete(c, &self.policy_sql, id))
     }
 
     /// `QUOTA.POLICY LIST`: every policy of (tenant, project), by name.
@@ -235,8 +234,7 @@ impl Store {
         tenant: &str,
         project: &str,
     ) -> Result<Vec<PolicyRecord>, StoreError> {
-        let mut conn = self.pool.checkout()?;
-        policies::list(&mut *conn, &self.policy_sql, tenant, project)
+        self.with_conn(|c| policies::list(c, &self.policy_sql, tenant, project))
     }
 
     /// (open connections, idle connections), for `INFO quota`.
@@ -275,27 +273,28 @@ mod tests {
 
     #[test]
     fn wire_texts_are_exact_and_one_line() {
-        assert_eq!(
-            StoreError::NotConfigured.to_string(),
-            "ERR quota.pg-url is not set"
-        );
-        assert_eq!(
-            StoreError::Unavailable("connection closed".into()).to_string(),
-            "ERR PostgreSQL unavailable: connection closed"
-        );
-        assert_eq!(
-            StoreError::Timeout.to_string(),
-            "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)"
-        );
-        assert_eq!(
-            StoreError::Query("a\nb\r\nc".into()).to_string(),
-            "ERR PostgreSQL error: a b c"
-        );
-        assert_eq!(
-            StoreError::Invalid("ERR ADD would take X above 1".into()).to_string(),
-            "ERR ADD would take X above 1"
-        );
-        assert_eq!(StoreError::BadConfig("x".into()).to_string(), "ERR x");
+        for (err, wire) in [
+            (StoreError::NotConfigured, "ERR quota.pg-url is not set"),
+            (
+                StoreError::Unavailable("connection closed".into()),
+                "ERR PostgreSQL unavailable: connection closed",
+            ),
+            (
+                StoreError::Timeout,
+                "ERR PostgreSQL did not answer within the timeout (quota.pg-timeout-ms)",
+            ),
+            (
+                StoreError::Query("a\nb\r\nc".into()),
+                "ERR PostgreSQL error: a b c",
+            ),
+            (
+                StoreError::Invalid("ERR ADD would take X above 1".into()),
+                "ERR ADD would take X above 1",
+            ),
+            (StoreError::BadConfig("x".into()), "ERR x"),
+        ] {
+            assert_eq!(err.to_string(), wire);
+        }
     }
 
     #[test]

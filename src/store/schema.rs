@@ -92,6 +92,16 @@ pub(crate) fn deploy(client: &mut Client, schema: &str, timeout_ms: u64) -> Resu
     tx.commit().map_err(pg)
 }
 
+/// Asserts that every statement of a set names `wanted` (the substituted schema's table) and
+/// that no placeholder is left in any.
+#[cfg(test)]
+pub(crate) fn assert_substituted(statements: &[&String], wanted: &str) {
+    for text in statements {
+        assert!(text.contains(wanted), "{text}");
+        assert!(!text.contains(PLACEHOLDER), "{text}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
