@@ -14,56 +14,6 @@ use common::*;
 const T: &str = "acme";
 const P: &str = "chat";
 
-struct Env {
-    server: RedisServer,
-    schema: String,
-    pg: String,
-}
-
-impl Env {
-    fn start(extra: &[(&str, &str)]) -> Env {
-        let schema = unique_schema();
-        let server = test_server_with(&schema, extra);
-        Env {
-            server,
-            schema,
-            pg: PgServer::shared(),
-        }
-    }
-
-    fn con(&self) -> redis::Connection {
-        self.server.client()
-    }
-
-    /// One number from SQL, `{h}` = the hourly ledger, `{t}` = the credits table.
-    fn sql_i64(&self, q: &str) -> i64 {
-        let q = q
-            .replace("{h}", &format!("{}.quota_usage_hourly", self.schema))
-            .replace("{t}", &format!("{}.user_quota_replenishment", self.schema));
-        let out = psql(&self.pg, &q);
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{q}: {out:?}"))
-    }
-
-    /// Sum of a ledger column for the user's accounts.
-    fn ledger(&self, user: &str, column: &str) -> i64 {
-        self.sql_i64(&format!(
-            "SELECT coalesce(sum({column}), 0) FROM {{h}} WHERE user_id = '{user}'"
-        ))
-    }
-
-    /// Waits until nothing is left to flush.
-    fn flushed(&self) {
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                info_i64(&self.server, "quota_ledger_accounts_pending") == 0
-            }),
-            "the ledger did not flush"
-        );
-    }
-}
-
 fn left(con: &mut redis::Connection, acc: [&str; 4], field: &str) -> i64 {
     field_i64(&con.get(acc).expect("a record"), field)
 }
@@ -73,7 +23,7 @@ fn left(con: &mut redis::Connection, acc: [&str; 4], field: &str) -> i64 {
 /// committed is debited exactly, nothing goes below zero, and then the reason says `balance`.
 #[test]
 fn burn_down_is_exact_under_concurrency() {
-    let env = Env::start(&[("flush-interval", "1")]);
+    let env = TestEnv::start(&[("flush-interval", "1")]);
     let acc = [T, P, "alice", "web"];
     let mut con = env.con();
     con.grant(
@@ -163,7 +113,7 @@ fn burn_down_is_exact_under_concurrency() {
 /// A top-up with a purchase id counts once, however often it is retried; windows pay first.
 #[test]
 fn top_ups_count_once_and_windows_pay_first() {
-    let env = Env::start(&[]);
+    let env = TestEnv::start(&[]);
     let mut con = env.con();
     let acc = [T, P, "bob", "web"];
     con.grant(acc, ["REQUESTS_BALANCE", "2"]);
@@ -200,7 +150,7 @@ fn top_ups_count_once_and_windows_pay_first() {
 /// `QUOTA.HISTORY` reads the hourly rows the flush wrote.
 #[test]
 fn history_shows_the_hourly_rows() {
-    let env = Env::start(&[("flush-interval", "1")]);
+    let env = TestEnv::start(&[("flush-interval", "1")]);
     let mut con = env.con();
     let acc = [T, P, "carol", "web"];
     for _ in 0..4 {
@@ -228,7 +178,7 @@ fn history_shows_the_hourly_rows() {
 /// (AOF `everysec`, as the README recommends).
 #[test]
 fn kill_9_loses_at_most_one_interval_and_never_counts_twice() {
-    let mut env = Env::start(&[("flush-interval", "2")]);
+    let mut env = TestEnv::start(&[("flush-interval", "2")]);
     let mut con = env.con();
     let _: () = redis::cmd("CONFIG")
         .arg(&["SET", "appendonly", "yes", "appendfsync", "always"])
@@ -286,9 +236,7 @@ fn a_stopped_postgresql_delays_the_ledger_and_loses_nothing() {
     let mut con = server.client();
     let acc = [T, P, "erin", "web"];
     con.admit(acc, "");
-    assert!(wait_until(Duration::from_secs(20), || {
-        info_i64(&server, "quota_ledger_accounts_pending") == 0
-    }));
+    wait_ledger_flushed(&server, Duration::from_secs(20));
     pg.stop();
     for _ in 0..9 {
         con.admit(acc, "");
@@ -298,14 +246,13 @@ fn a_stopped_postgresql_delays_the_ledger_and_loses_nothing() {
     assert_eq!(info_i64(&server, "quota_ledger_accounts_pending"), 1);
     assert!(info_i64(&server, "quota_ledger_flush_errors") > 0);
     pg.start();
-    assert!(wait_until(Duration::from_secs(30), || {
-        info_i64(&server, "quota_ledger_accounts_pending") == 0
-    }));
+    wait_ledger_flushed(&server, Duration::from_secs(30));
     let sum = |c: &str| -> i64 {
-        let out = pg.psql(&format!(
-            "SELECT coalesce(sum({c}), 0) FROM {schema}.quota_usage_hourly WHERE user_id = 'erin'"
-        ));
-        out.trim().parse().unwrap()
+        sql_i64(
+            &pg.url(),
+            &schema,
+            &format!("SELECT coalesce(sum({c}), 0) FROM {{h}} WHERE user_id = 'erin'"),
+        )
     };
     assert_eq!(sum("requests"), 10);
     assert_eq!(sum("tokens"), 40);

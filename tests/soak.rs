@@ -1,7 +1,10 @@
 //! Load: many clients mixing `ADMIT` (with `MAX_CONCURRENT` and `RESERVE`), `COMMIT`,
 //! `RELEASE`, `GRANT ... ADD` and `GET` over many users with PostgreSQL live. Afterwards the
 //! usage Redis reports is exactly what the clients did, no account was admitted over its
-//! limit, no call hung, and the credits cache stayed within `quota.cache-max-entries`.
+//! limit, no call hung, the credits cache stayed within `quota.cache-max-entries`, and once
+//! the last flush is acknowledged the usage ledger in PostgreSQL holds exactly what was
+//! admitted minus released and committed, account by account (flushed every
+//! `FLUSH_INTERVAL` seconds during the load).
 //!
 //! `soak_short` runs in `make test`; `soak_long` (60 s, 100 clients, 10,000 users) in
 //! `make soak` (`cargo test --release --test soak -- --ignored --nocapture`).
@@ -22,6 +25,8 @@ const CREDIT_REQUESTS: u64 = 5;
 const BUNDLES: usize = 2;
 /// No call may take longer than this (a read timeout turns a hang into a failure).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// `quota.flush-interval` of the soak server: several flushes happen during the load.
+const FLUSH_INTERVAL: &str = "2";
 
 /// What one client did to one account.
 #[derive(Debug, Default, Clone, Copy)]
@@ -257,7 +262,10 @@ fn soak(duration: Duration, clients: usize, users: usize) {
     // (every call has a read timeout).
     let server = RedisServer::builder()
         .pg(&pg, &schema, "10000")
-        .module_args(&[("cache-max-entries", &cache_max.to_string())])
+        .module_args(&[
+            ("cache-max-entries", &cache_max.to_string()),
+            ("flush-interval", FLUSH_INTERVAL),
+        ])
         .start();
     let mut con = server.client();
 
@@ -473,6 +481,7 @@ fn soak(duration: Duration, clients: usize, users: usize) {
         "sum of tok_day differs from the tokens committed"
     );
     assert_no_accounts(&wrong, "whose usage differs from what was done, e.g.");
+    check_ledger(&server, &pg, &schema, &accounts);
 
     // The cache stayed bounded, and the bound was actually reached.
     assert!(
@@ -504,6 +513,53 @@ fn soak_short() {
 #[test]
 fn soak_long() {
     soak(Duration::from_secs(60), 100, 10_000);
+}
+
+/// After the last flush: the ledger in PostgreSQL holds, for every account, exactly the
+/// requests admitted minus released and the tokens committed (the clients' tally, which the
+/// caller already found equal to `QUOTA.USAGE`), no balance debit (no account has a balance),
+/// and no row for an account nobody touched.
+fn check_ledger(server: &RedisServer, pg: &str, schema: &str, accounts: &[((usize, usize), Did)]) {
+    let before = LedgerInfo::of(server);
+    wait_ledger_flushed(server, Duration::from_secs(60));
+    let after = LedgerInfo::of(server);
+    let mut ledger = ledger_sums(pg, schema);
+    let mut wrong = Vec::new();
+    let mut total = (LedgerSums::default(), LedgerSums::default());
+    for ((u, b), did) in accounts {
+        let got = ledger.remove(&(user(*u), bundle(*b))).unwrap_or_default();
+        let want = LedgerSums {
+            requests: did.allowed as i64 - did.released as i64,
+            tokens: did.committed as i64,
+            ..LedgerSums::default()
+        };
+        total.0.add(&got);
+        total.1.add(&want);
+        if got != want {
+            wrong.push(format!("u{u} b{b}: did {did:?}, ledger {got:?}"));
+        }
+    }
+    eprintln!(
+        "soak: ledger {:?} (expected {:?}); flushes {}, failed {}, batches {}, skipped {}, \
+         {} accounts pending at the end of the load, last snapshot {} us",
+        total.0,
+        total.1,
+        after.flushes,
+        after.flush_errors,
+        after.batches,
+        after.batches_skipped,
+        before.pending,
+        info_i64(server, "quota_ledger_last_snapshot_us"),
+    );
+    assert_no_accounts(&wrong, "whose ledger differs from what was done, e.g.");
+    let strays: Vec<String> = ledger
+        .iter()
+        .map(|(k, v)| format!("{k:?}: {v:?}"))
+        .collect();
+    assert_no_accounts(&strays, "in the ledger that no client touched");
+    assert_eq!(total.0, total.1);
+    assert!(after.flushes >= 2, "fewer than 2 flushes: {after:?}");
+    assert_eq!(after.flush_errors, 0, "{after:?}");
 }
 
 /// Fails with how many `accounts` there are and the first ten of them.

@@ -88,6 +88,33 @@ impl RedisCluster {
         con
     }
 
+    /// A replica of master `i`: a new node from `builder` (cluster mode on), met, made a
+    /// replica with `CLUSTER REPLICATE` and synced. It is not one of [`RedisCluster::nodes`]
+    /// (which are the masters the slots were spread over).
+    pub fn add_replica(&self, i: usize, builder: RedisBuilder) -> RedisServer {
+        let master = &self.nodes[i];
+        let replica = builder.cluster().start();
+        let mut c = replica.client();
+        let _: Value = redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(master.port())
+            .query(&mut c)
+            .expect("CLUSTER MEET");
+        let id = node_id(master);
+        // REPLICATE is refused until the new node knows the master.
+        let ok = wait_until(Duration::from_secs(30), || {
+            redis::cmd("CLUSTER")
+                .arg("REPLICATE")
+                .arg(&id)
+                .query::<Value>(&mut c)
+                .is_ok()
+        });
+        assert!(ok, "CLUSTER REPLICATE {id} was refused for 30 s");
+        replica.wait_replica_synced(master, Duration::from_secs(60));
+        replica
+    }
+
     /// The node that serves `key`'s hash slot.
     pub fn node_for_key(&self, key: &str) -> &RedisServer {
         let mut c = self.nodes[0].client();
@@ -100,4 +127,21 @@ impl RedisCluster {
         let idx = ((slot / per) as usize).min(self.nodes.len() - 1);
         &self.nodes[idx]
     }
+}
+
+/// `CLUSTER MYID` of a node.
+pub fn node_id(node: &RedisServer) -> String {
+    let mut c = node.client();
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut c)
+        .expect("CLUSTER MYID")
+}
+
+/// `INFO replication` `role` of a node: `master` or `slave`.
+pub fn role(node: &RedisServer) -> String {
+    node.info("replication")
+        .get("role")
+        .cloned()
+        .unwrap_or_default()
 }

@@ -12,7 +12,10 @@
 //!   `QUOTA_TEST_REDIS`, default `redis-server` on PATH) with the module
 //!   (env `QUOTA_TEST_MODULE`, default `target/release/libredis_quota.so`) on a free port.
 //! * [`test_server`] -> Redis with the module on the shared PostgreSQL and a schema.
-//! * [`RedisCluster`] -> N masters with `cluster-enabled yes`, slots spread evenly.
+//! * [`RedisCluster`] -> N masters with `cluster-enabled yes`, slots spread evenly
+//!   ([`RedisCluster::add_replica`] adds a replica to one of them).
+//! * [`TestEnv`] -> [`test_server`] on a fresh schema with SQL helpers; [`ledger_sums`],
+//!   [`wait_ledger_flushed`], [`LedgerInfo`] -> the usage ledger in PostgreSQL and `INFO`.
 //! * [`to_map`], [`field_i64`], [`field_str`], ... -> read map replies (RESP2 or RESP3).
 //! * [`Quota`] -> the `QUOTA.*` commands on any connection, with typed replies ([`Admit`],
 //!   [`Usage`], [`Commit`]).
@@ -40,6 +43,7 @@ pub use redis::Value;
 mod client;
 mod cluster;
 mod info;
+mod ledger;
 mod pg;
 mod reply;
 mod resp;
@@ -49,6 +53,7 @@ mod server;
 pub use client::*;
 pub use cluster::*;
 pub use info::*;
+pub use ledger::*;
 pub use pg::*;
 pub use reply::*;
 pub use resp::*;
