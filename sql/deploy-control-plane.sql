@@ -157,8 +157,15 @@ CREATE TABLE IF NOT EXISTS "control_plane".quota_ledger_batch (
     CONSTRAINT quota_ledger_batch_pkey PRIMARY KEY (tenant, project, user_id, bundle_id)
 );
 
+-- The last batch's revision (its snapshot time) and exactly what it held, so a replica that
+-- took over and sends the same sequence with more in it adds only the difference. Added in
+-- place to tables deployed before.
+ALTER TABLE "control_plane".quota_ledger_batch
+    ADD COLUMN IF NOT EXISTS last_rev   BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS last_hours TEXT   NOT NULL DEFAULT '';
+
 COMMENT ON TABLE "control_plane".quota_ledger_batch IS
-    'Idempotency of the usage ledger flush: the last batch sequence applied per account';
+    'Idempotency of the usage ledger flush: the last batch applied per account (sequence, revision, hours)';
 
 -- Named base policies ("free", "pro", ...) per (tenant, project), used by
 -- QUOTA.ADMIT ... POLICY <name>. NULL = unlimited. Deleting a policy deletes its row (the

@@ -323,12 +323,24 @@ mod module {
                 int(stats::LEDGER_BATCHES_SKIPPED.get()),
             )?
             .field(
+                "ledger_batches_revised",
+                int(stats::LEDGER_BATCHES_REVISED.get()),
+            )?
+            .field(
                 "ledger_last_snapshot_us",
                 int(stats::LEDGER_SNAPSHOT_US.load(std::sync::atomic::Ordering::Relaxed)),
             )?
             .field(
                 "ledger_last_snapshot_accounts",
                 int(stats::LEDGER_SNAPSHOT_ACCOUNTS.load(std::sync::atomic::Ordering::Relaxed)),
+            )?
+            .field(
+                "ledger_last_snapshot_longest_tick_us",
+                int(stats::LEDGER_SNAPSHOT_LONGEST_US.load(std::sync::atomic::Ordering::Relaxed)),
+            )?
+            .field(
+                "ledger_flush_waiting_ms",
+                int(ledger::waiting_ms(runtime::clock::now_ms())),
             )?
             .build_section()?
             .build_info()?;

@@ -252,6 +252,107 @@ impl Ledger {
     }
 }
 
+/// What PostgreSQL keeps of the last batch it applied for an account: its sequence, its
+/// revision and exactly what it held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LastBatch {
+    pub seq: u64,
+    pub rev: u64,
+    pub hours: Vec<HourDelta>,
+}
+
+/// What a flush does with one account's batch, given the last batch applied for the account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Add these hours (the batch, or what it holds beyond the last batch it revises).
+    Apply(Vec<HourDelta>),
+    /// Already applied (or superseded): add nothing.
+    Skip,
+}
+
+/// Decides a batch `(seq, rev, hours)` against the last one applied.
+///
+/// A later sequence is a new batch: all of it is added. The same sequence is the same batch
+/// sent again: by the same master exactly as before (the same revision: skipped), or by a
+/// replica that took over, from the replicated state, which holds what the lost master sent
+/// plus what was counted since (a later revision, the snapshot time: only the difference is
+/// added, so nothing is counted twice and nothing replicated is lost). An earlier sequence or
+/// revision is stale and skipped.
+pub(crate) fn claim(last: Option<&LastBatch>, seq: u64, rev: u64, hours: &[HourDelta]) -> Claim {
+    match last {
+        Some(last) if seq < last.seq || (seq == last.seq && rev <= last.rev) => Claim::Skip,
+        Some(last) if seq == last.seq => Claim::Apply(difference(hours, &last.hours)),
+        _ => Claim::Apply(hours.iter().filter(|h| !h.is_zero()).copied().collect()),
+    }
+}
+
+/// `new` minus `old`, hour by hour (hours in either), without the hours that come to zero.
+fn difference(new: &[HourDelta], old: &[HourDelta]) -> Vec<HourDelta> {
+    let mut out: Vec<HourDelta> = new.to_vec();
+    for o in old {
+        let entry = match out.iter().position(|h| h.hour == o.hour) {
+            Some(i) => out.get_mut(i),
+            None => {
+                out.push(HourDelta {
+                    hour: o.hour,
+                    ..HourDelta::default()
+                });
+                out.last_mut()
+            }
+        };
+        if let Some(h) = entry {
+            h.requests = h.requests.saturating_sub(o.requests);
+            h.tokens = h.tokens.saturating_sub(o.tokens);
+            for (d, s) in h.debits.iter_mut().zip(o.debits) {
+                *d = d.saturating_sub(s);
+            }
+        }
+    }
+    out.retain(|h| !h.is_zero());
+    out.sort_by_key(|h| h.hour);
+    out
+}
+
+/// A batch's hours as PostgreSQL keeps them (`quota_ledger_batch.last_hours`): five integers
+/// an hour, comma-separated.
+pub(crate) fn hours_text(hours: &[HourDelta]) -> String {
+    let mut out = String::new();
+    for h in hours {
+        for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&v.to_string());
+        }
+    }
+    out
+}
+
+/// Reads what `hours_text` wrote; `None` for anything else.
+pub(crate) fn parse_hours_text(text: &str) -> Option<Vec<HourDelta>> {
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    let values: Vec<i64> = text
+        .split(',')
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    if !values.len().is_multiple_of(5) || values.len() / 5 > MAX_PENDING_HOURS {
+        return None;
+    }
+    Some(
+        values
+            .chunks_exact(5)
+            .map(|c| HourDelta {
+                hour: c[0],
+                requests: c[1],
+                tokens: c[2],
+                debits: [c[3], c[4]],
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +442,46 @@ mod tests {
         );
         assert_ne!(hold_tag(b"k", "l1"), hold_tag(b"k", "l2"));
         assert_eq!(hold_tag(b"k", "l1"), hold_tag(b"k", "l1"));
+    }
+
+    #[test]
+    fn a_batch_sent_again_counts_once_and_a_revision_adds_only_what_is_new() {
+        let h = |hour, requests| HourDelta {
+            hour,
+            requests,
+            ..HourDelta::default()
+        };
+        let first = vec![h(10, 3)];
+        assert_eq!(claim(None, 5, 100, &first), Claim::Apply(first.clone()));
+        let last = LastBatch {
+            seq: 5,
+            rev: 100,
+            hours: first.clone(),
+        };
+        // The same master sends it again: nothing.
+        assert_eq!(claim(Some(&last), 5, 100, &first), Claim::Skip);
+        // A replica that took over sends the same sequence with what it counted since.
+        let revised = vec![h(10, 7), h(11, 2)];
+        assert_eq!(
+            claim(Some(&last), 5, 200, &revised),
+            Claim::Apply(vec![h(10, 4), h(11, 2)])
+        );
+        // A revision holding less (a release since) takes it back; an older one is stale.
+        assert_eq!(
+            claim(Some(&last), 5, 200, &[h(10, 2)]),
+            Claim::Apply(vec![h(10, -1)])
+        );
+        assert_eq!(claim(Some(&last), 5, 99, &revised), Claim::Skip);
+        assert_eq!(claim(Some(&last), 4, 300, &revised), Claim::Skip);
+        assert_eq!(
+            claim(Some(&last), 6, 1, &revised),
+            Claim::Apply(revised.clone())
+        );
+        let text = hours_text(&revised);
+        assert_eq!(parse_hours_text(&text), Some(revised));
+        assert_eq!(parse_hours_text(""), Some(vec![]));
+        for bad in ["1,2", "x,1,2,3,4", "1,,2,3,4"] {
+            assert_eq!(parse_hours_text(bad), None, "{bad}");
+        }
     }
 }

@@ -8,12 +8,24 @@ use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::{Blocked, Outcome};
 pub(crate) use crate::store::StoreError;
-use crate::store::{
-    AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, HourRow, RevokeOutcome,
-};
+use crate::store::{BatchOutcome, CleanupOutcome, GrantOutcome, HourRow, RevokeOutcome};
 
 /// Where a flush's outcomes go (called on the pool thread).
-pub(crate) type FlushDone = Box<dyn FnOnce(Vec<Result<BatchOutcome, StoreError>>) + Send>;
+pub(crate) type FlushDone = Box<dyn FnOnce(Vec<FlushOutcome>) + Send>;
+
+/// What became of one account's batch: `None` when its key's name is no account key's (a
+/// value renamed to another name), so nothing was written.
+pub(crate) type FlushOutcome = Option<Result<BatchOutcome, StoreError>>;
+
+/// One account's batch as the main thread snapshots it: the key's name (parsed into the
+/// account's ids on the pool thread), its sequence, revision and unflushed hours.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyBatch {
+    pub key: Box<[u8]>,
+    pub seq: u64,
+    pub rev: u64,
+    pub hours: Vec<crate::core::ledger::HourDelta>,
+}
 
 /// What a worker hands back to a blocked client. It travels boxed (as the blocked client's
 /// private data), so the size of its variants does not matter.
@@ -203,7 +215,7 @@ pub(crate) enum Job {
     /// Write one flush of the usage ledger (see `runtime::ledger`), then hand what became of
     /// each batch to `done`.
     Flush {
-        batches: Vec<AccountBatch>,
+        batches: Vec<KeyBatch>,
         done: FlushDone,
     },
     /// `QUOTA.HISTORY`: an account's hourly ledger rows.

@@ -3,108 +3,243 @@
 //!
 //! Every account key with unflushed usage is on a list (`track`, called when a change gives it
 //! some; rebuilt by a scan of the keyspace when the node starts or becomes a master). A timer
-//! (`tick`, every 100 ms on the main thread) flushes at least every `quota.flush-interval`
-//! seconds: the snapshot copies each listed account's unflushed hours and batch sequence (a
-//! read of the key, nothing changes), a pool thread writes them in one transaction per 1,000
-//! accounts, and a later tick takes what PostgreSQL has off each account as an effect
+//! (`tick`, every 100 ms on the main thread) starts a flush round at least every
+//! `quota.flush-interval` seconds: the round takes the list, and each tick then snapshots the
+//! next slices of it (`SLICE` accounts each, for at most `TICK_BUDGET` of main-thread time per
+//! tick and with at most `MAX_IN_FLIGHT` slices being written), so no tick holds the main
+//! thread for long whatever the number of accounts. A snapshot copies an account's unflushed
+//! hours and batch sequence (a read of the key, nothing changes); a pool thread writes a slice
+//! in one transaction; a later tick takes what PostgreSQL has off each account as an effect
 //! (`QUOTA.APPLY ... ack`), replicated like every change, so a replica that takes over goes on
 //! from the same ledger. A batch whose write failed (or whose answer was lost) is sent again
-//! exactly as it was, with the same sequence, until PostgreSQL answers: a batch it had
-//! applied is then skipped and acknowledged, never counted twice. Main thread only, except
-//! `written`, which the pool thread calls.
+//! exactly as it was, with the same sequence and revision, until PostgreSQL answers: a batch it
+//! had applied is then skipped and acknowledged, never counted twice. A replica that took over
+//! sends the lost master's unacknowledged sequence again with a later revision (its snapshot
+//! time), and PostgreSQL adds only what it holds beyond what was applied
+//! (`core::ledger::claim`). Main thread only, except `written`, which the pool thread calls.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::config;
-use super::jobs::Job;
+use super::jobs::{FlushOutcome, Job, KeyBatch};
 use super::stats;
 use super::worker;
 use crate::core::effect::Effect;
-use crate::core::ids::account_ids_of_key;
 use crate::core::ledger::{Acknowledgement, HourDelta};
 use crate::core::Millis;
 use crate::ffi::account_type::{scan_accounts, AccountKey};
 use crate::ffi::ctx::Ctx;
 use crate::ffi::propagation;
-use crate::store::{AccountBatch, BatchOutcome, StoreError};
 
 /// An account key: its database and name.
 type KeyId = (i32, Box<[u8]>);
 
-/// A batch sent and not acknowledged yet: sent again as it is until PostgreSQL answers.
+/// Most accounts one slice snapshots (and one transaction writes).
+const SLICE: usize = 1000;
+/// Most slices written at once (each holds a pool thread).
+const MAX_IN_FLIGHT: usize = 2;
+/// Main-thread time a tick may spend snapshotting before it leaves the rest to the next tick.
+const TICK_BUDGET: Duration = Duration::from_millis(5);
+
+/// A batch whose write failed or whose outcome is unknown: sent again as it is.
 struct Frozen {
     seq: u64,
+    rev: u64,
     hours: Vec<HourDelta>,
+}
+
+/// A slice being written: its keys, in the order of its batches, and what was sent.
+struct Slice {
+    keys: Vec<KeyId>,
+    sent: Vec<Frozen>,
+    /// When it was handed to the pool (ms).
+    since: Millis,
 }
 
 #[derive(Default)]
 struct FlushState {
-    /// Account keys that may have unflushed usage.
+    /// Account keys that may have unflushed usage and are not in the round under way.
     tracked: HashSet<KeyId>,
-    /// Batches sent whose outcome is not known yet, by key.
+    /// The round under way: keys not snapshotted yet.
+    round: Vec<KeyId>,
+    /// Batches to send again as they were, by key.
     frozen: HashMap<KeyId, Frozen>,
-    /// A flush is being written (its keys, in the order of its batches).
-    in_flight: Option<Vec<KeyId>>,
-    /// When the last flush was started (ms).
+    /// Slices being written, by number.
+    in_flight: HashMap<u64, Slice>,
+    next_slice: u64,
+    /// When the last round was started (ms).
     last_flush: Millis,
     /// This node was a master at the last tick (the list was rebuilt for it).
     master: bool,
+    /// The round under way: main-thread µs of its snapshots so far, its longest tick, and the
+    /// accounts snapshotted.
+    round_us: u64,
+    round_longest_us: u64,
+    round_accounts: u64,
 }
 
 thread_local! {
     static STATE: RefCell<FlushState> = RefCell::new(FlushState::default());
 }
 
-/// What the pool thread wrote, waiting for the next tick.
-static WRITTEN: Mutex<Option<Vec<Result<BatchOutcome, StoreError>>>> = Mutex::new(None);
+/// What the pool threads wrote, by slice, waiting for the next tick.
+static WRITTEN: Mutex<Vec<(u64, Vec<FlushOutcome>)>> = Mutex::new(Vec::new());
 
 /// Puts an account key on the list of accounts to flush.
 pub(crate) fn track(db: i32, key: &[u8]) {
     STATE.with(|s| s.borrow_mut().tracked.insert((db, key.into())));
 }
 
-/// Accounts on the list.
+/// Accounts with unflushed usage known to the flush (listed, in the round, or being written).
 pub(crate) fn tracked() -> usize {
-    STATE.with(|s| s.borrow().tracked.len())
+    STATE.with(|s| {
+        let s = s.borrow();
+        s.tracked.len() + s.round.len() + s.in_flight.values().map(|f| f.keys.len()).sum::<usize>()
+    })
 }
 
-/// Called by the pool thread with what became of each batch of the flush in flight.
-fn written(outcomes: Vec<Result<BatchOutcome, StoreError>>) {
-    if let Ok(mut slot) = WRITTEN.lock() {
-        *slot = Some(outcomes);
-    }
+/// How long the oldest slice being written has waited for PostgreSQL (ms), 0 when none: a
+/// stalled PostgreSQL shows here while the flush waits for its answer.
+pub(crate) fn waiting_ms(now: Millis) -> u64 {
+    STATE.with(|s| {
+        s.borrow()
+            .in_flight
+            .values()
+            .map(|f| (now - f.since).max(0) as u64)
+            .max()
+            .unwrap_or(0)
+    })
 }
 
-/// The timer's work: on a master, acknowledge a finished flush and start the next one when
-/// `quota.flush-interval` has passed (or at once with `force`). On a replica nothing is sent.
+/// Takes what the pool threads wrote so far.
+fn take_written() -> Vec<(u64, Vec<FlushOutcome>)> {
+    WRITTEN
+        .lock()
+        .map(|mut w| std::mem::take(&mut *w))
+        .unwrap_or_default()
+}
+
+/// The timer's work: on a master, acknowledge the slices written, start a round when
+/// `quota.flush-interval` has passed (or at once with `force`), and snapshot and send the next
+/// slices of the round. On a replica nothing is sent.
 pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
     if !ctx.is_master() {
         STATE.with(|s| {
             let mut s = s.borrow_mut();
             s.master = false;
             s.frozen.clear();
+            s.round.clear();
+            s.in_flight.clear();
         });
+        take_written();
         return;
     }
     let became_master = STATE.with(|s| !std::mem::replace(&mut s.borrow_mut().master, true));
     if became_master {
         rescan(ctx);
     }
-    let done = WRITTEN.lock().ok().and_then(|mut w| w.take());
-    if let Some(outcomes) = done {
-        acknowledge(ctx, outcomes);
+    for (slice, outcomes) in take_written() {
+        acknowledge(ctx, slice, outcomes);
     }
-    let due = STATE.with(|s| {
-        let s = s.borrow();
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
         let interval = config::int(&config::FLUSH_INTERVAL).max(1) * 1000;
-        s.in_flight.is_none() && (force || became_master || now - s.last_flush >= interval)
+        let idle = s.round.is_empty() && s.in_flight.is_empty();
+        if idle && (force || became_master || now - s.last_flush >= interval) {
+            let FlushState { tracked, round, .. } = &mut *s;
+            round.extend(tracked.drain());
+            s.last_flush = now;
+            s.round_us = 0;
+            s.round_longest_us = 0;
+            s.round_accounts = 0;
+        }
     });
-    if due {
-        start(ctx, now);
+    send_slices(ctx, now);
+}
+
+/// Snapshots and sends slices of the round while the tick's budget and the slice limit allow.
+fn send_slices(ctx: Ctx, now: Millis) {
+    let started = Instant::now();
+    loop {
+        let more = STATE.with(|s| {
+            let s = s.borrow();
+            !s.round.is_empty() && s.in_flight.len() < MAX_IN_FLIGHT
+        });
+        if !more || started.elapsed() >= TICK_BUDGET {
+            break;
+        }
+        let keys = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let at = s.round.len().saturating_sub(SLICE);
+            s.round.split_off(at)
+        });
+        let (keys, batches) = snapshot(ctx, keys, now);
+        if batches.is_empty() {
+            continue;
+        }
+        let number = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.next_slice += 1;
+            let sent = batches
+                .iter()
+                .map(|b| Frozen {
+                    seq: b.seq,
+                    rev: b.rev,
+                    hours: b.hours.clone(),
+                })
+                .collect();
+            let number = s.next_slice;
+            s.in_flight.insert(
+                number,
+                Slice {
+                    keys,
+                    sent,
+                    since: now,
+                },
+            );
+            number
+        });
+        let job = Job::Flush {
+            batches,
+            done: Box::new(move |outcomes| written(number, outcomes)),
+        };
+        if worker::submit(job).is_err() {
+            // Queue full: the slice goes back to the round for a later tick.
+            STATE.with(|s| {
+                let mut s = s.borrow_mut();
+                if let Some(slice) = s.in_flight.remove(&number) {
+                    let FlushState { round, frozen, .. } = &mut *s;
+                    for (key, sent) in slice.keys.into_iter().zip(slice.sent) {
+                        frozen.insert(key.clone(), sent);
+                        round.push(key);
+                    }
+                }
+            });
+            stats::LEDGER_FLUSH_ERRORS.incr();
+            break;
+        }
+    }
+    let spent = started.elapsed().as_micros() as u64;
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.round_us += spent;
+        s.round_longest_us = s.round_longest_us.max(spent);
+        if s.round.is_empty() {
+            stats::LEDGER_SNAPSHOT_US.store(s.round_us, Ordering::Relaxed);
+            stats::LEDGER_SNAPSHOT_LONGEST_US.store(s.round_longest_us, Ordering::Relaxed);
+            stats::LEDGER_SNAPSHOT_ACCOUNTS.store(s.round_accounts, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Called by the pool thread with what became of each batch of a slice.
+fn written(slice: u64, outcomes: Vec<FlushOutcome>) {
+    if let Ok(mut w) = WRITTEN.lock() {
+        w.push((slice, outcomes));
     }
 }
 
@@ -114,19 +249,53 @@ pub(crate) fn flush_and_wait(ctx: Ctx) {
     if !ctx.is_master() {
         return;
     }
-    if let Some(outcomes) = WRITTEN.lock().ok().and_then(|mut w| w.take()) {
-        acknowledge(ctx, outcomes);
+    for (slice, outcomes) in take_written() {
+        acknowledge(ctx, slice, outcomes);
     }
-    // A flush still being written is acknowledged by the next start, if any; its batches are
-    // sent again (same sequences) by this one, which PostgreSQL skips if it has them.
-    STATE.with(|s| s.borrow_mut().in_flight = None);
-    let (keys, batches) = snapshot(ctx);
+    // Slices still being written are sent again as they were (PostgreSQL skips what it has).
+    let keys = STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let FlushState {
+            tracked,
+            round,
+            frozen,
+            in_flight,
+            ..
+        } = &mut *s;
+        for (_, slice) in in_flight.drain() {
+            for (key, sent) in slice.keys.into_iter().zip(slice.sent) {
+                frozen.insert(key.clone(), sent);
+                round.push(key);
+            }
+        }
+        round.extend(tracked.drain());
+        std::mem::take(round)
+    });
+    let now = super::clock::now_ms();
+    let (keys, batches) = snapshot(ctx, keys, now);
     if batches.is_empty() {
         return;
     }
+    let sent = batches
+        .iter()
+        .map(|b| Frozen {
+            seq: b.seq,
+            rev: b.rev,
+            hours: b.hours.clone(),
+        })
+        .collect();
     let outcomes = worker::flush(&batches);
-    STATE.with(|s| s.borrow_mut().in_flight = Some(keys));
-    acknowledge(ctx, outcomes);
+    STATE.with(|s| {
+        s.borrow_mut().in_flight.insert(
+            0,
+            Slice {
+                keys,
+                sent,
+                since: now,
+            },
+        )
+    });
+    acknowledge(ctx, 0, outcomes);
 }
 
 /// Rebuilds the list from the keyspace (a node that starts, or a replica promoted).
@@ -148,58 +317,34 @@ fn rescan(ctx: Ctx) {
     STATE.with(|s| s.borrow_mut().tracked.extend(found));
 }
 
-/// Takes the snapshot and hands it to a pool thread.
-fn start(ctx: Ctx, now: Millis) {
-    let (keys, batches) = snapshot(ctx);
-    STATE.with(|s| s.borrow_mut().last_flush = now);
-    if batches.is_empty() {
-        return;
-    }
-    STATE.with(|s| s.borrow_mut().in_flight = Some(keys));
-    let job = Job::Flush {
-        batches,
-        done: Box::new(written),
-    };
-    if worker::submit(job).is_err() {
-        // Queue full: the batches stay frozen and go with the next flush.
-        STATE.with(|s| s.borrow_mut().in_flight = None);
-        stats::LEDGER_FLUSH_ERRORS.incr();
-    }
-}
-
-/// The snapshot: each listed account's batch (its frozen one if a previous send is still
-/// unanswered). Keys that no longer hold unflushed usage leave the list. Main-thread time is
-/// reported in `INFO quota` (`ledger_last_snapshot_us`).
-fn snapshot(ctx: Ctx) -> (Vec<KeyId>, Vec<AccountBatch>) {
-    let started = Instant::now();
+/// The snapshot of `keys`: each account's batch (its frozen one if an earlier send is still
+/// unanswered), revised at `now`. Keys that no longer hold unflushed usage leave the list.
+fn snapshot(ctx: Ctx, keys: Vec<KeyId>, now: Millis) -> (Vec<KeyId>, Vec<KeyBatch>) {
     let original = ctx.db();
-    let mut keys = Vec::new();
-    let mut batches = Vec::new();
+    let mut listed = Vec::with_capacity(keys.len());
+    let mut batches = Vec::with_capacity(keys.len());
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        let FlushState {
-            tracked, frozen, ..
-        } = &mut *s;
         let mut selected = original;
-        tracked.retain(|id| {
+        for id in keys {
             if id.0 != selected {
                 if !ctx.select_db(id.0) {
-                    return false;
+                    continue;
                 }
                 selected = id.0;
             }
-            let Some(ids) = account_ids_of_key(&id.1) else {
-                return false;
-            };
-            let batch = match frozen.get(id) {
-                Some(f) => Some((f.seq, f.hours.clone())),
+            let frozen = (!s.frozen.is_empty())
+                .then(|| s.frozen.remove(&id))
+                .flatten();
+            let batch = match frozen {
+                Some(f) => Some((f.seq, f.rev, f.hours)),
                 None => {
                     let Ok(mut key) = AccountKey::open_read(ctx, &id.1) else {
-                        return false;
+                        continue;
                     };
                     let pending = key.get().and_then(|a| {
                         a.has_unflushed()
-                            .then(|| (a.batch_seq(), a.unflushed_hours()))
+                            .then(|| (a.batch_seq(), now.max(0) as u64, a.unflushed_hours()))
                     });
                     if pending.is_none() {
                         key.set_tracking(false);
@@ -207,45 +352,51 @@ fn snapshot(ctx: Ctx) -> (Vec<KeyId>, Vec<AccountBatch>) {
                     pending
                 }
             };
-            let Some((seq, hours)) = batch else {
-                return false;
+            let Some((seq, rev, hours)) = batch else {
+                continue;
             };
-            frozen.entry(id.clone()).or_insert_with(|| Frozen {
+            batches.push(KeyBatch {
+                key: id.1.clone(),
                 seq,
-                hours: hours.clone(),
+                rev,
+                hours,
             });
-            keys.push(id.clone());
-            batches.push(AccountBatch { ids, seq, hours });
-            true
-        });
+            listed.push(id);
+        }
         if selected != original {
             ctx.select_db(original);
         }
+        s.round_accounts += batches.len() as u64;
     });
-    stats::LEDGER_SNAPSHOT_US.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    stats::LEDGER_SNAPSHOT_ACCOUNTS.store(batches.len() as u64, Ordering::Relaxed);
-    (keys, batches)
+    (listed, batches)
 }
 
-/// Takes what PostgreSQL has off each account of the flush in flight, as a replicated effect;
-/// batches whose write failed stay frozen for the next flush.
-fn acknowledge(ctx: Ctx, outcomes: Vec<Result<BatchOutcome, StoreError>>) {
-    let Some(keys) = STATE.with(|s| s.borrow_mut().in_flight.take()) else {
+/// Takes what PostgreSQL has off each account of a written slice, as a replicated effect;
+/// batches whose write failed are frozen and listed again for the next round.
+fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
+    let Some(slice) = STATE.with(|s| s.borrow_mut().in_flight.remove(&slice)) else {
         return;
     };
     let original = ctx.db();
     let mut failed = false;
-    for (id, outcome) in keys.into_iter().zip(outcomes) {
+    for ((id, sent), outcome) in slice.keys.into_iter().zip(slice.sent).zip(outcomes) {
         let outcome = match outcome {
-            Ok(o) => o,
-            Err(_) => {
+            // Not an account key's name: nothing can be written for it.
+            None => continue,
+            Some(Err(_)) => {
                 failed = true;
+                STATE.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.frozen.insert(id.clone(), sent);
+                    s.tracked.insert(id);
+                });
                 continue;
             }
+            Some(Ok(o)) => o,
         };
-        let Some(sent) = STATE.with(|s| s.borrow_mut().frozen.remove(&id)) else {
-            continue;
-        };
+        if outcome.revised {
+            stats::LEDGER_BATCHES_REVISED.incr();
+        }
         if outcome.applied {
             stats::LEDGER_BATCHES.incr();
         } else {
@@ -272,11 +423,13 @@ fn acknowledge(ctx: Ctx, outcomes: Vec<Result<BatchOutcome, StoreError>>) {
             ack: Some(ack),
             ..Effect::empty(now)
         };
-        key.touch();
-        propagation::effect(ctx, &key, &effect.encode());
         if !pending {
             key.set_tracking(false);
-            STATE.with(|s| s.borrow_mut().tracked.remove(&id));
+        }
+        key.touch();
+        propagation::effect(ctx, &key, &effect.encode());
+        if pending {
+            STATE.with(|s| s.borrow_mut().tracked.insert(id));
         }
     }
     ctx.select_db(original);

@@ -48,10 +48,11 @@ counters! {
     /// Ledger flushes that reached PostgreSQL, and those that failed.
     LEDGER_FLUSHES, LEDGER_FLUSH_ERRORS,
     /// Account batches written, and those skipped as already applied.
-    LEDGER_BATCHES, LEDGER_BATCHES_SKIPPED,
+    LEDGER_BATCHES, LEDGER_BATCHES_SKIPPED, LEDGER_BATCHES_REVISED,
 }
 /// Main-thread microseconds of the last flush snapshot, and how many accounts it took.
 pub(crate) static LEDGER_SNAPSHOT_US: AtomicU64 = AtomicU64::new(0);
+pub(crate) static LEDGER_SNAPSHOT_LONGEST_US: AtomicU64 = AtomicU64::new(0);
 pub(crate) static LEDGER_SNAPSHOT_ACCOUNTS: AtomicU64 = AtomicU64::new(0);
 pub(crate) static PG_LATENCY_US_MAX: AtomicU64 = AtomicU64::new(0);
 

@@ -16,18 +16,19 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use super::cache;
 use super::clock;
 use super::config;
-use super::jobs::{CreditWaiter, Done, Job, LoadJob, OwnedPolicy, OwnedUser};
+use super::jobs::{
+    CreditWaiter, Done, FlushOutcome, Job, KeyBatch, LoadJob, OwnedPolicy, OwnedUser,
+};
 use super::stats;
 use crate::core::cache::Lookup;
 use crate::core::cache::UserCredits as Credits;
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::{user_key, PolicyId, UserId};
+use crate::core::ids::{account_ids_of_key, user_key, PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
 use crate::store::{
-    AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig,
-    StoreError,
+    AccountBatch, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError,
 };
 
 /// Most user loads one query serves (a burst of cold users shares round trips).
@@ -477,14 +478,33 @@ fn delete_policy(policy: &OwnedPolicy) -> Result<bool, StoreError> {
 const FLUSH_CHUNK: usize = 1000;
 
 /// Writes one flush of the ledger, `FLUSH_CHUNK` accounts per transaction: what happened to
-/// each account's batch, `Err` for those of a transaction that failed (nothing of it applied).
-pub(crate) fn flush(batches: &[AccountBatch]) -> Vec<Result<BatchOutcome, StoreError>> {
+/// each account's batch, `Err` for those of a transaction that failed (nothing of it applied),
+/// `None` for a key that names no account.
+pub(crate) fn flush(batches: &[KeyBatch]) -> Vec<FlushOutcome> {
     let mut out = Vec::with_capacity(batches.len());
     for chunk in batches.chunks(FLUSH_CHUNK) {
-        match with_store(|s| s.flush_ledger(chunk)) {
-            Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
-            Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
+        let parsed: Vec<Option<AccountBatch>> = chunk
+            .iter()
+            .map(|b| {
+                account_ids_of_key(&b.key).map(|ids| AccountBatch {
+                    ids,
+                    seq: b.seq,
+                    rev: b.rev,
+                    hours: b.hours.clone(),
+                })
+            })
+            .collect();
+        let accounts: Vec<AccountBatch> = parsed.iter().flatten().cloned().collect();
+        let mut written = match with_store(|s| s.flush_ledger(&accounts)) {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => accounts.iter().map(|_| Err(e.clone())).collect(),
         }
+        .into_iter();
+        out.extend(
+            parsed
+                .iter()
+                .map(|p| p.as_ref().and_then(|_| written.next())),
+        );
     }
     out
 }

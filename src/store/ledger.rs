@@ -14,7 +14,7 @@ use postgres::{Client, GenericClient};
 
 use super::error::StoreError;
 use super::schema::substitute;
-use crate::core::ledger::HourDelta;
+use crate::core::ledger::{claim, hours_text, parse_hours_text, Claim, HourDelta, LastBatch};
 
 /// Most rows `QUOTA.HISTORY` returns (a leap year of hours).
 pub(crate) const HISTORY_MAX_ROWS: i64 = 8784;
@@ -25,6 +25,9 @@ pub(crate) struct AccountBatch {
     /// tenant, project, user, bundle.
     pub ids: [String; 4],
     pub seq: u64,
+    /// The batch's revision: when the master snapshotted it (ms). A replica that takes over
+    /// sends the same sequence with a later revision (see `core::ledger::claim`).
+    pub rev: u64,
     pub hours: Vec<HourDelta>,
 }
 
@@ -33,6 +36,9 @@ pub(crate) struct AccountBatch {
 pub(crate) struct BatchOutcome {
     /// False when a batch with this sequence or a later one was applied before (skipped).
     pub applied: bool,
+    /// The batch revised one applied before with the same sequence (a replica that took
+    /// over): only the difference was added.
+    pub revised: bool,
     /// The sequence the account's next batch must use.
     pub next_seq: u64,
     /// The credit row's used totals after the batch, when the batch debited one.
@@ -52,8 +58,9 @@ pub(crate) struct HourRow {
 
 /// The ledger statements, with the configured schema substituted once.
 pub(crate) struct LedgerStatements {
-    claim: String,
-    last_seq: String,
+    reserve: String,
+    lock: String,
+    record: String,
     add_hours: String,
     add_used: String,
     history: String,
@@ -67,18 +74,23 @@ impl LedgerStatements {
     pub(crate) fn new(schema: &str) -> LedgerStatements {
         let s = |sql: String| substitute(&sql, schema);
         LedgerStatements {
-            claim: s(format!(
-                "INSERT INTO \"control_plane\".quota_ledger_batch AS r \
+            reserve: s(format!(
+                "INSERT INTO \"control_plane\".quota_ledger_batch \
                  (tenant, project, user_id, bundle_id, last_seq) \
-                 SELECT * FROM unnest({IDS}, $5::bigint[]) \
-                 ON CONFLICT (tenant, project, user_id, bundle_id) DO UPDATE \
-                 SET last_seq = EXCLUDED.last_seq, updated_at = now() \
-                 WHERE r.last_seq < EXCLUDED.last_seq \
-                 RETURNING tenant, project, user_id, bundle_id"
+                 SELECT t, p, u, b, -1 FROM unnest({IDS}) AS x(t, p, u, b) \
+                 ON CONFLICT (tenant, project, user_id, bundle_id) DO NOTHING"
             )),
-            last_seq: s(format!(
-                "SELECT x.i, r.last_seq FROM unnest({IDS}) WITH ORDINALITY AS x(t, p, u, b, i) \
-                 JOIN \"control_plane\".quota_ledger_batch r ON {MATCH}"
+            lock: s(format!(
+                "SELECT x.i, r.last_seq, r.last_rev, r.last_hours \
+                 FROM unnest({IDS}) WITH ORDINALITY AS x(t, p, u, b, i) \
+                 JOIN \"control_plane\".quota_ledger_batch r ON {MATCH} \
+                 ORDER BY x.i FOR UPDATE OF r"
+            )),
+            record: s(format!(
+                "UPDATE \"control_plane\".quota_ledger_batch r SET last_seq = x.s, \
+                 last_rev = x.v, last_hours = x.h, updated_at = now() \
+                 FROM unnest({IDS}, $5::bigint[], $6::bigint[], $7::text[]) \
+                 AS x(t, p, u, b, s, v, h) WHERE {MATCH}"
             )),
             add_hours: s(format!(
                 "INSERT INTO \"control_plane\".quota_usage_hourly AS r \
@@ -140,7 +152,8 @@ fn identity(row: &postgres::Row) -> Result<Identity, StoreError> {
 }
 
 /// Applies `batches` (one per account, identities distinct) in one transaction; returns what
-/// happened to each, in order. Nothing is applied when it fails.
+/// happened to each, in order. Nothing is applied when it fails. Each account's row in
+/// `quota_ledger_batch` is locked and `core::ledger::claim` decides what of its batch to add.
 pub(crate) fn flush(
     client: &mut Client,
     sql: &LedgerStatements,
@@ -150,6 +163,7 @@ pub(crate) fn flush(
         .iter()
         .map(|b| BatchOutcome {
             applied: false,
+            revised: false,
             next_seq: b.seq.saturating_add(1),
             floor: None,
         })
@@ -167,71 +181,91 @@ pub(crate) fn flush(
         .collect();
     let mut tx = client.transaction().map_err(pg)?;
     let ids = id_arrays(batches.iter().map(|b| &b.ids));
-    let seqs: Vec<i64> = batches
-        .iter()
-        .map(|b| i64::try_from(b.seq).unwrap_or(i64::MAX))
-        .collect();
-    let claimed = tx
-        .query_typed(
-            &sql.claim,
+    let id_params: [(&(dyn postgres::types::ToSql + Sync), Type); 4] = [
+        (&ids[0], Type::TEXT_ARRAY),
+        (&ids[1], Type::TEXT_ARRAY),
+        (&ids[2], Type::TEXT_ARRAY),
+        (&ids[3], Type::TEXT_ARRAY),
+    ];
+    tx.query_typed(&sql.reserve, &id_params).map_err(pg)?;
+    let mut last: Vec<Option<LastBatch>> = vec![None; batches.len()];
+    for row in tx.query_typed(&sql.lock, &id_params).map_err(pg)? {
+        let i: i64 = row.try_get(0).map_err(pg)?;
+        let seq: i64 = row.try_get(1).map_err(pg)?;
+        let rev: i64 = row.try_get(2).map_err(pg)?;
+        let text: &str = row.try_get(3).map_err(pg)?;
+        let hours = parse_hours_text(text).ok_or_else(|| {
+            StoreError::Query(
+                "a stored ledger batch (quota_ledger_batch.last_hours) is unreadable".into(),
+            )
+        })?;
+        let slot = usize::try_from(i - 1).ok().and_then(|i| last.get_mut(i));
+        if let (Some(slot), Ok(seq), Ok(rev)) = (slot, u64::try_from(seq), u64::try_from(rev)) {
+            *slot = Some(LastBatch { seq, rev, hours });
+        }
+    }
+    let mut applied: Vec<Vec<HourDelta>> = vec![Vec::new(); batches.len()];
+    let mut record: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+    let (mut seqs, mut revs, mut texts) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, batch) in batches.iter().enumerate() {
+        let (Some(o), Some(prior)) = (out.get_mut(i), last.get(i)) else {
+            continue;
+        };
+        match claim(prior.as_ref(), batch.seq, batch.rev, &batch.hours) {
+            Claim::Apply(hours) => {
+                o.applied = true;
+                o.revised = prior.as_ref().is_some_and(|l| l.seq == batch.seq);
+                if let Some(slot) = applied.get_mut(i) {
+                    *slot = hours;
+                }
+                let [t, p, u, b] = &batch.ids;
+                record.0.push(t);
+                record.1.push(p);
+                record.2.push(u);
+                record.3.push(b);
+                seqs.push(i64::try_from(batch.seq).unwrap_or(i64::MAX));
+                revs.push(i64::try_from(batch.rev).unwrap_or(i64::MAX));
+                texts.push(hours_text(&batch.hours));
+            }
+            Claim::Skip => {
+                // The next sequence goes beyond the one stored.
+                let stored = prior.as_ref().map_or(0, |l| l.seq);
+                o.next_seq = o.next_seq.max(stored.saturating_add(1));
+            }
+        }
+    }
+    if !seqs.is_empty() {
+        tx.query_typed(
+            &sql.record,
             &[
-                (&ids[0], Type::TEXT_ARRAY),
-                (&ids[1], Type::TEXT_ARRAY),
-                (&ids[2], Type::TEXT_ARRAY),
-                (&ids[3], Type::TEXT_ARRAY),
+                (&record.0, Type::TEXT_ARRAY),
+                (&record.1, Type::TEXT_ARRAY),
+                (&record.2, Type::TEXT_ARRAY),
+                (&record.3, Type::TEXT_ARRAY),
                 (&seqs, Type::INT8_ARRAY),
+                (&revs, Type::INT8_ARRAY),
+                (&texts, Type::TEXT_ARRAY),
             ],
         )
         .map_err(pg)?;
-    for row in &claimed {
-        if let Some(i) = position.get(&identity(row)?) {
-            if let Some(o) = out.get_mut(*i) {
-                o.applied = true;
-            }
-        }
     }
-    // Skipped batches: the next sequence goes beyond the one stored.
-    if out.iter().any(|o| !o.applied) {
-        let stored = tx
-            .query_typed(
-                &sql.last_seq,
-                &[
-                    (&ids[0], Type::TEXT_ARRAY),
-                    (&ids[1], Type::TEXT_ARRAY),
-                    (&ids[2], Type::TEXT_ARRAY),
-                    (&ids[3], Type::TEXT_ARRAY),
-                ],
-            )
-            .map_err(pg)?;
-        for row in &stored {
-            let i: i64 = row.try_get(0).map_err(pg)?;
-            let last: i64 = row.try_get(1).map_err(pg)?;
-            let slot = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i));
-            if let Some(o) = slot.filter(|o| !o.applied) {
-                o.next_seq = o.next_seq.max((last.max(0) as u64).saturating_add(1));
-            }
-        }
-    }
-    add_hours(&mut tx, sql, batches, &out)?;
-    add_used(&mut tx, sql, batches, &mut out, &position)?;
+    add_hours(&mut tx, sql, batches, &applied)?;
+    add_used(&mut tx, sql, batches, &applied, &mut out, &position)?;
     tx.commit().map_err(pg)?;
     Ok(out)
 }
 
-/// Adds the applied batches' hours to the hourly rows.
+/// Adds what each batch applies to the hourly rows.
 fn add_hours(
     tx: &mut postgres::Transaction<'_>,
     sql: &LedgerStatements,
     batches: &[AccountBatch],
-    out: &[BatchOutcome],
+    applied: &[Vec<HourDelta>],
 ) -> Result<(), StoreError> {
     let mut ids: [Vec<&str>; 4] = Default::default();
     let mut cols: [Vec<i64>; 5] = Default::default();
-    for (batch, o) in batches.iter().zip(out) {
-        if !o.applied {
-            continue;
-        }
-        for h in batch.hours.iter().filter(|h| !h.is_zero()) {
+    for (batch, hours) in batches.iter().zip(applied) {
+        for h in hours.iter().filter(|h| !h.is_zero()) {
             for (column, id) in ids.iter_mut().zip(&batch.ids) {
                 column.push(id);
             }
@@ -269,13 +303,14 @@ fn add_used(
     tx: &mut postgres::Transaction<'_>,
     sql: &LedgerStatements,
     batches: &[AccountBatch],
+    applied: &[Vec<HourDelta>],
     out: &mut [BatchOutcome],
     position: &HashMap<Identity, usize>,
 ) -> Result<(), StoreError> {
     let mut ids: [Vec<&str>; 4] = Default::default();
     let mut debits: [Vec<i64>; 2] = Default::default();
-    for (batch, o) in batches.iter().zip(out.iter()) {
-        let sum = batch.hours.iter().fold([0i64; 2], |acc, h| {
+    for ((batch, hours), o) in batches.iter().zip(applied).zip(out.iter()) {
+        let sum = hours.iter().fold([0i64; 2], |acc, h| {
             [
                 acc[0].saturating_add(h.debits[0]),
                 acc[1].saturating_add(h.debits[1]),

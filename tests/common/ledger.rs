@@ -136,6 +136,8 @@ pub struct LedgerInfo {
     pub batches: i64,
     pub batches_skipped: i64,
     pub pending: i64,
+    /// How long the oldest flush slice has waited for PostgreSQL (ms).
+    pub waiting_ms: i64,
 }
 
 impl LedgerInfo {
@@ -152,6 +154,7 @@ impl LedgerInfo {
             batches: n("quota_ledger_batches"),
             batches_skipped: n("quota_ledger_batches_skipped"),
             pending: n("quota_ledger_accounts_pending"),
+            waiting_ms: n("quota_ledger_flush_waiting_ms"),
         }
     }
 }

@@ -549,7 +549,19 @@ impl Account {
             .map(|e| e.last_expiry)
             .filter(|at| *at != 0);
         let settled = self.settled().iter().map(|(_, t)| *t);
-        match counted.chain(leases).chain(settled).chain(holds).max() {
+        // A key whose batch is being flushed stays at least to the end of its hour, so that
+        // a release counted since (which may bring its unflushed usage back to zero) is still
+        // there to be taken off when PostgreSQL acknowledges the batch.
+        let flushing = self
+            .tracked
+            .then(|| Window::Hour.start_of(i64::from(self.windows[HOUR]) + 1));
+        match counted
+            .chain(leases)
+            .chain(settled)
+            .chain(holds)
+            .chain(flushing)
+            .max()
+        {
             Some(at) => Retention::Until(at),
             // Only a lifetime count is left and no lifetime limit uses it: keep it for the
             // month it was last counted in.

@@ -320,3 +320,102 @@ mod tests {
         assert_eq!(back.counter(Counter::ReqDay), (day, 1));
     }
 }
+
+#[cfg(test)]
+mod interleaving {
+    use crate::core::account::{Account, AdmitRequest};
+    use crate::core::ledger::Acknowledgement;
+    use crate::core::policy::{EffectivePolicy, LimitField, Limits};
+
+    /// Whatever the interleaving of admissions, releases, commits, snapshots and their
+    /// acknowledgements, what the acknowledged batches add up to plus what is still unflushed
+    /// equals the requests and tokens the account counted.
+    #[test]
+    fn acknowledged_plus_unflushed_is_what_was_counted() {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut base = Limits::default();
+        base.set(LimitField::RequestsPerDay, Some(10));
+        base.set(LimitField::MaxConcurrent, Some(3));
+        let p = EffectivePolicy::merge(base, None);
+        for case in 0..200 {
+            let mut acc = Account::default();
+            let now = 1_795_000_000_000 + case * 7;
+            let (mut flushed_r, mut flushed_t) = (0i64, 0i64);
+            let (mut net, mut tokens) = (0i64, 0i64);
+            let mut held: Vec<String> = Vec::new();
+            let mut in_flight: Vec<Acknowledgement> = Vec::new();
+            let mut id = case as u64 * 1000;
+            for _ in 0..300 {
+                match next(6) {
+                    0 | 1 => {
+                        let d = acc
+                            .admit(
+                                &p,
+                                &AdmitRequest {
+                                    lease: None,
+                                    lease_ttl_ms: 600_000,
+                                    reserve: Some(1),
+                                    peek: false,
+                                    balance: None,
+                                },
+                                now,
+                                || {
+                                    id += 1;
+                                    id
+                                },
+                            )
+                            .unwrap();
+                        if d.allowed {
+                            net += 1;
+                            let mut buf = [0u8; 16];
+                            held.push(d.lease.unwrap().as_text(&mut buf).to_owned());
+                        }
+                    }
+                    2 if !held.is_empty() => {
+                        let l = held.remove(next(held.len() as u64) as usize);
+                        if next(2) == 0 {
+                            assert!(acc.release(&l, now));
+                            net -= 1;
+                        } else {
+                            let t = next(100);
+                            acc.commit(t, Some(&l), now).unwrap();
+                            tokens += t as i64;
+                        }
+                    }
+                    3 if in_flight.is_empty() && acc.has_unflushed() => {
+                        in_flight.push(Acknowledgement {
+                            hours: acc.unflushed_hours(),
+                            next_seq: acc.batch_seq() + 1,
+                            floor: None,
+                        });
+                    }
+                    4 => {
+                        if let Some(ack) = in_flight.pop() {
+                            for h in &ack.hours {
+                                flushed_r += h.requests;
+                                flushed_t += h.tokens;
+                            }
+                            acc.acknowledge(&ack);
+                        }
+                    }
+                    _ => {}
+                }
+                let rest = acc.unflushed_hours();
+                let in_r: i64 = rest.iter().map(|h| h.requests).sum();
+                let in_t: i64 = rest.iter().map(|h| h.tokens).sum();
+                assert_eq!(
+                    (flushed_r + in_r, flushed_t + in_t),
+                    (net, tokens),
+                    "case {case}"
+                );
+                assert_eq!(acc.usage(now).req_day as i64, net);
+            }
+        }
+    }
+}
