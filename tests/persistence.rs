@@ -384,6 +384,25 @@ fn usage_counts_as_a_change_on_an_rdb_only_node() {
         counted >= 51,
         "50 admissions and a commit counted as {counted} changes"
     );
+    // A release, a reset, and the pruning of an expired lease count too.
+    let leased: [&str; 4] = ["acme", "chat", "carol", "leased"];
+    assert!(con.admit(leased, "LEASE r1").allowed);
+    let before = changes(&server);
+    assert_eq!(con.release(leased, "r1"), 1);
+    assert_eq!(changes(&server) - before, 1, "a release is a change");
+    let before = changes(&server);
+    con.reset(leased);
+    assert_eq!(changes(&server) - before, 1, "a reset is a change");
+    assert!(con.admit(leased, "LEASE r2 LEASE_TTL 1").allowed);
+    thread::sleep(Duration::from_millis(1300));
+    let before = changes(&server);
+    // A denied admission that finds the expired lease drops it: that changes the state.
+    assert!(!con.admit(leased, "REQUESTS_PER_DAY 0 MAX_CONCURRENT 1").allowed);
+    assert_eq!(
+        changes(&server) - before,
+        1,
+        "pruning an expired lease is a change"
+    );
     // With `save 2 1` a snapshot follows.
     query(&mut con, &["CONFIG", "SET", "save", "2 1"]).expect("CONFIG SET save");
     wait_snapshot(&server);
