@@ -397,7 +397,10 @@ fn usage_counts_as_a_change_on_an_rdb_only_node() {
     thread::sleep(Duration::from_millis(1300));
     let before = changes(&server);
     // A denied admission that finds the expired lease drops it: that changes the state.
-    assert!(!con.admit(leased, "REQUESTS_PER_DAY 0 MAX_CONCURRENT 1").allowed);
+    assert!(
+        !con.admit(leased, "REQUESTS_PER_DAY 0 MAX_CONCURRENT 1")
+            .allowed
+    );
     assert_eq!(
         changes(&server) - before,
         1,

@@ -695,6 +695,10 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let mut account_key = AccountKey::open(ctx, &key)?;
     let mut holder = holder_by_terms(ctx, &mut account_key, &parsed.account)?;
     let is_self = matches!(holder, Some(Holder::This));
+    // What the commit owes the balance's holder, whichever key holds it.
+    let owed = |holder: Option<&Account>, debit: u64| {
+        settlement(holder, &key, parsed.lease, debit, false, now)
+    };
     let outcome = update(ctx, &mut account_key, |account| {
         let pruned = account.prune(now);
         match account.commit(parsed.tokens, parsed.lease, now) {
@@ -702,15 +706,7 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
                 let mut effect =
                     Effect::committed(now, pruned, parsed.tokens, parsed.lease, &outcome);
                 if is_self && !outcome.duplicate {
-                    let change = settlement(
-                        Some(account),
-                        &key,
-                        parsed.lease,
-                        outcome.balance_debit,
-                        false,
-                        now,
-                    );
-                    if let Some(change) = change {
+                    if let Some(change) = owed(Some(account), outcome.balance_debit) {
                         account.apply_balance(now, &change);
                         effect.get_or_insert_with(|| Effect::empty(now)).balance = Some(change);
                     }
@@ -726,15 +722,7 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     });
     let outcome = outcome?;
     if let (false, Some(Holder::Other(h))) = (outcome.duplicate, holder.as_mut()) {
-        let change = settlement(
-            h.get().map(|a| &*a),
-            &key,
-            parsed.lease,
-            outcome.balance_debit,
-            false,
-            now,
-        );
-        if let Some(change) = change {
+        if let Some(change) = owed(h.get().map(|a| &*a), outcome.balance_debit) {
             charge(ctx, h, now, change);
         }
     }

@@ -184,14 +184,7 @@ fn send_slices(ctx: Ctx, now: Millis) {
         let number = STATE.with(|s| {
             let mut s = s.borrow_mut();
             s.next_slice += 1;
-            let sent = batches
-                .iter()
-                .map(|b| Frozen {
-                    seq: b.seq,
-                    rev: b.rev,
-                    hours: b.hours.clone(),
-                })
-                .collect();
+            let sent = sent_of(&batches);
             let number = s.next_slice;
             s.in_flight.insert(
                 number,
@@ -236,6 +229,18 @@ fn send_slices(ctx: Ctx, now: Millis) {
     });
 }
 
+/// What a slice sends, kept to be sent again as it was if its write fails.
+fn sent_of(batches: &[KeyBatch]) -> Vec<Frozen> {
+    batches
+        .iter()
+        .map(|b| Frozen {
+            seq: b.seq,
+            rev: b.rev,
+            hours: b.hours.clone(),
+        })
+        .collect()
+}
+
 /// Called by the pool thread with what became of each batch of a slice.
 fn written(slice: u64, outcomes: Vec<FlushOutcome>) {
     if let Ok(mut w) = WRITTEN.lock() {
@@ -276,14 +281,7 @@ pub(crate) fn flush_and_wait(ctx: Ctx) {
     if batches.is_empty() {
         return;
     }
-    let sent = batches
-        .iter()
-        .map(|b| Frozen {
-            seq: b.seq,
-            rev: b.rev,
-            hours: b.hours.clone(),
-        })
-        .collect();
+    let sent = sent_of(&batches);
     let outcomes = worker::flush(&batches);
     STATE.with(|s| {
         s.borrow_mut().in_flight.insert(
