@@ -409,11 +409,13 @@ log "memory: done ($acc_keys keys)"
 # The ledger: the next flush snapshot covers at least the MEM_USERS accounts just admitted.
 log "ledger: waiting for a flush snapshot over the $MEM_USERS new accounts"
 snap_us=""
+snap_tick_us=""
 snap_accounts=0
 for _ in $(seq 1 300); do
     snap_accounts="$(quota_stat ledger_last_snapshot_accounts)"
     if [ "${snap_accounts:-0}" -ge "$MEM_USERS" ]; then
         snap_us="$(quota_stat ledger_last_snapshot_us)"
+        snap_tick_us="$(quota_stat ledger_last_snapshot_longest_tick_us)"
         break
     fi
     sleep 0.1
@@ -497,6 +499,7 @@ mkdir -p "$root/bench/out"
     printf '  %-52s %8s bytes  (%s entries)  bar <= %s: %s\n' "per cached user with one credit (QUOTA.GET warm-up)" "$pos_bytes" "$pos_entries" "$BAR_USER_BYTES" "$(verdict "$pos_bytes" "<=" "$BAR_USER_BYTES")"
     printf '  %-52s %8s bytes  (%s entries)\n' "per cached user without credits (negative entry)" "$neg_bytes" "$neg_entries"
     printf '  %-52s %8s us  (%s accounts)\n' "ledger: main-thread time of one flush snapshot" "${snap_us:-none}" "$snap_accounts"
+    printf '  %-52s %8s us  (in slices of 1000 accounts, ~5 ms a tick)\n' "ledger: the snapshot's longest single tick" "${snap_tick_us:-none}"
     printf '  %-52s %8s bytes  (%s keys)  bar <= %s: %s\n' "per account key (QUOTA.ADMIT REQUESTS_PER_DAY 10)" "$acc_bytes" "$acc_keys" "$BAR_ACCOUNT_BYTES" "$(verdict "$acc_bytes" "<=" "$BAR_ACCOUNT_BYTES")"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of one such account key" "$acc_usage"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of a benchmark account + 1 live lease" "$lease_usage"

@@ -173,6 +173,45 @@ fn history_shows_the_hourly_rows() {
     assert!(to_array(none).is_empty());
 }
 
+/// `QUOTA.RESET` forgets the counters and leases, but the usage it forgets happened: it is
+/// still flushed to the ledger, and the key goes once the ledger has it.
+#[test]
+fn a_reset_still_bills_the_usage_it_forgets() {
+    let env = TestEnv::start(&[("flush-interval", "3600")]);
+    let mut con = env.con();
+    let acc = [T, P, "dave", "web"];
+    for _ in 0..3 {
+        assert!(con.admit(acc, "LEASE_TTL 60 MAX_CONCURRENT 10").allowed);
+    }
+    con.commit(acc, 40, None);
+    assert_eq!(con.reset(acc), 1);
+    let usage = con.usage(acc);
+    assert_eq!((usage.req_day, usage.tok_day, usage.in_flight), (0, 0, 0));
+    let key = account_key(acc);
+    assert_eq!(
+        query_i64(&mut con, &["EXISTS", &key]),
+        1,
+        "kept until flushed"
+    );
+    query(&mut con, &["CONFIG", "SET", "quota.flush-interval", "1"]).unwrap();
+    env.flushed();
+    assert_eq!(env.ledger("dave", "requests"), 3);
+    assert_eq!(env.ledger("dave", "tokens"), 40);
+    assert!(
+        wait_until(Duration::from_secs(5), || query_i64(
+            &mut con,
+            &["EXISTS", &key]
+        ) == 0),
+        "the reset key stays after its usage was flushed"
+    );
+    // A reset of an account with nothing owed deletes it at once.
+    assert!(con.admit(acc, "").allowed);
+    env.flushed();
+    assert_eq!(con.reset(acc), 1);
+    assert_eq!(query_i64(&mut con, &["EXISTS", &key]), 0);
+    assert_eq!(con.reset(acc), 0);
+}
+
 /// `kill -9` between flushes: what was flushed stays, nothing is counted twice, the loss is
 /// at most what happened since the last flush, and the balance is right after the restart
 /// (AOF `everysec`, as the README recommends).

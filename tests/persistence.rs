@@ -390,8 +390,9 @@ fn usage_counts_as_a_change_on_an_rdb_only_node() {
     let before = changes(&server);
     assert_eq!(con.release(leased, "r1"), 1);
     assert_eq!(changes(&server) - before, 1, "a release is a change");
+    con.commit(leased, 5, None);
     let before = changes(&server);
-    con.reset(leased);
+    assert_eq!(con.reset(leased), 1);
     assert_eq!(changes(&server) - before, 1, "a reset is a change");
     assert!(con.admit(leased, "LEASE r2 LEASE_TTL 1").allowed);
     thread::sleep(Duration::from_millis(1300));

@@ -801,7 +801,16 @@ pub(crate) fn reset(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let account = parse::account_only(args)?;
     let (key, _) = account.key();
     let mut account_key = AccountKey::open(ctx, &key)?;
-    let existed = account_key.delete();
+    // Usage not flushed to the ledger yet happened all the same: it stays to be billed (and
+    // with it the key, until the flush has it); everything else goes.
+    let existed = match account_key.get() {
+        Some(account) => {
+            let forgot = account.reset();
+            account_key.touch();
+            forgot
+        }
+        None => false,
+    };
     if existed {
         account_key.notify(EVENT_RESET);
     }

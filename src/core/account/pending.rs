@@ -150,6 +150,34 @@ impl Account {
         self.drop_idle_ledger();
     }
 
+    /// What `QUOTA.RESET` leaves of the account: the counters, leases, reservations and settled
+    /// ids are forgotten; the usage not flushed yet, the batch sequence and the ledger part
+    /// (older unflushed hours, a balance's holds, floor and terms) stay, since that usage
+    /// happened and is still owed to the ledger. True if anything was forgotten.
+    pub(crate) fn reset(&mut self) -> bool {
+        let forgot = self.counts != [0; super::COUNTERS]
+            || self.req_total != 0
+            || self.lifetime
+            || !self.leases().is_empty()
+            || !self.settled().is_empty();
+        let ledger = self.extra.take().and_then(|e| e.ledger);
+        *self = Account {
+            windows: [self.windows[HOUR], 0, 0],
+            pending_requests: self.pending_requests,
+            pending_tokens: self.pending_tokens,
+            next_seq: self.next_seq,
+            tracked: self.tracked,
+            extra: ledger.map(|l| {
+                Box::new(super::Extra {
+                    ledger: Some(l),
+                    ..super::Extra::default()
+                })
+            }),
+            ..Account::default()
+        };
+        forgot
+    }
+
     /// Puts the ledger part's entry for the current hour inline as far as it fits (a decoded
     /// state keeps every unflushed hour in the ledger part).
     pub(super) fn inline_current_hour(&mut self) {
@@ -305,6 +333,22 @@ mod tests {
         ack(&mut flushed, hours);
         assert!(!flushed.has_unflushed() && flushed.ledger().is_none());
         assert_eq!(Account::decode(&flushed.encode()).unwrap(), flushed);
+    }
+
+    #[test]
+    fn a_reset_forgets_the_usage_counters_but_not_what_the_ledger_is_owed() {
+        let mut acc = Account::default();
+        admitted(&mut acc, T0 - HOUR);
+        admitted(&mut acc, T0);
+        let owed = acc.unflushed_hours();
+        assert!(acc.reset());
+        assert!(!acc.reset(), "nothing left to forget");
+        assert_eq!(acc.usage(T0).req_day, 0);
+        assert_eq!(acc.req_total, 0);
+        assert_eq!(acc.unflushed_hours(), owed);
+        assert_eq!(acc.retention(), crate::core::account::Retention::Forever);
+        ack(&mut acc, owed);
+        assert_eq!(acc.retention(), crate::core::account::Retention::Nothing);
     }
 
     #[test]
