@@ -196,6 +196,10 @@ mod module {
                 let raw_ctx = crate::ffi::ctx::Ctx::from_raw(ctx.ctx);
                 ledger::tick(raw_ctx, runtime::clock::now_ms(), false);
                 schedule_ledger(ctx);
+                crate::ffi::account_type::on_keys_placed(
+                    crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
+                    on_placed,
+                );
             },
             (),
         );
@@ -210,6 +214,18 @@ mod module {
             },
             (),
         );
+    }
+
+    /// A key put under a new name by `RENAME`, `MOVE` or `RESTORE`: an account with usage not
+    /// flushed yet is listed for the ledger under that name.
+    fn on_placed(ctx: crate::ffi::ctx::Ctx, name: &[u8]) {
+        let Ok(mut key) = crate::ffi::account_type::AccountKey::open_read(ctx, name) else {
+            return;
+        };
+        if key.get().is_some_and(|a| a.has_unflushed()) {
+            ledger::track(ctx.db(), name);
+            key.set_tracked();
+        }
     }
 
     fn init(ctx: &Context, args: &[RedisString]) -> Status {

@@ -212,6 +212,46 @@ fn a_reset_still_bills_the_usage_it_forgets() {
     assert_eq!(con.reset(acc), 0);
 }
 
+/// Usage not flushed yet follows its value: to the new name after `RENAME`, and back after a
+/// `DUMP`, `DEL` and `RESTORE` (a migration); a `COPY` owes the ledger nothing (the source
+/// still does), so nothing is billed twice or to an account that did not use it.
+#[test]
+fn unflushed_usage_follows_rename_and_restore_and_is_not_copied() {
+    let env = TestEnv::start(&[("flush-interval", "3600")]);
+    let mut con = env.con();
+    let (from, to, copy, moved) = (
+        [T, P, "erin", "web"],
+        [T, P, "frank", "web"],
+        [T, P, "grace", "web"],
+        [T, P, "heidi", "web"],
+    );
+    for _ in 0..3 {
+        assert!(con.admit(from, "").allowed);
+    }
+    let (from_key, to_key) = (account_key(from), account_key(to));
+    query(&mut con, &["RENAME", &from_key, &to_key]).unwrap();
+    query(&mut con, &["COPY", &to_key, &account_key(copy)]).unwrap();
+    for _ in 0..2 {
+        assert!(con.admit(moved, "").allowed);
+    }
+    let moved_key = account_key(moved);
+    let dump: Vec<u8> = redis::cmd("DUMP").arg(&moved_key).query(&mut con).unwrap();
+    query(&mut con, &["DEL", &moved_key]).unwrap();
+    redis::cmd("RESTORE")
+        .arg(&moved_key)
+        .arg(0)
+        .arg(dump)
+        .query::<()>(&mut con)
+        .unwrap();
+    query(&mut con, &["CONFIG", "SET", "quota.flush-interval", "1"]).unwrap();
+    env.flushed();
+    let billed: Vec<i64> = ["erin", "frank", "grace", "heidi"]
+        .iter()
+        .map(|u| env.ledger(u, "requests"))
+        .collect();
+    assert_eq!(billed, [0, 3, 0, 2], "erin, frank, grace, heidi");
+}
+
 /// `kill -9` between flushes: what was flushed stays, nothing is counted twice, the loss is
 /// at most what happened since the last flush, and the balance is right after the restart
 /// (AOF `everysec`, as the README recommends).

@@ -500,8 +500,63 @@ unsafe extern "C" fn copy(
     value: *const c_void,
 ) -> *mut c_void {
     match unsafe { value.cast::<Stored>().as_ref() } {
-        Some(stored) => Stored::boxed(stored.account.clone()),
+        // The copy owes the ledger nothing: the source's unflushed usage stays the source's.
+        Some(stored) => Stored::boxed(stored.account.copied()),
         None => ptr::null_mut(),
+    }
+}
+
+/// What to call when a key is put under a name by `RENAME`, `MOVE` or `RESTORE`.
+static ON_PLACED: std::sync::OnceLock<fn(Ctx, &[u8])> = std::sync::OnceLock::new();
+
+/// Calls `f` (on the main thread, with the key's database selected) with the name of every
+/// key that `RENAME` (`rename_to`), `MOVE` (`move_to`) or `RESTORE` (`restore`) puts under a
+/// new name, whatever its type, so that an account moved or restored with unflushed usage is
+/// listed for the ledger under that name.
+pub(crate) fn on_keys_placed(ctx: Ctx, f: fn(Ctx, &[u8])) {
+    unsafe extern "C" fn placed(
+        ctx: *mut raw::RedisModuleCtx,
+        _kind: c_int,
+        event: *const std::os::raw::c_char,
+        key: *mut raw::RedisModuleString,
+    ) -> c_int {
+        unsafe {
+            if event.is_null() || key.is_null() {
+                return 0;
+            }
+            let event = std::ffi::CStr::from_ptr(event).to_bytes();
+            if !matches!(event, b"rename_to" | b"move_to" | b"restore") {
+                return 0;
+            }
+            let Some(f) = ON_PLACED.get() else {
+                return 0;
+            };
+            let mut len = 0usize;
+            let Some(ptr_len) = raw::RedisModule_StringPtrLen else {
+                return 0;
+            };
+            let p = ptr_len(key, &mut len);
+            if p.is_null() {
+                return 0;
+            }
+            let name = std::slice::from_raw_parts(p.cast::<u8>(), len);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f(Ctx::from_raw(ctx), name)
+            }));
+        }
+        0
+    }
+    if ON_PLACED.set(f).is_err() {
+        return;
+    }
+    unsafe {
+        if let Some(subscribe) = raw::RedisModule_SubscribeToKeyspaceEvents {
+            subscribe(
+                ctx.raw(),
+                raw::REDISMODULE_NOTIFY_GENERIC as c_int,
+                Some(placed),
+            );
+        }
     }
 }
 

@@ -150,6 +150,21 @@ impl Account {
         self.drop_idle_ledger();
     }
 
+    /// The account as `COPY` gives it to another key: everything but what the ledger is owed,
+    /// which stays the source's (its unflushed hours and debits, its batch sequence).
+    pub(crate) fn copied(&self) -> Account {
+        let mut copy = self.clone();
+        copy.pending_requests = 0;
+        copy.pending_tokens = 0;
+        copy.next_seq = 0;
+        copy.tracked = false;
+        if let Some(ledger) = copy.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
+            ledger.hours.clear();
+        }
+        copy.drop_idle_ledger();
+        copy
+    }
+
     /// What `QUOTA.RESET` leaves of the account: the counters, leases, reservations and settled
     /// ids are forgotten; the usage not flushed yet, the batch sequence and the ledger part
     /// (older unflushed hours, a balance's holds, floor and terms) stay, since that usage
