@@ -177,7 +177,7 @@ fn send_slices(ctx: Ctx, now: Millis) {
             let at = s.round.len().saturating_sub(SLICE);
             s.round.split_off(at)
         });
-        let (keys, batches) = snapshot(ctx, keys, now);
+        let (keys, batches) = snapshot(ctx, keys, now, Some(started + TICK_BUDGET));
         if batches.is_empty() {
             continue;
         }
@@ -277,7 +277,7 @@ pub(crate) fn flush_and_wait(ctx: Ctx) {
         std::mem::take(round)
     });
     let now = super::clock::now_ms();
-    let (keys, batches) = snapshot(ctx, keys, now);
+    let (keys, batches) = snapshot(ctx, keys, now, None);
     if batches.is_empty() {
         return;
     }
@@ -317,14 +317,29 @@ fn rescan(ctx: Ctx) {
 
 /// The snapshot of `keys`: each account's batch (its frozen one if an earlier send is still
 /// unanswered), revised at `now`. Keys that no longer hold unflushed usage leave the list.
-fn snapshot(ctx: Ctx, keys: Vec<KeyId>, now: Millis) -> (Vec<KeyId>, Vec<KeyBatch>) {
+/// Keys not reached by `deadline` go back to the round for a later tick.
+fn snapshot(
+    ctx: Ctx,
+    keys: Vec<KeyId>,
+    now: Millis,
+    deadline: Option<Instant>,
+) -> (Vec<KeyId>, Vec<KeyBatch>) {
     let original = ctx.db();
     let mut listed = Vec::with_capacity(keys.len());
     let mut batches = Vec::with_capacity(keys.len());
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let mut selected = original;
-        for id in keys {
+        let mut keys = keys.into_iter();
+        let mut seen = 0usize;
+        while let Some(id) = keys.next() {
+            seen += 1;
+            // Checked every 64 accounts: a clock read costs about what a snapshot's step does.
+            if seen.is_multiple_of(64) && deadline.is_some_and(|d| Instant::now() >= d) {
+                s.round.push(id);
+                s.round.extend(keys);
+                break;
+            }
             if id.0 != selected {
                 if !ctx.select_db(id.0) {
                     continue;
