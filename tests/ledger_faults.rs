@@ -264,17 +264,24 @@ fn grant_balances(con: &mut redis::Connection) {
     }
 }
 
+/// A private PostgreSQL (the tests stop it) and a server flushing every second on a schema of
+/// its own, with `pg_timeout_ms`.
+fn private_pg_and_server(pg_timeout_ms: &str) -> (PgServer, String, RedisServer) {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = RedisServer::builder()
+        .pg(&pg.url(), &schema, pg_timeout_ms)
+        .module_args(&[("flush-interval", "1")])
+        .start();
+    (pg, schema, server)
+}
+
 /// PostgreSQL SIGSTOPped for several flush intervals while clients admit, commit and release:
 /// admissions keep being answered quickly, the changes wait in the accounts, and after SIGCONT
 /// the ledger holds every change exactly once.
 #[test]
 fn a_stalled_postgresql_during_flushes_loses_and_doubles_nothing() {
-    let pg = PgServer::start_private();
-    let schema = unique_schema();
-    let server = RedisServer::builder()
-        .pg(&pg.url(), &schema, "500")
-        .module_args(&[("flush-interval", "1")])
-        .start();
+    let (pg, schema, server) = private_pg_and_server("500");
     let url = server.url();
     let mut con = server.client();
     grant_balances(&mut con);
@@ -501,12 +508,7 @@ fn a_master_lost_after_its_flush_committed_loses_no_replicated_usage() {
 /// release lands between the snapshot and the acknowledgement every time.
 #[test]
 fn a_release_between_a_flush_and_its_acknowledgement_is_refunded() {
-    let pg = PgServer::start_private();
-    let schema = unique_schema();
-    let server = RedisServer::builder()
-        .pg(&pg.url(), &schema, "30000")
-        .module_args(&[("flush-interval", "1")])
-        .start();
+    let (pg, schema, server) = private_pg_and_server("30000");
     let mut con = server.client();
     con.grant([T, P, "erin", "*"], "REQUESTS_BALANCE 10");
     let a = account("erin");

@@ -15,3 +15,15 @@ pub(crate) mod window;
 
 /// Milliseconds since the Unix epoch, the one time unit the core works in.
 pub(crate) type Millis = i64;
+
+/// A seeded xorshift generator for randomized tests: `next(n)` is below `n`.
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut rng = seed;
+    move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    }
+}

@@ -1018,13 +1018,7 @@ mod tests {
     /// at once gives, whatever the sequence of admissions, commits and releases.
     #[test]
     fn late_pruning_decides_exactly_as_eager_pruning() {
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::core::test_rng(0x2545_F491_4F6C_DD1Du64);
         for case in 0..300 {
             let mut base = Limits::default();
             let mut add = Additional::default();

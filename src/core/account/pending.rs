@@ -391,13 +391,7 @@ mod interleaving {
     /// equals the requests and tokens the account counted.
     #[test]
     fn acknowledged_plus_unflushed_is_what_was_counted() {
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::core::test_rng(0x9E37_79B9_7F4A_7C15u64);
         let mut base = Limits::default();
         base.set(LimitField::RequestsPerDay, Some(10));
         base.set(LimitField::MaxConcurrent, Some(3));
