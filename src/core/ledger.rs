@@ -181,7 +181,9 @@ impl Ledger {
             }
         }
         // A change undone within the hour (an admission released) leaves nothing to flush.
-        self.hours.retain(|h| !h.is_zero());
+        if self.hours.iter().any(HourDelta::is_zero) {
+            self.hours.retain(|h| !h.is_zero());
+        }
         self.bound_hours();
     }
 
@@ -225,7 +227,9 @@ impl Ledger {
     /// Applies a change made at `at`: expired holds are dropped first, then the debits are
     /// recorded in the hour of `at`, the settled hold dropped and the new one added.
     pub(crate) fn apply(&mut self, at: Millis, change: &BalanceChange) {
-        self.holds.retain(|h| h.expires_at > at);
+        if !self.holds.is_empty() {
+            self.holds.retain(|h| h.expires_at > at);
+        }
         if change.debits != [0, 0] {
             self.record(at, 0, 0, change.debits);
         }
