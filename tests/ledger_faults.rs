@@ -273,6 +273,9 @@ fn private_pg_and_server(pg_timeout_ms: &str) -> (PgServer, String, RedisServer)
         .pg(&pg.url(), &schema, pg_timeout_ms)
         .module_args(&[("flush-interval", "1")])
         .start();
+    // The listener's first connection clears the cache: let it happen before the scenario
+    // (a cold user while PostgreSQL is paused would wait for its credits).
+    server.wait_notify_state("listening", Duration::from_secs(30));
     (pg, schema, server)
 }
 
@@ -439,6 +442,7 @@ fn a_master_lost_after_its_flush_committed_loses_no_replicated_usage() {
     let mut master = builder.clone().start();
     let replica = builder.replica_of(&master).start();
     replica.wait_replica_synced(&master, Duration::from_secs(30));
+    master.wait_notify_state("listening", Duration::from_secs(30));
     let mut m = master.client();
     let a = account("dave");
     let admit = |con: &mut redis::Connection, n: usize| {
