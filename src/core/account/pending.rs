@@ -175,6 +175,10 @@ impl Account {
             || self.lifetime
             || !self.leases().is_empty()
             || !self.settled().is_empty();
+        if !forgot {
+            // Nothing to forget: the state stays exactly as it is (nothing to propagate).
+            return false;
+        }
         let ledger = self.extra.take().and_then(|e| e.ledger);
         *self = Account {
             windows: [self.windows[HOUR], 0, 0],
