@@ -15,7 +15,7 @@ use super::{parse, policies, Waiting};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, BalanceOffer, Usage};
 use crate::core::cache::{Lookup, UserCredits};
 use crate::core::credit::{
-    select_credit, BalanceKind, CreditMemo, CreditSource, Replenishment, RowBalance,
+    select_credit, BalanceKind, CreditMemo, CreditSource, Remembered, Replenishment, RowBalance,
 };
 use crate::core::effect::{Change, Effect, EncodedEffect};
 use crate::core::ids::{AccountId, PolicyId, ANY_BUNDLE};
@@ -166,9 +166,11 @@ fn admit_with(
     let (additional, source) = match credits {
         // The credit this account used a moment ago, if the cache has not changed since.
         Credits::Cache | Credits::CacheNoWait
-            if let Some(found) = remembered(&mut account_key, &key, now) =>
+            if let Some((additional, source, remembered_balance)) =
+                remembered(&mut account_key, &key, now) =>
         {
-            found
+            balance = remembered_balance;
+            (additional, source)
         }
         Credits::Cache | Credits::CacheNoWait => {
             let wait = matches!(credits, Credits::Cache);
@@ -178,10 +180,8 @@ fn admit_with(
                 Lookup::Fresh(rows, fresh_until) => {
                     let found = pick(rows, parsed.account.bundle, now);
                     balance = balance_of(rows, parsed.account.bundle, now);
-                    // A balance is read from the cache every time (the memo holds none).
-                    if balance.is_none() {
-                        memo = CreditMemo::new(&key, found, rows, epoch, fresh_until, now);
-                    }
+                    let b = balance.as_ref();
+                    memo = CreditMemo::new(&key, found, b, rows, epoch, fresh_until, now);
                     (Ok(Some(found)), None)
                 }
                 Lookup::Stale { rows, refresh } => {
@@ -315,11 +315,7 @@ fn named_policy(
 
 /// The credit remembered on the account, if it was chosen for this key and still holds
 /// (counted as a cache hit).
-fn remembered(
-    account_key: &mut AccountKey,
-    key: &[u8],
-    now: Millis,
-) -> Option<(Option<Additional>, CreditSource)> {
+fn remembered(account_key: &mut AccountKey, key: &[u8], now: Millis) -> Option<Remembered> {
     let found = account_key.memo()?.get(key, cache::cache_epoch(), now)?;
     stats::CACHE_MEMO_HITS.incr();
     Some(found)

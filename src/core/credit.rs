@@ -169,7 +169,8 @@ pub(crate) const MEMO_MAX_MS: Millis = 1000;
 /// The credit an account's admissions use, remembered next to the account's usage so the next
 /// admission of the same (user, bundle) need not look the user up in the credits cache.
 ///
-/// It holds what `select_credit` chose (amounts and source), which account key it was chosen
+/// It holds what `select_credit` chose (amounts, source and the row's balance: its granted,
+/// used and base per kind, as the row had them), which account key it was chosen
 /// for, the cache epoch it was read at and until when it holds: no later than the cache entry
 /// stays fresh, the next expiry among the user's rows and `MEMO_MAX_MS` after it was read. Any
 /// change to the cache moves the epoch on and so retires every memo. A memo read through
@@ -177,7 +178,8 @@ pub(crate) const MEMO_MAX_MS: Millis = 1000;
 ///
 /// 32 bytes, kept inline next to every account: the amounts that add something (above zero;
 /// one at zero or below adds nothing, exactly as an absent one) are kept as varints in
-/// `MEMO_AMOUNT_BYTES` bytes. A credit whose amounts need more is not remembered
+/// `MEMO_AMOUNT_BYTES` bytes, the balance after them. A credit whose amounts need more is not
+/// remembered
 /// (`new` gives none): its admissions look it up in the cache each time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CreditMemo {
@@ -220,6 +222,7 @@ impl CreditMemo {
     pub(crate) fn new(
         account: &[u8],
         chosen: (Option<Additional>, CreditSource),
+        balance: Option<&RowBalance>,
         rows: &[Replenishment],
         epoch: u64,
         fresh_until: Millis,
@@ -233,18 +236,25 @@ impl CreditMemo {
                 let Some(v) = v.filter(|v| *v > 0) else {
                     continue;
                 };
-                let mut v = v as u64;
-                loop {
-                    let byte = amounts.get_mut(at)?;
-                    at += 1;
-                    if v < 0x80 {
-                        *byte = v as u8;
-                        break;
-                    }
-                    *byte = (v as u8) | 0x80;
-                    v >>= 7;
-                }
+                put_varint(&mut amounts, &mut at, v as u64)?;
                 present |= 1 << bit;
+            }
+        }
+        if let Some(b) = balance {
+            // A mask of the kinds it has, then each kind's granted, used and base.
+            present |= MEMO_BALANCE;
+            let kinds = b.granted.iter().enumerate();
+            let mask = kinds.fold(0u8, |m, (k, g)| m | (u8::from(g.is_some()) << k));
+            put_varint(&mut amounts, &mut at, u64::from(mask))?;
+            for k in BalanceKind::ALL.map(|k| k as usize) {
+                let (Some(Some(granted)), Some(used), Some(base)) =
+                    (b.granted.get(k), b.used.get(k), b.base.get(k))
+                else {
+                    continue;
+                };
+                for v in [*granted, *used, *base] {
+                    put_varint(&mut amounts, &mut at, zigzag(v))?;
+                }
             }
         }
         let until = rows
@@ -268,15 +278,11 @@ impl CreditMemo {
         })
     }
 
-    /// The remembered credit, if it was chosen for the account whose key is `account` and
-    /// still holds at `now` with the cache at `epoch`. A clock set back (by more than `until`
-    /// is ahead of it) retires it too.
-    pub(crate) fn get(
-        &self,
-        account: &[u8],
-        epoch: u64,
-        now: Millis,
-    ) -> Option<(Option<Additional>, CreditSource)> {
+    /// The remembered credit (amounts, source and the row's balance), if it was chosen for
+    /// the account whose key is `account` and still holds at `now` with the cache at `epoch`.
+    /// A clock set back (by more than `until` is ahead of it) retires it too.
+    #[inline]
+    pub(crate) fn get(&self, account: &[u8], epoch: u64, now: Millis) -> Option<Remembered> {
         let until = Millis::from(self.until_s) * 1000;
         if self.epoch != epoch as u32
             || now >= until
@@ -285,29 +291,81 @@ impl CreditMemo {
         {
             return None;
         }
+        let mut bytes = self.amounts.iter();
         let additional = match self.source {
             CreditSource::Bundle | CreditSource::Global => {
                 let mut amounts = [None; LIMIT_FIELDS];
-                let mut bytes = self.amounts.iter();
                 for (bit, out) in amounts.iter_mut().enumerate() {
-                    if self.present & (1 << bit) == 0 {
-                        continue;
+                    if self.present & (1 << bit) != 0 {
+                        *out = Some(next_varint(&mut bytes) as i64);
                     }
-                    let mut v = 0u64;
-                    for (shift, b) in (0..64).step_by(7).zip(bytes.by_ref()) {
-                        v |= u64::from(b & 0x7f) << shift;
-                        if b & 0x80 == 0 {
-                            break;
-                        }
-                    }
-                    *out = Some(v as i64);
                 }
                 Some(Additional::from_options(amounts))
             }
             _ => None,
         };
-        Some((additional, self.source))
+        let balance = (self.present & MEMO_BALANCE != 0).then(|| {
+            let mask = next_varint(&mut bytes);
+            let mut b = RowBalance::default();
+            for k in BalanceKind::ALL.map(|k| k as usize) {
+                if mask & (1 << k) == 0 {
+                    continue;
+                }
+                let mut next = || unzigzag(next_varint(&mut bytes));
+                let (granted, used, base) = (next(), next(), next());
+                if let (Some(g), Some(u), Some(s)) =
+                    (b.granted.get_mut(k), b.used.get_mut(k), b.base.get_mut(k))
+                {
+                    (*g, *u, *s) = (Some(granted), used, base);
+                }
+            }
+            b
+        });
+        Some((additional, self.source, balance))
     }
+}
+
+/// What a memo gives back: the amounts, the source and the balance of the credit chosen.
+pub(crate) type Remembered = (Option<Additional>, CreditSource, Option<RowBalance>);
+
+/// The bit of `CreditMemo::present` that says a balance follows the amounts (`LimitField`s
+/// take the bits below it).
+const MEMO_BALANCE: u8 = 1 << 7;
+const _: () = assert!(LIMIT_FIELDS < 8);
+
+/// Appends `v` as a varint to `buf` at `*at`; `None` when it does not fit.
+fn put_varint(buf: &mut [u8], at: &mut usize, mut v: u64) -> Option<()> {
+    loop {
+        let byte = buf.get_mut(*at)?;
+        *at += 1;
+        if v < 0x80 {
+            *byte = v as u8;
+            return Some(());
+        }
+        *byte = (v as u8) | 0x80;
+        v >>= 7;
+    }
+}
+
+/// The next varint of `bytes` (0 past the end: a memo only reads what it wrote).
+#[inline]
+fn next_varint(bytes: &mut std::slice::Iter<'_, u8>) -> u64 {
+    let mut v = 0u64;
+    for (shift, b) in (0..64).step_by(7).zip(bytes.by_ref()) {
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 /// Money in whole cents; parsed from and printed as a decimal string, never a float.
@@ -586,8 +644,8 @@ mod tests {
         let mut rows = vec![row("*", 7, None, true), row("b", 9, None, true)];
         rows[1].additional.set(LimitField::TokensPerMonth, Some(-3));
         let picked = chosen(&rows, "b", NOW);
-        let memo = CreditMemo::new(KEY, picked, &rows, 5, NOW + 60_000, NOW).unwrap();
-        let (add, src) = memo.get(KEY, 5, NOW + 10).unwrap();
+        let memo = CreditMemo::new(KEY, picked, None, &rows, 5, NOW + 60_000, NOW).unwrap();
+        let (add, src, _) = memo.get(KEY, 5, NOW + 10).unwrap();
         assert_eq!(src, CreditSource::Bundle);
         let add = add.unwrap();
         assert_eq!(add.get(LimitField::RequestsPerDay), Some(9));
@@ -605,9 +663,20 @@ mod tests {
         // The clock set back by a minute: ask the cache again.
         assert!(memo.get(KEY, 5, NOW - 60_000).is_none());
         // No credit is remembered too.
-        let none =
-            CreditMemo::new(KEY, (None, CreditSource::None), &[], 5, NOW + 60_000, NOW).unwrap();
-        assert_eq!(none.get(KEY, 5, NOW), Some((None, CreditSource::None)));
+        let none = CreditMemo::new(
+            KEY,
+            (None, CreditSource::None),
+            None,
+            &[],
+            5,
+            NOW + 60_000,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            none.get(KEY, 5, NOW),
+            Some((None, CreditSource::None, None))
+        );
     }
 
     /// Every amount that adds something comes back exactly (up to `i64::MAX`); a credit whose
@@ -620,8 +689,8 @@ mod tests {
         add.set(LimitField::MaxConcurrent, Some(34_000_000_000));
         add.set(LimitField::TokensPerHour, Some(0));
         let chosen = (Some(add), CreditSource::Global);
-        let memo = CreditMemo::new(KEY, chosen, &[], 1, NOW + 60_000, NOW).unwrap();
-        let (back, src) = memo.get(KEY, 1, NOW).unwrap();
+        let memo = CreditMemo::new(KEY, chosen, None, &[], 1, NOW + 60_000, NOW).unwrap();
+        let (back, src, _) = memo.get(KEY, 1, NOW).unwrap();
         assert_eq!(src, CreditSource::Global);
         let back = back.unwrap();
         for field in LimitField::ALL {
@@ -635,6 +704,7 @@ mod tests {
         let memo = CreditMemo::new(
             KEY,
             (Some(big), CreditSource::Bundle),
+            None,
             &[],
             1,
             NOW + 1000,
@@ -646,8 +716,54 @@ mod tests {
         // Three are too many.
         big.set(LimitField::RequestsPerMonth, Some(i64::MAX));
         let chosen = (Some(big), CreditSource::Bundle);
-        assert_eq!(CreditMemo::new(KEY, chosen, &[], 1, NOW + 1000, NOW), None);
+        assert_eq!(
+            CreditMemo::new(KEY, chosen, None, &[], 1, NOW + 1000, NOW),
+            None
+        );
         assert_eq!(std::mem::size_of::<Option<CreditMemo>>(), 32);
+    }
+
+    /// A balance comes back exactly (negative and largest values too), with the amounts; one
+    /// that does not fit beside them leaves the credit unremembered.
+    #[test]
+    fn memo_keeps_the_balance_of_the_row_exactly_or_not_at_all() {
+        let mut add = Additional::default();
+        add.set(LimitField::RequestsPerDay, Some(5));
+        let chosen = (Some(add), CreditSource::Global);
+        let cases = [
+            RowBalance {
+                granted: [Some(1_000_000_000_000), None],
+                used: [17, 0],
+                base: [3, 0],
+            },
+            RowBalance {
+                granted: [None, Some(-4)],
+                used: [0, 9],
+                base: [0, 0],
+            },
+            RowBalance {
+                granted: [Some(1), Some(2)],
+                used: [-1, 300],
+                base: [0, 299],
+            },
+        ];
+        for b in cases {
+            let memo = CreditMemo::new(KEY, chosen, Some(&b), &[], 1, NOW + 60_000, NOW).unwrap();
+            let (back, src, balance) = memo.get(KEY, 1, NOW).unwrap();
+            assert_eq!((back, src), (Some(add), CreditSource::Global));
+            assert_eq!(balance, Some(b));
+        }
+        let huge = RowBalance {
+            granted: [Some(i64::MAX), Some(i64::MIN)],
+            used: [i64::MAX, 0],
+            base: [0, 0],
+        };
+        assert_eq!(
+            CreditMemo::new(KEY, chosen, Some(&huge), &[], 1, NOW + 60_000, NOW),
+            None
+        );
+        let none = CreditMemo::new(KEY, chosen, None, &[], 1, NOW + 60_000, NOW).unwrap();
+        assert_eq!(none.get(KEY, 1, NOW).unwrap().2, None);
     }
 
     /// A memo read through another account key (the value was renamed to another user's or
@@ -655,8 +771,16 @@ mod tests {
     #[test]
     fn memo_applies_only_to_the_account_it_was_chosen_for() {
         let rows = vec![row("b", 9, None, true)];
-        let memo =
-            CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW).unwrap();
+        let memo = CreditMemo::new(
+            KEY,
+            chosen(&rows, "b", NOW),
+            None,
+            &rows,
+            1,
+            NOW + 60_000,
+            NOW,
+        )
+        .unwrap();
         assert!(memo.get(KEY, 1, NOW).is_some());
         assert!(memo.get(b"q:{bob}:1:t1:p3:bob1:b", 1, NOW).is_none());
         assert!(memo.get(b"q:{alice}:1:t1:p5:alice1:c", 1, NOW).is_none());
@@ -665,13 +789,14 @@ mod tests {
     #[test]
     fn memo_ends_when_the_entry_goes_stale_or_a_row_expires() {
         let rows = vec![row("*", 7, None, true)];
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 300, NOW).unwrap();
+        let memo =
+            CreditMemo::new(KEY, chosen(&rows, "b", NOW), None, &rows, 1, NOW + 300, NOW).unwrap();
         assert!(
             memo.get(KEY, 1, NOW).is_none(),
             "held to the second before: nothing"
         );
         let t = NOW + 500;
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t), &rows, 1, t + 800, t).unwrap();
+        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t), None, &rows, 1, t + 800, t).unwrap();
         assert!(memo.get(KEY, 1, NOW + 999).is_some());
         assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         // Read 400 ms before the bundle row expires: from then on the '*' row applies.
@@ -680,7 +805,8 @@ mod tests {
             row("b", 9, Some(NOW / 1000 + 1), true),
         ];
         let t0 = NOW + 600;
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t0), &rows, 1, t0 + 60_000, t0).unwrap();
+        let memo =
+            CreditMemo::new(KEY, chosen(&rows, "b", t0), None, &rows, 1, t0 + 60_000, t0).unwrap();
         assert_eq!(memo.get(KEY, 1, NOW + 999).unwrap().1, CreditSource::Bundle);
         assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         assert_eq!(chosen(&rows, "b", NOW + 1000).1, CreditSource::Global);
@@ -689,8 +815,16 @@ mod tests {
             row("*", 7, None, true),
             row("b", 9, Some(NOW / 1000 - 5), true),
         ];
-        let memo =
-            CreditMemo::new(KEY, chosen(&rows, "b", NOW), &rows, 1, NOW + 60_000, NOW).unwrap();
+        let memo = CreditMemo::new(
+            KEY,
+            chosen(&rows, "b", NOW),
+            None,
+            &rows,
+            1,
+            NOW + 60_000,
+            NOW,
+        )
+        .unwrap();
         assert!(memo.get(KEY, 1, NOW + MEMO_MAX_MS - 1).is_some());
     }
 

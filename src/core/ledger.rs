@@ -19,6 +19,8 @@
 //! used.
 //! Pure: no Redis, no PostgreSQL, time passed in.
 
+use smallvec::SmallVec;
+
 use super::credit::{BalanceKind, RowBalance};
 use super::window::Window;
 use super::Millis;
@@ -74,8 +76,10 @@ pub(crate) struct BalanceTerms {
 /// The optional ledger part of an account.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Ledger {
-    /// Unflushed changes by hour, oldest first, one entry an hour.
-    pub hours: Vec<HourDelta>,
+    /// Unflushed changes by hour, oldest first, one entry an hour. The first is kept inline:
+    /// a balance holder's admissions debit the current hour, and one part touches fewer cache
+    /// lines than a part and a buffer.
+    pub hours: SmallVec<[HourDelta; 1]>,
     /// The balance used totals PostgreSQL reported at the last flush of this holder's debits
     /// (`BalanceKind` order): a cached row that is older counts at least these.
     pub floor: [u64; 2],
@@ -251,7 +255,7 @@ impl Ledger {
 
     /// Bytes of heap the part owns beyond its box.
     pub(crate) fn heap_size(&self) -> usize {
-        self.hours.capacity() * std::mem::size_of::<HourDelta>()
+        usize::from(self.hours.spilled()) * self.hours.capacity() * std::mem::size_of::<HourDelta>()
             + self.holds.capacity() * std::mem::size_of::<Hold>()
     }
 }

@@ -249,7 +249,7 @@ impl Reader<'_> {
             MAX_PENDING_HOURS,
             "more unflushed hours than an account keeps",
         )?;
-        let mut hours = Vec::with_capacity(n);
+        let mut hours = smallvec::SmallVec::with_capacity(n);
         for _ in 0..n {
             hours.push(HourDelta {
                 hour: self.i64()?,

@@ -89,7 +89,7 @@ impl Account {
     /// The unflushed usage by hour, oldest first: the ledger part's hours with the current
     /// hour's inline usage added.
     pub(crate) fn unflushed_hours(&self) -> Vec<HourDelta> {
-        let mut hours = self.ledger().map_or_else(Vec::new, |l| l.hours.clone());
+        let mut hours = self.ledger().map_or_else(Vec::new, |l| l.hours.to_vec());
         if self.pending_requests == 0 && self.pending_tokens == 0 {
             return hours;
         }
