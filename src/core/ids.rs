@@ -191,18 +191,78 @@ impl<'a> AccountId<'a> {
 /// The four ids (tenant, project, user, bundle) of an account key that `AccountId::key`
 /// built; none for any other name.
 pub(crate) fn account_ids_of_key(key: &[u8]) -> Option<[String; 4]> {
+    let parts = account_parts_of_key(key)?;
+    let mut out: [String; 4] = Default::default();
+    for (slot, part) in out.iter_mut().zip(parts) {
+        *slot = std::str::from_utf8(part).ok()?.to_owned();
+    }
+    Some(out)
+}
+
+/// The four length-prefixed parts after an account key's `q:{tag}:` prefix, unchecked.
+fn account_parts_of_key(key: &[u8]) -> Option<[&[u8]; 4]> {
     let rest = key.strip_prefix(b"q:{")?;
     let close = rest.windows(2).position(|w| w == b"}:")?;
     let mut rest = rest.get(close + 2..)?;
-    let mut out: [String; 4] = Default::default();
+    let mut out: [&[u8]; 4] = [&[]; 4];
     for slot in out.iter_mut() {
         let colon = rest.iter().take(4).position(|b| *b == b':')?;
         let len: usize = std::str::from_utf8(rest.get(..colon)?).ok()?.parse().ok()?;
-        let part = rest.get(colon + 1..colon + 1 + len)?;
-        *slot = std::str::from_utf8(part).ok()?.to_owned();
+        *slot = rest.get(colon + 1..colon + 1 + len)?;
         rest = rest.get(colon + 1 + len..)?;
     }
     rest.is_empty().then_some(out)
+}
+
+/// Appends the compact form of an account key that `AccountId::key` built to `out`: its four
+/// ids, each after a one-byte length (about half the bytes of the name, which repeats the user
+/// in its hash tag and spells lengths in decimal). False, with `out` unchanged, for any other
+/// name: one that `account_key_of_compact` would not give back exactly.
+pub(crate) fn compact_account_key(key: &[u8], out: &mut Vec<u8>) -> bool {
+    let Some(parts) = account_parts_of_key(key) else {
+        return false;
+    };
+    let mut ids = [""; 4];
+    for (id, part) in ids.iter_mut().zip(parts) {
+        match std::str::from_utf8(part) {
+            Ok(text) if text.len() <= MAX_ID_LEN => *id = text,
+            _ => return false,
+        }
+    }
+    if account_key_of_ids(ids).as_slice() != key {
+        return false;
+    }
+    for id in ids {
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+    }
+    true
+}
+
+/// The account key whose compact form (`compact_account_key`) is `compact`.
+pub(crate) fn account_key_of_compact(compact: &[u8]) -> Option<KeyBuf> {
+    let mut ids = [""; 4];
+    let mut rest = compact;
+    for id in ids.iter_mut() {
+        let (len, tail) = rest.split_first()?;
+        let len = usize::from(*len);
+        *id = std::str::from_utf8(tail.get(..len)?).ok()?;
+        rest = tail.get(len..)?;
+    }
+    rest.is_empty().then(|| account_key_of_ids(ids))
+}
+
+/// The account key of four ids, unchecked.
+fn account_key_of_ids([tenant, project, user, bundle]: [&str; 4]) -> KeyBuf {
+    let id = AccountId {
+        user: UserId {
+            tenant,
+            project,
+            user,
+        },
+        bundle,
+    };
+    id.key().0
 }
 
 fn push_part(out: &mut KeyBuf, part: &str) {
@@ -313,5 +373,42 @@ mod tests {
         assert_eq!(account_ids_of_key(&id.key().0).unwrap()[2], long);
         assert!(account_ids_of_key(b"q:{x}:1:t").is_none());
         assert!(account_ids_of_key(b"other").is_none());
+    }
+
+    /// An account key's compact form gives the name back exactly; names `AccountId::key` did
+    /// not build (another hash tag, a bad length, other text) have none.
+    #[test]
+    fn compact_account_keys_round_trip_and_refuse_other_names() {
+        let long = "u".repeat(MAX_ID_LEN);
+        let ids: [[&str; 4]; 4] = [
+            ["acme", "chat", "u000000000042", "*"],
+            ["t", "p", "user{tag}x", "b:1"],
+            ["ténant", "p}:", "{}", "é"],
+            ["t", "p", &long, "b"],
+        ];
+        for [t, p, u, b] in ids {
+            let id = AccountId::parse([t.as_bytes(), p.as_bytes(), u.as_bytes(), b.as_bytes()]);
+            let Ok(id) = id else { continue };
+            let key = id.key().0;
+            let mut out = vec![9];
+            assert!(compact_account_key(&key, &mut out), "{t} {p} {u} {b}");
+            assert!(out.len() < key.len(), "{} >= {}", out.len(), key.len());
+            assert_eq!(
+                account_key_of_compact(&out[1..]).unwrap().as_slice(),
+                key.as_slice()
+            );
+        }
+        for other in [
+            &b"other"[..],
+            b"q:{x}:1:t1:p1:u1:b",
+            b"q:{u}:1:t1:p1:u1:bx",
+            b"q:{u}:01:t1:p1:u1:b",
+            b"q:{u}:1:t1:p1:u2:b",
+        ] {
+            let mut out = Vec::new();
+            assert!(!compact_account_key(other, &mut out), "{other:?}");
+            assert!(out.is_empty());
+        }
+        assert!(account_key_of_compact(&[3, b'a']).is_none());
     }
 }

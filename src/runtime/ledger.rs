@@ -29,14 +29,68 @@ use super::jobs::{FlushOutcome, Job, KeyBatch};
 use super::stats;
 use super::worker;
 use crate::core::effect::Effect;
+use crate::core::ids;
 use crate::core::ledger::{Acknowledgement, HourDelta};
 use crate::core::Millis;
 use crate::ffi::account_type::{scan_accounts, AccountKey};
 use crate::ffi::ctx::Ctx;
 use crate::ffi::propagation;
 
-/// An account key: its database and name.
-type KeyId = (i32, Box<[u8]>);
+/// An account key on the list: its database and name, in few bytes (every account with
+/// unflushed usage has one). The database is one byte below 255 (else 255 and four bytes);
+/// then a canonical account key (`AccountId::key`) in its compact form
+/// (`ids::compact_account_key`, about half the name), marked 1, or any other name as it is,
+/// marked 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct KeyId(Box<[u8]>);
+
+impl KeyId {
+    fn new(db: i32, name: &[u8]) -> KeyId {
+        let mut out = Vec::with_capacity(name.len() / 2 + 8);
+        match u8::try_from(db) {
+            Ok(small) if small < u8::MAX => out.push(small),
+            _ => {
+                out.push(u8::MAX);
+                out.extend_from_slice(&db.to_le_bytes());
+            }
+        }
+        let mark = out.len();
+        out.push(1);
+        if !ids::compact_account_key(name, &mut out) {
+            out.truncate(mark);
+            out.push(0);
+            out.extend_from_slice(name);
+        }
+        KeyId(out.into_boxed_slice())
+    }
+
+    /// The database, and where the name's mark is.
+    fn split(&self) -> (i32, usize) {
+        match self.0.first() {
+            Some(&u8::MAX) => {
+                let db = self.0.get(1..5).and_then(|b| b.try_into().ok());
+                (db.map_or(-1, i32::from_le_bytes), 5)
+            }
+            Some(db) => (i32::from(*db), 1),
+            None => (-1, 0),
+        }
+    }
+
+    fn db(&self) -> i32 {
+        self.split().0
+    }
+
+    fn name(&self) -> Box<[u8]> {
+        let (_, at) = self.split();
+        match self.0.get(at..).and_then(|r| r.split_first()) {
+            Some((1, compact)) => ids::account_key_of_compact(compact)
+                .map(|k| k.as_slice().into())
+                .unwrap_or_default(),
+            Some((_, name)) => name.into(),
+            None => Box::default(),
+        }
+    }
+}
 
 /// Most accounts one slice snapshots (and one transaction writes).
 const SLICE: usize = 1000;
@@ -91,7 +145,7 @@ static WRITTEN: Mutex<Vec<(u64, Vec<FlushOutcome>)>> = Mutex::new(Vec::new());
 
 /// Puts an account key on the list of accounts to flush.
 pub(crate) fn track(db: i32, key: &[u8]) {
-    STATE.with(|s| s.borrow_mut().tracked.insert((db, key.into())));
+    STATE.with(|s| s.borrow_mut().tracked.insert(KeyId::new(db, key)));
 }
 
 /// Accounts with unflushed usage known to the flush (listed, in the round, or being written).
@@ -305,7 +359,7 @@ fn rescan(ctx: Ctx) {
         scan_accounts(ctx, |name, account| {
             let pending = account.has_unflushed();
             if pending {
-                found.push((db, name.into()));
+                found.push(KeyId::new(db, name));
             }
             pending
         });
@@ -340,11 +394,12 @@ fn snapshot(
                 s.round.extend(keys);
                 break;
             }
-            if id.0 != selected {
-                if !ctx.select_db(id.0) {
+            let (db, name) = (id.db(), id.name());
+            if db != selected {
+                if !ctx.select_db(db) {
                     continue;
                 }
-                selected = id.0;
+                selected = db;
             }
             let frozen = (!s.frozen.is_empty())
                 .then(|| s.frozen.remove(&id))
@@ -352,7 +407,7 @@ fn snapshot(
             let batch = match frozen {
                 Some(f) => Some((f.seq, f.rev, f.hours)),
                 None => {
-                    let Ok(mut key) = AccountKey::open_read(ctx, &id.1) else {
+                    let Ok(mut key) = AccountKey::open_read(ctx, &name) else {
                         continue;
                     };
                     let pending = key.get().and_then(|a| {
@@ -369,7 +424,7 @@ fn snapshot(
                 continue;
             };
             batches.push(KeyBatch {
-                key: id.1.clone(),
+                key: name,
                 seq,
                 rev,
                 hours,
@@ -415,10 +470,10 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
         } else {
             stats::LEDGER_BATCHES_SKIPPED.incr();
         }
-        if !ctx.select_db(id.0) {
+        if !ctx.select_db(id.db()) {
             continue;
         }
-        let Ok(mut key) = AccountKey::open(ctx, &id.1) else {
+        let Ok(mut key) = AccountKey::open(ctx, &id.name()) else {
             continue;
         };
         let now = super::clock::now_ms();
@@ -450,5 +505,27 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
         stats::LEDGER_FLUSH_ERRORS.incr();
     } else {
         stats::LEDGER_FLUSHES.incr();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyId;
+    use crate::core::ids::AccountId;
+
+    /// Every listed key gives back its database and name, compact or not.
+    #[test]
+    fn listed_keys_give_back_their_database_and_name() {
+        let id = AccountId::parse([b"acme", b"chat", b"u000000000042", b"*"]).unwrap();
+        let account = id.key().0;
+        for db in [0, 15, 254, 255, 4096, i32::MAX] {
+            for name in [account.as_slice(), b"renamed:by-hand", b""] {
+                let listed = KeyId::new(db, name);
+                assert_eq!((listed.db(), &*listed.name()), (db, name), "{db} {name:?}");
+            }
+        }
+        // The compact form: one byte of database, a mark and the ids with one-byte lengths.
+        assert_eq!(KeyId::new(0, &account).0.len(), 2 + 4 + 4 + 13 + 1 + 4);
+        assert_ne!(KeyId::new(0, &account), KeyId::new(1, &account));
     }
 }
