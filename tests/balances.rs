@@ -23,9 +23,8 @@ fn left(con: &mut redis::Connection, acc: [&str; 4], field: &str) -> i64 {
 /// committed is debited exactly, nothing goes below zero, and then the reason says `balance`.
 #[test]
 fn burn_down_is_exact_under_concurrency() {
-    let env = TestEnv::start(&[("flush-interval", "1")]);
+    let (env, mut con) = TestEnv::start_con(&[("flush-interval", "1")]);
     let acc = [T, P, "alice", "web"];
-    let mut con = env.con();
     con.grant(
         [T, P, "alice", "*"],
         ["REQUESTS_BALANCE", "300", "TOKENS_BALANCE", "5000"],
@@ -113,8 +112,7 @@ fn burn_down_is_exact_under_concurrency() {
 /// A top-up with a purchase id counts once, however often it is retried; windows pay first.
 #[test]
 fn top_ups_count_once_and_windows_pay_first() {
-    let env = TestEnv::start(&[]);
-    let mut con = env.con();
+    let (_env, mut con) = TestEnv::start_con(&[]);
     let acc = [T, P, "bob", "web"];
     con.grant(acc, ["REQUESTS_BALANCE", "2"]);
     for _ in 0..3 {
@@ -150,8 +148,7 @@ fn top_ups_count_once_and_windows_pay_first() {
 /// `QUOTA.HISTORY` reads the hourly rows the flush wrote.
 #[test]
 fn history_shows_the_hourly_rows() {
-    let env = TestEnv::start(&[("flush-interval", "1")]);
-    let mut con = env.con();
+    let (env, mut con) = TestEnv::start_con(&[("flush-interval", "1")]);
     let acc = [T, P, "carol", "web"];
     for _ in 0..4 {
         con.admit(acc, "");
@@ -177,8 +174,7 @@ fn history_shows_the_hourly_rows() {
 /// still flushed to the ledger, and the key goes once the ledger has it.
 #[test]
 fn a_reset_still_bills_the_usage_it_forgets() {
-    let env = TestEnv::start(&[("flush-interval", "3600")]);
-    let mut con = env.con();
+    let (env, mut con) = TestEnv::start_con(&[("flush-interval", "3600")]);
     let acc = [T, P, "dave", "web"];
     for _ in 0..3 {
         assert!(con.admit(acc, "LEASE_TTL 60 MAX_CONCURRENT 10").allowed);
@@ -217,8 +213,7 @@ fn a_reset_still_bills_the_usage_it_forgets() {
 /// still does), so nothing is billed twice or to an account that did not use it.
 #[test]
 fn unflushed_usage_follows_rename_and_restore_and_is_not_copied() {
-    let env = TestEnv::start(&[("flush-interval", "3600")]);
-    let mut con = env.con();
+    let (env, mut con) = TestEnv::start_con(&[("flush-interval", "3600")]);
     let (from, to, copy, moved) = (
         [T, P, "erin", "web"],
         [T, P, "frank", "web"],
@@ -257,8 +252,7 @@ fn unflushed_usage_follows_rename_and_restore_and_is_not_copied() {
 /// (AOF `everysec`, as the README recommends).
 #[test]
 fn kill_9_loses_at_most_one_interval_and_never_counts_twice() {
-    let mut env = TestEnv::start(&[("flush-interval", "2")]);
-    let mut con = env.con();
+    let (mut env, mut con) = TestEnv::start_con(&[("flush-interval", "2")]);
     let _: () = redis::cmd("CONFIG")
         .arg(&["SET", "appendonly", "yes", "appendfsync", "always"])
         .query(&mut con)

@@ -6,7 +6,7 @@
 //! replicas drop their entry at once.
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
-use super::{outcome, parse, Waiting};
+use super::{parse, Waiting};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, BalanceKind, Replenishment};
 use crate::core::ids::{AccountId, UserId};
@@ -119,85 +119,45 @@ pub(crate) fn grant(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let now = clock::now_ms();
     let parsed = parse::grant(args, now)?;
     let account = OwnedAccount::from_id(&parsed.account);
-    on_worker(ctx, GrantWait(account.clone()), |client| Job::Grant {
-        user: account.user,
-        bundle: account.bundle,
-        request: Box::new(parsed.request),
-        now,
-        client,
-    })
-}
-
-/// A `QUOTA.GRANT` waiting on its upsert.
-struct GrantWait(OwnedAccount);
-
-impl Waiting for GrantWait {
-    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let outcome = outcome!(done, Done::Grant);
-        let ids = self.0.id().ids();
-        if !outcome.duplicate {
-            replicate_invalidate(ctx, ids);
+    on_worker(ctx, CreditsWait::Grant(account.clone()), |client| {
+        Job::Grant {
+            user: account.user,
+            bundle: account.bundle,
+            request: Box::new(parsed.request),
+            now,
+            client,
         }
-        record(ctx.reply(), ids, outcome.record.as_ref(), 1)
-            .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
-        Ok(())
-    }
+    })
 }
 
 /// `QUOTA.REVOKE`: soft delete on a worker.
 pub(crate) fn revoke(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let account = OwnedAccount::from_id(&parse::account_only(args)?);
-    on_worker(ctx, RevokeWait(account.clone()), |client| Job::Revoke {
-        user: account.user,
-        bundle: account.bundle,
-        client,
+    on_worker(ctx, CreditsWait::Revoke(account.clone()), |client| {
+        Job::Revoke {
+            user: account.user,
+            bundle: account.bundle,
+            client,
+        }
     })
-}
-
-/// A `QUOTA.REVOKE` waiting on its update.
-struct RevokeWait(OwnedAccount);
-
-impl Waiting for RevokeWait {
-    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let outcome = outcome!(done, Done::Revoke);
-        replicate_invalidate(ctx, self.0.id().ids());
-        ctx.reply().int(i64::from(outcome.revoked));
-        Ok(())
-    }
 }
 
 /// `QUOTA.LIST`: read from Postgres on a worker.
 pub(crate) fn list(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let (user, all) = parse::list(args)?;
     let user = OwnedUser::from_id(&user);
-    on_worker(ctx, ListWait(user.clone()), |client| Job::List {
+    on_worker(ctx, CreditsWait::List(user.clone()), |client| Job::List {
         user,
         all,
         client,
     })
 }
 
-/// A `QUOTA.LIST` waiting on its query.
-struct ListWait(OwnedUser);
-
-impl Waiting for ListWait {
-    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let rows = outcome!(done, Done::List);
-        let user = self.0.id();
-        let mut r = ctx.reply().map(rows.len());
-        for row in &rows {
-            let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
-            r = record(r.str(&row.bundle_id), ids, Some(row), 0);
-        }
-        Ok(())
-    }
-}
-
 /// `QUOTA.HISTORY`: an account's hourly ledger rows, read from Postgres on a worker.
 pub(crate) fn history(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let (account, from, to) = parse::history(args)?;
     let account = OwnedAccount::from_id(&account);
-    on_worker(ctx, HistoryWait, |client| Job::History {
+    on_worker(ctx, CreditsWait::History, |client| Job::History {
         account,
         from,
         to,
@@ -205,43 +165,14 @@ pub(crate) fn history(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     })
 }
 
-/// A `HISTORY` waiting on its rows.
-struct HistoryWait;
-
-impl Waiting for HistoryWait {
-    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        let rows = outcome!(done, Done::History);
-        let mut r = ctx.reply().array(rows.len());
-        for row in &rows {
-            let m = r.map(5);
-            let m = m.field("hour", |m| m.int(row.hour));
-            let m = m.field("requests", |m| m.int(row.requests));
-            let m = m.field("tokens", |m| m.int(row.tokens));
-            let m = m.field("requests_debited", |m| m.int(row.requests_debited));
-            r = m.field("tokens_debited", |m| m.int(row.tokens_debited));
-        }
-        Ok(())
-    }
-}
-
 /// `QUOTA.CLEANUP`: deactivate expired rows on a worker.
 pub(crate) fn cleanup(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     if args.len() != 1 {
         return Err(parse::ParseError::Arity.into());
     }
-    on_worker(ctx, CleanupWait, |client| Job::Cleanup {
+    on_worker(ctx, CreditsWait::Cleanup, |client| Job::Cleanup {
         client: Some(client),
     })
-}
-
-/// A `QUOTA.CLEANUP` waiting on its update.
-struct CleanupWait;
-
-impl Waiting for CleanupWait {
-    fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        ctx.reply().uint(outcome!(done, Done::Cleanup).deactivated);
-        Ok(())
-    }
 }
 
 /// `QUOTA.INVALIDATE`: drop the user's cache entry here and on replicas.
@@ -281,7 +212,7 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
         }
         Lookup::Miss { load } => {
             let waited = if ctx.can_block() {
-                let request = GetWait(OwnedAccount::from_id(&account));
+                let request = CreditsWait::Get(OwnedAccount::from_id(&account));
                 match Blocked::block(ctx, config::block_timeout_ms(), request) {
                     Some(client) => {
                         if let Err(waiter) = cache.add_waiter(&user_key, CreditWaiter::new(client))
@@ -305,18 +236,64 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     answered
 }
 
-/// A `QUOTA.GET` waiting on its user's load.
-struct GetWait(OwnedAccount);
+/// A credits command waiting on PostgreSQL: the account it writes or reads (`GRANT`, `REVOKE`,
+/// `GET`, waiting on its user's load), the user it lists, or nothing (`HISTORY`, `CLEANUP`).
+enum CreditsWait {
+    Grant(OwnedAccount),
+    Revoke(OwnedAccount),
+    Get(OwnedAccount),
+    List(OwnedUser),
+    History,
+    Cleanup,
+}
 
-impl Waiting for GetWait {
+impl Waiting for CreditsWait {
     fn resumed(self, ctx: Ctx, done: Done) -> Result<(), CommandError> {
-        match done {
-            Done::Loaded { credits, .. } => {
-                reply_applicable(ctx, self.0.id().ids(), &credits?, clock::now_ms());
-                Ok(())
+        match (self, done) {
+            (CreditsWait::Grant(account), Done::Grant(outcome)) => {
+                let outcome = outcome?;
+                let ids = account.id().ids();
+                if !outcome.duplicate {
+                    replicate_invalidate(ctx, ids);
+                }
+                record(ctx.reply(), ids, outcome.record.as_ref(), 1)
+                    .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
             }
-            other => Err(CommandError::undone(&other)),
+            (CreditsWait::Revoke(account), Done::Revoke(outcome)) => {
+                let outcome = outcome?;
+                replicate_invalidate(ctx, account.id().ids());
+                ctx.reply().int(i64::from(outcome.revoked));
+            }
+            (CreditsWait::Get(account), Done::Loaded { credits, .. }) => {
+                reply_applicable(ctx, account.id().ids(), &credits?, clock::now_ms());
+            }
+            (CreditsWait::List(user), Done::List(rows)) => {
+                let rows = rows?;
+                let user = user.id();
+                let mut r = ctx.reply().map(rows.len());
+                for row in &rows {
+                    let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
+                    r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+                }
+            }
+            (CreditsWait::History, Done::History(rows)) => {
+                let rows = rows?;
+                let mut r = ctx.reply().array(rows.len());
+                for row in &rows {
+                    let m = r.map(5);
+                    let m = m.field("hour", |m| m.int(row.hour));
+                    let m = m.field("requests", |m| m.int(row.requests));
+                    let m = m.field("tokens", |m| m.int(row.tokens));
+                    let m = m.field("requests_debited", |m| m.int(row.requests_debited));
+                    r = m.field("tokens_debited", |m| m.int(row.tokens_debited));
+                }
+            }
+            (CreditsWait::Cleanup, Done::Cleanup(outcome)) => {
+                ctx.reply().uint(outcome?.deactivated);
+            }
+            (_, other) => return Err(CommandError::undone(&other)),
         }
+        Ok(())
     }
 }
 

@@ -29,18 +29,6 @@ pub(crate) fn run(
     }
 }
 
-/// The outcome `done` must be (`Done::Grant`, ...), with its store error returned, or the
-/// error for any other (the queue was full, shutdown).
-macro_rules! outcome {
-    ($done:expr, $variant:path) => {
-        match $done {
-            $variant(outcome) => outcome?,
-            other => return Err(CommandError::undone(&other)),
-        }
-    };
-}
-pub(crate) use outcome;
-
 /// The second half of a command that waited on a worker: the command's parsed request,
 /// owned, finishing with what the worker found. Every `Waiting` is a `Resumable`, so
 /// `Blocked::block` registers it with the blocked client and nothing is looked up by name.

@@ -5,6 +5,7 @@ use std::fmt;
 
 use super::ids::ANY_BUNDLE;
 use super::policy::{Additional, LimitField, LIMIT_FIELDS};
+use super::varint;
 use super::Millis;
 
 /// One stored replenishment row of a user (the identity of the user is known from context).
@@ -253,7 +254,7 @@ impl CreditMemo {
                     continue;
                 };
                 for v in [*granted, *used, *base] {
-                    put_varint(&mut amounts, &mut at, zigzag(v))?;
+                    put_varint(&mut amounts, &mut at, varint::zigzag(v))?;
                 }
             }
         }
@@ -291,7 +292,7 @@ impl CreditMemo {
         {
             return None;
         }
-        let mut bytes = self.amounts.iter();
+        let mut bytes = &self.amounts[..];
         let additional = match self.source {
             CreditSource::Bundle | CreditSource::Global => {
                 let mut amounts = [None; LIMIT_FIELDS];
@@ -311,7 +312,7 @@ impl CreditMemo {
                 if mask & (1 << k) == 0 {
                     continue;
                 }
-                let mut next = || unzigzag(next_varint(&mut bytes));
+                let mut next = || varint::unzigzag(next_varint(&mut bytes));
                 let (granted, used, base) = (next(), next(), next());
                 if let (Some(g), Some(u), Some(s)) =
                     (b.granted.get_mut(k), b.used.get_mut(k), b.base.get_mut(k))
@@ -349,23 +350,8 @@ fn put_varint(buf: &mut [u8], at: &mut usize, mut v: u64) -> Option<()> {
 
 /// The next varint of `bytes` (0 past the end: a memo only reads what it wrote).
 #[inline]
-fn next_varint(bytes: &mut std::slice::Iter<'_, u8>) -> u64 {
-    let mut v = 0u64;
-    for (shift, b) in (0..64).step_by(7).zip(bytes.by_ref()) {
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    v
-}
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
+fn next_varint(bytes: &mut &[u8]) -> u64 {
+    varint::take_u64(bytes).map_or(0, |(v, _)| v)
 }
 
 /// Money in whole cents; parsed from and printed as a decimal string, never a float.

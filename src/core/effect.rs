@@ -18,6 +18,7 @@ use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
 use super::ledger::{
     Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_PENDING_HOURS,
 };
+use super::varint::{take_u64, unzigzag, zigzag, VarintError};
 use super::window::Window;
 use super::Millis;
 
@@ -486,7 +487,7 @@ fn put_u64(w: &mut EncodedEffect, mut v: u64) {
 }
 
 fn put_i64(w: &mut EncodedEffect, v: i64) {
-    put_u64(w, ((v << 1) ^ (v >> 63)) as u64);
+    put_u64(w, zigzag(v));
 }
 
 fn put_id(w: &mut EncodedEffect, id: LeaseRef<'_>) {
@@ -516,27 +517,17 @@ impl<'a> Reader<'a> {
 
     /// A varint in its shortest form (so that every effect has exactly one encoding).
     fn u64(&mut self) -> Result<u64, EffectError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            let bits = u64::from(b & 0x7f);
-            if shift == 63 && bits > 1 {
-                return Err(EffectError::Number);
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                if b == 0 && shift > 0 {
-                    return Err(EffectError::Number);
-                }
-                return Ok(v);
+        match take_u64(&mut self.buf) {
+            Ok((v, true)) => Ok(v),
+            Err(VarintError::Truncated) => Err(EffectError::Truncated),
+            Ok((_, false)) | Err(VarintError::TooLarge | VarintError::TooLong) => {
+                Err(EffectError::Number)
             }
         }
-        Err(EffectError::Number)
     }
 
     fn i64(&mut self) -> Result<i64, EffectError> {
-        let u = self.u64()?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+        self.u64().map(unzigzag)
     }
 
     fn flag(&mut self) -> Result<bool, EffectError> {

@@ -11,6 +11,7 @@ pub(crate) mod effect;
 pub(crate) mod ids;
 pub(crate) mod ledger;
 pub(crate) mod policy;
+pub(crate) mod varint;
 pub(crate) mod window;
 
 /// Milliseconds since the Unix epoch, the one time unit the core works in.

@@ -167,11 +167,6 @@ const GRANT_OPTIONS: [Arg; 7] = [
     option(c"TOKENS_BALANCE", c"tokens_balance", ArgType::Integer),
 ];
 
-const HISTORY_ARGS: [Arg; 2] = [
-    option(c"FROM", c"from", ArgType::UnixTime),
-    option(c"TO", c"to", ArgType::UnixTime),
-];
-
 const ADMIT_OPTIONS: [Arg; 7] = [
     option(c"LEASE", c"lease", ArgType::String),
     option(c"LEASE_TTL", c"lease_ttl", ArgType::Integer),
@@ -186,6 +181,10 @@ const ACCOUNT_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, BUNDLE];
 
 const LIST_ARGS: [Arg; 4] = [TENANT, PROJECT, USER, flag(c"ALL", c"all")];
 const USER_ARGS: [Arg; 3] = [TENANT, PROJECT, USER];
+const HISTORY_ARGS: [Arg; 2] = [
+    option(c"FROM", c"from", ArgType::UnixTime),
+    option(c"TO", c"to", ArgType::UnixTime),
+];
 const COMMIT_ARGS: [Arg; 2] = [
     arg(c"tokens", ArgType::Integer),
     option(c"LEASE", c"lease", ArgType::String),

@@ -56,11 +56,7 @@ extern "C" fn filter(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 }
 
 unsafe fn redact(fctx: *mut raw::RedisModuleCommandFilterCtx) {
-    let (Some(count), Some(replace), Some(create)) = (
-        raw::RedisModule_CommandFilterArgsCount,
-        raw::RedisModule_CommandFilterArgReplace,
-        raw::RedisModule_CreateString,
-    ) else {
+    let Some(count) = raw::RedisModule_CommandFilterArgsCount else {
         return;
     };
     let argc = count(fctx);
@@ -76,16 +72,23 @@ unsafe fn redact(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     let mut pos = 2;
     while pos + 1 < argc {
         if let Some(placeholder) = hide(arg(fctx, pos), arg(fctx, pos + 1)) {
-            // A string without a context: the filter hands its ownership to Redis.
-            let s = create(
-                std::ptr::null_mut(),
-                placeholder.as_ptr().cast(),
-                placeholder.len(),
-            );
-            if !s.is_null() {
-                replace(fctx, pos + 1, s);
-            }
+            replace_arg(fctx, pos + 1, &placeholder);
         }
         pos += 2;
+    }
+}
+
+/// Replaces argument `pos` with `text` (leaves it where Redis cannot make the string).
+unsafe fn replace_arg(fctx: *mut raw::RedisModuleCommandFilterCtx, pos: c_int, text: &str) {
+    let (Some(replace), Some(create)) = (
+        raw::RedisModule_CommandFilterArgReplace,
+        raw::RedisModule_CreateString,
+    ) else {
+        return;
+    };
+    // A string without a context: the filter hands its ownership to Redis.
+    let s = create(std::ptr::null_mut(), text.as_ptr().cast(), text.len());
+    if !s.is_null() {
+        replace(fctx, pos, s);
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use postgres::types::Type;
+use postgres::types::{ToSql, Type};
 use postgres::{Client, GenericClient};
 
 use super::error::StoreError;
@@ -129,15 +129,30 @@ fn pg(err: postgres::Error) -> StoreError {
     StoreError::from_pg(&err)
 }
 
-/// Four text arrays of the accounts' identities.
-fn id_arrays<'a>(batches: impl Iterator<Item = &'a [String; 4]>) -> [Vec<&'a str>; 4] {
-    let mut out: [Vec<&str>; 4] = Default::default();
-    for ids in batches {
-        for (column, id) in out.iter_mut().zip(ids) {
-            column.push(id);
-        }
+/// The four identity columns (tenant, project, user, bundle) of a batched statement, one
+/// element per account.
+type IdColumns<'a> = [Vec<&'a str>; 4];
+
+/// Appends one account's identity to `columns`.
+fn push_ids<'a>(columns: &mut IdColumns<'a>, ids: &'a [String; 4]) {
+    for (column, id) in columns.iter_mut().zip(ids) {
+        column.push(id);
     }
-    out
+}
+
+/// The array parameters of a batched statement: the identity columns as text arrays ($1..$4),
+/// then each of `ints` as a bigint array ($5...).
+fn array_params<'a>(
+    ids: &'a IdColumns<'_>,
+    ints: &'a [Vec<i64>],
+) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    let ids = ids
+        .iter()
+        .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY));
+    let ints = ints
+        .iter()
+        .map(|c| (c as &(dyn ToSql + Sync), Type::INT8_ARRAY));
+    ids.chain(ints).collect()
 }
 
 type Identity = (String, String, String, String);
@@ -180,13 +195,11 @@ pub(crate) fn flush(
         })
         .collect();
     let mut tx = client.transaction().map_err(pg)?;
-    let ids = id_arrays(batches.iter().map(|b| &b.ids));
-    let id_params: [(&(dyn postgres::types::ToSql + Sync), Type); 4] = [
-        (&ids[0], Type::TEXT_ARRAY),
-        (&ids[1], Type::TEXT_ARRAY),
-        (&ids[2], Type::TEXT_ARRAY),
-        (&ids[3], Type::TEXT_ARRAY),
-    ];
+    let mut ids = IdColumns::default();
+    for b in batches {
+        push_ids(&mut ids, &b.ids);
+    }
+    let id_params = array_params(&ids, &[]);
     tx.query_typed(&sql.reserve, &id_params).map_err(pg)?;
     let mut last: Vec<Option<LastBatch>> = vec![None; batches.len()];
     for row in tx.query_typed(&sql.lock, &id_params).map_err(pg)? {
@@ -205,8 +218,9 @@ pub(crate) fn flush(
         }
     }
     let mut applied: Vec<Vec<HourDelta>> = vec![Vec::new(); batches.len()];
-    let mut record: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
-    let (mut seqs, mut revs, mut texts) = (Vec::new(), Vec::new(), Vec::new());
+    let mut record = IdColumns::default();
+    // The sequence and revision of each recorded batch, then its hours as text.
+    let (mut ints, mut texts): ([Vec<i64>; 2], Vec<String>) = Default::default();
     for (i, batch) in batches.iter().enumerate() {
         let (Some(o), Some(prior)) = (out.get_mut(i), last.get(i)) else {
             continue;
@@ -218,13 +232,9 @@ pub(crate) fn flush(
                 if let Some(slot) = applied.get_mut(i) {
                     *slot = hours;
                 }
-                let [t, p, u, b] = &batch.ids;
-                record.0.push(t);
-                record.1.push(p);
-                record.2.push(u);
-                record.3.push(b);
-                seqs.push(i64::try_from(batch.seq).unwrap_or(i64::MAX));
-                revs.push(i64::try_from(batch.rev).unwrap_or(i64::MAX));
+                push_ids(&mut record, &batch.ids);
+                ints[0].push(i64::try_from(batch.seq).unwrap_or(i64::MAX));
+                ints[1].push(i64::try_from(batch.rev).unwrap_or(i64::MAX));
                 texts.push(hours_text(&batch.hours));
             }
             Claim::Skip => {
@@ -234,20 +244,10 @@ pub(crate) fn flush(
             }
         }
     }
-    if !seqs.is_empty() {
-        tx.query_typed(
-            &sql.record,
-            &[
-                (&record.0, Type::TEXT_ARRAY),
-                (&record.1, Type::TEXT_ARRAY),
-                (&record.2, Type::TEXT_ARRAY),
-                (&record.3, Type::TEXT_ARRAY),
-                (&seqs, Type::INT8_ARRAY),
-                (&revs, Type::INT8_ARRAY),
-                (&texts, Type::TEXT_ARRAY),
-            ],
-        )
-        .map_err(pg)?;
+    if !texts.is_empty() {
+        let mut params = array_params(&record, &ints);
+        params.push((&texts, Type::TEXT_ARRAY));
+        tx.query_typed(&sql.record, &params).map_err(pg)?;
     }
     add_hours(&mut tx, sql, batches, &applied)?;
     add_used(&mut tx, sql, batches, &applied, &mut out, &position)?;
@@ -262,13 +262,11 @@ fn add_hours(
     batches: &[AccountBatch],
     applied: &[Vec<HourDelta>],
 ) -> Result<(), StoreError> {
-    let mut ids: [Vec<&str>; 4] = Default::default();
+    let mut ids = IdColumns::default();
     let mut cols: [Vec<i64>; 5] = Default::default();
     for (batch, hours) in batches.iter().zip(applied) {
         for h in hours.iter().filter(|h| !h.is_zero()) {
-            for (column, id) in ids.iter_mut().zip(&batch.ids) {
-                column.push(id);
-            }
+            push_ids(&mut ids, &batch.ids);
             for (column, v) in
                 cols.iter_mut()
                     .zip([h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]])
@@ -280,21 +278,8 @@ fn add_hours(
     if ids[0].is_empty() {
         return Ok(());
     }
-    tx.query_typed(
-        &sql.add_hours,
-        &[
-            (&ids[0], Type::TEXT_ARRAY),
-            (&ids[1], Type::TEXT_ARRAY),
-            (&ids[2], Type::TEXT_ARRAY),
-            (&ids[3], Type::TEXT_ARRAY),
-            (&cols[0], Type::INT8_ARRAY),
-            (&cols[1], Type::INT8_ARRAY),
-            (&cols[2], Type::INT8_ARRAY),
-            (&cols[3], Type::INT8_ARRAY),
-            (&cols[4], Type::INT8_ARRAY),
-        ],
-    )
-    .map_err(pg)?;
+    tx.query_typed(&sql.add_hours, &array_params(&ids, &cols))
+        .map_err(pg)?;
     Ok(())
 }
 
@@ -307,7 +292,7 @@ fn add_used(
     out: &mut [BatchOutcome],
     position: &HashMap<Identity, usize>,
 ) -> Result<(), StoreError> {
-    let mut ids: [Vec<&str>; 4] = Default::default();
+    let mut ids = IdColumns::default();
     let mut debits: [Vec<i64>; 2] = Default::default();
     for ((batch, hours), o) in batches.iter().zip(applied).zip(out.iter()) {
         let sum = hours.iter().fold([0i64; 2], |acc, h| {
@@ -319,9 +304,7 @@ fn add_used(
         if !o.applied || sum == [0, 0] {
             continue;
         }
-        for (column, id) in ids.iter_mut().zip(&batch.ids) {
-            column.push(id);
-        }
+        push_ids(&mut ids, &batch.ids);
         debits[0].push(sum[0]);
         debits[1].push(sum[1]);
     }
@@ -329,17 +312,7 @@ fn add_used(
         return Ok(());
     }
     let rows = tx
-        .query_typed(
-            &sql.add_used,
-            &[
-                (&ids[0], Type::TEXT_ARRAY),
-                (&ids[1], Type::TEXT_ARRAY),
-                (&ids[2], Type::TEXT_ARRAY),
-                (&ids[3], Type::TEXT_ARRAY),
-                (&debits[0], Type::INT8_ARRAY),
-                (&debits[1], Type::INT8_ARRAY),
-            ],
-        )
+        .query_typed(&sql.add_used, &array_params(&ids, &debits))
         .map_err(pg)?;
     for row in &rows {
         let used_requests: i64 = row.try_get(4).map_err(pg)?;
@@ -386,4 +359,21 @@ pub(crate) fn history(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::schema::substituted;
+
+    #[test]
+    fn statements_are_substituted() {
+        let sql = substituted!(
+            LedgerStatements,
+            "\"billing\".",
+            [reserve, lock, record, add_hours, add_used, history]
+        );
+        assert!(sql.add_hours.contains("$9::bigint[]"));
+        assert!(!sql.add_hours.contains("$10"));
+    }
 }

@@ -217,18 +217,15 @@ pub(crate) fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::schema::substituted;
 
     #[test]
     fn statements_are_substituted() {
-        let sql = PolicyStatements::new("billing");
-        let all = [
-            &sql.get,
-            &sql.upsert,
-            &sql.delete,
-            &sql.list,
-            &sql.insert_event,
-        ];
-        crate::store::schema::assert_substituted(&all, "\"billing\".");
+        let sql = substituted!(
+            PolicyStatements,
+            "\"billing\".",
+            [get, upsert, delete, list, insert_event]
+        );
         assert!(sql.upsert.contains("$10"));
         assert!(!sql.upsert.contains("$11"));
     }

@@ -607,6 +607,7 @@ fn row_balance(row: &impl RowSource) -> Result<Option<Box<RowBalance>>, StoreErr
 mod tests {
     use super::*;
     use crate::core::credit::Cents;
+    use crate::store::schema::substituted;
 
     #[derive(Clone)]
     enum Cell {
@@ -751,20 +752,22 @@ mod tests {
 
     #[test]
     fn statements_are_substituted_and_numbered() {
-        let sql = Statements::new("billing");
-        let all = [
-            &sql.active_rows,
-            &sql.active_rows_and_bundle,
-            &sql.list_live,
-            &sql.list_all,
-            &sql.insert_placeholder,
-            &sql.lock_row,
-            &sql.write_grant,
-            &sql.insert_event,
-            &sql.revoke,
-            &sql.cleanup,
-        ];
-        crate::store::schema::assert_substituted(&all, "\"billing\".user_quota_replenishment");
+        let sql = substituted!(
+            Statements,
+            "\"billing\".user_quota_replenishment",
+            [
+                active_rows,
+                active_rows_and_bundle,
+                list_live,
+                list_all,
+                insert_placeholder,
+                lock_row,
+                write_grant,
+                insert_event,
+                revoke,
+                cleanup,
+            ]
+        );
         assert!(sql
             .write_grant
             .contains("additional_requests_per_day = $5,"));

@@ -102,6 +102,19 @@ pub(crate) fn assert_substituted(statements: &[&String], wanted: &str) {
     }
 }
 
+/// Builds the statement set `$set` for the schema `billing`, asserts with
+/// [`assert_substituted`] that each named statement names `$wanted`, and gives the set.
+#[cfg(test)]
+macro_rules! substituted {
+    ($set:ident, $wanted:expr, [$($statement:ident),+ $(,)?]) => {{
+        let sql = $set::new("billing");
+        $crate::store::schema::assert_substituted(&[$(&sql.$statement),+], $wanted);
+        sql
+    }};
+}
+#[cfg(test)]
+pub(crate) use substituted;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,12 +39,7 @@ impl RedisCluster {
         {
             let mut c = nodes[0].client();
             for n in &nodes[1..] {
-                let _: Value = redis::cmd("CLUSTER")
-                    .arg("MEET")
-                    .arg("127.0.0.1")
-                    .arg(n.port())
-                    .query(&mut c)
-                    .expect("CLUSTER MEET");
+                meet(&mut c, n);
             }
         }
         let cluster = RedisCluster { nodes };
@@ -95,12 +90,7 @@ impl RedisCluster {
         let master = &self.nodes[i];
         let replica = builder.cluster().start();
         let mut c = replica.client();
-        let _: Value = redis::cmd("CLUSTER")
-            .arg("MEET")
-            .arg("127.0.0.1")
-            .arg(master.port())
-            .query(&mut c)
-            .expect("CLUSTER MEET");
+        meet(&mut c, master);
         let id = node_id(master);
         // REPLICATE is refused until the new node knows the master.
         let ok = wait_until(Duration::from_secs(30), || {
@@ -127,6 +117,16 @@ impl RedisCluster {
         let idx = ((slot / per) as usize).min(self.nodes.len() - 1);
         &self.nodes[idx]
     }
+}
+
+/// `CLUSTER MEET` on `c`'s node: it joins `other`'s cluster (on loopback).
+fn meet(c: &mut redis::Connection, other: &RedisServer) {
+    let _: Value = redis::cmd("CLUSTER")
+        .arg("MEET")
+        .arg("127.0.0.1")
+        .arg(other.port())
+        .query(c)
+        .expect("CLUSTER MEET");
 }
 
 /// `CLUSTER MYID` of a node.

@@ -24,6 +24,13 @@ impl TestEnv {
         }
     }
 
+    /// [`TestEnv::start`] and a connection to it.
+    pub fn start_con(extra: &[(&str, &str)]) -> (TestEnv, redis::Connection) {
+        let env = TestEnv::start(extra);
+        let con = env.con();
+        (env, con)
+    }
+
     pub fn con(&self) -> redis::Connection {
         self.server.client()
     }

@@ -8,6 +8,7 @@ use super::{
     MAX_SETTLED,
 };
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
+use crate::core::varint::{take_u64, unzigzag, zigzag, VarintError};
 
 impl Account {
     /// Encodes the state for RDB, AOF and replication.
@@ -58,11 +59,7 @@ impl Account {
         if version != ENCODING_VERSION && version != ENCODING_VERSION_LEDGER {
             return Err(BadState("unknown state version"));
         }
-        let lifetime = match r.byte()? {
-            0 => false,
-            1 => true,
-            _ => return Err(BadState("lifetime flag is neither 0 nor 1")),
-        };
+        let lifetime = r.flag("lifetime flag is neither 0 nor 1")?;
         let (mut windows, mut counts) = ([0u32; 3], [0u64; 5]);
         for counter in Counter::ALL {
             // Any window past the last one is refused by `check`.
@@ -88,22 +85,21 @@ impl Account {
             }
         }
         let req_total = r.u64()?;
-        let n = r.count(MAX_LEASES, "more leases than an account may hold")?;
-        let mut leases = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            leases.push_back(Lease {
+        let leases = r.list(MAX_LEASES, "more leases than an account may hold", |r| {
+            Ok(Lease {
                 id: r.id()?,
                 expires_at: r.i64()?,
                 reserved: r.u64()?,
                 day: i32::try_from(r.i64()?).map_err(|_| BadState("lease day out of range"))?,
                 month: i32::try_from(r.i64()?).map_err(|_| BadState("lease month out of range"))?,
-            });
-        }
-        let n = r.count(MAX_SETTLED, "more settled lease ids than an account keeps")?;
-        let mut settled = Vec::with_capacity(n);
-        for _ in 0..n {
-            settled.push((r.id()?, r.i64()?));
-        }
+            })
+        })?;
+        let leases = VecDeque::from(leases);
+        let settled = r.list(
+            MAX_SETTLED,
+            "more settled lease ids than an account keeps",
+            |r| Ok((r.id()?, r.i64()?)),
+        )?;
         let (next_seq, ledger) = if version == ENCODING_VERSION_LEDGER {
             let (next_seq, ledger) = r.ledger()?;
             (next_seq, (!ledger.is_idle()).then(|| Box::new(ledger)))
@@ -185,7 +181,7 @@ fn put_u64(w: &mut Vec<u8>, mut v: u64) {
 }
 
 fn put_i64(w: &mut Vec<u8>, v: i64) {
-    put_u64(w, ((v << 1) ^ (v >> 63)) as u64);
+    put_u64(w, zigzag(v));
 }
 
 fn put_id(w: &mut Vec<u8>, id: &LeaseId) {
@@ -211,26 +207,27 @@ impl Reader<'_> {
         Ok(*first)
     }
 
+    /// A varint, in its shortest form or not (every build has written the shortest).
     fn u64(&mut self) -> Result<u64, BadState> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            let bits = u64::from(b & 0x7f);
-            // The tenth byte holds the 64th bit only.
-            if shift == 63 && bits > 1 {
-                return Err(BadState("number too large"));
-            }
-            v |= bits << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
+        match take_u64(&mut self.buf) {
+            Ok((v, _)) => Ok(v),
+            Err(VarintError::Truncated) => Err(TRUNCATED),
+            Err(VarintError::TooLarge) => Err(BadState("number too large")),
+            Err(VarintError::TooLong) => Err(BadState("number too long")),
         }
-        Err(BadState("number too long"))
     }
 
     fn i64(&mut self) -> Result<i64, BadState> {
-        let u = self.u64()?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+        self.u64().map(unzigzag)
+    }
+
+    /// A byte that must be 0 (false) or 1 (true).
+    fn flag(&mut self, neither: &'static str) -> Result<bool, BadState> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(BadState(neither)),
+        }
     }
 
     /// A count of items that may be at most `max`.
@@ -241,37 +238,45 @@ impl Reader<'_> {
             .ok_or(BadState(too_many))
     }
 
+    /// A count of at most `max` items, then each item as `item` reads it.
+    fn list<T>(
+        &mut self,
+        max: usize,
+        too_many: &'static str,
+        mut item: impl FnMut(&mut Self) -> Result<T, BadState>,
+    ) -> Result<Vec<T>, BadState> {
+        let n = self.count(max, too_many)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(item(self)?);
+        }
+        Ok(out)
+    }
+
     /// The ledger fields: the batch sequence and the ledger part.
     fn ledger(&mut self) -> Result<(u64, Ledger), BadState> {
         let next_seq = self.u64()?;
         let floor = [self.u64()?, self.u64()?];
-        let n = self.count(
+        let hours = self.list(
             MAX_PENDING_HOURS,
             "more unflushed hours than an account keeps",
+            |r| {
+                Ok(HourDelta {
+                    hour: r.i64()?,
+                    requests: r.i64()?,
+                    tokens: r.i64()?,
+                    debits: [r.i64()?, r.i64()?],
+                })
+            },
         )?;
-        let mut hours = smallvec::SmallVec::with_capacity(n);
-        for _ in 0..n {
-            hours.push(HourDelta {
-                hour: self.i64()?,
-                requests: self.i64()?,
-                tokens: self.i64()?,
-                debits: [self.i64()?, self.i64()?],
-            });
-        }
-        let n = self.count(MAX_HOLDS, "more balance holds than an account keeps")?;
-        let mut holds = Vec::with_capacity(n);
-        for _ in 0..n {
-            holds.push(Hold {
-                tag: self.u64()?,
-                expires_at: self.i64()?,
-                tokens: self.u64()?,
-                paid_request: match self.byte()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(BadState("hold flag is neither 0 nor 1")),
-                },
-            });
-        }
+        let holds = self.list(MAX_HOLDS, "more balance holds than an account keeps", |r| {
+            Ok(Hold {
+                tag: r.u64()?,
+                expires_at: r.i64()?,
+                tokens: r.u64()?,
+                paid_request: r.flag("hold flag is neither 0 nor 1")?,
+            })
+        })?;
         let terms = match self.byte()? {
             0 => None,
             t @ (1 | 2) => Some(BalanceTerms {
@@ -283,7 +288,7 @@ impl Reader<'_> {
         Ok((
             next_seq,
             Ledger {
-                hours,
+                hours: smallvec::SmallVec::from_vec(hours),
                 floor,
                 holds,
                 terms,
