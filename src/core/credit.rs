@@ -625,6 +625,26 @@ mod tests {
         }
     }
 
+    /// The memo of what `chosen` picks from `rows` for bundle `bundle` at `at` (epoch 1, no
+    /// balance), from a cache entry fresh until `fresh_until`.
+    fn memo_of(
+        rows: &[Replenishment],
+        bundle: &str,
+        at: Millis,
+        fresh_until: Millis,
+    ) -> CreditMemo {
+        CreditMemo::new(
+            KEY,
+            chosen(rows, bundle, at),
+            None,
+            rows,
+            1,
+            fresh_until,
+            at,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn memo_gives_back_what_was_chosen_while_the_epoch_and_time_hold() {
         let mut rows = vec![row("*", 7, None, true), row("b", 9, None, true)];
@@ -757,16 +777,7 @@ mod tests {
     #[test]
     fn memo_applies_only_to_the_account_it_was_chosen_for() {
         let rows = vec![row("b", 9, None, true)];
-        let memo = CreditMemo::new(
-            KEY,
-            chosen(&rows, "b", NOW),
-            None,
-            &rows,
-            1,
-            NOW + 60_000,
-            NOW,
-        )
-        .unwrap();
+        let memo = memo_of(&rows, "b", NOW, NOW + 60_000);
         assert!(memo.get(KEY, 1, NOW).is_some());
         assert!(memo.get(b"q:{bob}:1:t1:p3:bob1:b", 1, NOW).is_none());
         assert!(memo.get(b"q:{alice}:1:t1:p5:alice1:c", 1, NOW).is_none());
@@ -775,14 +786,13 @@ mod tests {
     #[test]
     fn memo_ends_when_the_entry_goes_stale_or_a_row_expires() {
         let rows = vec![row("*", 7, None, true)];
-        let memo =
-            CreditMemo::new(KEY, chosen(&rows, "b", NOW), None, &rows, 1, NOW + 300, NOW).unwrap();
+        let memo = memo_of(&rows, "b", NOW, NOW + 300);
         assert!(
             memo.get(KEY, 1, NOW).is_none(),
             "held to the second before: nothing"
         );
         let t = NOW + 500;
-        let memo = CreditMemo::new(KEY, chosen(&rows, "b", t), None, &rows, 1, t + 800, t).unwrap();
+        let memo = memo_of(&rows, "b", t, t + 800);
         assert!(memo.get(KEY, 1, NOW + 999).is_some());
         assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         // Read 400 ms before the bundle row expires: from then on the '*' row applies.
@@ -791,8 +801,7 @@ mod tests {
             row("b", 9, Some(NOW / 1000 + 1), true),
         ];
         let t0 = NOW + 600;
-        let memo =
-            CreditMemo::new(KEY, chosen(&rows, "b", t0), None, &rows, 1, t0 + 60_000, t0).unwrap();
+        let memo = memo_of(&rows, "b", t0, t0 + 60_000);
         assert_eq!(memo.get(KEY, 1, NOW + 999).unwrap().1, CreditSource::Bundle);
         assert!(memo.get(KEY, 1, NOW + 1000).is_none());
         assert_eq!(chosen(&rows, "b", NOW + 1000).1, CreditSource::Global);
@@ -801,16 +810,7 @@ mod tests {
             row("*", 7, None, true),
             row("b", 9, Some(NOW / 1000 - 5), true),
         ];
-        let memo = CreditMemo::new(
-            KEY,
-            chosen(&rows, "b", NOW),
-            None,
-            &rows,
-            1,
-            NOW + 60_000,
-            NOW,
-        )
-        .unwrap();
+        let memo = memo_of(&rows, "b", NOW, NOW + 60_000);
         assert!(memo.get(KEY, 1, NOW + MEMO_MAX_MS - 1).is_some());
     }
 
