@@ -247,6 +247,44 @@ fn unflushed_usage_follows_rename_and_restore_and_is_not_copied() {
     assert_eq!(billed, [0, 3, 0, 2], "erin, frank, grace, heidi");
 }
 
+/// A key renamed away and back within one interval is listed under its name twice: it is
+/// still billed once, and what it does after the flush is billed exactly too.
+#[test]
+fn a_key_renamed_away_and_back_is_billed_once() {
+    let (env, mut con) = TestEnv::start_con(&[("flush-interval", "3600")]);
+    // The node's first tick rebuilds the list from the keyspace (which lists each key once):
+    // what this test lists comes after it.
+    std::thread::sleep(Duration::from_millis(500));
+    let (acc, other) = ([T, P, "ivan", "web"], [T, P, "judy", "web"]);
+    for _ in 0..4 {
+        assert!(con.admit(acc, "").allowed);
+    }
+    let (key, other_key) = (account_key(acc), account_key(other));
+    query(&mut con, &["RENAME", &key, &other_key]).unwrap();
+    query(&mut con, &["RENAME", &other_key, &key]).unwrap();
+    assert!(con.admit(acc, "").allowed);
+    query(&mut con, &["CONFIG", "SET", "quota.flush-interval", "1"]).unwrap();
+    env.flushed();
+    assert_eq!(
+        (
+            env.ledger("ivan", "requests"),
+            env.ledger("judy", "requests")
+        ),
+        (5, 0)
+    );
+    for _ in 0..2 {
+        assert!(con.admit(acc, "").allowed);
+    }
+    env.flushed();
+    assert_eq!(
+        (
+            env.ledger("ivan", "requests"),
+            env.ledger("judy", "requests")
+        ),
+        (7, 0)
+    );
+}
+
 /// `kill -9` between flushes: what was flushed stays, nothing is counted twice, the loss is
 /// at most what happened since the last flush, and the balance is right after the restart
 /// (AOF `everysec`, as the README recommends).

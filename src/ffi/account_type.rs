@@ -298,7 +298,8 @@ impl Drop for AccountKey {
 }
 
 /// Calls `f` with the name and account of every key of this type in the selected database
-/// (`RedisModule_Scan`); where `f` returns true the key is marked as on the ledger's list.
+/// (`RedisModule_Scan`); the key is marked as on the ledger's list where `f` returns true, and
+/// as off it elsewhere.
 pub(crate) fn scan_accounts(ctx: Ctx, mut f: impl FnMut(&[u8], &Account) -> bool) {
     type Visit<'a> = &'a mut dyn FnMut(&[u8], &Account) -> bool;
     unsafe extern "C" fn visit(
@@ -333,9 +334,8 @@ pub(crate) fn scan_accounts(ctx: Ctx, mut f: impl FnMut(&[u8], &Account) -> bool
             }
             let bytes = std::slice::from_raw_parts(p.cast::<u8>(), len);
             let f = &mut *privdata.cast::<Visit<'_>>();
-            if f(bytes, &stored.account) {
-                stored.account.set_tracked(true);
-            }
+            let listed = f(bytes, &stored.account);
+            stored.account.set_tracked(listed);
         }
     }
     let mut f: Visit<'_> = &mut f;

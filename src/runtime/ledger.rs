@@ -25,72 +25,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::config;
+use super::flush_list::{KeyId, KeyList};
 use super::jobs::{FlushOutcome, Job, KeyBatch};
 use super::stats;
 use super::worker;
 use crate::core::effect::Effect;
-use crate::core::ids;
 use crate::core::ledger::{Acknowledgement, HourDelta};
 use crate::core::Millis;
 use crate::ffi::account_type::{scan_accounts, AccountKey};
 use crate::ffi::ctx::Ctx;
 use crate::ffi::propagation;
-
-/// An account key on the list: its database and name, in few bytes (every account with
-/// unflushed usage has one). The database is one byte below 255 (else 255 and four bytes);
-/// then a canonical account key (`AccountId::key`) in its compact form
-/// (`ids::compact_account_key`, about half the name), marked 1, or any other name as it is,
-/// marked 0.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct KeyId(Box<[u8]>);
-
-impl KeyId {
-    fn new(db: i32, name: &[u8]) -> KeyId {
-        let mut out = Vec::with_capacity(name.len() / 2 + 8);
-        match u8::try_from(db) {
-            Ok(small) if small < u8::MAX => out.push(small),
-            _ => {
-                out.push(u8::MAX);
-                out.extend_from_slice(&db.to_le_bytes());
-            }
-        }
-        let mark = out.len();
-        out.push(1);
-        if !ids::compact_account_key(name, &mut out) {
-            out.truncate(mark);
-            out.push(0);
-            out.extend_from_slice(name);
-        }
-        KeyId(out.into_boxed_slice())
-    }
-
-    /// The database, and where the name's mark is.
-    fn split(&self) -> (i32, usize) {
-        match self.0.first() {
-            Some(&u8::MAX) => {
-                let db = self.0.get(1..5).and_then(|b| b.try_into().ok());
-                (db.map_or(-1, i32::from_le_bytes), 5)
-            }
-            Some(db) => (i32::from(*db), 1),
-            None => (-1, 0),
-        }
-    }
-
-    fn db(&self) -> i32 {
-        self.split().0
-    }
-
-    fn name(&self) -> Box<[u8]> {
-        let (_, at) = self.split();
-        match self.0.get(at..).and_then(|r| r.split_first()) {
-            Some((1, compact)) => ids::account_key_of_compact(compact)
-                .map(|k| k.as_slice().into())
-                .unwrap_or_default(),
-            Some((_, name)) => name.into(),
-            None => Box::default(),
-        }
-    }
-}
 
 /// Most accounts one slice snapshots (and one transaction writes).
 const SLICE: usize = 1000;
@@ -117,9 +61,12 @@ struct Slice {
 #[derive(Default)]
 struct FlushState {
     /// Account keys that may have unflushed usage and are not in the round under way.
-    tracked: HashSet<KeyId>,
+    tracked: KeyList,
     /// The round under way: keys not snapshotted yet.
-    round: Vec<KeyId>,
+    round: KeyList,
+    /// The keys of the slices being written: a key listed twice (a name placed again by
+    /// `RENAME`) is not snapshotted again while its batch is unanswered.
+    flying: HashSet<KeyId>,
     /// Batches to send again as they were, by key.
     frozen: HashMap<KeyId, Frozen>,
     /// Slices being written, by number.
@@ -136,6 +83,17 @@ struct FlushState {
     round_accounts: u64,
 }
 
+impl FlushState {
+    /// Takes the slice `number` off the slices being written.
+    fn land(&mut self, number: u64) -> Option<Slice> {
+        let slice = self.in_flight.remove(&number)?;
+        for key in &slice.keys {
+            self.flying.remove(key);
+        }
+        Some(slice)
+    }
+}
+
 thread_local! {
     static STATE: RefCell<FlushState> = RefCell::new(FlushState::default());
 }
@@ -145,7 +103,7 @@ static WRITTEN: Mutex<Vec<(u64, Vec<FlushOutcome>)>> = Mutex::new(Vec::new());
 
 /// Puts an account key on the list of accounts to flush.
 pub(crate) fn track(db: i32, key: &[u8]) {
-    STATE.with(|s| s.borrow_mut().tracked.insert(KeyId::new(db, key)));
+    STATE.with(|s| s.borrow_mut().tracked.push(&KeyId::new(db, key)));
 }
 
 /// Accounts with unflushed usage known to the flush (listed, in the round, or being written).
@@ -188,6 +146,7 @@ pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
             s.frozen.clear();
             s.round.clear();
             s.in_flight.clear();
+            s.flying.clear();
         });
         take_written();
         return;
@@ -205,7 +164,7 @@ pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
         let idle = s.round.is_empty() && s.in_flight.is_empty();
         if idle && (force || became_master || now - s.last_flush >= interval) {
             let FlushState { tracked, round, .. } = &mut *s;
-            round.extend(tracked.drain());
+            round.append(tracked);
             s.last_flush = now;
             s.round_us = 0;
             s.round_longest_us = 0;
@@ -228,8 +187,7 @@ fn send_slices(ctx: Ctx, now: Millis) {
         }
         let keys = STATE.with(|s| {
             let mut s = s.borrow_mut();
-            let at = s.round.len().saturating_sub(SLICE);
-            s.round.split_off(at)
+            s.round.take(SLICE)
         });
         let (keys, batches) = snapshot(ctx, keys, now, Some(started + TICK_BUDGET));
         if batches.is_empty() {
@@ -240,6 +198,7 @@ fn send_slices(ctx: Ctx, now: Millis) {
             s.next_slice += 1;
             let sent = sent_of(&batches);
             let number = s.next_slice;
+            s.flying.extend(keys.iter().cloned());
             s.in_flight.insert(
                 number,
                 Slice {
@@ -258,11 +217,11 @@ fn send_slices(ctx: Ctx, now: Millis) {
             // Queue full: the slice goes back to the round for a later tick.
             STATE.with(|s| {
                 let mut s = s.borrow_mut();
-                if let Some(slice) = s.in_flight.remove(&number) {
+                if let Some(slice) = s.land(number) {
                     let FlushState { round, frozen, .. } = &mut *s;
                     for (key, sent) in slice.keys.into_iter().zip(slice.sent) {
-                        frozen.insert(key.clone(), sent);
-                        round.push(key);
+                        round.push(&key);
+                        frozen.insert(key, sent);
                     }
                 }
             });
@@ -319,16 +278,19 @@ pub(crate) fn flush_and_wait(ctx: Ctx) {
             round,
             frozen,
             in_flight,
+            flying,
             ..
         } = &mut *s;
+        flying.clear();
         for (_, slice) in in_flight.drain() {
             for (key, sent) in slice.keys.into_iter().zip(slice.sent) {
-                frozen.insert(key.clone(), sent);
-                round.push(key);
+                round.push(&key);
+                frozen.insert(key, sent);
             }
         }
-        round.extend(tracked.drain());
-        std::mem::take(round)
+        round.append(tracked);
+        let len = round.len();
+        round.take(len)
     });
     let now = super::clock::now_ms();
     let (keys, batches) = snapshot(ctx, keys, now, None);
@@ -366,7 +328,13 @@ fn rescan(ctx: Ctx) {
         db += 1;
     }
     ctx.select_db(original);
-    STATE.with(|s| s.borrow_mut().tracked.extend(found));
+    // The list is rebuilt: what it held is found again if it is still unflushed (and every
+    // account's flag says whether it is listed).
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        s.tracked.clear();
+        s.tracked.extend(found);
+    });
 }
 
 /// The snapshot of `keys`: each account's batch (its frozen one if an earlier send is still
@@ -386,13 +354,19 @@ fn snapshot(
         let mut selected = original;
         let mut keys = keys.into_iter();
         let mut seen = 0usize;
+        // The keys taken by this snapshot: a key listed twice gives one batch.
+        let mut taken = HashSet::new();
         while let Some(id) = keys.next() {
             seen += 1;
             // Checked every 64 accounts: a clock read costs about what a snapshot's step does.
             if seen.is_multiple_of(64) && deadline.is_some_and(|d| Instant::now() >= d) {
-                s.round.push(id);
+                s.round.push(&id);
                 s.round.extend(keys);
                 break;
+            }
+            // Listed twice: its batch is being written, or this snapshot has it already.
+            if s.flying.contains(&id) || taken.contains(&id) {
+                continue;
             }
             let (db, name) = (id.db(), id.name());
             if db != selected {
@@ -423,6 +397,7 @@ fn snapshot(
             let Some((seq, rev, hours)) = batch else {
                 continue;
             };
+            taken.insert(id.clone());
             batches.push(KeyBatch {
                 key: name,
                 seq,
@@ -442,7 +417,7 @@ fn snapshot(
 /// Takes what PostgreSQL has off each account of a written slice, as a replicated effect;
 /// batches whose write failed are frozen and listed again for the next round.
 fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
-    let Some(slice) = STATE.with(|s| s.borrow_mut().in_flight.remove(&slice)) else {
+    let Some(slice) = STATE.with(|s| s.borrow_mut().land(slice)) else {
         return;
     };
     let original = ctx.db();
@@ -455,8 +430,8 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
                 failed = true;
                 STATE.with(|s| {
                     let mut s = s.borrow_mut();
-                    s.frozen.insert(id.clone(), sent);
-                    s.tracked.insert(id);
+                    s.tracked.push(&id);
+                    s.frozen.insert(id, sent);
                 });
                 continue;
             }
@@ -497,7 +472,7 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
         key.touch();
         propagation::effect(ctx, &key, &effect.encode());
         if pending {
-            STATE.with(|s| s.borrow_mut().tracked.insert(id));
+            STATE.with(|s| s.borrow_mut().tracked.push(&id));
         }
     }
     ctx.select_db(original);
@@ -505,27 +480,5 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
         stats::LEDGER_FLUSH_ERRORS.incr();
     } else {
         stats::LEDGER_FLUSHES.incr();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::KeyId;
-    use crate::core::ids::AccountId;
-
-    /// Every listed key gives back its database and name, compact or not.
-    #[test]
-    fn listed_keys_give_back_their_database_and_name() {
-        let id = AccountId::parse([b"acme", b"chat", b"u000000000042", b"*"]).unwrap();
-        let account = id.key().0;
-        for db in [0, 15, 254, 255, 4096, i32::MAX] {
-            for name in [account.as_slice(), b"renamed:by-hand", b""] {
-                let listed = KeyId::new(db, name);
-                assert_eq!((listed.db(), &*listed.name()), (db, name), "{db} {name:?}");
-            }
-        }
-        // The compact form: one byte of database, a mark and the ids with one-byte lengths.
-        assert_eq!(KeyId::new(0, &account).0.len(), 2 + 4 + 4 + 13 + 1 + 4);
-        assert_ne!(KeyId::new(0, &account), KeyId::new(1, &account));
     }
 }

@@ -6,6 +6,7 @@
 pub(crate) mod cache;
 pub(crate) mod clock;
 pub(crate) mod config;
+mod flush_list;
 pub(crate) mod jobs;
 pub(crate) mod ledger;
 pub(crate) mod notify;
