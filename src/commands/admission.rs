@@ -231,6 +231,7 @@ fn admit_with(
     decide(
         ctx,
         parsed,
+        &key,
         base,
         &mut account_key,
         (additional, source, memo, balance),
@@ -321,9 +322,11 @@ fn remembered(account_key: &mut AccountKey, key: &[u8], now: Millis) -> Option<R
     Some(found)
 }
 
+/// Decides on account `key` (`parsed.account`'s key) and replies.
 fn decide(
     ctx: Ctx,
     parsed: &parse::AdmitArgs<'_>,
+    key: &[u8],
     base: Limits,
     account_key: &mut AccountKey,
     (additional, source, memo, balance): (
@@ -334,6 +337,7 @@ fn decide(
     ),
     now: Millis,
 ) -> Result<(), CommandError> {
+    account_key.prefetch_lease_tail();
     let policy = EffectivePolicy::merge(base, additional.as_ref());
     let lease_ttl = parsed
         .lease_ttl
@@ -349,7 +353,6 @@ fn decide(
     // A balance: who holds it, what it has left, and the terms commits will debit it on.
     let global = source == CreditSource::Global;
     let terms = balance.map(|b| terms_for(&b, global, &policy));
-    let (key, _) = parsed.account.key();
     let mut holder = match balance {
         Some(_) => Some(Holder::open(ctx, &parsed.account, global)?),
         None => None,
@@ -367,7 +370,7 @@ fn decide(
             Ok(decision) => {
                 let usage = parsed.verbose.then(|| account.usage(now));
                 let terms_changed = !parsed.peek && account.set_terms(terms);
-                let change = balance_change(&decision, &key, parsed.lease, now, lease_ttl_ms);
+                let change = balance_change(&decision, key, parsed.lease, now, lease_ttl_ms);
                 if let (Some(change), true) = (&change, is_self) {
                     account.apply_balance(now, change);
                 }

@@ -237,6 +237,15 @@ impl AccountKey {
         stored.memo
     }
 
+    /// Starts loading the line the account's next lease goes to (see
+    /// `Account::lease_tail_address`).
+    #[inline]
+    pub(crate) fn prefetch_lease_tail(&mut self) {
+        if let Some(stored) = self.stored() {
+            prefetch(stored.account.lease_tail_address());
+        }
+    }
+
     /// Remembers the credit for the next admissions (nothing when the key does not exist).
     pub(crate) fn set_memo(&mut self, memo: CreditMemo) {
         if let Some(stored) = self.stored() {

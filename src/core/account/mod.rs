@@ -438,6 +438,19 @@ impl Account {
         self.extra.as_deref().map(|e| std::ptr::from_ref(e).cast())
     }
 
+    /// Where the next lease would be stored when it goes last (the usual case), for a
+    /// prefetch: an admission writes there, and a store that misses the cache would hold up
+    /// the rest of the decision. Only an address, never read (it may lie past the buffer).
+    pub(crate) fn lease_tail_address(&self) -> Option<*const u8> {
+        let extra = self.extra.as_deref()?;
+        let (front, back) = extra.leases.as_slices();
+        let end = match back.is_empty() {
+            true => front.as_ptr_range().end,
+            false => back.as_ptr_range().end,
+        };
+        Some(end.cast())
+    }
+
     /// The optional part, created when missing (call `tidy` after removing from it).
     fn extra_mut(&mut self) -> &mut Extra {
         self.extra.get_or_insert_with(Box::default)
