@@ -337,7 +337,7 @@ fn decide(
     ),
     now: Millis,
 ) -> Result<(), CommandError> {
-    account_key.prefetch_lease_tail();
+    account_key.prefetch_parts();
     let policy = EffectivePolicy::merge(base, additional.as_ref());
     let lease_ttl = parsed
         .lease_ttl

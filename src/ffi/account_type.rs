@@ -237,12 +237,13 @@ impl AccountKey {
         stored.memo
     }
 
-    /// Starts loading the line the account's next lease goes to (see
-    /// `Account::lease_tail_address`).
+    /// Starts loading what an admission reads and writes beyond the account's lease part:
+    /// the line its next lease goes to (see `Account::lease_tail_address`) and its ledger part.
     #[inline]
-    pub(crate) fn prefetch_lease_tail(&mut self) {
+    pub(crate) fn prefetch_parts(&mut self) {
         if let Some(stored) = self.stored() {
             prefetch(stored.account.lease_tail_address());
+            prefetch(stored.account.ledger_address());
         }
     }
 

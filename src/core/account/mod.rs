@@ -443,12 +443,20 @@ impl Account {
     /// the rest of the decision. Only an address, never read (it may lie past the buffer).
     pub(crate) fn lease_tail_address(&self) -> Option<*const u8> {
         let extra = self.extra.as_deref()?;
+        if extra.leases.capacity() == 0 {
+            return None;
+        }
         let (front, back) = extra.leases.as_slices();
         let end = match back.is_empty() {
             true => front.as_ptr_range().end,
             false => back.as_ptr_range().end,
         };
         Some(end.cast())
+    }
+
+    /// Where the ledger part is, for a prefetch: a balance holder's admission reads it.
+    pub(crate) fn ledger_address(&self) -> Option<*const u8> {
+        self.ledger().map(|l| std::ptr::from_ref(l).cast())
     }
 
     /// The optional part, created when missing (call `tidy` after removing from it).
