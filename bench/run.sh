@@ -14,7 +14,8 @@
 #        QUOTA.ADMIT POLICY bench COMPACT (the same limits as a named policy)
 #                                                                 -> vs CL.THROTTLE, vs INCR
 #        QUOTA.GET on cached users                                        -> vs HGETALL
-#        HGETALL of an 18-field hash (a reply the size of QUOTA.GET's)
+#        HGETALL of an 18-field hash (the bar's baseline: the record's size when it was set)
+#        HGETALL of a 24-field hash (a reply the shape of today's QUOTA.GET, info)
 #      and, unpipelined (-P 1 -c 1), INCR and ADMIT POLICY for their p50/p99 latency.
 #      BENCH_EXTRA=1 adds the older rows: EVALSHA bench/admit.lua, ADMIT without a lease, GET.
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
@@ -286,6 +287,15 @@ pipe_all 1 "" 0 "$USERS" HSET rec:@U@ tenant acme project chat user_id u@U@ bund
     additional_tokens_per_hour - additional_tokens_per_day 1000000000 additional_tokens_per_month - \
     additional_max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
     active 1 created_at 1795841254 updated_at 1795841254
+# The same record with the six balance fields QUOTA.GET has had since prepaid balances: the
+# reply of today's QUOTA.GET, field for field (the bar above keeps the 18-field baseline).
+pipe_all 1 "" 0 "$USERS" HSET rec24:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
+    additional_requests_per_day 1000000 additional_requests_per_month - additional_total_requests - \
+    additional_tokens_per_hour - additional_tokens_per_day 1000000000 additional_tokens_per_month - \
+    additional_max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
+    active 1 created_at 1795841254 updated_at 1795841254 requests_balance - tokens_balance - \
+    requests_balance_debited - tokens_balance_debited - requests_balance_left - \
+    tokens_balance_left -
 # Balance users: a '*' credit with prepaid requests only. Their admissions below ask for
 # REQUESTS_PER_DAY 0, so the balance pays every one.
 log "granting a request balance to $USERS balance users"
@@ -309,7 +319,7 @@ cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)
 
 # --- throughput --------------------------------------------------------------------------
 # Each ratio's two commands run back to back in every round.
-names=(INCR CELL HMGET ADMIT POLICY QGET HGETALL BALANCE WINDOWS)
+names=(INCR CELL HMGET ADMIT POLICY QGET HGETALL HGETALL24 BALANCE WINDOWS)
 if [ "${BENCH_EXTRA:-0}" = 1 ]; then names+=(LUA ADMIT_NOLEASE GET); fi
 declare -A label cmd n_of
 label[INCR]="INCR counter:__rand_int__"
@@ -321,6 +331,7 @@ label[LUA]="EVALSHA admit.lua"
 label[GET]="GET key:__rand_int__"
 label[QGET]="QUOTA.GET (cached)"
 label[HGETALL]="HGETALL rec:__rand_int__ (18 f.)"
+label[HGETALL24]="HGETALL rec24:__rand_int__ (24 f.)"
 label[HMGET]="HMGET rec:__rand_int__ (13 args)"
 label[BALANCE]="QUOTA.ADMIT paid by a balance"
 label[WINDOWS]="QUOTA.ADMIT paid by its windows"
@@ -333,6 +344,7 @@ cmd[LUA]="EVALSHA $sha 1 u__rand_int__ 100000000 1000000000 1000000000 1000000 $
 cmd[GET]="GET key:__rand_int__"
 cmd[QGET]="QUOTA.GET acme chat u__rand_int__ *"
 cmd[HGETALL]="HGETALL rec:__rand_int__"
+cmd[HGETALL24]="HGETALL rec24:__rand_int__"
 # The same command shape; the first is paid by the user's balance (a window of 0), the second
 # by its windows (a user with a window credit and no balance).
 cmd[BALANCE]="QUOTA.ADMIT acme chat b__rand_int__ * REQUESTS_PER_DAY 0 COMPACT"
@@ -456,6 +468,7 @@ mkdir -p "$root/bench/out"
         "ADMIT inline/HMGET(13 args):ADMIT:HMGET:>=:$BAR_ADMIT_HMGET"
         "QUOTA.GET/HGETALL(18 fields):QGET:HGETALL:>=:$BAR_GET_HGETALL"
         "ADMIT balance-paid/windows-paid:BALANCE:WINDOWS:>=:$BAR_BALANCE_WINDOWS"
+        "QUOTA.GET/HGETALL(24, same shape):QGET:HGETALL24:-:-"
         "ADMIT inline/INCR:ADMIT:INCR:-:-"
         "CL.THROTTLE/INCR:CELL:INCR:-:-"
         "HMGET(13 args)/INCR:HMGET:INCR:-:-")
