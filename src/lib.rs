@@ -217,8 +217,13 @@ mod module {
     }
 
     /// A key put under a new name by `RENAME`, `MOVE` or `RESTORE`: an account with usage not
-    /// flushed yet is listed for the ledger under that name.
+    /// flushed yet is listed for the ledger under that name (on a master).
     fn on_placed(ctx: crate::ffi::ctx::Ctx, name: &[u8]) {
+        // A replica's list is never drained (a promotion rebuilds it from the keyspace): names
+        // placed there by replicated renames would only pile up.
+        if !ctx.is_master() {
+            return;
+        }
         let Ok(mut key) = crate::ffi::account_type::AccountKey::open_read(ctx, name) else {
             return;
         };
