@@ -180,8 +180,7 @@ pub(crate) const MEMO_MAX_MS: Millis = 1000;
 /// 32 bytes, kept inline next to every account: the amounts that add something (above zero;
 /// one at zero or below adds nothing, exactly as an absent one) are kept as varints in
 /// `MEMO_AMOUNT_BYTES` bytes, the balance after them. A credit whose amounts need more is not
-/// remembered
-/// (`new` gives none): its admissions look it up in the cache each time.
+/// remembered (`new` gives none): its admissions look it up in the cache each time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CreditMemo {
     /// Until when it holds, in whole seconds since the epoch (rounded down: a memo never holds
@@ -335,17 +334,12 @@ const MEMO_BALANCE: u8 = 1 << 7;
 const _: () = assert!(LIMIT_FIELDS < 8);
 
 /// Appends `v` as a varint to `buf` at `*at`; `None` when it does not fit.
-fn put_varint(buf: &mut [u8], at: &mut usize, mut v: u64) -> Option<()> {
-    loop {
-        let byte = buf.get_mut(*at)?;
-        *at += 1;
-        if v < 0x80 {
-            *byte = v as u8;
-            return Some(());
-        }
-        *byte = (v as u8) | 0x80;
-        v >>= 7;
-    }
+fn put_varint(buf: &mut [u8], at: &mut usize, v: u64) -> Option<()> {
+    let (bytes, n) = varint::encode_u64(v);
+    let end = *at + n;
+    buf.get_mut(*at..end)?.copy_from_slice(bytes.get(..n)?);
+    *at = end;
+    Some(())
 }
 
 /// The next varint of `bytes` (0 past the end: a memo only reads what it wrote).

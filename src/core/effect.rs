@@ -18,7 +18,7 @@ use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
 use super::ledger::{
     Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_PENDING_HOURS,
 };
-use super::varint::{take_u64, unzigzag, zigzag, VarintError};
+use super::varint::{encode_u64, take_u64, unzigzag, zigzag, VarintError};
 use super::window::Window;
 use super::Millis;
 
@@ -478,12 +478,9 @@ impl<'a> Effect<'a> {
     }
 }
 
-fn put_u64(w: &mut EncodedEffect, mut v: u64) {
-    while v >= 0x80 {
-        w.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    w.push(v as u8);
+fn put_u64(w: &mut EncodedEffect, v: u64) {
+    let (bytes, n) = encode_u64(v);
+    w.extend_from_slice(bytes.get(..n).unwrap_or_default());
 }
 
 fn put_i64(w: &mut EncodedEffect, v: i64) {

@@ -33,6 +33,23 @@ pub(crate) fn take_u64(buf: &mut &[u8]) -> Result<(u64, bool), VarintError> {
     Err(VarintError::TooLong)
 }
 
+/// `v` as a varint: the bytes, and how many of them are used.
+#[inline]
+pub(crate) fn encode_u64(mut v: u64) -> ([u8; 10], usize) {
+    let mut out = [0u8; 10];
+    let mut n = 0;
+    for byte in out.iter_mut() {
+        n += 1;
+        if v < 0x80 {
+            *byte = v as u8;
+            break;
+        }
+        *byte = (v as u8) | 0x80;
+        v >>= 7;
+    }
+    (out, n)
+}
+
 /// A signed number as the unsigned one its varint holds: 0, -1, 1, -2, ... as 0, 1, 2, 3, ...
 #[inline]
 pub(crate) fn zigzag(v: i64) -> u64 {
@@ -52,6 +69,16 @@ mod tests {
     fn take(mut bytes: &[u8]) -> (Result<(u64, bool), VarintError>, usize) {
         let r = take_u64(&mut bytes);
         (r, bytes.len())
+    }
+
+    /// What `encode_u64` writes reads back, in its shortest form.
+    #[test]
+    fn encoded_numbers_read_back_in_their_shortest_form() {
+        for v in [0, 1, 127, 128, 300, 1 << 35, u64::MAX - 1, u64::MAX] {
+            let (buf, n) = encode_u64(v);
+            assert_eq!(take(&buf[..n]), (Ok((v, true)), 0), "{v}");
+        }
+        assert_eq!(encode_u64(u64::MAX).1, 10);
     }
 
     #[test]

@@ -64,8 +64,8 @@ struct FlushState {
     tracked: KeyList,
     /// The round under way: keys not snapshotted yet.
     round: KeyList,
-    /// The keys of the slices being written: a key listed twice (a name placed again by
-    /// `RENAME`) is not snapshotted again while its batch is unanswered.
+    /// The keys snapshotted and not acknowledged yet (the slices being written): a key listed
+    /// twice (a name placed again by `RENAME`) gives one batch until its answer is in.
     flying: HashSet<KeyId>,
     /// Batches to send again as they were, by key.
     frozen: HashMap<KeyId, Frozen>,
@@ -198,7 +198,6 @@ fn send_slices(ctx: Ctx, now: Millis) {
             s.next_slice += 1;
             let sent = sent_of(&batches);
             let number = s.next_slice;
-            s.flying.extend(keys.iter().cloned());
             s.in_flight.insert(
                 number,
                 Slice {
@@ -354,8 +353,6 @@ fn snapshot(
         let mut selected = original;
         let mut keys = keys.into_iter();
         let mut seen = 0usize;
-        // The keys taken by this snapshot: a key listed twice gives one batch.
-        let mut taken = HashSet::new();
         while let Some(id) = keys.next() {
             seen += 1;
             // Checked every 64 accounts: a clock read costs about what a snapshot's step does.
@@ -365,7 +362,7 @@ fn snapshot(
                 break;
             }
             // Listed twice: its batch is being written, or this snapshot has it already.
-            if s.flying.contains(&id) || taken.contains(&id) {
+            if s.flying.contains(&id) {
                 continue;
             }
             let (db, name) = (id.db(), id.name());
@@ -397,7 +394,8 @@ fn snapshot(
             let Some((seq, rev, hours)) = batch else {
                 continue;
             };
-            taken.insert(id.clone());
+            // Flying from here: the caller sends the batch or lands the slice again.
+            s.flying.insert(id.clone());
             batches.push(KeyBatch {
                 key: name,
                 seq,
