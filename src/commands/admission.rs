@@ -18,7 +18,7 @@ use crate::core::credit::{
     select_credit, BalanceKind, CreditMemo, CreditSource, Remembered, Replenishment, RowBalance,
 };
 use crate::core::effect::{Change, Effect, EncodedEffect};
-use crate::core::ids::{AccountId, PolicyId, ANY_BUNDLE};
+use crate::core::ids::{AccountId, KeyBuf, PolicyId, ANY_BUNDLE};
 use crate::core::ledger::{balance_left, hold_tag, BalanceChange, BalanceTerms, Hold};
 use crate::core::policy::{Additional, CachedPolicy, EffectivePolicy, LimitField, Limits};
 use crate::core::Millis;
@@ -66,6 +66,8 @@ fn pick(rows: &[Replenishment], bundle: &str, now: Millis) -> (Option<Additional
 /// `QUOTA.ADMIT`.
 pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let parsed = parse::admit(args, config::MAX_LEASE_TTL)?;
+    // Opened first: the account's value loads (a cache miss) while the policy is looked up.
+    let opened = Opened::open(ctx, &parsed)?;
     let now = clock::now_ms();
     let base = match parsed.policy {
         None => parsed.base,
@@ -74,7 +76,27 @@ pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
             None => return Ok(()), // blocked on the policy: the reply comes later
         },
     };
-    admit_with(ctx, &parsed, base, Credits::Cache, now)
+    admit_with(ctx, &parsed, base, Credits::Cache, now, opened)
+}
+
+/// An admission's account key, opened: its name, the length of the user-key prefix of the
+/// name, and the key.
+struct Opened {
+    name: KeyBuf,
+    user_len: usize,
+    key: AccountKey,
+}
+
+impl Opened {
+    fn open(ctx: Ctx, parsed: &parse::AdmitArgs<'_>) -> Result<Opened, CommandError> {
+        let (name, user_len) = parsed.account.key();
+        let key = AccountKey::open(ctx, &name)?;
+        Ok(Opened {
+            name,
+            user_len,
+            key,
+        })
+    }
 }
 
 /// An `ADMIT` waiting on PostgreSQL: its request, owned, and its base policy when that was
@@ -107,7 +129,14 @@ impl Waiting for AdmitWait {
             }
             (_, other) => return Err(CommandError::undone(&other)),
         };
-        admit_with(ctx, &parsed, base, credits, now)
+        admit_with(
+            ctx,
+            &parsed,
+            base,
+            credits,
+            now,
+            Opened::open(ctx, &parsed)?,
+        )
     }
 
     /// PostgreSQL is too slow: decide on the base policy rather than fail the request (when
@@ -123,7 +152,8 @@ impl Waiting for AdmitWait {
                 None => return Err(policies::unavailable(name).into()),
             },
         };
-        admit_with(ctx, &parsed, base, Credits::Unavailable, now)
+        let opened = Opened::open(ctx, &parsed)?;
+        admit_with(ctx, &parsed, base, Credits::Unavailable, now, opened)
     }
 }
 
@@ -157,10 +187,14 @@ fn admit_with(
     base: Limits,
     credits: Credits,
     now: Millis,
+    opened: Opened,
 ) -> Result<(), CommandError> {
-    let (key, user_len) = parsed.account.key();
+    let Opened {
+        name: key,
+        user_len,
+        key: mut account_key,
+    } = opened;
     let user_key = key.get(..user_len).unwrap_or(&key);
-    let mut account_key = AccountKey::open(ctx, &key)?;
     let mut memo = None;
     let mut balance = None;
     let (additional, source) = match credits {

@@ -651,7 +651,7 @@ mod tests {
         assert_eq!(add.get(LimitField::RequestsPerDay), Some(9));
         assert_eq!(add.get(LimitField::TokensPerDay), None);
         // A negative amount adds nothing, as it did from the row itself.
-        let base = crate::core::policy::Limits([Some(100); LIMIT_FIELDS]);
+        let base = crate::core::policy::Limits::all(Some(100));
         assert_eq!(
             crate::core::policy::EffectivePolicy::merge(base, Some(&add)),
             crate::core::policy::EffectivePolicy::merge(base, picked.0.as_ref())

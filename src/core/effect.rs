@@ -18,7 +18,7 @@ use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
 use super::ledger::{
     Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_PENDING_HOURS,
 };
-use super::varint::{encode_u64, take_u64, unzigzag, zigzag, VarintError};
+use super::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
 use super::window::Window;
 use super::Millis;
 
@@ -51,8 +51,10 @@ const OP_SETTLE: u8 = 2;
 const ID_SHORT: u8 = 0;
 const ID_NAMED: u8 = 1;
 
-/// An encoded effect: on the stack unless a lease id is unusually long.
-pub(crate) type EncodedEffect = SmallVec<[u8; 256]>;
+/// An encoded effect: on the stack unless a lease id is unusually long (an admission's effect
+/// is about 25 bytes, and 96 hold one with a 64-byte lease id). Kept small, as it is moved
+/// around on every admission.
+pub(crate) type EncodedEffect = SmallVec<[u8; 96]>;
 
 /// A lease id as an effect carries it, borrowed so that neither encoding nor decoding allocates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -478,9 +480,11 @@ impl<'a> Effect<'a> {
     }
 }
 
+/// Appends `v` as a varint (straight into `w`: an array handed back and read again as wider
+/// words would stall on store forwarding, on every admission).
+#[inline]
 fn put_u64(w: &mut EncodedEffect, v: u64) {
-    let (bytes, n) = encode_u64(v);
-    w.extend_from_slice(bytes.get(..n).unwrap_or_default());
+    write_u64(v, |b| w.push(b));
 }
 
 fn put_i64(w: &mut EncodedEffect, v: i64) {

@@ -53,10 +53,13 @@ pub(crate) fn check_id<'a>(what: &'static str, raw: &'a [u8]) -> Result<&'a str,
 /// The part of a user id that Redis Cluster hashes: the first non-empty `{...}` section, else the
 /// whole id (the same rule Redis applies to key names).
 pub(crate) fn hash_tag(user: &str) -> &str {
-    if let Some(open) = user.find('{') {
-        if let Some(len) = user[open + 1..].find('}') {
+    // Byte searches: ids are short, and `{`, `}` are ASCII (never inside a UTF-8 sequence).
+    let bytes = user.as_bytes();
+    if let Some(open) = bytes.iter().position(|&b| b == b'{') {
+        let rest = bytes.get(open + 1..).unwrap_or_default();
+        if let Some(len) = rest.iter().position(|&b| b == b'}') {
             if len > 0 {
-                return &user[open + 1..open + 1 + len];
+                return user.get(open + 1..open + 1 + len).unwrap_or(user);
             }
         }
     }

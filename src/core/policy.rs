@@ -100,27 +100,57 @@ impl LimitField {
 }
 
 /// A set of limits, one per field; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Limits(pub [Option<u64>; LIMIT_FIELDS]);
+///
+/// Kept as plain numbers with `UNLIMITED` for `None` (56 bytes instead of 112): an admission
+/// moves several of these around.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits([u64; LIMIT_FIELDS]);
 
-impl Limits {
-    /// The limit for one field.
-    pub(crate) fn get(&self, field: LimitField) -> Option<u64> {
-        self.0[field as usize]
+/// A field without limit (no limit can reach it: they are at most 2 x `i64::MAX`).
+const UNLIMITED: u64 = u64::MAX;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits([UNLIMITED; LIMIT_FIELDS])
     }
+}
 
-    /// Sets the limit for one field.
-    pub(crate) fn set(&mut self, field: LimitField, value: Option<u64>) {
-        self.0[field as usize] = value;
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(LimitField::ALL.map(|field| self.get(field)))
+            .finish()
     }
 }
 
 impl Limits {
+    /// The same limit for every field.
+    #[cfg(test)]
+    pub(crate) fn all(value: Option<u64>) -> Limits {
+        let mut out = Limits::default();
+        for field in LimitField::ALL {
+            out.set(field, value);
+        }
+        out
+    }
+
+    /// The limit for one field.
+    #[inline]
+    pub(crate) fn get(&self, field: LimitField) -> Option<u64> {
+        Some(self.0[field as usize]).filter(|v| *v != UNLIMITED)
+    }
+
+    /// Sets the limit for one field.
+    #[inline]
+    pub(crate) fn set(&mut self, field: LimitField, value: Option<u64>) {
+        self.0[field as usize] = value.map_or(UNLIMITED, |v| v.min(UNLIMITED - 1));
+    }
+
     /// These limits with the given (`Some`) fields of `inline` put over them one by one: what
     /// `QUOTA.ADMIT ... POLICY <name> [limits]` decides against.
     pub(crate) fn overlaid_with(mut self, inline: &Limits) -> Limits {
         for (mine, theirs) in self.0.iter_mut().zip(inline.0) {
-            if theirs.is_some() {
+            if theirs != UNLIMITED {
                 *mine = theirs;
             }
         }
@@ -247,7 +277,11 @@ mod tests {
         let base = limits(&[(TokensPerHour, u64::MAX - 1)]);
         let add = additional(&[(TokensPerHour, i64::MAX)]);
         let eff = EffectivePolicy::merge(base, Some(&add));
-        assert_eq!(eff.limits.get(LimitField::TokensPerHour), Some(u64::MAX));
+        // The highest limit there is (u64::MAX itself marks a field without limit).
+        assert_eq!(
+            eff.limits.get(LimitField::TokensPerHour),
+            Some(u64::MAX - 1)
+        );
     }
 
     #[test]

@@ -33,20 +33,27 @@ pub(crate) fn take_u64(buf: &mut &[u8]) -> Result<(u64, bool), VarintError> {
     Err(VarintError::TooLong)
 }
 
-/// `v` as a varint: the bytes, and how many of them are used.
-#[inline]
-pub(crate) fn encode_u64(mut v: u64) -> ([u8; 10], usize) {
-    let mut out = [0u8; 10];
-    let mut n = 0;
-    for byte in out.iter_mut() {
-        n += 1;
-        if v < 0x80 {
-            *byte = v as u8;
-            break;
-        }
-        *byte = (v as u8) | 0x80;
+/// Writes `v` as a varint through `push`, a byte at a time.
+#[inline(always)]
+pub(crate) fn write_u64(mut v: u64, mut push: impl FnMut(u8)) {
+    while v >= 0x80 {
+        push((v as u8) | 0x80);
         v >>= 7;
     }
+    push(v as u8);
+}
+
+/// `v` as a varint: the bytes, and how many of them are used (at most 10).
+#[inline]
+pub(crate) fn encode_u64(v: u64) -> ([u8; 10], usize) {
+    let mut out = [0u8; 10];
+    let mut n = 0;
+    write_u64(v, |b| {
+        if let Some(slot) = out.get_mut(n) {
+            *slot = b;
+        }
+        n += 1;
+    });
     (out, n)
 }
 

@@ -59,28 +59,68 @@ impl std::fmt::Display for WrongType {
     }
 }
 
-/// What a key of this type holds: the account, the absolute expiry last set on the key (so an
-/// admission need not ask Redis for it every time) and the credit its admissions use (so they
-/// need not look the user up in the cache every time). Only the account is persisted and
-/// replicated; the other two are rebuilt when missing.
+/// What a key of this type holds: the account, the expiry last set on the key (so an admission
+/// need not ask Redis for it every time), where the account's next lease goes (so an admission
+/// can start loading that line at once) and the credit its admissions use (so they need not
+/// look the user up in the cache every time). Only the account is persisted and replicated;
+/// the others are rebuilt when missing. Two 4-byte fields keep it at 128 bytes.
 struct Stored {
     account: Account,
-    expiry: i64,
+    /// The absolute expiry last set on the key, in whole seconds (an account's retention is
+    /// rounded up to the second), or `EXPIRY_UNKNOWN`, or `NO_EXPIRY`.
+    expiry_s: u32,
+    /// The cache line the account's next lease goes to (`Account::lease_tail_address`), in
+    /// lines from this value's own line, as of the last change; 0 when unknown. Only ever
+    /// prefetched, never read: a stale line costs a useless prefetch, nothing more.
+    lease_line: i32,
     memo: Option<CreditMemo>,
 }
 
-/// `expiry` not known yet (after a load): ask Redis.
-const EXPIRY_UNKNOWN: i64 = i64::MIN;
+/// `expiry_s` not known (after a load, or a retention past what 32-bit seconds hold): ask Redis.
+const EXPIRY_UNKNOWN: u32 = 0;
+/// `expiry_s` of a key without expiry.
+const NO_EXPIRY: u32 = u32::MAX;
+
+/// A cache line's address as a 64-byte line number.
+const LINE_SHIFT: u32 = 6;
 
 impl Stored {
     fn boxed(account: Account) -> *mut c_void {
         Box::into_raw(Box::new(Stored {
             account,
-            expiry: EXPIRY_UNKNOWN,
+            expiry_s: EXPIRY_UNKNOWN,
+            lease_line: 0,
             memo: None,
         }))
         .cast()
     }
+
+    /// Records where the next lease goes, after a change.
+    fn note_lease_line(&mut self) {
+        let here = std::ptr::from_ref(self) as usize >> LINE_SHIFT;
+        self.lease_line = self.account.lease_tail_address().map_or(0, |at| {
+            let line = at as usize >> LINE_SHIFT;
+            i32::try_from(line.wrapping_sub(here) as isize).unwrap_or(0)
+        });
+    }
+
+    /// The line `note_lease_line` recorded, to prefetch.
+    fn lease_line_address(&self) -> Option<*const u8> {
+        if self.lease_line == 0 {
+            return None;
+        }
+        let here = std::ptr::from_ref(self) as usize >> LINE_SHIFT;
+        let line = here.wrapping_add_signed(self.lease_line as isize);
+        Some((line << LINE_SHIFT) as *const u8)
+    }
+}
+
+/// `at` (ms since the epoch) rounded up to whole seconds, as `expiry_s` keeps it; `None` when
+/// it does not fit (the key's expiry is then set to the millisecond and not remembered).
+fn expiry_seconds(at: i64) -> Option<u32> {
+    u32::try_from(at.max(0).saturating_add(999) / 1000)
+        .ok()
+        .filter(|s| *s != EXPIRY_UNKNOWN && *s != NO_EXPIRY)
 }
 
 /// An account key opened for reading and writing by one command.
@@ -121,6 +161,13 @@ impl AccountKey {
             let is_ours = kind == raw::REDISMODULE_KEYTYPE_MODULE as c_int
                 && raw::RedisModule_ModuleTypeGetType.is_some_and(|f| f(key) == ours);
             if is_ours {
+                // Start loading the value (a cache miss) while the caller does other work.
+                let value = raw::RedisModule_ModuleTypeGetValue.map_or(ptr::null_mut(), |f| f(key));
+                if !value.is_null() {
+                    let at = value.cast::<u8>().cast_const();
+                    prefetch(Some(at));
+                    prefetch(Some(at.wrapping_add(64)));
+                }
                 Ok(opened)
             } else {
                 Err(WrongType)
@@ -175,11 +222,20 @@ impl AccountKey {
             Retention::Forever => None,
             Retention::Until(at) => Some(at),
         };
-        let wanted = at.unwrap_or(-1);
-        if stored.expiry == wanted {
+        stored.note_lease_line();
+        // Kept to the second: the key lives at most a second longer than it must, and the
+        // expiry changes at most once a second however often its leases move it.
+        let (wanted, at) = match at {
+            None => (NO_EXPIRY, None),
+            Some(at) => match expiry_seconds(at) {
+                Some(s) => (s, Some(i64::from(s) * 1000)),
+                None => (EXPIRY_UNKNOWN, Some(at)),
+            },
+        };
+        if stored.expiry_s == wanted && wanted != EXPIRY_UNKNOWN {
             return;
         }
-        stored.expiry = wanted;
+        stored.expiry_s = wanted;
         unsafe {
             let current = raw::RedisModule_GetAbsExpire.map_or(-1, |f| f(key));
             match at {
@@ -234,6 +290,8 @@ impl AccountKey {
         // The memo is read first on an admission: start loading the account's lease part too
         // (a cache miss that would otherwise wait until the decision).
         prefetch(stored.account.extra_address());
+        // And the line its next lease goes to, without waiting for the lease part to say where.
+        prefetch(stored.lease_line_address());
         stored.memo
     }
 
@@ -573,9 +631,52 @@ pub(crate) fn on_keys_placed(ctx: Ctx, f: fn(Ctx, &[u8])) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::account::{Lease, LeaseId};
+
+    #[test]
+    fn the_expiry_is_kept_in_whole_seconds_rounded_up() {
+        assert_eq!(expiry_seconds(1_000), Some(1));
+        assert_eq!(expiry_seconds(1_001), Some(2));
+        assert_eq!(expiry_seconds(1_999), Some(2));
+        assert_eq!(expiry_seconds(1_764_547_200_123), Some(1_764_547_201));
+        // 0 and u32::MAX are the two markers; what does not fit is set to the millisecond.
+        assert_eq!(expiry_seconds(0), None);
+        assert_eq!(expiry_seconds(-5), None);
+        assert_eq!(
+            expiry_seconds((i64::from(u32::MAX) - 1) * 1000),
+            Some(u32::MAX - 1)
+        );
+        assert_eq!(expiry_seconds(i64::from(u32::MAX) * 1000), None);
+        assert_eq!(expiry_seconds(i64::MAX), None);
+    }
+
+    #[test]
+    fn the_lease_line_points_at_the_line_the_next_lease_goes_to() {
+        let mut stored = Box::new(Stored {
+            account: Account::default(),
+            expiry_s: EXPIRY_UNKNOWN,
+            lease_line: 0,
+            memo: None,
+        });
+        stored.note_lease_line();
+        assert_eq!(stored.lease_line_address(), None, "no lease part, no line");
+        for n in 0..40u64 {
+            stored.account.push_lease(Lease {
+                id: LeaseId::Short(n + 1),
+                expires_at: 1_000 + i64::try_from(n).unwrap(),
+                reserved: 0,
+                day: 0,
+                month: 0,
+            });
+            stored.note_lease_line();
+            let tail = stored.account.lease_tail_address().unwrap() as usize;
+            let line = stored.lease_line_address().unwrap() as usize;
+            assert_eq!(line, tail & !63, "after {} leases", n + 1);
+        }
+    }
 
     /// Every account key holds one `Stored`: the 128-byte jemalloc size class (the account's
-    /// counters, its expiry and its credit memo; leases and settled ids live apart, only in
+    /// counters, its expiry, its lease line and its credit memo; leases and settled ids live apart, only in
     /// the accounts that hold some) keeps an account key under the 320 bytes of Redis memory
     /// it may cost.
     #[test]

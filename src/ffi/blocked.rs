@@ -142,10 +142,24 @@ pub(crate) type Args<'a> = smallvec::SmallVec<[&'a [u8]; 24]>;
 /// # Safety
 /// `argv` must point to `argc` valid Redis strings for the duration of the returned borrow.
 pub(crate) unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_int) -> Args<'a> {
+    let mut out = Args::new();
+    unsafe { args_into(&mut out, argv, argc) };
+    out
+}
+
+/// `args` into a buffer the caller holds (a command's entry point: no copy of the buffer).
+///
+/// # Safety
+/// As `args`.
+pub(crate) unsafe fn args_into<'a>(
+    out: &mut Args<'a>,
+    argv: *mut *mut raw::RedisModuleString,
+    argc: c_int,
+) {
     let n = usize::try_from(argc).unwrap_or(0);
-    let mut out = Args::with_capacity(n);
+    out.reserve(n);
     let Some(ptr_len) = (unsafe { raw::RedisModule_StringPtrLen }) else {
-        return out;
+        return;
     };
     for i in 0..n {
         let s = unsafe { *argv.add(i) };
@@ -157,7 +171,6 @@ pub(crate) unsafe fn args<'a>(argv: *mut *mut raw::RedisModuleString, argc: c_in
             out.push(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) });
         }
     }
-    out
 }
 
 /// Runs a command body, turning a panic into an error reply.
@@ -180,7 +193,8 @@ macro_rules! entry {
             argv: *mut *mut redis_module::raw::RedisModuleString,
             argc: std::os::raw::c_int,
         ) -> std::os::raw::c_int {
-            let args = unsafe { $crate::ffi::blocked::args(argv, argc) };
+            let mut args = $crate::ffi::blocked::Args::new();
+            unsafe { $crate::ffi::blocked::args_into(&mut args, argv, argc) };
             let ctx = $crate::ffi::ctx::Ctx::from_raw(ctx);
             $crate::ffi::blocked::guard(ctx, || ($handler)(ctx, &args));
             redis_module::raw::Status::Ok as std::os::raw::c_int

@@ -8,7 +8,7 @@ use super::{
     MAX_SETTLED,
 };
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
-use crate::core::varint::{encode_u64, take_u64, unzigzag, zigzag, VarintError};
+use crate::core::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
 
 impl Account {
     /// Encodes the state for RDB, AOF and replication.
@@ -173,8 +173,7 @@ fn put_ledger(w: &mut Vec<u8>, account: &Account) {
 }
 
 fn put_u64(w: &mut Vec<u8>, v: u64) {
-    let (bytes, n) = encode_u64(v);
-    w.extend_from_slice(bytes.get(..n).unwrap_or_default());
+    write_u64(v, |b| w.push(b));
 }
 
 fn put_i64(w: &mut Vec<u8>, v: i64) {
