@@ -16,7 +16,9 @@
 #        QUOTA.GET on cached users                                        -> vs HGETALL
 #        HGETALL of an 18-field hash (the bar's baseline: the record's size when it was set)
 #        HGETALL of a 24-field hash (a reply the shape of today's QUOTA.GET, info)
-#      and, unpipelined (-P 1 -c 1), INCR and ADMIT POLICY for their p50/p99 latency.
+#      and, unpipelined, INCR and ADMIT POLICY for their p50/p99 latency: one client
+#      (bench/latency.c, built with cc) sends the two alternately, so both see the same moments
+#      of a shared machine.
 #      BENCH_EXTRA=1 adds the older rows: EVALSHA bench/admit.lua, ADMIT without a lease, GET.
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
 #   5. memory: bytes per cached user (with one credit; with no credits) and per account key
@@ -73,6 +75,7 @@ command -v "$REDIS_SERVER" >/dev/null 2>&1 || apt_install redis-server
 command -v redis-benchmark >/dev/null 2>&1 || apt_install redis-tools
 command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools
 command -v awk >/dev/null 2>&1 || apt_install gawk
+command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
     log "cargo build --release"
@@ -82,6 +85,10 @@ fi
 
 log "redis-cell 0.2.2 (the CL.THROTTLE peer)"
 cell_lib="$(bash "$root/bench/redis-cell.sh")" || die "cannot build redis-cell (bench/redis-cell.sh)"
+log "the side-by-side latency client (bench/latency.c)"
+mkdir -p "$root/.tools"
+latency_bin="$root/.tools/latency"
+cc -O2 -o "$latency_bin" "$root/bench/latency.c" || die "cannot build bench/latency.c"
 
 # --- throwaway servers -------------------------------------------------------------------
 work="$(mktemp -d /tmp/quota-bench.XXXXXX)"
@@ -239,13 +246,18 @@ bench_once() {
         awk -F'","' 'NR == 2 { gsub(/"/, "", $2); print $2 }'
 }
 
-# latency_once N COMMAND... : one unpipelined single-client run; prints "p50 p99" in ms.
-latency_once() {
+# server_p99 COMMAND : the command's p99 in microseconds from INFO latencystats ("-" without).
+server_p99() {
+    cli INFO latencystats | tr -d '\r' |
+        awk -F'[:,=]' -v c="latency_percentiles_usec_$1" '$1 == c { for (i = 2; i < NF; i++) if ($i == "p99") v = $(i + 1) } END { print (v == "" ? "-" : v) }'
+}
+
+# latency_pair N COMMAND_A... -- COMMAND_B... : one client sends A and B alternately, N of
+# each, unpipelined; prints "p50_a p99_a p50_b p99_b" in ms (see bench/latency.c).
+latency_pair() {
     local n="$1"
     shift
-    redis-benchmark -h 127.0.0.1 -p "$port" -P 1 -c 1 -n "$n" -r "$USERS" --csv "$@" </dev/null 2>/dev/null |
-        awk -F'","' 'NR == 1 { for (i = 1; i <= NF; i++) { gsub(/"/, "", $i); col[$i] = i } }
-                     NR == 2 { gsub(/"/, "", $0); split($0, v, ","); print v[col["p50_latency_ms"]], v[col["p99_latency_ms"]] }'
+    "$latency_bin" 127.0.0.1 "$port" "$n" "$USERS" "$@" </dev/null
 }
 
 fmt_rps() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
@@ -367,7 +379,7 @@ for name in "${names[@]}"; do
     log "  ${label[$name]}: ~$(fmt_rps "$rps")/s -> -n ${n_of[$name]}"
 done
 
-declare -A results lat50 lat99
+declare -A results lat50 lat99 srv99
 hits0="$(quota_stat cache_hits)"
 misses0="$(quota_stat cache_misses)"
 stale0="$(quota_stat cache_stale_hits)"
@@ -380,14 +392,19 @@ for ((r = 1; r <= ROUNDS; r++)); do
         results[$name]="${results[$name]:-} $rps"
         log "round $r/$ROUNDS ${label[$name]}: $(fmt_rps "$rps")/s"
     done
-    for name in INCR POLICY; do
-        read -r -a words <<<"${cmd[$name]}"
-        read -r p50 p99 <<<"$(latency_once "$LAT_N" "${words[@]}")"
-        [ -n "$p99" ] || die "unpipelined redis-benchmark failed for ${label[$name]}"
-        lat50[$name]="${lat50[$name]:-} $p50"
-        lat99[$name]="${lat99[$name]:-} $p99"
-        log "round $r/$ROUNDS unpipelined ${label[$name]}: p50 $p50 ms, p99 $p99 ms"
-    done
+    read -r -a incr_words <<<"${cmd[INCR]}"
+    read -r -a policy_words <<<"${cmd[POLICY]}"
+    cli CONFIG RESETSTAT >/dev/null
+    read -r i50 i99 q50 q99 <<<"$(latency_pair "$LAT_N" "${incr_words[@]}" -- "${policy_words[@]}")"
+    [ -n "$q99" ] || die "the latency client failed"
+    # The same calls as Redis timed them inside the server (latency-tracking, Redis >= 7).
+    srv99[INCR]="${srv99[INCR]:-} $(server_p99 incr)"
+    srv99[POLICY]="${srv99[POLICY]:-} $(server_p99 quota.admit)"
+    lat50[INCR]="${lat50[INCR]:-} $i50"
+    lat99[INCR]="${lat99[INCR]:-} $i99"
+    lat50[POLICY]="${lat50[POLICY]:-} $q50"
+    lat99[POLICY]="${lat99[POLICY]:-} $q99"
+    log "round $r/$ROUNDS unpipelined ${label[INCR]}: p50 $i50 ms, p99 $i99 ms; ${label[POLICY]}: p50 $q50 ms, p99 $q99 ms"
 done
 hits1="$(quota_stat cache_hits)"
 misses1="$(quota_stat cache_misses)"
@@ -491,7 +508,7 @@ mkdir -p "$root/bench/out"
         fi
     done
     echo
-    echo "unpipelined latency (redis-benchmark -P 1 -c 1 -n $LAT_N; median over the rounds, ms)"
+    echo "unpipelined latency (one client sending the two commands alternately, $LAT_N of each a round; median over the rounds, ms)"
     read -r -a i50 <<<"${lat50[INCR]}"
     read -r -a i99 <<<"${lat99[INCR]}"
     read -r -a q50 <<<"${lat50[POLICY]}"
@@ -502,6 +519,7 @@ mkdir -p "$root/bench/out"
     for i in "${!i99[@]}"; do per+=("$(ratio "${q99[$i]}" "${i99[$i]}")"); done
     value="$(awk -v x="$(median "${per[@]}")" 'BEGIN { printf "%.3f", x }')"
     printf '  %-32s %8s  bar <= %s: %s  (%s)\n' "p99 ADMIT POLICY / p99 INCR" "$value" "$BAR_P99" "$(verdict "$value" "<=" "$BAR_P99")" "${per[*]}"
+    echo "  inside the server (INFO latencystats p99 of the same calls, us per round): INCR${srv99[INCR]}, ADMIT POLICY${srv99[POLICY]}"
     echo
     echo "checks during the runs: credits cache hits +$((hits1 - hits0)), misses +$((misses1 - misses0)), stale hits +$((stale1 - stale0));"
     echo "  admits allowed +$((allowed1 - allowed0)), denied +$((denied1 - denied0)); sampled afterwards: $sample_allowed/$sample_total allowed"
