@@ -371,7 +371,7 @@ fn decide(
     ),
     now: Millis,
 ) -> Result<(), CommandError> {
-    account_key.prefetch_parts();
+    account_key.prefetch_ledger();
     let policy = EffectivePolicy::merge(base, additional.as_ref());
     let lease_ttl = parsed
         .lease_ttl

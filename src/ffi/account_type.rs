@@ -295,12 +295,11 @@ impl AccountKey {
         stored.memo
     }
 
-    /// Starts loading what an admission reads and writes beyond the account's lease part:
-    /// the line its next lease goes to (see `Account::lease_tail_address`) and its ledger part.
+    /// Starts loading the account's ledger part, which a balance holder's admission reads (the
+    /// lease part and the next lease's line are on their way since `memo`).
     #[inline]
-    pub(crate) fn prefetch_parts(&mut self) {
+    pub(crate) fn prefetch_ledger(&mut self) {
         if let Some(stored) = self.stored() {
-            prefetch(stored.account.lease_tail_address());
             prefetch(stored.account.ledger_address());
         }
     }

@@ -1,9 +1,9 @@
 //! The clock and the lease-id generator: the only places the module reads the time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::stats::MainCounter;
 use crate::core::Millis;
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -19,16 +19,13 @@ static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
         .map_or(0, |d| d.as_nanos() as u64);
     t ^ (u64::from(std::process::id()) << 32)
 });
-static LEASE_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Only moved with Redis's lock held (commands and the command filter), never by two threads
+/// at once: a `MainCounter`, without a locked add.
+static LEASE_COUNTER: MainCounter = MainCounter::new();
 
 /// A new lease id, unique across this process and (by its seed) across restarts.
-///
-/// Called with Redis's lock held (commands and the command filter), never by two threads at
-/// once: the counter takes a plain load and store, as a locked add would first wait for the
-/// admission's stores still in flight.
 pub(crate) fn new_lease_id() -> u64 {
-    let n = LEASE_COUNTER.load(Ordering::Relaxed);
-    LEASE_COUNTER.store(n.wrapping_add(1), Ordering::Relaxed);
+    let n = LEASE_COUNTER.take_next();
     // SplitMix64 over seed + counter: distinct counters give distinct ids.
     let mut z = LEASE_SEED.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

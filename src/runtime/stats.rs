@@ -32,15 +32,22 @@ impl Counter {
 pub(crate) struct MainCounter(AtomicU64);
 
 impl MainCounter {
-    const fn new() -> MainCounter {
+    pub(crate) const fn new() -> MainCounter {
         MainCounter(AtomicU64::new(0))
     }
 
     /// Adds one (main thread only: two threads adding at once could lose one).
     #[inline]
     pub(crate) fn incr(&self) {
+        self.take_next();
+    }
+
+    /// Adds one and returns the value before it (main thread only, as `incr`).
+    #[inline]
+    pub(crate) fn take_next(&self) -> u64 {
         let v = self.0.load(Ordering::Relaxed);
         self.0.store(v.wrapping_add(1), Ordering::Relaxed);
+        v
     }
 
     /// The current value.

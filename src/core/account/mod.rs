@@ -439,8 +439,9 @@ impl Account {
     }
 
     /// Where the next lease would be stored when it goes last (the usual case), for a
-    /// prefetch: an admission writes there, and a store that misses the cache would hold up
-    /// the rest of the decision. Only an address, never read (it may lie past the buffer).
+    /// prefetch hint kept next to the account: an admission writes there, and a store that
+    /// misses the cache would hold up the rest of the decision. Only an address, never read
+    /// (it may lie past the buffer).
     pub(crate) fn lease_tail_address(&self) -> Option<*const u8> {
         let extra = self.extra.as_deref()?;
         if extra.leases.capacity() == 0 {
