@@ -250,6 +250,12 @@ mod module {
         if register_commands(ctx) == Status::Err {
             return Status::Err;
         }
+        let unencoded = crate::ffi::reply::prepare(ctx.ctx, crate::commands::words::ALL);
+        if unencoded > 0 {
+            ctx.log_notice(&format!(
+                "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
+            ));
+        }
         let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
         let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
         cache::cache().set_config(cache::cache_config());
@@ -281,6 +287,7 @@ mod module {
 
     fn deinit(_ctx: &Context) -> Status {
         shutdown();
+        crate::ffi::reply::release(crate::commands::words::ALL);
         Status::Ok
     }
 

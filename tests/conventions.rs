@@ -437,3 +437,95 @@ fn star_credit_applies_to_each_bundle() {
         );
     }
 }
+
+/// Field names and fixed values are written from encodings Redis made at load (`ECHO` through
+/// `RedisModule_Call`, copied with `RedisModule_ReplyWithCallReply`). With `ECHO` renamed
+/// away they are written as plain bulk strings, and the module says so in its log. Either way
+/// a client gets the same bytes in RESP2 and the same values in RESP3.
+#[test]
+fn replies_are_the_same_with_or_without_encoded_words() {
+    let schema = unique_schema();
+    let fast = test_server(&schema);
+    let plain = RedisServer::builder()
+        .pg(&PgServer::shared(), &schema, "2000")
+        .conf("rename-command ECHO \"\"")
+        .start();
+    assert!(
+        plain.log().contains("written the slow way"),
+        "{}",
+        plain.log()
+    );
+    assert!(!fast.log().contains("written the slow way"));
+    fast.client()
+        .grant([T, P, "wanda", "*"], "REQUESTS_PER_DAY 5 AMOUNT 3");
+    let both = [&fast, &plain];
+    for server in both {
+        // Warm each node's cache (the first GET waits on the load).
+        assert!(server.client().get([T, P, "wanda", "*"]).is_some());
+    }
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["QUOTA.GET", T, P, "wanda", "main"],
+        vec!["QUOTA.GET", T, P, "nobody", "main"],
+        vec![
+            "QUOTA.ADMIT",
+            T,
+            P,
+            "wanda",
+            "main",
+            "REQUESTS_PER_DAY",
+            "2",
+        ],
+        vec![
+            "QUOTA.ADMIT",
+            T,
+            P,
+            "wanda",
+            "main",
+            "REQUESTS_PER_DAY",
+            "2",
+            "COMPACT",
+        ],
+        vec!["QUOTA.ADMIT", T, P, "wanda", "main", "TOTAL_REQUESTS", "0"],
+        vec![
+            "QUOTA.ADMIT",
+            T,
+            P,
+            "wanda",
+            "main",
+            "TOTAL_REQUESTS",
+            "0",
+            "COMPACT",
+        ],
+        vec![
+            "QUOTA.ADMIT",
+            T,
+            P,
+            "wanda",
+            "main",
+            "REQUESTS_PER_DAY",
+            "9",
+            "VERBOSE",
+        ],
+        vec!["QUOTA.USAGE", T, P, "wanda", "main"],
+    ];
+    // The window resets in VERBOSE and USAGE are the same unless an hour turns between the
+    // two exchanges: then the next try matches.
+    let mut tries = 0;
+    loop {
+        let [a, b] = both.map(|s| raw_exchange(s.port(), &commands));
+        if a == b || tries == 1 {
+            assert_eq!(a, b, "RESP2 bytes differ with and without encoded words");
+            assert!(a.contains("$7\r\nallowed\r\n:1\r\n") && a.contains("$7\r\nwindows\r\n"));
+            break;
+        }
+        tries += 1;
+    }
+    let [mut a3, mut b3] = both.map(|s| s.client_resp3());
+    for args in &commands[..4] {
+        let (a, b) = (query(&mut a3, args), query(&mut b3, args));
+        assert_eq!(a, b, "RESP3 replies to {args:?} differ");
+        if args[3] == "wanda" && args.last() != Some(&"COMPACT") {
+            assert!(matches!(a, Ok(Value::Map(_))), "{a:?}");
+        }
+    }
+}

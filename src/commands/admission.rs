@@ -11,7 +11,7 @@
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING};
 use super::parse::OwnedAdmit;
-use super::{parse, policies, Waiting};
+use super::{parse, policies, words, Waiting};
 use crate::core::account::{Account, AdmitDecision, AdmitRequest, BalanceOffer, Usage};
 use crate::core::cache::{Lookup, UserCredits};
 use crate::core::credit::{
@@ -26,7 +26,7 @@ use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::propagation;
-use crate::ffi::reply::Reply;
+use crate::ffi::reply::{Reply, Word};
 use crate::runtime::cache::{self, PolicyWaiter};
 use crate::runtime::clock;
 use crate::runtime::config::{self, ScriptMiss};
@@ -582,26 +582,35 @@ fn settlement(
 fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let mut buf = [0u8; 16];
     let lease = d.lease.as_ref().map_or("", |id| id.as_text(&mut buf));
-    ctx.reply()
+    let r = ctx
+        .reply()
         .array(9)
         .int(i64::from(d.allowed))
         .int(d.retry_after)
         .int(d.remaining_requests)
         .int(d.remaining_tokens)
-        .str(lease)
-        .str(&d.reason())
+        .str(lease);
+    reason(r, d)
         .uint(d.reserved)
-        .str(source.as_str())
-        .str(paid_by(d));
+        .word(words::source(source))
+        .word(paid_by(d));
 }
 
 /// Who paid an admitted request: `windows` (the policy and window credits), `balance` (a
 /// window would have denied), or `""` when denied.
-fn paid_by(d: &AdmitDecision) -> &'static str {
+fn paid_by(d: &AdmitDecision) -> &'static Word {
     match (d.allowed, d.paid_by_balance) {
-        (false, _) => "",
-        (true, false) => "windows",
-        (true, true) => "balance",
+        (false, _) => &words::EMPTY,
+        (true, false) => &words::WINDOWS,
+        (true, true) => &words::BALANCE,
+    }
+}
+
+/// The decision's `reason`: the empty word when it admits.
+fn reason(r: Reply, d: &AdmitDecision) -> Reply {
+    match d.reason() {
+        text if text.is_empty() => r.word(&words::EMPTY),
+        text => r.str(&text),
     }
 }
 
@@ -613,55 +622,55 @@ fn reply_decision(
     usage: Option<&Usage>,
 ) {
     let r = ctx.reply().map(10 + if usage.is_some() { 3 } else { 0 });
-    let r = r.field("allowed", |r| r.int(i64::from(d.allowed)));
-    let r = r.field("reason", |r| r.str(&d.reason()));
-    let r = r.field("retry_after", |r| r.int(d.retry_after));
+    let r = r.pair(&words::ALLOWED, |r| r.int(i64::from(d.allowed)));
+    let r = r.pair(&words::REASON, |r| reason(r, d));
+    let r = r.pair(&words::RETRY_AFTER, |r| r.int(d.retry_after));
     let mut buf = [0u8; 16];
-    let r = r.field("lease", |r| {
+    let r = r.pair(&words::LEASE, |r| {
         r.opt_str(d.lease.as_ref().map(|id| id.as_text(&mut buf)))
     });
-    let r = r.field("reserved", |r| r.uint(d.reserved));
-    let r = r.field("used_replenishment", |r| {
+    let r = r.pair(&words::RESERVED, |r| r.uint(d.reserved));
+    let r = r.pair(&words::USED_REPLENISHMENT, |r| {
         r.int(i64::from(d.used_replenishment))
     });
-    let r = r.field("replenishment", |r| r.str(source.as_str()));
-    let r = r.field("remaining_requests", |r| r.int(d.remaining_requests));
-    let r = r.field("remaining_tokens", |r| r.int(d.remaining_tokens));
-    let r = r.field("paid_by", |r| r.str(paid_by(d)));
+    let r = r.pair(&words::REPLENISHMENT, |r| r.word(words::source(source)));
+    let r = r.pair(&words::REMAINING_REQUESTS, |r| r.int(d.remaining_requests));
+    let r = r.pair(&words::REMAINING_TOKENS, |r| r.int(d.remaining_tokens));
+    let r = r.pair(&words::PAID_BY, |r| r.word(paid_by(d)));
     if let Some(u) = usage {
-        let mut r = r.str("limits").map(LimitField::ALL.len());
+        let mut r = r.word(&words::LIMITS).map(LimitField::ALL.len());
         for field in LimitField::ALL {
             let limit = policy.limits.get(field);
-            r = r.field(field.name(), |r| match limit {
+            r = r.pair(words::limit(field), |r| match limit {
                 Some(l) => r.uint(l),
                 None => r.int(-1),
             });
         }
-        let r = usage_map(r.str("usage"), u, false);
-        let r = r.str("resets").map(3);
-        let r = r.field("hour_reset", |r| r.int(u.hour_reset));
-        let r = r.field("day_reset", |r| r.int(u.day_reset));
-        r.field("month_reset", |r| r.int(u.month_reset));
+        let r = usage_map(r.word(&words::USAGE), u, false);
+        let r = r.word(&words::RESETS).map(3);
+        let r = r.pair(&words::HOUR_RESET, |r| r.int(u.hour_reset));
+        let r = r.pair(&words::DAY_RESET, |r| r.int(u.day_reset));
+        r.pair(&words::MONTH_RESET, |r| r.int(u.month_reset));
     }
 }
 
 /// Writes a usage snapshot (with the window resets when `resets`).
 fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
     let r = r.map(8 + if resets { 3 } else { 0 });
-    let r = r.field("req_day", |r| r.uint(u.req_day));
-    let r = r.field("req_month", |r| r.uint(u.req_month));
-    let r = r.field("req_total", |r| r.uint(u.req_total));
-    let r = r.field("tok_hour", |r| r.uint(u.tok_hour));
-    let r = r.field("tok_day", |r| r.uint(u.tok_day));
-    let r = r.field("tok_month", |r| r.uint(u.tok_month));
-    let r = r.field("in_flight", |r| r.uint(u.in_flight));
-    let r = r.field("reserved", |r| r.uint(u.reserved));
+    let r = r.pair(&words::REQ_DAY, |r| r.uint(u.req_day));
+    let r = r.pair(&words::REQ_MONTH, |r| r.uint(u.req_month));
+    let r = r.pair(&words::REQ_TOTAL, |r| r.uint(u.req_total));
+    let r = r.pair(&words::TOK_HOUR, |r| r.uint(u.tok_hour));
+    let r = r.pair(&words::TOK_DAY, |r| r.uint(u.tok_day));
+    let r = r.pair(&words::TOK_MONTH, |r| r.uint(u.tok_month));
+    let r = r.pair(&words::IN_FLIGHT, |r| r.uint(u.in_flight));
+    let r = r.pair(&words::RESERVED, |r| r.uint(u.reserved));
     if !resets {
         return r;
     }
-    let r = r.field("hour_reset", |r| r.int(u.hour_reset));
-    let r = r.field("day_reset", |r| r.int(u.day_reset));
-    r.field("month_reset", |r| r.int(u.month_reset))
+    let r = r.pair(&words::HOUR_RESET, |r| r.int(u.hour_reset));
+    let r = r.pair(&words::DAY_RESET, |r| r.int(u.day_reset));
+    r.pair(&words::MONTH_RESET, |r| r.int(u.month_reset))
 }
 
 /// What a change to an account propagates.

@@ -6,7 +6,7 @@
 //! replicas drop their entry at once.
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
-use super::{parse, Waiting};
+use super::{parse, words, Waiting};
 use crate::core::cache::Lookup;
 use crate::core::credit::{select_credit, BalanceKind, Replenishment};
 use crate::core::ids::{AccountId, UserId};
@@ -26,43 +26,44 @@ use crate::runtime::{cache, clock};
 /// `extra` more pairs are left for the caller. A missing row writes nil columns.
 fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
     let r = r.map(15 + LimitField::ALL.len() + extra);
-    let r = r.field("tenant", |r| r.str(ids[0]));
-    let r = r.field("project", |r| r.str(ids[1]));
-    let r = r.field("user_id", |r| r.str(ids[2]));
-    let mut r = r.field("bundle_id", |r| {
+    let r = r.pair(&words::TENANT, |r| r.str(ids[0]));
+    let r = r.pair(&words::PROJECT, |r| r.str(ids[1]));
+    let r = r.pair(&words::USER_ID, |r| r.str(ids[2]));
+    let mut r = r.pair(&words::BUNDLE_ID, |r| {
         r.str(row.map_or(ids[3], |x| &*x.bundle_id))
     });
     for field in LimitField::ALL {
         let v = row.and_then(|x| x.additional.get(field));
-        r = r.field(field.column(), |r| r.opt_int(v));
+        r = r.pair(words::column(field), |r| r.opt_int(v));
     }
-    let r = r.field("expires_at", |r| r.opt_int(row.and_then(|x| x.expires_at)));
-    let r = r.field("purchase_id", |r| {
+    let r = r.pair(&words::EXPIRES_AT, |r| {
+        r.opt_int(row.and_then(|x| x.expires_at))
+    });
+    let r = r.pair(&words::PURCHASE_ID, |r| {
         r.opt_str(row.and_then(|x| x.purchase_id.as_deref()))
     });
-    let r = r.field("purchase_amount_usd", |r| {
+    let r = r.pair(&words::PURCHASE_AMOUNT_USD, |r| {
         r.opt_str(row.and_then(|x| x.purchase_amount_usd.as_deref()))
     });
-    let r = r.field("purchase_notes", |r| {
+    let r = r.pair(&words::PURCHASE_NOTES, |r| {
         r.opt_str(row.and_then(|x| x.purchase_notes.as_deref()))
     });
-    let r = r.field("active", |r| r.opt_int(row.map(|x| i64::from(x.active))));
-    let r = r.field("created_at", |r| r.opt_int(row.map(|x| x.created_at)));
-    let mut r = r.field("updated_at", |r| r.opt_int(row.map(|x| x.updated_at)));
+    let r = r.pair(&words::ACTIVE, |r| {
+        r.opt_int(row.map(|x| i64::from(x.active)))
+    });
+    let r = r.pair(&words::CREATED_AT, |r| r.opt_int(row.map(|x| x.created_at)));
+    let mut r = r.pair(&words::UPDATED_AT, |r| r.opt_int(row.map(|x| x.updated_at)));
     let balance = row.and_then(|x| x.balance.as_deref());
     for kind in BalanceKind::ALL {
         let granted = balance.and_then(|b| b.granted[kind as usize]);
-        r = r.field(kind.column(), |r| r.opt_int(granted));
+        r = r.pair(words::balance(kind)[0], |r| r.opt_int(granted));
     }
-    for (kind, name) in BalanceKind::ALL.into_iter().zip(DEBITED) {
+    for kind in BalanceKind::ALL {
         let debited = balance.and_then(|b| b.granted[kind as usize].map(|_| b.debited(kind)));
-        r = r.field(name, |r| r.opt_int(debited));
+        r = r.pair(words::balance(kind)[1], |r| r.opt_int(debited));
     }
     r
 }
-
-/// The record fields of the flushed debits of each balance (nil without that balance).
-const DEBITED: [&str; 2] = ["requests_balance_debited", "tokens_balance_debited"];
 
 /// Replies the record that applies to `bundle` among `rows`, or nil; with what each balance
 /// has left (`requests_balance_left`, `tokens_balance_left`: granted minus the debits flushed
@@ -85,8 +86,8 @@ fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Milli
                 balance_left(b, ledger, now)
             });
             let r = record(ctx.reply(), ids, Some(row), 2);
-            let r = r.field("requests_balance_left", |r| r.opt_int(left[0]));
-            r.field("tokens_balance_left", |r| r.opt_int(left[1]));
+            let r = r.pair(&words::REQUESTS_BALANCE_LEFT, |r| r.opt_int(left[0]));
+            r.pair(&words::TOKENS_BALANCE_LEFT, |r| r.opt_int(left[1]));
         }
         None => {
             ctx.reply().null();

@@ -10,6 +10,7 @@ pub(crate) mod credits;
 mod error;
 pub(crate) mod parse;
 pub(crate) mod policies;
+pub(crate) mod words;
 
 use crate::ffi::blocked::Resumable;
 use crate::ffi::ctx::Ctx;

@@ -116,17 +116,6 @@ pub(crate) enum CreditSource {
 }
 
 impl CreditSource {
-    /// The reply text.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            CreditSource::Bundle => "bundle",
-            CreditSource::Global => "global",
-            CreditSource::None => "none",
-            CreditSource::Pending => "pending",
-            CreditSource::Unavailable => "unavailable",
-        }
-    }
-
     /// The `retry_after` of a denial decided on these credits, given the one the base policy
     /// alone gives. While the user's credits are still loading (`Pending`), the next call is
     /// decided on them and may admit, so the wait is at most [`PENDING_RETRY_AFTER_S`], even
