@@ -463,49 +463,19 @@ fn replies_are_the_same_with_or_without_encoded_words() {
         // Warm each node's cache (the first GET waits on the load).
         assert!(server.client().get([T, P, "wanda", "*"]).is_some());
     }
+    let admit = |opts: &[&'static str]| {
+        let mut args = vec!["QUOTA.ADMIT", T, P, "wanda", "main"];
+        args.extend_from_slice(opts);
+        args
+    };
     let commands: Vec<Vec<&str>> = vec![
         vec!["QUOTA.GET", T, P, "wanda", "main"],
         vec!["QUOTA.GET", T, P, "nobody", "main"],
-        vec![
-            "QUOTA.ADMIT",
-            T,
-            P,
-            "wanda",
-            "main",
-            "REQUESTS_PER_DAY",
-            "2",
-        ],
-        vec![
-            "QUOTA.ADMIT",
-            T,
-            P,
-            "wanda",
-            "main",
-            "REQUESTS_PER_DAY",
-            "2",
-            "COMPACT",
-        ],
-        vec!["QUOTA.ADMIT", T, P, "wanda", "main", "TOTAL_REQUESTS", "0"],
-        vec![
-            "QUOTA.ADMIT",
-            T,
-            P,
-            "wanda",
-            "main",
-            "TOTAL_REQUESTS",
-            "0",
-            "COMPACT",
-        ],
-        vec![
-            "QUOTA.ADMIT",
-            T,
-            P,
-            "wanda",
-            "main",
-            "REQUESTS_PER_DAY",
-            "9",
-            "VERBOSE",
-        ],
+        admit(&["REQUESTS_PER_DAY", "2"]),
+        admit(&["REQUESTS_PER_DAY", "2", "COMPACT"]),
+        admit(&["TOTAL_REQUESTS", "0"]),
+        admit(&["TOTAL_REQUESTS", "0", "COMPACT"]),
+        admit(&["REQUESTS_PER_DAY", "9", "VERBOSE"]),
         vec!["QUOTA.USAGE", T, P, "wanda", "main"],
     ];
     // The window resets in VERBOSE and USAGE are the same unless an hour turns between the

@@ -641,7 +641,7 @@ fn reply_decision(
         let mut r = r.word(&words::LIMITS).map(LimitField::ALL.len());
         for field in LimitField::ALL {
             let limit = policy.limits.get(field);
-            r = r.pair(words::limit(field), |r| match limit {
+            r = r.pair(words::limit(field)[1], |r| match limit {
                 Some(l) => r.uint(l),
                 None => r.int(-1),
             });

@@ -83,29 +83,17 @@ words! {
     MONTH_RESET = "month_reset";
 }
 
-/// The record field of a limit's additional amount (`LimitField::column`).
-pub(crate) fn column(field: LimitField) -> &'static Word {
+/// A limit's words: its record field (the additional amount, `LimitField::column`) and its
+/// name in a decision's `limits` (`LimitField::name`).
+pub(crate) fn limit(field: LimitField) -> [&'static Word; 2] {
     match field {
-        LimitField::RequestsPerDay => &ADD_REQUESTS_PER_DAY,
-        LimitField::RequestsPerMonth => &ADD_REQUESTS_PER_MONTH,
-        LimitField::TotalRequests => &ADD_TOTAL_REQUESTS,
-        LimitField::TokensPerHour => &ADD_TOKENS_PER_HOUR,
-        LimitField::TokensPerDay => &ADD_TOKENS_PER_DAY,
-        LimitField::TokensPerMonth => &ADD_TOKENS_PER_MONTH,
-        LimitField::MaxConcurrent => &ADD_MAX_CONCURRENT,
-    }
-}
-
-/// A limit's name in a decision's `limits` (`LimitField::name`).
-pub(crate) fn limit(field: LimitField) -> &'static Word {
-    match field {
-        LimitField::RequestsPerDay => &REQUESTS_PER_DAY,
-        LimitField::RequestsPerMonth => &REQUESTS_PER_MONTH,
-        LimitField::TotalRequests => &TOTAL_REQUESTS,
-        LimitField::TokensPerHour => &TOKENS_PER_HOUR,
-        LimitField::TokensPerDay => &TOKENS_PER_DAY,
-        LimitField::TokensPerMonth => &TOKENS_PER_MONTH,
-        LimitField::MaxConcurrent => &MAX_CONCURRENT,
+        LimitField::RequestsPerDay => [&ADD_REQUESTS_PER_DAY, &REQUESTS_PER_DAY],
+        LimitField::RequestsPerMonth => [&ADD_REQUESTS_PER_MONTH, &REQUESTS_PER_MONTH],
+        LimitField::TotalRequests => [&ADD_TOTAL_REQUESTS, &TOTAL_REQUESTS],
+        LimitField::TokensPerHour => [&ADD_TOKENS_PER_HOUR, &TOKENS_PER_HOUR],
+        LimitField::TokensPerDay => [&ADD_TOKENS_PER_DAY, &TOKENS_PER_DAY],
+        LimitField::TokensPerMonth => [&ADD_TOKENS_PER_MONTH, &TOKENS_PER_MONTH],
+        LimitField::MaxConcurrent => [&ADD_MAX_CONCURRENT, &MAX_CONCURRENT],
     }
 }
 
@@ -143,8 +131,9 @@ mod tests {
     #[test]
     fn the_words_are_the_names_the_core_gives() {
         for field in LimitField::ALL {
-            assert_eq!(column(field).text(), field.column());
-            assert_eq!(limit(field).text(), field.name());
+            let [column, name] = limit(field).map(Word::text);
+            assert_eq!(column, field.column());
+            assert_eq!(name, field.name());
         }
         for kind in BalanceKind::ALL {
             let [granted, debited, left] = balance(kind).map(Word::text);
