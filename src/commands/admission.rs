@@ -68,7 +68,7 @@ pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let parsed = parse::admit(args, config::MAX_LEASE_TTL)?;
     // Opened first: the account's value loads (a cache miss) while the policy is looked up.
     let opened = Opened::open(ctx, &parsed)?;
-    let now = clock::now_ms();
+    let now = clock::command_now_ms(ctx);
     let base = match parsed.policy {
         None => parsed.base,
         Some(name) => match named_policy(ctx, &parsed, name, PolicyWait::IfMissing, now)? {
@@ -733,7 +733,7 @@ fn track(ctx: Ctx, account_key: &mut AccountKey) {
 pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let parsed = parse::commit(args)?;
     let (key, _) = parsed.account.key();
-    let now = clock::now_ms();
+    let now = clock::command_now_ms(ctx);
     let mut account_key = AccountKey::open(ctx, &key)?;
     let mut holder = holder_by_terms(ctx, &mut account_key, &parsed.account)?;
     let is_self = matches!(holder, Some(Holder::This));
@@ -796,7 +796,7 @@ fn holder_by_terms(
 pub(crate) fn release(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let (account, lease) = parse::release(args)?;
     let (key, _) = account.key();
-    let now = clock::now_ms();
+    let now = clock::command_now_ms(ctx);
     let mut account_key = AccountKey::open(ctx, &key)?;
     let mut holder = holder_by_terms(ctx, &mut account_key, &account)?;
     let is_self = matches!(holder, Some(Holder::This));
@@ -829,7 +829,7 @@ pub(crate) fn usage(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let account = parse::account_only(args)?;
     let (key, _) = account.key();
     let mut account_key = AccountKey::open_read(ctx, &key)?;
-    let now = clock::now_ms();
+    let now = clock::command_now_ms(ctx);
     let usage = match account_key.get() {
         Some(account) => account.usage(now),
         None => Account::default().usage(now),

@@ -190,7 +190,7 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let account = parse::account_only(args)?;
     let ids = account.ids();
     let user_key = account.user.key();
-    let now = clock::now_ms();
+    let now = clock::command_now_ms(ctx);
     let mut cache = cache::cache();
     let (answered, load) = match cache.lookup(&user_key, now) {
         Lookup::Fresh(rows, _) => {

@@ -16,6 +16,17 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The wall-clock time Redis took when the command being run started, in milliseconds, on
+    /// Redis 7.2 and later (`RedisModule_CachedMicroseconds`): the time Redis itself uses for
+    /// that command's key expiry, read without a system call. A script or a `MULTI` sees one
+    /// time, as Redis's own expiry does. `None` before 7.2. Only at the start of a command: a
+    /// blocked client's reply runs later than its command and reads the clock itself.
+    #[inline]
+    pub(crate) fn command_time_ms(self) -> Option<i64> {
+        let cached = unsafe { raw::RedisModule_CachedMicroseconds }?;
+        Some(unsafe { cached() } / 1000)
+    }
+
     /// Wraps the context pointer Redis passed to an entry point or callback.
     #[inline]
     pub(crate) fn from_raw(raw: *mut raw::RedisModuleCtx) -> Ctx {

@@ -5,12 +5,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::stats::MainCounter;
 use crate::core::Millis;
+use crate::ffi::ctx::Ctx;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The time of the command `ctx` runs, taken when it starts: Redis's own time for the command
+/// where Redis gives one (7.2 and later: no system call, see `Ctx::command_time_ms`), else
+/// the wall clock. Only at the start of a command.
+pub(crate) fn command_now_ms(ctx: Ctx) -> Millis {
+    ctx.command_time_ms().unwrap_or_else(now_ms)
 }
 
 static LEASE_SEED: LazyLock<u64> = LazyLock::new(|| {
