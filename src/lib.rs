@@ -250,12 +250,6 @@ mod module {
         if register_commands(ctx) == Status::Err {
             return Status::Err;
         }
-        let unencoded = crate::ffi::reply::prepare(ctx.ctx, crate::commands::words::ALL);
-        if unencoded > 0 {
-            ctx.log_notice(&format!(
-                "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
-            ));
-        }
         let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
         let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
         cache::cache().set_config(cache::cache_config());
@@ -281,6 +275,13 @@ mod module {
                 };
                 subscribe(ctx.ctx, event, Some(on_shutdown));
             }
+        }
+        // Last: nothing after it can fail the load and leave the encodings behind.
+        let unencoded = crate::ffi::reply::prepare(ctx.ctx, crate::commands::words::ALL);
+        if unencoded > 0 {
+            ctx.log_notice(&format!(
+                "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
+            ));
         }
         Status::Ok
     }
