@@ -255,3 +255,19 @@ fn free_reply(reply: *mut raw::RedisModuleCallReply) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_word_is_checked_against_its_bulk_string() {
+        assert_eq!(bulk_encoding("allowed"), b"$7\r\nallowed\r\n");
+        assert_eq!(bulk_encoding(""), b"$0\r\n\r\n");
+        let long = "additional_requests_per_month";
+        assert_eq!(
+            bulk_encoding(long),
+            format!("$29\r\n{long}\r\n").into_bytes()
+        );
+    }
+}
