@@ -277,7 +277,7 @@ mod module {
             }
         }
         // Last: nothing after it can fail the load and leave the encodings behind.
-        let unencoded = crate::ffi::reply::prepare(ctx.ctx, crate::commands::words::ALL);
+        let unencoded = crate::ffi::reply::prepare(ctx.ctx, crate::commands::words::all());
         if unencoded > 0 {
             ctx.log_notice(&format!(
                 "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
@@ -288,7 +288,7 @@ mod module {
 
     fn deinit(_ctx: &Context) -> Status {
         shutdown();
-        crate::ffi::reply::release(crate::commands::words::ALL);
+        crate::ffi::reply::release(crate::commands::words::all());
         Status::Ok
     }
 

@@ -129,14 +129,8 @@ impl Waiting for AdmitWait {
             }
             (_, other) => return Err(CommandError::undone(&other)),
         };
-        admit_with(
-            ctx,
-            &parsed,
-            base,
-            credits,
-            now,
-            Opened::open(ctx, &parsed)?,
-        )
+        let opened = Opened::open(ctx, &parsed)?;
+        admit_with(ctx, &parsed, base, credits, now, opened)
     }
 
     /// PostgreSQL is too slow: decide on the base policy rather than fail the request (when
@@ -641,7 +635,7 @@ fn reply_decision(
         let mut r = r.word(&words::LIMITS).map(LimitField::ALL.len());
         for field in LimitField::ALL {
             let limit = policy.limits.get(field);
-            r = r.pair(words::limit(field)[1], |r| match limit {
+            r = r.pair(&words::limit(field)[1], |r| match limit {
                 Some(l) => r.uint(l),
                 None => r.int(-1),
             });

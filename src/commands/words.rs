@@ -1,33 +1,26 @@
 //! The fixed strings of the hot replies (`QUOTA.ADMIT`, `QUOTA.GET`, `QUOTA.USAGE`): each a
 //! `Word`, encoded once when the module loads and copied in one piece into every reply (see
-//! `ffi::reply::Word`). The texts are the ones the core names; the tests hold them equal.
+//! `ffi::reply::Word`). A name the core gives (a limit's, a balance's) is taken from it.
 
 use crate::core::credit::{BalanceKind, CreditSource};
-use crate::core::policy::LimitField;
+use crate::core::policy::{LimitField, LIMIT_FIELDS};
 use crate::ffi::reply::Word;
 
-/// Declares each word and `ALL`, the list `reply::prepare` encodes at load.
+/// Declares each word and `DECLARED`, their list (see `all`).
 macro_rules! words {
-    ($($name:ident = $text:literal;)*) => {
+    ($($name:ident = $text:expr;)*) => {
         $(pub(crate) static $name: Word = Word::new($text);)*
-        /// Every word of this module.
-        pub(crate) static ALL: &[&Word] = &[$(&$name),*];
+        /// The words declared here (`all` adds the limits').
+        static DECLARED: &[&Word] = &[$(&$name),*];
     };
 }
 
 words! {
-    // A credit record (QUOTA.GET).
+    // A credit record (QUOTA.GET; the limits' fields are in `LIMIT_WORDS`).
     TENANT = "tenant";
     PROJECT = "project";
     USER_ID = "user_id";
     BUNDLE_ID = "bundle_id";
-    ADD_REQUESTS_PER_DAY = "additional_requests_per_day";
-    ADD_REQUESTS_PER_MONTH = "additional_requests_per_month";
-    ADD_TOTAL_REQUESTS = "additional_total_requests";
-    ADD_TOKENS_PER_HOUR = "additional_tokens_per_hour";
-    ADD_TOKENS_PER_DAY = "additional_tokens_per_day";
-    ADD_TOKENS_PER_MONTH = "additional_tokens_per_month";
-    ADD_MAX_CONCURRENT = "additional_max_concurrent";
     EXPIRES_AT = "expires_at";
     PURCHASE_ID = "purchase_id";
     PURCHASE_AMOUNT_USD = "purchase_amount_usd";
@@ -35,13 +28,14 @@ words! {
     ACTIVE = "active";
     CREATED_AT = "created_at";
     UPDATED_AT = "updated_at";
-    REQUESTS_BALANCE = "requests_balance";
-    TOKENS_BALANCE = "tokens_balance";
+    REQUESTS_BALANCE = BalanceKind::Requests.column();
+    TOKENS_BALANCE = BalanceKind::Tokens.column();
     REQUESTS_BALANCE_DEBITED = "requests_balance_debited";
     TOKENS_BALANCE_DEBITED = "tokens_balance_debited";
     REQUESTS_BALANCE_LEFT = "requests_balance_left";
     TOKENS_BALANCE_LEFT = "tokens_balance_left";
-    // A decision (QUOTA.ADMIT), its fixed values, and its `limits`.
+    // A decision (QUOTA.ADMIT), its fixed values, and its `limits` (the limits' names are
+    // in `LIMIT_WORDS`).
     ALLOWED = "allowed";
     REASON = "reason";
     RETRY_AFTER = "retry_after";
@@ -61,13 +55,6 @@ words! {
     PENDING = "pending";
     UNAVAILABLE = "unavailable";
     LIMITS = "limits";
-    REQUESTS_PER_DAY = "requests_per_day";
-    REQUESTS_PER_MONTH = "requests_per_month";
-    TOTAL_REQUESTS = "total_requests";
-    TOKENS_PER_HOUR = "tokens_per_hour";
-    TOKENS_PER_DAY = "tokens_per_day";
-    TOKENS_PER_MONTH = "tokens_per_month";
-    MAX_CONCURRENT = "max_concurrent";
     // A usage snapshot (QUOTA.USAGE, and a decision's `usage`).
     USAGE = "usage";
     RESETS = "resets";
@@ -83,18 +70,27 @@ words! {
     MONTH_RESET = "month_reset";
 }
 
-/// A limit's words: its record field (the additional amount, `LimitField::column`) and its
-/// name in a decision's `limits` (`LimitField::name`).
-pub(crate) fn limit(field: LimitField) -> [&'static Word; 2] {
-    match field {
-        LimitField::RequestsPerDay => [&ADD_REQUESTS_PER_DAY, &REQUESTS_PER_DAY],
-        LimitField::RequestsPerMonth => [&ADD_REQUESTS_PER_MONTH, &REQUESTS_PER_MONTH],
-        LimitField::TotalRequests => [&ADD_TOTAL_REQUESTS, &TOTAL_REQUESTS],
-        LimitField::TokensPerHour => [&ADD_TOKENS_PER_HOUR, &TOKENS_PER_HOUR],
-        LimitField::TokensPerDay => [&ADD_TOKENS_PER_DAY, &TOKENS_PER_DAY],
-        LimitField::TokensPerMonth => [&ADD_TOKENS_PER_MONTH, &TOKENS_PER_MONTH],
-        LimitField::MaxConcurrent => [&ADD_MAX_CONCURRENT, &MAX_CONCURRENT],
+/// Per limit (by `LimitField as usize`): its record field (the additional amount,
+/// `LimitField::column`) and its name in a decision's `limits` (`LimitField::name`).
+static LIMIT_WORDS: [[Word; 2]; LIMIT_FIELDS] = {
+    let mut out = [const { [Word::new(""), Word::new("")] }; LIMIT_FIELDS];
+    let mut i = 0;
+    while i < LIMIT_FIELDS {
+        let field = LimitField::ALL[i];
+        out[field as usize] = [Word::new(field.column()), Word::new(field.name())];
+        i += 1;
     }
+    out
+};
+
+/// A limit's words: its record field and its name in a decision's `limits`.
+pub(crate) fn limit(field: LimitField) -> &'static [Word; 2] {
+    &LIMIT_WORDS[field as usize]
+}
+
+/// Every word, for `reply::prepare` at load and `reply::release` at unload.
+pub(crate) fn all() -> impl Iterator<Item = &'static Word> {
+    DECLARED.iter().copied().chain(LIMIT_WORDS.iter().flatten())
 }
 
 /// The record fields of a balance: granted, flushed debits, left (`BalanceKind::column`).
@@ -131,7 +127,7 @@ mod tests {
     #[test]
     fn the_words_are_the_names_the_core_gives() {
         for field in LimitField::ALL {
-            let [column, name] = limit(field).map(Word::text);
+            let [column, name] = limit(field).each_ref().map(Word::text);
             assert_eq!(column, field.column());
             assert_eq!(name, field.name());
         }
@@ -155,7 +151,7 @@ mod tests {
 
     #[test]
     fn every_word_is_listed_once() {
-        let mut texts: Vec<&str> = ALL.iter().map(|w| w.text()).collect();
+        let mut texts: Vec<&str> = all().map(Word::text).collect();
         let n = texts.len();
         texts.sort_unstable();
         texts.dedup();

@@ -62,7 +62,7 @@ impl BalanceKind {
     }
 
     /// The column (and record field) of the granted amount.
-    pub(crate) fn column(self) -> &'static str {
+    pub(crate) const fn column(self) -> &'static str {
         match self {
             BalanceKind::Requests => "requests_balance",
             BalanceKind::Tokens => "tokens_balance",

@@ -45,7 +45,7 @@ impl LimitField {
     }
 
     /// The lower-case name used in replies and denial reasons.
-    pub(crate) fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             LimitField::RequestsPerDay => "requests_per_day",
             LimitField::RequestsPerMonth => "requests_per_month",
@@ -58,7 +58,7 @@ impl LimitField {
     }
 
     /// The PostgreSQL column holding the additional amount.
-    pub(crate) fn column(self) -> &'static str {
+    pub(crate) const fn column(self) -> &'static str {
         match self {
             LimitField::RequestsPerDay => "additional_requests_per_day",
             LimitField::RequestsPerMonth => "additional_requests_per_month",

@@ -189,9 +189,12 @@ impl Word {
 
 /// Encodes `words` (module load, main thread); returns how many could not be (their replies
 /// stay plain bulk strings).
-pub(crate) fn prepare(ctx: *mut raw::RedisModuleCtx, words: &[&'static Word]) -> usize {
+pub(crate) fn prepare(
+    ctx: *mut raw::RedisModuleCtx,
+    words: impl IntoIterator<Item = &'static Word>,
+) -> usize {
     let Some(call) = (unsafe { raw::RedisModule_Call }) else {
-        return words.len();
+        return words.into_iter().count();
     };
     let mut failed = 0;
     for word in words {
@@ -216,7 +219,7 @@ pub(crate) fn prepare(ctx: *mut raw::RedisModuleCtx, words: &[&'static Word]) ->
 
 /// Frees the encodings of `words` (module unload, main thread): they reply as plain bulk
 /// strings from then on.
-pub(crate) fn release(words: &[&'static Word]) {
+pub(crate) fn release(words: impl IntoIterator<Item = &'static Word>) {
     for word in words {
         free_reply(word.encoded.swap(ptr::null_mut(), Ordering::AcqRel));
     }
