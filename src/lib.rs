@@ -186,8 +186,6 @@ mod module {
         Status::Ok
     }
 
-    /// Every second, deploys the schema in the background while it is not known to be there
-    /// (`quota.auto-deploy`): at load, and once PostgreSQL can be reached.
     /// The ledger's timer: every 100 ms (see `runtime::ledger::tick`).
     fn schedule_ledger(ctx: &Context) {
         ctx.create_timer(
@@ -196,15 +194,13 @@ mod module {
                 let raw_ctx = crate::ffi::ctx::Ctx::from_raw(ctx.ctx);
                 ledger::tick(raw_ctx, runtime::clock::now_ms(), false);
                 schedule_ledger(ctx);
-                crate::ffi::account_type::on_keys_placed(
-                    crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
-                    on_placed,
-                );
             },
             (),
         );
     }
 
+    /// Every second, deploys the schema in the background while it is not known to be there
+    /// (`quota.auto-deploy`): at load, and once PostgreSQL can be reached.
     fn schedule_deploy(ctx: &Context) {
         ctx.create_timer(
             Duration::from_secs(1),
@@ -214,23 +210,6 @@ mod module {
             },
             (),
         );
-    }
-
-    /// A key put under a new name by `RENAME`, `MOVE` or `RESTORE`: an account with usage not
-    /// flushed yet is listed for the ledger under that name (on a master).
-    fn on_placed(ctx: crate::ffi::ctx::Ctx, name: &[u8]) {
-        // A replica's list is never drained (a promotion rebuilds it from the keyspace): names
-        // placed there by replicated renames would only pile up.
-        if !ctx.is_master() {
-            return;
-        }
-        let Ok(mut key) = crate::ffi::account_type::AccountKey::open_read(ctx, name) else {
-            return;
-        };
-        if key.get().is_some_and(|a| a.has_unflushed()) {
-            ledger::track(ctx.db(), name);
-            key.set_tracked();
-        }
     }
 
     fn init(ctx: &Context, args: &[RedisString]) -> Status {
@@ -263,6 +242,8 @@ mod module {
         schedule_cleanup(ctx);
         schedule_deploy(ctx);
         schedule_ledger(ctx);
+        runtime::install_key_hooks(crate::ffi::ctx::Ctx::from_raw(ctx.ctx));
+        runtime::watch_memory(crate::ffi::ctx::Ctx::from_raw(ctx.ctx));
         crate::ffi::secret_filter::register(
             crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
             config::hide_secret,
@@ -294,10 +275,18 @@ mod module {
 
     #[info_command_handler]
     fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
-        let (cache_entries, cache_stats, flights) = {
+        let (cache_entries, cache_stats, flights, credit_bytes) = {
             let cache = cache::cache();
-            (cache.len() as u64, cache.stats(), cache.flights() as u64)
+            let bytes = cache.bytes();
+            (
+                cache.len() as u64,
+                cache.stats(),
+                cache.flights() as u64,
+                bytes,
+            )
         };
+        // One lock at a time (the two caches' locks are never held together).
+        let cache_bytes = (credit_bytes + cache::policies().bytes()) as u64;
         let (connections, idle) = worker::pool_state();
         let queries = stats::PG_QUERIES.get();
         let avg_us = stats::PG_LATENCY_US_TOTAL
@@ -310,6 +299,11 @@ mod module {
             .add_section("stats")
             .field("cache_entries", int(cache_entries))?
             .field("cache_max_entries", config::int(&config::CACHE_MAX_ENTRIES))?
+            .field("cache_bytes", int(cache_bytes))?
+            .field(
+                "cache_max_bytes",
+                int(u64::try_from(runtime::memory::cache_budget()).unwrap_or(u64::MAX)),
+            )?
             .field(
                 "cache_hits",
                 int(cache_stats
@@ -391,6 +385,7 @@ mod module {
                 ["cache-ttl-ms", &config::CACHE_TTL_MS, config::DEFAULT_CACHE_TTL_MS, 0, 86_400_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["negative-ttl-ms", &config::NEGATIVE_TTL_MS, config::DEFAULT_NEGATIVE_TTL_MS, 0, 86_400_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["cache-max-entries", &config::CACHE_MAX_ENTRIES, config::DEFAULT_CACHE_MAX_ENTRIES, 1, 1_000_000_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
+                ["cache-max-memory", &config::CACHE_MAX_MEMORY, 0, 0, i64::MAX, ConfigurationFlags::MEMORY, Some(Box::new(on_change::<i64, _>))],
                 ["cleanup-interval", &config::CLEANUP_INTERVAL, config::DEFAULT_CLEANUP_INTERVAL, 0, 31_536_000, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["flush-interval", &config::FLUSH_INTERVAL, config::DEFAULT_FLUSH_INTERVAL, 1, 3600, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],
                 ["lease-ttl", &config::LEASE_TTL, config::DEFAULT_LEASE_TTL, 1, config::MAX_LEASE_TTL, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<i64, _>))],

@@ -6,6 +6,7 @@ use std::fmt;
 
 use crate::core::credit::{BalanceKind, Cents, GrantRequest};
 use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
+use crate::core::ledger::MAX_TOKENS;
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
 use crate::runtime::jobs::OwnedAccount;
@@ -95,6 +96,16 @@ pub(crate) fn parse_amount(what: &'static str, raw: &[u8]) -> Result<u64, ParseE
     }
     if v > i64::MAX as u64 {
         return Err(ParseError::NotANumber(what));
+    }
+    Ok(v)
+}
+
+/// Parses a token amount a command commits or reserves: 0 ..= `MAX_TOKENS`, so no amount the
+/// ledger sums can come near its columns' limit.
+fn parse_tokens(what: &'static str, raw: &[u8]) -> Result<u64, ParseError> {
+    let v = parse_amount(what, raw)?;
+    if v > MAX_TOKENS {
+        return Err(ParseError::OutOfRange(what, 0, MAX_TOKENS as i64));
     }
     Ok(v)
 }
@@ -424,7 +435,7 @@ pub(crate) fn admit<'a>(
                 out.lease_ttl = Some(parse_in_range("LEASE_TTL", raw, 1, max_lease_ttl)?);
             }
             RESERVE => {
-                out.reserve = Some(parse_amount("RESERVE", opts.once_value(12, "RESERVE")?)?);
+                out.reserve = Some(parse_tokens("RESERVE", opts.once_value(12, "RESERVE")?)?);
             }
             PEEK => {
                 opts.once(13, "PEEK")?;
@@ -519,7 +530,7 @@ pub(crate) struct CommitArgs<'a> {
 pub(crate) fn commit<'a>(args: &[&'a [u8]]) -> Result<CommitArgs<'a>, ParseError> {
     let (account, rest) = account_and_rest(args)?;
     let (tokens, rest) = rest.split_first().ok_or(ParseError::Arity)?;
-    let tokens = parse_amount("tokens", tokens)?;
+    let tokens = parse_tokens("tokens", tokens)?;
     let mut lease = None;
     let mut opts = Options::new(rest);
     while let Some(word) = opts.next_word() {
@@ -751,6 +762,30 @@ mod tests {
     fn commit_release_list_shapes() {
         let c = commit(&words("QUOTA.COMMIT t p u b 42 lease L")).unwrap();
         assert_eq!((c.tokens, c.lease), (42, Some("L")));
+        // No amount that could bring a ledger sum near a column's limit gets in.
+        let top = commit(&words("QUOTA.COMMIT t p u b 1000000000000")).unwrap();
+        assert_eq!(top.tokens, MAX_TOKENS);
+        for (cmd, err) in [
+            (
+                "QUOTA.COMMIT t p u b 1000000000001",
+                "ERR tokens must be between 0 and 1000000000000",
+            ),
+            (
+                "QUOTA.COMMIT t p u b 9223372036854775807",
+                "ERR tokens must be between 0 and 1000000000000",
+            ),
+            (
+                "QUOTA.COMMIT t p u b -1",
+                "ERR tokens must be a non-negative integer",
+            ),
+        ] {
+            assert_eq!(commit(&words(cmd)).unwrap_err().to_string(), err, "{cmd}");
+        }
+        let reserve = admit(&words("QUOTA.ADMIT t p u b RESERVE 1000000000001"), 60);
+        assert_eq!(
+            reserve.unwrap_err().to_string(),
+            "ERR RESERVE must be between 0 and 1000000000000"
+        );
         assert!(commit(&words("QUOTA.COMMIT t p u b")).is_err());
         assert!(release(&words("QUOTA.RELEASE t p u b")).is_err());
         assert_eq!(release(&words("QUOTA.RELEASE t p u b x")).unwrap().1, "x");

@@ -23,15 +23,41 @@ type CacheKey = smallvec::SmallVec<[u8; 56]>;
 pub(crate) type UserCredits = Arc<[Replenishment]>;
 
 /// What the cache can hold: a value that says whether it is a negative answer ("no credits",
-/// "no such policy"), which stays fresh for the negative TTL instead of the positive one.
+/// "no such policy"), which stays fresh for the negative TTL instead of the positive one, and
+/// how many bytes of heap it holds (for the cache's byte bound).
 pub(crate) trait CacheValue {
     /// Whether this is a negative answer.
     fn is_negative(&self) -> bool;
+    /// Bytes of heap the value holds beyond its own size (an estimate: the allocations' sizes
+    /// as requested).
+    fn heap_bytes(&self) -> usize;
 }
 
 impl CacheValue for UserCredits {
     fn is_negative(&self) -> bool {
         self.is_empty()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        // The shared allocation (two counts and the rows), and each row's own heap.
+        let text = |t: &Option<Box<str>>| t.as_ref().map_or(0, |t| t.len());
+        2 * std::mem::size_of::<usize>()
+            + self
+                .iter()
+                .map(|r| {
+                    std::mem::size_of::<Replenishment>()
+                        + r.bundle_id.len()
+                        + text(&r.purchase_id)
+                        + text(&r.purchase_amount_usd)
+                        + text(&r.purchase_notes)
+                        + r.balance
+                            .as_ref()
+                            .map_or(0, |_| std::mem::size_of::<super::credit::RowBalance>())
+                })
+                .sum::<usize>()
     }
 }
 
@@ -39,6 +65,10 @@ impl CacheValue for UserCredits {
 impl CacheValue for CachedPolicy {
     fn is_negative(&self) -> bool {
         self.is_none()
+    }
+
+    fn heap_bytes(&self) -> usize {
+        0
     }
 }
 
@@ -51,6 +81,8 @@ pub(crate) struct CacheConfig {
     pub negative_ttl_ms: Millis,
     /// Most entries kept.
     pub max_entries: usize,
+    /// Most bytes the entries may take (their estimate, see `CreditCache::bytes`).
+    pub max_bytes: usize,
     /// After a failed load: how long to wait before trying Postgres again for that user.
     pub retry_ms: Millis,
 }
@@ -111,6 +143,8 @@ pub(crate) struct CreditCache<W, V = UserCredits> {
     in_flight: usize,
     rng: u64,
     stats: CacheStats,
+    /// What the entries take: each entry's slot in the map and its key and rows' heap.
+    bytes: usize,
     /// Moved on by every change that makes rows read from a fresh entry wrong before that
     /// entry's freshness ends: a write-through (`put`), an invalidation, `mark_stale`, `clear`.
     /// Rows read from a fresh entry at one epoch are what the cache holds for that user, or
@@ -133,6 +167,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
             in_flight: 0,
             rng: 0x9E37_79B9_7F4A_7C15,
             stats: CacheStats::default(),
+            bytes: 0,
             epoch: 0,
         }
     }
@@ -141,12 +176,61 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     pub(crate) fn set_config(&mut self, config: CacheConfig) {
         self.epoch += 1;
         self.config = config;
-        while self.map.len() > self.config.max_entries && self.evict_one() {}
+        while self.over(0) && self.evict_one() {}
     }
 
     /// Entries held.
     pub(crate) fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Bytes the entries take, as estimated: each entry's slot in the map (its key inline up
+    /// to 56 bytes, its times) plus the heap of a longer key and of its rows.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the cache is over one of its bounds with `more` bytes added (and an entry when
+    /// `more` is not 0).
+    fn over(&self, more: usize) -> bool {
+        let entries = self.map.len() + usize::from(more > 0);
+        entries > self.config.max_entries.max(1)
+            || self.bytes.saturating_add(more) > self.config.max_bytes
+    }
+
+    /// What one entry takes (see `bytes`).
+    fn cost(key: &CacheKey, entry: &Entry<W, V>) -> usize {
+        // A map slot and its index, and the key when it does not fit inline.
+        std::mem::size_of::<(CacheKey, Entry<W, V>)>()
+            + 2 * std::mem::size_of::<usize>()
+            + if key.spilled() { key.len() } else { 0 }
+            + entry.credits.as_ref().map_or(0, CacheValue::heap_bytes)
+    }
+
+    /// Runs `change` on entry `index` and keeps `bytes` right.
+    fn change_entry<T>(
+        &mut self,
+        index: usize,
+        change: impl FnOnce(&mut Entry<W, V>) -> T,
+    ) -> Option<T> {
+        let (key, entry) = self.map.get_index_mut(index)?;
+        let before = Self::cost(key, entry);
+        let out = change(entry);
+        let after = Self::cost(key, entry);
+        self.bytes = self.bytes.saturating_sub(before).saturating_add(after);
+        Some(out)
+    }
+
+    /// Removes entry `index` and its bytes.
+    fn remove_index(&mut self, index: usize) -> Option<Entry<W, V>> {
+        let (key, entry) = self.map.swap_remove_index(index)?;
+        self.bytes = self.bytes.saturating_sub(Self::cost(&key, &entry));
+        Some(entry)
+    }
+
+    /// Evicts until the cache is within its bounds again (after an entry grew).
+    fn shrink(&mut self) {
+        while self.over(0) && self.evict_one() {}
     }
 
     /// Hit, miss and eviction counters.
@@ -252,7 +336,9 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         let waiters = entry.flight.take().map(|f| f.waiters).unwrap_or_default();
         self.in_flight = self.in_flight.saturating_sub(1);
         if entry.credits.is_none() {
-            self.map.swap_remove(key);
+            if let Some(index) = self.map.get_index_of(key) {
+                self.remove_index(index);
+            }
         }
         waiters
     }
@@ -268,37 +354,40 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         now: Millis,
     ) -> Vec<W> {
         let config = self.config;
-        let Some(entry) = self.map.get_mut(key) else {
+        let Some(index) = self.map.get_index_of(key) else {
+            return Vec::new();
+        };
+        let Some((_, entry)) = self.map.get_index_mut(index) else {
             return Vec::new();
         };
         let Some(mine) = entry.flight.take_if(|f| f.id == flight) else {
             return Vec::new();
         };
         self.in_flight = self.in_flight.saturating_sub(1);
-        match outcome {
+        let forget = mine.invalidated && entry.credits.is_none() && outcome.is_ok();
+        if forget {
             // Nothing newer was written meanwhile: the next lookup loads again rather than
             // serve rows that may predate the invalidation.
-            Ok(_) if mine.invalidated && entry.credits.is_none() => {
-                self.map.swap_remove(key);
-            }
+            self.remove_index(index);
+            return mine.waiters;
+        }
+        let dirty = mine.dirty;
+        self.change_entry(index, |entry| match outcome {
             Ok(rows) => {
-                if !(mine.dirty && entry.credits.is_some()) {
+                if !(dirty && entry.credits.is_some()) {
                     let ttl = if rows.is_negative() {
                         config.negative_ttl_ms
                     } else {
                         config.ttl_ms
                     };
-                    entry.fresh_until = if mine.dirty {
-                        now
-                    } else {
-                        now.saturating_add(ttl)
-                    };
+                    entry.fresh_until = if dirty { now } else { now.saturating_add(ttl) };
                     entry.credits = Some(rows);
                 }
                 entry.retry_at = 0;
             }
             Err(()) => entry.retry_at = now.saturating_add(config.retry_ms),
-        }
+        });
+        self.shrink();
         mine.waiters
     }
 
@@ -311,14 +400,17 @@ impl<W, V: CacheValue> CreditCache<W, V> {
             self.config.ttl_ms
         };
         let credits = Some(rows);
-        if let Some(entry) = self.map.get_mut(key) {
-            entry.credits = credits;
-            entry.fresh_until = now.saturating_add(ttl);
-            entry.retry_at = 0;
-            entry.last_used = now;
-            if let Some(f) = entry.flight.as_mut() {
-                f.dirty = true;
-            }
+        if let Some(index) = self.map.get_index_of(key) {
+            self.change_entry(index, |entry| {
+                entry.credits = credits;
+                entry.fresh_until = now.saturating_add(ttl);
+                entry.retry_at = 0;
+                entry.last_used = now;
+                if let Some(f) = entry.flight.as_mut() {
+                    f.dirty = true;
+                }
+            });
+            self.shrink();
             return;
         }
         let entry = Entry {
@@ -334,18 +426,24 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     /// Drops a user's entry (a load in flight is kept, marked so its result is not cached).
     pub(crate) fn invalidate(&mut self, key: &[u8]) -> bool {
         self.epoch += 1;
-        match self.map.get_mut(key) {
-            Some(entry) if entry.flight.is_some() => {
-                entry.credits = None;
-                if let Some(f) = entry.flight.as_mut() {
-                    f.dirty = true;
-                    f.invalidated = true;
-                }
-                true
-            }
-            Some(_) => self.map.swap_remove(key).is_some(),
-            None => false,
+        let Some(index) = self.map.get_index_of(key) else {
+            return false;
+        };
+        let loading = self
+            .map
+            .get_index(index)
+            .is_some_and(|(_, e)| e.flight.is_some());
+        if !loading {
+            return self.remove_index(index).is_some();
         }
+        self.change_entry(index, |entry| {
+            entry.credits = None;
+            if let Some(f) = entry.flight.as_mut() {
+                f.dirty = true;
+                f.invalidated = true;
+            }
+        });
+        true
     }
 
     /// Marks a user's rows stale: still served, refreshed by the next lookup.
@@ -371,7 +469,13 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         }
         self.in_flight = 0;
         self.map.retain(|_, e| e.credits.is_some());
+        self.recount();
         out
+    }
+
+    /// Counts `bytes` again from the entries (after a change to many of them).
+    fn recount(&mut self) {
+        self.bytes = self.map.iter().map(|(k, e)| Self::cost(k, e)).sum();
     }
 
     /// Drops everything (loads in flight are kept, marked untrusted).
@@ -385,11 +489,15 @@ impl<W, V: CacheValue> CreditCache<W, V> {
             }
             None => false,
         });
+        self.recount();
     }
 
     fn insert(&mut self, key: &[u8], entry: Entry<W, V>) {
-        while self.map.len() >= self.config.max_entries.max(1) && self.evict_one() {}
-        self.map.insert(CacheKey::from_slice(key), entry);
+        let key = CacheKey::from_slice(key);
+        let cost = Self::cost(&key, &entry);
+        while self.over(cost) && self.evict_one() {}
+        self.bytes = self.bytes.saturating_add(cost);
+        self.map.insert(key, entry);
     }
 
     fn next_random(&mut self) -> u64 {
@@ -423,7 +531,7 @@ impl<W, V: CacheValue> CreditCache<W, V> {
         });
         match victim {
             Some((i, _)) => {
-                self.map.swap_remove_index(i);
+                self.remove_index(i);
                 self.stats.evictions += 1;
                 true
             }
@@ -442,6 +550,7 @@ mod tests {
             ttl_ms: 1000,
             negative_ttl_ms: 100,
             max_entries: max,
+            max_bytes: usize::MAX,
             retry_ms: 500,
         }
     }
@@ -638,6 +747,71 @@ mod tests {
         );
         c.set_config(cfg(1));
         assert_eq!(c.len(), 1);
+    }
+
+    /// A byte bound evicts like the entry bound, and the byte count is always what the
+    /// entries take, whatever the mix of loads, writes, invalidations and evictions.
+    #[test]
+    fn a_byte_bound_holds_and_the_count_stays_exact() {
+        let mut config = cfg(1_000_000);
+        let one = {
+            let mut c: CreditCache<u32> = CreditCache::new(config);
+            c.put(b"u0", rows("*"), 0);
+            c.bytes()
+        };
+        config.max_bytes = 20 * one;
+        let mut c: CreditCache<u32> = CreditCache::new(config);
+        let mut rng = crate::core::test_rng(11);
+        for step in 0..20_000u32 {
+            let key = format!("user-{}", rng(200));
+            let now = i64::from(step);
+            match rng(5) {
+                0 => c.put(key.as_bytes(), rows("*"), now),
+                1 => {
+                    c.invalidate(key.as_bytes());
+                }
+                2 => {
+                    if let Lookup::Miss { load: Some(f) }
+                    | Lookup::Stale {
+                        refresh: Some(f), ..
+                    } = c.lookup(key.as_bytes(), now)
+                    {
+                        let outcome = if rng(4) == 0 { Err(()) } else { Ok(rows("b")) };
+                        c.complete(key.as_bytes(), f, outcome, now);
+                    }
+                }
+                3 => {
+                    let long = key.repeat(8);
+                    c.put(long.as_bytes(), Arc::from(vec![]), now);
+                }
+                _ => {
+                    // A load that starts here ends at once (an entry loading is never evicted).
+                    if let Lookup::Miss { load: Some(f) }
+                    | Lookup::Stale {
+                        refresh: Some(f), ..
+                    } = c.lookup(key.as_bytes(), now)
+                    {
+                        c.complete(key.as_bytes(), f, Ok(Arc::from(vec![])), now);
+                    }
+                }
+            }
+            let counted: usize = c.map.iter().map(|(k, e)| CreditCache::cost(k, e)).sum();
+            assert_eq!(c.bytes(), counted, "step {step}");
+            assert!(
+                c.bytes() <= config.max_bytes + one,
+                "step {step}: {}",
+                c.bytes()
+            );
+        }
+        assert!(c.stats().evictions > 100);
+        c.clear();
+        assert_eq!(
+            c.bytes(),
+            c.map
+                .iter()
+                .map(|(k, e)| CreditCache::cost(k, e))
+                .sum::<usize>()
+        );
     }
 
     #[test]

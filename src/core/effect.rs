@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 
 use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
 use super::ledger::{
-    Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_PENDING_HOURS,
+    Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_DECODED_HOURS,
 };
 use super::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
 use super::window::Window;
@@ -24,6 +24,8 @@ use super::Millis;
 
 /// The encoding version (the first byte).
 const VERSION: u8 = 1;
+/// The first byte of a rebase, which comes alone: `at` and the new sequence follow.
+const VERSION_REBASE: u8 = 2;
 
 /// Flag bits (the second byte).
 const PRUNE: u8 = 1;
@@ -131,6 +133,9 @@ pub(crate) struct Effect<'a> {
     pub terms: Option<Option<BalanceTerms>>,
     /// A flush of the account's ledger acknowledged.
     pub ack: Option<Acknowledgement>,
+    /// The account's sequence started anew from this one under its present name, after a
+    /// rename (`Account::rebase`). Comes alone.
+    pub rebase: Option<u64>,
 }
 
 /// Why bytes are not an effect, or an effect does not fit the state; `Display` is the wire
@@ -175,6 +180,7 @@ impl<'a> Effect<'a> {
             balance: None,
             terms: None,
             ack: None,
+            rebase: None,
         }
     }
 
@@ -185,6 +191,15 @@ impl<'a> Effect<'a> {
             && self.balance.is_none()
             && self.terms.is_none()
             && self.ack.is_none()
+            && self.rebase.is_none()
+    }
+
+    /// A renamed account's sequence started anew from `seq`, decided at `at`.
+    pub(crate) fn rebased(at: Millis, seq: u64) -> Self {
+        Effect {
+            rebase: Some(seq),
+            ..Effect::empty(at)
+        }
     }
 
     /// What `Account::admit` changed, read from its decision (and the account's lifetime mark
@@ -262,6 +277,12 @@ impl<'a> Effect<'a> {
     /// The compact encoding (see the module header).
     pub(crate) fn encode(&self) -> EncodedEffect {
         let mut w = EncodedEffect::new();
+        if let Some(seq) = self.rebase {
+            w.push(VERSION_REBASE);
+            put_i64(&mut w, self.at);
+            put_u64(&mut w, seq);
+            return w;
+        }
         let mut flags = if self.prune { PRUNE } else { 0 };
         match &self.change {
             None => {}
@@ -359,8 +380,16 @@ impl<'a> Effect<'a> {
     /// Decodes what `encode` wrote; `Err` for anything else (never a panic).
     pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self, EffectError> {
         let mut r = Reader { buf: bytes };
-        if r.byte()? != VERSION {
-            return Err(EffectError::Version);
+        match r.byte()? {
+            VERSION => {}
+            VERSION_REBASE => {
+                let (at, seq) = (r.i64()?, r.u64()?);
+                if !r.buf.is_empty() {
+                    return Err(EffectError::Trailing);
+                }
+                return Ok(Effect::rebased(at, seq));
+            }
+            _ => return Err(EffectError::Version),
         }
         // Every one of the eight flag bits has a meaning (`KNOWN` is all of them); what does
         // not combine is refused below.
@@ -415,6 +444,7 @@ impl<'a> Effect<'a> {
             balance,
             terms,
             ack,
+            rebase: None,
         };
         if effect.is_empty() {
             return Err(EffectError::Empty);
@@ -425,6 +455,10 @@ impl<'a> Effect<'a> {
     /// Applies the effect to the state it was made from. `Err` (before any change) only when
     /// the state is not that one: a release of a lease that is not held.
     pub(crate) fn apply(&self, account: &mut Account) -> Result<(), EffectError> {
+        if let Some(seq) = self.rebase {
+            account.rebase(seq);
+            return Ok(());
+        }
         if let Some(Change::Release { lease }) = &self.change {
             let id = lease.to_id();
             if !account.leases().iter().any(|l| l.id == id) {
@@ -586,7 +620,7 @@ impl<'a> Reader<'a> {
         };
         let n = usize::try_from(self.u64()?)
             .ok()
-            .filter(|n| *n <= MAX_PENDING_HOURS)
+            .filter(|n| *n <= MAX_DECODED_HOURS)
             .ok_or(EffectError::Number)?;
         let mut hours = Vec::with_capacity(n);
         for _ in 0..n {
@@ -837,7 +871,43 @@ mod tests {
             Effect::decode(&[VERSION, PRUNE, 0x80, 0x00]),
             Err(EffectError::Number)
         );
-        assert_eq!(Effect::decode(&[2, PRUNE, 0]), Err(EffectError::Version));
+        assert_eq!(Effect::decode(&[3, PRUNE, 0]), Err(EffectError::Version));
+    }
+
+    /// A rename's rebase travels alone, round-trips, and starts the sequence anew on a replica
+    /// as on the master (it only ever grows).
+    #[test]
+    fn a_rebase_starts_a_renamed_accounts_sequence_anew() {
+        let e = Effect::rebased(T0, 42 << 20);
+        let bytes = e.encode();
+        assert_eq!(Effect::decode(&bytes), Ok(e.clone()));
+        for cut in 0..bytes.len() {
+            assert!(Effect::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = bytes.to_vec();
+        extra.push(0);
+        assert_eq!(Effect::decode(&extra), Err(EffectError::Trailing));
+        let mut master = Account::default();
+        master.count_request(
+            T0,
+            Window::Hour.index(T0),
+            Window::Day.index(T0),
+            Window::Month.index(T0),
+        );
+        master.mark_renamed();
+        assert!(master.is_renamed());
+        let mut replica = Account::decode(&master.encode()).unwrap();
+        assert!(replica.is_renamed(), "the mark is part of the state");
+        let fresh = crate::core::account::pending::fresh_seq(T0);
+        assert!(fresh > master.batch_seq());
+        Effect::rebased(T0, fresh).apply(&mut replica).unwrap();
+        master.rebase(fresh);
+        assert_eq!(replica, master);
+        assert!(!master.is_renamed());
+        assert_eq!(master.batch_seq(), fresh);
+        // A lower sequence never takes it back.
+        master.rebase(1);
+        assert_eq!(master.batch_seq(), fresh);
     }
 
     #[test]

@@ -25,10 +25,28 @@ use super::credit::{BalanceKind, RowBalance};
 use super::window::Window;
 use super::Millis;
 
-/// Most unflushed hours an account keeps (a week). While PostgreSQL is down, an account active
-/// for longer merges its two oldest hours into the later one: the totals stay exact, the split
-/// between those hours is lost. 40 bytes an hour: at most 6.7 KB per account.
+/// Most hours an account's unflushed usage spans, and so most hours one batch sends (a week).
+/// While PostgreSQL is down, an account active for longer merges its two oldest hours into the
+/// later one: the totals stay exact, only the split between those hours is lost, so a node
+/// keeps every bill whatever the length of the outage. 40 bytes an hour: at most 6.7 KB per
+/// account.
 pub(crate) const MAX_PENDING_HOURS: usize = 168;
+
+/// Most hours the ledger part keeps: one less than `MAX_PENDING_HOURS`, so the current hour,
+/// which the account keeps inline, always has room (ledger part and inline hour together never
+/// span more than `MAX_PENDING_HOURS`).
+pub(crate) const MAX_LEDGER_HOURS: usize = MAX_PENDING_HOURS - 1;
+
+/// Most hours a decoder accepts (a state, an acknowledgement, the last batch PostgreSQL kept):
+/// what an older build may have written (up to 169 hours), with room to spare. A decoded state
+/// is merged down to the bound at once.
+pub(crate) const MAX_DECODED_HOURS: usize = 4 * MAX_PENDING_HOURS;
+
+/// Most tokens one command may commit or reserve: a billion times the largest context window
+/// of today's models is still far below it, and amounts this size keep every sum the ledger
+/// makes far from the 64-bit limit of its columns (the sums also saturate, in the account and
+/// in PostgreSQL, so no amount can make a flush fail).
+pub(crate) const MAX_TOKENS: u64 = 1_000_000_000_000;
 
 /// Most balance holds an account keeps (one per live lease that reserved from the balance or
 /// whose request the balance paid): the lease bound of the accounts that draw on it.
@@ -191,9 +209,9 @@ impl Ledger {
         self.bound_hours();
     }
 
-    /// Merges the oldest hours into the next one while there are more than the bound.
-    fn bound_hours(&mut self) {
-        while self.hours.len() > MAX_PENDING_HOURS {
+    /// Merges the oldest hours into the next one while there are more than `MAX_LEDGER_HOURS`.
+    pub(crate) fn bound_hours(&mut self) {
+        while self.hours.len() > MAX_LEDGER_HOURS {
             let oldest = self.hours.remove(0);
             if let Some(next) = self.hours.first_mut() {
                 next.requests = next.requests.saturating_add(oldest.requests);
@@ -345,7 +363,7 @@ pub(crate) fn parse_hours_text(text: &str) -> Option<Vec<HourDelta>> {
         .split(',')
         .map(|v| v.parse().ok())
         .collect::<Option<_>>()?;
-    if !values.len().is_multiple_of(5) || values.len() / 5 > MAX_PENDING_HOURS {
+    if !values.len().is_multiple_of(5) || values.len() / 5 > MAX_DECODED_HOURS {
         return None;
     }
     Some(
@@ -394,11 +412,11 @@ mod tests {
         for i in 0..(MAX_PENDING_HOURS as i64 + 10) {
             l.record(T0 + i * HOUR, 1, 2, [1, 1]);
         }
-        assert_eq!(l.hours.len(), MAX_PENDING_HOURS);
+        assert_eq!(l.hours.len(), MAX_LEDGER_HOURS);
         let total: i64 = l.hours.iter().map(|h| h.requests).sum();
         assert_eq!(total, MAX_PENDING_HOURS as i64 + 10);
         assert_eq!(l.unflushed(1), MAX_PENDING_HOURS as i64 + 10);
-        assert_eq!(l.hours[0].requests, 11);
+        assert_eq!(l.hours[0].requests, 12);
     }
 
     #[test]

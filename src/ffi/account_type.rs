@@ -43,7 +43,7 @@ pub(crate) static ACCOUNT_TYPE: RedisType = RedisType::new(
         copy2: None,
         free_effort2: None,
         mem_usage2: None,
-        unlink2: None,
+        unlink2: Some(unlink),
     },
 );
 
@@ -573,58 +573,27 @@ unsafe extern "C" fn copy(
     }
 }
 
-/// What to call when a key is put under a name by `RENAME`, `MOVE` or `RESTORE`.
-static ON_PLACED: std::sync::OnceLock<fn(Ctx, &[u8])> = std::sync::OnceLock::new();
-
-/// Calls `f` (on the main thread, with the key's database selected) with the name of every
-/// key that `RENAME` (`rename_to`), `MOVE` (`move_to`) or `RESTORE` (`restore`) puts under a
-/// new name, whatever its type, so that an account moved or restored with unflushed usage is
-/// listed for the ledger under that name.
-pub(crate) fn on_keys_placed(ctx: Ctx, f: fn(Ctx, &[u8])) {
-    unsafe extern "C" fn placed(
-        ctx: *mut raw::RedisModuleCtx,
-        _kind: c_int,
-        event: *const std::os::raw::c_char,
-        key: *mut raw::RedisModuleString,
-    ) -> c_int {
-        unsafe {
-            if event.is_null() || key.is_null() {
-                return 0;
-            }
-            let event = std::ffi::CStr::from_ptr(event).to_bytes();
-            if !matches!(event, b"rename_to" | b"move_to" | b"restore") {
-                return 0;
-            }
-            let Some(f) = ON_PLACED.get() else {
-                return 0;
-            };
-            let mut len = 0usize;
-            let Some(ptr_len) = raw::RedisModule_StringPtrLen else {
-                return 0;
-            };
-            let p = ptr_len(key, &mut len);
-            if p.is_null() {
-                return 0;
-            }
-            let name = std::slice::from_raw_parts(p.cast::<u8>(), len);
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                f(Ctx::from_raw(ctx), name)
-            }));
-        }
-        0
-    }
-    if ON_PLACED.set(f).is_err() {
+/// `unlink2`: an account value leaves the keyspace (deleted, evicted, overwritten, renamed or
+/// moved away). Only a value with usage not flushed yet matters to the ledger; the others cost
+/// one check.
+unsafe extern "C" fn unlink(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const c_void) {
+    let Some(stored) = (unsafe { value.cast::<Stored>().as_ref() }) else {
+        return;
+    };
+    if !stored.account.has_unflushed() || ctx.is_null() {
         return;
     }
-    unsafe {
-        if let Some(subscribe) = raw::RedisModule_SubscribeToKeyspaceEvents {
-            subscribe(
-                ctx.raw(),
-                raw::REDISMODULE_NOTIFY_GENERIC as c_int,
-                Some(placed),
-            );
-        }
-    }
+    let (Some(name_of), Some(db_of)) = (unsafe {
+        (
+            raw::RedisModule_GetKeyNameFromOptCtx,
+            raw::RedisModule_GetDbIdFromOptCtx,
+        )
+    }) else {
+        return;
+    };
+    let (name, db) = unsafe { (name_of(ctx), db_of(ctx)) };
+    let name = unsafe { super::key_events::string_bytes(name) };
+    super::key_events::unlinked(db, name, &stored.account);
 }
 
 #[cfg(test)]

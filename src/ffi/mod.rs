@@ -9,6 +9,7 @@ pub(crate) mod account_type;
 pub(crate) mod blocked;
 pub(crate) mod command_info;
 pub(crate) mod ctx;
+pub(crate) mod key_events;
 pub(crate) mod load_args;
 pub(crate) mod propagation;
 pub(crate) mod reply;

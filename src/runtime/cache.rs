@@ -188,5 +188,6 @@ pub(crate) fn cache_config() -> CacheConfig {
             .unwrap_or(1)
             .max(1),
         retry_ms: RETRY_AFTER_FAILURE_MS,
+        max_bytes: super::memory::cache_budget(),
     }
 }

@@ -90,6 +90,8 @@ pub(crate) static CACHE_TTL_MS: AtomicI64 = AtomicI64::new(DEFAULT_CACHE_TTL_MS)
 pub(crate) static NEGATIVE_TTL_MS: AtomicI64 = AtomicI64::new(DEFAULT_NEGATIVE_TTL_MS);
 /// `quota.cache-max-entries`.
 pub(crate) static CACHE_MAX_ENTRIES: AtomicI64 = AtomicI64::new(DEFAULT_CACHE_MAX_ENTRIES);
+/// `quota.cache-max-memory` in bytes (0 = a tenth of `maxmemory`, see `runtime::memory`).
+pub(crate) static CACHE_MAX_MEMORY: AtomicI64 = AtomicI64::new(0);
 /// `quota.script-miss`.
 pub(crate) static SCRIPT_MISS: Mutex<ScriptMiss> = Mutex::new(ScriptMiss::base);
 /// `quota.auto-deploy`.

@@ -54,6 +54,15 @@ impl KeyId {
         self.split().0
     }
 
+    /// The same key in database `db`.
+    pub(super) fn in_db(&self, db: i32) -> KeyId {
+        let (_, at) = self.split();
+        let mut out = KeyId::new(db, b"").0.into_vec();
+        out.truncate(out.len() - 1); // the empty name's mark
+        out.extend_from_slice(self.0.get(at..).unwrap_or_default());
+        KeyId(out.into_boxed_slice())
+    }
+
     pub(super) fn name(&self) -> Box<[u8]> {
         let (_, at) = self.split();
         match self.0.get(at..).and_then(|r| r.split_first()) {

@@ -3,18 +3,51 @@
 //! It runs Postgres work through `store` and answers blocked clients through `ffi`; it never
 //! names a command.
 
+pub(crate) mod alerts;
 pub(crate) mod cache;
 pub(crate) mod clock;
 pub(crate) mod config;
 mod flush_list;
 pub(crate) mod jobs;
 pub(crate) mod ledger;
+pub(crate) mod memory;
 pub(crate) mod notify;
 pub(crate) mod stats;
 pub(crate) mod worker;
 
-use cache::{cache, cache_config, policies};
+use cache::{cache, policies};
 use notify::restart_listener;
+
+/// Follows account values through the keyspace (see `ledger`) and watches the settings that
+/// matter to the module (see `memory`): subscribed once, at load.
+pub(crate) fn install_key_hooks(ctx: crate::ffi::ctx::Ctx) {
+    crate::ffi::key_events::install(
+        ctx,
+        crate::ffi::key_events::Hooks {
+            key: ledger::on_key_event,
+            unlinked: ledger::on_unlinked,
+            swapped: ledger::on_swapdb,
+            flushing: ledger::on_flushdb,
+            configured: |ctx, names| {
+                if memory::concerns(names) {
+                    watch_memory(ctx);
+                }
+            },
+        },
+    );
+}
+
+/// Reads Redis's memory settings again and gives both caches their new byte budget.
+pub(crate) fn watch_memory(ctx: crate::ffi::ctx::Ctx) {
+    memory::refresh(ctx);
+    apply_cache_config();
+}
+
+/// Gives both caches their tunables from the configuration.
+fn apply_cache_config() {
+    cache().set_config(cache::cache_config());
+    policies().set_config(cache::cache_config());
+}
 
 /// Applies a changed option (the name with or without the `quota.` prefix).
 pub(crate) fn reconfigure(name: &str) {
@@ -35,9 +68,8 @@ pub(crate) fn reconfigure(name: &str) {
             restart_listener();
         }
         "notify" => restart_listener(),
-        "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
-            cache().set_config(cache_config());
-            policies().set_config(cache_config());
+        "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" | "cache-max-memory" => {
+            apply_cache_config();
         }
         "auto-deploy" => {
             worker::rebuild_backend();

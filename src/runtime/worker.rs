@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use super::alerts::conditions;
 use super::cache;
 use super::clock;
 use super::config;
@@ -28,7 +29,8 @@ use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
 use crate::store::{
-    AccountBatch, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig, StoreError,
+    AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig,
+    StoreError,
 };
 
 /// Most user loads one query serves (a burst of cold users shares round trips).
@@ -263,11 +265,22 @@ fn deploy_once(backend: &Backend) -> Result<(), StoreError> {
 
 /// Runs `f` against the store, timing it for `INFO quota`.
 fn with_store<T>(f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
-    let backend = ready_store()?;
+    let backend = ready_store().inspect_err(reachability)?;
     let started = Instant::now();
     let result = f(&backend.store);
     stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
+    match &result {
+        Ok(_) => conditions::PG_UNREACHABLE.recovered(|| "PostgreSQL answers again".into()),
+        Err(e) => reachability(e),
+    }
     result
+}
+
+/// Logs PostgreSQL becoming unreachable (rate-limited: see `alerts`).
+fn reachability(e: &StoreError) {
+    if e.is_unavailable() && *e != StoreError::NotConfigured {
+        conditions::PG_UNREACHABLE.failed(|| e.to_string());
+    }
 }
 
 fn run(rx: Receiver<Job>) {
@@ -478,8 +491,10 @@ fn delete_policy(policy: &OwnedPolicy) -> Result<bool, StoreError> {
 const FLUSH_CHUNK: usize = 1000;
 
 /// Writes one flush of the ledger, `FLUSH_CHUNK` accounts per transaction: what happened to
-/// each account's batch, `Err` for those of a transaction that failed (nothing of it applied),
-/// `None` for a key that names no account.
+/// each account's batch, `Err` for those not written (nothing of a failed transaction is
+/// applied), `None` for a key that names no account. When PostgreSQL refuses a transaction
+/// (rather than being unreachable), its batches are written again in halves until the refused
+/// ones stand alone: one account's bad batch never keeps the others from being written.
 pub(crate) fn flush(batches: &[KeyBatch]) -> Vec<FlushOutcome> {
     let mut out = Vec::with_capacity(batches.len());
     for chunk in batches.chunks(FLUSH_CHUNK) {
@@ -495,11 +510,7 @@ pub(crate) fn flush(batches: &[KeyBatch]) -> Vec<FlushOutcome> {
             })
             .collect();
         let accounts: Vec<AccountBatch> = parsed.iter().flatten().cloned().collect();
-        let mut written = match with_store(|s| s.flush_ledger(&accounts)) {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(e) => accounts.iter().map(|_| Err(e.clone())).collect(),
-        }
-        .into_iter();
+        let mut written = flush_isolating(&accounts).into_iter();
         out.extend(
             parsed
                 .iter()
@@ -507,6 +518,35 @@ pub(crate) fn flush(batches: &[KeyBatch]) -> Vec<FlushOutcome> {
         );
     }
     out
+}
+
+/// Writes `accounts` in one transaction; if PostgreSQL refuses it, in two halves, and so on
+/// down to single accounts. One outcome per account, in order.
+fn flush_isolating(accounts: &[AccountBatch]) -> Vec<Result<BatchOutcome, StoreError>> {
+    if accounts.is_empty() {
+        return Vec::new();
+    }
+    match with_store(|s| s.flush_ledger(accounts)) {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(e) if e.is_unavailable() || accounts.len() == 1 => {
+            if accounts.len() == 1 && !e.is_unavailable() {
+                let [t, p, u, b] = &accounts[0].ids;
+                conditions::LEDGER_BATCH.failed(|| {
+                    format!(
+                        "account {t}/{p}/{u}/{b}: {e} (it is retried alone at every flush; the \
+                         other accounts are written)"
+                    )
+                });
+            }
+            accounts.iter().map(|_| Err(e.clone())).collect()
+        }
+        Err(_) => {
+            let (left, right) = accounts.split_at(accounts.len() / 2);
+            let mut out = flush_isolating(left);
+            out.extend(flush_isolating(right));
+            out
+        }
+    }
 }
 
 /// Loads a policy, completes its flight, and answers each waiter: at once, or (when its

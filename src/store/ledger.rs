@@ -100,18 +100,22 @@ impl LedgerStatements {
                  FROM unnest({IDS}, $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], \
                       $9::bigint[]) AS x(t, p, u, b, h, q, k, dq, dk) \
                  ON CONFLICT (tenant, project, user_id, bundle_id, hour) DO UPDATE SET \
-                 requests = r.requests + EXCLUDED.requests, tokens = r.tokens + EXCLUDED.tokens, \
-                 requests_debited = r.requests_debited + EXCLUDED.requests_debited, \
-                 tokens_debited = r.tokens_debited + EXCLUDED.tokens_debited, updated_at = now()"
+                 requests = {}, tokens = {}, requests_debited = {}, tokens_debited = {}, \
+                 updated_at = now()",
+                saturated("r.requests", "EXCLUDED.requests"),
+                saturated("r.tokens", "EXCLUDED.tokens"),
+                saturated("r.requests_debited", "EXCLUDED.requests_debited"),
+                saturated("r.tokens_debited", "EXCLUDED.tokens_debited"),
             )),
             add_used: s(format!(
                 "UPDATE \"control_plane\".user_quota_replenishment r SET \
-                 requests_balance_used = r.requests_balance_used + x.dq, \
-                 tokens_balance_used = r.tokens_balance_used + x.dk \
+                 requests_balance_used = {}, tokens_balance_used = {} \
                  FROM unnest({IDS}, $5::bigint[], $6::bigint[]) AS x(t, p, u, b, dq, dk) \
                  WHERE {MATCH} \
                  RETURNING r.tenant, r.project, r.user_id, r.bundle_id, \
-                 r.requests_balance_used, r.tokens_balance_used"
+                 r.requests_balance_used, r.tokens_balance_used",
+                saturated("r.requests_balance_used", "x.dq"),
+                saturated("r.tokens_balance_used", "x.dk"),
             )),
             history: s(
                 "SELECT floor(extract(epoch FROM hour))::bigint, requests, tokens, \
@@ -123,6 +127,15 @@ impl LedgerStatements {
             ),
         }
     }
+}
+
+/// `a + b` for two `BIGINT`s, held to the type's range instead of failing: the usage of one
+/// account (every amount is bounded at the command, see `core::ledger::MAX_TOKENS`) can only
+/// get there in absurd cases, and a sum that failed would fail the account's batch forever.
+fn saturated(a: &str, b: &str) -> String {
+    format!(
+        "LEAST(GREATEST({a}::numeric + {b}, -9223372036854775808), 9223372036854775807)::bigint"
+    )
 }
 
 fn pg(err: postgres::Error) -> StoreError {

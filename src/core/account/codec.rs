@@ -7,7 +7,7 @@ use super::{
     window_slot, Account, BadState, Counter, Extra, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN,
     MAX_SETTLED,
 };
-use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
+use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_DECODED_HOURS, MAX_HOLDS};
 use crate::core::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
 
 impl Account {
@@ -19,9 +19,12 @@ impl Account {
     /// The encoding with these (window index, count) pairs as the counters, by `Counter`.
     pub(super) fn encode_with(&self, counters: [(i64, u64); 5]) -> Vec<u8> {
         let mut w = Vec::with_capacity(64 + self.leases().len() * 40);
-        // Without a ledger part, the first version's bytes exactly (an older build reads them).
+        // Without a ledger part, the first version's bytes exactly (an older build reads them);
+        // the renamed mark only where it is set.
         let with_ledger = self.ledger().is_some() || self.next_seq != 0;
-        w.push(if with_ledger {
+        w.push(if self.renamed {
+            ENCODING_VERSION_RENAMED
+        } else if with_ledger {
             ENCODING_VERSION_LEDGER
         } else {
             ENCODING_VERSION
@@ -45,8 +48,11 @@ impl Account {
             put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
-        if with_ledger {
+        if with_ledger || self.renamed {
             put_ledger(&mut w, self);
+        }
+        if self.renamed {
+            w.push(1);
         }
         w
     }
@@ -56,7 +62,7 @@ impl Account {
     pub(crate) fn decode(bytes: &[u8]) -> Result<Account, BadState> {
         let mut r = Reader { buf: bytes };
         let version = r.byte()?;
-        if version != ENCODING_VERSION && version != ENCODING_VERSION_LEDGER {
+        if !(ENCODING_VERSION..=ENCODING_VERSION_RENAMED).contains(&version) {
             return Err(BadState("unknown state version"));
         }
         let lifetime = r.flag("lifetime flag is neither 0 nor 1")?;
@@ -100,12 +106,16 @@ impl Account {
             "more settled lease ids than an account keeps",
             |r| Ok((r.id()?, r.i64()?)),
         )?;
-        let (next_seq, ledger) = if version == ENCODING_VERSION_LEDGER {
+        let (next_seq, ledger) = if version >= ENCODING_VERSION_LEDGER {
             let (next_seq, ledger) = r.ledger()?;
             (next_seq, (!ledger.is_idle()).then(|| Box::new(ledger)))
         } else {
             (0, None)
         };
+        let renamed = version == ENCODING_VERSION_RENAMED;
+        if renamed && (r.byte()? != 1 || next_seq == 0) {
+            return Err(BadState("a renamed mark without a sequence"));
+        }
         if !r.buf.is_empty() {
             return Err(BadState("bytes left after the state"));
         }
@@ -127,10 +137,14 @@ impl Account {
             req_total,
             extra: (!extra.is_empty()).then(|| Box::new(extra)),
             next_seq,
+            renamed,
             ..Account::default()
         };
         account.check()?;
         account.inline_current_hour();
+        // An older build could leave one hour more than the bound (and a week-long outage
+        // reach it): the oldest merge, the totals stay.
+        account.bound_ledger_hours();
         Ok(account)
     }
 }
@@ -138,6 +152,8 @@ impl Account {
 pub(super) const ENCODING_VERSION: u8 = 1;
 /// The first version followed by the ledger part.
 pub(super) const ENCODING_VERSION_LEDGER: u8 = 2;
+/// The second version followed by the renamed mark (see `Account::mark_renamed`).
+pub(super) const ENCODING_VERSION_RENAMED: u8 = 3;
 
 /// The ledger fields: the batch sequence, the floor, the unflushed hours (inline and in the
 /// ledger part, as one list), the holds and the terms.
@@ -254,7 +270,7 @@ impl Reader<'_> {
         let next_seq = self.u64()?;
         let floor = [self.u64()?, self.u64()?];
         let hours = self.list(
-            MAX_PENDING_HOURS,
+            MAX_DECODED_HOURS,
             "more unflushed hours than an account keeps",
             |r| {
                 Ok(HourDelta {

@@ -14,11 +14,11 @@
 mod admit;
 mod codec;
 mod lease;
-mod pending;
+pub(crate) mod pending;
 
 use std::collections::{HashSet, VecDeque};
 
-use super::ledger::{BalanceChange, BalanceTerms, Ledger, MAX_HOLDS, MAX_PENDING_HOURS};
+use super::ledger::{BalanceChange, BalanceTerms, Ledger, MAX_DECODED_HOURS, MAX_HOLDS};
 use super::policy::LimitField;
 use super::window::{Window, LAST_MS};
 use super::Millis;
@@ -160,6 +160,10 @@ pub(crate) struct Account {
     pending_tokens: u32,
     /// A lifetime limit (`TOTAL_REQUESTS`) has applied: the state must never expire.
     pub lifetime: bool,
+    /// The key was renamed after `next_seq` was given: the sequence belongs to the old name's
+    /// batches, and the account's next batch under its new name needs one of that name's
+    /// (`rebase`). Part of the state: set on every node by the rename itself.
+    renamed: bool,
     /// In memory only (never encoded, not part of the state's value): the key is on the
     /// node's list of accounts to flush (`runtime::ledger`).
     tracked: bool,
@@ -175,6 +179,7 @@ impl PartialEq for Account {
             && self.next_seq == other.next_seq
             && self.pending_tokens == other.pending_tokens
             && self.lifetime == other.lifetime
+            && self.renamed == other.renamed
     }
 }
 
@@ -761,7 +766,7 @@ impl Account {
 /// The ledger part's invariants: hours in range, strictly ascending and within the bound;
 /// holds within the bound, in range and with distinct tags.
 fn check_ledger(ledger: &Ledger) -> Result<(), BadState> {
-    if ledger.hours.len() > MAX_PENDING_HOURS {
+    if ledger.hours.len() > MAX_DECODED_HOURS {
         return Err(BadState("more unflushed hours than an account keeps"));
     }
     let mut previous = -1;

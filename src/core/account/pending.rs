@@ -12,6 +12,14 @@ use crate::core::Millis;
 /// The sequence bits below the creation time (see `Account::next_seq`).
 const SEQ_SHIFT: u32 = 20;
 
+/// A sequence above every sequence an account created up to `now` may have used (each starts
+/// from its creation time shifted by `SEQ_SHIFT` and grows by one a batch, far less than
+/// 2^20 a millisecond): the start of a renamed account's sequence under its new name, which may
+/// have had batches of its own.
+pub(crate) fn fresh_seq(now: Millis) -> u64 {
+    (now.max(0) as u64).saturating_add(1) << SEQ_SHIFT
+}
+
 impl Account {
     /// Gives the account its first batch sequence, from the clock, at its first change.
     pub(super) fn mark_unflushed(&mut self, at: Millis) {
@@ -124,6 +132,29 @@ impl Account {
         self.next_seq
     }
 
+    /// The key was renamed (to another name than it had): the sequence it holds is the old
+    /// name's, so its next batch under the new name must start a sequence of its own (see
+    /// `rebase`); until then its batches must not be sent. An account that never had a
+    /// sequence needs nothing. Done on every node that runs the rename (a master, its
+    /// replicas, an AOF load), so it needs no propagation.
+    pub(crate) fn mark_renamed(&mut self) {
+        if self.next_seq != 0 {
+            self.renamed = true;
+        }
+    }
+
+    /// Whether the account's sequence is another name's (see `mark_renamed`).
+    pub(crate) fn is_renamed(&self) -> bool {
+        self.renamed
+    }
+
+    /// Starts the account's sequence anew under its present name, from `seq` (see
+    /// `fresh_seq`): the sequence only grows.
+    pub(crate) fn rebase(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq);
+        self.renamed = false;
+    }
+
     /// Takes a flushed batch off: each hour's amounts as sent are subtracted (what was counted
     /// since stays, and a release counted since may leave an hour below zero, which the next
     /// batch sends), the sequence moves on and the floor becomes PostgreSQL's totals.
@@ -158,6 +189,7 @@ impl Account {
         copy.pending_tokens = 0;
         copy.next_seq = 0;
         copy.tracked = false;
+        copy.renamed = false;
         if let Some(ledger) = copy.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
             ledger.hours.clear();
         }
@@ -195,6 +227,15 @@ impl Account {
             ..Account::default()
         };
         forgot
+    }
+
+    /// Merges the ledger part's oldest hours down to its bound (`MAX_LEDGER_HOURS`): a decoded
+    /// state may hold more.
+    pub(super) fn bound_ledger_hours(&mut self) {
+        if let Some(ledger) = self.extra.as_mut().and_then(|e| e.ledger.as_mut()) {
+            ledger.bound_hours();
+        }
+        self.drop_idle_ledger();
     }
 
     /// Puts the ledger part's entry for the current hour inline as far as it fits (a decoded
@@ -352,6 +393,78 @@ mod tests {
         ack(&mut flushed, hours);
         assert!(!flushed.has_unflushed() && flushed.ledger().is_none());
         assert_eq!(Account::decode(&flushed.encode()).unwrap(), flushed);
+    }
+
+    /// A week-long PostgreSQL outage: usage in more hours than the bound, and usage in the
+    /// current hour on top. What a flush sends spans at most `MAX_PENDING_HOURS`, with every
+    /// request and token in it, and the state survives its encoding.
+    #[test]
+    fn an_outage_longer_than_the_bound_keeps_every_hour_summed_within_it() {
+        use crate::core::ledger::{MAX_LEDGER_HOURS, MAX_PENDING_HOURS};
+        let mut acc = Account::default();
+        let (d, m) = (Window::Day.index(T0), Window::Month.index(T0));
+        let hours = MAX_PENDING_HOURS as i64 + 40;
+        for i in 0..hours {
+            admitted(&mut acc, T0 + i * HOUR);
+            acc.count_tokens(3, T0 + i * HOUR, hour(T0 + i * HOUR), d, m);
+        }
+        assert_eq!(acc.unflushed_hours().len(), MAX_PENDING_HOURS);
+        // A debit in the current hour puts that hour in the ledger part too.
+        acc.apply_balance(
+            T0 + (hours - 1) * HOUR,
+            &BalanceChange {
+                debits: [1, 2],
+                ..BalanceChange::default()
+            },
+        );
+        let sent = acc.unflushed_hours();
+        assert!(sent.len() <= MAX_PENDING_HOURS);
+        assert!(acc.ledger().unwrap().hours.len() <= MAX_LEDGER_HOURS);
+        let sum = |hs: &[HourDelta]| {
+            hs.iter().fold((0, 0, [0, 0]), |(r, t, d), h| {
+                (
+                    r + h.requests,
+                    t + h.tokens,
+                    [d[0] + h.debits[0], d[1] + h.debits[1]],
+                )
+            })
+        };
+        assert_eq!(sum(&sent), (hours, 3 * hours, [1, 2]));
+        assert_eq!(sent.last().unwrap().hour, hour(T0 + (hours - 1) * HOUR));
+        let back = Account::decode(&acc.encode()).unwrap();
+        assert_eq!(back, acc);
+        // One more admission in the same hour, and one in a new hour: still within the bound.
+        let mut later = back.clone();
+        admitted(&mut later, T0 + (hours - 1) * HOUR + 10);
+        admitted(&mut later, T0 + hours * HOUR);
+        assert!(later.unflushed_hours().len() <= MAX_PENDING_HOURS);
+        assert_eq!(sum(&later.unflushed_hours()).0, hours + 2);
+    }
+
+    /// An older build kept `MAX_PENDING_HOURS` hours in the ledger part plus the current hour
+    /// inline, and encoded one hour more than the bound: such a state still loads (the oldest
+    /// hours merge, every total stays), so a node restarts and a replica syncs.
+    #[test]
+    fn an_older_builds_state_with_one_hour_too_many_still_loads() {
+        use crate::core::ledger::{MAX_DECODED_HOURS, MAX_PENDING_HOURS};
+        for extra in [1, 50, MAX_DECODED_HOURS - MAX_PENDING_HOURS] {
+            let n = MAX_PENDING_HOURS + extra;
+            let mut acc = Account::default();
+            admitted(&mut acc, T0 + (n as i64 - 1) * HOUR);
+            let ledger = acc.ledger_part();
+            for i in 0..n as i64 - 1 {
+                ledger.hours.push(delta(T0 + i * HOUR, 2, 5, [0, 1]));
+            }
+            let bytes = acc.encode();
+            let back = Account::decode(&bytes).unwrap();
+            let hours = back.unflushed_hours();
+            assert_eq!(hours.len(), MAX_PENDING_HOURS, "{n} hours");
+            let requests: i64 = hours.iter().map(|h| h.requests).sum();
+            let debits: i64 = hours.iter().map(|h| h.debits[1]).sum();
+            assert_eq!((requests, debits), (2 * (n as i64 - 1) + 1, n as i64 - 1));
+            // Re-encoded, it is stable.
+            assert_eq!(Account::decode(&back.encode()).unwrap(), back);
+        }
     }
 
     #[test]
