@@ -7,7 +7,7 @@ pub(crate) mod alerts;
 pub(crate) mod cache;
 pub(crate) mod clock;
 pub(crate) mod config;
-mod flush_list;
+
 pub(crate) mod jobs;
 pub(crate) mod ledger;
 pub(crate) mod memory;
@@ -24,10 +24,10 @@ pub(crate) fn install_key_hooks(ctx: crate::ffi::ctx::Ctx) {
     crate::ffi::key_events::install(
         ctx,
         crate::ffi::key_events::Hooks {
-            key: ledger::on_key_event,
-            unlinked: ledger::on_unlinked,
-            swapped: ledger::on_swapdb,
-            flushing: ledger::on_flushdb,
+            key: ledger::moves::on_key_event,
+            unlinked: ledger::moves::on_unlinked,
+            swapped: ledger::moves::on_swapdb,
+            flushing: ledger::moves::on_flushdb,
             configured: |ctx, names| {
                 if memory::concerns(names) {
                     watch_memory(ctx);

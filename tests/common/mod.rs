@@ -42,6 +42,7 @@ pub use redis::Value;
 
 mod client;
 mod cluster;
+mod dump;
 mod info;
 mod ledger;
 mod pg;
@@ -52,6 +53,7 @@ mod server;
 
 pub use client::*;
 pub use cluster::*;
+pub use dump::*;
 pub use info::*;
 pub use ledger::*;
 pub use pg::*;

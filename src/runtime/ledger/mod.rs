@@ -32,27 +32,33 @@
 //!
 //! Main thread only, except `written`, which the pool thread calls.
 
-use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+mod keys;
+pub(crate) mod moves;
+mod orphans;
+mod state;
+
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::alerts::conditions;
 use super::config;
-use super::flush_list::{KeyId, KeyList};
 use super::jobs::{FlushOutcome, Job, KeyBatch};
 use super::stats;
 use super::worker;
 use crate::core::account::pending::fresh_seq;
-use crate::core::account::Account;
 use crate::core::effect::Effect;
-use crate::core::ledger::{Acknowledgement, HourDelta};
+use crate::core::ledger::Acknowledgement;
 use crate::core::Millis;
 use crate::ffi::account_type::{scan_accounts, AccountKey};
 use crate::ffi::ctx::Ctx;
-use crate::ffi::key_events::KeyEvent;
 use crate::ffi::propagation;
+use keys::KeyId;
+use orphans::name_hash;
+use state::{Batch, FlushState, Owed, Owner, Slice, STATE};
+
+pub(crate) use state::track;
 
 /// Most accounts one slice snapshots (and one transaction writes).
 const SLICE: usize = 1000;
@@ -61,210 +67,8 @@ const MAX_IN_FLIGHT: usize = 2;
 /// Main-thread time a tick may spend snapshotting before it leaves the rest to the next tick.
 const TICK_BUDGET: Duration = Duration::from_millis(5);
 
-/// One batch as written: the account key name it is written under (its identity), its
-/// sequence, revision and hours.
-#[derive(Debug, Clone)]
-struct Batch {
-    name: Box<[u8]>,
-    seq: u64,
-    rev: u64,
-    hours: Vec<HourDelta>,
-}
-
-impl Batch {
-    fn job(&self) -> KeyBatch {
-        KeyBatch {
-            key: self.name.clone(),
-            seq: self.seq,
-            rev: self.rev,
-            hours: self.hours.clone(),
-        }
-    }
-}
-
-/// Who gets a batch's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Owner {
-    /// The value now at this key: the acknowledgement takes the batch off it.
-    Key(KeyId),
-    /// No value any more (it left the keyspace): written until PostgreSQL answers, then
-    /// forgotten.
-    Orphan,
-}
-
-/// A batch PostgreSQL has not answered yet.
-#[derive(Debug, Clone)]
-struct Owed {
-    owner: Owner,
-    batch: Batch,
-    /// Being written (in a slice) now.
-    flying: bool,
-    /// PostgreSQL refused it on its own (not for being unreachable): it is sent in a slice of
-    /// its own, so it never holds back the others.
-    solo: bool,
-    /// Written under another name than its value's (an orphan's, or one owed under a renamed
-    /// value's old name): sent by `send_foreign`, one at a time per name, lowest sequence
-    /// first, and no key of that name is snapshotted until they are answered.
-    foreign: bool,
-}
-
-/// Whether a batch owned by `owner` is foreign (see `Owed::foreign`).
-fn is_foreign(owner: &Owner, batch: &Batch) -> bool {
-    match owner {
-        Owner::Orphan => true,
-        Owner::Key(k) => *k.name() != *batch.name,
-    }
-}
-
-/// A slice being written: the owed batches in it, in the order of the job's batches.
-struct Slice {
-    entries: Vec<u64>,
-    /// When it was handed to the pool (ms).
-    since: Millis,
-}
-
-/// A value that left the keyspace with unflushed usage during the command being run; the
-/// keyspace event that follows says whether it lives on elsewhere (renamed, moved) or is gone.
-struct Unlinked {
-    key: KeyId,
-    seq: u64,
-    renamed: bool,
-    hours: Vec<HourDelta>,
-}
-
-#[derive(Default)]
-struct FlushState {
-    /// Account keys that may have unflushed usage and are not in the round under way.
-    tracked: KeyList,
-    /// The round under way: keys not snapshotted yet.
-    round: KeyList,
-    /// Owed batches by number.
-    owed: HashMap<u64, Owed>,
-    /// The owed batch of each key that has one (a key has at most one: it is not snapshotted
-    /// again until its batch is answered).
-    by_key: HashMap<KeyId, u64>,
-    /// The foreign owed batches, by name (see `Owed::foreign`).
-    foreign: HashMap<Box<[u8]>, Vec<u64>>,
-    next_owed: u64,
-    /// Slices being written, by number.
-    in_flight: HashMap<u64, Slice>,
-    next_slice: u64,
-    /// Values unlinked by the command being run (see `Unlinked`).
-    unlinked: Vec<Unlinked>,
-    /// The source of the `RENAME` or `MOVE` being run (its `..._from` event came first).
-    moving: Option<KeyId>,
-    /// When the last round was started (ms).
-    last_flush: Millis,
-    /// This node was a master at the last tick (the list was rebuilt for it).
-    master: bool,
-    /// The round under way: main-thread µs of its snapshots so far, its longest tick, and the
-    /// accounts snapshotted.
-    round_us: u64,
-    round_longest_us: u64,
-    round_accounts: u64,
-}
-
-impl FlushState {
-    fn insert(&mut self, n: u64, owed: Owed) {
-        if let Owner::Key(k) = &owed.owner {
-            self.by_key.insert(k.clone(), n);
-        }
-        if owed.foreign {
-            self.foreign
-                .entry(owed.batch.name.clone())
-                .or_default()
-                .push(n);
-        }
-        self.owed.insert(n, owed);
-    }
-
-    fn add(&mut self, owed: Owed) -> u64 {
-        self.next_owed += 1;
-        let n = self.next_owed;
-        self.insert(n, owed);
-        n
-    }
-
-    fn remove(&mut self, n: u64) -> Option<Owed> {
-        let owed = self.owed.remove(&n)?;
-        if let Owner::Key(k) = &owed.owner {
-            if self.by_key.get(k) == Some(&n) {
-                self.by_key.remove(k);
-            }
-        }
-        if owed.foreign {
-            if let Some(list) = self.foreign.get_mut(&owed.batch.name) {
-                list.retain(|m| *m != n);
-                if list.is_empty() {
-                    self.foreign.remove(&owed.batch.name);
-                }
-            }
-        }
-        Some(owed)
-    }
-
-    /// Gives owed batch `n` a new owner (it keeps its number: a slice may refer to it).
-    fn reown(&mut self, n: u64, owner: Owner) {
-        if let Some(mut owed) = self.remove(n) {
-            owed.foreign = is_foreign(&owner, &owed.batch);
-            owed.owner = owner;
-            self.insert(n, owed);
-        }
-    }
-
-    /// Whether `key` may be snapshotted now: it has no owed batch of its own and no batch of
-    /// its name is owed elsewhere.
-    fn snapshottable(&self, key: &KeyId, name: &[u8]) -> bool {
-        !self.by_key.contains_key(key)
-            && (self.foreign.is_empty() || !self.foreign.contains_key(name))
-    }
-
-    /// The foreign batch of each name to send now: none for a name with one being written,
-    /// else the lowest sequence (PostgreSQL skips a lower one that comes after a higher).
-    fn next_foreign(&self) -> Vec<u64> {
-        self.foreign
-            .values()
-            .filter_map(|list| {
-                let batches = list
-                    .iter()
-                    .filter_map(|n| self.owed.get(n).map(|o| (*n, o)));
-                let mut first: Option<(u64, &Owed)> = None;
-                for (n, o) in batches {
-                    if o.flying {
-                        return None;
-                    }
-                    if first.is_none_or(|(m, f)| (o.batch.seq, n) < (f.batch.seq, m)) {
-                        first = Some((n, o));
-                    }
-                }
-                first.map(|(n, _)| n)
-            })
-            .collect()
-    }
-
-    /// Takes the slice `number` off the slices being written.
-    fn land(&mut self, number: u64) -> Option<Slice> {
-        let slice = self.in_flight.remove(&number)?;
-        for n in &slice.entries {
-            if let Some(owed) = self.owed.get_mut(n) {
-                owed.flying = false;
-            }
-        }
-        Some(slice)
-    }
-}
-
-thread_local! {
-    static STATE: RefCell<FlushState> = RefCell::new(FlushState::default());
-}
-
 /// What the pool threads wrote, by slice, waiting for the next tick.
 static WRITTEN: Mutex<Vec<(u64, Vec<FlushOutcome>)>> = Mutex::new(Vec::new());
-
-/// Puts an account key on the list of accounts to flush.
-pub(crate) fn track(db: i32, key: &[u8]) {
-    STATE.with(|s| s.borrow_mut().tracked.push(&KeyId::new(db, key)));
-}
 
 /// Accounts with unflushed usage known to the flush (listed, in the round, or owed).
 pub(crate) fn tracked() -> usize {
@@ -272,7 +76,7 @@ pub(crate) fn tracked() -> usize {
         let s = s.borrow();
         // A key whose batch waits to be sent again is on the list; the others are not.
         let apart = s.owed.values().filter(|o| o.flying || o.foreign).count();
-        s.tracked.len() + s.round.len() + apart
+        s.tracked.len() + s.round.len() + apart + s.orphans.len()
     })
 }
 
@@ -327,7 +131,7 @@ pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
     for (slice, outcomes) in take_written() {
         acknowledge(ctx, slice, outcomes);
     }
-    let started = STATE.with(|s| {
+    STATE.with(|s| {
         let mut s = s.borrow_mut();
         let interval = config::int(&config::FLUSH_INTERVAL).max(1) * 1000;
         let idle = s.round.is_empty() && s.in_flight.is_empty();
@@ -338,14 +142,15 @@ pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
             s.round_us = 0;
             s.round_longest_us = 0;
             s.round_accounts = 0;
-            true
-        } else {
-            false
+            // The foreign batches that failed are tried again with the round.
+            for owed in s.owed.values_mut() {
+                owed.failed = false;
+            }
         }
     });
-    if started {
-        send_foreign(now);
-    }
+    // Orphans hold memory of their own (often under `maxmemory` pressure, having been
+    // evicted): they go at every tick, not only with the rounds.
+    send_foreign(now);
     send_slices(ctx, now);
 }
 
@@ -383,35 +188,80 @@ fn send(entries: Vec<u64>, batches: Vec<KeyBatch>, now: Millis) -> bool {
     false
 }
 
-/// Sends the foreign batches that may go now (see `FlushState::next_foreign`), refused ones
-/// alone.
+/// Sends the foreign batches that may go now (see `FlushState::next_foreign`) and the orphans
+/// waiting in the queue (each name's one at a time), refused ones alone, while fewer than
+/// `MAX_IN_FLIGHT` slices are being written.
 fn send_foreign(now: Millis) {
     let slices: Vec<Picked> = STATE.with(|s| {
-        let s = s.borrow();
+        let mut s = s.borrow_mut();
+        if (s.foreign.is_empty() && s.orphans.is_empty()) || s.in_flight.len() >= MAX_IN_FLIGHT {
+            return Vec::new();
+        }
         let mut slices: Vec<Picked> = vec![(Vec::new(), Vec::new())];
+        let mut names = HashSet::new();
         for n in s.next_foreign() {
             let Some(o) = s.owed.get(&n) else {
                 continue;
             };
+            names.insert(name_hash(&o.batch.name));
             if o.solo {
                 slices.push((vec![n], vec![o.batch.job()]));
                 continue;
             }
-            if slices.last().is_some_and(|l| l.0.len() >= SLICE) {
-                slices.push((Vec::new(), Vec::new()));
+            push_batch(&mut slices, n, o.batch.job());
+        }
+        // Then the queue, as far as the slices being written allow: an orphan whose name has
+        // a batch owed (or one in these slices) waits for it at the back of the queue.
+        let room = (MAX_IN_FLIGHT - s.in_flight.len()) * SLICE;
+        let (mut taken, mut later) = (0, Vec::new());
+        while taken < room {
+            let Some(orphan) = s.orphans.pop() else {
+                break;
+            };
+            let hash = name_hash(&orphan.name);
+            if s.foreign.contains_key(&orphan.name) || !names.insert(hash) {
+                later.push(orphan);
+                continue;
             }
-            if let Some((entries, batches)) = slices.last_mut() {
-                entries.push(n);
-                batches.push(o.batch.job());
-            }
+            let batch = Batch {
+                name: orphan.name,
+                seq: orphan.seq,
+                rev: orphan.rev,
+                hours: orphan.hours,
+            };
+            let job = batch.job();
+            let n = s.add(Owed {
+                owner: Owner::Orphan,
+                batch,
+                flying: false,
+                solo: false,
+                foreign: true,
+                failed: false,
+            });
+            push_batch(&mut slices, n, job);
+            taken += 1;
+        }
+        for orphan in &later {
+            s.orphans.push(orphan);
         }
         slices.retain(|l| !l.0.is_empty());
         slices
     });
-    for (entries, batches) in slices {
+    for (entries, batches) in slices.into_iter().take(MAX_IN_FLIGHT) {
         if !send(entries, batches, now) {
             break;
         }
+    }
+}
+
+/// Adds a batch to the last slice, or to a new one when it is full.
+fn push_batch(slices: &mut Vec<Picked>, n: u64, batch: KeyBatch) {
+    if slices.last().is_none_or(|l| l.0.len() >= SLICE) {
+        slices.push((Vec::new(), Vec::new()));
+    }
+    if let Some((entries, batches)) = slices.last_mut() {
+        entries.push(n);
+        batches.push(batch);
     }
 }
 
@@ -504,8 +354,27 @@ pub(crate) fn flush_and_wait(ctx: Ctx) {
     }
 }
 
-/// Writes the foreign batches on this thread (shutdown), one at a time and in order.
+/// Writes the foreign batches and the orphans on this thread (shutdown), one batch of each
+/// name at a time and in order.
 fn send_foreign_now(ctx: Ctx, now: Millis) {
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        while let Some(orphan) = s.orphans.pop() {
+            s.add(Owed {
+                owner: Owner::Orphan,
+                batch: Batch {
+                    name: orphan.name,
+                    seq: orphan.seq,
+                    rev: orphan.rev,
+                    hours: orphan.hours,
+                },
+                flying: false,
+                solo: false,
+                foreign: true,
+                failed: false,
+            });
+        }
+    });
     loop {
         let next: Vec<(u64, KeyBatch)> = STATE.with(|s| {
             let s = s.borrow();
@@ -644,6 +513,7 @@ fn snapshot(ctx: Ctx, keys: Vec<KeyId>, now: Millis, deadline: Option<Instant>) 
                 flying: false,
                 solo: false,
                 foreign: false,
+                failed: false,
             })
         });
         let (entries, batches) = &mut picked[0];
@@ -724,6 +594,7 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
                         Some(owed) => {
                             // Refused in a transaction of its own (see `worker::flush`).
                             owed.solo |= alone;
+                            owed.failed = owed.foreign;
                             match &owed.owner {
                                 Owner::Key(k) => Some(k.clone()),
                                 Owner::Orphan => None,
@@ -810,209 +681,4 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
             conditions::LEDGER_BATCH.recovered(|| "every refused batch is written".into());
         }
     }
-}
-
-/// Keeps a value leaving the keyspace with unflushed usage until the keyspace event that
-/// follows says what became of it (`on_key_event`). Masters only: a replica flushes nothing.
-pub(crate) fn on_unlinked(db: i32, name: &[u8], account: &Account) {
-    STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        if !s.master {
-            return;
-        }
-        s.unlinked.push(Unlinked {
-            key: KeyId::new(db, name),
-            seq: account.batch_seq(),
-            renamed: account.is_renamed(),
-            hours: account.unflushed_hours(),
-        });
-    });
-}
-
-/// Follows usage through the keyspace events on key `name` of the context's database (see the
-/// module header).
-pub(crate) fn on_key_event(ctx: Ctx, event: KeyEvent, name: &[u8]) {
-    let key = KeyId::new(ctx.db(), name);
-    // Every node: the rename's mark is part of the account's state.
-    // (Redis emits nothing for a RENAME onto the same name.)
-    if event == KeyEvent::RenamedTo {
-        if let Ok(mut value) = AccountKey::open_read(ctx, name) {
-            if let Some(account) = value.get() {
-                account.mark_renamed();
-            }
-        }
-    }
-    let now = super::clock::now_ms();
-    let placed = STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        if !s.master {
-            s.moving = None;
-            return false;
-        }
-        match event {
-            KeyEvent::RenamedFrom | KeyEvent::MovedFrom => {
-                // The value lives on under the name of the event that follows.
-                s.unlinked.retain(|u| u.key != key);
-                s.moving = Some(key);
-                false
-            }
-            KeyEvent::RenamedTo | KeyEvent::MovedTo => {
-                // A value overwritten here (RENAME onto an existing key) is gone.
-                s.orphan_unlinked(&key, now);
-                if let Some(from) = s.moving.take() {
-                    if let Some(n) = s.by_key.get(&from).copied() {
-                        s.reown(n, Owner::Key(key));
-                    }
-                }
-                true
-            }
-            KeyEvent::Restored | KeyEvent::CopiedTo => {
-                s.orphan_unlinked(&key, now);
-                event == KeyEvent::Restored
-            }
-            KeyEvent::Evicted => {
-                s.orphan_unlinked(&key, now);
-                false
-            }
-            KeyEvent::Deleted => {
-                // Deleted (or moved to another node by MIGRATE, which bills it there): the
-                // usage not sent is dropped; a batch already sent is completed.
-                s.unlinked.retain(|u| u.key != key);
-                if let Some(n) = s.by_key.get(&key).copied() {
-                    s.reown(n, Owner::Orphan);
-                }
-                false
-            }
-        }
-    });
-    if placed {
-        list_placed(ctx, name);
-    }
-}
-
-impl FlushState {
-    /// The value unlinked at `key` during this command is gone: its usage not written yet
-    /// becomes an orphan batch (its owed batch, if any, stays owed as an orphan).
-    fn orphan_unlinked(&mut self, key: &KeyId, now: Millis) {
-        let Some(i) = self.unlinked.iter().position(|u| u.key == *key) else {
-            return;
-        };
-        let gone = self.unlinked.swap_remove(i);
-        let mut hours = gone.hours;
-        let mut renamed = gone.renamed;
-        if let Some(n) = self.by_key.get(key).copied() {
-            let foreign = self.owed.get(&n).is_some_and(|o| o.foreign);
-            if foreign {
-                // Owed under the value's old name: what it holds is not the new name's.
-                if let Some(owed) = self.owed.get(&n) {
-                    hours = subtract(&hours, &owed.batch.hours);
-                }
-                renamed = true;
-            }
-            self.reown(n, Owner::Orphan);
-        }
-        if hours.is_empty() {
-            return;
-        }
-        let seq = if renamed { fresh_seq(now) } else { gone.seq };
-        self.add(Owed {
-            owner: Owner::Orphan,
-            batch: Batch {
-                name: key.name(),
-                seq,
-                rev: now.max(0) as u64,
-                hours,
-            },
-            flying: false,
-            solo: false,
-            foreign: true,
-        });
-    }
-}
-
-/// `hours` minus `sent`, hour by hour, without the hours that come to zero.
-fn subtract(hours: &[HourDelta], sent: &[HourDelta]) -> Vec<HourDelta> {
-    let mut out: Vec<HourDelta> = hours.to_vec();
-    for s in sent {
-        match out.iter_mut().find(|h| h.hour == s.hour) {
-            Some(h) => {
-                h.requests = h.requests.saturating_sub(s.requests);
-                h.tokens = h.tokens.saturating_sub(s.tokens);
-                h.debits[0] = h.debits[0].saturating_sub(s.debits[0]);
-                h.debits[1] = h.debits[1].saturating_sub(s.debits[1]);
-            }
-            None => out.push(HourDelta {
-                hour: s.hour,
-                requests: s.requests.saturating_neg(),
-                tokens: s.tokens.saturating_neg(),
-                debits: [s.debits[0].saturating_neg(), s.debits[1].saturating_neg()],
-            }),
-        }
-    }
-    out.retain(|h| !h.is_zero());
-    out.sort_by_key(|h| h.hour);
-    out
-}
-
-/// A key put under a name by `RENAME`, `MOVE` or `RESTORE`: an account with usage not flushed
-/// yet is listed for the ledger under that name (on a master).
-fn list_placed(ctx: Ctx, name: &[u8]) {
-    let Ok(mut key) = AccountKey::open_read(ctx, name) else {
-        return;
-    };
-    if key.get().is_some_and(|a| a.has_unflushed()) {
-        track(ctx.db(), name);
-        key.set_tracked();
-    }
-}
-
-/// `SWAPDB a b`: the keys of the two databases traded places, and so do their entries here.
-pub(crate) fn on_swapdb(_ctx: Ctx, a: i32, b: i32) {
-    let swap = |k: &KeyId| match k.db() {
-        db if db == a => Some(k.in_db(b)),
-        db if db == b => Some(k.in_db(a)),
-        _ => None,
-    };
-    STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        let FlushState { tracked, round, .. } = &mut *s;
-        for list in [tracked, round] {
-            let keys = list.take(list.len());
-            list.extend(keys.into_iter().map(|k| swap(&k).unwrap_or(k)));
-        }
-        let moved: Vec<(u64, KeyId)> = s
-            .owed
-            .iter()
-            .filter_map(|(n, o)| match &o.owner {
-                Owner::Key(k) => swap(k).map(|k| (*n, k)),
-                Owner::Orphan => None,
-            })
-            .collect();
-        // All out first: a key of one database may take the place of one of the other.
-        let taken: Vec<(u64, Owed, KeyId)> = moved
-            .into_iter()
-            .filter_map(|(n, k)| s.remove(n).map(|o| (n, o, k)))
-            .collect();
-        for (n, mut owed, k) in taken {
-            owed.owner = Owner::Key(k);
-            s.insert(n, owed);
-        }
-    });
-}
-
-/// `FLUSHDB` (of `db`) or `FLUSHALL` (`db` -1) is about to drop the keys: their usage not sent
-/// yet goes with them; batches already sent are completed.
-pub(crate) fn on_flushdb(_ctx: Ctx, db: i32) {
-    STATE.with(|s| {
-        let mut s = s.borrow_mut();
-        let gone: Vec<u64> = s
-            .owed
-            .iter()
-            .filter(|(_, o)| matches!(&o.owner, Owner::Key(k) if db == -1 || k.db() == db))
-            .map(|(n, _)| *n)
-            .collect();
-        for n in gone {
-            s.reown(n, Owner::Orphan);
-        }
-    });
 }

@@ -1,12 +1,13 @@
-//! The ledger's list of account keys to flush, in few bytes per key: every account with
-//! unflushed usage is on it, so its size per key adds to the memory of every active account.
+//! The ledger's lists in few bytes per item: keys to flush (`KeyList`) and any other records
+//! (`Packed`, which the orphan queue uses). Every account with unflushed usage is on the key
+//! list, so its size per key adds to the memory of every active account.
 //!
 //! A key is kept as its database and, for a canonical account key (`AccountId::key`), its
 //! compact form (`ids::compact_account_key`: the four ids with one-byte lengths, about half the
-//! name); any other name as it is. The list packs them one after another into large chunks:
-//! no allocation, pointer or hash-table slot per key. It does not look for duplicates: the
-//! account's `tracked` flag keeps a key from being listed twice, and the flush skips a key it
-//! is already writing (see `runtime::ledger::snapshot`).
+//! name); any other name as it is. The lists pack records one after another into large
+//! chunks: no allocation, pointer or hash-table slot per item. The key list does not look for
+//! duplicates: the account's `tracked` flag keeps a key from being listed twice, and the flush
+//! skips a key it is already writing (see `ledger::snapshot`).
 
 use std::collections::VecDeque;
 
@@ -54,6 +55,16 @@ impl KeyId {
         self.split().0
     }
 
+    /// The encoded bytes (database, mark, name), to keep in a packed record.
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The key of bytes `bytes` gave.
+    pub(super) fn from_bytes(bytes: &[u8]) -> KeyId {
+        KeyId(bytes.into())
+    }
+
     /// The same key in database `db`.
     pub(super) fn in_db(&self, db: i32) -> KeyId {
         let (_, at) = self.split();
@@ -75,19 +86,19 @@ impl KeyId {
     }
 }
 
-/// Bytes of one chunk of the list (a key longer than this gets a chunk of its own).
+/// Bytes of one chunk of a list (a record longer than this gets a chunk of its own).
 const CHUNK: usize = 64 * 1024;
 
-/// Keys, first in first out, packed into chunks: each a varint length and the `KeyId` bytes.
+/// Byte records, first in first out, packed into chunks: each a varint length and the bytes.
 #[derive(Default)]
-pub(super) struct KeyList {
+pub(super) struct Packed {
     chunks: VecDeque<Vec<u8>>,
-    /// Where the next key to take starts in the first chunk.
+    /// Where the next record to take starts in the first chunk.
     read: usize,
     len: usize,
 }
 
-impl KeyList {
+impl Packed {
     pub(super) fn len(&self) -> usize {
         self.len
     }
@@ -96,8 +107,8 @@ impl KeyList {
         self.len == 0
     }
 
-    pub(super) fn push(&mut self, key: &KeyId) {
-        let n = key.0.len();
+    pub(super) fn push(&mut self, record: &[u8]) {
+        let n = record.len();
         let need = n + 5;
         let room = self
             .chunks
@@ -113,13 +124,13 @@ impl KeyList {
                 v >>= 7;
             }
             chunk.push(v as u8);
-            chunk.extend_from_slice(&key.0);
+            chunk.extend_from_slice(record);
             self.len += 1;
         }
     }
 
-    /// Takes the first key.
-    pub(super) fn pop(&mut self) -> Option<KeyId> {
+    /// Takes the first record.
+    pub(super) fn pop(&mut self) -> Option<Box<[u8]>> {
         loop {
             let chunk = self.chunks.front()?;
             let mut rest = chunk.get(self.read..).unwrap_or_default();
@@ -130,16 +141,50 @@ impl KeyList {
             }
             let before = rest.len();
             let n = crate::core::varint::take_u64(&mut rest).map_or(0, |(v, _)| v as usize);
-            let key = rest.get(..n).map(Box::<[u8]>::from).unwrap_or_default();
+            let record = rest.get(..n).map(Box::<[u8]>::from).unwrap_or_default();
             self.read += before - rest.len() + n;
             self.len = self.len.saturating_sub(1);
-            return Some(KeyId(key));
+            return Some(record);
         }
+    }
+
+    /// Moves every record of `other` to the end of this list.
+    pub(super) fn append(&mut self, other: &mut Packed) {
+        if self.is_empty() {
+            std::mem::swap(self, other);
+            return;
+        }
+        while let Some(record) = other.pop() {
+            self.push(&record);
+        }
+    }
+}
+
+/// Keys, first in first out (see the module header).
+#[derive(Default)]
+pub(super) struct KeyList(Packed);
+
+impl KeyList {
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn push(&mut self, key: &KeyId) {
+        self.0.push(&key.0);
+    }
+
+    /// Takes the first key.
+    pub(super) fn pop(&mut self) -> Option<KeyId> {
+        self.0.pop().map(KeyId)
     }
 
     /// Takes up to `n` keys.
     pub(super) fn take(&mut self, n: usize) -> Vec<KeyId> {
-        let mut out = Vec::with_capacity(n.min(self.len));
+        let mut out = Vec::with_capacity(n.min(self.len()));
         while out.len() < n {
             match self.pop() {
                 Some(key) => out.push(key),
@@ -151,13 +196,7 @@ impl KeyList {
 
     /// Moves every key of `other` to the end of this list.
     pub(super) fn append(&mut self, other: &mut KeyList) {
-        if self.is_empty() {
-            std::mem::swap(self, other);
-            return;
-        }
-        while let Some(key) = other.pop() {
-            self.push(&key);
-        }
+        self.0.append(&mut other.0);
     }
 
     pub(super) fn clear(&mut self) {
@@ -207,7 +246,7 @@ mod tests {
         }
         list.push(&long);
         other.extend((20_000..30_000).map(key));
-        assert!(list.chunks.len() > 2);
+        assert!(list.0.chunks.len() > 2);
         list.append(&mut other);
         assert!(other.is_empty());
         assert_eq!(list.len(), 30_001);
@@ -220,7 +259,7 @@ mod tests {
             n += 1;
         }
         assert_eq!((n, list.len(), list.is_empty()), (30_000, 0, true));
-        assert!(list.chunks.is_empty());
+        assert!(list.0.chunks.is_empty());
         let mut empty = KeyList::default();
         empty.append(&mut list);
         assert_eq!(empty.pop(), None);
