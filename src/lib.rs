@@ -319,7 +319,12 @@ mod module {
             .field("pg_latency_avg_us", int(avg_us))?
             .field("pg_latency_max_us", int(max_us))?
             .field("pg_timeouts", int(stats::TIMEOUTS.get()))?
+            .field(
+                "pg_down",
+                i64::from(runtime::health::is_down(runtime::clock::now_ms())),
+            )?
             .field("queue_depth", int(worker::queue_depth() as u64))?
+            .field("clients_blocked", int(crate::ffi::blocked::blocked_total()))?
             .field("queue_max", config::int(&config::QUEUE_MAX))?
             .field("queue_busy_rejections", int(stats::BUSY_REJECTIONS.get()))?
             .field("pool_size", config::int(&config::POOL_SIZE))?

@@ -204,7 +204,7 @@ fn admit_with(
             let wait = matches!(credits, Credits::Cache);
             let mut cache = cache::cache();
             let epoch = cache.epoch();
-            let (found, load) = match cache.lookup(user_key, now) {
+            let (found, load) = match cache.find(user_key, now) {
                 Lookup::Fresh(rows, fresh_until) => {
                     let found = pick(rows, parsed.account.bundle, now);
                     balance = balance_of(rows, parsed.account.bundle, now);
@@ -302,7 +302,7 @@ fn named_policy(
     let key = id.key();
     let mut cache = cache::policies();
     let epoch = cache.epoch();
-    let (found, load) = match cache.lookup(&key, now) {
+    let (found, load) = match cache.find(&key, now) {
         Lookup::Fresh(found, fresh_until) => {
             cache::remember_policy(&id, *found, epoch, fresh_until, now);
             (Ok(Some(*found)), None)

@@ -192,7 +192,7 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let user_key = account.user.key();
     let now = clock::command_now_ms(ctx);
     let mut cache = cache::cache();
-    let (answered, load) = match cache.lookup(&user_key, now) {
+    let (answered, load) = match cache.find(&user_key, now) {
         Lookup::Fresh(rows, _) => {
             reply_applicable(ctx, ids, rows, now);
             return Ok(());

@@ -53,6 +53,8 @@ impl<W: Waiting> Resumable for W {
 
     fn timed_out(self, ctx: Ctx, args: &[&[u8]]) {
         stats::TIMEOUTS.incr();
+        // PostgreSQL did not answer in time: the next misses answer at once (see `health`).
+        crate::runtime::health::failed(crate::runtime::clock::now_ms());
         run(ctx, args, |ctx, _| self.expired(ctx));
     }
 }

@@ -80,7 +80,7 @@ fn get(ctx: Ctx, id: &PolicyId<'_>) -> Result<(), CommandError> {
     let key = id.key();
     let now = clock::now_ms();
     let mut cache = cache::policies();
-    let (answered, load) = match cache.lookup(&key, now) {
+    let (answered, load) = match cache.find(&key, now) {
         Lookup::Fresh(found, _) => {
             reply_found(ctx, id, found.as_ref());
             return Ok(());

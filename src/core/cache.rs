@@ -261,9 +261,25 @@ impl<W, V: CacheValue> CreditCache<W, V> {
     }
 
     /// Looks a user up, starting a load or a background refresh when one is due.
+    #[cfg(test)]
     pub(crate) fn lookup(&mut self, key: &[u8], now: Millis) -> Lookup<'_, V> {
+        self.lookup_gated(key, now, || true)
+    }
+
+    /// `lookup`, where a load may start or be waited for only if `may_load` says so (asked at
+    /// most once, and only then): otherwise a user not known is `Unavailable` (and no entry
+    /// is made for it), and stale rows are served without a refresh.
+    pub(crate) fn lookup_gated(
+        &mut self,
+        key: &[u8],
+        now: Millis,
+        may_load: impl FnOnce() -> bool,
+    ) -> Lookup<'_, V> {
         let Some(index) = self.map.get_index_of(key) else {
             self.stats.misses += 1;
+            if !may_load() {
+                return Lookup::Unavailable;
+            }
             let flight = self.new_flight();
             let id = flight.id;
             let entry = Entry {
@@ -276,15 +292,23 @@ impl<W, V: CacheValue> CreditCache<W, V> {
             self.insert(key, entry);
             return Lookup::Miss { load: Some(id) };
         };
-        let (fresh, known, due) = match self.map.get_index(index) {
+        let (fresh, known, due, loading) = match self.map.get_index(index) {
             Some((_, e)) => (
                 now < e.fresh_until,
                 e.credits.is_some(),
                 e.flight.is_none() && now >= e.retry_at,
+                e.flight.is_some(),
             ),
             None => return Lookup::Unavailable,
         };
-        let flight = if due && !(fresh && known) {
+        // Asked only when a load would start, or an unknown user's load would be waited on.
+        let wants = (due && !(fresh && known)) || (!known && loading);
+        let allowed = !wants || may_load();
+        if !known && !allowed {
+            self.stats.misses += 1;
+            return Lookup::Unavailable;
+        }
+        let flight = if due && !(fresh && known) && allowed {
             Some(self.new_flight())
         } else {
             None

@@ -9,14 +9,26 @@
 //! beside its first half, with nothing parsed again and nothing looked up by name. If the
 //! outcome does not come in time, `Resumable::timed_out` answers instead, with the same
 //! request. A `Blocked` dropped unfinished (shutdown, a full queue, a bug) finishes itself
-//! with `Outcome::dropped()`, so every blocked client gets exactly one reply; a client that
-//! disconnected meanwhile has its request dropped when Redis frees the outcome.
+//! with `Outcome::dropped()`; a client that disconnected meanwhile has its request dropped
+//! when Redis frees the outcome.
+//!
+//! Every blocked client is unblocked exactly once, by construction: the blocked-client handle
+//! sits in one atomic slot shared by the worker's `Blocked` and a timer of the module's own,
+//! and whichever takes it out first calls `RedisModule_UnblockClient` (the other finds the slot
+//! empty). Redis's own block timeout is not used (the client blocks with none): on Redis 7.0, a
+//! client unblocked by its worker just before Redis found its timeout expired got no reply at
+//! all (`moduleBlockedClientTimedOut` returns early for an unblocked client, then
+//! `unblockClient` drops the client's pending reply), and a pipelining client then read every
+//! later reply as the answer to an earlier command. Both ways of ending the wait now go
+//! through `on_reply`.
 
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::raw::{c_int, c_void};
 use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Arc;
 
 use redis_module::raw;
 
@@ -53,76 +65,127 @@ fn take_request<R: Resumable>(handle: usize) -> Option<R> {
     request.downcast::<R>().ok().map(|r| *r)
 }
 
+/// Clients blocked so far (for `INFO quota`: a cold miss on a PostgreSQL known to be down
+/// must not block).
+static BLOCKED_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Clients blocked since the module loaded.
+pub(crate) fn blocked_total() -> u64 {
+    BLOCKED_TOTAL.load(Ordering::Relaxed)
+}
+
+/// How a wait ended.
+enum Ending<O> {
+    /// The worker's outcome (taken by `on_reply`).
+    Outcome(Option<O>),
+    /// The module's timer went off first.
+    TimedOut,
+}
+
 /// What travels back to the main thread as the blocked client's private data.
 struct Finished<O> {
     /// The blocked-client handle, to drop its request if the client has gone.
     handle: usize,
-    outcome: Option<O>,
+    ending: Ending<O>,
+}
+
+/// The blocked-client handle, shared by the worker's `Blocked` and the module's timer until
+/// one of them takes it out to unblock the client (the only two ways the wait ends).
+struct Slot(AtomicPtr<raw::RedisModuleBlockedClient>);
+
+impl Slot {
+    /// Takes the handle out: `Some` for exactly one caller, ever.
+    fn take(&self) -> Option<*mut raw::RedisModuleBlockedClient> {
+        let bc = self.0.swap(ptr::null_mut(), Ordering::AcqRel);
+        (!bc.is_null()).then_some(bc)
+    }
+}
+
+// The handle is only passed to `RedisModule_UnblockClient` (thread safe), once.
+unsafe impl Send for Slot {}
+unsafe impl Sync for Slot {}
+
+/// Unblocks `bc` (taken from its slot) with how the wait ended.
+fn unblock<O>(bc: *mut raw::RedisModuleBlockedClient, ending: Ending<O>) {
+    let finished = Finished {
+        handle: bc as usize,
+        ending,
+    };
+    let data = Box::into_raw(Box::new(finished)).cast::<c_void>();
+    unsafe {
+        if let Some(f) = raw::RedisModule_UnblockClient {
+            f(bc, data);
+        }
+    }
 }
 
 /// A client blocked until a worker finishes its job with an outcome `O`.
 pub(crate) struct Blocked<O: Outcome> {
-    bc: *mut raw::RedisModuleBlockedClient,
+    slot: Arc<Slot>,
     outcome: PhantomData<fn(O)>,
 }
 
-// The handle is only passed to `RedisModule_UnblockClient`, which is thread safe.
-unsafe impl<O: Outcome> Send for Blocked<O> {}
-
 impl<O: Outcome> Blocked<O> {
-    /// Blocks the calling client for at most `timeout_ms`, keeping `request` until the outcome
-    /// (or the timeout) finishes it; `None` if Redis refused (the request is dropped).
+    /// Blocks the calling client, keeping `request` until the outcome finishes it, or after
+    /// `timeout_ms` the module's timer; `None` if Redis refused (the request is dropped).
     pub(crate) fn block<R: Resumable<Outcome = O>>(
         ctx: Ctx,
         timeout_ms: i64,
         request: R,
     ) -> Option<Blocked<O>> {
+        let (block, create_timer) =
+            unsafe { (raw::RedisModule_BlockClient?, raw::RedisModule_CreateTimer?) };
+        // No timeout of Redis's own (0): the timer below ends the wait (see the header).
         let bc = unsafe {
-            let f = raw::RedisModule_BlockClient?;
-            f(
+            block(
                 ctx.raw(),
                 Some(on_reply::<R>),
-                Some(on_timeout::<R>),
+                None,
                 Some(free_outcome::<O>),
-                timeout_ms.max(1),
+                0,
             )
         };
         if bc.is_null() {
             return None;
         }
         WAITING.with(|w| w.borrow_mut().insert(bc as usize, Box::new(request)));
+        BLOCKED_TOTAL.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(Slot(AtomicPtr::new(bc)));
+        let timer_slot = Arc::into_raw(Arc::clone(&slot)).cast_mut().cast::<c_void>();
+        let period = timeout_ms.clamp(1, i64::from(i32::MAX));
+        unsafe { create_timer(ctx.raw(), period, Some(expire::<O>), timer_slot) };
         Some(Blocked {
-            bc,
+            slot,
             outcome: PhantomData,
         })
     }
 
-    /// Hands the outcome to the main thread, which replies from `on_reply`.
-    pub(crate) fn finish(mut self, done: O) {
-        self.unblock(done);
-    }
-
-    fn unblock(&mut self, done: O) {
-        let bc = std::mem::replace(&mut self.bc, ptr::null_mut());
-        if bc.is_null() {
-            return;
-        }
-        let finished = Finished {
-            handle: bc as usize,
-            outcome: Some(done),
-        };
-        let data = Box::into_raw(Box::new(finished)).cast::<c_void>();
-        unsafe {
-            if let Some(f) = raw::RedisModule_UnblockClient {
-                f(bc, data);
-            }
+    /// Hands the outcome to the main thread, which replies from `on_reply` (unless the wait
+    /// ran out first: the outcome is then dropped).
+    pub(crate) fn finish(self, done: O) {
+        if let Some(bc) = self.slot.take() {
+            unblock(bc, Ending::Outcome(Some(done)));
         }
     }
 }
 
 impl<O: Outcome> Drop for Blocked<O> {
     fn drop(&mut self) {
-        self.unblock(O::dropped());
+        if let Some(bc) = self.slot.take() {
+            unblock(bc, Ending::Outcome(Some(O::dropped())));
+        }
+    }
+}
+
+/// The module's timer for one blocked client (main thread): ends the wait unless the worker
+/// did.
+extern "C" fn expire<O: Outcome>(_ctx: *mut raw::RedisModuleCtx, data: *mut c_void) {
+    if data.is_null() {
+        return;
+    }
+    let slot = unsafe { Arc::from_raw(data.cast_const().cast::<Slot>()) };
+    if let Some(bc) = slot.take() {
+        unblock::<O>(bc, Ending::TimedOut);
     }
 }
 
@@ -216,32 +279,18 @@ extern "C" fn on_reply<R: Resumable>(
         }
     };
     // The outcome is taken; the emptied box is freed by `free_outcome`.
-    let outcome = unsafe { finished.as_mut() }
-        .and_then(|f| f.outcome.take())
-        .unwrap_or_else(R::Outcome::dropped);
+    let ending = match unsafe { finished.as_mut() }.map(|f| &mut f.ending) {
+        Some(Ending::TimedOut) => None,
+        Some(Ending::Outcome(outcome)) => Some(outcome.take().unwrap_or_else(R::Outcome::dropped)),
+        None => Some(R::Outcome::dropped()),
+    };
     let request = take_request::<R>(handle_of(ctx));
     let args = unsafe { args(argv, argc) };
     let ctx = Ctx::from_raw(ctx);
-    match request {
-        Some(request) => guard(ctx, || request.resume(ctx, &args, outcome)),
-        None => {
-            ctx.reply().error(LOST);
-        }
-    }
-    raw::Status::Ok as c_int
-}
-
-extern "C" fn on_timeout<R: Resumable>(
-    ctx: *mut raw::RedisModuleCtx,
-    argv: *mut *mut raw::RedisModuleString,
-    argc: c_int,
-) -> c_int {
-    let request = take_request::<R>(handle_of(ctx));
-    let args = unsafe { args(argv, argc) };
-    let ctx = Ctx::from_raw(ctx);
-    match request {
-        Some(request) => guard(ctx, || request.timed_out(ctx, &args)),
-        None => {
+    match (request, ending) {
+        (Some(request), Some(outcome)) => guard(ctx, || request.resume(ctx, &args, outcome)),
+        (Some(request), None) => guard(ctx, || request.timed_out(ctx, &args)),
+        (None, _) => {
             ctx.reply().error(LOST);
         }
     }

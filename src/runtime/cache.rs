@@ -9,7 +9,7 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::config;
 use super::jobs::{CreditWaiter, Done, OwnedUser};
-use crate::core::cache::{CacheConfig, CacheValue, CreditCache, UserCredits};
+use crate::core::cache::{CacheConfig, CacheValue, CreditCache, Lookup, UserCredits};
 use crate::core::ids::PolicyId;
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
@@ -52,6 +52,15 @@ impl<W, V: CacheValue> CacheGuard<W, V> {
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
             epoch,
         }
+    }
+}
+
+impl<W, V: CacheValue> CacheGuard<W, V> {
+    /// Looks `key` up, a load starting (or being waited on) only while PostgreSQL is worth
+    /// waiting for (see `health`): otherwise a key not known is `Unavailable` at once.
+    pub(crate) fn find(&mut self, key: &[u8], now: Millis) -> Lookup<'_, V> {
+        self.cache
+            .lookup_gated(key, now, || super::health::may_load(now))
     }
 }
 

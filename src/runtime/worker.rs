@@ -17,6 +17,7 @@ use super::alerts::conditions;
 use super::cache;
 use super::clock;
 use super::config;
+use super::health;
 use super::jobs::{
     CreditWaiter, Done, FlushOutcome, Job, KeyBatch, LoadJob, OwnedPolicy, OwnedUser,
 };
@@ -216,6 +217,7 @@ pub(crate) fn rebuild_backend() {
             None
         }
     };
+    health::set_configured(backend.is_some());
     let old = match BACKEND.write() {
         Ok(mut slot) => std::mem::replace(&mut *slot, backend),
         Err(_) => None,
@@ -270,15 +272,20 @@ fn with_store<T>(f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, S
     let result = f(&backend.store);
     stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
     match &result {
-        Ok(_) => conditions::PG_UNREACHABLE.recovered(|| "PostgreSQL answers again".into()),
+        Ok(_) => {
+            health::answered();
+            conditions::PG_UNREACHABLE.recovered(|| "PostgreSQL answers again".into());
+        }
         Err(e) => reachability(e),
     }
     result
 }
 
-/// Logs PostgreSQL becoming unreachable (rate-limited: see `alerts`).
+/// Takes PostgreSQL as down (see `health`) and logs it (rate-limited: see `alerts`) when it
+/// could not be reached or did not answer in time.
 fn reachability(e: &StoreError) {
     if e.is_unavailable() && *e != StoreError::NotConfigured {
+        health::failed(clock::now_ms());
         conditions::PG_UNREACHABLE.failed(|| e.to_string());
     }
 }
@@ -555,6 +562,7 @@ fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
     let id = policy.id();
     let result: Result<CachedPolicy, StoreError> =
         with_store(|s| s.load_policy(&id)).map(|found| found.map(|r| r.limits));
+
     let now = clock::now_ms();
     let waiters =
         cache::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
@@ -583,7 +591,7 @@ fn chain_to_credits(
         client,
         policy: Some(policy),
     };
-    let (load, unanswered) = match cache.lookup(user_key, now) {
+    let (load, unanswered) = match cache.find(user_key, now) {
         Lookup::Miss { load } => match cache.add_waiter(user_key, waiter) {
             Ok(()) => (load, None),
             Err(waiter) => (load, Some(waiter.client)),

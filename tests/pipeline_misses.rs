@@ -1,0 +1,177 @@
+//! Pipelines of cold misses (users whose credits are not cached): every command gets exactly
+//! one reply, in order, whatever PostgreSQL does meanwhile; and a miss never blocks its client
+//! on a PostgreSQL that is not configured or known to be down (a blocked client costs Redis a
+//! copy of the rest of its pipeline, so blocking every miss of a long pipeline is quadratic).
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// `n` admissions of new users, `tag` making the ids unique, each followed by an `ECHO` of
+/// its number when `echo`.
+fn cold_misses(tag: &str, from: usize, n: usize, echo: bool) -> Vec<Vec<Vec<u8>>> {
+    let mut cmds = Vec::with_capacity(n * 2);
+    for i in from..from + n {
+        let user = format!("{tag}-{i}");
+        cmds.push(bytes(&[
+            "QUOTA.ADMIT",
+            "acme",
+            "chat",
+            &user,
+            "web",
+            "COMPACT",
+        ]));
+        if echo {
+            cmds.push(bytes(&["ECHO", &i.to_string()]));
+        }
+    }
+    cmds
+}
+
+/// Checks a pipeline's replies: each admission a 9-element `COMPACT` reply (allowed), each
+/// `ECHO` its own number. Returns how many admissions found credits loaded from PostgreSQL
+/// (`none` or a source) rather than `unavailable`.
+fn check(replies: &[Result<Reply, String>], from: usize, echo: bool) -> usize {
+    let step = if echo { 2 } else { 1 };
+    let mut loaded = 0;
+    for (k, chunk) in replies.chunks(step).enumerate() {
+        let i = from + k;
+        let admit = chunk[0]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("admission {i}: {e}"));
+        let Reply::Array(items) = admit else {
+            panic!("admission {i}: not a COMPACT reply: {admit:?}");
+        };
+        assert_eq!(items.len(), 9, "admission {i}: {items:?}");
+        assert_eq!(items[0], Reply::Int(1), "admission {i}: {items:?}");
+        if items[7].text() != "unavailable" {
+            loaded += 1;
+        }
+        if echo {
+            let e = chunk[1]
+                .as_ref()
+                .unwrap_or_else(|e| panic!("echo {i}: {e}"));
+            assert_eq!(e.text(), i.to_string(), "the reply after admission {i}");
+        }
+    }
+    loaded
+}
+
+/// Without `quota.pg-url` there is nothing to wait for: a long pipeline of cold misses is
+/// decided at once (`replenishment unavailable`) and no client is ever blocked.
+#[test]
+fn cold_misses_never_block_without_postgresql() {
+    let server = RedisServer::start(&[]);
+    let mut raw = Raw::connect(server.port(), false);
+    let n = 20_000;
+    let replies = raw.pipeline(&cold_misses("nopg", 0, n, false));
+    assert_eq!(check(&replies, 0, false), 0);
+    assert_eq!(info_i64(&server, "quota_clients_blocked"), 0);
+}
+
+/// PostgreSQL stopped: after the first misses find it down, the others are decided at once;
+/// a second later one load probes it, and once it is back misses load from it again.
+#[test]
+fn cold_misses_do_not_wait_on_a_postgresql_known_to_be_down() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", &pg.url()),
+            ("schema", &schema),
+            ("pg-timeout-ms", "500"),
+        ])
+        .start();
+    pg.stop();
+    let mut raw = Raw::connect(server.port(), false);
+    let replies = raw.pipeline(&cold_misses("down", 0, 20_000, true));
+    assert_eq!(check(&replies, 0, true), 0);
+    let blocked = info_i64(&server, "quota_clients_blocked");
+    assert!(
+        blocked <= 5,
+        "{blocked} clients blocked on a PostgreSQL known to be down"
+    );
+    assert_eq!(info_i64(&server, "quota_pg_down"), 1);
+    pg.start();
+    let back = wait_until(Duration::from_secs(20), || {
+        let replies = raw.pipeline(&cold_misses("back", 0, 10, false));
+        check(&replies, 0, false) == 10
+    });
+    assert!(back, "misses never loaded from PostgreSQL again");
+    assert_eq!(info_i64(&server, "quota_pg_down"), 0);
+}
+
+/// 100,000 pipelined cold misses from four clients while PostgreSQL stalls and resumes every
+/// few hundred milliseconds (a wait may end by its timer and its load at the same moment): each
+/// admission gets its one reply and each `ECHO` after it its own, so nothing is lost or
+/// misordered.
+#[test]
+fn heavy_no_reply_is_lost_or_misordered_while_postgresql_stalls() {
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    let server = RedisServer::builder()
+        .module_args(&[
+            ("pg-url", &pg.url()),
+            ("schema", &schema),
+            ("pg-timeout-ms", "10"),
+            ("flush-interval", "3600"),
+        ])
+        .start();
+    // The schema first: the misses must be able to load.
+    let mut con = server.client();
+    con.grant(["acme", "chat", "seed", "*"], ["REQUESTS_PER_DAY", "1"]);
+    let done = Arc::new(AtomicBool::new(false));
+    let toggler = {
+        let done = Arc::clone(&done);
+        let pids = pg.pids();
+        std::thread::spawn(move || {
+            let mut rng = 0x2545_f491_u64;
+            while !done.load(Ordering::Relaxed) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let stop = Command::new("kill")
+                    .arg("-STOP")
+                    .args(pids.iter().map(u32::to_string))
+                    .status();
+                assert!(stop.is_ok_and(|s| s.success()));
+                std::thread::sleep(Duration::from_millis(150 + rng % 250));
+                let cont = Command::new("kill")
+                    .arg("-CONT")
+                    .args(pids.iter().map(u32::to_string))
+                    .status();
+                assert!(cont.is_ok_and(|s| s.success()));
+                std::thread::sleep(Duration::from_millis(50 + (rng >> 8) % 200));
+            }
+        })
+    };
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let port = server.port();
+            std::thread::spawn(move || {
+                let mut raw = Raw::connect(port, c % 2 == 1);
+                let mut loaded = 0;
+                for batch in 0..25 {
+                    let from = batch * 1000;
+                    let replies = raw.pipeline(&cold_misses(&format!("c{c}"), from, 1000, true));
+                    loaded += check(&replies, from, true);
+                }
+                loaded
+            })
+        })
+        .collect();
+    let loaded: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    done.store(true, Ordering::Relaxed);
+    toggler.join().unwrap();
+    pg.resume();
+    eprintln!(
+        "100000 cold misses: {loaded} loaded from PostgreSQL, {} clients blocked, {} waits ran out",
+        info_i64(&server, "quota_clients_blocked"),
+        info_i64(&server, "quota_pg_timeouts")
+    );
+    assert!(loaded > 0, "PostgreSQL was never used while it was up");
+}
