@@ -87,6 +87,15 @@ fn assert_noperm(con: &mut redis::Connection, args: &[&str]) {
     );
 }
 
+/// Asserts `args` is refused with NOPERM for its keys.
+fn assert_noperm_key(con: &mut redis::Connection, args: &[&str]) {
+    let err = query_err(con, args);
+    assert!(
+        err.starts_with("NOPERM") && err.to_lowercase().contains("key"),
+        "{args:?} should be refused with NOPERM for its key: {err}"
+    );
+}
+
 /// A server with its own schema, and a connection to it.
 fn fresh_server() -> (RedisServer, redis::Connection) {
     let server = test_server(&unique_schema());
@@ -562,7 +571,7 @@ fn key_pattern_matches_the_user_id_not_the_tenant() {
     assert!(err.starts_with("NOPERM"), "{err}");
 }
 
-/// COMMAND INFO: key specs (RO/access for reads, RW for writes) and the routing tips.
+/// COMMAND INFO: key specs (RO/access for reads, RW for writes), and no routing tips.
 #[test]
 fn key_specs_and_tips() {
     let (_server, mut con) = fresh_server();
@@ -595,16 +604,101 @@ fn key_specs_and_tips() {
         let want: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
         assert_eq!(key_flags(&entry), want, "{name} key spec");
     }
+    // CLEANUP does its whole job from any one node: no routing tips, no key.
     let cleanup = info(&mut con, "quota.cleanup");
-    let tips = strings(cleanup[7].clone());
-    let want: BTreeSet<String> = ["request_policy:all_shards", "response_policy:agg_sum"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    assert_eq!(tips, want, "QUOTA.CLEANUP tips");
+    assert!(
+        to_array(cleanup[7].clone()).is_empty(),
+        "QUOTA.CLEANUP tips"
+    );
+    assert!(
+        to_array(cleanup[8].clone()).is_empty(),
+        "QUOTA.CLEANUP key specs"
+    );
+    // The policy subcommands declare the tenant (argument 2) as their key.
+    let policy = info(&mut con, "quota.policy");
+    for sub in to_array(policy[9].clone()) {
+        let sub = to_array(sub);
+        let name = value_to_string(&sub[0]).unwrap().to_lowercase();
+        let specs = to_array(sub[8].clone());
+        let want: &[&str] = match name.as_str() {
+            "quota.policy|get" | "quota.policy|list" => &["ro", "access"],
+            "quota.policy|set" => &["rw", "update"],
+            "quota.policy|del" => &["rw", "delete"],
+            "quota.policy|invalidate" => {
+                assert!(specs.is_empty(), "{name}: a node's own cache, no key");
+                continue;
+            }
+            other => panic!("unknown subcommand {other}"),
+        };
+        let spec = to_map(specs[0].clone());
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(strings(spec["flags"].clone()), want, "{name} key spec");
+        assert_eq!(value_i64(&sub[3]), Some(2), "{name} first key");
+    }
     // Commands that always wait on PostgreSQL are refused in scripts by Redis itself.
     for name in ["quota.grant", "quota.revoke", "quota.list", "quota.cleanup"] {
         let flags = strings(info(&mut con, name)[2].clone());
         assert!(flags.contains("noscript"), "{name} flags {flags:?}");
+    }
+}
+
+/// Key permissions bound the policies to their tenant: a user limited to read-only keys, or to
+/// another tenant's name, can read what its keys allow and change no policy; and on Redis 7.2+
+/// CLEANUP sits with Redis's own dangerous maintenance commands.
+#[test]
+fn key_permissions_bound_policy_changes_to_the_tenant() {
+    let (server, mut admin) = fresh_server();
+    let set = |tenant: &'static str| {
+        vec![
+            "QUOTA.POLICY",
+            "SET",
+            tenant,
+            P,
+            "free",
+            "REQUESTS_PER_DAY",
+            "0",
+        ]
+    };
+    query_map(&mut admin, &set("victim"));
+    query_map(&mut admin, &set("acme"));
+    // Read-only keys: reads yes, writes no.
+    acl_setuser(&mut admin, &["reader", "on", ">r", "%R~*", "+@all"]);
+    let mut reader = connect_as(&server, "reader", "r");
+    query_map(&mut reader, &["QUOTA.POLICY", "GET", "victim", P, "free"]);
+    query(&mut reader, &["QUOTA.POLICY", "LIST", "victim", P]).expect("LIST as a reader");
+    for args in [
+        set("victim"),
+        vec!["QUOTA.POLICY", "DEL", "victim", P, "free"],
+    ] {
+        assert_noperm_key(&mut reader, &args);
+    }
+    // Keys of one tenant only (the commands named, as Redis 7.0 needs).
+    acl_setuser(
+        &mut admin,
+        &["acme-admin", "on", ">a", "~acme", "-@all", "+quota.policy"],
+    );
+    let mut tenant = connect_as(&server, "acme-admin", "a");
+    query_map(&mut tenant, &set("acme"));
+    for args in [
+        set("victim"),
+        vec!["QUOTA.POLICY", "DEL", "victim", P, "free"],
+        vec!["QUOTA.POLICY", "GET", "victim", P, "free"],
+    ] {
+        assert_noperm_key(&mut tenant, &args);
+    }
+    // Nothing changed for the other tenant.
+    let victim = query_map(&mut admin, &["QUOTA.POLICY", "GET", "victim", P, "free"]);
+    assert_eq!(value_i64(&victim["requests_per_day"]), Some(0));
+    if server.version() >= (7, 2, 0) {
+        let dangerous = strings(query(&mut admin, &["ACL", "CAT", "dangerous"]).unwrap());
+        assert!(dangerous.contains("quota.cleanup"), "{dangerous:?}");
+        let keyspace = strings(query(&mut admin, &["ACL", "CAT", "keyspace"]).unwrap());
+        assert!(keyspace.contains("quota.cleanup"), "{keyspace:?}");
+        acl_setuser(
+            &mut admin,
+            &["careful", "on", ">c", "~*", "+@all", "-@dangerous"],
+        );
+        let mut careful = connect_as(&server, "careful", "c");
+        assert_noperm(&mut careful, &["QUOTA.CLEANUP"]);
     }
 }

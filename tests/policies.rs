@@ -271,8 +271,20 @@ fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
     let builder = RedisServer::builder().pg(&url, &schema, "2000");
     let cluster = RedisCluster::start(3, builder);
     cluster.wait_ok(Duration::from_secs(30));
-    let mut first = cluster.nodes[0].client();
-    set_policy(&mut first, "pro", "REQUESTS_PER_DAY 2");
+    // The tenant is the policy's declared key: its node takes the change (another answers
+    // MOVED, which a cluster client follows), and the others hear of it by NOTIFY.
+    let owner = cluster.node_for_key(T);
+    let other = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port() != owner.port())
+        .unwrap();
+    let moved = query_err(
+        &mut other.client(),
+        &["QUOTA.POLICY", "SET", T, P, "pro", "REQUESTS_PER_DAY", "2"],
+    );
+    assert!(moved.starts_with("MOVED"), "{moved}");
+    set_policy(&mut owner.client(), "pro", "REQUESTS_PER_DAY 2");
 
     let mut con = cluster.cluster_client();
     let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
@@ -285,9 +297,8 @@ fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
         .collect();
     assert_eq!(nodes_used.len(), 3, "the users should span every node");
 
-    // A change made on another node reaches every node (write-through here, NOTIFY there).
-    let mut last = cluster.nodes[2].client();
-    set_policy(&mut last, "pro", "REQUESTS_PER_DAY 3");
+    // A change reaches every node (write-through on the tenant's, NOTIFY on the others).
+    set_policy(&mut owner.client(), "pro", "REQUESTS_PER_DAY 3");
     for user in &users {
         let seen = wait_until(Duration::from_secs(5), || {
             allowed_of(&mut con, user, "pro", 1) == 1

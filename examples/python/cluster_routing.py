@@ -1,9 +1,10 @@
-"""redis-py's RedisCluster with QUOTA.*: keyed commands route by the user, CLEANUP by hand.
+"""redis-py's RedisCluster with QUOTA.*: every command routes by itself, no target_nodes.
 
 RedisCluster reads COMMAND INFO, so QUOTA.ADMIT, USAGE, ... (whose declared key is the user
-id) go straight to the node that owns the user, alone or in a pipeline. QUOTA.CLEANUP has no
-key; its command tips say "all masters, sum the replies", which redis-py 8.1 does not apply
-by itself (its default policy resolver ignores module tips), so name the masters and sum.
+id) go straight to the node that owns the user, alone or in a pipeline; QUOTA.POLICY SET, GET,
+DEL and LIST (whose declared key is the tenant) to the node that owns the tenant. QUOTA.CLEANUP
+has no key and does its whole job from any one node: with a resolver that has a record of it
+(_quota.cluster_policy_resolver), redis-py sends it to a random master.
 Checks that the masters sent no MOVED (INFO errorstats) while doing it.
 
     QUOTA_CLUSTER_NODES=127.0.0.1:7001,127.0.0.1:7002 python cluster_routing.py
@@ -14,7 +15,7 @@ import os
 import uuid
 
 from redis.cluster import ClusterNode, RedisCluster
-from _quota import as_dict
+from _quota import as_dict, cluster_policy_resolver
 
 
 def moved(rc):
@@ -30,7 +31,12 @@ def main():
         return
     protocol = 3 if "protocol=3" in os.environ.get("REDIS_URL", "") else 2
     startup = [ClusterNode(n.split(":")[0], int(n.split(":")[1])) for n in nodes]
-    rc = RedisCluster(startup_nodes=startup, decode_responses=True, protocol=protocol)
+    rc = RedisCluster(
+        startup_nodes=startup,
+        decode_responses=True,
+        protocol=protocol,
+        policy_resolver=cluster_policy_resolver(),
+    )
     t, p = "acme", "chat-app"
     users = [f"rc-{uuid.uuid4().hex[:8]}-{i}" for i in range(200)]
     before = moved(rc)
@@ -44,15 +50,21 @@ def main():
     usage = [as_dict(u) for u in pipe.execute()]
     assert all(u["req_day"] == 1 for u in usage), usage[:3]
 
-    # CLEANUP on every master; an advisory lock lets one of them do the work.
-    per_node = rc.execute_command("QUOTA.CLEANUP", target_nodes=rc.get_primaries())
-    assert len(per_node) == len(rc.get_primaries()), per_node
-    cleaned = sum(per_node.values())
-    assert cleaned >= 0, per_node
+    # A named policy, routed by its tenant; every node decides with it.
+    policy = as_dict(rc.execute_command("QUOTA.POLICY", "SET", t, p, "free", "REQUESTS_PER_DAY", 7))
+    assert policy["requests_per_day"] == 7, policy
+    got = as_dict(rc.execute_command("QUOTA.POLICY", "GET", t, p, "free"))
+    assert got["requests_per_day"] == 7, got
+    r = as_dict(rc.execute_command("QUOTA.ADMIT", t, p, users[0], "web", "POLICY", "free"))
+    assert r["allowed"] == 1, r
+
+    # CLEANUP on any one master: it deactivates every expired row (PostgreSQL is shared).
+    cleaned = rc.execute_command("QUOTA.CLEANUP")
+    assert int(cleaned) >= 0, cleaned
 
     sent = moved(rc) - before
     assert sent == 0, f"the masters sent {sent} MOVED"
-    print(f"{len(users)} ADMIT + a pipeline of USAGE across users, 0 MOVED; CLEANUP {per_node}")
+    print(f"{len(users)} ADMIT + a pipeline of USAGE across users, POLICY SET/GET, 0 MOVED; CLEANUP {cleaned}")
     rc.close()
 
 

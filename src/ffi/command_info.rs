@@ -192,8 +192,12 @@ const COMMIT_ARGS: [Arg; 2] = [
 const RELEASE_ARGS: [Arg; 1] = [arg(c"lease", ArgType::String)];
 const SETSTATE_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"state", ArgType::String)];
 const APPLY_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"effect", ArgType::String)];
-const POLICY_ID_ARGS: [Arg; 3] = [TENANT, PROJECT, arg(c"name", ArgType::String)];
-const POLICY_LIST_ARGS: [Arg; 2] = [TENANT, PROJECT];
+/// A policy's tenant is the declared key of the policy subcommands that read or change it.
+const POLICY_TENANT: Arg = arg(c"tenant", ArgType::Key);
+const POLICY_ID_ARGS: [Arg; 3] = [POLICY_TENANT, PROJECT, arg(c"name", ArgType::String)];
+const POLICY_LIST_ARGS: [Arg; 2] = [POLICY_TENANT, PROJECT];
+/// `QUOTA.POLICY INVALIDATE` drops this node's copy: no key (any node, whatever its slots).
+const POLICY_INVALIDATE_ARGS: [Arg; 3] = [TENANT, PROJECT, arg(c"name", ArgType::String)];
 
 /// A command's spec without its docs (`about` adds them): name, `CreateCommand` flags, the
 /// declared key, ACL categories, arity and argument groups. Complexity defaults to O(1).
@@ -228,14 +232,6 @@ impl CommandSpec {
     const fn cost(self, complexity: &'static CStr) -> CommandSpec {
         CommandSpec { complexity, ..self }
     }
-
-    /// Command tips (`request_policy:...`).
-    const fn tips(self, tips: &'static CStr) -> CommandSpec {
-        CommandSpec {
-            tips: Some(tips),
-            ..self
-        }
-    }
 }
 
 use KeyAccess::{Delete, Overwrite, Read, ReadUpdate, Update};
@@ -260,9 +256,11 @@ mod table {
     pub(crate) static HISTORY: CommandSpec = spec(c"quota.history", c"readonly deny-script", Some((3, Read)), c"read slow", -5, &[&ACCOUNT_ARGS, &HISTORY_ARGS])
         .about(c"Lists an account's hourly usage and balance debits from PostgreSQL")
         .cost(c"O(N) where N is the number of hours, plus one PostgreSQL round trip");
-    pub(crate) static CLEANUP: CommandSpec = spec(c"quota.cleanup", c"write deny-script", None, c"write slow dangerous", 1, &[])
-        .about(c"Deactivates every expired credit and replies how many").cost(c"O(N) where N is the number of expired credits")
-        .tips(c"request_policy:all_shards response_policy:agg_sum");
+    // CLEANUP does the whole job from any one node (PostgreSQL is shared; the other nodes hear
+    // of the rows it deactivates by NOTIFY): no key, no tips, so a cluster client sends it to
+    // any master. It sits with Redis's own keyspace-wide maintenance commands (FLUSHALL).
+    pub(crate) static CLEANUP: CommandSpec = spec(c"quota.cleanup", c"write deny-script", None, c"keyspace write slow dangerous", 1, &[])
+        .about(c"Deactivates every expired credit and replies how many").cost(c"O(N) where N is the number of expired credits");
     pub(crate) static INVALIDATE: CommandSpec = spec(c"quota.invalidate", c"write fast", Some((3, Delete)), c"write fast", 4, &[&USER_ARGS])
         .about(c"Drops a user's cached credits here and on replicas");
     pub(crate) static ADMIT: CommandSpec = spec(c"quota.admit", c"write deny-oom fast", Some((3, ReadUpdate)), c"write fast", -5, &[&ACCOUNT_ARGS, &LIMITS, &ADMIT_OPTIONS])
@@ -283,17 +281,19 @@ mod table {
         .about(c"Internal: applies one change to an account, replicated by a master or read from the AOF");
 
     // `QUOTA.POLICY`'s subcommands: each has its own flags, so `GET` and `LIST` run on replicas
-    // while `SET` and `DEL` are writes. None takes a key: a policy belongs to a (tenant,
-    // project), not to a user's slot. Arity counts the container's name too.
-    pub(crate) static POLICY_SET: CommandSpec = spec(c"set", c"write deny-oom deny-script", None, c"write slow", -5, &[&POLICY_ID_ARGS, &LIMITS])
+    // while `SET` and `DEL` are writes. Their declared key is the tenant (argument 2, counting
+    // the container's name, as arity does): key permissions bound who reads and changes a
+    // tenant's policies, and a cluster client routes them by it (any node could answer; the
+    // others hear of a change by NOTIFY). `INVALIDATE` acts on one node's cache: no key.
+    pub(crate) static POLICY_SET: CommandSpec = spec(c"set", c"write deny-oom deny-script", Some((2, Update)), c"write slow", -5, &[&POLICY_ID_ARGS, &LIMITS])
         .about(c"Creates or replaces a named base policy of a tenant's project");
-    pub(crate) static POLICY_GET: CommandSpec = spec(c"get", c"readonly fast", None, c"read fast", 5, &[&POLICY_ID_ARGS])
+    pub(crate) static POLICY_GET: CommandSpec = spec(c"get", c"readonly fast", Some((2, Read)), c"read fast", 5, &[&POLICY_ID_ARGS])
         .about(c"Returns a named base policy");
-    pub(crate) static POLICY_DEL: CommandSpec = spec(c"del", c"write deny-script", None, c"write slow", 5, &[&POLICY_ID_ARGS])
+    pub(crate) static POLICY_DEL: CommandSpec = spec(c"del", c"write deny-script", Some((2, Delete)), c"write slow", 5, &[&POLICY_ID_ARGS])
         .about(c"Deletes a named base policy");
-    pub(crate) static POLICY_LIST: CommandSpec = spec(c"list", c"readonly deny-script", None, c"read slow", 4, &[&POLICY_LIST_ARGS])
+    pub(crate) static POLICY_LIST: CommandSpec = spec(c"list", c"readonly deny-script", Some((2, Read)), c"read slow", 4, &[&POLICY_LIST_ARGS])
         .about(c"Lists the named base policies of a tenant's project").cost(c"O(N) where N is the number of policies");
-    pub(crate) static POLICY_INVALIDATE: CommandSpec = spec(c"invalidate", c"write fast", None, c"write fast", 5, &[&POLICY_ID_ARGS])
+    pub(crate) static POLICY_INVALIDATE: CommandSpec = spec(c"invalidate", c"write fast", None, c"write fast", 5, &[&POLICY_INVALIDATE_ARGS])
         .about(c"Drops a named policy from this node's cache (the next use reloads it)");
 }
 pub(crate) use table::*;
@@ -386,6 +386,10 @@ pub(crate) fn register_container(
         return Err(RegisterError::Create);
     }
     for (spec, entry) in subcommands {
+        let (first, last, step) = match spec.key {
+            Some((pos, _)) => (pos, pos, 1),
+            None => (0, 0, 0),
+        };
         let created = unsafe {
             raw::RedisModule_CreateSubcommand.map_or(raw::Status::Err as c_int, |f| {
                 f(
@@ -393,9 +397,9 @@ pub(crate) fn register_container(
                     spec.name.as_ptr(),
                     Some(*entry),
                     spec.flags.as_ptr(),
-                    0,
-                    0,
-                    0,
+                    first,
+                    last,
+                    step,
                 )
             })
         };
@@ -630,17 +634,30 @@ fn all() -> [&'static CommandSpec; 13] {
 mod tests {
     use super::*;
 
-    /// Every key argument sits where the key spec says, and the arity admits every argument.
+    /// The subcommands of `QUOTA.POLICY`.
+    fn subcommands() -> [&'static CommandSpec; 5] {
+        [
+            &POLICY_SET,
+            &POLICY_GET,
+            &POLICY_DEL,
+            &POLICY_LIST,
+            &POLICY_INVALIDATE,
+        ]
+    }
+
+    /// Every key argument sits where the key spec says, and the arity admits every argument
+    /// (a subcommand's positions and arity count the container's name too).
     #[test]
     fn key_argument_matches_the_key_spec() {
-        for spec in all() {
+        let commands = all().into_iter().map(|s| (s, 1));
+        for (spec, names) in commands.chain(subcommands().into_iter().map(|s| (s, 2))) {
             let args: Vec<&Arg> = spec.args.iter().copied().flatten().collect();
             let key_at = args
                 .iter()
                 .position(|a| matches!(a.kind, ArgType::Key))
-                .map(|i| i as c_int + 1);
+                .map(|i| i as c_int + names);
             assert_eq!(key_at, spec.key.map(|(pos, _)| pos), "{:?}", spec.name);
-            let required = args.iter().filter(|a| !a.optional).count() as c_int + 1;
+            let required = args.iter().filter(|a| !a.optional).count() as c_int + names;
             assert_eq!(spec.arity.abs(), required, "{:?}", spec.name);
             assert_eq!(
                 spec.arity < 0,
@@ -653,7 +670,7 @@ mod tests {
 
     #[test]
     fn reads_declare_read_only_keys() {
-        for spec in all() {
+        for spec in all().into_iter().chain(subcommands()) {
             let readonly = spec.flags.to_string_lossy().contains("readonly");
             let ro_key = matches!(spec.key, Some((_, KeyAccess::Read)));
             assert_eq!(readonly, ro_key, "{:?}", spec.name);
