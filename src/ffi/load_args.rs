@@ -6,8 +6,36 @@
 //! raised, so the allocation always fits). The header layout (`sds.h`: a flags byte before the
 //! text whose low 3 bits give the header type, and the length field before it) has been the same
 //! since Redis 3.2; it is checked against the length Redis reports before anything is written.
+//! A longer text is written as the current length's worth in place plus the rest appended with
+//! `RedisModule_StringAppendBuffer` (allowed while the argument is referenced once, which it is
+//! during `OnLoad`).
 
 use redis_module::{raw, RedisString};
+
+/// Replaces the argument's text with `text`, of any length. Returns false (and changes nothing
+/// that Redis would show differently) when the argument cannot be changed this way.
+pub(crate) fn replace(ctx: *mut raw::RedisModuleCtx, arg: &RedisString, text: &[u8]) -> bool {
+    let mut len = 0usize;
+    let ptr = unsafe {
+        raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(arg.inner, &mut len))
+    };
+    if ptr.is_null() {
+        return false;
+    }
+    if text.len() <= len {
+        return shorten(arg, text);
+    }
+    let Some(append) = (unsafe { raw::RedisModule_StringAppendBuffer }) else {
+        return false;
+    };
+    let (head, tail) = text.split_at(len);
+    if !shorten(arg, head) {
+        return false;
+    }
+    // SAFETY: `arg` is a live module string; Redis copies `tail`.
+    let status = unsafe { append(ctx, arg.inner, tail.as_ptr().cast(), tail.len()) };
+    status == raw::REDISMODULE_OK as std::os::raw::c_int
+}
 
 /// Replaces the argument's text with `text`, which must not be longer. Returns false (and
 /// changes nothing) when the argument is not a plain `sds` string this code understands.

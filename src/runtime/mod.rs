@@ -34,7 +34,7 @@ pub(crate) fn reconfigure(name: &str) {
             worker::rebuild_backend();
             restart_listener();
         }
-        "notify" => restart_listener(),
+        "notify" | "listen-url" => restart_listener(),
         "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" => {
             cache().set_config(cache_config());
             policies().set_config(cache_config());
