@@ -91,13 +91,16 @@ pub(crate) struct Store {
     tx_setup: String,
 }
 
-/// The statement that opens every write transaction (see [`Store::write`]).
+/// The statement that opens every write transaction (see [`Store::write`]): one `SELECT` of
+/// three `set_config(..., true)`, the transaction-local form of `SET LOCAL`, which costs one
+/// parse where three `SET LOCAL` statements cost three.
 fn tx_setup(timeout_ms: u64) -> String {
     let ms = pool::bounded_timeout(timeout_ms).as_millis();
     // The origin is 16 hex digits made here: safe to splice.
     format!(
-        "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
-         SELECT set_config('redis_quota.origin', '{}', true)",
+        "SELECT set_config('statement_timeout', '{ms}', true), \
+         set_config('lock_timeout', '{ms}', true), \
+         set_config('redis_quota.origin', '{}', true)",
         error::origin()
     )
 }

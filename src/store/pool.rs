@@ -303,7 +303,7 @@ impl Health {
 /// A pooled connection: the client, and how to cancel what it runs.
 pub(crate) struct PgConn {
     client: Client,
-    canceller: Canceller,
+    canceller: Arc<Canceller>,
 }
 
 impl std::ops::Deref for PgConn {
@@ -338,11 +338,11 @@ impl ManageConnection for Manager {
             .target
             .connect(&self.credentials)
             .map(|c| PgConn {
-                canceller: Canceller {
+                canceller: Arc::new(Canceller {
                     token: c.client.cancel_token(),
                     tls: c.tls,
                     fired: Arc::new(AtomicBool::new(false)),
-                },
+                }),
                 client: c.client,
             })
             .map_err(|e| ConnectError(scrub(e, self.secret.as_deref())));
