@@ -22,7 +22,8 @@
 # localhost and 127.0.0.1 signed by it, a client certificate for the role quota_cert
 # (DIR/tls/client.crt, client.key, mode 0600) and a second, unrelated CA
 # (DIR/tls/other-ca.crt). The server has ssl = on and refuses plain TCP connections;
-# quota_cert logs in with its certificate only (pg_hba `cert`), everyone else by trust.
+# quota_cert logs in with its certificate only (pg_hba `cert`), quota_scram with the
+# password scram-pw by SCRAM-SHA-256 (channel binding possible), everyone else by trust.
 # URL: postgresql://postgres@127.0.0.1:PORT/postgres?sslmode=verify-full&sslrootcert=DIR/tls/ca.crt
 set -euo pipefail
 
@@ -217,6 +218,7 @@ EOF
             as_pg tee "$data/pg_hba.conf" >/dev/null <<EOF
 local all all trust
 hostssl all quota_cert 127.0.0.1/32 cert
+hostssl all quota_scram 127.0.0.1/32 scram-sha-256
 hostssl all all 127.0.0.1/32 trust
 hostnossl all all 0.0.0.0/0 reject
 EOF
@@ -251,7 +253,8 @@ EOF
                 as_pg "$pgbin/psql" -X -q -h "$home" -p "$port" -U postgres -d postgres \
                     -v ON_ERROR_STOP=1 \
                     -c "CREATE ROLE quota_cert LOGIN; GRANT CREATE ON DATABASE postgres TO quota_cert" \
-                    >/dev/null || die "cannot create the role quota_cert"
+                    -c "SET password_encryption = 'scram-sha-256'; CREATE ROLE quota_scram LOGIN PASSWORD 'scram-pw'; GRANT CREATE ON DATABASE postgres TO quota_scram" \
+                    >/dev/null || die "cannot create the roles quota_cert and quota_scram"
                 rm -f "$dir/tls-roles"
             fi
             url_of "$port" >"$dir/url"

@@ -5,7 +5,8 @@
 //!
 //! - directly (the suite's PostgreSQL);
 //! - over TLS with `sslmode=verify-full` (pool and listener), on a server that refuses plain
-//!   connections; also in the key=value form with a client certificate (pg_hba `cert`);
+//!   connections; also in the key=value form with a client certificate (pg_hba `cert`), and
+//!   with SCRAM bound to the TLS channel (`channel_binding=require`);
 //! - through PgBouncer in transaction mode (its defaults otherwise, SCRAM login with a password
 //!   that has a `/`), the listener on `listen-url` straight to PostgreSQL; a read stuck behind a
 //!   lock is cancelled at `quota.pg-timeout-ms` there too.
@@ -197,6 +198,33 @@ fn tls_key_value_form_with_a_client_certificate() {
         err.starts_with("ERR PostgreSQL unavailable: ") && err.contains("certificate"),
         "{err}"
     );
+}
+
+/// SCRAM over TLS binds the authentication to the TLS channel (`tls-server-end-point`):
+/// `channel_binding=require` logs in.
+#[test]
+fn scram_over_tls_with_channel_binding_required() {
+    let pg = TlsPg::shared();
+    let url = format!(
+        "postgresql://quota_scram:scram-pw@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}&channel_binding=require",
+        pg.port,
+        pg.cert("ca.crt")
+    );
+    let schema = unique_schema();
+    let server = start(
+        &Mode {
+            pool_url: url,
+            listen_url: None,
+            sql_url: pg.url.clone(),
+        },
+        &schema,
+        "2000",
+    );
+    let granted = server
+        .client()
+        .grant(["t", "p", "u", "*"], "REQUESTS_PER_DAY 2");
+    assert_eq!(field_i64(&granted, "additional_requests_per_day"), 2);
+    assert!(!server.log().contains("scram-pw"));
 }
 
 #[test]
