@@ -870,6 +870,21 @@ mod tests {
     }
 
     #[test]
+    fn system_roots_load_from_the_trust_store() {
+        // Debian's ca-certificates; a machine without a trust store says so clearly.
+        match settings(&[("sslrootcert", "system")], None)
+            .unwrap()
+            .connector()
+        {
+            Ok(_) => {}
+            Err(e) => assert!(
+                e.contains("no certificate found in the system's trust store"),
+                "{e}"
+            ),
+        }
+    }
+
+    #[test]
     fn der_elements_are_read_with_long_lengths() {
         assert_eq!(
             der(&[0x30, 0x01, 0xaa, 0xbb]),
