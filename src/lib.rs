@@ -166,6 +166,8 @@ mod module {
         if let Some(password) = plan.password {
             config::set_text(&config::PG_PASSWORD, password);
         }
+        // Only Redis's copy changes: the setting keeps the value as given (`CONFIG GET` shows
+        // it, as it shows `masterauth`); the next start reads the same settings from the copy.
         for (index, text, option) in plan.rewrites {
             let Some(arg) = args.get(index) else {
                 continue;
@@ -177,12 +179,6 @@ mod module {
                 ));
                 return Status::Err;
             }
-            let setting = if option == "listen-url" {
-                &config::LISTEN_URL
-            } else {
-                &config::PG_URL
-            };
-            config::set_text(setting, text);
         }
         Status::Ok
     }

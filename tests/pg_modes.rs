@@ -230,15 +230,18 @@ fn scram_over_tls_with_channel_binding_required() {
 #[test]
 fn through_pgbouncer_in_transaction_mode_with_the_listener_on_listen_url() {
     let bouncer = Bouncer::shared();
+    // The listener named after this test (the URL's application_name wins over the module's).
+    let name = format!("listener_{}", random_u64() & 0xffff_ffff);
+    let listen = format!("{}?application_name={name}", bouncer.direct);
     let (server, schema) = exercise(&Mode {
         pool_url: bouncer.url.clone(),
-        listen_url: Some(bouncer.direct.clone()),
+        listen_url: Some(listen),
         sql_url: bouncer.direct.clone(),
     });
     // The listener holds its session on PostgreSQL itself; the pool went through PgBouncer.
     let listeners = psql(
         &bouncer.direct,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'redis-quota-listener'",
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}'"),
     );
     assert_eq!(listeners, "1");
     assert!(

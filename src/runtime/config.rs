@@ -211,7 +211,7 @@ pub(crate) const MODULE_ARGUMENTS: &[&str] = &[
 /// `CONFIG REWRITE`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct LoadPlan {
-    /// (index of the value among the arguments, the text it becomes, the option it sets).
+    /// (index of the value among the arguments, the text Redis keeps instead, the argument).
     pub rewrites: Vec<(usize, String, &'static str)>,
     /// The password taken out of the URL arguments, for `quota.pg-password`.
     pub password: Option<String>,

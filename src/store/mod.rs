@@ -15,6 +15,7 @@ mod pool;
 mod queries;
 mod schema;
 mod tls;
+mod tls_connect;
 mod watchdog;
 
 #[cfg(test)]

@@ -122,7 +122,8 @@ pub(crate) fn connection_config(
         let why = rendered
             .iter()
             .find_map(|p| quoted(p).parse::<postgres::Config>().err())
-            .map_or_else(|| "refused".to_owned(), |e| e.to_string());
+            .and_then(|e| std::error::Error::source(&e).map(ToString::to_string))
+            .unwrap_or_else(|| "refused".to_owned());
         bad(why)
     })?;
     if let Some(password) = password {
@@ -551,5 +552,47 @@ mod tests {
         assert_eq!(health.recent_failure(Duration::ZERO), None);
         health.record(Ok(()));
         assert_eq!(health.recent_failure(Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn tls_keywords_are_ours_and_the_rest_goes_to_rust_postgres() {
+        let t = connection_config(
+            "postgresql://u:pw@db.example/quota?sslmode=verify-full&sslrootcert=/etc/ca.pem&fallback_application_name=fb&client_encoding=UTF8&gssencmode=disable",
+            1000,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, SslMode::VerifyFull);
+        assert_eq!(t.config.get_application_name(), Some("fb"));
+        assert_eq!(t.config.get_password(), Some(&b"pw"[..]));
+        assert_eq!(t.config.get_dbname(), Some("quota"));
+        // libpq never uses TLS over a Unix socket.
+        let unix = connection_config("host=/var/run/postgresql user=u sslmode=require", 1000, "x")
+            .unwrap();
+        assert_eq!(unix.tls.mode, SslMode::Disable);
+        // A password that is not UTF-8 is sent as given.
+        let raw = connection_config("postgresql://u:%FF%FE@h/db", 1000, "x").unwrap();
+        assert_eq!(raw.config.get_password(), Some(&[0xff, 0xfe][..]));
+    }
+
+    #[test]
+    fn refusals_name_the_parameter_not_its_value() {
+        for (url, wanted) in [
+            ("host=h port=s3cr3t", "`port`"),
+            (
+                "host=h passfile=/s3cr3t",
+                "passfile is not supported (use quota.pg-passfile)",
+            ),
+            ("host=h bogus=s3cr3t", "bogus"),
+            (
+                "host=h client_encoding=s3cr3t",
+                "client_encoding must be UTF8",
+            ),
+            ("host=h sslmode=s3cr3t", "sslmode must be"),
+        ] {
+            let e = connection_config(url, 100, "x").unwrap_err().to_string();
+            assert!(e.contains(wanted), "{url}: {e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
     }
 }
