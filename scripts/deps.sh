@@ -5,6 +5,8 @@
 #   libclang-dev                                  bindgen inside the redis-module crate
 #   a C compiler                                  cc crates
 #   postgresql                                    initdb / pg_ctl / postgres / psql for throwaway servers
+#   openssl                                       certificates for the TLS test server
+#   pgbouncer                                     the transaction-pooler tests
 #   python3 (+ venv, pip)                         Redis 8 download, examples
 #   nodejs + npm                                  the Node examples (examples/node)
 # Runs apt-get update at most once. Needs root (or sudo) only when something is missing.
@@ -31,6 +33,11 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && ! have initdb; 
 fi
 if ! have psql; then
     missing+=(postgresql-client)
+fi
+have openssl || missing+=(openssl)
+# Debian puts it in /usr/sbin, which a non-root PATH may lack.
+if ! have pgbouncer && [ ! -x /usr/sbin/pgbouncer ]; then
+    missing+=(pgbouncer)
 fi
 if ! have python3; then
     missing+=(python3 python3-venv python3-pip)

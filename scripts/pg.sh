@@ -2,6 +2,7 @@
 # A throwaway PostgreSQL server for development and tests.
 #
 #   scripts/pg.sh start   DIR   initdb (first time) + start; prints the URL, also written to DIR/url
+#   scripts/pg.sh start-tls DIR the same with TLS only (see below); prints a verify-full URL
 #   scripts/pg.sh stop    DIR   fast shutdown (data is kept; `start DIR` again reuses port and data)
 #   scripts/pg.sh destroy DIR   stop and delete everything
 #   scripts/pg.sh status  DIR   exit 0 when running
@@ -16,6 +17,14 @@
 # socket path, the data lives in a private directory under /tmp instead
 # (recorded in DIR/home, removed by `destroy`).
 # URL: postgresql://postgres@127.0.0.1:PORT/postgres
+#
+# start-tls: at initdb, openssl makes a CA (DIR/tls/ca.crt), a server certificate for
+# localhost and 127.0.0.1 signed by it, a client certificate for the role quota_cert
+# (DIR/tls/client.crt, client.key, mode 0600) and a second, unrelated CA
+# (DIR/tls/other-ca.crt). The server has ssl = on and refuses plain TCP connections;
+# quota_cert logs in with its certificate only (pg_hba `cert`), quota_scram with the
+# password scram-pw by SCRAM-SHA-256 (channel binding possible), everyone else by trust.
+# URL: postgresql://postgres@127.0.0.1:PORT/postgres?sslmode=verify-full&sslrootcert=DIR/tls/ca.crt
 set -euo pipefail
 
 die() { echo "pg.sh: $*" >&2; exit 1; }
@@ -100,8 +109,48 @@ running() {
     as_pg "$pgbin/pg_ctl" -D "$home/data" status >/dev/null 2>&1
 }
 
+tls=0
 url_of() {
-    echo "postgresql://postgres@127.0.0.1:$1/postgres"
+    if [ "$tls" = 1 ]; then
+        echo "postgresql://postgres@127.0.0.1:$1/postgres?sslmode=verify-full&sslrootcert=$dir/tls/ca.crt"
+    else
+        echo "postgresql://postgres@127.0.0.1:$1/postgres"
+    fi
+}
+
+# A CA, a server certificate signed by it (in the data directory, owned by postgres) and a
+# client certificate for quota_cert, plus an unrelated CA, all with EC P-256 keys.
+make_certs() { # data-dir
+    local data="$1" certs="$dir/tls" ext
+    command -v openssl >/dev/null || die "openssl not found: run scripts/deps.sh"
+    mkdir -p "$certs"
+    ext="$certs/ext.cnf"
+    new_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+    make_ca() { # name cn
+        new_key "$certs/$1.key"
+        openssl req -x509 -new -key "$certs/$1.key" -out "$certs/$1.crt" -days 3650 \
+            -subj "/CN=$2" 2>/dev/null
+    }
+    sign() { # name cn extensions
+        new_key "$certs/$1.key"
+        openssl req -new -key "$certs/$1.key" -out "$certs/$1.csr" -subj "/CN=$2" 2>/dev/null
+        printf '%b' "$3" >"$ext"
+        openssl x509 -req -in "$certs/$1.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" \
+            -CAcreateserial -out "$certs/$1.crt" -days 3650 -extfile "$ext" 2>/dev/null
+        rm -f "$certs/$1.csr"
+    }
+    make_ca ca "redis-quota test CA"
+    make_ca other-ca "another CA"
+    sign server localhost \
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    sign client quota_cert "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+    rm -f "$ext"
+    chmod 600 "$certs"/*.key
+    cp "$certs/server.crt" "$certs/server.key" "$certs/ca.crt" "$data/"
+    if is_root; then
+        chown postgres: "$data/server.crt" "$data/server.key" "$data/ca.crt"
+    fi
+    chmod 600 "$data/server.key"
 }
 
 choose_home() {
@@ -158,6 +207,23 @@ shared_buffers = 64MB
 log_min_messages = warning
 log_line_prefix = '%m [%p] %u@%d '
 EOF
+        if [ "$tls" = 1 ]; then
+            make_certs "$data"
+            as_pg tee -a "$data/postgresql.conf" >/dev/null <<EOF
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_ca_file = 'ca.crt'
+EOF
+            as_pg tee "$data/pg_hba.conf" >/dev/null <<EOF
+local all all trust
+hostssl all quota_cert 127.0.0.1/32 cert
+hostssl all quota_scram 127.0.0.1/32 scram-sha-256
+hostssl all all 127.0.0.1/32 trust
+hostnossl all all 0.0.0.0/0 reject
+EOF
+            touch "$dir/tls-roles"
+        fi
     fi
 
     port=""
@@ -183,6 +249,14 @@ EOF
     # Ready for connections over TCP?
     for _ in $(seq 1 100); do
         if "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres; then
+            if [ -f "$dir/tls-roles" ]; then
+                as_pg "$pgbin/psql" -X -q -h "$home" -p "$port" -U postgres -d postgres \
+                    -v ON_ERROR_STOP=1 \
+                    -c "CREATE ROLE quota_cert LOGIN; GRANT CREATE ON DATABASE postgres TO quota_cert" \
+                    -c "SET password_encryption = 'scram-sha-256'; CREATE ROLE quota_scram LOGIN PASSWORD 'scram-pw'; GRANT CREATE ON DATABASE postgres TO quota_scram" \
+                    >/dev/null || die "cannot create the roles quota_cert and quota_scram"
+                rm -f "$dir/tls-roles"
+            fi
             url_of "$port" >"$dir/url"
             url_of "$port"
             return 0
@@ -216,8 +290,15 @@ do_destroy() {
     rm -rf "$dir"
 }
 
+if [ -f "$dir/tls/ca.crt" ]; then
+    tls=1
+fi
 case "$cmd" in
     start) do_start ;;
+    start-tls)
+        tls=1
+        do_start
+        ;;
     stop) do_stop ;;
     destroy) do_destroy ;;
     status) running ;;

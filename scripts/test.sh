@@ -3,7 +3,10 @@
 #
 #   1. system packages (scripts/deps.sh) and Redis 8 (scripts/redis8.sh)
 #   2. cargo build --release                       -> target/release/libredis_quota.so
-#   3. one throwaway PostgreSQL for the whole run  -> QUOTA_TEST_PG_URL
+#   3. one throwaway PostgreSQL for the whole run  -> QUOTA_TEST_PG_URL, plus for
+#      tests/pg_modes.rs a TLS-only one (scripts/pg.sh start-tls) -> QUOTA_TEST_TLS_PG_URL,
+#      QUOTA_TEST_TLS_DIR, and a PgBouncer in transaction mode in front of the first
+#      (scripts/pgbouncer.sh) -> QUOTA_TEST_BOUNCER_URL
 #   4. unit tests: cargo test --release --lib (the store tests use that PostgreSQL)
 #   5. the integration suite (tests/*.rs) twice: on Redis 7.0 (Debian's redis-server)
 #      and on Redis 8.2 (.tools/redis8/redis-server)  -> QUOTA_TEST_REDIS
@@ -99,6 +102,7 @@ export QUOTA_TEST_TMPDIR="$tmp"
 cleanup() {
     local d p cwd
     # Throwaway PostgreSQL servers (the shared one and any a killed test left behind).
+    [ -d "$tmp/pgbouncer" ] && scripts/pgbouncer.sh destroy "$tmp/pgbouncer" >/dev/null 2>&1
     for d in "$tmp"/pg "$tmp"/pg-*; do
         [ -d "$d" ] && scripts/pg.sh destroy "$d" >/dev/null 2>&1
     done
@@ -146,6 +150,16 @@ section "throwaway PostgreSQL"
 QUOTA_TEST_PG_URL="$(scripts/pg.sh start "$tmp/pg")" || die "PostgreSQL did not start"
 export QUOTA_TEST_PG_URL
 echo "QUOTA_TEST_PG_URL=$QUOTA_TEST_PG_URL"
+
+section "TLS PostgreSQL and PgBouncer (tests/pg_modes.rs)"
+QUOTA_TEST_TLS_PG_URL="$(scripts/pg.sh start-tls "$tmp/pg-tls")" || die "the TLS PostgreSQL did not start"
+export QUOTA_TEST_TLS_PG_URL QUOTA_TEST_TLS_DIR="$tmp/pg-tls/tls"
+echo "QUOTA_TEST_TLS_PG_URL=$QUOTA_TEST_TLS_PG_URL"
+pg_port="$(cat "$tmp/pg/port")"
+QUOTA_TEST_BOUNCER_URL="$(scripts/pgbouncer.sh start "$tmp/pgbouncer" "$pg_port")" ||
+    die "PgBouncer did not start"
+export QUOTA_TEST_BOUNCER_URL
+echo "QUOTA_TEST_BOUNCER_URL=${QUOTA_TEST_BOUNCER_URL/:*@/:(password)@}"
 
 # ---- 4. unit tests ------------------------------------------------------------
 section "unit tests (cargo test --release --lib)"

@@ -237,8 +237,12 @@ COMMENT ON FUNCTION "control_plane".user_quota_replenishment_touch() IS
     'Trigger: sets updated_at = now() on every UPDATE of a replenishment row';
 
 -- Tells every Redis node which user's cached credits are stale. The payload is the identity of
--- the changed row plus the operation; a row moved to another identity notifies both users.
--- Notifications are delivered at commit, and not at all when the transaction rolls back.
+-- the changed row plus the operation and the writer's origin: a node sets
+-- redis_quota.origin for its own write transactions only (set_config(..., true), so it holds
+-- through a transaction pooler and never leaks to the next transaction), and recognises its own
+-- writes by it; a change made by plain SQL has origin null. A row moved to another identity
+-- notifies both users. Notifications are delivered at commit, and not at all when the
+-- transaction rolls back.
 CREATE OR REPLACE FUNCTION "control_plane".user_quota_replenishment_notify()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -247,7 +251,8 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         PERFORM pg_notify('control_plane_quota_changed', json_build_object(
             'tenant', OLD.tenant, 'project', OLD.project, 'user_id', OLD.user_id,
-            'bundle_id', OLD.bundle_id, 'op', TG_OP)::text);
+            'bundle_id', OLD.bundle_id, 'op', TG_OP,
+            'origin', nullif(current_setting('redis_quota.origin', true), ''))::text);
         RETURN NULL;
     END IF;
     -- The ledger flush only adds to *_balance_used, which the flushing node tracks itself:
@@ -262,22 +267,24 @@ BEGIN
             IS DISTINCT FROM (NEW.tenant, NEW.project, NEW.user_id, NEW.bundle_id) THEN
             PERFORM pg_notify('control_plane_quota_changed', json_build_object(
                 'tenant', OLD.tenant, 'project', OLD.project, 'user_id', OLD.user_id,
-                'bundle_id', OLD.bundle_id, 'op', TG_OP)::text);
+                'bundle_id', OLD.bundle_id, 'op', TG_OP,
+                'origin', nullif(current_setting('redis_quota.origin', true), ''))::text);
         END IF;
     END IF;
     PERFORM pg_notify('control_plane_quota_changed', json_build_object(
         'tenant', NEW.tenant, 'project', NEW.project, 'user_id', NEW.user_id,
-        'bundle_id', NEW.bundle_id, 'op', TG_OP)::text);
+        'bundle_id', NEW.bundle_id, 'op', TG_OP,
+        'origin', nullif(current_setting('redis_quota.origin', true), ''))::text);
     RETURN NULL;
 END
 $$;
 
 COMMENT ON FUNCTION "control_plane".user_quota_replenishment_notify() IS
     'Trigger: pg_notify on channel control_plane_quota_changed with '
-    '{tenant, project, user_id, bundle_id, op} for every changed replenishment row';
+    '{tenant, project, user_id, bundle_id, op, origin} for every changed replenishment row';
 
--- Tells every Redis node which named policy changed: {tenant, project, policy, op} on the same
--- channel as the credits (a payload without user_id is a policy).
+-- Tells every Redis node which named policy changed: {tenant, project, policy, op, origin} on the
+-- same channel as the credits (a payload without user_id is a policy).
 CREATE OR REPLACE FUNCTION "control_plane".quota_policy_notify()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -288,12 +295,12 @@ BEGIN
             IS DISTINCT FROM (NEW.tenant, NEW.project, NEW.policy_name)) THEN
         PERFORM pg_notify('control_plane_quota_changed', json_build_object(
             'tenant', OLD.tenant, 'project', OLD.project, 'policy', OLD.policy_name,
-            'op', TG_OP)::text);
+            'op', TG_OP, 'origin', nullif(current_setting('redis_quota.origin', true), ''))::text);
     END IF;
     IF TG_OP <> 'DELETE' THEN
         PERFORM pg_notify('control_plane_quota_changed', json_build_object(
             'tenant', NEW.tenant, 'project', NEW.project, 'policy', NEW.policy_name,
-            'op', TG_OP)::text);
+            'op', TG_OP, 'origin', nullif(current_setting('redis_quota.origin', true), ''))::text);
     END IF;
     RETURN NULL;
 END
@@ -301,7 +308,7 @@ $$;
 
 COMMENT ON FUNCTION "control_plane".quota_policy_notify() IS
     'Trigger: pg_notify on channel control_plane_quota_changed with '
-    '{tenant, project, policy, op} for every changed named policy';
+    '{tenant, project, policy, op, origin} for every changed named policy';
 
 -- The event table only grows.
 CREATE OR REPLACE FUNCTION "control_plane".user_quota_replenishment_event_append_only()

@@ -147,39 +147,36 @@ mod module {
         );
     }
 
-    /// Keeps the password out of Redis's copy of the load arguments, which `MODULE LIST` shows
-    /// and `CONFIG REWRITE` writes back as the `loadmodule` line: a password in the `pg-url`
-    /// argument becomes `quota.pg-password` (unless that is set), which `CONFIG REWRITE` writes
-    /// as a line of its own, and the argument keeps the URL without it, so a rewritten
-    /// redis.conf still logs in. `pg-password` itself is refused as an argument: Redis would
-    /// show it and could not rewrite it.
+    /// Checks the load arguments and keeps passwords and text Redis could not write back out of
+    /// Redis's copy of them, which `MODULE LIST` shows and `CONFIG REWRITE` writes back,
+    /// unquoted, as the `loadmodule` line (see `config::plan_load_args`): an unknown argument
+    /// fails the load with a warning naming it (never its value), a password in `pg-url` or
+    /// `listen-url` becomes `quota.pg-password` (which `CONFIG REWRITE` writes as a line of its
+    /// own), and a URL in the key=value form or with a space or quote becomes the same settings
+    /// as a URL, so a rewritten redis.conf loads and logs in the same way.
     fn secure_load_args(ctx: &Context, args: &[RedisString]) -> Status {
-        let mut iter = args.iter();
-        while let (Some(name), Some(value)) = (iter.next(), iter.next()) {
-            if name.as_slice().eq_ignore_ascii_case(b"pg-password") {
-                ctx.log_warning(
-                    "quota: pg-password cannot be a module argument (MODULE LIST would show it): \
-                     use a quota.pg-password line in redis.conf or quota.pg-passfile",
-                );
+        let raw: Vec<&[u8]> = args.iter().map(RedisString::as_slice).collect();
+        let plan = match config::plan_load_args(&raw, &config::text(&config::PG_PASSWORD)) {
+            Ok(plan) => plan,
+            Err(why) => {
+                ctx.log_warning(&format!("quota: {why}; the module is not loaded"));
                 return Status::Err;
             }
-            if !name.as_slice().eq_ignore_ascii_case(b"pg-url")
-                || config::secret_spans(value.as_slice()).is_empty()
-            {
+        };
+        if let Some(password) = plan.password {
+            config::set_text(&config::PG_PASSWORD, password);
+        }
+        // Only Redis's copy changes: the setting keeps the value as given (`CONFIG GET` shows
+        // it, as it shows `masterauth`); the next start reads the same settings from the copy.
+        for (index, text, option) in plan.rewrites {
+            let Some(arg) = args.get(index) else {
                 continue;
-            }
-            if config::text(&config::PG_PASSWORD).is_empty() {
-                let password = value.try_as_str().ok().and_then(crate::store::url_password);
-                if let Some(password) = password {
-                    config::set_text(&config::PG_PASSWORD, password);
-                }
-            }
-            let shown = config::without_password(value.as_slice());
-            if !crate::ffi::load_args::shorten(value, &shown) {
-                ctx.log_warning(
-                    "quota: cannot remove the password from the pg-url module argument: \
-                     give it in quota.pg-passfile or a quota.pg-password line instead",
-                );
+            };
+            if !crate::ffi::load_args::replace(ctx.ctx, arg, text.as_bytes()) {
+                ctx.log_warning(&format!(
+                    "quota: cannot rewrite the {option} module argument: give it as a \
+                     quota.{option} line in redis.conf instead"
+                ));
                 return Status::Err;
             }
         }
@@ -397,6 +394,7 @@ mod module {
             ],
             string: [
                 ["pg-url", &config::PG_URL, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<RedisString, _>))],
+                ["listen-url", &config::LISTEN_URL, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<RedisString, _>))],
                 ["pg-password", &config::PG_PASSWORD, "", ConfigurationFlags::SENSITIVE, Some(Box::new(on_change::<RedisString, _>))],
                 ["pg-passfile", &config::PG_PASSFILE, "", ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<RedisString, _>))],
                 ["schema", &config::SCHEMA, config::DEFAULT_SCHEMA, ConfigurationFlags::DEFAULT, Some(Box::new(on_change::<RedisString, _>))],

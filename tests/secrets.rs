@@ -218,3 +218,65 @@ fn a_password_as_a_module_argument_of_its_own_is_refused_at_load() {
     assert_hidden("the log", &text);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A password shaped like base64 and worse (`/`, `?`, `+`, `=`, a space), in every shape the
+/// module reads, as `pg-url` and `listen-url` module arguments and through `CONFIG SET`: the
+/// module logs in with it, and MODULE LIST, SLOWLOG and the log never hold it, nor the file
+/// CONFIG REWRITE writes outside its `quota.pg-password` line (where it goes, as `masterauth`
+/// does, so that the next start logs in), before and after a restart from that file.
+#[test]
+fn passwords_in_every_url_shape_log_in_and_never_show() {
+    const PASSWORD: &str = "Zx/9kQ+Lm=?7 s";
+    let pg = PgServer::start_private();
+    pg.password_role(ROLE, PASSWORD);
+    let port = pg.port();
+    let encoded = "Zx%2F9kQ%2BLm%3D%3F7%20s";
+    let shapes = [
+        // user:password@ with the specials raw (read the one way that works).
+        format!("postgresql://{ROLE}:{PASSWORD}@127.0.0.1:{port}/postgres"),
+        // Percent-encoded, two hosts (the first refuses).
+        format!("postgres://{ROLE}:{encoded}@127.0.0.1:1,127.0.0.1:{port}/postgres"),
+        // The password query parameter.
+        format!(
+            "postgresql://{ROLE}@127.0.0.1:{port}/postgres?password={encoded}&application_name=x"
+        ),
+        // key=value, quoted, spaces around '='.
+        format!("host=127.0.0.1 port={port} user={ROLE} password = '{PASSWORD}' dbname=postgres"),
+    ];
+    let hidden = |what: &str, text: &str| {
+        assert!(
+            !text.contains(PASSWORD) && !text.contains(encoded) && !text.contains("9kQ"),
+            "the password shows in {what}:\n{text}"
+        );
+    };
+    for (i, shape) in shapes.iter().enumerate() {
+        let listen = &shapes[(i + 1) % shapes.len()];
+        let schema = unique_schema();
+        let mut server = RedisServer::builder()
+            .pg(shape, &schema, "2000")
+            .module_arg("listen-url", listen)
+            .start();
+        grant_works(&server, "u1");
+        server.wait_notify_state("listening", Duration::from_secs(20));
+        let modules = format!(
+            "{:?}",
+            query(&mut server.client(), &["MODULE", "LIST"]).unwrap()
+        );
+        hidden("MODULE LIST", &modules);
+        set_again_and_look(
+            &server,
+            &[("quota.pg-url", shape), ("quota.listen-url", listen)],
+        );
+        grant_works(&server, "u2");
+        let conf = rewrite_and_restart(&mut server);
+        let (secret_lines, other): (Vec<&str>, Vec<&str>) = conf
+            .lines()
+            .partition(|l| l.starts_with("quota.pg-password "));
+        hidden("the rewritten redis.conf", &other.join("\n"));
+        assert_eq!(secret_lines.len(), 1, "{conf}");
+        grant_works(&server, "u3");
+        server.wait_notify_state("listening", Duration::from_secs(20));
+        hidden("what Redis shows after the restart", &visible_text(&server));
+        hidden("the log", &server.log());
+    }
+}

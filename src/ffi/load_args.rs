@@ -6,8 +6,52 @@
 //! raised, so the allocation always fits). The header layout (`sds.h`: a flags byte before the
 //! text whose low 3 bits give the header type, and the length field before it) has been the same
 //! since Redis 3.2; it is checked against the length Redis reports before anything is written.
+//! A longer text is written as the current length's worth in place plus the rest appended with
+//! `RedisModule_StringAppendBuffer`, which Redis allows on a string referenced once: during
+//! `OnLoad` the references are Redis's own (the load queue or the `MODULE LOAD` command) and
+//! the one `redis-module` took for the `&[RedisString]` handed to `init`, so that one is given
+//! back for the append and taken again after it. With any other reference the append is
+//! refused and nothing changes.
 
 use redis_module::{raw, RedisString};
+
+/// Replaces the argument's text with `text`, of any length. Returns false (and changes nothing
+/// that Redis would show differently) when the argument cannot be changed this way.
+pub(crate) fn replace(ctx: *mut raw::RedisModuleCtx, arg: &RedisString, text: &[u8]) -> bool {
+    let mut len = 0usize;
+    let ptr = unsafe {
+        raw::RedisModule_StringPtrLen.map_or(std::ptr::null(), |f| f(arg.inner, &mut len))
+    };
+    if ptr.is_null() {
+        return false;
+    }
+    if text.len() <= len {
+        return shorten(arg, text);
+    }
+    let (Some(append), Some(free), Some(retain)) = (unsafe {
+        (
+            raw::RedisModule_StringAppendBuffer,
+            raw::RedisModule_FreeString,
+            raw::RedisModule_RetainString,
+        )
+    }) else {
+        return false;
+    };
+    let (head, tail) = text.split_at(len);
+    if !shorten(arg, head) {
+        return false;
+    }
+    // SAFETY: `arg` holds one reference and Redis another (the argument outlives `OnLoad`), so
+    // giving ours back leaves the string alive; it is taken again right after. Redis copies
+    // `tail`. A string with more references refuses the append and stays as it was.
+    let status = unsafe {
+        free(std::ptr::null_mut(), arg.inner);
+        let status = append(ctx, arg.inner, tail.as_ptr().cast(), tail.len());
+        retain(std::ptr::null_mut(), arg.inner);
+        status
+    };
+    status == raw::REDISMODULE_OK as std::os::raw::c_int
+}
 
 /// Replaces the argument's text with `text`, which must not be longer. Returns false (and
 /// changes nothing) when the argument is not a plain `sds` string this code understands.

@@ -72,6 +72,9 @@ fn check_schema(name: &str) -> Result<(), String> {
 
 /// `quota.pg-url` (sensitive).
 pub(crate) static PG_URL: CheckedText = CheckedText::new(check_url);
+/// `quota.listen-url` (sensitive): the NOTIFY listener's URL (empty = `quota.pg-url`), so the
+/// pool may go through a transaction pooler while the listener holds a session of its own.
+pub(crate) static LISTEN_URL: CheckedText = CheckedText::new(check_url);
 /// `quota.pg-password` (sensitive): the password when `quota.pg-url` carries none.
 pub(crate) static PG_PASSWORD: CheckedText = CheckedText::new(check_nothing);
 /// `quota.pg-passfile`: a pgpass file holding the password (empty = libpq's default).
@@ -131,11 +134,23 @@ static STASHED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 const STASH_MAX: usize = 16;
 const PLACEHOLDER_PREFIX: &str = "(redacted by redis-quota ";
 
+/// The settings that hold a connection string (sensitive: they may carry a password).
+const URL_SETTINGS: [&str; 2] = ["quota.pg-url", "quota.listen-url"];
+
 /// Whether `CONFIG SET <name> <value>` holds a password: `quota.pg-password`, or a
-/// `quota.pg-url` with a password in it.
+/// `quota.pg-url` or `quota.listen-url` with a password in it (or that cannot be read, and so
+/// might: then it is hidden whole).
 pub(crate) fn is_secret_setting(name: &[u8], value: &[u8]) -> bool {
     (name.eq_ignore_ascii_case(b"quota.pg-password") && !value.is_empty())
-        || (name.eq_ignore_ascii_case(b"quota.pg-url") && !secret_spans(value).is_empty())
+        || (URL_SETTINGS
+            .iter()
+            .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
+            && holds_secret(value))
+}
+
+/// Whether a connection string holds a password, or cannot be read (and might).
+pub(crate) fn holds_secret(url: &[u8]) -> bool {
+    crate::store::password_spans(url).is_none_or(|spans| !spans.is_empty())
 }
 
 /// Keeps `value` for the `CONFIG SET` about to run and returns the placeholder to put in the
@@ -172,174 +187,150 @@ pub(crate) fn text(option: &CheckedText) -> String {
     option.value.lock().map(|s| s.clone()).unwrap_or_default()
 }
 
-/// Byte ranges of the password inside a PostgreSQL URL or key=value string, so it can be
-/// masked where Redis would show it: `user:PASSWORD@` in a URL's authority, a `password`
-/// query parameter (its name possibly percent-encoded: `pass%77ord=`), or a `password` keyword
-/// (spaces around `=` allowed, the value possibly quoted with `\'` and `\\` escapes).
-pub(crate) fn secret_spans(url: &[u8]) -> Vec<std::ops::Range<usize>> {
-    password_parts(url).into_iter().map(|p| p.value).collect()
+/// The module arguments, as the configurations are registered in `lib.rs` (Redis matches
+/// them byte for byte).
+pub(crate) const MODULE_ARGUMENTS: &[&str] = &[
+    "pool-size",
+    "pg-timeout-ms",
+    "queue-max",
+    "cache-ttl-ms",
+    "negative-ttl-ms",
+    "cache-max-entries",
+    "cache-max-memory",
+    "cleanup-interval",
+    "flush-interval",
+    "lease-ttl",
+    "pg-url",
+    "listen-url",
+    "pg-password",
+    "pg-passfile",
+    "schema",
+    "auto-deploy",
+    "notify",
+    "script-miss",
+];
+
+/// What `init` does to the module arguments before Redis keeps them for `MODULE LIST` and
+/// `CONFIG REWRITE`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct LoadPlan {
+    /// (index of the value among the arguments, the text Redis keeps instead, the argument).
+    pub rewrites: Vec<(usize, String, &'static str)>,
+    /// The password taken out of the URL arguments, for `quota.pg-password`.
+    pub password: Option<String>,
 }
 
-/// The URL or key=value string without its password (a URL loses `:password` or its
-/// `password` parameter, a key=value string its `password` keyword): what may be shown.
-pub(crate) fn without_password(url: &[u8]) -> Vec<u8> {
-    let parts = password_parts(url);
-    url.iter()
-        .enumerate()
-        .filter(|(i, _)| !parts.iter().any(|p| p.whole.contains(i)))
-        .map(|(_, b)| *b)
-        .collect()
-}
-
-/// One password found in a connection string: the value, and what to cut to drop it.
-struct PasswordPart {
-    value: std::ops::Range<usize>,
-    whole: std::ops::Range<usize>,
-}
-
-fn password_parts(url: &[u8]) -> Vec<PasswordPart> {
-    let is_url = [b"postgresql://".as_slice(), b"postgres://"]
-        .iter()
-        .any(|scheme| {
-            url.len() >= scheme.len() && url[..scheme.len()].eq_ignore_ascii_case(scheme)
-        });
-    if is_url {
-        url_password_parts(url)
-    } else {
-        keyword_password_parts(url)
-    }
-}
-
-fn url_password_parts(url: &[u8]) -> Vec<PasswordPart> {
-    let mut parts = Vec::new();
-    let start = find(url, b"://").map_or(0, |i| i + 3);
-    let end = url[start..]
-        .iter()
-        .position(|&b| b == b'/' || b == b'?')
-        .map_or(url.len(), |i| start + i);
-    if let Some(at) = url[start..end].iter().rposition(|&b| b == b'@') {
-        let userinfo = start..start + at;
-        if let Some(colon) = url[userinfo.clone()].iter().position(|&b| b == b':') {
-            parts.push(PasswordPart {
-                value: userinfo.start + colon + 1..userinfo.end,
-                whole: userinfo.start + colon..userinfo.end,
-            });
-        }
-    }
-    let Some(question) = url[start..]
-        .iter()
-        .position(|&b| b == b'?')
-        .map(|i| start + i)
-    else {
-        return parts;
-    };
-    let mut from = question + 1;
-    while from <= url.len() {
-        let to = url[from..]
+/// Checks the module arguments and plans their rewrite, or says (by argument name only, never
+/// a value) why the module must not load:
+/// - every argument is a known name followed by a value, each name once, and no value is
+///   itself an argument name (Redis's module configuration reads the first occurrence of a name
+///   wherever it is, and silently ignores unknown ones);
+/// - `pg-password` is refused (`MODULE LIST` would show it);
+/// - a value must survive `CONFIG REWRITE`, which writes the `loadmodule` line unquoted: a URL
+///   with a space or a quote, or in the key=value form, becomes the same settings as a URL
+///   (percent-encoded); another value with a space or a quote, or an empty one, is refused;
+/// - the password of `pg-url` and `listen-url` is moved to `quota.pg-password` (the two must
+///   agree, and agree with a `quota.pg-password` already set).
+pub(crate) fn plan_load_args(args: &[&[u8]], pg_password: &str) -> Result<LoadPlan, String> {
+    let name_of = |arg: &[u8]| {
+        MODULE_ARGUMENTS
             .iter()
-            .position(|&b| b == b'&')
-            .map_or(url.len(), |i| from + i);
-        let param = &url[from..to];
-        if let Some(eq) = param.iter().position(|&b| b == b'=') {
-            if percent_decoded(&param[..eq]).eq_ignore_ascii_case(b"password") {
-                let whole = if to < url.len() {
-                    from..to + 1 // with the '&' that follows
-                } else {
-                    from - 1..to // with the '&' or '?' before it
-                };
-                parts.push(PasswordPart {
-                    value: from + eq + 1..to,
-                    whole,
-                });
-            }
-        }
-        from = to + 1;
-    }
-    parts
-}
-
-fn keyword_password_parts(text: &[u8]) -> Vec<PasswordPart> {
-    let mut parts = Vec::new();
-    let mut i = 0;
-    let skip_ws = |mut i: usize| {
-        while text.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        i
+            .copied()
+            .find(|n| n.as_bytes() == arg)
     };
-    loop {
-        i = skip_ws(i);
-        if i >= text.len() {
-            return parts;
-        }
-        let key_start = i;
-        while text
-            .get(i)
-            .is_some_and(|b| *b != b'=' && !b.is_ascii_whitespace())
-        {
-            i += 1;
-        }
-        let key = &text[key_start..i];
-        i = skip_ws(i);
-        if text.get(i) != Some(&b'=') {
-            continue; // not `key = value`: the parser refuses it; nothing to mask here
-        }
-        i = skip_ws(i + 1);
-        let value_start = i;
-        if text.get(i) == Some(&b'\'') {
-            i += 1;
-            while let Some(&b) = text.get(i) {
-                i += if b == b'\\' { 2 } else { 1 };
-                if b == b'\'' {
-                    break;
-                }
-            }
-        } else {
-            while let Some(&b) = text.get(i) {
-                if b.is_ascii_whitespace() {
-                    break;
-                }
-                i += if b == b'\\' { 2 } else { 1 };
-            }
-        }
-        let value_end = i.min(text.len());
-        if key.eq_ignore_ascii_case(b"password") {
-            parts.push(PasswordPart {
-                value: value_start..value_end,
-                whole: key_start..value_end,
-            });
-        }
-        i = value_end;
+    if args.len() % 2 == 1 {
+        let last = args.last().and_then(|a| name_of(a));
+        return Err(match last {
+            Some(name) => format!("the module argument {name} has no value"),
+            None => "the module arguments are not name value pairs".into(),
+        });
     }
-}
-
-/// `%XX` escapes decoded (invalid ones kept as they are).
-fn percent_decoded(text: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(text.len());
-    let mut i = 0;
-    while let Some(&b) = text.get(i) {
-        match (
-            b,
-            text.get(i + 1).and_then(|h| hex(*h)),
-            text.get(i + 2).and_then(|l| hex(*l)),
-        ) {
-            (b'%', Some(high), Some(low)) => {
-                out.push(high << 4 | low);
-                i += 3;
-            }
+    let mut plan = LoadPlan::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for (pair, chunk) in args.chunks(2).enumerate() {
+        let (name, value) = (chunk[0], chunk[1]);
+        let Some(name) = name_of(name) else {
+            let shown: String = String::from_utf8_lossy(name)
+                .chars()
+                .take(64)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            return Err(format!(
+                "unknown module argument '{shown}' (the arguments are: {})",
+                MODULE_ARGUMENTS.join(", ")
+            ));
+        };
+        if seen.contains(&name) {
+            return Err(format!("the module argument {name} is given twice"));
+        }
+        seen.push(name);
+        if let Some(other) = name_of(value) {
+            return Err(format!(
+                "the value of the module argument {name} is the name of the argument {other}: Redis would read it as that argument"
+            ));
+        }
+        if name == "pg-password" {
+            return Err(
+                "pg-password cannot be a module argument (MODULE LIST would show it): \
+                        use a quota.pg-password line in redis.conf or quota.pg-passfile"
+                    .into(),
+            );
+        }
+        let value_index = pair * 2 + 1;
+        let option = match name {
+            "pg-url" => "pg-url",
+            "listen-url" => "listen-url",
             _ => {
-                out.push(b);
-                i += 1;
+                if !survives_rewrite(value) {
+                    return Err(format!(
+                        "the module argument {name} is empty or holds a space or a quote, which CONFIG REWRITE would write unquoted: give it as a quota.{name} line in redis.conf"
+                    ));
+                }
+                continue;
             }
+        };
+        let text = std::str::from_utf8(value)
+            .map_err(|_| format!("the module argument {name} is not UTF-8"))?;
+        let info = crate::store::ConnInfo::parse(text).map_err(|e| {
+            format!("the module argument {name} is not a usable PostgreSQL URL: {e}")
+        })?;
+        if let Some(password) = info.password() {
+            let password = String::from_utf8_lossy(password).into_owned();
+            if plan.password.as_ref().is_some_and(|p| *p != password) {
+                return Err(
+                    "pg-url and listen-url carry different passwords: give them in a \
+                            password file (quota.pg-passfile, one line per host and user)"
+                        .into(),
+                );
+            }
+            if !pg_password.is_empty() && pg_password != password {
+                return Err(format!(
+                    "the module argument {name} carries a password other than quota.pg-password: keep one of them"
+                ));
+            }
+            plan.password = Some(password);
+        }
+        let shown = info.without_password(text);
+        let rewritten =
+            if info.form == crate::store::Form::Url && survives_rewrite(shown.as_bytes()) {
+                shown
+            } else {
+                info.to_url(false)
+            };
+        if rewritten.as_bytes() != value {
+            plan.rewrites.push((value_index, rewritten, option));
         }
     }
-    out
+    Ok(plan)
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len())
-        .position(|w| w.eq_ignore_ascii_case(needle))
+/// Whether Redis can write `value` unquoted in a `loadmodule` line and read it back the same:
+/// not empty, no white space, no quote (its config parser splits on spaces and reads quotes).
+fn survives_rewrite(value: &[u8]) -> bool {
+    !value.is_empty()
+        && !value
+            .iter()
+            .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | b'"' | b'\''))
 }
 
 /// The password sources for a URL without one (`quota.pg-password`, `quota.pg-passfile`).
@@ -387,60 +378,6 @@ pub(crate) fn hide_secret(name: &[u8], value: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn masked(url: &str) -> String {
-        let mut bytes = url.as_bytes().to_vec();
-        for span in secret_spans(&bytes.clone()) {
-            for b in &mut bytes[span] {
-                *b = b'*';
-            }
-        }
-        String::from_utf8(bytes).unwrap()
-    }
-
-    #[test]
-    fn passwords_are_found_in_every_url_form() {
-        assert_eq!(
-            masked("postgresql://u:S3cret@h:5/db"),
-            "postgresql://u:******@h:5/db"
-        );
-        assert_eq!(masked("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            masked("postgres://h/db?password=abc&x=1"),
-            "postgres://h/db?password=***&x=1"
-        );
-        assert_eq!(
-            masked("postgres://h/db?x=1&pass%77ord=abc"),
-            "postgres://h/db?x=1&pass%77ord=***"
-        );
-        assert_eq!(
-            masked("postgres://h/db?PASSWORD=abc"),
-            "postgres://h/db?PASSWORD=***"
-        );
-        assert_eq!(
-            masked("host=h password=abc user=u"),
-            "host=h password=*** user=u"
-        );
-        assert_eq!(
-            masked("host=h password = abc user=u"),
-            "host=h password = *** user=u"
-        );
-        assert_eq!(
-            masked("host=h password='a b' user=u"),
-            "host=h password=***** user=u"
-        );
-        assert_eq!(
-            masked(r"host=h password='a\' b\\' user=u"),
-            r"host=h password=********* user=u"
-        );
-        assert_eq!(masked(r"password=a\ b user=u"), r"password=**** user=u");
-        assert_eq!(
-            masked("postgresql://u:p@ss@h/db"),
-            "postgresql://u:****@h/db"
-        );
-        // A key=value string is not taken for a URL because a value contains "://".
-        assert_eq!(masked("host=h password=x://y@z"), "host=h password=*******");
-    }
-
     #[test]
     fn stashed_secrets_come_back_once() {
         assert!(is_secret_setting(b"QUOTA.PG-PASSWORD", b"x"));
@@ -461,34 +398,120 @@ mod tests {
     }
 
     #[test]
-    fn what_may_be_shown_has_no_password_at_all() {
-        let shown = |url: &str| String::from_utf8(without_password(url.as_bytes())).unwrap();
-        assert_eq!(
-            shown("postgresql://u:S3cret@h:5/db"),
-            "postgresql://u@h:5/db"
-        );
-        assert_eq!(
-            shown("postgres://h/db?password=abc&x=1"),
-            "postgres://h/db?x=1"
-        );
-        assert_eq!(
-            shown("postgres://h/db?x=1&pass%77ord=abc"),
-            "postgres://h/db?x=1"
-        );
-        assert_eq!(shown("postgres://h/db?password=abc"), "postgres://h/db");
-        assert_eq!(shown(r"host=h password = 'a\' b' user=u"), "host=h  user=u");
-        assert_eq!(shown("postgres://u@h/db"), "postgres://u@h/db");
-        for url in [
-            "postgresql://u:S3cret@h:5/db",
-            "host=h password = S3cret user=u",
-            "postgres://h/db?pass%77ord=S3cret",
-        ] {
-            let text = shown(url);
-            assert!(!text.contains("S3cret"), "{text}");
-            assert!(
-                crate::store::validate_url(&text).is_ok(),
-                "{text} still parses"
-            );
+    fn url_settings_with_a_password_or_unreadable_are_secret() {
+        for name in [&b"quota.pg-url"[..], b"QUOTA.LISTEN-URL"] {
+            assert!(is_secret_setting(
+                name,
+                b"postgresql://quota2:Zx/9kQ+Lm=@host/db"
+            ));
+            assert!(is_secret_setting(name, b"host=h password='a b'"));
+            // Cannot be read: might hold one.
+            assert!(is_secret_setting(name, b"host=h pass word"));
+            assert!(is_secret_setting(
+                name,
+                b"postgresql://quota:12/ab+c=@db/quota"
+            ));
+            assert!(!is_secret_setting(name, b"postgresql://quota@db/quota"));
+            assert!(!is_secret_setting(name, b""));
         }
+    }
+
+    fn args<'a>(list: &'a [&'a str]) -> Vec<&'a [u8]> {
+        list.iter().map(|a| a.as_bytes()).collect()
+    }
+
+    #[test]
+    fn unknown_or_malformed_module_arguments_are_refused_by_name() {
+        let e = plan_load_args(&args(&["pool_size", "8"]), "").unwrap_err();
+        assert!(e.starts_with("unknown module argument 'pool_size'"), "{e}");
+        let e = plan_load_args(&args(&["pg-ulr", "postgresql://u:Secret1@h/db"]), "").unwrap_err();
+        assert!(e.contains("'pg-ulr'") && !e.contains("Secret1"), "{e}");
+        let e = plan_load_args(&args(&["PG-URL", "x"]), "").unwrap_err();
+        assert!(e.contains("'PG-URL'"), "{e}");
+        let e = plan_load_args(&args(&["schema", "a", "pool-size"]), "").unwrap_err();
+        assert!(e.contains("pool-size has no value"), "{e}");
+        let e = plan_load_args(&args(&["schema", "a", "schema", "b"]), "").unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
+        let e = plan_load_args(&args(&["schema", "pool-size", "pool-size", "8"]), "").unwrap_err();
+        assert!(e.contains("name of the argument pool-size"), "{e}");
+        let e = plan_load_args(&args(&["pg-password", "Secret1"]), "").unwrap_err();
+        assert!(e.contains("pg-password cannot be a module argument") && !e.contains("Secret1"));
+        let e = plan_load_args(&args(&["pg-passfile", "/a b/pgpass"]), "").unwrap_err();
+        assert!(e.contains("quota.pg-passfile line"), "{e}");
+        let e = plan_load_args(&args(&["pg-url", "host=h password=Secret1 x"]), "").unwrap_err();
+        assert!(!e.contains("Secret1"), "{e}");
+        assert_eq!(
+            plan_load_args(&args(&["schema", "s", "pool-size", "8"]), ""),
+            Ok(LoadPlan::default())
+        );
+    }
+
+    #[test]
+    fn url_arguments_lose_their_password_and_become_rewritable() {
+        let plan = plan_load_args(
+            &args(&[
+                "pg-url",
+                "host=127.0.0.1 port=5432 user=quota dbname=quota password='Zx/9 k'",
+                "listen-url",
+                "postgresql://quota:Zx%2F9%20k@db:5432/quota",
+            ]),
+            "",
+        )
+        .unwrap();
+        assert_eq!(plan.password.as_deref(), Some("Zx/9 k"));
+        assert_eq!(
+            plan.rewrites,
+            vec![
+                (
+                    1,
+                    "postgresql://quota@127.0.0.1:5432/quota".to_owned(),
+                    "pg-url"
+                ),
+                (
+                    3,
+                    "postgresql://quota@db:5432/quota".to_owned(),
+                    "listen-url"
+                ),
+            ]
+        );
+        // A URL that needs nothing is left alone.
+        let plan = plan_load_args(&args(&["pg-url", "postgresql://q@h/db"]), "").unwrap();
+        assert_eq!(plan, LoadPlan::default());
+        // Passwords that disagree.
+        let e = plan_load_args(
+            &args(&[
+                "pg-url",
+                "postgresql://q:a1@h/db",
+                "listen-url",
+                "postgresql://q:b2@h/db",
+            ]),
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("different passwords") && !e.contains("a1") && !e.contains("b2"),
+            "{e}"
+        );
+        let e = plan_load_args(&args(&["pg-url", "postgresql://q:a1@h/db"]), "other").unwrap_err();
+        assert!(e.contains("other than quota.pg-password"), "{e}");
+        assert!(plan_load_args(&args(&["pg-url", "postgresql://q:a1@h/db"]), "a1").is_ok());
+    }
+
+    #[test]
+    fn module_arguments_are_the_registered_configurations() {
+        // Every `["name", &config::...` registered in lib.rs, and nothing else.
+        let lib = include_str!("../lib.rs");
+        let mut registered: Vec<&str> = lib
+            .split("[\"")
+            .skip(1)
+            .filter_map(|rest| {
+                let (name, after) = rest.split_once('"')?;
+                after.starts_with(", &config::").then_some(name)
+            })
+            .collect();
+        registered.sort_unstable();
+        let mut listed = MODULE_ARGUMENTS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(registered, listed);
     }
 }

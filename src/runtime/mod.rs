@@ -68,7 +68,7 @@ pub(crate) fn reconfigure(name: &str) {
             worker::rebuild_backend();
             restart_listener();
         }
-        "notify" => restart_listener(),
+        "notify" | "listen-url" => restart_listener(),
         "cache-ttl-ms" | "negative-ttl-ms" | "cache-max-entries" | "cache-max-memory" => {
             apply_cache_config();
         }

@@ -30,8 +30,9 @@ pub(crate) fn notify_state_name() -> &'static str {
 static LISTENER: Mutex<Option<Listener>> = Mutex::new(None);
 
 /// (Re)starts the NOTIFY listener from the configuration, or stops it when `quota.notify` is
-/// off or no `quota.pg-url` is set. The old listener is stopped on a thread of its own so the
-/// caller (the Redis main thread) never waits for it.
+/// off or no `quota.pg-url` is set. It connects with `quota.listen-url`, or `quota.pg-url`
+/// when that is empty, with the same password sources. The old listener is stopped on a
+/// thread of its own so the caller (the Redis main thread) never waits for it.
 pub(crate) fn restart_listener() {
     let old = LISTENER.lock().ok().and_then(|mut l| l.take());
     if let Some(old) = old {
@@ -39,8 +40,12 @@ pub(crate) fn restart_listener() {
             .name("quota-listener-stop".into())
             .spawn(move || old.stop());
     }
-    let url = config::text(&config::PG_URL);
-    if !config::flag(&config::NOTIFY) || url.is_empty() {
+    let pool_url = config::text(&config::PG_URL);
+    let url = match config::text(&config::LISTEN_URL) {
+        listen if listen.is_empty() => pool_url.clone(),
+        listen => listen,
+    };
+    if !config::flag(&config::NOTIFY) || pool_url.is_empty() {
         NOTIFY_STATE.store(NOTIFY_OFF, Ordering::Relaxed);
         return;
     }

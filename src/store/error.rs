@@ -1,33 +1,34 @@
 //! What the store answers besides rows: its error (whose `Display` is the wire text) and the
-//! outcomes of writes, and the set of this process's own backends (to tell own notifications).
+//! outcomes of writes, and this process's origin id (to tell its own notifications).
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 use crate::core::credit::Replenishment;
 
-/// Backend process ids of this process's pool connections (bounded: cleared when it grows
-/// past a few thousand, which only costs a few extra cache refreshes).
-static OWN_BACKENDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
-const OWN_BACKENDS_MAX: usize = 4096;
-
-pub(super) fn remember_own_backend(pid: i32) {
-    if let Ok(mut pids) = OWN_BACKENDS.lock() {
-        if pids.len() >= OWN_BACKENDS_MAX {
-            pids.clear();
-        }
-        if !pids.contains(&pid) {
-            pids.push(pid);
-        }
-    }
+/// This process's origin id: 16 hex digits, random per process. Every write transaction sets
+/// it (`set_config('redis_quota.origin', ..., true)`, local to the transaction, so a
+/// transaction pooler carries nothing over) and the NOTIFY triggers put it in their payload,
+/// which tells the listener which changes this node made itself, through any pooler.
+pub(crate) fn origin() -> &'static str {
+    static ORIGIN: OnceLock<String> = OnceLock::new();
+    ORIGIN.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        format!("{:016x}", h.finish())
+    })
 }
 
-/// Whether a notification came from one of this process's own pool connections.
-pub(crate) fn is_own_backend(pid: i32) -> bool {
-    OWN_BACKENDS
-        .lock()
-        .map(|pids| pids.contains(&pid))
-        .unwrap_or(false)
+/// Whether a notification's origin is this process.
+pub(crate) fn is_own_origin(origin: Option<&str>) -> bool {
+    origin == Some(self::origin())
 }
 
 /// Why a store operation failed. `Display` is the exact one-line wire error; no message ever
@@ -115,13 +116,27 @@ fn has_io_source(err: &postgres::Error) -> bool {
     std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
 }
 
+/// How [`describe`] begins the message of a failed TLS handshake.
+pub(crate) const TLS_FAILED: &str = "TLS: ";
+
 /// A one-line description of a `postgres` error: the server's message for server errors,
-/// else the error kind and its cause ("error connecting to server: Connection refused").
+/// `TLS: <why>` for a failed TLS handshake, else the error kind and its cause ("error
+/// connecting to server: Connection refused").
 pub(crate) fn describe(err: &postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
         return db.message().to_owned();
     }
-    match std::error::Error::source(err) {
+    let cause = std::error::Error::source(err).map(ToString::to_string);
+    if err.to_string() == "error performing TLS handshake" {
+        return match cause.as_deref() {
+            Some("server does not support TLS") => format!(
+                "{TLS_FAILED}the server does not support TLS (ssl = off), and sslmode requires it"
+            ),
+            Some(why) => format!("{TLS_FAILED}{why}"),
+            None => format!("{TLS_FAILED}the handshake failed"),
+        };
+    }
+    match cause {
         Some(cause) => format!("{err}: {cause}"),
         None => err.to_string(),
     }

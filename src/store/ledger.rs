@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use postgres::types::{ToSql, Type};
-use postgres::{Client, GenericClient};
+use postgres::{GenericClient, Transaction};
 
 use super::error::StoreError;
 use super::schema::substitute;
@@ -183,7 +183,7 @@ fn identity(row: &postgres::Row) -> Result<Identity, StoreError> {
 /// happened to each, in order. Nothing is applied when it fails. Each account's row in
 /// `quota_ledger_batch` is locked and `core::ledger::claim` decides what of its batch to add.
 pub(crate) fn flush(
-    client: &mut Client,
+    mut tx: Transaction<'_>,
     sql: &LedgerStatements,
     batches: &[AccountBatch],
 ) -> Result<Vec<BatchOutcome>, StoreError> {
@@ -207,7 +207,6 @@ pub(crate) fn flush(
             ((t, p, u, bu), i)
         })
         .collect();
-    let mut tx = client.transaction().map_err(pg)?;
     let mut ids = IdColumns::default();
     for b in batches {
         push_ids(&mut ids, &b.ids);

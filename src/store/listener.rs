@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
 use serde::Deserialize;
 
-use super::error::describe;
+use super::error::{describe, is_own_origin};
 use super::passfile::Credentials;
-use super::pool::{apply_credentials, bounded_timeout, connection_config, scrub, secret_of};
+use super::pool::{
+    apply_credentials, bounded_timeout, connection_config, scrub, secret_of, Target,
+};
 use super::schema::{channel, validate_schema};
 
 /// How long one wait for notifications lasts; also the longest the thread goes without looking
@@ -24,7 +25,7 @@ use super::schema::{channel, validate_schema};
 const TICK: Duration = Duration::from_millis(250);
 /// Without traffic, the connection is checked this often so that a dead server is noticed.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(5);
-/// First and largest wait between reconnect attempts.
+/// First and largest wait between reconnect attempts (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A connection that lasted this long resets the backoff (a flapping one does not).
@@ -42,8 +43,8 @@ pub(crate) enum ListenerEvent {
         project: String,
         /// The user id or the policy name.
         id: String,
-        /// Sent by one of this process's own pool connections (a write this node made and
-        /// already wrote through to its cache).
+        /// Written by this process (a write this node made and already wrote through to its
+        /// cache): the payload carries this process's origin id.
         own: bool,
     },
     /// Listening (again). Notifications may have been missed while disconnected, so the owner
@@ -64,7 +65,8 @@ pub(crate) struct Listener {
 type Callback = Box<dyn Fn(ListenerEvent) + Send + 'static>;
 
 impl Listener {
-    /// Starts the thread: connect with `url`, `LISTEN "<schema>_quota_changed"`, report events
+    /// Starts the thread: connect with `url` (TLS as its `sslmode` says), `LISTEN
+    /// "<schema>_quota_changed"`, report events
     /// to `on_event`, reconnect on failure. Fails only if the schema name is invalid or the
     /// thread cannot be spawned; connection problems are reported as `Disconnected` events.
     pub(crate) fn spawn(
@@ -126,13 +128,14 @@ pub(crate) enum Entry {
 }
 
 /// The notification payload written by the triggers (`user_id` for credits, `policy` for
-/// named policies).
+/// named policies; `origin` the writer's origin id, when a node wrote it).
 #[derive(Deserialize)]
 struct Payload {
     tenant: String,
     project: String,
     user_id: Option<String>,
     policy: Option<String>,
+    origin: Option<String>,
 }
 
 /// Parses a trigger payload (`{"tenant":..,"project":..,"user_id":..,"bundle_id":..,"op":..}`
@@ -150,22 +153,60 @@ pub(crate) fn parse_payload(text: &str) -> Option<ListenerEvent> {
         tenant: p.tenant,
         project: p.project,
         id,
-        own: false,
+        own: is_own_origin(p.origin.as_deref()),
     })
 }
 
-/// Capped exponential backoff.
-struct Backoff(Duration);
+/// Capped exponential backoff with jitter: each wait is drawn from the upper half of the
+/// current step, so a fleet that lost PostgreSQL together does not come back in lockstep.
+struct Backoff {
+    step: Duration,
+    rng: u64,
+}
 
 impl Backoff {
+    fn new(seed: u64) -> Backoff {
+        Backoff {
+            step: BACKOFF_MIN,
+            // xorshift must not start at zero.
+            rng: seed | 1,
+        }
+    }
+
     fn next(&mut self) -> Duration {
-        let wait = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        // xorshift64: plenty for spreading reconnects.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let wait = jittered(self.step, self.rng);
+        self.step = (self.step * 2).min(BACKOFF_MAX);
         wait
     }
+
     fn reset(&mut self) {
-        self.0 = BACKOFF_MIN;
+        self.step = BACKOFF_MIN;
     }
+}
+
+/// A wait in `[step / 2, step]`, placed by `random` (any 64-bit value): "equal jitter", which
+/// keeps a floor under the wait (no reconnect storm) and spreads the rest.
+fn jittered(step: Duration, random: u64) -> Duration {
+    let half = step / 2;
+    let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+    half + Duration::from_micros(random % spread.saturating_add(1))
+}
+
+/// A seed that differs between processes and listeners (time, process id, a random key).
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// How a session ended.
@@ -186,8 +227,8 @@ fn run(
     on_event: &Callback,
     stop: &Receiver<()>,
 ) {
-    let config = match connection_config(url, timeout_ms, APPLICATION_NAME) {
-        Ok(config) => config,
+    let target = match connection_config(url, timeout_ms, APPLICATION_NAME) {
+        Ok(target) => target,
         Err(err) => {
             // Retrying cannot fix the URL: report once and wait for the stop signal.
             emit(on_event, ListenerEvent::Disconnected(err.to_string()));
@@ -195,10 +236,10 @@ fn run(
             return;
         }
     };
-    let mut secret = secret_of(&config);
+    let mut secret = secret_of(&target.config);
     let channel = channel(schema);
     let check_timeout = bounded_timeout(timeout_ms).clamp(TICK, HEALTH_CHECK_EVERY);
-    let mut backoff = Backoff(BACKOFF_MIN);
+    let mut backoff = Backoff::new(seed());
     let mut last_reported: Option<String> = None;
     loop {
         if stopped(stop) {
@@ -207,12 +248,19 @@ fn run(
         // The password is looked up at every attempt, so a rotated password file applies. One
         // that cannot be used is reported by the pool's owner; without it, connecting fails
         // with PostgreSQL's own reason.
-        let mut attempt = config.clone();
-        let _ = apply_credentials(&mut attempt, credentials);
         if secret.is_none() {
-            secret = secret_of(&attempt);
+            let mut probe = target.config.clone();
+            let _ = apply_credentials(&mut probe, credentials);
+            secret = secret_of(&probe);
         }
-        let reason = match session(&attempt, &channel, check_timeout, on_event, stop) {
+        let reason = match session(
+            &target,
+            credentials,
+            &channel,
+            check_timeout,
+            on_event,
+            stop,
+        ) {
             SessionEnd::Stopped => return,
             SessionEnd::Failed(reason) => {
                 let reason = scrub(reason, secret.as_deref());
@@ -240,15 +288,16 @@ fn run(
 /// One connection: connect, LISTEN, report notifications until the connection fails or the
 /// owner stops the listener.
 fn session(
-    config: &postgres::Config,
+    target: &Target,
+    credentials: &Credentials,
     channel: &str,
     check_timeout: Duration,
     on_event: &Callback,
     stop: &Receiver<()>,
 ) -> SessionEnd {
-    let mut client: Client = match config.connect(NoTls) {
-        Ok(client) => client,
-        Err(e) => return SessionEnd::Failed(describe(&e)),
+    let mut client = match target.connect(credentials) {
+        Ok(connected) => connected.client,
+        Err(reason) => return SessionEnd::Failed(reason),
     };
     // The channel is `<validated schema>_quota_changed`: safe to quote as an identifier.
     if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")) {
@@ -265,10 +314,7 @@ fn session(
         match next {
             Ok(Some(note)) => {
                 last_heard = Instant::now();
-                if let Some(mut event) = parse_payload(note.payload()) {
-                    if let ListenerEvent::Changed { own, .. } = &mut event {
-                        *own = super::error::is_own_backend(note.process_id());
-                    }
+                if let Some(event) = parse_payload(note.payload()) {
                     emit(on_event, event);
                 }
             }
@@ -323,12 +369,77 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let mut b = Backoff(BACKOFF_MIN);
-        let waits: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    fn own_writes_are_told_by_their_origin() {
+        let own = format!(
+            r#"{{"tenant":"t","project":"p","user_id":"u","origin":"{}"}}"#,
+            crate::store::error::origin()
+        );
+        let other = r#"{"tenant":"t","project":"p","user_id":"u","origin":"0123456789abcdef"}"#;
+        let sql = r#"{"tenant":"t","project":"p","user_id":"u","origin":null}"#;
+        let is_own = |text: &str| {
+            matches!(
+                parse_payload(text),
+                Some(ListenerEvent::Changed { own: true, .. })
+            )
+        };
+        assert!(is_own(&own));
+        assert!(!is_own(other));
+        assert!(!is_own(sql));
+        assert_eq!(crate::store::error::origin().len(), 16);
+    }
+
+    #[test]
+    fn jitter_stays_in_the_upper_half_of_each_step() {
+        let step = Duration::from_millis(400);
+        assert_eq!(jittered(step, 0), Duration::from_millis(200));
+        assert_eq!(jittered(step, 200_000), step);
+        assert_eq!(jittered(step, 200_001), Duration::from_millis(200));
+        assert_eq!(jittered(Duration::ZERO, u64::MAX), Duration::ZERO);
+        assert_eq!(
+            jittered(Duration::from_micros(1), u64::MAX),
+            Duration::from_nanos(500)
+        );
+        for r in [1, 7, u64::MAX, 123_456_789] {
+            let w = jittered(BACKOFF_MAX, r);
+            assert!(w >= BACKOFF_MAX / 2 && w <= BACKOFF_MAX, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_spread() {
+        let mut b = Backoff::new(42);
+        let steps = [100u128, 200, 400, 800, 1600, 3200, 5000, 5000];
+        for step in steps {
+            let ms = b.next().as_millis();
+            assert!(
+                ms >= step / 2 && ms <= step,
+                "{ms} not in [{}, {step}]",
+                step / 2
+            );
+        }
         b.reset();
-        assert_eq!(b.next(), BACKOFF_MIN);
+        assert!(b.next() <= BACKOFF_MIN);
+        // A fleet: 1000 listeners seeded differently, all at the capped step.
+        let waits: Vec<u64> = (0..1000u64)
+            .map(|i| {
+                let mut b = Backoff::new(seed() ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                for _ in 0..6 {
+                    b.next();
+                }
+                b.next().as_micros() as u64
+            })
+            .collect();
+        let (min, max) = (*waits.iter().min().unwrap(), *waits.iter().max().unwrap());
+        assert!(min >= 2_500_000 && max <= 5_000_000, "{min} {max}");
+        // Spread over the whole half-step: every tenth of it is hit, none by more than a
+        // fifth of the fleet.
+        let mut buckets = [0u32; 10];
+        for w in &waits {
+            buckets[(((w - 2_500_000) * 10 / 2_500_001) as usize).min(9)] += 1;
+        }
+        assert!(buckets.iter().all(|&n| n > 30 && n < 200), "{buckets:?}");
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 990, "{}", distinct.len());
     }
 
     #[test]
@@ -388,7 +499,8 @@ mod tests {
         // Several attempts failed for the same reason: reported once.
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert!(
-            matches!(&seen[0], ListenerEvent::Disconnected(r) if r.contains("error connecting"))
+            matches!(&seen[0], ListenerEvent::Disconnected(r) if r.contains("error connecting")),
+            "{seen:?}"
         );
     }
 }

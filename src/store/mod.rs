@@ -6,6 +6,7 @@
 //! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
+pub(crate) mod connstr;
 mod ledger;
 pub(crate) mod listener;
 mod passfile;
@@ -13,6 +14,9 @@ mod policies;
 mod pool;
 mod queries;
 mod schema;
+mod tls;
+mod tls_connect;
+mod watchdog;
 
 #[cfg(test)]
 mod pg_tests;
@@ -32,6 +36,7 @@ pub(crate) use error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
 pub(crate) use ledger::{AccountBatch, BatchOutcome, HourRow};
 pub(crate) use passfile::Credentials;
 
+pub(crate) use connstr::{password_spans, ConnInfo, Form};
 pub(crate) use schema::validate_schema;
 
 /// Checks that `url` parses as a PostgreSQL URL or key=value string (empty = not configured).
@@ -41,14 +46,6 @@ pub(crate) fn validate_url(url: &str) -> Result<(), StoreError> {
         return Ok(());
     }
     pool::connection_config(url, 1000, "redis-quota").map(|_| ())
-}
-
-/// The password a URL or key=value string carries, if any (decoded, as PostgreSQL gets it).
-pub(crate) fn url_password(url: &str) -> Option<String> {
-    let config = pool::connection_config(url, 1000, "redis-quota").ok()?;
-    config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
 }
 
 /// How to reach PostgreSQL (from the `quota.*` module configuration).
@@ -90,6 +87,23 @@ pub(crate) struct Store {
     policy_sql: policies::PolicyStatements,
     ledger_sql: ledger::LedgerStatements,
     timeout_ms: u64,
+    /// Run first in every write transaction: the timeouts (`SET LOCAL`, so they hold through a
+    /// transaction pooler) and this node's origin id for the NOTIFY triggers.
+    tx_setup: String,
+}
+
+/// The statement that opens every write transaction (see [`Store::write`]): one `SELECT` of
+/// three `set_config(..., true)`, the transaction-local form of `SET LOCAL`, which costs one
+/// parse where three `SET LOCAL` statements cost three.
+fn tx_setup(timeout_ms: u64) -> String {
+    let ms = pool::bounded_timeout(timeout_ms).as_millis();
+    // The origin is 16 hex digits made here: safe to splice.
+    format!(
+        "SELECT set_config('statement_timeout', '{ms}', true), \
+         set_config('lock_timeout', '{ms}', true), \
+         set_config('redis_quota.origin', '{}', true)",
+        error::origin()
+    )
 }
 
 impl Store {
@@ -119,6 +133,7 @@ impl Store {
             policy_sql: policies::PolicyStatements::new(&cfg.schema),
             ledger_sql: ledger::LedgerStatements::new(&cfg.schema),
             timeout_ms: cfg.timeout_ms,
+            tx_setup: tx_setup(cfg.timeout_ms),
         })
     }
 
@@ -131,6 +146,29 @@ impl Store {
         f(&mut conn)
     }
 
+    /// Runs a read of one statement, cancelled from here if it outlives the timeout (no
+    /// session setting bounds it through a transaction pooler; see `watchdog`).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        let _bounded = self.pool.bound(&conn);
+        f(&mut conn)
+    }
+
+    /// Runs `f` in a write transaction opened with [`tx_setup`]; `f` commits it.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(postgres::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.checkout()?;
+        let mut tx = conn.transaction().map_err(|e| StoreError::from_pg(&e))?;
+        tx.batch_execute(&self.tx_setup)
+            .map_err(|e| StoreError::from_pg(&e))?;
+        f(tx)
+    }
+
     /// Creates or completes the schema (`sql/deploy-control-plane.sql` with the schema name
     /// substituted) in one transaction, under an advisory lock so that nodes deploying at the
     /// same time wait for each other instead of failing.
@@ -141,7 +179,7 @@ impl Store {
     /// All active rows of the user, any bundle, by bundle id; expired ones included (the core
     /// checks expiry when it reads). What the credits cache holds for the user.
     pub(crate) fn load_user(&self, user: &UserId) -> Result<Vec<Replenishment>, StoreError> {
-        self.with_conn(|c| queries::active_rows(c, &self.sql, user))
+        self.read(|c| queries::active_rows(c, &self.sql, user))
     }
 
     /// The active rows of several users in one query, in the order of `users` (what a burst of
@@ -150,7 +188,7 @@ impl Store {
         &self,
         users: &[UserId],
     ) -> Result<Vec<Vec<Replenishment>>, StoreError> {
-        self.with_conn(|c| queries::active_rows_many(c, &self.sql, users))
+        self.read(|c| queries::active_rows_many(c, &self.sql, users))
     }
 
     /// Applies `QUOTA.GRANT` to (user, bundle) in one transaction: locks the row, computes the
@@ -164,24 +202,29 @@ impl Store {
         req: &GrantRequest,
         now: Millis,
     ) -> Result<GrantOutcome, StoreError> {
-        self.with_conn(|c| queries::grant(c, &self.sql, user, bundle, req, now))
+        match self.write(|tx| queries::grant(tx, &self.sql, user, bundle, req, now))? {
+            queries::Granted::Done(outcome) => Ok(outcome),
+            queries::Granted::Duplicate => {
+                self.read(|c| queries::duplicate_outcome(c, &self.sql, user, bundle))
+            }
+        }
     }
 
     /// Soft-deletes (user, bundle) and records a `revoke` event if it was active.
     pub(crate) fn revoke(&self, user: &UserId, bundle: &str) -> Result<RevokeOutcome, StoreError> {
-        self.with_conn(|c| queries::revoke(c, &self.sql, user, bundle))
+        self.write(|tx| queries::revoke(tx, &self.sql, user, bundle))
     }
 
     /// The user's rows by bundle id: active and unexpired ones (by the database clock), or every
     /// row with `all`.
     pub(crate) fn list(&self, user: &UserId, all: bool) -> Result<Vec<Replenishment>, StoreError> {
-        self.with_conn(|c| queries::list(c, &self.sql, user, all))
+        self.read(|c| queries::list(c, &self.sql, user, all))
     }
 
     /// Deactivates every active row that expired at or before `now` and records an `expire`
     /// event for each. Skipped (not an error) while another node holds the cleanup lock.
     pub(crate) fn cleanup(&self, now: Millis) -> Result<CleanupOutcome, StoreError> {
-        self.with_conn(|c| queries::cleanup(c, &self.sql, &self.schema, now))
+        self.write(|tx| queries::cleanup(tx, &self.sql, &self.schema, now))
     }
 
     /// Applies one flush of the usage ledger (one batch per account) in one transaction: a
@@ -190,7 +233,10 @@ impl Store {
         &self,
         batches: &[AccountBatch],
     ) -> Result<Vec<BatchOutcome>, StoreError> {
-        self.with_conn(|c| ledger::flush(c, &self.ledger_sql, batches))
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|tx| ledger::flush(tx, &self.ledger_sql, batches))
     }
 
     /// `QUOTA.HISTORY`: the account's hourly ledger rows with `from <= hour < to`.
@@ -200,7 +246,7 @@ impl Store {
         from: i64,
         to: i64,
     ) -> Result<Vec<HourRow>, StoreError> {
-        self.with_conn(|c| ledger::history(c, &self.ledger_sql, ids, from, to))
+        self.read(|c| ledger::history(c, &self.ledger_sql, ids, from, to))
     }
 
     /// Why the configured password file could not be used, if so (the owner logs it once).
@@ -210,7 +256,7 @@ impl Store {
 
     /// A named policy, or `None` when there is none by that name (what the policy cache holds).
     pub(crate) fn load_policy(&self, id: &PolicyId) -> Result<Option<PolicyRecord>, StoreError> {
-        self.with_conn(|c| policies::get(c, &self.policy_sql, id))
+        self.read(|c| policies::get(c, &self.policy_sql, id))
     }
 
     /// `QUOTA.POLICY SET`: creates or replaces the policy and records a `policy_set` event.
@@ -219,13 +265,13 @@ impl Store {
         id: &PolicyId,
         limits: &Limits,
     ) -> Result<PolicyRecord, StoreError> {
-        self.with_conn(|c| policies::set(c, &self.policy_sql, id, limits))
+        self.write(|tx| policies::set(tx, &self.policy_sql, id, limits))
     }
 
     /// `QUOTA.POLICY DEL`: deletes the policy (recording a `policy_delete` event); whether it
     /// existed.
     pub(crate) fn delete_policy(&self, id: &PolicyId) -> Result<bool, StoreError> {
-        self.with_conn(|c| policies::delete(c, &self.policy_sql, id))
+        self.write(|tx| policies::delete(tx, &self.policy_sql, id))
     }
 
     /// `QUOTA.POLICY LIST`: every policy of (tenant, project), by name.
@@ -234,7 +280,7 @@ impl Store {
         tenant: &str,
         project: &str,
     ) -> Result<Vec<PolicyRecord>, StoreError> {
-        self.with_conn(|c| policies::list(c, &self.policy_sql, tenant, project))
+        self.read(|c| policies::list(c, &self.policy_sql, tenant, project))
     }
 
     /// (open connections, idle connections), for `INFO quota`.

@@ -633,6 +633,29 @@ fn lock_waits_time_out_and_outages_are_unavailable() {
     fast.grant(&USER, "b", &req(&[]), now_ms())
         .expect("grant after timeout");
 
+    // A read has no transaction to bound it: the client-side cancel does, and the connection
+    // it was cancelled on is not lent again.
+    let mut tx = other.transaction().expect("tx");
+    tx.batch_execute(&substitute(
+        "LOCK TABLE \"control_plane\".user_quota_replenishment IN ACCESS EXCLUSIVE MODE",
+        &fx.schema,
+    ))
+    .expect("lock");
+    let started = Instant::now();
+    let err = fast.load_user(&USER).expect_err("cancelled");
+    assert_eq!(err, StoreError::Timeout);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert_eq!(fast.pool_state().0, 0, "the cancelled connection was kept");
+    tx.rollback().expect("rollback");
+    assert_eq!(
+        fast.load_user(&USER).expect("read after the cancel").len(),
+        1
+    );
+
     // Nothing listens on port 1.
     let down = Store::new(&StoreConfig {
         url: "host=127.0.0.1 port=1 user=u password=hunter2 dbname=x".into(),
@@ -864,4 +887,91 @@ fn a_stored_batch_of_169_hours_still_reads() {
         ])
         .expect("the stored batch reads");
     assert!(out[0].applied && out[0].revised && out[1].applied);
+}
+
+/// What the pooler-safe timeouts cost (run by hand: `cargo test --release --lib
+/// measure_timeout_costs -- --ignored --nocapture`): arming and disarming the client-side
+/// cancel around a read, against the read itself; and the statement that opens every write
+/// transaction (the timeouts and the origin), against a whole grant. Rounds alternate, so
+/// the load of a shared machine falls on both sides; medians of 7.
+#[test]
+#[ignore]
+fn measure_timeout_costs() {
+    use super::watchdog::{Canceller, Watchdog};
+    let fx = fixture!("costs");
+    let mut client = fx.client();
+    let canceller = Arc::new(Canceller {
+        token: client.cancel_token(),
+        tls: None,
+        fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    });
+    let watchdog = Watchdog::start().expect("watchdog");
+    let micros =
+        |started: Instant, n: u32| started.elapsed().as_nanos() as f64 / f64::from(n) / 1000.0;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+
+    let started = Instant::now();
+    for _ in 0..1_000_000 {
+        let _guard = watchdog.arm(Duration::from_secs(2), &canceller);
+    }
+    println!("arm + disarm: {:.3} µs", micros(started, 1_000_000));
+
+    let sql = queries::Statements::new(&fx.schema);
+    let setup = tx_setup(2000);
+    let (mut bare, mut armed, mut empty, mut opened, mut grants) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..7 {
+        let started = Instant::now();
+        for _ in 0..500 {
+            queries::active_rows(&mut client, &sql, &USER).expect("read");
+        }
+        bare.push(micros(started, 500));
+        let started = Instant::now();
+        for _ in 0..500 {
+            let _guard = watchdog.arm(Duration::from_secs(2), &canceller);
+            queries::active_rows(&mut client, &sql, &USER).expect("read");
+        }
+        armed.push(micros(started, 500));
+        let started = Instant::now();
+        for _ in 0..300 {
+            client
+                .transaction()
+                .expect("begin")
+                .commit()
+                .expect("commit");
+        }
+        empty.push(micros(started, 300));
+        let started = Instant::now();
+        for _ in 0..300 {
+            let mut tx = client.transaction().expect("begin");
+            tx.batch_execute(&setup).expect("setup");
+            tx.commit().expect("commit");
+        }
+        opened.push(micros(started, 300));
+        let started = Instant::now();
+        for i in 0..100 {
+            let user = UserId {
+                user: &format!("w{round}_{i}"),
+                ..USER
+            };
+            fx.store
+                .grant(&user, "b", &req(&[(RequestsPerDay, 5)]), now_ms())
+                .expect("grant");
+        }
+        grants.push(micros(started, 100));
+    }
+    println!(
+        "a cache load of one user: {:.1} µs bare, {:.1} µs with the cancel armed",
+        median(bare),
+        median(armed)
+    );
+    println!(
+        "BEGIN + COMMIT {:.1} µs, with the setup statement {:.1} µs; a whole grant {:.1} µs",
+        median(empty),
+        median(opened),
+        median(grants)
+    );
 }

@@ -5,7 +5,7 @@
 //! validated, is the only text spliced in. Must not know the cache or Redis.
 
 use postgres::types::{ToSql, Type};
-use postgres::{Client, GenericClient, Row};
+use postgres::{GenericClient, Row, Transaction};
 use serde_json::{Map, Value};
 
 use super::error::StoreError;
@@ -156,9 +156,9 @@ pub(crate) fn get(
         .transpose()
 }
 
-/// Creates or replaces a policy and records a `policy_set` event, in one transaction.
+/// Creates or replaces a policy and records a `policy_set` event, in `tx` (committed here).
 pub(crate) fn set(
-    client: &mut Client,
+    mut tx: Transaction<'_>,
     sql: &PolicyStatements,
     id: &PolicyId,
     limits: &Limits,
@@ -171,7 +171,6 @@ pub(crate) fn set(
     for v in &values {
         params.push((v, Type::INT8));
     }
-    let mut tx = client.transaction().map_err(pg)?;
     let record = tx
         .query_typed_opt(&sql.upsert, &params)
         .map_err(pg)?
@@ -184,11 +183,10 @@ pub(crate) fn set(
 
 /// Deletes a policy (recording a `policy_delete` event); whether it existed.
 pub(crate) fn delete(
-    client: &mut Client,
+    mut tx: Transaction<'_>,
     sql: &PolicyStatements,
     id: &PolicyId,
 ) -> Result<bool, StoreError> {
-    let mut tx = client.transaction().map_err(pg)?;
     let deleted = tx
         .query_typed_opt(&sql.delete, &identity(id))
         .map_err(pg)?

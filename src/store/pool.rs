@@ -1,18 +1,27 @@
-//! Connections: parsing `quota.pg-url` into a `postgres::Config` with the module's timeouts and
-//! keepalives, and the r2d2 pool that hands connections to worker threads.
+//! Connections: reading `quota.pg-url` (or `quota.listen-url`) into a `postgres::Config` and
+//! TLS settings with the module's timeouts and keepalives, opening a connection the way libpq
+//! would (TLS per `sslmode`, with its fallbacks), and the r2d2 pool that hands connections to
+//! worker threads, each with what it takes to cancel its statement.
 //!
-//! Owns how a connection is opened and set up (session timeouts) and how pool failures become
-//! `StoreError`s. Must not run application queries, and must never let the URL or the password
-//! into an error message.
+//! Owns how a connection is opened and how pool failures become `StoreError`s. Sets nothing
+//! on a session (a transaction pooler would lose it: timeouts are per transaction or
+//! client-side, see `watchdog`). Must not run application queries, and must never let the URL
+//! or the password into an error message.
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use postgres::config::{Host, SslMode as PgSslMode};
 use postgres::{Client, NoTls};
-use r2d2::{CustomizeConnection, ManageConnection};
+use r2d2::ManageConnection;
 
+use super::connstr::ConnInfo;
 use super::error::{describe, StoreError};
-use super::passfile::{Credentials, Target};
+use super::passfile::{Credentials, Target as PassTarget};
+use super::tls::{self, MakeRustls, SslMode, TlsSettings};
+use super::watchdog::{Canceller, Guard, Watchdog};
 
 /// A pooled connection; derefs to `postgres::Client`.
 pub(crate) type Conn = r2d2::PooledConnection<Manager>;
@@ -31,25 +40,110 @@ pub(crate) fn bounded_timeout(timeout_ms: u64) -> Duration {
 /// libpq's default keepalive idle time, which we treat as "not set by the URL".
 const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
-/// Parses the URL (`postgres://...` or `key=value ...`) and applies the module's settings:
-/// `connect_timeout` = the timeout, the application name (unless the URL gives one), TCP
-/// keepalives on, with dead-peer detection in tens of seconds rather than hours unless the URL
-/// tunes them, and server notices dropped (they would otherwise reach the `log` crate).
+/// libpq keywords rust-postgres does not know, with what to do instead.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("passfile", "use quota.pg-passfile"),
+    ("service", "spell the settings out"),
+    ("require_auth", "not supported"),
+    ("krbsrvname", "GSSAPI is not supported"),
+    ("gsslib", "GSSAPI is not supported"),
+    ("gssdelegation", "GSSAPI is not supported"),
+    ("requirepeer", "not supported"),
+    ("replication", "not supported"),
+    ("sslkeylogfile", "not supported"),
+    ("min_protocol_version", "not supported"),
+    ("max_protocol_version", "not supported"),
+];
+
+/// Where and how to connect: rust-postgres's settings and the TLS ones it does not know.
+/// (`Debug` hides the password: rust-postgres redacts it.)
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub config: postgres::Config,
+    pub tls: TlsSettings,
+}
+
+/// Reads a connection string (see `connstr`) and applies the module's settings:
+/// `connect_timeout` = the timeout, the application name (unless the string gives one),
+/// TCP keepalives on, with dead-peer detection in tens of seconds rather than hours unless the
+/// string tunes them, and server notices dropped (they would otherwise reach the `log` crate).
+/// The `ssl*` keywords become [`TlsSettings`]; the rest goes to rust-postgres.
 pub(crate) fn connection_config(
     url: &str,
     timeout_ms: u64,
     application_name: &str,
-) -> Result<postgres::Config, StoreError> {
-    // The parse error can quote a character of the URL, so it is not repeated.
-    let mut config: postgres::Config = url.parse().map_err(|_| {
-        StoreError::BadConfig(
-            "quota.pg-url must be a PostgreSQL URL or key=value connection string".into(),
+) -> Result<Target, StoreError> {
+    let bad = |why: String| {
+        StoreError::BadConfig(format!(
+            "not a usable PostgreSQL URL or key=value string: {why}"
+        ))
+    };
+    let info = ConnInfo::parse(url).map_err(|e| bad(e.0))?;
+    let mut tls_params: Vec<(&str, &[u8])> = Vec::new();
+    let mut rendered = Vec::new();
+    let mut password: Option<&[u8]> = None;
+    let mut fallback_name: Option<String> = None;
+    for (key, value) in info.settings() {
+        if tls::KEYWORDS.contains(&key) {
+            tls_params.push((key, value));
+            continue;
+        }
+        if let Some((_, what)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
+            return Err(bad(format!(
+                "the parameter {key} is not supported ({what})"
+            )));
+        }
+        let text =
+            std::str::from_utf8(value).map_err(|_| bad(format!("the value of {key} is not UTF-8")));
+        match key {
+            "password" => password = Some(value),
+            "fallback_application_name" => fallback_name = Some(text?.to_owned()),
+            // rust-postgres always speaks UTF-8.
+            "client_encoding" => {
+                if !matches!(
+                    text?.to_ascii_lowercase().as_str(),
+                    "utf8" | "utf-8" | "unicode" | "auto"
+                ) {
+                    return Err(bad("client_encoding must be UTF8".into()));
+                }
+            }
+            _ => rendered.push((key, text?)),
+        }
+    }
+    let quoted = |(key, value): &(&str, &str)| {
+        format!(
+            "{key}='{}'",
+            value.replace('\\', "\\\\").replace('\'', "\\'")
         )
+    };
+    let text: Vec<String> = rendered.iter().map(quoted).collect();
+    let mut config: postgres::Config = text.join(" ").parse().map_err(|_| {
+        // Which one: rust-postgres names the keyword, never the value.
+        let why = rendered
+            .iter()
+            .find_map(|p| quoted(p).parse::<postgres::Config>().err())
+            .and_then(|e| std::error::Error::source(&e).map(ToString::to_string))
+            .unwrap_or_else(|| "refused".to_owned());
+        bad(why)
     })?;
+    if let Some(password) = password {
+        config.password(password);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let mut tls = TlsSettings::from_params(&tls_params, home.as_deref()).map_err(bad)?;
+    // libpq never uses TLS over a Unix socket.
+    if !config.get_hosts().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, Host::Unix(_)))
+    {
+        tls.mode = SslMode::Disable;
+    }
     let timeout = bounded_timeout(timeout_ms);
     config.connect_timeout(timeout);
     if config.get_application_name().is_none() {
-        config.application_name(application_name);
+        config.application_name(fallback_name.as_deref().unwrap_or(application_name));
     }
     config.keepalives(true);
     if config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
@@ -66,7 +160,62 @@ pub(crate) fn connection_config(
         config.tcp_user_timeout(timeout.saturating_mul(2).max(Duration::from_secs(5)));
     }
     config.notice_callback(|_| {});
-    Ok(config)
+    Ok(Target { config, tls })
+}
+
+/// An open connection and how to cancel what it runs.
+pub(crate) struct Connected {
+    pub client: Client,
+    pub tls: Option<MakeRustls>,
+}
+
+impl Target {
+    /// Opens one connection with the password looked up now (so a rotated password file
+    /// applies), TLS as `sslmode` says: `prefer` retries plain when the handshake fails and
+    /// `allow` retries with TLS when the server refuses a plain connection, as libpq does.
+    /// `Err` is described and holds no password.
+    pub(crate) fn connect(&self, creds: &Credentials) -> Result<Connected, String> {
+        let mut config = self.config.clone();
+        let _ = apply_credentials(&mut config, creds);
+        let secret = secret_of(&config);
+        self.connect_as(&mut config)
+            .map_err(|e| scrub(e, secret.as_deref()))
+    }
+
+    fn connect_as(&self, config: &mut postgres::Config) -> Result<Connected, String> {
+        let plain = |config: &mut postgres::Config| {
+            config.ssl_mode(PgSslMode::Disable);
+            config.connect(NoTls)
+        };
+        let encrypted = |config: &mut postgres::Config, mode: PgSslMode| {
+            let tls = self.tls.connector()?;
+            config.ssl_mode(mode);
+            config
+                .connect(tls.clone())
+                .map(|client| Connected {
+                    client,
+                    tls: Some(tls),
+                })
+                .map_err(|e| describe(&e))
+        };
+        let unencrypted = |client| Connected { client, tls: None };
+        match self.tls.mode {
+            SslMode::Disable => plain(config).map(unencrypted).map_err(|e| describe(&e)),
+            SslMode::Allow => match plain(config) {
+                Err(e) if e.as_db_error().is_some() => encrypted(config, PgSslMode::Require),
+                other => other.map(unencrypted).map_err(|e| describe(&e)),
+            },
+            SslMode::Prefer => match encrypted(config, PgSslMode::Prefer) {
+                Err(e) if e.starts_with(super::error::TLS_FAILED) => {
+                    plain(config).map(unencrypted).map_err(|e| describe(&e))
+                }
+                other => other,
+            },
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                encrypted(config, PgSslMode::Require)
+            }
+        }
+    }
 }
 
 /// Fills in the password from `creds` when the URL carries none (a password in the URL wins,
@@ -80,12 +229,12 @@ pub(crate) fn apply_credentials(
         return Ok(());
     }
     let host = match config.get_hosts().first() {
-        Some(postgres::config::Host::Tcp(host)) => host.as_str(),
+        Some(Host::Tcp(host)) => host.as_str(),
         _ => "localhost",
     };
     let user = config.get_user().unwrap_or_default().to_owned();
     let database = config.get_dbname().unwrap_or(&user).to_owned();
-    let target = Target {
+    let target = PassTarget {
         host,
         port: config.get_ports().first().copied().unwrap_or(5432),
         database: &database,
@@ -152,78 +301,70 @@ impl Health {
     }
 }
 
+/// A pooled connection: the client, and how to cancel what it runs.
+pub(crate) struct PgConn {
+    client: Client,
+    canceller: Arc<Canceller>,
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
 /// Opens connections (as `r2d2_postgres`'s manager does) with errors that say what went
 /// wrong, looking the password up at every attempt (so a rotated password file applies to the
 /// next connection) and recording each attempt.
 pub(crate) struct Manager {
-    config: postgres::Config,
+    target: Target,
     credentials: Credentials,
     secret: Option<String>,
     health: Arc<Health>,
 }
 
-impl Manager {
-    fn error(&self, err: &postgres::Error, secret: Option<&str>) -> ConnectError {
-        ConnectError(scrub(scrub(describe(err), self.secret.as_deref()), secret))
-    }
-}
-
 impl ManageConnection for Manager {
-    type Connection = Client;
+    type Connection = PgConn;
     type Error = ConnectError;
 
-    fn connect(&self) -> Result<Client, ConnectError> {
-        let mut config = self.config.clone();
-        let _ = apply_credentials(&mut config, &self.credentials);
-        let secret = secret_of(&config);
-        let result = config
-            .connect(NoTls)
-            .map_err(|e| self.error(&e, secret.as_deref()));
+    fn connect(&self) -> Result<PgConn, ConnectError> {
+        let result = self
+            .target
+            .connect(&self.credentials)
+            .map(|c| PgConn {
+                canceller: Arc::new(Canceller {
+                    token: c.client.cancel_token(),
+                    tls: c.tls,
+                    fired: Arc::new(AtomicBool::new(false)),
+                }),
+                client: c.client,
+            })
+            .map_err(|e| ConnectError(scrub(e, self.secret.as_deref())));
         self.health
             .record(result.as_ref().map(|_| ()).map_err(|e| e.0.as_str()));
         result
     }
 
-    fn is_valid(&self, conn: &mut Client) -> Result<(), ConnectError> {
-        conn.simple_query("")
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), ConnectError> {
+        conn.client
+            .simple_query("")
             .map(|_| ())
-            .map_err(|e| self.error(&e, None))
+            .map_err(|e| ConnectError(scrub(describe(&e), self.secret.as_deref())))
     }
 
-    fn has_broken(&self, conn: &mut Client) -> bool {
-        conn.is_closed()
-    }
-}
-
-/// Runs on every new connection: bounds each statement and each lock wait by the timeout.
-#[derive(Debug)]
-struct SessionSetup {
-    sql: String,
-}
-
-impl SessionSetup {
-    fn new(timeout_ms: u64) -> SessionSetup {
-        let ms = bounded_timeout(timeout_ms).as_millis();
-        SessionSetup {
-            sql: format!("SET statement_timeout = {ms}; SET lock_timeout = {ms}"),
-        }
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed() || conn.canceller.fired.load(Ordering::Acquire)
     }
 }
 
-impl CustomizeConnection<Client, ConnectError> for SessionSetup {
-    fn on_acquire(&self, conn: &mut Client) -> Result<(), ConnectError> {
-        conn.batch_execute(&self.sql)
-            .map_err(|e| ConnectError(describe(&e)))?;
-        // Remember this backend, so the listener can tell this node's own writes apart.
-        let row = conn
-            .query_one("SELECT pg_backend_pid()", &[])
-            .map_err(|e| ConnectError(describe(&e)))?;
-        super::error::remember_own_backend(row.get::<_, i32>(0));
-        Ok(())
-    }
-}
-
-/// The pool of connections, plus what is needed to report its failures.
+/// The pool of connections, plus what is needed to report its failures and to bound reads.
 pub(crate) struct PgPool {
     pool: r2d2::Pool<Manager>,
     secret: Option<String>,
@@ -232,6 +373,8 @@ pub(crate) struct PgPool {
     fail_fast: Duration,
     /// Why the configured password could not be used, if so.
     warning: Option<String>,
+    watchdog: Watchdog,
+    timeout: Duration,
 }
 
 /// While connecting fails, r2d2 retries in the background at least every half timeout; a
@@ -247,14 +390,14 @@ pub(crate) fn build(
     timeout_ms: u64,
     size: u32,
 ) -> Result<PgPool, StoreError> {
-    let config = connection_config(url, timeout_ms, APPLICATION_NAME)?;
+    let target = connection_config(url, timeout_ms, APPLICATION_NAME)?;
     // Said once now; connections look the password up again each time.
-    let mut probe = config.clone();
+    let mut probe = target.config.clone();
     let warning = apply_credentials(&mut probe, creds).err();
     let secret = secret_of(&probe);
     let health = Arc::new(Health::default());
     let manager = Manager {
-        config,
+        target,
         credentials: creds.clone(),
         secret: secret.clone(),
         health: Arc::clone(&health),
@@ -265,15 +408,19 @@ pub(crate) fn build(
         .connection_timeout(bounded_timeout(timeout_ms))
         .test_on_check_out(true)
         .error_handler(Box::new(r2d2::NopErrorHandler))
-        .connection_customizer(Box::new(SessionSetup::new(timeout_ms)))
         .build_unchecked(manager);
     let fail_fast = bounded_timeout(timeout_ms).max(FAIL_FAST_MIN);
+    let watchdog = Watchdog::start().map_err(|e| {
+        StoreError::BadConfig(format!("cannot start the statement timer thread: {e}"))
+    })?;
     Ok(PgPool {
         pool,
         secret,
         health,
         fail_fast,
         warning,
+        watchdog,
+        timeout: bounded_timeout(timeout_ms),
     })
 }
 
@@ -292,6 +439,12 @@ impl PgPool {
         self.pool.get().map_err(|e| {
             StoreError::Unavailable(pool_failure(&e.to_string(), self.secret.as_deref()))
         })
+    }
+
+    /// Bounds what `conn` runs until the guard drops by the timeout: past it, the statement
+    /// is cancelled (it fails with `Timeout`) and the connection is not lent again.
+    pub(crate) fn bound(&self, conn: &Conn) -> Guard<'_> {
+        self.watchdog.arm(self.timeout, &conn.canceller)
     }
 
     /// Why the configured password file could not be used, if so (said once, by the owner).
@@ -321,7 +474,9 @@ mod tests {
 
     #[test]
     fn config_gets_module_settings() {
-        let c = connection_config("postgres://u:pw@db.example:5433/quota", 1500, "x").unwrap();
+        let c = connection_config("postgres://u:pw@db.example:5433/quota", 1500, "x")
+            .unwrap()
+            .config;
         assert_eq!(c.get_connect_timeout(), Some(&Duration::from_millis(1500)));
         assert_eq!(c.get_application_name(), Some("x"));
         assert!(c.get_keepalives());
@@ -330,7 +485,7 @@ mod tests {
         assert_eq!(c.get_ports(), &[5433]);
 
         let kv = "host=h user=u application_name=mine keepalives_idle=60 tcp_user_timeout=7";
-        let c = connection_config(kv, 100, "x").unwrap();
+        let c = connection_config(kv, 100, "x").unwrap().config;
         assert_eq!(c.get_application_name(), Some("mine"));
         assert_eq!(c.get_keepalives_idle(), Duration::from_secs(60));
         assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
@@ -351,11 +506,15 @@ mod tests {
 
     #[test]
     fn secrets_are_scrubbed() {
-        let c = connection_config("postgres://u:s3cr3t@h/db", 100, "x").unwrap();
+        let c = connection_config("postgres://u:s3cr3t@h/db", 100, "x")
+            .unwrap()
+            .config;
         let secret = secret_of(&c);
         assert_eq!(secret.as_deref(), Some("s3cr3t"));
         assert_eq!(scrub("a s3cr3t b".into(), secret.as_deref()), "a *** b");
-        let short = connection_config("postgres://u:ab@h/db", 100, "x").unwrap();
+        let short = connection_config("postgres://u:ab@h/db", 100, "x")
+            .unwrap()
+            .config;
         assert_eq!(secret_of(&short), None);
     }
 
@@ -396,12 +555,44 @@ mod tests {
     }
 
     #[test]
-    fn session_setup_bounds_statements_and_locks() {
-        assert_eq!(
-            SessionSetup::new(250).sql,
-            "SET statement_timeout = 250; SET lock_timeout = 250"
-        );
-        assert!(SessionSetup::new(u64::MAX).sql.contains("= 3600000;"));
-        assert!(SessionSetup::new(0).sql.contains("= 1;"));
+    fn tls_keywords_are_ours_and_the_rest_goes_to_rust_postgres() {
+        let t = connection_config(
+            "postgresql://u:pw@db.example/quota?sslmode=verify-full&sslrootcert=/etc/ca.pem&fallback_application_name=fb&client_encoding=UTF8&gssencmode=disable",
+            1000,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(t.tls.mode, SslMode::VerifyFull);
+        assert_eq!(t.config.get_application_name(), Some("fb"));
+        assert_eq!(t.config.get_password(), Some(&b"pw"[..]));
+        assert_eq!(t.config.get_dbname(), Some("quota"));
+        // libpq never uses TLS over a Unix socket.
+        let unix = connection_config("host=/var/run/postgresql user=u sslmode=require", 1000, "x")
+            .unwrap();
+        assert_eq!(unix.tls.mode, SslMode::Disable);
+        // A password that is not UTF-8 is sent as given.
+        let raw = connection_config("postgresql://u:%FF%FE@h/db", 1000, "x").unwrap();
+        assert_eq!(raw.config.get_password(), Some(&[0xff, 0xfe][..]));
+    }
+
+    #[test]
+    fn refusals_name_the_parameter_not_its_value() {
+        for (url, wanted) in [
+            ("host=h port=s3cr3t", "`port`"),
+            (
+                "host=h passfile=/s3cr3t",
+                "passfile is not supported (use quota.pg-passfile)",
+            ),
+            ("host=h bogus=s3cr3t", "bogus"),
+            (
+                "host=h client_encoding=s3cr3t",
+                "client_encoding must be UTF8",
+            ),
+            ("host=h sslmode=s3cr3t", "sslmode must be"),
+        ] {
+            let e = connection_config(url, 100, "x").unwrap_err().to_string();
+            assert!(e.contains(wanted), "{url}: {e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
     }
 }

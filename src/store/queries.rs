@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use postgres::types::{ToSql, Type};
-use postgres::{Client, GenericClient, Row};
+use postgres::{GenericClient, Row, Transaction};
 use serde_json::{Map, Value};
 
 use super::error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
@@ -238,16 +238,24 @@ pub(crate) fn list(
     rows.iter().map(to_replenishment).collect()
 }
 
-/// `QUOTA.GRANT` in one transaction; see `Store::grant`.
+/// How a grant transaction ended.
+pub(crate) enum Granted {
+    Done(GrantOutcome),
+    /// The purchase id was already recorded: everything was rolled back; the caller reads the
+    /// row as it stands with [`duplicate_outcome`].
+    Duplicate,
+}
+
+/// `QUOTA.GRANT` in `tx` (committed here unless the purchase id is a duplicate); see
+/// `Store::grant`.
 pub(crate) fn grant(
-    client: &mut Client,
+    mut tx: Transaction<'_>,
     sql: &Statements,
     user: &UserId,
     bundle: &str,
     req: &GrantRequest,
     now: Millis,
-) -> Result<GrantOutcome, StoreError> {
-    let mut tx = client.transaction().map_err(pg)?;
+) -> Result<Granted, StoreError> {
     let key = identity(user, Some(&bundle));
     // Make sure a row exists to lock (a concurrent grant of a new row waits here for the other).
     tx.query_typed(&sql.insert_placeholder, &key).map_err(pg)?;
@@ -276,41 +284,50 @@ pub(crate) fn grant(
     event.push((&req.purchase_id, Type::TEXT));
     let recorded = tx.query_typed_opt(&sql.insert_event, &event).map_err(pg)?;
     if recorded.is_none() {
-        // The purchase id is already recorded for this (tenant, project): undo everything and
-        // report the row as it stands.
+        // The purchase id is already recorded for this (tenant, project): undo everything.
         tx.rollback().map_err(pg)?;
-        let rows = client
-            .query_typed(&sql.active_rows_and_bundle, &key)
-            .map_err(pg)?;
-        let rows = rows
-            .iter()
-            .map(to_replenishment)
-            .collect::<Result<Vec<_>, _>>()?;
-        let record = rows.iter().find(|r| &*r.bundle_id == bundle).cloned();
-        let live_rows = rows.into_iter().filter(|r| r.active).collect();
-        return Ok(GrantOutcome {
-            record,
-            duplicate: true,
-            live_rows,
-        });
+        return Ok(Granted::Duplicate);
     }
     let live_rows = active_rows(&mut tx, sql, user)?;
     tx.commit().map_err(pg)?;
-    Ok(GrantOutcome {
+    Ok(Granted::Done(GrantOutcome {
         record: Some(written),
         duplicate: false,
+        live_rows,
+    }))
+}
+
+/// What a grant whose purchase id was a duplicate replies: the row as it stands.
+pub(crate) fn duplicate_outcome(
+    client: &mut impl GenericClient,
+    sql: &Statements,
+    user: &UserId,
+    bundle: &str,
+) -> Result<GrantOutcome, StoreError> {
+    let key = identity(user, Some(&bundle));
+    let rows = client
+        .query_typed(&sql.active_rows_and_bundle, &key)
+        .map_err(pg)?;
+    let rows = rows
+        .iter()
+        .map(to_replenishment)
+        .collect::<Result<Vec<_>, _>>()?;
+    let record = rows.iter().find(|r| &*r.bundle_id == bundle).cloned();
+    let live_rows = rows.into_iter().filter(|r| r.active).collect();
+    Ok(GrantOutcome {
+        record,
+        duplicate: true,
         live_rows,
     })
 }
 
-/// `QUOTA.REVOKE` in one transaction; see `Store::revoke`.
+/// `QUOTA.REVOKE` in `tx`, committed here; see `Store::revoke`.
 pub(crate) fn revoke(
-    client: &mut Client,
+    mut tx: Transaction<'_>,
     sql: &Statements,
     user: &UserId,
     bundle: &str,
 ) -> Result<RevokeOutcome, StoreError> {
-    let mut tx = client.transaction().map_err(pg)?;
     let key = identity(user, Some(&bundle));
     let revoked = tx
         .query_typed_opt(&sql.revoke, &key)
@@ -339,14 +356,14 @@ pub(crate) fn revoke(
     })
 }
 
-/// `QUOTA.CLEANUP` in one transaction, if no other node is running it; see `Store::cleanup`.
+/// `QUOTA.CLEANUP` in `tx`, committed here, if no other node is running it (a lock held to the
+/// end of the transaction, so a pooler cannot leave it behind); see `Store::cleanup`.
 pub(crate) fn cleanup(
-    client: &mut Client,
+    mut tx: Transaction<'_>,
     sql: &Statements,
     schema: &str,
     now: Millis,
 ) -> Result<CleanupOutcome, StoreError> {
-    let mut tx = client.transaction().map_err(pg)?;
     let key = schema_lock_key(schema);
     let locked: bool = tx
         .query_typed_one(

@@ -258,3 +258,138 @@ impl Drop for PgServer {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// TLS PostgreSQL and PgBouncer (scripts/pg.sh start-tls, scripts/pgbouncer.sh)
+// ---------------------------------------------------------------------------
+
+/// A PostgreSQL that speaks TLS only (`scripts/pg.sh start-tls`): a CA and server certificate
+/// for 127.0.0.1 and localhost, a client certificate for the role `quota_cert` (pg_hba
+/// `cert`), and another CA that signed nothing of it.
+pub struct TlsPg {
+    /// `postgresql://postgres@127.0.0.1:PORT/postgres?sslmode=verify-full&sslrootcert=...`
+    pub url: String,
+    /// `ca.crt`, `other-ca.crt`, `client.crt`, `client.key`.
+    pub certs: PathBuf,
+    pub port: u16,
+}
+
+static TLS_PG: OnceLock<(TlsPg, Option<PathBuf>)> = OnceLock::new();
+
+extern "C" fn destroy_tls_pg() {
+    if let Some((_, Some(dir))) = TLS_PG.get() {
+        let _ = run_pg_script("destroy", dir);
+    }
+}
+
+fn port_of(url: &str) -> u16 {
+    url.split('@')
+        .nth(1)
+        .and_then(|rest| rest.split([':', '/']).nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
+}
+
+impl TlsPg {
+    /// The TLS PostgreSQL of this run: `QUOTA_TEST_TLS_PG_URL` and `QUOTA_TEST_TLS_DIR` (what
+    /// `make test` starts), else one started for this test process.
+    pub fn shared() -> &'static TlsPg {
+        let (pg, _) = TLS_PG.get_or_init(|| {
+            if let (Ok(url), Ok(dir)) = (
+                std::env::var("QUOTA_TEST_TLS_PG_URL"),
+                std::env::var("QUOTA_TEST_TLS_DIR"),
+            ) {
+                if !url.is_empty() && !dir.is_empty() {
+                    let port = port_of(&url);
+                    return (
+                        TlsPg {
+                            url,
+                            certs: PathBuf::from(dir),
+                            port,
+                        },
+                        None,
+                    );
+                }
+            }
+            let dir = unique_dir("pg-tls");
+            let url = run_pg_script("start-tls", &dir).unwrap_or_else(|e| {
+                let _ = run_pg_script("destroy", &dir);
+                panic!("{e}")
+            });
+            // SAFETY: registering a plain extern "C" fn with libc's atexit.
+            unsafe {
+                atexit(destroy_tls_pg);
+            }
+            let port = port_of(&url);
+            (
+                TlsPg {
+                    url,
+                    certs: dir.join("tls"),
+                    port,
+                },
+                Some(dir),
+            )
+        });
+        pg
+    }
+
+    /// A certificate file's path.
+    pub fn cert(&self, name: &str) -> String {
+        self.certs.join(name).to_string_lossy().into_owned()
+    }
+}
+
+/// A PgBouncer in transaction mode (`scripts/pgbouncer.sh`) in front of the shared
+/// PostgreSQL, logging in with a password.
+pub struct Bouncer {
+    /// Through PgBouncer, with the password (percent-encoded).
+    pub url: String,
+    /// The PostgreSQL behind it, directly.
+    pub direct: String,
+}
+
+static BOUNCER: OnceLock<(Bouncer, Option<PathBuf>)> = OnceLock::new();
+
+extern "C" fn destroy_bouncer() {
+    if let Some((_, Some(dir))) = BOUNCER.get() {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts").join("pgbouncer.sh"))
+            .arg("destroy")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+impl Bouncer {
+    /// The PgBouncer of this run: `QUOTA_TEST_BOUNCER_URL` (in front of `QUOTA_TEST_PG_URL`,
+    /// what `make test` starts), else one started for this test process in front of
+    /// [`PgServer::shared`].
+    pub fn shared() -> &'static Bouncer {
+        let (bouncer, _) = BOUNCER.get_or_init(|| {
+            let direct = PgServer::shared();
+            if let Ok(url) = std::env::var("QUOTA_TEST_BOUNCER_URL") {
+                if !url.is_empty() {
+                    return (Bouncer { url, direct }, None);
+                }
+            }
+            let dir = unique_dir("pgbouncer");
+            let mut command = Command::new("bash");
+            command
+                .arg(repo_root().join("scripts").join("pgbouncer.sh"))
+                .arg("start")
+                .arg(&dir)
+                .arg(port_of(&direct).to_string());
+            let url = run_output("scripts/pgbouncer.sh start", &mut command, true)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .trim()
+                .to_string();
+            // SAFETY: registering a plain extern "C" fn with libc's atexit.
+            unsafe {
+                atexit(destroy_bouncer);
+            }
+            (Bouncer { url, direct }, Some(dir))
+        });
+        bouncer
+    }
+}
