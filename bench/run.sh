@@ -285,7 +285,7 @@ pos_entries=$units
 pos_bytes=$bytes
 sample="$(cli QUOTA.GET acme chat u000000000007 '*' | tr '\n' ' ')"
 case "$sample" in
-    *additional_requests_per_day\ 1000000*) ;;
+    *requests_per_day\ 1000000*) ;;
     *) die "QUOTA.GET did not return the granted credit: $sample" ;;
 esac
 
@@ -295,16 +295,16 @@ pipe_all 1 "" 0 "$USERS" SET key:@U@ vvvvvvvvvvvvvvvv
 # A hash with the 18 fields of a QUOTA.GET record: HGETALL has a reply of the same shape, so
 # QUOTA.GET/HGETALL shows the module's own cost apart from the size of its reply.
 pipe_all 1 "" 0 "$USERS" HSET rec:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
-    additional_requests_per_day 1000000 additional_requests_per_month - additional_total_requests - \
-    additional_tokens_per_hour - additional_tokens_per_day 1000000000 additional_tokens_per_month - \
-    additional_max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
+    requests_per_day 1000000 requests_per_month - total_requests - \
+    tokens_per_hour - tokens_per_day 1000000000 tokens_per_month - \
+    max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
     active 1 created_at 1795841254 updated_at 1795841254
 # The same record with the six balance fields QUOTA.GET has had since prepaid balances: the
 # reply of today's QUOTA.GET, field for field (the bar above keeps the 18-field baseline).
 pipe_all 1 "" 0 "$USERS" HSET rec24:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
-    additional_requests_per_day 1000000 additional_requests_per_month - additional_total_requests - \
-    additional_tokens_per_hour - additional_tokens_per_day 1000000000 additional_tokens_per_month - \
-    additional_max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
+    requests_per_day 1000000 requests_per_month - total_requests - \
+    tokens_per_hour - tokens_per_day 1000000000 tokens_per_month - \
+    max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
     active 1 created_at 1795841254 updated_at 1795841254 requests_balance - tokens_balance - \
     requests_balance_debited - tokens_balance_debited - requests_balance_left - \
     tokens_balance_left -
@@ -362,7 +362,7 @@ cmd[HGETALL24]="HGETALL rec24:__rand_int__"
 cmd[BALANCE]="QUOTA.ADMIT acme chat b__rand_int__ * REQUESTS_PER_DAY 0 COMPACT"
 cmd[WINDOWS]="QUOTA.ADMIT acme chat u__rand_int__ * REQUESTS_PER_DAY 1000000000 COMPACT"
 # 13 arguments like the ADMIT above, 11 values back: Redis's own cost of a command that size.
-cmd[HMGET]="HMGET rec:__rand_int__ tenant project user_id bundle_id additional_requests_per_day additional_requests_per_month additional_tokens_per_day expires_at active created_at updated_at"
+cmd[HMGET]="HMGET rec:__rand_int__ tenant project user_id bundle_id requests_per_day requests_per_month tokens_per_day expires_at active created_at updated_at"
 
 run() { # run NAME N
     local words

@@ -161,22 +161,26 @@ fn app_user_runs_admissions_but_not_credit_management() {
     // Allowed: get, admit (with a lease and a reservation), commit, admit + release, usage.
     let alice = [T, P, "alice", "b"];
     let g = app.get(alice).expect("alice's '*' credit");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
+    assert_eq!(field_i64(&g, "requests_per_day"), 3);
     let opts =
         |lease: &str| format!("REQUESTS_PER_DAY 1 TOKENS_PER_DAY 100 LEASE {lease} RESERVE 10");
     let a = app.admit(alice, opts("l1"));
     assert!(a.allowed, "{a:?}");
     assert_eq!(a.lease.as_deref(), Some("l1"));
-    assert_eq!(app.commit(alice, 5, Some("l1")).recorded, 5);
+    assert_eq!(app.commit(alice, 5, Some("l1")).tokens, 5);
     let a = app.admit(alice, opts("l2"));
     assert!(a.allowed, "{a:?}");
     assert_eq!(app.release(alice, "l2"), 1);
     let u = app.usage(alice);
-    assert_eq!((u.req_day, u.tok_day, u.in_flight), (1, 5, 0), "{u:?}");
+    assert_eq!(
+        (u.requests_per_day, u.tokens_per_day, u.in_flight),
+        (1, 5, 0),
+        "{u:?}"
+    );
     // A user the server has not cached: the admit waits for PostgreSQL under the ACL user too.
     let a = app.admit([T, P, "cold-user", "b"], "REQUESTS_PER_DAY 1");
     assert!(a.allowed, "{a:?}");
-    assert_eq!(a.replenishment, "none");
+    assert_eq!(a.credit, "none");
 
     // Refused: credit management, maintenance and the internal commands.
     let usage_before = admin.usage(alice);
@@ -204,7 +208,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
     }
     // ... and changed nothing.
     let g = admin.get(alice).expect("alice's '*' credit");
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
+    assert_eq!(field_i64(&g, "requests_per_day"), 3);
     assert_eq!(admin.get([T, P, "mallory", "b"]), None);
     assert_eq!(admin.usage(alice), usage_before);
     let rows = psql(
@@ -223,7 +227,7 @@ fn app_user_runs_admissions_but_not_credit_management() {
         .unwrap()
         .get_connection_with_timeout(Duration::from_secs(5))
         .expect("RESP3 connection as app");
-    assert_eq!(app3.usage(alice).req_day, 1);
+    assert_eq!(app3.usage(alice).requests_per_day, 1);
     assert_noperm(
         &mut app3,
         &["QUOTA.GRANT", T, P, "alice", "*", "REQUESTS_PER_DAY", "1"],
@@ -496,7 +500,7 @@ fn standard_acl_categories() {
         assert_noperm(&mut nowrite, &args);
     }
     let u = nowrite.usage([T, P, "alice", "b"]);
-    assert_eq!(u.req_day, 1, "RESET was refused");
+    assert_eq!(u.requests_per_day, 1, "RESET was refused");
     // +@read: GET, USAGE and LIST; nothing that writes.
     for args in &reads {
         query(&mut reader, args).unwrap_or_else(|e| panic!("{args:?} as +@read: {e}"));
@@ -528,9 +532,9 @@ fn read_only_key_permission() {
         &["ro", "+quota.admit", "+quota.commit", "+quota.reset"],
     );
     let mut ro = connect_as(&server, "ro", "ro-secret");
-    assert_eq!(ro.usage([T, P, "alice", "b"]).req_day, 0);
+    assert_eq!(ro.usage([T, P, "alice", "b"]).requests_per_day, 0);
     let g = query_map(&mut ro, &["QUOTA.GET", T, P, "alice", "b"]);
-    assert_eq!(field_i64(&g, "additional_requests_per_day"), 3);
+    assert_eq!(field_i64(&g, "requests_per_day"), 3);
     query(&mut ro, &["QUOTA.LIST", T, P, "alice"]).expect("LIST with %R~*");
     for args in [
         vec!["QUOTA.ADMIT", T, P, "alice", "b"],

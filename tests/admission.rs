@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 
 /// Asserts counters of `QUOTA.USAGE` on `acc`, naming the fields:
-/// `assert_usage!(con, acc, req_day: 1, in_flight: 0)`; the message shows the whole reply.
+/// `assert_usage!(con, acc, requests_per_day: 1, in_flight: 0)`; the message shows the whole reply.
 macro_rules! assert_usage {
     ($con:expr, $acc:expr, $($field:ident: $want:expr),+ $(,)?) => {{
         let u = $con.usage($acc);
@@ -199,7 +199,7 @@ fn concurrent_admits_never_exceed_requests_per_day() {
         assert_eq!(m.reason, "requests_per_day");
     }
     let mut con = server.client();
-    assert_usage!(con, acc, req_day: 100, req_month: 100, req_total: 100);
+    assert_usage!(con, acc, requests_per_day: 100, requests_per_month: 100, total_requests: 100);
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn concurrent_admits_never_exceed_max_concurrent() {
         assert!(m.lease.is_none(), "a denied request holds no lease: {m:?}");
     }
     let mut con = server.client();
-    assert_usage!(con, acc, in_flight: 5, req_day: 5, req_total: 5);
+    assert_usage!(con, acc, in_flight: 5, requests_per_day: 5, total_requests: 5);
 }
 
 #[test]
@@ -240,7 +240,7 @@ fn concurrent_reservations_never_exceed_tokens_per_day() {
         assert_eq!(m.reserved, 0);
     }
     let mut con = server.client();
-    assert_usage!(con, acc, reserved: 1000, in_flight: 4, tok_day: 0);
+    assert_usage!(con, acc, reserved: 1000, in_flight: 4, tokens_per_day: 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -256,9 +256,9 @@ fn global_credits_add_to_the_base_policy() {
     for i in 1..=7i64 {
         let m = con.admit(acc, "REQUESTS_PER_DAY 2");
         assert!(m.allowed, "admit {i} of 7: {m:?}");
-        assert_eq!(m.replenishment, "global");
+        assert_eq!(m.credit, "global");
         assert_eq!(
-            m.used_replenishment(),
+            m.used_credit(),
             i >= 3,
             "admit {i}: only requests beyond the base 2 use the credits: {m:?}"
         );
@@ -270,10 +270,10 @@ fn global_credits_add_to_the_base_policy() {
         "base 2 + credits 5 = 7: the 8th is denied: {m:?}"
     );
     assert_eq!(m.reason, "requests_per_day");
-    assert_eq!(m.replenishment, "global");
-    assert!(!m.used_replenishment());
+    assert_eq!(m.credit, "global");
+    assert!(!m.used_credit());
     assert_eq!(m.remaining_requests, 0);
-    assert_usage!(con, acc, req_day: 7);
+    assert_usage!(con, acc, requests_per_day: 7);
 }
 
 #[test]
@@ -286,24 +286,24 @@ fn bundle_credits_apply_alone_and_no_credits_say_none() {
     let pro = ["acme", "chat", "bob", "pro"];
     let m = con.admit(pro, "REQUESTS_PER_DAY 0");
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "bundle");
-    assert!(m.used_replenishment());
+    assert_eq!(m.credit, "bundle");
+    assert!(m.used_credit());
     let m = con.admit(pro, "REQUESTS_PER_DAY 0");
     assert!(!m.allowed, "the bundle row replaces the '*' row: {m:?}");
-    assert_eq!(m.replenishment, "bundle");
+    assert_eq!(m.credit, "bundle");
     // Another bundle of bob falls back to '*'.
     let m = con.admit(["acme", "chat", "bob", "free"], "REQUESTS_PER_DAY 0");
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "global");
+    assert_eq!(m.credit, "global");
     // carol has no credits at all.
     let carol = ["acme", "chat", "carol", "pro"];
     let m = con.admit(carol, "REQUESTS_PER_DAY 1");
     assert!(m.allowed);
-    assert_eq!(m.replenishment, "none");
-    assert!(!m.used_replenishment());
+    assert_eq!(m.credit, "none");
+    assert!(!m.used_credit());
     let m = con.admit(carol, "REQUESTS_PER_DAY 1");
     assert!(!m.allowed);
-    assert_eq!(m.replenishment, "none");
+    assert_eq!(m.credit, "none");
 }
 
 /// An account's admissions reuse the credit its last admission used (no cache lookup) while
@@ -334,12 +334,12 @@ fn every_credit_change_shows_on_the_next_admission() {
         let m = con.admit(acc, "REQUESTS_PER_DAY 1000000");
         assert!(m.allowed, "{m:?}");
         used += 1;
-        (used, m.replenishment)
+        (used, m.credit)
     };
     // What is left under a base of 10000 (PEEK: counts nothing), and the source.
     let left = |con: &mut redis::Connection| {
         let m = con.admit(acc, "REQUESTS_PER_DAY 10000 PEEK");
-        (m.remaining_requests, m.replenishment)
+        (m.remaining_requests, m.credit)
     };
     let (_, src) = real(&mut con);
     assert_eq!(src, "none");
@@ -600,7 +600,7 @@ fn verbose_adds_limits_usage_and_resets() {
     assert!(!plain.map.contains_key("usage") && !plain.map.contains_key("resets"));
 
     // The plain admit above counted 1; each verbose one counts another.
-    for (req_day, resp3, c) in [(2, false, &mut con), (3, true, &mut con3)] {
+    for (requests_per_day, resp3, c) in [(2, false, &mut con), (3, true, &mut con3)] {
         let opts = ["REQUESTS_PER_DAY", "2", "TOKENS_PER_DAY", "100", "VERBOSE"];
         let raw = query(c, &with_account("QUOTA.ADMIT", acc, &opts)).expect("ADMIT VERBOSE");
         // The reply must be exactly one well-formed reply: the next command gets its own.
@@ -636,8 +636,8 @@ fn verbose_adds_limits_usage_and_resets() {
         }
         let u = m.usage.expect("VERBOSE has usage");
         assert_eq!(
-            (u.req_day, u.tok_day, u.in_flight),
-            (req_day, 0, 0),
+            (u.requests_per_day, u.tokens_per_day, u.in_flight),
+            (requests_per_day, 0, 0),
             "{u:?}"
         );
         let raw_usage = field_map(&m.map, "usage");
@@ -664,7 +664,7 @@ fn a_held_lease_admits_again_without_counting_twice() {
     assert_eq!(a.lease(), "job-42");
     assert_eq!(b.lease(), "job-42");
     assert_eq!(b.reserved, 30);
-    assert_usage!(con, acc, req_day: 1, req_total: 1, in_flight: 1, reserved: 30);
+    assert_usage!(con, acc, requests_per_day: 1, total_requests: 1, in_flight: 1, reserved: 30);
     // Another lease id is a new request and meets the concurrency limit.
     let c = con.admit(acc, "MAX_CONCURRENT 1 LEASE job-43");
     assert_eq!(c.reason, "concurrency");
@@ -680,25 +680,25 @@ fn commit_settles_the_lease_once() {
     assert_usage!(con, acc, reserved: 300, in_flight: 1);
 
     let c = con.commit(acc, 120, Some(&lease));
-    assert_eq!(c.recorded, 120, "{c:?}");
+    assert_eq!(c.tokens, 120, "{c:?}");
     assert!(!c.duplicate);
     assert!(c.lease_held);
-    assert_usage!(con, acc, reserved: 0, in_flight: 0, tok_hour: 120, tok_day: 120, tok_month: 120);
+    assert_usage!(con, acc, reserved: 0, in_flight: 0, tokens_per_hour: 120, tokens_per_day: 120, tokens_per_month: 120);
 
     let again = con.commit(acc, 120, Some(&lease));
     assert!(again.duplicate, "{again:?}");
-    assert_eq!(again.recorded, 0);
-    assert_usage!(con, acc, tok_day: 120, tok_month: 120);
+    assert_eq!(again.tokens, 0);
+    assert_usage!(con, acc, tokens_per_day: 120, tokens_per_month: 120);
 
     let plain = con.commit(acc, 50, None);
-    assert_eq!(plain.recorded, 50);
+    assert_eq!(plain.tokens, 50);
     assert!(!plain.duplicate);
     assert!(!plain.lease_held);
-    assert_usage!(con, acc, tok_hour: 170, tok_day: 170);
+    assert_usage!(con, acc, tokens_per_hour: 170, tokens_per_day: 170);
 
     // A second plain commit counts again: only leases make commits idempotent.
     con.commit(acc, 50, None);
-    assert_usage!(con, acc, tok_day: 220, req_day: 1);
+    assert_usage!(con, acc, tokens_per_day: 220, requests_per_day: 1);
     let m = con.admit(acc, "TOKENS_PER_DAY 1000");
     assert_eq!(m.remaining_tokens, 780);
 }
@@ -711,10 +711,10 @@ fn release_refunds_the_request_and_frees_the_slot() {
     let a = con.admit(acc, opts);
     assert!(a.allowed);
     let lease = a.lease();
-    assert_usage!(con, acc, req_day: 1, req_total: 1, in_flight: 1, reserved: 10);
+    assert_usage!(con, acc, requests_per_day: 1, total_requests: 1, in_flight: 1, reserved: 10);
     assert!(!con.admit(acc, opts).allowed, "slot taken");
     assert_eq!(con.release(acc, &lease), 1);
-    assert_usage!(con, acc, req_day: 0, req_month: 0, req_total: 0, in_flight: 0, reserved: 0);
+    assert_usage!(con, acc, requests_per_day: 0, requests_per_month: 0, total_requests: 0, in_flight: 0, reserved: 0);
     assert_eq!(con.release(acc, &lease), 0, "second release");
     assert_eq!(con.release(acc, "never-held"), 0);
     let b = con.admit(acc, opts);
@@ -734,13 +734,13 @@ fn an_expired_lease_frees_its_slot() {
     assert_eq!(m.retry_after, 1);
     let freed = wait_until(Duration::from_secs(3), || con.usage(acc).in_flight == 0);
     assert!(freed, "lease with LEASE_TTL 1 still in flight after 3 s");
-    assert_usage!(con, acc, reserved: 0, req_day: 1);
+    assert_usage!(con, acc, reserved: 0, requests_per_day: 1);
     let b = con.admit(acc, opts);
     assert!(b.allowed, "{b:?}");
     assert_ne!(a.lease(), b.lease());
     // The expired lease is gone: releasing it refunds nothing.
     assert_eq!(con.release(acc, &a.lease()), 0);
-    assert_usage!(con, acc, req_day: 2);
+    assert_usage!(con, acc, requests_per_day: 2);
 }
 
 #[test]
@@ -888,7 +888,7 @@ fn internal_commands_are_refused_from_clients() {
     let server = server();
     let mut con = server.client();
     let key = account_key(["acme", "chat", "alice", "main"]);
-    // A well-formed state (version 1, five empty counters, req_total 5, no leases) and a
+    // A well-formed state (version 1, five empty counters, total_requests 5, no leases) and a
     // well-formed effect (version 1, one request counted at 0 ms): a refusal must come from
     // where the command was sent, not from its payload.
     let mut state = vec![1u8, 0];
@@ -939,8 +939,8 @@ fn admit_from_eval_and_multi_on_a_warm_user() {
     );
     let m = Admit::parse(v);
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "global");
-    assert!(m.used_replenishment());
+    assert_eq!(m.credit, "global");
+    assert!(m.used_credit());
     assert_eq!(m.remaining_requests, 4);
     assert!(m.lease.is_none(), "{m:?}");
 
@@ -948,9 +948,9 @@ fn admit_from_eval_and_multi_on_a_warm_user() {
     assert_eq!(out.len(), 2, "{out:?}");
     let m = Admit::parse(out[0].clone());
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "global");
+    assert_eq!(m.credit, "global");
     let u = Usage::from_map(to_map(out[1].clone()));
-    assert_eq!(u.req_day, 2, "{u:?}");
+    assert_eq!(u.requests_per_day, 2, "{u:?}");
 }
 
 #[test]
@@ -963,15 +963,15 @@ fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
 
     let m = Admit::parse(eval_admit(&mut con, acc, "REQUESTS_PER_DAY 1").expect("EVAL"));
     assert!(m.allowed, "base policy allows one: {m:?}");
-    assert_eq!(m.replenishment, "pending");
-    assert!(!m.used_replenishment());
+    assert_eq!(m.credit, "pending");
+    assert!(!m.used_credit());
     assert_eq!(m.remaining_requests, 0, "base policy only: {m:?}");
 
     // The miss started a background load: scripts soon see the credits.
     let mut last = None;
     let loaded = wait_until(Duration::from_secs(10), || {
         let m = Admit::parse(eval_admit(&mut con, acc, "REQUESTS_PER_DAY 1 PEEK").expect("EVAL"));
-        last.insert(m).replenishment == "global"
+        last.insert(m).credit == "global"
     });
     assert!(loaded, "credits never loaded after a script miss: {last:?}");
     let last = last.expect("one EVAL ran");
@@ -979,8 +979,8 @@ fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
     assert_eq!(last.remaining_requests, 5);
     let m = con.admit(acc, "REQUESTS_PER_DAY 1");
     assert!(m.allowed);
-    assert_eq!(m.replenishment, "global");
-    assert!(m.used_replenishment());
+    assert_eq!(m.credit, "global");
+    assert!(m.used_credit());
 
     // MULTI on another cold user: denied on the base policy, pending.
     let carol = ["acme", "chat", "carol", "main"];
@@ -990,7 +990,7 @@ fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
     let m = Admit::parse(out[0].clone());
     assert!(!m.allowed, "base policy 0 denies: {m:?}");
     assert_eq!(m.reason, "requests_per_day");
-    assert_eq!(m.replenishment, "pending");
+    assert_eq!(m.credit, "pending");
     // Not midnight: the credits loading now may admit the very next call.
     let wait = m.retry_after;
     assert!(
@@ -998,16 +998,16 @@ fn admit_from_eval_and_multi_on_a_cold_user_decides_on_the_base_policy() {
         "retry_after {wait} while credits load"
     );
     let u = Usage::from_map(to_map(out[1].clone()));
-    assert_eq!(u.req_day, 0, "{u:?}");
+    assert_eq!(u.requests_per_day, 0, "{u:?}");
     let mut last = None;
     let loaded = wait_until(Duration::from_secs(10), || {
         let out = multi_admit(&mut con, carol, "REQUESTS_PER_DAY 0 PEEK").expect("MULTI");
-        last.insert(Admit::parse(out[0].clone())).replenishment == "global"
+        last.insert(Admit::parse(out[0].clone())).credit == "global"
     });
     assert!(loaded, "credits never loaded after a MULTI miss: {last:?}");
     let m = con.admit(carol, "REQUESTS_PER_DAY 0");
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "global");
+    assert_eq!(m.credit, "global");
 }
 
 #[test]
@@ -1022,7 +1022,7 @@ fn script_miss_error_replies_tryagain_to_a_cold_user() {
     let err = eval_admit(&mut con, acc, "REQUESTS_PER_DAY 0").expect_err("TRYAGAIN");
     let text = error_text(&err);
     assert!(text.starts_with("TRYAGAIN"), "{text}");
-    assert_usage!(con, acc, req_day: 0);
+    assert_usage!(con, acc, requests_per_day: 0);
 
     // Retrying shortly succeeds: the miss started the load.
     let mut last: redis::RedisResult<Value> = Err(err);
@@ -1033,7 +1033,7 @@ fn script_miss_error_replies_tryagain_to_a_cold_user() {
     assert!(ok, "still failing: {last:?}");
     let m = Admit::parse(last.expect("EVAL"));
     assert!(m.allowed);
-    assert_eq!(m.replenishment, "global");
+    assert_eq!(m.credit, "global");
 
     // MULTI on a cold user: TRYAGAIN too, and nothing counted.
     let erin = ["acme", "chat", "erin", "main"];
@@ -1041,7 +1041,7 @@ fn script_miss_error_replies_tryagain_to_a_cold_user() {
     con.invalidate([erin[0], erin[1], erin[2]]);
     let err = multi_admit(&mut con, erin, "REQUESTS_PER_DAY 0").expect_err("TRYAGAIN");
     assert!(error_text(&err).contains("TRYAGAIN"), "{err:?}");
-    assert_usage!(con, erin, req_day: 0);
+    assert_usage!(con, erin, requests_per_day: 0);
 }
 
 #[test]
@@ -1062,8 +1062,8 @@ fn a_cold_user_outside_scripts_waits_for_the_credits() {
     let m = con.admit(acc, "REQUESTS_PER_DAY 0");
     let took = started.elapsed();
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "global");
-    assert!(m.used_replenishment());
+    assert_eq!(m.credit, "global");
+    assert!(m.used_credit());
     assert!(misses(&server) > before, "the admit was not a cache miss");
     assert!(took < Duration::from_millis(2250), "blocked {took:?}");
 }

@@ -182,7 +182,14 @@ fn a_reset_still_bills_the_usage_it_forgets() {
     con.commit(acc, 40, None);
     assert_eq!(con.reset(acc), 1);
     let usage = con.usage(acc);
-    assert_eq!((usage.req_day, usage.tok_day, usage.in_flight), (0, 0, 0));
+    assert_eq!(
+        (
+            usage.requests_per_day,
+            usage.tokens_per_day,
+            usage.in_flight
+        ),
+        (0, 0, 0)
+    );
     let key = account_key(acc);
     assert_eq!(
         query_i64(&mut con, &["EXISTS", &key]),
@@ -400,7 +407,7 @@ fn the_schema_upgrades_in_place() {
             .is_some_and(|m| field_is_nil(&m, "requests_balance"))
     }));
     let r = con.grant([T, P, "frank", "*"], ["TOKENS_BALANCE", "10", "ADD"]);
-    assert_eq!(field_i64(&r, "additional_requests_per_day"), 5);
+    assert_eq!(field_i64(&r, "requests_per_day"), 5);
     assert_eq!(field_i64(&r, "tokens_balance"), 10);
     assert_eq!(left(&mut con, acc, "tokens_balance_left"), 10);
 }

@@ -306,7 +306,7 @@ fn thousand_users_over_all_slots() {
             u,
             &["*", "REQUESTS_PER_DAY", "3"],
         ));
-        assert_eq!(field_i64(&m, "additional_requests_per_day"), 3);
+        assert_eq!(field_i64(&m, "requests_per_day"), 3);
         assert_eq!(field_str(&m, "user_id").as_deref(), Some(u.as_str()));
         assert_eq!(field_i64(&m, "duplicate"), 0);
     }
@@ -319,7 +319,7 @@ fn thousand_users_over_all_slots() {
             let m = to_map(v);
             assert_eq!(field_str(&m, "user_id").as_deref(), Some(u.as_str()));
             assert_eq!(field_str(&m, "bundle_id").as_deref(), Some("*"));
-            assert_eq!(field_i64(&m, "additional_requests_per_day"), 3, "GET {u}");
+            assert_eq!(field_i64(&m, "requests_per_day"), 3, "GET {u}");
         } else {
             assert_eq!(v, Value::Nil, "GET {u} (no credit)");
         }
@@ -333,7 +333,7 @@ fn thousand_users_over_all_slots() {
             let m = Admit::parse(on_user(&mut con, "QUOTA.ADMIT", u, &admit));
             let expected_repl = if with_credit(i) { "global" } else { "none" };
             assert_eq!(
-                m.replenishment, expected_repl,
+                m.credit, expected_repl,
                 "QUOTA.ADMIT round {round} user {u}: {m:?}"
             );
             admitted[i] += i64::from(m.allowed);
@@ -348,7 +348,7 @@ fn thousand_users_over_all_slots() {
     for (i, u) in users.iter().enumerate().step_by(7) {
         let usage = Usage::from_map(to_map(on_user(&mut con, "QUOTA.USAGE", u, &[BUNDLE])));
         let expected = if with_credit(i) { 5 } else { 2 };
-        assert_eq!(usage.req_day, expected, "USAGE of {u}");
+        assert_eq!(usage.requests_per_day, expected, "USAGE of {u}");
     }
 
     // A plain query through the cluster client (routed by redirection) sees the same state.
@@ -462,11 +462,11 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
     // The owner takes it.
     let mut c = owner.client();
     let m = query_map(&mut c, &grant("4"));
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 4);
+    assert_eq!(field_i64(&m, "requests_per_day"), 4);
 
     // Read through the cluster client (plain query, follows the redirection).
     let m = to_map(query(&mut con, &["QUOTA.GET", TENANT, PROJECT, user, BUNDLE]).expect("GET"));
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 4);
+    assert_eq!(field_i64(&m, "requests_per_day"), 4);
     assert_eq!(field_str(&m, "bundle_id").as_deref(), Some("*"));
     // And routed explicitly.
     let m = to_map(
@@ -477,7 +477,7 @@ fn grant_on_one_node_is_read_through_the_cluster_client() {
         )
         .unwrap(),
     );
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 4);
+    assert_eq!(field_i64(&m, "requests_per_day"), 4);
 
     // Admissions through the cluster client use it: base 1 + credit 4 = 5.
     assert_eq!(admitted_of(&mut con, user, 7), 5);
@@ -513,7 +513,7 @@ fn hash_tags_route_and_unroutable_ids_are_refused() {
             "admitted for {u}: base 1 + credit {credit}"
         );
         let usage = con.usage([TENANT, PROJECT, u, BUNDLE]);
-        assert_eq!(usage.req_day as usize, k + 2, "USAGE {u}");
+        assert_eq!(usage.requests_per_day as usize, k + 2, "USAGE {u}");
     }
 
     // Their account keys are in the user's slot, on the node that owns it.

@@ -389,7 +389,7 @@ fn multi_and_scripts_refuse_what_must_wait() {
     let expected = "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n\
          -ERR QUOTA.GRANT waits on PostgreSQL and cannot run inside MULTI, a script or a function\r\n\
          -TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly\r\n\
-         *22\r\n$7\r\nreq_day\r\n:0\r\n";
+         *22\r\n$16\r\nrequests_per_day\r\n:0\r\n";
     assert!(raw.starts_with(expected), "{raw}");
 }
 

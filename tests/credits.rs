@@ -14,18 +14,29 @@ use common::*;
 use redis::ConnectionLike;
 
 /// Every field of a record, in no particular order (GRANT adds `duplicate`).
+/// The record fields that hold a limit's amount.
+const LIMIT_FIELDS: [&str; 7] = [
+    "requests_per_day",
+    "requests_per_month",
+    "total_requests",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent",
+];
+
 const RECORD_FIELDS: [&str; 22] = [
     "tenant",
     "project",
     "user_id",
     "bundle_id",
-    "additional_requests_per_day",
-    "additional_requests_per_month",
-    "additional_total_requests",
-    "additional_tokens_per_hour",
-    "additional_tokens_per_day",
-    "additional_tokens_per_month",
-    "additional_max_concurrent",
+    "requests_per_day",
+    "requests_per_month",
+    "total_requests",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent",
     "expires_at",
     "purchase_id",
     "purchase_amount_usd",
@@ -303,13 +314,13 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     assert_eq!(str_field(&r, "project"), P);
     assert_eq!(str_field(&r, "user_id"), "alice");
     assert_eq!(str_field(&r, "bundle_id"), "*");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 10);
-    assert_eq!(int_field(&r, "additional_requests_per_month"), 200);
-    assert_eq!(int_field(&r, "additional_total_requests"), 2147483647);
-    assert_eq!(int_field(&r, "additional_tokens_per_hour"), 5000);
-    assert_eq!(int_field(&r, "additional_tokens_per_day"), i64::MAX);
-    assert_eq!(int_field(&r, "additional_tokens_per_month"), 0);
-    assert_eq!(int_field(&r, "additional_max_concurrent"), 3);
+    assert_eq!(int_field(&r, "requests_per_day"), 10);
+    assert_eq!(int_field(&r, "requests_per_month"), 200);
+    assert_eq!(int_field(&r, "total_requests"), 2147483647);
+    assert_eq!(int_field(&r, "tokens_per_hour"), 5000);
+    assert_eq!(int_field(&r, "tokens_per_day"), i64::MAX);
+    assert_eq!(int_field(&r, "tokens_per_month"), 0);
+    assert_eq!(int_field(&r, "max_concurrent"), 3);
     assert_eq!(int_field(&r, "expires_at"), expires);
     assert_eq!(str_field(&r, "purchase_id"), "pay-1");
     assert_eq!(str_field(&r, "purchase_amount_usd"), "10.00");
@@ -358,12 +369,12 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     // become nil; the row keeps its creation time.
     let r2 = con.grant(ids, "TOKENS_PER_DAY 7");
     assert_record_fields(&r2, &["duplicate"]);
-    assert_eq!(int_field(&r2, "additional_tokens_per_day"), 7);
+    assert_eq!(int_field(&r2, "tokens_per_day"), 7);
     let cleared: Vec<&str> = RECORD_FIELDS
         .into_iter()
-        .filter(|f| f.starts_with("additional_") || f.starts_with("purchase_"))
+        .filter(|f| LIMIT_FIELDS.contains(f) || f.starts_with("purchase_"))
         .chain(["expires_at"])
-        .filter(|f| *f != "additional_tokens_per_day")
+        .filter(|f| *f != "tokens_per_day")
         .collect();
     assert_eq!(cleared.len(), 10, "{cleared:?}");
     assert_nil(&r2, &cleared);
@@ -391,7 +402,7 @@ fn grant_replies_the_stored_record_with_typed_fields_and_replace_clears_absent_o
     );
     // A grant without any option is a row with every amount nil.
     let r5 = con.grant(ids, "");
-    assert_nil(&r5, &["additional_tokens_per_day", "purchase_amount_usd"]);
+    assert_nil(&r5, &["tokens_per_day", "purchase_amount_usd"]);
     assert_eq!(int_field(&r5, "active"), 1);
 }
 
@@ -412,14 +423,14 @@ fn grant_reactivates_a_revoked_row() {
 
     let again = con.grant(ids, "REQUESTS_PER_DAY 6");
     assert_eq!(int_field(&again, "active"), 1);
-    assert_eq!(int_field(&again, "additional_requests_per_day"), 6);
+    assert_eq!(int_field(&again, "requests_per_day"), 6);
     assert_eq!(
         int_field(&again, "created_at"),
         int_field(&first, "created_at"),
         "reactivation updates the same row"
     );
     let g = con.get(ids).expect("the reactivated row applies");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 6);
+    assert_eq!(int_field(&g, "requests_per_day"), 6);
     assert_eq!(
         env.sql("SELECT count(*), bool_and(active) FROM {t} WHERE user_id = 'bob'"),
         "1|t"
@@ -468,8 +479,8 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     // Missing row: a top-up from zero, never expiring.
     let missing = [T, P, "dave", "missing"];
     let r = con.grant(missing, "ADD REQUESTS_PER_DAY 5");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
-    assert_nil(&r, &["expires_at", "additional_tokens_per_day"]);
+    assert_eq!(int_field(&r, "requests_per_day"), 5);
+    assert_nil(&r, &["expires_at", "tokens_per_day"]);
     assert_eq!(int_field(&r, "active"), 1);
 
     // Live row: given amounts add up, absent ones and the expiry are kept, money adds up.
@@ -480,8 +491,8 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     );
     let expiry = int_field(&base, "expires_at");
     let r = con.grant(live, "add REQUESTS_PER_DAY 5 AMOUNT 2.25");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 15);
-    assert_eq!(int_field(&r, "additional_tokens_per_day"), 100);
+    assert_eq!(int_field(&r, "requests_per_day"), 15);
+    assert_eq!(int_field(&r, "tokens_per_day"), 100);
     assert_eq!(int_field(&r, "expires_at"), expiry);
     assert_eq!(str_field(&r, "purchase_amount_usd"), "3.75");
     assert_eq!(int_field(&r, "duplicate"), 0);
@@ -489,10 +500,10 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     let before = now_s();
     let r = con.grant(live, "ADD TOKENS_PER_DAY 1 EXPIRES_IN 7200");
     assert!(int_field(&r, "expires_at") >= before + 7200);
-    assert_eq!(int_field(&r, "additional_tokens_per_day"), 101);
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 15);
+    assert_eq!(int_field(&r, "tokens_per_day"), 101);
+    assert_eq!(int_field(&r, "requests_per_day"), 15);
     let g = con.get(live).expect("live row");
-    assert_eq!(int_field(&g, "additional_tokens_per_day"), 101);
+    assert_eq!(int_field(&g, "tokens_per_day"), 101);
     assert_eq!(
         env.sql(
             "SELECT additional_requests_per_day, additional_tokens_per_day, \
@@ -524,8 +535,8 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     con.grant(revoked, "REQUESTS_PER_DAY 10 TOKENS_PER_DAY 50");
     assert_eq!(con.revoke(revoked), 1);
     let r = con.grant(revoked, "ADD REQUESTS_PER_DAY 5");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
-    assert_nil(&r, &["additional_tokens_per_day"]);
+    assert_eq!(int_field(&r, "requests_per_day"), 5);
+    assert_nil(&r, &["tokens_per_day"]);
     assert_eq!(int_field(&r, "active"), 1);
 
     // Expired row: a top-up starts from zero and, without an expiry, never expires.
@@ -537,11 +548,11 @@ fn add_tops_up_live_rows_and_starts_from_zero_on_missing_expired_or_revoked_ones
     let (ok, last) = poll_get(&mut con, expired, Duration::from_secs(5), |r| r.is_none());
     assert!(ok, "the row did not expire within 5 s: {last:?}");
     let r = con.grant(expired, "ADD REQUESTS_PER_DAY 5");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
-    assert_nil(&r, &["additional_tokens_per_day", "expires_at"]);
+    assert_eq!(int_field(&r, "requests_per_day"), 5);
+    assert_nil(&r, &["tokens_per_day", "expires_at"]);
     assert_eq!(int_field(&r, "active"), 1);
     let g = con.get(expired).expect("the topped-up row applies again");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
+    assert_eq!(int_field(&g, "requests_per_day"), 5);
 
     // The event log tells grants from top-ups.
     assert_eq!(
@@ -559,23 +570,19 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
     let star = [T, P, "erin", "*"];
     let r = con.grant(star, "ADD REQUESTS_PER_DAY 5 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 0);
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+    assert_eq!(int_field(&r, "requests_per_day"), 5);
 
     // The same purchase again: nothing changes, the current record comes back.
     let r = con.grant(star, "ADD REQUESTS_PER_DAY 5 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 1);
-    assert_eq!(
-        int_field(&r, "additional_requests_per_day"),
-        5,
-        "applied twice"
-    );
+    assert_eq!(int_field(&r, "requests_per_day"), 5, "applied twice");
     assert_eq!(str_field(&r, "purchase_id"), "pay-42");
     let g = con.get(star).expect("row");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
+    assert_eq!(int_field(&g, "requests_per_day"), 5);
     // A replace carrying the same purchase id is a duplicate too.
     let r = con.grant(star, "REQUESTS_PER_DAY 1 PURCHASE pay-42");
     assert_eq!(int_field(&r, "duplicate"), 1);
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 5);
+    assert_eq!(int_field(&r, "requests_per_day"), 5);
 
     // Same tenant and project, another bundle of the same user: still a duplicate.
     let r = con.grant(
@@ -585,7 +592,7 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
     assert_eq!(int_field(&r, "duplicate"), 1);
     let g = con.get([T, P, "erin", "gpt"]).expect("the '*' row applies");
     assert_eq!(field_str(&g, "bundle_id").as_deref(), Some("*"));
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 5);
+    assert_eq!(int_field(&g, "requests_per_day"), 5);
 
     // Same tenant and project, another user: a duplicate, nothing stored for that user.
     let r = con.grant([T, P, "frank", "*"], "REQUESTS_PER_DAY 7 PURCHASE pay-42");
@@ -602,13 +609,13 @@ fn a_purchase_id_is_applied_once_per_tenant_and_project() {
         "ADD REQUESTS_PER_DAY 9 PURCHASE pay-42",
     );
     assert_eq!(int_field(&r, "duplicate"), 0);
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 9);
+    assert_eq!(int_field(&r, "requests_per_day"), 9);
     let r = con.grant(
         ["other-tenant", P, "erin", "*"],
         "ADD REQUESTS_PER_DAY 3 PURCHASE pay-42",
     );
     assert_eq!(int_field(&r, "duplicate"), 0);
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 3);
+    assert_eq!(int_field(&r, "requests_per_day"), 3);
 
     assert_eq!(
         env.sql("SELECT additional_requests_per_day FROM {t} WHERE tenant = 'acme' AND project = 'chat'"),
@@ -638,10 +645,10 @@ fn get_prefers_the_bundle_row_then_the_star_row_then_nil() {
     con.grant([T, P, "gina", "gpt"], "REQUESTS_PER_DAY 2");
     let g = con.get([T, P, "gina", "gpt"]).expect("bundle row");
     assert_eq!(str_field(&g, "bundle_id"), "gpt");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 2);
+    assert_eq!(int_field(&g, "requests_per_day"), 2);
     let g = con.get([T, P, "gina", "claude"]).expect("'*' row");
     assert_eq!(str_field(&g, "bundle_id"), "*");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
+    assert_eq!(int_field(&g, "requests_per_day"), 1);
     assert_eq!(str_field(&g, "user_id"), "gina");
 
     // Revoked bundle row: the '*' row applies.
@@ -748,9 +755,9 @@ fn list_maps_bundles_to_records_and_all_adds_revoked_and_expired_rows() {
         assert_eq!(str_field(&rec, "bundle_id"), bundle);
         assert_eq!(str_field(&rec, "user_id"), "jack");
         if bundle == "gpt" {
-            assert_eq!(int_field(&rec, "additional_tokens_per_day"), 2);
+            assert_eq!(int_field(&rec, "tokens_per_day"), 2);
             assert_eq!(str_field(&rec, "purchase_amount_usd"), "3.00");
-            assert_nil(&rec, &["additional_requests_per_day", "expires_at"]);
+            assert_nil(&rec, &["requests_per_day", "expires_at"]);
         }
     }
 
@@ -837,12 +844,12 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
     );
     con.grant(ids, "REQUESTS_PER_DAY 1");
     assert_eq!(
-        int_field(&con.get(ids).expect("row"), "additional_requests_per_day"),
+        int_field(&con.get(ids).expect("row"), "requests_per_day"),
         1
     );
     env.sql("UPDATE {t} SET additional_requests_per_day = 55 WHERE user_id = 'mia'");
     assert_eq!(
-        int_field(&con.get(ids).expect("row"), "additional_requests_per_day"),
+        int_field(&con.get(ids).expect("row"), "requests_per_day"),
         1,
         "served from the cache (no NOTIFY, long TTL)"
     );
@@ -850,7 +857,7 @@ fn invalidate_drops_the_entry_so_the_next_get_reads_postgres() {
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 1);
     assert_eq!(int_reply(&mut con, &["QUOTA.INVALIDATE", T, P, "mia"]), 0);
     let g = con.get(ids).expect("row");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 55);
+    assert_eq!(int_field(&g, "requests_per_day"), 55);
     assert_eq!(
         env.info_i64("quota_cache_misses") - misses,
         1,
@@ -882,7 +889,7 @@ fn grant_and_revoke_write_through_the_cache() {
         let misses = env.info_i64("quota_cache_misses");
         let hits = env.info_i64("quota_cache_hits") + env.info_i64("quota_cache_stale_hits");
         let g = con.get(ids).expect("the grant is visible at once");
-        assert_eq!(int_field(&g, "additional_requests_per_day"), expected);
+        assert_eq!(int_field(&g, "requests_per_day"), expected);
         assert_eq!(
             env.info_i64("quota_cache_misses"),
             misses,
@@ -913,16 +920,14 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
     con.get(ids);
     env.settle();
     assert_eq!(
-        int_field(&con.get(ids).expect("row"), "additional_requests_per_day"),
+        int_field(&con.get(ids).expect("row"), "requests_per_day"),
         1
     );
     let received = env.info_i64("quota_notify_received");
 
     env.sql("UPDATE {t} SET additional_requests_per_day = 77 WHERE user_id = 'olga'");
     let (ok, last) = poll_get(&mut con, ids, Duration::from_secs(5), |r| {
-        r.as_ref()
-            .map(|m| field_i64(m, "additional_requests_per_day"))
-            == Some(77)
+        r.as_ref().map(|m| field_i64(m, "requests_per_day")) == Some(77)
     });
     assert!(ok, "the SQL UPDATE was not visible within 5 s: {last:?}");
     assert!(env.info_i64("quota_notify_received") > received);
@@ -936,10 +941,7 @@ fn an_update_made_with_sql_becomes_visible_through_notify() {
     );
     let (ok, last) = poll_get(&mut con, pam, Duration::from_secs(5), |r| r.is_some());
     assert!(ok, "the SQL INSERT was not visible within 5 s: {last:?}");
-    assert_eq!(
-        int_field(&last.expect("row"), "additional_tokens_per_day"),
-        12
-    );
+    assert_eq!(int_field(&last.expect("row"), "tokens_per_day"), 12);
     env.sql("DELETE FROM {t} WHERE user_id = 'pam'");
     let (ok, last) = poll_get(&mut con, pam, Duration::from_secs(5), |r| r.is_none());
     assert!(ok, "the SQL DELETE was not visible within 5 s: {last:?}");
@@ -1031,7 +1033,7 @@ fn resp3_clients_get_real_maps() {
     };
     assert_eq!(pairs.len(), RECORD_FIELDS.len() + 1);
     let m = to_map(r.clone());
-    assert_eq!(int_field(&m, "additional_requests_per_day"), 2);
+    assert_eq!(int_field(&m, "requests_per_day"), 2);
     assert_eq!(str_field(&m, "purchase_amount_usd"), "10.00");
     assert!(matches!(m["created_at"], Value::Int(_)));
     assert!(matches!(m["expires_at"], Value::Nil));
@@ -1142,7 +1144,7 @@ fn writes_and_listings_inside_multi_scripts_and_functions_are_refused_and_change
     }
     assert_eq!(env.snapshot(), snap, "a refused command changed PostgreSQL");
     let g = con.get([T, P, "rita", "gpt"]).expect("row");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
+    assert_eq!(int_field(&g, "requests_per_day"), 1);
     ping(&mut con);
 }
 
@@ -1159,7 +1161,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
     raw_reply(&mut con, &["QUOTA.GET", T, P, "sam", "gpt"]);
     let exec = to_array(raw_reply(&mut con, &["EXEC"]));
     let m = to_map(exec.into_iter().next().expect("one reply"));
-    assert_eq!(int_field(&m, "additional_requests_per_day"), 4);
+    assert_eq!(int_field(&m, "requests_per_day"), 4);
 
     // Uncached: TRYAGAIN. (No refresh may be in flight: one landing after INVALIDATE would
     // cache the user again.)
@@ -1173,7 +1175,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
         other => panic!("GET in MULTI on an uncached user: expected TRYAGAIN, got {other:?}"),
     }
     let g = con.get(ids).expect("GET outside MULTI");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 4);
+    assert_eq!(int_field(&g, "requests_per_day"), 4);
 
     // The same in a script.
     env.settle();
@@ -1195,7 +1197,7 @@ fn get_inside_multi_on_an_uncached_user_answers_tryagain_then_works_outside() {
         other => panic!("GET in EVAL on an uncached user: expected TRYAGAIN, got {other:?}"),
     }
     let g = con.get(ids).expect("GET outside the script");
-    assert_eq!(int_field(&g, "additional_requests_per_day"), 4);
+    assert_eq!(int_field(&g, "requests_per_day"), 4);
 }
 
 // ---------------------------------------------------------------------------
@@ -1391,7 +1393,7 @@ fn malformed_commands_get_an_error_naming_the_argument_and_change_nothing() {
     assert_eq!(env.info_i64("quota_grants"), grants);
     // Still fully working.
     let r = con.grant([T, P, "u", "b"], "REQUESTS_PER_DAY 2");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
+    assert_eq!(int_field(&r, "requests_per_day"), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -1442,7 +1444,7 @@ fn the_pg_url_password_never_appears_in_info_errors_or_the_log() {
 
     // It works with the password in the URL.
     let r = con.grant([T, P, "tom", "*"], "REQUESTS_PER_DAY 1");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 1);
+    assert_eq!(int_field(&r, "requests_per_day"), 1);
     // CONFIG GET returns it: it is the sensitive setting itself.
     let cfg = to_map(query(&mut con, &["CONFIG", "GET", "quota.pg-url"]).expect("CONFIG GET"));
     assert_eq!(
@@ -1583,7 +1585,7 @@ fn config_set_changes_take_effect() {
         // Let the previous refresh land so that the entry is cached (stale) again.
         env.settle();
         let g = con.get(ids).expect("row");
-        assert_eq!(int_field(&g, "additional_requests_per_day"), 1);
+        assert_eq!(int_field(&g, "requests_per_day"), 1);
     }
     env.settle();
     assert_eq!(
@@ -1656,7 +1658,7 @@ fn config_set_changes_take_effect() {
         );
     }
     let r = con.grant(ids, "REQUESTS_PER_DAY 2");
-    assert_eq!(int_field(&r, "additional_requests_per_day"), 2);
+    assert_eq!(int_field(&r, "requests_per_day"), 2);
 
     // A schema name the module cannot use is refused by CONFIG SET itself, rather than
     // accepted and then failing every command.
@@ -1670,7 +1672,7 @@ fn config_set_changes_take_effect() {
         "CONFIG SET quota.schema Bad-Name! was accepted (GRANT afterwards: {after:?})"
     );
     let after = to_map(after.expect("GRANT after a refused CONFIG SET"));
-    assert_eq!(int_field(&after, "additional_requests_per_day"), 3);
+    assert_eq!(int_field(&after, "requests_per_day"), 3);
 }
 
 #[test]
@@ -1752,7 +1754,7 @@ fn a_burst_of_cold_users_shares_queries_and_each_gets_its_own_rows() {
             } else {
                 let m = to_map(reply);
                 assert_eq!(str_field(&m, "user_id"), users[i]);
-                assert_eq!(int_field(&m, "additional_requests_per_day"), i as i64 + 1);
+                assert_eq!(int_field(&m, "requests_per_day"), i as i64 + 1);
             }
         }
     }

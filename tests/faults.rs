@@ -133,7 +133,7 @@ fn start_sampler(
             match reply.ok().and_then(try_to_map) {
                 Some(m)
                     if field_i64(&m, "allowed") == 1
-                        && field_str(&m, "replenishment").as_deref() == Some("global") => {}
+                        && field_str(&m, "credit").as_deref() == Some("global") => {}
                 other => s.bad_admits.push(format!("{other:?}")),
             }
             s.count += 1;
@@ -172,15 +172,11 @@ impl Samples {
     }
 }
 
-/// Asserts that an ADMIT reply admitted, with this `replenishment`: `global` (on the cached
+/// Asserts that an ADMIT reply admitted, with this `credit`: `global` (on the cached
 /// credit) or `unavailable` (on the base policy alone, PostgreSQL not answering).
-fn assert_admitted(m: &Map, replenishment: &str) {
+fn assert_admitted(m: &Map, credit: &str) {
     assert_eq!(field_i64(m, "allowed"), 1, "{m:?}");
-    assert_eq!(
-        field_str(m, "replenishment").as_deref(),
-        Some(replenishment),
-        "{m:?}"
-    );
+    assert_eq!(field_str(m, "credit").as_deref(), Some(credit), "{m:?}");
 }
 
 /// What one flooding client got.
@@ -360,7 +356,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
     pg.resume();
     let after = "QUOTA.GRANT t p after * REQUESTS_PER_DAY 2";
     let granted = until_it_succeeds(&mut con, after, Duration::from_secs(20));
-    assert_eq!(field_i64(&granted, "additional_requests_per_day"), 2);
+    assert_eq!(field_i64(&granted, "requests_per_day"), 2);
     assert_eq!(field_i64(&granted, "duplicate"), 0);
     let admit = "QUOTA.ADMIT t p after b REQUESTS_PER_DAY 0".to_args();
     assert_admitted(
@@ -368,7 +364,7 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         "global",
     );
     let m = query_map(&mut con, &["QUOTA.GET", "t", "p", "after", "b"]);
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 2);
+    assert_eq!(field_i64(&m, "requests_per_day"), 2);
     assert_eq!(
         pg.psql(&format!(
             "SELECT additional_requests_per_day FROM {schema}.user_quota_replenishment \
@@ -529,7 +525,7 @@ fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
             took < Duration::from_millis(50),
             "cached ADMIT took {took:?}"
         );
-        assert_eq!(field_str(&m, "replenishment").as_deref(), Some("global"));
+        assert_eq!(field_str(&m, "credit").as_deref(), Some("global"));
     }
     locker.release(&pg);
 
@@ -544,8 +540,8 @@ fn row_lock_held_elsewhere_makes_writes_fail_in_time_and_change_nothing() {
     );
     // And once the lock is gone, the same top-up applies exactly once.
     let m = con.grant(["t", "p", "locked", "*"], "TOKENS_PER_DAY 5 ADD");
-    assert_eq!(field_i64(&m, "additional_tokens_per_day"), 5);
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 5);
+    assert_eq!(field_i64(&m, "tokens_per_day"), 5);
+    assert_eq!(field_i64(&m, "requests_per_day"), 5);
 }
 
 #[test]
@@ -652,14 +648,19 @@ fn build_usage(con: &mut redis::Connection, ids: [&str; 4]) -> (String, String) 
     for _ in 0..3 {
         let m = con.admit(ids, "REQUESTS_PER_DAY 2 RESERVE 50");
         assert!(m.allowed, "{m:?}");
-        assert_eq!(con.commit(ids, 40, Some(&m.lease())).recorded, 40);
+        assert_eq!(con.commit(ids, 40, Some(&m.lease())).tokens, 40);
         committed.push(m.lease());
     }
     let m = con.admit(ids, "REQUESTS_PER_DAY 2 RESERVE 50");
     assert!(m.allowed, "{m:?}");
     let u = con.usage(ids);
     assert_eq!(
-        (u.req_day, u.tok_day, u.in_flight, u.reserved),
+        (
+            u.requests_per_day,
+            u.tokens_per_day,
+            u.in_flight,
+            u.reserved
+        ),
         (4, 120, 1, 50),
         "{u:?}"
     );
@@ -679,13 +680,13 @@ fn check_after_restart(
     assert_eq!(&con.usage(ids), before, "usage changed across the restart");
     let c = con.commit(ids, 40, Some(committed));
     assert_eq!(
-        (c.duplicate, c.recorded),
+        (c.duplicate, c.tokens),
         (true, 0),
         "a commit repeated after the restart counted again: {c:?}"
     );
     let c = con.commit(ids, 30, Some(open));
     assert_eq!(
-        (c.recorded, c.duplicate, c.lease_held),
+        (c.tokens, c.duplicate, c.lease_held),
         (30, false, true),
         "the lease open before the restart: {c:?}"
     );
@@ -694,8 +695,8 @@ fn check_after_restart(
     // Base 2 is used up (4 requests): each admit now needs the credit (+5) from PostgreSQL.
     let m = con.admit(ids, "REQUESTS_PER_DAY 2");
     assert!(m.allowed, "{m:?}");
-    assert_eq!(m.replenishment, "global");
-    assert!(m.used_replenishment(), "{m:?}");
+    assert_eq!(m.credit, "global");
+    assert!(m.used_credit(), "{m:?}");
     assert!(
         info_i64(server, "quota_cache_misses") > misses,
         "the first admit after the restart was not a cache miss"
@@ -734,7 +735,7 @@ fn sigkill_under_appendfsync_always_keeps_usage_and_the_cache_refills() {
 
     // And once more, killed right after the last write.
     let before = con.usage(ids);
-    assert_eq!((before.req_day, before.tok_day), (7, 150));
+    assert_eq!((before.requests_per_day, before.tokens_per_day), (7, 150));
     drop(con);
     server.kill9();
     server.restart();
@@ -776,7 +777,7 @@ fn a_timed_out_grant_with_a_purchase_id_retried_is_applied_once() {
         "the retried GRANT kept failing: {reply:?}"
     );
     let m = to_map(reply.expect("retried GRANT"));
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 100, "{m:?}");
+    assert_eq!(field_i64(&m, "requests_per_day"), 100, "{m:?}");
     eprintln!(
         "retried GRANT: duplicate {} (1 = the timed-out one had committed)",
         field_i64(&m, "duplicate")
@@ -784,7 +785,7 @@ fn a_timed_out_grant_with_a_purchase_id_retried_is_applied_once() {
     // Once more: nothing changes.
     let again = query_map(&mut con, &topup);
     assert_eq!(field_i64(&again, "duplicate"), 1);
-    assert_eq!(field_i64(&again, "additional_requests_per_day"), 100);
+    assert_eq!(field_i64(&again, "requests_per_day"), 100);
     assert_eq!(
         pg.psql(&format!(
             "SELECT additional_requests_per_day, \

@@ -787,7 +787,7 @@ fn assert_unchanged(before: &Snapshot, mut after: Snapshot, peeks: usize, seed: 
             .iter()
             .map(|m| {
                 let mut m = m.clone();
-                m.remove("tok_hour");
+                m.remove("tokens_per_hour");
                 m
             })
             .collect()
@@ -1009,7 +1009,7 @@ fn map_of(reply: Reply, what: &str) -> BTreeMap<String, Reply> {
         .unwrap_or_else(|| panic!("{what}: not a map: {reply:?}"))
 }
 
-/// `QUOTA.ADMIT acc REQUESTS_PER_DAY 0` (only a credit can admit): (allowed, replenishment)
+/// `QUOTA.ADMIT acc REQUESTS_PER_DAY 0` (only a credit can admit): (allowed, credit)
 /// and the whole reply.
 fn admit_on_credits_only(
     raw: &mut Raw,
@@ -1020,7 +1020,7 @@ fn admit_on_credits_only(
         raw.call(&cmd_on("QUOTA.ADMIT", acc, &["REQUESTS_PER_DAY", "0"])),
         what,
     );
-    ((int_of(&m, "allowed"), text_of(&m, "replenishment")), m)
+    ((int_of(&m, "allowed"), text_of(&m, "credit")), m)
 }
 
 fn int_of(m: &BTreeMap<String, Reply>, f: &str) -> i64 {
@@ -1081,7 +1081,7 @@ fn ids_with_separators_never_collide() {
         for (acc, other, want) in [(a, b, (1, 11)), (b, a, (2, 22))] {
             let u = map_of(raw.call(&cmd_on("QUOTA.USAGE", acc, &[])), "USAGE");
             assert_eq!(
-                (int_of(&u, "req_day"), int_of(&u, "tok_day")),
+                (int_of(&u, "requests_per_day"), int_of(&u, "tokens_per_day")),
                 want,
                 "usage of {acc:?} mixed with {other:?}"
             );
@@ -1101,7 +1101,7 @@ fn ids_with_separators_never_collide() {
         raw.call(&cmd_on("QUOTA.INVALIDATE", &a[..3], &[]));
         raw.call(&cmd_on("QUOTA.INVALIDATE", &b[..3], &[]));
         let got = map_of(raw.call(&cmd_on("QUOTA.GET", a, &[])), "GET A");
-        assert_eq!(int_of(&got, "additional_requests_per_day"), 7);
+        assert_eq!(int_of(&got, "requests_per_day"), 7);
         assert_eq!(raw.call(&cmd_on("QUOTA.GET", b, &[])), Reply::Null, "{b:?}");
     }
 }
@@ -1186,7 +1186,7 @@ fn quotes_and_unicode_go_through_postgres_unchanged() {
         );
         let seen = wait_until(Duration::from_secs(10), || {
             let m = map_of(raw.call(&cmd_on("QUOTA.GET", a, &[])), "GET");
-            int_of(&m, "additional_requests_per_day") == 42
+            int_of(&m, "requests_per_day") == 42
         });
         assert!(seen, "a SQL update of {a:?} never reached the cache");
     }
@@ -1317,8 +1317,8 @@ fn input_sizes_are_bounded_as_documented() {
     let u = map_of(raw.call(&cmd_on("QUOTA.USAGE", &acc, &[])), "USAGE");
     assert_eq!(
         (
-            int_of(&u, "req_day"),
-            int_of(&u, "tok_day"),
+            int_of(&u, "requests_per_day"),
+            int_of(&u, "tokens_per_day"),
             int_of(&u, "in_flight")
         ),
         (1, 5, 0),

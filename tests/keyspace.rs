@@ -43,18 +43,18 @@ fn server() -> RedisServer {
 /// Admits alice twice: the second uses her credit, which her key now remembers.
 fn alice_uses_her_credit(con: &mut redis::Connection) {
     let first = con.admit(ALICE, BASE);
-    assert!(!first.used_replenishment(), "{first:?}");
+    assert!(!first.used_credit(), "{first:?}");
     let second = con.admit(ALICE, BASE);
     assert!(second.allowed, "{second:?}");
-    assert!(second.used_replenishment(), "{second:?}");
+    assert!(second.used_credit(), "{second:?}");
 }
 
 /// No credits apply: beyond the one base request the account is denied, never admitted on
 /// another account's credit.
 fn assert_no_credit(m: &Admit) {
     assert!(!m.allowed, "admitted on another user's credit: {m:?}");
-    assert!(!m.used_replenishment(), "{m:?}");
-    assert_eq!(m.replenishment, "none", "{m:?}");
+    assert!(!m.used_credit(), "{m:?}");
+    assert_eq!(m.credit, "none", "{m:?}");
 }
 
 /// A server where alice used her credit, then `command` (`RENAME` or `COPY`) from her key to
@@ -79,9 +79,9 @@ fn rename_moves_usage_but_never_the_remembered_credit() {
     // Bob's key holds alice's two requests now; his own policy and (no) credits decide.
     let m = con.admit(BOB, BASE);
     assert_no_credit(&m);
-    assert_eq!(con.usage(BOB).req_day, 2);
+    assert_eq!(con.usage(BOB).requests_per_day, 2);
     // Alice starts from nothing, still with her credit.
-    assert_eq!(con.usage(ALICE).req_day, 0);
+    assert_eq!(con.usage(ALICE).requests_per_day, 0);
     alice_uses_her_credit(&mut con);
     // Another bundle of the same user without a credit of its own is another account too.
     let bare = ["acme", "chat", "carol", "pro"];
@@ -91,7 +91,7 @@ fn rename_moves_usage_but_never_the_remembered_credit() {
     );
     con.admit(bare, BASE);
     let m = con.admit(bare, BASE);
-    assert!(m.used_replenishment(), "{m:?}");
+    assert!(m.used_credit(), "{m:?}");
     let other_bundle = ["acme", "chat", "carol", "free"];
     between(&mut con, "RENAME", bare, other_bundle);
     let m = con.admit(other_bundle, BASE);
@@ -105,9 +105,9 @@ fn copy_gives_the_copy_its_own_credits() {
     assert_no_credit(&con.admit(BOB, BASE));
     // The original keeps counting, on alice's credit.
     let m = con.admit(ALICE, BASE);
-    assert!(m.used_replenishment(), "{m:?}");
-    assert_eq!(con.usage(ALICE).req_day, 3);
-    assert_eq!(con.usage(BOB).req_day, 2);
+    assert!(m.used_credit(), "{m:?}");
+    assert_eq!(con.usage(ALICE).requests_per_day, 3);
+    assert_eq!(con.usage(BOB).requests_per_day, 2);
 }
 
 fn select(con: &mut redis::Connection, db: &str) {
@@ -120,26 +120,26 @@ fn move_and_swapdb_take_the_usage_along_with_the_same_credits() {
     let mut con = server.client();
     alice_uses_her_credit(&mut con);
     query(&mut con, &["MOVE", &account_key(ALICE), "1"]).expect("MOVE");
-    assert_eq!(con.usage(ALICE).req_day, 0);
+    assert_eq!(con.usage(ALICE).requests_per_day, 0);
     select(&mut con, "1");
-    assert_eq!(con.usage(ALICE).req_day, 2);
+    assert_eq!(con.usage(ALICE).requests_per_day, 2);
     // Same key name, same user: alice's credit still applies there.
     let m = con.admit(ALICE, BASE);
-    assert!(m.used_replenishment(), "{m:?}");
+    assert!(m.used_credit(), "{m:?}");
     // Swap the databases: the account (3 requests) is back in db 0.
     query(&mut con, &["SWAPDB", "0", "1"]).expect("SWAPDB");
-    assert_eq!(con.usage(ALICE).req_day, 0);
+    assert_eq!(con.usage(ALICE).requests_per_day, 0);
     select(&mut con, "0");
-    assert_eq!(con.usage(ALICE).req_day, 3);
+    assert_eq!(con.usage(ALICE).requests_per_day, 3);
     let m = con.admit(ALICE, BASE);
-    assert!(m.used_replenishment(), "{m:?}");
+    assert!(m.used_credit(), "{m:?}");
     // Bob is never admitted on alice's credit.
     assert!(con.admit(BOB, BASE).allowed);
     assert_no_credit(&con.admit(BOB, BASE));
 }
 
-fn tok_day(con: &mut redis::Connection, acc: [&str; 4]) -> i64 {
-    con.usage(acc).tok_day
+fn tokens_per_day(con: &mut redis::Connection, acc: [&str; 4]) -> i64 {
+    con.usage(acc).tokens_per_day
 }
 
 /// 66 leases committed, then the first again: recognised as a repeat (not only the last 64).
@@ -156,12 +156,12 @@ fn a_repeated_commit_counts_once_after_many_other_commits() {
         .collect();
     for lease in &leases {
         let m = con.commit(BOB, 10, Some(lease));
-        assert_eq!(m.recorded, 10, "{m:?}");
+        assert_eq!(m.tokens, 10, "{m:?}");
     }
     let again = con.commit(BOB, 10, Some(&leases[0]));
     assert!(again.duplicate, "{again:?}");
-    assert_eq!(again.recorded, 0, "{again:?}");
-    assert_eq!(tok_day(&mut con, BOB), 660);
+    assert_eq!(again.tokens, 0, "{again:?}");
+    assert_eq!(tokens_per_day(&mut con, BOB), 660);
 }
 
 /// At the bound (4096 committed leases still in their time), another lease's commit is refused
@@ -181,14 +181,14 @@ fn at_the_bound_a_commit_is_refused_rather_than_counted_twice() {
     }
     let replies: Vec<Value> = pipe.query(&mut con).expect("4096 commits");
     assert_eq!(replies.len(), 4096);
-    assert_eq!(tok_day(&mut con, BOB), 4096);
+    assert_eq!(tokens_per_day(&mut con, BOB), 4096);
     let err = query_err(
         &mut con,
         &with_account("QUOTA.COMMIT", BOB, &["1", "LEASE", "job-4096"]),
     );
     assert!(err.starts_with("ERR this account remembers 4096"), "{err}");
     assert_eq!(
-        tok_day(&mut con, BOB),
+        tokens_per_day(&mut con, BOB),
         4096,
         "a refused commit records nothing"
     );
@@ -198,5 +198,5 @@ fn at_the_bound_a_commit_is_refused_rather_than_counted_twice() {
     }
     // A commit without a lease has nothing to remember and records.
     con.commit(BOB, 1, None);
-    assert_eq!(tok_day(&mut con, BOB), 4097);
+    assert_eq!(tokens_per_day(&mut con, BOB), 4097);
 }

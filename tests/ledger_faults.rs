@@ -188,8 +188,8 @@ fn one_cycle(con: &mut Routed, rng: &mut Rng, lease: &str, load: &mut Load) {
         let tokens = rng.below_u64(RESERVE + 1).min(a.reserved as u64);
         let opts = Opts::words(tokens.to_string()).lease(lease);
         let c = Commit::from_map(to_map(con.call(&words(acc, "QUOTA.COMMIT", opts), load)));
-        assert_eq!((c.recorded, c.duplicate), (tokens as i64, false), "{c:?}");
-        load.told[u].committed += c.recorded;
+        assert_eq!((c.tokens, c.duplicate), (tokens as i64, false), "{c:?}");
+        load.told[u].committed += c.tokens;
     }
 }
 
@@ -243,8 +243,8 @@ fn assert_usage_is(server: &RedisServer, load: &Load, same_hour: bool) {
         let usage = con.usage(account(&user(u)));
         assert_eq!((usage.in_flight, usage.reserved), (0, 0), "{usage:?}");
         if same_hour {
-            assert_eq!(usage.req_day, t.admitted - t.released, "u{u}");
-            assert_eq!(usage.tok_hour, t.committed, "u{u}");
+            assert_eq!(usage.requests_per_day, t.admitted - t.released, "u{u}");
+            assert_eq!(usage.tokens_per_hour, t.committed, "u{u}");
         }
     }
 }
@@ -465,7 +465,7 @@ fn a_master_lost_after_its_flush_committed_loses_no_replicated_usage() {
     // 4 more, after batch N was taken; the replica has them.
     admit(&mut m, 4);
     assert_eq!(query_i64(&mut m, &["WAIT", "1", "5000"]), 1);
-    assert_eq!(replica.client().usage(a).req_day, 12);
+    assert_eq!(replica.client().usage(a).requests_per_day, 12);
 
     // The master's main thread stops; PostgreSQL commits batch N; the master dies unacked.
     let port = master.port();
@@ -497,7 +497,7 @@ fn a_master_lost_after_its_flush_committed_loses_no_replicated_usage() {
     let _: Value = query(&mut r, &["REPLICAOF", "NO", "ONE"]).expect("REPLICAOF NO ONE");
     wait_ledger_flushed(&replica, Duration::from_secs(20));
     eprintln!("promoted replica: {:?}", LedgerInfo::of(&replica));
-    assert_eq!(r.usage(a).req_day, 12);
+    assert_eq!(r.usage(a).requests_per_day, 12);
     assert_eq!(
         ledger(),
         12,
@@ -535,7 +535,7 @@ fn a_release_between_a_flush_and_its_acknowledgement_is_refunded() {
     std::thread::sleep(Duration::from_millis(2500));
     wait_ledger_flushed(&server, Duration::from_secs(20));
 
-    assert_eq!(con.usage(a).req_day, 1);
+    assert_eq!(con.usage(a).requests_per_day, 1);
     let sums = ledger_sums_by_user(&pg.url(), &schema);
     let erin = sums.get("erin").copied().unwrap_or_default();
     assert_eq!(

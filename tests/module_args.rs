@@ -89,7 +89,7 @@ fn a_key_value_pg_url_argument_survives_config_rewrite_and_restarts() {
             &mut server.client(),
             &["QUOTA.GRANT", "t", "p", user, "*", "REQUESTS_PER_DAY", "3"],
         );
-        assert_eq!(field_i64(&m, "additional_requests_per_day"), 3);
+        assert_eq!(field_i64(&m, "requests_per_day"), 3);
     };
     grant(&server, "u1");
     let url = format!(
@@ -195,6 +195,6 @@ fn module_load_rewrites_a_key_value_url_and_refuses_unknown_arguments() {
         &mut con,
         &["QUOTA.GRANT", "t", "p", "u", "*", "REQUESTS_PER_DAY", "3"],
     );
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 3);
+    assert_eq!(field_i64(&m, "requests_per_day"), 3);
     server.wait_notify_state("listening", Duration::from_secs(20));
 }

@@ -109,14 +109,14 @@ fn assert_workload_state(snap: &[Usage]) {
     let [daily, tokens, lifetime] = snap else {
         panic!("three accounts expected: {snap:?}");
     };
-    assert_eq!(daily.req_day, DAILY_ADMITS, "{daily:?}");
-    assert_eq!(daily.req_total, DAILY_ADMITS, "{daily:?}");
-    assert_eq!(tokens.req_day, 2, "{tokens:?}");
-    assert_eq!(tokens.tok_day, 95, "{tokens:?}");
-    assert_eq!(tokens.tok_hour, 95, "{tokens:?}");
+    assert_eq!(daily.requests_per_day, DAILY_ADMITS, "{daily:?}");
+    assert_eq!(daily.total_requests, DAILY_ADMITS, "{daily:?}");
+    assert_eq!(tokens.requests_per_day, 2, "{tokens:?}");
+    assert_eq!(tokens.tokens_per_day, 95, "{tokens:?}");
+    assert_eq!(tokens.tokens_per_hour, 95, "{tokens:?}");
     assert_eq!(tokens.in_flight, 1, "{tokens:?}");
     assert_eq!(tokens.reserved, 200, "{tokens:?}");
-    assert_eq!(lifetime.req_total, 3, "{lifetime:?}");
+    assert_eq!(lifetime.total_requests, 3, "{lifetime:?}");
 }
 
 /// After a restart or on a promoted replica: the open lease is still held, the committed one
@@ -143,11 +143,11 @@ fn assert_continues(con: &mut redis::Connection) {
     let m = con.admit(TOKENS, ["TOKENS_PER_DAY", "1000", "LEASE", OPEN_LEASE]);
     assert!(m.allowed, "{m:?}");
     assert_eq!(m.reserved, 200, "the open lease is held: {m:?}");
-    assert_eq!(con.usage(TOKENS).req_day, 2, "re-admit counted");
+    assert_eq!(con.usage(TOKENS).requests_per_day, 2, "re-admit counted");
     let c = con.commit(TOKENS, 150, Some(OPEN_LEASE));
     assert!(c.lease_held, "{c:?}");
     let u = con.usage(TOKENS);
-    assert_eq!(u.tok_day, 245);
+    assert_eq!(u.tokens_per_day, 245);
     assert_eq!(u.reserved, 0);
     // DAILY holds DAILY_ADMITS: a limit of DAILY_ADMITS + 1 admits exactly one more.
     let limit = (DAILY_ADMITS + 1).to_string();
@@ -414,8 +414,8 @@ fn usage_counts_as_a_change_on_an_rdb_only_node() {
     server.kill9();
     server.restart();
     let mut con = server.client();
-    assert_eq!(con.usage(DAILY).req_day, 50);
-    assert_eq!(con.usage(TOKENS).tok_day, 15);
+    assert_eq!(con.usage(DAILY).requests_per_day, 50);
+    assert_eq!(con.usage(TOKENS).tokens_per_day, 15);
 }
 
 #[test]
@@ -525,7 +525,7 @@ fn a_replica_follows_the_master_and_takes_over() {
     for i in 0..2 {
         let m = mc.admit(cold, "REQUESTS_PER_DAY 0");
         assert!(m.allowed, "cold admit {i}: {m:?}");
-        assert_eq!(m.replenishment, "global");
+        assert_eq!(m.credit, "global");
     }
     assert!(
         misses(&master) > before,
@@ -535,11 +535,11 @@ fn a_replica_follows_the_master_and_takes_over() {
     let everyone = [DAILY, TOKENS, LIFETIME, more, cold];
     assert_same_usage(&master, &replica, &everyone);
     let mut rc = replica.client();
-    assert_eq!(rc.usage(more).req_day, 7);
+    assert_eq!(rc.usage(more).requests_per_day, 7);
     assert_eq!(rc.usage(more).in_flight, 4);
-    assert_eq!(rc.usage(more).tok_day, 42);
+    assert_eq!(rc.usage(more).tokens_per_day, 42);
     assert_eq!(
-        rc.usage(cold).req_day,
+        rc.usage(cold).requests_per_day,
         2,
         "the cold user's admits reached the replica"
     );
@@ -570,7 +570,7 @@ fn a_replica_follows_the_master_and_takes_over() {
     assert_continues(&mut rc);
     let m = rc.admit(cold, "REQUESTS_PER_DAY 0");
     assert!(m.allowed, "3rd of 3 credits: {m:?}");
-    assert_eq!(m.replenishment, "global");
+    assert_eq!(m.credit, "global");
     assert!(!rc.admit(cold, "REQUESTS_PER_DAY 0").allowed);
 }
 
@@ -685,7 +685,7 @@ fn one_command_writes_little_to_the_aof_whatever_the_leases_held() {
     }
     let u = con.usage(big);
     assert_eq!(u.in_flight, 4094, "{u:?}");
-    assert_eq!(u.tok_day, 1, "{u:?}");
+    assert_eq!(u.tokens_per_day, 1, "{u:?}");
     let again = con.commit(big, 1, Some(&id(0)));
     assert!(again.duplicate, "{again:?}");
     assert_same_usage(&master, &replica, &[big, one]);

@@ -59,15 +59,15 @@ fn exercise(mode: &Mode) -> (RedisServer, String) {
 
     // Credits: a grant, the same purchase again, read back three ways.
     let granted = con.grant(alice, "REQUESTS_PER_DAY 5 PURCHASE pi_1");
-    assert_eq!(field_i64(&granted, "additional_requests_per_day"), 5);
+    assert_eq!(field_i64(&granted, "requests_per_day"), 5);
     assert_eq!(field_i64(&granted, "duplicate"), 0);
     let again = con.grant(alice, "REQUESTS_PER_DAY 9 PURCHASE pi_1");
     assert_eq!(field_i64(&again, "duplicate"), 1);
-    assert_eq!(field_i64(&again, "additional_requests_per_day"), 5);
+    assert_eq!(field_i64(&again, "requests_per_day"), 5);
     let got = con
         .get(["acme", "chat", "alice", "web"])
         .expect("alice's credit");
-    assert_eq!(field_i64(&got, "additional_requests_per_day"), 5);
+    assert_eq!(field_i64(&got, "requests_per_day"), 5);
     let listed = con.list(["acme", "chat", "alice"], false);
     assert!(listed.contains_key("*"), "{listed:?}");
 
@@ -91,8 +91,8 @@ fn exercise(mode: &Mode) -> (RedisServer, String) {
          VALUES ('acme', 'chat', 'bob', '*', 3, true)");
     let bob = con.admit(["acme", "chat", "bob", "web"], "REQUESTS_PER_DAY 0");
     assert!(bob.allowed, "{bob:?}");
-    assert_eq!(bob.replenishment, "global");
-    assert!(bob.used_replenishment());
+    assert_eq!(bob.credit, "global");
+    assert!(bob.used_credit());
 
     // NOTIFY: carol is cached as having no credit for ten minutes; a row added in SQL shows
     // at once, and so does alice's row changed in SQL.
@@ -108,7 +108,7 @@ fn exercise(mode: &Mode) -> (RedisServer, String) {
         con.get(["acme", "chat", "carol", "web"]).is_some()
             && con
                 .get(web)
-                .is_some_and(|m| field_i64(&m, "additional_requests_per_day") == 6)
+                .is_some_and(|m| field_i64(&m, "requests_per_day") == 6)
     });
     assert!(seen, "changes made in SQL did not reach the cache");
 
@@ -185,7 +185,7 @@ fn tls_key_value_form_with_a_client_certificate() {
     );
     let mut con = server.client();
     let granted = con.grant(["t", "p", "u", "*"], "REQUESTS_PER_DAY 2");
-    assert_eq!(field_i64(&granted, "additional_requests_per_day"), 2);
+    assert_eq!(field_i64(&granted, "requests_per_day"), 2);
     assert_eq!(
         psql(&pg.url, &format!("SELECT tableowner FROM pg_tables WHERE schemaname = '{schema}' AND tablename = 'quota_policy'")),
         "quota_cert"
@@ -223,7 +223,7 @@ fn scram_over_tls_with_channel_binding_required() {
     let granted = server
         .client()
         .grant(["t", "p", "u", "*"], "REQUESTS_PER_DAY 2");
-    assert_eq!(field_i64(&granted, "additional_requests_per_day"), 2);
+    assert_eq!(field_i64(&granted, "requests_per_day"), 2);
     assert!(!server.log().contains("scram-pw"));
 }
 

@@ -70,10 +70,7 @@ fn grant_once_back(con: &mut redis::Connection, user: &str, rpd: &str, within: D
         to_map(r.unwrap_or_else(|e| {
             panic!("GRANT still fails {took:?} after PostgreSQL came back: {e}")
         }));
-    assert_eq!(
-        field_i64(&r, "additional_requests_per_day").to_string(),
-        rpd
-    );
+    assert_eq!(field_i64(&r, "requests_per_day").to_string(), rpd);
 }
 
 /// `QUOTA.ADMIT T P <user> gpt REQUESTS_PER_DAY <base_rpd>`.
@@ -98,7 +95,7 @@ fn admit_in_time(con: &mut redis::Connection, user: &str, what: &str) -> Admit {
 /// The additional requests per day `QUOTA.GET` serves for `user`, None for nil.
 fn credit(con: &mut redis::Connection, user: &str) -> Option<i64> {
     con.get([T, P, user, "gpt"])
-        .map(|g| field_i64(&g, "additional_requests_per_day"))
+        .map(|g| field_i64(&g, "requests_per_day"))
 }
 
 fn ping(con: &mut redis::Connection) {
@@ -160,7 +157,7 @@ fn assert_notify_works(
     });
     assert!(ok, "the SQL UPDATE was not seen through NOTIFY within 5 s");
     assert!(info_i64(server, "quota_notify_received") > received);
-    assert_eq!(admit(&mut con, user, "1").replenishment, "global");
+    assert_eq!(admit(&mut con, user, "1").credit, "global");
 }
 
 #[test]
@@ -174,11 +171,11 @@ fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_r
     assert_eq!(credit(&mut con, "alice"), Some(5), "alice still served");
     let a = admit(&mut con, "alice", "1");
     assert!(a.allowed);
-    assert_eq!(a.replenishment, "global");
+    assert_eq!(a.credit, "global");
     let a = admit(&mut con, "alice", "1");
     assert!(a.allowed, "credits not applied: {a:?}");
-    assert!(a.used_replenishment());
-    assert_eq!(a.replenishment, "global");
+    assert!(a.used_credit());
+    assert_eq!(a.credit, "global");
     assert!(
         t0.elapsed() < Duration::from_millis(500),
         "cached commands waited on PostgreSQL: {:?}",
@@ -189,8 +186,8 @@ fn cached_users_are_served_while_postgres_is_stopped_and_it_recovers_without_a_r
     let unavailable = info_i64(&server, "quota_admits_unavailable");
     let a = admit_in_time(&mut con, "bob", "ADMIT for an uncached user");
     assert!(a.allowed);
-    assert_eq!(a.replenishment, "unavailable");
-    assert!(!a.used_replenishment());
+    assert_eq!(a.credit, "unavailable");
+    assert!(!a.used_credit());
     // The base policy alone decides: the second request is over REQUESTS_PER_DAY 1.
     let a = admit_in_time(&mut con, "bob", "second ADMIT bob");
     assert!(!a.allowed);
@@ -238,7 +235,7 @@ fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
 
     let a = admit_in_time(&mut con, "bob", "ADMIT bob with PostgreSQL hanging");
     assert!(a.allowed);
-    assert_eq!(a.replenishment, "unavailable");
+    assert_eq!(a.credit, "unavailable");
 
     let (r, took) = timed(&mut con, &grant_args("carol", "9"));
     assert_pg_error("GRANT carol with PostgreSQL hanging", r, took);
@@ -248,7 +245,7 @@ fn uncached_admits_and_writes_answer_within_the_timeout_when_postgres_hangs() {
     assert_eq!(credit(&mut con, "alice"), Some(5), "alice still served");
     let a = admit(&mut con, "alice", "0");
     assert!(a.allowed);
-    assert_eq!(a.replenishment, "global");
+    assert_eq!(a.credit, "global");
     assert!(
         t0.elapsed() < Duration::from_millis(500),
         "cached commands waited on a hanging PostgreSQL: {:?}",
@@ -281,7 +278,7 @@ fn the_module_serves_when_postgres_is_down_at_start_and_deploys_once_it_is_up() 
     // Admission works on the base policy alone.
     let a = admit_in_time(&mut con, "alice", "ADMIT with PostgreSQL down");
     assert!(a.allowed);
-    assert_eq!(a.replenishment, "unavailable");
+    assert_eq!(a.credit, "unavailable");
     let (r, took) = timed(&mut con, &grant_args("alice", "5"));
     assert_pg_error("GRANT with PostgreSQL down at start", r, took);
 

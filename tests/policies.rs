@@ -333,7 +333,7 @@ fn with_postgres_down_a_cached_policy_decides_and_an_uncached_one_is_an_error() 
     assert!(started.elapsed() < Duration::from_millis(500));
     let m = admit_under(&mut con, "bob", "pro", "");
     assert!(m.allowed);
-    assert_eq!(m.replenishment, "unavailable");
+    assert_eq!(m.credit, "unavailable");
 
     // Never cached here: an explicit error, never a decision without limits.
     for _ in 0..2 {
@@ -346,7 +346,7 @@ fn with_postgres_down_a_cached_policy_decides_and_an_uncached_one_is_an_error() 
         assert!(started.elapsed() < Duration::from_millis(2500));
     }
     let usage = con.usage([T, P, "carol", "b"]);
-    assert_eq!(usage.req_day, 0, "a refused admit counted");
+    assert_eq!(usage.requests_per_day, 0, "a refused admit counted");
 
     pg.start();
     let back = wait_until(Duration::from_secs(15), || {
@@ -456,7 +456,7 @@ fn concurrent_clients_under_a_cold_policy_admit_exactly_the_limit() {
     let allowed: usize = threads.into_iter().map(|t| t.join().expect("client")).sum();
     assert_eq!(allowed, LIMIT + CREDIT);
     let usage = server.client().usage([T, P, "shared", "b"]);
-    assert_eq!(usage.req_day, (LIMIT + CREDIT) as i64);
+    assert_eq!(usage.requests_per_day, (LIMIT + CREDIT) as i64);
 }
 
 #[test]
@@ -499,7 +499,7 @@ fn an_admit_waiting_on_credits_decides_with_the_policy_it_started_with_though_it
         "it did not wait ({took:?})"
     );
     assert_eq!(field_i64(&m, "allowed"), 1);
-    assert_eq!(field_str(&m, "replenishment").as_deref(), Some("none"));
+    assert_eq!(field_str(&m, "credit").as_deref(), Some("none"));
     // Decided under the policy's limit of 1: the next one is denied.
     assert_eq!(allowed_of(&mut con, "erin", "pro", 1), 0);
 }

@@ -59,7 +59,7 @@ fn assert_replica_caches(
 
 fn credit(con: &mut redis::Connection, user: &str, bundle: &str) -> Option<i64> {
     con.get([T, P, user, bundle])
-        .map(|r| field_i64(&r, "additional_requests_per_day"))
+        .map(|r| field_i64(&r, "requests_per_day"))
 }
 
 /// Grants, top-ups and revokes on the master are what `QUOTA.GET` on the replica returns on the
@@ -155,7 +155,7 @@ fn grant_and_revoke_reach_the_replica(notify: bool) {
     assert_eq!(a.remaining_requests, 4);
     assert_eq!(wait_one(&mut m), 1);
     assert_eq!(credit(&mut r, "bob", "b"), Some(5));
-    assert_eq!(r.usage([T, P, "bob", "b"]).req_day, 1);
+    assert_eq!(r.usage([T, P, "bob", "b"]).requests_per_day, 1);
 }
 
 #[test]
@@ -200,7 +200,7 @@ fn usage_reaches_the_replica() {
         let a = m.admit(acc, &limits);
         assert!(a.allowed, "{u}: {a:?}");
         let on_master = same_on_replica(&mut m, acc, "after the first admit");
-        assert_eq!(on_master.req_day, 1);
+        assert_eq!(on_master.requests_per_day, 1);
 
         // 2. A lease with a reservation, committed.
         let lease = format!("lease-{k}-a");
@@ -210,7 +210,7 @@ fn usage_reaches_the_replica() {
         let on_master = same_on_replica(&mut m, acc, "with a lease held");
         assert_eq!((on_master.in_flight, on_master.reserved), (2, 300));
         let c = m.commit(acc, 120, Some(&lease));
-        assert_eq!(c.recorded, 120, "{u}: {c:?}");
+        assert_eq!(c.tokens, 120, "{u}: {c:?}");
 
         // 3. A lease released (the request is refunded).
         let lease2 = format!("lease-{k}-b");
@@ -222,14 +222,18 @@ fn usage_reaches_the_replica() {
         let other = [T, P, u, "other"];
         assert!(m.admit(other, "TOKENS_PER_HOUR 10").allowed);
         let c = m.commit(other, 7, None);
-        assert_eq!(c.recorded, 7, "{u}: {c:?}");
+        assert_eq!(c.tokens, 7, "{u}: {c:?}");
 
         let on_master = same_on_replica(&mut m, acc, "after commit and release");
-        let got = (on_master.req_day, on_master.tok_day, on_master.in_flight);
+        let got = (
+            on_master.requests_per_day,
+            on_master.tokens_per_day,
+            on_master.in_flight,
+        );
         assert_eq!(got, (2, 120, 1), "{u}: {on_master:?}");
         assert_eq!(on_master.reserved, 0);
         let on_master = same_on_replica(&mut m, other, "of bundle other");
-        assert_eq!(on_master.tok_hour, 7);
+        assert_eq!(on_master.tokens_per_hour, 7);
     }
     assert!(
         info_i64(&master, "quota_cache_misses") >= cold_before + 3,
@@ -249,7 +253,7 @@ fn usage_reaches_the_replica() {
     let warm1 = [T, P, "warm-1", "b"];
     assert_eq!(m.reset(warm1), 1);
     let on_replica = same_on_replica(&mut m, warm1, "after RESET");
-    assert_eq!(on_replica.req_day, 0, "{on_replica:?}");
+    assert_eq!(on_replica.requests_per_day, 0, "{on_replica:?}");
 
     // The same keys on both sides.
     let dbsize = |c: &mut redis::Connection| value_i64(&query(c, &["DBSIZE"]).unwrap()).unwrap();
@@ -291,12 +295,12 @@ fn promoted_replica_continues_with_the_same_usage() {
         assert_eq!(allowed, 6, "{u} on the master");
     }
     let c = m.commit([T, P, "dave", "b"], 400, None);
-    assert_eq!(c.recorded, 400);
+    assert_eq!(c.tokens, 400);
     assert_eq!(wait_one(&mut m), 1);
     let dave_on_master = m.usage([T, P, "dave", "b"]);
     let erin_on_master = m.usage([T, P, "erin", "b"]);
-    assert_eq!(dave_on_master.req_day, 6);
-    assert_eq!(dave_on_master.tok_day, 400);
+    assert_eq!(dave_on_master.requests_per_day, 6);
+    assert_eq!(dave_on_master.tokens_per_day, 400);
 
     // The master dies; the replica is promoted.
     master.kill9();
@@ -315,12 +319,12 @@ fn promoted_replica_continues_with_the_same_usage() {
         "erin on the promoted replica"
     );
     let u = r.usage([T, P, "dave", "b"]);
-    assert_eq!(u.req_day, 10);
-    assert_eq!(u.tok_day, 400);
+    assert_eq!(u.requests_per_day, 10);
+    assert_eq!(u.tokens_per_day, 400);
 
     // Tokens carried over too: 400 of 1000 used on the master, 600 more here fill the day.
     let c = r.commit([T, P, "dave", "b"], 600, None);
-    assert_eq!(c.recorded, 600);
+    assert_eq!(c.tokens, 600);
     let a = r.admit([T, P, "dave", "b"], "TOKENS_PER_DAY 1000");
     assert!(!a.allowed, "dave's 1000 tokens are used: {a:?}");
     assert_eq!(a.reason, "tokens_per_day");

@@ -424,7 +424,7 @@ fn an_account_written_by_the_previous_build_still_restores() {
         .arg(&old)
         .query::<Value>(&mut con)
         .expect("an old payload restores");
-    assert_eq!(con.usage(acc).req_total, 4);
+    assert_eq!(con.usage(acc).total_requests, 4);
     let again = bytes_of(&query(&mut con, &["DUMP", &key]).expect("DUMP"));
     assert_eq!(Dump::split(&again).state, Dump::split(&old).state);
 }

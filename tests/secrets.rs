@@ -43,7 +43,7 @@ fn grant_works(server: &RedisServer, user: &str) {
         &mut con,
         &["QUOTA.GRANT", "t", "p", user, "*", "REQUESTS_PER_DAY", "5"],
     );
-    assert_eq!(field_i64(&m, "additional_requests_per_day"), 5);
+    assert_eq!(field_i64(&m, "requests_per_day"), 5);
 }
 
 /// Slow log on for every command, the PostgreSQL settings set again at run time (as an

@@ -103,7 +103,7 @@ fn settle(
             Ok(v) => {
                 let m = to_map(v);
                 if (
-                    field_i64(&m, "recorded"),
+                    field_i64(&m, "tokens"),
                     field_i64(&m, "duplicate"),
                     field_i64(&m, "lease_held"),
                 ) != (tokens as i64, 0, 1)
@@ -111,7 +111,7 @@ fn settle(
                     t.problem(format!("{args:?} -> {m:?}"));
                 }
                 t.commits += 1;
-                t.accounts.entry((u, b)).or_default().committed += field_i64(&m, "recorded") as u64;
+                t.accounts.entry((u, b)).or_default().committed += field_i64(&m, "tokens") as u64;
             }
             Err(e) => t.failed("COMMIT", &e),
         }
@@ -150,7 +150,7 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
             match query(&mut con, &args) {
                 Ok(v) => {
                     let m = to_map(v);
-                    if field_i64(&m, "additional_requests_per_day") != CREDIT_REQUESTS as i64 {
+                    if field_i64(&m, "requests_per_day") != CREDIT_REQUESTS as i64 {
                         t.problem(format!("{args:?} -> {m:?}"));
                     }
                     t.grants += 1;
@@ -161,7 +161,7 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
             match query(&mut con, &["QUOTA.GET", "soak", "p", &us, &bs]) {
                 Ok(v) => {
                     let m = to_map(v);
-                    if field_i64(&m, "additional_requests_per_day") != CREDIT_REQUESTS as i64
+                    if field_i64(&m, "requests_per_day") != CREDIT_REQUESTS as i64
                         || field_str(&m, "bundle_id").as_deref() != Some("*")
                     {
                         t.problem(format!("GET {us} {bs} -> {m:?}"));
@@ -189,7 +189,7 @@ fn client_loop(mut con: redis::Connection, seed: u64, users: usize, deadline: In
             match query(&mut con, &args) {
                 Ok(v) => {
                     let m = to_map(v);
-                    let source = field_str(&m, "replenishment").unwrap_or_default();
+                    let source = field_str(&m, "credit").unwrap_or_default();
                     if source != "global" {
                         t.unavailable += 1;
                         t.problem(format!("{us} {bs}: credits not applied: {m:?}"));
@@ -458,16 +458,18 @@ fn soak(duration: Duration, clients: usize, users: usize) {
         let replies: Vec<Value> = pipe.query(&mut con).expect("USAGE pipeline");
         for (((u, b), did), reply) in chunk.iter().zip(replies) {
             let m = to_map(reply);
-            let req_day = field_i64(&m, "req_day");
-            let tok_day = field_i64(&m, "tok_day");
+            let requests_per_day = field_i64(&m, "requests_per_day");
+            let tokens_per_day = field_i64(&m, "tokens_per_day");
             sum_committed += did.committed;
-            sum_tok_day += tok_day;
+            sum_tok_day += tokens_per_day;
             let net = did.allowed as i64 - did.released as i64;
-            if net > limit as i64 || req_day > limit as i64 {
-                over.push(format!("u{u} b{b}: {did:?}, req_day {req_day}"));
+            if net > limit as i64 || requests_per_day > limit as i64 {
+                over.push(format!(
+                    "u{u} b{b}: {did:?}, requests_per_day {requests_per_day}"
+                ));
             }
-            if req_day != net
-                || tok_day != did.committed as i64
+            if requests_per_day != net
+                || tokens_per_day != did.committed as i64
                 || field_i64(&m, "in_flight") != 0
                 || field_i64(&m, "reserved") != 0
             {
@@ -478,7 +480,7 @@ fn soak(duration: Duration, clients: usize, users: usize) {
     assert_no_accounts(&over, &format!("admitted over the limit of {limit}"));
     assert_eq!(
         sum_tok_day, sum_committed as i64,
-        "sum of tok_day differs from the tokens committed"
+        "sum of tokens_per_day differs from the tokens committed"
     );
     assert_no_accounts(&wrong, "whose usage differs from what was done, e.g.");
     check_ledger(&server, &pg, &schema, &accounts);

@@ -11,7 +11,7 @@
 -- seconds until the violated window resets (-1 when allowed).
 --
 -- Inside a script a user whose credits are not cached yet is not blocked: the
--- module decides on the base policy alone (replenishment "pending") and loads
+-- module decides on the base policy alone (credit "pending") and loads
 -- the credits in the background, so the next call sees them.
 
 local user = KEYS[1]
@@ -19,7 +19,7 @@ local tenant, project, bundle, rpd = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 -- COMPACT: a flat array read by position, the same in RESP2 and RESP3:
 -- {allowed, retry_after, remaining_requests, remaining_tokens, lease, reason,
---  reserved, replenishment}.
+--  reserved, credit}.
 local r = redis.call('QUOTA.ADMIT', tenant, project, user, bundle,
                      'REQUESTS_PER_DAY', rpd, 'COMPACT')
 

@@ -17,5 +17,5 @@ local r = redis.call('QUOTA.ADMIT', tenant, project, user, bundle,
                      'POLICY', policy, 'COMPACT')
 
 -- r[1] allowed, r[2] retry_after, r[3] remaining_requests, r[4] remaining_tokens,
--- r[5] lease ("" when none), r[6] reason, r[7] reserved, r[8] replenishment
+-- r[5] lease ("" when none), r[6] reason, r[7] reserved, r[8] credit
 return {r[1], r[2], r[3], r[5]}

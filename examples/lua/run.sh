@@ -68,20 +68,20 @@ cli QUOTA.GRANT "$tenant" "$project" "$user" '*' REQUESTS_PER_DAY 1 >/dev/null
 cli QUOTA.INVALIDATE "$tenant" "$project" "$user" >/dev/null   # drop the cached credits
 
 # Which credit a script would see right now, without counting a request.
-replenishment() {
+credit() {
     cli EVAL "
         local r = redis.call('QUOTA.ADMIT', ARGV[1], ARGV[2], KEYS[1], ARGV[3], 'PEEK')
-        for i = 1, #r, 2 do if r[i] == 'replenishment' then return r[i + 1] end end" \
+        for i = 1, #r, 2 do if r[i] == 'credit' then return r[i + 1] end end" \
         1 "$user" "$tenant" "$project" "$bundle"
 }
-first="$(replenishment)"
-[ "$first" = pending ] || fail "expected replenishment pending on a cold user, got '$first'"
-echo "cold user: replenishment $first (base policy, credits loading in the background)"
+first="$(credit)"
+[ "$first" = pending ] || fail "expected credit pending on a cold user, got '$first'"
+echo "cold user: credit $first (base policy, credits loading in the background)"
 for _ in $(seq 1 100); do
-    [ "$(replenishment)" = global ] && break
+    [ "$(credit)" = global ] && break
     sleep 0.05
 done
-[ "$(replenishment)" = global ] || fail "the credit was never loaded"
+[ "$(credit)" = global ] || fail "the credit was never loaded"
 
 for i in 1 2 3; do
     read -r allowed retry <<<"$(admit "$user" 2)"

@@ -65,7 +65,7 @@ async function standalone(url) {
   }
   check(allowed === 3, `base 1 + credit 2 = 3 allowed, got ${allowed}`);
   const u = asObject(await client.call('QUOTA.USAGE', T, P, user, 'web'));
-  check(Number(u.req_day) === 3, `req_day 3, got ${u.req_day}`);
+  check(Number(u.requests_per_day) === 3, `requests_per_day 3, got ${u.requests_per_day}`);
   client.disconnect();
   console.log('ioredis standalone: 3 of 5 admitted (1 base + 2 credit)');
 }
@@ -98,7 +98,7 @@ async function cluster(nodes) {
       if (isRedirect(err)) { seenRedirects++; continue; }
       throw err;
     }
-    if (i % 2 === 1) check(Number(asObject(reply).req_day) === 2, `${calls[i][1][2]} counted twice`);
+    if (i % 2 === 1) check(Number(asObject(reply).requests_per_day) === 2, `${calls[i][1][2]} counted twice`);
   }
   // 3. A credit granted on one user's node applies to that user's admissions.
   const vip = `ioc-${runId}-vip`;

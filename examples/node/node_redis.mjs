@@ -43,7 +43,7 @@ async function standalone(url) {
   }
   check(allowed === 3, `base 1 + credit 2 = 3 allowed, got ${allowed}`);
   const u = asObject(await client.sendCommand(['QUOTA.USAGE', T, P, user, 'web']));
-  check(Number(u.req_day) === 3, `req_day 3, got ${u.req_day}`);
+  check(Number(u.requests_per_day) === 3, `requests_per_day 3, got ${u.requests_per_day}`);
   await client.close();
   console.log('node-redis standalone: 3 of 5 admitted (1 base + 2 credit)');
 }
@@ -85,7 +85,7 @@ async function cluster(nodes) {
   check(u.filter((r) => Number(asObject(r).allowed) === 1).length === 2, 'vip: base 1 + credit 1');
   // 4. A multi-user read, pipelined: every user shows 2 requests today.
   const usage = await Promise.all(users.map((user) => c.quota.USAGE(T, P, user, 'web')));
-  check(usage.every((r) => Number(asObject(r).req_day) === 2), 'every user counted twice');
+  check(usage.every((r) => Number(asObject(r).requests_per_day) === 2), 'every user counted twice');
   // 5. QUOTA.CLEANUP has no key and does its whole job from any one master; running it on
   // every master is safe too (an advisory lock lets one do the work, the others reply 0).
   const cleaned = await Promise.all(c.masters.map(async (master) =>

@@ -65,10 +65,10 @@ def main():
             failures += 1
             continue
         c = as_dict(r.execute_command("QUOTA.COMMIT", *account, used, "LEASE", lease))
-        assert c["recorded"] == used and c["duplicate"] == 0 and c["lease_held"] == 1, c
+        assert c["tokens"] == used and c["duplicate"] == 0 and c["lease_held"] == 1, c
         # A retried COMMIT (e.g. after a timeout) does not count twice.
         again = as_dict(r.execute_command("QUOTA.COMMIT", *account, used, "LEASE", lease))
-        assert again["recorded"] == 0 and again["duplicate"] == 1, again
+        assert again["tokens"] == 0 and again["duplicate"] == 1, again
         committed += used
         calls += 1
         print(f"call {calls}: {used} tokens (reserved {d['reserved']}), {committed} so far")
@@ -82,11 +82,11 @@ def main():
     print(f"denied: {d['reason']}, retry after {d['retry_after']} s; {failures} failed calls released")
 
     usage = as_dict(r.execute_command("QUOTA.USAGE", *account))
-    assert usage["tok_day"] == committed, (usage, committed)
-    assert usage["tok_month"] == committed, usage
-    assert usage["req_day"] == calls, (usage, calls)  # released calls were refunded
+    assert usage["tokens_per_day"] == committed, (usage, committed)
+    assert usage["tokens_per_month"] == committed, usage
+    assert usage["requests_per_day"] == calls, (usage, calls)  # released calls were refunded
     assert usage["in_flight"] == 0 and usage["reserved"] == 0, usage
-    print(f"usage: {usage['req_day']} requests, {usage['tok_day']} tokens, nothing in flight")
+    print(f"usage: {usage['requests_per_day']} requests, {usage['tokens_per_day']} tokens, nothing in flight")
     print("ok")
 
 

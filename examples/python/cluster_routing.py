@@ -48,7 +48,7 @@ def main():
     for user in users:
         pipe.execute_command("QUOTA.USAGE", t, p, user, "web")
     usage = [as_dict(u) for u in pipe.execute()]
-    assert all(u["req_day"] == 1 for u in usage), usage[:3]
+    assert all(u["requests_per_day"] == 1 for u in usage), usage[:3]
 
     # A named policy, routed by its tenant; every node decides with it.
     policy = as_dict(rc.execute_command("QUOTA.POLICY", "SET", t, p, "free", "REQUESTS_PER_DAY", 7))

@@ -71,7 +71,7 @@ def main():
     assert rec["duplicate"] == 0, rec
     assert rec["purchase_id"] == pay_1, rec
     assert rec["purchase_amount_usd"] == "10.00", rec
-    assert rec["additional_requests_per_day"] == 50, rec
+    assert rec["requests_per_day"] == 50, rec
     assert rec["expires_at"] is None, rec
     print(f"{pay_1}: applied, +50 requests/day, +100000 tokens/day")
 
@@ -82,16 +82,16 @@ def main():
 
     # The credit was applied once.
     got = credits()
-    assert got["additional_requests_per_day"] == 50, got
-    assert got["additional_tokens_per_day"] == 100_000, got
+    assert got["requests_per_day"] == 50, got
+    assert got["tokens_per_day"] == 100_000, got
     assert got["purchase_amount_usd"] == "10.00", got
 
     # A second, different payment adds another pack on top.
     rec = handle_payment_succeeded(r, payment_event(pay_2, user))
     assert rec["duplicate"] == 0, rec
     got = credits()
-    assert got["additional_requests_per_day"] == 100, got
-    assert got["additional_tokens_per_day"] == 200_000, got
+    assert got["requests_per_day"] == 100, got
+    assert got["tokens_per_day"] == 200_000, got
     assert got["purchase_id"] == pay_2, got
     assert got["purchase_amount_usd"] == "20.00", got  # what this row's purchases add up to
     print(f"{pay_2}: applied, now +100 requests/day, +200000 tokens/day, $20.00 paid")
@@ -100,7 +100,7 @@ def main():
     d = as_dict(
         r.execute_command("QUOTA.ADMIT", "acme", "chat-app", user, "assistant", "REQUESTS_PER_DAY", 10)
     )
-    assert d["allowed"] == 1 and d["replenishment"] == "global", d
+    assert d["allowed"] == 1 and d["credit"] == "global", d
     assert d["remaining_requests"] == 109, d
     print("ok")
 

@@ -34,7 +34,7 @@ def main():
     )
     now = time.time()
     assert grant["duplicate"] == 0, grant
-    assert grant["additional_requests_per_day"] == 100, grant
+    assert grant["requests_per_day"] == 100, grant
     assert abs(grant["expires_at"] - (now + TRIAL_DAYS * 86400)) < 60, grant
     print(f"{user}: trial granted until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(grant['expires_at']))}")
 
@@ -45,8 +45,8 @@ def main():
     for i in range(1, 111):
         d = admit()
         assert d["allowed"] == 1, (i, d)
-        assert d["replenishment"] == "global", d  # the '*' row applies
-        assert d["used_replenishment"] == (0 if i <= 10 else 1), (i, d)
+        assert d["credit"] == "global", d  # the '*' row applies
+        assert d["used_credit"] == (0 if i <= 10 else 1), (i, d)
         assert d["remaining_requests"] == 110 - i, (i, d)
     print("110 requests admitted (10 free + 100 trial)")
 
@@ -61,7 +61,7 @@ def main():
 
     # A denied request does not count.
     usage = as_dict(r.execute_command("QUOTA.USAGE", tenant, project, user, bundle))
-    assert usage["req_day"] == 110, usage
+    assert usage["requests_per_day"] == 110, usage
     print("ok")
 
 

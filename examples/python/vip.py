@@ -37,12 +37,12 @@ def main():
     assert cmd("QUOTA.GET", "claude")["bundle_id"] == "*"
 
     d = cmd("QUOTA.ADMIT", "gpt-4", *BASE, "LEASE_TTL", 60)
-    assert d["allowed"] == 1 and d["replenishment"] == "bundle", d
+    assert d["allowed"] == 1 and d["credit"] == "bundle", d
     assert d["remaining_requests"] == 10 + 1000 - 1, d  # VIP only, not VIP + plan
     cmd("QUOTA.COMMIT", "gpt-4", 0, "LEASE", d["lease"])  # the call is done: free the slot
 
     d = cmd("QUOTA.ADMIT", "claude", *BASE, "LEASE_TTL", 60)
-    assert d["allowed"] == 1 and d["replenishment"] == "global", d
+    assert d["allowed"] == 1 and d["credit"] == "global", d
     assert d["remaining_requests"] == 10 + 20 - 1, d
     cmd("QUOTA.COMMIT", "claude", 0, "LEASE", d["lease"])
     print("gpt-4 admits on the VIP row (bundle), claude on the plan ('*', global)")
@@ -65,7 +65,7 @@ def main():
     got = cmd("QUOTA.GET", "gpt-4")
     assert got["bundle_id"] == "*", got
     d = cmd("QUOTA.ADMIT", "gpt-4", *BASE, "LEASE_TTL", 60)
-    assert d["allowed"] == 1 and d["replenishment"] == "global", d
+    assert d["allowed"] == 1 and d["credit"] == "global", d
     # The 6 released requests were refunded: this is the 2nd gpt-4 request of the day.
     assert d["remaining_requests"] == 10 + 20 - 2, d
     cmd("QUOTA.COMMIT", "gpt-4", 0, "LEASE", d["lease"])

@@ -624,10 +624,10 @@ fn reply_decision(
         r.opt_str(d.lease.as_ref().map(|id| id.as_text(&mut buf)))
     });
     let r = r.pair(&words::RESERVED, |r| r.uint(d.reserved));
-    let r = r.pair(&words::USED_REPLENISHMENT, |r| {
+    let r = r.pair(&words::USED_CREDIT, |r| {
         r.int(i64::from(d.used_replenishment))
     });
-    let r = r.pair(&words::REPLENISHMENT, |r| r.word(words::source(source)));
+    let r = r.pair(&words::CREDIT, |r| r.word(words::source(source)));
     let r = r.pair(&words::REMAINING_REQUESTS, |r| r.int(d.remaining_requests));
     let r = r.pair(&words::REMAINING_TOKENS, |r| r.int(d.remaining_tokens));
     let r = r.pair(&words::PAID_BY, |r| r.word(paid_by(d)));
@@ -635,7 +635,7 @@ fn reply_decision(
         let mut r = r.word(&words::LIMITS).map(LimitField::ALL.len());
         for field in LimitField::ALL {
             let limit = policy.limits.get(field);
-            r = r.pair(&words::limit(field)[1], |r| match limit {
+            r = r.pair(words::limit(field), |r| match limit {
                 Some(l) => r.uint(l),
                 None => r.int(-1),
             });
@@ -651,12 +651,15 @@ fn reply_decision(
 /// Writes a usage snapshot (with the window resets when `resets`).
 fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
     let r = r.map(8 + if resets { 3 } else { 0 });
-    let r = r.pair(&words::REQ_DAY, |r| r.uint(u.req_day));
-    let r = r.pair(&words::REQ_MONTH, |r| r.uint(u.req_month));
-    let r = r.pair(&words::REQ_TOTAL, |r| r.uint(u.req_total));
-    let r = r.pair(&words::TOK_HOUR, |r| r.uint(u.tok_hour));
-    let r = r.pair(&words::TOK_DAY, |r| r.uint(u.tok_day));
-    let r = r.pair(&words::TOK_MONTH, |r| r.uint(u.tok_month));
+    use LimitField::*;
+    let r = r.pair(words::limit(RequestsPerDay), |r| r.uint(u.requests_per_day));
+    let r = r.pair(words::limit(RequestsPerMonth), |r| {
+        r.uint(u.requests_per_month)
+    });
+    let r = r.pair(words::limit(TotalRequests), |r| r.uint(u.total_requests));
+    let r = r.pair(words::limit(TokensPerHour), |r| r.uint(u.tokens_per_hour));
+    let r = r.pair(words::limit(TokensPerDay), |r| r.uint(u.tokens_per_day));
+    let r = r.pair(words::limit(TokensPerMonth), |r| r.uint(u.tokens_per_month));
     let r = r.pair(&words::IN_FLIGHT, |r| r.uint(u.in_flight));
     let r = r.pair(&words::RESERVED, |r| r.uint(u.reserved));
     if !resets {
@@ -767,7 +770,7 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
         account_key.notify(EVENT_COMMIT);
     }
     let r = ctx.reply().map(3);
-    let r = r.field("recorded", |r| r.uint(recorded));
+    let r = r.field("tokens", |r| r.uint(recorded));
     let r = r.field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
     r.field("lease_held", |r| r.int(i64::from(outcome.lease_held)));
     Ok(())

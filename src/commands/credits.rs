@@ -34,7 +34,7 @@ fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -
     });
     for field in LimitField::ALL {
         let v = row.and_then(|x| x.additional.get(field));
-        r = r.pair(&words::limit(field)[0], |r| r.opt_int(v));
+        r = r.pair(words::limit(field), |r| r.opt_int(v));
     }
     let r = r.pair(&words::EXPIRES_AT, |r| {
         r.opt_int(row.and_then(|x| x.expires_at))

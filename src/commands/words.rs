@@ -41,8 +41,8 @@ words! {
     RETRY_AFTER = "retry_after";
     LEASE = "lease";
     RESERVED = "reserved";
-    USED_REPLENISHMENT = "used_replenishment";
-    REPLENISHMENT = "replenishment";
+    USED_CREDIT = "used_credit";
+    CREDIT = "credit";
     REMAINING_REQUESTS = "remaining_requests";
     REMAINING_TOKENS = "remaining_tokens";
     PAID_BY = "paid_by";
@@ -58,39 +58,33 @@ words! {
     // A usage snapshot (QUOTA.USAGE, and a decision's `usage`).
     USAGE = "usage";
     RESETS = "resets";
-    REQ_DAY = "req_day";
-    REQ_MONTH = "req_month";
-    REQ_TOTAL = "req_total";
-    TOK_HOUR = "tok_hour";
-    TOK_DAY = "tok_day";
-    TOK_MONTH = "tok_month";
     IN_FLIGHT = "in_flight";
     HOUR_RESET = "hour_reset";
     DAY_RESET = "day_reset";
     MONTH_RESET = "month_reset";
 }
 
-/// Per limit (by `LimitField as usize`): its record field (the additional amount,
-/// `LimitField::column`) and its name in a decision's `limits` (`LimitField::name`).
-static LIMIT_WORDS: [[Word; 2]; LIMIT_FIELDS] = {
-    let mut out = [const { [Word::new(""), Word::new("")] }; LIMIT_FIELDS];
+/// Per limit (by `LimitField as usize`): its name (`LimitField::name`), the one word for it
+/// in every reply: a credit record's amount, a decision's `limits`, a usage snapshot's count.
+static LIMIT_WORDS: [Word; LIMIT_FIELDS] = {
+    let mut out = [const { Word::new("") }; LIMIT_FIELDS];
     let mut i = 0;
     while i < LIMIT_FIELDS {
         let field = LimitField::ALL[i];
-        out[field as usize] = [Word::new(field.column()), Word::new(field.name())];
+        out[field as usize] = Word::new(field.name());
         i += 1;
     }
     out
 };
 
-/// A limit's words: its record field and its name in a decision's `limits`.
-pub(crate) fn limit(field: LimitField) -> &'static [Word; 2] {
+/// A limit's word (see `LIMIT_WORDS`).
+pub(crate) fn limit(field: LimitField) -> &'static Word {
     &LIMIT_WORDS[field as usize]
 }
 
 /// Every word, for `reply::prepare` at load and `reply::release` at unload.
 pub(crate) fn all() -> impl Iterator<Item = &'static Word> {
-    DECLARED.iter().copied().chain(LIMIT_WORDS.iter().flatten())
+    DECLARED.iter().copied().chain(LIMIT_WORDS.iter())
 }
 
 /// The record fields of a balance: granted, flushed debits, left (`BalanceKind::column`).
@@ -109,7 +103,7 @@ pub(crate) fn balance(kind: BalanceKind) -> [&'static Word; 3] {
     }
 }
 
-/// A decision's `replenishment`: where its credits came from.
+/// A decision's `credit`: where its credit came from.
 pub(crate) fn source(source: CreditSource) -> &'static Word {
     match source {
         CreditSource::Bundle => &BUNDLE,
@@ -127,9 +121,7 @@ mod tests {
     #[test]
     fn the_words_are_the_names_the_core_gives() {
         for field in LimitField::ALL {
-            let [column, name] = limit(field).each_ref().map(Word::text);
-            assert_eq!(column, field.column());
-            assert_eq!(name, field.name());
+            assert_eq!(limit(field).text(), field.name());
         }
         for kind in BalanceKind::ALL {
             let [granted, debited, left] = balance(kind).map(Word::text);

@@ -219,8 +219,8 @@ pub struct Admit {
     pub lease: Option<String>,
     pub reserved: i64,
     /// `None` in a compact reply (it has no such element).
-    pub used_replenishment: Option<bool>,
-    pub replenishment: String,
+    pub used_credit: Option<bool>,
+    pub credit: String,
     pub remaining_requests: i64,
     pub remaining_tokens: i64,
     /// `windows`, `balance`, or `""` when denied.
@@ -244,7 +244,7 @@ pub const COMPACT_FIELDS: [&str; 9] = [
     "lease",
     "reason",
     "reserved",
-    "replenishment",
+    "credit",
     "paid_by",
 ];
 
@@ -278,8 +278,8 @@ impl Admit {
             retry_after: field_i64(&map, "retry_after"),
             lease: Some(text("lease")).filter(|l| !l.is_empty()),
             reserved: field_i64(&map, "reserved"),
-            used_replenishment: None,
-            replenishment: field_str(&map, "replenishment").unwrap_or_default(),
+            used_credit: None,
+            credit: field_str(&map, "credit").unwrap_or_default(),
             remaining_requests: field_i64(&map, "remaining_requests"),
             remaining_tokens: field_i64(&map, "remaining_tokens"),
             paid_by: text("paid_by"),
@@ -299,9 +299,8 @@ impl Admit {
             retry_after: field_i64(&map, "retry_after"),
             lease: field_str(&map, "lease"),
             reserved: field_i64(&map, "reserved"),
-            used_replenishment: Some(field_bool(&map, "used_replenishment")),
-            replenishment: field_str(&map, "replenishment")
-                .unwrap_or_else(|| panic!("replenishment is nil: {map:?}")),
+            used_credit: Some(field_bool(&map, "used_credit")),
+            credit: field_str(&map, "credit").unwrap_or_else(|| panic!("credit is nil: {map:?}")),
             remaining_requests: field_i64(&map, "remaining_requests"),
             remaining_tokens: field_i64(&map, "remaining_tokens"),
             paid_by: field_str(&map, "paid_by")
@@ -321,21 +320,21 @@ impl Admit {
     }
 
     /// True when admitted only thanks to the credits (panics on a compact reply).
-    pub fn used_replenishment(&self) -> bool {
-        self.used_replenishment
-            .unwrap_or_else(|| panic!("a COMPACT reply has no used_replenishment: {self:?}"))
+    pub fn used_credit(&self) -> bool {
+        self.used_credit
+            .unwrap_or_else(|| panic!("a COMPACT reply has no used_credit: {self:?}"))
     }
 }
 
 /// A `QUOTA.USAGE` reply (also the `usage` of a `VERBOSE` admission, whose resets are 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
-    pub req_day: i64,
-    pub req_month: i64,
-    pub req_total: i64,
-    pub tok_hour: i64,
-    pub tok_day: i64,
-    pub tok_month: i64,
+    pub requests_per_day: i64,
+    pub requests_per_month: i64,
+    pub total_requests: i64,
+    pub tokens_per_hour: i64,
+    pub tokens_per_day: i64,
+    pub tokens_per_month: i64,
     pub in_flight: i64,
     pub reserved: i64,
     pub hour_reset: i64,
@@ -345,12 +344,12 @@ pub struct Usage {
 
 /// The counters of a usage reply, in README's order.
 pub const COUNTERS: [&str; 8] = [
-    "req_day",
-    "req_month",
-    "req_total",
-    "tok_hour",
-    "tok_day",
-    "tok_month",
+    "requests_per_day",
+    "requests_per_month",
+    "total_requests",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "tokens_per_month",
     "in_flight",
     "reserved",
 ];
@@ -366,12 +365,12 @@ impl Usage {
             }
         };
         Usage {
-            req_day: field_i64(&m, "req_day"),
-            req_month: field_i64(&m, "req_month"),
-            req_total: field_i64(&m, "req_total"),
-            tok_hour: field_i64(&m, "tok_hour"),
-            tok_day: field_i64(&m, "tok_day"),
-            tok_month: field_i64(&m, "tok_month"),
+            requests_per_day: field_i64(&m, "requests_per_day"),
+            requests_per_month: field_i64(&m, "requests_per_month"),
+            total_requests: field_i64(&m, "total_requests"),
+            tokens_per_hour: field_i64(&m, "tokens_per_hour"),
+            tokens_per_day: field_i64(&m, "tokens_per_day"),
+            tokens_per_month: field_i64(&m, "tokens_per_month"),
             in_flight: field_i64(&m, "in_flight"),
             reserved: field_i64(&m, "reserved"),
             hour_reset: reset("hour_reset"),
@@ -383,12 +382,12 @@ impl Usage {
     /// The eight counters, in [`COUNTERS`] order.
     pub fn counters(&self) -> [i64; 8] {
         [
-            self.req_day,
-            self.req_month,
-            self.req_total,
-            self.tok_hour,
-            self.tok_day,
-            self.tok_month,
+            self.requests_per_day,
+            self.requests_per_month,
+            self.total_requests,
+            self.tokens_per_hour,
+            self.tokens_per_day,
+            self.tokens_per_month,
             self.in_flight,
             self.reserved,
         ]
@@ -398,7 +397,7 @@ impl Usage {
 /// A `QUOTA.COMMIT` reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Commit {
-    pub recorded: i64,
+    pub tokens: i64,
     pub duplicate: bool,
     pub lease_held: bool,
 }
@@ -406,7 +405,7 @@ pub struct Commit {
 impl Commit {
     pub fn from_map(m: Map) -> Commit {
         Commit {
-            recorded: field_i64(&m, "recorded"),
+            tokens: field_i64(&m, "tokens"),
             duplicate: field_bool(&m, "duplicate"),
             lease_held: field_bool(&m, "lease_held"),
         }

@@ -328,12 +328,12 @@ impl AdmitDecision {
 /// A snapshot of an account's usage for `QUOTA.USAGE` and `VERBOSE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Usage {
-    pub req_day: u64,
-    pub req_month: u64,
-    pub req_total: u64,
-    pub tok_hour: u64,
-    pub tok_day: u64,
-    pub tok_month: u64,
+    pub requests_per_day: u64,
+    pub requests_per_month: u64,
+    pub total_requests: u64,
+    pub tokens_per_hour: u64,
+    pub tokens_per_day: u64,
+    pub tokens_per_month: u64,
     pub in_flight: u64,
     pub reserved: u64,
     /// Unix seconds at which the hour, day and month windows end.
@@ -537,12 +537,12 @@ impl Account {
             (n + 1, r.saturating_add(l.reserved))
         });
         Usage {
-            req_day: self.count(Counter::ReqDay, now.day),
-            req_month: self.count(Counter::ReqMonth, now.month),
-            req_total: self.req_total,
-            tok_hour: self.count(Counter::TokHour, now.hour),
-            tok_day: self.count(Counter::TokDay, now.day),
-            tok_month: self.count(Counter::TokMonth, now.month),
+            requests_per_day: self.count(Counter::ReqDay, now.day),
+            requests_per_month: self.count(Counter::ReqMonth, now.month),
+            total_requests: self.req_total,
+            tokens_per_hour: self.count(Counter::TokHour, now.hour),
+            tokens_per_day: self.count(Counter::TokDay, now.day),
+            tokens_per_month: self.count(Counter::TokMonth, now.month),
             in_flight,
             reserved,
             hour_reset: Window::Hour.end(now_ms) / 1000,
@@ -941,7 +941,7 @@ mod tests {
         assert!(a.allowed && b.allowed);
         assert_eq!(b.lease, Some(LeaseId::parse("L1")));
         assert!(!b.changed);
-        assert_eq!(acc.usage(T0).req_day, 1);
+        assert_eq!(acc.usage(T0).requests_per_day, 1);
         assert_eq!(acc.usage(T0).in_flight, 1);
     }
 
@@ -969,10 +969,10 @@ mod tests {
         assert_eq!(lease.len(), 16);
         let out = acc.commit(200, Some(&lease), T0).unwrap();
         assert!(out.lease_held && !out.duplicate);
-        assert_eq!(acc.usage(T0).tok_day, 200);
+        assert_eq!(acc.usage(T0).tokens_per_day, 200);
         assert_eq!(acc.usage(T0).reserved, 100);
         assert!(acc.commit(200, Some(&lease), T0).unwrap().duplicate);
-        assert_eq!(acc.usage(T0).tok_day, 200);
+        assert_eq!(acc.usage(T0).tokens_per_day, 200);
     }
 
     #[test]
@@ -984,10 +984,10 @@ mod tests {
             ..plain()
         };
         admit(&mut acc, &p, &r, T0);
-        assert_eq!(acc.usage(T0).req_day, 1);
+        assert_eq!(acc.usage(T0).requests_per_day, 1);
         assert!(acc.release("x", T0));
         assert!(!acc.release("x", T0));
-        assert_eq!(acc.usage(T0).req_day, 0);
+        assert_eq!(acc.usage(T0).requests_per_day, 0);
         assert_eq!(acc.req_total, 0);
         admit(
             &mut acc,
@@ -1001,7 +1001,7 @@ mod tests {
         let next_day = Window::Day.end(T0) + 10;
         admit(&mut acc, &p, &plain(), next_day);
         assert!(acc.release("x", next_day));
-        assert_eq!(acc.usage(next_day).req_day, 1);
+        assert_eq!(acc.usage(next_day).requests_per_day, 1);
     }
 
     #[test]
@@ -1256,11 +1256,11 @@ mod tests {
             let out = acc.commit(10, Some(id), T0 + 1).unwrap();
             assert!(out.lease_held && !out.duplicate);
         }
-        assert_eq!(acc.usage(T0 + 1).tok_day, 660);
+        assert_eq!(acc.usage(T0 + 1).tokens_per_day, 660);
         // The first lease again, within its time: nothing recorded.
         let again = acc.commit(10, Some(&ids[0]), T0 + 2).unwrap();
         assert!(again.duplicate);
-        assert_eq!(acc.usage(T0 + 2).tok_day, 660);
+        assert_eq!(acc.usage(T0 + 2).tokens_per_day, 660);
         // A settled id is kept until its lease would have expired (300 s here)...
         assert!(
             acc.commit(10, Some(&ids[0]), T0 + 299_999)

@@ -475,7 +475,7 @@ mod tests {
         let owed = acc.unflushed_hours();
         assert!(acc.reset());
         assert!(!acc.reset(), "nothing left to forget");
-        assert_eq!(acc.usage(T0).req_day, 0);
+        assert_eq!(acc.usage(T0).requests_per_day, 0);
         assert_eq!(acc.req_total, 0);
         assert_eq!(acc.unflushed_hours(), owed);
         assert_eq!(acc.retention(), crate::core::account::Retention::Forever);
@@ -584,7 +584,7 @@ mod interleaving {
                     (net, tokens),
                     "case {case}"
                 );
-                assert_eq!(acc.usage(now).req_day as i64, net);
+                assert_eq!(acc.usage(now).requests_per_day as i64, net);
             }
         }
     }
