@@ -212,7 +212,12 @@ pub(crate) fn submit(job: Job) -> Result<(), Job> {
     };
     match tx.try_send(job) {
         Ok(()) => {
-            conditions::QUEUE_FULL.recovered(|| "jobs are queued again".into());
+            // Over once the queue has drained to half: a queue that stays about full (each
+            // job that finishes lets one more in) is one problem, not a line per free slot.
+            if conditions::QUEUE_FULL.is_active() && drained(tx.len(), tx.capacity()) {
+                conditions::QUEUE_FULL
+                    .recovered(|| format!("jobs are queued again ({} waiting)", tx.len()));
+            }
             Ok(())
         }
         Err(TrySendError::Full(job)) => {
@@ -225,6 +230,11 @@ pub(crate) fn submit(job: Job) -> Result<(), Job> {
             Err(job)
         }
     }
+}
+
+/// Whether a queue that was full has drained enough to call it over: to half its capacity.
+fn drained(len: usize, capacity: Option<usize>) -> bool {
+    capacity.is_none_or(|cap| len <= cap / 2)
 }
 
 /// What a refused job means for its caller, for the log.
@@ -715,4 +725,19 @@ fn write_through_policy(policy: &OwnedPolicy, value: CachedPolicy) {
 
 fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {
     cache::cache().put(&user.id().key(), Arc::from(rows), clock::now_ms());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_is_over_once_drained_to_half() {
+        assert!(!drained(8, Some(8)));
+        assert!(!drained(5, Some(8)));
+        assert!(drained(4, Some(8)));
+        assert!(drained(0, Some(1)));
+        assert!(!drained(1, Some(1)));
+        assert!(drained(3, None));
+    }
 }
