@@ -463,3 +463,52 @@ fn an_outage_is_logged_in_a_handful_of_lines_an_operator_can_act_on_without_the_
     let log = server.log();
     assert!(!log.contains(SECRET), "the password is in the log");
 }
+
+#[test]
+fn a_deploy_refused_for_want_of_privileges_is_logged_once_and_the_module_carries_on() {
+    const SECRET: &str = "Deploy-Pw-4412";
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    // Deployed by its owner: the module's role may use the tables, not redefine them.
+    let sql = std::fs::read_to_string(repo_root().join("sql").join("deploy-control-plane.sql"))
+        .expect("sql/deploy-control-plane.sql")
+        .replace("control_plane", &schema);
+    pg.psql(&sql);
+    let url = pg.password_role("quota_user", SECRET);
+    pg.psql(&format!(
+        "GRANT USAGE ON SCHEMA {schema} TO quota_user; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO quota_user; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO quota_user"
+    ));
+    let with_password = url.replace("quota_user@", &format!("quota_user:{SECRET}@"));
+    let timeout = TIMEOUT_MS.to_string();
+    let server = RedisServer::builder()
+        .pg(&with_password, &schema, &timeout)
+        .start();
+    // Deployed at load and again when the listener connects: refused both times.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    grant_once_back(&mut con, "alice", "5", Duration::from_secs(10));
+    assert_eq!(credit(&mut con, "alice"), Some(5), "the module carries on");
+    assert!(wait_until(Duration::from_secs(5), || server
+        .log()
+        .contains("quota: schema deploy failing")));
+    let log = server.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("quota: schema deploy failing"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let line = lines[0];
+    assert!(line.contains(" # "), "not at warning level: {line}");
+    assert!(
+        line.contains(&format!("schema {schema}: PostgreSQL error: "))
+            && line.contains("carrying on with the tables that are there"),
+        "{line}"
+    );
+    assert!(
+        !log.contains(" deployed (sql/"),
+        "a refused deploy said it deployed"
+    );
+    assert!(!log.contains(SECRET), "the password is in the log");
+}
