@@ -393,6 +393,11 @@ fn run(rx: Receiver<Job>) {
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(job) => {
+                // A queue that was full may drain with nothing new submitted.
+                if conditions::QUEUE_FULL.is_active() && drained(rx.len(), rx.capacity()) {
+                    conditions::QUEUE_FULL
+                        .recovered(|| format!("the queue drained ({} waiting)", rx.len()));
+                }
                 if STOPPING.load(Ordering::Relaxed) {
                     drop(job); // answers its client with `Done::Dropped`
                     continue;
