@@ -7,6 +7,7 @@
 #   postgresql                                    initdb / pg_ctl / postgres / psql for throwaway servers
 #   openssl                                       certificates for the TLS test server
 #   pgbouncer                                     the transaction-pooler tests
+#   prometheus-redis-exporter                     the metrics test (examples/prometheus)
 #   python3 (+ venv, pip)                         Redis 8 download, examples
 #   nodejs + npm                                  the Node examples (examples/node)
 # Runs apt-get update at most once. Needs root (or sudo) only when something is missing.
@@ -38,6 +39,10 @@ have openssl || missing+=(openssl)
 # Debian puts it in /usr/sbin, which a non-root PATH may lack.
 if ! have pgbouncer && [ ! -x /usr/sbin/pgbouncer ]; then
     missing+=(pgbouncer)
+fi
+# Debian's exporter for INFO quota through examples/prometheus/quota.lua (tests/prometheus.rs).
+if ! have prometheus-redis-exporter; then
+    missing+=(prometheus-redis-exporter)
 fi
 if ! have python3; then
     missing+=(python3 python3-venv python3-pip)

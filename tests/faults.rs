@@ -377,6 +377,26 @@ fn stalled_postgres_answers_every_client_in_time_while_redis_stays_fast() {
         wait_until(Duration::from_secs(10), drained),
         "the job queue did not drain after PostgreSQL resumed"
     );
+    // Hundreds of BUSY replies, and the log says it twice: when the queue filled up (with what
+    // was refused) and when it had drained, at warning level.
+    let log = server.log();
+    let full: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("quota: job queue full"))
+        .collect();
+    assert_eq!(full.len(), 2, "{full:#?}");
+    assert!(
+        full[0].contains(" # ") && full[0].contains(" refused") && !full[0].contains("over after"),
+        "{}",
+        full[0]
+    );
+    assert!(
+        full[1].contains(" # ")
+            && full[1].contains("over after")
+            && (full[1].contains("queued again") || full[1].contains("queue drained")),
+        "{}",
+        full[1]
+    );
 }
 
 /// A psql session in the background holding `FOR UPDATE` on the rows of `user_id` for 10 s.

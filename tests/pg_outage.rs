@@ -345,3 +345,167 @@ fn the_schema_is_deployed_at_load_and_again_when_postgres_comes_back_without_it(
         "no schema {other} after CONFIG SET quota.schema"
     );
 }
+
+/// The lines `quota:` wrote to the server log after its first `skip` bytes.
+fn quota_lines(server: &RedisServer, skip: usize) -> Vec<String> {
+    let log = server.log();
+    log.get(skip..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("quota: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The line that said a problem (`what`, as its condition names it) started and the one that
+/// said it ended, each the only one of its kind, at warning level (`#`), the start first.
+fn started_and_ended(lines: &[String], what: &str) -> (String, String) {
+    let of = format!("quota: {what}");
+    let ends = |l: &str| l.contains(&of) && l.contains(": over after ");
+    let find = |pick: &dyn Fn(&str) -> bool| -> (usize, String) {
+        let found: Vec<(usize, &String)> =
+            lines.iter().enumerate().filter(|(_, l)| pick(l)).collect();
+        assert_eq!(found.len(), 1, "{what}: {found:?} in\n{}", lines.join("\n"));
+        let (at, line) = found[0];
+        assert!(line.contains(" # "), "not at warning level: {line}");
+        (at, line.clone())
+    };
+    let (start_at, start) = find(&|l| l.contains(&of) && !ends(l));
+    let (end_at, end) = find(&|l| ends(l));
+    assert!(start_at < end_at, "{what}: ended before it started");
+    (start, end)
+}
+
+#[test]
+fn an_outage_is_logged_in_a_handful_of_lines_an_operator_can_act_on_without_the_password() {
+    const SECRET: &str = "Outage-Pw-7781";
+    let pg = PgServer::start_private();
+    let url = pg.password_role("quota_ops", SECRET);
+    let with_password = url.replace("quota_ops@", &format!("quota_ops:{SECRET}@"));
+    let schema = unique_schema();
+    let timeout = TIMEOUT_MS.to_string();
+    let server = RedisServer::builder()
+        .pg(&with_password, &schema, &timeout)
+        .module_args(&[
+            ("cache-ttl-ms", "600000"),
+            ("negative-ttl-ms", "600000"),
+            ("flush-interval", "1"),
+        ])
+        .start();
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    query(&mut con, &grant_args("alice", "1000")).expect("GRANT alice");
+    assert!(admit(&mut con, "alice", "1").allowed);
+    wait_ledger_flushed(&server, Duration::from_secs(10));
+    let skip = server.log().len();
+    let flush_errors = info_i64(&server, "quota_ledger_flush_errors");
+
+    pg.stop();
+    let down = Instant::now();
+    // 300 commands that need PostgreSQL, paced over a few seconds, while the cached alice's
+    // usage waits for flushes that fail every second.
+    for i in 0..100 {
+        let cold = format!("cold{i}");
+        let a = admit_in_time(&mut con, &cold, "ADMIT of a cold user");
+        assert_eq!(a.replenishment, "unavailable");
+        let (r, took) = timed(&mut con, &grant_args(&cold, "5"));
+        assert_pg_error("GRANT", r, took);
+        let (r, took) = timed(&mut con, &["QUOTA.LIST", T, P, &cold]);
+        assert_pg_error("LIST", r, took);
+        assert!(admit(&mut con, "alice", "1000").allowed);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    wait_notify(&server, "disconnected", Duration::from_secs(15));
+    assert!(
+        wait_until(Duration::from_secs(10), || info_i64(
+            &server,
+            "quota_ledger_flush_errors"
+        ) > flush_errors),
+        "no ledger flush failed while PostgreSQL was down"
+    );
+    eprintln!("PostgreSQL down for {:?}", down.elapsed());
+
+    pg.start();
+    grant_once_back(&mut con, "erin", "3", Duration::from_secs(10));
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    wait_ledger_flushed(&server, Duration::from_secs(15));
+    // The schema deploy that follows the listener's return, and its notice.
+    assert!(
+        wait_until(Duration::from_secs(10), || quota_lines(&server, skip)
+            .iter()
+            .any(|l| l.contains("deployed"))),
+        "no notice of the schema deployed again"
+    );
+
+    let lines = quota_lines(&server, skip);
+    let all_lines = server.log().get(skip..).unwrap_or_default().lines().count();
+    eprintln!("{}", lines.join("\n"));
+    assert!(
+        all_lines < 20,
+        "{all_lines} lines for one outage:\n{}",
+        lines.join("\n")
+    );
+    // Each problem: one line when it started, one when it ended (with how long it lasted
+    // and what it cost); the outage lasted less than a minute, so no summary between.
+    let (started, ended) = started_and_ended(&lines, "PostgreSQL unreachable");
+    assert!(started.contains("error connecting"), "{started}");
+    assert!(ended.contains("PostgreSQL answers again"), "{ended}");
+    let (lost, listening) = started_and_ended(&lines, "NOTIFY listener disconnected");
+    assert!(lost.contains("reconnecting with backoff"), "{lost}");
+    assert!(listening.contains("listening again"), "{listening}");
+    assert!(listening.contains("dropped the cache ("), "{listening}");
+    let (failing, flushed) = started_and_ended(&lines, "usage ledger flushes failing");
+    assert!(failing.contains("accounts wait to be flushed"), "{failing}");
+    assert!(flushed.contains("flushes succeed again"), "{flushed}");
+    let log = server.log();
+    assert!(!log.contains(SECRET), "the password is in the log");
+}
+
+#[test]
+fn a_deploy_refused_for_want_of_privileges_is_logged_once_and_the_module_carries_on() {
+    const SECRET: &str = "Deploy-Pw-4412";
+    let pg = PgServer::start_private();
+    let schema = unique_schema();
+    // Deployed by its owner: the module's role may use the tables, not redefine them.
+    let sql = std::fs::read_to_string(repo_root().join("sql").join("deploy-control-plane.sql"))
+        .expect("sql/deploy-control-plane.sql")
+        .replace("control_plane", &schema);
+    pg.psql(&sql);
+    let url = pg.password_role("quota_user", SECRET);
+    pg.psql(&format!(
+        "GRANT USAGE ON SCHEMA {schema} TO quota_user; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO quota_user; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO quota_user"
+    ));
+    let with_password = url.replace("quota_user@", &format!("quota_user:{SECRET}@"));
+    let timeout = TIMEOUT_MS.to_string();
+    let server = RedisServer::builder()
+        .pg(&with_password, &schema, &timeout)
+        .start();
+    // Deployed at load and again when the listener connects: refused both times.
+    wait_notify(&server, "listening", Duration::from_secs(15));
+    let mut con = server.client();
+    grant_once_back(&mut con, "alice", "5", Duration::from_secs(10));
+    assert_eq!(credit(&mut con, "alice"), Some(5), "the module carries on");
+    assert!(wait_until(Duration::from_secs(5), || server
+        .log()
+        .contains("quota: schema deploy failing")));
+    let log = server.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("quota: schema deploy failing"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let line = lines[0];
+    assert!(line.contains(" # "), "not at warning level: {line}");
+    assert!(
+        line.contains(&format!("schema {schema}: PostgreSQL error: "))
+            && line.contains("carrying on with the tables that are there"),
+        "{line}"
+    );
+    assert!(
+        !log.contains(" deployed (sql/"),
+        "a refused deploy said it deployed"
+    );
+    assert!(!log.contains(SECRET), "the password is in the log");
+}

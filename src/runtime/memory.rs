@@ -50,7 +50,7 @@ pub(crate) fn refresh(ctx: Ctx) {
     let policy = server_setting(ctx, c"maxmemory-policy").unwrap_or_default();
     let risky = max > 0 && is_unsafe_policy(&policy);
     if risky && !UNSAFE_POLICY.swap(true, Ordering::Relaxed) {
-        redis_module::logging::log_warning(format!(
+        super::alerts::warning(&format!(
             "quota: maxmemory-policy is {policy} with maxmemory {max}: Redis may evict \
              account keys under memory pressure, and an evicted account's counters start again \
              from zero (its limits can be exceeded; its usage not flushed yet still reaches the \

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use super::alerts::conditions;
 use super::cache::{cache, policies};
 use super::{config, stats, worker};
 use crate::core::cache::{CacheValue, CreditCache};
@@ -47,6 +48,7 @@ pub(crate) fn restart_listener() {
     };
     if !config::flag(&config::NOTIFY) || pool_url.is_empty() {
         NOTIFY_STATE.store(NOTIFY_OFF, Ordering::Relaxed);
+        conditions::NOTIFY_LOST.recovered(|| "the listener is off (quota.notify no)".into());
         return;
     }
     NOTIFY_STATE.store(NOTIFY_CONNECTING, Ordering::Relaxed);
@@ -66,15 +68,27 @@ pub(crate) fn restart_listener() {
         ListenerEvent::Connected => {
             // Notifications may have been missed while disconnected: forget everything.
             NOTIFY_STATE.store(NOTIFY_LISTENING, Ordering::Relaxed);
-            cache().clear();
+            let credits = drop_all(&mut cache());
             // PostgreSQL is reachable (again): it may not hold the schema (first start, a
             // restored or replaced server).
             worker::redeploy();
-            policies().clear();
+            let named = drop_all(&mut policies());
+            conditions::NOTIFY_LOST.recovered(|| {
+                format!(
+                    "listening again; dropped the cache ({credits} users' credits and {named} \
+                     policies), since changes may have been missed"
+                )
+            });
         }
-        ListenerEvent::Disconnected(_) => {
+        ListenerEvent::Disconnected(reason) => {
             stats::NOTIFY_RECONNECTS.incr();
             NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
+            conditions::NOTIFY_LOST.failed(|| {
+                format!(
+                    "{reason}; reconnecting with backoff (0.1 s doubling to 5 s, jittered); the \
+                     cache is dropped once it is back"
+                )
+            });
         }
     });
     match Listener::spawn(url, config::credentials(), schema, timeout, on_event) {
@@ -85,11 +99,16 @@ pub(crate) fn restart_listener() {
         }
         Err(e) => {
             NOTIFY_STATE.store(NOTIFY_DISCONNECTED, Ordering::Relaxed);
-            redis_module::logging::log_warning(format!(
-                "quota: cannot start the NOTIFY listener: {e}"
-            ));
+            conditions::NOTIFY_LOST.failed(|| format!("cannot start the listener: {e}"));
         }
     }
+}
+
+/// Drops every entry of `cache`; how many there were.
+fn drop_all<W, V: CacheValue>(cache: &mut CreditCache<W, V>) -> usize {
+    let entries = cache.len();
+    cache.clear();
+    entries
 }
 
 /// A change to the entry `key` was heard. When this node wrote it, it already refreshed its

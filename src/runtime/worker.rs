@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use super::alerts::conditions;
+use super::alerts::{self, conditions};
 use super::cache;
 use super::clock;
 use super::config;
@@ -29,6 +29,7 @@ use crate::core::ids::{account_ids_of_key, user_key, PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::Blocked;
+use crate::store::backoff::Backoff;
 use crate::store::{
     AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig,
     StoreError,
@@ -88,16 +89,52 @@ struct Backend {
 /// A `Job::Deploy` is queued and not started yet.
 static DEPLOY_QUEUED: AtomicBool = AtomicBool::new(false);
 
+/// First and largest wait between two background deploys that found PostgreSQL unreachable
+/// (before jitter: see `DeployRetry`).
+const DEPLOY_RETRY_MIN: Duration = Duration::from_secs(1);
+const DEPLOY_RETRY_MAX: Duration = Duration::from_secs(8);
+
+/// When the background deploy may be tried again. A fleet started while PostgreSQL was down
+/// retries on jittered waits (1 s doubling to 8 s, each drawn from the upper half of its
+/// step), so the nodes do not all deploy in the same second once it is back: each deploy takes
+/// the deploy lock and waits behind the others'.
+struct DeployRetry {
+    backoff: Backoff,
+    not_before: Option<Instant>,
+}
+
+static DEPLOY_RETRY: Mutex<Option<DeployRetry>> = Mutex::new(None);
+
+fn with_deploy_retry<T>(f: impl FnOnce(&mut DeployRetry) -> T) -> T {
+    let mut slot = DEPLOY_RETRY.lock().unwrap_or_else(|p| p.into_inner());
+    let retry = slot.get_or_insert_with(|| DeployRetry {
+        backoff: Backoff::new(DEPLOY_RETRY_MIN, DEPLOY_RETRY_MAX),
+        not_before: None,
+    });
+    f(retry)
+}
+
 /// Queues a deploy of the schema unless `quota.auto-deploy` is off, no store is configured, it
-/// is known to be deployed or a deploy is already queued. Never blocks: called at load, after
-/// the listener (re)connects, after a change of `quota.pg-url` or `quota.schema`, and every
-/// second while the schema is not known to be there.
+/// is known to be deployed, a deploy is already queued, or the last one found PostgreSQL
+/// unreachable and its retry wait is not over. Never blocks: called at load, after the
+/// listener (re)connects, after a change of `quota.pg-url` or `quota.schema`, and every second
+/// while the schema is not known to be there.
 pub(crate) fn deploy_soon() {
     let wanted = config::flag(&config::AUTO_DEPLOY)
-        && backend().is_some_and(|b| !b.deployed.load(Ordering::Acquire));
+        && backend().is_some_and(|b| !b.deployed.load(Ordering::Acquire))
+        && with_deploy_retry(|r| r.not_before.is_none_or(|at| Instant::now() >= at));
     if wanted && !DEPLOY_QUEUED.swap(true, Ordering::AcqRel) && submit(Job::Deploy).is_err() {
         DEPLOY_QUEUED.store(false, Ordering::Release);
     }
+}
+
+/// Deploys at the next `deploy_soon`, whatever the last attempt found (a new store, or
+/// PostgreSQL known to be back).
+fn deploy_retry_reset() {
+    with_deploy_retry(|r| {
+        r.backoff.reset();
+        r.not_before = None;
+    });
 }
 
 /// PostgreSQL is reachable again after an outage: it may have lost the schema (a restored
@@ -106,6 +143,7 @@ pub(crate) fn redeploy() {
     if let Some(backend) = backend() {
         backend.deployed.store(false, Ordering::Release);
     }
+    deploy_retry_reset();
     deploy_soon();
 }
 
@@ -173,11 +211,47 @@ pub(crate) fn submit(job: Job) -> Result<(), Job> {
         return Err(job);
     };
     match tx.try_send(job) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
+        Ok(()) => {
+            // Over once the queue has drained to half: a queue that stays about full (each
+            // job that finishes lets one more in) is one problem, not a line per free slot.
+            if conditions::QUEUE_FULL.is_active() && drained(tx.len(), tx.capacity()) {
+                conditions::QUEUE_FULL
+                    .recovered(|| format!("jobs are queued again ({} waiting)", tx.len()));
+            }
+            Ok(())
+        }
+        Err(TrySendError::Full(job)) => {
+            stats::BUSY_REJECTIONS.incr();
+            conditions::QUEUE_FULL.failed(|| format!("{} refused", refused(&job)));
+            Err(job)
+        }
+        Err(TrySendError::Disconnected(job)) => {
             stats::BUSY_REJECTIONS.incr();
             Err(job)
         }
+    }
+}
+
+/// Whether a queue that was full has drained enough to call it over: to half its capacity.
+fn drained(len: usize, capacity: Option<usize>) -> bool {
+    capacity.is_none_or(|cap| len <= cap / 2)
+}
+
+/// What a refused job means for its caller, for the log.
+fn refused(job: &Job) -> &'static str {
+    match job {
+        Job::Load(_) | Job::LoadPolicy { .. } => "a cache load (its clients got BUSY)",
+        Job::Flush { .. } => "a usage ledger flush (it is sent again at the next round)",
+        Job::Deploy => "a schema deploy (tried again in a second)",
+        Job::Cleanup { client: None } => "the periodic cleanup (it runs at the next interval)",
+        Job::Grant { .. }
+        | Job::Revoke { .. }
+        | Job::List { .. }
+        | Job::Cleanup { .. }
+        | Job::PolicySet { .. }
+        | Job::PolicyDel { .. }
+        | Job::PolicyList { .. }
+        | Job::History { .. } => "a command (it got BUSY)",
     }
 }
 
@@ -203,7 +277,7 @@ pub(crate) fn rebuild_backend() {
     let backend = match Store::new(&cfg) {
         Ok(store) => {
             if let Some(warning) = store.credentials_warning() {
-                redis_module::logging::log_warning(format!("quota: {warning}"));
+                alerts::warning(&format!("quota: {warning}"));
             }
             Some(Arc::new(Backend {
                 store,
@@ -213,11 +287,12 @@ pub(crate) fn rebuild_backend() {
         }
         Err(StoreError::NotConfigured) => None,
         Err(e) => {
-            redis_module::logging::log_warning(format!("quota: store not configured: {e}"));
+            alerts::warning(&format!("quota: store not configured: {e}"));
             None
         }
     };
     health::set_configured(backend.is_some());
+    deploy_retry_reset();
     let old = match BACKEND.write() {
         Ok(mut slot) => std::mem::replace(&mut *slot, backend),
         Err(_) => None,
@@ -251,14 +326,38 @@ fn deploy_once(backend: &Backend) -> Result<(), StoreError> {
     }
     let started = Instant::now();
     let result = backend.store.deploy();
-    stats::record_query(started.elapsed().as_micros() as u64, result.is_err());
+    let took = started.elapsed();
+    stats::record_query(took.as_micros() as u64, result.is_err());
+    let schema = || config::text(&config::SCHEMA);
     match result {
-        Ok(()) => backend.deployed.store(true, Ordering::Release),
+        Ok(()) => {
+            backend.deployed.store(true, Ordering::Release);
+            let done = || {
+                format!(
+                    "schema {} deployed (sql/deploy-control-plane.sql) in {} ms",
+                    schema(),
+                    took.as_millis()
+                )
+            };
+            // One line per deploy: the end of the failures, or a notice.
+            if conditions::SCHEMA_DEPLOY.is_active() {
+                conditions::SCHEMA_DEPLOY.recovered(done);
+            } else {
+                alerts::notice(&format!("quota: {}", done()));
+            }
+        }
         Err(e) if e.is_unavailable() => return Err(e),
         Err(e) => {
             // Not a reachability problem (e.g. no CREATE privilege on an existing schema):
-            // say so once and carry on with what is there.
-            redis_module::logging::log_warning(format!("quota: schema deploy failed: {e}"));
+            // say so and carry on with what is there, until the next deploy (the listener's
+            // next reconnect, or a change of the settings).
+            conditions::SCHEMA_DEPLOY.failed(|| {
+                format!(
+                    "schema {}: {} (carrying on with the tables that are there)",
+                    schema(),
+                    alerts::reason(&e)
+                )
+            });
             backend.deployed.store(true, Ordering::Release);
         }
     }
@@ -286,7 +385,7 @@ fn with_store<T>(f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, S
 fn reachability(e: &StoreError) {
     if e.is_unavailable() && *e != StoreError::NotConfigured {
         health::failed(clock::now_ms());
-        conditions::PG_UNREACHABLE.failed(|| e.to_string());
+        conditions::PG_UNREACHABLE.failed(|| alerts::reason(e));
     }
 }
 
@@ -294,6 +393,11 @@ fn run(rx: Receiver<Job>) {
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(job) => {
+                // A queue that was full may drain with nothing new submitted.
+                if conditions::QUEUE_FULL.is_active() && drained(rx.len(), rx.capacity()) {
+                    conditions::QUEUE_FULL
+                        .recovered(|| format!("the queue drained ({} waiting)", rx.len()));
+                }
                 if STOPPING.load(Ordering::Relaxed) {
                     drop(job); // answers its client with `Done::Dropped`
                     continue;
@@ -306,9 +410,11 @@ fn run(rx: Receiver<Job>) {
                     let outcome =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(job)));
                     if outcome.is_err() {
-                        redis_module::logging::log_warning(
-                            "quota: a worker job panicked; its client was answered with an error",
-                        );
+                        conditions::WORKER_PANIC.failed(|| {
+                            "its client was answered with an error (a bug: please report it)".into()
+                        });
+                    } else {
+                        conditions::WORKER_PANIC.recovered(|| "jobs complete again".into());
                     }
                 }
             }
@@ -390,8 +496,16 @@ fn execute(job: Job) {
         Job::Load(load) => execute_loads(vec![load]),
         Job::Deploy => {
             DEPLOY_QUEUED.store(false, Ordering::Release);
-            // Unreachable: tried again by the next `deploy_soon`.
-            let _ = ready_store();
+            // Unreachable: tried again by a later `deploy_soon`, after a jittered wait.
+            match ready_store() {
+                Ok(_) => deploy_retry_reset(),
+                Err(e) => {
+                    reachability(&e);
+                    with_deploy_retry(|r| {
+                        r.not_before = Some(Instant::now() + r.backoff.next_wait());
+                    });
+                }
+            }
         }
         Job::Grant {
             user,
@@ -540,8 +654,9 @@ fn flush_isolating(accounts: &[AccountBatch]) -> Vec<Result<BatchOutcome, StoreE
                 let [t, p, u, b] = &accounts[0].ids;
                 conditions::LEDGER_BATCH.failed(|| {
                     format!(
-                        "account {t}/{p}/{u}/{b}: {e} (it is retried alone at every flush; the \
-                         other accounts are written)"
+                        "account {t}/{p}/{u}/{b}: {} (it is retried alone at every flush; the \
+                         other accounts are written)",
+                        alerts::reason(&e)
                     )
                 });
             }
@@ -615,4 +730,19 @@ fn write_through_policy(policy: &OwnedPolicy, value: CachedPolicy) {
 
 fn write_through(user: &OwnedUser, rows: Vec<Replenishment>) {
     cache::cache().put(&user.id().key(), Arc::from(rows), clock::now_ms());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_is_over_once_drained_to_half() {
+        assert!(!drained(8, Some(8)));
+        assert!(!drained(5, Some(8)));
+        assert!(drained(4, Some(8)));
+        assert!(drained(0, Some(1)));
+        assert!(!drained(1, Some(1)));
+        assert!(drained(3, None));
+    }
 }

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use postgres::fallible_iterator::FallibleIterator;
 use serde::Deserialize;
 
+use super::backoff::Backoff;
 use super::error::{describe, is_own_origin};
 use super::passfile::Credentials;
 use super::pool::{
@@ -157,58 +158,6 @@ pub(crate) fn parse_payload(text: &str) -> Option<ListenerEvent> {
     })
 }
 
-/// Capped exponential backoff with jitter: each wait is drawn from the upper half of the
-/// current step, so a fleet that lost PostgreSQL together does not come back in lockstep.
-struct Backoff {
-    step: Duration,
-    rng: u64,
-}
-
-impl Backoff {
-    fn new(seed: u64) -> Backoff {
-        Backoff {
-            step: BACKOFF_MIN,
-            // xorshift must not start at zero.
-            rng: seed | 1,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        // xorshift64: plenty for spreading reconnects.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let wait = jittered(self.step, self.rng);
-        self.step = (self.step * 2).min(BACKOFF_MAX);
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.step = BACKOFF_MIN;
-    }
-}
-
-/// A wait in `[step / 2, step]`, placed by `random` (any 64-bit value): "equal jitter", which
-/// keeps a floor under the wait (no reconnect storm) and spreads the rest.
-fn jittered(step: Duration, random: u64) -> Duration {
-    let half = step / 2;
-    let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
-    half + Duration::from_micros(random % spread.saturating_add(1))
-}
-
-/// A seed that differs between processes and listeners (time, process id, a random key).
-fn seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
 /// How a session ended.
 enum SessionEnd {
     /// The owner asked to stop.
@@ -239,7 +188,7 @@ fn run(
     let mut secret = secret_of(&target.config);
     let channel = channel(schema);
     let check_timeout = bounded_timeout(timeout_ms).clamp(TICK, HEALTH_CHECK_EVERY);
-    let mut backoff = Backoff::new(seed());
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut last_reported: Option<String> = None;
     loop {
         if stopped(stop) {
@@ -279,7 +228,7 @@ fn run(
             }
         };
         last_reported = Some(reason);
-        if sleep_or_stop(stop, backoff.next()) {
+        if sleep_or_stop(stop, backoff.next_wait()) {
             return;
         }
     }
@@ -386,60 +335,6 @@ mod tests {
         assert!(!is_own(other));
         assert!(!is_own(sql));
         assert_eq!(crate::store::error::origin().len(), 16);
-    }
-
-    #[test]
-    fn jitter_stays_in_the_upper_half_of_each_step() {
-        let step = Duration::from_millis(400);
-        assert_eq!(jittered(step, 0), Duration::from_millis(200));
-        assert_eq!(jittered(step, 200_000), step);
-        assert_eq!(jittered(step, 200_001), Duration::from_millis(200));
-        assert_eq!(jittered(Duration::ZERO, u64::MAX), Duration::ZERO);
-        assert_eq!(
-            jittered(Duration::from_micros(1), u64::MAX),
-            Duration::from_nanos(500)
-        );
-        for r in [1, 7, u64::MAX, 123_456_789] {
-            let w = jittered(BACKOFF_MAX, r);
-            assert!(w >= BACKOFF_MAX / 2 && w <= BACKOFF_MAX, "{w:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_spread() {
-        let mut b = Backoff::new(42);
-        let steps = [100u128, 200, 400, 800, 1600, 3200, 5000, 5000];
-        for step in steps {
-            let ms = b.next().as_millis();
-            assert!(
-                ms >= step / 2 && ms <= step,
-                "{ms} not in [{}, {step}]",
-                step / 2
-            );
-        }
-        b.reset();
-        assert!(b.next() <= BACKOFF_MIN);
-        // A fleet: 1000 listeners seeded differently, all at the capped step.
-        let waits: Vec<u64> = (0..1000u64)
-            .map(|i| {
-                let mut b = Backoff::new(seed() ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                for _ in 0..6 {
-                    b.next();
-                }
-                b.next().as_micros() as u64
-            })
-            .collect();
-        let (min, max) = (*waits.iter().min().unwrap(), *waits.iter().max().unwrap());
-        assert!(min >= 2_500_000 && max <= 5_000_000, "{min} {max}");
-        // Spread over the whole half-step: every tenth of it is hit, none by more than a
-        // fifth of the fleet.
-        let mut buckets = [0u32; 10];
-        for w in &waits {
-            buckets[(((w - 2_500_000) * 10 / 2_500_001) as usize).min(9)] += 1;
-        }
-        assert!(buckets.iter().all(|&n| n > 30 && n < 200), "{buckets:?}");
-        let distinct: std::collections::HashSet<_> = waits.iter().collect();
-        assert!(distinct.len() > 990, "{}", distinct.len());
     }
 
     #[test]

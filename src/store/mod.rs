@@ -6,6 +6,7 @@
 //! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
 //! whose `Display` is the exact wire error. Nothing here decides admission or touches the cache.
 
+pub(crate) mod backoff;
 pub(crate) mod connstr;
 mod ledger;
 pub(crate) mod listener;

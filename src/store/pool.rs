@@ -17,6 +17,7 @@ use postgres::config::{Host, SslMode as PgSslMode};
 use postgres::{Client, NoTls};
 use r2d2::ManageConnection;
 
+use super::backoff::{up_to, Rng};
 use super::connstr::ConnInfo;
 use super::error::{describe, StoreError};
 use super::passfile::{Credentials, Target as PassTarget};
@@ -292,6 +293,11 @@ impl Health {
         }
     }
 
+    /// Whether the latest attempt failed.
+    fn failing(&self) -> bool {
+        self.last_failure.lock().is_ok_and(|slot| slot.is_some())
+    }
+
     /// The reason of a connection failure newer than `window` with no success since.
     fn recent_failure(&self, window: Duration) -> Option<String> {
         let slot = self.last_failure.lock().ok()?;
@@ -328,6 +334,20 @@ pub(crate) struct Manager {
     credentials: Credentials,
     secret: Option<String>,
     health: Arc<Health>,
+    /// The pool's timeout: r2d2 retries a failed attempt after at most half of it.
+    timeout: Duration,
+    /// Jitter for the attempts that follow a failure (see `retry_pause`).
+    rng: Mutex<Rng>,
+}
+
+/// How long an attempt that follows a failed one waits first: up to a quarter of the timeout.
+///
+/// While PostgreSQL refuses connections, r2d2 retries each missing connection on a fixed
+/// schedule (0.4 s, 0.8 s, then every half timeout) that starts when the outage did, which is
+/// the same moment on every node of a fleet: without this, the nodes would knock together, in
+/// waves, on the server that comes back. The pause spreads each retry over half a step more.
+fn retry_pause(timeout: Duration, random: u64) -> Duration {
+    up_to(timeout / 4, random)
 }
 
 impl ManageConnection for Manager {
@@ -335,6 +355,11 @@ impl ManageConnection for Manager {
     type Error = ConnectError;
 
     fn connect(&self) -> Result<PgConn, ConnectError> {
+        // Runs on r2d2's own threads (never a worker's or Redis's): a pause holds nobody.
+        if self.health.failing() {
+            let random = self.rng.lock().map_or(0, |mut rng| rng.next_u64());
+            std::thread::sleep(retry_pause(self.timeout, random));
+        }
         let result = self
             .target
             .connect(&self.credentials)
@@ -401,6 +426,8 @@ pub(crate) fn build(
         credentials: creds.clone(),
         secret: secret.clone(),
         health: Arc::clone(&health),
+        timeout: bounded_timeout(timeout_ms),
+        rng: Mutex::new(Rng::seeded()),
     };
     let pool = r2d2::Pool::builder()
         .max_size(size.max(1))
@@ -471,6 +498,18 @@ fn pool_failure(text: &str, secret: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_after_a_failure_pauses_up_to_a_quarter_timeout_spread_over_a_fleet() {
+        let timeout = Duration::from_secs(2);
+        assert_eq!(retry_pause(timeout, 0), Duration::ZERO);
+        assert_eq!(retry_pause(timeout, 500_000), Duration::from_millis(500));
+        // 1000 nodes, each its own generator: every pause within [0, 500 ms], spread over it.
+        let pauses: Vec<u64> = (0..1000)
+            .map(|_| retry_pause(timeout, Rng::seeded().next_u64()).as_micros() as u64)
+            .collect();
+        crate::store::backoff::assert_spread(&pauses, 0, 500_000);
+    }
 
     #[test]
     fn config_gets_module_settings() {

@@ -42,7 +42,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::alerts::conditions;
+use super::alerts::{self, conditions};
 use super::config;
 use super::jobs::{FlushOutcome, Job, KeyBatch};
 use super::stats;
@@ -135,10 +135,13 @@ pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
         let mut s = s.borrow_mut();
         let interval = config::int(&config::FLUSH_INTERVAL).max(1) * 1000;
         let idle = s.round.is_empty() && s.in_flight.is_empty();
-        if idle && (force || became_master || now - s.last_flush >= interval) {
+        let due = now - s.last_flush >= interval - s.cut.min(interval / 10);
+        if idle && (force || became_master || due) {
             let FlushState { tracked, round, .. } = &mut *s;
             round.append(tracked);
             s.last_flush = now;
+            let random = s.rng.next_u64();
+            s.cut = round_cut(interval, random);
             s.round_us = 0;
             s.round_longest_us = 0;
             s.round_accounts = 0;
@@ -152,6 +155,17 @@ pub(crate) fn tick(ctx: Ctx, now: Millis, force: bool) {
     // evicted): they go at every tick, not only with the rounds.
     send_foreign(now);
     send_slices(ctx, now);
+}
+
+/// How much sooner than `interval` (ms) the round after this one starts: up to a tenth of it,
+/// drawn at random. Nodes started together (a fleet rolled out at once, or restarted with
+/// PostgreSQL) would otherwise flush in the same 100 ms tick forever after, and send the
+/// batches an outage left owed together when it ends; drawn anew at every round, their rounds
+/// drift apart within a few. A round never comes later than `quota.flush-interval`, the most
+/// billing a crash can lose.
+fn round_cut(interval: Millis, random: u64) -> Millis {
+    let cap = u64::try_from(interval / 10).unwrap_or(0);
+    Millis::try_from(random % cap.saturating_add(1)).unwrap_or(0)
 }
 
 /// Hands a slice of owed batches to the pool; false (nothing sent, the batches stay owed) when
@@ -183,8 +197,8 @@ fn send(entries: Vec<u64>, batches: Vec<KeyBatch>, now: Millis) -> bool {
         return true;
     }
     STATE.with(|s| s.borrow_mut().land(number));
+    // `worker::submit` logged it (`QUEUE_FULL`).
     stats::LEDGER_FLUSH_ERRORS.incr();
-    conditions::QUEUE_FULL.failed(|| "a ledger flush waits for the next round".into());
     false
 }
 
@@ -671,7 +685,7 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
     if failed > 0 {
         stats::LEDGER_FLUSH_ERRORS.incr();
         if failed > refused {
-            let e = last_error.map(|e| e.to_string()).unwrap_or_default();
+            let e = last_error.map(|e| alerts::reason(&e)).unwrap_or_default();
             conditions::LEDGER_FLUSH.failed(|| format!("{e}; {}", backlog()));
         }
     } else {
@@ -680,5 +694,26 @@ fn acknowledge(ctx: Ctx, slice: u64, outcomes: Vec<FlushOutcome>) {
         if refused == 0 && !STATE.with(|s| s.borrow().owed.values().any(|o| o.solo)) {
             conditions::LEDGER_BATCH.recovered(|| "every refused batch is written".into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::backoff::Rng;
+
+    #[test]
+    fn rounds_come_up_to_a_tenth_sooner_never_later_and_spread_over_a_fleet() {
+        assert_eq!(round_cut(10_000, 0), 0);
+        assert_eq!(round_cut(10_000, 1_000), 1_000);
+        assert_eq!(round_cut(10_000, 1_001), 0);
+        assert_eq!(round_cut(1_000, u64::MAX), (u64::MAX % 101) as Millis);
+        assert_eq!(round_cut(5, u64::MAX), 0);
+        // 1000 nodes flushing every 10 s: each next round is due 9 to 10 s after the last,
+        // spread over that second (not all in one 100 ms tick).
+        let cuts: Vec<u64> = (0..1000)
+            .map(|_| round_cut(10_000, Rng::seeded().next_u64()) as u64)
+            .collect();
+        crate::store::backoff::assert_spread(&cuts, 0, 1_000);
     }
 }

@@ -12,6 +12,7 @@ use super::orphans::OrphanQueue;
 use crate::core::ledger::HourDelta;
 use crate::core::Millis;
 use crate::runtime::jobs::KeyBatch;
+use crate::store::backoff::Rng;
 
 /// One batch as written: the account key name it is written under (its identity), its
 /// sequence, revision and hours.
@@ -112,6 +113,10 @@ pub(super) struct FlushState {
     pub(super) moving: Option<KeyId>,
     /// When the last round was started (ms).
     pub(super) last_flush: Millis,
+    /// How much sooner than `quota.flush-interval` the next round starts (ms, drawn at each
+    /// round: see `round_cut`), and the generator it is drawn from.
+    pub(super) cut: Millis,
+    pub(super) rng: Rng,
     /// This node was a master at the last tick (the list was rebuilt for it).
     pub(super) master: bool,
     /// The round under way: main-thread µs of its snapshots so far, its longest tick, and the
