@@ -407,7 +407,7 @@ fn an_outage_is_logged_in_a_handful_of_lines_an_operator_can_act_on_without_the_
     for i in 0..100 {
         let cold = format!("cold{i}");
         let a = admit_in_time(&mut con, &cold, "ADMIT of a cold user");
-        assert_eq!(a.replenishment, "unavailable");
+        assert_eq!(a.credit, "unavailable");
         let (r, took) = timed(&mut con, &grant_args(&cold, "5"));
         assert_pg_error("GRANT", r, took);
         let (r, took) = timed(&mut con, &["QUOTA.LIST", T, P, &cold]);
