@@ -440,6 +440,10 @@ fn execute(job: Job) {
         } => client.finish(Done::PolicyList(with_store(|s| {
             s.list_policies(&tenant, &project)
         }))),
+        Job::Find { query, client } => {
+            client.finish(Done::Find(with_store(|s| s.find(&query))));
+        }
+        Job::Top { query, client } => client.finish(Done::Top(with_store(|s| s.top(&query)))),
     }
 }
 
