@@ -95,12 +95,12 @@ pub(crate) struct TopQuery {
 
 /// The project statements, with the configured schema substituted once.
 pub(crate) struct ProjectStatements {
-    find_first: String,
-    find_after: String,
-    expiring_first: String,
-    expiring_after: String,
-    top_requests: String,
-    top_tokens: String,
+    pub(super) find_first: String,
+    pub(super) find_after: String,
+    pub(super) expiring_first: String,
+    pub(super) expiring_after: String,
+    pub(super) top_requests: String,
+    pub(super) top_tokens: String,
 }
 
 /// A sum of `BIGINT`s held to the type's range (`sum` answers a `numeric`).
