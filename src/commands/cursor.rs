@@ -117,7 +117,7 @@ pub(crate) fn decode(
     if text == START.as_bytes() {
         return Ok(None);
     }
-    if text.len() > MAX_LEN || text.len() % 2 != 0 {
+    if text.len() > MAX_LEN || !text.len().is_multiple_of(2) {
         return Err(CursorError::Foreign);
     }
     let bytes = text

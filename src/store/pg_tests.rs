@@ -977,12 +977,11 @@ fn measure_timeout_costs() {
     );
 }
 
+/// A statement parameter and its type.
+type Param<'a> = (&'a (dyn postgres::types::ToSql + Sync), Type);
+
 /// The plan of `sql` with `params` (`EXPLAIN`, bound like the module binds them).
-fn plan_of(
-    fx: &Fixture,
-    sql: &str,
-    params: &[(&(dyn postgres::types::ToSql + Sync), Type)],
-) -> String {
+fn plan_of(fx: &Fixture, sql: &str, params: &[Param<'_>]) -> String {
     let rows = fx
         .client()
         .query_typed(&format!("EXPLAIN {sql}"), params)
@@ -1019,13 +1018,9 @@ fn project_reads_use_their_indexes() {
     let (secs, micros) = (now_ms() / 1000, 0_i64);
     let (from, to) = (3600 * 490_006_i64, 3600 * 490_012_i64);
     let (text, int) = (Type::TEXT, Type::INT8);
-    let cases: Vec<(
-        &str,
-        &String,
-        Vec<(&(dyn postgres::types::ToSql + Sync), Type)>,
-        &str,
-        bool,
-    )> = vec![
+    // What, the statement, its parameters, the index it must read, whether in its order.
+    type Case<'a> = (&'a str, &'a String, Vec<Param<'a>>, &'a str, bool);
+    let cases: Vec<Case<'_>> = vec![
         (
             "FIND",
             &sql.find_first,
