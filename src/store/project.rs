@@ -161,9 +161,12 @@ fn pg(err: postgres::Error) -> StoreError {
 
 /// A found row: the record columns, then the user and the exact expiry.
 fn to_found(row: &Row) -> Result<FoundCredit, StoreError> {
-    let width = row.len();
-    let user: String = row.try_get(width - 2).map_err(pg)?;
-    let expires_us: Option<i64> = row.try_get(width - 1).map_err(pg)?;
+    let at = row
+        .len()
+        .checked_sub(2)
+        .ok_or_else(|| StoreError::Query("a found row without its user".into()))?;
+    let user: String = row.try_get(at).map_err(pg)?;
+    let expires_us: Option<i64> = row.try_get(at + 1).map_err(pg)?;
     Ok(FoundCredit {
         user,
         row: to_replenishment(row)?,
