@@ -992,12 +992,20 @@ fn plan_of(fx: &Fixture, sql: &str, params: &[Param<'_>]) -> String {
         .join("\n")
 }
 
-/// QUOTA.FIND and QUOTA.TOP read their own indexes, among other projects' rows, revoked rows
-/// and hours out of range: FIND in the index's order (no sort, so a page reads COUNT + 1 rows
-/// however deep it is), TOP only the hours asked; never a sequential scan.
+/// QUOTA.FIND and QUOTA.TOP read their own indexes (which a redeploy adds to an older schema),
+/// among other projects' rows, revoked rows and hours out of range: FIND in the index's order
+/// (no sort, so a page reads COUNT + 1 rows however deep it is), TOP only the hours asked;
+/// never a sequential scan.
 #[test]
 fn project_reads_use_their_indexes() {
     let fx = fixture!("project_explain");
+    // A schema deployed before these indexes existed gets them in place from the next deploy.
+    fx.exec(
+        "DROP INDEX \"control_plane\".user_quota_replenishment_find_idx; \
+         DROP INDEX \"control_plane\".user_quota_replenishment_find_expiry_idx; \
+         DROP INDEX \"control_plane\".quota_usage_hourly_project_hour_idx;",
+    );
+    fx.store.deploy().expect("redeploy");
     fx.exec(
         "INSERT INTO \"control_plane\".user_quota_replenishment \
              (tenant, project, user_id, bundle_id, expires_at, active) \
