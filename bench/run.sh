@@ -9,10 +9,13 @@
 #   3. redis-benchmark -P 16 -c 50 -r USERS, ROUNDS interleaved rounds of:
 #        INCR counter:__rand_int__
 #        CL.THROTTLE from redis-cell 0.2.2 (built by bench/redis-cell.sh into .tools/)
+#        CL.THROTTLE from redis-cell 0.5.0, loaded into the same server as CL.THROTTLE050
+#          (bench/redis-cell.sh 0.5.0 builds ../shared/peers/redis-cell-0.5.0.tar.gz with its
+#          module name and command renamed, so the two versions share the server and rounds)
 #        HMGET of 11 fields: a plain command with ADMIT's 13 arguments
 #        QUOTA.ADMIT inline (day/month requests, day tokens, MAX_CONCURRENT) -> vs HMGET
 #        QUOTA.ADMIT POLICY bench COMPACT (the same limits as a named policy)
-#                                                                 -> vs CL.THROTTLE, vs INCR
+#                                                  -> vs CL.THROTTLE 0.2.2 and 0.5.0, vs INCR
 #        QUOTA.GET on cached users                                        -> vs HGETALL
 #        HGETALL of an 18-field hash (the bar's baseline: the record's size when it was set)
 #        HGETALL of a 24-field hash (a reply the shape of today's QUOTA.GET, info)
@@ -21,6 +24,7 @@
 #      of a shared machine.
 #      BENCH_EXTRA=1 adds the older rows: EVALSHA bench/admit.lua, ADMIT without a lease, GET.
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
+#      (bench/README.md says how to read them)
 #   5. memory: bytes per cached user (with one credit; with no credits) and per account key
 #
 # Environment (all optional):
@@ -83,8 +87,9 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
 fi
 [ -f "$module" ] || die "$module is missing (cargo build --release)"
 
-log "redis-cell 0.2.2 (the CL.THROTTLE peer)"
+log "redis-cell 0.2.2 and 0.5.0 (the CL.THROTTLE peers)"
 cell_lib="$(bash "$root/bench/redis-cell.sh")" || die "cannot build redis-cell (bench/redis-cell.sh)"
+cell5_lib="$(bash "$root/bench/redis-cell.sh" 0.5.0)" || die "cannot build redis-cell 0.5.0 (bench/redis-cell.sh 0.5.0)"
 log "the side-by-side latency client (bench/latency.c)"
 mkdir -p "$root/.tools"
 latency_bin="$root/.tools/latency"
@@ -131,6 +136,7 @@ save ""
 appendonly no
 loadmodule "$work/libredis_quota.so" pg-url "$pg_url" schema bench_q cache-ttl-ms 3600000 negative-ttl-ms 3600000 lease-ttl $LEASE_TTL
 loadmodule "$cell_lib"
+loadmodule "$cell5_lib"
 EOF
 chmod 600 "$work/redis.conf"
 "$REDIS_SERVER" "$work/redis.conf" >"$work/redis.log" 2>&1 </dev/null &
@@ -328,14 +334,18 @@ policy_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' POLICY bench COMPACT
 [ "$policy_check" = 1 ] || die "QUOTA.ADMIT POLICY did not admit: $policy_check"
 cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)"
 [ "$cell_check" = 0 ] || die "CL.THROTTLE did not allow: $cell_check"
+cell5_check="$(cli CL.THROTTLE050 cell5:u000000000001 1000000 1000000 1 1 | head -n1)"
+[ "$cell5_check" = 0 ] || die "CL.THROTTLE050 (redis-cell 0.5.0) did not allow: $cell5_check"
 
 # --- throughput --------------------------------------------------------------------------
-# Each ratio's two commands run back to back in every round.
-names=(INCR CELL HMGET ADMIT POLICY QGET HGETALL HGETALL24 BALANCE WINDOWS)
+# Each ratio's two commands run back to back in every round (ADMIT POLICY between the two
+# CL.THROTTLE versions).
+names=(INCR CELL HMGET ADMIT POLICY CELL5 QGET HGETALL HGETALL24 BALANCE WINDOWS)
 if [ "${BENCH_EXTRA:-0}" = 1 ]; then names+=(LUA ADMIT_NOLEASE GET); fi
 declare -A label cmd n_of
 label[INCR]="INCR counter:__rand_int__"
 label[CELL]="CL.THROTTLE (redis-cell 0.2.2)"
+label[CELL5]="CL.THROTTLE (redis-cell 0.5.0)"
 label[POLICY]="QUOTA.ADMIT POLICY .. COMPACT"
 label[ADMIT]="QUOTA.ADMIT inline (13 args)"
 label[ADMIT_NOLEASE]="QUOTA.ADMIT (no lease)"
@@ -351,6 +361,8 @@ cmd[INCR]="INCR counter:__rand_int__"
 cmd[ADMIT]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]} MAX_CONCURRENT 1000000"
 cmd[POLICY]="QUOTA.ADMIT acme chat u__rand_int__ * POLICY bench COMPACT"
 cmd[CELL]="CL.THROTTLE cell:u__rand_int__ 1000000 1000000 1 1"
+# The same call to 0.5.0 (renamed to share the server), on keys of its own.
+cmd[CELL5]="CL.THROTTLE050 cell5:u__rand_int__ 1000000 1000000 1 1"
 cmd[ADMIT_NOLEASE]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]}"
 cmd[LUA]="EVALSHA $sha 1 u__rand_int__ 100000000 1000000000 1000000000 1000000 $LEASE_TTL"
 cmd[GET]="GET key:__rand_int__"
@@ -479,8 +491,9 @@ mkdir -p "$root/bench/out"
     done
     echo
     echo "ratios (median of the per-round ratios; each round runs every command back to back)"
-    printf '%-34s %8s %8s  %s\n' "ratio" "value" "bar" "verdict  (per round)"
+    printf '%-38s %8s %8s  %s\n' "ratio" "value" "bar" "verdict  (per round)"
     rows=("ADMIT POLICY+COMPACT/CL.THROTTLE:POLICY:CELL:>=:$BAR_POLICY_CELL"
+        "ADMIT POLICY+COMPACT/CL.THROTTLE 0.5:POLICY:CELL5:>=:$BAR_POLICY_CELL"
         "ADMIT POLICY+COMPACT/INCR:POLICY:INCR:>=:$BAR_POLICY_INCR"
         "ADMIT inline/HMGET(13 args):ADMIT:HMGET:>=:$BAR_ADMIT_HMGET"
         "QUOTA.GET/HGETALL(18 fields):QGET:HGETALL:>=:$BAR_GET_HGETALL"
@@ -488,6 +501,8 @@ mkdir -p "$root/bench/out"
         "QUOTA.GET/HGETALL(24, same shape):QGET:HGETALL24:-:-"
         "ADMIT inline/INCR:ADMIT:INCR:-:-"
         "CL.THROTTLE/INCR:CELL:INCR:-:-"
+        "CL.THROTTLE 0.5/INCR:CELL5:INCR:-:-"
+        "CL.THROTTLE 0.5/CL.THROTTLE 0.2.2:CELL5:CELL:-:-"
         "HMGET(13 args)/INCR:HMGET:INCR:-:-")
     if [ "${BENCH_EXTRA:-0}" = 1 ]; then
         rows+=("ADMIT inline/Lua:ADMIT:LUA:-:-" "ADMIT(no lease)/INCR:ADMIT_NOLEASE:INCR:-:-"
@@ -502,9 +517,9 @@ mkdir -p "$root/bench/out"
         value="$(median "${per[@]}")"
         value="$(awk -v x="$value" 'BEGIN { printf "%.3f", x }')"
         if [ "$op" = - ]; then
-            printf '%-34s %8s %8s  %-7s  (%s)\n' "$title" "$value" "" "info" "${per[*]}"
+            printf '%-38s %8s %8s  %-7s  (%s)\n' "$title" "$value" "" "info" "${per[*]}"
         else
-            printf '%-34s %8s %8s  %-7s  (%s)\n' "$title" "$value" "$op $bar" "$(verdict "$value" "$op" "$bar")" "${per[*]}"
+            printf '%-38s %8s %8s  %-7s  (%s)\n' "$title" "$value" "$op $bar" "$(verdict "$value" "$op" "$bar")" "${per[*]}"
         fi
     done
     echo

@@ -192,7 +192,10 @@ COMMENT ON TABLE "control_plane".quota_policy IS
 COMMENT ON COLUMN "control_plane".user_quota_replenishment_event.payload IS
     'The values the change wrote (money as a decimal string, times as Unix seconds)';
 
--- Indexes, created only when missing so that a redeploy never locks the tables.
+-- Indexes, created only when missing so that a redeploy never locks the tables. An index added
+-- by a later release is built here, inside the deploy's transaction, which blocks writes to its
+-- table while it builds: on a large live table, build it first with CREATE INDEX CONCURRENTLY
+-- (same name, same definition, in psql) and the deploy finds it there.
 DO $$
 BEGIN
     -- A user's active rows (the cache loads all of them at once).
@@ -206,6 +209,32 @@ BEGIN
         CREATE INDEX user_quota_replenishment_active_expiry_idx
             ON "control_plane".user_quota_replenishment (expires_at)
             WHERE active AND expires_at IS NOT NULL;
+    END IF;
+    -- QUOTA.FIND: a project's live rows in (user, bundle) order, one page after another
+    -- (keyset pagination: each page starts after the last row of the one before). Byte order
+    -- ("C"), whatever the database's collation, so the order and the cursor are the same
+    -- everywhere. Partial: revoked and expired-and-cleaned rows, which only accumulate, are not
+    -- in it.
+    IF to_regclass('"control_plane".user_quota_replenishment_find_idx') IS NULL THEN
+        CREATE INDEX user_quota_replenishment_find_idx
+            ON "control_plane".user_quota_replenishment
+            (tenant, project, user_id COLLATE "C", bundle_id COLLATE "C")
+            WHERE active;
+    END IF;
+    -- QUOTA.FIND ... EXPIRES_WITHIN: a project's live rows that can expire, soonest first; a
+    -- page ends at the horizon instead of reading every row of the project.
+    IF to_regclass('"control_plane".user_quota_replenishment_find_expiry_idx') IS NULL THEN
+        CREATE INDEX user_quota_replenishment_find_expiry_idx
+            ON "control_plane".user_quota_replenishment
+            (tenant, project, expires_at, user_id COLLATE "C", bundle_id COLLATE "C")
+            WHERE active AND expires_at IS NOT NULL;
+    END IF;
+    -- QUOTA.TOP: a project's ledger rows over a range of hours (the primary key leads with the
+    -- user, so it would read every hour of the project). The counters are not in it, so a
+    -- flush's update of an hour's row stays a HOT update.
+    IF to_regclass('"control_plane".quota_usage_hourly_project_hour_idx') IS NULL THEN
+        CREATE INDEX quota_usage_hourly_project_hour_idx
+            ON "control_plane".quota_usage_hourly (tenant, project, hour);
     END IF;
     -- One event per purchase id and (tenant, project): the idempotency guard.
     IF to_regclass('"control_plane".user_quota_replenishment_event_purchase_idx') IS NULL THEN

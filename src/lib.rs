@@ -27,7 +27,7 @@ mod module {
     use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
-    use crate::commands::{self, admission, credits, policies};
+    use crate::commands::{self, admission, credits, policies, project};
     use redis_module::configuration::ConfigurationContext;
 
     use crate::ffi::account_type::ACCOUNT_TYPE;
@@ -63,6 +63,8 @@ mod module {
         RESET: cmd_reset => admission::reset,
         SETSTATE: cmd_setstate => admission::setstate,
         APPLY: cmd_apply => admission::apply,
+        FIND: cmd_find => project::find,
+        TOP: cmd_top => project::top,
     }
     entry!(cmd_policy, |ctx, args| commands::run(
         ctx,

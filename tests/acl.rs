@@ -26,11 +26,12 @@ const GRANT_ALICE: [&str; 7] = [
 ];
 
 /// Every command the module registers.
-const ALL_COMMANDS: [&str; 14] = [
+const ALL_COMMANDS: [&str; 16] = [
     "quota.admit",
     "quota.apply",
     "quota.cleanup",
     "quota.commit",
+    "quota.find",
     "quota.get",
     "quota.grant",
     "quota.history",
@@ -40,6 +41,7 @@ const ALL_COMMANDS: [&str; 14] = [
     "quota.reset",
     "quota.revoke",
     "quota.setstate",
+    "quota.top",
     "quota.usage",
 ];
 
@@ -373,7 +375,13 @@ fn command_flags_are_sensible() {
         assert!(has(name, "write"), "{name} flags {:?}", flags[name]);
         assert!(!has(name, "readonly"), "{name} flags {:?}", flags[name]);
     }
-    for name in ["quota.get", "quota.usage", "quota.list"] {
+    for name in [
+        "quota.get",
+        "quota.usage",
+        "quota.list",
+        "quota.find",
+        "quota.top",
+    ] {
         assert!(has(name, "readonly"), "{name} flags {:?}", flags[name]);
         assert!(!has(name, "write"), "{name} flags {:?}", flags[name]);
     }
@@ -450,7 +458,15 @@ fn standard_acl_categories() {
         return;
     }
 
-    for name in ["quota.get", "quota.usage", "quota.list", "quota.history"] {
+    const READS: [&str; 6] = [
+        "quota.get",
+        "quota.usage",
+        "quota.list",
+        "quota.history",
+        "quota.find",
+        "quota.top",
+    ];
+    for name in READS {
         let read = strings(query(&mut admin, &["ACL", "CAT", "read"]).unwrap());
         assert!(read.contains(name), "@read lacks {name}");
     }
@@ -458,7 +474,7 @@ fn standard_acl_categories() {
     let fast = strings(query(&mut admin, &["ACL", "CAT", "fast"]).unwrap());
     let dangerous = strings(query(&mut admin, &["ACL", "CAT", "dangerous"]).unwrap());
     for name in ALL_COMMANDS {
-        let is_read = ["quota.get", "quota.usage", "quota.list", "quota.history"].contains(&name);
+        let is_read = READS.contains(&name);
         assert_eq!(write.contains(name), !is_read, "{name} in @write");
     }
     let members: [(&str, &BTreeSet<String>, &[&str]); 2] = [
@@ -594,6 +610,8 @@ fn key_specs_and_tips() {
         ("quota.usage", &["ro", "access"]),
         ("quota.list", &["ro", "access"]),
         ("quota.history", &["ro", "access"]),
+        ("quota.find", &["ro", "access"]),
+        ("quota.top", &["ro", "access"]),
         ("quota.admit", &["rw", "access", "update"]),
         ("quota.commit", &["rw", "update"]),
         ("quota.release", &["rw", "update"]),
@@ -639,8 +657,23 @@ fn key_specs_and_tips() {
         assert_eq!(strings(spec["flags"].clone()), want, "{name} key spec");
         assert_eq!(value_i64(&sub[3]), Some(2), "{name} first key");
     }
+    // The project reads declare the tenant (argument 1) as their key.
+    for name in ["quota.find", "quota.top"] {
+        assert_eq!(
+            value_i64(&info(&mut con, name)[3]),
+            Some(1),
+            "{name} first key"
+        );
+    }
     // Commands that always wait on PostgreSQL are refused in scripts by Redis itself.
-    for name in ["quota.grant", "quota.revoke", "quota.list", "quota.cleanup"] {
+    for name in [
+        "quota.grant",
+        "quota.revoke",
+        "quota.list",
+        "quota.cleanup",
+        "quota.find",
+        "quota.top",
+    ] {
         let flags = strings(info(&mut con, name)[2].clone());
         assert!(flags.contains("noscript"), "{name} flags {flags:?}");
     }

@@ -72,6 +72,16 @@ const DOCS: &[(&str, &str, &[&[&str]])] = &[
         &[&["tenant", "project", "user", "all"]],
     ),
     ("quota.history", "Lists", &[&ACCOUNT, &["from", "to"]]),
+    (
+        "quota.find",
+        "Pages",
+        &[&["tenant", "project", "expires_within", "count", "cursor"]],
+    ),
+    (
+        "quota.top",
+        "Ranks",
+        &[&["tenant", "project", "ranking", "from", "to", "count"]],
+    ),
     ("quota.cleanup", "Deactivates", &[]),
     (
         "quota.invalidate",

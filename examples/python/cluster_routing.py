@@ -2,7 +2,8 @@
 
 RedisCluster reads COMMAND INFO, so QUOTA.ADMIT, USAGE, ... (whose declared key is the user
 id) go straight to the node that owns the user, alone or in a pipeline; QUOTA.POLICY SET, GET,
-DEL and LIST (whose declared key is the tenant) to the node that owns the tenant. QUOTA.CLEANUP
+DEL and LIST, QUOTA.FIND and QUOTA.TOP (whose declared key is the tenant) to the node that owns
+the tenant, a FIND page after page with its cursor. QUOTA.CLEANUP
 has no key and does its whole job from any one node: with a resolver that has a record of it
 (_quota.cluster_policy_resolver), redis-py sends it to a random master.
 Checks that the masters sent no MOVED (INFO errorstats) while doing it.
@@ -58,13 +59,31 @@ def main():
     r = as_dict(rc.execute_command("QUOTA.ADMIT", t, p, users[0], "web", "POLICY", "free"))
     assert r["allowed"] == 1, r
 
+    # The project reads, routed by their tenant: every credit of the project page by page (the
+    # users granted here among them), and the users who made the most requests.
+    granted = set(users[:5])
+    for user in granted:
+        rc.execute_command("QUOTA.GRANT", t, p, user, "*", "REQUESTS_PER_DAY", 3)
+    cursor, seen = "0", set()
+    while True:
+        cursor, records = rc.execute_command("QUOTA.FIND", t, p, "COUNT", 2, "CURSOR", cursor)
+        seen.update(as_dict(r)["user_id"] for r in records)
+        if cursor == "0":
+            break
+    assert granted <= seen, granted - seen
+    top = rc.execute_command("QUOTA.TOP", t, p, "REQUESTS", "FROM", 0, "TO", 253402300800, "COUNT", 3)
+    assert len(top) <= 3 and all("user_id" in as_dict(u) for u in top), top
+
     # CLEANUP on any one master: it deactivates every expired row (PostgreSQL is shared).
     cleaned = rc.execute_command("QUOTA.CLEANUP")
     assert int(cleaned) >= 0, cleaned
 
     sent = moved(rc) - before
     assert sent == 0, f"the masters sent {sent} MOVED"
-    print(f"{len(users)} ADMIT + a pipeline of USAGE across users, POLICY SET/GET, 0 MOVED; CLEANUP {cleaned}")
+    print(
+        f"{len(users)} ADMIT + a pipeline of USAGE across users, POLICY SET/GET, "
+        f"FIND ({len(seen)} users) and TOP, 0 MOVED; CLEANUP {cleaned}"
+    )
     rc.close()
 
 

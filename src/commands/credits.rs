@@ -23,8 +23,9 @@ use crate::runtime::worker;
 use crate::runtime::{cache, clock};
 
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
-/// `extra` more pairs are left for the caller. A missing row writes nil columns.
-fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
+/// `extra` more pairs are left for the caller. A missing row writes nil columns. The one
+/// writer of a credit record: `GET`, `LIST`, `GRANT` and `FIND` reply through it.
+pub(super) fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
     let r = r.map(15 + LimitField::ALL.len() + extra);
     let r = r.pair(&words::TENANT, |r| r.str(ids[0]));
     let r = r.pair(&words::PROJECT, |r| r.str(ids[1]));

@@ -2,14 +2,17 @@
 //!
 //! `credits` holds the commands over PostgreSQL-backed credits (GRANT, GET, REVOKE, LIST,
 //! CLEANUP, INVALIDATE); `admission` the usage commands over account keys (ADMIT, COMMIT,
-//! RELEASE, USAGE, RESET and the internal APPLY and SETSTATE). Every entry point runs inside
+//! RELEASE, USAGE, RESET and the internal APPLY and SETSTATE); `project` the reads over a
+//! whole project (FIND, with its cursor in `cursor`, and TOP). Every entry point runs inside
 //! `ffi::blocked::guard`, so a panic becomes an error reply instead of aborting Redis.
 
 pub(crate) mod admission;
 pub(crate) mod credits;
+mod cursor;
 mod error;
 pub(crate) mod parse;
 pub(crate) mod policies;
+pub(crate) mod project;
 pub(crate) mod words;
 
 use crate::ffi::blocked::Resumable;

@@ -9,7 +9,9 @@ use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
 use crate::core::ledger::MAX_TOKENS;
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
-use crate::runtime::jobs::OwnedAccount;
+use crate::runtime::jobs::{FindQuery, OwnedAccount, TopBy, TopQuery};
+
+use super::cursor::{self, CursorError};
 
 /// Longest `PURCHASE` id, in bytes (the column is `VARCHAR(255)`).
 pub(crate) const MAX_PURCHASE_LEN: usize = 255;
@@ -225,6 +227,16 @@ const DEL: [u8; 16] = kw("DEL");
 const LIST: [u8; 16] = kw("LIST");
 const INVALIDATE: [u8; 16] = kw("INVALIDATE");
 const COMPACT: [u8; 16] = kw("COMPACT");
+const EXPIRES_WITHIN: [u8; 16] = kw("EXPIRES_WITHIN");
+const COUNT: [u8; 16] = kw("COUNT");
+const CURSOR: [u8; 16] = kw("CURSOR");
+const REQUESTS: [u8; 16] = kw("REQUESTS");
+const TOKENS: [u8; 16] = kw("TOKENS");
+
+/// `QUOTA.FIND`'s default and largest `COUNT`.
+pub(crate) const FIND_COUNT: (u32, u32) = (100, 1000);
+/// `QUOTA.TOP`'s default and largest `COUNT`.
+pub(crate) const TOP_COUNT: (u32, u32) = (10, 1000);
 
 fn limit_value(field: LimitField, raw: &[u8]) -> Result<u64, ParseError> {
     parse_amount(field.keyword(), raw)
@@ -337,6 +349,104 @@ pub(crate) fn history<'a>(args: &[&'a [u8]]) -> Result<(AccountId<'a>, i64, i64)
         }
     }
     Ok((account, from, to))
+}
+
+/// `COUNT n`: 1 ..= max.
+fn count(opts: &mut Options<'_, '_>, bit: u32, max: u32) -> Result<u32, ParseError> {
+    let n = parse_in_range("COUNT", opts.once_value(bit, "COUNT")?, 1, i64::from(max))?;
+    u32::try_from(n).map_err(|_| ParseError::OutOfRange("COUNT", 1, i64::from(max)))
+}
+
+/// Parses `QUOTA.FIND <t> <p> [EXPIRES_WITHIN s] [COUNT n] [CURSOR c]` into the page to read;
+/// the cursor must be one that `QUOTA.FIND` replied for the same tenant, project and kind of
+/// listing (with or without `EXPIRES_WITHIN`).
+pub(crate) fn find(args: &[&[u8]]) -> Result<FindQuery, ParseError> {
+    let [_, t, p, rest @ ..] = args else {
+        return Err(ParseError::Arity);
+    };
+    let (tenant, project) = (check_id("tenant", t)?, check_id("project", p)?);
+    let (mut within, mut count, mut cursor) = (None, FIND_COUNT.0, None);
+    let mut opts = Options::new(rest);
+    while let Some(word) = opts.next_word() {
+        match upper(word) {
+            EXPIRES_WITHIN => {
+                let raw = opts.once_value(0, "EXPIRES_WITHIN")?;
+                within = Some(parse_in_range("EXPIRES_WITHIN", raw, 1, MAX_EXPIRES_AT)?);
+            }
+            COUNT => count = self::count(&mut opts, 1, FIND_COUNT.1)?,
+            CURSOR => cursor = Some(opts.once_value(2, "CURSOR")?),
+            _ => return Err(ParseError::Unknown(shown(word))),
+        }
+    }
+    let after = match cursor {
+        None => None,
+        Some(text) => cursor::decode(tenant, project, within.is_some(), text).map_err(|e| {
+            ParseError::Invalid(
+                "CURSOR",
+                match e {
+                    CursorError::Foreign => {
+                        "must be 0 or a cursor QUOTA.FIND replied for this tenant and project"
+                    }
+                    CursorError::NeedsWithin => {
+                        "must be given with EXPIRES_WITHIN, as in the call that replied it"
+                    }
+                    CursorError::NoWithin => {
+                        "must be given without EXPIRES_WITHIN, as in the call that replied it"
+                    }
+                },
+            )
+        })?,
+    };
+    Ok(FindQuery {
+        tenant: tenant.to_owned(),
+        project: project.to_owned(),
+        within_s: within,
+        after,
+        count,
+    })
+}
+
+/// Parses `QUOTA.TOP <t> <p> REQUESTS|TOKENS FROM unix-s TO unix-s [COUNT n]`: the hours
+/// `FROM <= hour < TO` (both required, `TO` after `FROM`).
+pub(crate) fn top(args: &[&[u8]]) -> Result<TopQuery, ParseError> {
+    let [_, t, p, by, rest @ ..] = args else {
+        return Err(ParseError::Arity);
+    };
+    let (tenant, project) = (check_id("tenant", t)?, check_id("project", p)?);
+    let by = match upper(by) {
+        REQUESTS => TopBy::Requests,
+        TOKENS => TopBy::Tokens,
+        _ => return Err(ParseError::Invalid("ranking", "must be REQUESTS or TOKENS")),
+    };
+    let (mut from, mut to, mut count) = (None, None, TOP_COUNT.0);
+    let mut opts = Options::new(rest);
+    while let Some(word) = opts.next_word() {
+        match upper(word) {
+            FROM => {
+                let raw = opts.once_value(0, "FROM")?;
+                from = Some(parse_in_range("FROM", raw, 0, MAX_EXPIRES_AT)?);
+            }
+            TO => {
+                let raw = opts.once_value(1, "TO")?;
+                to = Some(parse_in_range("TO", raw, 0, MAX_EXPIRES_AT + 1)?);
+            }
+            COUNT => count = self::count(&mut opts, 2, TOP_COUNT.1)?,
+            _ => return Err(ParseError::Unknown(shown(word))),
+        }
+    }
+    let from = from.ok_or(ParseError::Invalid("FROM", "must be given"))?;
+    let to = to.ok_or(ParseError::Invalid("TO", "must be given"))?;
+    if to <= from {
+        return Err(ParseError::Invalid("TO", "must be later than FROM"));
+    }
+    Ok(TopQuery {
+        tenant: tenant.to_owned(),
+        project: project.to_owned(),
+        by,
+        from,
+        to,
+        count,
+    })
 }
 
 /// `QUOTA.ADMIT <t> <p> <u> <b> [options]`.
@@ -796,6 +906,94 @@ mod tests {
     }
 
     #[test]
+    fn find_reads_its_options_and_checks_the_cursor() {
+        let q = find(&words("QUOTA.FIND t p")).unwrap();
+        assert_eq!((q.within_s, q.after, q.count), (None, None, 100));
+        let q = find(&words("QUOTA.FIND t p count 5 expires_within 60 CURSOR 0")).unwrap();
+        assert_eq!((q.within_s, q.after, q.count), (Some(60), None, 5));
+        let at = crate::runtime::jobs::FindAfter {
+            expires_us: None,
+            user: "u".into(),
+            bundle: "*".into(),
+        };
+        let c = cursor::encode("t", "p", &at);
+        let q = find(&words(&format!("QUOTA.FIND t p CURSOR {c}"))).unwrap();
+        assert_eq!(q.after, Some(at));
+        for (cmd, err) in [
+            ("QUOTA.FIND t", "ERR wrong number of arguments"),
+            (
+                "QUOTA.FIND t p COUNT 0",
+                "ERR COUNT must be between 1 and 1000",
+            ),
+            (
+                "QUOTA.FIND t p COUNT 1001",
+                "ERR COUNT must be between 1 and 1000",
+            ),
+            (
+                "QUOTA.FIND t p EXPIRES_WITHIN 0",
+                "ERR EXPIRES_WITHIN must be between 1 and 253402300799",
+            ),
+            (
+                "QUOTA.FIND t p CURSOR",
+                "ERR CURSOR must be followed by a value",
+            ),
+            (
+                "QUOTA.FIND t p COUNT 1 COUNT 2",
+                "ERR COUNT must be given at most once",
+            ),
+            (
+                "QUOTA.FIND t p CURSOR abc",
+                "ERR CURSOR must be 0 or a cursor QUOTA.FIND replied for this tenant and project",
+            ),
+            (
+                &format!("QUOTA.FIND t p2 CURSOR {c}"),
+                "ERR CURSOR must be 0 or a cursor QUOTA.FIND replied for this tenant and project",
+            ),
+            (
+                &format!("QUOTA.FIND t p EXPIRES_WITHIN 5 CURSOR {c}"),
+                "ERR CURSOR must be given without EXPIRES_WITHIN, as in the call that replied it",
+            ),
+            ("QUOTA.FIND t p ALL", "ERR unknown option 'ALL'"),
+        ] {
+            assert_eq!(find(&words(cmd)).unwrap_err().to_string(), err, "{cmd}");
+        }
+    }
+
+    #[test]
+    fn top_reads_its_options() {
+        let q = top(&words("QUOTA.TOP t p tokens from 3600 TO 7200")).unwrap();
+        assert_eq!(
+            (q.by, q.from, q.to, q.count),
+            (TopBy::Tokens, 3600, 7200, 10)
+        );
+        let q = top(&words("QUOTA.TOP t p REQUESTS COUNT 3 TO 1 FROM 0")).unwrap();
+        assert_eq!((q.by, q.from, q.to, q.count), (TopBy::Requests, 0, 1, 3));
+        for (cmd, err) in [
+            ("QUOTA.TOP t p", "ERR wrong number of arguments"),
+            (
+                "QUOTA.TOP t p BYTES FROM 0 TO 1",
+                "ERR ranking must be REQUESTS or TOKENS",
+            ),
+            ("QUOTA.TOP t p TOKENS TO 1", "ERR FROM must be given"),
+            ("QUOTA.TOP t p TOKENS FROM 1", "ERR TO must be given"),
+            (
+                "QUOTA.TOP t p TOKENS FROM 7200 TO 3600",
+                "ERR TO must be later than FROM",
+            ),
+            (
+                "QUOTA.TOP t p TOKENS FROM 0 TO 1 COUNT 0",
+                "ERR COUNT must be between 1 and 1000",
+            ),
+            (
+                "QUOTA.TOP t p TOKENS FROM -1 TO 1",
+                "ERR FROM must be between 0 and 253402300799",
+            ),
+        ] {
+            assert_eq!(top(&words(cmd)).unwrap_err().to_string(), err, "{cmd}");
+        }
+    }
+
+    #[test]
     fn keywords_match_exactly() {
         for word in [&b"ADD\0"[..], b"ADD\0\0", b"PEEK\0", b"ADDX", b"AD", b""] {
             let mut args = words("QUOTA.GRANT t p u *");
@@ -834,6 +1032,8 @@ mod tests {
                 commit(&refs).err().map(|e| e.to_string()),
                 release(&refs).err().map(|e| e.to_string()),
                 list(&refs).err().map(|e| e.to_string()),
+                find(&refs).err().map(|e| e.to_string()),
+                top(&refs).err().map(|e| e.to_string()),
                 account_only(&refs).err().map(|e| e.to_string()),
             ].into_iter().flatten() {
                 prop_assert!(result.starts_with("ERR ") || result.starts_with("WRONGTYPE"));

@@ -98,6 +98,26 @@ const fn option(token: &'static CStr, name: &'static CStr, kind: ArgType) -> Arg
     }
 }
 
+/// `TOKEN value`, required.
+const fn keyed(token: &'static CStr, name: &'static CStr, kind: ArgType) -> Arg {
+    Arg {
+        name,
+        kind,
+        token: Some(token),
+        optional: false,
+    }
+}
+
+/// `TOKEN`, one of a `OneOf`'s choices.
+const fn choice(token: &'static CStr, name: &'static CStr) -> Arg {
+    Arg {
+        name,
+        kind: ArgType::Token,
+        token: Some(token),
+        optional: false,
+    }
+}
+
 /// `[TOKEN]`.
 const fn flag(token: &'static CStr, name: &'static CStr) -> Arg {
     Arg {
@@ -196,6 +216,33 @@ const APPLY_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"effect", ArgType:
 const POLICY_TENANT: Arg = arg(c"tenant", ArgType::Key);
 const POLICY_ID_ARGS: [Arg; 3] = [POLICY_TENANT, PROJECT, arg(c"name", ArgType::String)];
 const POLICY_LIST_ARGS: [Arg; 2] = [POLICY_TENANT, PROJECT];
+/// The tenant as the declared key of the reads over a whole project (`FIND`, `TOP`): key
+/// permissions bound them to their tenant and a cluster client routes them by it.
+const PROJECT_TENANT: Arg = arg(c"tenant", ArgType::Key);
+const FIND_ARGS: [Arg; 5] = [
+    PROJECT_TENANT,
+    PROJECT,
+    option(c"EXPIRES_WITHIN", c"expires_within", ArgType::Integer),
+    option(c"COUNT", c"count", ArgType::Integer),
+    option(c"CURSOR", c"cursor", ArgType::String),
+];
+const RANKINGS: [Arg; 2] = [
+    choice(c"REQUESTS", c"requests"),
+    choice(c"TOKENS", c"tokens"),
+];
+const TOP_ARGS: [Arg; 6] = [
+    PROJECT_TENANT,
+    PROJECT,
+    Arg {
+        name: c"ranking",
+        kind: ArgType::OneOf(&RANKINGS),
+        token: None,
+        optional: false,
+    },
+    keyed(c"FROM", c"from", ArgType::UnixTime),
+    keyed(c"TO", c"to", ArgType::UnixTime),
+    option(c"COUNT", c"count", ArgType::Integer),
+];
 /// `QUOTA.POLICY INVALIDATE` drops this node's copy: no key (any node, whatever its slots).
 const POLICY_INVALIDATE_ARGS: [Arg; 3] = [TENANT, PROJECT, arg(c"name", ArgType::String)];
 
@@ -277,6 +324,15 @@ mod table {
     pub(crate) static SETSTATE: CommandSpec = spec(c"quota.setstate", c"write", Some((1, Overwrite)), c"write slow admin dangerous", 3, &[&SETSTATE_ARGS])
         .about(c"Internal: applies an account state replicated by a master or read from the AOF")
         .cost(c"O(N) where N is the size of the state");
+    // FIND and TOP read PostgreSQL only, so any node could answer; their declared key is the
+    // tenant (argument 1): key permissions bound them to it, and a cluster client sends them
+    // to the node owning the tenant's slot, without a MOVED.
+    pub(crate) static FIND: CommandSpec = spec(c"quota.find", c"readonly deny-script", Some((1, Read)), c"read slow", -3, &[&FIND_ARGS])
+        .about(c"Pages through the live credits of every user of a tenant's project, optionally only those expiring soon")
+        .cost(c"O(N) where N is COUNT, plus one PostgreSQL round trip (an index range scan)");
+    pub(crate) static TOP: CommandSpec = spec(c"quota.top", c"readonly deny-script", Some((1, Read)), c"read slow", -8, &[&TOP_ARGS])
+        .about(c"Ranks the users of a tenant's project by the requests or tokens the usage ledger holds over a range of hours")
+        .cost(c"O(N) where N is the number of the project's ledger rows in the hours asked, aggregated in PostgreSQL (one round trip)");
     pub(crate) static APPLY: CommandSpec = spec(c"quota.apply", c"write", Some((1, Update)), c"write slow admin dangerous", 3, &[&APPLY_ARGS])
         .about(c"Internal: applies one change to an account, replicated by a master or read from the AOF");
 
@@ -612,7 +668,7 @@ fn set_info(
 
 /// Every spec.
 #[cfg(test)]
-fn all() -> [&'static CommandSpec; 13] {
+fn all() -> [&'static CommandSpec; 15] {
     [
         &GRANT,
         &GET,
@@ -627,6 +683,8 @@ fn all() -> [&'static CommandSpec; 13] {
         &RESET,
         &SETSTATE,
         &APPLY,
+        &FIND,
+        &TOP,
     ]
 }
 
@@ -657,7 +715,17 @@ mod tests {
                 .position(|a| matches!(a.kind, ArgType::Key))
                 .map(|i| i as c_int + names);
             assert_eq!(key_at, spec.key.map(|(pos, _)| pos), "{:?}", spec.name);
-            let required = args.iter().filter(|a| !a.optional).count() as c_int + names;
+            // A required `TOKEN value` is two words.
+            let words = |a: &&Arg| match (a.token, a.kind) {
+                (Some(_), ArgType::Token) | (None, _) => 1,
+                (Some(_), _) => 2,
+            };
+            let required = args
+                .iter()
+                .filter(|a| !a.optional)
+                .map(words)
+                .sum::<c_int>()
+                + names;
             assert_eq!(spec.arity.abs(), required, "{:?}", spec.name);
             assert_eq!(
                 spec.arity < 0,

@@ -9,6 +9,7 @@ use crate::core::Millis;
 use crate::ffi::blocked::{Blocked, Outcome};
 pub(crate) use crate::store::StoreError;
 use crate::store::{BatchOutcome, CleanupOutcome, GrantOutcome, HourRow, RevokeOutcome};
+pub(crate) use crate::store::{FindAfter, FindPage, FindQuery, TopBy, TopQuery, TopUser};
 
 /// Where a flush's outcomes go (called on the pool thread).
 pub(crate) type FlushDone = Box<dyn FnOnce(Vec<FlushOutcome>) + Send>;
@@ -47,6 +48,10 @@ pub(crate) enum Done {
     PolicyDel(Result<bool, StoreError>),
     PolicyList(Result<Vec<PolicyRecord>, StoreError>),
     History(Result<Vec<HourRow>, StoreError>),
+    /// A page of `QUOTA.FIND`.
+    Find(Result<FindPage, StoreError>),
+    /// `QUOTA.TOP`'s users, most first.
+    Top(Result<Vec<TopUser>, StoreError>),
     /// The job queue was full.
     Busy,
     /// The job was dropped unfinished (shutdown).
@@ -225,6 +230,16 @@ pub(crate) enum Job {
         to: i64,
         client: Blocked<Done>,
     },
+    /// `QUOTA.FIND`: one page of a project's live credits.
+    Find {
+        query: Box<FindQuery>,
+        client: Blocked<Done>,
+    },
+    /// `QUOTA.TOP`: a project's heaviest users in the ledger.
+    Top {
+        query: Box<TopQuery>,
+        client: Blocked<Done>,
+    },
 }
 
 impl Job {
@@ -232,7 +247,9 @@ impl Job {
     pub(crate) fn into_client(self) -> Option<Blocked<Done>> {
         match self {
             Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } | Job::Flush { .. } => None,
-            Job::History { client, .. } => Some(client),
+            Job::History { client, .. } | Job::Find { client, .. } | Job::Top { client, .. } => {
+                Some(client)
+            }
             Job::Grant { client, .. }
             | Job::Revoke { client, .. }
             | Job::List { client, .. }

@@ -251,7 +251,9 @@ fn refused(job: &Job) -> &'static str {
         | Job::PolicySet { .. }
         | Job::PolicyDel { .. }
         | Job::PolicyList { .. }
-        | Job::History { .. } => "a command (it got BUSY)",
+        | Job::History { .. }
+        | Job::Find { .. }
+        | Job::Top { .. } => "a command (it got BUSY)",
     }
 }
 
@@ -554,6 +556,10 @@ fn execute(job: Job) {
         } => client.finish(Done::PolicyList(with_store(|s| {
             s.list_policies(&tenant, &project)
         }))),
+        Job::Find { query, client } => {
+            client.finish(Done::Find(with_store(|s| s.find(&query))));
+        }
+        Job::Top { query, client } => client.finish(Done::Top(with_store(|s| s.top(&query)))),
     }
 }
 

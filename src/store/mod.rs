@@ -1,6 +1,6 @@
 //! PostgreSQL, the source of truth for credits: the connection pool, the queries behind
-//! `QUOTA.GRANT`/`REVOKE`/`LIST`/`CLEANUP` and cache loads, the schema deploy and the
-//! LISTEN/NOTIFY listener.
+//! `QUOTA.GRANT`/`REVOKE`/`LIST`/`CLEANUP` and cache loads, the project-wide reads
+//! (`QUOTA.FIND`, `QUOTA.TOP`), the schema deploy and the LISTEN/NOTIFY listener.
 //!
 //! Owns every SQL statement and every PostgreSQL type. Must not know Redis: callers (worker
 //! threads, never the Redis main thread) get core types (`Replenishment`) and a `StoreError`
@@ -13,6 +13,7 @@ pub(crate) mod listener;
 mod passfile;
 mod policies;
 mod pool;
+mod project;
 mod queries;
 mod schema;
 mod tls;
@@ -36,6 +37,7 @@ mod error;
 pub(crate) use error::{CleanupOutcome, GrantOutcome, RevokeOutcome, StoreError};
 pub(crate) use ledger::{AccountBatch, BatchOutcome, HourRow};
 pub(crate) use passfile::Credentials;
+pub(crate) use project::{FindAfter, FindPage, FindQuery, TopBy, TopQuery, TopUser};
 
 pub(crate) use connstr::{password_spans, ConnInfo, Form};
 pub(crate) use schema::validate_schema;
@@ -87,6 +89,7 @@ pub(crate) struct Store {
     sql: queries::Statements,
     policy_sql: policies::PolicyStatements,
     ledger_sql: ledger::LedgerStatements,
+    project_sql: project::ProjectStatements,
     timeout_ms: u64,
     /// Run first in every write transaction: the timeouts (`SET LOCAL`, so they hold through a
     /// transaction pooler) and this node's origin id for the NOTIFY triggers.
@@ -133,6 +136,7 @@ impl Store {
             sql: queries::Statements::new(&cfg.schema),
             policy_sql: policies::PolicyStatements::new(&cfg.schema),
             ledger_sql: ledger::LedgerStatements::new(&cfg.schema),
+            project_sql: project::ProjectStatements::new(&cfg.schema),
             timeout_ms: cfg.timeout_ms,
             tx_setup: tx_setup(cfg.timeout_ms),
         })
@@ -248,6 +252,16 @@ impl Store {
         to: i64,
     ) -> Result<Vec<HourRow>, StoreError> {
         self.read(|c| ledger::history(c, &self.ledger_sql, ids, from, to))
+    }
+
+    /// `QUOTA.FIND`: one page of a project's live rows (see `project::find`).
+    pub(crate) fn find(&self, query: &FindQuery) -> Result<FindPage, StoreError> {
+        self.read(|c| project::find(c, &self.project_sql, query))
+    }
+
+    /// `QUOTA.TOP`: a project's heaviest users over a range of hours (see `project::top`).
+    pub(crate) fn top(&self, query: &TopQuery) -> Result<Vec<TopUser>, StoreError> {
+        self.read(|c| project::top(c, &self.project_sql, query))
     }
 
     /// Why the configured password file could not be used, if so (the owner logs it once).
