@@ -245,7 +245,7 @@ fn session(
     stop: &Receiver<()>,
 ) -> SessionEnd {
     let mut client = match target.connect(credentials) {
-        Ok(connected) => connected.client,
+        Ok(client) => client,
         Err(reason) => return SessionEnd::Failed(reason),
     };
     // The channel is `<validated schema>_quota_changed`: safe to quote as an identifier.

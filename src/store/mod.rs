@@ -18,7 +18,6 @@ mod queries;
 mod schema;
 mod tls;
 mod tls_connect;
-mod watchdog;
 
 #[cfg(test)]
 mod pg_tests;
@@ -91,12 +90,12 @@ pub(crate) struct Store {
     ledger_sql: ledger::LedgerStatements,
     project_sql: project::ProjectStatements,
     timeout_ms: u64,
-    /// Run first in every write transaction: the timeouts (`SET LOCAL`, so they hold through a
+    /// Run first in every transaction: the timeouts (`SET LOCAL`, so they hold through a
     /// transaction pooler) and this node's origin id for the NOTIFY triggers.
     tx_setup: String,
 }
 
-/// The statement that opens every write transaction (see [`Store::write`]): one `SELECT` of
+/// The statement that opens every transaction (see [`Store::write`], [`Store::read`]): one `SELECT` of
 /// three `set_config(..., true)`, the transaction-local form of `SET LOCAL`, which costs one
 /// parse where three `SET LOCAL` statements cost three.
 fn tx_setup(timeout_ms: u64) -> String {
@@ -151,15 +150,31 @@ impl Store {
         f(&mut conn)
     }
 
-    /// Runs a read of one statement, cancelled from here if it outlives the timeout (no
-    /// session setting bounds it through a transaction pooler; see `watchdog`).
+    /// Runs a read in a read-only transaction opened with [`tx_setup`], so the timeouts bound
+    /// it through a transaction pooler as well: a statement past `pg-timeout-ms` is ended by
+    /// the server itself.
+    ///
+    /// Not with a client-side cancel request: a cancel races the statement (a late one can
+    /// hit the connection's next statement), and PgBouncer 1.18 (Debian 12's) exits on a
+    /// cancel request whose sender closes its socket before PgBouncer has passed it on, which
+    /// is what rust-postgres's cancel does (`FATAL ... disconnect_client(): bad client
+    /// state: 0`, pgbouncer#801; fixed in 1.19). What the bounded transaction costs is in
+    /// `measure_timeout_costs`.
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.pool.checkout()?;
-        let _bounded = self.pool.bound(&conn);
-        f(&mut conn)
+        let mut tx = conn
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .map_err(|e| StoreError::from_pg(&e))?;
+        tx.batch_execute(&self.tx_setup)
+            .map_err(|e| StoreError::from_pg(&e))?;
+        let out = f(&mut tx)?;
+        tx.commit().map_err(|e| StoreError::from_pg(&e))?;
+        Ok(out)
     }
 
     /// Runs `f` in a write transaction opened with [`tx_setup`]; `f` commits it.

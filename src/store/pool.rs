@@ -1,15 +1,14 @@
 //! Connections: reading `quota.pg-url` (or `quota.listen-url`) into a `postgres::Config` and
 //! TLS settings with the module's timeouts and keepalives, opening a connection the way libpq
 //! would (TLS per `sslmode`, with its fallbacks), and the r2d2 pool that hands connections to
-//! worker threads, each with what it takes to cancel its statement.
+//! worker threads.
 //!
 //! Owns how a connection is opened and how pool failures become `StoreError`s. Sets nothing
-//! on a session (a transaction pooler would lose it: timeouts are per transaction or
-//! client-side, see `watchdog`). Must not run application queries, and must never let the URL
+//! on a session (a transaction pooler would lose it: timeouts are per transaction, see
+//! `Store::read`). Must not run application queries, and must never let the URL
 //! or the password into an error message.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,7 @@ use super::backoff::{up_to, Rng};
 use super::connstr::ConnInfo;
 use super::error::{describe, StoreError};
 use super::passfile::{Credentials, Target as PassTarget};
-use super::tls::{self, MakeRustls, SslMode, TlsSettings};
-use super::watchdog::{Canceller, Guard, Watchdog};
+use super::tls::{self, SslMode, TlsSettings};
 
 /// A pooled connection; derefs to `postgres::Client`.
 pub(crate) type Conn = r2d2::PooledConnection<Manager>;
@@ -164,18 +162,12 @@ pub(crate) fn connection_config(
     Ok(Target { config, tls })
 }
 
-/// An open connection and how to cancel what it runs.
-pub(crate) struct Connected {
-    pub client: Client,
-    pub tls: Option<MakeRustls>,
-}
-
 impl Target {
     /// Opens one connection with the password looked up now (so a rotated password file
     /// applies), TLS as `sslmode` says: `prefer` retries plain when the handshake fails and
     /// `allow` retries with TLS when the server refuses a plain connection, as libpq does.
     /// `Err` is described and holds no password.
-    pub(crate) fn connect(&self, creds: &Credentials) -> Result<Connected, String> {
+    pub(crate) fn connect(&self, creds: &Credentials) -> Result<Client, String> {
         let mut config = self.config.clone();
         let _ = apply_credentials(&mut config, creds);
         let secret = secret_of(&config);
@@ -183,7 +175,7 @@ impl Target {
             .map_err(|e| scrub(e, secret.as_deref()))
     }
 
-    fn connect_as(&self, config: &mut postgres::Config) -> Result<Connected, String> {
+    fn connect_as(&self, config: &mut postgres::Config) -> Result<Client, String> {
         let plain = |config: &mut postgres::Config| {
             config.ssl_mode(PgSslMode::Disable);
             config.connect(NoTls)
@@ -191,24 +183,17 @@ impl Target {
         let encrypted = |config: &mut postgres::Config, mode: PgSslMode| {
             let tls = self.tls.connector()?;
             config.ssl_mode(mode);
-            config
-                .connect(tls.clone())
-                .map(|client| Connected {
-                    client,
-                    tls: Some(tls),
-                })
-                .map_err(|e| describe(&e))
+            config.connect(tls).map_err(|e| describe(&e))
         };
-        let unencrypted = |client| Connected { client, tls: None };
         match self.tls.mode {
-            SslMode::Disable => plain(config).map(unencrypted).map_err(|e| describe(&e)),
+            SslMode::Disable => plain(config).map_err(|e| describe(&e)),
             SslMode::Allow => match plain(config) {
                 Err(e) if e.as_db_error().is_some() => encrypted(config, PgSslMode::Require),
-                other => other.map(unencrypted).map_err(|e| describe(&e)),
+                other => other.map_err(|e| describe(&e)),
             },
             SslMode::Prefer => match encrypted(config, PgSslMode::Prefer) {
                 Err(e) if e.starts_with(super::error::TLS_FAILED) => {
-                    plain(config).map(unencrypted).map_err(|e| describe(&e))
+                    plain(config).map_err(|e| describe(&e))
                 }
                 other => other,
             },
@@ -307,10 +292,9 @@ impl Health {
     }
 }
 
-/// A pooled connection: the client, and how to cancel what it runs.
+/// A pooled connection.
 pub(crate) struct PgConn {
     client: Client,
-    canceller: Arc<Canceller>,
 }
 
 impl std::ops::Deref for PgConn {
@@ -363,14 +347,7 @@ impl ManageConnection for Manager {
         let result = self
             .target
             .connect(&self.credentials)
-            .map(|c| PgConn {
-                canceller: Arc::new(Canceller {
-                    token: c.client.cancel_token(),
-                    tls: c.tls,
-                    fired: Arc::new(AtomicBool::new(false)),
-                }),
-                client: c.client,
-            })
+            .map(|client| PgConn { client })
             .map_err(|e| ConnectError(scrub(e, self.secret.as_deref())));
         self.health
             .record(result.as_ref().map(|_| ()).map_err(|e| e.0.as_str()));
@@ -385,11 +362,11 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed() || conn.canceller.fired.load(Ordering::Acquire)
+        conn.client.is_closed()
     }
 }
 
-/// The pool of connections, plus what is needed to report its failures and to bound reads.
+/// The pool of connections, plus what is needed to report its failures.
 pub(crate) struct PgPool {
     pool: r2d2::Pool<Manager>,
     secret: Option<String>,
@@ -398,8 +375,6 @@ pub(crate) struct PgPool {
     fail_fast: Duration,
     /// Why the configured password could not be used, if so.
     warning: Option<String>,
-    watchdog: Watchdog,
-    timeout: Duration,
 }
 
 /// While connecting fails, r2d2 retries in the background at least every half timeout; a
@@ -437,17 +412,12 @@ pub(crate) fn build(
         .error_handler(Box::new(r2d2::NopErrorHandler))
         .build_unchecked(manager);
     let fail_fast = bounded_timeout(timeout_ms).max(FAIL_FAST_MIN);
-    let watchdog = Watchdog::start().map_err(|e| {
-        StoreError::BadConfig(format!("cannot start the statement timer thread: {e}"))
-    })?;
     Ok(PgPool {
         pool,
         secret,
         health,
         fail_fast,
         warning,
-        watchdog,
-        timeout: bounded_timeout(timeout_ms),
     })
 }
 
@@ -466,12 +436,6 @@ impl PgPool {
         self.pool.get().map_err(|e| {
             StoreError::Unavailable(pool_failure(&e.to_string(), self.secret.as_deref()))
         })
-    }
-
-    /// Bounds what `conn` runs until the guard drops by the timeout: past it, the statement
-    /// is cancelled (it fails with `Timeout`) and the connection is not lent again.
-    pub(crate) fn bound(&self, conn: &Conn) -> Guard<'_> {
-        self.watchdog.arm(self.timeout, &conn.canceller)
     }
 
     /// Why the configured password file could not be used, if so (said once, by the owner).
