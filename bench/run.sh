@@ -26,13 +26,19 @@
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
 #      (bench/README.md says how to read them)
 #   5. memory: bytes per cached user (with one credit; with no credits) and per account key
+#   6. cold misses: ADMITs of new users in ONE long pipeline on one connection, with PostgreSQL
+#      up, down and not configured (linear time: no miss blocks its client without PostgreSQL)
 #
 # Environment (all optional):
 #   BENCH_USERS=10000     users in the benchmark (redis-benchmark -r)
 #   BENCH_SECONDS=4       target duration of each redis-benchmark run
 #   BENCH_ROUNDS=5        interleaved rounds (ratios use the median of the per-round ratios)
 #   BENCH_MEM_USERS=100000  users/accounts created for the memory figures
+#   BENCH_COLD_USERS=100000  new users in the one-pipeline cold-miss rows (PostgreSQL down, none)
+#   BENCH_COLD_UP_USERS=10000  the same with PostgreSQL up (one load round trip per miss)
 #   BENCH_NO_BUILD=1      skip cargo build
+#   BENCH_MODULE=path.so  bench this build of the module instead (e.g. another worktree's, to
+#                         compare two builds; run each with the same settings)
 #   BENCH_STRICT=1        exit 1 when a bar is missed (default: report PASS/FAIL, exit 0)
 #   REDIS_SERVER=redis-server
 # The printed report is also copied to bench/out/last-run.txt (gitignored).
@@ -45,8 +51,10 @@ USERS="${BENCH_USERS:-10000}"
 SECONDS_PER_RUN="${BENCH_SECONDS:-4}"
 ROUNDS="${BENCH_ROUNDS:-5}"
 MEM_USERS="${BENCH_MEM_USERS:-100000}"
+COLD_N="${BENCH_COLD_USERS:-100000}"
+COLD_UP="${BENCH_COLD_UP_USERS:-10000}"
 REDIS_SERVER="${REDIS_SERVER:-redis-server}"
-module="$root/target/release/libredis_quota.so"
+module="${BENCH_MODULE:-$root/target/release/libredis_quota.so}"
 PIPE=16
 CLIENTS=50
 LOADERS=8 # parallel connections for grants and cold loads (each waits on Postgres)
@@ -58,6 +66,8 @@ BAR_POLICY_INCR=0.45
 BAR_ADMIT_HMGET=0.8
 BAR_BALANCE_WINDOWS=0.9
 BAR_GET_HGETALL=1.1
+# Issue 23: 10 x the ~430 ADMIT/s a long pipeline of new users ran at while quadratic.
+BAR_COLD=4300
 BAR_P99=1.2
 BAR_ACCOUNT_BYTES=320
 BAR_USER_BYTES=256
@@ -472,6 +482,32 @@ fi
 cli QUOTA.ADMIT acme chat u000000000042 '*' MAX_CONCURRENT 10 LEASE_TTL 600 >/dev/null
 lease_usage="$(cli MEMORY USAGE "$lease_key")"
 
+# --- cold misses in one long pipeline ---------------------------------------------------------
+# One connection pipelines ADMITs for users never seen (issue 23: a 1M-command pipeline of new
+# users used to run at ~430/s, quadratic, every miss blocking its client). PostgreSQL up: each
+# miss waits for its load (a round trip each; linear, but bound by PostgreSQL's latency).
+# PostgreSQL down (a pg-url nothing listens on) and no pg-url at all: misses never block.
+cold_rate() { # PREFIX N : ADMITs of N new users in one pipeline; prints ADMITs/s
+    local start end
+    start="$(date +%s%N)"
+    pipe_all 1 "$1" 0 "$2" QUOTA.ADMIT acme cold @U@ web REQUESTS_PER_DAY 10
+    end="$(date +%s%N)"
+    awk -v n="$2" -v ns="$((end - start))" 'BEGIN { printf "%d", n / (ns / 1e9) }'
+}
+log "cold misses: $COLD_UP new users in one pipeline, PostgreSQL up"
+cli CONFIG SET quota.pg-timeout-ms 2000 >/dev/null
+cold_up="$(cold_rate cu "$COLD_UP")"
+log "cold misses: $COLD_N new users in one pipeline, PostgreSQL down"
+cli CONFIG SET quota.pg-url "postgresql://bench@127.0.0.1:1/none" >/dev/null
+# The first miss finds PostgreSQL unreachable (its client waits up to pg-timeout-ms); from
+# then on PostgreSQL is known to be down, which is what the row measures.
+cli QUOTA.ADMIT acme cold first-miss web REQUESTS_PER_DAY 10 >/dev/null
+cold_down="$(cold_rate cd "$COLD_N")"
+log "cold misses: $COLD_N new users in one pipeline, no pg-url"
+cli CONFIG SET quota.pg-url "" >/dev/null
+cold_none="$(cold_rate cn "$COLD_N")"
+log "cold misses: $cold_up/s up, $cold_down/s down, $cold_none/s without PostgreSQL"
+
 # --- report ------------------------------------------------------------------------------
 mkdir -p "$root/bench/out"
 {
@@ -550,6 +586,11 @@ mkdir -p "$root/bench/out"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of one such account key" "$acc_usage"
     printf '  %-52s %8s bytes\n' "MEMORY USAGE of a benchmark account + 1 live lease" "$lease_usage"
     echo "  (the benchmark account held ~10-20 leases during the runs; its vectors keep that capacity)"
+    echo
+    echo "cold misses: QUOTA.ADMIT of new users, all in ONE pipeline on one connection (redis-cli --pipe)"
+    printf '  %-52s %8s /s  bar >= %s: %s\n' "$COLD_N users, PostgreSQL down (nothing on its port)" "$cold_down" "$BAR_COLD" "$(verdict "$cold_down" ">=" "$BAR_COLD")"
+    printf '  %-52s %8s /s  bar >= %s: %s\n' "$COLD_N users, no pg-url" "$cold_none" "$BAR_COLD" "$(verdict "$cold_none" ">=" "$BAR_COLD")"
+    printf '  %-52s %8s /s  (info: one load round trip per miss)\n' "$COLD_UP users, PostgreSQL up" "$cold_up"
 } | tee "$root/bench/out/last-run.txt"
 log "total $(($(date +%s) - t0)) s"
 fails="$(grep -c 'FAIL' "$root/bench/out/last-run.txt" || true)"
