@@ -820,6 +820,9 @@ fn thousands_of_malformed_commands_are_refused_and_change_nothing() {
     let pg = PgServer::shared();
     let schema = unique_schema();
     let server = test_server_with(&schema, &[("cache-ttl-ms", "3600000")]);
+    // The NOTIFY listener drops the whole cache when it (re)connects: let it connect before
+    // the accounts are made, or the snapshots would see it happen in between.
+    server.wait_notify_state("listening", Duration::from_secs(30));
     let mut r2 = Raw::connect(server.port(), false);
     let mut r3 = Raw::connect(server.port(), true);
     populate(&mut r2);
