@@ -72,13 +72,22 @@ mod module {
         policies::policy
     ));
 
-    /// `QUOTA.POLICY`'s subcommands (one entry point parses which one it is).
+    entry!(cmd_policy_help, |ctx, args| commands::run(
+        ctx,
+        args,
+        policies::help
+    ));
+
+    /// `QUOTA.POLICY`'s subcommands (one entry point parses which one it is; `HELP` has its
+    /// own). Redis answers an unknown one with `ERR unknown subcommand '...'. Try QUOTA.POLICY
+    /// HELP.`
     const POLICY_SUBCOMMANDS: &[(&CommandSpec, Entry)] = &[
         (&info::POLICY_SET, cmd_policy),
         (&info::POLICY_GET, cmd_policy),
         (&info::POLICY_DEL, cmd_policy),
         (&info::POLICY_LIST, cmd_policy),
         (&info::POLICY_INVALIDATE, cmd_policy),
+        (&info::POLICY_HELP, cmd_policy_help),
     ];
 
     fn register_commands(ctx: &Context) -> Status {
@@ -376,7 +385,8 @@ mod module {
 
     redis_module! {
         name: "quota",
-        version: 1,
+        // Cargo.toml's version, encoded as major * 10000 + minor * 100 + patch.
+        version: info::MODULE_VERSION,
         allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
         data_types: [ACCOUNT_TYPE],
         init: init,

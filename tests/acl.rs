@@ -46,9 +46,10 @@ const ALL_COMMANDS: [&str; 16] = [
 ];
 
 /// The subcommands of the `quota.policy` container, each in the category on its own.
-const POLICY_SUBCOMMANDS: [&str; 5] = [
+const POLICY_SUBCOMMANDS: [&str; 6] = [
     "quota.policy|del",
     "quota.policy|get",
+    "quota.policy|help",
     "quota.policy|invalidate",
     "quota.policy|list",
     "quota.policy|set",
@@ -648,6 +649,10 @@ fn key_specs_and_tips() {
             "quota.policy|del" => &["rw", "delete"],
             "quota.policy|invalidate" => {
                 assert!(specs.is_empty(), "{name}: a node's own cache, no key");
+                continue;
+            }
+            "quota.policy|help" => {
+                assert!(specs.is_empty(), "{name}: any node answers it, no key");
                 continue;
             }
             other => panic!("unknown subcommand {other}"),

@@ -121,7 +121,7 @@ fn command_docs_match_the_expected_table() {
             "{name} summary: {:?}",
             text("summary")
         );
-        assert_eq!(text("since"), "1.0.0", "{name} since");
+        assert_eq!(text("since"), env!("CARGO_PKG_VERSION"), "{name} since");
         assert!(text("complexity").starts_with("O("), "{name} complexity");
         assert_eq!(text("module"), "quota", "{name} module");
         let names: Vec<String> = doc
@@ -168,6 +168,64 @@ fn command_docs_match_the_expected_table() {
             "{sub}: {summary:?}"
         );
     }
+}
+
+/// One version: Cargo.toml's, `MODULE LIST`'s `ver` (major * 10000 + minor * 100 + patch, as
+/// Redis's own modules encode theirs) and every command's `COMMAND DOCS` `since` agree.
+#[test]
+fn one_version_in_cargo_module_list_and_command_docs() {
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("a version line in Cargo.toml");
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    let parts: Vec<i64> = version
+        .split('.')
+        .map(|p| p.parse().expect("a numeric version part"))
+        .collect();
+    assert_eq!(parts.len(), 3, "{version}");
+    let encoded = parts[0] * 10000 + parts[1] * 100 + parts[2];
+
+    let (_schema, _server, mut con) = test_server_con();
+    let modules = to_array(query(&mut con, &["MODULE", "LIST"]).expect("MODULE LIST"));
+    let quota = modules
+        .into_iter()
+        .map(to_map)
+        .find(|m| field_str(m, "name").as_deref() == Some("quota"))
+        .expect("the quota module in MODULE LIST");
+    assert_eq!(field_i64(&quota, "ver"), encoded, "MODULE LIST ver");
+
+    // Every command and subcommand COMMAND DOCS knows of the module.
+    let docs = doc_map(query(&mut con, &["COMMAND", "DOCS"]).expect("COMMAND DOCS"));
+    let mut seen = 0;
+    for (name, doc) in docs {
+        let doc = doc_map(doc);
+        if doc.get("module").and_then(value_to_string).as_deref() != Some("quota") {
+            continue;
+        }
+        let mut entries = vec![(name.clone(), doc.clone())];
+        if let Some(subs) = doc.get("subcommands") {
+            entries.extend(
+                doc_map(subs.clone())
+                    .into_iter()
+                    .map(|(n, d)| (n, doc_map(d))),
+            );
+        }
+        for (name, doc) in entries {
+            if !name.contains('|') && doc.contains_key("subcommands") {
+                continue; // a container has no docs of its own
+            }
+            let since = doc.get("since").and_then(value_to_string);
+            assert_eq!(since.as_deref(), Some(version.as_str()), "{name} since");
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= DOCS.len() + 5,
+        "only {seen} QUOTA.* commands in COMMAND DOCS"
+    );
 }
 
 /// Splits a README example command: words separated by spaces, `""` is an empty argument.

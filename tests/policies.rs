@@ -7,7 +7,8 @@
 //! * replicas and a cluster see policies;
 //! * PostgreSQL down: a cached policy still decides, a never-cached one is a clear error;
 //! * the compact reply read by index from Lua under RESP2 and RESP3;
-//! * exactness: 20 clients, a cold policy and a cold credit, exactly the limit admitted.
+//! * exactness: 20 clients, a cold policy and a cold credit, exactly the limit admitted;
+//! * `QUOTA.POLICY HELP` answers as `CONFIG HELP` does, keyless, on every cluster node.
 mod common;
 
 use std::time::{Duration, Instant};
@@ -264,6 +265,68 @@ fn replicas_see_policies_and_their_changes() {
     assert!(err.starts_with("READONLY"), "{err}");
 }
 
+/// The status lines of a `QUOTA.POLICY HELP` reply (panics on anything else).
+fn help_lines(reply: Value) -> Vec<String> {
+    to_array(reply)
+        .into_iter()
+        .map(|line| match line {
+            Value::SimpleString(s) => s,
+            other => panic!("a HELP line that is not a status string: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn policy_help_answers_as_redis_container_commands_do() {
+    let schema = unique_schema();
+    let server = RedisServer::builder()
+        .module_args(&[("schema", schema.as_str())])
+        .start();
+    let mut resp2 = server.client();
+    let mut resp3 = server.client_resp3();
+    let lines = help_lines(query(&mut resp2, &["QUOTA.POLICY", "HELP"]).expect("HELP"));
+    assert_eq!(
+        lines[0],
+        "QUOTA.POLICY <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
+    );
+    assert_eq!(lines[lines.len() - 2..], ["HELP", "    Print this help."]);
+    // Every subcommand: a line with its syntax, then lines that describe it, indented.
+    let docs = to_array(query(&mut resp2, &["COMMAND", "DOCS", "quota.policy"]).unwrap());
+    let doc = to_map(docs[1].clone());
+    let subcommands: Vec<String> = to_map(doc["subcommands"].clone())
+        .into_keys()
+        .map(|name| name.trim_start_matches("quota.policy|").to_uppercase())
+        .collect();
+    assert_eq!(subcommands.len(), 6, "{subcommands:?}");
+    for sub in &subcommands {
+        let at = lines
+            .iter()
+            .position(|l| l == sub || l.starts_with(&format!("{sub} ")))
+            .unwrap_or_else(|| panic!("no {sub} in HELP: {lines:#?}"));
+        assert!(lines[at + 1].starts_with("    "), "{sub}: {lines:#?}");
+    }
+    let syntax = lines.iter().skip(1).filter(|l| !l.starts_with(' ')).count();
+    assert_eq!(syntax, subcommands.len(), "{lines:#?}");
+    // RESP3: the same array of status strings; any case.
+    let lines3 = help_lines(query(&mut resp3, &["quota.policy", "help"]).expect("HELP"));
+    assert_eq!(lines3, lines);
+    // An unknown subcommand points at HELP; HELP takes no argument and no key.
+    assert_eq!(
+        query_err(&mut resp2, &["QUOTA.POLICY", "BOGUS"]),
+        "ERR unknown subcommand 'BOGUS'. Try QUOTA.POLICY HELP."
+    );
+    assert!(query_err(&mut resp2, &["QUOTA.POLICY", "HELP", "x"])
+        .starts_with("ERR wrong number of arguments"));
+    assert_eq!(
+        query_err(&mut resp2, &["COMMAND", "GETKEYS", "QUOTA.POLICY", "HELP"]),
+        "ERR The command has no key arguments"
+    );
+    // Inside MULTI and from a script too.
+    let script = "return redis.call('QUOTA.POLICY', 'HELP')";
+    let from_lua = help_lines(query(&mut resp2, &["EVAL", script, "0"]).expect("EVAL"));
+    assert_eq!(from_lua, lines);
+}
+
 #[test]
 fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
     let schema = unique_schema();
@@ -285,6 +348,15 @@ fn every_cluster_node_decides_with_a_policy_set_on_one_of_them() {
     );
     assert!(moved.starts_with("MOVED"), "{moved}");
     set_policy(&mut owner.client(), "pro", "REQUESTS_PER_DAY 2");
+
+    // HELP has no key: every node answers it, none with MOVED.
+    for node in &cluster.nodes {
+        let lines = help_lines(query(&mut node.client(), &["QUOTA.POLICY", "HELP"]).unwrap());
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("    Print this help.")
+        );
+    }
 
     let mut con = cluster.cluster_client();
     let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();

@@ -5,7 +5,9 @@ id) go straight to the node that owns the user, alone or in a pipeline; QUOTA.PO
 DEL and LIST, QUOTA.FIND and QUOTA.TOP (whose declared key is the tenant) to the node that owns
 the tenant, a FIND page after page with its cursor. QUOTA.CLEANUP
 has no key and does its whole job from any one node: with a resolver that has a record of it
-(_quota.cluster_policy_resolver), redis-py sends it to a random master.
+(_quota.cluster_policy_resolver), redis-py sends it to a random master. QUOTA.POLICY HELP and
+QUOTA.POLICY INVALIDATE have no key either, and share QUOTA.POLICY's name with the keyed
+subcommands (a resolver's record would apply to them all): they take target_nodes.
 Checks that the masters sent no MOVED (INFO errorstats) while doing it.
 
     QUOTA_CLUSTER_NODES=127.0.0.1:7001,127.0.0.1:7002 python cluster_routing.py
@@ -58,6 +60,15 @@ def main():
     assert got["requests_per_day"] == 7, got
     r = as_dict(rc.execute_command("QUOTA.ADMIT", t, p, users[0], "web", "POLICY", "free"))
     assert r["allowed"] == 1, r
+
+    # Keyless subcommands go where the caller says: HELP to any node, INVALIDATE to every
+    # master (each replicates it to its replicas).
+    lines = rc.execute_command("QUOTA.POLICY", "HELP", target_nodes=RedisCluster.RANDOM)
+    assert lines[-1] == "    Print this help.", lines
+    dropped = rc.execute_command(
+        "QUOTA.POLICY", "INVALIDATE", t, p, "free", target_nodes=RedisCluster.PRIMARIES
+    )
+    assert set(dropped.values()) <= {0, 1}, dropped
 
     # The project reads, routed by their tenant: every credit of the project page by page (the
     # users granted here among them), and the users who made the most requests.

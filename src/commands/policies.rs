@@ -1,4 +1,5 @@
-//! `QUOTA.POLICY SET|GET|DEL|LIST|INVALIDATE`: named base policies for `QUOTA.ADMIT ... POLICY`.
+//! `QUOTA.POLICY SET|GET|DEL|LIST|INVALIDATE`: named base policies for `QUOTA.ADMIT ... POLICY`;
+//! `QUOTA.POLICY HELP` lists them.
 //!
 //! Writes and listings go to PostgreSQL on a worker (only the caller is blocked); the worker
 //! writes the committed policy through to this node's policy cache, and the reply replicates
@@ -73,6 +74,38 @@ pub(crate) fn policy(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
             Ok(())
         }
     }
+}
+
+/// `QUOTA.POLICY HELP`'s first line, as Redis's own container commands write it.
+const HELP_HEAD: &str = "QUOTA.POLICY <subcommand> [<arg> [value] [opt] ...]. Subcommands are:";
+
+/// `QUOTA.POLICY HELP`'s other lines: each subcommand's syntax, then what it does, indented
+/// (the layout of `CONFIG HELP`, which ends with `HELP` too).
+const HELP_LINES: &[&str] = &[
+    "SET <tenant> <project> <name> [REQUESTS_PER_DAY <n>] [REQUESTS_PER_MONTH <n>] \
+     [TOTAL_REQUESTS <n>] [TOKENS_PER_HOUR <n>] [TOKENS_PER_DAY <n>] [TOKENS_PER_MONTH <n>] \
+     [MAX_CONCURRENT <n>]",
+    "    Create or replace the named base policy of (tenant, project) in PostgreSQL; a limit",
+    "    not given is unlimited. Replies the policy.",
+    "GET <tenant> <project> <name>",
+    "    Return the named policy from this node's cache (loaded on a miss), or nil.",
+    "DEL <tenant> <project> <name>",
+    "    Delete the named policy: 1 if it existed, else 0.",
+    "LIST <tenant> <project>",
+    "    Return every policy of (tenant, project) from PostgreSQL, by name.",
+    "INVALIDATE <tenant> <project> <name>",
+    "    Drop the policy from this node's cache (and its replicas'): 1 if it was cached.",
+    "HELP",
+    "    Print this help.",
+];
+
+/// `QUOTA.POLICY HELP`: an array of status lines, as `CONFIG HELP` and `OBJECT HELP` reply.
+pub(crate) fn help(ctx: Ctx, _args: &[&[u8]]) -> Result<(), CommandError> {
+    let mut r = ctx.reply().array(1 + HELP_LINES.len()).status(HELP_HEAD);
+    for line in HELP_LINES {
+        r = r.status(line);
+    }
+    Ok(())
 }
 
 /// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.

@@ -21,8 +21,53 @@ use redis_module::raw;
 /// The ACL category every command joins where the server supports module categories.
 pub(crate) const CATEGORY: &CStr = c"quota";
 
-/// The `since` of every command: the module's first release.
-const SINCE: &CStr = c"1.0.0";
+/// The module's version, Cargo.toml's `version` (`major.minor.patch`): the one place it is
+/// written. `COMMAND DOCS` shows it as every command's `since` (the module's first release is
+/// the release of the reply format every command has now).
+const VERSION_TEXT: &str = env!("CARGO_PKG_VERSION");
+
+/// The `since` of every command: the module's version, as text.
+const SINCE: &CStr =
+    match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(since) => since,
+        Err(_) => panic!("the package version holds a NUL"),
+    };
+
+/// `MODULE LIST`'s `ver`: major * 10000 + minor * 100 + patch of the module's version, as
+/// Redis's own modules encode theirs (1.0.0 is 10000). Checked at compile time.
+pub(crate) const MODULE_VERSION: i32 = encode_version(VERSION_TEXT);
+
+/// `"1.2.3"` as 10203; anything else (a pre-release suffix, a part above 99) fails the build.
+const fn encode_version(text: &str) -> i32 {
+    let bytes = text.as_bytes();
+    let mut parts = [0i32; 3];
+    let (mut part, mut digits, mut i) = (0, 0, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'.' {
+            assert!(
+                digits > 0 && part < 2,
+                "the version must be major.minor.patch"
+            );
+            part += 1;
+            digits = 0;
+        } else {
+            assert!(b.is_ascii_digit(), "the version must be major.minor.patch");
+            parts[part] = parts[part] * 10 + (b - b'0') as i32;
+            digits += 1;
+            assert!(
+                parts[part] <= 99,
+                "each part of the version must be at most 99"
+            );
+        }
+        i += 1;
+    }
+    assert!(
+        digits > 0 && part == 2,
+        "the version must be major.minor.patch"
+    );
+    parts[0] * 10000 + parts[1] * 100 + parts[2]
+}
 
 /// What a command does with its declared key (the user id), as key-spec flags.
 #[derive(Clone, Copy)]
@@ -351,6 +396,10 @@ mod table {
         .about(c"Lists the named base policies of a tenant's project").cost(c"O(N) where N is the number of policies");
     pub(crate) static POLICY_INVALIDATE: CommandSpec = spec(c"invalidate", c"write fast", None, c"write fast", 5, &[&POLICY_INVALIDATE_ARGS])
         .about(c"Drops a named policy from this node's cache (the next use reloads it)");
+    // `HELP` takes no key, so any node answers it, as Redis's own `CONFIG HELP` (whose flags
+    // and category these are).
+    pub(crate) static POLICY_HELP: CommandSpec = spec(c"help", c"allow-loading allow-stale", None, c"slow", 2, &[])
+        .about(c"Shows the subcommands of QUOTA.POLICY and what each does").cost(c"O(1)");
 }
 pub(crate) use table::*;
 
@@ -693,13 +742,14 @@ mod tests {
     use super::*;
 
     /// The subcommands of `QUOTA.POLICY`.
-    fn subcommands() -> [&'static CommandSpec; 5] {
+    fn subcommands() -> [&'static CommandSpec; 6] {
         [
             &POLICY_SET,
             &POLICY_GET,
             &POLICY_DEL,
             &POLICY_LIST,
             &POLICY_INVALIDATE,
+            &POLICY_HELP,
         ]
     }
 
@@ -734,6 +784,15 @@ mod tests {
                 spec.name
             );
         }
+    }
+
+    #[test]
+    fn version_is_encoded_as_redis_modules_encode_theirs() {
+        assert_eq!(encode_version("1.0.0"), 10000);
+        assert_eq!(encode_version("2.10.3"), 21003);
+        assert_eq!(encode_version("0.1.0"), 100);
+        assert_eq!(MODULE_VERSION, encode_version(env!("CARGO_PKG_VERSION")));
+        assert_eq!(SINCE.to_str(), Ok(env!("CARGO_PKG_VERSION")));
     }
 
     #[test]
