@@ -7,7 +7,8 @@
 //! declared key is the tenant (see `ffi::command_info`), so key permissions and cluster
 //! routing apply to it.
 
-use super::credits::{on_worker, record};
+use super::credits::on_worker;
+use super::replies::record;
 use super::{cursor, parse, CommandError, Waiting};
 use crate::ffi::ctx::Ctx;
 use crate::runtime::config;

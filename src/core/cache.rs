@@ -81,7 +81,7 @@ pub(crate) struct CacheConfig {
     pub negative_ttl_ms: Millis,
     /// Most entries kept.
     pub max_entries: usize,
-    /// Most bytes the entries may take (their estimate, see `CreditCache::bytes`).
+    /// Most bytes the entries may take (their estimate, see `Cache::bytes`).
     pub max_bytes: usize,
     /// After a failed load: how long to wait before trying Postgres again for that user.
     pub retry_ms: Millis,
@@ -135,7 +135,7 @@ struct Entry<W, V> {
 
 /// The cache.
 #[derive(Debug)]
-pub(crate) struct CreditCache<W, V = UserCredits> {
+pub(crate) struct Cache<W, V = UserCredits> {
     map: IndexMap<CacheKey, Entry<W, V>, RandomState>,
     config: CacheConfig,
     next_flight: u64,
@@ -157,10 +157,10 @@ pub(crate) struct CreditCache<W, V = UserCredits> {
 
 const EVICTION_SAMPLES: usize = 5;
 
-impl<W, V: CacheValue> CreditCache<W, V> {
+impl<W, V: CacheValue> Cache<W, V> {
     /// An empty cache.
     pub(crate) fn new(config: CacheConfig) -> Self {
-        CreditCache {
+        Cache {
             map: IndexMap::with_hasher(RandomState::new()),
             config,
             next_flight: 1,
@@ -606,13 +606,13 @@ mod tests {
     /// Loads, refreshes and evictions keep the epoch; writes, invalidations and a stale mark
     /// move it on (see the field).
     /// A cache of 10 entries with one miss on `key` at time 0, and the flight it started.
-    fn missed(key: &[u8]) -> (CreditCache<u32>, u64) {
+    fn missed(key: &[u8]) -> (Cache<u32>, u64) {
         missed_in(10, key)
     }
 
     /// A cache of `max` entries with one miss on `key` at time 0, and the flight it started.
-    fn missed_in(max: usize, key: &[u8]) -> (CreditCache<u32>, u64) {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(max));
+    fn missed_in(max: usize, key: &[u8]) -> (Cache<u32>, u64) {
+        let mut c: Cache<u32> = Cache::new(cfg(max));
         let Lookup::Miss { load: Some(f) } = c.lookup(key, 0) else {
             panic!("a first lookup must start a load")
         };
@@ -621,7 +621,7 @@ mod tests {
 
     #[test]
     fn the_epoch_moves_only_when_rows_may_have_changed_early() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(2));
+        let mut c: Cache<u32> = Cache::new(cfg(2));
         let e0 = c.epoch();
         for (i, key) in [&b"a"[..], b"b", b"c", b"d"].into_iter().enumerate() {
             let Lookup::Miss { load: Some(f) } = c.lookup(key, i as Millis) else {
@@ -651,7 +651,7 @@ mod tests {
             "loads, refreshes and evictions keep the epoch"
         );
         let mut last = c.epoch();
-        let mut moved = |c: &CreditCache<u32>, what: &str| {
+        let mut moved = |c: &Cache<u32>, what: &str| {
             assert!(c.epoch() > last, "{what} must move the epoch on");
             last = c.epoch();
         };
@@ -681,7 +681,7 @@ mod tests {
 
     #[test]
     fn stale_entries_are_served_while_one_refresh_runs() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let mut c: Cache<u32> = Cache::new(cfg(10));
         c.put(b"u", rows("a"), 0);
         let Lookup::Stale {
             refresh: Some(f), ..
@@ -779,12 +779,12 @@ mod tests {
     fn a_byte_bound_holds_and_the_count_stays_exact() {
         let mut config = cfg(1_000_000);
         let one = {
-            let mut c: CreditCache<u32> = CreditCache::new(config);
+            let mut c: Cache<u32> = Cache::new(config);
             c.put(b"u0", rows("*"), 0);
             c.bytes()
         };
         config.max_bytes = 20 * one;
-        let mut c: CreditCache<u32> = CreditCache::new(config);
+        let mut c: Cache<u32> = Cache::new(config);
         let mut rng = crate::core::test_rng(11);
         for step in 0..20_000u32 {
             let key = format!("user-{}", rng(200));
@@ -819,7 +819,7 @@ mod tests {
                     }
                 }
             }
-            let counted: usize = c.map.iter().map(|(k, e)| CreditCache::cost(k, e)).sum();
+            let counted: usize = c.map.iter().map(|(k, e)| Cache::cost(k, e)).sum();
             assert_eq!(c.bytes(), counted, "step {step}");
             assert!(
                 c.bytes() <= config.max_bytes + one,
@@ -831,10 +831,7 @@ mod tests {
         c.clear();
         assert_eq!(
             c.bytes(),
-            c.map
-                .iter()
-                .map(|(k, e)| CreditCache::cost(k, e))
-                .sum::<usize>()
+            c.map.iter().map(|(k, e)| Cache::cost(k, e)).sum::<usize>()
         );
     }
 
@@ -850,7 +847,7 @@ mod tests {
 
     #[test]
     fn clear_keeps_loads_in_flight() {
-        let mut c: CreditCache<u32> = CreditCache::new(cfg(10));
+        let mut c: Cache<u32> = Cache::new(cfg(10));
         c.put(b"a", rows("*"), 0);
         let Lookup::Miss { load: Some(f) } = c.lookup(b"b", 0) else {
             panic!()

@@ -46,6 +46,7 @@ fn ids() -> impl FnMut() -> u64 {
 }
 
 /// Admits on `account` with a balance `b` of the row that applies to `bundle`.
+#[allow(clippy::too_many_arguments)]
 fn admit_with(
     account: &mut Account,
     key: &[u8],
