@@ -8,7 +8,7 @@
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
 use super::replies::record;
 use super::{parse, words, Waiting};
-use crate::core::credit::{select_credit, Replenishment};
+use crate::core::credit::{select_credit, BalanceKind, PerKind, Replenishment};
 use crate::core::ids::{AccountId, UserId};
 use crate::core::ledger::balance_left;
 use crate::core::Millis;
@@ -24,26 +24,25 @@ use crate::runtime::{cache, clock};
 /// Replies the record that applies to `bundle` among `rows`, or nil; with what each balance
 /// has left (`requests_balance_left`, `tokens_balance_left`: granted minus the debits flushed
 /// and not flushed yet, minus the tokens held; nil without that balance).
-fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
-    match select_credit(rows, ids[3], now) {
+fn reply_applicable(ctx: Ctx, account: &AccountId<'_>, rows: &[Replenishment], now: Millis) {
+    match select_credit(rows, account.bundle, now) {
         Some((row, _)) => {
-            let left = row.balance.as_deref().map_or([None, None], |b| {
-                let [t, p, u, _] = ids;
+            let left = row.balance.as_deref().map_or(PerKind::default(), |b| {
                 let holder = AccountId {
-                    user: UserId {
-                        tenant: t,
-                        project: p,
-                        user: u,
-                    },
+                    user: account.user,
                     bundle: &row.bundle_id,
                 };
                 let mut key = AccountKey::open_read(ctx, &holder.key().0).ok();
                 let ledger = key.as_mut().and_then(|k| k.get()).and_then(|a| a.ledger());
                 balance_left(b, ledger, now)
             });
-            let r = record(ctx.reply(), ids, Some(row), 2);
-            let r = r.pair(&words::REQUESTS_BALANCE_LEFT, |r| r.opt_int(left[0]));
-            r.pair(&words::TOKENS_BALANCE_LEFT, |r| r.opt_int(left[1]));
+            let r = record(ctx.reply(), account, Some(row), 2);
+            let r = r.pair(words::balance(BalanceKind::Requests).left, |r| {
+                r.opt_int(left.requests)
+            });
+            r.pair(words::balance(BalanceKind::Tokens).left, |r| {
+                r.opt_int(left.tokens)
+            });
         }
         None => {
             ctx.reply().null();
@@ -155,7 +154,7 @@ pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     match gather(ctx, needs, WaitMode::Block, now, request) {
         Gathered::Ready(_, found) => match found {
             CreditsFound::Fresh { rows, .. } | CreditsFound::Stale(rows) => {
-                reply_applicable(ctx, account.ids(), &rows, now)
+                reply_applicable(ctx, &account, &rows, now)
             }
             CreditsFound::Unavailable => {
                 // Without a URL there is nothing to retry: the same error as the other commands.
@@ -192,31 +191,34 @@ impl Waiting for CreditsWait {
         match (self, done) {
             (CreditsWait::Grant(account), Done::Grant(outcome)) => {
                 let outcome = outcome?;
-                let ids = account.id().ids();
+                let account = account.id();
                 if !outcome.duplicate {
-                    replicate_invalidate(ctx, ids);
+                    replicate_invalidate(ctx, &account.user);
                 }
-                record(ctx.reply(), ids, outcome.record.as_ref(), 1)
+                record(ctx.reply(), &account, outcome.record.as_ref(), 1)
                     .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
             }
             (CreditsWait::Revoke(account), Done::Revoke(outcome)) => {
                 let outcome = outcome?;
-                replicate_invalidate(ctx, account.id().ids());
+                replicate_invalidate(ctx, &account.id().user);
                 ctx.reply().int(i64::from(outcome.revoked));
             }
             (CreditsWait::Get(account), Done::Loaded(loaded)) => {
                 let Some(credits) = loaded.credits else {
                     return Err(CommandError::undone(&Done::Dropped));
                 };
-                reply_applicable(ctx, account.id().ids(), &credits?, clock::now_ms());
+                reply_applicable(ctx, &account.id(), &credits?, clock::now_ms());
             }
             (CreditsWait::List(user), Done::List(rows)) => {
                 let rows = rows?;
                 let user = user.id();
                 let mut r = ctx.reply().map(rows.len());
                 for row in &rows {
-                    let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
-                    r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+                    let account = AccountId {
+                        user,
+                        bundle: &row.bundle_id,
+                    };
+                    r = record(r.str(&row.bundle_id), &account, Some(row), 0);
                 }
             }
             (CreditsWait::History, Done::History(rows)) => {
@@ -241,10 +243,7 @@ impl Waiting for CreditsWait {
 }
 
 /// Replicates `QUOTA.INVALIDATE <t> <p> <u>` so replicas drop the user's entry.
-fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
-    let [t, p, u, _] = ids;
-    ctx.replicate(
-        c"QUOTA.INVALIDATE",
-        &[t.as_bytes(), p.as_bytes(), u.as_bytes()],
-    );
+fn replicate_invalidate(ctx: Ctx, user: &UserId<'_>) {
+    let ids = [user.tenant, user.project, user.user];
+    ctx.replicate(c"QUOTA.INVALIDATE", &ids.map(str::as_bytes));
 }

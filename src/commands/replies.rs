@@ -4,6 +4,7 @@
 use super::words;
 use crate::core::account::{AdmitDecision, Usage};
 use crate::core::credit::{BalanceKind, CreditSource, Replenishment};
+use crate::core::ids::AccountId;
 use crate::core::policy::{EffectivePolicy, LimitField};
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::{Reply, Word};
@@ -111,13 +112,18 @@ pub(super) fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
 /// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
 /// `extra` more pairs are left for the caller. A missing row writes nil columns. The one
 /// writer of a credit record: `GET`, `LIST`, `GRANT` and `FIND` reply through it.
-pub(super) fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
+pub(super) fn record(
+    r: Reply,
+    account: &AccountId<'_>,
+    row: Option<&Replenishment>,
+    extra: usize,
+) -> Reply {
     let r = r.map(15 + LimitField::ALL.len() + extra);
-    let r = r.pair(&words::TENANT, |r| r.str(ids[0]));
-    let r = r.pair(&words::PROJECT, |r| r.str(ids[1]));
-    let r = r.pair(&words::USER_ID, |r| r.str(ids[2]));
+    let r = r.pair(&words::TENANT, |r| r.str(account.user.tenant));
+    let r = r.pair(&words::PROJECT, |r| r.str(account.user.project));
+    let r = r.pair(&words::USER_ID, |r| r.str(account.user.user));
     let mut r = r.pair(&words::BUNDLE_ID, |r| {
-        r.str(row.map_or(ids[3], |x| &*x.bundle_id))
+        r.str(row.map_or(account.bundle, |x| &*x.bundle_id))
     });
     for field in LimitField::ALL {
         let v = row.and_then(|x| x.additional.get(field));
@@ -142,12 +148,12 @@ pub(super) fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extr
     let mut r = r.pair(&words::UPDATED_AT, |r| r.opt_int(row.map(|x| x.updated_at)));
     let balance = row.and_then(|x| x.balance.as_deref());
     for kind in BalanceKind::ALL {
-        let granted = balance.and_then(|b| b.granted[kind as usize]);
-        r = r.pair(words::balance(kind)[0], |r| r.opt_int(granted));
+        let granted = balance.and_then(|b| b.grant(kind));
+        r = r.pair(words::balance(kind).granted, |r| r.opt_int(granted));
     }
     for kind in BalanceKind::ALL {
-        let debited = balance.and_then(|b| b.granted[kind as usize].map(|_| b.debited(kind)));
-        r = r.pair(words::balance(kind)[1], |r| r.opt_int(debited));
+        let debited = balance.and_then(|b| b.grant(kind).map(|_| b.debited(kind)));
+        r = r.pair(words::balance(kind).debited, |r| r.opt_int(debited));
     }
     r
 }

@@ -42,6 +42,28 @@ pub(crate) struct RowBalance {
     pub base: [i64; 2],
 }
 
+/// One value per kind of balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct PerKind<T> {
+    pub requests: T,
+    pub tokens: T,
+}
+
+impl<T: Copy> PerKind<T> {
+    /// The value of kind `kind`.
+    pub(crate) fn get(&self, kind: BalanceKind) -> T {
+        match kind {
+            BalanceKind::Requests => self.requests,
+            BalanceKind::Tokens => self.tokens,
+        }
+    }
+
+    /// In `BalanceKind` order (the order of the encodings).
+    pub(crate) fn to_array(self) -> [T; 2] {
+        [self.requests, self.tokens]
+    }
+}
+
 /// The two kinds of balance, in the order of `RowBalance`'s arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BalanceKind {
@@ -81,6 +103,16 @@ impl RowBalance {
         let used = self.used[k].max(i64::try_from(floor).unwrap_or(i64::MAX));
         let spent = used.saturating_sub(self.base[k]).max(0);
         Some(granted.saturating_sub(spent).saturating_sub(unflushed))
+    }
+
+    /// What was granted of kind `kind` in the row's current life; `None` without that balance.
+    pub(crate) fn grant(&self, kind: BalanceKind) -> Option<i64> {
+        self.granted[kind as usize]
+    }
+
+    /// Whether the row has a balance of kind `kind`.
+    pub(crate) fn has(&self, kind: BalanceKind) -> bool {
+        self.grant(kind).is_some()
     }
 
     /// The flushed debits of the current life (`used - base`), per kind.

@@ -15,6 +15,7 @@ use std::fmt;
 use smallvec::SmallVec;
 
 use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
+use super::credit::PerKind;
 use super::ledger::{
     Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_DECODED_HOURS,
 };
@@ -119,6 +120,28 @@ pub(crate) enum Change<'a> {
     Release { lease: LeaseRef<'a> },
 }
 
+/// A change to an account's balance terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TermsChange {
+    Set(BalanceTerms),
+    Clear,
+}
+
+impl TermsChange {
+    /// The change that leaves the account with `terms`.
+    pub(crate) fn to(terms: Option<BalanceTerms>) -> TermsChange {
+        terms.map_or(TermsChange::Clear, TermsChange::Set)
+    }
+
+    /// The terms the account has after it.
+    pub(crate) fn terms(self) -> Option<BalanceTerms> {
+        match self {
+            TermsChange::Set(terms) => Some(terms),
+            TermsChange::Clear => None,
+        }
+    }
+}
+
 /// What one command changed in one account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Effect<'a> {
@@ -129,8 +152,8 @@ pub(crate) struct Effect<'a> {
     pub change: Option<Change<'a>>,
     /// A change to the account as the holder of a balance (after `change`).
     pub balance: Option<BalanceChange>,
-    /// The account's balance terms set (`Some(Some)`) or cleared (`Some(None)`).
-    pub terms: Option<Option<BalanceTerms>>,
+    /// The account's balance terms set or cleared.
+    pub terms: Option<TermsChange>,
     /// A flush of the account's ledger acknowledged.
     pub ack: Option<Acknowledgement>,
     /// The account's sequence started anew from this one under its present name, after a
@@ -332,8 +355,8 @@ impl<'a> Effect<'a> {
             Some(Change::Release { lease }) => put_id(&mut w, *lease),
         }
         if let Some(b) = &self.balance {
-            put_i64(&mut w, b.debits[0]);
-            put_i64(&mut w, b.debits[1]);
+            put_i64(&mut w, b.debits.requests);
+            put_i64(&mut w, b.debits.tokens);
             let ops = if b.hold.is_some() { OP_HOLD } else { 0 }
                 | if b.settle.is_some() { OP_SETTLE } else { 0 };
             w.push(ops);
@@ -349,8 +372,8 @@ impl<'a> Effect<'a> {
         }
         match &self.terms {
             None => {}
-            Some(None) => w.push(0),
-            Some(Some(t)) => {
+            Some(TermsChange::Clear) => w.push(0),
+            Some(TermsChange::Set(t)) => {
                 w.push(1 + u8::from(t.global));
                 for limit in t.token_limits {
                     put_u64(&mut w, limit);
@@ -501,8 +524,8 @@ impl<'a> Effect<'a> {
                 released.then_some(()).ok_or(EffectError::NotHeld)?;
             }
         }
-        if let Some(terms) = self.terms {
-            account.set_terms(terms);
+        if let Some(change) = self.terms {
+            account.set_terms(change.terms());
         }
         if let Some(change) = &self.balance {
             account.apply_balance(self.at, change);
@@ -574,7 +597,10 @@ impl<'a> Reader<'a> {
     }
 
     fn balance(&mut self) -> Result<BalanceChange, EffectError> {
-        let debits = [self.i64()?, self.i64()?];
+        let debits = PerKind {
+            requests: self.i64()?,
+            tokens: self.i64()?,
+        };
         let ops = self.byte()?;
         if ops & !(OP_HOLD | OP_SETTLE) != 0 {
             return Err(EffectError::Flags);
@@ -600,10 +626,10 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn terms(&mut self) -> Result<Option<BalanceTerms>, EffectError> {
+    fn terms(&mut self) -> Result<TermsChange, EffectError> {
         match self.byte()? {
-            0 => Ok(None),
-            t @ (1 | 2) => Ok(Some(BalanceTerms {
+            0 => Ok(TermsChange::Clear),
+            t @ (1 | 2) => Ok(TermsChange::Set(BalanceTerms {
                 global: t == 2,
                 token_limits: [self.u64()?, self.u64()?, self.u64()?],
             })),
@@ -835,7 +861,10 @@ mod tests {
                 settled: Some((LeaseRef::Named("lease-1"), T0 + 60_000)),
             }),
             balance: Some(BalanceChange {
-                debits: [-1, 7],
+                debits: PerKind {
+                    requests: -1,
+                    tokens: 7,
+                },
                 hold: None,
                 settle: Some(99),
             }),

@@ -21,6 +21,7 @@ pub(crate) mod pending;
 
 use std::collections::VecDeque;
 
+use super::credit::PerKind;
 use super::ledger::{BalanceChange, BalanceTerms, Ledger};
 use super::policy::LimitField;
 use super::window::Window;
@@ -217,7 +218,7 @@ pub(crate) struct AdmitRequest<'a> {
 /// leases. `None` for a kind the row has no balance of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BalanceOffer {
-    pub left: [Option<i64>; 2],
+    pub left: PerKind<Option<i64>>,
 }
 
 /// The violation bit of a spent balance (above the `LimitField` bits).
@@ -593,7 +594,7 @@ impl Account {
         if change.is_empty() && self.ledger().is_none() {
             return;
         }
-        if change.debits != [0, 0] {
+        if change.debits != PerKind::default() {
             self.mark_unflushed(at);
         }
         self.ledger_part().apply(at, change);

@@ -13,8 +13,8 @@ mod tests;
 use super::account::{
     Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, CommitOutcome, Usage,
 };
-use super::credit::{BalanceKind, RowBalance};
-use super::effect::{Effect, EncodedEffect};
+use super::credit::{BalanceKind, PerKind, RowBalance};
+use super::effect::{Effect, EncodedEffect, TermsChange};
 use super::ids::ANY_BUNDLE;
 use super::ledger::{balance_left, hold_tag, BalanceChange, BalanceTerms, Hold};
 use super::policy::{EffectivePolicy, LimitField};
@@ -76,7 +76,7 @@ pub(crate) fn offer(b: &RowBalance, holder: Option<&Account>, now: Millis) -> Ba
 /// The terms an account's commits debit a balance on: the holder, and the effective token
 /// limits beyond which tokens are debited (none without a token balance).
 pub(crate) fn terms_for(b: &RowBalance, global: bool, policy: &EffectivePolicy) -> BalanceTerms {
-    let has_tokens = b.granted[BalanceKind::Tokens as usize].is_some();
+    let has_tokens = b.has(BalanceKind::Tokens);
     let limit = |f: LimitField| match has_tokens {
         true => policy.limits.get(f).unwrap_or(u64::MAX),
         false => u64::MAX,
@@ -112,7 +112,10 @@ pub(crate) fn admission_charge(
         paid_request: d.debit_request,
     });
     Some(BalanceChange {
-        debits: [i64::from(d.debit_request), 0],
+        debits: PerKind {
+            requests: i64::from(d.debit_request),
+            tokens: 0,
+        },
         hold,
         settle: None,
     })
@@ -149,7 +152,10 @@ pub(crate) fn settlement(
         Settle::Release => (hold.is_some_and(|h| h.paid_request), 0),
     };
     let change = BalanceChange {
-        debits: [-i64::from(refund), i64::try_from(debit).unwrap_or(i64::MAX)],
+        debits: PerKind {
+            requests: -i64::from(refund),
+            tokens: i64::try_from(debit).unwrap_or(i64::MAX),
+        },
         hold: None,
         settle: hold.map(|h| h.tag),
     };
@@ -240,7 +246,7 @@ pub(crate) fn admit(
     let mut effect =
         Effect::admitted(now, &decision, account).unwrap_or_else(|| Effect::empty(now));
     if terms_changed {
-        effect.terms = Some(terms);
+        effect.terms = Some(TermsChange::to(terms));
     }
     if itself {
         effect.balance = change;

@@ -11,6 +11,10 @@ const TTL: Millis = 60_000;
 const KEY_A: &[u8] = b"q:{t\x00p\x00u}\x00a";
 const KEY_B: &[u8] = b"q:{t\x00p\x00u}\x00b";
 
+fn per<T>(requests: T, tokens: T) -> PerKind<T> {
+    PerKind { requests, tokens }
+}
+
 fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
     let mut base = Limits::default();
     for (f, v) in fields {
@@ -102,7 +106,7 @@ fn the_windows_pay_while_they_allow_and_nothing_is_charged() {
     assert_eq!(a.star_change, None);
     assert_eq!(
         offer(&balance(Some(5), None), Some(&acc), T0).left,
-        [Some(5), None]
+        per(Some(5), None)
     );
 }
 
@@ -115,11 +119,11 @@ fn the_balance_pays_once_the_window_is_spent_and_is_debited_one_request() {
     assert!(!first.decision.paid_by_balance);
     let second = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     assert!(second.decision.allowed && second.decision.paid_by_balance);
-    assert_eq!(offer(&b, Some(&acc), T0).left, [Some(1), None]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(1), None));
     admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     let spent = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     assert!(!spent.decision.allowed);
-    assert_eq!(offer(&b, Some(&acc), T0).left, [Some(0), None]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(0), None));
 }
 
 #[test]
@@ -140,12 +144,12 @@ fn a_shared_star_balance_is_charged_on_the_star_account_not_the_bundle() {
     );
     assert!(a.decision.paid_by_balance);
     let change = a.star_change.unwrap();
-    assert_eq!(change.debits, [1, 0]);
+    assert_eq!(change.debits, per(1, 0));
     assert!(bundle_a
         .ledger()
         .and_then(|l| l.terms)
         .is_some_and(|t| t.global));
-    assert_eq!(offer(&b, Some(&bundle_a), T0).left, [Some(2), None]);
+    assert_eq!(offer(&b, Some(&bundle_a), T0).left, per(Some(2), None));
     charge(&mut star, change, T0);
     // Another bundle sees what the first one spent.
     let mut bundle_b = Account::default();
@@ -160,7 +164,7 @@ fn a_shared_star_balance_is_charged_on_the_star_account_not_the_bundle() {
         T0,
     );
     charge(&mut star, other.star_change.unwrap(), T0);
-    assert_eq!(offer(&b, Some(&star), T0).left, [Some(0), None]);
+    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(0), None));
     let spent = admit_with(
         &mut bundle_b,
         KEY_B,
@@ -210,7 +214,7 @@ fn an_admission_denied_or_not_counted_charges_nothing() {
     assert_eq!(admission_charge(&d, KEY_A, None, T0, TTL), None);
     d.counted = true;
     let change = admission_charge(&d, KEY_A, None, T0, TTL).unwrap();
-    assert_eq!((change.debits, change.hold), ([1, 0], None));
+    assert_eq!((change.debits, change.hold), (per(1, 0), None));
 }
 
 #[test]
@@ -241,11 +245,11 @@ fn a_commit_beyond_the_token_window_overdraws_the_balance() {
     assert_eq!(outcome.unwrap().balance_debit, 15);
     assert!(matches!(propagate, Propagate::Effect(_)));
     // 15 debited from a balance of 5: the balance is 10 below zero.
-    assert_eq!(offer(&b, Some(&acc), T0).left, [None, Some(-10)]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(None, Some(-10)));
     // Tokens already beyond the limit are debited in full.
     let (outcome, _) = commit(&mut acc, KEY_A, 3, None, payer, T0);
     assert_eq!(outcome.unwrap().balance_debit, 3);
-    assert_eq!(offer(&b, Some(&acc), T0).left, [None, Some(-13)]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(None, Some(-13)));
 }
 
 #[test]
@@ -277,7 +281,7 @@ fn a_commit_within_the_window_debits_nothing_and_settles_the_hold() {
     );
     assert_eq!(
         change.map(|c| (c.debits, c.settle)),
-        Some(([0, 0], Some(tag)))
+        Some((per(0, 0), Some(tag)))
     );
     let payer = payer_by_terms(Some(&acc), "a");
     commit(&mut acc, KEY_A, 4, Some("L"), payer, T0).0.unwrap();
@@ -323,15 +327,15 @@ fn a_release_refunds_the_request_the_balance_paid() {
         None,
         T0,
     );
-    assert_eq!(offer(&b, Some(&acc), T0).left, [Some(0), None]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(0), None));
     let payer = payer_by_terms(Some(&acc), "a");
     let (released, _) = release(&mut acc, KEY_A, "L", payer, T0 + 1);
     assert!(released);
-    assert_eq!(offer(&b, Some(&acc), T0 + 1).left, [Some(1), None]);
+    assert_eq!(offer(&b, Some(&acc), T0 + 1).left, per(Some(1), None));
     // Released twice: the lease is gone, nothing more is refunded.
     let (again, _) = release(&mut acc, KEY_A, "L", payer, T0 + 2);
     assert!(!again);
-    assert_eq!(offer(&b, Some(&acc), T0 + 2).left, [Some(1), None]);
+    assert_eq!(offer(&b, Some(&acc), T0 + 2).left, per(Some(1), None));
 }
 
 #[test]
@@ -355,7 +359,7 @@ fn a_release_of_a_lease_the_windows_paid_refunds_nothing_to_the_balance() {
     );
     let payer = payer_by_terms(Some(&acc), "a");
     assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
-    assert_eq!(offer(&b, Some(&acc), T0).left, [Some(1), None]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(1), None));
 }
 
 #[test]
@@ -381,11 +385,11 @@ fn a_refund_after_a_flush_snapshot_lowers_the_debits_below_the_floor() {
     };
     acc.acknowledge(&ack);
     let flushed = RowBalance { used: [1, 0], ..b };
-    assert_eq!(offer(&flushed, Some(&acc), T0).left, [Some(2), None]);
+    assert_eq!(offer(&flushed, Some(&acc), T0).left, per(Some(2), None));
     let payer = payer_by_terms(Some(&acc), "a");
     assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
     // The refund is unflushed (-1) until the next flush: the request is available again.
-    assert_eq!(offer(&flushed, Some(&acc), T0).left, [Some(3), None]);
+    assert_eq!(offer(&flushed, Some(&acc), T0).left, per(Some(3), None));
 }
 
 #[test]
@@ -400,9 +404,9 @@ fn an_expired_lease_no_longer_holds_tokens_and_settles_nothing() {
     let a = admit_with(&mut acc, KEY_A, "a", &p, req, own(b), None, T0);
     assert!(a.decision.allowed);
     assert_eq!(a.decision.held_tokens, 20);
-    assert_eq!(offer(&b, Some(&acc), T0).left, [None, Some(30)]);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(None, Some(30)));
     let later = T0 + TTL + 1;
-    assert_eq!(offer(&b, Some(&acc), later).left, [None, Some(50)]);
+    assert_eq!(offer(&b, Some(&acc), later).left, per(None, Some(50)));
     let how = Settle::Commit { debit: 0 };
     assert_eq!(settlement(Some(&acc), KEY_A, Some("L"), how, later), None);
     let payer = payer_by_terms(Some(&acc), "a");
@@ -426,14 +430,14 @@ fn a_star_release_refunds_the_star_account() {
         T0,
     );
     charge(&mut star, a.star_change.unwrap(), T0);
-    assert_eq!(offer(&b, Some(&star), T0).left, [Some(0), None]);
+    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(0), None));
     let payer = payer_by_terms(Some(&acc), "a");
     assert_eq!(payer, Some(Payer::Star));
     // The bundle's own release refunds nothing to itself...
     assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
     // ...the shell settles the star account.
     let change = settlement(Some(&star), KEY_A, Some("L"), Settle::Release, T0).unwrap();
-    assert_eq!(change.debits, [-1, 0]);
+    assert_eq!(change.debits, per(-1, 0));
     charge(&mut star, change, T0);
-    assert_eq!(offer(&b, Some(&star), T0).left, [Some(1), None]);
+    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(1), None));
 }
