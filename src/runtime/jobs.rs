@@ -1,5 +1,6 @@
 //! The work a command hands to the pool (`Job`) and what comes back to its blocked client
-//! (`Done`), with the owned ids that cross threads.
+//! (`Done`), with the owned ids that cross threads, and the `Waiter` a gather leaves in the
+//! caches' flights (answered once, when the last load it waits on lands).
 
 use std::sync::{Arc, Mutex};
 
