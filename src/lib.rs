@@ -27,7 +27,7 @@ mod module {
     use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
-    use crate::commands::{self, admission, credits, policies, project};
+    use crate::commands::{self, admit, credits, leases, policies, project, replication, usage};
     use redis_module::configuration::ConfigurationContext;
 
     use crate::ffi::account_type::ACCOUNT_TYPE;
@@ -56,13 +56,13 @@ mod module {
         CLEANUP: cmd_cleanup => credits::cleanup,
         HISTORY: cmd_history => credits::history,
         INVALIDATE: cmd_invalidate => credits::invalidate,
-        ADMIT: cmd_admit => admission::admit,
-        COMMIT: cmd_commit => admission::commit,
-        RELEASE: cmd_release => admission::release,
-        USAGE: cmd_usage => admission::usage,
-        RESET: cmd_reset => admission::reset,
-        SETSTATE: cmd_setstate => admission::setstate,
-        APPLY: cmd_apply => admission::apply,
+        ADMIT: cmd_admit => admit::admit,
+        COMMIT: cmd_commit => leases::commit,
+        RELEASE: cmd_release => leases::release,
+        USAGE: cmd_usage => usage::usage,
+        RESET: cmd_reset => usage::reset,
+        SETSTATE: cmd_setstate => replication::setstate,
+        APPLY: cmd_apply => replication::apply,
         FIND: cmd_find => project::find,
         TOP: cmd_top => project::top,
     }

@@ -115,13 +115,17 @@ fn heavy_no_reply_is_lost_or_misordered_while_postgresql_stalls() {
         .module_args(&[
             ("pg-url", &pg.url()),
             ("schema", &schema),
-            ("pg-timeout-ms", "10"),
+            ("pg-timeout-ms", "5000"),
             ("flush-interval", "3600"),
         ])
         .start();
-    // The schema first: the misses must be able to load.
+    // The schema first (deployed and written with a timeout a loaded machine can meet): the
+    // misses must be able to load. Then the scenario's 50 ms waits: short enough that waits
+    // on a paused PostgreSQL end by the timer, long enough that a loaded machine still loads
+    // while it runs.
     let mut con = server.client();
     con.grant(["acme", "chat", "seed", "*"], ["REQUESTS_PER_DAY", "1"]);
+    query(&mut con, &["CONFIG", "SET", "quota.pg-timeout-ms", "50"]).expect("CONFIG SET");
     let done = AtomicBool::new(false);
     let loaded: usize = std::thread::scope(|scope| {
         // Stalls and resumes PostgreSQL (its processes as they are at each step: backends

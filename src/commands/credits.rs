@@ -6,89 +6,43 @@
 //! replicas drop their entry at once.
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
+use super::replies::record;
 use super::{parse, words, Waiting};
-use crate::core::cache::Lookup;
-use crate::core::credit::{select_credit, BalanceKind, Replenishment};
+use crate::core::credit::{select_credit, BalanceKind, PerKind, Replenishment};
 use crate::core::ids::{AccountId, UserId};
 use crate::core::ledger::balance_left;
-use crate::core::policy::LimitField;
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
-use crate::ffi::reply::Reply;
 use crate::runtime::config;
-use crate::runtime::jobs::{CreditWaiter, Done, Job, OwnedAccount, OwnedUser, StoreError};
+use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, WaitMode};
+use crate::runtime::jobs::{Done, Job, OwnedAccount, OwnedUser, StoreError};
 use crate::runtime::worker;
 use crate::runtime::{cache, clock};
-
-/// Writes one record: the identity, every column, timestamps as Unix seconds, money as text;
-/// `extra` more pairs are left for the caller. A missing row writes nil columns. The one
-/// writer of a credit record: `GET`, `LIST`, `GRANT` and `FIND` reply through it.
-pub(super) fn record(r: Reply, ids: [&str; 4], row: Option<&Replenishment>, extra: usize) -> Reply {
-    let r = r.map(15 + LimitField::ALL.len() + extra);
-    let r = r.pair(&words::TENANT, |r| r.str(ids[0]));
-    let r = r.pair(&words::PROJECT, |r| r.str(ids[1]));
-    let r = r.pair(&words::USER_ID, |r| r.str(ids[2]));
-    let mut r = r.pair(&words::BUNDLE_ID, |r| {
-        r.str(row.map_or(ids[3], |x| &*x.bundle_id))
-    });
-    for field in LimitField::ALL {
-        let v = row.and_then(|x| x.additional.get(field));
-        r = r.pair(words::limit(field), |r| r.opt_int(v));
-    }
-    let r = r.pair(&words::EXPIRES_AT, |r| {
-        r.opt_int(row.and_then(|x| x.expires_at))
-    });
-    let r = r.pair(&words::PURCHASE_ID, |r| {
-        r.opt_str(row.and_then(|x| x.purchase_id.as_deref()))
-    });
-    let r = r.pair(&words::PURCHASE_AMOUNT_USD, |r| {
-        r.opt_str(row.and_then(|x| x.purchase_amount_usd.as_deref()))
-    });
-    let r = r.pair(&words::PURCHASE_NOTES, |r| {
-        r.opt_str(row.and_then(|x| x.purchase_notes.as_deref()))
-    });
-    let r = r.pair(&words::ACTIVE, |r| {
-        r.opt_int(row.map(|x| i64::from(x.active)))
-    });
-    let r = r.pair(&words::CREATED_AT, |r| r.opt_int(row.map(|x| x.created_at)));
-    let mut r = r.pair(&words::UPDATED_AT, |r| r.opt_int(row.map(|x| x.updated_at)));
-    let balance = row.and_then(|x| x.balance.as_deref());
-    for kind in BalanceKind::ALL {
-        let granted = balance.and_then(|b| b.granted[kind as usize]);
-        r = r.pair(words::balance(kind)[0], |r| r.opt_int(granted));
-    }
-    for kind in BalanceKind::ALL {
-        let debited = balance.and_then(|b| b.granted[kind as usize].map(|_| b.debited(kind)));
-        r = r.pair(words::balance(kind)[1], |r| r.opt_int(debited));
-    }
-    r
-}
 
 /// Replies the record that applies to `bundle` among `rows`, or nil; with what each balance
 /// has left (`requests_balance_left`, `tokens_balance_left`: granted minus the debits flushed
 /// and not flushed yet, minus the tokens held; nil without that balance).
-fn reply_applicable(ctx: Ctx, ids: [&str; 4], rows: &[Replenishment], now: Millis) {
-    match select_credit(rows, ids[3], now) {
+fn reply_applicable(ctx: Ctx, account: &AccountId<'_>, rows: &[Replenishment], now: Millis) {
+    match select_credit(rows, account.bundle, now) {
         Some((row, _)) => {
-            let left = row.balance.as_deref().map_or([None, None], |b| {
-                let [t, p, u, _] = ids;
+            let left = row.balance.as_deref().map_or(PerKind::default(), |b| {
                 let holder = AccountId {
-                    user: UserId {
-                        tenant: t,
-                        project: p,
-                        user: u,
-                    },
+                    user: account.user,
                     bundle: &row.bundle_id,
                 };
                 let mut key = AccountKey::open_read(ctx, &holder.key().0).ok();
                 let ledger = key.as_mut().and_then(|k| k.get()).and_then(|a| a.ledger());
                 balance_left(b, ledger, now)
             });
-            let r = record(ctx.reply(), ids, Some(row), 2);
-            let r = r.pair(&words::REQUESTS_BALANCE_LEFT, |r| r.opt_int(left[0]));
-            r.pair(&words::TOKENS_BALANCE_LEFT, |r| r.opt_int(left[1]));
+            let r = record(ctx.reply(), account, Some(row), 2);
+            let r = r.pair(words::balance(BalanceKind::Requests).left, |r| {
+                r.opt_int(left.requests)
+            });
+            r.pair(words::balance(BalanceKind::Tokens).left, |r| {
+                r.opt_int(left.tokens)
+            });
         }
         None => {
             ctx.reply().null();
@@ -186,56 +140,39 @@ pub(crate) fn invalidate(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load.
+/// `QUOTA.GET`: the applicable record from the cache; on a miss, wait for one load. The rows
+/// are copied out of the cache before the reply: no lock is held across it.
 pub(crate) fn get(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let account = parse::account_only(args)?;
-    let ids = account.ids();
     let user_key = account.user.key();
     let now = clock::command_now_ms(ctx);
-    let mut cache = cache::cache();
-    let (answered, load) = match cache.find(&user_key, now) {
-        Lookup::Fresh(rows, _) => {
-            reply_applicable(ctx, ids, rows, now);
-            return Ok(());
-        }
-        Lookup::Stale { rows, refresh } => {
-            reply_applicable(ctx, ids, rows, now);
-            (Ok(()), refresh)
-        }
-        Lookup::Unavailable => {
-            // Without a URL there is nothing to retry: the same error as the other commands.
-            let text = if config::text(&config::PG_URL).is_empty() {
-                StoreError::NotConfigured.to_string()
-            } else {
-                "ERR PostgreSQL unavailable and this user's credits are not cached: retry shortly"
-                    .to_owned()
-            };
-            return Err(text.into());
-        }
-        Lookup::Miss { load } => {
-            let waited = if ctx.can_block() {
-                let request = CreditsWait::Get(OwnedAccount::from_id(&account));
-                match Blocked::block(ctx, config::block_timeout_ms(), request) {
-                    Some(client) => {
-                        if let Err(waiter) = cache.add_waiter(&user_key, CreditWaiter::new(client))
-                        {
-                            waiter.client.finish(Done::Dropped);
-                        }
-                        Ok(())
-                    }
-                    None => Err(CommandError::Text(CANNOT_BLOCK)),
-                }
-            } else {
-                Err(CommandError::Text(CREDITS_LOADING_NO_WAIT))
-            };
-            (waited, load)
-        }
+    let needs = Needs {
+        policy: None,
+        credits: Some((&user_key, account.user)),
     };
-    drop(cache);
-    if let Some(flight) = load {
-        worker::submit_load(&user_key, &account.user, flight);
+    let request = |_| CreditsWait::Get(OwnedAccount::from_id(&account));
+    match gather(ctx, needs, WaitMode::Block, now, request) {
+        Gathered::Ready(_, found) => match found {
+            CreditsFound::Fresh { rows, .. } | CreditsFound::Stale(rows) => {
+                reply_applicable(ctx, &account, &rows, now)
+            }
+            CreditsFound::Unavailable => {
+                // Without a URL there is nothing to retry: the same error as the other commands.
+                let text = if config::text(&config::PG_URL).is_empty() {
+                    StoreError::NotConfigured.to_string()
+                } else {
+                    "ERR PostgreSQL unavailable and this user's credits are not cached: retry \
+                     shortly"
+                        .to_owned()
+                };
+                return Err(text.into());
+            }
+            _ => return Err(CommandError::Text(CREDITS_LOADING_NO_WAIT)),
+        },
+        Gathered::Waiting => {}
+        Gathered::CannotBlock => return Err(CommandError::Text(CANNOT_BLOCK)),
     }
-    answered
+    Ok(())
 }
 
 /// A credits command waiting on PostgreSQL: the account it writes or reads (`GRANT`, `REVOKE`,
@@ -254,28 +191,34 @@ impl Waiting for CreditsWait {
         match (self, done) {
             (CreditsWait::Grant(account), Done::Grant(outcome)) => {
                 let outcome = outcome?;
-                let ids = account.id().ids();
+                let account = account.id();
                 if !outcome.duplicate {
-                    replicate_invalidate(ctx, ids);
+                    replicate_invalidate(ctx, &account.user);
                 }
-                record(ctx.reply(), ids, outcome.record.as_ref(), 1)
+                record(ctx.reply(), &account, outcome.record.as_ref(), 1)
                     .field("duplicate", |r| r.int(i64::from(outcome.duplicate)));
             }
             (CreditsWait::Revoke(account), Done::Revoke(outcome)) => {
                 let outcome = outcome?;
-                replicate_invalidate(ctx, account.id().ids());
+                replicate_invalidate(ctx, &account.id().user);
                 ctx.reply().int(i64::from(outcome.revoked));
             }
-            (CreditsWait::Get(account), Done::Loaded { credits, .. }) => {
-                reply_applicable(ctx, account.id().ids(), &credits?, clock::now_ms());
+            (CreditsWait::Get(account), Done::Loaded(loaded)) => {
+                let Some(credits) = loaded.credits else {
+                    return Err(CommandError::undone(&Done::Dropped));
+                };
+                reply_applicable(ctx, &account.id(), &credits?, clock::now_ms());
             }
             (CreditsWait::List(user), Done::List(rows)) => {
                 let rows = rows?;
                 let user = user.id();
                 let mut r = ctx.reply().map(rows.len());
                 for row in &rows {
-                    let ids = [user.tenant, user.project, user.user, &*row.bundle_id];
-                    r = record(r.str(&row.bundle_id), ids, Some(row), 0);
+                    let account = AccountId {
+                        user,
+                        bundle: &row.bundle_id,
+                    };
+                    r = record(r.str(&row.bundle_id), &account, Some(row), 0);
                 }
             }
             (CreditsWait::History, Done::History(rows)) => {
@@ -300,10 +243,7 @@ impl Waiting for CreditsWait {
 }
 
 /// Replicates `QUOTA.INVALIDATE <t> <p> <u>` so replicas drop the user's entry.
-fn replicate_invalidate(ctx: Ctx, ids: [&str; 4]) {
-    let [t, p, u, _] = ids;
-    ctx.replicate(
-        c"QUOTA.INVALIDATE",
-        &[t.as_bytes(), p.as_bytes(), u.as_bytes()],
-    );
+fn replicate_invalidate(ctx: Ctx, user: &UserId<'_>) {
+    let ids = [user.tenant, user.project, user.user];
+    ctx.replicate(c"QUOTA.INVALIDATE", &ids.map(str::as_bytes));
 }

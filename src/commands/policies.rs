@@ -9,17 +9,14 @@
 use super::credits::on_worker;
 use super::error::{CommandError, CANNOT_BLOCK};
 use super::{parse, Waiting};
-use crate::core::cache::Lookup;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
-use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
-use crate::runtime::cache::{self, PolicyWaiter};
+use crate::runtime::cache;
 use crate::runtime::clock;
-use crate::runtime::config;
+use crate::runtime::gather::{gather, Gathered, Needs, PolicyFound, WaitMode};
 use crate::runtime::jobs::{Done, Job, OwnedPolicy};
-use crate::runtime::worker;
 use parse::PolicyArgs;
 
 /// Writes one policy: its identity and the seven limits (nil = unlimited).
@@ -110,43 +107,20 @@ pub(crate) fn help(ctx: Ctx, _args: &[&[u8]]) -> Result<(), CommandError> {
 
 /// `QUOTA.POLICY GET`: from the policy cache; on a miss, wait for one load.
 fn get(ctx: Ctx, id: &PolicyId<'_>) -> Result<(), CommandError> {
-    let key = id.key();
-    let now = clock::now_ms();
-    let mut cache = cache::policies();
-    let (answered, load) = match cache.find(&key, now) {
-        Lookup::Fresh(found, _) => {
-            reply_found(ctx, id, found.as_ref());
-            return Ok(());
-        }
-        Lookup::Stale { rows, refresh } => {
-            reply_found(ctx, id, rows.as_ref());
-            (Ok(()), refresh)
-        }
-        Lookup::Unavailable => return Err(unavailable(id.name).into()),
-        Lookup::Miss { load } => {
-            let waited = if ctx.can_block() {
-                let request = PolicyWait::Get(OwnedPolicy::from_id(id));
-                match Blocked::block(ctx, config::block_timeout_ms(), request) {
-                    Some(client) => {
-                        let waiter = PolicyWaiter { client, then: None };
-                        if let Err(waiter) = cache.add_waiter(&key, waiter) {
-                            waiter.client.finish(Done::Dropped);
-                        }
-                        Ok(())
-                    }
-                    None => Err(CommandError::Text(CANNOT_BLOCK)),
-                }
-            } else {
-                Err(loading(id.name).into())
-            };
-            (waited, load)
-        }
+    let needs = Needs {
+        policy: Some(*id),
+        credits: None,
     };
-    drop(cache);
-    if let Some(flight) = load {
-        worker::submit_policy_load(id, flight);
+    let request = |_| PolicyWait::Get(OwnedPolicy::from_id(id));
+    match gather(ctx, needs, WaitMode::Block, clock::now_ms(), request) {
+        Gathered::Ready(PolicyFound::Limits(limits), _) => reply_found(ctx, id, Some(&limits)),
+        Gathered::Ready(PolicyFound::NoSuchPolicy, _) => reply_found(ctx, id, None),
+        Gathered::Ready(PolicyFound::Unavailable, _) => return Err(unavailable(id.name).into()),
+        Gathered::Ready(_, _) => return Err(loading(id.name).into()),
+        Gathered::Waiting => {}
+        Gathered::CannotBlock => return Err(CommandError::Text(CANNOT_BLOCK)),
     }
-    answered
+    Ok(())
 }
 
 fn reply_found(ctx: Ctx, id: &PolicyId<'_>, found: Option<&Limits>) {
@@ -229,10 +203,11 @@ impl Waiting for PolicyWait {
                     r = record(r.str(&stored.name), &id, &stored.limits);
                 }
             }
-            (PolicyWait::Get(policy), Done::Policy(found)) => match found {
-                Ok(found) => reply_found(ctx, &policy.id(), found.as_ref()),
-                Err(e) if e.is_unavailable() => return Err(unavailable(&policy.name).into()),
-                Err(e) => return Err(e.into()),
+            (PolicyWait::Get(policy), Done::Loaded(loaded)) => match loaded.policy {
+                Some(Ok(found)) => reply_found(ctx, &policy.id(), found.as_ref()),
+                Some(Err(e)) if e.is_unavailable() => return Err(unavailable(&policy.name).into()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(CommandError::undone(&Done::Dropped)),
             },
             (_, other) => return Err(CommandError::undone(&other)),
         }

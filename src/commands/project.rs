@@ -7,8 +7,10 @@
 //! declared key is the tenant (see `ffi::command_info`), so key permissions and cluster
 //! routing apply to it.
 
-use super::credits::{on_worker, record};
+use super::credits::on_worker;
+use super::replies::record;
 use super::{cursor, parse, CommandError, Waiting};
+use crate::core::ids::{AccountId, UserId};
 use crate::ffi::ctx::Ctx;
 use crate::runtime::config;
 use crate::runtime::jobs::{Done, Job};
@@ -52,8 +54,15 @@ impl Waiting for ProjectWait {
                 );
                 let mut r = ctx.reply().array(2).str(&next).array(page.rows.len());
                 for found in &page.rows {
-                    let ids = [&*tenant, &*project, &*found.user, &*found.row.bundle_id];
-                    r = record(r, ids, Some(&found.row), 0);
+                    let account = AccountId {
+                        user: UserId {
+                            tenant: &tenant,
+                            project: &project,
+                            user: &found.user,
+                        },
+                        bundle: &found.row.bundle_id,
+                    };
+                    r = record(r, &account, Some(&found.row), 0);
                 }
             }
             (ProjectWait::Top, Done::Top(users)) => {

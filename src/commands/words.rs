@@ -87,19 +87,29 @@ pub(crate) fn all() -> impl Iterator<Item = &'static Word> {
     DECLARED.iter().copied().chain(LIMIT_WORDS.iter())
 }
 
-/// The record fields of a balance: granted, flushed debits, left (`BalanceKind::column`).
-pub(crate) fn balance(kind: BalanceKind) -> [&'static Word; 3] {
+/// The record fields of one kind of balance.
+pub(crate) struct BalanceWords {
+    /// What was granted (`BalanceKind::column`).
+    pub granted: &'static Word,
+    /// The debits flushed against it.
+    pub debited: &'static Word,
+    /// What is left.
+    pub left: &'static Word,
+}
+
+/// The record fields of a balance of kind `kind`.
+pub(crate) fn balance(kind: BalanceKind) -> BalanceWords {
     match kind {
-        BalanceKind::Requests => [
-            &REQUESTS_BALANCE,
-            &REQUESTS_BALANCE_DEBITED,
-            &REQUESTS_BALANCE_LEFT,
-        ],
-        BalanceKind::Tokens => [
-            &TOKENS_BALANCE,
-            &TOKENS_BALANCE_DEBITED,
-            &TOKENS_BALANCE_LEFT,
-        ],
+        BalanceKind::Requests => BalanceWords {
+            granted: &REQUESTS_BALANCE,
+            debited: &REQUESTS_BALANCE_DEBITED,
+            left: &REQUESTS_BALANCE_LEFT,
+        },
+        BalanceKind::Tokens => BalanceWords {
+            granted: &TOKENS_BALANCE,
+            debited: &TOKENS_BALANCE_DEBITED,
+            left: &TOKENS_BALANCE_LEFT,
+        },
     }
 }
 
@@ -124,10 +134,10 @@ mod tests {
             assert_eq!(limit(field).text(), field.name());
         }
         for kind in BalanceKind::ALL {
-            let [granted, debited, left] = balance(kind).map(Word::text);
-            assert_eq!(granted, kind.column());
-            assert_eq!(debited, format!("{}_debited", kind.column()));
-            assert_eq!(left, format!("{}_left", kind.column()));
+            let words = balance(kind);
+            assert_eq!(words.granted.text(), kind.column());
+            assert_eq!(words.debited.text(), format!("{}_debited", kind.column()));
+            assert_eq!(words.left.text(), format!("{}_left", kind.column()));
         }
         let sources = [
             (CreditSource::Bundle, "bundle"),

@@ -15,6 +15,7 @@ use std::fmt;
 use smallvec::SmallVec;
 
 use super::account::{Account, AdmitDecision, CommitOutcome, Lease, LeaseId};
+use super::credit::PerKind;
 use super::ledger::{
     Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_DECODED_HOURS,
 };
@@ -119,6 +120,28 @@ pub(crate) enum Change<'a> {
     Release { lease: LeaseRef<'a> },
 }
 
+/// A change to an account's balance terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TermsChange {
+    Set(BalanceTerms),
+    Clear,
+}
+
+impl TermsChange {
+    /// The change that leaves the account with `terms`.
+    pub(crate) fn to(terms: Option<BalanceTerms>) -> TermsChange {
+        terms.map_or(TermsChange::Clear, TermsChange::Set)
+    }
+
+    /// The terms the account has after it.
+    pub(crate) fn terms(self) -> Option<BalanceTerms> {
+        match self {
+            TermsChange::Set(terms) => Some(terms),
+            TermsChange::Clear => None,
+        }
+    }
+}
+
 /// What one command changed in one account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Effect<'a> {
@@ -129,8 +152,8 @@ pub(crate) struct Effect<'a> {
     pub change: Option<Change<'a>>,
     /// A change to the account as the holder of a balance (after `change`).
     pub balance: Option<BalanceChange>,
-    /// The account's balance terms set (`Some(Some)`) or cleared (`Some(None)`).
-    pub terms: Option<Option<BalanceTerms>>,
+    /// The account's balance terms set or cleared.
+    pub terms: Option<TermsChange>,
     /// A flush of the account's ledger acknowledged.
     pub ack: Option<Acknowledgement>,
     /// The account's sequence started anew from this one under its present name, after a
@@ -332,8 +355,8 @@ impl<'a> Effect<'a> {
             Some(Change::Release { lease }) => put_id(&mut w, *lease),
         }
         if let Some(b) = &self.balance {
-            put_i64(&mut w, b.debits[0]);
-            put_i64(&mut w, b.debits[1]);
+            put_i64(&mut w, b.debits.requests);
+            put_i64(&mut w, b.debits.tokens);
             let ops = if b.hold.is_some() { OP_HOLD } else { 0 }
                 | if b.settle.is_some() { OP_SETTLE } else { 0 };
             w.push(ops);
@@ -349,8 +372,8 @@ impl<'a> Effect<'a> {
         }
         match &self.terms {
             None => {}
-            Some(None) => w.push(0),
-            Some(Some(t)) => {
+            Some(TermsChange::Clear) => w.push(0),
+            Some(TermsChange::Set(t)) => {
                 w.push(1 + u8::from(t.global));
                 for limit in t.token_limits {
                     put_u64(&mut w, limit);
@@ -501,8 +524,8 @@ impl<'a> Effect<'a> {
                 released.then_some(()).ok_or(EffectError::NotHeld)?;
             }
         }
-        if let Some(terms) = self.terms {
-            account.set_terms(terms);
+        if let Some(change) = self.terms {
+            account.set_terms(change.terms());
         }
         if let Some(change) = &self.balance {
             account.apply_balance(self.at, change);
@@ -574,7 +597,10 @@ impl<'a> Reader<'a> {
     }
 
     fn balance(&mut self) -> Result<BalanceChange, EffectError> {
-        let debits = [self.i64()?, self.i64()?];
+        let debits = PerKind {
+            requests: self.i64()?,
+            tokens: self.i64()?,
+        };
         let ops = self.byte()?;
         if ops & !(OP_HOLD | OP_SETTLE) != 0 {
             return Err(EffectError::Flags);
@@ -600,10 +626,10 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn terms(&mut self) -> Result<Option<BalanceTerms>, EffectError> {
+    fn terms(&mut self) -> Result<TermsChange, EffectError> {
         match self.byte()? {
-            0 => Ok(None),
-            t @ (1 | 2) => Ok(Some(BalanceTerms {
+            0 => Ok(TermsChange::Clear),
+            t @ (1 | 2) => Ok(TermsChange::Set(BalanceTerms {
                 global: t == 2,
                 token_limits: [self.u64()?, self.u64()?, self.u64()?],
             })),
@@ -668,294 +694,4 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::account::{AdmitRequest, MAX_LEASES};
-    use crate::core::policy::{EffectivePolicy, LimitField, Limits};
-    use proptest::prelude::*;
-
-    const T0: Millis = 1_795_000_000_000;
-
-    fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
-        let mut base = Limits::default();
-        for (f, v) in fields {
-            base.set(*f, Some(*v));
-        }
-        EffectivePolicy::merge(base, None)
-    }
-
-    /// The master's side of one command, as the shell runs it: decide, describe, encode; then
-    /// the replica's: decode, apply.
-    struct Pair {
-        master: Account,
-        replica: Account,
-        bytes: usize,
-    }
-
-    impl Pair {
-        fn new() -> Pair {
-            Pair {
-                master: Account::default(),
-                replica: Account::default(),
-                bytes: 0,
-            }
-        }
-
-        fn ship(&mut self, encoded: Option<EncodedEffect>) {
-            if let Some(bytes) = encoded {
-                self.bytes = bytes.len();
-                let effect = Effect::decode(&bytes).expect("decodes");
-                assert_eq!(effect.encode(), bytes, "one encoding per effect");
-                effect.apply(&mut self.replica).expect("applies");
-            }
-        }
-
-        fn admit(&mut self, p: &EffectivePolicy, req: &AdmitRequest<'_>, now: Millis, id: u64) {
-            let Ok(d) = self.master.admit(p, req, now, || id) else {
-                return;
-            };
-            let encoded = Effect::admitted(now, &d, &self.master).map(|e| e.encode());
-            assert_eq!(encoded.is_some(), d.changed, "{d:?}");
-            self.ship(encoded);
-        }
-
-        fn commit(&mut self, tokens: u64, lease: Option<&str>, now: Millis) {
-            let pruned = self.master.prune(now);
-            let encoded = match self.master.commit(tokens, lease, now) {
-                Ok(out) => Effect::committed(now, pruned, tokens, lease, &out),
-                Err(_) => Effect::pruned(now, pruned),
-            }
-            .map(|e| e.encode());
-            self.ship(encoded);
-        }
-
-        fn release(&mut self, lease: &str, now: Millis) {
-            let pruned = self.master.prune(now);
-            let released = self.master.release(lease, now);
-            let encoded = Effect::released(now, pruned, lease, released).map(|e| e.encode());
-            self.ship(encoded);
-        }
-    }
-
-    /// After any sequence of admissions, commits and releases under any policies, the replica
-    /// that applied the effects holds exactly the master's state (leases, reservations,
-    /// settled ids, counters, expiry), and every effect stays small.
-    #[test]
-    fn a_replica_applying_the_effects_ends_with_the_masters_state() {
-        // A 64-bit LCG (Knuth's MMIX constants): the high bits are random enough here.
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |n: u64| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 33) % n.max(1)
-        };
-        let fields = LimitField::ALL;
-        for case in 0..300 {
-            let mut limits = Vec::new();
-            for f in fields {
-                if next(3) == 0 {
-                    limits.push((f, next(12)));
-                }
-            }
-            let p = policy(&limits);
-            let mut pair = Pair::new();
-            let mut now = T0 + next(40 * 86_400_000) as Millis;
-            let mut ids: Vec<String> = vec!["named-a".into(), "é".into(), "x".repeat(128)];
-            for step in 0..150u64 {
-                // Mostly within a window, now and then an hour or more later.
-                let jump = if next(50) == 0 { 3_600 } else { 1 };
-                now += next(2000) as Millis * jump;
-                let pick = next(ids.len() as u64 + 2) as usize;
-                let named = ids.get(pick).map(String::as_str);
-                let what = next(5);
-                if what >= 3 {
-                    match named {
-                        Some(id) if what == 4 => pair.release(id, now),
-                        _ => pair.commit(next(7), named, now),
-                    }
-                } else {
-                    let (with_id, ttl, reserve, peek) = (next(2), next(3000), next(18), next(10));
-                    let req = AdmitRequest {
-                        lease: named.filter(|_| with_id == 0),
-                        lease_ttl_ms: 1 + ttl as Millis,
-                        reserve: (reserve < 9).then_some(reserve),
-                        peek: peek == 0,
-                        balance: None,
-                    };
-                    let id = (case << 20) + step + 1;
-                    pair.admit(&p, &req, now, id);
-                    ids.push(format!("{id:016x}"));
-                }
-                assert_eq!(pair.replica, pair.master, "case {case} step {step}");
-                assert_eq!(pair.replica.encode(), pair.master.encode());
-                assert_eq!(pair.replica.retention(), pair.master.retention());
-                assert!(pair.bytes < 200, "{} bytes", pair.bytes);
-            }
-        }
-    }
-
-    /// With the most leases an account may hold, one command's effect is as small as with one.
-    #[test]
-    fn an_effect_does_not_grow_with_the_leases_held() {
-        let p = policy(&[(LimitField::MaxConcurrent, MAX_LEASES as u64 + 1)]);
-        let mut pair = Pair::new();
-        let mut ids = Vec::new();
-        for i in 0..MAX_LEASES {
-            let id = format!("{i:0>128}");
-            let req = AdmitRequest {
-                lease: Some(&id),
-                lease_ttl_ms: 600_000,
-                reserve: Some(1),
-                peek: false,
-                balance: None,
-            };
-            pair.admit(&p, &req, T0, 0);
-            ids.push(id);
-        }
-        assert_eq!(pair.master.leases().len(), MAX_LEASES);
-        assert!(pair.bytes < 170, "admit: {} bytes", pair.bytes);
-        pair.commit(1, Some(&ids[7]), T0 + 1);
-        assert!(pair.bytes < 170, "commit: {} bytes", pair.bytes);
-        pair.release(&ids[8], T0 + 2);
-        assert!(pair.bytes < 170, "release: {} bytes", pair.bytes);
-        // Every lease expires: one prune of 4,094 leases is a dozen bytes.
-        pair.commit(0, None, T0 + 700_000);
-        assert!(pair.bytes < 20, "prune: {} bytes", pair.bytes);
-        assert!(pair.master.leases().is_empty());
-        assert_eq!(pair.replica, pair.master);
-    }
-
-    #[test]
-    fn decoding_rejects_what_encode_never_writes() {
-        let e = Effect {
-            prune: true,
-            change: Some(Change::Commit {
-                tokens: 5,
-                settled: Some((LeaseRef::Named("lease-1"), T0 + 60_000)),
-            }),
-            balance: Some(BalanceChange {
-                debits: [-1, 7],
-                hold: None,
-                settle: Some(99),
-            }),
-            ..Effect::empty(T0)
-        };
-        let bytes = e.encode();
-        assert_eq!(Effect::decode(&bytes), Ok(e));
-        for cut in 0..bytes.len() {
-            assert!(Effect::decode(&bytes[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut extra = bytes.to_vec();
-        extra.push(0);
-        assert_eq!(Effect::decode(&extra), Err(EffectError::Trailing));
-        // Nothing to do, unknown flags, a lifetime mark on a release, a generated id as text.
-        assert_eq!(Effect::decode(&[VERSION, 0, 0]), Err(EffectError::Empty));
-        assert_eq!(
-            Effect::decode(&[VERSION, ACK | (KIND_COUNT << KIND_SHIFT), 0]),
-            Err(EffectError::Flags)
-        );
-        let bad = [
-            VERSION,
-            (KIND_RELEASE << KIND_SHIFT) | LIFETIME,
-            0,
-            ID_SHORT,
-            1,
-        ];
-        assert_eq!(Effect::decode(&bad), Err(EffectError::Flags));
-        let mut text = vec![VERSION, KIND_RELEASE << KIND_SHIFT, 0, ID_NAMED, 16];
-        text.extend_from_slice(b"00000000000000ff");
-        assert_eq!(Effect::decode(&text), Err(EffectError::LeaseId));
-        // A number in a longer form than needed.
-        assert_eq!(
-            Effect::decode(&[VERSION, PRUNE, 0x80, 0x00]),
-            Err(EffectError::Number)
-        );
-        assert_eq!(Effect::decode(&[3, PRUNE, 0]), Err(EffectError::Version));
-    }
-
-    /// A rename's rebase travels alone, round-trips, and starts the sequence anew on a replica
-    /// as on the master (it only ever grows).
-    #[test]
-    fn a_rebase_starts_a_renamed_accounts_sequence_anew() {
-        let e = Effect::rebased(T0, 42 << 20);
-        let bytes = e.encode();
-        assert_eq!(Effect::decode(&bytes), Ok(e.clone()));
-        for cut in 0..bytes.len() {
-            assert!(Effect::decode(&bytes[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut extra = bytes.to_vec();
-        extra.push(0);
-        assert_eq!(Effect::decode(&extra), Err(EffectError::Trailing));
-        let mut master = Account::default();
-        master.count_request(
-            T0,
-            Window::Hour.index(T0),
-            Window::Day.index(T0),
-            Window::Month.index(T0),
-        );
-        master.mark_renamed();
-        assert!(master.is_renamed());
-        let mut replica = Account::decode(&master.encode()).unwrap();
-        assert!(replica.is_renamed(), "the mark is part of the state");
-        let fresh = crate::core::account::pending::fresh_seq(T0);
-        assert!(fresh > master.batch_seq());
-        Effect::rebased(T0, fresh).apply(&mut replica).unwrap();
-        master.rebase(fresh);
-        assert_eq!(replica, master);
-        assert!(!master.is_renamed());
-        assert_eq!(master.batch_seq(), fresh);
-        // A lower sequence never takes it back.
-        master.rebase(1);
-        assert_eq!(master.batch_seq(), fresh);
-    }
-
-    #[test]
-    fn every_flag_bit_has_a_meaning() {
-        assert_eq!(KNOWN, u8::MAX);
-    }
-
-    #[test]
-    fn a_release_of_a_lease_not_held_changes_nothing() {
-        let mut acc = Account::default();
-        let e = Effect {
-            prune: true,
-            change: Some(Change::Release {
-                lease: LeaseRef::Short(7),
-            }),
-            ..Effect::empty(T0)
-        };
-        assert_eq!(e.apply(&mut acc), Err(EffectError::NotHeld));
-        assert_eq!(acc, Account::default());
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(4000))]
-
-        /// Any bytes decode to an effect or an error, never a panic; an effect decoded has
-        /// exactly those bytes as its encoding, and applying it to an account never panics.
-        #[test]
-        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            if let Ok(effect) = Effect::decode(&bytes) {
-                prop_assert_eq!(effect.encode().to_vec(), bytes.clone());
-                let mut acc = Account::default();
-                let _ = effect.apply(&mut acc);
-            }
-        }
-
-        /// Bytes that start like an effect (version and flags right) reach deeper checks.
-        #[test]
-        fn near_effects_decode_or_fail_cleanly(
-            flags in any::<u8>(),
-            rest in proptest::collection::vec(any::<u8>(), 0..48),
-        ) {
-            let mut bytes = vec![VERSION, flags];
-            bytes.extend_from_slice(&rest);
-            if let Ok(effect) = Effect::decode(&bytes) {
-                prop_assert_eq!(effect.encode().to_vec(), bytes.clone());
-                let mut acc = Account::default();
-                let _ = effect.apply(&mut acc);
-            }
-        }
-    }
-}
+mod tests;

@@ -21,7 +21,7 @@
 
 use smallvec::SmallVec;
 
-use super::credit::{BalanceKind, RowBalance};
+use super::credit::{BalanceKind, PerKind, RowBalance};
 use super::window::Window;
 use super::Millis;
 
@@ -111,7 +111,7 @@ pub(crate) struct Ledger {
 /// draws on it (the holder itself or another bundle of the user).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct BalanceChange {
-    pub debits: [i64; 2],
+    pub debits: PerKind<i64>,
     pub hold: Option<Hold>,
     /// Drop the hold with this tag (commit, release).
     pub settle: Option<u64>,
@@ -120,7 +120,7 @@ pub(crate) struct BalanceChange {
 impl BalanceChange {
     /// Whether it changes nothing.
     pub(crate) fn is_empty(&self) -> bool {
-        self.debits == [0, 0] && self.hold.is_none() && self.settle.is_none()
+        self.debits == PerKind::default() && self.hold.is_none() && self.settle.is_none()
     }
 }
 
@@ -135,14 +135,14 @@ pub(crate) struct Acknowledgement {
     pub floor: Option<[u64; 2]>,
 }
 
-/// What balance `b` has left per kind (`BalanceKind` order) at `now`, given the ledger of its
+/// What balance `b` has left per kind at `now`, given the ledger of its
 /// holder: granted, minus the debits flushed (at least the holder's floor), minus those not
 /// flushed yet, and for tokens minus the live holds. `None` for a kind `b` has no balance of.
 pub(crate) fn balance_left(
     b: &RowBalance,
     holder: Option<&Ledger>,
     now: Millis,
-) -> [Option<i64>; 2] {
+) -> PerKind<Option<i64>> {
     let floor = holder.map_or([0, 0], |l| l.floor);
     let unflushed = |k: usize| holder.map_or(0, |l| l.unflushed(k));
     let held = holder.map_or(0, |l| l.held(now));
@@ -150,7 +150,7 @@ pub(crate) fn balance_left(
     let tokens = b
         .left(BalanceKind::Tokens, floor[1], unflushed(1))
         .map(|left| left.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)));
-    [requests, tokens]
+    PerKind { requests, tokens }
 }
 
 /// A 64-bit tag for (account key, lease id): holds of several bundles share a holder, and their
@@ -252,8 +252,8 @@ impl Ledger {
         if !self.holds.is_empty() {
             self.holds.retain(|h| h.expires_at > at);
         }
-        if change.debits != [0, 0] {
-            self.record(at, 0, 0, change.debits);
+        if change.debits != PerKind::default() {
+            self.record(at, 0, 0, change.debits.to_array());
         }
         if let Some(tag) = change.settle {
             self.holds.retain(|h| h.tag != tag);
@@ -431,7 +431,10 @@ mod tests {
         l.apply(
             T0,
             &BalanceChange {
-                debits: [1, 0],
+                debits: PerKind {
+                    requests: 1,
+                    tokens: 0,
+                },
                 hold: Some(hold(1, 30)),
                 settle: None,
             },
@@ -449,7 +452,10 @@ mod tests {
         l.apply(
             T0 + 1,
             &BalanceChange {
-                debits: [0, 25],
+                debits: PerKind {
+                    requests: 0,
+                    tokens: 25,
+                },
                 settle: Some(1),
                 ..Default::default()
             },

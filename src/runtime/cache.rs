@@ -8,25 +8,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::config;
-use super::jobs::{CreditWaiter, Done, OwnedUser};
-use crate::core::cache::{CacheConfig, CacheValue, CreditCache, Lookup, UserCredits};
+use super::jobs::Waiter;
+use crate::core::cache::{Cache, CacheConfig, CacheValue, Lookup, UserCredits};
 use crate::core::ids::PolicyId;
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
-use crate::ffi::blocked::Blocked;
 
 /// How long a user whose load failed is decided without credits before Postgres is tried again.
 pub(crate) const RETRY_AFTER_FAILURE_MS: Millis = 1000;
 
-static CACHE: LazyLock<Mutex<CreditCache<CreditWaiter>>> =
-    LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
+static CACHE: LazyLock<Mutex<Cache<Waiter>>> =
+    LazyLock::new(|| Mutex::new(Cache::new(cache_config())));
 
 /// The cache's epoch as of the last time its lock was released (see `cache_epoch`).
 static CACHE_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The credits cache, locked (recovers from a poisoned lock: the data stays consistent per
 /// call). Releasing it publishes the cache's epoch for `cache_epoch`.
-pub(crate) fn cache() -> CacheGuard<CreditWaiter> {
+pub(crate) fn cache() -> CacheGuard<Waiter> {
     CacheGuard::lock(&CACHE, &CACHE_EPOCH)
 }
 
@@ -40,12 +39,12 @@ pub(crate) fn cache_epoch() -> u64 {
 
 /// A locked cache; releasing it publishes the cache's epoch.
 pub(crate) struct CacheGuard<W: 'static, V: CacheValue + 'static = UserCredits> {
-    cache: MutexGuard<'static, CreditCache<W, V>>,
+    cache: MutexGuard<'static, Cache<W, V>>,
     epoch: &'static AtomicU64,
 }
 
 impl<W, V: CacheValue> CacheGuard<W, V> {
-    fn lock(cache: &'static Mutex<CreditCache<W, V>>, epoch: &'static AtomicU64) -> Self {
+    fn lock(cache: &'static Mutex<Cache<W, V>>, epoch: &'static AtomicU64) -> Self {
         CacheGuard {
             cache: cache
                 .lock()
@@ -65,7 +64,7 @@ impl<W, V: CacheValue> CacheGuard<W, V> {
 }
 
 impl<W, V: CacheValue> std::ops::Deref for CacheGuard<W, V> {
-    type Target = CreditCache<W, V>;
+    type Target = Cache<W, V>;
     fn deref(&self) -> &Self::Target {
         &self.cache
     }
@@ -84,27 +83,19 @@ impl<W, V: CacheValue> Drop for CacheGuard<W, V> {
     }
 }
 
-/// A client waiting on a named policy's load. `then` is the user whose credits its command
-/// needs next: once the policy is in, the worker moves the client onto that user's credit
-/// load when those are not cached either, so the client is answered once, with both known.
-pub(crate) struct PolicyWaiter {
-    pub client: Blocked<Done>,
-    pub then: Option<(Box<[u8]>, OwnedUser)>,
-}
-
 /// The named-policy cache: same rules, TTLs and bound as the credits cache, one entry per
 /// (tenant, project, name), "no such policy" cached as a negative entry.
-pub(crate) type PolicyCache = CreditCache<PolicyWaiter, CachedPolicy>;
+pub(crate) type PolicyCache = Cache<Waiter, CachedPolicy>;
 
 static POLICIES: LazyLock<Mutex<PolicyCache>> =
-    LazyLock::new(|| Mutex::new(CreditCache::new(cache_config())));
+    LazyLock::new(|| Mutex::new(Cache::new(cache_config())));
 
 /// The policy cache's epoch as of the last time its lock was released.
 static POLICY_EPOCH: AtomicU64 = AtomicU64::new(0);
 
-/// The policy cache, locked (recovers from a poisoned lock). Never held together with the
-/// credits cache's lock. Releasing it publishes the cache's epoch for `remembered_policy`.
-pub(crate) fn policies() -> CacheGuard<PolicyWaiter, CachedPolicy> {
+/// The policy cache, locked (recovers from a poisoned lock). When both locks are held, this
+/// one is taken first (see `gather`). Releasing it publishes the cache's epoch for `remembered_policy`.
+pub(crate) fn policies() -> CacheGuard<Waiter, CachedPolicy> {
     CacheGuard::lock(&POLICIES, &POLICY_EPOCH)
 }
 

@@ -1,7 +1,10 @@
 //! The work a command hands to the pool (`Job`) and what comes back to its blocked client
-//! (`Done`), with the owned ids that cross threads.
+//! (`Done`), with the owned ids that cross threads, and the `Waiter` a gather leaves in the
+//! caches' flights (answered once, when the last load it waits on lands).
 
-use crate::core::cache::UserCredits as Credits;
+use std::sync::{Arc, Mutex};
+
+use crate::core::cache::UserCredits;
 use crate::core::credit::{GrantRequest, Replenishment};
 use crate::core::ids::{AccountId, PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
@@ -32,18 +35,12 @@ pub(crate) struct KeyBatch {
 /// private data), so the size of its variants does not matter.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Done {
-    /// The user's rows (for `ADMIT` and `GET` after a miss), with the named policy an `ADMIT`
-    /// waited for first when it waited on both (see `CreditWaiter`).
-    Loaded {
-        credits: Result<Credits, StoreError>,
-        policy: Option<CachedPolicy>,
-    },
+    /// What the loads a command waited on brought (see `gather`).
+    Loaded(Loaded),
     Grant(Result<GrantOutcome, StoreError>),
     Revoke(Result<RevokeOutcome, StoreError>),
     List(Result<Vec<Replenishment>, StoreError>),
     Cleanup(Result<CleanupOutcome, StoreError>),
-    /// A named policy's load (for `ADMIT ... POLICY` and `POLICY GET` after a miss).
-    Policy(Result<CachedPolicy, StoreError>),
     PolicySet(Result<PolicyRecord, StoreError>),
     PolicyDel(Result<bool, StoreError>),
     PolicyList(Result<Vec<PolicyRecord>, StoreError>),
@@ -64,27 +61,63 @@ impl Outcome for Done {
     }
 }
 
-/// A client waiting on a user's credit load, with the named policy its command already
-/// waited for (an `ADMIT ... POLICY` whose policy and credits were both not cached): the
-/// client is answered once, with both.
-pub(crate) struct CreditWaiter {
-    pub client: Blocked<Done>,
-    pub policy: Option<CachedPolicy>,
+/// A client waiting on one or two loads (a policy's, a user's credits): answered once, when
+/// the last lands, with what each brought; or at once when one is dropped.
+#[derive(Clone)]
+pub(crate) struct Waiter(Arc<Mutex<Join>>);
+
+struct Join {
+    client: Option<Blocked<Done>>,
+    /// Loads not landed yet.
+    pending: u8,
+    loaded: Loaded,
 }
 
-impl CreditWaiter {
-    /// A client that waits on the credits alone.
-    pub(crate) fn new(client: Blocked<Done>) -> CreditWaiter {
-        CreditWaiter {
-            client,
-            policy: None,
+impl Waiter {
+    pub(crate) fn new(client: Blocked<Done>, policy: bool, credits: bool) -> Waiter {
+        Waiter(Arc::new(Mutex::new(Join {
+            client: Some(client),
+            pending: u8::from(policy) + u8::from(credits),
+            loaded: Loaded::default(),
+        })))
+    }
+
+    /// Records what one load brought; answers the client when it was the last.
+    fn landed(self, put: impl FnOnce(&mut Loaded)) {
+        let mut join = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        put(&mut join.loaded);
+        join.pending = join.pending.saturating_sub(1);
+        if join.pending == 0 {
+            if let Some(client) = join.client.take() {
+                let loaded = std::mem::take(&mut join.loaded);
+                drop(join);
+                client.finish(Done::Loaded(loaded));
+            }
         }
     }
 
-    /// Answers the client with the load's result.
-    pub(crate) fn finish(self, credits: Result<Credits, StoreError>) {
-        let policy = self.policy;
-        self.client.finish(Done::Loaded { credits, policy });
+    /// The named policy's load landed.
+    pub(crate) fn policy_loaded(self, found: Result<CachedPolicy, StoreError>) {
+        self.landed(|l| l.policy = Some(found));
+    }
+
+    /// The user's credits' load landed.
+    pub(crate) fn credits_loaded(self, rows: Result<UserCredits, StoreError>) {
+        self.landed(|l| l.credits = Some(rows));
+    }
+
+    /// A load will not land (the queue was full, shutdown): answers the client `done` now,
+    /// unless it was answered already.
+    pub(crate) fn abort(self, done: Done) {
+        let client = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .client
+            .take();
+        if let Some(client) = client {
+            client.finish(done);
+        }
     }
 }
 
@@ -169,8 +202,24 @@ impl OwnedPolicy {
     }
 }
 
-/// Load a user's rows into the cache and answer the flight's waiters.
+/// What the loads a waiting command asked for brought: the named policy's, the user's
+/// credits', each when it waited on it.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub policy: Option<Result<CachedPolicy, StoreError>>,
+    pub credits: Option<Result<UserCredits, StoreError>>,
+}
+
+/// Load what one gather found missing or stale, together: a named policy (with its flight in
+/// the policy cache), a user's rows, or both; each flight's waiters are answered.
+#[derive(Default)]
 pub(crate) struct LoadJob {
+    pub(crate) policy: Option<(OwnedPolicy, u64)>,
+    pub(crate) credits: Option<CreditLoad>,
+}
+
+/// A user's rows to load into the credits cache, for its flight `flight`.
+pub(crate) struct CreditLoad {
     pub(crate) key: Box<[u8]>,
     pub(crate) user: OwnedUser,
     pub(crate) flight: u64,
@@ -178,8 +227,8 @@ pub(crate) struct LoadJob {
 
 /// One unit of Postgres work.
 pub(crate) enum Job {
-    /// Load a user's rows into the cache and answer the flight's waiters.
-    Load(LoadJob),
+    /// Load a named policy and a user's rows into the caches and answer the flights' waiters.
+    Load(Box<LoadJob>),
     Grant {
         user: OwnedUser,
         bundle: String,
@@ -201,8 +250,6 @@ pub(crate) enum Job {
     Cleanup { client: Option<Blocked<Done>> },
     /// Deploy the schema if it is not known to be there (`quota.auto-deploy`).
     Deploy,
-    /// Load a named policy into the policy cache and answer the flight's waiters.
-    LoadPolicy { policy: OwnedPolicy, flight: u64 },
     PolicySet {
         policy: OwnedPolicy,
         limits: Box<Limits>,
@@ -246,7 +293,7 @@ impl Job {
     /// The blocked client this job answers, if any (to answer it `BUSY` when not queued).
     pub(crate) fn into_client(self) -> Option<Blocked<Done>> {
         match self {
-            Job::Load(_) | Job::Deploy | Job::LoadPolicy { .. } | Job::Flush { .. } => None,
+            Job::Load(_) | Job::Deploy | Job::Flush { .. } => None,
             Job::History { client, .. } | Job::Find { client, .. } | Job::Top { client, .. } => {
                 Some(client)
             }

@@ -7,6 +7,7 @@ pub(crate) mod alerts;
 pub(crate) mod cache;
 pub(crate) mod clock;
 pub(crate) mod config;
+pub(crate) mod gather;
 pub(crate) mod health;
 
 pub(crate) mod jobs;

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use super::alerts::conditions;
 use super::cache::{cache, policies};
 use super::{config, stats, worker};
-use crate::core::cache::{CacheValue, CreditCache};
+use crate::core::cache::{Cache, CacheValue};
 use crate::core::ids::{policy_key, user_key};
 use crate::store::listener::{Entry, Listener, ListenerEvent};
 
@@ -105,7 +105,7 @@ pub(crate) fn restart_listener() {
 }
 
 /// Drops every entry of `cache`; how many there were.
-fn drop_all<W, V: CacheValue>(cache: &mut CreditCache<W, V>) -> usize {
+fn drop_all<W, V: CacheValue>(cache: &mut Cache<W, V>) -> usize {
     let entries = cache.len();
     cache.clear();
     entries
@@ -114,7 +114,7 @@ fn drop_all<W, V: CacheValue>(cache: &mut CreditCache<W, V>) -> usize {
 /// A change to the entry `key` was heard. When this node wrote it, it already refreshed its
 /// entry: marking it stale settles any race between concurrent writes without making anyone
 /// wait. Otherwise the entry is dropped.
-fn heard<W, V: CacheValue>(cache: &mut CreditCache<W, V>, key: &[u8], own: bool) {
+fn heard<W, V: CacheValue>(cache: &mut Cache<W, V>, key: &[u8], own: bool) {
     stats::NOTIFY_RECEIVED.incr();
     if own {
         cache.mark_stale(key);

@@ -18,17 +18,13 @@ use super::cache;
 use super::clock;
 use super::config;
 use super::health;
-use super::jobs::{
-    CreditWaiter, Done, FlushOutcome, Job, KeyBatch, LoadJob, OwnedPolicy, OwnedUser,
-};
+use super::jobs::{Done, FlushOutcome, Job, KeyBatch, LoadJob, OwnedPolicy, OwnedUser, Waiter};
 use super::stats;
-use crate::core::cache::Lookup;
-use crate::core::cache::UserCredits as Credits;
+use crate::core::cache::UserCredits;
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::{account_ids_of_key, user_key, PolicyId, UserId};
+use crate::core::ids::{account_ids_of_key, user_key, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
-use crate::ffi::blocked::Blocked;
 use crate::store::backoff::Backoff;
 use crate::store::{
     AccountBatch, BatchOutcome, CleanupOutcome, GrantOutcome, RevokeOutcome, Store, StoreConfig,
@@ -38,33 +34,20 @@ use crate::store::{
 /// Most user loads one query serves (a burst of cold users shares round trips).
 const LOAD_BATCH: usize = 64;
 
-/// Queues a user load for a flight the cache started; if the queue is full the flight is
-/// dropped and its waiters are answered `BUSY`.
-pub(crate) fn submit_load(user_key: &[u8], user: &UserId<'_>, flight: u64) {
-    let job = Job::Load(LoadJob {
-        key: user_key.into(),
-        user: OwnedUser::from_id(user),
-        flight,
-    });
-    if submit(job).is_err() {
-        let waiters = cache::cache().abort_flight(user_key, flight);
-        for waiter in waiters {
-            waiter.client.finish(Done::Busy);
+/// Queues the loads a gather started; if the queue is full their flights are dropped and
+/// their waiters answered `BUSY`.
+pub(crate) fn submit_load(job: LoadJob) {
+    let Err(Job::Load(job)) = submit(Job::Load(Box::new(job))) else {
+        return;
+    };
+    if let Some((policy, flight)) = &job.policy {
+        for waiter in cache::policies().abort_flight(&policy.id().key(), *flight) {
+            waiter.abort(Done::Busy);
         }
     }
-}
-
-/// Queues a policy load for a flight the policy cache started; if the queue is full the flight
-/// is dropped and its waiters are answered `BUSY`.
-pub(crate) fn submit_policy_load(policy: &PolicyId<'_>, flight: u64) {
-    let job = Job::LoadPolicy {
-        policy: OwnedPolicy::from_id(policy),
-        flight,
-    };
-    if submit(job).is_err() {
-        let waiters = cache::policies().abort_flight(&policy.key(), flight);
-        for waiter in waiters {
-            waiter.client.finish(Done::Busy);
+    if let Some(load) = &job.credits {
+        for waiter in cache::cache().abort_flight(&load.key, load.flight) {
+            waiter.abort(Done::Busy);
         }
     }
 }
@@ -182,10 +165,10 @@ pub(crate) fn start(threads: usize, queue_max: usize) -> std::io::Result<()> {
 pub(crate) fn stop(wait: Duration) {
     STOPPING.store(true, Ordering::Relaxed);
     for waiter in cache::cache().take_all_waiters() {
-        waiter.client.finish(Done::Dropped);
+        waiter.abort(Done::Dropped);
     }
     for waiter in cache::policies().take_all_waiters() {
-        waiter.client.finish(Done::Dropped);
+        waiter.abort(Done::Dropped);
     }
     let deadline = Instant::now() + wait;
     let handles = THREADS
@@ -240,7 +223,7 @@ fn drained(len: usize, capacity: Option<usize>) -> bool {
 /// What a refused job means for its caller, for the log.
 fn refused(job: &Job) -> &'static str {
     match job {
-        Job::Load(_) | Job::LoadPolicy { .. } => "a cache load (its clients got BUSY)",
+        Job::Load(_) => "a cache load (its clients got BUSY)",
         Job::Flush { .. } => "a usage ledger flush (it is sent again at the next round)",
         Job::Deploy => "a schema deploy (tried again in a second)",
         Job::Cleanup { client: None } => "the periodic cleanup (it runs at the next interval)",
@@ -440,10 +423,10 @@ fn gather_loads(first: Job, rx: &Receiver<Job>) -> (Vec<LoadJob>, Option<Job>) {
     let Job::Load(load) = first else {
         return (Vec::new(), Some(first));
     };
-    let mut loads = vec![load];
+    let mut loads = vec![*load];
     while loads.len() < LOAD_BATCH {
         match rx.try_recv() {
-            Ok(Job::Load(load)) => loads.push(load),
+            Ok(Job::Load(load)) => loads.push(*load),
             Ok(other) => return (loads, Some(other)),
             Err(_) => break,
         }
@@ -451,12 +434,24 @@ fn gather_loads(first: Job, rx: &Receiver<Job>) -> (Vec<LoadJob>, Option<Job>) {
     (loads, None)
 }
 
-/// Loads the users of `loads` in one query and completes every flight, so every waiter is
-/// answered whatever the store did.
 /// The clients that waited on one user's load, with what the load found.
-type Answered = (Vec<CreditWaiter>, Result<Credits, StoreError>);
+type Answered = (Vec<Waiter>, Result<UserCredits, StoreError>);
 
-fn execute_loads(loads: Vec<LoadJob>) {
+/// Loads the policies of `loads`, then their users in one query, and completes every flight,
+/// so every waiter is answered whatever the store did.
+fn execute_loads(jobs: Vec<LoadJob>) {
+    let mut loads = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if let Some((policy, flight)) = &job.policy {
+            let load = || execute_policy_load(policy, *flight);
+            // A panic leaves the flight's clients to their timeout.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load));
+        }
+        loads.extend(job.credits);
+    }
+    if loads.is_empty() {
+        return;
+    }
     let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         with_store(|store| match loads.as_slice() {
             [one] => store.load_user(&one.user.id()).map(|rows| vec![rows]),
@@ -467,7 +462,7 @@ fn execute_loads(loads: Vec<LoadJob>) {
         })
     }))
     .unwrap_or_else(|_| Err(StoreError::Query("internal error while loading".into())));
-    let mut results: Vec<Result<Credits, StoreError>> = match fetched {
+    let mut results: Vec<Result<UserCredits, StoreError>> = match fetched {
         Ok(rows) => rows.into_iter().map(|r| Ok(Arc::from(r))).collect(),
         Err(e) => loads.iter().map(|_| Err(e.clone())).collect(),
     };
@@ -488,14 +483,14 @@ fn execute_loads(loads: Vec<LoadJob>) {
     };
     for (waiters, result) in answered {
         for waiter in waiters {
-            waiter.finish(result.clone());
+            waiter.credits_loaded(result.clone());
         }
     }
 }
 
 fn execute(job: Job) {
     match job {
-        Job::Load(load) => execute_loads(vec![load]),
+        Job::Load(load) => execute_loads(vec![*load]),
         Job::Deploy => {
             DEPLOY_QUEUED.store(false, Ordering::Release);
             // Unreachable: tried again by a later `deploy_soon`, after a jittered wait.
@@ -530,7 +525,6 @@ fn execute(job: Job) {
                 client.finish(Done::Cleanup(outcome));
             }
         }
-        Job::LoadPolicy { policy, flight } => execute_policy_load(&policy, flight),
         Job::PolicySet {
             policy,
             limits,
@@ -677,55 +671,16 @@ fn flush_isolating(accounts: &[AccountBatch]) -> Vec<Result<BatchOutcome, StoreE
     }
 }
 
-/// Loads a policy, completes its flight, and answers each waiter: at once, or (when its
-/// command also needs credits that are not cached) by moving it onto that user's credit load.
+/// Loads a policy, completes its flight, and hands each waiter what it found.
 fn execute_policy_load(policy: &OwnedPolicy, flight: u64) {
     let id = policy.id();
     let result: Result<CachedPolicy, StoreError> =
         with_store(|s| s.load_policy(&id)).map(|found| found.map(|r| r.limits));
-
     let now = clock::now_ms();
     let waiters =
         cache::policies().complete(&id.key(), flight, result.clone().map_err(|_| ()), now);
     for waiter in waiters {
-        match (waiter.then, &result) {
-            (Some((user_key, user)), Ok(found @ Some(_))) => {
-                chain_to_credits(waiter.client, &user_key, &user, *found, now);
-            }
-            (_, result) => waiter.client.finish(Done::Policy(result.clone())),
-        }
-    }
-}
-
-/// Moves `client` onto the user's credit load when those credits are not cached, carrying
-/// the policy it waited for; otherwise answers it with the policy (its command finds the
-/// credits in the cache).
-fn chain_to_credits(
-    client: Blocked<Done>,
-    user_key: &[u8],
-    user: &OwnedUser,
-    policy: CachedPolicy,
-    now: Millis,
-) {
-    let mut cache = cache::cache();
-    let waiter = CreditWaiter {
-        client,
-        policy: Some(policy),
-    };
-    let (load, unanswered) = match cache.find(user_key, now) {
-        Lookup::Miss { load } => match cache.add_waiter(user_key, waiter) {
-            Ok(()) => (load, None),
-            Err(waiter) => (load, Some(waiter.client)),
-        },
-        Lookup::Stale { refresh, .. } => (refresh, Some(waiter.client)),
-        Lookup::Fresh(..) | Lookup::Unavailable => (None, Some(waiter.client)),
-    };
-    drop(cache);
-    if let Some(flight) = load {
-        submit_load(user_key, &user.id(), flight);
-    }
-    if let Some(client) = unanswered {
-        client.finish(Done::Policy(Ok(policy)));
+        waiter.policy_loaded(result.clone());
     }
 }
 

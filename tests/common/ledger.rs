@@ -17,6 +17,11 @@ impl TestEnv {
     pub fn start(extra: &[(&str, &str)]) -> TestEnv {
         let schema = unique_schema();
         let server = test_server_with(&schema, extra);
+        // The NOTIFY listener drops the whole cache when it connects: let that happen before
+        // the test, not in its middle (a slow machine connects it late).
+        if !extra.iter().any(|(k, v)| *k == "notify" && *v == "no") {
+            server.wait_notify_state("listening", Duration::from_secs(30));
+        }
         TestEnv {
             server,
             schema,

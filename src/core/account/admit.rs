@@ -5,6 +5,7 @@ use super::{
     Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, Counter, Lease, LeaseId, Now,
     BALANCE_SPENT, MAX_LEASES, PRUNE_DELAY_MS,
 };
+use crate::core::credit::BalanceKind;
 use crate::core::policy::{EffectivePolicy, LimitField, Limits};
 use crate::core::window::seconds_until;
 use crate::core::Millis;
@@ -214,7 +215,7 @@ impl Account {
             })
             .fold(want, u64::min);
             // What the windows cannot reserve, the token balance holds (as far as it goes).
-            let tokens_left = req.balance.and_then(|b| b.left[1]).unwrap_or(0);
+            let tokens_left = req.balance.and_then(|b| b.left.tokens).unwrap_or(0);
             decision.held_tokens = want
                 .saturating_sub(grant)
                 .min(u64::try_from(tokens_left).unwrap_or(0));
@@ -292,11 +293,15 @@ fn balance_pays(violations: u8, offer: Option<BalanceOffer>) -> Payment {
         return Payment::None;
     }
     let mut spent = false;
-    for (kind, bits) in [REQUEST_WINDOWS, TOKEN_WINDOWS].into_iter().enumerate() {
+    let windows = [
+        (BalanceKind::Requests, REQUEST_WINDOWS),
+        (BalanceKind::Tokens, TOKEN_WINDOWS),
+    ];
+    for (kind, bits) in windows {
         if violations & bits == 0 {
             continue;
         }
-        match offer.left.get(kind).copied().flatten() {
+        match offer.left.get(kind) {
             None => return Payment::None,
             Some(left) if left <= 0 => spent = true,
             Some(_) => {}

@@ -263,6 +263,7 @@ impl Account {
 #[cfg(test)]
 mod tests {
     use crate::core::account::{Account, Counter};
+    use crate::core::credit::PerKind;
     use crate::core::ledger::{Acknowledgement, BalanceChange, HourDelta};
     use crate::core::window::Window;
     use crate::core::Millis;
@@ -376,7 +377,10 @@ mod tests {
         acc.apply_balance(
             T0,
             &BalanceChange {
-                debits: [1, 40],
+                debits: PerKind {
+                    requests: 1,
+                    tokens: 40,
+                },
                 ..BalanceChange::default()
             },
         );
@@ -413,7 +417,10 @@ mod tests {
         acc.apply_balance(
             T0 + (hours - 1) * HOUR,
             &BalanceChange {
-                debits: [1, 2],
+                debits: PerKind {
+                    requests: 1,
+                    tokens: 2,
+                },
                 ..BalanceChange::default()
             },
         );
