@@ -14,8 +14,10 @@
 #          module name and command renamed, so the two versions share the server and rounds)
 #        HMGET of 11 fields: a plain command with ADMIT's 13 arguments
 #        QUOTA.ADMIT inline (day/month requests, day tokens, MAX_CONCURRENT) -> vs HMGET
-#        QUOTA.ADMIT POLICY bench COMPACT (the same limits as a named policy)
+#        QUOTA.ADMIT POLICY bench COMPACT (the same limits as a named policy: 4 limits)
 #                                                  -> vs CL.THROTTLE 0.2.2 and 0.5.0, vs INCR
+#        QUOTA.ADMIT POLICY rate COMPACT (a policy of one REQUESTS_PER_SECOND limit: redis-cell's
+#          own ground, one rate each)                -> vs CL.THROTTLE 0.2.2 and 0.5.0
 #        QUOTA.GET on cached users                                        -> vs HGETALL
 #        HGETALL of an 18-field hash (the bar's baseline: the record's size when it was set)
 #        HGETALL of a 24-field hash (a reply the shape of today's QUOTA.GET, info)
@@ -60,8 +62,9 @@ CLIENTS=50
 LOADERS=8 # parallel connections for grants and cold loads (each waits on Postgres)
 LEASE_TTL=1
 
-# Bars (issue 12).
+# Bars (issue 12; the one-rate bar: issue 22).
 BAR_POLICY_CELL=1.0
+BAR_RATE_CELL=1.2
 BAR_POLICY_INCR=0.45
 BAR_ADMIT_HMGET=0.8
 BAR_BALANCE_WINDOWS=0.9
@@ -342,6 +345,10 @@ admit_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' "${admit_policy[@]}" 
 cli QUOTA.POLICY SET acme chat bench "${admit_policy[@]}" MAX_CONCURRENT 1000000 >/dev/null
 policy_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' POLICY bench COMPACT | head -n1)"
 [ "$policy_check" = 1 ] || die "QUOTA.ADMIT POLICY did not admit: $policy_check"
+# One smooth rate, as CL.THROTTLE below has (a burst of 1000000, 1000000 a second).
+cli QUOTA.POLICY SET acme chat rate REQUESTS_PER_SECOND 1000000 >/dev/null
+rate_check="$(cli QUOTA.ADMIT acme chat u000000000001 r POLICY rate COMPACT | head -n1)"
+[ "$rate_check" = 1 ] || die "QUOTA.ADMIT POLICY rate did not admit: $rate_check"
 cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)"
 [ "$cell_check" = 0 ] || die "CL.THROTTLE did not allow: $cell_check"
 cell5_check="$(cli CL.THROTTLE050 cell5:u000000000001 1000000 1000000 1 1 | head -n1)"
@@ -350,13 +357,14 @@ cell5_check="$(cli CL.THROTTLE050 cell5:u000000000001 1000000 1000000 1 1 | head
 # --- throughput --------------------------------------------------------------------------
 # Each ratio's two commands run back to back in every round (ADMIT POLICY between the two
 # CL.THROTTLE versions).
-names=(INCR CELL HMGET ADMIT POLICY CELL5 QGET HGETALL HGETALL24 BALANCE WINDOWS)
+names=(INCR CELL HMGET ADMIT POLICY CELL5 RATE QGET HGETALL HGETALL24 BALANCE WINDOWS)
 if [ "${BENCH_EXTRA:-0}" = 1 ]; then names+=(LUA ADMIT_NOLEASE GET); fi
 declare -A label cmd n_of
 label[INCR]="INCR counter:__rand_int__"
 label[CELL]="CL.THROTTLE (redis-cell 0.2.2)"
 label[CELL5]="CL.THROTTLE (redis-cell 0.5.0)"
 label[POLICY]="QUOTA.ADMIT POLICY .. COMPACT"
+label[RATE]="QUOTA.ADMIT POLICY (1 rate) COMPACT"
 label[ADMIT]="QUOTA.ADMIT inline (13 args)"
 label[ADMIT_NOLEASE]="QUOTA.ADMIT (no lease)"
 label[LUA]="EVALSHA admit.lua"
@@ -370,6 +378,8 @@ label[WINDOWS]="QUOTA.ADMIT paid by its windows"
 cmd[INCR]="INCR counter:__rand_int__"
 cmd[ADMIT]="QUOTA.ADMIT acme chat u__rand_int__ * ${admit_policy[*]} MAX_CONCURRENT 1000000"
 cmd[POLICY]="QUOTA.ADMIT acme chat u__rand_int__ * POLICY bench COMPACT"
+# Its own account keys (bundle r; the user's cached '*' credit applies, adding no rate).
+cmd[RATE]="QUOTA.ADMIT acme chat u__rand_int__ r POLICY rate COMPACT"
 cmd[CELL]="CL.THROTTLE cell:u__rand_int__ 1000000 1000000 1 1"
 # The same call to 0.5.0 (renamed to share the server), on keys of its own.
 cmd[CELL5]="CL.THROTTLE050 cell5:u__rand_int__ 1000000 1000000 1 1"
@@ -530,6 +540,8 @@ mkdir -p "$root/bench/out"
     printf '%-38s %8s %8s  %s\n' "ratio" "value" "bar" "verdict  (per round)"
     rows=("ADMIT POLICY+COMPACT/CL.THROTTLE:POLICY:CELL:>=:$BAR_POLICY_CELL"
         "ADMIT POLICY+COMPACT/CL.THROTTLE 0.5:POLICY:CELL5:>=:$BAR_POLICY_CELL"
+        "ADMIT 1-rate POLICY/CL.THROTTLE:RATE:CELL:-:-"
+        "ADMIT 1-rate POLICY/CL.THROTTLE 0.5:RATE:CELL5:>=:$BAR_RATE_CELL"
         "ADMIT POLICY+COMPACT/INCR:POLICY:INCR:>=:$BAR_POLICY_INCR"
         "ADMIT inline/HMGET(13 args):ADMIT:HMGET:>=:$BAR_ADMIT_HMGET"
         "QUOTA.GET/HGETALL(18 fields):QGET:HGETALL:>=:$BAR_GET_HGETALL"

@@ -189,6 +189,18 @@ CREATE TABLE IF NOT EXISTS "control_plane".quota_policy (
 COMMENT ON TABLE "control_plane".quota_policy IS
     'Named base policies per (tenant, project) for QUOTA.ADMIT ... POLICY <name>; '
     'NULL limit = unlimited';
+
+-- Smooth rates (REQUESTS_PER_SECOND, REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE), added in place to
+-- tables deployed before them (nullable, no default: the ALTER rewrites nothing). A credit adds
+-- to a rate as it adds to a window.
+ALTER TABLE "control_plane".quota_policy
+    ADD COLUMN IF NOT EXISTS requests_per_second BIGINT NULL CHECK (requests_per_second >= 0),
+    ADD COLUMN IF NOT EXISTS requests_per_minute BIGINT NULL CHECK (requests_per_minute >= 0),
+    ADD COLUMN IF NOT EXISTS tokens_per_minute   BIGINT NULL CHECK (tokens_per_minute >= 0);
+ALTER TABLE "control_plane".user_quota_replenishment
+    ADD COLUMN IF NOT EXISTS additional_requests_per_second INT    NULL,
+    ADD COLUMN IF NOT EXISTS additional_requests_per_minute INT    NULL,
+    ADD COLUMN IF NOT EXISTS additional_tokens_per_minute   BIGINT NULL;
 COMMENT ON COLUMN "control_plane".user_quota_replenishment_event.payload IS
     'The values the change wrote (money as a decimal string, times as Unix seconds)';
 

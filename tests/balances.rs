@@ -128,7 +128,7 @@ fn top_ups_count_once_and_windows_pay_first() {
         )
         .unwrap();
         let items = to_array(r);
-        assert_eq!(items.len(), 9);
+        assert_eq!(items.len(), 10);
         paid.push(value_to_string(&items[8]).unwrap());
     }
     let expected: Vec<&str> = ["windows"; 2]

@@ -30,7 +30,7 @@ fn cold_misses(tag: &str, from: usize, n: usize, echo: bool) -> Vec<Vec<Vec<u8>>
     cmds
 }
 
-/// Checks a pipeline's replies: each admission a 9-element `COMPACT` reply (allowed), each
+/// Checks a pipeline's replies: each admission a 10-element `COMPACT` reply (allowed), each
 /// `ECHO` its own number. Returns how many admissions found credits loaded from PostgreSQL
 /// (`none` or a source) rather than `unavailable`.
 fn check(replies: &[Result<Reply, String>], from: usize, echo: bool) -> usize {
@@ -44,7 +44,7 @@ fn check(replies: &[Result<Reply, String>], from: usize, echo: bool) -> usize {
         let Reply::Array(items) = admit else {
             panic!("admission {i}: not a COMPACT reply: {admit:?}");
         };
-        assert_eq!(items.len(), 9, "admission {i}: {items:?}");
+        assert_eq!(items.len(), 10, "admission {i}: {items:?}");
         assert_eq!(items[0], Reply::Int(1), "admission {i}: {items:?}");
         if items[7].text() != "unavailable" {
             loaded += 1;

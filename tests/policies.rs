@@ -470,7 +470,7 @@ fn the_compact_reply_is_read_by_index_from_lua_in_resp2_and_resp3() {
             );
             let lease = value_to_string(&first[4]).unwrap_or_default();
             assert!(!lease.is_empty(), "{user}: a lease is taken: {first:?}");
-            assert_eq!(value_i64(&first[5]), Some(9), "{user}: nine fields");
+            assert_eq!(value_i64(&first[5]), Some(10), "{user}: ten fields");
             eval_compact(&mut con, &user, script_resp);
             let denied = eval_compact(&mut con, &user, script_resp);
             assert_eq!(value_i64(&denied[0]), Some(0), "{user}: {denied:?}");
@@ -482,10 +482,11 @@ fn the_compact_reply_is_read_by_index_from_lua_in_resp2_and_resp3() {
         }
     }
 
-    // Outside Lua: the same nine fields, in both protocols.
+    // Outside Lua: the same ten fields, in both protocols (`retry_after_ms` last).
     for mut con in [server.client(), server.client_resp3()] {
         let v = to_array(query(&mut con, &admit_policy("direct", "pro", &["COMPACT"])).unwrap());
-        assert_eq!(v.len(), 9);
+        assert_eq!(v.len(), 10);
+        assert_eq!(value_i64(&v[9]), Some(-1));
         assert_eq!(value_to_string(&v[5]).as_deref(), Some(""));
         assert_eq!(value_to_string(&v[7]).as_deref(), Some("none"));
         assert_eq!(value_to_string(&v[8]).as_deref(), Some("windows"));

@@ -328,6 +328,7 @@ fn decide(
     }
     if !decision.allowed {
         decision.retry_after = source.denial_retry_after(decision.retry_after);
+        decision.retry_after_ms = source.denial_retry_after_ms(decision.retry_after_ms);
     }
     if let Some(memo) = inputs.memo {
         account_key.set_memo(memo);

@@ -11,13 +11,14 @@ use crate::ffi::reply::{Reply, Word};
 
 /// The `COMPACT` reply: a flat array read by position, the same under RESP2 and RESP3:
 /// `[allowed, retry_after, remaining_requests, remaining_tokens, lease, reason, reserved,
-/// replenishment]`, with `lease` and `reason` as "" when there is none.
+/// credit, paid_by, retry_after_ms]`, with `lease` and `reason` as "" when there is none
+/// (`retry_after_ms` came last, so the positions before it did not move).
 pub(super) fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let mut buf = [0u8; 16];
     let lease = d.lease.as_ref().map_or("", |id| id.as_text(&mut buf));
     let r = ctx
         .reply()
-        .array(9)
+        .array(10)
         .int(i64::from(d.allowed))
         .int(d.retry_after)
         .int(d.remaining_requests)
@@ -26,7 +27,8 @@ pub(super) fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     reason(r, d)
         .uint(d.reserved)
         .word(words::source(source))
-        .word(paid_by(d));
+        .word(paid_by(d))
+        .int(d.retry_after_ms);
 }
 
 /// Who paid an admitted request: `windows` (the policy and window credits), `balance` (a
@@ -54,10 +56,11 @@ pub(super) fn reply_decision(
     policy: &EffectivePolicy,
     usage: Option<&Usage>,
 ) {
-    let r = ctx.reply().map(10 + if usage.is_some() { 3 } else { 0 });
+    let r = ctx.reply().map(11 + if usage.is_some() { 3 } else { 0 });
     let r = r.pair(&words::ALLOWED, |r| r.int(i64::from(d.allowed)));
     let r = r.pair(&words::REASON, |r| reason(r, d));
     let r = r.pair(&words::RETRY_AFTER, |r| r.int(d.retry_after));
+    let r = r.pair(&words::RETRY_AFTER_MS, |r| r.int(d.retry_after_ms));
     let mut buf = [0u8; 16];
     let r = r.pair(&words::LEASE, |r| {
         r.opt_str(d.lease.as_ref().map(|id| id.as_text(&mut buf)))
@@ -89,7 +92,7 @@ pub(super) fn reply_decision(
 
 /// Writes a usage snapshot (with the window resets when `resets`).
 pub(super) fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
-    let r = r.map(8 + if resets { 3 } else { 0 });
+    let r = r.map(8 + LimitField::RATES.len() + if resets { 3 } else { 0 });
     use LimitField::*;
     let r = r.pair(words::limit(RequestsPerDay), |r| r.uint(u.requests_per_day));
     let r = r.pair(words::limit(RequestsPerMonth), |r| {
@@ -100,7 +103,10 @@ pub(super) fn usage_map(r: Reply, u: &Usage, resets: bool) -> Reply {
     let r = r.pair(words::limit(TokensPerDay), |r| r.uint(u.tokens_per_day));
     let r = r.pair(words::limit(TokensPerMonth), |r| r.uint(u.tokens_per_month));
     let r = r.pair(&words::IN_FLIGHT, |r| r.uint(u.in_flight));
-    let r = r.pair(&words::RESERVED, |r| r.uint(u.reserved));
+    let mut r = r.pair(&words::RESERVED, |r| r.uint(u.reserved));
+    for (field, used) in LimitField::RATES.into_iter().zip(u.rates) {
+        r = r.pair(words::limit(field), |r| r.uint(used));
+    }
     if !resets {
         return r;
     }

@@ -39,6 +39,7 @@ words! {
     ALLOWED = "allowed";
     REASON = "reason";
     RETRY_AFTER = "retry_after";
+    RETRY_AFTER_MS = "retry_after_ms";
     LEASE = "lease";
     RESERVED = "reserved";
     USED_CREDIT = "used_credit";

@@ -159,6 +159,16 @@ impl CreditSource {
             _ => decided,
         }
     }
+
+    /// `denial_retry_after` in ms (`retry_after_ms`).
+    pub(crate) fn denial_retry_after_ms(self, decided: i64) -> i64 {
+        let most = PENDING_RETRY_AFTER_S * 1000;
+        match self {
+            CreditSource::Pending if decided >= 0 => decided.min(most),
+            CreditSource::Pending => most,
+            _ => decided,
+        }
+    }
 }
 
 /// The longest `retry_after` of a denial decided while the user's credits load (a load takes
@@ -215,9 +225,10 @@ pub(crate) struct CreditMemo {
     /// The low 32 bits of the cache epoch: a memo lives at most `MEMO_MAX_MS`, far less than
     /// 2^32 cache changes take, so it cannot meet the same low bits of another epoch.
     epoch: u32,
-    source: CreditSource,
-    /// Bit `i` set: field `i` of `LimitField::ALL` adds an amount, the next varint in `amounts`.
-    present: u8,
+    /// Bit `i` set: field `i` of `LimitField::ALL` adds an amount, the next varint in
+    /// `amounts`; the source in the bits from `MEMO_SOURCE_SHIFT` (never 0, so that the memo
+    /// and `Option` of it are 32 bytes); `MEMO_BALANCE`.
+    present: std::num::NonZeroU16,
     amounts: [u8; MEMO_AMOUNT_BYTES],
 }
 
@@ -252,7 +263,7 @@ impl CreditMemo {
         fresh_until: Millis,
         now: Millis,
     ) -> Option<CreditMemo> {
-        let mut present = 0u8;
+        let mut present = 0u16;
         let mut amounts = [0u8; MEMO_AMOUNT_BYTES];
         let mut at = 0;
         if let Some(add) = chosen.0 {
@@ -296,8 +307,9 @@ impl CreditMemo {
             until_s,
             account: account_tag(account),
             epoch: epoch as u32,
-            source: chosen.1,
-            present,
+            present: std::num::NonZeroU16::new(
+                present | (source_bits(chosen.1) << MEMO_SOURCE_SHIFT),
+            )?,
             amounts,
         })
     }
@@ -316,11 +328,13 @@ impl CreditMemo {
             return None;
         }
         let mut bytes = &self.amounts[..];
-        let additional = match self.source {
+        let present = self.present.get();
+        let source = source_from_bits(present >> MEMO_SOURCE_SHIFT)?;
+        let additional = match source {
             CreditSource::Bundle | CreditSource::Global => {
                 let mut amounts = [None; LIMIT_FIELDS];
                 for (bit, out) in amounts.iter_mut().enumerate() {
-                    if self.present & (1 << bit) != 0 {
+                    if present & (1 << bit) != 0 {
                         *out = Some(next_varint(&mut bytes) as i64);
                     }
                 }
@@ -328,7 +342,7 @@ impl CreditMemo {
             }
             _ => None,
         };
-        let balance = (self.present & MEMO_BALANCE != 0).then(|| {
+        let balance = (present & MEMO_BALANCE != 0).then(|| {
             let mask = next_varint(&mut bytes);
             let mut b = RowBalance::default();
             for k in BalanceKind::ALL.map(|k| k as usize) {
@@ -345,7 +359,7 @@ impl CreditMemo {
             }
             b
         });
-        Some((additional, self.source, balance))
+        Some((additional, source, balance))
     }
 }
 
@@ -354,8 +368,33 @@ pub(crate) type Remembered = (Option<Additional>, CreditSource, Option<RowBalanc
 
 /// The bit of `CreditMemo::present` that says a balance follows the amounts (`LimitField`s
 /// take the bits below it).
-const MEMO_BALANCE: u8 = 1 << 7;
-const _: () = assert!(LIMIT_FIELDS < 8);
+const MEMO_BALANCE: u16 = 1 << 15;
+/// Where `CreditMemo::present` keeps the source (3 bits, below `MEMO_BALANCE`).
+const MEMO_SOURCE_SHIFT: u16 = 12;
+const _: () = assert!(LIMIT_FIELDS <= MEMO_SOURCE_SHIFT as usize);
+
+/// A source as the 3 bits a memo keeps (never 0).
+fn source_bits(source: CreditSource) -> u16 {
+    match source {
+        CreditSource::Bundle => 1,
+        CreditSource::Global => 2,
+        CreditSource::None => 3,
+        CreditSource::Pending => 4,
+        CreditSource::Unavailable => 5,
+    }
+}
+
+/// The source a memo's 3 bits name (none for bits no memo writes).
+fn source_from_bits(bits: u16) -> Option<CreditSource> {
+    match bits & 0b111 {
+        1 => Some(CreditSource::Bundle),
+        2 => Some(CreditSource::Global),
+        3 => Some(CreditSource::None),
+        4 => Some(CreditSource::Pending),
+        5 => Some(CreditSource::Unavailable),
+        _ => None,
+    }
+}
 
 /// Appends `v` as a varint to `buf` at `*at`; `None` when it does not fit.
 fn put_varint(buf: &mut [u8], at: &mut usize, v: u64) -> Option<()> {

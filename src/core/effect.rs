@@ -19,6 +19,7 @@ use super::credit::PerKind;
 use super::ledger::{
     Acknowledgement, BalanceChange, BalanceTerms, Hold, HourDelta, MAX_DECODED_HOURS,
 };
+use super::rate::Rates;
 use super::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
 use super::window::Window;
 use super::Millis;
@@ -27,6 +28,10 @@ use super::Millis;
 const VERSION: u8 = 1;
 /// The first byte of a rebase, which comes alone: `at` and the new sequence follow.
 const VERSION_REBASE: u8 = 2;
+/// The first version's layout followed by the smooth rates' state after the change
+/// (`Rates::encode`): only an effect that changed a rate has it, so the others keep the
+/// first version's bytes.
+const VERSION_RATES: u8 = 3;
 
 /// Flag bits (the second byte).
 const PRUNE: u8 = 1;
@@ -159,6 +164,9 @@ pub(crate) struct Effect<'a> {
     /// The account's sequence started anew from this one under its present name, after a
     /// rename (`Account::rebase`). Comes alone.
     pub rebase: Option<u64>,
+    /// The smooth rates' state the change left (empty: none left), as the master computed it
+    /// with its clock and the policy: a replica sets it rather than deciding it.
+    pub rates: Option<Rates>,
 }
 
 /// Why bytes are not an effect, or an effect does not fit the state; `Display` is the wire
@@ -204,6 +212,7 @@ impl<'a> Effect<'a> {
             terms: None,
             ack: None,
             rebase: None,
+            rates: None,
         }
     }
 
@@ -215,6 +224,7 @@ impl<'a> Effect<'a> {
             && self.terms.is_none()
             && self.ack.is_none()
             && self.rebase.is_none()
+            && self.rates.is_none()
     }
 
     /// A renamed account's sequence started anew from `seq`, decided at `at`.
@@ -248,6 +258,9 @@ impl<'a> Effect<'a> {
             at,
             prune: decision.pruned,
             change,
+            rates: decision
+                .rates_changed
+                .then(|| account.rates().copied().unwrap_or_default()),
             ..Effect::empty(at)
         })
     }
@@ -262,37 +275,43 @@ impl<'a> Effect<'a> {
 
     /// What `Account::commit` changed after a prune at `at` (`pruned`: it dropped something);
     /// none when nothing changed.
+    /// `rates`: the rates' state after it, when it changed (`rates_change`).
     pub(crate) fn committed(
         at: Millis,
         pruned: bool,
         tokens: u64,
         lease: Option<&'a str>,
         outcome: &CommitOutcome,
+        rates: Option<Rates>,
     ) -> Option<Self> {
         let change = (!outcome.duplicate).then(|| Change::Commit {
             tokens,
             settled: lease.map(LeaseRef::parse).zip(outcome.settled_until),
         });
-        (pruned || change.is_some()).then_some(Effect {
+        (pruned || change.is_some() || rates.is_some()).then_some(Effect {
             prune: pruned,
             change,
+            rates,
             ..Effect::empty(at)
         })
     }
 
     /// What `Account::release` changed after a prune at `at`; none when nothing changed.
+    /// `rates`: the rates' state after it, when it changed (`rates_change`).
     pub(crate) fn released(
         at: Millis,
         pruned: bool,
         lease: &'a str,
         released: bool,
+        rates: Option<Rates>,
     ) -> Option<Self> {
         let change = released.then(|| Change::Release {
             lease: LeaseRef::parse(lease),
         });
-        (pruned || change.is_some()).then_some(Effect {
+        (pruned || change.is_some() || rates.is_some()).then_some(Effect {
             prune: pruned,
             change,
+            rates,
             ..Effect::empty(at)
         })
     }
@@ -335,7 +354,10 @@ impl<'a> Effect<'a> {
         if self.ack.is_some() {
             flags |= ACK;
         }
-        w.push(VERSION);
+        w.push(match self.rates {
+            Some(_) => VERSION_RATES,
+            None => VERSION,
+        });
         w.push(flags);
         put_i64(&mut w, self.at);
         match &self.change {
@@ -397,14 +419,18 @@ impl<'a> Effect<'a> {
                 }
             }
         }
+        if let Some(rates) = &self.rates {
+            rates.encode(|b| w.push(b));
+        }
         w
     }
 
     /// Decodes what `encode` wrote; `Err` for anything else (never a panic).
     pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self, EffectError> {
         let mut r = Reader { buf: bytes };
-        match r.byte()? {
-            VERSION => {}
+        let version = r.byte()?;
+        match version {
+            VERSION | VERSION_RATES => {}
             VERSION_REBASE => {
                 let (at, seq) = (r.i64()?, r.u64()?);
                 if !r.buf.is_empty() {
@@ -457,6 +483,13 @@ impl<'a> Effect<'a> {
         let balance = (flags & BALANCE != 0).then(|| r.balance()).transpose()?;
         let terms = (flags & TERMS != 0).then(|| r.terms()).transpose()?;
         let ack = (flags & ACK != 0).then(|| r.ack()).transpose()?;
+        let rates = match version {
+            VERSION_RATES => Some(Rates::decode(&mut r.buf).map_err(|e| match e {
+                "truncated" => EffectError::Truncated,
+                _ => EffectError::Number,
+            })?),
+            _ => None,
+        };
         if !r.buf.is_empty() {
             return Err(EffectError::Trailing);
         }
@@ -468,6 +501,7 @@ impl<'a> Effect<'a> {
             terms,
             ack,
             rebase: None,
+            rates,
         };
         if effect.is_empty() {
             return Err(EffectError::Empty);
@@ -533,8 +567,18 @@ impl<'a> Effect<'a> {
         if let Some(ack) = &self.ack {
             account.acknowledge(ack);
         }
+        if let Some(rates) = self.rates {
+            account.set_rates(Some(rates));
+        }
         Ok(())
     }
+}
+
+/// The rates' state of `account` when it differs from `before` (what an effect carries: an
+/// empty `Rates` when none is left), else none.
+pub(crate) fn rates_change(before: Option<Rates>, account: &Account) -> Option<Rates> {
+    let after = account.rates().copied();
+    (after != before).then(|| after.unwrap_or_default())
 }
 
 /// Appends `v` as a varint (straight into `w`: an array handed back and read again as wider

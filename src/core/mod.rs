@@ -12,6 +12,7 @@ pub(crate) mod effect;
 pub(crate) mod ids;
 pub(crate) mod ledger;
 pub(crate) mod policy;
+pub(crate) mod rate;
 pub(crate) mod varint;
 pub(crate) mod window;
 

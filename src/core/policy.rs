@@ -14,10 +14,17 @@ pub(crate) enum LimitField {
     TokensPerDay = 4,
     TokensPerMonth = 5,
     MaxConcurrent = 6,
+    RequestsPerSecond = 7,
+    RequestsPerMinute = 8,
+    TokensPerMinute = 9,
 }
 
 /// How many limit fields there are.
-pub(crate) const LIMIT_FIELDS: usize = 7;
+pub(crate) const LIMIT_FIELDS: usize = 10;
+
+/// The smooth rates (`RequestsPerSecond`, `RequestsPerMinute`, `TokensPerMinute`), in the
+/// order of `LimitField::RATES` and of an account's rate states.
+pub(crate) const RATES: usize = 3;
 
 impl LimitField {
     /// All fields in their fixed order.
@@ -29,6 +36,16 @@ impl LimitField {
         LimitField::TokensPerDay,
         LimitField::TokensPerMonth,
         LimitField::MaxConcurrent,
+        LimitField::RequestsPerSecond,
+        LimitField::RequestsPerMinute,
+        LimitField::TokensPerMinute,
+    ];
+
+    /// The smooth rates, in the order of an account's rate states (`Rate`).
+    pub(crate) const RATES: [LimitField; RATES] = [
+        LimitField::RequestsPerSecond,
+        LimitField::RequestsPerMinute,
+        LimitField::TokensPerMinute,
     ];
 
     /// The command option keyword (`REQUESTS_PER_DAY`, ...).
@@ -41,6 +58,9 @@ impl LimitField {
             LimitField::TokensPerDay => "TOKENS_PER_DAY",
             LimitField::TokensPerMonth => "TOKENS_PER_MONTH",
             LimitField::MaxConcurrent => "MAX_CONCURRENT",
+            LimitField::RequestsPerSecond => "REQUESTS_PER_SECOND",
+            LimitField::RequestsPerMinute => "REQUESTS_PER_MINUTE",
+            LimitField::TokensPerMinute => "TOKENS_PER_MINUTE",
         }
     }
 
@@ -54,6 +74,9 @@ impl LimitField {
             LimitField::TokensPerDay => "tokens_per_day",
             LimitField::TokensPerMonth => "tokens_per_month",
             LimitField::MaxConcurrent => "max_concurrent",
+            LimitField::RequestsPerSecond => "requests_per_second",
+            LimitField::RequestsPerMinute => "requests_per_minute",
+            LimitField::TokensPerMinute => "tokens_per_minute",
         }
     }
 
@@ -67,26 +90,44 @@ impl LimitField {
             LimitField::TokensPerDay => "additional_tokens_per_day",
             LimitField::TokensPerMonth => "additional_tokens_per_month",
             LimitField::MaxConcurrent => "additional_max_concurrent",
+            LimitField::RequestsPerSecond => "additional_requests_per_second",
+            LimitField::RequestsPerMinute => "additional_requests_per_minute",
+            LimitField::TokensPerMinute => "additional_tokens_per_minute",
         }
     }
 
     /// The largest additional amount the column stores (`INT` or `BIGINT`).
     pub(crate) fn column_max(self) -> i64 {
         match self {
-            LimitField::TokensPerHour | LimitField::TokensPerDay | LimitField::TokensPerMonth => {
-                i64::MAX
-            }
+            LimitField::TokensPerHour
+            | LimitField::TokensPerDay
+            | LimitField::TokensPerMonth
+            | LimitField::TokensPerMinute => i64::MAX,
             _ => i64::from(i32::MAX),
         }
     }
 
-    /// The calendar window this field counts in (`None` for lifetime and concurrency).
+    /// The calendar window this field counts in (`None` for lifetime, concurrency and the
+    /// smooth rates).
     pub(crate) fn window(self) -> Option<Window> {
         match self {
             LimitField::RequestsPerDay | LimitField::TokensPerDay => Some(Window::Day),
             LimitField::RequestsPerMonth | LimitField::TokensPerMonth => Some(Window::Month),
             LimitField::TokensPerHour => Some(Window::Hour),
-            LimitField::TotalRequests | LimitField::MaxConcurrent => None,
+            LimitField::TotalRequests
+            | LimitField::MaxConcurrent
+            | LimitField::RequestsPerSecond
+            | LimitField::RequestsPerMinute
+            | LimitField::TokensPerMinute => None,
+        }
+    }
+
+    /// The period of a smooth rate in ms (`None` for the other fields).
+    pub(crate) const fn rate_period_ms(self) -> Option<i64> {
+        match self {
+            LimitField::RequestsPerSecond => Some(1_000),
+            LimitField::RequestsPerMinute | LimitField::TokensPerMinute => Some(60_000),
+            _ => None,
         }
     }
 
@@ -144,6 +185,15 @@ impl Limits {
     #[inline]
     pub(crate) fn set(&mut self, field: LimitField, value: Option<u64>) {
         self.0[field as usize] = value.map_or(UNLIMITED, |v| v.min(UNLIMITED - 1));
+    }
+
+    /// Whether any smooth rate is limited (an admission without one skips the rates).
+    #[inline]
+    pub(crate) fn has_rates(&self) -> bool {
+        (self.0[LimitField::RequestsPerSecond as usize]
+            & self.0[LimitField::RequestsPerMinute as usize]
+            & self.0[LimitField::TokensPerMinute as usize])
+            != UNLIMITED
     }
 
     /// These limits with the given (`Some`) fields of `inline` put over them one by one: what

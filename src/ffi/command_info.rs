@@ -198,7 +198,7 @@ const PROJECT: Arg = arg(c"project", ArgType::String);
 const USER: Arg = arg(c"user", ArgType::Key);
 const BUNDLE: Arg = arg(c"bundle", ArgType::String);
 
-const LIMITS: [Arg; 7] = [
+const LIMITS: [Arg; 10] = [
     option(c"REQUESTS_PER_DAY", c"requests_per_day", ArgType::Integer),
     option(
         c"REQUESTS_PER_MONTH",
@@ -210,6 +210,17 @@ const LIMITS: [Arg; 7] = [
     option(c"TOKENS_PER_DAY", c"tokens_per_day", ArgType::Integer),
     option(c"TOKENS_PER_MONTH", c"tokens_per_month", ArgType::Integer),
     option(c"MAX_CONCURRENT", c"max_concurrent", ArgType::Integer),
+    option(
+        c"REQUESTS_PER_SECOND",
+        c"requests_per_second",
+        ArgType::Integer,
+    ),
+    option(
+        c"REQUESTS_PER_MINUTE",
+        c"requests_per_minute",
+        ArgType::Integer,
+    ),
+    option(c"TOKENS_PER_MINUTE", c"tokens_per_minute", ArgType::Integer),
 ];
 
 const EXPIRY: [Arg; 2] = [

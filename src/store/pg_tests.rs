@@ -191,6 +191,8 @@ fn grant_replaces_and_round_trips_every_field() {
         (TotalRequests, i64::from(i32::MAX)),
         (TokensPerMonth, i64::MAX),
         (MaxConcurrent, 3),
+        (RequestsPerSecond, 20),
+        (TokensPerMinute, 90_000),
     ]);
     r.expiry = Some(now / 1000 + 3600);
     r.expiry_given = true;
@@ -203,7 +205,7 @@ fn grant_replaces_and_round_trips_every_field() {
     assert_eq!(&*rec.bundle_id, "b1");
     // requests per day, per month, total; tokens per hour, day, month; concurrent.
     let max = i64::from(i32::MAX);
-    let amounts = [50, -1, max, -1, -1, i64::MAX, 3].map(|v| (v >= 0).then_some(v));
+    let amounts = [50, -1, max, -1, -1, i64::MAX, 3, 20, -1, 90_000].map(|v| (v >= 0).then_some(v));
     assert_eq!(rec.additional.to_options(), amounts);
     assert_eq!(rec.expires_at, Some(now / 1000 + 3600));
     assert_eq!(rec.purchase_id.as_deref(), Some("pi_1"));

@@ -18,7 +18,7 @@ const TABLE: &str = "\"control_plane\".quota_policy";
 /// The event table, with the schema placeholder.
 const EVENTS: &str = "\"control_plane\".user_quota_replenishment_event";
 
-/// The policy columns every row-returning statement selects: the name, the seven limits in
+/// The policy columns every row-returning statement selects: the name, the ten limits in
 /// `LimitField::ALL` order, then the timestamps.
 fn columns() -> String {
     let limits: Vec<&str> = LimitField::ALL.iter().map(|f| f.name()).collect();
@@ -224,8 +224,8 @@ mod tests {
             "\"billing\".",
             [get, upsert, delete, list, insert_event]
         );
-        assert!(sql.upsert.contains("$10"));
-        assert!(!sql.upsert.contains("$11"));
+        assert!(sql.upsert.contains("$13"));
+        assert!(!sql.upsert.contains("$14"));
     }
 
     #[test]

@@ -25,11 +25,12 @@ const TABLE: &str = "\"control_plane\".user_quota_replenishment";
 const EVENTS: &str = "\"control_plane\".user_quota_replenishment_event";
 
 /// The columns every row-returning statement selects, in the order [`to_replenishment`] reads
-/// them: the bundle, the seven amounts in `LimitField::ALL` order, then the rest.
+/// them: the bundle, the ten amounts in `LimitField::ALL` order, then the rest.
 pub(crate) const COLUMNS: &str = "bundle_id, \
     additional_requests_per_day, additional_requests_per_month, additional_total_requests, \
     additional_tokens_per_hour, additional_tokens_per_day, additional_tokens_per_month, \
     additional_max_concurrent, \
+    additional_requests_per_second, additional_requests_per_minute, additional_tokens_per_minute, \
     floor(extract(epoch FROM expires_at))::bigint, purchase_id, purchase_amount_usd::text, \
     purchase_notes, active, \
     floor(extract(epoch FROM created_at))::bigint, floor(extract(epoch FROM updated_at))::bigint, \
@@ -690,6 +691,9 @@ mod tests {
             Cell::Null,
             Cell::Big(7),
             Cell::Int(3),
+            Cell::Int(20),
+            Cell::Null,
+            Cell::Big(90_000),
             Cell::Big(1_700_000_000),
             Cell::Text("pi_1"),
             Cell::Text("10.50"),
@@ -736,6 +740,9 @@ mod tests {
             None,
             Some(7),
             Some(3),
+            Some(20),
+            None,
+            Some(90_000),
         ];
         assert_eq!(r.additional.to_options(), amounts);
         assert_eq!(r.expires_at, Some(1_700_000_000));
@@ -789,11 +796,14 @@ mod tests {
             .write_grant
             .contains("additional_requests_per_day = $5,"));
         assert!(sql.write_grant.contains("additional_max_concurrent = $11,"));
-        assert!(sql.write_grant.contains("to_timestamp($12::bigint)"));
         assert!(sql
             .write_grant
-            .contains("purchase_amount_usd = $14::text::numeric"));
-        assert!(sql.write_grant.contains("purchase_notes = $15,"));
+            .contains("additional_tokens_per_minute = $14,"));
+        assert!(sql.write_grant.contains("to_timestamp($15::bigint)"));
+        assert!(sql
+            .write_grant
+            .contains("purchase_amount_usd = $17::text::numeric"));
+        assert!(sql.write_grant.contains("purchase_notes = $18,"));
         assert!(sql.list_all.ends_with("ORDER BY bundle_id COLLATE \"C\""));
     }
 

@@ -215,6 +215,8 @@ pub struct Admit {
     /// `""` when allowed; several reasons are joined with `|`.
     pub reason: String,
     pub retry_after: i64,
+    /// The same wait in ms (-1 never).
+    pub retry_after_ms: i64,
     /// `None` when nil (or `""` in a compact reply).
     pub lease: Option<String>,
     pub reserved: i64,
@@ -236,7 +238,7 @@ pub struct Admit {
 }
 
 /// The documented element order of a `COMPACT` reply.
-pub const COMPACT_FIELDS: [&str; 9] = [
+pub const COMPACT_FIELDS: [&str; 10] = [
     "allowed",
     "retry_after",
     "remaining_requests",
@@ -246,6 +248,7 @@ pub const COMPACT_FIELDS: [&str; 9] = [
     "reserved",
     "credit",
     "paid_by",
+    "retry_after_ms",
 ];
 
 impl Admit {
@@ -259,9 +262,9 @@ impl Admit {
         }
     }
 
-    /// A `COMPACT` reply: nine elements, none nil, `lease`/`reason` `""` when none.
+    /// A `COMPACT` reply: ten elements, none nil, `lease`/`reason` `""` when none.
     pub fn parse_compact(items: Vec<Value>) -> Admit {
-        assert_eq!(items.len(), 9, "COMPACT has 9 elements: {items:?}");
+        assert_eq!(items.len(), 10, "COMPACT has 10 elements: {items:?}");
         assert!(
             !items.iter().any(|v| matches!(v, Value::Nil)),
             "no COMPACT element is nil: {items:?}"
@@ -276,6 +279,7 @@ impl Admit {
             allowed: field_bool(&map, "allowed"),
             reason: text("reason"),
             retry_after: field_i64(&map, "retry_after"),
+            retry_after_ms: field_i64(&map, "retry_after_ms"),
             lease: Some(text("lease")).filter(|l| !l.is_empty()),
             reserved: field_i64(&map, "reserved"),
             used_credit: None,
@@ -297,6 +301,7 @@ impl Admit {
             allowed: field_bool(&map, "allowed"),
             reason: field_str(&map, "reason").unwrap_or_else(|| panic!("reason is nil: {map:?}")),
             retry_after: field_i64(&map, "retry_after"),
+            retry_after_ms: field_i64(&map, "retry_after_ms"),
             lease: field_str(&map, "lease"),
             reserved: field_i64(&map, "reserved"),
             used_credit: Some(field_bool(&map, "used_credit")),
@@ -337,10 +342,20 @@ pub struct Usage {
     pub tokens_per_month: i64,
     pub in_flight: i64,
     pub reserved: i64,
+    /// `requests_per_second`, `requests_per_minute`, `tokens_per_minute`: what each smooth
+    /// rate counts now.
+    pub rates: [i64; 3],
     pub hour_reset: i64,
     pub day_reset: i64,
     pub month_reset: i64,
 }
+
+/// The smooth rates of a usage reply, in README's order.
+pub const RATES: [&str; 3] = [
+    "requests_per_second",
+    "requests_per_minute",
+    "tokens_per_minute",
+];
 
 /// The counters of a usage reply, in README's order.
 pub const COUNTERS: [&str; 8] = [
@@ -373,6 +388,7 @@ impl Usage {
             tokens_per_month: field_i64(&m, "tokens_per_month"),
             in_flight: field_i64(&m, "in_flight"),
             reserved: field_i64(&m, "reserved"),
+            rates: RATES.map(|f| field_i64(&m, f)),
             hour_reset: reset("hour_reset"),
             day_reset: reset("day_reset"),
             month_reset: reset("month_reset"),

@@ -7,6 +7,7 @@ use super::{
 };
 use crate::core::credit::BalanceKind;
 use crate::core::policy::{EffectivePolicy, LimitField, Limits};
+use crate::core::rate::Wait;
 use crate::core::window::seconds_until;
 use crate::core::Millis;
 
@@ -47,59 +48,101 @@ impl Account {
                 .count(Counter::TokMonth, now.month)
                 .saturating_add(reserved),
             LimitField::MaxConcurrent => self.leases().len() as u64,
+            // The rates are not counts (see `left`).
+            LimitField::RequestsPerSecond
+            | LimitField::RequestsPerMinute
+            | LimitField::TokensPerMinute => 0,
+        }
+    }
+
+    /// How much of a field limited to `limit` is left at `now`.
+    #[inline]
+    fn left(&self, field: LimitField, limit: u64, now: &Now, reserved: u64) -> u64 {
+        match field.rate_period_ms() {
+            Some(_) => self.rate_left(field, limit, now.ms),
+            None => limit.saturating_sub(self.used(field, now, reserved)),
         }
     }
 
     /// The violated quota windows (not concurrency) under `limits`.
-    fn window_violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u8 {
-        let mut bits = 0u8;
+    fn window_violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u16 {
+        let mut bits = 0u16;
         for field in &LimitField::ALL[..6] {
             if let Some(limit) = limits.get(*field) {
                 if self.used(*field, now, reserved) >= limit {
-                    bits |= 1 << *field as u8;
+                    bits |= 1 << *field as u16;
                 }
             }
         }
         bits
     }
 
-    /// All violations: quota windows first; concurrency only when no window is violated.
-    fn violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u8 {
-        let bits = self.window_violations(limits, now, reserved);
+    /// All violations: quota windows and rates first; concurrency only when none of them is
+    /// violated.
+    fn violations(&self, limits: &Limits, now: &Now, reserved: u64, cost: u64) -> u16 {
+        let mut bits = self.window_violations(limits, now, reserved);
+        if limits.has_rates() {
+            bits |= self.rate_violations(limits, now.ms, cost);
+        }
         if bits != 0 {
             return bits;
         }
         match limits.get(LimitField::MaxConcurrent) {
-            Some(max) if self.leases().len() as u64 >= max => 1 << LimitField::MaxConcurrent as u8,
+            Some(max) if self.leases().len() as u64 >= max => 1 << LimitField::MaxConcurrent as u16,
             _ => 0,
         }
     }
 
-    /// Seconds until every violated limit could allow again; -1 when one never resets (a
-    /// lifetime total, or `MAX_CONCURRENT 0`, where no slot can ever free).
-    fn retry_after(&self, violations: u8, limits: &Limits, now: &Now) -> i64 {
-        let mut wait = 0i64;
+    /// Whole seconds (rounded up) and ms until every violated limit could allow again; -1
+    /// (both) when one never does (a lifetime total, `MAX_CONCURRENT 0` where no slot can
+    /// ever free, a rate of 0 or below the cost).
+    fn retry_after(&self, violations: u16, limits: &Limits, now: &Now, cost: u64) -> (i64, i64) {
+        let (mut secs, mut ms) = (0i64, 0i64);
         for field in LimitField::ALL {
-            if violations & (1 << field as u8) == 0 {
+            if violations & (1 << field as u16) == 0 {
                 continue;
             }
-            let secs = match (field.window(), field) {
-                (Some(window), _) => seconds_until(now.ms, window.end(now.ms)),
+            let (s, m) = match (field.window(), field) {
+                (Some(window), _) => {
+                    let end = window.end(now.ms);
+                    (
+                        seconds_until(now.ms, end),
+                        end.saturating_sub(now.ms).max(0),
+                    )
+                }
                 (None, LimitField::MaxConcurrent) => {
                     if limits.get(LimitField::MaxConcurrent) == Some(0) {
-                        return -1;
+                        return (-1, -1);
                     }
                     let first = self.leases().iter().map(|l| l.expires_at).min();
-                    seconds_until(now.ms, first.unwrap_or(now.ms)).max(1)
+                    let at = first.unwrap_or(now.ms);
+                    (
+                        seconds_until(now.ms, at).max(1),
+                        at.saturating_sub(now.ms).max(1),
+                    )
                 }
-                (None, _) => return -1,
+                (None, LimitField::TotalRequests) => return (-1, -1),
+                (None, rate) => {
+                    let cost = if rate == LimitField::TokensPerMinute {
+                        1
+                    } else {
+                        cost
+                    };
+                    let n = limits.get(rate).unwrap_or(0);
+                    match self.rate_wait(rate, n, now.ms, cost) {
+                        Wait::Never => return (-1, -1),
+                        Wait::None => (0, 0),
+                        Wait::Ms(wait) => (seconds_until(0, wait), wait),
+                    }
+                }
             };
-            wait = wait.max(secs);
+            secs = secs.max(s);
+            ms = ms.max(m);
         }
         if violations == 0 {
-            -1
+            (-1, -1)
         } else {
-            wait
+            (secs, ms)
         }
     }
 
@@ -107,11 +150,7 @@ impl Account {
     fn remaining(&self, limits: &Limits, now: &Now, reserved: u64, fields: &[LimitField]) -> i64 {
         fields
             .iter()
-            .filter_map(|f| {
-                limits
-                    .get(*f)
-                    .map(|l| l.saturating_sub(self.used(*f, now, reserved)))
-            })
+            .filter_map(|f| limits.get(*f).map(|l| self.left(*f, l, now, reserved)))
             .min()
             .map_or(-1, |left| i64::try_from(left).unwrap_or(i64::MAX))
     }
@@ -133,6 +172,7 @@ impl Account {
             allowed: true,
             violations: 0,
             retry_after: -1,
+            retry_after_ms: -1,
             lease: None,
             lease_expires_at: 0,
             reserved: 0,
@@ -145,6 +185,7 @@ impl Account {
             paid_by_balance: false,
             debit_request: false,
             held_tokens: 0,
+            rates_changed: false,
         };
         let wanted = req.lease.map(LeaseId::parse);
         if let Some(id) = &wanted {
@@ -157,7 +198,8 @@ impl Account {
             }
         }
         let reserved = self.reserved();
-        let mut violations = self.violations(limits, &now, reserved);
+        let cost = 1u64;
+        let mut violations = self.violations(limits, &now, reserved, cost);
         if violations != 0 {
             match balance_pays(violations, req.balance) {
                 Payment::Paid { request } => {
@@ -166,7 +208,7 @@ impl Account {
                     // The balance pays windows, never a concurrency slot.
                     violations = match limits.get(LimitField::MaxConcurrent) {
                         Some(max) if self.leases().len() as u64 >= max => {
-                            1 << LimitField::MaxConcurrent as u8
+                            1 << LimitField::MaxConcurrent as u16
                         }
                         _ => 0,
                     };
@@ -180,12 +222,13 @@ impl Account {
             decision.paid_by_balance = false;
             decision.debit_request = false;
             decision.violations = violations;
-            decision.retry_after = self.retry_after(violations, limits, &now);
+            (decision.retry_after, decision.retry_after_ms) =
+                self.retry_after(violations, limits, &now, cost);
             self.fill_remaining(&mut decision, limits, &now, reserved);
             return Ok(decision);
         }
         decision.used_replenishment =
-            decision.paid_by_balance || self.violations(&policy.base, &now, reserved) != 0;
+            decision.paid_by_balance || self.violations(&policy.base, &now, reserved, cost) != 0;
         let wants_lease = req.lease.is_some()
             || req.reserve.is_some()
             || limits.get(LimitField::MaxConcurrent).is_some();
@@ -200,20 +243,14 @@ impl Account {
             self.lifetime = true;
         }
         self.count_request(now_ms, now.hour, now.day, now.month);
+        let mut rate_tokens = 0;
         if wants_lease {
             let want = req.reserve.unwrap_or(0);
-            let grant = [
-                LimitField::TokensPerHour,
-                LimitField::TokensPerDay,
-                LimitField::TokensPerMonth,
-            ]
-            .iter()
-            .filter_map(|f| {
-                limits
-                    .get(*f)
-                    .map(|l| l.saturating_sub(self.used(*f, &now, reserved)))
-            })
-            .fold(want, u64::min);
+            let grant = TOKEN_LIMITS
+                .iter()
+                .filter_map(|f| limits.get(*f).map(|l| self.left(*f, l, &now, reserved)))
+                .fold(want, u64::min);
+            rate_tokens = grant;
             // What the windows cannot reserve, the token balance holds (as far as it goes).
             let tokens_left = req.balance.and_then(|b| b.left.tokens).unwrap_or(0);
             decision.held_tokens = want
@@ -232,6 +269,10 @@ impl Account {
             decision.lease_expires_at = expires_at;
             decision.reserved = grant.saturating_add(decision.held_tokens);
         }
+        if limits.has_rates() {
+            self.charge_rates(limits, &now, cost, rate_tokens);
+            decision.rates_changed = true;
+        }
         decision.changed = true;
         decision.counted = true;
         let reserved_after = reserved.saturating_add(decision.reserved - decision.held_tokens);
@@ -248,28 +289,31 @@ impl Account {
         now: &Now,
         reserved: u64,
     ) {
-        decision.remaining_requests = self.remaining(
-            limits,
-            now,
-            reserved,
-            &[
-                LimitField::RequestsPerDay,
-                LimitField::RequestsPerMonth,
-                LimitField::TotalRequests,
-            ],
-        );
-        decision.remaining_tokens = self.remaining(
-            limits,
-            now,
-            reserved,
-            &[
-                LimitField::TokensPerHour,
-                LimitField::TokensPerDay,
-                LimitField::TokensPerMonth,
-            ],
-        );
+        let (requests, tokens) = match limits.has_rates() {
+            true => (&REQUEST_LIMITS[..], &TOKEN_LIMITS[..]),
+            false => (&REQUEST_LIMITS[..3], &TOKEN_LIMITS[..3]),
+        };
+        decision.remaining_requests = self.remaining(limits, now, reserved, requests);
+        decision.remaining_tokens = self.remaining(limits, now, reserved, tokens);
     }
 }
+
+/// The limits on requests: windows first, then rates.
+const REQUEST_LIMITS: [LimitField; 5] = [
+    LimitField::RequestsPerDay,
+    LimitField::RequestsPerMonth,
+    LimitField::TotalRequests,
+    LimitField::RequestsPerSecond,
+    LimitField::RequestsPerMinute,
+];
+
+/// The limits on tokens: windows first, then the rate.
+const TOKEN_LIMITS: [LimitField; 4] = [
+    LimitField::TokensPerHour,
+    LimitField::TokensPerDay,
+    LimitField::TokensPerMonth,
+    LimitField::TokensPerMinute,
+];
 
 /// Whether a balance pays a request that the windows `violations` deny.
 enum Payment {
@@ -282,10 +326,10 @@ enum Payment {
 }
 
 /// Request windows (day, month, total) and token windows (hour, day, month), as violation bits.
-const REQUEST_WINDOWS: u8 = 0b000_0111;
-const TOKEN_WINDOWS: u8 = 0b011_1000;
+const REQUEST_WINDOWS: u16 = 0b000_0111;
+const TOKEN_WINDOWS: u16 = 0b011_1000;
 
-fn balance_pays(violations: u8, offer: Option<BalanceOffer>) -> Payment {
+fn balance_pays(violations: u16, offer: Option<BalanceOffer>) -> Payment {
     let Some(offer) = offer else {
         return Payment::None;
     };

@@ -13,7 +13,7 @@ impl Account {
     /// each lease's month the month of its day and its day before its expiry, leases in expiry
     /// order, no lease id held or settled twice, ids of a valid length, at most `MAX_LEASES`
     /// leases and `MAX_SETTLED` settled ids, and the kept sums (reservations, first expiry)
-    /// equal to what the leases say.
+    /// equal to what the leases say; rates with a rate above 0 and times in range.
     pub(crate) fn check(&self) -> Result<(), BadState> {
         if Counter::ALL
             .iter()
@@ -88,6 +88,17 @@ impl Account {
         }
         if let Some(ledger) = self.ledger() {
             check_ledger(ledger)?;
+        }
+        if let Some(rates) = self.rates() {
+            if rates.is_empty() {
+                return Err(BadState("an empty rates part is kept"));
+            }
+            for r in &rates.0 {
+                let unset = !r.is_set() && (r.level != 0 || r.at != 0);
+                if unset || !(0..=LAST_MS).contains(&r.at) {
+                    return Err(BadState("a rate's state out of range"));
+                }
+            }
         }
         Ok(())
     }

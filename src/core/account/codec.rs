@@ -8,6 +8,7 @@ use super::{
     MAX_SETTLED,
 };
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_DECODED_HOURS, MAX_HOLDS};
+use crate::core::rate::Rates;
 use crate::core::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
 
 impl Account {
@@ -22,7 +23,10 @@ impl Account {
         // Without a ledger part, the first version's bytes exactly (an older build reads them);
         // the renamed mark only where it is set.
         let with_ledger = self.ledger().is_some() || self.next_seq != 0;
-        w.push(if self.renamed {
+        let rates = self.rates();
+        w.push(if rates.is_some() {
+            ENCODING_VERSION_RATES
+        } else if self.renamed {
             ENCODING_VERSION_RENAMED
         } else if with_ledger {
             ENCODING_VERSION_LEDGER
@@ -48,10 +52,13 @@ impl Account {
             put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
-        if with_ledger || self.renamed {
+        if with_ledger || self.renamed || rates.is_some() {
             put_ledger(&mut w, self);
         }
-        if self.renamed {
+        if let Some(rates) = rates {
+            w.push(u8::from(self.renamed));
+            rates.encode(|b| w.push(b));
+        } else if self.renamed {
             w.push(1);
         }
         w
@@ -62,7 +69,7 @@ impl Account {
     pub(crate) fn decode(bytes: &[u8]) -> Result<Account, BadState> {
         let mut r = Reader { buf: bytes };
         let version = r.byte()?;
-        if !(ENCODING_VERSION..=ENCODING_VERSION_RENAMED).contains(&version) {
+        if !(ENCODING_VERSION..=ENCODING_VERSION_RATES).contains(&version) {
             return Err(BadState("unknown state version"));
         }
         let lifetime = r.flag("lifetime flag is neither 0 nor 1")?;
@@ -112,10 +119,27 @@ impl Account {
         } else {
             (0, None)
         };
-        let renamed = version == ENCODING_VERSION_RENAMED;
-        if renamed && (r.byte()? != 1 || next_seq == 0) {
+        let renamed = match version {
+            ENCODING_VERSION_RENAMED => match r.byte()? {
+                1 => true,
+                _ => return Err(BadState("a renamed mark without a sequence")),
+            },
+            ENCODING_VERSION_RATES => r.flag("renamed mark is neither 0 nor 1")?,
+            _ => false,
+        };
+        if renamed && next_seq == 0 {
             return Err(BadState("a renamed mark without a sequence"));
         }
+        let rates = match version {
+            ENCODING_VERSION_RATES => {
+                let rates = Rates::decode(&mut r.buf).map_err(BadState)?;
+                if rates.is_empty() {
+                    return Err(BadState("a rates part without a rate"));
+                }
+                Some(Box::new(rates))
+            }
+            _ => None,
+        };
         if !r.buf.is_empty() {
             return Err(BadState("bytes left after the state"));
         }
@@ -129,6 +153,7 @@ impl Account {
             leases,
             settled: (!settled.is_empty()).then(|| Box::new(settled)),
             ledger,
+            rates,
         };
         let mut account = Account {
             windows,
@@ -154,6 +179,10 @@ pub(super) const ENCODING_VERSION: u8 = 1;
 pub(super) const ENCODING_VERSION_LEDGER: u8 = 2;
 /// The second version followed by the renamed mark (see `Account::mark_renamed`).
 pub(super) const ENCODING_VERSION_RENAMED: u8 = 3;
+/// The ledger part always, then the renamed mark as 0 or 1, then the smooth rates' state
+/// (`Rates::encode`, at least one rate): written only by an account with rates, so the
+/// others keep their older bytes.
+pub(super) const ENCODING_VERSION_RATES: u8 = 4;
 
 /// The ledger fields: the batch sequence, the floor, the unflushed hours (inline and in the
 /// ledger part, as one list), the holds and the terms.

@@ -111,6 +111,8 @@ impl Account {
             settled_until: None,
             balance_debit: 0,
         };
+        // The held lease's reservation, counted in the token rate at admission.
+        let mut reserved = 0;
         if let Some(id) = lease.map(LeaseId::parse) {
             if self.settled().iter().any(|(s, _)| *s == id) {
                 outcome.duplicate = true;
@@ -124,6 +126,7 @@ impl Account {
                 });
             }
             let held = self.leases().iter().find(|l| l.id == id);
+            reserved = held.map_or(0, |l| l.reserved);
             let until = now_ms
                 .saturating_add(SETTLED_MIN_MS)
                 .max(held.map_or(Millis::MIN, |l| l.expires_at));
@@ -132,6 +135,7 @@ impl Account {
         }
         outcome.balance_debit = self.token_debit(tokens, &now);
         self.count_tokens(tokens, now_ms, now.hour, now.day, now.month);
+        self.settle_rate_tokens(now_ms, reserved, tokens);
         Ok(outcome)
     }
 
@@ -180,9 +184,17 @@ impl Account {
 
     /// Undoes an admission: frees the lease, drops its reservation and refunds the request in
     /// the windows it was counted in. False if the lease was not held.
+    /// The smooth rates get back what the admission counted there.
     pub(crate) fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
         self.prune(now_ms);
-        self.unadmit(&LeaseId::parse(lease), now_ms)
+        let id = LeaseId::parse(lease);
+        let held = self.leases().iter().find(|l| l.id == id);
+        let reserved = held.map_or(0, |l| l.reserved);
+        let released = self.unadmit(&id, now_ms);
+        if released {
+            self.refund_rates(now_ms, 1, reserved);
+        }
+        released
     }
 
     /// Drops the held lease `id` and refunds its request in the windows it was counted in.

@@ -18,12 +18,14 @@ mod codec;
 mod lease;
 mod lease_id;
 pub(crate) mod pending;
+mod rates;
 
 use std::collections::VecDeque;
 
 use super::credit::PerKind;
 use super::ledger::{BalanceChange, BalanceTerms, Ledger};
-use super::policy::LimitField;
+use super::policy::{LimitField, RATES};
+use super::rate::Rates;
 use super::window::Window;
 use super::Millis;
 pub(crate) use lease_id::LeaseId;
@@ -154,13 +156,13 @@ const fn window_slot(window: Window) -> usize {
 /// The slot of the hour (the hour of the pending usage).
 const HOUR: usize = window_slot(Window::Hour);
 
-/// The part of an account most accounts do not have: live leases, settled lease ids and the
-/// sums kept over them. It exists only while it holds something (`Account::tidy` drops it when
+/// The part of an account most accounts do not have: live leases, settled lease ids, the
+/// sums kept over them, the ledger part and the smooth rates' state. It exists only while it holds something (`Account::tidy` drops it when
 /// it is empty), so two equal states are equal values and a plain account pays one pointer.
 /// Further state that only some accounts carry belongs here too (add it to `is_empty`).
 ///
-/// 64 bytes, one cache line: an admission reads and updates the kept sums and expiries here
-/// and only appends to the leases' buffer, without reading it.
+/// 80 bytes: an admission reads and updates the kept sums and expiries here and only appends
+/// to the leases' buffer, without reading it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Extra {
     /// Live leases, ordered by expiry (earliest first), so expired ones come off the front.
@@ -182,11 +184,17 @@ pub(crate) struct Extra {
     /// Unflushed usage, balance holds and terms (see `core::ledger`); `None` while there is
     /// nothing to keep, so an account without unflushed usage or a balance pays nothing more.
     ledger: Option<Box<Ledger>>,
+    /// The smooth rates' state (`core::rate`); `None` while no rate has any, so an account
+    /// whose policy has no rate pays nothing for them.
+    rates: Option<Box<Rates>>,
 }
 
 impl Extra {
     fn is_empty(&self) -> bool {
-        self.leases.is_empty() && self.settled.is_none() && self.ledger.is_none()
+        self.leases.is_empty()
+            && self.settled.is_none()
+            && self.ledger.is_none()
+            && self.rates.is_none()
     }
 
     /// The settled ids.
@@ -222,15 +230,18 @@ pub(crate) struct BalanceOffer {
 }
 
 /// The violation bit of a spent balance (above the `LimitField` bits).
-pub(crate) const BALANCE_SPENT: u8 = 1 << 7;
+pub(crate) const BALANCE_SPENT: u16 = 1 << 15;
 
 /// The outcome of an admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AdmitDecision {
     pub allowed: bool,
     /// Violated limits, as a bit set over `LimitField` (`MaxConcurrent` = concurrency).
-    pub violations: u8,
+    pub violations: u16,
+    /// Whole seconds until the violated limits could allow again, rounded up; -1 never.
     pub retry_after: i64,
+    /// The same wait in ms (-1 never).
+    pub retry_after_ms: i64,
     pub lease: Option<LeaseId>,
     /// When the lease expires (0 without a lease).
     pub lease_expires_at: Millis,
@@ -250,6 +261,8 @@ pub(crate) struct AdmitDecision {
     pub debit_request: bool,
     /// Tokens held on the token balance for the lease (part of `reserved`).
     pub held_tokens: u64,
+    /// Whether the smooth rates' state changed (the effect carries it).
+    pub rates_changed: bool,
 }
 
 impl AdmitDecision {
@@ -261,7 +274,7 @@ impl AdmitDecision {
         };
         let mut violated = LimitField::ALL
             .into_iter()
-            .filter(|f| self.violations & (1 << *f as u8) != 0);
+            .filter(|f| self.violations & (1 << *f as u16) != 0);
         let spent = self.violations & BALANCE_SPENT != 0;
         match (violated.next(), violated.next()) {
             (None, _) if spent => "balance".into(),
@@ -293,6 +306,9 @@ pub(crate) struct Usage {
     pub tokens_per_month: u64,
     pub in_flight: u64,
     pub reserved: u64,
+    /// What each smooth rate counts now, in `LimitField::RATES` order: requests (or tokens)
+    /// not drained yet, rounded up (0 without state).
+    pub rates: [u64; RATES],
     /// Unix seconds at which the hour, day and month windows end.
     pub hour_reset: i64,
     pub day_reset: i64,
@@ -502,6 +518,7 @@ impl Account {
             tokens_per_month: self.count(Counter::TokMonth, now.month),
             in_flight,
             reserved,
+            rates: self.rates_used(now_ms),
             hour_reset: Window::Hour.end(now_ms) / 1000,
             day_reset: Window::Day.end(now_ms) / 1000,
             month_reset: Window::Month.end(now_ms) / 1000,
@@ -533,6 +550,8 @@ impl Account {
             .map(|e| e.last_expiry)
             .filter(|at| *at != 0);
         let settled = self.settled().iter().map(|(_, t)| *t);
+        // A rate's level matters until it has drained (at the rate it last drained at).
+        let rates = self.rates().map(Rates::drained_by).filter(|at| *at != 0);
         // A key whose batch is being flushed stays at least to the end of its hour, so that
         // a release counted since (which may bring its unflushed usage back to zero) is still
         // there to be taken off when PostgreSQL acknowledges the batch.
@@ -543,6 +562,7 @@ impl Account {
             .chain(leases)
             .chain(settled)
             .chain(holds)
+            .chain(rates)
             .chain(flushing)
             .max()
         {
@@ -633,6 +653,10 @@ impl Account {
                 .ledger
                 .as_ref()
                 .map_or(0, |l| std::mem::size_of::<Ledger>() + l.heap_size())
+            + extra
+                .rates
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<Rates>())
     }
 }
 

@@ -206,7 +206,8 @@ impl Account {
             || self.req_total != 0
             || self.lifetime
             || !self.leases().is_empty()
-            || !self.settled().is_empty();
+            || !self.settled().is_empty()
+            || self.rates().is_some();
         if !forgot {
             // Nothing to forget: the state stays exactly as it is (nothing to propagate).
             return false;

@@ -316,12 +316,13 @@ fn late_pruning_decides_exactly_as_eager_pruning() {
     }
 }
 
-/// The optional part is one cache line plus the ledger pointer (which an admission does
-/// not touch: its hour's usage is inline): an admission with a lease touches it and
-/// appends. The account with its memo and expiry stays within 128 bytes (`ffi::account_type`).
+/// The optional part is one cache line plus the ledger and rates pointers (which an admission
+/// without a balance or a rate does not touch: its hour's usage is inline): an admission with
+/// a lease touches it and appends. The account with its memo and expiry stays within 128
+/// bytes (`ffi::account_type`).
 #[test]
 fn the_lease_part_is_one_cache_line() {
-    assert_eq!(std::mem::size_of::<Extra>(), 72);
+    assert_eq!(std::mem::size_of::<Extra>(), 80);
     assert_eq!(std::mem::size_of::<Account>(), 88);
 }
 

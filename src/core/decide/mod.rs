@@ -14,7 +14,7 @@ use super::account::{
     Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, CommitOutcome, Usage,
 };
 use super::credit::{BalanceKind, PerKind, RowBalance};
-use super::effect::{Effect, EncodedEffect, TermsChange};
+use super::effect::{rates_change, Effect, EncodedEffect, TermsChange};
 use super::ids::ANY_BUNDLE;
 use super::ledger::{balance_left, hold_tag, BalanceChange, BalanceTerms, Hold};
 use super::policy::{EffectivePolicy, LimitField};
@@ -277,9 +277,11 @@ pub(crate) fn commit(
     now: Millis,
 ) -> (Result<CommitOutcome, AccountError>, Propagate) {
     let pruned = account.prune(now);
+    let rates = account.rates().copied();
     match account.commit(tokens, lease, now) {
         Ok(outcome) => {
-            let mut effect = Effect::committed(now, pruned, tokens, lease, &outcome);
+            let rates = rates_change(rates, account);
+            let mut effect = Effect::committed(now, pruned, tokens, lease, &outcome, rates);
             if payer == Some(Payer::Itself) && !outcome.duplicate {
                 let how = Settle::Commit {
                     debit: outcome.balance_debit,
@@ -307,8 +309,10 @@ pub(crate) fn release(
     now: Millis,
 ) -> (bool, Propagate) {
     let pruned = account.prune(now);
+    let rates = account.rates().copied();
     let released = account.release(lease, now);
-    let mut effect = Effect::released(now, pruned, lease, released);
+    let rates = rates_change(rates, account);
+    let mut effect = Effect::released(now, pruned, lease, released, rates);
     if payer == Some(Payer::Itself) && released {
         if let Some(change) = settlement(Some(account), key, Some(lease), Settle::Release, now) {
             account.apply_balance(now, &change);

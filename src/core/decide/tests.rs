@@ -195,6 +195,8 @@ fn an_admission_denied_or_not_counted_charges_nothing() {
         allowed: true,
         violations: 0,
         retry_after: 0,
+        retry_after_ms: 0,
+        rates_changed: false,
         lease: None,
         lease_expires_at: 0,
         reserved: 0,

@@ -52,8 +52,12 @@ impl Pair {
 
     fn commit(&mut self, tokens: u64, lease: Option<&str>, now: Millis) {
         let pruned = self.master.prune(now);
+        let before = self.master.rates().copied();
         let encoded = match self.master.commit(tokens, lease, now) {
-            Ok(out) => Effect::committed(now, pruned, tokens, lease, &out),
+            Ok(out) => {
+                let rates = rates_change(before, &self.master);
+                Effect::committed(now, pruned, tokens, lease, &out, rates)
+            }
             Err(_) => Effect::pruned(now, pruned),
         }
         .map(|e| e.encode());
@@ -62,8 +66,10 @@ impl Pair {
 
     fn release(&mut self, lease: &str, now: Millis) {
         let pruned = self.master.prune(now);
+        let before = self.master.rates().copied();
         let released = self.master.release(lease, now);
-        let encoded = Effect::released(now, pruned, lease, released).map(|e| e.encode());
+        let rates = rates_change(before, &self.master);
+        let encoded = Effect::released(now, pruned, lease, released, rates).map(|e| e.encode());
         self.ship(encoded);
     }
 }
@@ -205,7 +211,16 @@ fn decoding_rejects_what_encode_never_writes() {
         Effect::decode(&[VERSION, PRUNE, 0x80, 0x00]),
         Err(EffectError::Number)
     );
-    assert_eq!(Effect::decode(&[3, PRUNE, 0]), Err(EffectError::Version));
+    assert_eq!(Effect::decode(&[4, PRUNE, 0]), Err(EffectError::Version));
+    // The rates' version needs its rates.
+    assert_eq!(
+        Effect::decode(&[VERSION_RATES, PRUNE, 0]),
+        Err(EffectError::Truncated)
+    );
+    assert_eq!(
+        Effect::decode(&[VERSION_RATES, PRUNE, 0, 8]),
+        Err(EffectError::Number)
+    );
 }
 
 /// A rename's rebase travels alone, round-trips, and starts the sequence anew on a replica
@@ -280,10 +295,11 @@ proptest! {
     /// Bytes that start like an effect (version and flags right) reach deeper checks.
     #[test]
     fn near_effects_decode_or_fail_cleanly(
+        rates in any::<bool>(),
         flags in any::<u8>(),
         rest in proptest::collection::vec(any::<u8>(), 0..48),
     ) {
-        let mut bytes = vec![VERSION, flags];
+        let mut bytes = vec![if rates { VERSION_RATES } else { VERSION }, flags];
         bytes.extend_from_slice(&rest);
         if let Ok(effect) = Effect::decode(&bytes) {
             prop_assert_eq!(effect.encode().to_vec(), bytes.clone());
