@@ -352,7 +352,7 @@ fn keyspace_notifications_for_usage_changes() {
     assert!(a.allowed);
     con.admit(acc, "REQUESTS_PER_DAY 1 PEEK"); // changes nothing
     let denied = con.admit(acc, "REQUESTS_PER_DAY 1");
-    assert!(!denied.allowed); // changes nothing
+    assert!(!denied.allowed); // changes nothing, but says so: quota.denied
     con.commit(acc, 5, Some("l1"));
     con.commit(acc, 5, Some("l1")); // a repeat records nothing
     con.admit(acc, "LEASE l2");
@@ -373,6 +373,7 @@ fn keyspace_notifications_for_usage_changes() {
         keyevents,
         [
             "quota.admit",
+            "quota.denied",
             "quota.commit",
             "quota.admit",
             "quota.release",
@@ -386,16 +387,22 @@ fn keyspace_notifications_for_usage_changes() {
         .map(|(_, payload)| payload.as_str())
         .collect();
     assert_eq!(keyspace.first(), Some(&"quota.admit"), "{got:?}");
-    assert_eq!(keyspace.len(), 5, "{got:?}");
+    assert_eq!(keyspace.get(1), Some(&"quota.denied"), "{got:?}");
+    assert_eq!(keyspace.len(), 6, "{got:?}");
 
     // The replica applies the master's changes (`QUOTA.APPLY`, RESET as itself) and tells its
-    // own listeners the same events, in the same order.
+    // own listeners the same events, in the same order; a denial is the master's alone.
     let on_replica = events(&mut rpubsub, Duration::from_secs(1));
     let names: Vec<&str> = on_replica
         .iter()
         .map(|(ch, _)| ch.trim_start_matches("__keyevent@0__:"))
         .collect();
-    assert_eq!(names, keyevents, "{on_replica:?}");
+    let applied: Vec<&str> = keyevents
+        .iter()
+        .copied()
+        .filter(|e| *e != "quota.denied")
+        .collect();
+    assert_eq!(names, applied, "{on_replica:?}");
 }
 
 #[test]

@@ -93,8 +93,8 @@ fn ids(who: &[String; 4]) -> [&str; 4] {
     [&who[0], &who[1], &who[2], &who[3]]
 }
 
-/// Accounts with counters, generated and named leases with reservations, settled ids and a
-/// lifetime count; plus a plain string key.
+/// Accounts with counters, generated and named leases with reservations, settled ids, a
+/// lifetime count and (three of them) smooth rates; plus a plain string key.
 fn populate(con: &mut redis::Connection) {
     for (i, who) in identities().iter().enumerate() {
         let acc = ids(who);
@@ -114,6 +114,13 @@ fn populate(con: &mut redis::Connection) {
                 ],
             );
             con.admit(acc, "TOKENS_PER_DAY 1000 RESERVE 3 TOTAL_REQUESTS 100");
+            // The last three also have smooth rates' state (encoding 4).
+            if i >= 3 {
+                con.admit(
+                    acc,
+                    "REQUESTS_PER_SECOND 100 TOKENS_PER_MINUTE 90000 RESERVE 2",
+                );
+            }
         }
         if i % 2 == 0 {
             con.commit(acc, 11, Some("lease-0-é"));

@@ -12,7 +12,7 @@
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING};
 use super::parse::{self, AdmitArgs, OwnedAdmit};
-use super::replication::{charge, open_star, update, EVENT_ADMIT};
+use super::replication::{charge, open_star, update, EVENT_ADMIT, EVENT_DENIED};
 use super::{policies, replies, Waiting};
 use crate::core::account::AdmitRequest;
 use crate::core::credit::{select_credit, CreditMemo, CreditSource, Remembered, Replenishment};
@@ -336,6 +336,11 @@ fn decide(
     count(&decision, source);
     if decision.changed {
         account_key.notify(EVENT_ADMIT);
+    }
+    // Every denial, on the node that decided it (a denial changes nothing, so nothing is
+    // propagated and replicas stay silent): the hook for "user hit their limit" notices.
+    if !decision.allowed {
+        account_key.notify(EVENT_DENIED);
     }
     if parsed.compact {
         replies::reply_compact(ctx, &decision, source);

@@ -19,7 +19,7 @@ use crate::runtime::gather::{gather, Gathered, Needs, PolicyFound, WaitMode};
 use crate::runtime::jobs::{Done, Job, OwnedPolicy};
 use parse::PolicyArgs;
 
-/// Writes one policy: its identity and the seven limits (nil = unlimited).
+/// Writes one policy: its identity and the ten limits (nil = unlimited).
 fn record(r: Reply, id: &PolicyId<'_>, limits: &Limits) -> Reply {
     let r = r.map(3 + LimitField::ALL.len());
     let r = r.field("tenant", |r| r.str(id.tenant));

@@ -20,6 +20,7 @@ use crate::runtime::ledger;
 
 /// Keyspace events (module class) on the account key, documented in the README.
 pub(super) const EVENT_ADMIT: &std::ffi::CStr = c"quota.admit";
+pub(super) const EVENT_DENIED: &std::ffi::CStr = c"quota.denied";
 pub(super) const EVENT_COMMIT: &std::ffi::CStr = c"quota.commit";
 pub(super) const EVENT_RELEASE: &std::ffi::CStr = c"quota.release";
 pub(super) const EVENT_RESET: &std::ffi::CStr = c"quota.reset";

@@ -3,8 +3,8 @@
 
 use super::window::Window;
 
-/// The seven limits a policy can set, in one fixed order used everywhere (options, columns,
-/// reply fields).
+/// The ten limits a policy can set (windows, lifetime, concurrency, smooth rates), in one fixed
+/// order used everywhere (options, columns, reply fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LimitField {
     RequestsPerDay = 0,
@@ -142,7 +142,7 @@ impl LimitField {
 
 /// A set of limits, one per field; `None` means unlimited.
 ///
-/// Kept as plain numbers with `UNLIMITED` for `None` (56 bytes instead of 112): an admission
+/// Kept as plain numbers with `UNLIMITED` for `None` (80 bytes instead of 160): an admission
 /// moves several of these around.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits([u64; LIMIT_FIELDS]);
@@ -225,7 +225,7 @@ pub(crate) struct PolicyRecord {
 
 /// Additional amounts granted by one replenishment, per field (`None` = adds nothing).
 ///
-/// Held as plain integers with `i64::MIN` for an absent amount: 56 bytes instead of 112, in
+/// Held as plain integers with `i64::MIN` for an absent amount: 80 bytes instead of 160, in
 /// every cached credit row. An amount of exactly `i64::MIN` (only SQL can write one) reads as
 /// absent, which adds the same as any negative amount: nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
