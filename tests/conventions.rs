@@ -17,7 +17,7 @@ const T: &str = "acme";
 const P: &str = "chat";
 
 const ACCOUNT: [&str; 4] = ["tenant", "project", "user", "bundle"];
-const LIMITS: [&str; 7] = [
+const LIMITS: [&str; 10] = [
     "requests_per_day",
     "requests_per_month",
     "total_requests",
@@ -25,6 +25,9 @@ const LIMITS: [&str; 7] = [
     "tokens_per_day",
     "tokens_per_month",
     "max_concurrent",
+    "requests_per_second",
+    "requests_per_minute",
+    "tokens_per_minute",
 ];
 
 /// The expected `COMMAND DOCS` of every command: summary start, argument names in order (in
@@ -350,7 +353,7 @@ fn keyspace_notifications_for_usage_changes() {
 
     let a = con.admit(acc, "REQUESTS_PER_DAY 1 LEASE l1");
     assert!(a.allowed);
-    con.admit(acc, "REQUESTS_PER_DAY 1 PEEK"); // changes nothing
+    con.admit(acc, "REQUESTS_PER_DAY 1 PEEK"); // changes nothing, but is a denial
     let denied = con.admit(acc, "REQUESTS_PER_DAY 1");
     assert!(!denied.allowed); // changes nothing, but says so: quota.denied
     con.commit(acc, 5, Some("l1"));
@@ -374,6 +377,7 @@ fn keyspace_notifications_for_usage_changes() {
         [
             "quota.admit",
             "quota.denied",
+            "quota.denied",
             "quota.commit",
             "quota.admit",
             "quota.release",
@@ -388,7 +392,7 @@ fn keyspace_notifications_for_usage_changes() {
         .collect();
     assert_eq!(keyspace.first(), Some(&"quota.admit"), "{got:?}");
     assert_eq!(keyspace.get(1), Some(&"quota.denied"), "{got:?}");
-    assert_eq!(keyspace.len(), 6, "{got:?}");
+    assert_eq!(keyspace.len(), 7, "{got:?}");
 
     // The replica applies the master's changes (`QUOTA.APPLY`, RESET as itself) and tells its
     // own listeners the same events, in the same order; a denial is the master's alone.
@@ -464,7 +468,7 @@ fn multi_and_scripts_refuse_what_must_wait() {
     let expected = "+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n\
          -ERR QUOTA.GRANT waits on PostgreSQL and cannot run inside MULTI, a script or a function\r\n\
          -TRYAGAIN credits for this user are loading from PostgreSQL: retry outside MULTI/scripts or shortly\r\n\
-         *22\r\n$16\r\nrequests_per_day\r\n:0\r\n";
+         *28\r\n$16\r\nrequests_per_day\r\n:0\r\n";
     assert!(raw.starts_with(expected), "{raw}");
 }
 

@@ -25,7 +25,7 @@ const LIMIT_FIELDS: [&str; 7] = [
     "max_concurrent",
 ];
 
-const RECORD_FIELDS: [&str; 22] = [
+const RECORD_FIELDS: [&str; 25] = [
     "tenant",
     "project",
     "user_id",
@@ -37,6 +37,9 @@ const RECORD_FIELDS: [&str; 22] = [
     "tokens_per_day",
     "tokens_per_month",
     "max_concurrent",
+    "requests_per_second",
+    "requests_per_minute",
+    "tokens_per_minute",
     "expires_at",
     "purchase_id",
     "purchase_amount_usd",

@@ -32,7 +32,7 @@ const COMMANDS: [&str; 13] = [
     "QUOTA.APPLY",
 ];
 
-const LIMITS: [&str; 7] = [
+const LIMITS: [&str; 10] = [
     "REQUESTS_PER_DAY",
     "REQUESTS_PER_MONTH",
     "TOTAL_REQUESTS",
@@ -40,13 +40,18 @@ const LIMITS: [&str; 7] = [
     "TOKENS_PER_DAY",
     "TOKENS_PER_MONTH",
     "MAX_CONCURRENT",
+    "REQUESTS_PER_SECOND",
+    "REQUESTS_PER_MINUTE",
+    "TOKENS_PER_MINUTE",
 ];
 /// The limits stored in `INT` columns (GRANT refuses more than 2147483647).
-const INT_LIMITS: [&str; 4] = [
+const INT_LIMITS: [&str; 6] = [
     "REQUESTS_PER_DAY",
     "REQUESTS_PER_MONTH",
     "TOTAL_REQUESTS",
     "MAX_CONCURRENT",
+    "REQUESTS_PER_SECOND",
+    "REQUESTS_PER_MINUTE",
 ];
 const GRANT_ONLY: [&str; 6] = [
     "EXPIRES_AT",
@@ -555,13 +560,16 @@ fn valid_read(rng: &mut Rng) -> (Vec<Vec<u8>>, bool) {
     }
 }
 
-/// A `VERBOSE` admission reply: 13 fields, 7 effective limits, an 8-field usage, 3 resets.
+/// A `VERBOSE` admission reply: 14 fields, 10 effective limits, an 11-field usage, 3 resets.
 fn verbose_shape_ok(reply: &Reply) -> bool {
     let Some(m) = reply.as_map() else {
         return false;
     };
     let len = |f: &str| m.get(f).and_then(Reply::as_map).map(|x| x.len());
-    m.len() == 13 && len("limits") == Some(7) && len("usage") == Some(8) && len("resets") == Some(3)
+    m.len() == 14
+        && len("limits") == Some(10)
+        && len("usage") == Some(11)
+        && len("resets") == Some(3)
 }
 
 // ---------------------------------------------------------------------------

@@ -128,6 +128,9 @@ fn populate(con: &mut redis::Connection) {
         }
     }
     query(con, &["SET", "plain", "value"]).expect("SET");
+    // The rates' levels drain within 80 ms: after that, what `QUOTA.USAGE` shows of them (0)
+    // no longer changes with the time a snapshot is taken.
+    std::thread::sleep(std::time::Duration::from_millis(300));
 }
 
 /// Every key's `DUMP` and every account's `QUOTA.USAGE`.
