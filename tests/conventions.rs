@@ -148,7 +148,7 @@ fn command_docs_match_the_expected_table() {
     let args = to_array(doc_map(reply[1].clone())["arguments"].clone());
     let user = doc_map(args[2].clone());
     assert_eq!(value_to_string(&user["type"]).as_deref(), Some("key"));
-    let peek = doc_map(args[14].clone());
+    let peek = doc_map(args[17].clone());
     assert_eq!(value_to_string(&peek["token"]).as_deref(), Some("PEEK"));
     assert_eq!(
         value_to_string(&peek["type"]).as_deref(),
