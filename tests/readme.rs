@@ -461,8 +461,8 @@ struct Syntax {
     has_optional: bool,
 }
 
-/// The seven limits, which the table writes once for GRANT and then as `limits as in GRANT`.
-const LIMITS: [&str; 7] = [
+/// The ten limits, which the table writes once for GRANT and then as `limits as in GRANT`.
+const LIMITS: [&str; 10] = [
     "REQUESTS_PER_DAY",
     "REQUESTS_PER_MONTH",
     "TOTAL_REQUESTS",
@@ -470,6 +470,9 @@ const LIMITS: [&str; 7] = [
     "TOKENS_PER_DAY",
     "TOKENS_PER_MONTH",
     "MAX_CONCURRENT",
+    "REQUESTS_PER_SECOND",
+    "REQUESTS_PER_MINUTE",
+    "TOKENS_PER_MINUTE",
 ];
 
 fn is_keyword(word: &str) -> bool {
