@@ -124,6 +124,16 @@ COMMENT ON COLUMN "control_plane".user_quota_replenishment.requests_balance_used
 COMMENT ON COLUMN "control_plane".user_quota_replenishment.requests_balance_base IS
     'requests_balance_used when the current life of the balance began';
 
+-- The sequence of the last usage ledger batch that debited the row (0 = none), set by the
+-- flush with *_balance_used: a node that reads the row while its own batch is between
+-- PostgreSQL's commit and its acknowledgement knows the row already counts that batch's debits.
+-- Added in place to tables deployed before.
+ALTER TABLE "control_plane".user_quota_replenishment
+    ADD COLUMN IF NOT EXISTS balance_seq BIGINT NOT NULL DEFAULT 0;
+
+COMMENT ON COLUMN "control_plane".user_quota_replenishment.balance_seq IS
+    'Sequence of the last usage ledger batch that debited this row (kept by the flush)';
+
 -- The usage ledger: per account and UTC hour, what the module counted there. Written only by
 -- the module's flush (it adds each batch once, see quota_ledger_batch); never updated by hand.
 CREATE TABLE IF NOT EXISTS "control_plane".quota_usage_hourly (
@@ -263,10 +273,13 @@ RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    -- The ledger flush only adds to *_balance_used: that is not a change of the credit.
+    -- The ledger flush only adds to *_balance_used (and sets balance_seq): that is not a change
+    -- of the credit.
     IF TG_TABLE_NAME = 'user_quota_replenishment' AND TG_OP = 'UPDATE' AND
-        (to_jsonb(NEW) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') =
-        (to_jsonb(OLD) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') THEN
+        (to_jsonb(NEW) - 'requests_balance_used' - 'tokens_balance_used' - 'balance_seq'
+            - 'updated_at') =
+        (to_jsonb(OLD) - 'requests_balance_used' - 'tokens_balance_used' - 'balance_seq'
+            - 'updated_at') THEN
         RETURN NEW;
     END IF;
     NEW.updated_at := now();
@@ -296,11 +309,13 @@ BEGIN
             'origin', nullif(current_setting('redis_quota.origin', true), ''))::text);
         RETURN NULL;
     END IF;
-    -- The ledger flush only adds to *_balance_used, which the flushing node tracks itself:
-    -- no cache needs dropping.
+    -- The ledger flush only adds to *_balance_used (and sets balance_seq), which the flushing
+    -- node tracks itself: no cache needs dropping.
     IF TG_OP = 'UPDATE' AND
-        (to_jsonb(NEW) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') =
-        (to_jsonb(OLD) - 'requests_balance_used' - 'tokens_balance_used' - 'updated_at') THEN
+        (to_jsonb(NEW) - 'requests_balance_used' - 'tokens_balance_used' - 'balance_seq'
+            - 'updated_at') =
+        (to_jsonb(OLD) - 'requests_balance_used' - 'tokens_balance_used' - 'balance_seq'
+            - 'updated_at') THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' THEN

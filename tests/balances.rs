@@ -109,6 +109,56 @@ fn burn_down_is_exact_under_concurrency() {
     assert_eq!(left(&mut con, acc, "tokens_balance_left"), 5000 - committed);
 }
 
+/// A credit row read from PostgreSQL after a flush committed the balance's debits, but before
+/// the node acknowledged the batch (the next 100 ms tick), counts those debits once: the
+/// balance left never dips by the batch in flight. Each round debits 5 requests and then
+/// reloads the row (`QUOTA.INVALIDATE` + `QUOTA.GET`) until the batch is acknowledged; the
+/// rounds go on until a reload landed in that window three times.
+#[test]
+fn a_row_reloaded_while_its_flush_is_unacknowledged_counts_it_once() {
+    let (env, mut con) = TestEnv::start_con(&[("flush-interval", "1")]);
+    let acc = [T, P, "alice", "*"];
+    con.grant(acc, ["REQUESTS_BALANCE", "1000"]);
+    let (mut debited, mut windows) = (0i64, 0);
+    for _round in 0..40 {
+        if windows >= 3 {
+            break;
+        }
+        let acked = info_i64(&env.server, "quota_ledger_batches");
+        for _ in 0..5 {
+            let r = con.admit(acc, ["REQUESTS_PER_DAY", "0"]);
+            assert_eq!(r.paid_by, "balance", "{r:?}");
+        }
+        debited += 5;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            con.invalidate([T, P, "alice"]);
+            let record = con.get(acc).expect("a record");
+            let now_acked = info_i64(&env.server, "quota_ledger_batches");
+            assert_eq!(
+                field_i64(&record, "requests_balance_left"),
+                1000 - debited,
+                "{record:?}"
+            );
+            // The row counts the batch and the node had not acknowledged it after the read.
+            if field_i64(&record, "requests_balance_debited") == debited && now_acked == acked {
+                windows += 1;
+            }
+            if now_acked > acked {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no flush in 10 s");
+        }
+    }
+    assert!(
+        windows >= 1,
+        "no reload landed between a commit and its acknowledgement"
+    );
+    env.flushed();
+    assert_eq!(env.ledger("alice", "requests_debited"), debited);
+    assert_eq!(left(&mut con, acc, "requests_balance_left"), 1000 - debited);
+}
+
 /// A top-up with a purchase id counts once, however often it is retried; windows pay first.
 #[test]
 fn top_ups_count_once_and_windows_pay_first() {

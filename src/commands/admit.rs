@@ -25,7 +25,7 @@ use crate::ffi::ctx::Ctx;
 use crate::runtime::config::{self, ScriptMiss};
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, PolicyFound, WaitMode};
 use crate::runtime::jobs::{Done, StoreError};
-use crate::runtime::{cache, clock, stats};
+use crate::runtime::{cache, clock, ledger, stats};
 
 /// `QUOTA.ADMIT`.
 pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
@@ -301,6 +301,21 @@ fn decide(
         }
         _ => None,
     };
+    // Whether the row read from PostgreSQL may count a batch of its holder's that the flush
+    // has not acknowledged yet, and that batch; such a row is not remembered on the account (a
+    // memo does not keep what tells).
+    let unacknowledged = balance.is_some_and(|b| {
+        let holder = match star.as_mut() {
+            Some(star) => star.get(),
+            None => account_key.get(),
+        };
+        decide::counts_unacknowledged(&b.balance, holder.map(|a| &*a))
+    });
+    let sent = match (&star, unacknowledged) {
+        (_, false) => None,
+        (Some(star), true) => ledger::unacknowledged(ctx.db(), star.name_bytes()),
+        (None, true) => ledger::unacknowledged(ctx.db(), &key),
+    };
     let admission = AdmitInputs {
         key: &key,
         bundle: parsed.account.bundle,
@@ -313,6 +328,7 @@ fn decide(
             balance: None,
         },
         balance,
+        sent,
         verbose: parsed.verbose,
     };
     let holder = star.as_mut().and_then(|s| s.get()).map(|a| &*a);
@@ -330,7 +346,7 @@ fn decide(
         decision.retry_after = source.denial_retry_after(decision.retry_after);
         decision.retry_after_ms = source.denial_retry_after_ms(decision.retry_after_ms);
     }
-    if let Some(memo) = inputs.memo {
+    if let Some(memo) = inputs.memo.filter(|_| !unacknowledged) {
         account_key.set_memo(memo);
     }
     count(&decision, source);

@@ -9,8 +9,8 @@ use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
 use super::replies::record;
 use super::{parse, words, Waiting};
 use crate::core::credit::{select_credit, BalanceKind, PerKind, Replenishment};
+use crate::core::decide;
 use crate::core::ids::{AccountId, UserId};
-use crate::core::ledger::balance_left;
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
@@ -19,7 +19,7 @@ use crate::runtime::config;
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, WaitMode};
 use crate::runtime::jobs::{Done, Job, OwnedAccount, OwnedUser, StoreError};
 use crate::runtime::worker;
-use crate::runtime::{cache, clock};
+use crate::runtime::{cache, clock, ledger};
 
 /// Replies the record that applies to `bundle` among `rows`, or nil; with what each balance
 /// has left (`requests_balance_left`, `tokens_balance_left`: granted minus the debits flushed
@@ -32,9 +32,13 @@ fn reply_applicable(ctx: Ctx, account: &AccountId<'_>, rows: &[Replenishment], n
                     user: account.user,
                     bundle: &row.bundle_id,
                 };
-                let mut key = AccountKey::open_read(ctx, &holder.key().0).ok();
-                let ledger = key.as_mut().and_then(|k| k.get()).and_then(|a| a.ledger());
-                balance_left(b, ledger, now)
+                let name = holder.key().0;
+                let mut key = AccountKey::open_read(ctx, &name).ok();
+                let holder = key.as_mut().and_then(|k| k.get()).map(|a| &*a);
+                let sent = decide::counts_unacknowledged(b, holder)
+                    .then(|| ledger::unacknowledged(ctx.db(), &name))
+                    .flatten();
+                decide::offer(b, holder, sent, now).left
             });
             let r = record(ctx.reply(), account, Some(row), 2);
             let r = r.pair(words::balance(BalanceKind::Requests).left, |r| {

@@ -40,6 +40,10 @@ pub(crate) struct RowBalance {
     pub used: [i64; 2],
     /// `used` when the current life began.
     pub base: [i64; 2],
+    /// The sequence of the last flush batch that debited the row when it was read (0: none,
+    /// or not known): tells whether `used` already counts a batch its holder has sent and
+    /// not had acknowledged yet (see `ledger::counted_twice`).
+    pub ledger_seq: u64,
 }
 
 /// One value per kind of balance.
@@ -94,13 +98,22 @@ impl BalanceKind {
 
 impl RowBalance {
     /// What is left of kind `kind` after every debit: the granted amount minus the debits of
-    /// the current life, counting as flushed the larger of what this row says and `floor` (the
-    /// used total the flushing node last saw committed), minus `unflushed`. `None` without a
-    /// balance of that kind. May be negative (see the README's overdraw rule).
-    pub(crate) fn left(&self, kind: BalanceKind, floor: u64, unflushed: i64) -> Option<i64> {
+    /// the current life, counting as flushed the larger of what this row says (less `twice`,
+    /// what it counts that is also in `unflushed`) and `floor` (the used total the flushing
+    /// node last saw committed), minus `unflushed`. `None` without a balance of that kind. May
+    /// be negative (see the README's overdraw rule).
+    pub(crate) fn left(
+        &self,
+        kind: BalanceKind,
+        floor: u64,
+        unflushed: i64,
+        twice: i64,
+    ) -> Option<i64> {
         let k = kind as usize;
         let granted = self.granted[k]?;
-        let used = self.used[k].max(i64::try_from(floor).unwrap_or(i64::MAX));
+        let used = self.used[k]
+            .saturating_sub(twice)
+            .max(i64::try_from(floor).unwrap_or(i64::MAX));
         let spent = used.saturating_sub(self.base[k]).max(0);
         Some(granted.saturating_sub(spent).saturating_sub(unflushed))
     }

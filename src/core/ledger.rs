@@ -137,20 +137,51 @@ pub(crate) struct Acknowledgement {
 
 /// What balance `b` has left per kind at `now`, given the ledger of its
 /// holder: granted, minus the debits flushed (at least the holder's floor), minus those not
-/// flushed yet, and for tokens minus the live holds. `None` for a kind `b` has no balance of.
+/// flushed yet, and for tokens minus the live holds. `twice` is what the row's used totals
+/// already count of the debits the holder still counts unflushed (see
+/// `decide::counted_twice`). `None` for a kind `b` has no balance of.
 pub(crate) fn balance_left(
     b: &RowBalance,
     holder: Option<&Ledger>,
+    twice: PerKind<i64>,
     now: Millis,
 ) -> PerKind<Option<i64>> {
     let floor = holder.map_or([0, 0], |l| l.floor);
     let unflushed = |k: usize| holder.map_or(0, |l| l.unflushed(k));
     let held = holder.map_or(0, |l| l.held(now));
-    let requests = b.left(BalanceKind::Requests, floor[0], unflushed(0));
+    let requests = b.left(
+        BalanceKind::Requests,
+        floor[0],
+        unflushed(0),
+        twice.requests,
+    );
     let tokens = b
-        .left(BalanceKind::Tokens, floor[1], unflushed(1))
+        .left(BalanceKind::Tokens, floor[1], unflushed(1), twice.tokens)
         .map(|left| left.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)));
     PerKind { requests, tokens }
+}
+
+/// A batch of a balance holder's usage that the flush sent to PostgreSQL and has not
+/// acknowledged yet: its sequence and the debits it carries. Between PostgreSQL's commit and
+/// the acknowledgement, a credit row read from PostgreSQL counts these debits in its used
+/// totals while the holder's ledger still counts them unflushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Unacknowledged {
+    pub seq: u64,
+    pub debits: PerKind<i64>,
+}
+
+impl Unacknowledged {
+    /// The batch of `hours` sent with sequence `seq`.
+    pub(crate) fn of(seq: u64, hours: &[HourDelta]) -> Unacknowledged {
+        let debits = hours
+            .iter()
+            .fold(PerKind::<i64>::default(), |sum, h| PerKind {
+                requests: sum.requests.saturating_add(h.debits[0]),
+                tokens: sum.tokens.saturating_add(h.debits[1]),
+            });
+        Unacknowledged { seq, debits }
+    }
 }
 
 /// A 64-bit tag for (account key, lease id): holds of several bundles share a holder, and their

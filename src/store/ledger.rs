@@ -109,8 +109,10 @@ impl LedgerStatements {
             )),
             add_used: s(format!(
                 "UPDATE \"control_plane\".user_quota_replenishment r SET \
-                 requests_balance_used = {}, tokens_balance_used = {} \
-                 FROM unnest({IDS}, $5::bigint[], $6::bigint[]) AS x(t, p, u, b, dq, dk) \
+                 requests_balance_used = {}, tokens_balance_used = {}, \
+                 balance_seq = GREATEST(r.balance_seq, x.s) \
+                 FROM unnest({IDS}, $5::bigint[], $6::bigint[], $7::bigint[]) \
+                 AS x(t, p, u, b, dq, dk, s) \
                  WHERE {MATCH} \
                  RETURNING r.tenant, r.project, r.user_id, r.bundle_id, \
                  r.requests_balance_used, r.tokens_balance_used",
@@ -296,6 +298,10 @@ fn add_hours(
 }
 
 /// Adds the applied batches' balance debits to their credit rows and reads the new totals.
+/// A batch that carried debits reads the totals even when it adds nothing (skipped: applied by
+/// a write whose answer was lost; or revised with nothing more to debit): its acknowledgement
+/// takes its debits off the account, so the floor must move past them, or a credit row cached
+/// before that write would count them nowhere.
 fn add_used(
     tx: &mut postgres::Transaction<'_>,
     sql: &LedgerStatements,
@@ -305,20 +311,26 @@ fn add_used(
     position: &HashMap<Identity, usize>,
 ) -> Result<(), StoreError> {
     let mut ids = IdColumns::default();
-    let mut debits: [Vec<i64>; 2] = Default::default();
-    for ((batch, hours), o) in batches.iter().zip(applied).zip(out.iter()) {
-        let sum = hours.iter().fold([0i64; 2], |acc, h| {
+    // Requests debited, tokens debited, the batch's sequence.
+    let mut debits: [Vec<i64>; 3] = Default::default();
+    let debited = |hours: &[HourDelta]| {
+        hours.iter().fold([0i64; 2], |acc, h| {
             [
                 acc[0].saturating_add(h.debits[0]),
                 acc[1].saturating_add(h.debits[1]),
             ]
-        });
-        if !o.applied || sum == [0, 0] {
+        })
+    };
+    for ((batch, hours), o) in batches.iter().zip(applied).zip(out.iter()) {
+        let sum = if o.applied { debited(hours) } else { [0, 0] };
+        // A batch revised or skipped whole may add nothing and still have debited the row.
+        if sum == [0, 0] && debited(&batch.hours) == [0, 0] {
             continue;
         }
         push_ids(&mut ids, &batch.ids);
         debits[0].push(sum[0]);
         debits[1].push(sum[1]);
+        debits[2].push(i64::try_from(batch.seq).unwrap_or(i64::MAX));
     }
     if ids[0].is_empty() {
         return Ok(());

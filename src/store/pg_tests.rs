@@ -810,89 +810,6 @@ fn listener_reports_changes_and_reconnects() {
     assert!(started.elapsed() < Duration::from_millis(600));
 }
 
-/// One account's batch of `hours` (hour index, requests, tokens) with `seq` and `rev`.
-fn batch(user: &str, seq: u64, rev: u64, hours: &[(i64, i64, i64)]) -> AccountBatch {
-    AccountBatch {
-        ids: ["t".into(), "chat".into(), user.into(), "web".into()],
-        seq,
-        rev,
-        hours: hours
-            .iter()
-            .map(|&(hour, requests, tokens)| crate::core::ledger::HourDelta {
-                hour,
-                requests,
-                tokens,
-                debits: [0, 0],
-            })
-            .collect(),
-    }
-}
-
-/// A sum past a column's 64-bit limit saturates instead of failing the batch (a failing sum
-/// would fail the batch, and every batch sent with it, at every flush).
-#[test]
-fn ledger_sums_saturate_at_the_column_limit() {
-    let fx = fixture!("ledger_saturate");
-    let hour = 490_000;
-    let huge = i64::MAX - 5;
-    let first = fx
-        .store
-        .flush_ledger(&[batch("eve", 1, 1, &[(hour, 1, huge)])])
-        .expect("first flush");
-    assert!(first[0].applied);
-    let second = fx
-        .store
-        .flush_ledger(&[
-            batch("eve", 2, 2, &[(hour, 1, 100)]),
-            batch("bob", 1, 2, &[(hour, 1, 7)]),
-        ])
-        .expect("a sum past the limit saturates");
-    assert!(second.iter().all(|o| o.applied));
-    let rows = fx
-        .store
-        .history(["t", "chat", "eve", "web"], 0, 253_402_300_800)
-        .unwrap();
-    assert_eq!((rows[0].requests, rows[0].tokens), (2, i64::MAX));
-    let bob = fx
-        .store
-        .history(["t", "chat", "bob", "web"], 0, 253_402_300_800)
-        .unwrap();
-    assert_eq!((bob[0].requests, bob[0].tokens), (1, 7));
-}
-
-/// An older build could record a batch of 169 hours; it still reads, so the account's next
-/// batches (and the others written with them) go through.
-#[test]
-fn a_stored_batch_of_169_hours_still_reads() {
-    let fx = fixture!("ledger_169");
-    let hours: Vec<(i64, i64, i64)> = (0..169).map(|i| (480_000 + i, 1, 2)).collect();
-    fx.store
-        .flush_ledger(&[batch("eve", 1, 1, &hours)])
-        .expect("first flush");
-    let stored: String = fx
-        .client()
-        .query_one(
-            &substitute(
-                "SELECT last_hours FROM \"control_plane\".quota_ledger_batch WHERE user_id = 'eve'",
-                &fx.schema,
-            ),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(stored.split(',').count(), 169 * 5);
-    // The same sequence again (a replica that took over, a later revision): the stored batch
-    // must be read to take the difference.
-    let out = fx
-        .store
-        .flush_ledger(&[
-            batch("eve", 1, 2, &[(480_168, 3, 2)]),
-            batch("bob", 1, 2, &[(480_000, 1, 1)]),
-        ])
-        .expect("the stored batch reads");
-    assert!(out[0].applied && out[0].revised && out[1].applied);
-}
-
 /// What the pooler-safe timeouts cost (run by hand: `cargo test --release --lib
 /// measure_timeout_costs -- --ignored --nocapture`): a cache load of one user bare on a
 /// connection, against the same load through `Store::load_user` (checkout, a read-only
@@ -1127,3 +1044,5 @@ fn project_reads_use_their_indexes() {
         }
     }
 }
+
+mod ledger;

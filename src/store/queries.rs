@@ -35,7 +35,7 @@ pub(crate) const COLUMNS: &str = "bundle_id, \
     purchase_notes, active, \
     floor(extract(epoch FROM created_at))::bigint, floor(extract(epoch FROM updated_at))::bigint, \
     requests_balance, tokens_balance, requests_balance_used, tokens_balance_used, \
-    requests_balance_base, tokens_balance_base";
+    requests_balance_base, tokens_balance_base, balance_seq";
 
 const COL_BUNDLE: usize = 0;
 const COL_FIRST_LIMIT: usize = 1;
@@ -46,9 +46,10 @@ const COL_NOTES: usize = COL_AMOUNT + 1;
 const COL_ACTIVE: usize = COL_NOTES + 1;
 const COL_CREATED_AT: usize = COL_ACTIVE + 1;
 const COL_UPDATED_AT: usize = COL_CREATED_AT + 1;
-/// Granted (2), used (2), base (2), each in `BalanceKind` order.
+/// Granted (2), used (2), base (2), each in `BalanceKind` order, then the sequence of the last
+/// flush batch that debited the row.
 const COL_BALANCE: usize = COL_UPDATED_AT + 1;
-const COL_LAST: usize = COL_BALANCE + 5;
+const COL_LAST: usize = COL_BALANCE + 6;
 
 /// The identity predicate: parameters $1..$3 (user) and $4 (bundle).
 const WHERE_ROW: &str = "tenant = $1 AND project = $2 AND user_id = $3 AND bundle_id = $4";
@@ -620,6 +621,7 @@ fn row_balance(row: &impl RowSource) -> Result<Option<Box<RowBalance>>, StoreErr
         granted,
         used: [num(COL_BALANCE + 2)?, num(COL_BALANCE + 3)?],
         base: [num(COL_BALANCE + 4)?, num(COL_BALANCE + 5)?],
+        ledger_seq: num(COL_BALANCE + 6)?.max(0) as u64,
     })))
 }
 
@@ -709,6 +711,7 @@ mod tests {
             Cell::Big(90),
             Cell::Big(0),
             Cell::Big(40),
+            Cell::Big(77),
         ])
     }
 
@@ -717,7 +720,8 @@ mod tests {
         let names: Vec<&str> = COLUMNS.split(',').map(str::trim).collect();
         assert_eq!(names.len(), COL_LAST + 1);
         assert_eq!(names[COL_BALANCE], "requests_balance");
-        assert_eq!(names[COL_LAST], "tokens_balance_base");
+        assert_eq!(names[COL_LAST - 1], "tokens_balance_base");
+        assert_eq!(names[COL_LAST], "balance_seq");
         assert_eq!(names[COL_BUNDLE], "bundle_id");
         for (i, field) in LimitField::ALL.into_iter().enumerate() {
             assert_eq!(names[COL_FIRST_LIMIT + i], field.column());
@@ -755,10 +759,10 @@ mod tests {
         assert_eq!((r.created_at, r.updated_at), (1, 2));
         let b = r.balance.as_deref().unwrap();
         assert_eq!(
-            (b.granted, b.used, b.base),
-            ([None, Some(1000)], [70, 90], [0, 40])
+            (b.granted, b.used, b.base, b.ledger_seq),
+            ([None, Some(1000)], [70, 90], [0, 40], 77)
         );
-        assert_eq!(b.left(BalanceKind::Tokens, 0, 0), Some(950));
+        assert_eq!(b.left(BalanceKind::Tokens, 0, 0, 0), Some(950));
     }
 
     #[test]

@@ -187,16 +187,19 @@ fn memo_keeps_the_balance_of_the_row_exactly_or_not_at_all() {
             granted: [Some(1_000_000_000_000), None],
             used: [17, 0],
             base: [3, 0],
+            ledger_seq: 0,
         },
         RowBalance {
             granted: [None, Some(-4)],
             used: [0, 9],
             base: [0, 0],
+            ledger_seq: 0,
         },
         RowBalance {
             granted: [Some(1), Some(2)],
             used: [-1, 300],
             base: [0, 299],
+            ledger_seq: 0,
         },
     ];
     for b in cases {
@@ -209,6 +212,7 @@ fn memo_keeps_the_balance_of_the_row_exactly_or_not_at_all() {
         granted: [Some(i64::MAX), Some(i64::MIN)],
         used: [i64::MAX, 0],
         base: [0, 0],
+        ledger_seq: 0,
     };
     assert_eq!(
         CreditMemo::new(KEY, chosen, Some(&huge), &[], 1, NOW + 60_000, NOW),
@@ -330,6 +334,7 @@ fn balances_follow_the_grant_rules_and_a_new_life_forgets_old_debits() {
         granted: [Some(5), Some(100)],
         used: [7, 0],
         base: [4, 0],
+        ledger_seq: 0,
     }));
     let v = req.apply(Some(&live), NOW).unwrap();
     assert_eq!(v.balances, [Some(15), Some(100)]);
@@ -345,11 +350,11 @@ fn balances_follow_the_grant_rules_and_a_new_life_forgets_old_debits() {
     assert_eq!((v.balances, v.new_balance_life), ([None, Some(3)], true));
     // Left: granted - (max(used, floor) - base) - unflushed.
     let b = live.balance.as_deref().unwrap();
-    assert_eq!(b.left(BalanceKind::Requests, 0, 0), Some(2));
-    assert_eq!(b.left(BalanceKind::Requests, 9, 1), Some(-1));
-    assert_eq!(b.left(BalanceKind::Tokens, 0, 30), Some(70));
+    assert_eq!(b.left(BalanceKind::Requests, 0, 0, 0), Some(2));
+    assert_eq!(b.left(BalanceKind::Requests, 9, 1, 0), Some(-1));
+    assert_eq!(b.left(BalanceKind::Tokens, 0, 30, 0), Some(70));
     let none = RowBalance::default();
-    assert_eq!(none.left(BalanceKind::Tokens, 0, 0), None);
+    assert_eq!(none.left(BalanceKind::Tokens, 0, 0, 0), None);
     req.balances = [Some(i64::MAX), None];
     assert_eq!(
         req.apply(Some(&live), NOW).unwrap_err(),

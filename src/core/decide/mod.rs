@@ -16,7 +16,7 @@ use super::account::{
 use super::credit::{BalanceKind, PerKind, RowBalance};
 use super::effect::{rates_change, Effect, EncodedEffect, TermsChange};
 use super::ids::ANY_BUNDLE;
-use super::ledger::{balance_left, hold_tag, BalanceChange, BalanceTerms, Hold};
+use super::ledger::{balance_left, hold_tag, BalanceChange, BalanceTerms, Hold, Unacknowledged};
 use super::policy::{EffectivePolicy, LimitField};
 use super::Millis;
 
@@ -66,10 +66,61 @@ pub(crate) fn payer_by_terms(account: Option<&Account>, bundle: &str) -> Option<
 }
 
 /// What balance `b` has left for an admission at `now`, given its holder's state (none: the
-/// holder's key does not exist yet).
-pub(crate) fn offer(b: &RowBalance, holder: Option<&Account>, now: Millis) -> BalanceOffer {
+/// holder's key does not exist yet) and the holder's batch the flush has `sent` and not
+/// acknowledged yet.
+pub(crate) fn offer(
+    b: &RowBalance,
+    holder: Option<&Account>,
+    sent: Option<Unacknowledged>,
+    now: Millis,
+) -> BalanceOffer {
+    let twice = counted_twice(b, holder, sent);
     BalanceOffer {
-        left: balance_left(b, holder.and_then(Account::ledger), now),
+        left: balance_left(b, holder.and_then(Account::ledger), twice, now),
+    }
+}
+
+/// Whether balance row `b`, as read from PostgreSQL, may already count debits its holder
+/// still counts unflushed: the row was last debited by the batch the holder is sending now
+/// (its sequence) or a later one, so PostgreSQL applied it and this node has not taken it off
+/// the holder's ledger yet. Such a row is not remembered on an account (see `CreditMemo`).
+pub(crate) fn counts_unacknowledged(b: &RowBalance, holder: Option<&Account>) -> bool {
+    let Some(holder) = holder else {
+        return false;
+    };
+    let seq = holder.batch_seq();
+    b.ledger_seq != 0
+        && seq != 0
+        && b.ledger_seq >= seq
+        && !holder.is_renamed()
+        && holder.has_unflushed()
+}
+
+/// What balance row `b`'s used totals count that its holder's ledger still counts unflushed
+/// (see `counts_unacknowledged`): the debits of the batch the flush `sent`, when it still
+/// knows it (on the master that sent it: exact); otherwise (a replica, or a master restarted
+/// or promoted since it was sent) everything the row counts beyond the holder's floor, which
+/// is PostgreSQL's total when the holder's previous batch was acknowledged.
+pub(crate) fn counted_twice(
+    b: &RowBalance,
+    holder: Option<&Account>,
+    sent: Option<Unacknowledged>,
+) -> PerKind<i64> {
+    if !counts_unacknowledged(b, holder) {
+        return PerKind::default();
+    }
+    let seq = holder.map_or(0, Account::batch_seq);
+    if let Some(sent) = sent.filter(|s| s.seq == seq) {
+        return sent.debits;
+    }
+    let floor = holder.and_then(Account::ledger).map_or([0, 0], |l| l.floor);
+    let beyond = |k: usize| {
+        let floor = i64::try_from(floor[k]).unwrap_or(i64::MAX);
+        b.used[k].saturating_sub(floor).max(0)
+    };
+    PerKind {
+        requests: beyond(0),
+        tokens: beyond(1),
     }
 }
 
@@ -188,6 +239,8 @@ pub(crate) struct AdmitInputs<'a> {
     /// The request; its balance offer is filled in here.
     pub request: AdmitRequest<'a>,
     pub balance: Option<RowTerms>,
+    /// The batch of the balance's holder the flush sent and has not acknowledged yet.
+    pub sent: Option<Unacknowledged>,
     /// Reply with a usage snapshot.
     pub verbose: bool,
 }
@@ -214,8 +267,8 @@ pub(crate) fn admit(
     let payer = inputs.balance.map(|b| payer(inputs.bundle, b.global));
     let mut request = inputs.request;
     request.balance = match (inputs.balance, payer) {
-        (Some(b), Some(Payer::Itself)) => Some(offer(&b.balance, Some(account), now)),
-        (Some(b), Some(Payer::Star)) => Some(offer(&b.balance, star, now)),
+        (Some(b), Some(Payer::Itself)) => Some(offer(&b.balance, Some(account), inputs.sent, now)),
+        (Some(b), Some(Payer::Star)) => Some(offer(&b.balance, star, inputs.sent, now)),
         _ => None,
     };
     let terms = inputs

@@ -3,7 +3,7 @@
 //! that expire and a `'*'` balance shared by several bundles.
 
 use super::*;
-use crate::core::ledger::Acknowledgement;
+use crate::core::ledger::{Acknowledgement, Unacknowledged};
 use crate::core::policy::Limits;
 
 const T0: Millis = 1_795_000_000_000;
@@ -28,6 +28,7 @@ fn balance(requests: Option<i64>, tokens: Option<i64>) -> RowBalance {
         granted: [requests, tokens],
         used: [0, 0],
         base: [0, 0],
+        ledger_seq: 0,
     }
 }
 
@@ -67,6 +68,7 @@ fn admit_with(
         policy: p,
         request: req,
         balance: b,
+        sent: None,
         verbose: false,
     };
     let (admitted, _) = admit(account, &inputs, star, now, ids());
@@ -105,7 +107,7 @@ fn the_windows_pay_while_they_allow_and_nothing_is_charged() {
     assert!(a.decision.allowed && !a.decision.paid_by_balance);
     assert_eq!(a.star_change, None);
     assert_eq!(
-        offer(&balance(Some(5), None), Some(&acc), T0).left,
+        offer(&balance(Some(5), None), Some(&acc), None, T0).left,
         per(Some(5), None)
     );
 }
@@ -119,11 +121,11 @@ fn the_balance_pays_once_the_window_is_spent_and_is_debited_one_request() {
     assert!(!first.decision.paid_by_balance);
     let second = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     assert!(second.decision.allowed && second.decision.paid_by_balance);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(1), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(1), None));
     admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     let spent = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     assert!(!spent.decision.allowed);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(0), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(0), None));
 }
 
 #[test]
@@ -149,7 +151,10 @@ fn a_shared_star_balance_is_charged_on_the_star_account_not_the_bundle() {
         .ledger()
         .and_then(|l| l.terms)
         .is_some_and(|t| t.global));
-    assert_eq!(offer(&b, Some(&bundle_a), T0).left, per(Some(2), None));
+    assert_eq!(
+        offer(&b, Some(&bundle_a), None, T0).left,
+        per(Some(2), None)
+    );
     charge(&mut star, change, T0);
     // Another bundle sees what the first one spent.
     let mut bundle_b = Account::default();
@@ -164,7 +169,7 @@ fn a_shared_star_balance_is_charged_on_the_star_account_not_the_bundle() {
         T0,
     );
     charge(&mut star, other.star_change.unwrap(), T0);
-    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(0), None));
+    assert_eq!(offer(&b, Some(&star), None, T0).left, per(Some(0), None));
     let spent = admit_with(
         &mut bundle_b,
         KEY_B,
@@ -247,11 +252,11 @@ fn a_commit_beyond_the_token_window_overdraws_the_balance() {
     assert_eq!(outcome.unwrap().balance_debit, 15);
     assert!(matches!(propagate, Propagate::Effect(_)));
     // 15 debited from a balance of 5: the balance is 10 below zero.
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(None, Some(-10)));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(None, Some(-10)));
     // Tokens already beyond the limit are debited in full.
     let (outcome, _) = commit(&mut acc, KEY_A, 3, None, payer, T0);
     assert_eq!(outcome.unwrap().balance_debit, 3);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(None, Some(-13)));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(None, Some(-13)));
 }
 
 #[test]
@@ -307,11 +312,11 @@ fn a_duplicate_commit_settles_nothing() {
     );
     let payer = payer_by_terms(Some(&acc), "a");
     commit(&mut acc, KEY_A, 5, Some("L"), payer, T0).0.unwrap();
-    let left = offer(&b, Some(&acc), T0).left;
+    let left = offer(&b, Some(&acc), None, T0).left;
     let (again, propagate) = commit(&mut acc, KEY_A, 5, Some("L"), payer, T0);
     assert!(again.unwrap().duplicate);
     assert!(matches!(propagate, Propagate::Nothing));
-    assert_eq!(offer(&b, Some(&acc), T0).left, left);
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, left);
 }
 
 #[test]
@@ -329,15 +334,15 @@ fn a_release_refunds_the_request_the_balance_paid() {
         None,
         T0,
     );
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(0), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(0), None));
     let payer = payer_by_terms(Some(&acc), "a");
     let (released, _) = release(&mut acc, KEY_A, "L", payer, T0 + 1);
     assert!(released);
-    assert_eq!(offer(&b, Some(&acc), T0 + 1).left, per(Some(1), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0 + 1).left, per(Some(1), None));
     // Released twice: the lease is gone, nothing more is refunded.
     let (again, _) = release(&mut acc, KEY_A, "L", payer, T0 + 2);
     assert!(!again);
-    assert_eq!(offer(&b, Some(&acc), T0 + 2).left, per(Some(1), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0 + 2).left, per(Some(1), None));
 }
 
 #[test]
@@ -361,7 +366,7 @@ fn a_release_of_a_lease_the_windows_paid_refunds_nothing_to_the_balance() {
     );
     let payer = payer_by_terms(Some(&acc), "a");
     assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(1), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(1), None));
 }
 
 #[test]
@@ -387,11 +392,17 @@ fn a_refund_after_a_flush_snapshot_lowers_the_debits_below_the_floor() {
     };
     acc.acknowledge(&ack);
     let flushed = RowBalance { used: [1, 0], ..b };
-    assert_eq!(offer(&flushed, Some(&acc), T0).left, per(Some(2), None));
+    assert_eq!(
+        offer(&flushed, Some(&acc), None, T0).left,
+        per(Some(2), None)
+    );
     let payer = payer_by_terms(Some(&acc), "a");
     assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
     // The refund is unflushed (-1) until the next flush: the request is available again.
-    assert_eq!(offer(&flushed, Some(&acc), T0).left, per(Some(3), None));
+    assert_eq!(
+        offer(&flushed, Some(&acc), None, T0).left,
+        per(Some(3), None)
+    );
 }
 
 #[test]
@@ -406,9 +417,9 @@ fn an_expired_lease_no_longer_holds_tokens_and_settles_nothing() {
     let a = admit_with(&mut acc, KEY_A, "a", &p, req, own(b), None, T0);
     assert!(a.decision.allowed);
     assert_eq!(a.decision.held_tokens, 20);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(None, Some(30)));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(None, Some(30)));
     let later = T0 + TTL + 1;
-    assert_eq!(offer(&b, Some(&acc), later).left, per(None, Some(50)));
+    assert_eq!(offer(&b, Some(&acc), None, later).left, per(None, Some(50)));
     let how = Settle::Commit { debit: 0 };
     assert_eq!(settlement(Some(&acc), KEY_A, Some("L"), how, later), None);
     let payer = payer_by_terms(Some(&acc), "a");
@@ -432,7 +443,7 @@ fn a_star_release_refunds_the_star_account() {
         T0,
     );
     charge(&mut star, a.star_change.unwrap(), T0);
-    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(0), None));
+    assert_eq!(offer(&b, Some(&star), None, T0).left, per(Some(0), None));
     let payer = payer_by_terms(Some(&acc), "a");
     assert_eq!(payer, Some(Payer::Star));
     // The bundle's own release refunds nothing to itself...
@@ -441,5 +452,111 @@ fn a_star_release_refunds_the_star_account() {
     let change = settlement(Some(&star), KEY_A, Some("L"), Settle::Release, T0).unwrap();
     assert_eq!(change.debits, per(-1, 0));
     charge(&mut star, change, T0);
-    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(1), None));
+    assert_eq!(offer(&b, Some(&star), None, T0).left, per(Some(1), None));
+}
+
+#[test]
+fn a_row_read_between_the_flush_commit_and_its_acknowledgement_counts_its_batch_once() {
+    let p = policy(&[(LimitField::RequestsPerDay, 0)]);
+    let mut acc = Account::default();
+    let b = balance(Some(10), None);
+    for _ in 0..3 {
+        admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
+    }
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(7), None));
+    // The flush sends the batch (3 debits) and PostgreSQL commits it: a row read now says 3
+    // used and was last debited by that batch's sequence, which is not acknowledged yet.
+    let seq = acc.batch_seq();
+    let sent_hours = acc.unflushed_hours();
+    let sent = Unacknowledged::of(seq, &sent_hours);
+    assert_eq!(sent.debits, per(3, 0));
+    let committed = RowBalance {
+        used: [3, 0],
+        ledger_seq: seq,
+        ..b
+    };
+    assert!(counts_unacknowledged(&committed, Some(&acc)));
+    // The master that sent it knows the batch: exact.
+    assert_eq!(
+        offer(&committed, Some(&acc), Some(sent), T0).left,
+        per(Some(7), None)
+    );
+    // A node that does not (a replica, a restarted master) counts the floor (0 here).
+    assert_eq!(
+        offer(&committed, Some(&acc), None, T0).left,
+        per(Some(7), None)
+    );
+    // A batch of another sequence tells nothing about this one.
+    let other = Unacknowledged {
+        seq: seq - 1,
+        ..sent
+    };
+    assert_eq!(
+        offer(&committed, Some(&acc), Some(other), T0).left,
+        per(Some(7), None)
+    );
+    // One more admission while the batch is in flight: still counted once.
+    admit_with(
+        &mut acc,
+        KEY_A,
+        "a",
+        &p,
+        request(None),
+        own(committed),
+        None,
+        T0,
+    );
+    assert_eq!(
+        offer(&committed, Some(&acc), Some(sent), T0).left,
+        per(Some(6), None)
+    );
+    // A row read before the commit does not count the batch: nothing to take off.
+    let before = RowBalance {
+        ledger_seq: seq - 5,
+        ..b
+    };
+    assert!(!counts_unacknowledged(&before, Some(&acc)));
+    assert_eq!(
+        offer(&before, Some(&acc), Some(sent), T0).left,
+        per(Some(6), None)
+    );
+    // The acknowledgement takes the batch off and sets the floor: both rows agree again.
+    acc.acknowledge(&Acknowledgement {
+        hours: sent_hours,
+        next_seq: seq + 1,
+        floor: Some([3, 0]),
+    });
+    assert!(!counts_unacknowledged(&committed, Some(&acc)));
+    for row in [committed, before] {
+        assert_eq!(offer(&row, Some(&acc), None, T0).left, per(Some(6), None));
+    }
+}
+
+#[test]
+fn without_the_batch_a_row_that_counts_it_is_taken_at_the_floor() {
+    let p = policy(&[(LimitField::RequestsPerDay, 0)]);
+    let mut acc = Account::default();
+    let b = balance(Some(10), None);
+    admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
+    let first = acc.batch_seq();
+    acc.acknowledge(&Acknowledgement {
+        hours: acc.unflushed_hours(),
+        next_seq: first + 1,
+        floor: Some([4, 0]),
+    });
+    // PostgreSQL counted 4 after the acknowledged batch (3 from before it); 2 more are sent and
+    // committed, not acknowledged.
+    for _ in 0..2 {
+        admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
+    }
+    let row = RowBalance {
+        used: [6, 0],
+        ledger_seq: acc.batch_seq(),
+        ..b
+    };
+    // 10 - 4 flushed - 2 unflushed, not 10 - 6 - 2.
+    assert_eq!(offer(&row, Some(&acc), None, T0).left, per(Some(4), None));
+    // A renamed holder's sequence is another name's: the row's is not comparable.
+    acc.mark_renamed();
+    assert!(!counts_unacknowledged(&row, Some(&acc)));
 }

@@ -49,7 +49,7 @@ use super::stats;
 use super::worker;
 use crate::core::account::pending::fresh_seq;
 use crate::core::effect::Effect;
-use crate::core::ledger::Acknowledgement;
+use crate::core::ledger::{Acknowledgement, Unacknowledged};
 use crate::core::Millis;
 use crate::ffi::account_type::{scan_accounts, AccountKey};
 use crate::ffi::ctx::Ctx;
@@ -90,6 +90,21 @@ pub(crate) fn waiting_ms(now: Millis) -> u64 {
             .map(|f| (now - f.since).max(0) as u64)
             .max()
             .unwrap_or(0)
+    })
+}
+
+/// The batch of account key `name` (in database `db`) that the flush sent to PostgreSQL under
+/// that name and has not acknowledged yet: a credit row read meanwhile may count its debits
+/// already (see `core::decide::counted_twice`).
+pub(crate) fn unacknowledged(db: i32, name: &[u8]) -> Option<Unacknowledged> {
+    STATE.with(|s| {
+        let s = s.borrow();
+        if s.by_key.is_empty() {
+            return None;
+        }
+        let n = s.by_key.get(&KeyId::new(db, name))?;
+        let owed = s.owed.get(n).filter(|o| !o.foreign)?;
+        Some(Unacknowledged::of(owed.batch.seq, &owed.batch.hours))
     })
 }
 
