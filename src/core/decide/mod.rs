@@ -99,8 +99,9 @@ pub(crate) fn counts_unacknowledged(b: &RowBalance, holder: Option<&Account>) ->
 /// What balance row `b`'s used totals count that its holder's ledger still counts unflushed
 /// (see `counts_unacknowledged`): the debits of the batch the flush `sent`, when it still
 /// knows it (on the master that sent it: exact); otherwise (a replica, or a master restarted
-/// or promoted since it was sent) everything the row counts beyond the holder's floor, which
-/// is PostgreSQL's total when the holder's previous batch was acknowledged.
+/// or promoted since it was sent) what the row counts beyond the holder's floor (PostgreSQL's
+/// total when the holder's previous batch was acknowledged), at most what the holder counts
+/// unflushed.
 pub(crate) fn counted_twice(
     b: &RowBalance,
     holder: Option<&Account>,
@@ -113,10 +114,14 @@ pub(crate) fn counted_twice(
     if let Some(sent) = sent.filter(|s| s.seq == seq) {
         return sent.debits;
     }
-    let floor = holder.and_then(Account::ledger).map_or([0, 0], |l| l.floor);
+    // Never more than the holder counts unflushed: whatever the floor says, the row cannot
+    // count twice more than that.
+    let ledger = holder.and_then(Account::ledger);
+    let floor = ledger.map_or([0, 0], |l| l.floor);
     let beyond = |k: usize| {
         let floor = i64::try_from(floor[k]).unwrap_or(i64::MAX);
-        b.used[k].saturating_sub(floor).max(0)
+        let unflushed = ledger.map_or(0, |l| l.unflushed(k)).max(0);
+        b.used[k].saturating_sub(floor).clamp(0, unflushed)
     };
     PerKind {
         requests: beyond(0),

@@ -556,6 +556,21 @@ fn without_the_batch_a_row_that_counts_it_is_taken_at_the_floor() {
     };
     // 10 - 4 flushed - 2 unflushed, not 10 - 6 - 2.
     assert_eq!(offer(&row, Some(&acc), None, T0).left, per(Some(4), None));
+    // A holder that never had a batch acknowledged here (floor 0) while the row holds debits
+    // of before: at most what it counts unflushed is counted twice.
+    let mut fresh = Account::default();
+    for _ in 0..2 {
+        admit_with(&mut fresh, KEY_A, "a", &p, request(None), own(b), None, T0);
+    }
+    let older = RowBalance {
+        used: [7, 0],
+        ledger_seq: fresh.batch_seq(),
+        ..b
+    };
+    assert_eq!(
+        offer(&older, Some(&fresh), None, T0).left,
+        per(Some(3), None)
+    );
     // A renamed holder's sequence is another name's: the row's is not comparable.
     acc.mark_renamed();
     assert!(!counts_unacknowledged(&row, Some(&acc)));
