@@ -1,9 +1,10 @@
 //! redis-quota: a Redis module that keeps per-user quota credits ("replenishments") next to the
 //! data they guard and admits requests against a base policy plus those credits atomically.
 //!
-//! This file only wires things together: the data type, the commands (their metadata lives in
-//! `ffi::command_info`), the configuration and its change routing, `INFO quota`, and start/stop
-//! of the worker pool and NOTIFY listener. Imports go one way only:
+//! This file only registers: the data type, the commands (their metadata lives in
+//! `ffi::command_info`), the configuration and its change routing, the `INFO quota` handler
+//! (its fields are built by `runtime::info`), and `init`/`deinit`, which start and stop the
+//! rest through `runtime::lifecycle`. Imports go one way only:
 //! `lib -> commands -> {core, runtime, ffi}`, `runtime -> {store, core, ffi}`, `ffi -> core`
 //! (see `scripts/check-layers.py`). The logic lives in `core` (pure), `commands` (Redis
 //! shells), `runtime` (process-wide state, worker pool), `store` (Postgres) and `ffi` (the raw
@@ -21,20 +22,18 @@ pub(crate) mod store;
 
 #[cfg(not(test))]
 mod module {
-    use std::time::Duration;
-
-    use redis_module::configuration::ConfigurationFlags;
-    use redis_module::{raw, redis_module, Context, InfoContext, RedisResult, RedisString, Status};
+    use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
+    use redis_module::{redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
     use crate::commands::{self, admit, credits, leases, policies, project, replication, usage};
-    use redis_module::configuration::ConfigurationContext;
-
     use crate::ffi::account_type::ACCOUNT_TYPE;
     use crate::ffi::blocked::entry;
     use crate::ffi::command_info::{self as info, CommandSpec, Entry};
+    use crate::ffi::ctx::Ctx;
     use crate::runtime::config::{self, ScriptMiss};
-    use crate::runtime::{self, cache, jobs, ledger, notify, stats, worker};
+    use crate::runtime::info::InfoValue;
+    use crate::runtime::{self, lifecycle};
 
     /// Declares each raw entry point (it runs its handler through `commands::run`, which
     /// replies the handler's error once) and `COMMANDS`, every command with its entry point.
@@ -123,150 +122,22 @@ mod module {
         runtime::reconfigure(name);
     }
 
-    extern "C" fn on_shutdown(
-        ctx: *mut raw::RedisModuleCtx,
-        _event: raw::RedisModuleEvent,
-        _sub: u64,
-        _data: *mut std::os::raw::c_void,
-    ) {
-        // The last flush of the usage ledger, while the pool still runs.
-        ledger::flush_and_wait(crate::ffi::ctx::Ctx::from_raw(ctx));
-        shutdown();
-    }
-
-    fn shutdown() {
-        worker::stop(Duration::from_millis(500));
-        notify::stop_listener();
-    }
-
-    fn schedule_cleanup(ctx: &Context) {
-        let interval = config::int(&config::CLEANUP_INTERVAL);
-        // When off, look again in a minute in case it is switched on.
-        let period = if interval > 0 { interval as u64 } else { 60 };
-        ctx.create_timer(
-            Duration::from_secs(period),
-            |ctx: &Context, ()| {
-                let flags = ctx.get_flags();
-                if config::int(&config::CLEANUP_INTERVAL) > 0
-                    && flags.contains(redis_module::ContextFlags::MASTER)
-                {
-                    worker::submit_or_busy(jobs::Job::Cleanup { client: None });
-                }
-                schedule_cleanup(ctx);
-            },
-            (),
-        );
-    }
-
-    /// Checks the load arguments and keeps passwords and text Redis could not write back out of
-    /// Redis's copy of them, which `MODULE LIST` shows and `CONFIG REWRITE` writes back,
-    /// unquoted, as the `loadmodule` line (see `config::plan_load_args`): an unknown argument
-    /// fails the load with a warning naming it (never its value), a password in `pg-url` or
-    /// `listen-url` becomes `quota.pg-password` (which `CONFIG REWRITE` writes as a line of its
-    /// own), and a URL in the key=value form or with a space or quote becomes the same settings
-    /// as a URL, so a rewritten redis.conf loads and logs in the same way.
-    fn secure_load_args(ctx: &Context, args: &[RedisString]) -> Status {
-        let raw: Vec<&[u8]> = args.iter().map(RedisString::as_slice).collect();
-        let plan = match config::plan_load_args(&raw, &config::text(&config::PG_PASSWORD)) {
-            Ok(plan) => plan,
-            Err(why) => {
-                ctx.log_warning(&format!("quota: {why}; the module is not loaded"));
-                return Status::Err;
-            }
-        };
-        if let Some(password) = plan.password {
-            config::set_text(&config::PG_PASSWORD, password);
-        }
-        // Only Redis's copy changes: the setting keeps the value as given (`CONFIG GET` shows
-        // it, as it shows `masterauth`); the next start reads the same settings from the copy.
-        for (index, text, option) in plan.rewrites {
-            let Some(arg) = args.get(index) else {
-                continue;
-            };
-            if !crate::ffi::load_args::replace(ctx.ctx, arg, text.as_bytes()) {
-                ctx.log_warning(&format!(
-                    "quota: cannot rewrite the {option} module argument: give it as a \
-                     quota.{option} line in redis.conf instead"
-                ));
-                return Status::Err;
-            }
-        }
-        Status::Ok
-    }
-
-    /// The ledger's timer: every 100 ms (see `runtime::ledger::tick`).
-    fn schedule_ledger(ctx: &Context) {
-        ctx.create_timer(
-            Duration::from_millis(100),
-            |ctx: &Context, ()| {
-                let raw_ctx = crate::ffi::ctx::Ctx::from_raw(ctx.ctx);
-                ledger::tick(raw_ctx, runtime::clock::now_ms(), false);
-                schedule_ledger(ctx);
-            },
-            (),
-        );
-    }
-
-    /// Every second, deploys the schema in the background while it is not known to be there
-    /// (`quota.auto-deploy`): at load, and once PostgreSQL can be reached.
-    fn schedule_deploy(ctx: &Context) {
-        ctx.create_timer(
-            Duration::from_secs(1),
-            |ctx: &Context, ()| {
-                worker::deploy_soon();
-                schedule_deploy(ctx);
-            },
-            (),
-        );
-    }
-
     fn init(ctx: &Context, args: &[RedisString]) -> Status {
-        if secure_load_args(ctx, args) == Status::Err {
+        let raw = Ctx::from_raw(ctx.ctx);
+        if let Err(line) = lifecycle::secure_load_args(raw, args) {
+            ctx.log_warning(&line);
             return Status::Err;
         }
-        // A value that cannot be read fails its load (RESTORE: "Bad data format") instead of
-        // taking the server down: `rdb_load` checks every read.
-        if let Some(set_options) = unsafe { raw::RedisModule_SetModuleOptions } {
-            unsafe {
-                set_options(
-                    ctx.ctx,
-                    raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as std::os::raw::c_int,
-                )
-            };
-        }
+        crate::ffi::lifecycle::handle_io_errors(raw);
         if register_commands(ctx) == Status::Err {
             return Status::Err;
         }
-        let threads = config::int(&config::POOL_SIZE).clamp(1, 1024) as usize;
-        let queue = config::int(&config::QUEUE_MAX).max(1) as usize;
-        cache::cache().set_config(cache::cache_config());
-        cache::policies().set_config(cache::cache_config());
-        if let Err(e) = worker::start(threads, queue) {
-            ctx.log_warning(&format!("quota: cannot start worker threads: {e}"));
+        if let Err(line) = lifecycle::start(raw) {
+            ctx.log_warning(&line);
             return Status::Err;
         }
-        notify::restart_listener();
-        worker::deploy_soon();
-        schedule_cleanup(ctx);
-        schedule_deploy(ctx);
-        schedule_ledger(ctx);
-        runtime::install_key_hooks(crate::ffi::ctx::Ctx::from_raw(ctx.ctx));
-        runtime::watch_memory(crate::ffi::ctx::Ctx::from_raw(ctx.ctx));
-        crate::ffi::secret_filter::register(
-            crate::ffi::ctx::Ctx::from_raw(ctx.ctx),
-            config::hide_secret,
-        );
-        unsafe {
-            if let Some(subscribe) = raw::RedisModule_SubscribeToServerEvent {
-                let event = raw::RedisModuleEvent {
-                    id: raw::REDISMODULE_EVENT_SHUTDOWN,
-                    dataver: 1,
-                };
-                subscribe(ctx.ctx, event, Some(on_shutdown));
-            }
-        }
         // Last: nothing after it can fail the load and leave the encodings behind.
-        let unencoded = crate::ffi::reply::prepare(ctx.ctx, crate::commands::words::all());
+        let unencoded = crate::ffi::reply::prepare(ctx.ctx, commands::words::all());
         if unencoded > 0 {
             ctx.log_notice(&format!(
                 "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
@@ -276,110 +147,22 @@ mod module {
     }
 
     fn deinit(_ctx: &Context) -> Status {
-        shutdown();
-        crate::ffi::reply::release(crate::commands::words::all());
+        lifecycle::stop();
+        crate::ffi::reply::release(commands::words::all());
         Status::Ok
     }
 
+    /// `INFO quota`: one section, its fields built by `runtime::info`.
     #[info_command_handler]
     fn info(ctx: &InfoContext, _for_crash_report: bool) -> RedisResult<()> {
-        let (cache_entries, cache_stats, flights, credit_bytes) = {
-            let cache = cache::cache();
-            let bytes = cache.bytes();
-            (
-                cache.len() as u64,
-                cache.stats(),
-                cache.flights() as u64,
-                bytes,
-            )
-        };
-        // One lock at a time (the two caches' locks are never held together).
-        let cache_bytes = (credit_bytes + cache::policies().bytes()) as u64;
-        let (connections, idle) = worker::pool_state();
-        let queries = stats::PG_QUERIES.get();
-        let avg_us = stats::PG_LATENCY_US_TOTAL
-            .get()
-            .checked_div(queries)
-            .unwrap_or(0);
-        let max_us = stats::PG_LATENCY_US_MAX.load(std::sync::atomic::Ordering::Relaxed);
-        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        ctx.builder()
-            .add_section("stats")
-            .field("cache_entries", int(cache_entries))?
-            .field("cache_max_entries", config::int(&config::CACHE_MAX_ENTRIES))?
-            .field("cache_bytes", int(cache_bytes))?
-            .field(
-                "cache_max_bytes",
-                int(u64::try_from(runtime::memory::cache_budget()).unwrap_or(u64::MAX)),
-            )?
-            .field(
-                "cache_hits",
-                int(cache_stats
-                    .hits
-                    .saturating_add(stats::CACHE_MEMO_HITS.get())),
-            )?
-            .field("cache_misses", int(cache_stats.misses))?
-            .field("cache_stale_hits", int(cache_stats.stale_hits))?
-            .field("cache_evictions", int(cache_stats.evictions))?
-            .field("loads_in_flight", int(flights))?
-            .field("pg_queries", int(queries))?
-            .field("pg_errors", int(stats::PG_ERRORS.get()))?
-            .field("pg_latency_avg_us", int(avg_us))?
-            .field("pg_latency_max_us", int(max_us))?
-            .field("pg_timeouts", int(stats::TIMEOUTS.get()))?
-            .field(
-                "pg_down",
-                i64::from(runtime::health::is_down(runtime::clock::now_ms())),
-            )?
-            .field("queue_depth", int(worker::queue_depth() as u64))?
-            .field("clients_blocked", int(crate::ffi::blocked::blocked_total()))?
-            .field("queue_max", config::int(&config::QUEUE_MAX))?
-            .field("queue_busy_rejections", int(stats::BUSY_REJECTIONS.get()))?
-            .field("pool_size", config::int(&config::POOL_SIZE))?
-            .field("pool_connections", i64::from(connections))?
-            .field("pool_idle", i64::from(idle))?
-            .field("notify_state", notify::notify_state_name().to_string())?
-            .field("notify_received", int(stats::NOTIFY_RECEIVED.get()))?
-            .field("notify_reconnects", int(stats::NOTIFY_RECONNECTS.get()))?
-            .field("admits_allowed", int(stats::ADMITS_ALLOWED.get()))?
-            .field("admits_denied", int(stats::ADMITS_DENIED.get()))?
-            .field("admits_pending", int(stats::ADMITS_PENDING.get()))?
-            .field("admits_unavailable", int(stats::ADMITS_UNAVAILABLE.get()))?
-            .field("grants", int(stats::GRANTS.get()))?
-            .field("grants_duplicate", int(stats::GRANTS_DUPLICATE.get()))?
-            .field("revokes", int(stats::REVOKES.get()))?
-            .field("cleanups", int(stats::CLEANUPS.get()))?
-            .field("admits_balance", int(stats::ADMITS_BALANCE.get()))?
-            .field("ledger_accounts_pending", int(ledger::tracked() as u64))?
-            .field("ledger_flushes", int(stats::LEDGER_FLUSHES.get()))?
-            .field("ledger_flush_errors", int(stats::LEDGER_FLUSH_ERRORS.get()))?
-            .field("ledger_batches", int(stats::LEDGER_BATCHES.get()))?
-            .field(
-                "ledger_batches_skipped",
-                int(stats::LEDGER_BATCHES_SKIPPED.get()),
-            )?
-            .field(
-                "ledger_batches_revised",
-                int(stats::LEDGER_BATCHES_REVISED.get()),
-            )?
-            .field(
-                "ledger_last_snapshot_us",
-                int(stats::LEDGER_SNAPSHOT_US.load(std::sync::atomic::Ordering::Relaxed)),
-            )?
-            .field(
-                "ledger_last_snapshot_accounts",
-                int(stats::LEDGER_SNAPSHOT_ACCOUNTS.load(std::sync::atomic::Ordering::Relaxed)),
-            )?
-            .field(
-                "ledger_last_snapshot_longest_tick_us",
-                int(stats::LEDGER_SNAPSHOT_LONGEST_US.load(std::sync::atomic::Ordering::Relaxed)),
-            )?
-            .field(
-                "ledger_flush_waiting_ms",
-                int(ledger::waiting_ms(runtime::clock::now_ms())),
-            )?
-            .build_section()?
-            .build_info()?;
+        let mut section = ctx.builder().add_section(runtime::info::SECTION);
+        for (name, value) in runtime::info::stats() {
+            section = match value {
+                InfoValue::Int(v) => section.field(name, v)?,
+                InfoValue::Text(v) => section.field(name, v)?,
+            };
+        }
+        section.build_section()?.build_info()?;
         Ok(())
     }
 

@@ -5,9 +5,10 @@
 //! opens a key of this type for a command on the main thread.
 //!
 //! Loading (an RDB file, a replica's sync, `RESTORE`) never trusts the bytes: the module
-//! handles IO errors (`REDISMODULE_OPTIONS_HANDLE_IO_ERRORS`, set in `lib.rs`), and a value that
-//! cannot be read or decoded, or breaks an account invariant, is logged with its key name and
-//! the reason and refused, so Redis fails that load ("Bad data format" for `RESTORE`).
+//! handles IO errors (`REDISMODULE_OPTIONS_HANDLE_IO_ERRORS`, set at load by `ffi::lifecycle`),
+//! and a value that cannot be read or decoded, or breaks an account invariant, is logged with
+//! its key name and the reason and refused, so Redis fails that load ("Bad data format" for
+//! `RESTORE`).
 
 use std::os::raw::{c_int, c_void};
 use std::ptr;

@@ -119,6 +119,11 @@ impl Ctx {
         }
     }
 
+    /// Whether this node is a master (not a replica), loading or not.
+    pub(crate) fn is_master_role(self) -> bool {
+        self.flags() & raw::REDISMODULE_CTX_FLAGS_MASTER as c_int != 0
+    }
+
     /// Whether this node is a master (not a replica), and not loading.
     pub(crate) fn is_master(self) -> bool {
         let flags = self.flags();

@@ -1,5 +1,6 @@
 //! Process-wide state of the module: the shared caches and their epochs, the job types and
-//! the worker pool, the NOTIFY listener, the clock, the configuration and `INFO` counters.
+//! the worker pool, the NOTIFY listener, the clock, the configuration, the `INFO` counters and
+//! fields, and the start and stop of all of it (`lifecycle`: timers, hooks, load arguments).
 //! It runs Postgres work through `store` and answers blocked clients through `ffi`; it never
 //! names a command.
 
@@ -9,9 +10,10 @@ pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod gather;
 pub(crate) mod health;
-
+pub(crate) mod info;
 pub(crate) mod jobs;
 pub(crate) mod ledger;
+pub(crate) mod lifecycle;
 pub(crate) mod memory;
 pub(crate) mod notify;
 pub(crate) mod stats;

@@ -15,6 +15,7 @@ mod policies;
 mod pool;
 mod project;
 mod queries;
+mod rows;
 mod schema;
 mod tls;
 mod tls_connect;

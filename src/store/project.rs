@@ -13,7 +13,7 @@ use postgres::types::{ToSql, Type};
 use postgres::{GenericClient, Row};
 
 use super::error::StoreError;
-use super::queries::{to_replenishment, COLUMNS};
+use super::rows::{to_replenishment, COLUMNS};
 use super::schema::substitute;
 use crate::core::credit::Replenishment;
 
