@@ -119,7 +119,9 @@ impl Account {
             }
             let (s, m) = match (field.window(), field) {
                 // However long one waits, the window never holds this many.
-                (Some(_), _) if field.is_request_window() && limits.get(field) < Some(cost) => {
+                (Some(_), _)
+                    if field.is_request_window() && limits.get(field).is_some_and(|l| l < cost) =>
+                {
                     return (-1, -1);
                 }
                 (Some(window), _) => {
