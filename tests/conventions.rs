@@ -47,6 +47,7 @@ const DOCS: &[(&str, &str, &[&[&str]])] = &[
                 "verbose",
                 "policy",
                 "compact",
+                "cost",
             ],
         ],
     ),

@@ -94,7 +94,8 @@ fn ids(who: &[String; 4]) -> [&str; 4] {
 }
 
 /// Accounts with counters, generated and named leases with reservations, settled ids, a
-/// lifetime count and (three of them) smooth rates; plus a plain string key.
+/// lifetime count, (three of them) smooth rates and (two) leases of a cost; plus a plain
+/// string key.
 fn populate(con: &mut redis::Connection) {
     for (i, who) in identities().iter().enumerate() {
         let acc = ids(who);
@@ -119,6 +120,15 @@ fn populate(con: &mut redis::Connection) {
                 con.admit(
                     acc,
                     "REQUESTS_PER_SECOND 100 TOKENS_PER_MINUTE 90000 RESERVE 2",
+                );
+            }
+            // Two hold leases of a cost other than 1 (encoding 5), one with rates.
+            if i == 2 || i == 5 {
+                let lease = format!("costly-{n}");
+                let cost = (n + 2).to_string();
+                con.admit(
+                    acc,
+                    ["MAX_CONCURRENT", "50", "LEASE", &lease, "COST", &cost],
                 );
             }
         }

@@ -325,6 +325,7 @@ fn decide(
             lease_ttl_ms: lease_ttl.saturating_mul(1000),
             reserve: parsed.reserve,
             peek: parsed.peek,
+            cost: parsed.cost,
             balance: None,
         },
         balance,

@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use crate::core::account::MAX_COST;
 use crate::core::credit::{BalanceKind, Cents, GrantRequest};
 use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
 use crate::core::ledger::MAX_TOKENS;
@@ -110,6 +111,16 @@ fn parse_tokens(what: &'static str, raw: &[u8]) -> Result<u64, ParseError> {
         return Err(ParseError::OutOfRange(what, 0, MAX_TOKENS as i64));
     }
     Ok(v)
+}
+
+/// Parses an admission's `COST`: 0 ..= `MAX_COST` requests, so no sum of costs the windows or
+/// the ledger keep can come near their limits.
+fn parse_cost(raw: &[u8]) -> Result<u32, ParseError> {
+    let v = parse_amount("COST", raw)?;
+    u32::try_from(v)
+        .ok()
+        .filter(|c| *c <= MAX_COST)
+        .ok_or(ParseError::OutOfRange("COST", 0, i64::from(MAX_COST)))
 }
 
 fn parse_in_range(what: &'static str, raw: &[u8], lo: i64, hi: i64) -> Result<i64, ParseError> {
@@ -219,6 +230,7 @@ const LEASE: [u8; 16] = kw("LEASE");
 const LEASE_TTL: [u8; 16] = kw("LEASE_TTL");
 const RESERVE: [u8; 16] = kw("RESERVE");
 const PEEK: [u8; 16] = kw("PEEK");
+const COST: [u8; 16] = kw("COST");
 const VERBOSE: [u8; 16] = kw("VERBOSE");
 const POLICY: [u8; 16] = kw("POLICY");
 const SET: [u8; 16] = kw("SET");
@@ -459,6 +471,8 @@ pub(crate) struct AdmitArgs<'a> {
     pub lease_ttl: Option<i64>,
     pub reserve: Option<u64>,
     pub peek: bool,
+    /// `COST n`: the requests it counts (default 1, 0 ..= `MAX_COST`).
+    pub cost: u32,
     pub verbose: bool,
     /// `POLICY <name>`: the named base policy; the inline limits (`base`) override its fields.
     pub policy: Option<&'a str>,
@@ -525,6 +539,7 @@ pub(crate) fn admit<'a>(
         lease_ttl: None,
         reserve: None,
         peek: false,
+        cost: 1,
         verbose: false,
         policy: None,
         compact: false,
@@ -562,6 +577,7 @@ pub(crate) fn admit<'a>(
                 opts.once(16, "COMPACT")?;
                 out.compact = true;
             }
+            COST => out.cost = parse_cost(opts.once_value(17, "COST")?)?,
             _ => return Err(ParseError::Unknown(shown(word))),
         }
     }

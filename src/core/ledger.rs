@@ -72,14 +72,16 @@ impl HourDelta {
 }
 
 /// Tokens of a holder's balance held for one lease until it is committed, released or expires,
-/// and whether the balance paid for that lease's request (refunded by a release).
+/// and the requests the balance paid for that lease's admission (its cost, refunded by a
+/// release; 0 when the windows paid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Hold {
     /// `hold_tag` of the account key and lease id.
     pub tag: u64,
     pub expires_at: Millis,
     pub tokens: u64,
-    pub paid_request: bool,
+    /// At most `account::MAX_COST`.
+    pub paid_requests: u32,
 }
 
 /// What an account's commits and releases owe a balance, as its last admission found it: whose
@@ -457,7 +459,7 @@ mod tests {
             tag,
             expires_at: T0 + 1000,
             tokens,
-            paid_request: true,
+            paid_requests: 1,
         };
         l.apply(
             T0,
@@ -479,7 +481,7 @@ mod tests {
         );
         assert_eq!(l.held(T0), 42);
         assert_eq!(l.held(T0 + 1000), 0, "expired holds hold nothing");
-        assert!(l.hold(1, T0).is_some_and(|h| h.paid_request));
+        assert!(l.hold(1, T0).is_some_and(|h| h.paid_requests == 1));
         l.apply(
             T0 + 1,
             &BalanceChange {

@@ -122,6 +122,16 @@ impl LimitField {
         }
     }
 
+    /// Whether this field counts requests in a window or in total (`RequestsPerDay`,
+    /// `RequestsPerMonth`, `TotalRequests`): what an admission's cost counts against, besides
+    /// the request rates.
+    pub(crate) const fn is_request_window(self) -> bool {
+        matches!(
+            self,
+            LimitField::RequestsPerDay | LimitField::RequestsPerMonth | LimitField::TotalRequests
+        )
+    }
+
     /// The period of a smooth rate in ms (`None` for the other fields).
     pub(crate) const fn rate_period_ms(self) -> Option<i64> {
         match self {

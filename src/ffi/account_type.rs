@@ -635,7 +635,7 @@ mod tests {
                 expires_at: 1_000 + i64::try_from(n).unwrap(),
                 reserved: 0,
                 day: 0,
-                month: 0,
+                cost: 1,
             });
             stored.note_lease_line();
             let tail = stored.account.lease_tail_address().unwrap() as usize;

@@ -121,6 +121,37 @@ fn admit_reads_a_policy_and_the_compact_form() {
 }
 
 #[test]
+fn admit_reads_a_cost_checked_like_the_other_amounts() {
+    let a = admit(&words("QUOTA.ADMIT t p u b REQUESTS_PER_DAY 3"), 10).unwrap();
+    assert_eq!(a.cost, 1, "the default");
+    for (given, cost) in [("0", 0), ("7", 7), ("1000000000", 1_000_000_000)] {
+        let line = format!("QUOTA.ADMIT t p u b cost {given} PEEK");
+        assert_eq!(admit(&words(&line), 10).unwrap().cost, cost);
+    }
+    for (given, error) in [
+        ("-1", "ERR COST must be a non-negative integer"),
+        ("1.5", "ERR COST must be a non-negative integer"),
+        ("x", "ERR COST must be a non-negative integer"),
+        ("1000000001", "ERR COST must be between 0 and 1000000000"),
+        (
+            "9223372036854775807",
+            "ERR COST must be between 0 and 1000000000",
+        ),
+    ] {
+        let line = format!("QUOTA.ADMIT t p u b COST {given}");
+        assert_eq!(admit_err(&line, 10), error, "{given}");
+    }
+    assert_eq!(
+        admit_err("QUOTA.ADMIT t p u b COST", 10),
+        "ERR COST must be followed by a value"
+    );
+    assert_eq!(
+        admit_err("QUOTA.ADMIT t p u b COST 1 COST 2", 10),
+        "ERR COST must be given at most once"
+    );
+}
+
+#[test]
 fn policy_subcommands() {
     match policy(&words(
         "QUOTA.POLICY set t p pro REQUESTS_PER_DAY 5 max_concurrent 2",
@@ -317,6 +348,7 @@ proptest! {
             proptest::collection::vec(any::<u8>(), 0..40),
             Just(b"REQUESTS_PER_DAY".to_vec()), Just(b"LEASE".to_vec()), Just(b"ADD".to_vec()),
             Just(b"EXPIRES_IN".to_vec()), Just(b"AMOUNT".to_vec()), Just(b"RESERVE".to_vec()),
+            Just(b"COST".to_vec()),
             Just(b"18446744073709551616".to_vec()), Just(b"-1".to_vec()), Just(b"*".to_vec()),
         ], 0..14)) {
         let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();

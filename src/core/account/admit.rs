@@ -64,12 +64,19 @@ impl Account {
         }
     }
 
-    /// The violated quota windows (not concurrency) under `limits`.
-    fn window_violations(&self, limits: &Limits, now: &Now, reserved: u64) -> u16 {
+    /// The violated quota windows (not concurrency) under `limits` for a request of `cost`:
+    /// a request window denies when `cost` more would go past its limit (a cost of 0 never
+    /// does), a token window when committed plus reserved tokens are at its limit.
+    fn window_violations(&self, limits: &Limits, now: &Now, reserved: u64, cost: u64) -> u16 {
         let mut bits = 0u16;
         for field in &LimitField::ALL[..6] {
             if let Some(limit) = limits.get(*field) {
-                if self.used(*field, now, reserved) >= limit {
+                let used = self.used(*field, now, reserved);
+                let denied = match field.is_request_window() {
+                    true => cost > 0 && used.saturating_add(cost) > limit,
+                    false => used >= limit,
+                };
+                if denied {
                     bits |= 1 << *field as u16;
                 }
             }
@@ -77,25 +84,33 @@ impl Account {
         bits
     }
 
-    /// All violations: quota windows and rates first; concurrency only when none of them is
-    /// violated.
-    fn violations(&self, limits: &Limits, now: &Now, reserved: u64, cost: u64) -> u16 {
-        let mut bits = self.window_violations(limits, now, reserved);
+    /// All violations of a request of `cost`: quota windows and rates first; concurrency only
+    /// when none of them is violated and the admission takes a lease (`leased`).
+    fn violations(&self, limits: &Limits, now: &Now, reserved: u64, req: Ask) -> u16 {
+        let mut bits = self.window_violations(limits, now, reserved, req.cost);
         if limits.has_rates() {
-            bits |= self.rate_violations(limits, now.ms, cost);
+            bits |= self.rate_violations(limits, now.ms, req.cost);
         }
         if bits != 0 {
             return bits;
         }
+        self.concurrency_violation(limits, req.leased)
+    }
+
+    /// The concurrency violation bit, when an admission that takes a lease (`leased`) finds
+    /// every slot held.
+    fn concurrency_violation(&self, limits: &Limits, leased: bool) -> u16 {
         match limits.get(LimitField::MaxConcurrent) {
-            Some(max) if self.leases().len() as u64 >= max => 1 << LimitField::MaxConcurrent as u16,
+            Some(max) if leased && self.leases().len() as u64 >= max => {
+                1 << LimitField::MaxConcurrent as u16
+            }
             _ => 0,
         }
     }
 
     /// Whole seconds (rounded up) and ms until every violated limit could allow again; -1
     /// (both) when one never does (a lifetime total, `MAX_CONCURRENT 0` where no slot can
-    /// ever free, a rate of 0 or below the cost).
+    /// ever free, a rate of 0 or below the cost, a request window below the cost).
     fn retry_after(&self, violations: u16, limits: &Limits, now: &Now, cost: u64) -> (i64, i64) {
         let (mut secs, mut ms) = (0i64, 0i64);
         for field in LimitField::ALL {
@@ -103,6 +118,12 @@ impl Account {
                 continue;
             }
             let (s, m) = match (field.window(), field) {
+                // However long one waits, the window never holds this many.
+                (Some(_), _)
+                    if field.is_request_window() && limits.get(field).is_some_and(|l| l < cost) =>
+                {
+                    return (-1, -1);
+                }
                 (Some(window), _) => {
                     let end = window.end(now.ms);
                     (
@@ -156,8 +177,10 @@ impl Account {
     }
 
     /// Decides one request against `policy` at `now` and, when admitted (and not a peek),
-    /// counts it: one request in the day, month and total; a lease when concurrency is limited
-    /// or a lease or reservation is asked for. Re-admitting a held lease changes nothing.
+    /// counts it: its cost in the day, month, total and request rates; a lease when a lease
+    /// or reservation is asked for, or concurrency is limited and the cost is not 0.
+    /// Re-admitting a held lease changes nothing; a free probe (cost 0) without a lease
+    /// changes nothing either.
     pub(crate) fn admit(
         &mut self,
         policy: &EffectivePolicy,
@@ -183,6 +206,7 @@ impl Account {
             pruned,
             counted: false,
             paid_by_balance: false,
+            cost: req.cost,
             debit_request: false,
             held_tokens: 0,
             rates_changed: false,
@@ -198,20 +222,24 @@ impl Account {
             }
         }
         let reserved = self.reserved();
-        let cost = 1u64;
-        let mut violations = self.violations(limits, &now, reserved, cost);
+        let cost = u64::from(req.cost);
+        // A lease is taken when one is asked for, or when concurrency is limited and the
+        // request counts something (a free probe takes no slot unless it asks for a lease).
+        let wants_lease = req.lease.is_some()
+            || req.reserve.is_some()
+            || (cost > 0 && limits.get(LimitField::MaxConcurrent).is_some());
+        let ask = Ask {
+            cost,
+            leased: wants_lease,
+        };
+        let mut violations = self.violations(limits, &now, reserved, ask);
         if violations != 0 {
-            match balance_pays(violations, req.balance) {
+            match balance_pays(violations, req.balance, cost) {
                 Payment::Paid { request } => {
                     decision.paid_by_balance = true;
                     decision.debit_request = request;
                     // The balance pays windows, never a concurrency slot.
-                    violations = match limits.get(LimitField::MaxConcurrent) {
-                        Some(max) if self.leases().len() as u64 >= max => {
-                            1 << LimitField::MaxConcurrent as u16
-                        }
-                        _ => 0,
-                    };
+                    violations = self.concurrency_violation(limits, wants_lease);
                 }
                 Payment::Spent => violations |= BALANCE_SPENT,
                 Payment::None => {}
@@ -228,21 +256,19 @@ impl Account {
             return Ok(decision);
         }
         decision.used_replenishment =
-            decision.paid_by_balance || self.violations(&policy.base, &now, reserved, cost) != 0;
-        let wants_lease = req.lease.is_some()
-            || req.reserve.is_some()
-            || limits.get(LimitField::MaxConcurrent).is_some();
+            decision.paid_by_balance || self.violations(&policy.base, &now, reserved, ask) != 0;
         if wants_lease && self.leases().len() >= MAX_LEASES {
             return Err(AccountError::TooManyLeases);
         }
-        if req.peek {
+        // A peek, or a free probe without a lease: nothing to count.
+        if req.peek || (cost == 0 && !wants_lease) {
             self.fill_remaining(&mut decision, limits, &now, reserved);
             return Ok(decision);
         }
         if limits.get(LimitField::TotalRequests).is_some() {
             self.lifetime = true;
         }
-        self.count_request(now_ms, now.hour, now.day, now.month);
+        self.count_request(now_ms, now.hour, now.day, now.month, cost);
         let mut rate_tokens = 0;
         if wants_lease {
             let want = req.reserve.unwrap_or(0);
@@ -263,7 +289,7 @@ impl Account {
                 expires_at,
                 reserved: grant,
                 day: i32::try_from(now.day).unwrap_or(i32::MAX),
-                month: i32::try_from(now.month).unwrap_or(i32::MAX),
+                cost: req.cost,
             });
             decision.lease = Some(id);
             decision.lease_expires_at = expires_at;
@@ -315,9 +341,16 @@ const TOKEN_LIMITS: [LimitField; 4] = [
     LimitField::TokensPerMinute,
 ];
 
+/// What an admission asks of the limits: the requests it counts and whether it takes a lease.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    cost: u64,
+    leased: bool,
+}
+
 /// Whether a balance pays a request that the windows `violations` deny.
 enum Payment {
-    /// It pays (`request`: the request windows denied, one request is debited).
+    /// It pays (`request`: the request windows denied, the request's cost is debited).
     Paid { request: bool },
     /// A balance that would have to pay is spent.
     Spent,
@@ -329,7 +362,9 @@ enum Payment {
 const REQUEST_WINDOWS: u16 = 0b000_0111;
 const TOKEN_WINDOWS: u16 = 0b011_1000;
 
-fn balance_pays(violations: u16, offer: Option<BalanceOffer>) -> Payment {
+/// A requests balance must cover the whole `cost` (a token balance only has to have something
+/// left: what a commit debits is not known yet).
+fn balance_pays(violations: u16, offer: Option<BalanceOffer>, cost: u64) -> Payment {
     let Some(offer) = offer else {
         return Payment::None;
     };
@@ -345,9 +380,13 @@ fn balance_pays(violations: u16, offer: Option<BalanceOffer>) -> Payment {
         if violations & bits == 0 {
             continue;
         }
+        let needed = match kind {
+            BalanceKind::Requests => i64::try_from(cost).unwrap_or(i64::MAX).max(1),
+            BalanceKind::Tokens => 1,
+        };
         match offer.left.get(kind) {
             None => return Payment::None,
-            Some(left) if left <= 0 => spent = true,
+            Some(left) if left < needed => spent = true,
             Some(_) => {}
         }
     }

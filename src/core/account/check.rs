@@ -3,15 +3,17 @@
 
 use std::collections::HashSet;
 
-use super::{Account, BadState, Counter, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED};
+use super::{
+    Account, BadState, Counter, LeaseId, MAX_COST, MAX_LEASES, MAX_LEASE_ID_LEN, MAX_SETTLED,
+};
 use crate::core::ledger::{Ledger, MAX_DECODED_HOURS, MAX_HOLDS};
 use crate::core::window::{Window, LAST_MS};
 
 impl Account {
     /// Checks every invariant the account's code relies on: counter windows and lease times
     /// within the range windows are kept for (so no window or date computation can overflow),
-    /// each lease's month the month of its day and its day before its expiry, leases in expiry
-    /// order, no lease id held or settled twice, ids of a valid length, at most `MAX_LEASES`
+    /// each lease's day before its expiry (its month follows from the day), leases in expiry
+    /// order, costs within `MAX_COST`, no lease id held or settled twice, ids of a valid length, at most `MAX_LEASES`
     /// leases and `MAX_SETTLED` settled ids, and the kept sums (reservations, first expiry)
     /// equal to what the leases say; rates with a rate above 0 and times in range.
     pub(crate) fn check(&self) -> Result<(), BadState> {
@@ -53,11 +55,11 @@ impl Account {
                 return Err(BadState("lease day out of range"));
             }
             let day_start = Window::Day.start_of(day);
-            if Window::Month.index(day_start) != i64::from(lease.month) {
-                return Err(BadState("lease month is not the month of its day"));
-            }
             if day_start >= lease.expires_at {
                 return Err(BadState("lease expires before the day it was counted in"));
+            }
+            if lease.cost > MAX_COST {
+                return Err(BadState("lease cost out of range"));
             }
             valid_id(&lease.id)?;
             if !held.insert(&lease.id) {
@@ -127,6 +129,9 @@ fn check_ledger(ledger: &Ledger) -> Result<(), BadState> {
     for hold in &ledger.holds {
         if !(1..=LAST_MS).contains(&hold.expires_at) {
             return Err(BadState("balance hold expiry out of range"));
+        }
+        if hold.paid_requests > MAX_COST {
+            return Err(BadState("balance hold cost out of range"));
         }
         if !tags.insert(hold.tag) {
             return Err(BadState("balance hold held twice"));

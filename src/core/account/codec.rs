@@ -4,12 +4,13 @@
 use std::collections::VecDeque;
 
 use super::{
-    window_slot, Account, BadState, Counter, Extra, Lease, LeaseId, MAX_LEASES, MAX_LEASE_ID_LEN,
-    MAX_SETTLED,
+    window_slot, Account, BadState, Counter, Extra, Lease, LeaseId, MAX_COST, MAX_LEASES,
+    MAX_LEASE_ID_LEN, MAX_SETTLED,
 };
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_DECODED_HOURS, MAX_HOLDS};
 use crate::core::rate::Rates;
 use crate::core::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
+use crate::core::window::Window;
 
 impl Account {
     /// Encodes the state for RDB, AOF and replication.
@@ -24,7 +25,10 @@ impl Account {
         // the renamed mark only where it is set.
         let with_ledger = self.ledger().is_some() || self.next_seq != 0;
         let rates = self.rates();
-        w.push(if rates.is_some() {
+        let costs = self.has_costs();
+        w.push(if costs {
+            ENCODING_VERSION_COSTS
+        } else if rates.is_some() {
             ENCODING_VERSION_RATES
         } else if self.renamed {
             ENCODING_VERSION_RENAMED
@@ -45,17 +49,23 @@ impl Account {
             put_i64(&mut w, l.expires_at);
             put_u64(&mut w, l.reserved);
             put_i64(&mut w, i64::from(l.day));
-            put_i64(&mut w, i64::from(l.month));
+            put_i64(&mut w, l.month());
+            if costs {
+                put_u64(&mut w, u64::from(l.cost));
+            }
         }
         put_u64(&mut w, self.settled().len() as u64);
         for (id, until) in self.settled() {
             put_id(&mut w, id);
             put_i64(&mut w, *until);
         }
-        if with_ledger || self.renamed || rates.is_some() {
-            put_ledger(&mut w, self);
+        if with_ledger || self.renamed || rates.is_some() || costs {
+            put_ledger(&mut w, self, costs);
         }
-        if let Some(rates) = rates {
+        if costs {
+            w.push(u8::from(self.renamed));
+            rates.copied().unwrap_or_default().encode(|b| w.push(b));
+        } else if let Some(rates) = rates {
             w.push(u8::from(self.renamed));
             rates.encode(|b| w.push(b));
         } else if self.renamed {
@@ -64,14 +74,24 @@ impl Account {
         w
     }
 
+    /// Whether some lease counted a cost other than 1, or some balance hold paid for more than
+    /// one request: what only the costs' encoding can say.
+    fn has_costs(&self) -> bool {
+        self.leases().iter().any(|l| l.cost != 1)
+            || self
+                .ledger()
+                .is_some_and(|l| l.holds.iter().any(|h| h.paid_requests > 1))
+    }
+
     /// Decodes what `encode` wrote. Anything else, including a well-formed state that breaks
     /// an invariant (`check`), is refused with the reason.
     pub(crate) fn decode(bytes: &[u8]) -> Result<Account, BadState> {
         let mut r = Reader { buf: bytes };
         let version = r.byte()?;
-        if !(ENCODING_VERSION..=ENCODING_VERSION_RATES).contains(&version) {
+        if !(ENCODING_VERSION..=ENCODING_VERSION_COSTS).contains(&version) {
             return Err(BadState("unknown state version"));
         }
+        let costs = version == ENCODING_VERSION_COSTS;
         let lifetime = r.flag("lifetime flag is neither 0 nor 1")?;
         let (mut windows, mut counts) = ([0u32; 3], [0u64; 5]);
         for counter in Counter::ALL {
@@ -99,12 +119,24 @@ impl Account {
         }
         let req_total = r.u64()?;
         let leases = r.list(MAX_LEASES, "more leases than an account may hold", |r| {
+            let (id, expires_at, reserved) = (r.id()?, r.i64()?, r.u64()?);
+            let day = r.i64()?;
+            if !(0..=Window::Day.last_index()).contains(&day) {
+                return Err(BadState("lease day out of range"));
+            }
+            let month = r.i64()?;
+            if Window::Month.index(Window::Day.start_of(day)) != month {
+                return Err(BadState("lease month is not the month of its day"));
+            }
             Ok(Lease {
-                id: r.id()?,
-                expires_at: r.i64()?,
-                reserved: r.u64()?,
-                day: i32::try_from(r.i64()?).map_err(|_| BadState("lease day out of range"))?,
-                month: i32::try_from(r.i64()?).map_err(|_| BadState("lease month out of range"))?,
+                id,
+                expires_at,
+                reserved,
+                day: i32::try_from(day).map_err(|_| BadState("lease day out of range"))?,
+                cost: match costs {
+                    true => r.cost("lease cost out of range")?,
+                    false => 1,
+                },
             })
         })?;
         let leases = VecDeque::from(leases);
@@ -114,7 +146,7 @@ impl Account {
             |r| Ok((r.id()?, r.i64()?)),
         )?;
         let (next_seq, ledger) = if version >= ENCODING_VERSION_LEDGER {
-            let (next_seq, ledger) = r.ledger()?;
+            let (next_seq, ledger) = r.ledger(costs)?;
             (next_seq, (!ledger.is_idle()).then(|| Box::new(ledger)))
         } else {
             (0, None)
@@ -124,7 +156,9 @@ impl Account {
                 1 => true,
                 _ => return Err(BadState("a renamed mark without a sequence")),
             },
-            ENCODING_VERSION_RATES => r.flag("renamed mark is neither 0 nor 1")?,
+            ENCODING_VERSION_RATES | ENCODING_VERSION_COSTS => {
+                r.flag("renamed mark is neither 0 nor 1")?
+            }
             _ => false,
         };
         if renamed && next_seq == 0 {
@@ -137,6 +171,11 @@ impl Account {
                     return Err(BadState("a rates part without a rate"));
                 }
                 Some(Box::new(rates))
+            }
+            // The rates part of the costs' encoding may be empty (mask 0).
+            ENCODING_VERSION_COSTS => {
+                let rates = Rates::decode(&mut r.buf).map_err(BadState)?;
+                (!rates.is_empty()).then(|| Box::new(rates))
             }
             _ => None,
         };
@@ -183,10 +222,17 @@ pub(super) const ENCODING_VERSION_RENAMED: u8 = 3;
 /// (`Rates::encode`, at least one rate): written only by an account with rates, so the
 /// others keep their older bytes.
 pub(super) const ENCODING_VERSION_RATES: u8 = 4;
+/// The fourth version's layout with the costs (`COST`): each lease's cost follows its month,
+/// each balance hold says how many requests it paid as a number rather than a 0/1 flag, and
+/// the rates part may be empty (mask 0). Written only by an account holding a lease whose
+/// cost is not 1 or a hold that paid more than one request, so the others keep their older
+/// bytes (and a lease of an older state costs 1).
+pub(super) const ENCODING_VERSION_COSTS: u8 = 5;
 
 /// The ledger fields: the batch sequence, the floor, the unflushed hours (inline and in the
-/// ledger part, as one list), the holds and the terms.
-fn put_ledger(w: &mut Vec<u8>, account: &Account) {
+/// ledger part, as one list), the holds (each one's paid requests as a number with `costs`,
+/// else as a flag) and the terms.
+fn put_ledger(w: &mut Vec<u8>, account: &Account, costs: bool) {
     let empty = Ledger::default();
     let l = account.ledger().unwrap_or(&empty);
     put_u64(w, account.next_seq);
@@ -204,7 +250,10 @@ fn put_ledger(w: &mut Vec<u8>, account: &Account) {
         put_u64(w, h.tag);
         put_i64(w, h.expires_at);
         put_u64(w, h.tokens);
-        w.push(u8::from(h.paid_request));
+        match costs {
+            true => put_u64(w, u64::from(h.paid_requests)),
+            false => w.push(u8::from(h.paid_requests != 0)),
+        }
     }
     match &l.terms {
         None => w.push(0),
@@ -294,8 +343,17 @@ impl Reader<'_> {
         Ok(out)
     }
 
-    /// The ledger fields: the batch sequence and the ledger part.
-    fn ledger(&mut self) -> Result<(u64, Ledger), BadState> {
+    /// A cost (of a lease, or the requests a hold paid): at most `MAX_COST`.
+    fn cost(&mut self, out_of_range: &'static str) -> Result<u32, BadState> {
+        u32::try_from(self.u64()?)
+            .ok()
+            .filter(|c| *c <= MAX_COST)
+            .ok_or(BadState(out_of_range))
+    }
+
+    /// The ledger fields: the batch sequence and the ledger part (`costs`: the holds' paid
+    /// requests are numbers, else flags).
+    fn ledger(&mut self, costs: bool) -> Result<(u64, Ledger), BadState> {
         let next_seq = self.u64()?;
         let floor = [self.u64()?, self.u64()?];
         let hours = self.list(
@@ -315,7 +373,10 @@ impl Reader<'_> {
                 tag: r.u64()?,
                 expires_at: r.i64()?,
                 tokens: r.u64()?,
-                paid_request: r.flag("hold flag is neither 0 nor 1")?,
+                paid_requests: match costs {
+                    true => r.cost("balance hold cost out of range")?,
+                    false => u32::from(r.flag("hold flag is neither 0 nor 1")?),
+                },
             })
         })?;
         let terms = match self.byte()? {

@@ -139,13 +139,17 @@ impl Account {
         Ok(outcome)
     }
 
-    /// Counts one admitted request in the day and month windows with these indexes, in the
-    /// lifetime total and in the unflushed usage of the hour with index `hour`.
-    pub(crate) fn count_request(&mut self, at: Millis, hour: i64, day: i64, month: i64) {
-        self.record_usage(at, hour, 1, 0);
-        self.add(Counter::ReqDay, day, 1);
-        self.add(Counter::ReqMonth, month, 1);
-        self.req_total = self.req_total.saturating_add(1);
+    /// Counts an admitted request of `cost` in the day and month windows with these indexes,
+    /// in the lifetime total and in the unflushed usage of the hour with index `hour`. A cost
+    /// of 0 counts nothing.
+    pub(crate) fn count_request(&mut self, at: Millis, hour: i64, day: i64, month: i64, cost: u64) {
+        if cost == 0 {
+            return;
+        }
+        self.record_usage(at, hour, i64::try_from(cost).unwrap_or(i64::MAX), 0);
+        self.add(Counter::ReqDay, day, cost);
+        self.add(Counter::ReqMonth, month, cost);
+        self.req_total = self.req_total.saturating_add(cost);
     }
 
     /// Records `tokens` used in the hour, day and month windows with these indexes (and in the
@@ -182,33 +186,34 @@ impl Account {
         held
     }
 
-    /// Undoes an admission: frees the lease, drops its reservation and refunds the request in
-    /// the windows it was counted in. False if the lease was not held.
-    /// The smooth rates get back what the admission counted there.
+    /// Undoes an admission: frees the lease, drops its reservation and refunds the request's
+    /// cost in the windows it was counted in. False if the lease was not held.
+    /// The smooth rates get back what the admission counted there (its cost and reservation).
     pub(crate) fn release(&mut self, lease: &str, now_ms: Millis) -> bool {
         self.prune(now_ms);
         let id = LeaseId::parse(lease);
-        let held = self.leases().iter().find(|l| l.id == id);
-        let reserved = held.map_or(0, |l| l.reserved);
-        let released = self.unadmit(&id, now_ms);
-        if released {
-            self.refund_rates(now_ms, 1, reserved);
+        match self.unadmit(&id, now_ms) {
+            Some(held) => {
+                self.refund_rates(now_ms, u64::from(held.cost), held.reserved);
+                true
+            }
+            None => false,
         }
-        released
     }
 
-    /// Drops the held lease `id` and refunds its request in the windows it was counted in.
-    /// False if the lease is not held.
-    pub(crate) fn unadmit(&mut self, id: &LeaseId, at: Millis) -> bool {
-        let Some(held) = self.extra.as_deref_mut().and_then(|e| e.remove_lease(id)) else {
-            return false;
-        };
+    /// Drops the held lease `id` and refunds its request's cost in the windows it was counted
+    /// in: the lease, or none if it is not held.
+    pub(crate) fn unadmit(&mut self, id: &LeaseId, at: Millis) -> Option<Lease> {
+        let held = self.extra.as_deref_mut().and_then(|e| e.remove_lease(id))?;
         self.tidy();
-        self.refund(Counter::ReqDay, i64::from(held.day));
-        self.refund(Counter::ReqMonth, i64::from(held.month));
-        self.req_total = self.req_total.saturating_sub(1);
-        self.record_usage(at, Window::Hour.index(at), -1, 0);
-        true
+        let cost = u64::from(held.cost);
+        if cost > 0 {
+            self.refund(Counter::ReqDay, i64::from(held.day), cost);
+            self.refund(Counter::ReqMonth, held.month(), cost);
+            self.req_total = self.req_total.saturating_sub(cost);
+            self.record_usage(at, Window::Hour.index(at), -i64::from(held.cost), 0);
+        }
+        Some(held)
     }
 
     /// The tokens of a commit of `tokens` at `now` that its balance pays: how much further

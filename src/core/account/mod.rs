@@ -10,7 +10,7 @@
 //!
 //! This file holds the types, the usage snapshot and retention; `admit` the decision, `lease`
 //! adding, pruning and settling leases, `lease_id` the ids, `check` the invariants, `codec` the
-//! bytes and `tests` the unit tests.
+//! bytes and `tests` (`cost_tests` for `COST`) the unit tests.
 
 mod admit;
 mod check;
@@ -41,6 +41,10 @@ pub(crate) const MAX_SETTLED: usize = 4096;
 pub(crate) const SETTLED_MIN_MS: Millis = 60_000;
 /// Longest lease id, in bytes.
 pub(crate) const MAX_LEASE_ID_LEN: usize = 128;
+/// Most requests one admission may count (`COST`): far below what a window's counter or the
+/// ledger's sums can hold, so no sum of costs comes near their limits, and a lease keeps its
+/// cost in 32 bits.
+pub(crate) const MAX_COST: u32 = 1_000_000_000;
 
 /// The window counters an account keeps; each counts in the window its name says and reads
 /// as zero once that window is over.
@@ -83,10 +87,19 @@ pub(crate) struct Lease {
     pub expires_at: Millis,
     /// Tokens reserved until commit, release or expiry.
     pub reserved: u64,
-    /// The day and month the request was counted in (a release refunds only those); window
-    /// indexes since 1970 fit 32 bits for millions of years, and a lease is 40 bytes, not 48.
+    /// The day the request was counted in (a release refunds only that day and its month,
+    /// which follows from it); day indexes since 1970 fit 32 bits for millions of years.
     pub day: i32,
-    pub month: i32,
+    /// The requests the admission counted (`COST`, at most `MAX_COST`): what a release gives
+    /// back. In the place the month had (it follows from the day): a lease is 40 bytes, not 48.
+    pub cost: u32,
+}
+
+impl Lease {
+    /// The month the request was counted in: the month of its day.
+    pub(crate) fn month(&self) -> i64 {
+        Window::Month.index(Window::Day.start_of(i64::from(self.day)))
+    }
 }
 
 /// The usage state of one account.
@@ -217,6 +230,10 @@ pub(crate) struct AdmitRequest<'a> {
     pub lease_ttl_ms: Millis,
     pub reserve: Option<u64>,
     pub peek: bool,
+    /// The requests it counts (`COST`, default 1, at most `MAX_COST`): n in every request
+    /// window and request rate, n debited when a requests balance pays. 0 counts nothing
+    /// there (a free probe).
+    pub cost: u32,
     /// What the balance of the applicable credit row has left, when it has one.
     pub balance: Option<BalanceOffer>,
 }
@@ -257,7 +274,9 @@ pub(crate) struct AdmitDecision {
     pub counted: bool,
     /// The balance paid: a window would have denied.
     pub paid_by_balance: bool,
-    /// The balance pays this request (one request debited).
+    /// The requests the admission counts (its `COST`).
+    pub cost: u32,
+    /// The balance pays this request (`cost` requests debited).
     pub debit_request: bool,
     /// Tokens held on the token balance for the lease (part of `reserved`).
     pub held_tokens: u64,
@@ -494,11 +513,11 @@ impl Account {
         self.windows[slot] = index;
     }
 
-    /// Takes one back from `counter` if it still counts in the window with this index.
-    fn refund(&mut self, counter: Counter, index: i64) {
+    /// Takes `n` back from `counter` if it still counts in the window with this index.
+    fn refund(&mut self, counter: Counter, index: i64, n: u64) {
         if self.counter(counter).0 == index {
             let i = counter as usize;
-            self.counts[i] = self.counts[i].saturating_sub(1);
+            self.counts[i] = self.counts[i].saturating_sub(n);
         }
     }
 
@@ -660,5 +679,7 @@ impl Account {
     }
 }
 
+#[cfg(test)]
+mod cost_tests;
 #[cfg(test)]
 mod tests;

@@ -277,7 +277,13 @@ mod tests {
     }
 
     fn admitted(acc: &mut Account, at: Millis) {
-        acc.count_request(at, hour(at), Window::Day.index(at), Window::Month.index(at));
+        acc.count_request(
+            at,
+            hour(at),
+            Window::Day.index(at),
+            Window::Month.index(at),
+            1,
+        );
     }
 
     fn delta(at: Millis, requests: i64, tokens: i64, debits: [i64; 2]) -> HourDelta {
@@ -540,6 +546,7 @@ mod interleaving {
                                     lease_ttl_ms: 600_000,
                                     reserve: Some(1),
                                     peek: false,
+                                    cost: 1,
                                     balance: None,
                                 },
                                 now,

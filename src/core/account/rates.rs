@@ -65,17 +65,18 @@ impl Account {
     }
 
     /// The violated rates under `limits` at `now` for `cost` requests (the token rate denies
-    /// once less than one token is left), as `LimitField` bits.
+    /// once less than one token is left; a cost of 0 counts nothing in the request rates, so
+    /// they never deny it), as `LimitField` bits.
     pub(super) fn rate_violations(&self, limits: &Limits, now: Millis, cost: u64) -> u16 {
         let mut bits = 0u16;
         for field in LimitField::RATES {
             let Some(n) = limits.get(field) else {
                 continue;
             };
-            let cost = if field == LimitField::TokensPerMinute {
-                1
-            } else {
-                cost
+            let cost = match field {
+                LimitField::TokensPerMinute => 1,
+                _ if cost == 0 => continue,
+                _ => cost,
             };
             if self.rate_wait(field, n, now, cost) != Wait::None {
                 bits |= 1 << field as u16;
@@ -197,6 +198,7 @@ mod tests {
             lease_ttl_ms: 30_000,
             reserve,
             peek: false,
+            cost: 1,
             balance: None,
         }
     }

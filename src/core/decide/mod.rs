@@ -147,9 +147,9 @@ pub(crate) fn terms_for(b: &RowBalance, global: bool, policy: &EffectivePolicy) 
     }
 }
 
-/// What an admission changes on its balance holder: one request debited when the balance paid
-/// for it, and a hold for its lease (the tokens held, and whether the request was paid, so a
-/// release refunds it). `key` is the admitted account's key, `lease` the id the caller chose.
+/// What an admission changes on its balance holder: the request's cost debited when the
+/// balance paid for it, and a hold for its lease (the tokens held, and the requests paid, so a
+/// release refunds them). `key` is the admitted account's key, `lease` the id the caller chose.
 pub(crate) fn admission_charge(
     d: &AdmitDecision,
     key: &[u8],
@@ -161,15 +161,16 @@ pub(crate) fn admission_charge(
         return None;
     }
     let mut buf = [0u8; 16];
+    let paid = if d.debit_request { d.cost } else { 0 };
     let hold = d.lease.as_ref().map(|id| Hold {
         tag: hold_tag(key, lease.unwrap_or_else(|| id.as_text(&mut buf))),
         expires_at: now.saturating_add(lease_ttl_ms.max(1)),
         tokens: d.held_tokens,
-        paid_request: d.debit_request,
+        paid_requests: paid,
     });
     Some(BalanceChange {
         debits: PerKind {
-            requests: i64::from(d.debit_request),
+            requests: i64::from(paid),
             tokens: 0,
         },
         hold,
@@ -183,7 +184,7 @@ pub(crate) enum Settle {
     /// A commit; `debit` tokens went beyond the token windows (the balance pays them, even
     /// below zero: the overdraft rule).
     Commit { debit: u64 },
-    /// A release: the request is refunded to the balance if the balance paid for it.
+    /// A release: the requests the balance paid for the admission are refunded.
     Release,
 }
 
@@ -204,8 +205,8 @@ pub(crate) fn settlement(
             .and_then(|led| led.hold(tag, now).copied())
     });
     let (refund, debit) = match how {
-        Settle::Commit { debit } => (false, debit),
-        Settle::Release => (hold.is_some_and(|h| h.paid_request), 0),
+        Settle::Commit { debit } => (0, debit),
+        Settle::Release => (hold.map_or(0, |h| h.paid_requests), 0),
     };
     let change = BalanceChange {
         debits: PerKind {

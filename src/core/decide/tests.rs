@@ -38,6 +38,7 @@ fn request(lease: Option<&str>) -> AdmitRequest<'_> {
         lease_ttl_ms: TTL,
         reserve: None,
         peek: false,
+        cost: 1,
         balance: None,
     }
 }
@@ -212,6 +213,7 @@ fn an_admission_denied_or_not_counted_charges_nothing() {
         pruned: false,
         counted: true,
         paid_by_balance: false,
+        cost: 1,
         debit_request: false,
         held_tokens: 0,
     };
@@ -237,7 +239,7 @@ fn a_paid_lease_is_held_with_its_tag_and_expiry() {
         .copied();
     let hold = hold.unwrap();
     assert_eq!(hold.expires_at, T0 + TTL);
-    assert!(hold.paid_request);
+    assert_eq!(hold.paid_requests, 1);
 }
 
 #[test]
@@ -574,4 +576,58 @@ fn without_the_batch_a_row_that_counts_it_is_taken_at_the_floor() {
     // A renamed holder's sequence is another name's: the row's is not comparable.
     acc.mark_renamed();
     assert!(!counts_unacknowledged(&row, Some(&acc)));
+}
+
+/// A request of cost n that a requests balance pays is debited n (all of it, whatever the
+/// windows had left), a balance with less than n left is spent, and a release refunds exactly
+/// n: on the account's own balance, and on the user's `'*'` account, whose hold says n (in
+/// its state and in the effect a replica applies).
+#[test]
+fn a_balance_pays_a_whole_cost_and_a_release_refunds_it() {
+    let p = policy(&[(LimitField::RequestsPerDay, 2)]);
+    let b = balance(Some(5), None);
+    let costly = |cost, lease| AdmitRequest {
+        cost,
+        ..request(lease)
+    };
+    let mut acc = Account::default();
+    let a = admit_with(
+        &mut acc,
+        KEY_A,
+        "a",
+        &p,
+        costly(3, Some("L")),
+        own(b),
+        None,
+        T0,
+    );
+    assert!(a.decision.allowed && a.decision.paid_by_balance);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(2), None));
+    let spent = admit_with(&mut acc, KEY_A, "a", &p, costly(3, None), own(b), None, T0);
+    assert_eq!(spent.decision.reason(), "requests_per_day|balance");
+    let payer = payer_by_terms(Some(&acc), "a");
+    assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
+    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(5), None));
+
+    let mut star = Account::default();
+    let mut replica = Account::default();
+    let ship = |propagate: Propagate, replica: &mut Account| match propagate {
+        Propagate::Effect(bytes) => Effect::decode(&bytes).unwrap().apply(replica).unwrap(),
+        _ => panic!("no effect"),
+    };
+    let mut acc = Account::default();
+    let req = costly(4, Some("M"));
+    let a = admit_with(&mut acc, KEY_B, "b", &p, req, global(b), Some(&star), T0);
+    assert_eq!(a.star_change.map(|c| c.debits), Some(per(4, 0)));
+    ship(charge(&mut star, a.star_change.unwrap(), T0), &mut replica);
+    assert_eq!(replica, star);
+    assert_eq!(Account::decode(&star.encode()), Ok(star.clone()));
+    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(1), None));
+    let payer = payer_by_terms(Some(&acc), "b");
+    assert!(release(&mut acc, KEY_B, "M", payer, T0).0);
+    let change = settlement(Some(&star), KEY_B, Some("M"), Settle::Release, T0).unwrap();
+    assert_eq!(change.debits, per(-4, 0));
+    ship(charge(&mut star, change, T0), &mut replica);
+    assert_eq!(replica, star);
+    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(5), None));
 }

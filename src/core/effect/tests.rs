@@ -1,8 +1,12 @@
 //! Unit tests of effects: encoding, decoding and applying.
 
+use super::codec::*;
 use super::*;
-use crate::core::account::{AdmitRequest, MAX_LEASES};
+use crate::core::account::{AdmitRequest, MAX_COST, MAX_LEASES};
+use crate::core::credit::PerKind;
+use crate::core::ledger::Hold;
 use crate::core::policy::{EffectivePolicy, LimitField, Limits};
+use crate::core::varint::write_u64;
 use proptest::prelude::*;
 
 const T0: Millis = 1_795_000_000_000;
@@ -118,6 +122,8 @@ fn a_replica_applying_the_effects_ends_with_the_masters_state() {
                     lease_ttl_ms: 1 + ttl as Millis,
                     reserve: (reserve < 9).then_some(reserve),
                     peek: peek == 0,
+                    // Mostly 1; now and then a free probe or a larger cost.
+                    cost: [1, 1, 1, 0, 3, 1_000][next(6) as usize],
                     balance: None,
                 };
                 let id = (case << 20) + step + 1;
@@ -145,6 +151,7 @@ fn an_effect_does_not_grow_with_the_leases_held() {
             lease_ttl_ms: 600_000,
             reserve: Some(1),
             peek: false,
+            cost: 1,
             balance: None,
         };
         pair.admit(&p, &req, T0, 0);
@@ -211,7 +218,12 @@ fn decoding_rejects_what_encode_never_writes() {
         Effect::decode(&[VERSION, PRUNE, 0x80, 0x00]),
         Err(EffectError::Number)
     );
-    assert_eq!(Effect::decode(&[4, PRUNE, 0]), Err(EffectError::Version));
+    assert_eq!(Effect::decode(&[6, PRUNE, 0]), Err(EffectError::Version));
+    // The costs' versions only for what needs them.
+    assert_eq!(
+        Effect::decode(&[VERSION_COSTS, PRUNE, 0]),
+        Err(EffectError::Version)
+    );
     // The rates' version needs its rates.
     assert_eq!(
         Effect::decode(&[VERSION_RATES, PRUNE, 0]),
@@ -242,6 +254,7 @@ fn a_rebase_starts_a_renamed_accounts_sequence_anew() {
         Window::Hour.index(T0),
         Window::Day.index(T0),
         Window::Month.index(T0),
+        1,
     );
     master.mark_renamed();
     assert!(master.is_renamed());
@@ -257,6 +270,70 @@ fn a_rebase_starts_a_renamed_accounts_sequence_anew() {
     // A lower sequence never takes it back.
     master.rebase(1);
     assert_eq!(master.batch_seq(), fresh);
+}
+
+/// An admission's cost travels with its count (and a hold's paid requests with the hold) in
+/// the costs' versions, only when it is not 1: an effect of cost 1 keeps its older bytes. A
+/// replica counts the cost, and its lease gives back that cost when released.
+#[test]
+fn a_cost_travels_with_its_count_and_its_release_refunds_it_on_a_replica() {
+    let p = policy(&[(LimitField::RequestsPerDay, 100)]);
+    let req = |cost| AdmitRequest {
+        lease: Some("L"),
+        lease_ttl_ms: 60_000,
+        reserve: None,
+        peek: false,
+        cost,
+        balance: None,
+    };
+    let mut one = Account::default();
+    let d = one.admit(&p, &req(1), T0, || 1).unwrap();
+    let bytes = Effect::admitted(T0, &d, &one).unwrap().encode();
+    assert_eq!(bytes[0], VERSION);
+    let mut pair = Pair::new();
+    pair.admit(&p, &req(7), T0, 1);
+    let d = Account::default().admit(&p, &req(7), T0, || 1).unwrap();
+    let bytes = Effect::admitted(T0, &d, &pair.master).unwrap().encode();
+    assert_eq!(bytes[0], VERSION_COSTS);
+    assert_eq!(pair.replica.usage(T0).requests_per_day, 7);
+    assert_eq!(pair.replica.leases().front().map(|l| l.cost), Some(7));
+    pair.release("L", T0 + 1);
+    assert_eq!(pair.replica.usage(T0).requests_per_day, 0);
+    assert_eq!(pair.replica, pair.master);
+    // With the smooth rates' state too.
+    let rated = policy(&[(LimitField::RequestsPerSecond, 10)]);
+    let mut pair = Pair::new();
+    pair.admit(&rated, &req(4), T0, 1);
+    assert_eq!(pair.replica.usage(T0).rates, [4, 0, 0]);
+    assert_eq!(pair.master.encode(), pair.replica.encode());
+    // A hold that paid for 3 requests.
+    let hold = |paid_requests| Effect {
+        balance: Some(BalanceChange {
+            debits: PerKind {
+                requests: i64::from(paid_requests),
+                tokens: 0,
+            },
+            hold: Some(Hold {
+                tag: 9,
+                expires_at: T0 + 1,
+                tokens: 0,
+                paid_requests,
+            }),
+            settle: None,
+        }),
+        ..Effect::empty(T0)
+    };
+    for (paid, version) in [(0, VERSION), (1, VERSION), (3, VERSION_COSTS)] {
+        let bytes = hold(paid).encode();
+        assert_eq!(bytes[0], version, "{paid}");
+        assert_eq!(Effect::decode(&bytes), Ok(hold(paid)));
+    }
+    // A cost beyond the bound is refused.
+    let mut big = hold(3).encode().to_vec();
+    let last = big.len() - 1;
+    big.truncate(last);
+    write_u64(u64::from(MAX_COST) + 1, |b| big.push(b));
+    assert_eq!(Effect::decode(&big), Err(EffectError::Number));
 }
 
 #[test]
@@ -295,11 +372,16 @@ proptest! {
     /// Bytes that start like an effect (version and flags right) reach deeper checks.
     #[test]
     fn near_effects_decode_or_fail_cleanly(
-        rates in any::<bool>(),
+        version in prop::sample::select(vec![
+            VERSION,
+            VERSION_RATES,
+            VERSION_COSTS,
+            VERSION_COSTS_RATES,
+        ]),
         flags in any::<u8>(),
         rest in proptest::collection::vec(any::<u8>(), 0..48),
     ) {
-        let mut bytes = vec![if rates { VERSION_RATES } else { VERSION }, flags];
+        let mut bytes = vec![version, flags];
         bytes.extend_from_slice(&rest);
         if let Ok(effect) = Effect::decode(&bytes) {
             prop_assert_eq!(effect.encode().to_vec(), bytes.clone());
