@@ -17,6 +17,7 @@
 pub(crate) mod commands;
 pub(crate) mod core;
 pub(crate) mod ffi;
+pub(crate) mod parse;
 pub(crate) mod runtime;
 pub(crate) mod store;
 

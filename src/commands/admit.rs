@@ -11,7 +11,6 @@
 //! 4. reply (`replies`).
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING};
-use super::parse::{self, AdmitArgs, OwnedAdmit};
 use super::replication::{charge, open_star, update, EVENT_ADMIT, EVENT_DENIED};
 use super::{policies, replies, Waiting};
 use crate::core::account::AdmitRequest;
@@ -22,6 +21,7 @@ use crate::core::policy::{EffectivePolicy, Limits};
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
+use crate::parse::{self, AdmitArgs, OwnedAdmit};
 use crate::runtime::config::{self, ScriptMiss};
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, PolicyFound, WaitMode};
 use crate::runtime::jobs::{Done, StoreError};

@@ -7,7 +7,7 @@
 
 use super::error::{CommandError, CANNOT_BLOCK, CREDITS_LOADING_NO_WAIT};
 use super::replies::record;
-use super::{parse, words, Waiting};
+use super::{words, Waiting};
 use crate::core::credit::{select_credit, BalanceKind, PerKind, Replenishment};
 use crate::core::decide;
 use crate::core::ids::{AccountId, UserId};
@@ -15,6 +15,7 @@ use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
 use crate::ffi::ctx::Ctx;
+use crate::parse;
 use crate::runtime::config;
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, WaitMode};
 use crate::runtime::jobs::{Done, Job, OwnedAccount, OwnedUser, StoreError};

@@ -3,11 +3,11 @@
 //! error once. Parse, store, account and wrong-type errors carry their own wire text (their
 //! `Display`); arity errors use Redis's own wording.
 
-use super::parse::ParseError;
 use crate::core::account::AccountError;
 use crate::core::effect::EffectError;
 use crate::ffi::account_type::WrongType;
 use crate::ffi::ctx::Ctx;
+use crate::parse::ParseError;
 use crate::runtime::config;
 use crate::runtime::jobs::{Done, StoreError};
 

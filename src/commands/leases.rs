@@ -6,12 +6,12 @@
 //! that one too, applies, propagates and replies.
 
 use super::error::CommandError;
-use super::parse;
 use super::replication::{charge, open_star, update, EVENT_COMMIT, EVENT_RELEASE};
 use crate::core::decide::{self, Payer, Settle};
 use crate::core::ids::AccountId;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
+use crate::parse;
 use crate::runtime::clock;
 
 /// Who holds the balance the account's terms name, and the `'*'` account's key when it is

@@ -1,19 +1,18 @@
-//! Command shells: parse the arguments, call the core, write the effects and the reply.
+//! Command shells: parse the arguments (`crate::parse`), call the core, write the effects and
+//! the reply.
 //!
 //! Every command that reads the caches goes gather (`runtime::gather`) -> decide (`core`) ->
 //! apply -> reply. `admit` holds ADMIT; `leases` COMMIT and RELEASE; `usage` USAGE and RESET;
 //! `replication` the apply step (`update`) and the internal APPLY and SETSTATE; `replies` the
 //! reply writers; `credits` the commands over PostgreSQL-backed credits (GRANT, GET, REVOKE,
 //! LIST, CLEANUP, INVALIDATE, HISTORY); `policies` QUOTA.POLICY; `project` the reads over a
-//! whole project (FIND, with its cursor in `cursor`, and TOP). Every entry point runs inside
+//! whole project (FIND, with its cursor in `parse::cursor`, and TOP). Every entry point runs inside
 //! `ffi::blocked::guard`, so a panic becomes an error reply instead of aborting Redis.
 
 pub(crate) mod admit;
 pub(crate) mod credits;
-mod cursor;
 mod error;
 pub(crate) mod leases;
-pub(crate) mod parse;
 pub(crate) mod policies;
 pub(crate) mod project;
 pub(crate) mod replication;

@@ -8,11 +8,12 @@
 
 use super::credits::on_worker;
 use super::error::{CommandError, CANNOT_BLOCK};
-use super::{parse, Waiting};
+use super::Waiting;
 use crate::core::ids::PolicyId;
 use crate::core::policy::{LimitField, Limits};
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
+use crate::parse;
 use crate::runtime::cache;
 use crate::runtime::clock;
 use crate::runtime::gather::{gather, Gathered, Needs, PolicyFound, WaitMode};

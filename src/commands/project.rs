@@ -9,9 +9,10 @@
 
 use super::credits::on_worker;
 use super::replies::record;
-use super::{cursor, parse, CommandError, Waiting};
+use super::{CommandError, Waiting};
 use crate::core::ids::{AccountId, UserId};
 use crate::ffi::ctx::Ctx;
+use crate::parse::{self, cursor};
 use crate::runtime::config;
 use crate::runtime::jobs::{Done, Job};
 

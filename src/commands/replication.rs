@@ -6,7 +6,6 @@
 //! counts it as a change for RDB saves, and puts the account on the ledger's list to flush.
 
 use super::error::CommandError;
-use super::parse;
 use crate::core::account::Account;
 use crate::core::decide::{self, Propagate};
 use crate::core::effect::{Change, Effect};
@@ -16,6 +15,7 @@ use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
 use crate::ffi::propagation;
+use crate::parse;
 use crate::runtime::ledger;
 
 /// Keyspace events (module class) on the account key, documented in the README.

@@ -1,12 +1,12 @@
 //! `QUOTA.USAGE` and `QUOTA.RESET`: read an account's usage, and forget it.
 
 use super::error::CommandError;
-use super::parse;
 use super::replication::EVENT_RESET;
 use super::replies::usage_map;
 use crate::core::account::Account;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
+use crate::parse;
 use crate::runtime::clock;
 
 /// `QUOTA.USAGE`: a read-only snapshot.

@@ -602,12 +602,12 @@ fn a_balance_pays_a_whole_cost_and_a_release_refunds_it() {
         T0,
     );
     assert!(a.decision.allowed && a.decision.paid_by_balance);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(2), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(2), None));
     let spent = admit_with(&mut acc, KEY_A, "a", &p, costly(3, None), own(b), None, T0);
     assert_eq!(spent.decision.reason(), "requests_per_day|balance");
     let payer = payer_by_terms(Some(&acc), "a");
     assert!(release(&mut acc, KEY_A, "L", payer, T0).0);
-    assert_eq!(offer(&b, Some(&acc), T0).left, per(Some(5), None));
+    assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(5), None));
 
     let mut star = Account::default();
     let mut replica = Account::default();
@@ -622,12 +622,12 @@ fn a_balance_pays_a_whole_cost_and_a_release_refunds_it() {
     ship(charge(&mut star, a.star_change.unwrap(), T0), &mut replica);
     assert_eq!(replica, star);
     assert_eq!(Account::decode(&star.encode()), Ok(star.clone()));
-    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(1), None));
+    assert_eq!(offer(&b, Some(&star), None, T0).left, per(Some(1), None));
     let payer = payer_by_terms(Some(&acc), "b");
     assert!(release(&mut acc, KEY_B, "M", payer, T0).0);
     let change = settlement(Some(&star), KEY_B, Some("M"), Settle::Release, T0).unwrap();
     assert_eq!(change.debits, per(-4, 0));
     ship(charge(&mut star, change, T0), &mut replica);
     assert_eq!(replica, star);
-    assert_eq!(offer(&b, Some(&star), T0).left, per(Some(5), None));
+    assert_eq!(offer(&b, Some(&star), None, T0).left, per(Some(5), None));
 }

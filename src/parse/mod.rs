@@ -1,6 +1,7 @@
 //! Argument parsing for every `QUOTA.*` command, over plain byte slices (no Redis types), so it
 //! can be unit- and property-tested. Options are case-insensitive keywords, in any order, each
-//! at most once; every error names the bad argument and is the exact wire text.
+//! at most once; every error names the bad argument and is the exact wire text. The commands'
+//! shells (`crate::commands`) call it first; it decides nothing.
 
 use std::fmt;
 
@@ -12,7 +13,7 @@ use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
 use crate::runtime::jobs::{FindQuery, OwnedAccount, TopBy, TopQuery};
 
-use super::cursor::{self, CursorError};
+use cursor::CursorError;
 
 /// Longest `PURCHASE` id, in bytes (the column is `VARCHAR(255)`).
 pub(crate) const MAX_PURCHASE_LEN: usize = 255;
@@ -718,6 +719,8 @@ fn account_and_rest<'a, 'b>(
         _ => Err(ParseError::Arity),
     }
 }
+
+pub(crate) mod cursor;
 
 #[cfg(test)]
 mod tests;
