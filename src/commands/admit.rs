@@ -343,7 +343,7 @@ fn decide(
     if let (Some(change), Some(star)) = (star_change, star.as_mut()) {
         charge(ctx, star, now, change);
     }
-    if !decision.allowed {
+    if !decision.allowed() {
         decision.retry_after = source.denial_retry_after(decision.retry_after);
         decision.retry_after_ms = source.denial_retry_after_ms(decision.retry_after_ms);
     }
@@ -351,12 +351,12 @@ fn decide(
         account_key.set_memo(memo);
     }
     count(&decision, source);
-    if decision.changed {
+    if decision.changed() {
         account_key.notify(EVENT_ADMIT);
     }
     // Every denial, on the node that decided it (a denial changes nothing, so nothing is
     // propagated and replicas stay silent): the hook for "user hit their limit" notices.
-    if !decision.allowed {
+    if !decision.allowed() {
         account_key.notify(EVENT_DENIED);
     }
     if parsed.compact {
@@ -369,9 +369,9 @@ fn decide(
 
 /// Counts the admission for `INFO quota`.
 fn count(decision: &crate::core::account::AdmitDecision, source: CreditSource) {
-    if decision.allowed {
+    if decision.allowed() {
         stats::ADMITS_ALLOWED.incr();
-        if decision.paid_by_balance {
+        if decision.paid_by_balance() {
             stats::ADMITS_BALANCE.incr();
         }
     } else {

@@ -19,7 +19,7 @@ pub(super) fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let r = ctx
         .reply()
         .array(10)
-        .int(i64::from(d.allowed))
+        .int(i64::from(d.allowed()))
         .int(d.retry_after)
         .int(d.remaining_requests)
         .int(d.remaining_tokens)
@@ -34,7 +34,7 @@ pub(super) fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
 /// Who paid an admitted request: `windows` (the policy and window credits), `balance` (a
 /// window would have denied), or `""` when denied.
 fn paid_by(d: &AdmitDecision) -> &'static Word {
-    match (d.allowed, d.paid_by_balance) {
+    match (d.allowed(), d.paid_by_balance()) {
         (false, _) => &words::EMPTY,
         (true, false) => &words::WINDOWS,
         (true, true) => &words::BALANCE,
@@ -57,7 +57,7 @@ pub(super) fn reply_decision(
     usage: Option<&Usage>,
 ) {
     let r = ctx.reply().map(11 + if usage.is_some() { 3 } else { 0 });
-    let r = r.pair(&words::ALLOWED, |r| r.int(i64::from(d.allowed)));
+    let r = r.pair(&words::ALLOWED, |r| r.int(i64::from(d.allowed())));
     let r = r.pair(&words::REASON, |r| reason(r, d));
     let r = r.pair(&words::RETRY_AFTER, |r| r.int(d.retry_after));
     let r = r.pair(&words::RETRY_AFTER_MS, |r| r.int(d.retry_after_ms));

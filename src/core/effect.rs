@@ -206,10 +206,10 @@ impl<'a> Effect<'a> {
         decision: &'a AdmitDecision,
         account: &Account,
     ) -> Option<Self> {
-        if !decision.changed {
+        if !decision.changed() {
             return None;
         }
-        let change = decision.counted.then(|| Change::Count {
+        let change = decision.counted().then(|| Change::Count {
             lifetime: account.lifetime,
             cost: decision.cost,
             // The lease the admission took: read from the decision, not looked up again.
@@ -221,10 +221,10 @@ impl<'a> Effect<'a> {
         });
         Some(Effect {
             at,
-            prune: decision.pruned,
+            prune: decision.pruned(),
             change,
             rates: decision
-                .rates_changed
+                .rates_changed()
                 .then(|| account.rates().copied().unwrap_or_default()),
             ..Effect::empty(at)
         })

@@ -2,8 +2,8 @@
 //! allowed again, what remains, and recording the request and its lease when admitted.
 
 use super::{
-    Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, Counter, Lease, LeaseId, Now,
-    BALANCE_SPENT, MAX_LEASES, PRUNE_DELAY_MS,
+    Account, AccountError, AdmitDecision, AdmitRequest, BalanceOffer, Counter, Did, Lease, LeaseId,
+    Now, Verdict, BALANCE_SPENT, MAX_LEASES, PRUNE_DELAY_MS,
 };
 use crate::core::credit::BalanceKind;
 use crate::core::policy::{EffectivePolicy, LimitField, Limits};
@@ -192,7 +192,7 @@ impl Account {
         let limits = &policy.limits;
         let pruned = self.prune_due(policy, req, now_ms) && self.prune(now_ms);
         let mut decision = AdmitDecision {
-            allowed: true,
+            verdict: Verdict::Windows,
             violations: 0,
             retry_after: -1,
             retry_after_ms: -1,
@@ -202,15 +202,12 @@ impl Account {
             used_replenishment: false,
             remaining_requests: -1,
             remaining_tokens: -1,
-            changed: pruned,
-            pruned,
-            counted: false,
-            paid_by_balance: false,
+            did: Did::default(),
             cost: req.cost,
-            debit_request: false,
             held_tokens: 0,
-            rates_changed: false,
         };
+        decision.did.set(Did::CHANGE, pruned);
+        decision.did.set(Did::PRUNE, pruned);
         let wanted = req.lease.map(LeaseId::parse);
         if let Some(id) = &wanted {
             if let Some(held) = self.leases().iter().find(|l| &l.id == id) {
@@ -236,8 +233,8 @@ impl Account {
         if violations != 0 {
             match balance_pays(violations, req.balance, cost) {
                 Payment::Paid { request } => {
-                    decision.paid_by_balance = true;
-                    decision.debit_request = request;
+                    decision.verdict = Verdict::Balance;
+                    decision.did.set(Did::DEBIT, request);
                     // The balance pays windows, never a concurrency slot.
                     violations = self.concurrency_violation(limits, wants_lease);
                 }
@@ -246,9 +243,8 @@ impl Account {
             }
         }
         if violations != 0 {
-            decision.allowed = false;
-            decision.paid_by_balance = false;
-            decision.debit_request = false;
+            decision.verdict = Verdict::Denied;
+            decision.did.set(Did::DEBIT, false);
             decision.violations = violations;
             (decision.retry_after, decision.retry_after_ms) =
                 self.retry_after(violations, limits, &now, cost);
@@ -256,7 +252,7 @@ impl Account {
             return Ok(decision);
         }
         decision.used_replenishment =
-            decision.paid_by_balance || self.violations(&policy.base, &now, reserved, ask) != 0;
+            decision.paid_by_balance() || self.violations(&policy.base, &now, reserved, ask) != 0;
         if wants_lease && self.leases().len() >= MAX_LEASES {
             return Err(AccountError::TooManyLeases);
         }
@@ -297,10 +293,10 @@ impl Account {
         }
         if limits.has_rates() {
             self.charge_rates(limits, &now, cost, rate_tokens);
-            decision.rates_changed = true;
+            decision.did.set(Did::RATES, true);
         }
-        decision.changed = true;
-        decision.counted = true;
+        decision.did.set(Did::CHANGE, true);
+        decision.did.set(Did::COUNT, true);
         let reserved_after = reserved.saturating_add(decision.reserved - decision.held_tokens);
         self.fill_remaining(&mut decision, limits, &now, reserved_after);
         Ok(decision)

@@ -52,7 +52,7 @@ fn a_cost_counts_n_in_the_day_month_total_and_ledger() {
     ]);
     let mut acc = Account::default();
     let d = admit(&mut acc, &p, &costing(4, None), T0);
-    assert!(d.allowed && d.counted);
+    assert!(d.allowed() && d.counted());
     assert_eq!(d.remaining_requests, 6);
     let u = acc.usage(T0);
     assert_eq!(
@@ -60,20 +60,20 @@ fn a_cost_counts_n_in_the_day_month_total_and_ledger() {
         (4, 4, 4)
     );
     assert_eq!(unflushed_requests(&acc), 4);
-    assert!(admit(&mut acc, &p, &costing(4, None), T0).allowed);
+    assert!(admit(&mut acc, &p, &costing(4, None), T0).allowed());
     // 8 of 10 used: 4 more do not fit, 2 do.
     let d = admit(&mut acc, &p, &costing(4, None), T0);
-    assert!(!d.allowed);
+    assert!(!d.allowed());
     assert_eq!(d.reason(), "requests_per_day");
     assert_eq!(d.remaining_requests, 2);
     assert_eq!(d.retry_after, seconds_until(T0, Window::Day.end(T0)));
     assert_eq!(acc.usage(T0).requests_per_day, 8, "a denial counts nothing");
     let d = admit(&mut acc, &p, &costing(2, None), T0);
-    assert!(d.allowed);
+    assert!(d.allowed());
     assert_eq!(d.remaining_requests, 0);
     assert_eq!(unflushed_requests(&acc), 10);
     // Tomorrow the day is empty again: 4 fit.
-    assert!(admit(&mut acc, &p, &costing(4, None), Window::Day.end(T0)).allowed);
+    assert!(admit(&mut acc, &p, &costing(4, None), Window::Day.end(T0)).allowed());
 }
 
 #[test]
@@ -86,7 +86,7 @@ fn a_cost_above_a_request_limit_never_fits_and_waiting_never_helps() {
         assert_eq!((d.retry_after, d.retry_after_ms), (-1, -1), "{field:?}");
         assert_eq!(acc, Account::default());
         // The limit itself fits.
-        assert!(admit(&mut acc, &p, &costing(3, None), T0).allowed);
+        assert!(admit(&mut acc, &p, &costing(3, None), T0).allowed());
     }
 }
 
@@ -95,15 +95,15 @@ fn a_cost_needs_that_many_requests_of_a_rate_and_waits_for_them() {
     let p = policy(&[(LimitField::RequestsPerSecond, 10)]);
     let mut acc = Account::default();
     let d = admit(&mut acc, &p, &costing(6, None), T0);
-    assert!(d.allowed);
+    assert!(d.allowed());
     assert_eq!(d.remaining_requests, 4);
     assert_eq!(acc.usage(T0).rates, [6, 0, 0]);
     // 4 left: 6 more wait until 2 more are back (one every 100 ms).
     let d = admit(&mut acc, &p, &costing(6, None), T0);
     assert_eq!(d.reason(), "requests_per_second");
     assert_eq!((d.retry_after, d.retry_after_ms), (1, 200));
-    assert!(!admit(&mut acc, &p, &costing(6, None), T0 + 199).allowed);
-    assert!(admit(&mut acc, &p, &costing(6, None), T0 + 200).allowed);
+    assert!(!admit(&mut acc, &p, &costing(6, None), T0 + 199).allowed());
+    assert!(admit(&mut acc, &p, &costing(6, None), T0 + 200).allowed());
     // More than the burst never fits, however long one waits.
     let d = admit(&mut Account::default(), &p, &costing(11, None), T0);
     assert_eq!(d.reason(), "requests_per_second");
@@ -111,7 +111,7 @@ fn a_cost_needs_that_many_requests_of_a_rate_and_waits_for_them() {
     // A rate per minute: the wait is for the cost, not for one request.
     let p = policy(&[(LimitField::RequestsPerMinute, 60)]);
     let mut acc = Account::default();
-    assert!(admit(&mut acc, &p, &costing(60, None), T0).allowed);
+    assert!(admit(&mut acc, &p, &costing(60, None), T0).allowed());
     let d = admit(&mut acc, &p, &costing(5, None), T0);
     assert_eq!((d.retry_after, d.retry_after_ms), (5, 5_000));
 }
@@ -129,18 +129,18 @@ fn a_release_gives_back_the_cost_in_the_windows_rates_and_ledger() {
         reserve: Some(100),
         ..costing(7, Some("L"))
     };
-    assert!(admit(&mut acc, &p, &req, T0).allowed);
+    assert!(admit(&mut acc, &p, &req, T0).allowed());
     assert_eq!(acc.leases().front().map(|l| l.cost), Some(7));
     let u = acc.usage(T0);
     assert_eq!((u.requests_per_day, u.rates), (8, [8, 0, 100]));
-    assert!(!admit(&mut acc, &p, &costing(3, None), T0).allowed);
+    assert!(!admit(&mut acc, &p, &costing(3, None), T0).allowed());
     assert!(acc.release("L", T0));
     let u = acc.usage(T0);
     assert_eq!((u.requests_per_day, u.total_requests), (1, 1));
     assert_eq!(u.rates, [1, 0, 0]);
     assert_eq!(unflushed_requests(&acc), 1);
     // What the release gave back is there to admit again.
-    assert!(admit(&mut acc, &p, &costing(9, None), T0).allowed);
+    assert!(admit(&mut acc, &p, &costing(9, None), T0).allowed());
 }
 
 #[test]
@@ -152,7 +152,7 @@ fn a_free_probe_counts_nothing_and_takes_no_slot_unless_it_asks_for_a_lease() {
         (LimitField::MaxConcurrent, 1),
     ]);
     let mut acc = Account::default();
-    assert!(admit(&mut acc, &p, &costing(1, None), T0).allowed);
+    assert!(admit(&mut acc, &p, &costing(1, None), T0).allowed());
     // Every request limit and the one slot are taken: a real request is denied...
     let d = admit(&mut acc, &p, &costing(1, None), T0);
     assert_eq!(
@@ -162,7 +162,7 @@ fn a_free_probe_counts_nothing_and_takes_no_slot_unless_it_asks_for_a_lease() {
     // ...a free probe is admitted, and changes nothing.
     let before = acc.clone();
     let d = admit(&mut acc, &p, &costing(0, None), T0);
-    assert!(d.allowed && !d.changed && !d.counted && d.lease.is_none());
+    assert!(d.allowed() && !d.changed() && !d.counted() && d.lease.is_none());
     assert_eq!(d.remaining_requests, 0);
     assert_eq!(acc, before);
     // Asking for a lease takes a slot like any admission: none is free now.
@@ -171,7 +171,7 @@ fn a_free_probe_counts_nothing_and_takes_no_slot_unless_it_asks_for_a_lease() {
     // Once the slot frees, the probe's lease counts no request, and its release refunds none.
     let later = T0 + 60_000;
     let d = admit(&mut acc, &p, &costing(0, Some("probe")), later);
-    assert!(d.allowed && d.counted && d.lease.is_some());
+    assert!(d.allowed() && d.counted() && d.lease.is_some());
     assert_eq!(acc.usage(later).total_requests, 1);
     assert!(acc.release("probe", later));
     assert_eq!(acc.usage(later).total_requests, 1);
@@ -184,7 +184,7 @@ fn a_free_probe_counts_nothing_and_takes_no_slot_unless_it_asks_for_a_lease() {
         (LimitField::RequestsPerDay, 0),
         (LimitField::RequestsPerMinute, 0),
     ]);
-    assert!(admit(&mut Account::default(), &zero, &costing(0, None), T0).allowed);
+    assert!(admit(&mut Account::default(), &zero, &costing(0, None), T0).allowed());
 }
 
 #[test]
@@ -202,16 +202,16 @@ fn a_requests_balance_pays_the_whole_cost_or_is_spent() {
     let mut acc = Account::default();
     // The window takes 2, not 3: the balance pays all 3.
     let d = admit(&mut acc, &p, &with_balance(3, 3), T0);
-    assert!(d.allowed && d.paid_by_balance && d.debit_request);
+    assert!(d.allowed() && d.paid_by_balance() && d.debits_request());
     assert_eq!(d.cost, 3);
     assert_eq!(acc.usage(T0).requests_per_day, 3);
     // 2 left on the balance: a cost of 3 finds it spent, a cost of 2 is paid.
     let d = admit(&mut acc, &p, &with_balance(3, 2), T0);
     assert_eq!(d.reason(), "requests_per_day|balance");
-    assert!(admit(&mut acc, &p, &with_balance(2, 2), T0).paid_by_balance);
+    assert!(admit(&mut acc, &p, &with_balance(2, 2), T0).paid_by_balance());
     // A free probe needs no balance.
     let d = admit(&mut acc, &p, &with_balance(0, 0), T0);
-    assert!(d.allowed && !d.paid_by_balance);
+    assert!(d.allowed() && !d.paid_by_balance());
 }
 
 #[test]

@@ -249,10 +249,52 @@ pub(crate) struct BalanceOffer {
 /// The violation bit of a spent balance (above the `LimitField` bits).
 pub(crate) const BALANCE_SPENT: u16 = 1 << 15;
 
+/// Whether an admission is allowed, and what lets it through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Allowed by the policy and its credits (windows, rates, concurrency).
+    Windows,
+    /// Allowed because the balance pays: a window would have denied.
+    Balance,
+    /// Denied (`AdmitDecision::violations` says by what).
+    Denied,
+}
+
+/// What an admission did, as a small set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Did(u8);
+
+impl Did {
+    /// The account state changed (it must be stored and replicated).
+    pub(crate) const CHANGE: Did = Did(1);
+    /// Expired leases or settled ids were dropped before deciding.
+    pub(crate) const PRUNE: Did = Did(1 << 1);
+    /// The request was counted (and its lease, if any, taken).
+    pub(crate) const COUNT: Did = Did(1 << 2);
+    /// The balance pays the request's cost (debited once it is counted).
+    pub(crate) const DEBIT: Did = Did(1 << 3);
+    /// The smooth rates' state changed (the effect carries it).
+    pub(crate) const RATES: Did = Did(1 << 4);
+
+    /// Whether `what` was done.
+    pub(crate) fn has(self, what: Did) -> bool {
+        self.0 & what.0 == what.0
+    }
+
+    /// Adds `what`, or takes it off.
+    pub(crate) fn set(&mut self, what: Did, done: bool) {
+        if done {
+            self.0 |= what.0;
+        } else {
+            self.0 &= !what.0;
+        }
+    }
+}
+
 /// The outcome of an admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AdmitDecision {
-    pub allowed: bool,
+    pub verdict: Verdict,
     /// Violated limits, as a bit set over `LimitField` (`MaxConcurrent` = concurrency).
     pub violations: u16,
     /// Whole seconds until the violated limits could allow again, rounded up; -1 never.
@@ -263,28 +305,53 @@ pub(crate) struct AdmitDecision {
     /// When the lease expires (0 without a lease).
     pub lease_expires_at: Millis,
     pub reserved: u64,
+    /// A credit was needed: the base policy alone would have denied (or the balance paid).
     pub used_replenishment: bool,
     pub remaining_requests: i64,
     pub remaining_tokens: i64,
-    /// Whether the account state changed (and must be stored and replicated).
-    pub changed: bool,
-    /// Whether expired leases or settled ids were dropped before deciding.
-    pub pruned: bool,
-    /// Whether the request was counted (and its lease, if any, taken).
-    pub counted: bool,
-    /// The balance paid: a window would have denied.
-    pub paid_by_balance: bool,
+    pub did: Did,
     /// The requests the admission counts (its `COST`).
     pub cost: u32,
-    /// The balance pays this request (`cost` requests debited).
-    pub debit_request: bool,
     /// Tokens held on the token balance for the lease (part of `reserved`).
     pub held_tokens: u64,
-    /// Whether the smooth rates' state changed (the effect carries it).
-    pub rates_changed: bool,
 }
 
 impl AdmitDecision {
+    /// Whether the request is allowed.
+    pub(crate) fn allowed(&self) -> bool {
+        self.verdict != Verdict::Denied
+    }
+
+    /// Whether the balance lets it through (a window would have denied).
+    pub(crate) fn paid_by_balance(&self) -> bool {
+        self.verdict == Verdict::Balance
+    }
+
+    /// Whether the account state changed (store it, replicate it).
+    pub(crate) fn changed(&self) -> bool {
+        self.did.has(Did::CHANGE)
+    }
+
+    /// Whether expired leases or settled ids were dropped before deciding.
+    pub(crate) fn pruned(&self) -> bool {
+        self.did.has(Did::PRUNE)
+    }
+
+    /// Whether the request was counted (and its lease, if any, taken).
+    pub(crate) fn counted(&self) -> bool {
+        self.did.has(Did::COUNT)
+    }
+
+    /// Whether the balance pays the request's cost.
+    pub(crate) fn debits_request(&self) -> bool {
+        self.did.has(Did::DEBIT)
+    }
+
+    /// Whether the smooth rates' state changed.
+    pub(crate) fn rates_changed(&self) -> bool {
+        self.did.has(Did::RATES)
+    }
+
     /// The denial reason: violated limits joined with `|`, `""` when allowed.
     pub(crate) fn reason(&self) -> std::borrow::Cow<'static, str> {
         let name = |field: LimitField| match field {

@@ -556,7 +556,7 @@ mod interleaving {
                                 },
                             )
                             .unwrap();
-                        if d.allowed {
+                        if d.allowed() {
                             net += 1;
                             let mut buf = [0u8; 16];
                             held.push(d.lease.unwrap().as_text(&mut buf).to_owned());

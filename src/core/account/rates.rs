@@ -227,17 +227,17 @@ mod tests {
         let (mut m, mut r) = (Account::default(), Account::default());
         for i in 0..10 {
             let d = admit(&mut m, &mut r, &p, &req(None, None), T0);
-            assert!(d.allowed);
+            assert!(d.allowed());
             assert_eq!(d.remaining_requests, 9 - i);
         }
         let d = admit(&mut m, &mut r, &p, &req(None, None), T0);
-        assert!(!d.allowed);
+        assert!(!d.allowed());
         assert_eq!(d.reason(), "requests_per_second");
         assert_eq!((d.retry_after, d.retry_after_ms), (1, 100));
-        assert!(!d.changed);
+        assert!(!d.changed());
         // Half a second later, half is back.
         let mut admitted = 0;
-        while admit(&mut m, &mut r, &p, &req(None, None), T0 + 500).allowed {
+        while admit(&mut m, &mut r, &p, &req(None, None), T0 + 500).allowed() {
             admitted += 1;
         }
         assert_eq!(admitted, 5);
@@ -266,7 +266,7 @@ mod tests {
         let used: Vec<bool> = (0..5)
             .map(|_| admit(&mut m, &mut r, &p, &req(None, None), T0))
             .map(|d| {
-                assert!(d.allowed);
+                assert!(d.allowed());
                 d.used_replenishment
             })
             .collect();
@@ -325,8 +325,8 @@ mod tests {
             (LimitField::TokensPerMinute, 100),
         ]);
         let (mut m, mut r) = (Account::default(), Account::default());
-        assert!(admit(&mut m, &mut r, &p, &req(Some(40), Some("x")), T0).allowed);
-        assert!(!admit(&mut m, &mut r, &p, &req(None, None), T0).allowed);
+        assert!(admit(&mut m, &mut r, &p, &req(Some(40), Some("x")), T0).allowed());
+        assert!(!admit(&mut m, &mut r, &p, &req(None, None), T0).allowed());
         let before = m.rates().copied();
         assert!(m.release("x", T0));
         let rates = rates_change(before, &m);
@@ -334,7 +334,7 @@ mod tests {
         Effect::decode(&e.encode()).unwrap().apply(&mut r).unwrap();
         assert_eq!(r, m);
         assert_eq!(m.usage(T0).rates, [0, 0, 0]);
-        assert!(admit(&mut m, &mut r, &p, &req(None, None), T0).allowed);
+        assert!(admit(&mut m, &mut r, &p, &req(None, None), T0).allowed());
     }
 
     #[test]
@@ -343,7 +343,7 @@ mod tests {
         let (mut m, mut r) = (Account::default(), Account::default());
         let d = admit(&mut m, &mut r, &p, &req(None, None), T0);
         assert_eq!(
-            (d.allowed, d.retry_after, d.retry_after_ms),
+            (d.allowed(), d.retry_after, d.retry_after_ms),
             (false, -1, -1)
         );
         assert!(m.rates().is_none());

@@ -46,16 +46,16 @@ fn requests_per_day_admits_exactly_the_limit_then_resets_at_midnight() {
     let mut acc = Account::default();
     for i in 0..3 {
         let d = admit(&mut acc, &p, &plain(), T0);
-        assert!(d.allowed);
+        assert!(d.allowed());
         assert_eq!(d.remaining_requests, 2 - i);
     }
     let d = admit(&mut acc, &p, &plain(), T0);
-    assert!(!d.allowed);
+    assert!(!d.allowed());
     assert_eq!(d.reason(), "requests_per_day");
     assert_eq!(d.retry_after, seconds_until(T0, Window::Day.end(T0)));
-    assert!(!d.changed);
+    assert!(!d.changed());
     let tomorrow = Window::Day.end(T0);
-    assert!(admit(&mut acc, &p, &plain(), tomorrow).allowed);
+    assert!(admit(&mut acc, &p, &plain(), tomorrow).allowed());
 }
 
 #[test]
@@ -65,7 +65,7 @@ fn several_violations_join_and_total_never_resets() {
         (LimitField::TotalRequests, 1),
     ]);
     let mut acc = Account::default();
-    assert!(admit(&mut acc, &p, &plain(), T0).allowed);
+    assert!(admit(&mut acc, &p, &plain(), T0).allowed());
     let d = admit(&mut acc, &p, &plain(), T0);
     assert_eq!(d.reason(), "requests_per_day|total_requests");
     assert_eq!(d.retry_after, -1);
@@ -82,10 +82,10 @@ fn credits_raise_the_limit_and_mark_used_replenishment() {
     let p = EffectivePolicy::merge(base, Some(&add));
     let mut acc = Account::default();
     let first = admit(&mut acc, &p, &plain(), T0);
-    assert!(first.allowed && !first.used_replenishment);
+    assert!(first.allowed() && !first.used_replenishment);
     let second = admit(&mut acc, &p, &plain(), T0);
-    assert!(second.allowed && second.used_replenishment);
-    assert!(!admit(&mut acc, &p, &plain(), T0).allowed);
+    assert!(second.allowed() && second.used_replenishment);
+    assert!(!admit(&mut acc, &p, &plain(), T0).allowed());
 }
 
 #[test]
@@ -94,12 +94,12 @@ fn concurrency_counts_live_leases_and_checks_only_without_window_violations() {
     let mut acc = Account::default();
     let a = admit(&mut acc, &p, &plain(), T0);
     let b = admit(&mut acc, &p, &plain(), T0);
-    assert!(a.allowed && b.allowed && a.lease.is_some() && a.lease != b.lease);
+    assert!(a.allowed() && b.allowed() && a.lease.is_some() && a.lease != b.lease);
     let c = admit(&mut acc, &p, &plain(), T0);
     assert_eq!(c.reason(), "concurrency");
     assert_eq!(c.retry_after, 300);
     // A lease expires: the slot frees.
-    assert!(admit(&mut acc, &p, &plain(), T0 + 300_000).allowed);
+    assert!(admit(&mut acc, &p, &plain(), T0 + 300_000).allowed());
     // No slot at all: waiting never helps.
     let none = admit(
         &mut Account::default(),
@@ -134,9 +134,9 @@ fn readmitting_a_held_lease_counts_nothing() {
     };
     let a = admit(&mut acc, &p, &req, T0);
     let b = admit(&mut acc, &p, &req, T0);
-    assert!(a.allowed && b.allowed);
+    assert!(a.allowed() && b.allowed());
     assert_eq!(b.lease, Some(LeaseId::parse("L1")));
-    assert!(!b.changed);
+    assert!(!b.changed());
     assert_eq!(acc.usage(T0).requests_per_day, 1);
     assert_eq!(acc.usage(T0).in_flight, 1);
 }
@@ -209,10 +209,10 @@ fn expired_leases_never_count_even_before_they_are_pruned() {
     };
     // Concurrency: two slots taken, both expired 1 ms ago (within PRUNE_DELAY_MS).
     let p = policy(&[(LimitField::MaxConcurrent, 2)]);
-    assert!(admit(&mut acc, &p, &short, T0).allowed);
-    assert!(admit(&mut acc, &p, &short, T0).allowed);
-    assert!(!admit(&mut acc, &p, &short, T0 + 999).allowed);
-    assert!(admit(&mut acc, &p, &short, T0 + 1001).allowed);
+    assert!(admit(&mut acc, &p, &short, T0).allowed());
+    assert!(admit(&mut acc, &p, &short, T0).allowed());
+    assert!(!admit(&mut acc, &p, &short, T0 + 999).allowed());
+    assert!(admit(&mut acc, &p, &short, T0 + 1001).allowed());
     // Reservations: an expired one no longer holds tokens.
     let mut acc = Account::default();
     let p = policy(&[(LimitField::TokensPerDay, 100)]);
@@ -221,9 +221,9 @@ fn expired_leases_never_count_even_before_they_are_pruned() {
         ..short
     };
     assert_eq!(admit(&mut acc, &p, &reserve, T0).reserved, 100);
-    assert!(!admit(&mut acc, &p, &reserve, T0 + 999).allowed);
+    assert!(!admit(&mut acc, &p, &reserve, T0 + 999).allowed());
     let d = admit(&mut acc, &p, &reserve, T0 + 1001);
-    assert!(d.allowed);
+    assert!(d.allowed());
     assert_eq!(d.reserved, 100);
     // Without any of that at stake, expired leases go within PRUNE_DELAY_MS.
     let mut acc = Account::default();
@@ -284,8 +284,10 @@ fn late_pruning_decides_exactly_as_eager_pruning() {
                         id_b
                     });
                     let (mut a, mut b) = (a.unwrap(), b.unwrap());
-                    (a.changed, b.changed) = (false, false);
-                    (a.pruned, b.pruned) = (false, false);
+                    for d in [&mut a, &mut b] {
+                        d.did.set(Did::CHANGE, false);
+                        d.did.set(Did::PRUNE, false);
+                    }
                     assert_eq!(a, b, "case {case} step {step}");
                     if let Some(LeaseId::Short(n)) = &a.lease {
                         ids.push(format!("{n:016x}"));
@@ -362,7 +364,7 @@ fn peek_changes_nothing() {
         },
         T0,
     );
-    assert!(d.allowed && d.lease.is_none());
+    assert!(d.allowed() && d.lease.is_none());
     assert_eq!(acc, Account::default());
 }
 

@@ -157,11 +157,11 @@ pub(crate) fn admission_charge(
     now: Millis,
     lease_ttl_ms: Millis,
 ) -> Option<BalanceChange> {
-    if !d.counted || !(d.debit_request || d.held_tokens > 0) {
+    if !d.counted() || !(d.debits_request() || d.held_tokens > 0) {
         return None;
     }
     let mut buf = [0u8; 16];
-    let paid = if d.debit_request { d.cost } else { 0 };
+    let paid = if d.debits_request() { d.cost } else { 0 };
     let hold = d.lease.as_ref().map(|id| Hold {
         tag: hold_tag(key, lease.unwrap_or_else(|| id.as_text(&mut buf))),
         expires_at: now.saturating_add(lease_ttl_ms.max(1)),
@@ -312,7 +312,7 @@ pub(crate) fn admit(
     }
     let propagate = match effect.is_empty() {
         false => Propagate::Effect(effect.encode()),
-        true if decision.changed => Propagate::State,
+        true if decision.changed() => Propagate::State,
         true => Propagate::Nothing,
     };
     let star_change = change.filter(|_| payer == Some(Payer::Star));

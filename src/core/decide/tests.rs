@@ -3,6 +3,7 @@
 //! that expire and a `'*'` balance shared by several bundles.
 
 use super::*;
+use crate::core::account::{Did, Verdict};
 use crate::core::ledger::{Acknowledgement, Unacknowledged};
 use crate::core::policy::Limits;
 
@@ -105,7 +106,7 @@ fn the_windows_pay_while_they_allow_and_nothing_is_charged() {
     let mut acc = Account::default();
     let b = own(balance(Some(5), None));
     let a = admit_with(&mut acc, KEY_A, "a", &p, request(None), b, None, T0);
-    assert!(a.decision.allowed && !a.decision.paid_by_balance);
+    assert!(a.decision.allowed() && !a.decision.paid_by_balance());
     assert_eq!(a.star_change, None);
     assert_eq!(
         offer(&balance(Some(5), None), Some(&acc), None, T0).left,
@@ -119,13 +120,13 @@ fn the_balance_pays_once_the_window_is_spent_and_is_debited_one_request() {
     let mut acc = Account::default();
     let b = balance(Some(2), None);
     let first = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
-    assert!(!first.decision.paid_by_balance);
+    assert!(!first.decision.paid_by_balance());
     let second = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
-    assert!(second.decision.allowed && second.decision.paid_by_balance);
+    assert!(second.decision.allowed() && second.decision.paid_by_balance());
     assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(1), None));
     admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     let spent = admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
-    assert!(!spent.decision.allowed);
+    assert!(!spent.decision.allowed());
     assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(0), None));
 }
 
@@ -145,7 +146,7 @@ fn a_shared_star_balance_is_charged_on_the_star_account_not_the_bundle() {
         Some(&star),
         T0,
     );
-    assert!(a.decision.paid_by_balance);
+    assert!(a.decision.paid_by_balance());
     let change = a.star_change.unwrap();
     assert_eq!(change.debits, per(1, 0));
     assert!(bundle_a
@@ -181,7 +182,7 @@ fn a_shared_star_balance_is_charged_on_the_star_account_not_the_bundle() {
         Some(&star),
         T0,
     );
-    assert!(!spent.decision.allowed);
+    assert!(!spent.decision.allowed());
     assert_eq!(spent.decision.reason(), "requests_per_day|balance");
 }
 
@@ -198,30 +199,27 @@ fn terms_name_the_token_limits_only_for_a_token_balance() {
 #[test]
 fn an_admission_denied_or_not_counted_charges_nothing() {
     let mut d = AdmitDecision {
-        allowed: true,
+        verdict: Verdict::Windows,
         violations: 0,
         retry_after: 0,
         retry_after_ms: 0,
-        rates_changed: false,
         lease: None,
         lease_expires_at: 0,
         reserved: 0,
         used_replenishment: false,
         remaining_requests: 0,
         remaining_tokens: 0,
-        changed: true,
-        pruned: false,
-        counted: true,
-        paid_by_balance: false,
+        did: Did::default(),
         cost: 1,
-        debit_request: false,
         held_tokens: 0,
     };
+    d.did.set(Did::CHANGE, true);
+    d.did.set(Did::COUNT, true);
     assert_eq!(admission_charge(&d, KEY_A, None, T0, TTL), None);
-    d.debit_request = true;
-    d.counted = false;
+    d.did.set(Did::DEBIT, true);
+    d.did.set(Did::COUNT, false);
     assert_eq!(admission_charge(&d, KEY_A, None, T0, TTL), None);
-    d.counted = true;
+    d.did.set(Did::COUNT, true);
     let change = admission_charge(&d, KEY_A, None, T0, TTL).unwrap();
     assert_eq!((change.debits, change.hold), (per(1, 0), None));
 }
@@ -232,7 +230,7 @@ fn a_paid_lease_is_held_with_its_tag_and_expiry() {
     let mut acc = Account::default();
     let b = own(balance(Some(3), None));
     let a = admit_with(&mut acc, KEY_A, "a", &p, request(Some("L1")), b, None, T0);
-    assert!(a.decision.paid_by_balance);
+    assert!(a.decision.paid_by_balance());
     let hold = acc
         .ledger()
         .and_then(|l| l.hold(hold_tag(KEY_A, "L1"), T0))
@@ -417,7 +415,7 @@ fn an_expired_lease_no_longer_holds_tokens_and_settles_nothing() {
         ..request(Some("L"))
     };
     let a = admit_with(&mut acc, KEY_A, "a", &p, req, own(b), None, T0);
-    assert!(a.decision.allowed);
+    assert!(a.decision.allowed());
     assert_eq!(a.decision.held_tokens, 20);
     assert_eq!(offer(&b, Some(&acc), None, T0).left, per(None, Some(30)));
     let later = T0 + TTL + 1;
@@ -601,7 +599,7 @@ fn a_balance_pays_a_whole_cost_and_a_release_refunds_it() {
         None,
         T0,
     );
-    assert!(a.decision.allowed && a.decision.paid_by_balance);
+    assert!(a.decision.allowed() && a.decision.paid_by_balance());
     assert_eq!(offer(&b, Some(&acc), None, T0).left, per(Some(2), None));
     let spent = admit_with(&mut acc, KEY_A, "a", &p, costly(3, None), own(b), None, T0);
     assert_eq!(spent.decision.reason(), "requests_per_day|balance");

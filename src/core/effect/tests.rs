@@ -50,7 +50,7 @@ impl Pair {
             return;
         };
         let encoded = Effect::admitted(now, &d, &self.master).map(|e| e.encode());
-        assert_eq!(encoded.is_some(), d.changed, "{d:?}");
+        assert_eq!(encoded.is_some(), d.changed(), "{d:?}");
         self.ship(encoded);
     }
 
