@@ -281,6 +281,16 @@ pub(crate) struct EffectivePolicy {
 }
 
 impl EffectivePolicy {
+    /// A policy of these limits alone, without credits (for tests).
+    #[cfg(test)]
+    pub(crate) fn of(fields: &[(LimitField, u64)]) -> EffectivePolicy {
+        let mut base = Limits::default();
+        for (f, v) in fields {
+            base.set(*f, Some(*v));
+        }
+        EffectivePolicy::merge(base, None)
+    }
+
     /// Merges field by field: an unlimited base stays unlimited, a missing additional amount
     /// leaves the base as it is, and a negative one (written by hand in SQL) adds nothing.
     pub(crate) fn merge(base: Limits, additional: Option<&Additional>) -> EffectivePolicy {

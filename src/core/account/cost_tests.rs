@@ -10,11 +10,7 @@ use crate::core::window::seconds_until;
 const T0: Millis = 1_795_000_000_000;
 
 fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
-    let mut base = Limits::default();
-    for (f, v) in fields {
-        base.set(*f, Some(*v));
-    }
-    EffectivePolicy::merge(base, None)
+    EffectivePolicy::of(fields)
 }
 
 /// A request of `cost`, with lease `lease` if given.

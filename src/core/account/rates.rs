@@ -185,11 +185,7 @@ mod tests {
     const T0: Millis = 1_795_000_000_000;
 
     fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
-        let mut base = Limits::default();
-        for (f, v) in fields {
-            base.set(*f, Some(*v));
-        }
-        EffectivePolicy::merge(base, None)
+        EffectivePolicy::of(fields)
     }
 
     fn req(reserve: Option<u64>, lease: Option<&str>) -> AdmitRequest<'_> {

@@ -9,11 +9,7 @@ use proptest::prelude::*;
 const T0: Millis = 1_795_000_000_000; // 2026-11-18T...
 
 fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
-    let mut base = Limits::default();
-    for (f, v) in fields {
-        base.set(*f, Some(*v));
-    }
-    EffectivePolicy::merge(base, None)
+    EffectivePolicy::of(fields)
 }
 
 fn plain() -> AdmitRequest<'static> {

@@ -17,11 +17,7 @@ fn per<T>(requests: T, tokens: T) -> PerKind<T> {
 }
 
 fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
-    let mut base = Limits::default();
-    for (f, v) in fields {
-        base.set(*f, Some(*v));
-    }
-    EffectivePolicy::merge(base, None)
+    EffectivePolicy::of(fields)
 }
 
 fn balance(requests: Option<i64>, tokens: Option<i64>) -> RowBalance {

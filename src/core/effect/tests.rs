@@ -12,11 +12,7 @@ use proptest::prelude::*;
 const T0: Millis = 1_795_000_000_000;
 
 fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
-    let mut base = Limits::default();
-    for (f, v) in fields {
-        base.set(*f, Some(*v));
-    }
-    EffectivePolicy::merge(base, None)
+    EffectivePolicy::of(fields)
 }
 
 /// The master's side of one command, as the shell runs it: decide, describe, encode; then
