@@ -4,7 +4,7 @@
 
 use super::codec::{ENCODING_VERSION_COSTS, ENCODING_VERSION_LEDGER};
 use super::*;
-use crate::core::policy::{EffectivePolicy, Limits};
+use crate::core::policy::EffectivePolicy;
 use crate::core::window::seconds_until;
 
 const T0: Millis = 1_795_000_000_000;

@@ -5,7 +5,6 @@
 use super::*;
 use crate::core::account::{Did, Verdict};
 use crate::core::ledger::{Acknowledgement, Unacknowledged};
-use crate::core::policy::Limits;
 
 const T0: Millis = 1_795_000_000_000;
 const TTL: Millis = 60_000;

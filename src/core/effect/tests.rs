@@ -5,7 +5,7 @@ use super::*;
 use crate::core::account::{AdmitRequest, MAX_COST, MAX_LEASES};
 use crate::core::credit::PerKind;
 use crate::core::ledger::Hold;
-use crate::core::policy::{EffectivePolicy, LimitField, Limits};
+use crate::core::policy::{EffectivePolicy, LimitField};
 use crate::core::varint::write_u64;
 use proptest::prelude::*;
 
