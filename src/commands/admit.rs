@@ -30,21 +30,27 @@ use crate::runtime::{cache, clock, ledger, stats};
 /// `QUOTA.ADMIT`.
 pub(crate) fn admit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let parsed = parse::admit(args, config::MAX_LEASE_TTL)?;
-    // Opened first: the account's value loads (a cache miss) while the policy is looked up.
-    let mut opened = Opened::open(ctx, &parsed)?;
     let now = clock::command_now_ms(ctx);
     let (policy, credits) = (PolicyFound::NotAsked, CreditsFound::NotAsked);
-    match inputs(
-        ctx,
-        &parsed,
-        &mut opened,
-        WaitMode::Block,
-        policy,
-        credits,
-        now,
-    )? {
-        Some(inputs) => decide(ctx, &parsed, opened, inputs, now),
-        None => Ok(()), // waiting: the reply comes later
+    gather_and_decide(ctx, &parsed, WaitMode::Block, policy, credits, now)
+}
+
+/// Opens the account, gathers what `policy` and `credits` do not say yet (waiting as `mode`
+/// allows: then the reply comes later) and decides: the one path of a first call, a resumed
+/// wait and an expired one.
+fn gather_and_decide(
+    ctx: Ctx,
+    parsed: &AdmitArgs<'_>,
+    mode: WaitMode,
+    policy: PolicyFound,
+    credits: CreditsFound,
+    now: Millis,
+) -> Result<(), CommandError> {
+    // Opened first: the account's value loads (a cache miss) while the policy is looked up.
+    let mut opened = Opened::open(ctx, parsed)?;
+    match inputs(ctx, parsed, &mut opened, mode, policy, credits, now)? {
+        Some(inputs) => decide(ctx, parsed, opened, inputs, now),
+        None => Ok(()),
     }
 }
 
@@ -228,40 +234,22 @@ impl Waiting for AdmitWait {
             Done::Dropped if base_known => (self.known_policy(), CreditsFound::Unavailable),
             other => return Err(CommandError::undone(&other)),
         };
-        let mut opened = Opened::open(ctx, &parsed)?;
-        match inputs(
-            ctx,
-            &parsed,
-            &mut opened,
-            WaitMode::Never,
-            policy,
-            credits,
-            now,
-        )? {
-            Some(inputs) => decide(ctx, &parsed, opened, inputs, now),
-            None => Ok(()),
-        }
+        gather_and_decide(ctx, &parsed, WaitMode::Never, policy, credits, now)
     }
 
     /// PostgreSQL is too slow: decide on the base policy rather than fail the request (when
     /// the named policy itself was not in, only a cached copy can stand in for it).
     fn expired(self, ctx: Ctx) -> Result<(), CommandError> {
         let parsed = self.request.args();
-        let now = clock::now_ms();
-        let mut opened = Opened::open(ctx, &parsed)?;
         let (policy, credits) = (self.known_policy(), CreditsFound::Unavailable);
-        match inputs(
+        gather_and_decide(
             ctx,
             &parsed,
-            &mut opened,
             WaitMode::Never,
             policy,
             credits,
-            now,
-        )? {
-            Some(inputs) => decide(ctx, &parsed, opened, inputs, now),
-            None => Ok(()),
-        }
+            clock::now_ms(),
+        )
     }
 }
 
