@@ -171,7 +171,8 @@ impl<'a> AccountId<'a> {
         })
     }
 
-    /// The four ids in order: tenant, project, user, bundle.
+    /// The four ids in order: tenant, project, user, bundle (tests compare keys with them).
+    #[cfg(test)]
     pub(crate) fn ids(&self) -> [&'a str; 4] {
         [
             self.user.tenant,

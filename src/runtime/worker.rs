@@ -540,8 +540,8 @@ fn execute(job: Job) {
             to,
             client,
         } => {
-            let ids = account.id().ids();
-            client.finish(Done::History(with_store(|s| s.history(ids, from, to))));
+            let id = account.id();
+            client.finish(Done::History(with_store(|s| s.history(&id, from, to))));
         }
         Job::PolicyList {
             tenant,

@@ -14,6 +14,7 @@ use postgres::{GenericClient, Transaction};
 
 use super::error::StoreError;
 use super::schema::substitute;
+use crate::core::ids::AccountId;
 use crate::core::ledger::{claim, hours_text, parse_hours_text, Claim, HourDelta, LastBatch};
 
 /// Most rows `QUOTA.HISTORY` returns (a leap year of hours).
@@ -353,11 +354,12 @@ fn add_used(
 pub(crate) fn history(
     client: &mut impl GenericClient,
     sql: &LedgerStatements,
-    ids: [&str; 4],
+    account: &AccountId<'_>,
     from: i64,
     to: i64,
 ) -> Result<Vec<HourRow>, StoreError> {
-    let [t, p, u, b] = ids;
+    let AccountId { user, bundle: b } = account;
+    let (t, p, u) = (user.tenant, user.project, user.user);
     let rows = client
         .query_typed(
             &sql.history,

@@ -28,7 +28,7 @@ use std::fmt;
 use postgres::Client;
 
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::{PolicyId, UserId};
+use crate::core::ids::{AccountId, PolicyId, UserId};
 use crate::core::policy::{Limits, PolicyRecord};
 use crate::core::Millis;
 
@@ -263,11 +263,11 @@ impl Store {
     /// `QUOTA.HISTORY`: the account's hourly ledger rows with `from <= hour < to`.
     pub(crate) fn history(
         &self,
-        ids: [&str; 4],
+        account: &AccountId<'_>,
         from: i64,
         to: i64,
     ) -> Result<Vec<HourRow>, StoreError> {
-        self.read(|c| ledger::history(c, &self.ledger_sql, ids, from, to))
+        self.read(|c| ledger::history(c, &self.ledger_sql, account, from, to))
     }
 
     /// `QUOTA.FIND`: one page of a project's live rows (see `project::find`).

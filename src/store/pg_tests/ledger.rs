@@ -4,6 +4,18 @@
 use super::*;
 use crate::core::ledger::HourDelta;
 
+/// The account ("t", "chat", `user`, "web") the batches below write.
+fn account(user: &str) -> AccountId<'_> {
+    AccountId {
+        user: UserId {
+            tenant: "t",
+            project: "chat",
+            user,
+        },
+        bundle: "web",
+    }
+}
+
 /// One account's batch of `hours` (hour index, requests, tokens) with `seq` and `rev`.
 fn batch(user: &str, seq: u64, rev: u64, hours: &[(i64, i64, i64)]) -> AccountBatch {
     AccountBatch {
@@ -44,12 +56,12 @@ fn ledger_sums_saturate_at_the_column_limit() {
     assert!(second.iter().all(|o| o.applied));
     let rows = fx
         .store
-        .history(["t", "chat", "eve", "web"], 0, 253_402_300_800)
+        .history(&account("eve"), 0, 253_402_300_800)
         .unwrap();
     assert_eq!((rows[0].requests, rows[0].tokens), (2, i64::MAX));
     let bob = fx
         .store
-        .history(["t", "chat", "bob", "web"], 0, 253_402_300_800)
+        .history(&account("bob"), 0, 253_402_300_800)
         .unwrap();
     assert_eq!((bob[0].requests, bob[0].tokens), (1, 7));
 }
