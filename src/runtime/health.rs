@@ -60,6 +60,12 @@ pub(crate) fn answered() {
     PROBING.store(false, Ordering::Release);
 }
 
+/// The load that may have been the probe was never run (the queue was full): the next miss
+/// probes instead, so that PostgreSQL is never taken as down for good.
+pub(crate) fn not_probed() {
+    PROBING.store(false, Ordering::Release);
+}
+
 /// Whether PostgreSQL is taken as down at `now`.
 pub(crate) fn is_down(now: Millis) -> bool {
     let until = DOWN_UNTIL.load(Ordering::Acquire);
@@ -86,5 +92,11 @@ mod tests {
         assert!(may_load(3_500));
         answered();
         assert!(!is_down(3_600) && may_load(3_600) && may_load(3_600));
+        failed(4_000);
+        assert!(may_load(5_000), "the probe");
+        not_probed();
+        assert!(may_load(5_001), "a probe that never ran is taken again");
+        assert!(!may_load(5_002), "the others while it probes");
+        answered();
     }
 }

@@ -40,6 +40,8 @@ pub(crate) fn submit_load(job: LoadJob) {
     let Err(Job::Load(job)) = submit(Job::Load(Box::new(job))) else {
         return;
     };
+    // Not run: if it was the probe of a PostgreSQL taken as down, the next miss probes.
+    health::not_probed();
     if let Some((policy, flight)) = &job.policy {
         for waiter in cache::policies().abort_flight(&policy.id().key(), *flight) {
             waiter.abort(Done::Busy);
@@ -365,12 +367,20 @@ fn with_store<T>(f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, S
     result
 }
 
-/// Takes PostgreSQL as down (see `health`) and logs it (rate-limited: see `alerts`) when it
-/// could not be reached or did not answer in time.
+/// Settles `health` after a failed use of the store: PostgreSQL could not be reached, did not
+/// answer in time or cannot be connected to with these settings: taken as down (logged,
+/// rate-limited: see `alerts`). It refused a query: it is up, and a probe that got the refusal
+/// is over. Either way a probe always ends, so that PostgreSQL is never taken as down for good.
 fn reachability(e: &StoreError) {
-    if e.is_unavailable() && *e != StoreError::NotConfigured {
-        health::failed(clock::now_ms());
-        conditions::PG_UNREACHABLE.failed(|| alerts::reason(e));
+    match e {
+        StoreError::NotConfigured => {}
+        StoreError::Unavailable(_) | StoreError::Timeout => {
+            health::failed(clock::now_ms());
+            conditions::PG_UNREACHABLE.failed(|| alerts::reason(e));
+        }
+        StoreError::BadConfig(_) => health::failed(clock::now_ms()),
+        StoreError::Query(_) => health::answered(),
+        StoreError::Invalid(_) => health::not_probed(),
     }
 }
 
@@ -461,7 +471,10 @@ fn execute_loads(jobs: Vec<LoadJob>) {
             }
         })
     }))
-    .unwrap_or_else(|_| Err(StoreError::Query("internal error while loading".into())));
+    .unwrap_or_else(|_| {
+        health::not_probed();
+        Err(StoreError::Query("internal error while loading".into()))
+    });
     let mut results: Vec<Result<UserCredits, StoreError>> = match fetched {
         Ok(rows) => rows.into_iter().map(|r| Ok(Arc::from(r))).collect(),
         Err(e) => loads.iter().map(|_| Err(e.clone())).collect(),
