@@ -10,7 +10,7 @@ use super::replies::record;
 use super::{words, Waiting};
 use crate::core::credit::{select_credit, BalanceKind, PerKind, Replenishment};
 use crate::core::decide;
-use crate::core::ids::{AccountId, UserId};
+use crate::core::ids::{AccountId, OwnedAccount, OwnedUser, UserId};
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::blocked::Blocked;
@@ -18,7 +18,7 @@ use crate::ffi::ctx::Ctx;
 use crate::parse;
 use crate::runtime::config;
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, WaitMode};
-use crate::runtime::jobs::{Done, Job, OwnedAccount, OwnedUser, StoreError};
+use crate::runtime::jobs::{Done, Job, StoreError};
 use crate::runtime::worker;
 use crate::runtime::{cache, clock, ledger};
 

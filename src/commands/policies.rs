@@ -9,7 +9,7 @@
 use super::credits::on_worker;
 use super::error::{CommandError, CANNOT_BLOCK};
 use super::Waiting;
-use crate::core::ids::PolicyId;
+use crate::core::ids::{OwnedPolicy, PolicyId};
 use crate::core::policy::{LimitField, Limits};
 use crate::ffi::ctx::Ctx;
 use crate::ffi::reply::Reply;
@@ -17,7 +17,7 @@ use crate::parse;
 use crate::runtime::cache;
 use crate::runtime::clock;
 use crate::runtime::gather::{gather, Gathered, Needs, PolicyFound, WaitMode};
-use crate::runtime::jobs::{Done, Job, OwnedPolicy};
+use crate::runtime::jobs::{Done, Job};
 use parse::PolicyArgs;
 
 /// Writes one policy: its identity and the ten limits (nil = unlimited).

@@ -34,12 +34,12 @@ pub(crate) struct Replenishment {
 /// flushed against them, as stored in PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct RowBalance {
-    /// Granted in the row's current life, per kind (requests, tokens); `None` = no balance.
-    pub granted: [Option<i64>; 2],
+    /// Granted in the row's current life, per kind; `None` = no balance of that kind.
+    pub granted: PerKind<Option<i64>>,
     /// Every debit ever flushed against the row, per kind (only grows).
-    pub used: [i64; 2],
+    pub used: PerKind<i64>,
     /// `used` when the current life began.
-    pub base: [i64; 2],
+    pub base: PerKind<i64>,
     /// The sequence of the last flush batch that debited the row when it was read (0: none,
     /// or not known): tells whether `used` already counts a batch its holder has sent and
     /// not had acknowledged yet (see `ledger::counted_twice`).
@@ -61,14 +61,40 @@ impl<T: Copy> PerKind<T> {
             BalanceKind::Tokens => self.tokens,
         }
     }
+}
 
-    /// In `BalanceKind` order (the order of the encodings).
-    pub(crate) fn to_array(self) -> [T; 2] {
-        [self.requests, self.tokens]
+impl<T> PerKind<T> {
+    /// The value of kind `kind`, to change it.
+    pub(crate) fn get_mut(&mut self, kind: BalanceKind) -> &mut T {
+        match kind {
+            BalanceKind::Requests => &mut self.requests,
+            BalanceKind::Tokens => &mut self.tokens,
+        }
+    }
+
+    /// `f` of each value, kind by kind.
+    pub(crate) fn map<U>(self, mut f: impl FnMut(T) -> U) -> PerKind<U> {
+        PerKind {
+            requests: f(self.requests),
+            tokens: f(self.tokens),
+        }
+    }
+
+    /// `f` of this value and `other`'s, kind by kind (e.g. `a.zip_with(b, i64::saturating_add)`).
+    pub(crate) fn zip_with<U, V>(
+        self,
+        other: PerKind<U>,
+        mut f: impl FnMut(T, U) -> V,
+    ) -> PerKind<V> {
+        PerKind {
+            requests: f(self.requests, other.requests),
+            tokens: f(self.tokens, other.tokens),
+        }
     }
 }
 
-/// The two kinds of balance, in the order of `RowBalance`'s arrays.
+/// The two kinds of balance. The discriminants are the kinds' order (and bit positions) in
+/// the encodings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BalanceKind {
     Requests = 0,
@@ -76,7 +102,7 @@ pub(crate) enum BalanceKind {
 }
 
 impl BalanceKind {
-    /// Both kinds, in array order.
+    /// Both kinds, in encoding order.
     pub(crate) const ALL: [BalanceKind; 2] = [BalanceKind::Requests, BalanceKind::Tokens];
 
     /// The command option keyword.
@@ -109,18 +135,19 @@ impl RowBalance {
         unflushed: i64,
         twice: i64,
     ) -> Option<i64> {
-        let k = kind as usize;
-        let granted = self.granted[k]?;
-        let used = self.used[k]
+        let granted = self.granted.get(kind)?;
+        let used = self
+            .used
+            .get(kind)
             .saturating_sub(twice)
             .max(i64::try_from(floor).unwrap_or(i64::MAX));
-        let spent = used.saturating_sub(self.base[k]).max(0);
+        let spent = used.saturating_sub(self.base.get(kind)).max(0);
         Some(granted.saturating_sub(spent).saturating_sub(unflushed))
     }
 
     /// What was granted of kind `kind` in the row's current life; `None` without that balance.
     pub(crate) fn grant(&self, kind: BalanceKind) -> Option<i64> {
-        self.granted[kind as usize]
+        self.granted.get(kind)
     }
 
     /// Whether the row has a balance of kind `kind`.
@@ -130,8 +157,10 @@ impl RowBalance {
 
     /// The flushed debits of the current life (`used - base`), per kind.
     pub(crate) fn debited(&self, kind: BalanceKind) -> i64 {
-        let k = kind as usize;
-        self.used[k].saturating_sub(self.base[k]).max(0)
+        self.used
+            .get(kind)
+            .saturating_sub(self.base.get(kind))
+            .max(0)
     }
 }
 
@@ -291,16 +320,15 @@ impl CreditMemo {
         if let Some(b) = balance {
             // A mask of the kinds it has, then each kind's granted, used and base.
             present |= MEMO_BALANCE;
-            let kinds = b.granted.iter().enumerate();
-            let mask = kinds.fold(0u8, |m, (k, g)| m | (u8::from(g.is_some()) << k));
+            let mask = BalanceKind::ALL.iter().fold(0u8, |m, k| {
+                m | (u8::from(b.granted.get(*k).is_some()) << (*k as u8))
+            });
             put_varint(&mut amounts, &mut at, u64::from(mask))?;
-            for k in BalanceKind::ALL.map(|k| k as usize) {
-                let (Some(Some(granted)), Some(used), Some(base)) =
-                    (b.granted.get(k), b.used.get(k), b.base.get(k))
-                else {
+            for k in BalanceKind::ALL {
+                let Some(granted) = b.granted.get(k) else {
                     continue;
                 };
-                for v in [*granted, *used, *base] {
+                for v in [granted, b.used.get(k), b.base.get(k)] {
                     put_varint(&mut amounts, &mut at, varint::zigzag(v))?;
                 }
             }
@@ -358,17 +386,15 @@ impl CreditMemo {
         let balance = (present & MEMO_BALANCE != 0).then(|| {
             let mask = next_varint(&mut bytes);
             let mut b = RowBalance::default();
-            for k in BalanceKind::ALL.map(|k| k as usize) {
-                if mask & (1 << k) == 0 {
+            for k in BalanceKind::ALL {
+                if mask & (1 << (k as u8)) == 0 {
                     continue;
                 }
                 let mut next = || varint::unzigzag(next_varint(&mut bytes));
                 let (granted, used, base) = (next(), next(), next());
-                if let (Some(g), Some(u), Some(s)) =
-                    (b.granted.get_mut(k), b.used.get_mut(k), b.base.get_mut(k))
-                {
-                    (*g, *u, *s) = (Some(granted), used, base);
-                }
+                *b.granted.get_mut(k) = Some(granted);
+                *b.used.get_mut(k) = used;
+                *b.base.get_mut(k) = base;
             }
             b
         });
@@ -484,8 +510,8 @@ pub(crate) struct GrantRequest {
     pub amount: Option<Cents>,
     pub notes: Option<String>,
     pub add: bool,
-    /// `REQUESTS_BALANCE`, `TOKENS_BALANCE` (in `BalanceKind` order).
-    pub balances: [Option<i64>; 2],
+    /// `REQUESTS_BALANCE`, `TOKENS_BALANCE`.
+    pub balances: PerKind<Option<i64>>,
 }
 
 /// The values a grant writes into the row (it is always active afterwards).
@@ -496,8 +522,8 @@ pub(crate) struct GrantValues {
     pub purchase_id: Option<String>,
     pub purchase_amount: Option<Cents>,
     pub purchase_notes: Option<String>,
-    /// The balances granted in the row's life after the grant (`BalanceKind` order).
-    pub balances: [Option<i64>; 2],
+    /// The balances granted in the row's life after the grant.
+    pub balances: PerKind<Option<i64>>,
     /// A new life of the balance begins (replace, or `ADD` to a missing, revoked or expired
     /// row): what was debited before no longer counts against it.
     pub new_balance_life: bool,
@@ -572,15 +598,16 @@ impl GrantRequest {
         }
         let mut balances = base
             .and_then(|r| r.balance.as_ref())
-            .map_or([None; 2], |b| b.granted);
+            .map_or(PerKind::default(), |b| b.granted);
         for kind in BalanceKind::ALL {
-            if let Some(given) = self.balances[kind as usize] {
-                let sum = balances[kind as usize]
+            if let Some(given) = self.balances.get(kind) {
+                let sum = balances
+                    .get(kind)
                     .unwrap_or(0)
                     .max(0)
                     .checked_add(given)
                     .ok_or(GrantError::BalanceOverflow(kind))?;
-                balances[kind as usize] = Some(sum);
+                *balances.get_mut(kind) = Some(sum);
             }
         }
         let expires_at = if self.expiry_given {

@@ -3,6 +3,9 @@
 //! Every id is 1..=255 bytes of UTF-8 without NUL (what a `VARCHAR(255)` column takes). Names are
 //! built by length-prefixing each part, so ids that contain separators never collide, and they
 //! carry the user's Redis Cluster hash tag so all of one user's state lives in one slot.
+//!
+//! Each identity is borrowed (`UserId`, `AccountId`, `PolicyId`: what a command parses) or
+//! owned (`OwnedUser`, `OwnedAccount`, `OwnedPolicy`: what crosses to a worker thread).
 
 use std::fmt;
 
@@ -67,7 +70,7 @@ pub(crate) fn hash_tag(user: &str) -> &str {
 }
 
 /// A user: (tenant, project, user). One credits-cache entry each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct UserId<'a> {
     pub tenant: &'a str,
     pub project: &'a str,
@@ -75,7 +78,7 @@ pub(crate) struct UserId<'a> {
 }
 
 /// An account: a user's usage in one bundle. One Redis key each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct AccountId<'a> {
     pub user: UserId<'a>,
     pub bundle: &'a str,
@@ -87,6 +90,87 @@ pub(crate) struct PolicyId<'a> {
     pub tenant: &'a str,
     pub project: &'a str,
     pub name: &'a str,
+}
+
+/// A user's ids, owned so they can cross to a worker thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnedUser {
+    pub tenant: String,
+    pub project: String,
+    pub user: String,
+}
+
+impl OwnedUser {
+    /// Copies the ids.
+    pub(crate) fn from_id(id: &UserId<'_>) -> OwnedUser {
+        OwnedUser {
+            tenant: id.tenant.into(),
+            project: id.project.into(),
+            user: id.user.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub(crate) fn id(&self) -> UserId<'_> {
+        UserId {
+            tenant: &self.tenant,
+            project: &self.project,
+            user: &self.user,
+        }
+    }
+}
+
+/// An account's ids, owned (a blocked command's request, a flush batch's account).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnedAccount {
+    pub user: OwnedUser,
+    pub bundle: String,
+}
+
+impl OwnedAccount {
+    /// Copies the ids.
+    pub(crate) fn from_id(id: &AccountId<'_>) -> OwnedAccount {
+        OwnedAccount {
+            user: OwnedUser::from_id(&id.user),
+            bundle: id.bundle.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub(crate) fn id(&self) -> AccountId<'_> {
+        AccountId {
+            user: self.user.id(),
+            bundle: &self.bundle,
+        }
+    }
+}
+
+/// A policy's ids, owned so they can cross to a worker thread.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedPolicy {
+    pub tenant: String,
+    pub project: String,
+    pub name: String,
+}
+
+impl OwnedPolicy {
+    /// Copies the ids.
+    pub(crate) fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
+        OwnedPolicy {
+            tenant: id.tenant.into(),
+            project: id.project.into(),
+            name: id.name.into(),
+        }
+    }
+
+    /// Borrows them back.
+    pub(crate) fn id(&self) -> PolicyId<'_> {
+        PolicyId {
+            tenant: &self.tenant,
+            project: &self.project,
+            name: &self.name,
+        }
+    }
 }
 
 /// Validates a tenant, a project and a third id named `what` (argument names appear in errors).
@@ -171,15 +255,15 @@ impl<'a> AccountId<'a> {
         })
     }
 
-    /// The four ids in order: tenant, project, user, bundle (tests compare keys with them).
-    #[cfg(test)]
-    pub(crate) fn ids(&self) -> [&'a str; 4] {
+    /// The four ids in key order: tenant, project, user, bundle.
+    fn parts(&self) -> impl Iterator<Item = &'a str> {
         [
             self.user.tenant,
             self.user.project,
             self.user.user,
             self.bundle,
         ]
+        .into_iter()
     }
 
     /// The Redis key that holds this account's usage: the user's key plus the bundle.
@@ -192,15 +276,25 @@ impl<'a> AccountId<'a> {
     }
 }
 
-/// The four ids (tenant, project, user, bundle) of an account key that `AccountId::key`
-/// built; none for any other name.
-pub(crate) fn account_ids_of_key(key: &[u8]) -> Option<[String; 4]> {
-    let parts = account_parts_of_key(key)?;
-    let mut out: [String; 4] = Default::default();
-    for (slot, part) in out.iter_mut().zip(parts) {
-        *slot = std::str::from_utf8(part).ok()?.to_owned();
-    }
-    Some(out)
+/// The account (owned) of an account key that `AccountId::key` built; none for any other
+/// name.
+pub(crate) fn account_of_key(key: &[u8]) -> Option<OwnedAccount> {
+    let id = account_parts_of_key(key).and_then(account_of_parts)?;
+    Some(OwnedAccount::from_id(&id))
+}
+
+/// The account whose ids are `parts` (tenant, project, user, bundle), when each is UTF-8;
+/// otherwise unchecked.
+fn account_of_parts([tenant, project, user, bundle]: [&[u8]; 4]) -> Option<AccountId<'_>> {
+    let text = |part| std::str::from_utf8(part).ok();
+    Some(AccountId {
+        user: UserId {
+            tenant: text(tenant)?,
+            project: text(project)?,
+            user: text(user)?,
+        },
+        bundle: text(bundle)?,
+    })
 }
 
 /// The four length-prefixed parts after an account key's `q:{tag}:` prefix, unchecked.
@@ -223,50 +317,31 @@ fn account_parts_of_key(key: &[u8]) -> Option<[&[u8]; 4]> {
 /// in its hash tag and spells lengths in decimal). False, with `out` unchanged, for any other
 /// name: one that `account_key_of_compact` would not give back exactly.
 pub(crate) fn compact_account_key(key: &[u8], out: &mut Vec<u8>) -> bool {
-    let Some(parts) = account_parts_of_key(key) else {
+    let Some(id) = account_parts_of_key(key).and_then(account_of_parts) else {
         return false;
     };
-    let mut ids = [""; 4];
-    for (id, part) in ids.iter_mut().zip(parts) {
-        match std::str::from_utf8(part) {
-            Ok(text) if text.len() <= MAX_ID_LEN => *id = text,
-            _ => return false,
-        }
-    }
-    if account_key_of_ids(ids).as_slice() != key {
+    if id.parts().any(|part| part.len() > MAX_ID_LEN) || id.key().0.as_slice() != key {
         return false;
     }
-    for id in ids {
-        out.push(id.len() as u8);
-        out.extend_from_slice(id.as_bytes());
+    for part in id.parts() {
+        out.push(part.len() as u8);
+        out.extend_from_slice(part.as_bytes());
     }
     true
 }
 
 /// The account key whose compact form (`compact_account_key`) is `compact`.
 pub(crate) fn account_key_of_compact(compact: &[u8]) -> Option<KeyBuf> {
-    let mut ids = [""; 4];
+    let mut parts: [&[u8]; 4] = [&[]; 4];
     let mut rest = compact;
-    for id in ids.iter_mut() {
+    for part in parts.iter_mut() {
         let (len, tail) = rest.split_first()?;
         let len = usize::from(*len);
-        *id = std::str::from_utf8(tail.get(..len)?).ok()?;
+        *part = tail.get(..len)?;
         rest = tail.get(len..)?;
     }
-    rest.is_empty().then(|| account_key_of_ids(ids))
-}
-
-/// The account key of four ids, unchecked.
-fn account_key_of_ids([tenant, project, user, bundle]: [&str; 4]) -> KeyBuf {
-    let id = AccountId {
-        user: UserId {
-            tenant,
-            project,
-            user,
-        },
-        bundle,
-    };
-    id.key().0
+    let id = account_of_parts(parts)?;
+    rest.is_empty().then(|| id.key().0)
 }
 
 fn push_part(out: &mut KeyBuf, part: &str) {
@@ -369,14 +444,14 @@ mod tests {
         let id = AccountId::parse([b"acme", b"ch:at", b"{org}alice" as &[u8], b"*"]);
         if let Ok(id) = id {
             let (key, _) = id.key();
-            let back = account_ids_of_key(&key).unwrap();
-            assert_eq!(back, id.ids().map(str::to_owned));
+            let back = account_of_key(&key).unwrap();
+            assert_eq!(back.id(), id);
         }
         let long = "u".repeat(255);
         let id = AccountId::parse([b"t" as &[u8], b"p", long.as_bytes(), b"b"]).unwrap();
-        assert_eq!(account_ids_of_key(&id.key().0).unwrap()[2], long);
-        assert!(account_ids_of_key(b"q:{x}:1:t").is_none());
-        assert!(account_ids_of_key(b"other").is_none());
+        assert_eq!(account_of_key(&id.key().0).unwrap().user.user, long);
+        assert!(account_of_key(b"q:{x}:1:t").is_none());
+        assert!(account_of_key(b"other").is_none());
     }
 
     /// An account key's compact form gives the name back exactly; names `AccountId::key` did
@@ -384,18 +459,19 @@ mod tests {
     #[test]
     fn compact_account_keys_round_trip_and_refuse_other_names() {
         let long = "u".repeat(MAX_ID_LEN);
-        let ids: [[&str; 4]; 4] = [
-            ["acme", "chat", "u000000000042", "*"],
-            ["t", "p", "user{tag}x", "b:1"],
-            ["ténant", "p}:", "{}", "é"],
-            ["t", "p", &long, "b"],
+        let args: [[&[u8]; 4]; 4] = [
+            [b"acme", b"chat", b"u000000000042", b"*"],
+            [b"t", b"p", b"user{tag}x", b"b:1"],
+            ["ténant".as_bytes(), b"p}:", b"{}", "é".as_bytes()],
+            [b"t", b"p", long.as_bytes(), b"b"],
         ];
-        for [t, p, u, b] in ids {
-            let id = AccountId::parse([t.as_bytes(), p.as_bytes(), u.as_bytes(), b.as_bytes()]);
-            let Ok(id) = id else { continue };
+        for raw in args {
+            let Ok(id) = AccountId::parse(raw) else {
+                continue;
+            };
             let key = id.key().0;
             let mut out = vec![9];
-            assert!(compact_account_key(&key, &mut out), "{t} {p} {u} {b}");
+            assert!(compact_account_key(&key, &mut out), "{id:?}");
             assert!(out.len() < key.len(), "{} >= {}", out.len(), key.len());
             assert_eq!(
                 account_key_of_compact(&out[1..]).unwrap().as_slice(),

@@ -60,14 +60,14 @@ pub(crate) struct HourDelta {
     /// Requests admitted minus requests released.
     pub requests: i64,
     pub tokens: i64,
-    /// Debits of this holder's balance, in `BalanceKind` order (a refund is negative).
-    pub debits: [i64; 2],
+    /// Debits of this holder's balance, per kind (a refund is negative).
+    pub debits: PerKind<i64>,
 }
 
 impl HourDelta {
     /// Whether the hour changes nothing.
     pub(crate) fn is_zero(&self) -> bool {
-        self.requests == 0 && self.tokens == 0 && self.debits == [0, 0]
+        self.requests == 0 && self.tokens == 0 && self.debits == PerKind::default()
     }
 }
 
@@ -149,16 +149,21 @@ pub(crate) fn balance_left(
     now: Millis,
 ) -> PerKind<Option<i64>> {
     let floor = holder.map_or([0, 0], |l| l.floor);
-    let unflushed = |k: usize| holder.map_or(0, |l| l.unflushed(k));
+    let unflushed = |kind: BalanceKind| holder.map_or(0, |l| l.unflushed(kind));
     let held = holder.map_or(0, |l| l.held(now));
     let requests = b.left(
         BalanceKind::Requests,
         floor[0],
-        unflushed(0),
+        unflushed(BalanceKind::Requests),
         twice.requests,
     );
     let tokens = b
-        .left(BalanceKind::Tokens, floor[1], unflushed(1), twice.tokens)
+        .left(
+            BalanceKind::Tokens,
+            floor[1],
+            unflushed(BalanceKind::Tokens),
+            twice.tokens,
+        )
         .map(|left| left.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX)));
     PerKind { requests, tokens }
 }
@@ -176,12 +181,9 @@ pub(crate) struct Unacknowledged {
 impl Unacknowledged {
     /// The batch of `hours` sent with sequence `seq`.
     pub(crate) fn of(seq: u64, hours: &[HourDelta]) -> Unacknowledged {
-        let debits = hours
-            .iter()
-            .fold(PerKind::<i64>::default(), |sum, h| PerKind {
-                requests: sum.requests.saturating_add(h.debits[0]),
-                tokens: sum.tokens.saturating_add(h.debits[1]),
-            });
+        let debits = hours.iter().fold(PerKind::<i64>::default(), |sum, h| {
+            sum.zip_with(h.debits, i64::saturating_add)
+        });
         Unacknowledged { seq, debits }
     }
 }
@@ -208,12 +210,18 @@ impl Ledger {
     }
 
     /// Adds changes to the hour of `at`.
-    pub(crate) fn record(&mut self, at: Millis, requests: i64, tokens: i64, debits: [i64; 2]) {
+    pub(crate) fn record(&mut self, at: Millis, requests: i64, tokens: i64, debits: PerKind<i64>) {
         self.record_hour(Window::Hour.index(at), requests, tokens, debits);
     }
 
     /// Adds changes to the hour with index `hour`.
-    pub(crate) fn record_hour(&mut self, hour: i64, requests: i64, tokens: i64, debits: [i64; 2]) {
+    pub(crate) fn record_hour(
+        &mut self,
+        hour: i64,
+        requests: i64,
+        tokens: i64,
+        debits: PerKind<i64>,
+    ) {
         let entry = match self.hours.iter().rposition(|h| h.hour <= hour) {
             Some(i) if self.hours.get(i).is_some_and(|h| h.hour == hour) => self.hours.get_mut(i),
             found => {
@@ -231,9 +239,7 @@ impl Ledger {
         if let Some(h) = entry {
             h.requests = h.requests.saturating_add(requests);
             h.tokens = h.tokens.saturating_add(tokens);
-            for (d, add) in h.debits.iter_mut().zip(debits) {
-                *d = d.saturating_add(add);
-            }
+            h.debits = h.debits.zip_with(debits, i64::saturating_add);
         }
         // A change undone within the hour (an admission released) leaves nothing to flush.
         if self.hours.iter().any(HourDelta::is_zero) {
@@ -249,19 +255,16 @@ impl Ledger {
             if let Some(next) = self.hours.first_mut() {
                 next.requests = next.requests.saturating_add(oldest.requests);
                 next.tokens = next.tokens.saturating_add(oldest.tokens);
-                for (d, add) in next.debits.iter_mut().zip(oldest.debits) {
-                    *d = d.saturating_add(add);
-                }
+                next.debits = next.debits.zip_with(oldest.debits, i64::saturating_add);
             }
         }
     }
 
-    /// Debits of kind `kind` (0 requests, 1 tokens) not flushed yet.
-    pub(crate) fn unflushed(&self, kind: usize) -> i64 {
+    /// Debits of kind `kind` not flushed yet.
+    pub(crate) fn unflushed(&self, kind: BalanceKind) -> i64 {
         self.hours
             .iter()
-            .filter_map(|h| h.debits.get(kind))
-            .fold(0i64, |sum, d| sum.saturating_add(*d))
+            .fold(0i64, |sum, h| sum.saturating_add(h.debits.get(kind)))
     }
 
     /// Tokens held by holds that are live at `now`.
@@ -286,7 +289,7 @@ impl Ledger {
             self.holds.retain(|h| h.expires_at > at);
         }
         if change.debits != PerKind::default() {
-            self.record(at, 0, 0, change.debits.to_array());
+            self.record(at, 0, 0, change.debits);
         }
         if let Some(tag) = change.settle {
             self.holds.retain(|h| h.tag != tag);
@@ -362,9 +365,7 @@ fn difference(new: &[HourDelta], old: &[HourDelta]) -> Vec<HourDelta> {
         if let Some(h) = entry {
             h.requests = h.requests.saturating_sub(o.requests);
             h.tokens = h.tokens.saturating_sub(o.tokens);
-            for (d, s) in h.debits.iter_mut().zip(o.debits) {
-                *d = d.saturating_sub(s);
-            }
+            h.debits = h.debits.zip_with(o.debits, i64::saturating_sub);
         }
     }
     out.retain(|h| !h.is_zero());
@@ -377,7 +378,13 @@ fn difference(new: &[HourDelta], old: &[HourDelta]) -> Vec<HourDelta> {
 pub(crate) fn hours_text(hours: &[HourDelta]) -> String {
     let mut out = String::new();
     for h in hours {
-        for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+        for v in [
+            h.hour,
+            h.requests,
+            h.tokens,
+            h.debits.requests,
+            h.debits.tokens,
+        ] {
             if !out.is_empty() {
                 out.push(',');
             }
@@ -406,7 +413,10 @@ pub(crate) fn parse_hours_text(text: &str) -> Option<Vec<HourDelta>> {
                 hour: c[0],
                 requests: c[1],
                 tokens: c[2],
-                debits: [c[3], c[4]],
+                debits: PerKind {
+                    requests: c[3],
+                    tokens: c[4],
+                },
             })
             .collect(),
     )
@@ -419,19 +429,23 @@ mod tests {
     const T0: Millis = 1_795_000_000_000;
     const HOUR: Millis = 3_600_000;
 
+    fn per(requests: i64, tokens: i64) -> PerKind<i64> {
+        PerKind { requests, tokens }
+    }
+
     #[test]
     fn changes_add_up_per_hour_and_an_hour_undone_leaves_nothing() {
         let mut l = Ledger::default();
-        l.record(T0, 1, 0, [1, 0]);
-        l.record(T0 + 10, 1, 50, [0, 20]);
-        l.record(T0 + HOUR, 1, 0, [0, 0]);
+        l.record(T0, 1, 0, per(1, 0));
+        l.record(T0 + 10, 1, 50, per(0, 20));
+        l.record(T0 + HOUR, 1, 0, per(0, 0));
         // A late change for an earlier hour goes into that hour.
-        l.record(T0 + 5, 0, 7, [0, 0]);
+        l.record(T0 + 5, 0, 7, per(0, 0));
         assert_eq!(l.hours.len(), 2);
         assert_eq!(l.hours[0].tokens, 57);
-        assert_eq!(l.unflushed(0), 1);
-        assert_eq!(l.unflushed(1), 20);
-        l.record(T0 + HOUR, -1, 0, [0, 0]);
+        assert_eq!(l.unflushed(BalanceKind::Requests), 1);
+        assert_eq!(l.unflushed(BalanceKind::Tokens), 20);
+        l.record(T0 + HOUR, -1, 0, per(0, 0));
         assert_eq!(
             l.hours.len(),
             1,
@@ -443,12 +457,15 @@ mod tests {
     fn at_the_bound_the_oldest_hours_merge_and_totals_stay() {
         let mut l = Ledger::default();
         for i in 0..(MAX_PENDING_HOURS as i64 + 10) {
-            l.record(T0 + i * HOUR, 1, 2, [1, 1]);
+            l.record(T0 + i * HOUR, 1, 2, per(1, 1));
         }
         assert_eq!(l.hours.len(), MAX_LEDGER_HOURS);
         let total: i64 = l.hours.iter().map(|h| h.requests).sum();
         assert_eq!(total, MAX_PENDING_HOURS as i64 + 10);
-        assert_eq!(l.unflushed(1), MAX_PENDING_HOURS as i64 + 10);
+        assert_eq!(
+            l.unflushed(BalanceKind::Tokens),
+            MAX_PENDING_HOURS as i64 + 10
+        );
         assert_eq!(l.hours[0].requests, 12);
     }
 
@@ -494,7 +511,13 @@ mod tests {
             },
         );
         assert_eq!(l.held(T0 + 1), 12);
-        assert_eq!((l.unflushed(0), l.unflushed(1)), (1, 25));
+        assert_eq!(
+            (
+                l.unflushed(BalanceKind::Requests),
+                l.unflushed(BalanceKind::Tokens)
+            ),
+            (1, 25)
+        );
         l.apply(T0 + 2000, &BalanceChange::default());
         assert!(l.holds.is_empty());
     }

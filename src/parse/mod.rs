@@ -7,11 +7,11 @@ use std::fmt;
 
 use crate::core::account::MAX_COST;
 use crate::core::credit::{BalanceKind, Cents, GrantRequest};
-use crate::core::ids::{check_id, AccountId, IdError, PolicyId, UserId};
+use crate::core::ids::{check_id, AccountId, IdError, OwnedAccount, PolicyId, UserId};
 use crate::core::ledger::MAX_TOKENS;
 use crate::core::policy::{LimitField, Limits};
 use crate::core::Millis;
-use crate::runtime::jobs::{FindQuery, OwnedAccount, TopBy, TopQuery};
+use crate::runtime::jobs::{FindQuery, TopBy, TopQuery};
 
 use cursor::CursorError;
 
@@ -333,7 +333,7 @@ pub(crate) fn grant<'a>(args: &[&'a [u8]], now: Millis) -> Result<GrantArgs<'a>,
                 let v = parse_amount(kind.keyword(), raw)?;
                 let v = i64::try_from(v)
                     .map_err(|_| ParseError::OutOfRange(kind.keyword(), 0, i64::MAX))?;
-                req.balances[kind as usize] = Some(v);
+                *req.balances.get_mut(kind) = Some(v);
             }
             _ => return Err(ParseError::Unknown(shown(word))),
         }

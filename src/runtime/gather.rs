@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use super::cache::{self, remember_policy, remembered_policy};
 use super::config;
-use super::jobs::{CreditLoad, Done, LoadJob, OwnedPolicy, OwnedUser, Waiter};
+use super::jobs::{CreditLoad, Done, LoadJob, Waiter};
 use super::worker;
 use crate::core::cache::{Lookup, UserCredits};
-use crate::core::ids::{PolicyId, UserId};
+use crate::core::ids::{OwnedPolicy, OwnedUser, PolicyId, UserId};
 use crate::core::policy::{CachedPolicy, Limits};
 use crate::core::Millis;
 use crate::ffi::blocked::{Blocked, Resumable};

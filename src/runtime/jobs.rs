@@ -1,12 +1,12 @@
 //! The work a command hands to the pool (`Job`) and what comes back to its blocked client
-//! (`Done`), with the owned ids that cross threads, and the `Waiter` a gather leaves in the
-//! caches' flights (answered once, when the last load it waits on lands).
+//! (`Done`), and the `Waiter` a gather leaves in the caches' flights (answered once, when the
+//! last load it waits on lands). The ids a job carries are `core::ids`' owned ones.
 
 use std::sync::{Arc, Mutex};
 
 use crate::core::cache::UserCredits;
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::{AccountId, PolicyId, UserId};
+use crate::core::ids::{OwnedAccount, OwnedPolicy, OwnedUser};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::ffi::blocked::{Blocked, Outcome};
@@ -117,87 +117,6 @@ impl Waiter {
             .take();
         if let Some(client) = client {
             client.finish(done);
-        }
-    }
-}
-
-/// A user's ids, owned so they can cross to a worker thread.
-#[derive(Debug, Clone)]
-pub(crate) struct OwnedUser {
-    pub tenant: String,
-    pub project: String,
-    pub user: String,
-}
-
-impl OwnedUser {
-    /// Copies the ids.
-    pub(crate) fn from_id(id: &UserId<'_>) -> OwnedUser {
-        OwnedUser {
-            tenant: id.tenant.into(),
-            project: id.project.into(),
-            user: id.user.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub(crate) fn id(&self) -> UserId<'_> {
-        UserId {
-            tenant: &self.tenant,
-            project: &self.project,
-            user: &self.user,
-        }
-    }
-}
-
-/// An account's ids, owned (a blocked command's request).
-#[derive(Debug, Clone)]
-pub(crate) struct OwnedAccount {
-    pub user: OwnedUser,
-    pub bundle: String,
-}
-
-impl OwnedAccount {
-    /// Copies the ids.
-    pub(crate) fn from_id(id: &AccountId<'_>) -> OwnedAccount {
-        OwnedAccount {
-            user: OwnedUser::from_id(&id.user),
-            bundle: id.bundle.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub(crate) fn id(&self) -> AccountId<'_> {
-        AccountId {
-            user: self.user.id(),
-            bundle: &self.bundle,
-        }
-    }
-}
-
-/// A policy's ids, owned so they can cross to a worker thread.
-#[derive(Debug, Clone)]
-pub(crate) struct OwnedPolicy {
-    pub tenant: String,
-    pub project: String,
-    pub name: String,
-}
-
-impl OwnedPolicy {
-    /// Copies the ids.
-    pub(crate) fn from_id(id: &PolicyId<'_>) -> OwnedPolicy {
-        OwnedPolicy {
-            tenant: id.tenant.into(),
-            project: id.project.into(),
-            name: id.name.into(),
-        }
-    }
-
-    /// Borrows them back.
-    pub(crate) fn id(&self) -> PolicyId<'_> {
-        PolicyId {
-            tenant: &self.tenant,
-            project: &self.project,
-            name: &self.name,
         }
     }
 }

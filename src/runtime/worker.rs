@@ -18,11 +18,11 @@ use super::cache;
 use super::clock;
 use super::config;
 use super::health;
-use super::jobs::{Done, FlushOutcome, Job, KeyBatch, LoadJob, OwnedPolicy, OwnedUser, Waiter};
+use super::jobs::{Done, FlushOutcome, Job, KeyBatch, LoadJob, Waiter};
 use super::stats;
 use crate::core::cache::UserCredits;
 use crate::core::credit::{GrantRequest, Replenishment};
-use crate::core::ids::{account_ids_of_key, user_key, UserId};
+use crate::core::ids::{account_of_key, user_key, OwnedAccount, OwnedPolicy, OwnedUser, UserId};
 use crate::core::policy::{CachedPolicy, Limits, PolicyRecord};
 use crate::core::Millis;
 use crate::store::backoff::Backoff;
@@ -635,8 +635,8 @@ pub(crate) fn flush(batches: &[KeyBatch]) -> Vec<FlushOutcome> {
         let parsed: Vec<Option<AccountBatch>> = chunk
             .iter()
             .map(|b| {
-                account_ids_of_key(&b.key).map(|ids| AccountBatch {
-                    ids,
+                account_of_key(&b.key).map(|account| AccountBatch {
+                    account,
                     seq: b.seq,
                     rev: b.rev,
                     hours: b.hours.clone(),
@@ -664,7 +664,8 @@ fn flush_isolating(accounts: &[AccountBatch]) -> Vec<Result<BatchOutcome, StoreE
         Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
         Err(e) if e.is_unavailable() || accounts.len() == 1 => {
             if accounts.len() == 1 && !e.is_unavailable() {
-                let [t, p, u, b] = &accounts[0].ids;
+                let OwnedAccount { user, bundle: b } = &accounts[0].account;
+                let (t, p, u) = (&user.tenant, &user.project, &user.user);
                 conditions::LEDGER_BATCH.failed(|| {
                     format!(
                         "account {t}/{p}/{u}/{b}: {} (it is retried alone at every flush; the \

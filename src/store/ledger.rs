@@ -14,7 +14,8 @@ use postgres::{GenericClient, Transaction};
 
 use super::error::StoreError;
 use super::schema::substitute;
-use crate::core::ids::AccountId;
+use crate::core::credit::PerKind;
+use crate::core::ids::{AccountId, OwnedAccount, UserId};
 use crate::core::ledger::{claim, hours_text, parse_hours_text, Claim, HourDelta, LastBatch};
 
 /// Most rows `QUOTA.HISTORY` returns (a leap year of hours).
@@ -23,8 +24,7 @@ pub(crate) const HISTORY_MAX_ROWS: i64 = 8784;
 /// One account's batch: its identity, sequence and unflushed hours.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AccountBatch {
-    /// tenant, project, user, bundle.
-    pub ids: [String; 4],
+    pub account: OwnedAccount,
     pub seq: u64,
     /// The batch's revision: when the master snapshotted it (ms). A replica that takes over
     /// sends the same sequence with a later revision (see `core::ledger::claim`).
@@ -150,10 +150,12 @@ fn pg(err: postgres::Error) -> StoreError {
 type IdColumns<'a> = [Vec<&'a str>; 4];
 
 /// Appends one account's identity to `columns`.
-fn push_ids<'a>(columns: &mut IdColumns<'a>, ids: &'a [String; 4]) {
-    for (column, id) in columns.iter_mut().zip(ids) {
-        column.push(id);
-    }
+fn push_ids<'a>(columns: &mut IdColumns<'a>, account: &'a OwnedAccount) {
+    let [tenant, project, user, bundle] = columns;
+    tenant.push(&account.user.tenant);
+    project.push(&account.user.project);
+    user.push(&account.user.user);
+    bundle.push(&account.bundle);
 }
 
 /// The array parameters of a batched statement: the identity columns as text arrays ($1..$4),
@@ -171,15 +173,16 @@ fn array_params<'a>(
     ids.chain(ints).collect()
 }
 
-type Identity = (String, String, String, String);
-
-fn identity(row: &postgres::Row) -> Result<Identity, StoreError> {
-    Ok((
-        row.try_get(0).map_err(pg)?,
-        row.try_get(1).map_err(pg)?,
-        row.try_get(2).map_err(pg)?,
-        row.try_get(3).map_err(pg)?,
-    ))
+/// The account a row's first four columns (tenant, project, user, bundle) name.
+fn identity(row: &postgres::Row) -> Result<AccountId<'_>, StoreError> {
+    Ok(AccountId {
+        user: UserId {
+            tenant: row.try_get(0).map_err(pg)?,
+            project: row.try_get(1).map_err(pg)?,
+            user: row.try_get(2).map_err(pg)?,
+        },
+        bundle: row.try_get(3).map_err(pg)?,
+    })
 }
 
 /// Applies `batches` (one per account, identities distinct) in one transaction; returns what
@@ -202,17 +205,14 @@ pub(crate) fn flush(
     if batches.is_empty() {
         return Ok(out);
     }
-    let position: HashMap<Identity, usize> = batches
+    let position: HashMap<AccountId<'_>, usize> = batches
         .iter()
         .enumerate()
-        .map(|(i, b)| {
-            let [t, p, u, bu] = b.ids.clone();
-            ((t, p, u, bu), i)
-        })
+        .map(|(i, b)| (b.account.id(), i))
         .collect();
     let mut ids = IdColumns::default();
     for b in batches {
-        push_ids(&mut ids, &b.ids);
+        push_ids(&mut ids, &b.account);
     }
     let id_params = array_params(&ids, &[]);
     tx.query_typed(&sql.reserve, &id_params).map_err(pg)?;
@@ -247,7 +247,7 @@ pub(crate) fn flush(
                 if let Some(slot) = applied.get_mut(i) {
                     *slot = hours;
                 }
-                push_ids(&mut record, &batch.ids);
+                push_ids(&mut record, &batch.account);
                 ints[0].push(i64::try_from(batch.seq).unwrap_or(i64::MAX));
                 ints[1].push(i64::try_from(batch.rev).unwrap_or(i64::MAX));
                 texts.push(hours_text(&batch.hours));
@@ -281,11 +281,15 @@ fn add_hours(
     let mut cols: [Vec<i64>; 5] = Default::default();
     for (batch, hours) in batches.iter().zip(applied) {
         for h in hours.iter().filter(|h| !h.is_zero()) {
-            push_ids(&mut ids, &batch.ids);
-            for (column, v) in
-                cols.iter_mut()
-                    .zip([h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]])
-            {
+            push_ids(&mut ids, &batch.account);
+            let values = [
+                h.hour,
+                h.requests,
+                h.tokens,
+                h.debits.requests,
+                h.debits.tokens,
+            ];
+            for (column, v) in cols.iter_mut().zip(values) {
                 column.push(v);
             }
         }
@@ -309,28 +313,26 @@ fn add_used(
     batches: &[AccountBatch],
     applied: &[Vec<HourDelta>],
     out: &mut [BatchOutcome],
-    position: &HashMap<Identity, usize>,
+    position: &HashMap<AccountId<'_>, usize>,
 ) -> Result<(), StoreError> {
     let mut ids = IdColumns::default();
     // Requests debited, tokens debited, the batch's sequence.
     let mut debits: [Vec<i64>; 3] = Default::default();
     let debited = |hours: &[HourDelta]| {
-        hours.iter().fold([0i64; 2], |acc, h| {
-            [
-                acc[0].saturating_add(h.debits[0]),
-                acc[1].saturating_add(h.debits[1]),
-            ]
+        hours.iter().fold(PerKind::<i64>::default(), |sum, h| {
+            sum.zip_with(h.debits, i64::saturating_add)
         })
     };
+    let none = PerKind::default();
     for ((batch, hours), o) in batches.iter().zip(applied).zip(out.iter()) {
-        let sum = if o.applied { debited(hours) } else { [0, 0] };
+        let sum = if o.applied { debited(hours) } else { none };
         // A batch revised or skipped whole may add nothing and still have debited the row.
-        if sum == [0, 0] && debited(&batch.hours) == [0, 0] {
+        if sum == none && debited(&batch.hours) == none {
             continue;
         }
-        push_ids(&mut ids, &batch.ids);
-        debits[0].push(sum[0]);
-        debits[1].push(sum[1]);
+        push_ids(&mut ids, &batch.account);
+        debits[0].push(sum.requests);
+        debits[1].push(sum.tokens);
         debits[2].push(i64::try_from(batch.seq).unwrap_or(i64::MAX));
     }
     if ids[0].is_empty() {

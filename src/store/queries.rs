@@ -393,10 +393,7 @@ fn grant_payload(values: &GrantValues, req: &GrantRequest) -> Value {
         values.purchase_notes.clone().into(),
     );
     for kind in BalanceKind::ALL {
-        written.insert(
-            kind.column().to_owned(),
-            values.balances[kind as usize].into(),
-        );
+        written.insert(kind.column().to_owned(), values.balances.get(kind).into());
     }
 
     let mut asked = Map::new();
@@ -413,7 +410,7 @@ fn grant_payload(values: &GrantValues, req: &GrantRequest) -> Value {
         asked.insert("amount".into(), amount.to_string().into());
     }
     for kind in BalanceKind::ALL {
-        if let Some(given) = req.balances[kind as usize] {
+        if let Some(given) = req.balances.get(kind) {
             asked.insert(kind.column().to_owned(), given.into());
         }
     }

@@ -10,7 +10,7 @@ use postgres::types::{ToSql, Type};
 use postgres::Row;
 
 use super::error::StoreError;
-use crate::core::credit::{GrantValues, Replenishment, RowBalance};
+use crate::core::credit::{GrantValues, PerKind, Replenishment, RowBalance};
 use crate::core::policy::{Additional, LimitField, LIMIT_FIELDS};
 
 /// A statement parameter and its type.
@@ -57,7 +57,7 @@ pub(crate) struct ColumnValues {
     purchase_id: Option<String>,
     amount: Option<String>,
     notes: Option<String>,
-    balances: [Option<i64>; 2],
+    balances: PerKind<Option<i64>>,
     new_balance_life: bool,
 }
 
@@ -117,8 +117,8 @@ impl ColumnValues {
         params.push((&self.purchase_id, Type::TEXT));
         params.push((&self.amount, Type::TEXT));
         params.push((&self.notes, Type::TEXT));
-        params.push((&self.balances[0], Type::INT8));
-        params.push((&self.balances[1], Type::INT8));
+        params.push((&self.balances.requests, Type::INT8));
+        params.push((&self.balances.tokens, Type::INT8));
         params.push((&self.new_balance_life, Type::BOOL));
         params
     }
@@ -186,15 +186,24 @@ pub(crate) fn to_replenishment(row: &impl RowSource) -> Result<Replenishment, St
 
 /// The balance columns; `None` when the row has no balance of either kind.
 fn row_balance(row: &impl RowSource) -> Result<Option<Box<RowBalance>>, StoreError> {
-    let granted = [row.bigint(COL_BALANCE)?, row.bigint(COL_BALANCE + 1)?];
-    if granted.iter().all(Option::is_none) {
+    let granted = PerKind {
+        requests: row.bigint(COL_BALANCE)?,
+        tokens: row.bigint(COL_BALANCE + 1)?,
+    };
+    if granted == PerKind::default() {
         return Ok(None);
     }
     let num = |idx: usize| row.bigint(idx).map(|v| v.unwrap_or(0));
     Ok(Some(Box::new(RowBalance {
         granted,
-        used: [num(COL_BALANCE + 2)?, num(COL_BALANCE + 3)?],
-        base: [num(COL_BALANCE + 4)?, num(COL_BALANCE + 5)?],
+        used: PerKind {
+            requests: num(COL_BALANCE + 2)?,
+            tokens: num(COL_BALANCE + 3)?,
+        },
+        base: PerKind {
+            requests: num(COL_BALANCE + 4)?,
+            tokens: num(COL_BALANCE + 5)?,
+        },
         ledger_seq: num(COL_BALANCE + 6)?.max(0) as u64,
     })))
 }
@@ -337,7 +346,21 @@ mod tests {
         let b = r.balance.as_deref().unwrap();
         assert_eq!(
             (b.granted, b.used, b.base, b.ledger_seq),
-            ([None, Some(1000)], [70, 90], [0, 40], 77)
+            (
+                PerKind {
+                    requests: None,
+                    tokens: Some(1000)
+                },
+                PerKind {
+                    requests: 70,
+                    tokens: 90
+                },
+                PerKind {
+                    requests: 0,
+                    tokens: 40
+                },
+                77
+            )
         );
         assert_eq!(b.left(BalanceKind::Tokens, 0, 0, 0), Some(950));
     }

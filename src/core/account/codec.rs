@@ -7,6 +7,7 @@ use super::{
     window_slot, Account, BadState, Counter, Extra, Lease, LeaseId, MAX_COST, MAX_LEASES,
     MAX_LEASE_ID_LEN, MAX_SETTLED,
 };
+use crate::core::credit::PerKind;
 use crate::core::ledger::{BalanceTerms, Hold, HourDelta, Ledger, MAX_DECODED_HOURS, MAX_HOLDS};
 use crate::core::rate::Rates;
 use crate::core::varint::{take_u64, unzigzag, write_u64, zigzag, VarintError};
@@ -241,7 +242,13 @@ fn put_ledger(w: &mut Vec<u8>, account: &Account, costs: bool) {
     let hours = account.unflushed_hours();
     put_u64(w, hours.len() as u64);
     for h in &hours {
-        for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+        for v in [
+            h.hour,
+            h.requests,
+            h.tokens,
+            h.debits.requests,
+            h.debits.tokens,
+        ] {
             put_i64(w, v);
         }
     }
@@ -364,7 +371,10 @@ impl Reader<'_> {
                     hour: r.i64()?,
                     requests: r.i64()?,
                     tokens: r.i64()?,
-                    debits: [r.i64()?, r.i64()?],
+                    debits: PerKind {
+                        requests: r.i64()?,
+                        tokens: r.i64()?,
+                    },
                 })
             },
         )?;

@@ -5,6 +5,7 @@
 //! acknowledgement takes off again.
 
 use super::{Account, HOUR};
+use crate::core::credit::PerKind;
 use crate::core::ledger::{Acknowledgement, HourDelta};
 use crate::core::window::Window;
 use crate::core::Millis;
@@ -44,20 +45,20 @@ impl Account {
             self.enter(Window::Hour, index);
         }
         let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
-        self.add_pending(hour, requests, tokens, [0, 0]);
+        self.add_pending(hour, requests, tokens, PerKind::default());
     }
 
     /// Adds to the unflushed usage of `hour`: requests and tokens inline when `hour` is the
     /// current hour and the sums fit, otherwise (with the inline amounts) into the ledger part;
     /// debits always into the ledger part.
-    fn add_pending(&mut self, hour: i64, requests: i64, tokens: i64, debits: [i64; 2]) {
+    fn add_pending(&mut self, hour: i64, requests: i64, tokens: i64, debits: PerKind<i64>) {
         if hour == i64::from(self.windows[HOUR]) {
             let r = i64::from(self.pending_requests).saturating_add(requests);
             let t = i64::from(self.pending_tokens).saturating_add(tokens);
             if let (Ok(r), Ok(t)) = (i32::try_from(r), u32::try_from(t)) {
                 self.pending_requests = r;
                 self.pending_tokens = t;
-                if debits != [0, 0] {
+                if debits != PerKind::default() {
                     self.ledger_part().record_hour(hour, 0, 0, debits);
                     self.drop_idle_ledger();
                 }
@@ -83,7 +84,7 @@ impl Account {
         self.pending_tokens = 0;
         let hour = i64::from(self.windows[HOUR]);
         self.ledger_part()
-            .record_hour(hour, i64::from(r), i64::from(t), [0, 0]);
+            .record_hour(hour, i64::from(r), i64::from(t), PerKind::default());
         self.drop_idle_ledger();
     }
 
@@ -119,7 +120,7 @@ impl Account {
                     hour,
                     requests: r,
                     tokens: t,
-                    debits: [0, 0],
+                    debits: PerKind::default(),
                 },
             ),
         }
@@ -160,15 +161,11 @@ impl Account {
     /// batch sends), the sequence moves on and the floor becomes PostgreSQL's totals.
     pub(crate) fn acknowledge(&mut self, ack: &Acknowledgement) {
         for sent in &ack.hours {
-            let debits = [
-                sent.debits[0].saturating_neg(),
-                sent.debits[1].saturating_neg(),
-            ];
             self.add_pending(
                 sent.hour,
                 sent.requests.saturating_neg(),
                 sent.tokens.saturating_neg(),
-                debits,
+                sent.debits.map(i64::saturating_neg),
             );
         }
         self.next_seq = self.next_seq.max(ack.next_seq);
@@ -254,7 +251,7 @@ impl Account {
             return;
         };
         self.ledger_part()
-            .record_hour(hour, -i64::from(r), -i64::from(t), [0, 0]);
+            .record_hour(hour, -i64::from(r), -i64::from(t), PerKind::default());
         self.pending_requests = r;
         self.pending_tokens = t;
         self.drop_idle_ledger();
@@ -286,7 +283,11 @@ mod tests {
         );
     }
 
-    fn delta(at: Millis, requests: i64, tokens: i64, debits: [i64; 2]) -> HourDelta {
+    fn per(requests: i64, tokens: i64) -> PerKind<i64> {
+        PerKind { requests, tokens }
+    }
+
+    fn delta(at: Millis, requests: i64, tokens: i64, debits: PerKind<i64>) -> HourDelta {
         HourDelta {
             hour: hour(at),
             requests,
@@ -320,7 +321,7 @@ mod tests {
         );
         assert!(acc.extra.is_none(), "no allocation for the current hour");
         assert!(acc.has_unflushed());
-        assert_eq!(acc.unflushed_hours(), vec![delta(T0, 3, 70, [0, 0])]);
+        assert_eq!(acc.unflushed_hours(), vec![delta(T0, 3, 70, per(0, 0))]);
         assert_eq!(acc.batch_seq(), (T0 as u64) << 20);
     }
 
@@ -339,7 +340,10 @@ mod tests {
         let sent = acc.unflushed_hours();
         assert_eq!(
             sent,
-            vec![delta(T0, 1, 5, [0, 0]), delta(T0 + HOUR, 1, 0, [0, 0])]
+            vec![
+                delta(T0, 1, 5, per(0, 0)),
+                delta(T0 + HOUR, 1, 0, per(0, 0))
+            ]
         );
         // The token hour counter moved with the hour; the day counter did not.
         assert_eq!(acc.counter(Counter::TokHour), (hour(T0 + HOUR), 0));
@@ -348,14 +352,20 @@ mod tests {
         assert!(acc.extra.is_some());
         let seq = acc.batch_seq();
         ack(&mut acc, sent);
-        assert_eq!(acc.unflushed_hours(), vec![delta(T0 + HOUR, 1, 0, [0, 0])]);
+        assert_eq!(
+            acc.unflushed_hours(),
+            vec![delta(T0 + HOUR, 1, 0, per(0, 0))]
+        );
         assert!(acc.extra.is_none(), "the emptied ledger part is given back");
         assert_eq!(acc.batch_seq(), seq + 1);
         // A release of a request already flushed goes below zero: the next batch sends -1.
         let all = acc.unflushed_hours();
         ack(&mut acc, all);
         acc.record_usage(T0 + HOUR, hour(T0 + HOUR), -1, 0);
-        assert_eq!(acc.unflushed_hours(), vec![delta(T0 + HOUR, -1, 0, [0, 0])]);
+        assert_eq!(
+            acc.unflushed_hours(),
+            vec![delta(T0 + HOUR, -1, 0, per(0, 0))]
+        );
         assert_eq!(acc.batch_seq(), seq + 2, "the sequence only grows");
     }
 
@@ -368,7 +378,7 @@ mod tests {
         admitted(&mut acc, T0);
         acc.count_tokens(1, T0, hour(T0), d, m);
         let total = i64::from(u32::MAX) + 10;
-        assert_eq!(acc.unflushed_hours(), vec![delta(T0, 1, total, [0, 0])]);
+        assert_eq!(acc.unflushed_hours(), vec![delta(T0, 1, total, per(0, 0))]);
         let all = acc.unflushed_hours();
         ack(&mut acc, all);
         assert!(!acc.has_unflushed());
@@ -394,7 +404,10 @@ mod tests {
         let hours = acc.unflushed_hours();
         assert_eq!(
             hours,
-            vec![delta(T0 - HOUR, 1, 0, [0, 0]), delta(T0, 2, 0, [1, 40])]
+            vec![
+                delta(T0 - HOUR, 1, 0, per(0, 0)),
+                delta(T0, 2, 0, per(1, 40))
+            ]
         );
         let back = Account::decode(&acc.encode()).unwrap();
         assert_eq!(back, acc, "the same split comes back");
@@ -435,15 +448,15 @@ mod tests {
         assert!(sent.len() <= MAX_PENDING_HOURS);
         assert!(acc.ledger().unwrap().hours.len() <= MAX_LEDGER_HOURS);
         let sum = |hs: &[HourDelta]| {
-            hs.iter().fold((0, 0, [0, 0]), |(r, t, d), h| {
+            hs.iter().fold((0, 0, per(0, 0)), |(r, t, d), h| {
                 (
                     r + h.requests,
                     t + h.tokens,
-                    [d[0] + h.debits[0], d[1] + h.debits[1]],
+                    d.zip_with(h.debits, |a, b| a + b),
                 )
             })
         };
-        assert_eq!(sum(&sent), (hours, 3 * hours, [1, 2]));
+        assert_eq!(sum(&sent), (hours, 3 * hours, per(1, 2)));
         assert_eq!(sent.last().unwrap().hour, hour(T0 + (hours - 1) * HOUR));
         let back = Account::decode(&acc.encode()).unwrap();
         assert_eq!(back, acc);
@@ -467,14 +480,14 @@ mod tests {
             admitted(&mut acc, T0 + (n as i64 - 1) * HOUR);
             let ledger = acc.ledger_part();
             for i in 0..n as i64 - 1 {
-                ledger.hours.push(delta(T0 + i * HOUR, 2, 5, [0, 1]));
+                ledger.hours.push(delta(T0 + i * HOUR, 2, 5, per(0, 1)));
             }
             let bytes = acc.encode();
             let back = Account::decode(&bytes).unwrap();
             let hours = back.unflushed_hours();
             assert_eq!(hours.len(), MAX_PENDING_HOURS, "{n} hours");
             let requests: i64 = hours.iter().map(|h| h.requests).sum();
-            let debits: i64 = hours.iter().map(|h| h.debits[1]).sum();
+            let debits: i64 = hours.iter().map(|h| h.debits.tokens).sum();
             assert_eq!((requests, debits), (2 * (n as i64 - 1) + 1, n as i64 - 1));
             // Re-encoded, it is stable.
             assert_eq!(Account::decode(&back.encode()).unwrap(), back);

@@ -22,6 +22,10 @@ fn row(bundle: &str, rpd: i64, expires_at: Option<i64>, active: bool) -> Repleni
 const NOW: Millis = 1_000_000_000;
 const KEY: &[u8] = b"q:{alice}:1:t1:p5:alice1:b";
 
+fn per<T>(requests: T, tokens: T) -> PerKind<T> {
+    PerKind { requests, tokens }
+}
+
 #[test]
 fn a_denial_while_credits_load_says_retry_in_a_second() {
     use CreditSource::*;
@@ -184,21 +188,21 @@ fn memo_keeps_the_balance_of_the_row_exactly_or_not_at_all() {
     let chosen = (Some(add), CreditSource::Global);
     let cases = [
         RowBalance {
-            granted: [Some(1_000_000_000_000), None],
-            used: [17, 0],
-            base: [3, 0],
+            granted: per(Some(1_000_000_000_000), None),
+            used: per(17, 0),
+            base: per(3, 0),
             ledger_seq: 0,
         },
         RowBalance {
-            granted: [None, Some(-4)],
-            used: [0, 9],
-            base: [0, 0],
+            granted: per(None, Some(-4)),
+            used: per(0, 9),
+            base: per(0, 0),
             ledger_seq: 0,
         },
         RowBalance {
-            granted: [Some(1), Some(2)],
-            used: [-1, 300],
-            base: [0, 299],
+            granted: per(Some(1), Some(2)),
+            used: per(-1, 300),
+            base: per(0, 299),
             ledger_seq: 0,
         },
     ];
@@ -209,9 +213,9 @@ fn memo_keeps_the_balance_of_the_row_exactly_or_not_at_all() {
         assert_eq!(balance, Some(b));
     }
     let huge = RowBalance {
-        granted: [Some(i64::MAX), Some(i64::MIN)],
-        used: [i64::MAX, 0],
-        base: [0, 0],
+        granted: per(Some(i64::MAX), Some(i64::MIN)),
+        used: per(i64::MAX, 0),
+        base: per(0, 0),
         ledger_seq: 0,
     };
     assert_eq!(
@@ -328,26 +332,29 @@ fn balances_follow_the_grant_rules_and_a_new_life_forgets_old_debits() {
         add: true,
         ..Default::default()
     };
-    req.balances = [Some(10), None];
+    req.balances = per(Some(10), None);
     let mut live = row("*", 1, None, true);
     live.balance = Some(Box::new(RowBalance {
-        granted: [Some(5), Some(100)],
-        used: [7, 0],
-        base: [4, 0],
+        granted: per(Some(5), Some(100)),
+        used: per(7, 0),
+        base: per(4, 0),
         ledger_seq: 0,
     }));
     let v = req.apply(Some(&live), NOW).unwrap();
-    assert_eq!(v.balances, [Some(15), Some(100)]);
+    assert_eq!(v.balances, per(Some(15), Some(100)));
     assert!(!v.new_balance_life, "a top-up keeps the debits of the life");
     let dead = row("*", 1, Some(NOW / 1000 - 1), true);
     let v = req.apply(Some(&dead), NOW).unwrap();
-    assert_eq!((v.balances, v.new_balance_life), ([Some(10), None], true));
+    assert_eq!(
+        (v.balances, v.new_balance_life),
+        (per(Some(10), None), true)
+    );
     let replace = GrantRequest {
-        balances: [None, Some(3)],
+        balances: per(None, Some(3)),
         ..Default::default()
     };
     let v = replace.apply(Some(&live), NOW).unwrap();
-    assert_eq!((v.balances, v.new_balance_life), ([None, Some(3)], true));
+    assert_eq!((v.balances, v.new_balance_life), (per(None, Some(3)), true));
     // Left: granted - (max(used, floor) - base) - unflushed.
     let b = live.balance.as_deref().unwrap();
     assert_eq!(b.left(BalanceKind::Requests, 0, 0, 0), Some(2));
@@ -355,7 +362,7 @@ fn balances_follow_the_grant_rules_and_a_new_life_forgets_old_debits() {
     assert_eq!(b.left(BalanceKind::Tokens, 0, 30, 0), Some(70));
     let none = RowBalance::default();
     assert_eq!(none.left(BalanceKind::Tokens, 0, 0, 0), None);
-    req.balances = [Some(i64::MAX), None];
+    req.balances = per(Some(i64::MAX), None);
     assert_eq!(
         req.apply(Some(&live), NOW).unwrap_err(),
         GrantError::BalanceOverflow(BalanceKind::Requests)

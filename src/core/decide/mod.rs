@@ -118,14 +118,15 @@ pub(crate) fn counted_twice(
     // count twice more than that.
     let ledger = holder.and_then(Account::ledger);
     let floor = ledger.map_or([0, 0], |l| l.floor);
-    let beyond = |k: usize| {
-        let floor = i64::try_from(floor[k]).unwrap_or(i64::MAX);
-        let unflushed = ledger.map_or(0, |l| l.unflushed(k)).max(0);
-        b.used[k].saturating_sub(floor).clamp(0, unflushed)
+    let beyond = |kind: BalanceKind, floor: u64| {
+        let floor = i64::try_from(floor).unwrap_or(i64::MAX);
+        let unflushed = ledger.map_or(0, |l| l.unflushed(kind)).max(0);
+        b.used.get(kind).saturating_sub(floor).clamp(0, unflushed)
     };
+    let [floor_requests, floor_tokens] = floor;
     PerKind {
-        requests: beyond(0),
-        tokens: beyond(1),
+        requests: beyond(BalanceKind::Requests, floor_requests),
+        tokens: beyond(BalanceKind::Tokens, floor_tokens),
     }
 }
 

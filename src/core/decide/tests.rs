@@ -21,9 +21,9 @@ fn policy(fields: &[(LimitField, u64)]) -> EffectivePolicy {
 
 fn balance(requests: Option<i64>, tokens: Option<i64>) -> RowBalance {
     RowBalance {
-        granted: [requests, tokens],
-        used: [0, 0],
-        base: [0, 0],
+        granted: per(requests, tokens),
+        used: per(0, 0),
+        base: per(0, 0),
         ledger_seq: 0,
     }
 }
@@ -386,7 +386,10 @@ fn a_refund_after_a_flush_snapshot_lowers_the_debits_below_the_floor() {
         floor: Some([1, 0]),
     };
     acc.acknowledge(&ack);
-    let flushed = RowBalance { used: [1, 0], ..b };
+    let flushed = RowBalance {
+        used: per(1, 0),
+        ..b
+    };
     assert_eq!(
         offer(&flushed, Some(&acc), None, T0).left,
         per(Some(2), None)
@@ -466,7 +469,7 @@ fn a_row_read_between_the_flush_commit_and_its_acknowledgement_counts_its_batch_
     let sent = Unacknowledged::of(seq, &sent_hours);
     assert_eq!(sent.debits, per(3, 0));
     let committed = RowBalance {
-        used: [3, 0],
+        used: per(3, 0),
         ledger_seq: seq,
         ..b
     };
@@ -545,7 +548,7 @@ fn without_the_batch_a_row_that_counts_it_is_taken_at_the_floor() {
         admit_with(&mut acc, KEY_A, "a", &p, request(None), own(b), None, T0);
     }
     let row = RowBalance {
-        used: [6, 0],
+        used: per(6, 0),
         ledger_seq: acc.batch_seq(),
         ..b
     };
@@ -558,7 +561,7 @@ fn without_the_batch_a_row_that_counts_it_is_taken_at_the_floor() {
         admit_with(&mut fresh, KEY_A, "a", &p, request(None), own(b), None, T0);
     }
     let older = RowBalance {
-        used: [7, 0],
+        used: per(7, 0),
         ledger_seq: fresh.batch_seq(),
         ..b
     };

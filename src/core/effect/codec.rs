@@ -166,7 +166,13 @@ impl<'a> Effect<'a> {
             }
             put_u64(&mut w, ack.hours.len() as u64);
             for h in &ack.hours {
-                for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+                for v in [
+                    h.hour,
+                    h.requests,
+                    h.tokens,
+                    h.debits.requests,
+                    h.debits.tokens,
+                ] {
                     put_i64(&mut w, v);
                 }
             }
@@ -425,7 +431,10 @@ impl<'a> Reader<'a> {
                 hour,
                 requests: self.i64()?,
                 tokens: self.i64()?,
-                debits: [self.i64()?, self.i64()?],
+                debits: PerKind {
+                    requests: self.i64()?,
+                    tokens: self.i64()?,
+                },
             });
         }
         Ok(Acknowledgement {

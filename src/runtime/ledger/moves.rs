@@ -137,14 +137,13 @@ fn subtract(hours: &[HourDelta], sent: &[HourDelta]) -> Vec<HourDelta> {
             Some(h) => {
                 h.requests = h.requests.saturating_sub(s.requests);
                 h.tokens = h.tokens.saturating_sub(s.tokens);
-                h.debits[0] = h.debits[0].saturating_sub(s.debits[0]);
-                h.debits[1] = h.debits[1].saturating_sub(s.debits[1]);
+                h.debits = h.debits.zip_with(s.debits, i64::saturating_sub);
             }
             None => out.push(HourDelta {
                 hour: s.hour,
                 requests: s.requests.saturating_neg(),
                 tokens: s.tokens.saturating_neg(),
-                debits: [s.debits[0].saturating_neg(), s.debits[1].saturating_neg()],
+                debits: s.debits.map(i64::saturating_neg),
             }),
         }
     }

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use super::keys::{KeyId, Packed};
+use crate::core::credit::PerKind;
 use crate::core::ledger::HourDelta;
 use crate::core::varint::{take_u64, unzigzag, write_u64, zigzag};
 
@@ -61,7 +62,13 @@ impl OrphanQueue {
         put(&mut record, orphan.rev);
         put(&mut record, orphan.hours.len() as u64);
         for h in &orphan.hours {
-            for v in [h.hour, h.requests, h.tokens, h.debits[0], h.debits[1]] {
+            for v in [
+                h.hour,
+                h.requests,
+                h.tokens,
+                h.debits.requests,
+                h.debits.tokens,
+            ] {
                 put(&mut record, zigzag(v));
             }
         }
@@ -103,7 +110,10 @@ fn decode(record: &[u8]) -> Option<Orphan> {
             hour: v()?,
             requests: v()?,
             tokens: v()?,
-            debits: [v()?, v()?],
+            debits: PerKind {
+                requests: v()?,
+                tokens: v()?,
+            },
         });
     }
     Some(Orphan {
@@ -130,7 +140,10 @@ mod tests {
                     hour: 490_000 + i,
                     requests: i - 1,
                     tokens: 1_000_000_000_000,
-                    debits: [-3, 4],
+                    debits: PerKind {
+                        requests: -3,
+                        tokens: 4,
+                    },
                 })
                 .collect(),
         }

@@ -2,6 +2,8 @@
 //! read, and the floor a batch's acknowledgement carries.
 
 use super::*;
+use crate::core::credit::PerKind;
+use crate::core::ids::OwnedAccount;
 use crate::core::ledger::HourDelta;
 
 /// The account ("t", "chat", `user`, "web") the batches below write.
@@ -19,7 +21,7 @@ fn account(user: &str) -> AccountId<'_> {
 /// One account's batch of `hours` (hour index, requests, tokens) with `seq` and `rev`.
 fn batch(user: &str, seq: u64, rev: u64, hours: &[(i64, i64, i64)]) -> AccountBatch {
     AccountBatch {
-        ids: ["t".into(), "chat".into(), user.into(), "web".into()],
+        account: OwnedAccount::from_id(&account(user)),
         seq,
         rev,
         hours: hours
@@ -28,7 +30,7 @@ fn batch(user: &str, seq: u64, rev: u64, hours: &[(i64, i64, i64)]) -> AccountBa
                 hour,
                 requests,
                 tokens,
-                debits: [0, 0],
+                debits: PerKind::default(),
             })
             .collect(),
     }
@@ -126,7 +128,10 @@ fn a_batch_stamps_its_row_and_a_resent_one_still_reports_the_totals() {
     };
     assert_eq!(seq_of(), 0);
     let mut debiting = batch("eve", 7, 1, &[(480_000, 2, 0)]);
-    debiting.hours[0].debits = [2, 0];
+    debiting.hours[0].debits = PerKind {
+        requests: 2,
+        tokens: 0,
+    };
     let first = fx.store.flush_ledger(&[debiting.clone()]).unwrap();
     assert!(first[0].applied);
     assert_eq!(first[0].floor, Some([2, 0]));
@@ -151,5 +156,9 @@ fn a_batch_stamps_its_row_and_a_resent_one_still_reports_the_totals() {
         })
         .unwrap();
     let balance = rows[0].balance.as_deref().unwrap();
-    assert_eq!((balance.used, balance.ledger_seq), ([2, 0], 7));
+    let used = PerKind {
+        requests: 2,
+        tokens: 0,
+    };
+    assert_eq!((balance.used, balance.ledger_seq), (used, 7));
 }
