@@ -70,6 +70,15 @@ pub fn sql_i64(url: &str, schema: &str, q: &str) -> i64 {
         .unwrap_or_else(|_| panic!("{q}: {out:?}"))
 }
 
+/// `sql_i64`, or `None` while the query fails (e.g. before the module has deployed the
+/// schema: a node that has not needed PostgreSQL yet deploys it in the background).
+pub fn try_sql_i64(url: &str, schema: &str, q: &str) -> Option<i64> {
+    let q = q
+        .replace("{h}", &format!("{schema}.quota_usage_hourly"))
+        .replace("{t}", &format!("{schema}.user_quota_replenishment"));
+    try_psql(url, &q).ok()?.trim().parse().ok()
+}
+
 /// Waits until `INFO quota` shows `quota_ledger_accounts_pending:0` (every account's usage is
 /// in PostgreSQL and acknowledged); fails the test after `timeout`.
 pub fn wait_ledger_flushed(server: &RedisServer, timeout: Duration) {
