@@ -26,7 +26,9 @@
 #      of a shared machine.
 #      BENCH_EXTRA=1 adds the older rows: EVALSHA bench/admit.lua, ADMIT without a lease, GET.
 #   4. prints the throughputs (median and best of the rounds) and the ratios with PASS/FAIL
-#      (bench/README.md says how to read them)
+#      (bench/README.md says how to read them); beside each ratio, the same ratio from the
+#      server's CPU time per command (/proc/<pid>/schedstat: time on a CPU only, so the moments
+#      another tenant holds the core do not count; on a shared machine it varies far less)
 #   5. memory: bytes per cached user (with one credit; with no credits) and per account key
 #   6. cold misses: ADMITs of new users in ONE long pipeline on one connection, with PostgreSQL
 #      up, down and not configured (linear time: no miss blocks its client without PostgreSQL)
@@ -279,6 +281,10 @@ latency_pair() {
     "$latency_bin" 127.0.0.1 "$port" "$n" "$USERS" "$@" </dev/null
 }
 
+# server_cpu_ns : nanoseconds the redis-server has spent on a CPU so far (0 where there is no
+# /proc schedstat).
+server_cpu_ns() { awk '{ print $1 }' "/proc/$redis_pid/schedstat" 2>/dev/null || echo 0; }
+
 fmt_rps() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -411,7 +417,7 @@ for name in "${names[@]}"; do
     log "  ${label[$name]}: ~$(fmt_rps "$rps")/s -> -n ${n_of[$name]}"
 done
 
-declare -A results lat50 lat99 srv99
+declare -A results cpu lat50 lat99 srv99
 hits0="$(quota_stat cache_hits)"
 misses0="$(quota_stat cache_misses)"
 stale0="$(quota_stat cache_stale_hits)"
@@ -419,10 +425,14 @@ allowed0="$(quota_stat admits_allowed)"
 denied0="$(quota_stat admits_denied)"
 for ((r = 1; r <= ROUNDS; r++)); do
     for name in "${names[@]}"; do
+        c0="$(server_cpu_ns)"
         rps="$(run "$name" "${n_of[$name]}")"
+        c1="$(server_cpu_ns)"
         [ -n "$rps" ] || die "redis-benchmark failed for ${label[$name]}"
         results[$name]="${results[$name]:-} $rps"
-        log "round $r/$ROUNDS ${label[$name]}: $(fmt_rps "$rps")/s"
+        # The server's CPU per command (ns): what the command costs, whoever else ran meanwhile.
+        cpu[$name]="${cpu[$name]:-} $(((c1 - c0) / n_of[$name]))"
+        log "round $r/$ROUNDS ${label[$name]}: $(fmt_rps "$rps")/s, $(((c1 - c0) / n_of[$name])) ns of server CPU each"
     done
     read -r -a incr_words <<<"${cmd[INCR]}"
     read -r -a policy_words <<<"${cmd[POLICY]}"
@@ -528,16 +538,19 @@ mkdir -p "$root/bench/out"
     echo "(REQUESTS_PER_DAY 1000000 TOKENS_PER_DAY 1000000000); quota.lease-ttl $LEASE_TTL s (admit.lua: the same TTL)"
     echo "so each admitted request's lease expires after 1 s and the lease lists stay short."
     echo
-    printf '%-32s %12s %12s   %s\n' "command" "median/s" "best/s" "runs/s"
+    printf '%-32s %12s %12s %9s   %s\n' "command" "median/s" "best/s" "cpu ns" "runs/s"
     for name in "${names[@]}"; do
         read -r -a xs <<<"${results[$name]}"
+        read -r -a cs <<<"${cpu[$name]}"
         runs=""
         for x in "${xs[@]}"; do runs="$runs $(fmt_rps "$x")"; done
-        printf '%-32s %12s %12s  %s\n' "${label[$name]}" "$(fmt_rps "$(median "${xs[@]}")")" "$(fmt_rps "$(best "${xs[@]}")")" "$runs"
+        printf '%-32s %12s %12s %9s  %s\n' "${label[$name]}" "$(fmt_rps "$(median "${xs[@]}")")" "$(fmt_rps "$(best "${xs[@]}")")" "$(fmt_rps "$(median "${cs[@]}")")" "$runs"
     done
+    echo "(cpu ns: the server's CPU time per command, median of the rounds)"
     echo
-    echo "ratios (median of the per-round ratios; each round runs every command back to back)"
-    printf '%-38s %8s %8s  %s\n' "ratio" "value" "bar" "verdict  (per round)"
+    echo "ratios (median of the per-round ratios; each round runs every command back to back;"
+    echo "cpu: the same ratio from the server's CPU per command, B's over A's, median of the rounds)"
+    printf '%-38s %8s %8s  %-7s  %6s  %s\n' "ratio" "value" "bar" "verdict" "cpu" "(per round)"
     rows=("ADMIT POLICY+COMPACT/CL.THROTTLE:POLICY:CELL:>=:$BAR_POLICY_CELL"
         "ADMIT POLICY+COMPACT/CL.THROTTLE 0.5:POLICY:CELL5:>=:$BAR_POLICY_CELL"
         "ADMIT 1-rate POLICY/CL.THROTTLE:RATE:CELL:-:-"
@@ -560,14 +573,19 @@ mkdir -p "$root/bench/out"
         IFS=: read -r title a b op bar <<<"$row"
         read -r -a as <<<"${results[$a]}"
         read -r -a bs <<<"${results[$b]}"
+        read -r -a ca <<<"${cpu[$a]}"
+        read -r -a cb <<<"${cpu[$b]}"
         per=()
         for i in "${!as[@]}"; do per+=("$(ratio "${as[$i]}" "${bs[$i]}")"); done
         value="$(median "${per[@]}")"
         value="$(awk -v x="$value" 'BEGIN { printf "%.3f", x }')"
+        cper=()
+        for i in "${!ca[@]}"; do cper+=("$(ratio "${cb[$i]}" "${ca[$i]}")"); done
+        cvalue="$(awk -v x="$(median "${cper[@]}")" 'BEGIN { printf "%.3f", x }')"
         if [ "$op" = - ]; then
-            printf '%-38s %8s %8s  %-7s  (%s)\n' "$title" "$value" "" "info" "${per[*]}"
+            printf '%-38s %8s %8s  %-7s  %6s  (%s)\n' "$title" "$value" "" "info" "$cvalue" "${per[*]}"
         else
-            printf '%-38s %8s %8s  %-7s  (%s)\n' "$title" "$value" "$op $bar" "$(verdict "$value" "$op" "$bar")" "${per[*]}"
+            printf '%-38s %8s %8s  %-7s  %6s  (%s)\n' "$title" "$value" "$op $bar" "$(verdict "$value" "$op" "$bar")" "$cvalue" "${per[*]}"
         fi
     done
     echo

@@ -138,7 +138,7 @@ mod module {
             return Status::Err;
         }
         // Last: nothing after it can fail the load and leave the encodings behind.
-        let unencoded = crate::ffi::reply::prepare(ctx.ctx, commands::words::all());
+        let unencoded = crate::ffi::words::prepare(ctx.ctx, commands::words::all());
         if unencoded > 0 {
             ctx.log_notice(&format!(
                 "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
@@ -149,7 +149,7 @@ mod module {
 
     fn deinit(_ctx: &Context) -> Status {
         lifecycle::stop();
-        crate::ffi::reply::release(commands::words::all());
+        crate::ffi::words::release(commands::words::all());
         Status::Ok
     }
 

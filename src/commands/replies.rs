@@ -7,7 +7,8 @@ use crate::core::credit::{BalanceKind, CreditSource, Replenishment};
 use crate::core::ids::AccountId;
 use crate::core::policy::{EffectivePolicy, LimitField};
 use crate::ffi::ctx::Ctx;
-use crate::ffi::reply::{Reply, Word};
+use crate::ffi::reply::Reply;
+use crate::ffi::words::Word;
 
 /// The `COMPACT` reply: a flat array read by position, the same under RESP2 and RESP3:
 /// `[allowed, retry_after, remaining_requests, remaining_tokens, lease, reason, reserved,

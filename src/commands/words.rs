@@ -1,10 +1,10 @@
 //! The fixed strings of the hot replies (`QUOTA.ADMIT`, `QUOTA.GET`, `QUOTA.USAGE`): each a
 //! `Word`, encoded once when the module loads and copied in one piece into every reply (see
-//! `ffi::reply::Word`). A name the core gives (a limit's, a balance's) is taken from it.
+//! `ffi::words::Word`). A name the core gives (a limit's, a balance's) is taken from it.
 
 use crate::core::credit::{BalanceKind, CreditSource};
 use crate::core::policy::{LimitField, LIMIT_FIELDS};
-use crate::ffi::reply::Word;
+use crate::ffi::words::Word;
 
 /// Declares each word and `DECLARED`, their list (see `all`).
 macro_rules! words {
@@ -83,7 +83,7 @@ pub(crate) fn limit(field: LimitField) -> &'static Word {
     &LIMIT_WORDS[field as usize]
 }
 
-/// Every word, for `reply::prepare` at load and `reply::release` at unload.
+/// Every word, for `words::prepare` at load and `words::release` at unload.
 pub(crate) fn all() -> impl Iterator<Item = &'static Word> {
     DECLARED.iter().copied().chain(LIMIT_WORDS.iter())
 }

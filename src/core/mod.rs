@@ -7,6 +7,7 @@
 pub(crate) mod account;
 pub(crate) mod cache;
 pub(crate) mod credit;
+pub(crate) mod credit_memo;
 pub(crate) mod decide;
 pub(crate) mod effect;
 pub(crate) mod ids;

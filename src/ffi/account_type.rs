@@ -17,9 +17,10 @@ use redis_module::native_types::RedisType;
 use redis_module::raw;
 
 use super::ctx::Ctx;
+use super::prefetch::{prefetch, LeaseLine};
 
 use crate::core::account::{Account, Retention};
-use crate::core::credit::CreditMemo;
+use crate::core::credit_memo::CreditMemo;
 
 /// The registered data type.
 pub(crate) static ACCOUNT_TYPE: RedisType = RedisType::new(
@@ -70,10 +71,8 @@ struct Stored {
     /// The absolute expiry last set on the key, in whole seconds (an account's retention is
     /// rounded up to the second), or `EXPIRY_UNKNOWN`, or `NO_EXPIRY`.
     expiry_s: u32,
-    /// The cache line the account's next lease goes to (`Account::lease_tail_address`), in
-    /// lines from this value's own line, as of the last change; 0 when unknown. Only ever
-    /// prefetched, never read: a stale line costs a useless prefetch, nothing more.
-    lease_line: i32,
+    /// Where the account's next lease goes, to prefetch (see `prefetch`).
+    lease_line: LeaseLine,
     memo: Option<CreditMemo>,
 }
 
@@ -82,15 +81,12 @@ const EXPIRY_UNKNOWN: u32 = 0;
 /// `expiry_s` of a key without expiry.
 const NO_EXPIRY: u32 = u32::MAX;
 
-/// A cache line's address as a 64-byte line number.
-const LINE_SHIFT: u32 = 6;
-
 impl Stored {
     fn boxed(account: Account) -> *mut c_void {
         Box::into_raw(Box::new(Stored {
             account,
             expiry_s: EXPIRY_UNKNOWN,
-            lease_line: 0,
+            lease_line: LeaseLine::UNKNOWN,
             memo: None,
         }))
         .cast()
@@ -98,21 +94,14 @@ impl Stored {
 
     /// Records where the next lease goes, after a change.
     fn note_lease_line(&mut self) {
-        let here = std::ptr::from_ref(self) as usize >> LINE_SHIFT;
-        self.lease_line = self.account.lease_tail_address().map_or(0, |at| {
-            let line = at as usize >> LINE_SHIFT;
-            i32::try_from(line.wrapping_sub(here) as isize).unwrap_or(0)
-        });
+        let here = std::ptr::from_ref(self).cast::<u8>();
+        self.lease_line = LeaseLine::of(here, self.account.lease_tail_address());
     }
 
     /// The line `note_lease_line` recorded, to prefetch.
     fn lease_line_address(&self) -> Option<*const u8> {
-        if self.lease_line == 0 {
-            return None;
-        }
-        let here = std::ptr::from_ref(self) as usize >> LINE_SHIFT;
-        let line = here.wrapping_add_signed(self.lease_line as isize);
-        Some((line << LINE_SHIFT) as *const u8)
+        self.lease_line
+            .address(std::ptr::from_ref(self).cast::<u8>())
     }
 }
 
@@ -422,19 +411,6 @@ pub(crate) fn scan_accounts(ctx: Ctx, mut f: impl FnMut(&[u8], &Account) -> bool
     }
 }
 
-/// Asks the CPU to bring the line at `at` into its caches; does nothing else.
-#[inline]
-fn prefetch(at: Option<*const u8>) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(at) = at {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // A prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
-}
-
 unsafe extern "C" fn rdb_load(rdb: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
     if encver != ENCODING_VERSION {
         log_refused(rdb, &format!("unknown encoding version {encver}"));
@@ -624,7 +600,7 @@ mod tests {
         let mut stored = Box::new(Stored {
             account: Account::default(),
             expiry_s: EXPIRY_UNKNOWN,
-            lease_line: 0,
+            lease_line: LeaseLine::UNKNOWN,
             memo: None,
         });
         stored.note_lease_line();

@@ -12,6 +12,8 @@ pub(crate) mod ctx;
 pub(crate) mod key_events;
 pub(crate) mod lifecycle;
 pub(crate) mod load_args;
+pub(crate) mod prefetch;
 pub(crate) mod propagation;
 pub(crate) mod reply;
 pub(crate) mod secret_filter;
+pub(crate) mod words;

@@ -1,5 +1,6 @@
 //! The shared caches: user credits and named policies, each behind a mutex with its epoch
-//! published on release, and the main thread's memo of recently read policies.
+//! published on release (the main thread's memo of recently read policies, a speed trick, is
+//! in `policy_memo`).
 //!
 //! Worker and listener threads update the caches without the Redis lock; a lock is held only
 //! for in-memory work, never across a Postgres call or a reply.
@@ -10,7 +11,6 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 use super::config;
 use super::jobs::Waiter;
 use crate::core::cache::{Cache, CacheConfig, CacheValue, Lookup, UserCredits};
-use crate::core::ids::PolicyId;
 use crate::core::policy::CachedPolicy;
 use crate::core::Millis;
 
@@ -94,89 +94,15 @@ static POLICIES: LazyLock<Mutex<PolicyCache>> =
 static POLICY_EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// The policy cache, locked (recovers from a poisoned lock). When both locks are held, this
-/// one is taken first (see `gather`). Releasing it publishes the cache's epoch for `remembered_policy`.
+/// one is taken first (see `gather`). Releasing it publishes the cache's epoch for
+/// `policy_epoch`.
 pub(crate) fn policies() -> CacheGuard<Waiter, CachedPolicy> {
     CacheGuard::lock(&POLICIES, &POLICY_EPOCH)
 }
 
-/// Longest a remembered policy is used without asking the cache (keeps its LRU order honest).
-const POLICY_MEMO_MAX_MS: Millis = 1000;
-/// Policies remembered at once (a deployment has a few tiers).
-const POLICY_MEMO_SLOTS: usize = 4;
-
-/// A policy read from a fresh cache entry, remembered by the main thread so that an admission
-/// under a named policy skips the key, the lock and the lookup.
-struct PolicyMemo {
-    /// `tenant \0 project \0 name` (ids never contain NUL).
-    ids: Box<[u8]>,
-    found: CachedPolicy,
-    epoch: u64,
-    until: Millis,
-}
-
-impl PolicyMemo {
-    fn is(&self, id: &PolicyId<'_>) -> bool {
-        let (t, p, n) = (id.tenant.len(), id.project.len(), id.name.len());
-        self.ids.len() == t + p + n + 2
-            && self.ids.get(..t) == Some(id.tenant.as_bytes())
-            && self.ids.get(t + 1..t + 1 + p) == Some(id.project.as_bytes())
-            && self.ids.get(t + p + 2..) == Some(id.name.as_bytes())
-    }
-}
-
-thread_local! {
-    static POLICY_MEMOS: std::cell::RefCell<(usize, [Option<PolicyMemo>; POLICY_MEMO_SLOTS])> =
-        const { std::cell::RefCell::new((0, [None, None, None, None])) };
-}
-
-/// The policy remembered for `id`, if the policy cache has not changed since and its entry is
-/// still fresh (what a lookup would answer, without the lookup).
-pub(crate) fn remembered_policy(id: &PolicyId<'_>, now: Millis) -> Option<CachedPolicy> {
-    let epoch = POLICY_EPOCH.load(Ordering::Acquire);
-    POLICY_MEMOS.with(|memos| {
-        let memos = memos.try_borrow().ok()?;
-        memos
-            .1
-            .iter()
-            .flatten()
-            .find(|m| m.epoch == epoch && now < m.until && m.is(id))
-            .map(|m| m.found)
-    })
-}
-
-/// Remembers what a fresh policy-cache entry held at `epoch` (see `remembered_policy`).
-pub(crate) fn remember_policy(
-    id: &PolicyId<'_>,
-    found: CachedPolicy,
-    epoch: u64,
-    fresh_until: Millis,
-    now: Millis,
-) {
-    let mut ids = Vec::with_capacity(id.tenant.len() + id.project.len() + id.name.len() + 2);
-    ids.extend_from_slice(id.tenant.as_bytes());
-    ids.push(0);
-    ids.extend_from_slice(id.project.as_bytes());
-    ids.push(0);
-    ids.extend_from_slice(id.name.as_bytes());
-    let memo = PolicyMemo {
-        ids: ids.into(),
-        found,
-        epoch,
-        until: fresh_until.min(now.saturating_add(POLICY_MEMO_MAX_MS)),
-    };
-    POLICY_MEMOS.with(|memos| {
-        if let Ok(mut memos) = memos.try_borrow_mut() {
-            let (next, slots) = &mut *memos;
-            let at = slots
-                .iter()
-                .position(|m| m.as_ref().is_some_and(|m| m.is(id)))
-                .unwrap_or(*next % POLICY_MEMO_SLOTS);
-            if let Some(slot) = slots.get_mut(at) {
-                *slot = Some(memo);
-            }
-            *next = next.wrapping_add(1);
-        }
-    });
+/// The policy cache's epoch without taking its lock (see `policy_memo`).
+pub(crate) fn policy_epoch() -> u64 {
+    POLICY_EPOCH.load(Ordering::Acquire)
 }
 
 /// The cache tunables from the configuration.

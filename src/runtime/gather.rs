@@ -13,9 +13,10 @@
 
 use std::sync::Arc;
 
-use super::cache::{self, remember_policy, remembered_policy};
+use super::cache;
 use super::config;
 use super::jobs::{CreditLoad, Done, LoadJob, Waiter};
+use super::policy_memo::{remember_policy, remembered_policy};
 use super::worker;
 use crate::core::cache::{Lookup, UserCredits};
 use crate::core::ids::{OwnedPolicy, OwnedUser, PolicyId, UserId};

@@ -16,6 +16,7 @@ pub(crate) mod ledger;
 pub(crate) mod lifecycle;
 pub(crate) mod memory;
 pub(crate) mod notify;
+pub(crate) mod policy_memo;
 pub(crate) mod stats;
 pub(crate) mod worker;
 
