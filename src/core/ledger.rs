@@ -65,6 +65,18 @@ pub(crate) struct HourDelta {
 }
 
 impl HourDelta {
+    /// Its five numbers in the order every encoding writes them: the hour, requests, tokens,
+    /// then the debits per kind.
+    pub(crate) fn fields(&self) -> [i64; 5] {
+        [
+            self.hour,
+            self.requests,
+            self.tokens,
+            self.debits.requests,
+            self.debits.tokens,
+        ]
+    }
+
     /// Whether the hour changes nothing.
     pub(crate) fn is_zero(&self) -> bool {
         self.requests == 0 && self.tokens == 0 && self.debits == PerKind::default()
@@ -378,13 +390,7 @@ fn difference(new: &[HourDelta], old: &[HourDelta]) -> Vec<HourDelta> {
 pub(crate) fn hours_text(hours: &[HourDelta]) -> String {
     let mut out = String::new();
     for h in hours {
-        for v in [
-            h.hour,
-            h.requests,
-            h.tokens,
-            h.debits.requests,
-            h.debits.tokens,
-        ] {
+        for v in h.fields() {
             if !out.is_empty() {
                 out.push(',');
             }

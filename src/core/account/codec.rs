@@ -242,13 +242,7 @@ fn put_ledger(w: &mut Vec<u8>, account: &Account, costs: bool) {
     let hours = account.unflushed_hours();
     put_u64(w, hours.len() as u64);
     for h in &hours {
-        for v in [
-            h.hour,
-            h.requests,
-            h.tokens,
-            h.debits.requests,
-            h.debits.tokens,
-        ] {
+        for v in h.fields() {
             put_i64(w, v);
         }
     }

@@ -166,13 +166,7 @@ impl<'a> Effect<'a> {
             }
             put_u64(&mut w, ack.hours.len() as u64);
             for h in &ack.hours {
-                for v in [
-                    h.hour,
-                    h.requests,
-                    h.tokens,
-                    h.debits.requests,
-                    h.debits.tokens,
-                ] {
+                for v in h.fields() {
                     put_i64(&mut w, v);
                 }
             }

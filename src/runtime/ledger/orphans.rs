@@ -62,13 +62,7 @@ impl OrphanQueue {
         put(&mut record, orphan.rev);
         put(&mut record, orphan.hours.len() as u64);
         for h in &orphan.hours {
-            for v in [
-                h.hour,
-                h.requests,
-                h.tokens,
-                h.debits.requests,
-                h.debits.tokens,
-            ] {
+            for v in h.fields() {
                 put(&mut record, zigzag(v));
             }
         }
