@@ -44,6 +44,11 @@
 #   BENCH_MODULE=path.so  bench this build of the module instead (e.g. another worktree's, to
 #                         compare two builds; run each with the same settings)
 #   BENCH_STRICT=1        exit 1 when a bar is missed (default: report PASS/FAIL, exit 0)
+#   BENCH_COMPARE=old.so  head to head: a second redis-server runs this other build of the module
+#                         (same PostgreSQL, its own schema); every round runs each command on
+#                         both servers back to back, and the report ends with each ratio of
+#                         both builds and their change (rows the other build cannot run are
+#                         left out). Latency, memory per key and cold misses: this build only.
 #   REDIS_SERVER=redis-server
 # The printed report is also copied to bench/out/last-run.txt (gitignored).
 set -euo pipefail
@@ -112,14 +117,23 @@ cc -O2 -o "$latency_bin" "$root/bench/latency.c" || die "cannot build bench/late
 
 # --- throwaway servers -------------------------------------------------------------------
 work="$(mktemp -d /tmp/quota-bench.XXXXXX)"
+compare="${BENCH_COMPARE:-}"
+[ -z "$compare" ] || [ -f "$compare" ] || die "BENCH_COMPARE=$compare does not exist"
+# Server 0 runs this build; server 1 (BENCH_COMPARE only) the other one.
+servers=(0)
+[ -z "$compare" ] || servers+=(1)
+ports=()
+pids=()
+port=""
 redis_pid=""
 cleanup() {
-    local rc=$?
-    if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
-        redis-cli -p "$port" SHUTDOWN NOSAVE >/dev/null 2>&1 </dev/null || true
-        for _ in $(seq 1 50); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$redis_pid" 2>/dev/null || true
-    fi
+    local rc=$? i
+    for i in "${!pids[@]}"; do
+        kill -0 "${pids[$i]}" 2>/dev/null || continue
+        redis-cli -p "${ports[$i]}" SHUTDOWN NOSAVE >/dev/null 2>&1 </dev/null || true
+        for _ in $(seq 1 50); do kill -0 "${pids[$i]}" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "${pids[$i]}" 2>/dev/null || true
+    done
     bash "$root/scripts/pg.sh" destroy "$work/pg" >/dev/null 2>&1 </dev/null || true
     rm -rf "$work"
     exit "$rc"
@@ -139,40 +153,54 @@ free_port() {
 
 log "starting a throwaway PostgreSQL"
 pg_url="$(bash "$root/scripts/pg.sh" start "$work/pg" </dev/null | tail -n1)"
-port="$(free_port)"
-# A private copy: a concurrent cargo build cannot replace the binary under the server.
-cp "$module" "$work/libredis_quota.so"
-# The URL goes in a private config file, not on the command line.
-cat >"$work/redis.conf" <<EOF
-port $port
+# use_server I: the commands below go to server I.
+use_server() {
+    port="${ports[$1]}"
+    redis_pid="${pids[$1]}"
+}
+cli() { redis-cli -p "$port" "$@" </dev/null; }
+
+# start_server I MODULE SCHEMA: a redis-server with MODULE (its schema in PostgreSQL) and both
+# redis-cell versions, on a free loopback port; then use_server I.
+start_server() {
+    local i="$1" so="$2" schema="$3" d="$work/redis$1"
+    mkdir -p "$d"
+    ports[$i]="$(free_port)"
+    # A private copy: a concurrent cargo build cannot replace the binary under the server.
+    cp "$so" "$d/libredis_quota.so"
+    # The URL goes in a private config file, not on the command line.
+    cat >"$d/redis.conf" <<EOF
+port ${ports[$i]}
 bind 127.0.0.1
-dir "$work"
+dir "$d"
 save ""
 appendonly no
-loadmodule "$work/libredis_quota.so" pg-url "$pg_url" schema bench_q cache-ttl-ms 3600000 negative-ttl-ms 3600000 lease-ttl $LEASE_TTL
+loadmodule "$d/libredis_quota.so" pg-url "$pg_url" schema $schema cache-ttl-ms 3600000 negative-ttl-ms 3600000 lease-ttl $LEASE_TTL
 loadmodule "$cell_lib"
 loadmodule "$cell5_lib"
 EOF
-chmod 600 "$work/redis.conf"
-"$REDIS_SERVER" "$work/redis.conf" >"$work/redis.log" 2>&1 </dev/null &
-redis_pid=$!
-
-cli() { redis-cli -p "$port" "$@" </dev/null; }
-for _ in $(seq 1 100); do
-    [ "$(cli PING 2>/dev/null || true)" = PONG ] && break
-    kill -0 "$redis_pid" 2>/dev/null || { tail -n 30 "$work/redis.log" >&2; die "redis-server exited"; }
-    sleep 0.1
-done
-[ "$(cli PING 2>/dev/null || true)" = PONG ] || die "redis-server did not answer on port $port"
-log "redis-server $("$REDIS_SERVER" --version | awk '{print $3}') with the module on 127.0.0.1:$port"
-cli CONFIG SET quota.cache-ttl-ms 3600000 >/dev/null
-cli CONFIG SET quota.negative-ttl-ms 3600000 >/dev/null
-cli CONFIG SET quota.lease-ttl "$LEASE_TTL" >/dev/null
-# Warm-ups push tens of thousands of cold users through the job queue at once; give each
-# load time to wait its turn (a real deployment warms gradually).
-cli CONFIG SET quota.pg-timeout-ms 120000 >/dev/null
-# Nothing else may run in the background of the measurements.
-cli CONFIG SET quota.cleanup-interval 0 >/dev/null
+    chmod 600 "$d/redis.conf"
+    "$REDIS_SERVER" "$d/redis.conf" >"$d/redis.log" 2>&1 </dev/null &
+    pids[$i]=$!
+    use_server "$i"
+    for _ in $(seq 1 100); do
+        [ "$(cli PING 2>/dev/null || true)" = PONG ] && break
+        kill -0 "$redis_pid" 2>/dev/null || { tail -n 30 "$d/redis.log" >&2; die "redis-server exited"; }
+        sleep 0.1
+    done
+    [ "$(cli PING 2>/dev/null || true)" = PONG ] || die "redis-server did not answer on port $port"
+    log "redis-server $("$REDIS_SERVER" --version | awk '{print $3}') with $so on 127.0.0.1:$port"
+    cli CONFIG SET quota.cache-ttl-ms 3600000 >/dev/null
+    cli CONFIG SET quota.negative-ttl-ms 3600000 >/dev/null
+    cli CONFIG SET quota.lease-ttl "$LEASE_TTL" >/dev/null
+    # Warm-ups push tens of thousands of cold users through the job queue at once; give each
+    # load time to wait its turn (a real deployment warms gradually).
+    cli CONFIG SET quota.pg-timeout-ms 120000 >/dev/null
+    # Nothing else may run in the background of the measurements.
+    cli CONFIG SET quota.cleanup-interval 0 >/dev/null
+}
+[ -z "$compare" ] || start_server 1 "$compare" bench_q_compare
+start_server 0 "$module" bench_q
 
 # --- helpers -----------------------------------------------------------------------------
 info_field() { # info_field SECTION FIELD
@@ -297,68 +325,80 @@ verdict() { # verdict VALUE OP BAR
 admit_policy=(REQUESTS_PER_DAY 100000000 REQUESTS_PER_MONTH 1000000000 TOKENS_PER_DAY 1000000000)
 
 t0=$(date +%s)
-log "granting a credit to $USERS users (Postgres, $LOADERS connections)"
-pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GRANT acme chat u@U@ '*' REQUESTS_PER_DAY 1000000 TOKENS_PER_DAY 1000000000
-settle_notify
-log "granted in $(($(date +%s) - t0)) s"
-# Grants write through to the cache; drop those entries so the warm-up below measures a
-# clean load of USERS cached users with one credit each.
-pipe_all 1 "" 0 "$USERS" QUOTA.INVALIDATE acme chat u@U@
-log "warming the credits cache: QUOTA.GET on $USERS users"
-measure entries pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat u@U@ '*'
-pos_entries=$units
-pos_bytes=$bytes
-sample="$(cli QUOTA.GET acme chat u000000000007 '*' | tr '\n' ' ')"
-case "$sample" in
-    *requests_per_day\ 1000000*) ;;
-    *) die "QUOTA.GET did not return the granted credit: $sample" ;;
-esac
+declare -A pos_entries pos_bytes no_rate
+# setup_server I: the users, credits, hashes, scripts and policies of the runs, on server I.
+setup_server() {
+    use_server "$1"
+    log "granting a credit to $USERS users (Postgres, $LOADERS connections)"
+    pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GRANT acme chat u@U@ '*' REQUESTS_PER_DAY 1000000 TOKENS_PER_DAY 1000000000
+    settle_notify
+    log "granted in $(($(date +%s) - t0)) s"
+    # Grants write through to the cache; drop those entries so the warm-up below measures a
+    # clean load of USERS cached users with one credit each.
+    pipe_all 1 "" 0 "$USERS" QUOTA.INVALIDATE acme chat u@U@
+    log "warming the credits cache: QUOTA.GET on $USERS users"
+    measure entries pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat u@U@ '*'
+    pos_entries[$1]=$units
+    pos_bytes[$1]=$bytes
+    sample="$(cli QUOTA.GET acme chat u000000000007 '*' | tr '\n' ' ')"
+    case "$sample" in
+        *requests_per_day\ 1000000*) ;;
+        *) die "QUOTA.GET did not return the granted credit: $sample" ;;
+    esac
 
-log "loading the Lua script, its credit hashes and $USERS string keys"
-pipe_all 1 "" 0 "$USERS" HSET credits:u@U@ requests_per_day 1000000 tokens_per_day 1000000000
-pipe_all 1 "" 0 "$USERS" SET key:@U@ vvvvvvvvvvvvvvvv
-# A hash with the 18 fields of a QUOTA.GET record: HGETALL has a reply of the same shape, so
-# QUOTA.GET/HGETALL shows the module's own cost apart from the size of its reply.
-pipe_all 1 "" 0 "$USERS" HSET rec:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
-    requests_per_day 1000000 requests_per_month - total_requests - \
-    tokens_per_hour - tokens_per_day 1000000000 tokens_per_month - \
-    max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
-    active 1 created_at 1795841254 updated_at 1795841254
-# The same record with the six balance fields QUOTA.GET has had since prepaid balances: the
-# reply of today's QUOTA.GET, field for field (the bar above keeps the 18-field baseline).
-pipe_all 1 "" 0 "$USERS" HSET rec24:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
-    requests_per_day 1000000 requests_per_month - total_requests - \
-    tokens_per_hour - tokens_per_day 1000000000 tokens_per_month - \
-    max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
-    active 1 created_at 1795841254 updated_at 1795841254 requests_balance - tokens_balance - \
-    requests_balance_debited - tokens_balance_debited - requests_balance_left - \
-    tokens_balance_left -
-# Balance users: a '*' credit with prepaid requests only. Their admissions below ask for
-# REQUESTS_PER_DAY 0, so the balance pays every one.
-log "granting a request balance to $USERS balance users"
-pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GRANT acme chat b@U@ '*' REQUESTS_BALANCE 1000000000000
-settle_notify
-pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat b@U@ '*'
-bal_check="$(cli QUOTA.ADMIT acme chat b000000000001 '*' REQUESTS_PER_DAY 0 COMPACT | sed -n 9p)"
-[ "$bal_check" = balance ] || die "QUOTA.ADMIT on a balance user was not paid by the balance: $bal_check"
-sha="$(cli SCRIPT LOAD "$(cat "$root/bench/admit.lua")")"
-[ "${#sha}" -eq 40 ] || die "SCRIPT LOAD failed: $sha"
-lua_check="$(cli EVALSHA "$sha" 1 u000000000001 100000000 1000000000 1000000000 1000000 "$LEASE_TTL" | head -n1)"
-[ "$lua_check" = 1 ] || die "admit.lua did not admit: $lua_check"
-admit_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' "${admit_policy[@]}" MAX_CONCURRENT 1000000 | sed -n 2p)"
-[ "$admit_check" = 1 ] || die "QUOTA.ADMIT did not admit: $admit_check"
-# The same limits as a named policy (written through to this node's policy cache).
-cli QUOTA.POLICY SET acme chat bench "${admit_policy[@]}" MAX_CONCURRENT 1000000 >/dev/null
-policy_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' POLICY bench COMPACT | head -n1)"
-[ "$policy_check" = 1 ] || die "QUOTA.ADMIT POLICY did not admit: $policy_check"
-# One smooth rate, as CL.THROTTLE below has (a burst of 1000000, 1000000 a second).
-cli QUOTA.POLICY SET acme chat rate REQUESTS_PER_SECOND 1000000 >/dev/null
-rate_check="$(cli QUOTA.ADMIT acme chat u000000000001 r POLICY rate COMPACT | head -n1)"
-[ "$rate_check" = 1 ] || die "QUOTA.ADMIT POLICY rate did not admit: $rate_check"
-cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)"
-[ "$cell_check" = 0 ] || die "CL.THROTTLE did not allow: $cell_check"
-cell5_check="$(cli CL.THROTTLE050 cell5:u000000000001 1000000 1000000 1 1 | head -n1)"
-[ "$cell5_check" = 0 ] || die "CL.THROTTLE050 (redis-cell 0.5.0) did not allow: $cell5_check"
+    log "loading the Lua script, its credit hashes and $USERS string keys"
+    pipe_all 1 "" 0 "$USERS" HSET credits:u@U@ requests_per_day 1000000 tokens_per_day 1000000000
+    pipe_all 1 "" 0 "$USERS" SET key:@U@ vvvvvvvvvvvvvvvv
+    # A hash with the 18 fields of a QUOTA.GET record: HGETALL has a reply of the same shape, so
+    # QUOTA.GET/HGETALL shows the module's own cost apart from the size of its reply.
+    pipe_all 1 "" 0 "$USERS" HSET rec:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
+        requests_per_day 1000000 requests_per_month - total_requests - \
+        tokens_per_hour - tokens_per_day 1000000000 tokens_per_month - \
+        max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
+        active 1 created_at 1795841254 updated_at 1795841254
+    # The same record with the six balance fields QUOTA.GET has had since prepaid balances: the
+    # reply of today's QUOTA.GET, field for field (the bar above keeps the 18-field baseline).
+    pipe_all 1 "" 0 "$USERS" HSET rec24:@U@ tenant acme project chat user_id u@U@ bundle_id '*' \
+        requests_per_day 1000000 requests_per_month - total_requests - \
+        tokens_per_hour - tokens_per_day 1000000000 tokens_per_month - \
+        max_concurrent - expires_at - purchase_id - purchase_amount_usd - purchase_notes - \
+        active 1 created_at 1795841254 updated_at 1795841254 requests_balance - tokens_balance - \
+        requests_balance_debited - tokens_balance_debited - requests_balance_left - \
+        tokens_balance_left -
+    # Balance users: a '*' credit with prepaid requests only. Their admissions below ask for
+    # REQUESTS_PER_DAY 0, so the balance pays every one.
+    log "granting a request balance to $USERS balance users"
+    pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GRANT acme chat b@U@ '*' REQUESTS_BALANCE 1000000000000
+    settle_notify
+    pipe_all "$LOADERS" "" 0 "$USERS" QUOTA.GET acme chat b@U@ '*'
+    bal_check="$(cli QUOTA.ADMIT acme chat b000000000001 '*' REQUESTS_PER_DAY 0 COMPACT | sed -n 9p)"
+    [ "$bal_check" = balance ] || die "QUOTA.ADMIT on a balance user was not paid by the balance: $bal_check"
+    sha="$(cli SCRIPT LOAD "$(cat "$root/bench/admit.lua")")"
+    [ "${#sha}" -eq 40 ] || die "SCRIPT LOAD failed: $sha"
+    lua_check="$(cli EVALSHA "$sha" 1 u000000000001 100000000 1000000000 1000000000 1000000 "$LEASE_TTL" | head -n1)"
+    [ "$lua_check" = 1 ] || die "admit.lua did not admit: $lua_check"
+    admit_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' "${admit_policy[@]}" MAX_CONCURRENT 1000000 | sed -n 2p)"
+    [ "$admit_check" = 1 ] || die "QUOTA.ADMIT did not admit: $admit_check"
+    # The same limits as a named policy (written through to this node's policy cache).
+    cli QUOTA.POLICY SET acme chat bench "${admit_policy[@]}" MAX_CONCURRENT 1000000 >/dev/null
+    policy_check="$(cli QUOTA.ADMIT acme chat u000000000001 '*' POLICY bench COMPACT | head -n1)"
+    [ "$policy_check" = 1 ] || die "QUOTA.ADMIT POLICY did not admit: $policy_check"
+    # One smooth rate, as CL.THROTTLE below has (a burst of 1000000, 1000000 a second).
+    cli QUOTA.POLICY SET acme chat rate REQUESTS_PER_SECOND 1000000 >/dev/null
+    rate_check="$(cli QUOTA.ADMIT acme chat u000000000001 r POLICY rate COMPACT | head -n1)"
+    if [ "$rate_check" != 1 ]; then
+        # An older build (BENCH_COMPARE) may not have rates: its rate row is left out.
+        [ "$1" != 0 ] || die "QUOTA.ADMIT POLICY rate did not admit: $rate_check"
+        log "server $1 has no rates (QUOTA.ADMIT POLICY rate: $rate_check): its 1-rate row is left out"
+        no_rate[$1]=1
+    fi
+    cell_check="$(cli CL.THROTTLE cell:u000000000001 1000000 1000000 1 1 | head -n1)"
+    [ "$cell_check" = 0 ] || die "CL.THROTTLE did not allow: $cell_check"
+    cell5_check="$(cli CL.THROTTLE050 cell5:u000000000001 1000000 1000000 1 1 | head -n1)"
+    [ "$cell5_check" = 0 ] || die "CL.THROTTLE050 (redis-cell 0.5.0) did not allow: $cell5_check"
+}
+for s in "${servers[@]}"; do setup_server "$s"; done
+use_server 0
 
 # --- throughput --------------------------------------------------------------------------
 # Each ratio's two commands run back to back in every round (ADMIT POLICY between the two
@@ -425,15 +465,25 @@ allowed0="$(quota_stat admits_allowed)"
 denied0="$(quota_stat admits_denied)"
 for ((r = 1; r <= ROUNDS; r++)); do
     for name in "${names[@]}"; do
-        c0="$(server_cpu_ns)"
-        rps="$(run "$name" "${n_of[$name]}")"
-        c1="$(server_cpu_ns)"
-        [ -n "$rps" ] || die "redis-benchmark failed for ${label[$name]}"
-        results[$name]="${results[$name]:-} $rps"
-        # The server's CPU per command (ns): what the command costs, whoever else ran meanwhile.
-        cpu[$name]="${cpu[$name]:-} $(((c1 - c0) / n_of[$name]))"
-        log "round $r/$ROUNDS ${label[$name]}: $(fmt_rps "$rps")/s, $(((c1 - c0) / n_of[$name])) ns of server CPU each"
+        # Head to head: the same command on the other build's server right after.
+        for s in "${servers[@]}"; do
+            [ "$name" = RATE ] && [ -n "${no_rate[$s]:-}" ] && continue
+            use_server "$s"
+            k="$name"
+            [ "$s" = 0 ] || k="$name@$s"
+            c0="$(server_cpu_ns)"
+            rps="$(run "$name" "${n_of[$name]}")"
+            c1="$(server_cpu_ns)"
+            [ -n "$rps" ] || die "redis-benchmark failed for ${label[$name]} (server $s)"
+            results[$k]="${results[$k]:-} $rps"
+            # The server's CPU per command (ns): what the command costs, whoever else ran meanwhile.
+            cpu[$k]="${cpu[$k]:-} $(((c1 - c0) / n_of[$name]))"
+            tag=""
+            [ "$s" = 0 ] || tag=" (BENCH_COMPARE)"
+            log "round $r/$ROUNDS ${label[$name]}$tag: $(fmt_rps "$rps")/s, $(((c1 - c0) / n_of[$name])) ns of server CPU each"
+        done
     done
+    use_server 0
     read -r -a incr_words <<<"${cmd[INCR]}"
     read -r -a policy_words <<<"${cmd[POLICY]}"
     cli CONFIG RESETSTAT >/dev/null
@@ -529,6 +579,22 @@ cold_none="$(cold_rate cn "$COLD_N")"
 log "cold misses: $cold_up/s up, $cold_down/s down, $cold_none/s without PostgreSQL"
 
 # --- report ------------------------------------------------------------------------------
+# row_ratio A B: value (median of the per-round throughput ratios A/B), per (those ratios) and
+# cvalue (the median ratio of B's server CPU per command to A's), from results and cpu.
+row_ratio() {
+    local as bs ca cb cper i
+    read -r -a as <<<"${results[$1]}"
+    read -r -a bs <<<"${results[$2]}"
+    read -r -a ca <<<"${cpu[$1]}"
+    read -r -a cb <<<"${cpu[$2]}"
+    per=()
+    for i in "${!as[@]}"; do per+=("$(ratio "${as[$i]}" "${bs[$i]}")"); done
+    value="$(awk -v x="$(median "${per[@]}")" 'BEGIN { printf "%.3f", x }')"
+    cper=()
+    for i in "${!ca[@]}"; do cper+=("$(ratio "${cb[$i]}" "${ca[$i]}")"); done
+    cvalue="$(awk -v x="$(median "${cper[@]}")" 'BEGIN { printf "%.3f", x }')"
+}
+change() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%+.1f%%", (a / b - 1) * 100; else print "nan" }'; }
 mkdir -p "$root/bench/out"
 {
     echo
@@ -571,17 +637,7 @@ mkdir -p "$root/bench/out"
     fi
     for row in "${rows[@]}"; do
         IFS=: read -r title a b op bar <<<"$row"
-        read -r -a as <<<"${results[$a]}"
-        read -r -a bs <<<"${results[$b]}"
-        read -r -a ca <<<"${cpu[$a]}"
-        read -r -a cb <<<"${cpu[$b]}"
-        per=()
-        for i in "${!as[@]}"; do per+=("$(ratio "${as[$i]}" "${bs[$i]}")"); done
-        value="$(median "${per[@]}")"
-        value="$(awk -v x="$value" 'BEGIN { printf "%.3f", x }')"
-        cper=()
-        for i in "${!ca[@]}"; do cper+=("$(ratio "${cb[$i]}" "${ca[$i]}")"); done
-        cvalue="$(awk -v x="$(median "${cper[@]}")" 'BEGIN { printf "%.3f", x }')"
+        row_ratio "$a" "$b"
         if [ "$op" = - ]; then
             printf '%-38s %8s %8s  %-7s  %6s  (%s)\n' "$title" "$value" "" "info" "$cvalue" "${per[*]}"
         else
@@ -608,7 +664,7 @@ mkdir -p "$root/bench/out"
     echo "  QUOTA.USAGE u000000000042 after the runs: $usage_sample"
     echo
     echo "memory (INFO memory used_memory deltas)"
-    printf '  %-52s %8s bytes  (%s entries)  bar <= %s: %s\n' "per cached user with one credit (QUOTA.GET warm-up)" "$pos_bytes" "$pos_entries" "$BAR_USER_BYTES" "$(verdict "$pos_bytes" "<=" "$BAR_USER_BYTES")"
+    printf '  %-52s %8s bytes  (%s entries)  bar <= %s: %s\n' "per cached user with one credit (QUOTA.GET warm-up)" "${pos_bytes[0]}" "${pos_entries[0]}" "$BAR_USER_BYTES" "$(verdict "${pos_bytes[0]}" "<=" "$BAR_USER_BYTES")"
     printf '  %-52s %8s bytes  (%s entries)\n' "per cached user without credits (negative entry)" "$neg_bytes" "$neg_entries"
     printf '  %-52s %8s us  (%s accounts)\n' "ledger: main-thread time of one flush snapshot" "${snap_us:-none}" "$snap_accounts"
     printf '  %-52s %8s us  (in slices of 1000 accounts, ~5 ms a tick)\n' "ledger: the snapshot's longest single tick" "${snap_tick_us:-none}"
@@ -621,6 +677,21 @@ mkdir -p "$root/bench/out"
     printf '  %-52s %8s /s  bar >= %s: %s\n' "$COLD_N users, PostgreSQL down (nothing on its port)" "$cold_down" "$BAR_COLD" "$(verdict "$cold_down" ">=" "$BAR_COLD")"
     printf '  %-52s %8s /s  bar >= %s: %s\n' "$COLD_N users, no pg-url" "$cold_none" "$BAR_COLD" "$(verdict "$cold_none" ">=" "$BAR_COLD")"
     printf '  %-52s %8s /s  (info: one load round trip per miss)\n' "$COLD_UP users, PostgreSQL up" "$cold_up"
+    if [ -n "$compare" ]; then
+        echo
+        echo "head to head: this build ($module) against BENCH_COMPARE ($compare),"
+        echo "each command on both servers back to back in every round; change: this build's ratio against the other's"
+        printf '%-38s %8s %8s %8s   %6s %6s %8s\n' "ratio" "this" "other" "change" "cpu" "other" "change"
+        for row in "${rows[@]}"; do
+            IFS=: read -r title a b _ _ <<<"$row"
+            [ -n "${results[$a@1]:-}" ] && [ -n "${results[$b@1]:-}" ] || continue
+            row_ratio "$a" "$b"
+            this="$value" this_cpu="$cvalue"
+            row_ratio "$a@1" "$b@1"
+            printf '%-38s %8s %8s %8s   %6s %6s %8s\n' "$title" "$this" "$value" "$(change "$this" "$value")" "$this_cpu" "$cvalue" "$(change "$this_cpu" "$cvalue")"
+        done
+        printf '%-38s %8s %8s %8s   (bytes; lower is better)\n' "memory per cached user with one credit" "${pos_bytes[0]}" "${pos_bytes[1]}" "$(change "${pos_bytes[0]}" "${pos_bytes[1]}")"
+    fi
 } | tee "$root/bench/out/last-run.txt"
 log "total $(($(date +%s) - t0)) s"
 fails="$(grep -c 'FAIL' "$root/bench/out/last-run.txt" || true)"

@@ -112,9 +112,9 @@ pub(crate) struct Ledger {
     /// a balance holder's admissions debit the current hour, and one part touches fewer cache
     /// lines than a part and a buffer.
     pub hours: SmallVec<[HourDelta; 1]>,
-    /// The balance used totals PostgreSQL reported at the last flush of this holder's debits
-    /// (`BalanceKind` order): a cached row that is older counts at least these.
-    pub floor: [u64; 2],
+    /// The balance used totals PostgreSQL reported at the last flush of this holder's debits:
+    /// a cached row that is older counts at least these.
+    pub floor: PerKind<u64>,
     /// Holds on this holder's token balance, in no particular order.
     pub holds: Vec<Hold>,
     /// How this account's commits debit a balance (none: they debit nothing).
@@ -146,7 +146,7 @@ pub(crate) struct Acknowledgement {
     /// The sequence the next batch uses.
     pub next_seq: u64,
     /// The holder's used totals after the batch, when PostgreSQL has a credit row for it.
-    pub floor: Option<[u64; 2]>,
+    pub floor: Option<PerKind<u64>>,
 }
 
 /// What balance `b` has left per kind at `now`, given the ledger of its
@@ -160,19 +160,19 @@ pub(crate) fn balance_left(
     twice: PerKind<i64>,
     now: Millis,
 ) -> PerKind<Option<i64>> {
-    let floor = holder.map_or([0, 0], |l| l.floor);
+    let floor = holder.map_or(PerKind::default(), |l| l.floor);
     let unflushed = |kind: BalanceKind| holder.map_or(0, |l| l.unflushed(kind));
     let held = holder.map_or(0, |l| l.held(now));
     let requests = b.left(
         BalanceKind::Requests,
-        floor[0],
+        floor.requests,
         unflushed(BalanceKind::Requests),
         twice.requests,
     );
     let tokens = b
         .left(
             BalanceKind::Tokens,
-            floor[1],
+            floor.tokens,
             unflushed(BalanceKind::Tokens),
             twice.tokens,
         )
@@ -217,7 +217,7 @@ impl Ledger {
     pub(crate) fn is_idle(&self) -> bool {
         self.hours.is_empty()
             && self.holds.is_empty()
-            && self.floor == [0, 0]
+            && self.floor == PerKind::default()
             && self.terms.is_none()
     }
 

@@ -43,7 +43,7 @@ pub(crate) struct BatchOutcome {
     /// The sequence the account's next batch must use.
     pub next_seq: u64,
     /// The credit row's used totals after the batch, when the batch debited one.
-    pub floor: Option<[u64; 2]>,
+    pub floor: Option<PerKind<u64>>,
 }
 
 /// One hourly row as `QUOTA.HISTORY` shows it.
@@ -345,7 +345,10 @@ fn add_used(
         let used_requests: i64 = row.try_get(4).map_err(pg)?;
         let used_tokens: i64 = row.try_get(5).map_err(pg)?;
         if let Some(o) = position.get(&identity(row)?).and_then(|i| out.get_mut(*i)) {
-            o.floor = Some([used_requests.max(0) as u64, used_tokens.max(0) as u64]);
+            o.floor = Some(PerKind {
+                requests: used_requests.max(0) as u64,
+                tokens: used_tokens.max(0) as u64,
+            });
         }
     }
     Ok(())

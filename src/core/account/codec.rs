@@ -237,8 +237,8 @@ fn put_ledger(w: &mut Vec<u8>, account: &Account, costs: bool) {
     let empty = Ledger::default();
     let l = account.ledger().unwrap_or(&empty);
     put_u64(w, account.next_seq);
-    put_u64(w, l.floor[0]);
-    put_u64(w, l.floor[1]);
+    put_u64(w, l.floor.requests);
+    put_u64(w, l.floor.tokens);
     let hours = account.unflushed_hours();
     put_u64(w, hours.len() as u64);
     for h in &hours {
@@ -356,7 +356,10 @@ impl Reader<'_> {
     /// requests are numbers, else flags).
     fn ledger(&mut self, costs: bool) -> Result<(u64, Ledger), BadState> {
         let next_seq = self.u64()?;
-        let floor = [self.u64()?, self.u64()?];
+        let floor = PerKind {
+            requests: self.u64()?,
+            tokens: self.u64()?,
+        };
         let hours = self.list(
             MAX_DECODED_HOURS,
             "more unflushed hours than an account keeps",

@@ -617,7 +617,7 @@ impl Account {
     pub(crate) fn retention(&self) -> Retention {
         // Unflushed usage must reach PostgreSQL before the key may go, and a balance holder
         // keeps what PostgreSQL said it has used (its floor: a cached row may be older).
-        let floor = self.ledger().is_some_and(|l| l.floor != [0, 0]);
+        let floor = self.ledger().is_some_and(|l| l.floor != PerKind::default());
         if self.lifetime || floor || self.has_unflushed() {
             return Retention::Forever;
         }

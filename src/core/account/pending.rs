@@ -171,7 +171,7 @@ impl Account {
         self.next_seq = self.next_seq.max(ack.next_seq);
         // PostgreSQL's totals right after this batch: exact (a refund may have lowered them).
         if let Some(floor) = ack.floor {
-            if floor != [0, 0] || self.ledger().is_some() {
+            if floor != PerKind::default() || self.ledger().is_some() {
                 self.ledger_part().floor = floor;
             }
         }

@@ -117,16 +117,15 @@ pub(crate) fn counted_twice(
     // Never more than the holder counts unflushed: whatever the floor says, the row cannot
     // count twice more than that.
     let ledger = holder.and_then(Account::ledger);
-    let floor = ledger.map_or([0, 0], |l| l.floor);
+    let floor = ledger.map_or(PerKind::default(), |l| l.floor);
     let beyond = |kind: BalanceKind, floor: u64| {
         let floor = i64::try_from(floor).unwrap_or(i64::MAX);
         let unflushed = ledger.map_or(0, |l| l.unflushed(kind)).max(0);
         b.used.get(kind).saturating_sub(floor).clamp(0, unflushed)
     };
-    let [floor_requests, floor_tokens] = floor;
     PerKind {
-        requests: beyond(BalanceKind::Requests, floor_requests),
-        tokens: beyond(BalanceKind::Tokens, floor_tokens),
+        requests: beyond(BalanceKind::Requests, floor.requests),
+        tokens: beyond(BalanceKind::Tokens, floor.tokens),
     }
 }
 

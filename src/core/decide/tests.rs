@@ -383,7 +383,7 @@ fn a_refund_after_a_flush_snapshot_lowers_the_debits_below_the_floor() {
     let ack = Acknowledgement {
         hours: acc.unflushed_hours(),
         next_seq: acc.batch_seq() + 1,
-        floor: Some([1, 0]),
+        floor: Some(per(1, 0)),
     };
     acc.acknowledge(&ack);
     let flushed = RowBalance {
@@ -522,7 +522,7 @@ fn a_row_read_between_the_flush_commit_and_its_acknowledgement_counts_its_batch_
     acc.acknowledge(&Acknowledgement {
         hours: sent_hours,
         next_seq: seq + 1,
-        floor: Some([3, 0]),
+        floor: Some(per(3, 0)),
     });
     assert!(!counts_unacknowledged(&committed, Some(&acc)));
     for row in [committed, before] {
@@ -540,7 +540,7 @@ fn without_the_batch_a_row_that_counts_it_is_taken_at_the_floor() {
     acc.acknowledge(&Acknowledgement {
         hours: acc.unflushed_hours(),
         next_seq: first + 1,
-        floor: Some([4, 0]),
+        floor: Some(per(4, 0)),
     });
     // PostgreSQL counted 4 after the acknowledged batch (3 from before it); 2 more are sent and
     // committed, not acknowledged.

@@ -160,8 +160,8 @@ impl<'a> Effect<'a> {
                 None => w.push(0),
                 Some(floor) => {
                     w.push(1);
-                    put_u64(&mut w, floor[0]);
-                    put_u64(&mut w, floor[1]);
+                    put_u64(&mut w, floor.requests);
+                    put_u64(&mut w, floor.tokens);
                 }
             }
             put_u64(&mut w, ack.hours.len() as u64);
@@ -407,7 +407,10 @@ impl<'a> Reader<'a> {
     fn ack(&mut self) -> Result<Acknowledgement, EffectError> {
         let next_seq = self.u64()?;
         let floor = if self.flag()? {
-            Some([self.u64()?, self.u64()?])
+            Some(PerKind {
+                requests: self.u64()?,
+                tokens: self.u64()?,
+            })
         } else {
             None
         };

@@ -134,12 +134,24 @@ fn a_batch_stamps_its_row_and_a_resent_one_still_reports_the_totals() {
     };
     let first = fx.store.flush_ledger(&[debiting.clone()]).unwrap();
     assert!(first[0].applied);
-    assert_eq!(first[0].floor, Some([2, 0]));
+    assert_eq!(
+        first[0].floor,
+        Some(PerKind {
+            requests: 2,
+            tokens: 0
+        })
+    );
     assert_eq!(seq_of(), 7);
     // Sent again (its answer was lost): skipped, nothing added, the totals reported.
     let again = fx.store.flush_ledger(&[debiting]).unwrap();
     assert!(!again[0].applied);
-    assert_eq!(again[0].floor, Some([2, 0]));
+    assert_eq!(
+        again[0].floor,
+        Some(PerKind {
+            requests: 2,
+            tokens: 0
+        })
+    );
     // A batch without debits leaves the row alone.
     let plain = fx
         .store
