@@ -276,6 +276,62 @@ fn usage_survives_a_restart_with_aof() {
     assert_continues(&mut con);
 }
 
+/// A node with no AOF and no replica counts a change without propagating it (see
+/// `ffi/quiet.rs`); once the AOF is turned on, every change goes to it as its effect: the
+/// AOF never holds a `QUOTA.ADMIT` (which a load would decide again, with its own clock), and
+/// a restart from it gives back what was counted.
+#[test]
+fn an_aof_turned_on_at_runtime_gets_effects_never_admissions() {
+    let mut server = start(&[]);
+    let mut con = server.client();
+    let changes =
+        |server: &RedisServer| info_i64_in(server, "persistence", "rdb_changes_since_last_save");
+    let before = changes(&server);
+    for _ in 0..3 {
+        assert!(con.admit(DAILY, "REQUESTS_PER_DAY 100").allowed);
+    }
+    // Nothing listened, and the save rules still saw three changes.
+    assert!(
+        changes(&server) >= before + 3,
+        "the admissions count as changes"
+    );
+    query(
+        &mut con,
+        &[
+            "CONFIG",
+            "SET",
+            "appendonly",
+            "yes",
+            "appendfsync",
+            "always",
+        ],
+    )
+    .expect("CONFIG SET appendonly yes");
+    wait_aof_rewrite_done(&server);
+    for _ in 0..2 {
+        assert!(con.admit(DAILY, "REQUESTS_PER_DAY 100").allowed);
+    }
+    let files = aof_files(server.dir());
+    let text: String = files.iter().map(|(_, t)| t.as_str()).collect();
+    assert!(
+        text.contains("QUOTA.APPLY"),
+        "the AOF has the effects: {files:?}"
+    );
+    assert!(
+        !text.contains("QUOTA.ADMIT"),
+        "the AOF must never hold an admission: {files:?}"
+    );
+    server.append_conf("appendonly yes");
+    drop(con);
+    server.restart();
+    let mut con = server.client();
+    assert_eq!(
+        con.usage(DAILY).requests_per_day,
+        5,
+        "restarted from the AOF"
+    );
+}
+
 #[test]
 fn usage_survives_a_restart_with_rdb() {
     let mut server = start(&[]);

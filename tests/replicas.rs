@@ -329,3 +329,53 @@ fn promoted_replica_continues_with_the_same_usage() {
     assert!(!a.allowed, "dave's 1000 tokens are used: {a:?}");
     assert_eq!(a.reason, "tokens_per_day");
 }
+
+/// A master no replica listened to counts its changes without propagating them (see
+/// `ffi/quiet.rs`). A replica that attaches later must still get every change as its effect:
+/// its `QUOTA.ADMIT` never runs (it would decide again with its own clock and cache), and both
+/// nodes count the same before and after it attached.
+#[test]
+fn a_replica_attaching_to_a_quiet_master_gets_effects_never_admissions() {
+    let schema = unique_schema();
+    let url = PgServer::shared();
+    let args = [
+        ("pg-url", url.as_str()),
+        ("schema", schema.as_str()),
+        ("pg-timeout-ms", "2000"),
+    ];
+    let master = RedisServer::builder()
+        .module_args(&args)
+        .conf("repl-diskless-sync-delay 0")
+        .start();
+    let mut m = master.client();
+    let acc = [T, P, "quiet", "web"];
+    for _ in 0..3 {
+        assert!(m.admit(acc, "REQUESTS_PER_DAY 100").allowed);
+    }
+    let replica = RedisServer::builder()
+        .module_args(&args)
+        .replica_of(&master)
+        .start();
+    replica.wait_replica_synced(&master, Duration::from_secs(30));
+    let mut r = replica.client();
+    assert_eq!(
+        r.usage(acc).requests_per_day,
+        3,
+        "the full sync carried the state"
+    );
+    for _ in 0..2 {
+        assert!(m.admit(acc, "REQUESTS_PER_DAY 100").allowed);
+    }
+    assert_eq!(wait_one(&mut m), 1, "WAIT");
+    assert_eq!(r.usage(acc).requests_per_day, 5);
+    assert_eq!(m.usage(acc).requests_per_day, 5);
+    let stats = replica.info("commandstats");
+    assert!(
+        !stats.contains_key("cmdstat_quota.admit"),
+        "the replica ran an admission: {stats:?}"
+    );
+    assert!(
+        stats.contains_key("cmdstat_quota.apply"),
+        "the replica got no effect: {stats:?}"
+    );
+}

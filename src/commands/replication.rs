@@ -50,7 +50,7 @@ pub(super) fn update<T>(
     }
     match propagate {
         Propagate::Nothing => {}
-        Propagate::Effect(effect) => propagation::effect(ctx, account_key, &effect),
+        Propagate::Effect(effect) => propagation::command_effect(ctx, account_key, &effect),
         Propagate::State => propagation::state(ctx, account_key),
         Propagate::Verbatim => ctx.replicate_verbatim(),
     }

@@ -65,6 +65,13 @@ impl Ctx {
         self.flags() & allowed != 0
     }
 
+    /// Whether the AOF is on (or being turned on), or Redis is loading.
+    #[inline]
+    pub(crate) fn aof_or_loading(self) -> bool {
+        let flags = (raw::REDISMODULE_CTX_FLAGS_AOF | raw::REDISMODULE_CTX_FLAGS_LOADING) as c_int;
+        self.flags() & flags != 0
+    }
+
     /// Propagates the command as it was called to replicas and the AOF.
     pub(crate) fn replicate_verbatim(self) {
         unsafe {

@@ -14,6 +14,7 @@ pub(crate) mod lifecycle;
 pub(crate) mod load_args;
 pub(crate) mod prefetch;
 pub(crate) mod propagation;
+pub(crate) mod quiet;
 pub(crate) mod reply;
 pub(crate) mod secret_filter;
 pub(crate) mod words;

@@ -4,7 +4,8 @@
 //! dirty counter, which the RDB save rules and `rdb_changes_since_last_save` read) only when it
 //! calls `RedisModule_Replicate` or `RedisModule_ReplicateVerbatim`, so skipping propagation
 //! when no AOF and no replica listen would leave an RDB-only node with nothing to save. When
-//! nobody listens, Redis drops what we propagate at once.
+//! nobody listens, Redis drops what we propagate at once; a command's change then goes through
+//! the cheaper `ReplicateVerbatim` (see `quiet`, a speed trick), never anywhere else.
 //!
 //! A change travels as its effect, `QUOTA.APPLY <key> <effect>` (see `core::effect`): a few
 //! dozen bytes whatever the account holds. The whole state (`QUOTA.SETSTATE <key> <state>`)
@@ -17,6 +18,17 @@ use redis_module::raw;
 
 use super::account_type::AccountKey;
 use super::ctx::Ctx;
+
+/// A command's change: propagates `QUOTA.APPLY <key> <effect>`, or only counts it when no
+/// replica and no AOF can receive it (see `quiet`).
+#[inline]
+pub(crate) fn command_effect(ctx: Ctx, key: &AccountKey, effect: &[u8]) {
+    if super::quiet::nobody_listens(ctx) {
+        ctx.replicate_verbatim();
+    } else {
+        self::effect(ctx, key, effect);
+    }
+}
 
 /// Propagates `QUOTA.APPLY <key> <effect>`.
 pub(crate) fn effect(ctx: Ctx, key: &AccountKey, effect: &[u8]) {

@@ -1,4 +1,5 @@
-//! Keeps passwords out of the slow log: a command filter that replaces the value of
+//! The module's command filter. It shows `quiet` each replica's `SYNC` and `PSYNC` (see there)
+//! and keeps passwords out of the slow log: it replaces the value of
 //! `CONFIG SET quota.pg-password ...` (and of a `quota.pg-url` holding a password) with a
 //! placeholder before Redis runs and records the command; the setting's `set` callback swaps
 //! the real value back in. Which settings are secret, and what stands in for them, is the
@@ -20,14 +21,14 @@ pub(crate) type Hide = fn(name: &[u8], value: &[u8]) -> Option<String>;
 
 static HIDE: OnceLock<Hide> = OnceLock::new();
 
-/// Registers the filter (once, at load), replacing the values `hide` hides.
-pub(crate) fn register(ctx: Ctx, hide: Hide) {
+/// Registers the filter (once, at load), replacing the values `hide` hides; false if Redis
+/// refused it.
+pub(crate) fn register(ctx: Ctx, hide: Hide) -> bool {
     // Always the same function: a second load in this process keeps the first.
     let _ = HIDE.set(hide);
     unsafe {
-        if let Some(register) = raw::RedisModule_RegisterCommandFilter {
-            register(ctx.raw(), Some(filter), 0);
-        }
+        raw::RedisModule_RegisterCommandFilter
+            .is_some_and(|register| !register(ctx.raw(), Some(filter), 0).is_null())
     }
 }
 
@@ -60,6 +61,7 @@ unsafe fn redact(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         return;
     };
     let argc = count(fctx);
+    super::quiet::command_seen(argc, || arg(fctx, 0));
     if argc < 4
         || !arg(fctx, 0).eq_ignore_ascii_case(b"config")
         || !arg(fctx, 1).eq_ignore_ascii_case(b"set")

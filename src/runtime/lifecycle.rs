@@ -61,7 +61,8 @@ pub(crate) fn start(ctx: Ctx) -> Result<(), String> {
     schedule_ledger(ctx);
     super::install_key_hooks(ctx);
     super::watch_memory(ctx);
-    crate::ffi::secret_filter::register(ctx, config::hide_secret);
+    let filtered = crate::ffi::secret_filter::register(ctx, config::hide_secret);
+    crate::ffi::quiet::watch(ctx, filtered);
     on_shutdown(ctx, shutting_down);
     Ok(())
 }
