@@ -18,8 +18,9 @@
 //! A role change (`REPLICAOF`, a failover) ends it too. Once ended it stays ended until the
 //! next start: a backlog outlives its replicas, and a replica may come back to it.
 //!
-//! **What it costs.** The filter compares the name of commands of one to four arguments with
-//! `SYNC` and `PSYNC`; the state is three flags read on the main thread.
+//! **What it costs.** The filter compares the name of every command of at most four arguments
+//! with `SYNC` and `PSYNC`; each change reads the context flags once (the AOF check) and two
+//! thread-local cells of the main thread.
 //!
 //! **How to remove it.** Make `nobody_listens` return false (or delete this file and its two
 //! callers: `propagation::command_effect` and the filter's call to `command_seen`).
