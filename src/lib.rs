@@ -27,7 +27,9 @@ mod module {
     use redis_module::{redis_module, Context, InfoContext, RedisResult, RedisString, Status};
     use redis_module_macros::info_command_handler;
 
-    use crate::commands::{self, admit, credits, leases, policies, project, replication, usage};
+    use crate::commands::{
+        self, admit, credits, leases, policies, project, replication, usage, words,
+    };
     use crate::ffi::account_type::ACCOUNT_TYPE;
     use crate::ffi::blocked::entry;
     use crate::ffi::command_info::{self as info, CommandSpec, Entry};
@@ -65,6 +67,7 @@ mod module {
         APPLY: cmd_apply => replication::apply,
         FIND: cmd_find => project::find,
         TOP: cmd_top => project::top,
+        REPLYRUN: cmd_replyrun => words::reply_run,
     }
     entry!(cmd_policy, |ctx, args| commands::run(
         ctx,
@@ -138,18 +141,27 @@ mod module {
             return Status::Err;
         }
         // Last: nothing after it can fail the load and leave the encodings behind.
-        let unencoded = crate::ffi::words::prepare(ctx.ctx, commands::words::all());
+        let unencoded = crate::ffi::words::prepare(ctx.ctx, words::all());
         if unencoded > 0 {
             ctx.log_notice(&format!(
                 "quota: {unencoded} reply words are written the slow way (is ECHO renamed?)"
             ));
+        } else {
+            // The runs only where the words are (see `ffi::runs`).
+            let runs = crate::ffi::runs::prepare(ctx.ctx, words::REPLY_RUN, &words::runs());
+            if runs > 0 {
+                ctx.log_notice(&format!(
+                    "quota: {runs} reply runs are written the slow way (QUOTA.REPLYRUN failed)"
+                ));
+            }
         }
         Status::Ok
     }
 
     fn deinit(_ctx: &Context) -> Status {
         lifecycle::stop();
-        crate::ffi::words::release(commands::words::all());
+        crate::ffi::runs::release(&words::runs());
+        crate::ffi::words::release(words::all());
         Status::Ok
     }
 

@@ -26,7 +26,7 @@ const GRANT_ALICE: [&str; 7] = [
 ];
 
 /// Every command the module registers.
-const ALL_COMMANDS: [&str; 16] = [
+const ALL_COMMANDS: [&str; 17] = [
     "quota.admit",
     "quota.apply",
     "quota.cleanup",
@@ -38,12 +38,17 @@ const ALL_COMMANDS: [&str; 16] = [
     "quota.invalidate",
     "quota.list",
     "quota.release",
+    "quota.replyrun",
     "quota.reset",
     "quota.revoke",
     "quota.setstate",
     "quota.top",
     "quota.usage",
 ];
+
+/// The internal command that neither reads nor writes data (it writes the module's fixed
+/// reply runs while the module loads, and is refused at any other time).
+const NO_DATA: &str = "quota.replyrun";
 
 /// The subcommands of the `quota.policy` container, each in the category on its own.
 const POLICY_SUBCOMMANDS: [&str; 6] = [
@@ -301,6 +306,11 @@ fn quota_acl_category() {
         !err.starts_with("NOPERM") && err.contains("internal"),
         "SETSTATE as a +@quota user: {err}"
     );
+    let err = query_err(&mut ops, &["QUOTA.REPLYRUN", "0"]);
+    assert!(
+        !err.starts_with("NOPERM") && err.contains("internal"),
+        "REPLYRUN as a +@quota user: {err}"
+    );
     assert_noperm(&mut ops, &["SET", "k", "v"]);
     // The grant by ops took effect (and the revoke after it).
     assert_eq!(
@@ -474,7 +484,12 @@ fn standard_acl_categories() {
     let write = strings(query(&mut admin, &["ACL", "CAT", "write"]).unwrap());
     let fast = strings(query(&mut admin, &["ACL", "CAT", "fast"]).unwrap());
     let dangerous = strings(query(&mut admin, &["ACL", "CAT", "dangerous"]).unwrap());
+    let read = strings(query(&mut admin, &["ACL", "CAT", "read"]).unwrap());
     for name in ALL_COMMANDS {
+        if name == NO_DATA {
+            assert!(!write.contains(name) && !read.contains(name), "{name}");
+            continue;
+        }
         let is_read = READS.contains(&name);
         assert_eq!(write.contains(name), !is_read, "{name} in @write");
     }
@@ -498,6 +513,7 @@ fn standard_acl_categories() {
                 "quota.cleanup",
                 "quota.setstate",
                 "quota.apply",
+                "quota.replyrun",
             ],
         ),
     ];

@@ -98,6 +98,7 @@ const DOCS: &[(&str, &str, &[&[&str]])] = &[
     ("quota.reset", "Clears", &[&ACCOUNT]),
     ("quota.setstate", "Internal", &[&["key", "state"]]),
     ("quota.apply", "Internal", &[&["key", "effect"]]),
+    ("quota.replyrun", "Internal", &[&["index"]]),
 ];
 
 /// A RESP2 `COMMAND DOCS` entry (flat field/value array) as a map.
@@ -519,9 +520,11 @@ fn star_credit_applies_to_each_bundle() {
 }
 
 /// Field names and fixed values are written from encodings Redis made at load (`ECHO` through
-/// `RedisModule_Call`, copied with `RedisModule_ReplyWithCallReply`). With `ECHO` renamed
-/// away they are written as plain bulk strings, and the module says so in its log. Either way
-/// a client gets the same bytes in RESP2 and the same values in RESP3.
+/// `RedisModule_Call`, copied with `RedisModule_ReplyWithCallReply`), and so are the runs of
+/// fixed values of an admitted `COMPACT` reply (`QUOTA.REPLYRUN`). With `ECHO` renamed away
+/// they are written value by value, and the module says so in its log. Either way a client
+/// gets the same bytes in RESP2 and the same values in RESP3: admitted and denied, with a
+/// lease and without, paid by the windows and by a balance.
 #[test]
 fn replies_are_the_same_with_or_without_encoded_words() {
     let schema = unique_schema();
@@ -538,10 +541,13 @@ fn replies_are_the_same_with_or_without_encoded_words() {
     assert!(!fast.log().contains("written the slow way"));
     fast.client()
         .grant([T, P, "wanda", "*"], "REQUESTS_PER_DAY 5 AMOUNT 3");
+    fast.client()
+        .grant([T, P, "walt", "*"], "REQUESTS_BALANCE 10");
     let both = [&fast, &plain];
     for server in both {
         // Warm each node's cache (the first GET waits on the load).
         assert!(server.client().get([T, P, "wanda", "*"]).is_some());
+        assert!(server.client().get([T, P, "walt", "*"]).is_some());
     }
     let admit = |opts: &[&'static str]| {
         let mut args = vec!["QUOTA.ADMIT", T, P, "wanda", "main"];
@@ -555,6 +561,19 @@ fn replies_are_the_same_with_or_without_encoded_words() {
         admit(&["REQUESTS_PER_DAY", "2", "COMPACT"]),
         admit(&["TOTAL_REQUESTS", "0"]),
         admit(&["TOTAL_REQUESTS", "0", "COMPACT"]),
+        admit(&["MAX_CONCURRENT", "5", "LEASE", "job-1", "COMPACT"]),
+        admit(&["REQUESTS_PER_SECOND", "9", "COMPACT"]),
+        vec![
+            "QUOTA.ADMIT",
+            T,
+            P,
+            "walt",
+            "main",
+            "REQUESTS_PER_DAY",
+            "0",
+            "COMPACT",
+        ],
+        vec!["QUOTA.ADMIT", T, P, "nobody", "main", "COMPACT"],
         admit(&["REQUESTS_PER_DAY", "9", "VERBOSE"]),
         vec!["QUOTA.USAGE", T, P, "wanda", "main"],
     ];
@@ -566,12 +585,25 @@ fn replies_are_the_same_with_or_without_encoded_words() {
         if a == b || tries == 1 {
             assert_eq!(a, b, "RESP2 bytes differ with and without encoded words");
             assert!(a.contains("$7\r\nallowed\r\n:1\r\n") && a.contains("$7\r\nwindows\r\n"));
+            assert!(a.contains(
+                "$5\r\njob-1\r\n$0\r\n\r\n:0\r\n$6\r\nglobal\r\n$7\r\nwindows\r\n:-1\r\n"
+            ));
+            assert!(
+                a.contains("$7\r\nbalance\r\n:-1\r\n"),
+                "paid by the balance"
+            );
+            // An admitted COMPACT reply: allowed 1, retry_after -1, the remaining counts (a day
+            // limit of 2 plus the credit's 5, two used), no lease, no reason, nothing reserved.
+            assert!(
+                a.contains("*10\r\n:1\r\n:-1\r\n:5\r\n:-1\r\n$0\r\n\r\n$0\r\n\r\n:0\r\n"),
+                "{a}"
+            );
             break;
         }
         tries += 1;
     }
     let [mut a3, mut b3] = both.map(|s| s.client_resp3());
-    for args in &commands[..4] {
+    for args in &commands[..8] {
         let (a, b) = (query(&mut a3, args), query(&mut b3, args));
         assert_eq!(a, b, "RESP3 replies to {args:?} differ");
         if args[3] == "wanda" && args.last() != Some(&"COMPACT") {

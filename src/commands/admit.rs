@@ -22,6 +22,7 @@ use crate::core::policy::{EffectivePolicy, Limits};
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
+use crate::ffi::quiet;
 use crate::parse::{self, AdmitArgs, OwnedAdmit};
 use crate::runtime::config::{self, ScriptMiss};
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, PolicyFound, WaitMode};
@@ -320,6 +321,7 @@ fn decide(
         balance,
         sent,
         verbose: parsed.verbose,
+        listened: !quiet::nobody_listens(ctx),
     };
     let holder = star.as_mut().and_then(|s| s.get()).map(|a| &*a);
     let Admitted {

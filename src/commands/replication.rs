@@ -52,7 +52,7 @@ pub(super) fn update<T>(
         Propagate::Nothing => {}
         Propagate::Effect(effect) => propagation::command_effect(ctx, account_key, &effect),
         Propagate::State => propagation::state(ctx, account_key),
-        Propagate::Verbatim => ctx.replicate_verbatim(),
+        Propagate::Verbatim | Propagate::Counted => ctx.replicate_verbatim(),
     }
     track(ctx, account_key);
     out

@@ -1,9 +1,14 @@
 //! The fixed strings of the hot replies (`QUOTA.ADMIT`, `QUOTA.GET`, `QUOTA.USAGE`): each a
 //! `Word`, encoded once when the module loads and copied in one piece into every reply (see
 //! `ffi::words::Word`). A name the core gives (a limit's, a balance's) is taken from it.
+//! And the runs of fixed values of an admitted `COMPACT` reply (`ffi::runs::Run`), with
+//! `QUOTA.REPLYRUN`, the internal command that writes them for their encoding at load.
 
+use super::error::CommandError;
 use crate::core::credit::{BalanceKind, CreditSource};
 use crate::core::policy::{LimitField, LIMIT_FIELDS};
+use crate::ffi::ctx::Ctx;
+use crate::ffi::runs::{self, run, Part, Run};
 use crate::ffi::words::Word;
 
 /// Declares each word and `DECLARED`, their list (see `all`).
@@ -125,6 +130,101 @@ pub(crate) fn source(source: CreditSource) -> &'static Word {
     }
 }
 
+/// `retry_after` and `retry_after_ms` of a decision with no wait (the runs hold it).
+pub(crate) const NO_WAIT: i64 = -1;
+
+/// How an admitted `COMPACT` reply starts: `allowed` 1, `retry_after` `NO_WAIT`.
+pub(crate) static ADMITTED_HEAD: Run = run![Part::Int(1), Part::Int(NO_WAIT)];
+
+/// Declares the tails of an admitted `COMPACT` reply that start with `$lead`, by credit source
+/// (`source_slot`) and payer (windows, balance): `reason` "", `reserved` 0, `credit`,
+/// `paid_by`, `retry_after_ms` `NO_WAIT`.
+macro_rules! tails {
+    ($($lead:expr),*) => {
+        tails!(@sources [$($lead),*] BUNDLE GLOBAL NONE PENDING UNAVAILABLE)
+    };
+    (@sources $lead:tt $($source:ident)*) => {
+        [$([tails!(@one $lead $source WINDOWS), tails!(@one $lead $source BALANCE)]),*]
+    };
+    (@one [$($lead:expr),*] $source:ident $paid:ident) => {
+        run![
+            $($lead,)*
+            Part::Word(&EMPTY),
+            Part::Int(0),
+            Part::Word(&$source),
+            Part::Word(&$paid),
+            Part::Int(NO_WAIT),
+        ]
+    };
+}
+
+/// The tails after a lease id.
+static TAILS_AFTER_LEASE: [[Run; 2]; SOURCES] = tails!();
+/// The tails of an admission without a lease (`lease` "" first).
+static TAILS_WITHOUT_LEASE: [[Run; 2]; SOURCES] = tails!(Part::Word(&EMPTY));
+
+/// How many credit sources there are (`source_slot`).
+const SOURCES: usize = 5;
+
+/// A credit source's slot in the tails (the order of `tails!`).
+fn source_slot(source: CreditSource) -> usize {
+    match source {
+        CreditSource::Bundle => 0,
+        CreditSource::Global => 1,
+        CreditSource::None => 2,
+        CreditSource::Pending => 3,
+        CreditSource::Unavailable => 4,
+    }
+}
+
+/// The tail of an admitted `COMPACT` reply with no reason, nothing reserved and no wait:
+/// after the lease id (`after_lease`) or with `lease` "" first.
+pub(crate) fn admitted_tail(
+    source: CreditSource,
+    by_balance: bool,
+    after_lease: bool,
+) -> &'static Run {
+    let tails = if after_lease {
+        &TAILS_AFTER_LEASE
+    } else {
+        &TAILS_WITHOUT_LEASE
+    };
+    &tails[source_slot(source)][usize::from(by_balance)]
+}
+
+/// Every run, in the order `QUOTA.REPLYRUN <index>` numbers them.
+pub(crate) fn runs() -> Vec<&'static Run> {
+    std::iter::once(&ADMITTED_HEAD)
+        .chain(TAILS_AFTER_LEASE.iter().flatten())
+        .chain(TAILS_WITHOUT_LEASE.iter().flatten())
+        .collect()
+}
+
+/// The internal command's name, for `ffi::runs::prepare`.
+pub(crate) const REPLY_RUN: &std::ffi::CStr = c"QUOTA.REPLYRUN";
+
+/// `QUOTA.REPLYRUN <index>`: writes run `index` of `runs()` value by value, each at top level
+/// (several replies to one command), for its encoding while the module loads
+/// (`ffi::runs::prepare`). Refused at any other time: a client would get more than one reply.
+pub(crate) fn reply_run(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
+    const REFUSED: &str = "ERR QUOTA.REPLYRUN is internal: the module calls it only while it loads";
+    if !runs::encoding() {
+        return Err(CommandError::Text(REFUSED));
+    }
+    let run = match args {
+        [_, index] => std::str::from_utf8(index)
+            .ok()
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| runs().get(i).copied()),
+        _ => None,
+    };
+    let Some(run) = run else {
+        return Err(CommandError::Text(REFUSED));
+    };
+    ctx.reply().run_each(run);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +249,42 @@ mod tests {
         ];
         for (s, text) in sources {
             assert_eq!(source(s).text(), text);
+            // The tails name the same source.
+            for by_balance in [false, true] {
+                let paid = if by_balance { "balance" } else { "windows" };
+                for after_lease in [false, true] {
+                    let texts: Vec<String> = admitted_tail(s, by_balance, after_lease)
+                        .parts
+                        .iter()
+                        .map(|p| match p {
+                            Part::Int(v) => v.to_string(),
+                            Part::Word(w) => format!("'{}'", w.text()),
+                        })
+                        .collect();
+                    let mut want = vec![
+                        "''".to_owned(),
+                        "0".to_owned(),
+                        format!("'{text}'"),
+                        format!("'{paid}'"),
+                        "-1".to_owned(),
+                    ];
+                    if !after_lease {
+                        want.insert(0, "''".to_owned());
+                    }
+                    assert_eq!(texts, want, "{text} {paid} {after_lease}");
+                }
+            }
         }
+        assert_eq!(runs().len(), 1 + 2 * 2 * SOURCES);
+        let head: Vec<i64> = ADMITTED_HEAD
+            .parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Int(v) => Some(*v),
+                Part::Word(_) => None,
+            })
+            .collect();
+        assert_eq!(head, [1, -1]);
     }
 
     #[test]

@@ -267,6 +267,7 @@ const COMMIT_ARGS: [Arg; 2] = [
     option(c"LEASE", c"lease", ArgType::String),
 ];
 const RELEASE_ARGS: [Arg; 1] = [arg(c"lease", ArgType::String)];
+const REPLYRUN_ARGS: [Arg; 1] = [arg(c"index", ArgType::Integer)];
 const SETSTATE_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"state", ArgType::String)];
 const APPLY_ARGS: [Arg; 2] = [arg(c"key", ArgType::Key), arg(c"effect", ArgType::String)];
 /// A policy's tenant is the declared key of the policy subcommands that read or change it.
@@ -392,6 +393,10 @@ mod table {
         .cost(c"O(N) where N is the number of the project's ledger rows in the hours asked, aggregated in PostgreSQL (one round trip)");
     pub(crate) static APPLY: CommandSpec = spec(c"quota.apply", c"write", Some((1, Update)), c"write slow admin dangerous", 3, &[&APPLY_ARGS])
         .about(c"Internal: applies one change to an account, replicated by a master or read from the AOF");
+    // Refused at any time but the module's own load, when the module calls it to encode its
+    // reply runs (`ffi::runs`): no key, and it reads and writes nothing.
+    pub(crate) static REPLYRUN: CommandSpec = spec(c"quota.replyrun", c"allow-loading allow-stale deny-script", None, c"slow admin dangerous", 2, &[&REPLYRUN_ARGS])
+        .about(c"Internal: writes one of the module's fixed reply runs while the module loads");
 
     // `QUOTA.POLICY`'s subcommands: each has its own flags, so `GET` and `LIST` run on replicas
     // while `SET` and `DEL` are writes. Their declared key is the tenant (argument 2, counting

@@ -16,5 +16,6 @@ pub(crate) mod prefetch;
 pub(crate) mod propagation;
 pub(crate) mod quiet;
 pub(crate) mod reply;
+pub(crate) mod runs;
 pub(crate) mod secret_filter;
 pub(crate) mod words;

@@ -20,10 +20,13 @@
 //!
 //! **What it costs.** The filter compares the name of every command of at most four arguments
 //! with `SYNC` and `PSYNC`; each change reads the context flags once (the AOF check) and two
-//! thread-local cells of the main thread.
+//! thread-local cells of the main thread. An admission asks before it decides
+//! (`AdmitInputs::listened`), so a change nobody receives is not even encoded
+//! (`Propagate::Counted`).
 //!
-//! **How to remove it.** Make `nobody_listens` return false (or delete this file and its two
-//! callers: `propagation::command_effect` and the filter's call to `command_seen`).
+//! **How to remove it.** Make `nobody_listens` return false (or delete this file and its
+//! callers: `propagation::command_effect`, the admission's `listened`, and the filter's call
+//! to `command_seen`).
 
 use std::cell::Cell;
 use std::ffi::CStr;

@@ -6,6 +6,7 @@ use std::os::raw::c_long;
 
 use redis_module::raw;
 
+use super::runs::{Part, Run};
 use super::words::Word;
 
 /// A reply writer bound to one command context (main thread, GIL held).
@@ -111,6 +112,31 @@ impl Reply {
             if let Some(f) = raw::RedisModule_ReplyWithCallReply {
                 f(self.ctx, encoded);
             }
+        }
+        self
+    }
+
+    /// A run of values known at load (see `Run`): one copy of its encoding.
+    pub(crate) fn run(self, run: &Run) -> Self {
+        let encoded = run.encoded();
+        if encoded.is_null() {
+            return self.run_each(run);
+        }
+        unsafe {
+            if let Some(f) = raw::RedisModule_ReplyWithCallReply {
+                f(self.ctx, encoded);
+            }
+        }
+        self
+    }
+
+    /// A run's values one by one (a run without its encoding, and `QUOTA.REPLYRUN`).
+    pub(crate) fn run_each(mut self, run: &Run) -> Self {
+        for part in run.parts {
+            self = match part {
+                Part::Int(v) => self.int(*v),
+                Part::Word(w) => self.word(w),
+            };
         }
         self
     }

@@ -91,6 +91,12 @@ pub(crate) fn release(words: impl IntoIterator<Item = &'static Word>) {
 /// The reply's encoding is exactly the bulk string `text` (what `Reply::word` copies in its
 /// place), in RESP2 and RESP3 alike.
 fn is_bulk(reply: *mut raw::RedisModuleCallReply, text: &str) -> bool {
+    proto_is(reply, &bulk_encoding(text))
+}
+
+/// The reply's protocol is exactly `expected`. Reads the protocol as Redis keeps it, without
+/// parsing the reply.
+pub(super) fn proto_is(reply: *mut raw::RedisModuleCallReply, expected: &[u8]) -> bool {
     let Some(proto) = (unsafe { raw::RedisModule_CallReplyProto }) else {
         return false;
     };
@@ -100,18 +106,18 @@ fn is_bulk(reply: *mut raw::RedisModuleCallReply, text: &str) -> bool {
         return false;
     }
     let got = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) };
-    got == bulk_encoding(text).as_slice()
+    got == expected
 }
 
 /// `$<len>\r\n<text>\r\n`.
-fn bulk_encoding(text: &str) -> Vec<u8> {
+pub(super) fn bulk_encoding(text: &str) -> Vec<u8> {
     let mut out = format!("${}\r\n", text.len()).into_bytes();
     out.extend_from_slice(text.as_bytes());
     out.extend_from_slice(b"\r\n");
     out
 }
 
-fn free_reply(reply: *mut raw::RedisModuleCallReply) {
+pub(super) fn free_reply(reply: *mut raw::RedisModuleCallReply) {
     if reply.is_null() {
         return;
     }

@@ -32,6 +32,9 @@ pub(crate) enum Propagate {
     State,
     /// The command as called (it is itself an effect).
     Verbatim,
+    /// A change nobody receives (no replica, no AOF: `AdmitInputs::listened`): only counted,
+    /// for the RDB save rules, as `Verbatim` is, with no effect encoded.
+    Counted,
 }
 
 impl Propagate {
@@ -249,6 +252,9 @@ pub(crate) struct AdmitInputs<'a> {
     pub sent: Option<Unacknowledged>,
     /// Reply with a usage snapshot.
     pub verbose: bool,
+    /// Someone receives this node's changes (a replica, the AOF): the effect is encoded for
+    /// them. Without, a change is only counted (`Propagate::Counted`).
+    pub listened: bool,
 }
 
 /// What an admission decided.
@@ -311,7 +317,8 @@ pub(crate) fn admit(
         effect.balance = change;
     }
     let propagate = match effect.is_empty() {
-        false => Propagate::Effect(effect.encode()),
+        false if inputs.listened => Propagate::Effect(effect.encode()),
+        false => Propagate::Counted,
         true if decision.changed() => Propagate::State,
         true => Propagate::Nothing,
     };

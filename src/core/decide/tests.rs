@@ -67,6 +67,7 @@ fn admit_with(
         balance: b,
         sent: None,
         verbose: false,
+        listened: true,
     };
     let (admitted, _) = admit(account, &inputs, star, now, ids());
     admitted.unwrap()
@@ -626,4 +627,31 @@ fn a_balance_pays_a_whole_cost_and_a_release_refunds_it() {
     ship(charge(&mut star, change, T0), &mut replica);
     assert_eq!(replica, star);
     assert_eq!(offer(&b, Some(&star), None, T0).left, per(Some(5), None));
+}
+
+/// An admission nobody listens to (no replica, no AOF) encodes no effect: it is only counted;
+/// the account changes the same.
+#[test]
+fn an_admission_nobody_listens_to_is_counted_not_encoded() {
+    let p = policy(&[(LimitField::RequestsPerDay, 5)]);
+    let (mut heard, mut quiet) = (Account::default(), Account::default());
+    for (acc, listened) in [(&mut heard, true), (&mut quiet, false)] {
+        let inputs = AdmitInputs {
+            key: KEY_A,
+            bundle: "a",
+            policy: &p,
+            request: request(Some("L")),
+            balance: None,
+            sent: None,
+            verbose: false,
+            listened,
+        };
+        let (admitted, propagate) = admit(acc, &inputs, None, T0, ids());
+        assert!(admitted.unwrap().decision.allowed());
+        match (listened, propagate) {
+            (true, Propagate::Effect(_)) | (false, Propagate::Counted) => {}
+            (_, _) => panic!("listened {listened}: the wrong propagation"),
+        }
+    }
+    assert_eq!(heard, quiet);
 }
