@@ -195,7 +195,8 @@ impl<'a, 'b> Options<'a, 'b> {
 /// Upper-cases a short option word for matching, without allocating (longer words never match).
 fn upper(word: &[u8]) -> [u8; 16] {
     // Keywords are zero-padded: a word with a NUL byte (or too long) must match none of them.
-    if word.len() > 16 || word.contains(&0) {
+    // The NUL check without an early exit: many bytes at a time (see `check_id`).
+    if word.len() > 16 || word.iter().fold(false, |nul, &b| nul | (b == 0)) {
         return [0xff; 16];
     }
     let mut out = [0u8; 16];
@@ -547,11 +548,7 @@ pub(crate) fn admit<'a>(
     };
     let mut opts = Options::new(rest);
     while let Some(word) = opts.next_word() {
-        if let Some(field) = LimitField::from_keyword(word) {
-            let raw = opts.once_value(field as u32, field.keyword())?;
-            out.base.set(field, Some(limit_value(field, raw)?));
-            continue;
-        }
+        // The options first (an admission by a named policy gives only those), then the limits.
         match upper(word) {
             LEASE => {
                 out.lease = Some(opts.once_text(10, "LEASE", MAX_LEASE_LEN)?);
@@ -579,7 +576,13 @@ pub(crate) fn admit<'a>(
                 out.compact = true;
             }
             COST => out.cost = parse_cost(opts.once_value(17, "COST")?)?,
-            _ => return Err(ParseError::Unknown(shown(word))),
+            _ => {
+                let Some(field) = LimitField::from_keyword(word) else {
+                    return Err(ParseError::Unknown(shown(word)));
+                };
+                let raw = opts.once_value(field as u32, field.keyword())?;
+                out.base.set(field, Some(limit_value(field, raw)?));
+            }
         }
     }
     if out.compact && out.verbose {
