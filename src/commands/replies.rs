@@ -20,12 +20,7 @@ pub(super) fn reply_compact(ctx: Ctx, d: &AdmitDecision, source: CreditSource) {
     let r = ctx.reply().array(10);
     // An admission with no reason, nothing reserved and no wait (the common reply): its fixed
     // values in two runs (`ffi::runs`), the same bytes in fewer writes.
-    if d.allowed()
-        && d.violations == 0
-        && d.reserved == 0
-        && d.retry_after == -1
-        && d.retry_after_ms == -1
-    {
+    if admitted_plainly(d) {
         let r = r
             .run(&words::ADMITTED_HEAD)
             .int(d.remaining_requests)
@@ -80,14 +75,45 @@ pub(super) fn reply_decision(
     usage: Option<&Usage>,
 ) {
     let r = ctx.reply().map(11 + if usage.is_some() { 3 } else { 0 });
+    let mut buf = [0u8; 16];
+    let lease = d.lease.as_ref().map(|id| id.as_text(&mut buf));
+    // An admission with no reason, nothing reserved and no wait: its fixed fields and values
+    // in runs (`ffi::runs`), the same bytes in 8 to 10 writes instead of 23 to 25.
+    let r = if admitted_plainly(d) {
+        r.run(&words::ADMITTED_MAP_HEAD)
+            .opt_str(lease)
+            .run(words::admitted_map_middle(source, d.used_replenishment))
+            .int(d.remaining_requests)
+            .word(&words::REMAINING_TOKENS)
+            .int(d.remaining_tokens)
+            .run(words::paid_by_run(d.paid_by_balance()))
+    } else {
+        decision_fields(r, d, source, lease)
+    };
+    if let Some(u) = usage {
+        verbose_fields(r, policy, u);
+    }
+}
+
+/// Whether a decision admits with no reason, nothing reserved and no wait (the common reply,
+/// whose fixed values the runs hold).
+fn admitted_plainly(d: &AdmitDecision) -> bool {
+    let no_wait = d.retry_after == words::NO_WAIT && d.retry_after_ms == words::NO_WAIT;
+    d.allowed() && d.violations == 0 && d.reserved == 0 && no_wait
+}
+
+/// The fields of a decision, one by one.
+fn decision_fields(
+    r: Reply,
+    d: &AdmitDecision,
+    source: CreditSource,
+    lease: Option<&str>,
+) -> Reply {
     let r = r.pair(&words::ALLOWED, |r| r.int(i64::from(d.allowed())));
     let r = r.pair(&words::REASON, |r| reason(r, d));
     let r = r.pair(&words::RETRY_AFTER, |r| r.int(d.retry_after));
     let r = r.pair(&words::RETRY_AFTER_MS, |r| r.int(d.retry_after_ms));
-    let mut buf = [0u8; 16];
-    let r = r.pair(&words::LEASE, |r| {
-        r.opt_str(d.lease.as_ref().map(|id| id.as_text(&mut buf)))
-    });
+    let r = r.pair(&words::LEASE, |r| r.opt_str(lease));
     let r = r.pair(&words::RESERVED, |r| r.uint(d.reserved));
     let r = r.pair(&words::USED_CREDIT, |r| {
         r.int(i64::from(d.used_replenishment))
@@ -95,22 +121,24 @@ pub(super) fn reply_decision(
     let r = r.pair(&words::CREDIT, |r| r.word(words::source(source)));
     let r = r.pair(&words::REMAINING_REQUESTS, |r| r.int(d.remaining_requests));
     let r = r.pair(&words::REMAINING_TOKENS, |r| r.int(d.remaining_tokens));
-    let r = r.pair(&words::PAID_BY, |r| r.word(paid_by(d)));
-    if let Some(u) = usage {
-        let mut r = r.word(&words::LIMITS).map(LimitField::ALL.len());
-        for field in LimitField::ALL {
-            let limit = policy.limits.get(field);
-            r = r.pair(words::limit(field), |r| match limit {
-                Some(l) => r.uint(l),
-                None => r.int(-1),
-            });
-        }
-        let r = usage_map(r.word(&words::USAGE), u, false);
-        let r = r.word(&words::RESETS).map(3);
-        let r = r.pair(&words::HOUR_RESET, |r| r.int(u.hour_reset));
-        let r = r.pair(&words::DAY_RESET, |r| r.int(u.day_reset));
-        r.pair(&words::MONTH_RESET, |r| r.int(u.month_reset));
+    r.pair(&words::PAID_BY, |r| r.word(paid_by(d)))
+}
+
+/// A `VERBOSE` decision's `limits`, `usage` and `resets`.
+fn verbose_fields(r: Reply, policy: &EffectivePolicy, u: &Usage) {
+    let mut r = r.word(&words::LIMITS).map(LimitField::ALL.len());
+    for field in LimitField::ALL {
+        let limit = policy.limits.get(field);
+        r = r.pair(words::limit(field), |r| match limit {
+            Some(l) => r.uint(l),
+            None => r.int(-1),
+        });
     }
+    let r = usage_map(r.word(&words::USAGE), u, false);
+    let r = r.word(&words::RESETS).map(3);
+    let r = r.pair(&words::HOUR_RESET, |r| r.int(u.hour_reset));
+    let r = r.pair(&words::DAY_RESET, |r| r.int(u.day_reset));
+    r.pair(&words::MONTH_RESET, |r| r.int(u.month_reset));
 }
 
 /// Writes a usage snapshot (with the window resets when `resets`).

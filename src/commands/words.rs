@@ -1,7 +1,7 @@
 //! The fixed strings of the hot replies (`QUOTA.ADMIT`, `QUOTA.GET`, `QUOTA.USAGE`): each a
 //! `Word`, encoded once when the module loads and copied in one piece into every reply (see
 //! `ffi::words::Word`). A name the core gives (a limit's, a balance's) is taken from it.
-//! And the runs of fixed values of an admitted `COMPACT` reply (`ffi::runs::Run`), with
+//! And the runs of fixed values of an admitted reply, `COMPACT` and in full (`ffi::runs::Run`), with
 //! `QUOTA.REPLYRUN`, the internal command that writes them for their encoding at load.
 
 use super::error::CommandError;
@@ -158,6 +158,58 @@ macro_rules! tails {
     };
 }
 
+/// How an admitted reply in full (a map) starts: `allowed` 1, `reason` "", `retry_after` and
+/// `retry_after_ms` `NO_WAIT`, and the name `lease` (its value follows).
+pub(crate) static ADMITTED_MAP_HEAD: Run = run![
+    Part::Word(&ALLOWED),
+    Part::Int(1),
+    Part::Word(&REASON),
+    Part::Word(&EMPTY),
+    Part::Word(&RETRY_AFTER),
+    Part::Int(NO_WAIT),
+    Part::Word(&RETRY_AFTER_MS),
+    Part::Int(NO_WAIT),
+    Part::Word(&LEASE),
+];
+
+/// Declares the middles of an admitted map, by credit source (`source_slot`) and `used_credit`
+/// (0, 1): `reserved` 0, `used_credit`, `credit`, and the name `remaining_requests`.
+macro_rules! middles {
+    ($($source:ident)*) => {
+        [$([middles!(@one $source 0), middles!(@one $source 1)]),*]
+    };
+    (@one $source:ident $used:expr) => {
+        run![
+            Part::Word(&RESERVED),
+            Part::Int(0),
+            Part::Word(&USED_CREDIT),
+            Part::Int($used),
+            Part::Word(&CREDIT),
+            Part::Word(&$source),
+            Part::Word(&REMAINING_REQUESTS),
+        ]
+    };
+}
+
+/// The middles of an admitted map.
+static ADMITTED_MAP_MIDDLES: [[Run; 2]; SOURCES] = middles!(BUNDLE GLOBAL NONE PENDING UNAVAILABLE);
+
+/// `paid_by` and who paid an admitted request: the windows, the balance.
+static PAID_BY_RUNS: [Run; 2] = [
+    run![Part::Word(&PAID_BY), Part::Word(&WINDOWS)],
+    run![Part::Word(&PAID_BY), Part::Word(&BALANCE)],
+];
+
+/// The middle of an admitted map with no reason, nothing reserved and no wait.
+pub(crate) fn admitted_map_middle(source: CreditSource, used_credit: bool) -> &'static Run {
+    &ADMITTED_MAP_MIDDLES[source_slot(source)][usize::from(used_credit)]
+}
+
+/// `paid_by` of an admitted request (`by_balance`: the balance paid).
+pub(crate) fn paid_by_run(by_balance: bool) -> &'static Run {
+    &PAID_BY_RUNS[usize::from(by_balance)]
+}
+
 /// The tails after a lease id.
 static TAILS_AFTER_LEASE: [[Run; 2]; SOURCES] = tails!();
 /// The tails of an admission without a lease (`lease` "" first).
@@ -194,9 +246,12 @@ pub(crate) fn admitted_tail(
 
 /// Every run, in the order `QUOTA.REPLYRUN <index>` numbers them.
 pub(crate) fn runs() -> Vec<&'static Run> {
-    std::iter::once(&ADMITTED_HEAD)
+    [&ADMITTED_HEAD, &ADMITTED_MAP_HEAD]
+        .into_iter()
         .chain(TAILS_AFTER_LEASE.iter().flatten())
         .chain(TAILS_WITHOUT_LEASE.iter().flatten())
+        .chain(ADMITTED_MAP_MIDDLES.iter().flatten())
+        .chain(PAID_BY_RUNS.iter())
         .collect()
 }
 
@@ -275,7 +330,37 @@ mod tests {
                 }
             }
         }
-        assert_eq!(runs().len(), 1 + 2 * 2 * SOURCES);
+        assert_eq!(runs().len(), 2 + 3 * 2 * SOURCES + 2);
+        let texts = |run: &Run| -> Vec<String> {
+            run.parts
+                .iter()
+                .map(|p| match p {
+                    Part::Int(v) => v.to_string(),
+                    Part::Word(w) => w.text().to_owned(),
+                })
+                .collect()
+        };
+        for (s, text) in sources {
+            for used in [false, true] {
+                let want = ["reserved", "0", "used_credit", if used { "1" } else { "0" }];
+                let want = [&want[..], &["credit", text, "remaining_requests"]].concat();
+                assert_eq!(texts(admitted_map_middle(s, used)), want);
+            }
+        }
+        assert_eq!(texts(paid_by_run(false)), ["paid_by", "windows"]);
+        assert_eq!(texts(paid_by_run(true)), ["paid_by", "balance"]);
+        let head = [
+            "allowed",
+            "1",
+            "reason",
+            "",
+            "retry_after",
+            "-1",
+            "retry_after_ms",
+            "-1",
+            "lease",
+        ];
+        assert_eq!(texts(&ADMITTED_MAP_HEAD), head);
         let head: Vec<i64> = ADMITTED_HEAD
             .parts
             .iter()

@@ -1,6 +1,6 @@
-//! A speed trick: runs of reply values known when the module loads (an admitted `COMPACT`
-//! reply's fixed head and tail) encoded by Redis once, at load, and copied into each reply in
-//! one write instead of one write per value.
+//! A speed trick: runs of reply values known when the module loads (an admitted reply's fixed
+//! fields and values, `COMPACT` and in full) encoded by Redis once, at load, and copied into
+//! each reply in one write instead of one write per value.
 //!
 //! Why: every value a module replies is one trip through Redis's reply path (the module API
 //! call, `prepareClientToWrite`, the copy into the client's buffer), about the cost of the
