@@ -22,7 +22,6 @@ use crate::core::policy::{EffectivePolicy, Limits};
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
-use crate::ffi::quiet;
 use crate::parse::{self, AdmitArgs, OwnedAdmit};
 use crate::runtime::config::{self, ScriptMiss};
 use crate::runtime::gather::{gather, CreditsFound, Gathered, Needs, PolicyFound, WaitMode};
@@ -306,29 +305,30 @@ fn decide(
         (Some(star), true) => ledger::unacknowledged(ctx.db(), star.name_bytes()),
         (None, true) => ledger::unacknowledged(ctx.db(), &key),
     };
-    let admission = AdmitInputs {
-        key: &key,
-        bundle: parsed.account.bundle,
-        policy: &policy,
-        request: AdmitRequest {
-            lease: parsed.lease,
-            lease_ttl_ms: lease_ttl.saturating_mul(1000),
-            reserve: parsed.reserve,
-            peek: parsed.peek,
-            cost: parsed.cost,
-            balance: None,
-        },
-        balance,
-        sent,
-        verbose: parsed.verbose,
-        listened: !quiet::nobody_listens(ctx),
+    let request = AdmitRequest {
+        lease: parsed.lease,
+        lease_ttl_ms: lease_ttl.saturating_mul(1000),
+        reserve: parsed.reserve,
+        peek: parsed.peek,
+        cost: parsed.cost,
+        balance: None,
     };
     let holder = star.as_mut().and_then(|s| s.get()).map(|a| &*a);
     let Admitted {
         mut decision,
         usage,
         star_change,
-    } = update(ctx, &mut account_key, |account| {
+    } = update(ctx, &mut account_key, |account, listened| {
+        let admission = AdmitInputs {
+            key: &key,
+            bundle: parsed.account.bundle,
+            policy: &policy,
+            request,
+            balance,
+            sent,
+            verbose: parsed.verbose,
+            listened,
+        };
         decide::admit(account, &admission, holder, now, clock::new_lease_id)
     })?;
     if let (Some(change), Some(star)) = (star_change, star.as_mut()) {

@@ -37,7 +37,7 @@ pub(crate) fn commit(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let now = clock::command_now_ms(ctx);
     let mut account_key = AccountKey::open(ctx, &key)?;
     let (payer, mut star) = payer(ctx, &mut account_key, &parsed.account)?;
-    let outcome = update(ctx, &mut account_key, |account| {
+    let outcome = update(ctx, &mut account_key, |account, _| {
         decide::commit(account, &key, parsed.tokens, parsed.lease, payer, now)
     })?;
     if let (false, Some(star)) = (outcome.duplicate, star.as_mut()) {
@@ -68,7 +68,7 @@ pub(crate) fn release(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     let now = clock::command_now_ms(ctx);
     let mut account_key = AccountKey::open(ctx, &key)?;
     let (payer, mut star) = payer(ctx, &mut account_key, &account)?;
-    let released = update(ctx, &mut account_key, |account| {
+    let released = update(ctx, &mut account_key, |account, _| {
         decide::release(account, &key, lease, payer, now)
     });
     if let (true, Some(star)) = (released, star.as_mut()) {

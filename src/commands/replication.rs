@@ -14,7 +14,7 @@ use crate::core::ledger::BalanceChange;
 use crate::core::Millis;
 use crate::ffi::account_type::AccountKey;
 use crate::ffi::ctx::Ctx;
-use crate::ffi::propagation;
+use crate::ffi::{propagation, quiet};
 use crate::parse;
 use crate::runtime::ledger;
 
@@ -26,21 +26,24 @@ pub(super) const EVENT_RELEASE: &std::ffi::CStr = c"quota.release";
 pub(super) const EVENT_RESET: &std::ffi::CStr = c"quota.reset";
 const EVENT_SETSTATE: &std::ffi::CStr = c"quota.setstate";
 
-/// Runs `change` on the account (a new, empty one when the key does not exist); when it
-/// changed something, stores the result (setting the key's expiry from it, deleting the key
-/// when nothing is left) and propagates it, which also counts it as a change for RDB saves.
+/// Runs `change` on the account (a new, empty one when the key does not exist), telling it
+/// whether anyone receives this node's changes (a replica, the AOF: see `quiet`; without, an
+/// effect is only counted, and a change may skip encoding it); when it changed something,
+/// stores the result (setting the key's expiry from it, deleting the key when nothing is
+/// left) and propagates it, which also counts it as a change for RDB saves.
 pub(super) fn update<T>(
     ctx: Ctx,
     account_key: &mut AccountKey,
-    change: impl FnOnce(&mut Account) -> (T, Propagate),
+    change: impl FnOnce(&mut Account, bool) -> (T, Propagate),
 ) -> T {
+    let listened = !quiet::nobody_listens(ctx);
     // One look at the key: a missing account is built here and stored only if it changed.
     let mut fresh = None;
     let account = match account_key.get() {
         Some(account) => account,
         None => fresh.insert(Account::default()),
     };
-    let (out, propagate) = change(account);
+    let (out, propagate) = change(account, listened);
     if matches!(propagate, Propagate::Nothing) {
         return out;
     }
@@ -50,9 +53,12 @@ pub(super) fn update<T>(
     }
     match propagate {
         Propagate::Nothing => {}
-        Propagate::Effect(effect) => propagation::command_effect(ctx, account_key, &effect),
+        Propagate::Effect(effect) if listened => propagation::effect(ctx, account_key, &effect),
         Propagate::State => propagation::state(ctx, account_key),
-        Propagate::Verbatim | Propagate::Counted => ctx.replicate_verbatim(),
+        // An effect nobody receives is counted only (the cheaper call: see `quiet`).
+        Propagate::Effect(_) | Propagate::Verbatim | Propagate::Counted => {
+            ctx.replicate_verbatim();
+        }
     }
     track(ctx, account_key);
     out
@@ -85,7 +91,7 @@ pub(crate) fn apply(ctx: Ctx, args: &[&[u8]]) -> Result<(), CommandError> {
     };
     let effect = Effect::decode(effect)?;
     let mut account_key = AccountKey::open(ctx, key)?;
-    let applied = update(ctx, &mut account_key, |account| {
+    let applied = update(ctx, &mut account_key, |account, _| {
         match effect.apply(account) {
             Ok(()) => (Ok(()), Propagate::Verbatim),
             Err(e) => (Err(e), Propagate::Nothing),
@@ -140,7 +146,7 @@ pub(super) fn open_star(ctx: Ctx, account: &AccountId<'_>) -> Result<AccountKey,
 
 /// Applies `change` to the `'*'` account holding the balance for another and propagates it.
 pub(super) fn charge(ctx: Ctx, star: &mut AccountKey, now: Millis, change: BalanceChange) {
-    update(ctx, star, |holder| {
+    update(ctx, star, |holder, _| {
         ((), decide::charge(holder, change, now))
     });
     track(ctx, star);

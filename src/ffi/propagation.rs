@@ -19,17 +19,6 @@ use redis_module::raw;
 use super::account_type::AccountKey;
 use super::ctx::Ctx;
 
-/// A command's change: propagates `QUOTA.APPLY <key> <effect>`, or only counts it when no
-/// replica and no AOF can receive it (see `quiet`).
-#[inline]
-pub(crate) fn command_effect(ctx: Ctx, key: &AccountKey, effect: &[u8]) {
-    if super::quiet::nobody_listens(ctx) {
-        ctx.replicate_verbatim();
-    } else {
-        self::effect(ctx, key, effect);
-    }
-}
-
 /// Propagates `QUOTA.APPLY <key> <effect>`.
 pub(crate) fn effect(ctx: Ctx, key: &AccountKey, effect: &[u8]) {
     key_and_bytes(ctx, c"QUOTA.APPLY", key.name(), effect);

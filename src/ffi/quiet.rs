@@ -20,13 +20,12 @@
 //!
 //! **What it costs.** The filter compares the name of every command of at most four arguments
 //! with `SYNC` and `PSYNC`; each change reads the context flags once (the AOF check) and two
-//! thread-local cells of the main thread. An admission asks before it decides
-//! (`AdmitInputs::listened`), so a change nobody receives is not even encoded
-//! (`Propagate::Counted`).
+//! thread-local cells of the main thread. The account commands ask once, before they decide
+//! (`commands::replication::update`), so an admission nobody receives does not even encode
+//! its effect (`AdmitInputs::listened`, `Propagate::Counted`).
 //!
 //! **How to remove it.** Make `nobody_listens` return false (or delete this file and its
-//! callers: `propagation::command_effect`, the admission's `listened`, and the filter's call
-//! to `command_seen`).
+//! callers: `commands::replication::update` and the filter's call to `command_seen`).
 
 use std::cell::Cell;
 use std::ffi::CStr;
